@@ -1,0 +1,595 @@
+//! The reference backend: every op in plain f32 loops, written for clarity over speed. Weights are
+//! dequantized to f32 when loaded, so the CPU computes exactly what the file holds. It is the oracle
+//! the GPU kernels are tested against, and the fallback where no GPU adapter exists.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use super::{stats_from_logits, AttnMask, Backend, BackendError, PositionStats, Result};
+use crate::format::{EdmFile, TensorView};
+use crate::model::{Gating, ModelConfig, QkNorm};
+
+#[derive(Clone, Debug, Default)]
+pub struct CpuBackend;
+
+/// A dequantized weight: `[rows, cols]` (vectors have `rows == 1`).
+#[derive(Clone, Debug)]
+pub struct CpuWeight {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+impl CpuWeight {
+    fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+/// `[rows, cols]` activations.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuAct {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+impl CpuAct {
+    pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Self {
+        assert_eq!(rows * cols, data.len());
+        CpuAct { rows, cols, data }
+    }
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+    fn row_mut(&mut self, r: usize) -> &mut [f32] {
+        &mut self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+pub struct CpuExpert {
+    pub gate_up: CpuWeight,
+    pub down: CpuWeight,
+}
+
+/// Experts of one layer; `None` for experts not resident.
+pub struct CpuExperts {
+    pub layer: usize,
+    pub experts: Vec<Option<CpuExpert>>,
+}
+
+pub struct CpuKv {
+    capacity: usize,
+    kv_dim: usize,
+    /// Per layer: keys and values `[capacity, kv_dim]`.
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+/// Top-k expert ids and weights per token, `[T, k]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuRouting {
+    pub k: usize,
+    pub ids: Vec<u32>,
+    pub weights: Vec<f32>,
+}
+
+fn shape_err(op: &'static str, detail: String) -> BackendError {
+    BackendError::Shape { op, detail }
+}
+
+fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (ms + eps).sqrt();
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = v * inv * g;
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+impl CpuBackend {
+    fn expert_weight(file: &EdmFile, layer: usize, e: usize, part: &str) -> Result<CpuWeight> {
+        let view = file.expert_part(layer, e, part)?;
+        CpuBackend.load_weight(view)
+    }
+
+    fn check_norm(op: &'static str, x: &CpuAct, w: &CpuWeight) -> Result<()> {
+        if w.data.len() != x.cols {
+            return Err(shape_err(
+                op,
+                format!("norm weight {} vs width {}", w.data.len(), x.cols),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Backend for CpuBackend {
+    type Weight = CpuWeight;
+    type Act = CpuAct;
+    type Experts = CpuExperts;
+    type Kv = CpuKv;
+    type Routing = CpuRouting;
+
+    fn name(&self) -> String {
+        "cpu (f32 reference)".into()
+    }
+
+    fn load_weight(&self, view: TensorView<'_>) -> Result<CpuWeight> {
+        let data = view.to_f32()?;
+        let (rows, cols) = match view.shape {
+            [n] => (1, *n),
+            [r, c] => (*r, *c),
+            s => {
+                return Err(shape_err(
+                    "load_weight",
+                    format!("{}: shape {s:?}", view.name),
+                ))
+            }
+        };
+        Ok(CpuWeight { rows, cols, data })
+    }
+
+    fn load_experts(
+        &self,
+        file: &Arc<EdmFile>,
+        layer: usize,
+        resident: &dyn Fn(usize) -> bool,
+    ) -> Result<CpuExperts> {
+        let n = file.header.metadata.config.moe.num_experts;
+        let mut experts = Vec::with_capacity(n);
+        for e in 0..n {
+            if !resident(e) || file.expert_range(layer, e).is_none() {
+                experts.push(None);
+                continue;
+            }
+            experts.push(Some(CpuExpert {
+                gate_up: Self::expert_weight(file, layer, e, "gate_up")?,
+                down: Self::expert_weight(file, layer, e, "down")?,
+            }));
+        }
+        Ok(CpuExperts { layer, experts })
+    }
+
+    fn new_kv(&self, config: &ModelConfig, capacity: usize) -> Result<CpuKv> {
+        let kv_dim = config.kv_dim();
+        let size = capacity
+            .checked_mul(kv_dim)
+            .ok_or(BackendError::CacheFull {
+                pos: capacity,
+                capacity: 0,
+            })?;
+        Ok(CpuKv {
+            capacity,
+            kv_dim,
+            k: vec![vec![0.0; size]; config.num_layers],
+            v: vec![vec![0.0; size]; config.num_layers],
+        })
+    }
+
+    fn kv_capacity(&self, kv: &CpuKv) -> usize {
+        kv.capacity
+    }
+
+    fn embed(&self, table: &CpuWeight, tokens: &[u32]) -> Result<CpuAct> {
+        let mut data = Vec::with_capacity(tokens.len() * table.cols);
+        for &t in tokens {
+            if t as usize >= table.rows {
+                return Err(BackendError::TokenOutOfRange {
+                    id: t,
+                    vocab: table.rows,
+                });
+            }
+            data.extend_from_slice(table.row(t as usize));
+        }
+        Ok(CpuAct::new(tokens.len(), table.cols, data))
+    }
+
+    fn rms_norm(&self, x: &CpuAct, w: &CpuWeight, eps: f32) -> Result<CpuAct> {
+        Self::check_norm("rms_norm", x, w)?;
+        let mut out = CpuAct::new(x.rows, x.cols, vec![0.0; x.data.len()]);
+        for r in 0..x.rows {
+            rms_norm_row(x.row(r), &w.data, eps, out.row_mut(r));
+        }
+        Ok(out)
+    }
+
+    fn add_rms_norm(
+        &self,
+        x: &mut CpuAct,
+        delta: &CpuAct,
+        w: &CpuWeight,
+        eps: f32,
+    ) -> Result<CpuAct> {
+        self.add(x, delta)?;
+        self.rms_norm(x, w, eps)
+    }
+
+    fn add(&self, x: &mut CpuAct, delta: &CpuAct) -> Result<()> {
+        if x.rows != delta.rows || x.cols != delta.cols {
+            return Err(shape_err(
+                "add",
+                format!(
+                    "[{}, {}] + [{}, {}]",
+                    x.rows, x.cols, delta.rows, delta.cols
+                ),
+            ));
+        }
+        for (a, b) in x.data.iter_mut().zip(&delta.data) {
+            *a += b;
+        }
+        Ok(())
+    }
+
+    fn matmul(&self, w: &CpuWeight, x: &CpuAct) -> Result<CpuAct> {
+        if w.cols != x.cols {
+            return Err(shape_err(
+                "matmul",
+                format!(
+                    "weight [{}, {}] × x [{}, {}]",
+                    w.rows, w.cols, x.rows, x.cols
+                ),
+            ));
+        }
+        let mut out = vec![0.0; x.rows * w.rows];
+        for t in 0..x.rows {
+            let xr = x.row(t);
+            for o in 0..w.rows {
+                out[t * w.rows + o] = dot(w.row(o), xr);
+            }
+        }
+        Ok(CpuAct::new(x.rows, w.rows, out))
+    }
+
+    fn mlp(&self, gate_up: &CpuWeight, down: &CpuWeight, x: &CpuAct) -> Result<CpuAct> {
+        let gu = self.matmul(gate_up, x)?;
+        let inter = gate_up.rows / 2;
+        let mut h = vec![0.0; x.rows * inter];
+        for t in 0..x.rows {
+            let row = gu.row(t);
+            for i in 0..inter {
+                h[t * inter + i] = silu(row[i]) * row[inter + i];
+            }
+        }
+        self.matmul(down, &CpuAct::new(x.rows, inter, h))
+    }
+
+    fn qk_norm_rope(
+        &self,
+        qkv: &mut CpuAct,
+        q_norm: Option<&CpuWeight>,
+        k_norm: Option<&CpuWeight>,
+        c: &ModelConfig,
+        start: usize,
+    ) -> Result<()> {
+        if qkv.cols != c.qkv_dim() {
+            return Err(shape_err(
+                "qk_norm_rope",
+                format!("width {} vs {}", qkv.cols, c.qkv_dim()),
+            ));
+        }
+        let (hd, qd, kd) = (c.head_dim, c.q_dim(), c.kv_dim());
+        let eps = c.rms_norm_eps as f32;
+        let rd = c.rotary_dim;
+        // inv_freq_i = θ^(−2i/rd), as transformers computes it (partial RoPE uses the rotated width).
+        let inv_freq: Vec<f64> = (0..rd / 2)
+            .map(|i| 1.0 / c.rope_theta.powf((2 * i) as f64 / rd as f64))
+            .collect();
+        for t in 0..qkv.rows {
+            let pos = (start + t) as f64;
+            let row = qkv.row_mut(t);
+            let (q, rest) = row.split_at_mut(qd);
+            let (k, _v) = rest.split_at_mut(kd);
+            for (part, norm, dim) in [(q, q_norm, qd), (k, k_norm, kd)] {
+                match (c.qk_norm, norm) {
+                    (QkNorm::None, _) => {}
+                    (QkNorm::PerHead, Some(w)) if w.data.len() == hd => {
+                        for head in part.chunks_mut(hd) {
+                            let src = head.to_vec();
+                            rms_norm_row(&src, &w.data, eps, head);
+                        }
+                    }
+                    (QkNorm::Whole, Some(w)) if w.data.len() == dim => {
+                        let src = part.to_vec();
+                        rms_norm_row(&src, &w.data, eps, part);
+                    }
+                    _ => {
+                        return Err(shape_err(
+                            "qk_norm_rope",
+                            "q/k norm weight missing or misshapen".into(),
+                        ))
+                    }
+                }
+                if let Some(clip) = c.clip_qkv {
+                    part.iter_mut().for_each(|v| *v = v.clamp(-clip, clip));
+                }
+                for head in part.chunks_mut(hd) {
+                    for (i, f) in inv_freq.iter().enumerate() {
+                        let (sin, cos) = (pos * f).sin_cos();
+                        let (sin, cos) = (sin as f32, cos as f32);
+                        let (a, b) = (head[i], head[i + rd / 2]);
+                        head[i] = a * cos - b * sin;
+                        head[i + rd / 2] = b * cos + a * sin;
+                    }
+                }
+            }
+        }
+        if let Some(clip) = c.clip_qkv {
+            for t in 0..qkv.rows {
+                qkv.row_mut(t)[qd + kd..]
+                    .iter_mut()
+                    .for_each(|v| *v = v.clamp(-clip, clip));
+            }
+        }
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        qkv: &CpuAct,
+        kv: &mut CpuKv,
+        layer: usize,
+        c: &ModelConfig,
+        start: usize,
+        kv_len: usize,
+        mask: AttnMask,
+    ) -> Result<CpuAct> {
+        let t_len = qkv.rows;
+        let (hd, qd, kd) = (c.head_dim, c.q_dim(), c.kv_dim());
+        if start + t_len > kv.capacity || kv_len > kv.capacity {
+            return Err(BackendError::CacheFull {
+                pos: (start + t_len).max(kv_len),
+                capacity: kv.capacity,
+            });
+        }
+        if kv_len < start + t_len {
+            return Err(shape_err(
+                "attention",
+                format!("kv_len {kv_len} < end of block {}", start + t_len),
+            ));
+        }
+        for t in 0..t_len {
+            let row = qkv.row(t);
+            let at = (start + t) * kv.kv_dim;
+            kv.k[layer][at..at + kd].copy_from_slice(&row[qd..qd + kd]);
+            kv.v[layer][at..at + kd].copy_from_slice(&row[qd + kd..qd + 2 * kd]);
+        }
+        let group = c.num_heads / c.num_kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (keys, values) = (&kv.k[layer], &kv.v[layer]);
+        let mut out = vec![0.0; t_len * qd];
+        let mut scores = vec![0.0f32; kv_len];
+        for t in 0..t_len {
+            let pos = start + t;
+            for h in 0..c.num_heads {
+                let q = &qkv.row(t)[h * hd..(h + 1) * hd];
+                let kvh = h / group;
+                let mut max = f32::NEG_INFINITY;
+                for (j, s) in scores.iter_mut().enumerate() {
+                    *s = if mask.visible(pos, j) {
+                        let k = &keys[j * kd + kvh * hd..j * kd + (kvh + 1) * hd];
+                        dot(q, k) * scale
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                    max = max.max(*s);
+                }
+                let o = &mut out[t * qd + h * hd..t * qd + (h + 1) * hd];
+                if max == f32::NEG_INFINITY {
+                    continue; // no visible key: zero output (cannot happen for a query that sees itself)
+                }
+                let mut sum = 0.0;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                for (j, &p) in scores.iter().enumerate() {
+                    if p == 0.0 {
+                        continue;
+                    }
+                    let v = &values[j * kd + kvh * hd..j * kd + (kvh + 1) * hd];
+                    let w = p / sum;
+                    for (oi, vi) in o.iter_mut().zip(v) {
+                        *oi += w * vi;
+                    }
+                }
+            }
+        }
+        Ok(CpuAct::new(t_len, qd, out))
+    }
+
+    fn route(
+        &self,
+        x: &CpuAct,
+        router: &CpuWeight,
+        bias: Option<&CpuWeight>,
+        c: &ModelConfig,
+    ) -> Result<CpuRouting> {
+        let logits = self.matmul(router, x)?;
+        let (n, k) = (c.moe.num_experts, c.moe.top_k);
+        if logits.cols != n || bias.is_some_and(|b| b.data.len() != n) {
+            return Err(shape_err(
+                "route",
+                format!("router has {} outputs for {n} experts", logits.cols),
+            ));
+        }
+        let mut ids = Vec::with_capacity(x.rows * k);
+        let mut weights = Vec::with_capacity(x.rows * k);
+        for t in 0..x.rows {
+            let (i, w) = route_row(
+                logits.row(t),
+                bias.map(|b| b.data.as_slice()),
+                k,
+                c.moe.gating,
+            );
+            ids.extend(i);
+            weights.extend(w);
+        }
+        Ok(CpuRouting { k, ids, weights })
+    }
+
+    fn moe(&self, x: &CpuAct, routing: &CpuRouting, experts: &CpuExperts) -> Result<CpuAct> {
+        let mut out = vec![0.0; x.data.len()];
+        for t in 0..x.rows {
+            let xt = CpuAct::new(1, x.cols, x.row(t).to_vec());
+            for j in 0..routing.k {
+                let e = routing.ids[t * routing.k + j] as usize;
+                let expert = experts.experts.get(e).and_then(Option::as_ref).ok_or(
+                    BackendError::ExpertUnavailable {
+                        layer: experts.layer,
+                        expert: e,
+                    },
+                )?;
+                let y = self.mlp(&expert.gate_up, &expert.down, &xt)?;
+                let w = routing.weights[t * routing.k + j];
+                for (o, v) in out[t * x.cols..(t + 1) * x.cols].iter_mut().zip(&y.data) {
+                    *o += w * v;
+                }
+            }
+        }
+        Ok(CpuAct::new(x.rows, x.cols, out))
+    }
+
+    fn routing_to_host(&self, routing: &CpuRouting) -> Result<(Vec<u32>, Vec<f32>)> {
+        Ok((routing.ids.clone(), routing.weights.clone()))
+    }
+
+    fn lm_head_stats(
+        &self,
+        x: &CpuAct,
+        head: &CpuWeight,
+        rows: Range<usize>,
+    ) -> Result<Vec<PositionStats>> {
+        let logits = self.logits(x, head, rows)?;
+        Ok(logits.chunks(head.rows).map(stats_from_logits).collect())
+    }
+
+    fn logits(&self, x: &CpuAct, head: &CpuWeight, rows: Range<usize>) -> Result<Vec<f32>> {
+        if rows.end > x.rows || rows.start > rows.end {
+            return Err(shape_err("logits", format!("rows {rows:?} of {}", x.rows)));
+        }
+        let sub = CpuAct::new(
+            rows.len(),
+            x.cols,
+            x.data[rows.start * x.cols..rows.end * x.cols].to_vec(),
+        );
+        Ok(self.matmul(head, &sub)?.data)
+    }
+}
+
+/// Top-k selection of one token's router logits under `gating`; returns (ids, weights).
+/// Ties go to the lower expert index.
+pub fn route_row(
+    logits: &[f32],
+    bias: Option<&[f32]>,
+    k: usize,
+    gating: Gating,
+) -> (Vec<u32>, Vec<f32>) {
+    let top = |scores: &[f32], k: usize| -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..scores.len()).collect();
+        idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+        idx.truncate(k);
+        idx
+    };
+    match gating {
+        Gating::Softmax { renormalize } => {
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+            let sum: f32 = exp.iter().sum();
+            let probs: Vec<f32> = exp.iter().map(|e| e / sum).collect();
+            let ids = top(&probs, k);
+            let mut w: Vec<f32> = ids.iter().map(|&i| probs[i]).collect();
+            if renormalize {
+                let s: f32 = w.iter().sum();
+                w.iter_mut().for_each(|v| *v /= s);
+            }
+            (ids.iter().map(|&i| i as u32).collect(), w)
+        }
+        Gating::SigmoidGrouped {
+            groups,
+            top_groups,
+            scale,
+            renormalize,
+        } => {
+            let scores: Vec<f32> = logits.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
+            let choice: Vec<f32> = match bias {
+                Some(b) => scores.iter().zip(b).map(|(s, b)| s + b).collect(),
+                None => scores.clone(),
+            };
+            let per = scores.len() / groups;
+            let group_score: Vec<f32> = choice
+                .chunks(per)
+                .map(|g| top(g, 2).iter().map(|&i| g[i]).sum())
+                .collect();
+            let keep = top(&group_score, top_groups);
+            // Experts of dropped groups are masked to −∞ (LLaDA2; transformers ≥ 5.17 DeepSeek-V3).
+            let masked: Vec<f32> = choice
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    if keep.contains(&(i / per)) {
+                        v
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+                .collect();
+            let ids = top(&masked, k);
+            let mut w: Vec<f32> = ids.iter().map(|&i| scores[i]).collect();
+            if renormalize {
+                let s: f32 = w.iter().sum::<f32>() + 1e-20;
+                w.iter_mut().for_each(|v| *v /= s);
+            }
+            w.iter_mut().for_each(|v| *v *= scale);
+            (ids.iter().map(|&i| i as u32).collect(), w)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_routing_picks_largest_and_renormalises() {
+        let (ids, w) = route_row(
+            &[0.1, 2.0, -1.0, 1.0],
+            None,
+            2,
+            Gating::Softmax { renormalize: true },
+        );
+        assert_eq!(ids, vec![1, 3]);
+        assert!((w.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(w[0] > w[1]);
+    }
+
+    #[test]
+    fn grouped_routing_only_picks_from_kept_groups() {
+        // 4 groups of 2; group 3 has the best single expert but group 0 the best pair.
+        let logits = [3.0, 3.0, 0.0, 0.0, 0.0, 0.0, 4.0, -5.0];
+        let g = Gating::SigmoidGrouped {
+            groups: 4,
+            top_groups: 1,
+            scale: 2.5,
+            renormalize: true,
+        };
+        let (ids, w) = route_row(&logits, None, 2, g);
+        assert_eq!(ids, vec![0, 1]);
+        assert!((w.iter().sum::<f32>() - 2.5).abs() < 1e-5);
+    }
+
+    #[test]
+    fn masks_follow_their_rules() {
+        assert!(AttnMask::Causal.visible(3, 3) && !AttnMask::Causal.visible(3, 4));
+        assert!(AttnMask::BlockCausal(4).visible(4, 7) && !AttnMask::BlockCausal(4).visible(3, 4));
+        let m = AttnMask::CausalThenBidirectional { draft_start: 8 };
+        assert!(m.visible(9, 12) && !m.visible(7, 8) && m.visible(12, 3));
+    }
+}

@@ -1,0 +1,225 @@
+//! The op interface between the model and the hardware. Ops are coarse and fused (a norm with its
+//! residual add, q/k norm with RoPE, routing in one call, all experts of a layer in one call, the LM
+//! head with its statistics) so the GPU backend can run each as one or a few dispatches recorded into
+//! one submission. The CPU backend implements the same ops plainly in f32 and is the oracle.
+
+pub mod cpu;
+
+use crate::format::{FormatError, TensorView};
+use crate::model::ModelConfig;
+
+/// Which keys a query may see. Positions are absolute, so the rule is the same with or without
+/// cached keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnMask {
+    /// key ≤ query.
+    Causal,
+    /// Every key in the window.
+    Bidirectional,
+    /// Bidirectional inside blocks of `B` positions (aligned to position 0), causal across them.
+    BlockCausal(usize),
+    /// Causal up to `draft_start`; from there on the positions form one bidirectional draft region
+    /// that also sees everything before it (TiDAR-style verify-and-draft pass).
+    CausalThenBidirectional { draft_start: usize },
+}
+
+impl AttnMask {
+    pub fn visible(self, query: usize, key: usize) -> bool {
+        match self {
+            AttnMask::Causal => key <= query,
+            AttnMask::Bidirectional => true,
+            AttnMask::BlockCausal(b) => key / b <= query / b,
+            AttnMask::CausalThenBidirectional { draft_start } => {
+                key <= query || (query >= draft_start && key >= draft_start)
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for AttnMask {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "causal" => Ok(AttnMask::Causal),
+            "bidirectional" => Ok(AttnMask::Bidirectional),
+            _ => match s.strip_prefix("block:").map(str::parse::<usize>) {
+                Some(Ok(b)) if b > 0 => Ok(AttnMask::BlockCausal(b)),
+                _ => Err(format!(
+                    "unknown mask '{s}' (expected causal, bidirectional or block:N with N > 0)"
+                )),
+            },
+        }
+    }
+}
+
+/// Number of candidates kept per position by the statistics reduction.
+pub const TOP_K: usize = 8;
+
+/// What the decoder needs from one position's logits: a few bytes instead of a vocabulary row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PositionStats {
+    pub argmax: u32,
+    /// softmax probability of the argmax.
+    pub p_max: f32,
+    /// Entropy of the softmax distribution, in nats.
+    pub entropy: f32,
+    /// p(top-1) − p(top-2).
+    pub margin: f32,
+    /// The `TOP_K` most probable tokens with their probabilities, best first.
+    pub top: Vec<(u32, f32)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error("shape mismatch in {op}: {detail}")]
+    Shape { op: &'static str, detail: String },
+    #[error("position {pos} is past the KV cache capacity {capacity}")]
+    CacheFull { pos: usize, capacity: usize },
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    #[error("layer {layer} expert {expert} is not available (pruned from this model)")]
+    ExpertUnavailable { layer: usize, expert: usize },
+    #[error("GPU: {0}")]
+    Gpu(String),
+}
+
+pub type Result<T> = std::result::Result<T, BackendError>;
+
+/// One backend: weight storage, activations, KV cache and the ops of the forward pass.
+/// Activations are `[tokens, features]`, row-major.
+pub trait Backend {
+    /// A weight matrix `[out, in]` or vector, in the file's type.
+    type Weight;
+    /// An activation matrix `[rows, cols]`.
+    type Act;
+    /// The routed experts of one layer.
+    type Experts;
+    /// The K/V cache of every layer.
+    type Kv;
+    /// Router output for a batch of tokens: top-k expert ids and weights per token.
+    type Routing;
+
+    fn name(&self) -> String;
+
+    fn load_weight(&self, view: TensorView<'_>) -> Result<Self::Weight>;
+    /// Loads the experts of `layer` that `resident` allows; the others must never be read.
+    fn load_experts(
+        &self,
+        file: &std::sync::Arc<crate::format::EdmFile>,
+        layer: usize,
+        resident: &dyn Fn(usize) -> bool,
+    ) -> Result<Self::Experts>;
+    fn new_kv(&self, config: &ModelConfig, capacity: usize) -> Result<Self::Kv>;
+    fn kv_capacity(&self, kv: &Self::Kv) -> usize;
+
+    /// Called before the ops of one forward pass over `tokens` positions.
+    fn begin_forward(&self, _tokens: usize) -> Result<()> {
+        Ok(())
+    }
+
+    /// Rows of the embedding table.
+    fn embed(&self, table: &Self::Weight, tokens: &[u32]) -> Result<Self::Act>;
+    /// RMSNorm of each row: x / sqrt(mean(x²) + eps) · w.
+    fn rms_norm(&self, x: &Self::Act, w: &Self::Weight, eps: f32) -> Result<Self::Act>;
+    /// x += delta, then returns rms_norm(x).
+    fn add_rms_norm(
+        &self,
+        x: &mut Self::Act,
+        delta: &Self::Act,
+        w: &Self::Weight,
+        eps: f32,
+    ) -> Result<Self::Act>;
+    /// x += delta.
+    fn add(&self, x: &mut Self::Act, delta: &Self::Act) -> Result<()>;
+    /// y = x · Wᵀ for W `[out, in]`.
+    fn matmul(&self, w: &Self::Weight, x: &Self::Act) -> Result<Self::Act>;
+    /// SwiGLU MLP with fused gate/up `[2I, H]` (gate rows first) and down `[H, I]`.
+    fn mlp(&self, gate_up: &Self::Weight, down: &Self::Weight, x: &Self::Act) -> Result<Self::Act>;
+    /// In place on the fused qkv rows `[T, (nq + 2 nkv) · hd]`: optional clip, q/k norm, RoPE at
+    /// positions `start..start+T`.
+    fn qk_norm_rope(
+        &self,
+        qkv: &mut Self::Act,
+        q_norm: Option<&Self::Weight>,
+        k_norm: Option<&Self::Weight>,
+        config: &ModelConfig,
+        start: usize,
+    ) -> Result<()>;
+    /// Writes the block's K/V (from `qkv`) into the cache at `start..start+T`, then attends each
+    /// query to the cached keys `0..kv_len` allowed by `mask`. Returns `[T, nq · hd]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        qkv: &Self::Act,
+        kv: &mut Self::Kv,
+        layer: usize,
+        config: &ModelConfig,
+        start: usize,
+        kv_len: usize,
+        mask: AttnMask,
+    ) -> Result<Self::Act>;
+    /// Router logits → top-k experts and weights per token.
+    fn route(
+        &self,
+        x: &Self::Act,
+        router: &Self::Weight,
+        bias: Option<&Self::Weight>,
+        config: &ModelConfig,
+    ) -> Result<Self::Routing>;
+    /// Σ_k weight_k · expert_k(x) per token.
+    fn moe(
+        &self,
+        x: &Self::Act,
+        routing: &Self::Routing,
+        experts: &Self::Experts,
+    ) -> Result<Self::Act>;
+    /// Routing on the host, `(ids, weights)` of `[T, top_k]`, for profiles and paging.
+    fn routing_to_host(&self, routing: &Self::Routing) -> Result<(Vec<u32>, Vec<f32>)>;
+    /// LM head over the (already normalised) rows in `rows`, reduced to per-position statistics.
+    fn lm_head_stats(
+        &self,
+        x: &Self::Act,
+        head: &Self::Weight,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Vec<PositionStats>>;
+    /// Full logits `[rows, vocab]` (debugging, parity tests, exact sampling).
+    fn logits(
+        &self,
+        x: &Self::Act,
+        head: &Self::Weight,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Vec<f32>>;
+}
+
+/// Statistics of one row of logits, shared by every backend that reduces on the host and by tests.
+pub fn stats_from_logits(logits: &[f32]) -> PositionStats {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f64;
+    for &l in logits {
+        sum += ((l - max) as f64).exp();
+    }
+    let log_z = max as f64 + sum.ln();
+    let mut entropy = 0f64;
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(TOP_K + 1);
+    for (i, &l) in logits.iter().enumerate() {
+        let lp = l as f64 - log_z;
+        let p = lp.exp();
+        entropy -= p * lp;
+        if best.len() < TOP_K || p as f32 > best[best.len() - 1].1 {
+            let at = best.partition_point(|&(_, q)| q >= p as f32);
+            best.insert(at, (i as u32, p as f32));
+            best.truncate(TOP_K);
+        }
+    }
+    let p1 = best.first().map_or(0.0, |b| b.1);
+    let p2 = best.get(1).map_or(0.0, |b| b.1);
+    PositionStats {
+        argmax: best.first().map_or(0, |b| b.0),
+        p_max: p1,
+        entropy: entropy as f32,
+        margin: p1 - p2,
+        top: best,
+    }
+}

@@ -1,0 +1,115 @@
+//! `edgediff inspect`: reads only the preamble and header (no tensor data, no tokenizer blob).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use super::human_bytes;
+use crate::format::EdmFile;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model file.
+    pub model: PathBuf,
+    /// Print the header as JSON instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn kind_of(name: &str) -> &'static str {
+    match name {
+        "embed" => "embedding",
+        "lm_head" => "lm head",
+        n if n.ends_with("norm") => "norms",
+        n if n.contains(".attn.") => "attention",
+        n if n.contains("router") => "router",
+        n if n.contains("moe.shared") => "shared experts",
+        n if n.contains(".mlp.") => "dense mlp",
+        _ => "other",
+    }
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let f = EdmFile::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?;
+    let h = &f.header;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(h)?);
+        return Ok(());
+    }
+    let c = &h.metadata.config;
+    let (total, active) = c.parameter_counts();
+    println!(
+        "file          {} ({})",
+        a.model.display(),
+        human_bytes(f.file_len())
+    );
+    println!("architecture  {}", c.architecture);
+    println!(
+        "shape         {} layers, hidden {}, {} heads / {} kv heads × {}, rotary {} (θ {}), vocab {}, context {}",
+        c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.rotary_dim, c.rope_theta,
+        c.vocab_size, c.max_position
+    );
+    println!(
+        "moe           {} experts top-{}, expert ffn {}, shared ffn {}, gating {:?}, dense layers {:?} (ffn {})",
+        c.moe.num_experts, c.moe.top_k, c.moe.expert_ffn, c.moe.shared_ffn, c.moe.gating, c.dense_layers, c.dense_ffn
+    );
+    println!("parameters    {total} total, {active} active per token");
+    let mut by_kind: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for t in &h.tensors {
+        *by_kind
+            .entry((kind_of(&t.name).into(), t.dtype.to_string()))
+            .or_default() += t.length;
+    }
+    let mut experts_present = 0;
+    let mut pruned = 0;
+    for t in &h.experts {
+        for p in &t.parts {
+            let n = t.offsets.iter().flatten().count() as u64;
+            *by_kind
+                .entry(("routed experts".into(), p.dtype.to_string()))
+                .or_default() += p.length * n;
+        }
+        experts_present += t.offsets.iter().flatten().count();
+        pruned += t.offsets.iter().filter(|o| o.is_none()).count();
+    }
+    println!("bytes by kind:");
+    for ((kind, dtype), bytes) in &by_kind {
+        println!("  {kind:<16} {dtype:<4} {:>12}", human_bytes(*bytes));
+    }
+    if let Some(t) = h.experts.first() {
+        let parts: Vec<String> = t
+            .parts
+            .iter()
+            .map(|p| format!("{} {:?} {} @+{}", p.name, p.shape, p.dtype, p.offset))
+            .collect();
+        println!(
+            "experts       {} MoE layers, {experts_present} experts stored, {pruned} pruned; each one range of {} ({}), 64 KiB aligned: {}",
+            h.experts.len(),
+            t.length,
+            human_bytes(t.length),
+            parts.join(", ")
+        );
+    }
+    let s = &h.metadata.special_tokens;
+    let tok = h.blobs.iter().find(|b| b.name == "tokenizer.json");
+    println!(
+        "tokenizer     {} embedded; special ids mask {:?} eos {:?} bos {:?} pad {:?}; chat template {}",
+        tok.map_or("none".into(), |b| human_bytes(b.length)),
+        s.mask, s.eos, s.bos, s.pad,
+        if h.metadata.chat_template.is_some() { "yes" } else { "no" }
+    );
+    let d = &h.metadata.decoding;
+    println!(
+        "decoding      block {} threshold {} steps {}",
+        d.block_size, d.threshold, d.steps
+    );
+    if h.metadata.resident.is_some() {
+        println!("resident set  present (pruned model)");
+    }
+    println!(
+        "read          {} bytes of the file (preamble + header)",
+        f.header_bytes_read()
+    );
+    Ok(())
+}

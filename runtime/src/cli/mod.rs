@@ -1,0 +1,89 @@
+//! The `edgediff` command line: one subcommand per file, errors reported with context here at the
+//! boundary (the library returns typed errors).
+
+mod convert;
+mod forward;
+mod inspect;
+mod synth;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "edgediff",
+    version,
+    about = "On-device runtime for Mixture-of-Experts diffusion language models",
+    long_about = "edgediff runs MoE diffusion language models from one model file (*.edm).\n\n\
+        Typical flow: `edgediff convert <hf_dir> -o model.edm` (or `edgediff synth` for a random test \
+        model), `edgediff inspect model.edm`, then `edgediff forward` to look at logits."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Convert a Hugging Face checkpoint directory into a model file.
+    Convert(convert::Args),
+    /// Write a deterministic random model (and optionally the same model as an HF checkpoint).
+    Synth(Box<synth::Args>),
+    /// Describe a model file: architecture, parameters, bytes by kind, expert layout, tokenizer.
+    Inspect(inspect::Args),
+    /// Run one forward pass and print logits (debugging, external checks).
+    Forward(forward::Args),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Convert(a) => convert::run(a),
+        Command::Synth(a) => synth::run(*a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Forward(a) => forward::run(a),
+    }
+}
+
+/// A progress bar over `total` steps, hidden when stderr is not a terminal.
+pub fn progress_bar(total: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {pos}/{len} {elapsed_precise} eta {eta}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// Refuses to write over an input: nothing a user gave is modified in place.
+pub fn check_output_differs(
+    input: &std::path::Path,
+    output: &std::path::Path,
+) -> anyhow::Result<()> {
+    if let (Ok(a), Ok(b)) = (input.canonicalize(), output.canonicalize()) {
+        if a == b {
+            anyhow::bail!(
+                "output {} is the input file; choose another path",
+                output.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}

@@ -1,0 +1,397 @@
+//! Opening a model file: read and check the preamble, header and index with plain reads, and map the
+//! data only when a tensor is asked for. Every range in the index is checked against the file before
+//! anything dereferences it, so a hostile file is an error, never an out-of-bounds read.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use memmap2::{Mmap, MmapOptions};
+
+use super::header::*;
+use super::{dtype, DType, FormatError};
+
+/// An open model file. Cheap to open: reads only preamble, header and index.
+#[derive(Debug)]
+pub struct EdmFile {
+    path: PathBuf,
+    file: File,
+    pub header: Header,
+    file_len: u64,
+    data_start: u64,
+    /// Bytes read with `read` so far (the preamble and header), for the "opening reads little" check.
+    header_bytes_read: u64,
+    map: OnceLock<Mmap>,
+}
+
+/// A tensor's bytes inside the mapping, with its type and shape.
+#[derive(Clone, Copy, Debug)]
+pub struct TensorView<'a> {
+    pub name: &'a str,
+    pub dtype: DType,
+    pub shape: &'a [usize],
+    pub bytes: &'a [u8],
+}
+
+impl TensorView<'_> {
+    /// Decodes to f32, rejecting non-finite values and scales.
+    pub fn to_f32(&self) -> Result<Vec<f32>, FormatError> {
+        dtype::decode(self.dtype, self.shape, self.bytes).map_err(|source| FormatError::Decode {
+            name: self.name.to_string(),
+            source,
+        })
+    }
+}
+
+impl EdmFile {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, FormatError> {
+        let path = path.as_ref().to_path_buf();
+        let io = |e: std::io::Error| FormatError::Io {
+            path: path.clone(),
+            source: e,
+        };
+        let mut file = File::open(&path).map_err(io)?;
+        let file_len = file.metadata().map_err(io)?.len();
+        let mut pre = [0u8; PREAMBLE];
+        if file_len < PREAMBLE as u64 {
+            return Err(FormatError::Truncated {
+                what: "preamble".into(),
+                need: PREAMBLE as u64,
+                have: file_len,
+            });
+        }
+        file.read_exact(&mut pre).map_err(io)?;
+        if &pre[0..8] != MAGIC {
+            return Err(FormatError::BadMagic);
+        }
+        let version = u32::from_le_bytes(pre[8..12].try_into().unwrap());
+        if version != VERSION {
+            return Err(FormatError::UnsupportedVersion {
+                found: version,
+                supported: VERSION,
+            });
+        }
+        let header_len = u64::from_le_bytes(pre[16..24].try_into().unwrap());
+        if header_len > MAX_HEADER {
+            return Err(FormatError::HeaderTooLarge(header_len));
+        }
+        if PREAMBLE as u64 + header_len > file_len {
+            return Err(FormatError::Truncated {
+                what: "header".into(),
+                need: PREAMBLE as u64 + header_len,
+                have: file_len,
+            });
+        }
+        let mut json = vec![0u8; header_len as usize];
+        file.read_exact(&mut json).map_err(io)?;
+        let header: Header = serde_json::from_slice(&json).map_err(FormatError::HeaderJson)?;
+        let data_start = data_start(header_len);
+        let me = EdmFile {
+            path,
+            file,
+            header,
+            file_len,
+            data_start,
+            header_bytes_read: PREAMBLE as u64 + header_len,
+            map: OnceLock::new(),
+        };
+        me.validate()?;
+        Ok(me)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+    pub fn data_start(&self) -> u64 {
+        self.data_start
+    }
+    pub fn header_bytes_read(&self) -> u64 {
+        self.header_bytes_read
+    }
+    pub fn data_len(&self) -> u64 {
+        self.file_len.saturating_sub(self.data_start)
+    }
+
+    fn validate(&self) -> Result<(), FormatError> {
+        let h = &self.header;
+        h.metadata
+            .config
+            .validate()
+            .map_err(|e| FormatError::Invalid(e.to_string()))?;
+        if self.data_start > self.file_len {
+            return Err(FormatError::Truncated {
+                what: "data section".into(),
+                need: self.data_start,
+                have: self.file_len,
+            });
+        }
+        let data_len = self.data_len();
+        // (start, end, what) of every range, for the overlap check.
+        let mut ranges: Vec<(u64, u64, String)> = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        let check = |e: &TensorEntry, base: u64, limit: u64| -> Result<(u64, u64), FormatError> {
+            if e.dtype == DType::U8 {
+                return Err(FormatError::Invalid(format!(
+                    "tensor '{}' has blob type u8",
+                    e.name
+                )));
+            }
+            if e.shape.is_empty()
+                || e.shape.len() > 2
+                || (e.dtype.is_quantized() && e.shape.len() != 2)
+            {
+                return Err(FormatError::Invalid(format!(
+                    "tensor '{}' has unsupported shape {:?} for {}",
+                    e.name, e.shape, e.dtype
+                )));
+            }
+            let expected = e
+                .dtype
+                .byte_len(&e.shape)
+                .ok_or_else(|| FormatError::BadShape {
+                    name: e.name.clone(),
+                    dtype: e.dtype,
+                    shape: e.shape.clone(),
+                })? as u64;
+            if expected != e.length {
+                return Err(FormatError::LengthMismatch {
+                    name: e.name.clone(),
+                    expected,
+                    stated: e.length,
+                });
+            }
+            let start = base
+                .checked_add(e.offset)
+                .ok_or_else(|| out_of_range(&e.name))?;
+            let end = start
+                .checked_add(e.length)
+                .ok_or_else(|| out_of_range(&e.name))?;
+            if end > limit {
+                return Err(FormatError::OutOfBounds {
+                    name: e.name.clone(),
+                    end,
+                    limit,
+                });
+            }
+            Ok((start, end))
+        };
+        for t in &h.tensors {
+            if !names.insert(t.name.as_str()) {
+                return Err(FormatError::Invalid(format!(
+                    "tensor '{}' listed twice",
+                    t.name
+                )));
+            }
+            if !t.offset.is_multiple_of(TENSOR_ALIGN) {
+                return Err(FormatError::Misaligned {
+                    name: t.name.clone(),
+                    offset: t.offset,
+                    align: TENSOR_ALIGN,
+                });
+            }
+            let (s, e) = check(t, 0, data_len)?;
+            ranges.push((s, e, t.name.clone()));
+        }
+        for b in &h.blobs {
+            if !b.offset.is_multiple_of(TENSOR_ALIGN) {
+                return Err(FormatError::Misaligned {
+                    name: b.name.clone(),
+                    offset: b.offset,
+                    align: TENSOR_ALIGN,
+                });
+            }
+            let end = b
+                .offset
+                .checked_add(b.length)
+                .ok_or_else(|| out_of_range(&b.name))?;
+            if end > data_len {
+                return Err(FormatError::OutOfBounds {
+                    name: b.name.clone(),
+                    end,
+                    limit: data_len,
+                });
+            }
+            ranges.push((b.offset, end, format!("blob {}", b.name)));
+        }
+        let cfg = &h.metadata.config;
+        let mut seen_layers = std::collections::HashSet::new();
+        for t in &h.experts {
+            let what = format!("experts of layer {}", t.layer);
+            if t.layer >= cfg.num_layers
+                || !cfg.is_moe_layer(t.layer)
+                || !seen_layers.insert(t.layer)
+            {
+                return Err(FormatError::Invalid(format!(
+                    "{what}: not a (unique) MoE layer"
+                )));
+            }
+            if t.offsets.len() != cfg.moe.num_experts {
+                return Err(FormatError::Invalid(format!(
+                    "{what}: {} offsets for {} experts",
+                    t.offsets.len(),
+                    cfg.moe.num_experts
+                )));
+            }
+            let mut part_ranges = Vec::new();
+            for p in &t.parts {
+                let (s, e) = check(p, 0, t.length)?;
+                part_ranges.push((s, e, p.name.clone()));
+            }
+            overlaps(&mut part_ranges)?;
+            for (e, off) in t.offsets.iter().enumerate() {
+                let Some(off) = *off else { continue };
+                let name = format!("layer {} expert {e}", t.layer);
+                if !off.is_multiple_of(EXPERT_ALIGN) {
+                    return Err(FormatError::Misaligned {
+                        name,
+                        offset: off,
+                        align: EXPERT_ALIGN,
+                    });
+                }
+                let end = off
+                    .checked_add(t.length)
+                    .ok_or_else(|| out_of_range(&name))?;
+                if end > data_len {
+                    return Err(FormatError::OutOfBounds {
+                        name,
+                        end,
+                        limit: data_len,
+                    });
+                }
+                ranges.push((off, end, name));
+            }
+        }
+        for l in 0..cfg.num_layers {
+            if cfg.is_moe_layer(l) && !seen_layers.contains(&l) {
+                return Err(FormatError::Invalid(format!(
+                    "no expert table for MoE layer {l}"
+                )));
+            }
+        }
+        overlaps(&mut ranges)
+    }
+
+    /// The whole file mapped read-only; pages are read only when touched.
+    pub fn map(&self) -> Result<&Mmap, FormatError> {
+        if let Some(m) = self.map.get() {
+            return Ok(m);
+        }
+        // SAFETY: the mapping is read-only and we never write through it. A concurrent truncation of
+        // the file by another process would fault on access; model files are treated as immutable,
+        // and edgediff itself never modifies a file it has open.
+        let map = unsafe { MmapOptions::new().map(&self.file) }.map_err(|e| FormatError::Io {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        #[cfg(unix)]
+        {
+            // Experts are read one by one in routing order; read-ahead would pull in neighbours.
+            let _ = map.advise(memmap2::Advice::Random);
+        }
+        Ok(self.map.get_or_init(|| map))
+    }
+
+    fn slice(&self, offset: u64, length: u64) -> Result<&[u8], FormatError> {
+        let map = self.map()?;
+        let start = (self.data_start + offset) as usize;
+        // Ranges were checked at open; the mapping length is re-checked in case the file shrank.
+        map.get(start..start + length as usize)
+            .ok_or(FormatError::Truncated {
+                what: "mapped data".into(),
+                need: self.data_start + offset + length,
+                have: map.len() as u64,
+            })
+    }
+
+    pub fn tensor_entry(&self, name: &str) -> Option<&TensorEntry> {
+        self.header.tensors.iter().find(|t| t.name == name)
+    }
+
+    pub fn tensor(&self, name: &str) -> Result<TensorView<'_>, FormatError> {
+        let e = self
+            .tensor_entry(name)
+            .ok_or_else(|| FormatError::MissingTensor(name.to_string()))?;
+        Ok(TensorView {
+            name: &e.name,
+            dtype: e.dtype,
+            shape: &e.shape,
+            bytes: self.slice(e.offset, e.length)?,
+        })
+    }
+
+    pub fn expert_table(&self, layer: usize) -> Option<&ExpertTable> {
+        self.header.experts.iter().find(|t| t.layer == layer)
+    }
+
+    /// One part (`gate_up` or `down`) of one routed expert.
+    pub fn expert_part(
+        &self,
+        layer: usize,
+        expert: usize,
+        part: &str,
+    ) -> Result<TensorView<'_>, FormatError> {
+        let name = || format!("layer {layer} expert {expert} {part}");
+        let t = self
+            .expert_table(layer)
+            .ok_or_else(|| FormatError::MissingTensor(name()))?;
+        let off = t
+            .offsets
+            .get(expert)
+            .copied()
+            .flatten()
+            .ok_or_else(|| FormatError::MissingTensor(name()))?;
+        let p = t
+            .parts
+            .iter()
+            .find(|p| p.name == part)
+            .ok_or_else(|| FormatError::MissingTensor(name()))?;
+        Ok(TensorView {
+            name: &p.name,
+            dtype: p.dtype,
+            shape: &p.shape,
+            bytes: self.slice(off + p.offset, p.length)?,
+        })
+    }
+
+    /// The byte range of a whole expert, relative to the start of the file.
+    pub fn expert_range(&self, layer: usize, expert: usize) -> Option<(u64, u64)> {
+        let t = self.expert_table(layer)?;
+        let off = t.offsets.get(expert).copied().flatten()?;
+        Some((self.data_start + off, t.length))
+    }
+
+    pub fn blob(&self, name: &str) -> Result<&[u8], FormatError> {
+        let b = self
+            .header
+            .blobs
+            .iter()
+            .find(|b| b.name == name)
+            .ok_or_else(|| FormatError::MissingTensor(format!("blob {name}")))?;
+        self.slice(b.offset, b.length)
+    }
+}
+
+fn out_of_range(name: &str) -> FormatError {
+    FormatError::OutOfBounds {
+        name: name.to_string(),
+        end: u64::MAX,
+        limit: u64::MAX,
+    }
+}
+
+fn overlaps(ranges: &mut [(u64, u64, String)]) -> Result<(), FormatError> {
+    ranges.sort_by_key(|r| (r.0, r.1));
+    for w in ranges.windows(2) {
+        if w[1].0 < w[0].1 {
+            return Err(FormatError::Overlap {
+                a: w[0].2.clone(),
+                b: w[1].2.clone(),
+            });
+        }
+    }
+    Ok(())
+}

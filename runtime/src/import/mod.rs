@@ -1,0 +1,554 @@
+//! Hugging Face checkpoint → `*.edm`. Each family is a name layout and a config function
+//! (`qwen3_moe.rs`, `olmoe.rs`, `llada2.rs`); this module plans the file, then streams tensors one
+//! at a time: q/k/v fused into one projection, gate/up fused per MLP, each expert's matrices packed
+//! into one aligned range, weights encoded to the requested type (norms and router stay f32).
+
+mod hf;
+mod llada2;
+mod olmoe;
+mod qwen3_moe;
+pub mod source;
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+pub use hf::{HfConfig, HfLayout, QkvNames};
+pub use source::{SafetensorsDir, TensorSource};
+
+use crate::format::{
+    dtype, DType, DecodingDefaults, EdmWriter, FormatError, LayoutBuilder, Metadata,
+    SpecialTokenIds,
+};
+use crate::model::{names, Architecture, ModelConfig, QkNorm};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "unsupported architecture '{0}' (supported: qwen3_moe, olmoe, llada2_moe / bailing_moe_v2)"
+    )]
+    UnsupportedArchitecture(String),
+    #[error("unsupported checkpoint feature: {0}")]
+    Unsupported(String),
+    #[error("config.json: {0}")]
+    Config(String),
+    #[error("checkpoint {path}: {detail}")]
+    Checkpoint { path: PathBuf, detail: String },
+    #[error("tensor '{0}' is missing from the checkpoint")]
+    MissingTensor(String),
+    #[error("tensor '{name}' has shape {got:?}, expected {want:?}")]
+    Shape {
+        name: String,
+        got: Vec<usize>,
+        want: Vec<usize>,
+    },
+    #[error("the checkpoint has tensors this converter does not know, e.g. '{0}' (refusing to drop weights silently)")]
+    UnexpectedTensor(String),
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+}
+
+pub fn layout(arch: Architecture) -> &'static HfLayout {
+    match arch {
+        Architecture::Qwen3Moe => &qwen3_moe::LAYOUT,
+        Architecture::Olmoe => &olmoe::LAYOUT,
+        Architecture::Llada2Moe => &llada2::LAYOUT,
+    }
+}
+
+/// Parses a Hugging Face config.json into our config.
+pub fn parse_config(json: &Value) -> Result<ModelConfig, ImportError> {
+    let model_type = json
+        .get("model_type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ImportError::Config("no model_type".into()))?;
+    let arch = Architecture::from_hf_name(model_type)
+        .ok_or_else(|| ImportError::UnsupportedArchitecture(model_type.to_string()))?;
+    let c = HfConfig {
+        json,
+        family: arch.hf_name(),
+    };
+    let config = match arch {
+        Architecture::Qwen3Moe => qwen3_moe::config(&c)?,
+        Architecture::Olmoe => olmoe::config(&c)?,
+        Architecture::Llada2Moe => llada2::config(&c)?,
+    };
+    config
+        .validate()
+        .map_err(|e| ImportError::Config(e.to_string()))?;
+    Ok(config)
+}
+
+/// Everything besides tensors that goes into the file.
+pub struct ImportMeta {
+    pub config: ModelConfig,
+    pub special: SpecialTokenIds,
+    pub tokenizer_json: Vec<u8>,
+    pub chat_template: Option<String>,
+    pub decoding: DecodingDefaults,
+    pub source: Value,
+}
+
+/// Reads config.json, tokenizer.json and tokenizer_config.json of a checkpoint directory.
+pub fn read_meta(dir: &Path) -> Result<ImportMeta, ImportError> {
+    let cfg_path = dir.join("config.json");
+    let json: Value = serde_json::from_str(&source::read_text(&cfg_path)?)
+        .map_err(|e| ImportError::Config(format!("not valid JSON: {e}")))?;
+    let config = parse_config(&json)?;
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer_json = std::fs::read(&tok_path).map_err(|e| ImportError::Io {
+        path: tok_path.clone(),
+        source: e,
+    })?;
+    let tokenizer = crate::tokenizer::Tokenizer::from_json(&tokenizer_json)
+        .map_err(|e| ImportError::Tokenizer(e.to_string()))?;
+    let tok_cfg: Value = match std::fs::read_to_string(dir.join("tokenizer_config.json")) {
+        Ok(t) => serde_json::from_str(&t)
+            .map_err(|e| ImportError::Tokenizer(format!("tokenizer_config.json: {e}")))?,
+        Err(_) => Value::Null,
+    };
+    let id_of = |field: &str, token_field: &str, candidates: &[&str]| -> Option<u32> {
+        if let Some(id) = json.get(field).and_then(Value::as_u64) {
+            return Some(id as u32);
+        }
+        let named = tok_cfg.get(token_field).and_then(|v| {
+            v.as_str()
+                .or_else(|| v.get("content").and_then(Value::as_str))
+                .map(str::to_string)
+        });
+        named
+            .iter()
+            .map(String::as_str)
+            .chain(candidates.iter().copied())
+            .find_map(|t| tokenizer.token_to_id(t))
+    };
+    let special = SpecialTokenIds {
+        mask: id_of(
+            "mask_token_id",
+            "mask_token",
+            &["<|mask|>", "<|mdm_mask|>", "<mask>"],
+        ),
+        eos: id_of(
+            "eos_token_id",
+            "eos_token",
+            &["<|eos|>", "<|endoftext|>", "</s>"],
+        ),
+        bos: id_of("bos_token_id", "bos_token", &["<|bos|>", "<s>"]),
+        pad: id_of("pad_token_id", "pad_token", &["<|pad|>"]),
+    };
+    for (what, id) in [
+        ("mask", special.mask),
+        ("eos", special.eos),
+        ("bos", special.bos),
+        ("pad", special.pad),
+    ] {
+        if let Some(id) = id {
+            if id as usize >= config.vocab_size {
+                return Err(ImportError::Config(format!(
+                    "{what} token id {id} is outside the vocabulary of {}",
+                    config.vocab_size
+                )));
+            }
+        }
+    }
+    let mut decoding = DecodingDefaults::default();
+    if let Some(b) = json.get("block_size").and_then(Value::as_u64) {
+        decoding.block_size = b.max(1) as usize;
+    }
+    if let Some(t) = json.get("threshold").and_then(Value::as_f64) {
+        decoding.threshold = t as f32;
+    }
+    decoding.steps = json
+        .get("denoising_steps")
+        .and_then(Value::as_u64)
+        .map_or(decoding.block_size, |s| s.max(1) as usize);
+    Ok(ImportMeta {
+        config,
+        special,
+        tokenizer_json,
+        chat_template: tok_cfg
+            .get("chat_template")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        decoding,
+        source: serde_json::json!({ "model_type": json.get("model_type") }),
+    })
+}
+
+/// Progress callback: (done, total) in tensors.
+pub type Progress<'a> = &'a dyn Fn(u64, u64);
+
+/// What the converter wrote.
+#[derive(Debug)]
+pub struct ConvertSummary {
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub tensors: usize,
+    pub experts: usize,
+}
+
+/// The weight type a matrix is stored in: the requested one, or f16 when a quantized type's group
+/// of 32 does not divide the input dimension.
+fn matrix_dtype(requested: DType, cols: usize) -> DType {
+    if requested.is_quantized() && !cols.is_multiple_of(dtype::GROUP) {
+        DType::F16
+    } else {
+        requested
+    }
+}
+
+/// One tensor of the output and how to build it from the source.
+enum Item {
+    Dense {
+        name: String,
+        dtype: DType,
+        shape: Vec<usize>,
+        build: Build,
+    },
+    Expert {
+        layer: usize,
+        expert: usize,
+    },
+}
+
+enum Build {
+    Copy(String),
+    /// Rows of several source matrices stacked (q/k/v, gate/up).
+    Stack(Vec<String>),
+}
+
+fn get_checked(
+    src: &dyn TensorSource,
+    name: &str,
+    want: &[usize],
+) -> Result<Vec<f32>, ImportError> {
+    let (shape, values) = src.get(name)?;
+    if shape != want {
+        return Err(ImportError::Shape {
+            name: name.to_string(),
+            got: shape,
+            want: want.to_vec(),
+        });
+    }
+    Ok(values)
+}
+
+/// Builds one expert's (gate_up, down) from either per-expert or fused transformers-5 tensors.
+fn expert_weights(
+    src: &dyn TensorSource,
+    lay: &HfLayout,
+    c: &ModelConfig,
+    l: usize,
+    e: usize,
+) -> Result<(Vec<f32>, Vec<f32>), ImportError> {
+    let (h, i) = (c.hidden_size, c.moe.expert_ffn);
+    let per = |p: &str| lay.layer(l, &format!("{}.{e}.{p}.weight", lay.experts));
+    if src.has(&per("gate_proj")) {
+        let mut gu = get_checked(src, &per("gate_proj"), &[i, h])?;
+        gu.extend(get_checked(src, &per("up_proj"), &[i, h])?);
+        let down = get_checked(src, &per("down_proj"), &[h, i])?;
+        return Ok((gu, down));
+    }
+    // transformers 5 keeps experts fused: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I].
+    let n = c.moe.num_experts;
+    let gu_name = lay.layer(l, &format!("{}.gate_up_proj", lay.experts));
+    let down_name = lay.layer(l, &format!("{}.down_proj", lay.experts));
+    if !src.has(&gu_name) {
+        return Err(ImportError::MissingTensor(per("gate_proj")));
+    }
+    let gu = get_checked(src, &gu_name, &[n, 2 * i, h])?;
+    let down = get_checked(src, &down_name, &[n, h, i])?;
+    Ok((
+        gu[e * 2 * i * h..(e + 1) * 2 * i * h].to_vec(),
+        down[e * h * i..(e + 1) * h * i].to_vec(),
+    ))
+}
+
+/// Converts the tensors of `src` (named as `meta.config`'s family names them) into a model file.
+pub fn write_model(
+    src: &dyn TensorSource,
+    meta: &ImportMeta,
+    out: &Path,
+    wtype: DType,
+    progress: Progress,
+) -> Result<ConvertSummary, ImportError> {
+    let c = &meta.config;
+    let lay = layout(c.architecture);
+    let (h, v) = (c.hidden_size, c.vocab_size);
+    let mut items: Vec<Item> = Vec::new();
+    let mut used: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut dense = |name: String, dtype: DType, shape: Vec<usize>, build: Build| {
+        match &build {
+            Build::Copy(s) => {
+                used.insert(s.clone());
+            }
+            Build::Stack(v) => used.extend(v.iter().cloned()),
+        }
+        items.push(Item::Dense {
+            name,
+            dtype,
+            shape,
+            build,
+        });
+    };
+    let mat = |rows: usize, cols: usize| (matrix_dtype(wtype, cols), vec![rows, cols]);
+    let (dt, sh) = mat(v, h);
+    dense(names::EMBED.into(), dt, sh, Build::Copy(lay.embed.into()));
+    let mut experts_of = Vec::new();
+    for l in 0..c.num_layers {
+        let n = |s: &str| names::layer(l, s);
+        let hf = |s: &str| lay.layer(l, s);
+        dense(
+            n(names::ATTN_NORM),
+            DType::F32,
+            vec![h],
+            Build::Copy(hf(lay.attn_norm)),
+        );
+        let qkv = match lay.qkv {
+            QkvNames::Separate { q, k, v } => Build::Stack(vec![hf(q), hf(k), hf(v)]),
+            QkvNames::Fused(f) => Build::Copy(hf(f)),
+        };
+        let (dt, sh) = mat(c.qkv_dim(), h);
+        dense(n(names::QKV), dt, sh, qkv);
+        let norm_len = match c.qk_norm {
+            QkNorm::None => None,
+            QkNorm::PerHead => Some((c.head_dim, c.head_dim)),
+            QkNorm::Whole => Some((c.q_dim(), c.kv_dim())),
+        };
+        if let Some((qn, kn)) = norm_len {
+            dense(
+                n(names::Q_NORM),
+                DType::F32,
+                vec![qn],
+                Build::Copy(hf(lay.q_norm)),
+            );
+            dense(
+                n(names::K_NORM),
+                DType::F32,
+                vec![kn],
+                Build::Copy(hf(lay.k_norm)),
+            );
+        }
+        let (dt, sh) = mat(h, c.q_dim());
+        dense(n(names::O), dt, sh, Build::Copy(hf(lay.o)));
+        dense(
+            n(names::FFN_NORM),
+            DType::F32,
+            vec![h],
+            Build::Copy(hf(lay.ffn_norm)),
+        );
+        let mut mlp = |gu: &str, down: &str, prefix: &str, inter: usize| {
+            let p = |s: &str| hf(&format!("{prefix}.{s}.weight"));
+            let (dt, sh) = mat(2 * inter, h);
+            dense(
+                n(gu),
+                dt,
+                sh,
+                Build::Stack(vec![p("gate_proj"), p("up_proj")]),
+            );
+            let (dt, sh) = mat(h, inter);
+            dense(n(down), dt, sh, Build::Copy(p("down_proj")));
+        };
+        if c.is_moe_layer(l) {
+            if let Some(shared) = lay.shared.filter(|_| c.moe.shared_ffn > 0) {
+                mlp(
+                    names::SHARED_GATE_UP,
+                    names::SHARED_DOWN,
+                    shared,
+                    c.moe.shared_ffn,
+                );
+            }
+            let e_count = c.moe.num_experts;
+            dense(
+                n(names::ROUTER),
+                DType::F32,
+                vec![e_count, h],
+                Build::Copy(hf(lay.router)),
+            );
+            if let (true, Some(b)) = (c.moe.router_bias, lay.router_bias) {
+                dense(
+                    n(names::ROUTER_BIAS),
+                    DType::F32,
+                    vec![e_count],
+                    Build::Copy(hf(b)),
+                );
+            }
+            experts_of.push(l);
+        } else {
+            mlp(
+                names::MLP_GATE_UP,
+                names::MLP_DOWN,
+                lay.dense_mlp,
+                c.dense_ffn,
+            );
+        }
+    }
+    dense(
+        names::FINAL_NORM.into(),
+        DType::F32,
+        vec![h],
+        Build::Copy(lay.final_norm.into()),
+    );
+    if !c.tie_embeddings {
+        let (dt, sh) = mat(v, h);
+        dense(
+            names::LM_HEAD.into(),
+            dt,
+            sh,
+            Build::Copy(lay.lm_head.into()),
+        );
+    }
+    // Refuse checkpoints carrying weights we would silently drop.
+    let expert_prefixes: Vec<String> = experts_of
+        .iter()
+        .map(|&l| lay.layer(l, &format!("{}.", lay.experts)))
+        .collect();
+    let mut unknown: Vec<String> = src
+        .names()
+        .into_iter()
+        .filter(|n| !used.contains(n))
+        .filter(|n| !expert_prefixes.iter().any(|p| n.starts_with(p)))
+        .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
+        .filter(|n| !(c.tie_embeddings && n == lay.lm_head))
+        .collect();
+    unknown.sort();
+    if let Some(first) = unknown.first() {
+        return Err(ImportError::UnexpectedTensor(first.clone()));
+    }
+
+    let mut meta_out = Metadata {
+        config: c.clone(),
+        special_tokens: meta.special,
+        chat_template: meta.chat_template.clone(),
+        decoding: meta.decoding.clone(),
+        source: meta.source.clone(),
+        resident: None,
+    };
+    if let Value::Object(m) = &mut meta_out.source {
+        m.insert("weight_type".into(), Value::from(wtype.name()));
+        m.insert(
+            "converter".into(),
+            Value::from(concat!("edgediff ", env!("CARGO_PKG_VERSION"))),
+        );
+    }
+    let mut plan = LayoutBuilder::new(meta_out);
+    for it in &items {
+        if let Item::Dense {
+            name, dtype, shape, ..
+        } = it
+        {
+            plan.tensor(name, *dtype, shape)?;
+        }
+    }
+    let (i, e_count) = (c.moe.expert_ffn, c.moe.num_experts);
+    for &l in &experts_of {
+        plan.experts(
+            l,
+            e_count,
+            &[
+                (
+                    names::EXPERT_GATE_UP,
+                    matrix_dtype(wtype, h),
+                    vec![2 * i, h],
+                ),
+                (names::EXPERT_DOWN, matrix_dtype(wtype, i), vec![h, i]),
+            ],
+        )?;
+        for e in 0..e_count {
+            items.push(Item::Expert {
+                layer: l,
+                expert: e,
+            });
+        }
+    }
+    plan.blob("tokenizer.json", meta.tokenizer_json.len() as u64);
+    let mut w = EdmWriter::create(out, plan.finish())?;
+    let total = items.len() as u64;
+    let mut expert_count = 0;
+    for (done, it) in items.iter().enumerate() {
+        match it {
+            Item::Dense {
+                name,
+                dtype,
+                shape,
+                build,
+            } => {
+                let values = match build {
+                    Build::Copy(s) => get_checked(src, s, shape)?,
+                    Build::Stack(parts) => {
+                        let mut all = Vec::with_capacity(shape.iter().product());
+                        for p in parts {
+                            let (s, vals) = src.get(p)?;
+                            if s.len() != 2 || s[1] != shape[1] {
+                                return Err(ImportError::Shape {
+                                    name: p.clone(),
+                                    got: s,
+                                    want: vec![0, shape[1]],
+                                });
+                            }
+                            all.extend(vals);
+                        }
+                        if all.len() != shape.iter().product::<usize>() {
+                            return Err(ImportError::Shape {
+                                name: parts.join(" + "),
+                                got: vec![all.len() / shape[1], shape[1]],
+                                want: shape.clone(),
+                            });
+                        }
+                        all
+                    }
+                };
+                w.write_tensor(
+                    name,
+                    &dtype::encode(*dtype, &values, *shape.last().unwrap()),
+                )?;
+            }
+            Item::Expert { layer, expert } => {
+                let (gu, down) = expert_weights(src, lay, c, *layer, *expert)?;
+                w.write_expert_part(
+                    *layer,
+                    *expert,
+                    names::EXPERT_GATE_UP,
+                    &dtype::encode(matrix_dtype(wtype, h), &gu, h),
+                )?;
+                w.write_expert_part(
+                    *layer,
+                    *expert,
+                    names::EXPERT_DOWN,
+                    &dtype::encode(matrix_dtype(wtype, i), &down, i),
+                )?;
+                expert_count += 1;
+            }
+        }
+        progress(done as u64 + 1, total);
+    }
+    w.write_blob("tokenizer.json", &meta.tokenizer_json)?;
+    let tensors = w.header().tensors.len();
+    let path = w.finish()?;
+    let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    Ok(ConvertSummary {
+        path,
+        bytes,
+        tensors,
+        experts: expert_count,
+    })
+}
+
+/// `edgediff convert`: a Hugging Face checkpoint directory to a model file.
+pub fn convert(
+    dir: &Path,
+    out: &Path,
+    wtype: DType,
+    progress: Progress,
+) -> Result<ConvertSummary, ImportError> {
+    let meta = read_meta(dir)?;
+    let src = SafetensorsDir::open(dir)?;
+    write_model(&src, &meta, out, wtype, progress)
+}

@@ -1,0 +1,15 @@
+//! edgediff: an on-device runtime for Mixture-of-Experts diffusion language models.
+//!
+//! Layers, top to bottom: `decode` (block schedule, commit policies) → `model` (config + the forward
+//! pass written once) → `backend` (CPU reference, GPU through wgpu) → `format` (the `*.edm` model
+//! file, read through memmap2). `import` converts Hugging Face checkpoints; `synth` makes random
+//! models for tests and benchmarks.
+
+pub mod backend;
+#[cfg(feature = "cli")]
+pub mod cli;
+pub mod format;
+pub mod import;
+pub mod model;
+pub mod synth;
+pub mod tokenizer;

@@ -1,0 +1,245 @@
+//! One architecture description for every supported family. Qwen3-MoE, OLMoE and LLaDA2 (BailingMoeV2)
+//! differ only in the values here; the forward pass reads them and never the family name.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Architecture {
+    Qwen3Moe,
+    Olmoe,
+    Llada2Moe,
+}
+
+impl Architecture {
+    pub const ALL: [Architecture; 3] = [
+        Architecture::Qwen3Moe,
+        Architecture::Olmoe,
+        Architecture::Llada2Moe,
+    ];
+
+    /// The `model_type` of the Hugging Face config.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Architecture::Qwen3Moe => "qwen3_moe",
+            Architecture::Olmoe => "olmoe",
+            Architecture::Llada2Moe => "llada2_moe",
+        }
+    }
+
+    pub fn from_hf_name(name: &str) -> Option<Self> {
+        match name {
+            "qwen3_moe" => Some(Architecture::Qwen3Moe),
+            "olmoe" => Some(Architecture::Olmoe),
+            "llada2_moe" | "bailing_moe_v2" | "bailing_moe" => Some(Architecture::Llada2Moe),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Architecture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.hf_name())
+    }
+}
+
+/// How q and k are normalised before RoPE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QkNorm {
+    None,
+    /// RMSNorm over each head's `head_dim` values, one weight vector shared by all heads (Qwen3, LLaDA2).
+    PerHead,
+    /// RMSNorm over the whole q (or k) projection of a token (OLMoE).
+    Whole,
+}
+
+/// How router logits become expert choices and weights.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Gating {
+    /// softmax over all experts, top-k, optionally renormalised to sum 1 (Qwen3-MoE, OLMoE).
+    Softmax { renormalize: bool },
+    /// sigmoid scores; `score + bias` chooses, limited to the best `top_groups` of `groups` groups
+    /// (a group scores the sum of its two best); weights are the unbiased scores, optionally
+    /// renormalised, times `scale` (LLaDA2, DeepSeek-V3).
+    SigmoidGrouped {
+        groups: usize,
+        top_groups: usize,
+        scale: f32,
+        renormalize: bool,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    pub top_k: usize,
+    /// Intermediate size of one routed expert.
+    pub expert_ffn: usize,
+    /// Intermediate size of the shared expert (0: none). Several shared experts are one wider MLP.
+    pub shared_ffn: usize,
+    pub gating: Gating,
+    /// Whether the router has a selection bias vector (`router_bias`).
+    pub router_bias: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rope_theta: f64,
+    /// Leading dims of each head that RoPE rotates (`head_dim` for full RoPE), rotate-half layout.
+    pub rotary_dim: usize,
+    pub rms_norm_eps: f64,
+    pub max_position: usize,
+    pub qk_norm: QkNorm,
+    /// OLMoE's optional clamp of q, k and v to ±clip.
+    #[serde(default)]
+    pub clip_qkv: Option<f32>,
+    pub moe: MoeConfig,
+    /// Intermediate size of dense (non-MoE) layers.
+    pub dense_ffn: usize,
+    /// Layers whose FFN is a dense SwiGLU MLP instead of MoE.
+    #[serde(default)]
+    pub dense_layers: Vec<usize>,
+    pub tie_embeddings: bool,
+}
+
+/// A config that cannot describe a runnable model.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invalid model config: {0}")]
+pub struct ConfigError(pub String);
+
+impl ModelConfig {
+    pub fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+    pub fn qkv_dim(&self) -> usize {
+        self.q_dim() + 2 * self.kv_dim()
+    }
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        !self.dense_layers.contains(&layer)
+    }
+
+    /// Checks the invariants the forward pass relies on, so a lying header is an error here and not
+    /// an out-of-bounds index later.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |m: String| Err(ConfigError(m));
+        let limits = [
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("hidden_size", self.hidden_size, 1 << 16),
+            ("num_layers", self.num_layers, 1 << 10),
+            ("num_heads", self.num_heads, 1 << 10),
+            ("num_kv_heads", self.num_kv_heads, 1 << 10),
+            ("head_dim", self.head_dim, 1 << 12),
+            ("max_position", self.max_position, 1 << 24),
+            ("num_experts", self.moe.num_experts, 1 << 14),
+        ];
+        for (name, v, max) in limits {
+            if v == 0 || v > max {
+                return fail(format!("{name} = {v} is outside 1..={max}"));
+            }
+        }
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
+            return fail(format!(
+                "num_heads {} is not a multiple of num_kv_heads {}",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.rotary_dim == 0
+            || self.rotary_dim > self.head_dim
+            || !self.rotary_dim.is_multiple_of(2)
+        {
+            return fail(format!(
+                "rotary_dim {} must be even and within 1..={}",
+                self.rotary_dim, self.head_dim
+            ));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
+            return fail(format!("rope_theta {} must be > 1", self.rope_theta));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return fail(format!("rms_norm_eps {} must be > 0", self.rms_norm_eps));
+        }
+        let m = &self.moe;
+        if m.top_k == 0 || m.top_k > m.num_experts {
+            return fail(format!(
+                "top_k {} must be within 1..={}",
+                m.top_k, m.num_experts
+            ));
+        }
+        if let Gating::SigmoidGrouped {
+            groups,
+            top_groups,
+            scale,
+            ..
+        } = m.gating
+        {
+            if groups == 0
+                || !m.num_experts.is_multiple_of(groups)
+                || top_groups == 0
+                || top_groups > groups
+            {
+                return fail(format!(
+                    "group-limited routing needs groups dividing {} experts and 1 <= top_groups <= groups (got {groups}, {top_groups})",
+                    m.num_experts
+                ));
+            }
+            if (m.num_experts / groups) * top_groups < m.top_k || (m.num_experts / groups) < 2 {
+                return fail("top_groups groups hold fewer experts than top_k".into());
+            }
+            if !scale.is_finite() {
+                return fail("routed scaling factor is not finite".into());
+            }
+        }
+        if let Some(&l) = self.dense_layers.iter().find(|&&l| l >= self.num_layers) {
+            return fail(format!("dense layer {l} >= num_layers {}", self.num_layers));
+        }
+        let any_moe = (0..self.num_layers).any(|l| self.is_moe_layer(l));
+        if any_moe && m.expert_ffn == 0 {
+            return fail("expert_ffn is 0".into());
+        }
+        if !self.dense_layers.is_empty() && self.dense_ffn == 0 {
+            return fail("dense_ffn is 0 but there are dense layers".into());
+        }
+        if let Some(c) = self.clip_qkv {
+            if !(c.is_finite() && c > 0.0) {
+                return fail(format!("clip_qkv {c} must be > 0"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Parameters stored, and parameters touched per token (dense + top-k routed + shared).
+    pub fn parameter_counts(&self) -> (u64, u64) {
+        let h = self.hidden_size as u64;
+        let attn = h * self.qkv_dim() as u64 + self.q_dim() as u64 * h;
+        let embed = self.vocab_size as u64 * h;
+        let head = if self.tie_embeddings { 0 } else { embed };
+        let expert = 3 * h * self.moe.expert_ffn as u64;
+        let shared = 3 * h * self.moe.shared_ffn as u64;
+        let router = h * self.moe.num_experts as u64;
+        let (mut total, mut active) = (embed + head, embed.min(h) + head);
+        for l in 0..self.num_layers {
+            total += attn;
+            active += attn;
+            if self.is_moe_layer(l) {
+                total += expert * self.moe.num_experts as u64 + shared + router;
+                active += expert * self.moe.top_k as u64 + shared + router;
+            } else {
+                total += 3 * h * self.dense_ffn as u64;
+                active += 3 * h * self.dense_ffn as u64;
+            }
+        }
+        (total, active)
+    }
+}

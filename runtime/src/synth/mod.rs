@@ -1,0 +1,461 @@
+//! Deterministic random models for tests and benchmarks. A synthetic model is a Hugging Face
+//! config.json, a BPE tokenizer trained on the corpus the repo ships, and a [`TensorSource`] that
+//! generates every checkpoint tensor from (seed, name) on demand. The `.edm` goes through the real
+//! converter; `--hf-out` writes the same tensors as a safetensors checkpoint for the converter's
+//! tests and for transformers.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use crate::format::DType;
+use crate::import::{self, HfLayout, ImportError, ImportMeta, QkvNames, TensorSource};
+use crate::model::{Architecture, ModelConfig, QkNorm};
+use crate::tokenizer::train::{train_bpe, SpecialTokens, SYNTH_CORPUS};
+
+/// Shape of a synthetic model; everything else follows the family's defaults.
+#[derive(Clone, Debug)]
+pub struct SynthSpec {
+    pub arch: Architecture,
+    pub layers: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub experts: usize,
+    pub top_k: usize,
+    pub expert_ffn: usize,
+    /// Shared experts (LLaDA2 only).
+    pub shared_experts: usize,
+    /// Leading dense layers (LLaDA2 `first_k_dense_replace`, Qwen3 `mlp_only_layers`).
+    pub dense_layers: usize,
+    pub dense_ffn: usize,
+    /// Model vocabulary; the tokenizer uses `min(vocab, tokenizer_vocab)` of it.
+    pub vocab: usize,
+    pub tokenizer_vocab: usize,
+    pub max_position: usize,
+    pub block_size: usize,
+    pub seed: u64,
+}
+
+impl SynthSpec {
+    /// A tiny model of the family, small enough for unit tests and committed fixtures.
+    pub fn tiny(arch: Architecture) -> Self {
+        SynthSpec {
+            arch,
+            layers: 2,
+            hidden: 64,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 16,
+            experts: 8,
+            top_k: 2,
+            expert_ffn: 32,
+            shared_experts: if arch == Architecture::Llada2Moe {
+                1
+            } else {
+                0
+            },
+            dense_layers: if arch == Architecture::Llada2Moe {
+                1
+            } else {
+                0
+            },
+            dense_ffn: 96,
+            vocab: 512,
+            tokenizer_vocab: 512,
+            max_position: 512,
+            block_size: 8,
+            seed: 0,
+        }
+    }
+
+    /// LLaDA2.0-mini's shapes (REFERENCES.md): 20 layers, hidden 2048, 256 experts top-8, FFN 512.
+    pub fn llada2_mini() -> Self {
+        SynthSpec {
+            arch: Architecture::Llada2Moe,
+            layers: 20,
+            hidden: 2048,
+            heads: 16,
+            kv_heads: 4,
+            head_dim: 128,
+            experts: 256,
+            top_k: 8,
+            expert_ffn: 512,
+            shared_experts: 1,
+            dense_layers: 1,
+            dense_ffn: 5120,
+            vocab: 157184,
+            tokenizer_vocab: 2048,
+            max_position: 8192,
+            block_size: 32,
+            seed: 0,
+        }
+    }
+
+    /// The family's config.json, in its own field names.
+    pub fn hf_config(&self, special: &Specials) -> Value {
+        let common = json!({
+            "vocab_size": self.vocab,
+            "hidden_size": self.hidden,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "max_position_embeddings": self.max_position,
+            "rms_norm_eps": 1e-6,
+            "num_experts": self.experts,
+            "num_experts_per_tok": self.top_k,
+            "tie_word_embeddings": false,
+            "torch_dtype": "float32",
+            "bos_token_id": special.bos,
+            "eos_token_id": special.eos,
+            "pad_token_id": special.pad,
+            "mask_token_id": special.mask,
+            "block_size": self.block_size,
+        });
+        let specific = match self.arch {
+            Architecture::Qwen3Moe => json!({
+                "model_type": "qwen3_moe",
+                "architectures": ["Qwen3MoeForCausalLM"],
+                "head_dim": self.head_dim,
+                "moe_intermediate_size": self.expert_ffn,
+                "intermediate_size": self.dense_ffn,
+                "mlp_only_layers": (0..self.dense_layers).collect::<Vec<_>>(),
+                "decoder_sparse_step": 1,
+                "norm_topk_prob": true,
+                "rope_theta": 1000000.0,
+                "attention_bias": false,
+            }),
+            Architecture::Olmoe => json!({
+                "model_type": "olmoe",
+                "architectures": ["OlmoeForCausalLM"],
+                "intermediate_size": self.expert_ffn,
+                "norm_topk_prob": false,
+                "rope_theta": 10000.0,
+                "attention_bias": false,
+                "clip_qkv": null,
+            }),
+            Architecture::Llada2Moe => json!({
+                "model_type": "llada2_moe",
+                "architectures": ["LLaDA2MoeModelLM"],
+                "head_dim": self.head_dim,
+                "moe_intermediate_size": self.expert_ffn,
+                "intermediate_size": self.dense_ffn,
+                "num_shared_experts": self.shared_experts,
+                "n_group": if self.experts.is_multiple_of(8) && self.experts >= 16 { 8 } else { 2 },
+                "topk_group": if self.experts.is_multiple_of(8) && self.experts >= 16 { 4 } else { 1 },
+                "routed_scaling_factor": 2.5,
+                "score_function": "sigmoid",
+                "norm_topk_prob": true,
+                "first_k_dense_replace": self.dense_layers,
+                "partial_rotary_factor": 0.5,
+                "rope_theta": 600000.0,
+                "use_qk_norm": true,
+                "use_qkv_bias": false,
+                "use_bias": false,
+            }),
+        };
+        let mut out = common;
+        if let (Value::Object(a), Value::Object(b)) = (&mut out, specific) {
+            a.extend(b);
+        }
+        out
+    }
+}
+
+/// Special token ids of a synthetic tokenizer.
+#[derive(Clone, Copy, Debug)]
+pub struct Specials {
+    pub pad: u32,
+    pub bos: u32,
+    pub eos: u32,
+    pub mask: u32,
+}
+
+/// A chat template in Hugging Face's Jinja dialect, for the synthetic tokenizer's special tokens.
+pub const SYNTH_CHAT_TEMPLATE: &str = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
+
+/// Everything of a synthetic model but its tensors.
+pub struct SynthModel {
+    pub spec: SynthSpec,
+    pub hf_config: Value,
+    pub meta: ImportMeta,
+    pub tokenizer_config: Value,
+}
+
+pub fn build(spec: &SynthSpec) -> Result<SynthModel, ImportError> {
+    let corpus: String = SYNTH_CORPUS
+        .iter()
+        .map(|(_, t)| *t)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let specials = SpecialTokens::default();
+    let tok_json = train_bpe(&corpus, spec.tokenizer_vocab.min(spec.vocab), &specials)
+        .map_err(|e| ImportError::Tokenizer(e.to_string()))?;
+    let tok = crate::tokenizer::Tokenizer::from_json(tok_json.as_bytes())
+        .map_err(|e| ImportError::Tokenizer(e.to_string()))?;
+    let id = |s: &str| {
+        tok.token_to_id(s)
+            .ok_or_else(|| ImportError::Tokenizer(format!("synthetic tokenizer lacks {s}")))
+    };
+    let sp = Specials {
+        pad: id(&specials.pad)?,
+        bos: id(&specials.bos)?,
+        eos: id(&specials.eos)?,
+        mask: id(&specials.mask)?,
+    };
+    let hf_config = spec.hf_config(&sp);
+    let config = import::parse_config(&hf_config)?;
+    let tokenizer_config = json!({
+        "bos_token": specials.bos,
+        "eos_token": specials.eos,
+        "pad_token": specials.pad,
+        "mask_token": specials.mask,
+        "chat_template": SYNTH_CHAT_TEMPLATE,
+        "model_max_length": spec.max_position,
+    });
+    let meta = ImportMeta {
+        config,
+        special: crate::format::SpecialTokenIds {
+            mask: Some(sp.mask),
+            eos: Some(sp.eos),
+            bos: Some(sp.bos),
+            pad: Some(sp.pad),
+        },
+        tokenizer_json: tok_json.into_bytes(),
+        chat_template: Some(SYNTH_CHAT_TEMPLATE.to_string()),
+        decoding: crate::format::DecodingDefaults {
+            block_size: spec.block_size,
+            threshold: 0.9,
+            steps: spec.block_size,
+        },
+        source: json!({ "model_type": spec.arch.hf_name(), "synthetic": { "seed": spec.seed } }),
+    };
+    Ok(SynthModel {
+        spec: spec.clone(),
+        hf_config,
+        meta,
+        tokenizer_config,
+    })
+}
+
+/// How a synthetic tensor's values are drawn.
+#[derive(Clone, Copy, Debug)]
+enum Init {
+    /// Uniform in ±√(3/fan_in): unit-variance outputs for unit-variance inputs.
+    Linear,
+    /// 1 + U(±0.1), for norm weights.
+    Norm,
+    /// U(±0.1), for the router's selection bias.
+    Bias,
+    /// U(±1), for embeddings.
+    Embedding,
+}
+
+/// Generates checkpoint tensors named as the family's Hub checkpoints name them.
+pub struct SynthSource {
+    seed: u64,
+    tensors: Vec<(String, Vec<usize>, Init)>,
+    index: std::collections::HashMap<String, usize>,
+}
+
+impl SynthSource {
+    pub fn new(config: &ModelConfig, seed: u64) -> Self {
+        let lay: &HfLayout = import::layout(config.architecture);
+        let (h, v) = (config.hidden_size, config.vocab_size);
+        let mut t: Vec<(String, Vec<usize>, Init)> = Vec::new();
+        t.push((lay.embed.into(), vec![v, h], Init::Embedding));
+        for l in 0..config.num_layers {
+            let n = |s: &str| lay.layer(l, s);
+            t.push((n(lay.attn_norm), vec![h], Init::Norm));
+            match lay.qkv {
+                QkvNames::Separate { q, k, v } => {
+                    t.push((n(q), vec![config.q_dim(), h], Init::Linear));
+                    t.push((n(k), vec![config.kv_dim(), h], Init::Linear));
+                    t.push((n(v), vec![config.kv_dim(), h], Init::Linear));
+                }
+                QkvNames::Fused(f) => t.push((n(f), vec![config.qkv_dim(), h], Init::Linear)),
+            }
+            match config.qk_norm {
+                QkNorm::None => {}
+                QkNorm::PerHead => {
+                    t.push((n(lay.q_norm), vec![config.head_dim], Init::Norm));
+                    t.push((n(lay.k_norm), vec![config.head_dim], Init::Norm));
+                }
+                QkNorm::Whole => {
+                    t.push((n(lay.q_norm), vec![config.q_dim()], Init::Norm));
+                    t.push((n(lay.k_norm), vec![config.kv_dim()], Init::Norm));
+                }
+            }
+            t.push((n(lay.o), vec![h, config.q_dim()], Init::Linear));
+            t.push((n(lay.ffn_norm), vec![h], Init::Norm));
+            let mut mlp = |prefix: String, inter: usize| {
+                t.push((
+                    format!("{prefix}.gate_proj.weight"),
+                    vec![inter, h],
+                    Init::Linear,
+                ));
+                t.push((
+                    format!("{prefix}.up_proj.weight"),
+                    vec![inter, h],
+                    Init::Linear,
+                ));
+                t.push((
+                    format!("{prefix}.down_proj.weight"),
+                    vec![h, inter],
+                    Init::Linear,
+                ));
+            };
+            if config.is_moe_layer(l) {
+                for e in 0..config.moe.num_experts {
+                    mlp(n(&format!("{}.{e}", lay.experts)), config.moe.expert_ffn);
+                }
+                if let (Some(s), true) = (lay.shared, config.moe.shared_ffn > 0) {
+                    mlp(n(s), config.moe.shared_ffn);
+                }
+                t.push((n(lay.router), vec![config.moe.num_experts, h], Init::Linear));
+                if let (Some(b), true) = (lay.router_bias, config.moe.router_bias) {
+                    t.push((n(b), vec![config.moe.num_experts], Init::Bias));
+                }
+            } else {
+                mlp(n(lay.dense_mlp), config.dense_ffn);
+            }
+        }
+        t.push((lay.final_norm.into(), vec![h], Init::Norm));
+        if !config.tie_embeddings {
+            t.push((lay.lm_head.into(), vec![v, h], Init::Linear));
+        }
+        let index = t
+            .iter()
+            .enumerate()
+            .map(|(i, x)| (x.0.clone(), i))
+            .collect();
+        SynthSource {
+            seed,
+            tensors: t,
+            index,
+        }
+    }
+}
+
+/// splitmix64: a tiny, well-mixed generator; seeding by name makes every tensor independent of the
+/// order in which tensors are generated.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    fn uniform(&mut self) -> f32 {
+        ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+fn name_seed(seed: u64, name: &str) -> u64 {
+    // FNV-1a over the name, mixed with the model seed.
+    let mut h = 0xcbf29ce484222325u64 ^ seed.wrapping_mul(0x100000001b3);
+    for b in name.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+impl TensorSource for SynthSource {
+    fn has(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.tensors.iter().map(|t| t.0.clone()).collect()
+    }
+
+    fn get(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), ImportError> {
+        let (_, shape, init) = self
+            .index
+            .get(name)
+            .map(|&i| &self.tensors[i])
+            .ok_or_else(|| ImportError::MissingTensor(name.to_string()))?;
+        let n: usize = shape.iter().product();
+        let mut rng = SplitMix(name_seed(self.seed, name));
+        let values = match init {
+            Init::Linear => {
+                let a = (3.0 / *shape.last().unwrap() as f32).sqrt();
+                (0..n).map(|_| rng.uniform() * a).collect()
+            }
+            Init::Norm => (0..n).map(|_| 1.0 + 0.1 * rng.uniform()).collect(),
+            Init::Bias => (0..n).map(|_| 0.1 * rng.uniform()).collect(),
+            Init::Embedding => (0..n).map(|_| rng.uniform()).collect(),
+        };
+        Ok((shape.clone(), values))
+    }
+}
+
+/// Writes the synthetic model as a `.edm`.
+pub fn write_edm(
+    model: &SynthModel,
+    out: &Path,
+    wtype: DType,
+    progress: import::Progress,
+) -> Result<import::ConvertSummary, ImportError> {
+    let src = SynthSource::new(&model.meta.config, model.spec.seed);
+    import::write_model(&src, &model.meta, out, wtype, progress)
+}
+
+/// Writes the synthetic model as a Hugging Face checkpoint directory (f32 safetensors, experts named
+/// one by one as Hub checkpoints do). Meant for small models: tensors are held in memory.
+pub fn write_hf(model: &SynthModel, dir: &Path) -> Result<(), ImportError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e| ImportError::Io { path, source: e }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let src = SynthSource::new(&model.meta.config, model.spec.seed);
+    let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for name in src.names() {
+        let (shape, values) = src.get(&name)?;
+        data.push((name, shape, bytemuck::cast_slice(&values).to_vec()));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = data
+        .iter()
+        .map(|(n, s, b)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .map_err(|e| ImportError::Checkpoint {
+                    path: dir.to_path_buf(),
+                    detail: e.to_string(),
+                })?;
+            Ok((n.clone(), view))
+        })
+        .collect::<Result<_, ImportError>>()?;
+    let st_path = dir.join("model.safetensors");
+    let mut st_meta = std::collections::HashMap::new();
+    st_meta.insert("format".to_string(), "pt".to_string());
+    safetensors::serialize_to_file(views, Some(st_meta), &st_path).map_err(|e| {
+        ImportError::Checkpoint {
+            path: st_path.clone(),
+            detail: e.to_string(),
+        }
+    })?;
+    let write = |name: &str, bytes: &[u8]| {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).map_err(io(&p))
+    };
+    write(
+        "config.json",
+        serde_json::to_string_pretty(&model.hf_config)
+            .unwrap()
+            .as_bytes(),
+    )?;
+    write("tokenizer.json", &model.meta.tokenizer_json)?;
+    write(
+        "tokenizer_config.json",
+        serde_json::to_string_pretty(&model.tokenizer_config)
+            .unwrap()
+            .as_bytes(),
+    )?;
+    Ok(())
+}
