@@ -61,6 +61,10 @@ pub enum FormatError {
         name: String,
         source: dtype::DecodeError,
     },
+    #[error(transparent)]
+    Config(#[from] crate::model::ConfigError),
+    #[error("'{0}' is listed twice")]
+    DuplicateName(String),
     #[error("invalid model file: {0}")]
     Invalid(String),
 }

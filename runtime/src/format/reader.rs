@@ -118,10 +118,7 @@ impl EdmFile {
 
     fn validate(&self) -> Result<(), FormatError> {
         let h = &self.header;
-        h.metadata
-            .config
-            .validate()
-            .map_err(|e| FormatError::Invalid(e.to_string()))?;
+        h.metadata.config.validate()?;
         if self.data_start > self.file_len {
             return Err(FormatError::Truncated {
                 what: "data section".into(),
@@ -181,10 +178,7 @@ impl EdmFile {
         };
         for t in &h.tensors {
             if !names.insert(t.name.as_str()) {
-                return Err(FormatError::Invalid(format!(
-                    "tensor '{}' listed twice",
-                    t.name
-                )));
+                return Err(FormatError::DuplicateName(t.name.clone()));
             }
             if !t.offset.is_multiple_of(TENSOR_ALIGN) {
                 return Err(FormatError::Misaligned {
@@ -196,7 +190,12 @@ impl EdmFile {
             let (s, e) = check(t, 0, data_len)?;
             ranges.push((s, e, t.name.clone()));
         }
+        // Lookups take the first match, so a second entry of a name would be unreachable data.
+        let mut blob_names = std::collections::HashSet::new();
         for b in &h.blobs {
+            if !blob_names.insert(b.name.as_str()) {
+                return Err(FormatError::DuplicateName(format!("blob {}", b.name)));
+            }
             if !b.offset.is_multiple_of(TENSOR_ALIGN) {
                 return Err(FormatError::Misaligned {
                     name: b.name.clone(),
@@ -237,7 +236,14 @@ impl EdmFile {
                 )));
             }
             let mut part_ranges = Vec::new();
+            let mut part_names = std::collections::HashSet::new();
             for p in &t.parts {
+                if !part_names.insert(p.name.as_str()) {
+                    return Err(FormatError::DuplicateName(format!(
+                        "{what} part {}",
+                        p.name
+                    )));
+                }
                 let (s, e) = check(p, 0, t.length)?;
                 part_ranges.push((s, e, p.name.clone()));
             }
