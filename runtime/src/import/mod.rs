@@ -240,13 +240,16 @@ fn get_checked(
     Ok(values)
 }
 
+/// A layer's fused expert tensors, read once for all its experts: `(layer, gate_up, down)`.
+type FusedExperts = Option<(usize, Vec<f32>, Vec<f32>)>;
+
 /// Builds one expert's (gate_up, down) from either per-expert or fused transformers-5 tensors.
 fn expert_weights(
     src: &dyn TensorSource,
     lay: &HfLayout,
     c: &ModelConfig,
-    l: usize,
-    e: usize,
+    (l, e): (usize, usize),
+    fused: &mut FusedExperts,
 ) -> Result<(Vec<f32>, Vec<f32>), ImportError> {
     let (h, i) = (c.hidden_size, c.moe.expert_ffn);
     let per = |p: &str| lay.layer(l, &format!("{}.{e}.{p}.weight", lay.experts));
@@ -263,12 +266,31 @@ fn expert_weights(
     if !src.has(&gu_name) {
         return Err(ImportError::MissingTensor(per("gate_proj")));
     }
-    let gu = get_checked(src, &gu_name, &[n, 2 * i, h])?;
-    let down = get_checked(src, &down_name, &[n, h, i])?;
+    if fused.as_ref().is_none_or(|f| f.0 != l) {
+        let gu = get_checked(src, &gu_name, &[n, 2 * i, h])?;
+        let down = get_checked(src, &down_name, &[n, h, i])?;
+        *fused = Some((l, gu, down));
+    }
+    let (_, gu, down) = fused.as_ref().expect("filled above");
     Ok((
         gu[e * 2 * i * h..(e + 1) * 2 * i * h].to_vec(),
         down[e * h * i..(e + 1) * h * i].to_vec(),
     ))
+}
+
+/// Whether `rest` (a name after `…mlp.experts.`) is one of the expert tensors the converter reads.
+fn is_expert_name(rest: &str, num_experts: usize) -> bool {
+    if rest == "gate_up_proj" || rest == "down_proj" {
+        return true;
+    }
+    let Some((e, proj)) = rest.split_once('.') else {
+        return false;
+    };
+    e.parse::<usize>().is_ok_and(|e| e < num_experts)
+        && matches!(
+            proj,
+            "gate_proj.weight" | "up_proj.weight" | "down_proj.weight"
+        )
 }
 
 /// Converts the tensors of `src` (named as `meta.config`'s family names them) into a model file.
@@ -414,7 +436,12 @@ pub fn write_model(
         .names()
         .into_iter()
         .filter(|n| !used.contains(n))
-        .filter(|n| !expert_prefixes.iter().any(|p| n.starts_with(p)))
+        .filter(|n| {
+            !expert_prefixes.iter().any(|p| {
+                n.strip_prefix(p.as_str())
+                    .is_some_and(|rest| is_expert_name(rest, c.moe.num_experts))
+            })
+        })
         .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
         .filter(|n| !(c.tie_embeddings && n == lay.lm_head))
         .collect();
@@ -472,6 +499,7 @@ pub fn write_model(
     let mut w = EdmWriter::create(out, plan.finish())?;
     let total = items.len() as u64;
     let mut expert_count = 0;
+    let mut fused: FusedExperts = None;
     for (done, it) in items.iter().enumerate() {
         match it {
             Item::Dense {
@@ -511,7 +539,7 @@ pub fn write_model(
                 )?;
             }
             Item::Expert { layer, expert } => {
-                let (gu, down) = expert_weights(src, lay, c, *layer, *expert)?;
+                let (gu, down) = expert_weights(src, lay, c, (*layer, *expert), &mut fused)?;
                 w.write_expert_part(
                     *layer,
                     *expert,
