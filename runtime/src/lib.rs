@@ -8,6 +8,7 @@
 pub mod backend;
 #[cfg(feature = "cli")]
 pub mod cli;
+pub mod experts;
 pub mod format;
 pub mod import;
 pub mod model;

@@ -4,6 +4,8 @@
 mod convert;
 mod forward;
 mod inspect;
+mod profile;
+mod prune;
 mod synth;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +34,10 @@ pub enum Command {
     Inspect(inspect::Args),
     /// Run one forward pass and print logits (debugging, external checks).
     Forward(forward::Args),
+    /// Record which experts a model routes to over a calibration corpus.
+    Profile(profile::Args),
+    /// Keep a resident subset of experts per layer (EMO-style), written as a new model file.
+    Prune(prune::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -40,6 +46,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Synth(a) => synth::run(*a),
         Command::Inspect(a) => inspect::run(a),
         Command::Forward(a) => forward::run(a),
+        Command::Profile(a) => profile::run(a),
+        Command::Prune(a) => prune::run(a),
     }
 }
 

@@ -55,6 +55,16 @@ impl LayoutBuilder {
         num_experts: usize,
         parts: &[(&str, DType, Vec<usize>)],
     ) -> Result<(), FormatError> {
+        self.experts_subset(layer, &vec![true; num_experts], parts)
+    }
+
+    /// The experts of one layer for which `keep` is true; the others get no bytes (`null` offsets).
+    pub fn experts_subset(
+        &mut self,
+        layer: usize,
+        keep: &[bool],
+        parts: &[(&str, DType, Vec<usize>)],
+    ) -> Result<(), FormatError> {
         let mut entries = Vec::new();
         let mut len = 0u64;
         for (name, dtype, shape) in parts {
@@ -69,8 +79,9 @@ impl LayoutBuilder {
                 length,
             });
         }
-        let offsets = (0..num_experts)
-            .map(|_| Some(self.place(len, EXPERT_ALIGN)))
+        let offsets = keep
+            .iter()
+            .map(|&k| k.then(|| self.place(len, EXPERT_ALIGN)))
             .collect();
         self.header.experts.push(ExpertTable {
             layer,

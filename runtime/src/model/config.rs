@@ -58,7 +58,8 @@ pub enum QkNorm {
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Gating {
-    /// softmax over all experts, top-k, optionally renormalised to sum 1 (Qwen3-MoE, OLMoE).
+    /// softmax over all experts, top-k, optionally renormalised to sum 1 (Qwen3-MoE, OLMoE). A
+    /// router bias, when present (pruned models), is added to the logits before the softmax.
     Softmax { renormalize: bool },
     /// sigmoid scores; `score + bias` chooses, limited to the best `top_groups` of `groups` groups
     /// (a group scores the sum of its two best); weights are the unbiased scores, optionally
@@ -80,7 +81,8 @@ pub struct MoeConfig {
     /// Intermediate size of the shared expert (0: none). Several shared experts are one wider MLP.
     pub shared_ffn: usize,
     pub gating: Gating,
-    /// Whether the router has a selection bias vector (`router_bias`).
+    /// Whether the router has a selection bias vector (`router_bias`): LLaDA2's expert bias, or the
+    /// mask of a pruned model.
     pub router_bias: bool,
 }
 

@@ -500,6 +500,12 @@ pub fn route_row(
     };
     match gating {
         Gating::Softmax { renormalize } => {
+            // A softmax router has no bias of its own; one present is a pruned model's selection
+            // mask, added to the logits so pruned experts get probability 0.
+            let logits: Vec<f32> = match bias {
+                Some(b) => logits.iter().zip(b).map(|(l, b)| l + b).collect(),
+                None => logits.to_vec(),
+            };
             let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
             let sum: f32 = exp.iter().sum();

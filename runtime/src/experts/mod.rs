@@ -1,0 +1,48 @@
+//! Expert residency: routing profiles over a domain corpus, resident-set selection, and pruned model
+//! files that hold only the experts a deployment keeps.
+//!
+//! Pruning writes a new model file (never modifying the input): non-resident experts have no bytes in
+//! it, so they cannot be mapped or read, and the router gets a selection mask (−1e30 on pruned
+//! experts, through `moe.router_bias`) so it never picks them. A separate manifest beside the model
+//! was the alternative; one self-contained file is what a phone app ships, and the size on disk
+//! drops with the experts.
+
+pub mod profile;
+pub mod prune;
+
+use std::path::PathBuf;
+
+pub use profile::{fingerprint, LayerProfile, Profile};
+pub use prune::{prune_file, KeepSpec, ResidentSet, Selector};
+
+use crate::format::FormatError;
+use crate::model::ModelError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExpertsError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("invalid profile: {0}")]
+    BadProfile(String),
+    #[error("the profile was recorded on another model (profile {profile}, this model {model})")]
+    ProfileMismatch { profile: String, model: String },
+    #[error("keep spec '{0}': expected a percentage (12.5%), a count per layer (32) or a byte budget (1.5GB, 800MiB, 123456789B)")]
+    BadKeep(String),
+    #[error("{0}")]
+    BudgetTooSmall(String),
+    #[error("model file is already pruned; prune the original model instead")]
+    AlreadyPruned,
+}
+
+impl From<crate::backend::BackendError> for ExpertsError {
+    fn from(e: crate::backend::BackendError) -> Self {
+        ExpertsError::Model(ModelError::Backend(e))
+    }
+}
