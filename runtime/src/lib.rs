@@ -8,6 +8,8 @@
 pub mod backend;
 #[cfg(feature = "cli")]
 pub mod cli;
+pub mod decode;
+pub mod engine;
 pub mod experts;
 pub mod format;
 pub mod import;

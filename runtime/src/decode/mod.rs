@@ -1,0 +1,522 @@
+//! Decoding: from a prompt's ids to generated ids, as strategies over the one forward pass.
+//!
+//! Every decoder asks the model for the same thing — `forward(tokens, window, mask)` → per-position
+//! statistics — and differs only in which positions it feeds, which cached keys it lets them see,
+//! and which predictions it commits:
+//! - [`DecoderKind::Block`]: block diffusion for block-causal models (LLaDA2, SDAR) with an exact KV
+//!   cache of committed blocks ([`block`]);
+//! - [`DecoderKind::Bidirectional`]: LLaDA-style masked diffusion over a fixed-length canvas with
+//!   Fast-dLLM's prefix or dual cache ([`bidirectional`]);
+//! - [`DecoderKind::Speculative`]: TiDAR-style self-speculation, one pass verifying the last draft
+//!   with causal logits and drafting the next block ([`speculative`]);
+//! - [`DecoderKind::Ar`]: one token per forward, the baseline of every speedup figure ([`ar`]).
+//!
+//! Commit policies ([`policy`]) and token choice ([`sampling`]) are small pure functions over the
+//! statistics. This layer knows ids only: text, stop strings and chat templates live in
+//! `engine`, which watches the committed ids through an [`Observer`].
+
+mod ar;
+mod bidirectional;
+mod block;
+mod denoise;
+pub mod policy;
+pub mod sampling;
+mod speculative;
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use policy::{Candidate, CommitPolicy, CreditLedger};
+pub use sampling::{Rng, Sampling};
+
+use crate::backend::{Backend, PositionStats};
+use crate::model::{Architecture, ForwardRequest, Model, ModelError, Window};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("{name} = {value} is invalid: expected {expected}")]
+    InvalidParameter {
+        name: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("a prompt of {prompt} tokens plus {max_new} new tokens exceeds the context of {context} positions")]
+    ContextTooLong {
+        prompt: usize,
+        max_new: usize,
+        context: usize,
+    },
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    #[error("the {decoder} decoder needs a mask token, and the model file names none")]
+    NoMaskToken { decoder: &'static str },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+impl DecodeError {
+    pub fn invalid(name: &'static str, value: impl ToString, expected: &'static str) -> Self {
+        DecodeError::InvalidParameter {
+            name,
+            value: value.to_string(),
+            expected,
+        }
+    }
+}
+
+/// Which position a row of logits predicts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prediction {
+    /// The logits at a masked position predict the token at that position (LLaDA, LLaDA2, SDAR).
+    InPlace,
+    /// The logits at position i predict position i + 1, as in an AR model (and in diffusion models
+    /// adapted from one with the token shift: Dream, Fast-dLLM v2, TiDAR).
+    NextToken,
+}
+
+impl Prediction {
+    /// The convention of a model family's checkpoints: LLaDA2 is a masked-diffusion model
+    /// trained in place; the Qwen3-MoE and OLMoE checkpoints edgediff meets are AR models (EMO) or
+    /// AR-initialised. A request can override it.
+    pub fn for_architecture(arch: Architecture) -> Self {
+        match arch {
+            Architecture::Llada2Moe => Prediction::InPlace,
+            Architecture::Qwen3Moe | Architecture::Olmoe => Prediction::NextToken,
+        }
+    }
+
+    /// The row whose logits predict position `pos` (≥ 1).
+    pub fn row_for(self, pos: usize) -> usize {
+        match self {
+            Prediction::InPlace => pos,
+            Prediction::NextToken => pos - 1,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockOptions {
+    pub block_size: usize,
+    /// Skip the clean pass over a finished block and keep the K/V its last denoising step wrote
+    /// (computed while some of its positions were still masks: an approximation).
+    pub reuse_last_kv: bool,
+}
+
+/// Which K/V the bidirectional decoder reuses between the steps of a block (Fast-dLLM).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BidirectionalCache {
+    /// Every step is a full pass over prompt + canvas (the uncached LLaDA baseline).
+    None,
+    /// A full pass at each block start; steps run the block and everything after it, reusing
+    /// the prefix K/V.
+    Prefix,
+    /// Like `Prefix`, and the suffix K/V is frozen too: steps run the block alone.
+    Dual,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BidirectionalOptions {
+    pub block_size: usize,
+    pub cache: BidirectionalCache,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SpeculativeOptions {
+    /// Tokens drafted per pass (TiDAR and ZAYA1-Diffusion use 16).
+    pub draft_len: usize,
+    /// Logit mixing weight: the target is β·AR + (1−β)·diffusion; 1 is lossless.
+    pub beta: f32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum DecoderKind {
+    Block(BlockOptions),
+    Bidirectional(BidirectionalOptions),
+    Speculative(SpeculativeOptions),
+    Ar,
+}
+
+impl DecoderKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            DecoderKind::Block(_) => "block",
+            DecoderKind::Bidirectional(_) => "bidirectional",
+            DecoderKind::Speculative(_) => "speculative",
+            DecoderKind::Ar => "ar",
+        }
+    }
+
+    /// The decoder with its main options, for tables and logs.
+    pub fn label(&self) -> String {
+        match self {
+            DecoderKind::Block(o) => format!(
+                "block B={}{}",
+                o.block_size,
+                if o.reuse_last_kv { " reuse-kv" } else { "" }
+            ),
+            DecoderKind::Bidirectional(o) => format!(
+                "bidirectional B={} {}",
+                o.block_size,
+                match o.cache {
+                    BidirectionalCache::None => "no-cache",
+                    BidirectionalCache::Prefix => "prefix-cache",
+                    BidirectionalCache::Dual => "dual-cache",
+                }
+            ),
+            DecoderKind::Speculative(o) if o.beta >= 1.0 => {
+                format!("speculative k={} lossless", o.draft_len)
+            }
+            DecoderKind::Speculative(o) => {
+                format!("speculative k={} β={}", o.draft_len, o.beta)
+            }
+            DecoderKind::Ar => "ar".into(),
+        }
+    }
+
+    /// Whether the commit policy plays a part (it does for the diffusion decoders).
+    pub fn uses_policy(&self) -> bool {
+        matches!(self, DecoderKind::Block(_) | DecoderKind::Bidirectional(_))
+    }
+}
+
+/// Cancels a generation from anywhere (another thread, an event callback). The decoder checks
+/// it before every forward pass, so it stops within one step.
+#[derive(Clone, Debug, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Everything about how to decode, independent of text.
+#[derive(Clone, Debug)]
+pub struct DecodeParams {
+    pub decoder: DecoderKind,
+    pub policy: CommitPolicy,
+    pub sampling: Sampling,
+    pub max_new_tokens: usize,
+    /// Keep going past EOS (benchmarks of a fixed length).
+    pub ignore_eos: bool,
+    pub prediction: Prediction,
+    pub cancel: Option<CancelToken>,
+    /// Report the block state after every step ([`Observer::canvas`]).
+    pub canvas_events: bool,
+}
+
+impl Default for DecodeParams {
+    fn default() -> Self {
+        DecodeParams {
+            decoder: DecoderKind::Block(BlockOptions {
+                block_size: 32,
+                reuse_last_kv: false,
+            }),
+            policy: CommitPolicy::default(),
+            sampling: Sampling::greedy(),
+            max_new_tokens: 128,
+            ignore_eos: false,
+            prediction: Prediction::InPlace,
+            cancel: None,
+            canvas_events: false,
+        }
+    }
+}
+
+impl DecodeParams {
+    pub fn validate(&self) -> Result<(), DecodeError> {
+        if self.max_new_tokens == 0 {
+            return Err(DecodeError::invalid("max_new_tokens", 0, "at least 1"));
+        }
+        match self.decoder {
+            DecoderKind::Block(BlockOptions { block_size: 0, .. })
+            | DecoderKind::Bidirectional(BidirectionalOptions { block_size: 0, .. }) => {
+                return Err(DecodeError::invalid("block_size", 0, "at least 1"));
+            }
+            DecoderKind::Speculative(o) => {
+                if o.draft_len == 0 {
+                    return Err(DecodeError::invalid("draft_len", 0, "at least 1"));
+                }
+                if !(0.0..=1.0).contains(&o.beta) {
+                    return Err(DecodeError::invalid("beta", o.beta, "within [0, 1]"));
+                }
+            }
+            _ => {}
+        }
+        self.policy.validate()?;
+        self.sampling.validate()
+    }
+}
+
+/// The model's special ids the decoders use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpecialIds {
+    pub mask: Option<u32>,
+    pub eos: Option<u32>,
+}
+
+/// Whether generation goes on after an observer saw new tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Stop,
+}
+
+/// One position of the block being decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cell {
+    /// A prompt or committed token.
+    Known(u32),
+    Masked,
+    /// A speculative draft not yet verified.
+    Draft(u32),
+}
+
+/// The block being decoded, after a step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Canvas {
+    /// Absolute position of `cells[0]`.
+    pub start: usize,
+    pub cells: Vec<Cell>,
+    /// Forward passes so far in this generation.
+    pub forward_passes: usize,
+}
+
+/// Watches a generation: committed ids in sequence order and, when asked for, each step's block.
+pub trait Observer {
+    /// Ids appended to the output since the last call (EOS left out). `Flow::Stop` ends the
+    /// generation (a stop string matched).
+    fn committed(&mut self, ids: &[u32]) -> Flow;
+    fn canvas(&mut self, _canvas: &Canvas) {}
+}
+
+/// Why a generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    Eos,
+    /// `max_new_tokens` reached.
+    Length,
+    /// The observer stopped it (a stop string).
+    Stop,
+    Cancelled,
+}
+
+/// What each decoder did, beyond the common counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecoderDetails {
+    Block {
+        blocks: usize,
+        steps: usize,
+    },
+    Bidirectional {
+        blocks: usize,
+        steps: usize,
+        /// Passes over the whole canvas (block starts, or every step without a cache).
+        full_passes: usize,
+    },
+    Speculative {
+        passes: usize,
+        /// Draft tokens offered for verification and accepted.
+        drafted: usize,
+        accepted: usize,
+    },
+    Ar,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecodeOutcome {
+    /// Generated ids, EOS left out.
+    pub tokens: Vec<u32>,
+    pub finish_reason: FinishReason,
+    /// Forward passes, the prompt's included.
+    pub forward_passes: usize,
+    /// Σ tokens over all forward passes: the work done.
+    pub positions_processed: usize,
+    /// From the start until the first generated token was committed in order.
+    pub time_to_first_token: Option<Duration>,
+    pub elapsed: Duration,
+    pub details: DecoderDetails,
+}
+
+/// Decodes up to `params.max_new_tokens` after `prompt`, reporting committed ids to `observer`.
+/// `kv` must hold at least `prompt.len() + max_new_tokens` positions; its contents are
+/// overwritten.
+pub fn decode<B: Backend>(
+    backend: &B,
+    model: &Model<B>,
+    kv: &mut B::Kv,
+    prompt: &[u32],
+    special: SpecialIds,
+    params: &DecodeParams,
+    observer: &mut dyn Observer,
+) -> Result<DecodeOutcome, DecodeError> {
+    params.validate()?;
+    if prompt.is_empty() {
+        return Err(DecodeError::EmptyPrompt);
+    }
+    let vocab = model.config.vocab_size;
+    let special_ids = special.mask.iter().chain(special.eos.iter());
+    if let Some(&id) = prompt
+        .iter()
+        .chain(special_ids)
+        .find(|&&t| t as usize >= vocab)
+    {
+        return Err(DecodeError::TokenOutOfRange { id, vocab });
+    }
+    let context = backend.kv_capacity(kv).min(model.config.max_position);
+    let end = prompt.len().saturating_add(params.max_new_tokens);
+    if end > context {
+        return Err(DecodeError::ContextTooLong {
+            prompt: prompt.len(),
+            max_new: params.max_new_tokens,
+            context,
+        });
+    }
+    let mut s = Session {
+        backend,
+        model,
+        kv,
+        params,
+        special,
+        observer,
+        end,
+        rng: Rng::new(params.sampling.seed),
+        forwards: 0,
+        positions: 0,
+        started: Instant::now(),
+        first_token: None,
+        generated: Vec::new(),
+        finish: None,
+    };
+    let details = match &params.decoder {
+        DecoderKind::Block(o) => block::run(&mut s, prompt, o)?,
+        DecoderKind::Bidirectional(o) => bidirectional::run(&mut s, prompt, o)?,
+        DecoderKind::Speculative(o) => speculative::run(&mut s, prompt, o)?,
+        DecoderKind::Ar => ar::run(&mut s, prompt)?,
+    };
+    Ok(DecodeOutcome {
+        finish_reason: s.finish.unwrap_or(FinishReason::Length),
+        forward_passes: s.forwards,
+        positions_processed: s.positions,
+        time_to_first_token: s.first_token,
+        elapsed: s.started.elapsed(),
+        details,
+        tokens: s.generated,
+    })
+}
+
+/// The state every decoder shares: the model and its cache, counters, output bookkeeping.
+struct Session<'a, B: Backend> {
+    backend: &'a B,
+    model: &'a Model<B>,
+    kv: &'a mut B::Kv,
+    params: &'a DecodeParams,
+    special: SpecialIds,
+    observer: &'a mut dyn Observer,
+    /// One past the last position this generation may fill.
+    end: usize,
+    rng: Rng,
+    forwards: usize,
+    positions: usize,
+    started: Instant,
+    first_token: Option<Duration>,
+    generated: Vec<u32>,
+    finish: Option<FinishReason>,
+}
+
+impl<B: Backend> Session<'_, B> {
+    fn mask_id(&self, decoder: &'static str) -> Result<u32, DecodeError> {
+        self.special
+            .mask
+            .ok_or(DecodeError::NoMaskToken { decoder })
+    }
+
+    fn prediction(&self) -> Prediction {
+        self.params.prediction
+    }
+
+    /// False once the generation has finished or was cancelled; checked before every forward.
+    fn running(&mut self) -> bool {
+        if self.finish.is_none()
+            && self
+                .params
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.is_cancelled())
+        {
+            self.finish = Some(FinishReason::Cancelled);
+        }
+        self.finish.is_none()
+    }
+
+    /// One forward pass; returns the statistics of `rows` (relative to the window).
+    fn forward(
+        &mut self,
+        tokens: &[u32],
+        window: Window,
+        rows: Range<usize>,
+    ) -> Result<Vec<PositionStats>, DecodeError> {
+        let want = ForwardRequest {
+            rows: Some(rows),
+            ..Default::default()
+        };
+        let out = self
+            .model
+            .forward(self.backend, self.kv, tokens, window, &want)?;
+        self.forwards += 1;
+        self.positions += tokens.len();
+        Ok(out.stats)
+    }
+
+    /// Appends ids that are now final and in order to the output: stops at EOS, at
+    /// `max_new_tokens`, or when the observer says so. Returns whether generation goes on.
+    fn deliver(&mut self, ids: &[u32]) -> bool {
+        if self.finish.is_some() {
+            return false;
+        }
+        let mut take = 0;
+        for &id in ids {
+            if !self.params.ignore_eos && Some(id) == self.special.eos {
+                self.finish = Some(FinishReason::Eos);
+                break;
+            }
+            take += 1;
+            if self.generated.len() + take >= self.params.max_new_tokens {
+                self.finish = Some(FinishReason::Length);
+                break;
+            }
+        }
+        if take > 0 {
+            self.first_token
+                .get_or_insert_with(|| self.started.elapsed());
+            self.generated.extend_from_slice(&ids[..take]);
+            if self.observer.committed(&ids[..take]) == Flow::Stop {
+                self.finish = Some(FinishReason::Stop);
+            }
+        }
+        self.finish.is_none()
+    }
+
+    fn emit_canvas(&mut self, start: usize, cells: Vec<Cell>) {
+        if self.params.canvas_events {
+            let canvas = Canvas {
+                start,
+                cells,
+                forward_passes: self.forwards,
+            };
+            self.observer.canvas(&canvas);
+        }
+    }
+}

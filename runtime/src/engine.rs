@@ -1,0 +1,487 @@
+//! The engine: one model file opened on a backend, turning requests into streamed text.
+//!
+//! [`Engine<B>`] is generic over the backend and holds the model, the tokenizer and the chat
+//! template; [`LoadedEngine`] is what [`LoadedEngine::load`] returns for a backend chosen at run
+//! time ([`BackendChoice`]), so callers (CLI, bindings) are written once for every backend. A
+//! request carries a prompt (text, chat turns or ids), the decoding parameters and stop strings;
+//! the engine streams [`Event`]s while the decoder commits tokens and returns the text with
+//! [`GenerationStats`].
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
+use crate::decode::{
+    self, BlockOptions, Canvas, CommitPolicy, DecodeError, DecodeParams, DecoderDetails,
+    DecoderKind, FinishReason, Flow, Observer, Prediction, Sampling, SpecialIds,
+};
+use crate::format::{EdmFile, FormatError, Metadata};
+use crate::model::{Model, ModelConfig, ModelError};
+use crate::tokenizer::{ChatMessage, ChatTemplate, StreamDecoder, Tokenizer, TokenizerError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("the {backend} backend is not available: {reason}")]
+    BackendUnavailable {
+        backend: &'static str,
+        reason: String,
+    },
+}
+
+/// Which backend runs the model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// The GPU when one is usable, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Gpu,
+}
+
+impl std::str::FromStr for BackendChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(BackendChoice::Auto),
+            "cpu" => Ok(BackendChoice::Cpu),
+            "gpu" => Ok(BackendChoice::Gpu),
+            _ => Err(format!("unknown backend '{s}' (expected auto, cpu or gpu)")),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct EngineConfig {
+    pub backend: BackendChoice,
+}
+
+/// What to generate from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Prompt {
+    /// Plain text, encoded with the tokenizer's special tokens (e.g. a leading BOS).
+    Text(String),
+    /// Chat turns, rendered with the model's chat template plus the generation prompt.
+    Chat(Vec<ChatMessage>),
+    /// Token ids, used as they are.
+    Tokens(Vec<u32>),
+}
+
+#[derive(Clone, Debug)]
+pub struct GenerationRequest {
+    pub prompt: Prompt,
+    pub decoding: DecodeParams,
+    /// Generation ends before the first occurrence of any of these; the text returned and
+    /// streamed stops short of it.
+    pub stop: Vec<String>,
+}
+
+/// Streamed while a generation runs.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// Text that became final (committed in order, complete characters, not part of a
+    /// possible stop string).
+    Text(String),
+    /// The block after a denoising step (only when `decoding.canvas_events` is set).
+    Canvas(Canvas),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    /// Forward passes, the prompt's included.
+    pub forward_passes: usize,
+    /// Σ tokens over all forward passes.
+    pub positions_processed: usize,
+    /// new_tokens / forward_passes (AR: 1).
+    pub tokens_per_forward: f64,
+    pub time_to_first_token: Option<Duration>,
+    pub elapsed: Duration,
+    pub tokens_per_second: f64,
+    pub decoder: DecoderDetails,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerationOutput {
+    pub text: String,
+    /// Generated ids (EOS left out; a stop string's tokens included).
+    pub tokens: Vec<u32>,
+    pub finish_reason: FinishReason,
+    pub stats: GenerationStats,
+}
+
+/// A model on backend `B` with its tokenizer and chat template.
+pub struct Engine<B: Backend> {
+    backend: B,
+    model: Model<B>,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+}
+
+impl<B: Backend> Engine<B> {
+    /// Loads every weight of `file` onto `backend`.
+    pub fn new(backend: B, file: Arc<EdmFile>) -> Result<Self, EngineError> {
+        let tokenizer = Tokenizer::from_json(file.blob("tokenizer.json")?)?;
+        let template = match &file.header.metadata.chat_template {
+            Some(src) => ChatTemplate::new(src.clone())?,
+            None => ChatTemplate::fallback(),
+        };
+        let model = Model::load(&backend, file, &|_, _| true)?;
+        Ok(Engine {
+            backend,
+            model,
+            tokenizer,
+            template,
+        })
+    }
+
+    pub fn backend_name(&self) -> String {
+        self.backend.name()
+    }
+    pub fn config(&self) -> &ModelConfig {
+        &self.model.config
+    }
+    pub fn metadata(&self) -> &Metadata {
+        &self.model.file.header.metadata
+    }
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+    pub fn chat_template(&self) -> &ChatTemplate {
+        &self.template
+    }
+
+    /// The model file's decoding defaults: block diffusion with its block size and threshold (AR
+    /// when the block size is 1), the prediction convention of its family, greedy.
+    pub fn default_decoding(&self) -> DecodeParams {
+        let d = &self.metadata().decoding;
+        let block_size = d.block_size.max(1);
+        DecodeParams {
+            decoder: if block_size == 1 {
+                DecoderKind::Ar
+            } else {
+                DecoderKind::Block(BlockOptions {
+                    block_size,
+                    reuse_last_kv: false,
+                })
+            },
+            policy: CommitPolicy::Threshold {
+                threshold: d.threshold,
+            },
+            sampling: Sampling::greedy(),
+            prediction: Prediction::for_architecture(self.model.config.architecture),
+            ..DecodeParams::default()
+        }
+    }
+
+    /// A request for `prompt` with the model's defaults.
+    pub fn request(&self, prompt: Prompt) -> GenerationRequest {
+        GenerationRequest {
+            prompt,
+            decoding: self.default_decoding(),
+            stop: Vec::new(),
+        }
+    }
+
+    /// The prompt's ids: chat turns go through the chat template.
+    pub fn encode_prompt(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
+        let ids = match prompt {
+            Prompt::Text(t) if t.is_empty() => Vec::new(),
+            Prompt::Text(t) => self.tokenizer.encode(t, true)?,
+            Prompt::Chat(turns) if turns.is_empty() => Vec::new(),
+            Prompt::Chat(turns) => {
+                let special = self.metadata().special_tokens;
+                let name = |id: Option<u32>| {
+                    id.and_then(|i| self.tokenizer.id_to_token(i))
+                        .unwrap_or_default()
+                };
+                let text =
+                    self.template
+                        .render(turns, true, &name(special.bos), &name(special.eos))?;
+                self.tokenizer.encode(&text, false)?
+            }
+            Prompt::Tokens(ids) => ids.clone(),
+        };
+        if ids.is_empty() {
+            return Err(DecodeError::EmptyPrompt.into());
+        }
+        Ok(ids)
+    }
+
+    /// Generates, streaming [`Event`]s to `on_event`. Cancelling `decoding.cancel` (from any
+    /// thread, or from `on_event`) ends it within one step with `FinishReason::Cancelled`.
+    pub fn generate(
+        &self,
+        request: &GenerationRequest,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<GenerationOutput, EngineError> {
+        let prompt = self.encode_prompt(&request.prompt)?;
+        let params = &request.decoding;
+        let special = self.metadata().special_tokens;
+        let special = SpecialIds {
+            mask: special.mask,
+            eos: special.eos,
+        };
+        let capacity = prompt.len().saturating_add(params.max_new_tokens);
+        // Checked before the cache is allocated, so an oversized request costs nothing.
+        params.validate()?;
+        let context = self.model.config.max_position;
+        if capacity > context {
+            return Err(DecodeError::ContextTooLong {
+                prompt: prompt.len(),
+                max_new: params.max_new_tokens,
+                context,
+            }
+            .into());
+        }
+        let mut kv = self.model.new_kv(&self.backend, capacity)?;
+        let mut sink = TextSink {
+            stream: self.tokenizer.stream_decoder(true),
+            stop: &request.stop,
+            held: String::new(),
+            text: String::new(),
+            on_event,
+            error: None,
+            stopped: false,
+        };
+        let outcome = decode::decode(
+            &self.backend,
+            &self.model,
+            &mut kv,
+            &prompt,
+            special,
+            params,
+            &mut sink,
+        )?;
+        if let Some(e) = sink.error.take() {
+            return Err(e.into());
+        }
+        sink.finish()?;
+        let new_tokens = outcome.tokens.len();
+        let secs = outcome.elapsed.as_secs_f64();
+        Ok(GenerationOutput {
+            text: std::mem::take(&mut sink.text),
+            finish_reason: outcome.finish_reason,
+            stats: GenerationStats {
+                prompt_tokens: prompt.len(),
+                new_tokens,
+                forward_passes: outcome.forward_passes,
+                positions_processed: outcome.positions_processed,
+                tokens_per_forward: new_tokens as f64 / outcome.forward_passes.max(1) as f64,
+                time_to_first_token: outcome.time_to_first_token,
+                elapsed: outcome.elapsed,
+                tokens_per_second: if secs > 0.0 {
+                    new_tokens as f64 / secs
+                } else {
+                    0.0
+                },
+                decoder: outcome.details,
+            },
+            tokens: outcome.tokens,
+        })
+    }
+}
+
+/// An engine on the backend chosen at load time.
+pub enum LoadedEngine {
+    Cpu(Engine<CpuBackend>),
+    // Gpu(Engine<GpuBackend>) joins here when backend/gpu lands; `load` then serves
+    // `BackendChoice::Gpu` and lets `Auto` prefer it.
+}
+
+macro_rules! with_engine {
+    ($self:expr, $e:ident => $body:expr) => {
+        match $self {
+            LoadedEngine::Cpu($e) => $body,
+        }
+    };
+}
+
+impl LoadedEngine {
+    /// Opens a model file on the backend `config` chooses.
+    pub fn load(path: impl AsRef<Path>, config: &EngineConfig) -> Result<Self, EngineError> {
+        let file = Arc::new(EdmFile::open(path)?);
+        match config.backend {
+            BackendChoice::Cpu | BackendChoice::Auto => {
+                Ok(LoadedEngine::Cpu(Engine::new(CpuBackend, file)?))
+            }
+            BackendChoice::Gpu => Err(EngineError::BackendUnavailable {
+                backend: "gpu",
+                reason: "the wgpu backend is not built into this version yet; use the CPU backend"
+                    .into(),
+            }),
+        }
+    }
+
+    pub fn generate(
+        &self,
+        request: &GenerationRequest,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<GenerationOutput, EngineError> {
+        with_engine!(self, e => e.generate(request, on_event))
+    }
+    pub fn request(&self, prompt: Prompt) -> GenerationRequest {
+        with_engine!(self, e => e.request(prompt))
+    }
+    pub fn default_decoding(&self) -> DecodeParams {
+        with_engine!(self, e => e.default_decoding())
+    }
+    pub fn encode_prompt(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
+        with_engine!(self, e => e.encode_prompt(prompt))
+    }
+    pub fn backend_name(&self) -> String {
+        with_engine!(self, e => e.backend_name())
+    }
+    pub fn config(&self) -> &ModelConfig {
+        with_engine!(self, e => e.config())
+    }
+    pub fn metadata(&self) -> &Metadata {
+        with_engine!(self, e => e.metadata())
+    }
+    pub fn tokenizer(&self) -> &Tokenizer {
+        with_engine!(self, e => e.tokenizer())
+    }
+}
+
+/// Turns committed ids into final text: detokenizes incrementally and holds back any tail that
+/// could still become a stop string.
+struct TextSink<'a, 'f> {
+    stream: StreamDecoder<'a>,
+    stop: &'a [String],
+    /// Decoded text not handed out yet (a possible stop string's beginning).
+    held: String,
+    text: String,
+    on_event: &'f mut dyn FnMut(Event),
+    error: Option<TokenizerError>,
+    stopped: bool,
+}
+
+impl TextSink<'_, '_> {
+    fn take(&mut self, new: &str) -> Flow {
+        self.held.push_str(new);
+        let hit = self
+            .stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min();
+        if let Some(at) = hit {
+            let out = self.held[..at].to_string();
+            self.held.clear();
+            self.emit(out);
+            self.stopped = true;
+            return Flow::Stop;
+        }
+        let keep = held_back(&self.held, self.stop);
+        let out = self.held[..self.held.len() - keep].to_string();
+        self.held.drain(..self.held.len() - keep);
+        self.emit(out);
+        Flow::Continue
+    }
+
+    fn emit(&mut self, text: String) {
+        if !text.is_empty() {
+            self.text.push_str(&text);
+            (self.on_event)(Event::Text(text));
+        }
+    }
+
+    /// End of generation: everything left is final.
+    fn finish(&mut self) -> Result<(), TokenizerError> {
+        if self.stopped {
+            return Ok(());
+        }
+        let rest = self.stream.finish()?;
+        if self.take(&rest) == Flow::Continue {
+            let held = std::mem::take(&mut self.held);
+            self.emit(held);
+        }
+        Ok(())
+    }
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of a stop string.
+fn held_back(text: &str, stop: &[String]) -> usize {
+    let mut keep = 0;
+    for s in stop {
+        for (i, _) in text.char_indices() {
+            let tail = &text[i..];
+            if tail.len() < s.len() && s.starts_with(tail) {
+                keep = keep.max(tail.len());
+                break;
+            }
+        }
+    }
+    keep
+}
+
+impl Observer for TextSink<'_, '_> {
+    fn committed(&mut self, ids: &[u32]) -> Flow {
+        match self.stream.push(ids) {
+            Ok(text) => self.take(&text),
+            Err(e) => {
+                self.error = Some(e);
+                Flow::Stop
+            }
+        }
+    }
+
+    fn canvas(&mut self, canvas: &Canvas) {
+        (self.on_event)(Event::Canvas(canvas.clone()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_back_keeps_a_possible_stop_string_start() {
+        let stop = vec!["\n\nUser:".to_string()];
+        assert_eq!(held_back("hello\n\nUs", &stop), 4);
+        assert_eq!(held_back("hello", &stop), 0);
+        assert_eq!(held_back("hello\n", &stop), 1);
+        assert_eq!(held_back("héllo", &["lo!".to_string()]), 2);
+    }
+
+    #[test]
+    fn text_sink_stops_before_the_stop_string_across_pieces() {
+        let tok_json = crate::tokenizer::train::train_bpe(
+            "abc def",
+            300,
+            &crate::tokenizer::train::SpecialTokens::default(),
+        )
+        .unwrap();
+        let tok = Tokenizer::from_json(tok_json.as_bytes()).unwrap();
+        let mut events = Vec::new();
+        let stop = vec!["STOP".to_string()];
+        let mut on_event = |e: Event| events.push(e);
+        let mut sink = TextSink {
+            stream: tok.stream_decoder(true),
+            stop: &stop,
+            held: String::new(),
+            text: String::new(),
+            on_event: &mut on_event,
+            error: None,
+            stopped: false,
+        };
+        assert_eq!(sink.take("one ST"), Flow::Continue);
+        assert_eq!(sink.take("O"), Flow::Continue);
+        assert_eq!(sink.take("P two"), Flow::Stop);
+        assert_eq!(sink.text, "one ");
+        sink.finish().unwrap();
+        assert_eq!(sink.text, "one ");
+        drop(sink);
+        assert_eq!(events, [Event::Text("one ".into())]);
+    }
+}
