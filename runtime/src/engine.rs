@@ -446,6 +446,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_engine_can_be_shared_across_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<LoadedEngine>();
+        shareable::<Engine<CpuBackend>>();
+        shareable::<GenerationRequest>();
+    }
+
+    #[test]
     fn held_back_keeps_a_possible_stop_string_start() {
         let stop = vec!["\n\nUser:".to_string()];
         assert_eq!(held_back("hello\n\nUs", &stop), 4);

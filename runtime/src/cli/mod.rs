@@ -1,8 +1,11 @@
 //! The `edgediff` command line: one subcommand per file, errors reported with context here at the
 //! boundary (the library returns typed errors).
 
+mod bench_decode;
+mod chat;
 mod convert;
 mod forward;
+mod generate;
 mod inspect;
 mod profile;
 mod prune;
@@ -34,6 +37,12 @@ pub enum Command {
     Inspect(inspect::Args),
     /// Run one forward pass and print logits (debugging, external checks).
     Forward(forward::Args),
+    /// Generate text from a prompt, streamed as blocks commit.
+    Generate(Box<generate::Args>),
+    /// Multi-turn chat through the model's chat template (one user turn per stdin line).
+    Chat(Box<chat::Args>),
+    /// Benchmarks: `bench decode` compares every decoder and policy with AR.
+    Bench(Box<bench_decode::Args>),
     /// Record which experts a model routes to over a calibration corpus.
     Profile(profile::Args),
     /// Keep a resident subset of experts per layer (EMO-style), written as a new model file.
@@ -46,6 +55,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Synth(a) => synth::run(*a),
         Command::Inspect(a) => inspect::run(a),
         Command::Forward(a) => forward::run(a),
+        Command::Generate(a) => generate::run(*a),
+        Command::Chat(a) => chat::run(*a),
+        Command::Bench(a) => bench_decode::run(*a),
         Command::Profile(a) => profile::run(a),
         Command::Prune(a) => prune::run(a),
     }

@@ -1,0 +1,262 @@
+//! `edgediff bench decode`: every decoder and commit policy on the same prompts, the AR baseline in
+//! the same run, as a Markdown table (tokens/s, forward passes, tokens per forward, TTFT).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use super::generate::{DecodingArgs, ModelArgs};
+use crate::decode::{
+    BidirectionalCache, BidirectionalOptions, BlockOptions, CommitPolicy, DecodeParams,
+    DecoderKind, Prediction, SpeculativeOptions,
+};
+use crate::engine::{LoadedEngine, Prompt};
+use crate::tokenizer::ChatMessage;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    pub what: Bench,
+}
+
+#[derive(clap::Subcommand)]
+pub enum Bench {
+    /// Decoders and commit policies against the AR baseline.
+    Decode(DecodeArgs),
+}
+
+#[derive(clap::Args)]
+pub struct DecodeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompts, one per line (default: a few built-in ones).
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Decoding flags: block size, threshold, steps, γ, margin, sampling, --max-tokens… (the
+    /// decoder and policy flags are ignored: every combination runs).
+    #[command(flatten)]
+    pub decoding: DecodingArgs,
+    /// Apply the chat template to each prompt.
+    #[arg(long)]
+    pub chat: bool,
+    /// Stop at EOS (default: generate exactly --max-tokens, so every row does the same work).
+    #[arg(long)]
+    pub stop_at_eos: bool,
+}
+
+const BUILTIN_PROMPTS: [&str; 4] = [
+    "The quick brown fox",
+    "fn main() {\n    let x =",
+    "Once upon a time, in a small village by the sea,",
+    "def fibonacci(n):",
+];
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    match a.what {
+        Bench::Decode(d) => run_decode(d),
+    }
+}
+
+struct Row {
+    decoder: String,
+    policy: String,
+    tokens: usize,
+    forwards: usize,
+    positions: usize,
+    ttft: Duration,
+    elapsed: Duration,
+    same_as_ar: usize,
+}
+
+fn run_decode(a: DecodeArgs) -> anyhow::Result<()> {
+    let engine = a.model.load()?;
+    let prompts: Vec<String> = match &a.prompts {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| l.replace("\\n", "\n"))
+            .collect(),
+        None => BUILTIN_PROMPTS.iter().map(|s| s.to_string()).collect(),
+    };
+    anyhow::ensure!(!prompts.is_empty(), "no prompts to run");
+    let base = a.decoding.params(&engine);
+    let configs = configurations(&engine, &a.decoding, &base);
+    let prompt_of = |text: &str| {
+        if a.chat {
+            Prompt::Chat(vec![ChatMessage::user(text)])
+        } else {
+            Prompt::Text(text.to_string())
+        }
+    };
+    // Warm-up: page the weights in before anything is timed.
+    let mut warm = engine.request(prompt_of(&prompts[0]));
+    warm.decoding = DecodeParams {
+        decoder: DecoderKind::Ar,
+        max_new_tokens: 4.min(base.max_new_tokens),
+        ..base.clone()
+    };
+    engine.generate(&warm, &mut |_| {})?;
+    let mut ar_tokens: Vec<Vec<u32>> = Vec::new();
+    let mut rows = Vec::new();
+    for params in &configs {
+        let mut row = Row {
+            decoder: params.decoder.label(),
+            policy: if params.decoder.uses_policy() {
+                params.policy.label()
+            } else {
+                "—".into()
+            },
+            tokens: 0,
+            forwards: 0,
+            positions: 0,
+            ttft: Duration::ZERO,
+            elapsed: Duration::ZERO,
+            same_as_ar: 0,
+        };
+        for (i, text) in prompts.iter().enumerate() {
+            let mut request = engine.request(prompt_of(text));
+            request.decoding = DecodeParams {
+                ignore_eos: !a.stop_at_eos,
+                ..params.clone()
+            };
+            let out = engine
+                .generate(&request, &mut |_| {})
+                .with_context(|| format!("{} on prompt {}", row.decoder, i + 1))?;
+            let s = &out.stats;
+            row.tokens += s.new_tokens;
+            row.forwards += s.forward_passes;
+            row.positions += s.positions_processed;
+            row.ttft += s.time_to_first_token.unwrap_or(s.elapsed);
+            row.elapsed += s.elapsed;
+            if params.decoder == DecoderKind::Ar {
+                ar_tokens.push(out.tokens);
+            } else if ar_tokens.get(i) == Some(&out.tokens) {
+                row.same_as_ar += 1;
+            }
+        }
+        eprintln!("done: {} {}", row.decoder, row.policy);
+        rows.push(row);
+    }
+    print_table(&engine, &a, &base, &prompts, &rows);
+    Ok(())
+}
+
+/// AR first, then each diffusion decoder with every policy, then the speculative decoder where
+/// the model's logits are next-token ones.
+fn configurations(
+    engine: &LoadedEngine,
+    flags: &DecodingArgs,
+    base: &DecodeParams,
+) -> Vec<DecodeParams> {
+    let defaults = &engine.metadata().decoding;
+    let b = flags.block_size.unwrap_or(defaults.block_size).max(1);
+    let threshold = flags.threshold.unwrap_or(defaults.threshold);
+    let steps = flags.steps.unwrap_or(defaults.steps.min(b)).max(1);
+    let policies = [
+        CommitPolicy::Threshold { threshold },
+        CommitPolicy::FixedSteps { steps },
+        CommitPolicy::EntropyBound { gamma: flags.gamma },
+        CommitPolicy::Margin {
+            margin: flags.margin,
+        },
+        CommitPolicy::Credit { threshold },
+    ];
+    let with = |decoder, policy| DecodeParams {
+        decoder,
+        policy,
+        ..base.clone()
+    };
+    let block = |reuse_last_kv| {
+        DecoderKind::Block(BlockOptions {
+            block_size: b,
+            reuse_last_kv,
+        })
+    };
+    let mut out = vec![with(DecoderKind::Ar, policies[0])];
+    out.extend(policies.iter().map(|&p| with(block(false), p)));
+    out.push(with(block(true), policies[0]));
+    for cache in [
+        BidirectionalCache::None,
+        BidirectionalCache::Prefix,
+        BidirectionalCache::Dual,
+    ] {
+        let d = DecoderKind::Bidirectional(BidirectionalOptions {
+            block_size: b,
+            cache,
+        });
+        out.push(with(d, policies[0]));
+    }
+    if base.prediction == Prediction::NextToken {
+        for beta in [1.0, 0.5] {
+            let d = DecoderKind::Speculative(SpeculativeOptions {
+                draft_len: flags.block_size.unwrap_or(16),
+                beta,
+            });
+            out.push(with(d, policies[0]));
+        }
+    }
+    out
+}
+
+fn print_table(
+    engine: &LoadedEngine,
+    a: &DecodeArgs,
+    base: &DecodeParams,
+    prompts: &[String],
+    rows: &[Row],
+) {
+    let c = engine.config();
+    let model = a
+        .model
+        .model
+        .as_ref()
+        .map_or("models/default.edm".to_string(), |p| {
+            p.display().to_string()
+        });
+    println!(
+        "`edgediff bench decode` — {model} ({}, {} layers, hidden {}, {} experts top-{}), backend {}, \
+         {} prompts × {} new tokens, prediction {:?}, {}\n",
+        c.architecture,
+        c.num_layers,
+        c.hidden_size,
+        c.moe.num_experts,
+        c.moe.top_k,
+        engine.backend_name(),
+        prompts.len(),
+        base.max_new_tokens,
+        base.prediction,
+        if base.sampling.is_greedy() {
+            "greedy".to_string()
+        } else {
+            format!(
+                "temperature {} seed {}",
+                base.sampling.temperature, base.sampling.seed
+            )
+        },
+    );
+    println!("| decoder | policy | tokens | forwards | tokens/forward | positions | TTFT ms | tokens/s | vs AR | = AR |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let tps = |r: &Row| r.tokens as f64 / r.elapsed.as_secs_f64().max(1e-9);
+    let ar = rows.first().map_or(1.0, tps);
+    for (i, r) in rows.iter().enumerate() {
+        println!(
+            "| {} | {} | {} | {} | {:.2} | {} | {:.1} | {:.1} | {:.2}× | {} |",
+            r.decoder,
+            r.policy,
+            r.tokens,
+            r.forwards,
+            r.tokens as f64 / r.forwards.max(1) as f64,
+            r.positions,
+            r.ttft.as_secs_f64() * 1e3 / prompts.len() as f64,
+            tps(r),
+            tps(r) / ar,
+            if i == 0 {
+                "—".to_string()
+            } else {
+                format!("{}/{}", r.same_as_ar, prompts.len())
+            },
+        );
+    }
+}

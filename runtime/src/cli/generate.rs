@@ -1,0 +1,398 @@
+//! `edgediff generate`: one prompt, text streamed as blocks commit. Also holds what `chat` and
+//! `bench decode` share: the model/backend flags, the decoding flags and the default model path.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::decode::{
+    BidirectionalCache, BidirectionalOptions, BlockOptions, Cell, CommitPolicy, DecodeParams,
+    DecoderKind, Prediction, Sampling, SpeculativeOptions,
+};
+use crate::engine::{
+    BackendChoice, EngineConfig, Event, GenerationOutput, GenerationStats, LoadedEngine, Prompt,
+};
+use crate::tokenizer::{ChatMessage, Tokenizer};
+
+/// Where `--model` points when it is not given, relative to the working directory or the
+/// executable's checkout.
+pub const DEFAULT_MODEL: &str = "models/default.edm";
+
+#[derive(clap::Args, Clone)]
+pub struct ModelArgs {
+    /// Model file (default: models/default.edm in the working directory or the edgediff checkout).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Backend: auto (GPU when available, else CPU), cpu or gpu.
+    #[arg(long, default_value = "auto")]
+    pub backend: BackendChoice,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> anyhow::Result<LoadedEngine> {
+        let path = resolve_model(self.model.as_deref())?;
+        LoadedEngine::load(
+            &path,
+            &EngineConfig {
+                backend: self.backend,
+            },
+        )
+        .with_context(|| format!("loading {}", path.display()))
+    }
+}
+
+/// `--model`, or the default model: `models/default.edm` under the working directory, next to the
+/// executable, or in the checkout the executable was built in (`target/<profile>/..`).
+pub fn resolve_model(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.to_path_buf());
+    }
+    let mut candidates = vec![PathBuf::from(DEFAULT_MODEL)];
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(3) {
+            candidates.push(dir.join(DEFAULT_MODEL));
+        }
+    }
+    if let Some(found) = candidates.iter().find(|p| p.is_file()) {
+        return Ok(found.clone());
+    }
+    let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+    anyhow::bail!(
+        "no --model given and no default model found (looked for {}).\n\
+         Pass --model path/to/model.edm, convert a checkpoint with `edgediff convert <hf_dir> -o {DEFAULT_MODEL}`, \
+         or make a small random test model with `edgediff synth --arch llada2_moe -o {DEFAULT_MODEL}` \
+         (its text is gibberish, but every decoder runs on it)",
+        looked.join(", ")
+    )
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecoderName {
+    Block,
+    Bidirectional,
+    Speculative,
+    Ar,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyName {
+    Threshold,
+    Fixed,
+    Entropy,
+    Margin,
+    Credit,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheName {
+    None,
+    Prefix,
+    Dual,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PredictionName {
+    InPlace,
+    NextToken,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct DecodingArgs {
+    /// Decoder (default: the model's: block diffusion, or AR for block size 1).
+    #[arg(long, value_enum)]
+    pub decoder: Option<DecoderName>,
+    /// Block size (draft length for the speculative decoder); default from the model file.
+    #[arg(long)]
+    pub block_size: Option<usize>,
+    /// Commit policy of the diffusion decoders.
+    #[arg(long, value_enum, default_value = "threshold")]
+    pub policy: PolicyName,
+    /// Confidence threshold τ of the threshold and credit policies; default from the model file.
+    #[arg(long)]
+    pub threshold: Option<f32>,
+    /// Denoising steps per block of the fixed-steps policy; default: the model's.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Entropy bound γ of the entropy policy.
+    #[arg(long, default_value_t = 0.15)]
+    pub gamma: f32,
+    /// Minimum p₁ − p₂ of the margin policy.
+    #[arg(long, default_value_t = 0.5)]
+    pub margin: f32,
+    /// Speculative logit mixing: β·AR + (1−β)·diffusion; 1 is lossless.
+    #[arg(long, default_value_t = 1.0)]
+    pub beta: f32,
+    /// K/V reuse of the bidirectional decoder.
+    #[arg(long, value_enum, default_value = "prefix")]
+    pub cache: CacheName,
+    /// Block decoder: keep the last step's K/V instead of fusing a clean pass (approximate).
+    #[arg(long)]
+    pub reuse_last_kv: bool,
+    /// Which position a row of logits predicts (default: the model family's convention).
+    #[arg(long, value_enum)]
+    pub prediction: Option<PredictionName>,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// 0 keeps all candidates (the backend keeps the top 8).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Most new tokens.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Keep generating past EOS.
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+impl DecodingArgs {
+    /// The request's decoding parameters: the model's defaults, overridden by the flags.
+    pub fn params(&self, engine: &LoadedEngine) -> DecodeParams {
+        let mut p = engine.default_decoding();
+        let defaults = &engine.metadata().decoding;
+        let block_size = self.block_size.unwrap_or(defaults.block_size.max(1));
+        let decoder = self.decoder.unwrap_or(match p.decoder {
+            DecoderKind::Ar => DecoderName::Ar,
+            _ => DecoderName::Block,
+        });
+        p.decoder = match decoder {
+            DecoderName::Block => DecoderKind::Block(BlockOptions {
+                block_size,
+                reuse_last_kv: self.reuse_last_kv,
+            }),
+            DecoderName::Bidirectional => DecoderKind::Bidirectional(BidirectionalOptions {
+                block_size,
+                cache: match self.cache {
+                    CacheName::None => BidirectionalCache::None,
+                    CacheName::Prefix => BidirectionalCache::Prefix,
+                    CacheName::Dual => BidirectionalCache::Dual,
+                },
+            }),
+            DecoderName::Speculative => DecoderKind::Speculative(SpeculativeOptions {
+                draft_len: self.block_size.unwrap_or(16),
+                beta: self.beta,
+            }),
+            DecoderName::Ar => DecoderKind::Ar,
+        };
+        let threshold = self.threshold.unwrap_or(defaults.threshold);
+        p.policy = match self.policy {
+            PolicyName::Threshold => CommitPolicy::Threshold { threshold },
+            PolicyName::Fixed => CommitPolicy::FixedSteps {
+                steps: self.steps.unwrap_or(defaults.steps.min(block_size).max(1)),
+            },
+            PolicyName::Entropy => CommitPolicy::EntropyBound { gamma: self.gamma },
+            PolicyName::Margin => CommitPolicy::Margin {
+                margin: self.margin,
+            },
+            PolicyName::Credit => CommitPolicy::Credit { threshold },
+        };
+        p.sampling = Sampling {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+        };
+        if let Some(pred) = self.prediction {
+            p.prediction = match pred {
+                PredictionName::InPlace => Prediction::InPlace,
+                PredictionName::NextToken => Prediction::NextToken,
+            };
+        }
+        p.max_new_tokens = self.max_tokens;
+        p.ignore_eos = self.ignore_eos;
+        p
+    }
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The prompt (read from stdin when absent).
+    pub prompt: Option<String>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub decoding: DecodingArgs,
+    /// Apply the model's chat template to the prompt as one user turn.
+    #[arg(long)]
+    pub chat: bool,
+    /// Stop before this text (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Print generation statistics to stderr.
+    #[arg(long)]
+    pub stats: bool,
+    /// Live view of the block being denoised (masks shown as ░), on stderr.
+    #[arg(long)]
+    pub visual: bool,
+    /// Pause after each step of the live view, in milliseconds.
+    #[arg(long, default_value_t = 40)]
+    pub visual_delay_ms: u64,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let prompt = match a.prompt {
+        Some(p) => p,
+        None => std::io::read_to_string(std::io::stdin()).context("reading the prompt")?,
+    };
+    let engine = a.model.load()?;
+    let prompt = if a.chat {
+        Prompt::Chat(vec![ChatMessage::user(prompt)])
+    } else {
+        Prompt::Text(prompt)
+    };
+    let mut request = engine.request(prompt);
+    request.decoding = a.decoding.params(&engine);
+    request.decoding.canvas_events = a.visual;
+    request.stop = a.stop.clone();
+    let out = if a.visual {
+        let mut view = LiveView::new(engine.tokenizer(), Duration::from_millis(a.visual_delay_ms));
+        let out = engine.generate(&request, &mut |e| view.show(e));
+        view.clear();
+        let out = out?;
+        println!("{}", out.text);
+        out
+    } else {
+        let mut stdout = std::io::stdout().lock();
+        let out = engine.generate(&request, &mut |e| {
+            if let Event::Text(t) = e {
+                let _ = stdout.write_all(t.as_bytes());
+                let _ = stdout.flush();
+            }
+        })?;
+        writeln!(stdout)?;
+        out
+    };
+    if a.stats {
+        eprintln!("{}", stats_report(&request.decoding, &out));
+    }
+    Ok(())
+}
+
+/// Human-readable statistics of one generation.
+pub fn stats_report(params: &DecodeParams, out: &GenerationOutput) -> String {
+    let s: &GenerationStats = &out.stats;
+    let ttft = s.time_to_first_token.map_or("-".to_string(), |t| {
+        format!("{:.1} ms", t.as_secs_f64() * 1e3)
+    });
+    let policy = if params.decoder.uses_policy() {
+        format!(", {}", params.policy.label())
+    } else {
+        String::new()
+    };
+    format!(
+        "decoder: {}{policy} ({:?})\n\
+         prompt {} tokens, generated {} tokens, finish: {:?}\n\
+         forward passes {} ({:.2} tokens/forward), positions processed {}\n\
+         time to first token {ttft}, {:.3} s total, {:.1} tokens/s",
+        params.decoder.label(),
+        s.decoder,
+        s.prompt_tokens,
+        s.new_tokens,
+        out.finish_reason,
+        s.forward_passes,
+        s.tokens_per_forward,
+        s.positions_processed,
+        s.elapsed.as_secs_f64(),
+        s.tokens_per_second,
+    )
+}
+
+/// One redrawn terminal line: the end of the committed text, then the block with masks as ░.
+struct LiveView<'a> {
+    tokenizer: &'a Tokenizer,
+    delay: Duration,
+    text: String,
+    block: String,
+    enabled: bool,
+}
+
+impl<'a> LiveView<'a> {
+    fn new(tokenizer: &'a Tokenizer, delay: Duration) -> Self {
+        LiveView {
+            tokenizer,
+            delay,
+            text: String::new(),
+            block: String::new(),
+            enabled: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn show(&mut self, event: Event) {
+        let step = matches!(event, Event::Canvas(_));
+        match event {
+            Event::Text(t) => self.text.push_str(&t),
+            Event::Canvas(c) => {
+                self.block = c
+                    .cells
+                    .iter()
+                    .map(|cell| match cell {
+                        Cell::Masked => "░".to_string(),
+                        Cell::Known(id) => self.piece(*id),
+                        Cell::Draft(id) => format!("\x1b[2m{}\x1b[0m", self.piece(*id)),
+                    })
+                    .collect();
+            }
+        }
+        if !self.enabled {
+            return;
+        }
+        let width = std::env::var("COLUMNS")
+            .ok()
+            .and_then(|c| c.parse::<usize>().ok())
+            .unwrap_or(100);
+        let committed = printable(&self.text);
+        let room = width.saturating_sub(visible_len(&self.block) + 4);
+        let tail: String = {
+            let chars: Vec<char> = committed.chars().collect();
+            chars[chars.len().saturating_sub(room)..].iter().collect()
+        };
+        eprint!("\r\x1b[2K{tail} \x1b[7m{}\x1b[0m", self.block);
+        let _ = std::io::stderr().flush();
+        if step {
+            std::thread::sleep(self.delay);
+        }
+    }
+
+    fn piece(&self, id: u32) -> String {
+        printable(&self.tokenizer.decode(&[id], false).unwrap_or_default())
+    }
+
+    fn clear(&self) {
+        if self.enabled {
+            eprint!("\r\x1b[2K");
+        }
+    }
+}
+
+/// Newlines and control characters as visible symbols, so the view stays on one line.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '\n' => '⏎',
+            '\t' => '→',
+            c if c.is_control() => '·',
+            c => c,
+        })
+        .collect()
+}
+
+/// Characters shown, ANSI escapes left out.
+fn visible_len(s: &str) -> usize {
+    let mut n = 0;
+    let mut in_escape = false;
+    for c in s.chars() {
+        match (in_escape, c) {
+            (false, '\x1b') => in_escape = true,
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+            (false, _) => n += 1,
+        }
+    }
+    n
+}
