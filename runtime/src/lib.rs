@@ -10,6 +10,7 @@ pub mod backend;
 pub mod cli;
 pub mod decode;
 pub mod engine;
+pub mod eval;
 pub mod experts;
 pub mod format;
 pub mod import;

@@ -4,6 +4,7 @@
 mod bench_decode;
 mod chat;
 mod convert;
+mod eval;
 mod forward;
 mod generate;
 mod inspect;
@@ -43,6 +44,8 @@ pub enum Command {
     Chat(Box<chat::Args>),
     /// Benchmarks: `bench decode` compares every decoder and policy with AR.
     Bench(Box<bench_decode::Args>),
+    /// Masked-token accuracy and likelihood bounds per domain (JSON, SVG curves).
+    Eval(eval::Args),
     /// Record which experts a model routes to over a calibration corpus.
     Profile(profile::Args),
     /// Keep a resident subset of experts per layer (EMO-style), written as a new model file.
@@ -58,6 +61,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(a) => generate::run(*a),
         Command::Chat(a) => chat::run(*a),
         Command::Bench(a) => bench_decode::run(*a),
+        Command::Eval(a) => eval::run(a),
         Command::Profile(a) => profile::run(a),
         Command::Prune(a) => prune::run(a),
     }
