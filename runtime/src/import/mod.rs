@@ -116,7 +116,8 @@ pub fn read_meta(dir: &Path) -> Result<ImportMeta, ImportError> {
     };
     let id_of = |field: &str, token_field: &str, candidates: &[&str]| -> Option<u32> {
         if let Some(id) = json.get(field).and_then(Value::as_u64) {
-            return Some(id as u32);
+            // Saturate rather than truncate: 2^32 + 3 must fail the vocabulary check, not become 3.
+            return Some(u32::try_from(id).unwrap_or(u32::MAX));
         }
         let named = tok_cfg.get(token_field).and_then(|v| {
             v.as_str()
