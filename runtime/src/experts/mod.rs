@@ -7,11 +7,13 @@
 //! was the alternative; one self-contained file is what a phone app ships, and the size on disk
 //! drops with the experts.
 
+pub mod pager;
 pub mod profile;
 pub mod prune;
 
 use std::path::PathBuf;
 
+pub use pager::{Eviction, Pager, PagerStats};
 pub use profile::{fingerprint, LayerProfile, Profile};
 pub use prune::{prune_file, KeepSpec, ResidentSet, Selector};
 

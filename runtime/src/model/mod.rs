@@ -148,6 +148,19 @@ impl<B: Backend> Model<B> {
         file: Arc<EdmFile>,
         resident: &dyn Fn(usize, usize) -> bool,
     ) -> Result<Self, ModelError> {
+        let f = file.clone();
+        Self::load_with_experts(backend, file, &mut |l| {
+            backend.load_experts(&f, l, &|e| resident(l, e))
+        })
+    }
+
+    /// Loads every dense weight; each MoE layer's experts come from `experts(layer)` (e.g. paged
+    /// through a pool instead of loaded up front).
+    pub fn load_with_experts(
+        backend: &B,
+        file: Arc<EdmFile>,
+        experts: &mut dyn FnMut(usize) -> Result<B::Experts, BackendError>,
+    ) -> Result<Self, ModelError> {
         let c = file.header.metadata.config.clone();
         let (h, v) = (c.hidden_size, c.vocab_size);
         let get = |name: &str, want: &[usize]| -> Result<B::Weight, ModelError> {
@@ -191,7 +204,7 @@ impl<B: Backend> Model<B> {
                     } else {
                         None
                     },
-                    experts: backend.load_experts(&file, l, &|e| resident(l, e))?,
+                    experts: experts(l)?,
                     shared: if c.moe.shared_ffn > 0 {
                         Some(mlp(
                             l,

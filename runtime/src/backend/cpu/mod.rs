@@ -3,9 +3,11 @@
 //! the GPU kernels are tested against, and the fallback where no GPU adapter exists.
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::{stats_from_logits, AttnMask, Backend, BackendError, PositionStats, Result};
+use crate::experts::pager::{Lookup, Pager};
 use crate::format::{EdmFile, TensorView};
 use crate::model::{Gating, ModelConfig, QkNorm};
 
@@ -52,10 +54,78 @@ pub struct CpuExpert {
     pub down: CpuWeight,
 }
 
-/// Experts of one layer; `None` for experts not resident.
+/// Experts of one layer: loaded once (`None` for experts not resident), or paged through a pool
+/// shared by all layers.
 pub struct CpuExperts {
     pub layer: usize,
-    pub experts: Vec<Option<CpuExpert>>,
+    source: ExpertSource,
+}
+
+enum ExpertSource {
+    Resident(Vec<Option<CpuExpert>>),
+    Paged {
+        file: Arc<EdmFile>,
+        pool: Arc<Mutex<CpuExpertPool>>,
+    },
+}
+
+impl CpuExperts {
+    /// Experts of `layer` read on demand into `pool` (exact lazy paging).
+    pub fn paged(file: Arc<EdmFile>, layer: usize, pool: Arc<Mutex<CpuExpertPool>>) -> Self {
+        CpuExperts {
+            layer,
+            source: ExpertSource::Paged { file, pool },
+        }
+    }
+}
+
+/// A bounded pool of dequantized experts shared by every layer, managed by a [`Pager`].
+pub struct CpuExpertPool {
+    pub pager: Pager,
+    slots: Vec<Option<CpuExpert>>,
+}
+
+impl CpuExpertPool {
+    pub fn new(pager: Pager) -> Self {
+        let slots = (0..pager.capacity()).map(|_| None).collect();
+        CpuExpertPool { pager, slots }
+    }
+
+    fn fill(
+        &mut self,
+        file: &EdmFile,
+        slot: usize,
+        layer: usize,
+        expert: usize,
+        on_demand: bool,
+    ) -> Result<()> {
+        let t0 = Instant::now();
+        let e = CpuExpert {
+            gate_up: CpuBackend::expert_weight(file, layer, expert, "gate_up")?,
+            down: CpuBackend::expert_weight(file, layer, expert, "down")?,
+        };
+        let bytes = file.expert_range(layer, expert).map_or(0, |r| r.1);
+        let stall = if on_demand {
+            t0.elapsed()
+        } else {
+            Duration::ZERO
+        };
+        self.pager.record_read(bytes, stall);
+        self.slots[slot] = Some(e);
+        Ok(())
+    }
+
+    /// Loads the experts `predicted` (per layer: the previous step's routing) before the next pass.
+    pub fn prefetch(&mut self, file: &EdmFile, predicted: &[(usize, Vec<u32>)]) -> Result<()> {
+        for (layer, ids) in predicted {
+            for &e in ids {
+                if let Some(Lookup::Miss { slot, .. }) = self.pager.prefetch(*layer, e as usize) {
+                    self.fill(file, slot, *layer, e as usize, false)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 pub struct CpuKv {
@@ -155,7 +225,10 @@ impl Backend for CpuBackend {
                 down: Self::expert_weight(file, layer, e, "down")?,
             }));
         }
-        Ok(CpuExperts { layer, experts })
+        Ok(CpuExperts {
+            layer,
+            source: ExpertSource::Resident(experts),
+        })
     }
 
     fn new_kv(&self, config: &ModelConfig, capacity: usize) -> Result<CpuKv> {
@@ -436,21 +509,79 @@ impl Backend for CpuBackend {
     }
 
     fn moe(&self, x: &CpuAct, routing: &CpuRouting, experts: &CpuExperts) -> Result<CpuAct> {
+        let unavailable = |e: usize| BackendError::ExpertUnavailable {
+            layer: experts.layer,
+            expert: e,
+        };
         let mut out = vec![0.0; x.data.len()];
-        for t in 0..x.rows {
+        let mut apply = |expert: &CpuExpert, t: usize, w: f32| -> Result<()> {
             let xt = CpuAct::new(1, x.cols, x.row(t).to_vec());
-            for j in 0..routing.k {
-                let e = routing.ids[t * routing.k + j] as usize;
-                let expert = experts.experts.get(e).and_then(Option::as_ref).ok_or(
-                    BackendError::ExpertUnavailable {
-                        layer: experts.layer,
-                        expert: e,
-                    },
-                )?;
-                let y = self.mlp(&expert.gate_up, &expert.down, &xt)?;
-                let w = routing.weights[t * routing.k + j];
-                for (o, v) in out[t * x.cols..(t + 1) * x.cols].iter_mut().zip(&y.data) {
-                    *o += w * v;
+            let y = self.mlp(&expert.gate_up, &expert.down, &xt)?;
+            for (o, v) in out[t * x.cols..(t + 1) * x.cols].iter_mut().zip(&y.data) {
+                *o += w * v;
+            }
+            Ok(())
+        };
+        match &experts.source {
+            ExpertSource::Resident(list) => {
+                for t in 0..x.rows {
+                    for j in 0..routing.k {
+                        let e = routing.ids[t * routing.k + j] as usize;
+                        let expert = list
+                            .get(e)
+                            .and_then(Option::as_ref)
+                            .ok_or_else(|| unavailable(e))?;
+                        apply(expert, t, routing.weights[t * routing.k + j])?;
+                    }
+                }
+            }
+            ExpertSource::Paged { file, pool } => {
+                let mut pool = pool
+                    .lock()
+                    .map_err(|_| BackendError::Gpu("expert pool lock poisoned".into()))?;
+                // Expert-major, as the GPU kernel runs: each routed expert is brought in once per
+                // layer and applied to all its tokens; only the expert being applied must be
+                // resident, so any pool of ≥ top-k slots works.
+                let mut routed: Vec<usize> = routing.ids.iter().map(|&e| e as usize).collect();
+                routed.sort_unstable();
+                routed.dedup();
+                pool.pager.begin_layer(experts.layer, &[]);
+                let mut contrib: Vec<(usize, usize, f32)> = Vec::new(); // (token, j, weight) per expert
+                let mut per_token: Vec<Vec<f32>> = vec![Vec::new(); x.rows * routing.k];
+                for &e in &routed {
+                    let slot = match pool.pager.request(experts.layer, e) {
+                        Lookup::Hit { slot } => slot,
+                        Lookup::Miss { slot, .. } => {
+                            pool.fill(file, slot, experts.layer, e, true)?;
+                            slot
+                        }
+                    };
+                    let expert = pool.slots[slot].as_ref().ok_or_else(|| unavailable(e))?;
+                    contrib.clear();
+                    for t in 0..x.rows {
+                        for j in 0..routing.k {
+                            if routing.ids[t * routing.k + j] as usize == e {
+                                contrib.push((t, j, routing.weights[t * routing.k + j]));
+                            }
+                        }
+                    }
+                    for &(t, j, _) in &contrib {
+                        let xt = CpuAct::new(1, x.cols, x.row(t).to_vec());
+                        per_token[t * routing.k + j] =
+                            self.mlp(&expert.gate_up, &expert.down, &xt)?.data;
+                    }
+                }
+                // Combine in the same order as the resident path, so paging is bit-exact.
+                for t in 0..x.rows {
+                    for j in 0..routing.k {
+                        let w = routing.weights[t * routing.k + j];
+                        for (o, v) in out[t * x.cols..(t + 1) * x.cols]
+                            .iter_mut()
+                            .zip(&per_token[t * routing.k + j])
+                        {
+                            *o += w * v;
+                        }
+                    }
                 }
             }
         }
