@@ -131,12 +131,18 @@ pub struct Engine<B: Backend> {
 impl<B: Backend> Engine<B> {
     /// Loads every weight of `file` onto `backend`.
     pub fn new(backend: B, file: Arc<EdmFile>) -> Result<Self, EngineError> {
+        let model = Model::load(&backend, file, &|_, _| true)?;
+        Self::with_model(backend, model)
+    }
+
+    /// An engine over a model loaded some other way (e.g. with experts paged through a pool).
+    pub fn with_model(backend: B, model: Model<B>) -> Result<Self, EngineError> {
+        let file = &model.file;
         let tokenizer = Tokenizer::from_json(file.blob("tokenizer.json")?)?;
         let template = match &file.header.metadata.chat_template {
             Some(src) => ChatTemplate::new(src.clone())?,
             None => ChatTemplate::fallback(),
         };
-        let model = Model::load(&backend, file, &|_, _| true)?;
         Ok(Engine {
             backend,
             model,

@@ -24,6 +24,8 @@ pub struct Args {
 pub enum Bench {
     /// Decoders and commit policies against the AR baseline.
     Decode(DecodeArgs),
+    /// Expert paging: hit rate and bytes paged against pool size, eviction policy and prefetch.
+    Experts(Box<super::bench_experts::Args>),
 }
 
 #[derive(clap::Args)]
@@ -55,6 +57,7 @@ const BUILTIN_PROMPTS: [&str; 4] = [
 pub fn run(a: Args) -> anyhow::Result<()> {
     match a.what {
         Bench::Decode(d) => run_decode(d),
+        Bench::Experts(e) => super::bench_experts::run(*e),
     }
 }
 

@@ -10,6 +10,7 @@
 pub mod pager;
 pub mod profile;
 pub mod prune;
+pub mod trace;
 
 use std::path::PathBuf;
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::{stats_from_logits, AttnMask, Backend, BackendError, PositionStats, Result};
 use crate::experts::pager::{Lookup, Pager};
+use crate::experts::trace::RoutingTrace;
 use crate::format::{EdmFile, TensorView};
 use crate::model::{Gating, ModelConfig, QkNorm};
 
@@ -83,12 +84,18 @@ impl CpuExperts {
 pub struct CpuExpertPool {
     pub pager: Pager,
     slots: Vec<Option<CpuExpert>>,
+    /// When set, every layer's routed experts are appended (for `bench experts`).
+    pub trace: Option<RoutingTrace>,
 }
 
 impl CpuExpertPool {
     pub fn new(pager: Pager) -> Self {
         let slots = (0..pager.capacity()).map(|_| None).collect();
-        CpuExpertPool { pager, slots }
+        CpuExpertPool {
+            pager,
+            slots,
+            trace: None,
+        }
     }
 
     fn fill(
@@ -116,12 +123,18 @@ impl CpuExpertPool {
     }
 
     /// Loads the experts `predicted` (per layer: the previous step's routing) before the next pass.
+    /// At most one pool's worth, in execution order (more would evict the experts needed first).
     pub fn prefetch(&mut self, file: &EdmFile, predicted: &[(usize, Vec<u32>)]) -> Result<()> {
-        for (layer, ids) in predicted {
-            for &e in ids {
-                if let Some(Lookup::Miss { slot, .. }) = self.pager.prefetch(*layer, e as usize) {
-                    self.fill(file, slot, *layer, e as usize, false)?;
-                }
+        let capacity = self.pager.capacity();
+        let mut seen = std::collections::HashSet::new();
+        let wanted = predicted
+            .iter()
+            .flat_map(|(l, ids)| ids.iter().map(move |&e| (*l, e as usize)))
+            .filter(|k| seen.insert(*k))
+            .take(capacity);
+        for (layer, e) in wanted.collect::<Vec<_>>() {
+            if let Some(Lookup::Miss { slot, .. }) = self.pager.prefetch(layer, e) {
+                self.fill(file, slot, layer, e, false)?;
             }
         }
         Ok(())
@@ -546,6 +559,9 @@ impl Backend for CpuBackend {
                 routed.sort_unstable();
                 routed.dedup();
                 pool.pager.begin_layer(experts.layer, &[]);
+                if let Some(t) = pool.trace.as_mut() {
+                    t.record(experts.layer, &routed);
+                }
                 let mut contrib: Vec<(usize, usize, f32)> = Vec::new(); // (token, j, weight) per expert
                 let mut per_token: Vec<Vec<f32>> = vec![Vec::new(); x.rows * routing.k];
                 for &e in &routed {
