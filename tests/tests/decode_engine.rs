@@ -753,3 +753,82 @@ fn the_gpu_backend_is_a_typed_error_until_it_exists() {
     assert_eq!(auto.backend_name(), CpuBackend.name());
     assert!(LoadedEngine::load(dir.path().join("missing.edm"), &EngineConfig::default()).is_err());
 }
+
+/// A synthetic model steered towards one token: every embedding shares a common direction and
+/// that token's head row points along it, so AR and the drafter often agree on it.
+struct Steered {
+    inner: synth::SynthSource,
+    token: usize,
+    common: f32,
+    boost: f32,
+}
+
+impl edgediff::import::TensorSource for Steered {
+    fn has(&self, name: &str) -> bool {
+        self.inner.has(name)
+    }
+    fn names(&self) -> Vec<String> {
+        self.inner.names()
+    }
+    fn get(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), edgediff::import::ImportError> {
+        let (shape, mut v) = self.inner.get(name)?;
+        let h = shape[shape.len() - 1];
+        let u = |i: usize| if i % 2 == 0 { 1.0 } else { -1.0 };
+        if name == "model.embed_tokens.weight" {
+            for (i, x) in v.iter_mut().enumerate() {
+                *x += self.common * u(i % h);
+            }
+        } else if name == "lm_head.weight" {
+            for i in 0..h {
+                v[self.token * h + i] += self.boost * u(i);
+            }
+        }
+        Ok((shape, v))
+    }
+}
+
+#[test]
+fn lossless_speculative_equals_ar_when_drafts_are_accepted_too() {
+    // Random weights make the drafter disagree with AR almost always; steering the model makes
+    // it agree sometimes (partial acceptance) or always (every draft accepted).
+    let dir = tempfile::tempdir().unwrap();
+    let m = synth::build(&SynthSpec::tiny(Architecture::Qwen3Moe)).unwrap();
+    for (common, boost, all_accepted) in [(1.0, 0.05, false), (0.5, 0.1, false), (0.5, 0.15, true)]
+    {
+        let path = dir.path().join(format!("steered-{common}-{boost}.edm"));
+        let src = Steered {
+            inner: synth::SynthSource::new(&m.meta.config, 0),
+            token: 100,
+            common,
+            boost,
+        };
+        edgediff::import::write_model(&src, &m.meta, &path, DType::F32, &|_, _| {}).unwrap();
+        let (model, special) = model_and_special(&path);
+        let ar = run(
+            &model,
+            special,
+            &PROMPT,
+            &params(DecoderKind::Ar, Prediction::NextToken, 40),
+        );
+        let spec = DecoderKind::Speculative(SpeculativeOptions {
+            draft_len: 4,
+            beta: 1.0,
+        });
+        let (tokens, out) = run(
+            &model,
+            special,
+            &PROMPT,
+            &params(spec, Prediction::NextToken, 40),
+        );
+        assert_eq!(tokens, ar.0, "steering {common}/{boost}");
+        let DecoderDetails::Speculative {
+            drafted, accepted, ..
+        } = out.details
+        else {
+            panic!()
+        };
+        assert!(accepted > 0, "steering {common}/{boost}: nothing accepted");
+        assert_eq!(accepted == drafted, all_accepted, "{accepted}/{drafted}");
+        assert!(out.forward_passes < 40);
+    }
+}
