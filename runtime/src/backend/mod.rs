@@ -4,6 +4,7 @@
 //! one submission. The CPU backend implements the same ops plainly in f32 and is the oracle.
 
 pub mod cpu;
+pub mod gpu;
 
 use crate::format::{FormatError, TensorView};
 use crate::model::ModelConfig;

@@ -5,6 +5,7 @@ mod bench_decode;
 mod bench_experts;
 mod chat;
 mod convert;
+mod devices;
 mod eval;
 mod forward;
 mod generate;
@@ -39,6 +40,8 @@ pub enum Command {
     Inspect(inspect::Args),
     /// Run one forward pass and print logits (debugging, external checks).
     Forward(forward::Args),
+    /// List GPU adapters with their features and limits, and the one the GPU backend would use.
+    Devices(devices::Args),
     /// Generate text from a prompt, streamed as blocks commit.
     Generate(Box<generate::Args>),
     /// Multi-turn chat through the model's chat template (one user turn per stdin line).
@@ -59,6 +62,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Synth(a) => synth::run(*a),
         Command::Inspect(a) => inspect::run(a),
         Command::Forward(a) => forward::run(a),
+        Command::Devices(a) => devices::run(a),
         Command::Generate(a) => generate::run(*a),
         Command::Chat(a) => chat::run(*a),
         Command::Bench(a) => bench_decode::run(*a),

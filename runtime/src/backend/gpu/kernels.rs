@@ -1,0 +1,187 @@
+//! Kernel registry: the embedded WGSL sources, one [`Entry`] per entry point with its binding list,
+//! and the pipeline cache. A pipeline is built once per (entry, weight type) from the kernel file
+//! composed for the device's caps (see compose.rs) and reused for the life of the backend.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::compose::{compose, Caps};
+use super::device::{GpuDevice, GpuError};
+
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/shaders.rs"));
+}
+
+pub use embedded::PARAMS_SIZES;
+
+/// The text of `shaders/<path>`.
+pub fn source(path: &str) -> Option<&'static str> {
+    embedded::SOURCES
+        .iter()
+        .find(|(p, _)| *p == path)
+        .map(|(_, s)| *s)
+}
+
+/// What sits at one binding of an entry point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    /// The entry's params struct: a uniform in the per-recording arena, at a dynamic offset.
+    Params,
+    /// Host data of this recording (token ids): read-only storage in the arena, dynamic offset.
+    Input,
+    Read,
+    ReadWrite,
+}
+
+/// One kernel entry point and its bindings (ascending binding numbers, group 0).
+#[derive(Debug)]
+pub struct Entry {
+    pub file: &'static str,
+    pub name: &'static str,
+    pub bindings: &'static [(u32, Slot)],
+    /// The WGSL params struct it reads (checked against the host struct in tests).
+    pub params: &'static str,
+}
+
+impl Entry {
+    pub fn buffers(&self) -> usize {
+        self.bindings
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Read | Slot::ReadWrite))
+            .count()
+    }
+}
+
+pub struct Pipeline {
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+}
+
+/// Bytes bound for a [`Slot::Input`] binding; the arena keeps this much slack past its end.
+pub const INPUT_BINDING: u64 = 64 << 10;
+
+/// (kernel file, entry point, weight type).
+type PipelineKey = (&'static str, &'static str, u32);
+
+#[derive(Default)]
+pub struct Kernels {
+    modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
+    pipelines: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,
+}
+
+fn scoped<T>(
+    dev: &GpuDevice,
+    what: &str,
+    f: impl FnOnce() -> T,
+) -> std::result::Result<T, GpuError> {
+    let scope = dev.device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let out = f();
+    match pollster::block_on(scope.pop()) {
+        Some(e) => Err(GpuError::Wgpu(format!("{what}: {e}"))),
+        None => Ok(out),
+    }
+}
+
+impl Kernels {
+    fn module(
+        &self,
+        dev: &GpuDevice,
+        file: &'static str,
+    ) -> std::result::Result<Arc<wgpu::ShaderModule>, GpuError> {
+        if let Some(m) = self.modules.lock().unwrap().get(file) {
+            return Ok(m.clone());
+        }
+        let caps = Caps {
+            subgroups: dev.caps.subgroups,
+        };
+        let text =
+            source(file).ok_or_else(|| GpuError::Wgpu(format!("kernel {file} not embedded")))?;
+        let src =
+            compose(text, caps, &|p| source(p).map(str::to_string)).map_err(GpuError::Wgpu)?;
+        let module = scoped(dev, file, || {
+            dev.device
+                .create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(file),
+                    source: wgpu::ShaderSource::Wgsl(src.into()),
+                })
+        })?;
+        let m = Arc::new(module);
+        self.modules.lock().unwrap().insert(file, m.clone());
+        Ok(m)
+    }
+
+    /// The pipeline of `entry` for weight type `wtype` (0 where the kernel reads no weights).
+    pub fn get(
+        &self,
+        dev: &GpuDevice,
+        entry: &'static Entry,
+        wtype: u32,
+    ) -> std::result::Result<Arc<Pipeline>, GpuError> {
+        let key = (entry.file, entry.name, wtype);
+        if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
+            return Ok(p.clone());
+        }
+        let module = self.module(dev, entry.file)?;
+        let layout_entries: Vec<wgpu::BindGroupLayoutEntry> = entry
+            .bindings
+            .iter()
+            .map(|&(binding, slot)| wgpu::BindGroupLayoutEntry {
+                binding,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: match slot {
+                        Slot::Params => wgpu::BufferBindingType::Uniform,
+                        Slot::Input | Slot::Read => {
+                            wgpu::BufferBindingType::Storage { read_only: true }
+                        }
+                        Slot::ReadWrite => wgpu::BufferBindingType::Storage { read_only: false },
+                    },
+                    has_dynamic_offset: matches!(slot, Slot::Params | Slot::Input),
+                    min_binding_size: None,
+                },
+                count: None,
+            })
+            .collect();
+        let what = format!("{}::{}", entry.file, entry.name);
+        let pipe = scoped(dev, &what, || {
+            let layout = dev
+                .device
+                .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                    label: Some(entry.name),
+                    entries: &layout_entries,
+                });
+            let pl = dev
+                .device
+                .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                    label: Some(entry.name),
+                    bind_group_layouts: &[Some(&layout)],
+                    immediate_size: 0,
+                });
+            let uses_weights = source(entry.file)
+                .is_some_and(|s| s.contains("\"dequant\"") || s.contains("\"tile\""));
+            let constants: Vec<(&str, f64)> = if uses_weights {
+                vec![("WTYPE", wtype as f64)]
+            } else {
+                vec![]
+            };
+            let pipeline = dev
+                .device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(entry.name),
+                    layout: Some(&pl),
+                    module: &module,
+                    entry_point: Some(entry.name),
+                    compilation_options: wgpu::PipelineCompilationOptions {
+                        constants: &constants,
+                        // Every kernel initialises the shared memory it reads.
+                        zero_initialize_workgroup_memory: false,
+                    },
+                    cache: None,
+                });
+            Pipeline { pipeline, layout }
+        })?;
+        let p = Arc::new(pipe);
+        self.pipelines.lock().unwrap().insert(key, p.clone());
+        Ok(p)
+    }
+}

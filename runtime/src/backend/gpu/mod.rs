@@ -1,0 +1,887 @@
+//! The GPU backend: every op of [`Backend`] as WGSL compute kernels (`shaders/`) through wgpu.
+//!
+//! - Weights stay in their file layout (f32, f16, q8, q4) as u32 words and are dequantized inside
+//!   the kernels; a matrix larger than one storage binding is split by rows into chunks.
+//! - Activations are pooled GPU buffers ([`GpuAct`]); nothing is read back until the host needs
+//!   bytes: every op of a forward pass is recorded into one command encoder and submitted once,
+//!   when `lm_head_stats` reads the per-position statistics (20 words per position).
+//! - Routed experts are reached through a slot table into an expert pool (experts.rs); the MoE
+//!   dispatch (per-expert token lists) is built on the GPU.
+//!
+//! Module map: device.rs (adapter, features, limits, errors), kernels.rs (embedded WGSL, pipeline
+//! cache), recorder.rs (the recording, params arena, bind-group cache, readback), pool.rs
+//! (buffers), experts.rs (pool + slot table), ops/ (one file per op: params struct + dispatch).
+
+pub mod compose;
+pub mod device;
+pub mod experts;
+pub mod kernels;
+pub mod ops;
+pub mod pool;
+pub mod recorder;
+#[doc(hidden)]
+pub mod testing;
+#[cfg(test)]
+mod tests;
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex, Weak};
+
+pub use device::{list_adapters, AdapterSummary, DeviceCaps, GpuDevice, GpuError, GpuOptions};
+pub use experts::GpuExperts;
+
+use super::{AttnMask, Backend, BackendError, PositionStats, Result};
+use crate::format::{DType, EdmFile, TensorView};
+use crate::model::{ModelConfig, QkNorm};
+use experts::ExpertStore;
+use kernels::Kernels;
+use pool::{ActPool, GpuBuffer, Pooled};
+use recorder::{Ctx, Shared, State};
+
+/// Uploads queued with `write_buffer` are flushed to the device past this many bytes, so loading a
+/// large model does not stage all of it at once.
+const UPLOAD_FLUSH: u64 = 256 << 20;
+
+/// A weight in file layout; vectors (norm weights, biases) are decoded to f32 at load.
+pub struct GpuWeight {
+    pub rows: usize,
+    pub cols: usize,
+    pub dtype: DType,
+    pub(crate) chunks: Vec<WeightChunk>,
+}
+
+/// Rows `row0 .. row0 + rows` of a weight, laid out as a tensor of their own.
+pub(crate) struct WeightChunk {
+    pub row0: u32,
+    pub rows: u32,
+    /// Word offset of the scales (quantized types).
+    pub scales: u32,
+    pub buf: Arc<GpuBuffer>,
+}
+
+impl GpuWeight {
+    /// The weight-type code of the kernels (lib/dequant.wgsl).
+    pub(crate) fn wtype(&self) -> u32 {
+        weight_code(self.dtype)
+    }
+
+    fn vector(&self) -> Option<&GpuBuffer> {
+        match (self.dtype, self.chunks.as_slice()) {
+            (DType::F32, [c]) if self.rows == 1 => Some(&c.buf),
+            _ => None,
+        }
+    }
+}
+
+/// `[rows, cols]` f32 activations in a pooled GPU buffer.
+pub struct GpuAct {
+    pub rows: usize,
+    pub cols: usize,
+    pub(crate) buf: Pooled,
+}
+
+/// K and V caches, one buffer per layer of `[capacity][kv_dim]` f32.
+pub struct GpuKv {
+    capacity: usize,
+    k: Vec<Arc<GpuBuffer>>,
+    v: Vec<Arc<GpuBuffer>>,
+}
+
+/// Router output on the GPU: ids and weights `[rows, k]`.
+pub struct GpuRouting {
+    pub rows: usize,
+    pub k: usize,
+    ids: Pooled,
+    weights: Pooled,
+}
+
+pub struct GpuBackend {
+    sh: Arc<Shared>,
+    st: Mutex<State>,
+    stores: Mutex<Vec<Weak<ExpertStore>>>,
+}
+
+fn shape_err(op: &'static str, detail: String) -> BackendError {
+    BackendError::Shape { op, detail }
+}
+
+/// A NaN or infinity in a weight file is corruption (the CPU backend refuses it the same way).
+pub(crate) fn check_finite(view: &TensorView<'_>) -> Result<()> {
+    use crate::format::dtype::{DecodeError, GROUP};
+    use crate::format::FormatError;
+    let expected = view.dtype.byte_len(view.shape).unwrap_or(usize::MAX);
+    let err = |source| FormatError::Decode {
+        name: view.name.to_string(),
+        source,
+    };
+    if expected != view.bytes.len() {
+        return Err(err(DecodeError::Length {
+            dtype: view.dtype,
+            shape: view.shape.to_vec(),
+            expected,
+            got: view.bytes.len(),
+        })
+        .into());
+    }
+    let n: usize = view.shape.iter().product();
+    match view.dtype {
+        DType::F32 => {
+            if let Some(index) = view
+                .bytes
+                .chunks_exact(4)
+                .position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite())
+            {
+                return Err(err(DecodeError::NotFinite {
+                    dtype: view.dtype,
+                    index,
+                })
+                .into());
+            }
+        }
+        DType::F16 => {
+            if let Some(index) = view
+                .bytes
+                .chunks_exact(2)
+                .position(|c| !half::f16::from_le_bytes([c[0], c[1]]).is_finite())
+            {
+                return Err(err(DecodeError::NotFinite {
+                    dtype: view.dtype,
+                    index,
+                })
+                .into());
+            }
+        }
+        DType::Q8 | DType::Q4 => {
+            let codes = if view.dtype == DType::Q8 { n } else { n / 2 };
+            for (index, c) in view.bytes[codes..].chunks_exact(2).enumerate() {
+                let s = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+                if !s.is_finite() {
+                    return Err(err(DecodeError::BadScale {
+                        dtype: view.dtype,
+                        index,
+                        value: s,
+                    })
+                    .into());
+                }
+            }
+            debug_assert_eq!((view.bytes.len() - codes) / 2, n / GROUP);
+        }
+        DType::U8 => {}
+    }
+    Ok(())
+}
+
+/// `queue.write_buffer` of `bytes` at `offset`, padded to whole words.
+pub(crate) fn write_padded(sh: &Shared, buf: &GpuBuffer, offset: u64, bytes: &[u8]) {
+    if bytes.len().is_multiple_of(4) {
+        sh.dev.queue.write_buffer(&buf.raw, offset, bytes);
+    } else {
+        let mut v = bytes.to_vec();
+        v.resize(bytes.len().div_ceil(4) * 4, 0);
+        sh.dev.queue.write_buffer(&buf.raw, offset, &v);
+    }
+}
+
+impl GpuBackend {
+    /// Opens the device `opts` chooses (see [`GpuOptions`]); an error when there is none.
+    pub fn new(opts: &GpuOptions) -> std::result::Result<GpuBackend, GpuError> {
+        let dev = GpuDevice::new(opts)?;
+        let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+        let mk = |label| GpuBuffer::new(&dev.device, 256, storage, label);
+        let dummies = [mk("dummy 0"), mk("dummy 1"), mk("dummy 2")];
+        let status = GpuBuffer::new(
+            &dev.device,
+            16,
+            storage | wgpu::BufferUsages::COPY_SRC,
+            "status",
+        );
+        let acts = ActPool::new(dev.device.clone(), pool::ACT_USAGE, "activation");
+        let staging = ActPool::new(
+            dev.device.clone(),
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            "staging",
+        );
+        let arena_align = (dev.limits.min_uniform_buffer_offset_alignment)
+            .max(dev.limits.min_storage_buffer_offset_alignment)
+            .max(16) as u64;
+        let st = State::new(&dev);
+        Ok(GpuBackend {
+            sh: Arc::new(Shared {
+                dev,
+                kernels: Kernels::default(),
+                acts,
+                staging,
+                dummies,
+                status,
+                poison: opts.poison,
+                arena_align,
+            }),
+            st: Mutex::new(st),
+            stores: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The device in words: "name (backend, type)".
+    pub fn device_name(&self) -> String {
+        self.sh.dev.describe()
+    }
+
+    pub fn caps(&self) -> DeviceCaps {
+        self.sh.dev.caps
+    }
+
+    /// The largest storage binding used (weights above it are split by rows).
+    pub fn max_binding(&self) -> u64 {
+        self.sh.dev.max_binding
+    }
+
+    /// Queue submissions so far (one per forward pass that only asks for statistics).
+    pub fn submissions(&self) -> u64 {
+        self.lock().submissions
+    }
+
+    /// Dispatches recorded so far.
+    pub fn dispatches(&self) -> u64 {
+        self.lock().dispatches
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the recording; on error the recording is dropped (nothing half-recorded runs).
+    fn with<R>(
+        &self,
+        f: impl FnOnce(&mut Ctx) -> std::result::Result<R, BackendError>,
+    ) -> Result<R> {
+        let mut st = self.lock();
+        let mut ctx = Ctx {
+            sh: &self.sh,
+            st: &mut st,
+        };
+        let r = f(&mut ctx);
+        if r.is_err() {
+            ctx.discard();
+        }
+        r
+    }
+
+    /// An activation from host values (tests, soft embeddings).
+    pub fn upload_act(&self, rows: usize, cols: usize, data: &[f32]) -> Result<GpuAct> {
+        if data.len() != rows * cols {
+            return Err(shape_err(
+                "upload_act",
+                format!("{} values for [{rows}, {cols}]", data.len()),
+            ));
+        }
+        self.with(|ctx| {
+            let buf = ctx.output((data.len() * 4) as u64)?;
+            ctx.upload(bytemuck::cast_slice(data), &buf)?;
+            Ok(GpuAct { rows, cols, buf })
+        })
+    }
+
+    /// Reads an activation back (submits what is recorded).
+    pub fn read_act(&self, x: &GpuAct) -> Result<Vec<f32>> {
+        self.with(|ctx| {
+            let bytes = ctx.read(&[(&x.buf, 0, (x.rows * x.cols * 4) as u64)])?;
+            Ok(bytemuck::pod_collect_to_vec(&bytes[0]))
+        })
+    }
+
+    fn note_upload(&self, bytes: u64) -> Result<()> {
+        let mut st = self.lock();
+        st.pending_upload += bytes;
+        if st.pending_upload > UPLOAD_FLUSH {
+            st.pending_upload = 0;
+            self.sh.dev.queue.submit(std::iter::empty());
+            self.sh.dev.wait()?;
+        }
+        Ok(())
+    }
+
+    fn out_act(ctx: &mut Ctx, rows: usize, cols: usize) -> Result<GpuAct> {
+        Ok(GpuAct {
+            rows,
+            cols,
+            buf: ctx.output((rows * cols * 4) as u64)?,
+        })
+    }
+
+    fn check_rows(op: &'static str, x: &GpuAct, rows: &Range<usize>) -> Result<()> {
+        if rows.end > x.rows || rows.start > rows.end {
+            return Err(shape_err(op, format!("rows {rows:?} of {}", x.rows)));
+        }
+        Ok(())
+    }
+
+    /// Rows of logits computed per LM-head pass: the logits scratch stays within one binding.
+    fn head_rows(&self, vocab: usize) -> usize {
+        ((self.sh.dev.split / (vocab as u64 * 4)) as usize).max(1)
+    }
+}
+
+impl Backend for GpuBackend {
+    type Weight = GpuWeight;
+    type Act = GpuAct;
+    type Experts = GpuExperts;
+    type Kv = GpuKv;
+    type Routing = GpuRouting;
+
+    fn name(&self) -> String {
+        format!("gpu: {}", self.device_name())
+    }
+
+    fn load_weight(&self, view: TensorView<'_>) -> Result<GpuWeight> {
+        let sh = &self.sh;
+        let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+        let (rows, cols) = match view.shape {
+            [n] => (1, *n),
+            [r, c] => (*r, *c),
+            s => {
+                return Err(shape_err(
+                    "load_weight",
+                    format!("{}: shape {s:?}", view.name),
+                ))
+            }
+        };
+        if view.shape.len() == 1 || view.dtype == DType::U8 {
+            let data = view.to_f32()?;
+            let buf = GpuBuffer::new(&sh.dev.device, (data.len() * 4) as u64, usage, view.name);
+            if data.len() as u64 * 4 > sh.dev.max_binding {
+                return Err(GpuError::Limit {
+                    what: format!("vector {}", view.name),
+                    need: data.len() as u64 * 4,
+                    limit: sh.dev.max_binding,
+                }
+                .into());
+            }
+            write_padded(sh, &buf, 0, bytemuck::cast_slice(&data));
+            self.note_upload(buf.size)?;
+            return Ok(GpuWeight {
+                rows,
+                cols,
+                dtype: DType::F32,
+                chunks: vec![WeightChunk {
+                    row0: 0,
+                    rows: rows as u32,
+                    scales: 0,
+                    buf,
+                }],
+            });
+        }
+        check_finite(&view)?;
+        let dtype = view.dtype;
+        // Bytes per row of codes (or values) and of scales.
+        let (code_row, scale_row) = match dtype {
+            DType::F32 => (cols * 4, 0),
+            DType::F16 => (cols * 2, 0),
+            DType::Q8 => (cols, cols / 16),
+            _ => (cols / 2, cols / 16),
+        };
+        let row_bytes = (code_row + scale_row) as u64;
+        let per_chunk = (sh.dev.split / row_bytes.max(1)) as usize;
+        if per_chunk == 0 {
+            return Err(GpuError::Limit {
+                what: format!("one row of {}", view.name),
+                need: row_bytes,
+                limit: sh.dev.split,
+            }
+            .into());
+        }
+        let codes_total = rows * code_row;
+        let mut chunks = Vec::new();
+        let mut r0 = 0;
+        while r0 < rows.max(1) {
+            let r1 = (r0 + per_chunk).min(rows);
+            let codes = &view.bytes[r0 * code_row..r1 * code_row];
+            let scales = &view.bytes[codes_total + r0 * scale_row..codes_total + r1 * scale_row];
+            let padded = codes.len().div_ceil(4) * 4;
+            let buf = GpuBuffer::new(
+                &sh.dev.device,
+                (padded + scales.len()) as u64,
+                usage,
+                view.name,
+            );
+            write_padded(sh, &buf, 0, codes);
+            if !scales.is_empty() {
+                write_padded(sh, &buf, padded as u64, scales);
+            }
+            self.note_upload(buf.size)?;
+            chunks.push(WeightChunk {
+                row0: r0 as u32,
+                rows: (r1 - r0) as u32,
+                scales: (padded / 4) as u32,
+                buf,
+            });
+            if r1 == rows {
+                break;
+            }
+            r0 = r1;
+        }
+        Ok(GpuWeight {
+            rows,
+            cols,
+            dtype,
+            chunks,
+        })
+    }
+
+    fn load_experts(
+        &self,
+        file: &Arc<EdmFile>,
+        layer: usize,
+        resident: &dyn Fn(usize) -> bool,
+    ) -> Result<GpuExperts> {
+        let store = {
+            let mut stores = self.stores.lock().unwrap_or_else(|p| p.into_inner());
+            stores.retain(|w| w.strong_count() > 0);
+            match stores
+                .iter()
+                .rev()
+                .filter_map(Weak::upgrade)
+                .find(|s| s.serves(file, layer))
+            {
+                Some(s) => s,
+                None => {
+                    let s = Arc::new(ExpertStore::new(&self.sh, file));
+                    stores.push(Arc::downgrade(&s));
+                    s
+                }
+            }
+        };
+        let mut uploaded = 0u64;
+        let experts = experts::load_layer(&self.sh, &store, file, layer, resident, &mut |b| {
+            uploaded += b
+        })?;
+        self.note_upload(uploaded)?;
+        Ok(experts)
+    }
+
+    fn new_kv(&self, config: &ModelConfig, capacity: usize) -> Result<GpuKv> {
+        let bytes = (capacity as u64)
+            .checked_mul(config.kv_dim() as u64 * 4)
+            .ok_or(BackendError::CacheFull {
+                pos: capacity,
+                capacity: 0,
+            })?;
+        if bytes > self.sh.dev.max_binding {
+            return Err(GpuError::Limit {
+                what: format!("a KV cache layer of {capacity} positions"),
+                need: bytes,
+                limit: self.sh.dev.max_binding,
+            }
+            .into());
+        }
+        let usage = wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::COPY_SRC;
+        let mk = |what| {
+            (0..config.num_layers)
+                .map(|_| GpuBuffer::new(&self.sh.dev.device, bytes.max(16), usage, what))
+                .collect()
+        };
+        Ok(GpuKv {
+            capacity,
+            k: mk("k cache"),
+            v: mk("v cache"),
+        })
+    }
+
+    fn kv_capacity(&self, kv: &GpuKv) -> usize {
+        kv.capacity
+    }
+
+    fn embed(&self, table: &GpuWeight, tokens: &[u32]) -> Result<GpuAct> {
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= table.rows) {
+            return Err(BackendError::TokenOutOfRange {
+                id,
+                vocab: table.rows,
+            });
+        }
+        if tokens.len() * 4 > kernels::INPUT_BINDING as usize {
+            return Err(GpuError::Limit {
+                what: "token ids of one pass".into(),
+                need: tokens.len() as u64 * 4,
+                limit: kernels::INPUT_BINDING,
+            }
+            .into());
+        }
+        self.with(|ctx| {
+            let out = Self::out_act(ctx, tokens.len(), table.cols)?;
+            ops::embed::embed(ctx, table, tokens, &out.buf)?;
+            Ok(out)
+        })
+    }
+
+    fn rms_norm(&self, x: &GpuAct, w: &GpuWeight, eps: f32) -> Result<GpuAct> {
+        let wv = match w.vector() {
+            Some(b) if w.cols == x.cols => b,
+            _ => {
+                return Err(shape_err(
+                    "rms_norm",
+                    format!("norm weight [{}, {}] vs width {}", w.rows, w.cols, x.cols),
+                ))
+            }
+        };
+        self.with(|ctx| {
+            let out = Self::out_act(ctx, x.rows, x.cols)?;
+            ops::norm::rms_norm(ctx, &x.buf, wv, &out.buf, x.rows, x.cols, eps)?;
+            Ok(out)
+        })
+    }
+
+    fn add_rms_norm(
+        &self,
+        x: &mut GpuAct,
+        delta: &GpuAct,
+        w: &GpuWeight,
+        eps: f32,
+    ) -> Result<GpuAct> {
+        let wv = match w.vector() {
+            Some(b) if w.cols == x.cols => b,
+            _ => {
+                return Err(shape_err(
+                    "add_rms_norm",
+                    format!("norm weight [{}, {}] vs width {}", w.rows, w.cols, x.cols),
+                ))
+            }
+        };
+        if (x.rows, x.cols) != (delta.rows, delta.cols) {
+            return Err(shape_err(
+                "add_rms_norm",
+                format!(
+                    "[{}, {}] + [{}, {}]",
+                    x.rows, x.cols, delta.rows, delta.cols
+                ),
+            ));
+        }
+        self.with(|ctx| {
+            let out = Self::out_act(ctx, x.rows, x.cols)?;
+            ops::norm::add_rms_norm(ctx, &x.buf, &delta.buf, wv, &out.buf, x.rows, x.cols, eps)?;
+            Ok(out)
+        })
+    }
+
+    fn add(&self, x: &mut GpuAct, delta: &GpuAct) -> Result<()> {
+        if (x.rows, x.cols) != (delta.rows, delta.cols) {
+            return Err(shape_err(
+                "add",
+                format!(
+                    "[{}, {}] + [{}, {}]",
+                    x.rows, x.cols, delta.rows, delta.cols
+                ),
+            ));
+        }
+        self.with(|ctx| {
+            Ok(ops::elementwise::add(
+                ctx,
+                &x.buf,
+                &delta.buf,
+                x.rows * x.cols,
+            )?)
+        })
+    }
+
+    fn matmul(&self, w: &GpuWeight, x: &GpuAct) -> Result<GpuAct> {
+        if w.cols != x.cols {
+            return Err(shape_err(
+                "matmul",
+                format!(
+                    "weight [{}, {}] × x [{}, {}]",
+                    w.rows, w.cols, x.rows, x.cols
+                ),
+            ));
+        }
+        self.with(|ctx| {
+            let out = Self::out_act(ctx, x.rows, w.rows)?;
+            ops::matmul::matmul_into(ctx, w, &x.buf, 0, x.rows, &out.buf, w.rows)?;
+            Ok(out)
+        })
+    }
+
+    fn mlp(&self, gate_up: &GpuWeight, down: &GpuWeight, x: &GpuAct) -> Result<GpuAct> {
+        let inter = gate_up.rows / 2;
+        if gate_up.cols != x.cols || !gate_up.rows.is_multiple_of(2) || down.cols != inter {
+            return Err(shape_err(
+                "mlp",
+                format!(
+                    "gate_up [{}, {}], down [{}, {}], x [{}, {}]",
+                    gate_up.rows, gate_up.cols, down.rows, down.cols, x.rows, x.cols
+                ),
+            ));
+        }
+        self.with(|ctx| {
+            let gu = ctx.output((x.rows * 2 * inter * 4) as u64)?;
+            ops::matmul::matmul_into(ctx, gate_up, &x.buf, 0, x.rows, &gu, 2 * inter)?;
+            let h = ctx.output((x.rows * inter * 4) as u64)?;
+            ops::elementwise::swiglu(ctx, &h, &gu, x.rows, inter)?;
+            drop(gu);
+            let out = Self::out_act(ctx, x.rows, down.rows)?;
+            ops::matmul::matmul_into(ctx, down, &h, 0, x.rows, &out.buf, down.rows)?;
+            Ok(out)
+        })
+    }
+
+    fn qk_norm_rope(
+        &self,
+        qkv: &mut GpuAct,
+        q_norm: Option<&GpuWeight>,
+        k_norm: Option<&GpuWeight>,
+        c: &ModelConfig,
+        start: usize,
+    ) -> Result<()> {
+        if qkv.cols != c.qkv_dim() {
+            return Err(shape_err(
+                "qk_norm_rope",
+                format!("width {} vs {}", qkv.cols, c.qkv_dim()),
+            ));
+        }
+        let bad = || {
+            shape_err(
+                "qk_norm_rope",
+                "q/k norm weight missing or misshapen".into(),
+            )
+        };
+        let vec_of = |w: Option<&GpuWeight>, len: usize| -> Result<Arc<GpuBuffer>> {
+            match w {
+                Some(w) if w.cols * w.rows == len => {
+                    w.vector().map(|_| w.chunks[0].buf.clone()).ok_or_else(bad)
+                }
+                _ => Err(bad()),
+            }
+        };
+        let (norm, qn, kn) = match c.qk_norm {
+            QkNorm::None => (0, self.sh.dummies[0].clone(), self.sh.dummies[1].clone()),
+            QkNorm::PerHead => (1, vec_of(q_norm, c.head_dim)?, vec_of(k_norm, c.head_dim)?),
+            QkNorm::Whole => (2, vec_of(q_norm, c.q_dim())?, vec_of(k_norm, c.kv_dim())?),
+        };
+        self.with(|ctx| {
+            Ok(ops::rope::qk_norm_rope(
+                ctx, &qkv.buf, qkv.rows, &qn, &kn, norm, c, start,
+            )?)
+        })
+    }
+
+    fn attention(
+        &self,
+        qkv: &GpuAct,
+        kv: &mut GpuKv,
+        layer: usize,
+        c: &ModelConfig,
+        start: usize,
+        kv_len: usize,
+        mask: AttnMask,
+    ) -> Result<GpuAct> {
+        let t = qkv.rows;
+        if start + t > kv.capacity || kv_len > kv.capacity {
+            return Err(BackendError::CacheFull {
+                pos: (start + t).max(kv_len),
+                capacity: kv.capacity,
+            });
+        }
+        if kv_len < start + t {
+            return Err(shape_err(
+                "attention",
+                format!("kv_len {kv_len} < end of block {}", start + t),
+            ));
+        }
+        if qkv.cols != c.qkv_dim() || layer >= kv.k.len() {
+            return Err(shape_err(
+                "attention",
+                format!("width {} vs {}, layer {layer}", qkv.cols, c.qkv_dim()),
+            ));
+        }
+        if matches!(mask, AttnMask::BlockCausal(0)) {
+            return Err(shape_err("attention", "block size 0".into()));
+        }
+        self.with(|ctx| {
+            let out = Self::out_act(ctx, t, c.q_dim())?;
+            ops::attention::attention(
+                ctx,
+                &qkv.buf,
+                t,
+                &kv.k[layer],
+                &kv.v[layer],
+                &out.buf,
+                c,
+                start,
+                kv_len,
+                mask,
+            )?;
+            Ok(out)
+        })
+    }
+
+    fn route(
+        &self,
+        x: &GpuAct,
+        router: &GpuWeight,
+        bias: Option<&GpuWeight>,
+        c: &ModelConfig,
+    ) -> Result<GpuRouting> {
+        let (n, k) = (c.moe.num_experts, c.moe.top_k);
+        if router.rows != n || router.cols != x.cols {
+            return Err(shape_err(
+                "route",
+                format!("router has {} outputs for {n} experts", router.rows),
+            ));
+        }
+        let bias_buf = match bias {
+            None => None,
+            Some(b) => match b.vector() {
+                Some(v) if b.cols == n => Some(v),
+                _ => {
+                    return Err(shape_err(
+                        "route",
+                        format!("router bias of {} for {n} experts", b.cols),
+                    ))
+                }
+            },
+        };
+        self.with(|ctx| {
+            let ids = ctx.output((x.rows * k * 4) as u64)?;
+            let weights = ctx.output((x.rows * k * 4) as u64)?;
+            ops::router::route(ctx, &x.buf, x.rows, router, bias_buf, c, &ids, &weights)?;
+            Ok(GpuRouting {
+                rows: x.rows,
+                k,
+                ids,
+                weights,
+            })
+        })
+    }
+
+    fn moe(&self, x: &GpuAct, routing: &GpuRouting, experts: &GpuExperts) -> Result<GpuAct> {
+        if x.cols != experts.hidden || routing.rows != x.rows {
+            return Err(shape_err(
+                "moe",
+                format!(
+                    "x [{}, {}] with experts of width {} and routing of {} rows",
+                    x.rows, x.cols, experts.hidden, routing.rows
+                ),
+            ));
+        }
+        let layout = ops::moe::ExpertLayout {
+            layer: experts.layer,
+            num_experts: experts.num_experts,
+            slot0: experts.layer * experts.num_experts,
+            slots: &experts.store.slots,
+            pools: &experts.pools,
+            wtype_gate_up: weight_code(experts.gate_up.dtype),
+            wtype_down: weight_code(experts.down.dtype),
+            gate_up: (experts.gate_up.word, experts.gate_up.scales),
+            down: (experts.down.word, experts.down.scales),
+            hidden: experts.hidden,
+            inter: experts.inter,
+        };
+        self.with(|ctx| {
+            let out = Self::out_act(ctx, x.rows, x.cols)?;
+            ops::moe::moe(
+                ctx,
+                &x.buf,
+                x.rows,
+                &routing.ids,
+                &routing.weights,
+                routing.k,
+                &layout,
+                &out.buf,
+            )?;
+            Ok(out)
+        })
+    }
+
+    fn routing_to_host(&self, routing: &GpuRouting) -> Result<(Vec<u32>, Vec<f32>)> {
+        let n = (routing.rows * routing.k * 4) as u64;
+        self.with(|ctx| {
+            let b = ctx.read(&[(&routing.ids, 0, n), (&routing.weights, 0, n)])?;
+            Ok((
+                bytemuck::pod_collect_to_vec(&b[0]),
+                bytemuck::pod_collect_to_vec(&b[1]),
+            ))
+        })
+    }
+
+    fn lm_head_stats(
+        &self,
+        x: &GpuAct,
+        head: &GpuWeight,
+        rows: Range<usize>,
+    ) -> Result<Vec<PositionStats>> {
+        Self::check_rows("lm_head_stats", x, &rows)?;
+        if head.cols != x.cols {
+            return Err(shape_err(
+                "lm_head_stats",
+                format!("head [{}, {}] × x width {}", head.rows, head.cols, x.cols),
+            ));
+        }
+        let (n, vocab) = (rows.len(), head.rows);
+        let per = self.head_rows(vocab);
+        let status = self.sh.status.clone();
+        let (words, flag) = self.with(|ctx| {
+            let out = ctx.output((n.max(1) * ops::stats::WORDS * 4) as u64)?;
+            let logits = ctx.output((per.min(n).max(1) * vocab * 4) as u64)?;
+            let mut r0 = 0;
+            while r0 < n {
+                let m = per.min(n - r0);
+                ops::matmul::matmul_into(ctx, head, &x.buf, rows.start + r0, m, &logits, vocab)?;
+                ops::stats::stats(ctx, &logits, m, vocab, &out, r0)?;
+                r0 += m;
+            }
+            let b = ctx.read(&[
+                (&out, 0, (n * ops::stats::WORDS * 4) as u64),
+                (&status, 0, 4),
+            ])?;
+            let flag = u32::from_le_bytes([b[1][0], b[1][1], b[1][2], b[1][3]]);
+            if flag != 0 {
+                ctx.clear(&status);
+            }
+            Ok((bytemuck::pod_collect_to_vec::<u8, u32>(&b[0]), flag))
+        })?;
+        if flag & 0x8000_0000 != 0 {
+            return Err(BackendError::ExpertUnavailable {
+                layer: ((flag >> 16) & 0x7fff) as usize,
+                expert: (flag & 0xffff) as usize,
+            });
+        }
+        Ok(words
+            .chunks(ops::stats::WORDS)
+            .map(ops::stats::decode)
+            .collect())
+    }
+
+    fn logits(&self, x: &GpuAct, head: &GpuWeight, rows: Range<usize>) -> Result<Vec<f32>> {
+        Self::check_rows("logits", x, &rows)?;
+        if head.cols != x.cols {
+            return Err(shape_err(
+                "logits",
+                format!("head [{}, {}] × x width {}", head.rows, head.cols, x.cols),
+            ));
+        }
+        let (n, vocab) = (rows.len(), head.rows);
+        let per = self.head_rows(vocab);
+        let mut all = Vec::with_capacity(n * vocab);
+        let mut r0 = 0;
+        while r0 < n {
+            let m = per.min(n - r0);
+            let part = self.with(|ctx| {
+                let logits = ctx.output((m * vocab * 4) as u64)?;
+                ops::matmul::matmul_into(ctx, head, &x.buf, rows.start + r0, m, &logits, vocab)?;
+                let b = ctx.read(&[(&logits, 0, (m * vocab * 4) as u64)])?;
+                Ok(bytemuck::pod_collect_to_vec::<u8, f32>(&b[0]))
+            })?;
+            all.extend(part);
+            r0 += m;
+        }
+        Ok(all)
+    }
+}
+
+fn weight_code(d: DType) -> u32 {
+    match d {
+        DType::F16 => 1,
+        DType::Q8 => 2,
+        DType::Q4 => 3,
+        _ => 0,
+    }
+}

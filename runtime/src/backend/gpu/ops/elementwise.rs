@@ -1,0 +1,80 @@
+//! Elementwise kernels (shaders/elementwise.wgsl): residual add, SwiGLU of a fused gate/up row,
+//! and the fill used to poison outputs in tests.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::super::device::GpuError;
+use super::super::kernels::{Entry, Slot::*};
+use super::super::pool::GpuBuffer;
+use super::super::recorder::{Ctx, Grid};
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub struct EwParams {
+    pub n: u32,
+    pub cols: u32,
+    pub pattern: u32,
+    pub _pad: u32,
+}
+
+pub static ADD: Entry = Entry {
+    file: "elementwise.wgsl",
+    name: "add",
+    bindings: &[(0, Params), (1, ReadWrite), (2, Read)],
+    params: "EwParams",
+};
+pub static SWIGLU: Entry = Entry {
+    file: "elementwise.wgsl",
+    name: "swiglu",
+    bindings: &[(0, Params), (1, ReadWrite), (2, Read)],
+    params: "EwParams",
+};
+pub static FILL: Entry = Entry {
+    file: "elementwise.wgsl",
+    name: "fill",
+    bindings: &[(0, Params), (3, ReadWrite)],
+    params: "EwParams",
+};
+
+/// a[0..n) += b[0..n).
+pub fn add(ctx: &mut Ctx, a: &GpuBuffer, b: &GpuBuffer, n: usize) -> Result<(), GpuError> {
+    let p = EwParams {
+        n: n as u32,
+        cols: 0,
+        pattern: 0,
+        _pad: 0,
+    };
+    ctx.dispatch(
+        &ADD,
+        0,
+        &p,
+        None,
+        &[a, b],
+        Grid::Linear((n as u64).div_ceil(64)),
+    )
+}
+
+/// out[t, c] = silu(gu[t, c]) · gu[t, inter + c] for `rows` rows.
+pub fn swiglu(
+    ctx: &mut Ctx,
+    out: &GpuBuffer,
+    gu: &GpuBuffer,
+    rows: usize,
+    inter: usize,
+) -> Result<(), GpuError> {
+    let n = rows * inter;
+    let p = EwParams {
+        n: n as u32,
+        cols: inter as u32,
+        pattern: 0,
+        _pad: 0,
+    };
+    ctx.dispatch(
+        &SWIGLU,
+        0,
+        &p,
+        None,
+        &[out, gu],
+        Grid::Linear((n as u64).div_ceil(64)),
+    )
+}

@@ -1,0 +1,56 @@
+//! Embedding gather (shaders/embed.wgsl), one dispatch per row chunk of the table.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::super::device::GpuError;
+use super::super::kernels::{Entry, Slot::*};
+use super::super::pool::GpuBuffer;
+use super::super::recorder::{Ctx, Grid};
+use super::super::GpuWeight;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub struct EmbedParams {
+    pub t: u32,
+    pub cols: u32,
+    pub row0: u32,
+    pub rows: u32,
+    pub scales: u32,
+    pub _pad: [u32; 3],
+}
+
+pub static EMBED: Entry = Entry {
+    file: "embed.wgsl",
+    name: "embed",
+    bindings: &[(0, Params), (1, Read), (2, Input), (3, ReadWrite)],
+    params: "EmbedParams",
+};
+
+/// out [T, cols] = rows `tokens` of `table` (ids already checked against the vocabulary).
+pub fn embed(
+    ctx: &mut Ctx,
+    table: &GpuWeight,
+    tokens: &[u32],
+    out: &GpuBuffer,
+) -> Result<(), GpuError> {
+    let n = (tokens.len() * table.cols) as u64;
+    for c in &table.chunks {
+        let p = EmbedParams {
+            t: tokens.len() as u32,
+            cols: table.cols as u32,
+            row0: c.row0,
+            rows: c.rows,
+            scales: c.scales,
+            _pad: [0; 3],
+        };
+        ctx.dispatch(
+            &EMBED,
+            table.wtype(),
+            &p,
+            Some(bytemuck::cast_slice(tokens)),
+            &[&c.buf, out],
+            Grid::Linear(n.div_ceil(64)),
+        )?;
+    }
+    Ok(())
+}

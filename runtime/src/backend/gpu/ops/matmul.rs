@@ -1,0 +1,127 @@
+//! y = x · Wᵀ for weights in file layout (shaders/matmul.wgsl): gemv for up to 4 activation rows,
+//! 16 × 64 tiles beyond; the grouped expert kernels of the same file are dispatched by moe.rs.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::super::device::GpuError;
+use super::super::kernels::{Entry, Slot::*};
+use super::super::pool::GpuBuffer;
+use super::super::recorder::{Ctx, Grid};
+use super::super::GpuWeight;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub struct MatmulParams {
+    pub n: u32,
+    pub k: u32,
+    pub t: u32,
+    pub scales: u32,
+    pub x_row0: u32,
+    pub out_stride: u32,
+    pub out_col0: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub struct ExpertParams {
+    pub slot0: u32,
+    pub num_experts: u32,
+    pub pool: u32,
+    pub top_k: u32,
+    pub k: u32,
+    pub n: u32,
+    pub part: u32,
+    pub scales: u32,
+    pub assignments: u32,
+    pub _pad: [u32; 3],
+}
+
+pub static GEMV: Entry = Entry {
+    file: "matmul.wgsl",
+    name: "gemv",
+    bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite)],
+    params: "MatmulParams",
+};
+pub static GEMM: Entry = Entry {
+    file: "matmul.wgsl",
+    name: "gemm",
+    bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite)],
+    params: "MatmulParams",
+};
+pub static EXPERT_GATE_UP: Entry = Entry {
+    file: "matmul.wgsl",
+    name: "expert_gate_up",
+    bindings: &[
+        (1, Read),
+        (2, Read),
+        (3, ReadWrite),
+        (4, Read),
+        (5, Read),
+        (6, Params),
+    ],
+    params: "ExpertParams",
+};
+pub static EXPERT_DOWN: Entry = Entry {
+    file: "matmul.wgsl",
+    name: "expert_down",
+    bindings: &[
+        (1, Read),
+        (2, Read),
+        (3, ReadWrite),
+        (4, Read),
+        (5, Read),
+        (6, Params),
+    ],
+    params: "ExpertParams",
+};
+
+/// Activation rows up to which the gemv entry runs.
+pub const GEMV_MAX_T: usize = 4;
+
+/// out[r, out_col0 + n] = Σ_k W[n, k] · x[x_row0 + r, k] for r < t, every chunk of `w`;
+/// out rows are `out_stride` values.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_into(
+    ctx: &mut Ctx,
+    w: &GpuWeight,
+    x: &GpuBuffer,
+    x_row0: usize,
+    t: usize,
+    out: &GpuBuffer,
+    out_stride: usize,
+) -> Result<(), GpuError> {
+    for c in &w.chunks {
+        let p = MatmulParams {
+            n: c.rows,
+            k: w.cols as u32,
+            t: t as u32,
+            scales: c.scales,
+            x_row0: x_row0 as u32,
+            out_stride: out_stride as u32,
+            out_col0: c.row0,
+            _pad: 0,
+        };
+        let n = c.rows as u64;
+        if t <= GEMV_MAX_T {
+            ctx.dispatch(
+                &GEMV,
+                w.wtype(),
+                &p,
+                None,
+                &[&c.buf, x, out],
+                Grid::Linear(n.div_ceil(4)),
+            )?;
+        } else {
+            ctx.dispatch(
+                &GEMM,
+                w.wtype(),
+                &p,
+                None,
+                &[&c.buf, x, out],
+                Grid::Groups(n.div_ceil(64) as u32, t.div_ceil(16) as u32, 1),
+            )?;
+        }
+    }
+    Ok(())
+}

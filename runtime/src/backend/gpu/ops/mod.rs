@@ -1,0 +1,40 @@
+//! One op = one file: its `#[repr(C)]` params struct (mirroring the WGSL struct field for field;
+//! sizes checked against naga's layout in tests), its entry points with their bindings, shape
+//! checks and grid sizes. The kernels live in `shaders/<op>.wgsl`.
+
+pub mod attention;
+pub mod elementwise;
+pub mod embed;
+pub mod matmul;
+pub mod moe;
+pub mod norm;
+pub mod rope;
+pub mod router;
+pub mod stats;
+
+use super::kernels::Entry;
+
+/// Every entry point with the size of the host params struct it is dispatched with.
+pub fn all_entries() -> Vec<(&'static Entry, usize)> {
+    use std::mem::size_of;
+    vec![
+        (&attention::KV_STORE, size_of::<attention::AttnParams>()),
+        (&attention::ATTEND, size_of::<attention::AttnParams>()),
+        (&elementwise::ADD, size_of::<elementwise::EwParams>()),
+        (&elementwise::SWIGLU, size_of::<elementwise::EwParams>()),
+        (&elementwise::FILL, size_of::<elementwise::EwParams>()),
+        (&embed::EMBED, size_of::<embed::EmbedParams>()),
+        (&matmul::GEMV, size_of::<matmul::MatmulParams>()),
+        (&matmul::GEMM, size_of::<matmul::MatmulParams>()),
+        (&matmul::EXPERT_GATE_UP, size_of::<matmul::ExpertParams>()),
+        (&matmul::EXPERT_DOWN, size_of::<matmul::ExpertParams>()),
+        (&moe::DISPATCH, size_of::<moe::MoeParams>()),
+        (&moe::COMBINE, size_of::<moe::MoeParams>()),
+        (&norm::RMS_NORM, size_of::<norm::NormParams>()),
+        (&norm::ADD_RMS_NORM, size_of::<norm::NormParams>()),
+        (&rope::QK_NORM_ROPE, size_of::<rope::RopeParams>()),
+        (&router::ROUTE, size_of::<router::RouterParams>()),
+        (&stats::PARTIAL, size_of::<stats::StatsParams>()),
+        (&stats::MERGE, size_of::<stats::StatsParams>()),
+    ]
+}

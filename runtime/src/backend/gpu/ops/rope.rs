@@ -1,0 +1,123 @@
+//! q/k norm + clip + partial RoPE in place on the fused qkv rows (shaders/rope.wgsl). The cos/sin
+//! table is built on the host in f64 (as the CPU reference computes the angles) and grown on demand.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::super::device::GpuError;
+use super::super::kernels::{Entry, Slot::*};
+use super::super::pool::GpuBuffer;
+use super::super::recorder::{Ctx, Grid, RopeTable};
+use crate::model::ModelConfig;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub struct RopeParams {
+    pub t: u32,
+    pub nq: u32,
+    pub nkv: u32,
+    pub hd: u32,
+    pub rot_half: u32,
+    pub norm: u32,
+    pub start: u32,
+    pub clip_on: u32,
+    pub clip: f32,
+    pub eps: f32,
+    pub _pad: [u32; 2],
+}
+
+pub static QK_NORM_ROPE: Entry = Entry {
+    file: "rope.wgsl",
+    name: "qk_norm_rope",
+    bindings: &[(0, Params), (1, ReadWrite), (2, Read), (3, Read), (4, Read)],
+    params: "RopeParams",
+};
+
+/// The (cos, sin) table of `c` covering positions `0..end`.
+pub fn table(
+    ctx: &mut Ctx,
+    c: &ModelConfig,
+    end: usize,
+) -> Result<std::sync::Arc<GpuBuffer>, GpuError> {
+    let half = c.rotary_dim / 2;
+    let key = (c.rope_theta.to_bits(), c.rotary_dim);
+    if let Some(t) = ctx.st.rope.get(&key) {
+        if t.positions >= end {
+            return Ok(t.buf.clone());
+        }
+    }
+    let positions = end.next_power_of_two().max(256);
+    let bytes = (positions * half * 8) as u64;
+    if bytes > ctx.sh.dev.max_binding {
+        return Err(GpuError::Limit {
+            what: format!("the RoPE table of {positions} positions"),
+            need: bytes,
+            limit: ctx.sh.dev.max_binding,
+        });
+    }
+    // inv_freq_i = θ^(−2i/rd), angles in f64 — exactly the CPU reference's values.
+    let inv_freq: Vec<f64> = (0..half)
+        .map(|i| 1.0 / c.rope_theta.powf((2 * i) as f64 / c.rotary_dim as f64))
+        .collect();
+    let mut data = Vec::with_capacity(positions * half * 2);
+    for pos in 0..positions {
+        for f in &inv_freq {
+            let (sin, cos) = (pos as f64 * f).sin_cos();
+            data.push(cos as f32);
+            data.push(sin as f32);
+        }
+    }
+    let buf = GpuBuffer::new(
+        &ctx.sh.dev.device,
+        bytes,
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        "rope",
+    );
+    ctx.sh
+        .dev
+        .queue
+        .write_buffer(&buf.raw, 0, bytemuck::cast_slice(&data));
+    ctx.st.rope.insert(
+        key,
+        RopeTable {
+            positions,
+            buf: buf.clone(),
+        },
+    );
+    Ok(buf)
+}
+
+/// Norm code of the kernel: 0 none, 1 per head, 2 whole projection.
+#[allow(clippy::too_many_arguments)]
+pub fn qk_norm_rope(
+    ctx: &mut Ctx,
+    qkv: &GpuBuffer,
+    rows: usize,
+    q_norm: &GpuBuffer,
+    k_norm: &GpuBuffer,
+    norm: u32,
+    c: &ModelConfig,
+    start: usize,
+) -> Result<(), GpuError> {
+    let rope = table(ctx, c, start + rows)?;
+    let p = RopeParams {
+        t: rows as u32,
+        nq: c.num_heads as u32,
+        nkv: c.num_kv_heads as u32,
+        hd: c.head_dim as u32,
+        rot_half: (c.rotary_dim / 2) as u32,
+        norm,
+        start: start as u32,
+        clip_on: c.clip_qkv.is_some() as u32,
+        clip: c.clip_qkv.unwrap_or(0.0),
+        eps: c.rms_norm_eps as f32,
+        _pad: [0; 2],
+    };
+    ctx.dispatch(
+        &QK_NORM_ROPE,
+        0,
+        &p,
+        None,
+        &[qkv, q_norm, k_norm, &rope],
+        Grid::Groups(rows as u32, 1, 1),
+    )
+}

@@ -1,0 +1,500 @@
+//! Every GPU op against the CPU reference: one test body, generic over the backend, runs on the CPU
+//! and on each GPU configuration (features on and off, outputs poisoned with NaN), on fresh seeded
+//! random inputs with sizes that are not tile multiples. Both backends load the same file bytes, so
+//! quantized weights dequantize to the same values on both and the f32 bound (relative L2 ≤ 1e-4)
+//! holds for every weight type.
+
+use std::sync::Arc;
+
+use super::testing::{backends, rel_l2};
+use super::{kernels, ops, GpuBackend};
+use crate::backend::cpu::{CpuAct, CpuBackend};
+use crate::backend::{AttnMask, Backend, PositionStats};
+use crate::format::{dtype, DType, EdmFile, TensorView};
+use crate::model::{Architecture, Gating, ModelConfig, QkNorm};
+use crate::synth::{self, SynthSpec};
+
+const TOL: f32 = 1e-4;
+
+/// Host access to activations, for tests.
+trait HostIo: Backend {
+    fn put(&self, rows: usize, cols: usize, data: &[f32]) -> Self::Act;
+    fn get(&self, x: &Self::Act) -> Vec<f32>;
+}
+
+impl HostIo for CpuBackend {
+    fn put(&self, rows: usize, cols: usize, data: &[f32]) -> CpuAct {
+        CpuAct::new(rows, cols, data.to_vec())
+    }
+    fn get(&self, x: &CpuAct) -> Vec<f32> {
+        x.data.clone()
+    }
+}
+
+impl HostIo for GpuBackend {
+    fn put(&self, rows: usize, cols: usize, data: &[f32]) -> super::GpuAct {
+        self.upload_act(rows, cols, data).unwrap()
+    }
+    fn get(&self, x: &super::GpuAct) -> Vec<f32> {
+        self.read_act(x).unwrap()
+    }
+}
+
+/// Seeded uniform values in [-1, 1).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.next() * scale).collect()
+    }
+}
+
+/// A weight of `dtype` loaded from the bytes a model file would hold.
+fn weight<B: Backend>(b: &B, dtype: DType, shape: &[usize], values: &[f32]) -> B::Weight {
+    let bytes = dtype::encode(dtype, values, *shape.last().unwrap());
+    b.load_weight(TensorView {
+        name: "w",
+        dtype,
+        shape,
+        bytes: &bytes,
+    })
+    .unwrap()
+}
+
+/// Runs `body` on the CPU and on every GPU configuration and compares each named output.
+fn check_backends<F, G>(name: &str, tol: f32, max_binding: Option<u64>, cpu: F, gpu: G)
+where
+    F: Fn(&CpuBackend) -> Vec<(String, Vec<f32>)>,
+    G: Fn(&GpuBackend) -> Vec<(String, Vec<f32>)>,
+{
+    let want = cpu(&CpuBackend);
+    for (label, g) in backends(max_binding) {
+        let got = gpu(&g);
+        assert_eq!(want.len(), got.len());
+        for ((what, w), (_, v)) in want.iter().zip(&got) {
+            let err = rel_l2(v, w);
+            assert!(
+                err <= tol,
+                "{name}: {what} on {label}: relative L2 {err:e} > {tol:e}"
+            );
+        }
+    }
+}
+
+/// `test_backends!(name, tol, |b| body)`: the body is generic over the backend (`B: HostIo`) and
+/// returns named outputs; it runs on the CPU and every GPU configuration.
+macro_rules! test_backends {
+    ($name:ident, $tol:expr, $max_binding:expr, |$b:ident| $body:block) => {
+        #[test]
+        fn $name() {
+            fn body<B: HostIo>($b: &B) -> Vec<(String, Vec<f32>)> $body
+            check_backends(stringify!($name), $tol, $max_binding, body::<CpuBackend>, body::<GpuBackend>);
+        }
+    };
+    ($name:ident, $tol:expr, |$b:ident| $body:block) => {
+        test_backends!($name, $tol, None, |$b| $body);
+    };
+}
+
+const DTYPES: [DType; 4] = [DType::F32, DType::F16, DType::Q8, DType::Q4];
+
+#[test]
+fn params_structs_match_their_wgsl_layout() {
+    for (entry, size) in ops::all_entries() {
+        let wgsl = kernels::PARAMS_SIZES
+            .iter()
+            .find(|(f, n, _)| *f == entry.file && *n == entry.params)
+            .unwrap_or_else(|| panic!("{} has no struct {}", entry.file, entry.params));
+        assert_eq!(
+            wgsl.2 as usize, size,
+            "{}::{} params: WGSL {} bytes, host {size}",
+            entry.file, entry.name, wgsl.2
+        );
+        assert_eq!(
+            size % 16,
+            0,
+            "{} params are not a multiple of 16 bytes",
+            entry.params
+        );
+    }
+}
+
+test_backends!(
+    matmul_matches_cpu_for_every_weight_type_and_odd_shape,
+    TOL,
+    |b| {
+        let mut out = Vec::new();
+        let mut rng = Rng(1);
+        // (rows T, out N, in K): T covers gemv (≤ 4) and gemm; K = 70 is no multiple of 8 or 32.
+        for &(t, n, k) in &[
+            (1, 37, 96),
+            (3, 130, 160),
+            (5, 67, 96),
+            (17, 100, 224),
+            (37, 9, 32),
+        ] {
+            for dtype in DTYPES {
+                let w = weight(b, dtype, &[n, k], &rng.vec(n * k, 0.5));
+                let x = b.put(t, k, &rng.vec(t * k, 1.0));
+                out.push((
+                    format!("{dtype} t{t} n{n} k{k}"),
+                    b.get(&b.matmul(&w, &x).unwrap()),
+                ));
+            }
+            for dtype in [DType::F32, DType::F16] {
+                let k = k - 26;
+                let w = weight(b, dtype, &[n, k], &rng.vec(n * k, 0.5));
+                let x = b.put(t, k, &rng.vec(t * k, 1.0));
+                out.push((
+                    format!("{dtype} t{t} n{n} k{k}"),
+                    b.get(&b.matmul(&w, &x).unwrap()),
+                ));
+            }
+        }
+        out
+    }
+);
+
+test_backends!(
+    weights_larger_than_a_binding_are_split_by_rows,
+    TOL,
+    Some(4096),
+    |b| {
+        let mut out = Vec::new();
+        let mut rng = Rng(2);
+        for dtype in DTYPES {
+            // 300 rows × 64: 76 KiB in f32, far above the 4 KiB binding of this test.
+            let (n, k) = (300, 64);
+            let vals = rng.vec(n * k, 0.5);
+            let w = weight(b, dtype, &[n, k], &vals);
+            for t in [2, 7] {
+                let x = b.put(t, k, &rng.vec(t * k, 1.0));
+                out.push((
+                    format!("{dtype} matmul t{t}"),
+                    b.get(&b.matmul(&w, &x).unwrap()),
+                ));
+                out.push((
+                    format!("{dtype} logits t{t}"),
+                    b.logits(&x, &w, 1..t).unwrap(),
+                ));
+                let s = b.lm_head_stats(&x, &w, 0..t).unwrap();
+                out.push((format!("{dtype} stats t{t}"), flat_stats(&s)));
+            }
+            let e = b.embed(&w, &[0, 299, 150, 77, 3]).unwrap();
+            out.push((format!("{dtype} embed"), b.get(&e)));
+        }
+        out
+    }
+);
+
+test_backends!(embedding_gathers_dequantized_rows, TOL, |b| {
+    let mut rng = Rng(3);
+    let mut out = Vec::new();
+    for dtype in DTYPES {
+        let table = weight(b, dtype, &[50, 96], &rng.vec(50 * 96, 1.0));
+        let x = b.embed(&table, &[3, 49, 0, 3, 17]).unwrap();
+        out.push((dtype.to_string(), b.get(&x)));
+    }
+    let odd = weight(b, DType::F16, &[7, 33], &rng.vec(7 * 33, 1.0));
+    out.push((
+        "f16 odd width".into(),
+        b.get(&b.embed(&odd, &[6, 1, 2]).unwrap()),
+    ));
+    out
+});
+
+test_backends!(norms_and_residual_adds_match, TOL, |b| {
+    let mut rng = Rng(4);
+    let mut out = Vec::new();
+    for &(t, h) in &[(1, 64), (5, 70), (3, 1000)] {
+        let w = weight(b, DType::F32, &[h], &rng.vec(h, 1.0));
+        let mut x = b.put(t, h, &rng.vec(t * h, 2.0));
+        let d = b.put(t, h, &rng.vec(t * h, 1.0));
+        out.push((
+            format!("rms t{t} h{h}"),
+            b.get(&b.rms_norm(&x, &w, 1e-6).unwrap()),
+        ));
+        let n = b.add_rms_norm(&mut x, &d, &w, 1e-5).unwrap();
+        out.push((format!("add_rms out t{t} h{h}"), b.get(&n)));
+        out.push((format!("add_rms x t{t} h{h}"), b.get(&x)));
+        b.add(&mut x, &d).unwrap();
+        out.push((format!("add t{t} h{h}"), b.get(&x)));
+    }
+    out
+});
+
+test_backends!(swiglu_mlp_matches, TOL, |b| {
+    let mut rng = Rng(5);
+    let mut out = Vec::new();
+    for dtype in DTYPES {
+        for t in [1, 6] {
+            let (h, i) = (64, 96);
+            let gu = weight(b, dtype, &[2 * i, h], &rng.vec(2 * i * h, 0.3));
+            let down = weight(b, dtype, &[h, i], &rng.vec(h * i, 0.3));
+            let x = b.put(t, h, &rng.vec(t * h, 1.0));
+            out.push((
+                format!("{dtype} t{t}"),
+                b.get(&b.mlp(&gu, &down, &x).unwrap()),
+            ));
+        }
+    }
+    out
+});
+
+fn attn_config(qk_norm: QkNorm, rotary_dim: usize, clip: Option<f32>) -> ModelConfig {
+    let mut c = synth::build(&SynthSpec::tiny(Architecture::Qwen3Moe))
+        .unwrap()
+        .meta
+        .config;
+    c.num_heads = 6;
+    c.num_kv_heads = 2;
+    c.head_dim = 20;
+    c.rotary_dim = rotary_dim;
+    c.qk_norm = qk_norm;
+    c.clip_qkv = clip;
+    c.rope_theta = 600_000.0;
+    c
+}
+
+test_backends!(qk_norm_and_partial_rope_match_in_every_variant, TOL, |b| {
+    let mut rng = Rng(6);
+    let mut out = Vec::new();
+    for (norm, rd, clip, start) in [
+        (QkNorm::PerHead, 20, None, 0),
+        (QkNorm::PerHead, 10, None, 4093),
+        (QkNorm::Whole, 20, Some(0.8), 7),
+        (QkNorm::None, 12, Some(1.5), 1000),
+    ] {
+        let c = attn_config(norm, rd, clip);
+        let (qn, kn) = match norm {
+            QkNorm::PerHead => (c.head_dim, c.head_dim),
+            _ => (c.q_dim(), c.kv_dim()),
+        };
+        let qw = weight(b, DType::F32, &[qn], &rng.vec(qn, 1.0));
+        let kw = weight(b, DType::F32, &[kn], &rng.vec(kn, 1.0));
+        let t = 5;
+        let mut qkv = b.put(t, c.qkv_dim(), &rng.vec(t * c.qkv_dim(), 2.0));
+        let (q, k) = if norm == QkNorm::None {
+            (None, None)
+        } else {
+            (Some(&qw), Some(&kw))
+        };
+        b.qk_norm_rope(&mut qkv, q, k, &c, start).unwrap();
+        out.push((
+            format!("{norm:?} rd{rd} clip{clip:?} start{start}"),
+            b.get(&qkv),
+        ));
+    }
+    out
+});
+
+test_backends!(
+    attention_matches_for_every_mask_with_a_cached_prefix,
+    TOL,
+    |b| {
+        let mut rng = Rng(7);
+        let mut out = Vec::new();
+        let c = attn_config(QkNorm::PerHead, 20, None);
+        for mask in [
+            AttnMask::Causal,
+            AttnMask::Bidirectional,
+            AttnMask::BlockCausal(4),
+            AttnMask::CausalThenBidirectional { draft_start: 75 },
+        ] {
+            let mut kv = b.new_kv(&c, 160).unwrap();
+            // A 70-position prefix written by one pass, then a 9-position block on top of it; the
+            // last pass sees 20 cached positions past its end (dual-cache style).
+            let pre = b.put(70, c.qkv_dim(), &rng.vec(70 * c.qkv_dim(), 1.0));
+            let a0 = b.attention(&pre, &mut kv, 1, &c, 0, 70, mask).unwrap();
+            out.push((format!("{mask:?} prefix"), b.get(&a0)));
+            let blk = b.put(9, c.qkv_dim(), &rng.vec(9 * c.qkv_dim(), 1.0));
+            let a1 = b.attention(&blk, &mut kv, 1, &c, 70, 79, mask).unwrap();
+            out.push((format!("{mask:?} block"), b.get(&a1)));
+            let one = b.put(1, c.qkv_dim(), &rng.vec(c.qkv_dim(), 1.0));
+            let a2 = b.attention(&one, &mut kv, 1, &c, 50, 79, mask).unwrap();
+            out.push((format!("{mask:?} one of 79"), b.get(&a2)));
+        }
+        out
+    }
+);
+
+fn router_config(gating: Gating, experts: usize, top_k: usize) -> ModelConfig {
+    let mut c = attn_config(QkNorm::PerHead, 20, None);
+    c.moe.num_experts = experts;
+    c.moe.top_k = top_k;
+    c.moe.gating = gating;
+    c
+}
+
+/// Routing ids (as f32) and weights of one route call.
+fn routed<B: HostIo>(
+    b: &B,
+    rng: &mut Rng,
+    c: &ModelConfig,
+    t: usize,
+    dtype: DType,
+    bias: Option<f32>,
+) -> (Vec<f32>, Vec<f32>) {
+    let (e, h) = (c.moe.num_experts, 96);
+    let router = weight(b, dtype, &[e, h], &rng.vec(e * h, 1.0));
+    let bias = bias.map(|s| weight(b, DType::F32, &[e], &rng.vec(e, s)));
+    let x = b.put(t, h, &rng.vec(t * h, 1.0));
+    let r = b.route(&x, &router, bias.as_ref(), c).unwrap();
+    let (ids, w) = b.routing_to_host(&r).unwrap();
+    (ids.iter().map(|&i| i as f32).collect(), w)
+}
+
+test_backends!(router_selects_and_weights_like_the_cpu, TOL, |b| {
+    let mut rng = Rng(8);
+    let mut out = Vec::new();
+    let cases = [
+        (Gating::Softmax { renormalize: true }, 8, 2, None),
+        (Gating::Softmax { renormalize: false }, 60, 8, Some(0.5)),
+        (
+            Gating::SigmoidGrouped {
+                groups: 8,
+                top_groups: 4,
+                scale: 2.5,
+                renormalize: true,
+            },
+            256,
+            8,
+            Some(0.1),
+        ),
+        (
+            Gating::SigmoidGrouped {
+                groups: 4,
+                top_groups: 1,
+                scale: 1.0,
+                renormalize: false,
+            },
+            12,
+            3,
+            None,
+        ),
+    ];
+    for (i, (g, e, k, bias)) in cases.into_iter().enumerate() {
+        for dtype in [DType::F32, DType::Q8] {
+            let c = router_config(g, e, k);
+            let (ids, w) = routed(b, &mut rng, &c, 13, dtype, bias);
+            out.push((format!("case {i} {dtype} ids"), ids));
+            out.push((format!("case {i} {dtype} weights"), w));
+        }
+    }
+    out
+});
+
+/// A tiny synthetic model file of `arch` in `dtype`, kept for the test's duration.
+fn synth_file(arch: Architecture, dtype: DType) -> (tempfile::TempDir, Arc<EdmFile>) {
+    let dir = tempfile::tempdir().unwrap();
+    let m = synth::build(&SynthSpec::tiny(arch)).unwrap();
+    let path = dir.path().join("m.edm");
+    synth::write_edm(&m, &path, dtype, &|_, _| {}).unwrap();
+    let f = Arc::new(EdmFile::open(&path).unwrap());
+    (dir, f)
+}
+
+test_backends!(moe_layer_matches_for_every_weight_type, TOL, |b| {
+    let mut rng = Rng(9);
+    let mut out = Vec::new();
+    for arch in [Architecture::Qwen3Moe, Architecture::Llada2Moe] {
+        for dtype in DTYPES {
+            let (_dir, file) = synth_file(arch, dtype);
+            let c = file.header.metadata.config.clone();
+            let l = c.num_layers - 1;
+            let router = b
+                .load_weight(file.tensor(&format!("layers.{l}.moe.router")).unwrap())
+                .unwrap();
+            let bias = c.moe.router_bias.then(|| {
+                b.load_weight(file.tensor(&format!("layers.{l}.moe.router_bias")).unwrap())
+                    .unwrap()
+            });
+            let experts = b.load_experts(&file, l, &|_| true).unwrap();
+            for t in [1, 19] {
+                let x = b.put(t, c.hidden_size, &rng.vec(t * c.hidden_size, 1.0));
+                let r = b.route(&x, &router, bias.as_ref(), &c).unwrap();
+                let (ids, _) = b.routing_to_host(&r).unwrap();
+                let y = b.moe(&x, &r, &experts).unwrap();
+                out.push((
+                    format!("{arch} {dtype} t{t} ids"),
+                    ids.iter().map(|&i| i as f32).collect(),
+                ));
+                out.push((format!("{arch} {dtype} t{t}"), b.get(&y)));
+            }
+        }
+    }
+    out
+});
+
+fn flat_stats(s: &[PositionStats]) -> Vec<f32> {
+    let mut v = Vec::new();
+    for p in s {
+        v.extend([p.argmax as f32, p.p_max, p.entropy, p.margin]);
+        for &(id, pr) in &p.top {
+            v.extend([id as f32, pr]);
+        }
+    }
+    v
+}
+
+test_backends!(lm_head_statistics_match_the_full_logits, TOL, |b| {
+    let mut rng = Rng(10);
+    let mut out = Vec::new();
+    // 5000 rows: several 2048-logit chunks and a ragged last one; 3 positions of 6.
+    for dtype in [DType::F32, DType::Q4] {
+        let (v, h) = (5000, 64);
+        let head = weight(b, dtype, &[v, h], &rng.vec(v * h, 1.0));
+        let x = b.put(6, h, &rng.vec(6 * h, 1.0));
+        out.push((
+            format!("{dtype} stats"),
+            flat_stats(&b.lm_head_stats(&x, &head, 2..5).unwrap()),
+        ));
+        out.push((
+            format!("{dtype} logits"),
+            b.logits(&x, &head, 2..5).unwrap(),
+        ));
+        let sharp = b.put(1, h, &rng.vec(h, 40.0));
+        out.push((
+            format!("{dtype} peaked"),
+            flat_stats(&b.lm_head_stats(&sharp, &head, 0..1).unwrap()),
+        ));
+    }
+    let small = weight(b, DType::F32, &[5, 8], &rng.vec(40, 1.0));
+    let x = b.put(2, 8, &rng.vec(16, 1.0));
+    out.push((
+        "vocab below top-k".into(),
+        flat_stats(&b.lm_head_stats(&x, &small, 0..2).unwrap()),
+    ));
+    out
+});
+
+#[test]
+fn bad_inputs_are_errors_not_panics() {
+    for (label, g) in backends(None) {
+        let t = weight(&g, DType::F32, &[10, 8], &[0.5; 80]);
+        assert!(
+            matches!(
+                g.embed(&t, &[3, 10]),
+                Err(crate::backend::BackendError::TokenOutOfRange { id: 10, vocab: 10 })
+            ),
+            "{label}"
+        );
+        let x = g.upload_act(2, 7, &[0.0; 14]).unwrap();
+        assert!(g.matmul(&t, &x).is_err(), "{label}");
+        assert!(g.lm_head_stats(&x, &t, 1..3).is_err(), "{label}");
+        // The backend keeps working after errors.
+        let x = g.upload_act(1, 8, &[1.0; 8]).unwrap();
+        assert_eq!(
+            g.read_act(&g.matmul(&t, &x).unwrap()).unwrap(),
+            vec![4.0; 10]
+        );
+    }
+}

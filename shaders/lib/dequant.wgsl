@@ -1,0 +1,100 @@
+// Weights in their file layout (format/dtype.rs), read as u32 words from the binding `w_words`,
+// which the including kernel declares. The weight type is the override constant WTYPE, so each
+// pipeline carries the decode of one type only:
+//   0 f32: one value per word;
+//   1 f16: two values per word, low half first;
+//   2 q8:  four int8 codes per word (code j in bits 8j..8j+8), then one f16 scale per 32 values;
+//   3 q4:  eight 4-bit codes per word (code j in bits 4j..4j+4), value (code − 8)·scale, then scales.
+// Quantized rows always hold whole groups (cols % 32 == 0); only f32/f16 rows can end mid-octet.
+
+#include "half"
+
+const W_F32: u32 = 0u;
+const W_F16: u32 = 1u;
+const W_Q8: u32 = 2u;
+const W_Q4: u32 = 3u;
+
+override WTYPE: u32 = 0u;
+
+// One matrix inside `w_words`: its elements from word `base`, its scales (quantized types) from
+// word `scales`, rows of `cols` values.
+struct WMat {
+    base: u32,
+    scales: u32,
+    cols: u32,
+}
+
+// Eight consecutive weights.
+struct Oct {
+    lo: vec4<f32>,
+    hi: vec4<f32>,
+}
+
+fn group_scale(m: WMat, e: u32) -> f32 {
+    let g = e / 32u;
+    return unpack_half2(w_words[m.scales + g / 2u])[g & 1u];
+}
+
+fn sext8x4(w: u32) -> vec4<f32> {
+    let v = bitcast<vec4<i32>>(vec4<u32>(w << 24u, w << 16u, w << 8u, w));
+    return vec4<f32>(v >> vec4<u32>(24u));
+}
+
+// Element (row, k) of `m`; k < m.cols.
+fn w_at(m: WMat, row: u32, k: u32) -> f32 {
+    let e = row * m.cols + k;
+    if (WTYPE == W_F32) {
+        return bitcast<f32>(w_words[m.base + e]);
+    }
+    if (WTYPE == W_F16) {
+        return unpack_half2(w_words[m.base + e / 2u])[e & 1u];
+    }
+    if (WTYPE == W_Q8) {
+        let w = w_words[m.base + e / 4u];
+        let c = bitcast<i32>(w << (24u - 8u * (e & 3u))) >> 24u;
+        return f32(c) * group_scale(m, e);
+    }
+    let w = w_words[m.base + e / 8u];
+    let c = i32((w >> (4u * (e & 7u))) & 15u) - 8;
+    return f32(c) * group_scale(m, e);
+}
+
+// Elements k..k+8 of `row` (k a multiple of 8); those at or past m.cols read as 0.
+fn w_oct(m: WMat, row: u32, k: u32) -> Oct {
+    let e = row * m.cols + k;
+    if (WTYPE == W_Q4) {
+        let w = w_words[m.base + e / 8u];
+        let s = group_scale(m, e);
+        let lo = vec4<i32>((vec4<u32>(w) >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u));
+        let hi = vec4<i32>((vec4<u32>(w) >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u));
+        return Oct(vec4<f32>(lo - vec4<i32>(8)) * s, vec4<f32>(hi - vec4<i32>(8)) * s);
+    }
+    if (WTYPE == W_Q8) {
+        let p = m.base + e / 4u;
+        let s = group_scale(m, e);
+        return Oct(sext8x4(w_words[p]) * s, sext8x4(w_words[p + 1u]) * s);
+    }
+    if (k + 8u <= m.cols) {
+        if (WTYPE == W_F32) {
+            let p = m.base + e;
+            return Oct(
+                bitcast<vec4<f32>>(vec4<u32>(w_words[p], w_words[p + 1u], w_words[p + 2u], w_words[p + 3u])),
+                bitcast<vec4<f32>>(vec4<u32>(w_words[p + 4u], w_words[p + 5u], w_words[p + 6u], w_words[p + 7u])),
+            );
+        }
+        if ((e & 1u) == 0u) {
+            let p = m.base + e / 2u;
+            return Oct(
+                vec4<f32>(unpack_half2(w_words[p]), unpack_half2(w_words[p + 1u])),
+                vec4<f32>(unpack_half2(w_words[p + 2u]), unpack_half2(w_words[p + 3u])),
+            );
+        }
+    }
+    var v = array<f32, 8>(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+    for (var i = 0u; i < 8u; i++) {
+        if (k + i < m.cols) {
+            v[i] = w_at(m, row, k + i);
+        }
+    }
+    return Oct(vec4<f32>(v[0], v[1], v[2], v[3]), vec4<f32>(v[4], v[5], v[6], v[7]));
+}

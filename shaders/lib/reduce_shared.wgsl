@@ -1,0 +1,40 @@
+// Workgroup-wide sum and max for 64-invocation workgroups, through shared memory (no subgroups).
+// Every invocation must call them (uniform control flow) and every invocation gets the result.
+
+struct Lane {
+    @builtin(local_invocation_index) id: u32,
+}
+
+var<workgroup> red_tree: array<f32, 64>;
+
+fn neg_inf() -> f32 {
+    return bitcast<f32>(0xff800000u);
+}
+
+fn wg_sum(v: f32, lane: Lane) -> f32 {
+    red_tree[lane.id] = v;
+    workgroupBarrier();
+    for (var s = 32u; s > 0u; s >>= 1u) {
+        if (lane.id < s) {
+            red_tree[lane.id] += red_tree[lane.id + s];
+        }
+        workgroupBarrier();
+    }
+    let r = red_tree[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn wg_max(v: f32, lane: Lane) -> f32 {
+    red_tree[lane.id] = v;
+    workgroupBarrier();
+    for (var s = 32u; s > 0u; s >>= 1u) {
+        if (lane.id < s) {
+            red_tree[lane.id] = max(red_tree[lane.id], red_tree[lane.id + s]);
+        }
+        workgroupBarrier();
+    }
+    let r = red_tree[0];
+    workgroupBarrier();
+    return r;
+}

@@ -1,0 +1,218 @@
+// y = x · Wᵀ for weights W [n, k] in file layout (f32, f16, q8, q4; override WTYPE, see
+// lib/dequant.wgsl), dequantized in the inner loop; x [t, k] and y f32.
+//
+// Entry points of the family:
+// - gemv: few activation rows (t ≤ 4). A workgroup owns 4 weight rows with 16 invocations each;
+//   an invocation walks its row 8 values (one q4 word) at a time with a stride of 16 octets, so
+//   neighbours read neighbouring words; partial sums meet in shared memory.
+// - gemm: blocks of 16 activation rows × 64 weight rows (lib/tile.wgsl), for t ≥ 5.
+// - expert_gate_up / expert_down: the grouped SwiGLU of one MoE layer on the same tile core. A
+//   workgroup serves one routed expert (through the slot table: expert → pool buffer, word offset)
+//   for up to 16 of its tokens, so each expert's weights are read once per 16 tokens routed to it.
+//   gate_up pairs gate row c with up row I + c in one tile and writes silu(gate)·up; down writes
+//   each assignment's expert output. Grids come from moe_dispatch (indirect).
+// Output rows may be a column range of a wider matrix (out_stride, out_col0): weights too large for
+// one binding are split by rows and run as several dispatches.
+
+#include "tile"
+#include "moe_meta"
+
+struct MatmulParams {
+    n: u32,
+    k: u32,
+    t: u32,
+    scales: u32,
+    x_row0: u32,
+    out_stride: u32,
+    out_col0: u32,
+    _pad: u32,
+}
+
+struct ExpertParams {
+    slot0: u32,
+    num_experts: u32,
+    pool: u32,
+    top_k: u32,
+    k: u32,
+    n: u32,
+    part: u32,
+    scales: u32,
+    assignments: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: MatmulParams;
+@group(0) @binding(1) var<storage, read> w_words: array<u32>;
+@group(0) @binding(2) var<storage, read> x_act: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read> slots: array<u32>;
+@group(0) @binding(5) var<storage, read> route_meta: array<u32>;
+@group(0) @binding(6) var<uniform> ep: ExpertParams;
+
+const GEMV_T: u32 = 4u;
+
+var<workgroup> gemv_part: array<f32, 256>;
+
+fn x_oct_dot(r: u32, k: u32, q: Oct) -> f32 {
+    let b = r * p.k + k;
+    if (k + 8u <= p.k) {
+        let lo = vec4<f32>(x_act[b], x_act[b + 1u], x_act[b + 2u], x_act[b + 3u]);
+        let hi = vec4<f32>(x_act[b + 4u], x_act[b + 5u], x_act[b + 6u], x_act[b + 7u]);
+        return dot(q.lo, lo) + dot(q.hi, hi);
+    }
+    var s = 0.0;
+    for (var i = 0u; i < 4u; i++) {
+        if (k + i < p.k) {
+            s += q.lo[i] * x_act[b + i];
+        }
+        if (k + 4u + i < p.k) {
+            s += q.hi[i] * x_act[b + 4u + i];
+        }
+    }
+    return s;
+}
+
+@compute @workgroup_size(64)
+fn gemv(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let row = (wid.x + wid.y * nwg.x) * 4u + lid / 16u;
+    let lane = lid % 16u;
+    let m = WMat(0u, p.scales, p.k);
+    var a = vec4<f32>(0.0);
+    if (row < p.n) {
+        let octs = (p.k + 7u) / 8u;
+        for (var o = lane; o < octs; o += 16u) {
+            let q = w_oct(m, row, o * 8u);
+            for (var t = 0u; t < min(p.t, GEMV_T); t++) {
+                a[t] += x_oct_dot(p.x_row0 + t, o * 8u, q);
+            }
+        }
+    }
+    for (var t = 0u; t < GEMV_T; t++) {
+        gemv_part[t * 64u + lid] = a[t];
+    }
+    workgroupBarrier();
+    if (lid < 16u) {
+        let r = lid / 4u;
+        let t = lid % 4u;
+        let orow = (wid.x + wid.y * nwg.x) * 4u + r;
+        if (orow < p.n && t < p.t) {
+            var s = 0.0;
+            for (var l = 0u; l < 16u; l++) {
+                s += gemv_part[t * 64u + r * 16u + l];
+            }
+            out[t * p.out_stride + p.out_col0 + orow] = s;
+        }
+    }
+}
+
+@compute @workgroup_size(64)
+fn gemm(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let n0 = wid.x * TILE_N;
+    let t0 = wid.y * TILE_T;
+    if (lid < TILE_T) {
+        tile_xrow[lid] = select(NONE, p.x_row0 + t0 + lid, t0 + lid < p.t);
+    }
+    tile_wrow[lid] = select(NONE, n0 + lid, n0 + lid < p.n);
+    workgroupBarrier();
+    tile_run(WMat(0u, p.scales, p.k), lid);
+    let tt = lid / 16u;
+    let tn = lid % 16u;
+    for (var a = 0u; a < 4u; a++) {
+        let t = t0 + tt * 4u + a;
+        for (var b = 0u; b < 4u; b++) {
+            let n = n0 + tn * 4u + b;
+            if (t < p.t && n < p.n) {
+                out[t * p.out_stride + p.out_col0 + n] = acc[4u * a + b];
+            }
+        }
+    }
+}
+
+var<workgroup> ex_ok: u32;
+var<workgroup> ex_e: u32;
+var<workgroup> ex_base: u32;
+
+// Reads which expert this workgroup serves; false (uniformly) when its tokens are exhausted or the
+// expert lives in another pool buffer than the one bound.
+fn expert_begin(lid: u32, wid: vec3<u32>) -> bool {
+    if (lid == 0u) {
+        let e = route_meta[meta_active(ep.num_experts) + wid.x];
+        let s = 2u * (ep.slot0 + e);
+        ex_e = e;
+        ex_base = slots[s + 1u] + ep.part;
+        ex_ok = select(0u, 1u, slots[s] == ep.pool && wid.z * TILE_T < route_meta[meta_counts(ep.num_experts) + e]);
+    }
+    return workgroupUniformLoad(&ex_ok) != 0u;
+}
+
+@compute @workgroup_size(64)
+fn expert_gate_up(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    if (!expert_begin(lid, wid)) {
+        return;
+    }
+    let e = ex_e;
+    let cnt = route_meta[meta_counts(ep.num_experts) + e];
+    let first = route_meta[meta_offsets(ep.num_experts) + e];
+    let t0 = wid.z * TILE_T;
+    if (lid < TILE_T) {
+        var r = NONE;
+        if (t0 + lid < cnt) {
+            r = route_meta[meta_list(ep.num_experts) + first + t0 + lid] / ep.top_k;
+        }
+        tile_xrow[lid] = r;
+    }
+    // Tile row n = 4·q + j: j = 0, 1 gate rows of columns 2q, 2q + 1; j = 2, 3 the matching up rows.
+    let j = lid % 4u;
+    let c = wid.y * 32u + (lid / 4u) * 2u + (j & 1u);
+    tile_wrow[lid] = select(NONE, select(ep.n + c, c, j < 2u), c < ep.n);
+    workgroupBarrier();
+    tile_run(WMat(ex_base, ex_base + ep.scales, ep.k), lid);
+    let tt = lid / 16u;
+    let tn = lid % 16u;
+    for (var a = 0u; a < 4u; a++) {
+        let i = t0 + tt * 4u + a;
+        for (var b = 0u; b < 2u; b++) {
+            let col = wid.y * 32u + tn * 2u + b;
+            if (i < cnt && col < ep.n) {
+                let g = acc[4u * a + b];
+                let u = acc[4u * a + 2u + b];
+                out[(first + i) * ep.n + col] = g / (1.0 + exp(-g)) * u;
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(64)
+fn expert_down(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    if (!expert_begin(lid, wid)) {
+        return;
+    }
+    let e = ex_e;
+    let cnt = route_meta[meta_counts(ep.num_experts) + e];
+    let first = route_meta[meta_offsets(ep.num_experts) + e];
+    let t0 = wid.z * TILE_T;
+    if (lid < TILE_T) {
+        tile_xrow[lid] = select(NONE, first + t0 + lid, t0 + lid < cnt);
+    }
+    let n0 = wid.y * TILE_N;
+    tile_wrow[lid] = select(NONE, n0 + lid, n0 + lid < ep.n);
+    workgroupBarrier();
+    tile_run(WMat(ex_base, ex_base + ep.scales, ep.k), lid);
+    let tt = lid / 16u;
+    let tn = lid % 16u;
+    for (var a = 0u; a < 4u; a++) {
+        let i = t0 + tt * 4u + a;
+        for (var b = 0u; b < 4u; b++) {
+            let n = n0 + tn * 4u + b;
+            if (i < cnt && n < ep.n) {
+                out[(first + i) * ep.n + n] = acc[4u * a + b];
+            }
+        }
+    }
+}

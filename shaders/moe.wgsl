@@ -1,0 +1,147 @@
+// MoE dispatch and combine around the grouped expert kernels of matmul.wgsl, all on the GPU (no
+// host round trip between router and experts).
+//
+// moe_dispatch (one workgroup of 256): from the router's ids [T, top_k] builds per-expert token
+//   lists — count (atomics), exclusive scan (a chunk of experts per invocation, then the 256 chunk
+//   sums), scatter — plus the list of active experts and the indirect grids of expert_gate_up
+//   (active experts × I/32 × ⌈max tokens/16⌉) and expert_down (… × H/64 × …); layout in
+//   lib/moe_meta.wgsl. A routed expert with no slot (not resident) is flagged in `status`:
+//   bit 31 | layer << 16 | expert, read back with the statistics.
+// moe_combine: out[t] = Σ_j weight[t, j] · y[slot_of(t, j)], j in order (the CPU's sum order).
+
+#include "moe_meta"
+
+struct MoeParams {
+    assignments: u32,
+    num_experts: u32,
+    slot0: u32,
+    layer: u32,
+    top_k: u32,
+    inter: u32,
+    hidden: u32,
+    t: u32,
+}
+
+const NONE: u32 = 0xffffffffu;
+
+@group(0) @binding(0) var<uniform> mp: MoeParams;
+@group(0) @binding(1) var<storage, read> ids: array<u32>;
+@group(0) @binding(2) var<storage, read_write> meta_rw: array<atomic<u32>>;
+@group(0) @binding(3) var<storage, read> slots: array<u32>;
+@group(0) @binding(4) var<storage, read_write> status: array<atomic<u32>>;
+@group(0) @binding(5) var<storage, read> route_meta: array<u32>;
+@group(0) @binding(6) var<storage, read> weights: array<f32>;
+@group(0) @binding(7) var<storage, read> y: array<f32>;
+@group(0) @binding(8) var<storage, read_write> out: array<f32>;
+
+var<workgroup> part_count: array<u32, 256>;
+var<workgroup> part_active: array<u32, 256>;
+var<workgroup> part_max: array<u32, 256>;
+
+@compute @workgroup_size(256)
+fn moe_dispatch(@builtin(local_invocation_index) lid: u32) {
+    let ne = mp.num_experts;
+    let na = mp.assignments;
+    for (var e = lid; e < ne; e += 256u) {
+        atomicStore(&meta_rw[meta_counts(ne) + e], 0u);
+        atomicStore(&meta_rw[meta_cursor(ne) + e], 0u);
+    }
+    storageBarrier();
+    workgroupBarrier();
+    for (var a = lid; a < na; a += 256u) {
+        let e = ids[a];
+        if (e < ne) {
+            atomicAdd(&meta_rw[meta_counts(ne) + e], 1u);
+            if (slots[2u * (mp.slot0 + e)] == NONE) {
+                atomicMax(&status[0], 0x80000000u | (mp.layer << 16u) | e);
+            }
+        } else {
+            atomicMax(&status[0], 0x80000000u | (mp.layer << 16u) | 0xffffu);
+        }
+    }
+    storageBarrier();
+    workgroupBarrier();
+    let per = (ne + 255u) / 256u;
+    let lo = min(lid * per, ne);
+    let hi = min(lo + per, ne);
+    var c = 0u;
+    var act = 0u;
+    var mx = 0u;
+    for (var e = lo; e < hi; e++) {
+        let n = atomicLoad(&meta_rw[meta_counts(ne) + e]);
+        c += n;
+        act += select(0u, 1u, n > 0u);
+        mx = max(mx, n);
+    }
+    part_count[lid] = c;
+    part_active[lid] = act;
+    part_max[lid] = mx;
+    workgroupBarrier();
+    if (lid == 0u) {
+        var sc = 0u;
+        var sa = 0u;
+        var m = 0u;
+        for (var i = 0u; i < 256u; i++) {
+            let pc = part_count[i];
+            let pa = part_active[i];
+            part_count[i] = sc;
+            part_active[i] = sa;
+            sc += pc;
+            sa += pa;
+            m = max(m, part_max[i]);
+        }
+        let z = (m + 15u) / 16u;
+        atomicStore(&meta_rw[0], sa);
+        atomicStore(&meta_rw[1], (mp.inter + 31u) / 32u);
+        atomicStore(&meta_rw[2], z);
+        atomicStore(&meta_rw[3], sa);
+        atomicStore(&meta_rw[4], (mp.hidden + 63u) / 64u);
+        atomicStore(&meta_rw[5], z);
+        atomicStore(&meta_rw[6], sa);
+    }
+    workgroupBarrier();
+    var off = part_count[lid];
+    var ai = part_active[lid];
+    for (var e = lo; e < hi; e++) {
+        let n = atomicLoad(&meta_rw[meta_counts(ne) + e]);
+        atomicStore(&meta_rw[meta_offsets(ne) + e], off);
+        off += n;
+        if (n > 0u) {
+            atomicStore(&meta_rw[meta_active(ne) + ai], e);
+            ai += 1u;
+        }
+    }
+    storageBarrier();
+    workgroupBarrier();
+    for (var a = lid; a < na; a += 256u) {
+        let e = ids[a];
+        if (e < ne) {
+            let pos = atomicLoad(&meta_rw[meta_offsets(ne) + e]) + atomicAdd(&meta_rw[meta_cursor(ne) + e], 1u);
+            atomicStore(&meta_rw[meta_list(ne) + pos], a);
+            atomicStore(&meta_rw[meta_slot_of(ne, na) + a], pos);
+        }
+    }
+}
+
+@compute @workgroup_size(64)
+fn moe_combine(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let i = (wid.x + wid.y * nwg.x) * 64u + lid;
+    if (i >= mp.t * mp.hidden) {
+        return;
+    }
+    let t = i / mp.hidden;
+    let c = i % mp.hidden;
+    var s = 0.0;
+    for (var j = 0u; j < mp.top_k; j++) {
+        let a = t * mp.top_k + j;
+        let pos = route_meta[meta_slot_of(mp.num_experts, mp.assignments) + a];
+        if (pos < mp.assignments) {
+            s += weights[a] * y[pos * mp.hidden + c];
+        }
+    }
+    out[i] = s;
+}

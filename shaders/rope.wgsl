@@ -1,0 +1,83 @@
+// q/k normalisation and partial RoPE, in place on the fused qkv rows [T, (nq + 2·nkv)·hd]; one
+// workgroup of 64 per token. In order, as the CPU reference does it:
+//   1. RMSNorm of q and k — per head (one hd-vector shared by all heads; norm = 1) or over the whole
+//      q / k projection (norm = 2) — or none (norm = 0);
+//   2. optional clip of q, k and v to ±clip (OLMoE);
+//   3. rotate-half RoPE of the first 2·rot_half dims of every q and k head at position start + t.
+// cos/sin come from a table [position][rot_half] of vec2 (cos, sin) computed on the host in f64:
+// an f32 angle pos·θ^(−2i/d) is off by ~1e-4 rad at position 8192, and GPU sin/cos of large
+// arguments are loose.
+
+#include "reduce"
+
+struct RopeParams {
+    t: u32,
+    nq: u32,
+    nkv: u32,
+    hd: u32,
+    rot_half: u32,
+    norm: u32,
+    start: u32,
+    clip_on: u32,
+    clip: f32,
+    eps: f32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: RopeParams;
+@group(0) @binding(1) var<storage, read_write> qkv: array<f32>;
+@group(0) @binding(2) var<storage, read> q_norm: array<f32>;
+@group(0) @binding(3) var<storage, read> k_norm: array<f32>;
+@group(0) @binding(4) var<storage, read> rope: array<vec2<f32>>;
+
+// Normalises qkv[base .. base + len) with weights starting at w0 of q_norm (q) or k_norm (k).
+fn norm_segment(base: u32, len: u32, is_q: bool, lane: Lane) {
+    var ss = 0.0;
+    for (var i = lane.id; i < len; i += 64u) {
+        let v = qkv[base + i];
+        ss += v * v;
+    }
+    let inv = 1.0 / sqrt(wg_sum(ss, lane) / f32(len) + p.eps);
+    for (var i = lane.id; i < len; i += 64u) {
+        let w = select(k_norm[i], q_norm[i], is_q);
+        qkv[base + i] = qkv[base + i] * inv * w;
+    }
+}
+
+@compute @workgroup_size(64)
+fn qk_norm_rope(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
+    let t = wid.x;
+    let qd = p.nq * p.hd;
+    let kd = p.nkv * p.hd;
+    let row = t * (qd + 2u * kd);
+    if (p.norm == 1u) {
+        for (var h = 0u; h < p.nq + p.nkv; h++) {
+            norm_segment(row + h * p.hd, p.hd, h < p.nq, lane);
+        }
+    } else if (p.norm == 2u) {
+        norm_segment(row, qd, true, lane);
+        norm_segment(row + qd, kd, false, lane);
+    }
+    // Norm, clip and RoPE each touch elements another invocation wrote in the step before.
+    storageBarrier();
+    workgroupBarrier();
+    if (p.clip_on != 0u) {
+        for (var i = lane.id; i < qd + 2u * kd; i += 64u) {
+            qkv[row + i] = clamp(qkv[row + i], -p.clip, p.clip);
+        }
+    }
+    storageBarrier();
+    workgroupBarrier();
+    let pairs = (p.nq + p.nkv) * p.rot_half;
+    let tab = (p.start + t) * p.rot_half;
+    for (var j = lane.id; j < pairs; j += 64u) {
+        let i = j % p.rot_half;
+        let base = row + (j / p.rot_half) * p.hd;
+        let cs = rope[tab + i];
+        let a = qkv[base + i];
+        let b = qkv[base + i + p.rot_half];
+        qkv[base + i] = a * cs.x - b * cs.y;
+        qkv[base + i + p.rot_half] = b * cs.x + a * cs.y;
+    }
+}

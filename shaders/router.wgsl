@@ -1,0 +1,189 @@
+// The MoE router in one kernel, one workgroup of 64 per token: logits = W_router · x (W in file
+// layout, see lib/dequant.wgsl), then
+//   softmax gating (0): p = softmax(logits + bias); choose the top_k p; weights p, optionally
+//     renormalised to sum 1;
+//   sigmoid grouped gating (1): s = sigmoid(logits); choose on s + bias, only inside the best
+//     top_groups of `groups` groups (a group scores the sum of its two best; the others are −∞);
+//     weights are the unbiased s, optionally renormalised (sum + 1e-20), times `scale`.
+// Every top-k is an iterated workgroup argmax with ties going to the lower index, as in the CPU
+// reference. E ≤ 1024 experts, top_k ≤ 64.
+
+#include "dequant"
+#include "reduce"
+
+struct RouterParams {
+    t: u32,
+    h: u32,
+    ne: u32,
+    top_k: u32,
+    scales: u32,
+    gating: u32,
+    renorm: u32,
+    has_bias: u32,
+    groups: u32,
+    top_groups: u32,
+    scale: f32,
+    _pad: u32,
+}
+
+const MAX_E: u32 = 1024u;
+const NONE: u32 = 0xffffffffu;
+
+@group(0) @binding(0) var<uniform> p: RouterParams;
+@group(0) @binding(1) var<storage, read> w_words: array<u32>;
+@group(0) @binding(2) var<storage, read> x_act: array<f32>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> ids_out: array<u32>;
+@group(0) @binding(5) var<storage, read_write> weights_out: array<f32>;
+
+var<workgroup> weight_of: array<f32, 1024>;
+// What the top-k selections choose on: experts at [0, E), group scores at [GROUPS, GROUPS + groups).
+var<workgroup> choice: array<f32, 2048>;
+const GROUPS: u32 = 1024u;
+var<workgroup> arg_v: array<f32, 64>;
+var<workgroup> arg_i: array<u32, 64>;
+var<workgroup> picked: array<u32, 64>;
+
+fn better(v: f32, i: u32, bv: f32, bi: u32) -> bool {
+    return i != NONE && (bi == NONE || v > bv || (v == bv && i < bi));
+}
+
+// Index of the largest of choice[base .. base + n) (ties: lower index); every invocation gets it.
+fn wg_argmax(base: u32, n: u32, lid: u32) -> u32 {
+    var bv = 0.0;
+    var bi = NONE;
+    for (var e = lid; e < n; e += 64u) {
+        let v = choice[base + e];
+        if (better(v, e, bv, bi)) {
+            bv = v;
+            bi = e;
+        }
+    }
+    arg_v[lid] = bv;
+    arg_i[lid] = bi;
+    workgroupBarrier();
+    for (var s = 32u; s > 0u; s >>= 1u) {
+        if (lid < s && better(arg_v[lid + s], arg_i[lid + s], arg_v[lid], arg_i[lid])) {
+            arg_v[lid] = arg_v[lid + s];
+            arg_i[lid] = arg_i[lid + s];
+        }
+        workgroupBarrier();
+    }
+    let r = arg_i[0];
+    workgroupBarrier();
+    return r;
+}
+
+@compute @workgroup_size(64)
+fn route(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
+    let t = wid.x;
+    let lid = lane.id;
+    let m = WMat(0u, p.scales, p.h);
+    let xb = t * p.h;
+    var lmax = neg_inf();
+    for (var e = lid; e < p.ne; e += 64u) {
+        var d = 0.0;
+        for (var k = 0u; k < p.h; k += 8u) {
+            let q = w_oct(m, e, k);
+            for (var i = 0u; i < 4u; i++) {
+                if (k + i < p.h) {
+                    d += q.lo[i] * x_act[xb + k + i];
+                }
+                if (k + 4u + i < p.h) {
+                    d += q.hi[i] * x_act[xb + k + 4u + i];
+                }
+            }
+        }
+        if (p.gating == 0u) {
+            if (p.has_bias != 0u) {
+                d += bias[e];
+            }
+            lmax = max(lmax, d);
+            weight_of[e] = d;
+        } else {
+            let s = 1.0 / (1.0 + exp(-d));
+            weight_of[e] = s;
+            choice[e] = select(s, s + bias[e], p.has_bias != 0u);
+        }
+    }
+    if (p.gating == 0u) {
+        let mx = wg_max(lmax, lane);
+        var sum = 0.0;
+        for (var e = lid; e < p.ne; e += 64u) {
+            let x = exp(weight_of[e] - mx);
+            weight_of[e] = x;
+            sum += x;
+        }
+        let total = wg_sum(sum, lane);
+        for (var e = lid; e < p.ne; e += 64u) {
+            let pr = weight_of[e] / total;
+            weight_of[e] = pr;
+            choice[e] = pr;
+        }
+        workgroupBarrier();
+    } else {
+        workgroupBarrier();
+        let per = p.ne / p.groups;
+        for (var g = lid; g < p.groups; g += 64u) {
+            var b1 = neg_inf();
+            var b2 = neg_inf();
+            for (var e = g * per; e < (g + 1u) * per; e++) {
+                let v = choice[e];
+                if (v > b1) {
+                    b2 = b1;
+                    b1 = v;
+                } else if (v > b2) {
+                    b2 = v;
+                }
+            }
+            choice[GROUPS + g] = b1 + b2;
+        }
+        workgroupBarrier();
+        for (var j = 0u; j < p.top_groups; j++) {
+            let g = wg_argmax(GROUPS, p.groups, lid);
+            if (lid == 0u) {
+                picked[j] = g;
+                choice[GROUPS + g] = neg_inf();
+            }
+            workgroupBarrier();
+        }
+        for (var e = lid; e < p.ne; e += 64u) {
+            var keep = false;
+            for (var j = 0u; j < p.top_groups; j++) {
+                keep = keep || picked[j] == e / per;
+            }
+            if (!keep) {
+                choice[e] = neg_inf();
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var j = 0u; j < p.top_k; j++) {
+        let e = wg_argmax(0u, p.ne, lid);
+        if (lid == 0u) {
+            picked[j] = e;
+            choice[e] = neg_inf();
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        var sum = 0.0;
+        for (var j = 0u; j < p.top_k; j++) {
+            sum += weight_of[picked[j]];
+        }
+        if (p.gating != 0u) {
+            sum += 1e-20;
+        }
+        for (var j = 0u; j < p.top_k; j++) {
+            var w = weight_of[picked[j]];
+            if (p.renorm != 0u) {
+                w /= sum;
+            }
+            if (p.gating != 0u) {
+                w *= p.scale;
+            }
+            ids_out[t * p.top_k + j] = picked[j];
+            weights_out[t * p.top_k + j] = w;
+        }
+    }
+}
