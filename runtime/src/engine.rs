@@ -168,7 +168,7 @@ impl<B: Backend> Engine<B> {
     }
 
     /// The model file's decoding defaults: block diffusion with its block size and threshold (AR
-    /// when the block size is 1), the prediction convention of its family, greedy.
+    /// when the block size is 1), its prediction convention (else its family's), greedy.
     pub fn default_decoding(&self) -> DecodeParams {
         let d = &self.metadata().decoding;
         let block_size = d.block_size.max(1);
@@ -185,7 +185,9 @@ impl<B: Backend> Engine<B> {
                 threshold: d.threshold,
             },
             sampling: Sampling::greedy(),
-            prediction: Prediction::for_architecture(self.model.config.architecture),
+            prediction: d
+                .prediction
+                .unwrap_or_else(|| Prediction::for_architecture(self.model.config.architecture)),
             ..DecodeParams::default()
         }
     }

@@ -175,18 +175,20 @@ fn lossless_speculative_greedy_equals_ar_token_for_token() {
             &PROMPT,
             &params(DecoderKind::Ar, Prediction::NextToken, 24),
         );
-        for draft_len in [1, 3, 16] {
+        // Hybrid: the same causal rows verify, only the drafting masks are read in place.
+        for (draft_len, prediction) in [
+            (1, Prediction::NextToken),
+            (3, Prediction::NextToken),
+            (16, Prediction::NextToken),
+            (1, Prediction::Hybrid),
+            (5, Prediction::Hybrid),
+        ] {
             for prompt in [&PROMPT[..1], &PROMPT[..]] {
                 let spec = DecoderKind::Speculative(SpeculativeOptions {
                     draft_len,
                     beta: 1.0,
                 });
-                let (tokens, out) = run(
-                    &model,
-                    special,
-                    prompt,
-                    &params(spec, Prediction::NextToken, 24),
-                );
+                let (tokens, out) = run(&model, special, prompt, &params(spec, prediction, 24));
                 let want = if prompt.len() == PROMPT.len() {
                     ar.0.clone()
                 } else {
@@ -198,7 +200,12 @@ fn lossless_speculative_greedy_equals_ar_token_for_token() {
                     )
                     .0
                 };
-                assert_eq!(tokens, want, "{arch} k={draft_len} prompt {}", prompt.len());
+                assert_eq!(
+                    tokens,
+                    want,
+                    "{arch} {prediction:?} k={draft_len} prompt {}",
+                    prompt.len()
+                );
                 let DecoderDetails::Speculative {
                     passes,
                     drafted,

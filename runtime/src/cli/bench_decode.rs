@@ -191,7 +191,7 @@ fn configurations(
         });
         out.push(with(d, policies[0]));
     }
-    if base.prediction == Prediction::NextToken {
+    if base.prediction.causal() == Prediction::NextToken {
         for beta in [1.0, 0.5] {
             let d = DecoderKind::Speculative(SpeculativeOptions {
                 draft_len: flags.block_size.unwrap_or(16),

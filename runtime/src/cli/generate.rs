@@ -96,6 +96,8 @@ pub enum CacheName {
 pub enum PredictionName {
     InPlace,
     NextToken,
+    /// Masked rows in place, causal rows next-token (mixed diffusion + AR training).
+    Hybrid,
 }
 
 #[derive(clap::Args, Clone)]
@@ -202,6 +204,7 @@ impl DecodingArgs {
             p.prediction = match pred {
                 PredictionName::InPlace => Prediction::InPlace,
                 PredictionName::NextToken => Prediction::NextToken,
+                PredictionName::Hybrid => Prediction::Hybrid,
             };
         }
         p.max_new_tokens = self.max_tokens;

@@ -15,10 +15,9 @@ pub(super) fn run<B: Backend>(
     s: &mut Session<'_, B>,
     prompt: &[u32],
 ) -> Result<DecoderDetails, DecodeError> {
-    let prediction = s.prediction();
-    let mask = match prediction {
-        Prediction::InPlace => Some(s.mask_id("ar")?),
+    let mask = match s.prediction().causal() {
         Prediction::NextToken => None,
+        _ => Some(s.mask_id("ar")?),
     };
     let mut seq = prompt.to_vec();
     let mut clean_upto = 0;

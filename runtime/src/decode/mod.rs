@@ -32,7 +32,7 @@ pub use policy::{Candidate, CommitPolicy, CreditLedger};
 pub use sampling::{Rng, Sampling};
 
 use crate::backend::{Backend, PositionStats};
-use crate::model::{Architecture, ForwardRequest, Model, ModelError, Window};
+use crate::model::{ForwardRequest, Model, ModelError, Window};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -70,35 +70,7 @@ impl DecodeError {
     }
 }
 
-/// Which position a row of logits predicts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Prediction {
-    /// The logits at a masked position predict the token at that position (LLaDA, LLaDA2, SDAR).
-    InPlace,
-    /// The logits at position i predict position i + 1, as in an AR model (and in diffusion models
-    /// adapted from one with the token shift: Dream, Fast-dLLM v2, TiDAR).
-    NextToken,
-}
-
-impl Prediction {
-    /// The convention of a model family's checkpoints: LLaDA2 is a masked-diffusion model
-    /// trained in place; the Qwen3-MoE and OLMoE checkpoints edgediff meets are AR models (EMO) or
-    /// AR-initialised. A request can override it.
-    pub fn for_architecture(arch: Architecture) -> Self {
-        match arch {
-            Architecture::Llada2Moe => Prediction::InPlace,
-            Architecture::Qwen3Moe | Architecture::Olmoe => Prediction::NextToken,
-        }
-    }
-
-    /// The row whose logits predict position `pos` (≥ 1).
-    pub fn row_for(self, pos: usize) -> usize {
-        match self {
-            Prediction::InPlace => pos,
-            Prediction::NextToken => pos - 1,
-        }
-    }
-}
+pub use crate::model::Prediction;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BlockOptions {

@@ -6,7 +6,9 @@
 //! `c` is the last committed token (K/V not yet written), `d` the previous draft, verified
 //! causally — row i predicts position i + 1, so rows `c, d₁ … d_m` give the AR distribution at
 //! every draft position plus one bonus position — and the masks, bidirectional among themselves
-//! and seeing everything before them, draft the next `k` tokens (mask at q predicts q + 1).
+//! and seeing everything before them, draft the next `k` tokens (mask at q predicts q + 1; for a
+//! hybrid model, whose masks predict in place, one more mask sits on the bonus position and its
+//! row is dropped).
 //!
 //! Acceptance walks the draft left to right against the target distribution, `β·AR + (1−β)·
 //! diffusion` ([`sampling::mix`]; β = 1 is the AR distribution):
@@ -41,7 +43,7 @@ pub(super) fn run<B: Backend>(
     prompt: &[u32],
     o: &SpeculativeOptions,
 ) -> Result<DecoderDetails, DecodeError> {
-    if s.prediction() != Prediction::NextToken {
+    if s.prediction().causal() != Prediction::NextToken {
         return Err(DecodeError::Unsupported(
             "speculative decoding verifies with causal next-token logits; this model predicts \
              in place (use --prediction next-token if its causal logits are AR)"
@@ -49,6 +51,9 @@ pub(super) fn run<B: Backend>(
         ));
     }
     let mask = s.mask_id("speculative")?;
+    // In place, the first mask sits on the bonus position the verification rows already predict:
+    // one mask more, and its row is not a draft.
+    let skip = usize::from(s.prediction().masked() == Prediction::InPlace);
     let sampling = s.params.sampling;
     let end = s.end;
     let mut seq = prompt.to_vec();
@@ -59,8 +64,10 @@ pub(super) fn run<B: Backend>(
         let n = seq.len() - 1; // position of c
         let m = draft.len();
         let draft_start = n + m + 1;
-        // A mask at q predicts q + 1, which must stay below `end`.
-        let masks = (end - 1).saturating_sub(draft_start).min(o.draft_len);
+        // A mask at q predicts q + 1 (q in place), which must stay below `end`.
+        let masks = (end - 1 + skip)
+            .saturating_sub(draft_start)
+            .min(o.draft_len + skip);
         let mut tokens = seq[clean_upto..].to_vec();
         tokens.extend(draft.iter().map(|d| d.token));
         tokens.extend(std::iter::repeat_n(mask, masks));
@@ -98,7 +105,7 @@ pub(super) fn run<B: Backend>(
         accepted_total += accepted;
         clean_upto = n + accepted + 1;
         draft = if accepted == m {
-            rows[m + 1..]
+            rows[(m + 1 + skip).min(rows.len())..]
                 .iter()
                 .map(|st| {
                     let proposal = sampling.shape(&st.top);

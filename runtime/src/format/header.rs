@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::DType;
-use crate::model::ModelConfig;
+use crate::model::{ModelConfig, Prediction};
 
 /// Bytes before the JSON header: magic (8), version (u32), flags (u32), header length (u64).
 pub const PREAMBLE: usize = 24;
@@ -63,6 +63,9 @@ pub struct DecodingDefaults {
     pub threshold: f32,
     /// Denoising steps per block for the fixed-steps policy.
     pub steps: usize,
+    /// Which position a row of logits predicts; absent: the family's convention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prediction: Option<Prediction>,
 }
 
 impl Default for DecodingDefaults {
@@ -71,6 +74,7 @@ impl Default for DecodingDefaults {
             block_size: 32,
             threshold: 0.9,
             steps: 32,
+            prediction: None,
         }
     }
 }

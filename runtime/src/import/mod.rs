@@ -20,7 +20,7 @@ use crate::format::{
     dtype, DType, DecodingDefaults, EdmWriter, FormatError, LayoutBuilder, Metadata,
     SpecialTokenIds,
 };
-use crate::model::{names, Architecture, ModelConfig, QkNorm};
+use crate::model::{names, Architecture, ModelConfig, Prediction, QkNorm};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
@@ -165,6 +165,14 @@ pub fn read_meta(dir: &Path) -> Result<ImportMeta, ImportError> {
     }
     if let Some(t) = json.get("threshold").and_then(Value::as_f64) {
         decoding.threshold = t as f32;
+    }
+    if let Some(p) = json.get("prediction") {
+        let name = p.as_str().unwrap_or_default();
+        decoding.prediction = Some(Prediction::from_name(name).ok_or_else(|| {
+            ImportError::Config(format!(
+                "config field `prediction` is {p}; expected \"in_place\", \"next_token\" or \"hybrid\""
+            ))
+        })?);
     }
     decoding.steps = json
         .get("denoising_steps")

@@ -43,6 +43,75 @@ impl std::fmt::Display for Architecture {
     }
 }
 
+/// Which position a row of logits predicts. A property of how a checkpoint was trained, so it is
+/// stored with the model's decoding defaults (and a request can override it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Prediction {
+    /// The logits at a masked position predict the token at that position (LLaDA, LLaDA2, SDAR).
+    InPlace,
+    /// The logits at position i predict position i + 1, as in an AR model (and in diffusion models
+    /// adapted from one with the token shift: Dream, Fast-dLLM v2).
+    NextToken,
+    /// Masked positions predict in place, causal rows predict the next token: a model trained with
+    /// a mixed diffusion + AR loss on one set of weights (TiDAR-style; edgediff's default model).
+    Hybrid,
+}
+
+impl Prediction {
+    /// The convention of a model family's checkpoints when the file does not name one: LLaDA2 is
+    /// a masked-diffusion model trained in place; the Qwen3-MoE and OLMoE checkpoints edgediff
+    /// meets are AR models (EMO) or AR-initialised.
+    pub fn for_architecture(arch: Architecture) -> Self {
+        match arch {
+            Architecture::Llada2Moe => Prediction::InPlace,
+            Architecture::Qwen3Moe | Architecture::Olmoe => Prediction::NextToken,
+        }
+    }
+
+    /// The convention of rows at masked positions.
+    pub fn masked(self) -> Self {
+        match self {
+            Prediction::Hybrid => Prediction::InPlace,
+            p => p,
+        }
+    }
+
+    /// The convention of rows of a causal pass over clean tokens.
+    pub fn causal(self) -> Self {
+        match self {
+            Prediction::Hybrid => Prediction::NextToken,
+            p => p,
+        }
+    }
+
+    /// The row (at a masked position) whose logits predict position `pos` (≥ 1).
+    pub fn row_for(self, pos: usize) -> usize {
+        match self.masked() {
+            Prediction::NextToken => pos - 1,
+            _ => pos,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Prediction::InPlace => "in_place",
+            Prediction::NextToken => "next_token",
+            Prediction::Hybrid => "hybrid",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            Prediction::InPlace,
+            Prediction::NextToken,
+            Prediction::Hybrid,
+        ]
+        .into_iter()
+        .find(|p| p.name() == name)
+    }
+}
+
 /// How q and k are normalised before RoPE.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -10,7 +10,7 @@ mod config;
 use std::ops::Range;
 use std::sync::Arc;
 
-pub use config::{Architecture, ConfigError, Gating, ModelConfig, MoeConfig, QkNorm};
+pub use config::{Architecture, ConfigError, Gating, ModelConfig, MoeConfig, Prediction, QkNorm};
 
 use crate::backend::{AttnMask, Backend, BackendError, PositionStats};
 use crate::format::{EdmFile, FormatError};

@@ -228,6 +228,7 @@ pub fn build(spec: &SynthSpec) -> Result<SynthModel, ImportError> {
             block_size: spec.block_size,
             threshold: 0.9,
             steps: spec.block_size,
+            prediction: None,
         },
         source: json!({ "model_type": spec.arch.hf_name(), "synthetic": { "seed": spec.seed } }),
     };
