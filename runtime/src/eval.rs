@@ -209,6 +209,43 @@ impl EvalReport {
     }
 }
 
+/// Mean negative log-likelihood per token of `continuation` after `prompt` under the model's causal
+/// next-token logits (one causal pass over both): the quality yardstick of `bench decode`, which
+/// scores every decoder's output with the same AR model so a faster decoder's loss shows up as a
+/// higher NLL. Needs a model whose causal rows predict the next token.
+pub fn continuation_nll<B: Backend>(
+    backend: &B,
+    model: &Model<B>,
+    prompt: &[u32],
+    continuation: &[u32],
+) -> Result<f64, ModelError> {
+    if prompt.is_empty() || continuation.is_empty() {
+        return Ok(0.0);
+    }
+    let seq: Vec<u32> = prompt.iter().chain(continuation).copied().collect();
+    let vocab = model.config.vocab_size;
+    let mut kv = model.new_kv(backend, seq.len())?;
+    let first = prompt.len() - 1;
+    let out = model.forward(
+        backend,
+        &mut kv,
+        &seq,
+        Window::block(0, seq.len(), AttnMask::Causal),
+        &ForwardRequest {
+            logits: true,
+            rows: Some(first..seq.len() - 1),
+            ..Default::default()
+        },
+    )?;
+    let logits = out.logits.expect("requested");
+    let nll: f64 = continuation
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| -log_softmax_at(&logits[i * vocab..(i + 1) * vocab], t).0)
+        .sum();
+    Ok(nll / continuation.len() as f64)
+}
+
 /// Accuracy against mask ratio, one polyline per series, as a small standalone SVG.
 pub fn ratio_curves_svg(title: &str, series: &[(String, &EvalReport)]) -> String {
     let (w, h, m) = (640.0, 400.0, 50.0);
@@ -339,5 +376,36 @@ mod tests {
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7).by_ratio, run(8).by_ratio);
+    }
+
+    #[test]
+    fn continuation_nll_scores_the_continuation_tokens_of_one_causal_pass() {
+        let (_d, m) = tiny();
+        let (prompt, cont) = DOC.split_at(7);
+        let got = continuation_nll(&CpuBackend, &m, prompt, cont).unwrap();
+        let mut r = EvalReport::new();
+        r.add_document(&CpuBackend, &m, &DOC, 64, 3, 0).unwrap();
+        // The document's AR NLL averages all 20 next-token predictions; the continuation's covers
+        // the last 14 of them: recombine with the first 6 scored alone.
+        let head = continuation_nll(&CpuBackend, &m, &DOC[..1], &DOC[1..7]).unwrap();
+        let whole = (head * 6.0 + got * 14.0) / 20.0;
+        assert!((whole - r.ar_nll).abs() < 1e-9, "{whole} vs {}", r.ar_nll);
+        // A single token: the argmax scores lowest.
+        let nll_of = |t: u32| continuation_nll(&CpuBackend, &m, prompt, &[t]).unwrap();
+        let scores: Vec<f64> = (0..m.config.vocab_size as u32).map(nll_of).collect();
+        let best = (0..scores.len())
+            .min_by(|&a, &b| scores[a].total_cmp(&scores[b]))
+            .unwrap() as u32;
+        let mut kv = m.new_kv(&CpuBackend, 16).unwrap();
+        let out = m
+            .forward(
+                &CpuBackend,
+                &mut kv,
+                prompt,
+                Window::block(0, prompt.len(), AttnMask::Causal),
+                &ForwardRequest::default(),
+            )
+            .unwrap();
+        assert_eq!(best, out.stats.last().unwrap().argmax);
     }
 }
