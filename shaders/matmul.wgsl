@@ -2,10 +2,13 @@
 // lib/dequant.wgsl), dequantized in the inner loop; x [t, k] and y f32.
 //
 // Entry points of the family:
-// - gemv: few activation rows (t ≤ 4). A workgroup owns 4 weight rows with 16 invocations each;
-//   an invocation walks its row 8 values (one q4 word) at a time with a stride of 16 octets, so
-//   neighbours read neighbouring words; partial sums meet in shared memory.
-// - gemm: blocks of 16 activation rows × 64 weight rows (lib/tile.wgsl), for t ≥ 5.
+// - gemv: up to 4 activation rows, and up to 16 for weights that stay in L2; bandwidth-bound. A
+//   workgroup owns 4 weight rows with 16 invocations each and one block of up to 4 activation rows (workgroup z); an invocation walks
+//   its row 8 values (one q4 word) at a time with a stride of 16 octets, so neighbours read
+//   neighbouring words; partial sums meet in shared memory. Token blocks re-read the weights from
+//   L2, but the grid (n/4 × t/4 workgroups) fills the GPU, where 16 × 64 tiles would leave most of
+//   it idle for 16 tokens.
+// - gemm: blocks of 16 activation rows × 64 weight rows (lib/tile.wgsl), beyond gemv's range.
 // - expert_gate_up / expert_down: the grouped SwiGLU of one MoE layer on the same tile core. A
 //   workgroup serves one routed expert (through the slot table: expert → pool buffer, word offset)
 //   for up to 16 of its tokens, so each expert's weights are read once per 16 tokens routed to it.
@@ -83,13 +86,15 @@ fn gemv(
     let row = (wid.x + wid.y * nwg.x) * 4u + lid / 16u;
     let lane = lid % 16u;
     let m = WMat(0u, p.scales, p.k);
+    let t0 = wid.z * GEMV_T;
+    let nt = min(p.t - t0, GEMV_T);
     var a = vec4<f32>(0.0);
     if (row < p.n) {
         let octs = (p.k + 7u) / 8u;
         for (var o = lane; o < octs; o += 16u) {
             let q = w_oct(m, row, o * 8u);
-            for (var t = 0u; t < min(p.t, GEMV_T); t++) {
-                a[t] += x_oct_dot(p.x_row0 + t, o * 8u, q);
+            for (var t = 0u; t < nt; t++) {
+                a[t] += x_oct_dot(p.x_row0 + t0 + t, o * 8u, q);
             }
         }
     }
@@ -101,12 +106,12 @@ fn gemv(
         let r = lid / 4u;
         let t = lid % 4u;
         let orow = (wid.x + wid.y * nwg.x) * 4u + r;
-        if (orow < p.n && t < p.t) {
+        if (orow < p.n && t < nt) {
             var s = 0.0;
             for (var l = 0u; l < 16u; l++) {
                 s += gemv_part[t * 64u + r * 16u + l];
             }
-            out[t * p.out_stride + p.out_col0 + orow] = s;
+            out[(t0 + t) * p.out_stride + p.out_col0 + orow] = s;
         }
     }
 }
@@ -128,7 +133,7 @@ fn gemm(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
         for (var b = 0u; b < 4u; b++) {
             let n = n0 + tn * 4u + b;
             if (t < p.t && n < p.n) {
-                out[t * p.out_stride + p.out_col0 + n] = acc[4u * a + b];
+                out[t * p.out_stride + p.out_col0 + n] = tile_acc(a)[b];
             }
         }
     }
@@ -180,8 +185,8 @@ fn expert_gate_up(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_
         for (var b = 0u; b < 2u; b++) {
             let col = wid.y * 32u + tn * 2u + b;
             if (i < cnt && col < ep.n) {
-                let g = acc[4u * a + b];
-                let u = acc[4u * a + 2u + b];
+                let g = tile_acc(a)[b];
+                let u = tile_acc(a)[2u + b];
                 out[(first + i) * ep.n + col] = g / (1.0 + exp(-g)) * u;
             }
         }
@@ -211,7 +216,7 @@ fn expert_down(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
         for (var b = 0u; b < 4u; b++) {
             let n = n0 + tn * 4u + b;
             if (i < cnt && n < ep.n) {
-                out[(first + i) * ep.n + n] = acc[4u * a + b];
+                out[(first + i) * ep.n + n] = tile_acc(a)[b];
             }
         }
     }

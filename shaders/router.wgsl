@@ -1,5 +1,6 @@
-// The MoE router in one kernel, one workgroup of 64 per token: logits = W_router · x (W in file
-// layout, see lib/dequant.wgsl), then
+// The MoE router's selection, one workgroup of 64 per token, over logits [T, E] computed just before
+// by the matmul family (gemv / gemm of matmul.wgsl: the router weight read by the whole GPU, not by
+// one workgroup per token), then
 //   softmax gating (0): p = softmax(logits + bias); choose the top_k p; weights p, optionally
 //     renormalised to sum 1;
 //   sigmoid grouped gating (1): s = sigmoid(logits); choose on s + bias, only inside the best
@@ -8,30 +9,28 @@
 // Every top-k is an iterated workgroup argmax with ties going to the lower index, as in the CPU
 // reference. E ≤ 1024 experts, top_k ≤ 64.
 
-#include "dequant"
 #include "reduce"
 
 struct RouterParams {
     t: u32,
-    h: u32,
     ne: u32,
     top_k: u32,
-    scales: u32,
     gating: u32,
     renorm: u32,
     has_bias: u32,
     groups: u32,
     top_groups: u32,
     scale: f32,
-    _pad: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 const MAX_E: u32 = 1024u;
 const NONE: u32 = 0xffffffffu;
 
 @group(0) @binding(0) var<uniform> p: RouterParams;
-@group(0) @binding(1) var<storage, read> w_words: array<u32>;
-@group(0) @binding(2) var<storage, read> x_act: array<f32>;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> ids_out: array<u32>;
 @group(0) @binding(5) var<storage, read_write> weights_out: array<f32>;
@@ -78,22 +77,9 @@ fn wg_argmax(base: u32, n: u32, lid: u32) -> u32 {
 fn route(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
     let t = wid.x;
     let lid = lane.id;
-    let m = WMat(0u, p.scales, p.h);
-    let xb = t * p.h;
     var lmax = neg_inf();
     for (var e = lid; e < p.ne; e += 64u) {
-        var d = 0.0;
-        for (var k = 0u; k < p.h; k += 8u) {
-            let q = w_oct(m, e, k);
-            for (var i = 0u; i < 4u; i++) {
-                if (k + i < p.h) {
-                    d += q.lo[i] * x_act[xb + k + i];
-                }
-                if (k + 4u + i < p.h) {
-                    d += q.hi[i] * x_act[xb + k + 4u + i];
-                }
-            }
-        }
+        var d = logits[t * p.ne + e];
         if (p.gating == 0u) {
             if (p.has_bias != 0u) {
                 d += bias[e];

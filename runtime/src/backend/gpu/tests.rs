@@ -133,13 +133,15 @@ test_backends!(
     |b| {
         let mut out = Vec::new();
         let mut rng = Rng(1);
-        // (rows T, out N, in K): T covers gemv (≤ 4) and gemm; K = 70 is no multiple of 8 or 32.
+        // (rows T, out N, in K): T covers gemv (≤ 4, and token blocks of 4 up to 16) and gemm
+        // (> 16); K = 70 is no multiple of 8 or 32.
         for &(t, n, k) in &[
             (1, 37, 96),
             (3, 130, 160),
             (5, 67, 96),
             (17, 100, 224),
             (37, 9, 32),
+            (70, 67, 96),
         ] {
             for dtype in DTYPES {
                 let w = weight(b, dtype, &[n, k], &rng.vec(n * k, 0.5));

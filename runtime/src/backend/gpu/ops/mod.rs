@@ -20,6 +20,10 @@ pub fn all_entries() -> Vec<(&'static Entry, usize)> {
     vec![
         (&attention::KV_STORE, size_of::<attention::AttnParams>()),
         (&attention::ATTEND, size_of::<attention::AttnParams>()),
+        (
+            &attention::ATTEND_COMBINE,
+            size_of::<attention::AttnParams>(),
+        ),
         (&elementwise::ADD, size_of::<elementwise::EwParams>()),
         (&elementwise::SWIGLU, size_of::<elementwise::EwParams>()),
         (&elementwise::FILL, size_of::<elementwise::EwParams>()),

@@ -1,5 +1,5 @@
-//! The MoE router in one dispatch (shaders/router.wgsl): logits, gating, group-limited top-k,
-//! weights.
+//! The MoE router (shaders/router.wgsl): logits through the matmul family (the whole GPU reads the
+//! router weight), then one selection dispatch: gating, group-limited top-k, weights.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -14,17 +14,15 @@ use crate::model::{Gating, ModelConfig};
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
 pub struct RouterParams {
     pub t: u32,
-    pub h: u32,
     pub ne: u32,
     pub top_k: u32,
-    pub scales: u32,
     pub gating: u32,
     pub renorm: u32,
     pub has_bias: u32,
     pub groups: u32,
     pub top_groups: u32,
     pub scale: f32,
-    pub _pad: u32,
+    pub _pad: [u32; 3],
 }
 
 pub static ROUTE: Entry = Entry {
@@ -33,7 +31,6 @@ pub static ROUTE: Entry = Entry {
     bindings: &[
         (0, Params),
         (1, Read),
-        (2, Read),
         (3, Read),
         (4, ReadWrite),
         (5, ReadWrite),
@@ -61,11 +58,6 @@ pub fn route(
             "routing {ne} experts top-{k} (the router kernel holds {MAX_EXPERTS} experts, top-{MAX_TOP_K})"
         )));
     }
-    let [chunk] = router.chunks.as_slice() else {
-        return Err(GpuError::Unsupported(
-            "a router split across bindings".into(),
-        ));
-    };
     let (gating, renorm, groups, top_groups, scale) = match c.moe.gating {
         Gating::Softmax { renormalize } => (0, renormalize, 1, 1, 1.0),
         Gating::SigmoidGrouped {
@@ -77,25 +69,25 @@ pub fn route(
     };
     let p = RouterParams {
         t: rows as u32,
-        h: router.cols as u32,
         ne: ne as u32,
         top_k: k as u32,
-        scales: chunk.scales,
         gating,
         renorm: renorm as u32,
         has_bias: bias.is_some() as u32,
         groups: groups as u32,
         top_groups: top_groups as u32,
         scale,
-        _pad: 0,
+        _pad: [0; 3],
     };
+    let logits = ctx.output((rows * ne * 4) as u64)?;
+    super::matmul::matmul_into(ctx, router, x, 0, rows, &logits, ne)?;
     let dummy = ctx.sh.dummies[0].clone();
     ctx.dispatch(
         &ROUTE,
-        router.wtype(),
+        0,
         &p,
         None,
-        &[&chunk.buf, x, bias.unwrap_or(&dummy), ids, weights],
+        &[&logits, bias.unwrap_or(&dummy), ids, weights],
         Grid::Groups(rows as u32, 1, 1),
     )
 }
