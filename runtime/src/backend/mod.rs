@@ -82,6 +82,10 @@ pub enum BackendError {
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("layer {layer} expert {expert} is not available (pruned from this model)")]
     ExpertUnavailable { layer: usize, expert: usize },
+    /// Exact paging on the GPU ran a pass optimistically and the router picked an expert that was
+    /// not resident; the pass must run again (the model's forward does so, layer-synchronously).
+    #[error("the router picked experts that were not resident; the pass must run again")]
+    RerunPass,
     #[error("GPU: {0}")]
     Gpu(String),
 }

@@ -14,7 +14,7 @@ pub mod trace;
 
 use std::path::PathBuf;
 
-pub use pager::{Eviction, Pager, PagerStats};
+pub use pager::{Eviction, ExpertMemory, Pager, PagerStats};
 pub use profile::{fingerprint, LayerProfile, Profile};
 pub use prune::{prune_file, KeepSpec, ResidentSet, Selector};
 
@@ -40,6 +40,16 @@ pub enum ExpertsError {
     BadKeep(String),
     #[error("{0}")]
     BudgetTooSmall(String),
+    #[error("expert memory '{0}': expected bytes (1.5GB, 800MiB, 123456789) or a percentage of all experts (12.5%)")]
+    BadExpertMemory(String),
+    #[error("an expert memory of {budget} holds {slots} experts of {slot_bytes} bytes, but one layer routes each token to {top_k} experts: give it at least {need} bytes")]
+    PoolTooSmall {
+        budget: String,
+        slots: usize,
+        slot_bytes: u64,
+        top_k: usize,
+        need: u64,
+    },
     #[error("model file is already pruned; prune the original model instead")]
     AlreadyPruned,
 }

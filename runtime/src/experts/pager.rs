@@ -17,7 +17,7 @@
 //! (adjacent steps ≈ 0.985 cosine, TIDE), so the routing of the previous step of the same block is
 //! the prediction for the next; [`Pager::prefetch`] brings those experts in before the step runs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -44,6 +44,57 @@ impl std::str::FromStr for Eviction {
     }
 }
 
+/// How much memory the expert pool may use: bytes, or a fraction of every routed expert
+/// (`--expert-memory 800MiB`, `--expert-memory 12.5%`; a bare number is bytes).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ExpertMemory {
+    Fraction(f64),
+    Bytes(u64),
+}
+
+impl std::str::FromStr for ExpertMemory {
+    type Err = super::ExpertsError;
+    fn from_str(s: &str) -> Result<Self, super::ExpertsError> {
+        use super::KeepSpec;
+        match s.parse::<KeepSpec>() {
+            Ok(KeepSpec::Fraction(f)) => Ok(ExpertMemory::Fraction(f)),
+            Ok(KeepSpec::Bytes(b)) => Ok(ExpertMemory::Bytes(b)),
+            Ok(KeepSpec::PerLayer(n)) => Ok(ExpertMemory::Bytes(n as u64)),
+            Err(_) => Err(super::ExpertsError::BadExpertMemory(s.to_string())),
+        }
+    }
+}
+
+impl ExpertMemory {
+    /// Slots this budget buys for a model of `total` routed experts taking `slot_bytes` each in
+    /// the pool; an error when they cannot hold one layer's `top_k` routed experts. A fraction
+    /// rounds up (12.5 % of 20 experts is 3 slots), bytes round down (a budget is a ceiling).
+    pub fn slots(
+        self,
+        total: usize,
+        slot_bytes: u64,
+        top_k: usize,
+    ) -> Result<usize, super::ExpertsError> {
+        let slots = match self {
+            ExpertMemory::Fraction(f) => ((total as f64 * f).ceil() as usize).min(total),
+            ExpertMemory::Bytes(b) => (b / slot_bytes.max(1)).min(total as u64) as usize,
+        };
+        if slots < top_k {
+            return Err(super::ExpertsError::PoolTooSmall {
+                budget: match self {
+                    ExpertMemory::Fraction(f) => format!("{}% of {total} experts", f * 100.0),
+                    ExpertMemory::Bytes(b) => format!("{b} bytes"),
+                },
+                slots,
+                slot_bytes,
+                top_k,
+                need: top_k as u64 * slot_bytes,
+            });
+        }
+        Ok(slots)
+    }
+}
+
 /// Counters of one pager, exposed through the API and `generate --stats`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct PagerStats {
@@ -57,6 +108,9 @@ pub struct PagerStats {
     pub bytes_read: u64,
     /// Time spent reading experts on demand (the forward pass waited for it).
     pub stall: Duration,
+    /// GPU passes run again because the router picked an expert the optimistic pass did not have
+    /// (see backend/gpu/experts.rs); always 0 on the CPU.
+    pub repasses: u64,
     pub slots: usize,
     pub occupied: usize,
 }
@@ -102,8 +156,9 @@ pub struct Pager {
     clock: u64,
     /// Layer of the most recent request (for `LeastStale`).
     current_layer: usize,
-    /// Keys that must not be evicted during the current layer (its routed set).
-    pinned: Vec<(usize, usize)>,
+    /// Keys that must not be evicted during the current layer (its routed set), or while a whole
+    /// predicted pass is prefetched.
+    pinned: HashSet<(usize, usize)>,
     pub stats: PagerStats,
 }
 
@@ -118,7 +173,7 @@ impl Pager {
             index: HashMap::new(),
             clock: 0,
             current_layer: 0,
-            pinned: Vec::new(),
+            pinned: HashSet::new(),
             stats: PagerStats {
                 slots,
                 ..Default::default()
@@ -149,6 +204,12 @@ impl Pager {
     pub fn begin_layer(&mut self, layer: usize, routed: &[usize]) {
         self.current_layer = layer;
         self.pinned = routed.iter().map(|&e| (layer, e)).collect();
+    }
+
+    /// Pins an arbitrary set (a whole pass's predicted experts while they are prefetched, so one
+    /// prefetch never evicts another); cleared by the next [`Pager::begin_layer`] or `pin`.
+    pub fn pin(&mut self, keys: impl IntoIterator<Item = (usize, usize)>) {
+        self.pinned = keys.into_iter().collect();
     }
 
     /// Asks for one expert; counts a hit or a miss.

@@ -363,6 +363,29 @@ impl EdmFile {
         })
     }
 
+    /// Drops this process's mapped pages of one expert once its bytes were copied elsewhere (a GPU
+    /// pool slot), so resident host memory holds only what is in use. Nothing is lost: a later
+    /// access faults the same bytes in again from the page cache or the file.
+    pub fn release_expert(&self, layer: usize, expert: usize) {
+        #[cfg(unix)]
+        if let (Some((off, len)), Some(map)) = (self.expert_range(layer, expert), self.map.get()) {
+            if off + len <= map.len() as u64 {
+                // SAFETY: MADV_DONTNEED on a read-only, file-backed shared mapping only unmaps
+                // pages; it cannot change the bytes any live slice into the mapping sees (they are
+                // re-read from the file on the next access), and we never write through it.
+                let _ = unsafe {
+                    map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        off as usize,
+                        len as usize,
+                    )
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = (layer, expert);
+    }
+
     /// The byte range of a whole expert, relative to the start of the file.
     pub fn expert_range(&self, layer: usize, expert: usize) -> Option<(u64, u64)> {
         let t = self.expert_table(layer)?;

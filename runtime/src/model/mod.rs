@@ -258,6 +258,26 @@ impl<B: Backend> Model<B> {
         window: Window,
         want: &ForwardRequest,
     ) -> Result<ForwardOutput, ModelError> {
+        // A GPU pass over paged experts that met a non-resident one asks to be run again (see
+        // backend/gpu/experts.rs); the re-run brings experts in layer by layer and cannot miss.
+        // Running it again is harmless: it rewrites the same K/V positions.
+        let mut tries = 0;
+        loop {
+            match self.forward_once(b, kv, tokens, window, want) {
+                Err(ModelError::Backend(BackendError::RerunPass)) if tries < 2 => tries += 1,
+                r => return r,
+            }
+        }
+    }
+
+    fn forward_once(
+        &self,
+        b: &B,
+        kv: &mut B::Kv,
+        tokens: &[u32],
+        window: Window,
+        want: &ForwardRequest,
+    ) -> Result<ForwardOutput, ModelError> {
         let c = &self.config;
         let Window {
             start,

@@ -8,12 +8,53 @@
 //! One store per model file: every MoE layer of a model loaded from the same `Arc<EdmFile>` shares
 //! its slot table; loading the same layer again (a second model from the same file) starts a new
 //! store, so two models never share slots.
+//!
+//! ## Exact lazy paging ([`GpuExpertPool`])
+//! A bounded pool of N slots (`--expert-memory`), each the size of the largest expert, shared by
+//! every MoE layer and managed by the same [`Pager`] as the CPU (eviction policy, statistics). A
+//! slot is filled by writing the expert's file bytes into its region of a pool buffer and pointing
+//! the slot-table entry at it; an evicted expert's entry goes back to NO_SLOT. The expert kernels
+//! compare each entry with the pool buffer they were given, so an expert with NO_SLOT is skipped
+//! (never read from a stale region) and `moe_dispatch` flags it in the status word.
+//!
+//! The router runs on the GPU, so knowing which experts a layer needs costs a host round trip.
+//! Paying it at every MoE layer of every pass would serialise host and GPU; instead each pass runs
+//! in one of two modes:
+//! - **Optimistic** (the common case): before the pass, the previous pass's routing — the same
+//!   block's previous denoising step, ≈0.985 cosine alike — is prefetched, pinned so that no
+//!   prefetch evicts another. The whole pass is then recorded and submitted once, as without
+//!   paging; each MoE layer copies its routing ids into a capture buffer, read back together with
+//!   the per-position statistics (one read per pass, no extra round trip). On the host, every
+//!   routed (layer, expert) is checked against the pager: all resident → the pass is exact, its
+//!   requests count as hits, its routing is the next prediction. Any missing → the pass's output
+//!   is discarded (`BackendError::RerunPass`) and `Model::forward` runs it again.
+//! - **Synchronous** (the repair, and whenever the optimistic pass would surely miss: the first
+//!   pass, prefetch off, or a predicted working set larger than the pool): each MoE layer reads its
+//!   routing back (which submits everything recorded so far, so no recorded command can see a slot
+//!   rewritten afterwards), pages its routed experts in on demand (the stall), then records its
+//!   kernels. A layer routing to more experts than the pool holds runs them in groups of a pool's
+//!   size into the same per-assignment rows, each group submitted before the next one's uploads.
+//!   Any pool of ≥ top-k slots therefore works, and the output is bit-identical to all-resident:
+//!   the same kernels compute the same rows, only which buffer holds an expert changes.
+//!
+//! Re-running a pass is harmless: it rewrites the same K/V positions it wrote the first time.
+//! Uploads go through `queue.write_buffer`, which lands before the next submission and after
+//! every earlier one; the modes above only ever upload when no recorded-but-unsubmitted command
+//! reads the slots being replaced. Once an expert is uploaded its mapped host pages are released
+//! (`EdmFile::release_expert`, MADV_DONTNEED), and the mapping is advised MADV_RANDOM so a read
+//! never pulls in neighbouring experts: host memory holds the dense weights and what is in flight.
+//!
+//! Not done yet: reads overlapped with GPU work (a reader thread filling staging buffers for the
+//! next layer's predicted experts while the current layer runs); today a synchronous pass reads on
+//! the submitting thread.
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::device::{GpuError, PORTABLE_BINDING};
-use super::pool::GpuBuffer;
+use super::pool::{GpuBuffer, Pooled};
 use super::recorder::Shared;
+use crate::experts::pager::{Eviction, Lookup, Pager, PagerStats};
 use crate::format::{DType, EdmFile, TensorEntry};
 use crate::model::names;
 
@@ -118,6 +159,8 @@ pub struct GpuExperts {
     pub(crate) hidden: usize,
     pub(crate) inter: usize,
     pub resident: Vec<bool>,
+    /// Set when this layer's experts are paged through a bounded pool instead of loaded.
+    pub(crate) paged: Option<Arc<GpuExpertPool>>,
 }
 
 fn part_layout(p: &TensorEntry, word: u32) -> PartLayout {
@@ -149,31 +192,8 @@ pub fn load_layer(
     on_upload: &mut dyn FnMut(u64),
 ) -> Result<GpuExperts, crate::backend::BackendError> {
     let c = &file.header.metadata.config;
-    let table = file.expert_table(layer).ok_or_else(|| {
-        crate::format::FormatError::MissingTensor(format!("expert table of layer {layer}"))
-    })?;
-    let part = |name: &str| {
-        table.parts.iter().find(|p| p.name == name).ok_or_else(|| {
-            crate::format::FormatError::MissingTensor(format!("layer {layer} expert part {name}"))
-        })
-    };
-    let gu = part(names::EXPERT_GATE_UP)?;
-    let dn = part(names::EXPERT_DOWN)?;
-    if gu.dtype == DType::U8 || dn.dtype == DType::U8 {
-        return Err(GpuError::Unsupported("u8 expert weights".into()).into());
-    }
-    let gate_up = part_layout(gu, 0);
-    let down = part_layout(dn, (align(gu.length, 4) / 4) as u32);
-    let stride = align(align(gu.length, 4) + align(dn.length, 4), 256);
-    let cap = PORTABLE_BINDING.min(sh.dev.split);
-    if stride > cap {
-        return Err(GpuError::Limit {
-            what: format!("one expert of layer {layer}"),
-            need: stride,
-            limit: cap,
-        }
-        .into());
-    }
+    let l = layer_layout(sh, file, layer)?;
+    let (gate_up, down, stride, cap) = (l.gate_up, l.down, l.stride, l.cap);
     let per_buffer = (cap / stride) as usize;
     let ne = c.moe.num_experts;
     let mut present = vec![false; ne];
@@ -222,8 +242,506 @@ pub fn load_layer(
         pools,
         gate_up,
         down,
+        hidden: l.hidden,
+        inter: l.inter,
+        resident: present,
+        paged: None,
+    })
+}
+
+/// Where one layer's expert parts sit inside a slot, and the slot's size.
+pub(crate) struct LayerLayout {
+    pub gate_up: PartLayout,
+    pub down: PartLayout,
+    /// Bytes of one expert in the pool (both parts, word- and 256-byte aligned).
+    pub stride: u64,
+    /// Largest buffer the pool may use.
+    pub cap: u64,
+    pub hidden: usize,
+    pub inter: usize,
+}
+
+pub(crate) fn layer_layout(
+    sh: &Shared,
+    file: &EdmFile,
+    layer: usize,
+) -> Result<LayerLayout, crate::backend::BackendError> {
+    let table = file.expert_table(layer).ok_or_else(|| {
+        crate::format::FormatError::MissingTensor(format!("expert table of layer {layer}"))
+    })?;
+    let part = |name: &str| {
+        table.parts.iter().find(|p| p.name == name).ok_or_else(|| {
+            crate::format::FormatError::MissingTensor(format!("layer {layer} expert part {name}"))
+        })
+    };
+    let gu = part(names::EXPERT_GATE_UP)?;
+    let dn = part(names::EXPERT_DOWN)?;
+    if gu.dtype == DType::U8 || dn.dtype == DType::U8 {
+        return Err(GpuError::Unsupported("u8 expert weights".into()).into());
+    }
+    let stride = align(align(gu.length, 4) + align(dn.length, 4), 256);
+    let cap = PORTABLE_BINDING.min(sh.dev.split);
+    if stride > cap {
+        return Err(GpuError::Limit {
+            what: format!("one expert of layer {layer}"),
+            need: stride,
+            limit: cap,
+        }
+        .into());
+    }
+    Ok(LayerLayout {
+        gate_up: part_layout(gu, 0),
+        down: part_layout(dn, (align(gu.length, 4) / 4) as u32),
+        stride,
+        cap,
         hidden: gu.shape.get(1).copied().unwrap_or(0),
         inter: dn.shape.get(1).copied().unwrap_or(0),
-        resident: present,
     })
+}
+
+/// Exact lazy paging on the GPU: `slots` expert slots in pool buffers behind a slot table of its
+/// own, managed by the shared [`Pager`] (the protocol is in the module header).
+pub struct GpuExpertPool {
+    pub(crate) store: Arc<ExpertStore>,
+    pub(crate) state: Mutex<PagingState>,
+}
+
+pub(crate) struct PagingState {
+    file: Arc<EdmFile>,
+    pub(crate) pager: Pager,
+    /// Slot → (pool index, word offset).
+    places: Vec<(u32, u32)>,
+    pub(crate) buffers: Vec<(u32, Arc<GpuBuffer>)>,
+    prefetch: bool,
+    release_host: bool,
+    /// The pass being recorded reads each MoE layer's routing back before its experts run.
+    sync: bool,
+    /// The next pass must run synchronously (the optimistic one missed).
+    repass: bool,
+    in_pass: bool,
+    /// Routing of each MoE layer of the optimistic pass, copied out for the end-of-pass read.
+    pub(crate) captures: Vec<(usize, Pooled, u64)>,
+    /// Routed experts per MoE layer of the pass being run (synchronous passes).
+    routed: Vec<(usize, Vec<u32>)>,
+    /// The last completed pass's routed experts per MoE layer, in execution order: the
+    /// prediction for the next pass (the same block's next denoising step, most of the time).
+    predicted: Vec<(usize, Vec<u32>)>,
+}
+
+impl GpuExpertPool {
+    pub fn stats(&self) -> PagerStats {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pager
+            .stats
+            .clone()
+    }
+
+    /// GPU bytes of the pool buffers (what the budget bought).
+    pub fn gpu_bytes(&self) -> u64 {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.buffers.iter().map(|(_, b)| b.size).sum()
+    }
+}
+
+/// Bytes one expert takes in a GPU pool slot: the largest of every MoE layer's (what a budget
+/// divides by).
+pub fn slot_bytes(file: &EdmFile) -> Result<u64, crate::backend::BackendError> {
+    let mut most = 0;
+    for t in &file.header.experts {
+        let part = |name: &str| {
+            t.parts.iter().find(|p| p.name == name).ok_or_else(|| {
+                crate::format::FormatError::MissingTensor(format!(
+                    "layer {} expert part {name}",
+                    t.layer
+                ))
+            })
+        };
+        let (gu, dn) = (part(names::EXPERT_GATE_UP)?, part(names::EXPERT_DOWN)?);
+        most = most.max(align(align(gu.length, 4) + align(dn.length, 4), 256));
+    }
+    Ok(most)
+}
+
+impl PagingState {
+    /// Reads expert (layer, e) from the file into `slot`; unmaps the previous occupant's entry.
+    fn fill(
+        &mut self,
+        sh: &Shared,
+        store: &ExpertStore,
+        slot: usize,
+        key: (usize, usize),
+        evicted: Option<(usize, usize)>,
+    ) -> Result<u64, crate::backend::BackendError> {
+        let (layer, e) = key;
+        let (pool, word) = self.places[slot];
+        let buf = &self.buffers[(pool - self.buffers[0].0) as usize].1;
+        let l = layer_layout(sh, &self.file, layer)?;
+        let mut bytes = 0;
+        let mut guard = store.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((l0, e0)) = evicted {
+            guard.0.set(sh, l0, e0, (NO_SLOT, NO_SLOT));
+        }
+        for (name, at) in [
+            (names::EXPERT_GATE_UP, word as u64 * 4),
+            (names::EXPERT_DOWN, (word + l.down.word) as u64 * 4),
+        ] {
+            let view = self.file.expert_part(layer, e, name)?;
+            super::check_finite(&view)?;
+            super::write_padded(sh, buf, at, view.bytes);
+            bytes += view.bytes.len() as u64;
+        }
+        guard.0.set(sh, layer, e, (pool, word));
+        drop(guard);
+        if self.release_host {
+            // write_buffer copied the bytes into wgpu's staging memory; the mapped pages are not
+            // needed again until the expert is paged in anew.
+            self.file.release_expert(layer, e);
+        }
+        Ok(bytes)
+    }
+
+    /// Brings in `key` on demand (a stall) unless it is resident.
+    fn demand(
+        &mut self,
+        sh: &Shared,
+        store: &ExpertStore,
+        key: (usize, usize),
+    ) -> Result<(), crate::backend::BackendError> {
+        if let Lookup::Miss { slot, evicted } = self.pager.request(key.0, key.1) {
+            let t0 = Instant::now();
+            let bytes = self.fill(sh, store, slot, key, evicted)?;
+            self.pager.record_read(bytes, t0.elapsed());
+        }
+        Ok(())
+    }
+
+    /// Starts a pass: picks its mode and, when optimistic, prefetches the prediction.
+    fn begin_pass(
+        &mut self,
+        sh: &Shared,
+        store: &ExpertStore,
+    ) -> Result<(), crate::backend::BackendError> {
+        self.in_pass = true;
+        self.captures.clear();
+        self.routed.clear();
+        let mut seen = std::collections::HashSet::new();
+        let want: Vec<(usize, usize)> = self
+            .predicted
+            .iter()
+            .flat_map(|(l, ids)| ids.iter().map(move |&e| (*l, e as usize)))
+            .filter(|k| seen.insert(*k))
+            .collect();
+        // Synchronous when the optimistic pass would surely miss: right after a miss, with no
+        // prediction yet (the first pass), without prefetch, or when the predicted working set
+        // is larger than the pool.
+        self.sync = std::mem::take(&mut self.repass)
+            || !self.prefetch
+            || want.is_empty()
+            || want.len() > self.pager.capacity();
+        if self.sync {
+            return Ok(());
+        }
+        self.pager.pin(want.iter().copied());
+        for &key in &want {
+            if let Some(Lookup::Miss { slot, evicted }) = self.pager.prefetch(key.0, key.1) {
+                let bytes = self.fill(sh, store, slot, key, evicted)?;
+                self.pager.record_read(bytes, Duration::ZERO);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// (MoE layer, captured routing ids, bytes) of one optimistic pass, in execution order.
+pub(crate) type Captures = Vec<(usize, Pooled, u64)>;
+/// (MoE layer, routing ids) of one pass, in execution order.
+pub(crate) type LayerRouting = Vec<(usize, Vec<u32>)>;
+
+/// Distinct expert ids of a routing, ascending (ids ≥ `experts` are router garbage and dropped).
+fn distinct(ids: &[u32], experts: usize) -> Vec<u32> {
+    let mut r: Vec<u32> = ids
+        .iter()
+        .copied()
+        .filter(|&e| (e as usize) < experts)
+        .collect();
+    r.sort_unstable();
+    r.dedup();
+    r
+}
+
+impl super::GpuBackend {
+    /// A bounded GPU expert pool of `slots` experts for `file` (exact lazy paging); its layers come
+    /// from [`GpuBackend::paged_experts`](super::GpuBackend::paged_experts). `prefetch` turns on
+    /// the optimistic pass with the previous pass's routing; `release_host` drops the mapped
+    /// pages of each expert once uploaded.
+    pub fn expert_pool(
+        &self,
+        file: &Arc<EdmFile>,
+        slots: usize,
+        policy: Eviction,
+        prefetch: bool,
+        release_host: bool,
+    ) -> Result<Arc<GpuExpertPool>, crate::backend::BackendError> {
+        let c = &file.header.metadata.config;
+        Pager::check_capacity(slots, c.moe.top_k).map_err(GpuError::Unsupported)?;
+        let sh = &self.sh;
+        let stride = slot_bytes(file)?;
+        let cap = PORTABLE_BINDING.min(sh.dev.split);
+        if stride > cap {
+            return Err(GpuError::Limit {
+                what: "one expert".into(),
+                need: stride,
+                limit: cap,
+            }
+            .into());
+        }
+        let per_buffer = (cap / stride.max(1)) as usize;
+        let store = Arc::new(ExpertStore::new(sh, file));
+        let mut places = Vec::with_capacity(slots);
+        let mut buffers = Vec::new();
+        {
+            let mut guard = store.inner.lock().unwrap_or_else(|p| p.into_inner());
+            let pool = &mut guard.1;
+            let mut left = slots;
+            while left > 0 {
+                let n = left.min(per_buffer);
+                let buf = GpuBuffer::new(
+                    &sh.dev.device,
+                    stride * n as u64,
+                    wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+                    "paged expert pool",
+                );
+                let index = pool.buffers.len() as u32;
+                pool.buffers.push(buf.clone());
+                places.extend((0..n).map(|i| (index, (stride * i as u64 / 4) as u32)));
+                buffers.push((index, buf));
+                left -= n;
+            }
+        }
+        Ok(Arc::new(GpuExpertPool {
+            store,
+            state: Mutex::new(PagingState {
+                file: file.clone(),
+                pager: Pager::new(slots, c.num_layers, policy),
+                places,
+                buffers,
+                prefetch,
+                release_host,
+                sync: false,
+                repass: false,
+                in_pass: false,
+                captures: Vec::new(),
+                routed: Vec::new(),
+                predicted: Vec::new(),
+            }),
+        }))
+    }
+
+    /// The experts of `layer`, paged through `pool` (nothing is uploaded now).
+    pub fn paged_experts(
+        &self,
+        pool: &Arc<GpuExpertPool>,
+        layer: usize,
+    ) -> Result<GpuExperts, crate::backend::BackendError> {
+        let st = pool.state.lock().unwrap_or_else(|p| p.into_inner());
+        let l = layer_layout(&self.sh, &st.file, layer)?;
+        Ok(GpuExperts {
+            layer,
+            num_experts: st.file.header.metadata.config.moe.num_experts,
+            store: pool.store.clone(),
+            pools: Vec::new(),
+            gate_up: l.gate_up,
+            down: l.down,
+            hidden: l.hidden,
+            inter: l.inter,
+            resident: Vec::new(),
+            paged: Some(pool.clone()),
+        })
+    }
+
+    /// A new forward pass starts: a pass that failed half-way leaves nothing behind.
+    pub(crate) fn paging_begin_forward(&self) {
+        for p in self
+            .paging
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            let mut st = p.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.in_pass = false;
+            st.captures.clear();
+        }
+    }
+
+    /// One MoE layer over paged experts (see the module header for the two modes).
+    pub(crate) fn moe_paged(
+        &self,
+        x: &super::GpuAct,
+        routing: &super::GpuRouting,
+        experts: &GpuExperts,
+        pool: &Arc<GpuExpertPool>,
+    ) -> Result<super::GpuAct, crate::backend::BackendError> {
+        let sh = &*self.sh;
+        let mut st = pool.state.lock().unwrap_or_else(|p| p.into_inner());
+        if !st.in_pass {
+            st.begin_pass(sh, &pool.store)?;
+            let mut active = self.paging.lock().unwrap_or_else(|p| p.into_inner());
+            if !active.iter().any(|p| Arc::ptr_eq(p, pool)) {
+                active.push(pool.clone());
+            }
+        }
+        let n = (routing.rows * routing.k * 4) as u64;
+        let buffers = st.buffers.clone();
+        let layout = super::ops::moe::ExpertLayout {
+            layer: experts.layer,
+            num_experts: experts.num_experts,
+            slot0: experts.layer * experts.num_experts,
+            slots: &pool.store.slots,
+            pools: &buffers,
+            wtype_gate_up: super::weight_code(experts.gate_up.dtype),
+            wtype_down: super::weight_code(experts.down.dtype),
+            gate_up: (experts.gate_up.word, experts.gate_up.scales),
+            down: (experts.down.word, experts.down.scales),
+            hidden: experts.hidden,
+            inter: experts.inter,
+        };
+        if !st.sync {
+            // Optimistic: run with what the prefetch made resident; the routing is copied out
+            // and read back with the pass's statistics, where misses are detected.
+            return self.with(|ctx| {
+                let capture = ctx.output(n)?;
+                ctx.copy(&routing.ids, 0, &capture, 0, n);
+                st.captures.push((experts.layer, capture, n));
+                let out = super::GpuBackend::out_act(ctx, x.rows, x.cols)?;
+                super::ops::moe::moe(
+                    ctx,
+                    &x.buf,
+                    x.rows,
+                    &routing.ids,
+                    &routing.weights,
+                    routing.k,
+                    &layout,
+                    &out.buf,
+                )?;
+                Ok(out)
+            });
+        }
+        // Synchronous: read this layer's routing (submitting the pass so far, so no recorded
+        // command can see a slot rewritten below), bring its experts in, then run them. When the
+        // layer routes to more experts than the pool holds, they run in groups of a pool's size,
+        // each group submitted before the next overwrites its slots.
+        let ids: Vec<u32> = self.with(|ctx| {
+            let b = ctx.read(&[(&routing.ids, 0, n)])?;
+            Ok(bytemuck::pod_collect_to_vec(&b[0]))
+        })?;
+        let routed = distinct(&ids, experts.num_experts);
+        st.routed.push((experts.layer, routed.clone()));
+        let groups: Vec<&[u32]> = routed.chunks(st.pager.capacity().max(1)).collect();
+        let status = sh.status.clone();
+        self.with(|ctx| {
+            let mut scratch = None;
+            for (i, group) in groups.iter().enumerate() {
+                if i > 0 {
+                    ctx.flush()?;
+                }
+                let keys: Vec<usize> = group.iter().map(|&e| e as usize).collect();
+                st.pager.begin_layer(experts.layer, &keys);
+                for &e in &keys {
+                    st.demand(sh, &pool.store, (experts.layer, e))?;
+                }
+                if scratch.is_none() {
+                    scratch = Some(super::ops::moe::dispatch(
+                        ctx,
+                        x.rows,
+                        &routing.ids,
+                        routing.k,
+                        &layout,
+                    )?);
+                    if groups.len() > 1 {
+                        // The dispatch flagged the later groups' experts as missing.
+                        ctx.clear(&status);
+                    }
+                }
+                let s = scratch.as_ref().expect("set above");
+                super::ops::moe::experts(ctx, &x.buf, s, &layout)?;
+            }
+            let out = super::GpuBackend::out_act(ctx, x.rows, x.cols)?;
+            match &scratch {
+                Some(s) => super::ops::moe::combine(ctx, s, &routing.weights, &out.buf)?,
+                // Nothing routed (no rows): the plain path writes the zero sum.
+                None => super::ops::moe::moe(
+                    ctx,
+                    &x.buf,
+                    x.rows,
+                    &routing.ids,
+                    &routing.weights,
+                    routing.k,
+                    &layout,
+                    &out.buf,
+                )?,
+            }
+            Ok(out)
+        })
+    }
+
+    /// Pools with a pass in flight and their captured routing buffers, taken for the
+    /// end-of-pass read.
+    pub(crate) fn paging_take(&self) -> Vec<(Arc<GpuExpertPool>, Captures)> {
+        self.paging
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .map(|p| {
+                let caps =
+                    std::mem::take(&mut p.state.lock().unwrap_or_else(|p| p.into_inner()).captures);
+                (p, caps)
+            })
+            .collect()
+    }
+
+    /// Ends a pass with the routing read back: counts hits, keeps the prediction, or — when an
+    /// optimistic pass met an expert it did not have — asks for the pass again, synchronously.
+    pub(crate) fn paging_finish(
+        &self,
+        pools: &[(Arc<GpuExpertPool>, LayerRouting)],
+    ) -> Result<(), crate::backend::BackendError> {
+        let mut rerun = false;
+        for (pool, captured) in pools {
+            let mut st = pool.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.in_pass = false;
+            if st.sync {
+                st.predicted = std::mem::take(&mut st.routed);
+                continue;
+            }
+            let ne = st.file.header.metadata.config.moe.num_experts;
+            let routed: Vec<(usize, Vec<u32>)> = captured
+                .iter()
+                .map(|(l, ids)| (*l, distinct(ids, ne)))
+                .collect();
+            let missed = routed.iter().any(|(l, r)| {
+                r.iter()
+                    .any(|&e| st.pager.slot_of(*l, e as usize).is_none())
+            });
+            if missed {
+                st.pager.stats.repasses += 1;
+                st.repass = true;
+                rerun = true;
+                continue;
+            }
+            for (l, r) in &routed {
+                let keys: Vec<usize> = r.iter().map(|&e| e as usize).collect();
+                st.pager.begin_layer(*l, &keys);
+                for &e in &keys {
+                    st.pager.request(*l, e);
+                }
+            }
+            st.predicted = routed;
+        }
+        if rerun {
+            return Err(crate::backend::BackendError::RerunPass);
+        }
+        Ok(())
+    }
 }

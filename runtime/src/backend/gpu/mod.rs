@@ -28,7 +28,7 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex, Weak};
 
 pub use device::{list_adapters, AdapterSummary, DeviceCaps, GpuDevice, GpuError, GpuOptions};
-pub use experts::GpuExperts;
+pub use experts::{GpuExpertPool, GpuExperts};
 
 use super::{AttnMask, Backend, BackendError, PositionStats, Result};
 use crate::format::{DType, EdmFile, TensorView};
@@ -99,6 +99,8 @@ pub struct GpuBackend {
     sh: Arc<Shared>,
     st: Mutex<State>,
     stores: Mutex<Vec<Weak<ExpertStore>>>,
+    /// Paged expert pools with a pass in flight (experts.rs).
+    paging: Mutex<Vec<Arc<experts::GpuExpertPool>>>,
 }
 
 fn shape_err(op: &'static str, detail: String) -> BackendError {
@@ -218,6 +220,7 @@ impl GpuBackend {
             }),
             st: Mutex::new(st),
             stores: Mutex::new(Vec::new()),
+            paging: Mutex::new(Vec::new()),
         })
     }
 
@@ -492,6 +495,11 @@ impl Backend for GpuBackend {
         kv.capacity
     }
 
+    fn begin_forward(&self, _tokens: usize) -> Result<()> {
+        self.paging_begin_forward();
+        Ok(())
+    }
+
     fn embed(&self, table: &GpuWeight, tokens: &[u32]) -> Result<GpuAct> {
         if let Some(&id) = tokens.iter().find(|&&t| t as usize >= table.rows) {
             return Err(BackendError::TokenOutOfRange {
@@ -762,6 +770,9 @@ impl Backend for GpuBackend {
                 ),
             ));
         }
+        if let Some(pool) = &experts.paged {
+            return self.moe_paged(x, routing, experts, pool);
+        }
         let layout = ops::moe::ExpertLayout {
             layer: experts.layer,
             num_experts: experts.num_experts,
@@ -818,7 +829,9 @@ impl Backend for GpuBackend {
         let (n, vocab) = (rows.len(), head.rows);
         let per = self.head_rows(vocab);
         let status = self.sh.status.clone();
-        let (words, flag) = self.with(|ctx| {
+        // Paged expert pools read their pass's routing back with the statistics (one read).
+        let paged = self.paging_take();
+        let (words, flag, routed) = self.with(|ctx| {
             let out = ctx.output((n.max(1) * ops::stats::WORDS * 4) as u64)?;
             let logits = ctx.output((per.min(n).max(1) * vocab * 4) as u64)?;
             let mut r0 = 0;
@@ -828,16 +841,33 @@ impl Backend for GpuBackend {
                 ops::stats::stats(ctx, &logits, m, vocab, &out, r0)?;
                 r0 += m;
             }
-            let b = ctx.read(&[
-                (&out, 0, (n * ops::stats::WORDS * 4) as u64),
-                (&status, 0, 4),
-            ])?;
+            let mut srcs = vec![
+                (&*out, 0, (n * ops::stats::WORDS * 4) as u64),
+                (&*status, 0, 4),
+            ];
+            for (_, caps) in &paged {
+                srcs.extend(caps.iter().map(|(_, buf, len)| (&**buf, 0, *len)));
+            }
+            let b = ctx.read(&srcs)?;
             let flag = u32::from_le_bytes([b[1][0], b[1][1], b[1][2], b[1][3]]);
             if flag != 0 {
                 ctx.clear(&status);
             }
-            Ok((bytemuck::pod_collect_to_vec::<u8, u32>(&b[0]), flag))
+            let mut rest = b[2..].iter();
+            let routed: Vec<_> = paged
+                .iter()
+                .map(|(pool, caps)| {
+                    let layers = caps
+                        .iter()
+                        .zip(&mut rest)
+                        .map(|((l, _, _), bytes)| (*l, bytemuck::pod_collect_to_vec(bytes)))
+                        .collect();
+                    (pool.clone(), layers)
+                })
+                .collect();
+            Ok((bytemuck::pod_collect_to_vec::<u8, u32>(&b[0]), flag, routed))
         })?;
+        self.paging_finish(&routed)?;
         if flag & 0x8000_0000 != 0 {
             return Err(BackendError::ExpertUnavailable {
                 layer: ((flag >> 16) & 0x7fff) as usize,

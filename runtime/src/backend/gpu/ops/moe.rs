@@ -64,6 +64,16 @@ pub struct ExpertLayout<'a> {
     pub inter: usize,
 }
 
+/// Scratch of one layer's MoE between its three stages.
+pub struct MoeScratch {
+    meta: super::super::pool::Pooled,
+    h: super::super::pool::Pooled,
+    y: super::super::pool::Pooled,
+    params: MoeParams,
+}
+
+/// All three stages with every pool buffer of `e` (the experts are resident, or a missing one is
+/// flagged in `status` and skipped).
 #[allow(clippy::too_many_arguments)]
 pub fn moe(
     ctx: &mut Ctx,
@@ -75,6 +85,19 @@ pub fn moe(
     e: &ExpertLayout,
     out: &GpuBuffer,
 ) -> Result<(), GpuError> {
+    let s = dispatch(ctx, rows, ids, top_k, e)?;
+    experts(ctx, x, &s, e)?;
+    combine(ctx, &s, weights, out)
+}
+
+/// Stage 1: per-expert token lists and indirect grids from the routing.
+pub fn dispatch(
+    ctx: &mut Ctx,
+    rows: usize,
+    ids: &GpuBuffer,
+    top_k: usize,
+    e: &ExpertLayout,
+) -> Result<MoeScratch, GpuError> {
     let a = rows * top_k;
     let meta = ctx.output((meta_words(e.num_experts, a) * 4) as u64)?;
     let h = ctx.output((a * e.inter * 4) as u64)?;
@@ -98,17 +121,36 @@ pub fn moe(
         &[ids, &meta, e.slots, &status],
         Grid::Groups(1, 1, 1),
     )?;
+    Ok(MoeScratch {
+        meta,
+        h,
+        y,
+        params: mp,
+    })
+}
+
+/// Stage 2: the SwiGLU of every routed expert resident in one of `e.pools`, into the scratch's
+/// per-assignment rows. Experts without a slot are skipped, so paging can run this once per group
+/// of experts it brings in, all into the same rows.
+pub fn experts(
+    ctx: &mut Ctx,
+    x: &GpuBuffer,
+    s: &MoeScratch,
+    e: &ExpertLayout,
+) -> Result<(), GpuError> {
+    let (top_k, a) = (s.params.top_k, s.params.assignments);
+    let (meta, h, y) = (&*s.meta, &*s.h, &*s.y);
     for (pool, buf) in e.pools {
         let p = ExpertParams {
             slot0: e.slot0 as u32,
             num_experts: e.num_experts as u32,
             pool: *pool,
-            top_k: top_k as u32,
+            top_k,
             k: e.hidden as u32,
             n: e.inter as u32,
             part: e.gate_up.0,
             scales: e.gate_up.1,
-            assignments: a as u32,
+            assignments: a,
             _pad: [0; 3],
         };
         ctx.dispatch(
@@ -116,8 +158,8 @@ pub fn moe(
             e.wtype_gate_up,
             &p,
             None,
-            &[buf, x, &h, e.slots, &meta],
-            Grid::Indirect(&meta, 0),
+            &[buf, x, h, e.slots, meta],
+            Grid::Indirect(meta, 0),
         )?;
     }
     for (pool, buf) in e.pools {
@@ -125,12 +167,12 @@ pub fn moe(
             slot0: e.slot0 as u32,
             num_experts: e.num_experts as u32,
             pool: *pool,
-            top_k: top_k as u32,
+            top_k,
             k: e.inter as u32,
             n: e.hidden as u32,
             part: e.down.0,
             scales: e.down.1,
-            assignments: a as u32,
+            assignments: a,
             _pad: [0; 3],
         };
         ctx.dispatch(
@@ -138,16 +180,27 @@ pub fn moe(
             e.wtype_down,
             &p,
             None,
-            &[buf, &h, &y, e.slots, &meta],
-            Grid::Indirect(&meta, 12),
+            &[buf, h, y, e.slots, meta],
+            Grid::Indirect(meta, 12),
         )?;
     }
+    Ok(())
+}
+
+/// Stage 3: the weighted sum of each token's expert rows, in routing order.
+pub fn combine(
+    ctx: &mut Ctx,
+    s: &MoeScratch,
+    weights: &GpuBuffer,
+    out: &GpuBuffer,
+) -> Result<(), GpuError> {
+    let mp = s.params;
     ctx.dispatch(
         &COMBINE,
         0,
         &mp,
         None,
-        &[&meta, weights, &y, out],
-        Grid::Linear(((rows * e.hidden) as u64).div_ceil(64)),
+        &[&s.meta, weights, &s.y, out],
+        Grid::Linear(((mp.t * mp.hidden) as u64).div_ceil(64)),
     )
 }

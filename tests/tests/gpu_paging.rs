@@ -1,0 +1,180 @@
+//! Exact lazy paging on the GPU: a bounded expert pool managed by the shared pager gives forward
+//! passes bit-identical to having every expert resident on the GPU, for every pool size down to one
+//! token's top-k, every eviction policy, with and without the optimistic (prefetching) pass, and
+//! the pager's counters add up. No adapter fails these tests; only EDGEDIFF_SKIP_GPU_TESTS=1 skips.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use edgediff::backend::gpu::testing::backends;
+use edgediff::backend::gpu::GpuBackend;
+use edgediff::backend::AttnMask;
+use edgediff::experts::{Eviction, ExpertMemory, ExpertsError};
+use edgediff::format::{DType, EdmFile};
+use edgediff::model::{Architecture, ForwardRequest, Model, Window};
+use edgediff::synth::{self, SynthSpec};
+
+fn write(dir: &Path, arch: Architecture) -> Arc<EdmFile> {
+    let spec = SynthSpec {
+        experts: 16,
+        top_k: 4,
+        ..SynthSpec::tiny(arch)
+    };
+    let path = dir.join(format!("{arch}.edm"));
+    synth::write_edm(&synth::build(&spec).unwrap(), &path, DType::Q8, &|_, _| {}).unwrap();
+    Arc::new(EdmFile::open(path).unwrap())
+}
+
+/// A denoising-like schedule: the prompt, then each block re-run with more tokens revealed, then the
+/// next block (consecutive passes route alike, which the optimistic pass relies on).
+fn schedule() -> Vec<(usize, Vec<u32>)> {
+    let prompt: Vec<u32> = (10..18).collect();
+    let mut steps = vec![(0, prompt)];
+    for b in 0..2 {
+        for reveal in [0usize, 4, 4, 8] {
+            let block: Vec<u32> = (0..8)
+                .map(|i| if i < reveal { 40 + i as u32 + b * 8 } else { 3 })
+                .collect();
+            steps.push((8 + 8 * b as usize, block));
+        }
+    }
+    steps
+}
+
+fn run(b: &GpuBackend, model: &Model<GpuBackend>) -> Vec<(Vec<f32>, Vec<u32>)> {
+    let mut kv = model.new_kv(b, 64).unwrap();
+    let want = ForwardRequest {
+        logits: true,
+        ..Default::default()
+    };
+    schedule()
+        .into_iter()
+        .map(|(start, tokens)| {
+            let w = Window::block(start, tokens.len(), AttnMask::BlockCausal(8));
+            let out = model.forward(b, &mut kv, &tokens, w, &want).unwrap();
+            let argmax = out.stats.iter().map(|s| s.argmax).collect();
+            (out.logits.unwrap(), argmax)
+        })
+        .collect()
+}
+
+#[test]
+fn paged_gpu_experts_are_bit_identical_to_resident_for_every_pool_size_policy_and_prefetch() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, b) in backends(None) {
+        for arch in [Architecture::Qwen3Moe, Architecture::Llada2Moe] {
+            let file = write(dir.path(), arch);
+            let resident = run(&b, &Model::load(&b, file.clone(), &|_, _| true).unwrap());
+            let c = file.header.metadata.config.clone();
+            let moe_layers = (0..c.num_layers).filter(|&l| c.is_moe_layer(l)).count();
+            let expert_bytes = file.header.experts[0].length;
+            let mut requests = None;
+            let mut repasses = 0;
+            for slots in [c.moe.top_k, 7, 16 * moe_layers] {
+                for policy in [Eviction::Lru, Eviction::Lfu, Eviction::LeastStale] {
+                    for prefetch in [false, true] {
+                        let what = format!(
+                            "{name} {arch}: {slots} slots, {policy:?}, prefetch {prefetch}"
+                        );
+                        let pool = b.expert_pool(&file, slots, policy, prefetch, true).unwrap();
+                        let model = Model::load_with_experts(&b, file.clone(), &mut |l| {
+                            b.paged_experts(&pool, l)
+                        })
+                        .unwrap();
+                        assert!(run(&b, &model) == resident, "{what}: output differs");
+                        let s = pool.stats();
+                        repasses += s.repasses;
+                        // Every pass asks for each layer's routed experts once, whatever the mode.
+                        let total = s.hits + s.misses;
+                        assert_eq!(*requests.get_or_insert(total), total, "{what}");
+                        assert!(s.misses > 0, "{what}");
+                        assert_eq!(
+                            s.bytes_read,
+                            (s.misses + s.prefetched) * expert_bytes,
+                            "{what}"
+                        );
+                        assert!(s.occupied <= slots && s.slots == slots, "{what}");
+                        if !prefetch {
+                            assert_eq!((s.prefetched, s.repasses), (0, 0), "{what}");
+                        }
+                        if slots == 16 * moe_layers {
+                            assert_eq!(
+                                s.evictions, 0,
+                                "{what}: a pool of every expert never evicts"
+                            );
+                            if prefetch {
+                                assert!(s.repasses <= schedule().len() as u64, "{what}");
+                            }
+                        }
+                    }
+                }
+            }
+            // Routing changes between blocks, so some optimistic pass met a missing expert and
+            // was repaired: the repair path is covered.
+            assert!(repasses > 0, "{name} {arch}");
+        }
+    }
+}
+
+#[test]
+fn with_every_expert_resident_the_optimistic_pass_stops_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, b) in backends(None) {
+        let file = write(dir.path(), Architecture::Olmoe);
+        let c = file.header.metadata.config.clone();
+        let all = c.num_layers * c.moe.num_experts;
+        let pool = b
+            .expert_pool(&file, all, Eviction::Lru, true, true)
+            .unwrap();
+        let model =
+            Model::load_with_experts(&b, file.clone(), &mut |l| b.paged_experts(&pool, l)).unwrap();
+        let mut kv = model.new_kv(&b, 64).unwrap();
+        let block = [5u32, 3, 3, 3, 9, 3, 3, 3];
+        let w = Window::block(0, 8, AttnMask::Bidirectional);
+        for _ in 0..3 {
+            model
+                .forward(&b, &mut kv, &block, w, &ForwardRequest::default())
+                .unwrap();
+        }
+        let s = pool.stats();
+        // Pass 1 is synchronous (no prediction) and pages in what it routes; passes 2 and 3 route
+        // the same and run optimistically with everything resident: no miss, no re-run.
+        assert_eq!(s.repasses, 0, "{name}");
+        assert_eq!(s.hits, 2 * s.misses, "{name}: {s:?}");
+    }
+}
+
+#[test]
+fn an_expert_memory_below_one_layers_top_k_is_a_clear_error() {
+    let e = ExpertMemory::Bytes(3 * 1000)
+        .slots(64, 1000, 4)
+        .unwrap_err();
+    assert!(matches!(
+        e,
+        ExpertsError::PoolTooSmall {
+            slots: 3,
+            top_k: 4,
+            ..
+        }
+    ));
+    let msg = e.to_string();
+    assert!(
+        msg.contains("3 experts of 1000 bytes") && msg.contains("4000 bytes"),
+        "{msg}"
+    );
+    assert_eq!(ExpertMemory::Bytes(4000).slots(64, 1000, 4).unwrap(), 4);
+    assert_eq!(
+        "12.5%"
+            .parse::<ExpertMemory>()
+            .unwrap()
+            .slots(64, 1000, 4)
+            .unwrap(),
+        8
+    );
+    assert_eq!(
+        "800".parse::<ExpertMemory>().unwrap(),
+        ExpertMemory::Bytes(800)
+    );
+    assert!("lots".parse::<ExpertMemory>().is_err());
+    assert!(ExpertMemory::Fraction(0.01).slots(64, 1000, 4).is_err());
+}
