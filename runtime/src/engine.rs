@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::gpu::{list_adapters, GpuBackend, GpuOptions};
 use crate::backend::Backend;
 use crate::decode::{
     self, BlockOptions, Canvas, CommitPolicy, DecodeError, DecodeParams, DecoderDetails,
@@ -41,10 +42,15 @@ pub enum EngineError {
 /// Which backend runs the model.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum BackendChoice {
-    /// The GPU when one is usable, else the CPU.
+    /// The GPU when a hardware adapter is usable, else the CPU (with a one-line notice on
+    /// stderr). A software adapter (lavapipe, WARP) is not chosen: it runs our kernels slower than
+    /// the CPU backend runs the same model. `EDGEDIFF_ADAPTER` set to an adapter counts as asking
+    /// for that adapter, software or not.
     #[default]
     Auto,
     Cpu,
+    /// The GPU the device layer chooses (a software adapter when it is the only one); none is an
+    /// [`EngineError::BackendUnavailable`].
     Gpu,
 }
 
@@ -301,34 +307,110 @@ impl<B: Backend> Engine<B> {
 }
 
 /// An engine on the backend chosen at load time.
+// The variants differ in size, but an engine is made once per model and never moved in a hot
+// path; boxing would only add a `Box::new` to every caller that builds one.
+#[allow(clippy::large_enum_variant)]
 pub enum LoadedEngine {
     Cpu(Engine<CpuBackend>),
-    // Gpu(Engine<GpuBackend>) joins here when backend/gpu lands; `load` then serves
-    // `BackendChoice::Gpu` and lets `Auto` prefer it.
+    Gpu(Engine<GpuBackend>),
 }
 
 macro_rules! with_engine {
     ($self:expr, $e:ident => $body:expr) => {
         match $self {
             LoadedEngine::Cpu($e) => $body,
+            LoadedEngine::Gpu($e) => $body,
         }
     };
 }
 
+/// The backend [`BackendChoice`] resolves to on this machine.
+pub enum BackendPick {
+    Gpu(Box<GpuBackend>),
+    /// The CPU; `notice` says why when the GPU was wanted (`Auto`) but not taken.
+    Cpu {
+        notice: Option<String>,
+    },
+}
+
+impl BackendPick {
+    /// Resolves `choice` with the device options of the environment (`EDGEDIFF_ADAPTER`,
+    /// `EDGEDIFF_GPU_DISABLE`). Only a forced GPU that cannot start is an error.
+    pub fn resolve(choice: BackendChoice) -> Result<BackendPick, EngineError> {
+        Self::resolve_with(choice, &GpuOptions::from_env())
+    }
+
+    /// [`BackendPick::resolve`] with explicit device options.
+    pub fn resolve_with(
+        choice: BackendChoice,
+        opts: &GpuOptions,
+    ) -> Result<BackendPick, EngineError> {
+        match choice {
+            BackendChoice::Cpu => Ok(BackendPick::Cpu { notice: None }),
+            BackendChoice::Gpu => GpuBackend::new(opts)
+                .map(|g| BackendPick::Gpu(Box::new(g)))
+                .map_err(|e| EngineError::BackendUnavailable {
+                    backend: "gpu",
+                    reason: e.to_string(),
+                }),
+            BackendChoice::Auto => {
+                let cpu = |why: String| BackendPick::Cpu {
+                    notice: Some(format!("{why}; running on the CPU backend")),
+                };
+                // Listing adapters is cheap; opening a device on one we would not keep is not.
+                let adapters = match list_adapters(opts) {
+                    Ok(a) => a,
+                    Err(e) => return Ok(cpu(format!("no usable GPU ({e})"))),
+                };
+                match adapters.iter().find(|a| a.chosen) {
+                    None => Ok(cpu("no usable GPU adapter".into())),
+                    Some(a) if a.is_software() && opts.adapter.is_none() => Ok(cpu(format!(
+                        "only a software GPU adapter ({}) is present, slower than the CPU backend \
+                         (--backend gpu uses it anyway)",
+                        a.name
+                    ))),
+                    Some(_) => Ok(match GpuBackend::new(opts) {
+                        Ok(g) => BackendPick::Gpu(Box::new(g)),
+                        Err(e) => cpu(format!("the GPU did not start ({e})")),
+                    }),
+                }
+            }
+        }
+    }
+}
+
 impl LoadedEngine {
-    /// Opens a model file on the backend `config` chooses.
+    /// Opens a model file on the backend `config` chooses. When `Auto` settles for the CPU, it
+    /// says so in one line on stderr, so a command run on a machine without a GPU still explains
+    /// its speed.
     pub fn load(path: impl AsRef<Path>, config: &EngineConfig) -> Result<Self, EngineError> {
         let file = Arc::new(EdmFile::open(path)?);
-        match config.backend {
-            BackendChoice::Cpu | BackendChoice::Auto => {
+        let notice = |n: &str| eprintln!("edgediff: {n}");
+        match BackendPick::resolve(config.backend)? {
+            BackendPick::Cpu { notice: why } => {
+                if let Some(n) = why {
+                    notice(&n);
+                }
                 Ok(LoadedEngine::Cpu(Engine::new(CpuBackend, file)?))
             }
-            BackendChoice::Gpu => Err(EngineError::BackendUnavailable {
-                backend: "gpu",
-                reason: "the wgpu backend is not built into this version yet; use the CPU backend"
-                    .into(),
-            }),
+            BackendPick::Gpu(g) => match Engine::new(*g, file.clone()) {
+                Ok(e) => Ok(LoadedEngine::Gpu(e)),
+                // Auto promised to run anywhere: a model the GPU cannot hold (device limits, a
+                // lost device) still runs on the CPU. A broken file fails there again, typed.
+                Err(e) if config.backend == BackendChoice::Auto => {
+                    notice(&format!(
+                        "the GPU could not load the model ({e}); running on the CPU backend"
+                    ));
+                    Ok(LoadedEngine::Cpu(Engine::new(CpuBackend, file)?))
+                }
+                Err(e) => Err(e),
+            },
         }
+    }
+
+    /// True when the model runs on the GPU backend.
+    pub fn on_gpu(&self) -> bool {
+        matches!(self, LoadedEngine::Gpu(_))
     }
 
     pub fn generate(
@@ -458,6 +540,7 @@ mod tests {
         fn shareable<T: Send + Sync>() {}
         shareable::<LoadedEngine>();
         shareable::<Engine<CpuBackend>>();
+        shareable::<Engine<GpuBackend>>();
         shareable::<GenerationRequest>();
     }
 

@@ -6,16 +6,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use edgediff::backend::cpu::CpuBackend;
-use edgediff::backend::{AttnMask, Backend};
+use edgediff::backend::AttnMask;
 use edgediff::decode::{
     self, BidirectionalCache, BidirectionalOptions, BlockOptions, CancelToken, Canvas, Cell,
     CommitPolicy, DecodeError, DecodeParams, DecoderDetails, DecoderKind, FinishReason, Flow,
     Observer, Prediction, Sampling, SpecialIds, SpeculativeOptions,
 };
-use edgediff::engine::{
-    BackendChoice, Engine, EngineConfig, EngineError, Event, GenerationRequest, LoadedEngine,
-    Prompt,
-};
+use edgediff::engine::{Engine, EngineError, Event, GenerationRequest, Prompt};
 use edgediff::format::{DType, EdmFile};
 use edgediff::model::{Architecture, ForwardRequest, Model, Window};
 use edgediff::synth::{self, SynthSpec};
@@ -745,22 +742,6 @@ fn bad_requests_are_typed_errors() {
     ));
 }
 
-#[test]
-fn the_gpu_backend_is_a_typed_error_until_it_exists() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_synth(dir.path(), Architecture::Olmoe);
-    let gpu = EngineConfig {
-        backend: BackendChoice::Gpu,
-    };
-    assert!(matches!(
-        LoadedEngine::load(&path, &gpu),
-        Err(EngineError::BackendUnavailable { backend: "gpu", .. })
-    ));
-    let auto = LoadedEngine::load(&path, &EngineConfig::default()).unwrap();
-    assert_eq!(auto.backend_name(), CpuBackend.name());
-    assert!(LoadedEngine::load(dir.path().join("missing.edm"), &EngineConfig::default()).is_err());
-}
-
 /// A synthetic model steered towards one token: every embedding shares a common direction and
 /// that token's head row points along it, so AR and the drafter often agree on it.
 struct Steered {
@@ -780,7 +761,7 @@ impl edgediff::import::TensorSource for Steered {
     fn get(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), edgediff::import::ImportError> {
         let (shape, mut v) = self.inner.get(name)?;
         let h = shape[shape.len() - 1];
-        let u = |i: usize| if i % 2 == 0 { 1.0 } else { -1.0 };
+        let u = |i: usize| if i.is_multiple_of(2) { 1.0 } else { -1.0 };
         if name == "model.embed_tokens.weight" {
             for (i, x) in v.iter_mut().enumerate() {
                 *x += self.common * u(i % h);

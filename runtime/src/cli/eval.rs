@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::backend::cpu::CpuBackend;
-use crate::eval::{ratio_curves_svg, EvalReport};
+use crate::backend::Backend;
+use crate::eval::{encode_documents, ratio_curves_svg, EvalReport};
 use crate::format::EdmFile;
 use crate::model::Model;
 
@@ -18,7 +18,9 @@ pub struct Args {
     #[arg(long)]
     pub model: PathBuf,
     /// Test sets: text files; a file's domain is its parent directory's name when the file is called
-    /// test.txt / valid.txt (training/data/<domain>/test.txt), else the file's stem.
+    /// test.txt / valid.txt (training/data/<domain>/test.txt), else the file's stem. Documents inside
+    /// a file are separated by a line holding only U+001E (the corpus splits' format); each is scored
+    /// as `bos … eos`, like the training streams.
     #[arg(long, required = true, num_args = 1..)]
     pub data: Vec<PathBuf>,
     /// Tokens per window (rounded down to whole blocks).
@@ -36,6 +38,9 @@ pub struct Args {
     /// Draw accuracy against mask ratio per domain into this SVG file.
     #[arg(long)]
     pub svg: Option<PathBuf>,
+    /// Backend: auto (a hardware GPU when available, else CPU), cpu or gpu.
+    #[arg(long, default_value = "auto")]
+    pub backend: crate::engine::BackendChoice,
 }
 
 fn domain_of(p: &Path) -> String {
@@ -61,23 +66,39 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .special_tokens
         .mask
         .context("the model has no mask token: diffusion metrics need one")?;
+    let reports = super::on_backend!(a.backend, b => score(&b, &a, &file, mask_id))?;
+    write_reports(&a, &reports)
+}
+
+/// Every test set scored on `backend`, by domain.
+fn score<B: Backend>(
+    backend: &B,
+    a: &Args,
+    file: &Arc<EdmFile>,
+    mask_id: u32,
+) -> anyhow::Result<BTreeMap<String, EvalReport>> {
     let tok = crate::tokenizer::Tokenizer::from_json(file.blob("tokenizer.json")?)?;
-    let model =
-        Model::load(&CpuBackend, file.clone(), &|_, _| true).context("loading the model")?;
+    let model = Model::load(backend, file.clone(), &|_, _| true).context("loading the model")?;
     let mut reports: BTreeMap<String, EvalReport> = BTreeMap::new();
     let bar = super::progress_bar(a.data.len() as u64, "evaluating");
     for path in &a.data {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut ids = tok.encode(&text, false)?;
+        let specials = &file.header.metadata.special_tokens;
+        // Documents as the trainer saw them (bos … eos, separators dropped), then the cap.
+        let mut ids: Vec<u32> = encode_documents(&tok, &text, specials.bos, specials.eos)?.concat();
         ids.truncate(a.max_tokens);
         let report = reports.entry(domain_of(path)).or_default();
         report
-            .add_document(&CpuBackend, &model, &ids, a.window, mask_id, a.seed)
+            .add_document(backend, &model, &ids, a.window, mask_id, a.seed)
             .with_context(|| format!("evaluating {}", path.display()))?;
         bar.inc(1);
     }
     bar.finish_and_clear();
+    Ok(reports)
+}
+
+fn write_reports(a: &Args, reports: &BTreeMap<String, EvalReport>) -> anyhow::Result<()> {
     let json = serde_json::json!({
         "model": a.model.display().to_string(),
         "window": a.window,
@@ -96,7 +117,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         std::fs::write(svg, ratio_curves_svg(&title, &series))
             .with_context(|| format!("writing {}", svg.display()))?;
     }
-    for (d, r) in &reports {
+    for (d, r) in reports {
         eprintln!(
             "{d:<8} tokens {:>6}  AR nll {:.3} acc {:.3}  masked acc {:.3} nll {:.3}  diffusion bound {:.3} nats/token",
             r.tokens, r.ar_nll, r.ar_accuracy, r.masked_accuracy, r.masked_nll, r.diffusion_nll_bound

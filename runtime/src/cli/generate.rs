@@ -25,7 +25,8 @@ pub struct ModelArgs {
     /// Model file (default: models/default.edm in the working directory or the edgediff checkout).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Backend: auto (GPU when available, else CPU), cpu or gpu.
+    /// Backend: auto (a hardware GPU when available, else the CPU, with a notice), cpu or gpu (any
+    /// adapter, a software one such as lavapipe included).
     #[arg(long, default_value = "auto")]
     pub backend: BackendChoice,
 }

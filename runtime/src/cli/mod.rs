@@ -16,6 +16,28 @@ mod synth;
 
 use clap::{Parser, Subcommand};
 
+/// Runs `$body` with `$b` bound to the backend `$choice` resolves to (see
+/// [`crate::engine::BackendPick`]), for commands that drive a `Model` directly rather than an
+/// engine. Auto's fallback to the CPU is announced in one line on stderr, as the engine does.
+macro_rules! on_backend {
+    ($choice:expr, $b:ident => $body:expr) => {
+        match crate::engine::BackendPick::resolve($choice)? {
+            crate::engine::BackendPick::Gpu($b) => {
+                let $b = *$b;
+                $body
+            }
+            crate::engine::BackendPick::Cpu { notice } => {
+                if let Some(n) = notice {
+                    eprintln!("edgediff: {n}");
+                }
+                let $b = crate::backend::cpu::CpuBackend;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use on_backend;
+
 #[derive(Parser)]
 #[command(
     name = "edgediff",

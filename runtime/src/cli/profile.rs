@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
+use crate::eval::encode_documents;
 use crate::experts::Profile;
 use crate::format::EdmFile;
 use crate::model::Model;
@@ -24,12 +25,17 @@ pub struct Args {
     /// Tokens per forward window; longer documents are cut into windows.
     #[arg(long, default_value_t = 256)]
     pub window: usize,
-    /// At most this many tokens per document (a few documents suffice).
+    /// At most this many tokens per document (a few documents suffice). Documents are files, or the
+    /// records of a file whose documents are separated by a line holding only U+001E.
     #[arg(long, default_value_t = 4096)]
     pub max_tokens: usize,
+    /// Backend: auto (a hardware GPU when available, else CPU), cpu or gpu.
+    #[arg(long, default_value = "auto")]
+    pub backend: crate::engine::BackendChoice,
 }
 
-/// Reads the corpus as documents (one per file), tokenized and truncated.
+/// Reads the corpus as documents — one per file, or per record-separator line inside a file (the
+/// corpus splits' format) — each `bos … eos` as in training, tokenized and truncated.
 pub fn read_corpus(
     file: &EdmFile,
     paths: &[PathBuf],
@@ -41,13 +47,13 @@ pub fn read_corpus(
         collect(p, &mut files).with_context(|| format!("reading {}", p.display()))?;
     }
     files.sort();
+    let specials = &file.header.metadata.special_tokens;
     let mut docs = Vec::new();
     for f in files {
         let text =
             std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
-        let mut ids = tok.encode(&text, false)?;
-        ids.truncate(max_tokens);
-        if !ids.is_empty() {
+        for mut ids in encode_documents(&tok, &text, specials.bos, specials.eos)? {
+            ids.truncate(max_tokens);
             docs.push(ids);
         }
     }
@@ -81,15 +87,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         EdmFile::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?,
     );
     let docs = read_corpus(&file, &a.corpus, a.max_tokens)?;
-    let model =
-        Model::load(&CpuBackend, file.clone(), &|_, _| true).context("loading the model")?;
-    let mut profile = Profile::empty(&file)?;
-    let bar = super::progress_bar(docs.len() as u64, "profiling");
-    for d in &docs {
-        profile.add_document(&CpuBackend, &model, d, a.window)?;
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
+    let profile = super::on_backend!(a.backend, b => collect_routing(&b, &file, &docs, a.window))?;
     profile.save(&a.output)?;
     println!(
         "wrote {} ({} documents, {} tokens, {} MoE layers)",
@@ -99,4 +97,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         profile.layers.len()
     );
     Ok(())
+}
+
+/// Routing statistics of `docs` run through the model on `backend`.
+fn collect_routing<B: Backend>(
+    backend: &B,
+    file: &Arc<EdmFile>,
+    docs: &[Vec<u32>],
+    window: usize,
+) -> anyhow::Result<Profile> {
+    let model = Model::load(backend, file.clone(), &|_, _| true).context("loading the model")?;
+    let mut profile = Profile::empty(file)?;
+    let bar = super::progress_bar(docs.len() as u64, "profiling");
+    for d in docs {
+        profile.add_document(backend, &model, d, window)?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(profile)
 }

@@ -103,6 +103,14 @@ pub struct AdapterSummary {
     pub chosen: bool,
 }
 
+impl AdapterSummary {
+    /// A CPU-emulated adapter (lavapipe, WARP, SwiftShader): correct, but slower than the CPU
+    /// backend, so `--backend auto` passes it over.
+    pub fn is_software(&self) -> bool {
+        self.device_type == format!("{:?}", DeviceType::Cpu)
+    }
+}
+
 /// Features the kernels actually use on this device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceCaps {
