@@ -17,6 +17,34 @@ use serde::Serialize;
 
 use crate::backend::{AttnMask, Backend};
 use crate::model::{ForwardRequest, Model, ModelError, Window};
+use crate::tokenizer::{Tokenizer, TokenizerError};
+
+/// Separates documents inside a corpus split (training/build_corpus.py): a line holding only the
+/// ASCII record separator.
+pub const DOCUMENT_SEPARATOR: &str = "\n\x1e\n";
+
+/// Splits a corpus text at [`DOCUMENT_SEPARATOR`] lines and encodes each document as
+/// `bos ids… eos` (either id when the model has it): the token stream the trainer saw
+/// (training/tokenize_corpus.py). The separator itself never reaches the model, whose training text
+/// never held it. A text without separators is one document.
+pub fn encode_documents(
+    tok: &Tokenizer,
+    text: &str,
+    bos: Option<u32>,
+    eos: Option<u32>,
+) -> Result<Vec<Vec<u32>>, TokenizerError> {
+    let mut docs = Vec::new();
+    for doc in text.split(DOCUMENT_SEPARATOR) {
+        if doc.trim().is_empty() {
+            continue;
+        }
+        let mut ids: Vec<u32> = bos.into_iter().collect();
+        ids.extend(tok.encode(doc, false)?);
+        ids.extend(eos);
+        docs.push(ids);
+    }
+    Ok(docs)
+}
 
 /// Mask-ratio buckets of the accuracy curve.
 pub const RATIO_BINS: usize = 10;
@@ -328,6 +356,42 @@ mod tests {
         synth::write_edm(&m, &path, DType::F32, &|_, _| {}).unwrap();
         let file = Arc::new(EdmFile::open(&path).unwrap());
         (dir, Model::load(&CpuBackend, file, &|_, _| true).unwrap())
+    }
+
+    #[test]
+    fn corpus_documents_are_split_at_separator_lines_and_wrapped_in_bos_eos() {
+        use crate::tokenizer::train::{train_bpe, SpecialTokens};
+        let json = train_bpe(
+            "fn main() {}\nThe quick brown fox.\n",
+            300,
+            &SpecialTokens::default(),
+        )
+        .unwrap();
+        let tok = Tokenizer::from_json(json.as_bytes()).unwrap();
+        let text = format!("fn main() {{}}{DOCUMENT_SEPARATOR}The fox.\n{DOCUMENT_SEPARATOR}");
+        let docs = encode_documents(&tok, &text, Some(1), Some(2)).unwrap();
+        assert_eq!(
+            docs.len(),
+            2,
+            "the empty tail after the last separator is no document"
+        );
+        assert_eq!(docs[0][0], 1);
+        assert_eq!(*docs[0].last().unwrap(), 2);
+        assert_eq!(
+            &docs[0][1..docs[0].len() - 1],
+            tok.encode("fn main() {}", false).unwrap()
+        );
+        assert_eq!(
+            &docs[1][1..docs[1].len() - 1],
+            tok.encode("The fox.\n", false).unwrap()
+        );
+        let sep = tok.encode("\x1e", false).unwrap();
+        assert!(docs.iter().all(|d| !d.windows(sep.len()).any(|w| w == sep)));
+        // No separator, no special ids: the plain encoding.
+        assert_eq!(
+            encode_documents(&tok, "fn main() {}", None, None).unwrap(),
+            vec![tok.encode("fn main() {}", false).unwrap()]
+        );
     }
 
     const DOC: [u32; 21] = [
