@@ -29,7 +29,7 @@ ev() { # ev OUT MODEL DOMAIN...
   shift 2
   local files=()
   for d in "$@"; do files+=("$WORK/test/$d/test.txt"); done
-  "$BIN" eval --model "$model" --data "${files[@]}" --max-tokens "$MAX_TOKENS" --seed 0 -o "$out" 2>/dev/null
+  "$BIN" eval --backend cpu --model "$model" --data "${files[@]}" --max-tokens "$MAX_TOKENS" --seed 0 -o "$out" 2>/dev/null
 }
 # One unit of work per (selection, keep): prune, then evaluate. Units are independent; JOBS of them run at
 # once (default 1: every model sees the same masks either way, so JOBS changes only the wall time).

@@ -24,7 +24,7 @@ for m in "${models[@]}"; do
   dt=${m%%:*} path=${m#*:}
   svg=()
   [[ $dt == q8 ]] && svg=(--svg "$OUTDIR/quality-by-ratio.svg")
-  "$BIN" eval --model "$path" --data "${files[@]}" --max-tokens "$MAX_TOKENS" --seed 0 \
+  "$BIN" eval --backend cpu --model "$path" --data "${files[@]}" --max-tokens "$MAX_TOKENS" --seed 0 \
     -o "$OUTDIR/quality.$dt.json" "${svg[@]}" >&2
   # The file name of a temporary conversion is noise in the committed JSON.
   python3 - "$OUTDIR/quality.$dt.json" "$dt" "$(stat -c %s "$path")" <<'PY'
