@@ -1,0 +1,118 @@
+// The Kotlin SDK end to end on the JVM: the real libedgediff_ffi (host build) through the generated
+// bindings and the wrapper the Android library ships, against a synthetic model written by
+// `edgediff synth`. Run by bindings/scripts/jvm-test.sh, which passes the model's path and the
+// library's directory as system properties.
+package dev.edgediff
+
+import dev.edgediff.ffi.AdapterPreference
+import dev.edgediff.ffi.Decoder
+import dev.edgediff.ffi.EdgeDiffException
+import dev.edgediff.ffi.EngineConfig
+import dev.edgediff.ffi.FinishReasonKind
+import dev.edgediff.ffi.GenerationConfig
+import kotlinx.coroutines.CompletableDeferred
+import kotlinx.coroutines.awaitCancellation
+import kotlinx.coroutines.cancelAndJoin
+import kotlinx.coroutines.delay
+import kotlinx.coroutines.flow.toList
+import kotlinx.coroutines.launch
+import kotlinx.coroutines.runBlocking
+import kotlinx.coroutines.withTimeout
+import kotlin.test.AfterTest
+import kotlin.test.Test
+import kotlin.test.assertEquals
+import kotlin.test.assertFailsWith
+import kotlin.test.assertTrue
+import kotlin.test.fail
+
+class EdgeDiffTest {
+    private val modelPath: String =
+        System.getProperty("edgediff.model")?.takeIf { it.isNotEmpty() }
+            ?: fail("-Dedgediff.model=<tiny.edm> is required (bindings/scripts/jvm-test.sh sets it)")
+
+    // The CPU backend: deterministic, and present on every CI machine.
+    private val engine: EdgeDiff =
+        runBlocking { EdgeDiff.load(modelPath, EngineConfig(adapter = AdapterPreference.CPU)) }
+
+    @AfterTest
+    fun closeEngine() = engine.close()
+
+    private fun long(maxNewTokens: Int, decoder: Decoder? = null) =
+        GenerationConfig(maxNewTokens = maxNewTokens.toUInt(), ignoreEos = true, decoder = decoder)
+
+    @Test
+    fun modelInfoDescribesTheSyntheticModel() {
+        val info = engine.modelInfo
+        assertEquals("qwen3_moe", info.architecture)
+        assertTrue(info.paramsActive < info.paramsTotal, "$info")
+        assertTrue(info.vocabSize > 0u && info.numExperts > info.expertsPerToken, "$info")
+        assertEquals(engine.stats.backend, info.backend)
+    }
+
+    @Test
+    fun tokenizeThenDetokenizeRoundTrips() {
+        val text = "the quick brown fox"
+        val ids = engine.tokenize(text)
+        assertTrue(ids.isNotEmpty())
+        assertEquals(text, engine.detokenize(ids))
+    }
+
+    @Test
+    fun theFlowStreamsTheWholeText() = runBlocking {
+        val pieces = engine.generate("Once upon a time", long(24)).toList()
+        assertTrue(pieces.size > 1, "streamed in pieces: $pieces")
+        val last = engine.stats.last ?: fail("no stats after a finished generation")
+        assertEquals(FinishReasonKind.LENGTH, last.finishReason)
+        assertEquals(24u, last.newTokens)
+
+        // Greedy: the one-shot call gives the very text the flow streamed.
+        val whole = engine.generateText("Once upon a time", long(24))
+        assertEquals(whole.text, pieces.joinToString(""))
+        assertEquals(24, whole.tokens.size)
+        assertEquals(2uL, engine.stats.generations)
+    }
+
+    @Test
+    fun cancellingTheCollectorCancelsTheGeneration() = runBlocking {
+        val max = 500
+        val started = CompletableDeferred<Unit>()
+        var received = 0
+        val collector = launch {
+            engine.generate("Once", long(max, Decoder.Autoregressive)).collect {
+                received += 1
+                if (received == 2) {
+                    started.complete(Unit)
+                    // A collector that stops taking: the engine fills the flow's buffer and waits,
+                    // so it cannot finish on its own before the cancellation below.
+                    awaitCancellation()
+                }
+            }
+        }
+        withTimeout(120_000) { started.await() }
+        collector.cancelAndJoin()
+
+        // The engine thread sees the cancellation within one step, then records the generation.
+        val last = withTimeout(120_000) {
+            while (engine.stats.generations == 0uL) delay(10)
+            engine.stats.last!!
+        }
+        assertEquals(FinishReasonKind.CANCELLED, last.finishReason)
+        assertTrue(last.newTokens < max.toUInt(), "stopped early: ${last.newTokens} of $max tokens")
+        assertEquals(2, received)
+    }
+
+    @Test
+    fun aMissingFileIsAnIoException() {
+        val e = assertFailsWith<EdgeDiffException.Io> {
+            runBlocking { EdgeDiff.load("/nonexistent/model.edm") }
+        }
+        assertTrue(e.message!!.isNotEmpty())
+    }
+
+    @Test
+    fun anInvalidRequestFailsTheFlowWithATypedException() {
+        assertFailsWith<EdgeDiffException.InvalidArgument> {
+            runBlocking { engine.generate("x", GenerationConfig(maxNewTokens = 0u)).toList() }
+        }
+    }
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The Kotlin SDK tested on the JVM against the real library: builds the host libedgediff_ffi and the
+# CLI, generates the Kotlin bindings, writes a tiny synthetic model and runs the Maven project in
+# android/jvm-test (generated bindings + the Android library's wrapper + tests). Needs a JDK (17+)
+# and Maven; the Kotlin compiler, JNA and kotlinx-coroutines come from Maven Central.
+#
+#   bash bindings/scripts/jvm-test.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+root=$PWD
+target=${CARGO_TARGET_DIR:-$root/target}
+case "$target" in /*) ;; *) target=$root/$target ;; esac
+
+# One invocation for both, so the runtime is compiled once for them.
+cargo build -q --release -p edgediff-ffi -p edgediff
+case "$(uname -s)" in Darwin) ext=dylib ;; *) ext=so ;; esac
+lib=$target/release/libedgediff_ffi.$ext
+
+jvm=$root/android/jvm-test
+generated=$jvm/target/generated-sources/uniffi
+rm -rf "$generated"
+bash bindings/scripts/generate.sh kotlin "$generated" "$lib"
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+"$target/release/edgediff" synth --arch qwen3_moe --seed 3 -o "$tmp/tiny.edm" >/dev/null
+
+cd "$jvm"
+mvn -q -B -Dstyle.color=never test \
+  -Djna.library.path="$target/release" \
+  -Dedgediff.model="$tmp/tiny.edm" \
+  -Duniffi.sources="$generated"
+echo "jvm-test: Kotlin SDK tests passed" >&2
