@@ -190,17 +190,20 @@ impl Engine {
 }
 
 fn runtime_config(config: &EngineConfig) -> Result<engine::EngineConfig, EdgeDiffError> {
-    // The runtime's EngineConfig has no residency settings yet; refusing them is better than
-    // silently using more memory than the app asked for.
-    if config.expert_memory_budget.is_some() || config.resident_profile_path.is_some() {
+    // A resident-set profile at load time is not in the runtime; refusing it is better than
+    // silently using more memory than the app asked for (prune the file with `edgediff prune`).
+    if config.resident_profile_path.is_some() {
         return Err(EdgeDiffError::Unsupported(
-            "expert residency (memory budget, resident profile) is not in this runtime yet; \
+            "a resident profile at load time is not in this runtime yet; \
              prune the model file with `edgediff prune` instead"
                 .into(),
         ));
     }
     Ok(engine::EngineConfig {
         backend: config.adapter.unwrap_or_default().into(),
+        expert_memory: config
+            .expert_memory_budget
+            .map(edgediff::experts::ExpertMemory::Bytes),
     })
 }
 

@@ -5,6 +5,7 @@
 use edgediff::backend::BackendError;
 use edgediff::decode::DecodeError;
 use edgediff::engine::EngineError;
+use edgediff::experts::ExpertsError;
 use edgediff::format::FormatError;
 use edgediff::model::{ConfigError, ModelError};
 use edgediff::tokenizer::TokenizerError;
@@ -93,6 +94,9 @@ impl From<EngineError> for EdgeDiffError {
             }
             EngineError::Decode(e) => EdgeDiffError::InvalidArgument(e.to_string()),
             e @ EngineError::BackendUnavailable { .. } => EdgeDiffError::Unsupported(e.to_string()),
+            EngineError::Experts(ExpertsError::Model(e)) => e.into(),
+            EngineError::Experts(ExpertsError::Format(e)) => e.into(),
+            e @ EngineError::Experts(_) => EdgeDiffError::InvalidArgument(e.to_string()),
         }
     }
 }

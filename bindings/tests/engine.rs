@@ -242,13 +242,22 @@ fn invalid_requests_fail_before_anything_runs() {
         engine.clone().generate("x".into(), zero, listener),
         Err(EdgeDiffError::InvalidArgument(_))
     ));
+    let path = synth_model(dir.path()).to_string_lossy().into_owned();
+    // A budget that cannot hold one layer's top-k experts says so, with the numbers.
     let budget = EngineConfig {
-        expert_memory_budget: Some(1 << 20),
+        expert_memory_budget: Some(1),
         ..EngineConfig::default()
     };
-    let path = synth_model(dir.path()).to_string_lossy().into_owned();
     assert!(matches!(
-        Engine::load(path, budget),
+        Engine::load(path.clone(), budget),
+        Err(EdgeDiffError::InvalidArgument(m)) if m.contains("give it at least")
+    ));
+    let profile = EngineConfig {
+        resident_profile_path: Some("code.profile.json".into()),
+        ..EngineConfig::default()
+    };
+    assert!(matches!(
+        Engine::load(path, profile),
         Err(EdgeDiffError::Unsupported(_))
     ));
 }

@@ -18,6 +18,8 @@ use crate::decode::{
     self, BlockOptions, Canvas, CommitPolicy, DecodeError, DecodeParams, DecoderDetails,
     DecoderKind, FinishReason, Flow, Observer, Prediction, Sampling, SpecialIds,
 };
+use crate::experts::paging::PagedLoad;
+use crate::experts::{Eviction, ExpertMemory, ExpertPaging, ExpertsError, PagerStats};
 use crate::format::{EdmFile, FormatError, Metadata};
 use crate::model::{Model, ModelConfig, ModelError};
 use crate::tokenizer::{ChatMessage, ChatTemplate, StreamDecoder, Tokenizer, TokenizerError};
@@ -32,6 +34,8 @@ pub enum EngineError {
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Experts(#[from] ExpertsError),
     #[error("the {backend} backend is not available: {reason}")]
     BackendUnavailable {
         backend: &'static str,
@@ -69,6 +73,9 @@ impl std::str::FromStr for BackendChoice {
 #[derive(Clone, Debug, Default)]
 pub struct EngineConfig {
     pub backend: BackendChoice,
+    /// Page routed experts through a pool of this size (exact: the same tokens, less memory);
+    /// `None` loads every expert.
+    pub expert_memory: Option<ExpertMemory>,
 }
 
 /// What to generate from.
@@ -132,6 +139,7 @@ pub struct Engine<B: Backend> {
     model: Model<B>,
     tokenizer: Tokenizer,
     template: ChatTemplate,
+    paging: Option<ExpertPaging>,
 }
 
 impl<B: Backend> Engine<B> {
@@ -154,7 +162,28 @@ impl<B: Backend> Engine<B> {
             model,
             tokenizer,
             template,
+            paging: None,
         })
+    }
+
+    /// Opens `file` as `config` says: every expert loaded, or paged through a pool of
+    /// `config.expert_memory` (LRU eviction, previous-step prefetch on the GPU).
+    pub fn open(backend: B, file: Arc<EdmFile>, config: &EngineConfig) -> Result<Self, EngineError>
+    where
+        B: PagedLoad,
+    {
+        let Some(memory) = config.expert_memory else {
+            return Self::new(backend, file);
+        };
+        let (model, paging) = crate::experts::load_paged(&backend, &file, memory, Eviction::Lru)?;
+        let mut engine = Self::with_model(backend, model)?;
+        engine.paging = Some(paging);
+        Ok(engine)
+    }
+
+    /// The expert pool's statistics since load, when experts are paged.
+    pub fn expert_stats(&self) -> Option<PagerStats> {
+        self.paging.as_ref().map(ExpertPaging::stats)
     }
 
     pub fn backend_name(&self) -> String {
@@ -391,9 +420,9 @@ impl LoadedEngine {
                 if let Some(n) = why {
                     notice(&n);
                 }
-                Ok(LoadedEngine::Cpu(Engine::new(CpuBackend, file)?))
+                Ok(LoadedEngine::Cpu(Engine::open(CpuBackend, file, config)?))
             }
-            BackendPick::Gpu(g) => match Engine::new(*g, file.clone()) {
+            BackendPick::Gpu(g) => match Engine::open(*g, file.clone(), config) {
                 Ok(e) => Ok(LoadedEngine::Gpu(e)),
                 // Auto promised to run anywhere: a model the GPU cannot hold (device limits, a
                 // lost device) still runs on the CPU. A broken file fails there again, typed.
@@ -401,11 +430,16 @@ impl LoadedEngine {
                     notice(&format!(
                         "the GPU could not load the model ({e}); running on the CPU backend"
                     ));
-                    Ok(LoadedEngine::Cpu(Engine::new(CpuBackend, file)?))
+                    Ok(LoadedEngine::Cpu(Engine::open(CpuBackend, file, config)?))
                 }
                 Err(e) => Err(e),
             },
         }
+    }
+
+    /// The expert pool's statistics since load, when experts are paged.
+    pub fn expert_stats(&self) -> Option<PagerStats> {
+        with_engine!(self, e => e.expert_stats())
     }
 
     /// True when the model runs on the GPU backend.

@@ -113,6 +113,7 @@ fn the_default_model_decodes_on_the_gpu_as_on_the_cpu() {
         &path,
         &EngineConfig {
             backend: BackendChoice::Gpu,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -121,6 +122,7 @@ fn the_default_model_decodes_on_the_gpu_as_on_the_cpu() {
         &path,
         &EngineConfig {
             backend: BackendChoice::Cpu,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -152,6 +154,7 @@ fn backend_choice_resolves_as_documented() {
         &path,
         &EngineConfig {
             backend: BackendChoice::Cpu,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -175,6 +178,7 @@ fn backend_choice_resolves_as_documented() {
             &path,
             &EngineConfig {
                 backend: BackendChoice::Gpu,
+                ..Default::default()
             },
         )
         .unwrap();

@@ -6,9 +6,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use edgediff::backend::cpu::CpuBackend;
 use edgediff::backend::gpu::testing::backends;
 use edgediff::backend::gpu::GpuBackend;
 use edgediff::backend::AttnMask;
+use edgediff::engine::{Engine, EngineConfig, EngineError, Prompt};
 use edgediff::experts::{Eviction, ExpertMemory, ExpertsError};
 use edgediff::format::{DType, EdmFile};
 use edgediff::model::{Architecture, ForwardRequest, Model, Window};
@@ -177,4 +179,63 @@ fn an_expert_memory_below_one_layers_top_k_is_a_clear_error() {
     );
     assert!("lots".parse::<ExpertMemory>().is_err());
     assert!(ExpertMemory::Fraction(0.01).slots(64, 1000, 4).is_err());
+}
+
+fn generate<B: edgediff::experts::paging::PagedLoad>(
+    b: B,
+    file: &Arc<EdmFile>,
+    memory: Option<ExpertMemory>,
+) -> (Vec<u32>, Option<edgediff::experts::PagerStats>) {
+    let config = EngineConfig {
+        expert_memory: memory,
+        ..Default::default()
+    };
+    let e = Engine::open(b, file.clone(), &config).unwrap();
+    let mut r = e.request(Prompt::Tokens(vec![1, 40, 77, 300, 12, 3, 90, 41]));
+    r.decoding.max_new_tokens = 24;
+    r.decoding.ignore_eos = true;
+    let out = e.generate(&r, &mut |_| {}).unwrap();
+    (out.tokens, e.expert_stats())
+}
+
+#[test]
+fn engines_with_an_expert_memory_generate_the_same_tokens_on_cpu_and_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), Architecture::Llada2Moe);
+    let quarter = Some(ExpertMemory::Fraction(0.25));
+    let (all, none) = generate(CpuBackend, &file, None);
+    assert!(none.is_none() && !all.is_empty());
+    let (paged, stats) = generate(CpuBackend, &file, quarter);
+    assert_eq!(paged, all, "cpu");
+    let s = stats.unwrap();
+    assert!(s.misses > 0 && s.occupied <= s.slots, "{s:?}");
+    for (name, b) in backends(None) {
+        let (gpu_all, _) = generate(b, &file, None);
+        let (_, b) = backends(None)
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .unwrap();
+        let (gpu_paged, stats) = generate(b, &file, quarter);
+        assert_eq!(gpu_paged, gpu_all, "{name}");
+        let s = stats.unwrap();
+        assert!(
+            s.hits + s.misses > 0 && s.occupied <= s.slots,
+            "{name}: {s:?}"
+        );
+    }
+    // Too small a budget names its numbers.
+    let err = Engine::open(
+        CpuBackend,
+        file.clone(),
+        &EngineConfig {
+            expert_memory: Some(ExpertMemory::Bytes(1)),
+            ..Default::default()
+        },
+    )
+    .err()
+    .unwrap();
+    assert!(
+        matches!(err, EngineError::Experts(ExpertsError::PoolTooSmall { .. })),
+        "{err}"
+    );
 }

@@ -5,7 +5,7 @@ use std::io::{BufRead, IsTerminal, Write};
 
 use anyhow::Context;
 
-use super::generate::{stats_report, DecodingArgs, ModelArgs};
+use super::generate::{pager_report, stats_report, DecodingArgs, ModelArgs};
 use crate::decode::DecodeError;
 use crate::engine::{EngineError, Event, Prompt};
 use crate::tokenizer::ChatMessage;
@@ -69,6 +69,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             Ok(out) => {
                 if a.stats {
                     eprintln!("{}", stats_report(&request.decoding, &out));
+                    if let Some(p) = engine.expert_stats() {
+                        eprintln!("{}", pager_report(&p));
+                    }
                 }
                 history.push(ChatMessage::assistant(out.text));
             }

@@ -14,6 +14,7 @@ use crate::decode::{
 use crate::engine::{
     BackendChoice, EngineConfig, Event, GenerationOutput, GenerationStats, LoadedEngine, Prompt,
 };
+use crate::experts::{ExpertMemory, PagerStats};
 use crate::tokenizer::{ChatMessage, Tokenizer};
 
 /// Where `--model` points when it is not given, relative to the working directory or the
@@ -29,6 +30,11 @@ pub struct ModelArgs {
     /// adapter, a software one such as lavapipe included).
     #[arg(long, default_value = "auto")]
     pub backend: BackendChoice,
+    /// Page routed experts from the model file through a pool of this size instead of loading all
+    /// of them: bytes (800MiB, 1.5GB, 123456789) or a share of all experts (12.5%). Exact: the
+    /// tokens are the same, only memory and time change.
+    #[arg(long, value_name = "BYTES|%")]
+    pub expert_memory: Option<ExpertMemory>,
 }
 
 impl ModelArgs {
@@ -38,6 +44,7 @@ impl ModelArgs {
             &path,
             &EngineConfig {
                 backend: self.backend,
+                expert_memory: self.expert_memory,
             },
         )
         .with_context(|| format!("loading {}", path.display()))
@@ -274,8 +281,30 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     };
     if a.stats {
         eprintln!("{}", stats_report(&request.decoding, &out));
+        if let Some(p) = engine.expert_stats() {
+            eprintln!("{}", pager_report(&p));
+        }
     }
     Ok(())
+}
+
+/// The expert pool's counters, when experts are paged (`--expert-memory`).
+pub fn pager_report(s: &PagerStats) -> String {
+    format!(
+        "experts: {} hits, {} misses ({:.1} % hit rate), {} prefetched ({} used), {} evictions, \
+         {:.1} MiB read from flash, {:.1} ms stalled, {} passes re-run, pool {}/{} slots",
+        s.hits,
+        s.misses,
+        s.hit_rate() * 100.0,
+        s.prefetched,
+        s.prefetch_hits,
+        s.evictions,
+        s.bytes_read as f64 / 1048576.0,
+        s.stall.as_secs_f64() * 1e3,
+        s.repasses,
+        s.occupied,
+        s.slots,
+    )
 }
 
 /// Human-readable statistics of one generation.

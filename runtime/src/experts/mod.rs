@@ -8,6 +8,7 @@
 //! drops with the experts.
 
 pub mod pager;
+pub mod paging;
 pub mod profile;
 pub mod prune;
 pub mod trace;
@@ -15,6 +16,7 @@ pub mod trace;
 use std::path::PathBuf;
 
 pub use pager::{Eviction, ExpertMemory, Pager, PagerStats};
+pub use paging::{load_paged, ExpertPaging};
 pub use profile::{fingerprint, LayerProfile, Profile};
 pub use prune::{prune_file, KeepSpec, ResidentSet, Selector};
 
