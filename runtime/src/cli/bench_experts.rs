@@ -1,6 +1,11 @@
 //! `edgediff bench experts`: hit rate and bytes paged against expert-pool size, eviction policy
 //! and step prefetch. One decode records the routing trace (paging is exact, so the trace is the
 //! same for every pool); each configuration replays it through the real pager.
+//!
+//! `--live cpu|gpu` then decodes the same prompts for real with the experts paged through a pool
+//! of each size, policy and prefetch setting on that backend: tokens/s, hit rate, bytes read,
+//! stall time, GPU re-runs, peak RSS and GPU bytes (dense weights + expert pool) per row, plus an
+//! all-resident baseline. Tokens are checked equal to the baseline's (paging is exact).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -9,7 +14,11 @@ use anyhow::Context;
 
 use super::generate::{resolve_model, DecodingArgs};
 use crate::backend::cpu::{CpuBackend, CpuExpertPool, CpuExperts};
+use crate::backend::gpu::{GpuBackend, GpuOptions};
+use crate::backend::Backend;
+use crate::decode::DecodeParams;
 use crate::engine::{Engine, LoadedEngine, Prompt};
+use crate::experts::paging::{stored_experts, PagedLoad};
 use crate::experts::trace::{replay, ReplayConfig, RoutingTrace};
 use crate::experts::{Eviction, Pager};
 use crate::format::EdmFile;
@@ -33,6 +42,12 @@ pub struct Args {
     /// Also write the rows as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Also decode for real with experts paged on this backend (cpu or gpu).
+    #[arg(long)]
+    pub live: Option<String>,
+    /// Skip the trace replay (live runs only).
+    #[arg(long)]
+    pub no_replay: bool,
 }
 
 const BUILTIN_PROMPTS: [&str; 3] = ["fn main() {", "The history of the town", "def parse(path):"];
@@ -77,7 +92,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         None => BUILTIN_PROMPTS.iter().map(|s| s.to_string()).collect(),
     };
     let (mut tokens, mut forwards, t0) = (0, 0, std::time::Instant::now());
-    for p in &prompts {
+    // With --no-replay only the live runs decode.
+    for p in prompts.iter().filter(|_| !a.no_replay) {
         let mut req = engine.request(Prompt::Text(p.clone()));
         req.decoding = params.clone();
         let out = engine.generate(&req, &mut |_| {})?;
@@ -107,7 +123,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     println!("| pool | slots | policy | prefetch | hit rate | misses | paged MiB | prefetched | evictions |");
     println!("|---|---|---|---|---|---|---|---|---|");
     let mut rows = Vec::new();
-    for &pct in &a.pools {
+    for &pct in a.pools.iter().filter(|_| !a.no_replay) {
         let slots = ((all as f64 * pct / 100.0).round() as usize).max(c.moe.top_k);
         for &policy in &policies {
             for prefetch in [false, true] {
@@ -138,8 +154,141 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
         }
     }
+    if let Some(backend) = &a.live {
+        println!();
+        let live = match backend.as_str() {
+            "cpu" => live_rows(&a, &file, &prompts, &params, &policies, &|| Ok(CpuBackend))?,
+            "gpu" => live_rows(&a, &file, &prompts, &params, &policies, &|| {
+                Ok(GpuBackend::new(&GpuOptions::from_env())?)
+            })?,
+            other => anyhow::bail!("--live {other}: expected cpu or gpu"),
+        };
+        rows.extend(live);
+    }
     if let Some(j) = &a.json {
         std::fs::write(j, serde_json::to_string_pretty(&rows)?)?;
     }
     Ok(())
+}
+
+fn rss_kib(key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Resets the peak-RSS mark (Linux ≥ 4.0), so each live row reports its own peak.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// One live decode of every prompt: (tokens, new tokens, seconds).
+fn decode<B: Backend>(
+    engine: &Engine<B>,
+    prompts: &[String],
+    params: &DecodeParams,
+) -> anyhow::Result<(Vec<Vec<u32>>, usize, f64)> {
+    let t0 = std::time::Instant::now();
+    let mut all = Vec::new();
+    let mut n = 0;
+    for p in prompts {
+        let mut req = engine.request(Prompt::Text(p.clone()));
+        req.decoding = params.clone();
+        let out = engine.generate(&req, &mut |_| {})?;
+        n += out.stats.new_tokens;
+        all.push(out.tokens);
+    }
+    Ok((all, n, t0.elapsed().as_secs_f64()))
+}
+
+/// Live rows on the backend `make` opens (a fresh one per row, so GPU memory starts empty).
+fn live_rows<B: PagedLoad>(
+    a: &Args,
+    file: &Arc<EdmFile>,
+    prompts: &[String],
+    params: &DecodeParams,
+    policies: &[Eviction],
+    make: &dyn Fn() -> anyhow::Result<B>,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let c = &file.header.metadata.config;
+    let all = stored_experts(file);
+    let expert_file_bytes: u64 = file
+        .header
+        .experts
+        .iter()
+        .map(|t| t.length * t.offsets.iter().flatten().count() as u64)
+        .sum();
+    let dense_mib =
+        (file.file_len() - file.data_start()).saturating_sub(expert_file_bytes) as f64 / 1048576.0;
+    let b = make()?;
+    println!(
+        "live on {}: dense weights {dense_mib:.1} MiB (loaded once), {all} routed experts ({:.1} MiB in the file)",
+        b.name(),
+        expert_file_bytes as f64 / 1048576.0
+    );
+    reset_peak_rss();
+    let baseline = Engine::new(b, file.clone())?;
+    let (want, n, secs) = decode(&baseline, prompts, params)?;
+    drop(baseline);
+    let base_peak = rss_kib("VmHWM:").unwrap_or(0);
+    println!();
+    println!("| pool | slots | policy | prefetch | tokens/s | hit rate | misses | read MiB | stall ms | re-runs | peak RSS MiB | pool MiB |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| all resident | {all} | - | - | {:.2} | - | - | - | - | - | {} | {:.1} |",
+        n as f64 / secs,
+        base_peak / 1024,
+        expert_file_bytes as f64 / 1048576.0
+    );
+    let mut rows = vec![serde_json::json!({
+        "live": true, "backend": "all resident", "tokens_per_second": n as f64 / secs,
+        "peak_rss_kib": base_peak, "expert_bytes": expert_file_bytes,
+    })];
+    // Step prefetch is the GPU's optimistic pass; the CPU pages on demand only.
+    let prefetch_modes: &[bool] = if std::any::type_name::<B>().contains("Gpu") {
+        &[false, true]
+    } else {
+        &[false]
+    };
+    for &pct in &a.pools {
+        let slots = ((all as f64 * pct / 100.0).round() as usize).max(c.moe.top_k);
+        for &policy in policies {
+            for &prefetch in prefetch_modes {
+                let b = make()?;
+                reset_peak_rss();
+                let (model, paging) = b.load_paged(file, slots, policy, prefetch)?;
+                let engine = Engine::with_model(b, model)?;
+                let (got, n, secs) = decode(&engine, prompts, params)?;
+                anyhow::ensure!(
+                    got == want,
+                    "paged tokens differ from the all-resident ones ({pct}%, {policy:?})"
+                );
+                let s = paging.stats();
+                let peak = rss_kib("VmHWM:").unwrap_or(0);
+                let pool_bytes = paging.pool_bytes(file);
+                println!(
+                    "| {pct}% | {slots} | {policy:?} | {} | {:.2} | {:.1}% | {} | {:.1} | {:.1} | {} | {} | {:.1} |",
+                    if prefetch { "step" } else { "off" },
+                    n as f64 / secs,
+                    100.0 * s.hit_rate(),
+                    s.misses,
+                    s.bytes_read as f64 / 1048576.0,
+                    s.stall.as_secs_f64() * 1e3,
+                    s.repasses,
+                    peak / 1024,
+                    pool_bytes as f64 / 1048576.0,
+                );
+                rows.push(serde_json::json!({
+                    "live": true, "pool_percent": pct, "slots": slots, "policy": policy,
+                    "prefetch": prefetch, "tokens_per_second": n as f64 / secs,
+                    "hit_rate": s.hit_rate(), "hits": s.hits, "misses": s.misses,
+                    "bytes_read": s.bytes_read, "stall_ms": s.stall.as_secs_f64() * 1e3,
+                    "repasses": s.repasses, "prefetched": s.prefetched,
+                    "evictions": s.evictions, "peak_rss_kib": peak, "pool_bytes": pool_bytes,
+                    "dense_mib": dense_mib,
+                }));
+            }
+        }
+    }
+    Ok(rows)
 }

@@ -66,12 +66,15 @@ pub fn cpu_slot_bytes(file: &EdmFile) -> u64 {
 pub trait PagedLoad: Backend + Sized {
     /// Bytes one pool slot takes on this backend.
     fn slot_bytes(&self, file: &EdmFile) -> Result<u64, ExpertsError>;
-    /// The model with every MoE layer's experts paged through one pool of `slots`.
+    /// The model with every MoE layer's experts paged through one pool of `slots`. `prefetch`
+    /// turns on the GPU's optimistic pass with the previous pass's routing (the CPU pages on
+    /// demand only).
     fn load_paged(
         &self,
         file: &Arc<EdmFile>,
         slots: usize,
         policy: Eviction,
+        prefetch: bool,
     ) -> Result<(Model<Self>, ExpertPaging), ExpertsError>;
 }
 
@@ -84,6 +87,7 @@ impl PagedLoad for CpuBackend {
         file: &Arc<EdmFile>,
         slots: usize,
         policy: Eviction,
+        _prefetch: bool,
     ) -> Result<(Model<Self>, ExpertPaging), ExpertsError> {
         let layers = file.header.metadata.config.num_layers;
         let pool = Arc::new(Mutex::new(CpuExpertPool::new(Pager::new(
@@ -105,8 +109,9 @@ impl PagedLoad for GpuBackend {
         file: &Arc<EdmFile>,
         slots: usize,
         policy: Eviction,
+        prefetch: bool,
     ) -> Result<(Model<Self>, ExpertPaging), ExpertsError> {
-        let pool = self.expert_pool(file, slots, policy, true, true)?;
+        let pool = self.expert_pool(file, slots, policy, prefetch, true)?;
         let model =
             Model::load_with_experts(self, file.clone(), &mut |l| self.paged_experts(&pool, l))?;
         Ok((model, ExpertPaging::Gpu(pool)))
@@ -123,5 +128,5 @@ pub fn load_paged<B: PagedLoad>(
 ) -> Result<(Model<B>, ExpertPaging), ExpertsError> {
     let top_k = file.header.metadata.config.moe.top_k;
     let slots = memory.slots(stored_experts(file), backend.slot_bytes(file)?, top_k)?;
-    backend.load_paged(file, slots, policy)
+    backend.load_paged(file, slots, policy, true)
 }
