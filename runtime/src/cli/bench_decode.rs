@@ -26,6 +26,10 @@ pub enum Bench {
     Decode(DecodeArgs),
     /// Expert paging: hit rate and bytes paged against pool size, eviction policy and prefetch.
     Experts(Box<super::bench_experts::Args>),
+    /// GPU kernels: µs, GFLOP/s and GB/s of every op for blocks of 1–64 tokens.
+    Kernels(super::bench::KernelsArgs),
+    /// GPU forward passes of blocks of 1–64 tokens on a cached context.
+    Forward(super::bench::ForwardArgs),
 }
 
 #[derive(clap::Args)]
@@ -45,6 +49,13 @@ pub struct DecodeArgs {
     /// Stop at EOS (default: generate exactly --max-tokens, so every row does the same work).
     #[arg(long)]
     pub stop_at_eos: bool,
+    /// Extra block-diffusion rows with the threshold policy at each of these τ (a sweep of the
+    /// speed/agreement trade-off; the model's own τ always runs).
+    #[arg(long, value_delimiter = ',')]
+    pub thresholds: Vec<f32>,
+    /// β of the speculative rows (1 = lossless; below 1 mixes in the diffusion logits).
+    #[arg(long, value_delimiter = ',', default_values_t = [1.0, 0.5])]
+    pub betas: Vec<f32>,
 }
 
 const BUILTIN_PROMPTS: [&str; 4] = [
@@ -58,6 +69,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     match a.what {
         Bench::Decode(d) => run_decode(d),
         Bench::Experts(e) => super::bench_experts::run(*e),
+        Bench::Kernels(k) => super::bench::run_kernels(k),
+        Bench::Forward(f) => super::bench::run_forward(f),
     }
 }
 
@@ -85,7 +98,7 @@ fn run_decode(a: DecodeArgs) -> anyhow::Result<()> {
     };
     anyhow::ensure!(!prompts.is_empty(), "no prompts to run");
     let base = a.decoding.params(&engine);
-    let configs = configurations(&engine, &a.decoding, &base);
+    let configs = configurations(&engine, &a, &base);
     let prompt_of = |text: &str| {
         if a.chat {
             Prompt::Chat(vec![ChatMessage::user(text)])
@@ -148,11 +161,8 @@ fn run_decode(a: DecodeArgs) -> anyhow::Result<()> {
 
 /// AR first, then each diffusion decoder with every policy, then the speculative decoder where
 /// the model's logits are next-token ones.
-fn configurations(
-    engine: &LoadedEngine,
-    flags: &DecodingArgs,
-    base: &DecodeParams,
-) -> Vec<DecodeParams> {
+fn configurations(engine: &LoadedEngine, a: &DecodeArgs, base: &DecodeParams) -> Vec<DecodeParams> {
+    let flags: &DecodingArgs = &a.decoding;
     let defaults = &engine.metadata().decoding;
     let b = flags.block_size.unwrap_or(defaults.block_size).max(1);
     let threshold = flags.threshold.unwrap_or(defaults.threshold);
@@ -180,6 +190,9 @@ fn configurations(
     let mut out = vec![with(DecoderKind::Ar, policies[0])];
     out.extend(policies.iter().map(|&p| with(block(false), p)));
     out.push(with(block(true), policies[0]));
+    for &threshold in a.thresholds.iter().filter(|&&t| t != threshold) {
+        out.push(with(block(false), CommitPolicy::Threshold { threshold }));
+    }
     for cache in [
         BidirectionalCache::None,
         BidirectionalCache::Prefix,
@@ -192,7 +205,7 @@ fn configurations(
         out.push(with(d, policies[0]));
     }
     if base.prediction.causal() == Prediction::NextToken {
-        for beta in [1.0, 0.5] {
+        for &beta in &a.betas {
             let d = DecoderKind::Speculative(SpeculativeOptions {
                 draft_len: flags.block_size.unwrap_or(16),
                 beta,
@@ -239,10 +252,17 @@ fn print_table(
             )
         },
     );
+    let tps = |r: &Row| r.tokens as f64 / r.elapsed.as_secs_f64().max(1e-9);
+    // configurations() puts AR first: every speedup is against it, measured in this same run.
+    let ar = rows.first().map_or(1.0, tps);
+    if let Some(r) = rows.first() {
+        println!(
+            "AR baseline: {:.1} tokens/s, {} forwards for {} tokens (\"vs AR\" = tokens/s ÷ this; \"= AR\" = prompts whose tokens equal AR's)\n",
+            ar, r.forwards, r.tokens
+        );
+    }
     println!("| decoder | policy | tokens | forwards | tokens/forward | positions | TTFT ms | tokens/s | vs AR | = AR |");
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let tps = |r: &Row| r.tokens as f64 / r.elapsed.as_secs_f64().max(1e-9);
-    let ar = rows.first().map_or(1.0, tps);
     for (i, r) in rows.iter().enumerate() {
         println!(
             "| {} | {} | {} | {} | {:.2} | {} | {:.1} | {:.1} | {:.2}× | {} |",

@@ -1,6 +1,7 @@
 //! The `edgediff` command line: one subcommand per file, errors reported with context here at the
 //! boundary (the library returns typed errors).
 
+mod bench;
 mod bench_decode;
 mod bench_experts;
 mod chat;

@@ -248,6 +248,101 @@ impl GpuBackend {
         self.lock().dispatches
     }
 
+    /// Starts timing every dispatch (up to `capacity`) with GPU timestamps; false when the device
+    /// has no TIMESTAMP_QUERY (or it is switched off).
+    pub fn start_timing(&self, capacity: u32) -> bool {
+        if !self.sh.dev.caps.timestamps {
+            return false;
+        }
+        let count = (capacity * 2).clamp(2, wgpu::QUERY_SET_MAX_QUERIES);
+        let queries = self
+            .sh
+            .dev
+            .device
+            .create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("kernel timing"),
+                ty: wgpu::QueryType::Timestamp,
+                count,
+            });
+        self.lock().timing = Some(recorder::Timing {
+            queries,
+            capacity: count,
+            labels: Vec::new(),
+        });
+        true
+    }
+
+    /// Ends timing: (entry point, GPU nanoseconds) of every dispatch since `start_timing`, in order.
+    pub fn finish_timing(&self) -> Result<Vec<(&'static str, f64)>> {
+        let Some(t) = self.lock().timing.take() else {
+            return Ok(Vec::new());
+        };
+        let n = t.labels.len() as u32 * 2;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let resolve = GpuBuffer::new(
+            &self.sh.dev.device,
+            n as u64 * 8,
+            wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            "timestamps",
+        );
+        let period = self.sh.dev.queue.get_timestamp_period() as f64;
+        let ticks: Vec<u64> = self.with(|ctx| {
+            ctx.resolve_timestamps(&t.queries, n, &resolve);
+            let b = ctx.read(&[(&resolve, 0, n as u64 * 8)])?;
+            Ok(bytemuck::pod_collect_to_vec(&b[0]))
+        })?;
+        Ok(t.labels
+            .iter()
+            .zip(ticks.chunks_exact(2))
+            .map(|(l, p)| (*l, p[1].saturating_sub(p[0]) as f64 * period))
+            .collect())
+    }
+
+    /// The device's memory bandwidth as a buffer-to-buffer copy sees it: bytes moved (read +
+    /// written, STREAM's convention) per second, over `iters` copies of `bytes` in one submission
+    /// after a warm-up copy. Wall-clock timed (timestamps inside encoders are a further feature);
+    /// with copies of hundreds of MiB the submission overhead is far below the copy time.
+    pub fn copy_bandwidth(&self, bytes: u64, iters: usize) -> Result<f64> {
+        let dev = &self.sh.dev;
+        let bytes = bytes.min(dev.limits.max_buffer_size) & !255;
+        let src = GpuBuffer::new(
+            &dev.device,
+            bytes,
+            wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            "copy source",
+        );
+        let dst = GpuBuffer::new(
+            &dev.device,
+            bytes,
+            wgpu::BufferUsages::COPY_DST,
+            "copy target",
+        );
+        let run = |n: usize| -> Result<f64> {
+            let mut enc = dev
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("copy bandwidth"),
+                });
+            for _ in 0..n {
+                enc.copy_buffer_to_buffer(&src.raw, 0, &dst.raw, 0, bytes);
+            }
+            let t0 = std::time::Instant::now();
+            dev.queue.submit([enc.finish()]);
+            dev.wait()?;
+            Ok(t0.elapsed().as_secs_f64())
+        };
+        // The warm-up also makes the source resident (a fresh buffer may be lazily backed).
+        self.sh
+            .dev
+            .queue
+            .write_buffer(&src.raw, 0, &vec![1u8; bytes.min(1 << 20) as usize]);
+        run(1)?;
+        let secs = run(iters.max(1))?;
+        Ok(2.0 * bytes as f64 * iters.max(1) as f64 / secs)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }

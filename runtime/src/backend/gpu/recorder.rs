@@ -341,6 +341,11 @@ impl Ctx<'_> {
             .copy_buffer_to_buffer(&src.raw, offset, &dst.raw, dst_offset, len);
     }
 
+    /// Records the resolution of the first `n` timestamps into `dst`.
+    pub fn resolve_timestamps(&mut self, queries: &wgpu::QuerySet, n: u32, dst: &GpuBuffer) {
+        self.encoder().resolve_query_set(queries, 0..n, &dst.raw, 0);
+    }
+
     pub fn clear(&mut self, buf: &GpuBuffer) {
         self.encoder().clear_buffer(&buf.raw, 0, None);
     }
