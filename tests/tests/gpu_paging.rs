@@ -239,3 +239,74 @@ fn engines_with_an_expert_memory_generate_the_same_tokens_on_cpu_and_gpu() {
         "{err}"
     );
 }
+
+/// Bytes of this process's mappings of `path` resident in memory (Linux `/proc/self/smaps`).
+#[cfg(target_os = "linux")]
+fn mapped_rss(path: &Path) -> u64 {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let name = path.to_str().unwrap();
+    let (mut total, mut inside) = (0, false);
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let is_header = fields.next().is_some_and(|r| r.contains('-'))
+            && fields.next().is_some_and(|p| p.len() == 4);
+        if is_header {
+            inside = line.ends_with(name);
+        } else if let Some(kb) = line.strip_prefix("Rss:").filter(|_| inside) {
+            total += kb
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .unwrap()
+                * 1024;
+        }
+    }
+    total
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn uploaded_experts_leave_no_host_pages_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((name, b)) = backends(None).into_iter().next() else {
+        return;
+    };
+    let spec = SynthSpec {
+        experts: 32,
+        top_k: 4,
+        ..SynthSpec::tiny(Architecture::Qwen3Moe)
+    };
+    let m = synth::build(&spec).unwrap();
+    let mut rss = Vec::new();
+    for release in [false, true] {
+        // One file per run: each mapping is measured on its own.
+        let path = dir.path().join(format!("release-{release}.edm"));
+        synth::write_edm(&m, &path, DType::F32, &|_, _| {}).unwrap();
+        let file = Arc::new(EdmFile::open(&path).unwrap());
+        let experts: u64 = file.header.experts.iter().map(|t| t.length * 32).sum();
+        let dense = file.file_len() - experts;
+        let c = file.header.metadata.config.clone();
+        let pool = b
+            .expert_pool(&file, c.num_layers * 32, Eviction::Lru, true, release)
+            .unwrap();
+        let model =
+            Model::load_with_experts(&b, file.clone(), &mut |l| b.paged_experts(&pool, l)).unwrap();
+        run(&b, &model);
+        let read = pool.stats().bytes_read;
+        let resident = mapped_rss(&path);
+        if release {
+            // Only the dense weights (read once at load) stay mapped in, plus page rounding at
+            // the edges of released experts.
+            assert!(
+                resident <= dense + 64 * 1024,
+                "{name}: {resident} of {dense} dense bytes"
+            );
+        } else {
+            assert!(resident >= read, "{name}: {resident} < {read} read");
+        }
+        rss.push((resident, read, dense));
+    }
+    eprintln!("{name}: (mapped RSS, bytes read, dense bytes) kept, released: {rss:?}");
+    assert!(rss[1].0 + rss[0].1 / 2 <= rss[0].0, "{name}: {rss:?}");
+}
