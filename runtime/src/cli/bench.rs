@@ -53,6 +53,21 @@ pub struct Common {
     /// Print JSON instead of Markdown tables.
     #[arg(long)]
     pub json: bool,
+    /// Also write the JSON to this file (the tables still go to stdout), so one run gives both.
+    #[arg(long)]
+    pub json_out: Option<PathBuf>,
+}
+
+/// Prints `out` (with `--json`) or writes it to `--json-out`; true when the tables are left out.
+fn emit_json(c: &Common, out: &Value) -> anyhow::Result<bool> {
+    let text = serde_json::to_string_pretty(out)?;
+    if let Some(p) = &c.json_out {
+        std::fs::write(p, &text).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if c.json {
+        println!("{text}");
+    }
+    Ok(c.json)
 }
 
 #[derive(clap::Args)]
@@ -458,20 +473,19 @@ pub fn run_kernels(a: KernelsArgs) -> anyhow::Result<()> {
             weight_bytes(&file, head_name) as f64,
         );
     }
-    if c.json {
-        let out = json!({
-            "device": g.device_name(),
-            "model": file.path().display().to_string(),
-            "context": c.context,
-            "copy_gbs": copy.map(|b| b / 1e9),
-            "dense_matmul": matmul.as_ref().map(|m| {
-                let mut v = m.json();
-                v["tflops"] = json!(m.flops / m.ns() / 1e3);
-                v
-            }),
-            "kernels": rows.iter().map(KernelRow::json).collect::<Vec<_>>(),
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+    let out = json!({
+        "device": g.device_name(),
+        "model": file.path().display().to_string(),
+        "context": c.context,
+        "copy_gbs": copy.map(|b| b / 1e9),
+        "dense_matmul": matmul.as_ref().map(|m| {
+            let mut v = m.json();
+            v["tflops"] = json!(m.flops / m.ns() / 1e3);
+            v
+        }),
+        "kernels": rows.iter().map(KernelRow::json).collect::<Vec<_>>(),
+    });
+    if emit_json(c, &out)? {
         return Ok(());
     }
     println!(
@@ -628,7 +642,7 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
     let total = |b: &PassBytes| (b.dense + b.experts + b.kv) as f64;
     let gbs = |b: &PassBytes, ms: f64| total(b) / (ms * 1e6);
     let pct = |v: f64| copy.map(|c| 100.0 * v * 1e9 / c);
-    if c.json {
+    {
         let out = json!({
             "device": g.device_name(),
             "model": file.path().display().to_string(),
@@ -650,8 +664,9 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
                 "pct_copy_gpu": gpu.and_then(|g| pct(gbs(b, g))),
             })).collect::<Vec<_>>(),
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(());
+        if emit_json(c, &out)? {
+            return Ok(());
+        }
     }
     println!(
         "device: {}\nmodel: {} ({} layers), context {} tokens, {} iterations\ncopy bandwidth: {} GB/s (buffer-to-buffer, read + write)\n",
