@@ -106,7 +106,8 @@ pub struct PagerStats {
     pub prefetch_hits: u64,
     pub evictions: u64,
     pub bytes_read: u64,
-    /// Time spent reading experts on demand (the forward pass waited for it).
+    /// Time spent reading experts on demand (the forward pass waited for it), and on the GPU the
+    /// time of optimistic passes thrown away because they missed.
     pub stall: Duration,
     /// GPU passes run again because the router picked an expert the optimistic pass did not have
     /// (see backend/gpu/experts.rs); always 0 on the CPU.

@@ -319,6 +319,8 @@ pub(crate) struct PagingState {
     /// The next pass must run synchronously (the optimistic one missed).
     repass: bool,
     in_pass: bool,
+    /// When the pass began: a discarded optimistic pass counts as stall time.
+    pass_start: Instant,
     /// Routing of each MoE layer of the optimistic pass, copied out for the end-of-pass read.
     pub(crate) captures: Vec<(usize, Pooled, u64)>,
     /// Routed experts per MoE layer of the pass being run (synchronous passes).
@@ -424,6 +426,7 @@ impl PagingState {
         store: &ExpertStore,
     ) -> Result<(), crate::backend::BackendError> {
         self.in_pass = true;
+        self.pass_start = Instant::now();
         self.captures.clear();
         self.routed.clear();
         let mut seen = std::collections::HashSet::new();
@@ -532,6 +535,7 @@ impl super::GpuBackend {
                 sync: false,
                 repass: false,
                 in_pass: false,
+                pass_start: Instant::now(),
                 captures: Vec::new(),
                 routed: Vec::new(),
                 predicted: Vec::new(),
@@ -584,13 +588,17 @@ impl super::GpuBackend {
         pool: &Arc<GpuExpertPool>,
     ) -> Result<super::GpuAct, crate::backend::BackendError> {
         let sh = &*self.sh;
-        let mut st = pool.state.lock().unwrap_or_else(|p| p.into_inner());
-        if !st.in_pass {
-            st.begin_pass(sh, &pool.store)?;
+        {
+            // Registered before anything can fail, so the end of the pass (or the next
+            // begin_forward) always finds it; the list is locked before a pool, never after.
             let mut active = self.paging.lock().unwrap_or_else(|p| p.into_inner());
             if !active.iter().any(|p| Arc::ptr_eq(p, pool)) {
                 active.push(pool.clone());
             }
+        }
+        let mut st = pool.state.lock().unwrap_or_else(|p| p.into_inner());
+        if !st.in_pass {
+            st.begin_pass(sh, &pool.store)?;
         }
         let n = (routing.rows * routing.k * 4) as u64;
         let buffers = st.buffers.clone();
@@ -694,8 +702,11 @@ impl super::GpuBackend {
             .unwrap_or_else(|p| p.into_inner())
             .drain(..)
             .map(|p| {
-                let caps =
-                    std::mem::take(&mut p.state.lock().unwrap_or_else(|p| p.into_inner()).captures);
+                let mut st = p.state.lock().unwrap_or_else(|p| p.into_inner());
+                // The pass is over even if its read fails: the next one starts afresh.
+                st.in_pass = false;
+                let caps = std::mem::take(&mut st.captures);
+                drop(st);
                 (p, caps)
             })
             .collect()
@@ -710,7 +721,6 @@ impl super::GpuBackend {
         let mut rerun = false;
         for (pool, captured) in pools {
             let mut st = pool.state.lock().unwrap_or_else(|p| p.into_inner());
-            st.in_pass = false;
             if st.sync {
                 st.predicted = std::mem::take(&mut st.routed);
                 continue;
@@ -725,6 +735,9 @@ impl super::GpuBackend {
                     .any(|&e| st.pager.slot_of(*l, e as usize).is_none())
             });
             if missed {
+                // The whole pass is thrown away: the decode waited for it.
+                let wasted = st.pass_start.elapsed();
+                st.pager.record_read(0, wasted);
                 st.pager.stats.repasses += 1;
                 st.repass = true;
                 rerun = true;
