@@ -110,6 +110,15 @@ class EdgeDiffTest {
     }
 
     @Test
+    fun anExpertBudgetBelowOneLayersTopKIsATypedException() {
+        val tiny = EngineConfig(expertMemoryBudget = 1uL, adapter = AdapterPreference.CPU)
+        val e = assertFailsWith<EdgeDiffException.InvalidArgument> {
+            runBlocking { EdgeDiff.load(modelPath, tiny) }
+        }
+        assertTrue("at least" in e.message!!, e.message)
+    }
+
+    @Test
     fun anInvalidRequestFailsTheFlowWithATypedException() {
         assertFailsWith<EdgeDiffException.InvalidArgument> {
             runBlocking { engine.generate("x", GenerationConfig(maxNewTokens = 0u)).toList() }
