@@ -228,6 +228,8 @@ fn live_rows<B: PagedLoad>(
     );
     reset_peak_rss();
     let baseline = Engine::new(b, file.clone())?;
+    // The first decode in the process also compiles pipelines (driver caches): warm up first.
+    decode(&baseline, &prompts[..1], params)?;
     let (want, n, secs) = decode(&baseline, prompts, params)?;
     drop(baseline);
     let base_peak = rss_kib("VmHWM:").unwrap_or(0);

@@ -37,6 +37,10 @@
 //!   Any pool of ≥ top-k slots therefore works, and the output is bit-identical to all-resident:
 //!   the same kernels compute the same rows, only which buffer holds an expert changes.
 //!
+//! A miss costs a whole pass, so after one the optimistic pass is skipped for 1, 2, 4 … 16 passes
+//! (reset by a success): where routing keeps changing (new blocks, random weights) the decode
+//! degrades to the synchronous mode instead of paying for discarded passes.
+//!
 //! Re-running a pass is harmless: it rewrites the same K/V positions it wrote the first time.
 //! Uploads go through `queue.write_buffer`, which lands before the next submission and after
 //! every earlier one; the modes above only ever upload when no recorded-but-unsubmitted command
@@ -318,6 +322,11 @@ pub(crate) struct PagingState {
     sync: bool,
     /// The next pass must run synchronously (the optimistic one missed).
     repass: bool,
+    /// Passes left to run synchronously before trying the optimistic pass again, and how many a
+    /// further miss will skip (doubling up to 16): when routing keeps changing, each miss throws a
+    /// whole pass away, so the optimistic pass is tried less often until it succeeds.
+    skip: u32,
+    backoff: u32,
     in_pass: bool,
     /// When the pass began: a discarded optimistic pass counts as stall time.
     pass_start: Instant,
@@ -439,7 +448,10 @@ impl PagingState {
         // Synchronous when the optimistic pass would surely miss: right after a miss, with no
         // prediction yet (the first pass), without prefetch, or when the predicted working set
         // is larger than the pool.
+        let backing_off = self.skip > 0;
+        self.skip = self.skip.saturating_sub(1);
         self.sync = std::mem::take(&mut self.repass)
+            || backing_off
             || !self.prefetch
             || want.is_empty()
             || want.len() > self.pager.capacity();
@@ -534,6 +546,8 @@ impl super::GpuBackend {
                 release_host,
                 sync: false,
                 repass: false,
+                skip: 0,
+                backoff: 0,
                 in_pass: false,
                 pass_start: Instant::now(),
                 captures: Vec::new(),
@@ -740,6 +754,8 @@ impl super::GpuBackend {
                 st.pager.record_read(0, wasted);
                 st.pager.stats.repasses += 1;
                 st.repass = true;
+                st.backoff = (st.backoff * 2).clamp(1, 16);
+                st.skip = st.backoff;
                 rerun = true;
                 continue;
             }
@@ -751,6 +767,7 @@ impl super::GpuBackend {
                 }
             }
             st.predicted = routed;
+            st.backoff = 0;
         }
         if rerun {
             return Err(crate::backend::BackendError::RerunPass);
