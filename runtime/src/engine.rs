@@ -263,6 +263,32 @@ impl<B: Backend> Engine<B> {
 
     /// Generates, streaming [`Event`]s to `on_event`. Cancelling `decoding.cancel` (from any
     /// thread, or from `on_event`) ends it within one step with `FinishReason::Cancelled`.
+    /// Mean AR negative log-likelihood per token of `continuation` after `prompt` (token ids), from
+    /// one causal pass: how `bench decode` scores each decoder's output with the same model, so a
+    /// decoder that trades exactness for speed shows its cost. Only meaningful where the model's
+    /// causal rows predict the next token.
+    pub fn continuation_nll(
+        &self,
+        prompt: &[u32],
+        continuation: &[u32],
+    ) -> Result<f64, EngineError> {
+        let context = self.model.config.max_position;
+        if prompt.len() + continuation.len() > context {
+            return Err(DecodeError::ContextTooLong {
+                prompt: prompt.len(),
+                max_new: continuation.len(),
+                context,
+            }
+            .into());
+        }
+        Ok(crate::eval::continuation_nll(
+            &self.backend,
+            &self.model,
+            prompt,
+            continuation,
+        )?)
+    }
+
     pub fn generate(
         &self,
         request: &GenerationRequest,
@@ -456,6 +482,13 @@ impl LoadedEngine {
     }
     pub fn request(&self, prompt: Prompt) -> GenerationRequest {
         with_engine!(self, e => e.request(prompt))
+    }
+    pub fn continuation_nll(
+        &self,
+        prompt: &[u32],
+        continuation: &[u32],
+    ) -> Result<f64, EngineError> {
+        with_engine!(self, e => e.continuation_nll(prompt, continuation))
     }
     pub fn default_decoding(&self) -> DecodeParams {
         with_engine!(self, e => e.default_decoding())

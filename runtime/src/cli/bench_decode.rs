@@ -1,5 +1,6 @@
 //! `edgediff bench decode`: every decoder and commit policy on the same prompts, the AR baseline in
-//! the same run, as a Markdown table (tokens/s, forward passes, tokens per forward, TTFT).
+//! the same run, as a Markdown table (tokens/s, forward passes, tokens per forward, TTFT, and the
+//! AR NLL of what each decoder wrote as its quality).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -83,6 +84,9 @@ struct Row {
     ttft: Duration,
     elapsed: Duration,
     same_as_ar: usize,
+    /// Sum over prompts of the mean AR NLL per token of the decoder's output (None where the
+    /// model has no next-token logits to score with).
+    nll: Option<f64>,
 }
 
 fn run_decode(a: DecodeArgs) -> anyhow::Result<()> {
@@ -114,6 +118,10 @@ fn run_decode(a: DecodeArgs) -> anyhow::Result<()> {
         ..base.clone()
     };
     engine.generate(&warm, &mut |_| {})?;
+    // Quality: every output scored by the same model's AR (causal next-token) logits, so a decoder
+    // that commits tokens AR would not have picked pays in NLL. Masked-prediction models have no
+    // such yardstick here.
+    let score = base.prediction.causal() == Prediction::NextToken;
     let mut ar_tokens: Vec<Vec<u32>> = Vec::new();
     let mut rows = Vec::new();
     for params in &configs {
@@ -130,6 +138,7 @@ fn run_decode(a: DecodeArgs) -> anyhow::Result<()> {
             ttft: Duration::ZERO,
             elapsed: Duration::ZERO,
             same_as_ar: 0,
+            nll: score.then_some(0.0),
         };
         for (i, text) in prompts.iter().enumerate() {
             let mut request = engine.request(prompt_of(text));
@@ -140,6 +149,12 @@ fn run_decode(a: DecodeArgs) -> anyhow::Result<()> {
             let out = engine
                 .generate(&request, &mut |_| {})
                 .with_context(|| format!("{} on prompt {}", row.decoder, i + 1))?;
+            if let Some(sum) = row.nll.as_mut() {
+                let ids = engine.encode_prompt(&request.prompt)?;
+                *sum += engine
+                    .continuation_nll(&ids, &out.tokens)
+                    .with_context(|| format!("scoring {} on prompt {}", row.decoder, i + 1))?;
+            }
             let s = &out.stats;
             row.tokens += s.new_tokens;
             row.forwards += s.forward_passes;
@@ -257,15 +272,15 @@ fn print_table(
     let ar = rows.first().map_or(1.0, tps);
     if let Some(r) = rows.first() {
         println!(
-            "AR baseline: {:.1} tokens/s, {} forwards for {} tokens (\"vs AR\" = tokens/s ÷ this; \"= AR\" = prompts whose tokens equal AR's)\n",
+            "AR baseline: {:.1} tokens/s, {} forwards for {} tokens (\"vs AR\" = tokens/s ÷ this; \"= AR\" = prompts whose tokens equal AR's; \"AR NLL\" = mean NLL per token of the output under the model's own AR logits, lower is likelier, AR greedy's is the reference)\n",
             ar, r.forwards, r.tokens
         );
     }
-    println!("| decoder | policy | tokens | forwards | tokens/forward | positions | TTFT ms | tokens/s | vs AR | = AR |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| decoder | policy | tokens | forwards | tokens/forward | positions | TTFT ms | tokens/s | vs AR | = AR | AR NLL |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (i, r) in rows.iter().enumerate() {
         println!(
-            "| {} | {} | {} | {} | {:.2} | {} | {:.1} | {:.1} | {:.2}× | {} |",
+            "| {} | {} | {} | {} | {:.2} | {} | {:.1} | {:.1} | {:.2}× | {} | {} |",
             r.decoder,
             r.policy,
             r.tokens,
@@ -280,6 +295,10 @@ fn print_table(
             } else {
                 format!("{}/{}", r.same_as_ar, prompts.len())
             },
+            r.nll.map_or("—".to_string(), |n| format!(
+                "{:.3}",
+                n / prompts.len() as f64
+            )),
         );
     }
 }
