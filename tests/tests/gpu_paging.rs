@@ -78,7 +78,9 @@ fn paged_gpu_experts_are_bit_identical_to_resident_for_every_pool_size_policy_an
                         let what = format!(
                             "{name} {arch}: {slots} slots, {policy:?}, prefetch {prefetch}"
                         );
-                        let pool = b.expert_pool(&file, slots, policy, prefetch, true).unwrap();
+                        let pool = b
+                            .expert_pool(&file, slots, policy, prefetch, true, 0)
+                            .unwrap();
                         let model = Model::load_with_experts(&b, file.clone(), &mut |l| {
                             b.paged_experts(&pool, l)
                         })
@@ -119,6 +121,69 @@ fn paged_gpu_experts_are_bit_identical_to_resident_for_every_pool_size_policy_an
 }
 
 #[test]
+fn read_ahead_threads_change_neither_the_output_nor_the_pagers_decisions() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, b) in backends(None) {
+        for arch in [Architecture::Qwen3Moe, Architecture::Llada2Moe] {
+            let file = write(dir.path(), arch);
+            let resident = run(&b, &Model::load(&b, file.clone(), &|_, _| true).unwrap());
+            let c = file.header.metadata.config.clone();
+            let mut read_ahead = 0;
+            for slots in [c.moe.top_k, 7, 24] {
+                for policy in [Eviction::Lru, Eviction::LeastStale] {
+                    for prefetch in [false, true] {
+                        let what = format!(
+                            "{name} {arch}: {slots} slots, {policy:?}, prefetch {prefetch}"
+                        );
+                        let mut stats = Vec::new();
+                        for readers in [0, 1, 3] {
+                            let pool = b
+                                .expert_pool(&file, slots, policy, prefetch, true, readers)
+                                .unwrap();
+                            let model = Model::load_with_experts(&b, file.clone(), &mut |l| {
+                                b.paged_experts(&pool, l)
+                            })
+                            .unwrap();
+                            assert!(
+                                run(&b, &model) == resident,
+                                "{what}, {readers} readers: output differs"
+                            );
+                            stats.push(pool.stats());
+                        }
+                        // Without readers nothing is staged; with them, only experts that were
+                        // then paged in are counted.
+                        assert_eq!(stats[0].read_ahead, 0, "{what}");
+                        for s in &stats[1..] {
+                            assert!(s.read_ahead <= s.misses + s.prefetched, "{what}: {s:?}");
+                            read_ahead += s.read_ahead;
+                        }
+                        // The same decisions in the same order: every counter but the stall and
+                        // the read-ahead count is equal.
+                        let key = |s: &edgediff::experts::PagerStats| {
+                            (
+                                s.hits,
+                                s.misses,
+                                s.prefetched,
+                                s.prefetch_hits,
+                                s.evictions,
+                                s.bytes_read,
+                                s.repasses,
+                                s.occupied,
+                            )
+                        };
+                        for s in &stats[1..] {
+                            assert_eq!(key(s), key(&stats[0]), "{what}");
+                        }
+                    }
+                }
+            }
+            // The staged path was taken (a reader that never delivered would pass the rest).
+            assert!(read_ahead > 0, "{name} {arch}");
+        }
+    }
+}
+
+#[test]
 fn with_every_expert_resident_the_optimistic_pass_stops_missing() {
     let dir = tempfile::tempdir().unwrap();
     for (name, b) in backends(None) {
@@ -126,7 +191,7 @@ fn with_every_expert_resident_the_optimistic_pass_stops_missing() {
         let c = file.header.metadata.config.clone();
         let all = c.num_layers * c.moe.num_experts;
         let pool = b
-            .expert_pool(&file, all, Eviction::Lru, true, true)
+            .expert_pool(&file, all, Eviction::Lru, true, true, 0)
             .unwrap();
         let model =
             Model::load_with_experts(&b, file.clone(), &mut |l| b.paged_experts(&pool, l)).unwrap();
@@ -288,7 +353,7 @@ fn uploaded_experts_leave_no_host_pages_behind() {
         let dense = file.file_len() - experts;
         let c = file.header.metadata.config.clone();
         let pool = b
-            .expert_pool(&file, c.num_layers * 32, Eviction::Lru, true, release)
+            .expert_pool(&file, c.num_layers * 32, Eviction::Lru, true, release, 2)
             .unwrap();
         let model =
             Model::load_with_experts(&b, file.clone(), &mut |l| b.paged_experts(&pool, l)).unwrap();

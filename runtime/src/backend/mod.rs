@@ -109,6 +109,11 @@ pub trait Backend {
     fn name(&self) -> String;
 
     fn load_weight(&self, view: TensorView<'_>) -> Result<Self::Weight>;
+    /// Whether [`Backend::load_weight`] copies a weight out of host memory for good (into GPU
+    /// buffers), so the model file's mapped pages under it can be dropped once it returns.
+    fn weights_leave_host(&self) -> bool {
+        false
+    }
     /// Loads the experts of `layer` that `resident` allows; the others must never be read.
     fn load_experts(
         &self,

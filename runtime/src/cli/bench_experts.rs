@@ -3,17 +3,20 @@
 //! same for every pool); each configuration replays it through the real pager.
 //!
 //! `--live cpu|gpu` then decodes the same prompts for real with the experts paged through a pool
-//! of each size, policy and prefetch setting on that backend: tokens/s, hit rate, bytes read,
-//! stall time, GPU re-runs, peak RSS and GPU bytes (dense weights + expert pool) per row, plus an
-//! all-resident baseline. Tokens are checked equal to the baseline's (paging is exact).
+//! of each size, policy, prefetch setting and number of read-ahead threads (`--readers`, GPU) on
+//! that backend: tokens/s, hit rate, bytes read, stall time, GPU re-runs, peak RSS and peak GPU
+//! buffer bytes (dense weights + expert pool + KV + activations) per row, plus an all-resident
+//! baseline. Tokens are checked equal to the baseline's (paging is exact). With `--no-replay` no
+//! CPU model is loaded, so the peaks are the live rows' own.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 
-use super::generate::{resolve_model, DecodingArgs};
+use super::generate::{peak_rss_kib, resolve_model, DecodingArgs};
 use crate::backend::cpu::{CpuBackend, CpuExpertPool, CpuExperts};
+use crate::backend::gpu::pool::{gpu_bytes, reset_peak_gpu_bytes};
 use crate::backend::gpu::{GpuBackend, GpuOptions};
 use crate::backend::Backend;
 use crate::decode::DecodeParams;
@@ -48,30 +51,68 @@ pub struct Args {
     /// Skip the trace replay (live runs only).
     #[arg(long)]
     pub no_replay: bool,
+    /// Read-ahead threads of the GPU pool, one row each (0: reads on the decoding thread).
+    #[arg(long, value_delimiter = ',', default_value = "2")]
+    pub readers: Vec<usize>,
 }
 
 const BUILTIN_PROMPTS: [&str; 3] = ["fn main() {", "The history of the town", "def parse(path):"];
-
-fn peak_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let path = resolve_model(a.model.as_deref())?;
     let file =
         Arc::new(EdmFile::open(&path).with_context(|| format!("opening {}", path.display()))?);
-    let c = file.header.metadata.config.clone();
-    let moe_layers = file.header.experts.len();
-    anyhow::ensure!(moe_layers > 0, "the model has no MoE layers");
-    let all = moe_layers * c.moe.num_experts;
-    let expert_bytes = file.header.experts[0].length;
+    anyhow::ensure!(
+        !file.header.experts.is_empty(),
+        "the model has no MoE layers"
+    );
     let policies = a
         .policies
         .iter()
         .map(|p| p.parse::<Eviction>().map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let prompts: Vec<String> = match &a.prompts {
+        Some(p) => std::fs::read_to_string(p)?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect(),
+        None => BUILTIN_PROMPTS.iter().map(|s| s.to_string()).collect(),
+    };
+    let mut rows = Vec::new();
+    if !a.no_replay {
+        rows = replay_rows(&a, &path, &file, &policies, &prompts)?;
+    }
+    if let Some(backend) = &a.live {
+        println!();
+        let live = match backend.as_str() {
+            "cpu" => live_rows(&a, &file, &prompts, &policies, &|| Ok(CpuBackend))?,
+            "gpu" => live_rows(&a, &file, &prompts, &policies, &|| {
+                Ok(GpuBackend::new(&GpuOptions::from_env())?)
+            })?,
+            other => anyhow::bail!("--live {other}: expected cpu or gpu"),
+        };
+        rows.extend(live);
+    }
+    if let Some(j) = &a.json {
+        std::fs::write(j, serde_json::to_string_pretty(&rows)?)?;
+    }
+    Ok(())
+}
+
+/// Records the routing trace of a CPU decode and replays it through the pager for every pool
+/// size, policy and prefetch setting.
+fn replay_rows(
+    a: &Args,
+    path: &std::path::Path,
+    file: &Arc<EdmFile>,
+    policies: &[Eviction],
+    prompts: &[String],
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let c = file.header.metadata.config.clone();
+    let moe_layers = file.header.experts.len();
+    let all = moe_layers * c.moe.num_experts;
+    let expert_bytes = file.header.experts[0].length;
     let pool = Arc::new(Mutex::new(CpuExpertPool::new(Pager::new(
         all,
         c.num_layers,
@@ -83,17 +124,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     })?;
     let engine = LoadedEngine::Cpu(Engine::with_model(CpuBackend, model)?);
     let params = a.decoding.params(&engine);
-    let prompts: Vec<String> = match &a.prompts {
-        Some(p) => std::fs::read_to_string(p)?
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(str::to_string)
-            .collect(),
-        None => BUILTIN_PROMPTS.iter().map(|s| s.to_string()).collect(),
-    };
     let (mut tokens, mut forwards, t0) = (0, 0, std::time::Instant::now());
-    // With --no-replay only the live runs decode.
-    for p in prompts.iter().filter(|_| !a.no_replay) {
+    for p in prompts {
         let mut req = engine.request(Prompt::Text(p.clone()));
         req.decoding = params.clone();
         let out = engine.generate(&req, &mut |_| {})?;
@@ -123,9 +155,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     println!("| pool | slots | policy | prefetch | hit rate | misses | paged MiB | prefetched | evictions |");
     println!("|---|---|---|---|---|---|---|---|---|");
     let mut rows = Vec::new();
-    for &pct in a.pools.iter().filter(|_| !a.no_replay) {
+    for &pct in &a.pools {
         let slots = ((all as f64 * pct / 100.0).round() as usize).max(c.moe.top_k);
-        for &policy in &policies {
+        for &policy in policies {
             for prefetch in [false, true] {
                 let s = replay(
                     &trace,
@@ -154,21 +186,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
         }
     }
-    if let Some(backend) = &a.live {
-        println!();
-        let live = match backend.as_str() {
-            "cpu" => live_rows(&a, &file, &prompts, &params, &policies, &|| Ok(CpuBackend))?,
-            "gpu" => live_rows(&a, &file, &prompts, &params, &policies, &|| {
-                Ok(GpuBackend::new(&GpuOptions::from_env())?)
-            })?,
-            other => anyhow::bail!("--live {other}: expected cpu or gpu"),
-        };
-        rows.extend(live);
-    }
-    if let Some(j) = &a.json {
-        std::fs::write(j, serde_json::to_string_pretty(&rows)?)?;
-    }
-    Ok(())
+    Ok(rows)
 }
 
 fn rss_kib(key: &str) -> Option<u64> {
@@ -206,7 +224,6 @@ fn live_rows<B: PagedLoad>(
     a: &Args,
     file: &Arc<EdmFile>,
     prompts: &[String],
-    params: &DecodeParams,
     policies: &[Eviction],
     make: &dyn Fn() -> anyhow::Result<B>,
 ) -> anyhow::Result<Vec<serde_json::Value>> {
@@ -227,68 +244,81 @@ fn live_rows<B: PagedLoad>(
         expert_file_bytes as f64 / 1048576.0
     );
     reset_peak_rss();
+    reset_peak_gpu_bytes();
     let baseline = Engine::new(b, file.clone())?;
+    let params = &a.decoding.params_for(&baseline);
     // The first decode in the process also compiles pipelines (driver caches): warm up first.
     decode(&baseline, &prompts[..1], params)?;
     let (want, n, secs) = decode(&baseline, prompts, params)?;
     drop(baseline);
     let base_peak = rss_kib("VmHWM:").unwrap_or(0);
+    let base_gpu = gpu_bytes().1;
     println!();
-    println!("| pool | slots | policy | prefetch | tokens/s | hit rate | misses | read MiB | stall ms | re-runs | peak RSS MiB | pool MiB |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| pool | slots | policy | prefetch | read-ahead | tokens/s | hit rate | misses | read MiB | read ahead | stall ms | re-runs | peak RSS MiB | peak GPU MiB | RSS + GPU MiB | pool MiB |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| all resident | {all} | - | - | {:.2} | - | - | - | - | - | {} | {:.1} |",
+        "| all resident | {all} | - | - | - | {:.2} | - | - | - | - | - | - | {} | {:.1} | {:.1} | {:.1} |",
         n as f64 / secs,
         base_peak / 1024,
+        base_gpu as f64 / 1048576.0,
+        (base_peak * 1024 + base_gpu) as f64 / 1048576.0,
         expert_file_bytes as f64 / 1048576.0
     );
     let mut rows = vec![serde_json::json!({
         "live": true, "backend": "all resident", "tokens_per_second": n as f64 / secs,
-        "peak_rss_kib": base_peak, "expert_bytes": expert_file_bytes,
+        "peak_rss_kib": base_peak, "peak_gpu_bytes": base_gpu, "expert_bytes": expert_file_bytes,
     })];
-    // Step prefetch is the GPU's optimistic pass; the CPU pages on demand only.
-    let prefetch_modes: &[bool] = if std::any::type_name::<B>().contains("Gpu") {
-        &[false, true]
-    } else {
-        &[false]
-    };
+    // Step prefetch and read-ahead are the GPU pool's; the CPU pages on demand only.
+    let gpu = std::any::type_name::<B>().contains("Gpu");
+    let prefetch_modes: &[bool] = if gpu { &[false, true] } else { &[false] };
+    let readers: &[usize] = if gpu { &a.readers } else { &[0] };
     for &pct in &a.pools {
         let slots = ((all as f64 * pct / 100.0).round() as usize).max(c.moe.top_k);
         for &policy in policies {
             for &prefetch in prefetch_modes {
-                let b = make()?;
-                reset_peak_rss();
-                let (model, paging) = b.load_paged(file, slots, policy, prefetch)?;
-                let engine = Engine::with_model(b, model)?;
-                let (got, n, secs) = decode(&engine, prompts, params)?;
-                anyhow::ensure!(
-                    got == want,
-                    "paged tokens differ from the all-resident ones ({pct}%, {policy:?})"
-                );
-                let s = paging.stats();
-                let peak = rss_kib("VmHWM:").unwrap_or(0);
-                let pool_bytes = paging.pool_bytes(file);
-                println!(
-                    "| {pct}% | {slots} | {policy:?} | {} | {:.2} | {:.1}% | {} | {:.1} | {:.1} | {} | {} | {:.1} |",
-                    if prefetch { "step" } else { "off" },
-                    n as f64 / secs,
-                    100.0 * s.hit_rate(),
-                    s.misses,
-                    s.bytes_read as f64 / 1048576.0,
-                    s.stall.as_secs_f64() * 1e3,
-                    s.repasses,
-                    peak / 1024,
-                    pool_bytes as f64 / 1048576.0,
-                );
-                rows.push(serde_json::json!({
-                    "live": true, "pool_percent": pct, "slots": slots, "policy": policy,
-                    "prefetch": prefetch, "tokens_per_second": n as f64 / secs,
-                    "hit_rate": s.hit_rate(), "hits": s.hits, "misses": s.misses,
-                    "bytes_read": s.bytes_read, "stall_ms": s.stall.as_secs_f64() * 1e3,
-                    "repasses": s.repasses, "prefetched": s.prefetched,
-                    "evictions": s.evictions, "peak_rss_kib": peak, "pool_bytes": pool_bytes,
-                    "dense_mib": dense_mib,
-                }));
+                for &threads in readers {
+                    let b = make()?;
+                    reset_peak_rss();
+                    reset_peak_gpu_bytes();
+                    let (model, paging) = b.load_paged(file, slots, policy, prefetch, threads)?;
+                    let engine = Engine::with_model(b, model)?;
+                    let (got, n, secs) = decode(&engine, prompts, params)?;
+                    anyhow::ensure!(
+                        got == want,
+                        "paged tokens differ from the all-resident ones ({pct}%, {policy:?})"
+                    );
+                    let s = paging.stats();
+                    let peak = rss_kib("VmHWM:").unwrap_or(0);
+                    let peak_gpu = gpu_bytes().1;
+                    let pool_bytes = paging.pool_bytes(file);
+                    println!(
+                        "| {pct}% | {slots} | {policy:?} | {} | {threads} | {:.2} | {:.1}% | {} | {:.1} | {} | {:.1} | {} | {} | {:.1} | {:.1} | {:.1} |",
+                        if prefetch { "step" } else { "off" },
+                        n as f64 / secs,
+                        100.0 * s.hit_rate(),
+                        s.misses,
+                        s.bytes_read as f64 / 1048576.0,
+                        s.read_ahead,
+                        s.stall.as_secs_f64() * 1e3,
+                        s.repasses,
+                        peak / 1024,
+                        peak_gpu as f64 / 1048576.0,
+                        (peak * 1024 + peak_gpu) as f64 / 1048576.0,
+                        pool_bytes as f64 / 1048576.0,
+                    );
+                    rows.push(serde_json::json!({
+                        "live": true, "pool_percent": pct, "slots": slots, "policy": policy,
+                        "prefetch": prefetch, "readers": threads,
+                        "tokens_per_second": n as f64 / secs,
+                        "hit_rate": s.hit_rate(), "hits": s.hits, "misses": s.misses,
+                        "bytes_read": s.bytes_read, "read_ahead": s.read_ahead,
+                        "stall_ms": s.stall.as_secs_f64() * 1e3,
+                        "repasses": s.repasses, "prefetched": s.prefetched,
+                        "evictions": s.evictions, "peak_rss_kib": peak,
+                        "peak_gpu_bytes": peak_gpu, "pool_bytes": pool_bytes,
+                        "dense_mib": dense_mib,
+                    }));
+                }
             }
         }
     }

@@ -164,8 +164,22 @@ pub struct DecodingArgs {
 impl DecodingArgs {
     /// The request's decoding parameters: the model's defaults, overridden by the flags.
     pub fn params(&self, engine: &LoadedEngine) -> DecodeParams {
-        let mut p = engine.default_decoding();
-        let defaults = &engine.metadata().decoding;
+        self.params_from(engine.default_decoding(), &engine.metadata().decoding)
+    }
+
+    /// [`DecodingArgs::params`] for an engine of a known backend.
+    pub fn params_for<B: crate::backend::Backend>(
+        &self,
+        engine: &crate::engine::Engine<B>,
+    ) -> DecodeParams {
+        self.params_from(engine.default_decoding(), &engine.metadata().decoding)
+    }
+
+    fn params_from(
+        &self,
+        mut p: DecodeParams,
+        defaults: &crate::format::header::DecodingDefaults,
+    ) -> DecodeParams {
         let block_size = self.block_size.unwrap_or(defaults.block_size.max(1));
         let decoder = self.decoder.unwrap_or(match p.decoder {
             DecoderKind::Ar => DecoderName::Ar,
@@ -284,8 +298,33 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         if let Some(p) = engine.expert_stats() {
             eprintln!("{}", pager_report(&p));
         }
+        eprintln!("{}", memory_report());
     }
     Ok(())
+}
+
+/// Peak resident host memory of this process (Linux `VmHWM`, KiB), if known.
+pub fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Peak host RSS and peak bytes of GPU buffers so far (the memory a deployment needs).
+pub fn memory_report() -> String {
+    let rss = peak_rss_kib().map(|k| k * 1024);
+    let (_, gpu) = crate::backend::gpu::pool::gpu_bytes();
+    let mib = |b: u64| b as f64 / 1048576.0;
+    match rss {
+        Some(r) => format!(
+            "memory: peak RSS {:.1} MiB, peak GPU buffers {:.1} MiB, together {:.1} MiB ({:.3} GB)",
+            mib(r),
+            mib(gpu),
+            mib(r + gpu),
+            (r + gpu) as f64 / 1e9
+        ),
+        None => format!("memory: peak GPU buffers {:.1} MiB", mib(gpu)),
+    }
 }
 
 /// The expert pool's counters, when experts are paged (`--expert-memory`).

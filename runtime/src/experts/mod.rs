@@ -11,6 +11,7 @@ pub mod pager;
 pub mod paging;
 pub mod profile;
 pub mod prune;
+pub mod reader;
 pub mod trace;
 
 use std::path::PathBuf;

@@ -112,6 +112,10 @@ pub struct PagerStats {
     /// GPU passes run again because the router picked an expert the optimistic pass did not have
     /// (see backend/gpu/experts.rs); always 0 on the CPU.
     pub repasses: u64,
+    /// Experts (of `misses + prefetched`) whose bytes a read-ahead thread had already copied out of
+    /// the file when the upload needed them (see experts/reader.rs); the rest were read on the
+    /// calling thread.
+    pub read_ahead: u64,
     pub slots: usize,
     pub occupied: usize,
 }
@@ -207,10 +211,19 @@ impl Pager {
         self.pinned = routed.iter().map(|&e| (layer, e)).collect();
     }
 
-    /// Pins an arbitrary set (a whole pass's predicted experts while they are prefetched, so one
-    /// prefetch never evicts another); cleared by the next [`Pager::begin_layer`] or `pin`.
+    /// Pins an arbitrary set; cleared by the next [`Pager::begin_layer`], `pin` or
+    /// [`Pager::begin_prefetch`].
     pub fn pin(&mut self, keys: impl IntoIterator<Item = (usize, usize)>) {
         self.pinned = keys.into_iter().collect();
+    }
+
+    /// Starts prefetching a whole pass's predicted experts before the pass runs: they are pinned
+    /// (one prefetch never evicts another), and the cycle position is the end of the pass, since
+    /// the next layer to run is the first. Without the latter, `LeastStale` would rank the first
+    /// layer's experts — needed soonest — as needed last and evict the ones just prefetched.
+    pub fn begin_prefetch(&mut self, keys: impl IntoIterator<Item = (usize, usize)>) {
+        self.current_layer = self.num_layers - 1;
+        self.pin(keys);
     }
 
     /// Asks for one expert; counts a hit or a miss.
@@ -357,6 +370,31 @@ mod tests {
             Lookup::Miss { evicted, .. } => assert_eq!(evicted, Some((0, 1))),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn least_stale_prefetch_keeps_the_first_layers_experts() {
+        // Four layers; the pool holds one expert of each. Before a pass the experts of layers 0
+        // and 1 are prefetched; layer 0's is needed first, so making room for a third expert must
+        // evict something else, and with the prefetch pinned it evicts neither.
+        let mut p = Pager::new(4, 4, Eviction::LeastStale);
+        for l in 0..4 {
+            p.begin_layer(l, &[1]);
+            p.request(l, 1);
+        }
+        p.begin_prefetch([(0, 2), (1, 2)]);
+        let mut evicted = Vec::new();
+        for (l, e) in [(0, 2), (1, 2)] {
+            match p.prefetch(l, e) {
+                Some(Lookup::Miss {
+                    evicted: Some(v), ..
+                }) => evicted.push(v),
+                other => panic!("{other:?}"),
+            }
+        }
+        // Layers 3 and 2 ran last, so theirs are needed furthest in the future.
+        assert_eq!(evicted, vec![(3, 1), (2, 1)]);
+        assert!(p.slot_of(0, 2).is_some() && p.slot_of(1, 2).is_some());
     }
 
     #[test]

@@ -67,14 +67,15 @@ pub trait PagedLoad: Backend + Sized {
     /// Bytes one pool slot takes on this backend.
     fn slot_bytes(&self, file: &EdmFile) -> Result<u64, ExpertsError>;
     /// The model with every MoE layer's experts paged through one pool of `slots`. `prefetch`
-    /// turns on the GPU's optimistic pass with the previous pass's routing (the CPU pages on
-    /// demand only).
+    /// turns on the GPU's optimistic pass with the previous pass's routing and `readers` its
+    /// read-ahead threads (the CPU pages on demand, on the calling thread).
     fn load_paged(
         &self,
         file: &Arc<EdmFile>,
         slots: usize,
         policy: Eviction,
         prefetch: bool,
+        readers: usize,
     ) -> Result<(Model<Self>, ExpertPaging), ExpertsError>;
 }
 
@@ -88,6 +89,7 @@ impl PagedLoad for CpuBackend {
         slots: usize,
         policy: Eviction,
         _prefetch: bool,
+        _readers: usize,
     ) -> Result<(Model<Self>, ExpertPaging), ExpertsError> {
         let layers = file.header.metadata.config.num_layers;
         let pool = Arc::new(Mutex::new(CpuExpertPool::new(Pager::new(
@@ -110,13 +112,18 @@ impl PagedLoad for GpuBackend {
         slots: usize,
         policy: Eviction,
         prefetch: bool,
+        readers: usize,
     ) -> Result<(Model<Self>, ExpertPaging), ExpertsError> {
-        let pool = self.expert_pool(file, slots, policy, prefetch, true)?;
+        let pool = self.expert_pool(file, slots, policy, prefetch, true, readers)?;
         let model =
             Model::load_with_experts(self, file.clone(), &mut |l| self.paged_experts(&pool, l))?;
         Ok((model, ExpertPaging::Gpu(pool)))
     }
 }
+
+/// Read-ahead threads of a paged GPU pool loaded through [`load_paged`] (see
+/// backend/gpu/experts.rs): two keep a flash read in flight while the previous one uploads.
+pub const READERS: usize = 2;
 
 /// Loads `file` on `backend` with an expert pool of `memory`; an error naming the numbers when the
 /// budget cannot hold one layer's top-k routed experts.
@@ -128,5 +135,5 @@ pub fn load_paged<B: PagedLoad>(
 ) -> Result<(Model<B>, ExpertPaging), ExpertsError> {
     let top_k = file.header.metadata.config.moe.top_k;
     let slots = memory.slots(stored_experts(file), backend.slot_bytes(file)?, top_k)?;
-    backend.load_paged(file, slots, policy, true)
+    backend.load_paged(file, slots, policy, true, READERS)
 }

@@ -50,14 +50,15 @@ pub fn replay(trace: &RoutingTrace, num_layers: usize, cfg: ReplayConfig) -> Pag
     let mut previous: Option<&Vec<(usize, Vec<usize>)>> = None;
     for pass in &trace.forwards {
         if let (true, Some(prev)) = (cfg.prefetch, previous) {
-            pager.begin_layer(0, &[]);
             // In execution order and no more than the pool holds: prefetching past capacity would
-            // evict the experts needed first.
-            for (layer, e) in prev
+            // evict the experts needed first. Pinned while prefetched, as on the GPU.
+            let want: Vec<(usize, usize)> = prev
                 .iter()
                 .flat_map(|(l, es)| es.iter().map(move |&e| (*l, e)))
                 .take(cfg.slots)
-            {
+                .collect();
+            pager.begin_prefetch(want.iter().copied());
+            for &(layer, e) in &want {
                 pager.prefetch(layer, e);
             }
         }

@@ -367,8 +367,29 @@ impl EdmFile {
     /// pool slot), so resident host memory holds only what is in use. Nothing is lost: a later
     /// access faults the same bytes in again from the page cache or the file.
     pub fn release_expert(&self, layer: usize, expert: usize) {
+        if let Some((off, len)) = self.expert_range(layer, expert) {
+            self.release_range(off, len);
+        }
+    }
+
+    /// Drops the mapped pages under `bytes` — a slice of this file's mapping, such as a
+    /// [`TensorView`]'s — once they were copied elsewhere (a GPU buffer); as
+    /// [`EdmFile::release_expert`]. A slice from elsewhere is ignored.
+    pub fn release_view(&self, bytes: &[u8]) {
+        let Some(map) = self.map.get() else {
+            return;
+        };
+        let (base, at) = (map.as_ptr() as usize, bytes.as_ptr() as usize);
+        if at >= base && at + bytes.len() <= base + map.len() {
+            self.release_range((at - base) as u64, bytes.len() as u64);
+        }
+    }
+
+    /// `off` and `len` in bytes from the start of the file (= of the mapping); pages partly
+    /// outside the range are dropped too (they fault back in when touched).
+    fn release_range(&self, off: u64, len: u64) {
         #[cfg(unix)]
-        if let (Some((off, len)), Some(map)) = (self.expert_range(layer, expert), self.map.get()) {
+        if let Some(map) = self.map.get() {
             if off + len <= map.len() as u64 {
                 // SAFETY: MADV_DONTNEED on a read-only, file-backed shared mapping only unmaps
                 // pages; it cannot change the bytes any live slice into the mapping sees (they are
@@ -383,7 +404,7 @@ impl EdmFile {
             }
         }
         #[cfg(not(unix))]
-        let _ = (layer, expert);
+        let _ = (off, len);
     }
 
     /// The byte range of a whole expert, relative to the start of the file.

@@ -172,7 +172,12 @@ impl<B: Backend> Model<B> {
                     want: want.to_vec(),
                 });
             }
-            Ok(backend.load_weight(view)?)
+            let w = backend.load_weight(view)?;
+            if backend.weights_leave_host() {
+                // Uploaded: host memory keeps no copy of the dense weights.
+                file.release_view(view.bytes);
+            }
+            Ok(w)
         };
         let mlp = |l: usize, gu: &str, down: &str, inter: usize| -> Result<Mlp<B>, ModelError> {
             Ok(Mlp {

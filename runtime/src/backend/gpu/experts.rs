@@ -48,9 +48,23 @@
 //! (`EdmFile::release_expert`, MADV_DONTNEED), and the mapping is advised MADV_RANDOM so a read
 //! never pulls in neighbouring experts: host memory holds the dense weights and what is in flight.
 //!
-//! Not done yet: reads overlapped with GPU work (a reader thread filling staging buffers for the
-//! next layer's predicted experts while the current layer runs); today a synchronous pass reads on
-//! the submitting thread.
+//! ## Read-ahead ([`ExpertReader`])
+//! With reader threads (`readers` > 0, the default through `--expert-memory`), the flash reads move
+//! off the submitting thread: experts about to be paged in are copied out of the mapping into host
+//! staging buffers by std threads, and an upload then only copies staged bytes into wgpu's staging
+//! memory. What is read ahead, in the order it will be needed:
+//! - at the end of every pass, the prediction for the next one (its routing; after a miss, the
+//!   failed pass's exact routing, which its repair will ask for) minus what is resident, first
+//!   layers first;
+//! - an optimistic pass's prefetch list, while earlier prefetches upload;
+//! - in a synchronous pass, before a layer's routing read-back (the submission that makes the GPU
+//!   run up to this layer's router), the predicted experts of this layer and the next; after it,
+//!   this layer's actual misses, then the next layers' predicted ones, while the misses upload.
+//!
+//! The pager decides slots on the submitting thread in the same order as without read-ahead, and a
+//! staged expert is the same file bytes, so tokens, hits, misses, evictions and bytes read do not
+//! change; the stall does. At most [`READ_AHEAD_BYTES`] of experts are staged at once; a staged
+//! guess the pass did not route to is dropped when its layer has run.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -59,10 +73,18 @@ use super::device::{GpuError, PORTABLE_BINDING};
 use super::pool::{GpuBuffer, Pooled};
 use super::recorder::Shared;
 use crate::experts::pager::{Eviction, Lookup, Pager, PagerStats};
+use crate::experts::reader::{ExpertReader, Stage};
 use crate::format::{DType, EdmFile, TensorEntry};
 use crate::model::names;
 
 pub const NO_SLOT: u32 = u32::MAX;
+
+/// Host memory read-ahead threads may fill with staged experts (at least one layer's top-k, at
+/// most the pool's slots).
+pub const READ_AHEAD_BYTES: u64 = 64 << 20;
+
+/// MoE layers ahead of the running one whose predicted experts are read ahead.
+const READ_AHEAD_LAYERS: usize = 2;
 
 /// (layer, expert) → (pool buffer, word offset), mirrored on the host.
 pub struct SlotTable {
@@ -232,6 +254,8 @@ pub fn load_layer(
                 on_upload(view.bytes.len() as u64);
             }
             slots.set(sh, layer, e, (index, (base / 4) as u32));
+            // Uploaded (write_buffer copied the bytes): host memory keeps no copy.
+            file.release_expert(layer, e);
         }
         pools.push((index, buf));
     }
@@ -337,6 +361,11 @@ pub(crate) struct PagingState {
     /// The last completed pass's routed experts per MoE layer, in execution order: the
     /// prediction for the next pass (the same block's next denoising step, most of the time).
     predicted: Vec<(usize, Vec<u32>)>,
+    /// Read-ahead threads (None: every read happens on the submitting thread).
+    reader: Option<ExpertReader>,
+    /// Experts to read ahead, in the order they will be needed, and how far staging got.
+    ahead: Vec<(usize, usize)>,
+    ahead_next: usize,
 }
 
 impl GpuExpertPool {
@@ -389,28 +418,99 @@ impl PagingState {
         let (pool, word) = self.places[slot];
         let buf = &self.buffers[(pool - self.buffers[0].0) as usize].1;
         let l = layer_layout(sh, &self.file, layer)?;
+        // The bytes a reader thread copied out already, else the mapping's.
+        let staged = match &self.reader {
+            Some(r) => r.take(key).transpose()?,
+            None => None,
+        };
+        if staged.is_some() {
+            self.pager.stats.read_ahead += 1;
+        }
         let mut bytes = 0;
         let mut guard = store.inner.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((l0, e0)) = evicted {
             guard.0.set(sh, l0, e0, (NO_SLOT, NO_SLOT));
         }
-        for (name, at) in [
+        // The same part order as `reader::STAGED_PARTS`.
+        for (i, (name, at)) in [
             (names::EXPERT_GATE_UP, word as u64 * 4),
             (names::EXPERT_DOWN, (word + l.down.word) as u64 * 4),
-        ] {
-            let view = self.file.expert_part(layer, e, name)?;
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut view = self.file.expert_part(layer, e, name)?;
+            if let Some(s) = &staged {
+                view.bytes = &s.parts[i];
+            }
             super::check_finite(&view)?;
             super::write_padded(sh, buf, at, view.bytes);
             bytes += view.bytes.len() as u64;
         }
         guard.0.set(sh, layer, e, (pool, word));
         drop(guard);
-        if self.release_host {
+        // A reader released the pages of what it staged.
+        if self.release_host && staged.is_none() {
             // write_buffer copied the bytes into wgpu's staging memory; the mapped pages are not
             // needed again until the expert is paged in anew.
             self.file.release_expert(layer, e);
         }
         Ok(bytes)
+    }
+
+    /// Replaces the read-ahead list with `keys`, in the order they will be needed, and stages what
+    /// fits.
+    fn read_ahead(&mut self, keys: Vec<(usize, usize)>) {
+        self.ahead = keys;
+        self.ahead_next = 0;
+        self.advance();
+    }
+
+    /// Stages the next experts of the read-ahead list while the reader has room (the room frees as
+    /// uploads take staged experts).
+    fn advance(&mut self) {
+        let Some(r) = &self.reader else {
+            return;
+        };
+        while let Some(&key) = self.ahead.get(self.ahead_next) {
+            if r.stage(key) == Stage::Full {
+                break;
+            }
+            self.ahead_next += 1;
+        }
+    }
+
+    /// The predicted experts of MoE layers from `layer` on (at most `layers` of them), in
+    /// execution order, that are not resident and not in `skip`.
+    fn predicted_misses(
+        &self,
+        layer: usize,
+        layers: usize,
+        skip: &[(usize, usize)],
+    ) -> Vec<(usize, usize)> {
+        self.predicted
+            .iter()
+            .filter(|(l, _)| *l >= layer)
+            .take(layers)
+            .flat_map(|(l, ids)| ids.iter().map(move |&e| (*l, e as usize)))
+            .filter(|&(l, e)| self.pager.slot_of(l, e).is_none() && !skip.contains(&(l, e)))
+            .collect()
+    }
+
+    /// Drops staged experts matching `unwanted` (guesses their layer did not route to).
+    fn drop_staged(&self, unwanted: impl Fn((usize, usize)) -> bool) {
+        if let Some(r) = &self.reader {
+            r.discard(unwanted);
+        }
+    }
+
+    /// Reads ahead the prediction for the next pass (what of it is not resident), first layers
+    /// first, as far as staging has room.
+    fn read_ahead_prediction(&mut self) {
+        if self.reader.is_some() {
+            let keys = self.predicted_misses(0, usize::MAX, &[]);
+            self.read_ahead(keys);
+        }
     }
 
     /// Brings in `key` on demand (a stall) unless it is resident.
@@ -420,6 +520,7 @@ impl PagingState {
         store: &ExpertStore,
         key: (usize, usize),
     ) -> Result<(), crate::backend::BackendError> {
+        self.advance();
         if let Lookup::Miss { slot, evicted } = self.pager.request(key.0, key.1) {
             let t0 = Instant::now();
             let bytes = self.fill(sh, store, slot, key, evicted)?;
@@ -458,13 +559,24 @@ impl PagingState {
         if self.sync {
             return Ok(());
         }
-        self.pager.pin(want.iter().copied());
+        // The pass cannot start before its prefetch is uploaded: that wait is stall too.
+        let t0 = Instant::now();
+        self.pager.begin_prefetch(want.iter().copied());
+        let mut fills = Vec::new();
         for &key in &want {
             if let Some(Lookup::Miss { slot, evicted }) = self.pager.prefetch(key.0, key.1) {
-                let bytes = self.fill(sh, store, slot, key, evicted)?;
-                self.pager.record_read(bytes, Duration::ZERO);
+                fills.push((slot, key, evicted));
             }
         }
+        self.read_ahead(fills.iter().map(|f| f.1).collect());
+        for (slot, key, evicted) in fills {
+            self.advance();
+            let bytes = self.fill(sh, store, slot, key, evicted)?;
+            self.pager.record_read(bytes, Duration::ZERO);
+        }
+        // Everything this pass needs is resident now.
+        self.drop_staged(|_| true);
+        self.pager.record_read(0, t0.elapsed());
         Ok(())
     }
 }
@@ -490,7 +602,8 @@ impl super::GpuBackend {
     /// A bounded GPU expert pool of `slots` experts for `file` (exact lazy paging); its layers come
     /// from [`GpuBackend::paged_experts`](super::GpuBackend::paged_experts). `prefetch` turns on
     /// the optimistic pass with the previous pass's routing; `release_host` drops the mapped
-    /// pages of each expert once uploaded.
+    /// pages of each expert once uploaded; `readers` threads read experts ahead (0: every read on
+    /// the calling thread; see the module header).
     pub fn expert_pool(
         &self,
         file: &Arc<EdmFile>,
@@ -498,6 +611,7 @@ impl super::GpuBackend {
         policy: Eviction,
         prefetch: bool,
         release_host: bool,
+        readers: usize,
     ) -> Result<Arc<GpuExpertPool>, crate::backend::BackendError> {
         let c = &file.header.metadata.config;
         Pager::check_capacity(slots, c.moe.top_k).map_err(GpuError::Unsupported)?;
@@ -535,6 +649,20 @@ impl super::GpuBackend {
                 left -= n;
             }
         }
+        let reader = if readers > 0 {
+            let limit = (READ_AHEAD_BYTES / stride.max(1)) as usize;
+            let limit = limit.max(c.moe.top_k).min(slots);
+            Some(
+                ExpertReader::new(file.clone(), readers, limit, release_host).map_err(|e| {
+                    crate::format::FormatError::Io {
+                        path: file.path().to_path_buf(),
+                        source: e,
+                    }
+                })?,
+            )
+        } else {
+            None
+        };
         Ok(Arc::new(GpuExpertPool {
             store,
             state: Mutex::new(PagingState {
@@ -553,6 +681,9 @@ impl super::GpuBackend {
                 captures: Vec::new(),
                 routed: Vec::new(),
                 predicted: Vec::new(),
+                reader,
+                ahead: Vec::new(),
+                ahead_next: 0,
             }),
         }))
     }
@@ -654,12 +785,26 @@ impl super::GpuBackend {
         // command can see a slot rewritten below), bring its experts in, then run them. When the
         // layer routes to more experts than the pool holds, they run in groups of a pool's size,
         // each group submitted before the next overwrites its slots.
+        // Read ahead what this layer and the next are predicted to need while the GPU runs up to
+        // this layer's router.
+        let layer = experts.layer;
+        let guess = st.predicted_misses(layer, READ_AHEAD_LAYERS, &[]);
+        st.read_ahead(guess);
         let ids: Vec<u32> = self.with(|ctx| {
             let b = ctx.read(&[(&routing.ids, 0, n)])?;
             Ok(bytemuck::pod_collect_to_vec(&b[0]))
         })?;
         let routed = distinct(&ids, experts.num_experts);
         st.routed.push((experts.layer, routed.clone()));
+        // This layer's misses first, then the next layers' predicted ones.
+        let mut upcoming: Vec<(usize, usize)> = routed
+            .iter()
+            .map(|&e| (layer, e as usize))
+            .filter(|&(l, e)| st.pager.slot_of(l, e).is_none())
+            .collect();
+        let later = st.predicted_misses(layer + 1, READ_AHEAD_LAYERS, &upcoming);
+        upcoming.extend(later);
+        st.read_ahead(upcoming);
         let groups: Vec<&[u32]> = routed.chunks(st.pager.capacity().max(1)).collect();
         let status = sh.status.clone();
         self.with(|ctx| {
@@ -689,6 +834,8 @@ impl super::GpuBackend {
                 let s = scratch.as_ref().expect("set above");
                 super::ops::moe::experts(ctx, &x.buf, s, &layout)?;
             }
+            // Guesses for this layer that it did not route to are of no further use.
+            st.drop_staged(|k| k.0 <= layer);
             let out = super::GpuBackend::out_act(ctx, x.rows, x.cols)?;
             match &scratch {
                 Some(s) => super::ops::moe::combine(ctx, s, &routing.weights, &out.buf)?,
@@ -737,6 +884,7 @@ impl super::GpuBackend {
             let mut st = pool.state.lock().unwrap_or_else(|p| p.into_inner());
             if st.sync {
                 st.predicted = std::mem::take(&mut st.routed);
+                st.read_ahead_prediction();
                 continue;
             }
             let ne = st.file.header.metadata.config.moe.num_experts;
@@ -756,6 +904,10 @@ impl super::GpuBackend {
                 st.repass = true;
                 st.backoff = (st.backoff * 2).clamp(1, 16);
                 st.skip = st.backoff;
+                // The repair asks for exactly this routing (synchronous passes decide nothing
+                // from the prediction, so this only steers read-ahead).
+                st.predicted = routed;
+                st.read_ahead_prediction();
                 rerun = true;
                 continue;
             }
@@ -768,6 +920,7 @@ impl super::GpuBackend {
             }
             st.predicted = routed;
             st.backoff = 0;
+            st.read_ahead_prediction();
         }
         if rerun {
             return Err(crate::backend::BackendError::RerunPass);

@@ -430,6 +430,10 @@ impl Backend for GpuBackend {
         format!("gpu: {}", self.device_name())
     }
 
+    fn weights_leave_host(&self) -> bool {
+        true
+    }
+
     fn load_weight(&self, view: TensorView<'_>) -> Result<GpuWeight> {
         let sh = &self.sh;
         let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;

@@ -11,6 +11,25 @@ use std::sync::{Arc, Mutex};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Bytes of the GPU buffers this process has created and not yet dropped, and their peak: every
+/// weight, expert pool, KV cache, activation and staging buffer goes through [`GpuBuffer::new`]
+/// (wgpu's own upload staging for `write_buffer` is not counted).
+static LIVE_BYTES: AtomicU64 = AtomicU64::new(0);
+static PEAK_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// (live, peak) bytes of GPU buffers in this process (all backends together).
+pub fn gpu_bytes() -> (u64, u64) {
+    (
+        LIVE_BYTES.load(Ordering::Relaxed),
+        PEAK_BYTES.load(Ordering::Relaxed),
+    )
+}
+
+/// Starts a new peak from the bytes live now.
+pub fn reset_peak_gpu_bytes() {
+    PEAK_BYTES.store(LIVE_BYTES.load(Ordering::Relaxed), Ordering::Relaxed);
+}
+
 pub struct GpuBuffer {
     pub id: u64,
     pub raw: wgpu::Buffer,
@@ -31,11 +50,19 @@ impl GpuBuffer {
             usage,
             mapped_at_creation: false,
         });
+        let live = LIVE_BYTES.fetch_add(size, Ordering::Relaxed) + size;
+        PEAK_BYTES.fetch_max(live, Ordering::Relaxed);
         Arc::new(GpuBuffer {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             raw,
             size,
         })
+    }
+}
+
+impl Drop for GpuBuffer {
+    fn drop(&mut self) {
+        LIVE_BYTES.fetch_sub(self.size, Ordering::Relaxed);
     }
 }
 
