@@ -1,6 +1,8 @@
 // Elementwise kernels, one invocation per output value (grids folded into x·y for large sizes):
 // add (a += b), swiglu (a[t, c] = silu(b[t, c]) · b[t, I + c] for b = [T, 2I] gate rows first) and
-// fill (a u32 pattern: NaN poisoning of outputs in tests).
+// fill (a u32 pattern: NaN poisoning of outputs in tests) and copy16 (dst = src, 16 bytes per
+// invocation: the compute-shader yardstick of the device's copy bandwidth, next to
+// copy_buffer_to_buffer, which some drivers run on a slower copy engine).
 
 struct EwParams {
     n: u32,
@@ -13,6 +15,8 @@ struct EwParams {
 @group(0) @binding(1) var<storage, read_write> a: array<f32>;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> words: array<u32>;
+@group(0) @binding(4) var<storage, read> src16: array<vec4<u32>>;
+@group(0) @binding(5) var<storage, read_write> dst16: array<vec4<u32>>;
 
 fn flat_index(lid: u32, wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return (wid.x + wid.y * nwg.x) * 64u + lid;
@@ -54,5 +58,18 @@ fn fill(
     let i = flat_index(lid, wid, nwg);
     if (i < p.n) {
         words[i] = p.pattern;
+    }
+}
+
+// p.n: 16-byte units to copy.
+@compute @workgroup_size(64)
+fn copy16(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let i = flat_index(lid, wid, nwg);
+    if (i < p.n) {
+        dst16[i] = src16[i];
     }
 }

@@ -2,8 +2,8 @@
 // host round trip between router and experts).
 //
 // moe_dispatch (one workgroup of 256): from the router's ids [T, top_k] builds per-expert token
-//   lists — count (atomics), exclusive scan (a chunk of experts per invocation, then the 256 chunk
-//   sums), scatter — plus the list of active experts and the indirect grids of expert_gate_up
+//   lists — count (atomics), exclusive scan (a chunk of experts per invocation, then a parallel
+//   scan of the 256 chunk sums), scatter — plus the list of active experts and the indirect grids of expert_gate_up
 //   (active experts × I/32 × ⌈max tokens/16⌉) and expert_down (… × H/64 × …); layout in
 //   lib/moe_meta.wgsl. A routed expert with no slot (not resident) is flagged in `status`:
 //   bit 31 | layer << 16 | expert, read back with the statistics.
@@ -77,20 +77,25 @@ fn moe_dispatch(@builtin(local_invocation_index) lid: u32) {
     part_active[lid] = act;
     part_max[lid] = mx;
     workgroupBarrier();
-    if (lid == 0u) {
-        var sc = 0u;
-        var sa = 0u;
-        var m = 0u;
-        for (var i = 0u; i < 256u; i++) {
-            let pc = part_count[i];
-            let pa = part_active[i];
-            part_count[i] = sc;
-            part_active[i] = sa;
-            sc += pc;
-            sa += pa;
-            m = max(m, part_max[i]);
+    // Inclusive scans (sum, sum, max) over the 256 chunks, Hillis–Steele: 8 steps.
+    for (var s = 1u; s < 256u; s <<= 1u) {
+        var pc = 0u;
+        var pa = 0u;
+        var pm = 0u;
+        if (lid >= s) {
+            pc = part_count[lid - s];
+            pa = part_active[lid - s];
+            pm = part_max[lid - s];
         }
-        let z = (m + 15u) / 16u;
+        workgroupBarrier();
+        part_count[lid] += pc;
+        part_active[lid] += pa;
+        part_max[lid] = max(part_max[lid], pm);
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        let sa = part_active[255];
+        let z = (part_max[255] + 15u) / 16u;
         atomicStore(&meta_rw[0], sa);
         atomicStore(&meta_rw[1], (mp.inter + 31u) / 32u);
         atomicStore(&meta_rw[2], z);
@@ -99,9 +104,8 @@ fn moe_dispatch(@builtin(local_invocation_index) lid: u32) {
         atomicStore(&meta_rw[5], z);
         atomicStore(&meta_rw[6], sa);
     }
-    workgroupBarrier();
-    var off = part_count[lid];
-    var ai = part_active[lid];
+    var off = part_count[lid] - c;
+    var ai = part_active[lid] - act;
     for (var e = lo; e < hi; e++) {
         let n = atomicLoad(&meta_rw[meta_counts(ne) + e]);
         atomicStore(&meta_rw[meta_offsets(ne) + e], off);

@@ -3,8 +3,9 @@
 //! synthetic one with LLaDA2.0-mini's shapes (hidden 2048, 16/4 heads of 128, 256 experts top-8 of
 //! FFN 512 + 1 shared, dense first layer 5120, vocab 157184) and fewer layers.
 //!
-//! Both first measure the device's copy bandwidth (buffer-to-buffer, read + write bytes per
-//! second): the ceiling a bandwidth-bound pass is judged against.
+//! Both first measure the device's copy bandwidth (read + write bytes per second, the larger of
+//! `copy_buffer_to_buffer` and a compute-shader copy — some drivers run buffer copies on a copy
+//! engine below the memory's bandwidth): the ceiling a bandwidth-bound pass is judged against.
 //! kernels: a dense f16 N×N×N matrix multiply (TFLOP/s), then every op of one layer (dense and
 //!   MoE) and the LM head for blocks of 1–64 tokens: GPU µs per call, GFLOP/s and GB/s (weight
 //!   bytes read once per call + activations).
@@ -20,7 +21,7 @@ use std::time::Instant;
 use anyhow::Context;
 use serde_json::{json, Value};
 
-use crate::backend::gpu::{GpuBackend, GpuOptions, GpuWeight};
+use crate::backend::gpu::{CopyBandwidth, GpuBackend, GpuOptions, GpuWeight};
 use crate::backend::{AttnMask, Backend};
 use crate::format::{DType, EdmFile, TensorView};
 use crate::model::{names, ForwardRequest, Model, ModelConfig, Window};
@@ -123,8 +124,8 @@ fn gpu() -> anyhow::Result<GpuBackend> {
     Ok(g)
 }
 
-/// Copy bandwidth in bytes/s (`None` when skipped), announced on stderr.
-fn copy_bandwidth(g: &GpuBackend, c: &Common) -> anyhow::Result<Option<f64>> {
+/// Copy bandwidth (`None` when skipped), announced on stderr.
+fn copy_bandwidth(g: &GpuBackend, c: &Common) -> anyhow::Result<Option<CopyBandwidth>> {
     if c.copy_mib == 0 {
         return Ok(None);
     }
@@ -132,11 +133,61 @@ fn copy_bandwidth(g: &GpuBackend, c: &Common) -> anyhow::Result<Option<f64>> {
         .copy_bandwidth(c.copy_mib << 20, c.iters.max(3))
         .context("measuring the copy bandwidth")?;
     eprintln!(
-        "copy bandwidth: {:.1} GB/s ({} MiB buffers, read + write)",
-        bw / 1e9,
+        "copy bandwidth: {} ({} MiB buffers)",
+        copy_note(Some(bw)),
         c.copy_mib
     );
     Ok(Some(bw))
+}
+
+/// "X GB/s (…)": the device copy bandwidth and how it was found.
+fn copy_note(bw: Option<CopyBandwidth>) -> String {
+    match bw {
+        None => "- GB/s (not measured)".into(),
+        Some(b) => format!(
+            "{:.1} GB/s (read + write; the larger of a compute-shader copy, {} GB/s, and copy_buffer_to_buffer, {:.1} GB/s)",
+            b.best() / 1e9,
+            fmt_opt(b.shader_copy.map(|v| v / 1e9), 1),
+            b.buffer_copy / 1e9,
+        ),
+    }
+}
+
+fn copy_json(bw: Option<CopyBandwidth>) -> Value {
+    json!({
+        "copy_gbs": bw.map(|b| b.best() / 1e9),
+        "copy_buffer_gbs": bw.map(|b| b.buffer_copy / 1e9),
+        "copy_shader_gbs": bw.and_then(|b| b.shader_copy).map(|v| v / 1e9),
+    })
+}
+
+/// (entry point, dispatches, GPU µs) per entry point.
+type EntryTimes = Vec<(&'static str, usize, f64)>;
+
+/// GPU µs of each entry point in one call of `op` (after a warm-up call): (entry, dispatches, µs).
+fn breakdown(
+    g: &GpuBackend,
+    mut op: impl FnMut() -> anyhow::Result<()>,
+    sync: &dyn Fn() -> anyhow::Result<()>,
+) -> anyhow::Result<EntryTimes> {
+    op()?;
+    sync()?;
+    if !g.start_timing(1024) {
+        return Ok(Vec::new());
+    }
+    op()?;
+    sync()?;
+    let mut out: EntryTimes = Vec::new();
+    for (l, ns) in g.finish_timing()? {
+        match out.iter_mut().find(|e| e.0 == l) {
+            Some(e) => {
+                e.1 += 1;
+                e.2 += ns / 1e3;
+            }
+            None => out.push((l, 1, ns / 1e3)),
+        }
+    }
+    Ok(out)
 }
 
 /// Deterministic pseudo-random values in [-1, 1).
@@ -253,7 +304,8 @@ pub fn run_kernels(a: KernelsArgs) -> anyhow::Result<()> {
     let c = &a.common;
     let file = model_file(c)?;
     let g = gpu()?;
-    let copy = copy_bandwidth(&g, c)?;
+    let copy_bw = copy_bandwidth(&g, c)?;
+    let copy = copy_bw.map(|b| b.best());
     let matmul = match a.matmul_n {
         0 => None,
         n => Some(dense_matmul(&g, n, c.iters.min(10)).context("dense f16 matmul")?),
@@ -327,6 +379,7 @@ pub fn run_kernels(a: KernelsArgs) -> anyhow::Result<()> {
         let act = (t * h * 4) as f64;
         let r = time_op(
             &g,
+    let mut split: Vec<(usize, String, EntryTimes)> = Vec::new();
             c.iters,
             || {
                 g.rms_norm(&x, &norm, 1e-6)?;
@@ -468,6 +521,15 @@ pub fn run_kernels(a: KernelsArgs) -> anyhow::Result<()> {
         )?;
         row(
             format!("lm_head_stats [{}×{}] {}", head.rows, head.cols, head.dtype),
+            let parts = breakdown(
+                &g,
+                || {
+                    g.moe(&x, &routing, experts)?;
+                    Ok(())
+                },
+                &sync,
+            )?;
+            split.push((t, "moe".into(), parts));
             r,
             2.0 * (t * head.rows * head.cols) as f64,
             weight_bytes(&file, head_name) as f64,
@@ -485,17 +547,27 @@ pub fn run_kernels(a: KernelsArgs) -> anyhow::Result<()> {
         }),
         "kernels": rows.iter().map(KernelRow::json).collect::<Vec<_>>(),
     });
+        let parts = breakdown(
+            &g,
+            || {
+                g.lm_head_stats(&x, &head, 0..t)?;
+                Ok(())
+            },
+            &|| Ok(()),
+        )?;
+        split.push((t, "lm_head_stats".into(), parts));
     if emit_json(c, &out)? {
         return Ok(());
     }
     println!(
-        "device: {}\nmodel: {}, context {} tokens, {} iterations\ncopy bandwidth: {} GB/s (buffer-to-buffer, read + write)",
+        "device: {}\nmodel: {}, context {} tokens, {} iterations\ncopy bandwidth: {}",
         g.device_name(),
         file.path().display(),
         c.context,
         c.iters,
-        fmt_opt(copy.map(|b| b / 1e9), 1),
+        copy_note(copy_bw),
     );
+        "copy": copy_json(copy_bw),
     if let Some(m) = &matmul {
         println!(
             "{}: {:.2} TFLOP/s ({:.1} µs {}; target ≥ 15 TFLOP/s)",
@@ -503,6 +575,11 @@ pub fn run_kernels(a: KernelsArgs) -> anyhow::Result<()> {
             m.flops / m.ns() / 1e3,
             m.ns() / 1e3,
             if m.gpu_ns.is_some() { "GPU" } else { "wall" },
+        "dispatches": split.iter().map(|(t, op, parts)| json!({
+            "tokens": t,
+            "op": op,
+            "entries": parts.iter().map(|(l, n, us)| json!({"entry": l, "dispatches": n, "gpu_us": us})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
         );
     }
     println!(
@@ -539,6 +616,16 @@ fn pass_bytes(
     cfg: &ModelConfig,
     t: usize,
     kv_len: usize,
+    if !split.is_empty() {
+        println!("\nGPU µs per entry point, one call (dispatches):");
+        for (t, op, parts) in &split {
+            let list: Vec<String> = parts
+                .iter()
+                .map(|(l, n, us)| format!("{l} {us:.1} ({n})"))
+                .collect();
+            println!("- {t} tokens, {op}: {}", list.join(", "));
+        }
+    }
     routing: &[(usize, Vec<u32>, Vec<f32>)],
 ) -> PassBytes {
     let dense = file
@@ -579,7 +666,8 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
     let c = &a.common;
     let file = model_file(c)?;
     let g = gpu()?;
-    let copy = copy_bandwidth(&g, c)?;
+    let copy_bw = copy_bandwidth(&g, c)?;
+    let copy = copy_bw.map(|b| b.best());
     let model = Model::load(&g, file.clone(), &|_, _| true).context("loading the model")?;
     let cfg = model.config.clone();
     let vocab = cfg.vocab_size as u64;
@@ -623,6 +711,7 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
         let t0 = Instant::now();
         for _ in 0..c.iters.max(1) {
             model.forward(&g, &mut kv, block, window, &want)?;
+    let mut split: Vec<(usize, EntryTimes)> = Vec::new();
         }
         let wall_ms = t0.elapsed().as_secs_f64() * 1e3 / c.iters.max(1) as f64;
         let per = (g.dispatches() - d0) / c.iters.max(1) as u64;
@@ -647,6 +736,7 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
             "device": g.device_name(),
             "model": file.path().display().to_string(),
             "context": c.context,
+        let mut entries: EntryTimes = Vec::new();
             "copy_gbs": copy.map(|b| b / 1e9),
             "passes": rows.iter().map(|(t, wall, gpu, per, b)| json!({
                 "tokens": t,
@@ -654,7 +744,24 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
                 "gpu_ms": gpu,
                 "dispatches": per,
                 "tokens_per_s": *t as f64 / wall * 1e3,
+            for (l, ns) in spans {
+                match entries.iter_mut().find(|e| e.0 == l) {
+                    Some(e) => {
+                        e.1 += 1;
+                        e.2 += ns;
+                    }
+                    None => entries.push((l, 1, ns)),
+                }
+            }
                 "distinct_experts_per_layer": b.distinct,
+        let n = c.iters.max(1);
+        split.push((
+            t,
+            entries
+                .iter()
+                .map(|(l, d, ns)| (*l, d / n, ns / 1e3 / n as f64))
+                .collect(),
+        ));
                 "bytes_dense": b.dense,
                 "bytes_experts": b.experts,
                 "bytes_kv": b.kv,
@@ -666,16 +773,17 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
         });
         if emit_json(c, &out)? {
             return Ok(());
+            "copy": copy_json(copy_bw),
         }
     }
     println!(
-        "device: {}\nmodel: {} ({} layers), context {} tokens, {} iterations\ncopy bandwidth: {} GB/s (buffer-to-buffer, read + write)\n",
+        "device: {}\nmodel: {} ({} layers), context {} tokens, {} iterations\ncopy bandwidth: {}\n",
         g.device_name(),
         file.path().display(),
         cfg.num_layers,
         c.context,
         c.iters,
-        fmt_opt(copy.map(|b| b / 1e9), 1),
+        copy_note(copy_bw),
     );
     println!("| tokens | ms / forward | GPU ms | dispatches | tokens/s | experts / layer | MB read (dense + experts + KV) | GB/s (wall) | GB/s (GPU) | % copy BW (wall / GPU) |");
     println!("|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|");
@@ -698,3 +806,15 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+    if split.iter().any(|s| !s.1.is_empty()) {
+        println!("\nGPU µs per entry point and pass (dispatches per pass):");
+        for (t, parts) in &split {
+            let mut parts = parts.clone();
+            parts.sort_by(|a, b| b.2.total_cmp(&a.2));
+            let list: Vec<String> = parts
+                .iter()
+                .map(|(l, n, us)| format!("{l} {us:.1} ({n})"))
+                .collect();
+            println!("- {t} tokens: {}", list.join(", "));
+        }
+    }

@@ -95,6 +95,23 @@ pub struct GpuRouting {
     weights: Pooled,
 }
 
+/// The device's copy bandwidth (read + written bytes per second) two ways.
+#[derive(Clone, Copy, Debug)]
+pub struct CopyBandwidth {
+    /// `copy_buffer_to_buffer`.
+    pub buffer_copy: f64,
+    /// A compute-shader copy (`None` where the buffers exceed what one dispatch can cover).
+    pub shader_copy: Option<f64>,
+}
+
+impl CopyBandwidth {
+    /// The larger of the two: the device's copy bandwidth.
+    pub fn best(&self) -> f64 {
+        self.shader_copy
+            .map_or(self.buffer_copy, |s| s.max(self.buffer_copy))
+    }
+}
+
 pub struct GpuBackend {
     sh: Arc<Shared>,
     st: Mutex<State>,
@@ -300,25 +317,21 @@ impl GpuBackend {
             .collect())
     }
 
-    /// The device's memory bandwidth as a buffer-to-buffer copy sees it: bytes moved (read +
-    /// written, STREAM's convention) per second, over `iters` copies of `bytes` in one submission
-    /// after a warm-up copy. Wall-clock timed (timestamps inside encoders are a further feature);
-    /// with copies of hundreds of MiB the submission overhead is far below the copy time.
-    pub fn copy_bandwidth(&self, bytes: u64, iters: usize) -> Result<f64> {
+    /// The device's memory bandwidth as copies see it: bytes moved (read + written, STREAM's
+    /// convention) per second, over `iters` copies of `bytes` in one submission after a warm-up
+    /// copy, once by `copy_buffer_to_buffer` and once by a compute shader (16 bytes per invocation;
+    /// some drivers run buffer copies on a copy engine well below the memory's bandwidth). Wall-clock
+    /// timed (timestamps inside encoders are a further feature); with copies of hundreds of MiB the
+    /// submission overhead is far below the copy time.
+    pub fn copy_bandwidth(&self, bytes: u64, iters: usize) -> Result<CopyBandwidth> {
         let dev = &self.sh.dev;
         let bytes = bytes.min(dev.limits.max_buffer_size) & !255;
-        let src = GpuBuffer::new(
-            &dev.device,
-            bytes,
-            wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-            "copy source",
-        );
-        let dst = GpuBuffer::new(
-            &dev.device,
-            bytes,
-            wgpu::BufferUsages::COPY_DST,
-            "copy target",
-        );
+        let iters = iters.max(1);
+        let usage = wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::STORAGE;
+        let src = GpuBuffer::new(&dev.device, bytes, usage, "copy source");
+        let dst = GpuBuffer::new(&dev.device, bytes, usage, "copy target");
         let run = |n: usize| -> Result<f64> {
             let mut enc = dev
                 .device
@@ -339,8 +352,45 @@ impl GpuBackend {
             .queue
             .write_buffer(&src.raw, 0, &vec![1u8; bytes.min(1 << 20) as usize]);
         run(1)?;
-        let secs = run(iters.max(1))?;
-        Ok(2.0 * bytes as f64 * iters.max(1) as f64 / secs)
+        let buffer_copy = 2.0 * bytes as f64 * iters as f64 / run(iters)?;
+        // The shader copy binds whole buffers: at most one binding's worth.
+        let sbytes = bytes.min(self.sh.dev.max_binding) & !255;
+        let units = sbytes / 16;
+        let shader = |n: usize| -> Result<f64> {
+            let p = ops::elementwise::EwParams {
+                n: units as u32,
+                cols: 0,
+                pattern: 0,
+                _pad: 0,
+            };
+            self.with(|ctx| {
+                for _ in 0..n {
+                    ctx.dispatch(
+                        &ops::elementwise::COPY16,
+                        0,
+                        &p,
+                        None,
+                        &[&src, &dst],
+                        recorder::Grid::Linear(units.div_ceil(64)),
+                    )?;
+                }
+                Ok(())
+            })?;
+            let t0 = std::time::Instant::now();
+            self.with(|ctx| Ok(ctx.flush()?))?;
+            dev.wait()?;
+            Ok(t0.elapsed().as_secs_f64())
+        };
+        let shader_copy = if units > 0 && units <= u32::MAX as u64 {
+            shader(1)?;
+            Some(2.0 * sbytes as f64 * iters as f64 / shader(iters)?)
+        } else {
+            None
+        };
+        Ok(CopyBandwidth {
+            buffer_copy,
+            shader_copy,
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

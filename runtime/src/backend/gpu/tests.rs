@@ -420,7 +420,9 @@ test_backends!(moe_layer_matches_for_every_weight_type, TOL, |b| {
                     .unwrap()
             });
             let experts = b.load_experts(&file, l, &|_| true).unwrap();
-            for t in [1, 19] {
+            // 8 experts top-2: 1 and 19 tokens run the GEMV expert kernels (19: experts with more
+            // than one block of 4 tokens), 70 the tiled ones (ops::moe::expert_kernel).
+            for t in [1, 19, 70] {
                 let x = b.put(t, c.hidden_size, &rng.vec(t * c.hidden_size, 1.0));
                 let r = b.route(&x, &router, bias.as_ref(), &c).unwrap();
                 let (ids, _) = b.routing_to_host(&r).unwrap();

@@ -35,6 +35,12 @@ pub static FILL: Entry = Entry {
     bindings: &[(0, Params), (3, ReadWrite)],
     params: "EwParams",
 };
+pub static COPY16: Entry = Entry {
+    file: "elementwise.wgsl",
+    name: "copy16",
+    bindings: &[(0, Params), (4, Read), (5, ReadWrite)],
+    params: "EwParams",
+};
 
 /// a[0..n) += b[0..n).
 pub fn add(ctx: &mut Ctx, a: &GpuBuffer, b: &GpuBuffer, n: usize) -> Result<(), GpuError> {

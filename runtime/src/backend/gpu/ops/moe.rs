@@ -1,6 +1,9 @@
 //! Routed experts of one layer, all on the GPU: dispatch (per-expert token lists), the grouped
-//! SwiGLU expert kernels of matmul.wgsl through the slot table (one pair of dispatches per pool
-//! buffer holding this layer's experts, indirect grids), then the weighted combine.
+//! SwiGLU expert kernels through the slot table (one pair of dispatches per pool buffer holding this
+//! layer's experts), then the weighted combine. While each routed expert serves a few tokens (the
+//! 1-token forward and blocks up to a few hundred tokens) the experts run as GEMV
+//! (shaders/moe_gemv.wgsl, direct grids over the active-expert list, bandwidth-bound); beyond, the
+//! 16 × 64 tiles of matmul.wgsl (indirect grids from the dispatch).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -35,12 +38,71 @@ pub static DISPATCH: Entry = Entry {
     ],
     params: "MoeParams",
 };
+pub static GATE_UP_GEMV: Entry = Entry {
+    file: "moe_gemv.wgsl",
+    name: "expert_gate_up_gemv",
+    bindings: &[
+        (1, Read),
+        (2, Read),
+        (3, ReadWrite),
+        (4, Read),
+        (5, Read),
+        (6, Params),
+    ],
+    params: "ExpertParams",
+};
+pub static DOWN_GEMV: Entry = Entry {
+    file: "moe_gemv.wgsl",
+    name: "expert_down_gemv",
+    bindings: &[
+        (1, Read),
+        (2, Read),
+        (3, ReadWrite),
+        (4, Read),
+        (5, Read),
+        (6, Params),
+    ],
+    params: "ExpertParams",
+};
 pub static COMBINE: Entry = Entry {
     file: "moe.wgsl",
     name: "moe_combine",
     bindings: &[(0, Params), (5, Read), (6, Read), (7, Read), (8, ReadWrite)],
     params: "MoeParams",
 };
+
+/// Mean tokens per routed expert (assignments / experts) up to which the experts run as GEMV: each
+/// expert's weights are then read once per 4 of its tokens, from cache after the first 4, where
+/// the tiles would leave most of their 16 token rows empty.
+pub const GEMV_MAX_MEAN_TOKENS: usize = 8;
+
+/// Which expert kernels serve a layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpertKernel {
+    /// [`GATE_UP_GEMV`] / [`DOWN_GEMV`].
+    Gemv,
+    /// The tiled [`EXPERT_GATE_UP`] / [`EXPERT_DOWN`].
+    Tiled,
+}
+
+/// The expert kernels for `rows` tokens routed to `top_k` of `experts` experts each.
+/// `EDGEDIFF_MOE_KERNEL=gemv|tiled` forces one (benchmarks).
+pub fn expert_kernel(rows: usize, top_k: usize, experts: usize) -> ExpertKernel {
+    static FORCED: std::sync::OnceLock<Option<ExpertKernel>> = std::sync::OnceLock::new();
+    let forced =
+        FORCED.get_or_init(
+            || match std::env::var("EDGEDIFF_MOE_KERNEL").ok().as_deref() {
+                Some("gemv") => Some(ExpertKernel::Gemv),
+                Some("tiled") => Some(ExpertKernel::Tiled),
+                _ => None,
+            },
+        );
+    forced.unwrap_or(if rows * top_k <= GEMV_MAX_MEAN_TOKENS * experts.max(1) {
+        ExpertKernel::Gemv
+    } else {
+        ExpertKernel::Tiled
+    })
+}
 
 /// Words of the dispatch metadata (layout in shaders/lib/moe_meta.wgsl).
 pub fn meta_words(experts: usize, assignments: usize) -> usize {
@@ -140,49 +202,61 @@ pub fn experts(
 ) -> Result<(), GpuError> {
     let (top_k, a) = (s.params.top_k, s.params.assignments);
     let (meta, h, y) = (&*s.meta, &*s.h, &*s.y);
-    for (pool, buf) in e.pools {
-        let p = ExpertParams {
-            slot0: e.slot0 as u32,
-            num_experts: e.num_experts as u32,
-            pool: *pool,
-            top_k,
-            k: e.hidden as u32,
-            n: e.inter as u32,
-            part: e.gate_up.0,
-            scales: e.gate_up.1,
-            assignments: a,
-            _pad: [0; 3],
-        };
-        ctx.dispatch(
+    let kernel = expert_kernel(s.params.t as usize, top_k as usize, e.num_experts);
+    // GEMV grids: (active-expert list entries, weight-row blocks); the list has at most
+    // min(assignments, experts) entries.
+    let listed = a.min(e.num_experts as u32);
+    let stages = [
+        (
             &EXPERT_GATE_UP,
+            &GATE_UP_GEMV,
             e.wtype_gate_up,
-            &p,
-            None,
-            &[buf, x, h, e.slots, meta],
-            Grid::Indirect(meta, 0),
-        )?;
-    }
-    for (pool, buf) in e.pools {
-        let p = ExpertParams {
-            slot0: e.slot0 as u32,
-            num_experts: e.num_experts as u32,
-            pool: *pool,
-            top_k,
-            k: e.inter as u32,
-            n: e.hidden as u32,
-            part: e.down.0,
-            scales: e.down.1,
-            assignments: a,
-            _pad: [0; 3],
-        };
-        ctx.dispatch(
+            (e.hidden, e.inter),
+            e.gate_up,
+            (x, h),
+            0,
+            (e.inter as u32).div_ceil(2),
+        ),
+        (
             &EXPERT_DOWN,
+            &DOWN_GEMV,
             e.wtype_down,
-            &p,
-            None,
-            &[buf, h, y, e.slots, meta],
-            Grid::Indirect(meta, 12),
-        )?;
+            (e.inter, e.hidden),
+            e.down,
+            (h, y),
+            12,
+            (e.hidden as u32).div_ceil(4),
+        ),
+    ];
+    for (tiled, gemv, wtype, (k, n), (part, scales), (src, dst), args, blocks) in stages {
+        for (pool, buf) in e.pools {
+            let p = ExpertParams {
+                slot0: e.slot0 as u32,
+                num_experts: e.num_experts as u32,
+                pool: *pool,
+                top_k,
+                k: k as u32,
+                n: n as u32,
+                part,
+                scales,
+                assignments: a,
+                _pad: [0; 3],
+            };
+            let bufs = [&**buf, src, dst, e.slots, meta];
+            match kernel {
+                ExpertKernel::Gemv => ctx.dispatch(
+                    gemv,
+                    wtype,
+                    &p,
+                    None,
+                    &bufs,
+                    Grid::Groups(listed, blocks, 1),
+                )?,
+                ExpertKernel::Tiled => {
+                    ctx.dispatch(tiled, wtype, &p, None, &bufs, Grid::Indirect(meta, args))?
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -1,0 +1,206 @@
+// The grouped SwiGLU experts of one MoE layer for few tokens per expert: GEMV-like and
+// bandwidth-bound (the 1-token forward and blocks up to a few hundred tokens, where each routed
+// expert serves a handful of tokens). y = x · Wᵀ per expert, weights W in file layout read through
+// the slot table (expert → pool buffer, word offset; WTYPE / decode in lib/dequant.wgsl).
+//
+// Grid (direct): x = index into the layer's active-expert list (moe_dispatch, lib/moe_meta.wgsl;
+// workgroups past the active count, or whose expert lives in another pool buffer than the one
+// bound, return at once), y = a block of 4 weight rows. A workgroup of 64 gives each weight row 16
+// invocations; an invocation walks its row one octet (8 values: one q4 word, two q8 words) at a
+// time with a stride of 16 octets, so neighbouring invocations read neighbouring words and every
+// weight word is read once per 4 tokens. The expert's tokens are taken 4 at a time (registers
+// a.x..a.w); more than 4 re-read the workgroup's rows from cache. The 16 partial sums of a row meet
+// in shared memory, summed in lane order (the order of the dense gemv in matmul.wgsl).
+// - expert_gate_up_gemv: rows gate c, gate c + 1, up c, up c + 1 of [gate; up] (2I rows), writes
+//   h[slot, c] = silu(gate) · up for each of the expert's assignments (x rows: their tokens).
+// - expert_down_gemv: rows n..n + 4 of down [H, I], writes y[slot, n] (x rows: h's slots).
+
+#include "dequant"
+#include "moe_meta"
+
+struct ExpertParams {
+    slot0: u32,
+    num_experts: u32,
+    pool: u32,
+    top_k: u32,
+    k: u32,
+    n: u32,
+    part: u32,
+    scales: u32,
+    assignments: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(1) var<storage, read> w_words: array<u32>;
+@group(0) @binding(2) var<storage, read> x_act: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read> slots: array<u32>;
+@group(0) @binding(5) var<storage, read> route_meta: array<u32>;
+@group(0) @binding(6) var<uniform> ep: ExpertParams;
+
+const NONE: u32 = 0xffffffffu;
+const LANES: u32 = 16u;
+const CHUNK: u32 = 4u;
+
+var<workgroup> part: array<vec4<f32>, 64>;
+// Expert of this workgroup: ok, weight base word, token count, first list entry.
+var<workgroup> ex_ok: u32;
+var<workgroup> ex_base: u32;
+var<workgroup> ex_cnt: u32;
+var<workgroup> ex_first: u32;
+
+// Reads which expert this workgroup serves; false (uniformly) when there is none or it lives in
+// another pool buffer than the one bound.
+fn expert_begin(lid: u32, wid: vec3<u32>) -> bool {
+    if (lid == 0u) {
+        let ne = ep.num_experts;
+        var ok = 0u;
+        if (wid.x < route_meta[6]) {
+            let e = route_meta[meta_active(ne) + wid.x];
+            let s = 2u * (ep.slot0 + e);
+            if (slots[s] == ep.pool) {
+                ok = 1u;
+                ex_base = slots[s + 1u] + ep.part;
+                ex_cnt = route_meta[meta_counts(ne) + e];
+                ex_first = route_meta[meta_offsets(ne) + e];
+            }
+        }
+        ex_ok = ok;
+    }
+    return workgroupUniformLoad(&ex_ok) != 0u;
+}
+
+// Σ of octet k..k+8 of activation row r (NONE: 0) times q.
+fn x_dot(r: u32, k: u32, q: Oct) -> f32 {
+    if (r == NONE) {
+        return 0.0;
+    }
+    let b = r * ep.k + k;
+    if (k + 8u <= ep.k) {
+        let lo = vec4<f32>(x_act[b], x_act[b + 1u], x_act[b + 2u], x_act[b + 3u]);
+        let hi = vec4<f32>(x_act[b + 4u], x_act[b + 5u], x_act[b + 6u], x_act[b + 7u]);
+        return dot(q.lo, lo) + dot(q.hi, hi);
+    }
+    var s = 0.0;
+    for (var i = 0u; i < 4u; i++) {
+        if (k + i < ep.k) {
+            s += q.lo[i] * x_act[b + i];
+        }
+        if (k + 4u + i < ep.k) {
+            s += q.hi[i] * x_act[b + 4u + i];
+        }
+    }
+    return s;
+}
+
+// x_dot of q with activation rows xr.x..xr.w.
+fn oct_dots(xr: vec4<u32>, k: u32, q: Oct) -> vec4<f32> {
+    return vec4<f32>(x_dot(xr.x, k, q), x_dot(xr.y, k, q), x_dot(xr.z, k, q), x_dot(xr.w, k, q));
+}
+
+// This invocation's partial dot products of weight row `row` (NONE: none) with activation rows
+// xr.x..xr.w (NONE: padding), into part[lid]. Octets lane, lane + 16, … in ascending order; the
+// main loop issues the loads of four octets before their arithmetic (memory-level parallelism).
+fn row_partial(m: WMat, row: u32, xr: vec4<u32>, lane: u32, lid: u32) {
+    var a = vec4<f32>(0.0);
+    if (row != NONE) {
+        let octs = (ep.k + 7u) / 8u;
+        var o = lane;
+        for (; o + 3u * LANES < octs; o += 4u * LANES) {
+            let q0 = w_oct(m, row, o * 8u);
+            let q1 = w_oct(m, row, (o + LANES) * 8u);
+            let q2 = w_oct(m, row, (o + 2u * LANES) * 8u);
+            let q3 = w_oct(m, row, (o + 3u * LANES) * 8u);
+            a += oct_dots(xr, o * 8u, q0);
+            a += oct_dots(xr, (o + LANES) * 8u, q1);
+            a += oct_dots(xr, (o + 2u * LANES) * 8u, q2);
+            a += oct_dots(xr, (o + 3u * LANES) * 8u, q3);
+        }
+        for (; o < octs; o += LANES) {
+            a += oct_dots(xr, o * 8u, w_oct(m, row, o * 8u));
+        }
+    }
+    part[lid] = a;
+}
+
+// Σ over the 16 invocations of workgroup row r, in lane order.
+fn row_sum(r: u32) -> vec4<f32> {
+    var s = vec4<f32>(0.0);
+    for (var l = 0u; l < LANES; l++) {
+        s += part[r * LANES + l];
+    }
+    return s;
+}
+
+@compute @workgroup_size(64)
+fn expert_gate_up_gemv(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    if (!expert_begin(lid, wid)) {
+        return;
+    }
+    let cnt = workgroupUniformLoad(&ex_cnt);
+    let first = ex_first;
+    let base = ex_base;
+    let m = WMat(base, base + ep.scales, ep.k);
+    // Workgroup row j = lid / 16: gate (j < 2) or up row of column c0 + (j & 1).
+    let j = lid / LANES;
+    let lane = lid % LANES;
+    let c0 = wid.y * 2u;
+    let c = c0 + (j & 1u);
+    let row = select(NONE, select(ep.n + c, c, j < 2u), c < ep.n);
+    let list = meta_list(ep.num_experts) + first;
+    for (var t0 = 0u; t0 < cnt; t0 += CHUNK) {
+        var xr = vec4<u32>(NONE);
+        for (var i = 0u; i < CHUNK; i++) {
+            if (t0 + i < cnt) {
+                xr[i] = route_meta[list + t0 + i] / ep.top_k;
+            }
+        }
+        row_partial(m, row, xr, lane, lid);
+        workgroupBarrier();
+        if (lid < 2u * CHUNK) {
+            let col = lid / CHUNK;
+            let i = lid % CHUNK;
+            let g = row_sum(col)[i];
+            let u = row_sum(2u + col)[i];
+            if (c0 + col < ep.n && t0 + i < cnt) {
+                out[(first + t0 + i) * ep.n + c0 + col] = g / (1.0 + exp(-g)) * u;
+            }
+        }
+        workgroupBarrier();
+    }
+}
+
+@compute @workgroup_size(64)
+fn expert_down_gemv(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    if (!expert_begin(lid, wid)) {
+        return;
+    }
+    let cnt = workgroupUniformLoad(&ex_cnt);
+    let first = ex_first;
+    let base = ex_base;
+    let m = WMat(base, base + ep.scales, ep.k);
+    let lane = lid % LANES;
+    let n0 = wid.y * 4u;
+    let n = n0 + lid / LANES;
+    let row = select(NONE, n, n < ep.n);
+    for (var t0 = 0u; t0 < cnt; t0 += CHUNK) {
+        var xr = vec4<u32>(NONE);
+        for (var i = 0u; i < CHUNK; i++) {
+            if (t0 + i < cnt) {
+                xr[i] = first + t0 + i;
+            }
+        }
+        row_partial(m, row, xr, lane, lid);
+        workgroupBarrier();
+        if (lid < 4u * CHUNK) {
+            let r = lid / CHUNK;
+            let i = lid % CHUNK;
+            if (n0 + r < ep.n && t0 + i < cnt) {
+                out[(first + t0 + i) * ep.n + n0 + r] = row_sum(r)[i];
+            }
+        }
+        workgroupBarrier();
+    }
+}
