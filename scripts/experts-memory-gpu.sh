@@ -61,7 +61,7 @@ printf '%s\n' "fn main() {" "The history of the town" > "$WORK/prompts2.txt"
 
 # Reads ahead on the small trained model first (fast).
 step 60 bench-default "$BIN" bench experts --model models/default.edm --live gpu --no-replay \
-  --pools 25,12.5 --policies lru,least-stale --readers 0,2 --max-tokens 16 \
+  --pools 25,12.5 --policies lru,least-stale --readers 0,2,4 --max-tokens 16 \
   --json "$OUT/paging-gpu.default.readers.json"
 
 if [ ! -f "$FULL" ]; then
@@ -85,9 +85,9 @@ if [ -f "$FULL" ]; then
   fi
   step 60 generate-paged "$BIN" generate --model "$FULL" --backend gpu --stats \
     --expert-memory 12.5% --max-tokens 8 --ignore-eos "$PROMPT"
-  step 120 bench-full "$BIN" bench experts --model "$FULL" --live gpu --no-replay \
-    --prompts "$WORK/prompts2.txt" --pools 12.5 --policies least-stale --readers 0,2 \
-    --max-tokens 4 --json "$OUT/paging-gpu.full.readers.json"
+  step 180 bench-full "$BIN" bench experts --model "$FULL" --live gpu --no-replay \
+    --prompts "$WORK/prompts2.txt" --pools 25,12.5 --policies least-stale --readers 0,2,4 \
+    --max-tokens 8 --json "$OUT/paging-gpu.full.readers.json"
 fi
 log "done"
 grep -h "^===\|memory:\|experts:" "$OUT/steps.txt" >> "$LOG" 2>/dev/null

@@ -136,10 +136,15 @@ fn read_ahead_threads_change_neither_the_output_nor_the_pagers_decisions() {
                             "{name} {arch}: {slots} slots, {policy:?}, prefetch {prefetch}"
                         );
                         let mut stats = Vec::new();
-                        for readers in [0, 1, 3] {
+                        // 0: everything on this thread; 1: read-ahead, uploads here; 3 with
+                        // any batch uploaded on three threads.
+                        for (readers, parallel) in [(0, None), (1, None), (3, Some(0))] {
                             let pool = b
                                 .expert_pool(&file, slots, policy, prefetch, true, readers)
                                 .unwrap();
+                            if let Some(bytes) = parallel {
+                                pool.set_parallel_upload_bytes(bytes);
+                            }
                             let model = Model::load_with_experts(&b, file.clone(), &mut |l| {
                                 b.paged_experts(&pool, l)
                             })

@@ -63,7 +63,13 @@
 //!
 //! The pager decides slots on the submitting thread in the same order as without read-ahead, and a
 //! staged expert is the same file bytes, so tokens, hits, misses, evictions and bytes read do not
-//! change; the stall does. At most [`READ_AHEAD_BYTES`] of experts are staged at once; a staged
+//! change; the stall does.
+//!
+//! Uploads themselves (a check of the bytes and `queue.write_buffer`, whose copy into wgpu's
+//! staging memory runs outside wgpu's locks) of a batch the pager decided at once — one layer's
+//! misses, an optimistic pass's prefetch — run on as many scoped threads as there are readers when
+//! the batch holds at least [`PARALLEL_UPLOAD_BYTES`]; the slot table is then written on the
+//! submitting thread, before anything that reads those slots is submitted. At most [`READ_AHEAD_BYTES`] of experts are staged at once; a staged
 //! guess the pass did not route to is dropped when its layer has run.
 
 use std::sync::{Arc, Mutex};
@@ -361,8 +367,13 @@ pub(crate) struct PagingState {
     /// The last completed pass's routed experts per MoE layer, in execution order: the
     /// prediction for the next pass (the same block's next denoising step, most of the time).
     predicted: Vec<(usize, Vec<u32>)>,
-    /// Read-ahead threads (None: every read happens on the submitting thread).
+    /// Read-ahead threads (None: every read happens on the submitting thread), and how many
+    /// threads a large batch of uploads may use.
     reader: Option<ExpertReader>,
+    readers: usize,
+    /// Bytes of one slot, and the smallest batch uploaded on several threads.
+    slot_bytes: u64,
+    parallel_bytes: u64,
     /// Experts to read ahead, in the order they will be needed, and how far staging got.
     ahead: Vec<(usize, usize)>,
     ahead_next: usize,
@@ -376,6 +387,15 @@ impl GpuExpertPool {
             .pager
             .stats
             .clone()
+    }
+
+    /// Batches of uploads of at least `bytes` run on the reader threads' count of upload threads
+    /// ([`PARALLEL_UPLOAD_BYTES`] by default; 0: every batch of two or more).
+    pub fn set_parallel_upload_bytes(&self, bytes: u64) {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .parallel_bytes = bytes;
     }
 
     /// GPU bytes of the pool buffers (what the budget bought).
@@ -404,58 +424,160 @@ pub fn slot_bytes(file: &EdmFile) -> Result<u64, crate::backend::BackendError> {
     Ok(most)
 }
 
+/// One expert's upload: its pool buffer, the byte offsets of its two parts there, its key.
+struct Upload {
+    buf: Arc<GpuBuffer>,
+    gate_up_at: u64,
+    down_at: u64,
+    key: (usize, usize),
+}
+
+/// `queue.write_buffer` of `bytes`, zero-padded to whole words.
+fn write_words(queue: &wgpu::Queue, buf: &GpuBuffer, at: u64, bytes: &[u8]) {
+    if bytes.len().is_multiple_of(4) {
+        queue.write_buffer(&buf.raw, at, bytes);
+    } else {
+        let mut v = bytes.to_vec();
+        v.resize(bytes.len().div_ceil(4) * 4, 0);
+        queue.write_buffer(&buf.raw, at, &v);
+    }
+}
+
+/// Reads one expert — the bytes a reader thread staged, else the mapping's — checks it and copies
+/// it into wgpu's staging memory for its slot; (bytes, whether it was staged). Runs on the
+/// submitting thread or on an upload thread (wgpu copies `write_buffer` data outside its locks).
+fn upload(
+    queue: &wgpu::Queue,
+    file: &EdmFile,
+    reader: Option<&ExpertReader>,
+    release_host: bool,
+    u: &Upload,
+) -> Result<(u64, bool), crate::backend::BackendError> {
+    let (layer, e) = u.key;
+    let staged = match reader {
+        Some(r) => r.take(u.key).transpose()?,
+        None => None,
+    };
+    let mut bytes = 0;
+    // The same part order as `reader::STAGED_PARTS`.
+    for (i, (name, at)) in [
+        (names::EXPERT_GATE_UP, u.gate_up_at),
+        (names::EXPERT_DOWN, u.down_at),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut view = file.expert_part(layer, e, name)?;
+        if let Some(s) = &staged {
+            view.bytes = &s.parts[i];
+        }
+        super::check_finite(&view)?;
+        write_words(queue, &u.buf, at, view.bytes);
+        bytes += view.bytes.len() as u64;
+    }
+    // write_buffer copied the bytes; the mapped pages are not needed again until the expert is
+    // paged in anew (a reader released the pages of what it staged).
+    if release_host && staged.is_none() {
+        file.release_expert(layer, e);
+    }
+    Ok((bytes, staged.is_some()))
+}
+
+/// Uploads in a batch at least this large run on several threads (below it, thread start-up costs
+/// more than it saves); [`GpuExpertPool::set_parallel_upload_bytes`] changes it.
+pub const PARALLEL_UPLOAD_BYTES: u64 = 4 << 20;
+
+/// (slot, key, evicted key) of one expert to bring in.
+type Fill = (usize, (usize, usize), Option<(usize, usize)>);
+
 impl PagingState {
-    /// Reads expert (layer, e) from the file into `slot`; unmaps the previous occupant's entry.
+    /// Brings experts into their slots (the pager already chose them, in order) and points the
+    /// slot table at them, unmapping evicted ones; returns the bytes read. With reader threads
+    /// and a batch of at least [`PARALLEL_UPLOAD_BYTES`], the uploads run on up to `readers`
+    /// scoped threads; the slot table is written on this thread afterwards, so the result is the
+    /// same either way (every write lands before the next submission).
     fn fill(
         &mut self,
         sh: &Shared,
         store: &ExpertStore,
-        slot: usize,
-        key: (usize, usize),
-        evicted: Option<(usize, usize)>,
+        fills: &[Fill],
     ) -> Result<u64, crate::backend::BackendError> {
-        let (layer, e) = key;
-        let (pool, word) = self.places[slot];
-        let buf = &self.buffers[(pool - self.buffers[0].0) as usize].1;
-        let l = layer_layout(sh, &self.file, layer)?;
-        // The bytes a reader thread copied out already, else the mapping's.
-        let staged = match &self.reader {
-            Some(r) => r.take(key).transpose()?,
-            None => None,
-        };
-        if staged.is_some() {
-            self.pager.stats.read_ahead += 1;
+        let mut jobs = Vec::with_capacity(fills.len());
+        for &(slot, key, _) in fills {
+            let (pool, word) = self.places[slot];
+            let l = layer_layout(sh, &self.file, key.0)?;
+            jobs.push(Upload {
+                buf: self.buffers[(pool - self.buffers[0].0) as usize].1.clone(),
+                gate_up_at: word as u64 * 4,
+                down_at: (word + l.down.word) as u64 * 4,
+                key,
+            });
         }
-        let mut bytes = 0;
-        let mut guard = store.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((l0, e0)) = evicted {
-            guard.0.set(sh, l0, e0, (NO_SLOT, NO_SLOT));
-        }
-        // The same part order as `reader::STAGED_PARTS`.
-        for (i, (name, at)) in [
-            (names::EXPERT_GATE_UP, word as u64 * 4),
-            (names::EXPERT_DOWN, (word + l.down.word) as u64 * 4),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let mut view = self.file.expert_part(layer, e, name)?;
-            if let Some(s) = &staged {
-                view.bytes = &s.parts[i];
+        let threads = self.readers.min(jobs.len());
+        let parallel = threads > 1 && jobs.len() as u64 * self.slot_bytes >= self.parallel_bytes;
+        let queue = &sh.dev.queue;
+        let results: Vec<Result<(u64, bool), crate::backend::BackendError>> = if parallel {
+            let (file, reader, release) = (&*self.file, self.reader.as_ref(), self.release_host);
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            let done: Vec<Mutex<Option<_>>> = jobs.iter().map(|_| Mutex::new(None)).collect();
+            std::thread::scope(|s| {
+                for _ in 0..threads {
+                    s.spawn(|| loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(job) = jobs.get(i) else {
+                            break;
+                        };
+                        let r = upload(queue, file, reader, release, job);
+                        *done[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+                    });
+                }
+            });
+            done.into_iter()
+                .map(|d| {
+                    d.into_inner()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .expect("every upload ran: the threads took indices until none was left")
+                })
+                .collect()
+        } else {
+            let mut out = Vec::with_capacity(jobs.len());
+            for job in &jobs {
+                // Staging frees room as uploads take staged experts.
+                self.advance();
+                out.push(upload(
+                    queue,
+                    &self.file,
+                    self.reader.as_ref(),
+                    self.release_host,
+                    job,
+                ));
             }
-            super::check_finite(&view)?;
-            super::write_padded(sh, buf, at, view.bytes);
-            bytes += view.bytes.len() as u64;
+            out
+        };
+        let mut guard = store.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut bytes, mut first_err) = (0, None);
+        for (&(slot, key, evicted), r) in fills.iter().zip(results) {
+            // The slot was (at least partly) overwritten: its old occupant is gone either way.
+            if let Some((l0, e0)) = evicted {
+                guard.0.set(sh, l0, e0, (NO_SLOT, NO_SLOT));
+            }
+            match r {
+                Ok((b, staged)) => {
+                    guard.0.set(sh, key.0, key.1, self.places[slot]);
+                    bytes += b;
+                    self.pager.stats.read_ahead += staged as u64;
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
         }
-        guard.0.set(sh, layer, e, (pool, word));
         drop(guard);
-        // A reader released the pages of what it staged.
-        if self.release_host && staged.is_none() {
-            // write_buffer copied the bytes into wgpu's staging memory; the mapped pages are not
-            // needed again until the expert is paged in anew.
-            self.file.release_expert(layer, e);
+        self.advance();
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(bytes),
         }
-        Ok(bytes)
     }
 
     /// Replaces the read-ahead list with `keys`, in the order they will be needed, and stages what
@@ -513,17 +635,24 @@ impl PagingState {
         }
     }
 
-    /// Brings in `key` on demand (a stall) unless it is resident.
+    /// Asks the pager for `experts` of `layer` in order and brings the missing ones in on demand
+    /// (a stall).
     fn demand(
         &mut self,
         sh: &Shared,
         store: &ExpertStore,
-        key: (usize, usize),
+        layer: usize,
+        experts: &[usize],
     ) -> Result<(), crate::backend::BackendError> {
-        self.advance();
-        if let Lookup::Miss { slot, evicted } = self.pager.request(key.0, key.1) {
+        let mut fills = Vec::new();
+        for &e in experts {
+            if let Lookup::Miss { slot, evicted } = self.pager.request(layer, e) {
+                fills.push((slot, (layer, e), evicted));
+            }
+        }
+        if !fills.is_empty() {
             let t0 = Instant::now();
-            let bytes = self.fill(sh, store, slot, key, evicted)?;
+            let bytes = self.fill(sh, store, &fills)?;
             self.pager.record_read(bytes, t0.elapsed());
         }
         Ok(())
@@ -569,11 +698,8 @@ impl PagingState {
             }
         }
         self.read_ahead(fills.iter().map(|f| f.1).collect());
-        for (slot, key, evicted) in fills {
-            self.advance();
-            let bytes = self.fill(sh, store, slot, key, evicted)?;
-            self.pager.record_read(bytes, Duration::ZERO);
-        }
+        let bytes = self.fill(sh, store, &fills)?;
+        self.pager.record_read(bytes, Duration::ZERO);
         // Everything this pass needs is resident now.
         self.drop_staged(|_| true);
         self.pager.record_read(0, t0.elapsed());
@@ -682,6 +808,9 @@ impl super::GpuBackend {
                 routed: Vec::new(),
                 predicted: Vec::new(),
                 reader,
+                readers,
+                slot_bytes: stride,
+                parallel_bytes: PARALLEL_UPLOAD_BYTES,
                 ahead: Vec::new(),
                 ahead_next: 0,
             }),
@@ -815,9 +944,7 @@ impl super::GpuBackend {
                 }
                 let keys: Vec<usize> = group.iter().map(|&e| e as usize).collect();
                 st.pager.begin_layer(experts.layer, &keys);
-                for &e in &keys {
-                    st.demand(sh, &pool.store, (experts.layer, e))?;
-                }
+                st.demand(sh, &pool.store, experts.layer, &keys)?;
                 if scratch.is_none() {
                     scratch = Some(super::ops::moe::dispatch(
                         ctx,
