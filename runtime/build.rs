@@ -60,11 +60,48 @@ fn main() {
             if caps.subgroups {
                 want |= naga::valid::Capabilities::SUBGROUP;
             }
+            // Tensor-core kernels (device feature EXPERIMENTAL_COOPERATIVE_MATRIX, with SHADER_F16).
+            let coop = src.contains("enable wgpu_cooperative_matrix;");
+            if coop {
+                want |= naga::valid::Capabilities::COOPERATIVE_MATRIX
+                    | naga::valid::Capabilities::SHADER_FLOAT16;
+            }
             let mut validator =
                 naga::valid::Validator::new(naga::valid::ValidationFlags::all(), want);
-            if let Err(e) = validator.validate(&module) {
-                failures.push(format!("{name} ({caps:?}):\n{}", e.emit_to_string(&src)));
-                continue;
+            let info = match validator.validate(&module) {
+                Ok(info) => info,
+                Err(e) => {
+                    failures.push(format!("{name} ({caps:?}):\n{}", e.emit_to_string(&src)));
+                    continue;
+                }
+            };
+            // Cooperative matrices reach only Vulkan (through naga's SPIR-V writer, whose support
+            // is young): write the SPIR-V here too, under both index bounds-check policies wgpu
+            // may pick, so a module the writer rejects fails the build rather than the device.
+            if coop {
+                // F16 weights, as the host dispatches them (WTYPE of lib/dequant.wgsl).
+                let constants: naga::back::PipelineConstants =
+                    [("WTYPE".to_string(), 1.0)].into_iter().collect();
+                let (module, info) = match naga::back::pipeline_constants::process_overrides(
+                    &module, &info, None, &constants,
+                ) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        failures.push(format!("{name} ({caps:?}) overrides: {e}"));
+                        continue;
+                    }
+                };
+                for policy in [
+                    naga::proc::BoundsCheckPolicy::Restrict,
+                    naga::proc::BoundsCheckPolicy::ReadZeroSkipWrite,
+                ] {
+                    let mut opts = naga::back::spv::Options::default();
+                    opts.bounds_check_policies.index = policy;
+                    opts.bounds_check_policies.buffer = policy;
+                    if let Err(e) = naga::back::spv::write_vec(&module, &info, &opts, None) {
+                        failures.push(format!("{name} ({caps:?}) SPIR-V ({policy:?}): {e}"));
+                    }
+                }
             }
             if caps == compose::Caps::ALL[0] {
                 for (_, ty) in module.types.iter() {

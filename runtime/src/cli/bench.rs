@@ -290,9 +290,30 @@ fn dense_matmul(g: &GpuBackend, n: usize, iters: usize) -> anyhow::Result<Kernel
         },
         &sync,
     )?;
+    // A fast wrong kernel is no result: a few rows of the product against the CPU in f64.
+    let y = g.read_act(&g.matmul(&w, &x)?)?;
+    let (wv, xv) = (values(n * n, 7), values(n * n, 8));
+    let (mut num, mut den) = (0f64, 0f64);
+    for r in [0, n / 3, n - 1] {
+        for c in 0..n {
+            let want: f64 = (0..n)
+                .map(|k| half::f16::from_f32(wv[c * n + k]).to_f64() * xv[r * n + k] as f64)
+                .sum();
+            num += (y[r * n + c] as f64 - want).powi(2);
+            den += want * want;
+        }
+    }
+    let err = (num / den.max(f64::MIN_POSITIVE)).sqrt();
+    let verdict = if err <= 1e-4 {
+        "ok"
+    } else {
+        "WRONG: above 1e-4"
+    };
     Ok(KernelRow {
         tokens: n,
-        op: format!("dense matmul f16 {n}×{n}×{n}"),
+        op: format!(
+            "dense matmul f16 {n}×{n}×{n} (3 rows against the CPU: relative L2 {err:.1e}, {verdict})"
+        ),
         gpu_ns: r.0,
         wall_ns: r.1,
         flops: 2.0 * (n * n * n) as f64,

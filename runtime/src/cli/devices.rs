@@ -37,6 +37,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             yes(s.compute)
         );
         println!(
+            "    cooperative matrices: {}{}",
+            if s.coop_configs.is_empty() {
+                "none".to_string()
+            } else {
+                s.coop_configs.join(", ")
+            },
+            if s.coop {
+                " (tensor-core matmul on)"
+            } else {
+                ""
+            }
+        );
+        println!(
             "    max storage binding {}  max buffer {}  workgroup storage {}  invocations {}  storage buffers/stage {}",
             human_bytes(s.max_storage_binding),
             human_bytes(s.max_buffer),
@@ -48,17 +61,18 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if !adapters.iter().any(|s| s.chosen) {
         println!("no adapter matches EDGEDIFF_ADAPTER; the GPU backend would fail to start");
     } else {
-        println!("* = chosen (EDGEDIFF_ADAPTER forces one by name or backend; EDGEDIFF_GPU_DISABLE=f16,subgroups,timestamps turns features off)");
+        println!("* = chosen (EDGEDIFF_ADAPTER forces one by name or backend; EDGEDIFF_GPU_DISABLE=f16,subgroups,timestamps,coop turns features off)");
     }
     if a.open {
         let gpu = GpuBackend::new(&opts)?;
         let c = gpu.caps();
         println!(
-            "opened {}: kernels use f16 {}, subgroups {}, timestamps {}; largest binding {}",
+            "opened {}: kernels use f16 {}, subgroups {}, timestamps {}, cooperative matrices {}; largest binding {}",
             gpu.device_name(),
             c.f16,
             c.subgroups,
             c.timestamps,
+            c.coop,
             human_bytes(gpu.max_binding())
         );
     }

@@ -5,7 +5,12 @@
 //! - SUBGROUP: workgroup reductions through subgroup operations (else shared memory);
 //! - TIMESTAMP_QUERY: per-kernel GPU time in benchmarks;
 //! - SHADER_F16: requested and reported for the kernels that will compute in f16; the v1 kernels
-//!   compute in f32 and unpack f16 weights with `unpack2x16float` (exact, needs no feature).
+//!   compute in f32 and unpack f16 weights with `unpack2x16float` (exact, needs no feature);
+//! - EXPERIMENTAL_COOPERATIVE_MATRIX (tensor cores; Vulkan VK_KHR_cooperative_matrix): the dense
+//!   matmul of large token blocks (shaders/matmul_coop.wgsl), requested only where the adapter lists
+//!   the configuration it uses — f16 × f16 → f32, 16 × 16 × 16, subgroup scope — lends SHADER_F16 and
+//!   runs compute shaders in subgroups of exactly 32 (the kernel maps subgroups to invocations
+//!   32 at a time).
 //!
 //! A missing adapter, a refused device or a lost one is a [`GpuError`], never a panic: wgpu's
 //! uncaptured-error and device-lost callbacks are routed into [`ErrorSink`], which the backend
@@ -56,6 +61,8 @@ pub struct GpuOptions {
     pub disable_subgroups: bool,
     /// Do not use TIMESTAMP_QUERY even if present.
     pub disable_timestamps: bool,
+    /// Do not use cooperative matrices (tensor cores) even if present.
+    pub disable_coop: bool,
     /// Fill every activation and scratch buffer with NaN before kernels write it (tests: a kernel
     /// that leaves an output unwritten shows up as NaN).
     pub poison: bool,
@@ -66,7 +73,7 @@ pub struct GpuOptions {
 
 impl GpuOptions {
     /// Options from the environment: `EDGEDIFF_ADAPTER` (name substring or backend) and
-    /// `EDGEDIFF_GPU_DISABLE` (comma list of `f16`, `subgroups`, `timestamps`).
+    /// `EDGEDIFF_GPU_DISABLE` (comma list of `f16`, `subgroups`, `timestamps`, `coop`).
     pub fn from_env() -> Self {
         let disabled = std::env::var("EDGEDIFF_GPU_DISABLE").unwrap_or_default();
         let off = |name: &str| disabled.split(',').any(|d| d.trim() == name);
@@ -77,6 +84,7 @@ impl GpuOptions {
             disable_f16: off("f16"),
             disable_subgroups: off("subgroups"),
             disable_timestamps: off("timestamps"),
+            disable_coop: off("coop"),
             poison: false,
             max_binding: None,
         }
@@ -93,6 +101,10 @@ pub struct AdapterSummary {
     pub shader_f16: bool,
     pub subgroups: Option<(u32, u32)>,
     pub timestamps: bool,
+    /// The cooperative-matrix configurations the adapter lists ("16×16×16 f16→f32", …).
+    pub coop_configs: Vec<String>,
+    /// Whether the kernels would use cooperative matrices (see [`coop_usable`]).
+    pub coop: bool,
     pub compute: bool,
     pub max_storage_binding: u64,
     pub max_buffer: u64,
@@ -117,6 +129,37 @@ pub struct DeviceCaps {
     pub f16: bool,
     pub subgroups: bool,
     pub timestamps: bool,
+    /// Cooperative matrices f16 × f16 → f32, 16 × 16 × 16 (the tensor-core matmul).
+    pub coop: bool,
+}
+
+/// "M×N×K ab→cr" of one cooperative-matrix configuration.
+fn coop_config_name(c: &wgpu::CooperativeMatrixProperties) -> String {
+    let t = |t: wgpu::CooperativeScalarType| format!("{t:?}").to_ascii_lowercase();
+    format!(
+        "{}×{}×{} {}→{}",
+        c.m_size,
+        c.n_size,
+        c.k_size,
+        t(c.ab_type),
+        t(c.cr_type)
+    )
+}
+
+/// Whether the tensor-core matmul can run on `a`: the feature, the f16 × f16 → f32 16 × 16 × 16
+/// configuration, SHADER_F16 and subgroups of exactly 32 invocations.
+pub fn coop_usable(a: &wgpu::Adapter) -> bool {
+    use wgpu::CooperativeScalarType as S;
+    let info = a.get_info();
+    a.features()
+        .contains(Features::EXPERIMENTAL_COOPERATIVE_MATRIX | Features::SHADER_F16)
+        && info.subgroup_min_size == 32
+        && info.subgroup_max_size == 32
+        && a.cooperative_matrix_properties().iter().any(|c| {
+            (c.m_size, c.n_size, c.k_size) == (16, 16, 16)
+                && c.ab_type == S::F16
+                && c.cr_type == S::F32
+        })
 }
 
 /// Errors reported by wgpu callbacks, drained after each submission.
@@ -230,6 +273,12 @@ pub fn list_adapters(opts: &GpuOptions) -> Result<Vec<AdapterSummary>, GpuError>
                     .contains(Features::SUBGROUP)
                     .then_some((info.subgroup_min_size, info.subgroup_max_size)),
                 timestamps: f.contains(Features::TIMESTAMP_QUERY),
+                coop_configs: a
+                    .cooperative_matrix_properties()
+                    .iter()
+                    .map(coop_config_name)
+                    .collect(),
+                coop: coop_usable(a) && !opts.disable_coop,
                 compute: has_compute(a),
                 max_storage_binding: l.max_storage_buffer_binding_size,
                 max_buffer: l.max_buffer_size,
@@ -279,9 +328,13 @@ impl GpuDevice {
                 && !opts.disable_subgroups
                 && info.subgroup_max_size <= 64,
             timestamps: have.contains(Features::TIMESTAMP_QUERY) && !opts.disable_timestamps,
+            coop: coop_usable(adapter) && !opts.disable_coop && !opts.disable_f16,
         };
-        if caps.f16 {
+        if caps.f16 || caps.coop {
             want |= Features::SHADER_F16;
+        }
+        if caps.coop {
+            want |= Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
         }
         if caps.subgroups {
             want |= Features::SUBGROUP;
@@ -296,7 +349,14 @@ impl GpuDevice {
             label: Some("edgediff"),
             required_features: want,
             required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            experimental_features: if caps.coop {
+                // SAFETY: wgpu asks the caller to accept that its experimental features may hold
+                // bugs. Only the cooperative-matrix feature is requested, and only its one kernel
+                // (shaders/matmul_coop.wgsl) uses it; tests check that kernel against the CPU.
+                unsafe { wgpu::ExperimentalFeatures::enabled() }
+            } else {
+                wgpu::ExperimentalFeatures::disabled()
+            },
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         };

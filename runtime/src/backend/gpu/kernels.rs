@@ -96,6 +96,12 @@ impl Kernels {
         };
         let text =
             source(file).ok_or_else(|| GpuError::Wgpu(format!("kernel {file} not embedded")))?;
+        if text.contains("enable wgpu_cooperative_matrix;") && !dev.caps.coop {
+            return Err(GpuError::Unsupported(format!(
+                "{file} (cooperative matrices) on {}",
+                dev.describe()
+            )));
+        }
         let src =
             compose(text, caps, &|p| source(p).map(str::to_string)).map_err(GpuError::Wgpu)?;
         let module = scoped(dev, file, || {

@@ -10,7 +10,8 @@ pub fn skip_requested() -> bool {
 }
 
 /// The configurations to test: the device with its optional features, and (when it has any) the
-/// same device with SHADER_F16 and SUBGROUP switched off. Outputs are poisoned with NaN.
+/// same device with SHADER_F16, SUBGROUP and cooperative matrices switched off. Outputs are
+/// poisoned with NaN.
 /// `max_binding` caps storage bindings (tests of weight splitting).
 pub fn backends(max_binding: Option<u64>) -> Vec<(String, GpuBackend)> {
     if skip_requested() {
@@ -28,21 +29,26 @@ pub fn backends(max_binding: Option<u64>) -> Vec<(String, GpuBackend)> {
     let caps = first.caps();
     let mut out = vec![(
         format!(
-            "{} [f16 {}, subgroups {}]",
+            "{} [f16 {}, subgroups {}, coop {}]",
             first.device_name(),
             caps.f16,
-            caps.subgroups
+            caps.subgroups,
+            caps.coop
         ),
         first,
     )];
-    if caps.f16 || caps.subgroups {
+    if caps.f16 || caps.subgroups || caps.coop {
         let off = GpuOptions {
             disable_f16: true,
             disable_subgroups: true,
+            disable_coop: true,
             ..base
         };
         let b = GpuBackend::new(&off).expect("the same adapter without optional features");
-        out.push((format!("{} [no f16, no subgroups]", b.device_name()), b));
+        out.push((
+            format!("{} [no f16, no subgroups, no coop]", b.device_name()),
+            b,
+        ));
     }
     out
 }

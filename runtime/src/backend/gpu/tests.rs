@@ -165,6 +165,118 @@ test_backends!(
     }
 );
 
+/// (T, N, K) of the token blocks the tensor-core matmul serves (T ≥ COOP_MIN_T): one exact 64 × 128
+/// tile, then partial tiles along every axis, K past a step of 32 and no multiple of 8, several
+/// workgroups along T and N.
+const COOP_SHAPES: [(usize, usize, usize); 5] = [
+    (64, 128, 64),
+    (70, 67, 96),
+    (65, 129, 33),
+    (130, 200, 70),
+    (200, 300, 160),
+];
+
+/// The large-block matmuls: f16 weights (the tensor-core kernel where the device lends cooperative
+/// matrices, the tiled kernel elsewhere), and the other weight types at the same shapes.
+fn large_block_matmuls<B: HostIo>(b: &B, dtypes: &[DType]) -> Vec<(String, Vec<f32>)> {
+    let mut out = Vec::new();
+    let mut rng = Rng(11);
+    for &(t, n, k) in &COOP_SHAPES {
+        for &dtype in dtypes {
+            // Quantized rows hold whole groups of 32.
+            let k = if dtype.is_quantized() {
+                k.div_ceil(32) * 32
+            } else {
+                k
+            };
+            let w = weight(b, dtype, &[n, k], &rng.vec(n * k, 0.5));
+            // Activations of mixed magnitude, as hidden states are: their f16 rounding shows.
+            let x: Vec<f32> = rng
+                .vec(t * k, 1.0)
+                .iter()
+                .enumerate()
+                .map(|(i, v)| if i % 7 == 0 { v * 300.0 } else { *v })
+                .collect();
+            let x = b.put(t, k, &x);
+            out.push((
+                format!("{dtype} t{t} n{n} k{k}"),
+                b.get(&b.matmul(&w, &x).unwrap()),
+            ));
+        }
+    }
+    out
+}
+
+test_backends!(
+    large_block_matmuls_match_cpu_for_every_weight_type,
+    TOL,
+    |b| { large_block_matmuls(b, &DTYPES) }
+);
+
+#[test]
+fn matmul_kernel_choice_uses_tensor_cores_only_where_lent() {
+    use ops::matmul::{matmul_kernel, MatmulKernel::*, COOP_MIN_T};
+    let t = COOP_MIN_T;
+    assert_eq!(matmul_kernel(true, DType::F16, t, 4096, 32 << 20), Coop);
+    assert_eq!(matmul_kernel(true, DType::F16, 4096, 4096, 32 << 20), Coop);
+    // No cooperative matrices: the tiled kernel, whatever the shape.
+    assert_eq!(
+        matmul_kernel(false, DType::F16, 4096, 4096, 32 << 20),
+        Tiled
+    );
+    // Below the threshold, or weights that would round in f16: the SIMT kernels.
+    assert_eq!(
+        matmul_kernel(true, DType::F16, t - 1, 4096, 32 << 20),
+        Tiled
+    );
+    assert_eq!(
+        matmul_kernel(true, DType::F16, 16, 512, 1 << 20),
+        GemvBlocked
+    );
+    assert_eq!(matmul_kernel(true, DType::F16, 4, 4096, 32 << 20), Gemv);
+    for dtype in [DType::F32, DType::Q8, DType::Q4] {
+        assert_eq!(matmul_kernel(true, dtype, 4096, 4096, 32 << 20), Tiled);
+    }
+}
+
+/// The tensor-core kernel against the CPU on every configuration that lends cooperative matrices,
+/// and refused (a typed error, not a broken pipeline) on those that do not. Where no configuration
+/// lends them (lavapipe), it says so on stderr past the test harness's capture: the fallback is
+/// what `large_block_matmuls_match_cpu_for_every_weight_type` checks there.
+#[test]
+fn coop_matmul_matches_cpu_where_the_device_has_cooperative_matrices() {
+    use std::io::Write;
+    let want = large_block_matmuls(&CpuBackend, &[DType::F16]);
+    let mut ran = 0;
+    for (label, g) in backends(None) {
+        let coop = g.caps().coop;
+        let pipe = g.sh.kernels.get(&g.sh.dev, &ops::matmul::GEMM_COOP, 1);
+        assert_eq!(
+            pipe.is_ok(),
+            coop,
+            "{label}: coop pipeline {:?}",
+            pipe.err()
+        );
+        if !coop {
+            continue;
+        }
+        ran += 1;
+        let got = large_block_matmuls(&g, &[DType::F16]);
+        for ((what, w), (_, v)) in want.iter().zip(&got) {
+            let err = rel_l2(v, w);
+            assert!(err <= TOL, "coop {what} on {label}: relative L2 {err:e}");
+        }
+    }
+    if ran == 0 {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED coop_matmul_matches_cpu_where_the_device_has_cooperative_matrices: no GPU \
+             configuration here lends cooperative matrices f16×f16→f32 16×16×16 (subgroups of 32); \
+             only the fallback kernels were checked"
+        );
+    }
+}
+
 test_backends!(
     weights_larger_than_a_binding_are_split_by_rows,
     TOL,

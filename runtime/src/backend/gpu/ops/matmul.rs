@@ -1,6 +1,8 @@
 //! y = x · Wᵀ for weights in file layout (shaders/matmul.wgsl): gemv for up to 4 activation rows,
 //! and up to 16 (blocks of 4 along the grid's z) where the weight stays in L2 between blocks;
 //! 16 × 64 tiles beyond; the grouped expert kernels of the same file are dispatched by moe.rs.
+//! f16 weights against [`COOP_MIN_T`] activation rows or more run on the tensor cores
+//! (shaders/matmul_coop.wgsl, 64 × 128 tiles) where the device lends cooperative matrices.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -9,6 +11,7 @@ use super::super::kernels::{Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
 use super::super::GpuWeight;
+use crate::format::DType;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
@@ -50,6 +53,12 @@ pub static GEMM: Entry = Entry {
     bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite)],
     params: "MatmulParams",
 };
+pub static GEMM_COOP: Entry = Entry {
+    file: "matmul_coop.wgsl",
+    name: "gemm_coop",
+    bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite)],
+    params: "MatmulParams",
+};
 pub static EXPERT_GATE_UP: Entry = Entry {
     file: "matmul.wgsl",
     name: "expert_gate_up",
@@ -85,6 +94,37 @@ pub const GEMV_MAX_T: usize = 16;
 /// Weight bytes up to which token blocks re-read the weight from L2 rather than memory.
 pub const GEMV_BLOCKED_MAX_BYTES: u64 = 16 << 20;
 
+/// Activation rows from which f16 weights run on the tensor cores (where the device has them).
+pub const COOP_MIN_T: usize = 64;
+
+/// Which kernel multiplies a weight chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatmulKernel {
+    /// [`GEMV`], one block of up to 4 activation rows.
+    Gemv,
+    /// [`GEMV`] in blocks of 4 activation rows along the grid's z.
+    GemvBlocked,
+    /// [`GEMM`]: 16 × 64 tiles.
+    Tiled,
+    /// [`GEMM_COOP`]: 64 × 128 tiles on the tensor cores.
+    Coop,
+}
+
+/// The kernel for `t` activation rows against a chunk of `rows` weight rows of `dtype` held in
+/// `bytes`, on a device with (`coop`) or without cooperative matrices.
+pub fn matmul_kernel(coop: bool, dtype: DType, t: usize, rows: usize, bytes: u64) -> MatmulKernel {
+    let groups = rows.div_ceil(4);
+    if t <= GEMV_T {
+        MatmulKernel::Gemv
+    } else if t <= GEMV_MAX_T && groups <= 65535 && bytes <= GEMV_BLOCKED_MAX_BYTES {
+        MatmulKernel::GemvBlocked
+    } else if coop && dtype == DType::F16 && t >= COOP_MIN_T {
+        MatmulKernel::Coop
+    } else {
+        MatmulKernel::Tiled
+    }
+}
+
 /// out[r, out_col0 + n] = Σ_k W[n, k] · x[x_row0 + r, k] for r < t, every chunk of `w`;
 /// out rows are `out_stride` values.
 #[allow(clippy::too_many_arguments)]
@@ -110,34 +150,29 @@ pub fn matmul_into(
         };
         let n = c.rows as u64;
         let groups = n.div_ceil(4);
-        if t <= GEMV_T {
-            ctx.dispatch(
+        let bufs: [&GpuBuffer; 3] = [&c.buf, x, out];
+        let (entry, grid) = match matmul_kernel(
+            ctx.sh.dev.caps.coop,
+            w.dtype,
+            t,
+            c.rows as usize,
+            c.buf.size,
+        ) {
+            MatmulKernel::Gemv => (&GEMV, Grid::Linear(groups)),
+            MatmulKernel::GemvBlocked => (
                 &GEMV,
-                w.wtype(),
-                &p,
-                None,
-                &[&c.buf, x, out],
-                Grid::Linear(groups),
-            )?;
-        } else if t <= GEMV_MAX_T && groups <= 65535 && c.buf.size <= GEMV_BLOCKED_MAX_BYTES {
-            ctx.dispatch(
-                &GEMV,
-                w.wtype(),
-                &p,
-                None,
-                &[&c.buf, x, out],
                 Grid::Groups(groups as u32, 1, t.div_ceil(GEMV_T) as u32),
-            )?;
-        } else {
-            ctx.dispatch(
+            ),
+            MatmulKernel::Tiled => (
                 &GEMM,
-                w.wtype(),
-                &p,
-                None,
-                &[&c.buf, x, out],
                 Grid::Groups(n.div_ceil(64) as u32, t.div_ceil(16) as u32, 1),
-            )?;
-        }
+            ),
+            MatmulKernel::Coop => (
+                &GEMM_COOP,
+                Grid::Groups(n.div_ceil(128) as u32, t.div_ceil(64) as u32, 1),
+            ),
+        };
+        ctx.dispatch(entry, w.wtype(), &p, None, &bufs, grid)?;
     }
     Ok(())
 }

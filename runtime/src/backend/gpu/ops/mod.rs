@@ -31,6 +31,7 @@ pub fn all_entries() -> Vec<(&'static Entry, usize)> {
         (&embed::EMBED, size_of::<embed::EmbedParams>()),
         (&matmul::GEMV, size_of::<matmul::MatmulParams>()),
         (&matmul::GEMM, size_of::<matmul::MatmulParams>()),
+        (&matmul::GEMM_COOP, size_of::<matmul::MatmulParams>()),
         (&matmul::EXPERT_GATE_UP, size_of::<matmul::ExpertParams>()),
         (&matmul::EXPERT_DOWN, size_of::<matmul::ExpertParams>()),
         (&moe::DISPATCH, size_of::<moe::MoeParams>()),
