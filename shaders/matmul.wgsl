@@ -5,7 +5,8 @@
 // - gemv: up to 4 activation rows, and up to 16 for weights that stay in L2; bandwidth-bound. A
 //   workgroup owns 4 weight rows with 16 invocations each and one block of up to 4 activation rows (workgroup z); an invocation walks
 //   its row 8 values (one q4 word) at a time with a stride of 16 octets, so neighbours read
-//   neighbouring words; partial sums meet in shared memory. Token blocks re-read the weights from
+//   neighbouring words (for one activation row, four octets' loads ahead of their arithmetic);
+//   partial sums meet in shared memory. Token blocks re-read the weights from
 //   L2, but the grid (n/4 × t/4 workgroups) fills the GPU, where 16 × 64 tiles would leave most of
 //   it idle for 16 tokens.
 // - gemm: blocks of 16 activation rows × 64 weight rows (lib/tile.wgsl), beyond gemv's range.
@@ -91,10 +92,25 @@ fn gemv(
     var a = vec4<f32>(0.0);
     if (row < p.n) {
         let octs = (p.k + 7u) / 8u;
-        for (var o = lane; o < octs; o += 16u) {
+        let xr = p.x_row0 + t0;
+        var o = lane;
+        // One activation row (the 1-token forward): four octets' loads before their arithmetic
+        // (memory-level parallelism; same order). Token blocks keep the plain loop, which measured
+        // faster for them (H200: 4–16 tokens).
+        for (; nt == 1u && o + 48u < octs; o += 64u) {
+            let q0 = w_oct(m, row, o * 8u);
+            let q1 = w_oct(m, row, (o + 16u) * 8u);
+            let q2 = w_oct(m, row, (o + 32u) * 8u);
+            let q3 = w_oct(m, row, (o + 48u) * 8u);
+            a.x += x_oct_dot(xr, o * 8u, q0);
+            a.x += x_oct_dot(xr, (o + 16u) * 8u, q1);
+            a.x += x_oct_dot(xr, (o + 32u) * 8u, q2);
+            a.x += x_oct_dot(xr, (o + 48u) * 8u, q3);
+        }
+        for (; o < octs; o += 16u) {
             let q = w_oct(m, row, o * 8u);
             for (var t = 0u; t < nt; t++) {
-                a[t] += x_oct_dot(p.x_row0 + t0 + t, o * 8u, q);
+                a[t] += x_oct_dot(xr + t, o * 8u, q);
             }
         }
     }

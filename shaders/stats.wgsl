@@ -56,18 +56,24 @@ fn reset() {
     }
 }
 
+// Inserts (v, i) into the sorted candidates: a bubble through all 8 with constant indices (the
+// same result as shifting the worse ones down), so the candidates stay in registers.
 fn push(v: f32, i: u32) {
     if (!better(v, i, tv[7], ti[7])) {
         return;
     }
-    var k = 7u;
-    while (k > 0u && better(v, i, tv[k - 1u], ti[k - 1u])) {
-        tv[k] = tv[k - 1u];
-        ti[k] = ti[k - 1u];
-        k -= 1u;
+    var cv = v;
+    var ci = i;
+    for (var k = 0u; k < 8u; k++) {
+        if (better(cv, ci, tv[k], ti[k])) {
+            let ov = tv[k];
+            let oi = ti[k];
+            tv[k] = cv;
+            ti[k] = ci;
+            cv = ov;
+            ci = oi;
+        }
     }
-    tv[k] = v;
-    ti[k] = i;
 }
 
 // Folds (m, s, w) into the running (tm, ts, tw).
@@ -107,8 +113,14 @@ fn merge_workgroup(lid: u32) {
         if (lid < s) {
             let o = lid + s;
             fold(sh_m[o], sh_s[o], sh_w[o]);
+            // The partner's candidates are sorted: the first that does not get in ends it.
             for (var k = 0u; k < 8u; k++) {
-                push(sh_v[o * 8u + k], sh_i[o * 8u + k]);
+                let v = sh_v[o * 8u + k];
+                let i = sh_i[o * 8u + k];
+                if (!better(v, i, tv[7], ti[7])) {
+                    break;
+                }
+                push(v, i);
             }
             sh_m[lid] = tm;
             sh_s[lid] = ts;
@@ -168,7 +180,12 @@ fn stats_merge(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
         let o = (row * p.chunks + c) * PART;
         fold(parts_in[o], parts_in[o + 1u], parts_in[o + 2u]);
         for (var k = 0u; k < 8u; k++) {
-            push(parts_in[o + 4u + k], bitcast<u32>(parts_in[o + 12u + k]));
+            let v = parts_in[o + 4u + k];
+            let i = bitcast<u32>(parts_in[o + 12u + k]);
+            if (!better(v, i, tv[7], ti[7])) {
+                break;
+            }
+            push(v, i);
         }
     }
     merge_workgroup(lid);
