@@ -381,6 +381,7 @@ pub fn run_kernels(a: KernelsArgs) -> anyhow::Result<()> {
     let capacity = c.context + c.tokens.iter().max().copied().unwrap_or(1);
     let mut kv = g.new_kv(&cfg, capacity)?;
     let mut rows: Vec<KernelRow> = Vec::new();
+    let mut split: Vec<(usize, String, EntryTimes)> = Vec::new();
     for &t in &c.tokens {
         let x = g.upload_act(t, h, &values(t * h, 1))?;
         let sync = || -> anyhow::Result<()> {
@@ -400,7 +401,6 @@ pub fn run_kernels(a: KernelsArgs) -> anyhow::Result<()> {
         let act = (t * h * 4) as f64;
         let r = time_op(
             &g,
-    let mut split: Vec<(usize, String, EntryTimes)> = Vec::new();
             c.iters,
             || {
                 g.rms_norm(&x, &norm, 1e-6)?;
@@ -523,6 +523,15 @@ pub fn run_kernels(a: KernelsArgs) -> anyhow::Result<()> {
                 },
                 &sync,
             )?;
+            let parts = breakdown(
+                &g,
+                || {
+                    g.moe(&x, &routing, experts)?;
+                    Ok(())
+                },
+                &sync,
+            )?;
+            split.push((t, "moe".into(), parts));
             let flops = 2.0 * (ids.len() * 3 * h * cfg.moe.expert_ffn) as f64;
             row(
                 format!("moe ({} experts active)", distinct.len()),
@@ -540,34 +549,6 @@ pub fn run_kernels(a: KernelsArgs) -> anyhow::Result<()> {
             },
             &|| Ok(()),
         )?;
-        row(
-            format!("lm_head_stats [{}×{}] {}", head.rows, head.cols, head.dtype),
-            let parts = breakdown(
-                &g,
-                || {
-                    g.moe(&x, &routing, experts)?;
-                    Ok(())
-                },
-                &sync,
-            )?;
-            split.push((t, "moe".into(), parts));
-            r,
-            2.0 * (t * head.rows * head.cols) as f64,
-            weight_bytes(&file, head_name) as f64,
-        );
-    }
-    let out = json!({
-        "device": g.device_name(),
-        "model": file.path().display().to_string(),
-        "context": c.context,
-        "copy_gbs": copy.map(|b| b / 1e9),
-        "dense_matmul": matmul.as_ref().map(|m| {
-            let mut v = m.json();
-            v["tflops"] = json!(m.flops / m.ns() / 1e3);
-            v
-        }),
-        "kernels": rows.iter().map(KernelRow::json).collect::<Vec<_>>(),
-    });
         let parts = breakdown(
             &g,
             || {
@@ -577,6 +558,31 @@ pub fn run_kernels(a: KernelsArgs) -> anyhow::Result<()> {
             &|| Ok(()),
         )?;
         split.push((t, "lm_head_stats".into(), parts));
+        row(
+            format!("lm_head_stats [{}×{}] {}", head.rows, head.cols, head.dtype),
+            r,
+            2.0 * (t * head.rows * head.cols) as f64,
+            weight_bytes(&file, head_name) as f64,
+        );
+    }
+    let out = json!({
+        "device": g.device_name(),
+        "model": file.path().display().to_string(),
+        "context": c.context,
+        "copy": copy_json(copy_bw),
+        "copy_gbs": copy.map(|b| b / 1e9),
+        "dense_matmul": matmul.as_ref().map(|m| {
+            let mut v = m.json();
+            v["tflops"] = json!(m.flops / m.ns() / 1e3);
+            v
+        }),
+        "kernels": rows.iter().map(KernelRow::json).collect::<Vec<_>>(),
+        "dispatches": split.iter().map(|(t, op, parts)| json!({
+            "tokens": t,
+            "op": op,
+            "entries": parts.iter().map(|(l, n, us)| json!({"entry": l, "dispatches": n, "gpu_us": us})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    });
     if emit_json(c, &out)? {
         return Ok(());
     }
@@ -588,7 +594,6 @@ pub fn run_kernels(a: KernelsArgs) -> anyhow::Result<()> {
         c.iters,
         copy_note(copy_bw),
     );
-        "copy": copy_json(copy_bw),
     if let Some(m) = &matmul {
         println!(
             "{}: {:.2} TFLOP/s ({:.1} µs {}; target ≥ 15 TFLOP/s)",
@@ -596,11 +601,6 @@ pub fn run_kernels(a: KernelsArgs) -> anyhow::Result<()> {
             m.flops / m.ns() / 1e3,
             m.ns() / 1e3,
             if m.gpu_ns.is_some() { "GPU" } else { "wall" },
-        "dispatches": split.iter().map(|(t, op, parts)| json!({
-            "tokens": t,
-            "op": op,
-            "entries": parts.iter().map(|(l, n, us)| json!({"entry": l, "dispatches": n, "gpu_us": us})).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
         );
     }
     println!(
@@ -617,6 +617,16 @@ pub fn run_kernels(a: KernelsArgs) -> anyhow::Result<()> {
             r.bytes / r.ns(),
             fmt_opt(copy.map(|b| 100.0 * r.bytes / r.ns() * 1e9 / b), 0),
         );
+    }
+    if !split.is_empty() {
+        println!("\nGPU µs per entry point, one call (dispatches):");
+        for (t, op, parts) in &split {
+            let list: Vec<String> = parts
+                .iter()
+                .map(|(l, n, us)| format!("{l} {us:.1} ({n})"))
+                .collect();
+            println!("- {t} tokens, {op}: {}", list.join(", "));
+        }
     }
     Ok(())
 }
@@ -637,16 +647,6 @@ fn pass_bytes(
     cfg: &ModelConfig,
     t: usize,
     kv_len: usize,
-    if !split.is_empty() {
-        println!("\nGPU µs per entry point, one call (dispatches):");
-        for (t, op, parts) in &split {
-            let list: Vec<String> = parts
-                .iter()
-                .map(|(l, n, us)| format!("{l} {us:.1} ({n})"))
-                .collect();
-            println!("- {t} tokens, {op}: {}", list.join(", "));
-        }
-    }
     routing: &[(usize, Vec<u32>, Vec<f32>)],
 ) -> PassBytes {
     let dense = file
@@ -713,6 +713,7 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
         at += n;
     }
     let mut rows = Vec::new();
+    let mut split: Vec<(usize, EntryTimes)> = Vec::new();
     for &t in &c.tokens {
         let block = &tokens[c.context..c.context + t];
         let window = Window::block(c.context, t, mask);
@@ -732,12 +733,12 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
         let t0 = Instant::now();
         for _ in 0..c.iters.max(1) {
             model.forward(&g, &mut kv, block, window, &want)?;
-    let mut split: Vec<(usize, EntryTimes)> = Vec::new();
         }
         let wall_ms = t0.elapsed().as_secs_f64() * 1e3 / c.iters.max(1) as f64;
         let per = (g.dispatches() - d0) / c.iters.max(1) as u64;
         // GPU time pass by pass (one query set holds 4096 dispatches).
         let mut gpu_ns = Some(0.0);
+        let mut entries: EntryTimes = Vec::new();
         for _ in 0..c.iters.max(1) {
             let timed = g.start_timing(4096);
             model.forward(&g, &mut kv, block, window, &want)?;
@@ -745,7 +746,24 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
             gpu_ns = gpu_ns
                 .filter(|_| timed)
                 .map(|v| v + spans.iter().map(|s| s.1).sum::<f64>());
+            for (l, ns) in spans {
+                match entries.iter_mut().find(|e| e.0 == l) {
+                    Some(e) => {
+                        e.1 += 1;
+                        e.2 += ns;
+                    }
+                    None => entries.push((l, 1, ns)),
+                }
+            }
         }
+        let n = c.iters.max(1);
+        split.push((
+            t,
+            entries
+                .iter()
+                .map(|(l, d, ns)| (*l, d / n, ns / 1e3 / n as f64))
+                .collect(),
+        ));
         let gpu_ms = gpu_ns.map(|v| v / 1e6 / c.iters.max(1) as f64);
         rows.push((t, wall_ms, gpu_ms, per, bytes));
     }
@@ -757,7 +775,7 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
             "device": g.device_name(),
             "model": file.path().display().to_string(),
             "context": c.context,
-        let mut entries: EntryTimes = Vec::new();
+            "copy": copy_json(copy_bw),
             "copy_gbs": copy.map(|b| b / 1e9),
             "passes": rows.iter().map(|(t, wall, gpu, per, b)| json!({
                 "tokens": t,
@@ -765,24 +783,7 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
                 "gpu_ms": gpu,
                 "dispatches": per,
                 "tokens_per_s": *t as f64 / wall * 1e3,
-            for (l, ns) in spans {
-                match entries.iter_mut().find(|e| e.0 == l) {
-                    Some(e) => {
-                        e.1 += 1;
-                        e.2 += ns;
-                    }
-                    None => entries.push((l, 1, ns)),
-                }
-            }
                 "distinct_experts_per_layer": b.distinct,
-        let n = c.iters.max(1);
-        split.push((
-            t,
-            entries
-                .iter()
-                .map(|(l, d, ns)| (*l, d / n, ns / 1e3 / n as f64))
-                .collect(),
-        ));
                 "bytes_dense": b.dense,
                 "bytes_experts": b.experts,
                 "bytes_kv": b.kv,
@@ -794,7 +795,6 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
         });
         if emit_json(c, &out)? {
             return Ok(());
-            "copy": copy_json(copy_bw),
         }
     }
     println!(
@@ -825,8 +825,6 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
             fmt_opt(gpu.and_then(|g| pct(gbs(b, g))), 0),
         );
     }
-    Ok(())
-}
     if split.iter().any(|s| !s.1.is_empty()) {
         println!("\nGPU µs per entry point and pass (dispatches per pass):");
         for (t, parts) in &split {
@@ -839,3 +837,5 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
             println!("- {t} tokens: {}", list.join(", "));
         }
     }
+    Ok(())
+}
