@@ -140,17 +140,20 @@ pub struct DecodingArgs {
     /// Block decoder: keep the last step's K/V instead of fusing a clean pass (approximate).
     #[arg(long)]
     pub reuse_last_kv: bool,
-    /// Which position a row of logits predicts (default: the model family's convention).
+    /// Which position a row of logits predicts (default: the model file's setting, else the
+    /// model family's convention).
     #[arg(long, value_enum)]
     pub prediction: Option<PredictionName>,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
+    /// Nucleus sampling: draw from the smallest set of tokens whose probability reaches p (1 = all).
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
-    /// 0 keeps all candidates (the backend keeps the top 8).
+    /// Sample among the k most likely tokens; 0 keeps all candidates (the backend keeps the top 8).
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
+    /// Seed of the sampling RNG: the same seed, prompt and flags give the same text.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Most new tokens.
