@@ -190,20 +190,24 @@ impl Engine {
 }
 
 fn runtime_config(config: &EngineConfig) -> Result<engine::EngineConfig, EdgeDiffError> {
-    // A resident-set profile at load time is not in the runtime; refusing it is better than
-    // silently using more memory than the app asked for (prune the file with `edgediff prune`).
-    if config.resident_profile_path.is_some() {
-        return Err(EdgeDiffError::Unsupported(
-            "a resident profile at load time is not in this runtime yet; \
-             prune the model file with `edgediff prune` instead"
-                .into(),
-        ));
-    }
+    let resident = match &config.resident_profile_path {
+        Some(path) => {
+            let keep = config.resident_keep.as_deref().unwrap_or("25%");
+            Some(engine::ResidentProfile {
+                profile: path.into(),
+                keep: keep.parse().map_err(|e: edgediff::experts::ExpertsError| {
+                    EdgeDiffError::InvalidArgument(e.to_string())
+                })?,
+            })
+        }
+        None => None,
+    };
     Ok(engine::EngineConfig {
         backend: config.adapter.unwrap_or_default().into(),
         expert_memory: config
             .expert_memory_budget
             .map(edgediff::experts::ExpertMemory::Bytes),
+        resident,
     })
 }
 

@@ -96,6 +96,7 @@ impl From<EngineError> for EdgeDiffError {
             e @ EngineError::BackendUnavailable { .. } => EdgeDiffError::Unsupported(e.to_string()),
             EngineError::Experts(ExpertsError::Model(e)) => e.into(),
             EngineError::Experts(ExpertsError::Format(e)) => e.into(),
+            e @ EngineError::Experts(ExpertsError::Io { .. }) => EdgeDiffError::Io(e.to_string()),
             e @ EngineError::Experts(_) => EdgeDiffError::InvalidArgument(e.to_string()),
         }
     }

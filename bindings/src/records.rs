@@ -36,9 +36,14 @@ pub struct EngineConfig {
     /// Upper bound on the bytes of routed experts kept in memory (None: all of them).
     #[uniffi(default)]
     pub expert_memory_budget: Option<u64>,
-    /// A resident-set profile (`edgediff profile`) choosing which experts stay in memory.
+    /// A routing profile (`edgediff profile`) of this model: only the experts it selects stay in
+    /// memory (pruning at load time; the others are never read, and the output changes).
     #[uniffi(default)]
     pub resident_profile_path: Option<String>,
+    /// With `resident_profile_path`: experts kept per MoE layer, "25%" (the default), a count
+    /// ("32") or a byte budget for the whole model ("1.5GB").
+    #[uniffi(default)]
+    pub resident_keep: Option<String>,
     #[uniffi(default)]
     pub adapter: Option<AdapterPreference>,
 }

@@ -252,12 +252,27 @@ fn invalid_requests_fail_before_anything_runs() {
         Engine::load(path.clone(), budget),
         Err(EdgeDiffError::InvalidArgument(m)) if m.contains("give it at least")
     ));
+    // A resident profile that is not there is an I/O error; a keep spec that does not parse says so.
     let profile = EngineConfig {
-        resident_profile_path: Some("code.profile.json".into()),
+        resident_profile_path: Some(
+            dir.path()
+                .join("missing.profile.json")
+                .display()
+                .to_string(),
+        ),
         ..EngineConfig::default()
     };
     assert!(matches!(
-        Engine::load(path, profile),
-        Err(EdgeDiffError::Unsupported(_))
+        Engine::load(path.clone(), profile),
+        Err(EdgeDiffError::Io(m)) if m.contains("missing.profile.json")
+    ));
+    let keep = EngineConfig {
+        resident_profile_path: Some("code.profile.json".into()),
+        resident_keep: Some("lots".into()),
+        ..EngineConfig::default()
+    };
+    assert!(matches!(
+        Engine::load(path, keep),
+        Err(EdgeDiffError::InvalidArgument(m)) if m.contains("lots")
     ));
 }

@@ -19,7 +19,9 @@ use crate::decode::{
     DecoderKind, FinishReason, Flow, Observer, Prediction, Sampling, SpecialIds,
 };
 use crate::experts::paging::PagedLoad;
-use crate::experts::{Eviction, ExpertMemory, ExpertPaging, ExpertsError, PagerStats};
+use crate::experts::{
+    Eviction, ExpertMemory, ExpertPaging, ExpertsError, KeepSpec, PagerStats, Profile,
+};
 use crate::format::{EdmFile, FormatError, Metadata};
 use crate::model::{Model, ModelConfig, ModelError};
 use crate::tokenizer::{ChatMessage, ChatTemplate, StreamDecoder, Tokenizer, TokenizerError};
@@ -76,6 +78,18 @@ pub struct EngineConfig {
     /// Page routed experts through a pool of this size (exact: the same tokens, less memory);
     /// `None` loads every expert.
     pub expert_memory: Option<ExpertMemory>,
+    /// Keep only the experts a domain profile selects (EMO-style pruning at load time, the same
+    /// selection and router mask as `edgediff prune` without writing a file): the others are never
+    /// loaded, paged or read. Approximate, unlike paging.
+    pub resident: Option<ResidentProfile>,
+}
+
+/// A resident set chosen at load time: `keep` per MoE layer by router-probability mass in `profile`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResidentProfile {
+    /// A profile from `edgediff profile`, recorded on this model.
+    pub profile: std::path::PathBuf,
+    pub keep: KeepSpec,
 }
 
 /// What to generate from.
@@ -172,12 +186,32 @@ impl<B: Backend> Engine<B> {
     where
         B: PagedLoad,
     {
-        let Some(memory) = config.expert_memory else {
-            return Self::new(backend, file);
+        let set = match &config.resident {
+            Some(r) => {
+                let profile = Profile::load(&r.profile, &file)?;
+                Some(crate::experts::prune::resident_from_profile(
+                    &file, &profile, r.keep,
+                )?)
+            }
+            None => None,
         };
-        let (model, paging) = crate::experts::load_paged(&backend, &file, memory, Eviction::Lru)?;
+        let (mut model, paging) = match config.expert_memory {
+            Some(memory) => {
+                let (m, p) = crate::experts::load_paged(&backend, &file, memory, Eviction::Lru)?;
+                (m, Some(p))
+            }
+            None => {
+                let keep = |l: usize, e: usize| set.as_ref().is_none_or(|s| s.is_resident(l, e));
+                (Model::load(&backend, file.clone(), &keep)?, None)
+            }
+        };
+        if let Some(set) = &set {
+            // Paged or not, the router never picks a dropped expert, so none is ever paged in.
+            let biases = crate::experts::prune::masked_router_biases(&file, set)?;
+            model.set_router_biases(&backend, &biases)?;
+        }
         let mut engine = Self::with_model(backend, model)?;
-        engine.paging = Some(paging);
+        engine.paging = paging;
         Ok(engine)
     }
 

@@ -203,3 +203,103 @@ fn a_pruned_model_is_not_pruned_again() {
     );
     assert!(matches!(err, Err(ExpertsError::AlreadyPruned)));
 }
+
+/// A profile applied at load time (`EngineConfig::resident`, `--resident-profile`) keeps the
+/// experts `prune` keeps and masks the router the same way: the engine writes exactly the pruned
+/// file's tokens, with every expert loaded or paged through a pool; a missing profile, another
+/// model's profile and an already pruned file are typed errors.
+#[test]
+fn a_resident_profile_at_load_time_decodes_like_the_pruned_file() {
+    use edgediff::decode::{DecodeParams, DecoderKind};
+    use edgediff::engine::EngineError;
+    use edgediff::engine::{Engine, EngineConfig, Prompt, ResidentProfile};
+    use edgediff::experts::ExpertMemory;
+
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = |path: &Path, config: &EngineConfig| -> Vec<u32> {
+        let e = Engine::open(CpuBackend, Arc::new(EdmFile::open(path).unwrap()), config).unwrap();
+        let mut r = e.request(Prompt::Text("the quick brown fox".into()));
+        r.decoding = DecodeParams {
+            decoder: DecoderKind::Ar,
+            max_new_tokens: 12,
+            ignore_eos: true,
+            ..e.default_decoding()
+        };
+        e.generate(&r, &mut |_| {}).unwrap().tokens
+    };
+    for arch in [Architecture::Qwen3Moe, Architecture::Llada2Moe] {
+        let path = synth_model(dir.path(), arch, 11);
+        let profile_path = dir.path().join(format!("{arch}.profile.json"));
+        profile_of(&path).save(&profile_path).unwrap();
+        let keep: KeepSpec = "25%".parse().unwrap();
+        let file = EdmFile::open(&path).unwrap();
+        let set = prune::resident_from_profile(
+            &file,
+            &Profile::load(&profile_path, &file).unwrap(),
+            keep,
+        )
+        .unwrap();
+        let pruned = dir.path().join(format!("{arch}.pruned.edm"));
+        prune::prune_file(&file, &pruned, &set, serde_json::json!({})).unwrap();
+        let want = tokens(&pruned, &EngineConfig::default());
+        let resident = Some(ResidentProfile {
+            profile: profile_path.clone(),
+            keep,
+        });
+        let loaded = EngineConfig {
+            resident: resident.clone(),
+            ..Default::default()
+        };
+        assert_eq!(
+            tokens(&path, &loaded),
+            want,
+            "{arch}: resident profile at load"
+        );
+        let paged = EngineConfig {
+            resident: resident.clone(),
+            expert_memory: Some(ExpertMemory::Fraction(0.5)),
+            ..Default::default()
+        };
+        assert_eq!(
+            tokens(&path, &paged),
+            want,
+            "{arch}: resident profile, paged"
+        );
+        // The mask must matter, or this test proves nothing.
+        assert_ne!(
+            tokens(&path, &EngineConfig::default()),
+            want,
+            "{arch}: unpruned"
+        );
+
+        let open = |p: &Path, profile: &Path| {
+            Engine::open(
+                CpuBackend,
+                Arc::new(EdmFile::open(p).unwrap()),
+                &EngineConfig {
+                    resident: Some(ResidentProfile {
+                        profile: profile.to_path_buf(),
+                        keep,
+                    }),
+                    ..Default::default()
+                },
+            )
+            .err()
+        };
+        assert!(matches!(
+            open(&path, &dir.path().join("missing.json")),
+            Some(EngineError::Experts(ExpertsError::Io { .. }))
+        ));
+        // The pruned file is a different model to its profile check, or refused as pruned.
+        let again = open(&pruned, &profile_path);
+        assert!(
+            matches!(
+                again,
+                Some(EngineError::Experts(
+                    ExpertsError::ProfileMismatch { .. } | ExpertsError::AlreadyPruned
+                ))
+            ),
+            "{again:?}"
+        );
+    }
+}

@@ -13,6 +13,7 @@ use crate::decode::{
 };
 use crate::engine::{
     BackendChoice, EngineConfig, Event, GenerationOutput, GenerationStats, LoadedEngine, Prompt,
+    ResidentProfile,
 };
 use crate::experts::{ExpertMemory, PagerStats};
 use crate::tokenizer::{ChatMessage, Tokenizer};
@@ -35,6 +36,14 @@ pub struct ModelArgs {
     /// tokens are the same, only memory and time change.
     #[arg(long, value_name = "BYTES|%")]
     pub expert_memory: Option<ExpertMemory>,
+    /// Keep only the experts this profile (from `edgediff profile`) selects, --keep of them per
+    /// layer: `edgediff prune` at load time, no new file. The others are never read; output changes.
+    #[arg(long, value_name = "PROFILE.json")]
+    pub resident_profile: Option<PathBuf>,
+    /// With --resident-profile: experts kept per MoE layer, a percentage (25%), a count (32) or a
+    /// byte budget for the whole model (1.5GB).
+    #[arg(long, requires = "resident_profile", default_value = "25%")]
+    pub keep: String,
 }
 
 impl ModelArgs {
@@ -45,6 +54,13 @@ impl ModelArgs {
             &EngineConfig {
                 backend: self.backend,
                 expert_memory: self.expert_memory,
+                resident: match &self.resident_profile {
+                    Some(profile) => Some(ResidentProfile {
+                        profile: profile.clone(),
+                        keep: self.keep.parse()?,
+                    }),
+                    None => None,
+                },
             },
         )
         .with_context(|| format!("loading {}", path.display()))

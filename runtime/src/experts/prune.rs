@@ -150,6 +150,54 @@ pub fn select_layer(
     Ok(keep)
 }
 
+/// The resident set a profile selects by router-probability mass, `keep` per MoE layer: what
+/// `edgediff prune --profile p --keep k` keeps, so a model loaded with it routes exactly like the
+/// pruned file.
+pub fn resident_from_profile(
+    file: &EdmFile,
+    profile: &Profile,
+    keep: KeepSpec,
+) -> Result<ResidentSet, ExpertsError> {
+    if file.header.metadata.resident.is_some() {
+        return Err(ExpertsError::AlreadyPruned);
+    }
+    let count = keep_count(file, keep)?;
+    let layers = file
+        .header
+        .experts
+        .iter()
+        .map(|t| {
+            Ok((
+                t.layer,
+                select_layer(profile, t.layer, count, Selector::Mass)?,
+            ))
+        })
+        .collect::<Result<Vec<_>, ExpertsError>>()?;
+    Ok(ResidentSet { layers })
+}
+
+/// Per MoE layer, the router's selection bias with every non-resident expert masked (the file's
+/// own bias, else zeros): what [`prune_file`] writes, for masking a model in memory instead.
+pub fn masked_router_biases(
+    file: &EdmFile,
+    set: &ResidentSet,
+) -> Result<Vec<(usize, Vec<f32>)>, ExpertsError> {
+    let n = file.header.metadata.config.moe.num_experts;
+    file.header
+        .experts
+        .iter()
+        .map(|t| {
+            let name = names::layer(t.layer, names::ROUTER_BIAS);
+            let mut bias = match file.tensor_entry(&name) {
+                Some(_) => file.tensor(&name)?.to_f32()?,
+                None => vec![0.0; n],
+            };
+            mask_bias(&mut bias, set, t.layer);
+            Ok((t.layer, bias))
+        })
+        .collect()
+}
+
 /// Writes `output`: `input` with only the resident experts, and the router masked so it never
 /// selects the others. Pruned experts' bytes are not read.
 pub fn prune_file(

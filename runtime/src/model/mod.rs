@@ -13,7 +13,7 @@ use std::sync::Arc;
 pub use config::{Architecture, ConfigError, Gating, ModelConfig, MoeConfig, Prediction, QkNorm};
 
 use crate::backend::{AttnMask, Backend, BackendError, PositionStats};
-use crate::format::{EdmFile, FormatError};
+use crate::format::{DType, EdmFile, FormatError, TensorView};
 
 /// Canonical tensor names inside a model file.
 pub mod names {
@@ -152,6 +152,45 @@ impl<B: Backend> Model<B> {
         Self::load_with_experts(backend, file, &mut |l| {
             backend.load_experts(&f, l, &|e| resident(l, e))
         })
+    }
+
+    /// Replaces the router's selection bias of the given MoE layers (a resident set's mask, see
+    /// `experts::prune::masked_router_biases`) and turns the bias on for every layer that got one.
+    pub fn set_router_biases(
+        &mut self,
+        backend: &B,
+        biases: &[(usize, Vec<f32>)],
+    ) -> Result<(), ModelError> {
+        let n = self.config.moe.num_experts;
+        for (l, bias) in biases {
+            let name = names::layer(*l, names::ROUTER_BIAS);
+            let Some(FeedForward::Moe { router_bias, .. }) =
+                self.layers.get_mut(*l).map(|x| &mut x.ffn)
+            else {
+                return Err(FormatError::MissingTensor(format!(
+                    "{name} (layer {l} has no router)"
+                ))
+                .into());
+            };
+            if bias.len() != n {
+                return Err(ModelError::TensorShape {
+                    name,
+                    got: vec![bias.len()],
+                    want: vec![n],
+                });
+            }
+            let view = TensorView {
+                name: &name,
+                dtype: DType::F32,
+                shape: &[n],
+                bytes: bytemuck::cast_slice(bias),
+            };
+            *router_bias = Some(backend.load_weight(view)?);
+        }
+        if !biases.is_empty() {
+            self.config.moe.router_bias = true;
+        }
+        Ok(())
     }
 
     /// Loads every dense weight; each MoE layer's experts come from `experts(layer)` (e.g. paged
