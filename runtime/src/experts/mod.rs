@@ -5,7 +5,8 @@
 //! it, so they cannot be mapped or read, and the router gets a selection mask (−1e30 on pruned
 //! experts, through `moe.router_bias`) so it never picks them. A separate manifest beside the model
 //! was the alternative; one self-contained file is what a phone app ships, and the size on disk
-//! drops with the experts.
+//! drops with the experts. The same selection and mask also apply at load time from a profile
+//! (`EngineConfig::resident`, `--resident-profile`), for trying a keep ratio without a new file.
 
 pub mod pager;
 pub mod paging;
