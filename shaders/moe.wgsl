@@ -8,6 +8,8 @@
 //   lib/moe_meta.wgsl. A routed expert with no slot (not resident) is flagged in `status`:
 //   bit 31 | layer << 16 | expert, read back with the statistics.
 // moe_combine: out[t] = Σ_j weight[t, j] · y[slot_of(t, j)], j in order (the CPU's sum order).
+// moe_combine_add: the same sum plus plus[t] (the shared experts' output), as the add kernel would
+//   add it afterwards: one dispatch fewer per MoE layer with shared experts.
 
 #include "moe_meta"
 
@@ -33,6 +35,7 @@ const NONE: u32 = 0xffffffffu;
 @group(0) @binding(6) var<storage, read> weights: array<f32>;
 @group(0) @binding(7) var<storage, read> y: array<f32>;
 @group(0) @binding(8) var<storage, read_write> out: array<f32>;
+@group(0) @binding(9) var<storage, read> plus: array<f32>;
 
 var<workgroup> part_count: array<u32, 256>;
 var<workgroup> part_active: array<u32, 256>;
@@ -127,16 +130,8 @@ fn moe_dispatch(@builtin(local_invocation_index) lid: u32) {
     }
 }
 
-@compute @workgroup_size(64)
-fn moe_combine(
-    @builtin(local_invocation_index) lid: u32,
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-) {
-    let i = (wid.x + wid.y * nwg.x) * 64u + lid;
-    if (i >= mp.t * mp.hidden) {
-        return;
-    }
+// Σ_j weight[t, j] · y[slot_of(t, j)] of output element i = t · hidden + c.
+fn combined(i: u32) -> f32 {
     let t = i / mp.hidden;
     let c = i % mp.hidden;
     var s = 0.0;
@@ -147,5 +142,32 @@ fn moe_combine(
             s += weights[a] * y[pos * mp.hidden + c];
         }
     }
-    out[i] = s;
+    return s;
+}
+
+@compute @workgroup_size(64)
+fn moe_combine(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let i = (wid.x + wid.y * nwg.x) * 64u + lid;
+    if (i >= mp.t * mp.hidden) {
+        return;
+    }
+    out[i] = combined(i);
+}
+
+@compute @workgroup_size(64)
+fn moe_combine_add(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let i = (wid.x + wid.y * nwg.x) * 64u + lid;
+    if (i >= mp.t * mp.hidden) {
+        return;
+    }
+    let s = combined(i);
+    out[i] = s + plus[i];
 }

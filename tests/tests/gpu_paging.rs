@@ -121,6 +121,37 @@ fn paged_gpu_experts_are_bit_identical_to_resident_for_every_pool_size_policy_an
 }
 
 #[test]
+fn paged_pools_spread_over_several_buffers_are_bit_identical_to_resident() {
+    // Bindings of about three experts: every layer's resident experts and every paged pool spread
+    // over several pool buffers (each expert kernel runs once per buffer), as on a device that
+    // binds 128 MiB with a model whose layer holds more.
+    let dir = tempfile::tempdir().unwrap();
+    for arch in [Architecture::Qwen3Moe, Architecture::Llada2Moe] {
+        let file = write(dir.path(), arch);
+        let expert_bytes = file.header.experts[0].length;
+        for (name, b) in backends(Some(3 * expert_bytes + 256)) {
+            let resident = run(&b, &Model::load(&b, file.clone(), &|_, _| true).unwrap());
+            let c = file.header.metadata.config.clone();
+            let moe_layers = (0..c.num_layers).filter(|&l| c.is_moe_layer(l)).count();
+            for slots in [c.moe.top_k, 7, 16 * moe_layers] {
+                for prefetch in [false, true] {
+                    let what = format!("{name} {arch}: {slots} slots, prefetch {prefetch}");
+                    let pool = b
+                        .expert_pool(&file, slots, Eviction::Lru, prefetch, true, 0)
+                        .unwrap();
+                    let model = Model::load_with_experts(&b, file.clone(), &mut |l| {
+                        b.paged_experts(&pool, l)
+                    })
+                    .unwrap();
+                    assert!(run(&b, &model) == resident, "{what}: output differs");
+                    assert!(pool.stats().misses > 0, "{what}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn read_ahead_threads_change_neither_the_output_nor_the_pagers_decisions() {
     let dir = tempfile::tempdir().unwrap();
     for (name, b) in backends(None) {

@@ -185,6 +185,19 @@ pub trait Backend {
         routing: &Self::Routing,
         experts: &Self::Experts,
     ) -> Result<Self::Act>;
+    /// `moe` plus the shared experts' output `shared` (the same sum, then one add; a backend may
+    /// fuse the add into its last step).
+    fn moe_plus_shared(
+        &self,
+        x: &Self::Act,
+        routing: &Self::Routing,
+        experts: &Self::Experts,
+        shared: &Self::Act,
+    ) -> Result<Self::Act> {
+        let mut y = self.moe(x, routing, experts)?;
+        self.add(&mut y, shared)?;
+        Ok(y)
+    }
     /// Routing on the host, `(ids, weights)` of `[T, top_k]`, for profiles and paging.
     fn routing_to_host(&self, routing: &Self::Routing) -> Result<(Vec<u32>, Vec<f32>)>;
     /// LM head over the (already normalised) rows in `rows`, reduced to per-position statistics.

@@ -370,12 +370,15 @@ impl<B: Backend> Model<B> {
                         let (ids, w) = b.routing_to_host(&routing)?;
                         out.routing.push((l, ids, w));
                     }
-                    let mut y = b.moe(&h, &routing, experts)?;
-                    if let Some(s) = shared {
-                        let ys = b.mlp(&s.gate_up, &s.down, &h)?;
-                        b.add(&mut y, &ys)?;
+                    match shared {
+                        // The shared experts first, so the routed sum can add them in its last
+                        // step (one kernel fewer on the GPU).
+                        Some(s) => {
+                            let ys = b.mlp(&s.gate_up, &s.down, &h)?;
+                            b.moe_plus_shared(&h, &routing, experts, &ys)?
+                        }
+                        None => b.moe(&h, &routing, experts)?,
                     }
-                    y
                 }
             };
             let next_norm = self

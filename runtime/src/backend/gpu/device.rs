@@ -20,10 +20,6 @@ use std::sync::{Arc, Mutex};
 
 use wgpu::{Backends, DeviceType, Features};
 
-/// Storage buffers larger than this are never bound in one piece: many mobile GPUs and lavapipe
-/// bind at most 128 MiB, and expert pools are split at this size even where the device allows more.
-pub const PORTABLE_BINDING: u64 = 128 << 20;
-
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
     #[error("no GPU adapter with compute shaders was found (backends tried: {backends}); on Linux without a GPU install lavapipe: apt-get install mesa-vulkan-drivers")]

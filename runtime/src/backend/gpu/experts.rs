@@ -1,5 +1,6 @@
-//! Routed experts on the GPU: an [`ExpertPool`] of buffers of at most 128 MiB (many mobile GPUs
-//! and lavapipe bind no more) holding each resident expert's matrices in file layout, and a
+//! Routed experts on the GPU: an [`ExpertPool`] of buffers, each as large as one storage binding of
+//! the device may be (`GpuDevice::split`: 2 GiB on an H200, 128 MiB on lavapipe and many phones),
+//! holding each resident expert's matrices in file layout, and a
 //! [`SlotTable`] — one GPU buffer, entry (layer, expert) → (pool buffer index, word offset), NONE
 //! for an expert that is not resident — through which the expert kernels find their weights. A
 //! residency layer can page experts by writing weights into a pool slot and rewriting the entry;
@@ -75,7 +76,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::device::{GpuError, PORTABLE_BINDING};
+use super::device::GpuError;
 use super::pool::{GpuBuffer, Pooled};
 use super::recorder::Shared;
 use crate::experts::pager::{Eviction, Lookup, Pager, PagerStats};
@@ -209,6 +210,23 @@ fn part_layout(p: &TensorEntry, word: u32) -> PartLayout {
     }
 }
 
+/// The largest expert pool buffer: the device's storage-binding limit (or the `max_binding` option
+/// of tests). Every expert kernel runs once per pool buffer holding an expert of its layer, each
+/// run costing a fixed ~12–18 µs on an H200 whatever its share of the work, so a layer's experts go
+/// into as few buffers as the device allows: one where it binds 2 GiB (a LLaDA2.0-mini q4 layer is
+/// ~400 MB), several of 128 MiB on lavapipe and many phones.
+/// `EDGEDIFF_EXPERT_POOL_BINDING` (bytes) lowers it (benchmarks: 134217728 gives the 128 MiB
+/// buffers of a phone on a large GPU).
+fn pool_buffer_cap(sh: &Shared) -> u64 {
+    static FORCED: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let forced = FORCED.get_or_init(|| {
+        std::env::var("EDGEDIFF_EXPERT_POOL_BINDING")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    });
+    forced.map_or(sh.dev.split, |f| sh.dev.split.min(f.max(256)) & !255)
+}
+
 fn align(n: u64, a: u64) -> u64 {
     n.div_ceil(a) * a
 }
@@ -314,7 +332,7 @@ pub(crate) fn layer_layout(
         return Err(GpuError::Unsupported("u8 expert weights".into()).into());
     }
     let stride = align(align(gu.length, 4) + align(dn.length, 4), 256);
-    let cap = PORTABLE_BINDING.min(sh.dev.split);
+    let cap = pool_buffer_cap(sh);
     if stride > cap {
         return Err(GpuError::Limit {
             what: format!("one expert of layer {layer}"),
@@ -743,7 +761,7 @@ impl super::GpuBackend {
         Pager::check_capacity(slots, c.moe.top_k).map_err(GpuError::Unsupported)?;
         let sh = &self.sh;
         let stride = slot_bytes(file)?;
-        let cap = PORTABLE_BINDING.min(sh.dev.split);
+        let cap = pool_buffer_cap(sh);
         if stride > cap {
             return Err(GpuError::Limit {
                 what: "one expert".into(),
@@ -853,13 +871,15 @@ impl super::GpuBackend {
         }
     }
 
-    /// One MoE layer over paged experts (see the module header for the two modes).
+    /// One MoE layer over paged experts (see the module header for the two modes), plus `plus`
+    /// (the shared experts' output) when given.
     pub(crate) fn moe_paged(
         &self,
         x: &super::GpuAct,
         routing: &super::GpuRouting,
         experts: &GpuExperts,
         pool: &Arc<GpuExpertPool>,
+        plus: Option<&GpuBuffer>,
     ) -> Result<super::GpuAct, crate::backend::BackendError> {
         let sh = &*self.sh;
         {
@@ -905,6 +925,7 @@ impl super::GpuBackend {
                     &routing.weights,
                     routing.k,
                     &layout,
+                    plus,
                     &out.buf,
                 )?;
                 Ok(out)
@@ -965,7 +986,7 @@ impl super::GpuBackend {
             st.drop_staged(|k| k.0 <= layer);
             let out = super::GpuBackend::out_act(ctx, x.rows, x.cols)?;
             match &scratch {
-                Some(s) => super::ops::moe::combine(ctx, s, &routing.weights, &out.buf)?,
+                Some(s) => super::ops::moe::combine(ctx, s, &routing.weights, plus, &out.buf)?,
                 // Nothing routed (no rows): the plain path writes the zero sum.
                 None => super::ops::moe::moe(
                     ctx,
@@ -975,6 +996,7 @@ impl super::GpuBackend {
                     &routing.weights,
                     routing.k,
                     &layout,
+                    plus,
                     &out.buf,
                 )?,
             }

@@ -910,45 +910,26 @@ impl Backend for GpuBackend {
     }
 
     fn moe(&self, x: &GpuAct, routing: &GpuRouting, experts: &GpuExperts) -> Result<GpuAct> {
-        if x.cols != experts.hidden || routing.rows != x.rows {
+        self.moe_with(x, routing, experts, None)
+    }
+
+    fn moe_plus_shared(
+        &self,
+        x: &GpuAct,
+        routing: &GpuRouting,
+        experts: &GpuExperts,
+        shared: &GpuAct,
+    ) -> Result<GpuAct> {
+        if (shared.rows, shared.cols) != (x.rows, x.cols) {
             return Err(shape_err(
-                "moe",
+                "moe_plus_shared",
                 format!(
-                    "x [{}, {}] with experts of width {} and routing of {} rows",
-                    x.rows, x.cols, experts.hidden, routing.rows
+                    "[{}, {}] + [{}, {}]",
+                    x.rows, x.cols, shared.rows, shared.cols
                 ),
             ));
         }
-        if let Some(pool) = &experts.paged {
-            return self.moe_paged(x, routing, experts, pool);
-        }
-        let layout = ops::moe::ExpertLayout {
-            layer: experts.layer,
-            num_experts: experts.num_experts,
-            slot0: experts.layer * experts.num_experts,
-            slots: &experts.store.slots,
-            pools: &experts.pools,
-            wtype_gate_up: weight_code(experts.gate_up.dtype),
-            wtype_down: weight_code(experts.down.dtype),
-            gate_up: (experts.gate_up.word, experts.gate_up.scales),
-            down: (experts.down.word, experts.down.scales),
-            hidden: experts.hidden,
-            inter: experts.inter,
-        };
-        self.with(|ctx| {
-            let out = Self::out_act(ctx, x.rows, x.cols)?;
-            ops::moe::moe(
-                ctx,
-                &x.buf,
-                x.rows,
-                &routing.ids,
-                &routing.weights,
-                routing.k,
-                &layout,
-                &out.buf,
-            )?;
-            Ok(out)
-        })
+        self.moe_with(x, routing, experts, Some(&*shared.buf))
     }
 
     fn routing_to_host(&self, routing: &GpuRouting) -> Result<(Vec<u32>, Vec<f32>)> {
@@ -1062,5 +1043,57 @@ fn weight_code(d: DType) -> u32 {
         DType::Q8 => 2,
         DType::Q4 => 3,
         _ => 0,
+    }
+}
+
+impl GpuBackend {
+    /// The routed experts of one layer, plus `plus` (the shared experts' output) when given.
+    fn moe_with(
+        &self,
+        x: &GpuAct,
+        routing: &GpuRouting,
+        experts: &GpuExperts,
+        plus: Option<&GpuBuffer>,
+    ) -> Result<GpuAct> {
+        if x.cols != experts.hidden || routing.rows != x.rows {
+            return Err(shape_err(
+                "moe",
+                format!(
+                    "x [{}, {}] with experts of width {} and routing of {} rows",
+                    x.rows, x.cols, experts.hidden, routing.rows
+                ),
+            ));
+        }
+        if let Some(pool) = &experts.paged {
+            return self.moe_paged(x, routing, experts, pool, plus);
+        }
+        let layout = ops::moe::ExpertLayout {
+            layer: experts.layer,
+            num_experts: experts.num_experts,
+            slot0: experts.layer * experts.num_experts,
+            slots: &experts.store.slots,
+            pools: &experts.pools,
+            wtype_gate_up: weight_code(experts.gate_up.dtype),
+            wtype_down: weight_code(experts.down.dtype),
+            gate_up: (experts.gate_up.word, experts.gate_up.scales),
+            down: (experts.down.word, experts.down.scales),
+            hidden: experts.hidden,
+            inter: experts.inter,
+        };
+        self.with(|ctx| {
+            let out = Self::out_act(ctx, x.rows, x.cols)?;
+            ops::moe::moe(
+                ctx,
+                &x.buf,
+                x.rows,
+                &routing.ids,
+                &routing.weights,
+                routing.k,
+                &layout,
+                plus,
+                &out.buf,
+            )?;
+            Ok(out)
+        })
     }
 }

@@ -36,6 +36,7 @@ pub fn all_entries() -> Vec<(&'static Entry, usize)> {
         (&matmul::EXPERT_DOWN, size_of::<matmul::ExpertParams>()),
         (&moe::DISPATCH, size_of::<moe::MoeParams>()),
         (&moe::COMBINE, size_of::<moe::MoeParams>()),
+        (&moe::COMBINE_ADD, size_of::<moe::MoeParams>()),
         (&moe::GATE_UP_GEMV, size_of::<matmul::ExpertParams>()),
         (&moe::DOWN_GEMV, size_of::<matmul::ExpertParams>()),
         (&norm::RMS_NORM, size_of::<norm::NormParams>()),

@@ -70,6 +70,19 @@ pub static COMBINE: Entry = Entry {
     bindings: &[(0, Params), (5, Read), (6, Read), (7, Read), (8, ReadWrite)],
     params: "MoeParams",
 };
+pub static COMBINE_ADD: Entry = Entry {
+    file: "moe.wgsl",
+    name: "moe_combine_add",
+    bindings: &[
+        (0, Params),
+        (5, Read),
+        (6, Read),
+        (7, Read),
+        (8, ReadWrite),
+        (9, Read),
+    ],
+    params: "MoeParams",
+};
 
 /// Mean tokens per routed expert (assignments / experts) up to which the experts run as GEMV: each
 /// expert's weights are then read once per 4 of its tokens, from cache after the first 4, where
@@ -135,7 +148,7 @@ pub struct MoeScratch {
 }
 
 /// All three stages with every pool buffer of `e` (the experts are resident, or a missing one is
-/// flagged in `status` and skipped).
+/// flagged in `status` and skipped); `plus` (the shared experts' output) is added to the sum.
 #[allow(clippy::too_many_arguments)]
 pub fn moe(
     ctx: &mut Ctx,
@@ -145,11 +158,12 @@ pub fn moe(
     weights: &GpuBuffer,
     top_k: usize,
     e: &ExpertLayout,
+    plus: Option<&GpuBuffer>,
     out: &GpuBuffer,
 ) -> Result<(), GpuError> {
     let s = dispatch(ctx, rows, ids, top_k, e)?;
     experts(ctx, x, &s, e)?;
-    combine(ctx, &s, weights, out)
+    combine(ctx, &s, weights, plus, out)
 }
 
 /// Stage 1: per-expert token lists and indirect grids from the routing.
@@ -261,20 +275,26 @@ pub fn experts(
     Ok(())
 }
 
-/// Stage 3: the weighted sum of each token's expert rows, in routing order.
+/// Stage 3: the weighted sum of each token's expert rows, in routing order, plus `plus` when given
+/// (the same sum, then one add: what a separate add kernel would compute).
 pub fn combine(
     ctx: &mut Ctx,
     s: &MoeScratch,
     weights: &GpuBuffer,
+    plus: Option<&GpuBuffer>,
     out: &GpuBuffer,
 ) -> Result<(), GpuError> {
     let mp = s.params;
-    ctx.dispatch(
-        &COMBINE,
-        0,
-        &mp,
-        None,
-        &[&s.meta, weights, &s.y, out],
-        Grid::Linear(((mp.t * mp.hidden) as u64).div_ceil(64)),
-    )
+    let grid = Grid::Linear(((mp.t * mp.hidden) as u64).div_ceil(64));
+    match plus {
+        None => ctx.dispatch(&COMBINE, 0, &mp, None, &[&s.meta, weights, &s.y, out], grid),
+        Some(p) => ctx.dispatch(
+            &COMBINE_ADD,
+            0,
+            &mp,
+            None,
+            &[&s.meta, weights, &s.y, out, p],
+            grid,
+        ),
+    }
 }
