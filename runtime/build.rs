@@ -79,27 +79,31 @@ fn main() {
             // is young): write the SPIR-V here too, under both index bounds-check policies wgpu
             // may pick, so a module the writer rejects fails the build rather than the device.
             if coop {
-                // F16 weights, as the host dispatches them (WTYPE of lib/dequant.wgsl).
-                let constants: naga::back::PipelineConstants =
-                    [("WTYPE".to_string(), 1.0)].into_iter().collect();
-                let (module, info) = match naga::back::pipeline_constants::process_overrides(
-                    &module, &info, None, &constants,
-                ) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        failures.push(format!("{name} ({caps:?}) overrides: {e}"));
-                        continue;
-                    }
-                };
-                for policy in [
-                    naga::proc::BoundsCheckPolicy::Restrict,
-                    naga::proc::BoundsCheckPolicy::ReadZeroSkipWrite,
-                ] {
-                    let mut opts = naga::back::spv::Options::default();
-                    opts.bounds_check_policies.index = policy;
-                    opts.bounds_check_policies.buffer = policy;
-                    if let Err(e) = naga::back::spv::write_vec(&module, &info, &opts, None) {
-                        failures.push(format!("{name} ({caps:?}) SPIR-V ({policy:?}): {e}"));
+                // f16, q8 and q4 weights, as the host dispatches them (WTYPE of lib/dequant.wgsl).
+                for wtype in [1.0, 2.0, 3.0] {
+                    let constants: naga::back::PipelineConstants =
+                        [("WTYPE".to_string(), wtype)].into_iter().collect();
+                    let (module, info) = match naga::back::pipeline_constants::process_overrides(
+                        &module, &info, None, &constants,
+                    ) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            failures.push(format!("{name} ({caps:?}) overrides: {e}"));
+                            continue;
+                        }
+                    };
+                    for policy in [
+                        naga::proc::BoundsCheckPolicy::Restrict,
+                        naga::proc::BoundsCheckPolicy::ReadZeroSkipWrite,
+                    ] {
+                        let mut opts = naga::back::spv::Options::default();
+                        opts.bounds_check_policies.index = policy;
+                        opts.bounds_check_policies.buffer = policy;
+                        if let Err(e) = naga::back::spv::write_vec(&module, &info, &opts, None) {
+                            failures.push(format!(
+                                "{name} ({caps:?}) SPIR-V (WTYPE {wtype}, {policy:?}): {e}"
+                            ));
+                        }
                     }
                 }
             }

@@ -176,8 +176,8 @@ const COOP_SHAPES: [(usize, usize, usize); 5] = [
     (200, 300, 160),
 ];
 
-/// The large-block matmuls: f16 weights (the tensor-core kernel where the device lends cooperative
-/// matrices, the tiled kernel elsewhere), and the other weight types at the same shapes.
+/// The large-block matmuls for each of `dtypes`: f16, q8 and q4 weights run on the tensor-core kernel
+/// where the device lends cooperative matrices, f32 weights (and all, elsewhere) on the tiled one.
 fn large_block_matmuls<B: HostIo>(b: &B, dtypes: &[DType]) -> Vec<(String, Vec<f32>)> {
     let mut out = Vec::new();
     let mut rng = Rng(11);
@@ -215,57 +215,98 @@ test_backends!(
 
 #[test]
 fn matmul_kernel_choice_uses_tensor_cores_only_where_lent() {
-    use ops::matmul::{matmul_kernel, MatmulKernel::*, COOP_MIN_T};
+    use ops::matmul::{coop_tile_t, matmul_kernel, MatmulKernel::*, COOP_MIN_T};
     let t = COOP_MIN_T;
-    assert_eq!(matmul_kernel(true, DType::F16, t, 4096, 32 << 20), Coop);
-    assert_eq!(matmul_kernel(true, DType::F16, 4096, 4096, 32 << 20), Coop);
-    // No cooperative matrices: the tiled kernel, whatever the shape.
-    assert_eq!(
-        matmul_kernel(false, DType::F16, 4096, 4096, 32 << 20),
-        Tiled
-    );
-    // Below the threshold, or weights that would round in f16: the SIMT kernels.
-    assert_eq!(
-        matmul_kernel(true, DType::F16, t - 1, 4096, 32 << 20),
-        Tiled
-    );
-    assert_eq!(
-        matmul_kernel(true, DType::F16, 16, 512, 1 << 20),
-        GemvBlocked
-    );
-    assert_eq!(matmul_kernel(true, DType::F16, 4, 4096, 32 << 20), Gemv);
-    for dtype in [DType::F32, DType::Q8, DType::Q4] {
-        assert_eq!(matmul_kernel(true, dtype, 4096, 4096, 32 << 20), Tiled);
+    for dtype in [DType::F16, DType::Q8, DType::Q4] {
+        assert_eq!(matmul_kernel(true, dtype, t, 4096, 32 << 20), Coop);
+        assert_eq!(matmul_kernel(true, dtype, 4096, 4096, 32 << 20), Coop);
+        // No cooperative matrices: the tiled kernel, whatever the shape.
+        assert_eq!(matmul_kernel(false, dtype, 4096, 4096, 32 << 20), Tiled);
+        // Few rows, or a weight that stays in L2 between token blocks: the gemv kernels.
+        assert_eq!(matmul_kernel(true, dtype, 16, 512, 1 << 20), GemvBlocked);
+        assert_eq!(matmul_kernel(true, dtype, 4, 4096, 32 << 20), Gemv);
     }
+    // f32 weights would round in f16: the SIMT kernels.
+    assert_eq!(matmul_kernel(true, DType::F32, 4096, 4096, 32 << 20), Tiled);
+    assert_eq!(
+        [1, 16, 17, 32, 33, 64, 4096].map(coop_tile_t),
+        [16, 16, 32, 32, 64, 64, 64]
+    );
 }
 
-/// The tensor-core kernel against the CPU on every configuration that lends cooperative matrices,
-/// and refused (a typed error, not a broken pipeline) on those that do not. Where no configuration
-/// lends them (lavapipe), it says so on stderr past the test harness's capture: the fallback is
-/// what `large_block_matmuls_match_cpu_for_every_weight_type` checks there.
+/// Shapes for the tensor-core test beyond [`COOP_SHAPES`]: its 16- and 32-row tiles (reached with
+/// the kernel forced, as test weights are small), partial and several tiles along T.
+const COOP_SMALL_SHAPES: [(usize, usize, usize); 5] = [
+    (5, 130, 64),
+    (16, 129, 96),
+    (20, 67, 96),
+    (32, 256, 128),
+    (50, 200, 70),
+];
+
+/// [`COOP_SMALL_SHAPES`] for each of `dtypes`.
+fn coop_small_matmuls<B: HostIo>(b: &B, dtypes: &[DType]) -> Vec<(String, Vec<f32>)> {
+    let mut out = Vec::new();
+    let mut rng = Rng(12);
+    for &(t, n, k) in &COOP_SMALL_SHAPES {
+        for &dtype in dtypes {
+            let k = if dtype.is_quantized() {
+                k.div_ceil(32) * 32
+            } else {
+                k
+            };
+            let w = weight(b, dtype, &[n, k], &rng.vec(n * k, 0.5));
+            let x: Vec<f32> = rng
+                .vec(t * k, 1.0)
+                .iter()
+                .enumerate()
+                .map(|(i, v)| if i % 7 == 0 { v * 300.0 } else { *v })
+                .collect();
+            let x = b.put(t, k, &x);
+            out.push((
+                format!("{dtype} t{t} n{n} k{k}"),
+                b.get(&b.matmul(&w, &x).unwrap()),
+            ));
+        }
+    }
+    out
+}
+
+/// The tensor-core kernel against the CPU for f16, q8 and q4 weights on every configuration that
+/// lends cooperative matrices, and refused (a typed error, not a broken pipeline) on those that do
+/// not. Where no configuration lends them (lavapipe), it says so on stderr past the test harness's
+/// capture: the fallback is what `large_block_matmuls_match_cpu_for_every_weight_type` checks there.
 #[test]
 fn coop_matmul_matches_cpu_where_the_device_has_cooperative_matrices() {
     use std::io::Write;
-    let want = large_block_matmuls(&CpuBackend, &[DType::F16]);
+    let dtypes = [DType::F16, DType::Q8, DType::Q4];
+    let mut want = large_block_matmuls(&CpuBackend, &dtypes);
+    want.extend(coop_small_matmuls(&CpuBackend, &dtypes));
     let mut ran = 0;
     for (label, g) in backends(None) {
         let coop = g.caps().coop;
-        let pipe = g.sh.kernels.get(&g.sh.dev, &ops::matmul::GEMM_COOP, 1);
-        assert_eq!(
-            pipe.is_ok(),
-            coop,
-            "{label}: coop pipeline {:?}",
-            pipe.err()
-        );
+        for wtype in [1, 2, 3] {
+            let pipe = g.sh.kernels.get(&g.sh.dev, &ops::matmul::GEMM_COOP, wtype);
+            assert_eq!(
+                pipe.is_ok(),
+                coop,
+                "{label}: coop pipeline (WTYPE {wtype}) {:?}",
+                pipe.err()
+            );
+        }
         if !coop {
             continue;
         }
         ran += 1;
-        let got = large_block_matmuls(&g, &[DType::F16]);
+        let mut got = large_block_matmuls(&g, &dtypes);
+        ops::matmul::FORCE_COOP.with(|f| f.set(true));
+        got.extend(coop_small_matmuls(&g, &dtypes));
+        ops::matmul::FORCE_COOP.with(|f| f.set(false));
         for ((what, w), (_, v)) in want.iter().zip(&got) {
             let err = rel_l2(v, w);
             assert!(err <= TOL, "coop {what} on {label}: relative L2 {err:e}");
         }
+        eprintln!("coop matmul on {label}: {} cases within {TOL:e}", got.len());
     }
     if ran == 0 {
         let _ = writeln!(

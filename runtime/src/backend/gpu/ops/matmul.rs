@@ -1,8 +1,9 @@
 //! y = x · Wᵀ for weights in file layout (shaders/matmul.wgsl): gemv for up to 4 activation rows,
 //! and up to 16 (blocks of 4 along the grid's z) where the weight stays in L2 between blocks;
 //! 16 × 64 tiles beyond; the grouped expert kernels of the same file are dispatched by moe.rs.
-//! f16 weights against [`COOP_MIN_T`] activation rows or more run on the tensor cores
-//! (shaders/matmul_coop.wgsl, 64 × 128 tiles) where the device lends cooperative matrices.
+//! f16, q8 and q4 weights against [`COOP_MIN_T`] activation rows or more, past the gemv cases, run
+//! on the tensor cores (shaders/matmul_coop.wgsl, 16, 32 or 64 × 128 tiles) where the device lends
+//! cooperative matrices.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -23,7 +24,8 @@ pub struct MatmulParams {
     pub x_row0: u32,
     pub out_stride: u32,
     pub out_col0: u32,
-    pub _pad: u32,
+    /// [`GEMM_COOP`]'s activation rows a tile (16, 32 or 64); unused by the other entries.
+    pub tile_t: u32,
 }
 
 #[repr(C)]
@@ -94,8 +96,30 @@ pub const GEMV_MAX_T: usize = 16;
 /// Weight bytes up to which token blocks re-read the weight from L2 rather than memory.
 pub const GEMV_BLOCKED_MAX_BYTES: u64 = 16 << 20;
 
-/// Activation rows from which f16 weights run on the tensor cores (where the device has them).
-pub const COOP_MIN_T: usize = 64;
+/// Activation rows from which f16, q8 and q4 weights run on the tensor cores (where the device has
+/// them and the gemv cases do not apply); `EDGEDIFF_COOP_MIN_T` overrides it (benchmarks).
+pub const COOP_MIN_T: usize = 16;
+
+fn coop_min_t() -> usize {
+    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| {
+        std::env::var("EDGEDIFF_COOP_MIN_T")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(COOP_MIN_T)
+    })
+}
+
+/// The tensor-core tile's activation rows for `t` activation rows: the smallest that holds them.
+pub fn coop_tile_t(t: usize) -> u32 {
+    if t <= 16 {
+        16
+    } else if t <= 32 {
+        32
+    } else {
+        64
+    }
+}
 
 /// Which kernel multiplies a weight chunk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,7 +130,7 @@ pub enum MatmulKernel {
     GemvBlocked,
     /// [`GEMM`]: 16 × 64 tiles.
     Tiled,
-    /// [`GEMM_COOP`]: 64 × 128 tiles on the tensor cores.
+    /// [`GEMM_COOP`]: [`coop_tile_t`] × 128 tiles on the tensor cores.
     Coop,
 }
 
@@ -118,11 +142,18 @@ pub fn matmul_kernel(coop: bool, dtype: DType, t: usize, rows: usize, bytes: u64
         MatmulKernel::Gemv
     } else if t <= GEMV_MAX_T && groups <= 65535 && bytes <= GEMV_BLOCKED_MAX_BYTES {
         MatmulKernel::GemvBlocked
-    } else if coop && dtype == DType::F16 && t >= COOP_MIN_T {
+    } else if coop && matches!(dtype, DType::F16 | DType::Q8 | DType::Q4) && t >= coop_min_t() {
         MatmulKernel::Coop
     } else {
         MatmulKernel::Tiled
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: the tensor-core kernel for every f16/q8/q4 matmul this thread records, whatever `t`
+    /// (so small test weights reach its 16- and 32-row tiles).
+    pub static FORCE_COOP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// out[r, out_col0 + n] = Σ_k W[n, k] · x[x_row0 + r, k] for r < t, every chunk of `w`;
@@ -139,6 +170,7 @@ pub fn matmul_into(
 ) -> Result<(), GpuError> {
     for c in &w.chunks {
         let p = MatmulParams {
+            tile_t: coop_tile_t(t),
             n: c.rows,
             k: w.cols as u32,
             t: t as u32,
@@ -146,18 +178,18 @@ pub fn matmul_into(
             x_row0: x_row0 as u32,
             out_stride: out_stride as u32,
             out_col0: c.row0,
-            _pad: 0,
         };
         let n = c.rows as u64;
         let groups = n.div_ceil(4);
         let bufs: [&GpuBuffer; 3] = [&c.buf, x, out];
-        let (entry, grid) = match matmul_kernel(
-            ctx.sh.dev.caps.coop,
-            w.dtype,
-            t,
-            c.rows as usize,
-            c.buf.size,
-        ) {
+        let coop = ctx.sh.dev.caps.coop;
+        #[allow(unused_mut)]
+        let mut kernel = matmul_kernel(coop, w.dtype, t, c.rows as usize, c.buf.size);
+        #[cfg(test)]
+        if coop && w.dtype != DType::F32 && FORCE_COOP.with(|f| f.get()) {
+            kernel = MatmulKernel::Coop;
+        }
+        let (entry, grid) = match kernel {
             MatmulKernel::Gemv => (&GEMV, Grid::Linear(groups)),
             MatmulKernel::GemvBlocked => (
                 &GEMV,
@@ -169,7 +201,11 @@ pub fn matmul_into(
             ),
             MatmulKernel::Coop => (
                 &GEMM_COOP,
-                Grid::Groups(n.div_ceil(128) as u32, t.div_ceil(64) as u32, 1),
+                Grid::Groups(
+                    n.div_ceil(128) as u32,
+                    t.div_ceil(coop_tile_t(t) as usize) as u32,
+                    1,
+                ),
             ),
         };
         ctx.dispatch(entry, w.wtype(), &p, None, &bufs, grid)?;
