@@ -19,6 +19,7 @@
 // one binding are split by rows and run as several dispatches.
 
 #include "tile"
+#include "act_dot"
 #include "moe_meta"
 
 struct MatmulParams {
@@ -60,22 +61,7 @@ const GEMV_T: u32 = 4u;
 var<workgroup> gemv_part: array<f32, 256>;
 
 fn x_oct_dot(r: u32, k: u32, q: Oct) -> f32 {
-    let b = r * p.k + k;
-    if (k + 8u <= p.k) {
-        let lo = vec4<f32>(x_act[b], x_act[b + 1u], x_act[b + 2u], x_act[b + 3u]);
-        let hi = vec4<f32>(x_act[b + 4u], x_act[b + 5u], x_act[b + 6u], x_act[b + 7u]);
-        return dot(q.lo, lo) + dot(q.hi, hi);
-    }
-    var s = 0.0;
-    for (var i = 0u; i < 4u; i++) {
-        if (k + i < p.k) {
-            s += q.lo[i] * x_act[b + i];
-        }
-        if (k + 4u + i < p.k) {
-            s += q.hi[i] * x_act[b + 4u + i];
-        }
-    }
-    return s;
+    return act_oct_dot(r, k, p.k, q);
 }
 
 @compute @workgroup_size(64)

@@ -16,6 +16,7 @@
 // - expert_down_gemv: rows n..n + 4 of down [H, I], writes y[slot, n] (x rows: h's slots).
 
 #include "dequant"
+#include "act_dot"
 #include "moe_meta"
 
 struct ExpertParams {
@@ -77,22 +78,7 @@ fn x_dot(r: u32, k: u32, q: Oct) -> f32 {
     if (r == NONE) {
         return 0.0;
     }
-    let b = r * ep.k + k;
-    if (k + 8u <= ep.k) {
-        let lo = vec4<f32>(x_act[b], x_act[b + 1u], x_act[b + 2u], x_act[b + 3u]);
-        let hi = vec4<f32>(x_act[b + 4u], x_act[b + 5u], x_act[b + 6u], x_act[b + 7u]);
-        return dot(q.lo, lo) + dot(q.hi, hi);
-    }
-    var s = 0.0;
-    for (var i = 0u; i < 4u; i++) {
-        if (k + i < ep.k) {
-            s += q.lo[i] * x_act[b + i];
-        }
-        if (k + 4u + i < ep.k) {
-            s += q.hi[i] * x_act[b + 4u + i];
-        }
-    }
-    return s;
+    return act_oct_dot(r, k, ep.k, q);
 }
 
 // x_dot of q with activation rows xr.x..xr.w.
