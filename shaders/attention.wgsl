@@ -1,17 +1,30 @@
 // Attention over the KV cache.
 // kv_store: copies the block's k and v (from the fused qkv rows) into the layer's caches
 //   [capacity][kv_dim] at rows start .. start + T.
-// attend: flash-decoding. One workgroup of 64 per (q head, token, split): a split is a range of
-//   `chunk` keys (a multiple of 64), walked 64 keys at a time (one per invocation: score = q·k ·
-//   scale, four independent partial sums over the head dims); a running max and sum rescale the
-//   output accumulator (each invocation owns head dims lane, lane + 64, …; hd ≤ 256), so no T × L
-//   matrix exists anywhere. With one split the workgroup writes the normalised output; with more it
-//   writes its partial (m, s, acc[hd]) to part[(t · nq + h) · splits + split] (hd + 2 floats each)
-//   and attend_combine (one workgroup per (q head, token)) merges the splits by their maxima. The
-//   host picks the splits so that short query blocks against a long cache still fill the GPU.
-//   GQA: q head h reads kv head h / (nq / nkv). Every mask kind sees a prefix of the keys:
-//     causal: pos + 1; bidirectional: kv_len; block-causal(b): (pos / b + 1)·b;
-//     causal-then-bidirectional(d): kv_len from d on, pos + 1 before; all capped at kv_len.
+// attend_gqa + attend_merge (the default where head_dim is a multiple of 4 and at most 128):
+//   flash-decoding over GQA groups. A slot is one query row (token t, q head h) × one split (a
+//   range of `chunk` keys, a multiple of 4) and is worked by an octet of 8 invocations; a 64-wide
+//   workgroup holds 8 slots, numbered row-fastest within (kv head, split), so the query heads and
+//   tokens that share a kv head read the same K/V rows at the same time (broadcast loads; the
+//   cache is read from memory once per split for the whole block). Invocation o of an octet holds
+//   the head's vec4 columns o, o + 8, o + 16, o + 24 of q (pre-scaled) in registers, loads the same
+//   columns of 4 keys' K and V rows (all loads issued before the arithmetic), and the 4 scores are
+//   summed over the octet (octet_sum4: subgroup shuffles, or shared memory without subgroups; the
+//   key loop is workgroup-uniform for the latter). Online softmax per slot (running max m, sum l,
+//   accumulator over its columns), so no T × L matrix exists anywhere. With one split the slot
+//   writes the normalised output; with more it writes (m, l) to part_ml[2·item] and its columns to
+//   part4[item · hd/4 ..], item = (t · nq + h) · splits + split, and attend_merge (one invocation
+//   per (t, h, vec4 column), four splits per step) merges the splits by their maxima.
+// attend + attend_combine (the fallback for other head sizes, or subgroups narrower than 8): one
+//   workgroup of 64 per (q head, token, split), 64 keys at a time (one per invocation: score =
+//   q·k · scale); a running max and sum rescale the output accumulator (each invocation owns head
+//   dims lane, lane + 64, …; hd ≤ 256). With more than one split it writes its partial
+//   (m, s, acc[hd]) to part[(t · nq + h) · splits + split] (hd + 2 floats each) and attend_combine
+//   (one workgroup per (q head, token)) merges them.
+// The host picks the splits so that short query blocks against a long cache still fill the GPU.
+// GQA: q head h reads kv head h / (nq / nkv). Every mask kind sees a prefix of the keys:
+//   causal: pos + 1; bidirectional: kv_len; block-causal(b): (pos / b + 1)·b;
+//   causal-then-bidirectional(d): kv_len from d on, pos + 1 before; all capped at kv_len.
 
 #include "reduce"
 
@@ -38,6 +51,11 @@ struct AttnParams {
 @group(0) @binding(5) var<storage, read> k_read: array<f32>;
 @group(0) @binding(6) var<storage, read> v_read: array<f32>;
 @group(0) @binding(7) var<storage, read_write> part: array<f32>;
+@group(0) @binding(8) var<storage, read> k4: array<vec4<f32>>;
+@group(0) @binding(9) var<storage, read> v4: array<vec4<f32>>;
+@group(0) @binding(10) var<storage, read_write> part4: array<vec4<f32>>;
+@group(0) @binding(11) var<storage, read_write> part_ml: array<f32>;
+@group(0) @binding(12) var<storage, read_write> out4: array<vec4<f32>>;
 
 @compute @workgroup_size(64)
 fn kv_store(
@@ -187,4 +205,213 @@ fn attend_combine(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_
             out[t * qd + h * p.hd + d] = select(0.0, acc[c] / s, s > 0.0);
         }
     }
+}
+
+// Four vec4 columns of one head row: o, o + 8, o + 16, o + 24 (zero past hd/4).
+struct Row4 {
+    a: vec4<f32>,
+    b: vec4<f32>,
+    c: vec4<f32>,
+    d: vec4<f32>,
+}
+
+fn row4_zero() -> Row4 {
+    return Row4(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+}
+
+fn row_k(base: u32, o: u32, hv: u32, ok: bool) -> Row4 {
+    var r = row4_zero();
+    if (ok) {
+        if (o < hv) {
+            r.a = k4[base + o];
+        }
+        if (o + 8u < hv) {
+            r.b = k4[base + o + 8u];
+        }
+        if (o + 16u < hv) {
+            r.c = k4[base + o + 16u];
+        }
+        if (o + 24u < hv) {
+            r.d = k4[base + o + 24u];
+        }
+    }
+    return r;
+}
+
+fn row_v(base: u32, o: u32, hv: u32, ok: bool) -> Row4 {
+    var r = row4_zero();
+    if (ok) {
+        if (o < hv) {
+            r.a = v4[base + o];
+        }
+        if (o + 8u < hv) {
+            r.b = v4[base + o + 8u];
+        }
+        if (o + 16u < hv) {
+            r.c = v4[base + o + 16u];
+        }
+        if (o + 24u < hv) {
+            r.d = v4[base + o + 24u];
+        }
+    }
+    return r;
+}
+
+fn q_col(base: u32, c: u32, hv: u32) -> vec4<f32> {
+    if (c >= hv) {
+        return vec4<f32>(0.0);
+    }
+    let i = base + 4u * c;
+    return vec4<f32>(qkv[i], qkv[i + 1u], qkv[i + 2u], qkv[i + 3u]) * p.scale;
+}
+
+fn dot_row(q: Row4, k: Row4) -> f32 {
+    return (dot(q.a, k.a) + dot(q.b, k.b)) + (dot(q.c, k.c) + dot(q.d, k.d));
+}
+
+fn put_col(i: u32, v: vec4<f32>, to_out: bool) {
+    if (to_out) {
+        out4[i] = v;
+    } else {
+        part4[i] = v;
+    }
+}
+
+fn put_row(base: u32, o: u32, hv: u32, r: Row4, f: f32, to_out: bool) {
+    if (o < hv) {
+        put_col(base + o, r.a * f, to_out);
+    }
+    if (o + 8u < hv) {
+        put_col(base + o + 8u, r.b * f, to_out);
+    }
+    if (o + 16u < hv) {
+        put_col(base + o + 16u, r.c * f, to_out);
+    }
+    if (o + 24u < hv) {
+        put_col(base + o + 24u, r.d * f, to_out);
+    }
+}
+
+@compute @workgroup_size(64)
+fn attend_gqa(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let g = p.nq / p.nkv;
+    let rows = g * p.t;
+    let items = p.nkv * p.splits * rows;
+    let slot = (wid.x + wid.y * nwg.x) * 8u + lane.id / 8u;
+    let o = lane.id % 8u;
+    let live = slot < items;
+    let sl = min(slot, items - 1u);
+    let r = sl % rows;
+    let split = (sl / rows) % p.splits;
+    let kvh = sl / (rows * p.splits);
+    let t = r / g;
+    let h = kvh * g + r % g;
+    let qd = p.nq * p.hd;
+    let hv = p.hd / 4u;
+    let qb = t * (qd + 2u * p.kv_dim) + h * p.hd;
+    let q = Row4(q_col(qb, o, hv), q_col(qb, o + 8u, hv), q_col(qb, o + 16u, hv), q_col(qb, o + 24u, hv));
+    let lo = split * p.chunk;
+    let hi = select(lo, max(lo, min(lo + p.chunk, visible_len(p.start + t))), live);
+    let kv4 = p.kv_dim / 4u;
+    let kb = kvh * hv;
+    var m = neg_inf();
+    var l = 0.0;
+    var acc = row4_zero();
+    // Workgroup-uniform trip count (the shared-memory octet_sum4 has barriers); keys past hi are
+    // masked.
+    for (var j0 = 0u; j0 < p.chunk; j0 += 4u) {
+        let j = lo + j0;
+        let ok = vec4<bool>(j < hi, j + 1u < hi, j + 2u < hi, j + 3u < hi);
+        let k0 = row_k(j * kv4 + kb, o, hv, ok.x);
+        let k1 = row_k((j + 1u) * kv4 + kb, o, hv, ok.y);
+        let k2 = row_k((j + 2u) * kv4 + kb, o, hv, ok.z);
+        let k3 = row_k((j + 3u) * kv4 + kb, o, hv, ok.w);
+        let v0 = row_v(j * kv4 + kb, o, hv, ok.x);
+        let v1 = row_v((j + 1u) * kv4 + kb, o, hv, ok.y);
+        let v2 = row_v((j + 2u) * kv4 + kb, o, hv, ok.z);
+        let v3 = row_v((j + 3u) * kv4 + kb, o, hv, ok.w);
+        let part_dot = vec4<f32>(dot_row(q, k0), dot_row(q, k1), dot_row(q, k2), dot_row(q, k3));
+        let sc = select(vec4<f32>(neg_inf()), octet_sum4(part_dot, lane), ok);
+        let mn = max(m, max(max(sc.x, sc.y), max(sc.z, sc.w)));
+        if (mn > neg_inf()) {
+            let alpha = select(exp(m - mn), 0.0, m == neg_inf());
+            let pj = select(vec4<f32>(0.0), exp(sc - vec4<f32>(mn)), ok);
+            l = l * alpha + ((pj.x + pj.y) + (pj.z + pj.w));
+            acc.a = acc.a * alpha + (pj.x * v0.a + pj.y * v1.a) + (pj.z * v2.a + pj.w * v3.a);
+            acc.b = acc.b * alpha + (pj.x * v0.b + pj.y * v1.b) + (pj.z * v2.b + pj.w * v3.b);
+            acc.c = acc.c * alpha + (pj.x * v0.c + pj.y * v1.c) + (pj.z * v2.c + pj.w * v3.c);
+            acc.d = acc.d * alpha + (pj.x * v0.d + pj.y * v1.d) + (pj.z * v2.d + pj.w * v3.d);
+            m = mn;
+        }
+    }
+    if (!live) {
+        return;
+    }
+    if (p.splits == 1u) {
+        put_row((t * qd + h * p.hd) / 4u, o, hv, acc, select(0.0, 1.0 / l, l > 0.0), true);
+        return;
+    }
+    let item = (t * p.nq + h) * p.splits + split;
+    if (o == 0u) {
+        part_ml[2u * item] = m;
+        part_ml[2u * item + 1u] = l;
+    }
+    put_row(item * hv, o, hv, acc, 1.0, false);
+}
+
+@compute @workgroup_size(64)
+fn attend_merge(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let i = (wid.x + wid.y * nwg.x) * 64u + lid;
+    let hv = p.hd / 4u;
+    if (i >= p.t * p.nq * hv) {
+        return;
+    }
+    let row = i / hv;
+    let c = i % hv;
+    let b = row * p.splits;
+    // One pass, four splits at a time (their loads issued together): a running max rescales the
+    // running sum and accumulator.
+    var mx = neg_inf();
+    var l = 0.0;
+    var acc = vec4<f32>(0.0);
+    for (var s0 = 0u; s0 < p.splits; s0 += 4u) {
+        var ms = vec4<f32>(neg_inf());
+        var ls = vec4<f32>(0.0);
+        var a0 = vec4<f32>(0.0);
+        var a1 = vec4<f32>(0.0);
+        var a2 = vec4<f32>(0.0);
+        var a3 = vec4<f32>(0.0);
+        let e = 2u * (b + s0);
+        ms.x = part_ml[e];
+        ls.x = part_ml[e + 1u];
+        a0 = part4[(b + s0) * hv + c];
+        if (s0 + 1u < p.splits) {
+            ms.y = part_ml[e + 2u];
+            ls.y = part_ml[e + 3u];
+            a1 = part4[(b + s0 + 1u) * hv + c];
+        }
+        if (s0 + 2u < p.splits) {
+            ms.z = part_ml[e + 4u];
+            ls.z = part_ml[e + 5u];
+            a2 = part4[(b + s0 + 2u) * hv + c];
+        }
+        if (s0 + 3u < p.splits) {
+            ms.w = part_ml[e + 6u];
+            ls.w = part_ml[e + 7u];
+            a3 = part4[(b + s0 + 3u) * hv + c];
+        }
+        let mn = max(mx, max(max(ms.x, ms.y), max(ms.z, ms.w)));
+        if (mn > neg_inf()) {
+            let alpha = select(exp(mx - mn), 0.0, mx == neg_inf());
+            let w = select(exp(ms - vec4<f32>(mn)), vec4<f32>(0.0), ms == vec4<f32>(neg_inf()));
+            l = l * alpha + dot(w, ls);
+            acc = acc * alpha + (w.x * a0 + w.y * a1) + (w.z * a2 + w.w * a3);
+            mx = mn;
+        }
+    }
+    out4[i] = select(vec4<f32>(0.0), acc / l, l > 0.0);
 }

@@ -38,3 +38,19 @@ fn wg_max(v: f32, lane: Lane) -> f32 {
     workgroupBarrier();
     return r;
 }
+
+var<workgroup> red_octet: array<vec4<f32>, 64>;
+
+// Sum over each aligned group of 8 invocations (an octet) through shared memory; uniform control
+// flow like the others. Every invocation of the octet gets the result.
+fn octet_sum4(v: vec4<f32>, lane: Lane) -> vec4<f32> {
+    red_octet[lane.id] = v;
+    workgroupBarrier();
+    let b = lane.id & ~7u;
+    var s = vec4<f32>(0.0);
+    for (var i = 0u; i < 8u; i++) {
+        s += red_octet[b + i];
+    }
+    workgroupBarrier();
+    return s;
+}

@@ -42,3 +42,13 @@ fn wg_max(v: f32, lane: Lane) -> f32 {
     workgroupBarrier();
     return t;
 }
+
+// Sum over each aligned group of 8 invocations (an octet) through subgroup shuffles: needs
+// subgroups of at least 8 consecutive invocations (the host checks the adapter's minimum size).
+// Every invocation of the octet gets the result.
+fn octet_sum4(v: vec4<f32>, lane: Lane) -> vec4<f32> {
+    var s = v + subgroupShuffleXor(v, 1u);
+    s += subgroupShuffleXor(s, 2u);
+    s += subgroupShuffleXor(s, 4u);
+    return s;
+}

@@ -481,6 +481,43 @@ test_backends!(
     }
 );
 
+test_backends!(
+    attention_matches_for_gqa_heads_one_split_and_the_per_head_fallback,
+    TOL,
+    |b| {
+        // LLaDA2.0-mini-shaped heads (16 q / 4 kv of 128) against a long cache, 1 and 16 tokens
+        // (the GQA kernel with many splits); a 12-position first block (one split, written
+        // straight to the output); head_dim 18 (not a multiple of 4: the per-head kernel).
+        let mut rng = Rng(8);
+        let mut out = Vec::new();
+        let mut c = attn_config(QkNorm::PerHead, 20, None);
+        c.num_heads = 16;
+        c.num_kv_heads = 4;
+        c.head_dim = 128;
+        let mut kv = b.new_kv(&c, 320).unwrap();
+        let pre = b.put(12, c.qkv_dim(), &rng.vec(12 * c.qkv_dim(), 1.0));
+        let a = b.attention(&pre, &mut kv, 1, &c, 0, 12, AttnMask::Bidirectional);
+        out.push(("hd128 first block".into(), b.get(&a.unwrap())));
+        let rest = b.put(288, c.qkv_dim(), &rng.vec(288 * c.qkv_dim(), 1.0));
+        let a = b.attention(&rest, &mut kv, 1, &c, 12, 300, AttnMask::Causal);
+        out.push(("hd128 prefix".into(), b.get(&a.unwrap())));
+        for (t, mask) in [(1, AttnMask::Causal), (16, AttnMask::BlockCausal(8))] {
+            let blk = b.put(t, c.qkv_dim(), &rng.vec(t * c.qkv_dim(), 1.0));
+            let a = b.attention(&blk, &mut kv, 1, &c, 300, 300 + t, mask);
+            out.push((format!("hd128 {t} tokens {mask:?}"), b.get(&a.unwrap())));
+        }
+        c.head_dim = 18;
+        c.rotary_dim = 18;
+        let mut kv = b.new_kv(&c, 100).unwrap();
+        for (start, t) in [(0, 90), (90, 3)] {
+            let blk = b.put(t, c.qkv_dim(), &rng.vec(t * c.qkv_dim(), 1.0));
+            let a = b.attention(&blk, &mut kv, 1, &c, start, start + t, AttnMask::Causal);
+            out.push((format!("hd18 {start}+{t}"), b.get(&a.unwrap())));
+        }
+        out
+    }
+);
+
 fn router_config(gating: Gating, experts: usize, top_k: usize) -> ModelConfig {
     let mut c = attn_config(QkNorm::PerHead, 20, None);
     c.moe.num_experts = experts;

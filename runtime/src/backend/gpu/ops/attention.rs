@@ -45,6 +45,31 @@ pub static ATTEND: Entry = Entry {
     ],
     params: "AttnParams",
 };
+pub static ATTEND_GQA: Entry = Entry {
+    file: "attention.wgsl",
+    name: "attend_gqa",
+    bindings: &[
+        (0, Params),
+        (1, Read),
+        (8, Read),
+        (9, Read),
+        (10, ReadWrite),
+        (11, ReadWrite),
+        (12, ReadWrite),
+    ],
+    params: "AttnParams",
+};
+pub static ATTEND_MERGE: Entry = Entry {
+    file: "attention.wgsl",
+    name: "attend_merge",
+    bindings: &[
+        (0, Params),
+        (10, ReadWrite),
+        (11, ReadWrite),
+        (12, ReadWrite),
+    ],
+    params: "AttnParams",
+};
 pub static ATTEND_COMBINE: Entry = Entry {
     file: "attention.wgsl",
     name: "attend_combine",
@@ -62,6 +87,57 @@ pub fn splits(heads: usize, rows: usize, kv_len: usize) -> (usize, usize) {
     let want = TARGET_GROUPS.div_ceil(heads * rows).clamp(1, chunks);
     let per = chunks.div_ceil(want);
     (chunks.div_ceil(per), per * 64)
+}
+
+/// Workgroups (8 slots of 8 invocations each) the GQA kernel aims at; `EDGEDIFF_ATTN_GROUPS`
+/// overrides it (benchmarks).
+const GQA_TARGET_GROUPS: usize = 512;
+
+/// The fewest keys one GQA split walks (below this the merge costs more than the split saves).
+const GQA_MIN_CHUNK: usize = 16;
+
+/// The largest head the GQA kernel holds (4 vec4 columns per invocation of an octet of 8).
+pub const GQA_MAX_HEAD_DIM: usize = 128;
+
+/// (splits, keys per split) of the GQA kernel: `slots` query rows (tokens × q heads) per split,
+/// keys in multiples of 4, spread until the grid reaches its target of workgroups.
+pub fn gqa_splits(slots: usize, kv_len: usize) -> (usize, usize) {
+    static TARGET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let target = *TARGET.get_or_init(|| {
+        std::env::var("EDGEDIFF_ATTN_GROUPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n: &usize| n > 0)
+            .unwrap_or(GQA_TARGET_GROUPS)
+    });
+    let kv_len = kv_len.max(1);
+    let want = (target * 8)
+        .div_ceil(slots.max(1))
+        .clamp(1, kv_len.div_ceil(GQA_MIN_CHUNK));
+    let chunk = kv_len.div_ceil(want).next_multiple_of(4);
+    (kv_len.div_ceil(chunk), chunk)
+}
+
+/// Which attention kernels run: the GQA octet kernel where the head fits it (and subgroups, if
+/// used, are at least 8 wide), else the per-head kernel. `EDGEDIFF_ATTN_KERNEL=heads|gqa` forces
+/// one where both apply (benchmarks).
+fn use_gqa(ctx: &Ctx, c: &ModelConfig) -> bool {
+    static FORCED: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    let forced =
+        *FORCED.get_or_init(
+            || match std::env::var("EDGEDIFF_ATTN_KERNEL").ok().as_deref() {
+                Some("heads") => Some(false),
+                Some("gqa") => Some(true),
+                _ => None,
+            },
+        );
+    let dev = &ctx.sh.dev;
+    let fits = c.head_dim.is_multiple_of(4)
+        && c.head_dim <= GQA_MAX_HEAD_DIM
+        && c.num_kv_heads > 0
+        && c.num_heads.is_multiple_of(c.num_kv_heads)
+        && (!dev.caps.subgroups || dev.info.subgroup_min_size >= 8);
+    fits && forced.unwrap_or(true)
 }
 
 /// The largest head the kernel holds (4 dims per invocation of 64).
@@ -94,7 +170,12 @@ pub fn attention(
         AttnMask::CausalThenBidirectional { draft_start } => (3, draft_start as u32),
     };
     let kv_dim = c.kv_dim();
-    let (splits, chunk) = splits(c.num_heads, rows, kv_len);
+    let gqa = use_gqa(ctx, c);
+    let (splits, chunk) = if gqa {
+        gqa_splits(c.num_heads * rows, kv_len)
+    } else {
+        splits(c.num_heads, rows, kv_len)
+    };
     let p = AttnParams {
         t: rows as u32,
         nq: c.num_heads as u32,
@@ -117,6 +198,40 @@ pub fn attention(
         &[qkv, k_cache, v_cache],
         Grid::Linear(((rows * kv_dim) as u64).div_ceil(64)),
     )?;
+    if gqa {
+        let slots = (rows * c.num_heads * splits) as u64;
+        let groups = Grid::Linear(slots.div_ceil(8));
+        if splits == 1 {
+            let (d0, d1) = (ctx.sh.dummies[0].clone(), ctx.sh.dummies[1].clone());
+            return ctx.dispatch(
+                &ATTEND_GQA,
+                0,
+                &p,
+                None,
+                &[qkv, k_cache, v_cache, &d0, &d1, out],
+                groups,
+            );
+        }
+        let acc = ctx.output(slots * c.head_dim as u64 * 4)?;
+        let ml = ctx.output(slots * 2 * 4)?;
+        ctx.dispatch(
+            &ATTEND_GQA,
+            0,
+            &p,
+            None,
+            &[qkv, k_cache, v_cache, &acc, &ml, out],
+            groups,
+        )?;
+        let cols = (rows * c.num_heads * c.head_dim / 4) as u64;
+        return ctx.dispatch(
+            &ATTEND_MERGE,
+            0,
+            &p,
+            None,
+            &[&acc, &ml, out],
+            Grid::Linear(cols.div_ceil(64)),
+        );
+    }
     let grid = (c.num_heads as u32, rows as u32);
     if splits == 1 {
         let dummy = ctx.sh.dummies[0].clone();

@@ -20,6 +20,8 @@ pub fn all_entries() -> Vec<(&'static Entry, usize)> {
     vec![
         (&attention::KV_STORE, size_of::<attention::AttnParams>()),
         (&attention::ATTEND, size_of::<attention::AttnParams>()),
+        (&attention::ATTEND_GQA, size_of::<attention::AttnParams>()),
+        (&attention::ATTEND_MERGE, size_of::<attention::AttnParams>()),
         (
             &attention::ATTEND_COMBINE,
             size_of::<attention::AttnParams>(),
