@@ -1,9 +1,14 @@
-// q/k normalisation and partial RoPE, in place on the fused qkv rows [T, (nq + 2·nkv)·hd]; one
-// workgroup of 64 per token. In order, as the CPU reference does it:
+// q/k normalisation and partial RoPE, in place on the fused qkv rows [T, (nq + 2·nkv)·hd]. In
+// order, as the CPU reference does it:
 //   1. RMSNorm of q and k — per head (one hd-vector shared by all heads; norm = 1) or over the whole
 //      q / k projection (norm = 2) — or none (norm = 0);
 //   2. optional clip of q, k and v to ±clip (OLMoE);
 //   3. rotate-half RoPE of the first 2·rot_half dims of every q and k head at position start + t.
+// qk_norm_rope (norm 0 and 1): one workgroup of 64 per (head, token) — grid nq + nkv heads, plus
+//   the nkv v heads when clipping — hd ≤ 256; each invocation loads its (up to 4) elements, their
+//   norm weights and cos/sin before any arithmetic, keeps them in registers, and the rotation's
+//   partner elements come through shared memory.
+// qk_norm_rope_whole (norm 2): one workgroup of 64 per token, the whole projection's sum first.
 // cos/sin come from a table [position][rot_half] of vec2 (cos, sin) computed on the host in f64:
 // an f32 angle pos·θ^(−2i/d) is off by ~1e-4 rad at position 8192, and GPU sin/cos of large
 // arguments are loose.
@@ -45,8 +50,77 @@ fn norm_segment(base: u32, len: u32, is_q: bool, lane: Lane) {
     }
 }
 
+var<workgroup> head_sh: array<f32, 256>;
+
 @compute @workgroup_size(64)
 fn qk_norm_rope(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
+    let h = wid.x;
+    let t = wid.y;
+    let lid = lane.id;
+    let hd = p.hd;
+    let rh = p.rot_half;
+    let is_q = h < p.nq;
+    let is_qk = h < p.nq + p.nkv;
+    let base = t * (p.nq + 2u * p.nkv) * hd + h * hd;
+    let tab = (p.start + t) * rh;
+    // Every load first: the head's elements, their norm weights and cos/sin.
+    var x: array<f32, 4>;
+    var w: array<f32, 4>;
+    var cs: array<vec2<f32>, 4>;
+    for (var k = 0u; k < 4u; k++) {
+        let i = lid + 64u * k;
+        if (i < hd) {
+            x[k] = qkv[base + i];
+            if (p.norm == 1u) {
+                w[k] = select(k_norm[i], q_norm[i], is_q);
+            }
+            if (is_qk && i < 2u * rh) {
+                cs[k] = rope[tab + select(i - rh, i, i < rh)];
+            }
+        }
+    }
+    if (p.norm == 1u && is_qk) {
+        var ss = 0.0;
+        for (var k = 0u; k < 4u; k++) {
+            ss += x[k] * x[k];
+        }
+        let inv = 1.0 / sqrt(wg_sum(ss, lane) / f32(hd) + p.eps);
+        for (var k = 0u; k < 4u; k++) {
+            x[k] = x[k] * inv * w[k];
+        }
+    }
+    if (p.clip_on != 0u) {
+        for (var k = 0u; k < 4u; k++) {
+            x[k] = clamp(x[k], -p.clip, p.clip);
+        }
+    }
+    if (is_qk && rh > 0u) {
+        for (var k = 0u; k < 4u; k++) {
+            let i = lid + 64u * k;
+            if (i < hd) {
+                head_sh[i] = x[k];
+            }
+        }
+        workgroupBarrier();
+        for (var k = 0u; k < 4u; k++) {
+            let i = lid + 64u * k;
+            if (i < rh) {
+                x[k] = x[k] * cs[k].x - head_sh[i + rh] * cs[k].y;
+            } else if (i < 2u * rh) {
+                x[k] = x[k] * cs[k].x + head_sh[i - rh] * cs[k].y;
+            }
+        }
+    }
+    for (var k = 0u; k < 4u; k++) {
+        let i = lid + 64u * k;
+        if (i < hd) {
+            qkv[base + i] = x[k];
+        }
+    }
+}
+
+@compute @workgroup_size(64)
+fn qk_norm_rope_whole(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
     let t = wid.x;
     let qd = p.nq * p.hd;
     let kd = p.nkv * p.hd;

@@ -6,8 +6,10 @@
 //   sigmoid grouped gating (1): s = sigmoid(logits); choose on s + bias, only inside the best
 //     top_groups of `groups` groups (a group scores the sum of its two best; the others are −∞);
 //     weights are the unbiased s, optionally renormalised (sum + 1e-20), times `scale`.
-// Every top-k is an iterated workgroup argmax with ties going to the lower index, as in the CPU
-// reference. E ≤ 1024 experts, top_k ≤ 64.
+// Ties go to the lower index, as in the CPU reference. The top_k experts are iterated workgroup
+// argmaxes (wg_argmax of lib/reduce_*: subgroup max/min where available), pick j the best behind
+// pick j − 1, so nothing is re-marked between picks; the kept groups are those with fewer than
+// top_groups better groups (each group's rank counted by one invocation). E ≤ 1024, top_k ≤ 64.
 
 #include "reduce"
 
@@ -39,38 +41,11 @@ var<workgroup> weight_of: array<f32, 1024>;
 // What the top-k selections choose on: experts at [0, E), group scores at [GROUPS, GROUPS + groups).
 var<workgroup> choice: array<f32, 2048>;
 const GROUPS: u32 = 1024u;
-var<workgroup> arg_v: array<f32, 64>;
-var<workgroup> arg_i: array<u32, 64>;
 var<workgroup> picked: array<u32, 64>;
+var<workgroup> keep_group: array<u32, 1024>;
 
 fn better(v: f32, i: u32, bv: f32, bi: u32) -> bool {
     return i != NONE && (bi == NONE || v > bv || (v == bv && i < bi));
-}
-
-// Index of the largest of choice[base .. base + n) (ties: lower index); every invocation gets it.
-fn wg_argmax(base: u32, n: u32, lid: u32) -> u32 {
-    var bv = 0.0;
-    var bi = NONE;
-    for (var e = lid; e < n; e += 64u) {
-        let v = choice[base + e];
-        if (better(v, e, bv, bi)) {
-            bv = v;
-            bi = e;
-        }
-    }
-    arg_v[lid] = bv;
-    arg_i[lid] = bi;
-    workgroupBarrier();
-    for (var s = 32u; s > 0u; s >>= 1u) {
-        if (lid < s && better(arg_v[lid + s], arg_i[lid + s], arg_v[lid], arg_i[lid])) {
-            arg_v[lid] = arg_v[lid + s];
-            arg_i[lid] = arg_i[lid + s];
-        }
-        workgroupBarrier();
-    }
-    let r = arg_i[0];
-    workgroupBarrier();
-    return r;
 }
 
 @compute @workgroup_size(64)
@@ -125,33 +100,49 @@ fn route(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
             choice[GROUPS + g] = b1 + b2;
         }
         workgroupBarrier();
-        for (var j = 0u; j < p.top_groups; j++) {
-            let g = wg_argmax(GROUPS, p.groups, lid);
-            if (lid == 0u) {
-                picked[j] = g;
-                choice[GROUPS + g] = neg_inf();
+        // A group is kept when fewer than top_groups groups beat it (ties: lower index) — the set
+        // that top_groups iterated argmaxes pick.
+        for (var g = lid; g < p.groups; g += 64u) {
+            let v = choice[GROUPS + g];
+            var rank = 0u;
+            for (var o = 0u; o < p.groups; o++) {
+                if (better(choice[GROUPS + o], o, v, g)) {
+                    rank += 1u;
+                }
             }
-            workgroupBarrier();
+            keep_group[g] = select(0u, 1u, rank < p.top_groups);
         }
+        workgroupBarrier();
+        // Each invocation masks only the experts it scans below (e ≡ lid mod 64).
         for (var e = lid; e < p.ne; e += 64u) {
-            var keep = false;
-            for (var j = 0u; j < p.top_groups; j++) {
-                keep = keep || picked[j] == e / per;
-            }
-            if (!keep) {
+            if (keep_group[e / per] == 0u) {
                 choice[e] = neg_inf();
             }
         }
-        workgroupBarrier();
     }
+    // The j-th pick is the best expert strictly behind pick j − 1 in (value desc, index asc) order:
+    // nothing is marked, so each step is one workgroup argmax.
+    var pv = 0.0;
+    var pi = NONE;
     for (var j = 0u; j < p.top_k; j++) {
-        let e = wg_argmax(0u, p.ne, lid);
+        var bv = 0.0;
+        var bi = NONE;
+        for (var e = lid; e < p.ne; e += 64u) {
+            let v = choice[e];
+            let behind = pi == NONE || v < pv || (v == pv && e > pi);
+            if (behind && better(v, e, bv, bi)) {
+                bv = v;
+                bi = e;
+            }
+        }
+        let e = wg_argmax(bv, bi, lane);
         if (lid == 0u) {
             picked[j] = e;
-            choice[e] = neg_inf();
         }
-        workgroupBarrier();
+        pi = e;
+        pv = choice[e];
     }
+    workgroupBarrier();
     if (lid == 0u) {
         var sum = 0.0;
         for (var j = 0u; j < p.top_k; j++) {

@@ -1,4 +1,4 @@
-// Workgroup-wide sum and max for 64-invocation workgroups, through shared memory (no subgroups).
+// Workgroup-wide sum, max and argmax for 64-invocation workgroups, through shared memory (no subgroups).
 // Every invocation must call them (uniform control flow) and every invocation gets the result.
 
 struct Lane {
@@ -53,4 +53,32 @@ fn octet_sum4(v: vec4<f32>, lane: Lane) -> vec4<f32> {
     }
     workgroupBarrier();
     return s;
+}
+
+var<workgroup> red_arg_v: array<f32, 64>;
+var<workgroup> red_arg_i: array<u32, 64>;
+
+// Workgroup-wide argmax of (v, i) pairs: the largest v, ties to the lower i; i = 0xffffffff is no
+// candidate (it wins only if nobody has one). Uniform control flow; every invocation gets the i.
+fn wg_argmax(v: f32, i: u32, lane: Lane) -> u32 {
+    let none = 0xffffffffu;
+    red_arg_v[lane.id] = v;
+    red_arg_i[lane.id] = i;
+    workgroupBarrier();
+    for (var s = 32u; s > 0u; s >>= 1u) {
+        if (lane.id < s) {
+            let cv = red_arg_v[lane.id + s];
+            let ci = red_arg_i[lane.id + s];
+            let bv = red_arg_v[lane.id];
+            let b = red_arg_i[lane.id];
+            if (ci != none && (b == none || cv > bv || (cv == bv && ci < b))) {
+                red_arg_v[lane.id] = cv;
+                red_arg_i[lane.id] = ci;
+            }
+        }
+        workgroupBarrier();
+    }
+    let r = red_arg_i[0];
+    workgroupBarrier();
+    return r;
 }

@@ -1,4 +1,4 @@
-// Workgroup-wide sum and max for 64-invocation workgroups, through subgroup operations: one
+// Workgroup-wide sum, max and argmax for 64-invocation workgroups, through subgroup operations: one
 // subgroup reduction, then the (at most 16) subgroup partials through shared memory. Every
 // invocation must call them (uniform control flow) and every invocation gets the result.
 
@@ -51,4 +51,33 @@ fn octet_sum4(v: vec4<f32>, lane: Lane) -> vec4<f32> {
     s += subgroupShuffleXor(s, 2u);
     s += subgroupShuffleXor(s, 4u);
     return s;
+}
+
+var<workgroup> red_arg_v: array<f32, 64>;
+var<workgroup> red_arg_i: array<u32, 64>;
+
+// Workgroup-wide argmax of (v, i) pairs: the largest v, ties to the lower i; i = 0xffffffff is no
+// candidate (it wins only if nobody has one). Uniform control flow; every invocation gets the i.
+fn wg_argmax(v: f32, i: u32, lane: Lane) -> u32 {
+    let none = 0xffffffffu;
+    let vv = select(neg_inf(), v, i != none);
+    let m = subgroupMax(vv);
+    let bi = subgroupMin(select(none, i, vv == m));
+    if (lane.sg_lane == 0u) {
+        red_arg_v[lane.sg] = m;
+        red_arg_i[lane.sg] = bi;
+    }
+    workgroupBarrier();
+    var bv = red_arg_v[0];
+    var b = red_arg_i[0];
+    for (var k = 1u; k < min(lane.sg_count, 64u); k++) {
+        let cv = red_arg_v[k];
+        let ci = red_arg_i[k];
+        if (ci != none && (b == none || cv > bv || (cv == bv && ci < b))) {
+            bv = cv;
+            b = ci;
+        }
+    }
+    workgroupBarrier();
+    return b;
 }

@@ -422,13 +422,17 @@ fn attn_config(qk_norm: QkNorm, rotary_dim: usize, clip: Option<f32>) -> ModelCo
 test_backends!(qk_norm_and_partial_rope_match_in_every_variant, TOL, |b| {
     let mut rng = Rng(6);
     let mut out = Vec::new();
-    for (norm, rd, clip, start) in [
-        (QkNorm::PerHead, 20, None, 0),
-        (QkNorm::PerHead, 10, None, 4093),
-        (QkNorm::Whole, 20, Some(0.8), 7),
-        (QkNorm::None, 12, Some(1.5), 1000),
+    // Head sizes above 64 give each invocation of the per-head kernel several elements.
+    for (norm, hd, rd, clip, start) in [
+        (QkNorm::PerHead, 20, 20, None, 0),
+        (QkNorm::PerHead, 20, 10, None, 4093),
+        (QkNorm::Whole, 20, 20, Some(0.8), 7),
+        (QkNorm::None, 20, 12, Some(1.5), 1000),
+        (QkNorm::PerHead, 128, 64, None, 1030),
+        (QkNorm::PerHead, 160, 128, Some(0.9), 17),
     ] {
-        let c = attn_config(norm, rd, clip);
+        let mut c = attn_config(norm, rd, clip);
+        c.head_dim = hd;
         let (qn, kn) = match norm {
             QkNorm::PerHead => (c.head_dim, c.head_dim),
             _ => (c.q_dim(), c.kv_dim()),

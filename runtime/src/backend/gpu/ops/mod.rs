@@ -44,6 +44,7 @@ pub fn all_entries() -> Vec<(&'static Entry, usize)> {
         (&norm::RMS_NORM, size_of::<norm::NormParams>()),
         (&norm::ADD_RMS_NORM, size_of::<norm::NormParams>()),
         (&rope::QK_NORM_ROPE, size_of::<rope::RopeParams>()),
+        (&rope::QK_NORM_ROPE_WHOLE, size_of::<rope::RopeParams>()),
         (&router::ROUTE, size_of::<router::RouterParams>()),
         (&stats::PARTIAL, size_of::<stats::StatsParams>()),
         (&stats::MERGE, size_of::<stats::StatsParams>()),

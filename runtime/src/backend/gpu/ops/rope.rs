@@ -1,4 +1,5 @@
-//! q/k norm + clip + partial RoPE in place on the fused qkv rows (shaders/rope.wgsl). The cos/sin
+//! q/k norm + clip + partial RoPE in place on the fused qkv rows (shaders/rope.wgsl): one workgroup
+//! per (head, token), or per token for the whole-projection norm. The cos/sin
 //! table is built on the host in f64 (as the CPU reference computes the angles) and grown on demand.
 
 use bytemuck::{Pod, Zeroable};
@@ -31,6 +32,15 @@ pub static QK_NORM_ROPE: Entry = Entry {
     bindings: &[(0, Params), (1, ReadWrite), (2, Read), (3, Read), (4, Read)],
     params: "RopeParams",
 };
+pub static QK_NORM_ROPE_WHOLE: Entry = Entry {
+    file: "rope.wgsl",
+    name: "qk_norm_rope_whole",
+    bindings: &[(0, Params), (1, ReadWrite), (2, Read), (3, Read), (4, Read)],
+    params: "RopeParams",
+};
+
+/// The per-head kernel keeps a head in registers and shared memory of this many elements.
+pub const MAX_HEAD_DIM: usize = 256;
 
 /// The (cos, sin) table of `c` covering positions `0..end`.
 pub fn table(
@@ -112,12 +122,30 @@ pub fn qk_norm_rope(
         eps: c.rms_norm_eps as f32,
         _pad: [0; 2],
     };
+    if norm == 2 {
+        return ctx.dispatch(
+            &QK_NORM_ROPE_WHOLE,
+            0,
+            &p,
+            None,
+            &[qkv, q_norm, k_norm, &rope],
+            Grid::Groups(rows as u32, 1, 1),
+        );
+    }
+    if c.head_dim > MAX_HEAD_DIM {
+        return Err(GpuError::Unsupported(format!(
+            "head_dim {} (the q/k norm + RoPE kernel holds at most {MAX_HEAD_DIM})",
+            c.head_dim
+        )));
+    }
+    // One workgroup per (head, token): q and k heads, and the v heads only when they are clipped.
+    let heads = c.num_heads + c.num_kv_heads * (1 + c.clip_qkv.is_some() as usize);
     ctx.dispatch(
         &QK_NORM_ROPE,
         0,
         &p,
         None,
         &[qkv, q_norm, k_norm, &rope],
-        Grid::Groups(rows as u32, 1, 1),
+        Grid::Groups(heads as u32, rows as u32, 1),
     )
 }
