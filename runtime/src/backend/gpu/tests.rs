@@ -179,9 +179,19 @@ const COOP_SHAPES: [(usize, usize, usize); 5] = [
 /// The large-block matmuls for each of `dtypes`: f16, q8 and q4 weights run on the tensor-core kernel
 /// where the device lends cooperative matrices, f32 weights (and all, elsewhere) on the tiled one.
 fn large_block_matmuls<B: HostIo>(b: &B, dtypes: &[DType]) -> Vec<(String, Vec<f32>)> {
+    block_matmuls(b, dtypes, &COOP_SHAPES, 11)
+}
+
+/// `x · Wᵀ` for each (T, N, K) of `shapes` and each of `dtypes`, on fresh random inputs from `seed`.
+fn block_matmuls<B: HostIo>(
+    b: &B,
+    dtypes: &[DType],
+    shapes: &[(usize, usize, usize)],
+    seed: u64,
+) -> Vec<(String, Vec<f32>)> {
     let mut out = Vec::new();
-    let mut rng = Rng(11);
-    for &(t, n, k) in &COOP_SHAPES {
+    let mut rng = Rng(seed);
+    for &(t, n, k) in shapes {
         for &dtype in dtypes {
             // Quantized rows hold whole groups of 32.
             let k = if dtype.is_quantized() {
@@ -246,30 +256,7 @@ const COOP_SMALL_SHAPES: [(usize, usize, usize); 5] = [
 
 /// [`COOP_SMALL_SHAPES`] for each of `dtypes`.
 fn coop_small_matmuls<B: HostIo>(b: &B, dtypes: &[DType]) -> Vec<(String, Vec<f32>)> {
-    let mut out = Vec::new();
-    let mut rng = Rng(12);
-    for &(t, n, k) in &COOP_SMALL_SHAPES {
-        for &dtype in dtypes {
-            let k = if dtype.is_quantized() {
-                k.div_ceil(32) * 32
-            } else {
-                k
-            };
-            let w = weight(b, dtype, &[n, k], &rng.vec(n * k, 0.5));
-            let x: Vec<f32> = rng
-                .vec(t * k, 1.0)
-                .iter()
-                .enumerate()
-                .map(|(i, v)| if i % 7 == 0 { v * 300.0 } else { *v })
-                .collect();
-            let x = b.put(t, k, &x);
-            out.push((
-                format!("{dtype} t{t} n{n} k{k}"),
-                b.get(&b.matmul(&w, &x).unwrap()),
-            ));
-        }
-    }
-    out
+    block_matmuls(b, dtypes, &COOP_SMALL_SHAPES, 12)
 }
 
 /// The tensor-core kernel against the CPU for f16, q8 and q4 weights on every configuration that
@@ -448,7 +435,7 @@ test_backends!(qk_norm_and_partial_rope_match_in_every_variant, TOL, |b| {
         };
         b.qk_norm_rope(&mut qkv, q, k, &c, start).unwrap();
         out.push((
-            format!("{norm:?} rd{rd} clip{clip:?} start{start}"),
+            format!("{norm:?} hd{hd} rd{rd} clip{clip:?} start{start}"),
             b.get(&qkv),
         ));
     }
@@ -647,7 +634,7 @@ test_backends!(lm_head_statistics_match_the_full_logits, TOL, |b| {
     let mut rng = Rng(10);
     let mut out = Vec::new();
     // 5000 rows: several 2048-logit chunks and a ragged last one; 3 positions of 6.
-    for dtype in [DType::F32, DType::Q4] {
+    for dtype in [DType::F32, DType::Q8, DType::Q4] {
         let (v, h) = (5000, 64);
         let head = weight(b, dtype, &[v, h], &rng.vec(v * h, 1.0));
         let x = b.put(6, h, &rng.vec(6 * h, 1.0));
