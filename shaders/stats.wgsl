@@ -1,6 +1,7 @@
 // Per-position statistics of LM-head logits [rows, vocab], so the host reads a few bytes per
 // position instead of a vocabulary row. Two passes:
-//   stats_partial: one workgroup of 64 per (2048-logit chunk, row) → a partial of 20 words:
+//   stats_partial: one workgroup of 64 per (chunk, row) → a partial of 20 words (a row splits into
+//     `chunks` equal chunks, 2048 logits by default, see ops/stats.rs):
 //     m (max), s = Σ e^(l−m), w = Σ e^(l−m)·(l−m), the 8 best logits and their ids;
 //   stats_merge: one workgroup per row folds the partials and writes 20 words:
 //     argmax, p_max, entropy, margin (p1 − p2), 8 ids, 8 probabilities.
@@ -16,7 +17,6 @@ struct StatsParams {
     out_row0: u32,
 }
 
-const CHUNK: u32 = 2048u;
 const PART: u32 = 20u;
 const NONE: u32 = 0xffffffffu;
 
@@ -139,15 +139,16 @@ fn stats_partial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_i
     let chunk = wid.x;
     let row = wid.y;
     let base = row * p.vocab;
-    let end = min((chunk + 1u) * CHUNK, p.vocab);
+    let len = (p.vocab + p.chunks - 1u) / p.chunks;
+    let end = min((chunk + 1u) * len, p.vocab);
     reset();
     var m = neg_inf();
-    for (var i = chunk * CHUNK + lid; i < end; i += 64u) {
+    for (var i = chunk * len + lid; i < end; i += 64u) {
         m = max(m, logits[base + i]);
     }
     var s = 0.0;
     var w = 0.0;
-    for (var i = chunk * CHUNK + lid; i < end; i += 64u) {
+    for (var i = chunk * len + lid; i < end; i += 64u) {
         let l = logits[base + i];
         let e = exp(l - m);
         s += e;

@@ -163,8 +163,9 @@ impl Kernels {
                     bind_group_layouts: &[Some(&layout)],
                     immediate_size: 0,
                 });
-            let uses_weights = source(entry.file)
-                .is_some_and(|s| s.contains("\"dequant\"") || s.contains("\"tile\""));
+            let uses_weights = source(entry.file).is_some_and(|s| {
+                s.contains("\"dequant\"") || s.contains("\"tile\"") || s.contains("override WTYPE")
+            });
             let constants: Vec<(&str, f64)> = if uses_weights {
                 vec![("WTYPE", wtype as f64)]
             } else {

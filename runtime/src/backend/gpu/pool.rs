@@ -43,7 +43,8 @@ impl GpuBuffer {
         usage: wgpu::BufferUsages,
         label: &str,
     ) -> Arc<GpuBuffer> {
-        let size = size.max(16).div_ceil(4) * 4;
+        // Whole 16-byte words, so kernels may read any buffer as vec4s (shaders/gemv_tall.wgsl).
+        let size = size.max(16).div_ceil(16) * 16;
         let raw = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size,
