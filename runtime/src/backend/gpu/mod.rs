@@ -967,7 +967,7 @@ impl Backend for GpuBackend {
             let mut r0 = 0;
             while r0 < n {
                 let m = per.min(n - r0);
-                ops::matmul::lm_head_into(ctx, head, &x.buf, rows.start + r0, m, &logits, vocab)?;
+                ops::matmul::matmul_into(ctx, head, &x.buf, rows.start + r0, m, &logits, vocab)?;
                 ops::stats::stats(ctx, &logits, m, vocab, &out, r0)?;
                 r0 += m;
             }

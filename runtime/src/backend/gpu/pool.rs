@@ -43,7 +43,7 @@ impl GpuBuffer {
         usage: wgpu::BufferUsages,
         label: &str,
     ) -> Arc<GpuBuffer> {
-        // Whole 16-byte words, so kernels may read any buffer as vec4s (shaders/gemv_tall.wgsl).
+        // Whole 16-byte words, so a kernel may read any buffer as vec4<u32>s up to its end.
         let size = size.max(16).div_ceil(16) * 16;
         let raw = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),

@@ -329,10 +329,6 @@ test_backends!(
                 ));
                 let s = b.lm_head_stats(&x, &w, 0..t).unwrap();
                 out.push((format!("{dtype} stats t{t}"), flat_stats(&s)));
-                ops::matmul::FORCE_TALL.with(|f| f.set(true));
-                let s = b.lm_head_stats(&x, &w, 0..t).unwrap();
-                ops::matmul::FORCE_TALL.with(|f| f.set(false));
-                out.push((format!("{dtype} stats t{t} (gemv_tall)"), flat_stats(&s)));
             }
             let e = b.embed(&w, &[0, 299, 150, 77, 3]).unwrap();
             out.push((format!("{dtype} embed"), b.get(&e)));
@@ -646,11 +642,6 @@ test_backends!(lm_head_statistics_match_the_full_logits, TOL, |b| {
             format!("{dtype} stats"),
             flat_stats(&b.lm_head_stats(&x, &head, 2..5).unwrap()),
         ));
-        // The opt-in tall-matrix gemv (q8 / q4) on the same head.
-        ops::matmul::FORCE_TALL.with(|f| f.set(true));
-        let tall = b.lm_head_stats(&x, &head, 2..5).unwrap();
-        ops::matmul::FORCE_TALL.with(|f| f.set(false));
-        out.push((format!("{dtype} stats (gemv_tall)"), flat_stats(&tall)));
         out.push((
             format!("{dtype} logits"),
             b.logits(&x, &head, 2..5).unwrap(),

@@ -24,8 +24,7 @@ pub struct MatmulParams {
     pub x_row0: u32,
     pub out_stride: u32,
     pub out_col0: u32,
-    /// [`GEMM_COOP`]'s activation rows a tile (16, 32 or 64); [`GEMV_TALL`]'s blocks a workgroup;
-    /// unused by the other entries.
+    /// [`GEMM_COOP`]'s activation rows a tile (16, 32 or 64); unused by the other entries.
     pub tile_t: u32,
 }
 
@@ -47,12 +46,6 @@ pub struct ExpertParams {
 pub static GEMV: Entry = Entry {
     file: "matmul.wgsl",
     name: "gemv",
-    bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite)],
-    params: "MatmulParams",
-};
-pub static GEMV_TALL: Entry = Entry {
-    file: "gemv_tall.wgsl",
-    name: "gemv_tall",
     bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite)],
     params: "MatmulParams",
 };
@@ -156,86 +149,11 @@ pub fn matmul_kernel(coop: bool, dtype: DType, t: usize, rows: usize, bytes: u64
     }
 }
 
-/// Weight rows per [`GEMV_TALL`] block.
-pub const TALL_ROWS: usize = 16;
-/// Blocks of [`TALL_ROWS`] a [`GEMV_TALL`] workgroup walks (1..=8); `EDGEDIFF_TALL_BLOCKS`
-/// overrides it (benchmarks).
-pub const TALL_BLOCKS: usize = 8;
-
-fn tall_blocks() -> usize {
-    static B: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *B.get_or_init(|| {
-        std::env::var("EDGEDIFF_TALL_BLOCKS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(TALL_BLOCKS)
-            .clamp(1, 8)
-    })
-}
-/// Activation values (k · t) [`GEMV_TALL`] holds in shared memory (32 KiB).
-pub const TALL_MAX_XS: usize = 8192;
-
-/// Whether the LM head runs [`GEMV_TALL`] (q8 / q4 weights, up to [`GEMV_T`] activation rows,
-/// k · t ≤ [`TALL_MAX_XS`], 32 KiB of workgroup storage). Opt-in with `EDGEDIFF_LM_HEAD=tall`: on
-/// the H200 it measured slower than [`GEMV`] (1 token, q4 157184 × 2048: 403 against 220 µs; 4
-/// tokens 1242 against 766 µs), so the plain gemv stays the default.
-pub fn tall_gemv(ctx: &Ctx, dtype: DType, t: usize, cols: usize) -> bool {
-    static TALL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let tall = *TALL.get_or_init(|| std::env::var("EDGEDIFF_LM_HEAD").is_ok_and(|v| v == "tall"));
-    #[cfg(test)]
-    let tall = tall || FORCE_TALL.with(|f| f.get());
-    tall && matches!(dtype, DType::Q8 | DType::Q4)
-        && t <= GEMV_T
-        && cols.is_multiple_of(32)
-        && cols * t <= TALL_MAX_XS
-        && ctx.sh.dev.limits.max_compute_workgroup_storage_size as usize >= TALL_MAX_XS * 4
-}
-
-/// The LM head's logits: [`matmul_into`], through [`GEMV_TALL`] where [`tall_gemv`] says so.
-pub fn lm_head_into(
-    ctx: &mut Ctx,
-    w: &GpuWeight,
-    x: &GpuBuffer,
-    x_row0: usize,
-    t: usize,
-    out: &GpuBuffer,
-    out_stride: usize,
-) -> Result<(), GpuError> {
-    if !tall_gemv(ctx, w.dtype, t, w.cols) {
-        return matmul_into(ctx, w, x, x_row0, t, out, out_stride);
-    }
-    for c in &w.chunks {
-        let blocks = tall_blocks();
-        let p = MatmulParams {
-            tile_t: blocks as u32,
-            n: c.rows,
-            k: w.cols as u32,
-            t: t as u32,
-            scales: c.scales,
-            x_row0: x_row0 as u32,
-            out_stride: out_stride as u32,
-            out_col0: c.row0,
-        };
-        let groups = (c.rows as u64).div_ceil((TALL_ROWS * blocks) as u64);
-        ctx.dispatch(
-            &GEMV_TALL,
-            w.wtype(),
-            &p,
-            None,
-            &[&c.buf, x, out],
-            Grid::Linear(groups),
-        )?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 thread_local! {
     /// Tests: the tensor-core kernel for every f16/q8/q4 matmul this thread records, whatever `t`
     /// (so small test weights reach its 16- and 32-row tiles).
     pub static FORCE_COOP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    /// Tests: [`GEMV_TALL`] for the LM heads this thread records wherever it applies.
-    pub static FORCE_TALL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// out[r, out_col0 + n] = Σ_k W[n, k] · x[x_row0 + r, k] for r < t, every chunk of `w`;

@@ -32,7 +32,6 @@ pub fn all_entries() -> Vec<(&'static Entry, usize)> {
         (&elementwise::COPY16, size_of::<elementwise::EwParams>()),
         (&embed::EMBED, size_of::<embed::EmbedParams>()),
         (&matmul::GEMV, size_of::<matmul::MatmulParams>()),
-        (&matmul::GEMV_TALL, size_of::<matmul::MatmulParams>()),
         (&matmul::GEMM, size_of::<matmul::MatmulParams>()),
         (&matmul::GEMM_COOP, size_of::<matmul::MatmulParams>()),
         (&matmul::EXPERT_GATE_UP, size_of::<matmul::ExpertParams>()),
