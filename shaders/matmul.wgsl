@@ -19,39 +19,10 @@
 // one binding are split by rows and run as several dispatches.
 
 #include "tile"
+#include "matmul_io"
 #include "act_dot"
 #include "moe_meta"
 
-struct MatmulParams {
-    n: u32,
-    k: u32,
-    t: u32,
-    scales: u32,
-    x_row0: u32,
-    out_stride: u32,
-    out_col0: u32,
-    _pad: u32,
-}
-
-struct ExpertParams {
-    slot0: u32,
-    num_experts: u32,
-    pool: u32,
-    top_k: u32,
-    k: u32,
-    n: u32,
-    part: u32,
-    scales: u32,
-    assignments: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: MatmulParams;
-@group(0) @binding(1) var<storage, read> w_words: array<u32>;
-@group(0) @binding(2) var<storage, read> x_act: array<f32>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
 @group(0) @binding(4) var<storage, read> slots: array<u32>;
 @group(0) @binding(5) var<storage, read> route_meta: array<u32>;
 @group(0) @binding(6) var<uniform> ep: ExpertParams;

@@ -37,22 +37,8 @@ enable f16;
 enable wgpu_cooperative_matrix;
 
 #include "dequant"
+#include "matmul_io"
 
-struct MatmulParams {
-    n: u32,
-    k: u32,
-    t: u32,
-    scales: u32,
-    x_row0: u32,
-    out_stride: u32,
-    out_col0: u32,
-    tile_t: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: MatmulParams;
-@group(0) @binding(1) var<storage, read> w_words: array<u32>;
-@group(0) @binding(2) var<storage, read> x_act: array<f32>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
 const CT: u32 = 64u;
 const CN: u32 = 128u;

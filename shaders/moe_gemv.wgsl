@@ -19,21 +19,6 @@
 #include "act_dot"
 #include "moe_meta"
 
-struct ExpertParams {
-    slot0: u32,
-    num_experts: u32,
-    pool: u32,
-    top_k: u32,
-    k: u32,
-    n: u32,
-    part: u32,
-    scales: u32,
-    assignments: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-
 @group(0) @binding(1) var<storage, read> w_words: array<u32>;
 @group(0) @binding(2) var<storage, read> x_act: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;

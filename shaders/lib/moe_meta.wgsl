@@ -27,3 +27,20 @@ fn meta_list(ne: u32) -> u32 {
 fn meta_slot_of(ne: u32, na: u32) -> u32 {
     return META_HEAD + 4u * ne + na;
 }
+
+// Uniform of the grouped expert kernels (matmul.wgsl's tiled ones, moe_gemv.wgsl's GEMV ones);
+// ops/matmul.rs ExpertParams on the host.
+struct ExpertParams {
+    slot0: u32,
+    num_experts: u32,
+    pool: u32,
+    top_k: u32,
+    k: u32,
+    n: u32,
+    part: u32,
+    scales: u32,
+    assignments: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}

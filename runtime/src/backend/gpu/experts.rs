@@ -196,6 +196,30 @@ pub struct GpuExperts {
     pub(crate) paged: Option<Arc<GpuExpertPool>>,
 }
 
+impl GpuExperts {
+    /// What the MoE kernels need of this layer, its experts found through `slots` in `pools`
+    /// (the layer's own buffers, or a paged pool's).
+    pub(crate) fn layout<'a>(
+        &self,
+        slots: &'a GpuBuffer,
+        pools: &'a [(u32, Arc<GpuBuffer>)],
+    ) -> super::ops::moe::ExpertLayout<'a> {
+        super::ops::moe::ExpertLayout {
+            layer: self.layer,
+            num_experts: self.num_experts,
+            slot0: self.layer * self.num_experts,
+            slots,
+            pools,
+            wtype_gate_up: super::weight_code(self.gate_up.dtype),
+            wtype_down: super::weight_code(self.down.dtype),
+            gate_up: (self.gate_up.word, self.gate_up.scales),
+            down: (self.down.word, self.down.scales),
+            hidden: self.hidden,
+            inter: self.inter,
+        }
+    }
+}
+
 fn part_layout(p: &TensorEntry, word: u32) -> PartLayout {
     let n: usize = p.shape.iter().product();
     let scales = match p.dtype {
@@ -896,19 +920,7 @@ impl super::GpuBackend {
         }
         let n = (routing.rows * routing.k * 4) as u64;
         let buffers = st.buffers.clone();
-        let layout = super::ops::moe::ExpertLayout {
-            layer: experts.layer,
-            num_experts: experts.num_experts,
-            slot0: experts.layer * experts.num_experts,
-            slots: &pool.store.slots,
-            pools: &buffers,
-            wtype_gate_up: super::weight_code(experts.gate_up.dtype),
-            wtype_down: super::weight_code(experts.down.dtype),
-            gate_up: (experts.gate_up.word, experts.gate_up.scales),
-            down: (experts.down.word, experts.down.scales),
-            hidden: experts.hidden,
-            inter: experts.inter,
-        };
+        let layout = experts.layout(&pool.store.slots, &buffers);
         if !st.sync {
             // Optimistic: run with what the prefetch made resident; the routing is copied out
             // and read back with the pass's statistics, where misses are detected.
@@ -916,19 +928,7 @@ impl super::GpuBackend {
                 let capture = ctx.output(n)?;
                 ctx.copy(&routing.ids, 0, &capture, 0, n);
                 st.captures.push((experts.layer, capture, n));
-                let out = super::GpuBackend::out_act(ctx, x.rows, x.cols)?;
-                super::ops::moe::moe(
-                    ctx,
-                    &x.buf,
-                    x.rows,
-                    &routing.ids,
-                    &routing.weights,
-                    routing.k,
-                    &layout,
-                    plus,
-                    &out.buf,
-                )?;
-                Ok(out)
+                super::GpuBackend::moe_act(ctx, x, routing, &layout, plus)
             });
         }
         // Synchronous: read this layer's routing (submitting the pass so far, so no recorded

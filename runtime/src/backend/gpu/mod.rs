@@ -456,6 +456,30 @@ impl GpuBackend {
         })
     }
 
+    /// The routed experts of `x` under `routing` (plus `plus`, the shared experts' output, in the
+    /// combine) into a new activation: the whole MoE recorded at once.
+    pub(crate) fn moe_act(
+        ctx: &mut Ctx,
+        x: &GpuAct,
+        routing: &GpuRouting,
+        layout: &ops::moe::ExpertLayout,
+        plus: Option<&GpuBuffer>,
+    ) -> Result<GpuAct> {
+        let out = Self::out_act(ctx, x.rows, x.cols)?;
+        ops::moe::moe(
+            ctx,
+            &x.buf,
+            x.rows,
+            &routing.ids,
+            &routing.weights,
+            routing.k,
+            layout,
+            plus,
+            &out.buf,
+        )?;
+        Ok(out)
+    }
+
     fn check_rows(op: &'static str, x: &GpuAct, rows: &Range<usize>) -> Result<()> {
         if rows.end > x.rows || rows.start > rows.end {
             return Err(shape_err(op, format!("rows {rows:?} of {}", x.rows)));
@@ -1067,33 +1091,7 @@ impl GpuBackend {
         if let Some(pool) = &experts.paged {
             return self.moe_paged(x, routing, experts, pool, plus);
         }
-        let layout = ops::moe::ExpertLayout {
-            layer: experts.layer,
-            num_experts: experts.num_experts,
-            slot0: experts.layer * experts.num_experts,
-            slots: &experts.store.slots,
-            pools: &experts.pools,
-            wtype_gate_up: weight_code(experts.gate_up.dtype),
-            wtype_down: weight_code(experts.down.dtype),
-            gate_up: (experts.gate_up.word, experts.gate_up.scales),
-            down: (experts.down.word, experts.down.scales),
-            hidden: experts.hidden,
-            inter: experts.inter,
-        };
-        self.with(|ctx| {
-            let out = Self::out_act(ctx, x.rows, x.cols)?;
-            ops::moe::moe(
-                ctx,
-                &x.buf,
-                x.rows,
-                &routing.ids,
-                &routing.weights,
-                routing.k,
-                &layout,
-                plus,
-                &out.buf,
-            )?;
-            Ok(out)
-        })
+        let layout = experts.layout(&experts.store.slots, &experts.pools);
+        self.with(|ctx| Self::moe_act(ctx, x, routing, &layout, plus))
     }
 }
