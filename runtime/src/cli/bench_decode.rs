@@ -122,6 +122,15 @@ fn run_decode(a: DecodeArgs) -> anyhow::Result<()> {
     // that commits tokens AR would not have picked pays in NLL. Masked-prediction models have no
     // such yardstick here.
     let score = base.prediction.causal() == Prediction::NextToken;
+    // Prompt ids for scoring, encoded once (the chat template included when --chat).
+    let prompt_ids: Vec<Vec<u32>> = if score {
+        prompts
+            .iter()
+            .map(|t| engine.encode_prompt(&prompt_of(t)))
+            .collect::<Result<_, _>>()?
+    } else {
+        Vec::new()
+    };
     let mut ar_tokens: Vec<Vec<u32>> = Vec::new();
     let mut rows = Vec::new();
     for params in &configs {
@@ -150,9 +159,8 @@ fn run_decode(a: DecodeArgs) -> anyhow::Result<()> {
                 .generate(&request, &mut |_| {})
                 .with_context(|| format!("{} on prompt {}", row.decoder, i + 1))?;
             if let Some(sum) = row.nll.as_mut() {
-                let ids = engine.encode_prompt(&request.prompt)?;
                 *sum += engine
-                    .continuation_nll(&ids, &out.tokens)
+                    .continuation_nll(&prompt_ids[i], &out.tokens)
                     .with_context(|| format!("scoring {} on prompt {}", row.decoder, i + 1))?;
             }
             let s = &out.stats;
