@@ -683,6 +683,13 @@ fn pass_bytes(
     }
 }
 
+/// Host time per forward pass, µs: recording the ops, submitting, waiting for the read-back.
+struct HostUs {
+    encode: f64,
+    submit: f64,
+    wait: f64,
+}
+
 pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
     let c = &a.common;
     let file = model_file(c)?;
@@ -730,12 +737,20 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
         )?;
         let bytes = pass_bytes(&file, &cfg, t, c.context + t, &routed.routing);
         let d0 = g.dispatches();
+        let h0 = g.host_times();
         let t0 = Instant::now();
         for _ in 0..c.iters.max(1) {
             model.forward(&g, &mut kv, block, window, &want)?;
         }
         let wall_ms = t0.elapsed().as_secs_f64() * 1e3 / c.iters.max(1) as f64;
         let per = (g.dispatches() - d0) / c.iters.max(1) as u64;
+        let h1 = g.host_times();
+        let us = |a: u64, b: u64| (b - a) as f64 / 1e3 / c.iters.max(1) as f64;
+        let host = HostUs {
+            encode: us(h0.encode_ns(), h1.encode_ns()),
+            submit: us(h0.submit_ns, h1.submit_ns),
+            wait: us(h0.wait_ns, h1.wait_ns),
+        };
         // GPU time pass by pass (one query set holds 4096 dispatches).
         let mut gpu_ns = Some(0.0);
         let mut entries: EntryTimes = Vec::new();
@@ -765,7 +780,7 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
                 .collect(),
         ));
         let gpu_ms = gpu_ns.map(|v| v / 1e6 / c.iters.max(1) as f64);
-        rows.push((t, wall_ms, gpu_ms, per, bytes));
+        rows.push((t, wall_ms, gpu_ms, per, bytes, host));
     }
     let total = |b: &PassBytes| (b.dense + b.experts + b.kv) as f64;
     let gbs = |b: &PassBytes, ms: f64| total(b) / (ms * 1e6);
@@ -777,10 +792,13 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
             "context": c.context,
             "copy": copy_json(copy_bw),
             "copy_gbs": copy.map(|b| b / 1e9),
-            "passes": rows.iter().map(|(t, wall, gpu, per, b)| json!({
+            "passes": rows.iter().map(|(t, wall, gpu, per, b, host)| json!({
                 "tokens": t,
                 "wall_ms": wall,
                 "gpu_ms": gpu,
+                "host_encode_us": host.encode,
+                "host_submit_us": host.submit,
+                "host_wait_us": host.wait,
                 "dispatches": per,
                 "tokens_per_s": *t as f64 / wall * 1e3,
                 "distinct_experts_per_layer": b.distinct,
@@ -806,13 +824,16 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
         c.iters,
         copy_note(copy_bw),
     );
-    println!("| tokens | ms / forward | GPU ms | dispatches | tokens/s | experts / layer | MB read (dense + experts + KV) | GB/s (wall) | GB/s (GPU) | % copy BW (wall / GPU) |");
-    println!("|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|");
-    for (t, wall, gpu, per, b) in &rows {
+    println!("| tokens | ms / forward | GPU ms | host µs (encode / submit / wait) | dispatches | tokens/s | experts / layer | MB read (dense + experts + KV) | GB/s (wall) | GB/s (GPU) | % copy BW (wall / GPU) |");
+    println!("|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---:|");
+    for (t, wall, gpu, per, b, host) in &rows {
         let mb = |v: u64| v as f64 / 1e6;
         println!(
-            "| {t} | {wall:.2} | {} | {per} | {:.1} | {:.1} | {:.1} ({:.1} + {:.1} + {:.1}) | {:.1} | {} | {} / {} |",
+            "| {t} | {wall:.2} | {} | {:.0} / {:.0} / {:.0} | {per} | {:.1} | {:.1} | {:.1} ({:.1} + {:.1} + {:.1}) | {:.1} | {} | {} / {} |",
             fmt_opt(*gpu, 2),
+            host.encode,
+            host.submit,
+            host.wait,
             *t as f64 / wall * 1e3,
             b.distinct,
             total(b) / 1e6,

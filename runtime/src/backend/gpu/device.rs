@@ -65,7 +65,18 @@ pub struct GpuOptions {
     /// Splits weights, LM-head passes and expert pool buffers at this many bytes, below the device
     /// limit (tests of splitting on tiny models).
     pub max_binding: Option<u64>,
+    /// Submit the recording after this many dispatches without waiting, so the GPU starts while
+    /// the host records the rest of a pass; 0 = only when the host needs bytes back
+    /// (`EDGEDIFF_SUBMIT_EVERY`).
+    pub submit_every: u64,
+    /// One compute pass per dispatch instead of one per run of dispatches (`EDGEDIFF_PASS=
+    /// per-dispatch`; the earlier behaviour, kept for before/after measurements).
+    pub pass_per_dispatch: bool,
 }
+
+/// A 20-layer pass records ≈ 340 dispatches: submitting every 96 lets the GPU start after the
+/// first few layers, for a few submissions of tens of µs each.
+pub const DEFAULT_SUBMIT_EVERY: u64 = 96;
 
 impl GpuOptions {
     /// Options from the environment: `EDGEDIFF_ADAPTER` (name substring or backend) and
@@ -83,6 +94,11 @@ impl GpuOptions {
             disable_coop: off("coop"),
             poison: false,
             max_binding: None,
+            submit_every: std::env::var("EDGEDIFF_SUBMIT_EVERY")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(DEFAULT_SUBMIT_EVERY),
+            pass_per_dispatch: std::env::var("EDGEDIFF_PASS").is_ok_and(|v| v == "per-dispatch"),
         }
     }
 }

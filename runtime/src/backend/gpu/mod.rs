@@ -223,7 +223,7 @@ impl GpuBackend {
         let arena_align = (dev.limits.min_uniform_buffer_offset_alignment)
             .max(dev.limits.min_storage_buffer_offset_alignment)
             .max(16) as u64;
-        let st = State::new(&dev);
+        let st = State::new(&dev, opts);
         Ok(GpuBackend {
             sh: Arc::new(Shared {
                 dev,
@@ -263,6 +263,16 @@ impl GpuBackend {
     /// Dispatches recorded so far.
     pub fn dispatches(&self) -> u64 {
         self.lock().dispatches
+    }
+
+    /// Dispatches after which a recording is submitted without waiting (0: only at read-backs).
+    pub fn submit_every(&self) -> u64 {
+        self.lock().submit_every
+    }
+
+    /// Host time spent in ops, submissions and waits so far (benchmarks take differences).
+    pub fn host_times(&self) -> recorder::HostTimes {
+        self.lock().host
     }
 
     /// Starts timing every dispatch (up to `capacity`) with GPU timestamps; false when the device
@@ -403,6 +413,7 @@ impl GpuBackend {
         f: impl FnOnce(&mut Ctx) -> std::result::Result<R, BackendError>,
     ) -> Result<R> {
         let mut st = self.lock();
+        let t0 = std::time::Instant::now();
         let mut ctx = Ctx {
             sh: &self.sh,
             st: &mut st,
@@ -411,6 +422,7 @@ impl GpuBackend {
         if r.is_err() {
             ctx.discard();
         }
+        st.host.ops_ns += t0.elapsed().as_nanos() as u64;
         r
     }
 

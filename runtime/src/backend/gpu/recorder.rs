@@ -4,6 +4,14 @@
 //! submission and bound at dynamic offsets, so bind groups stay the same from pass to pass and are
 //! cached. The recording is submitted only when the host needs bytes back (statistics, logits,
 //! routing) — one submission per forward pass, no per-layer host sync.
+//!
+//! Consecutive dispatches share one compute pass (wgpu orders them and inserts the barriers their
+//! bindings need): a pass per dispatch costs wgpu-core a pass begin/end, its usage-scope
+//! bookkeeping and a Vulkan barrier set each time, which is most of the host time of a small pass.
+//! The pass is closed only for a copy, a clear, a timestamp resolve or the submission. While GPU
+//! timing is on, every dispatch gets its own pass (timestamps are written at pass boundaries).
+
+use std::time::Instant;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -57,6 +65,12 @@ pub struct RopeTable {
 /// What changes while recording; behind the backend's mutex.
 pub struct State {
     encoder: Option<wgpu::CommandEncoder>,
+    /// The open compute pass on `encoder` (ended before any other command is recorded on it).
+    pass: Option<wgpu::ComputePass<'static>>,
+    /// See `GpuOptions::pass_per_dispatch` and `GpuOptions::submit_every`.
+    pass_per_dispatch: bool,
+    pub submit_every: u64,
+    since_submit: u64,
     arena: Vec<u8>,
     arena_buf: Arc<GpuBuffer>,
     arena_cap: u64,
@@ -67,6 +81,25 @@ pub struct State {
     pub rope: HashMap<(u64, usize), RopeTable>,
     pub pending_upload: u64,
     pub timing: Option<Timing>,
+    pub host: HostTimes,
+}
+
+/// Host time spent on the GPU path, summed since the backend started (benchmarks take differences).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostTimes {
+    /// Inside backend ops, submission and waiting included.
+    pub ops_ns: u64,
+    /// Arena upload + `queue.submit` (+ command buffer finish).
+    pub submit_ns: u64,
+    /// Waiting for the GPU to finish and map read-backs.
+    pub wait_ns: u64,
+}
+
+impl HostTimes {
+    /// Recording alone: op time less submission and waiting.
+    pub fn encode_ns(&self) -> u64 {
+        self.ops_ns.saturating_sub(self.submit_ns + self.wait_ns)
+    }
 }
 
 const ARENA_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::UNIFORM
@@ -78,10 +111,14 @@ const ARENA_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::UNIFORM
 const BIND_GROUP_CACHE: usize = 8192;
 
 impl State {
-    pub fn new(dev: &GpuDevice) -> State {
+    pub fn new(dev: &GpuDevice, opts: &super::device::GpuOptions) -> State {
         let cap = 256 << 10;
         State {
             encoder: None,
+            pass: None,
+            pass_per_dispatch: opts.pass_per_dispatch,
+            submit_every: opts.submit_every,
+            since_submit: 0,
             arena: Vec::new(),
             arena_buf: GpuBuffer::new(&dev.device, cap + INPUT_BINDING, ARENA_USAGE, "arena"),
             arena_cap: cap,
@@ -92,6 +129,7 @@ impl State {
             rope: HashMap::new(),
             pending_upload: 0,
             timing: None,
+            host: HostTimes::default(),
         }
     }
 }
@@ -107,7 +145,13 @@ fn align(n: u64, a: u64) -> u64 {
 }
 
 impl Ctx<'_> {
+    /// The encoder, for a command outside compute passes (the open pass is ended first).
     fn encoder(&mut self) -> &mut wgpu::CommandEncoder {
+        self.st.pass = None;
+        self.raw_encoder()
+    }
+
+    fn raw_encoder(&mut self) -> &mut wgpu::CommandEncoder {
         let sh = self.sh;
         self.st.encoder.get_or_insert_with(|| {
             sh.dev
@@ -269,17 +313,26 @@ impl Ctx<'_> {
         }
         let timestamps = self.next_timestamps(entry.name);
         let bg = self.st.bind_groups.get(&key).expect("inserted").clone();
-        let enc = self.encoder();
-        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some(entry.name),
-            timestamp_writes: timestamps
-                .as_ref()
-                .map(|(q, i)| wgpu::ComputePassTimestampWrites {
-                    query_set: q,
-                    beginning_of_pass_write_index: Some(*i),
-                    end_of_pass_write_index: Some(*i + 1),
-                }),
-        });
+        if timestamps.is_some() || self.st.pass_per_dispatch {
+            self.st.pass = None;
+        }
+        if self.st.pass.is_none() {
+            let pass = self
+                .raw_encoder()
+                .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: None,
+                    timestamp_writes: timestamps.as_ref().map(|(q, i)| {
+                        wgpu::ComputePassTimestampWrites {
+                            query_set: q,
+                            beginning_of_pass_write_index: Some(*i),
+                            end_of_pass_write_index: Some(*i + 1),
+                        }
+                    }),
+                })
+                .forget_lifetime();
+            self.st.pass = Some(pass);
+        }
+        let pass = self.st.pass.as_mut().expect("opened above");
         pass.set_pipeline(&pipe.pipeline);
         pass.set_bind_group(0, &bg, &offsets);
         match grid {
@@ -289,7 +342,13 @@ impl Ctx<'_> {
                 pass.dispatch_workgroups(x, y, z);
             }
         }
-        drop(pass);
+        if timestamps.is_some() {
+            self.st.pass = None;
+        }
+        self.st.since_submit += 1;
+        if self.st.submit_every > 0 && self.st.since_submit >= self.st.submit_every {
+            self.flush()?;
+        }
         self.st.dispatches += 1;
         Ok(())
     }
@@ -352,13 +411,16 @@ impl Ctx<'_> {
 
     /// Drops the open recording without submitting it (after an op failed half-way).
     pub fn discard(&mut self) {
+        self.st.pass = None;
         self.st.encoder = None;
         self.st.arena.clear();
     }
 
     /// Submits the recording (if any) and reports errors raised so far.
     pub fn flush(&mut self) -> Result<()> {
+        self.st.pass = None;
         if let Some(enc) = self.st.encoder.take() {
+            let t0 = Instant::now();
             if !self.st.arena.is_empty() {
                 self.sh
                     .dev
@@ -367,7 +429,9 @@ impl Ctx<'_> {
             }
             self.sh.dev.queue.submit([enc.finish()]);
             self.st.submissions += 1;
+            self.st.since_submit = 0;
             self.st.arena.clear();
+            self.st.host.submit_ns += t0.elapsed().as_nanos() as u64;
         }
         if self.st.grow_arena {
             let cap = self.st.arena_cap * 2;
@@ -408,7 +472,10 @@ impl Ctx<'_> {
             .map_async(wgpu::MapMode::Read, move |r| {
                 *s.lock().unwrap_or_else(|p| p.into_inner()) = Some(r)
             });
-        self.sh.dev.wait()?;
+        let t0 = Instant::now();
+        let waited = self.sh.dev.wait();
+        self.st.host.wait_ns += t0.elapsed().as_nanos() as u64;
+        waited?;
         match slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
             Some(Ok(())) => {}
             Some(Err(e)) => return Err(GpuError::Readback(e.to_string())),

@@ -11,7 +11,8 @@ pub fn skip_requested() -> bool {
 
 /// The configurations to test: the device with its optional features, and (when it has any) the
 /// same device with SHADER_F16, SUBGROUP and cooperative matrices switched off. Outputs are
-/// poisoned with NaN.
+/// poisoned with NaN. The second configuration also submits after every dispatch and gives every
+/// dispatch its own compute pass, so both recording modes meet every test.
 /// `max_binding` caps storage bindings (tests of weight splitting).
 pub fn backends(max_binding: Option<u64>) -> Vec<(String, GpuBackend)> {
     if skip_requested() {
@@ -42,6 +43,8 @@ pub fn backends(max_binding: Option<u64>) -> Vec<(String, GpuBackend)> {
             disable_f16: true,
             disable_subgroups: true,
             disable_coop: true,
+            submit_every: 1,
+            pass_per_dispatch: true,
             ..base
         };
         let b = GpuBackend::new(&off).expect("the same adapter without optional features");
