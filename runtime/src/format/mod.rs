@@ -2,6 +2,7 @@
 //! and aligned tensor data, read through memmap2. docs/FORMAT.md specifies it.
 
 pub mod dtype;
+pub mod gguf;
 pub mod header;
 mod reader;
 mod writer;
