@@ -97,6 +97,30 @@ pub fn encode(dtype: DType, values: &[f32], cols: usize) -> Vec<u8> {
     }
 }
 
+/// Stacks the rows of several encoded `[rows_i, cols]` matrices into one `[Σ rows_i, cols]` matrix
+/// of the same type. Plain types concatenate; quantized types keep the codes-then-scales layout, so
+/// all parts' codes come first, then all parts' scales.
+pub fn stack_rows(dtype: DType, parts: &[(usize, Vec<u8>)], cols: usize) -> Vec<u8> {
+    if !dtype.is_quantized() {
+        return parts.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+    }
+    let code_len = |rows: usize| {
+        if dtype == DType::Q8 {
+            rows * cols
+        } else {
+            rows * cols / 2
+        }
+    };
+    let mut out = Vec::with_capacity(parts.iter().map(|(_, b)| b.len()).sum());
+    for (rows, b) in parts {
+        out.extend(&b[..code_len(*rows)]);
+    }
+    for (rows, b) in parts {
+        out.extend(&b[code_len(*rows)..]);
+    }
+    out
+}
+
 fn quantize(dtype: DType, values: &[f32], cols: usize) -> Vec<u8> {
     debug_assert!(cols.is_multiple_of(GROUP) && values.len().is_multiple_of(cols));
     let qmax = if dtype == DType::Q8 { 127.0 } else { 7.0 };

@@ -3,6 +3,8 @@
 //! at a time: q/k/v fused into one projection, gate/up fused per MLP, each expert's matrices packed
 //! into one aligned range, weights encoded to the requested type (norms and router stay f32).
 
+mod dense;
+pub mod gguf;
 mod hf;
 mod llada2;
 mod olmoe;
@@ -30,7 +32,7 @@ pub enum ImportError {
         source: std::io::Error,
     },
     #[error(
-        "unsupported architecture '{0}' (supported: qwen3_moe, olmoe, llada2_moe / bailing_moe_v2)"
+        "unsupported architecture '{0}' (supported: qwen3_moe, olmoe, llada2_moe / bailing_moe_v2, llama, qwen3)"
     )]
     UnsupportedArchitecture(String),
     #[error("unsupported checkpoint feature: {0}")]
@@ -53,6 +55,8 @@ pub enum ImportError {
     Format(#[from] FormatError),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    #[error("GGUF: {0}")]
+    Gguf(crate::format::gguf::GgufError),
 }
 
 pub fn layout(arch: Architecture) -> &'static HfLayout {
@@ -60,6 +64,7 @@ pub fn layout(arch: Architecture) -> &'static HfLayout {
         Architecture::Qwen3Moe => &qwen3_moe::LAYOUT,
         Architecture::Olmoe => &olmoe::LAYOUT,
         Architecture::Llada2Moe => &llada2::LAYOUT,
+        Architecture::Llama | Architecture::Qwen2 | Architecture::Qwen3 => &dense::LAYOUT,
     }
 }
 
@@ -79,6 +84,7 @@ pub fn parse_config(json: &Value) -> Result<ModelConfig, ImportError> {
         Architecture::Qwen3Moe => qwen3_moe::config(&c)?,
         Architecture::Olmoe => olmoe::config(&c)?,
         Architecture::Llada2Moe => llada2::config(&c)?,
+        Architecture::Llama | Architecture::Qwen2 | Architecture::Qwen3 => dense::config(&c, arch)?,
     };
     config
         .validate()
@@ -249,6 +255,67 @@ fn get_checked(
     Ok(values)
 }
 
+/// The bytes of a `[rows, cols]` matrix of type `dtype` stacked from the rows of `parts`: the
+/// source's own encoding where it has one that is exact (GGUF Q8_0 → q8, Q4_0 → q4), else its f32
+/// values encoded.
+fn build_bytes(
+    src: &dyn TensorSource,
+    parts: &[String],
+    dtype: DType,
+    shape: &[usize],
+) -> Result<Vec<u8>, ImportError> {
+    if shape.len() != 2 {
+        // Vectors (norms, biases): always converted from f32, never stacked.
+        let values = get_checked(src, &parts[0], shape)?;
+        return Ok(dtype::encode(dtype, &values, *shape.last().unwrap_or(&1)));
+    }
+    let cols = shape[1];
+    let mut encoded = Vec::with_capacity(parts.len());
+    for p in parts {
+        match src.encoded(p, dtype)? {
+            Some(e) => encoded.push(e),
+            None => break,
+        }
+    }
+    let rows_of = |s: &[usize], p: &str| -> Result<usize, ImportError> {
+        match s {
+            [r, c] if *c == cols => Ok(*r),
+            _ => Err(ImportError::Shape {
+                name: p.to_string(),
+                got: s.to_vec(),
+                want: vec![0, cols],
+            }),
+        }
+    };
+    let mut total_rows = 0;
+    if encoded.len() == parts.len() {
+        let mut pieces = Vec::with_capacity(parts.len());
+        for (p, (s, bytes)) in parts.iter().zip(encoded) {
+            let rows = rows_of(&s, p)?;
+            total_rows += rows;
+            pieces.push((rows, bytes));
+        }
+        if total_rows == shape[0] {
+            return Ok(dtype::stack_rows(dtype, &pieces, cols));
+        }
+    } else {
+        let mut all = Vec::with_capacity(shape.iter().product());
+        for p in parts {
+            let (s, vals) = src.get(p)?;
+            total_rows += rows_of(&s, p)?;
+            all.extend(vals);
+        }
+        if total_rows == shape[0] {
+            return Ok(dtype::encode(dtype, &all, cols));
+        }
+    }
+    Err(ImportError::Shape {
+        name: parts.join(" + "),
+        got: vec![total_rows, cols],
+        want: shape.to_vec(),
+    })
+}
+
 /// A layer's fused expert tensors, read once for all its experts: `(layer, gate_up, down)`.
 type FusedExperts = Option<(usize, Vec<f32>, Vec<f32>)>;
 
@@ -302,12 +369,70 @@ fn is_expert_name(rest: &str, num_experts: usize) -> bool {
         )
 }
 
+/// How the converter chooses each matrix's weight type (norms and routers are always f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightPolicy {
+    /// Every matrix in this type (f16 where a quantized type's group does not divide the row).
+    Fixed(DType),
+    /// Each matrix in the type its source suggests ([`TensorSource::suggested_dtype`]; a stacked
+    /// matrix takes the most precise of its parts'), else this fallback.
+    Source(DType),
+}
+
+impl WeightPolicy {
+    fn pick(self, src: &dyn TensorSource, build: &Build, cols: usize) -> DType {
+        let wanted = match self {
+            WeightPolicy::Fixed(d) => d,
+            WeightPolicy::Source(fallback) => {
+                let names: &[String] = match build {
+                    Build::Copy(s) => std::slice::from_ref(s),
+                    Build::Stack(v) => v,
+                };
+                names
+                    .iter()
+                    .map(|n| src.suggested_dtype(n).unwrap_or(fallback))
+                    .max_by_key(|d| precision_rank(*d))
+                    .unwrap_or(fallback)
+            }
+        };
+        matrix_dtype(wanted, cols)
+    }
+
+    /// The name written into the file's provenance.
+    fn label(self) -> String {
+        match self {
+            WeightPolicy::Fixed(d) => d.name().into(),
+            WeightPolicy::Source(_) => "from source".into(),
+        }
+    }
+}
+
+fn precision_rank(d: DType) -> u8 {
+    match d {
+        DType::Q4 => 0,
+        DType::Q8 => 1,
+        DType::F16 => 2,
+        DType::F32 | DType::U8 => 3,
+    }
+}
+
 /// Converts the tensors of `src` (named as `meta.config`'s family names them) into a model file.
 pub fn write_model(
     src: &dyn TensorSource,
     meta: &ImportMeta,
     out: &Path,
     wtype: DType,
+    progress: Progress,
+) -> Result<ConvertSummary, ImportError> {
+    write_model_with(src, meta, out, WeightPolicy::Fixed(wtype), progress)
+}
+
+/// [`write_model`] with a per-matrix weight type choice.
+pub fn write_model_with(
+    src: &dyn TensorSource,
+    meta: &ImportMeta,
+    out: &Path,
+    policy: WeightPolicy,
     progress: Progress,
 ) -> Result<ConvertSummary, ImportError> {
     let c = &meta.config;
@@ -329,9 +454,11 @@ pub fn write_model(
             build,
         });
     };
-    let mat = |rows: usize, cols: usize| (matrix_dtype(wtype, cols), vec![rows, cols]);
-    let (dt, sh) = mat(v, h);
-    dense(names::EMBED.into(), dt, sh, Build::Copy(lay.embed.into()));
+    let mat =
+        |rows: usize, cols: usize, build: &Build| (policy.pick(src, build, cols), vec![rows, cols]);
+    let embed = Build::Copy(lay.embed.into());
+    let (dt, sh) = mat(v, h, &embed);
+    dense(names::EMBED.into(), dt, sh, embed);
     let mut experts_of = Vec::new();
     for l in 0..c.num_layers {
         let n = |s: &str| names::layer(l, s);
@@ -346,7 +473,7 @@ pub fn write_model(
             QkvNames::Separate { q, k, v } => Build::Stack(vec![hf(q), hf(k), hf(v)]),
             QkvNames::Fused(f) => Build::Copy(hf(f)),
         };
-        let (dt, sh) = mat(c.qkv_dim(), h);
+        let (dt, sh) = mat(c.qkv_dim(), h, &qkv);
         dense(n(names::QKV), dt, sh, qkv);
         let norm_len = match c.qk_norm {
             QkNorm::None => None,
@@ -367,8 +494,9 @@ pub fn write_model(
                 Build::Copy(hf(lay.k_norm)),
             );
         }
-        let (dt, sh) = mat(h, c.q_dim());
-        dense(n(names::O), dt, sh, Build::Copy(hf(lay.o)));
+        let o = Build::Copy(hf(lay.o));
+        let (dt, sh) = mat(h, c.q_dim(), &o);
+        dense(n(names::O), dt, sh, o);
         dense(
             n(names::FFN_NORM),
             DType::F32,
@@ -377,15 +505,12 @@ pub fn write_model(
         );
         let mut mlp = |gu: &str, down: &str, prefix: &str, inter: usize| {
             let p = |s: &str| hf(&format!("{prefix}.{s}.weight"));
-            let (dt, sh) = mat(2 * inter, h);
-            dense(
-                n(gu),
-                dt,
-                sh,
-                Build::Stack(vec![p("gate_proj"), p("up_proj")]),
-            );
-            let (dt, sh) = mat(h, inter);
-            dense(n(down), dt, sh, Build::Copy(p("down_proj")));
+            let gate_up = Build::Stack(vec![p("gate_proj"), p("up_proj")]);
+            let (dt, sh) = mat(2 * inter, h, &gate_up);
+            dense(n(gu), dt, sh, gate_up);
+            let down_build = Build::Copy(p("down_proj"));
+            let (dt, sh) = mat(h, inter, &down_build);
+            dense(n(down), dt, sh, down_build);
         };
         if c.is_moe_layer(l) {
             if let Some(shared) = lay.shared.filter(|_| c.moe.shared_ffn > 0) {
@@ -428,13 +553,9 @@ pub fn write_model(
         Build::Copy(lay.final_norm.into()),
     );
     if !c.tie_embeddings {
-        let (dt, sh) = mat(v, h);
-        dense(
-            names::LM_HEAD.into(),
-            dt,
-            sh,
-            Build::Copy(lay.lm_head.into()),
-        );
+        let head = Build::Copy(lay.lm_head.into());
+        let (dt, sh) = mat(v, h, &head);
+        dense(names::LM_HEAD.into(), dt, sh, head);
     }
     // Refuse checkpoints carrying weights we would silently drop.
     let expert_prefixes: Vec<String> = experts_of
@@ -468,7 +589,7 @@ pub fn write_model(
         resident: None,
     };
     if let Value::Object(m) = &mut meta_out.source {
-        m.insert("weight_type".into(), Value::from(wtype.name()));
+        m.insert("weight_type".into(), Value::from(policy.label()));
         m.insert(
             "converter".into(),
             Value::from(concat!("edgediff ", env!("CARGO_PKG_VERSION"))),
@@ -484,17 +605,26 @@ pub fn write_model(
         }
     }
     let (i, e_count) = (c.moe.expert_ffn, c.moe.num_experts);
+    // Every expert of a layer shares one part layout; its types follow expert 0's sources.
+    let expert_dtypes = |l: usize| {
+        let per = |p: &str| lay.layer(l, &format!("{}.0.{p}.weight", lay.experts));
+        (
+            policy.pick(
+                src,
+                &Build::Stack(vec![per("gate_proj"), per("up_proj")]),
+                h,
+            ),
+            policy.pick(src, &Build::Copy(per("down_proj")), i),
+        )
+    };
     for &l in &experts_of {
+        let (gu_dt, down_dt) = expert_dtypes(l);
         plan.experts(
             l,
             e_count,
             &[
-                (
-                    names::EXPERT_GATE_UP,
-                    matrix_dtype(wtype, h),
-                    vec![2 * i, h],
-                ),
-                (names::EXPERT_DOWN, matrix_dtype(wtype, i), vec![h, i]),
+                (names::EXPERT_GATE_UP, gu_dt, vec![2 * i, h]),
+                (names::EXPERT_DOWN, down_dt, vec![h, i]),
             ],
         )?;
         for e in 0..e_count {
@@ -517,50 +647,30 @@ pub fn write_model(
                 shape,
                 build,
             } => {
-                let values = match build {
-                    Build::Copy(s) => get_checked(src, s, shape)?,
-                    Build::Stack(parts) => {
-                        let mut all = Vec::with_capacity(shape.iter().product());
-                        for p in parts {
-                            let (s, vals) = src.get(p)?;
-                            if s.len() != 2 || s[1] != shape[1] {
-                                return Err(ImportError::Shape {
-                                    name: p.clone(),
-                                    got: s,
-                                    want: vec![0, shape[1]],
-                                });
-                            }
-                            all.extend(vals);
-                        }
-                        if all.len() != shape.iter().product::<usize>() {
-                            return Err(ImportError::Shape {
-                                name: parts.join(" + "),
-                                got: vec![all.len() / shape[1], shape[1]],
-                                want: shape.clone(),
-                            });
-                        }
-                        all
-                    }
+                let parts = match build {
+                    Build::Copy(s) => std::slice::from_ref(s),
+                    Build::Stack(parts) => parts.as_slice(),
                 };
-                w.write_tensor(
-                    name,
-                    &dtype::encode(*dtype, &values, *shape.last().unwrap()),
-                )?;
+                w.write_tensor(name, &build_bytes(src, parts, *dtype, shape)?)?;
             }
             Item::Expert { layer, expert } => {
-                let (gu, down) = expert_weights(src, lay, c, (*layer, *expert), &mut fused)?;
-                w.write_expert_part(
-                    *layer,
-                    *expert,
-                    names::EXPERT_GATE_UP,
-                    &dtype::encode(matrix_dtype(wtype, h), &gu, h),
-                )?;
-                w.write_expert_part(
-                    *layer,
-                    *expert,
-                    names::EXPERT_DOWN,
-                    &dtype::encode(matrix_dtype(wtype, i), &down, i),
-                )?;
+                let (l, e) = (*layer, *expert);
+                let (gu_dt, down_dt) = expert_dtypes(l);
+                let per = |p: &str| lay.layer(l, &format!("{}.{e}.{p}.weight", lay.experts));
+                let (gu, down) = if src.has(&per("gate_proj")) {
+                    (
+                        build_bytes(src, &[per("gate_proj"), per("up_proj")], gu_dt, &[2 * i, h])?,
+                        build_bytes(src, &[per("down_proj")], down_dt, &[h, i])?,
+                    )
+                } else {
+                    let (gu, down) = expert_weights(src, lay, c, (l, e), &mut fused)?;
+                    (
+                        dtype::encode(gu_dt, &gu, h),
+                        dtype::encode(down_dt, &down, i),
+                    )
+                };
+                w.write_expert_part(l, e, names::EXPERT_GATE_UP, &gu)?;
+                w.write_expert_part(l, e, names::EXPERT_DOWN, &down)?;
                 expert_count += 1;
             }
         }

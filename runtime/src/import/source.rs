@@ -11,6 +11,10 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
 use super::ImportError;
+use crate::format::DType;
+
+/// A tensor already in a model-file type's layout: its shape and bytes.
+pub type Encoded = (Vec<usize>, Vec<u8>);
 
 pub trait TensorSource {
     fn has(&self, name: &str) -> bool;
@@ -18,6 +22,16 @@ pub trait TensorSource {
     fn get(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), ImportError>;
     /// Every tensor name (for detecting unexpected tensors).
     fn names(&self) -> Vec<String>;
+    /// The model-file type that holds this tensor without losing what the source stored (GGUF:
+    /// from its quantization type); `None` when the source has no opinion.
+    fn suggested_dtype(&self, _name: &str) -> Option<DType> {
+        None
+    }
+    /// Shape and bytes of the tensor already in `dtype`'s layout, when the source can produce them
+    /// exactly (the same values `get` + `encode` would approximate); `None` otherwise.
+    fn encoded(&self, _name: &str, _dtype: DType) -> Result<Option<Encoded>, ImportError> {
+        Ok(None)
+    }
 }
 
 /// A safetensors checkpoint directory, memory-mapped.

@@ -1,5 +1,6 @@
 //! One architecture description for every supported family. Qwen3-MoE, OLMoE and LLaDA2 (BailingMoeV2)
-//! differ only in the values here; the forward pass reads them and never the family name.
+//! differ only in the values here; the forward pass reads them and never the family name. The dense
+//! families (Llama, Qwen2, Qwen3) are the degenerate case: every layer in `dense_layers`, no experts.
 
 use serde::{Deserialize, Serialize};
 
@@ -9,9 +10,14 @@ pub enum Architecture {
     Qwen3Moe,
     Olmoe,
     Llada2Moe,
+    /// Dense decoder-only families: no experts, every layer a SwiGLU MLP.
+    Llama,
+    Qwen2,
+    Qwen3,
 }
 
 impl Architecture {
+    /// The MoE families (the ones `synth` builds and the expert machinery is tested on).
     pub const ALL: [Architecture; 3] = [
         Architecture::Qwen3Moe,
         Architecture::Olmoe,
@@ -24,6 +30,9 @@ impl Architecture {
             Architecture::Qwen3Moe => "qwen3_moe",
             Architecture::Olmoe => "olmoe",
             Architecture::Llada2Moe => "llada2_moe",
+            Architecture::Llama => "llama",
+            Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
         }
     }
 
@@ -32,6 +41,9 @@ impl Architecture {
             "qwen3_moe" => Some(Architecture::Qwen3Moe),
             "olmoe" => Some(Architecture::Olmoe),
             "llada2_moe" | "bailing_moe_v2" | "bailing_moe" => Some(Architecture::Llada2Moe),
+            "llama" => Some(Architecture::Llama),
+            "qwen2" => Some(Architecture::Qwen2),
+            "qwen3" => Some(Architecture::Qwen3),
             _ => None,
         }
     }
@@ -65,7 +77,11 @@ impl Prediction {
     pub fn for_architecture(arch: Architecture) -> Self {
         match arch {
             Architecture::Llada2Moe => Prediction::InPlace,
-            Architecture::Qwen3Moe | Architecture::Olmoe => Prediction::NextToken,
+            Architecture::Qwen3Moe
+            | Architecture::Olmoe
+            | Architecture::Llama
+            | Architecture::Qwen2
+            | Architecture::Qwen3 => Prediction::NextToken,
         }
     }
 
@@ -200,6 +216,10 @@ impl ModelConfig {
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         !self.dense_layers.contains(&layer)
     }
+    /// Whether any layer routes to experts (false for the dense families).
+    pub fn has_experts(&self) -> bool {
+        (0..self.num_layers).any(|l| self.is_moe_layer(l))
+    }
 
     /// Checks the invariants the forward pass relies on, so a lying header is an error here and not
     /// an out-of-bounds index later.
@@ -213,12 +233,21 @@ impl ModelConfig {
             ("num_kv_heads", self.num_kv_heads, 1 << 10),
             ("head_dim", self.head_dim, 1 << 12),
             ("max_position", self.max_position, 1 << 24),
-            ("num_experts", self.moe.num_experts, 1 << 14),
         ];
         for (name, v, max) in limits {
             if v == 0 || v > max {
                 return fail(format!("{name} = {v} is outside 1..={max}"));
             }
+        }
+        let any_moe = self.has_experts();
+        // A dense model has no router: zero experts is its only valid description.
+        let (lo, max) = if any_moe { (1, 1 << 14) } else { (0, 0) };
+        if self.moe.num_experts < lo || self.moe.num_experts > max {
+            return fail(format!(
+                "num_experts = {} is outside {lo}..={max} for a model with{} MoE layers",
+                self.moe.num_experts,
+                if any_moe { "" } else { "out" }
+            ));
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return fail(format!(
@@ -242,18 +271,21 @@ impl ModelConfig {
             return fail(format!("rms_norm_eps {} must be > 0", self.rms_norm_eps));
         }
         let m = &self.moe;
-        if m.top_k == 0 || m.top_k > m.num_experts {
+        if any_moe && (m.top_k == 0 || m.top_k > m.num_experts) {
             return fail(format!(
                 "top_k {} must be within 1..={}",
                 m.top_k, m.num_experts
             ));
         }
-        if let Gating::SigmoidGrouped {
-            groups,
-            top_groups,
-            scale,
-            ..
-        } = m.gating
+        if let (
+            true,
+            Gating::SigmoidGrouped {
+                groups,
+                top_groups,
+                scale,
+                ..
+            },
+        ) = (any_moe, m.gating)
         {
             if groups == 0
                 || !m.num_experts.is_multiple_of(groups)
@@ -275,7 +307,6 @@ impl ModelConfig {
         if let Some(&l) = self.dense_layers.iter().find(|&&l| l >= self.num_layers) {
             return fail(format!("dense layer {l} >= num_layers {}", self.num_layers));
         }
-        let any_moe = (0..self.num_layers).any(|l| self.is_moe_layer(l));
         if any_moe && m.expert_ffn == 0 {
             return fail("expert_ffn is 0".into());
         }

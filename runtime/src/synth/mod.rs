@@ -114,6 +114,14 @@ impl SynthSpec {
             "block_size": self.block_size,
         });
         let specific = match self.arch {
+            // Every layer dense: `dense_layers` and the expert fields are ignored.
+            Architecture::Llama | Architecture::Qwen2 | Architecture::Qwen3 => json!({
+                "model_type": self.arch.hf_name(),
+                "head_dim": self.head_dim,
+                "intermediate_size": self.dense_ffn,
+                "rope_theta": 100000.0,
+                "attention_bias": false,
+            }),
             Architecture::Qwen3Moe => json!({
                 "model_type": "qwen3_moe",
                 "architectures": ["Qwen3MoeForCausalLM"],
