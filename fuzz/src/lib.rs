@@ -22,6 +22,42 @@ pub fn scratch() -> &'static Path {
     path
 }
 
+/// A scratch file of its own name, for targets that need another extension.
+pub fn scratch_named(name: &str) -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    let (_, path) = DIR.get_or_init(|| {
+        let dir = tempfile::TempDir::new().expect("temporary directory");
+        let path = dir.path().join(name);
+        (dir, path)
+    });
+    path
+}
+
+/// Opens `path` as GGUF; on success dequantizes every tensor, builds the config, tokenizer and
+/// special ids, and reads every tensor through the importer's name mapping (as `convert` would,
+/// without writing a model file).
+pub fn exercise_gguf(path: &Path) {
+    use edgediff::format::gguf::GgufFile;
+    use edgediff::import::gguf::{read_meta, GgufSource};
+    use edgediff::import::TensorSource;
+    let Ok(file) = GgufFile::open(path) else {
+        return;
+    };
+    for t in &file.header.tensors {
+        let _ = file.dequantize(&t.name);
+    }
+    let Ok((family, meta)) = read_meta(&file) else {
+        return;
+    };
+    let src = GgufSource::new(file, family, &meta.config);
+    for name in src.names() {
+        let _ = src.get(&name);
+        for dtype in [edgediff::format::DType::Q8, edgediff::format::DType::Q4] {
+            let _ = src.encoded(&name, dtype);
+        }
+    }
+}
+
 /// Opens `path`; on success reads every tensor, expert part and blob the header names (and one
 /// expert past each table), decodes them, loads the model on the CPU backend and runs a two-token
 /// forward pass. Every step may fail; none may panic.

@@ -10,7 +10,7 @@ use crate::format::EdmFile;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model file.
+    /// Model file (*.edm, or a GGUF file to see what `convert` would make of it).
     pub model: PathBuf,
     /// Print the header as JSON instead of a summary.
     #[arg(long)]
@@ -30,7 +30,53 @@ fn kind_of(name: &str) -> &'static str {
     }
 }
 
+/// `inspect model.gguf`: the GGUF header, its metadata abbreviated, bytes by ggml type, and what
+/// `convert` would make of it (or why it would refuse).
+fn run_gguf(a: &Args) -> anyhow::Result<()> {
+    use crate::format::gguf::GgufFile;
+    let f = GgufFile::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?;
+    let h = &f.header;
+    println!(
+        "file          {} ({}), GGUF version {}, alignment {}, data at byte {}",
+        a.model.display(),
+        human_bytes(f.file_len()),
+        h.version,
+        h.alignment,
+        h.data_start
+    );
+    println!("metadata      {} keys:", h.metadata.len());
+    for (k, v) in &h.metadata {
+        println!("  {k:<44} {}", v.summary(if a.json { 100_000 } else { 90 }));
+    }
+    let mut by_type: BTreeMap<String, (usize, u64)> = BTreeMap::new();
+    for t in &h.tensors {
+        let e = by_type.entry(t.ty.name().to_string()).or_default();
+        e.0 += 1;
+        e.1 += t.byte_len;
+    }
+    println!("tensors       {}:", h.tensors.len());
+    for (ty, (n, bytes)) in &by_type {
+        println!("  {ty:<8} {n:>5} tensors {:>12}", human_bytes(*bytes));
+    }
+    match crate::import::gguf::read_meta(&f) {
+        Ok((fam, meta)) => {
+            let c = &meta.config;
+            let (total, active) = c.parameter_counts();
+            println!(
+                "converts to   {} ({} layers, hidden {}, {} heads / {} kv heads × {}, vocab {}, {} parameters, {active} active), prediction {}",
+                c.architecture, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads,
+                c.head_dim, c.vocab_size, total, fam.prediction.name()
+            );
+        }
+        Err(e) => println!("converts to   nothing: {e}"),
+    }
+    Ok(())
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
+    if crate::import::gguf::is_gguf(&a.model) {
+        return run_gguf(&a);
+    }
     let f = EdmFile::open(&a.model).with_context(|| format!("opening {}", a.model.display()))?;
     let h = &f.header;
     if a.json {
