@@ -159,11 +159,11 @@ fn config_that_is_not_utf8_is_an_io_error() {
 fn unknown_model_type_is_an_unsupported_architecture() {
     let dir = qwen3();
     edit_config(dir.path(), |c| {
-        c.insert("model_type".into(), json!("llama"));
+        c.insert("model_type".into(), json!("gpt_neox"));
     });
     let err = convert_err(dir.path());
     assert!(
-        matches!(&err, ImportError::UnsupportedArchitecture(t) if t == "llama"),
+        matches!(&err, ImportError::UnsupportedArchitecture(t) if t == "gpt_neox"),
         "{err:?}"
     );
 }
