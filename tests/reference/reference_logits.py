@@ -27,6 +27,16 @@ How the oracle is set up, and why:
 Families:
 - qwen3_moe: `Qwen3MoeForCausalLM.from_pretrained(dir)`.
 - olmoe: `OlmoeForCausalLM.from_pretrained(dir)`.
+- zaya (ZAYA1): `ZayaForCausalLM.from_pretrained(dir)`. Its router returns (logits over experts + 1
+  classes, weights, ids with a chosen skip expert masked to id 0 and weight 0); the recorded ids
+  keep the skip class as id `num_experts` (edgediff's convention), recomputed from the scores it
+  selected on (softmax + `balancing_biases`). With a forced 4-D mask transformers applies no
+  sliding window, so the fixture's window spans the whole token list (its sliding layers still
+  differ by RoPE θ), and the CCA conv sees no padding mask (none is given). transformers 5.17's
+  weight init sets `balancing_biases[-1] = -1` (the skip class's selection bias) even when the
+  checkpoint holds another value; the script copies the checkpoint's buffers back (listed under
+  `checks.restored_from_checkpoint`) so the oracle computes the checkpoint's function, skip expert
+  choices included.
 - llada2_moe (LLaDA2.0 / BailingMoeV2): transformers has no such class and inclusionAI's remote code
   does not run on transformers 5 (its rotary init asks ROPE_INIT_FUNCTIONS["default"], gone in 5.x).
   It is verified in two independent ways:
@@ -106,6 +116,19 @@ ORACLE_KW = dict(dtype=torch.float32, attn_implementation="eager", experts_imple
 
 def load_hf(cls, ckpt: pathlib.Path):
     return cls.from_pretrained(ckpt, **ORACLE_KW).eval()
+
+
+@torch.no_grad()
+def restore_buffers(model, ckpt: pathlib.Path) -> list:
+    """Copies every checkpoint tensor that loading left different back into the model; returns their names."""
+    weights = safetensors.torch.load_file(ckpt / "model.safetensors")
+    state = model.state_dict()
+    restored = []
+    for name, value in weights.items():
+        if name in state and not torch.equal(state[name].cpu(), value.to(state[name].dtype)):
+            state[name].copy_(value)
+            restored.append(name)
+    return restored
 
 
 def glm4_config_from_llada2(c: dict):
@@ -294,7 +317,12 @@ def run(model, tokens, mask_spec, device, capture_mlp=False):
             continue
 
         def on_gate(m, _inp, out, i=i):
-            logits, weights, ids = out
+            logits, weights, ids = out[:3]
+            if hasattr(m, "balancing_biases"):
+                # ZAYA: recover the skip class (masked to id 0 by the router) from the selection.
+                scores = selection_scores(m, logits)
+                ids = scores.topk(m.top_k, dim=-1).indices
+                weights = torch.where(ids == m.num_experts, torch.zeros_like(weights), weights)
             ids, weights = sorted_routing(ids, weights.float())
             routing.append({"layer": i, "ids": ids.cpu().tolist(), "weights": f32_list(weights),
                             "scores": f32_list(selection_scores(m, logits))})
@@ -316,6 +344,8 @@ def run(model, tokens, mask_spec, device, capture_mlp=False):
 
 def selection_scores(gate, router_logits):
     """The scores top-k selects on, [T, E]: softmax probabilities, or sigmoid plus selection bias."""
+    if hasattr(gate, "balancing_biases"):
+        return router_logits.float().softmax(dim=-1) + gate.balancing_biases.float()
     bias = getattr(gate, "e_score_correction_bias", None)
     if bias is not None:
         return router_logits.float().sigmoid() + bias
@@ -352,6 +382,9 @@ def main():
         model, oracle = load_hf(transformers.Qwen3MoeForCausalLM, a.checkpoint), "Qwen3MoeForCausalLM"
     elif family == "olmoe":
         model, oracle = load_hf(transformers.OlmoeForCausalLM, a.checkpoint), "OlmoeForCausalLM"
+    elif family == "zaya":
+        model, oracle = load_hf(transformers.ZayaForCausalLM, a.checkpoint), "ZayaForCausalLM"
+        restored = restore_buffers(model, a.checkpoint)
     elif family == "llada2_moe":
         model, glm_cfg = load_llada2(a.checkpoint, config)
         oracle = "Glm4MoeForCausalLM with LLaDA2 weights remapped; router checked against DeepseekV3MoE"
@@ -379,6 +412,8 @@ def main():
               + (f", device vs cpu rel L2 {case['cpu_rel_l2']:.2e}" if "cpu_rel_l2" in case else ""))
 
     checks = {}
+    if family == "zaya":
+        checks["restored_from_checkpoint"] = restored
     by_mask = {c["mask"]: np.array(c["logits"]) for c in cases}
     # The forced causal mask must reproduce the model's own causal path: the 4-D mask reached attention.
     if "causal" in by_mask:

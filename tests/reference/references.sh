@@ -12,7 +12,7 @@ fixtures=$here/../fixtures
 tokens=1,87,301,45,212,9,460,130,3,3,3,3,3,3,77,500,3,2
 masks=causal,bidirectional,block:4,block:8
 mkdir -p "$out"
-for family in qwen3_moe olmoe llada2_moe; do
+for family in ${FAMILIES:-qwen3_moe olmoe llada2_moe zaya}; do
     python3 "$here/reference_logits.py" "$fixtures/$family" --tokens "$tokens" --masks "$masks" \
         --out "$out/$family.json" "$@"
 done

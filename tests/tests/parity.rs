@@ -241,6 +241,14 @@ fn llada2_moe_f32_logits_and_routing_match_transformers_glm4_moe_oracle() {
     f32_matches_transformers("llada2_moe");
 }
 
+/// ZAYA1 (CCA attention with its convolutions over time, MLP router with EDA and the skip
+/// expert — chosen at several (layer, token) pairs of the fixture —, scaled residuals, affine
+/// embedding, a sliding-window layer with its own RoPE θ): transformers' `ZayaForCausalLM`.
+#[test]
+fn zaya_f32_logits_match_transformers() {
+    f32_matches_transformers("zaya");
+}
+
 /// q8 rounds each weight to a step of max|w|/127 over its group of 32: an RMS error of step/√12,
 /// ≈0.4 % of a uniform weight's RMS. About ten quantised matrices lie on a token's path to its logits
 /// (embedding; per layer qkv, o, the experts' gate_up and down; the LM head), adding in quadrature
@@ -349,8 +357,13 @@ fn llada2_moe_q8_stays_within_quantisation_error_of_transformers() {
 }
 
 #[test]
+fn zaya_q8_stays_within_quantisation_error_of_transformers() {
+    q8_within_quantisation_error("zaya");
+}
+
+#[test]
 fn every_reference_covers_causal_bidirectional_and_block_masks() {
-    for family in ["qwen3_moe", "olmoe", "llada2_moe"] {
+    for family in ["qwen3_moe", "olmoe", "llada2_moe", "zaya"] {
         let reference = load_reference(family);
         let masks: Vec<&str> = reference.cases.iter().map(|c| c.mask.as_str()).collect();
         for want in ["causal", "bidirectional", "block:4", "block:8"] {

@@ -88,9 +88,86 @@ pub enum BackendError {
     RerunPass,
     #[error("GPU: {0}")]
     Gpu(String),
+    /// The backend has no implementation of this op yet (a family whose pieces only the CPU
+    /// reference runs so far).
+    #[error("the {op} op is not implemented on the {backend} backend yet")]
+    Unsupported { op: &'static str, backend: String },
 }
 
 pub type Result<T> = std::result::Result<T, BackendError>;
+
+/// Shape and position of one CCA attention pass ([`Backend::cca_qkv`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CcaParams {
+    pub layer: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Leading dims of each head RoPE rotates (rotate-half layout).
+    pub rotary_dim: usize,
+    pub rope_theta: f64,
+    /// Absolute position of the first row.
+    pub start: usize,
+}
+
+impl CcaParams {
+    pub fn for_layer(c: &ModelConfig, layer: usize, start: usize) -> Self {
+        CcaParams {
+            layer,
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            rotary_dim: c.rotary_dim,
+            rope_theta: c.rope_theta_of(layer),
+            start,
+        }
+    }
+    pub fn q_dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+}
+
+/// The weights of one CCA layer besides its projection.
+pub struct CcaWeights<'a, W> {
+    /// Depthwise conv over time, `[q_dim + kv_dim, 2]` (tap for the previous position first).
+    pub conv_dw: &'a W,
+    pub conv_dw_bias: &'a W,
+    /// Grouped conv over time, one group per head: `[q_dim + kv_dim, head_dim · 2]`, row c holds
+    /// `(input channel j of c's head, tap)` at `j · 2 + tap`.
+    pub conv_grouped: &'a W,
+    pub conv_grouped_bias: &'a W,
+    /// Key temperature per KV head, `[kv_heads]`.
+    pub temp: &'a W,
+}
+
+/// Sizes of an MLP router ([`Backend::route_mlp`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MlpRouterParams {
+    /// Routed experts; the router has one class more, the skip expert.
+    pub experts: usize,
+    pub top_k: usize,
+    pub eps: f32,
+}
+
+/// The weights of one MLP router.
+pub struct MlpRouterWeights<'a, W> {
+    pub down: &'a W,
+    pub down_bias: &'a W,
+    /// EDA's per-channel weight of the previous MoE layer's router state (`None` in the first).
+    pub eda_scale: Option<&'a W>,
+    pub norm: &'a W,
+    pub fc1: &'a W,
+    pub fc1_bias: &'a W,
+    pub fc2: &'a W,
+    pub fc2_bias: &'a W,
+    /// `[experts + 1, hidden]`.
+    pub out: &'a W,
+    /// Selection-only bias, `[experts + 1]`.
+    pub bias: &'a W,
+}
 
 /// One backend: weight storage, activations, KV cache and the ops of the forward pass.
 /// Activations are `[tokens, features]`, row-major.
@@ -197,6 +274,55 @@ pub trait Backend {
         let mut y = self.moe(x, routing, experts)?;
         self.add(&mut y, shared)?;
         Ok(y)
+    }
+    /// CCA attention inputs, in place: `proj` rows `[q | k | v_current | v_delayed]` (the fused
+    /// projection, `[T, q_dim + 2 kv_dim]`) become `[q | k | v]` as [`Backend::attention`] reads
+    /// them. The raw `[q; k]` rows and delayed-v rows of positions `start..start+T` are written into
+    /// `kv`'s per-position state, and those of the two positions before `start` are read from it,
+    /// so a pass resumed at any cached position (a rolled-back draft included) sees exactly the
+    /// state a full recompute would.
+    fn cca_qkv(
+        &self,
+        _proj: &mut Self::Act,
+        _w: CcaWeights<'_, Self::Weight>,
+        _kv: &mut Self::Kv,
+        _p: CcaParams,
+    ) -> Result<()> {
+        Err(self.unsupported("cca_qkv"))
+    }
+    /// MLP router with EDA: returns the routing and this layer's router state, which the next
+    /// MoE layer takes as `eda`. A chosen skip class is reported as expert `experts`, weight 0.
+    fn route_mlp(
+        &self,
+        _x: &Self::Act,
+        _w: MlpRouterWeights<'_, Self::Weight>,
+        _eda: Option<&Self::Act>,
+        _p: MlpRouterParams,
+    ) -> Result<(Self::Routing, Self::Act)> {
+        Err(self.unsupported("route_mlp"))
+    }
+    /// Scaled residual, then the next norm: `x = (delta + s[0]) ⊙ s[1] + (x + s[2]) ⊙ s[3]` for
+    /// `scales` `[4, H]`; returns rms_norm(x).
+    fn scaled_residual_norm(
+        &self,
+        _x: &mut Self::Act,
+        _delta: &Self::Act,
+        _scales: &Self::Weight,
+        _norm: &Self::Weight,
+        _eps: f32,
+    ) -> Result<Self::Act> {
+        Err(self.unsupported("scaled_residual_norm"))
+    }
+    /// `x = (x + a[0]) ⊙ a[1]` for `affine` `[2, H]` (ZAYA1's input embedding).
+    fn embed_affine(&self, _x: &mut Self::Act, _affine: &Self::Weight) -> Result<()> {
+        Err(self.unsupported("embed_affine"))
+    }
+    /// The error of an op this backend does not have.
+    fn unsupported(&self, op: &'static str) -> BackendError {
+        BackendError::Unsupported {
+            op,
+            backend: self.name(),
+        }
     }
     /// Routing on the host, `(ids, weights)` of `[T, top_k]`, for profiles and paging.
     fn routing_to_host(&self, routing: &Self::Routing) -> Result<(Vec<u32>, Vec<f32>)>;

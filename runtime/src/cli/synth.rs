@@ -11,10 +11,11 @@ use crate::synth::SynthSpec;
 #[derive(clap::Args)]
 pub struct Args {
     /// Model family.
-    #[arg(long, value_parser = ["qwen3_moe", "olmoe", "llada2_moe"])]
+    #[arg(long, value_parser = ["qwen3_moe", "olmoe", "llada2_moe", "zaya"])]
     pub arch: String,
-    /// Start from a preset shape: `tiny` (default) or `llada2-mini` (LLaDA2.0-mini's shapes).
-    #[arg(long, default_value = "tiny", value_parser = ["tiny", "llada2-mini"])]
+    /// Start from a preset shape: `tiny` (default), `llada2-mini` (LLaDA2.0-mini's shapes) or
+    /// `zaya1-8b` (ZAYA1-8B's shapes; --arch zaya).
+    #[arg(long, default_value = "tiny", value_parser = ["tiny", "llada2-mini", "zaya1-8b"])]
     pub preset: String,
     #[arg(long)]
     pub layers: Option<usize>,
@@ -67,6 +68,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             arch,
             ..SynthSpec::llada2_mini()
         },
+        "zaya1-8b" if arch == Architecture::Zaya => SynthSpec::zaya1_8b(),
+        "zaya1-8b" => anyhow::bail!("--preset zaya1-8b goes with --arch zaya"),
         _ => SynthSpec::tiny(arch),
     };
     let set = |dst: &mut usize, v: Option<usize>| {

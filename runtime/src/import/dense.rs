@@ -78,5 +78,10 @@ pub fn config(c: &HfConfig, arch: Architecture) -> Result<ModelConfig, ImportErr
         dense_ffn: c.usize("intermediate_size")?,
         dense_layers: (0..layers).collect(),
         tie_embeddings: c.bool_or("tie_word_embeddings", false)?,
+        attention: Default::default(),
+        router: Default::default(),
+        residual: Default::default(),
+        embedding: Default::default(),
+        sliding: Default::default(),
     })
 }

@@ -69,5 +69,10 @@ pub fn config(c: &HfConfig) -> Result<ModelConfig, ImportError> {
         dense_ffn: c.usize_or("intermediate_size", 0)?,
         dense_layers: (0..first_dense).collect(),
         tie_embeddings: c.bool_or("tie_word_embeddings", false)?,
+        attention: Default::default(),
+        router: Default::default(),
+        residual: Default::default(),
+        embedding: Default::default(),
+        sliding: Default::default(),
     })
 }

@@ -1,5 +1,6 @@
 //! Hugging Face checkpoint → `*.edm`. Each family is a name layout and a config function
-//! (`qwen3_moe.rs`, `olmoe.rs`, `llada2.rs`); this module plans the file, then streams tensors one
+//! (`qwen3_moe.rs`, `olmoe.rs`, `llada2.rs`; `zaya.rs` also lists its own dense tensors, whose
+//! pieces the shared layout cannot name); this module plans the file, then streams tensors one
 //! at a time: q/k/v fused into one projection, gate/up fused per MLP, each expert's matrices packed
 //! into one aligned range, weights encoded to the requested type (norms and router stay f32).
 
@@ -10,6 +11,7 @@ mod llada2;
 mod olmoe;
 mod qwen3_moe;
 pub mod source;
+pub mod zaya;
 
 use std::path::{Path, PathBuf};
 
@@ -32,7 +34,7 @@ pub enum ImportError {
         source: std::io::Error,
     },
     #[error(
-        "unsupported architecture '{0}' (supported: qwen3_moe, olmoe, llada2_moe / bailing_moe_v2, llama, qwen3)"
+        "unsupported architecture '{0}' (supported: qwen3_moe, olmoe, llada2_moe / bailing_moe_v2, zaya, llama, qwen3)"
     )]
     UnsupportedArchitecture(String),
     #[error("unsupported checkpoint feature: {0}")]
@@ -64,6 +66,7 @@ pub fn layout(arch: Architecture) -> &'static HfLayout {
         Architecture::Qwen3Moe => &qwen3_moe::LAYOUT,
         Architecture::Olmoe => &olmoe::LAYOUT,
         Architecture::Llada2Moe => &llada2::LAYOUT,
+        Architecture::Zaya => &zaya::LAYOUT,
         Architecture::Llama | Architecture::Qwen2 | Architecture::Qwen3 => &dense::LAYOUT,
     }
 }
@@ -84,6 +87,7 @@ pub fn parse_config(json: &Value) -> Result<ModelConfig, ImportError> {
         Architecture::Qwen3Moe => qwen3_moe::config(&c)?,
         Architecture::Olmoe => olmoe::config(&c)?,
         Architecture::Llada2Moe => llada2::config(&c)?,
+        Architecture::Zaya => zaya::config(&c)?,
         Architecture::Llama | Architecture::Qwen2 | Architecture::Qwen3 => dense::config(&c, arch)?,
     };
     config
@@ -219,6 +223,49 @@ fn matrix_dtype(requested: DType, cols: usize) -> DType {
     }
 }
 
+/// A dense tensor of the output as a family plans it: a matrix (stored in the weight type) or an
+/// f32 tensor, built from one checkpoint tensor (reshaped if its element count matches) or from
+/// several stacked as rows.
+pub struct PlannedTensor {
+    name: String,
+    matrix: bool,
+    shape: Vec<usize>,
+    sources: Vec<String>,
+}
+
+impl PlannedTensor {
+    pub fn matrix<const N: usize>(
+        name: impl Into<String>,
+        shape: [usize; N],
+        sources: &[&str],
+    ) -> Self {
+        Self::new(name, true, &shape, sources)
+    }
+    pub fn f32<const N: usize>(
+        name: impl Into<String>,
+        shape: [usize; N],
+        sources: &[&str],
+    ) -> Self {
+        Self::new(name, false, &shape, sources)
+    }
+    fn new(name: impl Into<String>, matrix: bool, shape: &[usize], sources: &[&str]) -> Self {
+        PlannedTensor {
+            name: name.into(),
+            matrix,
+            shape: shape.to_vec(),
+            sources: sources.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
+/// The dense tensors of a family that plans its own (None: the shared layout-driven plan).
+fn family_plan(c: &ModelConfig) -> Option<Vec<PlannedTensor>> {
+    match c.architecture {
+        Architecture::Zaya => Some(zaya::plan(c)),
+        _ => None,
+    }
+}
+
 /// One tensor of the output and how to build it from the source.
 enum Item {
     Dense {
@@ -277,9 +324,11 @@ fn build_bytes(
             None => break,
         }
     }
+    // A vector is one row; `[r, a, b]` with a · b = cols is r rows (conv kernels `[C, 1, 2]`).
     let rows_of = |s: &[usize], p: &str| -> Result<usize, ImportError> {
         match s {
-            [r, c] if *c == cols => Ok(*r),
+            [c] if *c == cols => Ok(1),
+            [r, rest @ ..] if !rest.is_empty() && rest.iter().product::<usize>() == cols => Ok(*r),
             _ => Err(ImportError::Shape {
                 name: p.to_string(),
                 got: s.to_vec(),
@@ -456,106 +505,122 @@ pub fn write_model_with(
     };
     let mat =
         |rows: usize, cols: usize, build: &Build| (policy.pick(src, build, cols), vec![rows, cols]);
-    let embed = Build::Copy(lay.embed.into());
-    let (dt, sh) = mat(v, h, &embed);
-    dense(names::EMBED.into(), dt, sh, embed);
     let mut experts_of = Vec::new();
-    for l in 0..c.num_layers {
-        let n = |s: &str| names::layer(l, s);
-        let hf = |s: &str| lay.layer(l, s);
-        dense(
-            n(names::ATTN_NORM),
-            DType::F32,
-            vec![h],
-            Build::Copy(hf(lay.attn_norm)),
-        );
-        let qkv = match lay.qkv {
-            QkvNames::Separate { q, k, v } => Build::Stack(vec![hf(q), hf(k), hf(v)]),
-            QkvNames::Fused(f) => Build::Copy(hf(f)),
-        };
-        let (dt, sh) = mat(c.qkv_dim(), h, &qkv);
-        dense(n(names::QKV), dt, sh, qkv);
-        let norm_len = match c.qk_norm {
-            QkNorm::None => None,
-            QkNorm::PerHead => Some((c.head_dim, c.head_dim)),
-            QkNorm::Whole => Some((c.q_dim(), c.kv_dim())),
-        };
-        if let Some((qn, kn)) = norm_len {
-            dense(
-                n(names::Q_NORM),
-                DType::F32,
-                vec![qn],
-                Build::Copy(hf(lay.q_norm)),
-            );
-            dense(
-                n(names::K_NORM),
-                DType::F32,
-                vec![kn],
-                Build::Copy(hf(lay.k_norm)),
-            );
+    if let Some(planned) = family_plan(c) {
+        for t in planned {
+            let build = match t.sources.len() {
+                1 => Build::Copy(t.sources[0].clone()),
+                _ => Build::Stack(t.sources),
+            };
+            let dt = if t.matrix {
+                policy.pick(src, &build, *t.shape.last().unwrap_or(&1))
+            } else {
+                DType::F32
+            };
+            dense(t.name, dt, t.shape, build);
         }
-        let o = Build::Copy(hf(lay.o));
-        let (dt, sh) = mat(h, c.q_dim(), &o);
-        dense(n(names::O), dt, sh, o);
-        dense(
-            n(names::FFN_NORM),
-            DType::F32,
-            vec![h],
-            Build::Copy(hf(lay.ffn_norm)),
-        );
-        let mut mlp = |gu: &str, down: &str, prefix: &str, inter: usize| {
-            let p = |s: &str| hf(&format!("{prefix}.{s}.weight"));
-            let gate_up = Build::Stack(vec![p("gate_proj"), p("up_proj")]);
-            let (dt, sh) = mat(2 * inter, h, &gate_up);
-            dense(n(gu), dt, sh, gate_up);
-            let down_build = Build::Copy(p("down_proj"));
-            let (dt, sh) = mat(h, inter, &down_build);
-            dense(n(down), dt, sh, down_build);
-        };
-        if c.is_moe_layer(l) {
-            if let Some(shared) = lay.shared.filter(|_| c.moe.shared_ffn > 0) {
-                mlp(
-                    names::SHARED_GATE_UP,
-                    names::SHARED_DOWN,
-                    shared,
-                    c.moe.shared_ffn,
-                );
-            }
-            let e_count = c.moe.num_experts;
+        experts_of.extend((0..c.num_layers).filter(|&l| c.is_moe_layer(l)));
+    } else {
+        let embed = Build::Copy(lay.embed.into());
+        let (dt, sh) = mat(v, h, &embed);
+        dense(names::EMBED.into(), dt, sh, embed);
+        for l in 0..c.num_layers {
+            let n = |s: &str| names::layer(l, s);
+            let hf = |s: &str| lay.layer(l, s);
             dense(
-                n(names::ROUTER),
+                n(names::ATTN_NORM),
                 DType::F32,
-                vec![e_count, h],
-                Build::Copy(hf(lay.router)),
+                vec![h],
+                Build::Copy(hf(lay.attn_norm)),
             );
-            if let (true, Some(b)) = (c.moe.router_bias, lay.router_bias) {
+            let qkv = match lay.qkv {
+                QkvNames::Separate { q, k, v } => Build::Stack(vec![hf(q), hf(k), hf(v)]),
+                QkvNames::Fused(f) => Build::Copy(hf(f)),
+            };
+            let (dt, sh) = mat(c.qkv_dim(), h, &qkv);
+            dense(n(names::QKV), dt, sh, qkv);
+            let norm_len = match c.qk_norm {
+                QkNorm::None => None,
+                QkNorm::PerHead => Some((c.head_dim, c.head_dim)),
+                QkNorm::Whole => Some((c.q_dim(), c.kv_dim())),
+            };
+            if let Some((qn, kn)) = norm_len {
                 dense(
-                    n(names::ROUTER_BIAS),
+                    n(names::Q_NORM),
                     DType::F32,
-                    vec![e_count],
-                    Build::Copy(hf(b)),
+                    vec![qn],
+                    Build::Copy(hf(lay.q_norm)),
+                );
+                dense(
+                    n(names::K_NORM),
+                    DType::F32,
+                    vec![kn],
+                    Build::Copy(hf(lay.k_norm)),
                 );
             }
-            experts_of.push(l);
-        } else {
-            mlp(
-                names::MLP_GATE_UP,
-                names::MLP_DOWN,
-                lay.dense_mlp,
-                c.dense_ffn,
+            let o = Build::Copy(hf(lay.o));
+            let (dt, sh) = mat(h, c.q_dim(), &o);
+            dense(n(names::O), dt, sh, o);
+            dense(
+                n(names::FFN_NORM),
+                DType::F32,
+                vec![h],
+                Build::Copy(hf(lay.ffn_norm)),
             );
+            let mut mlp = |gu: &str, down: &str, prefix: &str, inter: usize| {
+                let p = |s: &str| hf(&format!("{prefix}.{s}.weight"));
+                let gate_up = Build::Stack(vec![p("gate_proj"), p("up_proj")]);
+                let (dt, sh) = mat(2 * inter, h, &gate_up);
+                dense(n(gu), dt, sh, gate_up);
+                let down_build = Build::Copy(p("down_proj"));
+                let (dt, sh) = mat(h, inter, &down_build);
+                dense(n(down), dt, sh, down_build);
+            };
+            if c.is_moe_layer(l) {
+                if let Some(shared) = lay.shared.filter(|_| c.moe.shared_ffn > 0) {
+                    mlp(
+                        names::SHARED_GATE_UP,
+                        names::SHARED_DOWN,
+                        shared,
+                        c.moe.shared_ffn,
+                    );
+                }
+                let e_count = c.moe.num_experts;
+                dense(
+                    n(names::ROUTER),
+                    DType::F32,
+                    vec![e_count, h],
+                    Build::Copy(hf(lay.router)),
+                );
+                if let (true, Some(b)) = (c.moe.router_bias, lay.router_bias) {
+                    dense(
+                        n(names::ROUTER_BIAS),
+                        DType::F32,
+                        vec![e_count],
+                        Build::Copy(hf(b)),
+                    );
+                }
+                experts_of.push(l);
+            } else {
+                mlp(
+                    names::MLP_GATE_UP,
+                    names::MLP_DOWN,
+                    lay.dense_mlp,
+                    c.dense_ffn,
+                );
+            }
         }
-    }
-    dense(
-        names::FINAL_NORM.into(),
-        DType::F32,
-        vec![h],
-        Build::Copy(lay.final_norm.into()),
-    );
-    if !c.tie_embeddings {
-        let head = Build::Copy(lay.lm_head.into());
-        let (dt, sh) = mat(v, h, &head);
-        dense(names::LM_HEAD.into(), dt, sh, head);
+        dense(
+            names::FINAL_NORM.into(),
+            DType::F32,
+            vec![h],
+            Build::Copy(lay.final_norm.into()),
+        );
+        if !c.tie_embeddings {
+            let head = Build::Copy(lay.lm_head.into());
+            let (dt, sh) = mat(v, h, &head);
+            dense(names::LM_HEAD.into(), dt, sh, head);
+        }
     }
     // Refuse checkpoints carrying weights we would silently drop.
     let expert_prefixes: Vec<String> = experts_of
@@ -577,6 +642,12 @@ pub fn write_model_with(
         .collect();
     unknown.sort();
     if let Some(first) = unknown.first() {
+        if c.architecture == Architecture::Zaya && zaya::is_legacy_name(first) {
+            return Err(ImportError::Unsupported(format!(
+                "zaya: '{first}' belongs to the legacy alternating attention/MoE layout; convert \
+                 it with transformers' convert_zaya_weights_to_hf.py first"
+            )));
+        }
         return Err(ImportError::UnexpectedTensor(first.clone()));
     }
 

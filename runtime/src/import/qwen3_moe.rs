@@ -74,5 +74,10 @@ pub fn config(c: &HfConfig) -> Result<ModelConfig, ImportError> {
         dense_ffn: c.usize_or("intermediate_size", 0)?,
         dense_layers,
         tie_embeddings: c.bool_or("tie_word_embeddings", false)?,
+        attention: Default::default(),
+        router: Default::default(),
+        residual: Default::default(),
+        embedding: Default::default(),
+        sliding: Default::default(),
     })
 }

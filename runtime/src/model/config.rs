@@ -1,6 +1,8 @@
 //! One architecture description for every supported family. Qwen3-MoE, OLMoE and LLaDA2 (BailingMoeV2)
 //! differ only in the values here; the forward pass reads them and never the family name. The dense
 //! families (Llama, Qwen2, Qwen3) are the degenerate case: every layer in `dense_layers`, no experts.
+//! ZAYA1 is the same model with other pieces chosen: CCA attention, an MLP router with EDA and a skip
+//! expert, scaled residuals, an affine input embedding and per-layer RoPE θ / sliding windows.
 
 use serde::{Deserialize, Serialize};
 
@@ -10,6 +12,8 @@ pub enum Architecture {
     Qwen3Moe,
     Olmoe,
     Llada2Moe,
+    /// Zyphra's ZAYA1 (`zaya`): CCA attention, MLP router with EDA, top-1 of 16 experts + skip.
+    Zaya,
     /// Dense decoder-only families: no experts, every layer a SwiGLU MLP.
     Llama,
     Qwen2,
@@ -17,7 +21,8 @@ pub enum Architecture {
 }
 
 impl Architecture {
-    /// The MoE families (the ones `synth` builds and the expert machinery is tested on).
+    /// The MoE families every backend runs (the ones the expert machinery and the GPU are tested
+    /// on). ZAYA1 is not among them until its ops have GPU kernels; its tests name it.
     pub const ALL: [Architecture; 3] = [
         Architecture::Qwen3Moe,
         Architecture::Olmoe,
@@ -30,6 +35,7 @@ impl Architecture {
             Architecture::Qwen3Moe => "qwen3_moe",
             Architecture::Olmoe => "olmoe",
             Architecture::Llada2Moe => "llada2_moe",
+            Architecture::Zaya => "zaya",
             Architecture::Llama => "llama",
             Architecture::Qwen2 => "qwen2",
             Architecture::Qwen3 => "qwen3",
@@ -41,6 +47,7 @@ impl Architecture {
             "qwen3_moe" => Some(Architecture::Qwen3Moe),
             "olmoe" => Some(Architecture::Olmoe),
             "llada2_moe" | "bailing_moe_v2" | "bailing_moe" => Some(Architecture::Llada2Moe),
+            "zaya" => Some(Architecture::Zaya),
             "llama" => Some(Architecture::Llama),
             "qwen2" => Some(Architecture::Qwen2),
             "qwen3" => Some(Architecture::Qwen3),
@@ -79,6 +86,7 @@ impl Prediction {
             Architecture::Llada2Moe => Prediction::InPlace,
             Architecture::Qwen3Moe
             | Architecture::Olmoe
+            | Architecture::Zaya
             | Architecture::Llama
             | Architecture::Qwen2
             | Architecture::Qwen3 => Prediction::NextToken,
@@ -157,6 +165,68 @@ pub enum Gating {
     },
 }
 
+/// How a layer turns its normed input into attention q, k and v.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum AttentionKind {
+    /// One fused `[q; k; v]` projection, optional q/k norm, RoPE.
+    #[default]
+    Standard,
+    /// Compressed convolutional attention (ZAYA1, arXiv:2510.04476): the fused projection holds
+    /// `[q; k; v_current; v_delayed]`; q/k get a causal depthwise then grouped (one group per head)
+    /// convolution over time, both kernel 2, plus residual means per KV group; v is half the
+    /// current token's projection, half the previous token's; q/k are L2-normalised to √head_dim,
+    /// k times a learned temperature per KV head; then partial rotate-half RoPE. Needs per-sequence
+    /// state beyond K/V (the raw [q; k] rows and delayed v of earlier positions), kept in the cache.
+    Cca,
+}
+
+/// How the normed residual becomes router logits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum RouterKind {
+    /// `router · h`, then `moe.gating`.
+    #[default]
+    Linear,
+    /// ZAYA1: `r = down · h + b` (plus `eda_scale ⊙ r` of the previous MoE layer, from the second
+    /// MoE layer on: EDA, a recurrence across depth), RMSNorm, two GELU(erf) layers with biases,
+    /// an output projection to `num_experts + 1` classes, softmax. Top-`top_k` of
+    /// `p + router_bias` picks; weights are `p` (not renormalised). The last class is the skip
+    /// expert: it contributes 0 and is reported as expert id `num_experts`.
+    MlpEda { hidden: usize },
+}
+
+/// How a block's output joins the residual stream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResidualKind {
+    /// `x + y`.
+    #[default]
+    Add,
+    /// ZAYA1: `(y + y_bias) ⊙ y_scale + (x + x_bias) ⊙ x_scale`, learned per channel.
+    Scaled,
+}
+
+/// How token embeddings enter the first layer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EmbeddingKind {
+    #[default]
+    Plain,
+    /// ZAYA1: `(e + bias) ⊙ scale`, learned per channel.
+    Affine,
+}
+
+/// Layers that attend through a sliding window, with their own RoPE θ (ZAYA1's `hybrid_sliding`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SlidingAttention {
+    /// Keys at most `window − 1` positions before the query are visible (transformers' span,
+    /// the query included); the mask's own rule applies on top.
+    pub window: usize,
+    pub rope_theta: f64,
+    pub layers: Vec<usize>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MoeConfig {
     pub num_experts: usize,
@@ -196,6 +266,16 @@ pub struct ModelConfig {
     #[serde(default)]
     pub dense_layers: Vec<usize>,
     pub tie_embeddings: bool,
+    #[serde(default)]
+    pub attention: AttentionKind,
+    #[serde(default)]
+    pub router: RouterKind,
+    #[serde(default)]
+    pub residual: ResidualKind,
+    #[serde(default)]
+    pub embedding: EmbeddingKind,
+    #[serde(default)]
+    pub sliding: Option<SlidingAttention>,
 }
 
 /// A config that cannot describe a runnable model.
@@ -215,6 +295,31 @@ impl ModelConfig {
     }
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         !self.dense_layers.contains(&layer)
+    }
+    /// The sliding window of `layer`, if it is a sliding-window layer.
+    pub fn window_of(&self, layer: usize) -> Option<usize> {
+        self.sliding
+            .as_ref()
+            .filter(|s| s.layers.contains(&layer))
+            .map(|s| s.window)
+    }
+    /// RoPE θ of `layer`.
+    pub fn rope_theta_of(&self, layer: usize) -> f64 {
+        match &self.sliding {
+            Some(s) if s.layers.contains(&layer) => s.rope_theta,
+            _ => self.rope_theta,
+        }
+    }
+    /// Router classes: the experts, plus the skip expert of an MLP router.
+    pub fn router_classes(&self) -> usize {
+        match self.router {
+            RouterKind::Linear => self.moe.num_experts,
+            RouterKind::MlpEda { .. } => self.moe.num_experts + 1,
+        }
+    }
+    /// Width of the raw `[q; k]` rows a CCA layer keeps per position for its convolution.
+    pub fn cca_conv_dim(&self) -> usize {
+        self.q_dim() + self.kv_dim()
     }
     /// Whether any layer routes to experts (false for the dense families).
     pub fn has_experts(&self) -> bool {
@@ -316,6 +421,41 @@ impl ModelConfig {
         if let Some(c) = self.clip_qkv {
             if !(c.is_finite() && c > 0.0) {
                 return fail(format!("clip_qkv {c} must be > 0"));
+            }
+        }
+        if self.attention == AttentionKind::Cca {
+            if !self.kv_dim().is_multiple_of(2) {
+                return fail(format!(
+                    "CCA splits v into current and delayed halves: kv_dim {} must be even",
+                    self.kv_dim()
+                ));
+            }
+            if self.qk_norm != QkNorm::None || self.clip_qkv.is_some() {
+                return fail("CCA attention has its own q/k normalisation: qk_norm must be none and clip_qkv unset".into());
+            }
+        }
+        if let RouterKind::MlpEda { hidden } = self.router {
+            if hidden == 0 || hidden > 1 << 16 {
+                return fail(format!("router hidden size {hidden} is outside 1..=65536"));
+            }
+            if !self.moe.router_bias {
+                return fail(
+                    "the MLP router selects with its bias: router_bias must be set".into(),
+                );
+            }
+        }
+        if let Some(s) = &self.sliding {
+            if s.window == 0 {
+                return fail("sliding window is 0".into());
+            }
+            if !(s.rope_theta.is_finite() && s.rope_theta > 1.0) {
+                return fail(format!("sliding rope_theta {} must be > 1", s.rope_theta));
+            }
+            if let Some(&l) = s.layers.iter().find(|&&l| l >= self.num_layers) {
+                return fail(format!(
+                    "sliding layer {l} >= num_layers {}",
+                    self.num_layers
+                ));
             }
         }
         Ok(())

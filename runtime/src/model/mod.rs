@@ -3,6 +3,9 @@
 //! Per layer: `h = norm(x)`; fused qkv projection; q/k norm + RoPE; attention over the KV cache;
 //! output projection; `x += attn`; `h = norm(x)`; dense SwiGLU MLP or routed experts (+ shared
 //! expert); `x += ffn`. Then the final norm and the LM head reduced to per-position statistics.
+//! Config enums pick the pieces: CCA instead of q/k norm + RoPE (the projection is convolved over
+//! time with state kept in the cache), an MLP router with EDA (a router state carried from one MoE
+//! layer to the next) and a skip expert, scaled residuals instead of adds, an affine embedding.
 //! Tensor names are the canonical ones of docs/FORMAT.md, written by `import/`.
 
 mod config;
@@ -10,9 +13,15 @@ mod config;
 use std::ops::Range;
 use std::sync::Arc;
 
-pub use config::{Architecture, ConfigError, Gating, ModelConfig, MoeConfig, Prediction, QkNorm};
+pub use config::{
+    Architecture, AttentionKind, ConfigError, EmbeddingKind, Gating, ModelConfig, MoeConfig,
+    Prediction, QkNorm, ResidualKind, RouterKind, SlidingAttention,
+};
 
-use crate::backend::{AttnMask, Backend, BackendError, PositionStats};
+use crate::backend::{
+    AttnMask, Backend, BackendError, CcaParams, CcaWeights, MlpRouterParams, MlpRouterWeights,
+    PositionStats,
+};
 use crate::format::{DType, EdmFile, FormatError, TensorView};
 
 /// Canonical tensor names inside a model file.
@@ -35,6 +44,28 @@ pub mod names {
     pub const ROUTER_BIAS: &str = "moe.router_bias";
     pub const SHARED_GATE_UP: &str = "moe.shared.gate_up";
     pub const SHARED_DOWN: &str = "moe.shared.down";
+    /// `[2, hidden]`: bias, then scale of the input embedding (`EmbeddingKind::Affine`).
+    pub const EMBED_AFFINE: &str = "embed_affine";
+    /// `[4, hidden]` each (`ResidualKind::Scaled`): block-output bias, block-output scale,
+    /// residual bias, residual scale.
+    pub const ATTN_RESIDUAL: &str = "attn_residual";
+    pub const FFN_RESIDUAL: &str = "ffn_residual";
+    /// CCA (`AttentionKind::Cca`): the convolutions over time and the key temperature.
+    pub const CONV_DW: &str = "attn.conv_dw";
+    pub const CONV_DW_BIAS: &str = "attn.conv_dw_bias";
+    pub const CONV_GROUPED: &str = "attn.conv_grouped";
+    pub const CONV_GROUPED_BIAS: &str = "attn.conv_grouped_bias";
+    pub const CCA_TEMP: &str = "attn.temp";
+    /// MLP router (`RouterKind::MlpEda`); `moe.router` is its output projection and
+    /// `moe.router_bias` its selection bias, both over `num_experts + 1` classes.
+    pub const ROUTER_DOWN: &str = "moe.router_down";
+    pub const ROUTER_DOWN_BIAS: &str = "moe.router_down_bias";
+    pub const ROUTER_EDA: &str = "moe.router_eda_scale";
+    pub const ROUTER_NORM: &str = "moe.router_norm";
+    pub const ROUTER_FC1: &str = "moe.router_fc1";
+    pub const ROUTER_FC1_BIAS: &str = "moe.router_fc1_bias";
+    pub const ROUTER_FC2: &str = "moe.router_fc2";
+    pub const ROUTER_FC2_BIAS: &str = "moe.router_fc2_bias";
     /// Parts of one routed expert.
     pub const EXPERT_GATE_UP: &str = "gate_up";
     pub const EXPERT_DOWN: &str = "down";
@@ -69,14 +100,35 @@ struct Mlp<B: Backend> {
     down: B::Weight,
 }
 
+struct MlpRouter<B: Backend> {
+    down: B::Weight,
+    down_bias: B::Weight,
+    eda_scale: Option<B::Weight>,
+    norm: B::Weight,
+    fc1: B::Weight,
+    fc1_bias: B::Weight,
+    fc2: B::Weight,
+    fc2_bias: B::Weight,
+}
+
 enum FeedForward<B: Backend> {
     Dense(Mlp<B>),
     Moe {
+        /// The linear router, or the MLP router's output projection.
         router: B::Weight,
         router_bias: Option<B::Weight>,
+        mlp_router: Option<MlpRouter<B>>,
         experts: B::Experts,
         shared: Option<Mlp<B>>,
     },
+}
+
+struct Cca<B: Backend> {
+    conv_dw: B::Weight,
+    conv_dw_bias: B::Weight,
+    conv_grouped: B::Weight,
+    conv_grouped_bias: B::Weight,
+    temp: B::Weight,
 }
 
 struct Layer<B: Backend> {
@@ -84,7 +136,10 @@ struct Layer<B: Backend> {
     qkv: B::Weight,
     q_norm: Option<B::Weight>,
     k_norm: Option<B::Weight>,
+    cca: Option<Cca<B>>,
     o: B::Weight,
+    /// `[4, H]` scales of the two residual joins (`ResidualKind::Scaled`).
+    residuals: Option<(B::Weight, B::Weight)>,
     ffn_norm: B::Weight,
     ffn: FeedForward<B>,
 }
@@ -135,6 +190,7 @@ pub struct Model<B: Backend> {
     pub config: ModelConfig,
     pub file: Arc<EdmFile>,
     embed: B::Weight,
+    embed_affine: Option<B::Weight>,
     layers: Vec<Layer<B>>,
     final_norm: B::Weight,
     /// `None` when tied to the embedding.
@@ -161,7 +217,7 @@ impl<B: Backend> Model<B> {
         backend: &B,
         biases: &[(usize, Vec<f32>)],
     ) -> Result<(), ModelError> {
-        let n = self.config.moe.num_experts;
+        let n = self.config.router_classes();
         for (l, bias) in biases {
             let name = names::layer(*l, names::ROUTER_BIAS);
             let Some(FeedForward::Moe { router_bias, .. }) =
@@ -225,9 +281,35 @@ impl<B: Backend> Model<B> {
             })
         };
         let embed = get(names::EMBED, &[v, h])?;
+        let embed_affine = match c.embedding {
+            EmbeddingKind::Plain => None,
+            EmbeddingKind::Affine => Some(get(names::EMBED_AFFINE, &[2, h])?),
+        };
+        let first_moe = (0..c.num_layers).find(|&l| c.is_moe_layer(l));
+        let classes = c.router_classes();
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
             let n = |s: &str| names::layer(l, s);
+            let cca = match c.attention {
+                AttentionKind::Standard => None,
+                AttentionKind::Cca => {
+                    let ch = c.cca_conv_dim();
+                    Some(Cca {
+                        conv_dw: get(&n(names::CONV_DW), &[ch, 2])?,
+                        conv_dw_bias: get(&n(names::CONV_DW_BIAS), &[ch])?,
+                        conv_grouped: get(&n(names::CONV_GROUPED), &[ch, 2 * c.head_dim])?,
+                        conv_grouped_bias: get(&n(names::CONV_GROUPED_BIAS), &[ch])?,
+                        temp: get(&n(names::CCA_TEMP), &[c.num_kv_heads])?,
+                    })
+                }
+            };
+            let residuals = match c.residual {
+                ResidualKind::Add => None,
+                ResidualKind::Scaled => Some((
+                    get(&n(names::ATTN_RESIDUAL), &[4, h])?,
+                    get(&n(names::FFN_RESIDUAL), &[4, h])?,
+                )),
+            };
             let (q_norm, k_norm) = match c.qk_norm {
                 QkNorm::None => (None, None),
                 QkNorm::PerHead => (
@@ -241,13 +323,34 @@ impl<B: Backend> Model<B> {
             };
             let ffn = if c.is_moe_layer(l) {
                 check_expert_shapes(&file, &c, l)?;
+                let (router_in, mlp_router) = match c.router {
+                    RouterKind::Linear => (h, None),
+                    RouterKind::MlpEda { hidden: r } => (
+                        r,
+                        Some(MlpRouter {
+                            down: get(&n(names::ROUTER_DOWN), &[r, h])?,
+                            down_bias: get(&n(names::ROUTER_DOWN_BIAS), &[r])?,
+                            eda_scale: if Some(l) == first_moe {
+                                None
+                            } else {
+                                Some(get(&n(names::ROUTER_EDA), &[r])?)
+                            },
+                            norm: get(&n(names::ROUTER_NORM), &[r])?,
+                            fc1: get(&n(names::ROUTER_FC1), &[r, r])?,
+                            fc1_bias: get(&n(names::ROUTER_FC1_BIAS), &[r])?,
+                            fc2: get(&n(names::ROUTER_FC2), &[r, r])?,
+                            fc2_bias: get(&n(names::ROUTER_FC2_BIAS), &[r])?,
+                        }),
+                    ),
+                };
                 FeedForward::Moe {
-                    router: get(&n(names::ROUTER), &[c.moe.num_experts, h])?,
+                    router: get(&n(names::ROUTER), &[classes, router_in])?,
                     router_bias: if c.moe.router_bias {
-                        Some(get(&n(names::ROUTER_BIAS), &[c.moe.num_experts])?)
+                        Some(get(&n(names::ROUTER_BIAS), &[classes])?)
                     } else {
                         None
                     },
+                    mlp_router,
                     experts: experts(l)?,
                     shared: if c.moe.shared_ffn > 0 {
                         Some(mlp(
@@ -268,7 +371,9 @@ impl<B: Backend> Model<B> {
                 qkv: get(&n(names::QKV), &[c.qkv_dim(), h])?,
                 q_norm,
                 k_norm,
+                cca,
                 o: get(&n(names::O), &[h, c.q_dim()])?,
+                residuals,
                 ffn_norm: get(&n(names::FFN_NORM), &[h])?,
                 ffn,
             });
@@ -283,6 +388,7 @@ impl<B: Backend> Model<B> {
             config: c,
             file,
             embed,
+            embed_affine,
             layers,
             final_norm,
             lm_head,
@@ -343,29 +449,86 @@ impl<B: Backend> Model<B> {
         let eps = c.rms_norm_eps as f32;
         b.begin_forward(tokens.len())?;
         let mut x = b.embed(&self.embed, tokens)?; // (T, H)
+        if let Some(a) = &self.embed_affine {
+            b.embed_affine(&mut x, a)?;
+        }
         let mut h = b.rms_norm(&x, &self.layers[0].attn_norm, eps)?;
         let mut out = ForwardOutput::default();
+        // EDA: each MLP router adds a learned share of the previous MoE layer's router state.
+        let mut router_state: Option<B::Act> = None;
         for (l, layer) in self.layers.iter().enumerate() {
             let mut qkv = b.matmul(&layer.qkv, &h)?; // (T, (nq + 2 nkv) · hd)
-            b.qk_norm_rope(
-                &mut qkv,
-                layer.q_norm.as_ref(),
-                layer.k_norm.as_ref(),
-                c,
-                start,
-            )?;
+            match &layer.cca {
+                None => b.qk_norm_rope(
+                    &mut qkv,
+                    layer.q_norm.as_ref(),
+                    layer.k_norm.as_ref(),
+                    c,
+                    start,
+                )?,
+                Some(w) => b.cca_qkv(
+                    &mut qkv,
+                    CcaWeights {
+                        conv_dw: &w.conv_dw,
+                        conv_dw_bias: &w.conv_dw_bias,
+                        conv_grouped: &w.conv_grouped,
+                        conv_grouped_bias: &w.conv_grouped_bias,
+                        temp: &w.temp,
+                    },
+                    kv,
+                    CcaParams::for_layer(c, l, start),
+                )?,
+            }
             let attn = b.attention(&qkv, kv, l, c, start, kv_len, mask)?; // (T, nq · hd)
             let o = b.matmul(&layer.o, &attn)?; // (T, H)
-            h = b.add_rms_norm(&mut x, &o, &layer.ffn_norm, eps)?;
+            h = match &layer.residuals {
+                None => b.add_rms_norm(&mut x, &o, &layer.ffn_norm, eps)?,
+                Some((s, _)) => b.scaled_residual_norm(&mut x, &o, s, &layer.ffn_norm, eps)?,
+            };
             let ffn = match &layer.ffn {
                 FeedForward::Dense(m) => b.mlp(&m.gate_up, &m.down, &h)?,
                 FeedForward::Moe {
                     router,
                     router_bias,
+                    mlp_router,
                     experts,
                     shared,
                 } => {
-                    let routing = b.route(&h, router, router_bias.as_ref(), c)?;
+                    let routing = match (mlp_router, router_bias) {
+                        (None, _) => b.route(&h, router, router_bias.as_ref(), c)?,
+                        (Some(m), Some(bias)) => {
+                            let (routing, state) = b.route_mlp(
+                                &h,
+                                MlpRouterWeights {
+                                    down: &m.down,
+                                    down_bias: &m.down_bias,
+                                    eda_scale: m.eda_scale.as_ref(),
+                                    norm: &m.norm,
+                                    fc1: &m.fc1,
+                                    fc1_bias: &m.fc1_bias,
+                                    fc2: &m.fc2,
+                                    fc2_bias: &m.fc2_bias,
+                                    out: router,
+                                    bias,
+                                },
+                                router_state.as_ref().filter(|_| m.eda_scale.is_some()),
+                                MlpRouterParams {
+                                    experts: c.moe.num_experts,
+                                    top_k: c.moe.top_k,
+                                    eps,
+                                },
+                            )?;
+                            router_state = Some(state);
+                            routing
+                        }
+                        (Some(_), None) => {
+                            return Err(FormatError::MissingTensor(names::layer(
+                                l,
+                                names::ROUTER_BIAS,
+                            ))
+                            .into())
+                        }
+                    };
                     if want.routing {
                         let (ids, w) = b.routing_to_host(&routing)?;
                         out.routing.push((l, ids, w));
@@ -385,7 +548,10 @@ impl<B: Backend> Model<B> {
                 .layers
                 .get(l + 1)
                 .map_or(&self.final_norm, |n| &n.attn_norm);
-            h = b.add_rms_norm(&mut x, &ffn, next_norm, eps)?;
+            h = match &layer.residuals {
+                None => b.add_rms_norm(&mut x, &ffn, next_norm, eps)?,
+                Some((_, s)) => b.scaled_residual_norm(&mut x, &ffn, s, next_norm, eps)?,
+            };
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let rows = want.rows.clone().unwrap_or(0..tokens.len());

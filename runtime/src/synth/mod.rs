@@ -35,12 +35,19 @@ pub struct SynthSpec {
     pub tokenizer_vocab: usize,
     pub max_position: usize,
     pub block_size: usize,
+    /// Width of an MLP router's hidden layers (ZAYA1's `router_hidden_size`).
+    pub router_hidden: usize,
+    /// ZAYA1: when non-zero, every second layer (1, 3, …) is a sliding-window layer of this span.
+    pub sliding_window: usize,
     pub seed: u64,
 }
 
 impl SynthSpec {
     /// A tiny model of the family, small enough for unit tests and committed fixtures.
     pub fn tiny(arch: Architecture) -> Self {
+        if arch == Architecture::Zaya {
+            return Self::tiny_zaya();
+        }
         SynthSpec {
             arch,
             layers: 2,
@@ -66,7 +73,58 @@ impl SynthSpec {
             tokenizer_vocab: 512,
             max_position: 512,
             block_size: 8,
+            router_hidden: 0,
+            sliding_window: 0,
             seed: 0,
+        }
+    }
+
+    /// A tiny ZAYA1 of odd shapes: 3 layers (the middle one sliding-window, with its own RoPE θ),
+    /// hidden 48, 6 q heads over 2 KV heads (groups of 3) of 12 dims (RoPE on 6), 5 experts + skip.
+    pub fn tiny_zaya() -> Self {
+        SynthSpec {
+            arch: Architecture::Zaya,
+            layers: 3,
+            hidden: 48,
+            heads: 6,
+            kv_heads: 2,
+            head_dim: 12,
+            experts: 5,
+            top_k: 1,
+            expert_ffn: 24,
+            shared_experts: 0,
+            dense_layers: 0,
+            dense_ffn: 0,
+            vocab: 512,
+            tokenizer_vocab: 512,
+            max_position: 512,
+            block_size: 8,
+            router_hidden: 20,
+            sliding_window: 64,
+            seed: 0,
+        }
+    }
+
+    /// ZAYA1-8B's shapes (transformers' `ZayaConfig` defaults, from Zyphra/ZAYA1-8B): 40 layers,
+    /// hidden 2048, 8 q / 2 KV heads of 128, 16 experts of 2048 top-1, router hidden 256, vocab
+    /// 262,272; blocks of 16 as ZAYA1-8B-Diffusion-Preview decodes.
+    pub fn zaya1_8b() -> Self {
+        SynthSpec {
+            layers: 40,
+            hidden: 2048,
+            heads: 8,
+            kv_heads: 2,
+            head_dim: 128,
+            experts: 16,
+            top_k: 1,
+            expert_ffn: 2048,
+            vocab: 262_272,
+            tokenizer_vocab: 2048,
+            max_position: 131_072,
+            block_size: 16,
+            router_hidden: 256,
+            sliding_window: 0,
+            ..Self::tiny_zaya()
         }
     }
 
@@ -89,6 +147,8 @@ impl SynthSpec {
             tokenizer_vocab: 2048,
             max_position: 8192,
             block_size: 32,
+            router_hidden: 0,
+            sliding_window: 0,
             seed: 0,
         }
     }
@@ -162,6 +222,40 @@ impl SynthSpec {
                 "use_qkv_bias": false,
                 "use_bias": false,
             }),
+            Architecture::Zaya => {
+                let sliding = self.sliding_window > 0;
+                let types: Vec<&str> = (0..self.layers)
+                    .map(|l| {
+                        if sliding && l % 2 == 1 {
+                            "hybrid_sliding"
+                        } else {
+                            "hybrid"
+                        }
+                    })
+                    .collect();
+                let rope = |theta: f64| json!({"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": 0.5});
+                let mut ropes = json!({ "hybrid": rope(5_000_000.0) });
+                if sliding {
+                    ropes["hybrid_sliding"] = rope(10_000.0);
+                }
+                json!({
+                    "model_type": "zaya",
+                    "architectures": ["ZayaForCausalLM"],
+                    "head_dim": self.head_dim,
+                    "moe_intermediate_size": self.expert_ffn,
+                    "router_hidden_size": self.router_hidden,
+                    "cca_time0": 2,
+                    "cca_time1": 2,
+                    "hidden_act": "silu",
+                    "attention_bias": false,
+                    "lm_head_bias": false,
+                    "rms_norm_eps": 1e-5,
+                    "tie_word_embeddings": true,
+                    "layer_types": types,
+                    "sliding_window": if sliding { Some(self.sliding_window) } else { None },
+                    "rope_parameters": ropes,
+                })
+            }
         };
         let mut out = common;
         if let (Value::Object(a), Value::Object(b)) = (&mut out, specific) {
@@ -270,6 +364,22 @@ pub struct SynthSource {
 
 impl SynthSource {
     pub fn new(config: &ModelConfig, seed: u64) -> Self {
+        if config.architecture == Architecture::Zaya {
+            use import::zaya::Role;
+            let t = import::zaya::checkpoint_tensors(config)
+                .into_iter()
+                .map(|(n, s, role)| {
+                    let init = match role {
+                        Role::Embedding => Init::Embedding,
+                        Role::Linear => Init::Linear,
+                        Role::Scale => Init::Norm,
+                        Role::Bias => Init::Bias,
+                    };
+                    (n, s, init)
+                })
+                .collect();
+            return Self::from_tensors(seed, t);
+        }
         let lay: &HfLayout = import::layout(config.architecture);
         let (h, v) = (config.hidden_size, config.vocab_size);
         let mut t: Vec<(String, Vec<usize>, Init)> = Vec::new();
@@ -334,6 +444,10 @@ impl SynthSource {
         if !config.tie_embeddings {
             t.push((lay.lm_head.into(), vec![v, h], Init::Linear));
         }
+        Self::from_tensors(seed, t)
+    }
+
+    fn from_tensors(seed: u64, t: Vec<(String, Vec<usize>, Init)>) -> Self {
         let index = t
             .iter()
             .enumerate()

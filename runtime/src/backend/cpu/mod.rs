@@ -6,11 +6,16 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{stats_from_logits, AttnMask, Backend, BackendError, PositionStats, Result};
+mod cca;
+
+use super::{
+    stats_from_logits, AttnMask, Backend, BackendError, CcaParams, CcaWeights, MlpRouterParams,
+    MlpRouterWeights, PositionStats, Result,
+};
 use crate::experts::pager::{Lookup, Pager};
 use crate::experts::trace::RoutingTrace;
 use crate::format::{EdmFile, TensorView};
-use crate::model::{Gating, ModelConfig, QkNorm};
+use crate::model::{AttentionKind, Gating, ModelConfig, QkNorm};
 
 #[derive(Clone, Debug, Default)]
 pub struct CpuBackend;
@@ -147,6 +152,8 @@ pub struct CpuKv {
     /// Per layer: keys and values `[capacity, kv_dim]`.
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
+    /// CCA layers' per-position state beyond K/V (`None` for standard attention).
+    cca: Option<cca::CcaState>,
 }
 
 /// Top-k expert ids and weights per token, `[T, k]`.
@@ -252,11 +259,27 @@ impl Backend for CpuBackend {
                 pos: capacity,
                 capacity: 0,
             })?;
+        let cca = match config.attention {
+            AttentionKind::Standard => None,
+            AttentionKind::Cca => Some(
+                cca::CcaState::new(
+                    config.num_layers,
+                    capacity,
+                    config.cca_conv_dim(),
+                    kv_dim / 2,
+                )
+                .ok_or(BackendError::CacheFull {
+                    pos: capacity,
+                    capacity: 0,
+                })?,
+            ),
+        };
         Ok(CpuKv {
             capacity,
             kv_dim,
             k: vec![vec![0.0; size]; config.num_layers],
             v: vec![vec![0.0; size]; config.num_layers],
+            cca,
         })
     }
 
@@ -449,6 +472,12 @@ impl Backend for CpuBackend {
         }
         let group = c.num_heads / c.num_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
+        // A sliding-window layer sees keys at most window − 1 before the query; keys after it
+        // (bidirectional masks) follow the mask alone.
+        let window = c.window_of(layer);
+        let visible = |pos: usize, j: usize| {
+            mask.visible(pos, j) && window.is_none_or(|w| j > pos || pos - j < w)
+        };
         let (keys, values) = (&kv.k[layer], &kv.v[layer]);
         let mut out = vec![0.0; t_len * qd];
         let mut scores = vec![0.0f32; kv_len];
@@ -459,7 +488,7 @@ impl Backend for CpuBackend {
                 let kvh = h / group;
                 let mut max = f32::NEG_INFINITY;
                 for (j, s) in scores.iter_mut().enumerate() {
-                    *s = if mask.visible(pos, j) {
+                    *s = if visible(pos, j) {
                         let k = &keys[j * kd + kvh * hd..j * kd + (kvh + 1) * hd];
                         dot(q, k) * scale
                     } else {
@@ -540,6 +569,9 @@ impl Backend for CpuBackend {
                 for t in 0..x.rows {
                     for j in 0..routing.k {
                         let e = routing.ids[t * routing.k + j] as usize;
+                        if e == list.len() {
+                            continue; // the skip expert: no compute, contributes 0
+                        }
                         let expert = list
                             .get(e)
                             .and_then(Option::as_ref)
@@ -555,7 +587,13 @@ impl Backend for CpuBackend {
                 // Expert-major, as the GPU kernel runs: each routed expert is brought in once per
                 // layer and applied to all its tokens; only the expert being applied must be
                 // resident, so any pool of ≥ top-k slots works.
-                let mut routed: Vec<usize> = routing.ids.iter().map(|&e| e as usize).collect();
+                let n_experts = file.header.metadata.config.moe.num_experts;
+                let mut routed: Vec<usize> = routing
+                    .ids
+                    .iter()
+                    .map(|&e| e as usize)
+                    .filter(|&e| e != n_experts) // the skip expert has no weights to page
+                    .collect();
                 routed.sort_unstable();
                 routed.dedup();
                 pool.pager.begin_layer(experts.layer, &[]);
@@ -591,6 +629,9 @@ impl Backend for CpuBackend {
                 for t in 0..x.rows {
                     for j in 0..routing.k {
                         let w = routing.weights[t * routing.k + j];
+                        if routing.ids[t * routing.k + j] as usize == n_experts {
+                            continue;
+                        }
                         for (o, v) in out[t * x.cols..(t + 1) * x.cols]
                             .iter_mut()
                             .zip(&per_token[t * routing.k + j])
@@ -602,6 +643,52 @@ impl Backend for CpuBackend {
             }
         }
         Ok(CpuAct::new(x.rows, x.cols, out))
+    }
+
+    fn cca_qkv(
+        &self,
+        proj: &mut CpuAct,
+        w: CcaWeights<'_, CpuWeight>,
+        kv: &mut CpuKv,
+        p: CcaParams,
+    ) -> Result<()> {
+        let capacity = kv.capacity;
+        let state = kv.cca.as_mut().ok_or_else(|| {
+            shape_err(
+                "cca_qkv",
+                "the cache was made for standard attention".into(),
+            )
+        })?;
+        if p.layer >= state.layers() {
+            return Err(shape_err("cca_qkv", format!("layer {}", p.layer)));
+        }
+        cca::cca_qkv(proj, w, state, capacity, p)
+    }
+
+    fn route_mlp(
+        &self,
+        x: &CpuAct,
+        w: MlpRouterWeights<'_, CpuWeight>,
+        eda: Option<&CpuAct>,
+        p: MlpRouterParams,
+    ) -> Result<(CpuRouting, CpuAct)> {
+        cca::route_mlp(x, w, eda, p)
+    }
+
+    fn scaled_residual_norm(
+        &self,
+        x: &mut CpuAct,
+        delta: &CpuAct,
+        scales: &CpuWeight,
+        norm: &CpuWeight,
+        eps: f32,
+    ) -> Result<CpuAct> {
+        cca::scaled_residual(x, delta, scales)?;
+        self.rms_norm(x, norm, eps)
+    }
+
+    fn embed_affine(&self, x: &mut CpuAct, affine: &CpuWeight) -> Result<()> {
+        cca::embed_affine(x, affine)
     }
 
     fn routing_to_host(&self, routing: &CpuRouting) -> Result<(Vec<u32>, Vec<f32>)> {

@@ -213,6 +213,11 @@ pub fn model_config(f: &GgufFile, fam: Family) -> Result<ModelConfig, ImportErro
         dense_ffn,
         dense_layers,
         tie_embeddings: f.tensor_info("output.weight").is_none(),
+        attention: Default::default(),
+        router: Default::default(),
+        residual: Default::default(),
+        embedding: Default::default(),
+        sliding: Default::default(),
     };
     config
         .validate()
