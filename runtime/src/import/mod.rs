@@ -231,6 +231,9 @@ pub struct PlannedTensor {
     matrix: bool,
     shape: Vec<usize>,
     sources: Vec<String>,
+    /// The exact checkpoint shape of a single source stored under another shape (same values in
+    /// the same order, e.g. a conv kernel `[C, 1, 2]` as `[C, 2]`).
+    from: Option<Vec<usize>>,
 }
 
 impl PlannedTensor {
@@ -254,6 +257,19 @@ impl PlannedTensor {
             matrix,
             shape: shape.to_vec(),
             sources: sources.iter().map(|s| s.to_string()).collect(),
+            from: None,
+        }
+    }
+    /// An f32 tensor whose one source has the checkpoint shape `from`.
+    pub fn f32_reshaped<const N: usize>(
+        name: impl Into<String>,
+        shape: [usize; N],
+        source: &str,
+        from: &[usize],
+    ) -> Self {
+        PlannedTensor {
+            from: Some(from.to_vec()),
+            ..Self::new(name, false, &shape, &[source])
         }
     }
 }
@@ -282,6 +298,8 @@ enum Item {
 
 enum Build {
     Copy(String),
+    /// One source of exactly this shape, stored under the item's shape.
+    Reshape(String, Vec<usize>),
     /// Rows of several source matrices stacked (q/k/v, gate/up).
     Stack(Vec<String>),
 }
@@ -324,11 +342,11 @@ fn build_bytes(
             None => break,
         }
     }
-    // A vector is one row; `[r, a, b]` with a · b = cols is r rows (conv kernels `[C, 1, 2]`).
+    // A vector stacks as one row (ZAYA1's residual scales).
     let rows_of = |s: &[usize], p: &str| -> Result<usize, ImportError> {
         match s {
             [c] if *c == cols => Ok(1),
-            [r, rest @ ..] if !rest.is_empty() && rest.iter().product::<usize>() == cols => Ok(*r),
+            [r, c] if *c == cols => Ok(*r),
             _ => Err(ImportError::Shape {
                 name: p.to_string(),
                 got: s.to_vec(),
@@ -434,7 +452,7 @@ impl WeightPolicy {
             WeightPolicy::Fixed(d) => d,
             WeightPolicy::Source(fallback) => {
                 let names: &[String] = match build {
-                    Build::Copy(s) => std::slice::from_ref(s),
+                    Build::Copy(s) | Build::Reshape(s, _) => std::slice::from_ref(s),
                     Build::Stack(v) => v,
                 };
                 names
@@ -491,7 +509,7 @@ pub fn write_model_with(
     let mut used: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut dense = |name: String, dtype: DType, shape: Vec<usize>, build: Build| {
         match &build {
-            Build::Copy(s) => {
+            Build::Copy(s) | Build::Reshape(s, _) => {
                 used.insert(s.clone());
             }
             Build::Stack(v) => used.extend(v.iter().cloned()),
@@ -508,8 +526,9 @@ pub fn write_model_with(
     let mut experts_of = Vec::new();
     if let Some(planned) = family_plan(c) {
         for t in planned {
-            let build = match t.sources.len() {
-                1 => Build::Copy(t.sources[0].clone()),
+            let build = match (t.sources.len(), t.from) {
+                (1, Some(from)) => Build::Reshape(t.sources[0].clone(), from),
+                (1, None) => Build::Copy(t.sources[0].clone()),
                 _ => Build::Stack(t.sources),
             };
             let dt = if t.matrix {
@@ -718,11 +737,15 @@ pub fn write_model_with(
                 shape,
                 build,
             } => {
-                let parts = match build {
-                    Build::Copy(s) => std::slice::from_ref(s),
-                    Build::Stack(parts) => parts.as_slice(),
+                let bytes = match build {
+                    Build::Copy(s) => build_bytes(src, std::slice::from_ref(s), *dtype, shape)?,
+                    Build::Stack(parts) => build_bytes(src, parts, *dtype, shape)?,
+                    Build::Reshape(s, from) => {
+                        let values = get_checked(src, s, from)?;
+                        dtype::encode(*dtype, &values, *shape.last().unwrap_or(&1))
+                    }
                 };
-                w.write_tensor(name, &build_bytes(src, parts, *dtype, shape)?)?;
+                w.write_tensor(name, &bytes)?;
             }
             Item::Expert { layer, expert } => {
                 let (l, e) = (*layer, *expert);

@@ -310,20 +310,22 @@ pub fn plan(c: &ModelConfig) -> Vec<PlannedTensor> {
                 &cca("v_proj_delayed.weight"),
             ],
         ));
-        p.push(PlannedTensor::f32(
+        p.push(PlannedTensor::f32_reshaped(
             ours(names::CONV_DW),
             [ch, 2],
-            &[&cca("conv_qk_depthwise.weight")],
+            &cca("conv_qk_depthwise.weight"),
+            &[ch, 1, 2],
         ));
         p.push(PlannedTensor::f32(
             ours(names::CONV_DW_BIAS),
             [ch],
             &[&cca("conv_qk_depthwise.bias")],
         ));
-        p.push(PlannedTensor::f32(
+        p.push(PlannedTensor::f32_reshaped(
             ours(names::CONV_GROUPED),
             [ch, 2 * hd],
-            &[&cca("conv_qk_grouped.weight")],
+            &cca("conv_qk_grouped.weight"),
+            &[ch, hd, 2],
         ));
         p.push(PlannedTensor::f32(
             ours(names::CONV_GROUPED_BIAS),

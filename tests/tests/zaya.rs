@@ -1,0 +1,528 @@
+//! ZAYA1 on the CPU reference: the per-sequence state CCA keeps besides K/V (raw `[q; k]` rows for
+//! the convolutions over time, the previous token's delayed v) follows the KV cache exactly —
+//! through a split prefill, block diffusion's re-run blocks and speculative drafting's rejected
+//! drafts — and broken `zaya` checkpoints are typed errors. Parity with transformers lives in
+//! parity.rs.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use edgediff::backend::cpu::CpuBackend;
+use edgediff::backend::AttnMask;
+use edgediff::decode::{
+    self, BlockOptions, CommitPolicy, DecodeParams, DecoderDetails, DecoderKind, Flow, Observer,
+    Prediction, Sampling, SpecialIds, SpeculativeOptions,
+};
+use edgediff::format::{DType, EdmFile};
+use edgediff::import::{self, ImportError};
+use edgediff::model::{Architecture, ForwardRequest, Model, Window};
+use edgediff::synth::{self, SynthSpec};
+use serde_json::Value;
+
+fn write_synth(dir: &Path, spec: &SynthSpec, name: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.edm"));
+    synth::write_edm(&synth::build(spec).unwrap(), &path, DType::F32, &|_, _| {}).unwrap();
+    path
+}
+
+fn load(path: &Path) -> (Model<CpuBackend>, SpecialIds) {
+    let file = Arc::new(EdmFile::open(path).unwrap());
+    let st = file.header.metadata.special_tokens;
+    let model = Model::load(&CpuBackend, file, &|_, _| true).unwrap();
+    let special = SpecialIds {
+        mask: st.mask,
+        eos: st.eos,
+    };
+    (model, special)
+}
+
+/// The tiny zaya, and the same with a sliding window that binds (2 positions) on layers 1.
+fn models(dir: &Path) -> Vec<(&'static str, Model<CpuBackend>, SpecialIds)> {
+    let tiny = SynthSpec::tiny(Architecture::Zaya);
+    let narrow = SynthSpec {
+        sliding_window: 2,
+        seed: 3,
+        ..tiny.clone()
+    };
+    [("tiny", tiny), ("window-2", narrow)]
+        .into_iter()
+        .map(|(name, spec)| {
+            let (m, s) = load(&write_synth(dir, &spec, name));
+            (name, m, s)
+        })
+        .collect()
+}
+
+const TOKENS: [u32; 12] = [1, 40, 77, 300, 12, 3, 3, 3, 90, 41, 7, 250];
+const PROMPT: [u32; 11] = [1, 40, 77, 300, 12, 3, 90, 41, 7, 250, 33];
+
+fn logits(
+    m: &Model<CpuBackend>,
+    kv: &mut <CpuBackend as edgediff::backend::Backend>::Kv,
+    tokens: &[u32],
+    window: Window,
+) -> Vec<f32> {
+    let want = ForwardRequest {
+        logits: true,
+        ..Default::default()
+    };
+    m.forward(&CpuBackend, kv, tokens, window, &want)
+        .unwrap()
+        .logits
+        .unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn zaya_cached_prefix_gives_the_same_logits_as_one_full_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, m, _) in models(dir.path()) {
+        let vocab = m.config.vocab_size;
+        for (mask, split) in [
+            (AttnMask::Causal, 1),
+            (AttnMask::Causal, 5),
+            (AttnMask::BlockCausal(4), 8),
+        ] {
+            let mut kv = m.new_kv(&CpuBackend, 64).unwrap();
+            let full = logits(&m, &mut kv, &TOKENS, Window::block(0, TOKENS.len(), mask));
+            let mut kv = m.new_kv(&CpuBackend, 64).unwrap();
+            logits(&m, &mut kv, &TOKENS[..split], Window::block(0, split, mask));
+            let rest = &TOKENS[split..];
+            let tail = logits(&m, &mut kv, rest, Window::block(split, rest.len(), mask));
+            let err = max_abs_diff(&tail, &full[split * vocab..]);
+            assert!(err < 1e-4, "{name} {mask:?} split {split}: {err}");
+        }
+    }
+}
+
+#[test]
+fn zaya_conv_state_is_rewritten_when_a_pass_resumes_at_an_earlier_position() {
+    // Garbage written past position 6 (a rejected draft) must not leak into a pass resumed there:
+    // the conv window of positions 6 and 7 reads positions 4 and 5, which the garbage never touched.
+    let dir = tempfile::tempdir().unwrap();
+    for (name, m, _) in models(dir.path()) {
+        let vocab = m.config.vocab_size;
+        let mut fresh = m.new_kv(&CpuBackend, 64).unwrap();
+        let full = logits(
+            &m,
+            &mut fresh,
+            &TOKENS,
+            Window::block(0, 12, AttnMask::Causal),
+        );
+        let mut kv = m.new_kv(&CpuBackend, 64).unwrap();
+        logits(
+            &m,
+            &mut kv,
+            &TOKENS[..9],
+            Window::block(0, 9, AttnMask::Causal),
+        );
+        let garbage = [5, 6, 7, 8, 9, 10];
+        logits(&m, &mut kv, &garbage, Window::block(6, 6, AttnMask::Causal));
+        let tail = logits(
+            &m,
+            &mut kv,
+            &TOKENS[6..],
+            Window::block(6, 6, AttnMask::Causal),
+        );
+        let err = max_abs_diff(&tail, &full[6 * vocab..]);
+        assert!(err < 1e-4, "{name}: resumed vs full {err}");
+    }
+}
+
+#[test]
+fn zaya_sliding_window_changes_the_logits_only_where_it_binds() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = SynthSpec::tiny(Architecture::Zaya);
+    let wide = load(&write_synth(dir.path(), &tiny, "wide")).0;
+    let narrow = SynthSpec {
+        sliding_window: 2,
+        ..tiny
+    };
+    let narrow = load(&write_synth(dir.path(), &narrow, "narrow")).0;
+    let vocab = wide.config.vocab_size;
+    let run = |m: &Model<CpuBackend>| {
+        let mut kv = m.new_kv(&CpuBackend, 64).unwrap();
+        logits(m, &mut kv, &TOKENS, Window::block(0, 12, AttnMask::Causal))
+    };
+    let (a, b) = (run(&wide), run(&narrow));
+    // Positions 0 and 1 see at most two keys: the window of 2 does not bind there.
+    assert_eq!(a[..2 * vocab], b[..2 * vocab]);
+    assert!(max_abs_diff(&a[2 * vocab..], &b[2 * vocab..]) > 1e-3);
+}
+
+#[derive(Default)]
+struct Ids(Vec<u32>);
+
+impl Observer for Ids {
+    fn committed(&mut self, ids: &[u32]) -> Flow {
+        self.0.extend_from_slice(ids);
+        Flow::Continue
+    }
+}
+
+fn params(decoder: DecoderKind, prediction: Prediction, max_new: usize) -> DecodeParams {
+    DecodeParams {
+        decoder,
+        policy: CommitPolicy::Threshold { threshold: 0.5 },
+        sampling: Sampling::greedy(),
+        max_new_tokens: max_new,
+        ignore_eos: true,
+        prediction,
+        cancel: None,
+        canvas_events: false,
+    }
+}
+
+fn run(
+    m: &Model<CpuBackend>,
+    special: SpecialIds,
+    prompt: &[u32],
+    p: &DecodeParams,
+) -> (
+    Vec<u32>,
+    decode::DecodeOutcome,
+    <CpuBackend as edgediff::backend::Backend>::Kv,
+) {
+    let mut kv = m
+        .new_kv(&CpuBackend, prompt.len() + p.max_new_tokens)
+        .unwrap();
+    let mut ids = Ids::default();
+    let out = decode::decode(&CpuBackend, m, &mut kv, prompt, special, p, &mut ids).unwrap();
+    assert_eq!(ids.0, out.tokens);
+    (out.tokens.clone(), out, kv)
+}
+
+/// After decoding, a pass over the last block against the decoder's cache equals recomputing
+/// the whole sequence: the K/V and the CCA state the decoder left are those of the final text.
+fn cache_error(
+    m: &Model<CpuBackend>,
+    special: SpecialIds,
+    p: &DecodeParams,
+    mask: AttnMask,
+    b: usize,
+) -> f32 {
+    let (tokens, _, mut kv) = run(m, special, &PROMPT, p);
+    let seq: Vec<u32> = PROMPT.iter().chain(&tokens).copied().collect();
+    let start = (seq.len() - 1) / b * b;
+    let cached = logits(
+        m,
+        &mut kv,
+        &seq[start..],
+        Window::block(start, seq.len() - start, mask),
+    );
+    let mut fresh = m.new_kv(&CpuBackend, seq.len()).unwrap();
+    let full = logits(m, &mut fresh, &seq, Window::block(0, seq.len(), mask));
+    max_abs_diff(&cached, &full[full.len() - cached.len()..])
+}
+
+#[test]
+fn zaya_block_diffusion_with_the_kv_cache_equals_recomputing_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, m, special) in models(dir.path()) {
+        for b in [4, 5] {
+            let block = DecoderKind::Block(BlockOptions {
+                block_size: b,
+                reuse_last_kv: false,
+            });
+            let p = params(block, Prediction::InPlace, 13);
+            let err = cache_error(&m, special, &p, AttnMask::BlockCausal(b), b);
+            assert!(err < 1e-4, "{name} block {b}: cached vs recomputed {err}");
+        }
+    }
+}
+
+#[test]
+fn zaya_lossless_speculative_greedy_equals_ar_token_for_token() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, m, special) in models(dir.path()) {
+        for prompt in [&PROMPT[..1], &PROMPT[..]] {
+            let ar = run(
+                &m,
+                special,
+                prompt,
+                &params(DecoderKind::Ar, Prediction::NextToken, 24),
+            )
+            .0;
+            for (draft_len, prediction) in [
+                (1, Prediction::NextToken),
+                (4, Prediction::NextToken),
+                (16, Prediction::NextToken),
+                (5, Prediction::Hybrid),
+            ] {
+                let spec = DecoderKind::Speculative(SpeculativeOptions {
+                    draft_len,
+                    beta: 1.0,
+                });
+                let (tokens, out, _) = run(&m, special, prompt, &params(spec, prediction, 24));
+                assert_eq!(
+                    tokens,
+                    ar,
+                    "{name} {prediction:?} k={draft_len} prompt {}",
+                    prompt.len()
+                );
+                assert!(matches!(out.details, DecoderDetails::Speculative { .. }));
+            }
+        }
+    }
+}
+
+#[test]
+fn zaya_speculative_drafting_rolls_the_conv_state_back_with_rejected_drafts() {
+    // Accepted and rejected drafts alike: the cache must end up exactly the final sequence's,
+    // conv windows and delayed v included.
+    let dir = tempfile::tempdir().unwrap();
+    for (name, m, special) in models(dir.path()) {
+        for beta in [1.0, 0.5, 0.0] {
+            let spec = DecoderKind::Speculative(SpeculativeOptions { draft_len: 6, beta });
+            let p = params(spec, Prediction::NextToken, 40);
+            let (_, out, _) = run(&m, special, &PROMPT, &p);
+            let DecoderDetails::Speculative {
+                drafted, accepted, ..
+            } = out.details
+            else {
+                panic!("speculative details expected")
+            };
+            // β = 0 trusts the drafter (drafts accepted, K/V and conv state kept from the verify
+            // rows); β = 1 rejects most random drafts (state rewritten from the correction on).
+            if beta == 0.0 {
+                assert!(accepted > 0, "{name}: nothing accepted");
+            }
+            if beta == 1.0 {
+                assert!(accepted < drafted, "{name}: nothing rejected");
+            }
+            let err = cache_error(&m, special, &p, AttnMask::Causal, 1);
+            assert!(err < 1e-4, "{name} β {beta}: cached vs recomputed {err}");
+        }
+    }
+}
+
+// --- bad checkpoints ----------------------------------------------------------------------------
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/zaya")
+}
+
+/// A copy of the committed zaya fixture checkpoint, `edit`ed.
+fn broken(edit_config: impl FnOnce(&mut serde_json::Map<String, Value>)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(fixture().join(f), dir.path().join(f)).unwrap();
+    }
+    let path = dir.path().join("config.json");
+    let mut v: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit_config(v.as_object_mut().unwrap());
+    std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+    dir
+}
+
+fn convert(dir: &Path) -> Result<import::ConvertSummary, ImportError> {
+    let out = tempfile::tempdir().unwrap();
+    import::convert(dir, &out.path().join("m.edm"), DType::F32, &|_, _| {})
+}
+
+/// Rewrites model.safetensors with `edit` applied to its (name, shape, f32 values) list.
+fn edit_tensors(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Vec<usize>, Vec<f32>)>)) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let vals = v
+                .data()
+                .chunks(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (n, v.shape().to_vec(), vals)
+        })
+        .collect();
+    edit(&mut tensors);
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(n, s, v)| (n, s, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = data
+        .iter()
+        .map(|(n, s, b)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b);
+            (n.clone(), view.unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+}
+
+#[test]
+fn the_untouched_zaya_fixture_converts() {
+    convert(broken(|_| {}).path()).unwrap();
+}
+
+type ConfigEdit = Box<dyn Fn(&mut serde_json::Map<String, Value>)>;
+
+#[test]
+fn zaya_config_values_the_forward_pass_cannot_honour_are_refused() {
+    let cases: Vec<(&str, ConfigEdit)> = vec![
+        (
+            "cca_time0 = 3",
+            Box::new(|c| {
+                c.insert("cca_time0".into(), 3.into());
+            }),
+        ),
+        (
+            "attention_bias",
+            Box::new(|c| {
+                c.insert("attention_bias".into(), true.into());
+            }),
+        ),
+        (
+            "lm_head_bias",
+            Box::new(|c| {
+                c.insert("lm_head_bias".into(), true.into());
+            }),
+        ),
+        (
+            "gelu experts",
+            Box::new(|c| {
+                c.insert("hidden_act".into(), "gelu".into());
+            }),
+        ),
+        (
+            "unknown layer type",
+            Box::new(|c| {
+                c.insert(
+                    "layer_types".into(),
+                    serde_json::json!(["hybrid", "mamba", "hybrid"]),
+                );
+            }),
+        ),
+        (
+            "yarn RoPE",
+            Box::new(|c| {
+                c["rope_parameters"]["hybrid"]["rope_type"] = "yarn".into();
+            }),
+        ),
+    ];
+    for (what, edit) in cases {
+        let err = convert(broken(edit).path()).unwrap_err();
+        assert!(matches!(err, ImportError::Unsupported(_)), "{what}: {err}");
+    }
+    let invalid: Vec<(&str, ConfigEdit)> = vec![
+        (
+            "layer_types of the wrong length",
+            Box::new(|c| {
+                c.insert("layer_types".into(), serde_json::json!(["hybrid"]));
+            }),
+        ),
+        (
+            "sliding layers without a window",
+            Box::new(|c| {
+                c.remove("sliding_window");
+            }),
+        ),
+        (
+            "odd KV width",
+            Box::new(|c| {
+                c.insert("num_key_value_heads".into(), 1.into());
+                c.insert("num_attention_heads".into(), 3.into());
+                c.insert("head_dim".into(), 13.into());
+            }),
+        ),
+        (
+            "router hidden size 0",
+            Box::new(|c| {
+                c.insert("router_hidden_size".into(), 0.into());
+            }),
+        ),
+        (
+            "top_k beyond the experts",
+            Box::new(|c| {
+                c.insert("num_experts_per_tok".into(), 9.into());
+            }),
+        ),
+    ];
+    for (what, edit) in invalid {
+        let err = convert(broken(edit).path()).unwrap_err();
+        assert!(matches!(err, ImportError::Config(_)), "{what}: {err}");
+    }
+}
+
+#[test]
+fn zaya_missing_or_misshapen_tensors_are_typed_errors() {
+    let dir = broken(|_| {});
+    edit_tensors(dir.path(), |t| {
+        t.retain(|x| x.0 != "model.layers.1.self_attn.qkv_proj.conv_qk_grouped.weight")
+    });
+    let err = convert(dir.path()).unwrap_err();
+    assert!(
+        matches!(err, ImportError::MissingTensor(ref n) if n.contains("conv_qk_grouped")),
+        "{err}"
+    );
+
+    let dir = broken(|_| {});
+    edit_tensors(dir.path(), |t| {
+        let x = t
+            .iter_mut()
+            .find(|x| x.0 == "model.layers.0.mlp.gate.balancing_biases")
+            .unwrap();
+        x.1 = vec![5];
+        x.2.truncate(5);
+    });
+    let err = convert(dir.path()).unwrap_err();
+    assert!(matches!(err, ImportError::Shape { .. }), "{err}");
+
+    let dir = broken(|_| {});
+    edit_tensors(dir.path(), |t| {
+        let x = t
+            .iter_mut()
+            .find(|x| x.0 == "model.layers.2.self_attn.qkv_proj.conv_qk_depthwise.weight")
+            .unwrap();
+        x.1 = vec![x.1[0], 2, 1];
+    });
+    let err = convert(dir.path()).unwrap_err();
+    assert!(matches!(err, ImportError::Shape { .. }), "{err}");
+
+    // The legacy alternating layout is named, not reported as an unknown tensor.
+    let dir = broken(|_| {});
+    edit_tensors(dir.path(), |t| {
+        t.push((
+            "model.layers.1.zaya_block.router.down_proj.weight".into(),
+            vec![2],
+            vec![0.0; 2],
+        ))
+    });
+    let err = convert(dir.path()).unwrap_err();
+    assert!(
+        matches!(err, ImportError::Unsupported(ref m) if m.contains("legacy")),
+        "{err}"
+    );
+}
+
+#[test]
+fn zaya_synth_preset_has_zaya1_8b_shapes() {
+    let c = synth::build(&SynthSpec::zaya1_8b()).unwrap().meta.config;
+    assert_eq!(
+        (c.num_layers, c.hidden_size, c.vocab_size),
+        (40, 2048, 262_272)
+    );
+    assert_eq!(
+        (c.num_heads, c.num_kv_heads, c.head_dim, c.rotary_dim),
+        (8, 2, 128, 64)
+    );
+    assert_eq!(
+        (c.moe.num_experts, c.moe.top_k, c.moe.expert_ffn),
+        (16, 1, 2048)
+    );
+    assert_eq!(c.router_classes(), 17);
+}
