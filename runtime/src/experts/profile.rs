@@ -161,7 +161,13 @@ impl Profile {
                 let Some(lp) = self.layers.iter_mut().find(|l| l.layer == layer) else {
                     continue;
                 };
-                for (&e, &w) in ids.iter().zip(&weights) {
+                // An MLP router's skip class (id num_experts) is no expert to keep resident.
+                let experts = lp.tokens.len();
+                for (&e, &w) in ids
+                    .iter()
+                    .zip(&weights)
+                    .filter(|(&e, _)| (e as usize) < experts)
+                {
                     lp.tokens[e as usize] += 1;
                     lp.mass[e as usize] += w as f64;
                 }
