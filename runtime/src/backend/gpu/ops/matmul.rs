@@ -49,6 +49,20 @@ pub static GEMV: Entry = Entry {
     bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite)],
     params: "MatmulParams",
 };
+/// shaders/gemv.wgsl: q4/q8 weights, a whole quant group per invocation and step.
+pub static GEMV_Q: Entry = Entry {
+    file: "gemv.wgsl",
+    name: "gemv_q",
+    bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite)],
+    params: "MatmulParams",
+};
+/// [`GEMV_Q`] over a fused [gate; up] weight, writing silu(gate) · up.
+pub static GEMV_Q_SWIGLU: Entry = Entry {
+    file: "gemv.wgsl",
+    name: "gemv_q_swiglu",
+    bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite)],
+    params: "MatmulParams",
+};
 pub static GEMM: Entry = Entry {
     file: "matmul.wgsl",
     name: "gemm",
@@ -128,6 +142,8 @@ pub enum MatmulKernel {
     Gemv,
     /// [`GEMV`] in blocks of 4 activation rows along the grid's z.
     GemvBlocked,
+    /// [`GEMV_Q`] (q4/q8 weights), in blocks of 4 activation rows along the grid's z.
+    GemvGroup,
     /// [`GEMM`]: 16 × 64 tiles.
     Tiled,
     /// [`GEMM_COOP`]: [`coop_tile_t`] × 128 tiles on the tensor cores.
@@ -136,9 +152,22 @@ pub enum MatmulKernel {
 
 /// The kernel for `t` activation rows against a chunk of `rows` weight rows of `dtype` held in
 /// `bytes`, on a device with (`coop`) or without cooperative matrices.
-pub fn matmul_kernel(coop: bool, dtype: DType, t: usize, rows: usize, bytes: u64) -> MatmulKernel {
+pub fn matmul_kernel(
+    choice: GemvChoice,
+    coop: bool,
+    dtype: DType,
+    t: usize,
+    rows: usize,
+    bytes: u64,
+) -> MatmulKernel {
     let groups = rows.div_ceil(4);
-    if t <= GEMV_T {
+    let quantized = matches!(dtype, DType::Q8 | DType::Q4);
+    if quantized
+        && choice == GemvChoice::Group
+        && (t <= GEMV_T || (t <= GEMV_MAX_T && bytes <= GEMV_BLOCKED_MAX_BYTES))
+    {
+        MatmulKernel::GemvGroup
+    } else if t <= GEMV_T {
         MatmulKernel::Gemv
     } else if t <= GEMV_MAX_T && groups <= 65535 && bytes <= GEMV_BLOCKED_MAX_BYTES {
         MatmulKernel::GemvBlocked
@@ -147,6 +176,75 @@ pub fn matmul_kernel(coop: bool, dtype: DType, t: usize, rows: usize, bytes: u64
     } else {
         MatmulKernel::Tiled
     }
+}
+
+/// The grid of [`GEMV_Q`] / [`GEMV_Q_SWIGLU`]: `blocks` workgroups (folded into x × y past
+/// 65535) for each block of 4 activation rows along z.
+fn group_grid(blocks: u64, t: usize) -> Grid<'static> {
+    let x = blocks.min(65535) as u32;
+    Grid::Groups(
+        x,
+        blocks.div_ceil(x as u64) as u32,
+        t.div_ceil(GEMV_T) as u32,
+    )
+}
+
+/// `h[r, c] = silu(gate[c]) · up[c]` of `x`'s `t` rows against the fused [gate; up] weight, in one
+/// dispatch ([`GEMV_Q_SWIGLU`]), when the kernel applies: q4/q8 in one chunk, the gemv's token
+/// counts. Returns false (nothing recorded) otherwise; the caller then multiplies and activates.
+pub fn gate_up_swiglu_into(
+    ctx: &mut Ctx,
+    gate_up: &GpuWeight,
+    x: &GpuBuffer,
+    t: usize,
+    h: &GpuBuffer,
+) -> Result<bool, GpuError> {
+    let [c] = gate_up.chunks.as_slice() else {
+        return Ok(false);
+    };
+    let kernel = matmul_kernel(
+        ctx.sh.dev.kernels.gemv,
+        ctx.sh.dev.caps.coop,
+        gate_up.dtype,
+        t,
+        c.rows as usize,
+        c.buf.size,
+    );
+    if kernel != MatmulKernel::GemvGroup || c.rows % 2 != 0 {
+        return Ok(false);
+    }
+    let inter = c.rows / 2;
+    let p = MatmulParams {
+        tile_t: 0,
+        n: c.rows,
+        k: gate_up.cols as u32,
+        t: t as u32,
+        scales: c.scales,
+        x_row0: 0,
+        out_stride: inter,
+        out_col0: 0,
+    };
+    let grid = group_grid((inter as u64).div_ceil(8), t);
+    ctx.dispatch(
+        &GEMV_Q_SWIGLU,
+        gate_up.wtype(),
+        &p,
+        None,
+        &[&c.buf, x, h],
+        grid,
+    )?;
+    Ok(true)
+}
+
+/// Which gemv serves q4/q8 weights (`EDGEDIFF_GEMV=octet` for the earlier kernel: before/after
+/// measurements and its tests).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GemvChoice {
+    /// [`GEMV_Q`]: a quant group (16 or 32 bytes) per invocation and step, 4 rows sharing loads.
+    #[default]
+    Group,
+    /// [`GEMV`]: an octet (4 or 8 bytes) per invocation and step, one row each.
+    Octet,
 }
 
 #[cfg(test)]
@@ -183,8 +281,9 @@ pub fn matmul_into(
         let groups = n.div_ceil(4);
         let bufs: [&GpuBuffer; 3] = [&c.buf, x, out];
         let coop = ctx.sh.dev.caps.coop;
+        let choice = ctx.sh.dev.kernels.gemv;
         #[allow(unused_mut)]
-        let mut kernel = matmul_kernel(coop, w.dtype, t, c.rows as usize, c.buf.size);
+        let mut kernel = matmul_kernel(choice, coop, w.dtype, t, c.rows as usize, c.buf.size);
         #[cfg(test)]
         if coop && w.dtype != DType::F32 && FORCE_COOP.with(|f| f.get()) {
             kernel = MatmulKernel::Coop;
@@ -195,6 +294,7 @@ pub fn matmul_into(
                 &GEMV,
                 Grid::Groups(groups as u32, 1, t.div_ceil(GEMV_T) as u32),
             ),
+            MatmulKernel::GemvGroup => (&GEMV_Q, group_grid(n.div_ceil(16), t)),
             MatmulKernel::Tiled => (
                 &GEMM,
                 Grid::Groups(n.div_ceil(64) as u32, t.div_ceil(16) as u32, 1),
