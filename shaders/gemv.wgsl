@@ -1,9 +1,9 @@
 // y = x · Wᵀ for q4 and q8 weights W [n, k] and up to 4 activation rows x [t, k] per workgroup
 // (more in blocks of 4 along the grid's z), f32 out: the skinny matmuls of a decoding pass, where
-// bytes in flight decide the speed. Tiling and layout: lib/gemv_q.wgsl (16 weight rows a
-// workgroup, a whole quant group per invocation and step, 4 rows sharing each activation load).
-// - gemv_q: 16 consecutive rows a workgroup, y[t, out_col0 + row].
-// - gemv_q_swiglu: the fused [gate; up] weight of a dense MLP (I = n / 2), 8 columns a workgroup;
+// bytes in flight decide the speed. Tiling and layout: lib/gemv_q.wgsl (4 weight rows a
+// workgroup, a whole quant group per invocation and step).
+// - gemv_q: 4 consecutive rows a workgroup, y[t, out_col0 + row].
+// - gemv_q_swiglu: the fused [gate; up] weight of a dense MLP (I = n / 2), 2 columns a workgroup;
 //   writes h[t, out_col0 + c] = silu(gate c) · up c, so the MLP needs no activation dispatch.
 // Weights start at word 0 of their binding (ops/matmul.rs sends other cases to matmul.wgsl).
 
@@ -24,18 +24,18 @@ fn gemv_q(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let row0 = (wid.x + wid.y * nwg.x) * 16u;
+    let row0 = (wid.x + wid.y * nwg.x) * 4u;
     let t0 = wid.z * TOK;
-    let first = row0 + (lid / LANES) * RPT;
     let m = QMat(0u, p.scales, p.k, p.n);
-    rows_partial(m, vec4<u32>(first) + vec4<u32>(0u, 1u, 2u, 3u), block_rows(t0), lid);
+    row_partial(m, row0 + lid / LANES, block_rows(t0), lid);
     workgroupBarrier();
-    // 16 rows × 4 activation rows: one output each.
-    let j = lid / TOK;
-    let t = t0 + lid % TOK;
-    let row = row0 + j;
-    if (row < p.n && t < p.t) {
-        out[t * p.out_stride + p.out_col0 + row] = row_sum(j)[lid % TOK];
+    // 4 rows × 4 activation rows: one output each.
+    if (lid < 16u) {
+        let j = lid / TOK;
+        let t = t0 + lid % TOK;
+        if (row0 + j < p.n && t < p.t) {
+            out[t * p.out_stride + p.out_col0 + row0 + j] = row_sum(j)[lid % TOK];
+        }
     }
 }
 
@@ -45,14 +45,16 @@ fn gemv_q_swiglu(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let c0 = (wid.x + wid.y * nwg.x) * 8u;
+    let c0 = (wid.x + wid.y * nwg.x) * 2u;
     let t0 = wid.z * TOK;
     let m = QMat(0u, p.scales, p.k, p.n);
-    rows_partial(m, swiglu_rows(c0, p.n, lid), block_rows(t0), lid);
+    row_partial(m, swiglu_row(c0, p.n, lid), block_rows(t0), lid);
     workgroupBarrier();
-    let j = lid / TOK;
-    let t = t0 + lid % TOK;
-    if (lid < 32u && c0 + j < p.n / 2u && t < p.t) {
-        out[t * p.out_stride + p.out_col0 + c0 + j] = swiglu_out(j, lid % TOK);
+    if (lid < 8u) {
+        let j = lid / TOK;
+        let t = t0 + lid % TOK;
+        if (c0 + j < p.n / 2u && t < p.t) {
+            out[t * p.out_stride + p.out_col0 + c0 + j] = swiglu_out(j, lid % TOK);
+        }
     }
 }

@@ -2,9 +2,9 @@
 // grid and outputs (x = entry of the active-expert list, y = a block of weight rows; experts read
 // through the slot table) on the quant-group core of lib/gemv_q.wgsl, which keeps more bytes in
 // flight than the octet core. An expert's tokens are taken 4 at a time.
-// - expert_gate_up_gemv_q: 8 columns c of [gate; up] (2I rows) a workgroup, writes
+// - expert_gate_up_gemv_q: 2 columns c of [gate; up] (2I rows) a workgroup, writes
 //   h[slot, c] = silu(gate) · up for each of the expert's assignments (x rows: their tokens).
-// - expert_down_gemv_q: 16 rows of down [H, I] a workgroup, writes y[slot, n] (x rows: h's slots).
+// - expert_down_gemv_q: 4 rows of down [H, I] a workgroup, writes y[slot, n] (x rows: h's slots).
 // Needs the expert part (slots[…] + ep.part) on a 16-byte boundary (ops/moe.rs checks).
 
 #include "gemv_q"
@@ -49,8 +49,8 @@ fn expert_gate_up_gemv_q(@builtin(local_invocation_index) lid: u32, @builtin(wor
     let cnt = workgroupUniformLoad(&ex_cnt);
     let first = ex_first;
     let m = QMat(ex_base, ex_base + ep.scales, ep.k, 2u * ep.n);
-    let c0 = wid.y * 8u;
-    let rows = swiglu_rows(c0, 2u * ep.n, lid);
+    let c0 = wid.y * 2u;
+    let row = swiglu_row(c0, 2u * ep.n, lid);
     let list = meta_list(ep.num_experts) + first;
     for (var t0 = 0u; t0 < cnt; t0 += 4u) {
         var xr = vec4<u32>(NO_ROW);
@@ -59,11 +59,11 @@ fn expert_gate_up_gemv_q(@builtin(local_invocation_index) lid: u32, @builtin(wor
                 xr[i] = route_meta[list + t0 + i] / ep.top_k;
             }
         }
-        rows_partial(m, rows, xr, lid);
+        row_partial(m, row, xr, lid);
         workgroupBarrier();
         let j = lid / 4u;
         let i = lid % 4u;
-        if (lid < 32u && c0 + j < ep.n && t0 + i < cnt) {
+        if (lid < 8u && c0 + j < ep.n && t0 + i < cnt) {
             out[(first + t0 + i) * ep.n + c0 + j] = swiglu_out(j, i);
         }
         workgroupBarrier();
@@ -78,16 +78,16 @@ fn expert_down_gemv_q(@builtin(local_invocation_index) lid: u32, @builtin(workgr
     let cnt = workgroupUniformLoad(&ex_cnt);
     let first = ex_first;
     let m = QMat(ex_base, ex_base + ep.scales, ep.k, ep.n);
-    let row0 = wid.y * 16u;
-    let rows = vec4<u32>(row0 + (lid / LANES) * RPT) + vec4<u32>(0u, 1u, 2u, 3u);
+    let row0 = wid.y * 4u;
+    let row = row0 + lid / LANES;
     for (var t0 = 0u; t0 < cnt; t0 += 4u) {
         let r = vec4<u32>(t0) + vec4<u32>(0u, 1u, 2u, 3u);
         let xr = select(vec4<u32>(NO_ROW), r + vec4<u32>(first), r < vec4<u32>(cnt));
-        rows_partial(m, rows, xr, lid);
+        row_partial(m, row, xr, lid);
         workgroupBarrier();
         let j = lid / 4u;
         let i = lid % 4u;
-        if (row0 + j < ep.n && t0 + i < cnt) {
+        if (lid < 16u && row0 + j < ep.n && t0 + i < cnt) {
             out[(first + t0 + i) * ep.n + row0 + j] = row_sum(j)[i];
         }
         workgroupBarrier();

@@ -2,11 +2,13 @@
 // and q8 weights (WTYPE 3 / 2; lib/dequant.wgsl's file layout: codes in u32 words, then one f16
 // scale per group of 32 along k) read as 16-byte vec4<u32>s, activations as vec4<f32>s.
 //
-// A workgroup of 64 is 4 row slots × 16 lanes along k. An invocation holds 4 weight rows and takes
-// one whole quant group of each per step (q4: one vec4 load, q8: two), two steps' loads issued
-// before their arithmetic; a row's 16 lanes read neighbouring groups (256 contiguous bytes for q4).
-// The 4 rows share every activation load, up to 4 activation rows at a time. Partial sums meet in
-// `part` and are summed in lane order (row_sum).
+// A workgroup of 64 is 4 weight rows × 16 lanes along k (the octet gemv's grid). An invocation
+// takes one whole quant group per step (q4: one 16-byte vec4 load, q8: two) where the octet gemv
+// takes one u32, four steps' loads issued before their arithmetic; a row's 16 lanes read
+// neighbouring groups (256 contiguous bytes for q4), up to 4 activation rows at a time. Partial
+// sums meet in `part` and are summed in lane order (row_sum). (4 rows per invocation sharing the
+// activation loads measured 1.2–2× slower on the H200: a quarter of the workgroups, too few warps
+// in flight per SM — docs/PERF.md.)
 //
 // Needs k % 32 == 0 and a matrix base on a 16-byte boundary (base % 4 == 0 words); scales may sit
 // anywhere. The including kernel declares nothing of its own at bindings 1–3.
@@ -20,7 +22,6 @@
 override WTYPE: u32 = 3u;
 const W_Q8: u32 = 2u;
 const LANES: u32 = 16u;
-const RPT: u32 = 4u;
 const NO_ROW: u32 = 0xffffffffu;
 
 // One quantized matrix of `w4`: codes from word `base` (a multiple of 4), scales from word
@@ -32,8 +33,8 @@ struct QMat {
     n: u32,
 }
 
-// [row slot · RPT + r][lane] partial sums, one vec4 over the activation rows.
-var<workgroup> part: array<vec4<f32>, 256>;
+// [workgroup row][lane] partial sums, one vec4 over the activation rows.
+var<workgroup> part: array<vec4<f32>, 64>;
 
 // The codes of one group: q4 in .a (four words), q8 in .a then .b (eight words), and its scale.
 struct Group {
@@ -84,54 +85,43 @@ fn group_dot(q: Group, xb: u32) -> f32 {
     return s * q.s;
 }
 
-// This invocation's partial sums of weight rows `rows` (≥ m.n: none) against activation rows
-// `xrows` ([_, m.k] f32; NO_ROW: none), over its groups, into part.
-fn rows_partial(m: QMat, rows: vec4<u32>, xrows: vec4<u32>, lid: u32) {
+// This invocation's partial sums of weight row `row` (≥ m.n: none) against activation rows
+// `xrows` ([_, m.k] f32; NO_ROW: none), over its groups (lane, lane + 16, …; four loaded before
+// their arithmetic), into part[lid].
+fn row_partial(m: QMat, row: u32, xrows: vec4<u32>, lid: u32) {
     let lane = lid % LANES;
     let groups = m.k / 32u;
-    let ok = rows < vec4<u32>(m.n);
-    // Rows out of range read row 0; their sums are dropped.
-    let rr = select(vec4<u32>(0u), rows, ok);
+    let ok = row < m.n;
+    // A row out of range reads row 0; its sums are dropped.
+    let r = select(0u, row, ok);
     let xq = m.k / 4u;
-    var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    var acc = vec4<f32>(0.0);
     var g = lane;
-    for (; g + LANES < groups; g += 2u * LANES) {
-        var q0: array<Group, 4>;
-        var q1: array<Group, 4>;
-        for (var r = 0u; r < RPT; r++) {
-            q0[r] = load_group(m, rr[r], g);
-            q1[r] = load_group(m, rr[r], g + LANES);
-        }
+    for (; g + 3u * LANES < groups; g += 4u * LANES) {
+        let q0 = load_group(m, r, g);
+        let q1 = load_group(m, r, g + LANES);
+        let q2 = load_group(m, r, g + 2u * LANES);
+        let q3 = load_group(m, r, g + 3u * LANES);
         for (var t = 0u; t < 4u; t++) {
             if (xrows[t] != NO_ROW) {
                 let xb = xrows[t] * xq + g * 8u;
-                for (var r = 0u; r < RPT; r++) {
-                    acc[r][t] += group_dot(q0[r], xb) + group_dot(q1[r], xb + LANES * 8u);
-                }
+                acc[t] += group_dot(q0, xb) + group_dot(q1, xb + LANES * 8u)
+                    + group_dot(q2, xb + 2u * LANES * 8u) + group_dot(q3, xb + 3u * LANES * 8u);
             }
         }
     }
-    if (g < groups) {
-        var q0: array<Group, 4>;
-        for (var r = 0u; r < RPT; r++) {
-            q0[r] = load_group(m, rr[r], g);
-        }
+    for (; g < groups; g += LANES) {
+        let q = load_group(m, r, g);
         for (var t = 0u; t < 4u; t++) {
             if (xrows[t] != NO_ROW) {
-                let xb = xrows[t] * xq + g * 8u;
-                for (var r = 0u; r < RPT; r++) {
-                    acc[r][t] += group_dot(q0[r], xb);
-                }
+                acc[t] += group_dot(q, xrows[t] * xq + g * 8u);
             }
         }
     }
-    let slot = lid / LANES;
-    for (var r = 0u; r < RPT; r++) {
-        part[(slot * RPT + r) * LANES + lane] = select(vec4<f32>(0.0), acc[r], ok[r]);
-    }
+    part[lid] = select(vec4<f32>(0.0), acc, ok);
 }
 
-// Σ over the lanes of workgroup row j (slot · RPT + r), in lane order.
+// Σ over the lanes of workgroup row j, in lane order.
 fn row_sum(j: u32) -> vec4<f32> {
     var s = vec4<f32>(0.0);
     for (var l = 0u; l < LANES; l++) {
@@ -140,23 +130,17 @@ fn row_sum(j: u32) -> vec4<f32> {
     return s;
 }
 
-// Weight rows of a [gate; up] matrix (I = n / 2) for invocation `lid` whose workgroup serves the
-// columns c0 .. c0 + 8: gate c, c + 1, up c, c + 1 with c = c0 + 2 · slot (≥ n: none).
-fn swiglu_rows(c0: u32, n: u32, lid: u32) -> vec4<u32> {
-    let inter = n / 2u;
-    let c = c0 + (lid / LANES) * 2u;
-    return vec4<u32>(
-        select(n, c, c < inter),
-        select(n, c + 1u, c + 1u < inter),
-        select(n, inter + c, c < inter),
-        select(n, inter + c + 1u, c + 1u < inter),
-    );
+// Weight row of invocation `lid` in a [gate; up] matrix (I = n / 2) whose workgroup serves
+// columns c0, c0 + 1: workgroup rows gate c0, gate c0 + 1, up c0, up c0 + 1 (≥ n: none).
+fn swiglu_row(c0: u32, n: u32, lid: u32) -> u32 {
+    let j = lid / LANES;
+    let c = c0 + (j & 1u);
+    return select(n, select(n / 2u + c, c, j < 2u), c < n / 2u);
 }
 
-// silu(gate) · up of column c0 + j (j < 8) for activation row i, after swiglu_rows' partials.
+// silu(gate) · up of column c0 + j (j < 2) for activation row i, after swiglu_row's partials.
 fn swiglu_out(j: u32, i: u32) -> f32 {
-    let jr = (j / 2u) * RPT + j % 2u;
-    let g = row_sum(jr)[i];
-    let u = row_sum(jr + 2u)[i];
+    let g = row_sum(j)[i];
+    let u = row_sum(2u + j)[i];
     return g / (1.0 + exp(-g)) * u;
 }

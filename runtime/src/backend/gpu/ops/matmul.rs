@@ -224,7 +224,7 @@ pub fn gate_up_swiglu_into(
         out_stride: inter,
         out_col0: 0,
     };
-    let grid = group_grid((inter as u64).div_ceil(8), t);
+    let grid = group_grid((inter as u64).div_ceil(2), t);
     ctx.dispatch(
         &GEMV_Q_SWIGLU,
         gate_up.wtype(),
@@ -240,7 +240,7 @@ pub fn gate_up_swiglu_into(
 /// measurements and its tests).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum GemvChoice {
-    /// [`GEMV_Q`]: a quant group (16 or 32 bytes) per invocation and step, 4 rows sharing loads.
+    /// [`GEMV_Q`]: a quant group (16 or 32 bytes) per invocation and step.
     #[default]
     Group,
     /// [`GEMV`]: an octet (4 or 8 bytes) per invocation and step, one row each.
@@ -294,7 +294,7 @@ pub fn matmul_into(
                 &GEMV,
                 Grid::Groups(groups as u32, 1, t.div_ceil(GEMV_T) as u32),
             ),
-            MatmulKernel::GemvGroup => (&GEMV_Q, group_grid(n.div_ceil(16), t)),
+            MatmulKernel::GemvGroup => (&GEMV_Q, group_grid(n.div_ceil(4), t)),
             MatmulKernel::Tiled => (
                 &GEMM,
                 Grid::Groups(n.div_ceil(64) as u32, t.div_ceil(16) as u32, 1),

@@ -254,12 +254,12 @@ pub fn experts(
             && part.is_multiple_of(4)
     };
     let (gate_up_gemv, gate_up_blocks) = if group(e.wtype_gate_up, e.gate_up.0) {
-        (&GATE_UP_GEMV_Q, (e.inter as u32).div_ceil(8))
+        (&GATE_UP_GEMV_Q, (e.inter as u32).div_ceil(2))
     } else {
         (&GATE_UP_GEMV, (e.inter as u32).div_ceil(2))
     };
     let (down_gemv, down_blocks) = if group(e.wtype_down, e.down.0) {
-        (&DOWN_GEMV_Q, (e.hidden as u32).div_ceil(16))
+        (&DOWN_GEMV_Q, (e.hidden as u32).div_ceil(4))
     } else {
         (&DOWN_GEMV, (e.hidden as u32).div_ceil(4))
     };
