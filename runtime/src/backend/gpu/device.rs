@@ -72,28 +72,6 @@ pub struct GpuOptions {
     /// One compute pass per dispatch instead of one per run of dispatches (`EDGEDIFF_PASS=
     /// per-dispatch`; the earlier behaviour, kept for before/after measurements).
     pub pass_per_dispatch: bool,
-    /// The kernel choices that have more than one answer (`EDGEDIFF_GEMV=octet|group`).
-    pub kernels: KernelChoice,
-}
-
-/// Kernels chosen at device creation where more than one serves the same op: the default is the
-/// measured best; the others stay for before/after measurements and keep their tests.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct KernelChoice {
-    pub gemv: super::ops::matmul::GemvChoice,
-}
-
-impl KernelChoice {
-    /// `EDGEDIFF_GEMV=octet` picks the octet gemv for q4/q8 weights.
-    pub fn from_env() -> Self {
-        use super::ops::matmul::GemvChoice;
-        KernelChoice {
-            gemv: match std::env::var("EDGEDIFF_GEMV").ok().as_deref() {
-                Some("octet") => GemvChoice::Octet,
-                _ => GemvChoice::Group,
-            },
-        }
-    }
 }
 
 /// A 20-layer pass records ≈ 340 dispatches: submitting every 96 lets the GPU start after the
@@ -121,7 +99,6 @@ impl GpuOptions {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(DEFAULT_SUBMIT_EVERY),
             pass_per_dispatch: std::env::var("EDGEDIFF_PASS").is_ok_and(|v| v == "per-dispatch"),
-            kernels: KernelChoice::from_env(),
         }
     }
 }
@@ -230,7 +207,6 @@ pub struct GpuDevice {
     /// `max_binding` option.
     pub split: u64,
     pub errors: ErrorSink,
-    pub kernels: KernelChoice,
 }
 
 fn instance() -> wgpu::Instance {
@@ -427,7 +403,6 @@ impl GpuDevice {
             max_binding,
             split,
             errors,
-            kernels: opts.kernels,
         })
     }
 

@@ -11,10 +11,8 @@ pub fn skip_requested() -> bool {
 
 /// The configurations to test: the device with its optional features, and (when it has any) the
 /// same device with SHADER_F16, SUBGROUP and cooperative matrices switched off. Outputs are
-/// poisoned with NaN. The second configuration also submits after every dispatch, gives every
-/// dispatch its own compute pass and takes the octet gemv for q4/q8 weights, so both recording
-/// modes and both gemv kernels meet every test; it runs on every device (lavapipe lends none of
-/// the optional features, but the recording modes and kernels still differ).
+/// poisoned with NaN. The second configuration also submits after every dispatch and gives every
+/// dispatch its own compute pass, so both recording modes meet every test.
 /// `max_binding` caps storage bindings (tests of weight splitting).
 pub fn backends(max_binding: Option<u64>) -> Vec<(String, GpuBackend)> {
     if skip_requested() {
@@ -40,16 +38,13 @@ pub fn backends(max_binding: Option<u64>) -> Vec<(String, GpuBackend)> {
         ),
         first,
     )];
-    {
+    if caps.f16 || caps.subgroups || caps.coop {
         let off = GpuOptions {
             disable_f16: true,
             disable_subgroups: true,
             disable_coop: true,
             submit_every: 1,
             pass_per_dispatch: true,
-            kernels: super::KernelChoice {
-                gemv: super::ops::matmul::GemvChoice::Octet,
-            },
             ..base
         };
         let b = GpuBackend::new(&off).expect("the same adapter without optional features");

@@ -134,8 +134,8 @@ test_backends!(
         let mut out = Vec::new();
         let mut rng = Rng(1);
         // (rows T, out N, in K): T covers gemv (≤ 4, and token blocks of 4 up to 16) and gemm
-        // (> 16); K = 70 is no multiple of 8 or 32; K = 1056 and 1088 take the quant-group gemv
-        // through its two-groups-a-step loop and its remainder.
+        // (> 16); K = 70 is no multiple of 8 or 32; K = 1056 and 1088 take the gemv through its
+        // four-octets-ahead loop and its remainder.
         for &(t, n, k) in &[
             (1, 37, 96),
             (2, 21, 1056),
@@ -228,30 +228,30 @@ test_backends!(
 
 #[test]
 fn matmul_kernel_choice_uses_tensor_cores_only_where_lent() {
-    use ops::matmul::{coop_tile_t, matmul_kernel, GemvChoice, MatmulKernel::*, COOP_MIN_T};
+    use ops::matmul::{coop_tile_t, matmul_kernel, MatmulKernel::*, COOP_MIN_T};
     let t = COOP_MIN_T;
-    let octet = GemvChoice::Octet;
-    for choice in [GemvChoice::Group, octet] {
-        for dtype in [DType::F16, DType::Q8, DType::Q4] {
-            let k = |coop, t, rows, bytes| matmul_kernel(choice, coop, dtype, t, rows, bytes);
-            assert_eq!(k(true, t, 4096, 32 << 20), Coop);
-            assert_eq!(k(true, 4096, 4096, 32 << 20), Coop);
-            // No cooperative matrices: the tiled kernel, whatever the shape.
-            assert_eq!(k(false, 4096, 4096, 32 << 20), Tiled);
-            // Few rows, or a weight that stays in L2 between token blocks: the gemv kernels,
-            // the quant-group one for q4/q8 unless the octet one is asked for.
-            let group = dtype != DType::F16 && choice == GemvChoice::Group;
-            let gemv = |other| if group { GemvGroup } else { other };
-            assert_eq!(k(true, 16, 512, 1 << 20), gemv(GemvBlocked));
-            assert_eq!(k(true, 4, 4096, 32 << 20), gemv(Gemv));
-            assert_eq!(k(false, 1, 157184, 180 << 20), gemv(Gemv));
-        }
+    for dtype in [DType::F16, DType::Q8, DType::Q4] {
+        assert_eq!(matmul_kernel(true, dtype, t, 4096, 32 << 20), Coop);
+        assert_eq!(matmul_kernel(true, dtype, 4096, 4096, 32 << 20), Coop);
+        // No cooperative matrices: the tiled kernel, whatever the shape.
+        assert_eq!(matmul_kernel(false, dtype, 4096, 4096, 32 << 20), Tiled);
+        // Few rows, or a weight that stays in L2 between token blocks: the gemv kernels.
+        assert_eq!(matmul_kernel(true, dtype, 16, 512, 1 << 20), GemvBlocked);
+        assert_eq!(matmul_kernel(true, dtype, 4, 4096, 32 << 20), Gemv);
     }
-    // f32 weights would round in f16: the SIMT kernels.
+    // f32 weights would round in f16: the SIMT kernels; small ones (routers) the gemv up to
+    // 64 tokens, where the tiles would leave the GPU idle.
+    assert_eq!(matmul_kernel(true, DType::F32, 4096, 4096, 32 << 20), Tiled);
     assert_eq!(
-        matmul_kernel(octet, true, DType::F32, 4096, 4096, 32 << 20),
-        Tiled
+        matmul_kernel(true, DType::F32, 32, 256, 2 << 20),
+        GemvBlocked
     );
+    assert_eq!(
+        matmul_kernel(true, DType::F32, 64, 256, 2 << 20),
+        GemvBlocked
+    );
+    assert_eq!(matmul_kernel(true, DType::F32, 65, 256, 2 << 20), Tiled);
+    assert_eq!(matmul_kernel(true, DType::F32, 32, 4096, 64 << 20), Tiled);
     assert_eq!(
         [1, 16, 17, 32, 33, 64, 4096].map(coop_tile_t),
         [16, 16, 32, 32, 64, 64, 64]
@@ -391,7 +391,6 @@ test_backends!(swiglu_mlp_matches, TOL, |b| {
     let mut rng = Rng(5);
     let mut out = Vec::new();
     for dtype in DTYPES {
-        // 6 and 16 tokens: the fused gate_up + SwiGLU gemv in token blocks along z.
         for t in [1, 6, 16] {
             let (h, i) = (64, 96);
             let gu = weight(b, dtype, &[2 * i, h], &rng.vec(2 * i * h, 0.3));

@@ -49,20 +49,6 @@ pub static GEMV: Entry = Entry {
     bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite)],
     params: "MatmulParams",
 };
-/// shaders/gemv.wgsl: q4/q8 weights, a whole quant group per invocation and step.
-pub static GEMV_Q: Entry = Entry {
-    file: "gemv.wgsl",
-    name: "gemv_q",
-    bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite)],
-    params: "MatmulParams",
-};
-/// [`GEMV_Q`] over a fused [gate; up] weight, writing silu(gate) · up.
-pub static GEMV_Q_SWIGLU: Entry = Entry {
-    file: "gemv.wgsl",
-    name: "gemv_q_swiglu",
-    bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite)],
-    params: "MatmulParams",
-};
 pub static GEMM: Entry = Entry {
     file: "matmul.wgsl",
     name: "gemm",
@@ -107,6 +93,22 @@ pub const GEMV_T: usize = 4;
 /// Activation rows up to which the gemv entry runs in token blocks along z (H100: 16 tokens × 3072
 /// × 2048 q4 194 → 69 µs against the tiles; at 64 tokens, or for the 161 MB LM head, the tiles win).
 pub const GEMV_MAX_T: usize = 16;
+/// Activation rows up to which f32 weights that stay in L2 (the routers) take the gemv in token
+/// blocks: they have no tensor-core kernel, and the tiled one gives a router [256 × 2048] only
+/// n/64 × t/16 workgroups (8 at 32 tokens: 160 µs a layer on the H200).
+/// `EDGEDIFF_GEMV_F32_MAX_T` overrides it (before/after measurements; 16 is the earlier rule).
+pub const GEMV_F32_MAX_T: usize = 64;
+
+fn gemv_f32_max_t() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::env::var("EDGEDIFF_GEMV_F32_MAX_T")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(GEMV_F32_MAX_T)
+    })
+}
+
 /// Weight bytes up to which token blocks re-read the weight from L2 rather than memory.
 pub const GEMV_BLOCKED_MAX_BYTES: u64 = 16 << 20;
 
@@ -142,8 +144,6 @@ pub enum MatmulKernel {
     Gemv,
     /// [`GEMV`] in blocks of 4 activation rows along the grid's z.
     GemvBlocked,
-    /// [`GEMV_Q`] (q4/q8 weights), in blocks of 4 activation rows along the grid's z.
-    GemvGroup,
     /// [`GEMM`]: 16 × 64 tiles.
     Tiled,
     /// [`GEMM_COOP`]: [`coop_tile_t`] × 128 tiles on the tensor cores.
@@ -152,99 +152,22 @@ pub enum MatmulKernel {
 
 /// The kernel for `t` activation rows against a chunk of `rows` weight rows of `dtype` held in
 /// `bytes`, on a device with (`coop`) or without cooperative matrices.
-pub fn matmul_kernel(
-    choice: GemvChoice,
-    coop: bool,
-    dtype: DType,
-    t: usize,
-    rows: usize,
-    bytes: u64,
-) -> MatmulKernel {
+pub fn matmul_kernel(coop: bool, dtype: DType, t: usize, rows: usize, bytes: u64) -> MatmulKernel {
     let groups = rows.div_ceil(4);
-    let quantized = matches!(dtype, DType::Q8 | DType::Q4);
-    if quantized
-        && choice == GemvChoice::Group
-        && (t <= GEMV_T || (t <= GEMV_MAX_T && bytes <= GEMV_BLOCKED_MAX_BYTES))
-    {
-        MatmulKernel::GemvGroup
-    } else if t <= GEMV_T {
+    let max_t = if dtype == DType::F32 {
+        gemv_f32_max_t().max(GEMV_MAX_T)
+    } else {
+        GEMV_MAX_T
+    };
+    if t <= GEMV_T {
         MatmulKernel::Gemv
-    } else if t <= GEMV_MAX_T && groups <= 65535 && bytes <= GEMV_BLOCKED_MAX_BYTES {
+    } else if t <= max_t && groups <= 65535 && bytes <= GEMV_BLOCKED_MAX_BYTES {
         MatmulKernel::GemvBlocked
     } else if coop && matches!(dtype, DType::F16 | DType::Q8 | DType::Q4) && t >= coop_min_t() {
         MatmulKernel::Coop
     } else {
         MatmulKernel::Tiled
     }
-}
-
-/// The grid of [`GEMV_Q`] / [`GEMV_Q_SWIGLU`]: `blocks` workgroups (folded into x × y past
-/// 65535) for each block of 4 activation rows along z.
-fn group_grid(blocks: u64, t: usize) -> Grid<'static> {
-    let x = blocks.min(65535) as u32;
-    Grid::Groups(
-        x,
-        blocks.div_ceil(x as u64) as u32,
-        t.div_ceil(GEMV_T) as u32,
-    )
-}
-
-/// `h[r, c] = silu(gate[c]) · up[c]` of `x`'s `t` rows against the fused [gate; up] weight, in one
-/// dispatch ([`GEMV_Q_SWIGLU`]), when the kernel applies: q4/q8 in one chunk, the gemv's token
-/// counts. Returns false (nothing recorded) otherwise; the caller then multiplies and activates.
-pub fn gate_up_swiglu_into(
-    ctx: &mut Ctx,
-    gate_up: &GpuWeight,
-    x: &GpuBuffer,
-    t: usize,
-    h: &GpuBuffer,
-) -> Result<bool, GpuError> {
-    let [c] = gate_up.chunks.as_slice() else {
-        return Ok(false);
-    };
-    let kernel = matmul_kernel(
-        ctx.sh.dev.kernels.gemv,
-        ctx.sh.dev.caps.coop,
-        gate_up.dtype,
-        t,
-        c.rows as usize,
-        c.buf.size,
-    );
-    if kernel != MatmulKernel::GemvGroup || c.rows % 2 != 0 {
-        return Ok(false);
-    }
-    let inter = c.rows / 2;
-    let p = MatmulParams {
-        tile_t: 0,
-        n: c.rows,
-        k: gate_up.cols as u32,
-        t: t as u32,
-        scales: c.scales,
-        x_row0: 0,
-        out_stride: inter,
-        out_col0: 0,
-    };
-    let grid = group_grid((inter as u64).div_ceil(2), t);
-    ctx.dispatch(
-        &GEMV_Q_SWIGLU,
-        gate_up.wtype(),
-        &p,
-        None,
-        &[&c.buf, x, h],
-        grid,
-    )?;
-    Ok(true)
-}
-
-/// Which gemv serves q4/q8 weights (`EDGEDIFF_GEMV=octet` for the earlier kernel: before/after
-/// measurements and its tests).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum GemvChoice {
-    /// [`GEMV_Q`]: a quant group (16 or 32 bytes) per invocation and step.
-    #[default]
-    Group,
-    /// [`GEMV`]: an octet (4 or 8 bytes) per invocation and step, one row each.
-    Octet,
 }
 
 #[cfg(test)]
@@ -281,9 +204,8 @@ pub fn matmul_into(
         let groups = n.div_ceil(4);
         let bufs: [&GpuBuffer; 3] = [&c.buf, x, out];
         let coop = ctx.sh.dev.caps.coop;
-        let choice = ctx.sh.dev.kernels.gemv;
         #[allow(unused_mut)]
-        let mut kernel = matmul_kernel(choice, coop, w.dtype, t, c.rows as usize, c.buf.size);
+        let mut kernel = matmul_kernel(coop, w.dtype, t, c.rows as usize, c.buf.size);
         #[cfg(test)]
         if coop && w.dtype != DType::F32 && FORCE_COOP.with(|f| f.get()) {
             kernel = MatmulKernel::Coop;
@@ -294,7 +216,6 @@ pub fn matmul_into(
                 &GEMV,
                 Grid::Groups(groups as u32, 1, t.div_ceil(GEMV_T) as u32),
             ),
-            MatmulKernel::GemvGroup => (&GEMV_Q, group_grid(n.div_ceil(4), t)),
             MatmulKernel::Tiled => (
                 &GEMM,
                 Grid::Groups(n.div_ceil(64) as u32, t.div_ceil(16) as u32, 1),

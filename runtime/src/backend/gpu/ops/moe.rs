@@ -11,11 +11,7 @@ use super::super::device::GpuError;
 use super::super::kernels::{Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
-use super::matmul::{ExpertParams, GemvChoice, EXPERT_DOWN, EXPERT_GATE_UP};
-
-/// lib/dequant.wgsl's WTYPE codes of the quantized types.
-const W_Q8: u32 = 2;
-const W_Q4: u32 = 3;
+use super::matmul::{ExpertParams, EXPERT_DOWN, EXPERT_GATE_UP};
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
@@ -66,28 +62,6 @@ pub static DOWN_GEMV: Entry = Entry {
         (5, Read),
         (6, Params),
     ],
-    params: "ExpertParams",
-};
-const EXPERT_BINDINGS: &[(u32, crate::backend::gpu::kernels::Slot)] = &[
-    (1, Read),
-    (2, Read),
-    (3, ReadWrite),
-    (4, Read),
-    (5, Read),
-    (6, Params),
-];
-/// [`GATE_UP_GEMV`] on the quant-group core (q4/q8 experts on 16-byte boundaries).
-pub static GATE_UP_GEMV_Q: Entry = Entry {
-    file: "moe_gemv_q.wgsl",
-    name: "expert_gate_up_gemv_q",
-    bindings: EXPERT_BINDINGS,
-    params: "ExpertParams",
-};
-/// [`DOWN_GEMV`] on the quant-group core.
-pub static DOWN_GEMV_Q: Entry = Entry {
-    file: "moe_gemv_q.wgsl",
-    name: "expert_down_gemv_q",
-    bindings: EXPERT_BINDINGS,
     params: "ExpertParams",
 };
 pub static COMBINE: Entry = Entry {
@@ -246,43 +220,26 @@ pub fn experts(
     // GEMV grids: (active-expert list entries, weight-row blocks); the list has at most
     // min(assignments, experts) entries.
     let listed = a.min(e.num_experts as u32);
-    // The quant-group gemv where it applies: q4/q8 parts on 16-byte boundaries of their slot
-    // (slots themselves are 256-byte aligned).
-    let group = |wtype: u32, part: u32| {
-        ctx.sh.dev.kernels.gemv == GemvChoice::Group
-            && matches!(wtype, W_Q8 | W_Q4)
-            && part.is_multiple_of(4)
-    };
-    let (gate_up_gemv, gate_up_blocks) = if group(e.wtype_gate_up, e.gate_up.0) {
-        (&GATE_UP_GEMV_Q, (e.inter as u32).div_ceil(2))
-    } else {
-        (&GATE_UP_GEMV, (e.inter as u32).div_ceil(2))
-    };
-    let (down_gemv, down_blocks) = if group(e.wtype_down, e.down.0) {
-        (&DOWN_GEMV_Q, (e.hidden as u32).div_ceil(4))
-    } else {
-        (&DOWN_GEMV, (e.hidden as u32).div_ceil(4))
-    };
     let stages = [
         (
             &EXPERT_GATE_UP,
-            gate_up_gemv,
+            &GATE_UP_GEMV,
             e.wtype_gate_up,
             (e.hidden, e.inter),
             e.gate_up,
             (x, h),
             0,
-            gate_up_blocks,
+            (e.inter as u32).div_ceil(2),
         ),
         (
             &EXPERT_DOWN,
-            down_gemv,
+            &DOWN_GEMV,
             e.wtype_down,
             (e.inter, e.hidden),
             e.down,
             (h, y),
             12,
-            down_blocks,
+            (e.hidden as u32).div_ceil(4),
         ),
     ];
     for (tiled, gemv, wtype, (k, n), (part, scales), (src, dst), args, blocks) in stages {
