@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# All tests: the Rust workspace (unit, integration, GPU kernels on whatever adapter exists — lavapipe
-# in CI), then the Kotlin binding test on the JVM when bindings are present.
+# All tests: first what a fresh Debian machine lacks (scripts/test-deps.sh: lavapipe, the Vulkan
+# loader, a JDK and Maven, installed with apt-get when it can, else one line naming them), then the
+# Rust workspace (unit, integration, GPU kernels on whatever adapter exists — lavapipe in CI), then
+# the Kotlin binding test on the JVM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/test-deps.sh
 cargo test --workspace --release
 if [ -x bindings/scripts/jvm-test.sh ]; then
   bash bindings/scripts/jvm-test.sh

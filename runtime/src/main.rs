@@ -9,7 +9,7 @@ fn main() {
     }
     let cli = edgediff::cli::Cli::parse();
     if let Err(e) = edgediff::cli::run(cli) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", edgediff::cli::report::error_line(&e));
         std::process::exit(1);
     }
 }

@@ -344,7 +344,7 @@ fn header_with_wrong_json_types_is_an_error() {
             m.config()["num_heads"] = json!("4")
         }),
         ("unknown architecture", |m| {
-            m.config()["architecture"] = json!("llama")
+            m.config()["architecture"] = json!("gpt_neox")
         }),
         ("unknown field in a tensor entry", |m| {
             m.tensor("embed")["stride"] = json!(1)

@@ -21,6 +21,7 @@ use std::time::Instant;
 use anyhow::Context;
 use serde_json::{json, Value};
 
+use super::limits::check_bench;
 use crate::backend::gpu::{CopyBandwidth, GpuBackend, GpuOptions, GpuWeight};
 use crate::backend::{AttnMask, Backend};
 use crate::format::{DType, EdmFile, TensorView};
@@ -86,10 +87,13 @@ pub struct ForwardArgs {
     pub common: Common,
 }
 
+/// The model file, its context checked against `--context` and `--tokens` before anything is
+/// measured (or the synthetic model written).
 fn model_file(c: &Common) -> anyhow::Result<Arc<EdmFile>> {
     let path = match &c.model {
         Some(p) => p.clone(),
         None => {
+            check_bench(SynthSpec::llada2_mini().max_position, c.context, &c.tokens)?;
             let path = std::env::temp_dir().join(format!(
                 "edgediff-bench-llada2-mini-{}l-{}.edm",
                 c.layers.max(2),
@@ -108,14 +112,19 @@ fn model_file(c: &Common) -> anyhow::Result<Arc<EdmFile>> {
                 let m = synth::build(&spec)?;
                 let tmp = path.with_extension("partial");
                 synth::write_edm(&m, &tmp, c.dtype, &|_, _| {})?;
-                std::fs::rename(&tmp, &path)?;
+                std::fs::rename(&tmp, &path)
+                    .with_context(|| format!("writing {}", path.display()))?;
             }
             path
         }
     };
-    Ok(Arc::new(
-        EdmFile::open(&path).with_context(|| format!("opening {}", path.display()))?,
-    ))
+    let file = EdmFile::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    check_bench(
+        file.header.metadata.config.max_position,
+        c.context,
+        &c.tokens,
+    )?;
+    Ok(Arc::new(file))
 }
 
 fn gpu() -> anyhow::Result<GpuBackend> {

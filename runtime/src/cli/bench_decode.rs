@@ -90,7 +90,7 @@ struct Row {
 }
 
 fn run_decode(a: DecodeArgs) -> anyhow::Result<()> {
-    let engine = a.model.load()?;
+    let engine = a.model.load(&a.decoding)?;
     let prompts: Vec<String> = match &a.prompts {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("reading {}", path.display()))?
@@ -110,6 +110,16 @@ fn run_decode(a: DecodeArgs) -> anyhow::Result<()> {
             Prompt::Text(text.to_string())
         }
     };
+    // Every prompt plus --max-tokens must fit the context: checked before anything runs. The ids
+    // are kept for the NLL scoring below (the chat template included when --chat).
+    let encoded: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|t| engine.encode_prompt(&prompt_of(t)))
+        .collect::<Result<_, _>>()?;
+    for (i, ids) in encoded.iter().enumerate() {
+        a.decoding
+            .check_prompt(&engine, &format!("prompt {}", i + 1), ids.len())?;
+    }
     // Warm-up: page the weights in before anything is timed.
     let mut warm = engine.request(prompt_of(&prompts[0]));
     warm.decoding = DecodeParams {
@@ -122,15 +132,7 @@ fn run_decode(a: DecodeArgs) -> anyhow::Result<()> {
     // that commits tokens AR would not have picked pays in NLL. Masked-prediction models have no
     // such yardstick here.
     let score = base.prediction.causal() == Prediction::NextToken;
-    // Prompt ids for scoring, encoded once (the chat template included when --chat).
-    let prompt_ids: Vec<Vec<u32>> = if score {
-        prompts
-            .iter()
-            .map(|t| engine.encode_prompt(&prompt_of(t)))
-            .collect::<Result<_, _>>()?
-    } else {
-        Vec::new()
-    };
+    let prompt_ids: Vec<Vec<u32>> = if score { encoded } else { Vec::new() };
     let mut ar_tokens: Vec<Vec<u32>> = Vec::new();
     let mut rows = Vec::new();
     for params in &configs {

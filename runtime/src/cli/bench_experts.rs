@@ -66,13 +66,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         !file.header.experts.is_empty(),
         "the model has no MoE layers"
     );
+    a.decoding.check(file.header.metadata.config.max_position)?;
     let policies = a
         .policies
         .iter()
         .map(|p| p.parse::<Eviction>().map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let prompts: Vec<String> = match &a.prompts {
-        Some(p) => std::fs::read_to_string(p)?
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("reading {}", p.display()))?
             .lines()
             .filter(|l| !l.trim().is_empty())
             .map(str::to_string)
@@ -95,7 +97,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         rows.extend(live);
     }
     if let Some(j) = &a.json {
-        std::fs::write(j, serde_json::to_string_pretty(&rows)?)?;
+        std::fs::write(j, serde_json::to_string_pretty(&rows)?)
+            .with_context(|| format!("writing {}", j.display()))?;
     }
     Ok(())
 }

@@ -25,7 +25,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let engine = a.model.load()?;
+    let engine = a.model.load(&a.decoding)?;
     let params = a.decoding.params(&engine);
     let interactive = std::io::stdin().is_terminal();
     let opening: Vec<ChatMessage> = a.system.iter().map(ChatMessage::system).collect();

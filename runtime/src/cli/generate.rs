@@ -47,8 +47,14 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    pub fn load(&self) -> anyhow::Result<LoadedEngine> {
+    /// Loads the engine, after checking the decoding flags against the model's context from the
+    /// file's header alone (so a flag the model cannot satisfy costs no load).
+    pub fn load(&self, decoding: &DecodingArgs) -> anyhow::Result<LoadedEngine> {
         let path = resolve_model(self.model.as_deref())?;
+        let header = crate::format::EdmFile::open(&path)
+            .with_context(|| format!("loading {}", path.display()))?;
+        decoding.check(header.header.metadata.config.max_position)?;
+        drop(header);
         LoadedEngine::load(
             &path,
             &EngineConfig {
@@ -181,6 +187,21 @@ pub struct DecodingArgs {
 }
 
 impl DecodingArgs {
+    /// The flags against a model context of `limit` positions, before any prompt is known.
+    pub fn check(&self, limit: usize) -> Result<(), super::limits::OptionError> {
+        super::limits::check_decoding(limit, self.max_tokens, self.block_size)
+    }
+
+    /// `--max-tokens` after a prompt of `prompt` tokens (`what` names it in the error).
+    pub fn check_prompt(
+        &self,
+        engine: &LoadedEngine,
+        what: &str,
+        prompt: usize,
+    ) -> Result<(), super::limits::OptionError> {
+        super::limits::check_prompt(engine.config().max_position, what, prompt, self.max_tokens)
+    }
+
     /// The request's decoding parameters: the model's defaults, overridden by the flags.
     pub fn params(&self, engine: &LoadedEngine) -> DecodeParams {
         self.params_from(engine.default_decoding(), &engine.metadata().decoding)
@@ -284,12 +305,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Some(p) => p,
         None => std::io::read_to_string(std::io::stdin()).context("reading the prompt")?,
     };
-    let engine = a.model.load()?;
+    let engine = a.model.load(&a.decoding)?;
     let prompt = if a.chat {
         Prompt::Chat(vec![ChatMessage::user(prompt)])
     } else {
         Prompt::Text(prompt)
     };
+    let prompt_len = engine.encode_prompt(&prompt)?.len();
+    a.decoding.check_prompt(&engine, "the prompt", prompt_len)?;
     let mut request = engine.request(prompt);
     request.decoding = a.decoding.params(&engine);
     request.decoding.canvas_events = a.visual;

@@ -11,8 +11,10 @@ mod eval;
 mod forward;
 mod generate;
 mod inspect;
+mod limits;
 mod profile;
 mod prune;
+pub mod report;
 mod synth;
 
 use clap::{Parser, Subcommand};

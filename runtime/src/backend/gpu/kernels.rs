@@ -22,6 +22,19 @@ pub fn source(path: &str) -> Option<&'static str> {
         .map(|(_, s)| *s)
 }
 
+/// Whether `file`, with its includes, declares the weight-type override (pipelines set it only
+/// where it exists: a constant the module lacks is a pipeline error).
+fn declares_wtype(file: &str) -> bool {
+    source(file)
+        .and_then(|text| {
+            compose(text, Caps { subgroups: false }, &|p| {
+                source(p).map(str::to_string)
+            })
+            .ok()
+        })
+        .is_some_and(|s| s.contains("override WTYPE"))
+}
+
 /// What sits at one binding of an entry point.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Slot {
@@ -163,9 +176,7 @@ impl Kernels {
                     bind_group_layouts: &[Some(&layout)],
                     immediate_size: 0,
                 });
-            let uses_weights = source(entry.file).is_some_and(|s| {
-                s.contains("\"dequant\"") || s.contains("\"tile\"") || s.contains("override WTYPE")
-            });
+            let uses_weights = declares_wtype(entry.file);
             let constants: Vec<(&str, f64)> = if uses_weights {
                 vec![("WTYPE", wtype as f64)]
             } else {

@@ -134,9 +134,12 @@ test_backends!(
         let mut out = Vec::new();
         let mut rng = Rng(1);
         // (rows T, out N, in K): T covers gemv (≤ 4, and token blocks of 4 up to 16) and gemm
-        // (> 16); K = 70 is no multiple of 8 or 32.
+        // (> 16); K = 70 is no multiple of 8 or 32; K = 1056 and 1088 take the gemv through its
+        // four-octets-ahead loop and its remainder.
         for &(t, n, k) in &[
             (1, 37, 96),
+            (2, 21, 1056),
+            (9, 45, 1088),
             (3, 130, 160),
             (5, 67, 96),
             (17, 100, 224),
@@ -236,8 +239,19 @@ fn matmul_kernel_choice_uses_tensor_cores_only_where_lent() {
         assert_eq!(matmul_kernel(true, dtype, 16, 512, 1 << 20), GemvBlocked);
         assert_eq!(matmul_kernel(true, dtype, 4, 4096, 32 << 20), Gemv);
     }
-    // f32 weights would round in f16: the SIMT kernels.
+    // f32 weights would round in f16: the SIMT kernels; small ones (routers) the gemv up to
+    // 64 tokens, where the tiles would leave the GPU idle.
     assert_eq!(matmul_kernel(true, DType::F32, 4096, 4096, 32 << 20), Tiled);
+    assert_eq!(
+        matmul_kernel(true, DType::F32, 32, 256, 2 << 20),
+        GemvBlocked
+    );
+    assert_eq!(
+        matmul_kernel(true, DType::F32, 64, 256, 2 << 20),
+        GemvBlocked
+    );
+    assert_eq!(matmul_kernel(true, DType::F32, 65, 256, 2 << 20), Tiled);
+    assert_eq!(matmul_kernel(true, DType::F32, 32, 4096, 64 << 20), Tiled);
     assert_eq!(
         [1, 16, 17, 32, 33, 64, 4096].map(coop_tile_t),
         [16, 16, 32, 32, 64, 64, 64]
@@ -377,7 +391,7 @@ test_backends!(swiglu_mlp_matches, TOL, |b| {
     let mut rng = Rng(5);
     let mut out = Vec::new();
     for dtype in DTYPES {
-        for t in [1, 6] {
+        for t in [1, 6, 16] {
             let (h, i) = (64, 96);
             let gu = weight(b, dtype, &[2 * i, h], &rng.vec(2 * i * h, 0.3));
             let down = weight(b, dtype, &[h, i], &rng.vec(h * i, 0.3));

@@ -93,6 +93,22 @@ pub const GEMV_T: usize = 4;
 /// Activation rows up to which the gemv entry runs in token blocks along z (H100: 16 tokens × 3072
 /// × 2048 q4 194 → 69 µs against the tiles; at 64 tokens, or for the 161 MB LM head, the tiles win).
 pub const GEMV_MAX_T: usize = 16;
+/// Activation rows up to which f32 weights that stay in L2 (the routers) take the gemv in token
+/// blocks: they have no tensor-core kernel, and the tiled one gives a router [256 × 2048] only
+/// n/64 × t/16 workgroups (8 at 32 tokens: 160 µs a layer on the H200).
+/// `EDGEDIFF_GEMV_F32_MAX_T` overrides it (before/after measurements; 16 is the earlier rule).
+pub const GEMV_F32_MAX_T: usize = 64;
+
+fn gemv_f32_max_t() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::env::var("EDGEDIFF_GEMV_F32_MAX_T")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(GEMV_F32_MAX_T)
+    })
+}
+
 /// Weight bytes up to which token blocks re-read the weight from L2 rather than memory.
 pub const GEMV_BLOCKED_MAX_BYTES: u64 = 16 << 20;
 
@@ -138,9 +154,14 @@ pub enum MatmulKernel {
 /// `bytes`, on a device with (`coop`) or without cooperative matrices.
 pub fn matmul_kernel(coop: bool, dtype: DType, t: usize, rows: usize, bytes: u64) -> MatmulKernel {
     let groups = rows.div_ceil(4);
+    let max_t = if dtype == DType::F32 {
+        gemv_f32_max_t().max(GEMV_MAX_T)
+    } else {
+        GEMV_MAX_T
+    };
     if t <= GEMV_T {
         MatmulKernel::Gemv
-    } else if t <= GEMV_MAX_T && groups <= 65535 && bytes <= GEMV_BLOCKED_MAX_BYTES {
+    } else if t <= max_t && groups <= 65535 && bytes <= GEMV_BLOCKED_MAX_BYTES {
         MatmulKernel::GemvBlocked
     } else if coop && matches!(dtype, DType::F16 | DType::Q8 | DType::Q4) && t >= coop_min_t() {
         MatmulKernel::Coop
