@@ -56,7 +56,9 @@ run)
     [[ $rc -eq 0 ]] || FAILED=$((FAILED + 1))
   }
   t "backend::gpu, one at a time" runtime 150 "$T/lib" gpu:: --test-threads=1
-  t "backend::gpu, in parallel" runtime 90 "$T/lib" gpu::
+  # 4 threads: with the H200 machine's 16 (the default) the run hung with no GPU test finished
+  # (2026-12-04, docs/PERF.md); 4 passed in 8 s.
+  t "backend::gpu, in parallel" runtime 90 "$T/lib" gpu:: --test-threads=4
   for b in gpu_forward gpu_engine gpu_paging; do
     t "$b" tests 120 "$T/$b"
   done

@@ -9,7 +9,10 @@
 //   partial sums meet in shared memory. Token blocks re-read the weights from
 //   L2, but the grid (n/4 × t/4 workgroups) fills the GPU, where 16 × 64 tiles would leave most of
 //   it idle for 16 tokens.
+// - gemv_swiglu: gemv over a dense MLP's fused [gate; up] weight, writing silu(gate) · up.
 // - gemm: blocks of 16 activation rows × 64 weight rows (lib/tile.wgsl), beyond gemv's range.
+// - split_sum: y[t, out_col0 + c] = Σ_s x[s · t_rows + t, c] over the `splits` partial outputs
+//   [splits · t, n] of a K-split gemm_coop (matmul_coop.wgsl), in split order.
 // - expert_gate_up / expert_down: the grouped SwiGLU of one MoE layer on the same tile core. A
 //   workgroup serves one routed expert (through the slot table: expert → pool buffer, word offset)
 //   for up to 16 of its tokens, so each expert's weights are read once per 16 tokens routed to it.
@@ -35,17 +38,11 @@ fn x_oct_dot(r: u32, k: u32, q: Oct) -> f32 {
     return act_oct_dot(r, k, p.k, q);
 }
 
-@compute @workgroup_size(64)
-fn gemv(
-    @builtin(local_invocation_index) lid: u32,
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-) {
-    let row = (wid.x + wid.y * nwg.x) * 4u + lid / 16u;
+// This invocation's partial dot products of weight row `row` (≥ p.n: none) with the block's
+// activation rows t0 .. t0 + nt, into gemv_part[t · 64 + lid].
+fn gemv_partial(row: u32, lid: u32, t0: u32, nt: u32) {
     let lane = lid % 16u;
     let m = WMat(0u, p.scales, p.k);
-    let t0 = wid.z * GEMV_T;
-    let nt = min(p.t - t0, GEMV_T);
     var a = vec4<f32>(0.0);
     if (row < p.n) {
         let octs = (p.k + 7u) / 8u;
@@ -74,17 +71,61 @@ fn gemv(
     for (var t = 0u; t < GEMV_T; t++) {
         gemv_part[t * 64u + lid] = a[t];
     }
+}
+
+// Σ over the 16 invocations of workgroup row r for activation row t, in lane order.
+fn gemv_sum(r: u32, t: u32) -> f32 {
+    var s = 0.0;
+    for (var l = 0u; l < 16u; l++) {
+        s += gemv_part[t * 64u + r * 16u + l];
+    }
+    return s;
+}
+
+@compute @workgroup_size(64)
+fn gemv(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let row0 = (wid.x + wid.y * nwg.x) * 4u;
+    let t0 = wid.z * GEMV_T;
+    let nt = min(p.t - t0, GEMV_T);
+    gemv_partial(row0 + lid / 16u, lid, t0, nt);
     workgroupBarrier();
     if (lid < 16u) {
         let r = lid / 4u;
         let t = lid % 4u;
-        let orow = (wid.x + wid.y * nwg.x) * 4u + r;
-        if (orow < p.n && t < nt) {
-            var s = 0.0;
-            for (var l = 0u; l < 16u; l++) {
-                s += gemv_part[t * 64u + r * 16u + l];
-            }
-            out[(t0 + t) * p.out_stride + p.out_col0 + orow] = s;
+        if (row0 + r < p.n && t < nt) {
+            out[(t0 + t) * p.out_stride + p.out_col0 + row0 + r] = gemv_sum(r, t);
+        }
+    }
+}
+
+// gemv over a dense MLP's fused [gate; up] weight (p.n = 2I rows), writing
+// h[t, out_col0 + c] = silu(gate c) · up c: workgroup rows gate c0, gate c0 + 1, up c0, up c0 + 1
+// (as expert_gate_up_gemv pairs them), so the activation needs no dispatch of its own.
+@compute @workgroup_size(64)
+fn gemv_swiglu(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let inter = p.n / 2u;
+    let c0 = (wid.x + wid.y * nwg.x) * 2u;
+    let t0 = wid.z * GEMV_T;
+    let nt = min(p.t - t0, GEMV_T);
+    let j = lid / 16u;
+    let c = c0 + (j & 1u);
+    gemv_partial(select(p.n, select(inter + c, c, j < 2u), c < inter), lid, t0, nt);
+    workgroupBarrier();
+    if (lid < 8u) {
+        let col = lid / 4u;
+        let t = lid % 4u;
+        if (c0 + col < inter && t < nt) {
+            let g = gemv_sum(col, t);
+            let u = gemv_sum(2u + col, t);
+            out[(t0 + t) * p.out_stride + p.out_col0 + c0 + col] = g / (1.0 + exp(-g)) * u;
         }
     }
 }
@@ -110,6 +151,25 @@ fn gemm(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: v
             }
         }
     }
+}
+
+@compute @workgroup_size(64)
+fn split_sum(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let i = (wid.x + wid.y * nwg.x) * 64u + lid;
+    if (i >= p.t * p.n) {
+        return;
+    }
+    let t = i / p.n;
+    let c = i % p.n;
+    var s = 0.0;
+    for (var z = 0u; z < p.splits; z++) {
+        s += x_act[(z * p.t + t) * p.n + c];
+    }
+    out[t * p.out_stride + p.out_col0 + c] = s;
 }
 
 var<workgroup> ex_ok: u32;

@@ -31,6 +31,9 @@
 // weight octets and one activation octet an invocation) are issued before the current step's
 // multiplies. Results go through a per-subgroup 16 × 16 f32 scratch (c, then l) to bounds-checked
 // stores, so any t, n, k works.
+// Split along K (grid z, k_chunk values each, a multiple of 32) where the tiles alone would leave
+// most of the GPU idle (a [3072 × 2048] weight at 32 tokens is 24 workgroups): each split writes
+// its partial rows at z · split_rows of a scratch, and matmul.wgsl's split_sum adds them.
 // Every coop index and stride is a `let` of its own.
 
 enable f16;
@@ -158,8 +161,8 @@ fn coop_read(io: u32, lane: u32) -> Oct {
 }
 
 // hi + lo / LO_SCALE of lane `lane`'s 8 values, written to activation rows t..t+16 × weight rows
-// n..n+16 where in bounds.
-fn coop_write(hi: Oct, lo: Oct, lane: u32, t: u32, n: u32) {
+// n..n+16 where in bounds (output rows from `orow0`: a split's partial rows).
+fn coop_write(hi: Oct, lo: Oct, lane: u32, t: u32, n: u32, orow0: u32) {
     let v0 = hi.lo + lo.lo * (1.0 / LO_SCALE);
     let v1 = hi.hi + lo.hi * (1.0 / LO_SCALE);
     var v = array<f32, 8>(v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w);
@@ -168,7 +171,7 @@ fn coop_write(hi: Oct, lo: Oct, lane: u32, t: u32, n: u32) {
         let tr = t + i / 16u;
         let nc = n + i % 16u;
         if (tr < p.t && nc < p.n) {
-            out[tr * p.out_stride + p.out_col0 + nc] = v[e];
+            out[(orow0 + tr) * p.out_stride + p.out_col0 + nc] = v[e];
         }
     }
 }
@@ -183,6 +186,10 @@ fn gemm_coop(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
     let n0 = wid.x * CN;
     let t0 = wid.y * rows;
     let m = WMat(0u, p.scales, p.k);
+    // This workgroup's range of K (all of it unless split; chunks are whole 32-value steps).
+    let kb = wid.z * p.k_chunk;
+    let ke = select(p.k, min(kb + p.k_chunk, p.k), p.k_chunk > 0u);
+    let orow0 = wid.z * p.split_rows;
     let sg = lid / 32u;
     let lane = lid % 32u;
     var st = 0u;
@@ -196,9 +203,9 @@ fn gemm_coop(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
     let lr = lid / 4u;
     let lo = lid % 4u;
     let xr = select(p.t, t0 + lr, lr < rows);
-    var w0 = coop_load_w(m, n0 + lr, lo * 8u);
-    var w1 = coop_load_w(m, n0 + lr + 64u, lo * 8u);
-    var x0 = coop_load_x(xr, lo * 8u);
+    var w0 = coop_load_w(m, n0 + lr, kb + lo * 8u);
+    var w1 = coop_load_w(m, n0 + lr + 64u, kb + lo * 8u);
+    var x0 = coop_load_x(xr, kb + lo * 8u);
     var c00 = coop_mat16x16<f32, C>();
     var c01 = coop_mat16x16<f32, C>();
     var c10 = coop_mat16x16<f32, C>();
@@ -207,13 +214,13 @@ fn gemm_coop(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
     var l01 = coop_mat16x16<f32, C>();
     var l10 = coop_mat16x16<f32, C>();
     var l11 = coop_mat16x16<f32, C>();
-    for (var k0 = 0u; k0 < p.k; k0 += CK) {
+    for (var k0 = kb; k0 < ke; k0 += CK) {
         coop_store_w(lr, lo, w0);
         coop_store_w(lr + 64u, lo, w1);
         coop_store_x(lr, lo, x0);
         workgroupBarrier();
         let k1 = k0 + CK;
-        if (k1 < p.k) {
+        if (k1 < ke) {
             w0 = coop_load_w(m, n0 + lr, k1 + lo * 8u);
             w1 = coop_load_w(m, n0 + lr + 64u, k1 + lo * 8u);
             x0 = coop_load_x(xr, k1 + lo * 8u);
@@ -266,7 +273,7 @@ fn gemm_coop(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
     workgroupBarrier();
     coopStoreT(l00, &cc[io], s16);
     workgroupBarrier();
-    coop_write(h00, coop_read(io, lane), lane, t0 + st, n0 + sn);
+    coop_write(h00, coop_read(io, lane), lane, t0 + st, n0 + sn, orow0);
     if (two_t) {
         workgroupBarrier();
         coopStoreT(c10, &cc[io], s16);
@@ -275,7 +282,7 @@ fn gemm_coop(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
         workgroupBarrier();
         coopStoreT(l10, &cc[io], s16);
         workgroupBarrier();
-        coop_write(h10, coop_read(io, lane), lane, t0 + st + 16u, n0 + sn);
+        coop_write(h10, coop_read(io, lane), lane, t0 + st + 16u, n0 + sn, orow0);
     }
     if (two_n) {
         workgroupBarrier();
@@ -285,7 +292,7 @@ fn gemm_coop(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
         workgroupBarrier();
         coopStoreT(l01, &cc[io], s16);
         workgroupBarrier();
-        coop_write(h01, coop_read(io, lane), lane, t0 + st, n0 + sn + 16u);
+        coop_write(h01, coop_read(io, lane), lane, t0 + st, n0 + sn + 16u, orow0);
         workgroupBarrier();
         coopStoreT(c11, &cc[io], s16);
         workgroupBarrier();
@@ -293,6 +300,6 @@ fn gemm_coop(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
         workgroupBarrier();
         coopStoreT(l11, &cc[io], s16);
         workgroupBarrier();
-        coop_write(h11, coop_read(io, lane), lane, t0 + st + 16u, n0 + sn + 16u);
+        coop_write(h11, coop_read(io, lane), lane, t0 + st + 16u, n0 + sn + 16u, orow0);
     }
 }

@@ -1,7 +1,8 @@
 // The dense matmul kernels' uniform and bindings (matmul.wgsl, matmul_coop.wgsl): weights W [n, k]
 // as u32 words (lib/dequant.wgsl), activations x [t, k] f32 from row x_row0, output rows written at
-// column out_col0 of rows out_stride wide. ops/matmul.rs MatmulParams on the host; tile_t is the
-// tensor-core kernel's activation rows a tile and unused by the others.
+// column out_col0 of rows out_stride wide. ops/matmul.rs MatmulParams on the host; tile_t, k_chunk
+// and split_rows are the tensor-core kernel's (activation rows a tile, its split along K), splits
+// split_sum's; the others leave them unused.
 
 struct MatmulParams {
     n: u32,
@@ -12,6 +13,12 @@ struct MatmulParams {
     out_stride: u32,
     out_col0: u32,
     tile_t: u32,
+    // gemm_coop split along K: each workgroup z sums k_chunk values (0: all of K) and writes its
+    // partial rows at z · split_rows; split_sum adds the `splits` partials.
+    k_chunk: u32,
+    split_rows: u32,
+    splits: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: MatmulParams;

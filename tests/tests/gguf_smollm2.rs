@@ -12,7 +12,8 @@ use std::process::Command;
 use std::sync::{Arc, OnceLock};
 
 use edgediff::backend::cpu::CpuBackend;
-use edgediff::backend::AttnMask;
+use edgediff::backend::gpu::testing::{backends, rel_l2};
+use edgediff::backend::{AttnMask, Backend};
 use edgediff::engine::{Engine, Prompt};
 use edgediff::format::{DType, EdmFile};
 use edgediff::model::{ForwardRequest, Model, Window};
@@ -169,20 +170,26 @@ fn tokenizer_ids_equal_llama_cpp_and_transformers() {
     }
 }
 
-/// Logits of a causal pass over `tokens`, `[T, vocab]`.
-fn logits(path: &Path, tokens: &[u32]) -> Vec<f32> {
+/// Logits of a causal pass over each of the reference's cases on `b`, `[T, vocab]` each.
+fn logits_on<B: Backend>(b: &B, path: &Path) -> Vec<Vec<f32>> {
     let file = Arc::new(EdmFile::open(path).unwrap());
-    let model = Model::load(&CpuBackend, file, &|_, _| true).unwrap();
-    let mut kv = model.new_kv(&CpuBackend, tokens.len()).unwrap();
+    let model = Model::load(b, file, &|_, _| true).unwrap();
     let want = ForwardRequest {
         logits: true,
         ..Default::default()
     };
-    let window = Window::block(0, tokens.len(), AttnMask::Causal);
-    let out = model
-        .forward(&CpuBackend, &mut kv, tokens, window, &want)
-        .unwrap();
-    out.logits.unwrap()
+    reference()["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|case| {
+            let tokens = ids(&case["tokens"]);
+            let mut kv = model.new_kv(b, tokens.len()).unwrap();
+            let window = Window::block(0, tokens.len(), AttnMask::Causal);
+            let out = model.forward(b, &mut kv, &tokens, window, &want).unwrap();
+            out.logits.unwrap()
+        })
+        .collect()
 }
 
 /// Largest |ours − reference| over the reference's eight best logits of every position, the
@@ -194,11 +201,15 @@ fn compare(path: &Path) -> (f32, usize, usize) {
 
 /// [`compare`] plus the mean |Δ| over the same logits.
 fn compare_stats(path: &Path) -> (f32, f32, usize, usize) {
+    compare_logits(&logits_on(&CpuBackend, path))
+}
+
+/// [`compare_stats`] of logits computed elsewhere (one entry per reference case).
+fn compare_logits(all: &[Vec<f32>]) -> (f32, f32, usize, usize) {
     let (mut worst, mut sum, mut count) = (0f32, 0f64, 0usize);
     let (mut argmax_diff, mut positions) = (0, 0);
-    for case in reference()["cases"].as_array().unwrap() {
+    for (case, ours) in reference()["cases"].as_array().unwrap().iter().zip(all) {
         let tokens = ids(&case["tokens"]);
-        let ours = logits(path, &tokens);
         let vocab = ours.len() / tokens.len();
         for (p, pos) in case["positions"].as_array().unwrap().iter().enumerate() {
             let row = &ours[p * vocab..(p + 1) * vocab];
@@ -228,6 +239,25 @@ fn f32_logits_equal_transformers_gguf_loader() {
     assert_eq!(argmax_diff, 0);
 }
 
+/// The GPU (lavapipe in CI) on the f32 file against transformers' logits, and on the default q8
+/// file against the CPU reading the same bytes (the bound of every GPU test).
+#[test]
+fn gpu_logits_equal_transformers_and_the_cpu() {
+    let Some(m) = model() else { return };
+    let cpu_q8 = logits_on(&CpuBackend, &m.auto);
+    for (label, g) in backends(None) {
+        let (worst, _, argmax_diff, n) = compare_logits(&logits_on(&g, &m.f32));
+        eprintln!("GPU f32 on {label}: max |Δlogit| {worst:.5} over the reference top-8 of {n} positions, {argmax_diff} argmax differ");
+        assert!(worst < 2e-3, "{label}: max |Δlogit| {worst}");
+        assert_eq!(argmax_diff, 0, "{label}");
+        for (i, (gpu, cpu)) in logits_on(&g, &m.auto).iter().zip(&cpu_q8).enumerate() {
+            let err = rel_l2(gpu, cpu);
+            eprintln!("GPU q8 on {label}, case {i}: relative L2 to the CPU {err:e}");
+            assert!(err <= 1e-4, "{label}: case {i}: relative L2 {err:e}");
+        }
+    }
+}
+
 #[test]
 fn default_conversion_stays_close_to_the_reference() {
     let Some(m) = model() else { return };
@@ -240,7 +270,22 @@ fn default_conversion_stays_close_to_the_reference() {
 #[test]
 fn chat_answers_plain_questions_greedy_on_cpu() {
     let Some(m) = model() else { return };
-    let engine = Engine::new(CpuBackend, Arc::new(EdmFile::open(&m.auto).unwrap())).unwrap();
+    ask(Engine::new(CpuBackend, Arc::new(EdmFile::open(&m.auto).unwrap())).unwrap());
+}
+
+/// The same questions on the GPU (lavapipe in CI): its first configuration only, as ~100
+/// 30-layer passes on a CPU adapter take a minute; the logits test above covers both.
+#[test]
+fn chat_answers_plain_questions_greedy_on_gpu() {
+    let Some(m) = model() else { return };
+    for (label, g) in backends(None).into_iter().take(1) {
+        eprintln!("{label}:");
+        ask(Engine::new(g, Arc::new(EdmFile::open(&m.auto).unwrap())).unwrap());
+    }
+}
+
+/// Asks three plain questions greedily and checks each answer.
+fn ask<B: Backend>(engine: Engine<B>) {
     for (question, answers) in [
         ("What is the capital of France?", &["paris"][..]),
         ("What is the capital of Japan?", &["tokyo"]),

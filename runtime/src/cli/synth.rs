@@ -11,11 +11,11 @@ use crate::synth::SynthSpec;
 #[derive(clap::Args)]
 pub struct Args {
     /// Model family.
-    #[arg(long, value_parser = ["qwen3_moe", "olmoe", "llada2_moe", "zaya"])]
+    #[arg(long, value_parser = ["qwen3_moe", "olmoe", "llada2_moe", "zaya", "llama", "qwen2", "qwen3"])]
     pub arch: String,
-    /// Start from a preset shape: `tiny` (default), `llada2-mini` (LLaDA2.0-mini's shapes) or
-    /// `zaya1-8b` (ZAYA1-8B's shapes; --arch zaya).
-    #[arg(long, default_value = "tiny", value_parser = ["tiny", "llada2-mini", "zaya1-8b"])]
+    /// Start from a preset shape: `tiny` (default), `llada2-mini` (LLaDA2.0-mini's shapes),
+    /// `zaya1-8b` (ZAYA1-8B's shapes; --arch zaya) or `smollm2-135m` (SmolLM2-135M's; --arch llama).
+    #[arg(long, default_value = "tiny", value_parser = ["tiny", "llada2-mini", "zaya1-8b", "smollm2-135m"])]
     pub preset: String,
     #[arg(long)]
     pub layers: Option<usize>,
@@ -70,6 +70,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         },
         "zaya1-8b" if arch == Architecture::Zaya => SynthSpec::zaya1_8b(),
         "zaya1-8b" => anyhow::bail!("--preset zaya1-8b goes with --arch zaya"),
+        "smollm2-135m" if arch == Architecture::Llama => SynthSpec::smollm2_135m(),
+        "smollm2-135m" => anyhow::bail!("--preset smollm2-135m goes with --arch llama"),
         _ => SynthSpec::tiny(arch),
     };
     let set = |dst: &mut usize, v: Option<usize>| {

@@ -4,32 +4,13 @@
 //! bias on q, k and v, which edgediff's forward pass has no term for: refused, never dropped.
 //! Sources: transformers `models/llama/modeling_llama.py`, `models/qwen2/…`, `models/qwen3/…`.
 
-use super::hf::{truthy, HfConfig, HfLayout, QkvNames};
+use super::hf::{truthy, HfConfig, HfLayout};
 use super::ImportError;
 use crate::model::{Architecture, Gating, ModelConfig, MoeConfig, QkNorm};
 
-pub const LAYOUT: HfLayout = HfLayout {
-    embed: "model.embed_tokens.weight",
-    final_norm: "model.norm.weight",
-    lm_head: "lm_head.weight",
-    layers: "model.layers",
-    attn_norm: "input_layernorm.weight",
-    qkv: QkvNames::Separate {
-        q: "self_attn.q_proj.weight",
-        k: "self_attn.k_proj.weight",
-        v: "self_attn.v_proj.weight",
-    },
-    q_norm: "self_attn.q_norm.weight",
-    k_norm: "self_attn.k_norm.weight",
-    o: "self_attn.o_proj.weight",
-    ffn_norm: "post_attention_layernorm.weight",
-    // Dense models have no router or experts; these names are never asked for.
-    router: "mlp.gate.weight",
-    router_bias: None,
-    experts: "mlp.experts",
-    shared: None,
-    dense_mlp: "mlp",
-};
+/// transformers' Llama names are Qwen3-MoE's without the router and experts, which a dense model
+/// never asks for.
+pub const LAYOUT: HfLayout = super::qwen3_moe::LAYOUT;
 
 /// The MoE part of a model without experts.
 pub fn no_experts() -> MoeConfig {

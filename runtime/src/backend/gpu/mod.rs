@@ -805,11 +805,12 @@ impl Backend for GpuBackend {
             ));
         }
         self.with(|ctx| {
-            let gu = ctx.output((x.rows * 2 * inter * 4) as u64)?;
-            ops::matmul::matmul_into(ctx, gate_up, &x.buf, 0, x.rows, &gu, 2 * inter)?;
             let h = ctx.output((x.rows * inter * 4) as u64)?;
-            ops::elementwise::swiglu(ctx, &h, &gu, x.rows, inter)?;
-            drop(gu);
+            if !ops::matmul::gate_up_swiglu_into(ctx, gate_up, &x.buf, x.rows, &h)? {
+                let gu = ctx.output((x.rows * 2 * inter * 4) as u64)?;
+                ops::matmul::matmul_into(ctx, gate_up, &x.buf, 0, x.rows, &gu, 2 * inter)?;
+                ops::elementwise::swiglu(ctx, &h, &gu, x.rows, inter)?;
+            }
             let out = Self::out_act(ctx, x.rows, down.rows)?;
             ops::matmul::matmul_into(ctx, down, &h, 0, x.rows, &out.buf, down.rows)?;
             Ok(out)

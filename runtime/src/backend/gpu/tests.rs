@@ -258,14 +258,38 @@ fn matmul_kernel_choice_uses_tensor_cores_only_where_lent() {
     );
 }
 
+#[test]
+fn tensor_core_matmuls_with_few_tiles_split_along_k() {
+    use ops::matmul::coop_split;
+    // [3072 × 2048] at 32 tokens: 24 tiles → 6 splits of 352 (the last 288).
+    assert_eq!(coop_split(24, 2048), (352, 6));
+    // Enough tiles, or too short a K: no split.
+    assert_eq!(coop_split(128, 4096), (0, 1));
+    assert_eq!(coop_split(8, 300), (0, 1));
+    // The test shapes above: 4 splits of 288 (the last 192), and 3 of 352 over K = 1000 (last 296).
+    assert_eq!(coop_split(1, 1056), (288, 4));
+    assert_eq!(coop_split(2, 1000), (352, 3));
+    for (tiles, k) in [(1, 256), (3, 777), (24, 2048), (60, 5120), (1, 100_000)] {
+        let (chunk, splits) = coop_split(tiles, k);
+        if splits > 1 {
+            assert_eq!(chunk % 32, 0);
+            assert!((splits as usize - 1) * (chunk as usize) < k && k <= (splits * chunk) as usize);
+        }
+    }
+}
+
 /// Shapes for the tensor-core test beyond [`COOP_SHAPES`]: its 16- and 32-row tiles (reached with
 /// the kernel forced, as test weights are small), partial and several tiles along T.
-const COOP_SMALL_SHAPES: [(usize, usize, usize); 5] = [
+/// The last two have few tiles and a long K: split along K (4 and 3 splits, the last one short; the
+/// f16 one ends mid-group).
+const COOP_SMALL_SHAPES: [(usize, usize, usize); 7] = [
     (5, 130, 64),
     (16, 129, 96),
     (20, 67, 96),
     (32, 256, 128),
     (50, 200, 70),
+    (20, 67, 1056),
+    (33, 45, 1000),
 ];
 
 /// [`COOP_SMALL_SHAPES`] for each of `dtypes`.

@@ -26,6 +26,12 @@ pub struct MatmulParams {
     pub out_col0: u32,
     /// [`GEMM_COOP`]'s activation rows a tile (16, 32 or 64); unused by the other entries.
     pub tile_t: u32,
+    /// [`GEMM_COOP`] split along K: values per split (0: no split), its partial rows' stride.
+    pub k_chunk: u32,
+    pub split_rows: u32,
+    /// [`SPLIT_SUM`]: partials to add.
+    pub splits: u32,
+    pub _pad: u32,
 }
 
 #[repr(C)]
@@ -49,6 +55,13 @@ pub static GEMV: Entry = Entry {
     bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite)],
     params: "MatmulParams",
 };
+/// [`GEMV`] over a fused [gate; up] weight, writing silu(gate) · up.
+pub static GEMV_SWIGLU: Entry = Entry {
+    file: "matmul.wgsl",
+    name: "gemv_swiglu",
+    bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite)],
+    params: "MatmulParams",
+};
 pub static GEMM: Entry = Entry {
     file: "matmul.wgsl",
     name: "gemm",
@@ -59,6 +72,13 @@ pub static GEMM_COOP: Entry = Entry {
     file: "matmul_coop.wgsl",
     name: "gemm_coop",
     bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite)],
+    params: "MatmulParams",
+};
+/// Adds the K-split partials of [`GEMM_COOP`] (matmul.wgsl).
+pub static SPLIT_SUM: Entry = Entry {
+    file: "matmul.wgsl",
+    name: "split_sum",
+    bindings: &[(0, Params), (2, Read), (3, ReadWrite)],
     params: "MatmulParams",
 };
 pub static EXPERT_GATE_UP: Entry = Entry {
@@ -126,6 +146,32 @@ fn coop_min_t() -> usize {
     })
 }
 
+/// Workgroups a tensor-core matmul aims at before it splits along K (an H200 has 132 SMs; fewer
+/// than this many tiles leave most of a large GPU idle through the whole K loop).
+pub const COOP_TARGET_WORKGROUPS: usize = 128;
+/// Each split keeps at least this many K values (8 steps of 32), so its partial's traffic stays
+/// small against its weights.
+pub const COOP_MIN_SPLIT_K: usize = 256;
+
+fn coop_split_k_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("EDGEDIFF_COOP_SPLIT_K").map_or(true, |v| v != "0"))
+}
+
+/// (K values per split, splits) for a tensor-core matmul of `tiles` workgroups over `k`: one
+/// split (k_chunk 0) when the tiles fill the GPU or K is short. `EDGEDIFF_COOP_SPLIT_K=0` never
+/// splits (before/after measurements).
+pub fn coop_split(tiles: usize, k: usize) -> (u32, u32) {
+    let want = COOP_TARGET_WORKGROUPS.div_ceil(tiles.max(1));
+    let most = k / COOP_MIN_SPLIT_K;
+    let splits = want.min(most);
+    if splits < 2 || !coop_split_k_on() {
+        return (0, 1);
+    }
+    let chunk = k.div_ceil(splits).div_ceil(32) * 32;
+    (chunk as u32, k.div_ceil(chunk) as u32)
+}
+
 /// The tensor-core tile's activation rows for `t` activation rows: the smallest that holds them.
 pub fn coop_tile_t(t: usize) -> u32 {
     if t <= 16 {
@@ -170,6 +216,90 @@ pub fn matmul_kernel(coop: bool, dtype: DType, t: usize, rows: usize, bytes: u64
     }
 }
 
+/// [`GEMM_COOP`] split along K into a scratch of `splits` partial outputs, then [`SPLIT_SUM`] into
+/// `out` as `p` describes it.
+fn coop_split_k(
+    ctx: &mut Ctx,
+    wtype: u32,
+    p: &mut MatmulParams,
+    [w, x, out]: [&GpuBuffer; 3],
+    (gx, gy): (u64, usize),
+    (k_chunk, splits): (u32, u32),
+) -> Result<(), GpuError> {
+    let (t, n) = (p.t, p.n);
+    let scratch = ctx.output(u64::from(splits) * u64::from(t) * u64::from(n) * 4)?;
+    let scratch: &GpuBuffer = &scratch;
+    let part = MatmulParams {
+        k_chunk,
+        split_rows: t,
+        out_stride: n,
+        out_col0: 0,
+        ..*p
+    };
+    let grid = Grid::Groups(gx as u32, gy as u32, splits);
+    ctx.dispatch(&GEMM_COOP, wtype, &part, None, &[w, x, scratch], grid)?;
+    p.splits = splits;
+    let sum = Grid::Linear(u64::from(t * n).div_ceil(64));
+    ctx.dispatch(&SPLIT_SUM, 0, p, None, &[scratch, out], sum)
+}
+
+/// `h[r, c] = silu(gate[c]) · up[c]` of `x`'s `t` rows against the fused [gate; up] weight in one
+/// dispatch ([`GEMV_SWIGLU`]) where the gemv serves it (one chunk, the gemv's token counts).
+/// Returns false, having recorded nothing, otherwise: the caller multiplies, then activates
+/// (`EDGEDIFF_FUSE_SWIGLU=0` always, for before/after measurements).
+pub fn gate_up_swiglu_into(
+    ctx: &mut Ctx,
+    gate_up: &GpuWeight,
+    x: &GpuBuffer,
+    t: usize,
+    h: &GpuBuffer,
+) -> Result<bool, GpuError> {
+    static FUSE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let fuse =
+        *FUSE.get_or_init(|| std::env::var("EDGEDIFF_FUSE_SWIGLU").map_or(true, |v| v != "0"));
+    let [c] = gate_up.chunks.as_slice() else {
+        return Ok(false);
+    };
+    if !fuse {
+        return Ok(false);
+    }
+    let coop = ctx.sh.dev.caps.coop;
+    let kernel = matmul_kernel(coop, gate_up.dtype, t, c.rows as usize, c.buf.size);
+    if !matches!(kernel, MatmulKernel::Gemv | MatmulKernel::GemvBlocked) || c.rows % 2 != 0 {
+        return Ok(false);
+    }
+    let inter = c.rows / 2;
+    let p = MatmulParams {
+        tile_t: 0,
+        k_chunk: 0,
+        split_rows: 0,
+        splits: 0,
+        _pad: 0,
+        n: c.rows,
+        k: gate_up.cols as u32,
+        t: t as u32,
+        scales: c.scales,
+        x_row0: 0,
+        out_stride: inter,
+        out_col0: 0,
+    };
+    let pairs = inter.div_ceil(2);
+    let grid = Grid::Groups(
+        pairs.min(65535),
+        pairs.div_ceil(65535),
+        t.div_ceil(GEMV_T) as u32,
+    );
+    ctx.dispatch(
+        &GEMV_SWIGLU,
+        gate_up.wtype(),
+        &p,
+        None,
+        &[&c.buf, x, h],
+        grid,
+    )?;
+    Ok(true)
+}
+
 #[cfg(test)]
 thread_local! {
     /// Tests: the tensor-core kernel for every f16/q8/q4 matmul this thread records, whatever `t`
@@ -190,7 +320,11 @@ pub fn matmul_into(
     out_stride: usize,
 ) -> Result<(), GpuError> {
     for c in &w.chunks {
-        let p = MatmulParams {
+        let mut p = MatmulParams {
+            k_chunk: 0,
+            split_rows: 0,
+            splits: 0,
+            _pad: 0,
             tile_t: coop_tile_t(t),
             n: c.rows,
             k: w.cols as u32,
@@ -220,14 +354,22 @@ pub fn matmul_into(
                 &GEMM,
                 Grid::Groups(n.div_ceil(64) as u32, t.div_ceil(16) as u32, 1),
             ),
-            MatmulKernel::Coop => (
-                &GEMM_COOP,
-                Grid::Groups(
-                    n.div_ceil(128) as u32,
-                    t.div_ceil(coop_tile_t(t) as usize) as u32,
-                    1,
-                ),
-            ),
+            MatmulKernel::Coop => {
+                let (gx, gy) = (n.div_ceil(128), t.div_ceil(coop_tile_t(t) as usize));
+                let (k_chunk, splits) = coop_split(gx as usize * gy, w.cols);
+                if splits > 1 {
+                    coop_split_k(
+                        ctx,
+                        w.wtype(),
+                        &mut p,
+                        [&c.buf, x, out],
+                        (gx, gy),
+                        (k_chunk, splits),
+                    )?;
+                    continue;
+                }
+                (&GEMM_COOP, Grid::Groups(gx as u32, gy as u32, 1))
+            }
         };
         ctx.dispatch(entry, w.wtype(), &p, None, &bufs, grid)?;
     }
