@@ -72,6 +72,8 @@ pub struct GpuOptions {
     /// One compute pass per dispatch instead of one per run of dispatches (`EDGEDIFF_PASS=
     /// per-dispatch`; the earlier behaviour, kept for before/after measurements).
     pub pass_per_dispatch: bool,
+    /// Kernel choices and tuning (`EDGEDIFF_*` measurement knobs; see choice.rs).
+    pub kernels: super::KernelChoice,
 }
 
 /// A 20-layer pass records ≈ 340 dispatches: submitting every 96 lets the GPU start after the
@@ -99,6 +101,7 @@ impl GpuOptions {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(DEFAULT_SUBMIT_EVERY),
             pass_per_dispatch: std::env::var("EDGEDIFF_PASS").is_ok_and(|v| v == "per-dispatch"),
+            kernels: super::KernelChoice::from_env(),
         }
     }
 }
@@ -207,6 +210,7 @@ pub struct GpuDevice {
     /// `max_binding` option.
     pub split: u64,
     pub errors: ErrorSink,
+    pub kernels: super::KernelChoice,
 }
 
 fn instance() -> wgpu::Instance {
@@ -403,6 +407,7 @@ impl GpuDevice {
             max_binding,
             split,
             errors,
+            kernels: opts.kernels,
         })
     }
 

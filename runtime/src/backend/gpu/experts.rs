@@ -239,16 +239,13 @@ fn part_layout(p: &TensorEntry, word: u32) -> PartLayout {
 /// run costing a fixed ~12–18 µs on an H200 whatever its share of the work, so a layer's experts go
 /// into as few buffers as the device allows: one where it binds 2 GiB (a LLaDA2.0-mini q4 layer is
 /// ~400 MB), several of 128 MiB on lavapipe and many phones.
-/// `EDGEDIFF_EXPERT_POOL_BINDING` (bytes) lowers it (benchmarks: 134217728 gives the 128 MiB
-/// buffers of a phone on a large GPU).
+/// KernelChoice::expert_pool_binding lowers it (benchmarks: 134217728 gives the 128 MiB buffers
+/// of a phone on a large GPU).
 fn pool_buffer_cap(sh: &Shared) -> u64 {
-    static FORCED: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    let forced = FORCED.get_or_init(|| {
-        std::env::var("EDGEDIFF_EXPERT_POOL_BINDING")
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-    });
-    forced.map_or(sh.dev.split, |f| sh.dev.split.min(f.max(256)) & !255)
+    sh.dev
+        .kernels
+        .expert_pool_binding
+        .map_or(sh.dev.split, |f| sh.dev.split.min(f.max(256)) & !255)
 }
 
 fn align(n: u64, a: u64) -> u64 {

@@ -12,6 +12,7 @@
 //! cache), recorder.rs (the recording, params arena, bind-group cache, readback), pool.rs
 //! (buffers), experts.rs (pool + slot table), ops/ (one file per op: params struct + dispatch).
 
+pub mod choice;
 pub mod compose;
 pub mod device;
 pub mod experts;
@@ -27,6 +28,7 @@ mod tests;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, Weak};
 
+pub use choice::KernelChoice;
 pub use device::{list_adapters, AdapterSummary, DeviceCaps, GpuDevice, GpuError, GpuOptions};
 pub use experts::{GpuExpertPool, GpuExperts};
 

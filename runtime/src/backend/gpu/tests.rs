@@ -168,7 +168,7 @@ test_backends!(
     }
 );
 
-/// (T, N, K) of the token blocks the tensor-core matmul serves (T ≥ COOP_MIN_T): one exact 64 × 128
+/// (T, N, K) of the token blocks the tensor-core matmul serves (T ≥ choice::COOP_MIN_T): one exact 64 × 128
 /// tile, then partial tiles along every axis, K past a step of 32 and no multiple of 8, several
 /// workgroups along T and N.
 const COOP_SHAPES: [(usize, usize, usize); 5] = [
@@ -228,7 +228,11 @@ test_backends!(
 
 #[test]
 fn matmul_kernel_choice_uses_tensor_cores_only_where_lent() {
-    use ops::matmul::{coop_tile_t, matmul_kernel, MatmulKernel::*, COOP_MIN_T};
+    use super::choice::{KernelChoice, COOP_MIN_T};
+    use ops::matmul::{coop_tile_t, MatmulKernel::*};
+    let d = KernelChoice::default();
+    let matmul_kernel =
+        |coop, dtype, t, rows, bytes| ops::matmul::matmul_kernel(&d, coop, dtype, t, rows, bytes);
     let t = COOP_MIN_T;
     for dtype in [DType::F16, DType::Q8, DType::Q4] {
         assert_eq!(matmul_kernel(true, dtype, t, 4096, 32 << 20), Coop);
@@ -256,11 +260,23 @@ fn matmul_kernel_choice_uses_tensor_cores_only_where_lent() {
         [1, 16, 17, 32, 33, 64, 4096].map(coop_tile_t),
         [16, 16, 32, 32, 64, 64, 64]
     );
+    // The knobs move the boundaries: the earlier router rule, tensor cores from 32 tokens.
+    let earlier = KernelChoice {
+        gemv_f32_max_t: 16,
+        coop_min_t: 32,
+        ..d
+    };
+    let k =
+        |dtype, t, rows, bytes| ops::matmul::matmul_kernel(&earlier, true, dtype, t, rows, bytes);
+    assert_eq!(k(DType::F32, 32, 256, 2 << 20), Tiled);
+    assert_eq!(k(DType::Q4, 20, 4096, 32 << 20), Tiled);
+    assert_eq!(k(DType::Q4, 32, 4096, 32 << 20), Coop);
 }
 
 #[test]
 fn tensor_core_matmuls_with_few_tiles_split_along_k() {
-    use ops::matmul::coop_split;
+    let d = super::choice::KernelChoice::default();
+    let coop_split = |tiles, k| ops::matmul::coop_split(&d, tiles, k);
     // [3072 × 2048] at 32 tokens: 24 tiles → 6 splits of 352 (the last 288).
     assert_eq!(coop_split(24, 2048), (352, 6));
     // Enough tiles, or too short a K: no split.
@@ -276,6 +292,11 @@ fn tensor_core_matmuls_with_few_tiles_split_along_k() {
             assert!((splits as usize - 1) * (chunk as usize) < k && k <= (splits * chunk) as usize);
         }
     }
+    let off = super::choice::KernelChoice {
+        coop_split_k: false,
+        ..d
+    };
+    assert_eq!(ops::matmul::coop_split(&off, 24, 2048), (0, 1));
 }
 
 /// Shapes for the tensor-core test beyond [`COOP_SHAPES`]: its 16- and 32-row tiles (reached with

@@ -2,6 +2,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::super::choice::AttnKernel;
 use super::super::device::GpuError;
 use super::super::kernels::{Entry, Slot::*};
 use super::super::pool::GpuBuffer;
@@ -89,10 +90,6 @@ pub fn splits(heads: usize, rows: usize, kv_len: usize) -> (usize, usize) {
     (chunks.div_ceil(per), per * 64)
 }
 
-/// Workgroups (8 slots of 8 invocations each) the GQA kernel aims at; `EDGEDIFF_ATTN_GROUPS`
-/// overrides it (benchmarks).
-const GQA_TARGET_GROUPS: usize = 512;
-
 /// The fewest keys one GQA split walks (below this the merge costs more than the split saves).
 const GQA_MIN_CHUNK: usize = 16;
 
@@ -100,16 +97,10 @@ const GQA_MIN_CHUNK: usize = 16;
 pub const GQA_MAX_HEAD_DIM: usize = 128;
 
 /// (splits, keys per split) of the GQA kernel: `slots` query rows (tokens × q heads) per split,
-/// keys in multiples of 4, spread until the grid reaches its target of workgroups.
-pub fn gqa_splits(slots: usize, kv_len: usize) -> (usize, usize) {
-    static TARGET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let target = *TARGET.get_or_init(|| {
-        std::env::var("EDGEDIFF_ATTN_GROUPS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&n: &usize| n > 0)
-            .unwrap_or(GQA_TARGET_GROUPS)
-    });
+/// keys in multiples of 4, spread until the grid reaches `target` workgroups
+/// (KernelChoice::attn_groups).
+pub fn gqa_splits(target: usize, slots: usize, kv_len: usize) -> (usize, usize) {
+    let target = target.max(1);
     let kv_len = kv_len.max(1);
     let want = (target * 8)
         .div_ceil(slots.max(1))
@@ -119,19 +110,11 @@ pub fn gqa_splits(slots: usize, kv_len: usize) -> (usize, usize) {
 }
 
 /// Which attention kernels run: the GQA octet kernel where the head fits it (and subgroups, if
-/// used, are at least 8 wide), else the per-head kernel. `EDGEDIFF_ATTN_KERNEL=heads|gqa` forces
-/// one where both apply (benchmarks).
+/// used, are at least 8 wide), else the per-head kernel. KernelChoice::attention forces one where
+/// both apply (benchmarks).
 fn use_gqa(ctx: &Ctx, c: &ModelConfig) -> bool {
-    static FORCED: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
-    let forced =
-        *FORCED.get_or_init(
-            || match std::env::var("EDGEDIFF_ATTN_KERNEL").ok().as_deref() {
-                Some("heads") => Some(false),
-                Some("gqa") => Some(true),
-                _ => None,
-            },
-        );
     let dev = &ctx.sh.dev;
+    let forced = dev.kernels.attention.map(|k| k == AttnKernel::Gqa);
     let fits = c.head_dim.is_multiple_of(4)
         && c.head_dim <= GQA_MAX_HEAD_DIM
         && c.num_kv_heads > 0
@@ -172,7 +155,7 @@ pub fn attention(
     let kv_dim = c.kv_dim();
     let gqa = use_gqa(ctx, c);
     let (splits, chunk) = if gqa {
-        gqa_splits(c.num_heads * rows, kv_len)
+        gqa_splits(ctx.sh.dev.kernels.attn_groups, c.num_heads * rows, kv_len)
     } else {
         splits(c.num_heads, rows, kv_len)
     };

@@ -1,12 +1,13 @@
 //! y = x · Wᵀ for weights in file layout (shaders/matmul.wgsl): gemv for up to 4 activation rows,
 //! and up to 16 (blocks of 4 along the grid's z) where the weight stays in L2 between blocks;
 //! 16 × 64 tiles beyond; the grouped expert kernels of the same file are dispatched by moe.rs.
-//! f16, q8 and q4 weights against [`COOP_MIN_T`] activation rows or more, past the gemv cases, run
+//! f16, q8 and q4 weights against `KernelChoice::coop_min_t` activation rows or more, past the gemv cases, run
 //! on the tensor cores (shaders/matmul_coop.wgsl, 16, 32 or 64 × 128 tiles) where the device lends
 //! cooperative matrices.
 
 use bytemuck::{Pod, Zeroable};
 
+use super::super::choice::KernelChoice;
 use super::super::device::GpuError;
 use super::super::kernels::{Entry, Slot::*};
 use super::super::pool::GpuBuffer;
@@ -113,38 +114,8 @@ pub const GEMV_T: usize = 4;
 /// Activation rows up to which the gemv entry runs in token blocks along z (H100: 16 tokens × 3072
 /// × 2048 q4 194 → 69 µs against the tiles; at 64 tokens, or for the 161 MB LM head, the tiles win).
 pub const GEMV_MAX_T: usize = 16;
-/// Activation rows up to which f32 weights that stay in L2 (the routers) take the gemv in token
-/// blocks: they have no tensor-core kernel, and the tiled one gives a router [256 × 2048] only
-/// n/64 × t/16 workgroups (8 at 32 tokens: 160 µs a layer on the H200).
-/// `EDGEDIFF_GEMV_F32_MAX_T` overrides it (before/after measurements; 16 is the earlier rule).
-pub const GEMV_F32_MAX_T: usize = 64;
-
-fn gemv_f32_max_t() -> usize {
-    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *MAX.get_or_init(|| {
-        std::env::var("EDGEDIFF_GEMV_F32_MAX_T")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(GEMV_F32_MAX_T)
-    })
-}
-
 /// Weight bytes up to which token blocks re-read the weight from L2 rather than memory.
 pub const GEMV_BLOCKED_MAX_BYTES: u64 = 16 << 20;
-
-/// Activation rows from which f16, q8 and q4 weights run on the tensor cores (where the device has
-/// them and the gemv cases do not apply); `EDGEDIFF_COOP_MIN_T` overrides it (benchmarks).
-pub const COOP_MIN_T: usize = 16;
-
-fn coop_min_t() -> usize {
-    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *MIN.get_or_init(|| {
-        std::env::var("EDGEDIFF_COOP_MIN_T")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(COOP_MIN_T)
-    })
-}
 
 /// Workgroups a tensor-core matmul aims at before it splits along K (an H200 has 132 SMs; fewer
 /// than this many tiles leave most of a large GPU idle through the whole K loop).
@@ -153,19 +124,13 @@ pub const COOP_TARGET_WORKGROUPS: usize = 128;
 /// small against its weights.
 pub const COOP_MIN_SPLIT_K: usize = 256;
 
-fn coop_split_k_on() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("EDGEDIFF_COOP_SPLIT_K").map_or(true, |v| v != "0"))
-}
-
 /// (K values per split, splits) for a tensor-core matmul of `tiles` workgroups over `k`: one
-/// split (k_chunk 0) when the tiles fill the GPU or K is short. `EDGEDIFF_COOP_SPLIT_K=0` never
-/// splits (before/after measurements).
-pub fn coop_split(tiles: usize, k: usize) -> (u32, u32) {
+/// split (k_chunk 0) when the tiles fill the GPU, K is short, or `choice` turns splitting off.
+pub fn coop_split(choice: &KernelChoice, tiles: usize, k: usize) -> (u32, u32) {
     let want = COOP_TARGET_WORKGROUPS.div_ceil(tiles.max(1));
     let most = k / COOP_MIN_SPLIT_K;
     let splits = want.min(most);
-    if splits < 2 || !coop_split_k_on() {
+    if splits < 2 || !choice.coop_split_k {
         return (0, 1);
     }
     let chunk = k.div_ceil(splits).div_ceil(32) * 32;
@@ -198,10 +163,17 @@ pub enum MatmulKernel {
 
 /// The kernel for `t` activation rows against a chunk of `rows` weight rows of `dtype` held in
 /// `bytes`, on a device with (`coop`) or without cooperative matrices.
-pub fn matmul_kernel(coop: bool, dtype: DType, t: usize, rows: usize, bytes: u64) -> MatmulKernel {
+pub fn matmul_kernel(
+    choice: &KernelChoice,
+    coop: bool,
+    dtype: DType,
+    t: usize,
+    rows: usize,
+    bytes: u64,
+) -> MatmulKernel {
     let groups = rows.div_ceil(4);
     let max_t = if dtype == DType::F32 {
-        gemv_f32_max_t().max(GEMV_MAX_T)
+        choice.gemv_f32_max_t.max(GEMV_MAX_T)
     } else {
         GEMV_MAX_T
     };
@@ -209,7 +181,8 @@ pub fn matmul_kernel(coop: bool, dtype: DType, t: usize, rows: usize, bytes: u64
         MatmulKernel::Gemv
     } else if t <= max_t && groups <= 65535 && bytes <= GEMV_BLOCKED_MAX_BYTES {
         MatmulKernel::GemvBlocked
-    } else if coop && matches!(dtype, DType::F16 | DType::Q8 | DType::Q4) && t >= coop_min_t() {
+    } else if coop && matches!(dtype, DType::F16 | DType::Q8 | DType::Q4) && t >= choice.coop_min_t
+    {
         MatmulKernel::Coop
     } else {
         MatmulKernel::Tiled
@@ -246,7 +219,7 @@ fn coop_split_k(
 /// `h[r, c] = silu(gate[c]) · up[c]` of `x`'s `t` rows against the fused [gate; up] weight in one
 /// dispatch ([`GEMV_SWIGLU`]) where the gemv serves it (one chunk, the gemv's token counts).
 /// Returns false, having recorded nothing, otherwise: the caller multiplies, then activates
-/// (`EDGEDIFF_FUSE_SWIGLU=0` always, for before/after measurements).
+/// (always when [`KernelChoice::fuse_swiglu`] is off).
 pub fn gate_up_swiglu_into(
     ctx: &mut Ctx,
     gate_up: &GpuWeight,
@@ -254,17 +227,15 @@ pub fn gate_up_swiglu_into(
     t: usize,
     h: &GpuBuffer,
 ) -> Result<bool, GpuError> {
-    static FUSE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let fuse =
-        *FUSE.get_or_init(|| std::env::var("EDGEDIFF_FUSE_SWIGLU").map_or(true, |v| v != "0"));
+    let choice = &ctx.sh.dev.kernels;
     let [c] = gate_up.chunks.as_slice() else {
         return Ok(false);
     };
-    if !fuse {
+    if !choice.fuse_swiglu {
         return Ok(false);
     }
     let coop = ctx.sh.dev.caps.coop;
-    let kernel = matmul_kernel(coop, gate_up.dtype, t, c.rows as usize, c.buf.size);
+    let kernel = matmul_kernel(choice, coop, gate_up.dtype, t, c.rows as usize, c.buf.size);
     if !matches!(kernel, MatmulKernel::Gemv | MatmulKernel::GemvBlocked) || c.rows % 2 != 0 {
         return Ok(false);
     }
@@ -339,7 +310,14 @@ pub fn matmul_into(
         let bufs: [&GpuBuffer; 3] = [&c.buf, x, out];
         let coop = ctx.sh.dev.caps.coop;
         #[allow(unused_mut)]
-        let mut kernel = matmul_kernel(coop, w.dtype, t, c.rows as usize, c.buf.size);
+        let mut kernel = matmul_kernel(
+            &ctx.sh.dev.kernels,
+            coop,
+            w.dtype,
+            t,
+            c.rows as usize,
+            c.buf.size,
+        );
         #[cfg(test)]
         if coop && w.dtype != DType::F32 && FORCE_COOP.with(|f| f.get()) {
             kernel = MatmulKernel::Coop;
@@ -356,7 +334,7 @@ pub fn matmul_into(
             ),
             MatmulKernel::Coop => {
                 let (gx, gy) = (n.div_ceil(128), t.div_ceil(coop_tile_t(t) as usize));
-                let (k_chunk, splits) = coop_split(gx as usize * gy, w.cols);
+                let (k_chunk, splits) = coop_split(&ctx.sh.dev.kernels, gx as usize * gy, w.cols);
                 if splits > 1 {
                     coop_split_k(
                         ctx,

@@ -89,27 +89,17 @@ pub static COMBINE_ADD: Entry = Entry {
 /// the tiles would leave most of their 16 token rows empty.
 pub const GEMV_MAX_MEAN_TOKENS: usize = 8;
 
-/// Which expert kernels serve a layer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExpertKernel {
-    /// [`GATE_UP_GEMV`] / [`DOWN_GEMV`].
-    Gemv,
-    /// The tiled [`EXPERT_GATE_UP`] / [`EXPERT_DOWN`].
-    Tiled,
-}
+pub use super::super::choice::ExpertKernel;
 
-/// The expert kernels for `rows` tokens routed to `top_k` of `experts` experts each.
-/// `EDGEDIFF_MOE_KERNEL=gemv|tiled` forces one (benchmarks).
-pub fn expert_kernel(rows: usize, top_k: usize, experts: usize) -> ExpertKernel {
-    static FORCED: std::sync::OnceLock<Option<ExpertKernel>> = std::sync::OnceLock::new();
-    let forced =
-        FORCED.get_or_init(
-            || match std::env::var("EDGEDIFF_MOE_KERNEL").ok().as_deref() {
-                Some("gemv") => Some(ExpertKernel::Gemv),
-                Some("tiled") => Some(ExpertKernel::Tiled),
-                _ => None,
-            },
-        );
+/// The expert kernels for `rows` tokens routed to `top_k` of `experts` experts each: GEMV
+/// ([`GATE_UP_GEMV`] / [`DOWN_GEMV`]) for few tokens per expert, else tiled ([`EXPERT_GATE_UP`] /
+/// [`EXPERT_DOWN`]); `forced` (KernelChoice::moe) overrides it.
+pub fn expert_kernel(
+    forced: Option<ExpertKernel>,
+    rows: usize,
+    top_k: usize,
+    experts: usize,
+) -> ExpertKernel {
     forced.unwrap_or(if rows * top_k <= GEMV_MAX_MEAN_TOKENS * experts.max(1) {
         ExpertKernel::Gemv
     } else {
@@ -216,7 +206,12 @@ pub fn experts(
 ) -> Result<(), GpuError> {
     let (top_k, a) = (s.params.top_k, s.params.assignments);
     let (meta, h, y) = (&*s.meta, &*s.h, &*s.y);
-    let kernel = expert_kernel(s.params.t as usize, top_k as usize, e.num_experts);
+    let kernel = expert_kernel(
+        ctx.sh.dev.kernels.moe,
+        s.params.t as usize,
+        top_k as usize,
+        e.num_experts,
+    );
     // GEMV grids: (active-expert list entries, weight-row blocks); the list has at most
     // min(assignments, experts) entries.
     let listed = a.min(e.num_experts as u32);

@@ -31,20 +31,6 @@ pub static MERGE: Entry = Entry {
     params: "StatsParams",
 };
 
-/// Logits per stats_partial workgroup; `EDGEDIFF_STATS_CHUNK` overrides it (benchmarks). The
-/// kernel splits a row into `vocab.div_ceil(chunk)` equal parts.
-pub const CHUNK: usize = 2048;
-
-fn chunk_len() -> usize {
-    static LEN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *LEN.get_or_init(|| {
-        std::env::var("EDGEDIFF_STATS_CHUNK")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&c| c >= 64)
-            .unwrap_or(CHUNK)
-    })
-}
 /// Words per position (and per partial).
 pub const WORDS: usize = 20;
 
@@ -57,7 +43,9 @@ pub fn stats(
     out: &GpuBuffer,
     out_row0: usize,
 ) -> Result<(), GpuError> {
-    let chunks = vocab.div_ceil(chunk_len());
+    // Logits per stats_partial workgroup (KernelChoice::stats_chunk): a row splits into
+    // `vocab.div_ceil(chunk)` equal parts.
+    let chunks = vocab.div_ceil(ctx.sh.dev.kernels.stats_chunk);
     let partials = ctx.output((rows * chunks * WORDS * 4) as u64)?;
     let p = StatsParams {
         rows: rows as u32,

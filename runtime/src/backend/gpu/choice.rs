@@ -1,0 +1,195 @@
+//! Kernel choices and tuning where more than one kernel or setting serves an op. The defaults are
+//! the measured best (docs/PERF.md); the others stay selectable so a before/after comparison runs
+//! side by side from one binary. Read once, with the device's other options
+//! ([`super::GpuOptions::from_env`]), and carried by the device: no op reads the environment.
+//!
+//! | variable | field |
+//! |---|---|
+//! | `EDGEDIFF_COOP_MIN_T=<tokens>` | [`KernelChoice::coop_min_t`] |
+//! | `EDGEDIFF_COOP_SPLIT_K=0` | [`KernelChoice::coop_split_k`] |
+//! | `EDGEDIFF_GEMV_F32_MAX_T=<tokens>` | [`KernelChoice::gemv_f32_max_t`] |
+//! | `EDGEDIFF_FUSE_SWIGLU=0` | [`KernelChoice::fuse_swiglu`] |
+//! | `EDGEDIFF_MOE_KERNEL=gemv\|tiled` | [`KernelChoice::moe`] |
+//! | `EDGEDIFF_ATTN_KERNEL=heads\|gqa` | [`KernelChoice::attention`] |
+//! | `EDGEDIFF_ATTN_GROUPS=<n>` | [`KernelChoice::attn_groups`] |
+//! | `EDGEDIFF_STATS_CHUNK=<logits>` | [`KernelChoice::stats_chunk`] |
+//! | `EDGEDIFF_EXPERT_POOL_BINDING=<bytes>` | [`KernelChoice::expert_pool_binding`] |
+
+/// Which expert kernels serve a layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpertKernel {
+    /// The GEMV expert kernels (shaders/moe_gemv.wgsl).
+    Gemv,
+    /// The tiled expert kernels (shaders/matmul.wgsl).
+    Tiled,
+}
+
+/// Which attention kernels serve a layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnKernel {
+    /// One workgroup per (q head, token, split): attend + attend_combine.
+    Heads,
+    /// Octets over GQA groups: attend_gqa + attend_merge.
+    Gqa,
+}
+
+/// Activation rows from which f16, q8 and q4 matmuls take the tensor cores.
+pub const COOP_MIN_T: usize = 16;
+/// Activation rows up to which f32 weights that stay in L2 (the routers) take the gemv in token
+/// blocks: they have no tensor-core kernel, and the tiled one gives a router [256 × 2048] only
+/// n/64 × t/16 workgroups (8 at 32 tokens: 160 µs a layer on the H200).
+pub const GEMV_F32_MAX_T: usize = 64;
+/// Workgroups (8 slots of 8 invocations each) the GQA attention kernel aims at.
+pub const GQA_TARGET_GROUPS: usize = 512;
+/// Logits per LM-head statistics workgroup (a row splits into `vocab.div_ceil(chunk)` parts).
+pub const STATS_CHUNK: usize = 2048;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelChoice {
+    /// Activation rows from which f16/q8/q4 matmuls run on the tensor cores.
+    pub coop_min_t: usize,
+    /// Split K of tensor-core matmuls with too few tiles to fill the GPU.
+    pub coop_split_k: bool,
+    /// Activation rows up to which small f32 weights take the token-blocked gemv.
+    pub gemv_f32_max_t: usize,
+    /// SwiGLU fused into the dense gate_up gemv.
+    pub fuse_swiglu: bool,
+    /// The routed-expert kernel, forced (`None`: chosen by tokens per expert).
+    pub moe: Option<ExpertKernel>,
+    /// The attention kernel, forced where both apply (`None`: GQA where the head fits it).
+    pub attention: Option<AttnKernel>,
+    /// Workgroups the GQA attention kernel aims at.
+    pub attn_groups: usize,
+    /// Logits per LM-head statistics workgroup (≥ 64).
+    pub stats_chunk: usize,
+    /// Expert pool buffers at most this many bytes, below the device's binding limit (the
+    /// 128 MiB of many phones on a large GPU: 134217728).
+    pub expert_pool_binding: Option<u64>,
+}
+
+impl Default for KernelChoice {
+    fn default() -> Self {
+        KernelChoice {
+            coop_min_t: COOP_MIN_T,
+            coop_split_k: true,
+            gemv_f32_max_t: GEMV_F32_MAX_T,
+            fuse_swiglu: true,
+            moe: None,
+            attention: None,
+            attn_groups: GQA_TARGET_GROUPS,
+            stats_chunk: STATS_CHUNK,
+            expert_pool_binding: None,
+        }
+    }
+}
+
+impl KernelChoice {
+    /// The defaults, overridden by the `EDGEDIFF_*` variables of the module table.
+    pub fn from_env() -> Self {
+        Self::from_vars(&|name| std::env::var(name).ok())
+    }
+
+    /// [`Self::from_env`] over any variable lookup. A value that does not parse leaves the
+    /// default (these are measurement knobs, not user settings).
+    pub fn from_vars(var: &dyn Fn(&str) -> Option<String>) -> Self {
+        let d = Self::default();
+        let num = |name: &str| var(name).and_then(|v| v.trim().parse::<u64>().ok());
+        let off = |name: &str| var(name).is_some_and(|v| v.trim() == "0");
+        KernelChoice {
+            coop_min_t: num("EDGEDIFF_COOP_MIN_T").map_or(d.coop_min_t, |v| v as usize),
+            coop_split_k: !off("EDGEDIFF_COOP_SPLIT_K"),
+            gemv_f32_max_t: num("EDGEDIFF_GEMV_F32_MAX_T").map_or(d.gemv_f32_max_t, |v| v as usize),
+            fuse_swiglu: !off("EDGEDIFF_FUSE_SWIGLU"),
+            moe: match var("EDGEDIFF_MOE_KERNEL").as_deref().map(str::trim) {
+                Some("gemv") => Some(ExpertKernel::Gemv),
+                Some("tiled") => Some(ExpertKernel::Tiled),
+                _ => None,
+            },
+            attention: match var("EDGEDIFF_ATTN_KERNEL").as_deref().map(str::trim) {
+                Some("heads") => Some(AttnKernel::Heads),
+                Some("gqa") => Some(AttnKernel::Gqa),
+                _ => None,
+            },
+            attn_groups: num("EDGEDIFF_ATTN_GROUPS")
+                .filter(|&n| n > 0)
+                .map_or(d.attn_groups, |v| v as usize),
+            stats_chunk: num("EDGEDIFF_STATS_CHUNK")
+                .filter(|&c| c >= 64)
+                .map_or(d.stats_chunk, |v| v as usize),
+            expert_pool_binding: num("EDGEDIFF_EXPERT_POOL_BINDING"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from(pairs: &[(&str, &str)]) -> KernelChoice {
+        let owned: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        KernelChoice::from_vars(&|name| {
+            owned
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        })
+    }
+
+    #[test]
+    fn no_variables_give_the_measured_defaults() {
+        assert_eq!(from(&[]), KernelChoice::default());
+        let d = KernelChoice::default();
+        assert!(d.coop_split_k && d.fuse_swiglu && d.moe.is_none() && d.attention.is_none());
+    }
+
+    #[test]
+    fn each_variable_sets_its_field_and_bad_values_keep_the_default() {
+        let k = from(&[
+            ("EDGEDIFF_COOP_MIN_T", "32"),
+            ("EDGEDIFF_COOP_SPLIT_K", "0"),
+            ("EDGEDIFF_GEMV_F32_MAX_T", "16"),
+            ("EDGEDIFF_FUSE_SWIGLU", "0"),
+            ("EDGEDIFF_MOE_KERNEL", "tiled"),
+            ("EDGEDIFF_ATTN_KERNEL", "heads"),
+            ("EDGEDIFF_ATTN_GROUPS", "64"),
+            ("EDGEDIFF_STATS_CHUNK", "4096"),
+            ("EDGEDIFF_EXPERT_POOL_BINDING", "134217728"),
+        ]);
+        assert_eq!(
+            k,
+            KernelChoice {
+                coop_min_t: 32,
+                coop_split_k: false,
+                gemv_f32_max_t: 16,
+                fuse_swiglu: false,
+                moe: Some(ExpertKernel::Tiled),
+                attention: Some(AttnKernel::Heads),
+                attn_groups: 64,
+                stats_chunk: 4096,
+                expert_pool_binding: Some(134_217_728),
+            }
+        );
+        let k = from(&[
+            ("EDGEDIFF_COOP_MIN_T", "many"),
+            ("EDGEDIFF_COOP_SPLIT_K", "1"),
+            ("EDGEDIFF_MOE_KERNEL", "fast"),
+            ("EDGEDIFF_ATTN_GROUPS", "0"),
+            ("EDGEDIFF_STATS_CHUNK", "8"),
+        ]);
+        assert_eq!(k, KernelChoice::default());
+        assert_eq!(
+            from(&[
+                ("EDGEDIFF_MOE_KERNEL", "gemv"),
+                ("EDGEDIFF_ATTN_KERNEL", "gqa")
+            ]),
+            KernelChoice {
+                moe: Some(ExpertKernel::Gemv),
+                attention: Some(AttnKernel::Gqa),
+                ..KernelChoice::default()
+            }
+        );
+    }
+}
