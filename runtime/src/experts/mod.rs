@@ -25,6 +25,19 @@ pub use prune::{prune_file, KeepSpec, ResidentSet, Selector};
 use crate::format::FormatError;
 use crate::model::ModelError;
 
+/// One expert of one layer: what the pager places, the reader stages and a slot table maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExpertKey {
+    pub layer: usize,
+    pub expert: usize,
+}
+
+impl ExpertKey {
+    pub fn new(layer: usize, expert: usize) -> Self {
+        ExpertKey { layer, expert }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ExpertsError {
     #[error("{path}: {source}")]

@@ -22,6 +22,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::ExpertKey;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Eviction {
@@ -139,13 +141,13 @@ pub enum Lookup {
     /// Not resident: load it into `slot` (whose previous occupant, if any, is evicted).
     Miss {
         slot: usize,
-        evicted: Option<(usize, usize)>,
+        evicted: Option<ExpertKey>,
     },
 }
 
 #[derive(Clone, Debug)]
 struct SlotInfo {
-    key: (usize, usize),
+    key: ExpertKey,
     last_use: u64,
     uses: u64,
     prefetched: bool,
@@ -157,13 +159,13 @@ pub struct Pager {
     policy: Eviction,
     num_layers: usize,
     slots: Vec<Option<SlotInfo>>,
-    index: HashMap<(usize, usize), usize>,
+    index: HashMap<ExpertKey, usize>,
     clock: u64,
     /// Layer of the most recent request (for `LeastStale`).
     current_layer: usize,
     /// Keys that must not be evicted during the current layer (its routed set), or while a whole
     /// predicted pass is prefetched.
-    pinned: HashSet<(usize, usize)>,
+    pinned: HashSet<ExpertKey>,
     pub stats: PagerStats,
 }
 
@@ -201,19 +203,19 @@ impl Pager {
     }
 
     pub fn slot_of(&self, layer: usize, expert: usize) -> Option<usize> {
-        self.index.get(&(layer, expert)).copied()
+        self.index.get(&ExpertKey::new(layer, expert)).copied()
     }
 
     /// Starts a layer's MoE: the experts in `routed` stay pinned until the next call, so loading one
     /// of them never evicts another (the pool must be ≥ `routed.len()`).
     pub fn begin_layer(&mut self, layer: usize, routed: &[usize]) {
         self.current_layer = layer;
-        self.pinned = routed.iter().map(|&e| (layer, e)).collect();
+        self.pinned = routed.iter().map(|&e| ExpertKey::new(layer, e)).collect();
     }
 
     /// Pins an arbitrary set; cleared by the next [`Pager::begin_layer`], `pin` or
     /// [`Pager::begin_prefetch`].
-    pub fn pin(&mut self, keys: impl IntoIterator<Item = (usize, usize)>) {
+    pub fn pin(&mut self, keys: impl IntoIterator<Item = ExpertKey>) {
         self.pinned = keys.into_iter().collect();
     }
 
@@ -221,7 +223,7 @@ impl Pager {
     /// (one prefetch never evicts another), and the cycle position is the end of the pass, since
     /// the next layer to run is the first. Without the latter, `LeastStale` would rank the first
     /// layer's experts — needed soonest — as needed last and evict the ones just prefetched.
-    pub fn begin_prefetch(&mut self, keys: impl IntoIterator<Item = (usize, usize)>) {
+    pub fn begin_prefetch(&mut self, keys: impl IntoIterator<Item = ExpertKey>) {
         self.current_layer = self.num_layers - 1;
         self.pin(keys);
     }
@@ -229,7 +231,7 @@ impl Pager {
     /// Asks for one expert; counts a hit or a miss.
     pub fn request(&mut self, layer: usize, expert: usize) -> Lookup {
         self.clock += 1;
-        let key = (layer, expert);
+        let key = ExpertKey::new(layer, expert);
         if let Some(&slot) = self.index.get(&key) {
             let info = self.slots[slot].as_mut().expect("indexed slot is occupied");
             info.last_use = self.clock;
@@ -247,7 +249,7 @@ impl Pager {
     /// Brings `expert` in ahead of use (prefetch). Returns the slot to fill, or `None` when it is
     /// already resident or every slot is pinned.
     pub fn prefetch(&mut self, layer: usize, expert: usize) -> Option<Lookup> {
-        if self.index.contains_key(&(layer, expert)) {
+        if self.index.contains_key(&ExpertKey::new(layer, expert)) {
             return None;
         }
         if self
@@ -261,10 +263,10 @@ impl Pager {
         }
         self.clock += 1;
         self.stats.prefetched += 1;
-        Some(self.place((layer, expert), true))
+        Some(self.place(ExpertKey::new(layer, expert), true))
     }
 
-    fn place(&mut self, key: (usize, usize), prefetched: bool) -> Lookup {
+    fn place(&mut self, key: ExpertKey, prefetched: bool) -> Lookup {
         let slot = match self.slots.iter().position(Option::is_none) {
             Some(free) => free,
             None => self.victim(),
@@ -299,7 +301,7 @@ impl Pager {
                 // Distance until the expert's layer comes round again: smallest for the layer that
                 // just ran, so it goes first.
                 Eviction::LeastStale => {
-                    let until_next = (s.key.0 + l - cur - 1) % l;
+                    let until_next = (s.key.layer + l - cur - 1) % l;
                     (l - until_next, 0, s.last_use)
                 }
             })
@@ -318,6 +320,10 @@ impl Pager {
 mod tests {
     use super::*;
 
+    fn k(layer: usize, expert: usize) -> ExpertKey {
+        ExpertKey::new(layer, expert)
+    }
+
     #[test]
     fn hits_after_the_first_request() {
         let mut p = Pager::new(2, 2, Eviction::Lru);
@@ -331,7 +337,7 @@ mod tests {
 
     #[test]
     fn lru_evicts_the_least_recently_used_and_lfu_the_least_used() {
-        for (policy, victim) in [(Eviction::Lru, (0, 1)), (Eviction::Lfu, (0, 2))] {
+        for (policy, victim) in [(Eviction::Lru, k(0, 1)), (Eviction::Lfu, k(0, 2))] {
             let mut p = Pager::new(2, 1, policy);
             p.request(0, 1);
             p.request(0, 1);
@@ -354,7 +360,7 @@ mod tests {
         // At layer 3 the order of future use is 0, 1, 2: layer 2's expert is needed last.
         p.begin_layer(3, &[9]);
         match p.request(3, 9) {
-            Lookup::Miss { evicted, .. } => assert_eq!(evicted, Some((2, 7))),
+            Lookup::Miss { evicted, .. } => assert_eq!(evicted, Some(k(2, 7))),
             other => panic!("{other:?}"),
         }
     }
@@ -367,7 +373,7 @@ mod tests {
         p.request(0, 2);
         p.begin_layer(0, &[2, 3]);
         match p.request(0, 3) {
-            Lookup::Miss { evicted, .. } => assert_eq!(evicted, Some((0, 1))),
+            Lookup::Miss { evicted, .. } => assert_eq!(evicted, Some(k(0, 1))),
             other => panic!("{other:?}"),
         }
     }
@@ -382,7 +388,7 @@ mod tests {
             p.begin_layer(l, &[1]);
             p.request(l, 1);
         }
-        p.begin_prefetch([(0, 2), (1, 2)]);
+        p.begin_prefetch([k(0, 2), k(1, 2)]);
         let mut evicted = Vec::new();
         for (l, e) in [(0, 2), (1, 2)] {
             match p.prefetch(l, e) {
@@ -393,7 +399,7 @@ mod tests {
             }
         }
         // Layers 3 and 2 ran last, so theirs are needed furthest in the future.
-        assert_eq!(evicted, vec![(3, 1), (2, 1)]);
+        assert_eq!(evicted, vec![k(3, 1), k(2, 1)]);
         assert!(p.slot_of(0, 2).is_some() && p.slot_of(1, 2).is_some());
     }
 

@@ -19,6 +19,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
+use super::ExpertKey;
 use crate::format::{EdmFile, FormatError};
 use crate::model::names;
 
@@ -37,7 +38,7 @@ enum Entry {
 }
 
 struct Staging {
-    entries: Mutex<HashMap<(usize, usize), Entry>>,
+    entries: Mutex<HashMap<ExpertKey, Entry>>,
     changed: Condvar,
     /// Reader threads still running (a panicking one must not leave a waiter hanging).
     alive: AtomicUsize,
@@ -53,9 +54,9 @@ pub enum Stage {
     Full,
 }
 
-/// A few reader threads and the experts they have staged, keyed by (layer, expert).
+/// A few reader threads and the experts they have staged.
 pub struct ExpertReader {
-    jobs: Option<Sender<(usize, usize)>>,
+    jobs: Option<Sender<ExpertKey>>,
     staging: Arc<Staging>,
     workers: Vec<JoinHandle<()>>,
     limit: usize,
@@ -71,9 +72,12 @@ impl Drop for AliveGuard {
     }
 }
 
-fn read(file: &EdmFile, key: (usize, usize)) -> Result<StagedExpert, FormatError> {
+fn read(file: &EdmFile, key: ExpertKey) -> Result<StagedExpert, FormatError> {
     let part = |name| -> Result<Vec<u8>, FormatError> {
-        Ok(file.expert_part(key.0, key.1, name)?.bytes.to_vec())
+        Ok(file
+            .expert_part(key.layer, key.expert, name)?
+            .bytes
+            .to_vec())
     };
     Ok(StagedExpert {
         parts: [part(STAGED_PARTS[0])?, part(STAGED_PARTS[1])?],
@@ -82,7 +86,7 @@ fn read(file: &EdmFile, key: (usize, usize)) -> Result<StagedExpert, FormatError
 
 fn work(
     file: Arc<EdmFile>,
-    jobs: Arc<Mutex<Receiver<(usize, usize)>>>,
+    jobs: Arc<Mutex<Receiver<ExpertKey>>>,
     staging: Arc<Staging>,
     release_host: bool,
 ) {
@@ -113,7 +117,7 @@ fn work(
         let got = read(&file, key);
         if release_host && got.is_ok() {
             // Copied out: the mapped pages are not needed until the expert is read anew.
-            file.release_expert(key.0, key.1);
+            file.release_expert(key.layer, key.expert);
         }
         let mut entries = staging.entries.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e @ Entry::Pending) = entries.get_mut(&key) {
@@ -164,7 +168,7 @@ impl ExpertReader {
     }
 
     /// Asks for `key` to be read ahead.
-    pub fn stage(&self, key: (usize, usize)) -> Stage {
+    pub fn stage(&self, key: ExpertKey) -> Stage {
         let mut entries = self
             .staging
             .entries
@@ -188,7 +192,7 @@ impl ExpertReader {
 
     /// The staged bytes of `key`, waiting for a reader that has it in hand; `None` when it was
     /// never staged (or every reader thread is gone): the caller reads it itself.
-    pub fn take(&self, key: (usize, usize)) -> Option<Result<StagedExpert, FormatError>> {
+    pub fn take(&self, key: ExpertKey) -> Option<Result<StagedExpert, FormatError>> {
         let mut entries = self
             .staging
             .entries
@@ -218,7 +222,7 @@ impl ExpertReader {
 
     /// Drops every staged (or queued) expert `unwanted` selects; a read in hand finishes and is
     /// thrown away.
-    pub fn discard(&self, unwanted: impl Fn((usize, usize)) -> bool) {
+    pub fn discard(&self, unwanted: impl Fn(ExpertKey) -> bool) {
         self.staging
             .entries
             .lock()
@@ -274,21 +278,21 @@ mod tests {
         let f = file(dir.path());
         let layer = f.header.experts[0].layer;
         let r = ExpertReader::new(f.clone(), 2, 3, true).unwrap();
-        assert_eq!(r.stage((layer, 0)), Stage::Queued);
-        assert_eq!(r.stage((layer, 0)), Stage::Present);
-        assert_eq!(r.stage((layer, 1)), Stage::Queued);
-        assert_eq!(r.stage((layer, 2)), Stage::Queued);
-        assert_eq!(r.stage((layer, 3)), Stage::Full);
+        assert_eq!(r.stage(ExpertKey::new(layer, 0)), Stage::Queued);
+        assert_eq!(r.stage(ExpertKey::new(layer, 0)), Stage::Present);
+        assert_eq!(r.stage(ExpertKey::new(layer, 1)), Stage::Queued);
+        assert_eq!(r.stage(ExpertKey::new(layer, 2)), Stage::Queued);
+        assert_eq!(r.stage(ExpertKey::new(layer, 3)), Stage::Full);
         for e in 0..3 {
-            let got = r.take((layer, e)).expect("staged").unwrap();
+            let got = r.take(ExpertKey::new(layer, e)).expect("staged").unwrap();
             for (bytes, name) in got.parts.iter().zip(STAGED_PARTS) {
                 assert_eq!(bytes[..], *f.expert_part(layer, e, name).unwrap().bytes);
             }
         }
         // Taken experts leave the staging area; one never staged is the caller's to read.
         assert_eq!(r.staged(), 0);
-        assert!(r.take((layer, 0)).is_none());
-        assert!(r.take((layer, 5)).is_none());
+        assert!(r.take(ExpertKey::new(layer, 0)).is_none());
+        assert!(r.take(ExpertKey::new(layer, 5)).is_none());
     }
 
     #[test]
@@ -297,15 +301,15 @@ mod tests {
         let f = file(dir.path());
         let layer = f.header.experts[0].layer;
         let r = ExpertReader::new(f.clone(), 1, 8, false).unwrap();
-        r.stage((layer, 4));
-        r.stage((layer, 5));
-        r.discard(|(_, e)| e == 4);
-        assert!(r.take((layer, 4)).is_none());
-        assert!(r.take((layer, 5)).unwrap().is_ok());
+        r.stage(ExpertKey::new(layer, 4));
+        r.stage(ExpertKey::new(layer, 5));
+        r.discard(|k| k.expert == 4);
+        assert!(r.take(ExpertKey::new(layer, 4)).is_none());
+        assert!(r.take(ExpertKey::new(layer, 5)).unwrap().is_ok());
         // Expert 99 does not exist: the reader's error reaches the caller.
-        r.stage((layer, 99));
+        r.stage(ExpertKey::new(layer, 99));
         assert!(matches!(
-            r.take((layer, 99)),
+            r.take(ExpertKey::new(layer, 99)),
             Some(Err(FormatError::MissingTensor(_)))
         ));
     }

@@ -6,6 +6,7 @@
 use serde::Serialize;
 
 use super::pager::{Eviction, Pager, PagerStats};
+use super::ExpertKey;
 
 /// Per forward pass, per MoE layer in execution order: the distinct experts the layer routed to.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -52,14 +53,14 @@ pub fn replay(trace: &RoutingTrace, num_layers: usize, cfg: ReplayConfig) -> Pag
         if let (true, Some(prev)) = (cfg.prefetch, previous) {
             // In execution order and no more than the pool holds: prefetching past capacity would
             // evict the experts needed first. Pinned while prefetched, as on the GPU.
-            let want: Vec<(usize, usize)> = prev
+            let want: Vec<ExpertKey> = prev
                 .iter()
-                .flat_map(|(l, es)| es.iter().map(move |&e| (*l, e)))
+                .flat_map(|(l, es)| es.iter().map(move |&e| ExpertKey::new(*l, e)))
                 .take(cfg.slots)
                 .collect();
             pager.begin_prefetch(want.iter().copied());
-            for &(layer, e) in &want {
-                pager.prefetch(layer, e);
+            for k in &want {
+                pager.prefetch(k.layer, k.expert);
             }
         }
         for (layer, experts) in pass {

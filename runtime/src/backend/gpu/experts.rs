@@ -81,10 +81,26 @@ use super::pool::{GpuBuffer, Pooled};
 use super::recorder::Shared;
 use crate::experts::pager::{Eviction, Lookup, Pager, PagerStats};
 use crate::experts::reader::{ExpertReader, Stage};
+use crate::experts::ExpertKey;
 use crate::format::{DType, EdmFile, TensorEntry};
 use crate::model::names;
 
 pub const NO_SLOT: u32 = u32::MAX;
+
+/// Where one expert lives: pool buffer index and word offset in it (a slot-table entry).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotPlace {
+    pub pool: u32,
+    pub word: u32,
+}
+
+impl SlotPlace {
+    /// Not resident: the expert kernels skip it.
+    pub const NONE: SlotPlace = SlotPlace {
+        pool: NO_SLOT,
+        word: NO_SLOT,
+    };
+}
 
 /// Host memory read-ahead threads may fill with staged experts (at least one layer's top-k, at
 /// most the pool's slots).
@@ -115,11 +131,11 @@ impl SlotTable {
         SlotTable { buf, experts, host }
     }
 
-    /// Points (layer, expert) at `(pool, word)` (or NO_SLOT) on the host and the GPU.
-    pub fn set(&mut self, sh: &Shared, layer: usize, expert: usize, slot: (u32, u32)) {
-        let i = (layer * self.experts + expert) * 2;
-        self.host[i] = slot.0;
-        self.host[i + 1] = slot.1;
+    /// Points `key` at `place` (or [`SlotPlace::NONE`]) on the host and the GPU.
+    pub fn set(&mut self, sh: &Shared, key: ExpertKey, place: SlotPlace) {
+        let i = (key.layer * self.experts + key.expert) * 2;
+        self.host[i] = place.pool;
+        self.host[i + 1] = place.word;
         sh.dev.queue.write_buffer(
             &self.buf.raw,
             (i * 4) as u64,
@@ -127,9 +143,12 @@ impl SlotTable {
         );
     }
 
-    pub fn get(&self, layer: usize, expert: usize) -> (u32, u32) {
-        let i = (layer * self.experts + expert) * 2;
-        (self.host[i], self.host[i + 1])
+    pub fn get(&self, key: ExpertKey) -> SlotPlace {
+        let i = (key.layer * self.experts + key.expert) * 2;
+        SlotPlace {
+            pool: self.host[i],
+            word: self.host[i + 1],
+        }
     }
 }
 
@@ -298,7 +317,11 @@ pub fn load_layer(
                 super::write_padded(sh, &buf, at, view.bytes);
                 on_upload(view.bytes.len() as u64);
             }
-            slots.set(sh, layer, e, (index, (base / 4) as u32));
+            let place = SlotPlace {
+                pool: index,
+                word: (base / 4) as u32,
+            };
+            slots.set(sh, ExpertKey::new(layer, e), place);
             // Uploaded (write_buffer copied the bytes): host memory keeps no copy.
             file.release_expert(layer, e);
         }
@@ -382,8 +405,8 @@ pub struct GpuExpertPool {
 pub(crate) struct PagingState {
     file: Arc<EdmFile>,
     pub(crate) pager: Pager,
-    /// Slot → (pool index, word offset).
-    places: Vec<(u32, u32)>,
+    /// Where each pager slot lives.
+    places: Vec<SlotPlace>,
     pub(crate) buffers: Vec<(u32, Arc<GpuBuffer>)>,
     prefetch: bool,
     release_host: bool,
@@ -414,7 +437,7 @@ pub(crate) struct PagingState {
     slot_bytes: u64,
     parallel_bytes: u64,
     /// Experts to read ahead, in the order they will be needed, and how far staging got.
-    ahead: Vec<(usize, usize)>,
+    ahead: Vec<ExpertKey>,
     ahead_next: usize,
 }
 
@@ -468,7 +491,7 @@ struct Upload {
     buf: Arc<GpuBuffer>,
     gate_up_at: u64,
     down_at: u64,
-    key: (usize, usize),
+    key: ExpertKey,
 }
 
 /// `queue.write_buffer` of `bytes`, zero-padded to whole words.
@@ -492,7 +515,7 @@ fn upload(
     release_host: bool,
     u: &Upload,
 ) -> Result<(u64, bool), crate::backend::BackendError> {
-    let (layer, e) = u.key;
+    let ExpertKey { layer, expert: e } = u.key;
     let staged = match reader {
         Some(r) => r.take(u.key).transpose()?,
         None => None,
@@ -526,8 +549,13 @@ fn upload(
 /// more than it saves); [`GpuExpertPool::set_parallel_upload_bytes`] changes it.
 pub const PARALLEL_UPLOAD_BYTES: u64 = 4 << 20;
 
-/// (slot, key, evicted key) of one expert to bring in.
-type Fill = (usize, (usize, usize), Option<(usize, usize)>);
+/// One expert to bring in: the pager's slot for it and the expert it evicts, if any.
+#[derive(Clone, Copy, Debug)]
+struct SlotFill {
+    slot: usize,
+    key: ExpertKey,
+    evicted: Option<ExpertKey>,
+}
 
 impl PagingState {
     /// Brings experts into their slots (the pager already chose them, in order) and points the
@@ -539,17 +567,17 @@ impl PagingState {
         &mut self,
         sh: &Shared,
         store: &ExpertStore,
-        fills: &[Fill],
+        fills: &[SlotFill],
     ) -> Result<u64, crate::backend::BackendError> {
         let mut jobs = Vec::with_capacity(fills.len());
-        for &(slot, key, _) in fills {
-            let (pool, word) = self.places[slot];
-            let l = layer_layout(sh, &self.file, key.0)?;
+        for f in fills {
+            let SlotPlace { pool, word } = self.places[f.slot];
+            let l = layer_layout(sh, &self.file, f.key.layer)?;
             jobs.push(Upload {
                 buf: self.buffers[(pool - self.buffers[0].0) as usize].1.clone(),
                 gate_up_at: word as u64 * 4,
                 down_at: (word + l.down.word) as u64 * 4,
-                key,
+                key: f.key,
             });
         }
         let threads = self.readers.min(jobs.len());
@@ -595,14 +623,14 @@ impl PagingState {
         };
         let mut guard = store.inner.lock().unwrap_or_else(|p| p.into_inner());
         let (mut bytes, mut first_err) = (0, None);
-        for (&(slot, key, evicted), r) in fills.iter().zip(results) {
+        for (f, r) in fills.iter().zip(results) {
             // The slot was (at least partly) overwritten: its old occupant is gone either way.
-            if let Some((l0, e0)) = evicted {
-                guard.0.set(sh, l0, e0, (NO_SLOT, NO_SLOT));
+            if let Some(old) = f.evicted {
+                guard.0.set(sh, old, SlotPlace::NONE);
             }
             match r {
                 Ok((b, staged)) => {
-                    guard.0.set(sh, key.0, key.1, self.places[slot]);
+                    guard.0.set(sh, f.key, self.places[f.slot]);
                     bytes += b;
                     self.pager.stats.read_ahead += staged as u64;
                 }
@@ -621,7 +649,7 @@ impl PagingState {
 
     /// Replaces the read-ahead list with `keys`, in the order they will be needed, and stages what
     /// fits.
-    fn read_ahead(&mut self, keys: Vec<(usize, usize)>) {
+    fn read_ahead(&mut self, keys: Vec<ExpertKey>) {
         self.ahead = keys;
         self.ahead_next = 0;
         self.advance();
@@ -643,23 +671,18 @@ impl PagingState {
 
     /// The predicted experts of MoE layers from `layer` on (at most `layers` of them), in
     /// execution order, that are not resident and not in `skip`.
-    fn predicted_misses(
-        &self,
-        layer: usize,
-        layers: usize,
-        skip: &[(usize, usize)],
-    ) -> Vec<(usize, usize)> {
+    fn predicted_misses(&self, layer: usize, layers: usize, skip: &[ExpertKey]) -> Vec<ExpertKey> {
         self.predicted
             .iter()
             .filter(|(l, _)| *l >= layer)
             .take(layers)
-            .flat_map(|(l, ids)| ids.iter().map(move |&e| (*l, e as usize)))
-            .filter(|&(l, e)| self.pager.slot_of(l, e).is_none() && !skip.contains(&(l, e)))
+            .flat_map(|(l, ids)| ids.iter().map(move |&e| ExpertKey::new(*l, e as usize)))
+            .filter(|k| self.pager.slot_of(k.layer, k.expert).is_none() && !skip.contains(k))
             .collect()
     }
 
     /// Drops staged experts matching `unwanted` (guesses their layer did not route to).
-    fn drop_staged(&self, unwanted: impl Fn((usize, usize)) -> bool) {
+    fn drop_staged(&self, unwanted: impl Fn(ExpertKey) -> bool) {
         if let Some(r) = &self.reader {
             r.discard(unwanted);
         }
@@ -686,7 +709,8 @@ impl PagingState {
         let mut fills = Vec::new();
         for &e in experts {
             if let Lookup::Miss { slot, evicted } = self.pager.request(layer, e) {
-                fills.push((slot, (layer, e), evicted));
+                let key = ExpertKey::new(layer, e);
+                fills.push(SlotFill { slot, key, evicted });
             }
         }
         if !fills.is_empty() {
@@ -708,10 +732,10 @@ impl PagingState {
         self.captures.clear();
         self.routed.clear();
         let mut seen = std::collections::HashSet::new();
-        let want: Vec<(usize, usize)> = self
+        let want: Vec<ExpertKey> = self
             .predicted
             .iter()
-            .flat_map(|(l, ids)| ids.iter().map(move |&e| (*l, e as usize)))
+            .flat_map(|(l, ids)| ids.iter().map(move |&e| ExpertKey::new(*l, e as usize)))
             .filter(|k| seen.insert(*k))
             .collect();
         // Synchronous when the optimistic pass would surely miss: right after a miss, with no
@@ -732,11 +756,12 @@ impl PagingState {
         self.pager.begin_prefetch(want.iter().copied());
         let mut fills = Vec::new();
         for &key in &want {
-            if let Some(Lookup::Miss { slot, evicted }) = self.pager.prefetch(key.0, key.1) {
-                fills.push((slot, key, evicted));
+            if let Some(Lookup::Miss { slot, evicted }) = self.pager.prefetch(key.layer, key.expert)
+            {
+                fills.push(SlotFill { slot, key, evicted });
             }
         }
-        self.read_ahead(fills.iter().map(|f| f.1).collect());
+        self.read_ahead(fills.iter().map(|f| f.key).collect());
         let bytes = self.fill(sh, store, &fills)?;
         self.pager.record_read(bytes, Duration::ZERO);
         // Everything this pass needs is resident now.
@@ -809,7 +834,10 @@ impl super::GpuBackend {
                 );
                 let index = pool.buffers.len() as u32;
                 pool.buffers.push(buf.clone());
-                places.extend((0..n).map(|i| (index, (stride * i as u64 / 4) as u32)));
+                places.extend((0..n).map(|i| SlotPlace {
+                    pool: index,
+                    word: (stride * i as u64 / 4) as u32,
+                }));
                 buffers.push((index, buf));
                 left -= n;
             }
@@ -944,10 +972,10 @@ impl super::GpuBackend {
         let routed = distinct(&ids, experts.num_experts);
         st.routed.push((experts.layer, routed.clone()));
         // This layer's misses first, then the next layers' predicted ones.
-        let mut upcoming: Vec<(usize, usize)> = routed
+        let mut upcoming: Vec<ExpertKey> = routed
             .iter()
-            .map(|&e| (layer, e as usize))
-            .filter(|&(l, e)| st.pager.slot_of(l, e).is_none())
+            .map(|&e| ExpertKey::new(layer, e as usize))
+            .filter(|k| st.pager.slot_of(k.layer, k.expert).is_none())
             .collect();
         let later = st.predicted_misses(layer + 1, READ_AHEAD_LAYERS, &upcoming);
         upcoming.extend(later);
@@ -980,7 +1008,7 @@ impl super::GpuBackend {
                 super::ops::moe::experts(ctx, &x.buf, s, &layout)?;
             }
             // Guesses for this layer that it did not route to are of no further use.
-            st.drop_staged(|k| k.0 <= layer);
+            st.drop_staged(|k| k.layer <= layer);
             let out = super::GpuBackend::out_act(ctx, x.rows, x.cols)?;
             match &scratch {
                 Some(s) => super::ops::moe::combine(ctx, s, &routing.weights, plus, &out.buf)?,
