@@ -5,6 +5,7 @@
 //! file, read through memmap2). `import` converts Hugging Face checkpoints; `synth` makes random
 //! models for tests and benchmarks.
 
+pub mod arch;
 pub mod backend;
 #[cfg(feature = "cli")]
 pub mod cli;

@@ -6,8 +6,8 @@
 pub mod cpu;
 pub mod gpu;
 
+use crate::arch::ModelConfig;
 use crate::format::{FormatError, TensorView};
-use crate::model::ModelConfig;
 
 /// Which keys a query may see. Positions are absolute, so the rule is the same with or without
 /// cached keys.

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::DType;
-use crate::model::{ModelConfig, Prediction};
+use crate::arch::{ModelConfig, Prediction};
 
 /// Bytes before the JSON header: magic (8), version (u32), flags (u32), header length (u64).
 pub const PREAMBLE: usize = 24;

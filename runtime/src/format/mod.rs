@@ -63,7 +63,7 @@ pub enum FormatError {
         source: dtype::DecodeError,
     },
     #[error(transparent)]
-    Config(#[from] crate::model::ConfigError),
+    Config(#[from] crate::arch::ConfigError),
     #[error("'{0}' is listed twice")]
     DuplicateName(String),
     #[error("invalid model file: {0}")]

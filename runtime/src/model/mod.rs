@@ -8,12 +8,13 @@
 //! layer to the next) and a skip expert, scaled residuals instead of adds, an affine embedding.
 //! Tensor names are the canonical ones of docs/FORMAT.md, written by `import/`.
 
-mod config;
-
 use std::ops::Range;
 use std::sync::Arc;
 
-pub use config::{
+// The description of a model lives below the backends and the file format (crate::arch); the
+// model re-exports it, so `model::ModelConfig` and `model::names` stay the public paths.
+pub use crate::arch::names;
+pub use crate::arch::{
     Architecture, AttentionKind, ConfigError, EmbeddingKind, Gating, ModelConfig, MoeConfig,
     Prediction, QkNorm, ResidualKind, RouterKind, SlidingAttention,
 };
@@ -23,53 +24,6 @@ use crate::backend::{
     PositionStats,
 };
 use crate::format::{DType, EdmFile, FormatError, TensorView};
-
-/// Canonical tensor names inside a model file.
-pub mod names {
-    pub const EMBED: &str = "embed";
-    pub const FINAL_NORM: &str = "final_norm";
-    pub const LM_HEAD: &str = "lm_head";
-    pub fn layer(l: usize, what: &str) -> String {
-        format!("layers.{l}.{what}")
-    }
-    pub const ATTN_NORM: &str = "attn_norm";
-    pub const QKV: &str = "attn.qkv";
-    pub const Q_NORM: &str = "attn.q_norm";
-    pub const K_NORM: &str = "attn.k_norm";
-    pub const O: &str = "attn.o";
-    pub const FFN_NORM: &str = "ffn_norm";
-    pub const MLP_GATE_UP: &str = "mlp.gate_up";
-    pub const MLP_DOWN: &str = "mlp.down";
-    pub const ROUTER: &str = "moe.router";
-    pub const ROUTER_BIAS: &str = "moe.router_bias";
-    pub const SHARED_GATE_UP: &str = "moe.shared.gate_up";
-    pub const SHARED_DOWN: &str = "moe.shared.down";
-    /// `[2, hidden]`: bias, then scale of the input embedding (`EmbeddingKind::Affine`).
-    pub const EMBED_AFFINE: &str = "embed_affine";
-    /// `[4, hidden]` each (`ResidualKind::Scaled`): block-output bias, block-output scale,
-    /// residual bias, residual scale.
-    pub const ATTN_RESIDUAL: &str = "attn_residual";
-    pub const FFN_RESIDUAL: &str = "ffn_residual";
-    /// CCA (`AttentionKind::Cca`): the convolutions over time and the key temperature.
-    pub const CONV_DW: &str = "attn.conv_dw";
-    pub const CONV_DW_BIAS: &str = "attn.conv_dw_bias";
-    pub const CONV_GROUPED: &str = "attn.conv_grouped";
-    pub const CONV_GROUPED_BIAS: &str = "attn.conv_grouped_bias";
-    pub const CCA_TEMP: &str = "attn.temp";
-    /// MLP router (`RouterKind::MlpEda`); `moe.router` is its output projection and
-    /// `moe.router_bias` its selection bias, both over `num_experts + 1` classes.
-    pub const ROUTER_DOWN: &str = "moe.router_down";
-    pub const ROUTER_DOWN_BIAS: &str = "moe.router_down_bias";
-    pub const ROUTER_EDA: &str = "moe.router_eda_scale";
-    pub const ROUTER_NORM: &str = "moe.router_norm";
-    pub const ROUTER_FC1: &str = "moe.router_fc1";
-    pub const ROUTER_FC1_BIAS: &str = "moe.router_fc1_bias";
-    pub const ROUTER_FC2: &str = "moe.router_fc2";
-    pub const ROUTER_FC2_BIAS: &str = "moe.router_fc2_bias";
-    /// Parts of one routed expert.
-    pub const EXPERT_GATE_UP: &str = "gate_up";
-    pub const EXPERT_DOWN: &str = "down";
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

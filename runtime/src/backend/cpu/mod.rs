@@ -12,10 +12,10 @@ use super::{
     stats_from_logits, AttnMask, Backend, BackendError, CcaParams, CcaWeights, MlpRouterParams,
     MlpRouterWeights, PositionStats, Result,
 };
+use crate::arch::{AttentionKind, Gating, ModelConfig, QkNorm};
 use crate::experts::pager::{Lookup, Pager};
 use crate::experts::trace::RoutingTrace;
 use crate::format::{EdmFile, TensorView};
-use crate::model::{AttentionKind, Gating, ModelConfig, QkNorm};
 
 #[derive(Clone, Debug, Default)]
 pub struct CpuBackend;

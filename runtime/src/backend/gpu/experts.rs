@@ -79,11 +79,11 @@ use std::time::{Duration, Instant};
 use super::device::GpuError;
 use super::pool::{GpuBuffer, Pooled};
 use super::recorder::Shared;
+use crate::arch::names;
 use crate::experts::pager::{Eviction, Lookup, Pager, PagerStats};
 use crate::experts::reader::{ExpertReader, Stage};
 use crate::experts::ExpertKey;
 use crate::format::{DType, EdmFile, TensorEntry};
-use crate::model::names;
 
 pub const NO_SLOT: u32 = u32::MAX;
 

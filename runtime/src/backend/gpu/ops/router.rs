@@ -8,7 +8,7 @@ use super::super::kernels::{Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
 use super::super::GpuWeight;
-use crate::model::{Gating, ModelConfig};
+use crate::arch::{Gating, ModelConfig};
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
