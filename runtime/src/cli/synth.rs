@@ -17,37 +17,49 @@ pub struct Args {
     /// `zaya1-8b` (ZAYA1-8B's shapes; --arch zaya) or `smollm2-135m` (SmolLM2-135M's; --arch llama).
     #[arg(long, default_value = "tiny", value_parser = ["tiny", "llada2-mini", "zaya1-8b", "smollm2-135m"])]
     pub preset: String,
+    /// Decoder layers (overrides the preset; likewise every shape flag below).
     #[arg(long)]
     pub layers: Option<usize>,
+    /// Hidden size (residual stream width).
     #[arg(long)]
     pub hidden: Option<usize>,
+    /// Query heads.
     #[arg(long)]
     pub heads: Option<usize>,
+    /// Key/value heads (GQA: a divisor of --heads).
     #[arg(long)]
     pub kv_heads: Option<usize>,
+    /// Dimensions per head.
     #[arg(long)]
     pub head_dim: Option<usize>,
+    /// Routed experts per MoE layer.
     #[arg(long)]
     pub experts: Option<usize>,
+    /// Experts each token is routed to.
     #[arg(long)]
     pub top_k: Option<usize>,
     /// Intermediate size of one routed expert.
     #[arg(long)]
     pub expert_ffn: Option<usize>,
+    /// Always-on shared experts per MoE layer (LLaDA2).
     #[arg(long)]
     pub shared_experts: Option<usize>,
     /// Leading dense layers.
     #[arg(long)]
     pub dense_layers: Option<usize>,
+    /// Intermediate size of the dense MLP layers.
     #[arg(long)]
     pub dense_ffn: Option<usize>,
+    /// Model vocabulary (embedding and LM-head rows).
     #[arg(long)]
     pub vocab: Option<usize>,
     /// Vocabulary of the trained BPE tokenizer (≤ --vocab).
     #[arg(long)]
     pub tokenizer_vocab: Option<usize>,
+    /// Default diffusion block size written into the file (1: an AR model).
     #[arg(long)]
     pub block_size: Option<usize>,
+    /// Seed of the random weights (the same seed writes the same bytes).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Weight type of the model file.
