@@ -25,6 +25,9 @@
 // GQA: q head h reads kv head h / (nq / nkv). Every mask kind sees a prefix of the keys:
 //   causal: pos + 1; bidirectional: kv_len; block-causal(b): (pos / b + 1)·b;
 //   causal-then-bidirectional(d): kv_len from d on, pos + 1 before; all capped at kv_len.
+// A sliding window (window > 0) also hides keys more than window − 1 before the query (keys after
+//   it follow the mask alone, as the CPU reference has it): those are masked inside the key loops
+//   rather than skipped, so the split arithmetic stays that of the prefix.
 
 #include "reduce"
 
@@ -41,6 +44,10 @@ struct AttnParams {
     kv_dim: u32,
     splits: u32,
     chunk: u32,
+    window: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: AttnParams;
@@ -88,6 +95,14 @@ fn visible_len(pos: u32) -> u32 {
     return min(n, p.kv_len);
 }
 
+// The first key a query at `pos` sees under the sliding window.
+fn window_lo(pos: u32) -> u32 {
+    if (p.window == 0u || pos + 1u < p.window) {
+        return 0u;
+    }
+    return pos + 1u - p.window;
+}
+
 var<workgroup> q_sh: array<f32, 256>;
 var<workgroup> p_sh: array<f32, 64>;
 
@@ -105,6 +120,7 @@ fn attend(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
     }
     workgroupBarrier();
     let limit = visible_len(pos);
+    let wlo = window_lo(pos);
     let lo = split * p.chunk;
     let hi = min(lo + p.chunk, limit);
     let koff = kvh * p.hd;
@@ -115,7 +131,8 @@ fn attend(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
     for (var j0 = lo; j0 < hi; j0 += 64u) {
         let j = j0 + lane.id;
         var sc = neg_inf();
-        if (j < hi) {
+        let seen = j < hi && j >= wlo;
+        if (seen) {
             let kb = j * p.kv_dim + koff;
             var d4 = vec4<f32>(0.0);
             for (var i = 0u; i < hd4; i += 4u) {
@@ -131,7 +148,7 @@ fn attend(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
         }
         let mn = max(m, wg_max(sc, lane));
         var pj = 0.0;
-        if (j < hi) {
+        if (seen) {
             pj = exp(sc - mn);
         }
         p_sh[lane.id] = pj;
@@ -321,7 +338,8 @@ fn attend_gqa(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_wo
     // masked.
     for (var j0 = 0u; j0 < p.chunk; j0 += 4u) {
         let j = lo + j0;
-        let ok = vec4<bool>(j < hi, j + 1u < hi, j + 2u < hi, j + 3u < hi);
+        let wlo = window_lo(p.start + t);
+        let ok = vec4<bool>(j < hi && j >= wlo, j + 1u < hi && j + 1u >= wlo, j + 2u < hi && j + 2u >= wlo, j + 3u < hi && j + 3u >= wlo);
         let k0 = row_k(j * kv4 + kb, o, hv, ok.x);
         let k1 = row_k((j + 1u) * kv4 + kb, o, hv, ok.y);
         let k2 = row_k((j + 2u) * kv4 + kb, o, hv, ok.z);

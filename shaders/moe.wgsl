@@ -6,7 +6,8 @@
 //   scan of the 256 chunk sums), scatter — plus the list of active experts and the indirect grids of expert_gate_up
 //   (active experts × I/32 × ⌈max tokens/16⌉) and expert_down (… × H/64 × …); layout in
 //   lib/moe_meta.wgsl. A routed expert with no slot (not resident) is flagged in `status`:
-//   bit 31 | layer << 16 | expert, read back with the statistics.
+//   bit 31 | layer << 16 | expert, read back with the statistics. Id num_experts is the skip
+//   expert (ZAYA1's MLP router): it contributes 0 and is never an error.
 // moe_combine: out[t] = Σ_j weight[t, j] · y[slot_of(t, j)], j in order (the CPU's sum order).
 // moe_combine_add: the same sum plus plus[t] (the shared experts' output), as the add kernel would
 //   add it afterwards: one dispatch fewer per MoE layer with shared experts.
@@ -58,7 +59,7 @@ fn moe_dispatch(@builtin(local_invocation_index) lid: u32) {
             if (slots[2u * (mp.slot0 + e)] == NONE) {
                 atomicMax(&status[0], 0x80000000u | (mp.layer << 16u) | e);
             }
-        } else {
+        } else if (e > ne) {
             atomicMax(&status[0], 0x80000000u | (mp.layer << 16u) | 0xffffu);
         }
     }
@@ -126,6 +127,10 @@ fn moe_dispatch(@builtin(local_invocation_index) lid: u32) {
             let pos = atomicLoad(&meta_rw[meta_offsets(ne) + e]) + atomicAdd(&meta_rw[meta_cursor(ne) + e], 1u);
             atomicStore(&meta_rw[meta_list(ne) + pos], a);
             atomicStore(&meta_rw[meta_slot_of(ne, na) + a], pos);
+        } else {
+            // The skip expert (id = num_experts, an MLP router's last class): no list entry, and
+            // the combine leaves it out.
+            atomicStore(&meta_rw[meta_slot_of(ne, na) + a], NONE);
         }
     }
 }

@@ -32,9 +32,12 @@ pub use choice::KernelChoice;
 pub use device::{list_adapters, AdapterSummary, DeviceCaps, GpuDevice, GpuError, GpuOptions};
 pub use experts::{GpuExpertPool, GpuExperts};
 
-use super::{AttnMask, Backend, BackendError, PositionStats, Result};
+use super::{
+    AttnMask, Backend, BackendError, CcaParams, CcaWeights, MlpRouterParams, MlpRouterWeights,
+    PositionStats, Result,
+};
+use crate::arch::{AttentionKind, ModelConfig, QkNorm};
 use crate::format::{DType, EdmFile, TensorView};
-use crate::model::{ModelConfig, QkNorm};
 use experts::ExpertStore;
 use kernels::Kernels;
 use pool::{ActPool, GpuBuffer, Pooled};
@@ -73,6 +76,15 @@ impl GpuWeight {
             _ => None,
         }
     }
+
+    /// The f32 values of a small `[rows, cols]` table (conv taps, residual scales) in one buffer,
+    /// if it is exactly that shape.
+    fn f32_table(&self, rows: usize, cols: usize) -> Option<&GpuBuffer> {
+        match (self.dtype, self.chunks.as_slice()) {
+            (DType::F32, [c]) if self.rows * self.cols == rows * cols => Some(&c.buf),
+            _ => None,
+        }
+    }
 }
 
 /// `[rows, cols]` f32 activations in a pooled GPU buffer.
@@ -87,6 +99,8 @@ pub struct GpuKv {
     capacity: usize,
     k: Vec<Arc<GpuBuffer>>,
     v: Vec<Arc<GpuBuffer>>,
+    /// CCA layers' per-position state beyond K/V (`None` for standard attention).
+    cca: Option<ops::cca::CcaState>,
 }
 
 /// Router output on the GPU: ids and weights `[rows, k]`.
@@ -671,10 +685,20 @@ impl Backend for GpuBackend {
                 .map(|_| GpuBuffer::new(&self.sh.dev.device, bytes.max(16), usage, what))
                 .collect()
         };
+        let cca = match config.attention {
+            AttentionKind::Standard => None,
+            AttentionKind::Cca => Some(ops::cca::CcaState::new(
+                &self.sh.dev,
+                config,
+                capacity,
+                usage,
+            )?),
+        };
         Ok(GpuKv {
             capacity,
             k: mk("k cache"),
             v: mk("v cache"),
+            cca,
         })
     }
 
@@ -904,6 +928,7 @@ impl Backend for GpuBackend {
                 start,
                 kv_len,
                 mask,
+                c.window_of(layer),
             )?;
             Ok(out)
         })
@@ -969,6 +994,179 @@ impl Backend for GpuBackend {
             ));
         }
         self.moe_with(x, routing, experts, Some(&*shared.buf))
+    }
+
+    fn cca_qkv(
+        &self,
+        proj: &mut GpuAct,
+        w: CcaWeights<'_, GpuWeight>,
+        kv: &mut GpuKv,
+        p: CcaParams,
+    ) -> Result<()> {
+        let (qd, kd) = (p.q_dim(), p.kv_dim());
+        let c = qd + kd;
+        let Some(state) = &kv.cca else {
+            return Err(shape_err(
+                "cca_qkv",
+                "the cache was made for standard attention".into(),
+            ));
+        };
+        if p.layer >= state.conv.len()
+            || proj.cols != c + kd
+            || p.kv_heads == 0
+            || !p.heads.is_multiple_of(p.kv_heads)
+        {
+            return Err(shape_err(
+                "cca_qkv",
+                format!(
+                    "layer {}, projection width {} for {}",
+                    p.layer,
+                    proj.cols,
+                    c + kd
+                ),
+            ));
+        }
+        if p.start + proj.rows > kv.capacity {
+            return Err(BackendError::CacheFull {
+                pos: p.start + proj.rows,
+                capacity: kv.capacity,
+            });
+        }
+        let table = |name, wt, rows, cols| f32_arg("cca_qkv", name, wt, rows, cols);
+        let hd = p.head_dim;
+        let bufs = ops::cca::CcaBuffers {
+            conv_dw: table("conv_dw", w.conv_dw, c, 2)?,
+            conv_dw_bias: table("conv_dw_bias", w.conv_dw_bias, 1, c)?,
+            conv_grouped: table("conv_grouped", w.conv_grouped, c, 2 * hd)?,
+            conv_grouped_bias: table("conv_grouped_bias", w.conv_grouped_bias, 1, c)?,
+            temp: table("temp", w.temp, 1, p.kv_heads)?,
+        };
+        let (conv, vd) = (&state.conv[p.layer], &state.vd[p.layer]);
+        self.with(|ctx| {
+            Ok(ops::cca::cca_qkv(
+                ctx, &proj.buf, proj.rows, bufs, conv, vd, p,
+            )?)
+        })
+    }
+
+    fn route_mlp(
+        &self,
+        x: &GpuAct,
+        w: MlpRouterWeights<'_, GpuWeight>,
+        eda: Option<&GpuAct>,
+        p: MlpRouterParams,
+    ) -> Result<(GpuRouting, GpuAct)> {
+        let (n, classes, k) = (w.down.rows, p.experts + 1, p.top_k);
+        let bad = |what: String| shape_err("route_mlp", what);
+        let vec_of = |name, wt, len| f32_arg("route_mlp", name, wt, 1, len);
+        if w.down.cols != x.cols
+            || (w.fc1.rows, w.fc1.cols, w.fc2.rows, w.fc2.cols) != (n, n, n, n)
+            || (w.out.rows, w.out.cols) != (classes, n)
+            || k == 0
+            || k > classes
+        {
+            return Err(bad(format!(
+                "down [{}, {}] × x width {}, fc [{}, {}], out [{}, {}] for {classes} classes top-{k}",
+                w.down.rows, w.down.cols, x.cols, w.fc1.rows, w.fc1.cols, w.out.rows, w.out.cols
+            )));
+        }
+        let eda_bufs = match (eda, w.eda_scale) {
+            (Some(prev), Some(scale)) => {
+                if (prev.rows, prev.cols) != (x.rows, n) {
+                    return Err(bad(format!(
+                        "EDA state [{}, {}] vs router [{}, {n}]",
+                        prev.rows, prev.cols, x.rows
+                    )));
+                }
+                Some((&*prev.buf, vec_of("eda_scale", scale, n)?))
+            }
+            _ => None,
+        };
+        let bufs = ops::router_mlp::MlpRouterBuffers {
+            down: w.down,
+            down_bias: vec_of("down_bias", w.down_bias, n)?,
+            eda: eda_bufs,
+            norm: vec_of("norm", w.norm, n)?,
+            fc1: w.fc1,
+            fc1_bias: vec_of("fc1_bias", w.fc1_bias, n)?,
+            fc2: w.fc2,
+            fc2_bias: vec_of("fc2_bias", w.fc2_bias, n)?,
+            out: w.out,
+            bias: vec_of("bias", w.bias, classes)?,
+        };
+        self.with(|ctx| {
+            let state = Self::out_act(ctx, x.rows, n)?;
+            let ids = ctx.output((x.rows * k * 4) as u64)?;
+            let weights = ctx.output((x.rows * k * 4) as u64)?;
+            ops::router_mlp::route_mlp(
+                ctx, &x.buf, x.rows, bufs, p.experts, k, p.eps, &state.buf, &ids, &weights,
+            )?;
+            Ok((
+                GpuRouting {
+                    rows: x.rows,
+                    k,
+                    ids,
+                    weights,
+                },
+                state,
+            ))
+        })
+    }
+
+    fn scaled_residual_norm(
+        &self,
+        x: &mut GpuAct,
+        delta: &GpuAct,
+        scales: &GpuWeight,
+        norm: &GpuWeight,
+        eps: f32,
+    ) -> Result<GpuAct> {
+        let h = x.cols;
+        let (s, wv) = match (scales.f32_table(4, h), norm.vector()) {
+            (Some(s), Some(wv)) if norm.cols == h && scales.rows == 4 => (s, wv),
+            _ => {
+                return Err(shape_err(
+                    "scaled_residual_norm",
+                    format!(
+                        "scales [{}, {}], norm [{}, {}] for width {h}",
+                        scales.rows, scales.cols, norm.rows, norm.cols
+                    ),
+                ))
+            }
+        };
+        if (x.rows, x.cols) != (delta.rows, delta.cols) {
+            return Err(shape_err(
+                "scaled_residual_norm",
+                format!("[{}, {}] + [{}, {}]", x.rows, h, delta.rows, delta.cols),
+            ));
+        }
+        self.with(|ctx| {
+            let out = Self::out_act(ctx, x.rows, h)?;
+            ops::scaled::scaled_residual_norm(
+                ctx, &x.buf, &delta.buf, s, wv, &out.buf, x.rows, h, eps,
+            )?;
+            Ok(out)
+        })
+    }
+
+    fn embed_affine(&self, x: &mut GpuAct, affine: &GpuWeight) -> Result<()> {
+        let a = match affine.f32_table(2, x.cols) {
+            Some(a) if affine.rows == 2 => a,
+            _ => {
+                return Err(shape_err(
+                    "embed_affine",
+                    format!(
+                        "affine [{}, {}] for width {}",
+                        affine.rows, affine.cols, x.cols
+                    ),
+                ))
+            }
+        };
+        self.with(|ctx| {
+            Ok(ops::embed_affine::embed_affine(
+                ctx, &x.buf, a, x.rows, x.cols,
+            )?)
+        })
     }
 
     fn routing_to_host(&self, routing: &GpuRouting) -> Result<(Vec<u32>, Vec<f32>)> {
@@ -1074,6 +1272,22 @@ impl Backend for GpuBackend {
         }
         Ok(all)
     }
+}
+
+/// An op's small f32 weight `[rows, cols]` as one buffer, or the op's shape error.
+fn f32_arg<'a>(
+    op: &'static str,
+    name: &str,
+    w: &'a GpuWeight,
+    rows: usize,
+    cols: usize,
+) -> Result<&'a GpuBuffer> {
+    w.f32_table(rows, cols).ok_or_else(|| {
+        shape_err(
+            op,
+            format!("{name} [{}, {}], want f32 [{rows}, {cols}]", w.rows, w.cols),
+        )
+    })
 }
 
 fn weight_code(d: DType) -> u32 {

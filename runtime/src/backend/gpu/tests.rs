@@ -8,10 +8,12 @@ use std::sync::Arc;
 
 use super::testing::{backends, rel_l2};
 use super::{kernels, ops, GpuBackend};
+use crate::arch::{Architecture, Gating, ModelConfig, QkNorm, SlidingAttention};
 use crate::backend::cpu::{CpuAct, CpuBackend};
-use crate::backend::{AttnMask, Backend, PositionStats};
+use crate::backend::{
+    AttnMask, Backend, CcaParams, CcaWeights, MlpRouterParams, MlpRouterWeights, PositionStats,
+};
 use crate::format::{dtype, DType, EdmFile, TensorView};
-use crate::model::{Architecture, Gating, ModelConfig, QkNorm};
 use crate::synth::{self, SynthSpec};
 
 const TOL: f32 = 1e-4;
@@ -634,6 +636,180 @@ test_backends!(router_selects_and_weights_like_the_cpu, TOL, |b| {
     out
 });
 
+test_backends!(
+    sliding_window_attention_hides_keys_beyond_the_window_for_every_mask,
+    TOL,
+    |b| {
+        // Windows of 3 (inside one 64-key chunk) and 70 (across chunks and GQA splits), on the
+        // GQA kernel (hd 20) and the per-head fallback (hd 18), a 90-position prefix then a
+        // 5-token block.
+        let mut rng = Rng(21);
+        let mut out = Vec::new();
+        for (hd, window) in [(20, 3), (20, 70), (18, 3), (18, 70)] {
+            let mut c = attn_config(QkNorm::PerHead, 20, None);
+            c.head_dim = hd;
+            c.rotary_dim = hd;
+            c.sliding = Some(SlidingAttention {
+                window,
+                rope_theta: 10_000.0,
+                layers: vec![1],
+            });
+            for mask in [
+                AttnMask::Causal,
+                AttnMask::Bidirectional,
+                AttnMask::BlockCausal(4),
+            ] {
+                let mut kv = b.new_kv(&c, 100).unwrap();
+                let pre = b.put(90, c.qkv_dim(), &rng.vec(90 * c.qkv_dim(), 1.0));
+                let a = b.attention(&pre, &mut kv, 1, &c, 0, 90, mask).unwrap();
+                out.push((format!("hd {hd} w {window} {mask:?} prefix"), b.get(&a)));
+                let blk = b.put(5, c.qkv_dim(), &rng.vec(5 * c.qkv_dim(), 1.0));
+                let a = b.attention(&blk, &mut kv, 1, &c, 90, 95, mask).unwrap();
+                out.push((format!("hd {hd} w {window} {mask:?} block"), b.get(&a)));
+            }
+        }
+        out
+    }
+);
+
+fn zaya_config() -> ModelConfig {
+    synth::build(&SynthSpec::tiny(Architecture::Zaya))
+        .unwrap()
+        .meta
+        .config
+}
+
+test_backends!(
+    cca_qkv_matches_across_passes_and_after_a_rollback,
+    TOL,
+    |b| {
+        // Head shapes (q heads, KV heads, head dim, rotary dims): ZAYA1-like groups of 3 with
+        // partial RoPE, no grouping, and a head wider than the 64 lanes of the finish kernel.
+        // Passes at 0 and 5 continue the sequence; the pass at 3 rewrites positions 3.. (a rejected
+        // draft) and reads positions 1 and 2 from the state; the last pass reads that pass's rows.
+        let mut rng = Rng(22);
+        let mut out = Vec::new();
+        for (i, (nq, nkv, hd, rot)) in [(6, 2, 12, 6), (4, 4, 20, 20), (3, 1, 72, 36)]
+            .into_iter()
+            .enumerate()
+        {
+            let mut c = zaya_config();
+            (c.num_heads, c.num_kv_heads, c.head_dim, c.rotary_dim) = (nq, nkv, hd, rot);
+            let (qd, kd) = (nq * hd, nkv * hd);
+            let ch = qd + kd;
+            let f = DType::F32;
+            let dw = weight(b, f, &[ch, 2], &rng.vec(ch * 2, 0.8));
+            let dwb = weight(b, f, &[ch], &rng.vec(ch, 0.3));
+            let gw = weight(b, f, &[ch, 2 * hd], &rng.vec(ch * 2 * hd, 0.3));
+            let gb = weight(b, f, &[ch], &rng.vec(ch, 0.3));
+            let temp: Vec<f32> = rng.vec(nkv, 0.5).iter().map(|v| v + 1.0).collect();
+            let temp = weight(b, f, &[nkv], &temp);
+            let mut kv = b.new_kv(&c, 40).unwrap();
+            for (start, t) in [(0, 5), (5, 3), (3, 4), (7, 9)] {
+                let mut proj = b.put(t, ch + kd, &rng.vec(t * (ch + kd), 1.0));
+                let w = CcaWeights {
+                    conv_dw: &dw,
+                    conv_dw_bias: &dwb,
+                    conv_grouped: &gw,
+                    conv_grouped_bias: &gb,
+                    temp: &temp,
+                };
+                b.cca_qkv(&mut proj, w, &mut kv, CcaParams::for_layer(&c, 1, start))
+                    .unwrap();
+                out.push((format!("case {i} pass at {start}"), b.get(&proj)));
+            }
+        }
+        out
+    }
+);
+
+test_backends!(mlp_router_with_eda_and_skip_expert_matches, TOL, |b| {
+    // (hidden, router width, weight type, top_k, skip bias): widths that are no tile multiples in
+    // f32/f16, q8 where groups of 32 divide them; a large selection bias on the skip class makes it
+    // the choice (weight 0). 13 tokens; the second call takes the first's state through EDA.
+    let mut rng = Rng(23);
+    let mut out = Vec::new();
+    let experts = 5;
+    let classes = experts + 1;
+    for (i, (h, r, dtype, k, skip)) in [
+        (48, 20, DType::F32, 1, 0.0),
+        (48, 20, DType::F16, 2, 0.0),
+        (64, 32, DType::Q8, 1, 0.0),
+        (48, 20, DType::F32, 1, 2.0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let t = 13;
+        let x = b.put(t, h, &rng.vec(t * h, 1.0));
+        let mut state: Option<B::Act> = None;
+        for call in 0..2 {
+            let down = weight(b, dtype, &[r, h], &rng.vec(r * h, 0.3));
+            let fc1 = weight(b, dtype, &[r, r], &rng.vec(r * r, 0.4));
+            let fc2 = weight(b, dtype, &[r, r], &rng.vec(r * r, 0.4));
+            let o = weight(b, dtype, &[classes, r], &rng.vec(classes * r, 0.6));
+            let v = |rng: &mut Rng, n: usize, s: f32| weight(b, DType::F32, &[n], &rng.vec(n, s));
+            let (down_bias, eda_scale, fc1_bias, fc2_bias) = (
+                v(&mut rng, r, 0.2),
+                v(&mut rng, r, 0.8),
+                v(&mut rng, r, 0.2),
+                v(&mut rng, r, 0.2),
+            );
+            let norm: Vec<f32> = rng.vec(r, 0.2).iter().map(|a| a + 1.0).collect();
+            let norm = weight(b, DType::F32, &[r], &norm);
+            let mut sel = rng.vec(classes, 0.05);
+            sel[experts] += skip;
+            let bias = weight(b, DType::F32, &[classes], &sel);
+            let w = MlpRouterWeights {
+                down: &down,
+                down_bias: &down_bias,
+                eda_scale: (call > 0).then_some(&eda_scale),
+                norm: &norm,
+                fc1: &fc1,
+                fc1_bias: &fc1_bias,
+                fc2: &fc2,
+                fc2_bias: &fc2_bias,
+                out: &o,
+                bias: &bias,
+            };
+            let p = MlpRouterParams {
+                experts,
+                top_k: k,
+                eps: 1e-5,
+            };
+            let (routing, st) = b.route_mlp(&x, w, state.as_ref(), p).unwrap();
+            let (ids, wts) = b.routing_to_host(&routing).unwrap();
+            let label = format!("case {i} call {call}");
+            out.push((
+                format!("{label} ids"),
+                ids.iter().map(|&e| e as f32).collect(),
+            ));
+            out.push((format!("{label} weights"), wts));
+            out.push((format!("{label} state"), b.get(&st)));
+            state = Some(st);
+        }
+    }
+    out
+});
+
+test_backends!(scaled_residual_norm_and_affine_embedding_match, TOL, |b| {
+    let mut rng = Rng(24);
+    let mut out = Vec::new();
+    for (t, h) in [(1, 48), (7, 200), (3, 70)] {
+        let mut x = b.put(t, h, &rng.vec(t * h, 1.0));
+        let d = b.put(t, h, &rng.vec(t * h, 1.0));
+        let s = weight(b, DType::F32, &[4, h], &rng.vec(4 * h, 1.0));
+        let nw = weight(b, DType::F32, &[h], &rng.vec(h, 1.0));
+        let a = weight(b, DType::F32, &[2, h], &rng.vec(2 * h, 1.0));
+        let n = b.scaled_residual_norm(&mut x, &d, &s, &nw, 1e-6).unwrap();
+        out.push((format!("{t}x{h} normed"), b.get(&n)));
+        out.push((format!("{t}x{h} residual"), b.get(&x)));
+        b.embed_affine(&mut x, &a).unwrap();
+        out.push((format!("{t}x{h} affine"), b.get(&x)));
+    }
+    out
+});
+
 /// A tiny synthetic model file of `arch` in `dtype`, kept for the test's duration.
 fn synth_file(arch: Architecture, dtype: DType) -> (tempfile::TempDir, Arc<EdmFile>) {
     let dir = tempfile::tempdir().unwrap();
@@ -734,6 +910,27 @@ fn bad_inputs_are_errors_not_panics() {
         let x = g.upload_act(2, 7, &[0.0; 14]).unwrap();
         assert!(g.matmul(&t, &x).is_err(), "{label}");
         assert!(g.lm_head_stats(&x, &t, 1..3).is_err(), "{label}");
+        // ZAYA1's ops: a standard-attention cache has no CCA state; scales of the wrong shape.
+        let c = attn_config(QkNorm::PerHead, 20, None);
+        let mut kv = g.new_kv(&c, 8).unwrap();
+        let mut proj = g.upload_act(1, 8, &[0.0; 8]).unwrap();
+        let cca = CcaWeights {
+            conv_dw: &t,
+            conv_dw_bias: &t,
+            conv_grouped: &t,
+            conv_grouped_bias: &t,
+            temp: &t,
+        };
+        let p = CcaParams::for_layer(&c, 0, 0);
+        assert!(g.cca_qkv(&mut proj, cca, &mut kv, p).is_err(), "{label}");
+        let mut x8 = g.upload_act(2, 8, &[0.0; 16]).unwrap();
+        let d8 = g.upload_act(2, 8, &[0.0; 16]).unwrap();
+        let n8 = weight(&g, DType::F32, &[8], &[1.0; 8]);
+        assert!(
+            g.scaled_residual_norm(&mut x8, &d8, &t, &n8, 1e-6).is_err(),
+            "{label}"
+        );
+        assert!(g.embed_affine(&mut x8, &t).is_err(), "{label}");
         // The backend keeps working after errors.
         let x = g.upload_act(1, 8, &[1.0; 8]).unwrap();
         assert_eq!(

@@ -7,8 +7,8 @@ use super::super::device::GpuError;
 use super::super::kernels::{Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
+use crate::arch::ModelConfig;
 use crate::backend::AttnMask;
-use crate::model::ModelConfig;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
@@ -25,6 +25,9 @@ pub struct AttnParams {
     pub kv_dim: u32,
     pub splits: u32,
     pub chunk: u32,
+    /// Sliding window: a query sees keys at most `window − 1` before it (0: no window).
+    pub window: u32,
+    pub _pad: [u32; 3],
 }
 
 pub static KV_STORE: Entry = Entry {
@@ -139,6 +142,7 @@ pub fn attention(
     start: usize,
     kv_len: usize,
     mask: AttnMask,
+    window: Option<usize>,
 ) -> Result<(), GpuError> {
     if c.head_dim > MAX_HEAD_DIM {
         return Err(GpuError::Unsupported(format!(
@@ -172,6 +176,8 @@ pub fn attention(
         kv_dim: kv_dim as u32,
         splits: splits as u32,
         chunk: chunk as u32,
+        window: window.unwrap_or(0) as u32,
+        _pad: [0; 3],
     };
     ctx.dispatch(
         &KV_STORE,

@@ -3,13 +3,17 @@
 //! checks and grid sizes. The kernels live in `shaders/<op>.wgsl`.
 
 pub mod attention;
+pub mod cca;
 pub mod elementwise;
 pub mod embed;
+pub mod embed_affine;
 pub mod matmul;
 pub mod moe;
 pub mod norm;
 pub mod rope;
 pub mod router;
+pub mod router_mlp;
+pub mod scaled;
 pub mod stats;
 
 use super::kernels::Entry;
@@ -48,6 +52,25 @@ pub fn all_entries() -> Vec<(&'static Entry, usize)> {
         (&rope::QK_NORM_ROPE, size_of::<rope::RopeParams>()),
         (&rope::QK_NORM_ROPE_WHOLE, size_of::<rope::RopeParams>()),
         (&router::ROUTE, size_of::<router::RouterParams>()),
+        (&cca::CCA_STORE, size_of::<cca::CcaGpuParams>()),
+        (&cca::CCA_CONV, size_of::<cca::CcaGpuParams>()),
+        (&cca::CCA_FINISH, size_of::<cca::CcaGpuParams>()),
+        (
+            &router_mlp::MLP_BIAS_ACT,
+            size_of::<router_mlp::MlpRouterGpuParams>(),
+        ),
+        (
+            &router_mlp::MLP_ROUTE_SELECT,
+            size_of::<router_mlp::MlpRouterGpuParams>(),
+        ),
+        (
+            &scaled::SCALED_RESIDUAL_NORM,
+            size_of::<scaled::ScaledParams>(),
+        ),
+        (
+            &embed_affine::EMBED_AFFINE,
+            size_of::<scaled::ScaledParams>(),
+        ),
         (&stats::PARTIAL, size_of::<stats::StatsParams>()),
         (&stats::MERGE, size_of::<stats::StatsParams>()),
     ]

@@ -8,7 +8,7 @@ use super::super::device::GpuError;
 use super::super::kernels::{Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid, RopeTable};
-use crate::model::ModelConfig;
+use crate::arch::ModelConfig;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
@@ -48,8 +48,19 @@ pub fn table(
     c: &ModelConfig,
     end: usize,
 ) -> Result<std::sync::Arc<GpuBuffer>, GpuError> {
-    let half = c.rotary_dim / 2;
-    let key = (c.rope_theta.to_bits(), c.rotary_dim);
+    table_for(ctx, c.rope_theta, c.rotary_dim, end)
+}
+
+/// The (cos, sin) table of θ `theta` over `rotary_dim` dims covering positions `0..end` (a
+/// sliding-window layer may have its own θ).
+pub fn table_for(
+    ctx: &mut Ctx,
+    theta: f64,
+    rotary_dim: usize,
+    end: usize,
+) -> Result<std::sync::Arc<GpuBuffer>, GpuError> {
+    let half = rotary_dim / 2;
+    let key = (theta.to_bits(), rotary_dim);
     if let Some(t) = ctx.st.rope.get(&key) {
         if t.positions >= end {
             return Ok(t.buf.clone());
@@ -66,7 +77,7 @@ pub fn table(
     }
     // inv_freq_i = θ^(−2i/rd), angles in f64 — exactly the CPU reference's values.
     let inv_freq: Vec<f64> = (0..half)
-        .map(|i| 1.0 / c.rope_theta.powf((2 * i) as f64 / c.rotary_dim as f64))
+        .map(|i| 1.0 / theta.powf((2 * i) as f64 / rotary_dim as f64))
         .collect();
     let mut data = Vec::with_capacity(positions * half * 2);
     for pos in 0..positions {

@@ -1,0 +1,138 @@
+//! ZAYA1's MLP router (shaders/router_mlp.wgsl): down-projection (+ bias, + EDA share of the
+//! previous MoE layer's router state), RMSNorm, two GELU layers and the class projection through
+//! the matmul and norm kernels, then one selection dispatch (softmax, biased top-k, skip class).
+
+use bytemuck::{Pod, Zeroable};
+
+use super::super::device::GpuError;
+use super::super::kernels::{Entry, Slot::*};
+use super::super::pool::GpuBuffer;
+use super::super::recorder::{Ctx, Grid};
+use super::super::GpuWeight;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub struct MlpRouterGpuParams {
+    pub t: u32,
+    pub n: u32,
+    pub mode: u32,
+    pub classes: u32,
+    pub experts: u32,
+    pub top_k: u32,
+    pub _pad: [u32; 2],
+}
+
+pub static MLP_BIAS_ACT: Entry = Entry {
+    file: "router_mlp.wgsl",
+    name: "mlp_bias_act",
+    bindings: &[(0, Params), (1, ReadWrite), (2, Read), (3, Read), (4, Read)],
+    params: "MlpRouterParams",
+};
+pub static MLP_ROUTE_SELECT: Entry = Entry {
+    file: "router_mlp.wgsl",
+    name: "mlp_route_select",
+    bindings: &[
+        (0, Params),
+        (2, Read),
+        (5, Read),
+        (6, ReadWrite),
+        (7, ReadWrite),
+    ],
+    params: "MlpRouterParams",
+};
+
+/// Mode bits of `mlp_bias_act`.
+const EDA: u32 = 1;
+const GELU: u32 = 2;
+
+/// The router's f32 vectors and its projections.
+pub struct MlpRouterBuffers<'a> {
+    pub down: &'a GpuWeight,
+    pub down_bias: &'a GpuBuffer,
+    /// (previous router state [rows, n], per-channel scale [n]).
+    pub eda: Option<(&'a GpuBuffer, &'a GpuBuffer)>,
+    pub norm: &'a GpuBuffer,
+    pub fc1: &'a GpuWeight,
+    pub fc1_bias: &'a GpuBuffer,
+    pub fc2: &'a GpuWeight,
+    pub fc2_bias: &'a GpuBuffer,
+    pub out: &'a GpuWeight,
+    pub bias: &'a GpuBuffer,
+}
+
+fn bias_act(
+    ctx: &mut Ctx,
+    x: &GpuBuffer,
+    rows: usize,
+    n: usize,
+    bias: &GpuBuffer,
+    eda: Option<(&GpuBuffer, &GpuBuffer)>,
+    gelu: bool,
+) -> Result<(), GpuError> {
+    let dummy = ctx.sh.dummies[0].clone();
+    let (prev, scale) = eda.unwrap_or((&dummy, &dummy));
+    let p = MlpRouterGpuParams {
+        t: rows as u32,
+        n: n as u32,
+        mode: if eda.is_some() { EDA } else { 0 } | if gelu { GELU } else { 0 },
+        classes: 0,
+        experts: 0,
+        top_k: 0,
+        _pad: [0; 2],
+    };
+    ctx.dispatch(
+        &MLP_BIAS_ACT,
+        0,
+        &p,
+        None,
+        &[x, bias, prev, scale],
+        Grid::Linear(((rows * n) as u64).div_ceil(64)),
+    )
+}
+
+/// Routes `x` [rows, H]: writes `ids`/`weights` [rows, top_k] and the router state `state`
+/// [rows, n] (after EDA, before the norm) that the next MoE layer's EDA reads.
+#[allow(clippy::too_many_arguments)]
+pub fn route_mlp(
+    ctx: &mut Ctx,
+    x: &GpuBuffer,
+    rows: usize,
+    w: MlpRouterBuffers<'_>,
+    experts: usize,
+    top_k: usize,
+    eps: f32,
+    state: &GpuBuffer,
+    ids: &GpuBuffer,
+    weights: &GpuBuffer,
+) -> Result<(), GpuError> {
+    let n = w.down.rows;
+    let classes = w.out.rows;
+    super::matmul::matmul_into(ctx, w.down, x, 0, rows, state, n)?;
+    bias_act(ctx, state, rows, n, w.down_bias, w.eda, false)?;
+    let a = ctx.output((rows * n * 4) as u64)?;
+    super::norm::rms_norm(ctx, state, w.norm, &a, rows, n, eps)?;
+    let b = ctx.output((rows * n * 4) as u64)?;
+    super::matmul::matmul_into(ctx, w.fc1, &a, 0, rows, &b, n)?;
+    bias_act(ctx, &b, rows, n, w.fc1_bias, None, true)?;
+    super::matmul::matmul_into(ctx, w.fc2, &b, 0, rows, &a, n)?;
+    bias_act(ctx, &a, rows, n, w.fc2_bias, None, true)?;
+    let logits = ctx.output((rows * classes * 4) as u64)?;
+    super::matmul::matmul_into(ctx, w.out, &a, 0, rows, &logits, classes)?;
+    let p = MlpRouterGpuParams {
+        t: rows as u32,
+        n: n as u32,
+        mode: 0,
+        classes: classes as u32,
+        experts: experts as u32,
+        top_k: top_k as u32,
+        _pad: [0; 2],
+    };
+    ctx.dispatch(
+        &MLP_ROUTE_SELECT,
+        0,
+        &p,
+        None,
+        &[w.bias, &logits, ids, weights],
+        Grid::Linear((rows as u64).div_ceil(64)),
+    )
+}
