@@ -83,6 +83,8 @@ fn every_decoder_commits_the_same_tokens_on_the_gpu_as_on_the_cpu() {
         (Architecture::Llada2Moe, DType::F32, Prediction::InPlace),
         (Architecture::Qwen3Moe, DType::Q4, Prediction::NextToken),
         (Architecture::Olmoe, DType::Q8, Prediction::Hybrid),
+        (Architecture::Zaya, DType::F32, Prediction::NextToken),
+        (Architecture::Zaya, DType::Q8, Prediction::Hybrid),
     ] {
         let Some(g) = gpu() else { return };
         let path = write_synth(dir.path(), arch, dtype);
@@ -100,6 +102,34 @@ fn every_decoder_commits_the_same_tokens_on_the_gpu_as_on_the_cpu() {
                 "{what}: forward passes"
             );
         }
+    }
+}
+
+#[test]
+fn zaya_with_a_binding_window_decodes_the_same_tokens_on_the_gpu() {
+    // The sliding window of 2 binds from the third position on; speculative drafting rewrites the
+    // conv state and delayed v behind rejected drafts on both backends.
+    let dir = tempfile::tempdir().unwrap();
+    let Some(g) = gpu() else { return };
+    let spec = SynthSpec {
+        sliding_window: 2,
+        seed: 3,
+        ..SynthSpec::tiny(Architecture::Zaya)
+    };
+    let path = dir.path().join("zaya-window-2.edm");
+    synth::write_edm(&synth::build(&spec).unwrap(), &path, DType::F32, &|_, _| {}).unwrap();
+    let file = Arc::new(EdmFile::open(&path).unwrap());
+    let cpu = Engine::new(CpuBackend, file.clone()).unwrap();
+    let gpu = Engine::new(g, file).unwrap();
+    let prompt = Prompt::Tokens(PROMPT.to_vec());
+    for (name, p) in decoders(Prediction::NextToken) {
+        let (c, g) = (generate(&cpu, &prompt, &p), generate(&gpu, &prompt, &p));
+        assert!(!c.tokens.is_empty(), "{name}");
+        assert_eq!(g.tokens, c.tokens, "zaya window 2 {name}: tokens");
+        assert_eq!(
+            g.stats.forward_passes, c.stats.forward_passes,
+            "zaya window 2 {name}: forward passes"
+        );
     }
 }
 

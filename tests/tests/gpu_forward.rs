@@ -161,6 +161,69 @@ fn cached_blocks_on_the_gpu_match_the_cpu() {
 }
 
 #[test]
+fn zaya_with_a_binding_window_matches_the_cpu_through_the_cache_and_a_rollback() {
+    // ZAYA1's per-sequence state on the GPU: the tiny zaya with a sliding window of 2 on layer 1
+    // (it binds from position 2 on), f32 and q8; a full pass, then a cached prefix, a garbage pass
+    // over positions 6.. (a rejected draft) and the pass resumed at 6, whose conv window reads
+    // positions 4 and 5 from the cache's state.
+    let gpus = backends(None);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = SynthSpec {
+        sliding_window: 2,
+        seed: 3,
+        ..SynthSpec::tiny(Architecture::Zaya)
+    };
+    for dtype in [DType::F32, DType::Q8] {
+        let path = dir.path().join(format!("zaya-window-2-{dtype}.edm"));
+        synth::write_edm(&synth::build(&spec).unwrap(), &path, dtype, &|_, _| {}).unwrap();
+        let cpu = load(&CpuBackend, &path);
+        for (label, g) in &gpus {
+            let gm = load(g, &path);
+            for mask in [AttnMask::Causal, AttnMask::BlockCausal(4)] {
+                let mut ckv = cpu.new_kv(&CpuBackend, 64).unwrap();
+                let mut gkv = gm.new_kv(g, 64).unwrap();
+                let steps: [(&[u32], Window); 4] = [
+                    (&TOKENS, Window::block(0, 12, mask)),
+                    (&TOKENS[..8], Window::block(0, 8, mask)),
+                    (&[5, 6, 7, 8, 9, 10], Window::block(6, 6, mask)),
+                    (&TOKENS[6..], Window::block(6, 6, mask)),
+                ];
+                for (i, (toks, w)) in steps.into_iter().enumerate() {
+                    let want = run(&CpuBackend, &cpu, &mut ckv, toks, w, true);
+                    let got = run(g, &gm, &mut gkv, toks, w, true);
+                    compare(
+                        &format!("zaya {dtype} {mask:?} step {i} on {label}"),
+                        &got,
+                        &want,
+                    );
+                }
+            }
+            // The MLP router's choices, the skip expert (id num_experts) among them.
+            let want = ForwardRequest {
+                routing: true,
+                ..Default::default()
+            };
+            let window = Window::block(0, TOKENS.len(), AttnMask::Causal);
+            let mut ckv = cpu.new_kv(&CpuBackend, 64).unwrap();
+            let r = cpu.forward(&CpuBackend, &mut ckv, &TOKENS, window, &want);
+            let mut gkv = gm.new_kv(g, 64).unwrap();
+            let gr = gm.forward(g, &mut gkv, &TOKENS, window, &want);
+            let (r, gr) = (r.unwrap().routing, gr.unwrap().routing);
+            let skip = cpu.config.moe.num_experts as u32;
+            assert!(r.iter().any(|(_, ids, _)| ids.contains(&skip)), "{dtype}");
+            assert_eq!(r.len(), gr.len());
+            for ((l, ids, w), (gl, gids, gw)) in r.iter().zip(&gr) {
+                assert_eq!((l, ids), (gl, gids), "zaya {dtype} routing on {label}");
+                assert!(
+                    rel_l2(gw, w) <= 1e-4,
+                    "zaya {dtype} layer {l} weights on {label}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn weights_and_expert_pools_split_across_bindings_give_the_same_forward() {
     // 64 KiB bindings: the f32 embedding [512, 64] (128 KiB) splits in two, the LM head runs in
     // several passes, and each layer's experts spread over four pool buffers.

@@ -22,11 +22,12 @@ pub enum Architecture {
 
 impl Architecture {
     /// The MoE families every backend runs (the ones the expert machinery and the GPU are tested
-    /// on). ZAYA1 is not among them until its ops have GPU kernels; its tests name it.
-    pub const ALL: [Architecture; 3] = [
+    /// on).
+    pub const ALL: [Architecture; 4] = [
         Architecture::Qwen3Moe,
         Architecture::Olmoe,
         Architecture::Llada2Moe,
+        Architecture::Zaya,
     ];
 
     /// The `model_type` of the Hugging Face config.

@@ -98,6 +98,11 @@ pub fn config(c: &HfConfig) -> Result<ModelConfig, ImportError> {
     c.refuse_if("attention_bias", truthy)?;
     c.refuse_if("lm_head_bias", truthy)?;
     c.refuse_if("hidden_act", |v| v.as_str() != Some("silu"))?;
+    // Older configs carry the scaling at the top level; rope_of reads only rope_parameters.
+    c.refuse_if("rope_scaling", |v| {
+        let kind = v.get("rope_type").or_else(|| v.get("type"));
+        kind.and_then(Value::as_str).unwrap_or("default") != "default"
+    })?;
     for field in ["cca_time0", "cca_time1"] {
         c.refuse_if(field, |v| v.as_u64() != Some(2))?;
     }

@@ -10,8 +10,8 @@ use super::super::device::{GpuDevice, GpuError};
 use super::super::kernels::{Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
-use crate::backend::CcaParams;
 use crate::arch::ModelConfig;
+use crate::backend::CcaParams;
 
 /// What a CCA layer keeps per position besides K/V, in the KV cache: the raw `[q; k]` rows (the
 /// conv's input) and the delayed-v rows. Indexed by absolute position like the K/V rows (as the
