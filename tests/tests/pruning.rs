@@ -110,13 +110,9 @@ fn pruned_models_route_only_to_resident_experts_and_store_no_others() {
 #[test]
 fn keeping_every_expert_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    // Not yet for ZAYA1: experts/prune.rs's mask_bias masks every class past the resident
-    // experts, the MLP router's skip class (id num_experts) included, so a pruned zaya never
-    // skips. Remove the filter with that fix.
-    for arch in Architecture::ALL
-        .into_iter()
-        .filter(|&a| a != Architecture::Zaya)
-    {
+    // ZAYA1 included: its MLP router's skip class (id num_experts) is no expert and stays
+    // selectable in a pruned file.
+    for arch in Architecture::ALL {
         let input = synth_model(dir.path(), arch, 2);
         let out = dir.path().join(format!("{arch}-all.edm"));
         prune_to(&input, &out, "100%", Selector::Frequency);

@@ -287,7 +287,14 @@ pub fn prune_file(
 }
 
 fn mask_bias(bias: &mut [f32], set: &ResidentSet, layer: usize) {
-    for (e, b) in bias.iter_mut().enumerate() {
+    // Only routed experts can be pruned: a class past them (an MLP router's skip class, id
+    // num_experts) holds no weights, and masking it would forbid the model to skip.
+    let experts = set
+        .layers
+        .iter()
+        .find(|(l, _)| *l == layer)
+        .map_or(0, |(_, k)| k.len());
+    for (e, b) in bias.iter_mut().enumerate().take(experts) {
         if !set.is_resident(layer, e) {
             *b = PRUNED_BIAS;
         }
