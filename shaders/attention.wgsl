@@ -29,6 +29,7 @@
 //   it follow the mask alone, as the CPU reference has it): those are masked inside the key loops
 //   rather than skipped, so the split arithmetic stays that of the prefix.
 
+#include "grid"
 #include "reduce"
 
 struct AttnParams {
@@ -70,7 +71,7 @@ fn kv_store(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let i = (wid.x + wid.y * nwg.x) * 64u + lid;
+    let i = flat_index(lid, wid, nwg);
     if (i >= p.t * p.kv_dim) {
         return;
     }
@@ -383,7 +384,7 @@ fn attend_merge(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let i = (wid.x + wid.y * nwg.x) * 64u + lid;
+    let i = flat_index(lid, wid, nwg);
     let hv = p.hd / 4u;
     if (i >= p.t * p.nq * hv) {
         return;

@@ -15,6 +15,7 @@
 //   dims from the host's f64 cos/sin table (rope.wgsl's). Head 0's workgroup also writes v's
 //   second half: the previous position's delayed v (zero at position 0).
 
+#include "grid"
 #include "reduce"
 
 struct CcaParams {
@@ -54,7 +55,7 @@ fn cca_store(
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
     let per = p.c + p.half;
-    let i = (wid.x + wid.y * nwg.x) * 64u + lid;
+    let i = flat_index(lid, wid, nwg);
     if (i >= p.t * per) {
         return;
     }
@@ -86,7 +87,7 @@ fn cca_conv(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let i = (wid.x + wid.y * nwg.x) * 64u + lid;
+    let i = flat_index(lid, wid, nwg);
     if (i >= p.t * p.c) {
         return;
     }

@@ -4,6 +4,8 @@
 // invocation: the compute-shader yardstick of the device's copy bandwidth, next to
 // copy_buffer_to_buffer, which some drivers run on a slower copy engine).
 
+#include "grid"
+
 struct EwParams {
     n: u32,
     cols: u32,
@@ -17,10 +19,6 @@ struct EwParams {
 @group(0) @binding(3) var<storage, read_write> words: array<u32>;
 @group(0) @binding(4) var<storage, read> src16: array<vec4<u32>>;
 @group(0) @binding(5) var<storage, read_write> dst16: array<vec4<u32>>;
-
-fn flat_index(lid: u32, wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return (wid.x + wid.y * nwg.x) * 64u + lid;
-}
 
 @compute @workgroup_size(64)
 fn add(

@@ -2,6 +2,7 @@
 // lib/dequant.wgsl). A table larger than one binding is split by rows; each dispatch serves the
 // ids that fall in its chunk [row0, row0 + rows). One invocation per output value.
 
+#include "grid"
 #include "dequant"
 
 struct EmbedParams {
@@ -26,7 +27,7 @@ fn embed(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let i = (wid.x + wid.y * nwg.x) * 64u + lid;
+    let i = flat_index(lid, wid, nwg);
     if (i >= p.t * p.cols) {
         return;
     }

@@ -21,6 +21,7 @@
 // Output rows may be a column range of a wider matrix (out_stride, out_col0): weights too large for
 // one binding are split by rows and run as several dispatches.
 
+#include "grid"
 #include "tile"
 #include "matmul_io"
 #include "act_dot"
@@ -159,7 +160,7 @@ fn split_sum(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let i = (wid.x + wid.y * nwg.x) * 64u + lid;
+    let i = flat_index(lid, wid, nwg);
     if (i >= p.t * p.n) {
         return;
     }

@@ -12,6 +12,7 @@
 // moe_combine_add: the same sum plus plus[t] (the shared experts' output), as the add kernel would
 //   add it afterwards: one dispatch fewer per MoE layer with shared experts.
 
+#include "grid"
 #include "moe_meta"
 
 struct MoeParams {
@@ -156,7 +157,7 @@ fn moe_combine(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let i = (wid.x + wid.y * nwg.x) * 64u + lid;
+    let i = flat_index(lid, wid, nwg);
     if (i >= mp.t * mp.hidden) {
         return;
     }
@@ -169,7 +170,7 @@ fn moe_combine_add(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let i = (wid.x + wid.y * nwg.x) * 64u + lid;
+    let i = flat_index(lid, wid, nwg);
     if (i >= mp.t * mp.hidden) {
         return;
     }

@@ -9,6 +9,8 @@
 //   id = experts). Each pick scans for the best class ranked after the previous pick, so no
 //   per-token array is needed.
 
+#include "grid"
+
 struct MlpRouterParams {
     t: u32,
     n: u32,
@@ -45,7 +47,7 @@ fn mlp_bias_act(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let i = (wid.x + wid.y * nwg.x) * 64u + lid;
+    let i = flat_index(lid, wid, nwg);
     if (i >= p.t * p.n) {
         return;
     }
@@ -71,7 +73,7 @@ fn mlp_route_select(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let t = (wid.x + wid.y * nwg.x) * 64u + lid;
+    let t = flat_index(lid, wid, nwg);
     if (t >= p.t) {
         return;
     }

@@ -5,6 +5,7 @@
 // embed_affine (one invocation per value): x = (x + a[0]) ⊙ a[1], the input embedding's bias and
 //   scale.
 
+#include "grid"
 #include "reduce"
 
 struct ScaledParams {
@@ -43,7 +44,7 @@ fn embed_affine(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let i = (wid.x + wid.y * nwg.x) * 64u + lid;
+    let i = flat_index(lid, wid, nwg);
     if (i >= p.rows * p.cols) {
         return;
     }
