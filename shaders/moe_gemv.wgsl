@@ -20,7 +20,7 @@
 #include "moe_meta"
 
 @group(0) @binding(1) var<storage, read> w_words: array<u32>;
-@group(0) @binding(2) var<storage, read> x_act: array<f32>;
+@group(0) @binding(2) var<storage, read> x_act: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 @group(0) @binding(4) var<storage, read> slots: array<u32>;
 @group(0) @binding(5) var<storage, read> route_meta: array<u32>;

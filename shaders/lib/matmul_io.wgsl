@@ -1,25 +1,7 @@
-// The dense matmul kernels' uniform and bindings (matmul.wgsl, matmul_coop.wgsl): weights W [n, k]
-// as u32 words (lib/dequant.wgsl), activations x [t, k] f32 from row x_row0, output rows written at
-// column out_col0 of rows out_stride wide. ops/matmul.rs MatmulParams on the host; tile_t, k_chunk
-// and split_rows are the tensor-core kernel's (activation rows a tile, its split along K), splits
-// split_sum's; the others leave them unused.
+// The bindings of the tiled matmul kernels (matmul.wgsl, matmul_coop.wgsl): activations as scalar
+// f32 (the tiles stage them through shared memory); gemv.wgsl binds them as vec4s instead.
 
-struct MatmulParams {
-    n: u32,
-    k: u32,
-    t: u32,
-    scales: u32,
-    x_row0: u32,
-    out_stride: u32,
-    out_col0: u32,
-    tile_t: u32,
-    // gemm_coop split along K: each workgroup z sums k_chunk values (0: all of K) and writes its
-    // partial rows at z · split_rows; split_sum adds the `splits` partials.
-    k_chunk: u32,
-    split_rows: u32,
-    splits: u32,
-    _pad: u32,
-}
+#include "matmul_params"
 
 @group(0) @binding(0) var<uniform> p: MatmulParams;
 @group(0) @binding(1) var<storage, read> w_words: array<u32>;

@@ -1,6 +1,6 @@
-//! y = x · Wᵀ for weights in file layout (shaders/matmul.wgsl): gemv for up to 4 activation rows,
+//! y = x · Wᵀ for weights in file layout: gemv (shaders/gemv.wgsl) for up to 4 activation rows,
 //! and up to 16 (blocks of 4 along the grid's z) where the weight stays in L2 between blocks;
-//! 16 × 64 tiles beyond; the grouped expert kernels of the same file are dispatched by moe.rs.
+//! 16 × 64 tiles (shaders/matmul.wgsl) beyond; the grouped expert kernels of the same file are dispatched by moe.rs.
 //! f16, q8 and q4 weights against `KernelChoice::coop_min_t` activation rows or more, past the gemv cases, run
 //! on the tensor cores (shaders/matmul_coop.wgsl, 16, 32 or 64 × 128 tiles) where the device lends
 //! cooperative matrices.
@@ -51,14 +51,14 @@ pub struct ExpertParams {
 }
 
 pub static GEMV: Entry = Entry {
-    file: "matmul.wgsl",
+    file: "gemv.wgsl",
     name: "gemv",
     bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite)],
     params: "MatmulParams",
 };
 /// [`GEMV`] over a fused [gate; up] weight, writing silu(gate) · up.
 pub static GEMV_SWIGLU: Entry = Entry {
-    file: "matmul.wgsl",
+    file: "gemv.wgsl",
     name: "gemv_swiglu",
     bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite)],
     params: "MatmulParams",
