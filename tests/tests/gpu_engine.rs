@@ -134,6 +134,40 @@ fn zaya_with_a_binding_window_decodes_the_same_tokens_on_the_gpu() {
 }
 
 #[test]
+fn zaya_lossless_speculative_on_the_gpu_equals_ar_on_the_gpu() {
+    // ZAYA1-8B-Diffusion-Preview's decoding on the GPU: drafts of 16 (its blocks) and of 5, β = 1,
+    // commit AR's greedy tokens; rejected drafts roll the GPU's conv state and delayed v back.
+    let dir = tempfile::tempdir().unwrap();
+    let Some(g) = gpu() else { return };
+    let path = write_synth(dir.path(), Architecture::Zaya, DType::F32);
+    let gpu = Engine::new(g, Arc::new(EdmFile::open(&path).unwrap())).unwrap();
+    for prompt in [&PROMPT[..1], &PROMPT[..]] {
+        let prompt = Prompt::Tokens(prompt.to_vec());
+        let ar = generate(
+            &gpu,
+            &prompt,
+            &params(DecoderKind::Ar, Prediction::NextToken, 20),
+        );
+        assert_eq!(ar.tokens.len(), 20);
+        for draft_len in [16, 5] {
+            let spec = DecoderKind::Speculative(SpeculativeOptions {
+                draft_len,
+                beta: 1.0,
+            });
+            let s = generate(&gpu, &prompt, &params(spec, Prediction::NextToken, 20));
+            assert_eq!(s.tokens, ar.tokens, "k={draft_len}");
+            // Each pass commits at least one token: never more passes than AR.
+            assert!(
+                s.stats.forward_passes <= ar.stats.forward_passes,
+                "k={draft_len}: {} passes vs AR {}",
+                s.stats.forward_passes,
+                ar.stats.forward_passes
+            );
+        }
+    }
+}
+
+#[test]
 fn the_default_model_decodes_on_the_gpu_as_on_the_cpu() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default.edm");
     if skip_requested() {

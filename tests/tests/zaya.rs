@@ -177,6 +177,7 @@ fn params(decoder: DecoderKind, prediction: Prediction, max_new: usize) -> Decod
         prediction,
         cancel: None,
         canvas_events: false,
+        block_experts: None,
     }
 }
 
@@ -525,4 +526,110 @@ fn zaya_synth_preset_has_zaya1_8b_shapes() {
         (16, 1, 2048)
     );
     assert_eq!(c.router_classes(), 17);
+}
+
+// --- the Diffusion-Preview's decoding settings --------------------------------------------------
+
+fn convert_with(dir: &Path, o: &import::MetaOverrides) -> Result<EdmFile, ImportError> {
+    let out = tempfile::tempdir().unwrap();
+    let path = out.path().join("m.edm");
+    import::convert_with(dir, &path, DType::F32, o, &|_, _| {})?;
+    Ok(EdmFile::open(&path).unwrap())
+}
+
+#[test]
+fn a_zaya_checkpoint_without_a_block_size_gets_the_diffusion_previews_16() {
+    let dir = broken(|c| {
+        c.remove("block_size");
+    });
+    let f = convert_with(dir.path(), &Default::default()).unwrap();
+    let d = &f.header.metadata.decoding;
+    assert_eq!((d.block_size, d.steps, d.draft_len()), (16, 16, 16));
+    // The fixture's own config says 8.
+    let f = convert_with(broken(|_| {}).path(), &Default::default()).unwrap();
+    assert_eq!(f.header.metadata.decoding.block_size, 8);
+}
+
+#[test]
+fn convert_flags_set_the_mask_id_and_block_size_a_checkpoint_does_not_publish() {
+    // Without config.json's mask_token_id the tokenizer's `<|mask|>` (id 3) is the mask; the flag
+    // replaces it.
+    let dir = broken(|c| {
+        c.remove("mask_token_id");
+        c.remove("block_size");
+    });
+    let f = convert_with(dir.path(), &Default::default()).unwrap();
+    assert_eq!(f.header.metadata.special_tokens.mask, Some(3));
+    let o = import::MetaOverrides {
+        mask_token_id: Some(511),
+        block_size: Some(12),
+    };
+    let f = convert_with(dir.path(), &o).unwrap();
+    let m = &f.header.metadata;
+    assert_eq!(m.special_tokens.mask, Some(511));
+    assert_eq!((m.decoding.block_size, m.decoding.steps), (12, 12));
+    assert_eq!(m.decoding.draft_len(), 12);
+    // Out of the vocabulary of 512, or a block of 0: typed errors naming the flag.
+    for (o, flag) in [
+        (
+            import::MetaOverrides {
+                mask_token_id: Some(512),
+                block_size: None,
+            },
+            "--mask-token-id 512",
+        ),
+        (
+            import::MetaOverrides {
+                mask_token_id: None,
+                block_size: Some(0),
+            },
+            "--block-size",
+        ),
+    ] {
+        let err = convert_with(dir.path(), &o).unwrap_err();
+        assert!(
+            matches!(err, ImportError::Option(ref m) if m.contains(flag)),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn synth_zaya_models_are_accepted_by_the_speculative_decoder_with_their_own_settings() {
+    // The synthetic ZAYA1-8B shape carries the Diffusion-Preview's settings: a mask id inside the
+    // vocabulary, blocks (drafts) of 16, next-token causal rows.
+    let preset = synth::build(&SynthSpec::zaya1_8b()).unwrap().meta;
+    let mask = preset.special.mask.expect("a mask id");
+    assert!((mask as usize) < preset.config.vocab_size);
+    assert_eq!(preset.decoding.block_size, 16);
+    assert_eq!(preset.decoding.draft_len(), 16);
+    // The tiny one, end to end: the speculative decoder with the file's mask id and draft length
+    // (its block size, 8) decodes, drafts and equals AR.
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_synth(dir.path(), &SynthSpec::tiny(Architecture::Zaya), "tiny");
+    let (m, special) = load(&path);
+    let file = EdmFile::open(&path).unwrap();
+    let d = &file.header.metadata.decoding;
+    let prediction = d
+        .prediction
+        .unwrap_or_else(|| Prediction::for_architecture(Architecture::Zaya));
+    assert_eq!(prediction, Prediction::NextToken);
+    assert_eq!(special.mask, file.header.metadata.special_tokens.mask);
+    let spec = DecoderKind::Speculative(SpeculativeOptions {
+        draft_len: d.draft_len(),
+        beta: 1.0,
+    });
+    let (tokens, out, _) = run(&m, special, &PROMPT, &params(spec, prediction, 20));
+    let DecoderDetails::Speculative { drafted, .. } = out.details else {
+        panic!("speculative details expected")
+    };
+    assert!(drafted > 0, "nothing drafted");
+    let ar = run(
+        &m,
+        special,
+        &PROMPT,
+        &params(DecoderKind::Ar, prediction, 20),
+    )
+    .0;
+    assert_eq!(tokens, ar);
 }

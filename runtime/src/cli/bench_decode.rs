@@ -232,7 +232,7 @@ fn configurations(engine: &LoadedEngine, a: &DecodeArgs, base: &DecodeParams) ->
     if base.prediction.causal() == Prediction::NextToken {
         for &beta in &a.betas {
             let d = DecoderKind::Speculative(SpeculativeOptions {
-                draft_len: flags.block_size.unwrap_or(16),
+                draft_len: flags.block_size.unwrap_or(defaults.draft_len()),
                 beta,
             });
             out.push(with(d, policies[0]));

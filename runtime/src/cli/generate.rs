@@ -135,7 +135,8 @@ pub struct DecodingArgs {
     /// Decoder (default: the model's: block diffusion, or AR for block size 1).
     #[arg(long, value_enum)]
     pub decoder: Option<DecoderName>,
-    /// Block size (draft length for the speculative decoder); default from the model file.
+    /// Block size (draft length for the speculative decoder); default from the model file (a
+    /// speculative draft of 16 when the model's blocks are single tokens).
     #[arg(long)]
     pub block_size: Option<usize>,
     /// Commit policy of the diffusion decoders.
@@ -239,7 +240,7 @@ impl DecodingArgs {
                 },
             }),
             DecoderName::Speculative => DecoderKind::Speculative(SpeculativeOptions {
-                draft_len: self.block_size.unwrap_or(16),
+                draft_len: self.block_size.unwrap_or(defaults.draft_len()),
                 beta: self.beta,
             }),
             DecoderName::Ar => DecoderKind::Ar,

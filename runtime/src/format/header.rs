@@ -68,6 +68,18 @@ pub struct DecodingDefaults {
     pub prediction: Option<Prediction>,
 }
 
+impl DecodingDefaults {
+    /// Draft length of the speculative decoder when a request names none: the model's block size
+    /// (ZAYA1-8B-Diffusion-Preview drafts its 16-token blocks), or 16 for an AR model's blocks of 1.
+    pub fn draft_len(&self) -> usize {
+        if self.block_size > 1 {
+            self.block_size
+        } else {
+            16
+        }
+    }
+}
+
 impl Default for DecodingDefaults {
     fn default() -> Self {
         DecodingDefaults {

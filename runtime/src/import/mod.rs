@@ -59,6 +59,8 @@ pub enum ImportError {
     Tokenizer(String),
     #[error("GGUF: {0}")]
     Gguf(crate::format::gguf::GgufError),
+    #[error("convert option: {0}")]
+    Option(String),
 }
 
 pub fn layout(arch: Architecture) -> &'static HfLayout {
@@ -104,6 +106,55 @@ pub struct ImportMeta {
     pub chat_template: Option<String>,
     pub decoding: DecodingDefaults,
     pub source: Value,
+}
+
+/// Decoding facts a checkpoint may not carry, given to `convert` (`--mask-token-id`,
+/// `--block-size`): ZAYA1-8B-Diffusion-Preview's mask id and block size are not published.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MetaOverrides {
+    pub mask_token_id: Option<u32>,
+    pub block_size: Option<usize>,
+}
+
+impl ImportMeta {
+    /// Replaces the mask id and block size read from the checkpoint; a mask id outside the
+    /// vocabulary or a block of 0 is refused.
+    pub fn apply(&mut self, o: &MetaOverrides) -> Result<(), ImportError> {
+        if let Some(id) = o.mask_token_id {
+            if id as usize >= self.config.vocab_size {
+                return Err(ImportError::Option(format!(
+                    "--mask-token-id {id} is outside the vocabulary of {}",
+                    self.config.vocab_size
+                )));
+            }
+            self.special.mask = Some(id);
+        }
+        if let Some(b) = o.block_size {
+            if b == 0 {
+                return Err(ImportError::Option(
+                    "--block-size must be at least 1".into(),
+                ));
+            }
+            // Steps per block follow the block unless the checkpoint set fewer.
+            let d = &mut self.decoding;
+            d.steps = if d.steps == d.block_size {
+                b
+            } else {
+                d.steps.min(b)
+            };
+            d.block_size = b;
+        }
+        Ok(())
+    }
+}
+
+/// The block size of a checkpoint whose config.json names none: the family's own (ZAYA1's
+/// Diffusion-Preview decodes blocks of 16), else the format's default.
+fn default_block_size(arch: Architecture) -> usize {
+    match arch {
+        Architecture::Zaya => zaya::BLOCK_SIZE,
+        _ => DecodingDefaults::default().block_size,
+    }
 }
 
 /// Reads config.json, tokenizer.json and tokenizer_config.json of a checkpoint directory.
@@ -169,7 +220,10 @@ pub fn read_meta(dir: &Path) -> Result<ImportMeta, ImportError> {
             }
         }
     }
-    let mut decoding = DecodingDefaults::default();
+    let mut decoding = DecodingDefaults {
+        block_size: default_block_size(config.architecture),
+        ..DecodingDefaults::default()
+    };
     if let Some(b) = json.get("block_size").and_then(Value::as_u64) {
         decoding.block_size = b.max(1) as usize;
     }
@@ -789,7 +843,19 @@ pub fn convert(
     wtype: DType,
     progress: Progress,
 ) -> Result<ConvertSummary, ImportError> {
-    let meta = read_meta(dir)?;
+    convert_with(dir, out, wtype, &MetaOverrides::default(), progress)
+}
+
+/// [`convert`] with the mask id and block size replaced.
+pub fn convert_with(
+    dir: &Path,
+    out: &Path,
+    wtype: DType,
+    overrides: &MetaOverrides,
+    progress: Progress,
+) -> Result<ConvertSummary, ImportError> {
+    let mut meta = read_meta(dir)?;
+    meta.apply(overrides)?;
     let src = SafetensorsDir::open(dir)?;
     write_model(&src, &meta, out, wtype, progress)
 }

@@ -21,6 +21,10 @@ use crate::model::{
     ResidualKind, RouterKind, SlidingAttention,
 };
 
+/// Block size of a `zaya` checkpoint whose config.json names none: ZAYA1-8B-Diffusion-Preview
+/// drafts and verifies blocks of 16 (Zyphra's post; REFERENCES.md).
+pub const BLOCK_SIZE: usize = 16;
+
 /// The names the shared converter reads directly (embedding, final norm, head, experts); the
 /// attention and router tensors are listed by [`plan`].
 pub const LAYOUT: HfLayout = HfLayout {

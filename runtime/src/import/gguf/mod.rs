@@ -17,7 +17,10 @@ pub use config::{family, model_config, Family, SUPPORTED};
 
 use super::source::Encoded;
 use super::WeightPolicy;
-use super::{write_model_with, ConvertSummary, ImportError, ImportMeta, Progress, TensorSource};
+use super::{
+    write_model_with, ConvertSummary, ImportError, ImportMeta, MetaOverrides, Progress,
+    TensorSource,
+};
 use crate::format::gguf::{quant, GgmlType, GgufError, GgufFile, TensorInfo};
 use crate::format::{DType, DecodingDefaults, SpecialTokenIds};
 use names::{Mapped, Read};
@@ -283,8 +286,20 @@ pub fn convert(
     dtype: Option<DType>,
     progress: Progress,
 ) -> Result<ConvertSummary, ImportError> {
+    convert_with(path, out, dtype, &MetaOverrides::default(), progress)
+}
+
+/// [`convert`] with the mask id and block size replaced.
+pub fn convert_with(
+    path: &Path,
+    out: &Path,
+    dtype: Option<DType>,
+    overrides: &MetaOverrides,
+    progress: Progress,
+) -> Result<ConvertSummary, ImportError> {
     let file = GgufFile::open(path)?;
-    let (fam, meta) = read_meta(&file)?;
+    let (fam, mut meta) = read_meta(&file)?;
+    meta.apply(overrides)?;
     let src = GgufSource::new(file, fam, &meta.config);
     let policy = match dtype {
         Some(d) => WeightPolicy::Fixed(d),
