@@ -30,7 +30,8 @@ impl Architecture {
         Architecture::Zaya,
     ];
 
-    /// The `model_type` of the Hugging Face config.
+    /// The `model_type` of the Hugging Face config (the name in files and messages; the
+    /// `model_type`s each family reads, aliases included, are listed in `import::FAMILIES`).
     pub fn hf_name(self) -> &'static str {
         match self {
             Architecture::Qwen3Moe => "qwen3_moe",
@@ -40,19 +41,6 @@ impl Architecture {
             Architecture::Llama => "llama",
             Architecture::Qwen2 => "qwen2",
             Architecture::Qwen3 => "qwen3",
-        }
-    }
-
-    pub fn from_hf_name(name: &str) -> Option<Self> {
-        match name {
-            "qwen3_moe" => Some(Architecture::Qwen3Moe),
-            "olmoe" => Some(Architecture::Olmoe),
-            "llada2_moe" | "bailing_moe_v2" | "bailing_moe" => Some(Architecture::Llada2Moe),
-            "zaya" => Some(Architecture::Zaya),
-            "llama" => Some(Architecture::Llama),
-            "qwen2" => Some(Architecture::Qwen2),
-            "qwen3" => Some(Architecture::Qwen3),
-            _ => None,
         }
     }
 }

@@ -74,7 +74,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let arch = Architecture::from_hf_name(&a.arch).context("unknown architecture")?;
+    let arch = crate::import::architecture(&a.arch).context("unknown architecture")?;
     let mut s = match a.preset.as_str() {
         "llada2-mini" => SynthSpec {
             arch,

@@ -5,8 +5,18 @@
 //! Sources: transformers `models/llama/modeling_llama.py`, `models/qwen2/…`, `models/qwen3/…`.
 
 use super::hf::{truthy, HfConfig, HfLayout};
-use super::ImportError;
+use super::{Family, ImportError};
 use crate::model::{Architecture, Gating, ModelConfig, MoeConfig, QkNorm};
+
+pub const FAMILY: Family = Family::new(
+    &[
+        ("llama", Architecture::Llama),
+        ("qwen2", Architecture::Qwen2),
+        ("qwen3", Architecture::Qwen3),
+    ],
+    &LAYOUT,
+    config,
+);
 
 /// transformers' Llama names are Qwen3-MoE's without the router and experts, which a dense model
 /// never asks for.

@@ -4,8 +4,19 @@
 //! Source: inclusionAI's `modeling_llada2_moe.py` (router math as transformers' `deepseek_v3`).
 
 use super::hf::{truthy, HfConfig, HfLayout, QkvNames};
-use super::ImportError;
+use super::{Family, ImportError};
 use crate::model::{Architecture, Gating, ModelConfig, MoeConfig, QkNorm};
+
+/// inclusionAI's checkpoints say `llada2_moe`; BailingMoeV2 ones `bailing_moe_v2` (or `bailing_moe`).
+pub const FAMILY: Family = Family::new(
+    &[
+        ("llada2_moe", Architecture::Llada2Moe),
+        ("bailing_moe_v2", Architecture::Llada2Moe),
+        ("bailing_moe", Architecture::Llada2Moe),
+    ],
+    &LAYOUT,
+    |c, _| config(c),
+);
 
 pub const LAYOUT: HfLayout = HfLayout {
     embed: "model.word_embeddings.weight",

@@ -1,22 +1,49 @@
-//! Hugging Face checkpoint → `*.edm`. Each family is a name layout and a config function
-//! (`qwen3_moe.rs`, `olmoe.rs`, `llada2.rs`; `zaya.rs` also lists its own dense tensors, whose
-//! pieces the shared layout cannot name); this module plans the file, then streams tensors one
-//! at a time: q/k/v fused into one projection, gate/up fused per MLP, each expert's matrices packed
-//! into one aligned range, weights encoded to the requested type (norms and router stay f32).
+//! Hugging Face checkpoint → `*.edm`. Each family is one [`Family`] in its own file (a name
+//! layout and a config function; `zaya.rs` also lists its own dense tensors, whose pieces the
+//! shared layout cannot name), registered in [`FAMILIES`]; this module plans the file, then
+//! streams tensors one at a time: q/k/v fused into one projection, gate/up fused per MLP, each
+//! expert's matrices packed into one aligned range, weights encoded to the requested type (norms
+//! and router stay f32).
 
-mod dense;
+mod family;
 pub mod gguf;
 mod hf;
+pub mod source;
+
+// The families: one module each, one line each in FAMILIES below.
+mod dense;
 mod llada2;
 mod olmoe;
 mod qwen3_moe;
-pub mod source;
-pub mod zaya;
+mod zaya;
+
+/// Every Hugging Face family the converter reads. Adding a family:
+/// 1. its architecture name in [`Architecture`] (arch/config.rs: the name files and `--arch` use,
+///    [`Architecture::hf_name`], and its decoding convention in `Prediction::for_architecture`);
+///    new math is new pieces of [`ModelConfig`] (an op with its CPU reference, WGSL kernel and
+///    test), never a forked forward pass;
+/// 2. `import/<family>.rs` exporting `pub const FAMILY: Family` — `model_type`s, the checkpoint
+///    [`HfLayout`], the config.json → [`ModelConfig`] function, and only the hooks it needs
+///    (own tensor plan, legacy-layout messages, default block size);
+/// 3. `mod <family>;` above and one line here;
+/// 4. for tests and fixtures, its config.json in `synth::SynthSpec::hf_config` and its name in
+///    `synth --arch`; for GGUF files, a line in `gguf/config.rs`.
+///
+/// `tests/tests/parity.rs`, `bad_checkpoints.rs` and the suites over `Architecture::ALL` then
+/// cover it; a committed fixture with transformers' logits comes from `tests/reference/`.
+pub const FAMILIES: &[&Family] = &[
+    &qwen3_moe::FAMILY,
+    &olmoe::FAMILY,
+    &llada2::FAMILY,
+    &zaya::FAMILY,
+    &dense::FAMILY,
+];
 
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+pub use family::{CheckpointTensor, Family, Role};
 pub use hf::{HfConfig, HfLayout, QkvNames};
 pub use source::{SafetensorsDir, TensorSource};
 
@@ -34,7 +61,8 @@ pub enum ImportError {
         source: std::io::Error,
     },
     #[error(
-        "unsupported architecture '{0}' (supported: qwen3_moe, olmoe, llada2_moe / bailing_moe_v2, zaya, llama, qwen3)"
+        "unsupported architecture '{0}' (supported: {supported})",
+        supported = supported_model_types()
     )]
     UnsupportedArchitecture(String),
     #[error("unsupported checkpoint feature: {0}")]
@@ -63,14 +91,41 @@ pub enum ImportError {
     Option(String),
 }
 
+/// The family and architecture of a config.json `model_type` (None: no family reads it).
+pub fn family_of_model_type(model_type: &str) -> Option<(&'static Family, Architecture)> {
+    FAMILIES.iter().find_map(|f| {
+        f.model_types
+            .iter()
+            .find(|(t, _)| *t == model_type)
+            .map(|&(_, a)| (*f, a))
+    })
+}
+
+/// The architecture a config.json `model_type` (or an `--arch` name) imports as.
+pub fn architecture(model_type: &str) -> Option<Architecture> {
+    family_of_model_type(model_type).map(|(_, a)| a)
+}
+
+/// The family that imports `arch`.
+pub fn family(arch: Architecture) -> &'static Family {
+    FAMILIES
+        .iter()
+        .find(|f| f.architectures().any(|a| a == arch))
+        // Every architecture has a family: the registry test checks each one.
+        .expect("every architecture is registered in import::FAMILIES")
+}
+
+/// Every `model_type` the converter reads, for error messages.
+fn supported_model_types() -> String {
+    let names: Vec<&str> = FAMILIES
+        .iter()
+        .flat_map(|f| f.model_types.iter().map(|(t, _)| *t))
+        .collect();
+    names.join(", ")
+}
+
 pub fn layout(arch: Architecture) -> &'static HfLayout {
-    match arch {
-        Architecture::Qwen3Moe => &qwen3_moe::LAYOUT,
-        Architecture::Olmoe => &olmoe::LAYOUT,
-        Architecture::Llada2Moe => &llada2::LAYOUT,
-        Architecture::Zaya => &zaya::LAYOUT,
-        Architecture::Llama | Architecture::Qwen2 | Architecture::Qwen3 => &dense::LAYOUT,
-    }
+    family(arch).layout
 }
 
 /// Parses a Hugging Face config.json into our config.
@@ -79,19 +134,13 @@ pub fn parse_config(json: &Value) -> Result<ModelConfig, ImportError> {
         .get("model_type")
         .and_then(Value::as_str)
         .ok_or_else(|| ImportError::Config("no model_type".into()))?;
-    let arch = Architecture::from_hf_name(model_type)
+    let (fam, arch) = family_of_model_type(model_type)
         .ok_or_else(|| ImportError::UnsupportedArchitecture(model_type.to_string()))?;
     let c = HfConfig {
         json,
         family: arch.hf_name(),
     };
-    let config = match arch {
-        Architecture::Qwen3Moe => qwen3_moe::config(&c)?,
-        Architecture::Olmoe => olmoe::config(&c)?,
-        Architecture::Llada2Moe => llada2::config(&c)?,
-        Architecture::Zaya => zaya::config(&c)?,
-        Architecture::Llama | Architecture::Qwen2 | Architecture::Qwen3 => dense::config(&c, arch)?,
-    };
+    let config = (fam.config)(&c, arch)?;
     config
         .validate()
         .map_err(|e| ImportError::Config(e.to_string()))?;
@@ -145,15 +194,6 @@ impl ImportMeta {
             d.block_size = b;
         }
         Ok(())
-    }
-}
-
-/// The block size of a checkpoint whose config.json names none: the family's own (ZAYA1's
-/// Diffusion-Preview decodes blocks of 16), else the format's default.
-fn default_block_size(arch: Architecture) -> usize {
-    match arch {
-        Architecture::Zaya => zaya::BLOCK_SIZE,
-        _ => DecodingDefaults::default().block_size,
     }
 }
 
@@ -220,10 +260,12 @@ pub fn read_meta(dir: &Path) -> Result<ImportMeta, ImportError> {
             }
         }
     }
-    let mut decoding = DecodingDefaults {
-        block_size: default_block_size(config.architecture),
-        ..DecodingDefaults::default()
-    };
+    // Without a block_size in config.json: the family's (ZAYA1's Diffusion-Preview decodes blocks
+    // of 16), else the format's default.
+    let mut decoding = DecodingDefaults::default();
+    if let Some(b) = family(config.architecture).block_size {
+        decoding.block_size = b;
+    }
     if let Some(b) = json.get("block_size").and_then(Value::as_u64) {
         decoding.block_size = b.max(1) as usize;
     }
@@ -325,14 +367,6 @@ impl PlannedTensor {
             from: Some(from.to_vec()),
             ..Self::new(name, false, &shape, &[source])
         }
-    }
-}
-
-/// The dense tensors of a family that plans its own (None: the shared layout-driven plan).
-fn family_plan(c: &ModelConfig) -> Option<Vec<PlannedTensor>> {
-    match c.architecture {
-        Architecture::Zaya => Some(zaya::plan(c)),
-        _ => None,
     }
 }
 
@@ -557,7 +591,8 @@ pub fn write_model_with(
     progress: Progress,
 ) -> Result<ConvertSummary, ImportError> {
     let c = &meta.config;
-    let lay = layout(c.architecture);
+    let fam = family(c.architecture);
+    let lay = fam.layout;
     let (h, v) = (c.hidden_size, c.vocab_size);
     let mut items: Vec<Item> = Vec::new();
     let mut used: std::collections::HashSet<String> = std::collections::HashSet::new();
@@ -578,8 +613,8 @@ pub fn write_model_with(
     let mat =
         |rows: usize, cols: usize, build: &Build| (policy.pick(src, build, cols), vec![rows, cols]);
     let mut experts_of = Vec::new();
-    if let Some(planned) = family_plan(c) {
-        for t in planned {
+    if let Some(plan) = fam.plan {
+        for t in plan(c) {
             let build = match (t.sources.len(), t.from) {
                 (1, Some(from)) => Build::Reshape(t.sources[0].clone(), from),
                 (1, None) => Build::Copy(t.sources[0].clone()),
@@ -715,11 +750,8 @@ pub fn write_model_with(
         .collect();
     unknown.sort();
     if let Some(first) = unknown.first() {
-        if c.architecture == Architecture::Zaya && zaya::is_legacy_name(first) {
-            return Err(ImportError::Unsupported(format!(
-                "zaya: '{first}' belongs to the legacy alternating attention/MoE layout; convert \
-                 it with transformers' convert_zaya_weights_to_hf.py first"
-            )));
+        if let Some(why) = fam.explain_unexpected.and_then(|explain| explain(first)) {
+            return Err(ImportError::Unsupported(why));
         }
         return Err(ImportError::UnexpectedTensor(first.clone()));
     }

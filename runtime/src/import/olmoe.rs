@@ -4,8 +4,11 @@
 //! Source: transformers `models/olmoe/modeling_olmoe.py`.
 
 use super::hf::{truthy, HfConfig, HfLayout, QkvNames};
-use super::ImportError;
+use super::{Family, ImportError};
 use crate::model::{Architecture, Gating, ModelConfig, MoeConfig, QkNorm};
+
+pub const FAMILY: Family =
+    Family::new(&[("olmoe", Architecture::Olmoe)], &LAYOUT, |c, _| config(c));
 
 pub const LAYOUT: HfLayout = HfLayout {
     embed: "model.embed_tokens.weight",

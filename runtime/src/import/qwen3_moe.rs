@@ -4,8 +4,13 @@
 //! Source: transformers `models/qwen3_moe/modeling_qwen3_moe.py`.
 
 use super::hf::{truthy, HfConfig, HfLayout, QkvNames};
-use super::ImportError;
+use super::{Family, ImportError};
 use crate::model::{Architecture, Gating, ModelConfig, MoeConfig, QkNorm};
+
+pub const FAMILY: Family =
+    Family::new(&[("qwen3_moe", Architecture::Qwen3Moe)], &LAYOUT, |c, _| {
+        config(c)
+    });
 
 pub const LAYOUT: HfLayout = HfLayout {
     embed: "model.embed_tokens.weight",

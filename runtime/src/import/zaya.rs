@@ -14,6 +14,7 @@
 
 use serde_json::Value;
 
+use super::family::{CheckpointTensor, Family, Role};
 use super::hf::{truthy, HfConfig, HfLayout, QkvNames};
 use super::{ImportError, PlannedTensor};
 use crate::model::{
@@ -21,9 +22,16 @@ use crate::model::{
     ResidualKind, RouterKind, SlidingAttention,
 };
 
-/// Block size of a `zaya` checkpoint whose config.json names none: ZAYA1-8B-Diffusion-Preview
-/// drafts and verifies blocks of 16 (Zyphra's post; REFERENCES.md).
-pub const BLOCK_SIZE: usize = 16;
+/// ZAYA1 plans its own dense tensors (CCA and the MLP router have pieces the shared layout cannot
+/// name); a `zaya` checkpoint whose config.json names no block size gets ZAYA1-8B-Diffusion-
+/// Preview's 16 (it drafts and verifies blocks of 16: Zyphra's post, REFERENCES.md).
+pub const FAMILY: Family = Family {
+    plan: Some(plan),
+    checkpoint_tensors: Some(checkpoint_tensors),
+    explain_unexpected: Some(explain_unexpected),
+    block_size: Some(16),
+    ..Family::new(&[("zaya", Architecture::Zaya)], &LAYOUT, |c, _| config(c))
+};
 
 /// The names the shared converter reads directly (embedding, final norm, head, experts); the
 /// attention and router tensors are listed by [`plan`].
@@ -53,17 +61,6 @@ const EMBED_SCALE: &str = "model.input_hidden_states_scale";
 const EMBED_BIAS: &str = "model.input_hidden_states_bias";
 const CCA: &str = "self_attn.qkv_proj";
 const GATE: &str = "mlp.gate";
-
-/// What a checkpoint tensor is, for synthetic initialisation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    Embedding,
-    Linear,
-    /// Values around 1 (norm weights, scales, temperatures).
-    Scale,
-    /// Values around 0 (biases).
-    Bias,
-}
 
 const HYBRID: &str = "hybrid";
 const SLIDING: &str = "hybrid_sliding";
@@ -98,7 +95,7 @@ fn rope_of(c: &HfConfig, kind: &str, default_theta: f64) -> Result<(f64, f64), I
     ))
 }
 
-pub fn config(c: &HfConfig) -> Result<ModelConfig, ImportError> {
+fn config(c: &HfConfig) -> Result<ModelConfig, ImportError> {
     c.refuse_if("attention_bias", truthy)?;
     c.refuse_if("lm_head_bias", truthy)?;
     c.refuse_if("hidden_act", |v| v.as_str() != Some("silu"))?;
@@ -208,7 +205,7 @@ fn router_hidden(c: &ModelConfig) -> usize {
 }
 
 /// Every checkpoint tensor of the merged layout, experts fused as transformers stores them.
-pub fn checkpoint_tensors(c: &ModelConfig) -> Vec<(String, Vec<usize>, Role)> {
+fn checkpoint_tensors(c: &ModelConfig) -> Vec<CheckpointTensor> {
     let (h, v, hd) = (c.hidden_size, c.vocab_size, c.head_dim);
     let (qd, kd, ch, r) = (c.q_dim(), c.kv_dim(), c.cca_conv_dim(), router_hidden(c));
     let (e, i) = (c.moe.num_experts, c.moe.expert_ffn);
@@ -290,7 +287,7 @@ const RESIDUAL_PARTS: [(&str, Role); 4] = [
 ];
 
 /// The model file's dense tensors and their checkpoint sources (experts go the shared way).
-pub fn plan(c: &ModelConfig) -> Vec<PlannedTensor> {
+fn plan(c: &ModelConfig) -> Vec<PlannedTensor> {
     let (h, v, hd) = (c.hidden_size, c.vocab_size, c.head_dim);
     let (ch, r) = (c.cca_conv_dim(), router_hidden(c));
     let classes = c.router_classes();
@@ -437,6 +434,14 @@ pub fn plan(c: &ModelConfig) -> Vec<PlannedTensor> {
 
 /// Names of the legacy alternating layout (`zaya_block`, `res_scale`, `local_experts`): refused
 /// with a pointer to transformers' converter rather than reported as unknown tensors.
-pub fn is_legacy_name(name: &str) -> bool {
-    name.contains(".zaya_block.") || name.contains(".res_scale.") || name.contains("local_experts")
+fn explain_unexpected(name: &str) -> Option<String> {
+    let legacy = name.contains(".zaya_block.")
+        || name.contains(".res_scale.")
+        || name.contains("local_experts");
+    legacy.then(|| {
+        format!(
+            "zaya: '{name}' belongs to the legacy alternating attention/MoE layout; convert it \
+             with transformers' convert_zaya_weights_to_hf.py first"
+        )
+    })
 }

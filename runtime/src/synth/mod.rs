@@ -391,9 +391,9 @@ pub struct SynthSource {
 
 impl SynthSource {
     pub fn new(config: &ModelConfig, seed: u64) -> Self {
-        if config.architecture == Architecture::Zaya {
-            use import::zaya::Role;
-            let t = import::zaya::checkpoint_tensors(config)
+        if let Some(tensors) = import::family(config.architecture).checkpoint_tensors {
+            use import::Role;
+            let t = tensors(config)
                 .into_iter()
                 .map(|(n, s, role)| {
                     let init = match role {
