@@ -1,12 +1,12 @@
-//! `edgediff forward`: one forward pass, logits printed for debugging and external checks.
+//! `edgediff forward`: one forward pass, logits printed for debugging and external checks
+//! (tests/reference/compare_logits.py holds them against transformers' on the CPU and the GPU).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::backend::cpu::CpuBackend;
-use crate::backend::{stats_from_logits, AttnMask};
+use crate::backend::{stats_from_logits, AttnMask, Backend};
 use crate::format::EdmFile;
 use crate::model::{ForwardRequest, Model, Window};
 
@@ -30,6 +30,9 @@ pub struct Args {
     /// Print all logits as JSON: {"tokens": [...], "logits": [[...], ...]}.
     #[arg(long)]
     pub json: bool,
+    /// Backend: cpu (the f32 reference), gpu (any adapter, a software one included) or auto.
+    #[arg(long, default_value = "cpu")]
+    pub backend: crate::engine::BackendChoice,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -47,24 +50,37 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if tokens.is_empty() {
         anyhow::bail!("no tokens to run");
     }
-    let backend = CpuBackend;
-    let model = Model::load(&backend, file, &|_, _| true).context("loading the model")?;
-    let mut kv = model.new_kv(&backend, tokens.len())?;
+    let logits = super::on_backend!(a.backend, b => logits(&b, file, &tokens, mask))?;
+    print(&a, &tokens, &logits)
+}
+
+/// The logits of one pass over `tokens` from position 0, `[tokens, vocab]`.
+fn logits<B: Backend>(
+    backend: &B,
+    file: Arc<EdmFile>,
+    tokens: &[u32],
+    mask: AttnMask,
+) -> anyhow::Result<Vec<f32>> {
+    let model = Model::load(backend, file, &|_, _| true).context("loading the model")?;
+    let mut kv = model.new_kv(backend, tokens.len())?;
     let want = ForwardRequest {
         logits: true,
         ..Default::default()
     };
     let out = model
         .forward(
-            &backend,
+            backend,
             &mut kv,
-            &tokens,
+            tokens,
             Window::block(0, tokens.len(), mask),
             &want,
         )
         .context("forward pass")?;
-    let logits = out.logits.expect("requested");
-    let vocab = model.config.vocab_size;
+    Ok(out.logits.expect("requested"))
+}
+
+fn print(a: &Args, tokens: &[u32], logits: &[f32]) -> anyhow::Result<()> {
+    let vocab = logits.len() / tokens.len();
     if a.json {
         let rows: Vec<&[f32]> = logits.chunks(vocab).collect();
         println!(
