@@ -21,6 +21,10 @@ struct EmbedParams {
 @group(0) @binding(2) var<storage, read> ids: array<u32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
+fn w_word(i: u32) -> u32 {
+    return w_words[i];
+}
+
 @compute @workgroup_size(64)
 fn embed(
     @builtin(local_invocation_index) lid: u32,

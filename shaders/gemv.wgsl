@@ -20,6 +20,10 @@
 @group(0) @binding(2) var<storage, read> x_act: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
+fn w_word(i: u32) -> u32 {
+    return w_words[i];
+}
+
 const GEMV_T: u32 = 4u;
 
 var<workgroup> gemv_part: array<f32, 256>;

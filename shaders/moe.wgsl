@@ -9,8 +9,9 @@
 //   bit 31 | layer << 16 | expert, read back with the statistics. Id num_experts is the skip
 //   expert (ZAYA1's MLP router): it contributes 0 and is never an error.
 // moe_combine: out[t] = Σ_j weight[t, j] · y[slot_of(t, j)], j in order (the CPU's sum order).
-// moe_combine_add: the same sum plus plus[t] (the shared experts' output), as the add kernel would
-//   add it afterwards: one dispatch fewer per MoE layer with shared experts.
+// moe_combine_add: the same sum plus plus[plus_row0 + t] (the shared experts' output: its own
+//   buffer, or the rows after the assignments' in y when moe_gemv.wgsl computed it), as the add
+//   kernel would add it afterwards: one dispatch fewer per MoE layer with shared experts.
 
 #include "grid"
 #include "moe_meta"
@@ -24,6 +25,10 @@ struct MoeParams {
     inter: u32,
     hidden: u32,
     t: u32,
+    plus_row0: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 const NONE: u32 = 0xffffffffu;
@@ -175,5 +180,5 @@ fn moe_combine_add(
         return;
     }
     let s = combined(i);
-    out[i] = s + plus[i];
+    out[i] = s + plus[mp.plus_row0 * mp.hidden + i];
 }

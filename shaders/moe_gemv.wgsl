@@ -14,6 +14,9 @@
 // - expert_gate_up_gemv: rows gate c, gate c + 1, up c, up c + 1 of [gate; up] (2I rows), writes
 //   h[slot, c] = silu(gate) · up for each of the expert's assignments (x rows: their tokens).
 // - expert_down_gemv: rows n..n + 4 of down [H, I], writes y[slot, n] (x rows: h's slots).
+// The shared expert rides along (ExpertParams.shared_x ≠ NONE): grid column shared_x computes it
+// from its own weight binding `shared_w` for every token t, into rows assignments + t of h and y,
+// so a layer with a shared expert needs no dense MLP dispatches of its own at these token counts.
 
 #include "dequant"
 #include "act_dot"
@@ -25,6 +28,7 @@
 @group(0) @binding(4) var<storage, read> slots: array<u32>;
 @group(0) @binding(5) var<storage, read> route_meta: array<u32>;
 @group(0) @binding(6) var<uniform> ep: ExpertParams;
+@group(0) @binding(7) var<storage, read> shared_w: array<u32>;
 
 const NONE: u32 = 0xffffffffu;
 const LANES: u32 = 16u;
@@ -36,26 +40,51 @@ var<workgroup> ex_ok: u32;
 var<workgroup> ex_base: u32;
 var<workgroup> ex_cnt: u32;
 var<workgroup> ex_first: u32;
+var<workgroup> ex_scales: u32;
+var<workgroup> ex_shared: u32;
+
+// Whether this workgroup computes the shared expert (uniform: set once from ex_shared).
+var<private> is_shared: bool;
+
+fn w_word(i: u32) -> u32 {
+    if (is_shared) {
+        return shared_w[i];
+    }
+    return w_words[i];
+}
 
 // Reads which expert this workgroup serves; false (uniformly) when there is none or it lives in
-// another pool buffer than the one bound.
+// another pool buffer than the one bound. The shared expert's column serves every token, rows
+// assignments + t of the scratch.
 fn expert_begin(lid: u32, wid: vec3<u32>) -> bool {
     if (lid == 0u) {
         let ne = ep.num_experts;
         var ok = 0u;
-        if (wid.x < route_meta[6]) {
+        var sh = 0u;
+        if (wid.x == ep.shared_x) {
+            ok = 1u;
+            sh = 1u;
+            ex_base = 0u;
+            ex_scales = ep.shared_scales;
+            ex_cnt = ep.tokens;
+            ex_first = ep.assignments;
+        } else if (wid.x < route_meta[6]) {
             let e = route_meta[meta_active(ne) + wid.x];
             let s = 2u * (ep.slot0 + e);
             if (slots[s] == ep.pool) {
                 ok = 1u;
                 ex_base = slots[s + 1u] + ep.part;
+                ex_scales = ex_base + ep.scales;
                 ex_cnt = route_meta[meta_counts(ne) + e];
                 ex_first = route_meta[meta_offsets(ne) + e];
             }
         }
         ex_ok = ok;
+        ex_shared = sh;
     }
-    return workgroupUniformLoad(&ex_ok) != 0u;
+    let ok = workgroupUniformLoad(&ex_ok) != 0u;
+    is_shared = workgroupUniformLoad(&ex_shared) != 0u;
+    return ok;
 }
 
 // Σ of octet k..k+8 of activation row r (NONE: 0) times q.
@@ -112,8 +141,7 @@ fn expert_gate_up_gemv(@builtin(local_invocation_index) lid: u32, @builtin(workg
     }
     let cnt = workgroupUniformLoad(&ex_cnt);
     let first = ex_first;
-    let base = ex_base;
-    let m = WMat(base, base + ep.scales, ep.k);
+    let m = WMat(ex_base, ex_scales, ep.k);
     // Workgroup row j = lid / 16: gate (j < 2) or up row of column c0 + (j & 1).
     let j = lid / LANES;
     let lane = lid % LANES;
@@ -125,7 +153,11 @@ fn expert_gate_up_gemv(@builtin(local_invocation_index) lid: u32, @builtin(workg
         var xr = vec4<u32>(NONE);
         for (var i = 0u; i < CHUNK; i++) {
             if (t0 + i < cnt) {
-                xr[i] = route_meta[list + t0 + i] / ep.top_k;
+                if (is_shared) {
+                    xr[i] = t0 + i;
+                } else {
+                    xr[i] = route_meta[list + t0 + i] / ep.top_k;
+                }
             }
         }
         row_partial(m, row, xr, lane, lid);
@@ -150,8 +182,7 @@ fn expert_down_gemv(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
     }
     let cnt = workgroupUniformLoad(&ex_cnt);
     let first = ex_first;
-    let base = ex_base;
-    let m = WMat(base, base + ep.scales, ep.k);
+    let m = WMat(ex_base, ex_scales, ep.k);
     let lane = lid % LANES;
     let n0 = wid.y * 4u;
     let n = n0 + lid / LANES;

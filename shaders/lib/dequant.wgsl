@@ -1,6 +1,7 @@
-// Weights in their file layout (format/dtype.rs), read as u32 words from the binding `w_words`,
-// which the including kernel declares. The weight type is the override constant WTYPE, so each
-// pipeline carries the decode of one type only:
+// Weights in their file layout (format/dtype.rs), read as u32 words through `w_word(i)`, which the
+// including kernel defines (usually word i of its weight binding `w_words`; moe_gemv.wgsl switches
+// between the expert pool and the shared expert's own buffer). The weight type is the override
+// constant WTYPE, so each pipeline carries the decode of one type only:
 //   0 f32: one value per word;
 //   1 f16: two values per word, low half first;
 //   2 q8:  four int8 codes per word (code j in bits 8j..8j+8), then one f16 scale per 32 values;
@@ -16,7 +17,7 @@ const W_Q4: u32 = 3u;
 
 override WTYPE: u32 = 0u;
 
-// One matrix inside `w_words`: its elements from word `base`, its scales (quantized types) from
+// One matrix among the words: its elements from word `base`, its scales (quantized types) from
 // word `scales`, rows of `cols` values.
 struct WMat {
     base: u32,
@@ -32,7 +33,7 @@ struct Oct {
 
 fn group_scale(m: WMat, e: u32) -> f32 {
     let g = e / 32u;
-    return unpack_half2(w_words[m.scales + g / 2u])[g & 1u];
+    return unpack_half2(w_word(m.scales + g / 2u))[g & 1u];
 }
 
 fn sext8x4(w: u32) -> vec4<f32> {
@@ -44,17 +45,17 @@ fn sext8x4(w: u32) -> vec4<f32> {
 fn w_at(m: WMat, row: u32, k: u32) -> f32 {
     let e = row * m.cols + k;
     if (WTYPE == W_F32) {
-        return bitcast<f32>(w_words[m.base + e]);
+        return bitcast<f32>(w_word(m.base + e));
     }
     if (WTYPE == W_F16) {
-        return unpack_half2(w_words[m.base + e / 2u])[e & 1u];
+        return unpack_half2(w_word(m.base + e / 2u))[e & 1u];
     }
     if (WTYPE == W_Q8) {
-        let w = w_words[m.base + e / 4u];
+        let w = w_word(m.base + e / 4u);
         let c = bitcast<i32>(w << (24u - 8u * (e & 3u))) >> 24u;
         return f32(c) * group_scale(m, e);
     }
-    let w = w_words[m.base + e / 8u];
+    let w = w_word(m.base + e / 8u);
     let c = i32((w >> (4u * (e & 7u))) & 15u) - 8;
     return f32(c) * group_scale(m, e);
 }
@@ -63,7 +64,7 @@ fn w_at(m: WMat, row: u32, k: u32) -> f32 {
 fn w_oct(m: WMat, row: u32, k: u32) -> Oct {
     let e = row * m.cols + k;
     if (WTYPE == W_Q4) {
-        let w = w_words[m.base + e / 8u];
+        let w = w_word(m.base + e / 8u);
         let s = group_scale(m, e);
         let lo = vec4<i32>((vec4<u32>(w) >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u));
         let hi = vec4<i32>((vec4<u32>(w) >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u));
@@ -72,21 +73,21 @@ fn w_oct(m: WMat, row: u32, k: u32) -> Oct {
     if (WTYPE == W_Q8) {
         let p = m.base + e / 4u;
         let s = group_scale(m, e);
-        return Oct(sext8x4(w_words[p]) * s, sext8x4(w_words[p + 1u]) * s);
+        return Oct(sext8x4(w_word(p)) * s, sext8x4(w_word(p + 1u)) * s);
     }
     if (k + 8u <= m.cols) {
         if (WTYPE == W_F32) {
             let p = m.base + e;
             return Oct(
-                bitcast<vec4<f32>>(vec4<u32>(w_words[p], w_words[p + 1u], w_words[p + 2u], w_words[p + 3u])),
-                bitcast<vec4<f32>>(vec4<u32>(w_words[p + 4u], w_words[p + 5u], w_words[p + 6u], w_words[p + 7u])),
+                bitcast<vec4<f32>>(vec4<u32>(w_word(p), w_word(p + 1u), w_word(p + 2u), w_word(p + 3u))),
+                bitcast<vec4<f32>>(vec4<u32>(w_word(p + 4u), w_word(p + 5u), w_word(p + 6u), w_word(p + 7u))),
             );
         }
         if ((e & 1u) == 0u) {
             let p = m.base + e / 2u;
             return Oct(
-                vec4<f32>(unpack_half2(w_words[p]), unpack_half2(w_words[p + 1u])),
-                vec4<f32>(unpack_half2(w_words[p + 2u]), unpack_half2(w_words[p + 3u])),
+                vec4<f32>(unpack_half2(w_word(p)), unpack_half2(w_word(p + 1u))),
+                vec4<f32>(unpack_half2(w_word(p + 2u)), unpack_half2(w_word(p + 3u))),
             );
         }
     }

@@ -7,3 +7,7 @@
 @group(0) @binding(1) var<storage, read> w_words: array<u32>;
 @group(0) @binding(2) var<storage, read> x_act: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
+
+fn w_word(i: u32) -> u32 {
+    return w_words[i];
+}

@@ -40,7 +40,9 @@ struct ExpertParams {
     part: u32,
     scales: u32,
     assignments: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    // The GEMV kernels' shared expert (moe_gemv.wgsl): the grid column that computes it (NONE:
+    // none), its scales' word in the shared weight binding, the tokens it serves (all of them).
+    shared_x: u32,
+    shared_scales: u32,
+    tokens: u32,
 }

@@ -275,6 +275,20 @@ pub trait Backend {
         self.add(&mut y, shared)?;
         Ok(y)
     }
+    /// [`Backend::moe_plus_shared`] of the shared experts' SwiGLU MLP over `x` (`gate_up`
+    /// `[2I, H]`, `down` `[H, I]`): a backend may compute that MLP inside its routed-expert kernels
+    /// (one pass over the layer's expert weights instead of separate dense matmuls).
+    fn moe_shared_mlp(
+        &self,
+        x: &Self::Act,
+        routing: &Self::Routing,
+        experts: &Self::Experts,
+        gate_up: &Self::Weight,
+        down: &Self::Weight,
+    ) -> Result<Self::Act> {
+        let ys = self.mlp(gate_up, down, x)?;
+        self.moe_plus_shared(x, routing, experts, &ys)
+    }
     /// CCA attention inputs, in place: `proj` rows `[q | k | v_current | v_delayed]` (the fused
     /// projection, `[T, q_dim + 2 kv_dim]`) become `[q | k | v]` as [`Backend::attention`] reads
     /// them. The raw `[q; k]` rows and delayed-v rows of positions `start..start+T` are written into

@@ -488,12 +488,9 @@ impl<B: Backend> Model<B> {
                         out.routing.push((l, ids, w));
                     }
                     match shared {
-                        // The shared experts first, so the routed sum can add them in its last
-                        // step (one kernel fewer on the GPU).
-                        Some(s) => {
-                            let ys = b.mlp(&s.gate_up, &s.down, &h)?;
-                            b.moe_plus_shared(&h, &routing, experts, &ys)?
-                        }
+                        // The routed sum adds the shared experts in its last step; the GPU
+                        // computes them inside its expert kernels at few tokens per expert.
+                        Some(s) => b.moe_shared_mlp(&h, &routing, experts, &s.gate_up, &s.down)?,
                         None => b.moe(&h, &routing, experts)?,
                     }
                 }

@@ -953,7 +953,16 @@ impl super::GpuBackend {
                 let capture = ctx.output(n)?;
                 ctx.copy(&routing.ids, 0, &capture, 0, n);
                 st.captures.push((experts.layer, capture, n));
-                super::GpuBackend::moe_act(ctx, x, routing, &layout, plus)
+                super::GpuBackend::moe_act(
+                    ctx,
+                    x,
+                    routing,
+                    &layout,
+                    plus.map_or(
+                        super::ops::moe::Shared::None,
+                        super::ops::moe::Shared::Output,
+                    ),
+                )
             });
         }
         // Synchronous: read this layer's routing (submitting the pass so far, so no recorded
@@ -998,6 +1007,7 @@ impl super::GpuBackend {
                         &routing.ids,
                         routing.k,
                         &layout,
+                        false,
                     )?);
                     if groups.len() > 1 {
                         // The dispatch flagged the later groups' experts as missing.
@@ -1005,13 +1015,19 @@ impl super::GpuBackend {
                     }
                 }
                 let s = scratch.as_ref().expect("set above");
-                super::ops::moe::experts(ctx, &x.buf, s, &layout)?;
+                super::ops::moe::experts(ctx, &x.buf, s, &layout, None)?;
             }
             // Guesses for this layer that it did not route to are of no further use.
             st.drop_staged(|k| k.layer <= layer);
             let out = super::GpuBackend::out_act(ctx, x.rows, x.cols)?;
             match &scratch {
-                Some(s) => super::ops::moe::combine(ctx, s, &routing.weights, plus, &out.buf)?,
+                Some(s) => super::ops::moe::combine(
+                    ctx,
+                    s,
+                    &routing.weights,
+                    plus.map(|p| (p, 0)),
+                    &out.buf,
+                )?,
                 // Nothing routed (no rows): the plain path writes the zero sum.
                 None => super::ops::moe::moe(
                     ctx,
@@ -1021,7 +1037,10 @@ impl super::GpuBackend {
                     &routing.weights,
                     routing.k,
                     &layout,
-                    plus,
+                    plus.map_or(
+                        super::ops::moe::Shared::None,
+                        super::ops::moe::Shared::Output,
+                    ),
                     &out.buf,
                 )?,
             }

@@ -484,14 +484,14 @@ impl GpuBackend {
         })
     }
 
-    /// The routed experts of `x` under `routing` (plus `plus`, the shared experts' output, in the
-    /// combine) into a new activation: the whole MoE recorded at once.
+    /// The routed experts of `x` under `routing`, plus what `shared` adds (see
+    /// [`ops::moe::Shared`]).
     pub(crate) fn moe_act(
         ctx: &mut Ctx,
         x: &GpuAct,
         routing: &GpuRouting,
         layout: &ops::moe::ExpertLayout,
-        plus: Option<&GpuBuffer>,
+        shared: ops::moe::Shared<'_>,
     ) -> Result<GpuAct> {
         let out = Self::out_act(ctx, x.rows, x.cols)?;
         ops::moe::moe(
@@ -502,7 +502,7 @@ impl GpuBackend {
             &routing.weights,
             routing.k,
             layout,
-            plus,
+            shared,
             &out.buf,
         )?;
         Ok(out)
@@ -996,6 +996,44 @@ impl Backend for GpuBackend {
         self.moe_with(x, routing, experts, Some(&*shared.buf))
     }
 
+    fn moe_shared_mlp(
+        &self,
+        x: &GpuAct,
+        routing: &GpuRouting,
+        experts: &GpuExperts,
+        gate_up: &GpuWeight,
+        down: &GpuWeight,
+    ) -> Result<GpuAct> {
+        let fused = match (gate_up.chunks.as_slice(), down.chunks.as_slice()) {
+            ([gu], [dn])
+                if experts.paged.is_none()
+                    && x.cols == experts.hidden
+                    && routing.rows == x.rows
+                    && (gate_up.rows, gate_up.cols) == (2 * experts.inter, experts.hidden)
+                    && (down.rows, down.cols) == (experts.hidden, experts.inter)
+                    && gate_up.dtype == experts.gate_up.dtype
+                    && down.dtype == experts.down.dtype =>
+            {
+                Some(ops::moe::SharedMlp {
+                    gate_up: (&*gu.buf, gu.scales),
+                    down: (&*dn.buf, dn.scales),
+                })
+            }
+            _ => None,
+        };
+        let layout = experts.layout(&experts.store.slots, &experts.pools);
+        let forced = self.sh.dev.kernels.moe;
+        match fused {
+            Some(m) if ops::moe::fuses_shared(forced, x.rows, routing.k, &layout) => {
+                self.with(|ctx| Self::moe_act(ctx, x, routing, &layout, ops::moe::Shared::Mlp(m)))
+            }
+            _ => {
+                let ys = self.mlp(gate_up, down, x)?;
+                self.moe_plus_shared(x, routing, experts, &ys)
+            }
+        }
+    }
+
     fn cca_qkv(
         &self,
         proj: &mut GpuAct,
@@ -1321,6 +1359,7 @@ impl GpuBackend {
             return self.moe_paged(x, routing, experts, pool, plus);
         }
         let layout = experts.layout(&experts.store.slots, &experts.pools);
-        self.with(|ctx| Self::moe_act(ctx, x, routing, &layout, plus))
+        let shared = plus.map_or(ops::moe::Shared::None, ops::moe::Shared::Output);
+        self.with(|ctx| Self::moe_act(ctx, x, routing, &layout, shared))
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::testing::{backends, rel_l2};
 use super::{kernels, ops, GpuBackend};
-use crate::arch::{Architecture, Gating, ModelConfig, QkNorm, SlidingAttention};
+use crate::arch::{names, Architecture, Gating, ModelConfig, QkNorm, SlidingAttention};
 use crate::backend::cpu::{CpuAct, CpuBackend};
 use crate::backend::{
     AttnMask, Backend, CcaParams, CcaWeights, MlpRouterParams, MlpRouterWeights, PositionStats,
@@ -836,6 +836,11 @@ test_backends!(moe_layer_matches_for_every_weight_type, TOL, |b| {
                     .unwrap()
             });
             let experts = b.load_experts(&file, l, &|_| true).unwrap();
+            let tensor = |name: &str| file.tensor(&format!("layers.{l}.{name}")).ok();
+            let shared = tensor(names::SHARED_GATE_UP)
+                .zip(tensor(names::SHARED_DOWN))
+                .map(|(gu, dn)| (b.load_weight(gu).unwrap(), b.load_weight(dn).unwrap()));
+            assert_eq!(shared.is_some(), arch == Architecture::Llada2Moe);
             // 8 experts top-2: 1 and 19 tokens run the GEMV expert kernels (19: experts with more
             // than one block of 4 tokens), 70 the tiled ones (ops::moe::expert_kernel).
             for t in [1, 19, 70] {
@@ -848,11 +853,52 @@ test_backends!(moe_layer_matches_for_every_weight_type, TOL, |b| {
                     ids.iter().map(|&i| i as f32).collect(),
                 ));
                 out.push((format!("{arch} {dtype} t{t}"), b.get(&y)));
+                // The shared expert: inside the GEMV expert kernels (1, 19 tokens), as dense
+                // matmuls beside the tiles (70).
+                if let Some((gu, dn)) = &shared {
+                    let y = b.moe_shared_mlp(&x, &r, &experts, gu, dn).unwrap();
+                    out.push((format!("{arch} {dtype} t{t} shared"), b.get(&y)));
+                }
             }
         }
     }
     out
 });
+
+/// The shared expert rides along the GEMV expert kernels: two dense dispatches (gemv_swiglu,
+/// gemv) fewer than computing it first, and the same sums (the backend-vs-CPU test above checks
+/// the values; this one that the fused path is the one taken).
+#[test]
+fn shared_expert_runs_inside_the_gemv_expert_kernels() {
+    let (_dir, file) = synth_file(Architecture::Llada2Moe, DType::Q4);
+    let c = file.header.metadata.config.clone();
+    let l = c.num_layers - 1;
+    for (name, b) in backends(None) {
+        let w = |n: &str| {
+            b.load_weight(file.tensor(&format!("layers.{l}.{n}")).unwrap())
+                .unwrap()
+        };
+        let (router, gu, dn) = (
+            w("moe.router"),
+            w(names::SHARED_GATE_UP),
+            w(names::SHARED_DOWN),
+        );
+        let bias = c.moe.router_bias.then(|| w("moe.router_bias"));
+        let experts = b.load_experts(&file, l, &|_| true).unwrap();
+        let x = b.put(1, c.hidden_size, &Rng(21).vec(c.hidden_size, 1.0));
+        let r = b.route(&x, &router, bias.as_ref(), &c).unwrap();
+        let d0 = b.dispatches();
+        let fused = b.get(&b.moe_shared_mlp(&x, &r, &experts, &gu, &dn).unwrap());
+        let d1 = b.dispatches();
+        let ys = b.mlp(&gu, &dn, &x).unwrap();
+        let apart = b.get(&b.moe_plus_shared(&x, &r, &experts, &ys).unwrap());
+        let d2 = b.dispatches();
+        // Two kernels fewer, and (test backends poison every output first) their two fills.
+        assert_eq!((d2 - d1) - (d1 - d0), 4, "{name}: dispatches");
+        let e = rel_l2(&fused, &apart);
+        assert!(e <= 1e-6, "{name}: fused vs apart rel L2 {e}");
+    }
+}
 
 fn flat_stats(s: &[PositionStats]) -> Vec<f32> {
     let mut v = Vec::new();

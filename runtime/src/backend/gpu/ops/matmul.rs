@@ -47,7 +47,11 @@ pub struct ExpertParams {
     pub part: u32,
     pub scales: u32,
     pub assignments: u32,
-    pub _pad: [u32; 3],
+    /// The GEMV kernels' shared expert (shaders/moe_gemv.wgsl): its grid column (`u32::MAX`:
+    /// none), its scales' word in its own binding, the tokens it serves.
+    pub shared_x: u32,
+    pub shared_scales: u32,
+    pub tokens: u32,
 }
 
 pub static GEMV: Entry = Entry {

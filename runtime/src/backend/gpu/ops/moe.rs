@@ -24,6 +24,10 @@ pub struct MoeParams {
     pub inter: u32,
     pub hidden: u32,
     pub t: u32,
+    /// moe_combine_add: row of `plus` holding token 0's term (the shared expert's rows follow the
+    /// assignments' when the expert kernels computed it).
+    pub plus_row0: u32,
+    pub _pad: [u32; 3],
 }
 
 pub static DISPATCH: Entry = Entry {
@@ -48,6 +52,7 @@ pub static GATE_UP_GEMV: Entry = Entry {
         (4, Read),
         (5, Read),
         (6, Params),
+        (7, Read),
     ],
     params: "ExpertParams",
 };
@@ -61,6 +66,7 @@ pub static DOWN_GEMV: Entry = Entry {
         (4, Read),
         (5, Read),
         (6, Params),
+        (7, Read),
     ],
     params: "ExpertParams",
 };
@@ -137,8 +143,40 @@ pub struct MoeScratch {
     params: MoeParams,
 }
 
+/// What a layer adds to its routed sum: nothing, the shared experts' output computed before, or
+/// the shared expert's SwiGLU computed by the GEMV expert kernels alongside the routed experts
+/// (see [`fuses_shared`]).
+#[derive(Clone, Copy)]
+pub enum Shared<'a> {
+    None,
+    Output(&'a GpuBuffer),
+    Mlp(SharedMlp<'a>),
+}
+
+/// A shared expert's weights, each a single chunk from word 0 of its buffer, in the routed
+/// experts' weight types; `inter` is the routed experts'.
+#[derive(Clone, Copy)]
+pub struct SharedMlp<'a> {
+    /// [2I, H] (gate rows first) and the word of its scales.
+    pub gate_up: (&'a GpuBuffer, u32),
+    /// [H, I] and the word of its scales.
+    pub down: (&'a GpuBuffer, u32),
+}
+
+/// Whether the expert kernels for `rows` tokens can compute a shared expert alongside the routed
+/// ones: the GEMV kernels only (the tiles serve many tokens per expert, where the dense matmuls
+/// are the better fit), with a pool buffer to run in.
+pub fn fuses_shared(
+    forced: Option<ExpertKernel>,
+    rows: usize,
+    top_k: usize,
+    e: &ExpertLayout,
+) -> bool {
+    !e.pools.is_empty() && expert_kernel(forced, rows, top_k, e.num_experts) == ExpertKernel::Gemv
+}
+
 /// All three stages with every pool buffer of `e` (the experts are resident, or a missing one is
-/// flagged in `status` and skipped); `plus` (the shared experts' output) is added to the sum.
+/// flagged in `status` and skipped); `shared` is added to the sum.
 #[allow(clippy::too_many_arguments)]
 pub fn moe(
     ctx: &mut Ctx,
@@ -148,26 +186,40 @@ pub fn moe(
     weights: &GpuBuffer,
     top_k: usize,
     e: &ExpertLayout,
-    plus: Option<&GpuBuffer>,
+    shared: Shared<'_>,
     out: &GpuBuffer,
 ) -> Result<(), GpuError> {
-    let s = dispatch(ctx, rows, ids, top_k, e)?;
-    experts(ctx, x, &s, e)?;
-    combine(ctx, &s, weights, plus, out)
+    let mlp = match shared {
+        Shared::Mlp(m) => Some(m),
+        _ => None,
+    };
+    let s = dispatch(ctx, rows, ids, top_k, e, mlp.is_some())?;
+    experts(ctx, x, &s, e, mlp.as_ref())?;
+    match shared {
+        Shared::None => combine(ctx, &s, weights, None, out),
+        Shared::Output(p) => combine(ctx, &s, weights, Some((p, 0)), out),
+        Shared::Mlp(_) => {
+            let a = s.params.assignments;
+            combine(ctx, &s, weights, Some((&s.y, a)), out)
+        }
+    }
 }
 
-/// Stage 1: per-expert token lists and indirect grids from the routing.
+/// Stage 1: per-expert token lists and indirect grids from the routing. With `shared`, the scratch
+/// holds `rows` more rows for the shared expert after the assignments'.
 pub fn dispatch(
     ctx: &mut Ctx,
     rows: usize,
     ids: &GpuBuffer,
     top_k: usize,
     e: &ExpertLayout,
+    shared: bool,
 ) -> Result<MoeScratch, GpuError> {
     let a = rows * top_k;
+    let scratch_rows = a + if shared { rows } else { 0 };
     let meta = ctx.output((meta_words(e.num_experts, a) * 4) as u64)?;
-    let h = ctx.output((a * e.inter * 4) as u64)?;
-    let y = ctx.output((a * e.hidden * 4) as u64)?;
+    let h = ctx.output((scratch_rows * e.inter * 4) as u64)?;
+    let y = ctx.output((scratch_rows * e.hidden * 4) as u64)?;
     let mp = MoeParams {
         assignments: a as u32,
         num_experts: e.num_experts as u32,
@@ -177,6 +229,8 @@ pub fn dispatch(
         inter: e.inter as u32,
         hidden: e.hidden as u32,
         t: rows as u32,
+        plus_row0: 0,
+        _pad: [0; 3],
     };
     let status = ctx.sh.status.clone();
     ctx.dispatch(
@@ -203,6 +257,7 @@ pub fn experts(
     x: &GpuBuffer,
     s: &MoeScratch,
     e: &ExpertLayout,
+    shared: Option<&SharedMlp>,
 ) -> Result<(), GpuError> {
     let (top_k, a) = (s.params.top_k, s.params.assignments);
     let (meta, h, y) = (&*s.meta, &*s.h, &*s.y);
@@ -215,6 +270,11 @@ pub fn experts(
     // GEMV grids: (active-expert list entries, weight-row blocks); the list has at most
     // min(assignments, experts) entries.
     let listed = a.min(e.num_experts as u32);
+    if shared.is_some() && (kernel != ExpertKernel::Gemv || e.pools.is_empty()) {
+        return Err(GpuError::Unsupported(
+            "a shared expert outside the GEMV expert kernels".into(),
+        ));
+    }
     let stages = [
         (
             &EXPERT_GATE_UP,
@@ -225,6 +285,7 @@ pub fn experts(
             (x, h),
             0,
             (e.inter as u32).div_ceil(2),
+            shared.map(|m| m.gate_up),
         ),
         (
             &EXPERT_DOWN,
@@ -235,10 +296,13 @@ pub fn experts(
             (h, y),
             12,
             (e.hidden as u32).div_ceil(4),
+            shared.map(|m| m.down),
         ),
     ];
-    for (tiled, gemv, wtype, (k, n), (part, scales), (src, dst), args, blocks) in stages {
-        for (pool, buf) in e.pools {
+    for (tiled, gemv, wtype, (k, n), (part, scales), (src, dst), args, blocks, sw) in stages {
+        for (i, (pool, buf)) in e.pools.iter().enumerate() {
+            // The shared expert runs once, as the extra grid column of the first pool's dispatch.
+            let sw = sw.filter(|_| i == 0);
             let p = ExpertParams {
                 slot0: e.slot0 as u32,
                 num_experts: e.num_experts as u32,
@@ -249,19 +313,26 @@ pub fn experts(
                 part,
                 scales,
                 assignments: a,
-                _pad: [0; 3],
+                shared_x: sw.map_or(u32::MAX, |_| listed),
+                shared_scales: sw.map_or(0, |(_, sc)| sc),
+                tokens: s.params.t,
             };
-            let bufs = [&**buf, src, dst, e.slots, meta];
             match kernel {
-                ExpertKernel::Gemv => ctx.dispatch(
-                    gemv,
-                    wtype,
-                    &p,
-                    None,
-                    &bufs,
-                    Grid::Groups(listed, blocks, 1),
-                )?,
+                ExpertKernel::Gemv => {
+                    let shared_buf = sw.map_or(&**buf, |(b, _)| b);
+                    let bufs = [&**buf, src, dst, e.slots, meta, shared_buf];
+                    let columns = listed + u32::from(sw.is_some());
+                    ctx.dispatch(
+                        gemv,
+                        wtype,
+                        &p,
+                        None,
+                        &bufs,
+                        Grid::Groups(columns, blocks, 1),
+                    )?
+                }
                 ExpertKernel::Tiled => {
+                    let bufs = [&**buf, src, dst, e.slots, meta];
                     ctx.dispatch(tiled, wtype, &p, None, &bufs, Grid::Indirect(meta, args))?
                 }
             }
@@ -271,15 +342,18 @@ pub fn experts(
 }
 
 /// Stage 3: the weighted sum of each token's expert rows, in routing order, plus `plus` when given
-/// (the same sum, then one add: what a separate add kernel would compute).
+/// (the same sum, then one add: what a separate add kernel would compute): `(buffer, row of token
+/// 0)`.
 pub fn combine(
     ctx: &mut Ctx,
     s: &MoeScratch,
     weights: &GpuBuffer,
-    plus: Option<&GpuBuffer>,
+    plus: Option<(&GpuBuffer, u32)>,
     out: &GpuBuffer,
 ) -> Result<(), GpuError> {
-    let mp = s.params;
+    let mut mp = s.params;
+    mp.plus_row0 = plus.map_or(0, |(_, r)| r);
+    let plus = plus.map(|(p, _)| p);
     let grid = Grid::Linear(((mp.t * mp.hidden) as u64).div_ceil(64));
     match plus {
         None => ctx.dispatch(&COMBINE, 0, &mp, None, &[&s.meta, weights, &s.y, out], grid),
