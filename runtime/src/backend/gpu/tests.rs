@@ -841,9 +841,9 @@ test_backends!(moe_layer_matches_for_every_weight_type, TOL, |b| {
                 .zip(tensor(names::SHARED_DOWN))
                 .map(|(gu, dn)| (b.load_weight(gu).unwrap(), b.load_weight(dn).unwrap()));
             assert_eq!(shared.is_some(), arch == Architecture::Llada2Moe);
-            // 8 experts top-2: 1 and 19 tokens run the GEMV expert kernels (19: experts with more
-            // than one block of 4 tokens), 70 the tiled ones (ops::moe::expert_kernel).
-            for t in [1, 19, 70] {
+            // 8 experts top-2: 1, 13 and 19 tokens run the GEMV expert kernels (13, 19: experts
+            // with more than one block of 4 tokens), 70 the tiled ones (ops::moe::expert_kernel).
+            for t in [1, 13, 19, 70] {
                 let x = b.put(t, c.hidden_size, &rng.vec(t * c.hidden_size, 1.0));
                 let r = b.route(&x, &router, bias.as_ref(), &c).unwrap();
                 let (ids, _) = b.routing_to_host(&r).unwrap();
@@ -853,8 +853,8 @@ test_backends!(moe_layer_matches_for_every_weight_type, TOL, |b| {
                     ids.iter().map(|&i| i as f32).collect(),
                 ));
                 out.push((format!("{arch} {dtype} t{t}"), b.get(&y)));
-                // The shared expert: inside the GEMV expert kernels (1, 19 tokens), as dense
-                // matmuls beside the tiles (70).
+                // The shared expert: inside the GEMV expert kernels up to 16 tokens (1, 13; its
+                // column walks 13 tokens in 4 blocks), as dense matmuls beyond (19, 70).
                 if let Some((gu, dn)) = &shared {
                     let y = b.moe_shared_mlp(&x, &r, &experts, gu, dn).unwrap();
                     out.push((format!("{arch} {dtype} t{t} shared"), b.get(&y)));

@@ -163,16 +163,19 @@ pub struct SharedMlp<'a> {
     pub down: (&'a GpuBuffer, u32),
 }
 
-/// Whether the expert kernels for `rows` tokens can compute a shared expert alongside the routed
-/// ones: the GEMV kernels only (the tiles serve many tokens per expert, where the dense matmuls
-/// are the better fit), with a pool buffer to run in.
+/// Whether the expert kernels for `rows` tokens compute a shared expert alongside the routed ones:
+/// the GEMV kernels only, with a pool buffer to run in, and for as many tokens as the dense gemv
+/// serves (its column walks the tokens 4 at a time; from 32 tokens the dense matmuls run on the
+/// tensor cores, which a block of tokens through one expert column would not beat).
 pub fn fuses_shared(
     forced: Option<ExpertKernel>,
     rows: usize,
     top_k: usize,
     e: &ExpertLayout,
 ) -> bool {
-    !e.pools.is_empty() && expert_kernel(forced, rows, top_k, e.num_experts) == ExpertKernel::Gemv
+    !e.pools.is_empty()
+        && rows <= super::matmul::GEMV_MAX_T
+        && expert_kernel(forced, rows, top_k, e.num_experts) == ExpertKernel::Gemv
 }
 
 /// All three stages with every pool buffer of `e` (the experts are resident, or a missing one is

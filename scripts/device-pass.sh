@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The cost of a forward pass (issue 13), before and after, side by side in one run on the GPU
+# machine: the 20-layer LLaDA2.0-mini-shaped q4 model, `bench forward` at 1, 4, 16, 32 and 64
+# tokens after 1024 cached positions, with
+#   before   .bin/edgediff-before (an earlier commit, built here; see docs/PERF.md for which)
+#   after    .bin/edgediff (this commit), default kernel choice
+#   knobs    the same binary under EDGEDIFF_* kernel knobs (backend/gpu/choice.rs) named in KNOBS
+# then `generate --decoder ar --backend gpu` (128 tokens) with both binaries.
+# Outputs under $OUT: pass.md (tables, GPU µs per entry point), pass.log.
+# Here: cargo build --release -p edgediff && strip -o .bin/edgediff target/release/edgediff
+#       (and the earlier commit's binary as .bin/edgediff-before)
+# There (run tool, carry [".bin", ".gl"]): bash scripts/device-pass.sh
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT="${OUT:-/tmp/edgediff-pass}"
+mkdir -p "$OUT"
+if ! ldconfig -p 2>/dev/null | grep -q libvulkan.so.1; then
+  for f in .gl/*.deb; do dpkg -x "$f" /; done
+  ldconfig
+fi
+NV_ICD=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+[[ -z "${VK_DRIVER_FILES:-}" && -f "$NV_ICD" ]] && export VK_DRIVER_FILES="$NV_ICD"
+AFTER=.bin/edgediff
+BEFORE=.bin/edgediff-before
+TOKENS="${TOKENS:-1,4,16,32,64}"
+MODEL="${TMPDIR:-/tmp}/llada2-mini-20l-q4.edm"
+# Space-separated knob sets, each a comma-separated list of VAR=value.
+KNOBS="${KNOBS:-EDGEDIFF_COOP_MIN_T=16 EDGEDIFF_MOE_KERNEL=tiled}"
+R="$OUT/pass.md"
+L="$OUT/pass.log"
+: >"$R"
+T0=$SECONDS
+[[ -f "$MODEL" ]] || timeout 240 "$AFTER" synth --arch llada2_moe --preset llada2-mini \
+  --dtype q4 -o "$MODEL" >>"$L" 2>&1
+echo "synth done at $((SECONDS - T0)) s" >>"$L"
+bench() { # label, binary, env...
+  local label=$1 bin=$2
+  shift 2
+  echo "## bench forward, $label ($*)" >>"$R"
+  env "$@" timeout 150 "$bin" bench forward --model "$MODEL" --tokens "$TOKENS" \
+    --iters 10 --context 1024 --copy-mib 1024 >>"$R" 2>>"$L"
+  echo "exit $? at $((SECONDS - T0)) s" >>"$R"
+}
+[[ -x "$BEFORE" ]] && bench before "$BEFORE"
+bench after "$AFTER"
+for k in $KNOBS; do
+  bench "after, $k" "$AFTER" ${k//,/ }
+done
+for b in "$BEFORE" "$AFTER"; do
+  [[ -x "$b" ]] || continue
+  echo "## generate --decoder ar --backend gpu, $b" >>"$R"
+  timeout 90 "$b" generate --model "$MODEL" --backend gpu --decoder ar \
+    --max-tokens 128 --ignore-eos --stats "Once upon a time" >/dev/null 2>>"$R"
+  echo "exit $?" >>"$R"
+done
+cat "$R"
