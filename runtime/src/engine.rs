@@ -147,6 +147,28 @@ pub struct GenerationOutput {
     pub stats: GenerationStats,
 }
 
+/// Paces a generation's forward passes: a server's scheduler lets many generations take turns on
+/// one device, a pass at a time (see `serve::scheduler`). [`Engine::generate`] runs unpaced.
+pub trait Pacer {
+    /// Waits for this generation's turn to run a pass; false ends the generation without it
+    /// (cancelled while waiting, `FinishReason::Cancelled`). Called again while the turn is held,
+    /// it returns true at once.
+    fn turn(&mut self) -> bool;
+    /// The pass ran (or the generation ended holding the turn): the next generation may go.
+    /// Called without a turn held, it does nothing.
+    fn done(&mut self);
+}
+
+/// No pacing: every pass runs as soon as the decoder asks.
+struct Unpaced;
+
+impl Pacer for Unpaced {
+    fn turn(&mut self) -> bool {
+        true
+    }
+    fn done(&mut self) {}
+}
+
 /// A model on backend `B` with its tokenizer and chat template.
 pub struct Engine<B: Backend> {
     backend: B,
@@ -328,6 +350,16 @@ impl<B: Backend> Engine<B> {
         request: &GenerationRequest,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<GenerationOutput, EngineError> {
+        self.generate_paced(request, &mut Unpaced, on_event)
+    }
+
+    /// [`Engine::generate`] with every forward pass waiting for `pacer`'s turn.
+    pub fn generate_paced(
+        &self,
+        request: &GenerationRequest,
+        pacer: &mut dyn Pacer,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<GenerationOutput, EngineError> {
         let prompt = self.encode_prompt(&request.prompt)?;
         let params = &request.decoding;
         let special = self.metadata().special_tokens;
@@ -354,6 +386,7 @@ impl<B: Backend> Engine<B> {
             held: String::new(),
             text: String::new(),
             on_event,
+            pacer,
             error: None,
             stopped: false,
         };
@@ -514,6 +547,14 @@ impl LoadedEngine {
     ) -> Result<GenerationOutput, EngineError> {
         with_engine!(self, e => e.generate(request, on_event))
     }
+    pub fn generate_paced(
+        &self,
+        request: &GenerationRequest,
+        pacer: &mut dyn Pacer,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<GenerationOutput, EngineError> {
+        with_engine!(self, e => e.generate_paced(request, pacer, on_event))
+    }
     pub fn request(&self, prompt: Prompt) -> GenerationRequest {
         with_engine!(self, e => e.request(prompt))
     }
@@ -553,6 +594,7 @@ struct TextSink<'a, 'f> {
     held: String,
     text: String,
     on_event: &'f mut dyn FnMut(Event),
+    pacer: &'f mut dyn Pacer,
     error: Option<TokenizerError>,
     stopped: bool,
 }
@@ -630,6 +672,18 @@ impl Observer for TextSink<'_, '_> {
     fn canvas(&mut self, canvas: &Canvas) {
         (self.on_event)(Event::Canvas(canvas.clone()));
     }
+
+    fn pass_turn(&mut self) -> Flow {
+        if self.pacer.turn() {
+            Flow::Continue
+        } else {
+            Flow::Stop
+        }
+    }
+
+    fn pass_done(&mut self) {
+        self.pacer.done();
+    }
 }
 
 #[cfg(test)]
@@ -672,6 +726,7 @@ mod tests {
             held: String::new(),
             text: String::new(),
             on_event: &mut on_event,
+            pacer: &mut Unpaced,
             error: None,
             stopped: false,
         };

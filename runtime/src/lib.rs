@@ -3,7 +3,8 @@
 //! Layers, top to bottom: `decode` (block schedule, commit policies) → `model` (config + the forward
 //! pass written once) → `backend` (CPU reference, GPU through wgpu) → `format` (the `*.edm` model
 //! file, read through memmap2). `import` converts Hugging Face checkpoints; `synth` makes random
-//! models for tests and benchmarks.
+//! models for tests and benchmarks; `serve` (feature `serve`, on with the CLI) is the
+//! OpenAI-compatible HTTP server.
 
 pub mod arch;
 pub mod backend;
@@ -16,5 +17,7 @@ pub mod experts;
 pub mod format;
 pub mod import;
 pub mod model;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod synth;
 pub mod tokenizer;

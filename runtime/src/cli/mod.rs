@@ -15,6 +15,7 @@ mod limits;
 mod profile;
 mod prune;
 pub mod report;
+mod serve;
 mod synth;
 
 use clap::{Parser, Subcommand};
@@ -79,6 +80,8 @@ pub enum Command {
     Profile(profile::Args),
     /// Keep a resident subset of experts per layer (EMO-style), written as a new model file.
     Prune(prune::Args),
+    /// An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, SSE streaming).
+    Serve(Box<serve::Args>),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -94,6 +97,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Profile(a) => profile::run(a),
         Command::Prune(a) => prune::run(a),
+        Command::Serve(a) => serve::run(*a),
     }
 }
 

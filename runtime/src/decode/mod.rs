@@ -272,6 +272,15 @@ pub trait Observer {
     /// generation (a stop string matched).
     fn committed(&mut self, ids: &[u32]) -> Flow;
     fn canvas(&mut self, _canvas: &Canvas) {}
+    /// Asked before each forward pass (from the same check that looks at the cancel token): a
+    /// server's scheduler waits here for this generation's turn, so many generations share the
+    /// device one pass at a time. `Flow::Stop` ends the generation without the pass (cancelled
+    /// while waiting). Asked again before [`Observer::pass_done`], the turn is already held.
+    fn pass_turn(&mut self) -> Flow {
+        Flow::Continue
+    }
+    /// The pass of the turn ran, or the generation ended holding the turn: give it back.
+    fn pass_done(&mut self) {}
 }
 
 /// Why a generation ended.
@@ -373,11 +382,14 @@ pub fn decode<B: Backend>(
         finish: None,
     };
     let details = match &params.decoder {
-        DecoderKind::Block(o) => block::run(&mut s, prompt, o)?,
-        DecoderKind::Bidirectional(o) => bidirectional::run(&mut s, prompt, o)?,
-        DecoderKind::Speculative(o) => speculative::run(&mut s, prompt, o)?,
-        DecoderKind::Ar => ar::run(&mut s, prompt)?,
+        DecoderKind::Block(o) => block::run(&mut s, prompt, o),
+        DecoderKind::Bidirectional(o) => bidirectional::run(&mut s, prompt, o),
+        DecoderKind::Speculative(o) => speculative::run(&mut s, prompt, o),
+        DecoderKind::Ar => ar::run(&mut s, prompt),
     };
+    // A turn taken by the last `running()` check whose pass never came.
+    s.observer.pass_done();
+    let details = details?;
     Ok(DecodeOutcome {
         finish_reason: s.finish.unwrap_or(FinishReason::Length),
         forward_passes: s.forwards,
@@ -419,8 +431,12 @@ impl<B: Backend> Session<'_, B> {
         self.params.prediction
     }
 
-    /// False once the generation has finished or was cancelled; checked before every forward.
+    /// False once the generation has finished or was cancelled; checked before every forward, so
+    /// this is also where the observer's pass turn is taken ([`Observer::pass_turn`]).
     fn running(&mut self) -> bool {
+        if self.finish.is_none() && self.observer.pass_turn() == Flow::Stop {
+            self.finish = Some(FinishReason::Cancelled);
+        }
         if self.finish.is_none()
             && self
                 .params
@@ -446,7 +462,9 @@ impl<B: Backend> Session<'_, B> {
         };
         let out = self
             .model
-            .forward(self.backend, self.kv, tokens, window, &want)?;
+            .forward(self.backend, self.kv, tokens, window, &want);
+        self.observer.pass_done();
+        let out = out?;
         self.forwards += 1;
         self.positions += tokens.len();
         Ok(out.stats)

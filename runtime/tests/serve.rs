@@ -1,0 +1,797 @@
+//! `edgediff serve` over real sockets, on the default model and the CPU backend: concurrent
+//! clients get exactly the tokens of solo decoding (greedy and seeded sampling, AR and block
+//! diffusion), a client that goes away frees its sequence and KV at once, bad requests are
+//! OpenAI-shaped errors with the right status, the API key is enforced, a full queue is a 429 with
+//! Retry-After, and a slow reader neither loses text nor holds up the others.
+//!
+//! The client is a few lines of HTTP/1.1 over `TcpStream`, so each test controls exactly what
+//! goes on the wire (malformed bodies, half-read streams, dropped connections).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use edgediff::decode::{DecodeParams, DecoderKind, Sampling};
+use edgediff::engine::{BackendChoice, EngineConfig, LoadedEngine, Prompt};
+use edgediff::serve::{Limits, RequestLimits, ServeConfig, Server};
+use serde_json::{json, Value};
+
+fn engine() -> Arc<LoadedEngine> {
+    static ENGINE: OnceLock<Arc<LoadedEngine>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/default.edm");
+            let config = EngineConfig {
+                backend: BackendChoice::Cpu,
+                ..EngineConfig::default()
+            };
+            Arc::new(LoadedEngine::load(path, &config).expect("the default model loads"))
+        })
+        .clone()
+}
+
+struct Setup {
+    max_batch: usize,
+    max_queue: usize,
+    kv_budget: u64,
+    api_key: Option<&'static str>,
+    max_body: usize,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            max_batch: 4,
+            max_queue: 16,
+            kv_budget: 1 << 30,
+            api_key: None,
+            max_body: 64 << 10,
+        }
+    }
+}
+
+fn server(s: Setup) -> Server {
+    let engine = engine();
+    let defaults = engine.default_decoding();
+    let config = ServeConfig {
+        model_id: "default".into(),
+        api_key: s.api_key.map(String::from),
+        limits: Limits {
+            max_batch: s.max_batch,
+            kv_budget: s.kv_budget,
+            max_queue: s.max_queue,
+        },
+        request: RequestLimits {
+            max_tokens: 512,
+            defaults,
+        },
+        max_body_bytes: s.max_body,
+    };
+    Server::start(engine, config, "127.0.0.1:0".parse().unwrap()).expect("server starts")
+}
+
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "status {} body is not JSON ({e}): {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    /// The `data:` payloads of a server-sent-event body.
+    fn events(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.body)
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: ").map(String::from))
+            .collect()
+    }
+}
+
+fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    // A server may answer before reading all of an oversized body and close: ignore the error.
+    let _ = s.write_all(body);
+    s
+}
+
+/// Reads a whole response (content-length or chunked).
+fn read_reply(s: TcpStream) -> Reply {
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .expect("status line")
+        .parse()
+        .unwrap();
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let (k, v) = l.split_once(':').unwrap();
+        headers.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let mut body = Vec::new();
+    if chunked {
+        loop {
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            let n = usize::from_str_radix(line.trim(), 16).unwrap();
+            if n == 0 {
+                break;
+            }
+            let mut chunk = vec![0; n + 2];
+            r.read_exact(&mut chunk).unwrap();
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else {
+        r.read_to_end(&mut body).unwrap();
+    }
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
+    read_reply(send(addr, method, path, headers, body))
+}
+
+fn post(addr: SocketAddr, path: &str, body: &Value) -> Reply {
+    call(addr, "POST", path, &[], body.to_string().as_bytes())
+}
+
+/// A metric's value from `/metrics` (a line `name value`).
+fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let text = String::from_utf8(call(addr, "GET", "/metrics", &[], b"").body).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// Waits until `name` reads `want`; panics after `limit`.
+fn wait_metric(addr: SocketAddr, name: &str, want: f64, limit: Duration) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let v = metric(addr, name);
+        if v == want {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "{name} is {v}, not {want}, after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// One request the way the tests send it, and the same request decoded alone by the engine.
+#[derive(Clone)]
+struct Case {
+    prompt: &'static str,
+    ar: bool,
+    temperature: f32,
+    seed: u64,
+    max_tokens: usize,
+}
+
+impl Case {
+    fn body(&self, stream: bool) -> Value {
+        let mut b = json!({
+            "model": "default",
+            "prompt": self.prompt,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "seed": self.seed,
+            "stream": stream,
+        });
+        if self.ar {
+            b["edgediff"] = json!({ "decoder": "ar" });
+        }
+        b
+    }
+
+    /// The engine alone: the text and token count the server must reproduce.
+    fn solo(&self) -> (String, usize) {
+        let e = engine();
+        let mut r = e.request(Prompt::Text(self.prompt.into()));
+        r.decoding = DecodeParams {
+            max_new_tokens: self.max_tokens,
+            sampling: Sampling {
+                temperature: self.temperature,
+                seed: self.seed,
+                ..Sampling::greedy()
+            },
+            ..e.default_decoding()
+        };
+        if self.ar {
+            r.decoding.decoder = DecoderKind::Ar;
+        }
+        let out = e.generate(&r, &mut |_| {}).unwrap();
+        (out.text, out.stats.new_tokens)
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let prompts = [
+        "int main(void) {",
+        "def parse(text):",
+        "The river",
+        "fn main() {",
+    ];
+    let mut cases = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        for (temperature, seed) in [(0.0, 0), (0.9, 7 + i as u64)] {
+            cases.push(Case {
+                prompt: p,
+                ar: true,
+                temperature,
+                seed,
+                max_tokens: 24,
+            });
+        }
+    }
+    // Block diffusion costs ~16 positions a pass on the CPU: fewer and shorter.
+    for (p, (temperature, seed)) in prompts.iter().take(2).zip([(0.0, 0), (0.8, 3)]) {
+        cases.push(Case {
+            prompt: p,
+            ar: false,
+            temperature,
+            seed,
+            max_tokens: 10,
+        });
+    }
+    cases
+}
+
+/// The text of a streamed completion, and its finish reason and usage.
+fn streamed_text(r: &Reply) -> (String, String, Value) {
+    let events = r.events();
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    let mut text = String::new();
+    let mut finish = String::new();
+    let mut usage = Value::Null;
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).unwrap();
+        assert!(v.get("error").is_none(), "{v}");
+        if let Some(c) = v["choices"].get(0) {
+            text.push_str(c["text"].as_str().unwrap_or(""));
+            if let Some(f) = c["finish_reason"].as_str() {
+                finish = f.into();
+            }
+        }
+        if !v["usage"].is_null() {
+            usage = v["usage"].clone();
+        }
+    }
+    (text, finish, usage)
+}
+
+#[test]
+fn concurrent_clients_get_exactly_the_tokens_of_solo_decoding() {
+    let cases = cases();
+    let solo: Vec<(String, usize)> = cases.iter().map(Case::solo).collect();
+    let srv = server(Setup::default());
+    let addr = srv.addr();
+    // Every case twice at once, streamed and not: 20 requests over 4 slots.
+    let threads: Vec<_> = cases
+        .iter()
+        .cloned()
+        .enumerate()
+        .flat_map(|(i, c)| [(i, c.clone(), false), (i, c, true)])
+        .map(|(i, c, stream)| {
+            std::thread::spawn(move || {
+                let mut body = c.body(stream);
+                if stream {
+                    body["stream_options"] = json!({ "include_usage": true });
+                }
+                let r = post(addr, "/v1/completions", &body);
+                assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+                let (text, usage) = if stream {
+                    let (text, finish, usage) = streamed_text(&r);
+                    assert!(finish == "length" || finish == "stop", "{finish}");
+                    (text, usage)
+                } else {
+                    let v = r.json();
+                    (
+                        v["choices"][0]["text"].as_str().unwrap().to_string(),
+                        v["usage"].clone(),
+                    )
+                };
+                (i, stream, text, usage)
+            })
+        })
+        .collect();
+    for t in threads {
+        let (i, stream, text, usage) = t.join().unwrap();
+        let (want, tokens) = &solo[i];
+        assert_eq!(
+            &text, want,
+            "case {i} (stream {stream}): server text differs from solo decoding"
+        );
+        assert_eq!(usage["completion_tokens"], *tokens, "case {i}");
+        assert!(usage["prompt_tokens"].as_u64().unwrap() > 0);
+    }
+    // The requests really overlapped: passes ran with several sequences in flight.
+    let (sum, count) = (
+        metric(addr, "edgediff_batch_size_sum"),
+        metric(addr, "edgediff_batch_size_count"),
+    );
+    assert!(sum / count > 1.5, "mean batch size {}", sum / count);
+    assert_eq!(metric(addr, "edgediff_sequences_running"), 0.0);
+    assert_eq!(metric(addr, "edgediff_kv_bytes_in_use"), 0.0);
+    assert!(metric(addr, "edgediff_time_to_first_token_seconds_count") >= 20.0);
+    srv.shutdown().unwrap();
+}
+
+#[test]
+fn chat_completions_use_the_chat_template_and_stream_role_then_content() {
+    let srv = server(Setup::default());
+    let addr = srv.addr();
+    let messages = json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write a loop."}]);
+    let e = engine();
+    let mut r = e.request(Prompt::Chat(vec![
+        edgediff::tokenizer::ChatMessage::system("Be brief."),
+        edgediff::tokenizer::ChatMessage::user("Write a loop."),
+    ]));
+    r.decoding.decoder = DecoderKind::Ar;
+    r.decoding.max_new_tokens = 20;
+    let want = e.generate(&r, &mut |_| {}).unwrap().text;
+    let body = json!({"model": "m", "messages": messages, "max_tokens": 20, "edgediff": {"decoder": "ar"}});
+    let whole = post(addr, "/v1/chat/completions", &body).json();
+    assert_eq!(whole["object"], "chat.completion");
+    assert_eq!(whole["model"], "default");
+    assert_eq!(whole["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(whole["choices"][0]["message"]["content"], want.as_str());
+    let mut body = body;
+    body["stream"] = json!(true);
+    let streamed = post(addr, "/v1/chat/completions", &body);
+    let events = streamed.events();
+    let first: Value = serde_json::from_str(&events[0]).unwrap();
+    assert_eq!(first["object"], "chat.completion.chunk");
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    let mut text = String::new();
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).unwrap();
+        text.push_str(v["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
+    }
+    assert_eq!(text, want);
+    let last: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert!(last["choices"][0]["finish_reason"].is_string(), "{last}");
+    assert_eq!(events.last().unwrap(), "[DONE]");
+}
+
+#[test]
+fn stop_strings_end_the_text_before_them() {
+    let srv = server(Setup::default());
+    let addr = srv.addr();
+    let case = Case {
+        prompt: "int main(void) {",
+        ar: true,
+        temperature: 0.0,
+        seed: 0,
+        max_tokens: 40,
+    };
+    let (full, _) = case.solo();
+    // A stop string from the middle of the unconstrained answer.
+    let stop: String = full
+        .chars()
+        .skip(full.chars().count() / 2)
+        .take(3)
+        .collect();
+    let want = &full[..full.find(&stop).unwrap()];
+    let mut body = case.body(false);
+    body["stop"] = json!([stop, "never-seen"]);
+    let v = post(addr, "/v1/completions", &body).json();
+    assert_eq!(v["choices"][0]["text"], want);
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    body["stream"] = json!(true);
+    let (text, finish, _) = streamed_text(&post(addr, "/v1/completions", &body));
+    assert_eq!(text, want);
+    assert_eq!(finish, "stop");
+}
+
+/// A streamed request long enough to still be running when the client leaves.
+fn long_stream(addr: SocketAddr) -> TcpStream {
+    let body = json!({"prompt": "int main(void) {", "max_tokens": 400, "stream": true, "edgediff": {"ignore_eos": true}});
+    let s = send(
+        addr,
+        "POST",
+        "/v1/completions",
+        &[],
+        body.to_string().as_bytes(),
+    );
+    // Wait for the first piece of text: the generation is running.
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(r.read_line(&mut line).unwrap() > 0, "stream ended early");
+        if line.starts_with("data: {") {
+            return s;
+        }
+    }
+}
+
+#[test]
+fn a_client_that_disconnects_frees_its_sequence_and_kv() {
+    let srv = server(Setup {
+        max_batch: 1,
+        ..Setup::default()
+    });
+    let addr = srv.addr();
+    let running = long_stream(addr);
+    assert_eq!(metric(addr, "edgediff_sequences_running"), 1.0);
+    assert!(metric(addr, "edgediff_kv_bytes_in_use") > 0.0);
+    // A second request waits in the queue (max batch 1), then its client leaves too.
+    let body = json!({"prompt": "fn main() {", "max_tokens": 16});
+    let queued = send(
+        addr,
+        "POST",
+        "/v1/completions",
+        &[],
+        body.to_string().as_bytes(),
+    );
+    wait_metric(addr, "edgediff_queue_depth", 1.0, Duration::from_secs(10));
+    drop(queued);
+    wait_metric(addr, "edgediff_queue_depth", 0.0, Duration::from_secs(10));
+    assert_eq!(metric(addr, "edgediff_sequences_running"), 1.0);
+    drop(running);
+    // The stream's next write fails, the handle drops, the generation stops before its next pass.
+    let took = wait_metric(
+        addr,
+        "edgediff_sequences_running",
+        0.0,
+        Duration::from_secs(10),
+    );
+    assert_eq!(metric(addr, "edgediff_kv_bytes_in_use"), 0.0);
+    assert_eq!(metric(addr, "edgediff_generations_cancelled_total"), 2.0);
+    eprintln!("the disconnected generation ended {took:?} after the client left");
+    // The slot is free again.
+    let r = post(
+        addr,
+        "/v1/completions",
+        &json!({"prompt": "x", "max_tokens": 2, "edgediff": {"decoder": "ar"}}),
+    );
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn a_full_queue_is_429_with_retry_after_and_an_oversized_cache_is_400() {
+    let srv = server(Setup {
+        max_batch: 1,
+        max_queue: 1,
+        // 3 MiB holds ~510 positions of this model (6 KiB each): the long stream's 407 fit, a
+        // request for the 512-token cap does not.
+        kv_budget: 3 << 20,
+        ..Setup::default()
+    });
+    let addr = srv.addr();
+    let running = long_stream(addr);
+    let body = json!({"prompt": "fn main() {", "max_tokens": 4, "edgediff": {"decoder": "ar"}});
+    let queued = send(
+        addr,
+        "POST",
+        "/v1/completions",
+        &[],
+        body.to_string().as_bytes(),
+    );
+    wait_metric(addr, "edgediff_queue_depth", 1.0, Duration::from_secs(10));
+    let r = post(addr, "/v1/completions", &body);
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.json()["error"]["code"], "rate_limit_exceeded");
+    let r = post(
+        addr,
+        "/v1/completions",
+        &json!({"prompt": "x", "max_tokens": 4000}),
+    );
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"]["code"], "kv_budget_exceeded");
+    drop(running);
+    // The queued request runs once the slot frees, and completes.
+    let r = read_reply(queued);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["usage"]["completion_tokens"], 4);
+}
+
+#[test]
+fn bad_requests_get_openai_errors_with_the_right_status() {
+    let srv = server(Setup {
+        max_body: 4096,
+        ..Setup::default()
+    });
+    let addr = srv.addr();
+    let check = |method: &str, path: &str, body: &[u8], status: u16, needle: &str| {
+        let r = call(addr, method, path, &[], body);
+        assert_eq!(
+            r.status,
+            status,
+            "{method} {path} {}: {}",
+            String::from_utf8_lossy(body),
+            String::from_utf8_lossy(&r.body)
+        );
+        let v = r.json();
+        let msg = v["error"]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error message: {v}"));
+        assert!(v["error"]["type"].is_string(), "{v}");
+        assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
+    };
+    let chat = "/v1/chat/completions";
+    let comp = "/v1/completions";
+    check("POST", chat, b"{not json", 400, "not a valid request");
+    check("POST", chat, b"", 400, "not a valid request");
+    check("POST", chat, b"[1,2]", 400, "not a valid request");
+    check("POST", chat, br#"{"model":"m"}"#, 400, "messages");
+    check(
+        "POST",
+        chat,
+        br#"{"messages":[]}"#,
+        400,
+        "messages is empty",
+    );
+    check(
+        "POST",
+        chat,
+        br#"{"messages":"hi"}"#,
+        400,
+        "not a valid request",
+    );
+    check(
+        "POST",
+        chat,
+        br#"{"messages":[{"role":"user","content":"hi"}],"n":3}"#,
+        400,
+        "n = 3",
+    );
+    check(
+        "POST",
+        chat,
+        br#"{"messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#,
+        400,
+        "image_url",
+    );
+    check(
+        "POST",
+        chat,
+        br#"{"messages":[{"role":"user","content":"hi"}],"edgediff":{"decodr":"ar"}}"#,
+        400,
+        "decodr",
+    );
+    check(
+        "POST",
+        chat,
+        br#"{"messages":[{"role":"user","content":"hi"}],"edgediff":{"decoder":"nope"}}"#,
+        400,
+        "nope",
+    );
+    check(
+        "POST",
+        chat,
+        br#"{"messages":[{"role":"user","content":"hi"}],"temperature":-1}"#,
+        400,
+        "temperature",
+    );
+    check(
+        "POST",
+        chat,
+        br#"{"messages":[{"role":"user","content":"hi"}],"top_p":0}"#,
+        400,
+        "top_p",
+    );
+    check(
+        "POST",
+        chat,
+        br#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":0}"#,
+        400,
+        "max_tokens",
+    );
+    check(
+        "POST",
+        chat,
+        br#"{"messages":[{"role":"user","content":"hi"}],"stop":["a","b","c","d","e"]}"#,
+        400,
+        "at most 4",
+    );
+    check(
+        "POST",
+        chat,
+        br#"{"messages":[{"role":"user","content":"hi"}],"edgediff":{"block_size":0}}"#,
+        400,
+        "block_size",
+    );
+    check("POST", comp, br#"{"prompt":""}"#, 400, "empty");
+    check("POST", comp, br#"{"prompt":[99999999]}"#, 400, "vocabulary");
+    check("POST", comp, br#"{"prompt":["a","b"]}"#, 400, "2 texts");
+    let big = format!(r#"{{"prompt":"{}"}}"#, "a".repeat(8192));
+    check("POST", comp, big.as_bytes(), 413, "too large");
+    let long_prompt: Vec<u32> = vec![5; 5000];
+    let body = json!({"prompt": long_prompt}).to_string();
+    let srv_big = server(Setup::default());
+    let r = call(srv_big.addr(), "POST", comp, &[], body.as_bytes());
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["code"], "context_length_exceeded");
+    check("GET", chat, b"", 405, "method");
+    check("POST", "/v2/nothing", b"{}", 404, "no such endpoint");
+    // Still serving.
+    let r = post(
+        addr,
+        comp,
+        &json!({"prompt": "x", "max_tokens": 2, "edgediff": {"decoder": "ar"}}),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(metric(addr, "edgediff_sequences_running"), 0.0);
+}
+
+#[test]
+fn a_missing_or_wrong_api_key_is_401() {
+    let srv = server(Setup {
+        api_key: Some("s3cret"),
+        ..Setup::default()
+    });
+    let addr = srv.addr();
+    let body = json!({"prompt": "x", "max_tokens": 2, "edgediff": {"decoder": "ar"}}).to_string();
+    let r = call(addr, "POST", "/v1/completions", &[], body.as_bytes());
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+    let r = call(
+        addr,
+        "POST",
+        "/v1/completions",
+        &[("Authorization", "Bearer s3cre")],
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 401);
+    let r = call(
+        addr,
+        "GET",
+        "/v1/models",
+        &[("Authorization", "Bearer wrong")],
+        b"",
+    );
+    assert_eq!(r.status, 401);
+    let r = call(
+        addr,
+        "POST",
+        "/v1/completions",
+        &[("Authorization", "Bearer s3cret")],
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 200);
+    let r = call(
+        addr,
+        "GET",
+        "/v1/models",
+        &[("Authorization", "Bearer s3cret")],
+        b"",
+    );
+    assert_eq!(r.json()["data"][0]["id"], "default");
+    assert_eq!(call(addr, "GET", "/health", &[], b"").status, 200);
+}
+
+#[test]
+fn a_slow_reader_gets_every_piece_and_does_not_hold_up_others() {
+    let srv = server(Setup {
+        max_batch: 2,
+        ..Setup::default()
+    });
+    let addr = srv.addr();
+    let slow = Case {
+        prompt: "def parse(text):",
+        ar: true,
+        temperature: 0.0,
+        seed: 0,
+        max_tokens: 48,
+    };
+    let (want, _) = slow.solo();
+    let s = send(
+        addr,
+        "POST",
+        "/v1/completions",
+        &[],
+        slow.body(true).to_string().as_bytes(),
+    );
+    // The slow client reads 64 bytes at a time with pauses, in the background.
+    let reader = std::thread::spawn(move || {
+        let mut s = s;
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 64];
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            raw.extend_from_slice(&buf[..n]);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        raw
+    });
+    // Meanwhile another client is answered in full.
+    let quick = post(
+        addr,
+        "/v1/completions",
+        &json!({"prompt": "fn main() {", "max_tokens": 8, "edgediff": {"decoder": "ar"}}),
+    );
+    assert_eq!(quick.status, 200);
+    assert!(
+        !reader.is_finished(),
+        "the slow reader was done before a short request"
+    );
+    let raw = reader.join().unwrap();
+    // De-chunk the slow reader's bytes the ordinary way.
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let body_start = text.find("\r\n\r\n").unwrap() + 4;
+    let mut body = Vec::new();
+    let mut rest = &raw[body_start..];
+    loop {
+        let eol = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+        let n =
+            usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap().trim(), 16).unwrap();
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&rest[eol + 2..eol + 2 + n]);
+        rest = &rest[eol + 4 + n..];
+    }
+    let reply = Reply {
+        status: 200,
+        headers: Vec::new(),
+        body,
+    };
+    let (got, _, _) = streamed_text(&reply);
+    assert_eq!(got, want);
+}
