@@ -10,6 +10,9 @@
 // argmaxes (wg_argmax of lib/reduce_*: subgroup max/min where available), pick j the best behind
 // pick j − 1, so nothing is re-marked between picks; the kept groups are those with fewer than
 // top_groups better groups (each group's rank counted by one invocation). E ≤ 1024, top_k ≤ 64.
+// Block-level routing (block_size > 0): row t ≥ block_first also adds its block's mask row
+// (router_blocks.wgsl, [blocks, E]; block (t + block_phase) / block_size − (block_first +
+// block_phase) / block_size) to the selection bias, and keeps block_top_groups groups.
 
 #include "reduce"
 
@@ -23,6 +26,10 @@ struct RouterParams {
     groups: u32,
     top_groups: u32,
     scale: f32,
+    block_size: u32,
+    block_phase: u32,
+    block_first: u32,
+    block_top_groups: u32,
     _pad0: u32,
     _pad1: u32,
     _pad2: u32,
@@ -33,6 +40,7 @@ const NONE: u32 = 0xffffffffu;
 
 @group(0) @binding(0) var<uniform> p: RouterParams;
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read> block_mask: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> ids_out: array<u32>;
 @group(0) @binding(5) var<storage, read_write> weights_out: array<f32>;
@@ -44,6 +52,19 @@ const GROUPS: u32 = 1024u;
 var<workgroup> picked: array<u32, 64>;
 var<workgroup> keep_group: array<u32, 1024>;
 
+// The selection bias of token t for expert e: the router's bias, plus the block's mask.
+fn sel_bias(t: u32, e: u32) -> f32 {
+    var b = 0.0;
+    if (p.has_bias != 0u) {
+        b = bias[e];
+    }
+    if (p.block_size != 0u && t >= p.block_first) {
+        let g = (t + p.block_phase) / p.block_size - (p.block_first + p.block_phase) / p.block_size;
+        b += block_mask[g * p.ne + e];
+    }
+    return b;
+}
+
 fn better(v: f32, i: u32, bv: f32, bi: u32) -> bool {
     return i != NONE && (bi == NONE || v > bv || (v == bv && i < bi));
 }
@@ -52,19 +73,22 @@ fn better(v: f32, i: u32, bv: f32, bi: u32) -> bool {
 fn route(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
     let t = wid.x;
     let lid = lane.id;
+    let in_block = p.block_size != 0u && t >= p.block_first;
+    let sel = p.has_bias != 0u || in_block;
+    let top_groups = select(p.top_groups, p.block_top_groups, in_block);
     var lmax = neg_inf();
     for (var e = lid; e < p.ne; e += 64u) {
         var d = logits[t * p.ne + e];
         if (p.gating == 0u) {
-            if (p.has_bias != 0u) {
-                d += bias[e];
+            if (sel) {
+                d += sel_bias(t, e);
             }
             lmax = max(lmax, d);
             weight_of[e] = d;
         } else {
             let s = 1.0 / (1.0 + exp(-d));
             weight_of[e] = s;
-            choice[e] = select(s, s + bias[e], p.has_bias != 0u);
+            choice[e] = select(s, s + sel_bias(t, e), sel);
         }
     }
     if (p.gating == 0u) {
@@ -110,7 +134,7 @@ fn route(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
                     rank += 1u;
                 }
             }
-            keep_group[g] = select(0u, 1u, rank < p.top_groups);
+            keep_group[g] = select(0u, 1u, rank < top_groups);
         }
         workgroupBarrier();
         // Each invocation masks only the experts it scans below (e ≡ lid mod 64).

@@ -208,6 +208,7 @@ fn runtime_config(config: &EngineConfig) -> Result<engine::EngineConfig, EdgeDif
             .expert_memory_budget
             .map(edgediff::experts::ExpertMemory::Bytes),
         resident,
+        block_experts: config.block_experts.map(|n| n as usize),
     })
 }
 

@@ -44,6 +44,11 @@ pub struct EngineConfig {
     /// ("32") or a byte budget for the whole model ("1.5GB").
     #[uniffi(default)]
     pub resident_keep: Option<String>,
+    /// Block-level expert routing: every token of a block routes only within the N experts per
+    /// MoE layer with the largest router mass over the block (fewer experts to page; the output
+    /// changes). At least the model's top-k; None routes exactly.
+    #[uniffi(default)]
+    pub block_experts: Option<u32>,
     #[uniffi(default)]
     pub adapter: Option<AdapterPreference>,
 }

@@ -82,6 +82,10 @@ pub struct EngineConfig {
     /// selection and router mask as `edgediff prune` without writing a file): the others are never
     /// loaded, paged or read. Approximate, unlike paging.
     pub resident: Option<ResidentProfile>,
+    /// Block-level expert routing for every request by default
+    /// ([`DecodeParams::block_experts`]; a request may override it): each block's tokens route
+    /// within the N experts per layer with the largest router mass over the block. Approximate.
+    pub block_experts: Option<usize>,
 }
 
 /// A resident set chosen at load time: `keep` per MoE layer by router-probability mass in `profile`.
@@ -176,6 +180,7 @@ pub struct Engine<B: Backend> {
     tokenizer: Tokenizer,
     template: ChatTemplate,
     paging: Option<ExpertPaging>,
+    block_experts: Option<usize>,
 }
 
 impl<B: Backend> Engine<B> {
@@ -199,6 +204,7 @@ impl<B: Backend> Engine<B> {
             tokenizer,
             template,
             paging: None,
+            block_experts: None,
         })
     }
 
@@ -208,6 +214,9 @@ impl<B: Backend> Engine<B> {
     where
         B: PagedLoad,
     {
+        if let Some(n) = config.block_experts {
+            crate::model::check_block_experts(&file.header.metadata.config, n)?;
+        }
         let set = match &config.resident {
             Some(r) => {
                 let profile = Profile::load(&r.profile, &file)?;
@@ -234,6 +243,7 @@ impl<B: Backend> Engine<B> {
         }
         let mut engine = Self::with_model(backend, model)?;
         engine.paging = paging;
+        engine.block_experts = config.block_experts;
         Ok(engine)
     }
 
@@ -279,6 +289,7 @@ impl<B: Backend> Engine<B> {
             prediction: d
                 .prediction
                 .unwrap_or_else(|| Prediction::for_architecture(self.model.config.architecture)),
+            block_experts: self.block_experts,
             ..DecodeParams::default()
         }
     }

@@ -12,10 +12,16 @@
 //!   clean keys.
 //!
 //! Noise draws come from a seeded generator, so two models (e.g. pruned vs full) see the same masks.
+//!
+//! With block-level routing (`block_experts`, see [`BlockRouting`]) the diffusion passes — the
+//! noisy block and its clean re-run — route each block within its N experts, as the block decoder
+//! does; the AR pass stays exact, because in a causal pass a block's shared expert set would let
+//! each position's routing see the tokens after it. Every report counts the distinct experts per
+//! MoE layer of the noisy block passes (`experts_per_block`).
 
 use serde::Serialize;
 
-use crate::backend::{AttnMask, Backend};
+use crate::backend::{AttnMask, Backend, BlockRouting};
 use crate::model::{ForwardRequest, Model, ModelError, Window};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
@@ -69,6 +75,8 @@ pub struct EvalReport {
     pub masked_nll: f64,
     /// Masked-diffusion bound on the NLL per token, in nats.
     pub diffusion_nll_bound: f64,
+    /// Distinct experts per MoE layer in one noisy block pass, averaged over blocks and layers.
+    pub experts_per_block: f64,
     pub by_ratio: Vec<RatioBin>,
     #[serde(skip)]
     sums: Sums,
@@ -83,6 +91,8 @@ struct Sums {
     m_correct: u64,
     bound: f64,
     bound_tokens: u64,
+    experts: u64,
+    expert_layers: u64,
 }
 
 /// splitmix64 stream: small, seedable, identical on every platform.
@@ -123,6 +133,7 @@ impl Default for EvalReport {
             masked_accuracy: 0.0,
             masked_nll: 0.0,
             diffusion_nll_bound: 0.0,
+            experts_per_block: 0.0,
             by_ratio: (0..RATIO_BINS)
                 .map(|i| RatioBin {
                     t: (i + 1) as f64 / RATIO_BINS as f64,
@@ -149,7 +160,25 @@ impl EvalReport {
         mask_id: u32,
         seed: u64,
     ) -> Result<(), ModelError> {
+        self.add_document_routed(backend, model, tokens, window, mask_id, seed, None)
+    }
+
+    /// [`EvalReport::add_document`] with the diffusion passes routed within `block_experts`
+    /// experts per block and layer (`None`: exact).
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_document_routed<B: Backend>(
+        &mut self,
+        backend: &B,
+        model: &Model<B>,
+        tokens: &[u32],
+        window: usize,
+        mask_id: u32,
+        seed: u64,
+        block_experts: Option<usize>,
+    ) -> Result<(), ModelError> {
         let block = model.file.header.metadata.decoding.block_size.max(1);
+        // Each diffusion pass is one aligned block.
+        let blocks = block_experts.map(|n| BlockRouting::aligned(n, 0, block, 0));
         let window = (window / block).max(1) * block;
         let vocab = model.config.vocab_size;
         let mut kv = model.new_kv(backend, window)?;
@@ -189,7 +218,24 @@ impl EvalReport {
                     noisy[i] = mask_id;
                 }
                 let win = Window::block(start, clean.len(), AttnMask::BlockCausal(block));
-                let out = model.forward(backend, &mut kv, &noisy, win, &logits)?;
+                let want = ForwardRequest {
+                    logits: true,
+                    routing: true,
+                    blocks,
+                    ..Default::default()
+                };
+                let out = model.forward(backend, &mut kv, &noisy, win, &want)?;
+                for (_, ids, _) in &out.routing {
+                    let mut ids: Vec<u32> = ids
+                        .iter()
+                        .copied()
+                        .filter(|&e| (e as usize) < model.config.moe.num_experts)
+                        .collect();
+                    ids.sort_unstable();
+                    ids.dedup();
+                    self.sums.experts += ids.len() as u64;
+                    self.sums.expert_layers += 1;
+                }
                 let out = out.logits.expect("requested");
                 let bin = ((t * RATIO_BINS as f64).ceil() as usize).clamp(1, RATIO_BINS) - 1;
                 let mut block_nll = 0.0;
@@ -211,6 +257,7 @@ impl EvalReport {
                     Window::block(start, clean.len(), AttnMask::Causal),
                     &ForwardRequest {
                         rows: Some(0..1),
+                        blocks,
                         ..Default::default()
                     },
                 )?;
@@ -231,6 +278,7 @@ impl EvalReport {
         self.masked_accuracy = div(self.sums.m_correct as f64, masked);
         self.masked_nll = div(self.sums.m_nll, masked);
         self.diffusion_nll_bound = div(self.sums.bound, self.sums.bound_tokens);
+        self.experts_per_block = div(self.sums.experts as f64, self.sums.expert_layers);
         for b in &mut self.by_ratio {
             b.accuracy = div(b.correct as f64, b.masked);
         }

@@ -58,6 +58,7 @@ fn params(decoder: DecoderKind, prediction: Prediction, max_new: usize) -> Decod
         prediction,
         cancel: None,
         canvas_events: false,
+        block_experts: None,
     }
 }
 

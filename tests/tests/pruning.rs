@@ -40,6 +40,7 @@ fn run(path: &Path) -> ForwardOutput {
         rows: None,
         logits: true,
         routing: true,
+        blocks: None,
     };
     model
         .forward(

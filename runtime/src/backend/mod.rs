@@ -6,7 +6,7 @@
 pub mod cpu;
 pub mod gpu;
 
-use crate::arch::ModelConfig;
+use crate::arch::{Gating, ModelConfig};
 use crate::format::{FormatError, TensorView};
 
 /// Which keys a query may see. Positions are absolute, so the rule is the same with or without
@@ -169,6 +169,93 @@ pub struct MlpRouterWeights<'a, W> {
     pub bias: &'a W,
 }
 
+/// Block-level expert routing of one pass (`--block-experts N`, dMoE / EMO; docs/RESULTS.md
+/// "Block-level routing"): the pass's rows from `first_row` on fall into blocks, and every token of
+/// a block routes only within the `experts` experts per layer with the largest router probability
+/// mass summed over the block's tokens; rows before `first_row` route exactly and add no mass.
+/// Row `t ≥ first_row` is in block `(t + phase) / size − (first_row + phase) / size`.
+///
+/// The mass of a token is its routing distribution over the selectable experts: the softmax
+/// probabilities the router chooses from (the selection bias included, so pruned experts have
+/// none); for sigmoid gating the scores σ(logit) normalised to sum 1 over the experts the bias
+/// does not mask. The block's mask is 0 on its experts and [`BLOCK_MASKED`] elsewhere, added to
+/// the selection bias. With grouped sigmoid gating and `experts` < the expert count, the block's
+/// experts replace the group limit (all groups count): both bound the experts a token may reach,
+/// and keeping both could leave a token fewer than top-k experts inside its groups.
+/// With `experts` ≥ the expert count every mask is 0 and routing is exact, bit for bit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockRouting {
+    pub experts: usize,
+    pub first_row: usize,
+    pub size: usize,
+    pub phase: usize,
+}
+
+/// The selection bias of an expert outside its block's set (the value pruning uses: finite, so
+/// sums stay NaN-free, and far below any real score).
+pub const BLOCK_MASKED: f32 = -1e30;
+
+impl BlockRouting {
+    /// Blocks of `size` absolute positions that start at positions ≡ `origin` (mod `size`), for a
+    /// pass whose first row sits at position `start`; every row is in a block.
+    pub fn aligned(experts: usize, start: usize, size: usize, origin: usize) -> Self {
+        let size = size.max(1);
+        BlockRouting {
+            experts,
+            first_row: 0,
+            size,
+            phase: (start % size + size - origin % size) % size,
+        }
+    }
+
+    /// Rows `first_row..` form one block; the rows before route exactly.
+    pub fn tail(experts: usize, first_row: usize) -> Self {
+        BlockRouting {
+            experts,
+            first_row,
+            size: 1 << 30,
+            phase: 0,
+        }
+    }
+
+    /// The block of `row`, `None` for an exactly routed row.
+    pub fn block_of(&self, row: usize) -> Option<usize> {
+        (row >= self.first_row)
+            .then(|| (row + self.phase) / self.size - (self.first_row + self.phase) / self.size)
+    }
+
+    /// Blocks over a pass of `rows` rows.
+    pub fn blocks(&self, rows: usize) -> usize {
+        rows.checked_sub(1)
+            .and_then(|last| self.block_of(last))
+            .map_or(0, |b| b + 1)
+    }
+
+    /// Whether the masks restrict anything for a router of `num_experts` experts.
+    pub fn restricts(&self, num_experts: usize) -> bool {
+        self.experts < num_experts
+    }
+
+    /// The gating a token of a block routes with: grouped sigmoid gating drops its group limit
+    /// when the block's experts restrict.
+    pub fn gating(&self, gating: Gating, num_experts: usize) -> Gating {
+        match gating {
+            Gating::SigmoidGrouped {
+                groups,
+                scale,
+                renormalize,
+                ..
+            } if self.restricts(num_experts) => Gating::SigmoidGrouped {
+                groups,
+                top_groups: groups,
+                scale,
+                renormalize,
+            },
+            g => g,
+        }
+    }
+}
+
 /// One backend: weight storage, activations, KV cache and the ops of the forward pass.
 /// Activations are `[tokens, features]`, row-major.
 pub trait Backend {
@@ -255,6 +342,17 @@ pub trait Backend {
         bias: Option<&Self::Weight>,
         config: &ModelConfig,
     ) -> Result<Self::Routing>;
+    /// [`Backend::route`] with block-level routing (see [`BlockRouting`]).
+    fn route_within_blocks(
+        &self,
+        _x: &Self::Act,
+        _router: &Self::Weight,
+        _bias: Option<&Self::Weight>,
+        _config: &ModelConfig,
+        _blocks: &BlockRouting,
+    ) -> Result<Self::Routing> {
+        Err(self.unsupported("route_within_blocks"))
+    }
     /// Σ_k weight_k · expert_k(x) per token.
     fn moe(
         &self,

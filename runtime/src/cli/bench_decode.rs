@@ -137,7 +137,12 @@ fn run_decode(a: DecodeArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for params in &configs {
         let mut row = Row {
-            decoder: params.decoder.label(),
+            decoder: match params.block_experts {
+                Some(n) if params.decoder != DecoderKind::Ar => {
+                    format!("{} block-experts {n}", params.decoder.label())
+                }
+                _ => params.decoder.label(),
+            },
             policy: if params.decoder.uses_policy() {
                 params.policy.label()
             } else {

@@ -185,6 +185,8 @@ fn replay_rows(
                     "pool_percent": pct, "slots": slots, "policy": policy, "prefetch": prefetch,
                     "hit_rate": s.hit_rate(), "misses": s.misses, "hits": s.hits,
                     "bytes_paged": paged, "prefetched": s.prefetched, "evictions": s.evictions,
+                    "experts_per_layer_pass": per_pass, "tokens": tokens, "forwards": forwards,
+                    "block_experts": params.block_experts,
                 }));
             }
         }

@@ -41,6 +41,10 @@ pub struct Args {
     /// Backend: auto (a hardware GPU when available, else CPU), cpu or gpu.
     #[arg(long, default_value = "auto")]
     pub backend: crate::engine::BackendChoice,
+    /// Block-level expert routing in the diffusion passes: each block's tokens route within the N
+    /// experts per MoE layer with the largest router mass over the block (the AR pass stays exact).
+    #[arg(long, value_name = "N")]
+    pub block_experts: Option<usize>,
 }
 
 fn domain_of(p: &Path) -> String {
@@ -79,6 +83,9 @@ fn score<B: Backend>(
 ) -> anyhow::Result<BTreeMap<String, EvalReport>> {
     let tok = crate::tokenizer::Tokenizer::from_json(file.blob("tokenizer.json")?)?;
     let model = Model::load(backend, file.clone(), &|_, _| true).context("loading the model")?;
+    if let Some(n) = a.block_experts {
+        crate::model::check_block_experts(&model.config, n)?;
+    }
     let mut reports: BTreeMap<String, EvalReport> = BTreeMap::new();
     let bar = super::progress_bar(a.data.len() as u64, "evaluating");
     for path in &a.data {
@@ -90,7 +97,15 @@ fn score<B: Backend>(
         ids.truncate(a.max_tokens);
         let report = reports.entry(domain_of(path)).or_default();
         report
-            .add_document(backend, &model, &ids, a.window, mask_id, a.seed)
+            .add_document_routed(
+                backend,
+                &model,
+                &ids,
+                a.window,
+                mask_id,
+                a.seed,
+                a.block_experts,
+            )
             .with_context(|| format!("evaluating {}", path.display()))?;
         bar.inc(1);
     }
@@ -103,6 +118,7 @@ fn write_reports(a: &Args, reports: &BTreeMap<String, EvalReport>) -> anyhow::Re
         "model": a.model.display().to_string(),
         "window": a.window,
         "seed": a.seed,
+        "block_experts": a.block_experts,
         "domains": reports,
     });
     let text = serde_json::to_string_pretty(&json)?;
@@ -119,8 +135,8 @@ fn write_reports(a: &Args, reports: &BTreeMap<String, EvalReport>) -> anyhow::Re
     }
     for (d, r) in reports {
         eprintln!(
-            "{d:<8} tokens {:>6}  AR nll {:.3} acc {:.3}  masked acc {:.3} nll {:.3}  diffusion bound {:.3} nats/token",
-            r.tokens, r.ar_nll, r.ar_accuracy, r.masked_accuracy, r.masked_nll, r.diffusion_nll_bound
+            "{d:<8} tokens {:>6}  AR nll {:.3} acc {:.3}  masked acc {:.3} nll {:.3}  diffusion bound {:.3} nats/token  experts/layer/block {:.1}",
+            r.tokens, r.ar_nll, r.ar_accuracy, r.masked_accuracy, r.masked_nll, r.diffusion_nll_bound, r.experts_per_block
         );
     }
     Ok(())

@@ -67,6 +67,7 @@ impl ModelArgs {
                     }),
                     None => None,
                 },
+                block_experts: None,
             },
         )
         .with_context(|| format!("loading {}", path.display()))
@@ -185,6 +186,14 @@ pub struct DecodingArgs {
     /// Keep generating past EOS.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Block-level expert routing: every token of a block routes only within the N experts per
+    /// MoE layer with the largest router probability mass summed over the block's tokens (fewer
+    /// distinct experts per pass: less to page; approximate). At least the router's top-k; N ≥ the
+    /// expert count is exact routing. Blocks: the block decoder's blocks (a finished block's clean
+    /// pass and the prompt's prefill route per block too), the bidirectional canvas's blocks, the
+    /// speculative draft (its verify rows stay exact); AR is unchanged.
+    #[arg(long, value_name = "N")]
+    pub block_experts: Option<usize>,
 }
 
 impl DecodingArgs {
@@ -272,6 +281,9 @@ impl DecodingArgs {
         }
         p.max_new_tokens = self.max_tokens;
         p.ignore_eos = self.ignore_eos;
+        if self.block_experts.is_some() {
+            p.block_experts = self.block_experts;
+        }
         p
     }
 }

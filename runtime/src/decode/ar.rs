@@ -9,7 +9,7 @@
 use crate::backend::{AttnMask, Backend};
 use crate::model::Window;
 
-use super::{DecodeError, DecoderDetails, Prediction, Session};
+use super::{DecodeError, DecoderDetails, PassBlocks, Prediction, Session};
 
 pub(super) fn run<B: Backend>(
     s: &mut Session<'_, B>,
@@ -29,6 +29,7 @@ pub(super) fn run<B: Backend>(
             &tokens,
             Window::block(clean_upto, len, AttnMask::Causal),
             len - 1..len,
+            PassBlocks::Exact,
         )?;
         clean_upto = seq.len();
         let sampling = s.params.sampling;

@@ -18,7 +18,9 @@ use crate::backend::{AttnMask, Backend};
 use crate::model::Window;
 
 use super::denoise::BlockCanvas;
-use super::{BidirectionalCache, BidirectionalOptions, DecodeError, DecoderDetails, Session};
+use super::{
+    BidirectionalCache, BidirectionalOptions, DecodeError, DecoderDetails, PassBlocks, Session,
+};
 
 pub(super) fn run<B: Backend>(
     s: &mut Session<'_, B>,
@@ -63,7 +65,16 @@ pub(super) fn run<B: Backend>(
                 kv_len: total,
                 mask: AttnMask::Bidirectional,
             };
-            let rows = s.forward(&tokens, window, first_row - start..block_end - start)?;
+            let blocks = PassBlocks::Aligned {
+                size: o.block_size,
+                origin: p,
+            };
+            let rows = s.forward(
+                &tokens,
+                window,
+                first_row - start..block_end - start,
+                blocks,
+            )?;
             block_steps += 1;
             steps += 1;
             let preds = masked

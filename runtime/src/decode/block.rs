@@ -22,7 +22,7 @@ use crate::backend::{AttnMask, Backend};
 use crate::model::Window;
 
 use super::denoise::BlockCanvas;
-use super::{BlockOptions, DecodeError, DecoderDetails, Session};
+use super::{BlockOptions, DecodeError, DecoderDetails, PassBlocks, Session};
 
 pub(super) fn run<B: Backend>(
     s: &mut Session<'_, B>,
@@ -71,6 +71,7 @@ pub(super) fn run<B: Backend>(
                 &tokens,
                 Window::block(start, window_end - start, attn),
                 first_row - start..window_end - start,
+                PassBlocks::Aligned { size: b, origin: 0 },
             )?;
             clean_upto = clean_upto.max(block_start);
             block_kv_written = needs_block;

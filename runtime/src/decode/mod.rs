@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 pub use policy::{Candidate, CommitPolicy, CreditLedger};
 pub use sampling::{Rng, Sampling};
 
-use crate::backend::{Backend, PositionStats};
+use crate::backend::{Backend, BlockRouting, PositionStats};
 use crate::model::{ForwardRequest, Model, ModelError, Window};
 
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +187,10 @@ pub struct DecodeParams {
     pub cancel: Option<CancelToken>,
     /// Report the block state after every step ([`Observer::canvas`]).
     pub canvas_events: bool,
+    /// Block-level expert routing (`--block-experts N`): every token of a block routes only within
+    /// the N experts per MoE layer with the largest router mass over the block's tokens. Which
+    /// rows form a block is each decoder's ([`PassBlocks`]); `None` routes exactly.
+    pub block_experts: Option<usize>,
 }
 
 impl Default for DecodeParams {
@@ -203,6 +207,7 @@ impl Default for DecodeParams {
             prediction: Prediction::InPlace,
             cancel: None,
             canvas_events: false,
+            block_experts: None,
         }
     }
 }
@@ -227,9 +232,27 @@ impl DecodeParams {
             }
             _ => {}
         }
+        if self.block_experts == Some(0) {
+            return Err(DecodeError::invalid("block_experts", 0, "at least 1"));
+        }
         self.policy.validate()?;
         self.sampling.validate()
     }
+}
+
+/// Which rows of a pass form the blocks of block-level routing (used only with
+/// [`DecodeParams::block_experts`]). The rule is the same for every token, whichever pass computes
+/// it: a block's clean re-pass and the prompt's prefill route per block like a denoising step does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PassBlocks {
+    /// Blocks of `size` positions starting at positions ≡ `origin` (mod `size`); every row is in
+    /// one (block diffusion: the attention mask's blocks; bidirectional: the canvas's blocks).
+    Aligned { size: usize, origin: usize },
+    /// Rows from `first_row` on are one block; the rows before route exactly (speculative: the
+    /// causal verify rows stay exact, so β = 1 stays AR's tokens, and the draft is the block).
+    Tail { first_row: usize },
+    /// Every row routes exactly (AR has no blocks).
+    Exact,
 }
 
 /// The model's special ids the decoders use.
@@ -347,6 +370,9 @@ pub fn decode<B: Backend>(
     if prompt.is_empty() {
         return Err(DecodeError::EmptyPrompt);
     }
+    if let Some(n) = params.block_experts {
+        crate::model::check_block_experts(&model.config, n)?;
+    }
     let vocab = model.config.vocab_size;
     let special_ids = special.mask.iter().chain(special.eos.iter());
     if let Some(&id) = prompt
@@ -455,9 +481,18 @@ impl<B: Backend> Session<'_, B> {
         tokens: &[u32],
         window: Window,
         rows: Range<usize>,
+        blocks: PassBlocks,
     ) -> Result<Vec<PositionStats>, DecodeError> {
+        let blocks = self.params.block_experts.and_then(|n| match blocks {
+            PassBlocks::Aligned { size, origin } => {
+                Some(BlockRouting::aligned(n, window.start, size, origin))
+            }
+            PassBlocks::Tail { first_row } => Some(BlockRouting::tail(n, first_row)),
+            PassBlocks::Exact => None,
+        });
         let want = ForwardRequest {
             rows: Some(rows),
+            blocks,
             ..Default::default()
         };
         let out = self

@@ -28,7 +28,9 @@ use crate::backend::{AttnMask, Backend, PositionStats};
 use crate::model::Window;
 
 use super::sampling::{self, accept_draft, Candidates};
-use super::{Cell, DecodeError, DecoderDetails, Prediction, Session, SpeculativeOptions};
+use super::{
+    Cell, DecodeError, DecoderDetails, PassBlocks, Prediction, Session, SpeculativeOptions,
+};
 
 struct Draft {
     token: u32,
@@ -77,7 +79,10 @@ pub(super) fn run<B: Backend>(
             len,
             AttnMask::CausalThenBidirectional { draft_start },
         );
-        let rows = s.forward(&tokens, window, n - clean_upto..len)?;
+        let blocks = PassBlocks::Tail {
+            first_row: draft_start - clean_upto,
+        };
+        let rows = s.forward(&tokens, window, n - clean_upto..len, blocks)?;
         passes += 1;
         // rows[i] is position n + i: rows 0..=m verify, rows m+1.. draft.
         let mut committed = Vec::with_capacity(m + 1);

@@ -20,8 +20,8 @@ pub use crate::arch::{
 };
 
 use crate::backend::{
-    AttnMask, Backend, BackendError, CcaParams, CcaWeights, MlpRouterParams, MlpRouterWeights,
-    PositionStats,
+    AttnMask, Backend, BackendError, BlockRouting, CcaParams, CcaWeights, MlpRouterParams,
+    MlpRouterWeights, PositionStats,
 };
 use crate::format::{DType, EdmFile, FormatError, TensorView};
 
@@ -47,6 +47,11 @@ pub enum ModelError {
     },
     #[error("empty token list")]
     NoTokens,
+    #[error(
+        "block routing within {experts} experts per layer: the router picks {top_k} per token, \
+         so a block needs at least {top_k} (--block-experts)"
+    )]
+    BlockExperts { experts: usize, top_k: usize },
 }
 
 struct Mlp<B: Backend> {
@@ -138,6 +143,8 @@ pub struct ForwardRequest {
     pub rows: Option<Range<usize>>,
     pub logits: bool,
     pub routing: bool,
+    /// Block-level expert routing of this pass (`None`: exact routing).
+    pub blocks: Option<BlockRouting>,
 }
 
 pub struct Model<B: Backend> {
@@ -393,6 +400,9 @@ impl<B: Backend> Model<B> {
         if tokens.is_empty() {
             return Err(ModelError::NoTokens);
         }
+        if let Some(bl) = &want.blocks {
+            check_block_experts(c, bl.experts)?;
+        }
         if end > limit || kv_len > limit || kv_len < end {
             return Err(ModelError::Context {
                 start,
@@ -449,7 +459,15 @@ impl<B: Backend> Model<B> {
                     shared,
                 } => {
                     let routing = match (mlp_router, router_bias) {
-                        (None, _) => b.route(&h, router, router_bias.as_ref(), c)?,
+                        (None, _) => match &want.blocks {
+                            None => b.route(&h, router, router_bias.as_ref(), c)?,
+                            Some(bl) => {
+                                b.route_within_blocks(&h, router, router_bias.as_ref(), c, bl)?
+                            }
+                        },
+                        (Some(_), _) if want.blocks.is_some() => {
+                            return Err(b.unsupported("block routing of an MLP router").into())
+                        }
                         (Some(m), Some(bias)) => {
                             let (routing, state) = b.route_mlp(
                                 &h,
@@ -512,6 +530,17 @@ impl<B: Backend> Model<B> {
         }
         Ok(out)
     }
+}
+
+/// `--block-experts N` must leave each token its top-k: a typed error otherwise.
+pub fn check_block_experts(c: &ModelConfig, experts: usize) -> Result<(), ModelError> {
+    if experts < c.moe.top_k.max(1) {
+        return Err(ModelError::BlockExperts {
+            experts,
+            top_k: c.moe.top_k,
+        });
+    }
+    Ok(())
 }
 
 fn check_expert_shapes(file: &EdmFile, c: &ModelConfig, l: usize) -> Result<(), ModelError> {

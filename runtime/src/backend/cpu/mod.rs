@@ -6,11 +6,14 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod block_routing;
 mod cca;
 
+pub use block_routing::block_masks;
+
 use super::{
-    stats_from_logits, AttnMask, Backend, BackendError, CcaParams, CcaWeights, MlpRouterParams,
-    MlpRouterWeights, PositionStats, Result,
+    stats_from_logits, AttnMask, Backend, BackendError, BlockRouting, CcaParams, CcaWeights,
+    MlpRouterParams, MlpRouterWeights, PositionStats, Result,
 };
 use crate::arch::{AttentionKind, Gating, ModelConfig, QkNorm};
 use crate::experts::pager::{Lookup, Pager};
@@ -527,27 +530,18 @@ impl Backend for CpuBackend {
         bias: Option<&CpuWeight>,
         c: &ModelConfig,
     ) -> Result<CpuRouting> {
-        let logits = self.matmul(router, x)?;
-        let (n, k) = (c.moe.num_experts, c.moe.top_k);
-        if logits.cols != n || bias.is_some_and(|b| b.data.len() != n) {
-            return Err(shape_err(
-                "route",
-                format!("router has {} outputs for {n} experts", logits.cols),
-            ));
-        }
-        let mut ids = Vec::with_capacity(x.rows * k);
-        let mut weights = Vec::with_capacity(x.rows * k);
-        for t in 0..x.rows {
-            let (i, w) = route_row(
-                logits.row(t),
-                bias.map(|b| b.data.as_slice()),
-                k,
-                c.moe.gating,
-            );
-            ids.extend(i);
-            weights.extend(w);
-        }
-        Ok(CpuRouting { k, ids, weights })
+        self.route_rows(x, router, bias, c, None)
+    }
+
+    fn route_within_blocks(
+        &self,
+        x: &CpuAct,
+        router: &CpuWeight,
+        bias: Option<&CpuWeight>,
+        c: &ModelConfig,
+        blocks: &BlockRouting,
+    ) -> Result<CpuRouting> {
+        self.route_rows(x, router, bias, c, Some(blocks))
     }
 
     fn moe(&self, x: &CpuAct, routing: &CpuRouting, experts: &CpuExperts) -> Result<CpuAct> {
@@ -715,6 +709,48 @@ impl Backend for CpuBackend {
             x.data[rows.start * x.cols..rows.end * x.cols].to_vec(),
         );
         Ok(self.matmul(head, &sub)?.data)
+    }
+}
+
+impl CpuBackend {
+    /// The router's top-k per row; with `blocks`, each block's rows choose within its experts.
+    fn route_rows(
+        &self,
+        x: &CpuAct,
+        router: &CpuWeight,
+        bias: Option<&CpuWeight>,
+        c: &ModelConfig,
+        blocks: Option<&BlockRouting>,
+    ) -> Result<CpuRouting> {
+        let logits = self.matmul(router, x)?;
+        let (n, k) = (c.moe.num_experts, c.moe.top_k);
+        if logits.cols != n || bias.is_some_and(|b| b.data.len() != n) {
+            return Err(shape_err(
+                "route",
+                format!("router has {} outputs for {n} experts", logits.cols),
+            ));
+        }
+        let bias = bias.map(|b| b.data.as_slice());
+        let masks = blocks.map(|bl| block_masks(&logits.data, n, bias, c.moe.gating, bl));
+        let mut ids = Vec::with_capacity(x.rows * k);
+        let mut weights = Vec::with_capacity(x.rows * k);
+        for t in 0..x.rows {
+            let block = blocks.and_then(|bl| Some((bl, bl.block_of(t)?)));
+            let (i, w) = match (block, &masks) {
+                (Some((bl, g)), Some(m)) => {
+                    // The block's mask on top of the selection bias, in the order the GPU adds them.
+                    let b: Vec<f32> = (0..n)
+                        .map(|e| bias.map_or(0.0, |b| b[e]) + m[g][e])
+                        .collect();
+                    let gating = bl.gating(c.moe.gating, n);
+                    route_row(logits.row(t), Some(&b), k, gating)
+                }
+                _ => route_row(logits.row(t), bias, k, c.moe.gating),
+            };
+            ids.extend(i);
+            weights.extend(w);
+        }
+        Ok(CpuRouting { k, ids, weights })
     }
 }
 

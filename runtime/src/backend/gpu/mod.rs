@@ -941,36 +941,18 @@ impl Backend for GpuBackend {
         bias: Option<&GpuWeight>,
         c: &ModelConfig,
     ) -> Result<GpuRouting> {
-        let (n, k) = (c.moe.num_experts, c.moe.top_k);
-        if router.rows != n || router.cols != x.cols {
-            return Err(shape_err(
-                "route",
-                format!("router has {} outputs for {n} experts", router.rows),
-            ));
-        }
-        let bias_buf = match bias {
-            None => None,
-            Some(b) => match b.vector() {
-                Some(v) if b.cols == n => Some(v),
-                _ => {
-                    return Err(shape_err(
-                        "route",
-                        format!("router bias of {} for {n} experts", b.cols),
-                    ))
-                }
-            },
-        };
-        self.with(|ctx| {
-            let ids = ctx.output((x.rows * k * 4) as u64)?;
-            let weights = ctx.output((x.rows * k * 4) as u64)?;
-            ops::router::route(ctx, &x.buf, x.rows, router, bias_buf, c, &ids, &weights)?;
-            Ok(GpuRouting {
-                rows: x.rows,
-                k,
-                ids,
-                weights,
-            })
-        })
+        self.route_rows(x, router, bias, c, None)
+    }
+
+    fn route_within_blocks(
+        &self,
+        x: &GpuAct,
+        router: &GpuWeight,
+        bias: Option<&GpuWeight>,
+        c: &ModelConfig,
+        blocks: &super::BlockRouting,
+    ) -> Result<GpuRouting> {
+        self.route_rows(x, router, bias, c, Some(blocks))
     }
 
     fn moe(&self, x: &GpuAct, routing: &GpuRouting, experts: &GpuExperts) -> Result<GpuAct> {
@@ -1361,5 +1343,50 @@ impl GpuBackend {
         let layout = experts.layout(&experts.store.slots, &experts.pools);
         let shared = plus.map_or(ops::moe::Shared::None, ops::moe::Shared::Output);
         self.with(|ctx| Self::moe_act(ctx, x, routing, &layout, shared))
+    }
+}
+
+impl GpuBackend {
+    /// [`Backend::route`], with block-level routing when `blocks` is given.
+    fn route_rows(
+        &self,
+        x: &GpuAct,
+        router: &GpuWeight,
+        bias: Option<&GpuWeight>,
+        c: &ModelConfig,
+        blocks: Option<&super::BlockRouting>,
+    ) -> Result<GpuRouting> {
+        let (n, k) = (c.moe.num_experts, c.moe.top_k);
+        if router.rows != n || router.cols != x.cols {
+            return Err(shape_err(
+                "route",
+                format!("router has {} outputs for {n} experts", router.rows),
+            ));
+        }
+        let bias_buf = match bias {
+            None => None,
+            Some(b) => match b.vector() {
+                Some(v) if b.cols == n => Some(v),
+                _ => {
+                    return Err(shape_err(
+                        "route",
+                        format!("router bias of {} for {n} experts", b.cols),
+                    ))
+                }
+            },
+        };
+        self.with(|ctx| {
+            let ids = ctx.output((x.rows * k * 4) as u64)?;
+            let weights = ctx.output((x.rows * k * 4) as u64)?;
+            ops::router::route(
+                ctx, &x.buf, x.rows, router, bias_buf, c, blocks, &ids, &weights,
+            )?;
+            Ok(GpuRouting {
+                rows: x.rows,
+                k,
+                ids,
+                weights,
+            })
+        })
     }
 }

@@ -52,6 +52,7 @@ pub fn all_entries() -> Vec<(&'static Entry, usize)> {
         (&rope::QK_NORM_ROPE, size_of::<rope::RopeParams>()),
         (&rope::QK_NORM_ROPE_WHOLE, size_of::<rope::RopeParams>()),
         (&router::ROUTE, size_of::<router::RouterParams>()),
+        (&router::BLOCK_MASK, size_of::<router::BlockMaskParams>()),
         (&cca::CCA_STORE, size_of::<cca::CcaGpuParams>()),
         (&cca::CCA_CONV, size_of::<cca::CcaGpuParams>()),
         (&cca::CCA_FINISH, size_of::<cca::CcaGpuParams>()),
