@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What the test command needs beyond Rust, installed when it is missing: lavapipe (Mesa's CPU Vulkan
-# driver) and the Vulkan loader so the GPU kernels run, a JDK and Maven for the Kotlin SDK test.
+# driver) and the Vulkan loader so the GPU kernels run, a JDK and Maven for the Kotlin SDK test,
+# Python's venv for the server's openai-client test.
 # Installs with apt-get as root or through passwordless sudo, saying what it installs; otherwise
 # fails with one line naming the packages to install. Called by scripts/test.sh (and so by .ci/run).
 #
@@ -24,6 +25,10 @@ if ! have_pkg libvulkan1 && ! { have_cmd ldconfig && ldconfig -p 2>/dev/null | g
 fi
 have_cmd javac || need+=(default-jdk-headless)
 have_cmd mvn || need+=(maven)
+# The openai Python client of the server test runs in a venv (scripts/serve-openai-test.sh).
+if ! { have_cmd python3 && python3 -c 'import venv, ensurepip' 2>/dev/null; } && ! have_pkg python3-venv; then
+  need+=(python3-venv)
+fi
 
 [ ${#need[@]} -eq 0 ] && exit 0
 

@@ -54,7 +54,7 @@ impl Machine {
     }
 }
 
-const ALL: &str = "mesa-vulkan-drivers libvulkan1 default-jdk-headless maven";
+const ALL: &str = "mesa-vulkan-drivers libvulkan1 default-jdk-headless maven python3-venv";
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
@@ -87,14 +87,16 @@ fn root_installs_what_is_missing_and_says_so() {
     let out = m.run(&[]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("installing mesa-vulkan-drivers libvulkan1 maven"),
+        stderr(&out).contains("installing mesa-vulkan-drivers libvulkan1 maven python3-venv"),
         "{}",
         stderr(&out)
     );
     let log = m.log();
     assert!(log.contains("apt-get update"), "{log}");
     assert!(
-        log.contains("install -y -qq --no-install-recommends mesa-vulkan-drivers libvulkan1 maven"),
+        log.contains(
+            "install -y -qq --no-install-recommends mesa-vulkan-drivers libvulkan1 maven python3-venv"
+        ),
         "{log}"
     );
     assert!(!log.contains("default-jdk"), "{log}");
