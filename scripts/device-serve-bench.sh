@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# `edgediff serve` under load on the GPU machine (issue 16's benchmark): aggregate tokens/s and
+# latency at 1, 4, 16 and 64 concurrent streams, AR and block diffusion per stream, on
+#   - models/default.edm, and
+#   - a LLaDA2.0-mini-shaped synthetic model (synth --preset llada2-mini, q4, MOE_LAYERS layers,
+#     default 4 as in device-bench.sh; synthesized there with the carried binary).
+# One server per model (--max-batch 64, GPU backend); each point is tests/serve/load.py for
+# SECONDS_PER_POINT (default 10; requests in flight then finish) with every request generating
+# MAX_TOKENS (default 32, EOS ignored). Sequences take
+# turns one forward pass at a time today (no batched pass yet), so aggregate tokens/s shows what
+# the scheduler gives before the batched pass; the same script measures the batched pass later.
+# Results: $OUT/serve-bench.md (table), $OUT/<model>-<decoder>-<streams>.json, serve-*.log,
+# log.txt. Each point has a time limit; the whole run should take ~7 minutes on the H200 (to split
+# it, STREAMS="1 4" and STREAMS="16 64" in two runs); exit status = failed points.
+#
+# On this machine (the release binary, stripped, carried as .bin/edgediff; .gl: Vulkan loader debs):
+#   cargo build --release -p edgediff && mkdir -p .bin && strip -o .bin/edgediff target/release/edgediff
+# On the device (run tool, carry [".bin", ".gl"]):
+#   bash scripts/device-serve-bench.sh
+# Locally (lavapipe or CPU, tiny): STREAMS="1 2" SECONDS_PER_POINT=3 MAX_TOKENS=8 BACKEND=cpu SYNTH_QUICK=1 \
+#   OUT=/tmp/sb bash scripts/device-serve-bench.sh
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+OUT="${OUT:-/tmp/edgediff-serve-bench}"
+mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+: >"$LOG"
+START=$(date +%s)
+FAILED=0
+STREAMS="${STREAMS:-1 4 16 64}"
+SECS="${SECONDS_PER_POINT:-10}"
+MAX_TOKENS="${MAX_TOKENS:-32}"
+BACKEND="${BACKEND:-gpu}"
+LAYERS="${MOE_LAYERS:-4}"
+PY="${PYTHON:-python3}"
+
+log() { echo "[$(($(date +%s) - START))s] $*" | tee -a "$LOG" >&2; }
+
+BIN="${EDGEDIFF:-}"
+for b in target/release/edgediff .bin/edgediff; do
+  [[ -z "$BIN" && -x "$b" ]] && BIN="$b"
+done
+[[ -n "$BIN" ]] || { log "no edgediff binary (.bin/edgediff or target/release/edgediff; or set EDGEDIFF)"; exit 1; }
+
+if ! ldconfig -p 2>/dev/null | grep -q libvulkan.so.1; then
+  if compgen -G ".gl/*.deb" >/dev/null; then
+    log "unpacking the Vulkan loader from .gl/"
+    for f in .gl/*.deb; do dpkg -x "$f" /; done
+    ldconfig
+  fi
+fi
+NV_ICD=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+if [[ -z "${VK_DRIVER_FILES:-}" && -f "$NV_ICD" ]]; then
+  export VK_DRIVER_FILES="$NV_ICD"
+  export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
+fi
+
+MODEL_DIR="${TMPDIR:-/tmp}/edgediff-serve-bench"
+mkdir -p "$MODEL_DIR"
+SYN="$MODEL_DIR/llada2-mini-${LAYERS}l-q4.edm"
+SYNTH_SHAPE=()
+if [[ "${SYNTH_QUICK:-0}" == 1 ]]; then
+  SYN="$MODEL_DIR/llada2-mini-quick.edm"
+  SYNTH_SHAPE=(--hidden 256 --heads 4 --kv-heads 2 --head-dim 64 --experts 32 --top-k 8
+    --expert-ffn 128 --dense-ffn 512 --vocab 4096 --tokenizer-vocab 1024)
+  LAYERS=2
+fi
+if [[ ! -f "$SYN" ]]; then
+  log "synth: llada2-mini, $LAYERS layers, q4"
+  timeout 150 "$BIN" synth --arch llada2_moe --preset llada2-mini --layers "$LAYERS" \
+    "${SYNTH_SHAPE[@]}" --dtype q4 -o "$SYN" >/dev/null 2>>"$LOG" || { log "synth failed"; FAILED=$((FAILED + 1)); }
+fi
+
+printf '| model | decoder | streams | requests | failed | tokens/s | TTFT p50 / p99 ms | per token p50 / p99 ms | piece gap p50 / p99 ms | RSS MiB start → end |\n|---|---|---|---|---|---|---|---|---|---|\n' >"$OUT/serve-bench.md"
+
+bench_model() {
+  local name=$1 model=$2
+  [[ -f "$model" ]] || { log "$name: no model at $model"; FAILED=$((FAILED + 1)); return; }
+  local slog="$OUT/serve-$name.log"
+  "$BIN" serve --model "$model" --backend "$BACKEND" --port 0 --max-batch 64 --max-queue 256 \
+    --kv-memory 16GiB --max-tokens 1024 2>"$slog" &
+  local pid=$! url=
+  for _ in $(seq 1200); do
+    url=$(grep -o 'listening on http://[0-9.:]*' "$slog" | sed 's/listening on //' || true)
+    [[ -n "$url" ]] && break
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if [[ -z "$url" ]]; then
+    log "$name: the server did not start (see $slog)"
+    kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+    FAILED=$((FAILED + 1))
+    return
+  fi
+  log "$name: $(head -1 "$slog")"
+  for decoder in ar block; do
+    # Warm-up: pipelines and first allocations for this decoder's pass shapes.
+    timeout 120 "$PY" tests/serve/load.py --url "$url" --streams 1 --seconds 0.1 --max-tokens 8 \
+      --decoder "$decoder" --label warm-up >/dev/null 2>>"$LOG"
+    for n in $STREAMS; do
+      local j="$OUT/$name-$decoder-$n.json"
+      log "$name $decoder $n streams"
+      if ! timeout $((SECS + 120)) "$PY" tests/serve/load.py --url "$url" --streams "$n" \
+        --seconds "$SECS" --max-tokens "$MAX_TOKENS" --decoder "$decoder" --ignore-eos --pid "$pid" \
+        --timeout 100 --label "$name $decoder x$n" --json "$j" >>"$LOG" 2>&1; then
+        FAILED=$((FAILED + 1))
+      fi
+      [[ -f "$j" ]] && "$PY" - "$j" "$name" >>"$OUT/serve-bench.md" <<'PYEOF'
+import json, sys
+s = json.load(open(sys.argv[1]))
+mib = lambda k: "?" if k is None else f"{k / 1024:.0f}"
+print(f"| {sys.argv[2]} | {s['decoder']} | {s['streams']} | {s['requests_ok']} | {s['failures']} | "
+      f"{s['tokens_per_second']} | {s['ttft_ms_p50']} / {s['ttft_ms_p99']} | {s['tpot_ms_p50']} / {s['tpot_ms_p99']} | "
+      f"{s['piece_gap_ms_p50']} / {s['piece_gap_ms_p99']} | {mib(s['rss_kib_start'])} → {mib(s['rss_kib_end'])} |")
+PYEOF
+    done
+  done
+  curl -s "$url/metrics" >"$OUT/metrics-$name.txt" 2>/dev/null || true
+  kill "$pid" 2>/dev/null
+  wait "$pid" 2>/dev/null
+}
+
+bench_model default models/default.edm
+bench_model llada2-mini "$SYN"
+
+log "done in $(($(date +%s) - START))s, $FAILED failed point(s)"
+cat "$OUT/serve-bench.md" | tee -a "$LOG" >&2
+exit "$FAILED"
