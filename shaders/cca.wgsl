@@ -81,6 +81,13 @@ fn depthwise(n: i32, ch: u32) -> f32 {
     return dw[ch * 2u] * raw(n - 1, ch) + dw[ch * 2u + 1u] * raw(n, ch) + dw_bias[ch];
 }
 
+// Tap j of channel ch's grouped conv at position n: the group's depthwise outputs at n − 1 and n.
+fn conv_term(ch: u32, n: i32, g0: u32, j: u32) -> f32 {
+    let tp = gw[(ch * p.hd + j) * 2u];
+    let tc = gw[(ch * p.hd + j) * 2u + 1u];
+    return tp * depthwise(n - 1, g0 + j) + tc * depthwise(n, g0 + j);
+}
+
 @compute @workgroup_size(64)
 fn cca_conv(
     @builtin(local_invocation_index) lid: u32,
@@ -96,10 +103,21 @@ fn cca_conv(
     let n = i32(p.start + t);
     let g0 = (ch / p.hd) * p.hd;
     var acc = g_bias[ch];
-    for (var j = 0u; j < p.hd; j++) {
-        let tp = gw[(ch * p.hd + j) * 2u];
-        let tc = gw[(ch * p.hd + j) * 2u + 1u];
-        acc += tp * depthwise(n - 1, g0 + j) + tc * depthwise(n, g0 + j);
+    // Four taps per step, their loads issued before the sums (a head of 128 is 128 dependent
+    // steps one at a time); the terms still join acc in ascending j.
+    var j = 0u;
+    for (; j + 3u < p.hd; j += 4u) {
+        let a0 = conv_term(ch, n, g0, j);
+        let a1 = conv_term(ch, n, g0, j + 1u);
+        let a2 = conv_term(ch, n, g0, j + 2u);
+        let a3 = conv_term(ch, n, g0, j + 3u);
+        acc += a0;
+        acc += a1;
+        acc += a2;
+        acc += a3;
+    }
+    for (; j < p.hd; j++) {
+        acc += conv_term(ch, n, g0, j);
     }
     z[t * p.c + ch] = acc;
 }

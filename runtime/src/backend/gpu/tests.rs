@@ -684,12 +684,13 @@ test_backends!(
     TOL,
     |b| {
         // Head shapes (q heads, KV heads, head dim, rotary dims): ZAYA1-like groups of 3 with
-        // partial RoPE, no grouping, and a head wider than the 64 lanes of the finish kernel.
+        // partial RoPE, no grouping (a head of 22: the conv's 4-tap steps and their remainder),
+        // and a head wider than the 64 lanes of the finish kernel.
         // Passes at 0 and 5 continue the sequence; the pass at 3 rewrites positions 3.. (a rejected
         // draft) and reads positions 1 and 2 from the state; the last pass reads that pass's rows.
         let mut rng = Rng(22);
         let mut out = Vec::new();
-        for (i, (nq, nkv, hd, rot)) in [(6, 2, 12, 6), (4, 4, 20, 20), (3, 1, 72, 36)]
+        for (i, (nq, nkv, hd, rot)) in [(6, 2, 12, 6), (4, 4, 22, 22), (3, 1, 72, 36)]
             .into_iter()
             .enumerate()
         {
@@ -795,7 +796,7 @@ test_backends!(mlp_router_with_eda_and_skip_expert_matches, TOL, |b| {
 test_backends!(scaled_residual_norm_and_affine_embedding_match, TOL, |b| {
     let mut rng = Rng(24);
     let mut out = Vec::new();
-    for (t, h) in [(1, 48), (7, 200), (3, 70)] {
+    for (t, h) in [(1, 48), (7, 200), (3, 70), (2, 2100)] {
         let mut x = b.put(t, h, &rng.vec(t * h, 1.0));
         let d = b.put(t, h, &rng.vec(t * h, 1.0));
         let s = weight(b, DType::F32, &[4, h], &rng.vec(4 * h, 1.0));
