@@ -5,7 +5,8 @@
 #   before   .bin/edgediff-before (an earlier commit, built here; see docs/PERF.md for which)
 #   after    .bin/edgediff (this commit), default kernel choice
 #   knobs    the same binary under EDGEDIFF_* kernel knobs (backend/gpu/choice.rs) named in KNOBS
-# then `generate --decoder ar --backend gpu` (128 tokens) with both binaries.
+# then `generate --decoder ar --backend gpu` (128 tokens) with both binaries, and (ZAYA_LAYERS > 0)
+# `bench forward` on ZAYA1-8B's shapes with that many layers, with both binaries.
 # Outputs under $OUT: pass.md (tables, GPU µs per entry point), pass.log.
 # Here: cargo build --release -p edgediff && strip -o .bin/edgediff target/release/edgediff
 #       (and the earlier commit's binary as .bin/edgediff-before)
@@ -53,4 +54,18 @@ for b in "$BEFORE" "$AFTER"; do
     --max-tokens 128 --ignore-eos --stats "Once upon a time" >/dev/null 2>>"$R"
   echo "exit $?" >>"$R"
 done
+# ZAYA1-8B's shapes with ZAYA_LAYERS of its 40 layers (0: skip), before and after.
+ZAYA_LAYERS="${ZAYA_LAYERS:-0}"
+if [[ "$ZAYA_LAYERS" != 0 ]]; then
+  ZMODEL="${TMPDIR:-/tmp}/zaya1-8b-${ZAYA_LAYERS}l-q4.edm"
+  [[ -f "$ZMODEL" ]] || timeout 200 "$AFTER" synth --arch zaya --preset zaya1-8b \
+    --layers "$ZAYA_LAYERS" --dtype q4 -o "$ZMODEL" >>"$L" 2>&1
+  for b in "$BEFORE" "$AFTER"; do
+    [[ -x "$b" ]] || continue
+    echo "## zaya1-8b ${ZAYA_LAYERS} layers, bench forward, $b" >>"$R"
+    timeout 120 "$b" bench forward --model "$ZMODEL" --tokens 1,16 --iters 10 --context 1024 \
+      --copy-mib 256 >>"$R" 2>>"$L"
+    echo "exit $? at $((SECONDS - T0)) s" >>"$R"
+  done
+fi
 cat "$R"
