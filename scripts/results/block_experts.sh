@@ -10,7 +10,8 @@
 #            at POOLS % of all routed experts (LRU / least-stale, prefetch off / step): hit rate and
 #            bytes paged, and the distinct experts per layer per pass.
 # NS lists the N to measure ("exact" is no --block-experts). Writes docs/results/block-experts.*.json
-# and prints the Markdown tables. PARTS=quality or PARTS=paging runs one part.
+# and prints the Markdown tables. PARTS=quality or PARTS=paging runs one part; TABLES_ONLY=1 prints
+# the tables from the JSON files already there (runs split over several invocations).
 source "$(dirname "$0")/common.sh"
 NS="${NS:-exact 16 12 8 6 4}"
 PARTS="${PARTS:-quality paging}"
@@ -27,6 +28,7 @@ if [[ " $PARTS " == *" quality "* ]]; then
   files=()
   for d in $DOMAINS; do files+=("$WORK/test/$d/test.txt"); done
   for n in $NS; do
+    [[ -n "${TABLES_ONLY:-}" ]] && break
     # shellcheck disable=SC2046
     "$BIN" eval --backend cpu --model "$MODEL" --data "${files[@]}" --max-tokens "$MAX_TOKENS" \
       --seed 0 $(flag "$n") -o "$OUTDIR/block-experts.quality.$n.json" >&2
@@ -63,6 +65,7 @@ for doc in docs:
             break
 PY
     for n in $NS; do
+      [[ -n "${TABLES_ONLY:-}" ]] && break
       # shellcheck disable=SC2046
       "$BIN" bench experts --model "$MODEL" --prompts "$WORK/$d.prompts" --decoder block \
         --max-tokens "$NEW" --pools "$POOLS" --policies lru,least-stale $(flag "$n") \

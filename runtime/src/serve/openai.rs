@@ -14,7 +14,8 @@
 //! `decoder` (`block` | `bidirectional` | `speculative` | `ar`), `block_size` (the speculative
 //! decoder's draft length), `policy` (`threshold` | `fixed` | `entropy` | `margin` | `credit`),
 //! `threshold`, `steps`, `gamma`, `margin`, `beta` (speculative logit mixing; 1 is lossless),
-//! `cache` (`none` | `prefix` | `dual`), `top_k`, `ignore_eos`.
+//! `cache` (`none` | `prefix` | `dual`), `top_k`, `ignore_eos`, `block_experts` (block-level expert
+//! routing within N experts per layer and block; at least the model's top-k).
 
 use serde::{Deserialize, Serialize};
 
@@ -215,6 +216,7 @@ pub struct Extension {
     pub cache: Option<CacheName>,
     pub top_k: Option<usize>,
     pub ignore_eos: Option<bool>,
+    pub block_experts: Option<usize>,
 }
 
 /// What the server lets a request have.
@@ -320,6 +322,9 @@ impl Extension {
         if let Some(i) = self.ignore_eos {
             p.ignore_eos = i;
         }
+        if let Some(n) = self.block_experts {
+            p.block_experts = Some(n);
+        }
         Ok(())
     }
 }
@@ -362,8 +367,9 @@ impl Common {
         Ok(())
     }
 
-    /// The decoding parameters and stop strings of this request over the server's defaults;
-    /// `prompt_tokens` long, in a context of `context` positions.
+    /// This request, over the server's defaults, for the encoded `prompt`: its decoding
+    /// parameters (max_tokens cut to the cap and to what the context leaves), stop strings and
+    /// KV capacity.
     fn prepare(
         &self,
         engine: &LoadedEngine,
