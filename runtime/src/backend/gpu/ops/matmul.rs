@@ -338,7 +338,7 @@ pub fn matmul_into(
         }
         let gemv_q = ctx.sh.dev.kernels.gemv_q
             && matches!(w.dtype, DType::Q4 | DType::Q8)
-            && w.cols % 32 == 0
+            && w.cols.is_multiple_of(32)
             && n.div_ceil(GEMV_Q_ROWS) <= 65535;
         let (entry, grid) = match kernel {
             MatmulKernel::Gemv | MatmulKernel::GemvBlocked if gemv_q => (
