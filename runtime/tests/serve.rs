@@ -795,3 +795,35 @@ fn a_slow_reader_gets_every_piece_and_does_not_hold_up_others() {
     let (got, _, _) = streamed_text(&reply);
     assert_eq!(got, want);
 }
+
+#[test]
+fn bad_serve_flags_are_one_line_errors_before_listening() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgediff"))
+            .arg("serve")
+            .args(["--backend", "cpu", "--port", "0"])
+            .args(args)
+            .env_remove("EDGEDIFF_API_KEY")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "serve {args:?} started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&["--max-batch", "0"]);
+    assert!(err.contains("--max-batch 0"), "{err}");
+    let err = run(&["--kv-memory", "lots"]);
+    assert!(
+        err.contains("--kv-memory lots") && err.contains("512MiB"),
+        "{err}"
+    );
+    let err = run(&["--max-body", "big"]);
+    assert!(err.contains("--max-body"), "{err}");
+    let err = run(&["--host", "no such host.invalid"]);
+    assert!(err.contains("--host"), "{err}");
+    let err = run(&["--model", "/nonexistent/m.edm"]);
+    assert!(err.contains("/nonexistent/m.edm"), "{err}");
+    for e in ["--max-batch 0", "--kv-memory lots"] {
+        let flag: Vec<&str> = e.split(' ').collect();
+        assert_eq!(run(&flag).trim().lines().count(), 1, "{e}");
+    }
+}
