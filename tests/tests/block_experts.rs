@@ -421,3 +421,63 @@ fn decoding_with_block_experts_of_every_expert_equals_exact_decoding() {
         assert_eq!(tokens(Some(2)).len(), 20, "{arch}");
     }
 }
+
+/// Tokens of a 24-token block decode through an engine on `b`, experts paged or not.
+fn decode_with<B: edgediff::experts::paging::PagedLoad>(
+    b: B,
+    file: &Arc<EdmFile>,
+    memory: Option<edgediff::experts::ExpertMemory>,
+    block_experts: usize,
+) -> (Vec<u32>, Option<edgediff::experts::PagerStats>) {
+    let config = EngineConfig {
+        expert_memory: memory,
+        block_experts: Some(block_experts),
+        ..Default::default()
+    };
+    let e = Engine::open(b, file.clone(), &config).unwrap();
+    let mut r = e.request(Prompt::Tokens(vec![1, 40, 77, 300, 12, 3, 90, 41]));
+    r.decoding.max_new_tokens = 24;
+    r.decoding.ignore_eos = true;
+    (
+        e.generate(&r, &mut |_| {}).unwrap().tokens,
+        e.expert_stats(),
+    )
+}
+
+#[test]
+fn paged_experts_under_block_routing_give_the_resident_tokens() {
+    // Paging stays exact with the block's set in the router: the GPU's optimistic pass and its
+    // re-runs, and the CPU's expert-major loop, page what the restricted routing picks.
+    let dir = tempfile::tempdir().unwrap();
+    let file =
+        Arc::new(EdmFile::open(write_synth(dir.path(), Architecture::Llada2Moe, 16)).unwrap());
+    let quarter = Some(edgediff::experts::ExpertMemory::Fraction(0.25));
+    let (all, _) = decode_with(CpuBackend, &file, None, 3);
+    let (paged, stats) = decode_with(CpuBackend, &file, quarter, 3);
+    assert_eq!(paged, all, "cpu");
+    assert!(stats.unwrap().misses > 0);
+    let (exact, _) = {
+        let e = Engine::open(CpuBackend, file.clone(), &EngineConfig::default()).unwrap();
+        let mut r = e.request(Prompt::Tokens(vec![1, 40, 77, 300, 12, 3, 90, 41]));
+        r.decoding.max_new_tokens = 24;
+        r.decoding.ignore_eos = true;
+        (e.generate(&r, &mut |_| {}).unwrap().tokens, ())
+    };
+    assert_ne!(
+        all, exact,
+        "N = 3 of 16 changes nothing: the test cannot tell"
+    );
+    for (name, _) in backends(None) {
+        let pick = || {
+            backends(None)
+                .into_iter()
+                .find(|(n, _)| *n == name)
+                .unwrap()
+                .1
+        };
+        let (gpu_all, _) = decode_with(pick(), &file, None, 3);
+        let (gpu_paged, stats) = decode_with(pick(), &file, quarter, 3);
+        assert_eq!(gpu_paged, gpu_all, "{name}");
+        assert!(stats.unwrap().misses > 0, "{name}");
+    }
+}
