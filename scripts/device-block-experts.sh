@@ -15,7 +15,9 @@
 #   bash scripts/device-block-experts.sh            (OUT is set by the device tool)
 #   env: EDGEDIFF (binary), OUT (/tmp/edgediff-block-experts), WORK (/tmp/edgediff-paging-work; the
 #   ~8 GB model is made there once and reused), NS ("64 32 16"), POOLS ("25% 12.5%"), NEW (16),
-#   BLOCK (16), BUDGET (seconds for the whole script, 560), STEP (seconds per decode, 90), LAYERS (20)
+#   BLOCK (16), BUDGET (seconds for the whole script, 560), STEP (seconds per decode, 90), LAYERS (20),
+#   DEFAULT (1: also bench decode models/default.edm exact / N = 8 / N = 4)
+# Within one 10-minute command: POOLS=25% first (it also makes the model), then POOLS=12.5% DEFAULT=0.
 # Locally on lavapipe, tiny: LAYERS=2 NS=16 POOLS=12.5% NEW=4 OUT=/tmp/bx bash scripts/device-block-experts.sh
 # Writes $OUT/steps.txt (every step's output), $OUT/summary.md (one row per run), devices.txt, log.
 set -uo pipefail
@@ -103,8 +105,10 @@ for pool in $POOLS; do
     done
   done
 done
-# The trained default model: decode speed and the AR NLL of the outputs, exact vs block-routed.
+# The trained default model: decode speed and the AR NLL of the outputs, exact vs block-routed
+# (DEFAULT=0 skips it, e.g. in a second run for another pool).
 for n in exact 8 4; do
+  [[ ${DEFAULT:-1} == 0 ]] && break
   flag=()
   [[ $n == exact ]] || flag=(--block-experts "$n")
   step 60 "default bench decode N=$n" "$BIN" bench decode --backend gpu --model models/default.edm \
