@@ -9,7 +9,6 @@
 //! | `EDGEDIFF_COOP_SPLIT_K=0` | [`KernelChoice::coop_split_k`] |
 //! | `EDGEDIFF_GEMV_F32_MAX_T=<tokens>` | [`KernelChoice::gemv_f32_max_t`] |
 //! | `EDGEDIFF_FUSE_SWIGLU=0` | [`KernelChoice::fuse_swiglu`] |
-//! | `EDGEDIFF_GEMV_Q=0` | [`KernelChoice::gemv_q`] |
 //! | `EDGEDIFF_MOE_KERNEL=gemv\|tiled` | [`KernelChoice::moe`] |
 //! | `EDGEDIFF_ATTN_KERNEL=heads\|gqa` | [`KernelChoice::attention`] |
 //! | `EDGEDIFF_ATTN_GROUPS=<n>` | [`KernelChoice::attn_groups`] |
@@ -55,8 +54,6 @@ pub struct KernelChoice {
     pub gemv_f32_max_t: usize,
     /// SwiGLU fused into the dense gate_up gemv.
     pub fuse_swiglu: bool,
-    /// q4/q8 dense gemvs on the group-wise kernel (shaders/gemv_q.wgsl) rather than the octet one.
-    pub gemv_q: bool,
     /// The routed-expert kernel, forced (`None`: chosen by tokens per expert).
     pub moe: Option<ExpertKernel>,
     /// The attention kernel, forced where both apply (`None`: GQA where the head fits it).
@@ -77,7 +74,6 @@ impl Default for KernelChoice {
             coop_split_k: true,
             gemv_f32_max_t: GEMV_F32_MAX_T,
             fuse_swiglu: true,
-            gemv_q: true,
             moe: None,
             attention: None,
             attn_groups: GQA_TARGET_GROUPS,
@@ -104,7 +100,6 @@ impl KernelChoice {
             coop_split_k: !off("EDGEDIFF_COOP_SPLIT_K"),
             gemv_f32_max_t: num("EDGEDIFF_GEMV_F32_MAX_T").map_or(d.gemv_f32_max_t, |v| v as usize),
             fuse_swiglu: !off("EDGEDIFF_FUSE_SWIGLU"),
-            gemv_q: !off("EDGEDIFF_GEMV_Q"),
             moe: match var("EDGEDIFF_MOE_KERNEL").as_deref().map(str::trim) {
                 Some("gemv") => Some(ExpertKernel::Gemv),
                 Some("tiled") => Some(ExpertKernel::Tiled),
@@ -147,9 +142,7 @@ mod tests {
     fn no_variables_give_the_measured_defaults() {
         assert_eq!(from(&[]), KernelChoice::default());
         let d = KernelChoice::default();
-        assert!(
-            d.coop_split_k && d.fuse_swiglu && d.gemv_q && d.moe.is_none() && d.attention.is_none()
-        );
+        assert!(d.coop_split_k && d.fuse_swiglu && d.moe.is_none() && d.attention.is_none());
     }
 
     #[test]
@@ -159,7 +152,6 @@ mod tests {
             ("EDGEDIFF_COOP_SPLIT_K", "0"),
             ("EDGEDIFF_GEMV_F32_MAX_T", "16"),
             ("EDGEDIFF_FUSE_SWIGLU", "0"),
-            ("EDGEDIFF_GEMV_Q", "0"),
             ("EDGEDIFF_MOE_KERNEL", "tiled"),
             ("EDGEDIFF_ATTN_KERNEL", "heads"),
             ("EDGEDIFF_ATTN_GROUPS", "64"),
@@ -173,7 +165,6 @@ mod tests {
                 coop_split_k: false,
                 gemv_f32_max_t: 16,
                 fuse_swiglu: false,
-                gemv_q: false,
                 moe: Some(ExpertKernel::Tiled),
                 attention: Some(AttnKernel::Heads),
                 attn_groups: 64,

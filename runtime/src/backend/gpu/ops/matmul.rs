@@ -113,16 +113,6 @@ pub static EXPERT_DOWN: Entry = Entry {
     params: "ExpertParams",
 };
 
-/// [`GEMV`] for q4/q8 weights, four rows an invocation, a quant group a step (shaders/gemv_q.wgsl).
-pub static GEMV_Q: Entry = Entry {
-    file: "gemv_q.wgsl",
-    name: "gemv_q",
-    bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite)],
-    params: "MatmulParams",
-};
-/// Weight rows per [`GEMV_Q`] workgroup.
-pub const GEMV_Q_ROWS: u64 = 8;
-
 /// Activation rows per gemv workgroup (its token block).
 pub const GEMV_T: usize = 4;
 /// Activation rows up to which the gemv entry runs in token blocks along z (H100: 16 tokens × 3072
@@ -336,15 +326,7 @@ pub fn matmul_into(
         if coop && w.dtype != DType::F32 && FORCE_COOP.with(|f| f.get()) {
             kernel = MatmulKernel::Coop;
         }
-        let gemv_q = ctx.sh.dev.kernels.gemv_q
-            && matches!(w.dtype, DType::Q4 | DType::Q8)
-            && w.cols.is_multiple_of(32)
-            && n.div_ceil(GEMV_Q_ROWS) <= 65535;
         let (entry, grid) = match kernel {
-            MatmulKernel::Gemv | MatmulKernel::GemvBlocked if gemv_q => (
-                &GEMV_Q,
-                Grid::Groups(n.div_ceil(GEMV_Q_ROWS) as u32, 1, t.div_ceil(GEMV_T) as u32),
-            ),
             MatmulKernel::Gemv => (&GEMV, Grid::Linear(groups)),
             MatmulKernel::GemvBlocked => (
                 &GEMV,
