@@ -494,7 +494,9 @@ fn zaya_missing_or_misshapen_tensors_are_typed_errors() {
     let err = convert(dir.path()).unwrap_err();
     assert!(matches!(err, ImportError::Shape { .. }), "{err}");
 
-    // The legacy alternating layout is named, not reported as an unknown tensor.
+    // A legacy alternating-layout name among merged ones is named as such, not reported as an
+    // unknown tensor (the checkpoint is read as legacy, and neither its config nor the merged
+    // names fit that layout).
     let dir = broken(|_| {});
     edit_tensors(dir.path(), |t| {
         t.push((
@@ -505,9 +507,224 @@ fn zaya_missing_or_misshapen_tensors_are_typed_errors() {
     });
     let err = convert(dir.path()).unwrap_err();
     assert!(
-        matches!(err, ImportError::Unsupported(ref m) if m.contains("legacy")),
+        matches!(err, ImportError::Unsupported(ref m) | ImportError::Config(ref m) if m.contains("legacy")),
         "{err}"
     );
+}
+
+// --- the legacy alternating layout ----------------------------------------------------------------
+
+/// The fixture's merged tensor `name` under Zyphra's original alternating layout (`layers` decoder
+/// layers → `2 * layers` attention/MoE layers): written from transformers'
+/// convert_zaya_weights_to_hf.py read backwards, independently of the importer's mapping.
+fn legacy_tensors(
+    name: &str,
+    shape: &[usize],
+    vals: &[f32],
+    layers: usize,
+) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let one = |n: String| vec![(n, shape.to_vec(), vals.to_vec())];
+    if let Some(part) = name.strip_prefix("model.input_") {
+        return one(format!("model.layers.0.res_scale.{part}"));
+    }
+    let Some(tail) = name.strip_prefix("model.layers.") else {
+        return one(name.to_string());
+    };
+    let (l, rest) = tail.split_once('.').unwrap();
+    let l: usize = l.parse().unwrap();
+    let (attn, moe) = (
+        format!("model.layers.{}", 2 * l),
+        format!("model.layers.{}", 2 * l + 1),
+    );
+    if let Some(proj) = rest.strip_prefix("mlp.experts.") {
+        let fc = if proj == "gate_up_proj" { 1 } else { 2 };
+        let per: usize = shape[1..].iter().product();
+        return (0..shape[0])
+            .map(|e| {
+                (
+                    format!("{moe}.zaya_block.experts.local_experts.{e}.linear_fc{fc}.weight"),
+                    shape[1..].to_vec(),
+                    vals[e * per..(e + 1) * per].to_vec(),
+                )
+            })
+            .collect();
+    }
+    if let Some(part) = rest.strip_prefix("post_mlp_residual_scale.") {
+        return one(if l + 1 == layers {
+            format!("model.res_scale.{part}")
+        } else {
+            format!("model.layers.{}.res_scale.{part}", 2 * (l + 1))
+        });
+    }
+    let table = [
+        ("input_layernorm.", &attn, "input_norm."),
+        ("post_attention_layernorm.", &moe, "input_norm."),
+        ("post_attention_residual_scale.", &moe, "res_scale."),
+        (
+            "self_attn.qkv_proj.q_proj.",
+            &attn,
+            "self_attn.qkv.linear_q.",
+        ),
+        (
+            "self_attn.qkv_proj.k_proj.",
+            &attn,
+            "self_attn.qkv.linear_k.",
+        ),
+        (
+            "self_attn.qkv_proj.v_proj_current.",
+            &attn,
+            "self_attn.qkv.val_proj1.",
+        ),
+        (
+            "self_attn.qkv_proj.v_proj_delayed.",
+            &attn,
+            "self_attn.qkv.val_proj2.",
+        ),
+        (
+            "self_attn.qkv_proj.conv_qk_depthwise.",
+            &attn,
+            "self_attn.qkv.conv_qk.0.",
+        ),
+        (
+            "self_attn.qkv_proj.conv_qk_grouped.",
+            &attn,
+            "self_attn.qkv.conv_qk.1.",
+        ),
+        ("self_attn.qk_norm.temp", &attn, "self_attn.qkv.temp"),
+        ("self_attn.", &attn, "self_attn."),
+        (
+            "mlp.gate.router_mlp.norm.",
+            &moe,
+            "zaya_block.router.rmsnorm_eda.",
+        ),
+        (
+            "mlp.gate.router_mlp.fc1.",
+            &moe,
+            "zaya_block.router.router_mlp.0.",
+        ),
+        (
+            "mlp.gate.router_mlp.fc2.",
+            &moe,
+            "zaya_block.router.router_mlp.2.",
+        ),
+        (
+            "mlp.gate.router_mlp.out_proj.",
+            &moe,
+            "zaya_block.router.router_mlp.4.",
+        ),
+        ("mlp.gate.", &moe, "zaya_block.router."),
+    ];
+    let (merged, layer, legacy) = table
+        .iter()
+        .find(|(m, _, _)| rest.starts_with(m))
+        .unwrap_or_else(|| panic!("no legacy name for {name}"));
+    one(format!("{layer}.{legacy}{}", &rest[merged.len()..]))
+}
+
+/// A copy of the fixture rewritten into the legacy alternating layout, config.json included.
+fn legacy_fixture() -> tempfile::TempDir {
+    let dir = broken(|c| {
+        // The original config's spelling (convert_config in transformers' converter, backwards).
+        let layers = c["num_hidden_layers"].as_u64().unwrap();
+        let window = c.remove("sliding_window").unwrap().as_u64().unwrap();
+        let swa: Vec<Value> = c["layer_types"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|t| {
+                let w = if t == "hybrid_sliding" { window - 1 } else { 0 };
+                [Value::from(w), Value::from(w)]
+            })
+            .collect();
+        c.remove("layer_types");
+        c.insert("swa_layers".into(), Value::Array(swa));
+        c.insert("num_hidden_layers".into(), (2 * layers).into());
+        let ffn = c.remove("moe_intermediate_size").unwrap().as_u64().unwrap();
+        c.insert("ffn_hidden_size".into(), (2 * ffn).into());
+        for (new, old) in [
+            ("num_experts_per_tok", "moe_router_topk"),
+            ("rms_norm_eps", "norm_epsilon"),
+            ("router_hidden_size", "zaya_mlp_expansion"),
+        ] {
+            let v = c.remove(new).unwrap();
+            c.insert(old.into(), v);
+        }
+        let rope = c.remove("rope_parameters").unwrap();
+        c.insert("rope_theta".into(), rope["hybrid"]["rope_theta"].clone());
+        c.insert(
+            "swa_rotary_base".into(),
+            rope["hybrid_sliding"]["rope_theta"].clone(),
+        );
+    });
+    let cfg: Value =
+        serde_json::from_slice(&std::fs::read(fixture().join("config.json")).unwrap()).unwrap();
+    let layers = cfg["num_hidden_layers"].as_u64().unwrap() as usize;
+    edit_tensors(dir.path(), |t| {
+        *t = t
+            .iter()
+            .flat_map(|(n, s, v)| legacy_tensors(n, s, v, layers))
+            .collect();
+    });
+    dir
+}
+
+fn tensor_names(dir: &Path) -> Vec<String> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.names().into_iter().map(str::to_string).collect()
+}
+
+#[test]
+fn a_legacy_alternating_checkpoint_converts_to_the_same_file_as_its_merged_equivalent() {
+    let legacy = legacy_fixture();
+    let names = tensor_names(legacy.path());
+    // It really is the other layout: alternating layers, per-expert tensors, no merged names.
+    assert!(names
+        .iter()
+        .any(|n| n.starts_with("model.layers.5.zaya_block.experts.local_experts.4.")));
+    assert!(names.iter().any(|n| n == "model.res_scale.residual_scale"));
+    assert!(!names
+        .iter()
+        .any(|n| n.contains(".mlp.") || n.contains("qkv_proj")));
+
+    let out = tempfile::tempdir().unwrap();
+    let (a, b) = (out.path().join("merged.edm"), out.path().join("legacy.edm"));
+    let none = &|_: u64, _: u64| {};
+    import::convert(&fixture(), &a, DType::F32, none).unwrap();
+    import::convert(legacy.path(), &b, DType::F32, none).unwrap();
+    let (fa, fb) = (EdmFile::open(&a).unwrap(), EdmFile::open(&b).unwrap());
+    assert_eq!(fa.header.metadata.config, fb.header.metadata.config);
+    assert!(!fa.header.tensors.is_empty() && !fa.header.experts.is_empty());
+    for t in &fa.header.tensors {
+        let (x, y) = (fa.tensor(&t.name).unwrap(), fb.tensor(&t.name).unwrap());
+        assert_eq!((x.dtype, x.shape), (y.dtype, y.shape), "{}", t.name);
+        assert!(x.bytes == y.bytes, "{} differs", t.name);
+    }
+    // Everything else too: expert tables and their bytes, the tokenizer blob, the metadata.
+    assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap());
+}
+
+#[test]
+fn a_legacy_checkpoint_missing_a_tensor_is_a_typed_error_naming_it() {
+    for gone in [
+        "model.layers.3.zaya_block.experts.local_experts.2.linear_fc1.weight",
+        "model.layers.3.zaya_block.router.down_proj.bias",
+    ] {
+        let dir = legacy_fixture();
+        edit_tensors(dir.path(), |t| t.retain(|x| x.0 != gone));
+        let err = convert(dir.path()).unwrap_err();
+        // A per-expert tensor is named as the legacy checkpoint names it; any other by the merged
+        // name the plan reads (layer 3 of the alternating layout is decoder layer 1's MoE half).
+        let want = if gone.contains("local_experts") {
+            gone.to_string()
+        } else {
+            "model.layers.1.mlp.gate.down_proj.bias".to_string()
+        };
+        assert!(
+            matches!(err, ImportError::MissingTensor(ref n) if *n == want),
+            "{gone}: {err}"
+        );
+    }
 }
 
 #[test]

@@ -16,6 +16,7 @@ mod llada2;
 mod olmoe;
 mod qwen3_moe;
 mod zaya;
+mod zaya_legacy;
 
 /// Every Hugging Face family the converter reads. Adding a family:
 /// 1. its architecture name in [`Architecture`] (arch/config.rs: the name files and `--arch` use,
@@ -202,6 +203,12 @@ pub fn read_meta(dir: &Path) -> Result<ImportMeta, ImportError> {
     let cfg_path = dir.join("config.json");
     let json: Value = serde_json::from_str(&source::read_text(&cfg_path)?)
         .map_err(|e| ImportError::Config(format!("not valid JSON: {e}")))?;
+    // Zyphra's original alternating layout: config.json is rewritten as transformers' converter
+    // does; the tensors are renamed by `open_source`.
+    let json = match legacy_zaya_layers(dir, &json) {
+        Some(_) => zaya_legacy::merged_config(&json)?,
+        None => json,
+    };
     let config = parse_config(&json)?;
     let tok_path = dir.join("tokenizer.json");
     let tokenizer_json = std::fs::read(&tok_path).map_err(|e| ImportError::Io {
@@ -888,6 +895,33 @@ pub fn convert_with(
 ) -> Result<ConvertSummary, ImportError> {
     let mut meta = read_meta(dir)?;
     meta.apply(overrides)?;
+    let src = open_source(dir)?;
+    write_model(src.as_ref(), &meta, out, wtype, progress)
+}
+
+/// The alternating layer count of a `zaya` checkpoint in the legacy layout (`None`: not one).
+fn legacy_zaya_layers(dir: &Path, config: &Value) -> Option<usize> {
+    if config.get("model_type").and_then(Value::as_str) != Some("zaya") {
+        return None;
+    }
+    // An unreadable checkpoint is reported by the reader that needs it, not here.
+    let src = SafetensorsDir::open(dir).ok()?;
+    let names = src.names();
+    zaya_legacy::is_legacy(names.iter().map(String::as_str))
+        .then(|| config.get("num_hidden_layers")?.as_u64())
+        .flatten()
+        .map(|n| n as usize)
+}
+
+/// A checkpoint directory's tensors under the names its family plans (a legacy ZAYA1 checkpoint
+/// seen through the merged layout's names).
+fn open_source(dir: &Path) -> Result<Box<dyn TensorSource>, ImportError> {
     let src = SafetensorsDir::open(dir)?;
-    write_model(&src, &meta, out, wtype, progress)
+    let cfg_path = dir.join("config.json");
+    let json: Value = serde_json::from_str(&source::read_text(&cfg_path)?)
+        .map_err(|e| ImportError::Config(format!("not valid JSON: {e}")))?;
+    Ok(match legacy_zaya_layers(dir, &json) {
+        Some(old_layers) => Box::new(zaya_legacy::LegacySource::new(src, old_layers)?),
+        None => Box::new(src),
+    })
 }

@@ -9,8 +9,10 @@
 //! Residual scaling around both blocks; input embedding `(e + bias) ⊙ scale`.
 //! Sources: transformers `models/zaya/configuration_zaya.py`, `modeling_zaya.py` (5.17):
 //! <https://github.com/huggingface/transformers/tree/main/src/transformers/models/zaya>.
-//! Only the merged decoder-layer layout transformers loads is read; the legacy alternating
-//! attention/MoE layout (`convert_zaya_weights_to_hf.py`'s input) is refused by name.
+//! This module plans the merged decoder-layer layout transformers loads; a checkpoint in the
+//! legacy alternating attention/MoE layout (`convert_zaya_weights_to_hf.py`'s input) is read
+//! through [`super::zaya_legacy`], which maps its names (and config.json) onto this one, so both
+//! convert to the same file.
 
 use serde_json::Value;
 
@@ -28,7 +30,6 @@ use crate::model::{
 pub const FAMILY: Family = Family {
     plan: Some(plan),
     checkpoint_tensors: Some(checkpoint_tensors),
-    explain_unexpected: Some(explain_unexpected),
     block_size: Some(16),
     ..Family::new(&[("zaya", Architecture::Zaya)], &LAYOUT, |c, _| config(c))
 };
@@ -430,18 +431,4 @@ fn plan(c: &ModelConfig) -> Vec<PlannedTensor> {
         ));
     }
     p
-}
-
-/// Names of the legacy alternating layout (`zaya_block`, `res_scale`, `local_experts`): refused
-/// with a pointer to transformers' converter rather than reported as unknown tensors.
-fn explain_unexpected(name: &str) -> Option<String> {
-    let legacy = name.contains(".zaya_block.")
-        || name.contains(".res_scale.")
-        || name.contains("local_experts");
-    legacy.then(|| {
-        format!(
-            "zaya: '{name}' belongs to the legacy alternating attention/MoE layout; convert it \
-             with transformers' convert_zaya_weights_to_hf.py first"
-        )
-    })
 }
