@@ -38,14 +38,7 @@ BUDGET=${BUDGET:-560}
 STEP=${STEP:-90}
 LAYERS=${LAYERS:-20}
 mkdir -p "$OUT" "$WORK"
-if ! ldconfig -p 2>/dev/null | grep -q libvulkan.so.1 && compgen -G ".gl/*.deb" >/dev/null; then
-  for f in .gl/*.deb; do dpkg -x "$f" /; done
-  ldconfig
-fi
-NV_ICD=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
-if [[ -z "${VK_DRIVER_FILES:-}" && -f "$NV_ICD" ]]; then
-  export VK_DRIVER_FILES="$NV_ICD"
-fi
+source scripts/lib/device-vulkan.sh
 LOG=$OUT/log.txt
 log() { echo "[$((SECONDS - T0))s] $*" | tee -a "$LOG" >&2; }
 left() { echo $((BUDGET - (SECONDS - T0))); }

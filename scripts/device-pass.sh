@@ -15,12 +15,7 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-/tmp/edgediff-pass}"
 mkdir -p "$OUT"
-if ! ldconfig -p 2>/dev/null | grep -q libvulkan.so.1; then
-  for f in .gl/*.deb; do dpkg -x "$f" /; done
-  ldconfig
-fi
-NV_ICD=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
-[[ -z "${VK_DRIVER_FILES:-}" && -f "$NV_ICD" ]] && export VK_DRIVER_FILES="$NV_ICD"
+source scripts/lib/device-vulkan.sh
 AFTER=.bin/edgediff
 BEFORE=.bin/edgediff-before
 TOKENS="${TOKENS:-1,4,16,32,64}"

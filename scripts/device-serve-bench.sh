@@ -44,16 +44,8 @@ for b in target/release/edgediff .bin/edgediff; do
 done
 [[ -n "$BIN" ]] || { log "no edgediff binary (.bin/edgediff or target/release/edgediff; or set EDGEDIFF)"; exit 1; }
 
-if ! ldconfig -p 2>/dev/null | grep -q libvulkan.so.1; then
-  if compgen -G ".gl/*.deb" >/dev/null; then
-    log "unpacking the Vulkan loader from .gl/"
-    for f in .gl/*.deb; do dpkg -x "$f" /; done
-    ldconfig
-  fi
-fi
-NV_ICD=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
-if [[ -z "${VK_DRIVER_FILES:-}" && -f "$NV_ICD" ]]; then
-  export VK_DRIVER_FILES="$NV_ICD"
+source scripts/lib/device-vulkan.sh
+if [[ "${VK_DRIVER_FILES:-}" == "$NV_ICD" ]]; then
   export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
 fi
 

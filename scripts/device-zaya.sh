@@ -53,16 +53,7 @@ for b in .bin/edgediff target/release/edgediff; do
 done
 [[ -n "$BIN" ]] || { log "no edgediff binary (.bin/edgediff, target/release/edgediff or EDGEDIFF)"; exit 1; }
 
-# The Vulkan loader: the device image has the NVIDIA driver but may lack libvulkan.
-if ! ldconfig -p 2>/dev/null | grep -q libvulkan.so.1 && compgen -G ".gl/*.deb" >/dev/null; then
-  log "unpacking the Vulkan loader from .gl/"
-  for f in .gl/*.deb; do dpkg -x "$f" /; done
-  ldconfig
-fi
-NV_ICD=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
-if [[ -z "${VK_DRIVER_FILES:-}" && -f "$NV_ICD" ]]; then
-  export VK_DRIVER_FILES="$NV_ICD"
-fi
+source scripts/lib/device-vulkan.sh
 
 # step LIMIT NAME OUTFILE CMD...: CMD with at most LIMIT seconds (less when the budget is
 # shorter), echoed into the log; stdout and stderr appended to OUTFILE under a header line.

@@ -18,19 +18,18 @@ use edgediff::model::{
     Architecture, ForwardOutput, ForwardRequest, Gating, Model, ModelConfig, ModelError,
     RouterKind, Window,
 };
+use edgediff::decode::sampling;
 use edgediff::synth::{self, SynthSpec};
 
-/// splitmix64 values in [-1, 1).
-struct Rng(u64);
+/// Seeded values in [-1, 1): the decoder's SplitMix64 stream, rescaled.
+struct Rng(sampling::Rng);
 
 impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(sampling::Rng::new(seed))
+    }
     fn next(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        (self.0.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
     }
     fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
         (0..n).map(|_| self.next() * scale).collect()
@@ -104,7 +103,7 @@ fn router_config(gating: Gating, experts: usize, top_k: usize) -> ModelConfig {
 #[test]
 fn gpu_block_routing_matches_the_cpu() {
     let gpus = backends(None);
-    let mut rng = Rng(19);
+    let mut rng = Rng::new(19);
     let grouped = Gating::SigmoidGrouped {
         groups: 8,
         top_groups: 4,
