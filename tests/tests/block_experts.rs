@@ -11,6 +11,7 @@ use edgediff::backend::cpu::{CpuAct, CpuBackend};
 use edgediff::backend::gpu::testing::{backends, rel_l2};
 use edgediff::backend::gpu::GpuBackend;
 use edgediff::backend::{AttnMask, Backend, BlockRouting};
+use edgediff::decode::sampling;
 use edgediff::decode::{DecodeError, DecodeParams};
 use edgediff::engine::{Engine, EngineConfig, EngineError, Prompt};
 use edgediff::format::{dtype, DType, EdmFile, TensorView};
@@ -18,7 +19,6 @@ use edgediff::model::{
     Architecture, ForwardOutput, ForwardRequest, Gating, Model, ModelConfig, ModelError,
     RouterKind, Window,
 };
-use edgediff::decode::sampling;
 use edgediff::synth::{self, SynthSpec};
 
 /// Seeded values in [-1, 1): the decoder's SplitMix64 stream, rescaled.
