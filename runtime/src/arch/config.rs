@@ -14,6 +14,9 @@ pub enum Architecture {
     Llada2Moe,
     /// Zyphra's ZAYA1 (`zaya`): CCA attention, MLP router with EDA, top-1 of 16 experts + skip.
     Zaya,
+    /// Google's DiffusionGemma (`diffusion_gemma`): a Gemma-4 MoE run as a causal encoder writing
+    /// the KV cache and a bidirectional canvas decoder with self-conditioning.
+    DiffusionGemma,
     /// Dense decoder-only families: no experts, every layer a SwiGLU MLP.
     Llama,
     Qwen2,
@@ -38,6 +41,7 @@ impl Architecture {
             Architecture::Olmoe => "olmoe",
             Architecture::Llada2Moe => "llada2_moe",
             Architecture::Zaya => "zaya",
+            Architecture::DiffusionGemma => "diffusion_gemma",
             Architecture::Llama => "llama",
             Architecture::Qwen2 => "qwen2",
             Architecture::Qwen3 => "qwen3",
@@ -72,7 +76,8 @@ impl Prediction {
     /// meets are AR models (EMO) or AR-initialised.
     pub fn for_architecture(arch: Architecture) -> Self {
         match arch {
-            Architecture::Llada2Moe => Prediction::InPlace,
+            // The canvas decoder's logits predict their own positions.
+            Architecture::Llada2Moe | Architecture::DiffusionGemma => Prediction::InPlace,
             Architecture::Qwen3Moe
             | Architecture::Olmoe
             | Architecture::Zaya
@@ -183,6 +188,10 @@ pub enum RouterKind {
     /// `p + router_bias` picks; weights are `p` (not renormalised). The last class is the skip
     /// expert: it contributes 0 and is reported as expert id `num_experts`.
     MlpEda { hidden: usize },
+    /// DiffusionGemma: on the raw residual (not the FFN's normed input), `RMSNorm(x)` without a
+    /// weight, `⊙ scale · hidden^-½`, `router ·`, softmax, top-k, renormalised to sum 1, then each
+    /// weight times its expert's learned `expert_scale`.
+    ScaledNorm,
 }
 
 /// How a block's output joins the residual stream.
@@ -204,6 +213,8 @@ pub enum EmbeddingKind {
     Plain,
     /// ZAYA1: `(e + bias) ⊙ scale`, learned per channel.
     Affine,
+    /// Gemma: `e · √hidden_size` (the scale rounded to f32, as transformers' f32 buffer holds it).
+    Scaled,
 }
 
 /// Layers that attend through a sliding window, with their own RoPE θ (ZAYA1's `hybrid_sliding`).
@@ -265,6 +276,121 @@ pub struct ModelConfig {
     pub embedding: EmbeddingKind,
     #[serde(default)]
     pub sliding: Option<SlidingAttention>,
+    /// Gemma-style block pieces (DiffusionGemma); all off for the other families and older files.
+    #[serde(default)]
+    pub block: BlockPieces,
+}
+
+/// The activation of gated MLPs (dense, shared and routed experts): `act(gate) ⊙ up`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// SwiGLU.
+    #[default]
+    Silu,
+    /// GeGLU with the tanh approximation of GELU (`gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+/// Where a layer normalises.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormLayout {
+    /// `x += f(norm(x))` for attention and FFN.
+    #[default]
+    Pre,
+    /// Gemma's sandwich: `x += post_attn_norm(attn(norm(x)))`; the FFN block's output is normed
+    /// again before its add (`ffn_post_norm`), and the layer ends with `x ·= layer_scalar`.
+    Sandwich,
+}
+
+/// What a layer's feed-forward block is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FfnLayout {
+    /// Dense MLP or routed experts (+ shared), per `dense_layers`.
+    #[default]
+    Single,
+    /// DiffusionGemma: a dense MLP on `ffn_norm(x)` and the routed experts on `moe_norm(x)` side by
+    /// side, each with its own post-norm, summed (`mlp_post_norm(mlp) + moe_post_norm(moe)`).
+    DenseAndMoe,
+}
+
+/// RoPE of one layer: pairs `(i, i + offset)` for `i < pairs` rotate by `pos · θ^(−2i/denom)`; the
+/// other dims pass unchanged. Rotate-half over the first `rotary_dim` dims is
+/// `pairs = offset = rotary_dim / 2, denom = rotary_dim`; Gemma's "proportional" RoPE of global
+/// layers pairs across the whole head (`offset = head_dim / 2, denom = head_dim`) and rotates only
+/// `pairs = ⌊factor · head_dim / 2⌋` of them.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rope {
+    pub theta: f64,
+    pub pairs: usize,
+    pub offset: usize,
+    pub denom: usize,
+}
+
+/// The attention of layers outside `sliding.layers` when it differs from the base geometry
+/// (DiffusionGemma's global layers: head_dim 512, 2 KV heads, K = V, proportional RoPE).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GlobalAttention {
+    pub head_dim: usize,
+    pub kv_heads: usize,
+    /// No v projection: v is the k projection's output (before k's norm and RoPE).
+    pub k_eq_v: bool,
+    /// Rotated pairs of the proportional RoPE (θ is `rope_theta`).
+    pub rope_pairs: usize,
+}
+
+/// The uniform-noise canvas decoder of DiffusionGemma: a bidirectional pass over `length` canvas
+/// tokens that reads the committed prefix's cache, with a self-conditioning block fed with the
+/// previous step's logits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CanvasConfig {
+    pub length: usize,
+    /// Intermediate size of the self-conditioning GeGLU block.
+    pub self_cond_ffn: usize,
+}
+
+/// Pieces of Gemma-style blocks; the default (all off) is every other family.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BlockPieces {
+    pub activation: Activation,
+    pub norms: NormLayout,
+    pub ffn: FfnLayout,
+    /// Attention score scale (`None`: `head_dim^-½`; Gemma 4: 1, its q/k norms set the scale).
+    pub attn_scale: Option<f32>,
+    /// RMSNorm without a weight over each v head.
+    pub v_norm: bool,
+    pub global: Option<GlobalAttention>,
+    /// Final logits `cap · tanh(logits / cap)`.
+    pub logit_softcap: Option<f32>,
+    pub canvas: Option<CanvasConfig>,
+}
+
+/// The attention geometry of one layer ([`ModelConfig::attn_of`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LayerAttention {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Whether the fused projection holds v rows (false: v = k's projection).
+    pub has_v: bool,
+    pub rope: Rope,
+    pub window: Option<usize>,
+}
+
+impl LayerAttention {
+    pub fn q_dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+    /// Rows of the fused projection.
+    pub fn proj_dim(&self) -> usize {
+        self.q_dim() + self.kv_dim() * if self.has_v { 2 } else { 1 }
+    }
 }
 
 /// A config that cannot describe a runnable model.
@@ -292,6 +418,43 @@ impl ModelConfig {
             .filter(|s| s.layers.contains(&layer))
             .map(|s| s.window)
     }
+    /// Attention geometry of `layer`: the base one, or the global layers' own.
+    pub fn attn_of(&self, layer: usize) -> LayerAttention {
+        let window = self.window_of(layer);
+        let theta = self.rope_theta_of(layer);
+        match &self.block.global {
+            Some(g) if window.is_none() => LayerAttention {
+                heads: self.num_heads,
+                kv_heads: g.kv_heads,
+                head_dim: g.head_dim,
+                has_v: !g.k_eq_v,
+                rope: Rope {
+                    theta,
+                    pairs: g.rope_pairs,
+                    offset: g.head_dim / 2,
+                    denom: g.head_dim,
+                },
+                window,
+            },
+            _ => LayerAttention {
+                heads: self.num_heads,
+                kv_heads: self.num_kv_heads,
+                head_dim: self.head_dim,
+                has_v: true,
+                rope: Rope {
+                    theta,
+                    pairs: self.rotary_dim / 2,
+                    offset: self.rotary_dim / 2,
+                    denom: self.rotary_dim,
+                },
+                window,
+            },
+        }
+    }
+    /// Width of one cached K (and V) row of `layer`.
+    pub fn kv_dim_of(&self, layer: usize) -> usize {
+        self.attn_of(layer).kv_dim()
+    }
     /// RoPE θ of `layer`.
     pub fn rope_theta_of(&self, layer: usize) -> f64 {
         match &self.sliding {
@@ -304,6 +467,7 @@ impl ModelConfig {
         match self.router {
             RouterKind::Linear => self.moe.num_experts,
             RouterKind::MlpEda { .. } => self.moe.num_experts + 1,
+            RouterKind::ScaledNorm => self.moe.num_experts,
         }
     }
     /// Width of the raw `[q; k]` rows a CCA layer keeps per position for its convolution.
@@ -445,6 +609,67 @@ impl ModelConfig {
                     "sliding layer {l} >= num_layers {}",
                     self.num_layers
                 ));
+            }
+        }
+        self.validate_block()
+    }
+
+    fn validate_block(&self) -> Result<(), ConfigError> {
+        let fail = |m: String| Err(ConfigError(m));
+        let b = &self.block;
+        if let Some(g) = &b.global {
+            if g.head_dim == 0 || g.head_dim > 1 << 12 || !g.head_dim.is_multiple_of(2) {
+                return fail(format!(
+                    "global head_dim {} must be even and within 2..=4096",
+                    g.head_dim
+                ));
+            }
+            if g.kv_heads == 0 || !self.num_heads.is_multiple_of(g.kv_heads) {
+                return fail(format!(
+                    "num_heads {} is not a multiple of the global layers' kv_heads {}",
+                    self.num_heads, g.kv_heads
+                ));
+            }
+            if g.rope_pairs > g.head_dim / 2 {
+                return fail(format!(
+                    "global RoPE rotates {} pairs of a {}-dim head",
+                    g.rope_pairs, g.head_dim
+                ));
+            }
+        }
+        if let Some(s) = b.attn_scale {
+            if !(s.is_finite() && s > 0.0) {
+                return fail(format!("attention scale {s} must be > 0"));
+            }
+        }
+        if let Some(cap) = b.logit_softcap {
+            if !(cap.is_finite() && cap > 0.0) {
+                return fail(format!("logit softcap {cap} must be > 0"));
+            }
+        }
+        let gemma_router = self.router == RouterKind::ScaledNorm;
+        let sandwich = b.norms == NormLayout::Sandwich;
+        let parallel = b.ffn == FfnLayout::DenseAndMoe;
+        // The sandwich block is written for its own FFN layout and router; other combinations
+        // have no model that uses them, so a file claiming one is refused here.
+        if sandwich != parallel || parallel != gemma_router {
+            return fail(
+                "sandwich norms, the dense-and-MoE FFN and the scaled-norm router come together (DiffusionGemma)".into(),
+            );
+        }
+        if parallel {
+            if self.dense_ffn == 0 || !self.dense_layers.is_empty() || self.moe.shared_ffn != 0 {
+                return fail("the dense-and-MoE FFN needs dense_ffn > 0, no dense-only layers and no shared expert".into());
+            }
+            if self.moe.router_bias || self.attention != AttentionKind::Standard {
+                return fail(
+                    "the dense-and-MoE block takes standard attention and no router bias".into(),
+                );
+            }
+        }
+        if let Some(c) = &b.canvas {
+            if c.length == 0 || c.self_cond_ffn == 0 || !sandwich {
+                return fail("a canvas decoder needs a length, a self-conditioning block and the sandwich block".into());
             }
         }
         Ok(())

@@ -7,6 +7,7 @@ mod config;
 pub mod names;
 
 pub use config::{
-    Architecture, AttentionKind, ConfigError, EmbeddingKind, Gating, ModelConfig, MoeConfig,
-    Prediction, QkNorm, ResidualKind, RouterKind, SlidingAttention,
+    Activation, Architecture, AttentionKind, BlockPieces, CanvasConfig, ConfigError, EmbeddingKind,
+    FfnLayout, Gating, GlobalAttention, LayerAttention, ModelConfig, MoeConfig, NormLayout,
+    Prediction, QkNorm, ResidualKind, Rope, RouterKind, SlidingAttention,
 };

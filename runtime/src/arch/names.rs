@@ -44,3 +44,20 @@ pub const ROUTER_FC2_BIAS: &str = "moe.router_fc2_bias";
 /// Parts of one routed expert.
 pub const EXPERT_GATE_UP: &str = "gate_up";
 pub const EXPERT_DOWN: &str = "down";
+/// Gemma's sandwich block (`NormLayout::Sandwich`, `FfnLayout::DenseAndMoe`): the norm after
+/// attention, the dense MLP's and the experts' own post-norms, the experts' input norm, the norm
+/// of their sum, and `[2]` layer scalars (canvas decoder, then encoder).
+pub const ATTN_POST_NORM: &str = "attn_post_norm";
+pub const MLP_POST_NORM: &str = "mlp_post_norm";
+pub const MOE_NORM: &str = "moe_norm";
+pub const MOE_POST_NORM: &str = "moe_post_norm";
+pub const FFN_POST_NORM: &str = "ffn_post_norm";
+pub const LAYER_SCALAR: &str = "layer_scalar";
+/// The scaled-norm router (`RouterKind::ScaledNorm`): `[hidden]` input scale, `[experts]` output
+/// scale; `moe.router` is its projection.
+pub const ROUTER_SCALE: &str = "moe.router_scale";
+pub const EXPERT_SCALE: &str = "moe.expert_scale";
+/// The canvas decoder's self-conditioning block: pre-norm `[hidden]`, GeGLU gate/up and down.
+pub const SELF_COND_NORM: &str = "self_cond.norm";
+pub const SELF_COND_GATE_UP: &str = "self_cond.gate_up";
+pub const SELF_COND_DOWN: &str = "self_cond.down";

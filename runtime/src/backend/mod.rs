@@ -6,7 +6,7 @@
 pub mod cpu;
 pub mod gpu;
 
-use crate::arch::{Gating, ModelConfig};
+use crate::arch::{Activation, Gating, LayerAttention, ModelConfig};
 use crate::format::{FormatError, TensorView};
 
 /// Which keys a query may see. Positions are absolute, so the rule is the same with or without
@@ -256,6 +256,37 @@ impl BlockRouting {
     }
 }
 
+/// One attention layer of explicit geometry ([`Backend::prepare_heads`],
+/// [`Backend::attention_heads`]): DiffusionGemma's layers differ in head size, KV heads and RoPE.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HeadsParams {
+    pub layer: usize,
+    pub geom: LayerAttention,
+    pub eps: f32,
+    /// RMSNorm without a weight over each v head.
+    pub v_norm: bool,
+    /// Score scale.
+    pub scale: f32,
+    /// Absolute position of the first row; the rows' K/V are cached at `start..start+T`.
+    pub start: usize,
+    /// Keys `0..kv_len` are candidates; `mask` and the window decide.
+    pub kv_len: usize,
+    pub mask: AttnMask,
+    /// Where a sliding window ends: `false`, at the query (key `j` visible iff `q − j < window`
+    /// or `j > q`); `true`, at the pass's first row for keys before it (the canvas decoder:
+    /// every canvas row sees the `window − 1` cached positions before `start`, as transformers'
+    /// sliding cache layers hold them, and the whole canvas).
+    pub window_at_start: bool,
+}
+
+/// Sizes of a scaled-norm router ([`Backend::route_scaled`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ScaledRouterParams {
+    pub experts: usize,
+    pub top_k: usize,
+    pub eps: f32,
+}
+
 /// One backend: weight storage, activations, KV cache and the ops of the forward pass.
 /// Activations are `[tokens, features]`, row-major.
 pub trait Backend {
@@ -428,6 +459,95 @@ pub trait Backend {
     /// `x = (x + a[0]) ⊙ a[1]` for `affine` `[2, H]` (ZAYA1's input embedding).
     fn embed_affine(&self, _x: &mut Self::Act, _affine: &Self::Weight) -> Result<()> {
         Err(self.unsupported("embed_affine"))
+    }
+    /// Whether this backend has every op of DiffusionGemma's canvas model (`model::canvas`):
+    /// [`Backend::prepare_heads`] through [`Backend::logits_softcap`]. A model is refused at load
+    /// where it has not, so a pass never stops halfway.
+    fn has_canvas_ops(&self) -> bool {
+        false
+    }
+    /// Per-head q/k RMSNorm (weights `[head_dim]`), optional weightless v norm and RoPE of a layer
+    /// of explicit geometry: the fused projection `[T, proj_dim]` (`[q | k | v]`, or `[q | k]` with
+    /// v = k's projection) becomes `[T, q | k | v]` as [`Backend::attention_heads`] reads it.
+    fn prepare_heads(
+        &self,
+        _proj: &Self::Act,
+        _q_norm: &Self::Weight,
+        _k_norm: &Self::Weight,
+        _p: HeadsParams,
+    ) -> Result<Self::Act> {
+        Err(self.unsupported("prepare_heads"))
+    }
+    /// [`Backend::attention`] for a layer of explicit geometry (cache rows of the layer's own
+    /// width), with the score scale and window rule of `p`. Returns `[T, heads · head_dim]`.
+    fn attention_heads(
+        &self,
+        _qkv: &Self::Act,
+        _kv: &mut Self::Kv,
+        _p: HeadsParams,
+    ) -> Result<Self::Act> {
+        Err(self.unsupported("attention_heads"))
+    }
+    /// A gated MLP with activation `act` (`Silu` is [`Backend::mlp`]).
+    fn gated_mlp(
+        &self,
+        _gate_up: &Self::Weight,
+        _down: &Self::Weight,
+        _x: &Self::Act,
+        _act: Activation,
+    ) -> Result<Self::Act> {
+        Err(self.unsupported("gated_mlp"))
+    }
+    /// [`Backend::moe`] with experts of activation `act`.
+    fn moe_act(
+        &self,
+        _x: &Self::Act,
+        _routing: &Self::Routing,
+        _experts: &Self::Experts,
+        _act: Activation,
+    ) -> Result<Self::Act> {
+        Err(self.unsupported("moe_act"))
+    }
+    /// The scaled-norm router (`RouterKind::ScaledNorm`) on the raw residual `x`: weightless
+    /// RMSNorm, `⊙ scale · H^-½`, `proj` `[E, H]`, softmax, top-k renormalised, × `expert_scale`.
+    fn route_scaled(
+        &self,
+        _x: &Self::Act,
+        _proj: &Self::Weight,
+        _scale: &Self::Weight,
+        _expert_scale: &Self::Weight,
+        _p: ScaledRouterParams,
+    ) -> Result<Self::Routing> {
+        Err(self.unsupported("route_scaled"))
+    }
+    /// `x ·= s`.
+    fn scale(&self, _x: &mut Self::Act, _s: f32) -> Result<()> {
+        Err(self.unsupported("scale"))
+    }
+    /// Soft embeddings of the canvas decoder's self-conditioning: `softmax(logits) · table · s`
+    /// for host `logits` `[rows, vocab]` and the embedding `table` `[vocab, H]`.
+    fn soft_embed(&self, _logits: &[f32], _table: &Self::Weight, _s: f32) -> Result<Self::Act> {
+        Err(self.unsupported("soft_embed"))
+    }
+    /// [`Backend::lm_head_stats`] of logits capped as `cap · tanh(logits / cap)`.
+    fn lm_head_stats_softcap(
+        &self,
+        _x: &Self::Act,
+        _head: &Self::Weight,
+        _rows: std::ops::Range<usize>,
+        _cap: f32,
+    ) -> Result<Vec<PositionStats>> {
+        Err(self.unsupported("lm_head_stats_softcap"))
+    }
+    /// [`Backend::logits`] capped as `cap · tanh(logits / cap)`.
+    fn logits_softcap(
+        &self,
+        _x: &Self::Act,
+        _head: &Self::Weight,
+        _rows: std::ops::Range<usize>,
+        _cap: f32,
+    ) -> Result<Vec<f32>> {
+        Err(self.unsupported("logits_softcap"))
     }
     /// The error of an op this backend does not have.
     fn unsupported(&self, op: &'static str) -> BackendError {

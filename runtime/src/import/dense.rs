@@ -74,5 +74,6 @@ pub fn config(c: &HfConfig, arch: Architecture) -> Result<ModelConfig, ImportErr
         residual: Default::default(),
         embedding: Default::default(),
         sliding: Default::default(),
+        block: Default::default(),
     })
 }

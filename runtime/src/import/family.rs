@@ -42,6 +42,9 @@ pub struct Family {
     pub explain_unexpected: Option<fn(&str) -> Option<String>>,
     /// The default block size when config.json names none (`None`: the format's default).
     pub block_size: Option<usize>,
+    /// Checkpoint tensors the family deliberately leaves out of the model file (DiffusionGemma's
+    /// vision tower: edgediff imports the text model); every other unread name is an error.
+    pub ignored: Option<fn(&str) -> bool>,
 }
 
 impl Family {
@@ -60,6 +63,7 @@ impl Family {
             checkpoint_tensors: None,
             explain_unexpected: None,
             block_size: None,
+            ignored: None,
         }
     }
 
@@ -82,6 +86,7 @@ mod tests {
             A::Olmoe,
             A::Llada2Moe,
             A::Zaya,
+            A::DiffusionGemma,
             A::Llama,
             A::Qwen2,
             A::Qwen3,
@@ -92,6 +97,7 @@ mod tests {
                 | A::Olmoe
                 | A::Llada2Moe
                 | A::Zaya
+                | A::DiffusionGemma
                 | A::Llama
                 | A::Qwen2
                 | A::Qwen3 => {}

@@ -12,6 +12,7 @@ pub mod source;
 
 // The families: one module each, one line each in FAMILIES below.
 mod dense;
+mod diffusion_gemma;
 mod llada2;
 mod olmoe;
 mod qwen3_moe;
@@ -37,6 +38,7 @@ pub const FAMILIES: &[&Family] = &[
     &olmoe::FAMILY,
     &llada2::FAMILY,
     &zaya::FAMILY,
+    &diffusion_gemma::FAMILY,
     &dense::FAMILY,
 ];
 
@@ -753,6 +755,7 @@ pub fn write_model_with(
             })
         })
         .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
+        .filter(|n| !fam.ignored.is_some_and(|ignored| ignored(n)))
         .filter(|n| !(c.tie_embeddings && n == lay.lm_head))
         .collect();
     unknown.sort();

@@ -77,5 +77,6 @@ pub fn config(c: &HfConfig) -> Result<ModelConfig, ImportError> {
         residual: Default::default(),
         embedding: Default::default(),
         sliding: Default::default(),
+        block: Default::default(),
     })
 }

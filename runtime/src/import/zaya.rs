@@ -195,13 +195,14 @@ fn config(c: &HfConfig) -> Result<ModelConfig, ImportError> {
         residual: ResidualKind::Scaled,
         embedding: EmbeddingKind::Affine,
         sliding,
+        block: Default::default(),
     })
 }
 
 fn router_hidden(c: &ModelConfig) -> usize {
     match c.router {
         RouterKind::MlpEda { hidden } => hidden,
-        RouterKind::Linear => 0,
+        RouterKind::Linear | RouterKind::ScaledNorm => 0,
     }
 }
 

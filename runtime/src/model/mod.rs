@@ -8,6 +8,8 @@
 //! layer to the next) and a skip expert, scaled residuals instead of adds, an affine embedding.
 //! Tensor names are the canonical ones of docs/FORMAT.md, written by `import/`.
 
+pub mod canvas;
+
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -245,6 +247,12 @@ impl<B: Backend> Model<B> {
         let embed_affine = match c.embedding {
             EmbeddingKind::Plain => None,
             EmbeddingKind::Affine => Some(get(names::EMBED_AFFINE, &[2, h])?),
+            // Gemma's scaled embedding comes with the sandwich block: `canvas::CanvasModel`.
+            EmbeddingKind::Scaled => {
+                return Err(backend
+                    .unsupported("a DiffusionGemma file (model::canvas)")
+                    .into())
+            }
         };
         let first_moe = (0..c.num_layers).find(|&l| c.is_moe_layer(l));
         let classes = c.router_classes();
@@ -286,6 +294,11 @@ impl<B: Backend> Model<B> {
                 check_expert_shapes(&file, &c, l)?;
                 let (router_in, mlp_router) = match c.router {
                     RouterKind::Linear => (h, None),
+                    RouterKind::ScaledNorm => {
+                        return Err(backend
+                            .unsupported("the scaled-norm router (model::canvas)")
+                            .into())
+                    }
                     RouterKind::MlpEda { hidden: r } => (
                         r,
                         Some(MlpRouter {

@@ -283,6 +283,55 @@ impl SynthSpec {
                     "rope_parameters": ropes,
                 })
             }
+            // Nested as transformers saves it; the global layers get twice the head and a
+            // quarter of the KV heads (26B-A4B: 512 and 2 against 256 and 8).
+            Architecture::DiffusionGemma => {
+                let types: Vec<&str> = (0..self.layers)
+                    .map(|l| {
+                        if (l + 1) % 6 == 0 || l + 1 == self.layers || self.sliding_window == 0 {
+                            "full_attention"
+                        } else {
+                            "sliding_attention"
+                        }
+                    })
+                    .collect();
+                return json!({
+                    "model_type": "diffusion_gemma",
+                    "architectures": ["DiffusionGemmaForBlockDiffusion"],
+                    "canvas_length": self.block_size,
+                    "tie_word_embeddings": true,
+                    "text_config": {
+                        "model_type": "diffusion_gemma_text",
+                        "vocab_size": self.vocab,
+                        "hidden_size": self.hidden,
+                        "intermediate_size": self.dense_ffn,
+                        "num_hidden_layers": self.layers,
+                        "num_attention_heads": self.heads,
+                        "num_key_value_heads": self.kv_heads,
+                        "head_dim": self.head_dim,
+                        "global_head_dim": 2 * self.head_dim,
+                        "num_global_key_value_heads": (self.kv_heads / 4).max(1),
+                        "hidden_activation": "gelu_pytorch_tanh",
+                        "max_position_embeddings": self.max_position,
+                        "rms_norm_eps": 1e-6,
+                        "sliding_window": self.sliding_window.max(1),
+                        "layer_types": types,
+                        "final_logit_softcapping": 30.0,
+                        "num_experts": self.experts,
+                        "top_k_experts": self.top_k,
+                        "moe_intermediate_size": self.expert_ffn,
+                        "tie_word_embeddings": true,
+                        "attention_bias": false,
+                        "bos_token_id": special.bos,
+                        "eos_token_id": special.eos,
+                        "pad_token_id": special.pad,
+                        "rope_parameters": {
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
+                        },
+                    },
+                });
+            }
         };
         let mut out = common;
         if let (Value::Object(a), Value::Object(b)) = (&mut out, specific) {

@@ -8,14 +8,15 @@ use std::time::{Duration, Instant};
 
 mod block_routing;
 mod cca;
+mod gemma;
 
 pub use block_routing::block_masks;
 
 use super::{
     stats_from_logits, AttnMask, Backend, BackendError, BlockRouting, CcaParams, CcaWeights,
-    MlpRouterParams, MlpRouterWeights, PositionStats, Result,
+    HeadsParams, MlpRouterParams, MlpRouterWeights, PositionStats, Result, ScaledRouterParams,
 };
-use crate::arch::{AttentionKind, Gating, ModelConfig, QkNorm};
+use crate::arch::{Activation, AttentionKind, Gating, ModelConfig, QkNorm};
 use crate::experts::pager::{Lookup, Pager};
 use crate::experts::trace::RoutingTrace;
 use crate::format::{EdmFile, TensorView};
@@ -152,7 +153,9 @@ impl CpuExpertPool {
 pub struct CpuKv {
     capacity: usize,
     kv_dim: usize,
-    /// Per layer: keys and values `[capacity, kv_dim]`.
+    /// Per layer: the width of a cached row (`kv_dim` but for DiffusionGemma's global layers).
+    dims: Vec<usize>,
+    /// Per layer: keys and values `[capacity, dims[layer]]`.
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
     /// CCA layers' per-position state beyond K/V (`None` for standard attention).
@@ -277,11 +280,25 @@ impl Backend for CpuBackend {
                 })?,
             ),
         };
+        // Rows of each layer's own width (DiffusionGemma's global layers are wider).
+        let dims: Vec<usize> = (0..config.num_layers)
+            .map(|l| config.kv_dim_of(l))
+            .collect();
+        let sizes = dims
+            .iter()
+            .map(|d| capacity.checked_mul(*d))
+            .collect::<Option<Vec<usize>>>()
+            .ok_or(BackendError::CacheFull {
+                pos: capacity,
+                capacity: 0,
+            })?;
+        let _ = size;
         Ok(CpuKv {
             capacity,
             kv_dim,
-            k: vec![vec![0.0; size]; config.num_layers],
-            v: vec![vec![0.0; size]; config.num_layers],
+            dims,
+            k: sizes.iter().map(|&s| vec![0.0; s]).collect(),
+            v: sizes.iter().map(|&s| vec![0.0; s]).collect(),
             cca,
         })
     }
@@ -361,13 +378,27 @@ impl Backend for CpuBackend {
     }
 
     fn mlp(&self, gate_up: &CpuWeight, down: &CpuWeight, x: &CpuAct) -> Result<CpuAct> {
+        self.gated_mlp(gate_up, down, x, Activation::Silu)
+    }
+
+    fn gated_mlp(
+        &self,
+        gate_up: &CpuWeight,
+        down: &CpuWeight,
+        x: &CpuAct,
+        act: Activation,
+    ) -> Result<CpuAct> {
         let gu = self.matmul(gate_up, x)?;
         let inter = gate_up.rows / 2;
+        let f = match act {
+            Activation::Silu => silu,
+            Activation::GeluTanh => gemma::gelu_tanh,
+        };
         let mut h = vec![0.0; x.rows * inter];
         for t in 0..x.rows {
             let row = gu.row(t);
             for i in 0..inter {
-                h[t * inter + i] = silu(row[i]) * row[inter + i];
+                h[t * inter + i] = f(row[i]) * row[inter + i];
             }
         }
         self.matmul(down, &CpuAct::new(x.rows, inter, h))
@@ -545,6 +576,16 @@ impl Backend for CpuBackend {
     }
 
     fn moe(&self, x: &CpuAct, routing: &CpuRouting, experts: &CpuExperts) -> Result<CpuAct> {
+        self.moe_act(x, routing, experts, Activation::Silu)
+    }
+
+    fn moe_act(
+        &self,
+        x: &CpuAct,
+        routing: &CpuRouting,
+        experts: &CpuExperts,
+        act: Activation,
+    ) -> Result<CpuAct> {
         let unavailable = |e: usize| BackendError::ExpertUnavailable {
             layer: experts.layer,
             expert: e,
@@ -552,7 +593,7 @@ impl Backend for CpuBackend {
         let mut out = vec![0.0; x.data.len()];
         let mut apply = |expert: &CpuExpert, t: usize, w: f32| -> Result<()> {
             let xt = CpuAct::new(1, x.cols, x.row(t).to_vec());
-            let y = self.mlp(&expert.gate_up, &expert.down, &xt)?;
+            let y = self.gated_mlp(&expert.gate_up, &expert.down, &xt, act)?;
             for (o, v) in out[t * x.cols..(t + 1) * x.cols].iter_mut().zip(&y.data) {
                 *o += w * v;
             }
@@ -615,8 +656,9 @@ impl Backend for CpuBackend {
                     }
                     for &(t, j, _) in &contrib {
                         let xt = CpuAct::new(1, x.cols, x.row(t).to_vec());
-                        per_token[t * routing.k + j] =
-                            self.mlp(&expert.gate_up, &expert.down, &xt)?.data;
+                        per_token[t * routing.k + j] = self
+                            .gated_mlp(&expert.gate_up, &expert.down, &xt, act)?
+                            .data;
                     }
                 }
                 // Combine in the same order as the resident path, so paging is bit-exact.
@@ -683,6 +725,67 @@ impl Backend for CpuBackend {
 
     fn embed_affine(&self, x: &mut CpuAct, affine: &CpuWeight) -> Result<()> {
         cca::embed_affine(x, affine)
+    }
+
+    fn has_canvas_ops(&self) -> bool {
+        true
+    }
+
+    fn prepare_heads(
+        &self,
+        proj: &CpuAct,
+        q_norm: &CpuWeight,
+        k_norm: &CpuWeight,
+        p: HeadsParams,
+    ) -> Result<CpuAct> {
+        gemma::prepare_heads(proj, q_norm, k_norm, p)
+    }
+
+    fn attention_heads(&self, qkv: &CpuAct, kv: &mut CpuKv, p: HeadsParams) -> Result<CpuAct> {
+        gemma::attention_heads(qkv, kv, p)
+    }
+
+    fn route_scaled(
+        &self,
+        x: &CpuAct,
+        proj: &CpuWeight,
+        scale: &CpuWeight,
+        expert_scale: &CpuWeight,
+        p: ScaledRouterParams,
+    ) -> Result<CpuRouting> {
+        gemma::route_scaled(self, x, proj, scale, expert_scale, p)
+    }
+
+    fn scale(&self, x: &mut CpuAct, s: f32) -> Result<()> {
+        x.data.iter_mut().for_each(|v| *v *= s);
+        Ok(())
+    }
+
+    fn soft_embed(&self, logits: &[f32], table: &CpuWeight, s: f32) -> Result<CpuAct> {
+        gemma::soft_embed(logits, table, s)
+    }
+
+    fn lm_head_stats_softcap(
+        &self,
+        x: &CpuAct,
+        head: &CpuWeight,
+        rows: Range<usize>,
+        cap: f32,
+    ) -> Result<Vec<PositionStats>> {
+        let logits = self.logits_softcap(x, head, rows, cap)?;
+        Ok(logits.chunks(head.rows).map(stats_from_logits).collect())
+    }
+
+    fn logits_softcap(
+        &self,
+        x: &CpuAct,
+        head: &CpuWeight,
+        rows: Range<usize>,
+        cap: f32,
+    ) -> Result<Vec<f32>> {
+        let mut logits = self.logits(x, head, rows)?;
+        gemma::softcap(&mut logits, cap);
+        Ok(logits)
     }
 
     fn routing_to_host(&self, routing: &CpuRouting) -> Result<(Vec<u32>, Vec<f32>)> {

@@ -218,6 +218,7 @@ pub fn model_config(f: &GgufFile, fam: Family) -> Result<ModelConfig, ImportErro
         residual: Default::default(),
         embedding: Default::default(),
         sliding: Default::default(),
+        block: Default::default(),
     };
     config
         .validate()

@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""A tiny random DiffusionGemma checkpoint and transformers' logits for it (edgediff's fixture).
+
+Writes into OUT_DIR: config.json, model.safetensors, tokenizer.json (a word-level vocabulary of
+the model's size) and reference.json:
+
+    {transformers_version, torch_version, device, seed, window, prefix, canvas,
+     encoder_logits [P][V],               # softcap(lm_head(encoder(prefix))) : the causal pass
+     decoder_logits [C][V],               # the canvas pass, no self-conditioning (first step)
+     self_cond_logits [C][V],             # the previous step's logits fed back ...
+     decoder_sc_logits [C][V],            # ... and the canvas pass with them
+     commit, commit_logits [C][V], canvas2, decoder2_logits [C][V]}  # a second canvas after
+                                                                     # re-encoding `commit`
+
+How the oracle runs: DiffusionGemmaForBlockDiffusion in float32, eager attention and experts,
+DynamicCache (generate()'s default), TF32 off. The encoder pass's logits are not an output of the
+transformers model (only the decoder's are); they are computed here with the model's own LM head
+and softcap on `encoder_last_hidden_state`, which checks the encoder's math.
+
+Every parameter and buffer is drawn at random (norm weights 1 ± 0.3, router and expert scales,
+layer scalars different in encoder and decoder), so a piece applied as the identity or read from
+the wrong copy shows up; the checkpoint is saved, reloaded and the oracle runs on the reloaded
+model, so the reference is the function the file holds. Shapes are odd on purpose: hidden 24,
+4 q heads over 2 KV heads of 8 on sliding layers (window 5, shorter than the prefix), global
+layers of head_dim 12 over 1 KV head (K = V, 1 of 6 RoPE pairs rotated), 5 experts top-2.
+
+Usage: python3 diffusion_gemma_reference.py OUT_DIR [--device cpu|cuda] [--seed N]
+           [--hidden 24 --layers 3 ...]  (see --help; the committed fixture uses the defaults)
+"""
+
+import argparse
+import json
+import pathlib
+
+import torch
+
+import transformers
+from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+from transformers.cache_utils import DynamicCache
+
+
+def word_level_tokenizer(vocab_size):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for i in range(len(specials), vocab_size):
+        vocab[f"w{i}"] = i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    for i, t in enumerate(specials):
+        tok.add_special_tokens([t])
+    return tok
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=18)
+    ap.add_argument("--vocab", type=int, default=67)
+    ap.add_argument("--hidden", type=int, default=24)
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--head-dim", type=int, default=8)
+    ap.add_argument("--global-head-dim", type=int, default=12)
+    ap.add_argument("--global-kv-heads", type=int, default=1)
+    ap.add_argument("--ffn", type=int, default=20)
+    ap.add_argument("--experts", type=int, default=5)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--expert-ffn", type=int, default=6)
+    ap.add_argument("--window", type=int, default=5)
+    ap.add_argument("--prefix", type=int, default=9)
+    ap.add_argument("--canvas", type=int, default=7)
+    args = ap.parse_args()
+
+    torch.manual_seed(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    types = ["sliding_attention" if (i + 1) % 3 else "full_attention" for i in range(args.layers)]
+    text = dict(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads, head_dim=args.head_dim,
+        global_head_dim=args.global_head_dim, num_global_key_value_heads=args.global_kv_heads,
+        sliding_window=args.window, layer_types=types, num_experts=args.experts,
+        top_k_experts=args.top_k, moe_intermediate_size=args.expert_ffn,
+        max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+    # A minimal vision tower: the checkpoint carries one, as the real one does; edgediff skips it.
+    vision = dict(model_type="gemma4_vision", hidden_size=8, intermediate_size=8,
+                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=4,
+                  patch_size=2, position_embedding_size=4, pooling_kernel_size=1)
+    cfg = DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=args.canvas)
+    cfg._attn_implementation = "eager"
+    model = DiffusionGemmaForBlockDiffusion(cfg)
+    with torch.no_grad():
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if "inv_freq" in name or name.endswith("embed_scale"):
+                continue
+            if p.ndim == 1 or name.endswith("layer_scalar"):
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * (p.shape[-1] ** -0.5))
+    model.save_pretrained(out)
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(
+        out, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
+    ).to(args.device).eval()
+    enc_layers = model.model.encoder.language_model.layers
+    dec_layers = model.model.decoder.layers
+    assert enc_layers[0].self_attn.q_proj.weight.data_ptr() == dec_layers[0].self_attn.q_proj.weight.data_ptr(), \
+        "encoder and decoder weights are tied"
+    assert not torch.equal(enc_layers[0].layer_scalar, dec_layers[0].layer_scalar), "scalars differ"
+    word_level_tokenizer(args.vocab).save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}, indent=1))
+
+    g = torch.Generator().manual_seed(args.seed + 1)
+    rand_tokens = lambda n: torch.randint(4, args.vocab, (1, n), generator=g)
+    prefix, canvas, commit, canvas2 = (rand_tokens(args.prefix), rand_tokens(args.canvas),
+                                       rand_tokens(args.canvas), rand_tokens(args.canvas))
+    dev = lambda t: t.to(args.device)
+    cap = model.final_logit_softcapping
+
+    def head(hidden):
+        logits = model.lm_head(hidden).float()
+        return torch.tanh(logits / cap) * cap
+
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config.get_text_config())
+        enc = model.model.encoder(input_ids=dev(prefix), past_key_values=cache)
+        encoder_logits = head(enc.last_hidden_state)[0]
+        first = model(decoder_input_ids=dev(canvas), past_key_values=cache).logits[0]
+        # The sampler feeds back tempered logits; any [C, V] array exercises the block.
+        self_cond = (first / 0.7).unsqueeze(0)
+        second = model(decoder_input_ids=dev(canvas), past_key_values=cache,
+                       self_conditioning_logits=self_cond).logits[0]
+        # Commit a canvas: re-encode it into the cache (positions P..P+C), then a new canvas.
+        enc2 = model.model.encoder(input_ids=dev(commit), past_key_values=cache)
+        commit_logits = head(enc2.last_hidden_state)[0]
+        third = model(decoder_input_ids=dev(canvas2), past_key_values=cache).logits[0]
+        assert cache.get_seq_length() == args.prefix + args.canvas
+
+    rows = lambda t: [[float(v) for v in r] for r in t.cpu()]
+    ref = {
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "device": args.device,
+        "seed": args.seed,
+        "window": args.window,
+        "prefix": prefix[0].tolist(),
+        "canvas": canvas[0].tolist(),
+        "encoder_logits": rows(encoder_logits),
+        "decoder_logits": rows(first),
+        "self_cond_logits": rows(self_cond[0]),
+        "decoder_sc_logits": rows(second),
+        "commit": commit[0].tolist(),
+        "commit_logits": rows(commit_logits),
+        "canvas2": canvas2[0].tolist(),
+        "decoder2_logits": rows(third),
+    }
+    (out / "reference.json").write_text(json.dumps(ref))
+    print(f"wrote {out}: {sum(1 for _ in out.iterdir())} files")
+
+
+if __name__ == "__main__":
+    main()
