@@ -24,8 +24,14 @@ model, so the reference is the function the file holds. Shapes are odd on purpos
 4 q heads over 2 KV heads of 8 on sliding layers (window 5, shorter than the prefix), global
 layers of head_dim 12 over 1 KV head (K = V, 1 of 6 RoPE pairs rotated), 5 experts top-2.
 
+On an accelerator (`--device cuda`) the same passes also run on the CPU and reference.json gets
+`cpu_rel_l2` per output (device vs CPU), so a device-side difference is told apart from ours.
+
 Usage: python3 diffusion_gemma_reference.py OUT_DIR [--device cpu|cuda] [--seed N]
            [--hidden 24 --layers 3 ...]  (see --help; the committed fixture uses the defaults)
+The GPU machine runs several odd shapes through scripts/device-diffusion-gemma.sh; the Rust side
+compares any such directory with `EDGEDIFF_DG_REFERENCES=DIR cargo test -p edgediff-tests
+--test diffusion_gemma -- --ignored`.
 """
 
 import argparse
@@ -123,28 +129,47 @@ def main():
     rand_tokens = lambda n: torch.randint(4, args.vocab, (1, n), generator=g)
     prefix, canvas, commit, canvas2 = (rand_tokens(args.prefix), rand_tokens(args.canvas),
                                        rand_tokens(args.canvas), rand_tokens(args.canvas))
-    dev = lambda t: t.to(args.device)
-    cap = model.final_logit_softcapping
 
-    def head(hidden):
-        logits = model.lm_head(hidden).float()
-        return torch.tanh(logits / cap) * cap
+    def passes(model, device, self_cond_in=None):
+        dev = lambda t: t.to(device)
+        cap = model.final_logit_softcapping
 
-    with torch.no_grad():
-        cache = DynamicCache(config=model.config.get_text_config())
-        enc = model.model.encoder(input_ids=dev(prefix), past_key_values=cache)
-        encoder_logits = head(enc.last_hidden_state)[0]
-        first = model(decoder_input_ids=dev(canvas), past_key_values=cache).logits[0]
-        # The sampler feeds back tempered logits; any [C, V] array exercises the block.
-        self_cond = (first / 0.7).unsqueeze(0)
-        second = model(decoder_input_ids=dev(canvas), past_key_values=cache,
-                       self_conditioning_logits=self_cond).logits[0]
-        # Commit a canvas: re-encode it into the cache (positions P..P+C), then a new canvas.
-        enc2 = model.model.encoder(input_ids=dev(commit), past_key_values=cache)
-        commit_logits = head(enc2.last_hidden_state)[0]
-        third = model(decoder_input_ids=dev(canvas2), past_key_values=cache).logits[0]
-        assert cache.get_seq_length() == args.prefix + args.canvas
+        def head(hidden):
+            logits = model.lm_head(hidden).float()
+            return torch.tanh(logits / cap) * cap
 
+        with torch.no_grad():
+            cache = DynamicCache(config=model.config.get_text_config())
+            enc = model.model.encoder(input_ids=dev(prefix), past_key_values=cache)
+            encoder_logits = head(enc.last_hidden_state)[0]
+            first = model(decoder_input_ids=dev(canvas), past_key_values=cache).logits[0]
+            # The sampler feeds back tempered logits; any [C, V] array exercises the block.
+            self_cond = (first / 0.7).unsqueeze(0) if self_cond_in is None else dev(self_cond_in)
+            second = model(decoder_input_ids=dev(canvas), past_key_values=cache,
+                           self_conditioning_logits=self_cond).logits[0]
+            # Commit a canvas: re-encode it into the cache (positions P..P+C), then a new canvas.
+            enc2 = model.model.encoder(input_ids=dev(commit), past_key_values=cache)
+            commit_logits = head(enc2.last_hidden_state)[0]
+            third = model(decoder_input_ids=dev(canvas2), past_key_values=cache).logits[0]
+            assert cache.get_seq_length() == args.prefix + args.canvas
+        return {
+            "encoder_logits": encoder_logits.cpu(),
+            "decoder_logits": first.cpu(),
+            "self_cond_logits": self_cond[0].cpu(),
+            "decoder_sc_logits": second.cpu(),
+            "commit_logits": commit_logits.cpu(),
+            "decoder2_logits": third.cpu(),
+        }
+
+    out_logits = passes(model, args.device)
+    cpu_rel_l2 = None
+    if args.device != "cpu":
+        # The CPU run is fed the device's self-conditioning logits, so both see one input.
+        cpu_model = model.to("cpu")
+        cpu = passes(cpu_model, "cpu", out_logits["self_cond_logits"].unsqueeze(0))
+        cpu_rel_l2 = {k: float((cpu[k] - v).norm() / v.norm()) for k, v in out_logits.items()
+                      if k != "self_cond_logits"}
+        print("device vs cpu rel L2:", cpu_rel_l2)
     rows = lambda t: [[float(v) for v in r] for r in t.cpu()]
     ref = {
         "transformers_version": transformers.__version__,
@@ -154,14 +179,11 @@ def main():
         "window": args.window,
         "prefix": prefix[0].tolist(),
         "canvas": canvas[0].tolist(),
-        "encoder_logits": rows(encoder_logits),
-        "decoder_logits": rows(first),
-        "self_cond_logits": rows(self_cond[0]),
-        "decoder_sc_logits": rows(second),
         "commit": commit[0].tolist(),
-        "commit_logits": rows(commit_logits),
         "canvas2": canvas2[0].tolist(),
-        "decoder2_logits": rows(third),
+        "shape": {k: v for k, v in vars(args).items() if k not in ("out", "device")},
+        "cpu_rel_l2": cpu_rel_l2,
+        **{k: rows(v) for k, v in out_logits.items()},
     }
     (out / "reference.json").write_text(json.dumps(ref))
     print(f"wrote {out}: {sum(1 for _ in out.iterdir())} files")

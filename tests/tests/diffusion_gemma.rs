@@ -15,7 +15,8 @@ use edgediff::backend::BackendError;
 use edgediff::format::{DType, EdmFile};
 use edgediff::import::{self, ImportError};
 use edgediff::model::canvas::CanvasModel;
-use edgediff::model::{ForwardRequest, ModelError};
+use edgediff::model::{Architecture, ForwardRequest, ModelError};
+use edgediff::synth;
 use serde_json::Value;
 
 const TOL: f64 = 1e-4;
@@ -66,9 +67,13 @@ fn convert(dir: &Path, out: &Path, dtype: DType) -> Result<(), ImportError> {
 }
 
 fn load(dtype: DType) -> (tempfile::TempDir, CanvasModel<CpuBackend>) {
+    load_from(&fixture(), dtype)
+}
+
+fn load_from(checkpoint: &Path, dtype: DType) -> (tempfile::TempDir, CanvasModel<CpuBackend>) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("dg.edm");
-    convert(&fixture(), &out, dtype).unwrap();
+    convert(checkpoint, &out, dtype).unwrap();
     let file = Arc::new(EdmFile::open(&out).unwrap());
     let model = CanvasModel::load(&CpuBackend, file).unwrap();
     (tmp, model)
@@ -104,16 +109,18 @@ fn run_reference(m: &CanvasModel<CpuBackend>, r: &Value) -> Vec<(&'static str, f
     let com = logits_of(m.encode(&b, &mut kv, &commit, p, &want).unwrap());
     let p2 = p + commit.len();
     let dec2 = logits_of(m.denoise(&b, &mut kv, &canvas2, p2, None, &want).unwrap());
-    vec![
-        ("encoder", rel_l2(&enc, &rows(&r["encoder_logits"]))),
-        ("decoder", rel_l2(&dec, &rows(&r["decoder_logits"]))),
-        (
-            "decoder_self_cond",
-            rel_l2(&dec_sc, &rows(&r["decoder_sc_logits"])),
-        ),
-        ("commit_encoder", rel_l2(&com, &rows(&r["commit_logits"]))),
-        ("second_canvas", rel_l2(&dec2, &rows(&r["decoder2_logits"]))),
+    // Named as reference.json names them: the encoder, the first canvas step, the step with
+    // self-conditioning, the re-encoded commit, the next canvas.
+    [
+        ("encoder_logits", enc),
+        ("decoder_logits", dec),
+        ("decoder_sc_logits", dec_sc),
+        ("commit_logits", com),
+        ("decoder2_logits", dec2),
     ]
+    .into_iter()
+    .map(|(k, got)| (k, rel_l2(&got, &rows(&r[k]))))
+    .collect()
 }
 
 #[test]
@@ -123,6 +130,42 @@ fn diffusion_gemma_f32_logits_match_transformers() {
     for (case, err) in run_reference(&m, &r) {
         eprintln!("{case}: rel L2 {err:.2e}");
         assert!(err <= TOL, "{case}: rel L2 {err:.3e} > {TOL}");
+    }
+}
+
+/// The GPU machine's references (scripts/device-diffusion-gemma.sh: odd shapes, transformers on
+/// cuda): every subdirectory of `$EDGEDIFF_DG_REFERENCES` holding a checkpoint and its
+/// reference.json, held to the same bound.
+#[test]
+#[ignore = "needs EDGEDIFF_DG_REFERENCES=DIR (the GPU machine's references)"]
+fn device_references_match_transformers() {
+    let root = std::env::var("EDGEDIFF_DG_REFERENCES")
+        .expect("EDGEDIFF_DG_REFERENCES names the directory of device references");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("reference.json").exists())
+        .collect();
+    dirs.sort();
+    assert!(!dirs.is_empty(), "no reference.json under {root}");
+    for dir in dirs {
+        let (_tmp, m) = load_from(&dir, DType::F32);
+        let r: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+                .unwrap();
+        for (case, err) in run_reference(&m, &r) {
+            eprintln!(
+                "{} ({}): {case}: rel L2 {err:.2e} (device vs its CPU {})",
+                dir.display(),
+                r["device"],
+                r["cpu_rel_l2"][case]
+            );
+            assert!(
+                err <= TOL,
+                "{}: {case}: rel L2 {err:.3e} > {TOL}",
+                dir.display()
+            );
+        }
     }
 }
 
@@ -363,4 +406,101 @@ fn bad_configs_are_typed_errors() {
             Ok(()) => panic!("{what}: converted"),
         }
     }
+}
+
+#[test]
+fn the_gpu_backend_refuses_the_canvas_model_with_a_typed_error() {
+    let (tmp, _) = load(DType::F32);
+    let gpus = edgediff::backend::gpu::testing::backends(None);
+    eprintln!("{} GPU adapters", gpus.len());
+    for (label, g) in gpus {
+        let file = Arc::new(EdmFile::open(tmp.path().join("dg.edm")).unwrap());
+        match CanvasModel::load(&g, file) {
+            Err(ModelError::Backend(BackendError::Unsupported { .. })) => {}
+            Err(e) => panic!("{label}: wrong error: {e}"),
+            Ok(_) => panic!("{label}: the GPU loaded a model it has no kernels for"),
+        }
+    }
+}
+
+/// The synthetic family (`synth --arch diffusion_gemma`): its checkpoint converts and runs, and
+/// its window (4) binds: a wider one changes what the encoder computes from position 4 on, and
+/// every canvas row.
+#[test]
+fn synthetic_diffusion_gemma_runs_and_its_window_binds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = CpuBackend;
+    let run = |window: usize, name: &str| -> (Vec<f32>, Vec<f32>, usize) {
+        let spec = synth::SynthSpec {
+            sliding_window: window,
+            ..synth::SynthSpec::tiny(Architecture::DiffusionGemma)
+        };
+        let path = tmp.path().join(format!("{name}.edm"));
+        synth::write_edm(&synth::build(&spec).unwrap(), &path, DType::F32, &|_, _| {}).unwrap();
+        let m = CanvasModel::load(&b, Arc::new(EdmFile::open(&path).unwrap())).unwrap();
+        assert_eq!(m.config.architecture, Architecture::DiffusionGemma);
+        let mut kv = m.new_kv(&b, 32).unwrap();
+        let prefix = [1, 40, 77, 300, 12, 3, 90, 41, 7];
+        let enc = logits_of(m.encode(&b, &mut kv, &prefix, 0, &want_logits()).unwrap());
+        let canvas = [5, 6, 7, 8, 9, 10, 11, 12];
+        let dec = logits_of(
+            m.denoise(&b, &mut kv, &canvas, prefix.len(), None, &want_logits())
+                .unwrap(),
+        );
+        (enc, dec, m.config.vocab_size)
+    };
+    let (enc4, dec4, v) = run(4, "narrow");
+    let (enc_wide, dec_wide, _) = run(64, "wide");
+    assert_eq!(
+        enc4[..4 * v],
+        enc_wide[..4 * v],
+        "the window cannot bind before position 4"
+    );
+    assert!(rel_l2(&enc4[4 * v..], &enc_wide[4 * v..]) > 1e-3);
+    assert!(rel_l2(&dec4, &dec_wide) > 1e-3);
+}
+
+#[test]
+fn the_26b_a4b_preset_has_gemma_4_26b_a4b_shapes() {
+    let spec = synth::SynthSpec::diffusion_gemma_26b_a4b();
+    let special = synth::Specials {
+        pad: 0,
+        bos: 2,
+        eos: 1,
+        mask: 3,
+    };
+    let c = import::parse_config(&spec.hf_config(&special)).unwrap();
+    assert_eq!(
+        (c.num_layers, c.hidden_size, c.vocab_size),
+        (30, 2816, 262_144)
+    );
+    let (local, global) = (c.attn_of(0), c.attn_of(5));
+    assert_eq!(
+        (local.kv_heads, local.head_dim, local.window),
+        (8, 256, Some(512))
+    );
+    assert_eq!(
+        (global.kv_heads, global.head_dim, global.window),
+        (2, 512, None)
+    );
+    assert_eq!((global.rope.pairs, global.has_v), (64, false));
+    let globals: Vec<usize> = (0..30).filter(|&l| c.attn_of(l).window.is_none()).collect();
+    assert_eq!(globals, [5, 11, 17, 23, 29]);
+    assert_eq!(
+        (
+            c.moe.num_experts,
+            c.moe.top_k,
+            c.moe.expert_ffn,
+            c.dense_ffn
+        ),
+        (128, 8, 704, 2112)
+    );
+    // ≈ 25.2 B parameters, ≈ 3.8 B active with the (tied) embedding: the model's name.
+    let (total, active) = c.parameter_counts();
+    let embed = (c.vocab_size * c.hidden_size) as u64;
+    assert!((25_000_000_000..25_500_000_000).contains(&total), "{total}");
+    assert!(
+        (3_600_000_000..4_000_000_000).contains(&(active + embed)),
+        "{active}"
+    );
 }

@@ -685,9 +685,30 @@ impl ModelConfig {
         let shared = 3 * h * self.moe.shared_ffn as u64;
         let router = h * self.moe.num_experts as u64;
         let (mut total, mut active) = (embed + head, embed.min(h) + head);
+        // The canvas decoder's self-conditioning block.
+        let self_cond = self
+            .block
+            .canvas
+            .as_ref()
+            .map_or(0, |c| 3 * h * c.self_cond_ffn as u64);
+        total += self_cond;
+        active += self_cond;
         for l in 0..self.num_layers {
+            let attn = match self.block.global {
+                // Layers of their own geometry (DiffusionGemma's global layers).
+                Some(_) => {
+                    let g = self.attn_of(l);
+                    h * (g.proj_dim() + g.q_dim()) as u64
+                }
+                None => attn,
+            };
             total += attn;
             active += attn;
+            if self.block.ffn == FfnLayout::DenseAndMoe {
+                // The dense MLP runs beside the experts in every layer.
+                total += 3 * h * self.dense_ffn as u64;
+                active += 3 * h * self.dense_ffn as u64;
+            }
             if self.is_moe_layer(l) {
                 total += expert * self.moe.num_experts as u64 + shared + router;
                 active += expert * self.moe.top_k as u64 + shared + router;

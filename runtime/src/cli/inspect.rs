@@ -100,6 +100,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "moe           {} experts top-{}, expert ffn {}, shared ffn {}, gating {:?}, dense layers {:?} (ffn {})",
         c.moe.num_experts, c.moe.top_k, c.moe.expert_ffn, c.moe.shared_ffn, c.moe.gating, c.dense_layers, c.dense_ffn
     );
+    if let Some(g) = &c.block.global {
+        let s = c.sliding.as_ref();
+        println!(
+            "global layers {} heads / {} kv heads × {}{}, RoPE on {} of {} pairs (θ {}); sliding window {} (θ {}) on layers {:?}",
+            c.num_heads, g.kv_heads, g.head_dim, if g.k_eq_v { ", K = V" } else { "" },
+            g.rope_pairs, g.head_dim / 2, c.rope_theta,
+            s.map_or(0, |s| s.window), s.map_or(0.0, |s| s.rope_theta),
+            s.map(|s| s.layers.as_slice()).unwrap_or(&[])
+        );
+    }
+    if c.block != Default::default() {
+        let b = &c.block;
+        println!(
+            "block         {:?} norms, {:?} FFN, {:?}, router {:?}, embedding {:?}, score scale {:?}, logit softcap {:?}, canvas {:?}",
+            b.norms, b.ffn, b.activation, c.router, c.embedding, b.attn_scale, b.logit_softcap, b.canvas
+        );
+    }
     println!("parameters    {total} total, {active} active per token");
     let mut by_kind: BTreeMap<(String, String), u64> = BTreeMap::new();
     for t in &h.tensors {

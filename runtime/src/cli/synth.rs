@@ -11,11 +11,12 @@ use crate::synth::SynthSpec;
 #[derive(clap::Args)]
 pub struct Args {
     /// Model family.
-    #[arg(long, value_parser = ["qwen3_moe", "olmoe", "llada2_moe", "zaya", "llama", "qwen2", "qwen3"])]
+    #[arg(long, value_parser = ["qwen3_moe", "olmoe", "llada2_moe", "zaya", "diffusion_gemma", "llama", "qwen2", "qwen3"])]
     pub arch: String,
     /// Start from a preset shape: `tiny` (default), `llada2-mini` (LLaDA2.0-mini's shapes),
-    /// `zaya1-8b` (ZAYA1-8B's shapes; --arch zaya) or `smollm2-135m` (SmolLM2-135M's; --arch llama).
-    #[arg(long, default_value = "tiny", value_parser = ["tiny", "llada2-mini", "zaya1-8b", "smollm2-135m"])]
+    /// `zaya1-8b` (ZAYA1-8B's shapes; --arch zaya), `smollm2-135m` (SmolLM2-135M's; --arch llama)
+    /// or `26b-a4b` (DiffusionGemma 26B-A4B's; --arch diffusion_gemma).
+    #[arg(long, default_value = "tiny", value_parser = ["tiny", "llada2-mini", "zaya1-8b", "smollm2-135m", "26b-a4b"])]
     pub preset: String,
     /// Decoder layers (overrides the preset; likewise every shape flag below).
     #[arg(long)]
@@ -84,6 +85,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "zaya1-8b" => anyhow::bail!("--preset zaya1-8b goes with --arch zaya"),
         "smollm2-135m" if arch == Architecture::Llama => SynthSpec::smollm2_135m(),
         "smollm2-135m" => anyhow::bail!("--preset smollm2-135m goes with --arch llama"),
+        "26b-a4b" if arch == Architecture::DiffusionGemma => SynthSpec::diffusion_gemma_26b_a4b(),
+        "26b-a4b" => anyhow::bail!("--preset 26b-a4b goes with --arch diffusion_gemma"),
         _ => SynthSpec::tiny(arch),
     };
     let set = |dst: &mut usize, v: Option<usize>| {

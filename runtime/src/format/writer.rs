@@ -152,7 +152,11 @@ impl EdmWriter {
             + header
                 .experts
                 .iter()
-                .map(|t| t.length * t.offsets.iter().flatten().count() as u64)
+                // The parts' bytes: the padding that aligns a part inside an expert is not written.
+                .map(|t| {
+                    t.parts.iter().map(|p| p.length).sum::<u64>()
+                        * t.offsets.iter().flatten().count() as u64
+                })
                 .sum::<u64>();
         Ok(EdmWriter {
             out,
@@ -285,4 +289,31 @@ fn check_len(name: &str, expected: u64, bytes: &[u8]) -> Result<(), FormatError>
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::format::{DType, EdmFile};
+    use crate::model::Architecture;
+    use crate::synth::{self, SynthSpec};
+
+    /// An expert's gate_up of 14 × 36 f32 (2016 bytes) leaves 32 bytes of padding before its down
+    /// part (parts are 64-byte aligned): the file is complete without them being written.
+    #[test]
+    fn experts_whose_parts_need_padding_write_and_read_back() {
+        let spec = SynthSpec {
+            hidden: 36,
+            expert_ffn: 7,
+            ..SynthSpec::tiny(Architecture::Qwen3Moe)
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("odd.edm");
+        synth::write_edm(&synth::build(&spec).unwrap(), &path, DType::F32, &|_, _| {}).unwrap();
+        let f = EdmFile::open(&path).unwrap();
+        let t = f.expert_table(0).unwrap();
+        assert_eq!(t.parts[1].offset, 2048);
+        let down = f.expert_part(0, 1, "down").unwrap().to_f32().unwrap();
+        assert_eq!(down.len(), 36 * 7);
+        assert!(down.iter().any(|v| *v != 0.0));
+    }
 }

@@ -48,6 +48,9 @@ impl SynthSpec {
         if arch == Architecture::Zaya {
             return Self::tiny_zaya();
         }
+        if arch == Architecture::DiffusionGemma {
+            return Self::tiny_diffusion_gemma();
+        }
         SynthSpec {
             arch,
             layers: 2,
@@ -102,6 +105,57 @@ impl SynthSpec {
             router_hidden: 20,
             sliding_window: 64,
             seed: 0,
+        }
+    }
+
+    /// A tiny DiffusionGemma of odd shapes: 3 layers (the first two sliding, window 4; the last
+    /// global with heads of 24 over 1 KV head, K = V), hidden 40, 4 q heads over 2 KV heads of
+    /// 12, 6 experts top-2 of 20 beside a dense GeGLU of 36, a canvas of 8.
+    pub fn tiny_diffusion_gemma() -> Self {
+        SynthSpec {
+            arch: Architecture::DiffusionGemma,
+            layers: 3,
+            hidden: 40,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 12,
+            experts: 6,
+            top_k: 2,
+            expert_ffn: 20,
+            shared_experts: 0,
+            dense_layers: 0,
+            dense_ffn: 36,
+            vocab: 512,
+            tokenizer_vocab: 512,
+            max_position: 512,
+            block_size: 8,
+            router_hidden: 0,
+            sliding_window: 4,
+            seed: 0,
+        }
+    }
+
+    /// DiffusionGemma 26B-A4B's shapes (Gemma 4 26B-A4B's text config: 30 layers, hidden 2816,
+    /// 16 q heads over 8 KV heads of 256 on sliding layers and 2 KV heads of 512 on the global
+    /// ones (every 6th), 128 experts top-8 of 704 beside a dense GeGLU of 2112, vocab 262,144);
+    /// window 512 as DiffusionGemma's config defaults (Gemma 4 26B's own is 1024), canvas 256.
+    pub fn diffusion_gemma_26b_a4b() -> Self {
+        SynthSpec {
+            layers: 30,
+            hidden: 2816,
+            heads: 16,
+            kv_heads: 8,
+            head_dim: 256,
+            experts: 128,
+            top_k: 8,
+            expert_ffn: 704,
+            dense_ffn: 2112,
+            vocab: 262_144,
+            tokenizer_vocab: 2048,
+            max_position: 131_072,
+            block_size: 256,
+            sliding_window: 512,
+            ..Self::tiny_diffusion_gemma()
         }
     }
 
