@@ -14,6 +14,7 @@ use std::time::Duration;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::gpu::{list_adapters, GpuBackend, GpuOptions};
 use crate::backend::Backend;
+use crate::batch::{BatchLimits, BatchReport, PassBatcher};
 use crate::decode::{
     self, BlockOptions, Canvas, CommitPolicy, DecodeError, DecodeParams, DecoderDetails,
     DecoderKind, FinishReason, Flow, Observer, Prediction, Sampling, SpecialIds,
@@ -181,6 +182,8 @@ pub struct Engine<B: Backend> {
     template: ChatTemplate,
     paging: Option<ExpertPaging>,
     block_experts: Option<usize>,
+    /// Joins the passes of generations running at once ([`Engine::generate_batched`]).
+    batcher: PassBatcher<B>,
 }
 
 impl<B: Backend> Engine<B> {
@@ -205,6 +208,7 @@ impl<B: Backend> Engine<B> {
             template,
             paging: None,
             block_experts: None,
+            batcher: PassBatcher::default(),
         })
     }
 
@@ -371,6 +375,63 @@ impl<B: Backend> Engine<B> {
         pacer: &mut dyn Pacer,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<GenerationOutput, EngineError> {
+        self.generate_with(request, pacer, false, on_event)
+    }
+
+    /// [`Engine::generate`] whose forward passes run batched with those of every other
+    /// generation running through this method at the same time (on other threads): one pass
+    /// reads the weights for all of them (continuous batching, see [`crate::batch`]). The tokens
+    /// are those of [`Engine::generate`] (greedy and seeded sampling alike).
+    pub fn generate_batched(
+        &self,
+        request: &GenerationRequest,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<GenerationOutput, EngineError> {
+        self.generate_with(request, &mut Unpaced, true, on_event)
+    }
+
+    /// Decodes `requests` together, their passes batched ([`Engine::generate_batched`], one
+    /// thread each); `on_event(i, event)` streams request `i`'s events. Results in order.
+    pub fn generate_many(
+        &self,
+        requests: &[GenerationRequest],
+        on_event: &(dyn Fn(usize, Event) + Sync),
+    ) -> Vec<Result<GenerationOutput, EngineError>>
+    where
+        Self: Sync,
+    {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = requests
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    scope.spawn(move || self.generate_batched(r, &mut |e| on_event(i, e)))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        })
+    }
+
+    /// How batched passes form ([`Engine::generate_batched`]).
+    pub fn set_batch_limits(&self, limits: BatchLimits) {
+        self.batcher.set_limits(limits);
+    }
+
+    /// Calls `report` after every batched pass.
+    pub fn set_batch_report(&self, report: impl Fn(&BatchReport) + Send + Sync + 'static) {
+        self.batcher.set_report(report);
+    }
+
+    fn generate_with(
+        &self,
+        request: &GenerationRequest,
+        pacer: &mut dyn Pacer,
+        batched: bool,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<GenerationOutput, EngineError> {
         let prompt = self.encode_prompt(&request.prompt)?;
         let params = &request.decoding;
         let special = self.metadata().special_tokens;
@@ -401,7 +462,18 @@ impl<B: Backend> Engine<B> {
             error: None,
             stopped: false,
         };
-        let outcome = decode::decode(
+        let mut solo = decode::SoloPasses {
+            backend: &self.backend,
+            model: &self.model,
+        };
+        let mut joined;
+        let passes: &mut dyn decode::PassRunner<B> = if batched {
+            joined = self.batcher.join(&self.backend, &self.model);
+            &mut joined
+        } else {
+            &mut solo
+        };
+        let outcome = decode::decode_with(
             &self.backend,
             &self.model,
             &mut kv,
@@ -409,6 +481,7 @@ impl<B: Backend> Engine<B> {
             special,
             params,
             &mut sink,
+            passes,
         )?;
         if let Some(e) = sink.error.take() {
             return Err(e.into());
@@ -565,6 +638,27 @@ impl LoadedEngine {
         on_event: &mut dyn FnMut(Event),
     ) -> Result<GenerationOutput, EngineError> {
         with_engine!(self, e => e.generate_paced(request, pacer, on_event))
+    }
+    pub fn generate_batched(
+        &self,
+        request: &GenerationRequest,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<GenerationOutput, EngineError> {
+        with_engine!(self, e => e.generate_batched(request, on_event))
+    }
+    /// Decodes `requests` together, their passes batched ([`Engine::generate_many`]).
+    pub fn generate_many(
+        &self,
+        requests: &[GenerationRequest],
+        on_event: &(dyn Fn(usize, Event) + Sync),
+    ) -> Vec<Result<GenerationOutput, EngineError>> {
+        with_engine!(self, e => e.generate_many(requests, on_event))
+    }
+    pub fn set_batch_limits(&self, limits: BatchLimits) {
+        with_engine!(self, e => e.set_batch_limits(limits))
+    }
+    pub fn set_batch_report(&self, report: impl Fn(&BatchReport) + Send + Sync + 'static) {
+        with_engine!(self, e => e.set_batch_report(report))
     }
     pub fn request(&self, prompt: Prompt) -> GenerationRequest {
         with_engine!(self, e => e.request(prompt))

@@ -8,6 +8,7 @@
 
 pub mod arch;
 pub mod backend;
+pub mod batch;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod decode;

@@ -319,10 +319,26 @@ pub trait Backend {
     fn new_kv(&self, config: &ModelConfig, capacity: usize) -> Result<Self::Kv>;
     fn kv_capacity(&self, kv: &Self::Kv) -> usize;
 
-    /// Called before the ops of one forward pass over `tokens` positions.
-    fn begin_forward(&self, _tokens: usize) -> Result<()> {
+    /// Called before the ops of one forward pass over `tokens` positions, of which one sequence
+    /// has at most `largest` (a batched pass, [`crate::model::Model::forward_batch`]; a single
+    /// sequence's pass has `largest == tokens`). A backend whose kernels sum a row differently
+    /// at different row counts chooses them as for `largest` rows, so each sequence's rows come
+    /// out as its pass alone computes them.
+    fn begin_forward(&self, _tokens: usize, _largest: usize) -> Result<()> {
         Ok(())
     }
+
+    /// Which passes of `rows` rows may share a batched pass: those of the same class, each row
+    /// computed exactly as in its pass alone ([`Backend::begin_forward`]). `None`: a pass of
+    /// this many rows runs alone.
+    fn batch_class(&self, _rows: usize) -> Option<u32> {
+        Some(0)
+    }
+
+    /// A copy of rows `rows` of `x` (one sequence's rows of a batched pass).
+    fn rows_of(&self, x: &Self::Act, rows: std::ops::Range<usize>) -> Result<Self::Act>;
+    /// The rows of `parts`, one after another (the sequences of a batched pass, back together).
+    fn stack_rows(&self, parts: &[&Self::Act]) -> Result<Self::Act>;
 
     /// Rows of the embedding table.
     fn embed(&self, table: &Self::Weight, tokens: &[u32]) -> Result<Self::Act>;

@@ -32,7 +32,7 @@ pub use policy::{Candidate, CommitPolicy, CreditLedger};
 pub use sampling::{Rng, Sampling};
 
 use crate::backend::{Backend, BlockRouting, PositionStats};
-use crate::model::{ForwardRequest, Model, ModelError, Window};
+use crate::model::{ForwardOutput, ForwardRequest, Model, ModelError, Window};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -354,6 +354,37 @@ pub struct DecodeOutcome {
     pub details: DecoderDetails,
 }
 
+/// Runs a decoder's forward passes: one at a time ([`SoloPasses`]), or handed to a batcher that
+/// runs them together with other sequences' passes as one batched pass
+/// (`crate::batch::PassBatcher`). Either way a pass's outputs are those of the pass alone.
+pub trait PassRunner<B: Backend> {
+    fn run(
+        &mut self,
+        kv: &mut B::Kv,
+        tokens: &[u32],
+        window: Window,
+        want: &ForwardRequest,
+    ) -> Result<ForwardOutput, ModelError>;
+}
+
+/// Every pass runs at once, alone.
+pub struct SoloPasses<'a, B: Backend> {
+    pub backend: &'a B,
+    pub model: &'a Model<B>,
+}
+
+impl<B: Backend> PassRunner<B> for SoloPasses<'_, B> {
+    fn run(
+        &mut self,
+        kv: &mut B::Kv,
+        tokens: &[u32],
+        window: Window,
+        want: &ForwardRequest,
+    ) -> Result<ForwardOutput, ModelError> {
+        self.model.forward(self.backend, kv, tokens, window, want)
+    }
+}
+
 /// Decodes up to `params.max_new_tokens` after `prompt`, reporting committed ids to `observer`.
 /// `kv` must hold at least `prompt.len() + max_new_tokens` positions; its contents are
 /// overwritten.
@@ -365,6 +396,24 @@ pub fn decode<B: Backend>(
     special: SpecialIds,
     params: &DecodeParams,
     observer: &mut dyn Observer,
+) -> Result<DecodeOutcome, DecodeError> {
+    let mut solo = SoloPasses { backend, model };
+    decode_with(
+        backend, model, kv, prompt, special, params, observer, &mut solo,
+    )
+}
+
+/// [`decode`] with its passes run by `passes` (e.g. batched with other sequences').
+#[allow(clippy::too_many_arguments)]
+pub fn decode_with<B: Backend>(
+    backend: &B,
+    model: &Model<B>,
+    kv: &mut B::Kv,
+    prompt: &[u32],
+    special: SpecialIds,
+    params: &DecodeParams,
+    observer: &mut dyn Observer,
+    passes: &mut dyn PassRunner<B>,
 ) -> Result<DecodeOutcome, DecodeError> {
     params.validate()?;
     if prompt.is_empty() {
@@ -392,12 +441,11 @@ pub fn decode<B: Backend>(
         });
     }
     let mut s = Session {
-        backend,
-        model,
         kv,
         params,
         special,
         observer,
+        passes,
         end,
         rng: Rng::new(params.sampling.seed),
         forwards: 0,
@@ -429,12 +477,11 @@ pub fn decode<B: Backend>(
 
 /// The state every decoder shares: the model and its cache, counters, output bookkeeping.
 struct Session<'a, B: Backend> {
-    backend: &'a B,
-    model: &'a Model<B>,
     kv: &'a mut B::Kv,
     params: &'a DecodeParams,
     special: SpecialIds,
     observer: &'a mut dyn Observer,
+    passes: &'a mut dyn PassRunner<B>,
     /// One past the last position this generation may fill.
     end: usize,
     rng: Rng,
@@ -495,9 +542,7 @@ impl<B: Backend> Session<'_, B> {
             blocks,
             ..Default::default()
         };
-        let out = self
-            .model
-            .forward(self.backend, self.kv, tokens, window, &want);
+        let out = self.passes.run(self.kv, tokens, window, &want);
         self.observer.pass_done();
         let out = out?;
         self.forwards += 1;

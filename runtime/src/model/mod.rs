@@ -54,6 +54,10 @@ pub enum ModelError {
          so a block needs at least {top_k} (--block-experts)"
     )]
     BlockExperts { experts: usize, top_k: usize },
+    #[error("{0} runs one sequence a pass; it cannot share a batched pass")]
+    BatchMix(&'static str),
+    #[error("a batched pass this sequence's pass was part of panicked")]
+    BatchPanicked,
 }
 
 struct Mlp<B: Backend> {
@@ -382,32 +386,56 @@ impl<B: Backend> Model<B> {
         window: Window,
         want: &ForwardRequest,
     ) -> Result<ForwardOutput, ModelError> {
+        let mut seqs = [SeqPass {
+            kv,
+            tokens,
+            window,
+            want,
+        }];
+        let mut out = self.forward_batch(b, &mut seqs)?;
+        Ok(out.pop().expect("one output per sequence"))
+    }
+
+    /// Runs several sequences' passes as one batched pass and returns each one's output, in
+    /// order. Row-wise work (embedding, norms, projections, router, experts, LM head) runs once
+    /// over the rows of all sequences, so each weight is read once for the batch; q/k norm + RoPE
+    /// (or CCA), the K/V store and attention run per sequence against its own cache, at its own
+    /// positions and mask. Every op computes each row from that row alone, so a sequence's
+    /// outputs are those of its pass run alone wherever the backend's kernels sum a row the same
+    /// way at the batch's row count (the CPU backend always; the GPU backend chooses its kernels
+    /// by the largest sequence of the batch, [`Backend::begin_forward`]).
+    ///
+    /// Block-level routing (`want.blocks`) groups rows across the pass, so a pass that asks for it
+    /// runs alone ([`ModelError::BatchMix`] otherwise).
+    pub fn forward_batch(
+        &self,
+        b: &B,
+        seqs: &mut [SeqPass<'_, B>],
+    ) -> Result<Vec<ForwardOutput>, ModelError> {
         // A GPU pass over paged experts that met a non-resident one asks to be run again (see
         // backend/gpu/experts.rs); the re-run brings experts in layer by layer and cannot miss.
         // Running it again is harmless: it rewrites the same K/V positions.
         let mut tries = 0;
         loop {
-            match self.forward_once(b, kv, tokens, window, want) {
+            match self.forward_once(b, seqs) {
                 Err(ModelError::Backend(BackendError::RerunPass)) if tries < 2 => tries += 1,
                 r => return r,
             }
         }
     }
 
-    fn forward_once(
+    /// Whether `tokens` in `window` fit `kv` and the model (what a pass checks before it runs):
+    /// a batch checks each sequence first, so one bad request fails alone.
+    pub fn check_pass(
         &self,
         b: &B,
-        kv: &mut B::Kv,
+        kv: &B::Kv,
         tokens: &[u32],
         window: Window,
         want: &ForwardRequest,
-    ) -> Result<ForwardOutput, ModelError> {
+    ) -> Result<(), ModelError> {
         let c = &self.config;
-        let Window {
-            start,
-            kv_len,
-            mask,
-        } = window;
+        let Window { start, kv_len, .. } = window;
         let end = start + tokens.len();
         let limit = b.kv_capacity(kv).min(c.max_position);
         if tokens.is_empty() {
@@ -423,40 +451,61 @@ impl<B: Backend> Model<B> {
                 limit,
             });
         }
+        Ok(())
+    }
+
+    fn forward_once(
+        &self,
+        b: &B,
+        seqs: &mut [SeqPass<'_, B>],
+    ) -> Result<Vec<ForwardOutput>, ModelError> {
+        let c = &self.config;
+        if seqs.is_empty() {
+            return Err(ModelError::NoTokens);
+        }
+        for s in seqs.iter() {
+            self.check_pass(b, s.kv, s.tokens, s.window, s.want)?;
+        }
+        let alone = seqs.len() == 1;
+        if !alone && seqs.iter().any(|s| s.want.blocks.is_some()) {
+            return Err(ModelError::BatchMix("block-level expert routing"));
+        }
+        // Rows of sequence i: offsets[i]..offsets[i + 1].
+        let mut offsets = vec![0];
+        for s in seqs.iter() {
+            offsets.push(offsets[offsets.len() - 1] + s.tokens.len());
+        }
+        let tokens: Vec<u32> = if alone {
+            seqs[0].tokens.to_vec()
+        } else {
+            seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect()
+        };
+        let largest = seqs.iter().map(|s| s.tokens.len()).max().unwrap_or(0);
         let eps = c.rms_norm_eps as f32;
-        b.begin_forward(tokens.len())?;
-        let mut x = b.embed(&self.embed, tokens)?; // (T, H)
+        b.begin_forward(tokens.len(), largest)?;
+        let mut x = b.embed(&self.embed, &tokens)?; // (T, H)
         if let Some(a) = &self.embed_affine {
             b.embed_affine(&mut x, a)?;
         }
         let mut h = b.rms_norm(&x, &self.layers[0].attn_norm, eps)?;
-        let mut out = ForwardOutput::default();
+        let mut outs: Vec<ForwardOutput> = seqs.iter().map(|_| ForwardOutput::default()).collect();
         // EDA: each MLP router adds a learned share of the previous MoE layer's router state.
         let mut router_state: Option<B::Act> = None;
+        let blocks = seqs[0].want.blocks.filter(|_| alone);
+        let want_routing = seqs.iter().any(|s| s.want.routing);
         for (l, layer) in self.layers.iter().enumerate() {
             let mut qkv = b.matmul(&layer.qkv, &h)?; // (T, (nq + 2 nkv) · hd)
-            match &layer.cca {
-                None => b.qk_norm_rope(
-                    &mut qkv,
-                    layer.q_norm.as_ref(),
-                    layer.k_norm.as_ref(),
-                    c,
-                    start,
-                )?,
-                Some(w) => b.cca_qkv(
-                    &mut qkv,
-                    CcaWeights {
-                        conv_dw: &w.conv_dw,
-                        conv_dw_bias: &w.conv_dw_bias,
-                        conv_grouped: &w.conv_grouped,
-                        conv_grouped_bias: &w.conv_grouped_bias,
-                        temp: &w.temp,
-                    },
-                    kv,
-                    CcaParams::for_layer(c, l, start),
-                )?,
-            }
-            let attn = b.attention(&qkv, kv, l, c, start, kv_len, mask)?; // (T, nq · hd)
+            let attn = if alone {
+                let s = &mut seqs[0];
+                self.attend(b, l, layer, &mut qkv, s.kv, s.window)? // (T, nq · hd)
+            } else {
+                let mut parts = Vec::with_capacity(seqs.len());
+                for (i, s) in seqs.iter_mut().enumerate() {
+                    let mut q = b.rows_of(&qkv, offsets[i]..offsets[i + 1])?;
+                    parts.push(self.attend(b, l, layer, &mut q, s.kv, s.window)?);
+                }
+                b.stack_rows(&parts.iter().collect::<Vec<_>>())?
+            };
             let o = b.matmul(&layer.o, &attn)?; // (T, H)
             h = match &layer.residuals {
                 None => b.add_rms_norm(&mut x, &o, &layer.ffn_norm, eps)?,
@@ -472,13 +521,13 @@ impl<B: Backend> Model<B> {
                     shared,
                 } => {
                     let routing = match (mlp_router, router_bias) {
-                        (None, _) => match &want.blocks {
+                        (None, _) => match &blocks {
                             None => b.route(&h, router, router_bias.as_ref(), c)?,
                             Some(bl) => {
                                 b.route_within_blocks(&h, router, router_bias.as_ref(), c, bl)?
                             }
                         },
-                        (Some(_), _) if want.blocks.is_some() => {
+                        (Some(_), _) if blocks.is_some() => {
                             return Err(b.unsupported("block routing of an MLP router").into())
                         }
                         (Some(m), Some(bias)) => {
@@ -514,9 +563,18 @@ impl<B: Backend> Model<B> {
                             .into())
                         }
                     };
-                    if want.routing {
+                    if want_routing {
                         let (ids, w) = b.routing_to_host(&routing)?;
-                        out.routing.push((l, ids, w));
+                        // `[T, k]` rows, split back per sequence.
+                        let k = ids.len() / offsets[seqs.len()].max(1);
+                        for (i, s) in seqs.iter().enumerate() {
+                            if s.want.routing {
+                                let r = offsets[i] * k..offsets[i + 1] * k;
+                                outs[i]
+                                    .routing
+                                    .push((l, ids[r.clone()].to_vec(), w[r].to_vec()));
+                            }
+                        }
                     }
                     match shared {
                         // The routed sum adds the shared experts in its last step; the GPU
@@ -536,13 +594,102 @@ impl<B: Backend> Model<B> {
             };
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let rows = want.rows.clone().unwrap_or(0..tokens.len());
-        out.stats = b.lm_head_stats(&h, head, rows.clone())?;
-        if want.logits {
-            out.logits = Some(b.logits(&h, head, rows)?);
+        let rows: Vec<Range<usize>> = seqs
+            .iter()
+            .map(|s| s.want.rows.clone().unwrap_or(0..s.tokens.len()))
+            .collect();
+        if alone {
+            outs[0].stats = b.lm_head_stats(&h, head, rows[0].clone())?;
+            if seqs[0].want.logits {
+                outs[0].logits = Some(b.logits(&h, head, rows[0].clone())?);
+            }
+            return Ok(outs);
         }
-        Ok(out)
+        // The wanted rows of every sequence, gathered, through the LM head once.
+        for (i, r) in rows.iter().enumerate() {
+            if r.start > r.end || r.end > seqs[i].tokens.len() {
+                return Err(BackendError::Shape {
+                    op: "lm_head_stats",
+                    detail: format!("rows {r:?} of {}", seqs[i].tokens.len()),
+                }
+                .into());
+            }
+        }
+        let n: usize = rows.iter().map(|r| r.len()).sum();
+        let (stats, logits) = if n == 0 {
+            (Vec::new(), Some(Vec::new()))
+        } else {
+            let picked = rows
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| !r.is_empty())
+                .map(|(i, r)| b.rows_of(&h, offsets[i] + r.start..offsets[i] + r.end))
+                .collect::<Result<Vec<_>, _>>()?;
+            let gathered = b.stack_rows(&picked.iter().collect::<Vec<_>>())?;
+            let stats = b.lm_head_stats(&gathered, head, 0..n)?;
+            let logits = if seqs.iter().any(|s| s.want.logits) {
+                Some(b.logits(&gathered, head, 0..n)?)
+            } else {
+                None
+            };
+            (stats, logits)
+        };
+        let mut stats = stats.into_iter();
+        let vocab = c.vocab_size;
+        let mut row0 = 0;
+        for (i, r) in rows.iter().enumerate() {
+            outs[i].stats = stats.by_ref().take(r.len()).collect();
+            if let (Some(all), true) = (&logits, seqs[i].want.logits) {
+                outs[i].logits = Some(all[row0 * vocab..(row0 + r.len()) * vocab].to_vec());
+            }
+            row0 += r.len();
+        }
+        Ok(outs)
     }
+
+    /// q/k norm + RoPE (or CCA's convolutions) of one sequence's rows at its positions, its K/V
+    /// written to its cache, and its attention over that cache.
+    fn attend(
+        &self,
+        b: &B,
+        l: usize,
+        layer: &Layer<B>,
+        qkv: &mut B::Act,
+        kv: &mut B::Kv,
+        window: Window,
+    ) -> Result<B::Act, ModelError> {
+        let c = &self.config;
+        let Window {
+            start,
+            kv_len,
+            mask,
+        } = window;
+        match &layer.cca {
+            None => b.qk_norm_rope(qkv, layer.q_norm.as_ref(), layer.k_norm.as_ref(), c, start)?,
+            Some(w) => b.cca_qkv(
+                qkv,
+                CcaWeights {
+                    conv_dw: &w.conv_dw,
+                    conv_dw_bias: &w.conv_dw_bias,
+                    conv_grouped: &w.conv_grouped,
+                    conv_grouped_bias: &w.conv_grouped_bias,
+                    temp: &w.temp,
+                },
+                kv,
+                CcaParams::for_layer(c, l, start),
+            )?,
+        }
+        Ok(b.attention(qkv, kv, l, c, start, kv_len, mask)?)
+    }
+}
+
+/// One sequence's part of a batched pass ([`Model::forward_batch`]): its tokens in its window,
+/// against its own KV cache, with its own request.
+pub struct SeqPass<'a, B: Backend> {
+    pub kv: &'a mut B::Kv,
+    pub tokens: &'a [u32],
+    pub window: Window,
+    pub want: &'a ForwardRequest,
 }
 
 /// `--block-experts N` must leave each token its top-k: a typed error otherwise.

@@ -19,6 +19,9 @@ const SECONDS: &[f64] = &[
 ];
 /// Batch-size buckets: sequences in flight when a pass starts.
 const SEQUENCES: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+const ROWS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+];
 
 /// A cumulative histogram over fixed upper bounds.
 pub struct Histogram {
@@ -95,6 +98,7 @@ pub struct Metrics {
     pub cancelled: Counter,
     pub rejected_queue_full: Counter,
     pub batch_size: Histogram,
+    pub batch_rows: Histogram,
     pub pass_seconds: Histogram,
     pub time_to_first_token: Histogram,
     pub inter_token: Histogram,
@@ -121,6 +125,7 @@ impl Default for Metrics {
             cancelled: Counter::default(),
             rejected_queue_full: Counter::default(),
             batch_size: Histogram::new(SEQUENCES),
+            batch_rows: Histogram::new(ROWS),
             pass_seconds: Histogram::new(SECONDS),
             time_to_first_token: Histogram::new(SECONDS),
             inter_token: Histogram::new(SECONDS),
@@ -244,12 +249,17 @@ impl Metrics {
         self.batch_size.render(
             &mut out,
             "edgediff_batch_size",
-            "Sequences in flight when a sequence is granted its pass turn.",
+            "Sequences in one batched forward pass.",
+        );
+        self.batch_rows.render(
+            &mut out,
+            "edgediff_batch_rows",
+            "Rows (tokens of all its sequences) in one batched forward pass.",
         );
         self.pass_seconds.render(
             &mut out,
             "edgediff_pass_seconds",
-            "Duration of one forward pass turn.",
+            "Duration of one batched forward pass.",
         );
         self.time_to_first_token.render(
             &mut out,

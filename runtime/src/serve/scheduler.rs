@@ -7,24 +7,20 @@
 //! or is cancelled gives its slot and its KV reservation back at once, and the queue's head moves
 //! in — continuous admission, between passes.
 //!
-//! **Pacing**: every admitted sequence decodes on its own thread with its own KV cache and decoder
-//! state ([`LoadedEngine::generate_paced`]), and each of its forward passes waits for a turn at
-//! one [`PassGate`]: a FIFO ticket lock, so the sequences in flight advance one pass each in
-//! round-robin and the device runs one pass at a time. A sequence's tokens are exactly those of
-//! the same request decoded alone: nothing it computes depends on the others (the pass, the
-//! sampler's RNG and the cache are its own). A cancelled sequence waiting for its turn leaves at
-//! once, without a pass; one that is running stops before its next pass.
-//!
-//! **Next: a batched pass.** The turn is the seam where a batched step replaces the per-sequence
-//! step: instead of granting the device to one waiting sequence, the gate would collect the
-//! pending pass of every waiting sequence (tokens, window, rows and a handle on its KV cache),
-//! run them as one batched forward (per-sequence positions and masks), and hand each sequence
-//! its rows. Admission, budgets, cancellation and the HTTP layer stay as they are.
+//! **Batching**: every admitted sequence decodes on its own thread with its own KV cache and
+//! decoder state ([`LoadedEngine::generate_batched`]); its forward passes go to the engine's pass
+//! batcher ([`crate::batch`]), which runs the pending passes of the sequences in flight as one
+//! batched forward pass (each sequence at its own positions, mask and cache; weights read once for
+//! all) and hands each sequence its rows: continuous batching, sequences join and leave between
+//! passes. A sequence's tokens are exactly those of the same request decoded alone: each row of a
+//! batched pass is computed as in its pass alone (the backend batches only passes whose kernels
+//! allow that, `Backend::batch_class`), and the sampler's RNG and the cache are the sequence's
+//! own. A cancelled sequence stops before its next pass (a pass already queued runs, one pass at
+//! most).
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -32,7 +28,7 @@ use tokio::sync::mpsc;
 use super::metrics::{Gauges, Metrics};
 use crate::arch::AttentionKind;
 use crate::decode::{CancelToken, FinishReason};
-use crate::engine::{EngineError, Event, GenerationOutput, GenerationRequest, LoadedEngine, Pacer};
+use crate::engine::{EngineError, Event, GenerationOutput, GenerationRequest, LoadedEngine};
 use crate::model::ModelConfig;
 
 /// How much the scheduler takes on.
@@ -88,10 +84,6 @@ struct Inner {
     limits: Limits,
     metrics: Arc<Metrics>,
     state: Mutex<State>,
-    /// Mirror of `State::running` for the pass gate's batch-size metric (no second lock).
-    running: AtomicUsize,
-    gate: Mutex<GateState>,
-    gate_wake: Condvar,
 }
 
 #[derive(Default)]
@@ -103,14 +95,6 @@ struct State {
     closed: bool,
     /// Cancel tokens of running sequences (closing the server cancels them).
     live: Vec<(u64, CancelToken)>,
-}
-
-#[derive(Default)]
-struct GateState {
-    /// The sequence whose pass is running.
-    holder: Option<u64>,
-    /// Sequences waiting for a turn, in arrival order.
-    waiting: VecDeque<u64>,
 }
 
 struct Job {
@@ -158,15 +142,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Scheduler {
     pub fn new(engine: Arc<LoadedEngine>, limits: Limits, metrics: Arc<Metrics>) -> Self {
+        let m = metrics.clone();
+        engine.set_batch_report(move |r| {
+            m.batch_size.observe(r.sequences as f64);
+            m.batch_rows.observe(r.rows as f64);
+            m.pass_seconds.observe_duration(r.elapsed);
+        });
         Scheduler {
             inner: Arc::new(Inner {
                 engine,
                 limits,
                 metrics,
                 state: Mutex::new(State::default()),
-                running: AtomicUsize::new(0),
-                gate: Mutex::new(GateState::default()),
-                gate_wake: Condvar::new(),
             }),
         }
     }
@@ -260,7 +247,6 @@ impl Scheduler {
         for (_, c) in live {
             c.cancel();
         }
-        self.inner.wake_gate();
     }
 
     /// Waits until no sequence runs (after [`Scheduler::close`]), at most `timeout`.
@@ -307,7 +293,6 @@ impl Inner {
         st.running += 1;
         st.kv_in_use += job.kv;
         st.live.push((job.id, job.cancel.clone()));
-        self.running.store(st.running, Ordering::Relaxed);
         job
     }
 
@@ -318,7 +303,6 @@ impl Inner {
             st.running -= 1;
             st.kv_in_use -= kv;
             st.live.retain(|(i, _)| *i != id);
-            self.running.store(st.running, Ordering::Relaxed);
             let mut start = Vec::new();
             while let Some(head) = st.queue.front() {
                 if !self.fits(&st, head.kv) {
@@ -346,12 +330,6 @@ impl Inner {
         if removed {
             self.metrics.cancelled.add(1);
         }
-        self.wake_gate();
-    }
-
-    fn wake_gate(&self) {
-        let _g = lock(&self.gate);
-        self.gate_wake.notify_all();
     }
 
     /// Runs `job` on a thread of its own until it ends, then releases its slot.
@@ -374,33 +352,24 @@ impl Inner {
     }
 
     fn run(self: Arc<Self>, job: Job) {
-        let mut turn = Turn {
-            inner: &self,
-            id: job.id,
-            cancel: job.cancel.clone(),
-            holding: None,
-        };
         let metrics = &self.metrics;
         let mut last_piece: Option<Instant> = None;
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            self.engine
-                .generate_paced(&job.request, &mut turn, &mut |e| {
-                    if let Event::Text(t) = e {
-                        let now = Instant::now();
-                        match last_piece {
-                            None => metrics
-                                .time_to_first_token
-                                .observe_duration(now - job.arrived),
-                            Some(t0) => metrics.inter_token.observe_duration(now - t0),
-                        }
-                        last_piece = Some(now);
-                        // A client that went away no longer listens; its cancel token stops us.
-                        let _ = job.events.send(JobEvent::Text(t));
+            self.engine.generate_batched(&job.request, &mut |e| {
+                if let Event::Text(t) = e {
+                    let now = Instant::now();
+                    match last_piece {
+                        None => metrics
+                            .time_to_first_token
+                            .observe_duration(now - job.arrived),
+                        Some(t0) => metrics.inter_token.observe_duration(now - t0),
                     }
-                })
+                    last_piece = Some(now);
+                    // A client that went away no longer listens; its cancel token stops us.
+                    let _ = job.events.send(JobEvent::Text(t));
+                }
+            })
         }));
-        // A panic inside a pass must not keep the device from the others.
-        turn.done();
         let event = match result {
             Ok(Ok(out)) => {
                 metrics.prompt_tokens.add(out.stats.prompt_tokens as u64);
@@ -420,57 +389,5 @@ impl Inner {
         // Free the slot first: a client that has its answer finds the sequence gone.
         self.release(job.id, job.kv);
         let _ = job.events.send(event);
-    }
-}
-
-/// One sequence's place at the pass gate ([`Pacer`] for [`LoadedEngine::generate_paced`]).
-struct Turn<'a> {
-    inner: &'a Inner,
-    id: u64,
-    cancel: CancelToken,
-    /// When the held turn was granted.
-    holding: Option<Instant>,
-}
-
-impl Pacer for Turn<'_> {
-    fn turn(&mut self) -> bool {
-        if self.holding.is_some() {
-            return true;
-        }
-        let inner = self.inner;
-        let mut g = lock(&inner.gate);
-        g.waiting.push_back(self.id);
-        loop {
-            if self.cancel.is_cancelled() {
-                g.waiting.retain(|&i| i != self.id);
-                // The next in line may be free to go now.
-                inner.gate_wake.notify_all();
-                return false;
-            }
-            if g.holder.is_none() && g.waiting.front() == Some(&self.id) {
-                g.waiting.pop_front();
-                g.holder = Some(self.id);
-                self.holding = Some(Instant::now());
-                inner
-                    .metrics
-                    .batch_size
-                    .observe(inner.running.load(Ordering::Relaxed) as f64);
-                return true;
-            }
-            g = inner.gate_wake.wait(g).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-
-    fn done(&mut self) {
-        let Some(granted) = self.holding.take() else {
-            return;
-        };
-        self.inner
-            .metrics
-            .pass_seconds
-            .observe_duration(granted.elapsed());
-        let mut g = lock(&self.inner.gate);
-        g.holder = None;
-        self.inner.gate_wake.notify_all();
     }
 }

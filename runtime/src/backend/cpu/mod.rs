@@ -307,6 +307,26 @@ impl Backend for CpuBackend {
         kv.capacity
     }
 
+    fn rows_of(&self, x: &CpuAct, rows: Range<usize>) -> Result<CpuAct> {
+        if rows.start > rows.end || rows.end > x.rows {
+            return Err(shape_err("rows_of", format!("rows {rows:?} of {}", x.rows)));
+        }
+        let data = x.data[rows.start * x.cols..rows.end * x.cols].to_vec();
+        Ok(CpuAct::new(rows.len(), x.cols, data))
+    }
+
+    fn stack_rows(&self, parts: &[&CpuAct]) -> Result<CpuAct> {
+        let cols = parts.first().map_or(0, |p| p.cols);
+        if let Some(p) = parts.iter().find(|p| p.cols != cols) {
+            return Err(shape_err(
+                "stack_rows",
+                format!("widths {} and {}", cols, p.cols),
+            ));
+        }
+        let data: Vec<f32> = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
+        Ok(CpuAct::new(data.len() / cols.max(1), cols, data))
+    }
+
     fn embed(&self, table: &CpuWeight, tokens: &[u32]) -> Result<CpuAct> {
         let mut data = Vec::with_capacity(tokens.len() * table.cols);
         for &t in tokens {

@@ -706,9 +706,58 @@ impl Backend for GpuBackend {
         kv.capacity
     }
 
-    fn begin_forward(&self, _tokens: usize) -> Result<()> {
+    fn begin_forward(&self, tokens: usize, largest: usize) -> Result<()> {
         self.paging_begin_forward();
+        // A batched pass: kernels chosen by row count choose as for its largest sequence.
+        self.lock().batch_rows = (largest < tokens).then_some(largest);
         Ok(())
+    }
+
+    /// Passes of up to [`ops::matmul::GEMV_T`] rows take the gemv for every matmul alone, and a
+    /// batch of them keeps the gemv (ops::matmul::pass_kernel), which sums each row alike at any
+    /// row count. Larger passes may take the tiled or tensor-core kernels alone, whose sums
+    /// depend on the row count (tiles, split K): they run alone.
+    fn batch_class(&self, rows: usize) -> Option<u32> {
+        (rows <= ops::matmul::GEMV_T).then_some(0)
+    }
+
+    fn rows_of(&self, x: &GpuAct, rows: Range<usize>) -> Result<GpuAct> {
+        Self::check_rows("rows_of", x, &rows)?;
+        let row = (x.cols * 4) as u64;
+        self.with(|ctx| {
+            let out = Self::out_act(ctx, rows.len(), x.cols)?;
+            if !rows.is_empty() {
+                ctx.copy(
+                    &x.buf,
+                    rows.start as u64 * row,
+                    &out.buf,
+                    0,
+                    rows.len() as u64 * row,
+                );
+            }
+            Ok(out)
+        })
+    }
+
+    fn stack_rows(&self, parts: &[&GpuAct]) -> Result<GpuAct> {
+        let cols = parts.first().map_or(0, |p| p.cols);
+        if let Some(p) = parts.iter().find(|p| p.cols != cols) {
+            return Err(shape_err(
+                "stack_rows",
+                format!("widths {} and {}", cols, p.cols),
+            ));
+        }
+        let rows = parts.iter().map(|p| p.rows).sum();
+        let row = (cols * 4) as u64;
+        self.with(|ctx| {
+            let out = Self::out_act(ctx, rows, cols)?;
+            let mut at = 0;
+            for p in parts.iter().filter(|p| p.rows > 0) {
+                ctx.copy(&p.buf, 0, &out.buf, at, p.rows as u64 * row);
+                at += p.rows as u64 * row;
+            }
+            Ok(out)
+        })
     }
 
     fn embed(&self, table: &GpuWeight, tokens: &[u32]) -> Result<GpuAct> {
@@ -1005,8 +1054,10 @@ impl Backend for GpuBackend {
         };
         let layout = experts.layout(&experts.store.slots, &experts.pools);
         let forced = self.sh.dev.kernels.moe;
+        // A batched pass chooses as for its largest sequence (see ops::matmul::pass_kernel).
+        let rows = self.lock().batch_rows.map_or(x.rows, |b| b.min(x.rows));
         match fused {
-            Some(m) if ops::moe::fuses_shared(forced, x.rows, routing.k, &layout) => {
+            Some(m) if ops::moe::fuses_shared(forced, rows, routing.k, &layout) => {
                 self.with(|ctx| Self::moe_act(ctx, x, routing, &layout, ops::moe::Shared::Mlp(m)))
             }
             _ => {

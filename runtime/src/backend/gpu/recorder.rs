@@ -82,6 +82,9 @@ pub struct State {
     pub pending_upload: u64,
     pub timing: Option<Timing>,
     pub host: HostTimes,
+    /// In a batched pass, the rows of its largest sequence: kernels chosen by row count choose
+    /// as for these (`None`: one sequence, choose by the op's rows). Set by `begin_forward`.
+    pub batch_rows: Option<usize>,
 }
 
 /// Host time spent on the GPU path, summed since the backend started (benchmarks take differences).
@@ -130,6 +133,7 @@ impl State {
             pending_upload: 0,
             timing: None,
             host: HostTimes::default(),
+            batch_rows: None,
         }
     }
 }

@@ -193,6 +193,26 @@ pub fn matmul_kernel(
     }
 }
 
+/// The kernel for `t` activation rows of the pass being recorded: [`matmul_kernel`]'s, except in
+/// a batched pass (`State::batch_rows`: its largest sequence's rows) where the gemv serves that
+/// sequence alone: then the gemv runs over all `t` rows (one block, or blocks along z), since it
+/// sums each row the same way at any row count, so each sequence's rows come out as alone.
+pub fn pass_kernel(ctx: &Ctx, dtype: DType, t: usize, rows: usize, bytes: u64) -> MatmulKernel {
+    let (choice, coop) = (&ctx.sh.dev.kernels, ctx.sh.dev.caps.coop);
+    if let Some(largest) = ctx.st.batch_rows {
+        let alone = matmul_kernel(choice, coop, dtype, largest.min(t), rows, bytes);
+        if matches!(alone, MatmulKernel::Gemv | MatmulKernel::GemvBlocked) {
+            if t <= GEMV_T {
+                return MatmulKernel::Gemv;
+            }
+            if rows.div_ceil(4) <= 65535 {
+                return MatmulKernel::GemvBlocked;
+            }
+        }
+    }
+    matmul_kernel(choice, coop, dtype, t, rows, bytes)
+}
+
 /// [`GEMM_COOP`] split along K into a scratch of `splits` partial outputs, then [`SPLIT_SUM`] into
 /// `out` as `p` describes it.
 fn coop_split_k(
@@ -238,8 +258,7 @@ pub fn gate_up_swiglu_into(
     if !choice.fuse_swiglu {
         return Ok(false);
     }
-    let coop = ctx.sh.dev.caps.coop;
-    let kernel = matmul_kernel(choice, coop, gate_up.dtype, t, c.rows as usize, c.buf.size);
+    let kernel = pass_kernel(ctx, gate_up.dtype, t, c.rows as usize, c.buf.size);
     if !matches!(kernel, MatmulKernel::Gemv | MatmulKernel::GemvBlocked) || c.rows % 2 != 0 {
         return Ok(false);
     }
@@ -312,18 +331,10 @@ pub fn matmul_into(
         let n = c.rows as u64;
         let groups = n.div_ceil(4);
         let bufs: [&GpuBuffer; 3] = [&c.buf, x, out];
-        let coop = ctx.sh.dev.caps.coop;
         #[allow(unused_mut)]
-        let mut kernel = matmul_kernel(
-            &ctx.sh.dev.kernels,
-            coop,
-            w.dtype,
-            t,
-            c.rows as usize,
-            c.buf.size,
-        );
+        let mut kernel = pass_kernel(ctx, w.dtype, t, c.rows as usize, c.buf.size);
         #[cfg(test)]
-        if coop && w.dtype != DType::F32 && FORCE_COOP.with(|f| f.get()) {
+        if ctx.sh.dev.caps.coop && w.dtype != DType::F32 && FORCE_COOP.with(|f| f.get()) {
             kernel = MatmulKernel::Coop;
         }
         let (entry, grid) = match kernel {

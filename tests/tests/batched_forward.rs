@@ -1,0 +1,328 @@
+//! The batched forward pass: several sequences' passes (each with its own tokens, window, request
+//! and KV cache) run as one pass give each sequence exactly what its pass alone gives, bit for
+//! bit, on the CPU and on the GPU (lavapipe in CI, outputs poisoned with NaN): statistics,
+//! logits, routing, and the K/V each pass leaves behind (checked by a pass after it). Random mixes
+//! of AR, in-place AR, block, and verify-and-draft passes at random positions, every family.
+//! Also: decoding many requests together through the engine's batcher gives each one the tokens of
+//! decoding it alone (greedy and seeded, every decoder), and the batches do form.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use edgediff::backend::cpu::CpuBackend;
+use edgediff::backend::gpu::testing::backends;
+use edgediff::backend::{AttnMask, Backend};
+use edgediff::batch::BatchLimits;
+use edgediff::decode::{
+    BidirectionalCache, BidirectionalOptions, BlockOptions, DecoderKind, Prediction, Rng, Sampling,
+    SpeculativeOptions,
+};
+use edgediff::engine::{Engine, GenerationRequest, Prompt};
+use edgediff::format::{DType, EdmFile};
+use edgediff::model::{
+    Architecture, ForwardOutput, ForwardRequest, Model, ModelError, SeqPass, Window,
+};
+use edgediff::synth::{self, SynthSpec};
+
+fn write_synth(dir: &Path, arch: Architecture, dtype: DType) -> PathBuf {
+    let m = synth::build(&SynthSpec::tiny(arch)).unwrap();
+    let path = dir.join(format!("{arch}-{dtype}.edm"));
+    synth::write_edm(&m, &path, dtype, &|_, _| {}).unwrap();
+    path
+}
+
+fn load<B: Backend>(b: &B, path: &Path) -> Model<B> {
+    let file = Arc::new(EdmFile::open(path).unwrap());
+    Model::load(b, file, &|_, _| true).unwrap()
+}
+
+/// One sequence: a prefix already in its cache, then the pass under test.
+struct Seq {
+    prefix: Vec<u32>,
+    tokens: Vec<u32>,
+    window: Window,
+    want: ForwardRequest,
+}
+
+fn below(rng: &mut Rng, n: usize) -> usize {
+    (rng.next_u64() % n as u64) as usize
+}
+
+/// A random pass of at most `max_rows` rows after a random prefix.
+fn random_seq(rng: &mut Rng, vocab: usize, max_rows: usize) -> Seq {
+    let p = 1 + below(rng, 23);
+    let tok = |rng: &mut Rng| below(rng, vocab) as u32;
+    let prefix = (0..p).map(|_| tok(rng)).collect();
+    let len = 1 + below(rng, max_rows);
+    let tokens: Vec<u32> = (0..len).map(|_| tok(rng)).collect();
+    let mask = match below(rng, 4) {
+        0 => AttnMask::Causal,
+        1 => AttnMask::BlockCausal(1 + below(rng, 8)),
+        2 => AttnMask::CausalThenBidirectional {
+            draft_start: p + below(rng, len),
+        },
+        _ => AttnMask::Bidirectional,
+    };
+    let a = below(rng, len + 1);
+    let b = a + below(rng, len + 1 - a);
+    let want = ForwardRequest {
+        rows: (below(rng, 4) > 0).then_some(a..b),
+        logits: below(rng, 2) == 0,
+        routing: below(rng, 3) == 0,
+        blocks: None,
+    };
+    Seq {
+        prefix,
+        window: Window::block(p, len, mask),
+        tokens,
+        want,
+    }
+}
+
+fn prefill<B: Backend>(b: &B, m: &Model<B>, s: &Seq) -> B::Kv {
+    let mut kv = m.new_kv(b, 64).unwrap();
+    let w = Window::block(0, s.prefix.len(), AttnMask::Causal);
+    m.forward(b, &mut kv, &s.prefix, w, &ForwardRequest::default())
+        .unwrap();
+    kv
+}
+
+/// A pass after the one under test: sees the K/V that pass wrote.
+fn next_pass<B: Backend>(b: &B, m: &Model<B>, kv: &mut B::Kv, s: &Seq) -> ForwardOutput {
+    let at = s.window.kv_len;
+    let want = ForwardRequest {
+        logits: true,
+        ..Default::default()
+    };
+    m.forward(b, kv, &[5], Window::block(at, 1, AttnMask::Causal), &want)
+        .unwrap()
+}
+
+fn same(what: &str, batched: &ForwardOutput, alone: &ForwardOutput) {
+    assert_eq!(batched.stats, alone.stats, "{what}: statistics");
+    let bits = |o: &ForwardOutput| {
+        o.logits
+            .as_ref()
+            .map(|l| l.iter().map(|v| v.to_bits()).collect::<Vec<_>>())
+    };
+    assert_eq!(bits(batched), bits(alone), "{what}: logits");
+    assert_eq!(batched.routing, alone.routing, "{what}: routing");
+    if let Some(l) = &batched.logits {
+        assert!(l.iter().all(|v| v.is_finite()), "{what}: non-finite logits");
+    }
+}
+
+/// `rounds` random batches of up to 12 sequences of at most `max_rows` rows each.
+fn batched_equals_alone<B: Backend>(name: &str, b: &B, m: &Model<B>, max_rows: usize, seed: u64) {
+    let mut rng = Rng::new(seed);
+    for round in 0..3 {
+        let n = 2 + below(&mut rng, 11);
+        let seqs: Vec<Seq> = (0..n)
+            .map(|_| random_seq(&mut rng, m.config.vocab_size, max_rows))
+            .collect();
+        let mut alone_kv: Vec<B::Kv> = seqs.iter().map(|s| prefill(b, m, s)).collect();
+        let mut batch_kv: Vec<B::Kv> = seqs.iter().map(|s| prefill(b, m, s)).collect();
+        let alone: Vec<ForwardOutput> = seqs
+            .iter()
+            .zip(&mut alone_kv)
+            .map(|(s, kv)| m.forward(b, kv, &s.tokens, s.window, &s.want).unwrap())
+            .collect();
+        let mut passes: Vec<SeqPass<'_, B>> = seqs
+            .iter()
+            .zip(&mut batch_kv)
+            .map(|(s, kv)| SeqPass {
+                kv,
+                tokens: &s.tokens,
+                window: s.window,
+                want: &s.want,
+            })
+            .collect();
+        let batched = m.forward_batch(b, &mut passes).unwrap();
+        drop(passes);
+        assert_eq!(batched.len(), n);
+        for (i, s) in seqs.iter().enumerate() {
+            let what = format!(
+                "{name} round {round} sequence {i} of {n}: {} rows at {:?}",
+                s.tokens.len(),
+                s.window
+            );
+            same(&what, &batched[i], &alone[i]);
+            let after_batch = next_pass(b, m, &mut batch_kv[i], s);
+            let after_alone = next_pass(b, m, &mut alone_kv[i], s);
+            same(
+                &format!("{what}, the pass after"),
+                &after_batch,
+                &after_alone,
+            );
+        }
+    }
+}
+
+#[test]
+fn a_batched_pass_equals_each_pass_alone_on_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    for arch in Architecture::ALL {
+        for dtype in [DType::F32, DType::Q4] {
+            let m = load(&CpuBackend, &write_synth(dir.path(), arch, dtype));
+            batched_equals_alone(&format!("cpu {arch} {dtype}"), &CpuBackend, &m, 9, 7);
+        }
+    }
+}
+
+#[test]
+fn a_batched_pass_of_gemv_sized_passes_equals_each_alone_on_the_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, gpu) in backends(None) {
+        // Passes the GPU batches: up to its gemv's rows (Backend::batch_class).
+        let rows = (1..64)
+            .take_while(|&r| gpu.batch_class(r) == Some(0))
+            .count();
+        assert!(rows >= 2, "{name}: in-place AR passes (2 rows) must batch");
+        for arch in Architecture::ALL {
+            for dtype in [DType::F32, DType::Q4] {
+                let m = load(&gpu, &write_synth(dir.path(), arch, dtype));
+                let what = format!("{name} {arch} {dtype}");
+                batched_equals_alone(&what, &gpu, &m, rows, 11);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_pass_with_block_routing_does_not_share_a_pass_and_bad_passes_fail_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = load(
+        &CpuBackend,
+        &write_synth(dir.path(), Architecture::Qwen3Moe, DType::F32),
+    );
+    let mut rng = Rng::new(3);
+    let seqs: Vec<Seq> = (0..2).map(|_| random_seq(&mut rng, 512, 4)).collect();
+    let mut kvs: Vec<_> = seqs.iter().map(|s| prefill(&CpuBackend, &m, s)).collect();
+    let blocks = ForwardRequest {
+        blocks: Some(edgediff::backend::BlockRouting::tail(4, 0)),
+        ..Default::default()
+    };
+    let mut it = kvs.iter_mut();
+    let mut passes = vec![
+        SeqPass {
+            kv: it.next().unwrap(),
+            tokens: &seqs[0].tokens,
+            window: seqs[0].window,
+            want: &blocks,
+        },
+        SeqPass {
+            kv: it.next().unwrap(),
+            tokens: &seqs[1].tokens,
+            window: seqs[1].window,
+            want: &seqs[1].want,
+        },
+    ];
+    assert!(matches!(
+        m.forward_batch(&CpuBackend, &mut passes),
+        Err(ModelError::BatchMix(_))
+    ));
+    // A pass past its cache's end is the same typed error in a batch as alone.
+    passes[0].want = &seqs[0].want;
+    passes[1].window = Window::block(64, seqs[1].tokens.len(), AttnMask::Causal);
+    assert!(matches!(
+        m.forward_batch(&CpuBackend, &mut passes),
+        Err(ModelError::Context { .. })
+    ));
+}
+
+fn request(engine: &Engine<CpuBackend>, i: usize, rng: &mut Rng) -> GenerationRequest {
+    let prompt: Vec<u32> = (0..3 + below(rng, 14))
+        .map(|_| 3 + below(rng, 500) as u32)
+        .collect();
+    let mut r = engine.request(Prompt::Tokens(prompt));
+    r.decoding.max_new_tokens = 6 + below(rng, 14);
+    r.decoding.ignore_eos = true;
+    r.decoding.decoder = match i % 4 {
+        0 => DecoderKind::Ar,
+        1 => DecoderKind::Block(BlockOptions {
+            block_size: 4,
+            reuse_last_kv: false,
+        }),
+        2 => DecoderKind::Bidirectional(BidirectionalOptions {
+            block_size: 8,
+            cache: BidirectionalCache::Dual,
+        }),
+        _ => DecoderKind::Block(BlockOptions {
+            block_size: 1 + below(rng, 8),
+            reuse_last_kv: true,
+        }),
+    };
+    if i % 3 == 1 {
+        r.decoding.sampling = Sampling {
+            temperature: 0.8,
+            seed: i as u64,
+            ..Sampling::greedy()
+        };
+    }
+    r
+}
+
+#[test]
+fn decoding_many_requests_together_gives_each_the_tokens_it_gets_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    for arch in [Architecture::Llada2Moe, Architecture::Qwen3Moe] {
+        let path = write_synth(dir.path(), arch, DType::F32);
+        let engine = Engine::new(CpuBackend, Arc::new(EdmFile::open(&path).unwrap())).unwrap();
+        let mut rng = Rng::new(5);
+        let mut requests: Vec<GenerationRequest> =
+            (0..10).map(|i| request(&engine, i, &mut rng)).collect();
+        if arch == Architecture::Qwen3Moe {
+            // A next-token model: speculative decoding too.
+            requests[3].decoding.decoder = DecoderKind::Speculative(SpeculativeOptions {
+                draft_len: 4,
+                beta: 1.0,
+            });
+            requests[3].decoding.prediction = Prediction::NextToken;
+        }
+        let alone: Vec<_> = requests
+            .iter()
+            .map(|r| engine.generate(r, &mut |_| {}).unwrap())
+            .collect();
+        let batches = Arc::new(AtomicUsize::new(0));
+        let shared = Arc::new(AtomicUsize::new(0));
+        let (b, s) = (batches.clone(), shared.clone());
+        engine.set_batch_report(move |r| {
+            b.fetch_add(1, Ordering::Relaxed);
+            if r.sequences > 1 {
+                s.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        engine.set_batch_limits(BatchLimits {
+            max_rows: 64,
+            wait: std::time::Duration::from_millis(50),
+        });
+        let streamed: Vec<std::sync::Mutex<String>> =
+            requests.iter().map(|_| Default::default()).collect();
+        let together = engine.generate_many(&requests, &|i, e| {
+            if let edgediff::engine::Event::Text(t) = e {
+                streamed[i].lock().unwrap().push_str(&t);
+            }
+        });
+        for (i, (t, a)) in together.iter().zip(&alone).enumerate() {
+            let t = t.as_ref().unwrap();
+            assert_eq!(
+                t.tokens, a.tokens,
+                "{arch} request {i}: {:?}",
+                requests[i].decoding
+            );
+            assert_eq!(t.text, a.text, "{arch} request {i}");
+            assert_eq!(*streamed[i].lock().unwrap(), t.text, "{arch} request {i}");
+            assert_eq!(t.stats.forward_passes, a.stats.forward_passes);
+        }
+        let (n, shared) = (
+            batches.load(Ordering::Relaxed),
+            shared.load(Ordering::Relaxed),
+        );
+        let passes: usize = alone.iter().map(|a| a.stats.forward_passes).sum();
+        assert!(
+            shared * 2 > n && n < passes,
+            "{arch}: {n} batched passes for {passes} passes, {shared} of them shared"
+        );
+    }
+}
