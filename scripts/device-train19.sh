@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Issue 19's GPU-machine part: SmolLM2-135M-Instruct upcycled to a 32-expert MoE and trained as a block-diffusion
+# model (training/smollm2/, training/README.md "SmolLM2"). One phase per device call; each is self-contained,
+# resumable and writes its results under $OUT. The repository copy's gitignored files persist between calls
+# while the machine is warm, so the chunks staged by earlier calls are still there for the later ones.
+#
+# Here first: /work/venv-zaya/bin/python training/smollm2/prepare.py   (makes training/carry/c0..c3 + manifest)
+#             cargo build --release -p edgediff && mkdir -p .bin && strip -o .bin/edgediff target/release/edgediff
+# Then, back to back (run tool):
+#   bash scripts/device-train19.sh stage      carry ["training/carry/c0"]   (then c1, c2, c3: one call each)
+#   bash scripts/device-train19.sh train      carry []          (<= 540 s: unpack, train to DEADLINE, save state)
+#   bash scripts/device-train19.sh export     carry [".bin", ".gl"]  (HF export, convert q4/q8/f32, parity, bench
+#                                              decode on the GPU, q4 pieces 0-3 of the .edm + logs to $OUT)
+#   bash scripts/device-train19.sh return-2   carry []          (the q4 .edm's remaining pieces)
+# Back here: bash training/smollm2/reassemble.sh <dir with the fetched files> models/smollm2-moe-q4.edm
+# Env: OUT (results), DEADLINE (train: seconds from start to saved state, 520), TRAIN_ARGS (extra train_moe.py
+# flags), PY (python3), EDGEDIFF (binary; .bin/edgediff or target/release/edgediff), PIECE (bytes, 16000000).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PHASE=${1:?usage: device-train19.sh stage|train|export|return-2}
+OUT=${OUT:-/tmp/edgediff-train19}
+PY=${PY:-python3}
+DEV=${DEV:-training/runs/smollm2-dev}   # gitignored: survives between calls while the machine is warm
+BUNDLE=$DEV/bundle
+STATE=$DEV/state
+PIECE=${PIECE:-16000000}
+mkdir -p "$OUT" "$DEV"
+LOG=$OUT/$PHASE.log
+T0=$SECONDS
+log() { echo "[$((SECONDS - T0))s] $*" | tee -a "$LOG" >&2; }
+
+# Verifies the chunks present against their manifest and unpacks the bundle once all are there.
+stage() {
+  local man
+  man=$(ls training/carry/c*/manifest.json "$DEV"/manifest.json 2>/dev/null | head -1)
+  [[ -n "$man" ]] || { log "no training/carry/c*/manifest.json: run prepare.py here and carry a chunk"; return 1; }
+  cp "$man" "$DEV/manifest.json" 2>/dev/null
+  for d in training/carry/c*/; do
+    [[ -f "$d/part" ]] || continue
+    local n; n=$(basename "$d")
+    if [[ ! -f "$DEV/$n.ok" ]]; then
+      local want got
+      want=$($PY -c "import json,sys; m=json.load(open('$DEV/manifest.json')); print([p['sha256'] for p in m['parts'] if p['dir'].endswith('/$n')][0])")
+      got=$(sha256sum "$d/part" | cut -d' ' -f1)
+      if [[ "$want" == "$got" ]]; then cp "$d/part" "$DEV/$n.part" && touch "$DEV/$n.ok" && log "$n: sha256 ok";
+      else log "$n: sha256 MISMATCH ($got, want $want)"; fi
+    fi
+  done
+  local total have
+  total=$($PY -c "import json; print(len(json.load(open('$DEV/manifest.json'))['parts']))")
+  have=$(ls "$DEV"/c*.ok 2>/dev/null | wc -l)
+  log "chunks staged: $have of $total"
+  ls -la "$DEV" >> "$LOG"
+  if [[ -f "$BUNDLE/.done" ]]; then log "bundle already unpacked"; return 0; fi
+  ((have == total)) || return 0
+  local tarsum want
+  for i in $(seq 0 $((total - 1))); do cat "$DEV/c$i.part"; done > "$DEV/bundle.tar"
+  tarsum=$(sha256sum "$DEV/bundle.tar" | cut -d' ' -f1)
+  want=$($PY -c "import json; print(json.load(open('$DEV/manifest.json'))['tar_sha256'])")
+  if [[ "$tarsum" != "$want" ]]; then log "bundle sha256 MISMATCH ($tarsum, want $want)"; return 1; fi
+  rm -rf "$BUNDLE" && mkdir -p "$BUNDLE" && tar -xf "$DEV/bundle.tar" -C "$BUNDLE" && rm -f "$DEV/bundle.tar"
+  mkdir -p "$DEV/site"
+  $PY -m pip install --no-index --no-deps --quiet --target "$DEV/site" "$BUNDLE"/wheel/*.whl >> "$LOG" 2>&1
+  rm -f "$DEV"/c*.part
+  touch "$BUNDLE/.done"
+  log "bundle unpacked: $(du -sh "$BUNDLE" | cut -f1); gguf package in $DEV/site"
+}
+
+binary() {
+  local b=${EDGEDIFF:-}
+  for c in .bin/edgediff target/release/edgediff; do [[ -z "$b" && -x "$c" ]] && b=$c; done
+  [[ -n "$b" ]] || { log "no edgediff binary (carry .bin)"; return 1; }
+  echo "$b"
+}
+
+case "$PHASE" in
+  stage)
+    stage; rc=$?
+    ;;
+  train)
+    stage || exit 1
+    [[ -f "$BUNDLE/.done" ]] || { log "bundle incomplete: stage every chunk first"; exit 1; }
+    nvidia-smi --query-gpu=name,memory.total --format=csv >> "$LOG" 2>&1
+    log "train (deadline ${DEADLINE:-520} s)"
+    PYTHONPATH="$DEV/site" $PY training/smollm2/train_moe.py train --bundle "$BUNDLE" --out "$STATE" \
+      --deadline "${DEADLINE:-520}" ${TRAIN_ARGS:-} 2>&1 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    cp "$STATE/state.json" "$OUT/" 2>/dev/null
+    log "train exit $rc"
+    ;;
+  export)
+    [[ -f "$STATE/student.pt" ]] || { log "no trained state in $STATE (run train first, same warm machine)"; exit 1; }
+    BIN=$(binary) || exit 1
+    source scripts/lib/device-vulkan.sh
+    rc=0
+    HF=$DEV/hf
+    # The essential part first (q4 file in pieces to $OUT), then checks and benchmarks while the budget lasts.
+    run_for() { local lim=$1; shift; local l=$((BUDGET - (SECONDS - T0))); ((l < lim)) && lim=$l
+                if ((lim < 10)); then log "skipped (budget): $*"; return 1; fi; timeout "$lim" "$@"; }
+    BUDGET=${BUDGET:-560}
+    PYTHONPATH="$DEV/site" run_for 120 $PY training/smollm2/train_moe.py export --bundle "$BUNDLE" --state "$STATE" \
+      --out "$HF" >> "$LOG" 2>&1 || rc=1
+    for dt in q4 q8 f32; do
+      run_for 120 "$BIN" convert "$HF" -o "$DEV/smollm2-moe-$dt.edm" --dtype $dt --mask-token-id 4 --block-size 16 \
+        >> "$LOG" 2>&1 || { log "convert $dt failed"; rc=1; }
+      if [[ $dt == q4 ]]; then
+        ( cd "$DEV" && rm -f q4.piece.* && split -b "$PIECE" -d -a 1 smollm2-moe-q4.edm q4.piece. \
+          && sha256sum smollm2-moe-q4.edm q4.piece.* > q4.sha256 )
+        cp "$DEV/q4.sha256" "$OUT/"
+        for p in "$DEV"/q4.piece.[0-3]; do [[ -f "$p" ]] && cp "$p" "$OUT/"; done
+        log "q4 file $(stat -c %s "$DEV/smollm2-moe-q4.edm") bytes in $(ls "$DEV"/q4.piece.* | wc -l) pieces; 0-3 in \$OUT"
+      fi
+    done
+    log "parity (edgediff CPU vs PyTorch, f32)"
+    run_for 120 $PY training/smollm2/train_moe.py parity --hf "$HF" --edm "$DEV/smollm2-moe-f32.edm" --edgediff "$BIN" \
+      --tokenizer "$HF/tokenizer.json" >> "$LOG" 2>&1 || { log "parity failed"; rc=1; }
+    rm -f "$DEV/smollm2-moe-f32.edm"
+    "$BIN" devices >> "$LOG" 2>&1
+    log "generate (q4, GPU, chat)"
+    run_for 40 "$BIN" generate --backend gpu --chat --model "$DEV/smollm2-moe-q4.edm" --max-tokens 64 \
+      "What is the capital of France?" >> "$LOG" 2>&1
+    for dt in q4 q8; do
+      log "bench decode $dt"
+      run_for 110 "$BIN" bench decode --backend gpu --model "$DEV/smollm2-moe-$dt.edm" --max-tokens 64 \
+        --thresholds 0.5,0.7,0.9 --betas 1,0.8,0.5 > "$OUT/decode-$dt.md" 2>> "$LOG" || { log "bench $dt failed"; rc=1; }
+    done
+    log "export done, exit $rc"
+    ;;
+  return-2)
+    ls "$DEV"/q4.piece.* >/dev/null 2>&1 || { log "no pieces (run export first, same warm machine)"; exit 1; }
+    cp "$DEV/q4.sha256" "$OUT/"
+    n=0
+    for p in "$DEV"/q4.piece.[4-9]; do [[ -f "$p" ]] && cp "$p" "$OUT/" && n=$((n + 1)); done
+    log "$n more pieces in \$OUT"
+    rc=0
+    ;;
+  *) echo "unknown phase $PHASE" >&2; exit 2 ;;
+esac
+exit "${rc:-0}"

@@ -1,0 +1,373 @@
+#!/usr/bin/env python3
+"""Steps 2-3 of the SmolLM2 pipeline (issue 19): train the upcycled MoE (model.py) from the plan prepare.py made,
+export it for `edgediff convert`, and check it against edgediff's CPU backend.
+
+Objective per step (rows are windows of L tokens laid out [noisy | clean] as in training/train.py, block 16):
+  diffusion  masked-diffusion ELBO on the noisy half (masked rows predict their own token; mask id 4)
+  AR         next-token CE on the clean half's causal rows
+  KD         KL(teacher || student) of the next-token distributions on the same causal rows; the teacher is the
+             dense dequantised SmolLM2 (bf16, frozen), which keeps the student near the base
+  EMO        in --emo-frac of the rows, every token of a document routes within one document-level subset of N
+             experts per layer: the top-N by the document-mean router probability over its clean tokens, N drawn
+             per document from --emo-sizes; the top-k is then taken inside the subset (both halves)
+  balance    no loss term: the selection-only expert bias moves by --bias-rate towards equal load after each step
+             (DeepSeek-V3's auxiliary-loss-free balancing), so it never fights the objective
+  total = diffusion + ar_weight * AR + kd_weight * KD
+
+Subcommands:
+  train    --bundle DIR (unpacked carry: base.gguf, plan.*, bin/, tokenizer/) --out STATE --deadline S
+  export   --bundle DIR --state STATE --out HF_DIR   (HF checkpoint in the bailing_moe_v2 layout)
+  parity   --edm FILE (--hf HF_DIR | --gguf FILE) [--edgediff BIN]: logits vs `edgediff forward` (causal and
+           block:16 with masks), relative L2 must be <= 1e-4; exit status 1 otherwise
+  tiny     a random tiny MoE exported to --out (for a parity check of the layout alone)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+import model as M  # noqa: E402
+from train import add_noise, allowed_2l  # noqa: E402  (the default model's masks and noise, unchanged)
+
+DOMAINS = ["prose", "rust", "python", "c"]
+BLOCK = 16
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def moe_cfg(base: M.Cfg, plan_json: dict) -> M.Cfg:
+    r = plan_json["moe"]
+    return M.Cfg(**{**base.to_json(), "experts": r["experts"], "shared_ffn": r["shared"],
+                    "expert_ffn": r["expert_ffn"], "top_k": r["top_k"], "scale": float(r["top_k"])})
+
+
+def load_student_and_teacher(bundle: Path, device, layers: int | None = None):
+    from safetensors.torch import load_file
+
+    c, dense_sd = M.read_gguf(bundle / "base.gguf")
+    if layers:  # tiny local runs: the first N layers only
+        c.layers = layers
+        dense_sd = {k: v for k, v in dense_sd.items() if not k.startswith("layers.") or int(k.split(".")[1]) < layers}
+    pj = json.loads((bundle / "plan.json").read_text())
+    mc = moe_cfg(c, pj)
+    student = M.Model(mc)
+    student.load_state_dict(M.upcycle(dense_sd, c, load_file(str(bundle / "plan.safetensors")), mc))
+    teacher = M.Model(c)
+    teacher.load_state_dict(dense_sd)
+    return student.to(device), teacher.to(device), mc
+
+
+def doc_ids(x: torch.Tensor) -> torch.Tensor:
+    """[B, L] -> document index of each token within its row (a document ends with its <|endoftext|>)."""
+    ends = (x == M.EOT).long()
+    return torch.cumsum(ends, 1) - ends
+
+
+class Emo:
+    """Builds the route hook restricting each document's tokens to its top-N experts (per layer)."""
+
+    def __init__(self, docs_clean: torch.Tensor, rows: torch.Tensor, sizes: list[int], gen: torch.Generator):
+        self.docs = docs_clean  # [B, L]
+        self.rows = rows  # [B] bool: EMO applies to this row
+        D = int(docs_clean.max()) + 1
+        self.onehot = F.one_hot(docs_clean, D).float()  # [B, L, D]
+        self.count = self.onehot.sum(1).clamp_min(1)  # [B, D]
+        choice = torch.tensor(sizes)[torch.randint(len(sizes), (docs_clean.shape[0], D), generator=gen)]
+        self.n = choice.to(docs_clean.device)  # [B, D]
+
+    @torch.no_grad()
+    def __call__(self, layer, moe, x):
+        B, T, _ = x.shape
+        L = self.docs.shape[1]
+        scores = torch.sigmoid(F.linear(x[:, T - L:].float(), moe.gate.weight.float()))  # clean half [B, L, E]
+        mean = torch.einsum("bld,ble->bde", self.onehot, scores) / self.count[..., None]
+        rank = mean.argsort(-1, descending=True).argsort(-1)
+        allowed_doc = rank < self.n[..., None]  # [B, D, E]
+        allowed_doc |= ~self.rows[:, None, None]
+        a = torch.gather(allowed_doc, 1, self.docs[..., None].expand(-1, -1, allowed_doc.shape[-1]))
+        return a.repeat(1, T // L, 1)
+
+
+def losses(student, teacher, x, causal_rows, masks, gen, emo_hook, a):
+    B, L = x.shape
+    xt, masked, t = add_noise(x, BLOCK, gen)
+    xt = torch.where(xt == 3, torch.full_like(xt, M.MASK), xt)  # train.py's mask id is 3; ours is 4
+    inp = torch.cat([xt, x], 1)
+    pos = torch.arange(L, device=x.device).repeat(2)
+    mask = torch.where(causal_rows[:, None, None, None], masks[0], masks[1])
+    h, routes = student(inp, pos, mask, route_hook=emo_hook, return_hidden=True)
+    r = {}
+    ce = F.cross_entropy(student.logits(h[:, :L][masked]).float(), x[masked], reduction="none")
+    r["diff"] = (ce / t[masked].clamp_min(1.0 / BLOCK)).sum() / (B * L)
+    r["diff_ce"] = ce.mean().detach()
+    if causal_rows.any():
+        hc = h[:, L:2 * L - 1][causal_rows]
+        lg = student.logits(hc).float()
+        tgt = x[causal_rows][:, 1:]
+        r["ar"] = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1))
+        if a.kd_weight > 0:
+            with torch.no_grad():
+                xc = x[causal_rows]
+                tl, _ = teacher(xc, torch.arange(L, device=x.device), M.causal(L, x.device))
+                tp = F.log_softmax(tl[:, :-1].float(), -1)
+            sp = F.log_softmax(lg, -1)
+            r["kd"] = (tp.exp() * (tp - sp)).sum(-1).mean()
+        else:
+            r["kd"] = h.sum() * 0
+    else:
+        r["ar"] = r["kd"] = h.sum() * 0
+    return r, routes
+
+
+def cmd_train(a):
+    t_start = time.time()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    student, teacher, mc = load_student_and_teacher(a.bundle, dev, a.layers)
+    teacher = teacher.to(torch.bfloat16 if dev.type == "cuda" else torch.float32).eval().requires_grad_(False)
+    log(f"device {dev}, student {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params, {mc}, "
+        f"load {time.time() - t_start:.0f} s")
+    streams = {d: np.fromfile(a.bundle / "bin" / f"{d}.train.u16", dtype=np.uint16) for d in DOMAINS}
+    valid = {d: np.fromfile(a.bundle / "bin" / f"{d}.valid.u16", dtype=np.uint16) for d in DOMAINS}
+    L = a.seq
+    masks = (allowed_2l(L, BLOCK, True, dev)[None, None], allowed_2l(L, BLOCK, False, dev)[None, None])
+    router = [p for n, p in student.named_parameters() if "gate.weight" in n]
+    rest = [p for n, p in student.named_parameters() if "gate.weight" not in n]
+    opt = torch.optim.AdamW([{"params": rest, "lr": a.lr}, {"params": router, "lr": a.router_lr}],
+                            betas=(0.9, 0.95), weight_decay=0.0, fused=dev.type == "cuda")
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    rng = np.random.default_rng(a.seed)
+    gen = torch.Generator().manual_seed(a.seed)
+    if a.emo_sizes == "auto":
+        sizes = sorted({max(mc.top_k + 1, mc.experts // 8), max(mc.top_k + 1, mc.experts // 4)})
+    else:
+        sizes = [int(s) for s in a.emo_sizes.split(",")]
+    log(f"EMO subset sizes {sizes} in {a.emo_frac:.0%} of the rows")
+
+    def autocast():
+        return torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+    def batch(src, n):
+        rows = []
+        for _ in range(n):
+            s = src[DOMAINS[rng.integers(len(DOMAINS))]]
+            o = int(rng.integers(0, len(s) - L))
+            rows.append(s[o:o + L].astype(np.int64))
+        return torch.from_numpy(np.stack(rows)).to(dev)
+
+    @torch.no_grad()
+    def evaluate(n=8):
+        student.eval()
+        ev = {}
+        g = torch.Generator().manual_seed(99)
+        for d in DOMAINS:
+            x = torch.from_numpy(valid[d][: n * L].astype(np.int64).reshape(n, L)).to(dev)
+            with autocast():
+                r, _ = losses(student, teacher, x, torch.ones(n, dtype=torch.bool, device=dev), masks, g, None, a)
+            ev[d] = {k: round(float(v), 4) for k, v in r.items()}
+        student.train()
+        return ev
+
+    ev0 = evaluate()
+    log("valid before", json.dumps(ev0))
+    train_s = a.deadline - (time.time() - t_start) - a.reserve
+    t0 = time.time()
+    step, tokens, hist = 0, 0, []
+    student.train()
+    while time.time() - t0 < train_s and (a.steps == 0 or step < a.steps):
+        prog = min(1.0, (time.time() - t0) / max(1.0, train_s))
+        f = min(1.0, (step + 1) / a.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * prog)))
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * f
+        x = batch(streams, a.batch)
+        causal_rows = torch.from_numpy(rng.random(a.batch) < a.causal_frac).to(dev)
+        emo_rows = torch.from_numpy(rng.random(a.batch) < a.emo_frac).to(dev)
+        hook = Emo(doc_ids(x), emo_rows, sizes, gen) if a.emo_frac > 0 else None
+        with autocast():
+            r, routes = losses(student, teacher, x, causal_rows, masks, gen, hook, a)
+            loss = r["diff"] + a.ar_weight * r["ar"] + a.kd_weight * r["kd"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():  # auxiliary-loss-free balancing of the selection bias
+            for l, (_, ids) in zip(student.layers, routes):
+                load = torch.bincount(ids.reshape(-1), minlength=mc.experts).float()
+                l.mlp.gate.expert_bias += a.bias_rate * torch.sign(load.mean() - load)
+        step += 1
+        tokens += x.numel()
+        if step % a.log_every == 0:
+            el = time.time() - t0
+            loads = torch.stack([torch.bincount(ids.reshape(-1), minlength=mc.experts) for _, ids in routes]).float()
+            rec = {"step": step, "s": round(el, 1), "lr": round(opt.param_groups[0]["lr"], 7),
+                   "loss": round(float(loss), 4), **{k: round(float(v), 4) for k, v in r.items()},
+                   "tok_per_s": round(tokens / el), "max_load_over_mean": round(float((loads.max(1).values /
+                                                                                        loads.mean(1)).mean()), 2)}
+            if dev.type == "cuda":
+                rec["mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 1)
+            hist.append(rec)
+            log(json.dumps(rec))
+    ev1 = evaluate()
+    log("valid after", json.dumps(ev1))
+    a.out.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().to("cpu", torch.bfloat16 if k.endswith(("gate_up", "down")) or "proj" in k
+                                  or "query_key_value" in k or "dense.weight" in k or "word_embeddings" in k
+                                  else torch.float32)
+                for k, v in student.state_dict().items()}, a.out / "student.pt")
+    meta = {"cfg": mc.to_json(), "steps": step, "train_seconds": round(time.time() - t0, 1), "tokens": tokens,
+            "args": {k: str(v) for k, v in vars(a).items()}, "valid_before": ev0, "valid_after": ev1,
+            "history": hist}
+    (a.out / "state.json").write_text(json.dumps(meta, indent=1) + "\n")
+    log(f"saved {a.out} after {step} steps, {tokens / 1e6:.1f}M window tokens, {time.time() - t_start:.0f} s in all")
+
+
+def load_state(state: Path) -> M.Model:
+    meta = json.loads((state / "state.json").read_text())
+    m = M.Model(M.Cfg(**meta["cfg"]))
+    sd = torch.load(state / "student.pt", map_location="cpu")
+    m.load_state_dict({k: v.float() for k, v in sd.items()})
+    return m.eval(), meta
+
+
+def cmd_export(a):
+    m, meta = load_state(a.state)
+    M.export_hf(m, a.out, a.bundle / "tokenizer", {"edgediff_training": {
+        "recipe": "training/smollm2 (SmolLM2-135M-Instruct upcycled; diffusion + AR + KD + EMO)",
+        "steps": meta["steps"], "train_seconds": meta["train_seconds"]}})
+    log(f"exported {a.out}")
+
+
+def edgediff_logits(binary, edm, tokens, mask):
+    out = subprocess.run([binary, "forward", "--model", str(edm), "--tokens", ",".join(map(str, tokens)),
+                          "--mask", mask, "--json"], check=True, capture_output=True, text=True).stdout
+    return torch.tensor(json.loads(out)["logits"])
+
+
+def hf_model(d: Path) -> M.Model:
+    """Reads an exported bailing_moe_v2 checkpoint back into model.py (the inverse of export_hf)."""
+    from safetensors.torch import load_file
+
+    c = json.loads((d / "config.json").read_text())
+    cfg = M.Cfg(vocab=c["vocab_size"], hidden=c["hidden_size"], layers=c["num_hidden_layers"],
+                heads=c["num_attention_heads"], kv_heads=c["num_key_value_heads"], head_dim=c["head_dim"],
+                rope_theta=c["rope_theta"], eps=c["rms_norm_eps"], experts=c["num_experts"],
+                top_k=c["num_experts_per_tok"], expert_ffn=c["moe_intermediate_size"],
+                shared_ffn=c["moe_shared_expert_intermediate_size"], scale=c["routed_scaling_factor"])
+    t = {k.removeprefix("model."): v for k, v in load_file(str(d / "model.safetensors")).items()}
+    sd = {k: v for k, v in t.items() if ".mlp.experts." not in k}
+    for i in range(cfg.layers):
+        p = f"layers.{i}.mlp."
+        sd[p + "gate_up"] = torch.stack([torch.cat([t[p + f"experts.{e}.gate_proj.weight"],
+                                                    t[p + f"experts.{e}.up_proj.weight"]]) for e in range(cfg.experts)])
+        sd[p + "down"] = torch.stack([t[p + f"experts.{e}.down_proj.weight"] for e in range(cfg.experts)])
+    m = M.Model(cfg)
+    m.load_state_dict(sd)
+    return m.eval()
+
+
+def cmd_parity(a):
+    torch.set_num_threads(2)
+    m = M.dense_model(a.gguf) if a.gguf else hf_model(a.hf)
+    m.eval()
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(a.tokenizer))
+    ids = tok.encode(a.text, add_special_tokens=False).ids[:40]
+    n = len(ids)
+    cut = (n // 16) * 16 if n % 16 else n - 16
+    noisy = ids[:cut] + [M.MASK if i % 2 == 0 else t for i, t in enumerate(ids[cut:])]
+    worst = 0.0
+    for name, toks, mask in (("causal", ids, "causal"), ("block:16", noisy, "block:16")):
+        i = torch.arange(len(toks))
+        allow = (i[None, :] <= i[:, None]) if mask == "causal" else ((i[None, :] // 16) <= (i[:, None] // 16))
+        with torch.no_grad():
+            ref, _ = m(torch.tensor([toks]), i, allow[None, None])
+        ref = ref[0]
+        got = edgediff_logits(a.edgediff, a.edm, toks, mask)
+        rel = float((got - ref).norm() / ref.norm())
+        agree = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
+        worst = max(worst, rel)
+        log(f"{name:9s} {len(toks)} tokens: relative L2 {rel:.2e}, top-1 agreement {agree:.3f}")
+    if worst > a.tol:
+        log(f"parity FAILED: {worst:.2e} > {a.tol:.0e}")
+        raise SystemExit(1)
+    log("parity OK")
+
+
+def cmd_tiny(a):
+    """A random tiny MoE in the exported layout (vocab of the SmolLM2 tokenizer, 2 layers)."""
+    torch.manual_seed(a.seed)
+    c = M.Cfg(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, experts=8, top_k=2, expert_ffn=32,
+              shared_ffn=48, scale=2.0)
+    m = M.Model(c)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3 if p.ndim == 1 else 0.08)
+        for l in m.layers:
+            l.mlp.gate.expert_bias.normal_(0, 0.05)
+    M.export_hf(m, a.out, a.tokenizer_dir)
+    log(f"tiny random model -> {a.out}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--bundle", type=Path, required=True)
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--deadline", type=float, default=520.0, help="seconds from start to the saved state")
+    t.add_argument("--reserve", type=float, default=45.0, help="seconds kept for the final eval and save")
+    t.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: the deadline only)")
+    t.add_argument("--layers", type=int, help="first N layers only (tiny local runs)")
+    t.add_argument("--seq", type=int, default=512)
+    t.add_argument("--batch", type=int, default=32)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--router-lr", type=float, default=1e-3)
+    t.add_argument("--warmup", type=int, default=30)
+    t.add_argument("--ar-weight", type=float, default=1.0)
+    t.add_argument("--kd-weight", type=float, default=1.0)
+    t.add_argument("--causal-frac", type=float, default=0.75)
+    t.add_argument("--emo-frac", type=float, default=0.8, help="rows routed within document subsets")
+    t.add_argument("--emo-sizes", default="auto", help="subset sizes N drawn per document; auto: E/8, E/4 "
+                   "(at least top-k + 1)")
+    t.add_argument("--bias-rate", type=float, default=1e-3)
+    t.add_argument("--log-every", type=int, default=20)
+    t.add_argument("--seed", type=int, default=7)
+    e = sub.add_parser("export")
+    e.add_argument("--bundle", type=Path, required=True)
+    e.add_argument("--state", type=Path, required=True)
+    e.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("parity")
+    p.add_argument("--edm", type=Path, required=True)
+    p.add_argument("--hf", type=Path)
+    p.add_argument("--gguf", type=Path)
+    p.add_argument("--tokenizer", type=Path, default=HERE.parent / "runs/smollm2/tokenizer/tokenizer.json")
+    p.add_argument("--edgediff", default="target/release/edgediff")
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--text", default="fn main() {\n    let v: Vec<u32> = (0..10).collect();\n    println!(\"{:?}\", v);\n}\n"
+                                     "The quick brown fox jumps over the lazy dog.")
+    y = sub.add_parser("tiny")
+    y.add_argument("--out", type=Path, required=True)
+    y.add_argument("--tokenizer-dir", type=Path, default=HERE.parent / "runs/smollm2/tokenizer")
+    y.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    {"train": cmd_train, "export": cmd_export, "parity": cmd_parity, "tiny": cmd_tiny}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
