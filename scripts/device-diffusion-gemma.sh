@@ -4,14 +4,16 @@
 # For each shape below, tests/reference/diffusion_gemma_reference.py writes OUT/dg/<name>/
 # (checkpoint, tokenizer, reference.json: the encoder pass, the canvas pass with and without
 # self-conditioning over a cached prefix, a commit re-encoded and a second canvas; plus the same
-# passes on the device's CPU as cpu_rel_l2). Shapes: every one has both layer types and K = V
+# passes on the device's CPU as cpu_rel_l2; two generate() runs with their draws recorded, for the
+# canvas sampler's replay). Shapes: every one has both layer types and K = V
 # global layers of another head size; windows shorter and longer than the prefix; GQA groups of
 # 1, 2, 3; top-k up to 5 of 16; vocabularies that are no power of two.
 #
 # On the device (run tool, no carry needed):  bash scripts/device-diffusion-gemma.sh
 # Then here, with the returned files (files_at/dg):
 #   EDGEDIFF_DG_REFERENCES=<files_at>/dg cargo test -p edgediff-tests --test diffusion_gemma \
-#     -- --ignored --nocapture          (edgediff's CPU reference against each: rel L2 <= 1e-4)
+#     -- --ignored --nocapture          (edgediff's CPU reference against each: rel L2 <= 1e-4, and
+#                                         decode::canvas commits generate()'s tokens given its draws)
 # Locally (plumbing): DEVICE=cpu PY=/work/venv-zaya/bin/python3 OUT=/tmp/dg-dry bash scripts/device-diffusion-gemma.sh
 # Knobs: DEVICE (cuda | cpu), PY (python3), OUT (/tmp/edgediff-dg; $OUT on the device).
 set -uo pipefail

@@ -9,8 +9,15 @@ the model's size) and reference.json:
      decoder_logits [C][V],               # the canvas pass, no self-conditioning (first step)
      self_cond_logits [C][V],             # the previous step's logits fed back ...
      decoder_sc_logits [C][V],            # ... and the canvas pass with them
-     commit, commit_logits [C][V], canvas2, decoder2_logits [C][V]}  # a second canvas after
+     commit, commit_logits [C][V], canvas2, decoder2_logits [C][V],  # a second canvas after
                                                                      # re-encoding `commit`
+     samplers: [{params, prompt, draws: [{"noise": [C]} | {"u": [C]}, ...], tokens, steps}]}
+
+each of `samplers` is `model.generate` (DiffusionGemma's entropy-bound canvas sampler) with its randomness
+injected: `EntropyBoundSampler.initialize_canvas` returns recorded uniform canvases and
+`torch.multinomial` picks by inverse CDF from recorded uniforms (the first token whose cumulative
+probability exceeds u), in the order generate() asks; edgediff replays the same draws and must ask
+for them in the same order, take the same steps and commit the same tokens.
 
 How the oracle runs: DiffusionGemmaForBlockDiffusion in float32, eager attention and experts,
 DynamicCache (generate()'s default), TF32 off. The encoder pass's logits are not an output of the
@@ -57,6 +64,50 @@ def word_level_tokenizer(vocab_size):
     for i, t in enumerate(specials):
         tok.add_special_tokens([t])
     return tok
+
+
+def run_sampler(model, prefix, args, eos=None, stability=1, confidence=100.0):
+    """generate() with recorded draws (see the module doc)."""
+    from unittest import mock
+
+    from transformers.models.diffusion_gemma import generation_diffusion_gemma as gen
+
+    g = torch.Generator().manual_seed(args.seed + 2)
+    draws = []
+    vocab = model.config.text_config.vocab_size
+
+    def initialize_canvas(self, batch_size, device):
+        canvas = torch.randint(0, vocab, (batch_size, self.canvas_length), generator=g)
+        draws.append({"noise": canvas[0].tolist()})
+        return canvas.to(device)
+
+    def multinomial(probs, num_samples=1, **kwargs):
+        u = torch.rand(probs.shape[0], generator=g)
+        draws.append({"u": [float(x) for x in u]})
+        c = probs.float().cumsum(-1)
+        idx = (c <= (u.to(c.device)[:, None] * c[:, -1:])).sum(-1).clamp(max=probs.shape[-1] - 1)
+        return idx[:, None]
+
+    params = dict(max_new_tokens=3 * args.canvas, max_denoising_steps=5, t_min=0.4, t_max=0.8,
+                  stability_threshold=stability, confidence_threshold=confidence, eos_token_id=eos,
+                  pad_token_id=0)
+    bound = 1.5  # several tokens accepted per step in a random model (the default 0.1: about one)
+    with mock.patch.object(gen.EntropyBoundSampler, "initialize_canvas", initialize_canvas), \
+            mock.patch.object(gen.torch, "multinomial", multinomial), torch.no_grad():
+        out = model.generate(input_ids=prefix.to(model.device),
+                             sampler_config=gen.EntropyBoundSamplerConfig(entropy_bound=bound),
+                             **params)
+    tokens = out.sequences[0, prefix.shape[1]:].tolist()
+    # Per canvas: its initial noise, then per step a u-draw followed by the renoising noise.
+    steps, prev_u = [], False
+    for d in draws:
+        if "u" in d:
+            steps[-1] += 1
+        elif not prev_u:
+            steps.append(0)
+        prev_u = "u" in d
+    return {"params": {**params, "entropy_bound": bound}, "prompt": prefix[0].tolist(),
+            "draws": draws, "tokens": tokens, "steps": steps}
 
 
 def main():
@@ -170,6 +221,18 @@ def main():
         cpu_rel_l2 = {k: float((cpu[k] - v).norm() / v.norm()) for k, v in out_logits.items()
                       if k != "self_cond_logits"}
         print("device vs cpu rel L2:", cpu_rel_l2)
+    # EOS: a token the second canvas commits and the first does not, so the EOS path (pad after
+    # it, generation ends) runs; the draws are the same in both runs, so is everything before it.
+    free = run_sampler(model, prefix, args)["tokens"]
+    c = args.canvas
+    eos = next((t for t in free[c:2 * c] if t not in free[:c]), None)
+    # Two runs: (a) stop when the argmax canvas repeats (confidence 100 nats: always confident;
+    # a random model's canvas never settles in 5 steps) and the EOS path; (b) no stability
+    # requirement and a confidence threshold (2.7 nats) a random model's tempered mean entropy
+    # crosses after a few steps, so canvases stop early.
+    samplers = [run_sampler(model, prefix, args, eos),
+                run_sampler(model, prefix, args, None, stability=0, confidence=2.7)]
+
     rows = lambda t: [[float(v) for v in r] for r in t.cpu()]
     ref = {
         "transformers_version": transformers.__version__,
@@ -184,6 +247,7 @@ def main():
         "shape": {k: v for k, v in vars(args).items() if k not in ("out", "device")},
         "cpu_rel_l2": cpu_rel_l2,
         **{k: rows(v) for k, v in out_logits.items()},
+        "samplers": samplers,
     }
     (out / "reference.json").write_text(json.dumps(ref))
     print(f"wrote {out}: {sum(1 for _ in out.iterdir())} files")

@@ -3,7 +3,9 @@
 //! types, a sliding window shorter than the prefix, K = V global layers of another head size, a
 //! vision tower the converter leaves out). The encoder's causal logits, the canvas decoder's
 //! logits over a cached prefix with and without self-conditioning, and a second canvas after a
-//! commit re-encoded into the cache: relative L2 ≤ 1e-4 in f32. Then what the reference alone
+//! commit re-encoded into the cache: relative L2 ≤ 1e-4 in f32; the canvas sampler
+//! (`decode::canvas`) replaying transformers' `generate()` draws commits its tokens in its steps
+//! (one run stopping on EOS, one stopping early on confidence). Then what the reference alone
 //! cannot say (a chunked encode equals a whole one; the GPU refuses the family with a typed error)
 //! and broken checkpoints as typed errors.
 
@@ -12,6 +14,7 @@ use std::sync::Arc;
 
 use edgediff::backend::cpu::CpuBackend;
 use edgediff::backend::BackendError;
+use edgediff::decode::canvas::{self, CanvasDraws, CanvasParams};
 use edgediff::format::{DType, EdmFile};
 use edgediff::import::{self, ImportError};
 use edgediff::model::canvas::CanvasModel;
@@ -166,6 +169,7 @@ fn device_references_match_transformers() {
                 dir.display()
             );
         }
+        check_samplers(&m, &r);
     }
 }
 
@@ -503,4 +507,85 @@ fn the_26b_a4b_preset_has_gemma_4_26b_a4b_shapes() {
         (3_600_000_000..4_000_000_000).contains(&(active + embed)),
         "{active}"
     );
+}
+
+/// transformers' draws, replayed in the order they were made; asking for another kind of draw
+/// than transformers made next is a failure (the samplers would have diverged).
+struct Replay<'a> {
+    draws: &'a [Value],
+    at: usize,
+}
+
+impl Replay<'_> {
+    fn next(&mut self, kind: &str, len: usize) -> &Value {
+        let d = self.draws.get(self.at).unwrap_or_else(|| {
+            panic!(
+                "draw {} ({kind}) beyond transformers' {}",
+                self.at,
+                self.draws.len()
+            )
+        });
+        self.at += 1;
+        let v = d.get(kind).unwrap_or_else(|| {
+            panic!(
+                "draw {}: edgediff asks for {kind}, transformers drew {d}",
+                self.at - 1
+            )
+        });
+        assert_eq!(v.as_array().unwrap().len(), len, "draw {}", self.at - 1);
+        v
+    }
+}
+
+impl CanvasDraws for Replay<'_> {
+    fn noise(&mut self, len: usize, _vocab: usize) -> Vec<u32> {
+        ids(self.next("noise", len))
+    }
+    fn uniforms(&mut self, len: usize) -> Vec<f32> {
+        self.next("u", len)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    }
+}
+
+#[test]
+fn the_canvas_sampler_commits_transformers_tokens_given_the_same_draws() {
+    let (_tmp, m) = load(DType::F32);
+    check_samplers(&m, &reference());
+}
+
+/// Every sampler run of a reference, replayed: same draws asked in the same order, same steps
+/// per canvas, same committed tokens.
+fn check_samplers(m: &CanvasModel<CpuBackend>, r: &Value) {
+    for (case, s) in r["samplers"].as_array().unwrap().iter().enumerate() {
+        let q = &s["params"];
+        let params = CanvasParams {
+            max_new_tokens: q["max_new_tokens"].as_u64().unwrap() as usize,
+            steps: q["max_denoising_steps"].as_u64().unwrap() as usize,
+            entropy_bound: q["entropy_bound"].as_f64().unwrap() as f32,
+            t_min: q["t_min"].as_f64().unwrap() as f32,
+            t_max: q["t_max"].as_f64().unwrap() as f32,
+            stability: q["stability_threshold"].as_u64().unwrap() as usize,
+            confidence: q["confidence_threshold"].as_f64().unwrap() as f32,
+            eos: q["eos_token_id"].as_u64().map(|e| e as u32),
+            pad: q["pad_token_id"].as_u64().unwrap() as u32,
+        };
+        let draws = s["draws"].as_array().unwrap();
+        let mut replay = Replay { draws, at: 0 };
+        let prompt = ids(&s["prompt"]);
+        let mut kv = m.new_kv(&CpuBackend, prompt.len() + 64).unwrap();
+        let out =
+            canvas::generate(&CpuBackend, m, &mut kv, &prompt, &params, &mut replay).unwrap();
+        assert_eq!(out.tokens, ids(&s["tokens"]), "case {case}: tokens");
+        let steps: Vec<usize> = ids(&s["steps"]).iter().map(|&n| n as usize).collect();
+        assert_eq!(out.steps, steps, "case {case}: steps per canvas");
+        assert_eq!(replay.at, draws.len(), "case {case}: draws used");
+        assert_eq!(
+            out.finished,
+            params.eos.is_some_and(|e| out.tokens.contains(&e))
+        );
+    }
 }

@@ -322,3 +322,13 @@ def export_hf(model: Model, out: Path, tokenizer_dir: Path, extra: dict | None =
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     for f in tokenizer_dir.iterdir():
         (out / f.name).write_bytes(f.read_bytes())
+    # transformers 5 saves the GGUF's chat template beside tokenizer_config.json (chat_template.jinja) and names
+    # <|im_start|> as eos; edgediff reads the template from tokenizer_config.json, and chat turns end at <|im_end|>.
+    tc = json.loads((out / "tokenizer_config.json").read_text())
+    tpl = out / "chat_template.jinja"
+    if tpl.exists() and "chat_template" not in tc:
+        tc["chat_template"] = tpl.read_text()
+    tc.update({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+               "mask_token": "<reponame>"})
+    tc.pop("bos_token_id", None), tc.pop("eos_token_id", None)
+    (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2) + "\n")

@@ -19,6 +19,7 @@ Subcommands:
   export   --bundle DIR --state STATE --out HF_DIR   (HF checkpoint in the bailing_moe_v2 layout)
   parity   --edm FILE (--hf HF_DIR | --gguf FILE) [--edgediff BIN]: logits vs `edgediff forward` (causal and
            block:16 with masks), relative L2 must be <= 1e-4; exit status 1 otherwise
+  upcycled --bundle DIR --out HF_DIR: the upcycled student before training (for parity)
   tiny     a random tiny MoE exported to --out (for a parity check of the layout alone)
 """
 
@@ -309,6 +310,13 @@ def cmd_parity(a):
     log("parity OK")
 
 
+def cmd_upcycled(a):
+    """The upcycled student before any training, exported (its parity with edgediff is the upcycling's check)."""
+    student, _, mc = load_student_and_teacher(a.bundle, "cpu", a.layers)
+    M.export_hf(student.eval(), a.out, a.bundle / "tokenizer")
+    log(f"upcycled (untrained) {mc} -> {a.out}")
+
+
 def cmd_tiny(a):
     """A random tiny MoE in the exported layout (vocab of the SmolLM2 tokenizer, 2 layers)."""
     torch.manual_seed(a.seed)
@@ -361,12 +369,17 @@ def main():
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--text", default="fn main() {\n    let v: Vec<u32> = (0..10).collect();\n    println!(\"{:?}\", v);\n}\n"
                                      "The quick brown fox jumps over the lazy dog.")
+    u = sub.add_parser("upcycled")
+    u.add_argument("--bundle", type=Path, required=True)
+    u.add_argument("--out", type=Path, required=True)
+    u.add_argument("--layers", type=int)
     y = sub.add_parser("tiny")
     y.add_argument("--out", type=Path, required=True)
     y.add_argument("--tokenizer-dir", type=Path, default=HERE.parent / "runs/smollm2/tokenizer")
     y.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    {"train": cmd_train, "export": cmd_export, "parity": cmd_parity, "tiny": cmd_tiny}[a.cmd](a)
+    {"train": cmd_train, "export": cmd_export, "parity": cmd_parity, "upcycled": cmd_upcycled,
+     "tiny": cmd_tiny}[a.cmd](a)
 
 
 if __name__ == "__main__":

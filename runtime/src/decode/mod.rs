@@ -18,6 +18,7 @@
 mod ar;
 mod bidirectional;
 mod block;
+pub mod canvas;
 mod denoise;
 pub mod policy;
 pub mod sampling;
