@@ -577,8 +577,7 @@ fn check_samplers(m: &CanvasModel<CpuBackend>, r: &Value) {
         let mut replay = Replay { draws, at: 0 };
         let prompt = ids(&s["prompt"]);
         let mut kv = m.new_kv(&CpuBackend, prompt.len() + 64).unwrap();
-        let out =
-            canvas::generate(&CpuBackend, m, &mut kv, &prompt, &params, &mut replay).unwrap();
+        let out = canvas::generate(&CpuBackend, m, &mut kv, &prompt, &params, &mut replay).unwrap();
         assert_eq!(out.tokens, ids(&s["tokens"]), "case {case}: tokens");
         let steps: Vec<usize> = ids(&s["steps"]).iter().map(|&n| n as usize).collect();
         assert_eq!(out.steps, steps, "case {case}: steps per canvas");
