@@ -92,7 +92,9 @@ class Attention(nn.Module):
         k = k.view(B, T, c.kv_heads, c.head_dim).transpose(1, 2)
         v = v.view(B, T, c.kv_heads, c.head_dim).transpose(1, 2)
         q, k = rope(q, pos, c.rope_theta), rope(k, pos, c.rope_theta)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        rep = c.heads // c.kv_heads  # GQA by repeating k/v: every SDPA kernel takes it with a mask
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.dense(o.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -199,11 +199,21 @@ def cmd_train(a):
         causal_rows = torch.from_numpy(rng.random(a.batch) < a.causal_frac).to(dev)
         emo_rows = torch.from_numpy(rng.random(a.batch) < a.emo_frac).to(dev)
         hook = Emo(doc_ids(x), emo_rows, sizes, gen) if a.emo_frac > 0 else None
-        with autocast():
-            r, routes = losses(student, teacher, x, causal_rows, masks, gen, hook, a)
-            loss = r["diff"] + a.ar_weight * r["ar"] + a.kd_weight * r["kd"]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            with autocast():
+                r, routes = losses(student, teacher, x, causal_rows, masks, gen, hook, a)
+                loss = r["diff"] + a.ar_weight * r["ar"] + a.kd_weight * r["kd"]
+            loss.backward()
+        except torch.OutOfMemoryError:
+            if a.batch == 1:
+                raise
+            r = routes = loss = None
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            a.batch //= 2
+            log(f"out of memory: batch {a.batch} from now on")
+            continue
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         with torch.no_grad():  # auxiliary-loss-free balancing of the selection bias
