@@ -9,7 +9,11 @@
 # global layers of another head size; windows shorter and longer than the prefix; GQA groups of
 # 1, 2, 3; top-k up to 5 of 16; vocabularies that are no power of two.
 #
-# On the device (run tool, no carry needed):  bash scripts/device-diffusion-gemma.sh
+# With a release binary (.bin/edgediff, carry [".bin"]) it also writes the 26B-A4B shape
+# (`synth --arch diffusion_gemma --preset 26b-a4b --dtype q4`, ~14 GB in /tmp, removed after) and
+# keeps `inspect` of it (inspect-26b-a4b.txt); SYNTH=0 skips that.
+#
+# On the device (run tool):  bash scripts/device-diffusion-gemma.sh
 # Then here, with the returned files (files_at/dg):
 #   EDGEDIFF_DG_REFERENCES=<files_at>/dg cargo test -p edgediff-tests --test diffusion_gemma \
 #     -- --ignored --nocapture          (edgediff's CPU reference against each: rel L2 <= 1e-4, and
@@ -45,6 +49,24 @@ run wide-global --seed 11 --vocab 157 --hidden 36 --layers 4 --heads 4 --kv-head
 run long-window --seed 5 --vocab 211 --hidden 48 --layers 2 --heads 6 --kv-heads 2 --head-dim 8 \
   --global-head-dim 16 --global-kv-heads 3 --ffn 44 --experts 7 --top-k 2 --expert-ffn 13 \
   --window 40 --prefix 10 --canvas 6
+BIN=${EDGEDIFF:-}
+for b in "$ROOT/.bin/edgediff" "$ROOT/target/release/edgediff"; do
+  [[ -z "$BIN" && -x "$b" ]] && BIN=$b
+done
+if [[ "${SYNTH:-1}" == 1 && -n "$BIN" ]]; then
+  WORK=${WORK:-/tmp/edgediff-dg-work}
+  mkdir -p "$WORK"
+  echo "== synth 26b-a4b q4" | tee -a "$OUT/log.txt"
+  t0=$SECONDS
+  if "$BIN" synth --arch diffusion_gemma --preset 26b-a4b --dtype q4 -o "$WORK/dg-26b-a4b.edm" >>"$OUT/log.txt" 2>&1 \
+      && "$BIN" inspect "$WORK/dg-26b-a4b.edm" >"$OUT/inspect-26b-a4b.txt" 2>&1; then
+    echo "synth + inspect: $((SECONDS - t0)) s" | tee -a "$OUT/log.txt"
+  else
+    echo "FAILED synth/inspect 26b-a4b" | tee -a "$OUT/log.txt"
+    FAILED=$((FAILED + 1))
+  fi
+  rm -f "$WORK/dg-26b-a4b.edm"
+fi
 grep -h "device vs cpu" "$OUT/log.txt" || true
 echo "failed: $FAILED" | tee -a "$OUT/log.txt"
 exit "$FAILED"
