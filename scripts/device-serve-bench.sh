@@ -6,9 +6,11 @@
 #     default 4 as in device-bench.sh; synthesized there with the carried binary).
 # One server per model (--max-batch 64, GPU backend); each point is tests/serve/load.py for
 # SECONDS_PER_POINT (default 10; requests in flight then finish) with every request generating
-# MAX_TOKENS (default 32, EOS ignored). Sequences take
-# turns one forward pass at a time today (no batched pass yet), so aggregate tokens/s shows what
-# the scheduler gives before the batched pass; the same script measures the batched pass later.
+# MAX_TOKENS (default 32, EOS ignored). The sequences in flight share batched forward passes
+# (continuous batching, runtime/src/batch.rs; on the GPU AR passes batch, diffusion blocks run
+# alone); each row reports the mean batched pass of its point (sequences / rows a pass, from
+# /metrics). BASELINE=1 adds the unbatched baseline on the LLaDA2.0-mini shape (a second server
+# with --pass-sequences 1, AR only): the same binary one sequence a pass, side by side.
 # Results: $OUT/serve-bench.md (table), $OUT/<model>-<decoder>-<streams>.json, serve-*.log,
 # log.txt. Each point has a time limit; the whole run should take ~7 minutes on the H200 (to split
 # it, STREAMS="1 4" and STREAMS="16 64" in two runs); exit status = failed points.
@@ -65,14 +67,16 @@ if [[ ! -f "$SYN" ]]; then
     "${SYNTH_SHAPE[@]}" --dtype q4 -o "$SYN" >/dev/null 2>>"$LOG" || { log "synth failed"; FAILED=$((FAILED + 1)); }
 fi
 
-printf '| model | decoder | streams | requests | failed | tokens/s | TTFT p50 / p99 ms | per token p50 / p99 ms | piece gap p50 / p99 ms | RSS MiB start → end |\n|---|---|---|---|---|---|---|---|---|---|\n' >"$OUT/serve-bench.md"
+printf '| model | decoder | streams | requests | failed | tokens/s | TTFT p50 / p99 ms | per token p50 / p99 ms | piece gap p50 / p99 ms | RSS MiB start → end | pass: sequences / rows |\n|---|---|---|---|---|---|---|---|---|---|---|\n' >"$OUT/serve-bench.md"
 
+# bench_model NAME MODEL [DECODERS] [extra serve flags...]
 bench_model() {
-  local name=$1 model=$2
+  local name=$1 model=$2 decoders=${3:-ar block}
+  shift 3 2>/dev/null || shift $#
   [[ -f "$model" ]] || { log "$name: no model at $model"; FAILED=$((FAILED + 1)); return; }
   local slog="$OUT/serve-$name.log"
   "$BIN" serve --model "$model" --backend "$BACKEND" --port 0 --max-batch 64 --max-queue 256 \
-    --kv-memory 16GiB --max-tokens 1024 2>"$slog" &
+    --kv-memory 16GiB --max-tokens 1024 "$@" 2>"$slog" &
   local pid=$! url=
   for _ in $(seq 1200); do
     url=$(grep -o 'listening on http://[0-9.:]*' "$slog" | sed 's/listening on //' || true)
@@ -87,25 +91,30 @@ bench_model() {
     return
   fi
   log "$name: $(head -1 "$slog")"
-  for decoder in ar block; do
+  for decoder in $decoders; do
     # Warm-up: pipelines and first allocations for this decoder's pass shapes.
     timeout 120 "$PY" tests/serve/load.py --url "$url" --streams 1 --seconds 0.1 --max-tokens 8 \
       --decoder "$decoder" --label warm-up >/dev/null 2>>"$LOG"
     for n in $STREAMS; do
       local j="$OUT/$name-$decoder-$n.json"
       log "$name $decoder $n streams"
+      "$PY" tests/serve/batch_stats.py --url "$url" --save "$OUT/.metrics-before" >/dev/null 2>>"$LOG"
       if ! timeout $((SECS + 120)) "$PY" tests/serve/load.py --url "$url" --streams "$n" \
         --seconds "$SECS" --max-tokens "$MAX_TOKENS" --decoder "$decoder" --ignore-eos --pid "$pid" \
         --timeout 100 --label "$name $decoder x$n" --json "$j" >>"$LOG" 2>&1; then
         FAILED=$((FAILED + 1))
       fi
-      [[ -f "$j" ]] && "$PY" - "$j" "$name" >>"$OUT/serve-bench.md" <<'PYEOF'
+      "$PY" tests/serve/batch_stats.py --url "$url" --since "$OUT/.metrics-before" --json \
+        >"$j.batch" 2>>"$LOG" || echo '{}' >"$j.batch"
+      [[ -f "$j" ]] && "$PY" - "$j" "$name" "$j.batch" >>"$OUT/serve-bench.md" <<'PYEOF'
 import json, sys
 s = json.load(open(sys.argv[1]))
+b = json.load(open(sys.argv[3]))
 mib = lambda k: "?" if k is None else f"{k / 1024:.0f}"
 print(f"| {sys.argv[2]} | {s['decoder']} | {s['streams']} | {s['requests_ok']} | {s['failures']} | "
       f"{s['tokens_per_second']} | {s['ttft_ms_p50']} / {s['ttft_ms_p99']} | {s['tpot_ms_p50']} / {s['tpot_ms_p99']} | "
-      f"{s['piece_gap_ms_p50']} / {s['piece_gap_ms_p99']} | {mib(s['rss_kib_start'])} → {mib(s['rss_kib_end'])} |")
+      f"{s['piece_gap_ms_p50']} / {s['piece_gap_ms_p99']} | {mib(s['rss_kib_start'])} → {mib(s['rss_kib_end'])} | "
+      f"{b.get('mean_sequences', '?')} / {b.get('mean_rows', '?')} |")
 PYEOF
     done
   done
@@ -116,6 +125,9 @@ PYEOF
 
 bench_model default models/default.edm
 bench_model llada2-mini "$SYN"
+if [[ "${BASELINE:-0}" == 1 ]]; then
+  bench_model llada2-mini-unbatched "$SYN" ar --pass-sequences 1
+fi
 
 log "done in $(($(date +%s) - START))s, $FAILED failed point(s)"
 cat "$OUT/serve-bench.md" | tee -a "$LOG" >&2

@@ -8,8 +8,10 @@
 #
 #   bash scripts/serve-load.sh [STREAMS=8] [SECONDS=20]
 # Knobs (environment): MODEL (default models/default.edm), BACKEND (cpu), DECODER (ar; block,
-# speculative, bidirectional, default), MAX_TOKENS (32), MAX_BATCH (= STREAMS), EDGEDIFF (the
-# binary; default: build target/release/edgediff), OUT (a directory for load.json and serve.log).
+# speculative, bidirectional, default), MAX_TOKENS (32), MAX_BATCH (= STREAMS), SERVE_ARGS (more
+# serve flags, e.g. "--pass-sequences 1" for the unbatched baseline), EDGEDIFF (the binary;
+# default: build target/release/edgediff), OUT (a directory for load.json and serve.log).
+# Also prints the mean batched pass (sequences and rows a pass) from /metrics.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -27,7 +29,7 @@ mkdir -p "$out"
 
 "$bin" serve --model "${MODEL:-models/default.edm}" --backend "${BACKEND:-cpu}" --port 0 \
   --max-batch "${MAX_BATCH:-$streams}" --max-queue $((streams * 2)) --max-tokens 1024 \
-  2>"$out/serve.log" &
+  ${SERVE_ARGS:-} 2>"$out/serve.log" &
 pid=$!
 trap 'kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true' EXIT
 url=
@@ -47,6 +49,7 @@ rc=0
 "$py" tests/serve/load.py --url "$url" --streams "$streams" --seconds "$seconds" \
   --max-tokens "${MAX_TOKENS:-32}" --decoder "${DECODER:-ar}" --ignore-eos --pid "$pid" \
   --label "${LABEL:-serve-load}" --json "$out/load.json" || rc=$?
+"$py" tests/serve/batch_stats.py --url "$url" || rc=$?
 growth=$("$py" -c 'import json,sys; s=json.load(open(sys.argv[1])); print(((s["rss_kib_end"] or 0)-(s["rss_kib_start"] or 0))//1024)' "$out/load.json")
 if [ "$growth" -gt "${RSS_GROWTH_MIB:-64}" ]; then
   echo "serve-load: the server's RSS grew by $growth MiB (limit ${RSS_GROWTH_MIB:-64})" >&2

@@ -5,7 +5,8 @@
 //! decoders stay plain loops over `forward`); its passes go through a [`BatchedPasses`] runner
 //! taken from the engine's [`PassBatcher`]. A pass is queued and its thread waits. When no batched
 //! pass is running and every sequence that joined the batcher has a pass queued (or the oldest has
-//! waited [`BatchLimits::wait`]), one waiting thread leads: it takes the queued passes that can
+//! waited [`BatchLimits::wait`] since it was queued and the last pass ended), one waiting thread
+//! leads: it takes the queued passes that can
 //! share a pass with the oldest one (the backend's [`Backend::batch_class`], up to
 //! [`BatchLimits::max_rows`] rows), runs them as one batched pass, posts each sequence its outputs
 //! and wakes the others. Sequences join and leave between passes (continuous batching).
@@ -33,6 +34,9 @@ use crate::model::{ForwardOutput, ForwardRequest, Model, ModelError, SeqPass, Wi
 pub struct BatchLimits {
     /// Most rows (Σ tokens) one batched pass takes; a single larger pass runs alone.
     pub max_rows: usize,
+    /// Most sequences one batched pass takes (1: every pass alone, one at a time, in arrival
+    /// order: the unbatched baseline).
+    pub max_sequences: usize,
     /// How long a queued pass waits for sequences that have not queued theirs yet (host work
     /// between passes) before a batch runs without them.
     pub wait: Duration,
@@ -42,6 +46,7 @@ impl Default for BatchLimits {
     fn default() -> Self {
         BatchLimits {
             max_rows: 1024,
+            max_sequences: 256,
             wait: Duration::from_millis(2),
         }
     }
@@ -82,6 +87,9 @@ struct State<B: Backend> {
     joined: usize,
     queue: VecDeque<Queued<B>>,
     running: bool,
+    /// When the last batched pass ended: the sequences it served queue their next passes
+    /// from then on, so the next batch waits for them from then, not from its oldest pass.
+    free_since: Instant,
     done: HashMap<u64, Result<ForwardOutput, ModelError>>,
     next_ticket: u64,
 }
@@ -101,6 +109,7 @@ impl<B: Backend> Default for PassBatcher<B> {
                 joined: 0,
                 queue: VecDeque::new(),
                 running: false,
+                free_since: Instant::now(),
                 done: HashMap::new(),
                 next_ticket: 0,
             }),
@@ -120,6 +129,7 @@ impl<B: Backend> PassBatcher<B> {
     pub fn set_limits(&self, limits: BatchLimits) {
         *lock(&self.limits) = BatchLimits {
             max_rows: limits.max_rows.max(1),
+            max_sequences: limits.max_sequences.max(1),
             ..limits
         };
     }
@@ -181,10 +191,11 @@ impl<B: Backend> PassBatcher<B> {
                 st = self.wake.wait(st).unwrap_or_else(|e| e.into_inner());
                 continue;
             }
-            let waited = st
+            let since = st
                 .queue
                 .front()
-                .map_or(Duration::ZERO, |q| q.since.elapsed());
+                .map_or(st.free_since, |q| q.since.max(st.free_since));
+            let waited = since.elapsed();
             if st.queue.len() < st.joined && waited < limits.wait {
                 st = self
                     .wake
@@ -193,7 +204,7 @@ impl<B: Backend> PassBatcher<B> {
                     .0;
                 continue;
             }
-            let batch = take_batch(&mut st.queue, limits.max_rows);
+            let batch = take_batch(&mut st.queue, limits);
             st.running = true;
             drop(st);
             let started = Instant::now();
@@ -204,6 +215,7 @@ impl<B: Backend> PassBatcher<B> {
                 std::panic::catch_unwind(AssertUnwindSafe(|| run_batch(backend, model, batch)));
             st = lock(&self.state);
             st.running = false;
+            st.free_since = Instant::now();
             let panicked = match outcome {
                 Ok(outs) => {
                     st.done.extend(outs);
@@ -236,8 +248,8 @@ impl<B: Backend> PassBatcher<B> {
 }
 
 /// The oldest queued pass and those that may share its pass (same batch class, in arrival order,
-/// within `max_rows`); a pass of no class runs alone.
-fn take_batch<B: Backend>(queue: &mut VecDeque<Queued<B>>, max_rows: usize) -> Vec<Queued<B>> {
+/// within the limits); a pass of no class runs alone.
+fn take_batch<B: Backend>(queue: &mut VecDeque<Queued<B>>, limits: BatchLimits) -> Vec<Queued<B>> {
     let first = queue.pop_front().expect("the queue is not empty");
     let mut rows = first.tokens.len();
     let class = first.class;
@@ -246,9 +258,9 @@ fn take_batch<B: Backend>(queue: &mut VecDeque<Queued<B>>, max_rows: usize) -> V
         return batch;
     }
     let mut i = 0;
-    while i < queue.len() {
+    while i < queue.len() && batch.len() < limits.max_sequences {
         let q = &queue[i];
-        if q.class == class && rows + q.tokens.len() <= max_rows {
+        if q.class == class && rows + q.tokens.len() <= limits.max_rows {
             rows += q.tokens.len();
             batch.push(queue.remove(i).expect("index in range"));
         } else {

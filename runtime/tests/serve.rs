@@ -365,12 +365,24 @@ fn concurrent_clients_get_exactly_the_tokens_of_solo_decoding() {
         assert_eq!(usage["completion_tokens"], *tokens, "case {i}");
         assert!(usage["prompt_tokens"].as_u64().unwrap() > 0);
     }
-    // The requests really overlapped: passes ran with several sequences in flight.
+    // The requests shared batched passes: fewer passes ran than the sequences asked for, many
+    // held several sequences, and the mean held more than 1.5.
     let (sum, count) = (
         metric(addr, "edgediff_batch_size_sum"),
         metric(addr, "edgediff_batch_size_count"),
     );
     assert!(sum / count > 1.5, "mean batch size {}", sum / count);
+    let alone = metric(addr, "edgediff_batch_size_bucket{le=\"1\"}");
+    assert!(
+        alone < count / 2.0,
+        "{alone} of {count} batched passes held one sequence"
+    );
+    let passes = metric(addr, "edgediff_forward_passes_total");
+    assert!(
+        count < passes,
+        "{count} batched passes for {passes} sequence passes"
+    );
+    assert!(metric(addr, "edgediff_batch_rows_sum") >= sum);
     assert_eq!(metric(addr, "edgediff_sequences_running"), 0.0);
     assert_eq!(metric(addr, "edgediff_kv_bytes_in_use"), 0.0);
     assert!(metric(addr, "edgediff_time_to_first_token_seconds_count") >= 20.0);

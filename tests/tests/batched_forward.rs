@@ -232,10 +232,16 @@ fn a_pass_with_block_routing_does_not_share_a_pass_and_bad_passes_fail_alone() {
 }
 
 fn request(engine: &Engine<CpuBackend>, i: usize, rng: &mut Rng) -> GenerationRequest {
+    request_for(&engine.request(Prompt::Tokens(vec![1])), i, rng)
+}
+
+/// Request `i` of a mix (decoders, lengths, greedy or seeded) from an engine's default request.
+fn request_for(default: &GenerationRequest, i: usize, rng: &mut Rng) -> GenerationRequest {
     let prompt: Vec<u32> = (0..3 + below(rng, 14))
         .map(|_| 3 + below(rng, 500) as u32)
         .collect();
-    let mut r = engine.request(Prompt::Tokens(prompt));
+    let mut r = default.clone();
+    r.prompt = Prompt::Tokens(prompt);
     r.decoding.max_new_tokens = 6 + below(rng, 14);
     r.decoding.ignore_eos = true;
     r.decoding.decoder = match i % 4 {
@@ -295,6 +301,7 @@ fn decoding_many_requests_together_gives_each_the_tokens_it_gets_alone() {
         });
         engine.set_batch_limits(BatchLimits {
             max_rows: 64,
+            max_sequences: 8,
             wait: std::time::Duration::from_millis(50),
         });
         let streamed: Vec<std::sync::Mutex<String>> =
@@ -323,6 +330,47 @@ fn decoding_many_requests_together_gives_each_the_tokens_it_gets_alone() {
         assert!(
             shared * 2 > n && n < passes,
             "{arch}: {n} batched passes for {passes} passes, {shared} of them shared"
+        );
+    }
+}
+
+#[test]
+fn decoding_many_requests_together_on_the_gpu_gives_each_the_tokens_it_gets_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_synth(dir.path(), Architecture::Llada2Moe, DType::Q4);
+    for (name, gpu) in backends(None) {
+        let engine = Engine::new(gpu, Arc::new(EdmFile::open(&path).unwrap())).unwrap();
+        let mut rng = Rng::new(9);
+        // AR (in-place: two-row passes, batched on the GPU) and block passes (run alone there).
+        let requests: Vec<GenerationRequest> = (0..6)
+            .map(|i| {
+                let mut r = request_for(&engine.request(Prompt::Tokens(vec![1])), i, &mut rng);
+                r.decoding.decoder = if i < 4 {
+                    DecoderKind::Ar
+                } else {
+                    r.decoding.decoder
+                };
+                r
+            })
+            .collect();
+        let alone: Vec<_> = requests
+            .iter()
+            .map(|r| engine.generate(r, &mut |_| {}).unwrap())
+            .collect();
+        let shared = Arc::new(AtomicUsize::new(0));
+        let s = shared.clone();
+        engine.set_batch_report(move |r| {
+            if r.sequences > 1 {
+                s.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let together = engine.generate_many(&requests, &|_, _| {});
+        for (i, (t, a)) in together.iter().zip(&alone).enumerate() {
+            assert_eq!(t.as_ref().unwrap().tokens, a.tokens, "{name}: request {i}");
+        }
+        assert!(
+            shared.load(Ordering::Relaxed) > 0,
+            "{name}: no pass was shared"
         );
     }
 }

@@ -43,6 +43,14 @@ pub struct Args {
     /// Largest request body; larger ones get 413.
     #[arg(long, default_value = "1MiB")]
     pub max_body: String,
+    /// Most sequences one batched forward pass takes (default: --max-batch); 1 runs every pass
+    /// alone, one at a time (the unbatched baseline, for comparisons).
+    #[arg(long)]
+    pub pass_sequences: Option<usize>,
+    /// Most rows (tokens of all its sequences) one batched forward pass takes; a larger pass
+    /// (a long prompt) runs alone.
+    #[arg(long, default_value_t = 1024)]
+    pub pass_rows: usize,
     /// The model name the API reports (default: the model file's name without .edm).
     #[arg(long)]
     pub model_name: Option<String>,
@@ -67,6 +75,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.max_batch == 0 {
         anyhow::bail!("--max-batch 0: at least 1 sequence must be able to run");
     }
+    if a.pass_sequences == Some(0) || a.pass_rows == 0 {
+        anyhow::bail!("--pass-sequences / --pass-rows 0: a pass takes at least 1");
+    }
     let kv_budget = bytes("--kv-memory", &a.kv_memory)?;
     let max_body = bytes("--max-body", &a.max_body)?;
     let addr: SocketAddr = format!("{}:{}", a.host, a.port)
@@ -82,6 +93,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("--host {}: not an address this machine resolves", a.host))?;
     let path = resolve_model(a.model.model.as_deref())?;
     let engine = a.model.load(&a.decoding)?;
+    engine.set_batch_limits(crate::batch::BatchLimits {
+        max_rows: a.pass_rows,
+        max_sequences: a.pass_sequences.unwrap_or(a.max_batch),
+        ..Default::default()
+    });
     let model_id = a.model_name.clone().unwrap_or_else(|| {
         path.file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -122,11 +138,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let bound = listener.local_addr()?;
         eprintln!(
             "edgediff serve: {model_id} ({}) on {}, listening on http://{bound}\n\
-             edgediff serve: max batch {}, KV budget {} (a 512-token prompt with --max-tokens {} \
-             reserves {}), queue {}, key {}",
+             edgediff serve: max batch {} (a batched pass: <= {} sequences, <= {} rows), KV budget \
+             {} (a 512-token prompt with --max-tokens {} reserves {}), queue {}, key {}",
             defaults.decoder.label(),
             engine.backend_name(),
             config.limits.max_batch,
+            a.pass_sequences.unwrap_or(a.max_batch),
+            a.pass_rows,
             super::human_bytes(kv_budget),
             a.decoding.max_tokens,
             super::human_bytes(per_request),

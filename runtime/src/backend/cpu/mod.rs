@@ -388,10 +388,12 @@ impl Backend for CpuBackend {
             ));
         }
         let mut out = vec![0.0; x.rows * w.rows];
-        for t in 0..x.rows {
-            let xr = x.row(t);
-            for o in 0..w.rows {
-                out[t * w.rows + o] = dot(w.row(o), xr);
+        // Weight rows outside: each is read once for all activation rows (a batched pass's
+        // sequences share it); every output is the same dot product either way.
+        for o in 0..w.rows {
+            let wr = w.row(o);
+            for t in 0..x.rows {
+                out[t * w.rows + o] = dot(wr, x.row(t));
             }
         }
         Ok(CpuAct::new(x.rows, w.rows, out))
