@@ -2,7 +2,8 @@
 //!
 //! Layers, top to bottom: `decode` (block schedule, commit policies) → `model` (config + the forward
 //! pass written once) → `backend` (CPU reference, GPU through wgpu) → `format` (the `*.edm` model
-//! file, read through memmap2). `import` converts Hugging Face checkpoints; `synth` makes random
+//! file, read through memmap2). `reason` runs Markovian RSA (parallel traces, recursive
+//! aggregation, bounded KV) over the engine. `import` converts Hugging Face checkpoints; `synth` makes random
 //! models for tests and benchmarks; `serve` (feature `serve`, on with the CLI) is the
 //! OpenAI-compatible HTTP server.
 
@@ -18,6 +19,7 @@ pub mod experts;
 pub mod format;
 pub mod import;
 pub mod model;
+pub mod reason;
 #[cfg(feature = "serve")]
 pub mod serve;
 pub mod synth;

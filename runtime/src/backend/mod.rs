@@ -5,6 +5,7 @@
 
 pub mod cpu;
 pub mod gpu;
+pub mod kv_meter;
 
 use crate::arch::{Activation, Gating, LayerAttention, ModelConfig};
 use crate::format::{FormatError, TensorView};

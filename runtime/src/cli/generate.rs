@@ -55,6 +55,13 @@ impl ModelArgs {
             .with_context(|| format!("loading {}", path.display()))?;
         decoding.check(header.header.metadata.config.max_position)?;
         drop(header);
+        self.open()
+    }
+
+    /// Loads the engine without the decoding flags' checks (commands with budgets of their own,
+    /// such as `reason`, check them against the loaded model).
+    pub fn open(&self) -> anyhow::Result<LoadedEngine> {
+        let path = resolve_model(self.model.as_deref())?;
         LoadedEngine::load(
             &path,
             &EngineConfig {

@@ -14,6 +14,7 @@ mod inspect;
 mod limits;
 mod profile;
 mod prune;
+mod reason;
 pub mod report;
 mod serve;
 mod synth;
@@ -80,6 +81,8 @@ pub enum Command {
     Profile(profile::Args),
     /// Keep a resident subset of experts per layer (EMO-style), written as a new model file.
     Prune(prune::Args),
+    /// Markovian RSA: N reasoning traces per round, recursive aggregation of K tails, bounded KV.
+    Reason(Box<reason::Args>),
     /// An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, SSE streaming).
     Serve(Box<serve::Args>),
 }
@@ -97,6 +100,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => eval::run(a),
         Command::Profile(a) => profile::run(a),
         Command::Prune(a) => prune::run(a),
+        Command::Reason(a) => reason::run(*a),
         Command::Serve(a) => serve::run(*a),
     }
 }

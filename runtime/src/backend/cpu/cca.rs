@@ -38,6 +38,12 @@ impl CcaState {
     pub fn layers(&self) -> usize {
         self.conv.len()
     }
+
+    /// Bytes allocated for the state of every layer.
+    pub fn bytes(&self) -> u64 {
+        let f32s = |l: &[Vec<f32>]| l.iter().map(|r| r.capacity() as u64 * 4).sum::<u64>();
+        f32s(&self.conv) + f32s(&self.v_delayed)
+    }
 }
 
 /// See [`crate::backend::Backend::cca_qkv`].

@@ -160,6 +160,8 @@ pub struct CpuKv {
     v: Vec<Vec<f32>>,
     /// CCA layers' per-position state beyond K/V (`None` for standard attention).
     cca: Option<cca::CcaState>,
+    /// The bytes above, counted in the allocating thread's KV meter until the cache drops.
+    _bytes: crate::backend::kv_meter::KvAllocation,
 }
 
 /// Top-k expert ids and weights per token, `[T, k]`.
@@ -293,13 +295,19 @@ impl Backend for CpuBackend {
                 capacity: 0,
             })?;
         let _ = size;
+        let k: Vec<Vec<f32>> = sizes.iter().map(|&s| vec![0.0; s]).collect();
+        let v: Vec<Vec<f32>> = sizes.iter().map(|&s| vec![0.0; s]).collect();
+        let f32s =
+            |layers: &[Vec<f32>]| layers.iter().map(|l| l.capacity() as u64 * 4).sum::<u64>();
+        let bytes = f32s(&k) + f32s(&v) + cca.as_ref().map_or(0, cca::CcaState::bytes);
         Ok(CpuKv {
             capacity,
             kv_dim,
             dims,
-            k: sizes.iter().map(|&s| vec![0.0; s]).collect(),
-            v: sizes.iter().map(|&s| vec![0.0; s]).collect(),
+            k,
+            v,
             cca,
+            _bytes: crate::backend::kv_meter::KvAllocation::new(bytes),
         })
     }
 

@@ -101,6 +101,8 @@ pub struct GpuKv {
     v: Vec<Arc<GpuBuffer>>,
     /// CCA layers' per-position state beyond K/V (`None` for standard attention).
     cca: Option<ops::cca::CcaState>,
+    /// The bytes above, counted in the allocating thread's KV meter until the cache drops.
+    _bytes: crate::backend::kv_meter::KvAllocation,
 }
 
 /// Router output on the GPU: ids and weights `[rows, k]`.
@@ -694,11 +696,16 @@ impl Backend for GpuBackend {
                 usage,
             )?),
         };
+        let (k, v): (Vec<Arc<GpuBuffer>>, Vec<Arc<GpuBuffer>>) = (mk("k cache"), mk("v cache"));
+        let sizes = |l: &[Arc<GpuBuffer>]| l.iter().map(|b| b.size).sum::<u64>();
+        let bytes =
+            sizes(&k) + sizes(&v) + cca.as_ref().map_or(0, |c| sizes(&c.conv) + sizes(&c.vd));
         Ok(GpuKv {
             capacity,
-            k: mk("k cache"),
-            v: mk("v cache"),
+            k,
+            v,
             cca,
+            _bytes: crate::backend::kv_meter::KvAllocation::new(bytes),
         })
     }
 
