@@ -234,7 +234,62 @@ fn llada2_softmax_router_is_refused() {
 fn llada2_biases_and_missing_qk_norm_are_refused() {
     assert_refused(Architecture::Llada2Moe, "use_qkv_bias", json!(true));
     assert_refused(Architecture::Llada2Moe, "use_bias", json!(true));
-    assert_refused(Architecture::Llada2Moe, "use_qk_norm", json!(false));
+}
+
+/// `use_qk_norm: false` (an upcycled Llama base, training/smollm2) converts without q/k norm
+/// tensors; q/k norms present anyway would be dropped silently, so they are refused by name.
+#[test]
+fn llada2_without_qk_norm_converts_and_leftover_norms_are_refused() {
+    let dir = checkpoint(Architecture::Llada2Moe);
+    edit_config(dir.path(), |c| {
+        c.insert("use_qk_norm".into(), json!(false));
+    });
+    let err = convert_err(dir.path());
+    assert!(
+        matches!(&err, ImportError::UnexpectedTensor(n) if n.contains("layernorm")),
+        "{err:?}"
+    );
+    edit_tensors(dir.path(), |t| {
+        t.retain(|t| !t.0.contains("query_layernorm") && !t.0.contains("key_layernorm"))
+    });
+    convert(dir.path()).unwrap();
+    let dir = checkpoint(Architecture::Llada2Moe);
+    edit_tensors(dir.path(), |t| {
+        t.retain(|t| !t.0.contains("query_layernorm"))
+    });
+    let err = convert_err(dir.path());
+    assert!(
+        matches!(&err, ImportError::MissingTensor(n) if n.contains("query_layernorm")),
+        "{err:?}"
+    );
+}
+
+/// `moe_shared_expert_intermediate_size` sets the shared expert's width (here not a multiple of
+/// the routed experts' width); tensors of another width are a shape error naming the tensor.
+#[test]
+fn llada2_shared_expert_width_of_its_own() {
+    let dir = checkpoint(Architecture::Llada2Moe);
+    let routed = synth_model(Architecture::Llada2Moe).spec.expert_ffn;
+    let width = routed + 8;
+    edit_config(dir.path(), |c| {
+        c.insert("moe_shared_expert_intermediate_size".into(), json!(width));
+    });
+    let err = convert_err(dir.path());
+    assert!(
+        matches!(&err, ImportError::Shape { name, .. } if name.contains("shared_experts")),
+        "{err:?}"
+    );
+    edit_tensors(dir.path(), |ts| {
+        for t in ts.iter_mut().filter(|t| t.0.contains("shared_experts")) {
+            let (h, down) = (
+                t.2[if t.0.contains("down_proj") { 0 } else { 1 }],
+                t.0.contains("down_proj"),
+            );
+            let shape = if down { [h, width] } else { [width, h] };
+            *t = f32_tensor(&t.0, &shape);
+        }
+    });
+    convert(dir.path()).unwrap();
 }
 
 #[test]

@@ -2,6 +2,9 @@
 //! RoPE, sigmoid router with a selection bias and group-limited top-k, routed scaling, shared
 //! experts, the first `first_k_dense_replace` layers dense. Block-causal attention at inference.
 //! Source: inclusionAI's `modeling_llada2_moe.py` (router math as transformers' `deepseek_v3`).
+//! Two config extensions for upcycled checkpoints (training/smollm2): `use_qk_norm: false` (no q/k
+//! norm tensors, as a Llama base has none) and `moe_shared_expert_intermediate_size`, a shared
+//! expert whose width is not a multiple of the routed experts' width.
 
 use super::hf::{truthy, HfConfig, HfLayout, QkvNames};
 use super::{Family, ImportError};
@@ -39,7 +42,6 @@ pub const LAYOUT: HfLayout = HfLayout {
 pub fn config(c: &HfConfig) -> Result<ModelConfig, ImportError> {
     c.refuse_if("use_qkv_bias", truthy)?;
     c.refuse_if("use_bias", truthy)?;
-    c.refuse_if("use_qk_norm", |v| v.as_bool() == Some(false))?;
     c.refuse_if("score_function", |v| v.as_str() != Some("sigmoid"))?;
     let hidden = c.usize("hidden_size")?;
     let heads = c.usize("num_attention_heads")?;
@@ -50,6 +52,15 @@ pub fn config(c: &HfConfig) -> Result<ModelConfig, ImportError> {
     let experts = c.usize("num_experts")?;
     let moe_ffn = c.usize("moe_intermediate_size")?;
     let first_dense = c.usize_or("first_k_dense_replace", 0)?.min(layers);
+    let shared_ffn = match c.get("moe_shared_expert_intermediate_size") {
+        Some(_) => c.usize("moe_shared_expert_intermediate_size")?,
+        None => moe_ffn * c.usize_or("num_shared_experts", 0)?,
+    };
+    let qk_norm = if c.bool_or("use_qk_norm", true)? {
+        QkNorm::PerHead
+    } else {
+        QkNorm::None
+    };
     Ok(ModelConfig {
         architecture: Architecture::Llada2Moe,
         vocab_size: c.usize("vocab_size")?,
@@ -62,13 +73,13 @@ pub fn config(c: &HfConfig) -> Result<ModelConfig, ImportError> {
         rotary_dim,
         rms_norm_eps: c.f64_or("rms_norm_eps", 1e-6)?,
         max_position: c.usize_or("max_position_embeddings", 32768)?,
-        qk_norm: QkNorm::PerHead,
+        qk_norm,
         clip_qkv: None,
         moe: MoeConfig {
             num_experts: experts,
             top_k: c.usize("num_experts_per_tok")?,
             expert_ffn: moe_ffn,
-            shared_ffn: moe_ffn * c.usize_or("num_shared_experts", 0)?,
+            shared_ffn,
             gating: Gating::SigmoidGrouped {
                 groups: c.usize_or("n_group", 1)?,
                 top_groups: c.usize_or("topk_group", 1)?,
