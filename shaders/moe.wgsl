@@ -12,9 +12,15 @@
 // moe_combine_add: the same sum plus plus[plus_row0 + t] (the shared experts' output: its own
 //   buffer, or the rows after the assignments' in y when moe_gemv.wgsl computed it), as the add
 //   kernel would add it afterwards: one dispatch fewer per MoE layer with shared experts.
+// moe_combine_norm (one workgroup of 64 per token): the same sum (plus `plus` when has_plus),
+//   added to the residual x_rw[t] in place, then out[t] = rms_norm(x_rw[t]) · norm_w — what
+//   moe_combine(_add) and norm.wgsl's add_rms_norm compute, bit for bit (each invocation sums
+//   its columns' squares in ascending order, as add_rms_norm's does), in one dispatch. The
+//   token's slots and weights are read once into shared memory.
 
 #include "grid"
 #include "moe_meta"
+#include "reduce"
 
 struct MoeParams {
     assignments: u32,
@@ -26,9 +32,9 @@ struct MoeParams {
     hidden: u32,
     t: u32,
     plus_row0: u32,
+    eps: f32,
+    has_plus: u32,
     _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
 }
 
 const NONE: u32 = 0xffffffffu;
@@ -43,6 +49,8 @@ const NONE: u32 = 0xffffffffu;
 @group(0) @binding(7) var<storage, read> y: array<f32>;
 @group(0) @binding(8) var<storage, read_write> out: array<f32>;
 @group(0) @binding(9) var<storage, read> plus: array<f32>;
+@group(0) @binding(10) var<storage, read_write> x_rw: array<f32>;
+@group(0) @binding(11) var<storage, read> norm_w: array<f32>;
 
 var<workgroup> part_count: array<u32, 256>;
 var<workgroup> part_active: array<u32, 256>;
@@ -181,4 +189,40 @@ fn moe_combine_add(
     }
     let s = combined(i);
     out[i] = s + plus[mp.plus_row0 * mp.hidden + i];
+}
+
+var<workgroup> tok_pos: array<u32, 64>;
+var<workgroup> tok_w: array<f32, 64>;
+
+@compute @workgroup_size(64)
+fn moe_combine_norm(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
+    let t = wid.x;
+    let hd = mp.hidden;
+    let b = t * hd;
+    if (lane.id < mp.top_k) {
+        let a = t * mp.top_k + lane.id;
+        tok_pos[lane.id] = route_meta[meta_slot_of(mp.num_experts, mp.assignments) + a];
+        tok_w[lane.id] = weights[a];
+    }
+    workgroupBarrier();
+    var ss = 0.0;
+    for (var c = lane.id; c < hd; c += 64u) {
+        var s = 0.0;
+        for (var j = 0u; j < mp.top_k; j++) {
+            let pos = tok_pos[j];
+            if (pos < mp.assignments) {
+                s += tok_w[j] * y[pos * hd + c];
+            }
+        }
+        if (mp.has_plus != 0u) {
+            s = s + plus[(mp.plus_row0 + t) * hd + c];
+        }
+        let v = x_rw[b + c] + s;
+        x_rw[b + c] = v;
+        ss += v * v;
+    }
+    let inv = 1.0 / sqrt(wg_sum(ss, lane) / f32(hd) + mp.eps);
+    for (var c = lane.id; c < hd; c += 64u) {
+        out[b + c] = x_rw[b + c] * inv * norm_w[c];
+    }
 }

@@ -435,6 +435,27 @@ pub trait Backend {
         let ys = self.mlp(gate_up, down, x)?;
         self.moe_plus_shared(x, routing, experts, &ys)
     }
+    /// The MoE FFN of a layer — [`Backend::moe_shared_mlp`] when `shared` holds the shared
+    /// experts' (gate_up, down), else [`Backend::moe`] — added to the residual `x`, which is then
+    /// RMS-normed by `norm`: the next sublayer's input, as [`Backend::add_rms_norm`] returns it. A
+    /// backend may fold the add and the norm into the MoE's last step.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_add_rms_norm(
+        &self,
+        h: &Self::Act,
+        routing: &Self::Routing,
+        experts: &Self::Experts,
+        shared: Option<(&Self::Weight, &Self::Weight)>,
+        x: &mut Self::Act,
+        norm: &Self::Weight,
+        eps: f32,
+    ) -> Result<Self::Act> {
+        let y = match shared {
+            Some((gate_up, down)) => self.moe_shared_mlp(h, routing, experts, gate_up, down)?,
+            None => self.moe(h, routing, experts)?,
+        };
+        self.add_rms_norm(x, &y, norm, eps)
+    }
     /// CCA attention inputs, in place: `proj` rows `[q | k | v_current | v_delayed]` (the fused
     /// projection, `[T, q_dim + 2 kv_dim]`) become `[q | k | v]` as [`Backend::attention`] reads
     /// them. The raw `[q; k]` rows and delayed-v rows of positions `start..start+T` are written into

@@ -511,8 +511,13 @@ impl<B: Backend> Model<B> {
                 None => b.add_rms_norm(&mut x, &o, &layer.ffn_norm, eps)?,
                 Some((s, _)) => b.scaled_residual_norm(&mut x, &o, s, &layer.ffn_norm, eps)?,
             };
+            let next_norm = self
+                .layers
+                .get(l + 1)
+                .map_or(&self.final_norm, |n| &n.attn_norm);
+            // The FFN's output, unless the backend added it to the residual and normed it already.
             let ffn = match &layer.ffn {
-                FeedForward::Dense(m) => b.mlp(&m.gate_up, &m.down, &h)?,
+                FeedForward::Dense(m) => Some(b.mlp(&m.gate_up, &m.down, &h)?),
                 FeedForward::Moe {
                     router,
                     router_bias,
@@ -576,22 +581,29 @@ impl<B: Backend> Model<B> {
                             }
                         }
                     }
-                    match shared {
-                        // The routed sum adds the shared experts in its last step; the GPU
-                        // computes them inside its expert kernels at few tokens per expert.
-                        Some(s) => b.moe_shared_mlp(&h, &routing, experts, &s.gate_up, &s.down)?,
-                        None => b.moe(&h, &routing, experts)?,
+                    // The routed sum adds the shared experts in its last step; the GPU
+                    // computes them inside its expert kernels at few tokens per expert.
+                    let shared = shared.as_ref().map(|s| (&s.gate_up, &s.down));
+                    match (&layer.residuals, shared) {
+                        (None, _) => {
+                            h = b.moe_add_rms_norm(
+                                &h, &routing, experts, shared, &mut x, next_norm, eps,
+                            )?;
+                            None
+                        }
+                        (Some(_), Some((gu, dn))) => {
+                            Some(b.moe_shared_mlp(&h, &routing, experts, gu, dn)?)
+                        }
+                        (Some(_), None) => Some(b.moe(&h, &routing, experts)?),
                     }
                 }
             };
-            let next_norm = self
-                .layers
-                .get(l + 1)
-                .map_or(&self.final_norm, |n| &n.attn_norm);
-            h = match &layer.residuals {
-                None => b.add_rms_norm(&mut x, &ffn, next_norm, eps)?,
-                Some((_, s)) => b.scaled_residual_norm(&mut x, &ffn, s, next_norm, eps)?,
-            };
+            if let Some(ffn) = ffn {
+                h = match &layer.residuals {
+                    None => b.add_rms_norm(&mut x, &ffn, next_norm, eps)?,
+                    Some((_, s)) => b.scaled_residual_norm(&mut x, &ffn, s, next_norm, eps)?,
+                };
+            }
         }
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let rows: Vec<Range<usize>> = seqs

@@ -1027,6 +1027,7 @@ impl super::GpuBackend {
                     &routing.weights,
                     plus.map(|p| (p, 0)),
                     &out.buf,
+                    None,
                 )?,
                 // Nothing routed (no rows): the plain path writes the zero sum.
                 None => super::ops::moe::moe(
@@ -1042,6 +1043,7 @@ impl super::GpuBackend {
                         super::ops::moe::Shared::Output,
                     ),
                     &out.buf,
+                    None,
                 )?,
             }
             Ok(out)

@@ -486,6 +486,37 @@ impl GpuBackend {
         })
     }
 
+    /// The shared expert as the GEMV expert kernels' extra column, where they run it: resident
+    /// experts in their kernels' weight types, few tokens per expert.
+    fn fused_shared<'a>(
+        sh: &Shared,
+        x: &GpuAct,
+        routing: &GpuRouting,
+        experts: &GpuExperts,
+        layout: &ops::moe::ExpertLayout,
+        gate_up: &'a GpuWeight,
+        down: &'a GpuWeight,
+    ) -> Option<ops::moe::SharedMlp<'a>> {
+        let m = match (gate_up.chunks.as_slice(), down.chunks.as_slice()) {
+            ([gu], [dn])
+                if experts.paged.is_none()
+                    && x.cols == experts.hidden
+                    && routing.rows == x.rows
+                    && (gate_up.rows, gate_up.cols) == (2 * experts.inter, experts.hidden)
+                    && (down.rows, down.cols) == (experts.hidden, experts.inter)
+                    && gate_up.dtype == experts.gate_up.dtype
+                    && down.dtype == experts.down.dtype =>
+            {
+                ops::moe::SharedMlp {
+                    gate_up: (&*gu.buf, gu.scales),
+                    down: (&*dn.buf, dn.scales),
+                }
+            }
+            _ => return None,
+        };
+        ops::moe::fuses_shared(sh.dev.kernels.moe, x.rows, routing.k, layout).then_some(m)
+    }
+
     /// The routed experts of `x` under `routing`, plus what `shared` adds (see
     /// [`ops::moe::Shared`]).
     pub(crate) fn moe_act(
@@ -506,6 +537,7 @@ impl GpuBackend {
             layout,
             shared,
             &out.buf,
+            None,
         )?;
         Ok(out)
     }
@@ -1042,36 +1074,77 @@ impl Backend for GpuBackend {
         gate_up: &GpuWeight,
         down: &GpuWeight,
     ) -> Result<GpuAct> {
-        let fused = match (gate_up.chunks.as_slice(), down.chunks.as_slice()) {
-            ([gu], [dn])
-                if experts.paged.is_none()
-                    && x.cols == experts.hidden
-                    && routing.rows == x.rows
-                    && (gate_up.rows, gate_up.cols) == (2 * experts.inter, experts.hidden)
-                    && (down.rows, down.cols) == (experts.hidden, experts.inter)
-                    && gate_up.dtype == experts.gate_up.dtype
-                    && down.dtype == experts.down.dtype =>
-            {
-                Some(ops::moe::SharedMlp {
-                    gate_up: (&*gu.buf, gu.scales),
-                    down: (&*dn.buf, dn.scales),
-                })
-            }
-            _ => None,
-        };
         let layout = experts.layout(&experts.store.slots, &experts.pools);
-        let forced = self.sh.dev.kernels.moe;
-        // A batched pass chooses as for its largest sequence (see ops::matmul::pass_kernel).
-        let rows = self.lock().batch_rows.map_or(x.rows, |b| b.min(x.rows));
-        match fused {
-            Some(m) if ops::moe::fuses_shared(forced, rows, routing.k, &layout) => {
+        match Self::fused_shared(&self.sh, x, routing, experts, &layout, gate_up, down) {
+            Some(m) => {
                 self.with(|ctx| Self::moe_act(ctx, x, routing, &layout, ops::moe::Shared::Mlp(m)))
             }
-            _ => {
+            None => {
                 let ys = self.mlp(gate_up, down, x)?;
                 self.moe_plus_shared(x, routing, experts, &ys)
             }
         }
+    }
+
+    fn moe_add_rms_norm(
+        &self,
+        h: &GpuAct,
+        routing: &GpuRouting,
+        experts: &GpuExperts,
+        shared: Option<(&GpuWeight, &GpuWeight)>,
+        x: &mut GpuAct,
+        norm: &GpuWeight,
+        eps: f32,
+    ) -> Result<GpuAct> {
+        let resident = experts.paged.is_none()
+            && (x.rows, x.cols) == (h.rows, h.cols)
+            && h.cols == experts.hidden
+            && routing.rows == h.rows;
+        let wv = norm.vector().filter(|_| norm.cols == x.cols);
+        let Some(wv) = wv.filter(|_| resident) else {
+            // Paged experts (their combine runs after the pager's groups), or shapes the
+            // separate ops name in their errors.
+            let y = match shared {
+                Some((gate_up, down)) => self.moe_shared_mlp(h, routing, experts, gate_up, down)?,
+                None => self.moe(h, routing, experts)?,
+            };
+            return self.add_rms_norm(x, &y, norm, eps);
+        };
+        let layout = experts.layout(&experts.store.slots, &experts.pools);
+        let ys;
+        let kind = match shared {
+            None => ops::moe::Shared::None,
+            Some((gate_up, down)) => {
+                match Self::fused_shared(&self.sh, h, routing, experts, &layout, gate_up, down) {
+                    Some(m) => ops::moe::Shared::Mlp(m),
+                    None => {
+                        ys = self.mlp(gate_up, down, h)?;
+                        ops::moe::Shared::Output(&ys.buf)
+                    }
+                }
+            }
+        };
+        self.with(|ctx| {
+            let out = Self::out_act(ctx, h.rows, h.cols)?;
+            let then = ops::moe::ResidualNorm {
+                x: &x.buf,
+                w: wv,
+                eps,
+            };
+            ops::moe::moe(
+                ctx,
+                &h.buf,
+                h.rows,
+                &routing.ids,
+                &routing.weights,
+                routing.k,
+                &layout,
+                kind,
+                &out.buf,
+                Some(then),
+            )?;
+            Ok(out)
+        })
     }
 
     fn cca_qkv(

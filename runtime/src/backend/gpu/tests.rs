@@ -860,11 +860,76 @@ test_backends!(moe_layer_matches_for_every_weight_type, TOL, |b| {
                     let y = b.moe_shared_mlp(&x, &r, &experts, gu, dn).unwrap();
                     out.push((format!("{arch} {dtype} t{t} shared"), b.get(&y)));
                 }
+                // Added to a residual and normed (the GPU folds both into its combine).
+                let mut res = b.put(t, c.hidden_size, &rng.vec(t * c.hidden_size, 1.0));
+                let nw = weight(
+                    b,
+                    DType::F32,
+                    &[c.hidden_size],
+                    &rng.vec(c.hidden_size, 1.0),
+                );
+                let sh = shared.as_ref().map(|(gu, dn)| (gu, dn));
+                let n = b
+                    .moe_add_rms_norm(&x, &r, &experts, sh, &mut res, &nw, 1e-6)
+                    .unwrap();
+                out.push((format!("{arch} {dtype} t{t} normed"), b.get(&n)));
+                out.push((format!("{arch} {dtype} t{t} residual"), b.get(&res)));
             }
         }
     }
     out
 });
+
+/// The MoE's residual add and norm ride in its combine: one dispatch (moe_combine_norm) in place
+/// of two (moe_combine(_add), add_rms_norm), and bit for bit the same residual and output.
+#[test]
+fn moe_residual_norm_folds_into_the_combine() {
+    for arch in [Architecture::Qwen3Moe, Architecture::Llada2Moe] {
+        let (_dir, file) = synth_file(arch, DType::Q8);
+        let c = file.header.metadata.config.clone();
+        let l = c.num_layers - 1;
+        let h = c.hidden_size;
+        for (name, b) in backends(None) {
+            let w = |n: &str| {
+                b.load_weight(file.tensor(&format!("layers.{l}.{n}")).unwrap())
+                    .unwrap()
+            };
+            let shared = (arch == Architecture::Llada2Moe)
+                .then(|| (w(names::SHARED_GATE_UP), w(names::SHARED_DOWN)));
+            let sh = shared.as_ref().map(|(gu, dn)| (gu, dn));
+            let bias = c.moe.router_bias.then(|| w("moe.router_bias"));
+            let experts = b.load_experts(&file, l, &|_| true).unwrap();
+            let mut rng = Rng(33);
+            for t in [1, 5, 70] {
+                let x = b.put(t, h, &rng.vec(t * h, 1.0));
+                let r = b.route(&x, &w("moe.router"), bias.as_ref(), &c).unwrap();
+                let res0 = rng.vec(t * h, 1.0);
+                let nw = weight(&b, DType::F32, &[h], &rng.vec(h, 1.0));
+                let mut fused_res = b.put(t, h, &res0);
+                let mut apart_res = b.put(t, h, &res0);
+                let d0 = b.dispatches();
+                let fused = b
+                    .moe_add_rms_norm(&x, &r, &experts, sh, &mut fused_res, &nw, 1e-6)
+                    .unwrap();
+                let d1 = b.dispatches();
+                let y = match sh {
+                    Some((gu, dn)) => b.moe_shared_mlp(&x, &r, &experts, gu, dn).unwrap(),
+                    None => b.moe(&x, &r, &experts).unwrap(),
+                };
+                let apart = b.add_rms_norm(&mut apart_res, &y, &nw, 1e-6).unwrap();
+                let d2 = b.dispatches();
+                // One kernel fewer, and (test backends poison every output first) its fill.
+                assert_eq!((d2 - d1) - (d1 - d0), 2, "{name} {arch} t{t}: dispatches");
+                assert_eq!(b.get(&fused), b.get(&apart), "{name} {arch} t{t}: normed");
+                assert_eq!(
+                    b.get(&fused_res),
+                    b.get(&apart_res),
+                    "{name} {arch} t{t}: residual"
+                );
+            }
+        }
+    }
+}
 
 /// The shared expert rides along the GEMV expert kernels: two dense dispatches (gemv_swiglu,
 /// gemv) fewer than computing it first, and the same sums (the backend-vs-CPU test above checks

@@ -45,6 +45,7 @@ pub fn all_entries() -> Vec<(&'static Entry, usize)> {
         (&moe::DISPATCH, size_of::<moe::MoeParams>()),
         (&moe::COMBINE, size_of::<moe::MoeParams>()),
         (&moe::COMBINE_ADD, size_of::<moe::MoeParams>()),
+        (&moe::COMBINE_NORM, size_of::<moe::MoeParams>()),
         (&moe::GATE_UP_GEMV, size_of::<matmul::ExpertParams>()),
         (&moe::DOWN_GEMV, size_of::<matmul::ExpertParams>()),
         (&norm::RMS_NORM, size_of::<norm::NormParams>()),

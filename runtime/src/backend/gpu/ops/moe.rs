@@ -27,7 +27,10 @@ pub struct MoeParams {
     /// moe_combine_add: row of `plus` holding token 0's term (the shared expert's rows follow the
     /// assignments' when the expert kernels computed it).
     pub plus_row0: u32,
-    pub _pad: [u32; 3],
+    /// moe_combine_norm: the residual norm's epsilon, and whether a `plus` row is added.
+    pub eps: f32,
+    pub has_plus: u32,
+    pub _pad: u32,
 }
 
 pub static DISPATCH: Entry = Entry {
@@ -89,6 +92,31 @@ pub static COMBINE_ADD: Entry = Entry {
     ],
     params: "MoeParams",
 };
+
+pub static COMBINE_NORM: Entry = Entry {
+    file: "moe.wgsl",
+    name: "moe_combine_norm",
+    bindings: &[
+        (0, Params),
+        (5, Read),
+        (6, Read),
+        (7, Read),
+        (8, ReadWrite),
+        (9, Read),
+        (10, ReadWrite),
+        (11, Read),
+    ],
+    params: "MoeParams",
+};
+
+/// The step after a layer's MoE folded into its combine: the residual `x` (`[T, H]`) gets the
+/// sum, and the combine's output is `rms_norm(x) · w` (add_rms_norm's result).
+#[derive(Clone, Copy)]
+pub struct ResidualNorm<'a> {
+    pub x: &'a GpuBuffer,
+    pub w: &'a GpuBuffer,
+    pub eps: f32,
+}
 
 /// Mean tokens per routed expert (assignments / experts) up to which the experts run as GEMV: each
 /// expert's weights are then read once per 4 of its tokens, from cache after the first 4, where
@@ -179,7 +207,8 @@ pub fn fuses_shared(
 }
 
 /// All three stages with every pool buffer of `e` (the experts are resident, or a missing one is
-/// flagged in `status` and skipped); `shared` is added to the sum.
+/// flagged in `status` and skipped); `shared` is added to the sum, and with `norm` the sum goes
+/// into the residual and `out` is its norm.
 #[allow(clippy::too_many_arguments)]
 pub fn moe(
     ctx: &mut Ctx,
@@ -191,6 +220,7 @@ pub fn moe(
     e: &ExpertLayout,
     shared: Shared<'_>,
     out: &GpuBuffer,
+    norm: Option<ResidualNorm<'_>>,
 ) -> Result<(), GpuError> {
     let mlp = match shared {
         Shared::Mlp(m) => Some(m),
@@ -199,11 +229,11 @@ pub fn moe(
     let s = dispatch(ctx, rows, ids, top_k, e, mlp.is_some())?;
     experts(ctx, x, &s, e, mlp.as_ref())?;
     match shared {
-        Shared::None => combine(ctx, &s, weights, None, out),
-        Shared::Output(p) => combine(ctx, &s, weights, Some((p, 0)), out),
+        Shared::None => combine(ctx, &s, weights, None, out, norm),
+        Shared::Output(p) => combine(ctx, &s, weights, Some((p, 0)), out, norm),
         Shared::Mlp(_) => {
             let a = s.params.assignments;
-            combine(ctx, &s, weights, Some((&s.y, a)), out)
+            combine(ctx, &s, weights, Some((&s.y, a)), out, norm)
         }
     }
 }
@@ -233,7 +263,9 @@ pub fn dispatch(
         hidden: e.hidden as u32,
         t: rows as u32,
         plus_row0: 0,
-        _pad: [0; 3],
+        eps: 0.0,
+        has_plus: 0,
+        _pad: 0,
     };
     let status = ctx.sh.status.clone();
     ctx.dispatch(
@@ -349,16 +381,31 @@ pub fn experts(
 
 /// Stage 3: the weighted sum of each token's expert rows, in routing order, plus `plus` when given
 /// (the same sum, then one add: what a separate add kernel would compute): `(buffer, row of token
-/// 0)`.
+/// 0)`; with `norm`, added to its residual and normed (one workgroup per token).
 pub fn combine(
     ctx: &mut Ctx,
     s: &MoeScratch,
     weights: &GpuBuffer,
     plus: Option<(&GpuBuffer, u32)>,
     out: &GpuBuffer,
+    norm: Option<ResidualNorm<'_>>,
 ) -> Result<(), GpuError> {
     let mut mp = s.params;
     mp.plus_row0 = plus.map_or(0, |(_, r)| r);
+    if let Some(n) = norm {
+        mp.eps = n.eps;
+        mp.has_plus = plus.is_some() as u32;
+        let dummy = ctx.sh.dummies[0].clone();
+        let p = plus.map_or(&*dummy, |(p, _)| p);
+        return ctx.dispatch(
+            &COMBINE_NORM,
+            0,
+            &mp,
+            None,
+            &[&s.meta, weights, &s.y, out, p, n.x, n.w],
+            Grid::Groups(mp.t, 1, 1),
+        );
+    }
     let plus = plus.map(|(p, _)| p);
     let grid = Grid::Linear(((mp.t * mp.hidden) as u64).div_ceil(64));
     match plus {
