@@ -144,6 +144,11 @@ impl Engine {
 }
 
 impl Engine {
+    /// The runtime's engine (for the calls other modules export, e.g. `reason`).
+    pub(crate) fn runtime(&self) -> &LoadedEngine {
+        &self.inner
+    }
+
     /// The runtime request: the model's defaults, with what `config` sets.
     fn request(
         &self,

@@ -32,6 +32,9 @@ pub enum EdgeDiffError {
     /// model cannot run, residency settings).
     #[error("{0}")]
     Unsupported(String),
+    /// The run was cancelled before it had a result (a reasoning run: `TaskHandle.cancel()`).
+    #[error("{0}")]
+    Cancelled(String),
     /// A listener implemented by the app threw.
     #[error("listener failed: {0}")]
     Callback(String),

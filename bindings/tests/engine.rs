@@ -276,3 +276,121 @@ fn invalid_requests_fail_before_anything_runs() {
         Err(EdgeDiffError::InvalidArgument(m)) if m.contains("lots")
     ));
 }
+
+/// Forwards a reasoning run's calls to a channel; cancels its handle at the first trace when told.
+struct ReasonChannel {
+    calls: Mutex<Sender<ReasonCall>>,
+}
+
+#[derive(Debug)]
+enum ReasonCall {
+    Event(edgediff_ffi::ReasonEvent),
+    Finished(edgediff_ffi::ReasonResult),
+    Error(EdgeDiffError),
+}
+
+impl edgediff_ffi::ReasonListener for ReasonChannel {
+    fn on_event(&self, event: edgediff_ffi::ReasonEvent) -> Result<(), EdgeDiffError> {
+        let _ = self.calls.lock().unwrap().send(ReasonCall::Event(event));
+        Ok(())
+    }
+    fn on_finished(&self, result: edgediff_ffi::ReasonResult) -> Result<(), EdgeDiffError> {
+        let _ = self
+            .calls
+            .lock()
+            .unwrap()
+            .send(ReasonCall::Finished(result));
+        Ok(())
+    }
+    fn on_error(&self, error: EdgeDiffError) -> Result<(), EdgeDiffError> {
+        let _ = self.calls.lock().unwrap().send(ReasonCall::Error(error));
+        Ok(())
+    }
+}
+
+fn reason_config() -> edgediff_ffi::ReasonConfig {
+    edgediff_ffi::ReasonConfig {
+        n: 3,
+        k: 2,
+        rounds: 1,
+        tail_tokens: 8,
+        think_budget: 6,
+        max_tokens: 4,
+        answer_regex: Some(r"(\S+)\s*$".into()),
+        seed: 3,
+        ..edgediff_ffi::ReasonConfig::default()
+    }
+}
+
+#[test]
+fn reason_streams_events_then_one_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = load(&synth_model(dir.path()));
+    let (send, receive) = channel();
+    let listener = Arc::new(ReasonChannel {
+        calls: Mutex::new(send),
+    });
+    let _task = engine
+        .clone()
+        .reason("What is 2 + 3?".into(), reason_config(), listener)
+        .unwrap();
+    let mut rounds = Vec::new();
+    let mut finished_traces = 0;
+    let result = loop {
+        match receive.recv_timeout(Duration::from_secs(300)).unwrap() {
+            ReasonCall::Event(edgediff_ffi::ReasonEvent::RoundDone { round, votes, .. }) => {
+                rounds.push((round, votes))
+            }
+            ReasonCall::Event(edgediff_ffi::ReasonEvent::TraceFinished { .. }) => {
+                finished_traces += 1
+            }
+            ReasonCall::Event(_) => {}
+            ReasonCall::Finished(r) => break r,
+            ReasonCall::Error(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(rounds.iter().map(|r| r.0).collect::<Vec<_>>(), [0, 1]);
+    assert_eq!(finished_traces, 6);
+    assert_eq!(result.traces, 6);
+    assert!(result.peak_kv_bytes > 0);
+    assert_eq!(result.votes, rounds[1].1);
+    assert!(
+        receive.recv_timeout(Duration::from_millis(200)).is_err(),
+        "nothing after the end"
+    );
+}
+
+#[test]
+fn a_bad_reason_config_fails_before_running_and_cancel_ends_a_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = load(&synth_model(dir.path()));
+    let (send, receive) = channel();
+    let listener = Arc::new(ReasonChannel {
+        calls: Mutex::new(send),
+    });
+    let bad = edgediff_ffi::ReasonConfig {
+        k: 4,
+        ..reason_config()
+    };
+    let e = engine
+        .clone()
+        .reason("x".into(), bad, listener.clone())
+        .map(|_| ())
+        .unwrap_err();
+    assert!(matches!(e, EdgeDiffError::InvalidArgument(_)), "{e:?}");
+    let task = engine
+        .clone()
+        .reason("x".into(), reason_config(), listener)
+        .unwrap();
+    task.cancel();
+    let end = loop {
+        match receive.recv_timeout(Duration::from_secs(300)).unwrap() {
+            ReasonCall::Event(_) => {}
+            other => break other,
+        }
+    };
+    assert!(
+        matches!(end, ReasonCall::Error(EdgeDiffError::Cancelled(_))),
+        "{end:?}"
+    );
+}

@@ -39,6 +39,25 @@ public final class EdgeDiff: Sendable {
         }
     }
 
+    /// Markovian RSA on `query`: N reasoning traces per round, each later round aggregating the
+    /// tails of K traces of the one before. Yields every `ReasonEvent` as `.event`, then `.done`
+    /// with the result; ending the iteration early cancels the run; failures (a bad config before
+    /// anything runs) are thrown as `EdgeDiffError`.
+    public func reason(
+        _ query: String,
+        config: ReasonConfig = ReasonConfig()
+    ) -> AsyncThrowingStream<ReasonProgress, Error> {
+        AsyncThrowingStream { continuation in
+            do {
+                let task = try engine.reason(
+                    query: query, config: config, listener: ReasonStreamListener(continuation))
+                continuation.onTermination = { @Sendable _ in task.cancel() }
+            } catch {
+                continuation.finish(throwing: error)
+            }
+        }
+    }
+
     /// The whole text at once; cancelling the calling task cancels the generation.
     public func generateText(
         _ prompt: String,
@@ -74,6 +93,34 @@ private final class StreamListener: TokenListener {
     }
 
     func onFinished(stats: GenerationStats) throws {
+        continuation.finish()
+    }
+
+    func onError(error: EdgeDiffError) throws {
+        continuation.finish(throwing: error)
+    }
+}
+
+/// What `EdgeDiff.reason` yields: the run's events, then its result.
+public enum ReasonProgress: Sendable {
+    case event(ReasonEvent)
+    case done(ReasonResult)
+}
+
+/// Forwards a reasoning run's callbacks (on its own thread) into the stream.
+private final class ReasonStreamListener: ReasonListener {
+    private let continuation: AsyncThrowingStream<ReasonProgress, Error>.Continuation
+
+    init(_ continuation: AsyncThrowingStream<ReasonProgress, Error>.Continuation) {
+        self.continuation = continuation
+    }
+
+    func onEvent(event: ReasonEvent) throws {
+        continuation.yield(.event(event))
+    }
+
+    func onFinished(result: ReasonResult) throws {
+        continuation.yield(.done(result))
         continuation.finish()
     }
 

@@ -11,6 +11,10 @@ import dev.edgediff.ffi.GenerationConfig
 import dev.edgediff.ffi.GenerationResult
 import dev.edgediff.ffi.GenerationStats
 import dev.edgediff.ffi.ModelInfo
+import dev.edgediff.ffi.ReasonConfig
+import dev.edgediff.ffi.ReasonEvent
+import dev.edgediff.ffi.ReasonListener
+import dev.edgediff.ffi.ReasonResult
 import dev.edgediff.ffi.TokenListener
 import kotlinx.coroutines.CoroutineDispatcher
 import kotlinx.coroutines.Dispatchers
@@ -66,6 +70,35 @@ class EdgeDiff private constructor(private val engine: Engine) : AutoCloseable {
             }
         }
 
+    /**
+     * Markovian RSA on [query]: N reasoning traces per round, each later round aggregating the
+     * tails of K traces of the one before. Emits every [ReasonEvent] as [ReasonProgress.Event]
+     * and ends with [ReasonProgress.Done]; cancelling the collector cancels the run; failures are
+     * thrown from `collect` as [EdgeDiffException] (a bad config before anything runs).
+     */
+    fun reason(query: String, config: ReasonConfig = ReasonConfig()): Flow<ReasonProgress> =
+        callbackFlow {
+            val listener = object : ReasonListener {
+                override fun onEvent(event: ReasonEvent) {
+                    this@callbackFlow.trySendBlocking(ReasonProgress.Event(event))
+                }
+
+                override fun onFinished(result: ReasonResult) {
+                    this@callbackFlow.trySendBlocking(ReasonProgress.Done(result))
+                    channel.close()
+                }
+
+                override fun onError(error: EdgeDiffException) {
+                    channel.close(error)
+                }
+            }
+            val task = engine.reason(query, config, listener)
+            awaitClose {
+                task.cancel()
+                task.close()
+            }
+        }
+
     /** The whole text at once; cancelling the calling coroutine cancels the generation. */
     suspend fun generateText(
         prompt: String,
@@ -85,4 +118,11 @@ class EdgeDiff private constructor(private val engine: Engine) : AutoCloseable {
         get() = engine.stats()
 
     override fun close() = engine.close()
+}
+
+/** What [EdgeDiff.reason] emits: the run's events, then its result. */
+sealed interface ReasonProgress {
+    data class Event(val event: ReasonEvent) : ReasonProgress
+
+    data class Done(val result: ReasonResult) : ReasonProgress
 }

@@ -10,6 +10,8 @@ import dev.edgediff.ffi.EdgeDiffException
 import dev.edgediff.ffi.EngineConfig
 import dev.edgediff.ffi.FinishReasonKind
 import dev.edgediff.ffi.GenerationConfig
+import dev.edgediff.ffi.ReasonConfig
+import dev.edgediff.ffi.ReasonEvent
 import kotlinx.coroutines.CompletableDeferred
 import kotlinx.coroutines.awaitCancellation
 import kotlinx.coroutines.cancelAndJoin
@@ -116,6 +118,32 @@ class EdgeDiffTest {
             runBlocking { EdgeDiff.load(modelPath, tiny) }
         }
         assertTrue("at least" in e.message!!, e.message)
+    }
+
+    @Test
+    fun reasonStreamsRoundsThenItsResult() = runBlocking {
+        val config = ReasonConfig(
+            n = 3u, k = 2u, rounds = 1u, tailTokens = 8u, thinkBudget = 6u, maxTokens = 4u,
+            answerRegex = "(\\S+)\\s*$", seed = 3uL,
+        )
+        val updates = engine.reason("What is 2 + 3?", config).toList()
+        val done = updates.last() as? ReasonProgress.Done ?: fail("no result last: ${updates.last()}")
+        val events = updates.dropLast(1).map { (it as ReasonProgress.Event).event }
+        val rounds = events.filterIsInstance<ReasonEvent.RoundDone>()
+        assertEquals(listOf(0u, 1u), rounds.map { it.round })
+        assertEquals(6, events.filterIsInstance<ReasonEvent.TraceFinished>().size)
+        val aggregating = events.filterIsInstance<ReasonEvent.TraceStarted>().filter { it.round == 1u }
+        assertTrue(aggregating.all { it.parents.size == 2 }, "$aggregating")
+        assertEquals(6u, done.result.traces)
+        assertTrue(done.result.peakKvBytes > 0uL, "${done.result}")
+        assertEquals(rounds.last().votes, done.result.votes)
+    }
+
+    @Test
+    fun aReasonConfigWithKAboveNIsATypedException() {
+        assertFailsWith<EdgeDiffException.InvalidArgument> {
+            runBlocking { engine.reason("x", ReasonConfig(n = 2u, k = 3u)).toList() }
+        }
     }
 
     @Test
