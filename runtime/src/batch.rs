@@ -179,7 +179,11 @@ impl<B: Backend> PassBatcher<B> {
             tokens: tokens.to_vec(),
             window,
             want: want.clone(),
-            class: backend.batch_class(tokens.len()),
+            // Block-level routing groups a pass's rows: it runs alone (ModelError::BatchMix).
+            class: match want.blocks {
+                None => backend.batch_class(tokens.len()),
+                Some(_) => None,
+            },
             since: Instant::now(),
         });
         self.wake.notify_all();

@@ -259,6 +259,10 @@ fn request_for(default: &GenerationRequest, i: usize, rng: &mut Rng) -> Generati
             reuse_last_kv: true,
         }),
     };
+    if i == 5 {
+        // Block-level routing: its passes run alone.
+        r.decoding.block_experts = Some(4);
+    }
     if i % 3 == 1 {
         r.decoding.sampling = Sampling {
             temperature: 0.8,
@@ -327,8 +331,10 @@ fn decoding_many_requests_together_gives_each_the_tokens_it_gets_alone() {
             shared.load(Ordering::Relaxed),
         );
         let passes: usize = alone.iter().map(|a| a.stats.forward_passes).sum();
+        // Sequences of different lengths end apart (the last passes run alone): at least half
+        // the passes were saved.
         assert!(
-            shared * 2 > n && n < passes,
+            shared > 0 && n * 2 < passes,
             "{arch}: {n} batched passes for {passes} passes, {shared} of them shared"
         );
     }
