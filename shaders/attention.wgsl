@@ -254,6 +254,41 @@ fn kv_col(j: u32, kb: u32, c: u32, v: bool) -> vec4<f32> {
     return k4w[w];
 }
 
+// Row `base` (in vec4s) of the K (v = false) or V cache: four vec4 columns, the octet's.
+fn row_cache(base: u32, o: u32, hv: u32, ok: bool, v: bool) -> Row4 {
+    var r = row4_zero();
+    if (ok) {
+        if (v) {
+            if (o < hv) {
+                r.a = v4w[base + o];
+            }
+            if (o + 8u < hv) {
+                r.b = v4w[base + o + 8u];
+            }
+            if (o + 16u < hv) {
+                r.c = v4w[base + o + 16u];
+            }
+            if (o + 24u < hv) {
+                r.d = v4w[base + o + 24u];
+            }
+        } else {
+            if (o < hv) {
+                r.a = k4w[base + o];
+            }
+            if (o + 8u < hv) {
+                r.b = k4w[base + o + 8u];
+            }
+            if (o + 16u < hv) {
+                r.c = k4w[base + o + 16u];
+            }
+            if (o + 24u < hv) {
+                r.d = k4w[base + o + 24u];
+            }
+        }
+    }
+    return r;
+}
+
 fn row_kv(j: u32, kb: u32, o: u32, hv: u32, ok: bool, v: bool) -> Row4 {
     var r = row4_zero();
     if (ok) {
@@ -350,14 +385,34 @@ fn attend_gqa(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_wo
         let j = lo + j0;
         let wlo = window_lo(p.start + t);
         let ok = vec4<bool>(j < hi && j >= wlo, j + 1u < hi && j + 1u >= wlo, j + 2u < hi && j + 2u >= wlo, j + 3u < hi && j + 3u >= wlo);
-        let k0 = row_kv(j, kb, o, hv, ok.x, false);
-        let k1 = row_kv(j + 1u, kb, o, hv, ok.y, false);
-        let k2 = row_kv(j + 2u, kb, o, hv, ok.z, false);
-        let k3 = row_kv(j + 3u, kb, o, hv, ok.w, false);
-        let v0 = row_kv(j, kb, o, hv, ok.x, true);
-        let v1 = row_kv(j + 1u, kb, o, hv, ok.y, true);
-        let v2 = row_kv(j + 2u, kb, o, hv, ok.z, true);
-        let v3 = row_kv(j + 3u, kb, o, hv, ok.w, true);
+        var k0: Row4;
+        var k1: Row4;
+        var k2: Row4;
+        var k3: Row4;
+        var v0: Row4;
+        var v1: Row4;
+        var v2: Row4;
+        var v3: Row4;
+        if (j + 3u < p.start || j >= p.start + p.t) {
+            // No key of the four is the block's: straight from the cache.
+            k0 = row_cache(j * kv4 + kb, o, hv, ok.x, false);
+            k1 = row_cache((j + 1u) * kv4 + kb, o, hv, ok.y, false);
+            k2 = row_cache((j + 2u) * kv4 + kb, o, hv, ok.z, false);
+            k3 = row_cache((j + 3u) * kv4 + kb, o, hv, ok.w, false);
+            v0 = row_cache(j * kv4 + kb, o, hv, ok.x, true);
+            v1 = row_cache((j + 1u) * kv4 + kb, o, hv, ok.y, true);
+            v2 = row_cache((j + 2u) * kv4 + kb, o, hv, ok.z, true);
+            v3 = row_cache((j + 3u) * kv4 + kb, o, hv, ok.w, true);
+        } else {
+            k0 = row_kv(j, kb, o, hv, ok.x, false);
+            k1 = row_kv(j + 1u, kb, o, hv, ok.y, false);
+            k2 = row_kv(j + 2u, kb, o, hv, ok.z, false);
+            k3 = row_kv(j + 3u, kb, o, hv, ok.w, false);
+            v0 = row_kv(j, kb, o, hv, ok.x, true);
+            v1 = row_kv(j + 1u, kb, o, hv, ok.y, true);
+            v2 = row_kv(j + 2u, kb, o, hv, ok.z, true);
+            v3 = row_kv(j + 3u, kb, o, hv, ok.w, true);
+        }
         let part_dot = vec4<f32>(dot_row(q, k0), dot_row(q, k1), dot_row(q, k2), dot_row(q, k3));
         let sc = select(vec4<f32>(neg_inf()), octet_sum4(part_dot, lane), ok);
         let mn = max(m, max(max(sc.x, sc.y), max(sc.z, sc.w)));
