@@ -6,6 +6,7 @@
 pub mod cpu;
 pub mod gpu;
 pub mod kv_meter;
+mod shapes;
 
 use crate::arch::{Activation, Gating, LayerAttention, ModelConfig};
 use crate::format::{FormatError, TensorView};

@@ -172,9 +172,7 @@ pub struct CpuRouting {
     pub weights: Vec<f32>,
 }
 
-fn shape_err(op: &'static str, detail: String) -> BackendError {
-    BackendError::Shape { op, detail }
-}
+use super::shapes::{self, shape_err};
 
 fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
@@ -199,13 +197,7 @@ impl CpuBackend {
     }
 
     fn check_norm(op: &'static str, x: &CpuAct, w: &CpuWeight) -> Result<()> {
-        if w.data.len() != x.cols {
-            return Err(shape_err(
-                op,
-                format!("norm weight {} vs width {}", w.data.len(), x.cols),
-            ));
-        }
-        Ok(())
+        shapes::norm(op, w.data.len(), x.cols)
     }
 }
 
@@ -316,21 +308,13 @@ impl Backend for CpuBackend {
     }
 
     fn rows_of(&self, x: &CpuAct, rows: Range<usize>) -> Result<CpuAct> {
-        if rows.start > rows.end || rows.end > x.rows {
-            return Err(shape_err("rows_of", format!("rows {rows:?} of {}", x.rows)));
-        }
+        shapes::rows_within("rows_of", &rows, x.rows)?;
         let data = x.data[rows.start * x.cols..rows.end * x.cols].to_vec();
         Ok(CpuAct::new(rows.len(), x.cols, data))
     }
 
     fn stack_rows(&self, parts: &[&CpuAct]) -> Result<CpuAct> {
-        let cols = parts.first().map_or(0, |p| p.cols);
-        if let Some(p) = parts.iter().find(|p| p.cols != cols) {
-            return Err(shape_err(
-                "stack_rows",
-                format!("widths {} and {}", cols, p.cols),
-            ));
-        }
+        let cols = shapes::same_widths("stack_rows", parts.iter().map(|p| p.cols))?;
         let data: Vec<f32> = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
         Ok(CpuAct::new(data.len() / cols.max(1), cols, data))
     }
@@ -370,15 +354,7 @@ impl Backend for CpuBackend {
     }
 
     fn add(&self, x: &mut CpuAct, delta: &CpuAct) -> Result<()> {
-        if x.rows != delta.rows || x.cols != delta.cols {
-            return Err(shape_err(
-                "add",
-                format!(
-                    "[{}, {}] + [{}, {}]",
-                    x.rows, x.cols, delta.rows, delta.cols
-                ),
-            ));
-        }
+        shapes::same_shape("add", (x.rows, x.cols), (delta.rows, delta.cols))?;
         for (a, b) in x.data.iter_mut().zip(&delta.data) {
             *a += b;
         }
@@ -386,15 +362,7 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&self, w: &CpuWeight, x: &CpuAct) -> Result<CpuAct> {
-        if w.cols != x.cols {
-            return Err(shape_err(
-                "matmul",
-                format!(
-                    "weight [{}, {}] × x [{}, {}]",
-                    w.rows, w.cols, x.rows, x.cols
-                ),
-            ));
-        }
+        shapes::matmul("matmul", (w.rows, w.cols), (x.rows, x.cols))?;
         let mut out = vec![0.0; x.rows * w.rows];
         // Weight rows outside: each is read once for all activation rows (a batched pass's
         // sequences share it); every output is the same dot product either way.
@@ -442,12 +410,7 @@ impl Backend for CpuBackend {
         c: &ModelConfig,
         start: usize,
     ) -> Result<()> {
-        if qkv.cols != c.qkv_dim() {
-            return Err(shape_err(
-                "qk_norm_rope",
-                format!("width {} vs {}", qkv.cols, c.qkv_dim()),
-            ));
-        }
+        shapes::qkv("qk_norm_rope", qkv.cols, c)?;
         let (hd, qd, kd) = (c.head_dim, c.q_dim(), c.kv_dim());
         let eps = c.rms_norm_eps as f32;
         let rd = c.rotary_dim;
@@ -516,18 +479,16 @@ impl Backend for CpuBackend {
     ) -> Result<CpuAct> {
         let t_len = qkv.rows;
         let (hd, qd, kd) = (c.head_dim, c.q_dim(), c.kv_dim());
-        if start + t_len > kv.capacity || kv_len > kv.capacity {
-            return Err(BackendError::CacheFull {
-                pos: (start + t_len).max(kv_len),
-                capacity: kv.capacity,
-            });
-        }
-        if kv_len < start + t_len {
-            return Err(shape_err(
-                "attention",
-                format!("kv_len {kv_len} < end of block {}", start + t_len),
-            ));
-        }
+        shapes::attention(
+            (qkv.rows, qkv.cols),
+            layer,
+            kv.k.len(),
+            c,
+            start,
+            kv_len,
+            kv.capacity,
+            mask,
+        )?;
         for t in 0..t_len {
             let row = qkv.row(t);
             let at = (start + t) * kv.kv_dim;
@@ -833,9 +794,8 @@ impl Backend for CpuBackend {
     }
 
     fn logits(&self, x: &CpuAct, head: &CpuWeight, rows: Range<usize>) -> Result<Vec<f32>> {
-        if rows.end > x.rows || rows.start > rows.end {
-            return Err(shape_err("logits", format!("rows {rows:?} of {}", x.rows)));
-        }
+        shapes::rows_within("logits", &rows, x.rows)?;
+        shapes::head("logits", (head.rows, head.cols), x.cols)?;
         let sub = CpuAct::new(
             rows.len(),
             x.cols,
@@ -855,14 +815,14 @@ impl CpuBackend {
         c: &ModelConfig,
         blocks: Option<&BlockRouting>,
     ) -> Result<CpuRouting> {
+        shapes::router(
+            (router.rows, router.cols),
+            bias.map(|b| b.data.len()),
+            x.cols,
+            c,
+        )?;
         let logits = self.matmul(router, x)?;
         let (n, k) = (c.moe.num_experts, c.moe.top_k);
-        if logits.cols != n || bias.is_some_and(|b| b.data.len() != n) {
-            return Err(shape_err(
-                "route",
-                format!("router has {} outputs for {n} experts", logits.cols),
-            ));
-        }
         let bias = bias.map(|b| b.data.as_slice());
         let masks = blocks.map(|bl| block_masks(&logits.data, n, bias, c.moe.gating, bl));
         let mut ids = Vec::with_capacity(x.rows * k);

@@ -32,6 +32,7 @@ pub use choice::KernelChoice;
 pub use device::{list_adapters, AdapterSummary, DeviceCaps, GpuDevice, GpuError, GpuOptions};
 pub use experts::{GpuExpertPool, GpuExperts};
 
+use super::shapes::{self, shape_err};
 use super::{
     AttnMask, Backend, BackendError, CcaParams, CcaWeights, MlpRouterParams, MlpRouterWeights,
     PositionStats, Result,
@@ -138,8 +139,15 @@ pub struct GpuBackend {
     paging: Mutex<Vec<Arc<experts::GpuExpertPool>>>,
 }
 
-fn shape_err(op: &'static str, detail: String) -> BackendError {
-    BackendError::Shape { op, detail }
+/// A norm weight or bias of the right length that is not one f32 row (the kernels read it as one).
+fn not_a_vector(op: &'static str, w: &GpuWeight) -> BackendError {
+    shape_err(
+        op,
+        format!(
+            "[{}, {}] {:?} weight is not one f32 row",
+            w.rows, w.cols, w.dtype
+        ),
+    )
 }
 
 /// A NaN or infinity in a weight file is corruption (the CPU backend refuses it the same way).
@@ -542,13 +550,6 @@ impl GpuBackend {
         Ok(out)
     }
 
-    fn check_rows(op: &'static str, x: &GpuAct, rows: &Range<usize>) -> Result<()> {
-        if rows.end > x.rows || rows.start > rows.end {
-            return Err(shape_err(op, format!("rows {rows:?} of {}", x.rows)));
-        }
-        Ok(())
-    }
-
     /// Rows of logits computed per LM-head pass: the logits scratch stays within one binding.
     fn head_rows(&self, vocab: usize) -> usize {
         ((self.sh.dev.split / (vocab as u64 * 4)) as usize).max(1)
@@ -761,7 +762,7 @@ impl Backend for GpuBackend {
     }
 
     fn rows_of(&self, x: &GpuAct, rows: Range<usize>) -> Result<GpuAct> {
-        Self::check_rows("rows_of", x, &rows)?;
+        shapes::rows_within("rows_of", &rows, x.rows)?;
         let row = (x.cols * 4) as u64;
         self.with(|ctx| {
             let out = Self::out_act(ctx, rows.len(), x.cols)?;
@@ -779,13 +780,7 @@ impl Backend for GpuBackend {
     }
 
     fn stack_rows(&self, parts: &[&GpuAct]) -> Result<GpuAct> {
-        let cols = parts.first().map_or(0, |p| p.cols);
-        if let Some(p) = parts.iter().find(|p| p.cols != cols) {
-            return Err(shape_err(
-                "stack_rows",
-                format!("widths {} and {}", cols, p.cols),
-            ));
-        }
+        let cols = shapes::same_widths("stack_rows", parts.iter().map(|p| p.cols))?;
         let rows = parts.iter().map(|p| p.rows).sum();
         let row = (cols * 4) as u64;
         self.with(|ctx| {
@@ -822,15 +817,8 @@ impl Backend for GpuBackend {
     }
 
     fn rms_norm(&self, x: &GpuAct, w: &GpuWeight, eps: f32) -> Result<GpuAct> {
-        let wv = match w.vector() {
-            Some(b) if w.cols == x.cols => b,
-            _ => {
-                return Err(shape_err(
-                    "rms_norm",
-                    format!("norm weight [{}, {}] vs width {}", w.rows, w.cols, x.cols),
-                ))
-            }
-        };
+        shapes::norm("rms_norm", w.rows * w.cols, x.cols)?;
+        let wv = w.vector().ok_or_else(|| not_a_vector("rms_norm", w))?;
         self.with(|ctx| {
             let out = Self::out_act(ctx, x.rows, x.cols)?;
             ops::norm::rms_norm(ctx, &x.buf, wv, &out.buf, x.rows, x.cols, eps)?;
@@ -845,24 +833,9 @@ impl Backend for GpuBackend {
         w: &GpuWeight,
         eps: f32,
     ) -> Result<GpuAct> {
-        let wv = match w.vector() {
-            Some(b) if w.cols == x.cols => b,
-            _ => {
-                return Err(shape_err(
-                    "add_rms_norm",
-                    format!("norm weight [{}, {}] vs width {}", w.rows, w.cols, x.cols),
-                ))
-            }
-        };
-        if (x.rows, x.cols) != (delta.rows, delta.cols) {
-            return Err(shape_err(
-                "add_rms_norm",
-                format!(
-                    "[{}, {}] + [{}, {}]",
-                    x.rows, x.cols, delta.rows, delta.cols
-                ),
-            ));
-        }
+        shapes::norm("add_rms_norm", w.rows * w.cols, x.cols)?;
+        let wv = w.vector().ok_or_else(|| not_a_vector("add_rms_norm", w))?;
+        shapes::same_shape("add_rms_norm", (x.rows, x.cols), (delta.rows, delta.cols))?;
         self.with(|ctx| {
             let out = Self::out_act(ctx, x.rows, x.cols)?;
             ops::norm::add_rms_norm(ctx, &x.buf, &delta.buf, wv, &out.buf, x.rows, x.cols, eps)?;
@@ -871,15 +844,7 @@ impl Backend for GpuBackend {
     }
 
     fn add(&self, x: &mut GpuAct, delta: &GpuAct) -> Result<()> {
-        if (x.rows, x.cols) != (delta.rows, delta.cols) {
-            return Err(shape_err(
-                "add",
-                format!(
-                    "[{}, {}] + [{}, {}]",
-                    x.rows, x.cols, delta.rows, delta.cols
-                ),
-            ));
-        }
+        shapes::same_shape("add", (x.rows, x.cols), (delta.rows, delta.cols))?;
         self.with(|ctx| {
             Ok(ops::elementwise::add(
                 ctx,
@@ -891,15 +856,7 @@ impl Backend for GpuBackend {
     }
 
     fn matmul(&self, w: &GpuWeight, x: &GpuAct) -> Result<GpuAct> {
-        if w.cols != x.cols {
-            return Err(shape_err(
-                "matmul",
-                format!(
-                    "weight [{}, {}] × x [{}, {}]",
-                    w.rows, w.cols, x.rows, x.cols
-                ),
-            ));
-        }
+        shapes::matmul("matmul", (w.rows, w.cols), (x.rows, x.cols))?;
         self.with(|ctx| {
             let out = Self::out_act(ctx, x.rows, w.rows)?;
             ops::matmul::matmul_into(ctx, w, &x.buf, 0, x.rows, &out.buf, w.rows)?;
@@ -939,12 +896,7 @@ impl Backend for GpuBackend {
         c: &ModelConfig,
         start: usize,
     ) -> Result<()> {
-        if qkv.cols != c.qkv_dim() {
-            return Err(shape_err(
-                "qk_norm_rope",
-                format!("width {} vs {}", qkv.cols, c.qkv_dim()),
-            ));
-        }
+        shapes::qkv("qk_norm_rope", qkv.cols, c)?;
         let bad = || {
             shape_err(
                 "qk_norm_rope",
@@ -982,27 +934,16 @@ impl Backend for GpuBackend {
         mask: AttnMask,
     ) -> Result<GpuAct> {
         let t = qkv.rows;
-        if start + t > kv.capacity || kv_len > kv.capacity {
-            return Err(BackendError::CacheFull {
-                pos: (start + t).max(kv_len),
-                capacity: kv.capacity,
-            });
-        }
-        if kv_len < start + t {
-            return Err(shape_err(
-                "attention",
-                format!("kv_len {kv_len} < end of block {}", start + t),
-            ));
-        }
-        if qkv.cols != c.qkv_dim() || layer >= kv.k.len() {
-            return Err(shape_err(
-                "attention",
-                format!("width {} vs {}, layer {layer}", qkv.cols, c.qkv_dim()),
-            ));
-        }
-        if matches!(mask, AttnMask::BlockCausal(0)) {
-            return Err(shape_err("attention", "block size 0".into()));
-        }
+        shapes::attention(
+            (qkv.rows, qkv.cols),
+            layer,
+            kv.k.len(),
+            c,
+            start,
+            kv_len,
+            kv.capacity,
+            mask,
+        )?;
         self.with(|ctx| {
             let out = Self::out_act(ctx, t, c.q_dim())?;
             ops::attention::attention(
@@ -1054,15 +995,11 @@ impl Backend for GpuBackend {
         experts: &GpuExperts,
         shared: &GpuAct,
     ) -> Result<GpuAct> {
-        if (shared.rows, shared.cols) != (x.rows, x.cols) {
-            return Err(shape_err(
-                "moe_plus_shared",
-                format!(
-                    "[{}, {}] + [{}, {}]",
-                    x.rows, x.cols, shared.rows, shared.cols
-                ),
-            ));
-        }
+        shapes::same_shape(
+            "moe_plus_shared",
+            (x.rows, x.cols),
+            (shared.rows, shared.cols),
+        )?;
         self.moe_with(x, routing, experts, Some(&*shared.buf))
     }
 
@@ -1337,13 +1274,8 @@ impl Backend for GpuBackend {
         head: &GpuWeight,
         rows: Range<usize>,
     ) -> Result<Vec<PositionStats>> {
-        Self::check_rows("lm_head_stats", x, &rows)?;
-        if head.cols != x.cols {
-            return Err(shape_err(
-                "lm_head_stats",
-                format!("head [{}, {}] × x width {}", head.rows, head.cols, x.cols),
-            ));
-        }
+        shapes::rows_within("lm_head_stats", &rows, x.rows)?;
+        shapes::head("lm_head_stats", (head.rows, head.cols), x.cols)?;
         let (n, vocab) = (rows.len(), head.rows);
         let per = self.head_rows(vocab);
         let status = self.sh.status.clone();
@@ -1399,13 +1331,8 @@ impl Backend for GpuBackend {
     }
 
     fn logits(&self, x: &GpuAct, head: &GpuWeight, rows: Range<usize>) -> Result<Vec<f32>> {
-        Self::check_rows("logits", x, &rows)?;
-        if head.cols != x.cols {
-            return Err(shape_err(
-                "logits",
-                format!("head [{}, {}] × x width {}", head.rows, head.cols, x.cols),
-            ));
-        }
+        shapes::rows_within("logits", &rows, x.rows)?;
+        shapes::head("logits", (head.rows, head.cols), x.cols)?;
         let (n, vocab) = (rows.len(), head.rows);
         let per = self.head_rows(vocab);
         let mut all = Vec::with_capacity(n * vocab);
@@ -1487,24 +1414,16 @@ impl GpuBackend {
         c: &ModelConfig,
         blocks: Option<&super::BlockRouting>,
     ) -> Result<GpuRouting> {
-        let (n, k) = (c.moe.num_experts, c.moe.top_k);
-        if router.rows != n || router.cols != x.cols {
-            return Err(shape_err(
-                "route",
-                format!("router has {} outputs for {n} experts", router.rows),
-            ));
-        }
+        let k = c.moe.top_k;
+        shapes::router(
+            (router.rows, router.cols),
+            bias.map(|b| b.rows * b.cols),
+            x.cols,
+            c,
+        )?;
         let bias_buf = match bias {
             None => None,
-            Some(b) => match b.vector() {
-                Some(v) if b.cols == n => Some(v),
-                _ => {
-                    return Err(shape_err(
-                        "route",
-                        format!("router bias of {} for {n} experts", b.cols),
-                    ))
-                }
-            },
+            Some(b) => Some(b.vector().ok_or_else(|| not_a_vector("route", b))?),
         };
         self.with(|ctx| {
             let ids = ctx.output((x.rows * k * 4) as u64)?;
