@@ -839,3 +839,65 @@ fn bad_serve_flags_are_one_line_errors_before_listening() {
         assert_eq!(run(&flag).trim().lines().count(), 1, "{e}");
     }
 }
+
+#[test]
+fn a_chat_completion_with_reason_runs_rsa_and_reports_its_votes() {
+    let srv = server(Setup::default());
+    let body = |reason: Value, extra: Value| {
+        let mut b = json!({
+            "messages": [{"role": "user", "content": "What is 2 + 3?"}],
+            "max_tokens": 3, "seed": 3,
+            "edgediff": {"decoder": "ar", "reason": reason},
+        });
+        if let (Some(b), Some(e)) = (b.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        b
+    };
+    let reason = json!({"n": 2, "k": 2, "rounds": 1, "tail_tokens": 8, "think_budget": 4,
+                        "answer_regex": "(\\S+)\\s*$"});
+    let r = post(
+        srv.addr(),
+        "/v1/chat/completions",
+        &body(reason.clone(), json!({})),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert_eq!(v["object"], "chat.completion");
+    let ext = &v["edgediff"];
+    assert_eq!(ext["traces"], 4);
+    assert_eq!(ext["rounds"].as_array().unwrap().len(), 2);
+    assert!(ext["peak_kv_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(ext["votes"], ext["rounds"][1]["votes"]);
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    // Seeded: the same request gives the same run.
+    let again = post(
+        srv.addr(),
+        "/v1/chat/completions",
+        &body(reason.clone(), json!({})),
+    );
+    assert_eq!(again.json()["edgediff"], v["edgediff"]);
+
+    for (bad, extra, what) in [
+        (json!({"n": 2, "k": 3}), json!({}), "k = 3"),
+        (json!({"tail_tokens": 0}), json!({}), "tail_tokens"),
+        (json!({"think_budget": 100000}), json!({}), "context"),
+        (json!({"answer_regex": "("}), json!({}), "pattern"),
+        (json!({"bogus": 1}), json!({}), "bogus"),
+        (reason.clone(), json!({"stream": true}), "stream"),
+        (
+            reason.clone(),
+            json!({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}),
+            "one user turn",
+        ),
+    ] {
+        let r = post(
+            srv.addr(),
+            "/v1/chat/completions",
+            &body(bad.clone(), extra),
+        );
+        assert_eq!(r.status, 400, "{bad}: {}", String::from_utf8_lossy(&r.body));
+        let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(msg.contains(what), "{bad}: {msg}");
+    }
+}

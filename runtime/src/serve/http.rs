@@ -188,6 +188,9 @@ async fn generate(
         Ok(b) => b,
         Err(r) => return body_error(r).into_response(),
     };
+    if endpoint == Endpoint::Chat && super::reason::requested(&body) {
+        return super::reason::chat(s, body).await;
+    }
     // Tokenizing and templating a long prompt is CPU work: off the async workers.
     let state = s.clone();
     let prepared = tokio::task::spawn_blocking(move || -> Result<Prepared, ApiError> {

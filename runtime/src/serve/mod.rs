@@ -6,7 +6,8 @@
 //! - [`scheduler`]: admission under `--max-batch` and the KV-memory budget, a bounded wait queue,
 //!   one forward pass at a time in round-robin over the sequences in flight, cancellation;
 //! - [`metrics`]: Prometheus counters and histograms;
-//! - `http`: routes, the API key, body limits, server-sent events.
+//! - `http`: routes, the API key, body limits, server-sent events;
+//! - `reason`: Markovian RSA as an extension of chat completions.
 //!
 //! An instance is independent of every other (no shared state beyond its engine), so gateways
 //! scale out by running more instances behind any HTTP load balancer.
@@ -14,6 +15,7 @@
 mod http;
 pub mod metrics;
 pub mod openai;
+mod reason;
 pub mod scheduler;
 
 use std::future::Future;

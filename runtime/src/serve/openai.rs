@@ -15,7 +15,8 @@
 //! decoder's draft length), `policy` (`threshold` | `fixed` | `entropy` | `margin` | `credit`),
 //! `threshold`, `steps`, `gamma`, `margin`, `beta` (speculative logit mixing; 1 is lossless),
 //! `cache` (`none` | `prefix` | `dual`), `top_k`, `ignore_eos`, `block_experts` (block-level expert
-//! routing within N experts per layer and block; at least the model's top-k).
+//! routing within N experts per layer and block; at least the model's top-k), `reason` (Markovian
+//! RSA on a chat's one user turn, see `serve::reason`).
 
 use serde::{Deserialize, Serialize};
 
@@ -217,6 +218,8 @@ pub struct Extension {
     pub top_k: Option<usize>,
     pub ignore_eos: Option<bool>,
     pub block_experts: Option<usize>,
+    /// Markovian RSA on the chat's one user turn (`serve::reason`); chat completions only.
+    pub reason: Option<super::reason::ReasonExtension>,
 }
 
 /// What the server lets a request have.
@@ -241,7 +244,11 @@ pub struct Prepared {
 
 impl Extension {
     /// These knobs over `p`; the block size and threshold default to the model file's.
-    fn apply(&self, p: &mut DecodeParams, engine: &LoadedEngine) -> Result<(), ApiError> {
+    pub(crate) fn apply(
+        &self,
+        p: &mut DecodeParams,
+        engine: &LoadedEngine,
+    ) -> Result<(), ApiError> {
         let model = &engine.metadata().decoding;
         let current_block = match p.decoder {
             DecoderKind::Block(o) => Some(o.block_size),
