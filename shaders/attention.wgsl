@@ -2,10 +2,7 @@
 // kv_store: copies the block's k and v (from the fused qkv rows) into the layer's caches
 //   [capacity][kv_dim] at rows start .. start + T.
 // attend_gqa + attend_merge (the default where head_dim is a multiple of 4 and at most 128):
-//   flash-decoding over GQA groups. attend_gqa also stores the block's K/V (no kv_store dispatch
-//   before it): its invocations copy rows start .. start + T into the caches, grid-stride, while
-//   every key of that range is read from the qkv rows instead of the cache, so no invocation reads
-//   a cache row this dispatch writes. A slot is one query row (token t, q head h) × one split (a
+//   flash-decoding over GQA groups. A slot is one query row (token t, q head h) × one split (a
 //   range of `chunk` keys, a multiple of 4) and is worked by an octet of 8 invocations; a 64-wide
 //   workgroup holds 8 slots, numbered row-fastest within (kv head, split), so the query heads and
 //   tokens that share a kv head read the same K/V rows at the same time (broadcast loads; the
@@ -62,11 +59,11 @@ struct AttnParams {
 @group(0) @binding(5) var<storage, read> k_read: array<f32>;
 @group(0) @binding(6) var<storage, read> v_read: array<f32>;
 @group(0) @binding(7) var<storage, read_write> part: array<f32>;
+@group(0) @binding(8) var<storage, read> k4: array<vec4<f32>>;
+@group(0) @binding(9) var<storage, read> v4: array<vec4<f32>>;
 @group(0) @binding(10) var<storage, read_write> part4: array<vec4<f32>>;
 @group(0) @binding(11) var<storage, read_write> part_ml: array<f32>;
 @group(0) @binding(12) var<storage, read_write> out4: array<vec4<f32>>;
-@group(0) @binding(13) var<storage, read_write> k4w: array<vec4<f32>>;
-@group(0) @binding(14) var<storage, read_write> v4w: array<vec4<f32>>;
 
 @compute @workgroup_size(64)
 fn kv_store(
@@ -240,69 +237,39 @@ fn row4_zero() -> Row4 {
     return Row4(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
 }
 
-// Vec4 column c of kv head row `kb` (in vec4s) of key j, K (v = false) or V: from the block's qkv
-// rows when attend_gqa stores them in this dispatch, else from the cache.
-fn kv_col(j: u32, kb: u32, c: u32, v: bool) -> vec4<f32> {
-    if (j >= p.start && j - p.start < p.t) {
-        let i = (j - p.start) * (p.nq * p.hd + 2u * p.kv_dim) + p.nq * p.hd + select(0u, p.kv_dim, v) + 4u * (kb + c);
-        return vec4<f32>(qkv[i], qkv[i + 1u], qkv[i + 2u], qkv[i + 3u]);
-    }
-    let w = j * (p.kv_dim / 4u) + kb + c;
-    if (v) {
-        return v4w[w];
-    }
-    return k4w[w];
-}
-
-// Row `base` (in vec4s) of the K (v = false) or V cache: four vec4 columns, the octet's.
-fn row_cache(base: u32, o: u32, hv: u32, ok: bool, v: bool) -> Row4 {
+fn row_k(base: u32, o: u32, hv: u32, ok: bool) -> Row4 {
     var r = row4_zero();
     if (ok) {
-        if (v) {
-            if (o < hv) {
-                r.a = v4w[base + o];
-            }
-            if (o + 8u < hv) {
-                r.b = v4w[base + o + 8u];
-            }
-            if (o + 16u < hv) {
-                r.c = v4w[base + o + 16u];
-            }
-            if (o + 24u < hv) {
-                r.d = v4w[base + o + 24u];
-            }
-        } else {
-            if (o < hv) {
-                r.a = k4w[base + o];
-            }
-            if (o + 8u < hv) {
-                r.b = k4w[base + o + 8u];
-            }
-            if (o + 16u < hv) {
-                r.c = k4w[base + o + 16u];
-            }
-            if (o + 24u < hv) {
-                r.d = k4w[base + o + 24u];
-            }
+        if (o < hv) {
+            r.a = k4[base + o];
+        }
+        if (o + 8u < hv) {
+            r.b = k4[base + o + 8u];
+        }
+        if (o + 16u < hv) {
+            r.c = k4[base + o + 16u];
+        }
+        if (o + 24u < hv) {
+            r.d = k4[base + o + 24u];
         }
     }
     return r;
 }
 
-fn row_kv(j: u32, kb: u32, o: u32, hv: u32, ok: bool, v: bool) -> Row4 {
+fn row_v(base: u32, o: u32, hv: u32, ok: bool) -> Row4 {
     var r = row4_zero();
     if (ok) {
         if (o < hv) {
-            r.a = kv_col(j, kb, o, v);
+            r.a = v4[base + o];
         }
         if (o + 8u < hv) {
-            r.b = kv_col(j, kb, o + 8u, v);
+            r.b = v4[base + o + 8u];
         }
         if (o + 16u < hv) {
-            r.c = kv_col(j, kb, o + 16u, v);
+            r.c = v4[base + o + 16u];
         }
         if (o + 24u < hv) {
-            r.d = kv_col(j, kb, o + 24u, v);
+            r.d = v4[base + o + 24u];
         }
     }
     return r;
@@ -365,17 +332,6 @@ fn attend_gqa(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_wo
     let hi = select(lo, max(lo, min(lo + p.chunk, visible_len(p.start + t))), live);
     let kv4 = p.kv_dim / 4u;
     let kb = kvh * hv;
-    // The block's K/V into the caches (their reads below come from qkv).
-    let n_inv = nwg.x * nwg.y * 64u;
-    for (var e = (wid.x + wid.y * nwg.x) * 64u + lane.id; e < p.t * kv4; e += n_inv) {
-        let tt = e / kv4;
-        let c = e % kv4;
-        let src = tt * (qd + 2u * p.kv_dim) + qd + 4u * c;
-        let dst = (p.start + tt) * kv4 + c;
-        k4w[dst] = vec4<f32>(qkv[src], qkv[src + 1u], qkv[src + 2u], qkv[src + 3u]);
-        let vs = src + p.kv_dim;
-        v4w[dst] = vec4<f32>(qkv[vs], qkv[vs + 1u], qkv[vs + 2u], qkv[vs + 3u]);
-    }
     var m = neg_inf();
     var l = 0.0;
     var acc = row4_zero();
@@ -385,34 +341,14 @@ fn attend_gqa(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_wo
         let j = lo + j0;
         let wlo = window_lo(p.start + t);
         let ok = vec4<bool>(j < hi && j >= wlo, j + 1u < hi && j + 1u >= wlo, j + 2u < hi && j + 2u >= wlo, j + 3u < hi && j + 3u >= wlo);
-        var k0: Row4;
-        var k1: Row4;
-        var k2: Row4;
-        var k3: Row4;
-        var v0: Row4;
-        var v1: Row4;
-        var v2: Row4;
-        var v3: Row4;
-        if (j + 3u < p.start || j >= p.start + p.t) {
-            // No key of the four is the block's: straight from the cache.
-            k0 = row_cache(j * kv4 + kb, o, hv, ok.x, false);
-            k1 = row_cache((j + 1u) * kv4 + kb, o, hv, ok.y, false);
-            k2 = row_cache((j + 2u) * kv4 + kb, o, hv, ok.z, false);
-            k3 = row_cache((j + 3u) * kv4 + kb, o, hv, ok.w, false);
-            v0 = row_cache(j * kv4 + kb, o, hv, ok.x, true);
-            v1 = row_cache((j + 1u) * kv4 + kb, o, hv, ok.y, true);
-            v2 = row_cache((j + 2u) * kv4 + kb, o, hv, ok.z, true);
-            v3 = row_cache((j + 3u) * kv4 + kb, o, hv, ok.w, true);
-        } else {
-            k0 = row_kv(j, kb, o, hv, ok.x, false);
-            k1 = row_kv(j + 1u, kb, o, hv, ok.y, false);
-            k2 = row_kv(j + 2u, kb, o, hv, ok.z, false);
-            k3 = row_kv(j + 3u, kb, o, hv, ok.w, false);
-            v0 = row_kv(j, kb, o, hv, ok.x, true);
-            v1 = row_kv(j + 1u, kb, o, hv, ok.y, true);
-            v2 = row_kv(j + 2u, kb, o, hv, ok.z, true);
-            v3 = row_kv(j + 3u, kb, o, hv, ok.w, true);
-        }
+        let k0 = row_k(j * kv4 + kb, o, hv, ok.x);
+        let k1 = row_k((j + 1u) * kv4 + kb, o, hv, ok.y);
+        let k2 = row_k((j + 2u) * kv4 + kb, o, hv, ok.z);
+        let k3 = row_k((j + 3u) * kv4 + kb, o, hv, ok.w);
+        let v0 = row_v(j * kv4 + kb, o, hv, ok.x);
+        let v1 = row_v((j + 1u) * kv4 + kb, o, hv, ok.y);
+        let v2 = row_v((j + 2u) * kv4 + kb, o, hv, ok.z);
+        let v3 = row_v((j + 3u) * kv4 + kb, o, hv, ok.w);
         let part_dot = vec4<f32>(dot_row(q, k0), dot_row(q, k1), dot_row(q, k2), dot_row(q, k3));
         let sc = select(vec4<f32>(neg_inf()), octet_sum4(part_dot, lane), ok);
         let mn = max(m, max(max(sc.x, sc.y), max(sc.z, sc.w)));

@@ -1,5 +1,4 @@
-//! KV-cache write and flash-style attention (shaders/attention.wgsl). The GQA kernel writes the
-//! block's K/V itself; the fallback kernel runs kv_store first.
+//! KV-cache write and flash-style attention (shaders/attention.wgsl).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -56,11 +55,11 @@ pub static ATTEND_GQA: Entry = Entry {
     bindings: &[
         (0, Params),
         (1, Read),
+        (8, Read),
+        (9, Read),
         (10, ReadWrite),
         (11, ReadWrite),
         (12, ReadWrite),
-        (13, ReadWrite),
-        (14, ReadWrite),
     ],
     params: "AttnParams",
 };
@@ -180,8 +179,15 @@ pub fn attention(
         window: window.unwrap_or(0) as u32,
         _pad: [0; 3],
     };
+    ctx.dispatch(
+        &KV_STORE,
+        0,
+        &p,
+        None,
+        &[qkv, k_cache, v_cache],
+        Grid::Linear(((rows * kv_dim) as u64).div_ceil(64)),
+    )?;
     if gqa {
-        // attend_gqa stores the block's K/V itself (no kv_store dispatch).
         let slots = (rows * c.num_heads * splits) as u64;
         let groups = Grid::Linear(slots.div_ceil(8));
         if splits == 1 {
@@ -191,7 +197,7 @@ pub fn attention(
                 0,
                 &p,
                 None,
-                &[qkv, &d0, &d1, out, k_cache, v_cache],
+                &[qkv, k_cache, v_cache, &d0, &d1, out],
                 groups,
             );
         }
@@ -202,7 +208,7 @@ pub fn attention(
             0,
             &p,
             None,
-            &[qkv, &acc, &ml, out, k_cache, v_cache],
+            &[qkv, k_cache, v_cache, &acc, &ml, out],
             groups,
         )?;
         let cols = (rows * c.num_heads * c.head_dim / 4) as u64;
@@ -215,14 +221,6 @@ pub fn attention(
             Grid::Linear(cols.div_ceil(64)),
         );
     }
-    ctx.dispatch(
-        &KV_STORE,
-        0,
-        &p,
-        None,
-        &[qkv, k_cache, v_cache],
-        Grid::Linear(((rows * kv_dim) as u64).div_ceil(64)),
-    )?;
     let grid = (c.num_heads as u32, rows as u32);
     if splits == 1 {
         let dummy = ctx.sh.dummies[0].clone();
