@@ -788,14 +788,14 @@ fn distinct(ids: &[u32], experts: usize) -> Vec<u32> {
     r
 }
 
-impl super::GpuBackend {
+impl GpuExpertPool {
     /// A bounded GPU expert pool of `slots` experts for `file` (exact lazy paging); its layers come
-    /// from [`GpuBackend::paged_experts`](super::GpuBackend::paged_experts). `prefetch` turns on
+    /// from [`GpuExpertPool::layer`]. `prefetch` turns on
     /// the optimistic pass with the previous pass's routing; `release_host` drops the mapped
     /// pages of each expert once uploaded; `readers` threads read experts ahead (0: every read on
     /// the calling thread; see the module header).
-    pub fn expert_pool(
-        &self,
+    pub(crate) fn new(
+        sh: &Shared,
         file: &Arc<EdmFile>,
         slots: usize,
         policy: Eviction,
@@ -805,7 +805,6 @@ impl super::GpuBackend {
     ) -> Result<Arc<GpuExpertPool>, crate::backend::BackendError> {
         let c = &file.header.metadata.config;
         Pager::check_capacity(slots, c.moe.top_k).map_err(GpuError::Unsupported)?;
-        let sh = &self.sh;
         let stride = slot_bytes(file)?;
         let cap = pool_buffer_cap(sh);
         if stride > cap {
@@ -885,71 +884,52 @@ impl super::GpuBackend {
     }
 
     /// The experts of `layer`, paged through `pool` (nothing is uploaded now).
-    pub fn paged_experts(
-        &self,
-        pool: &Arc<GpuExpertPool>,
+    pub(crate) fn layer(
+        self: &Arc<Self>,
+        sh: &Shared,
         layer: usize,
     ) -> Result<GpuExperts, crate::backend::BackendError> {
-        let st = pool.state.lock().unwrap_or_else(|p| p.into_inner());
-        let l = layer_layout(&self.sh, &st.file, layer)?;
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let l = layer_layout(sh, &st.file, layer)?;
         Ok(GpuExperts {
             layer,
             num_experts: st.file.header.metadata.config.moe.num_experts,
-            store: pool.store.clone(),
+            store: self.store.clone(),
             pools: Vec::new(),
             gate_up: l.gate_up,
             down: l.down,
             hidden: l.hidden,
             inter: l.inter,
             resident: Vec::new(),
-            paged: Some(pool.clone()),
+            paged: Some(self.clone()),
         })
-    }
-
-    /// A new forward pass starts: a pass that failed half-way leaves nothing behind.
-    pub(crate) fn paging_begin_forward(&self) {
-        for p in self
-            .paging
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-        {
-            let mut st = p.state.lock().unwrap_or_else(|p| p.into_inner());
-            st.in_pass = false;
-            st.captures.clear();
-        }
     }
 
     /// One MoE layer over paged experts (see the module header for the two modes), plus `plus`
     /// (the shared experts' output) when given.
-    pub(crate) fn moe_paged(
-        &self,
+    pub(crate) fn moe(
+        self: &Arc<Self>,
+        b: &super::GpuBackend,
         x: &super::GpuAct,
         routing: &super::GpuRouting,
         experts: &GpuExperts,
-        pool: &Arc<GpuExpertPool>,
         plus: Option<&GpuBuffer>,
     ) -> Result<super::GpuAct, crate::backend::BackendError> {
-        let sh = &*self.sh;
-        {
-            // Registered before anything can fail, so the end of the pass (or the next
-            // begin_forward) always finds it; the list is locked before a pool, never after.
-            let mut active = self.paging.lock().unwrap_or_else(|p| p.into_inner());
-            if !active.iter().any(|p| Arc::ptr_eq(p, pool)) {
-                active.push(pool.clone());
-            }
-        }
-        let mut st = pool.state.lock().unwrap_or_else(|p| p.into_inner());
+        let sh = &*b.sh;
+        // Registered before anything can fail, so the end of the pass (or the next
+        // begin_forward) always finds it.
+        b.paging.register(self);
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if !st.in_pass {
-            st.begin_pass(sh, &pool.store)?;
+            st.begin_pass(sh, &self.store)?;
         }
         let n = (routing.rows * routing.k * 4) as u64;
         let buffers = st.buffers.clone();
-        let layout = experts.layout(&pool.store.slots, &buffers);
+        let layout = experts.layout(&self.store.slots, &buffers);
         if !st.sync {
             // Optimistic: run with what the prefetch made resident; the routing is copied out
             // and read back with the pass's statistics, where misses are detected.
-            return self.with(|ctx| {
+            return b.with(|ctx| {
                 let capture = ctx.output(n)?;
                 ctx.copy(&routing.ids, 0, &capture, 0, n);
                 st.captures.push((experts.layer, capture, n));
@@ -974,7 +954,7 @@ impl super::GpuBackend {
         let layer = experts.layer;
         let guess = st.predicted_misses(layer, READ_AHEAD_LAYERS, &[]);
         st.read_ahead(guess);
-        let ids: Vec<u32> = self.with(|ctx| {
+        let ids: Vec<u32> = b.with(|ctx| {
             let b = ctx.read(&[(&routing.ids, 0, n)])?;
             Ok(bytemuck::pod_collect_to_vec(&b[0]))
         })?;
@@ -991,7 +971,7 @@ impl super::GpuBackend {
         st.read_ahead(upcoming);
         let groups: Vec<&[u32]> = routed.chunks(st.pager.capacity().max(1)).collect();
         let status = sh.status.clone();
-        self.with(|ctx| {
+        b.with(|ctx| {
             let mut scratch = None;
             for (i, group) in groups.iter().enumerate() {
                 if i > 0 {
@@ -999,7 +979,7 @@ impl super::GpuBackend {
                 }
                 let keys: Vec<usize> = group.iter().map(|&e| e as usize).collect();
                 st.pager.begin_layer(experts.layer, &keys);
-                st.demand(sh, &pool.store, experts.layer, &keys)?;
+                st.demand(sh, &self.store, experts.layer, &keys)?;
                 if scratch.is_none() {
                     scratch = Some(super::ops::moe::dispatch(
                         ctx,
@@ -1049,11 +1029,36 @@ impl super::GpuBackend {
             Ok(out)
         })
     }
+}
+
+/// The expert pools a forward pass being recorded has run layers on (each registered by its
+/// first paged MoE layer), for the end-of-pass routing read. The list is locked before a pool,
+/// never after.
+#[derive(Default)]
+pub(crate) struct ActivePools(Mutex<Vec<Arc<GpuExpertPool>>>);
+
+impl ActivePools {
+    /// `pool` runs a layer of the pass being recorded.
+    fn register(&self, pool: &Arc<GpuExpertPool>) {
+        let mut active = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !active.iter().any(|p| Arc::ptr_eq(p, pool)) {
+            active.push(pool.clone());
+        }
+    }
+
+    /// A new forward pass starts: a pass that failed half-way leaves nothing behind.
+    pub(crate) fn begin_forward(&self) {
+        for p in self.0.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            let mut st = p.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.in_pass = false;
+            st.captures.clear();
+        }
+    }
 
     /// Pools with a pass in flight and their captured routing buffers, taken for the
     /// end-of-pass read.
-    pub(crate) fn paging_take(&self) -> Vec<(Arc<GpuExpertPool>, Captures)> {
-        self.paging
+    pub(crate) fn take(&self) -> Vec<(Arc<GpuExpertPool>, Captures)> {
+        self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .drain(..)
@@ -1070,8 +1075,7 @@ impl super::GpuBackend {
 
     /// Ends a pass with the routing read back: counts hits, keeps the prediction, or — when an
     /// optimistic pass met an expert it did not have — asks for the pass again, synchronously.
-    pub(crate) fn paging_finish(
-        &self,
+    pub(crate) fn finish(
         pools: &[(Arc<GpuExpertPool>, LayerRouting)],
     ) -> Result<(), crate::backend::BackendError> {
         let mut rerun = false;

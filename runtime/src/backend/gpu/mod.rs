@@ -136,7 +136,7 @@ pub struct GpuBackend {
     st: Mutex<State>,
     stores: Mutex<Vec<Weak<ExpertStore>>>,
     /// Paged expert pools with a pass in flight (experts.rs).
-    paging: Mutex<Vec<Arc<experts::GpuExpertPool>>>,
+    paging: experts::ActivePools,
 }
 
 /// A norm weight or bias of the right length that is not one f32 row (the kernels read it as one).
@@ -263,7 +263,7 @@ impl GpuBackend {
             }),
             st: Mutex::new(st),
             stores: Mutex::new(Vec::new()),
-            paging: Mutex::new(Vec::new()),
+            paging: experts::ActivePools::default(),
         })
     }
 
@@ -427,6 +427,33 @@ impl GpuBackend {
             buffer_copy,
             shader_copy,
         })
+    }
+
+    /// A bounded GPU expert pool of `slots` experts for `file` (exact lazy paging; see
+    /// [`GpuExpertPool::new`]); its layers come from [`GpuBackend::paged_experts`].
+    pub fn expert_pool(
+        &self,
+        file: &Arc<EdmFile>,
+        slots: usize,
+        policy: crate::experts::Eviction,
+        prefetch: bool,
+        release_host: bool,
+        readers: usize,
+    ) -> Result<Arc<GpuExpertPool>> {
+        GpuExpertPool::new(
+            &self.sh,
+            file,
+            slots,
+            policy,
+            prefetch,
+            release_host,
+            readers,
+        )
+    }
+
+    /// The experts of `layer`, paged through `pool` (nothing is uploaded now).
+    pub fn paged_experts(&self, pool: &Arc<GpuExpertPool>, layer: usize) -> Result<GpuExperts> {
+        pool.layer(&self.sh, layer)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -747,7 +774,7 @@ impl Backend for GpuBackend {
     }
 
     fn begin_forward(&self, tokens: usize, largest: usize) -> Result<()> {
-        self.paging_begin_forward();
+        self.paging.begin_forward();
         // A batched pass: kernels chosen by row count choose as for its largest sequence.
         self.lock().batch_rows = (largest < tokens).then_some(largest);
         Ok(())
@@ -1280,7 +1307,7 @@ impl Backend for GpuBackend {
         let per = self.head_rows(vocab);
         let status = self.sh.status.clone();
         // Paged expert pools read their pass's routing back with the statistics (one read).
-        let paged = self.paging_take();
+        let paged = self.paging.take();
         let (words, flag, routed) = self.with(|ctx| {
             let out = ctx.output((n.max(1) * ops::stats::WORDS * 4) as u64)?;
             let logits = ctx.output((per.min(n).max(1) * vocab * 4) as u64)?;
@@ -1317,7 +1344,7 @@ impl Backend for GpuBackend {
                 .collect();
             Ok((bytemuck::pod_collect_to_vec::<u8, u32>(&b[0]), flag, routed))
         })?;
-        self.paging_finish(&routed)?;
+        experts::ActivePools::finish(&routed)?;
         if flag & 0x8000_0000 != 0 {
             return Err(BackendError::ExpertUnavailable {
                 layer: ((flag >> 16) & 0x7fff) as usize,
@@ -1396,7 +1423,7 @@ impl GpuBackend {
             ));
         }
         if let Some(pool) = &experts.paged {
-            return self.moe_paged(x, routing, experts, pool, plus);
+            return pool.moe(self, x, routing, experts, plus);
         }
         let layout = experts.layout(&experts.store.slots, &experts.pools);
         let shared = plus.map_or(ops::moe::Shared::None, ops::moe::Shared::Output);
