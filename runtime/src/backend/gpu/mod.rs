@@ -523,8 +523,12 @@ impl GpuBackend {
 
     /// The shared expert as the GEMV expert kernels' extra column, where they run it: resident
     /// experts in their kernels' weight types, few tokens per expert.
+    /// `rows`: the row count the kernel choice goes by (a batched pass's largest sequence, see
+    /// State::batch_rows), so a batched row sums as it would alone.
+    #[allow(clippy::too_many_arguments)]
     fn fused_shared<'a>(
         sh: &Shared,
+        rows: usize,
         x: &GpuAct,
         routing: &GpuRouting,
         experts: &GpuExperts,
@@ -549,7 +553,7 @@ impl GpuBackend {
             }
             _ => return None,
         };
-        ops::moe::fuses_shared(sh.dev.kernels.moe, x.rows, routing.k, layout).then_some(m)
+        ops::moe::fuses_shared(sh.dev.kernels.moe, rows, routing.k, layout).then_some(m)
     }
 
     /// The routed experts of `x` under `routing`, plus what `shared` adds (see
@@ -1039,7 +1043,8 @@ impl Backend for GpuBackend {
         down: &GpuWeight,
     ) -> Result<GpuAct> {
         let layout = experts.layout(&experts.store.slots, &experts.pools);
-        match Self::fused_shared(&self.sh, x, routing, experts, &layout, gate_up, down) {
+        let rows = self.lock().batch_rows.map_or(x.rows, |b| b.min(x.rows));
+        match Self::fused_shared(&self.sh, rows, x, routing, experts, &layout, gate_up, down) {
             Some(m) => {
                 self.with(|ctx| Self::moe_act(ctx, x, routing, &layout, ops::moe::Shared::Mlp(m)))
             }
@@ -1079,7 +1084,10 @@ impl Backend for GpuBackend {
         let kind = match shared {
             None => ops::moe::Shared::None,
             Some((gate_up, down)) => {
-                match Self::fused_shared(&self.sh, h, routing, experts, &layout, gate_up, down) {
+                let rows = self.lock().batch_rows.map_or(h.rows, |b| b.min(h.rows));
+                match Self::fused_shared(
+                    &self.sh, rows, h, routing, experts, &layout, gate_up, down,
+                ) {
                     Some(m) => ops::moe::Shared::Mlp(m),
                     None => {
                         ys = self.mlp(gate_up, down, h)?;
