@@ -31,7 +31,7 @@ use std::sync::Arc;
 use super::{names, ForwardOutput, ForwardRequest, ModelConfig, ModelError};
 use crate::arch::{FfnLayout, NormLayout, RouterKind};
 use crate::backend::{AttnMask, Backend, BackendError, HeadsParams, ScaledRouterParams};
-use crate::format::{DType, EdmFile, FormatError, TensorView};
+use crate::format::{DType, EdmFile, TensorView};
 
 struct Layer<B: Backend> {
     attn_norm: B::Weight,
@@ -124,7 +124,7 @@ impl<B: Backend> CanvasModel<B> {
         for l in 0..c.num_layers {
             let n = |s: &str| names::layer(l, s);
             let g = c.attn_of(l);
-            check_experts(&file, &c, l)?;
+            super::check_expert_shapes(&file, &c, l)?;
             let scalar_name = n(names::LAYER_SCALAR);
             let view = file.tensor(&scalar_name)?;
             let scalar = match (view.shape, view.to_f32()?.as_slice()) {
@@ -332,28 +332,4 @@ impl<B: Backend> CanvasModel<B> {
         }
         Ok(out)
     }
-}
-
-fn check_experts(file: &EdmFile, c: &ModelConfig, l: usize) -> Result<(), ModelError> {
-    let (h, i) = (c.hidden_size, c.moe.expert_ffn);
-    let table = file
-        .expert_table(l)
-        .ok_or_else(|| FormatError::MissingTensor(format!("expert table of layer {l}")))?;
-    for (part, want) in [
-        (names::EXPERT_GATE_UP, [2 * i, h]),
-        (names::EXPERT_DOWN, [h, i]),
-    ] {
-        let p =
-            table.parts.iter().find(|p| p.name == part).ok_or_else(|| {
-                FormatError::MissingTensor(format!("layer {l} expert part {part}"))
-            })?;
-        if p.shape != want {
-            return Err(ModelError::TensorShape {
-                name: format!("layers.{l}.experts.{part}"),
-                got: p.shape.clone(),
-                want: want.to_vec(),
-            });
-        }
-    }
-    Ok(())
 }

@@ -715,7 +715,11 @@ pub fn check_block_experts(c: &ModelConfig, experts: usize) -> Result<(), ModelE
     Ok(())
 }
 
-fn check_expert_shapes(file: &EdmFile, c: &ModelConfig, l: usize) -> Result<(), ModelError> {
+pub(crate) fn check_expert_shapes(
+    file: &EdmFile,
+    c: &ModelConfig,
+    l: usize,
+) -> Result<(), ModelError> {
     let (h, i) = (c.hidden_size, c.moe.expert_ffn);
     let table = file
         .expert_table(l)
