@@ -289,6 +289,67 @@ pub struct ScaledRouterParams {
     pub eps: f32,
 }
 
+/// The commit rule a backend applies by itself after a denoising step ([`Backend::commit_step`]):
+/// the greedy forms of `decode::CommitPolicy` that carry nothing from step to step but the step
+/// count (credit keeps a ledger and sampling a host RNG stream: those stay on the host).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum CommitRule {
+    Threshold { threshold: f32 },
+    FixedSteps { steps: usize },
+    EntropyBound { gamma: f32 },
+    Margin { margin: f32 },
+}
+
+/// One block's commit step on the device ([`Backend::commit_step`]): greedy choice, the rule, and
+/// dInfer's EOS rule, over the cells of a [`Backend::Canvas`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CommitParams {
+    pub rule: CommitRule,
+    /// The input id of a masked cell (written to the canvas's tokens for the next pass).
+    pub mask: u32,
+    /// Once a cell at or after `output_from` holds this id, every later cell becomes it (`None`:
+    /// the rule is off, as with `ignore_eos`).
+    pub eos: Option<u32>,
+    /// Cells before this index are prompt.
+    pub output_from: usize,
+    /// The cell whose statistics are row 0 of the step's [`Backend::Stats`]; cell `i` reads row
+    /// `i − stats_from`. Cells before it must be known from the start.
+    pub stats_from: usize,
+}
+
+impl CommitParams {
+    /// Shape check shared by the backends: a canvas of `n` cells whose first masked cell was
+    /// `first_masked` when it was made, against statistics of `rows` rows.
+    pub fn check(&self, n: usize, first_masked: usize, rows: usize) -> Result<()> {
+        if self.stats_from > first_masked || rows + self.stats_from < n {
+            return Err(BackendError::Shape {
+                op: "commit_step",
+                detail: format!(
+                    "statistics of {rows} rows from cell {} for {n} cells, the first masked {first_masked}",
+                    self.stats_from
+                ),
+            });
+        }
+        if let CommitRule::FixedSteps { steps: 0 } = self.rule {
+            return Err(BackendError::Shape {
+                op: "commit_step",
+                detail: "fixed steps 0".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A [`Backend::Canvas`] read back: its step count, its cells (`None`: masked), and the cells after
+/// each of the steps asked for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CanvasState {
+    pub steps: usize,
+    pub cells: Vec<Option<u32>>,
+    /// `history[k]`: the cells after step `first + k + 1` of the block, for the range read.
+    pub history: Vec<Vec<Option<u32>>>,
+}
+
 /// One backend: weight storage, activations, KV cache and the ops of the forward pass.
 /// Activations are `[tokens, features]`, row-major.
 pub trait Backend {
@@ -302,6 +363,11 @@ pub trait Backend {
     type Kv;
     /// Router output for a batch of tokens: top-k expert ids and weights per token.
     type Routing;
+    /// A block being denoised where the backend keeps it ([`Backend::new_canvas`]): its cells
+    /// (token or masked), the next pass's input ids, its step count and each step's cells.
+    type Canvas;
+    /// Per-position statistics left where the backend computed them ([`Backend::lm_head_stats_kept`]).
+    type Stats;
 
     fn name(&self) -> String;
 
@@ -587,6 +653,58 @@ pub trait Backend {
         _cap: f32,
     ) -> Result<Vec<f32>> {
         Err(self.unsupported("logits_softcap"))
+    }
+    /// A canvas of `cells` (`None`: masked; the next pass reads `mask` there), at step 0.
+    fn new_canvas(&self, _cells: &[Option<u32>], _mask: u32) -> Result<Self::Canvas> {
+        Err(self.unsupported("new_canvas"))
+    }
+    /// One denoising step's decisions on `canvas` from `stats` (see [`CommitParams`]): each masked
+    /// cell's greedy token, the rule's choice among them, the EOS rule; the step count goes up by
+    /// one and the step's cells are kept. A canvas with no masked cell is left as it is. The
+    /// decisions are those of the decoder's host step on the same statistics, bit for bit.
+    fn commit_step(
+        &self,
+        _canvas: &mut Self::Canvas,
+        _stats: &Self::Stats,
+        _p: &CommitParams,
+    ) -> Result<()> {
+        Err(self.unsupported("commit_step"))
+    }
+    /// The canvas's state, with the cells after steps `steps` (block-relative, 0-based) of its
+    /// history; steps not taken yet are left out.
+    fn read_canvas(
+        &self,
+        _canvas: &Self::Canvas,
+        _steps: std::ops::Range<usize>,
+    ) -> Result<CanvasState> {
+        Err(self.unsupported("read_canvas"))
+    }
+    /// [`Backend::embed`] of the canvas's input ids, read where the canvas lives.
+    fn embed_canvas(&self, _table: &Self::Weight, _canvas: &Self::Canvas) -> Result<Self::Act> {
+        Err(self.unsupported("embed_canvas"))
+    }
+    /// [`Backend::lm_head_stats`] left where it was computed, for [`Backend::commit_step`].
+    fn lm_head_stats_kept(
+        &self,
+        _x: &Self::Act,
+        _head: &Self::Weight,
+        _rows: std::ops::Range<usize>,
+    ) -> Result<Self::Stats> {
+        Err(self.unsupported("lm_head_stats_kept"))
+    }
+    /// Host statistics as [`Backend::Stats`] (tests of the commit step).
+    fn upload_stats(&self, _stats: &[PositionStats]) -> Result<Self::Stats> {
+        Err(self.unsupported("upload_stats"))
+    }
+    /// Whether the backend records passes and submits them later (a GPU): several denoising steps
+    /// chained on a canvas then cost one host round trip instead of one each.
+    fn records_passes(&self) -> bool {
+        false
+    }
+    /// Whether a pass over `experts` must read routing back mid-way (exact paging): such passes
+    /// cannot be chained without the host.
+    fn experts_paged(&self, _experts: &Self::Experts) -> bool {
+        false
     }
     /// The error of an op this backend does not have.
     fn unsupported(&self, op: &'static str) -> BackendError {

@@ -1,9 +1,10 @@
 //! One block being denoised: its cells, and the step both diffusion decoders share — sample a
 //! token for every masked position, let the commit policy pick, apply the EOS rule, report.
 
-use crate::backend::{Backend, PositionStats};
+use crate::backend::{Backend, CommitParams, PositionStats};
 
 use super::policy::{Candidate, CommitPolicy, CreditLedger};
+use super::sampling::{Rng, Sampling};
 use super::{Cell, Session};
 
 pub(super) struct BlockCanvas {
@@ -88,12 +89,17 @@ impl BlockCanvas {
                 }
             })
             .collect();
-        for i in s.params.policy.select(&candidates, self.steps) {
-            let c = &candidates[i];
-            self.cells[c.pos - self.start] = Some(c.token);
-        }
+        let eos = s.special.eos.filter(|_| !s.params.ignore_eos);
+        decide(
+            &mut self.cells,
+            self.start,
+            self.steps,
+            &candidates,
+            &s.params.policy,
+            eos,
+            self.deliver_from,
+        );
         self.steps += 1;
-        self.apply_eos_rule(s);
         let cells = self
             .cells
             .iter()
@@ -101,19 +107,6 @@ impl BlockCanvas {
             .collect();
         s.emit_canvas(self.start, cells);
         self.deliver(s)
-    }
-
-    /// dInfer: once a block holds EOS, every later position of it is EOS.
-    fn apply_eos_rule<B: Backend>(&mut self, s: &Session<'_, B>) {
-        let Some(eos) = s.special.eos.filter(|_| !s.params.ignore_eos) else {
-            return;
-        };
-        let from = self.deliver_from - self.start;
-        if let Some(i) = (from..self.cells.len()).find(|&i| self.cells[i] == Some(eos)) {
-            for c in &mut self.cells[i + 1..] {
-                *c = Some(eos);
-            }
-        }
     }
 
     /// Hands the newly contiguous committed prefix to the output.
@@ -126,4 +119,69 @@ impl BlockCanvas {
         self.deliver_from += ready.len();
         s.deliver(&ready)
     }
+}
+
+/// The decisions of one step, given the candidates: the policy's choice among them commits, then
+/// dInfer's EOS rule — once a cell at or after `eos_from` (absolute) holds EOS, every later cell
+/// of the block becomes EOS. `cells[0]` sits at absolute position `start`; `steps_done` earlier
+/// steps of this block. The host step above and the CPU backend's commit op
+/// (`Backend::commit_step`) both run exactly this, so the GPU kernel has one reference.
+pub(crate) fn decide(
+    cells: &mut [Option<u32>],
+    start: usize,
+    steps_done: usize,
+    candidates: &[Candidate],
+    policy: &CommitPolicy,
+    eos: Option<u32>,
+    eos_from: usize,
+) {
+    for i in policy.select(candidates, steps_done) {
+        let c = &candidates[i];
+        cells[c.pos - start] = Some(c.token);
+    }
+    let Some(eos) = eos else {
+        return;
+    };
+    let from = eos_from - start;
+    if let Some(i) = (from..cells.len()).find(|&i| cells[i] == Some(eos)) {
+        for c in &mut cells[i + 1..] {
+            *c = Some(eos);
+        }
+    }
+}
+
+/// The CPU backend's commit op (`Backend::commit_step`): the host step above with greedy choice,
+/// on cells that start at index 0 (cell `i` reads `stats[i − p.stats_from]`).
+pub(crate) fn commit_greedy(
+    cells: &mut [Option<u32>],
+    steps_done: usize,
+    stats: &[PositionStats],
+    p: &CommitParams,
+) {
+    // Greedy choice draws nothing: the generator is never advanced.
+    let mut rng = Rng::new(0);
+    let candidates: Vec<Candidate> = (0..cells.len())
+        .filter(|&i| cells[i].is_none())
+        .map(|i| {
+            let st = &stats[i - p.stats_from];
+            let (token, confidence) = Sampling::greedy().choose(st, &mut rng);
+            Candidate {
+                pos: i,
+                token,
+                confidence,
+                entropy: st.entropy,
+                margin: st.margin,
+            }
+        })
+        .collect();
+    let policy = CommitPolicy::from(p.rule);
+    decide(
+        cells,
+        0,
+        steps_done,
+        &candidates,
+        &policy,
+        p.eos,
+        p.output_from,
+    );
 }

@@ -19,7 +19,7 @@ mod ar;
 mod bidirectional;
 mod block;
 pub mod canvas;
-mod denoise;
+pub(crate) mod denoise;
 pub mod policy;
 pub mod sampling;
 mod speculative;

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use crate::backend::PositionStats;
+use crate::backend::{CommitRule, PositionStats};
 
 use super::DecodeError;
 
@@ -121,6 +121,31 @@ impl CommitPolicy {
         };
         chosen.sort_unstable();
         chosen
+    }
+}
+
+impl CommitPolicy {
+    /// The rule a backend can apply by itself (`Backend::commit_step`); `None` for credit, whose
+    /// ledger and `powf` fusion stay on the host.
+    pub fn device_rule(&self) -> Option<CommitRule> {
+        match *self {
+            CommitPolicy::Threshold { threshold } => Some(CommitRule::Threshold { threshold }),
+            CommitPolicy::FixedSteps { steps } => Some(CommitRule::FixedSteps { steps }),
+            CommitPolicy::EntropyBound { gamma } => Some(CommitRule::EntropyBound { gamma }),
+            CommitPolicy::Margin { margin } => Some(CommitRule::Margin { margin }),
+            CommitPolicy::Credit { .. } => None,
+        }
+    }
+}
+
+impl From<CommitRule> for CommitPolicy {
+    fn from(r: CommitRule) -> Self {
+        match r {
+            CommitRule::Threshold { threshold } => CommitPolicy::Threshold { threshold },
+            CommitRule::FixedSteps { steps } => CommitPolicy::FixedSteps { steps },
+            CommitRule::EntropyBound { gamma } => CommitPolicy::EntropyBound { gamma },
+            CommitRule::Margin { margin } => CommitPolicy::Margin { margin },
+        }
     }
 }
 

@@ -8,9 +8,11 @@ use std::time::{Duration, Instant};
 
 mod block_routing;
 mod cca;
+mod denoise;
 mod gemma;
 
 pub use block_routing::block_masks;
+pub use denoise::CpuCanvas;
 
 use super::{
     stats_from_logits, AttnMask, Backend, BackendError, BlockRouting, CcaParams, CcaWeights,
@@ -207,6 +209,8 @@ impl Backend for CpuBackend {
     type Experts = CpuExperts;
     type Kv = CpuKv;
     type Routing = CpuRouting;
+    type Canvas = CpuCanvas;
+    type Stats = Vec<PositionStats>;
 
     fn name(&self) -> String {
         "cpu (f32 reference)".into()
@@ -791,6 +795,40 @@ impl Backend for CpuBackend {
     ) -> Result<Vec<PositionStats>> {
         let logits = self.logits(x, head, rows)?;
         Ok(logits.chunks(head.rows).map(stats_from_logits).collect())
+    }
+
+    fn new_canvas(&self, cells: &[Option<u32>], mask: u32) -> Result<CpuCanvas> {
+        Ok(denoise::new_canvas(cells, mask))
+    }
+
+    fn commit_step(
+        &self,
+        canvas: &mut CpuCanvas,
+        stats: &Vec<PositionStats>,
+        p: &super::CommitParams,
+    ) -> Result<()> {
+        denoise::commit_step(canvas, stats, p)
+    }
+
+    fn read_canvas(&self, canvas: &CpuCanvas, steps: Range<usize>) -> Result<super::CanvasState> {
+        Ok(denoise::read_canvas(canvas, steps))
+    }
+
+    fn embed_canvas(&self, table: &CpuWeight, canvas: &CpuCanvas) -> Result<CpuAct> {
+        denoise::embed_canvas(self, table, canvas)
+    }
+
+    fn lm_head_stats_kept(
+        &self,
+        x: &CpuAct,
+        head: &CpuWeight,
+        rows: Range<usize>,
+    ) -> Result<Vec<PositionStats>> {
+        self.lm_head_stats(x, head, rows)
+    }
+
+    fn upload_stats(&self, stats: &[PositionStats]) -> Result<Vec<PositionStats>> {
+        Ok(stats.to_vec())
     }
 
     fn logits(&self, x: &CpuAct, head: &CpuWeight, rows: Range<usize>) -> Result<Vec<f32>> {

@@ -593,6 +593,8 @@ impl Backend for GpuBackend {
     type Experts = GpuExperts;
     type Kv = GpuKv;
     type Routing = GpuRouting;
+    type Canvas = ops::denoise::GpuCanvas;
+    type Stats = ops::denoise::GpuStats;
 
     fn name(&self) -> String {
         format!("gpu: {}", self.device_name())
@@ -1363,6 +1365,52 @@ impl Backend for GpuBackend {
             .chunks(ops::stats::WORDS)
             .map(ops::stats::decode)
             .collect())
+    }
+
+    fn new_canvas(&self, cells: &[Option<u32>], mask: u32) -> Result<Self::Canvas> {
+        ops::denoise::new_canvas(self, cells, mask)
+    }
+
+    fn commit_step(
+        &self,
+        canvas: &mut Self::Canvas,
+        stats: &Self::Stats,
+        p: &super::CommitParams,
+    ) -> Result<()> {
+        ops::denoise::commit_step(self, canvas, stats, p)
+    }
+
+    fn read_canvas(
+        &self,
+        canvas: &Self::Canvas,
+        steps: Range<usize>,
+    ) -> Result<super::CanvasState> {
+        ops::denoise::read_canvas(self, canvas, steps)
+    }
+
+    fn embed_canvas(&self, table: &GpuWeight, canvas: &Self::Canvas) -> Result<GpuAct> {
+        ops::denoise::embed_canvas(self, table, canvas)
+    }
+
+    fn lm_head_stats_kept(
+        &self,
+        x: &GpuAct,
+        head: &GpuWeight,
+        rows: Range<usize>,
+    ) -> Result<Self::Stats> {
+        ops::denoise::lm_head_stats_kept(self, x, head, rows)
+    }
+
+    fn upload_stats(&self, stats: &[PositionStats]) -> Result<Self::Stats> {
+        ops::denoise::upload_stats(self, stats)
+    }
+
+    fn records_passes(&self) -> bool {
+        true
+    }
+
+    fn experts_paged(&self, experts: &GpuExperts) -> bool {
+        experts.paged.is_some()
     }
 
     fn logits(&self, x: &GpuAct, head: &GpuWeight, rows: Range<usize>) -> Result<Vec<f32>> {

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod cca;
+pub mod denoise;
 pub mod elementwise;
 pub mod embed;
 pub mod embed_affine;
@@ -75,5 +76,10 @@ pub fn all_entries() -> Vec<(&'static Entry, usize)> {
         ),
         (&stats::PARTIAL, size_of::<stats::StatsParams>()),
         (&stats::MERGE, size_of::<stats::StatsParams>()),
+        (&denoise::COMMIT, size_of::<denoise::CommitGpuParams>()),
+        (
+            &denoise::EMBED_CANVAS,
+            size_of::<denoise::EmbedCanvasParams>(),
+        ),
     ]
 }

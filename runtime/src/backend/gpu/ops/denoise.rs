@@ -1,0 +1,414 @@
+//! The denoising step on the device (shaders/denoise.wgsl, shaders/embed_canvas.wgsl): a block's
+//! canvas in one GPU buffer, the commit kernel that turns a step's statistics into the next pass's
+//! input ids, the embedding gather that reads them, and the LM-head statistics left on the device
+//! for it. With these a block's steps record back to back in one submission (decode/block.rs);
+//! the host reads back only the canvas.
+
+use std::ops::Range;
+
+use bytemuck::{Pod, Zeroable};
+
+use super::super::kernels::{Entry, Slot::*};
+use super::super::pool::Pooled;
+use super::super::recorder::Grid;
+use super::super::{GpuAct, GpuBackend, GpuError, GpuWeight};
+use super::{matmul, stats};
+use crate::backend::shapes::{self, shape_err};
+use crate::backend::TOP_K;
+use crate::backend::{BackendError, CanvasState, CommitParams, CommitRule, PositionStats, Result};
+
+/// Cells of a canvas at most: one workgroup of the commit kernel, one invocation a cell.
+pub const MAX_CELLS: usize = 256;
+/// Header words before the cells (see the layout in shaders/denoise.wgsl).
+const HEAD: usize = 4;
+const NONE: u32 = u32::MAX;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub struct CommitGpuParams {
+    pub n: u32,
+    pub stats_from: u32,
+    pub rule: u32,
+    pub steps: u32,
+    pub param: f32,
+    pub eos: u32,
+    pub output_from: u32,
+    pub mask: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub struct EmbedCanvasParams {
+    pub t: u32,
+    pub cols: u32,
+    pub row0: u32,
+    pub rows: u32,
+    pub scales: u32,
+    pub ids_at: u32,
+    pub _pad: [u32; 2],
+}
+
+pub static COMMIT: Entry = Entry {
+    file: "denoise.wgsl",
+    name: "commit_step",
+    bindings: &[(0, Params), (1, Read), (2, ReadWrite)],
+    params: "CommitParams",
+};
+
+pub static EMBED_CANVAS: Entry = Entry {
+    file: "embed_canvas.wgsl",
+    name: "embed_canvas",
+    bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite)],
+    params: "EmbedCanvasParams",
+};
+
+/// A block being denoised, in one GPU buffer: header, cells, input ids, each step's cells.
+pub struct GpuCanvas {
+    n: usize,
+    /// The first masked cell when the canvas was made.
+    first_masked: usize,
+    buf: Pooled,
+}
+
+/// Per-position statistics (20 words a row, ops/stats.rs) left on the device.
+pub struct GpuStats {
+    rows: usize,
+    buf: Pooled,
+}
+
+fn words(n: usize) -> usize {
+    HEAD + 2 * n + n * n
+}
+
+pub fn new_canvas(b: &GpuBackend, cells: &[Option<u32>], mask: u32) -> Result<GpuCanvas> {
+    let n = cells.len();
+    if n == 0 || n > MAX_CELLS {
+        return Err(GpuError::Unsupported(format!(
+            "a denoising canvas of {n} cells (1 to {MAX_CELLS})"
+        ))
+        .into());
+    }
+    let first_masked = cells.iter().position(Option::is_none).unwrap_or(n);
+    let masked = cells.iter().filter(|c| c.is_none()).count() as u32;
+    let mut init = vec![0, masked, 0, 0];
+    init.extend(cells.iter().map(|c| c.unwrap_or(NONE)));
+    init.extend(cells.iter().map(|c| c.unwrap_or(mask)));
+    b.with(|ctx| {
+        // The history stays as the pool left it (NaN-poisoned in tests) until a step writes it.
+        let buf = ctx.output((words(n) * 4) as u64)?;
+        ctx.upload(bytemuck::cast_slice(&init), &buf)?;
+        Ok(GpuCanvas {
+            n,
+            first_masked,
+            buf,
+        })
+    })
+}
+
+pub fn commit_step(
+    b: &GpuBackend,
+    canvas: &mut GpuCanvas,
+    st: &GpuStats,
+    p: &CommitParams,
+) -> Result<()> {
+    p.check(canvas.n, canvas.first_masked, st.rows)?;
+    let (rule, param, steps) = match p.rule {
+        CommitRule::Threshold { threshold } => (0, threshold, 0),
+        CommitRule::FixedSteps { steps } => (1, 0.0, steps.min(u32::MAX as usize) as u32),
+        CommitRule::EntropyBound { gamma } => (2, gamma, 0),
+        CommitRule::Margin { margin } => (3, margin, 0),
+    };
+    let params = CommitGpuParams {
+        n: canvas.n as u32,
+        stats_from: p.stats_from as u32,
+        rule,
+        steps,
+        param,
+        // NONE never matches a cell: the rule is off.
+        eos: p.eos.unwrap_or(NONE),
+        output_from: p.output_from.min(canvas.n) as u32,
+        mask: p.mask,
+    };
+    b.with(|ctx| {
+        Ok(ctx.dispatch(
+            &COMMIT,
+            0,
+            &params,
+            None,
+            &[&st.buf, &canvas.buf],
+            Grid::Groups(1, 1, 1),
+        )?)
+    })
+}
+
+pub fn read_canvas(b: &GpuBackend, canvas: &GpuCanvas, steps: Range<usize>) -> Result<CanvasState> {
+    let n = canvas.n;
+    let steps = steps.start.min(n)..steps.end.min(n).max(steps.start.min(n));
+    let hist = ((HEAD + 2 * n + steps.start * n) * 4) as u64;
+    let status = b.sh.status.clone();
+    let (head, hist_words, flag) = b.with(|ctx| {
+        let r = ctx.read(&[
+            (&canvas.buf, 0, ((HEAD + n) * 4) as u64),
+            (&canvas.buf, hist, (steps.len() * n * 4) as u64),
+            (&status, 0, 4),
+        ])?;
+        let flag = u32::from_le_bytes([r[2][0], r[2][1], r[2][2], r[2][3]]);
+        if flag != 0 {
+            ctx.clear(&status);
+        }
+        Ok((
+            bytemuck::pod_collect_to_vec::<u8, u32>(&r[0]),
+            bytemuck::pod_collect_to_vec::<u8, u32>(&r[1]),
+            flag,
+        ))
+    })?;
+    // A pruned expert was routed to (the flag lm_head_stats reads after a pass).
+    if flag & 0x8000_0000 != 0 {
+        return Err(BackendError::ExpertUnavailable {
+            layer: ((flag >> 16) & 0x7fff) as usize,
+            expert: (flag & 0xffff) as usize,
+        });
+    }
+    let cells =
+        |w: &[u32]| -> Vec<Option<u32>> { w.iter().map(|&t| (t != NONE).then_some(t)).collect() };
+    let taken = head[0] as usize;
+    let history = hist_words
+        .chunks(n)
+        .take(taken.saturating_sub(steps.start))
+        .map(cells)
+        .collect();
+    Ok(CanvasState {
+        steps: taken,
+        cells: cells(&head[HEAD..HEAD + n]),
+        history,
+    })
+}
+
+pub fn embed_canvas(b: &GpuBackend, table: &GpuWeight, canvas: &GpuCanvas) -> Result<GpuAct> {
+    let t = canvas.n;
+    b.with(|ctx| {
+        let out = GpuBackend::out_act(ctx, t, table.cols)?;
+        for c in &table.chunks {
+            let p = EmbedCanvasParams {
+                t: t as u32,
+                cols: table.cols as u32,
+                row0: c.row0,
+                rows: c.rows,
+                scales: c.scales,
+                ids_at: (HEAD + t) as u32,
+                _pad: [0; 2],
+            };
+            ctx.dispatch(
+                &EMBED_CANVAS,
+                table.wtype(),
+                &p,
+                None,
+                &[&c.buf, &canvas.buf, &out.buf],
+                Grid::Linear(((t * table.cols) as u64).div_ceil(64)),
+            )?;
+        }
+        Ok(out)
+    })
+}
+
+/// The LM head over `rows` of `x` reduced to statistics, recorded but not read: as
+/// `lm_head_stats` computes them (same chunks of rows, same kernels), so the commit kernel sees the
+/// bits the host would have read.
+pub fn lm_head_stats_kept(
+    b: &GpuBackend,
+    x: &GpuAct,
+    head: &GpuWeight,
+    rows: Range<usize>,
+) -> Result<GpuStats> {
+    shapes::rows_within("lm_head_stats", &rows, x.rows)?;
+    shapes::head("lm_head_stats", (head.rows, head.cols), x.cols)?;
+    let (n, vocab) = (rows.len(), head.rows);
+    let per = b.head_rows(vocab);
+    b.with(|ctx| {
+        let out = ctx.output((n.max(1) * stats::WORDS * 4) as u64)?;
+        let logits = ctx.output((per.min(n).max(1) * vocab * 4) as u64)?;
+        let mut r0 = 0;
+        while r0 < n {
+            let m = per.min(n - r0);
+            matmul::matmul_into(ctx, head, &x.buf, rows.start + r0, m, &logits, vocab)?;
+            stats::stats(ctx, &logits, m, vocab, &out, r0)?;
+            r0 += m;
+        }
+        Ok(GpuStats { rows: n, buf: out })
+    })
+}
+
+/// Host statistics in the 20-word layout stats.wgsl writes ([`stats::decode`] reads it back).
+pub fn encode(s: &PositionStats) -> [u32; stats::WORDS] {
+    let mut w = [0u32; stats::WORDS];
+    w[0] = s.argmax;
+    w[1] = s.p_max.to_bits();
+    w[2] = s.entropy.to_bits();
+    w[3] = s.margin.to_bits();
+    for k in 0..TOP_K {
+        let (id, p) = s.top.get(k).copied().unwrap_or((NONE, 0.0));
+        w[4 + k] = id;
+        w[12 + k] = p.to_bits();
+    }
+    w
+}
+
+pub fn upload_stats(b: &GpuBackend, st: &[PositionStats]) -> Result<GpuStats> {
+    if st.is_empty() {
+        return Err(shape_err("upload_stats", "no rows".into()));
+    }
+    let words: Vec<u32> = st.iter().flat_map(encode).collect();
+    b.with(|ctx| {
+        let buf = ctx.output((words.len() * 4) as u64)?;
+        ctx.upload(bytemuck::cast_slice(&words), &buf)?;
+        Ok(GpuStats {
+            rows: st.len(),
+            buf,
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::testing::backends;
+    use crate::backend::cpu::CpuBackend;
+    use crate::backend::{Backend, CommitParams, CommitRule, PositionStats};
+
+    /// SplitMix64, for seeded test inputs.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        fn pick<T: Copy>(&mut self, v: &[T]) -> T {
+            v[(self.next() % v.len() as u64) as usize]
+        }
+    }
+
+    const EOS: u32 = 3;
+    const MASK: u32 = 9;
+
+    /// Statistics drawn from few values, so ties are common; signed zeros and exact 1s included
+    /// (no NaN: the statistics kernel never writes one).
+    fn random_stats(rng: &mut Rng, rows: usize) -> Vec<PositionStats> {
+        (0..rows)
+            .map(|_| {
+                let p_max = rng.pick(&[0.0, 0.1, 0.3, 0.5, 0.5, 0.9, 0.9, 0.95, 1.0]);
+                let entropy = rng.pick(&[-0.0, 0.0, 1e-3, 0.125, 0.25, 0.25, 0.5, 1.0, 2.0]);
+                let margin = rng.pick(&[-0.0, 0.0, 0.05, 0.2, 0.2, 0.6, 1.0]);
+                let argmax = rng.pick(&[0, 1, 2, EOS, EOS, 5, MASK, 200_000]);
+                PositionStats {
+                    argmax,
+                    p_max,
+                    entropy,
+                    margin,
+                    top: vec![(argmax, p_max), (argmax + 1, p_max - margin)],
+                }
+            })
+            .collect()
+    }
+
+    /// The commit kernel against the CPU op (the decoder's host step) on random statistics: every
+    /// rule, canvases of awkward sizes up to the largest, prompt cells and the EOS rule, steps
+    /// until done and past it; cells, step count and history equal after every step.
+    #[test]
+    fn commit_kernel_matches_the_host_step() {
+        let rules = [
+            CommitRule::Threshold { threshold: 0.9 },
+            CommitRule::Threshold { threshold: 0.3 },
+            CommitRule::FixedSteps { steps: 1 },
+            CommitRule::FixedSteps { steps: 3 },
+            CommitRule::FixedSteps { steps: 7 },
+            CommitRule::EntropyBound { gamma: 0.0 },
+            CommitRule::EntropyBound { gamma: 0.3 },
+            CommitRule::EntropyBound { gamma: 2.0 },
+            CommitRule::Margin { margin: 0.2 },
+            CommitRule::Margin { margin: 1.0 },
+        ];
+        let cpu = CpuBackend;
+        let mut ties = 0;
+        for (name, gpu) in backends(None) {
+            let mut rng = Rng(7);
+            for (ri, &rule) in rules.iter().enumerate() {
+                for &n in &[1usize, 5, 16, 32, 33, 256] {
+                    let known = (rng.next() % 3) as usize * n / 4;
+                    let cells: Vec<Option<u32>> = (0..n)
+                        .map(|i| (i < known).then(|| rng.pick(&[1, 2, EOS])))
+                        .collect();
+                    let p = CommitParams {
+                        rule,
+                        mask: MASK,
+                        eos: (ri % 2 == 0 || n == 33).then_some(EOS),
+                        output_from: known.min(n).saturating_sub((rng.next() % 2) as usize),
+                        stats_from: known.saturating_sub((rng.next() % 2) as usize),
+                    };
+                    let mut c_cpu = cpu.new_canvas(&cells, MASK).unwrap();
+                    let mut c_gpu = gpu.new_canvas(&cells, MASK).unwrap();
+                    let mut step = 0;
+                    loop {
+                        let st = random_stats(&mut rng, n - p.stats_from);
+                        let conf: Vec<u32> = st.iter().map(|s| s.p_max.to_bits()).collect();
+                        ties += conf.len() - {
+                            let mut u = conf.clone();
+                            u.sort();
+                            u.dedup();
+                            u.len()
+                        };
+                        cpu.commit_step(&mut c_cpu, &st, &p).unwrap();
+                        let sg = gpu.upload_stats(&st).unwrap();
+                        gpu.commit_step(&mut c_gpu, &sg, &p).unwrap();
+                        let want = cpu.read_canvas(&c_cpu, step..step + 1).unwrap();
+                        let got = gpu.read_canvas(&c_gpu, step..step + 1).unwrap();
+                        assert_eq!(got, want, "{name}: {rule:?} n {n} step {step} {p:?}");
+                        step += 1;
+                        // Two steps past the end: a finished canvas stays as it is.
+                        if want.cells.iter().all(Option::is_some) && step > want.steps + 1 {
+                            break;
+                        }
+                    }
+                    let all = gpu.read_canvas(&c_gpu, 0..n).unwrap();
+                    assert_eq!(
+                        all,
+                        cpu.read_canvas(&c_cpu, 0..n).unwrap(),
+                        "{name} history"
+                    );
+                }
+            }
+        }
+        assert!(ties > 100, "the inputs must tie often ({ties} ties)");
+    }
+
+    /// Tokens the commit kernel writes are what the next pass embeds.
+    #[test]
+    fn embedding_a_canvas_reads_its_input_ids() {
+        use crate::format::{DType, TensorView};
+        let (vocab, cols) = (37usize, 20usize);
+        let table: Vec<f32> = (0..vocab * cols).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let view = TensorView {
+            name: "embed",
+            dtype: DType::F32,
+            shape: &[vocab, cols],
+            bytes: bytemuck::cast_slice(&table),
+        };
+        let cells: Vec<Option<u32>> = vec![Some(4), None, Some(36), None, Some(0)];
+        let cpu = CpuBackend;
+        let want = cpu
+            .embed_canvas(
+                &cpu.load_weight(view).unwrap(),
+                &cpu.new_canvas(&cells, 7).unwrap(),
+            )
+            .unwrap();
+        for (name, gpu) in backends(Some(1024)) {
+            let w = gpu.load_weight(view).unwrap();
+            let canvas = gpu.new_canvas(&cells, 7).unwrap();
+            let got = gpu
+                .read_act(&gpu.embed_canvas(&w, &canvas).unwrap())
+                .unwrap();
+            assert_eq!(got, want.data, "{name}");
+        }
+    }
+}
