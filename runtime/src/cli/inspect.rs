@@ -147,7 +147,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .map(|p| format!("{} {:?} {} @+{}", p.name, p.shape, p.dtype, p.offset))
             .collect();
         println!(
-            "experts       {} MoE layers, {experts_present} experts stored, {pruned} pruned; each one range of {} ({}), 64 KiB aligned: {}",
+            "experts       {} MoE layers, {experts_present} experts stored, {pruned} pruned; each one range of {} ({}), 16 KiB aligned: {}",
             h.experts.len(),
             t.length,
             human_bytes(t.length),
