@@ -308,6 +308,9 @@ fn describe(d: &DecoderDetails) -> String {
             accepted,
         } => format!("speculative: {passes} passes, {accepted}/{drafted} drafts accepted"),
         DecoderDetails::Ar => "ar".into(),
+        DecoderDetails::Canvas { canvases, steps } => {
+            format!("canvas: {canvases} canvases, {steps} steps")
+        }
     }
 }
 

@@ -16,14 +16,15 @@ use crate::backend::gpu::{list_adapters, GpuBackend, GpuOptions};
 use crate::backend::Backend;
 use crate::batch::{BatchLimits, BatchReport, PassBatcher};
 use crate::decode::{
-    self, BlockOptions, Canvas, CommitPolicy, DecodeError, DecodeParams, DecoderDetails,
-    DecoderKind, FinishReason, Flow, Observer, Prediction, Sampling, SpecialIds,
+    self, BlockOptions, Canvas, CanvasOptions, CommitPolicy, DecodeError, DecodeParams,
+    DecoderDetails, DecoderKind, FinishReason, Flow, Observer, Prediction, Sampling, SpecialIds,
 };
 use crate::experts::paging::PagedLoad;
 use crate::experts::{
     Eviction, ExpertMemory, ExpertPaging, ExpertsError, KeepSpec, PagerStats, Profile,
 };
 use crate::format::{EdmFile, FormatError, Metadata};
+use crate::model::canvas::CanvasModel;
 use crate::model::{Model, ModelConfig, ModelError};
 use crate::tokenizer::{ChatMessage, ChatTemplate, StreamDecoder, Tokenizer, TokenizerError};
 
@@ -174,10 +175,32 @@ impl Pacer for Unpaced {
     fn done(&mut self) {}
 }
 
+/// The weights an engine decodes with: the one forward pass of every masked/block-diffusion and
+/// AR family, or DiffusionGemma's encoder + canvas decoder (the canvas decoder only).
+enum Weights<B: Backend> {
+    Masked(Model<B>),
+    Canvas(CanvasModel<B>),
+}
+
+impl<B: Backend> Weights<B> {
+    fn config(&self) -> &ModelConfig {
+        match self {
+            Weights::Masked(m) => &m.config,
+            Weights::Canvas(m) => &m.config,
+        }
+    }
+    fn file(&self) -> &Arc<EdmFile> {
+        match self {
+            Weights::Masked(m) => &m.file,
+            Weights::Canvas(m) => &m.file,
+        }
+    }
+}
+
 /// A model on backend `B` with its tokenizer and chat template.
 pub struct Engine<B: Backend> {
     backend: B,
-    model: Model<B>,
+    model: Weights<B>,
     tokenizer: Tokenizer,
     template: ChatTemplate,
     paging: Option<ExpertPaging>,
@@ -187,15 +210,29 @@ pub struct Engine<B: Backend> {
 }
 
 impl<B: Backend> Engine<B> {
-    /// Loads every weight of `file` onto `backend`.
+    /// Loads every weight of `file` onto `backend` (a canvas model, DiffusionGemma, into
+    /// [`CanvasModel`]).
     pub fn new(backend: B, file: Arc<EdmFile>) -> Result<Self, EngineError> {
+        if is_canvas_model(&file.header.metadata.config) {
+            let model = CanvasModel::load(&backend, file)?;
+            return Self::with_weights(backend, Weights::Canvas(model));
+        }
         let model = Model::load(&backend, file, &|_, _| true)?;
         Self::with_model(backend, model)
     }
 
     /// An engine over a model loaded some other way (e.g. with experts paged through a pool).
     pub fn with_model(backend: B, model: Model<B>) -> Result<Self, EngineError> {
-        let file = &model.file;
+        Self::with_weights(backend, Weights::Masked(model))
+    }
+
+    /// An engine over a canvas model (DiffusionGemma); it decodes with the canvas decoder.
+    pub fn with_canvas_model(backend: B, model: CanvasModel<B>) -> Result<Self, EngineError> {
+        Self::with_weights(backend, Weights::Canvas(model))
+    }
+
+    fn with_weights(backend: B, model: Weights<B>) -> Result<Self, EngineError> {
+        let file = model.file();
         let tokenizer = Tokenizer::from_json(file.blob("tokenizer.json")?)?;
         let template = match &file.header.metadata.chat_template {
             Some(src) => ChatTemplate::new(src.clone())?,
@@ -218,6 +255,30 @@ impl<B: Backend> Engine<B> {
     where
         B: PagedLoad,
     {
+        if is_canvas_model(&file.header.metadata.config) {
+            // The canvas model loads every expert; the expert options are not wired to it yet.
+            let refused = [
+                (
+                    config.expert_memory.is_some(),
+                    "expert paging (--expert-memory)",
+                ),
+                (
+                    config.resident.is_some(),
+                    "a resident profile (--resident-profile)",
+                ),
+                (
+                    config.block_experts.is_some(),
+                    "block-level expert routing (--block-experts)",
+                ),
+            ];
+            if let Some((_, what)) = refused.iter().find(|(on, _)| *on) {
+                return Err(DecodeError::Unsupported(format!(
+                    "{what} is not implemented for a DiffusionGemma (canvas) model"
+                ))
+                .into());
+            }
+            return Self::new(backend, file);
+        }
         if let Some(n) = config.block_experts {
             crate::model::check_block_experts(&file.header.metadata.config, n)?;
         }
@@ -260,10 +321,14 @@ impl<B: Backend> Engine<B> {
         self.backend.name()
     }
     pub fn config(&self) -> &ModelConfig {
-        &self.model.config
+        self.model.config()
     }
     pub fn metadata(&self) -> &Metadata {
-        &self.model.file.header.metadata
+        &self.model.file().header.metadata
+    }
+    /// True for a canvas model (DiffusionGemma), which decodes with the canvas decoder only.
+    pub fn is_canvas_model(&self) -> bool {
+        matches!(self.model, Weights::Canvas(_))
     }
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
@@ -273,9 +338,18 @@ impl<B: Backend> Engine<B> {
     }
 
     /// The model file's decoding defaults: block diffusion with its block size and threshold (AR
-    /// when the block size is 1), its prediction convention (else its family's), greedy.
+    /// when the block size is 1), its prediction convention (else its family's), greedy; for a
+    /// canvas model the canvas decoder with transformers' sampler settings (the converter
+    /// stores the canvas length in the config, no sampler settings).
     pub fn default_decoding(&self) -> DecodeParams {
         let d = &self.metadata().decoding;
+        if self.is_canvas_model() {
+            return DecodeParams {
+                decoder: DecoderKind::Canvas(CanvasOptions::default()),
+                prediction: Prediction::InPlace,
+                ..DecodeParams::default()
+            };
+        }
         let block_size = d.block_size.max(1);
         DecodeParams {
             decoder: if block_size == 1 {
@@ -292,7 +366,7 @@ impl<B: Backend> Engine<B> {
             sampling: Sampling::greedy(),
             prediction: d
                 .prediction
-                .unwrap_or_else(|| Prediction::for_architecture(self.model.config.architecture)),
+                .unwrap_or_else(|| Prediction::for_architecture(self.config().architecture)),
             block_experts: self.block_experts,
             ..DecodeParams::default()
         }
@@ -343,7 +417,15 @@ impl<B: Backend> Engine<B> {
         prompt: &[u32],
         continuation: &[u32],
     ) -> Result<f64, EngineError> {
-        let context = self.model.config.max_position;
+        let Weights::Masked(model) = &self.model else {
+            return Err(DecodeError::Unsupported(
+                "continuation NLL needs causal next-token rows, which a canvas model's passes \
+                 do not give"
+                    .into(),
+            )
+            .into());
+        };
+        let context = model.config.max_position;
         if prompt.len() + continuation.len() > context {
             return Err(DecodeError::ContextTooLong {
                 prompt: prompt.len(),
@@ -354,7 +436,7 @@ impl<B: Backend> Engine<B> {
         }
         Ok(crate::eval::continuation_nll(
             &self.backend,
-            &self.model,
+            model,
             prompt,
             continuation,
         )?)
@@ -439,19 +521,24 @@ impl<B: Backend> Engine<B> {
             mask: special.mask,
             eos: special.eos,
         };
-        let capacity = prompt.len().saturating_add(params.max_new_tokens);
         // Checked before the cache is allocated, so an oversized request costs nothing.
         params.validate()?;
-        let context = self.model.config.max_position;
+        let capacity = match &self.model {
+            Weights::Canvas(m) => {
+                let len = decode::canvas::canvas_length(m).map_err(DecodeError::from)?;
+                decode::canvas::positions_needed(prompt.len(), params.max_new_tokens, len)
+            }
+            Weights::Masked(_) => prompt.len().saturating_add(params.max_new_tokens),
+        };
+        let context = self.config().max_position;
         if capacity > context {
             return Err(DecodeError::ContextTooLong {
                 prompt: prompt.len(),
-                max_new: params.max_new_tokens,
+                max_new: capacity - prompt.len(),
                 context,
             }
             .into());
         }
-        let mut kv = self.model.new_kv(&self.backend, capacity)?;
         let mut sink = TextSink {
             stream: self.tokenizer.stream_decoder(true),
             stop: &request.stop,
@@ -462,27 +549,47 @@ impl<B: Backend> Engine<B> {
             error: None,
             stopped: false,
         };
-        let mut solo = decode::SoloPasses {
-            backend: &self.backend,
-            model: &self.model,
+        let outcome = match &self.model {
+            Weights::Masked(model) => {
+                let mut kv = model.new_kv(&self.backend, capacity)?;
+                let mut solo = decode::SoloPasses {
+                    backend: &self.backend,
+                    model,
+                };
+                let mut joined;
+                let passes: &mut dyn decode::PassRunner<B> = if batched {
+                    joined = self.batcher.join(&self.backend, model);
+                    &mut joined
+                } else {
+                    &mut solo
+                };
+                decode::decode_with(
+                    &self.backend,
+                    model,
+                    &mut kv,
+                    &prompt,
+                    special,
+                    params,
+                    &mut sink,
+                    passes,
+                )?
+            }
+            // A canvas model's passes run alone (its two passes have no batched form yet).
+            Weights::Canvas(model) => {
+                let mut kv = model.new_kv(&self.backend, capacity)?;
+                let pad = self.metadata().special_tokens.pad.unwrap_or(0);
+                decode::canvas::decode(
+                    &self.backend,
+                    model,
+                    &mut kv,
+                    &prompt,
+                    special,
+                    pad,
+                    params,
+                    &mut sink,
+                )?
+            }
         };
-        let mut joined;
-        let passes: &mut dyn decode::PassRunner<B> = if batched {
-            joined = self.batcher.join(&self.backend, &self.model);
-            &mut joined
-        } else {
-            &mut solo
-        };
-        let outcome = decode::decode_with(
-            &self.backend,
-            &self.model,
-            &mut kv,
-            &prompt,
-            special,
-            params,
-            &mut sink,
-            passes,
-        )?;
         if let Some(e) = sink.error.take() {
             return Err(e.into());
         }
@@ -510,6 +617,11 @@ impl<B: Backend> Engine<B> {
             tokens: outcome.tokens,
         })
     }
+}
+
+/// Whether `config` describes a canvas model (DiffusionGemma's encoder + canvas decoder).
+pub fn is_canvas_model(config: &ModelConfig) -> bool {
+    config.block.canvas.is_some()
 }
 
 /// An engine on the backend chosen at load time.
@@ -678,6 +790,9 @@ impl LoadedEngine {
     }
     pub fn backend_name(&self) -> String {
         with_engine!(self, e => e.backend_name())
+    }
+    pub fn is_canvas_model(&self) -> bool {
+        with_engine!(self, e => e.is_canvas_model())
     }
     pub fn config(&self) -> &ModelConfig {
         with_engine!(self, e => e.config())

@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::decode::{
-    BidirectionalCache, BidirectionalOptions, BlockOptions, Cell, CommitPolicy, DecodeParams,
-    DecoderKind, Prediction, Sampling, SpeculativeOptions,
+    BidirectionalCache, BidirectionalOptions, BlockOptions, CanvasOptions, Cell, CommitPolicy,
+    DecodeParams, DecoderKind, Prediction, Sampling, SpeculativeOptions,
 };
 use crate::engine::{
     BackendChoice, EngineConfig, Event, GenerationOutput, GenerationStats, LoadedEngine, Prompt,
@@ -112,6 +112,9 @@ pub enum DecoderName {
     Bidirectional,
     Speculative,
     Ar,
+    /// DiffusionGemma's uniform-noise canvas sampler (the default, and the only decoder, of a
+    /// DiffusionGemma model; no other model runs it).
+    Canvas,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,7 +143,8 @@ pub enum PredictionName {
 
 #[derive(clap::Args, Clone)]
 pub struct DecodingArgs {
-    /// Decoder (default: the model's: block diffusion, or AR for block size 1).
+    /// Decoder (default: the model's: block diffusion, AR for block size 1, canvas for
+    /// DiffusionGemma).
     #[arg(long, value_enum)]
     pub decoder: Option<DecoderName>,
     /// Block size (draft length for the speculative decoder); default from the model file (a
@@ -153,9 +157,19 @@ pub struct DecodingArgs {
     /// Confidence threshold τ of the threshold and credit policies; default from the model file.
     #[arg(long)]
     pub threshold: Option<f32>,
-    /// Denoising steps per block of the fixed-steps policy; default: the model's.
+    /// Denoising steps per block of the fixed-steps policy; default: the model's. Canvas decoder:
+    /// most denoising steps per canvas (default 48).
     #[arg(long)]
     pub steps: Option<usize>,
+    /// Canvas decoder: entropy bound of its acceptance (default 0.1).
+    #[arg(long)]
+    pub entropy_bound: Option<f32>,
+    /// Canvas decoder: temperature of the first denoising step (default 0.8).
+    #[arg(long)]
+    pub t_max: Option<f32>,
+    /// Canvas decoder: temperature the schedule falls towards at the last step (default 0.4).
+    #[arg(long)]
+    pub t_min: Option<f32>,
     /// Entropy bound γ of the entropy policy.
     #[arg(long, default_value_t = 0.15)]
     pub gamma: f32,
@@ -175,7 +189,8 @@ pub struct DecodingArgs {
     /// model family's convention).
     #[arg(long, value_enum)]
     pub prediction: Option<PredictionName>,
-    /// Sampling temperature; 0 is greedy.
+    /// Sampling temperature; 0 is greedy (the canvas decoder samples on its own schedule:
+    /// --t-max, --t-min).
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
     /// Nucleus sampling: draw from the smallest set of tokens whose probability reaches p (1 = all).
@@ -240,6 +255,7 @@ impl DecodingArgs {
         let block_size = self.block_size.unwrap_or(defaults.block_size.max(1));
         let decoder = self.decoder.unwrap_or(match p.decoder {
             DecoderKind::Ar => DecoderName::Ar,
+            DecoderKind::Canvas(_) => DecoderName::Canvas,
             _ => DecoderName::Block,
         });
         p.decoder = match decoder {
@@ -260,6 +276,17 @@ impl DecodingArgs {
                 beta: self.beta,
             }),
             DecoderName::Ar => DecoderKind::Ar,
+            DecoderName::Canvas => {
+                let mut o = match p.decoder {
+                    DecoderKind::Canvas(o) => o,
+                    _ => CanvasOptions::default(),
+                };
+                o.steps = self.steps.unwrap_or(o.steps);
+                o.entropy_bound = self.entropy_bound.unwrap_or(o.entropy_bound);
+                o.t_max = self.t_max.unwrap_or(o.t_max);
+                o.t_min = self.t_min.unwrap_or(o.t_min);
+                DecoderKind::Canvas(o)
+            }
         };
         let threshold = self.threshold.unwrap_or(defaults.threshold);
         p.policy = match self.policy {

@@ -85,6 +85,7 @@ impl Args {
         if let Some(d) = self.decoder {
             decoding.decoder = match d {
                 DecoderName::Ar => DecoderKind::Ar,
+                DecoderName::Canvas => DecoderKind::Canvas(crate::decode::CanvasOptions::default()),
                 DecoderName::Block => DecoderKind::Block(BlockOptions {
                     block_size,
                     reuse_last_kv: false,

@@ -18,8 +18,14 @@
 //! injects the draws transformers made (noise canvases and one uniform per sampled position,
 //! turned into a token by inverse CDF on both sides).
 
+use std::time::Instant;
+
 use crate::backend::Backend;
 use crate::decode::sampling::Rng;
+use crate::decode::{
+    Canvas, Cell, DecodeError, DecodeOutcome, DecodeParams, DecoderDetails, DecoderKind,
+    FinishReason, Flow, Observer, SpecialIds,
+};
 use crate::model::canvas::CanvasModel;
 use crate::model::{ForwardRequest, ModelError};
 
@@ -79,15 +85,46 @@ impl CanvasDraws for SeededDraws {
     }
 }
 
+/// Watches a generation from inside the sampler loop: the engine streams committed canvases,
+/// honours cancellation and takes a server's pass turns through it. Every method has a default
+/// that changes nothing, so [`generate`] runs unwatched.
+pub trait CanvasWatch {
+    /// Asked before every forward pass (encode or denoising step); `Flow::Stop` ends the
+    /// generation without that pass ([`CanvasOutcome::stopped`]).
+    fn before_pass(&mut self) -> Flow {
+        Flow::Continue
+    }
+    /// The pass asked for by the last [`CanvasWatch::before_pass`] ran (or failed).
+    fn after_pass(&mut self, _tokens: usize) {}
+    /// A denoising step's result: the canvas the next step starts from and which positions
+    /// kept their sampled token (the others hold fresh noise).
+    fn step(&mut self, _start: usize, _canvas: &[u32], _accepted: &[bool]) {}
+    /// A canvas was committed (pad after an EOS); `Flow::Stop` ends the generation after it.
+    fn committed(&mut self, _tokens: &[u32]) -> Flow {
+        Flow::Continue
+    }
+}
+
+/// Watches nothing.
+pub struct Unwatched;
+
+impl CanvasWatch for Unwatched {}
+
 /// What one generation did.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CanvasOutcome {
     /// Committed tokens (whole canvases; after an EOS, pad).
     pub tokens: Vec<u32>,
-    /// Denoising steps run per canvas.
+    /// Denoising steps run per canvas (a canvas cut short by the watcher included).
     pub steps: Vec<usize>,
     /// Whether an EOS ended generation.
     pub finished: bool,
+    /// Whether the watcher ended generation (before a pass, or after a committed canvas).
+    pub stopped: bool,
+    /// Forward passes run (encodes and denoising steps).
+    pub forward_passes: usize,
+    /// Σ tokens over all forward passes.
+    pub positions: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +208,29 @@ pub fn accept_by_entropy(entropy: &[f32], bound: f32) -> Vec<bool> {
     accept
 }
 
+/// The canvas length of `model` (its config's).
+pub fn canvas_length<B: Backend>(model: &CanvasModel<B>) -> Result<usize, CanvasError> {
+    model
+        .config
+        .block
+        .canvas
+        .as_ref()
+        .map(|k| k.length)
+        .filter(|&l| l > 0)
+        .ok_or_else(|| CanvasError::Params("the model has no canvas decoder".into()))
+}
+
+/// KV positions a generation of `max_new_tokens` after `prompt` tokens fills: whole canvases
+/// (the last one runs at full length, as transformers' does, and its denoising steps write its
+/// K/V as scratch).
+pub fn positions_needed(prompt: usize, max_new_tokens: usize, canvas: usize) -> usize {
+    prompt.saturating_add(
+        max_new_tokens
+            .div_ceil(canvas.max(1))
+            .saturating_mul(canvas),
+    )
+}
+
 /// Generates after `prompt` (encoded at positions `0..`), canvas by canvas.
 pub fn generate<B: Backend>(
     b: &B,
@@ -180,21 +240,47 @@ pub fn generate<B: Backend>(
     p: &CanvasParams,
     draws: &mut dyn CanvasDraws,
 ) -> Result<CanvasOutcome, CanvasError> {
+    generate_watched(b, model, kv, prompt, p, draws, &mut Unwatched)
+}
+
+/// [`generate`] reporting to `watch` (passes, steps, committed canvases) and stopping when it
+/// says so.
+pub fn generate_watched<B: Backend>(
+    b: &B,
+    model: &CanvasModel<B>,
+    kv: &mut B::Kv,
+    prompt: &[u32],
+    p: &CanvasParams,
+    draws: &mut dyn CanvasDraws,
+    watch: &mut dyn CanvasWatch,
+) -> Result<CanvasOutcome, CanvasError> {
     p.validate()?;
-    let c = &model.config;
-    let len = c
-        .block
-        .canvas
-        .as_ref()
-        .map(|k| k.length)
-        .ok_or_else(|| CanvasError::Params("the model has no canvas decoder".into()))?;
-    let vocab = c.vocab_size;
+    let len = canvas_length(model)?;
+    let vocab = model.config.vocab_size;
     let want = ForwardRequest {
         logits: true,
         ..Default::default()
     };
     let mut out = CanvasOutcome::default();
-    model.encode(b, kv, prompt, 0, &ForwardRequest::default())?;
+    // One forward pass, between the watcher's turn and its report.
+    macro_rules! pass {
+        ($tokens:expr, $run:expr) => {{
+            if watch.before_pass() == Flow::Stop {
+                out.stopped = true;
+                return Ok(out);
+            }
+            let r = $run;
+            watch.after_pass($tokens);
+            let r = r?;
+            out.forward_passes += 1;
+            out.positions += $tokens;
+            r
+        }};
+    }
+    pass!(
+        prompt.len(),
+        model.encode(b, kv, prompt, 0, &ForwardRequest::default())
+    );
     let mut pos = prompt.len();
     let canvases = p.max_new_tokens.div_ceil(len);
     for canvas_index in 0..canvases {
@@ -205,9 +291,17 @@ pub fn generate<B: Backend>(
         let mut history: Vec<Option<Vec<u32>>> = vec![None; p.stability];
         let mut steps = 0;
         for remaining in (1..=p.steps).rev() {
+            if watch.before_pass() == Flow::Stop {
+                out.steps.push(steps);
+                out.stopped = true;
+                return Ok(out);
+            }
             steps += 1;
-            let logits = model
-                .denoise(b, kv, &canvas, pos, self_cond.as_deref(), &want)?
+            let r = model.denoise(b, kv, &canvas, pos, self_cond.as_deref(), &want);
+            watch.after_pass(len);
+            out.forward_passes += 1;
+            out.positions += len;
+            let logits = r?
                 .logits
                 .ok_or_else(|| CanvasError::Params("the pass returned no logits".into()))?;
             let t = p.temperature(remaining);
@@ -225,6 +319,7 @@ pub fn generate<B: Backend>(
             for i in 0..len {
                 canvas[i] = if accept[i] { sampled[i] } else { noise[i] };
             }
+            watch.step(pos, &canvas, &accept);
             let stable = history.iter().all(|h| h.as_ref() == Some(&argmax));
             if p.stability > 0 {
                 history.remove(0);
@@ -246,18 +341,276 @@ pub fn generate<B: Backend>(
             argmax_canvas[i + 1..].iter_mut().for_each(|t| *t = p.pad);
         }
         out.tokens.extend_from_slice(&argmax_canvas);
+        let flow = watch.committed(&argmax_canvas);
         if eos_at.is_some() {
             out.finished = true;
+            break;
+        }
+        if flow == Flow::Stop {
+            out.stopped = true;
             break;
         }
         // The committed canvas joins the cache (transformers encodes it when the next canvas
         // starts; after the last one there is none).
         if canvas_index + 1 < canvases {
-            model.encode(b, kv, &argmax_canvas, pos, &ForwardRequest::default())?;
+            pass!(
+                len,
+                model.encode(b, kv, &argmax_canvas, pos, &ForwardRequest::default())
+            );
             pos += len;
         }
     }
     Ok(out)
+}
+
+/// The canvas decoder's settings in [`crate::decode::DecodeParams`] (`DecoderKind::Canvas`);
+/// [`Default`] is transformers' (`max_denoising_steps` 48, entropy bound 0.1, temperatures
+/// 0.8 → 0.4, stability 1, confidence 0.005). The canvas length is the model's.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CanvasOptions {
+    /// Denoising steps per canvas at most.
+    pub steps: usize,
+    pub entropy_bound: f32,
+    pub t_min: f32,
+    pub t_max: f32,
+    pub stability: usize,
+    pub confidence: f32,
+}
+
+impl Default for CanvasOptions {
+    fn default() -> Self {
+        let p = CanvasParams::default();
+        CanvasOptions {
+            steps: p.steps,
+            entropy_bound: p.entropy_bound,
+            t_min: p.t_min,
+            t_max: p.t_max,
+            stability: p.stability,
+            confidence: p.confidence,
+        }
+    }
+}
+
+impl CanvasOptions {
+    /// The sampler's parameters for a generation of `max_new_tokens`.
+    pub fn params(&self, max_new_tokens: usize, eos: Option<u32>, pad: u32) -> CanvasParams {
+        CanvasParams {
+            max_new_tokens,
+            steps: self.steps,
+            entropy_bound: self.entropy_bound,
+            t_min: self.t_min,
+            t_max: self.t_max,
+            stability: self.stability,
+            confidence: self.confidence,
+            eos,
+            pad,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), DecodeError> {
+        if self.steps == 0 {
+            return Err(DecodeError::invalid("steps", 0, "at least 1"));
+        }
+        if !(self.entropy_bound.is_finite() && self.entropy_bound > 0.0) {
+            return Err(DecodeError::invalid(
+                "entropy_bound",
+                self.entropy_bound,
+                "a finite number > 0",
+            ));
+        }
+        for (name, t) in [("t_min", self.t_min), ("t_max", self.t_max)] {
+            if !(t.is_finite() && t > 0.0) {
+                return Err(DecodeError::invalid(name, t, "a finite temperature > 0"));
+            }
+        }
+        if !self.confidence.is_finite() {
+            return Err(DecodeError::invalid(
+                "confidence",
+                self.confidence,
+                "a finite entropy",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl From<CanvasError> for DecodeError {
+    fn from(e: CanvasError) -> Self {
+        match e {
+            CanvasError::Model(m) => DecodeError::Model(m),
+            CanvasError::Params(p) => DecodeError::Unsupported(p),
+        }
+    }
+}
+
+/// The canvas decoder as the engine runs it: `params.decoder` must be
+/// [`DecoderKind::Canvas`]; the sampler draws from `params.sampling.seed`; committed canvases go
+/// to `observer` in order (EOS left out, cut at `max_new_tokens`); `params.cancel` and the
+/// observer's pass turns are asked before every pass, so a cancel ends it within one step.
+#[allow(clippy::too_many_arguments)]
+pub fn decode<B: Backend>(
+    backend: &B,
+    model: &CanvasModel<B>,
+    kv: &mut B::Kv,
+    prompt: &[u32],
+    special: SpecialIds,
+    pad: u32,
+    params: &DecodeParams,
+    observer: &mut dyn Observer,
+) -> Result<DecodeOutcome, DecodeError> {
+    let DecoderKind::Canvas(options) = params.decoder else {
+        return Err(DecodeError::WrongDecoder {
+            decoder: params.decoder.name(),
+            architecture: model.config.architecture.hf_name().to_string(),
+            supported: "canvas",
+        });
+    };
+    params.validate()?;
+    if prompt.is_empty() {
+        return Err(DecodeError::EmptyPrompt);
+    }
+    if params.block_experts.is_some() {
+        return Err(DecodeError::Unsupported(
+            "block-level expert routing (--block-experts) is not implemented for the canvas decoder"
+                .into(),
+        ));
+    }
+    let vocab = model.config.vocab_size;
+    if let Some(&id) = prompt
+        .iter()
+        .chain(special.eos.iter())
+        .chain(std::iter::once(&pad))
+        .find(|&&t| t as usize >= vocab)
+    {
+        return Err(DecodeError::TokenOutOfRange { id, vocab });
+    }
+    let len = canvas_length(model)?;
+    let context = backend.kv_capacity(kv).min(model.config.max_position);
+    if positions_needed(prompt.len(), params.max_new_tokens, len) > context {
+        return Err(DecodeError::ContextTooLong {
+            prompt: prompt.len(),
+            max_new: params.max_new_tokens.div_ceil(len) * len,
+            context,
+        });
+    }
+    let eos = special.eos.filter(|_| !params.ignore_eos);
+    let p = options.params(params.max_new_tokens, eos, pad);
+    let mut draws = SeededDraws(Rng::new(params.sampling.seed));
+    let mut w = EngineWatch {
+        observer,
+        params,
+        eos,
+        generated: Vec::new(),
+        finish: None,
+        started: Instant::now(),
+        first_token: None,
+        forwards: 0,
+    };
+    let out = generate_watched(backend, model, kv, prompt, &p, &mut draws, &mut w);
+    // A turn taken by the last `before_pass` whose pass never came.
+    w.observer.pass_done();
+    let out = out?;
+    Ok(DecodeOutcome {
+        finish_reason: w.finish.unwrap_or(FinishReason::Length),
+        forward_passes: out.forward_passes,
+        positions_processed: out.positions,
+        time_to_first_token: w.first_token,
+        elapsed: w.started.elapsed(),
+        details: DecoderDetails::Canvas {
+            canvases: out.steps.len(),
+            steps: out.steps.iter().sum(),
+        },
+        tokens: w.generated,
+    })
+}
+
+/// The engine's [`Observer`] seen from the sampler: pass turns and cancellation before every
+/// pass, committed canvases delivered the way the other decoders deliver (EOS ends, left out;
+/// `max_new_tokens` cuts).
+struct EngineWatch<'a> {
+    observer: &'a mut dyn Observer,
+    params: &'a DecodeParams,
+    eos: Option<u32>,
+    generated: Vec<u32>,
+    finish: Option<FinishReason>,
+    started: Instant,
+    first_token: Option<std::time::Duration>,
+    forwards: usize,
+}
+
+impl CanvasWatch for EngineWatch<'_> {
+    fn before_pass(&mut self) -> Flow {
+        if self.finish.is_none() && self.observer.pass_turn() == Flow::Stop {
+            self.finish = Some(FinishReason::Cancelled);
+        }
+        if self.finish.is_none()
+            && self
+                .params
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.is_cancelled())
+        {
+            self.finish = Some(FinishReason::Cancelled);
+        }
+        if self.finish.is_none() {
+            Flow::Continue
+        } else {
+            Flow::Stop
+        }
+    }
+
+    fn after_pass(&mut self, _tokens: usize) {
+        self.forwards += 1;
+        self.observer.pass_done();
+    }
+
+    fn step(&mut self, start: usize, canvas: &[u32], accepted: &[bool]) {
+        if self.params.canvas_events {
+            // Accepted samples are tentative (a later step may resample them); the other
+            // positions hold noise, shown as masks.
+            let cells = canvas
+                .iter()
+                .zip(accepted)
+                .map(|(&t, &a)| if a { Cell::Draft(t) } else { Cell::Masked })
+                .collect();
+            self.observer.canvas(&Canvas {
+                start,
+                cells,
+                forward_passes: self.forwards,
+            });
+        }
+    }
+
+    fn committed(&mut self, ids: &[u32]) -> Flow {
+        if self.finish.is_some() {
+            return Flow::Stop;
+        }
+        let mut take = 0;
+        for &id in ids {
+            if Some(id) == self.eos {
+                self.finish = Some(FinishReason::Eos);
+                break;
+            }
+            take += 1;
+            if self.generated.len() + take >= self.params.max_new_tokens {
+                self.finish = Some(FinishReason::Length);
+                break;
+            }
+        }
+        if take > 0 {
+            self.first_token
+                .get_or_insert_with(|| self.started.elapsed());
+            self.generated.extend_from_slice(&ids[..take]);
+            if self.observer.committed(&ids[..take]) == Flow::Stop {
+                self.finish = Some(FinishReason::Stop);
+            }
+        }
+        if self.finish.is_none() {
+            Flow::Continue
+        } else {
+            Flow::Stop
+        }
+    }
 }
 
 #[cfg(test)]

@@ -9,7 +9,10 @@
 //!   Fast-dLLM's prefix or dual cache ([`bidirectional`]);
 //! - [`DecoderKind::Speculative`]: TiDAR-style self-speculation, one pass verifying the last draft
 //!   with causal logits and drafting the next block ([`speculative`]);
-//! - [`DecoderKind::Ar`]: one token per forward, the baseline of every speedup figure ([`ar`]).
+//! - [`DecoderKind::Ar`]: one token per forward, the baseline of every speedup figure ([`ar`]);
+//! - [`DecoderKind::Canvas`]: DiffusionGemma's uniform-noise canvas sampler over
+//!   `model::canvas::CanvasModel` (its own two passes, so it runs through [`canvas::decode`],
+//!   not [`decode`]).
 //!
 //! Commit policies ([`policy`]) and token choice ([`sampling`]) are small pure functions over the
 //! statistics. This layer knows ids only: text, stop strings and chat templates live in
@@ -29,6 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use canvas::CanvasOptions;
 pub use policy::{Candidate, CommitPolicy, CreditLedger};
 pub use sampling::{Rng, Sampling};
 
@@ -57,6 +61,14 @@ pub enum DecodeError {
     NoMaskToken { decoder: &'static str },
     #[error("{0}")]
     Unsupported(String),
+    #[error(
+        "the {decoder} decoder cannot run a {architecture} model; it decodes with: {supported}"
+    )]
+    WrongDecoder {
+        decoder: &'static str,
+        architecture: String,
+        supported: &'static str,
+    },
     #[error(transparent)]
     Model(#[from] ModelError),
 }
@@ -113,6 +125,8 @@ pub enum DecoderKind {
     Bidirectional(BidirectionalOptions),
     Speculative(SpeculativeOptions),
     Ar,
+    /// DiffusionGemma's canvas sampler (canvas models only).
+    Canvas(CanvasOptions),
 }
 
 impl DecoderKind {
@@ -122,6 +136,7 @@ impl DecoderKind {
             DecoderKind::Bidirectional(_) => "bidirectional",
             DecoderKind::Speculative(_) => "speculative",
             DecoderKind::Ar => "ar",
+            DecoderKind::Canvas(_) => "canvas",
         }
     }
 
@@ -149,6 +164,10 @@ impl DecoderKind {
                 format!("speculative k={} β={}", o.draft_len, o.beta)
             }
             DecoderKind::Ar => "ar".into(),
+            DecoderKind::Canvas(o) => format!(
+                "canvas steps={} γ={} t={}→{}",
+                o.steps, o.entropy_bound, o.t_max, o.t_min
+            ),
         }
     }
 
@@ -231,6 +250,7 @@ impl DecodeParams {
                     return Err(DecodeError::invalid("beta", o.beta, "within [0, 1]"));
                 }
             }
+            DecoderKind::Canvas(o) => o.validate()?,
             _ => {}
         }
         if self.block_experts == Some(0) {
@@ -338,6 +358,11 @@ pub enum DecoderDetails {
         accepted: usize,
     },
     Ar,
+    Canvas {
+        canvases: usize,
+        /// Denoising steps over all canvases.
+        steps: usize,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -461,6 +486,11 @@ pub fn decode_with<B: Backend>(
         DecoderKind::Bidirectional(o) => bidirectional::run(&mut s, prompt, o),
         DecoderKind::Speculative(o) => speculative::run(&mut s, prompt, o),
         DecoderKind::Ar => ar::run(&mut s, prompt),
+        DecoderKind::Canvas(_) => Err(DecodeError::WrongDecoder {
+            decoder: "canvas",
+            architecture: model.config.architecture.hf_name().to_string(),
+            supported: "block, bidirectional, speculative or ar",
+        }),
     };
     // A turn taken by the last `running()` check whose pass never came.
     s.observer.pass_done();

@@ -181,6 +181,9 @@ pub enum DecoderName {
     Bidirectional,
     Speculative,
     Ar,
+    /// DiffusionGemma's canvas sampler (`steps`: its denoising steps per canvas, `gamma`: its
+    /// entropy bound).
+    Canvas,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -254,13 +257,14 @@ impl Extension {
             DecoderKind::Block(o) => Some(o.block_size),
             DecoderKind::Bidirectional(o) => Some(o.block_size),
             DecoderKind::Speculative(o) => Some(o.draft_len),
-            DecoderKind::Ar => None,
+            DecoderKind::Ar | DecoderKind::Canvas(_) => None,
         };
         let decoder = self.decoder.unwrap_or(match p.decoder {
             DecoderKind::Block(_) => DecoderName::Block,
             DecoderKind::Bidirectional(_) => DecoderName::Bidirectional,
             DecoderKind::Speculative(_) => DecoderName::Speculative,
             DecoderKind::Ar => DecoderName::Ar,
+            DecoderKind::Canvas(_) => DecoderName::Canvas,
         });
         let block = self.block_size.or(if self.decoder.is_none() {
             current_block
@@ -289,6 +293,15 @@ impl Extension {
                 beta,
             }),
             DecoderName::Ar => DecoderKind::Ar,
+            DecoderName::Canvas => {
+                let mut o = match p.decoder {
+                    DecoderKind::Canvas(o) => o,
+                    _ => crate::decode::CanvasOptions::default(),
+                };
+                o.steps = self.steps.unwrap_or(o.steps);
+                o.entropy_bound = self.gamma.unwrap_or(o.entropy_bound);
+                DecoderKind::Canvas(o)
+            }
         };
         let threshold = self.threshold.unwrap_or(match p.policy {
             CommitPolicy::Threshold { threshold } | CommitPolicy::Credit { threshold } => threshold,
@@ -430,13 +443,38 @@ impl Common {
                 Some("max_tokens"),
             ));
         }
-        let cap = limits.max_tokens.min(context - prompt_tokens);
+        let mut cap = limits.max_tokens.min(context - prompt_tokens);
+        // A canvas model fills whole canvases: the answer gets the ones that fit.
+        let canvas = engine
+            .config()
+            .block
+            .canvas
+            .as_ref()
+            .map(|c| c.length.max(1));
+        if let Some(len) = canvas {
+            cap = cap.min((context - prompt_tokens) / len * len);
+            if cap == 0 {
+                return Err(ApiError::bad_request(
+                    format!(
+                        "the prompt has {prompt_tokens} tokens; this model's context of \
+                         {context} positions leaves no room for a canvas of {len}"
+                    ),
+                    Some("messages"),
+                )
+                .with_code("context_length_exceeded"));
+            }
+        }
         p.max_new_tokens = asked.map_or(cap, |a| (a.min(cap as u64)) as usize);
         p.validate().map_err(|e| {
             ApiError::bad_request(format!("invalid decoding parameters: {e}"), None)
         })?;
         Ok(Prepared {
-            capacity: prompt_tokens + p.max_new_tokens,
+            capacity: match canvas {
+                Some(len) => {
+                    crate::decode::canvas::positions_needed(prompt_tokens, p.max_new_tokens, len)
+                }
+                None => prompt_tokens + p.max_new_tokens,
+            },
             prompt_tokens,
             request: GenerationRequest {
                 prompt: Prompt::Tokens(prompt),
