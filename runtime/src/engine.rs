@@ -16,8 +16,8 @@ use crate::backend::gpu::{list_adapters, GpuBackend, GpuOptions};
 use crate::backend::Backend;
 use crate::batch::{BatchLimits, BatchReport, PassBatcher};
 use crate::decode::{
-    self, BlockOptions, Canvas, CanvasOptions, CommitPolicy, DecodeError, DecodeParams,
-    DecoderDetails, DecoderKind, FinishReason, Flow, Observer, Prediction, Sampling, SpecialIds,
+    self, BlockOptions, Canvas, CommitPolicy, DecodeError, DecodeParams, DecoderDetails,
+    DecoderKind, FinishReason, Flow, Observer, Prediction, Sampling, SpecialIds,
 };
 use crate::experts::paging::PagedLoad;
 use crate::experts::{
@@ -339,13 +339,13 @@ impl<B: Backend> Engine<B> {
 
     /// The model file's decoding defaults: block diffusion with its block size and threshold (AR
     /// when the block size is 1), its prediction convention (else its family's), greedy; for a
-    /// canvas model the canvas decoder with transformers' sampler settings (the converter
-    /// stores the canvas length in the config, no sampler settings).
+    /// canvas model the canvas decoder with the file's sampler settings (the checkpoint's
+    /// generation_config.json, else transformers' defaults).
     pub fn default_decoding(&self) -> DecodeParams {
         let d = &self.metadata().decoding;
         if self.is_canvas_model() {
             return DecodeParams {
-                decoder: DecoderKind::Canvas(CanvasOptions::default()),
+                decoder: DecoderKind::Canvas(d.canvas.unwrap_or_default().into()),
                 prediction: Prediction::InPlace,
                 ..DecodeParams::default()
             };

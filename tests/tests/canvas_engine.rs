@@ -318,3 +318,65 @@ fn decoders_that_cannot_run_are_typed_errors() {
         Err(EngineError::Decode(DecodeError::Unsupported(_)))
     ));
 }
+
+/// The sampler settings a checkpoint's generation_config.json gives reach the model file and the
+/// engine's defaults; null fields (as transformers saves them) keep transformers' defaults; a bad
+/// value is a typed error naming the field.
+#[test]
+fn the_sampler_settings_come_from_generation_config() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/diffusion_gemma");
+    let convert = |generation: Option<&str>| {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ckpt");
+        std::fs::create_dir(&dir).unwrap();
+        for f in std::fs::read_dir(&fixture).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
+        }
+        if let Some(g) = generation {
+            std::fs::write(dir.join("generation_config.json"), g).unwrap();
+        }
+        let out = tmp.path().join("dg.edm");
+        edgediff::import::convert(&dir, &out, DType::F32, &|_, _| {}).map(|_| (tmp, out))
+    };
+    // The fixture's own file: every field null.
+    let (_t, path) = convert(None).unwrap();
+    assert_eq!(
+        engine(&path).default_decoding().decoder,
+        DecoderKind::Canvas(CanvasOptions::default())
+    );
+    let (_t, path) = convert(Some(
+        r#"{"max_denoising_steps": 12, "sampler_config": {"entropy_bound": 0.25,
+            "_cls_name": "EntropyBoundSamplerConfig"}, "t_min": 0.3, "t_max": 0.9,
+            "stability_threshold": 2, "confidence_threshold": 0.01}"#,
+    ))
+    .unwrap();
+    let want = CanvasOptions {
+        steps: 12,
+        entropy_bound: 0.25,
+        t_min: 0.3,
+        t_max: 0.9,
+        stability: 2,
+        confidence: 0.01,
+    };
+    let e = engine(&path);
+    assert_eq!(
+        e.metadata().decoding.canvas.map(CanvasOptions::from),
+        Some(want)
+    );
+    assert_eq!(e.default_decoding().decoder, DecoderKind::Canvas(want));
+    for (g, field) in [
+        (r#"{"t_min": -1.0}"#, "t_min"),
+        (r#"{"max_denoising_steps": 0}"#, "max_denoising_steps"),
+        (
+            r#"{"sampler_config": {"entropy_bound": "x"}}"#,
+            "entropy_bound",
+        ),
+    ] {
+        match convert(Some(g)) {
+            Err(edgediff::import::ImportError::Config(m)) => assert!(m.contains(field), "{m}"),
+            Err(e) => panic!("{g}: wrong error {e}"),
+            Ok(_) => panic!("{g}: converted"),
+        }
+    }
+}

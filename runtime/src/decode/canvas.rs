@@ -26,6 +26,7 @@ use crate::decode::{
     Canvas, Cell, DecodeError, DecodeOutcome, DecodeParams, DecoderDetails, DecoderKind,
     FinishReason, Flow, Observer, SpecialIds,
 };
+use crate::format::CanvasSampler;
 use crate::model::canvas::CanvasModel;
 use crate::model::{ForwardRequest, ModelError};
 
@@ -49,17 +50,7 @@ pub struct CanvasParams {
 
 impl Default for CanvasParams {
     fn default() -> Self {
-        CanvasParams {
-            max_new_tokens: 256,
-            steps: 48,
-            entropy_bound: 0.1,
-            t_min: 0.4,
-            t_max: 0.8,
-            stability: 1,
-            confidence: 0.005,
-            eos: None,
-            pad: 0,
-        }
+        CanvasOptions::default().params(256, None, 0)
     }
 }
 
@@ -379,14 +370,19 @@ pub struct CanvasOptions {
 
 impl Default for CanvasOptions {
     fn default() -> Self {
-        let p = CanvasParams::default();
+        CanvasSampler::default().into()
+    }
+}
+
+impl From<CanvasSampler> for CanvasOptions {
+    fn from(s: CanvasSampler) -> Self {
         CanvasOptions {
-            steps: p.steps,
-            entropy_bound: p.entropy_bound,
-            t_min: p.t_min,
-            t_max: p.t_max,
-            stability: p.stability,
-            confidence: p.confidence,
+            steps: s.steps,
+            entropy_bound: s.entropy_bound,
+            t_min: s.t_min,
+            t_max: s.t_max,
+            stability: s.stability,
+            confidence: s.confidence,
         }
     }
 }

@@ -73,6 +73,40 @@ pub struct DecodingDefaults {
     /// Which position a row of logits predicts; absent: the family's convention.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prediction: Option<Prediction>,
+    /// The canvas sampler's settings of a canvas model (DiffusionGemma); absent: transformers'
+    /// defaults ([`CanvasSampler::default`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canvas: Option<CanvasSampler>,
+}
+
+/// DiffusionGemma's sampler settings as its checkpoint's generation_config.json gives them
+/// (`max_denoising_steps`, `sampler_config.entropy_bound`, `t_min`, `t_max`,
+/// `stability_threshold`, `confidence_threshold`); [`Default`] is transformers'
+/// (`_get_default_generation_params`, 5.17).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CanvasSampler {
+    /// Denoising steps per canvas at most.
+    pub steps: usize,
+    pub entropy_bound: f32,
+    pub t_min: f32,
+    pub t_max: f32,
+    /// Steps the argmax canvas must repeat before a confident canvas stops.
+    pub stability: usize,
+    /// Mean entropy (nats) below which a stable canvas stops.
+    pub confidence: f32,
+}
+
+impl Default for CanvasSampler {
+    fn default() -> Self {
+        CanvasSampler {
+            steps: 48,
+            entropy_bound: 0.1,
+            t_min: 0.4,
+            t_max: 0.8,
+            stability: 1,
+            confidence: 0.005,
+        }
+    }
 }
 
 impl DecodingDefaults {
@@ -94,6 +128,7 @@ impl Default for DecodingDefaults {
             threshold: 0.9,
             steps: 32,
             prediction: None,
+            canvas: None,
         }
     }
 }

@@ -11,7 +11,8 @@ use std::path::PathBuf;
 
 pub use dtype::DType;
 pub use header::{
-    BlobEntry, DecodingDefaults, ExpertTable, Header, Metadata, SpecialTokenIds, TensorEntry,
+    BlobEntry, CanvasSampler, DecodingDefaults, ExpertTable, Header, Metadata, SpecialTokenIds,
+    TensorEntry,
 };
 pub use reader::{EdmFile, TensorView};
 pub use writer::{EdmWriter, LayoutBuilder};

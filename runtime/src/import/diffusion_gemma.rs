@@ -23,6 +23,7 @@ use crate::arch::{
     FfnLayout, Gating, GlobalAttention, ModelConfig, MoeConfig, NormLayout, QkNorm, ResidualKind,
     RouterKind, SlidingAttention,
 };
+use crate::format::CanvasSampler;
 
 pub const FAMILY: Family = Family {
     plan: Some(plan),
@@ -471,4 +472,66 @@ fn checkpoint_tensors(c: &ModelConfig) -> Vec<CheckpointTensor> {
     ));
     t.push((LAYOUT.final_norm.into(), vec![h], Role::Scale));
     t
+}
+
+/// The canvas sampler's settings from the checkpoint's generation_config.json (transformers'
+/// `DiffusionGemmaGenerationConfig`); a missing file or a null field keeps transformers' default.
+pub fn sampler(dir: &std::path::Path) -> Result<CanvasSampler, ImportError> {
+    let mut s = CanvasSampler::default();
+    let path = dir.join("generation_config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(s);
+    };
+    let g: Value = serde_json::from_str(&text)
+        .map_err(|e| ImportError::Config(format!("generation_config.json: {e}")))?;
+    let bad = |field: &str, v: &Value, want: &str| {
+        ImportError::Config(format!(
+            "generation_config.json: `{field}` is {v}; expected {want}"
+        ))
+    };
+    let count = |field: &str, min: u64| -> Result<Option<usize>, ImportError> {
+        match g.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) if n >= min => Ok(Some(n as usize)),
+                _ => Err(bad(field, v, &format!("an integer >= {min}"))),
+            },
+        }
+    };
+    let positive = |v: Option<&Value>, field: &str| -> Result<Option<f32>, ImportError> {
+        match v {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(x) if x > 0.0 && x.is_finite() => Ok(Some(x as f32)),
+                _ => Err(bad(field, v, "a number > 0")),
+            },
+        }
+    };
+    if let Some(n) = count("max_denoising_steps", 1)? {
+        s.steps = n;
+    }
+    if let Some(n) = count("stability_threshold", 0)? {
+        s.stability = n;
+    }
+    let sampler = g.get("sampler_config").filter(|v| !v.is_null());
+    if let Some(b) = positive(
+        sampler.and_then(|c| c.get("entropy_bound")),
+        "sampler_config.entropy_bound",
+    )? {
+        s.entropy_bound = b;
+    }
+    if let Some(t) = positive(g.get("t_min"), "t_min")? {
+        s.t_min = t;
+    }
+    if let Some(t) = positive(g.get("t_max"), "t_max")? {
+        s.t_max = t;
+    }
+    match g.get("confidence_threshold") {
+        None | Some(Value::Null) => {}
+        Some(v) => match v.as_f64() {
+            Some(x) if x.is_finite() => s.confidence = x as f32,
+            _ => return Err(bad("confidence_threshold", v, "a number")),
+        },
+    }
+    Ok(s)
 }

@@ -293,6 +293,9 @@ pub fn read_meta(dir: &Path) -> Result<ImportMeta, ImportError> {
         .get("denoising_steps")
         .and_then(Value::as_u64)
         .map_or(decoding.block_size, |s| s.max(1) as usize);
+    if config.block.canvas.is_some() {
+        decoding.canvas = Some(diffusion_gemma::sampler(dir)?);
+    }
     Ok(ImportMeta {
         config,
         special,

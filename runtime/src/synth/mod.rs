@@ -461,6 +461,8 @@ pub fn build(spec: &SynthSpec) -> Result<SynthModel, ImportError> {
             threshold: 0.9,
             steps: spec.block_size,
             prediction: None,
+            canvas: (spec.arch == Architecture::DiffusionGemma)
+                .then(crate::format::CanvasSampler::default),
         },
         source: json!({ "model_type": spec.arch.hf_name(), "synthetic": { "seed": spec.seed } }),
     };

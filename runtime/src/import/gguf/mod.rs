@@ -260,6 +260,7 @@ pub fn read_meta(f: &GgufFile) -> Result<(Family, ImportMeta), ImportError> {
         threshold: 0.9,
         steps: block_size,
         prediction: Some(fam.prediction),
+        canvas: None,
     };
     let name = f.get("general.name").and_then(|v| v.as_str());
     Ok((
