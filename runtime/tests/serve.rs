@@ -2,7 +2,9 @@
 //! clients get exactly the tokens of solo decoding (greedy and seeded sampling, AR and block
 //! diffusion), a client that goes away frees its sequence and KV at once, bad requests are
 //! OpenAI-shaped errors with the right status, the API key is enforced, a full queue is a 429 with
-//! Retry-After, and a slow reader neither loses text nor holds up the others.
+//! Retry-After, and a slow reader neither loses text nor holds up the others. Reasoning runs
+//! (`"edgediff": {"reason": …}`) stream their rounds' events, are admitted round by round under
+//! the same slots and KV budget, and stop when their client leaves.
 //!
 //! The client is a few lines of HTTP/1.1 over `TcpStream`, so each test controls exactly what
 //! goes on the wire (malformed bodies, half-read streams, dropped connections).
@@ -884,7 +886,6 @@ fn a_chat_completion_with_reason_runs_rsa_and_reports_its_votes() {
         (json!({"think_budget": 100000}), json!({}), "context"),
         (json!({"answer_regex": "("}), json!({}), "pattern"),
         (json!({"bogus": 1}), json!({}), "bogus"),
-        (reason.clone(), json!({"stream": true}), "stream"),
         (
             reason.clone(),
             json!({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}),
@@ -900,4 +901,236 @@ fn a_chat_completion_with_reason_runs_rsa_and_reports_its_votes() {
         let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
         assert!(msg.contains(what), "{bad}: {msg}");
     }
+}
+
+/// A reasoning chat request (the default model, AR, seeded).
+fn reason_body(reason: Value, max_tokens: usize, stream: bool) -> Value {
+    json!({
+        "messages": [{"role": "user", "content": "What is 2 + 3?"}],
+        "max_tokens": max_tokens, "seed": 5, "stream": stream,
+        "stream_options": {"include_usage": true},
+        "edgediff": {"decoder": "ar", "reason": reason},
+    })
+}
+
+#[test]
+fn a_streamed_reason_run_sends_each_rounds_events_in_order_then_the_answer() {
+    let srv = server(Setup::default());
+    let reason = json!({"n": 3, "k": 2, "rounds": 2, "tail_tokens": 8, "think_budget": 6,
+                        "answer_regex": "(\\S+)\\s*$"});
+    let r = post(
+        srv.addr(),
+        "/v1/chat/completions",
+        &reason_body(reason.clone(), 4, true),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let data = r.events();
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let (events, answer): (Vec<&Value>, Vec<&Value>) = chunks
+        .iter()
+        .partition(|c| c["object"] == "edgediff.reason.event");
+    // Every event comes before the answer's chunks.
+    let first_answer = chunks
+        .iter()
+        .position(|c| c["object"] != "edgediff.reason.event")
+        .unwrap();
+    assert_eq!(first_answer, events.len());
+    // Per round: round_started, then each trace starts before its text and ends after it, the
+    // round ends after all of its traces, and the next round starts after that.
+    let mut round = 0;
+    let mut i = 0;
+    let mut texts: Vec<Vec<String>> = Vec::new();
+    while i < events.len() {
+        let e = &events[i]["event"];
+        assert_eq!(e["type"], "round_started", "{e}");
+        assert_eq!(e["round"], round);
+        assert_eq!(e["traces"], 3);
+        i += 1;
+        let mut started = [false; 3];
+        let mut finished = [false; 3];
+        let mut text = vec![String::new(); 3];
+        loop {
+            let e = &events[i]["event"];
+            i += 1;
+            assert_eq!(e["round"], round, "{e}");
+            let t = e["trace"].as_u64().map(|t| t as usize);
+            match e["type"].as_str().unwrap() {
+                "trace_started" => {
+                    let t = t.unwrap();
+                    assert!(!started[t]);
+                    started[t] = true;
+                    let parents = e["parents"].as_array().unwrap().len();
+                    assert_eq!(parents, if round == 0 { 0 } else { 2 }, "{e}");
+                }
+                "trace_text" => {
+                    let t = t.unwrap();
+                    assert!(started[t] && !finished[t], "{e}");
+                    text[t].push_str(e["text"].as_str().unwrap());
+                }
+                "trace_finished" => {
+                    let t = t.unwrap();
+                    assert!(started[t] && !finished[t], "{e}");
+                    finished[t] = true;
+                }
+                "round_done" => {
+                    assert!(finished.iter().all(|&f| f), "{e}");
+                    assert!(e["peak_kv_bytes"].as_u64().unwrap() > 0);
+                    break;
+                }
+                other => panic!("unexpected event {other}: {e}"),
+            }
+        }
+        texts.push(text);
+        round += 1;
+    }
+    assert_eq!(round, 3, "rounds 0, 1, 2");
+    // The answer: role + content, the end with the summary, the usage.
+    assert_eq!(answer.len(), 3, "{answer:?}");
+    assert!(answer
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    let delta = &answer[0]["choices"][0]["delta"];
+    assert_eq!(delta["role"], "assistant");
+    let content = delta["content"].as_str().unwrap();
+    assert!(
+        texts[2].iter().any(|t| t == content),
+        "the answer is a last-round trace's text: {content:?} vs {:?}",
+        texts[2]
+    );
+    assert_eq!(answer[1]["choices"][0]["finish_reason"], "stop");
+    let summary = &answer[1]["edgediff"];
+    assert_eq!(summary["traces"], 9);
+    assert_eq!(answer[2]["choices"], json!([]));
+    assert!(answer[2]["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    // The same request unstreamed is the same run.
+    let whole = post(
+        srv.addr(),
+        "/v1/chat/completions",
+        &reason_body(reason, 4, false),
+    );
+    assert_eq!(whole.status, 200);
+    let whole = whole.json();
+    assert_eq!(&whole["edgediff"], summary);
+    assert_eq!(whole["choices"][0]["message"]["content"], content);
+    assert_eq!(whole["usage"], answer[2]["usage"]);
+}
+
+#[test]
+fn reason_rounds_take_slots_and_kv_and_are_refused_when_they_cannot_fit() {
+    // 1.5 MiB holds 256 positions of this model (6 KiB each). With β 4, 3 answer tokens and the
+    // 7-token fallback marker, a round-0 trace takes ~24 positions and an aggregation trace ~96
+    // (its prompt carries the instruction): one trace per round fits, three do not.
+    let srv = server(Setup {
+        max_batch: 4,
+        kv_budget: 3 << 19,
+        ..Setup::default()
+    });
+    let addr = srv.addr();
+    let run = |n: usize| {
+        json!({"n": n, "k": 1, "rounds": 1, "tail_tokens": 4, "think_budget": 4,
+               "answer_regex": "(\\S+)\\s*$"})
+    };
+    let r = post(addr, "/v1/chat/completions", &reason_body(run(1), 3, false));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r = post(addr, "/v1/chat/completions", &reason_body(run(3), 3, false));
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    let e = r.json();
+    assert_eq!(e["error"]["code"], "kv_budget_exceeded");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("3 traces"),
+        "{e}"
+    );
+    let r = post(addr, "/v1/chat/completions", &reason_body(run(5), 3, false));
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["code"], "max_batch_exceeded");
+    assert_eq!(metric(addr, "edgediff_kv_bytes_in_use"), 0.0);
+    assert_eq!(metric(addr, "edgediff_sequences_running"), 0.0);
+
+    // Two slots, one held by a request: a run of 2 traces waits in the queue (counted in its
+    // depth), the next finds the queue full (429); when the slot frees, the run is admitted round
+    // by round and completes, its passes counted with everyone's.
+    let srv = server(Setup {
+        max_batch: 2,
+        max_queue: 1,
+        ..Setup::default()
+    });
+    let addr = srv.addr();
+    let running = long_stream(addr);
+    let queued = send(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        reason_body(run(2), 3, false).to_string().as_bytes(),
+    );
+    wait_metric(addr, "edgediff_queue_depth", 1.0, Duration::from_secs(10));
+    assert_eq!(metric(addr, "edgediff_sequences_running"), 1.0);
+    let r = post(addr, "/v1/chat/completions", &reason_body(run(2), 3, false));
+    assert_eq!(r.status, 429, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("retry-after"), Some("1"));
+    drop(running);
+    let r = read_reply(queued);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert_eq!(v["edgediff"]["traces"], 4);
+    wait_metric(
+        addr,
+        "edgediff_sequences_running",
+        0.0,
+        Duration::from_secs(10),
+    );
+    assert_eq!(metric(addr, "edgediff_kv_bytes_in_use"), 0.0);
+    let passes = v["edgediff"]["forward_passes"].as_f64().unwrap();
+    assert!(metric(addr, "edgediff_forward_passes_total") >= passes);
+    let tokens = v["usage"]["completion_tokens"].as_f64().unwrap();
+    assert!(metric(addr, "edgediff_completion_tokens_total") >= tokens);
+}
+
+#[test]
+fn a_reason_client_that_disconnects_cancels_the_run() {
+    let srv = server(Setup::default());
+    let addr = srv.addr();
+    // Long enough to be mid-run when the client leaves: 4 rounds of 2 traces of up to 330 tokens.
+    let reason = json!({"n": 2, "k": 2, "rounds": 3, "tail_tokens": 64, "think_budget": 200});
+    let s = send(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        reason_body(reason, 128, true).to_string().as_bytes(),
+    );
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    let mut texts = 0;
+    while texts < 3 {
+        line.clear();
+        assert!(r.read_line(&mut line).unwrap() > 0, "stream ended early");
+        texts += usize::from(line.contains("\"trace_text\""));
+    }
+    // Round 0's two traces hold two slots and their KV.
+    wait_metric(
+        addr,
+        "edgediff_sequences_running",
+        2.0,
+        Duration::from_secs(10),
+    );
+    assert!(metric(addr, "edgediff_kv_bytes_in_use") > 0.0);
+    drop(r);
+    drop(s);
+    // Counted when the run has returned, its leases (slots, KV) given back.
+    let took = wait_metric(
+        addr,
+        "edgediff_generations_cancelled_total",
+        1.0,
+        Duration::from_secs(20),
+    );
+    assert_eq!(metric(addr, "edgediff_sequences_running"), 0.0);
+    assert_eq!(metric(addr, "edgediff_kv_bytes_in_use"), 0.0);
+    // Cancelled, not finished: no reasoning run's tokens were counted.
+    assert_eq!(metric(addr, "edgediff_completion_tokens_total"), 0.0);
+    eprintln!("the disconnected run ended {took:?} after the client left");
 }

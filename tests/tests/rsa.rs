@@ -1,10 +1,12 @@
 //! Markovian RSA (`Engine::reason`) on a tiny synthetic model, CPU backend: the round structure and
 //! the carried tails token for token, the seeded choice of K parents, the KV cache measured from the
-//! backend's allocations and bounded whatever the number of rounds, and bad configurations as typed
-//! errors before anything is decoded.
+//! backend's allocations and bounded whatever the number of rounds, each round admitted by the
+//! run's gate for exactly its traces' positions, and bad configurations as typed errors before
+//! anything is decoded.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use edgediff::backend::cpu::CpuBackend;
 use edgediff::backend::kv_meter::KvMeter;
@@ -14,8 +16,8 @@ use edgediff::engine::{Engine, Prompt};
 use edgediff::format::{DType, EdmFile};
 use edgediff::model::Architecture;
 use edgediff::reason::{
-    paragraph_tail, tally, Extractor, ReasonError, ReasonEvent, RsaConfig, RsaOutput, Selection,
-    FALLBACK_END_OF_THINKING,
+    paragraph_tail, tally, Extractor, ReasonError, ReasonEvent, RoundGate, RoundLease, RsaConfig,
+    RsaOutput, Selection, FALLBACK_END_OF_THINKING,
 };
 use edgediff::synth::{self, SynthSpec};
 use edgediff::tokenizer::ChatMessage;
@@ -287,6 +289,105 @@ fn peak_kv_is_measured_and_bounded_whatever_the_rounds() {
     }
     // Four rounds need no more than the bound one round states.
     assert!(peaks[1].0 <= peaks[0].1, "{peaks:?}");
+}
+
+/// Records what each round asks for and how many leases are held.
+#[derive(Default)]
+struct RecordingGate {
+    asked: Mutex<Vec<(usize, Vec<usize>)>>,
+    held: Arc<AtomicUsize>,
+    refuse_round: Option<usize>,
+}
+
+struct Held(Arc<AtomicUsize>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl RoundGate for RecordingGate {
+    fn admit(&self, round: usize, positions: &[usize]) -> Result<RoundLease, ReasonError> {
+        self.asked.lock().unwrap().push((round, positions.to_vec()));
+        if self.refuse_round == Some(round) {
+            return Err(ReasonError::Cancelled);
+        }
+        self.held.fetch_add(1, Ordering::SeqCst);
+        Ok(Box::new(Held(self.held.clone())))
+    }
+}
+
+#[test]
+fn each_round_is_admitted_for_its_traces_positions_within_the_stated_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(dir.path());
+    let c = config(2);
+    let marker = e.tokenizer().encode(MARKER, false).unwrap().len();
+    let shape = e.reason_shape(QUERY, &c).unwrap();
+    let gate = RecordingGate::default();
+    let mut events = Vec::new();
+    let out = e
+        .reason_gated(QUERY, &c, &gate, &mut |ev| {
+            // A round decodes holding its lease, and has given it back when it is done.
+            let held = gate.held.load(Ordering::SeqCst);
+            match &ev {
+                ReasonEvent::RoundStarted { .. } | ReasonEvent::TraceStarted { .. } => {
+                    assert_eq!(held, 1, "{ev:?}")
+                }
+                ReasonEvent::RoundDone { .. } => assert_eq!(held, 0, "{ev:?}"),
+                _ => {}
+            }
+            events.push(ev);
+        })
+        .unwrap();
+    let asked = gate.asked.lock().unwrap().clone();
+    assert_eq!(asked.len(), out.rounds.len());
+    for (r, (round, positions)) in asked.iter().enumerate() {
+        assert_eq!(*round, r);
+        let want: Vec<usize> = out.rounds[r]
+            .traces
+            .iter()
+            .map(|t| t.prompt.len() + c.think_budget + marker + c.max_tokens)
+            .collect();
+        assert_eq!(positions, &want, "round {r}");
+        // Every trace really fits what was reserved for it.
+        for (t, &p) in out.rounds[r].traces.iter().zip(positions) {
+            assert!(t.prompt.len() + t.tokens.len() <= p);
+        }
+        assert!(positions.len() <= shape.largest.traces);
+        assert!(positions.iter().all(|&p| p <= shape.largest.positions));
+    }
+    assert_eq!(asked[0].1, vec![shape.first.positions; shape.first.traces]);
+    // The same run ungated: the gate changes when rounds decode, not what they decode.
+    // (Traces' events interleave as their threads run; the rounds' own events do not.)
+    let (plain, plain_events) = run(&e, &c);
+    assert_eq!(plain.rounds, out.rounds);
+    let rounds_only = |v: &[ReasonEvent]| -> Vec<ReasonEvent> {
+        v.iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    ReasonEvent::RoundStarted { .. } | ReasonEvent::RoundDone { .. }
+                )
+            })
+            .cloned()
+            .collect()
+    };
+    assert_eq!(rounds_only(&plain_events), rounds_only(&events));
+
+    // A round the gate does not admit ends the run before it decodes anything more.
+    let gate = RecordingGate {
+        refuse_round: Some(1),
+        ..RecordingGate::default()
+    };
+    let mut rounds_started = 0;
+    let r = e.reason_gated(QUERY, &c, &gate, &mut |ev| {
+        rounds_started += usize::from(matches!(ev, ReasonEvent::RoundStarted { .. }))
+    });
+    assert!(matches!(r, Err(ReasonError::Cancelled)), "{r:?}");
+    assert_eq!(rounds_started, 1);
+    assert_eq!(gate.held.load(Ordering::SeqCst), 0);
 }
 
 #[test]

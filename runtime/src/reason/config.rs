@@ -102,6 +102,9 @@ pub enum ReasonError {
     EmptyMarker(String),
     #[error("cancelled")]
     Cancelled,
+    /// A round was not given room to decode (the server's scheduler refused it).
+    #[error("a round was not admitted: {0}")]
+    Refused(String),
     #[error(transparent)]
     Engine(#[from] EngineError),
 }

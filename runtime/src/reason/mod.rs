@@ -13,6 +13,9 @@
 //!   but token ids, so the KV a trace needs is bounded by prompt + K·τ + β + answer whatever T is,
 //!   and a round's (its N traces decode together on the batched engine) by N times that. The
 //!   bytes reported are the backends' own allocations ([`crate::backend::kv_meter`]).
+//! - Admission: before a round decodes, a [`RoundGate`] is asked for room for its traces (the
+//!   server's scheduler: slots and the KV budget; [`Ungated`] for a library run), and the room goes
+//!   back when the round's caches are freed.
 //!
 //! End of thinking: the model's `</think>` when its vocabulary has that token or its chat template
 //! writes it; models without one (the default model, SmolLM2) get [`FALLBACK_END_OF_THINKING`]
@@ -23,6 +26,7 @@
 
 mod answer;
 mod config;
+mod gate;
 mod prompt;
 mod tail;
 mod traces;
@@ -32,6 +36,7 @@ use std::time::{Duration, Instant};
 
 pub use answer::{normalise, tally, Extractor, Vote};
 pub use config::{ReasonError, RsaConfig, Selection};
+pub use gate::{ReasonShape, RoundGate, RoundLease, RoundShape, Ungated};
 pub use prompt::AGGREGATION_INSTRUCTION;
 pub use tail::{paragraph_tail, tail_start};
 
@@ -180,20 +185,35 @@ impl<B: Backend> Engine<B> {
         Ok(ids)
     }
 
-    /// Runs Markovian RSA on `query` (one user turn through the chat template), streaming
-    /// [`ReasonEvent`]s. A round's traces decode together, their passes batched. Bad
-    /// configurations are typed errors before anything is decoded; `config.decoding`'s cancel
-    /// token ends the run with [`ReasonError::Cancelled`].
-    pub fn reason(
+    /// What a run of `config` on `query` will ask of its [`RoundGate`]: round 0's traces and the
+    /// largest round's, checked against the context (bad configurations are the same typed errors
+    /// [`Engine::reason`] gives, before anything is decoded).
+    pub fn reason_shape(
         &self,
         query: &str,
         config: &RsaConfig,
-        on_event: &mut dyn FnMut(ReasonEvent),
-    ) -> Result<RsaOutput, ReasonError>
-    where
-        Self: Sync,
-    {
-        let started = Instant::now();
+    ) -> Result<ReasonShape, ReasonError> {
+        let run = self.plan_run(query, config)?;
+        let per_trace = config.think_budget + run.marker.len() + config.max_tokens;
+        let first = RoundShape {
+            traces: config.n,
+            positions: run.query_ids.len() + per_trace,
+        };
+        let longest_aggregation = run.aggregation.as_ref().map_or(0, |a| {
+            a.fixed_len() + config.k * config.tail_tokens + per_trace
+        });
+        Ok(ReasonShape {
+            first,
+            largest: RoundShape {
+                traces: config.n,
+                positions: first.positions.max(longest_aggregation),
+            },
+        })
+    }
+
+    /// Checks `config` and builds what every round needs: the marker, round 0's prompt, the
+    /// aggregation prompt's fixed parts.
+    fn plan_run(&self, query: &str, config: &RsaConfig) -> Result<RunPlan, ReasonError> {
         config.validate()?;
         let marker = self.end_of_thinking(config)?;
         let context = self.config().max_position;
@@ -208,6 +228,48 @@ impl<B: Backend> Engine<B> {
             } else {
                 None
             };
+        Ok(RunPlan {
+            marker,
+            query_ids,
+            aggregation,
+        })
+    }
+
+    /// Runs Markovian RSA on `query` (one user turn through the chat template), streaming
+    /// [`ReasonEvent`]s. A round's traces decode together, their passes batched. Bad
+    /// configurations are typed errors before anything is decoded; `config.decoding`'s cancel
+    /// token ends the run with [`ReasonError::Cancelled`].
+    pub fn reason(
+        &self,
+        query: &str,
+        config: &RsaConfig,
+        on_event: &mut dyn FnMut(ReasonEvent),
+    ) -> Result<RsaOutput, ReasonError>
+    where
+        Self: Sync,
+    {
+        self.reason_gated(query, config, &Ungated, on_event)
+    }
+
+    /// [`Engine::reason`] with each round admitted by `gate` before it decodes (the server's
+    /// scheduler: slots and the KV budget); the round's lease is given back once its caches are
+    /// freed.
+    pub fn reason_gated(
+        &self,
+        query: &str,
+        config: &RsaConfig,
+        gate: &dyn RoundGate,
+        on_event: &mut dyn FnMut(ReasonEvent),
+    ) -> Result<RsaOutput, ReasonError>
+    where
+        Self: Sync,
+    {
+        let started = Instant::now();
+        let RunPlan {
+            marker,
+            query_ids,
+            aggregation,
+        } = self.plan_run(query, config)?;
         let base = config
             .decoding
             .clone()
@@ -260,6 +322,9 @@ impl<B: Backend> Engine<B> {
                     _ => unreachable!("aggregation rounds follow round 0 with their prompt built"),
                 }
             }
+            let per_trace = config.think_budget + marker.len() + config.max_tokens;
+            let positions: Vec<usize> = prompts.iter().map(|p| p.ids.len() + per_trace).collect();
+            let lease = gate.admit(round, &positions)?;
             on_event(ReasonEvent::RoundStarted {
                 round,
                 traces: width,
@@ -298,6 +363,8 @@ impl<B: Backend> Engine<B> {
                     }
                 })
             });
+            // Every trace's cache is freed when its decoding thread ends: the room goes back.
+            drop(lease);
             let decoded = decoded?;
             if let Some(e) = failure {
                 return Err(e);
@@ -371,7 +438,40 @@ impl<B: Backend> Engine<B> {
     }
 }
 
+/// What [`Engine::plan_run`] checked and built.
+struct RunPlan {
+    marker: Vec<u32>,
+    query_ids: Vec<u32>,
+    aggregation: Option<AggregationPrompt>,
+}
+
 impl LoadedEngine {
+    /// [`Engine::reason_gated`] on whichever backend was loaded.
+    pub fn reason_gated(
+        &self,
+        query: &str,
+        config: &RsaConfig,
+        gate: &dyn RoundGate,
+        on_event: &mut dyn FnMut(ReasonEvent),
+    ) -> Result<RsaOutput, ReasonError> {
+        match self {
+            LoadedEngine::Cpu(e) => e.reason_gated(query, config, gate, on_event),
+            LoadedEngine::Gpu(e) => e.reason_gated(query, config, gate, on_event),
+        }
+    }
+
+    /// [`Engine::reason_shape`] on whichever backend was loaded.
+    pub fn reason_shape(
+        &self,
+        query: &str,
+        config: &RsaConfig,
+    ) -> Result<ReasonShape, ReasonError> {
+        match self {
+            LoadedEngine::Cpu(e) => e.reason_shape(query, config),
+            LoadedEngine::Gpu(e) => e.reason_shape(query, config),
+        }
+    }
+
     /// [`Engine::reason`] on whichever backend was loaded.
     pub fn reason(
         &self,

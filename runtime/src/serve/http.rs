@@ -60,7 +60,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn now_secs() -> u64 {
+pub(super) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -115,7 +115,7 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("the body is not a valid request: {e}"), None))
 }
 
-fn rejection(r: Rejection) -> ApiError {
+pub(super) fn rejection(r: Rejection) -> ApiError {
     match r {
         Rejection::QueueFull => ApiError {
             retry_after: Some(1),
@@ -134,6 +134,14 @@ fn rejection(r: Rejection) -> ApiError {
             Some("max_tokens"),
         )
         .with_code("kv_budget_exceeded"),
+        Rejection::TooWide { traces, max_batch } => ApiError::bad_request(
+            format!(
+                "a round of {traces} reasoning traces needs {traces} sequences at once, more \
+                 than the server runs (--max-batch {max_batch}); ask for a smaller n"
+            ),
+            Some("edgediff"),
+        )
+        .with_code("max_batch_exceeded"),
         Rejection::Closed => ApiError {
             retry_after: Some(5),
             ..ApiError::new(503, "server_error", "the server is shutting down")
@@ -189,7 +197,7 @@ async fn generate(
         Err(r) => return body_error(r).into_response(),
     };
     if endpoint == Endpoint::Chat && super::reason::requested(&body) {
-        return super::reason::chat(s, body).await;
+        return super::reason::chat(s, body, arrived).await;
     }
     // Tokenizing and templating a long prompt is CPU work: off the async workers.
     let state = s.clone();
@@ -230,7 +238,7 @@ async fn generate(
 }
 
 /// A request id: unique enough to tell requests apart in logs.
-fn rand_id() -> u64 {
+pub(super) fn rand_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(

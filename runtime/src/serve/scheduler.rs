@@ -17,6 +17,13 @@
 //! allow that, `Backend::batch_class`), and the sampler's RNG and the cache are the sequence's
 //! own. A cancelled sequence stops before its next pass (a pass already queued runs, one pass at
 //! most).
+//!
+//! **Reasoning runs** (`"edgediff": {"reason": …}`) are admitted a round at a time
+//! ([`Scheduler::submit_round`]): a round of N traces takes N slots and the KV of its N caches,
+//! waits in the same queue as requests, and holds its [`Lease`] while it decodes; between rounds
+//! the room goes back and the next round queues again (behind whatever arrived meanwhile, but not
+//! refused for a full queue: the run was admitted once). Its traces' passes go to the same pass
+//! batcher.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -62,6 +69,8 @@ pub enum Rejection {
     QueueFull,
     /// The request's KV cache alone is larger than the whole budget.
     TooLarge { need: u64, budget: u64 },
+    /// A reasoning round has more traces than `max_batch` sequences can ever run at once.
+    TooWide { traces: usize, max_batch: usize },
     /// The server is shutting down.
     Closed,
 }
@@ -99,11 +108,74 @@ struct State {
 
 struct Job {
     id: u64,
-    request: GenerationRequest,
+    /// Sequence slots: 1 for a request, N for a reasoning round.
+    width: usize,
     kv: u64,
     arrived: Instant,
     cancel: CancelToken,
-    events: mpsc::UnboundedSender<JobEvent>,
+    work: Work,
+}
+
+enum Work {
+    /// A request: the scheduler runs it on a thread of its own.
+    Generate {
+        request: GenerationRequest,
+        events: mpsc::UnboundedSender<JobEvent>,
+    },
+    /// A reasoning round: admission hands its waiting run a [`Lease`]; the run decodes.
+    Round(std::sync::mpsc::Sender<Lease>),
+}
+
+/// The room (slots and KV) a reasoning round holds while it decodes; dropping it gives the room
+/// back and admits from the queue.
+pub struct Lease {
+    inner: Arc<Inner>,
+    id: u64,
+    width: usize,
+    kv: u64,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.inner.release(self.id, self.width, self.kv);
+    }
+}
+
+/// A queued reasoning round ([`Scheduler::submit_round`]); dropping it before it is admitted
+/// takes it out of the queue.
+pub struct RoundTicket {
+    id: u64,
+    inner: Arc<Inner>,
+    cancel: CancelToken,
+    admitted: std::sync::mpsc::Receiver<Lease>,
+}
+
+impl RoundTicket {
+    /// Blocks until the round is admitted; `None` when the run's cancel token fires first or the
+    /// server closes.
+    pub fn wait(self) -> Option<Lease> {
+        loop {
+            match self.admitted.recv_timeout(Duration::from_millis(20)) {
+                Ok(lease) => return Some(lease),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return None,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if self.cancel.is_cancelled() {
+                        // Drop takes it out of the queue; a lease granted meanwhile is dropped
+                        // with the receiver, which gives its room back.
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for RoundTicket {
+    fn drop(&mut self) {
+        if self.inner.withdraw(self.id) {
+            self.inner.metrics.cancelled.add(1);
+        }
+    }
 }
 
 /// A submitted request: its events, and its cancellation when dropped before the end (the client
@@ -178,46 +250,71 @@ impl Scheduler {
         let cancel = CancelToken::new();
         request.decoding.cancel = Some(cancel.clone());
         let (tx, rx) = mpsc::unbounded_channel();
-        let (id, start) = {
-            let mut st = lock(&inner.state);
-            if st.closed {
-                return Err(Rejection::Closed);
-            }
-            if kv > inner.limits.kv_budget {
-                return Err(Rejection::TooLarge {
-                    need: kv,
-                    budget: inner.limits.kv_budget,
-                });
-            }
-            let id = st.next_id;
-            st.next_id += 1;
-            let job = Job {
-                id,
-                request,
-                kv,
-                arrived,
-                cancel: cancel.clone(),
-                events: tx,
-            };
-            if st.queue.is_empty() && inner.fits(&st, kv) {
-                (id, Some(inner.reserve(&mut st, job)))
-            } else if st.queue.len() >= inner.limits.max_queue {
-                inner.metrics.rejected_queue_full.add(1);
-                return Err(Rejection::QueueFull);
-            } else {
-                st.queue.push_back(job);
-                (id, None)
-            }
+        let work = Work::Generate {
+            request,
+            events: tx,
         };
-        if let Some(job) = start {
-            Inner::spawn(inner.clone(), job);
-        }
+        let id = inner.enqueue(1, kv, arrived, cancel.clone(), work, true)?;
         Ok(JobHandle {
             id,
             cancel,
             inner: inner.clone(),
             events: rx,
             finished: false,
+        })
+    }
+
+    /// Whether a reasoning round of `traces` traces of `positions` KV positions each could ever
+    /// be admitted (`max_batch` slots, the KV budget).
+    pub fn check_round(&self, traces: usize, positions: usize) -> Result<(), Rejection> {
+        let limits = self.inner.limits;
+        if traces > limits.max_batch {
+            return Err(Rejection::TooWide {
+                traces,
+                max_batch: limits.max_batch,
+            });
+        }
+        let need = kv_bytes(self.inner.engine.config(), positions).saturating_mul(traces as u64);
+        if need > limits.kv_budget {
+            return Err(Rejection::TooLarge {
+                need,
+                budget: limits.kv_budget,
+            });
+        }
+        Ok(())
+    }
+
+    /// Queues a reasoning round whose traces need `positions` KV positions each; it is admitted
+    /// like a request of that many sequences ([`RoundTicket::wait`] returns its [`Lease`]).
+    /// `first`: the run's round 0, refused when the queue is full; later rounds of an admitted
+    /// run always queue. `cancel` is the run's: it stops the wait, and closing the server fires it.
+    pub fn submit_round(
+        &self,
+        positions: &[usize],
+        cancel: &CancelToken,
+        arrived: Instant,
+        first: bool,
+    ) -> Result<RoundTicket, Rejection> {
+        let inner = &self.inner;
+        let config = inner.engine.config();
+        let kv = positions
+            .iter()
+            .map(|&p| kv_bytes(config, p))
+            .fold(0u64, u64::saturating_add);
+        let width = positions.len();
+        if width > inner.limits.max_batch {
+            return Err(Rejection::TooWide {
+                traces: width,
+                max_batch: inner.limits.max_batch,
+            });
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let id = inner.enqueue(width, kv, arrived, cancel.clone(), Work::Round(tx), first)?;
+        Ok(RoundTicket {
+            id,
+            inner: inner.clone(),
+            cancel: cancel.clone(),
+            admitted: rx,
         })
     }
 
@@ -242,7 +339,10 @@ impl Scheduler {
             (std::mem::take(&mut st.queue), st.live.clone())
         };
         for job in queued {
-            let _ = job.events.send(JobEvent::Done(Ok(cancelled_output())));
+            // A queued round's run sees its ticket's sender gone and ends as cancelled.
+            if let Work::Generate { events, .. } = job.work {
+                let _ = events.send(JobEvent::Done(Ok(cancelled_output())));
+            }
         }
         for (_, c) in live {
             c.cancel();
@@ -283,29 +383,78 @@ fn cancelled_output() -> GenerationOutput {
 }
 
 impl Inner {
-    fn fits(&self, st: &State, kv: u64) -> bool {
-        st.running < self.limits.max_batch
+    fn fits(&self, st: &State, width: usize, kv: u64) -> bool {
+        st.running + width <= self.limits.max_batch
             && st.kv_in_use.saturating_add(kv) <= self.limits.kv_budget
     }
 
-    /// Counts `job` as running; the caller spawns it after releasing the lock.
+    /// Starts `work` now if it fits and nothing waits before it, else queues it (refused when the
+    /// queue is full and `limit_queue`). Returns its id.
+    fn enqueue(
+        self: &Arc<Self>,
+        width: usize,
+        kv: u64,
+        arrived: Instant,
+        cancel: CancelToken,
+        work: Work,
+        limit_queue: bool,
+    ) -> Result<u64, Rejection> {
+        let (id, start) = {
+            let mut st = lock(&self.state);
+            if st.closed {
+                return Err(Rejection::Closed);
+            }
+            if kv > self.limits.kv_budget {
+                return Err(Rejection::TooLarge {
+                    need: kv,
+                    budget: self.limits.kv_budget,
+                });
+            }
+            let id = st.next_id;
+            st.next_id += 1;
+            let job = Job {
+                id,
+                width,
+                kv,
+                arrived,
+                cancel,
+                work,
+            };
+            if st.queue.is_empty() && self.fits(&st, width, kv) {
+                (id, Some(self.reserve(&mut st, job)))
+            } else if limit_queue && st.queue.len() >= self.limits.max_queue {
+                self.metrics.rejected_queue_full.add(1);
+                return Err(Rejection::QueueFull);
+            } else {
+                st.queue.push_back(job);
+                (id, None)
+            }
+        };
+        if let Some(job) = start {
+            Inner::start(self.clone(), job);
+        }
+        Ok(id)
+    }
+
+    /// Counts `job` as running; the caller starts it after releasing the lock.
     fn reserve(&self, st: &mut State, job: Job) -> Job {
-        st.running += 1;
+        st.running += job.width;
         st.kv_in_use += job.kv;
         st.live.push((job.id, job.cancel.clone()));
         job
     }
 
-    /// A sequence ended: free its slot and KV, admit what now fits from the queue's head.
-    fn release(self: &Arc<Self>, id: u64, kv: u64) {
+    /// A sequence (or a reasoning round) ended: free its slots and KV, admit what now fits from
+    /// the queue's head.
+    fn release(self: &Arc<Self>, id: u64, width: usize, kv: u64) {
         let start = {
             let mut st = lock(&self.state);
-            st.running -= 1;
+            st.running -= width;
             st.kv_in_use -= kv;
             st.live.retain(|(i, _)| *i != id);
             let mut start = Vec::new();
             while let Some(head) = st.queue.front() {
-                if !self.fits(&st, head.kv) {
+                if !self.fits(&st, head.width, head.kv) {
                     break;
                 }
                 let job = st.queue.pop_front().expect("front exists");
@@ -314,59 +463,82 @@ impl Inner {
             start
         };
         for job in start {
-            Inner::spawn(self.clone(), job);
+            Inner::start(self.clone(), job);
         }
+    }
+
+    /// Takes job `id` out of the queue; whether it was there.
+    fn withdraw(&self, id: u64) -> bool {
+        let mut st = lock(&self.state);
+        let before = st.queue.len();
+        st.queue.retain(|j| j.id != id);
+        before != st.queue.len()
     }
 
     /// The client of job `id` went away: drop it from the queue, or stop its generation.
     fn cancel(&self, id: u64, token: &CancelToken) {
         token.cancel();
-        let removed = {
-            let mut st = lock(&self.state);
-            let before = st.queue.len();
-            st.queue.retain(|j| j.id != id);
-            before != st.queue.len()
-        };
-        if removed {
+        if self.withdraw(id) {
             self.metrics.cancelled.add(1);
         }
     }
 
-    /// Runs `job` on a thread of its own until it ends, then releases its slot.
-    fn spawn(inner: Arc<Self>, job: Job) {
-        let (id, kv) = (job.id, job.kv);
+    /// An admitted job: a request runs on a thread of its own until it ends, then releases its
+    /// slot; a reasoning round's lease goes to its waiting run.
+    fn start(inner: Arc<Self>, job: Job) {
+        let (id, width, kv) = (job.id, job.width, job.kv);
         inner
             .metrics
             .queue_wait
             .observe_duration(job.arrived.elapsed());
-        let events = job.events.clone();
+        let (request, events) = match job.work {
+            Work::Generate { request, events } => (request, events),
+            Work::Round(admitted) => {
+                let lease = Lease {
+                    inner: inner.clone(),
+                    id,
+                    width,
+                    kv,
+                };
+                // A run that stopped waiting drops the lease here, which gives the room back.
+                let _ = admitted.send(lease);
+                return;
+            }
+        };
+        let failed = events.clone();
         let runner = inner.clone();
+        let arrived = job.arrived;
         let spawned = std::thread::Builder::new()
             .name(format!("edgediff-seq-{id}"))
-            .spawn(move || runner.run(job));
+            .spawn(move || runner.run(id, kv, arrived, request, events));
         if let Err(e) = spawned {
             tracing::error!("could not start a generation thread: {e}");
-            let _ = events.send(JobEvent::Crashed);
-            inner.release(id, kv);
+            let _ = failed.send(JobEvent::Crashed);
+            inner.release(id, width, kv);
         }
     }
 
-    fn run(self: Arc<Self>, job: Job) {
+    fn run(
+        self: Arc<Self>,
+        id: u64,
+        kv: u64,
+        arrived: Instant,
+        request: GenerationRequest,
+        events: mpsc::UnboundedSender<JobEvent>,
+    ) {
         let metrics = &self.metrics;
         let mut last_piece: Option<Instant> = None;
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            self.engine.generate_batched(&job.request, &mut |e| {
+            self.engine.generate_batched(&request, &mut |e| {
                 if let Event::Text(t) = e {
                     let now = Instant::now();
                     match last_piece {
-                        None => metrics
-                            .time_to_first_token
-                            .observe_duration(now - job.arrived),
+                        None => metrics.time_to_first_token.observe_duration(now - arrived),
                         Some(t0) => metrics.inter_token.observe_duration(now - t0),
                     }
                     last_piece = Some(now);
                     // A client that went away no longer listens; its cancel token stops us.
-                    let _ = job.events.send(JobEvent::Text(t));
+                    let _ = events.send(JobEvent::Text(t));
                 }
             })
         }));
@@ -382,12 +554,12 @@ impl Inner {
             }
             Ok(Err(e)) => JobEvent::Done(Err(e)),
             Err(_) => {
-                tracing::error!("generation {} panicked", job.id);
+                tracing::error!("generation {} panicked", id);
                 JobEvent::Crashed
             }
         };
         // Free the slot first: a client that has its answer finds the sequence gone.
-        self.release(job.id, job.kv);
-        let _ = job.events.send(event);
+        self.release(id, 1, kv);
+        let _ = events.send(event);
     }
 }

@@ -1294,6 +1294,51 @@ impl Backend for GpuBackend {
         })
     }
 
+    fn scale(&self, x: &mut GpuAct, s: f32) -> Result<()> {
+        ops::gemma::scale(self, x, s)
+    }
+
+    fn gated_mlp(
+        &self,
+        gate_up: &GpuWeight,
+        down: &GpuWeight,
+        x: &GpuAct,
+        act: crate::arch::Activation,
+    ) -> Result<GpuAct> {
+        ops::gemma::gated_mlp(self, gate_up, down, x, act)
+    }
+
+    fn route_scaled(
+        &self,
+        x: &GpuAct,
+        proj: &GpuWeight,
+        scale: &GpuWeight,
+        expert_scale: &GpuWeight,
+        p: super::ScaledRouterParams,
+    ) -> Result<GpuRouting> {
+        ops::gemma::route_scaled(self, x, proj, scale, expert_scale, p)
+    }
+
+    fn logits_softcap(
+        &self,
+        x: &GpuAct,
+        head: &GpuWeight,
+        rows: Range<usize>,
+        cap: f32,
+    ) -> Result<Vec<f32>> {
+        ops::gemma::logits_softcap(self, x, head, rows, cap)
+    }
+
+    fn lm_head_stats_softcap(
+        &self,
+        x: &GpuAct,
+        head: &GpuWeight,
+        rows: Range<usize>,
+        cap: f32,
+    ) -> Result<Vec<PositionStats>> {
+        ops::gemma::lm_head_stats_softcap(self, x, head, rows, cap)
+    }
+
     fn routing_to_host(&self, routing: &GpuRouting) -> Result<(Vec<u32>, Vec<f32>)> {
         let n = (routing.rows * routing.k * 4) as u64;
         self.with(|ctx| {

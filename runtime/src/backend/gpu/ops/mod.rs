@@ -8,6 +8,7 @@ pub mod denoise;
 pub mod elementwise;
 pub mod embed;
 pub mod embed_affine;
+pub mod gemma;
 pub mod matmul;
 pub mod moe;
 pub mod norm;
@@ -74,6 +75,10 @@ pub fn all_entries() -> Vec<(&'static Entry, usize)> {
             &embed_affine::EMBED_AFFINE,
             size_of::<scaled::ScaledParams>(),
         ),
+        (&gemma::SCALE, size_of::<gemma::GemmaParams>()),
+        (&gemma::GEGLU, size_of::<gemma::GemmaParams>()),
+        (&gemma::SOFTCAP, size_of::<gemma::GemmaParams>()),
+        (&gemma::EXPERT_SCALE, size_of::<gemma::GemmaParams>()),
         (&stats::PARTIAL, size_of::<stats::StatsParams>()),
         (&stats::MERGE, size_of::<stats::StatsParams>()),
         (&denoise::COMMIT, size_of::<denoise::CommitGpuParams>()),
