@@ -248,3 +248,38 @@ fn softcapped_logits_and_stats_match_the_cpu() {
         }
     }
 }
+
+/// Soft embeddings of the self-conditioning block: every weight type, a vocabulary of 300, 5
+/// rows; and with storage bindings capped at 16 KiB, so the table splits into row chunks and the
+/// logits go up in several row chunks.
+#[test]
+fn soft_embed_matches_the_cpu_whole_and_split() {
+    let (h, v, t) = (64, 300, 5);
+    let logits = random(90, t * v, 4.0);
+    for max_binding in [None, Some(16 << 10)] {
+        let gpus = backends(max_binding);
+        assert!(!gpus.is_empty() || edgediff::backend::gpu::testing::skip_requested());
+        for (i, &dt) in DTYPES.iter().enumerate() {
+            let table = random(91 + i as u64, v * h, 1.0);
+            let c = CpuBackend;
+            let want = c
+                .soft_embed(&logits, &weight(&c, dt, &[v, h], &table), 7.5)
+                .unwrap();
+            for (label, g) in &gpus {
+                let got = g
+                    .soft_embed(&logits, &weight(g, dt, &[v, h], &table), 7.5)
+                    .unwrap();
+                close(
+                    &format!("{label} {dt:?} binding {max_binding:?}"),
+                    &g.read_act(&got).unwrap(),
+                    &want.data,
+                    TOL,
+                );
+                assert!(matches!(
+                    g.soft_embed(&logits[1..], &weight(g, dt, &[v, h], &table), 1.0),
+                    Err(BackendError::Shape { .. })
+                ));
+            }
+        }
+    }
+}

@@ -16,6 +16,7 @@ pub mod rope;
 pub mod router;
 pub mod router_mlp;
 pub mod scaled;
+pub mod soft_embed;
 pub mod stats;
 
 use super::kernels::Entry;
@@ -79,6 +80,14 @@ pub fn all_entries() -> Vec<(&'static Entry, usize)> {
         (&gemma::GEGLU, size_of::<gemma::GemmaParams>()),
         (&gemma::SOFTCAP, size_of::<gemma::GemmaParams>()),
         (&gemma::EXPERT_SCALE, size_of::<gemma::GemmaParams>()),
+        (
+            &soft_embed::SOFT_MAX,
+            size_of::<soft_embed::SoftEmbedParams>(),
+        ),
+        (
+            &soft_embed::SOFT_EMBED,
+            size_of::<soft_embed::SoftEmbedParams>(),
+        ),
         (&stats::PARTIAL, size_of::<stats::StatsParams>()),
         (&stats::MERGE, size_of::<stats::StatsParams>()),
         (&denoise::COMMIT, size_of::<denoise::CommitGpuParams>()),
