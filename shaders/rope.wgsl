@@ -9,6 +9,10 @@
 //   norm weights and cos/sin before any arithmetic, keeps them in registers, and the rotation's
 //   partner elements come through shared memory.
 // qk_norm_rope_whole (norm 2): one workgroup of 64 per token, the whole projection's sum first.
+// qk_norm_rope_store / qk_norm_rope_whole_store: the same, and each token's finished k and v heads
+//   are also written to the layer's caches k_cache / v_cache [capacity][nkv·hd] at row start + t —
+//   the attention's K/V store folded in (the store kernels always run the v heads). The cache is
+//   only written here, never read, so binding it read_write costs nothing.
 // cos/sin come from a table [position][rot_half] of vec2 (cos, sin) computed on the host in f64:
 // an f32 angle pos·θ^(−2i/d) is off by ~1e-4 rad at position 8192, and GPU sin/cos of large
 // arguments are loose.
@@ -35,6 +39,8 @@ struct RopeParams {
 @group(0) @binding(2) var<storage, read> q_norm: array<f32>;
 @group(0) @binding(3) var<storage, read> k_norm: array<f32>;
 @group(0) @binding(4) var<storage, read> rope: array<vec2<f32>>;
+@group(0) @binding(5) var<storage, read_write> k_cache: array<f32>;
+@group(0) @binding(6) var<storage, read_write> v_cache: array<f32>;
 
 // Normalises qkv[base .. base + len) with weights starting at w0 of q_norm (q) or k_norm (k).
 fn norm_segment(base: u32, len: u32, is_q: bool, lane: Lane) {
@@ -52,10 +58,9 @@ fn norm_segment(base: u32, len: u32, is_q: bool, lane: Lane) {
 
 var<workgroup> head_sh: array<f32, 256>;
 
-@compute @workgroup_size(64)
-fn qk_norm_rope(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
-    let h = wid.x;
-    let t = wid.y;
+// Head h of token t after norm, clip and RoPE: element lid + 64·k in slot k. Also written back
+// to qkv by the caller.
+fn head_out(lane: Lane, h: u32, t: u32) -> array<f32, 4> {
     let lid = lane.id;
     let hd = p.hd;
     let rh = p.rot_half;
@@ -111,17 +116,50 @@ fn qk_norm_rope(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
             }
         }
     }
+    return x;
+}
+
+fn head_base(h: u32, t: u32) -> u32 {
+    return t * (p.nq + 2u * p.nkv) * p.hd + h * p.hd;
+}
+
+@compute @workgroup_size(64)
+fn qk_norm_rope(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
+    let x = head_out(lane, wid.x, wid.y);
+    let base = head_base(wid.x, wid.y);
     for (var k = 0u; k < 4u; k++) {
-        let i = lid + 64u * k;
-        if (i < hd) {
+        let i = lane.id + 64u * k;
+        if (i < p.hd) {
             qkv[base + i] = x[k];
         }
     }
 }
 
 @compute @workgroup_size(64)
-fn qk_norm_rope_whole(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
-    let t = wid.x;
+fn qk_norm_rope_store(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
+    let h = wid.x;
+    let t = wid.y;
+    let x = head_out(lane, h, t);
+    let base = head_base(h, t);
+    let kv_dim = p.nkv * p.hd;
+    // Heads nq.. are k heads, then v heads: (h − nq)·hd is the column in [k | v] of this row.
+    let col = (h - min(h, p.nq)) * p.hd;
+    let row = (p.start + t) * kv_dim;
+    for (var k = 0u; k < 4u; k++) {
+        let i = lane.id + 64u * k;
+        if (i < p.hd) {
+            qkv[base + i] = x[k];
+            if (h >= p.nq + p.nkv) {
+                v_cache[row + col - kv_dim + i] = x[k];
+            } else if (h >= p.nq) {
+                k_cache[row + col + i] = x[k];
+            }
+        }
+    }
+}
+
+// The whole-projection kernel's work on token t's row, in place.
+fn whole_row(lane: Lane, t: u32) {
     let qd = p.nq * p.hd;
     let kd = p.nkv * p.hd;
     let row = t * (qd + 2u * kd);
@@ -153,5 +191,26 @@ fn qk_norm_rope_whole(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
         let b = qkv[base + i + p.rot_half];
         qkv[base + i] = a * cs.x - b * cs.y;
         qkv[base + i + p.rot_half] = b * cs.x + a * cs.y;
+    }
+}
+
+@compute @workgroup_size(64)
+fn qk_norm_rope_whole(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
+    whole_row(lane, wid.x);
+}
+
+@compute @workgroup_size(64)
+fn qk_norm_rope_whole_store(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
+    let t = wid.x;
+    whole_row(lane, t);
+    // The rotation's pairs were written by other invocations.
+    storageBarrier();
+    workgroupBarrier();
+    let kv_dim = p.nkv * p.hd;
+    let src = t * (p.nq * p.hd + 2u * kv_dim) + p.nq * p.hd;
+    let dst = (p.start + t) * kv_dim;
+    for (var i = lane.id; i < kv_dim; i += 64u) {
+        k_cache[dst + i] = qkv[src + i];
+        v_cache[dst + i] = qkv[src + kv_dim + i];
     }
 }

@@ -449,6 +449,25 @@ pub trait Backend {
         kv_len: usize,
         mask: AttnMask,
     ) -> Result<Self::Act>;
+    /// One attention layer from its fused qkv rows: [`Backend::qk_norm_rope`] then
+    /// [`Backend::attention`] (same arguments, same results, the same K/V left in the cache). One
+    /// op so a backend can store the K/V from its RoPE kernel instead of a separate pass.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_attention(
+        &self,
+        qkv: &mut Self::Act,
+        q_norm: Option<&Self::Weight>,
+        k_norm: Option<&Self::Weight>,
+        kv: &mut Self::Kv,
+        layer: usize,
+        config: &ModelConfig,
+        start: usize,
+        kv_len: usize,
+        mask: AttnMask,
+    ) -> Result<Self::Act> {
+        self.qk_norm_rope(qkv, q_norm, k_norm, config, start)?;
+        self.attention(qkv, kv, layer, config, start, kv_len, mask)
+    }
     /// Router logits → top-k experts and weights per token.
     fn route(
         &self,

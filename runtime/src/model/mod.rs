@@ -676,21 +676,31 @@ impl<B: Backend> Model<B> {
             kv_len,
             mask,
         } = window;
-        match &layer.cca {
-            None => b.qk_norm_rope(qkv, layer.q_norm.as_ref(), layer.k_norm.as_ref(), c, start)?,
-            Some(w) => b.cca_qkv(
+        let Some(w) = &layer.cca else {
+            return Ok(b.rope_attention(
                 qkv,
-                CcaWeights {
-                    conv_dw: &w.conv_dw,
-                    conv_dw_bias: &w.conv_dw_bias,
-                    conv_grouped: &w.conv_grouped,
-                    conv_grouped_bias: &w.conv_grouped_bias,
-                    temp: &w.temp,
-                },
+                layer.q_norm.as_ref(),
+                layer.k_norm.as_ref(),
                 kv,
-                CcaParams::for_layer(c, l, start),
-            )?,
-        }
+                l,
+                c,
+                start,
+                kv_len,
+                mask,
+            )?);
+        };
+        b.cca_qkv(
+            qkv,
+            CcaWeights {
+                conv_dw: &w.conv_dw,
+                conv_dw_bias: &w.conv_dw_bias,
+                conv_grouped: &w.conv_grouped,
+                conv_grouped_bias: &w.conv_grouped_bias,
+                temp: &w.temp,
+            },
+            kv,
+            CcaParams::for_layer(c, l, start),
+        )?;
         Ok(b.attention(qkv, kv, l, c, start, kv_len, mask)?)
     }
 }

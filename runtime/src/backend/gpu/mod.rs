@@ -513,6 +513,30 @@ impl GpuBackend {
         Ok(())
     }
 
+    /// The RoPE kernel's norm code and its q / k norm vectors (dummies without a norm).
+    fn qk_norms(
+        &self,
+        op: &'static str,
+        q_norm: Option<&GpuWeight>,
+        k_norm: Option<&GpuWeight>,
+        c: &ModelConfig,
+    ) -> Result<(u32, Arc<GpuBuffer>, Arc<GpuBuffer>)> {
+        let bad = || shape_err(op, "q/k norm weight missing or misshapen".into());
+        let vec_of = |w: Option<&GpuWeight>, len: usize| -> Result<Arc<GpuBuffer>> {
+            match w {
+                Some(w) if w.cols * w.rows == len => {
+                    w.vector().map(|_| w.chunks[0].buf.clone()).ok_or_else(bad)
+                }
+                _ => Err(bad()),
+            }
+        };
+        Ok(match c.qk_norm {
+            QkNorm::None => (0, self.sh.dummies[0].clone(), self.sh.dummies[1].clone()),
+            QkNorm::PerHead => (1, vec_of(q_norm, c.head_dim)?, vec_of(k_norm, c.head_dim)?),
+            QkNorm::Whole => (2, vec_of(q_norm, c.q_dim())?, vec_of(k_norm, c.kv_dim())?),
+        })
+    }
+
     fn out_act(ctx: &mut Ctx, rows: usize, cols: usize) -> Result<GpuAct> {
         Ok(GpuAct {
             rows,
@@ -930,29 +954,57 @@ impl Backend for GpuBackend {
         start: usize,
     ) -> Result<()> {
         shapes::qkv("qk_norm_rope", qkv.cols, c)?;
-        let bad = || {
-            shape_err(
-                "qk_norm_rope",
-                "q/k norm weight missing or misshapen".into(),
-            )
-        };
-        let vec_of = |w: Option<&GpuWeight>, len: usize| -> Result<Arc<GpuBuffer>> {
-            match w {
-                Some(w) if w.cols * w.rows == len => {
-                    w.vector().map(|_| w.chunks[0].buf.clone()).ok_or_else(bad)
-                }
-                _ => Err(bad()),
-            }
-        };
-        let (norm, qn, kn) = match c.qk_norm {
-            QkNorm::None => (0, self.sh.dummies[0].clone(), self.sh.dummies[1].clone()),
-            QkNorm::PerHead => (1, vec_of(q_norm, c.head_dim)?, vec_of(k_norm, c.head_dim)?),
-            QkNorm::Whole => (2, vec_of(q_norm, c.q_dim())?, vec_of(k_norm, c.kv_dim())?),
-        };
+        let (norm, qn, kn) = self.qk_norms("qk_norm_rope", q_norm, k_norm, c)?;
         self.with(|ctx| {
             Ok(ops::rope::qk_norm_rope(
-                ctx, &qkv.buf, qkv.rows, &qn, &kn, norm, c, start,
+                ctx, &qkv.buf, qkv.rows, &qn, &kn, norm, c, start, None,
             )?)
+        })
+    }
+
+    fn rope_attention(
+        &self,
+        qkv: &mut GpuAct,
+        q_norm: Option<&GpuWeight>,
+        k_norm: Option<&GpuWeight>,
+        kv: &mut GpuKv,
+        layer: usize,
+        c: &ModelConfig,
+        start: usize,
+        kv_len: usize,
+        mask: AttnMask,
+    ) -> Result<GpuAct> {
+        shapes::qkv("rope_attention", qkv.cols, c)?;
+        let (norm, qn, kn) = self.qk_norms("rope_attention", q_norm, k_norm, c)?;
+        shapes::attention(
+            (qkv.rows, qkv.cols),
+            layer,
+            kv.k.len(),
+            c,
+            start,
+            kv_len,
+            kv.capacity,
+            mask,
+        )?;
+        let (t, k, v) = (qkv.rows, &kv.k[layer], &kv.v[layer]);
+        self.with(|ctx| {
+            ops::rope::qk_norm_rope(ctx, &qkv.buf, t, &qn, &kn, norm, c, start, Some((k, v)))?;
+            let out = Self::out_act(ctx, t, c.q_dim())?;
+            ops::attention::attention(
+                ctx,
+                &qkv.buf,
+                t,
+                k,
+                v,
+                &out.buf,
+                c,
+                start,
+                kv_len,
+                mask,
+                c.window_of(layer),
+                true,
+            )?;
+            Ok(out)
         })
     }
 
@@ -991,6 +1043,7 @@ impl Backend for GpuBackend {
                 kv_len,
                 mask,
                 c.window_of(layer),
+                false,
             )?;
             Ok(out)
         })

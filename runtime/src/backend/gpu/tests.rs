@@ -570,6 +570,83 @@ test_backends!(
     }
 );
 
+/// rope_attention stores the block's K/V from the RoPE kernel: one dispatch fewer than
+/// qk_norm_rope + attention, and the same q/k/v rows, output and cache contents, bit for bit, for
+/// every norm variant (the per-head kernel, the whole-projection one, clipped v heads, a head of
+/// 128 with partial RoPE) and on top of a cached prefix.
+#[test]
+fn rope_attention_stores_the_kv_from_the_rope_kernel() {
+    let cache = |b: &GpuBackend, kv: &super::GpuKv, c: &ModelConfig, rows: usize| {
+        let read = |buf: &Arc<super::GpuBuffer>| -> Vec<f32> {
+            let bytes = (rows * c.kv_dim() * 4) as u64;
+            let got = b.with(|ctx| Ok(ctx.read(&[(buf, 0, bytes)])?)).unwrap();
+            bytemuck::pod_collect_to_vec(&got[0])
+        };
+        let layer = 1;
+        (read(&kv.k[layer]), read(&kv.v[layer]))
+    };
+    for (name, b) in backends(None) {
+        let mut rng = Rng(40);
+        for (norm, hd, rd, clip, mask) in [
+            (QkNorm::PerHead, 20, 20, None, AttnMask::BlockCausal(4)),
+            (QkNorm::Whole, 20, 12, Some(0.8), AttnMask::Causal),
+            (QkNorm::None, 20, 20, Some(1.5), AttnMask::Bidirectional),
+            (QkNorm::PerHead, 128, 64, None, AttnMask::Causal),
+        ] {
+            let mut c = attn_config(norm, rd, clip);
+            c.head_dim = hd;
+            let (qn, kn) = match norm {
+                QkNorm::PerHead => (c.head_dim, c.head_dim),
+                _ => (c.q_dim(), c.kv_dim()),
+            };
+            let qw = weight(&b, DType::F32, &[qn], &rng.vec(qn, 1.0));
+            let kw = weight(&b, DType::F32, &[kn], &rng.vec(kn, 1.0));
+            let (q, k) = match norm {
+                QkNorm::None => (None, None),
+                _ => (Some(&qw), Some(&kw)),
+            };
+            let what = format!("{name} {norm:?} hd{hd} clip{clip:?} {mask:?}");
+            let mut fused_kv = b.new_kv(&c, 64).unwrap();
+            let mut apart_kv = b.new_kv(&c, 64).unwrap();
+            // A 21-position prefix, then a 6-position block on top of it.
+            for (start, t) in [(0, 21), (21, 6)] {
+                let data = rng.vec(t * c.qkv_dim(), 2.0);
+                let mut fused_qkv = b.put(t, c.qkv_dim(), &data);
+                let mut apart_qkv = b.put(t, c.qkv_dim(), &data);
+                let d0 = b.dispatches();
+                let fused = b
+                    .rope_attention(
+                        &mut fused_qkv,
+                        q,
+                        k,
+                        &mut fused_kv,
+                        1,
+                        &c,
+                        start,
+                        start + t,
+                        mask,
+                    )
+                    .unwrap();
+                let d1 = b.dispatches();
+                b.qk_norm_rope(&mut apart_qkv, q, k, &c, start).unwrap();
+                let apart = b
+                    .attention(&apart_qkv, &mut apart_kv, 1, &c, start, start + t, mask)
+                    .unwrap();
+                let d2 = b.dispatches();
+                assert_eq!((d2 - d1) - (d1 - d0), 1, "{what} {start}: dispatches");
+                assert_eq!(b.get(&fused_qkv), b.get(&apart_qkv), "{what} {start}: qkv");
+                assert_eq!(b.get(&fused), b.get(&apart), "{what} {start}: output");
+                let end = start + t;
+                assert_eq!(
+                    cache(&b, &fused_kv, &c, end),
+                    cache(&b, &apart_kv, &c, end),
+                    "{what} {start}: K/V"
+                );
+            }
+        }
+    }
+}
+
 fn router_config(gating: Gating, experts: usize, top_k: usize) -> ModelConfig {
     let mut c = attn_config(QkNorm::PerHead, 20, None);
     c.moe.num_experts = experts;

@@ -129,7 +129,8 @@ fn use_gqa(ctx: &Ctx, c: &ModelConfig) -> bool {
 /// The largest head the kernel holds (4 dims per invocation of 64).
 pub const MAX_HEAD_DIM: usize = 256;
 
-/// Writes the block's K/V into the layer caches, then attends; `out` is [T, nq·hd].
+/// Writes the block's K/V into the layer caches (unless `stored`: the RoPE kernel already did),
+/// then attends; `out` is [T, nq·hd].
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     ctx: &mut Ctx,
@@ -143,6 +144,7 @@ pub fn attention(
     kv_len: usize,
     mask: AttnMask,
     window: Option<usize>,
+    stored: bool,
 ) -> Result<(), GpuError> {
     if c.head_dim > MAX_HEAD_DIM {
         return Err(GpuError::Unsupported(format!(
@@ -179,14 +181,16 @@ pub fn attention(
         window: window.unwrap_or(0) as u32,
         _pad: [0; 3],
     };
-    ctx.dispatch(
-        &KV_STORE,
-        0,
-        &p,
-        None,
-        &[qkv, k_cache, v_cache],
-        Grid::Linear(((rows * kv_dim) as u64).div_ceil(64)),
-    )?;
+    if !stored {
+        ctx.dispatch(
+            &KV_STORE,
+            0,
+            &p,
+            None,
+            &[qkv, k_cache, v_cache],
+            Grid::Linear(((rows * kv_dim) as u64).div_ceil(64)),
+        )?;
+    }
     if gqa {
         let slots = (rows * c.num_heads * splits) as u64;
         let groups = Grid::Linear(slots.div_ceil(8));

@@ -39,6 +39,35 @@ pub static QK_NORM_ROPE_WHOLE: Entry = Entry {
     params: "RopeParams",
 };
 
+pub static QK_NORM_ROPE_STORE: Entry = Entry {
+    file: "rope.wgsl",
+    name: "qk_norm_rope_store",
+    bindings: &[
+        (0, Params),
+        (1, ReadWrite),
+        (2, Read),
+        (3, Read),
+        (4, Read),
+        (5, ReadWrite),
+        (6, ReadWrite),
+    ],
+    params: "RopeParams",
+};
+pub static QK_NORM_ROPE_WHOLE_STORE: Entry = Entry {
+    file: "rope.wgsl",
+    name: "qk_norm_rope_whole_store",
+    bindings: &[
+        (0, Params),
+        (1, ReadWrite),
+        (2, Read),
+        (3, Read),
+        (4, Read),
+        (5, ReadWrite),
+        (6, ReadWrite),
+    ],
+    params: "RopeParams",
+};
+
 /// The per-head kernel keeps a head in registers and shared memory of this many elements.
 pub const MAX_HEAD_DIM: usize = 256;
 
@@ -107,7 +136,9 @@ pub fn table_for(
     Ok(buf)
 }
 
-/// Norm code of the kernel: 0 none, 1 per head, 2 whole projection.
+/// Norm code of the kernel: 0 none, 1 per head, 2 whole projection. With `cache` (the layer's K
+/// and V caches) the kernel also stores the block's finished k and v rows at `start..` — what
+/// attention's kv_store would do, without its dispatch.
 #[allow(clippy::too_many_arguments)]
 pub fn qk_norm_rope(
     ctx: &mut Ctx,
@@ -118,6 +149,7 @@ pub fn qk_norm_rope(
     norm: u32,
     c: &ModelConfig,
     start: usize,
+    cache: Option<(&GpuBuffer, &GpuBuffer)>,
 ) -> Result<(), GpuError> {
     let rope = table(ctx, c, start + rows)?;
     let p = RopeParams {
@@ -134,14 +166,25 @@ pub fn qk_norm_rope(
         _pad: [0; 2],
     };
     if norm == 2 {
-        return ctx.dispatch(
-            &QK_NORM_ROPE_WHOLE,
-            0,
-            &p,
-            None,
-            &[qkv, q_norm, k_norm, &rope],
-            Grid::Groups(rows as u32, 1, 1),
-        );
+        let grid = Grid::Groups(rows as u32, 1, 1);
+        return match cache {
+            Some((k, v)) => ctx.dispatch(
+                &QK_NORM_ROPE_WHOLE_STORE,
+                0,
+                &p,
+                None,
+                &[qkv, q_norm, k_norm, &rope, k, v],
+                grid,
+            ),
+            None => ctx.dispatch(
+                &QK_NORM_ROPE_WHOLE,
+                0,
+                &p,
+                None,
+                &[qkv, q_norm, k_norm, &rope],
+                grid,
+            ),
+        };
     }
     if c.head_dim > MAX_HEAD_DIM {
         return Err(GpuError::Unsupported(format!(
@@ -149,7 +192,19 @@ pub fn qk_norm_rope(
             c.head_dim
         )));
     }
-    // One workgroup per (head, token): q and k heads, and the v heads only when they are clipped.
+    // One workgroup per (head, token): q and k heads, and the v heads when they are clipped or
+    // stored.
+    if let Some((k, v)) = cache {
+        let heads = c.num_heads + 2 * c.num_kv_heads;
+        return ctx.dispatch(
+            &QK_NORM_ROPE_STORE,
+            0,
+            &p,
+            None,
+            &[qkv, q_norm, k_norm, &rope, k, v],
+            Grid::Groups(heads as u32, rows as u32, 1),
+        );
+    }
     let heads = c.num_heads + c.num_kv_heads * (1 + c.clip_qkv.is_some() as usize);
     ctx.dispatch(
         &QK_NORM_ROPE,
