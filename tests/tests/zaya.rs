@@ -178,6 +178,7 @@ fn params(decoder: DecoderKind, prediction: Prediction, max_new: usize) -> Decod
         cancel: None,
         canvas_events: false,
         block_experts: None,
+        device_steps: Default::default(),
     }
 }
 

@@ -698,8 +698,14 @@ pub trait Backend {
     ) -> Result<CanvasState> {
         Err(self.unsupported("read_canvas"))
     }
-    /// [`Backend::embed`] of the canvas's input ids, read where the canvas lives.
-    fn embed_canvas(&self, _table: &Self::Weight, _canvas: &Self::Canvas) -> Result<Self::Act> {
+    /// [`Backend::embed`] of the canvas's input ids, read where the canvas lives; the canvas must
+    /// have `t` cells.
+    fn embed_canvas(
+        &self,
+        _table: &Self::Weight,
+        _canvas: &Self::Canvas,
+        _t: usize,
+    ) -> Result<Self::Act> {
         Err(self.unsupported("embed_canvas"))
     }
     /// [`Backend::lm_head_stats`] left where it was computed, for [`Backend::commit_step`].

@@ -9,7 +9,7 @@ use anyhow::Context;
 
 use crate::decode::{
     BidirectionalCache, BidirectionalOptions, BlockOptions, CanvasOptions, Cell, CommitPolicy,
-    DecodeParams, DecoderKind, Prediction, Sampling, SpeculativeOptions,
+    DecodeParams, DecoderKind, DeviceSteps, Prediction, Sampling, SpeculativeOptions,
 };
 use crate::engine::{
     BackendChoice, EngineConfig, Event, GenerationOutput, GenerationStats, LoadedEngine, Prompt,
@@ -141,6 +141,17 @@ pub enum PredictionName {
     Hybrid,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceStepsName {
+    /// Chained on the GPU where the step allows it (greedy; threshold, fixed, entropy or margin
+    /// policy; in-place masks), else on the host.
+    Auto,
+    /// One host round trip per step.
+    Host,
+    /// Chained wherever the step allows it, the CPU backend included (for comparisons).
+    Device,
+}
+
 #[derive(clap::Args, Clone)]
 pub struct DecodingArgs {
     /// Decoder (default: the model's: block diffusion, AR for block size 1, canvas for
@@ -216,6 +227,11 @@ pub struct DecodingArgs {
     /// speculative draft (its verify rows stay exact); AR is unchanged.
     #[arg(long, value_name = "N")]
     pub block_experts: Option<usize>,
+    /// Where block diffusion decides its denoising steps: several chained on the device per
+    /// submission (committed tokens stream and cancellation is checked between submissions), or
+    /// one host round trip each. Same tokens either way.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device_steps: DeviceStepsName,
 }
 
 impl DecodingArgs {
@@ -318,6 +334,11 @@ impl DecodingArgs {
         if self.block_experts.is_some() {
             p.block_experts = self.block_experts;
         }
+        p.device_steps = match self.device_steps {
+            DeviceStepsName::Auto => DeviceSteps::Auto,
+            DeviceStepsName::Host => DeviceSteps::Host,
+            DeviceStepsName::Device => DeviceSteps::Device,
+        };
         p
     }
 }

@@ -17,10 +17,17 @@
 //! With [`super::Prediction::NextToken`], position j is predicted by row j − 1; the first position of a
 //! block is then predicted by the last row of the previous block, which the fused pass computes
 //! exactly. With block size 1 that makes every step one forward over the previous token: AR.
+//!
+//! Every step of a block asks for the statistics of the same rows — from the row that predicts
+//! the block's first masked position (when the block began) to the block's end — so the steps
+//! after the first have one shape: the block's tokens against the exact cached prefix. That is
+//! what lets [`super::chain`] record them back to back on the device, and the LM head then
+//! computes the same rows (with the same kernels) in both loops, so their tokens agree bit for bit.
 
 use crate::backend::{AttnMask, Backend};
 use crate::model::Window;
 
+use super::chain;
 use super::denoise::BlockCanvas;
 use super::{BlockOptions, DecodeError, DecoderDetails, PassBlocks, Session};
 
@@ -40,6 +47,7 @@ pub(super) fn run<B: Backend>(
     let mut clean_upto = 0;
     let mut block_start = p / b * b;
     let (mut blocks, mut steps) = (0, 0);
+    let mut chained = chain::Plan::new(s, o, prediction);
     while block_start < end && s.running() {
         let block_end = (block_start + b).min(end);
         let mut block = BlockCanvas::new(
@@ -52,12 +60,15 @@ pub(super) fn run<B: Backend>(
         blocks += 1;
         let mut block_kv_written = false;
         let mut going = true;
+        let Some(&first_masked) = block.masked().first() else {
+            break; // a block of prompt only cannot happen: it starts at or before the prompt's end
+        };
+        let first_row = prediction.row_for(first_masked);
         loop {
             let masked = block.masked();
             if masked.is_empty() || !going || !s.running() {
                 break;
             }
-            let first_row = prediction.row_for(masked[0]);
             // NextToken may need nothing of the block itself (block size 1: only the last
             // committed token's row).
             let needs_block = masked.iter().any(|&j| prediction.row_for(j) >= block_start);
@@ -67,12 +78,21 @@ pub(super) fn run<B: Backend>(
             if needs_block {
                 tokens.extend((block_start..block_end).map(|q| block.input(q, mask)));
             }
-            let rows = s.forward(
-                &tokens,
-                Window::block(start, window_end - start, attn),
-                first_row - start..window_end - start,
-                PassBlocks::Aligned { size: b, origin: 0 },
-            )?;
+            let window = Window::block(start, window_end - start, attn);
+            let rows = first_row - start..window_end - start;
+            let blocks = PassBlocks::Aligned { size: b, origin: 0 };
+            if let Some(plan) = chained.as_mut() {
+                // The block's remaining steps on the device, from this one on.
+                let run = plan.run_block(s, &mut block, &tokens, window, rows.clone(), blocks)?;
+                if let Some(done) = run {
+                    // Stopped or not, the session knows (finish is set when it stopped).
+                    clean_upto = clean_upto.max(block_start);
+                    block_kv_written = true;
+                    steps += done.steps;
+                    break;
+                }
+            }
+            let rows = s.forward(&tokens, window, rows, blocks)?;
             clean_upto = clean_upto.max(block_start);
             block_kv_written = needs_block;
             steps += 1;

@@ -99,6 +99,32 @@ impl BlockCanvas {
             eos,
             self.deliver_from,
         );
+        self.finish_step(s)
+    }
+
+    /// A step decided elsewhere — the backend's commit op on a canvas chained on the device
+    /// (`decode::chain`): its cells become the block's, then as after a host step.
+    pub fn replay_step<B: Backend>(
+        &mut self,
+        s: &mut Session<'_, B>,
+        cells: &[Option<u32>],
+    ) -> bool {
+        self.cells.copy_from_slice(cells);
+        self.finish_step(s)
+    }
+
+    /// The block's cells (`None`: masked).
+    pub fn cells(&self) -> &[Option<u32>] {
+        &self.cells
+    }
+
+    /// The first cell the EOS rule looks at (the first not yet handed to the output).
+    pub fn eos_from(&self) -> usize {
+        self.deliver_from - self.start
+    }
+
+    /// Counts the step, reports the block, hands over what is ready; whether generation goes on.
+    fn finish_step<B: Backend>(&mut self, s: &mut Session<'_, B>) -> bool {
         self.steps += 1;
         let cells = self
             .cells

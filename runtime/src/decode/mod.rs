@@ -22,6 +22,7 @@ mod ar;
 mod bidirectional;
 mod block;
 pub mod canvas;
+mod chain;
 pub(crate) mod denoise;
 pub mod policy;
 pub mod sampling;
@@ -84,6 +85,22 @@ impl DecodeError {
 }
 
 pub use crate::model::Prediction;
+
+/// Where the block decoder decides its denoising steps ([`DecodeParams::device_steps`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeviceSteps {
+    /// On the device, several steps per submission, where the backend records passes (a GPU)
+    /// and the step allows it (greedy choice; threshold, fixed-steps, entropy-bound or margin
+    /// policy; a model predicting masks in place; passes run alone, not batched; no exact paging;
+    /// not `reuse_last_kv`); on the host otherwise.
+    #[default]
+    Auto,
+    /// Always on the host, one round trip per step (the reference, and for debugging).
+    Host,
+    /// On the device wherever the step allows it, on any backend (the CPU included: tests compare
+    /// the two loops there too).
+    Device,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BlockOptions {
@@ -211,6 +228,9 @@ pub struct DecodeParams {
     /// the N experts per MoE layer with the largest router mass over the block's tokens. Which
     /// rows form a block is each decoder's ([`PassBlocks`]); `None` routes exactly.
     pub block_experts: Option<usize>,
+    /// Where the block decoder decides its steps: chained on the device or one by one on the host
+    /// (same tokens either way; [`DeviceSteps`]).
+    pub device_steps: DeviceSteps,
 }
 
 impl Default for DecodeParams {
@@ -228,6 +248,7 @@ impl Default for DecodeParams {
             cancel: None,
             canvas_events: false,
             block_experts: None,
+            device_steps: DeviceSteps::Auto,
         }
     }
 }
@@ -391,6 +412,13 @@ pub trait PassRunner<B: Backend> {
         window: Window,
         want: &ForwardRequest,
     ) -> Result<ForwardOutput, ModelError>;
+
+    /// The backend and model when passes run alone ([`SoloPasses`]): the block decoder may then
+    /// chain denoising steps on the device (`Model::denoise_step`), which a batched pass cannot
+    /// share. `None` by default.
+    fn solo(&self) -> Option<(&B, &Model<B>)> {
+        None
+    }
 }
 
 /// Every pass runs at once, alone.
@@ -408,6 +436,10 @@ impl<B: Backend> PassRunner<B> for SoloPasses<'_, B> {
         want: &ForwardRequest,
     ) -> Result<ForwardOutput, ModelError> {
         self.model.forward(self.backend, kv, tokens, window, want)
+    }
+
+    fn solo(&self) -> Option<(&B, &Model<B>)> {
+        Some((self.backend, self.model))
     }
 }
 
@@ -553,6 +585,17 @@ impl<B: Backend> Session<'_, B> {
         self.finish.is_none()
     }
 
+    /// The block-level routing of a pass starting at position `start` (`None`: exact routing).
+    fn block_routing(&self, blocks: PassBlocks, start: usize) -> Option<BlockRouting> {
+        self.params.block_experts.and_then(|n| match blocks {
+            PassBlocks::Aligned { size, origin } => {
+                Some(BlockRouting::aligned(n, start, size, origin))
+            }
+            PassBlocks::Tail { first_row } => Some(BlockRouting::tail(n, first_row)),
+            PassBlocks::Exact => None,
+        })
+    }
+
     /// One forward pass; returns the statistics of `rows` (relative to the window).
     fn forward(
         &mut self,
@@ -561,16 +604,9 @@ impl<B: Backend> Session<'_, B> {
         rows: Range<usize>,
         blocks: PassBlocks,
     ) -> Result<Vec<PositionStats>, DecodeError> {
-        let blocks = self.params.block_experts.and_then(|n| match blocks {
-            PassBlocks::Aligned { size, origin } => {
-                Some(BlockRouting::aligned(n, window.start, size, origin))
-            }
-            PassBlocks::Tail { first_row } => Some(BlockRouting::tail(n, first_row)),
-            PassBlocks::Exact => None,
-        });
         let want = ForwardRequest {
             rows: Some(rows),
-            blocks,
+            blocks: self.block_routing(blocks, window.start),
             ..Default::default()
         };
         let out = self.passes.run(self.kv, tokens, window, &want);

@@ -22,8 +22,8 @@ pub use crate::arch::{
 };
 
 use crate::backend::{
-    AttnMask, Backend, BackendError, BlockRouting, CcaParams, CcaWeights, MlpRouterParams,
-    MlpRouterWeights, PositionStats,
+    AttnMask, Backend, BackendError, BlockRouting, CcaParams, CcaWeights, CommitParams,
+    MlpRouterParams, MlpRouterWeights, PositionStats,
 };
 use crate::format::{DType, EdmFile, FormatError, TensorView};
 
@@ -417,7 +417,7 @@ impl<B: Backend> Model<B> {
         // Running it again is harmless: it rewrites the same K/V positions.
         let mut tries = 0;
         loop {
-            match self.forward_once(b, seqs) {
+            match self.forward_once(b, seqs, None) {
                 Err(ModelError::Backend(BackendError::RerunPass)) if tries < 2 => tries += 1,
                 r => return r,
             }
@@ -454,10 +454,53 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
+    /// One denoising step recorded on the backend and not read back (decode/block.rs chains
+    /// several in one submission): the pass over `tokens` in `window` — or, with
+    /// `step.ids_from_canvas`, over the canvas's input ids, `tokens` then giving only their count —,
+    /// the LM-head statistics of `rows` left where they were computed
+    /// ([`Backend::lm_head_stats_kept`]), and the commit step on the canvas
+    /// ([`Backend::commit_step`]). The same forward pass as [`Model::forward`], op for op; only
+    /// where the ids come from and where the statistics go differ. [`Backend::read_canvas`] reads
+    /// the outcome. Passes that page experts cannot be chained ([`Model::chains_steps`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn denoise_step(
+        &self,
+        b: &B,
+        kv: &mut B::Kv,
+        tokens: &[u32],
+        window: Window,
+        rows: Range<usize>,
+        blocks: Option<BlockRouting>,
+        step: DenoiseStep<'_, B>,
+    ) -> Result<(), ModelError> {
+        let want = ForwardRequest {
+            rows: Some(rows),
+            blocks,
+            ..Default::default()
+        };
+        let mut seqs = [SeqPass {
+            kv,
+            tokens,
+            window,
+            want: &want,
+        }];
+        self.forward_once(b, &mut seqs, Some(step)).map(|_| ())
+    }
+
+    /// Whether this model's passes can be chained on `b` ([`Model::denoise_step`]): none reads
+    /// routing back mid-way (exact paging does, to bring missing experts in).
+    pub fn chains_steps(&self, b: &B) -> bool {
+        self.layers.iter().all(|l| match &l.ffn {
+            FeedForward::Moe { experts, .. } => !b.experts_paged(experts),
+            FeedForward::Dense(_) => true,
+        })
+    }
+
     fn forward_once(
         &self,
         b: &B,
         seqs: &mut [SeqPass<'_, B>],
+        step: Option<DenoiseStep<'_, B>>,
     ) -> Result<Vec<ForwardOutput>, ModelError> {
         let c = &self.config;
         if seqs.is_empty() {
@@ -467,6 +510,11 @@ impl<B: Backend> Model<B> {
             self.check_pass(b, s.kv, s.tokens, s.window, s.want)?;
         }
         let alone = seqs.len() == 1;
+        if !alone && step.is_some() {
+            return Err(ModelError::BatchMix(
+                "a denoising step chained on the device",
+            ));
+        }
         if !alone && seqs.iter().any(|s| s.want.blocks.is_some()) {
             return Err(ModelError::BatchMix("block-level expert routing"));
         }
@@ -483,7 +531,10 @@ impl<B: Backend> Model<B> {
         let largest = seqs.iter().map(|s| s.tokens.len()).max().unwrap_or(0);
         let eps = c.rms_norm_eps as f32;
         b.begin_forward(tokens.len(), largest)?;
-        let mut x = b.embed(&self.embed, &tokens)?; // (T, H)
+        let mut x = match &step {
+            Some(s) if s.ids_from_canvas => b.embed_canvas(&self.embed, s.canvas, tokens.len())?,
+            _ => b.embed(&self.embed, &tokens)?,
+        }; // (T, H)
         if let Some(a) = &self.embed_affine {
             b.embed_affine(&mut x, a)?;
         }
@@ -608,6 +659,11 @@ impl<B: Backend> Model<B> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let rows: Vec<Range<usize>> = seqs
             .iter()
+        if let Some(step) = step {
+            let stats = b.lm_head_stats_kept(&h, head, rows[0].clone())?;
+            b.commit_step(step.canvas, &stats, &step.commit)?;
+            return Ok(outs);
+        }
             .map(|s| s.want.rows.clone().unwrap_or(0..s.tokens.len()))
             .collect();
         if alone {
@@ -703,6 +759,15 @@ impl<B: Backend> Model<B> {
         )?;
         Ok(b.attention(qkv, kv, l, c, start, kv_len, mask)?)
     }
+/// The device side of a denoising step ([`Model::denoise_step`]).
+pub struct DenoiseStep<'a, B: Backend> {
+    pub canvas: &'a mut B::Canvas,
+    /// The pass reads its ids from the canvas (a chained step over the block's cells) instead of
+    /// uploading them (the block's first step, whose window also holds the fused clean pass).
+    pub ids_from_canvas: bool,
+    pub commit: CommitParams,
+}
+
 }
 
 /// One sequence's part of a batched pass ([`Model::forward_batch`]): its tokens in its window,

@@ -5,6 +5,7 @@
 use std::ops::Range;
 
 use super::{CpuAct, CpuBackend, CpuWeight};
+use crate::backend::shapes::shape_err;
 use crate::backend::{Backend, CanvasState, CommitParams, PositionStats, Result};
 
 /// A block being denoised, in host memory.
@@ -52,7 +53,13 @@ pub fn read_canvas(c: &CpuCanvas, steps: Range<usize>) -> CanvasState {
     }
 }
 
-pub fn embed_canvas(b: &CpuBackend, table: &CpuWeight, c: &CpuCanvas) -> Result<CpuAct> {
+pub fn embed_canvas(b: &CpuBackend, table: &CpuWeight, c: &CpuCanvas, t: usize) -> Result<CpuAct> {
+    if t != c.cells.len() {
+        return Err(shape_err(
+            "embed_canvas",
+            format!("{t} rows from a canvas of {}", c.cells.len()),
+        ));
+    }
     let ids: Vec<u32> = c.cells.iter().map(|t| t.unwrap_or(c.mask)).collect();
     b.embed(table, &ids)
 }

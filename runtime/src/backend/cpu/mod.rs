@@ -814,8 +814,8 @@ impl Backend for CpuBackend {
         Ok(denoise::read_canvas(canvas, steps))
     }
 
-    fn embed_canvas(&self, table: &CpuWeight, canvas: &CpuCanvas) -> Result<CpuAct> {
-        denoise::embed_canvas(self, table, canvas)
+    fn embed_canvas(&self, table: &CpuWeight, canvas: &CpuCanvas, t: usize) -> Result<CpuAct> {
+        denoise::embed_canvas(self, table, canvas, t)
     }
 
     fn lm_head_stats_kept(

@@ -1490,8 +1490,8 @@ impl Backend for GpuBackend {
         ops::denoise::read_canvas(self, canvas, steps)
     }
 
-    fn embed_canvas(&self, table: &GpuWeight, canvas: &Self::Canvas) -> Result<GpuAct> {
-        ops::denoise::embed_canvas(self, table, canvas)
+    fn embed_canvas(&self, table: &GpuWeight, canvas: &Self::Canvas, t: usize) -> Result<GpuAct> {
+        ops::denoise::embed_canvas(self, table, canvas, t)
     }
 
     fn lm_head_stats_kept(

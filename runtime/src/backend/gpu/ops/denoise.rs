@@ -184,8 +184,18 @@ pub fn read_canvas(b: &GpuBackend, canvas: &GpuCanvas, steps: Range<usize>) -> R
     })
 }
 
-pub fn embed_canvas(b: &GpuBackend, table: &GpuWeight, canvas: &GpuCanvas) -> Result<GpuAct> {
-    let t = canvas.n;
+pub fn embed_canvas(
+    b: &GpuBackend,
+    table: &GpuWeight,
+    canvas: &GpuCanvas,
+    t: usize,
+) -> Result<GpuAct> {
+    if t != canvas.n {
+        return Err(shape_err(
+            "embed_canvas",
+            format!("{t} rows from a canvas of {}", canvas.n),
+        ));
+    }
     b.with(|ctx| {
         let out = GpuBackend::out_act(ctx, t, table.cols)?;
         for c in &table.chunks {
@@ -400,13 +410,14 @@ mod tests {
             .embed_canvas(
                 &cpu.load_weight(view).unwrap(),
                 &cpu.new_canvas(&cells, 7).unwrap(),
+                5,
             )
             .unwrap();
         for (name, gpu) in backends(Some(1024)) {
             let w = gpu.load_weight(view).unwrap();
             let canvas = gpu.new_canvas(&cells, 7).unwrap();
             let got = gpu
-                .read_act(&gpu.embed_canvas(&w, &canvas).unwrap())
+                .read_act(&gpu.embed_canvas(&w, &canvas, 5).unwrap())
                 .unwrap();
             assert_eq!(got, want.data, "{name}");
         }
