@@ -17,6 +17,7 @@
 #include "tile"
 #include "matmul_io"
 #include "moe_meta"
+#include "gate_act"
 
 @group(0) @binding(4) var<storage, read> slots: array<u32>;
 @group(0) @binding(5) var<storage, read> route_meta: array<u32>;
@@ -112,7 +113,7 @@ fn expert_gate_up(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_
             if (i < cnt && col < ep.n) {
                 let g = tile_acc(a)[b];
                 let u = tile_acc(a)[2u + b];
-                out[(first + i) * ep.n + col] = g / (1.0 + exp(-g)) * u;
+                out[(first + i) * ep.n + col] = gate_act(g) * u;
             }
         }
     }

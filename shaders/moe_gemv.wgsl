@@ -21,6 +21,7 @@
 #include "dequant"
 #include "act_dot"
 #include "moe_meta"
+#include "gate_act"
 
 @group(0) @binding(1) var<storage, read> w_words: array<u32>;
 @group(0) @binding(2) var<storage, read> x_act: array<vec4<f32>>;
@@ -168,7 +169,7 @@ fn expert_gate_up_gemv(@builtin(local_invocation_index) lid: u32, @builtin(workg
             let g = row_sum(col)[i];
             let u = row_sum(2u + col)[i];
             if (c0 + col < ep.n && t0 + i < cnt) {
-                out[(first + t0 + i) * ep.n + c0 + col] = g / (1.0 + exp(-g)) * u;
+                out[(first + t0 + i) * ep.n + c0 + col] = gate_act(g) * u;
             }
         }
         workgroupBarrier();

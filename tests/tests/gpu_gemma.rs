@@ -283,3 +283,325 @@ fn soft_embed_matches_the_cpu_whole_and_split() {
         }
     }
 }
+
+/// The layer geometry of a synthetic diffusion_gemma config: `tiny`'s (heads of 12 and global
+/// heads of 24, window 4), one with heads of 40 / 80, and the 26B-A4B preset's first six layers
+/// (heads of 256 with full RoPE, a global layer of 512 with K = V and 64 of 256 pairs rotated).
+fn gemma_configs() -> Vec<edgediff::model::ModelConfig> {
+    use edgediff::model::Architecture;
+    use edgediff::synth::{Specials, SynthSpec};
+    let special = Specials {
+        pad: 0,
+        bos: 2,
+        eos: 1,
+        mask: 3,
+    };
+    let tiny = SynthSpec::tiny(Architecture::DiffusionGemma);
+    let wide = SynthSpec {
+        head_dim: 40,
+        heads: 6,
+        kv_heads: 3,
+        sliding_window: 5,
+        ..tiny.clone()
+    };
+    let big = SynthSpec {
+        layers: 6,
+        ..SynthSpec::diffusion_gemma_26b_a4b()
+    };
+    [tiny, wide, big]
+        .iter()
+        .map(|s| edgediff::import::parse_config(&s.hf_config(&special)).unwrap())
+        .collect()
+}
+
+/// prepare_heads and attention_heads of every layer: a causal prefix of 7 (the encoder, its
+/// window ending at the query), then a bidirectional block of 5 after it (the canvas decoder:
+/// the window ends at the block's start) reading the prefix from the cache.
+#[test]
+fn attention_heads_match_the_cpu_for_every_layer_geometry() {
+    use edgediff::backend::{AttnMask, HeadsParams};
+    let gpus = gpus();
+    for (ci, c) in gemma_configs().iter().enumerate() {
+        let cpu = CpuBackend;
+        let mut ckv = cpu.new_kv(c, 16).unwrap();
+        let mut gkvs: Vec<_> = gpus.iter().map(|(_, g)| g.new_kv(c, 16).unwrap()).collect();
+        for l in 0..c.num_layers {
+            let geom = c.attn_of(l);
+            let hd = geom.head_dim;
+            let qn = random(100 + l as u64, hd, 1.0);
+            let kn = random(200 + l as u64, hd, 1.0);
+            for (pass, (start, t, mask, at_start)) in [
+                (0usize, 7usize, AttnMask::Causal, false),
+                (7, 5, AttnMask::Bidirectional, true),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let p = HeadsParams {
+                    layer: l,
+                    geom,
+                    eps: 1e-6,
+                    v_norm: true,
+                    scale: 1.0,
+                    start,
+                    kv_len: start + t,
+                    mask,
+                    window_at_start: at_start,
+                };
+                let proj = random(300 + (l * 2 + pass) as u64, t * geom.proj_dim(), 2.0);
+                let cq = weight(&cpu, DType::F32, &[hd], &qn);
+                let ck = weight(&cpu, DType::F32, &[hd], &kn);
+                let heads = cpu
+                    .prepare_heads(&cpu_act(t, geom.proj_dim(), &proj), &cq, &ck, p)
+                    .unwrap();
+                let want = cpu.attention_heads(&heads, &mut ckv, p).unwrap();
+                for ((label, g), gkv) in gpus.iter().zip(&mut gkvs) {
+                    let what = format!("{label} config {ci} layer {l} pass {pass} (hd {hd})");
+                    let gh = g
+                        .prepare_heads(
+                            &g.upload_act(t, geom.proj_dim(), &proj).unwrap(),
+                            &weight(g, DType::F32, &[hd], &qn),
+                            &weight(g, DType::F32, &[hd], &kn),
+                            p,
+                        )
+                        .unwrap();
+                    close(
+                        &format!("{what}: heads"),
+                        &g.read_act(&gh).unwrap(),
+                        &heads.data,
+                        TOL,
+                    );
+                    let got = g.attention_heads(&gh, gkv, p).unwrap();
+                    close(
+                        &format!("{what}: attention"),
+                        &g.read_act(&got).unwrap(),
+                        &want.data,
+                        TOL,
+                    );
+                }
+            }
+        }
+        // A layer index past the cache, and a block mask, are typed errors.
+        for ((_, g), gkv) in gpus.iter().zip(&mut gkvs) {
+            let geom = c.attn_of(0);
+            let p = HeadsParams {
+                layer: c.num_layers,
+                geom,
+                eps: 1e-6,
+                v_norm: true,
+                scale: 1.0,
+                start: 0,
+                kv_len: 1,
+                mask: AttnMask::Causal,
+                window_at_start: false,
+            };
+            let qkv = g
+                .upload_act(
+                    1,
+                    geom.q_dim() + 2 * geom.kv_dim(),
+                    &vec![0.0; geom.q_dim() + 2 * geom.kv_dim()],
+                )
+                .unwrap();
+            assert!(matches!(
+                g.attention_heads(&qkv, gkv, p),
+                Err(BackendError::Shape { .. })
+            ));
+            let p = HeadsParams {
+                layer: 0,
+                mask: AttnMask::BlockCausal(4),
+                ..p
+            };
+            assert!(matches!(
+                g.attention_heads(&qkv, gkv, p),
+                Err(BackendError::Unsupported { .. })
+            ));
+        }
+    }
+}
+
+fn write_gemma(dir: &std::path::Path, dtype: DType, hidden: usize) -> std::path::PathBuf {
+    use edgediff::model::Architecture;
+    let spec = edgediff::synth::SynthSpec {
+        hidden,
+        block_size: 6,
+        seed: 4,
+        ..edgediff::synth::SynthSpec::tiny(Architecture::DiffusionGemma)
+    };
+    let path = dir.join(format!("dg-{dtype:?}-{hidden}.edm"));
+    let m = edgediff::synth::build(&spec).unwrap();
+    edgediff::synth::write_edm(&m, &path, dtype, &|_, _| {}).unwrap();
+    path
+}
+
+fn canvas_model<B: Backend>(
+    b: &B,
+    path: &std::path::Path,
+) -> edgediff::model::canvas::CanvasModel<B> {
+    let file = std::sync::Arc::new(edgediff::format::EdmFile::open(path).unwrap());
+    edgediff::model::canvas::CanvasModel::load(b, file).unwrap()
+}
+
+/// Encoder logits of a 9-token prefix, the canvas decoder's logits of a 6-token canvas after it
+/// without self-conditioning, then with the first step's logits as self-conditioning input (the
+/// same host values on both), and the routing of every layer; f32 (hidden 40) and every weight
+/// type at hidden 64 (quantized rows need whole groups). Both backends load the same bytes.
+#[test]
+fn the_canvas_model_on_the_gpu_matches_the_cpu() {
+    use edgediff::model::ForwardRequest;
+    let tmp = tempfile::tempdir().unwrap();
+    let gpus = gpus();
+    let want = ForwardRequest {
+        logits: true,
+        routing: true,
+        ..Default::default()
+    };
+    let prefix = [2u32, 40, 77, 300, 12, 3, 90, 41, 7];
+    let canvas = [5u32, 6, 511, 8, 9, 10];
+    for (dtype, hidden) in [
+        (DType::F32, 40),
+        (DType::F32, 64),
+        (DType::F16, 64),
+        (DType::Q8, 64),
+        (DType::Q4, 64),
+    ] {
+        let path = write_gemma(tmp.path(), dtype, hidden);
+        let run = |out: edgediff::model::ForwardOutput| {
+            let routing: Vec<Vec<u32>> =
+                out.routing.iter().map(|(_, ids, _)| ids.clone()).collect();
+            (out.logits.unwrap(), routing)
+        };
+        let cpu = CpuBackend;
+        let m = canvas_model(&cpu, &path);
+        let mut kv = m.new_kv(&cpu, 32).unwrap();
+        let (enc, enc_r) = run(m.encode(&cpu, &mut kv, &prefix, 0, &want).unwrap());
+        let (dec, dec_r) = run(m.denoise(&cpu, &mut kv, &canvas, 9, None, &want).unwrap());
+        let (sc, sc_r) = run(m
+            .denoise(&cpu, &mut kv, &canvas, 9, Some(&dec), &want)
+            .unwrap());
+        for (label, g) in &gpus {
+            let gm = canvas_model(g, &path);
+            let mut gkv = gm.new_kv(g, 32).unwrap();
+            let what = format!("{label} {dtype:?} hidden {hidden}");
+            let (genc, genc_r) = run(gm.encode(g, &mut gkv, &prefix, 0, &want).unwrap());
+            close(&format!("{what}: encoder"), &genc, &enc, TOL);
+            assert_eq!(genc_r, enc_r, "{what}: encoder routing");
+            let (gdec, gdec_r) = run(gm.denoise(g, &mut gkv, &canvas, 9, None, &want).unwrap());
+            close(&format!("{what}: canvas"), &gdec, &dec, TOL);
+            assert_eq!(gdec_r, dec_r, "{what}: canvas routing");
+            let (gsc, gsc_r) = run(gm
+                .denoise(g, &mut gkv, &canvas, 9, Some(&dec), &want)
+                .unwrap());
+            close(&format!("{what}: self-conditioned canvas"), &gsc, &sc, TOL);
+            assert_eq!(gsc_r, sc_r, "{what}: self-conditioned routing");
+        }
+    }
+}
+
+/// The routed GeGLU experts alone at 3 tokens (the GEMV expert kernels) and 70 (the tiled ones),
+/// every weight type: the activation override reaches both.
+#[test]
+fn geglu_experts_match_the_cpu_on_both_expert_kernels() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gpus = gpus();
+    for &dtype in &DTYPES {
+        let path = write_gemma(tmp.path(), dtype, 64);
+        let file = std::sync::Arc::new(edgediff::format::EdmFile::open(&path).unwrap());
+        let c = file.header.metadata.config.clone();
+        let (h, n, k) = (c.hidden_size, c.moe.num_experts, c.moe.top_k);
+        let p = ScaledRouterParams {
+            experts: n,
+            top_k: k,
+            eps: 1e-6,
+        };
+        let proj = random(500, n * h, 1.0);
+        let ones = vec![1.0f32; h];
+        let es = random(501, n, 1.0);
+        for t in [3usize, 70] {
+            let x = random(502 + t as u64, t * h, 1.0);
+            let cpu = CpuBackend;
+            let experts = cpu.load_experts(&file, 0, &|_| true).unwrap();
+            let xs = cpu_act(t, h, &x);
+            let r = cpu
+                .route_scaled(
+                    &xs,
+                    &weight(&cpu, DType::F32, &[n, h], &proj),
+                    &weight(&cpu, DType::F32, &[h], &ones),
+                    &weight(&cpu, DType::F32, &[n], &es),
+                    p,
+                )
+                .unwrap();
+            let want = cpu
+                .moe_act(&xs, &r, &experts, Activation::GeluTanh)
+                .unwrap();
+            let silu = cpu.moe_act(&xs, &r, &experts, Activation::Silu).unwrap();
+            assert!(
+                rel_l2(&silu.data, &want.data) > 1e-2,
+                "the activations must differ"
+            );
+            for (label, g) in &gpus {
+                let ge = g.load_experts(&file, 0, &|_| true).unwrap();
+                let gx = g.upload_act(t, h, &x).unwrap();
+                let gr = g
+                    .route_scaled(
+                        &gx,
+                        &weight(g, DType::F32, &[n, h], &proj),
+                        &weight(g, DType::F32, &[h], &ones),
+                        &weight(g, DType::F32, &[n], &es),
+                        p,
+                    )
+                    .unwrap();
+                let got = g.moe_act(&gx, &gr, &ge, Activation::GeluTanh).unwrap();
+                close(
+                    &format!("{label} {dtype:?} t={t}: GeGLU experts"),
+                    &g.read_act(&got).unwrap(),
+                    &want.data,
+                    TOL,
+                );
+                let got = g.moe_act(&gx, &gr, &ge, Activation::Silu).unwrap();
+                close(
+                    &format!("{label} {dtype:?} t={t}: SwiGLU experts"),
+                    &g.read_act(&got).unwrap(),
+                    &silu.data,
+                    TOL,
+                );
+            }
+        }
+    }
+}
+
+/// The canvas decoder through the engine on the GPU commits the CPU's tokens for a seeded run
+/// (the same draws; every step's logits agree to the f32 bound, far from any sampling boundary
+/// on this model and seed).
+#[test]
+fn the_canvas_decoder_on_the_gpu_commits_the_cpu_tokens() {
+    use edgediff::decode::DecoderKind;
+    use edgediff::engine::{Engine, Prompt};
+    let tmp = tempfile::tempdir().unwrap();
+    let path = write_gemma(tmp.path(), DType::F32, 40);
+    let open = || std::sync::Arc::new(edgediff::format::EdmFile::open(&path).unwrap());
+    let request = |e_default: edgediff::decode::DecodeParams| {
+        let mut p = e_default;
+        let DecoderKind::Canvas(o) = &mut p.decoder else {
+            panic!("not the canvas decoder")
+        };
+        o.steps = 5;
+        p.max_new_tokens = 14;
+        p.sampling.seed = 21;
+        p.ignore_eos = true;
+        p
+    };
+    let cpu = Engine::new(CpuBackend, open()).unwrap();
+    let mut r = cpu.request(Prompt::Tokens(vec![2, 40, 77, 300]));
+    r.decoding = request(cpu.default_decoding());
+    let want = cpu.generate(&r, &mut |_| {}).unwrap();
+    assert_eq!(want.tokens.len(), 14);
+    for (label, g) in gpus() {
+        let e = Engine::new(g, open()).unwrap();
+        let got = e.generate(&r, &mut |_| {}).unwrap();
+        assert_eq!(got.tokens, want.tokens, "{label}");
+        assert_eq!(
+            got.stats.forward_passes, want.stats.forward_passes,
+            "{label}"
+        );
+    }
+}

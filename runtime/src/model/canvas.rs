@@ -24,7 +24,7 @@
 //! The layer is a different block from [`super::Model`]'s (norms after each block, the dense
 //! MLP beside the experts, two passes with different attention rules and inputs), so it is its
 //! own small model over the same backend ops; the ops it adds are the backend's (CPU reference in
-//! `backend/cpu/gemma.rs`; the GPU backend answers `Unsupported` until its kernels land).
+//! `backend/cpu/gemma.rs`, GPU kernels in `backend/gpu/ops/{gemma,heads,soft_embed}.rs`).
 
 use std::sync::Arc;
 
@@ -243,8 +243,8 @@ impl<B: Backend> CanvasModel<B> {
         }
         let eps = c.rms_norm_eps as f32;
         let act = c.block.activation;
-        // No `begin_forward`: only backends with the canvas ops run this pass (checked at load),
-        // and the CPU reference needs no per-pass setup.
+        // A pass of its own (the GPU resets what a batched pass left, e.g. its row class).
+        b.begin_forward(tokens.len(), tokens.len())?;
         let mut x = b.embed(&self.embed, tokens)?; // (T, H)
         b.scale(&mut x, self.embed_scale)?;
         let (mask, window_at_start, decoder) = match pass {

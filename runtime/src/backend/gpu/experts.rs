@@ -235,6 +235,7 @@ impl GpuExperts {
             down: (self.down.word, self.down.scales),
             hidden: self.hidden,
             inter: self.inter,
+            act: 0,
         }
     }
 }

@@ -22,9 +22,9 @@ pub fn source(path: &str) -> Option<&'static str> {
         .map(|(_, s)| *s)
 }
 
-/// Whether `file`, with its includes, declares the weight-type override (pipelines set it only
-/// where it exists: a constant the module lacks is a pipeline error).
-fn declares_wtype(file: &str) -> bool {
+/// Whether `file`, with its includes, declares the override `name` (pipelines set one only where
+/// it exists: a constant the module lacks is a pipeline error).
+fn declares(file: &str, name: &str) -> bool {
     source(file)
         .and_then(|text| {
             compose(text, Caps { subgroups: false }, &|p| {
@@ -32,7 +32,16 @@ fn declares_wtype(file: &str) -> bool {
             })
             .ok()
         })
-        .is_some_and(|s| s.contains("override WTYPE"))
+        .is_some_and(|s| s.contains(&format!("override {name}")))
+}
+
+/// The gate activation of the gated-MLP kernels (lib/gate_act.wgsl's `ACT`) in the second byte of
+/// a dispatch's weight-type argument: `wtype | gate_act(act)`.
+pub fn gate_act(act: crate::arch::Activation) -> u32 {
+    match act {
+        crate::arch::Activation::Silu => 0,
+        crate::arch::Activation::GeluTanh => 1 << 8,
+    }
 }
 
 /// What sits at one binding of an entry point.
@@ -129,7 +138,8 @@ impl Kernels {
         Ok(m)
     }
 
-    /// The pipeline of `entry` for weight type `wtype` (0 where the kernel reads no weights).
+    /// The pipeline of `entry` for weight type `wtype` (0 where the kernel reads no weights; its
+    /// second byte is the gate activation, [`gate_act`], of kernels that declare one).
     pub fn get(
         &self,
         dev: &GpuDevice,
@@ -176,12 +186,13 @@ impl Kernels {
                     bind_group_layouts: &[Some(&layout)],
                     immediate_size: 0,
                 });
-            let uses_weights = declares_wtype(entry.file);
-            let constants: Vec<(&str, f64)> = if uses_weights {
-                vec![("WTYPE", wtype as f64)]
-            } else {
-                vec![]
-            };
+            let mut constants: Vec<(&str, f64)> = vec![];
+            if declares(entry.file, "WTYPE") {
+                constants.push(("WTYPE", (wtype & 0xff) as f64));
+            }
+            if declares(entry.file, "ACT") {
+                constants.push(("ACT", (wtype >> 8) as f64));
+            }
             let pipeline = dev
                 .device
                 .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {

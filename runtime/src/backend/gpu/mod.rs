@@ -755,12 +755,20 @@ impl Backend for GpuBackend {
     }
 
     fn new_kv(&self, config: &ModelConfig, capacity: usize) -> Result<GpuKv> {
-        let bytes = (capacity as u64)
-            .checked_mul(config.kv_dim() as u64 * 4)
-            .ok_or(BackendError::CacheFull {
-                pos: capacity,
-                capacity: 0,
-            })?;
+        // Layers of their own geometry (DiffusionGemma's global layers) cache rows of their own
+        // width; the widest sets the binding check.
+        let widest = (0..config.num_layers)
+            .map(|l| config.kv_dim_of(l))
+            .max()
+            .unwrap_or(0)
+            .max(config.kv_dim());
+        let bytes =
+            (capacity as u64)
+                .checked_mul(widest as u64 * 4)
+                .ok_or(BackendError::CacheFull {
+                    pos: capacity,
+                    capacity: 0,
+                })?;
         if bytes > self.sh.dev.max_binding {
             return Err(GpuError::Limit {
                 what: format!("a KV cache layer of {capacity} positions"),
@@ -774,7 +782,10 @@ impl Backend for GpuBackend {
             | wgpu::BufferUsages::COPY_SRC;
         let mk = |what| {
             (0..config.num_layers)
-                .map(|_| GpuBuffer::new(&self.sh.dev.device, bytes.max(16), usage, what))
+                .map(|l| {
+                    let layer = capacity as u64 * config.kv_dim_of(l) as u64 * 4;
+                    GpuBuffer::new(&self.sh.dev.device, layer.max(16), usage, what)
+                })
                 .collect()
         };
         let cca = match config.attention {
@@ -1351,8 +1362,41 @@ impl Backend for GpuBackend {
         ops::gemma::scale(self, x, s)
     }
 
+    fn has_canvas_ops(&self) -> bool {
+        true
+    }
+
     fn soft_embed(&self, logits: &[f32], table: &GpuWeight, s: f32) -> Result<GpuAct> {
         ops::soft_embed::soft_embed(self, logits, table, s)
+    }
+
+    fn moe_act(
+        &self,
+        x: &GpuAct,
+        routing: &GpuRouting,
+        experts: &GpuExperts,
+        act: crate::arch::Activation,
+    ) -> Result<GpuAct> {
+        ops::gemma::moe_act(self, x, routing, experts, act)
+    }
+
+    fn prepare_heads(
+        &self,
+        proj: &GpuAct,
+        q_norm: &GpuWeight,
+        k_norm: &GpuWeight,
+        p: super::HeadsParams,
+    ) -> Result<GpuAct> {
+        ops::heads::prepare_heads(self, proj, q_norm, k_norm, p)
+    }
+
+    fn attention_heads(
+        &self,
+        qkv: &GpuAct,
+        kv: &mut GpuKv,
+        p: super::HeadsParams,
+    ) -> Result<GpuAct> {
+        ops::heads::attention_heads(self, qkv, kv, p)
     }
 
     fn gated_mlp(

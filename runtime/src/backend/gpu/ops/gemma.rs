@@ -4,8 +4,8 @@
 //! selection of the other families, dispatched with this family's parameters.
 //!
 //! The GeGLU MLP runs as gate/up matmul → `geglu` → down matmul (the path the SwiGLU MLP takes
-//! where its fused GEMV does not apply); the expert kernels' activation is still SiLU only, so
-//! `moe_act` with GELU(tanh) stays `Unsupported` here.
+//! where its fused GEMV does not apply); the experts run the MoE kernels of every family with
+//! their gate activation set to GELU(tanh) (an override constant, lib/gate_act.wgsl).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -13,7 +13,7 @@ use super::super::device::GpuError;
 use super::super::kernels::{Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
-use super::super::{not_a_vector, GpuAct, GpuBackend, GpuRouting, GpuWeight};
+use super::super::{not_a_vector, GpuAct, GpuBackend, GpuExperts, GpuRouting, GpuWeight};
 use crate::arch::Activation;
 use crate::backend::shapes::{self, shape_err};
 use crate::backend::{Backend, PositionStats, Result, ScaledRouterParams};
@@ -113,6 +113,37 @@ pub fn gated_mlp(
         super::matmul::matmul_into(ctx, down, &h, 0, x.rows, &out.buf, down.rows)?;
         Ok(out)
     })
+}
+
+/// The routed experts with gate activation `act` (SiLU is the backend's `moe`).
+pub fn moe_act(
+    b: &GpuBackend,
+    x: &GpuAct,
+    routing: &GpuRouting,
+    experts: &GpuExperts,
+    act: Activation,
+) -> Result<GpuAct> {
+    if act == Activation::Silu {
+        return b.moe(x, routing, experts);
+    }
+    if x.cols != experts.hidden || routing.rows != x.rows {
+        return Err(shape_err(
+            "moe_act",
+            format!(
+                "x [{}, {}] with experts of width {} and routing of {} rows",
+                x.rows, x.cols, experts.hidden, routing.rows
+            ),
+        ));
+    }
+    if experts.paged.is_some() {
+        return Err(crate::backend::BackendError::Unsupported {
+            op: "paged experts with a GELU gate",
+            backend: "gpu".into(),
+        });
+    }
+    let mut layout = experts.layout(&experts.store.slots, &experts.pools);
+    layout.act = super::super::kernels::gate_act(act);
+    b.with(|ctx| GpuBackend::moe_act(ctx, x, routing, &layout, super::moe::Shared::None))
 }
 
 /// The scaled-norm router: `z = rms_norm(x) ⊙ scale · H^-½` (the norm op with `scale` as its

@@ -9,6 +9,7 @@ pub mod elementwise;
 pub mod embed;
 pub mod embed_affine;
 pub mod gemma;
+pub mod heads;
 pub mod matmul;
 pub mod moe;
 pub mod norm;
@@ -88,6 +89,9 @@ pub fn all_entries() -> Vec<(&'static Entry, usize)> {
             &soft_embed::SOFT_EMBED,
             size_of::<soft_embed::SoftEmbedParams>(),
         ),
+        (&heads::PREPARE_HEADS, size_of::<heads::HeadsGpuParams>()),
+        (&heads::HEADS_STORE, size_of::<heads::HeadsGpuParams>()),
+        (&heads::ATTEND_HEADS, size_of::<heads::HeadsGpuParams>()),
         (&stats::PARTIAL, size_of::<stats::StatsParams>()),
         (&stats::MERGE, size_of::<stats::StatsParams>()),
         (&denoise::COMMIT, size_of::<denoise::CommitGpuParams>()),

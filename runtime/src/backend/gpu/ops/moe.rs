@@ -161,6 +161,8 @@ pub struct ExpertLayout<'a> {
     pub down: (u32, u32),
     pub hidden: usize,
     pub inter: usize,
+    /// The gate activation of the gate/up kernels (`kernels::gate_act`: 0 SiLU).
+    pub act: u32,
 }
 
 /// Scratch of one layer's MoE between its three stages.
@@ -317,7 +319,8 @@ pub fn experts(
         (
             &EXPERT_GATE_UP,
             &GATE_UP_GEMV,
-            e.wtype_gate_up,
+            // The gate activation rides in the weight-type argument (kernels::gate_act).
+            e.wtype_gate_up | e.act,
             (e.hidden, e.inter),
             e.gate_up,
             (x, h),
