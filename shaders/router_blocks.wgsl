@@ -5,7 +5,10 @@
 // route kernel (router.wgsl) adds row t's block mask to the selection bias.
 //   softmax gating (0): a row's mass is softmax(logits + bias), what the router chooses from;
 //   sigmoid gating (1): sigmoid(logits) normalised to sum 1 over the experts the bias does not mask
-//     (bias > -1e29; a pruned expert's is -1e30).
+//     (bias > -1e29; a pruned expert's is -1e30);
+//   MLP router (2, ZAYA1's; E = its classes, the last the skip class): softmax(logits) without the
+//     bias (which it adds to the probabilities only to choose), over the routed experts the bias
+//     does not mask; the skip class is no expert to keep and its mask is always 0.
 // Rows: row t ≥ first_row is in block (t + phase) / size − (first_row + phase) / size, so block g
 // holds rows [(base + g)·size − phase, (base + g + 1)·size − phase) ∩ [first_row, t) with
 // base = (first_row + phase) / size. Lane l owns experts e ≡ l (mod 64): it accumulates their mass
@@ -52,7 +55,23 @@ fn block_mask(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
     }
     for (var r = lo; r < hi; r++) {
         let row = r * p.ne;
-        if (p.gating == 0u) {
+        if (p.gating == 2u) {
+            var lmax = neg_inf();
+            for (var e = lid; e < p.ne; e += 64u) {
+                lmax = max(lmax, logits[row + e]);
+            }
+            let mx = wg_max(lmax, lane);
+            var sum = 0.0;
+            for (var e = lid; e < p.ne; e += 64u) {
+                sum += exp(logits[row + e] - mx);
+            }
+            let total = wg_sum(sum, lane);
+            for (var e = lid; e + 1u < p.ne; e += 64u) {
+                if (bias_of(e) > MASKED_BELOW) {
+                    mass[e] += exp(logits[row + e] - mx) / total;
+                }
+            }
+        } else if (p.gating == 0u) {
             var lmax = neg_inf();
             for (var e = lid; e < p.ne; e += 64u) {
                 lmax = max(lmax, logits[row + e] + bias_of(e));
@@ -82,15 +101,17 @@ fn block_mask(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
         }
     }
     workgroupBarrier();
+    // The classes that compete for the block's places: all of them, or the MLP router's experts.
+    let ranked = select(p.ne, p.ne - 1u, p.gating == 2u);
     for (var e = lid; e < p.ne; e += 64u) {
         let v = mass[e];
         var rank = 0u;
-        for (var o = 0u; o < p.ne; o++) {
+        for (var o = 0u; o < ranked; o++) {
             let w = mass[o];
             if (w > v || (w == v && o < e)) {
                 rank += 1u;
             }
         }
-        mask_out[g * p.ne + e] = select(MASKED, 0.0, rank < p.keep);
+        mask_out[g * p.ne + e] = select(MASKED, 0.0, rank < p.keep || e >= ranked);
     }
 }

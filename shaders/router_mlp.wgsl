@@ -7,7 +7,8 @@
 //   logits [T, classes], then the top_k of (probability + selection bias), ties to the lower
 //   class; the weight is the probability, not renormalised, and 0 for the skip class (the last,
 //   id = experts). Each pick scans for the best class ranked after the previous pick, so no
-//   per-token array is needed.
+//   per-token array is needed. Block-level routing (block_size > 0): row t ≥ block_first adds its
+//   block's mask row (router_blocks.wgsl, gating 2, [blocks, classes]) to the selection bias first.
 
 #include "grid"
 
@@ -18,8 +19,12 @@ struct MlpRouterParams {
     classes: u32,
     experts: u32,
     top_k: u32,
+    block_size: u32,
+    block_phase: u32,
+    block_first: u32,
     _pad0: u32,
     _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: MlpRouterParams;
@@ -30,6 +35,7 @@ struct MlpRouterParams {
 @group(0) @binding(5) var<storage, read> logits: array<f32>;
 @group(0) @binding(6) var<storage, read_write> ids: array<u32>;
 @group(0) @binding(7) var<storage, read_write> weights: array<f32>;
+@group(0) @binding(8) var<storage, read> block_mask: array<f32>;
 
 fn erf(v: f32) -> f32 {
     let zz = abs(v);
@@ -86,13 +92,22 @@ fn mlp_route_select(
     for (var e = 0u; e < p.classes; e++) {
         sum += exp(logits[b + e] - mx);
     }
+    var mrow = 0xffffffffu;
+    if (p.block_size != 0u && t >= p.block_first) {
+        let g = (t + p.block_phase) / p.block_size - (p.block_first + p.block_phase) / p.block_size;
+        mrow = g * p.classes;
+    }
     var last_s = 0.0;
     var last_e = 0xffffffffu;
     for (var j = 0u; j < p.top_k; j++) {
         var best_s = 0.0;
         var best_e = 0xffffffffu;
         for (var e = 0u; e < p.classes; e++) {
-            let s = exp(logits[b + e] - mx) / sum + bias[e];
+            var sb = bias[e];
+            if (mrow != 0xffffffffu) {
+                sb += block_mask[mrow + e];
+            }
+            let s = exp(logits[b + e] - mx) / sum + sb;
             let after = last_e == 0xffffffffu || before(last_s, last_e, s, e);
             if (after && (best_e == 0xffffffffu || before(s, e, best_s, best_e))) {
                 best_s = s;

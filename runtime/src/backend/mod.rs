@@ -152,6 +152,8 @@ pub struct MlpRouterParams {
     pub experts: usize,
     pub top_k: usize,
     pub eps: f32,
+    /// Block-level routing: each block's tokens choose among its experts (and the skip class).
+    pub blocks: Option<BlockRouting>,
 }
 
 /// The weights of one MLP router.

@@ -583,9 +583,6 @@ impl<B: Backend> Model<B> {
                                 b.route_within_blocks(&h, router, router_bias.as_ref(), c, bl)?
                             }
                         },
-                        (Some(_), _) if blocks.is_some() => {
-                            return Err(b.unsupported("block routing of an MLP router").into())
-                        }
                         (Some(m), Some(bias)) => {
                             let (routing, state) = b.route_mlp(
                                 &h,
@@ -606,6 +603,7 @@ impl<B: Backend> Model<B> {
                                     experts: c.moe.num_experts,
                                     top_k: c.moe.top_k,
                                     eps,
+                                    blocks,
                                 },
                             )?;
                             router_state = Some(state);
@@ -659,13 +657,13 @@ impl<B: Backend> Model<B> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let rows: Vec<Range<usize>> = seqs
             .iter()
+            .map(|s| s.want.rows.clone().unwrap_or(0..s.tokens.len()))
+            .collect();
         if let Some(step) = step {
             let stats = b.lm_head_stats_kept(&h, head, rows[0].clone())?;
             b.commit_step(step.canvas, &stats, &step.commit)?;
             return Ok(outs);
         }
-            .map(|s| s.want.rows.clone().unwrap_or(0..s.tokens.len()))
-            .collect();
         if alone {
             outs[0].stats = b.lm_head_stats(&h, head, rows[0].clone())?;
             if seqs[0].want.logits {
@@ -759,6 +757,8 @@ impl<B: Backend> Model<B> {
         )?;
         Ok(b.attention(qkv, kv, l, c, start, kv_len, mask)?)
     }
+}
+
 /// The device side of a denoising step ([`Model::denoise_step`]).
 pub struct DenoiseStep<'a, B: Backend> {
     pub canvas: &'a mut B::Canvas,
@@ -766,8 +766,6 @@ pub struct DenoiseStep<'a, B: Backend> {
     /// uploading them (the block's first step, whose window also holds the fused clean pass).
     pub ids_from_canvas: bool,
     pub commit: CommitParams,
-}
-
 }
 
 /// One sequence's part of a batched pass ([`Model::forward_batch`]): its tokens in its window,

@@ -56,17 +56,52 @@ pub fn block_masks(
         }
     }
     mass.iter()
-        .map(|m| {
-            // Rank by mass, ties to the lower index (as every top-k here).
-            let mut order: Vec<usize> = (0..n).collect();
-            order.sort_by(|&a, &b| m[b].total_cmp(&m[a]).then(a.cmp(&b)));
-            let mut mask = vec![BLOCK_MASKED; n];
-            for &e in order.iter().take(blocks.experts) {
-                mask[e] = 0.0;
+        .map(|m| keep_largest(m, blocks.experts))
+        .collect()
+}
+
+/// The masks of an MLP router (ZAYA1's), `[blocks][classes]`, from its class probabilities
+/// `probs` `[rows, classes]` (the softmax it chooses from before adding the balancing `bias`): a
+/// token's mass is its probability of each routed expert the bias does not mask; the skip class
+/// (the last) is no expert to keep resident and is never masked.
+pub fn mlp_block_masks(
+    probs: &[f32],
+    classes: usize,
+    bias: &[f32],
+    blocks: &BlockRouting,
+) -> Vec<Vec<f32>> {
+    let experts = classes - 1;
+    let rows = probs.len() / classes;
+    let mut mass = vec![vec![0f32; experts]; blocks.blocks(rows)];
+    for t in 0..rows {
+        let Some(g) = blocks.block_of(t) else {
+            continue;
+        };
+        for (e, m) in mass[g].iter_mut().enumerate() {
+            if bias[e] > MASKED_BELOW {
+                *m += probs[t * classes + e];
             }
+        }
+    }
+    mass.iter()
+        .map(|m| {
+            let mut mask = keep_largest(m, blocks.experts);
+            mask.push(0.0);
             mask
         })
         .collect()
+}
+
+/// 0 on the `keep` entries of largest mass, [`BLOCK_MASKED`] elsewhere; ranked by mass, ties to
+/// the lower index (as every top-k here).
+fn keep_largest(mass: &[f32], keep: usize) -> Vec<f32> {
+    let mut order: Vec<usize> = (0..mass.len()).collect();
+    order.sort_by(|&a, &b| mass[b].total_cmp(&mass[a]).then(a.cmp(&b)));
+    let mut mask = vec![BLOCK_MASKED; mass.len()];
+    for &e in order.iter().take(keep) {
+        mask[e] = 0.0;
+    }
+    mask
 }
 
 #[cfg(test)]
@@ -102,6 +137,21 @@ mod tests {
         };
         let m = block_masks(&logits, 4, Some(&bias), g, &BlockRouting::tail(2, 0));
         assert_eq!(m[0], vec![BLOCK_MASKED, 0.0, 0.0, BLOCK_MASKED]);
+    }
+
+    #[test]
+    fn an_mlp_router_block_keeps_experts_by_probability_and_never_masks_skip() {
+        // Three experts + skip; expert 2 is pruned (bias -1e30) and must not be kept even with
+        // the largest probability; rows 0-1 form the block.
+        let probs = [
+            0.1, 0.2, 0.6, 0.1, //
+            0.3, 0.1, 0.5, 0.1,
+        ];
+        let bias = [0.0, 0.0, -1e30, 0.0];
+        let m = mlp_block_masks(&probs, 4, &bias, &BlockRouting::tail(1, 0));
+        assert_eq!(m, vec![vec![0.0, BLOCK_MASKED, BLOCK_MASKED, 0.0]]);
+        let two = mlp_block_masks(&probs, 4, &bias, &BlockRouting::tail(2, 0));
+        assert_eq!(two, vec![vec![0.0, 0.0, BLOCK_MASKED, 0.0]]);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! `ZayaQKNorm`, `ZayaRouter`, `ZayaResidualScaling`, `ZayaModel.forward`):
 //! <https://github.com/huggingface/transformers/blob/main/src/transformers/models/zaya/modeling_zaya.py>
 
+use super::block_routing::mlp_block_masks;
 use super::{dot, rms_norm_row, shape_err, CpuAct, CpuRouting, CpuWeight};
 use crate::backend::{
     BackendError, CcaParams, CcaWeights, MlpRouterParams, MlpRouterWeights, Result,
@@ -288,13 +289,28 @@ pub fn route_mlp(
         Vec::with_capacity(x.rows * k),
         Vec::with_capacity(x.rows * k),
     );
+    let mut all_probs = Vec::with_capacity(logits.data.len());
     for t in 0..x.rows {
         let l = logits.row(t);
         let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let exp: Vec<f32> = l.iter().map(|v| (v - max).exp()).collect();
         let sum: f32 = exp.iter().sum();
-        let probs: Vec<f32> = exp.iter().map(|e| e / sum).collect();
-        let choice: Vec<f32> = probs.iter().zip(&w.bias.data).map(|(p, b)| p + b).collect();
+        all_probs.extend(exp.iter().map(|e| e / sum));
+    }
+    let masks = p
+        .blocks
+        .map(|bl| (mlp_block_masks(&all_probs, classes, &w.bias.data, &bl), bl));
+    for t in 0..x.rows {
+        let probs = &all_probs[t * classes..(t + 1) * classes];
+        // A block row's selection bias is the router's plus its block's mask, added first (as
+        // the GPU does).
+        let mask = masks.as_ref().and_then(|(m, bl)| Some(&m[bl.block_of(t)?]));
+        let choice: Vec<f32> = match mask {
+            Some(m) => (0..classes)
+                .map(|e| probs[e] + (w.bias.data[e] + m[e]))
+                .collect(),
+            None => probs.iter().zip(&w.bias.data).map(|(p, b)| p + b).collect(),
+        };
         let mut order: Vec<usize> = (0..classes).collect();
         order.sort_by(|&a, &b| choice[b].total_cmp(&choice[a]).then(a.cmp(&b)));
         for &e in &order[..k] {

@@ -1288,7 +1288,17 @@ impl Backend for GpuBackend {
             let ids = ctx.output((x.rows * k * 4) as u64)?;
             let weights = ctx.output((x.rows * k * 4) as u64)?;
             ops::router_mlp::route_mlp(
-                ctx, &x.buf, x.rows, bufs, p.experts, k, p.eps, &state.buf, &ids, &weights,
+                ctx,
+                &x.buf,
+                x.rows,
+                bufs,
+                p.experts,
+                k,
+                p.eps,
+                p.blocks.as_ref(),
+                &state.buf,
+                &ids,
+                &weights,
             )?;
             Ok((
                 GpuRouting {

@@ -11,7 +11,8 @@ use super::{kernels, ops, GpuBackend};
 use crate::arch::{names, Architecture, Gating, ModelConfig, QkNorm, SlidingAttention};
 use crate::backend::cpu::{CpuAct, CpuBackend};
 use crate::backend::{
-    AttnMask, Backend, CcaParams, CcaWeights, MlpRouterParams, MlpRouterWeights, PositionStats,
+    AttnMask, Backend, BlockRouting, CcaParams, CcaWeights, MlpRouterParams, MlpRouterWeights,
+    PositionStats,
 };
 use crate::format::{dtype, DType, EdmFile, TensorView};
 use crate::synth::{self, SynthSpec};
@@ -809,11 +810,17 @@ test_backends!(mlp_router_with_eda_and_skip_expert_matches, TOL, |b| {
     let mut out = Vec::new();
     let experts = 5;
     let classes = experts + 1;
-    for (i, (h, r, dtype, k, skip)) in [
-        (48, 20, DType::F32, 1, 0.0),
-        (48, 20, DType::F16, 2, 0.0),
-        (64, 32, DType::Q8, 1, 0.0),
-        (48, 20, DType::F32, 1, 2.0),
+    // Block-level routing: blocks of 4 from position 5 keeping 2 experts; one block from row 4
+    // keeping 3, with expert 1 pruned (bias -1e30: no mass, never kept).
+    let aligned = Some(BlockRouting::aligned(2, 5, 4, 0));
+    let tail = Some(BlockRouting::tail(3, 4));
+    for (i, (h, r, dtype, k, skip, blocks)) in [
+        (48, 20, DType::F32, 1, 0.0, None),
+        (48, 20, DType::F16, 2, 0.0, None),
+        (64, 32, DType::Q8, 1, 0.0, None),
+        (48, 20, DType::F32, 1, 2.0, None),
+        (48, 20, DType::F32, 2, 0.0, aligned),
+        (64, 32, DType::Q8, 2, 0.0, tail),
     ]
     .into_iter()
     .enumerate()
@@ -837,6 +844,9 @@ test_backends!(mlp_router_with_eda_and_skip_expert_matches, TOL, |b| {
             let norm = weight(b, DType::F32, &[r], &norm);
             let mut sel = rng.vec(classes, 0.05);
             sel[experts] += skip;
+            if blocks == tail {
+                sel[1] = -1e30;
+            }
             let bias = weight(b, DType::F32, &[classes], &sel);
             let w = MlpRouterWeights {
                 down: &down,
@@ -854,6 +864,7 @@ test_backends!(mlp_router_with_eda_and_skip_expert_matches, TOL, |b| {
                 experts,
                 top_k: k,
                 eps: 1e-5,
+                blocks,
             };
             let (routing, st) = b.route_mlp(&x, w, state.as_ref(), p).unwrap();
             let (ids, wts) = b.routing_to_host(&routing).unwrap();

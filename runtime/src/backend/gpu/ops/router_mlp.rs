@@ -9,6 +9,8 @@ use super::super::kernels::{Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
 use super::super::GpuWeight;
+use super::router::{BlockMaskParams, BLOCK_MASK};
+use crate::backend::BlockRouting;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
@@ -19,7 +21,11 @@ pub struct MlpRouterGpuParams {
     pub classes: u32,
     pub experts: u32,
     pub top_k: u32,
-    pub _pad: [u32; 2],
+    /// Rows per block of block-level routing; 0: off (as RouterParams).
+    pub block_size: u32,
+    pub block_phase: u32,
+    pub block_first: u32,
+    pub _pad: [u32; 3],
 }
 
 pub static MLP_BIAS_ACT: Entry = Entry {
@@ -37,6 +43,7 @@ pub static MLP_ROUTE_SELECT: Entry = Entry {
         (5, Read),
         (6, ReadWrite),
         (7, ReadWrite),
+        (8, Read),
     ],
     params: "MlpRouterParams",
 };
@@ -78,7 +85,10 @@ fn bias_act(
         classes: 0,
         experts: 0,
         top_k: 0,
-        _pad: [0; 2],
+        block_size: 0,
+        block_phase: 0,
+        block_first: 0,
+        _pad: [0; 3],
     };
     ctx.dispatch(
         &MLP_BIAS_ACT,
@@ -91,7 +101,8 @@ fn bias_act(
 }
 
 /// Routes `x` [rows, H]: writes `ids`/`weights` [rows, top_k] and the router state `state`
-/// [rows, n] (after EDA, before the norm) that the next MoE layer's EDA reads.
+/// [rows, n] (after EDA, before the norm) that the next MoE layer's EDA reads. With `blocks`,
+/// router_blocks.wgsl turns the class logits into each block's mask first.
 #[allow(clippy::too_many_arguments)]
 pub fn route_mlp(
     ctx: &mut Ctx,
@@ -101,6 +112,7 @@ pub fn route_mlp(
     experts: usize,
     top_k: usize,
     eps: f32,
+    blocks: Option<&BlockRouting>,
     state: &GpuBuffer,
     ids: &GpuBuffer,
     weights: &GpuBuffer,
@@ -118,6 +130,32 @@ pub fn route_mlp(
     bias_act(ctx, &a, rows, n, w.fc2_bias, None, true)?;
     let logits = ctx.output((rows * classes * 4) as u64)?;
     super::matmul::matmul_into(ctx, w.out, &a, 0, rows, &logits, classes)?;
+    let n_blocks = blocks.map_or(0, |b| b.blocks(rows));
+    let mask = match blocks {
+        Some(b) if n_blocks > 0 => {
+            let mask = ctx.output((n_blocks * classes * 4) as u64)?;
+            let mp = BlockMaskParams {
+                t: rows as u32,
+                ne: classes as u32,
+                gating: 2,
+                has_bias: 1,
+                keep: b.experts.min(experts) as u32,
+                first_row: b.first_row as u32,
+                size: b.size as u32,
+                phase: b.phase as u32,
+            };
+            ctx.dispatch(
+                &BLOCK_MASK,
+                0,
+                &mp,
+                None,
+                &[&logits, &mask, w.bias],
+                Grid::Groups(n_blocks as u32, 1, 1),
+            )?;
+            Some((mask, b))
+        }
+        _ => None,
+    };
     let p = MlpRouterGpuParams {
         t: rows as u32,
         n: n as u32,
@@ -125,14 +163,19 @@ pub fn route_mlp(
         classes: classes as u32,
         experts: experts as u32,
         top_k: top_k as u32,
-        _pad: [0; 2],
+        block_size: mask.as_ref().map_or(0, |(_, b)| b.size as u32),
+        block_phase: mask.as_ref().map_or(0, |(_, b)| b.phase as u32),
+        block_first: mask.as_ref().map_or(0, |(_, b)| b.first_row as u32),
+        _pad: [0; 3],
     };
+    let dummy = ctx.sh.dummies[0].clone();
+    let mask_buf = mask.as_ref().map_or(&*dummy, |(m, _)| &**m);
     ctx.dispatch(
         &MLP_ROUTE_SELECT,
         0,
         &p,
         None,
-        &[w.bias, &logits, ids, weights],
+        &[w.bias, &logits, ids, weights, mask_buf],
         Grid::Linear((rows as u64).div_ceil(64)),
     )
 }
