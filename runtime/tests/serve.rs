@@ -1133,4 +1133,34 @@ fn a_reason_client_that_disconnects_cancels_the_run() {
     // Cancelled, not finished: no reasoning run's tokens were counted.
     assert_eq!(metric(addr, "edgediff_completion_tokens_total"), 0.0);
     eprintln!("the disconnected run ended {took:?} after the client left");
+
+    // A run whose round waits in the queue leaves it when its client goes, counted once.
+    let srv = server(Setup {
+        max_batch: 2,
+        ..Setup::default()
+    });
+    let addr = srv.addr();
+    let running = long_stream(addr);
+    let reason = json!({"n": 2, "k": 1, "rounds": 1, "tail_tokens": 4, "think_budget": 4});
+    let queued = send(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        reason_body(reason, 3, false).to_string().as_bytes(),
+    );
+    wait_metric(addr, "edgediff_queue_depth", 1.0, Duration::from_secs(10));
+    drop(queued);
+    wait_metric(addr, "edgediff_queue_depth", 0.0, Duration::from_secs(10));
+    wait_metric(
+        addr,
+        "edgediff_generations_cancelled_total",
+        1.0,
+        Duration::from_secs(10),
+    );
+    // Still one: the withdrawn round is not counted apart from its run.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(metric(addr, "edgediff_generations_cancelled_total"), 1.0);
+    assert_eq!(metric(addr, "edgediff_sequences_running"), 1.0);
+    drop(running);
 }

@@ -172,9 +172,8 @@ impl RoundTicket {
 
 impl Drop for RoundTicket {
     fn drop(&mut self) {
-        if self.inner.withdraw(self.id) {
-            self.inner.metrics.cancelled.add(1);
-        }
+        // Not counted as a cancelled generation here: the run it belongs to is, when it ends.
+        self.inner.withdraw(self.id);
     }
 }
 
