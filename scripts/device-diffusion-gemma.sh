@@ -16,8 +16,10 @@
 # On the device (run tool):  bash scripts/device-diffusion-gemma.sh
 # Then here, with the returned files (files_at/dg):
 #   EDGEDIFF_DG_REFERENCES=<files_at>/dg cargo test -p edgediff-tests --test diffusion_gemma \
-#     -- --ignored --nocapture          (edgediff's CPU reference against each: rel L2 <= 1e-4, and
-#                                         decode::canvas commits generate()'s tokens given its draws)
+#     -- --ignored --nocapture          (edgediff's CPU reference and the GPU backend here (lavapipe)
+#                                         against each: rel L2 <= 1e-4, and decode::canvas commits
+#                                         generate()'s tokens given its draws)
+# The GPU machine's own speed and memory: scripts/device-diffusion-gemma-bench.sh.
 # Locally (plumbing): DEVICE=cpu PY=/work/venv-zaya/bin/python3 OUT=/tmp/dg-dry bash scripts/device-diffusion-gemma.sh
 # Knobs: DEVICE (cuda | cpu), PY (python3), OUT (/tmp/edgediff-dg; $OUT on the device).
 set -uo pipefail

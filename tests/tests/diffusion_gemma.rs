@@ -174,6 +174,19 @@ fn device_references_match_transformers() {
             );
         }
         check_samplers(&m, &r);
+        // The same passes on every GPU configuration here (lavapipe in CI).
+        for (label, g) in edgediff::backend::gpu::testing::backends(None) {
+            let file = Arc::new(EdmFile::open(m.file.path()).unwrap());
+            let gm = CanvasModel::load(&g, file).unwrap();
+            for (case, err) in run_reference_on(&g, &gm, &r) {
+                eprintln!("{} on {label}: {case}: rel L2 {err:.2e}", dir.display());
+                assert!(
+                    err <= TOL,
+                    "{} on {label}: {case}: {err:.3e}",
+                    dir.display()
+                );
+            }
+        }
     }
 }
 

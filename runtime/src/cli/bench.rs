@@ -61,7 +61,7 @@ pub struct Common {
 }
 
 /// Prints `out` (with `--json`) or writes it to `--json-out`; true when the tables are left out.
-fn emit_json(c: &Common, out: &Value) -> anyhow::Result<bool> {
+pub(super) fn emit_json(c: &Common, out: &Value) -> anyhow::Result<bool> {
     let text = serde_json::to_string_pretty(out)?;
     if let Some(p) = &c.json_out {
         std::fs::write(p, &text).with_context(|| format!("writing {}", p.display()))?;
@@ -200,7 +200,7 @@ fn breakdown(
 }
 
 /// Deterministic pseudo-random values in [-1, 1).
-fn values(n: usize, seed: u64) -> Vec<f32> {
+pub(super) fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed;
     (0..n)
         .map(|_| {
@@ -703,6 +703,10 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
     let c = &a.common;
     let file = model_file(c)?;
     let g = gpu()?;
+    // DiffusionGemma: its encoder and canvas passes (cli/bench_canvas.rs).
+    if crate::engine::is_canvas_model(&file.header.metadata.config) {
+        return super::bench_canvas::run(c, g, file);
+    }
     let copy_bw = copy_bandwidth(&g, c)?;
     let copy = copy_bw.map(|b| b.best());
     let model = Model::load(&g, file.clone(), &|_, _| true).context("loading the model")?;

@@ -167,6 +167,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "decoding      block {} threshold {} steps {}",
         d.block_size, d.threshold, d.steps
     );
+    if let Some(c) = &d.canvas {
+        println!(
+            "canvas        sampler: {} steps, entropy bound {}, t {} → {}, stability {}, confidence {}",
+            c.steps, c.entropy_bound, c.t_max, c.t_min, c.stability, c.confidence
+        );
+    }
     if h.metadata.resident.is_some() {
         println!("resident set  present (pruned model)");
     }

@@ -2,6 +2,7 @@
 //! boundary (the library returns typed errors).
 
 mod bench;
+mod bench_canvas;
 mod bench_decode;
 mod bench_experts;
 mod chat;

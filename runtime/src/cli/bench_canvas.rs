@@ -1,0 +1,115 @@
+//! `edgediff bench forward` for a canvas model (DiffusionGemma): its two passes on the GPU after
+//! `--context` cached positions — the encoder over `t` committed tokens (causal) and a denoising
+//! step over a canvas of `t` (bidirectional, reading the cache), the latter with its logits read
+//! back as the host sampler reads them (`[t, vocab]` f32 every step) and with the statistics only.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use serde_json::json;
+
+use super::bench::{emit_json, values, Common};
+use crate::backend::gpu::GpuBackend;
+use crate::format::EdmFile;
+use crate::model::canvas::CanvasModel;
+use crate::model::ForwardRequest;
+
+/// One timed pass kind at one size.
+struct Row {
+    tokens: usize,
+    pass: &'static str,
+    wall_ms: f64,
+    dispatches: u64,
+}
+
+pub fn run(c: &Common, g: GpuBackend, file: Arc<EdmFile>) -> anyhow::Result<()> {
+    let model = CanvasModel::load(&g, file.clone()).context("loading the canvas model")?;
+    let cfg = model.config.clone();
+    let vocab = cfg.vocab_size as u64;
+    let most = c.tokens.iter().max().copied().unwrap_or(1);
+    let capacity = c.context + most;
+    let mut kv = model.new_kv(&g, capacity)?;
+    let tokens: Vec<u32> = values(capacity, 3)
+        .iter()
+        .map(|v| ((v.abs() * vocab as f32) as u64 % vocab) as u32)
+        .collect();
+    let stats = ForwardRequest::default();
+    let logits = ForwardRequest {
+        logits: true,
+        ..Default::default()
+    };
+    let mut at = 0;
+    while at < c.context {
+        let n = 256.min(c.context - at);
+        model.encode(&g, &mut kv, &tokens[at..at + n], at, &stats)?;
+        at += n;
+    }
+    let iters = c.iters.max(1);
+    let mut rows = Vec::new();
+    for &t in &c.tokens {
+        let block = &tokens[c.context..c.context + t];
+        let run = |kv: &mut _, pass: usize| -> anyhow::Result<()> {
+            match pass {
+                0 => model.encode(&g, kv, block, c.context, &stats)?,
+                1 => model.denoise(&g, kv, block, c.context, None, &stats)?,
+                _ => model.denoise(&g, kv, block, c.context, None, &logits)?,
+            };
+            Ok(())
+        };
+        for (i, pass) in ["encode", "denoise (stats)", "denoise (logits to host)"]
+            .into_iter()
+            .enumerate()
+        {
+            run(&mut kv, i)?; // warm-up
+            let d0 = g.dispatches();
+            let t0 = Instant::now();
+            for _ in 0..iters {
+                run(&mut kv, i)?;
+            }
+            rows.push(Row {
+                tokens: t,
+                pass,
+                wall_ms: t0.elapsed().as_secs_f64() * 1e3 / iters as f64,
+                dispatches: (g.dispatches() - d0) / iters as u64,
+            });
+        }
+    }
+    let out = json!({
+        "device": g.device_name(),
+        "model": file.path().display().to_string(),
+        "architecture": cfg.architecture.hf_name(),
+        "context": c.context,
+        "passes": rows.iter().map(|r| json!({
+            "tokens": r.tokens,
+            "pass": r.pass,
+            "wall_ms": r.wall_ms,
+            "dispatches": r.dispatches,
+            "tokens_per_s": r.tokens as f64 / r.wall_ms * 1e3,
+        })).collect::<Vec<_>>(),
+    });
+    if emit_json(c, &out)? {
+        return Ok(());
+    }
+    println!(
+        "device: {}\nmodel: {} ({}, {} layers), context {} tokens, {} iterations\n",
+        g.device_name(),
+        file.path().display(),
+        cfg.architecture.hf_name(),
+        cfg.num_layers,
+        c.context,
+        iters,
+    );
+    println!("| tokens | pass | ms / pass | dispatches | tokens/s |\n|---:|---|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {:.2} | {} | {:.1} |",
+            r.tokens,
+            r.pass,
+            r.wall_ms,
+            r.dispatches,
+            r.tokens as f64 / r.wall_ms * 1e3
+        );
+    }
+    Ok(())
+}

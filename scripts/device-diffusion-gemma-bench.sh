@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# DiffusionGemma on the GPU machine (issue 18 step 4): the 26B-A4B shape in q4
+# (`synth --arch diffusion_gemma --preset 26b-a4b`, random weights, ~14 GB in $WORK, removed at
+# the end), on the GPU backend:
+#   1. bench forward: the encoder over t committed tokens and one canvas denoising step over t
+#      (statistics only, and with the [t, vocab] logits read back as the host sampler does), after
+#      CONTEXT cached positions, t in TOKENS;
+#   2. decode: `generate --stats` with the canvas decoder (canvas 256, STEPS denoising steps per
+#      canvas at most — a random model never becomes confident, so every canvas runs all of them;
+#      the real checkpoint stops earlier), MAX_TOKENS tokens, seeded; the stats line has tokens/s,
+#      passes and peak RSS + GPU bytes (all experts resident: expert paging of a canvas model is not
+#      implemented yet, so the 25 % pool row is not measurable with this binary);
+#   3. the same generate with --backend cpu on a 2-layer cut of the shape, CPU_STEPS (4) steps per
+#      canvas, for the CPU reference's number (CPU_LAYERS; 0 skips).
+# Outputs under $OUT: dg-bench.md (tables and stats lines), dg-bench.log.
+# Here: cargo build --release -p edgediff && strip -o .bin/edgediff target/release/edgediff
+# There (run tool, carry [".bin", ".gl"]): bash scripts/device-diffusion-gemma-bench.sh
+# Locally (plumbing, lavapipe, the tiny shape): PRESET=tiny LAYERS=3 TOKENS=1,6 CONTEXT=16 \
+#   MAX_TOKENS=12 STEPS=3 CPU_LAYERS=3 EDGEDIFF=target/debug/edgediff OUT=/tmp/dg-bench \
+#   bash scripts/device-diffusion-gemma-bench.sh
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT="${OUT:-/tmp/edgediff-dg-bench}"
+mkdir -p "$OUT"
+[[ -f scripts/lib/device-vulkan.sh && -d .gl ]] && source scripts/lib/device-vulkan.sh
+BIN="${EDGEDIFF:-.bin/edgediff}"
+WORK="${WORK:-/tmp/edgediff-dg-work}"
+PRESET="${PRESET:-26b-a4b}"
+LAYERS="${LAYERS:-30}"
+TOKENS="${TOKENS:-1,16,64,256}"
+CONTEXT="${CONTEXT:-512}"
+MAX_TOKENS="${MAX_TOKENS:-256}"
+STEPS="${STEPS:-48}"
+CPU_LAYERS="${CPU_LAYERS:-2}"
+CPU_STEPS="${CPU_STEPS:-4}"
+R="$OUT/dg-bench.md"
+L="$OUT/dg-bench.log"
+: >"$R"
+mkdir -p "$WORK"
+MODEL="$WORK/dg-$PRESET-${LAYERS}l-q4.edm"
+T0=$SECONDS
+FAILED=0
+step() { # title, command...
+  local title=$1
+  shift
+  echo "## $title" >>"$R"
+  echo "\$ $*" >>"$R"
+  if ! "$@" >>"$R" 2>>"$L"; then
+    echo "FAILED: $title" | tee -a "$R"
+    FAILED=$((FAILED + 1))
+  fi
+  echo "(at $((SECONDS - T0)) s)" >>"$R"
+}
+gen() { # backend, model, steps, extra...
+  local backend=$1 model=$2 steps=$3
+  shift 3
+  # The stats go to stderr: keep them in the report, the gibberish text in the log.
+  timeout 500 "$BIN" generate --model "$model" --backend "$backend" --max-tokens "$MAX_TOKENS" \
+    --steps "$steps" --seed 1 --ignore-eos --stats "$@" "The capital of France is" \
+    2>&1 >>"$L" | grep -v -e '^edgediff:' -e XDG_RUNTIME_DIR || return 1
+}
+step "synth $PRESET q4, $LAYERS layers" timeout 900 "$BIN" synth --arch diffusion_gemma \
+  --preset "$PRESET" --layers "$LAYERS" --dtype q4 -o "$MODEL"
+step "inspect" "$BIN" inspect "$MODEL"
+step "bench forward (GPU), context $CONTEXT" timeout 500 "$BIN" bench forward --model "$MODEL" \
+  --tokens "$TOKENS" --context "$CONTEXT" --iters 5
+step "generate, canvas decoder, GPU, $STEPS steps per canvas" gen gpu "$MODEL" "$STEPS"
+rm -f "$MODEL"
+if [[ "$CPU_LAYERS" != 0 ]]; then
+  CMODEL="$WORK/dg-$PRESET-${CPU_LAYERS}l-q4.edm"
+  step "synth $PRESET q4, $CPU_LAYERS layers (CPU row)" timeout 300 "$BIN" synth \
+    --arch diffusion_gemma --preset "$PRESET" --layers "$CPU_LAYERS" --dtype q4 -o "$CMODEL"
+  step "generate, canvas decoder, CPU, $CPU_LAYERS layers, $CPU_STEPS steps per canvas" \
+    gen cpu "$CMODEL" "$CPU_STEPS"
+  rm -f "$CMODEL"
+fi
+echo "failed: $FAILED (total $((SECONDS - T0)) s)" | tee -a "$R"
+exit "$FAILED"
