@@ -964,13 +964,7 @@ impl Backend for GpuBackend {
         c: &ModelConfig,
         start: usize,
     ) -> Result<()> {
-        shapes::qkv("qk_norm_rope", qkv.cols, c)?;
-        let (norm, qn, kn) = self.qk_norms("qk_norm_rope", q_norm, k_norm, c)?;
-        self.with(|ctx| {
-            Ok(ops::rope::qk_norm_rope(
-                ctx, &qkv.buf, qkv.rows, &qn, &kn, norm, c, start, None,
-            )?)
-        })
+        ops::rope::qk_norm_rope(self, qkv, q_norm, k_norm, c, start)
     }
 
     fn rope_attention(
@@ -985,38 +979,7 @@ impl Backend for GpuBackend {
         kv_len: usize,
         mask: AttnMask,
     ) -> Result<GpuAct> {
-        shapes::qkv("rope_attention", qkv.cols, c)?;
-        let (norm, qn, kn) = self.qk_norms("rope_attention", q_norm, k_norm, c)?;
-        shapes::attention(
-            (qkv.rows, qkv.cols),
-            layer,
-            kv.k.len(),
-            c,
-            start,
-            kv_len,
-            kv.capacity,
-            mask,
-        )?;
-        let (t, k, v) = (qkv.rows, &kv.k[layer], &kv.v[layer]);
-        self.with(|ctx| {
-            ops::rope::qk_norm_rope(ctx, &qkv.buf, t, &qn, &kn, norm, c, start, Some((k, v)))?;
-            let out = Self::out_act(ctx, t, c.q_dim())?;
-            ops::attention::attention(
-                ctx,
-                &qkv.buf,
-                t,
-                k,
-                v,
-                &out.buf,
-                c,
-                start,
-                kv_len,
-                mask,
-                c.window_of(layer),
-                true,
-            )?;
-            Ok(out)
-        })
+        ops::attention::rope_attention(self, qkv, q_norm, k_norm, kv, layer, c, start, kv_len, mask)
     }
 
     fn attention(
@@ -1029,35 +992,7 @@ impl Backend for GpuBackend {
         kv_len: usize,
         mask: AttnMask,
     ) -> Result<GpuAct> {
-        let t = qkv.rows;
-        shapes::attention(
-            (qkv.rows, qkv.cols),
-            layer,
-            kv.k.len(),
-            c,
-            start,
-            kv_len,
-            kv.capacity,
-            mask,
-        )?;
-        self.with(|ctx| {
-            let out = Self::out_act(ctx, t, c.q_dim())?;
-            ops::attention::attention(
-                ctx,
-                &qkv.buf,
-                t,
-                &kv.k[layer],
-                &kv.v[layer],
-                &out.buf,
-                c,
-                start,
-                kv_len,
-                mask,
-                c.window_of(layer),
-                false,
-            )?;
-            Ok(out)
-        })
+        ops::attention::attention(self, qkv, kv, layer, c, start, kv_len, mask)
     }
 
     fn route(
@@ -1131,58 +1066,7 @@ impl Backend for GpuBackend {
         norm: &GpuWeight,
         eps: f32,
     ) -> Result<GpuAct> {
-        let resident = experts.paged.is_none()
-            && (x.rows, x.cols) == (h.rows, h.cols)
-            && h.cols == experts.hidden
-            && routing.rows == h.rows;
-        let wv = norm.vector().filter(|_| norm.cols == x.cols);
-        let Some(wv) = wv.filter(|_| resident) else {
-            // Paged experts (their combine runs after the pager's groups), or shapes the
-            // separate ops name in their errors.
-            let y = match shared {
-                Some((gate_up, down)) => self.moe_shared_mlp(h, routing, experts, gate_up, down)?,
-                None => self.moe(h, routing, experts)?,
-            };
-            return self.add_rms_norm(x, &y, norm, eps);
-        };
-        let layout = experts.layout(&experts.store.slots, &experts.pools);
-        let ys;
-        let kind = match shared {
-            None => ops::moe::Shared::None,
-            Some((gate_up, down)) => {
-                let rows = self.lock().batch_rows.map_or(h.rows, |b| b.min(h.rows));
-                match Self::fused_shared(
-                    &self.sh, rows, h, routing, experts, &layout, gate_up, down,
-                ) {
-                    Some(m) => ops::moe::Shared::Mlp(m),
-                    None => {
-                        ys = self.mlp(gate_up, down, h)?;
-                        ops::moe::Shared::Output(&ys.buf)
-                    }
-                }
-            }
-        };
-        self.with(|ctx| {
-            let out = Self::out_act(ctx, h.rows, h.cols)?;
-            let then = ops::moe::ResidualNorm {
-                x: &x.buf,
-                w: wv,
-                eps,
-            };
-            ops::moe::moe(
-                ctx,
-                &h.buf,
-                h.rows,
-                &routing.ids,
-                &routing.weights,
-                routing.k,
-                &layout,
-                kind,
-                &out.buf,
-                Some(then),
-            )?;
-            Ok(out)
-        })
+        ops::moe::moe_add_rms_norm(self, h, routing, experts, shared, x, norm, eps)
     }
 
     fn cca_qkv(
@@ -1192,50 +1076,7 @@ impl Backend for GpuBackend {
         kv: &mut GpuKv,
         p: CcaParams,
     ) -> Result<()> {
-        let (qd, kd) = (p.q_dim(), p.kv_dim());
-        let c = qd + kd;
-        let Some(state) = &kv.cca else {
-            return Err(shape_err(
-                "cca_qkv",
-                "the cache was made for standard attention".into(),
-            ));
-        };
-        if p.layer >= state.conv.len()
-            || proj.cols != c + kd
-            || p.kv_heads == 0
-            || !p.heads.is_multiple_of(p.kv_heads)
-        {
-            return Err(shape_err(
-                "cca_qkv",
-                format!(
-                    "layer {}, projection width {} for {}",
-                    p.layer,
-                    proj.cols,
-                    c + kd
-                ),
-            ));
-        }
-        if p.start + proj.rows > kv.capacity {
-            return Err(BackendError::CacheFull {
-                pos: p.start + proj.rows,
-                capacity: kv.capacity,
-            });
-        }
-        let table = |name, wt, rows, cols| f32_arg("cca_qkv", name, wt, rows, cols);
-        let hd = p.head_dim;
-        let bufs = ops::cca::CcaBuffers {
-            conv_dw: table("conv_dw", w.conv_dw, c, 2)?,
-            conv_dw_bias: table("conv_dw_bias", w.conv_dw_bias, 1, c)?,
-            conv_grouped: table("conv_grouped", w.conv_grouped, c, 2 * hd)?,
-            conv_grouped_bias: table("conv_grouped_bias", w.conv_grouped_bias, 1, c)?,
-            temp: table("temp", w.temp, 1, p.kv_heads)?,
-        };
-        let (conv, vd) = (&state.conv[p.layer], &state.vd[p.layer]);
-        self.with(|ctx| {
-            Ok(ops::cca::cca_qkv(
-                ctx, &proj.buf, proj.rows, bufs, conv, vd, p,
-            )?)
-        })
+        ops::cca::cca_qkv(self, proj, w, kv, p)
     }
 
     fn route_mlp(
@@ -1245,71 +1086,7 @@ impl Backend for GpuBackend {
         eda: Option<&GpuAct>,
         p: MlpRouterParams,
     ) -> Result<(GpuRouting, GpuAct)> {
-        let (n, classes, k) = (w.down.rows, p.experts + 1, p.top_k);
-        let bad = |what: String| shape_err("route_mlp", what);
-        let vec_of = |name, wt, len| f32_arg("route_mlp", name, wt, 1, len);
-        if w.down.cols != x.cols
-            || (w.fc1.rows, w.fc1.cols, w.fc2.rows, w.fc2.cols) != (n, n, n, n)
-            || (w.out.rows, w.out.cols) != (classes, n)
-            || k == 0
-            || k > classes
-        {
-            return Err(bad(format!(
-                "down [{}, {}] × x width {}, fc [{}, {}], out [{}, {}] for {classes} classes top-{k}",
-                w.down.rows, w.down.cols, x.cols, w.fc1.rows, w.fc1.cols, w.out.rows, w.out.cols
-            )));
-        }
-        let eda_bufs = match (eda, w.eda_scale) {
-            (Some(prev), Some(scale)) => {
-                if (prev.rows, prev.cols) != (x.rows, n) {
-                    return Err(bad(format!(
-                        "EDA state [{}, {}] vs router [{}, {n}]",
-                        prev.rows, prev.cols, x.rows
-                    )));
-                }
-                Some((&*prev.buf, vec_of("eda_scale", scale, n)?))
-            }
-            _ => None,
-        };
-        let bufs = ops::router_mlp::MlpRouterBuffers {
-            down: w.down,
-            down_bias: vec_of("down_bias", w.down_bias, n)?,
-            eda: eda_bufs,
-            norm: vec_of("norm", w.norm, n)?,
-            fc1: w.fc1,
-            fc1_bias: vec_of("fc1_bias", w.fc1_bias, n)?,
-            fc2: w.fc2,
-            fc2_bias: vec_of("fc2_bias", w.fc2_bias, n)?,
-            out: w.out,
-            bias: vec_of("bias", w.bias, classes)?,
-        };
-        self.with(|ctx| {
-            let state = Self::out_act(ctx, x.rows, n)?;
-            let ids = ctx.output((x.rows * k * 4) as u64)?;
-            let weights = ctx.output((x.rows * k * 4) as u64)?;
-            ops::router_mlp::route_mlp(
-                ctx,
-                &x.buf,
-                x.rows,
-                bufs,
-                p.experts,
-                k,
-                p.eps,
-                p.blocks.as_ref(),
-                &state.buf,
-                &ids,
-                &weights,
-            )?;
-            Ok((
-                GpuRouting {
-                    rows: x.rows,
-                    k,
-                    ids,
-                    weights,
-                },
-                state,
-            ))
-        })
+        ops::router_mlp::route_mlp(self, x, w, eda, p)
     }
 
     fn scaled_residual_norm(
@@ -1320,32 +1097,7 @@ impl Backend for GpuBackend {
         norm: &GpuWeight,
         eps: f32,
     ) -> Result<GpuAct> {
-        let h = x.cols;
-        let (s, wv) = match (scales.f32_table(4, h), norm.vector()) {
-            (Some(s), Some(wv)) if norm.cols == h && scales.rows == 4 => (s, wv),
-            _ => {
-                return Err(shape_err(
-                    "scaled_residual_norm",
-                    format!(
-                        "scales [{}, {}], norm [{}, {}] for width {h}",
-                        scales.rows, scales.cols, norm.rows, norm.cols
-                    ),
-                ))
-            }
-        };
-        if (x.rows, x.cols) != (delta.rows, delta.cols) {
-            return Err(shape_err(
-                "scaled_residual_norm",
-                format!("[{}, {}] + [{}, {}]", x.rows, h, delta.rows, delta.cols),
-            ));
-        }
-        self.with(|ctx| {
-            let out = Self::out_act(ctx, x.rows, h)?;
-            ops::scaled::scaled_residual_norm(
-                ctx, &x.buf, &delta.buf, s, wv, &out.buf, x.rows, h, eps,
-            )?;
-            Ok(out)
-        })
+        ops::scaled::scaled_residual_norm(self, x, delta, scales, norm, eps)
     }
 
     fn embed_affine(&self, x: &mut GpuAct, affine: &GpuWeight) -> Result<()> {
@@ -1467,60 +1219,7 @@ impl Backend for GpuBackend {
         head: &GpuWeight,
         rows: Range<usize>,
     ) -> Result<Vec<PositionStats>> {
-        shapes::rows_within("lm_head_stats", &rows, x.rows)?;
-        shapes::head("lm_head_stats", (head.rows, head.cols), x.cols)?;
-        let (n, vocab) = (rows.len(), head.rows);
-        let per = self.head_rows(vocab);
-        let status = self.sh.status.clone();
-        // Paged expert pools read their pass's routing back with the statistics (one read).
-        let paged = self.paging.take();
-        let (words, flag, routed) = self.with(|ctx| {
-            let out = ctx.output((n.max(1) * ops::stats::WORDS * 4) as u64)?;
-            let logits = ctx.output((per.min(n).max(1) * vocab * 4) as u64)?;
-            let mut r0 = 0;
-            while r0 < n {
-                let m = per.min(n - r0);
-                ops::matmul::matmul_into(ctx, head, &x.buf, rows.start + r0, m, &logits, vocab)?;
-                ops::stats::stats(ctx, &logits, m, vocab, &out, r0)?;
-                r0 += m;
-            }
-            let mut srcs = vec![
-                (&*out, 0, (n * ops::stats::WORDS * 4) as u64),
-                (&*status, 0, 4),
-            ];
-            for (_, caps) in &paged {
-                srcs.extend(caps.iter().map(|(_, buf, len)| (&**buf, 0, *len)));
-            }
-            let b = ctx.read(&srcs)?;
-            let flag = u32::from_le_bytes([b[1][0], b[1][1], b[1][2], b[1][3]]);
-            if flag != 0 {
-                ctx.clear(&status);
-            }
-            let mut rest = b[2..].iter();
-            let routed: Vec<_> = paged
-                .iter()
-                .map(|(pool, caps)| {
-                    let layers = caps
-                        .iter()
-                        .zip(&mut rest)
-                        .map(|((l, _, _), bytes)| (*l, bytemuck::pod_collect_to_vec(bytes)))
-                        .collect();
-                    (pool.clone(), layers)
-                })
-                .collect();
-            Ok((bytemuck::pod_collect_to_vec::<u8, u32>(&b[0]), flag, routed))
-        })?;
-        experts::ActivePools::finish(&routed)?;
-        if flag & 0x8000_0000 != 0 {
-            return Err(BackendError::ExpertUnavailable {
-                layer: ((flag >> 16) & 0x7fff) as usize,
-                expert: (flag & 0xffff) as usize,
-            });
-        }
-        Ok(words
-            .chunks(ops::stats::WORDS)
-            .map(ops::stats::decode)
-            .collect())
+        ops::stats::lm_head_stats(self, x, head, rows)
     }
 
     fn new_canvas(&self, cells: &[Option<u32>], mask: u32) -> Result<Self::Canvas> {
@@ -1570,24 +1269,7 @@ impl Backend for GpuBackend {
     }
 
     fn logits(&self, x: &GpuAct, head: &GpuWeight, rows: Range<usize>) -> Result<Vec<f32>> {
-        shapes::rows_within("logits", &rows, x.rows)?;
-        shapes::head("logits", (head.rows, head.cols), x.cols)?;
-        let (n, vocab) = (rows.len(), head.rows);
-        let per = self.head_rows(vocab);
-        let mut all = Vec::with_capacity(n * vocab);
-        let mut r0 = 0;
-        while r0 < n {
-            let m = per.min(n - r0);
-            let part = self.with(|ctx| {
-                let logits = ctx.output((m * vocab * 4) as u64)?;
-                ops::matmul::matmul_into(ctx, head, &x.buf, rows.start + r0, m, &logits, vocab)?;
-                let b = ctx.read(&[(&logits, 0, (m * vocab * 4) as u64)])?;
-                Ok(bytemuck::pod_collect_to_vec::<u8, f32>(&b[0]))
-            })?;
-            all.extend(part);
-            r0 += m;
-        }
-        Ok(all)
+        ops::stats::logits(self, x, head, rows)
     }
 }
 

@@ -7,7 +7,10 @@ use super::super::device::GpuError;
 use super::super::kernels::{Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
+use super::super::{GpuAct, GpuBackend, GpuKv, GpuWeight};
 use crate::arch::ModelConfig;
+use crate::backend;
+use crate::backend::shapes;
 use crate::backend::AttnMask;
 
 #[repr(C)]
@@ -132,7 +135,7 @@ pub const MAX_HEAD_DIM: usize = 256;
 /// Writes the block's K/V into the layer caches (unless `stored`: the RoPE kernel already did),
 /// then attends; `out` is [T, nq·hd].
 #[allow(clippy::too_many_arguments)]
-pub fn attention(
+pub fn record_attention(
     ctx: &mut Ctx,
     qkv: &GpuBuffer,
     rows: usize,
@@ -254,4 +257,95 @@ pub fn attention(
         &[out, &part],
         Grid::Groups(grid.0, grid.1, 1),
     )
+}
+
+/// [`Backend::attention`] on the GPU.
+#[allow(clippy::too_many_arguments)]
+pub(in crate::backend::gpu) fn attention(
+    b: &GpuBackend,
+    qkv: &GpuAct,
+    kv: &mut GpuKv,
+    layer: usize,
+    c: &ModelConfig,
+    start: usize,
+    kv_len: usize,
+    mask: AttnMask,
+) -> backend::Result<GpuAct> {
+    let t = qkv.rows;
+    shapes::attention(
+        (qkv.rows, qkv.cols),
+        layer,
+        kv.k.len(),
+        c,
+        start,
+        kv_len,
+        kv.capacity,
+        mask,
+    )?;
+    b.with(|ctx| {
+        let out = GpuBackend::out_act(ctx, t, c.q_dim())?;
+        record_attention(
+            ctx,
+            &qkv.buf,
+            t,
+            &kv.k[layer],
+            &kv.v[layer],
+            &out.buf,
+            c,
+            start,
+            kv_len,
+            mask,
+            c.window_of(layer),
+            false,
+        )?;
+        Ok(out)
+    })
+}
+
+/// [`Backend::rope_attention`] on the GPU.
+#[allow(clippy::too_many_arguments)]
+pub(in crate::backend::gpu) fn rope_attention(
+    b: &GpuBackend,
+    qkv: &mut GpuAct,
+    q_norm: Option<&GpuWeight>,
+    k_norm: Option<&GpuWeight>,
+    kv: &mut GpuKv,
+    layer: usize,
+    c: &ModelConfig,
+    start: usize,
+    kv_len: usize,
+    mask: AttnMask,
+) -> backend::Result<GpuAct> {
+    shapes::qkv("rope_attention", qkv.cols, c)?;
+    let (norm, qn, kn) = b.qk_norms("rope_attention", q_norm, k_norm, c)?;
+    shapes::attention(
+        (qkv.rows, qkv.cols),
+        layer,
+        kv.k.len(),
+        c,
+        start,
+        kv_len,
+        kv.capacity,
+        mask,
+    )?;
+    let (t, k, v) = (qkv.rows, &kv.k[layer], &kv.v[layer]);
+    b.with(|ctx| {
+        super::rope::record_qk_norm_rope(ctx, &qkv.buf, t, &qn, &kn, norm, c, start, Some((k, v)))?;
+        let out = GpuBackend::out_act(ctx, t, c.q_dim())?;
+        record_attention(
+            ctx,
+            &qkv.buf,
+            t,
+            k,
+            v,
+            &out.buf,
+            c,
+            start,
+            kv_len,
+            mask,
+            c.window_of(layer),
+            true,
+        )?;
+        Ok(out)
+    })
 }

@@ -10,8 +10,11 @@ use super::super::device::{GpuDevice, GpuError};
 use super::super::kernels::{Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
+use super::super::{f32_arg, GpuAct, GpuBackend, GpuKv, GpuWeight};
 use crate::arch::ModelConfig;
+use crate::backend::shapes::shape_err;
 use crate::backend::CcaParams;
+use crate::backend::{self, BackendError, CcaWeights};
 
 /// What a CCA layer keeps per position besides K/V, in the KV cache: the raw `[q; k]` rows (the
 /// conv's input) and the delayed-v rows. Indexed by absolute position like the K/V rows (as the
@@ -116,7 +119,7 @@ pub struct CcaBuffers<'a> {
 
 /// `proj` [rows, q_dim + 2 kv_dim] in place; `conv` [capacity, q_dim + kv_dim] and `vd`
 /// [capacity, kv_dim / 2] are the layer's state (shapes checked by the caller).
-pub fn cca_qkv(
+pub fn record_cca_qkv(
     ctx: &mut Ctx,
     proj: &GpuBuffer,
     rows: usize,
@@ -178,4 +181,58 @@ pub fn cca_qkv(
         &[proj, conv, vd, &z, w.temp, &rope],
         Grid::Groups((p.heads + p.kv_heads) as u32, rows as u32, 1),
     )
+}
+
+/// [`Backend::cca_qkv`] on the GPU.
+pub(in crate::backend::gpu) fn cca_qkv(
+    b: &GpuBackend,
+    proj: &mut GpuAct,
+    w: CcaWeights<'_, GpuWeight>,
+    kv: &mut GpuKv,
+    p: CcaParams,
+) -> backend::Result<()> {
+    let (qd, kd) = (p.q_dim(), p.kv_dim());
+    let c = qd + kd;
+    let Some(state) = &kv.cca else {
+        return Err(shape_err(
+            "cca_qkv",
+            "the cache was made for standard attention".into(),
+        ));
+    };
+    if p.layer >= state.conv.len()
+        || proj.cols != c + kd
+        || p.kv_heads == 0
+        || !p.heads.is_multiple_of(p.kv_heads)
+    {
+        return Err(shape_err(
+            "cca_qkv",
+            format!(
+                "layer {}, projection width {} for {}",
+                p.layer,
+                proj.cols,
+                c + kd
+            ),
+        ));
+    }
+    if p.start + proj.rows > kv.capacity {
+        return Err(BackendError::CacheFull {
+            pos: p.start + proj.rows,
+            capacity: kv.capacity,
+        });
+    }
+    let table = |name, wt, rows, cols| f32_arg("cca_qkv", name, wt, rows, cols);
+    let hd = p.head_dim;
+    let bufs = CcaBuffers {
+        conv_dw: table("conv_dw", w.conv_dw, c, 2)?,
+        conv_dw_bias: table("conv_dw_bias", w.conv_dw_bias, 1, c)?,
+        conv_grouped: table("conv_grouped", w.conv_grouped, c, 2 * hd)?,
+        conv_grouped_bias: table("conv_grouped_bias", w.conv_grouped_bias, 1, c)?,
+        temp: table("temp", w.temp, 1, p.kv_heads)?,
+    };
+    let (conv, vd) = (&state.conv[p.layer], &state.vd[p.layer]);
+    b.with(|ctx| {
+        Ok(record_cca_qkv(
+            ctx, &proj.buf, proj.rows, bufs, conv, vd, p,
+        )?)
+    })
 }

@@ -11,7 +11,9 @@ use super::super::device::GpuError;
 use super::super::kernels::{Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
+use super::super::{GpuAct, GpuBackend, GpuExperts, GpuRouting, GpuWeight};
 use super::matmul::{ExpertParams, EXPERT_DOWN, EXPERT_GATE_UP};
+use crate::backend::{self, Backend};
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
@@ -422,4 +424,69 @@ pub fn combine(
             grid,
         ),
     }
+}
+
+/// [`Backend::moe_add_rms_norm`] on the GPU.
+#[allow(clippy::too_many_arguments)]
+pub(in crate::backend::gpu) fn moe_add_rms_norm(
+    b: &GpuBackend,
+    h: &GpuAct,
+    routing: &GpuRouting,
+    experts: &GpuExperts,
+    shared: Option<(&GpuWeight, &GpuWeight)>,
+    x: &mut GpuAct,
+    norm: &GpuWeight,
+    eps: f32,
+) -> backend::Result<GpuAct> {
+    let resident = experts.paged.is_none()
+        && (x.rows, x.cols) == (h.rows, h.cols)
+        && h.cols == experts.hidden
+        && routing.rows == h.rows;
+    let wv = norm.vector().filter(|_| norm.cols == x.cols);
+    let Some(wv) = wv.filter(|_| resident) else {
+        // Paged experts (their combine runs after the pager's groups), or shapes the
+        // separate ops name in their errors.
+        let y = match shared {
+            Some((gate_up, down)) => b.moe_shared_mlp(h, routing, experts, gate_up, down)?,
+            None => b.moe(h, routing, experts)?,
+        };
+        return b.add_rms_norm(x, &y, norm, eps);
+    };
+    let layout = experts.layout(&experts.store.slots, &experts.pools);
+    let ys;
+    let kind = match shared {
+        None => Shared::None,
+        Some((gate_up, down)) => {
+            let rows = b.lock().batch_rows.map_or(h.rows, |b| b.min(h.rows));
+            match GpuBackend::fused_shared(&b.sh, rows, h, routing, experts, &layout, gate_up, down)
+            {
+                Some(m) => Shared::Mlp(m),
+                None => {
+                    ys = b.mlp(gate_up, down, h)?;
+                    Shared::Output(&ys.buf)
+                }
+            }
+        }
+    };
+    b.with(|ctx| {
+        let out = GpuBackend::out_act(ctx, h.rows, h.cols)?;
+        let then = ResidualNorm {
+            x: &x.buf,
+            w: wv,
+            eps,
+        };
+        moe(
+            ctx,
+            &h.buf,
+            h.rows,
+            &routing.ids,
+            &routing.weights,
+            routing.k,
+            &layout,
+            kind,
+            &out.buf,
+            Some(then),
+        )?;
+        Ok(out)
+    })
 }

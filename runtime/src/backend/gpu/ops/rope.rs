@@ -8,7 +8,10 @@ use super::super::device::GpuError;
 use super::super::kernels::{Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid, RopeTable};
+use super::super::{GpuAct, GpuBackend, GpuWeight};
 use crate::arch::ModelConfig;
+use crate::backend;
+use crate::backend::shapes;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
@@ -140,7 +143,7 @@ pub fn table_for(
 /// and V caches) the kernel also stores the block's finished k and v rows at `start..` — what
 /// attention's kv_store would do, without its dispatch.
 #[allow(clippy::too_many_arguments)]
-pub fn qk_norm_rope(
+pub fn record_qk_norm_rope(
     ctx: &mut Ctx,
     qkv: &GpuBuffer,
     rows: usize,
@@ -214,4 +217,22 @@ pub fn qk_norm_rope(
         &[qkv, q_norm, k_norm, &rope],
         Grid::Groups(heads as u32, rows as u32, 1),
     )
+}
+
+/// [`Backend::qk_norm_rope`] on the GPU.
+pub(in crate::backend::gpu) fn qk_norm_rope(
+    b: &GpuBackend,
+    qkv: &mut GpuAct,
+    q_norm: Option<&GpuWeight>,
+    k_norm: Option<&GpuWeight>,
+    c: &ModelConfig,
+    start: usize,
+) -> backend::Result<()> {
+    shapes::qkv("qk_norm_rope", qkv.cols, c)?;
+    let (norm, qn, kn) = b.qk_norms("qk_norm_rope", q_norm, k_norm, c)?;
+    b.with(|ctx| {
+        Ok(record_qk_norm_rope(
+            ctx, &qkv.buf, qkv.rows, &qn, &kn, norm, c, start, None,
+        )?)
+    })
 }

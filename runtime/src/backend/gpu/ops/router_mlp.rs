@@ -9,8 +9,11 @@ use super::super::kernels::{Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
 use super::super::GpuWeight;
+use super::super::{f32_arg, GpuAct, GpuBackend, GpuRouting};
 use super::router::{BlockMaskParams, BLOCK_MASK};
+use crate::backend::shapes::shape_err;
 use crate::backend::BlockRouting;
+use crate::backend::{self, MlpRouterParams, MlpRouterWeights};
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
@@ -104,7 +107,7 @@ fn bias_act(
 /// [rows, n] (after EDA, before the norm) that the next MoE layer's EDA reads. With `blocks`,
 /// router_blocks.wgsl turns the class logits into each block's mask first.
 #[allow(clippy::too_many_arguments)]
-pub fn route_mlp(
+pub fn record_route_mlp(
     ctx: &mut Ctx,
     x: &GpuBuffer,
     rows: usize,
@@ -178,4 +181,79 @@ pub fn route_mlp(
         &[w.bias, &logits, ids, weights, mask_buf],
         Grid::Linear((rows as u64).div_ceil(64)),
     )
+}
+
+/// [`Backend::route_mlp`] on the GPU.
+pub(in crate::backend::gpu) fn route_mlp(
+    b: &GpuBackend,
+    x: &GpuAct,
+    w: MlpRouterWeights<'_, GpuWeight>,
+    eda: Option<&GpuAct>,
+    p: MlpRouterParams,
+) -> backend::Result<(GpuRouting, GpuAct)> {
+    let (n, classes, k) = (w.down.rows, p.experts + 1, p.top_k);
+    let bad = |what: String| shape_err("route_mlp", what);
+    let vec_of = |name, wt, len| f32_arg("route_mlp", name, wt, 1, len);
+    if w.down.cols != x.cols
+        || (w.fc1.rows, w.fc1.cols, w.fc2.rows, w.fc2.cols) != (n, n, n, n)
+        || (w.out.rows, w.out.cols) != (classes, n)
+        || k == 0
+        || k > classes
+    {
+        return Err(bad(format!(
+            "down [{}, {}] × x width {}, fc [{}, {}], out [{}, {}] for {classes} classes top-{k}",
+            w.down.rows, w.down.cols, x.cols, w.fc1.rows, w.fc1.cols, w.out.rows, w.out.cols
+        )));
+    }
+    let eda_bufs = match (eda, w.eda_scale) {
+        (Some(prev), Some(scale)) => {
+            if (prev.rows, prev.cols) != (x.rows, n) {
+                return Err(bad(format!(
+                    "EDA state [{}, {}] vs router [{}, {n}]",
+                    prev.rows, prev.cols, x.rows
+                )));
+            }
+            Some((&*prev.buf, vec_of("eda_scale", scale, n)?))
+        }
+        _ => None,
+    };
+    let bufs = MlpRouterBuffers {
+        down: w.down,
+        down_bias: vec_of("down_bias", w.down_bias, n)?,
+        eda: eda_bufs,
+        norm: vec_of("norm", w.norm, n)?,
+        fc1: w.fc1,
+        fc1_bias: vec_of("fc1_bias", w.fc1_bias, n)?,
+        fc2: w.fc2,
+        fc2_bias: vec_of("fc2_bias", w.fc2_bias, n)?,
+        out: w.out,
+        bias: vec_of("bias", w.bias, classes)?,
+    };
+    b.with(|ctx| {
+        let state = GpuBackend::out_act(ctx, x.rows, n)?;
+        let ids = ctx.output((x.rows * k * 4) as u64)?;
+        let weights = ctx.output((x.rows * k * 4) as u64)?;
+        record_route_mlp(
+            ctx,
+            &x.buf,
+            x.rows,
+            bufs,
+            p.experts,
+            k,
+            p.eps,
+            p.blocks.as_ref(),
+            &state.buf,
+            &ids,
+            &weights,
+        )?;
+        Ok((
+            GpuRouting {
+                rows: x.rows,
+                k,
+                ids,
+                weights,
+            },
+            state,
+        ))
+    })
 }

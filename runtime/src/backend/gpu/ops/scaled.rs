@@ -7,6 +7,9 @@ use super::super::device::GpuError;
 use super::super::kernels::{Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
+use super::super::{GpuAct, GpuBackend, GpuWeight};
+use crate::backend;
+use crate::backend::shapes::shape_err;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
@@ -32,7 +35,7 @@ pub static SCALED_RESIDUAL_NORM: Entry = Entry {
 };
 /// x = (delta + s[0]) ⊙ s[1] + (x + s[2]) ⊙ s[3]; out = rms_norm(x) · w. `s` is [4, cols] f32.
 #[allow(clippy::too_many_arguments)]
-pub fn scaled_residual_norm(
+pub fn record_scaled_residual_norm(
     ctx: &mut Ctx,
     x: &GpuBuffer,
     delta: &GpuBuffer,
@@ -57,4 +60,39 @@ pub fn scaled_residual_norm(
         &[x, delta, s, w, out],
         Grid::Groups(rows as u32, 1, 1),
     )
+}
+
+/// [`Backend::scaled_residual_norm`] on the GPU.
+pub(in crate::backend::gpu) fn scaled_residual_norm(
+    b: &GpuBackend,
+    x: &mut GpuAct,
+    delta: &GpuAct,
+    scales: &GpuWeight,
+    norm: &GpuWeight,
+    eps: f32,
+) -> backend::Result<GpuAct> {
+    let h = x.cols;
+    let (s, wv) = match (scales.f32_table(4, h), norm.vector()) {
+        (Some(s), Some(wv)) if norm.cols == h && scales.rows == 4 => (s, wv),
+        _ => {
+            return Err(shape_err(
+                "scaled_residual_norm",
+                format!(
+                    "scales [{}, {}], norm [{}, {}] for width {h}",
+                    scales.rows, scales.cols, norm.rows, norm.cols
+                ),
+            ))
+        }
+    };
+    if (x.rows, x.cols) != (delta.rows, delta.cols) {
+        return Err(shape_err(
+            "scaled_residual_norm",
+            format!("[{}, {}] + [{}, {}]", x.rows, h, delta.rows, delta.cols),
+        ));
+    }
+    b.with(|ctx| {
+        let out = GpuBackend::out_act(ctx, x.rows, h)?;
+        record_scaled_residual_norm(ctx, &x.buf, &delta.buf, s, wv, &out.buf, x.rows, h, eps)?;
+        Ok(out)
+    })
 }

@@ -7,7 +7,11 @@ use super::super::device::GpuError;
 use super::super::kernels::{Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
+use super::super::{experts, GpuAct, GpuBackend, GpuWeight};
+use crate::backend::shapes;
+use crate::backend::{self, BackendError};
 use crate::backend::{PositionStats, TOP_K};
+use std::ops::Range;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
@@ -85,4 +89,88 @@ pub fn decode(words: &[u32]) -> PositionStats {
         margin: f(3),
         top,
     }
+}
+
+/// [`Backend::lm_head_stats`] on the GPU.
+pub(in crate::backend::gpu) fn lm_head_stats(
+    b: &GpuBackend,
+    x: &GpuAct,
+    head: &GpuWeight,
+    rows: Range<usize>,
+) -> backend::Result<Vec<PositionStats>> {
+    shapes::rows_within("lm_head_stats", &rows, x.rows)?;
+    shapes::head("lm_head_stats", (head.rows, head.cols), x.cols)?;
+    let (n, vocab) = (rows.len(), head.rows);
+    let per = b.head_rows(vocab);
+    let status = b.sh.status.clone();
+    // Paged expert pools read their pass's routing back with the statistics (one read).
+    let paged = b.paging.take();
+    let (words, flag, routed) = b.with(|ctx| {
+        let out = ctx.output((n.max(1) * WORDS * 4) as u64)?;
+        let logits = ctx.output((per.min(n).max(1) * vocab * 4) as u64)?;
+        let mut r0 = 0;
+        while r0 < n {
+            let m = per.min(n - r0);
+            super::matmul::matmul_into(ctx, head, &x.buf, rows.start + r0, m, &logits, vocab)?;
+            stats(ctx, &logits, m, vocab, &out, r0)?;
+            r0 += m;
+        }
+        let mut srcs = vec![(&*out, 0, (n * WORDS * 4) as u64), (&*status, 0, 4)];
+        for (_, caps) in &paged {
+            srcs.extend(caps.iter().map(|(_, buf, len)| (&**buf, 0, *len)));
+        }
+        let b = ctx.read(&srcs)?;
+        let flag = u32::from_le_bytes([b[1][0], b[1][1], b[1][2], b[1][3]]);
+        if flag != 0 {
+            ctx.clear(&status);
+        }
+        let mut rest = b[2..].iter();
+        let routed: Vec<_> = paged
+            .iter()
+            .map(|(pool, caps)| {
+                let layers = caps
+                    .iter()
+                    .zip(&mut rest)
+                    .map(|((l, _, _), bytes)| (*l, bytemuck::pod_collect_to_vec(bytes)))
+                    .collect();
+                (pool.clone(), layers)
+            })
+            .collect();
+        Ok((bytemuck::pod_collect_to_vec::<u8, u32>(&b[0]), flag, routed))
+    })?;
+    experts::ActivePools::finish(&routed)?;
+    if flag & 0x8000_0000 != 0 {
+        return Err(BackendError::ExpertUnavailable {
+            layer: ((flag >> 16) & 0x7fff) as usize,
+            expert: (flag & 0xffff) as usize,
+        });
+    }
+    Ok(words.chunks(WORDS).map(decode).collect())
+}
+
+/// [`Backend::logits`] on the GPU.
+pub(in crate::backend::gpu) fn logits(
+    b: &GpuBackend,
+    x: &GpuAct,
+    head: &GpuWeight,
+    rows: Range<usize>,
+) -> backend::Result<Vec<f32>> {
+    shapes::rows_within("logits", &rows, x.rows)?;
+    shapes::head("logits", (head.rows, head.cols), x.cols)?;
+    let (n, vocab) = (rows.len(), head.rows);
+    let per = b.head_rows(vocab);
+    let mut all = Vec::with_capacity(n * vocab);
+    let mut r0 = 0;
+    while r0 < n {
+        let m = per.min(n - r0);
+        let part = b.with(|ctx| {
+            let logits = ctx.output((m * vocab * 4) as u64)?;
+            super::matmul::matmul_into(ctx, head, &x.buf, rows.start + r0, m, &logits, vocab)?;
+            let b = ctx.read(&[(&logits, 0, (m * vocab * 4) as u64)])?;
+            Ok(bytemuck::pod_collect_to_vec::<u8, f32>(&b[0]))
+        })?;
+        all.extend(part);
+        r0 += m;
+    }
+    Ok(all)
 }
