@@ -939,6 +939,7 @@ fn a_streamed_reason_run_sends_each_rounds_events_in_order_then_the_answer() {
         .position(|c| c["object"] != "edgediff.reason.event")
         .unwrap();
     assert_eq!(first_answer, events.len());
+    assert!(events.iter().all(|e| e["choices"] == json!([])));
     // Per round: round_started, then each trace starts before its text and ends after it, the
     // round ends after all of its traces, and the next round starts after that.
     let mut round = 0;

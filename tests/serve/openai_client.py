@@ -2,8 +2,8 @@
 starts the server and passes EDGEDIFF_URL and EDGEDIFF_KEY).
 
 Chat and completions, streamed and not (the streamed text equals the whole answer), stop strings,
-seeded sampling, the extension object, a bad request and a wrong key as the client's own typed
-exceptions. Prints 'openai-client: N passed, M failed' and exits non-zero on any failure.
+seeded sampling, the extension object, a reasoning run streamed (its event chunks passed over) and
+not, a bad request and a wrong key as the client's own typed exceptions. Prints 'openai-client: N passed, M failed' and exits non-zero on any failure.
 """
 
 import os
@@ -115,6 +115,33 @@ def test_a_bad_request_is_a_400():
             assert e.status_code == 400 and e.body and e.body.get("message"), (kw, e.body)
         else:
             raise AssertionError(f"{kw} was accepted")
+
+
+def test_a_reasoning_run_streams_its_events_then_the_same_answer():
+    reason = {"edgediff": {"decoder": "ar", "reason": {
+        "n": 2, "k": 2, "rounds": 1, "tail_tokens": 8, "think_budget": 4, "answer_regex": r"(\S+)\s*$"}}}
+    kw = dict(model="default", messages=[{"role": "user", "content": "What is 2 + 3?"}],
+              max_tokens=3, seed=4, extra_body=reason)
+    whole = client.chat.completions.create(**kw)
+    summary = whole.model_extra["edgediff"]
+    assert summary["traces"] == 4, summary
+    events, text, finish, usage, end = [], "", None, None, None
+    for c in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        if c.object == "edgediff.reason.event":
+            assert c.choices == [], c
+            events.append(c.model_extra["event"]["type"])
+            continue
+        for ch in c.choices:
+            text += ch.delta.content or ""
+            finish = ch.finish_reason or finish
+            if ch.finish_reason:
+                end = c.model_extra["edgediff"]
+        usage = c.usage or usage
+    assert events[0] == "round_started" and events[-1] == "round_done", events
+    assert events.count("round_done") == 2 and events.count("trace_finished") == 4, events
+    assert text == whole.choices[0].message.content and finish == "stop", (text, finish)
+    assert end == summary, (end, summary)
+    assert usage.completion_tokens == whole.usage.completion_tokens
 
 
 def test_a_wrong_key_is_a_401():

@@ -15,7 +15,7 @@
 //! both before the reply starts. Its traces' passes are batched with everyone's.
 //!
 //! `stream: true` sends every [`ReasonEvent`] as an `edgediff.reason.event` chunk
-//! (`{"object": "edgediff.reason.event", "event": {"type": "trace_text", …}}`), then the answer
+//! (`{"object": "edgediff.reason.event", "choices": [], "event": {"type": "trace_text", …}}`), then the answer
 //! as `chat.completion.chunk`s (role + content, then `finish_reason` with the `"edgediff"`
 //! summary), the usage when asked for, and `data: [DONE]`. A client that goes away (the handler
 //! or the stream is dropped) cancels the run: a queued round leaves the queue, running traces
@@ -359,6 +359,8 @@ fn stream(
                         "object": "edgediff.reason.event",
                         "created": r.created,
                         "model": &*r.model,
+                        // No choices: OpenAI clients iterate past it as past a usage chunk.
+                        "choices": [],
                         "event": event_json(&e),
                     });
                     st.pending.push_back(chunk.to_string());
