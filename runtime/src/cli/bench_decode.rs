@@ -84,6 +84,9 @@ struct Row {
     ttft: Duration,
     elapsed: Duration,
     same_as_ar: usize,
+    /// GPU read-backs (host round trips) and dispatches over the row (0 on the CPU).
+    readbacks: u64,
+    dispatches: u64,
     /// Sum over prompts of the mean AR NLL per token of the decoder's output (None where the
     /// model has no next-token logits to score with).
     nll: Option<f64>,
@@ -154,6 +157,8 @@ fn run_decode(a: DecodeArgs) -> anyhow::Result<()> {
             ttft: Duration::ZERO,
             elapsed: Duration::ZERO,
             same_as_ar: 0,
+            readbacks: 0,
+            dispatches: 0,
             nll: score.then_some(0.0),
         };
         for (i, text) in prompts.iter().enumerate() {
@@ -162,9 +167,13 @@ fn run_decode(a: DecodeArgs) -> anyhow::Result<()> {
                 ignore_eos: !a.stop_at_eos,
                 ..params.clone()
             };
+            let (r0, d0) = crate::backend::gpu::recorder::activity();
             let out = engine
                 .generate(&request, &mut |_| {})
                 .with_context(|| format!("{} on prompt {}", row.decoder, i + 1))?;
+            let (r1, d1) = crate::backend::gpu::recorder::activity();
+            row.readbacks += r1 - r0;
+            row.dispatches += d1 - d0;
             if let Some(sum) = row.nll.as_mut() {
                 *sum += engine
                     .continuation_nll(&prompt_ids[i], &out.tokens)
@@ -263,7 +272,7 @@ fn print_table(
         });
     println!(
         "`edgediff bench decode` — {model} ({}, {} layers, hidden {}, {} experts top-{}), backend {}, \
-         {} prompts × {} new tokens, prediction {:?}, {}\n",
+         {} prompts × {} new tokens, prediction {:?}, {}, device steps {:?}\n",
         c.architecture,
         c.num_layers,
         c.hidden_size,
@@ -281,6 +290,7 @@ fn print_table(
                 base.sampling.temperature, base.sampling.seed
             )
         },
+        base.device_steps,
     );
     let tps = |r: &Row| r.tokens as f64 / r.elapsed.as_secs_f64().max(1e-9);
     // configurations() puts AR first: every speedup is against it, measured in this same run.
@@ -291,11 +301,12 @@ fn print_table(
             ar, r.forwards, r.tokens
         );
     }
-    println!("| decoder | policy | tokens | forwards | tokens/forward | positions | TTFT ms | tokens/s | vs AR | = AR | AR NLL |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    // GPU only: read-backs are host round trips (each waits for the GPU).
+    println!("| decoder | policy | tokens | forwards | tokens/forward | positions | TTFT ms | tokens/s | vs AR | = AR | AR NLL | round trips | dispatches |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (i, r) in rows.iter().enumerate() {
         println!(
-            "| {} | {} | {} | {} | {:.2} | {} | {:.1} | {:.1} | {:.2}× | {} | {} |",
+            "| {} | {} | {} | {} | {:.2} | {} | {:.1} | {:.1} | {:.2}× | {} | {} | {} | {} |",
             r.decoder,
             r.policy,
             r.tokens,
@@ -314,6 +325,8 @@ fn print_table(
                 "{:.3}",
                 n / prompts.len() as f64
             )),
+            r.readbacks,
+            r.dispatches,
         );
     }
 }

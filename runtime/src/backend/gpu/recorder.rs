@@ -14,6 +14,7 @@
 use std::time::Instant;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytemuck::Pod;
@@ -23,6 +24,19 @@ use super::kernels::{Entry, Kernels, Slot, INPUT_BINDING};
 use super::pool::{ActPool, GpuBuffer, Pooled};
 
 type Result<T> = std::result::Result<T, GpuError>;
+
+/// Host read-backs (each a wait for the GPU: a round trip) and dispatches of every GPU backend in
+/// this process, for benchmarks that see only an engine (`bench decode`).
+static READBACKS: AtomicU64 = AtomicU64::new(0);
+static DISPATCHES: AtomicU64 = AtomicU64::new(0);
+
+/// (read-backs, dispatches) so far in this process; benchmarks take differences.
+pub fn activity() -> (u64, u64) {
+    (
+        READBACKS.load(Ordering::Relaxed),
+        DISPATCHES.load(Ordering::Relaxed),
+    )
+}
 
 /// The workgroup grid of one dispatch.
 pub enum Grid<'a> {
@@ -354,6 +368,7 @@ impl Ctx<'_> {
             self.flush()?;
         }
         self.st.dispatches += 1;
+        DISPATCHES.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -454,6 +469,7 @@ impl Ctx<'_> {
 
     /// Copies each `(buffer, offset, len)` to the host: records the copies, submits, waits.
     pub fn read(&mut self, srcs: &[(&GpuBuffer, u64, u64)]) -> Result<Vec<Vec<u8>>> {
+        READBACKS.fetch_add(1, Ordering::Relaxed);
         let mut at = Vec::with_capacity(srcs.len());
         let mut total = 0u64;
         for &(_, _, len) in srcs {
