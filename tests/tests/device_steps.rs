@@ -214,8 +214,8 @@ fn chained_steps_commit_the_host_loops_tokens_on_the_gpu() {
 }
 
 /// The committed default model (trained: peaked statistics, several tokens a step, a real EOS)
-/// under each policy the device runs, with its own prediction convention.
-fn check_default<B: Backend>(name: &str, b: &B) {
+/// under the policies `which` picks of those the device runs, with its own prediction convention.
+fn check_default<B: Backend>(name: &str, b: &B, which: &[usize]) {
     let (model, special) = load(b, &default_model());
     let prediction = model
         .file
@@ -230,12 +230,12 @@ fn check_default<B: Backend>(name: &str, b: &B) {
         CommitPolicy::EntropyBound { gamma: 0.5 },
         CommitPolicy::Margin { margin: 0.6 },
     ];
-    for (i, policy) in policies.into_iter().enumerate() {
-        let bs = [16, 32, 13, 16][i];
+    for &i in which {
+        let (policy, bs) = (policies[i], [16, 32, 13, 16][i]);
         let p = DecodeParams {
             decoder: block(bs),
             policy,
-            max_new_tokens: 40,
+            max_new_tokens: 24,
             prediction,
             ..DecodeParams::default()
         };
@@ -246,10 +246,12 @@ fn check_default<B: Backend>(name: &str, b: &B) {
     }
 }
 
+/// Every policy on the CPU; on the GPU two per configuration (the default model's passes are slow
+/// on a software adapter).
 #[test]
 fn chained_steps_on_the_default_model_match_the_host_loop() {
-    check_default("cpu", &CpuBackend);
-    for (name, gpu) in backends(None) {
-        check_default(&name, &gpu);
+    check_default("cpu", &CpuBackend, &[0, 1, 2, 3]);
+    for (k, (name, gpu)) in backends(None).into_iter().enumerate() {
+        check_default(&name, &gpu, &[(2 * k) % 4, (2 * k + 1) % 4]);
     }
 }
