@@ -924,36 +924,11 @@ impl Backend for GpuBackend {
     }
 
     fn matmul(&self, w: &GpuWeight, x: &GpuAct) -> Result<GpuAct> {
-        shapes::matmul("matmul", (w.rows, w.cols), (x.rows, x.cols))?;
-        self.with(|ctx| {
-            let out = Self::out_act(ctx, x.rows, w.rows)?;
-            ops::matmul::matmul_into(ctx, w, &x.buf, 0, x.rows, &out.buf, w.rows)?;
-            Ok(out)
-        })
+        ops::matmul::matmul(self, w, x)
     }
 
     fn mlp(&self, gate_up: &GpuWeight, down: &GpuWeight, x: &GpuAct) -> Result<GpuAct> {
-        let inter = gate_up.rows / 2;
-        if gate_up.cols != x.cols || !gate_up.rows.is_multiple_of(2) || down.cols != inter {
-            return Err(shape_err(
-                "mlp",
-                format!(
-                    "gate_up [{}, {}], down [{}, {}], x [{}, {}]",
-                    gate_up.rows, gate_up.cols, down.rows, down.cols, x.rows, x.cols
-                ),
-            ));
-        }
-        self.with(|ctx| {
-            let h = ctx.output((x.rows * inter * 4) as u64)?;
-            if !ops::matmul::gate_up_swiglu_into(ctx, gate_up, &x.buf, x.rows, &h)? {
-                let gu = ctx.output((x.rows * 2 * inter * 4) as u64)?;
-                ops::matmul::matmul_into(ctx, gate_up, &x.buf, 0, x.rows, &gu, 2 * inter)?;
-                ops::elementwise::swiglu(ctx, &h, &gu, x.rows, inter)?;
-            }
-            let out = Self::out_act(ctx, x.rows, down.rows)?;
-            ops::matmul::matmul_into(ctx, down, &h, 0, x.rows, &out.buf, down.rows)?;
-            Ok(out)
-        })
+        ops::matmul::mlp(self, gate_up, down, x)
     }
 
     fn qk_norm_rope(
@@ -1027,12 +1002,7 @@ impl Backend for GpuBackend {
         experts: &GpuExperts,
         shared: &GpuAct,
     ) -> Result<GpuAct> {
-        shapes::same_shape(
-            "moe_plus_shared",
-            (x.rows, x.cols),
-            (shared.rows, shared.cols),
-        )?;
-        self.moe_with(x, routing, experts, Some(&*shared.buf))
+        ops::moe::moe_plus_shared(self, x, routing, experts, shared)
     }
 
     fn moe_shared_mlp(
@@ -1043,17 +1013,7 @@ impl Backend for GpuBackend {
         gate_up: &GpuWeight,
         down: &GpuWeight,
     ) -> Result<GpuAct> {
-        let layout = experts.layout(&experts.store.slots, &experts.pools);
-        let rows = self.lock().batch_rows.map_or(x.rows, |b| b.min(x.rows));
-        match Self::fused_shared(&self.sh, rows, x, routing, experts, &layout, gate_up, down) {
-            Some(m) => {
-                self.with(|ctx| Self::moe_act(ctx, x, routing, &layout, ops::moe::Shared::Mlp(m)))
-            }
-            None => {
-                let ys = self.mlp(gate_up, down, x)?;
-                self.moe_plus_shared(x, routing, experts, &ys)
-            }
-        }
+        ops::moe::moe_shared_mlp(self, x, routing, experts, gate_up, down)
     }
 
     fn moe_add_rms_norm(

@@ -13,6 +13,9 @@ use super::super::kernels::{Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
 use super::super::GpuWeight;
+use super::super::{GpuAct, GpuBackend};
+use crate::backend;
+use crate::backend::shapes::{self, shape_err};
 use crate::format::DType;
 
 #[repr(C)]
@@ -367,4 +370,48 @@ pub fn matmul_into(
         ctx.dispatch(entry, w.wtype(), &p, None, &bufs, grid)?;
     }
     Ok(())
+}
+
+/// [`Backend::matmul`] on the GPU.
+pub(in crate::backend::gpu) fn matmul(
+    b: &GpuBackend,
+    w: &GpuWeight,
+    x: &GpuAct,
+) -> backend::Result<GpuAct> {
+    shapes::matmul("matmul", (w.rows, w.cols), (x.rows, x.cols))?;
+    b.with(|ctx| {
+        let out = GpuBackend::out_act(ctx, x.rows, w.rows)?;
+        matmul_into(ctx, w, &x.buf, 0, x.rows, &out.buf, w.rows)?;
+        Ok(out)
+    })
+}
+
+/// [`Backend::mlp`] on the GPU.
+pub(in crate::backend::gpu) fn mlp(
+    b: &GpuBackend,
+    gate_up: &GpuWeight,
+    down: &GpuWeight,
+    x: &GpuAct,
+) -> backend::Result<GpuAct> {
+    let inter = gate_up.rows / 2;
+    if gate_up.cols != x.cols || !gate_up.rows.is_multiple_of(2) || down.cols != inter {
+        return Err(shape_err(
+            "mlp",
+            format!(
+                "gate_up [{}, {}], down [{}, {}], x [{}, {}]",
+                gate_up.rows, gate_up.cols, down.rows, down.cols, x.rows, x.cols
+            ),
+        ));
+    }
+    b.with(|ctx| {
+        let h = ctx.output((x.rows * inter * 4) as u64)?;
+        if !gate_up_swiglu_into(ctx, gate_up, &x.buf, x.rows, &h)? {
+            let gu = ctx.output((x.rows * 2 * inter * 4) as u64)?;
+            matmul_into(ctx, gate_up, &x.buf, 0, x.rows, &gu, 2 * inter)?;
+            super::elementwise::swiglu(ctx, &h, &gu, x.rows, inter)?;
+        }
+        let out = GpuBackend::out_act(ctx, x.rows, down.rows)?;
+        matmul_into(ctx, down, &h, 0, x.rows, &out.buf, down.rows)?;
+        Ok(out)
+    })
 }

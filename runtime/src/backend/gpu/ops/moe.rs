@@ -13,7 +13,7 @@ use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
 use super::super::{GpuAct, GpuBackend, GpuExperts, GpuRouting, GpuWeight};
 use super::matmul::{ExpertParams, EXPERT_DOWN, EXPERT_GATE_UP};
-use crate::backend::{self, Backend};
+use crate::backend::{self, shapes, Backend};
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
@@ -489,4 +489,40 @@ pub(in crate::backend::gpu) fn moe_add_rms_norm(
         )?;
         Ok(out)
     })
+}
+
+/// [`Backend::moe_shared_mlp`] on the GPU.
+pub(in crate::backend::gpu) fn moe_shared_mlp(
+    b: &GpuBackend,
+    x: &GpuAct,
+    routing: &GpuRouting,
+    experts: &GpuExperts,
+    gate_up: &GpuWeight,
+    down: &GpuWeight,
+) -> backend::Result<GpuAct> {
+    let layout = experts.layout(&experts.store.slots, &experts.pools);
+    let rows = b.lock().batch_rows.map_or(x.rows, |b| b.min(x.rows));
+    match GpuBackend::fused_shared(&b.sh, rows, x, routing, experts, &layout, gate_up, down) {
+        Some(m) => b.with(|ctx| GpuBackend::moe_act(ctx, x, routing, &layout, Shared::Mlp(m))),
+        None => {
+            let ys = b.mlp(gate_up, down, x)?;
+            b.moe_plus_shared(x, routing, experts, &ys)
+        }
+    }
+}
+
+/// [`Backend::moe_plus_shared`] on the GPU.
+pub(in crate::backend::gpu) fn moe_plus_shared(
+    b: &GpuBackend,
+    x: &GpuAct,
+    routing: &GpuRouting,
+    experts: &GpuExperts,
+    shared: &GpuAct,
+) -> backend::Result<GpuAct> {
+    shapes::same_shape(
+        "moe_plus_shared",
+        (x.rows, x.cols),
+        (shared.rows, shared.cols),
+    )?;
+    b.moe_with(x, routing, experts, Some(&*shared.buf))
 }
