@@ -863,35 +863,11 @@ impl Backend for GpuBackend {
     }
 
     fn embed(&self, table: &GpuWeight, tokens: &[u32]) -> Result<GpuAct> {
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= table.rows) {
-            return Err(BackendError::TokenOutOfRange {
-                id,
-                vocab: table.rows,
-            });
-        }
-        if tokens.len() * 4 > kernels::INPUT_BINDING as usize {
-            return Err(GpuError::Limit {
-                what: "token ids of one pass".into(),
-                need: tokens.len() as u64 * 4,
-                limit: kernels::INPUT_BINDING,
-            }
-            .into());
-        }
-        self.with(|ctx| {
-            let out = Self::out_act(ctx, tokens.len(), table.cols)?;
-            ops::embed::embed(ctx, table, tokens, &out.buf)?;
-            Ok(out)
-        })
+        ops::embed::embed(self, table, tokens)
     }
 
     fn rms_norm(&self, x: &GpuAct, w: &GpuWeight, eps: f32) -> Result<GpuAct> {
-        shapes::norm("rms_norm", w.rows * w.cols, x.cols)?;
-        let wv = w.vector().ok_or_else(|| not_a_vector("rms_norm", w))?;
-        self.with(|ctx| {
-            let out = Self::out_act(ctx, x.rows, x.cols)?;
-            ops::norm::rms_norm(ctx, &x.buf, wv, &out.buf, x.rows, x.cols, eps)?;
-            Ok(out)
-        })
+        ops::norm::rms_norm(self, x, w, eps)
     }
 
     fn add_rms_norm(
@@ -901,26 +877,11 @@ impl Backend for GpuBackend {
         w: &GpuWeight,
         eps: f32,
     ) -> Result<GpuAct> {
-        shapes::norm("add_rms_norm", w.rows * w.cols, x.cols)?;
-        let wv = w.vector().ok_or_else(|| not_a_vector("add_rms_norm", w))?;
-        shapes::same_shape("add_rms_norm", (x.rows, x.cols), (delta.rows, delta.cols))?;
-        self.with(|ctx| {
-            let out = Self::out_act(ctx, x.rows, x.cols)?;
-            ops::norm::add_rms_norm(ctx, &x.buf, &delta.buf, wv, &out.buf, x.rows, x.cols, eps)?;
-            Ok(out)
-        })
+        ops::norm::add_rms_norm(self, x, delta, w, eps)
     }
 
     fn add(&self, x: &mut GpuAct, delta: &GpuAct) -> Result<()> {
-        shapes::same_shape("add", (x.rows, x.cols), (delta.rows, delta.cols))?;
-        self.with(|ctx| {
-            Ok(ops::elementwise::add(
-                ctx,
-                &x.buf,
-                &delta.buf,
-                x.rows * x.cols,
-            )?)
-        })
+        ops::elementwise::add(self, x, delta)
     }
 
     fn matmul(&self, w: &GpuWeight, x: &GpuAct) -> Result<GpuAct> {
@@ -1061,23 +1022,7 @@ impl Backend for GpuBackend {
     }
 
     fn embed_affine(&self, x: &mut GpuAct, affine: &GpuWeight) -> Result<()> {
-        let a = match affine.f32_table(2, x.cols) {
-            Some(a) if affine.rows == 2 => a,
-            _ => {
-                return Err(shape_err(
-                    "embed_affine",
-                    format!(
-                        "affine [{}, {}] for width {}",
-                        affine.rows, affine.cols, x.cols
-                    ),
-                ))
-            }
-        };
-        self.with(|ctx| {
-            Ok(ops::embed_affine::embed_affine(
-                ctx, &x.buf, a, x.rows, x.cols,
-            )?)
-        })
+        ops::embed_affine::embed_affine(self, x, affine)
     }
 
     fn scale(&self, x: &mut GpuAct, s: f32) -> Result<()> {

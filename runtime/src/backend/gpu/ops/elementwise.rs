@@ -7,6 +7,9 @@ use super::super::device::GpuError;
 use super::super::kernels::{Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
+use super::super::{GpuAct, GpuBackend};
+use crate::backend;
+use crate::backend::shapes;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
@@ -43,7 +46,7 @@ pub static COPY16: Entry = Entry {
 };
 
 /// a[0..n) += b[0..n).
-pub fn add(ctx: &mut Ctx, a: &GpuBuffer, b: &GpuBuffer, n: usize) -> Result<(), GpuError> {
+pub fn record_add(ctx: &mut Ctx, a: &GpuBuffer, b: &GpuBuffer, n: usize) -> Result<(), GpuError> {
     let p = EwParams {
         n: n as u32,
         cols: 0,
@@ -83,4 +86,14 @@ pub fn swiglu(
         &[out, gu],
         Grid::Linear((n as u64).div_ceil(64)),
     )
+}
+
+/// [`Backend::add`] on the GPU.
+pub(in crate::backend::gpu) fn add(
+    b: &GpuBackend,
+    x: &mut GpuAct,
+    delta: &GpuAct,
+) -> backend::Result<()> {
+    shapes::same_shape("add", (x.rows, x.cols), (delta.rows, delta.cols))?;
+    b.with(|ctx| Ok(record_add(ctx, &x.buf, &delta.buf, x.rows * x.cols)?))
 }

@@ -7,6 +7,8 @@ use super::super::kernels::{Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
 use super::super::GpuWeight;
+use super::super::{kernels, GpuAct, GpuBackend};
+use crate::backend::{self, BackendError};
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
@@ -27,7 +29,7 @@ pub static EMBED: Entry = Entry {
 };
 
 /// out [T, cols] = rows `tokens` of `table` (ids already checked against the vocabulary).
-pub fn embed(
+pub fn record_embed(
     ctx: &mut Ctx,
     table: &GpuWeight,
     tokens: &[u32],
@@ -53,4 +55,31 @@ pub fn embed(
         )?;
     }
     Ok(())
+}
+
+/// [`Backend::embed`] on the GPU.
+pub(in crate::backend::gpu) fn embed(
+    b: &GpuBackend,
+    table: &GpuWeight,
+    tokens: &[u32],
+) -> backend::Result<GpuAct> {
+    if let Some(&id) = tokens.iter().find(|&&t| t as usize >= table.rows) {
+        return Err(BackendError::TokenOutOfRange {
+            id,
+            vocab: table.rows,
+        });
+    }
+    if tokens.len() * 4 > kernels::INPUT_BINDING as usize {
+        return Err(GpuError::Limit {
+            what: "token ids of one pass".into(),
+            need: tokens.len() as u64 * 4,
+            limit: kernels::INPUT_BINDING,
+        }
+        .into());
+    }
+    b.with(|ctx| {
+        let out = GpuBackend::out_act(ctx, tokens.len(), table.cols)?;
+        record_embed(ctx, table, tokens, &out.buf)?;
+        Ok(out)
+    })
 }

@@ -5,7 +5,10 @@ use super::super::device::GpuError;
 use super::super::kernels::{Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
+use super::super::{GpuAct, GpuBackend, GpuWeight};
 use super::scaled::ScaledParams;
+use crate::backend;
+use crate::backend::shapes::shape_err;
 
 pub static EMBED_AFFINE: Entry = Entry {
     file: "scaled.wgsl",
@@ -15,7 +18,7 @@ pub static EMBED_AFFINE: Entry = Entry {
 };
 
 /// x = (x + a[0]) ⊙ a[1]; `a` is [2, cols] f32.
-pub fn embed_affine(
+pub fn record_embed_affine(
     ctx: &mut Ctx,
     x: &GpuBuffer,
     a: &GpuBuffer,
@@ -36,4 +39,25 @@ pub fn embed_affine(
         &[x, a],
         Grid::Linear(((rows * cols) as u64).div_ceil(64)),
     )
+}
+
+/// [`Backend::embed_affine`] on the GPU.
+pub(in crate::backend::gpu) fn embed_affine(
+    b: &GpuBackend,
+    x: &mut GpuAct,
+    affine: &GpuWeight,
+) -> backend::Result<()> {
+    let a = match affine.f32_table(2, x.cols) {
+        Some(a) if affine.rows == 2 => a,
+        _ => {
+            return Err(shape_err(
+                "embed_affine",
+                format!(
+                    "affine [{}, {}] for width {}",
+                    affine.rows, affine.cols, x.cols
+                ),
+            ))
+        }
+    };
+    b.with(|ctx| Ok(record_embed_affine(ctx, &x.buf, a, x.rows, x.cols)?))
 }

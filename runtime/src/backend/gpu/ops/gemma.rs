@@ -193,7 +193,7 @@ pub fn route_scaled(
     let root = (h as f64).powf(-0.5) as f32;
     b.with(|ctx| {
         let z = ctx.output((x.rows * h * 4) as u64)?;
-        super::norm::rms_norm(ctx, &x.buf, sv, &z, x.rows, h, p.eps)?;
+        super::norm::record_rms_norm(ctx, &x.buf, sv, &z, x.rows, h, p.eps)?;
         dispatch(ctx, &SCALE, x.rows * h, 0, root, &[&z])?;
         let logits = ctx.output((x.rows * n * 4) as u64)?;
         super::matmul::matmul_into(ctx, proj, &z, 0, x.rows, &logits, n)?;

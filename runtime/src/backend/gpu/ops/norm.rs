@@ -6,6 +6,9 @@ use super::super::device::GpuError;
 use super::super::kernels::{Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
+use super::super::{not_a_vector, GpuAct, GpuBackend, GpuWeight};
+use crate::backend;
+use crate::backend::shapes;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
@@ -39,7 +42,7 @@ fn grid(rows: usize) -> Result<Grid<'static>, GpuError> {
 }
 
 /// out = rms_norm(x) · w.
-pub fn rms_norm(
+pub fn record_rms_norm(
     ctx: &mut Ctx,
     x: &GpuBuffer,
     w: &GpuBuffer,
@@ -58,7 +61,7 @@ pub fn rms_norm(
 
 /// x += delta; out = rms_norm(x) · w.
 #[allow(clippy::too_many_arguments)]
-pub fn add_rms_norm(
+pub fn record_add_rms_norm(
     ctx: &mut Ctx,
     x: &GpuBuffer,
     delta: &GpuBuffer,
@@ -74,4 +77,38 @@ pub fn add_rms_norm(
         _pad: [0; 2],
     };
     ctx.dispatch(&ADD_RMS_NORM, 0, &p, None, &[w, out, x, delta], grid(rows)?)
+}
+
+/// [`Backend::rms_norm`] on the GPU.
+pub(in crate::backend::gpu) fn rms_norm(
+    b: &GpuBackend,
+    x: &GpuAct,
+    w: &GpuWeight,
+    eps: f32,
+) -> backend::Result<GpuAct> {
+    shapes::norm("rms_norm", w.rows * w.cols, x.cols)?;
+    let wv = w.vector().ok_or_else(|| not_a_vector("rms_norm", w))?;
+    b.with(|ctx| {
+        let out = GpuBackend::out_act(ctx, x.rows, x.cols)?;
+        record_rms_norm(ctx, &x.buf, wv, &out.buf, x.rows, x.cols, eps)?;
+        Ok(out)
+    })
+}
+
+/// [`Backend::add_rms_norm`] on the GPU.
+pub(in crate::backend::gpu) fn add_rms_norm(
+    b: &GpuBackend,
+    x: &mut GpuAct,
+    delta: &GpuAct,
+    w: &GpuWeight,
+    eps: f32,
+) -> backend::Result<GpuAct> {
+    shapes::norm("add_rms_norm", w.rows * w.cols, x.cols)?;
+    let wv = w.vector().ok_or_else(|| not_a_vector("add_rms_norm", w))?;
+    shapes::same_shape("add_rms_norm", (x.rows, x.cols), (delta.rows, delta.cols))?;
+    b.with(|ctx| {
+        let out = GpuBackend::out_act(ctx, x.rows, x.cols)?;
+        record_add_rms_norm(ctx, &x.buf, &delta.buf, wv, &out.buf, x.rows, x.cols, eps)?;
+        Ok(out)
+    })
 }

@@ -125,7 +125,7 @@ pub fn record_route_mlp(
     super::matmul::matmul_into(ctx, w.down, x, 0, rows, state, n)?;
     bias_act(ctx, state, rows, n, w.down_bias, w.eda, false)?;
     let a = ctx.output((rows * n * 4) as u64)?;
-    super::norm::rms_norm(ctx, state, w.norm, &a, rows, n, eps)?;
+    super::norm::record_rms_norm(ctx, state, w.norm, &a, rows, n, eps)?;
     let b = ctx.output((rows * n * 4) as u64)?;
     super::matmul::matmul_into(ctx, w.fc1, &a, 0, rows, &b, n)?;
     bias_act(ctx, &b, rows, n, w.fc1_bias, None, true)?;
