@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::Context;
 use serde_json::json;
 
-use super::bench::{emit_json, values, Common};
+use super::bench_common::{emit_json, values, Common};
 use crate::backend::gpu::GpuBackend;
 use crate::format::EdmFile;
 use crate::model::canvas::CanvasModel;

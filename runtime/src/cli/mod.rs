@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_canvas;
+mod bench_common;
 mod bench_decode;
 mod bench_experts;
 mod chat;
