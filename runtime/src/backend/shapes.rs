@@ -5,7 +5,7 @@
 use std::ops::Range;
 
 use super::{AttnMask, BackendError, Result};
-use crate::arch::ModelConfig;
+use crate::arch::{LayerAttention, ModelConfig};
 
 /// `[rows, cols]` of an activation or a weight.
 pub(crate) type Dims = (usize, usize);
@@ -141,6 +141,28 @@ pub(crate) fn attention(
     }
     if matches!(mask, AttnMask::BlockCausal(0)) {
         return Err(shape_err("attention", "block size 0".into()));
+    }
+    Ok(())
+}
+
+/// The fused projection `[T, proj_cols]` of a layer with head geometry `g` ([`super::Backend::prepare_heads`]),
+/// and its partial RoPE inside a head.
+pub(crate) fn heads(proj_cols: usize, g: &LayerAttention) -> Result<()> {
+    if proj_cols != g.proj_dim() {
+        return Err(shape_err(
+            "prepare_heads",
+            format!("projection width {proj_cols} vs {}", g.proj_dim()),
+        ));
+    }
+    let (r, hd) = (&g.rope, g.head_dim);
+    if r.pairs > 0 && (r.pairs > r.offset || r.offset + r.pairs > hd) {
+        return Err(shape_err(
+            "prepare_heads",
+            format!(
+                "RoPE of {} pairs at offset {} in a head of {hd}",
+                r.pairs, r.offset
+            ),
+        ));
     }
     Ok(())
 }

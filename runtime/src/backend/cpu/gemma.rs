@@ -6,6 +6,7 @@
 
 use super::{dot, rms_norm_row, shape_err, CpuAct, CpuBackend, CpuKv, CpuRouting, CpuWeight};
 use crate::arch::Rope;
+use crate::backend::shapes;
 use crate::backend::{Backend, BackendError, HeadsParams, Result, ScaledRouterParams};
 
 /// GELU with the tanh approximation (PyTorch's `gelu(approximate="tanh")`,
@@ -33,19 +34,6 @@ fn rope_head(head: &mut [f32], rope: &Rope, pos: usize) {
     }
 }
 
-fn check_rope(rope: &Rope, head_dim: usize) -> Result<()> {
-    if rope.pairs > 0 && (rope.pairs > rope.offset || rope.offset + rope.pairs > head_dim) {
-        return Err(shape_err(
-            "prepare_heads",
-            format!(
-                "RoPE of {} pairs at offset {} in a head of {head_dim}",
-                rope.pairs, rope.offset
-            ),
-        ));
-    }
-    Ok(())
-}
-
 pub fn prepare_heads(
     proj: &CpuAct,
     q_norm: &CpuWeight,
@@ -54,12 +42,7 @@ pub fn prepare_heads(
 ) -> Result<CpuAct> {
     let g = p.geom;
     let (hd, qd, kd) = (g.head_dim, g.q_dim(), g.kv_dim());
-    if proj.cols != g.proj_dim() {
-        return Err(shape_err(
-            "prepare_heads",
-            format!("projection width {} vs {}", proj.cols, g.proj_dim()),
-        ));
-    }
+    shapes::heads(proj.cols, &g)?;
     if q_norm.data.len() != hd || k_norm.data.len() != hd {
         return Err(shape_err(
             "prepare_heads",
@@ -70,7 +53,6 @@ pub fn prepare_heads(
             ),
         ));
     }
-    check_rope(&g.rope, hd)?;
     let ones = vec![1.0; hd];
     let width = qd + 2 * kd;
     let mut out = CpuAct::new(proj.rows, width, vec![0.0; proj.rows * width]);

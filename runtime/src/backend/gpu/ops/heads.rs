@@ -8,7 +8,7 @@ use bytemuck::{Pod, Zeroable};
 use super::super::kernels::{Entry, Slot::*};
 use super::super::recorder::Grid;
 use super::super::{not_a_vector, GpuAct, GpuBackend, GpuKv, GpuWeight};
-use crate::backend::shapes::shape_err;
+use crate::backend::shapes::{self, shape_err};
 use crate::backend::{AttnMask, BackendError, HeadsParams, Result};
 
 #[repr(C)]
@@ -118,12 +118,7 @@ pub fn prepare_heads(
 ) -> Result<GpuAct> {
     let g = p.geom;
     let (hd, qd, kd) = (g.head_dim, g.q_dim(), g.kv_dim());
-    if proj.cols != g.proj_dim() {
-        return Err(shape_err(
-            "prepare_heads",
-            format!("projection width {} vs {}", proj.cols, g.proj_dim()),
-        ));
-    }
+    shapes::heads(proj.cols, &g)?;
     let qn = q_norm
         .vector()
         .filter(|_| q_norm.cols * q_norm.rows == hd)
@@ -133,15 +128,6 @@ pub fn prepare_heads(
         .filter(|_| k_norm.cols * k_norm.rows == hd)
         .ok_or_else(|| not_a_vector("prepare_heads", k_norm))?;
     let r = g.rope;
-    if r.pairs > 0 && (r.pairs > r.offset || r.offset + r.pairs > hd) {
-        return Err(shape_err(
-            "prepare_heads",
-            format!(
-                "RoPE of {} pairs at offset {} in a head of {hd}",
-                r.pairs, r.offset
-            ),
-        ));
-    }
     let gp = params(&p, proj.rows)?;
     // cos/sin per (row, pair) as the CPU computes them: θ^(−2i/denom) in f32, the angle in f64.
     let mut table = Vec::with_capacity(proj.rows * r.pairs.max(1) * 2);
