@@ -1,4 +1,4 @@
-//! The denoising step on the device (shaders/denoise.wgsl, shaders/embed_canvas.wgsl): a block's
+//! The denoising step on the device (shaders/denoise.wgsl, and shaders/embed.wgsl's embed_device_ids): a block's
 //! canvas in one GPU buffer, the commit kernel that turns a step's statistics into the next pass's
 //! input ids, the embedding gather that reads them, and the LM-head statistics left on the device
 //! for it. With these a block's steps record back to back in one submission (decode/block.rs);
@@ -12,6 +12,7 @@ use super::super::kernels::{Entry, Slot::*};
 use super::super::pool::Pooled;
 use super::super::recorder::Grid;
 use super::super::{GpuAct, GpuBackend, GpuError, GpuWeight};
+use super::embed::{EmbedParams, EMBED_DEVICE_IDS};
 use super::{matmul, stats};
 use crate::backend::shapes::{self, shape_err};
 use crate::backend::TOP_K;
@@ -36,30 +37,11 @@ pub struct CommitGpuParams {
     pub mask: u32,
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Pod, Zeroable)]
-pub struct EmbedCanvasParams {
-    pub t: u32,
-    pub cols: u32,
-    pub row0: u32,
-    pub rows: u32,
-    pub scales: u32,
-    pub ids_at: u32,
-    pub _pad: [u32; 2],
-}
-
 pub static COMMIT: Entry = Entry {
     file: "denoise.wgsl",
     name: "commit_step",
     bindings: &[(0, Params), (1, Read), (2, ReadWrite)],
     params: "CommitParams",
-};
-
-pub static EMBED_CANVAS: Entry = Entry {
-    file: "embed_canvas.wgsl",
-    name: "embed_canvas",
-    bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite)],
-    params: "EmbedCanvasParams",
 };
 
 /// A block being denoised, in one GPU buffer: header, cells, input ids, each step's cells.
@@ -199,7 +181,7 @@ pub fn embed_canvas(
     b.with(|ctx| {
         let out = GpuBackend::out_act(ctx, t, table.cols)?;
         for c in &table.chunks {
-            let p = EmbedCanvasParams {
+            let p = EmbedParams {
                 t: t as u32,
                 cols: table.cols as u32,
                 row0: c.row0,
@@ -209,7 +191,7 @@ pub fn embed_canvas(
                 _pad: [0; 2],
             };
             ctx.dispatch(
-                &EMBED_CANVAS,
+                &EMBED_DEVICE_IDS,
                 table.wtype(),
                 &p,
                 None,

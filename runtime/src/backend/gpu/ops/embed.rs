@@ -18,13 +18,22 @@ pub struct EmbedParams {
     pub row0: u32,
     pub rows: u32,
     pub scales: u32,
-    pub _pad: [u32; 3],
+    /// Where the pass's ids start in the ids binding.
+    pub ids_at: u32,
+    pub _pad: [u32; 2],
 }
 
 pub static EMBED: Entry = Entry {
     file: "embed.wgsl",
     name: "embed",
     bindings: &[(0, Params), (1, Read), (2, Input), (3, ReadWrite)],
+    params: "EmbedParams",
+};
+/// The same gather of ids already on the device (a denoising canvas's input ids).
+pub static EMBED_DEVICE_IDS: Entry = Entry {
+    file: "embed.wgsl",
+    name: "embed_device_ids",
+    bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite)],
     params: "EmbedParams",
 };
 
@@ -43,7 +52,8 @@ pub fn record_embed(
             row0: c.row0,
             rows: c.rows,
             scales: c.scales,
-            _pad: [0; 3],
+            ids_at: 0,
+            _pad: [0; 2],
         };
         ctx.dispatch(
             &EMBED,

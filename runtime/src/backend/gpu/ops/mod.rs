@@ -95,9 +95,6 @@ pub fn all_entries() -> Vec<(&'static Entry, usize)> {
         (&stats::PARTIAL, size_of::<stats::StatsParams>()),
         (&stats::MERGE, size_of::<stats::StatsParams>()),
         (&denoise::COMMIT, size_of::<denoise::CommitGpuParams>()),
-        (
-            &denoise::EMBED_CANVAS,
-            size_of::<denoise::EmbedCanvasParams>(),
-        ),
+        (&embed::EMBED_DEVICE_IDS, size_of::<embed::EmbedParams>()),
     ]
 }
