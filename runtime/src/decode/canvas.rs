@@ -18,13 +18,11 @@
 //! injects the draws transformers made (noise canvases and one uniform per sampled position,
 //! turned into a token by inverse CDF on both sides).
 
-use std::time::Instant;
-
 use crate::backend::Backend;
 use crate::decode::sampling::Rng;
 use crate::decode::{
-    Canvas, Cell, DecodeError, DecodeOutcome, DecodeParams, DecoderDetails, DecoderKind,
-    FinishReason, Flow, Observer, SpecialIds,
+    Canvas, Cell, DecodeError, DecodeOutcome, DecodeParams, DecoderDetails, DecoderKind, Delivery,
+    Flow, Observer, SpecialIds,
 };
 use crate::format::CanvasSampler;
 use crate::model::canvas::CanvasModel;
@@ -496,28 +494,18 @@ pub fn decode<B: Backend>(
         observer,
         params,
         eos,
-        generated: Vec::new(),
-        finish: None,
-        started: Instant::now(),
-        first_token: None,
+        out: Delivery::new(),
         forwards: 0,
     };
     let out = generate_watched(backend, model, kv, prompt, &p, &mut draws, &mut w);
     // A turn taken by the last `before_pass` whose pass never came.
     w.observer.pass_done();
     let out = out?;
-    Ok(DecodeOutcome {
-        finish_reason: w.finish.unwrap_or(FinishReason::Length),
-        forward_passes: out.forward_passes,
-        positions_processed: out.positions,
-        time_to_first_token: w.first_token,
-        elapsed: w.started.elapsed(),
-        details: DecoderDetails::Canvas {
-            canvases: out.steps.len(),
-            steps: out.steps.iter().sum(),
-        },
-        tokens: w.generated,
-    })
+    let details = DecoderDetails::Canvas {
+        canvases: out.steps.len(),
+        steps: out.steps.iter().sum(),
+    };
+    Ok(w.out.outcome(out.forward_passes, out.positions, details))
 }
 
 /// The engine's [`Observer`] seen from the sampler: pass turns and cancellation before every
@@ -527,32 +515,16 @@ struct EngineWatch<'a> {
     observer: &'a mut dyn Observer,
     params: &'a DecodeParams,
     eos: Option<u32>,
-    generated: Vec<u32>,
-    finish: Option<FinishReason>,
-    started: Instant,
-    first_token: Option<std::time::Duration>,
+    out: Delivery,
     forwards: usize,
 }
 
 impl CanvasWatch for EngineWatch<'_> {
     fn before_pass(&mut self) -> Flow {
-        if self.finish.is_none() && self.observer.pass_turn() == Flow::Stop {
-            self.finish = Some(FinishReason::Cancelled);
-        }
-        if self.finish.is_none()
-            && self
-                .params
-                .cancel
-                .as_ref()
-                .is_some_and(|c| c.is_cancelled())
-        {
-            self.finish = Some(FinishReason::Cancelled);
-        }
-        if self.finish.is_none() {
-            Flow::Continue
-        } else {
-            Flow::Stop
-        }
+        flow(
+            self.out
+                .running(&mut *self.observer, self.params.cancel.as_ref()),
+        )
     }
 
     fn after_pass(&mut self, _tokens: usize) {
@@ -578,34 +550,20 @@ impl CanvasWatch for EngineWatch<'_> {
     }
 
     fn committed(&mut self, ids: &[u32]) -> Flow {
-        if self.finish.is_some() {
-            return Flow::Stop;
-        }
-        let mut take = 0;
-        for &id in ids {
-            if Some(id) == self.eos {
-                self.finish = Some(FinishReason::Eos);
-                break;
-            }
-            take += 1;
-            if self.generated.len() + take >= self.params.max_new_tokens {
-                self.finish = Some(FinishReason::Length);
-                break;
-            }
-        }
-        if take > 0 {
-            self.first_token
-                .get_or_insert_with(|| self.started.elapsed());
-            self.generated.extend_from_slice(&ids[..take]);
-            if self.observer.committed(&ids[..take]) == Flow::Stop {
-                self.finish = Some(FinishReason::Stop);
-            }
-        }
-        if self.finish.is_none() {
-            Flow::Continue
-        } else {
-            Flow::Stop
-        }
+        flow(self.out.deliver(
+            ids,
+            self.eos,
+            self.params.max_new_tokens,
+            &mut *self.observer,
+        ))
+    }
+}
+
+fn flow(going: bool) -> Flow {
+    if going {
+        Flow::Continue
+    } else {
+        Flow::Stop
     }
 }
 

@@ -508,10 +508,7 @@ pub fn decode_with<B: Backend>(
         rng: Rng::new(params.sampling.seed),
         forwards: 0,
         positions: 0,
-        started: Instant::now(),
-        first_token: None,
-        generated: Vec::new(),
-        finish: None,
+        out: Delivery::new(),
     };
     let details = match &params.decoder {
         DecoderKind::Block(o) => block::run(&mut s, prompt, o),
@@ -527,15 +524,96 @@ pub fn decode_with<B: Backend>(
     // A turn taken by the last `running()` check whose pass never came.
     s.observer.pass_done();
     let details = details?;
-    Ok(DecodeOutcome {
-        finish_reason: s.finish.unwrap_or(FinishReason::Length),
-        forward_passes: s.forwards,
-        positions_processed: s.positions,
-        time_to_first_token: s.first_token,
-        elapsed: s.started.elapsed(),
-        details,
-        tokens: s.generated,
-    })
+    Ok(s.out.outcome(s.forwards, s.positions, details))
+}
+
+/// What a generation has delivered and why it ended — the output rule every decoder shares (the
+/// masked-diffusion decoders through [`Session`], the canvas sampler through its watch).
+pub(crate) struct Delivery {
+    started: Instant,
+    first_token: Option<Duration>,
+    generated: Vec<u32>,
+    finish: Option<FinishReason>,
+}
+
+impl Delivery {
+    pub(crate) fn new() -> Self {
+        Delivery {
+            started: Instant::now(),
+            first_token: None,
+            generated: Vec::new(),
+            finish: None,
+        }
+    }
+
+    /// False once the generation has finished or was cancelled; checked before every forward, so
+    /// this is also where the observer's pass turn is taken ([`Observer::pass_turn`]).
+    pub(crate) fn running(
+        &mut self,
+        observer: &mut dyn Observer,
+        cancel: Option<&CancelToken>,
+    ) -> bool {
+        if self.finish.is_none() && observer.pass_turn() == Flow::Stop {
+            self.finish = Some(FinishReason::Cancelled);
+        }
+        if self.finish.is_none() && cancel.is_some_and(|c| c.is_cancelled()) {
+            self.finish = Some(FinishReason::Cancelled);
+        }
+        self.finish.is_none()
+    }
+
+    /// Appends ids that are now final and in order to the output: stops at `eos` (`None`: EOS is
+    /// ignored), at `max_new_tokens`, or when the observer says so. Returns whether generation goes
+    /// on.
+    pub(crate) fn deliver(
+        &mut self,
+        ids: &[u32],
+        eos: Option<u32>,
+        max_new_tokens: usize,
+        observer: &mut dyn Observer,
+    ) -> bool {
+        if self.finish.is_some() {
+            return false;
+        }
+        let mut take = 0;
+        for &id in ids {
+            if Some(id) == eos {
+                self.finish = Some(FinishReason::Eos);
+                break;
+            }
+            take += 1;
+            if self.generated.len() + take >= max_new_tokens {
+                self.finish = Some(FinishReason::Length);
+                break;
+            }
+        }
+        if take > 0 {
+            self.first_token
+                .get_or_insert_with(|| self.started.elapsed());
+            self.generated.extend_from_slice(&ids[..take]);
+            if observer.committed(&ids[..take]) == Flow::Stop {
+                self.finish = Some(FinishReason::Stop);
+            }
+        }
+        self.finish.is_none()
+    }
+
+    pub(crate) fn outcome(
+        self,
+        forward_passes: usize,
+        positions_processed: usize,
+        details: DecoderDetails,
+    ) -> DecodeOutcome {
+        DecodeOutcome {
+            finish_reason: self.finish.unwrap_or(FinishReason::Length),
+            forward_passes,
+            positions_processed,
+            time_to_first_token: self.first_token,
+            elapsed: self.started.elapsed(),
+            details,
+            tokens: self.generated,
+        }
+    }
 }
 
 /// The state every decoder shares: the model and its cache, counters, output bookkeeping.
@@ -550,10 +628,7 @@ struct Session<'a, B: Backend> {
     rng: Rng,
     forwards: usize,
     positions: usize,
-    started: Instant,
-    first_token: Option<Duration>,
-    generated: Vec<u32>,
-    finish: Option<FinishReason>,
+    out: Delivery,
 }
 
 impl<B: Backend> Session<'_, B> {
@@ -570,19 +645,8 @@ impl<B: Backend> Session<'_, B> {
     /// False once the generation has finished or was cancelled; checked before every forward, so
     /// this is also where the observer's pass turn is taken ([`Observer::pass_turn`]).
     fn running(&mut self) -> bool {
-        if self.finish.is_none() && self.observer.pass_turn() == Flow::Stop {
-            self.finish = Some(FinishReason::Cancelled);
-        }
-        if self.finish.is_none()
-            && self
-                .params
-                .cancel
-                .as_ref()
-                .is_some_and(|c| c.is_cancelled())
-        {
-            self.finish = Some(FinishReason::Cancelled);
-        }
-        self.finish.is_none()
+        self.out
+            .running(&mut *self.observer, self.params.cancel.as_ref())
     }
 
     /// The block-level routing of a pass starting at position `start` (`None`: exact routing).
@@ -620,30 +684,9 @@ impl<B: Backend> Session<'_, B> {
     /// Appends ids that are now final and in order to the output: stops at EOS, at
     /// `max_new_tokens`, or when the observer says so. Returns whether generation goes on.
     fn deliver(&mut self, ids: &[u32]) -> bool {
-        if self.finish.is_some() {
-            return false;
-        }
-        let mut take = 0;
-        for &id in ids {
-            if !self.params.ignore_eos && Some(id) == self.special.eos {
-                self.finish = Some(FinishReason::Eos);
-                break;
-            }
-            take += 1;
-            if self.generated.len() + take >= self.params.max_new_tokens {
-                self.finish = Some(FinishReason::Length);
-                break;
-            }
-        }
-        if take > 0 {
-            self.first_token
-                .get_or_insert_with(|| self.started.elapsed());
-            self.generated.extend_from_slice(&ids[..take]);
-            if self.observer.committed(&ids[..take]) == Flow::Stop {
-                self.finish = Some(FinishReason::Stop);
-            }
-        }
-        self.finish.is_none()
+        let eos = self.special.eos.filter(|_| !self.params.ignore_eos);
+        self.out
+            .deliver(ids, eos, self.params.max_new_tokens, &mut *self.observer)
     }
 
     fn emit_canvas(&mut self, start: usize, cells: Vec<Cell>) {
