@@ -6,6 +6,7 @@
 # can take). Per row: tokens/s, forwards, host round trips (GPU read-backs) and dispatches.
 # Rows other than block diffusion with a greedy threshold / fixed / entropy / margin policy run the
 # host loop either way (credit, bidirectional, speculative, AR), so they are the control.
+# DECODE_ARGS: extra `bench decode` flags for every run (e.g. "--decoder block" to skip the control rows).
 # Outputs under $OUT: steps.md (tables), steps.log.
 # Here: cargo build --release -p edgediff && strip -o .bin/edgediff target/release/edgediff
 # There (run tool, carry [".bin", ".gl"]): bash scripts/device-steps.sh
@@ -23,7 +24,7 @@ T0=$SECONDS
 for steps in host device; do
   echo "## default model, --device-steps $steps" >>"$R"
   timeout 240 "$BIN" bench decode --backend gpu --model models/default.edm --max-tokens 64 \
-    --device-steps "$steps" >>"$R" 2>>"$L"
+    --device-steps "$steps" ${DECODE_ARGS:-} >>"$R" 2>>"$L"
   echo "exit $? at $((SECONDS - T0)) s" >>"$R"
 done
 [[ -f "$MODEL" ]] || timeout 240 "$BIN" synth --arch llada2_moe --preset llada2-mini \
@@ -31,7 +32,7 @@ done
 for steps in host device; do
   echo "## LLaDA2.0-mini shape q4 (random weights), --device-steps $steps" >>"$R"
   timeout 300 "$BIN" bench decode --backend gpu --model "$MODEL" --max-tokens 64 \
-    --block-size 32 --device-steps "$steps" >>"$R" 2>>"$L"
+    --block-size 32 --device-steps "$steps" ${DECODE_ARGS:-} >>"$R" 2>>"$L"
   echo "exit $? at $((SECONDS - T0)) s" >>"$R"
 done
 cat "$R"
