@@ -256,12 +256,9 @@ impl<B: Backend> Engine<B> {
         B: PagedLoad,
     {
         if is_canvas_model(&file.header.metadata.config) {
-            // The canvas model loads every expert; the expert options are not wired to it yet.
+            // Expert paging works as for the other models (exact); the approximate expert
+            // options are not wired to the canvas model.
             let refused = [
-                (
-                    config.expert_memory.is_some(),
-                    "expert paging (--expert-memory)",
-                ),
                 (
                     config.resident.is_some(),
                     "a resident profile (--resident-profile)",
@@ -277,7 +274,14 @@ impl<B: Backend> Engine<B> {
                 ))
                 .into());
             }
-            return Self::new(backend, file);
+            let Some(memory) = config.expert_memory else {
+                return Self::new(backend, file);
+            };
+            let (model, paging) =
+                crate::experts::paging::load_paged_canvas(&backend, &file, memory, Eviction::Lru)?;
+            let mut engine = Self::with_canvas_model(backend, model)?;
+            engine.paging = Some(paging);
+            return Ok(engine);
         }
         if let Some(n) = config.block_experts {
             crate::model::check_block_experts(&file.header.metadata.config, n)?;

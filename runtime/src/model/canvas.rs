@@ -84,6 +84,19 @@ pub struct CanvasModel<B: Backend> {
 impl<B: Backend> CanvasModel<B> {
     /// Loads every weight (all experts resident).
     pub fn load(backend: &B, file: Arc<EdmFile>) -> Result<Self, ModelError> {
+        let f = file.clone();
+        Self::load_with_experts(backend, file, &mut |l| {
+            backend.load_experts(&f, l, &|_| true)
+        })
+    }
+
+    /// Loads every dense weight; each layer's experts come from `experts(layer)` (e.g. paged
+    /// through a bounded pool, `experts::paging::load_paged_canvas`).
+    pub fn load_with_experts(
+        backend: &B,
+        file: Arc<EdmFile>,
+        experts: &mut dyn FnMut(usize) -> Result<B::Experts, BackendError>,
+    ) -> Result<Self, ModelError> {
         let c = file.header.metadata.config.clone();
         let unsupported = |what: &'static str| -> ModelError { backend.unsupported(what).into() };
         if c.block.norms != NormLayout::Sandwich
@@ -110,7 +123,12 @@ impl<B: Backend> CanvasModel<B> {
                     want: want.to_vec(),
                 });
             }
-            Ok(backend.load_weight(view)?)
+            let w = backend.load_weight(view)?;
+            if backend.weights_leave_host() {
+                // Uploaded: host memory keeps no copy of the dense weights (as `Model::load`).
+                file.release_view(view.bytes);
+            }
+            Ok(w)
         };
         let ones_data = vec![1.0f32; h];
         let ones = backend.load_weight(TensorView {
@@ -154,7 +172,7 @@ impl<B: Backend> CanvasModel<B> {
                 router: get(&n(names::ROUTER), &[e, h])?,
                 router_scale: get(&n(names::ROUTER_SCALE), &[h])?,
                 expert_scale: get(&n(names::EXPERT_SCALE), &[e])?,
-                experts: backend.load_experts(&file, l, &|_| true)?,
+                experts: experts(l)?,
                 scalar,
             });
         }
@@ -221,6 +239,27 @@ impl<B: Backend> CanvasModel<B> {
     }
 
     fn pass(
+        &self,
+        b: &B,
+        kv: &mut B::Kv,
+        tokens: &[u32],
+        start: usize,
+        pass: Pass<'_>,
+        want: &ForwardRequest,
+    ) -> Result<ForwardOutput, ModelError> {
+        // A GPU pass over paged experts that met a non-resident one asks to be run again, as in
+        // `Model::forward_batch` (backend/gpu/experts.rs): the re-run brings experts in layer by
+        // layer and cannot miss; it rewrites the same K/V positions.
+        let mut tries = 0;
+        loop {
+            match self.pass_once(b, kv, tokens, start, pass, want) {
+                Err(ModelError::Backend(BackendError::RerunPass)) if tries < 2 => tries += 1,
+                r => return r,
+            }
+        }
+    }
+
+    fn pass_once(
         &self,
         b: &B,
         kv: &mut B::Kv,

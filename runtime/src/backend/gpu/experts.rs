@@ -907,7 +907,8 @@ impl GpuExpertPool {
     }
 
     /// One MoE layer over paged experts (see the module header for the two modes), plus `plus`
-    /// (the shared experts' output) when given.
+    /// (the shared experts' output) when given; `act` is the gate activation
+    /// (`kernels::gate_act`).
     pub(crate) fn moe(
         self: &Arc<Self>,
         b: &super::GpuBackend,
@@ -915,6 +916,7 @@ impl GpuExpertPool {
         routing: &super::GpuRouting,
         experts: &GpuExperts,
         plus: Option<&GpuBuffer>,
+        act: u32,
     ) -> Result<super::GpuAct, crate::backend::BackendError> {
         let sh = &*b.sh;
         // Registered before anything can fail, so the end of the pass (or the next
@@ -926,7 +928,8 @@ impl GpuExpertPool {
         }
         let n = (routing.rows * routing.k * 4) as u64;
         let buffers = st.buffers.clone();
-        let layout = experts.layout(&self.store.slots, &buffers);
+        let mut layout = experts.layout(&self.store.slots, &buffers);
+        layout.act = act;
         if !st.sync {
             // Optimistic: run with what the prefetch made resident; the routing is copied out
             // and read back with the pass's statistics, where misses are detected.

@@ -821,14 +821,12 @@ impl Backend for GpuBackend {
         Ok(())
     }
 
-    fn begin_head(&self, rows: usize, largest: usize) -> Result<()> {
-        self.lock().batch_rows = (largest < rows).then_some(largest);
-        Ok(())
-    }
-
-    /// Passes whose row counts choose the same kernels (ops/batch_class.rs).
-    fn batch_class(&self, c: &ModelConfig, rows: usize, head_rows: usize) -> Option<u64> {
-        ops::batch_class::batch_class(self, c, rows, head_rows)
+    /// Passes of up to [`ops::matmul::GEMV_T`] rows take the gemv for every matmul alone, and a
+    /// batch of them keeps the gemv (ops::matmul::pass_kernel), which sums each row alike at any
+    /// row count. Larger passes may take the tiled or tensor-core kernels alone, whose sums
+    /// depend on the row count (tiles, split K): they run alone.
+    fn batch_class(&self, rows: usize) -> Option<u32> {
+        (rows <= ops::matmul::GEMV_T).then_some(0)
     }
 
     fn rows_of(&self, x: &GpuAct, rows: Range<usize>) -> Result<GpuAct> {
@@ -1224,7 +1222,7 @@ impl GpuBackend {
             ));
         }
         if let Some(pool) = &experts.paged {
-            return pool.moe(self, x, routing, experts, plus);
+            return pool.moe(self, x, routing, experts, plus, 0);
         }
         let layout = experts.layout(&experts.store.slots, &experts.pools);
         let shared = plus.map_or(ops::moe::Shared::None, ops::moe::Shared::Output);

@@ -135,14 +135,12 @@ pub fn moe_act(
             ),
         ));
     }
-    if experts.paged.is_some() {
-        return Err(crate::backend::BackendError::Unsupported {
-            op: "paged experts with a GELU gate",
-            backend: "gpu".into(),
-        });
+    let act = super::super::kernels::gate_act(act);
+    if let Some(pool) = &experts.paged {
+        return pool.moe(b, x, routing, experts, None, act);
     }
     let mut layout = experts.layout(&experts.store.slots, &experts.pools);
-    layout.act = super::super::kernels::gate_act(act);
+    layout.act = act;
     b.with(|ctx| GpuBackend::moe_act(ctx, x, routing, &layout, super::moe::Shared::None))
 }
 
@@ -259,7 +257,7 @@ pub fn logits_softcap(
         let part = b.with(|ctx| {
             let logits = ctx.output((m * vocab * 4) as u64)?;
             super::matmul::matmul_into(ctx, head, &x.buf, rows.start + r0, m, &logits, vocab)?;
-            dispatch(ctx, &SOFTCAP, m * vocab, 0, cap, &[&logits])?;
+            record_softcap(ctx, &logits, m * vocab, cap)?;
             let bytes = ctx.read(&[(&logits, 0, (m * vocab * 4) as u64)])?;
             Ok(bytemuck::pod_collect_to_vec::<u8, f32>(&bytes[0]))
         })?;
@@ -269,7 +267,8 @@ pub fn logits_softcap(
     Ok(all)
 }
 
-/// The statistics of the capped logits of `rows` (the logits never leave the device).
+/// The statistics of the capped logits of `rows` (the logits never leave the device; the pass's
+/// end for paged experts, as `lm_head_stats`).
 pub fn lm_head_stats_softcap(
     b: &GpuBackend,
     x: &GpuAct,
@@ -278,26 +277,17 @@ pub fn lm_head_stats_softcap(
     cap: f32,
 ) -> Result<Vec<PositionStats>> {
     check_head("lm_head_stats_softcap", x, head, &rows, cap)?;
-    let (n, vocab) = (rows.len(), head.rows);
-    let per = b.head_rows(vocab);
-    let words = b.with(|ctx| {
-        let out = ctx.output((n.max(1) * super::stats::WORDS * 4) as u64)?;
-        let logits = ctx.output((per.min(n).max(1) * vocab * 4) as u64)?;
-        let mut r0 = 0;
-        while r0 < n {
-            let m = per.min(n - r0);
-            super::matmul::matmul_into(ctx, head, &x.buf, rows.start + r0, m, &logits, vocab)?;
-            dispatch(ctx, &SOFTCAP, m * vocab, 0, cap, &[&logits])?;
-            super::stats::stats(ctx, &logits, m, vocab, &out, r0)?;
-            r0 += m;
-        }
-        let bytes = ctx.read(&[(&out, 0, (n * super::stats::WORDS * 4) as u64)])?;
-        Ok(bytemuck::pod_collect_to_vec::<u8, u32>(&bytes[0]))
-    })?;
-    Ok(words
-        .chunks(super::stats::WORDS)
-        .map(super::stats::decode)
-        .collect())
+    super::stats::lm_head_stats_capped(b, x, head, rows, Some(cap))
+}
+
+/// Records `logits[..n] = cap · tanh(logits / cap)`.
+pub(super) fn record_softcap(
+    ctx: &mut Ctx,
+    logits: &GpuBuffer,
+    n: usize,
+    cap: f32,
+) -> std::result::Result<(), GpuError> {
+    dispatch(ctx, &SOFTCAP, n, 0, cap, &[logits])
 }
 
 fn check_head(

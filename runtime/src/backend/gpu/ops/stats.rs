@@ -98,6 +98,18 @@ pub(in crate::backend::gpu) fn lm_head_stats(
     head: &GpuWeight,
     rows: Range<usize>,
 ) -> backend::Result<Vec<PositionStats>> {
+    lm_head_stats_capped(b, x, head, rows, None)
+}
+
+/// The statistics of `rows`' logits, capped as `cap · tanh(l / cap)` first when `cap` is given
+/// (DiffusionGemma, ops/gemma.rs): the pass's end, where paged expert pools read its routing back.
+pub(in crate::backend::gpu) fn lm_head_stats_capped(
+    b: &GpuBackend,
+    x: &GpuAct,
+    head: &GpuWeight,
+    rows: Range<usize>,
+    cap: Option<f32>,
+) -> backend::Result<Vec<PositionStats>> {
     shapes::rows_within("lm_head_stats", &rows, x.rows)?;
     shapes::head("lm_head_stats", (head.rows, head.cols), x.cols)?;
     let (n, vocab) = (rows.len(), head.rows);
@@ -112,6 +124,9 @@ pub(in crate::backend::gpu) fn lm_head_stats(
         while r0 < n {
             let m = per.min(n - r0);
             super::matmul::matmul_into(ctx, head, &x.buf, rows.start + r0, m, &logits, vocab)?;
+            if let Some(cap) = cap {
+                super::gemma::record_softcap(ctx, &logits, m * vocab, cap)?;
+            }
             stats(ctx, &logits, m, vocab, &out, r0)?;
             r0 += m;
         }
