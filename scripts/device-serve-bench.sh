@@ -7,10 +7,12 @@
 # One server per model (--max-batch 64, GPU backend); each point is tests/serve/load.py for
 # SECONDS_PER_POINT (default 10; requests in flight then finish) with every request generating
 # MAX_TOKENS (default 32, EOS ignored). The sequences in flight share batched forward passes
-# (continuous batching, runtime/src/batch.rs; on the GPU AR passes batch, diffusion blocks run
-# alone); each row reports the mean batched pass of its point (sequences / rows a pass, from
-# /metrics). BASELINE=1 adds the unbatched baseline on the LLaDA2.0-mini shape (a second server
-# with --pass-sequences 1, AR only): the same binary one sequence a pass, side by side.
+# (continuous batching, runtime/src/batch.rs; on the GPU AR passes batch, and diffusion-block
+# passes batch with passes whose row counts choose the same kernels, ops/batch_class.rs); each row
+# reports the mean batched pass of its point (sequences / rows a pass, from /metrics). BASELINE=1
+# adds, on the LLaDA2.0-mini shape and from the same binary, side by side: the unbatched baseline
+# (--pass-sequences 1: one sequence a pass, AR and block) and the block decoder with block passes
+# kept apart as before exact block batching (EDGEDIFF_BATCH_BLOCKS=0: only AR-sized passes batch).
 # Results: $OUT/serve-bench.md (table), $OUT/<model>-<decoder>-<streams>.json, serve-*.log,
 # log.txt. Each point has a time limit; the whole run should take ~7 minutes on the H200 (to split
 # it, STREAMS="1 4" and STREAMS="16 64" in two runs); exit status = failed points.
@@ -69,13 +71,13 @@ fi
 
 printf '| model | decoder | streams | requests | failed | tokens/s | TTFT p50 / p99 ms | per token p50 / p99 ms | piece gap p50 / p99 ms | RSS MiB start → end | pass: sequences / rows |\n|---|---|---|---|---|---|---|---|---|---|---|\n' >"$OUT/serve-bench.md"
 
-# bench_model NAME MODEL [DECODERS] [extra serve flags...]
+# bench_model NAME MODEL [DECODERS] [extra serve flags...]; SERVE_ENV: VAR=value for the server.
 bench_model() {
   local name=$1 model=$2 decoders=${3:-ar block}
   shift 3 2>/dev/null || shift $#
   [[ -f "$model" ]] || { log "$name: no model at $model"; FAILED=$((FAILED + 1)); return; }
   local slog="$OUT/serve-$name.log"
-  "$BIN" serve --model "$model" --backend "$BACKEND" --port 0 --max-batch 64 --max-queue 256 \
+  env ${SERVE_ENV:-} "$BIN" serve --model "$model" --backend "$BACKEND" --port 0 --max-batch 64 --max-queue 256 \
     --kv-memory 16GiB --max-tokens 1024 "$@" 2>"$slog" &
   local pid=$! url=
   for _ in $(seq 1200); do
@@ -126,7 +128,8 @@ PYEOF
 bench_model default models/default.edm
 bench_model llada2-mini "$SYN"
 if [[ "${BASELINE:-0}" == 1 ]]; then
-  bench_model llada2-mini-unbatched "$SYN" ar --pass-sequences 1
+  bench_model llada2-mini-unbatched "$SYN" "ar block" --pass-sequences 1
+  SERVE_ENV=EDGEDIFF_BATCH_BLOCKS=0 bench_model llada2-mini-blocks-apart "$SYN" block
 fi
 
 log "done in $(($(date +%s) - START))s, $FAILED failed point(s)"

@@ -51,10 +51,15 @@ fn below(rng: &mut Rng, n: usize) -> usize {
 
 /// A random pass of at most `max_rows` rows after a random prefix.
 fn random_seq(rng: &mut Rng, vocab: usize, max_rows: usize) -> Seq {
+    let len = 1 + below(rng, max_rows);
+    seq_of(rng, vocab, len)
+}
+
+/// A random pass of `len` rows after a random prefix.
+fn seq_of(rng: &mut Rng, vocab: usize, len: usize) -> Seq {
     let p = 1 + below(rng, 23);
     let tok = |rng: &mut Rng| below(rng, vocab) as u32;
     let prefix = (0..p).map(|_| tok(rng)).collect();
-    let len = 1 + below(rng, max_rows);
     let tokens: Vec<u32> = (0..len).map(|_| tok(rng)).collect();
     let mask = match below(rng, 4) {
         0 => AttnMask::Causal,
@@ -121,41 +126,48 @@ fn batched_equals_alone<B: Backend>(name: &str, b: &B, m: &Model<B>, max_rows: u
         let seqs: Vec<Seq> = (0..n)
             .map(|_| random_seq(&mut rng, m.config.vocab_size, max_rows))
             .collect();
-        let mut alone_kv: Vec<B::Kv> = seqs.iter().map(|s| prefill(b, m, s)).collect();
-        let mut batch_kv: Vec<B::Kv> = seqs.iter().map(|s| prefill(b, m, s)).collect();
-        let alone: Vec<ForwardOutput> = seqs
-            .iter()
-            .zip(&mut alone_kv)
-            .map(|(s, kv)| m.forward(b, kv, &s.tokens, s.window, &s.want).unwrap())
-            .collect();
-        let mut passes: Vec<SeqPass<'_, B>> = seqs
-            .iter()
-            .zip(&mut batch_kv)
-            .map(|(s, kv)| SeqPass {
-                kv,
-                tokens: &s.tokens,
-                window: s.window,
-                want: &s.want,
-            })
-            .collect();
-        let batched = m.forward_batch(b, &mut passes).unwrap();
-        drop(passes);
-        assert_eq!(batched.len(), n);
-        for (i, s) in seqs.iter().enumerate() {
-            let what = format!(
-                "{name} round {round} sequence {i} of {n}: {} rows at {:?}",
-                s.tokens.len(),
-                s.window
-            );
-            same(&what, &batched[i], &alone[i]);
-            let after_batch = next_pass(b, m, &mut batch_kv[i], s);
-            let after_alone = next_pass(b, m, &mut alone_kv[i], s);
-            same(
-                &format!("{what}, the pass after"),
-                &after_batch,
-                &after_alone,
-            );
-        }
+        batch_equals_alone(&format!("{name} round {round}"), b, m, &seqs);
+    }
+}
+
+/// `seqs` run as one batched pass give each what its pass alone gives (and leave the same K/V).
+fn batch_equals_alone<B: Backend>(name: &str, b: &B, m: &Model<B>, seqs: &[Seq]) {
+    let n = seqs.len();
+    let mut alone_kv: Vec<B::Kv> = seqs.iter().map(|s| prefill(b, m, s)).collect();
+    let mut batch_kv: Vec<B::Kv> = seqs.iter().map(|s| prefill(b, m, s)).collect();
+    let alone: Vec<ForwardOutput> = seqs
+        .iter()
+        .zip(&mut alone_kv)
+        .map(|(s, kv)| m.forward(b, kv, &s.tokens, s.window, &s.want).unwrap())
+        .collect();
+    let mut passes: Vec<SeqPass<'_, B>> = seqs
+        .iter()
+        .zip(&mut batch_kv)
+        .map(|(s, kv)| SeqPass {
+            kv,
+            tokens: &s.tokens,
+            window: s.window,
+            want: &s.want,
+        })
+        .collect();
+    let batched = m.forward_batch(b, &mut passes).unwrap();
+    drop(passes);
+    assert_eq!(batched.len(), n);
+    for (i, s) in seqs.iter().enumerate() {
+        let what = format!(
+            "{name} sequence {i} of {n}: {} rows at {:?}, {:?}",
+            s.tokens.len(),
+            s.window,
+            s.want.rows
+        );
+        same(&what, &batched[i], &alone[i]);
+        let after_batch = next_pass(b, m, &mut batch_kv[i], s);
+        let after_alone = next_pass(b, m, &mut alone_kv[i], s);
+        same(
+            &format!("{what}, the pass after"),
+            &after_batch,
+            &after_alone,
+        );
     }
 }
 
@@ -174,16 +186,88 @@ fn a_batched_pass_equals_each_pass_alone_on_the_cpu() {
 fn a_batched_pass_of_gemv_sized_passes_equals_each_alone_on_the_gpu() {
     let dir = tempfile::tempdir().unwrap();
     for (name, gpu) in backends(None) {
-        // Passes the GPU batches: up to its gemv's rows (Backend::batch_class).
-        let rows = (1..64)
-            .take_while(|&r| gpu.batch_class(r) == Some(0))
-            .count();
-        assert!(rows >= 2, "{name}: in-place AR passes (2 rows) must batch");
         for arch in Architecture::ALL {
             for dtype in [DType::F32, DType::Q4] {
                 let m = load(&gpu, &write_synth(dir.path(), arch, dtype));
+                // Passes of the gemv's rows, which all share one class (Backend::batch_class).
+                let rows = (1..64)
+                    .take_while(|&r| gpu.batch_class(&m.config, r, r) == Some(0))
+                    .count();
+                assert!(rows >= 2, "{name}: in-place AR passes (2 rows) must batch");
                 let what = format!("{name} {arch} {dtype}");
                 batched_equals_alone(&what, &gpu, &m, rows, 11);
+            }
+        }
+    }
+}
+
+/// Rows of the passes of the block test: AR (1, 2), awkward block sizes, 16 and 32 (and a block
+/// with its finished predecessor fused in: 2 × 16).
+const BLOCK_ROWS: [usize; 9] = [1, 2, 5, 7, 13, 16, 17, 24, 32];
+
+#[test]
+fn batched_diffusion_blocks_equal_each_alone_on_the_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, gpu) in backends(None) {
+        for arch in Architecture::ALL {
+            for dtype in [DType::F32, DType::Q4] {
+                let m = load(&gpu, &write_synth(dir.path(), arch, dtype));
+                let vocab = m.config.vocab_size;
+                let mut rng = Rng::new(13);
+                let pick = |rng: &mut Rng| BLOCK_ROWS[below(rng, BLOCK_ROWS.len())];
+                // Pairs of one shape (rows, rows wanted) at other positions, masks and tokens,
+                // then passes of any shape.
+                let mut seqs: Vec<Seq> = Vec::new();
+                for _ in 0..7 {
+                    let len = pick(&mut rng);
+                    let a = seq_of(&mut rng, vocab, len);
+                    let mut b = seq_of(&mut rng, vocab, len);
+                    b.want.rows = a.want.rows.clone();
+                    seqs.extend([a, b]);
+                }
+                seqs.extend((0..8).map(|_| {
+                    let len = pick(&mut rng);
+                    seq_of(&mut rng, vocab, len)
+                }));
+                // The batcher's grouping: one batched pass per class.
+                let mut classes: Vec<(u64, Vec<Seq>)> = Vec::new();
+                for s in seqs {
+                    let Some(c) = m.batch_class(&gpu, s.tokens.len(), &s.want) else {
+                        continue;
+                    };
+                    match classes.iter_mut().find(|(k, _)| *k == c) {
+                        Some((_, group)) => group.push(s),
+                        None => classes.push((c, vec![s])),
+                    }
+                }
+                let mut blocks = 0;
+                let mut mixed = 0;
+                for (c, group) in classes.iter().filter(|(_, g)| g.len() > 1) {
+                    let rows: Vec<usize> = group.iter().map(|s| s.tokens.len()).collect();
+                    blocks += usize::from(rows.iter().any(|&r| r > 4));
+                    mixed += usize::from(rows.iter().any(|&r| r != rows[0]));
+                    let what = format!("{name} {arch} {dtype} class {c:#x} {rows:?}");
+                    batch_equals_alone(&what, &gpu, &m, group);
+                }
+                // Block-sized passes batched, some of different sizes in one pass.
+                assert!(
+                    blocks >= 2 && mixed >= 1,
+                    "{name} {arch} {dtype}: {blocks} block batches, {mixed} of mixed sizes"
+                );
+                // Passes of different classes do not share a pass.
+                let (a, b) = (&classes[0].1[0], &classes[1].1[0]);
+                let mut kvs = [prefill(&gpu, &m, a), prefill(&gpu, &m, b)];
+                let [ka, kb] = &mut kvs;
+                let mut passes = [(a, ka), (b, kb)].map(|(s, kv)| SeqPass {
+                    kv,
+                    tokens: &s.tokens,
+                    window: s.window,
+                    want: &s.want,
+                });
+                assert!(matches!(
+                    m.forward_batch(&gpu, &mut passes),
+                    Err(ModelError::BatchMix(_))
+                ));
             }
         }
     }
@@ -347,14 +431,19 @@ fn decoding_many_requests_together_on_the_gpu_gives_each_the_tokens_it_gets_alon
     for (name, gpu) in backends(None) {
         let engine = Engine::new(gpu, Arc::new(EdmFile::open(&path).unwrap())).unwrap();
         let mut rng = Rng::new(9);
-        // AR (in-place: two-row passes, batched on the GPU) and block passes (run alone there).
-        let requests: Vec<GenerationRequest> = (0..6)
+        // AR streams (in-place: two-row passes) and block-diffusion streams of 7, 13 and 16
+        // rows (each block's first step fuses the finished block in: twice the rows), greedy and
+        // seeded; the block passes batch by class (ops/batch_class.rs).
+        let requests: Vec<GenerationRequest> = (0..10)
             .map(|i| {
                 let mut r = request_for(&engine.request(Prompt::Tokens(vec![1])), i, &mut rng);
-                r.decoding.decoder = if i < 4 {
-                    DecoderKind::Ar
-                } else {
-                    r.decoding.decoder
+                r.decoding.block_experts = None;
+                r.decoding.decoder = match i {
+                    0..4 => DecoderKind::Ar,
+                    _ => DecoderKind::Block(BlockOptions {
+                        block_size: [7, 13, 16][i % 3],
+                        reuse_last_kv: false,
+                    }),
                 };
                 r
             })
@@ -364,19 +453,89 @@ fn decoding_many_requests_together_on_the_gpu_gives_each_the_tokens_it_gets_alon
             .map(|r| engine.generate(r, &mut |_| {}).unwrap())
             .collect();
         let shared = Arc::new(AtomicUsize::new(0));
-        let s = shared.clone();
+        let blocks = Arc::new(AtomicUsize::new(0));
+        let (s, bl) = (shared.clone(), blocks.clone());
         engine.set_batch_report(move |r| {
             if r.sequences > 1 {
                 s.fetch_add(1, Ordering::Relaxed);
+                // More rows than the gemv's 4 a sequence: diffusion blocks shared the pass.
+                if r.rows > 4 * r.sequences {
+                    bl.fetch_add(1, Ordering::Relaxed);
+                }
             }
+        });
+        engine.set_batch_limits(BatchLimits {
+            wait: std::time::Duration::from_millis(50),
+            ..BatchLimits::default()
         });
         let together = engine.generate_many(&requests, &|_, _| {});
         for (i, (t, a)) in together.iter().zip(&alone).enumerate() {
             assert_eq!(t.as_ref().unwrap().tokens, a.tokens, "{name}: request {i}");
         }
+        let (shared, blocks) = (
+            shared.load(Ordering::Relaxed),
+            blocks.load(Ordering::Relaxed),
+        );
         assert!(
-            shared.load(Ordering::Relaxed) > 0,
-            "{name}: no pass was shared"
+            blocks > 0,
+            "{name}: {shared} passes shared, none of diffusion blocks"
         );
     }
+}
+
+/// Dispatches of one batched pass of `n` diffusion-block passes (16 rows after a 20-token
+/// prefix) on the default model, against `n` passes alone: the row-wise ops are recorded once;
+/// what each sequence adds is its attention (q/k norm + RoPE + K/V store, attention, its rows
+/// copied out and back). Prints the counts (docs/SERVE.md cites them).
+#[test]
+fn a_batched_pass_records_the_row_wise_ops_once_on_the_gpu() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default.edm");
+    if edgediff::backend::gpu::testing::skip_requested() {
+        return;
+    }
+    // Unpoisoned: poisoning records a fill for every output.
+    let opts = edgediff::backend::gpu::GpuOptions::from_env();
+    let gpu = edgediff::backend::gpu::GpuBackend::new(&opts).unwrap();
+    let name = gpu.device_name();
+    let m = load(&gpu, &path);
+    let mut rng = Rng::new(21);
+    let seqs: Vec<Seq> = (0..4)
+        .map(|_| {
+            let prefix: Vec<u32> = (0..20).map(|_| 3 + below(&mut rng, 500) as u32).collect();
+            Seq {
+                prefix,
+                tokens: (0..16).map(|_| 3 + below(&mut rng, 500) as u32).collect(),
+                window: Window::block(20, 16, AttnMask::BlockCausal(16)),
+                want: ForwardRequest::default(),
+            }
+        })
+        .collect();
+    let count = |n: usize| {
+        let mut kvs: Vec<_> = seqs[..n].iter().map(|s| prefill(&gpu, &m, s)).collect();
+        let mut passes: Vec<SeqPass<'_, _>> = seqs[..n]
+            .iter()
+            .zip(&mut kvs)
+            .map(|(s, kv)| SeqPass {
+                kv,
+                tokens: &s.tokens,
+                window: s.window,
+                want: &s.want,
+            })
+            .collect();
+        let d0 = gpu.dispatches();
+        m.forward_batch(&gpu, &mut passes).unwrap();
+        gpu.dispatches() - d0
+    };
+    let (one, four) = (count(1), count(4));
+    eprintln!(
+        "{name}: default model, 16-row block passes: 1 alone {one} dispatches, 4 batched {four} \
+         (4 alone {}), {:.1} per added sequence ({} layers)",
+        4 * one,
+        (four - one) as f64 / 3.0,
+        m.config.num_layers
+    );
+    assert!(
+        four < 2 * one,
+        "{four} dispatches batched against {one} alone"
+    );
 }
