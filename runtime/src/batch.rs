@@ -7,7 +7,7 @@
 //! pass is running and every sequence that joined the batcher has a pass queued (or the oldest has
 //! waited [`BatchLimits::wait`] since it was queued and the last pass ended), one waiting thread
 //! leads: it takes the queued passes that can
-//! share a pass with the oldest one (the backend's [`Backend::batch_class`], up to
+//! share a pass with the oldest one (the same [`Model::batch_class`], up to
 //! [`BatchLimits::max_rows`] rows), runs them as one batched pass, posts each sequence its outputs
 //! and wakes the others. Sequences join and leave between passes (continuous batching).
 //!
@@ -77,8 +77,8 @@ struct Queued<B: Backend> {
     tokens: Vec<u32>,
     window: Window,
     want: ForwardRequest,
-    /// [`Backend::batch_class`] of its row count.
-    class: Option<u32>,
+    /// [`Model::batch_class`] of its pass.
+    class: Option<u64>,
     since: Instant,
 }
 
@@ -179,11 +179,7 @@ impl<B: Backend> PassBatcher<B> {
             tokens: tokens.to_vec(),
             window,
             want: want.clone(),
-            // Block-level routing groups a pass's rows: it runs alone (ModelError::BatchMix).
-            class: match want.blocks {
-                None => backend.batch_class(tokens.len()),
-                Some(_) => None,
-            },
+            class: model.batch_class(backend, tokens.len(), want),
             since: Instant::now(),
         });
         self.wake.notify_all();

@@ -139,7 +139,7 @@ class Moe(nn.Module):
         ids = choice.topk(self.c.top_k, -1).indices
         w = scores.gather(-1, ids)
         w = w / (w.sum(-1, keepdim=True) + 1e-20) * self.c.scale
-        dense_w = torch.zeros_like(scores).scatter(-1, ids, w)
+        dense_w = torch.zeros_like(scores).scatter(-1, ids, w.to(scores.dtype))
         return scores, dense_w, ids
 
     def forward(self, x, allowed=None):

@@ -26,6 +26,7 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import math
 import subprocess
@@ -161,8 +162,12 @@ def cmd_train(a):
         sizes = [int(s) for s in a.emo_sizes.split(",")]
     log(f"EMO subset sizes {sizes} in {a.emo_frac:.0%} of the rows")
 
+    # bf16 autocast on cuda; EDGEDIFF_TRAIN_AUTOCAST=1 turns it on for a CPU run too, so a local tiny run
+    # takes the GPU's mixed-precision code paths (dtype mismatches show here, not on the GPU machine).
+    mixed = dev.type == "cuda" or os.environ.get("EDGEDIFF_TRAIN_AUTOCAST") == "1"
+
     def autocast():
-        return torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+        return torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=mixed)
 
     def batch(src, n):
         rows = []

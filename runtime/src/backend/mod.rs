@@ -398,10 +398,17 @@ pub trait Backend {
         Ok(())
     }
 
-    /// Which passes of `rows` rows may share a batched pass: those of the same class, each row
-    /// computed exactly as in its pass alone ([`Backend::begin_forward`]). `None`: a pass of
-    /// this many rows runs alone.
-    fn batch_class(&self, _rows: usize) -> Option<u32> {
+    /// Called before the LM head of a batched pass over `rows` gathered rows, of which one
+    /// sequence has at most `largest` (the rows it wants; alone, its LM head runs over those):
+    /// as [`Backend::begin_forward`], for the LM head's kernels.
+    fn begin_head(&self, _rows: usize, _largest: usize) -> Result<()> {
+        Ok(())
+    }
+
+    /// Which passes may share a batched pass: those of the same class, each row computed exactly
+    /// as in its pass alone ([`Backend::begin_forward`], [`Backend::begin_head`]). A pass has
+    /// `rows` rows and wants `head_rows` of them through the LM head. `None`: it runs alone.
+    fn batch_class(&self, _config: &ModelConfig, _rows: usize, _head_rows: usize) -> Option<u64> {
         Some(0)
     }
 

@@ -402,11 +402,13 @@ impl<B: Backend> Model<B> {
     /// (or CCA), the K/V store and attention run per sequence against its own cache, at its own
     /// positions and mask. Every op computes each row from that row alone, so a sequence's
     /// outputs are those of its pass run alone wherever the backend's kernels sum a row the same
-    /// way at the batch's row count (the CPU backend always; the GPU backend chooses its kernels
-    /// by the largest sequence of the batch, [`Backend::begin_forward`]).
+    /// way at the batch's row count: the passes must be of one [`Model::batch_class`] (the CPU
+    /// backend: any; the GPU backend chooses its kernels as one sequence's pass alone would,
+    /// [`Backend::begin_forward`], which holds for passes whose row counts choose alike).
     ///
     /// Block-level routing (`want.blocks`) groups rows across the pass, so a pass that asks for it
-    /// runs alone ([`ModelError::BatchMix`] otherwise).
+    /// runs alone; so does a pass of no class, and passes of different classes do not mix
+    /// ([`ModelError::BatchMix`] otherwise).
     pub fn forward_batch(
         &self,
         b: &B,
@@ -452,6 +454,17 @@ impl<B: Backend> Model<B> {
             });
         }
         Ok(())
+    }
+
+    /// Which passes a pass of `tokens` tokens asking `want` may share a batched pass with: those
+    /// of the same class ([`Backend::batch_class`]; `None`: it runs alone). Block-level routing
+    /// groups a pass's rows, so such a pass runs alone.
+    pub fn batch_class(&self, b: &B, tokens: usize, want: &ForwardRequest) -> Option<u64> {
+        if want.blocks.is_some() {
+            return None;
+        }
+        let head = want.rows.as_ref().map_or(tokens, |r| r.len());
+        b.batch_class(&self.config, tokens, head)
     }
 
     /// One denoising step recorded on the backend and not read back (decode/block.rs chains
@@ -517,6 +530,14 @@ impl<B: Backend> Model<B> {
         }
         if !alone && seqs.iter().any(|s| s.want.blocks.is_some()) {
             return Err(ModelError::BatchMix("block-level expert routing"));
+        }
+        if !alone {
+            // The backend computes each row as alone only for passes of one class.
+            let class = |s: &SeqPass<'_, B>| self.batch_class(b, s.tokens.len(), s.want);
+            let first = class(&seqs[0]);
+            if first.is_none() || seqs.iter().any(|s| class(s) != first) {
+                return Err(ModelError::BatchMix("a pass of another batch class"));
+            }
         }
         // Rows of sequence i: offsets[i]..offsets[i + 1].
         let mut offsets = vec![0];
@@ -682,6 +703,8 @@ impl<B: Backend> Model<B> {
             }
         }
         let n: usize = rows.iter().map(|r| r.len()).sum();
+        let largest_head = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+        b.begin_head(n, largest_head)?;
         let (stats, logits) = if n == 0 {
             (Vec::new(), Some(Vec::new()))
         } else {

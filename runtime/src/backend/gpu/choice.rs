@@ -14,6 +14,7 @@
 //! | `EDGEDIFF_ATTN_GROUPS=<n>` | [`KernelChoice::attn_groups`] |
 //! | `EDGEDIFF_STATS_CHUNK=<logits>` | [`KernelChoice::stats_chunk`] |
 //! | `EDGEDIFF_EXPERT_POOL_BINDING=<bytes>` | [`KernelChoice::expert_pool_binding`] |
+//! | `EDGEDIFF_BATCH_BLOCKS=0` | [`KernelChoice::batch_blocks`] |
 
 /// Which expert kernels serve a layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +66,9 @@ pub struct KernelChoice {
     /// Expert pool buffers at most this many bytes, below the device's binding limit (the
     /// 128 MiB of many phones on a large GPU: 134217728).
     pub expert_pool_binding: Option<u64>,
+    /// Passes of more rows than the gemv's (diffusion blocks, prefill) share batched passes with
+    /// passes whose row counts choose the same kernels (ops/batch_class.rs); off: they run alone.
+    pub batch_blocks: bool,
 }
 
 impl Default for KernelChoice {
@@ -79,6 +83,7 @@ impl Default for KernelChoice {
             attn_groups: GQA_TARGET_GROUPS,
             stats_chunk: STATS_CHUNK,
             expert_pool_binding: None,
+            batch_blocks: true,
         }
     }
 }
@@ -117,6 +122,7 @@ impl KernelChoice {
                 .filter(|&c| c >= 64)
                 .map_or(d.stats_chunk, |v| v as usize),
             expert_pool_binding: num("EDGEDIFF_EXPERT_POOL_BINDING"),
+            batch_blocks: !off("EDGEDIFF_BATCH_BLOCKS"),
         }
     }
 }
@@ -143,6 +149,7 @@ mod tests {
         assert_eq!(from(&[]), KernelChoice::default());
         let d = KernelChoice::default();
         assert!(d.coop_split_k && d.fuse_swiglu && d.moe.is_none() && d.attention.is_none());
+        assert!(d.batch_blocks);
     }
 
     #[test]
@@ -157,6 +164,7 @@ mod tests {
             ("EDGEDIFF_ATTN_GROUPS", "64"),
             ("EDGEDIFF_STATS_CHUNK", "4096"),
             ("EDGEDIFF_EXPERT_POOL_BINDING", "134217728"),
+            ("EDGEDIFF_BATCH_BLOCKS", "0"),
         ]);
         assert_eq!(
             k,
@@ -170,6 +178,7 @@ mod tests {
                 attn_groups: 64,
                 stats_chunk: 4096,
                 expert_pool_binding: Some(134_217_728),
+                batch_blocks: false,
             }
         );
         let k = from(&[

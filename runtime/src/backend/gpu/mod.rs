@@ -821,12 +821,14 @@ impl Backend for GpuBackend {
         Ok(())
     }
 
-    /// Passes of up to [`ops::matmul::GEMV_T`] rows take the gemv for every matmul alone, and a
-    /// batch of them keeps the gemv (ops::matmul::pass_kernel), which sums each row alike at any
-    /// row count. Larger passes may take the tiled or tensor-core kernels alone, whose sums
-    /// depend on the row count (tiles, split K): they run alone.
-    fn batch_class(&self, rows: usize) -> Option<u32> {
-        (rows <= ops::matmul::GEMV_T).then_some(0)
+    fn begin_head(&self, rows: usize, largest: usize) -> Result<()> {
+        self.lock().batch_rows = (largest < rows).then_some(largest);
+        Ok(())
+    }
+
+    /// Passes whose row counts choose the same kernels (ops/batch_class.rs).
+    fn batch_class(&self, c: &ModelConfig, rows: usize, head_rows: usize) -> Option<u64> {
+        ops::batch_class::batch_class(self, c, rows, head_rows)
     }
 
     fn rows_of(&self, x: &GpuAct, rows: Range<usize>) -> Result<GpuAct> {

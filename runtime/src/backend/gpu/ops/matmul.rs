@@ -196,24 +196,34 @@ pub fn matmul_kernel(
     }
 }
 
-/// The kernel for `t` activation rows of the pass being recorded: [`matmul_kernel`]'s, except in
-/// a batched pass (`State::batch_rows`: its largest sequence's rows) where the gemv serves that
-/// sequence alone: then the gemv runs over all `t` rows (one block, or blocks along z), since it
-/// sums each row the same way at any row count, so each sequence's rows come out as alone.
+/// The rows one sequence's pass has in the pass being recorded, whose choices `t` rows of it
+/// follow: a batched pass's largest sequence (`State::batch_rows`; its passes are of one class,
+/// ops/batch_class.rs, so any of them chooses alike), else `t`.
+pub fn solo_rows(ctx: &Ctx, t: usize) -> usize {
+    ctx.st.batch_rows.unwrap_or(t)
+}
+
+/// The kernel for `t` activation rows of the pass being recorded: the one [`matmul_kernel`] gives
+/// one sequence's pass alone ([`solo_rows`]), over all `t` rows. The gemv (one block, or blocks
+/// along z), the tiles and the tensor-core tiles each sum a row the same way whatever rows share
+/// the dispatch (ops/batch_class.rs), so each sequence's rows come out as alone.
 pub fn pass_kernel(ctx: &Ctx, dtype: DType, t: usize, rows: usize, bytes: u64) -> MatmulKernel {
     let (choice, coop) = (&ctx.sh.dev.kernels, ctx.sh.dev.caps.coop);
-    if let Some(largest) = ctx.st.batch_rows {
-        let alone = matmul_kernel(choice, coop, dtype, largest.min(t), rows, bytes);
-        if matches!(alone, MatmulKernel::Gemv | MatmulKernel::GemvBlocked) {
-            if t <= GEMV_T {
-                return MatmulKernel::Gemv;
-            }
-            if rows.div_ceil(4) <= 65535 {
-                return MatmulKernel::GemvBlocked;
-            }
-        }
+    match matmul_kernel(choice, coop, dtype, solo_rows(ctx, t), rows, bytes) {
+        MatmulKernel::Gemv | MatmulKernel::GemvBlocked if t <= GEMV_T => MatmulKernel::Gemv,
+        MatmulKernel::Gemv | MatmulKernel::GemvBlocked => MatmulKernel::GemvBlocked,
+        k => k,
     }
-    matmul_kernel(choice, coop, dtype, t, rows, bytes)
+}
+
+/// The gemv's grid for `groups` blocks of 4 weight rows and `t` activation rows: blocks folded
+/// into x × y past 65535 (the kernel unfolds them), token blocks of 4 along z.
+fn gemv_grid(groups: u64, t: usize) -> Grid<'static> {
+    Grid::Groups(
+        groups.min(65535) as u32,
+        groups.div_ceil(65535) as u32,
+        t.div_ceil(GEMV_T) as u32,
+    )
 }
 
 /// [`GEMM_COOP`] split along K into a scratch of `splits` partial outputs, then [`SPLIT_SUM`] into
@@ -280,12 +290,7 @@ pub fn gate_up_swiglu_into(
         out_stride: inter,
         out_col0: 0,
     };
-    let pairs = inter.div_ceil(2);
-    let grid = Grid::Groups(
-        pairs.min(65535),
-        pairs.div_ceil(65535),
-        t.div_ceil(GEMV_T) as u32,
-    );
+    let grid = gemv_grid(u64::from(inter.div_ceil(2)), t);
     ctx.dispatch(
         &GEMV_SWIGLU,
         gate_up.wtype(),
@@ -316,13 +321,16 @@ pub fn matmul_into(
     out: &GpuBuffer,
     out_stride: usize,
 ) -> Result<(), GpuError> {
+    // The tensor-core tile and K split of one sequence's pass alone (ops/batch_class.rs).
+    let solo = solo_rows(ctx, t);
+    let tile_t = coop_tile_t(solo);
     for c in &w.chunks {
         let mut p = MatmulParams {
             k_chunk: 0,
             split_rows: 0,
             splits: 0,
             _pad: 0,
-            tile_t: coop_tile_t(t),
+            tile_t,
             n: c.rows,
             k: w.cols as u32,
             t: t as u32,
@@ -342,17 +350,16 @@ pub fn matmul_into(
         }
         let (entry, grid) = match kernel {
             MatmulKernel::Gemv => (&GEMV, Grid::Linear(groups)),
-            MatmulKernel::GemvBlocked => (
-                &GEMV,
-                Grid::Groups(groups as u32, 1, t.div_ceil(GEMV_T) as u32),
-            ),
+            MatmulKernel::GemvBlocked => (&GEMV, gemv_grid(groups, t)),
             MatmulKernel::Tiled => (
                 &GEMM,
                 Grid::Groups(n.div_ceil(64) as u32, t.div_ceil(16) as u32, 1),
             ),
             MatmulKernel::Coop => {
-                let (gx, gy) = (n.div_ceil(128), t.div_ceil(coop_tile_t(t) as usize));
-                let (k_chunk, splits) = coop_split(&ctx.sh.dev.kernels, gx as usize * gy, w.cols);
+                let tile = tile_t as usize;
+                let (gx, gy) = (n.div_ceil(128), t.div_ceil(tile));
+                let solo_tiles = gx as usize * solo.div_ceil(tile);
+                let (k_chunk, splits) = coop_split(&ctx.sh.dev.kernels, solo_tiles, w.cols);
                 if splits > 1 {
                     coop_split_k(
                         ctx,

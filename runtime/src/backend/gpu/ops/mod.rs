@@ -3,6 +3,7 @@
 //! checks and grid sizes. The kernels live in `shaders/<op>.wgsl`.
 
 pub mod attention;
+pub mod batch_class;
 pub mod cca;
 pub mod denoise;
 pub mod elementwise;

@@ -300,12 +300,12 @@ pub fn experts(
 ) -> Result<(), GpuError> {
     let (top_k, a) = (s.params.top_k, s.params.assignments);
     let (meta, h, y) = (&*s.meta, &*s.h, &*s.y);
-    // A batched pass chooses as for its largest sequence (see matmul::pass_kernel): the GEMV
-    // kernels sum each token the same way however many tokens an expert serves.
+    // A batched pass chooses as one sequence's pass alone (see matmul::pass_kernel): the GEMV
+    // and the tiled kernels each sum a token the same way however many tokens an expert serves.
     let t = s.params.t as usize;
     let kernel = expert_kernel(
         ctx.sh.dev.kernels.moe,
-        ctx.st.batch_rows.map_or(t, |b| b.min(t)),
+        super::matmul::solo_rows(ctx, t),
         top_k as usize,
         e.num_experts,
     );
