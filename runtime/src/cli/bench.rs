@@ -45,7 +45,7 @@ pub struct ForwardArgs {
 
 /// The model file, its context checked against `--context` and `--tokens` before anything is
 /// measured (or the synthetic model written).
-fn model_file(c: &Common) -> anyhow::Result<Arc<EdmFile>> {
+pub(super) fn model_file(c: &Common) -> anyhow::Result<Arc<EdmFile>> {
     let path = match &c.model {
         Some(p) => p.clone(),
         None => {
@@ -83,7 +83,7 @@ fn model_file(c: &Common) -> anyhow::Result<Arc<EdmFile>> {
     Ok(Arc::new(file))
 }
 
-fn gpu() -> anyhow::Result<GpuBackend> {
+pub(super) fn gpu() -> anyhow::Result<GpuBackend> {
     let g = GpuBackend::new(&GpuOptions::from_env()).context("starting the GPU backend")?;
     eprintln!("device: {}", g.device_name());
     Ok(g)

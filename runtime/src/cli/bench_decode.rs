@@ -31,6 +31,8 @@ pub enum Bench {
     Kernels(super::bench::KernelsArgs),
     /// GPU forward passes of blocks of 1–64 tokens on a cached context.
     Forward(super::bench::ForwardArgs),
+    /// GPU batched passes: S sequences' blocks one after another against one batched pass.
+    Batch(super::bench_batch::Args),
 }
 
 #[derive(clap::Args)]
@@ -72,6 +74,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Bench::Experts(e) => super::bench_experts::run(*e),
         Bench::Kernels(k) => super::bench::run_kernels(k),
         Bench::Forward(f) => super::bench::run_forward(f),
+        Bench::Batch(b) => super::bench_batch::run(b),
     }
 }
 

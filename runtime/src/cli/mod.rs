@@ -2,6 +2,7 @@
 //! boundary (the library returns typed errors).
 
 mod bench;
+mod bench_batch;
 mod bench_canvas;
 mod bench_common;
 mod bench_decode;

@@ -1,0 +1,183 @@
+//! `bench batch`: what a batched pass saves on the GPU. S sequences, each with its own KV cache
+//! holding `--context` positions, each run a pass of t tokens (a diffusion block at t > 1): the S
+//! passes one after another (as without batching), then the same passes as one batched pass
+//! (`Model::forward_batch`, as the server's batcher runs them). Reports milliseconds, aggregate
+//! tokens/s and dispatches of both, and whether every sequence's statistics came out of the
+//! batched pass bit for bit as alone. Passes the backend keeps apart (no batch class, e.g. under
+//! `EDGEDIFF_BATCH_BLOCKS=0`) are reported as such.
+
+use std::time::Instant;
+
+use anyhow::Context;
+use serde_json::json;
+
+use super::bench_common::{emit_json, values, Common};
+use crate::backend::gpu::GpuBackend;
+use crate::backend::AttnMask;
+use crate::model::{ForwardOutput, ForwardRequest, Model, SeqPass, Window};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub common: Common,
+    /// Sequences per batched pass.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 4, 16])]
+    pub sequences: Vec<usize>,
+}
+
+/// One (tokens, sequences) point.
+struct Point {
+    tokens: usize,
+    sequences: usize,
+    alone_ms: f64,
+    /// `None`: the passes do not share a batched pass on this backend.
+    batched_ms: Option<f64>,
+    alone_dispatches: u64,
+    batched_dispatches: Option<u64>,
+    exact: Option<bool>,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let c = &a.common;
+    let file = super::bench::model_file(c)?;
+    let g = super::bench::gpu()?;
+    let model = Model::load(&g, file.clone(), &|_, _| true).context("loading the model")?;
+    let vocab = model.config.vocab_size as u64;
+    let most = a.sequences.iter().copied().max().unwrap_or(1).max(1);
+    let capacity = c.context + c.tokens.iter().copied().max().unwrap_or(1);
+    // Every sequence its own tokens (its context, then its blocks).
+    let tokens: Vec<Vec<u32>> = (0..most)
+        .map(|s| {
+            values(capacity, 3 + s as u64)
+                .iter()
+                .map(|v| ((v.abs() * vocab as f32) as u64 % vocab) as u32)
+                .collect()
+        })
+        .collect();
+    let mask = AttnMask::BlockCausal(32);
+    let mut kvs = Vec::with_capacity(most);
+    for t in &tokens {
+        let mut kv = model.new_kv(&g, capacity)?;
+        let mut at = 0;
+        while at < c.context {
+            let n = 64.min(c.context - at);
+            let w = Window::block(at, n, mask);
+            model.forward(&g, &mut kv, &t[at..at + n], w, &ForwardRequest::default())?;
+            at += n;
+        }
+        kvs.push(kv);
+    }
+    let want = ForwardRequest::default();
+    let iters = c.iters.max(1);
+    let mut points = Vec::new();
+    for &t in &c.tokens {
+        let window = Window::block(c.context, t, mask);
+        let block = |s: usize| &tokens[s][c.context..c.context + t];
+        for &n in &a.sequences {
+            let n = n.max(1);
+            let kv = &mut kvs[..n];
+            let alone = |kv: &mut [_]| -> anyhow::Result<Vec<ForwardOutput>> {
+                kv.iter_mut()
+                    .enumerate()
+                    .map(|(s, kv)| Ok(model.forward(&g, kv, block(s), window, &want)?))
+                    .collect()
+            };
+            let batched = |kv: &mut [_]| -> anyhow::Result<Vec<ForwardOutput>> {
+                let mut passes: Vec<SeqPass<'_, GpuBackend>> = kv
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(s, kv)| SeqPass {
+                        kv,
+                        tokens: block(s),
+                        window,
+                        want: &want,
+                    })
+                    .collect();
+                Ok(model.forward_batch(&g, &mut passes)?)
+            };
+            let reference = alone(kv)?; // also the warm-up
+            let d0 = g.dispatches();
+            let t0 = Instant::now();
+            for _ in 0..iters {
+                alone(kv)?;
+            }
+            let alone_ms = t0.elapsed().as_secs_f64() * 1e3 / iters as f64;
+            let alone_dispatches = (g.dispatches() - d0) / iters as u64;
+            let shares = n > 1 && model.batch_class(&g, t, &want).is_some();
+            let (mut batched_ms, mut batched_dispatches, mut exact) = (None, None, None);
+            if shares {
+                let outs = batched(kv)?;
+                exact = Some(outs.iter().zip(&reference).all(|(b, a)| b.stats == a.stats));
+                let d0 = g.dispatches();
+                let t0 = Instant::now();
+                for _ in 0..iters {
+                    batched(kv)?;
+                }
+                batched_ms = Some(t0.elapsed().as_secs_f64() * 1e3 / iters as f64);
+                batched_dispatches = Some((g.dispatches() - d0) / iters as u64);
+            }
+            points.push(Point {
+                tokens: t,
+                sequences: n,
+                alone_ms,
+                batched_ms,
+                alone_dispatches,
+                batched_dispatches,
+                exact,
+            });
+        }
+    }
+    let rate = |p: &Point, ms: f64| (p.tokens * p.sequences) as f64 / ms * 1e3;
+    let out = json!({
+        "device": g.device_name(),
+        "model": file.path().display().to_string(),
+        "context": c.context,
+        "points": points.iter().map(|p| json!({
+            "tokens": p.tokens,
+            "sequences": p.sequences,
+            "alone_ms": p.alone_ms,
+            "batched_ms": p.batched_ms,
+            "alone_tokens_per_s": rate(p, p.alone_ms),
+            "batched_tokens_per_s": p.batched_ms.map(|ms| rate(p, ms)),
+            "alone_dispatches": p.alone_dispatches,
+            "batched_dispatches": p.batched_dispatches,
+            "exact": p.exact,
+        })).collect::<Vec<_>>(),
+    });
+    if emit_json(c, &out)? {
+        return Ok(());
+    }
+    println!(
+        "{} on {}, {} cached positions a sequence\n",
+        file.path().display(),
+        g.device_name(),
+        c.context
+    );
+    println!("| tokens a pass | sequences | one after another: ms / tokens/s / dispatches | batched: ms / tokens/s / dispatches | speed-up | batched = alone |");
+    println!("|---:|---:|---|---|---:|---|");
+    for p in &points {
+        let alone = format!(
+            "{:.2} / {:.0} / {}",
+            p.alone_ms,
+            rate(p, p.alone_ms),
+            p.alone_dispatches
+        );
+        let (batched, speedup, exact) = match (p.batched_ms, p.batched_dispatches, p.exact) {
+            (Some(ms), Some(d), Some(e)) => (
+                format!("{ms:.2} / {:.0} / {d}", rate(p, ms)),
+                format!("{:.2}×", p.alone_ms / ms),
+                if e { "yes" } else { "NO" }.to_string(),
+            ),
+            _ if p.sequences == 1 => ("—".into(), "—".into(), "—".into()),
+            _ => ("apart (no batch class)".into(), "—".into(), "—".into()),
+        };
+        println!(
+            "| {} | {} | {alone} | {batched} | {speedup} | {exact} |",
+            p.tokens, p.sequences
+        );
+    }
+    if points.iter().any(|p| p.exact == Some(false)) {
+        anyhow::bail!("a batched pass differed from its passes alone");
+    }
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! `edgediff bench batch` on the GPU (lavapipe here): each point times S sequences' passes one
+//! after another and as one batched pass, and the batched pass gives every sequence its
+//! statistics bit for bit; AR passes batch, and so do 7-token blocks unless
+//! `EDGEDIFF_BATCH_BLOCKS=0` keeps them apart.
+
+use std::process::{Command, Output};
+
+fn edgediff(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_edgediff"));
+    c.args(args).env_remove("EDGEDIFF_BATCH_BLOCKS");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("running edgediff")
+}
+
+fn points(model: &str, env: &[(&str, &str)]) -> Vec<serde_json::Value> {
+    let args = [
+        "bench",
+        "batch",
+        "--model",
+        model,
+        "--tokens",
+        "1,7",
+        "--sequences",
+        "1,3",
+        "--context",
+        "9",
+        "--iters",
+        "1",
+        "--copy-mib",
+        "0",
+        "--json",
+    ];
+    let out = edgediff(&args, env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench batch {env:?}: {stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["points"].as_array().unwrap().clone()
+}
+
+#[test]
+fn bench_batch_times_batched_passes_and_checks_them_against_alone() {
+    if std::env::var("EDGEDIFF_SKIP_GPU_TESTS").is_ok_and(|v| v == "1") {
+        eprintln!("EDGEDIFF_SKIP_GPU_TESTS=1: skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("llada2.edm");
+    let model = model.to_str().unwrap();
+    let out = edgediff(
+        &[
+            "synth",
+            "--arch",
+            "llada2_moe",
+            "--dtype",
+            "q4",
+            "-o",
+            model,
+        ],
+        &[],
+    );
+    assert!(out.status.success());
+    let shape = |p: &serde_json::Value| (p["tokens"].as_u64(), p["sequences"].as_u64());
+    let on = points(model, &[]);
+    assert_eq!(
+        on.iter().map(shape).collect::<Vec<_>>(),
+        [(1, 1), (1, 3), (7, 1), (7, 3)].map(|(t, s)| (Some(t), Some(s)))
+    );
+    for p in &on {
+        assert!(p["alone_ms"].as_f64().unwrap() > 0.0);
+        if p["sequences"] == 3 {
+            assert_eq!(p["exact"], true, "{p}");
+            let (alone, batched) = (&p["alone_dispatches"], &p["batched_dispatches"]);
+            assert!(batched.as_u64().unwrap() < alone.as_u64().unwrap(), "{p}");
+        } else {
+            assert!(p["batched_ms"].is_null(), "{p}");
+        }
+    }
+    let apart = points(model, &[("EDGEDIFF_BATCH_BLOCKS", "0")]);
+    assert_eq!(apart[1]["exact"], true, "AR passes still batch");
+    assert!(apart[3]["batched_ms"].is_null(), "{}", apart[3]);
+}
