@@ -7,8 +7,10 @@
 # On the device (run tool, carry [".bin", ".gl"]):
 #   bash scripts/device-gpu-tests.sh run             # results under $OUT/gpu-tests.txt
 # Runs the library's backend::gpu tests one at a time and then in parallel (a hang would show as a
-# timeout), then tests/gpu_forward, gpu_engine (GPU tokens equal CPU tokens), gpu_paging and
-# device_steps (denoising steps chained on the GPU commit the host loop's tokens). Limits
+# timeout), then tests/gpu_forward, gpu_engine (GPU tokens equal CPU tokens), gpu_paging,
+# device_steps (denoising steps chained on the GPU commit the host loop's tokens) and
+# batched_forward (a batched pass equals each pass alone bit for bit: here diffusion blocks of
+# 17-32 rows take the tensor-core kernels, with sequences starting mid-tile). Limits
 # suit the GPU machine (the whole run takes ≈ 40 s on an H200); SLOW=8 multiplies them for a
 # software adapter (lavapipe: ≈ 5 minutes).
 set -uo pipefail
@@ -24,7 +26,7 @@ for l in sys.stdin:
     m=json.loads(l)
     if m.get("reason")=="compiler-artifact" and m.get("executable") and m["profile"]["test"]: print(m["executable"])'; }
   strip -o .bin/gpu-tests/lib "$(exe -p edgediff --lib)"
-  for t in gpu_forward gpu_engine gpu_paging device_steps; do
+  for t in gpu_forward gpu_engine gpu_paging device_steps batched_forward; do
     strip -o ".bin/gpu-tests/$t" "$(exe -p edgediff-tests --test "$t")"
   done
   tar -cJf .bin/gpu-tests.tar.xz -C .bin/gpu-tests . && rm -rf .bin/gpu-tests
@@ -60,7 +62,7 @@ run)
   # 4 threads: with the H200 machine's 16 (the default) the run hung with no GPU test finished
   # (2026-12-04, docs/PERF.md); 4 passed in 8 s.
   t "backend::gpu, in parallel" runtime 90 "$T/lib" gpu:: --test-threads=4
-  for b in gpu_forward gpu_engine gpu_paging device_steps; do
+  for b in gpu_forward gpu_engine gpu_paging device_steps batched_forward; do
     t "$b" tests 120 "$T/$b"
   done
   grep -E "^test result|SKIPPED|panicked" "$OUTF"
