@@ -158,6 +158,13 @@ pub struct ExpertPool {
     pub buffers: Vec<Arc<GpuBuffer>>,
 }
 
+/// A buffer of expert slots and its index in the [`ExpertPool`], the number slot entries name it by.
+#[derive(Clone)]
+pub struct PoolBuffer {
+    pub index: u32,
+    pub buf: Arc<GpuBuffer>,
+}
+
 pub struct ExpertStore {
     file: Arc<EdmFile>,
     pub inner: Mutex<(SlotTable, ExpertPool, Vec<bool>)>,
@@ -204,8 +211,8 @@ pub struct GpuExperts {
     pub layer: usize,
     pub num_experts: usize,
     pub(crate) store: Arc<ExpertStore>,
-    /// (pool index, buffer) of the pool buffers holding this layer's experts.
-    pub(crate) pools: Vec<(u32, Arc<GpuBuffer>)>,
+    /// The pool buffers holding this layer's experts.
+    pub(crate) pools: Vec<PoolBuffer>,
     pub(crate) gate_up: PartLayout,
     pub(crate) down: PartLayout,
     pub(crate) hidden: usize,
@@ -221,7 +228,7 @@ impl GpuExperts {
     pub(crate) fn layout<'a>(
         &self,
         slots: &'a GpuBuffer,
-        pools: &'a [(u32, Arc<GpuBuffer>)],
+        pools: &'a [PoolBuffer],
     ) -> super::ops::moe::ExpertLayout<'a> {
         super::ops::moe::ExpertLayout {
             layer: self.layer,
@@ -326,7 +333,7 @@ pub fn load_layer(
             // Uploaded (write_buffer copied the bytes): host memory keeps no copy.
             file.release_expert(layer, e);
         }
-        pools.push((index, buf));
+        pools.push(PoolBuffer { index, buf });
     }
     if let Some(l) = loaded.get_mut(layer) {
         *l = true;
@@ -408,7 +415,7 @@ pub(crate) struct PagingState {
     pub(crate) pager: Pager,
     /// Where each pager slot lives.
     places: Vec<SlotPlace>,
-    pub(crate) buffers: Vec<(u32, Arc<GpuBuffer>)>,
+    pub(crate) buffers: Vec<PoolBuffer>,
     prefetch: bool,
     release_host: bool,
     /// The pass being recorded reads each MoE layer's routing back before its experts run.
@@ -424,12 +431,12 @@ pub(crate) struct PagingState {
     /// When the pass began: a discarded optimistic pass counts as stall time.
     pass_start: Instant,
     /// Routing of each MoE layer of the optimistic pass, copied out for the end-of-pass read.
-    pub(crate) captures: Vec<(usize, Pooled, u64)>,
+    pub(crate) captures: Captures,
     /// Routed experts per MoE layer of the pass being run (synchronous passes).
-    routed: Vec<(usize, Vec<u32>)>,
+    routed: LayerRouting,
     /// The last completed pass's routed experts per MoE layer, in execution order: the
     /// prediction for the next pass (the same block's next denoising step, most of the time).
-    predicted: Vec<(usize, Vec<u32>)>,
+    predicted: LayerRouting,
     /// Read-ahead threads (None: every read happens on the submitting thread), and how many
     /// threads a large batch of uploads may use.
     reader: Option<ExpertReader>,
@@ -464,7 +471,7 @@ impl GpuExpertPool {
     /// GPU bytes of the pool buffers (what the budget bought).
     pub fn gpu_bytes(&self) -> u64 {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.buffers.iter().map(|(_, b)| b.size).sum()
+        st.buffers.iter().map(|p| p.buf.size).sum()
     }
 }
 
@@ -575,7 +582,9 @@ impl PagingState {
             let SlotPlace { pool, word } = self.places[f.slot];
             let l = layer_layout(sh, &self.file, f.key.layer)?;
             jobs.push(Upload {
-                buf: self.buffers[(pool - self.buffers[0].0) as usize].1.clone(),
+                buf: self.buffers[(pool - self.buffers[0].index) as usize]
+                    .buf
+                    .clone(),
                 gate_up_at: word as u64 * 4,
                 down_at: (word + l.down.word) as u64 * 4,
                 key: f.key,
@@ -675,9 +684,9 @@ impl PagingState {
     fn predicted_misses(&self, layer: usize, layers: usize, skip: &[ExpertKey]) -> Vec<ExpertKey> {
         self.predicted
             .iter()
-            .filter(|(l, _)| *l >= layer)
+            .filter(|r| r.layer >= layer)
             .take(layers)
-            .flat_map(|(l, ids)| ids.iter().map(move |&e| ExpertKey::new(*l, e as usize)))
+            .flat_map(LayerExperts::keys)
             .filter(|k| self.pager.slot_of(k.layer, k.expert).is_none() && !skip.contains(k))
             .collect()
     }
@@ -736,7 +745,7 @@ impl PagingState {
         let want: Vec<ExpertKey> = self
             .predicted
             .iter()
-            .flat_map(|(l, ids)| ids.iter().map(move |&e| ExpertKey::new(*l, e as usize)))
+            .flat_map(LayerExperts::keys)
             .filter(|k| seen.insert(*k))
             .collect();
         // Synchronous when the optimistic pass would surely miss: right after a miss, with no
@@ -772,10 +781,33 @@ impl PagingState {
     }
 }
 
-/// (MoE layer, captured routing ids, bytes) of one optimistic pass, in execution order.
-pub(crate) type Captures = Vec<(usize, Pooled, u64)>;
-/// (MoE layer, routing ids) of one pass, in execution order.
-pub(crate) type LayerRouting = Vec<(usize, Vec<u32>)>;
+/// One MoE layer's routing ids of an optimistic pass, copied out for the end-of-pass read.
+pub(crate) struct Capture {
+    pub layer: usize,
+    pub ids: Pooled,
+    pub bytes: u64,
+}
+
+/// The captures of one optimistic pass, in execution order.
+pub(crate) type Captures = Vec<Capture>;
+
+/// The experts (ids) one MoE layer ran in a pass: distinct and ascending once [`distinct`] has
+/// seen them, raw routing ids when just read back.
+pub(crate) struct LayerExperts {
+    pub layer: usize,
+    pub experts: Vec<u32>,
+}
+
+impl LayerExperts {
+    fn keys(&self) -> impl Iterator<Item = ExpertKey> + '_ {
+        self.experts
+            .iter()
+            .map(|&e| ExpertKey::new(self.layer, e as usize))
+    }
+}
+
+/// Routing of one pass, per MoE layer in execution order.
+pub(crate) type LayerRouting = Vec<LayerExperts>;
 
 /// Distinct expert ids of a routing, ascending (ids ≥ `experts` are router garbage and dropped).
 fn distinct(ids: &[u32], experts: usize) -> Vec<u32> {
@@ -838,7 +870,7 @@ impl GpuExpertPool {
                     pool: index,
                     word: (stride * i as u64 / 4) as u32,
                 }));
-                buffers.push((index, buf));
+                buffers.push(PoolBuffer { index, buf });
                 left -= n;
             }
         }
@@ -936,7 +968,11 @@ impl GpuExpertPool {
             return b.with(|ctx| {
                 let capture = ctx.output(n)?;
                 ctx.copy(&routing.ids, 0, &capture, 0, n);
-                st.captures.push((experts.layer, capture, n));
+                st.captures.push(Capture {
+                    layer: experts.layer,
+                    ids: capture,
+                    bytes: n,
+                });
                 super::GpuBackend::moe_act(
                     ctx,
                     x,
@@ -963,7 +999,10 @@ impl GpuExpertPool {
             Ok(bytemuck::pod_collect_to_vec(&b[0]))
         })?;
         let routed = distinct(&ids, experts.num_experts);
-        st.routed.push((experts.layer, routed.clone()));
+        st.routed.push(LayerExperts {
+            layer: experts.layer,
+            experts: routed.clone(),
+        });
         // This layer's misses first, then the next layers' predicted ones.
         let mut upcoming: Vec<ExpertKey> = routed
             .iter()
@@ -1091,13 +1130,17 @@ impl ActivePools {
                 continue;
             }
             let ne = st.file.header.metadata.config.moe.num_experts;
-            let routed: Vec<(usize, Vec<u32>)> = captured
+            let routed: LayerRouting = captured
                 .iter()
-                .map(|(l, ids)| (*l, distinct(ids, ne)))
+                .map(|c| LayerExperts {
+                    layer: c.layer,
+                    experts: distinct(&c.experts, ne),
+                })
                 .collect();
-            let missed = routed.iter().any(|(l, r)| {
-                r.iter()
-                    .any(|&e| st.pager.slot_of(*l, e as usize).is_none())
+            let missed = routed.iter().any(|r| {
+                r.experts
+                    .iter()
+                    .any(|&e| st.pager.slot_of(r.layer, e as usize).is_none())
             });
             if missed {
                 // The whole pass is thrown away: the decode waited for it.
@@ -1114,11 +1157,11 @@ impl ActivePools {
                 rerun = true;
                 continue;
             }
-            for (l, r) in &routed {
-                let keys: Vec<usize> = r.iter().map(|&e| e as usize).collect();
-                st.pager.begin_layer(*l, &keys);
+            for r in &routed {
+                let keys: Vec<usize> = r.experts.iter().map(|&e| e as usize).collect();
+                st.pager.begin_layer(r.layer, &keys);
                 for &e in &keys {
-                    st.pager.request(*l, e);
+                    st.pager.request(r.layer, e);
                 }
             }
             st.predicted = routed;

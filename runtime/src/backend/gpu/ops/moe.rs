@@ -155,7 +155,7 @@ pub struct ExpertLayout<'a> {
     pub slot0: usize,
     pub slots: &'a GpuBuffer,
     /// (global pool index, buffer) of every pool buffer holding an expert of this layer.
-    pub pools: &'a [(u32, std::sync::Arc<GpuBuffer>)],
+    pub pools: &'a [crate::backend::gpu::experts::PoolBuffer],
     pub wtype_gate_up: u32,
     pub wtype_down: u32,
     /// Word offsets inside an expert: (gate_up, its scales rel.), (down, its scales rel.).
@@ -343,7 +343,9 @@ pub fn experts(
         ),
     ];
     for (tiled, gemv, wtype, (k, n), (part, scales), (src, dst), args, blocks, sw) in stages {
-        for (i, (pool, buf)) in e.pools.iter().enumerate() {
+        for (i, crate::backend::gpu::experts::PoolBuffer { index: pool, buf }) in
+            e.pools.iter().enumerate()
+        {
             // The shared expert runs once, as the extra grid column of the first pool's dispatch.
             let sw = sw.filter(|_| i == 0);
             let p = ExpertParams {

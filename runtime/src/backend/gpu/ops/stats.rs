@@ -132,7 +132,7 @@ pub(in crate::backend::gpu) fn lm_head_stats_capped(
         }
         let mut srcs = vec![(&*out, 0, (n * WORDS * 4) as u64), (&*status, 0, 4)];
         for (_, caps) in &paged {
-            srcs.extend(caps.iter().map(|(_, buf, len)| (&**buf, 0, *len)));
+            srcs.extend(caps.iter().map(|c| (&*c.ids, 0, c.bytes)));
         }
         let b = ctx.read(&srcs)?;
         let flag = u32::from_le_bytes([b[1][0], b[1][1], b[1][2], b[1][3]]);
@@ -146,7 +146,10 @@ pub(in crate::backend::gpu) fn lm_head_stats_capped(
                 let layers = caps
                     .iter()
                     .zip(&mut rest)
-                    .map(|((l, _, _), bytes)| (*l, bytemuck::pod_collect_to_vec(bytes)))
+                    .map(|(c, bytes)| experts::LayerExperts {
+                        layer: c.layer,
+                        experts: bytemuck::pod_collect_to_vec(bytes),
+                    })
                     .collect();
                 (pool.clone(), layers)
             })
