@@ -12,12 +12,19 @@
 #   bash scripts/device-train19.sh export     carry [".bin", ".gl"]  (HF export, convert q4/q8/f32, parity, bench
 #                                              decode on the GPU, q4 pieces 0-3 of the .edm + logs to $OUT)
 #   bash scripts/device-train19.sh return-2   carry []          (the q4 .edm's remaining pieces)
-# Back here: bash training/smollm2/reassemble.sh <dir with the fetched files> models/smollm2-moe-q4.edm
+# Or, where the machine may be taken back between calls (it was, twice, 2026-12-05: a trained state
+# exists only on the machine until the q4 file comes back), the last chunk's call does it all:
+#   bash scripts/device-train19.sh stage      carry ["training/carry/c0"]   (then c1, c2)
+#   bash scripts/device-train19.sh oneshot    carry ["training/carry/c3", ".bin/edgediff", ".gl"]
+#        (<= 600 s: stage c3, train to DEADLINE (300), export, convert q4 + f32, q4 pieces 0-3 back,
+#        then parity and bench decode q4 while BUDGET (560 s from the start) lasts)
+#   bash scripts/device-train19.sh return-2   carry []   (the q4 file is ~78 MiB: a call returns 64 MiB)
+# Back here: bash training/smollm2/reassemble.sh models/smollm2-moe-q4.edm <dirs with the fetched files>
 # Env: OUT (results), DEADLINE (train: seconds from start to saved state, 520), TRAIN_ARGS (extra train_moe.py
 # flags), PY (python3), EDGEDIFF (binary; .bin/edgediff or target/release/edgediff), PIECE (bytes, 16000000).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PHASE=${1:?usage: device-train19.sh stage|train|export|return-2}
+PHASE=${1:?usage: device-train19.sh stage|train|export|return-2|oneshot}
 OUT=${OUT:-/tmp/edgediff-train19}
 PY=${PY:-python3}
 DEV=${DEV:-training/runs/smollm2-dev}   # gitignored: survives between calls while the machine is warm
@@ -66,6 +73,62 @@ stage() {
   log "bundle unpacked: $(du -sh "$BUNDLE" | cut -f1); gguf package in $DEV/site"
 }
 
+train() { # deadline
+  stage || return 1
+  [[ -f "$BUNDLE/.done" ]] || { log "bundle incomplete: stage every chunk first"; return 1; }
+  nvidia-smi --query-gpu=name,memory.total --format=csv >> "$LOG" 2>&1
+  log "train (deadline $1 s)"
+  PYTHONPATH="$DEV/site" $PY training/smollm2/train_moe.py train --bundle "$BUNDLE" --out "$STATE" \
+    --deadline "$1" ${TRAIN_ARGS:-} 2>&1 | tee -a "$LOG" | grep -v '^{"step"' >&2
+  local r=${PIPESTATUS[0]}
+  cp "$STATE/state.json" "$OUT/" 2>/dev/null
+  log "train exit $r"
+  return "$r"
+}
+
+export_model() {
+  [[ -f "$STATE/student.pt" ]] || { log "no trained state in $STATE (run train first, same warm machine)"; return 1; }
+  BIN=$(binary) || return 1
+  source scripts/lib/device-vulkan.sh
+  local rc=0
+  HF=$DEV/hf
+  # The essential part first (q4 file in pieces to $OUT), then checks and benchmarks while the budget lasts.
+  run_for() { local lim=$1; shift; local l=$((BUDGET - (SECONDS - T0))); ((l < lim)) && lim=$l
+              if ((lim < 10)); then log "skipped (budget): $*"; return 1; fi; timeout "$lim" "$@"; }
+  BUDGET=${BUDGET:-560}
+  PYTHONPATH="$DEV/site" run_for 120 $PY training/smollm2/train_moe.py export --bundle "$BUNDLE" --state "$STATE" \
+    --out "$HF" >> "$LOG" 2>&1 || rc=1
+  local dts="q4 q8 f32"; [[ -n "${QUICK:-}" ]] && dts="q4 f32"
+  for dt in $dts; do
+    run_for 120 "$BIN" convert "$HF" -o "$DEV/smollm2-moe-$dt.edm" --dtype $dt --mask-token-id 4 --block-size 16 \
+      >> "$LOG" 2>&1 || { log "convert $dt failed"; rc=1; }
+    if [[ $dt == q4 ]]; then
+      ( cd "$DEV" && rm -f q4.piece.* && split -b "$PIECE" -d -a 1 smollm2-moe-q4.edm q4.piece. \
+        && sha256sum smollm2-moe-q4.edm q4.piece.* > q4.sha256 )
+      cp "$DEV/q4.sha256" "$OUT/"
+      local pat='[0-3]'; [[ $PIECES == all ]] && pat='*'
+      for p in "$DEV"/q4.piece.$pat; do [[ -f "$p" ]] && cp "$p" "$OUT/"; done
+      log "q4 file $(stat -c %s "$DEV/smollm2-moe-q4.edm") bytes in $(ls "$DEV"/q4.piece.* | wc -l) pieces; $PIECES in \$OUT"
+    fi
+  done
+  log "parity (edgediff CPU vs PyTorch, f32)"
+  run_for 120 $PY training/smollm2/train_moe.py parity --hf "$HF" --edm "$DEV/smollm2-moe-f32.edm" --edgediff "$BIN" \
+    --tokenizer "$HF/tokenizer.json" >> "$LOG" 2>&1 || { log "parity failed"; rc=1; }
+  rm -f "$DEV/smollm2-moe-f32.edm"
+  "$BIN" devices >> "$LOG" 2>&1
+  log "generate (q4, GPU, chat)"
+  run_for 40 "$BIN" generate --backend gpu --chat --model "$DEV/smollm2-moe-q4.edm" --max-tokens 64 \
+    "What is the capital of France?" >> "$LOG" 2>&1
+  local benches="q4 q8"; [[ -n "${QUICK:-}" ]] && benches="q4"
+  for dt in $benches; do
+    log "bench decode $dt"
+    run_for 110 "$BIN" bench decode --backend gpu --model "$DEV/smollm2-moe-$dt.edm" --max-tokens 64 \
+      --thresholds 0.5,0.7,0.9 --betas 1,0.8,0.5 > "$OUT/decode-$dt.md" 2>> "$LOG" || { log "bench $dt failed"; rc=1; }
+  done
+  log "export done, exit $rc"
+  return $rc
+}
+
 binary() {
   local b=${EDGEDIFF:-}
   for c in .bin/edgediff target/release/edgediff; do [[ -z "$b" && -x "$c" ]] && b=$c; done
@@ -78,53 +141,16 @@ case "$PHASE" in
     stage; rc=$?
     ;;
   train)
-    stage || exit 1
-    [[ -f "$BUNDLE/.done" ]] || { log "bundle incomplete: stage every chunk first"; exit 1; }
-    nvidia-smi --query-gpu=name,memory.total --format=csv >> "$LOG" 2>&1
-    log "train (deadline ${DEADLINE:-520} s)"
-    PYTHONPATH="$DEV/site" $PY training/smollm2/train_moe.py train --bundle "$BUNDLE" --out "$STATE" \
-      --deadline "${DEADLINE:-520}" ${TRAIN_ARGS:-} 2>&1 | tee -a "$LOG"
-    rc=${PIPESTATUS[0]}
-    cp "$STATE/state.json" "$OUT/" 2>/dev/null
-    log "train exit $rc"
+    train "${DEADLINE:-520}"; rc=$?
+    ;;
+  oneshot)
+    # Training and export in one call: a trained state lives only on the machine, which may be
+    # taken back between calls; the q4 file's first 4 pieces come back with this call.
+    train "${DEADLINE:-300}" || exit 1
+    BUDGET=${BUDGET:-560} PIECES=0-3 QUICK=1 export_model; rc=$?
     ;;
   export)
-    [[ -f "$STATE/student.pt" ]] || { log "no trained state in $STATE (run train first, same warm machine)"; exit 1; }
-    BIN=$(binary) || exit 1
-    source scripts/lib/device-vulkan.sh
-    rc=0
-    HF=$DEV/hf
-    # The essential part first (q4 file in pieces to $OUT), then checks and benchmarks while the budget lasts.
-    run_for() { local lim=$1; shift; local l=$((BUDGET - (SECONDS - T0))); ((l < lim)) && lim=$l
-                if ((lim < 10)); then log "skipped (budget): $*"; return 1; fi; timeout "$lim" "$@"; }
-    BUDGET=${BUDGET:-560}
-    PYTHONPATH="$DEV/site" run_for 120 $PY training/smollm2/train_moe.py export --bundle "$BUNDLE" --state "$STATE" \
-      --out "$HF" >> "$LOG" 2>&1 || rc=1
-    for dt in q4 q8 f32; do
-      run_for 120 "$BIN" convert "$HF" -o "$DEV/smollm2-moe-$dt.edm" --dtype $dt --mask-token-id 4 --block-size 16 \
-        >> "$LOG" 2>&1 || { log "convert $dt failed"; rc=1; }
-      if [[ $dt == q4 ]]; then
-        ( cd "$DEV" && rm -f q4.piece.* && split -b "$PIECE" -d -a 1 smollm2-moe-q4.edm q4.piece. \
-          && sha256sum smollm2-moe-q4.edm q4.piece.* > q4.sha256 )
-        cp "$DEV/q4.sha256" "$OUT/"
-        for p in "$DEV"/q4.piece.[0-3]; do [[ -f "$p" ]] && cp "$p" "$OUT/"; done
-        log "q4 file $(stat -c %s "$DEV/smollm2-moe-q4.edm") bytes in $(ls "$DEV"/q4.piece.* | wc -l) pieces; 0-3 in \$OUT"
-      fi
-    done
-    log "parity (edgediff CPU vs PyTorch, f32)"
-    run_for 120 $PY training/smollm2/train_moe.py parity --hf "$HF" --edm "$DEV/smollm2-moe-f32.edm" --edgediff "$BIN" \
-      --tokenizer "$HF/tokenizer.json" >> "$LOG" 2>&1 || { log "parity failed"; rc=1; }
-    rm -f "$DEV/smollm2-moe-f32.edm"
-    "$BIN" devices >> "$LOG" 2>&1
-    log "generate (q4, GPU, chat)"
-    run_for 40 "$BIN" generate --backend gpu --chat --model "$DEV/smollm2-moe-q4.edm" --max-tokens 64 \
-      "What is the capital of France?" >> "$LOG" 2>&1
-    for dt in q4 q8; do
-      log "bench decode $dt"
-      run_for 110 "$BIN" bench decode --backend gpu --model "$DEV/smollm2-moe-$dt.edm" --max-tokens 64 \
-        --thresholds 0.5,0.7,0.9 --betas 1,0.8,0.5 > "$OUT/decode-$dt.md" 2>> "$LOG" || { log "bench $dt failed"; rc=1; }
-    done
-    log "export done, exit $rc"
+    PIECES=${PIECES:-0-3} export_model; rc=$?
     ;;
   return-2)
     ls "$DEV"/q4.piece.* >/dev/null 2>&1 || { log "no pieces (run export first, same warm machine)"; exit 1; }

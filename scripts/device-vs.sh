@@ -56,13 +56,18 @@ build_llama() {
   [[ -f .vs/llama.cpp.tar.xz ]] || { log "no .vs/llama.cpp.tar.xz (run scripts/vs/pack.sh here, carry .vs)"; return 1; }
   rm -rf "$LLAMA" "$W/sdk" && mkdir -p "$W/sdk"
   tar -xJf .vs/llama.cpp.tar.xz -C "$W" && tar -xJf .vs/vulkan-sdk.tar.xz -C "$W/sdk"
-  local sdk=$W/sdk/usr vk=()
-  export LD_LIBRARY_PATH=$sdk/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  local sdk=$W/sdk/usr vk=() glslc=$W/sdk/usr/bin/glslc glslib=$W/sdk/usr/lib/x86_64-linux-gnu
+  # trixie's glslc (knows the cooperative-matrix / integer-dot extensions) where this glibc runs it
+  if LD_LIBRARY_PATH=$W/sdk/new/usr/lib/x86_64-linux-gnu "$W/sdk/new/usr/bin/glslc" --version >/dev/null 2>&1; then
+    glslc=$W/sdk/new/usr/bin/glslc glslib=$W/sdk/new/usr/lib/x86_64-linux-gnu
+  fi
+  log "glslc: $(LD_LIBRARY_PATH=$glslib "$glslc" --version 2>&1 | head -1) ($glslc)"
+  export LD_LIBRARY_PATH=$glslib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   if [[ "$LLAMA_VULKAN" == 1 ]]; then
     local lib
     lib=$(ldconfig -p | awk '/libvulkan.so.1 /{print $NF; exit}')
     vk=(-DGGML_VULKAN=ON -DVulkan_INCLUDE_DIR="$sdk/include" -DVulkan_LIBRARY="${lib:-/usr/lib/x86_64-linux-gnu/libvulkan.so.1}"
-      -DVulkan_GLSLC_EXECUTABLE="$sdk/bin/glslc" -DCMAKE_PREFIX_PATH="$sdk")
+      -DVulkan_GLSLC_EXECUTABLE="$glslc" -DCMAKE_PREFIX_PATH="$sdk")
   fi
   cmake -S "$LLAMA" -B "$LB" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_APP=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF \
