@@ -14,8 +14,11 @@
 # (--pass-sequences 1: one sequence a pass, AR and block) and the block decoder with block passes
 # kept apart as before exact block batching (EDGEDIFF_BATCH_BLOCKS=0: only AR-sized passes batch).
 # Results: $OUT/serve-bench.md (table), $OUT/<model>-<decoder>-<streams>.json, serve-*.log,
-# log.txt. Each point has a time limit; the whole run should take ~7 minutes on the H200 (to split
-# it, STREAMS="1 4" and STREAMS="16 64" in two runs); exit status = failed points.
+# log.txt; on the GPU first $OUT/bench-batch.md (`bench batch` on the LLaDA2.0-mini shape: S
+# sequences' 1/16/32-token passes one after another vs one batched pass, exact or the run fails;
+# BENCH_BATCH=0 skips it). Each point has a time limit; the whole run should take ~7 minutes on
+# the H200 (to split it, STREAMS="1 4" and STREAMS="16 64" in two runs); exit status = failed
+# points.
 #
 # On this machine (the release binary, stripped, carried as .bin/edgediff; .gl: Vulkan loader debs):
 #   cargo build --release -p edgediff && mkdir -p .bin && strip -o .bin/edgediff target/release/edgediff
@@ -67,6 +70,16 @@ if [[ ! -f "$SYN" ]]; then
   log "synth: llada2-mini, $LAYERS layers, q4"
   timeout 150 "$BIN" synth --arch llada2_moe --preset llada2-mini --layers "$LAYERS" \
     "${SYNTH_SHAPE[@]}" --dtype q4 -o "$SYN" >/dev/null 2>>"$LOG" || { log "synth failed"; FAILED=$((FAILED + 1)); }
+fi
+
+# The batched pass itself (GPU only): S sequences' passes one after another against one batched
+# pass, exactness checked (bench batch; the command fails if a batched pass differs).
+if [[ "$BACKEND" == gpu && -f "$SYN" && "${BENCH_BATCH:-1}" == 1 ]]; then
+  log "bench batch: $SYN"
+  timeout 300 "$BIN" bench batch --model "$SYN" --tokens "${BATCH_TOKENS:-1,16,32}" \
+    --sequences "${BATCH_SEQUENCES:-1,4,16}" --context "${BATCH_CONTEXT:-512}" --iters 5 \
+    --copy-mib 0 >"$OUT/bench-batch.md" 2>>"$LOG" || { log "bench batch failed"; FAILED=$((FAILED + 1)); }
+  cat "$OUT/bench-batch.md" >>"$LOG"
 fi
 
 printf '| model | decoder | streams | requests | failed | tokens/s | TTFT p50 / p99 ms | per token p50 / p99 ms | piece gap p50 / p99 ms | RSS MiB start → end | pass: sequences / rows |\n|---|---|---|---|---|---|---|---|---|---|---|\n' >"$OUT/serve-bench.md"
