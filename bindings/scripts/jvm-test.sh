@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The Kotlin SDK tested on the JVM against the real library: builds the host libedgediff_ffi and the
-# CLI, generates the Kotlin bindings, writes a tiny synthetic model and runs the Maven project in
-# android/jvm-test (generated bindings + the Android library's wrapper + tests). Needs a JDK (17+)
+# CLI, generates the Kotlin bindings, writes tiny synthetic models (a qwen3_moe, a diffusion_gemma)
+# and runs the Maven project in android/jvm-test (generated bindings + the Android library's
+# wrapper + tests). Needs a JDK (17+)
 # and Maven; the Kotlin compiler, JNA and kotlinx-coroutines come from Maven Central.
 #
 #   bash bindings/scripts/jvm-test.sh
@@ -24,10 +25,13 @@ bash bindings/scripts/generate.sh kotlin "$generated" "$lib"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 "$target/release/edgediff" synth --arch qwen3_moe --seed 3 -o "$tmp/tiny.edm" >/dev/null
+# A DiffusionGemma (canvas of 5) for the canvas decoder's tests.
+"$target/release/edgediff" synth --arch diffusion_gemma --seed 3 --block-size 5 -o "$tmp/dg.edm" >/dev/null
 
 cd "$jvm"
 mvn -q -B -Dstyle.color=never test \
   -Djna.library.path="$target/release" \
   -Dedgediff.model="$tmp/tiny.edm" \
+  -Dedgediff.canvasModel="$tmp/dg.edm" \
   -Duniffi.sources="$generated"
 echo "jvm-test: Kotlin SDK tests passed" >&2

@@ -168,7 +168,7 @@ impl Engine {
         }
         d.ignore_eos = config.ignore_eos;
         if let Some(decoder) = config.decoder {
-            d.decoder = decoder.into();
+            d.decoder = decoder.kind(&d.decoder);
         }
         if let Some(rule) = config.commit {
             d.policy = rule.into();

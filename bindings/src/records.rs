@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use edgediff::decode::{
-    BidirectionalCache, BidirectionalOptions, BlockOptions, CommitPolicy, DecoderDetails,
-    DecoderKind, FinishReason, SpeculativeOptions,
+    BidirectionalCache, BidirectionalOptions, BlockOptions, CanvasOptions, CommitPolicy,
+    DecoderDetails, DecoderKind, FinishReason, SpeculativeOptions,
 };
 use edgediff::engine::{self, BackendChoice};
 use edgediff::model::ModelConfig;
@@ -113,6 +113,21 @@ pub enum Decoder {
     Speculative { draft_len: u32, beta: f32 },
     /// One token per forward pass.
     Autoregressive,
+    /// DiffusionGemma's uniform-noise canvas sampler (the default, and the only decoder, of a
+    /// DiffusionGemma model; no other model runs it): each canvas of the model's length starts as
+    /// random tokens and is denoised for at most `steps` steps, the temperature falling from
+    /// `t_max` towards `t_min`, accepting the lowest-entropy prefix within `entropy_bound`. A
+    /// setting left out keeps the model file's (its generation_config, else transformers').
+    Canvas {
+        #[uniffi(default)]
+        steps: Option<u32>,
+        #[uniffi(default)]
+        entropy_bound: Option<f32>,
+        #[uniffi(default)]
+        t_max: Option<f32>,
+        #[uniffi(default)]
+        t_min: Option<f32>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, uniffi::Enum)]
@@ -122,7 +137,35 @@ pub enum BidirectionalCacheMode {
     Dual,
 }
 
+impl Decoder {
+    /// The runtime's decoder; the canvas sampler's settings left out come from `default`, the
+    /// model's default decoder (transformers' defaults when that is not the canvas sampler, which
+    /// the engine then refuses with a typed error: only a canvas model runs it).
+    pub(crate) fn kind(self, default: &DecoderKind) -> DecoderKind {
+        let Decoder::Canvas {
+            steps,
+            entropy_bound,
+            t_max,
+            t_min,
+        } = self
+        else {
+            return self.into();
+        };
+        let mut o = match default {
+            DecoderKind::Canvas(o) => *o,
+            _ => CanvasOptions::default(),
+        };
+        o.steps = steps.map_or(o.steps, |n| n as usize);
+        o.entropy_bound = entropy_bound.unwrap_or(o.entropy_bound);
+        o.t_max = t_max.unwrap_or(o.t_max);
+        o.t_min = t_min.unwrap_or(o.t_min);
+        DecoderKind::Canvas(o)
+    }
+}
+
 impl From<Decoder> for DecoderKind {
+    /// The canvas sampler with transformers' defaults for what is left out ([`Decoder::kind`]
+    /// takes the model's).
     fn from(d: Decoder) -> Self {
         match d {
             Decoder::Block { block_size } => DecoderKind::Block(BlockOptions {
@@ -146,6 +189,7 @@ impl From<Decoder> for DecoderKind {
                 })
             }
             Decoder::Autoregressive => DecoderKind::Ar,
+            Decoder::Canvas { .. } => d.kind(&DecoderKind::Ar),
         }
     }
 }
