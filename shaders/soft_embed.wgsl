@@ -2,10 +2,9 @@
 // E[v, c] of the previous step's logits L [rows, V] and the embedding table E [V, H] in its file
 // layout (lib/dequant.wgsl).
 // - soft_max (one workgroup of 64 per row): L[r] becomes softmax(L[r]) in place (max, Σ exp).
-// - soft_embed (one invocation per output value): the rows of one table chunk [v0, v0 + vrows)
-//   (a table larger than one binding is split by rows) add s · Σ_v p[r, v] · E[v, c] to out
-//   (`accumulate` 0 on the first chunk: it writes). A plain loop over the vocabulary per output
-//   value: correct on every device, not yet a tiled product (docs/PERF.md).
+// - soft_embed (a workgroup per 16 rows × 64 columns, grid [⌈H/64⌉, ⌈rows/16⌉]): the rows of one
+//   table chunk [v0, v0 + vrows) (a table larger than one binding is split by rows) add
+//   s · Σ_v p[r, v] · E[v, c] to out (`accumulate` 0 on the first chunk: it writes); tiling below.
 
 #include "reduce"
 #include "dequant"
@@ -55,27 +54,61 @@ fn soft_max(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
     }
 }
 
+// A tile of TR rows × 64 columns per workgroup, one column per invocation with TR row sums in
+// registers: each step stages p[r0.., v..v + TV) in shared memory and dequantizes each E[v, c]
+// once for all TR rows, so the table is read rows / TR times per pass instead of once per row.
+// Each output still sums its terms in ascending v, one at a time, as the CPU reference does.
+const TR: u32 = 16u;
+const TV: u32 = 64u;
+var<workgroup> p_tile: array<f32, 1024>; // [TR][TV]
+
 @compute @workgroup_size(64)
 fn soft_embed(
     @builtin(local_invocation_index) lid: u32,
     @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let i = (wid.x + wid.y * nwg.x) * 64u + lid;
-    if (i >= p.rows * p.cols) {
+    let c = wid.x * 64u + lid;
+    let r0 = wid.y * TR;
+    let m = WMat(0u, p.scales, p.cols);
+    var acc: array<f32, 16>;
+    for (var i = 0u; i < TR; i++) {
+        acc[i] = 0.0;
+    }
+    for (var vb = 0u; vb < p.vrows; vb += TV) {
+        let n = min(TV, p.vrows - vb);
+        for (var k = lid; k < TR * TV; k += 64u) {
+            let i = k / TV;
+            let j = k % TV;
+            var x = 0.0;
+            if (r0 + i < p.rows && j < n) {
+                x = probs_in[(r0 + i) * p.vocab + p.v0 + vb + j];
+            }
+            p_tile[k] = x;
+        }
+        workgroupBarrier();
+        if (c < p.cols) {
+            for (var j = 0u; j < n; j++) {
+                let w = w_at(m, vb + j, c);
+                for (var i = 0u; i < TR; i++) {
+                    acc[i] += p_tile[i * TV + j] * w;
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    if (c >= p.cols) {
         return;
     }
-    let r = i / p.cols;
-    let c = i % p.cols;
-    let m = WMat(0u, p.scales, p.cols);
-    var acc = 0.0;
-    for (var v = 0u; v < p.vrows; v++) {
-        acc += probs_in[r * p.vocab + p.v0 + v] * w_at(m, v, c);
-    }
-    let o = (p.out_row0 + r) * p.cols + c;
-    if (p.accumulate != 0u) {
-        out[o] += p.s * acc;
-    } else {
-        out[o] = p.s * acc;
+    for (var i = 0u; i < TR; i++) {
+        let r = r0 + i;
+        if (r >= p.rows) {
+            break;
+        }
+        let o = (p.out_row0 + r) * p.cols + c;
+        if (p.accumulate != 0u) {
+            out[o] += p.s * acc[i];
+        } else {
+            out[o] = p.s * acc[i];
+        }
     }
 }

@@ -249,13 +249,19 @@ fn softcapped_logits_and_stats_match_the_cpu() {
     }
 }
 
-/// Soft embeddings of the self-conditioning block: every weight type, a vocabulary of 300, 5
-/// rows; and with storage bindings capped at 16 KiB, so the table splits into row chunks and the
-/// logits go up in several row chunks.
+/// Soft embeddings of the self-conditioning block: every weight type, a vocabulary of 300 (not a
+/// multiple of the kernel's 64-term steps), 5 rows in one tile and 21 rows × 96 columns over
+/// partial row and column tiles; and with storage bindings capped at 16 KiB, so the table splits
+/// into row chunks and the logits go up in several row chunks.
 #[test]
 fn soft_embed_matches_the_cpu_whole_and_split() {
-    let (h, v, t) = (64, 300, 5);
-    let logits = random(90, t * v, 4.0);
+    for (h, v, t) in [(64, 300, 5), (96, 300, 21)] {
+        soft_embed_case(h, v, t);
+    }
+}
+
+fn soft_embed_case(h: usize, v: usize, t: usize) {
+    let logits = random(90 + t as u64, t * v, 4.0);
     for max_binding in [None, Some(16 << 10)] {
         let gpus = backends(max_binding);
         assert!(!gpus.is_empty() || edgediff::backend::gpu::testing::skip_requested());
@@ -270,7 +276,7 @@ fn soft_embed_matches_the_cpu_whole_and_split() {
                     .soft_embed(&logits, &weight(g, dt, &[v, h], &table), 7.5)
                     .unwrap();
                 close(
-                    &format!("{label} {dt:?} binding {max_binding:?}"),
+                    &format!("{label} {dt:?} binding {max_binding:?} {t} x {h}"),
                     &g.read_act(&got).unwrap(),
                     &want.data,
                     TOL,

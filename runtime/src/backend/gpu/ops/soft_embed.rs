@@ -87,7 +87,7 @@ pub fn soft_embed(b: &GpuBackend, logits: &[f32], table: &GpuWeight, s: f32) -> 
                     &p,
                     None,
                     &[&c.buf, &probs, &out.buf],
-                    Grid::Linear(((m * h) as u64).div_ceil(64)),
+                    Grid::Groups(h.div_ceil(64) as u32, m.div_ceil(16) as u32, 1),
                 )?;
             }
             r0 += m;
