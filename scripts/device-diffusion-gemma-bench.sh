@@ -8,11 +8,16 @@
 #   2. decode: `generate --stats` with the canvas decoder (canvas 256, STEPS denoising steps per
 #      canvas at most — a random model never becomes confident, so every canvas runs all of them;
 #      the real checkpoint stops earlier), MAX_TOKENS tokens, seeded; the stats line has tokens/s,
-#      passes and peak RSS + GPU bytes (all experts resident: expert paging of a canvas model is not
-#      implemented yet, so the 25 % pool row is not measurable with this binary);
-#   3. the same generate with --backend cpu on a 2-layer cut of the shape, CPU_STEPS (4) steps per
+#      passes and peak RSS + GPU bytes, all experts resident;
+#   3. the memory row: the same generate with the routed experts paged through a pool of each
+#      share in POOLS (default 25%: `--expert-memory 25%`), PAGED_TOKENS tokens, PAGED_STEPS steps
+#      per canvas (the peaks do not depend on the step count; random routing touches nearly every
+#      expert each pass, so a small pool re-reads most of them every pass: slow, not the real
+#      model's hit rate), after the same run with every expert resident; each prints peak RSS +
+#      GPU bytes (and the pager's counters), and the paged runs' text must be the resident one's;
+#   4. the same generate with --backend cpu on a 2-layer cut of the shape, CPU_STEPS (4) steps per
 #      canvas, for the CPU reference's number (CPU_LAYERS; 0 skips).
-# Outputs under $OUT: dg-bench.md (tables and stats lines), dg-bench.log.
+# Outputs under $OUT: dg-bench.md (tables and stats lines), dg-bench.log, text-*.txt (step 3).
 # Here: cargo build --release -p edgediff && strip -o .bin/edgediff target/release/edgediff
 # There (run tool, carry [".bin", ".gl"]): bash scripts/device-diffusion-gemma-bench.sh
 # Locally (plumbing, lavapipe, the tiny shape): PRESET=tiny LAYERS=3 TOKENS=1,6 CONTEXT=16 \
@@ -31,6 +36,9 @@ TOKENS="${TOKENS:-1,16,64,256}"
 CONTEXT="${CONTEXT:-512}"
 MAX_TOKENS="${MAX_TOKENS:-256}"
 STEPS="${STEPS:-48}"
+POOLS="${POOLS:-25%}"
+PAGED_TOKENS="${PAGED_TOKENS:-256}"
+PAGED_STEPS="${PAGED_STEPS:-4}"
 CPU_LAYERS="${CPU_LAYERS:-2}"
 CPU_STEPS="${CPU_STEPS:-4}"
 R="$OUT/dg-bench.md"
@@ -55,9 +63,10 @@ gen() { # backend, model, steps, extra...
   local backend=$1 model=$2 steps=$3
   shift 3
   # The stats go to stderr: keep them in the report, the gibberish text in the log.
-  timeout 500 "$BIN" generate --model "$model" --backend "$backend" --max-tokens "$MAX_TOKENS" \
+  timeout 500 "$BIN" generate --model "$model" --backend "$backend" \
+    --max-tokens "${GEN_TOKENS:-$MAX_TOKENS}" \
     --steps "$steps" --seed 1 --ignore-eos --stats "$@" "The capital of France is" \
-    2>&1 >>"$L" | grep -v -e '^edgediff:' -e XDG_RUNTIME_DIR || return 1
+    2>&1 >>"${GEN_TEXT:-$L}" | grep -v -e '^edgediff:' -e XDG_RUNTIME_DIR || return 1
 }
 step "synth $PRESET q4, $LAYERS layers" timeout 900 "$BIN" synth --arch diffusion_gemma \
   --preset "$PRESET" --layers "$LAYERS" --dtype q4 -o "$MODEL"
@@ -65,6 +74,16 @@ step "inspect" "$BIN" inspect "$MODEL"
 step "bench forward (GPU), context $CONTEXT" timeout 500 "$BIN" bench forward --model "$MODEL" \
   --tokens "$TOKENS" --context "$CONTEXT" --iters 5
 step "generate, canvas decoder, GPU, $STEPS steps per canvas" gen gpu "$MODEL" "$STEPS"
+rm -f "$OUT"/text-*.txt
+GEN_TOKENS=$PAGED_TOKENS GEN_TEXT=$OUT/text-resident.txt step "memory: generate, GPU, every \
+expert resident, $PAGED_TOKENS tokens, $PAGED_STEPS steps per canvas" gen gpu "$MODEL" "$PAGED_STEPS"
+for pool in $POOLS; do
+  GEN_TOKENS=$PAGED_TOKENS GEN_TEXT=$OUT/text-$pool.txt step "memory: generate, GPU, experts \
+paged through a $pool pool, $PAGED_TOKENS tokens, $PAGED_STEPS steps per canvas" \
+    gen gpu "$MODEL" "$PAGED_STEPS" --expert-memory "$pool"
+  step "the $pool pool's text is the resident run's (exact paging)" \
+    cmp "$OUT/text-resident.txt" "$OUT/text-$pool.txt"
+done
 rm -f "$MODEL"
 if [[ "$CPU_LAYERS" != 0 ]]; then
   CMODEL="$WORK/dg-$PRESET-${CPU_LAYERS}l-q4.edm"
