@@ -290,6 +290,99 @@ fn soft_embed_case(h: usize, v: usize, t: usize) {
     }
 }
 
+/// The canvas sampler's head (`Backend::canvas_head`): every weight type, with and without the
+/// softcap; vocabularies below one workgroup (37: lanes without a token, empty spans), of 300
+/// and of 1000 (spans of 16); 5 and 21 rows; and with bindings capped at 16 KiB, so the logits
+/// run in several row chunks. Entropies within 1e-4 (relative), the argmax and the sampled token
+/// equal the CPU's except where the CPU's own logits put the choice within rounding (two logits
+/// within 1e-4, or the uniform within 1e-4 of a cumulative boundary), the soft embeddings within
+/// the f32 bound; draws and embeddings start poisoned.
+#[test]
+fn canvas_head_matches_the_cpu_whole_and_split() {
+    use edgediff::backend::draw::CanvasHeadParams;
+    for (h, v, t) in [(64, 37, 5), (64, 300, 5), (96, 300, 21), (64, 1000, 7)] {
+        let x = random(70 + v as u64, t * h, 1.0);
+        let mut rng = edgediff::decode::Rng::new(71 + t as u64);
+        let uniforms: Vec<f32> = (0..t).map(|_| rng.next_f32()).collect();
+        for max_binding in [None, Some(16 << 10)] {
+            let gpus = backends(max_binding);
+            assert!(!gpus.is_empty() || edgediff::backend::gpu::testing::skip_requested());
+            for (i, &dt) in DTYPES.iter().enumerate() {
+                let table = random(72 + i as u64, v * h, 1.0);
+                let cap = if i % 2 == 0 { Some(3.0) } else { None };
+                let p = CanvasHeadParams {
+                    cap,
+                    temperature: 0.6,
+                    embed_scale: 2.5,
+                };
+                let c = CpuBackend;
+                let ct = weight(&c, dt, &[v, h], &table);
+                let xc = cpu_act(t, h, &x);
+                let (want, want_soft) = c.canvas_head(&xc, &ct, p, &uniforms).unwrap();
+                let mut logits = match cap {
+                    Some(cap) => c.logits_softcap(&xc, &ct, 0..t, cap).unwrap(),
+                    None => c.logits(&xc, &ct, 0..t).unwrap(),
+                };
+                logits.iter_mut().for_each(|l| *l /= p.temperature);
+                for (label, g) in &gpus {
+                    let what =
+                        format!("{label} {dt:?} cap {cap:?} binding {max_binding:?} {t} x {v}");
+                    let gt = weight(g, dt, &[v, h], &table);
+                    let xg = g.upload_act(t, h, &x).unwrap();
+                    let (got, soft) = g.canvas_head(&xg, &gt, p, &uniforms).unwrap();
+                    assert_eq!(got.len(), t, "{what}");
+                    for (r, (d, w)) in got.iter().zip(&want).enumerate() {
+                        let row = &logits[r * v..(r + 1) * v];
+                        let err = (d.entropy - w.entropy).abs() / w.entropy.abs().max(1.0);
+                        assert!(
+                            err <= 1e-4,
+                            "{what} row {r}: entropy {} vs {}",
+                            d.entropy,
+                            w.entropy
+                        );
+                        if d.argmax != w.argmax {
+                            let gap = (row[d.argmax as usize] - row[w.argmax as usize]).abs();
+                            assert!(
+                                gap <= 1e-4,
+                                "{what} row {r}: argmax {} vs {}",
+                                d.argmax,
+                                w.argmax
+                            );
+                        }
+                        if d.sampled != w.sampled {
+                            let at = d.sampled.min(w.sampled) as usize;
+                            let cdf = cumulative(row, at);
+                            assert!(
+                                (cdf - uniforms[r]).abs() <= 1e-4,
+                                "{what} row {r}: sampled {} vs {} (u {}, cdf {cdf})",
+                                d.sampled,
+                                w.sampled,
+                                uniforms[r]
+                            );
+                        }
+                    }
+                    close(&what, &g.read_act(&soft).unwrap(), &want_soft.data, TOL);
+                    let short = g.canvas_head(&xg, &gt, p, &uniforms[1..]);
+                    assert!(matches!(short, Err(BackendError::Shape { .. })), "{what}");
+                    let cold = CanvasHeadParams {
+                        temperature: 0.0,
+                        ..p
+                    };
+                    let cold = g.canvas_head(&xg, &gt, cold, &uniforms);
+                    assert!(matches!(cold, Err(BackendError::Shape { .. })), "{what}");
+                }
+            }
+        }
+    }
+}
+
+/// The softmax probability mass of tokens `0..=at` of logits `row`.
+fn cumulative(row: &[f32], at: usize) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f64> = row.iter().map(|l| ((l - max) as f64).exp()).collect();
+    (e[..=at].iter().sum::<f64>() / e.iter().sum::<f64>()) as f32
+}
+
 /// The layer geometry of a synthetic diffusion_gemma config: `tiny`'s (heads of 12 and global
 /// heads of 24, window 4), one with heads of 40 / 80, and the 26B-A4B preset's first six layers
 /// (heads of 256 with full RoPE, a global layer of 512 with K = V and 64 of 256 pairs rotated).

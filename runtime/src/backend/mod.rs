@@ -4,6 +4,7 @@
 //! one submission. The CPU backend implements the same ops plainly in f32 and is the oracle.
 
 pub mod cpu;
+pub mod draw;
 pub mod gpu;
 pub mod kv_meter;
 mod shapes;
@@ -661,6 +662,22 @@ pub trait Backend {
     /// for host `logits` `[rows, vocab]` and the embedding `table` `[vocab, H]`.
     fn soft_embed(&self, _logits: &[f32], _table: &Self::Weight, _s: f32) -> Result<Self::Act> {
         Err(self.unsupported("soft_embed"))
+    }
+    /// One step of the canvas sampler (`decode::canvas`) at the end of a decoder pass: the tied
+    /// head's logits of the final rows `x` `[C, H]` (`table` `[V, H]`), capped and divided by the
+    /// temperature (`p`); per row its [`draw::RowDraw`] for `uniforms[row]`
+    /// ([`draw::row_draw`]); and the next step's self-conditioning input
+    /// `softmax(tempered) · table · embed_scale` `[C, H]` (as [`Backend::soft_embed`] of them).
+    /// The logits need not leave the backend: a canvas of 256 over a vocabulary of 262,144 is
+    /// 268 MB of them a step.
+    fn canvas_head(
+        &self,
+        _x: &Self::Act,
+        _table: &Self::Weight,
+        _p: draw::CanvasHeadParams,
+        _uniforms: &[f32],
+    ) -> Result<(Vec<draw::RowDraw>, Self::Act)> {
+        Err(self.unsupported("canvas_head"))
     }
     /// [`Backend::lm_head_stats`] of logits capped as `cap · tanh(logits / cap)`.
     fn lm_head_stats_softcap(

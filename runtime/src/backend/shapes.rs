@@ -167,6 +167,35 @@ pub(crate) fn heads(proj_cols: usize, g: &LayerAttention) -> Result<()> {
     Ok(())
 }
 
+/// [`super::Backend::canvas_head`]: one uniform per row of `x`, the tied head `[V, H]` over rows
+/// `H` wide, a finite temperature and cap above 0.
+pub(crate) fn canvas_head(
+    x: Dims,
+    table: Dims,
+    uniforms: usize,
+    p: &super::draw::CanvasHeadParams,
+) -> Result<()> {
+    const OP: &str = "canvas_head";
+    head(OP, table, x.1)?;
+    if uniforms != x.0 {
+        return Err(shape_err(
+            OP,
+            format!("{uniforms} uniforms for {} canvas rows", x.0),
+        ));
+    }
+    let positive = |v: f32| v.is_finite() && v > 0.0;
+    if !positive(p.temperature) || !p.cap.is_none_or(positive) || !p.embed_scale.is_finite() {
+        return Err(shape_err(
+            OP,
+            format!(
+                "temperature {}, cap {:?}, embedding scale {}: want finite, temperature and cap > 0",
+                p.temperature, p.cap, p.embed_scale
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

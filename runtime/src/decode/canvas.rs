@@ -1,6 +1,9 @@
 //! DiffusionGemma's uniform-noise canvas sampler (transformers `generation_diffusion_gemma.py`,
 //! 5.17: `EntropyBoundSampler`, `LinearTemperatureScheduleLogitsProcessor`,
-//! `StableAndConfidentStoppingCriteria`), on the host over [`CanvasModel`]'s passes.
+//! `StableAndConfidentStoppingCriteria`) over [`CanvasModel`]'s passes. Each step's head (the
+//! tempered logits, their per-position draws and the next step's self-conditioning input) runs
+//! where the pass runs ([`crate::backend::Backend::canvas_head`]): only the draws come back, and
+//! the acceptance and renoising below run on the host over one value per position.
 //!
 //! Per canvas of `C` positions after the committed text at `P`:
 //! 1. the canvas starts as `C` uniform random tokens; no self-conditioning logits;
@@ -18,6 +21,7 @@
 //! injects the draws transformers made (noise canvases and one uniform per sampled position,
 //! turned into a token by inverse CDF on both sides).
 
+use crate::backend::draw::row_draw;
 use crate::backend::Backend;
 use crate::decode::sampling::Rng;
 use crate::decode::{
@@ -158,27 +162,8 @@ impl CanvasParams {
 /// Per position of tempered logits `[C, V]`: entropy (nats), argmax (first of ties) and the token
 /// a uniform `u` picks by inverse CDF (the first whose cumulative probability exceeds `u`).
 pub fn position_draw(logits: &[f32], u: f32) -> (f32, u32, u32) {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let argmax = logits.iter().position(|&l| l == max).unwrap_or(0) as u32;
-    let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
-    let sum: f32 = exp.iter().sum();
-    let log_z = max + sum.ln();
-    let entropy = -logits
-        .iter()
-        .zip(&exp)
-        .map(|(l, e)| (e / sum) * (l - log_z))
-        .sum::<f32>();
-    let target = u * sum;
-    let mut acc = 0.0f32;
-    let mut sampled = (logits.len() - 1) as u32;
-    for (i, e) in exp.iter().enumerate() {
-        acc += e;
-        if acc > target {
-            sampled = i as u32;
-            break;
-        }
-    }
-    (entropy, argmax, sampled)
+    let d = row_draw(logits, u);
+    (d.entropy, d.argmax, d.sampled)
 }
 
 /// The entropy-bound acceptance: which positions take their sampled token.
@@ -246,10 +231,6 @@ pub fn generate_watched<B: Backend>(
     p.validate()?;
     let len = canvas_length(model)?;
     let vocab = model.config.vocab_size;
-    let want = ForwardRequest {
-        logits: true,
-        ..Default::default()
-    };
     let mut out = CanvasOutcome::default();
     // One forward pass, between the watcher's turn and its report.
     macro_rules! pass {
@@ -275,7 +256,8 @@ pub fn generate_watched<B: Backend>(
     for canvas_index in 0..canvases {
         let mut canvas = draws.noise(len, vocab);
         let mut argmax_canvas = canvas.clone();
-        let mut self_cond: Option<Vec<f32>> = None;
+        // The previous step's soft embeddings, left where the passes run (Backend::canvas_head).
+        let mut self_cond: Option<B::Act> = None;
         // The argmax canvases of the last `stability` steps (none yet: never equal).
         let mut history: Vec<Option<Vec<u32>>> = vec![None; p.stability];
         let mut steps = 0;
@@ -286,23 +268,16 @@ pub fn generate_watched<B: Backend>(
                 return Ok(out);
             }
             steps += 1;
-            let r = model.denoise(b, kv, &canvas, pos, self_cond.as_deref(), &want);
+            let t = p.temperature(remaining);
+            let u = draws.uniforms(len);
+            let r = model.denoise_step(b, kv, &canvas, pos, self_cond.as_ref(), t, &u);
             watch.after_pass(len);
             out.forward_passes += 1;
             out.positions += len;
-            let logits = r?
-                .logits
-                .ok_or_else(|| CanvasError::Params("the pass returned no logits".into()))?;
-            let t = p.temperature(remaining);
-            let tempered: Vec<f32> = logits.iter().map(|l| l / t).collect();
-            let u = draws.uniforms(len);
-            let (mut entropy, mut argmax, mut sampled) = (vec![], vec![], vec![]);
-            for (row, &ui) in tempered.chunks(vocab).zip(&u) {
-                let (h, a, s) = position_draw(row, ui);
-                entropy.push(h);
-                argmax.push(a);
-                sampled.push(s);
-            }
+            let (rows, soft) = r?;
+            let entropy: Vec<f32> = rows.iter().map(|d| d.entropy).collect();
+            let argmax: Vec<u32> = rows.iter().map(|d| d.argmax).collect();
+            let sampled: Vec<u32> = rows.iter().map(|d| d.sampled).collect();
             let accept = accept_by_entropy(&entropy, p.entropy_bound);
             let noise = draws.noise(len, vocab);
             for i in 0..len {
@@ -316,7 +291,7 @@ pub fn generate_watched<B: Backend>(
             }
             let confident = entropy.iter().sum::<f32>() / (len as f32) < p.confidence;
             argmax_canvas = argmax;
-            self_cond = Some(tempered);
+            self_cond = Some(soft);
             if stable && confident {
                 break;
             }

@@ -30,6 +30,7 @@ use std::sync::Arc;
 
 use super::{names, ForwardOutput, ForwardRequest, ModelConfig, ModelError};
 use crate::arch::{FfnLayout, NormLayout, RouterKind};
+use crate::backend::draw::{CanvasHeadParams, RowDraw};
 use crate::backend::{AttnMask, Backend, BackendError, HeadsParams, ScaledRouterParams};
 use crate::format::{DType, EdmFile, TensorView};
 
@@ -63,10 +64,19 @@ struct SelfCond<B: Backend> {
 }
 
 /// Which of the two passes runs.
-#[derive(Clone, Copy)]
-enum Pass<'a> {
+enum Pass<'a, A> {
     Encode,
-    Denoise { self_cond: Option<&'a [f32]> },
+    Denoise { self_cond: SelfCondIn<'a, A> },
+}
+
+/// The decoder pass's self-conditioning input.
+enum SelfCondIn<'a, A> {
+    /// The first step: none.
+    None,
+    /// The previous step's tempered logits `[C, vocab]` on the host.
+    Logits(&'a [f32]),
+    /// Their soft embeddings, already where the pass runs ([`Backend::canvas_head`]).
+    Embedded(&'a A),
 }
 
 pub struct CanvasModel<B: Backend> {
@@ -235,7 +245,37 @@ impl<B: Backend> CanvasModel<B> {
                 .into());
             }
         }
+        let self_cond = self_cond.map_or(SelfCondIn::None, SelfCondIn::Logits);
         self.pass(b, kv, canvas, start, Pass::Denoise { self_cond }, want)
+    }
+
+    /// One step of the canvas sampler: the decoder pass over `canvas` (as
+    /// [`CanvasModel::denoise`]) with the self-conditioning input the previous step's
+    /// [`Backend::canvas_head`] left (`None` on the first step), then this step's head at
+    /// `temperature`: a draw per canvas position for `uniforms` and the next step's input.
+    #[allow(clippy::too_many_arguments)]
+    pub fn denoise_step(
+        &self,
+        b: &B,
+        kv: &mut B::Kv,
+        canvas: &[u32],
+        start: usize,
+        self_cond: Option<&B::Act>,
+        temperature: f32,
+        uniforms: &[f32],
+    ) -> Result<(Vec<RowDraw>, B::Act), ModelError> {
+        let self_cond = self_cond.map_or(SelfCondIn::None, SelfCondIn::Embedded);
+        let pass = Pass::Denoise { self_cond };
+        let p = CanvasHeadParams {
+            cap: self.config.block.logit_softcap,
+            temperature,
+            embed_scale: self.embed_scale,
+        };
+        let plain = ForwardRequest::default();
+        rerun_if_asked(|| {
+            let (h, _) = self.pass_once(b, kv, canvas, start, &pass, &plain)?;
+            Ok(b.canvas_head(&h, &self.embed, p, uniforms)?)
+        })
     }
 
     fn pass(
@@ -244,19 +284,14 @@ impl<B: Backend> CanvasModel<B> {
         kv: &mut B::Kv,
         tokens: &[u32],
         start: usize,
-        pass: Pass<'_>,
+        pass: Pass<'_, B::Act>,
         want: &ForwardRequest,
     ) -> Result<ForwardOutput, ModelError> {
-        // A GPU pass over paged experts that met a non-resident one asks to be run again, as in
-        // `Model::forward_batch` (backend/gpu/experts.rs): the re-run brings experts in layer by
-        // layer and cannot miss; it rewrites the same K/V positions.
-        let mut tries = 0;
-        loop {
-            match self.pass_once(b, kv, tokens, start, pass, want) {
-                Err(ModelError::Backend(BackendError::RerunPass)) if tries < 2 => tries += 1,
-                r => return r,
-            }
-        }
+        rerun_if_asked(|| {
+            let (h, mut out) = self.pass_once(b, kv, tokens, start, &pass, want)?;
+            self.head(b, &h, tokens.len(), want, &mut out)?;
+            Ok(out)
+        })
     }
 
     fn pass_once(
@@ -265,9 +300,9 @@ impl<B: Backend> CanvasModel<B> {
         kv: &mut B::Kv,
         tokens: &[u32],
         start: usize,
-        pass: Pass<'_>,
+        pass: &Pass<'_, B::Act>,
         want: &ForwardRequest,
-    ) -> Result<ForwardOutput, ModelError> {
+    ) -> Result<(B::Act, ForwardOutput), ModelError> {
         let c = &self.config;
         if tokens.is_empty() {
             return Err(ModelError::NoTokens);
@@ -289,9 +324,17 @@ impl<B: Backend> CanvasModel<B> {
         let (mask, window_at_start, decoder) = match pass {
             Pass::Encode => (AttnMask::Causal, false, false),
             Pass::Denoise { self_cond } => {
-                if let Some(logits) = self_cond {
-                    let soft = b.soft_embed(logits, &self.embed, self.embed_scale)?;
-                    let normed = b.rms_norm(&soft, &self.self_cond.norm, eps)?;
+                let fresh;
+                let soft = match self_cond {
+                    SelfCondIn::None => None,
+                    SelfCondIn::Logits(logits) => {
+                        fresh = b.soft_embed(logits, &self.embed, self.embed_scale)?;
+                        Some(&fresh)
+                    }
+                    SelfCondIn::Embedded(soft) => Some(*soft),
+                };
+                if let Some(soft) = soft {
+                    let normed = b.rms_norm(soft, &self.self_cond.norm, eps)?;
                     let signal =
                         b.gated_mlp(&self.self_cond.gate_up, &self.self_cond.down, &normed, act)?;
                     b.add(&mut x, &signal)?;
@@ -354,21 +397,47 @@ impl<B: Backend> CanvasModel<B> {
             }
         }
         let h = b.rms_norm(&x, &self.final_norm, eps)?;
-        let rows = want.rows.clone().unwrap_or(0..tokens.len());
+        Ok((h, out))
+    }
+
+    /// The logits a pass returns (and their statistics) from its final rows `h`.
+    fn head(
+        &self,
+        b: &B,
+        h: &B::Act,
+        tokens: usize,
+        want: &ForwardRequest,
+        out: &mut ForwardOutput,
+    ) -> Result<(), ModelError> {
+        let c = &self.config;
+        let rows = want.rows.clone().unwrap_or(0..tokens);
         match c.block.logit_softcap {
             Some(cap) => {
-                out.stats = b.lm_head_stats_softcap(&h, &self.embed, rows.clone(), cap)?;
+                out.stats = b.lm_head_stats_softcap(h, &self.embed, rows.clone(), cap)?;
                 if want.logits {
-                    out.logits = Some(b.logits_softcap(&h, &self.embed, rows, cap)?);
+                    out.logits = Some(b.logits_softcap(h, &self.embed, rows, cap)?);
                 }
             }
             None => {
-                out.stats = b.lm_head_stats(&h, &self.embed, rows.clone())?;
+                out.stats = b.lm_head_stats(h, &self.embed, rows.clone())?;
                 if want.logits {
-                    out.logits = Some(b.logits(&h, &self.embed, rows)?);
+                    out.logits = Some(b.logits(h, &self.embed, rows)?);
                 }
             }
         }
-        Ok(out)
+        Ok(())
+    }
+}
+
+/// Runs `run` again (twice at most) when a GPU pass over paged experts met a non-resident one
+/// (`BackendError::RerunPass`, as in `Model::forward_batch`, backend/gpu/experts.rs): the re-run
+/// brings experts in layer by layer and cannot miss; it rewrites the same K/V positions.
+fn rerun_if_asked<R>(mut run: impl FnMut() -> Result<R, ModelError>) -> Result<R, ModelError> {
+    let mut tries = 0;
+    loop {
+        match run() {
+            Err(ModelError::Backend(BackendError::RerunPass)) if tries < 2 => tries += 1,
+            r => return r,
+        }
     }
 }

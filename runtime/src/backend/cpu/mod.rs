@@ -174,6 +174,7 @@ pub struct CpuRouting {
     pub weights: Vec<f32>,
 }
 
+use super::draw::{row_draw, CanvasHeadParams, RowDraw};
 use super::shapes::{self, shape_err};
 
 fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -758,6 +759,33 @@ impl Backend for CpuBackend {
 
     fn soft_embed(&self, logits: &[f32], table: &CpuWeight, s: f32) -> Result<CpuAct> {
         gemma::soft_embed(logits, table, s)
+    }
+
+    fn canvas_head(
+        &self,
+        x: &CpuAct,
+        table: &CpuWeight,
+        p: CanvasHeadParams,
+        uniforms: &[f32],
+    ) -> Result<(Vec<RowDraw>, CpuAct)> {
+        shapes::canvas_head(
+            (x.rows, x.cols),
+            (table.rows, table.cols),
+            uniforms.len(),
+            &p,
+        )?;
+        let rows = 0..x.rows;
+        let logits = match p.cap {
+            Some(cap) => self.logits_softcap(x, table, rows, cap)?,
+            None => self.logits(x, table, rows)?,
+        };
+        let tempered: Vec<f32> = logits.iter().map(|l| l / p.temperature).collect();
+        let draws = tempered
+            .chunks(table.rows)
+            .zip(uniforms)
+            .map(|(row, &u)| row_draw(row, u))
+            .collect();
+        Ok((draws, gemma::soft_embed(&tempered, table, p.embed_scale)?))
     }
 
     fn lm_head_stats_softcap(

@@ -1099,6 +1099,16 @@ impl Backend for GpuBackend {
         ops::gemma::logits_softcap(self, x, head, rows, cap)
     }
 
+    fn canvas_head(
+        &self,
+        x: &GpuAct,
+        table: &GpuWeight,
+        p: crate::backend::draw::CanvasHeadParams,
+        uniforms: &[f32],
+    ) -> Result<(Vec<crate::backend::draw::RowDraw>, GpuAct)> {
+        ops::canvas_draw::canvas_head(self, x, table, p, uniforms)
+    }
+
     fn lm_head_stats_softcap(
         &self,
         x: &GpuAct,

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod batch_class;
+pub mod canvas_draw;
 pub mod cca;
 pub mod denoise;
 pub mod elementwise;
@@ -89,6 +90,10 @@ pub fn all_entries() -> Vec<(&'static Entry, usize)> {
         (
             &soft_embed::SOFT_EMBED,
             size_of::<soft_embed::SoftEmbedParams>(),
+        ),
+        (
+            &canvas_draw::CANVAS_DRAW,
+            size_of::<canvas_draw::DrawParams>(),
         ),
         (&heads::PREPARE_HEADS, size_of::<heads::HeadsGpuParams>()),
         (&heads::HEADS_STORE, size_of::<heads::HeadsGpuParams>()),

@@ -5,7 +5,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::super::device::GpuError;
 use super::super::kernels::{Entry, Slot::*};
-use super::super::pool::GpuBuffer;
+use super::super::pool::{GpuBuffer, Pooled};
 use super::super::recorder::{Ctx, Grid};
 use super::super::{experts, GpuAct, GpuBackend, GpuWeight};
 use crate::backend::shapes;
@@ -114,10 +114,7 @@ pub(in crate::backend::gpu) fn lm_head_stats_capped(
     shapes::head("lm_head_stats", (head.rows, head.cols), x.cols)?;
     let (n, vocab) = (rows.len(), head.rows);
     let per = b.head_rows(vocab);
-    let status = b.sh.status.clone();
-    // Paged expert pools read their pass's routing back with the statistics (one read).
-    let paged = b.paging.take();
-    let (words, flag, routed) = b.with(|ctx| {
+    let back = read_at_pass_end(b, |ctx| {
         let out = ctx.output((n.max(1) * WORDS * 4) as u64)?;
         let logits = ctx.output((per.min(n).max(1) * vocab * 4) as u64)?;
         let mut r0 = 0;
@@ -130,16 +127,37 @@ pub(in crate::backend::gpu) fn lm_head_stats_capped(
             stats(ctx, &logits, m, vocab, &out, r0)?;
             r0 += m;
         }
-        let mut srcs = vec![(&*out, 0, (n * WORDS * 4) as u64), (&*status, 0, 4)];
+        Ok(vec![(out, (n * WORDS * 4) as u64)])
+    })?;
+    let words = bytemuck::pod_collect_to_vec::<u8, u32>(&back[0]);
+    Ok(words.chunks(WORDS).map(decode).collect())
+}
+
+/// The end of a pass that reads results back: records `record`, which returns the buffers it
+/// wants and how many bytes of each, and reads them in one go together with the device status
+/// word and the routing of paged expert pools, which then settle (a pass that met a
+/// non-resident expert: `BackendError::RerunPass`; an expert that cannot come in: its error).
+pub(in crate::backend::gpu) fn read_at_pass_end(
+    b: &GpuBackend,
+    record: impl FnOnce(&mut Ctx) -> Result<Vec<(Pooled, u64)>, BackendError>,
+) -> backend::Result<Vec<Vec<u8>>> {
+    let status = b.sh.status.clone();
+    let paged = b.paging.take();
+    let (wanted, flag, routed) = b.with(|ctx| {
+        let bufs = record(ctx)?;
+        let mut srcs: Vec<(&GpuBuffer, u64, u64)> =
+            bufs.iter().map(|(buf, n)| (&**buf, 0, *n)).collect();
+        srcs.push((&*status, 0, 4));
         for (_, caps) in &paged {
             srcs.extend(caps.iter().map(|c| (&*c.ids, 0, c.bytes)));
         }
-        let b = ctx.read(&srcs)?;
-        let flag = u32::from_le_bytes([b[1][0], b[1][1], b[1][2], b[1][3]]);
+        let mut back = ctx.read(&srcs)?;
+        let rest = back.split_off(bufs.len());
+        let flag = u32::from_le_bytes([rest[0][0], rest[0][1], rest[0][2], rest[0][3]]);
         if flag != 0 {
             ctx.clear(&status);
         }
-        let mut rest = b[2..].iter();
+        let mut rest = rest[1..].iter();
         let routed: Vec<_> = paged
             .iter()
             .map(|(pool, caps)| {
@@ -154,7 +172,7 @@ pub(in crate::backend::gpu) fn lm_head_stats_capped(
                 (pool.clone(), layers)
             })
             .collect();
-        Ok((bytemuck::pod_collect_to_vec::<u8, u32>(&b[0]), flag, routed))
+        Ok((back, flag, routed))
     })?;
     experts::ActivePools::finish(&routed)?;
     if flag & 0x8000_0000 != 0 {
@@ -163,7 +181,7 @@ pub(in crate::backend::gpu) fn lm_head_stats_capped(
             expert: (flag & 0xffff) as usize,
         });
     }
-    Ok(words.chunks(WORDS).map(decode).collect())
+    Ok(wanted)
 }
 
 /// [`Backend::logits`] on the GPU.
