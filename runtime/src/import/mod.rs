@@ -492,7 +492,7 @@ fn expert_weights(
     lay: &HfLayout,
     c: &ModelConfig,
     (l, e): (usize, usize),
-    fused: &mut FusedExperts,
+    fused: &FusedExperts,
 ) -> Result<(Vec<f32>, Vec<f32>), ImportError> {
     let (h, i) = (c.hidden_size, c.moe.expert_ffn);
     let per = |p: &str| lay.layer(l, &format!("{}.{e}.{p}.weight", lay.experts));
@@ -502,23 +502,41 @@ fn expert_weights(
         let down = get_checked(src, &per("down_proj"), &[h, i])?;
         return Ok((gu, down));
     }
-    // transformers 5 keeps experts fused: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I].
-    let n = c.moe.num_experts;
-    let gu_name = lay.layer(l, &format!("{}.gate_up_proj", lay.experts));
-    let down_name = lay.layer(l, &format!("{}.down_proj", lay.experts));
-    if !src.has(&gu_name) {
+    let Some((_, gu, down)) = fused.as_ref().filter(|f| f.0 == l) else {
         return Err(ImportError::MissingTensor(per("gate_proj")));
-    }
-    if fused.as_ref().is_none_or(|f| f.0 != l) {
-        let gu = get_checked(src, &gu_name, &[n, 2 * i, h])?;
-        let down = get_checked(src, &down_name, &[n, h, i])?;
-        *fused = Some((l, gu, down));
-    }
-    let (_, gu, down) = fused.as_ref().expect("filled above");
+    };
     Ok((
         gu[e * 2 * i * h..(e + 1) * 2 * i * h].to_vec(),
         down[e * h * i..(e + 1) * h * i].to_vec(),
     ))
+}
+
+/// Loads layer `l`'s fused transformers-5 expert tensors into `fused` when the source stores its
+/// experts that way (and they are not loaded yet): once per layer, before its experts are encoded.
+fn load_fused_experts(
+    src: &dyn TensorSource,
+    lay: &HfLayout,
+    c: &ModelConfig,
+    l: usize,
+    fused: &mut FusedExperts,
+) -> Result<(), ImportError> {
+    let (h, i, n) = (c.hidden_size, c.moe.expert_ffn, c.moe.num_experts);
+    if src.has(&lay.layer(l, &format!("{}.0.gate_proj.weight", lay.experts)))
+        || fused.as_ref().is_some_and(|f| f.0 == l)
+    {
+        return Ok(());
+    }
+    // transformers 5 keeps experts fused: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I].
+    let gu_name = lay.layer(l, &format!("{}.gate_up_proj", lay.experts));
+    let down_name = lay.layer(l, &format!("{}.down_proj", lay.experts));
+    if !src.has(&gu_name) {
+        return Ok(()); // expert_weights names the missing per-expert tensor
+    }
+    *fused = None; // one layer's worth at a time
+    let gu = get_checked(src, &gu_name, &[n, 2 * i, h])?;
+    let down = get_checked(src, &down_name, &[n, h, i])?;
+    *fused = Some((l, gu, down));
+    Ok(())
 }
 
 /// Whether `rest` (a name after `…mlp.experts.`) is one of the expert tensors the converter reads.
@@ -828,46 +846,102 @@ pub fn write_model_with(
     let total = items.len() as u64;
     let mut expert_count = 0;
     let mut fused: FusedExperts = None;
-    for (done, it) in items.iter().enumerate() {
-        match it {
+    let encode = |it: &Item, fused: &FusedExperts| -> Result<Vec<Vec<u8>>, ImportError> {
+        Ok(match it {
             Item::Dense {
-                name,
                 dtype,
                 shape,
                 build,
-            } => {
-                let bytes = match build {
-                    Build::Copy(s) => build_bytes(src, std::slice::from_ref(s), *dtype, shape)?,
-                    Build::Stack(parts) => build_bytes(src, parts, *dtype, shape)?,
-                    Build::Reshape(s, from) => {
-                        let values = get_checked(src, s, from)?;
-                        dtype::encode(*dtype, &values, *shape.last().unwrap_or(&1))
-                    }
-                };
-                w.write_tensor(name, &bytes)?;
-            }
+                ..
+            } => vec![match build {
+                Build::Copy(s) => build_bytes(src, std::slice::from_ref(s), *dtype, shape)?,
+                Build::Stack(parts) => build_bytes(src, parts, *dtype, shape)?,
+                Build::Reshape(s, from) => {
+                    let values = get_checked(src, s, from)?;
+                    dtype::encode(*dtype, &values, *shape.last().unwrap_or(&1))
+                }
+            }],
             Item::Expert { layer, expert } => {
                 let (l, e) = (*layer, *expert);
                 let (gu_dt, down_dt) = expert_dtypes(l);
                 let per = |p: &str| lay.layer(l, &format!("{}.{e}.{p}.weight", lay.experts));
-                let (gu, down) = if src.has(&per("gate_proj")) {
-                    (
+                if src.has(&per("gate_proj")) {
+                    vec![
                         build_bytes(src, &[per("gate_proj"), per("up_proj")], gu_dt, &[2 * i, h])?,
                         build_bytes(src, &[per("down_proj")], down_dt, &[h, i])?,
-                    )
+                    ]
                 } else {
-                    let (gu, down) = expert_weights(src, lay, c, (l, e), &mut fused)?;
-                    (
+                    let (gu, down) = expert_weights(src, lay, c, (l, e), fused)?;
+                    vec![
                         dtype::encode(gu_dt, &gu, h),
                         dtype::encode(down_dt, &down, i),
-                    )
-                };
-                w.write_expert_part(l, e, names::EXPERT_GATE_UP, &gu)?;
-                w.write_expert_part(l, e, names::EXPERT_DOWN, &down)?;
-                expert_count += 1;
+                    ]
+                }
             }
+        })
+    };
+    // Reading, dequantizing and encoding dominate (a 16 B-parameter synth took minutes on one
+    // core), so a window of items is encoded on several threads and written in order. The window
+    // holds one layer's experts at most, so a fused layer is loaded once and shared read-only.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    let mut start = 0;
+    while start < items.len() {
+        let layer_of = |it: &Item| match it {
+            Item::Expert { layer, .. } => Some(*layer),
+            Item::Dense { .. } => None,
+        };
+        let mut window_layer = layer_of(&items[start]);
+        let mut end = start + 1;
+        while end < items.len() && end - start < 2 * workers {
+            match (layer_of(&items[end]), window_layer) {
+                (Some(l), Some(f)) if l != f => break,
+                (Some(l), None) => window_layer = Some(l),
+                _ => {}
+            }
+            end += 1;
         }
-        progress(done as u64 + 1, total);
+        let window = &items[start..end];
+        if let Some(l) = window_layer {
+            load_fused_experts(src, lay, c, l, &mut fused)?;
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let mut encoded: Vec<Option<Result<Vec<Vec<u8>>, ImportError>>> =
+            (0..window.len()).map(|_| None).collect();
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers.min(window.len()))
+                .map(|_| {
+                    let (next, fused, encode) = (&next, &fused, &encode);
+                    scope.spawn(move || {
+                        let mut out = Vec::new();
+                        loop {
+                            let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(it) = window.get(k) else { break };
+                            out.push((k, encode(it, fused)));
+                        }
+                        out
+                    })
+                })
+                .collect();
+            for hnd in handles {
+                // A worker only panics on a bug; carry it to this thread unchanged.
+                for (k, r) in hnd.join().unwrap_or_else(|p| std::panic::resume_unwind(p)) {
+                    encoded[k] = Some(r);
+                }
+            }
+        });
+        for (k, (it, bytes)) in window.iter().zip(encoded).enumerate() {
+            let bytes = bytes.expect("every window item is encoded by a worker")?;
+            match it {
+                Item::Dense { name, .. } => w.write_tensor(name, &bytes[0])?,
+                Item::Expert { layer, expert } => {
+                    w.write_expert_part(*layer, *expert, names::EXPERT_GATE_UP, &bytes[0])?;
+                    w.write_expert_part(*layer, *expert, names::EXPERT_DOWN, &bytes[1])?;
+                    expert_count += 1;
+                }
+            }
+            progress((start + k) as u64 + 1, total);
+        }
+        start = end;
     }
     w.write_blob("tokenizer.json", &meta.tokenizer_json)?;
     let tensors = w.header().tensors.len();

@@ -16,7 +16,8 @@ use crate::format::DType;
 /// A tensor already in a model-file type's layout: its shape and bytes.
 pub type Encoded = (Vec<usize>, Vec<u8>);
 
-pub trait TensorSource {
+/// `Sync`: the converter encodes several tensors at once.
+pub trait TensorSource: Sync {
     fn has(&self, name: &str) -> bool;
     /// Shape and f32 values of a tensor.
     fn get(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), ImportError>;
