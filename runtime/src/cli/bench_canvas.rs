@@ -1,7 +1,9 @@
 //! `edgediff bench forward` for a canvas model (DiffusionGemma): its two passes on the GPU after
 //! `--context` cached positions — the encoder over `t` committed tokens (causal) and a denoising
-//! step over a canvas of `t` (bidirectional, reading the cache), the latter with its logits read
-//! back as the host sampler reads them (`[t, vocab]` f32 every step) and with the statistics only.
+//! pass over a canvas of `t` (bidirectional, reading the cache) with the statistics only; then the
+//! sampler's whole step, self-conditioned on the step before, two ways side by side: the host
+//! sampler as it ran before 252c6c6 (`[t, vocab]` logits read back, tempered, drawn and sent up
+//! again) and the step's head on the device (`Backend::canvas_head`, what the decoder runs now).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -49,19 +51,59 @@ pub fn run(c: &Common, g: GpuBackend, file: Arc<EdmFile>) -> anyhow::Result<()> 
     let mut rows = Vec::new();
     for &t in &c.tokens {
         let block = &tokens[c.context..c.context + t];
-        let run = |kv: &mut _, pass: usize| -> anyhow::Result<()> {
+        let u: Vec<f32> = values(t, 5).iter().map(|v| v.abs().fract()).collect();
+        let temperature = 0.6;
+        // The self-conditioning input each step kind carries to its next step.
+        let mut host_logits: Option<Vec<f32>> = None;
+        let mut device_soft = None;
+        let mut run = |kv: &mut _, pass: usize| -> anyhow::Result<()> {
             match pass {
-                0 => model.encode(&g, kv, block, c.context, &stats)?,
-                1 => model.denoise(&g, kv, block, c.context, None, &stats)?,
-                _ => model.denoise(&g, kv, block, c.context, None, &logits)?,
-            };
+                0 => {
+                    model.encode(&g, kv, block, c.context, &stats)?;
+                }
+                1 => {
+                    model.denoise(&g, kv, block, c.context, None, &stats)?;
+                }
+                2 => {
+                    let out =
+                        model.denoise(&g, kv, block, c.context, host_logits.as_deref(), &logits)?;
+                    let tempered: Vec<f32> = out
+                        .logits
+                        .context("the pass returned no logits")?
+                        .iter()
+                        .map(|l| l / temperature)
+                        .collect();
+                    for (row, &ui) in tempered.chunks(cfg.vocab_size).zip(&u) {
+                        std::hint::black_box(crate::backend::draw::row_draw(row, ui));
+                    }
+                    host_logits = Some(tempered);
+                }
+                _ => {
+                    let (draws, soft) = model.denoise_step(
+                        &g,
+                        kv,
+                        block,
+                        c.context,
+                        device_soft.as_ref(),
+                        temperature,
+                        &u,
+                    )?;
+                    std::hint::black_box(draws);
+                    device_soft = Some(soft);
+                }
+            }
             Ok(())
         };
-        for (i, pass) in ["encode", "denoise (stats)", "denoise (logits to host)"]
-            .into_iter()
-            .enumerate()
+        for (i, pass) in [
+            "encode",
+            "denoise (stats)",
+            "canvas step, host sampler (before)",
+            "canvas step, device head",
+        ]
+        .into_iter()
+        .enumerate()
         {
-            run(&mut kv, i)?; // warm-up
+            run(&mut kv, i)?; // warm-up (and the first self-conditioning input)
             let d0 = g.dispatches();
             let t0 = Instant::now();
             for _ in 0..iters {
