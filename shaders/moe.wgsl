@@ -34,7 +34,7 @@ struct MoeParams {
     plus_row0: u32,
     eps: f32,
     has_plus: u32,
-    _pad0: u32,
+    direct: u32,
 }
 
 const NONE: u32 = 0xffffffffu;
@@ -149,6 +149,15 @@ fn moe_dispatch(@builtin(local_invocation_index) lid: u32) {
     }
 }
 
+// The scratch row of assignment a (NONE: none, the skip expert). On the direct path route_meta
+// holds the router's ids and assignment a is row a.
+fn slot_of(a: u32) -> u32 {
+    if (mp.direct != 0u) {
+        return select(NONE, a, route_meta[a] < mp.num_experts);
+    }
+    return route_meta[meta_slot_of(mp.num_experts, mp.assignments) + a];
+}
+
 // Σ_j weight[t, j] · y[slot_of(t, j)] of output element i = t · hidden + c.
 fn combined(i: u32) -> f32 {
     let t = i / mp.hidden;
@@ -156,7 +165,7 @@ fn combined(i: u32) -> f32 {
     var s = 0.0;
     for (var j = 0u; j < mp.top_k; j++) {
         let a = t * mp.top_k + j;
-        let pos = route_meta[meta_slot_of(mp.num_experts, mp.assignments) + a];
+        let pos = slot_of(a);
         if (pos < mp.assignments) {
             s += weights[a] * y[pos * mp.hidden + c];
         }
@@ -201,7 +210,7 @@ fn moe_combine_norm(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
     let b = t * hd;
     if (lane.id < mp.top_k) {
         let a = t * mp.top_k + lane.id;
-        tok_pos[lane.id] = route_meta[meta_slot_of(mp.num_experts, mp.assignments) + a];
+        tok_pos[lane.id] = slot_of(a);
         tok_w[lane.id] = weights[a];
     }
     workgroupBarrier();

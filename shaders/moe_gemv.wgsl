@@ -5,7 +5,9 @@
 //
 // Grid (direct): x = index into the layer's active-expert list (moe_dispatch, lib/moe_meta.wgsl;
 // workgroups past the active count, or whose expert lives in another pool buffer than the one
-// bound, return at once), y = a block of 4 weight rows. A workgroup of 64 gives each weight row 16
+// bound, return at once), y = a block of 4 weight rows. On the direct path (ep.direct: one token,
+// every expert resident) there are no lists: x = assignment a, its expert route_meta[a] (the
+// router's ids), its scratch row a. A workgroup of 64 gives each weight row 16
 // invocations; an invocation walks its row one octet (8 values: one q4 word, two q8 words) at a
 // time with a stride of 16 octets, so neighbouring invocations read neighbouring words and every
 // weight word is read once per 4 tokens. The expert's tokens are taken 4 at a time (registers
@@ -69,6 +71,21 @@ fn expert_begin(lid: u32, wid: vec3<u32>) -> bool {
             ex_scales = ep.shared_scales;
             ex_cnt = ep.tokens;
             ex_first = ep.assignments;
+        } else if (ep.direct != 0u) {
+            // Direct path: column a serves assignment a alone (its row of h and y is a).
+            if (wid.x < ep.assignments) {
+                let e = route_meta[wid.x];
+                if (e < ne) {
+                    let s = 2u * (ep.slot0 + e);
+                    if (slots[s] == ep.pool) {
+                        ok = 1u;
+                        ex_base = slots[s + 1u] + ep.part;
+                        ex_scales = ex_base + ep.scales;
+                        ex_cnt = 1u;
+                        ex_first = wid.x;
+                    }
+                }
+            }
         } else if (wid.x < route_meta[6]) {
             let e = route_meta[meta_active(ne) + wid.x];
             let s = 2u * (ep.slot0 + e);
@@ -156,6 +173,8 @@ fn expert_gate_up_gemv(@builtin(local_invocation_index) lid: u32, @builtin(workg
             if (t0 + i < cnt) {
                 if (is_shared) {
                     xr[i] = t0 + i;
+                } else if (ep.direct != 0u) {
+                    xr[i] = (first + t0 + i) / ep.top_k;
                 } else {
                     xr[i] = route_meta[list + t0 + i] / ep.top_k;
                 }

@@ -45,4 +45,10 @@ struct ExpertParams {
     shared_x: u32,
     shared_scales: u32,
     tokens: u32,
+    // The GEMV kernels' direct path (one token over resident experts, ops/moe.rs): grid column a
+    // is assignment a, and route_meta holds the router's ids [top_k] instead of the lists.
+    direct: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }

@@ -243,6 +243,7 @@ impl GpuExperts {
             hidden: self.hidden,
             inter: self.inter,
             act: 0,
+            all_resident: self.paged.is_none() && self.resident.iter().all(|&r| r),
         }
     }
 }

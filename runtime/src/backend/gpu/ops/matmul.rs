@@ -55,6 +55,10 @@ pub struct ExpertParams {
     pub shared_x: u32,
     pub shared_scales: u32,
     pub tokens: u32,
+    /// The GEMV kernels' direct path (ops/moe.rs `moe`): grid column a is assignment a, and the
+    /// `route_meta` binding holds the router's ids instead of the dispatch lists.
+    pub direct: u32,
+    pub _pad: [u32; 3],
 }
 
 pub static GEMV: Entry = Entry {

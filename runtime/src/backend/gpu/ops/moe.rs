@@ -32,7 +32,9 @@ pub struct MoeParams {
     /// moe_combine_norm: the residual norm's epsilon, and whether a `plus` row is added.
     pub eps: f32,
     pub has_plus: u32,
-    pub _pad: u32,
+    /// 1: no dispatch lists (see [`moe`]'s direct path): assignment `a` is its own scratch row,
+    /// and `route_meta` is the router's ids.
+    pub direct: u32,
 }
 
 pub static DISPATCH: Entry = Entry {
@@ -165,11 +167,15 @@ pub struct ExpertLayout<'a> {
     pub inter: usize,
     /// The gate activation of the gate/up kernels (`kernels::gate_act`: 0 SiLU).
     pub act: u32,
+    /// Every expert of the layer has a slot (loaded, none pruned or paged): a routed expert cannot
+    /// be missing, so the direct path needs no residency check.
+    pub all_resident: bool,
 }
 
 /// Scratch of one layer's MoE between its three stages.
 pub struct MoeScratch {
-    meta: super::super::pool::Pooled,
+    /// The dispatch lists (`None` on the direct path, which reads the router's ids instead).
+    meta: Option<super::super::pool::Pooled>,
     h: super::super::pool::Pooled,
     y: super::super::pool::Pooled,
     params: MoeParams,
@@ -230,16 +236,31 @@ pub fn moe(
         Shared::Mlp(m) => Some(m),
         _ => None,
     };
-    let s = dispatch(ctx, rows, ids, top_k, e, mlp.is_some())?;
-    experts(ctx, x, &s, e, mlp.as_ref())?;
-    match shared {
-        Shared::None => combine(ctx, &s, weights, None, out, norm),
-        Shared::Output(p) => combine(ctx, &s, weights, Some((p, 0)), out, norm),
-        Shared::Mlp(_) => {
-            let a = s.params.assignments;
-            combine(ctx, &s, weights, Some((&s.y, a)), out, norm)
-        }
-    }
+    // One token over resident experts in the GEMV kernels (the 1-token pass): its top_k experts
+    // are distinct, so the per-expert lists would only restate the router's ids; the expert
+    // kernels read the ids directly (grid column a = assignment a) and the dispatch kernel goes.
+    // Each assignment's sums are the list path's, bit for bit.
+    let direct = rows == 1
+        && e.all_resident
+        && expert_kernel(
+            ctx.sh.dev.kernels.moe,
+            super::matmul::solo_rows(ctx, rows),
+            top_k,
+            e.num_experts,
+        ) == ExpertKernel::Gemv;
+    let s = if direct {
+        scratch(ctx, rows, top_k, e, mlp.is_some(), None)?
+    } else {
+        dispatch(ctx, rows, ids, top_k, e, mlp.is_some())?
+    };
+    let route_meta = s.meta.as_deref().unwrap_or(ids);
+    experts_with(ctx, x, &s, route_meta, e, mlp.as_ref())?;
+    let plus = match shared {
+        Shared::None => None,
+        Shared::Output(p) => Some((p, 0)),
+        Shared::Mlp(_) => Some((&*s.y, s.params.assignments)),
+    };
+    combine_with(ctx, &s, route_meta, weights, plus, out, norm)
 }
 
 /// Stage 1: per-expert token lists and indirect grids from the routing. With `shared`, the scratch
@@ -252,12 +273,35 @@ pub fn dispatch(
     e: &ExpertLayout,
     shared: bool,
 ) -> Result<MoeScratch, GpuError> {
+    let meta = ctx.output((meta_words(e.num_experts, rows * top_k) * 4) as u64)?;
+    let s = scratch(ctx, rows, top_k, e, shared, Some(meta))?;
+    let status = ctx.sh.status.clone();
+    let meta = s.meta.as_deref().expect("given above");
+    ctx.dispatch(
+        &DISPATCH,
+        0,
+        &s.params,
+        None,
+        &[ids, meta, e.slots, &status],
+        Grid::Groups(1, 1, 1),
+    )?;
+    Ok(s)
+}
+
+/// The scratch rows of a layer's MoE (`meta`: the dispatch lists, `None` on the direct path).
+fn scratch(
+    ctx: &mut Ctx,
+    rows: usize,
+    top_k: usize,
+    e: &ExpertLayout,
+    shared: bool,
+    meta: Option<super::super::pool::Pooled>,
+) -> Result<MoeScratch, GpuError> {
     let a = rows * top_k;
     let scratch_rows = a + if shared { rows } else { 0 };
-    let meta = ctx.output((meta_words(e.num_experts, a) * 4) as u64)?;
     let h = ctx.output((scratch_rows * e.inter * 4) as u64)?;
     let y = ctx.output((scratch_rows * e.hidden * 4) as u64)?;
-    let mp = MoeParams {
+    let params = MoeParams {
         assignments: a as u32,
         num_experts: e.num_experts as u32,
         slot0: e.slot0 as u32,
@@ -269,23 +313,9 @@ pub fn dispatch(
         plus_row0: 0,
         eps: 0.0,
         has_plus: 0,
-        _pad: 0,
+        direct: meta.is_none() as u32,
     };
-    let status = ctx.sh.status.clone();
-    ctx.dispatch(
-        &DISPATCH,
-        0,
-        &mp,
-        None,
-        &[ids, &meta, e.slots, &status],
-        Grid::Groups(1, 1, 1),
-    )?;
-    Ok(MoeScratch {
-        meta,
-        h,
-        y,
-        params: mp,
-    })
+    Ok(MoeScratch { meta, h, y, params })
 }
 
 /// Stage 2: the SwiGLU of every routed expert resident in one of `e.pools`, into the scratch's
@@ -298,8 +328,27 @@ pub fn experts(
     e: &ExpertLayout,
     shared: Option<&SharedMlp>,
 ) -> Result<(), GpuError> {
+    let meta = s.meta.as_deref().ok_or_else(no_lists)?;
+    experts_with(ctx, x, s, meta, e, shared)
+}
+
+/// A direct-path scratch given where lists are needed (a bug, never input).
+fn no_lists() -> GpuError {
+    GpuError::Unsupported("MoE stages without dispatch lists outside the direct path".into())
+}
+
+/// [`experts`] reading `meta`: the dispatch lists, or on the direct path the router's ids.
+fn experts_with(
+    ctx: &mut Ctx,
+    x: &GpuBuffer,
+    s: &MoeScratch,
+    meta: &GpuBuffer,
+    e: &ExpertLayout,
+    shared: Option<&SharedMlp>,
+) -> Result<(), GpuError> {
     let (top_k, a) = (s.params.top_k, s.params.assignments);
-    let (meta, h, y) = (&*s.meta, &*s.h, &*s.y);
+    let direct = s.params.direct;
+    let (h, y) = (&*s.h, &*s.y);
     // A batched pass chooses as one sequence's pass alone (see matmul::pass_kernel): the GEMV
     // and the tiled kernels each sum a token the same way however many tokens an expert serves.
     let t = s.params.t as usize;
@@ -310,8 +359,15 @@ pub fn experts(
         e.num_experts,
     );
     // GEMV grids: (active-expert list entries, weight-row blocks); the list has at most
-    // min(assignments, experts) entries.
-    let listed = a.min(e.num_experts as u32);
+    // min(assignments, experts) entries; the direct path has a column per assignment.
+    let listed = if direct != 0 {
+        a
+    } else {
+        a.min(e.num_experts as u32)
+    };
+    if direct != 0 && kernel != ExpertKernel::Gemv {
+        return Err(no_lists());
+    }
     if shared.is_some() && (kernel != ExpertKernel::Gemv || e.pools.is_empty()) {
         return Err(GpuError::Unsupported(
             "a shared expert outside the GEMV expert kernels".into(),
@@ -361,6 +417,8 @@ pub fn experts(
                 shared_x: sw.map_or(u32::MAX, |_| listed),
                 shared_scales: sw.map_or(0, |(_, sc)| sc),
                 tokens: s.params.t,
+                direct,
+                _pad: [0; 3],
             };
             match kernel {
                 ExpertKernel::Gemv => {
@@ -397,6 +455,20 @@ pub fn combine(
     out: &GpuBuffer,
     norm: Option<ResidualNorm<'_>>,
 ) -> Result<(), GpuError> {
+    let meta = s.meta.as_deref().ok_or_else(no_lists)?;
+    combine_with(ctx, s, meta, weights, plus, out, norm)
+}
+
+/// [`combine`] reading `meta`: the dispatch lists, or on the direct path the router's ids.
+fn combine_with(
+    ctx: &mut Ctx,
+    s: &MoeScratch,
+    meta: &GpuBuffer,
+    weights: &GpuBuffer,
+    plus: Option<(&GpuBuffer, u32)>,
+    out: &GpuBuffer,
+    norm: Option<ResidualNorm<'_>>,
+) -> Result<(), GpuError> {
     let mut mp = s.params;
     mp.plus_row0 = plus.map_or(0, |(_, r)| r);
     if let Some(n) = norm {
@@ -409,20 +481,20 @@ pub fn combine(
             0,
             &mp,
             None,
-            &[&s.meta, weights, &s.y, out, p, n.x, n.w],
+            &[meta, weights, &s.y, out, p, n.x, n.w],
             Grid::Groups(mp.t, 1, 1),
         );
     }
     let plus = plus.map(|(p, _)| p);
     let grid = Grid::Linear(((mp.t * mp.hidden) as u64).div_ceil(64));
     match plus {
-        None => ctx.dispatch(&COMBINE, 0, &mp, None, &[&s.meta, weights, &s.y, out], grid),
+        None => ctx.dispatch(&COMBINE, 0, &mp, None, &[meta, weights, &s.y, out], grid),
         Some(p) => ctx.dispatch(
             &COMBINE_ADD,
             0,
             &mp,
             None,
-            &[&s.meta, weights, &s.y, out, p],
+            &[meta, weights, &s.y, out, p],
             grid,
         ),
     }
