@@ -3,7 +3,8 @@
 //! layer's experts), then the weighted combine. While each routed expert serves a few tokens (the
 //! 1-token forward and blocks up to a few hundred tokens) the experts run as GEMV
 //! (shaders/moe_gemv.wgsl, direct grids over the active-expert list, bandwidth-bound); beyond, the
-//! 16 × 64 tiles of matmul.wgsl (indirect grids from the dispatch).
+//! 16 × 64 tiles of matmul.wgsl (indirect grids from the dispatch). One token over resident experts
+//! needs no lists: the GEMV kernels and the combine read the router's ids directly ([`moe`]).
 
 use bytemuck::{Pod, Zeroable};
 
