@@ -1,5 +1,6 @@
 //! `edgediff bench forward` for a canvas model (DiffusionGemma): its two passes on the GPU after
-//! `--context` cached positions — the encoder over `t` committed tokens (causal) and a denoising
+//! `--context` cached positions — the encoder over `t` committed tokens (causal; as the decoder runs
+//! it, without LM-head rows) and a denoising
 //! pass over a canvas of `t` (bidirectional, reading the cache) with the statistics only; then the
 //! sampler's whole step, self-conditioned on the step before, two ways side by side: the host
 //! sampler as it ran before 252c6c6 (`[t, vocab]` logits read back, tempered, drawn and sent up
@@ -37,6 +38,11 @@ pub fn run(c: &Common, g: GpuBackend, file: Arc<EdmFile>) -> anyhow::Result<()> 
         .map(|v| ((v.abs() * vocab as f32) as u64 % vocab) as u32)
         .collect();
     let stats = ForwardRequest::default();
+    // The encoder pass as the canvas decoder runs it: the cache only, no LM-head rows.
+    let encode_only = ForwardRequest {
+        rows: Some(0..0),
+        ..Default::default()
+    };
     let logits = ForwardRequest {
         logits: true,
         ..Default::default()
@@ -59,7 +65,7 @@ pub fn run(c: &Common, g: GpuBackend, file: Arc<EdmFile>) -> anyhow::Result<()> 
         let mut run = |kv: &mut _, pass: usize| -> anyhow::Result<()> {
             match pass {
                 0 => {
-                    model.encode(&g, kv, block, c.context, &stats)?;
+                    model.encode(&g, kv, block, c.context, &encode_only)?;
                 }
                 1 => {
                     model.denoise(&g, kv, block, c.context, None, &stats)?;

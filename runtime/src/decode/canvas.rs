@@ -232,6 +232,12 @@ pub fn generate_watched<B: Backend>(
     let len = canvas_length(model)?;
     let vocab = model.config.vocab_size;
     let mut out = CanvasOutcome::default();
+    // The encoder passes only fill the cache: no LM-head rows (the head of an empty row range is
+    // still the pass's end, where paged expert pools settle).
+    let encode_only = ForwardRequest {
+        rows: Some(0..0),
+        ..Default::default()
+    };
     // One forward pass, between the watcher's turn and its report.
     macro_rules! pass {
         ($tokens:expr, $run:expr) => {{
@@ -247,10 +253,7 @@ pub fn generate_watched<B: Backend>(
             r
         }};
     }
-    pass!(
-        prompt.len(),
-        model.encode(b, kv, prompt, 0, &ForwardRequest::default())
-    );
+    pass!(prompt.len(), model.encode(b, kv, prompt, 0, &encode_only));
     let mut pos = prompt.len();
     let canvases = p.max_new_tokens.div_ceil(len);
     for canvas_index in 0..canvases {
@@ -317,10 +320,7 @@ pub fn generate_watched<B: Backend>(
         // The committed canvas joins the cache (transformers encodes it when the next canvas
         // starts; after the last one there is none).
         if canvas_index + 1 < canvases {
-            pass!(
-                len,
-                model.encode(b, kv, &argmax_canvas, pos, &ForwardRequest::default())
-            );
+            pass!(len, model.encode(b, kv, &argmax_canvas, pos, &encode_only));
             pos += len;
         }
     }
