@@ -314,6 +314,7 @@ fn canvas_head_matches_the_cpu_whole_and_split() {
                     cap,
                     temperature: 0.6,
                     embed_scale: 2.5,
+                    next_input: true,
                 };
                 let c = CpuBackend;
                 let ct = weight(&c, dt, &[v, h], &table);
@@ -361,7 +362,21 @@ fn canvas_head_matches_the_cpu_whole_and_split() {
                             );
                         }
                     }
-                    close(&what, &g.read_act(&soft).unwrap(), &want_soft.data, TOL);
+                    let want_soft = want_soft.as_ref().unwrap();
+                    close(
+                        &what,
+                        &g.read_act(&soft.unwrap()).unwrap(),
+                        &want_soft.data,
+                        TOL,
+                    );
+                    // Without the next step's input: the same draws, no embeddings.
+                    let last = CanvasHeadParams {
+                        next_input: false,
+                        ..p
+                    };
+                    let (again, none) = g.canvas_head(&xg, &gt, last, &uniforms).unwrap();
+                    assert_eq!(again, got, "{what}");
+                    assert!(none.is_none(), "{what}");
                     let short = g.canvas_head(&xg, &gt, p, &uniforms[1..]);
                     assert!(matches!(short, Err(BackendError::Shape { .. })), "{what}");
                     let cold = CanvasHeadParams {

@@ -22,6 +22,9 @@ pub struct CanvasHeadParams {
     pub temperature: f32,
     /// The soft embeddings are multiplied by it (the model's embedding scale).
     pub embed_scale: f32,
+    /// Whether to compute the soft embeddings (the next step's input): not after a canvas's last
+    /// allowed step.
+    pub next_input: bool,
 }
 
 /// Entropy, argmax and the inverse-CDF token of tempered logits `[V]` for a uniform `u` in

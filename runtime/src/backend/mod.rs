@@ -667,7 +667,8 @@ pub trait Backend {
     /// head's logits of the final rows `x` `[C, H]` (`table` `[V, H]`), capped and divided by the
     /// temperature (`p`); per row its [`draw::RowDraw`] for `uniforms[row]`
     /// ([`draw::row_draw`]); and the next step's self-conditioning input
-    /// `softmax(tempered) · table · embed_scale` `[C, H]` (as [`Backend::soft_embed`] of them).
+    /// `softmax(tempered) · table · embed_scale` `[C, H]` (as [`Backend::soft_embed`] of them;
+    /// `None` unless `p.next_input`).
     /// The logits need not leave the backend: a canvas of 256 over a vocabulary of 262,144 is
     /// 268 MB of them a step.
     fn canvas_head(
@@ -676,7 +677,7 @@ pub trait Backend {
         _table: &Self::Weight,
         _p: draw::CanvasHeadParams,
         _uniforms: &[f32],
-    ) -> Result<(Vec<draw::RowDraw>, Self::Act)> {
+    ) -> Result<(Vec<draw::RowDraw>, Option<Self::Act>)> {
         Err(self.unsupported("canvas_head"))
     }
     /// [`Backend::lm_head_stats`] of logits capped as `cap · tanh(logits / cap)`.

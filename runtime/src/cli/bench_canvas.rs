@@ -93,9 +93,10 @@ pub fn run(c: &Common, g: GpuBackend, file: Arc<EdmFile>) -> anyhow::Result<()> 
                         device_soft.as_ref(),
                         temperature,
                         &u,
+                        true,
                     )?;
                     std::hint::black_box(draws);
-                    device_soft = Some(soft);
+                    device_soft = soft;
                 }
             }
             Ok(())

@@ -273,7 +273,9 @@ pub fn generate_watched<B: Backend>(
             steps += 1;
             let t = p.temperature(remaining);
             let u = draws.uniforms(len);
-            let r = model.denoise_step(b, kv, &canvas, pos, self_cond.as_ref(), t, &u);
+            // After the last allowed step no step reads the soft embeddings.
+            let next = remaining > 1;
+            let r = model.denoise_step(b, kv, &canvas, pos, self_cond.as_ref(), t, &u, next);
             watch.after_pass(len);
             out.forward_passes += 1;
             out.positions += len;
@@ -294,7 +296,7 @@ pub fn generate_watched<B: Backend>(
             }
             let confident = entropy.iter().sum::<f32>() / (len as f32) < p.confidence;
             argmax_canvas = argmax;
-            self_cond = Some(soft);
+            self_cond = soft;
             if stable && confident {
                 break;
             }

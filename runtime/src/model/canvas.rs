@@ -252,7 +252,8 @@ impl<B: Backend> CanvasModel<B> {
     /// One step of the canvas sampler: the decoder pass over `canvas` (as
     /// [`CanvasModel::denoise`]) with the self-conditioning input the previous step's
     /// [`Backend::canvas_head`] left (`None` on the first step), then this step's head at
-    /// `temperature`: a draw per canvas position for `uniforms` and the next step's input.
+    /// `temperature`: a draw per canvas position for `uniforms` and, with `next_input`, the next
+    /// step's input.
     #[allow(clippy::too_many_arguments)]
     pub fn denoise_step(
         &self,
@@ -263,13 +264,15 @@ impl<B: Backend> CanvasModel<B> {
         self_cond: Option<&B::Act>,
         temperature: f32,
         uniforms: &[f32],
-    ) -> Result<(Vec<RowDraw>, B::Act), ModelError> {
+        next_input: bool,
+    ) -> Result<(Vec<RowDraw>, Option<B::Act>), ModelError> {
         let self_cond = self_cond.map_or(SelfCondIn::None, SelfCondIn::Embedded);
         let pass = Pass::Denoise { self_cond };
         let p = CanvasHeadParams {
             cap: self.config.block.logit_softcap,
             temperature,
             embed_scale: self.embed_scale,
+            next_input,
         };
         let plain = ForwardRequest::default();
         rerun_if_asked(|| {

@@ -767,7 +767,7 @@ impl Backend for CpuBackend {
         table: &CpuWeight,
         p: CanvasHeadParams,
         uniforms: &[f32],
-    ) -> Result<(Vec<RowDraw>, CpuAct)> {
+    ) -> Result<(Vec<RowDraw>, Option<CpuAct>)> {
         shapes::canvas_head(
             (x.rows, x.cols),
             (table.rows, table.cols),
@@ -785,7 +785,11 @@ impl Backend for CpuBackend {
             .zip(uniforms)
             .map(|(row, &u)| row_draw(row, u))
             .collect();
-        Ok((draws, gemma::soft_embed(&tempered, table, p.embed_scale)?))
+        let next = p
+            .next_input
+            .then(|| gemma::soft_embed(&tempered, table, p.embed_scale))
+            .transpose()?;
+        Ok((draws, next))
     }
 
     fn lm_head_stats_softcap(

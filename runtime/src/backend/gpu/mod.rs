@@ -1105,7 +1105,7 @@ impl Backend for GpuBackend {
         table: &GpuWeight,
         p: crate::backend::draw::CanvasHeadParams,
         uniforms: &[f32],
-    ) -> Result<(Vec<crate::backend::draw::RowDraw>, GpuAct)> {
+    ) -> Result<(Vec<crate::backend::draw::RowDraw>, Option<GpuAct>)> {
         ops::canvas_draw::canvas_head(self, x, table, p, uniforms)
     }
 

@@ -36,7 +36,7 @@ pub fn canvas_head(
     table: &GpuWeight,
     p: CanvasHeadParams,
     uniforms: &[f32],
-) -> Result<(Vec<RowDraw>, GpuAct)> {
+) -> Result<(Vec<RowDraw>, Option<GpuAct>)> {
     shapes::canvas_head(
         (x.rows, x.cols),
         (table.rows, table.cols),
@@ -47,7 +47,10 @@ pub fn canvas_head(
     let per = b.head_rows(vocab);
     let mut soft = None;
     let back = super::stats::read_at_pass_end(b, |ctx| {
-        let out = GpuBackend::out_act(ctx, n, h)?;
+        let out = match p.next_input {
+            true => Some(GpuBackend::out_act(ctx, n, h)?),
+            false => None,
+        };
         let u = ctx.output((n.max(1) * 4) as u64)?;
         ctx.upload(bytemuck::cast_slice(uniforms), &u)?;
         let draws = ctx.output((n.max(1) * 12) as u64)?;
@@ -73,18 +76,20 @@ pub fn canvas_head(
                 &[&logits, &u, &draws],
                 Grid::Groups(m as u32, 1, 1),
             )?;
-            super::soft_embed::record_soft_embed(
-                ctx,
-                &logits,
-                m,
-                r0,
-                table,
-                &out.buf,
-                p.embed_scale,
-            )?;
+            if let Some(out) = &out {
+                super::soft_embed::record_soft_embed(
+                    ctx,
+                    &logits,
+                    m,
+                    r0,
+                    table,
+                    &out.buf,
+                    p.embed_scale,
+                )?;
+            }
             r0 += m;
         }
-        soft = Some(out);
+        soft = out;
         Ok(vec![(draws, (n * 12) as u64)])
     })?;
     let words: Vec<u32> = bytemuck::pod_collect_to_vec(&back[0]);
@@ -96,6 +101,5 @@ pub fn canvas_head(
             sampled: w[2],
         })
         .collect();
-    let soft = soft.expect("recorded with the draws");
     Ok((draws, soft))
 }
