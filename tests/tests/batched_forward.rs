@@ -45,6 +45,18 @@ struct Seq {
     want: ForwardRequest,
 }
 
+impl Seq {
+    /// This sequence's part of a batched pass, against `kv`.
+    fn pass<'a, B: Backend>(&'a self, kv: &'a mut B::Kv) -> SeqPass<'a, B> {
+        SeqPass {
+            kv,
+            tokens: &self.tokens,
+            window: self.window,
+            want: &self.want,
+        }
+    }
+}
+
 fn below(rng: &mut Rng, n: usize) -> usize {
     (rng.next_u64() % n as u64) as usize
 }
@@ -143,12 +155,7 @@ fn batch_equals_alone<B: Backend>(name: &str, b: &B, m: &Model<B>, seqs: &[Seq])
     let mut passes: Vec<SeqPass<'_, B>> = seqs
         .iter()
         .zip(&mut batch_kv)
-        .map(|(s, kv)| SeqPass {
-            kv,
-            tokens: &s.tokens,
-            window: s.window,
-            want: &s.want,
-        })
+        .map(|(s, kv)| s.pass(kv))
         .collect();
     let batched = m.forward_batch(b, &mut passes).unwrap();
     drop(passes);
@@ -265,12 +272,7 @@ fn batched_diffusion_blocks_equal_each_alone_on_the_gpu() {
                 let (a, b) = (&classes[0].1[0], &classes[1].1[0]);
                 let mut kvs = [prefill(&gpu, &m, a), prefill(&gpu, &m, b)];
                 let [ka, kb] = &mut kvs;
-                let mut passes = [(a, ka), (b, kb)].map(|(s, kv)| SeqPass {
-                    kv,
-                    tokens: &s.tokens,
-                    window: s.window,
-                    want: &s.want,
-                });
+                let mut passes = [a.pass(ka), b.pass(kb)];
                 assert!(matches!(
                     m.forward_batch(&gpu, &mut passes),
                     Err(ModelError::BatchMix(_))
@@ -522,12 +524,7 @@ fn a_batched_pass_records_the_row_wise_ops_once_on_the_gpu() {
         let mut passes: Vec<SeqPass<'_, _>> = seqs[..n]
             .iter()
             .zip(&mut kvs)
-            .map(|(s, kv)| SeqPass {
-                kv,
-                tokens: &s.tokens,
-                window: s.window,
-                want: &s.want,
-            })
+            .map(|(s, kv)| s.pass(kv))
             .collect();
         let d0 = gpu.dispatches();
         m.forward_batch(&gpu, &mut passes).unwrap();
