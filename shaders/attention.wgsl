@@ -21,6 +21,13 @@
 //   dims lane, lane + 64, …; hd ≤ 256). With more than one split it writes its partial
 //   (m, s, acc[hd]) to part[(t · nq + h) · splits + split] (hd + 2 floats each) and attend_combine
 //   (one workgroup per (q head, token)) merges them.
+// attend_gqa_seqs + attend_merge_seqs: the same over the rows of several sequences of one batched
+//   pass whose caches share the layer buffers (the server's KV arena), one dispatch each for all of
+//   them. The host's table `seq_tab` gives each sequence its rows, positions, mask, cache base, its
+//   own splits and chunk (chosen as for its pass alone) and its first workgroup and split item; a
+//   workgroup finds its sequence by a scan of the table (≤ 64 entries) and works the same 8 slots
+//   it works in that sequence's pass alone, so every output is bit for bit the pass alone's.
+// A cache may be one range of such a shared buffer: its rows start at cache row `base`.
 // The host picks the splits so that short query blocks against a long cache still fill the GPU.
 // GQA: q head h reads kv head h / (nq / nkv). Every mask kind sees a prefix of the keys:
 //   causal: pos + 1; bidirectional: kv_len; block-causal(b): (pos / b + 1)·b;
@@ -46,9 +53,31 @@ struct AttnParams {
     splits: u32,
     chunk: u32,
     window: u32,
-    _pad0: u32,
-    _pad1: u32,
+    // The cache's first row (a range of a shared layer buffer).
+    base: u32,
+    // The _seqs kernels: entries of seq_tab; their t is the batch's rows and their splits the
+    // grid's workgroups.
+    seqs: u32,
     _pad2: u32,
+}
+
+// One sequence's share of a batched dispatch; a pass alone is the share params_seq() makes.
+struct SeqAttn {
+    // Its first row in the batch's qkv and out rows, and its row count.
+    row0: u32,
+    t: u32,
+    start: u32,
+    kv_len: u32,
+    mask: u32,
+    mask_arg: u32,
+    // Its first row in the layer caches.
+    base: u32,
+    splits: u32,
+    chunk: u32,
+    // Its first workgroup of attend_gqa_seqs' grid and its first split item in part4 / part_ml.
+    wg0: u32,
+    item0: u32,
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: AttnParams;
@@ -64,6 +93,11 @@ struct AttnParams {
 @group(0) @binding(10) var<storage, read_write> part4: array<vec4<f32>>;
 @group(0) @binding(11) var<storage, read_write> part_ml: array<f32>;
 @group(0) @binding(12) var<storage, read_write> out4: array<vec4<f32>>;
+@group(0) @binding(13) var<storage, read> seq_tab: array<SeqAttn>;
+
+fn params_seq() -> SeqAttn {
+    return SeqAttn(0u, p.t, p.start, p.kv_len, p.mask, p.mask_arg, p.base, p.splits, p.chunk, 0u, 0u, 0u);
+}
 
 @compute @workgroup_size(64)
 fn kv_store(
@@ -79,21 +113,21 @@ fn kv_store(
     let c = i % p.kv_dim;
     let qd = p.nq * p.hd;
     let src = t * (qd + 2u * p.kv_dim) + qd + c;
-    let dst = (p.start + t) * p.kv_dim + c;
+    let dst = (p.base + p.start + t) * p.kv_dim + c;
     k_cache[dst] = qkv[src];
     v_cache[dst] = qkv[src + p.kv_dim];
 }
 
-fn visible_len(pos: u32) -> u32 {
+fn visible_len(s: SeqAttn, pos: u32) -> u32 {
     var n = pos + 1u;
-    if (p.mask == 1u) {
-        n = p.kv_len;
-    } else if (p.mask == 2u) {
-        n = (pos / p.mask_arg + 1u) * p.mask_arg;
-    } else if (p.mask == 3u && pos >= p.mask_arg) {
-        n = p.kv_len;
+    if (s.mask == 1u) {
+        n = s.kv_len;
+    } else if (s.mask == 2u) {
+        n = (pos / s.mask_arg + 1u) * s.mask_arg;
+    } else if (s.mask == 3u && pos >= s.mask_arg) {
+        n = s.kv_len;
     }
-    return min(n, p.kv_len);
+    return min(n, s.kv_len);
 }
 
 // The first key a query at `pos` sees under the sliding window.
@@ -120,7 +154,7 @@ fn attend(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
         q_sh[d] = qkv[row + h * p.hd + d];
     }
     workgroupBarrier();
-    let limit = visible_len(pos);
+    let limit = visible_len(params_seq(), pos);
     let wlo = window_lo(pos);
     let lo = split * p.chunk;
     let hi = min(lo + p.chunk, limit);
@@ -134,7 +168,7 @@ fn attend(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
         var sc = neg_inf();
         let seen = j < hi && j >= wlo;
         if (seen) {
-            let kb = j * p.kv_dim + koff;
+            let kb = (p.base + j) * p.kv_dim + koff;
             var d4 = vec4<f32>(0.0);
             for (var i = 0u; i < hd4; i += 4u) {
                 let q = vec4<f32>(q_sh[i], q_sh[i + 1u], q_sh[i + 2u], q_sh[i + 3u]);
@@ -159,7 +193,7 @@ fn attend(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
         acc *= alpha;
         let n = min(64u, hi - j0);
         for (var jj = 0u; jj < n; jj++) {
-            let vb = (j0 + jj) * p.kv_dim + koff;
+            let vb = (p.base + j0 + jj) * p.kv_dim + koff;
             let pp = p_sh[jj];
             for (var c = 0u; c < 4u; c++) {
                 let d = lane.id + 64u * c;
@@ -310,36 +344,35 @@ fn put_row(base: u32, o: u32, hv: u32, r: Row4, f: f32, to_out: bool) {
     }
 }
 
-@compute @workgroup_size(64)
-fn attend_gqa(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+// Slot `slot` of sequence s (its rows, positions, mask and splits), worked by this octet.
+fn gqa_slot(lane: Lane, s: SeqAttn, slot: u32) {
     let g = p.nq / p.nkv;
-    let rows = g * p.t;
-    let items = p.nkv * p.splits * rows;
-    let slot = (wid.x + wid.y * nwg.x) * 8u + lane.id / 8u;
+    let rows = g * s.t;
+    let items = p.nkv * s.splits * rows;
     let o = lane.id % 8u;
     let live = slot < items;
     let sl = min(slot, items - 1u);
     let r = sl % rows;
-    let split = (sl / rows) % p.splits;
-    let kvh = sl / (rows * p.splits);
+    let split = (sl / rows) % s.splits;
+    let kvh = sl / (rows * s.splits);
     let t = r / g;
     let h = kvh * g + r % g;
     let qd = p.nq * p.hd;
     let hv = p.hd / 4u;
-    let qb = t * (qd + 2u * p.kv_dim) + h * p.hd;
+    let qb = (s.row0 + t) * (qd + 2u * p.kv_dim) + h * p.hd;
     let q = Row4(q_col(qb, o, hv), q_col(qb, o + 8u, hv), q_col(qb, o + 16u, hv), q_col(qb, o + 24u, hv));
-    let lo = split * p.chunk;
-    let hi = select(lo, max(lo, min(lo + p.chunk, visible_len(p.start + t))), live);
+    let lo = split * s.chunk;
+    let hi = select(lo, max(lo, min(lo + s.chunk, visible_len(s, s.start + t))), live);
     let kv4 = p.kv_dim / 4u;
-    let kb = kvh * hv;
+    let kb = s.base * kv4 + kvh * hv;
     var m = neg_inf();
     var l = 0.0;
     var acc = row4_zero();
     // Workgroup-uniform trip count (the shared-memory octet_sum4 has barriers); keys past hi are
     // masked.
-    for (var j0 = 0u; j0 < p.chunk; j0 += 4u) {
+    for (var j0 = 0u; j0 < s.chunk; j0 += 4u) {
         let j = lo + j0;
-        let wlo = window_lo(p.start + t);
+        let wlo = window_lo(s.start + t);
         let ok = vec4<bool>(j < hi && j >= wlo, j + 1u < hi && j + 1u >= wlo, j + 2u < hi && j + 2u >= wlo, j + 3u < hi && j + 3u >= wlo);
         let k0 = row_k(j * kv4 + kb, o, hv, ok.x);
         let k1 = row_k((j + 1u) * kv4 + kb, o, hv, ok.y);
@@ -366,11 +399,11 @@ fn attend_gqa(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_wo
     if (!live) {
         return;
     }
-    if (p.splits == 1u) {
-        put_row((t * qd + h * p.hd) / 4u, o, hv, acc, select(0.0, 1.0 / l, l > 0.0), true);
+    if (s.splits == 1u) {
+        put_row(((s.row0 + t) * qd + h * p.hd) / 4u, o, hv, acc, select(0.0, 1.0 / l, l > 0.0), true);
         return;
     }
-    let item = (t * p.nq + h) * p.splits + split;
+    let item = s.item0 + (t * p.nq + h) * s.splits + split;
     if (o == 0u) {
         part_ml[2u * item] = m;
         part_ml[2u * item + 1u] = l;
@@ -379,25 +412,40 @@ fn attend_gqa(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_wo
 }
 
 @compute @workgroup_size(64)
-fn attend_merge(
-    @builtin(local_invocation_index) lid: u32,
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-) {
-    let i = flat_index(lid, wid, nwg);
-    let hv = p.hd / 4u;
-    if (i >= p.t * p.nq * hv) {
+fn attend_gqa(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    gqa_slot(lane, params_seq(), (wid.x + wid.y * nwg.x) * 8u + lane.id / 8u);
+}
+
+// The sequence whose workgroups include workgroup `wg` (the table is in wg0 order).
+fn seq_of_group(wg: u32) -> u32 {
+    var s = 0u;
+    for (var i = 1u; i < p.seqs; i++) {
+        if (seq_tab[i].wg0 <= wg) {
+            s = i;
+        }
+    }
+    return s;
+}
+
+@compute @workgroup_size(64)
+fn attend_gqa_seqs(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let wg = wid.x + wid.y * nwg.x;
+    // Past the last sequence's groups (a 2-D grid rounds up): the whole workgroup leaves.
+    if (wg >= p.splits) {
         return;
     }
-    let row = i / hv;
-    let c = i % hv;
-    let b = row * p.splits;
+    let s = seq_tab[seq_of_group(wg)];
+    gqa_slot(lane, s, (wg - s.wg0) * 8u + lane.id / 8u);
+}
+
+// Output column c of (row, head) `i / hv` merged from its `splits` split items from item b.
+fn merge_col(i: u32, b: u32, splits: u32, c: u32, hv: u32) {
     // One pass, four splits at a time (their loads issued together): a running max rescales the
     // running sum and accumulator.
     var mx = neg_inf();
     var l = 0.0;
     var acc = vec4<f32>(0.0);
-    for (var s0 = 0u; s0 < p.splits; s0 += 4u) {
+    for (var s0 = 0u; s0 < splits; s0 += 4u) {
         var ms = vec4<f32>(neg_inf());
         var ls = vec4<f32>(0.0);
         var a0 = vec4<f32>(0.0);
@@ -408,17 +456,17 @@ fn attend_merge(
         ms.x = part_ml[e];
         ls.x = part_ml[e + 1u];
         a0 = part4[(b + s0) * hv + c];
-        if (s0 + 1u < p.splits) {
+        if (s0 + 1u < splits) {
             ms.y = part_ml[e + 2u];
             ls.y = part_ml[e + 3u];
             a1 = part4[(b + s0 + 1u) * hv + c];
         }
-        if (s0 + 2u < p.splits) {
+        if (s0 + 2u < splits) {
             ms.z = part_ml[e + 4u];
             ls.z = part_ml[e + 5u];
             a2 = part4[(b + s0 + 2u) * hv + c];
         }
-        if (s0 + 3u < p.splits) {
+        if (s0 + 3u < splits) {
             ms.w = part_ml[e + 6u];
             ls.w = part_ml[e + 7u];
             a3 = part4[(b + s0 + 3u) * hv + c];
@@ -433,4 +481,45 @@ fn attend_merge(
         }
     }
     out4[i] = select(vec4<f32>(0.0), acc / l, l > 0.0);
+}
+
+@compute @workgroup_size(64)
+fn attend_merge(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let i = flat_index(lid, wid, nwg);
+    let hv = p.hd / 4u;
+    if (i >= p.t * p.nq * hv) {
+        return;
+    }
+    merge_col(i, (i / hv) * p.splits, p.splits, i % hv, hv);
+}
+
+@compute @workgroup_size(64)
+fn attend_merge_seqs(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let i = flat_index(lid, wid, nwg);
+    let hv = p.hd / 4u;
+    if (i >= p.t * p.nq * hv) {
+        return;
+    }
+    let row = i / hv / p.nq;
+    var k = 0u;
+    for (var j = 1u; j < p.seqs; j++) {
+        if (seq_tab[j].row0 <= row) {
+            k = j;
+        }
+    }
+    let s = seq_tab[k];
+    // A sequence of one split wrote its output in attend_gqa_seqs.
+    if (s.splits == 1u) {
+        return;
+    }
+    let local = i / hv - s.row0 * p.nq;
+    merge_col(i, s.item0 + local * s.splits, s.splits, i % hv, hv);
 }

@@ -12,7 +12,13 @@
 // qk_norm_rope_store / qk_norm_rope_whole_store: the same, and each token's finished k and v heads
 //   are also written to the layer's caches k_cache / v_cache [capacity][nkv·hd] at row start + t —
 //   the attention's K/V store folded in (the store kernels always run the v heads). The cache is
-//   only written here, never read, so binding it read_write costs nothing.
+//   only written here, never read, so binding it read_write costs nothing. A cache may be one
+//   range of a layer buffer several sequences share (the server's KV arena): its rows start at
+//   cache row `base`.
+// qk_norm_rope_store_seqs / qk_norm_rope_whole_store_seqs: the store kernels over the rows of
+//   several sequences of one batched pass, each row's (position, cache row) from the host's row
+//   table `row_tab`, so one dispatch serves every sequence (their caches share the layer buffers);
+//   each row is computed exactly as its sequence's pass alone computes it.
 // cos/sin come from a table [position][rot_half] of vec2 (cos, sin) computed on the host in f64:
 // an f32 angle pos·θ^(−2i/d) is off by ~1e-4 rad at position 8192, and GPU sin/cos of large
 // arguments are loose.
@@ -30,7 +36,7 @@ struct RopeParams {
     clip_on: u32,
     clip: f32,
     eps: f32,
-    _pad0: u32,
+    base: u32,
     _pad1: u32,
 }
 
@@ -41,6 +47,8 @@ struct RopeParams {
 @group(0) @binding(4) var<storage, read> rope: array<vec2<f32>>;
 @group(0) @binding(5) var<storage, read_write> k_cache: array<f32>;
 @group(0) @binding(6) var<storage, read_write> v_cache: array<f32>;
+// (position, cache row) of each row of a batched pass.
+@group(0) @binding(7) var<storage, read> row_tab: array<vec2<u32>>;
 
 // Normalises qkv[base .. base + len) with weights starting at w0 of q_norm (q) or k_norm (k).
 fn norm_segment(base: u32, len: u32, is_q: bool, lane: Lane) {
@@ -58,16 +66,16 @@ fn norm_segment(base: u32, len: u32, is_q: bool, lane: Lane) {
 
 var<workgroup> head_sh: array<f32, 256>;
 
-// Head h of token t after norm, clip and RoPE: element lid + 64·k in slot k. Also written back
-// to qkv by the caller.
-fn head_out(lane: Lane, h: u32, t: u32) -> array<f32, 4> {
+// Head h of row t (at position pos) after norm, clip and RoPE: element lid + 64·k in slot k. Also
+// written back to qkv by the caller.
+fn head_out(lane: Lane, h: u32, t: u32, pos: u32) -> array<f32, 4> {
     let lid = lane.id;
     let hd = p.hd;
     let rh = p.rot_half;
     let is_q = h < p.nq;
     let is_qk = h < p.nq + p.nkv;
     let base = t * (p.nq + 2u * p.nkv) * hd + h * hd;
-    let tab = (p.start + t) * rh;
+    let tab = pos * rh;
     // Every load first: the head's elements, their norm weights and cos/sin.
     var x: array<f32, 4>;
     var w: array<f32, 4>;
@@ -125,7 +133,7 @@ fn head_base(h: u32, t: u32) -> u32 {
 
 @compute @workgroup_size(64)
 fn qk_norm_rope(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
-    let x = head_out(lane, wid.x, wid.y);
+    let x = head_out(lane, wid.x, wid.y, p.start + wid.y);
     let base = head_base(wid.x, wid.y);
     for (var k = 0u; k < 4u; k++) {
         let i = lane.id + 64u * k;
@@ -135,16 +143,14 @@ fn qk_norm_rope(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
     }
 }
 
-@compute @workgroup_size(64)
-fn qk_norm_rope_store(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
-    let h = wid.x;
-    let t = wid.y;
-    let x = head_out(lane, h, t);
+// Head h of row t at position pos, written back and, for k and v heads, to cache row crow.
+fn store_head(lane: Lane, h: u32, t: u32, pos: u32, crow: u32) {
+    let x = head_out(lane, h, t, pos);
     let base = head_base(h, t);
     let kv_dim = p.nkv * p.hd;
     // Heads nq.. are k heads, then v heads: (h − nq)·hd is the column in [k | v] of this row.
     let col = (h - min(h, p.nq)) * p.hd;
-    let row = (p.start + t) * kv_dim;
+    let row = crow * kv_dim;
     for (var k = 0u; k < 4u; k++) {
         let i = lane.id + 64u * k;
         if (i < p.hd) {
@@ -158,8 +164,20 @@ fn qk_norm_rope_store(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
     }
 }
 
-// The whole-projection kernel's work on token t's row, in place.
-fn whole_row(lane: Lane, t: u32) {
+@compute @workgroup_size(64)
+fn qk_norm_rope_store(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
+    let pos = p.start + wid.y;
+    store_head(lane, wid.x, wid.y, pos, p.base + pos);
+}
+
+@compute @workgroup_size(64)
+fn qk_norm_rope_store_seqs(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
+    let r = row_tab[wid.y];
+    store_head(lane, wid.x, wid.y, r.x, r.y);
+}
+
+// The whole-projection kernel's work on row t (at position pos), in place.
+fn whole_row(lane: Lane, t: u32, pos: u32) {
     let qd = p.nq * p.hd;
     let kd = p.nkv * p.hd;
     let row = t * (qd + 2u * kd);
@@ -182,7 +200,7 @@ fn whole_row(lane: Lane, t: u32) {
     storageBarrier();
     workgroupBarrier();
     let pairs = (p.nq + p.nkv) * p.rot_half;
-    let tab = (p.start + t) * p.rot_half;
+    let tab = pos * p.rot_half;
     for (var j = lane.id; j < pairs; j += 64u) {
         let i = j % p.rot_half;
         let base = row + (j / p.rot_half) * p.hd;
@@ -196,21 +214,32 @@ fn whole_row(lane: Lane, t: u32) {
 
 @compute @workgroup_size(64)
 fn qk_norm_rope_whole(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
-    whole_row(lane, wid.x);
+    whole_row(lane, wid.x, p.start + wid.x);
 }
 
-@compute @workgroup_size(64)
-fn qk_norm_rope_whole_store(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
-    let t = wid.x;
-    whole_row(lane, t);
+// Row t at position pos, then its k and v to cache row crow.
+fn whole_store(lane: Lane, t: u32, pos: u32, crow: u32) {
+    whole_row(lane, t, pos);
     // The rotation's pairs were written by other invocations.
     storageBarrier();
     workgroupBarrier();
     let kv_dim = p.nkv * p.hd;
     let src = t * (p.nq * p.hd + 2u * kv_dim) + p.nq * p.hd;
-    let dst = (p.start + t) * kv_dim;
+    let dst = crow * kv_dim;
     for (var i = lane.id; i < kv_dim; i += 64u) {
         k_cache[dst + i] = qkv[src + i];
         v_cache[dst + i] = qkv[src + kv_dim + i];
     }
+}
+
+@compute @workgroup_size(64)
+fn qk_norm_rope_whole_store(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
+    let pos = p.start + wid.x;
+    whole_store(lane, wid.x, pos, p.base + pos);
+}
+
+@compute @workgroup_size(64)
+fn qk_norm_rope_whole_store_seqs(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
+    let r = row_tab[wid.x];
+    whole_store(lane, wid.x, r.x, r.y);
 }

@@ -506,6 +506,17 @@ impl<B: Backend> Engine<B> {
         self.batcher.set_limits(limits);
     }
 
+    /// Sets aside `bytes` of KV cache that the caches of later generations are carved from, so
+    /// that a batched pass attends for all its sequences at once (`Backend::reserve_kv`). Returns
+    /// the positions set aside: 0 where the backend or the model gains nothing from it.
+    pub fn reserve_kv(&self, bytes: u64) -> Result<usize, EngineError> {
+        let c = self.config();
+        let per_position = (2 * c.kv_dim() * 4 * c.num_layers).max(1) as u64;
+        let positions = usize::try_from(bytes / per_position).unwrap_or(usize::MAX);
+        let reserved = self.backend.reserve_kv(c, positions);
+        Ok(reserved.map_err(ModelError::from)?)
+    }
+
     /// Calls `report` after every batched pass.
     pub fn set_batch_report(&self, report: impl Fn(&BatchReport) + Send + Sync + 'static) {
         self.batcher.set_report(report);
@@ -772,6 +783,9 @@ impl LoadedEngine {
     }
     pub fn set_batch_limits(&self, limits: BatchLimits) {
         with_engine!(self, e => e.set_batch_limits(limits))
+    }
+    pub fn reserve_kv(&self, bytes: u64) -> Result<usize, EngineError> {
+        with_engine!(self, e => e.reserve_kv(bytes))
     }
     pub fn set_batch_report(&self, report: impl Fn(&BatchReport) + Send + Sync + 'static) {
         with_engine!(self, e => e.set_batch_report(report))

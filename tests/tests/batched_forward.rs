@@ -131,9 +131,16 @@ fn same(what: &str, batched: &ForwardOutput, alone: &ForwardOutput) {
 }
 
 /// `rounds` random batches of up to 12 sequences of at most `max_rows` rows each.
-fn batched_equals_alone<B: Backend>(name: &str, b: &B, m: &Model<B>, max_rows: usize, seed: u64) {
+fn batched_equals_alone<B: Backend>(
+    name: &str,
+    b: &B,
+    m: &Model<B>,
+    max_rows: usize,
+    seed: u64,
+    rounds: usize,
+) {
     let mut rng = Rng::new(seed);
-    for round in 0..3 {
+    for round in 0..rounds {
         let n = 2 + below(&mut rng, 11);
         let seqs: Vec<Seq> = (0..n)
             .map(|_| random_seq(&mut rng, m.config.vocab_size, max_rows))
@@ -184,7 +191,7 @@ fn a_batched_pass_equals_each_pass_alone_on_the_cpu() {
     for arch in Architecture::ALL {
         for dtype in [DType::F32, DType::Q4] {
             let m = load(&CpuBackend, &write_synth(dir.path(), arch, dtype));
-            batched_equals_alone(&format!("cpu {arch} {dtype}"), &CpuBackend, &m, 9, 7);
+            batched_equals_alone(&format!("cpu {arch} {dtype}"), &CpuBackend, &m, 9, 7, 3);
         }
     }
 }
@@ -201,9 +208,60 @@ fn a_batched_pass_of_gemv_sized_passes_equals_each_alone_on_the_gpu() {
                     .take_while(|&r| gpu.batch_class(&m.config, r, r) == Some(0))
                     .count();
                 assert!(rows >= 2, "{name}: in-place AR passes (2 rows) must batch");
-                let what = format!("{name} {arch} {dtype}");
-                batched_equals_alone(&what, &gpu, &m, rows, 11);
+                // Caches of their own, some in a small arena (a batch mixes both: attention
+                // per sequence), all in one arena (one attention dispatch for the batch); a
+                // random batch each.
+                for positions in [0, 200, 4096] {
+                    let reserved = gpu.reserve_kv(&m.config, positions).unwrap();
+                    let suits = edgediff::backend::gpu::KvArena::suits(&m.config);
+                    assert_eq!(reserved, if suits { positions } else { 0 }, "{name} {arch}");
+                    let what = format!("{name} {arch} {dtype} arena {positions}");
+                    batched_equals_alone(&what, &gpu, &m, rows, 11 + positions as u64, 1);
+                }
+                gpu.reserve_kv(&m.config, 0).unwrap();
             }
+        }
+    }
+}
+
+/// One attention dispatch for a batch whose caches share an arena: sequences that split their
+/// keys into different numbers of chunks (long and short prefixes: 1 to 4 splits), at
+/// arena ranges that do not start at 0, give each what its pass alone gives.
+#[test]
+fn one_attention_dispatch_serves_sequences_of_any_split() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, gpu) in backends(None) {
+        for arch in Architecture::ALL {
+            let m = load(&gpu, &write_synth(dir.path(), arch, DType::F32));
+            if !edgediff::backend::gpu::KvArena::suits(&m.config) {
+                continue;
+            }
+            let rows = (1..64)
+                .take_while(|&r| gpu.batch_class(&m.config, r, r) == Some(0))
+                .count();
+            let mut rng = Rng::new(31);
+            let seqs: Vec<Seq> = [40, 5, 57, 20, 33, 60, 17]
+                .iter()
+                .map(|&p| {
+                    let len = 1 + below(&mut rng, rows);
+                    let mut s = seq_of(&mut rng, m.config.vocab_size, len);
+                    let extra: Vec<u32> =
+                        (s.prefix.len()..p).map(|i| (i * 7 % 50) as u32).collect();
+                    s.prefix.extend(extra);
+                    s.prefix.truncate(p);
+                    let len = s.tokens.len();
+                    s.window = Window::block(p, len, s.window.mask);
+                    if let AttnMask::CausalThenBidirectional { .. } = s.window.mask {
+                        s.window.mask = AttnMask::CausalThenBidirectional { draft_start: p };
+                    }
+                    s
+                })
+                .collect();
+            // A cache taken and dropped first, so the batch's ranges start past 0.
+            gpu.reserve_kv(&m.config, 4096).unwrap();
+            let _hole = m.new_kv(&gpu, 3).unwrap();
+            batch_equals_alone(&format!("{name} {arch} splits"), &gpu, &m, &seqs);
+            gpu.reserve_kv(&m.config, 0).unwrap();
         }
     }
 }
@@ -256,13 +314,19 @@ fn batched_diffusion_blocks_equal_each_alone_on_the_gpu() {
                 }
                 let mut blocks = 0;
                 let mut mixed = 0;
-                for (c, group) in classes.iter().filter(|(_, g)| g.len() > 1) {
+                for (i, (c, group)) in classes.iter().filter(|(_, g)| g.len() > 1).enumerate() {
                     let rows: Vec<usize> = group.iter().map(|s| s.tokens.len()).collect();
                     blocks += usize::from(rows.iter().any(|&r| r > 4));
                     mixed += usize::from(rows.iter().any(|&r| r != rows[0]));
-                    let what = format!("{name} {arch} {dtype} class {c:#x} {rows:?}");
+                    // Every other class with its caches in one arena (one attention dispatch
+                    // for the batch), the others with caches of their own.
+                    let positions = if i % 2 == 0 { 4096 } else { 0 };
+                    gpu.reserve_kv(&m.config, positions).unwrap();
+                    let what =
+                        format!("{name} {arch} {dtype} class {c:#x} {rows:?} arena {positions}");
                     batch_equals_alone(&what, &gpu, &m, group);
                 }
+                gpu.reserve_kv(&m.config, 0).unwrap();
                 // Block-sized passes batched, some of different sizes in one pass.
                 assert!(
                     blocks >= 2 && mixed >= 2,
@@ -495,7 +559,8 @@ fn decoding_many_requests_together_on_the_gpu_gives_each_the_tokens_it_gets_alon
 /// Dispatches of one batched pass of `n` diffusion-block passes (16 rows after a 20-token
 /// prefix) on the default model, against `n` passes alone: the row-wise ops are recorded once;
 /// what each sequence adds is its attention (q/k norm + RoPE + K/V store, attention, its rows
-/// copied out and back). Prints the counts (docs/SERVE.md cites them).
+/// copied out and back) — nothing when the caches are ranges of one arena. Prints the counts
+/// (docs/SERVE.md cites them).
 #[test]
 fn a_batched_pass_records_the_row_wise_ops_once_on_the_gpu() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default.edm");
@@ -519,7 +584,8 @@ fn a_batched_pass_records_the_row_wise_ops_once_on_the_gpu() {
             }
         })
         .collect();
-    let count = |n: usize| {
+    let count = |n: usize, arena: usize| {
+        gpu.reserve_kv(&m.config, arena).unwrap();
         let mut kvs: Vec<_> = seqs[..n].iter().map(|s| prefill(&gpu, &m, s)).collect();
         let mut passes: Vec<SeqPass<'_, _>> = seqs[..n]
             .iter()
@@ -530,10 +596,12 @@ fn a_batched_pass_records_the_row_wise_ops_once_on_the_gpu() {
         m.forward_batch(&gpu, &mut passes).unwrap();
         gpu.dispatches() - d0
     };
-    let (one, four) = (count(1), count(4));
+    let (one, four) = (count(1, 0), count(4, 0));
+    let four_arena = count(4, 4 * 64);
     eprintln!(
         "{name}: default model, 16-row block passes: 1 alone {one} dispatches, 4 batched {four} \
-         (4 alone {}), {:.1} per added sequence ({} layers)",
+         (4 alone {}), {:.1} per added sequence ({} layers); caches in one arena: 4 batched \
+         {four_arena}",
         4 * one,
         (four - one) as f64 / 3.0,
         m.config.num_layers
@@ -541,5 +609,10 @@ fn a_batched_pass_records_the_row_wise_ops_once_on_the_gpu() {
     assert!(
         four < 2 * one,
         "{four} dispatches batched against {one} alone"
+    );
+    // With the caches in one arena, a sequence adds no dispatch: the attention serves them all.
+    assert_eq!(
+        four_arena, one,
+        "4 batched over one arena: {four_arena} dispatches, 1 alone {one}"
     );
 }

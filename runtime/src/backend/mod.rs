@@ -353,6 +353,37 @@ pub struct CanvasState {
     pub history: Vec<Vec<Option<u32>>>,
 }
 
+/// One sequence's share of [`Backend::rope_attention_seqs`].
+pub struct SeqAttention<'a, K> {
+    pub kv: &'a mut K,
+    /// Its rows of the batched pass.
+    pub rows: std::ops::Range<usize>,
+    pub start: usize,
+    pub kv_len: usize,
+    pub mask: AttnMask,
+}
+
+/// [`Backend::rope_attention_seqs`] one sequence at a time: its rows copied out, attended, and
+/// stacked back.
+pub fn rope_attention_each<B: Backend + ?Sized>(
+    b: &B,
+    qkv: &B::Act,
+    q_norm: Option<&B::Weight>,
+    k_norm: Option<&B::Weight>,
+    seqs: &mut [SeqAttention<'_, B::Kv>],
+    layer: usize,
+    config: &ModelConfig,
+) -> Result<B::Act> {
+    let mut parts = Vec::with_capacity(seqs.len());
+    for s in seqs.iter_mut() {
+        let mut q = b.rows_of(qkv, s.rows.clone())?;
+        parts.push(b.rope_attention(
+            &mut q, q_norm, k_norm, s.kv, layer, config, s.start, s.kv_len, s.mask,
+        )?);
+    }
+    b.stack_rows(&parts.iter().collect::<Vec<_>>())
+}
+
 /// One backend: weight storage, activations, KV cache and the ops of the forward pass.
 /// Activations are `[tokens, features]`, row-major.
 pub trait Backend {
@@ -389,6 +420,14 @@ pub trait Backend {
     ) -> Result<Self::Experts>;
     fn new_kv(&self, config: &ModelConfig, capacity: usize) -> Result<Self::Kv>;
     fn kv_capacity(&self, kv: &Self::Kv) -> usize;
+    /// Sets aside room for `positions` KV-cache positions of `config` that later [`Backend::new_kv`]
+    /// caches are carved from, so that a batched pass can attend for all its sequences at once
+    /// ([`Backend::rope_attention_seqs`]); a cache that no longer fits gets its own memory. Replaces
+    /// an earlier reservation (caches already in it keep theirs). Returns the positions set aside:
+    /// 0 where the backend gains nothing from it (the CPU) or the model does not suit it.
+    fn reserve_kv(&self, _config: &ModelConfig, _positions: usize) -> Result<usize> {
+        Ok(0)
+    }
 
     /// Called before the ops of one forward pass over `tokens` positions, of which one sequence
     /// has at most `largest` (a batched pass, [`crate::model::Model::forward_batch`]; a single
@@ -477,6 +516,22 @@ pub trait Backend {
     ) -> Result<Self::Act> {
         self.qk_norm_rope(qkv, q_norm, k_norm, config, start)?;
         self.attention(qkv, kv, layer, config, start, kv_len, mask)
+    }
+    /// [`Backend::rope_attention`] of several sequences' rows of one batched pass (`qkv` holds
+    /// them one after another, `seqs` in that order), each against its own cache at its own
+    /// positions and mask; returns their attention outputs in the same rows. Each sequence's
+    /// rows and cache come out as its pass alone computes them. By default one sequence at a
+    /// time; a backend may serve them all with one dispatch ([`Backend::reserve_kv`]).
+    fn rope_attention_seqs(
+        &self,
+        qkv: &mut Self::Act,
+        q_norm: Option<&Self::Weight>,
+        k_norm: Option<&Self::Weight>,
+        seqs: &mut [SeqAttention<'_, Self::Kv>],
+        layer: usize,
+        config: &ModelConfig,
+    ) -> Result<Self::Act> {
+        rope_attention_each(self, qkv, q_norm, k_norm, seqs, layer, config)
     }
     /// Router logits → top-k experts and weights per token.
     fn route(

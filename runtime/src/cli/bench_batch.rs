@@ -3,8 +3,11 @@
 //! passes one after another (as without batching), then the same passes as one batched pass
 //! (`Model::forward_batch`, as the server's batcher runs them). Reports milliseconds, aggregate
 //! tokens/s and dispatches of both, and whether every sequence's statistics came out of the
-//! batched pass bit for bit as alone. Passes the backend keeps apart (no batch class, e.g. under
-//! `EDGEDIFF_BATCH_BLOCKS=0`) are reported as such.
+//! batched pass bit for bit as alone. The batched pass runs twice: with every sequence's cache in
+//! buffers of its own (attention one sequence at a time) and with the caches as ranges of one KV
+//! arena (`Backend::reserve_kv`, as the server keeps them: one attention dispatch for all). Passes
+//! the backend keeps apart (no batch class, e.g. under `EDGEDIFF_BATCH_BLOCKS=0`) are reported as
+//! such.
 
 use std::time::Instant;
 
@@ -13,7 +16,7 @@ use serde_json::json;
 
 use super::bench_common::{emit_json, values, Common};
 use crate::backend::gpu::GpuBackend;
-use crate::backend::AttnMask;
+use crate::backend::{AttnMask, Backend};
 use crate::model::{ForwardOutput, ForwardRequest, Model, SeqPass, Window};
 
 #[derive(clap::Args)]
@@ -34,6 +37,9 @@ struct Point {
     batched_ms: Option<f64>,
     alone_dispatches: u64,
     batched_dispatches: Option<u64>,
+    /// The batched pass over caches in one arena.
+    arena_ms: Option<f64>,
+    arena_dispatches: Option<u64>,
     exact: Option<bool>,
 }
 
@@ -55,18 +61,33 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         })
         .collect();
     let mask = AttnMask::BlockCausal(32);
-    let mut kvs = Vec::with_capacity(most);
-    for t in &tokens {
-        let mut kv = model.new_kv(&g, capacity)?;
+    let prefill = |kv: &mut _, t: &[u32]| -> anyhow::Result<()> {
         let mut at = 0;
         while at < c.context {
             let n = 64.min(c.context - at);
             let w = Window::block(at, n, mask);
-            model.forward(&g, &mut kv, &t[at..at + n], w, &ForwardRequest::default())?;
+            model.forward(&g, kv, &t[at..at + n], w, &ForwardRequest::default())?;
             at += n;
         }
+        Ok(())
+    };
+    let mut kvs = Vec::with_capacity(most);
+    for t in &tokens {
+        let mut kv = model.new_kv(&g, capacity)?;
+        prefill(&mut kv, t)?;
         kvs.push(kv);
     }
+    // The same caches again, as ranges of one arena (0 positions: the model keeps its own).
+    let reserved = g.reserve_kv(&model.config, most * capacity)?;
+    let mut arena_kvs = Vec::with_capacity(most);
+    if reserved > 0 {
+        for t in &tokens {
+            let mut kv = model.new_kv(&g, capacity)?;
+            prefill(&mut kv, t)?;
+            arena_kvs.push(kv);
+        }
+    }
+    g.reserve_kv(&model.config, 0)?;
     let want = ForwardRequest::default();
     let iters = c.iters.max(1);
     let mut points = Vec::new();
@@ -75,7 +96,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let block = |s: usize| &tokens[s][c.context..c.context + t];
         for &n in &a.sequences {
             let n = n.max(1);
-            let kv = &mut kvs[..n];
             let alone = |kv: &mut [_]| -> anyhow::Result<Vec<ForwardOutput>> {
                 kv.iter_mut()
                     .enumerate()
@@ -95,36 +115,47 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     .collect();
                 Ok(model.forward_batch(&g, &mut passes)?)
             };
-            let reference = alone(kv)?; // also the warm-up
-            let d0 = g.dispatches();
-            let t0 = Instant::now();
-            for _ in 0..iters {
-                alone(kv)?;
-            }
-            let alone_ms = t0.elapsed().as_secs_f64() * 1e3 / iters as f64;
-            let alone_dispatches = (g.dispatches() - d0) / iters as u64;
-            let shares = n > 1 && model.batch_class(&g, t, &want).is_some();
-            let (mut batched_ms, mut batched_dispatches, mut exact) = (None, None, None);
-            if shares {
-                let outs = batched(kv)?;
-                exact = Some(outs.iter().zip(&reference).all(|(b, a)| b.stats == a.stats));
+            // Milliseconds and dispatches of `f` a time, and whether its first outputs equal alone's.
+            let time = |f: &dyn Fn(&mut [_]) -> anyhow::Result<Vec<ForwardOutput>>,
+                        kv: &mut [_],
+                        reference: &[ForwardOutput]|
+             -> anyhow::Result<(f64, u64, bool)> {
+                let outs = f(kv)?; // also the warm-up
+                let exact = outs.iter().zip(reference).all(|(b, a)| b.stats == a.stats);
                 let d0 = g.dispatches();
                 let t0 = Instant::now();
                 for _ in 0..iters {
-                    batched(kv)?;
+                    f(kv)?;
                 }
-                batched_ms = Some(t0.elapsed().as_secs_f64() * 1e3 / iters as f64);
-                batched_dispatches = Some((g.dispatches() - d0) / iters as u64);
-            }
-            points.push(Point {
+                let ms = t0.elapsed().as_secs_f64() * 1e3 / iters as f64;
+                Ok((ms, (g.dispatches() - d0) / iters as u64, exact))
+            };
+            let reference = alone(&mut kvs[..n])?;
+            let (alone_ms, alone_dispatches, _) = time(&alone, &mut kvs[..n], &reference)?;
+            let shares = n > 1 && model.batch_class(&g, t, &want).is_some();
+            let mut point = Point {
                 tokens: t,
                 sequences: n,
                 alone_ms,
-                batched_ms,
+                batched_ms: None,
                 alone_dispatches,
-                batched_dispatches,
-                exact,
-            });
+                batched_dispatches: None,
+                arena_ms: None,
+                arena_dispatches: None,
+                exact: None,
+            };
+            if shares {
+                let (ms, d, exact) = time(&batched, &mut kvs[..n], &reference)?;
+                (point.batched_ms, point.batched_dispatches) = (Some(ms), Some(d));
+                let mut all_exact = exact;
+                if !arena_kvs.is_empty() {
+                    let (ms, d, exact) = time(&batched, &mut arena_kvs[..n], &reference)?;
+                    (point.arena_ms, point.arena_dispatches) = (Some(ms), Some(d));
+                    all_exact &= exact;
+                }
+                point.exact = Some(all_exact);
+            }
+            points.push(point);
         }
     }
     let rate = |p: &Point, ms: f64| (p.tokens * p.sequences) as f64 / ms * 1e3;
@@ -141,6 +172,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "batched_tokens_per_s": p.batched_ms.map(|ms| rate(p, ms)),
             "alone_dispatches": p.alone_dispatches,
             "batched_dispatches": p.batched_dispatches,
+            "arena_ms": p.arena_ms,
+            "arena_tokens_per_s": p.arena_ms.map(|ms| rate(p, ms)),
+            "arena_dispatches": p.arena_dispatches,
             "exact": p.exact,
         })).collect::<Vec<_>>(),
     });
@@ -153,26 +187,32 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         g.device_name(),
         c.context
     );
-    println!("| tokens a pass | sequences | one after another: ms / tokens/s / dispatches | batched: ms / tokens/s / dispatches | speed-up | batched = alone |");
-    println!("|---:|---:|---|---|---:|---|");
+    println!("| tokens a pass | sequences | one after another: ms / tokens/s / dispatches | batched, own caches | batched, one KV arena | speed-up (arena vs one after another) | batched = alone |");
+    println!("|---:|---:|---|---|---|---:|---|");
+    let cell = |p: &Point, ms: Option<f64>, d: Option<u64>| match (ms, d) {
+        (Some(ms), Some(d)) => format!("{ms:.2} / {:.0} / {d}", rate(p, ms)),
+        _ => "—".into(),
+    };
     for p in &points {
-        let alone = format!(
-            "{:.2} / {:.0} / {}",
-            p.alone_ms,
-            rate(p, p.alone_ms),
-            p.alone_dispatches
-        );
-        let (batched, speedup, exact) = match (p.batched_ms, p.batched_dispatches, p.exact) {
-            (Some(ms), Some(d), Some(e)) => (
-                format!("{ms:.2} / {:.0} / {d}", rate(p, ms)),
+        let alone = cell(p, Some(p.alone_ms), Some(p.alone_dispatches));
+        let best = p.arena_ms.or(p.batched_ms);
+        let (batched, arena, speedup, exact) = match (best, p.exact) {
+            (Some(ms), Some(e)) => (
+                cell(p, p.batched_ms, p.batched_dispatches),
+                cell(p, p.arena_ms, p.arena_dispatches),
                 format!("{:.2}×", p.alone_ms / ms),
                 if e { "yes" } else { "NO" }.to_string(),
             ),
-            _ if p.sequences == 1 => ("—".into(), "—".into(), "—".into()),
-            _ => ("apart (no batch class)".into(), "—".into(), "—".into()),
+            _ if p.sequences == 1 => ("—".into(), "—".into(), "—".into(), "—".into()),
+            _ => (
+                "apart (no batch class)".into(),
+                "—".into(),
+                "—".into(),
+                "—".into(),
+            ),
         };
         println!(
-            "| {} | {} | {alone} | {batched} | {speedup} | {exact} |",
+            "| {} | {} | {alone} | {batched} | {arena} | {speedup} | {exact} |",
             p.tokens, p.sequences
         );
     }

@@ -98,6 +98,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         max_sequences: a.pass_sequences.unwrap_or(a.max_batch),
         ..Default::default()
     });
+    let per_request = crate::serve::kv_bytes(
+        engine.config(),
+        engine
+            .config()
+            .max_position
+            .min(a.decoding.max_tokens + 512),
+    );
+    // The running sequences' caches as ranges of one arena, so a batched pass attends for all of
+    // them in one dispatch: as much as --max-batch such requests take, at most the budget.
+    let arena_bytes = kv_budget.min(per_request.saturating_mul(a.max_batch as u64));
+    let arena = engine
+        .reserve_kv(arena_bytes)
+        .context("reserving the KV arena")?;
     let model_id = a.model_name.clone().unwrap_or_else(|| {
         path.file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -123,13 +136,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         },
         max_body_bytes: usize::try_from(max_body).unwrap_or(usize::MAX),
     };
-    let per_request = crate::serve::kv_bytes(
-        engine.config(),
-        engine
-            .config()
-            .max_position
-            .min(a.decoding.max_tokens + 512),
-    );
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -139,7 +145,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         eprintln!(
             "edgediff serve: {model_id} ({}) on {}, listening on http://{bound}\n\
              edgediff serve: max batch {} (a batched pass: <= {} sequences, <= {} rows), KV budget \
-             {} (a 512-token prompt with --max-tokens {} reserves {}), queue {}, key {}",
+             {} (a 512-token prompt with --max-tokens {} reserves {}; {}), queue {}, key {}",
             defaults.decoder.label(),
             engine.backend_name(),
             config.limits.max_batch,
@@ -148,6 +154,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             super::human_bytes(kv_budget),
             a.decoding.max_tokens,
             super::human_bytes(per_request),
+            if arena > 0 {
+                format!("{arena} positions in one GPU arena")
+            } else {
+                "caches of their own".to_string()
+            },
             config.limits.max_queue,
             if config.api_key.is_some() {
                 "required"

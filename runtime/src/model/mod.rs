@@ -23,7 +23,7 @@ pub use crate::arch::{
 
 use crate::backend::{
     AttnMask, Backend, BackendError, BlockRouting, CcaParams, CcaWeights, CommitParams,
-    MlpRouterParams, MlpRouterWeights, PositionStats,
+    MlpRouterParams, MlpRouterWeights, PositionStats, SeqAttention,
 };
 use crate::format::{DType, EdmFile, FormatError, TensorView};
 
@@ -570,6 +570,26 @@ impl<B: Backend> Model<B> {
             let attn = if alone {
                 let s = &mut seqs[0];
                 self.attend(b, l, layer, &mut qkv, s.kv, s.window)? // (T, nq · hd)
+            } else if layer.cca.is_none() {
+                let mut parts: Vec<SeqAttention<'_, B::Kv>> = seqs
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, s)| SeqAttention {
+                        kv: &mut *s.kv,
+                        rows: offsets[i]..offsets[i + 1],
+                        start: s.window.start,
+                        kv_len: s.window.kv_len,
+                        mask: s.window.mask,
+                    })
+                    .collect();
+                b.rope_attention_seqs(
+                    &mut qkv,
+                    layer.q_norm.as_ref(),
+                    layer.k_norm.as_ref(),
+                    &mut parts,
+                    l,
+                    c,
+                )?
             } else {
                 let mut parts = Vec::with_capacity(seqs.len());
                 for (i, s) in seqs.iter_mut().enumerate() {

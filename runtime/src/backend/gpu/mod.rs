@@ -17,6 +17,7 @@ pub mod compose;
 pub mod device;
 pub mod experts;
 pub mod kernels;
+pub mod kv;
 pub mod ops;
 pub mod pool;
 pub mod recorder;
@@ -31,6 +32,7 @@ use std::sync::{Arc, Mutex, Weak};
 pub use choice::KernelChoice;
 pub use device::{list_adapters, AdapterSummary, DeviceCaps, GpuDevice, GpuError, GpuOptions};
 pub use experts::{GpuExpertPool, GpuExperts};
+pub use kv::{GpuKv, KvArena};
 
 use super::shapes::{self, shape_err};
 use super::{
@@ -47,6 +49,10 @@ use recorder::{Ctx, Shared, State};
 /// Uploads queued with `write_buffer` are flushed to the device past this many bytes, so loading a
 /// large model does not stage all of it at once.
 const UPLOAD_FLUSH: u64 = 256 << 20;
+
+const KV_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_DST)
+    .union(wgpu::BufferUsages::COPY_SRC);
 
 /// A weight in file layout; vectors (norm weights, biases) are decoded to f32 at load.
 pub struct GpuWeight {
@@ -95,17 +101,6 @@ pub struct GpuAct {
     pub(crate) buf: Pooled,
 }
 
-/// K and V caches, one buffer per layer of `[capacity][kv_dim]` f32.
-pub struct GpuKv {
-    capacity: usize,
-    k: Vec<Arc<GpuBuffer>>,
-    v: Vec<Arc<GpuBuffer>>,
-    /// CCA layers' per-position state beyond K/V (`None` for standard attention).
-    cca: Option<ops::cca::CcaState>,
-    /// The bytes above, counted in the allocating thread's KV meter until the cache drops.
-    _bytes: crate::backend::kv_meter::KvAllocation,
-}
-
 /// Router output on the GPU: ids and weights `[rows, k]`.
 pub struct GpuRouting {
     pub rows: usize,
@@ -137,6 +132,8 @@ pub struct GpuBackend {
     stores: Mutex<Vec<Weak<ExpertStore>>>,
     /// Paged expert pools with a pass in flight (experts.rs).
     paging: experts::ActivePools,
+    /// The KV arena new caches are ranges of ([`Backend::reserve_kv`]; kv.rs).
+    kv_arena: Mutex<Option<Arc<KvArena>>>,
 }
 
 /// A norm weight or bias of the right length that is not one f32 row (the kernels read it as one).
@@ -264,6 +261,7 @@ impl GpuBackend {
             st: Mutex::new(st),
             stores: Mutex::new(Vec::new()),
             paging: experts::ActivePools::default(),
+            kv_arena: Mutex::new(None),
         })
     }
 
@@ -454,6 +452,45 @@ impl GpuBackend {
     /// The experts of `layer`, paged through `pool` (nothing is uploaded now).
     pub fn paged_experts(&self, pool: &Arc<GpuExpertPool>, layer: usize) -> Result<GpuExperts> {
         pool.layer(&self.sh, layer)
+    }
+
+    /// K and V buffers of `capacity` positions for every layer (each layer its own width).
+    fn kv_layers(
+        &self,
+        config: &ModelConfig,
+        capacity: usize,
+    ) -> Result<(kv::LayerBuffers, kv::LayerBuffers)> {
+        // Layers of their own geometry (DiffusionGemma's global layers) cache rows of their own
+        // width; the widest sets the binding check.
+        let widest = (0..config.num_layers)
+            .map(|l| config.kv_dim_of(l))
+            .max()
+            .unwrap_or(0)
+            .max(config.kv_dim());
+        let bytes =
+            (capacity as u64)
+                .checked_mul(widest as u64 * 4)
+                .ok_or(BackendError::CacheFull {
+                    pos: capacity,
+                    capacity: 0,
+                })?;
+        if bytes > self.sh.dev.max_binding {
+            return Err(GpuError::Limit {
+                what: format!("a KV cache layer of {capacity} positions"),
+                need: bytes,
+                limit: self.sh.dev.max_binding,
+            }
+            .into());
+        }
+        let mk = |what| {
+            (0..config.num_layers)
+                .map(|l| {
+                    let layer = capacity as u64 * config.kv_dim_of(l) as u64 * 4;
+                    GpuBuffer::new(&self.sh.dev.device, layer.max(16), KV_USAGE, what)
+                })
+                .collect()
+        };
+        Ok((mk("k cache"), mk("v cache")))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -755,59 +792,62 @@ impl Backend for GpuBackend {
     }
 
     fn new_kv(&self, config: &ModelConfig, capacity: usize) -> Result<GpuKv> {
-        // Layers of their own geometry (DiffusionGemma's global layers) cache rows of their own
-        // width; the widest sets the binding check.
-        let widest = (0..config.num_layers)
-            .map(|l| config.kv_dim_of(l))
-            .max()
-            .unwrap_or(0)
-            .max(config.kv_dim());
-        let bytes =
-            (capacity as u64)
-                .checked_mul(widest as u64 * 4)
-                .ok_or(BackendError::CacheFull {
-                    pos: capacity,
-                    capacity: 0,
-                })?;
-        if bytes > self.sh.dev.max_binding {
-            return Err(GpuError::Limit {
-                what: format!("a KV cache layer of {capacity} positions"),
-                need: bytes,
-                limit: self.sh.dev.max_binding,
-            }
-            .into());
+        let arena = self
+            .kv_arena
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|a| a.fits(config));
+        if let Some(lease) = arena.and_then(|a| a.take(capacity)) {
+            let a = lease.arena.clone();
+            let bytes = 2 * (capacity * config.kv_dim() * 4 * config.num_layers) as u64;
+            return Ok(GpuKv {
+                capacity,
+                base: lease.range.start,
+                k: a.k.clone(),
+                v: a.v.clone(),
+                cca: None,
+                lease: Some(lease),
+                _bytes: crate::backend::kv_meter::KvAllocation::new(bytes),
+            });
         }
-        let usage = wgpu::BufferUsages::STORAGE
-            | wgpu::BufferUsages::COPY_DST
-            | wgpu::BufferUsages::COPY_SRC;
-        let mk = |what| {
-            (0..config.num_layers)
-                .map(|l| {
-                    let layer = capacity as u64 * config.kv_dim_of(l) as u64 * 4;
-                    GpuBuffer::new(&self.sh.dev.device, layer.max(16), usage, what)
-                })
-                .collect()
-        };
+        let (k, v) = self.kv_layers(config, capacity)?;
         let cca = match config.attention {
             AttentionKind::Standard => None,
             AttentionKind::Cca => Some(ops::cca::CcaState::new(
                 &self.sh.dev,
                 config,
                 capacity,
-                usage,
+                KV_USAGE,
             )?),
         };
-        let (k, v): (Vec<Arc<GpuBuffer>>, Vec<Arc<GpuBuffer>>) = (mk("k cache"), mk("v cache"));
         let sizes = |l: &[Arc<GpuBuffer>]| l.iter().map(|b| b.size).sum::<u64>();
         let bytes =
             sizes(&k) + sizes(&v) + cca.as_ref().map_or(0, |c| sizes(&c.conv) + sizes(&c.vd));
         Ok(GpuKv {
             capacity,
+            base: 0,
             k,
             v,
             cca,
+            lease: None,
             _bytes: crate::backend::kv_meter::KvAllocation::new(bytes),
         })
+    }
+
+    fn reserve_kv(&self, config: &ModelConfig, positions: usize) -> Result<usize> {
+        let mut slot = self.kv_arena.lock().unwrap_or_else(|p| p.into_inner());
+        // Caches already in the old arena keep it alive until they drop.
+        *slot = None;
+        if positions == 0 || !KvArena::suits(config) {
+            return Ok(0);
+        }
+        // One layer buffer must fit a binding.
+        let row = (config.kv_dim() as u64 * 4).max(1);
+        let positions = positions.min((self.sh.dev.max_binding / row) as usize);
+        let (k, v) = self.kv_layers(config, positions)?;
+        *slot = Some(Arc::new(KvArena::new(config, positions, k, v)));
+        Ok(positions)
     }
 
     fn kv_capacity(&self, kv: &GpuKv) -> usize {
@@ -918,6 +958,18 @@ impl Backend for GpuBackend {
         mask: AttnMask,
     ) -> Result<GpuAct> {
         ops::attention::rope_attention(self, qkv, q_norm, k_norm, kv, layer, c, start, kv_len, mask)
+    }
+
+    fn rope_attention_seqs(
+        &self,
+        qkv: &mut GpuAct,
+        q_norm: Option<&GpuWeight>,
+        k_norm: Option<&GpuWeight>,
+        seqs: &mut [super::SeqAttention<'_, GpuKv>],
+        layer: usize,
+        c: &ModelConfig,
+    ) -> Result<GpuAct> {
+        ops::attention::rope_attention_seqs(self, qkv, q_norm, k_norm, seqs, layer, c)
     }
 
     fn attention(

@@ -30,7 +30,30 @@ pub struct AttnParams {
     pub chunk: u32,
     /// Sliding window: a query sees keys at most `window − 1` before it (0: no window).
     pub window: u32,
-    pub _pad: [u32; 3],
+    /// The cache's first row (a range of an arena's layer buffers).
+    pub base: u32,
+    /// The `_seqs` kernels: entries of the sequence table (their `t` is the batch's rows and their
+    /// `splits` the grid's workgroups).
+    pub seqs: u32,
+    pub _pad: u32,
+}
+
+/// One sequence's share of a batched attention dispatch (shaders/attention.wgsl `SeqAttn`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct SeqAttn {
+    pub row0: u32,
+    pub t: u32,
+    pub start: u32,
+    pub kv_len: u32,
+    pub mask: u32,
+    pub mask_arg: u32,
+    pub base: u32,
+    pub splits: u32,
+    pub chunk: u32,
+    pub wg0: u32,
+    pub item0: u32,
+    pub _pad: u32,
 }
 
 pub static KV_STORE: Entry = Entry {
@@ -63,6 +86,33 @@ pub static ATTEND_GQA: Entry = Entry {
         (10, ReadWrite),
         (11, ReadWrite),
         (12, ReadWrite),
+    ],
+    params: "AttnParams",
+};
+pub static ATTEND_GQA_SEQS: Entry = Entry {
+    file: "attention.wgsl",
+    name: "attend_gqa_seqs",
+    bindings: &[
+        (0, Params),
+        (1, Read),
+        (8, Read),
+        (9, Read),
+        (10, ReadWrite),
+        (11, ReadWrite),
+        (12, ReadWrite),
+        (13, Input),
+    ],
+    params: "AttnParams",
+};
+pub static ATTEND_MERGE_SEQS: Entry = Entry {
+    file: "attention.wgsl",
+    name: "attend_merge_seqs",
+    bindings: &[
+        (0, Params),
+        (10, ReadWrite),
+        (11, ReadWrite),
+        (12, ReadWrite),
+        (13, Input),
     ],
     params: "AttnParams",
 };
@@ -118,8 +168,7 @@ pub fn gqa_splits(target: usize, slots: usize, kv_len: usize) -> (usize, usize) 
 /// Which attention kernels run: the GQA octet kernel where the head fits it (and subgroups, if
 /// used, are at least 8 wide), else the per-head kernel. KernelChoice::attention forces one where
 /// both apply (benchmarks).
-fn use_gqa(ctx: &Ctx, c: &ModelConfig) -> bool {
-    let dev = &ctx.sh.dev;
+fn use_gqa(dev: &super::super::GpuDevice, c: &ModelConfig) -> bool {
     let forced = dev.kernels.attention.map(|k| k == AttnKernel::Gqa);
     let fits = c.head_dim.is_multiple_of(4)
         && c.head_dim <= GQA_MAX_HEAD_DIM
@@ -127,6 +176,16 @@ fn use_gqa(ctx: &Ctx, c: &ModelConfig) -> bool {
         && c.num_heads.is_multiple_of(c.num_kv_heads)
         && (!dev.caps.subgroups || dev.info.subgroup_min_size >= 8);
     fits && forced.unwrap_or(true)
+}
+
+/// The kernel's code and argument of a mask.
+fn mask_code(mask: AttnMask) -> (u32, u32) {
+    match mask {
+        AttnMask::Causal => (0, 0),
+        AttnMask::Bidirectional => (1, 0),
+        AttnMask::BlockCausal(b) => (2, b.max(1) as u32),
+        AttnMask::CausalThenBidirectional { draft_start } => (3, draft_start as u32),
+    }
 }
 
 /// The largest head the kernel holds (4 dims per invocation of 64).
@@ -148,6 +207,7 @@ pub fn record_attention(
     mask: AttnMask,
     window: Option<usize>,
     stored: bool,
+    base: usize,
 ) -> Result<(), GpuError> {
     if c.head_dim > MAX_HEAD_DIM {
         return Err(GpuError::Unsupported(format!(
@@ -155,14 +215,9 @@ pub fn record_attention(
             c.head_dim
         )));
     }
-    let (mask, mask_arg) = match mask {
-        AttnMask::Causal => (0, 0),
-        AttnMask::Bidirectional => (1, 0),
-        AttnMask::BlockCausal(b) => (2, b.max(1) as u32),
-        AttnMask::CausalThenBidirectional { draft_start } => (3, draft_start as u32),
-    };
+    let (mask, mask_arg) = mask_code(mask);
     let kv_dim = c.kv_dim();
-    let gqa = use_gqa(ctx, c);
+    let gqa = use_gqa(&ctx.sh.dev, c);
     let (splits, chunk) = if gqa {
         gqa_splits(ctx.sh.dev.kernels.attn_groups, c.num_heads * rows, kv_len)
     } else {
@@ -182,7 +237,9 @@ pub fn record_attention(
         splits: splits as u32,
         chunk: chunk as u32,
         window: window.unwrap_or(0) as u32,
-        _pad: [0; 3],
+        base: base as u32,
+        seqs: 0,
+        _pad: 0,
     };
     if !stored {
         ctx.dispatch(
@@ -297,6 +354,7 @@ pub(in crate::backend::gpu) fn attention(
             mask,
             c.window_of(layer),
             false,
+            kv.base,
         )?;
         Ok(out)
     })
@@ -330,7 +388,8 @@ pub(in crate::backend::gpu) fn rope_attention(
     )?;
     let (t, k, v) = (qkv.rows, &kv.k[layer], &kv.v[layer]);
     b.with(|ctx| {
-        super::rope::record_qk_norm_rope(ctx, &qkv.buf, t, &qn, &kn, norm, c, start, Some((k, v)))?;
+        let cache = Some((&**k, &**v, kv.base));
+        super::rope::record_qk_norm_rope(ctx, &qkv.buf, t, &qn, &kn, norm, c, start, cache)?;
         let out = GpuBackend::out_act(ctx, t, c.q_dim())?;
         record_attention(
             ctx,
@@ -345,7 +404,199 @@ pub(in crate::backend::gpu) fn rope_attention(
             mask,
             c.window_of(layer),
             true,
+            kv.base,
         )?;
         Ok(out)
     })
+}
+
+/// Most sequences one batched attention dispatch serves (its workgroups scan their table).
+pub const MAX_SEQS: usize = 64;
+
+/// [`Backend::rope_attention_seqs`] on the GPU: one RoPE/K/V-store dispatch, one attention
+/// dispatch and (where a sequence splits its keys) one merge for every sequence of the batch,
+/// when their caches are ranges of one arena and the GQA kernel applies; otherwise one sequence at
+/// a time ([`backend::rope_attention_each`]).
+pub(in crate::backend::gpu) fn rope_attention_seqs(
+    b: &GpuBackend,
+    qkv: &mut GpuAct,
+    q_norm: Option<&GpuWeight>,
+    k_norm: Option<&GpuWeight>,
+    seqs: &mut [backend::SeqAttention<'_, GpuKv>],
+    layer: usize,
+    c: &ModelConfig,
+) -> backend::Result<GpuAct> {
+    let arena = seqs.first().and_then(|s| s.kv.arena());
+    let shared = arena.is_some_and(|a| {
+        seqs.iter()
+            .all(|s| s.kv.arena().is_some_and(|x| std::sync::Arc::ptr_eq(a, x)))
+    });
+    let mut end = 0;
+    let in_order = seqs.iter().all(|s| {
+        let next = s.rows.start == end && s.rows.end > s.rows.start;
+        end = s.rows.end;
+        next
+    }) && end == qkv.rows;
+    if !(shared && in_order && seqs.len() <= MAX_SEQS && use_gqa(&b.sh.dev, c)) {
+        return backend::rope_attention_each(b, qkv, q_norm, k_norm, seqs, layer, c);
+    }
+    shapes::qkv("rope_attention", qkv.cols, c)?;
+    let (norm, qn, kn) = b.qk_norms("rope_attention", q_norm, k_norm, c)?;
+    for s in seqs.iter() {
+        shapes::attention(
+            (s.rows.len(), qkv.cols),
+            layer,
+            s.kv.k.len(),
+            c,
+            s.start,
+            s.kv_len,
+            s.kv.capacity,
+            s.mask,
+        )?;
+    }
+    let (k, v) = (&seqs[0].kv.k[layer], &seqs[0].kv.v[layer]);
+    let mut row_tab = Vec::with_capacity(qkv.rows);
+    for s in seqs.iter() {
+        for t in 0..s.rows.len() {
+            let pos = s.start + t;
+            row_tab.push([pos as u32, (s.kv.base + pos) as u32]);
+        }
+    }
+    let end = seqs
+        .iter()
+        .map(|s| s.start + s.rows.len())
+        .max()
+        .unwrap_or(0);
+    let parts: Vec<(usize, usize, usize, usize, AttnMask, usize)> = seqs
+        .iter()
+        .map(|s| {
+            (
+                s.rows.start,
+                s.rows.len(),
+                s.start,
+                s.kv_len,
+                s.mask,
+                s.kv.base,
+            )
+        })
+        .collect();
+    let t = qkv.rows;
+    b.with(|ctx| {
+        super::rope::record_qk_norm_rope_seqs(
+            ctx,
+            &qkv.buf,
+            &qn,
+            &kn,
+            norm,
+            c,
+            &row_tab,
+            end,
+            (k, v),
+        )?;
+        let out = GpuBackend::out_act(ctx, t, c.q_dim())?;
+        record_attention_seqs(
+            ctx,
+            &qkv.buf,
+            t,
+            (k, v),
+            &out.buf,
+            c,
+            &parts,
+            c.window_of(layer),
+        )?;
+        Ok(out)
+    })
+}
+
+/// attend_gqa_seqs (+ attend_merge_seqs) over `parts` — (first row, rows, start, kv_len, mask,
+/// cache base) of each sequence, rows in order — each with the splits its pass alone would take.
+#[allow(clippy::too_many_arguments)]
+fn record_attention_seqs(
+    ctx: &mut Ctx,
+    qkv: &GpuBuffer,
+    rows: usize,
+    (k_cache, v_cache): (&GpuBuffer, &GpuBuffer),
+    out: &GpuBuffer,
+    c: &ModelConfig,
+    parts: &[(usize, usize, usize, usize, AttnMask, usize)],
+    window: Option<usize>,
+) -> Result<(), GpuError> {
+    let mut table = Vec::with_capacity(parts.len());
+    let (mut wg, mut items) = (0usize, 0usize);
+    for &(row0, t, start, kv_len, mask, base) in parts {
+        let (splits, chunk) = gqa_splits(ctx.sh.dev.kernels.attn_groups, c.num_heads * t, kv_len);
+        let (mask, mask_arg) = mask_code(mask);
+        table.push(SeqAttn {
+            row0: row0 as u32,
+            t: t as u32,
+            start: start as u32,
+            kv_len: kv_len as u32,
+            mask,
+            mask_arg,
+            base: base as u32,
+            splits: splits as u32,
+            chunk: chunk as u32,
+            wg0: wg as u32,
+            item0: items as u32,
+            _pad: 0,
+        });
+        let slots = t * c.num_heads * splits;
+        wg += slots.div_ceil(8);
+        // Items of split sequences only: one split writes its output directly.
+        if splits > 1 {
+            items += slots;
+        }
+    }
+    let p = AttnParams {
+        t: rows as u32,
+        nq: c.num_heads as u32,
+        nkv: c.num_kv_heads as u32,
+        hd: c.head_dim as u32,
+        start: 0,
+        kv_len: 0,
+        mask: 0,
+        mask_arg: 0,
+        scale: 1.0 / (c.head_dim as f32).sqrt(),
+        kv_dim: c.kv_dim() as u32,
+        splits: wg as u32,
+        chunk: 0,
+        window: window.unwrap_or(0) as u32,
+        base: 0,
+        seqs: table.len() as u32,
+        _pad: 0,
+    };
+    let input: &[u8] = bytemuck::cast_slice(&table);
+    let split = if items > 0 {
+        Some((
+            ctx.output(items as u64 * c.head_dim as u64 * 4)?,
+            ctx.output(items as u64 * 2 * 4)?,
+        ))
+    } else {
+        None
+    };
+    let (d0, d1) = (ctx.sh.dummies[0].clone(), ctx.sh.dummies[1].clone());
+    let (acc, ml): (&GpuBuffer, &GpuBuffer) = match &split {
+        Some((a, m)) => (a, m),
+        None => (&d0, &d1),
+    };
+    ctx.dispatch(
+        &ATTEND_GQA_SEQS,
+        0,
+        &p,
+        Some(input),
+        &[qkv, k_cache, v_cache, acc, ml, out],
+        Grid::Linear(wg as u64),
+    )?;
+    if items == 0 {
+        return Ok(());
+    }
+    let cols = (rows * c.num_heads * c.head_dim / 4) as u64;
+    ctx.dispatch(
+        &ATTEND_MERGE_SEQS,
+        0,
+        &p,
+        Some(input),
+        &[acc, ml, out],
+        Grid::Linear(cols.div_ceil(64)),
+    )
 }

@@ -33,6 +33,14 @@ pub fn all_entries() -> Vec<(&'static Entry, usize)> {
         (&attention::ATTEND_GQA, size_of::<attention::AttnParams>()),
         (&attention::ATTEND_MERGE, size_of::<attention::AttnParams>()),
         (
+            &attention::ATTEND_GQA_SEQS,
+            size_of::<attention::AttnParams>(),
+        ),
+        (
+            &attention::ATTEND_MERGE_SEQS,
+            size_of::<attention::AttnParams>(),
+        ),
+        (
             &attention::ATTEND_COMBINE,
             size_of::<attention::AttnParams>(),
         ),
@@ -58,6 +66,19 @@ pub fn all_entries() -> Vec<(&'static Entry, usize)> {
         (&norm::ADD_RMS_NORM, size_of::<norm::NormParams>()),
         (&rope::QK_NORM_ROPE, size_of::<rope::RopeParams>()),
         (&rope::QK_NORM_ROPE_WHOLE, size_of::<rope::RopeParams>()),
+        (&rope::QK_NORM_ROPE_STORE, size_of::<rope::RopeParams>()),
+        (
+            &rope::QK_NORM_ROPE_WHOLE_STORE,
+            size_of::<rope::RopeParams>(),
+        ),
+        (
+            &rope::QK_NORM_ROPE_STORE_SEQS,
+            size_of::<rope::RopeParams>(),
+        ),
+        (
+            &rope::QK_NORM_ROPE_WHOLE_STORE_SEQS,
+            size_of::<rope::RopeParams>(),
+        ),
         (&router::ROUTE, size_of::<router::RouterParams>()),
         (&router::BLOCK_MASK, size_of::<router::BlockMaskParams>()),
         (&cca::CCA_STORE, size_of::<cca::CcaGpuParams>()),

@@ -26,7 +26,9 @@ pub struct RopeParams {
     pub clip_on: u32,
     pub clip: f32,
     pub eps: f32,
-    pub _pad: [u32; 2],
+    /// The cache's first row (a range of an arena's layer buffers).
+    pub base: u32,
+    pub _pad: u32,
 }
 
 pub static QK_NORM_ROPE: Entry = Entry {
@@ -67,6 +69,37 @@ pub static QK_NORM_ROPE_WHOLE_STORE: Entry = Entry {
         (4, Read),
         (5, ReadWrite),
         (6, ReadWrite),
+    ],
+    params: "RopeParams",
+};
+
+pub static QK_NORM_ROPE_STORE_SEQS: Entry = Entry {
+    file: "rope.wgsl",
+    name: "qk_norm_rope_store_seqs",
+    bindings: &[
+        (0, Params),
+        (1, ReadWrite),
+        (2, Read),
+        (3, Read),
+        (4, Read),
+        (5, ReadWrite),
+        (6, ReadWrite),
+        (7, Input),
+    ],
+    params: "RopeParams",
+};
+pub static QK_NORM_ROPE_WHOLE_STORE_SEQS: Entry = Entry {
+    file: "rope.wgsl",
+    name: "qk_norm_rope_whole_store_seqs",
+    bindings: &[
+        (0, Params),
+        (1, ReadWrite),
+        (2, Read),
+        (3, Read),
+        (4, Read),
+        (5, ReadWrite),
+        (6, ReadWrite),
+        (7, Input),
     ],
     params: "RopeParams",
 };
@@ -140,8 +173,8 @@ pub fn table_for(
 }
 
 /// Norm code of the kernel: 0 none, 1 per head, 2 whole projection. With `cache` (the layer's K
-/// and V caches) the kernel also stores the block's finished k and v rows at `start..` — what
-/// attention's kv_store would do, without its dispatch.
+/// and V caches and the cache's first row in them) the kernel also stores the block's finished k
+/// and v rows at `start..` — what attention's kv_store would do, without its dispatch.
 #[allow(clippy::too_many_arguments)]
 pub fn record_qk_norm_rope(
     ctx: &mut Ctx,
@@ -152,26 +185,16 @@ pub fn record_qk_norm_rope(
     norm: u32,
     c: &ModelConfig,
     start: usize,
-    cache: Option<(&GpuBuffer, &GpuBuffer)>,
+    cache: Option<(&GpuBuffer, &GpuBuffer, usize)>,
 ) -> Result<(), GpuError> {
     let rope = table(ctx, c, start + rows)?;
-    let p = RopeParams {
-        t: rows as u32,
-        nq: c.num_heads as u32,
-        nkv: c.num_kv_heads as u32,
-        hd: c.head_dim as u32,
-        rot_half: (c.rotary_dim / 2) as u32,
-        norm,
-        start: start as u32,
-        clip_on: c.clip_qkv.is_some() as u32,
-        clip: c.clip_qkv.unwrap_or(0.0),
-        eps: c.rms_norm_eps as f32,
-        _pad: [0; 2],
-    };
+    let mut p = params(c, rows, norm);
+    p.start = start as u32;
+    p.base = cache.map_or(0, |(_, _, base)| base as u32);
     if norm == 2 {
         let grid = Grid::Groups(rows as u32, 1, 1);
         return match cache {
-            Some((k, v)) => ctx.dispatch(
+            Some((k, v, _)) => ctx.dispatch(
                 &QK_NORM_ROPE_WHOLE_STORE,
                 0,
                 &p,
@@ -189,15 +212,10 @@ pub fn record_qk_norm_rope(
             ),
         };
     }
-    if c.head_dim > MAX_HEAD_DIM {
-        return Err(GpuError::Unsupported(format!(
-            "head_dim {} (the q/k norm + RoPE kernel holds at most {MAX_HEAD_DIM})",
-            c.head_dim
-        )));
-    }
+    check_head(c)?;
     // One workgroup per (head, token): q and k heads, and the v heads when they are clipped or
     // stored.
-    if let Some((k, v)) = cache {
+    if let Some((k, v, _)) = cache {
         let heads = c.num_heads + 2 * c.num_kv_heads;
         return ctx.dispatch(
             &QK_NORM_ROPE_STORE,
@@ -217,6 +235,71 @@ pub fn record_qk_norm_rope(
         &[qkv, q_norm, k_norm, &rope],
         Grid::Groups(heads as u32, rows as u32, 1),
     )
+}
+
+/// The store kernels over the rows of several sequences of a batched pass whose caches share the
+/// layer buffers `k` / `v`: `row_tab` is each row's (position, cache row), `end` one past the
+/// largest position.
+#[allow(clippy::too_many_arguments)]
+pub fn record_qk_norm_rope_seqs(
+    ctx: &mut Ctx,
+    qkv: &GpuBuffer,
+    q_norm: &GpuBuffer,
+    k_norm: &GpuBuffer,
+    norm: u32,
+    c: &ModelConfig,
+    row_tab: &[[u32; 2]],
+    end: usize,
+    (k, v): (&GpuBuffer, &GpuBuffer),
+) -> Result<(), GpuError> {
+    let rows = row_tab.len();
+    let rope = table(ctx, c, end)?;
+    let p = params(c, rows, norm);
+    let input = bytemuck::cast_slice(row_tab);
+    let bufs = [qkv, q_norm, k_norm, &rope, k, v];
+    if norm == 2 {
+        let grid = Grid::Groups(rows as u32, 1, 1);
+        return ctx.dispatch(
+            &QK_NORM_ROPE_WHOLE_STORE_SEQS,
+            0,
+            &p,
+            Some(input),
+            &bufs,
+            grid,
+        );
+    }
+    check_head(c)?;
+    let heads = c.num_heads + 2 * c.num_kv_heads;
+    let grid = Grid::Groups(heads as u32, rows as u32, 1);
+    ctx.dispatch(&QK_NORM_ROPE_STORE_SEQS, 0, &p, Some(input), &bufs, grid)
+}
+
+fn check_head(c: &ModelConfig) -> Result<(), GpuError> {
+    if c.head_dim > MAX_HEAD_DIM {
+        return Err(GpuError::Unsupported(format!(
+            "head_dim {} (the q/k norm + RoPE kernel holds at most {MAX_HEAD_DIM})",
+            c.head_dim
+        )));
+    }
+    Ok(())
+}
+
+/// The params of `rows` rows at position 0 of cache row 0.
+fn params(c: &ModelConfig, rows: usize, norm: u32) -> RopeParams {
+    RopeParams {
+        t: rows as u32,
+        nq: c.num_heads as u32,
+        nkv: c.num_kv_heads as u32,
+        hd: c.head_dim as u32,
+        rot_half: (c.rotary_dim / 2) as u32,
+        norm,
+        start: 0,
+        clip_on: c.clip_qkv.is_some() as u32,
+        clip: c.clip_qkv.unwrap_or(0.0),
+        eps: c.rms_norm_eps as f32,
+        base: 0,
+        _pad: 0,
+    }
 }
 
 /// [`Backend::qk_norm_rope`] on the GPU.
