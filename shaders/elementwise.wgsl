@@ -2,7 +2,9 @@
 // add (a += b), swiglu (a[t, c] = silu(b[t, c]) · b[t, I + c] for b = [T, 2I] gate rows first) and
 // fill (a u32 pattern: NaN poisoning of outputs in tests) and copy16 (dst = src, 16 bytes per
 // invocation: the compute-shader yardstick of the device's copy bandwidth, next to
-// copy_buffer_to_buffer, which some drivers run on a slower copy engine).
+// copy_buffer_to_buffer, which some drivers run on a slower copy engine) and gather_rows
+// (a[i, c] = b[src_rows[i], c]: rows of a batched pass picked for its LM head, inside the compute
+// pass where buffer copies would end it).
 
 #include "grid"
 
@@ -19,6 +21,7 @@ struct EwParams {
 @group(0) @binding(3) var<storage, read_write> words: array<u32>;
 @group(0) @binding(4) var<storage, read> src16: array<vec4<u32>>;
 @group(0) @binding(5) var<storage, read_write> dst16: array<vec4<u32>>;
+@group(0) @binding(6) var<storage, read> src_rows: array<u32>;
 
 @compute @workgroup_size(64)
 fn add(
@@ -69,5 +72,18 @@ fn copy16(
     let i = flat_index(lid, wid, nwg);
     if (i < p.n) {
         dst16[i] = src16[i];
+    }
+}
+
+// p.n: values of a, p.cols: values a row.
+@compute @workgroup_size(64)
+fn gather_rows(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let i = flat_index(lid, wid, nwg);
+    if (i < p.n) {
+        a[i] = b[src_rows[i / p.cols] * p.cols + i % p.cols];
     }
 }

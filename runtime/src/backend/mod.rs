@@ -363,6 +363,19 @@ pub struct SeqAttention<'a, K> {
     pub mask: AttnMask,
 }
 
+/// [`Backend::gather_rows`] as row copies stacked.
+pub fn gather_rows_by_copies<B: Backend + ?Sized>(
+    b: &B,
+    x: &B::Act,
+    ranges: &[std::ops::Range<usize>],
+) -> Result<B::Act> {
+    let parts = ranges
+        .iter()
+        .map(|r| b.rows_of(x, r.clone()))
+        .collect::<Result<Vec<_>>>()?;
+    b.stack_rows(&parts.iter().collect::<Vec<_>>())
+}
+
 /// [`Backend::rope_attention_seqs`] one sequence at a time: its rows copied out, attended, and
 /// stacked back.
 pub fn rope_attention_each<B: Backend + ?Sized>(
@@ -456,6 +469,11 @@ pub trait Backend {
     fn rows_of(&self, x: &Self::Act, rows: std::ops::Range<usize>) -> Result<Self::Act>;
     /// The rows of `parts`, one after another (the sequences of a batched pass, back together).
     fn stack_rows(&self, parts: &[&Self::Act]) -> Result<Self::Act>;
+    /// Rows `ranges` of `x`, one range after another (the rows a batched pass's sequences want
+    /// from its LM head).
+    fn gather_rows(&self, x: &Self::Act, ranges: &[std::ops::Range<usize>]) -> Result<Self::Act> {
+        gather_rows_by_copies(self, x, ranges)
+    }
 
     /// Rows of the embedding table.
     fn embed(&self, table: &Self::Weight, tokens: &[u32]) -> Result<Self::Act>;

@@ -728,13 +728,13 @@ impl<B: Backend> Model<B> {
         let (stats, logits) = if n == 0 {
             (Vec::new(), Some(Vec::new()))
         } else {
-            let picked = rows
+            let picked: Vec<Range<usize>> = rows
                 .iter()
                 .enumerate()
                 .filter(|(_, r)| !r.is_empty())
-                .map(|(i, r)| b.rows_of(&h, offsets[i] + r.start..offsets[i] + r.end))
-                .collect::<Result<Vec<_>, _>>()?;
-            let gathered = b.stack_rows(&picked.iter().collect::<Vec<_>>())?;
+                .map(|(i, r)| offsets[i] + r.start..offsets[i] + r.end)
+                .collect();
+            let gathered = b.gather_rows(&h, &picked)?;
             let stats = b.lm_head_stats(&gathered, head, 0..n)?;
             let logits = if seqs.iter().any(|s| s.want.logits) {
                 Some(b.logits(&gathered, head, 0..n)?)

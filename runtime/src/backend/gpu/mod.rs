@@ -904,6 +904,10 @@ impl Backend for GpuBackend {
         })
     }
 
+    fn gather_rows(&self, x: &GpuAct, ranges: &[Range<usize>]) -> Result<GpuAct> {
+        ops::elementwise::gather_rows(self, x, ranges)
+    }
+
     fn embed(&self, table: &GpuWeight, tokens: &[u32]) -> Result<GpuAct> {
         ops::embed::embed(self, table, tokens)
     }

@@ -1096,6 +1096,24 @@ test_backends!(lm_head_statistics_match_the_full_logits, TOL, |b| {
     out
 });
 
+// Rows picked for a batched pass's LM head: ranges in any order, empty ones, awkward widths.
+test_backends!(gather_rows_picks_the_rows_of_each_range, 0.0, |b| {
+    let mut rng = Rng(41);
+    let mut out = Vec::new();
+    for (rows, cols) in [(9, 7), (33, 64), (5, 130)] {
+        let x = b.put(rows, cols, &rng.vec(rows * cols, 1.0));
+        let ranges = [2..5, 0..0, 7.min(rows)..rows, 0..1, 1..4];
+        let g = b.gather_rows(&x, &ranges).unwrap();
+        out.push((format!("{rows}x{cols}"), b.get(&g)));
+    }
+    let x = b.put(3, 4, &rng.vec(12, 1.0));
+    assert!(
+        b.gather_rows(&x, &[0..1, 1..4]).is_err(),
+        "rows past the end"
+    );
+    out
+});
+
 #[test]
 fn bad_inputs_are_errors_not_panics() {
     for (label, g) in backends(None) {

@@ -1,5 +1,5 @@
 //! Elementwise kernels (shaders/elementwise.wgsl): residual add, SwiGLU of a fused gate/up row,
-//! and the fill used to poison outputs in tests.
+//! the fill used to poison outputs in tests, and the row gather of a batched pass's LM head.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -30,6 +30,12 @@ pub static SWIGLU: Entry = Entry {
     file: "elementwise.wgsl",
     name: "swiglu",
     bindings: &[(0, Params), (1, ReadWrite), (2, Read)],
+    params: "EwParams",
+};
+pub static GATHER_ROWS: Entry = Entry {
+    file: "elementwise.wgsl",
+    name: "gather_rows",
+    bindings: &[(0, Params), (1, ReadWrite), (2, Read), (6, Input)],
     params: "EwParams",
 };
 pub static FILL: Entry = Entry {
@@ -96,4 +102,46 @@ pub(in crate::backend::gpu) fn add(
 ) -> backend::Result<()> {
     shapes::same_shape("add", (x.rows, x.cols), (delta.rows, delta.cols))?;
     b.with(|ctx| Ok(record_add(ctx, &x.buf, &delta.buf, x.rows * x.cols)?))
+}
+
+/// [`Backend::gather_rows`] on the GPU: one dispatch (buffer copies would end the compute pass),
+/// or the copies where the row table exceeds one op's host data.
+pub(in crate::backend::gpu) fn gather_rows(
+    b: &GpuBackend,
+    x: &GpuAct,
+    ranges: &[std::ops::Range<usize>],
+) -> backend::Result<GpuAct> {
+    for r in ranges {
+        shapes::rows_within("gather_rows", r, x.rows)?;
+    }
+    let src: Vec<u32> = ranges
+        .iter()
+        .flat_map(|r| r.clone())
+        .map(|i| i as u32)
+        .collect();
+    let table = std::mem::size_of_val(src.as_slice()) as u64;
+    if table > super::super::kernels::INPUT_BINDING / 2 {
+        return backend::gather_rows_by_copies(b, x, ranges);
+    }
+    let n = src.len() * x.cols;
+    b.with(|ctx| {
+        let out = GpuBackend::out_act(ctx, src.len(), x.cols)?;
+        if n > 0 {
+            let p = EwParams {
+                n: n as u32,
+                cols: x.cols as u32,
+                pattern: 0,
+                _pad: 0,
+            };
+            ctx.dispatch(
+                &GATHER_ROWS,
+                0,
+                &p,
+                Some(bytemuck::cast_slice(&src)),
+                &[&out.buf, &x.buf],
+                Grid::Linear((n as u64).div_ceil(64)),
+            )?;
+        }
+        Ok(out)
+    })
 }

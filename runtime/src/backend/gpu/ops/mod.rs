@@ -48,6 +48,10 @@ pub fn all_entries() -> Vec<(&'static Entry, usize)> {
         (&elementwise::SWIGLU, size_of::<elementwise::EwParams>()),
         (&elementwise::FILL, size_of::<elementwise::EwParams>()),
         (&elementwise::COPY16, size_of::<elementwise::EwParams>()),
+        (
+            &elementwise::GATHER_ROWS,
+            size_of::<elementwise::EwParams>(),
+        ),
         (&embed::EMBED, size_of::<embed::EmbedParams>()),
         (&matmul::GEMV, size_of::<matmul::MatmulParams>()),
         (&matmul::GEMV_SWIGLU, size_of::<matmul::MatmulParams>()),
