@@ -12,7 +12,9 @@
 # reports the mean batched pass of its point (sequences / rows a pass, from /metrics). BASELINE=1
 # adds, on the LLaDA2.0-mini shape and from the same binary, side by side: the unbatched baseline
 # (--pass-sequences 1: one sequence a pass, AR and block) and the block decoder with block passes
-# kept apart as before exact block batching (EDGEDIFF_BATCH_BLOCKS=0: only AR-sized passes batch).
+# kept apart as before exact block batching (EDGEDIFF_BATCH_BLOCKS=0: only AR-sized passes batch),
+# and both decoders with every cache in buffers of its own (EDGEDIFF_KV_ARENA=0: attention one
+# sequence at a time, as before the KV arena).
 # Results: $OUT/serve-bench.md (table), $OUT/<model>-<decoder>-<streams>.json, serve-*.log,
 # log.txt; on the GPU first $OUT/bench-batch.md (`bench batch` on the LLaDA2.0-mini shape: S
 # sequences' 1/16/32-token passes one after another vs one batched pass, exact or the run fails;
@@ -143,6 +145,7 @@ bench_model llada2-mini "$SYN"
 if [[ "${BASELINE:-0}" == 1 ]]; then
   bench_model llada2-mini-unbatched "$SYN" "ar block" --pass-sequences 1
   SERVE_ENV=EDGEDIFF_BATCH_BLOCKS=0 bench_model llada2-mini-blocks-apart "$SYN" block
+  SERVE_ENV=EDGEDIFF_KV_ARENA=0 bench_model llada2-mini-own-caches "$SYN"
 fi
 
 log "done in $(($(date +%s) - START))s, $FAILED failed point(s)"

@@ -107,7 +107,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     );
     // The running sequences' caches as ranges of one arena, so a batched pass attends for all of
     // them in one dispatch: as much as --max-batch such requests take, at most the budget.
-    let arena_bytes = kv_budget.min(per_request.saturating_mul(a.max_batch as u64));
+    // EDGEDIFF_KV_ARENA=0: caches of their own (the behaviour before, for side-by-side runs).
+    let arena_off = std::env::var("EDGEDIFF_KV_ARENA").is_ok_and(|v| v == "0");
+    let arena_bytes = if arena_off {
+        0
+    } else {
+        kv_budget.min(per_request.saturating_mul(a.max_batch as u64))
+    };
     let arena = engine
         .reserve_kv(arena_bytes)
         .context("reserving the KV arena")?;
