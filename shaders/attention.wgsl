@@ -25,7 +25,8 @@
 //   pass whose caches share the layer buffers (the server's KV arena), one dispatch each for all of
 //   them. The host's table `seq_tab` gives each sequence its rows, positions, mask, cache base, its
 //   own splits and chunk (chosen as for its pass alone) and its first workgroup and split item; a
-//   workgroup finds its sequence by a scan of the table (≤ 64 entries) and works the same 8 slots
+//   workgroup finds its sequence by a scan of the table (≤ 64 entries; a larger batch takes a
+//   dispatch per 64 sequences) and works the same 8 slots
 //   it works in that sequence's pass alone, so every output is bit for bit the pass alone's.
 // A cache may be one range of such a shared buffer: its rows start at cache row `base`.
 // The host picks the splits so that short query blocks against a long cache still fill the GPU.
@@ -516,8 +517,9 @@ fn attend_merge_seqs(
         }
     }
     let s = seq_tab[k];
-    // A sequence of one split wrote its output in attend_gqa_seqs.
-    if (s.splits == 1u) {
+    // Rows of other sequences (a batch of more than 64 takes a dispatch per 64), or of a sequence
+    // of one split, which wrote its output in attend_gqa_seqs.
+    if (row < s.row0 || row >= s.row0 + s.t || s.splits == 1u) {
         return;
     }
     let local = i / hv - s.row0 * p.nq;

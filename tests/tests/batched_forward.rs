@@ -266,6 +266,27 @@ fn one_attention_dispatch_serves_sequences_of_any_split() {
     }
 }
 
+/// More sequences than one batched attention dispatch serves (64): the batch attends in chunks,
+/// each sequence still as alone.
+#[test]
+fn a_batch_of_more_than_64_sequences_attends_in_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_synth(dir.path(), Architecture::Llama, DType::F32);
+    let Some((name, gpu)) = backends(None).into_iter().next() else {
+        return;
+    };
+    let m = load(&gpu, &path);
+    let mut rng = Rng::new(43);
+    let seqs: Vec<Seq> = (0..70)
+        .map(|_| {
+            let len = 1 + below(&mut rng, 2);
+            seq_of(&mut rng, m.config.vocab_size, len)
+        })
+        .collect();
+    gpu.reserve_kv(&m.config, 2 * 70 * 64).unwrap();
+    batch_equals_alone(&format!("{name} 70 sequences"), &gpu, &m, &seqs);
+}
+
 /// Rows of the passes of the block test: AR (1, 2), awkward block sizes, 16 and 32 (and a block
 /// with its finished predecessor fused in: 2 × 16).
 const BLOCK_ROWS: [usize; 9] = [1, 2, 5, 7, 13, 16, 17, 24, 32];

@@ -410,13 +410,14 @@ pub(in crate::backend::gpu) fn rope_attention(
     })
 }
 
-/// Most sequences one batched attention dispatch serves (its workgroups scan their table).
+/// Most sequences one batched attention dispatch serves (its workgroups scan their table); a
+/// larger batch takes one dispatch (and merge) per this many.
 pub const MAX_SEQS: usize = 64;
 
 /// [`Backend::rope_attention_seqs`] on the GPU: one RoPE/K/V-store dispatch, one attention
-/// dispatch and (where a sequence splits its keys) one merge for every sequence of the batch,
-/// when their caches are ranges of one arena and the GQA kernel applies; otherwise one sequence at
-/// a time ([`backend::rope_attention_each`]).
+/// dispatch and (where a sequence splits its keys) one merge for every [`MAX_SEQS`] sequences of
+/// the batch, when their caches are ranges of one arena and the GQA kernel applies; otherwise one
+/// sequence at a time ([`backend::rope_attention_each`]).
 pub(in crate::backend::gpu) fn rope_attention_seqs(
     b: &GpuBackend,
     qkv: &mut GpuAct,
@@ -437,7 +438,9 @@ pub(in crate::backend::gpu) fn rope_attention_seqs(
         end = s.rows.end;
         next
     }) && end == qkv.rows;
-    if !(shared && in_order && seqs.len() <= MAX_SEQS && use_gqa(&b.sh.dev, c)) {
+    // The RoPE kernel's row table is host data of one op.
+    let table_fits = (qkv.rows * 8) as u64 <= super::super::kernels::INPUT_BINDING;
+    if !(shared && in_order && table_fits && use_gqa(&b.sh.dev, c)) {
         return backend::rope_attention_each(b, qkv, q_norm, k_norm, seqs, layer, c);
     }
     shapes::qkv("rope_attention", qkv.cols, c)?;
@@ -494,16 +497,10 @@ pub(in crate::backend::gpu) fn rope_attention_seqs(
             (k, v),
         )?;
         let out = GpuBackend::out_act(ctx, t, c.q_dim())?;
-        record_attention_seqs(
-            ctx,
-            &qkv.buf,
-            t,
-            (k, v),
-            &out.buf,
-            c,
-            &parts,
-            c.window_of(layer),
-        )?;
+        for chunk in parts.chunks(MAX_SEQS) {
+            let window = c.window_of(layer);
+            record_attention_seqs(ctx, &qkv.buf, t, (k, v), &out.buf, c, chunk, window)?;
+        }
         Ok(out)
     })
 }
