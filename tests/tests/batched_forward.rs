@@ -528,12 +528,22 @@ fn decoding_many_requests_together_on_the_gpu_gives_each_the_tokens_it_gets_alon
         // AR streams (in-place: two-row passes) and block-diffusion streams of 7, 13 and 16
         // rows (each block's first step fuses the finished block in: twice the rows), greedy and
         // seeded; the block passes batch by class (ops/batch_class.rs).
-        let requests: Vec<GenerationRequest> = (0..10)
+        // Then a dual-cache bidirectional and a reuse-last-KV block stream (their passes read
+        // K/V rows written by earlier passes of the same block).
+        let requests: Vec<GenerationRequest> = (0..12)
             .map(|i| {
                 let mut r = request_for(&engine.request(Prompt::Tokens(vec![1])), i, &mut rng);
                 r.decoding.block_experts = None;
                 r.decoding.decoder = match i {
                     0..4 => DecoderKind::Ar,
+                    10 => DecoderKind::Bidirectional(BidirectionalOptions {
+                        block_size: 8,
+                        cache: BidirectionalCache::Dual,
+                    }),
+                    11 => DecoderKind::Block(BlockOptions {
+                        block_size: 5,
+                        reuse_last_kv: true,
+                    }),
                     _ => DecoderKind::Block(BlockOptions {
                         block_size: [7, 13, 16][i % 3],
                         reuse_last_kv: false,
@@ -562,9 +572,21 @@ fn decoding_many_requests_together_on_the_gpu_gives_each_the_tokens_it_gets_alon
             wait: std::time::Duration::from_millis(50),
             ..BatchLimits::default()
         });
-        let together = engine.generate_many(&requests, &|_, _| {});
-        for (i, (t, a)) in together.iter().zip(&alone).enumerate() {
-            assert_eq!(t.as_ref().unwrap().tokens, a.tokens, "{name}: request {i}");
+        // Alone: caches of their own (fresh buffers). Together: twice over one KV arena (the
+        // server's way), the second time in ranges the first left dirty.
+        let per_request = edgediff::serve::kv_bytes(engine.config(), 64);
+        assert!(
+            engine
+                .reserve_kv(per_request * requests.len() as u64)
+                .unwrap()
+                > 0
+        );
+        for round in 0..2 {
+            let together = engine.generate_many(&requests, &|_, _| {});
+            for (i, (t, a)) in together.iter().zip(&alone).enumerate() {
+                let t = &t.as_ref().unwrap().tokens;
+                assert_eq!(t, &a.tokens, "{name}: request {i}, round {round}");
+            }
         }
         let (shared, blocks) = (
             shared.load(Ordering::Relaxed),
