@@ -846,6 +846,9 @@ impl Backend for GpuBackend {
         let row = (config.kv_dim() as u64 * 4).max(1);
         let positions = positions.min((self.sh.dev.max_binding / row) as usize);
         let (k, v) = self.kv_layers(config, positions)?;
+        // A device out of memory says so here (the server then fails at start, naming it), not at
+        // the first request's pass.
+        self.sh.dev.wait()?;
         *slot = Some(Arc::new(KvArena::new(config, positions, k, v)));
         Ok(positions)
     }
