@@ -511,8 +511,7 @@ impl<B: Backend> Engine<B> {
     /// the positions set aside: 0 where the backend or the model gains nothing from it.
     pub fn reserve_kv(&self, bytes: u64) -> Result<usize, EngineError> {
         let c = self.config();
-        let per_position = (2 * c.kv_dim() * 4 * c.num_layers).max(1) as u64;
-        let positions = usize::try_from(bytes / per_position).unwrap_or(usize::MAX);
+        let positions = usize::try_from(bytes / c.kv_bytes(1).max(1)).unwrap_or(usize::MAX);
         let reserved = self.backend.reserve_kv(c, positions);
         Ok(reserved.map_err(ModelError::from)?)
     }

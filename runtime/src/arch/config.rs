@@ -405,6 +405,18 @@ impl ModelConfig {
     pub fn kv_dim(&self) -> usize {
         self.num_kv_heads * self.head_dim
     }
+    /// Bytes of the KV cache a backend allocates for `capacity` positions: f32 K and V for every
+    /// layer and position (plus ZAYA1's per-position CCA state).
+    pub fn kv_bytes(&self, capacity: usize) -> u64 {
+        let per_position = match self.attention {
+            AttentionKind::Standard => 2 * self.kv_dim(),
+            AttentionKind::Cca => 2 * self.kv_dim() + self.cca_conv_dim() + self.kv_dim() / 2,
+        };
+        (capacity as u64)
+            .saturating_mul(per_position as u64)
+            .saturating_mul(self.num_layers as u64)
+            .saturating_mul(4)
+    }
     pub fn qkv_dim(&self) -> usize {
         self.q_dim() + 2 * self.kv_dim()
     }

@@ -33,7 +33,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::metrics::{Gauges, Metrics};
-use crate::arch::AttentionKind;
 use crate::decode::{CancelToken, FinishReason};
 use crate::engine::{EngineError, Event, GenerationOutput, GenerationRequest, LoadedEngine};
 use crate::model::ModelConfig;
@@ -52,14 +51,7 @@ pub struct Limits {
 /// Bytes of the KV cache [`crate::model::Model::new_kv`] allocates for `capacity` positions:
 /// f32 K and V for every layer and position (plus ZAYA1's per-position CCA state).
 pub fn kv_bytes(config: &ModelConfig, capacity: usize) -> u64 {
-    let per_position = match config.attention {
-        AttentionKind::Standard => 2 * config.kv_dim(),
-        AttentionKind::Cca => 2 * config.kv_dim() + config.cca_conv_dim() + config.kv_dim() / 2,
-    };
-    (capacity as u64)
-        .saturating_mul(per_position as u64)
-        .saturating_mul(config.num_layers as u64)
-        .saturating_mul(4)
+    config.kv_bytes(capacity)
 }
 
 /// Why a request was not taken.

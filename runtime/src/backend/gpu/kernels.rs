@@ -81,6 +81,8 @@ pub struct Pipeline {
 
 /// Bytes bound for a [`Slot::Input`] binding; the arena keeps this much slack past its end.
 pub const INPUT_BINDING: u64 = 64 << 10;
+/// The most host data one op may carry: its params and their alignment share the binding's room.
+pub const INPUT_MAX: u64 = INPUT_BINDING - 1024;
 
 /// (kernel file, entry point, weight type).
 type PipelineKey = (&'static str, &'static str, u32);

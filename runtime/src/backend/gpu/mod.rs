@@ -800,7 +800,6 @@ impl Backend for GpuBackend {
             .filter(|a| a.fits(config));
         if let Some(lease) = arena.and_then(|a| a.take(capacity)) {
             let a = lease.arena.clone();
-            let bytes = 2 * (capacity * config.kv_dim() * 4 * config.num_layers) as u64;
             return Ok(GpuKv {
                 capacity,
                 base: lease.range.start,
@@ -808,7 +807,7 @@ impl Backend for GpuBackend {
                 v: a.v.clone(),
                 cca: None,
                 lease: Some(lease),
-                _bytes: crate::backend::kv_meter::KvAllocation::new(bytes),
+                _bytes: crate::backend::kv_meter::KvAllocation::new(config.kv_bytes(capacity)),
             });
         }
         let (k, v) = self.kv_layers(config, capacity)?;

@@ -432,14 +432,14 @@ pub(in crate::backend::gpu) fn rope_attention_seqs(
         seqs.iter()
             .all(|s| s.kv.arena().is_some_and(|x| std::sync::Arc::ptr_eq(a, x)))
     });
-    let mut end = 0;
+    let mut next_row = 0;
     let in_order = seqs.iter().all(|s| {
-        let next = s.rows.start == end && s.rows.end > s.rows.start;
-        end = s.rows.end;
+        let next = s.rows.start == next_row && s.rows.end > s.rows.start;
+        next_row = s.rows.end;
         next
-    }) && end == qkv.rows;
+    }) && next_row == qkv.rows;
     // The RoPE kernel's row table is host data of one op.
-    let table_fits = (qkv.rows * 8) as u64 <= super::super::kernels::INPUT_BINDING;
+    let table_fits = (qkv.rows * 8) as u64 <= super::super::kernels::INPUT_MAX;
     if !(shared && in_order && table_fits && use_gqa(&b.sh.dev, c)) {
         return backend::rope_attention_each(b, qkv, q_norm, k_norm, seqs, layer, c);
     }
@@ -470,19 +470,7 @@ pub(in crate::backend::gpu) fn rope_attention_seqs(
         .map(|s| s.start + s.rows.len())
         .max()
         .unwrap_or(0);
-    let parts: Vec<(usize, usize, usize, usize, AttnMask, usize)> = seqs
-        .iter()
-        .map(|s| {
-            (
-                s.rows.start,
-                s.rows.len(),
-                s.start,
-                s.kv_len,
-                s.mask,
-                s.kv.base,
-            )
-        })
-        .collect();
+    let seqs = &*seqs;
     let t = qkv.rows;
     b.with(|ctx| {
         super::rope::record_qk_norm_rope_seqs(
@@ -497,7 +485,7 @@ pub(in crate::backend::gpu) fn rope_attention_seqs(
             (k, v),
         )?;
         let out = GpuBackend::out_act(ctx, t, c.q_dim())?;
-        for chunk in parts.chunks(MAX_SEQS) {
+        for chunk in seqs.chunks(MAX_SEQS) {
             let window = c.window_of(layer);
             record_attention_seqs(ctx, &qkv.buf, t, (k, v), &out.buf, c, chunk, window)?;
         }
@@ -505,8 +493,8 @@ pub(in crate::backend::gpu) fn rope_attention_seqs(
     })
 }
 
-/// attend_gqa_seqs (+ attend_merge_seqs) over `parts` — (first row, rows, start, kv_len, mask,
-/// cache base) of each sequence, rows in order — each with the splits its pass alone would take.
+/// attend_gqa_seqs (+ attend_merge_seqs) over `seqs` (rows in order, caches in `k_cache` /
+/// `v_cache`), each with the splits its pass alone would take.
 #[allow(clippy::too_many_arguments)]
 fn record_attention_seqs(
     ctx: &mut Ctx,
@@ -515,22 +503,23 @@ fn record_attention_seqs(
     (k_cache, v_cache): (&GpuBuffer, &GpuBuffer),
     out: &GpuBuffer,
     c: &ModelConfig,
-    parts: &[(usize, usize, usize, usize, AttnMask, usize)],
+    seqs: &[backend::SeqAttention<'_, GpuKv>],
     window: Option<usize>,
 ) -> Result<(), GpuError> {
-    let mut table = Vec::with_capacity(parts.len());
+    let mut table = Vec::with_capacity(seqs.len());
     let (mut wg, mut items) = (0usize, 0usize);
-    for &(row0, t, start, kv_len, mask, base) in parts {
-        let (splits, chunk) = gqa_splits(ctx.sh.dev.kernels.attn_groups, c.num_heads * t, kv_len);
-        let (mask, mask_arg) = mask_code(mask);
+    for s in seqs {
+        let t = s.rows.len();
+        let (splits, chunk) = gqa_splits(ctx.sh.dev.kernels.attn_groups, c.num_heads * t, s.kv_len);
+        let (mask, mask_arg) = mask_code(s.mask);
         table.push(SeqAttn {
-            row0: row0 as u32,
+            row0: s.rows.start as u32,
             t: t as u32,
-            start: start as u32,
-            kv_len: kv_len as u32,
+            start: s.start as u32,
+            kv_len: s.kv_len as u32,
             mask,
             mask_arg,
-            base: base as u32,
+            base: s.kv.base as u32,
             splits: splits as u32,
             chunk: chunk as u32,
             wg0: wg as u32,

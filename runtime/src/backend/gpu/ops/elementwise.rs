@@ -120,7 +120,7 @@ pub(in crate::backend::gpu) fn gather_rows(
         .map(|i| i as u32)
         .collect();
     let table = std::mem::size_of_val(src.as_slice()) as u64;
-    if table > super::super::kernels::INPUT_BINDING / 2 {
+    if table > super::super::kernels::INPUT_MAX {
         return backend::gather_rows_by_copies(b, x, ranges);
     }
     let n = src.len() * x.cols;
