@@ -972,8 +972,22 @@ test_backends!(moe_layer_matches_for_every_weight_type, TOL, |b| {
 /// of two (moe_combine(_add), add_rms_norm), and bit for bit the same residual and output.
 #[test]
 fn moe_residual_norm_folds_into_the_combine() {
-    for arch in [Architecture::Qwen3Moe, Architecture::Llada2Moe] {
-        let (_dir, file) = synth_file(arch, DType::Q8);
+    // Hidden 608 and 1056: one and two of the kernel's 512-column rounds, each with a ragged tail
+    // (the tiny 64 runs the tail loop alone).
+    for (arch, hidden) in [
+        (Architecture::Qwen3Moe, 64),
+        (Architecture::Llada2Moe, 64),
+        (Architecture::Qwen3Moe, 1056),
+        (Architecture::Llada2Moe, 608),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = SynthSpec {
+            hidden,
+            ..SynthSpec::tiny(arch)
+        };
+        let path = dir.path().join("m.edm");
+        synth::write_edm(&synth::build(&spec).unwrap(), &path, DType::Q8, &|_, _| {}).unwrap();
+        let file = Arc::new(EdmFile::open(&path).unwrap());
         let c = file.header.metadata.config.clone();
         let l = c.num_layers - 1;
         let h = c.hidden_size;
@@ -988,7 +1002,13 @@ fn moe_residual_norm_folds_into_the_combine() {
             let bias = c.moe.router_bias.then(|| w("moe.router_bias"));
             let experts = b.load_experts(&file, l, &|_| true).unwrap();
             let mut rng = Rng(33);
-            for t in [1, 5, 70] {
+            // A test upload holds at most 64 KiB.
+            let ts: &[usize] = if hidden > 64 {
+                &[1, 3, 15]
+            } else {
+                &[1, 5, 70]
+            };
+            for &t in ts {
                 let x = b.put(t, h, &rng.vec(t * h, 1.0));
                 let r = b.route(&x, &w("moe.router"), bias.as_ref(), &c).unwrap();
                 let res0 = rng.vec(t * h, 1.0);
