@@ -399,7 +399,7 @@ fn cumulative(row: &[f32], at: usize) -> f32 {
 }
 
 /// The layer geometry of a synthetic diffusion_gemma config: `tiny`'s (heads of 12 and global
-/// heads of 24, window 4), one with heads of 40 / 80, and the 26B-A4B preset's first six layers
+/// heads of 24, window 4), one with heads of 40 / 80, one with rows of 30, and the 26B-A4B preset's first six layers
 /// (heads of 256 with full RoPE, a global layer of 512 with K = V and 64 of 256 pairs rotated).
 fn gemma_configs() -> Vec<edgediff::model::ModelConfig> {
     use edgediff::model::Architecture;
@@ -418,11 +418,19 @@ fn gemma_configs() -> Vec<edgediff::model::ModelConfig> {
         sliding_window: 5,
         ..tiny.clone()
     };
+    // Rows of 30 floats (3 KV heads of 10): with an odd capacity a layer's bytes are not whole
+    // 16-byte words, and the cache buffer is padded (the GPU machine's seven-layer reference).
+    let odd = SynthSpec {
+        head_dim: 10,
+        heads: 6,
+        kv_heads: 3,
+        ..tiny.clone()
+    };
     let big = SynthSpec {
         layers: 6,
         ..SynthSpec::diffusion_gemma_26b_a4b()
     };
-    [tiny, wide, big]
+    [tiny, wide, odd, big]
         .iter()
         .map(|s| edgediff::import::parse_config(&s.hf_config(&special)).unwrap())
         .collect()
@@ -437,8 +445,9 @@ fn attention_heads_match_the_cpu_for_every_layer_geometry() {
     let gpus = gpus();
     for (ci, c) in gemma_configs().iter().enumerate() {
         let cpu = CpuBackend;
-        let mut ckv = cpu.new_kv(c, 16).unwrap();
-        let mut gkvs: Vec<_> = gpus.iter().map(|(_, g)| g.new_kv(c, 16).unwrap()).collect();
+        // 13 positions: an odd capacity (the passes below need 12).
+        let mut ckv = cpu.new_kv(c, 13).unwrap();
+        let mut gkvs: Vec<_> = gpus.iter().map(|(_, g)| g.new_kv(c, 13).unwrap()).collect();
         for l in 0..c.num_layers {
             let geom = c.attn_of(l);
             let hd = geom.head_dim;

@@ -37,14 +37,20 @@ pub struct GpuBuffer {
 }
 
 impl GpuBuffer {
+    /// The size a buffer asked for `size` bytes gets: whole 16-byte words (at least one), so a
+    /// kernel may read any buffer as vec4<u32>s up to its end. Checks of a buffer's size compare
+    /// with this, not with the bytes asked for.
+    pub fn padded(size: u64) -> u64 {
+        size.max(16).div_ceil(16) * 16
+    }
+
     pub fn new(
         device: &wgpu::Device,
         size: u64,
         usage: wgpu::BufferUsages,
         label: &str,
     ) -> Arc<GpuBuffer> {
-        // Whole 16-byte words, so a kernel may read any buffer as vec4<u32>s up to its end.
-        let size = size.max(16).div_ceil(16) * 16;
+        let size = Self::padded(size);
         let raw = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size,

@@ -6,6 +6,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::super::kernels::{Entry, Slot::*};
+use super::super::pool::GpuBuffer;
 use super::super::recorder::Grid;
 use super::super::{not_a_vector, GpuAct, GpuBackend, GpuKv, GpuWeight};
 use crate::backend::shapes::{self, shape_err};
@@ -174,7 +175,9 @@ pub fn attention_heads(
             format!("qkv width {} vs {}", qkv.cols, qd + 2 * kd),
         ));
     }
-    let want = (kv.capacity as u64 * kd as u64 * 4).max(16);
+    // A layer of rows whose bytes are not whole 16-byte words (kd = 30, an odd capacity) is
+    // padded at allocation.
+    let want = GpuBuffer::padded(kv.capacity as u64 * kd as u64 * 4);
     let layer_ok = kv.k.get(p.layer).is_some_and(|k| k.size == want)
         && kv.v.get(p.layer).is_some_and(|v| v.size == want);
     if !layer_ok || g.kv_heads == 0 || !g.heads.is_multiple_of(g.kv_heads) {
