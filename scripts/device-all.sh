@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Several GPU-machine scripts in one call. Device time is scarce and every machine start costs a
 # minute or more, so one call runs STAGES in order (default "dgref pass steps serve"), each into
-# $OUT/<stage>/ with its own log; what finished before the call's limit comes back either way.
+# <stage>/ with its own log, all packed into $OUT/all.tgz; what finished before a TERM (the
+# caller's `timeout`) comes back either way.
 #   dgref  scripts/device-diffusion-gemma.sh with SYNTH=0 (transformers references on cuda; issue 18),
 #          in the background: it uses Python and CUDA, the others Vulkan and the disk
 #   pass   scripts/device-pass.sh (issue 13; TOKENS default 1,16,32, no knob rows;
@@ -16,32 +17,48 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-/tmp/edgediff-all}"
 STAGES="${STAGES:-dgref pass steps serve}"
-mkdir -p "$OUT"
+# The stages write to RES and the end packs it into $OUT/all.tgz: a device call returns only a
+# limited number of files (a run of 2026-12-05 lost its 90 result files that way). A TERM (the
+# caller's `timeout`) packs what is there.
+RES="${RES:-/tmp/edgediff-all-res}"
+rm -rf "$RES" && mkdir -p "$RES" "$OUT"
 source scripts/lib/device-vulkan.sh
 T0=$SECONDS
-note() { echo "[$((SECONDS - T0)) s] $*" | tee -a "$OUT/stages.txt"; }
-BG=
-for s in $STAGES; do
-  mkdir -p "$OUT/$s"
-  note "start $s"
-  case $s in
-    dgref)
-      SYNTH=0 OUT="$OUT/$s" bash scripts/device-diffusion-gemma.sh >"$OUT/$s/run.txt" 2>&1 &
-      BG=$!
-      continue
-      ;;
-    pass) TOKENS="${TOKENS:-1,16,32}" KNOBS="${KNOBS:- }" OUT="$OUT/$s" bash scripts/device-pass.sh ;;
-    steps) DECODE_ARGS="${DECODE_ARGS:---decoder block}" OUT="$OUT/$s" bash scripts/device-steps.sh ;;
+note() { echo "[$((SECONDS - T0)) s] $*" | tee -a "$RES/stages.txt"; }
+pack() {
+  find "$RES" -name '*.edm' -delete
+  tar -czf "$OUT/all.tgz" -C "$RES" . && echo "results packed: $OUT/all.tgz ($(du -h "$OUT/all.tgz" | cut -f1))"
+}
+trap 'note "terminated"; pack; trap - TERM; kill 0; exit 143' TERM
+stage() {
+  case $1 in
+    pass) TOKENS="${TOKENS:-1,16,32}" KNOBS="${KNOBS:- }" OUT="$RES/$1" bash scripts/device-pass.sh ;;
+    steps) DECODE_ARGS="${DECODE_ARGS:---decoder block}" OUT="$RES/$1" bash scripts/device-steps.sh ;;
     serve)
       STREAMS="${STREAMS:-1 16}" BASELINE="${BASELINE:-1}" SECONDS_PER_POINT="${SECONDS_PER_POINT:-5}" \
-        OUT="$OUT/$s" bash scripts/device-serve-bench.sh
+        OUT="$RES/$1" bash scripts/device-serve-bench.sh
       ;;
-    dgbench) OUT="$OUT/$s" bash scripts/device-diffusion-gemma-bench.sh ;;
-    *) note "unknown stage $s" ;;
-  esac >"$OUT/$s/run.txt" 2>&1
+    dgbench) OUT="$RES/$1" bash scripts/device-diffusion-gemma-bench.sh ;;
+    *) echo "unknown stage $1"; return 2 ;;
+  esac
+}
+BG=
+for s in $STAGES; do
+  mkdir -p "$RES/$s"
+  note "start $s"
+  if [[ $s == dgref ]]; then
+    SYNTH=0 OUT="$RES/$s" bash scripts/device-diffusion-gemma.sh >"$RES/$s/run.txt" 2>&1 &
+    BG=$!
+    continue
+  fi
+  # In the background and waited for, so a TERM runs the trap at once (bash defers traps until
+  # a foreground child ends).
+  stage "$s" >"$RES/$s/run.txt" 2>&1 &
+  wait $!
   note "end $s: exit $?"
 done
 if [[ -n "$BG" ]]; then
   wait "$BG"
   note "end dgref: exit $?"
 fi
+pack
