@@ -5,7 +5,8 @@
 //
 // Grid (direct): x = index into the layer's active-expert list (moe_dispatch, lib/moe_meta.wgsl;
 // workgroups past the active count, or whose expert lives in another pool buffer than the one
-// bound, return at once), y = a block of 4 weight rows. On the direct path (ep.direct: one token,
+// bound, return at once), y = ep.row_blocks blocks of 4 weight rows, worked in turn (1 by
+// default: one block a workgroup). On the direct path (ep.direct: one token,
 // every expert resident) there are no lists: x = assignment a, its expert route_meta[a] (the
 // router's ids), its scratch row a. A workgroup of 64 gives each weight row 16
 // invocations; an invocation walks its row one octet (8 values: one q4 word, two q8 words) at a
@@ -163,35 +164,40 @@ fn expert_gate_up_gemv(@builtin(local_invocation_index) lid: u32, @builtin(workg
     // Workgroup row j = lid / 16: gate (j < 2) or up row of column c0 + (j & 1).
     let j = lid / LANES;
     let lane = lid % LANES;
-    let c0 = wid.y * 2u;
-    let c = c0 + (j & 1u);
-    let row = select(NONE, select(ep.n + c, c, j < 2u), c < ep.n);
     let list = meta_list(ep.num_experts) + first;
-    for (var t0 = 0u; t0 < cnt; t0 += CHUNK) {
-        var xr = vec4<u32>(NONE);
-        for (var i = 0u; i < CHUNK; i++) {
-            if (t0 + i < cnt) {
-                if (is_shared) {
-                    xr[i] = t0 + i;
-                } else if (ep.direct != 0u) {
-                    xr[i] = (first + t0 + i) / ep.top_k;
-                } else {
-                    xr[i] = route_meta[list + t0 + i] / ep.top_k;
+    for (var rb = 0u; rb < ep.row_blocks; rb++) {
+        let c0 = (wid.y * ep.row_blocks + rb) * 2u;
+        if (c0 >= ep.n) {
+            break;
+        }
+        let c = c0 + (j & 1u);
+        let row = select(NONE, select(ep.n + c, c, j < 2u), c < ep.n);
+        for (var t0 = 0u; t0 < cnt; t0 += CHUNK) {
+            var xr = vec4<u32>(NONE);
+            for (var i = 0u; i < CHUNK; i++) {
+                if (t0 + i < cnt) {
+                    if (is_shared) {
+                        xr[i] = t0 + i;
+                    } else if (ep.direct != 0u) {
+                        xr[i] = (first + t0 + i) / ep.top_k;
+                    } else {
+                        xr[i] = route_meta[list + t0 + i] / ep.top_k;
+                    }
                 }
             }
-        }
-        row_partial(m, row, xr, lane, lid);
-        workgroupBarrier();
-        if (lid < 2u * CHUNK) {
-            let col = lid / CHUNK;
-            let i = lid % CHUNK;
-            let g = row_sum(col)[i];
-            let u = row_sum(2u + col)[i];
-            if (c0 + col < ep.n && t0 + i < cnt) {
-                out[(first + t0 + i) * ep.n + c0 + col] = gate_act(g) * u;
+            row_partial(m, row, xr, lane, lid);
+            workgroupBarrier();
+            if (lid < 2u * CHUNK) {
+                let col = lid / CHUNK;
+                let i = lid % CHUNK;
+                let g = row_sum(col)[i];
+                let u = row_sum(2u + col)[i];
+                if (c0 + col < ep.n && t0 + i < cnt) {
+                    out[(first + t0 + i) * ep.n + c0 + col] = gate_act(g) * u;
+                }
             }
+            workgroupBarrier();
         }
-        workgroupBarrier();
     }
 }
 
@@ -204,25 +210,30 @@ fn expert_down_gemv(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
     let first = ex_first;
     let m = WMat(ex_base, ex_scales, ep.k);
     let lane = lid % LANES;
-    let n0 = wid.y * 4u;
-    let n = n0 + lid / LANES;
-    let row = select(NONE, n, n < ep.n);
-    for (var t0 = 0u; t0 < cnt; t0 += CHUNK) {
-        var xr = vec4<u32>(NONE);
-        for (var i = 0u; i < CHUNK; i++) {
-            if (t0 + i < cnt) {
-                xr[i] = first + t0 + i;
-            }
+    for (var rb = 0u; rb < ep.row_blocks; rb++) {
+        let n0 = (wid.y * ep.row_blocks + rb) * 4u;
+        if (n0 >= ep.n) {
+            break;
         }
-        row_partial(m, row, xr, lane, lid);
-        workgroupBarrier();
-        if (lid < 4u * CHUNK) {
-            let r = lid / CHUNK;
-            let i = lid % CHUNK;
-            if (n0 + r < ep.n && t0 + i < cnt) {
-                out[(first + t0 + i) * ep.n + n0 + r] = row_sum(r)[i];
+        let n = n0 + lid / LANES;
+        let row = select(NONE, n, n < ep.n);
+        for (var t0 = 0u; t0 < cnt; t0 += CHUNK) {
+            var xr = vec4<u32>(NONE);
+            for (var i = 0u; i < CHUNK; i++) {
+                if (t0 + i < cnt) {
+                    xr[i] = first + t0 + i;
+                }
             }
+            row_partial(m, row, xr, lane, lid);
+            workgroupBarrier();
+            if (lid < 4u * CHUNK) {
+                let r = lid / CHUNK;
+                let i = lid % CHUNK;
+                if (n0 + r < ep.n && t0 + i < cnt) {
+                    out[(first + t0 + i) * ep.n + n0 + r] = row_sum(r)[i];
+                }
+            }
+            workgroupBarrier();
         }
-        workgroupBarrier();
     }
 }

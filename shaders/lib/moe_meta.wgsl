@@ -48,7 +48,9 @@ struct ExpertParams {
     // The GEMV kernels' direct path (one token over resident experts, ops/moe.rs): grid column a
     // is assignment a, and route_meta holds the router's ids [top_k] instead of the lists.
     direct: u32,
-    _pad0: u32,
+    // The GEMV kernels' weight-row blocks per workgroup (EDGEDIFF_MOE_GEMV_BLOCKS): a workgroup
+    // works blocks wid.y · row_blocks + 0.. in turn, paying the expert lookup once for them.
+    row_blocks: u32,
     _pad1: u32,
     _pad2: u32,
 }

@@ -10,6 +10,7 @@
 //! | `EDGEDIFF_GEMV_F32_MAX_T=<tokens>` | [`KernelChoice::gemv_f32_max_t`] |
 //! | `EDGEDIFF_FUSE_SWIGLU=0` | [`KernelChoice::fuse_swiglu`] |
 //! | `EDGEDIFF_MOE_KERNEL=gemv\|tiled` | [`KernelChoice::moe`] |
+//! | `EDGEDIFF_MOE_GEMV_BLOCKS=<n>` | [`KernelChoice::moe_gemv_blocks`] |
 //! | `EDGEDIFF_ATTN_KERNEL=heads\|gqa` | [`KernelChoice::attention`] |
 //! | `EDGEDIFF_ATTN_GROUPS=<n>` | [`KernelChoice::attn_groups`] |
 //! | `EDGEDIFF_STATS_CHUNK=<logits>` | [`KernelChoice::stats_chunk`] |
@@ -57,6 +58,10 @@ pub struct KernelChoice {
     pub fuse_swiglu: bool,
     /// The routed-expert kernel, forced (`None`: chosen by tokens per expert).
     pub moe: Option<ExpertKernel>,
+    /// Weight-row blocks (4 rows each) a GEMV expert workgroup works in turn: more amortise
+    /// its expert lookup (a chain of dependent loads before any weight moves), fewer spread
+    /// the rows over more workgroups. 1 until a GPU machine measures otherwise.
+    pub moe_gemv_blocks: usize,
     /// The attention kernel, forced where both apply (`None`: GQA where the head fits it).
     pub attention: Option<AttnKernel>,
     /// Workgroups the GQA attention kernel aims at.
@@ -79,6 +84,7 @@ impl Default for KernelChoice {
             gemv_f32_max_t: GEMV_F32_MAX_T,
             fuse_swiglu: true,
             moe: None,
+            moe_gemv_blocks: 1,
             attention: None,
             attn_groups: GQA_TARGET_GROUPS,
             stats_chunk: STATS_CHUNK,
@@ -110,6 +116,9 @@ impl KernelChoice {
                 Some("tiled") => Some(ExpertKernel::Tiled),
                 _ => None,
             },
+            moe_gemv_blocks: num("EDGEDIFF_MOE_GEMV_BLOCKS")
+                .filter(|&n| (1..=256).contains(&n))
+                .map_or(d.moe_gemv_blocks, |v| v as usize),
             attention: match var("EDGEDIFF_ATTN_KERNEL").as_deref().map(str::trim) {
                 Some("heads") => Some(AttnKernel::Heads),
                 Some("gqa") => Some(AttnKernel::Gqa),
@@ -160,6 +169,7 @@ mod tests {
             ("EDGEDIFF_GEMV_F32_MAX_T", "16"),
             ("EDGEDIFF_FUSE_SWIGLU", "0"),
             ("EDGEDIFF_MOE_KERNEL", "tiled"),
+            ("EDGEDIFF_MOE_GEMV_BLOCKS", "8"),
             ("EDGEDIFF_ATTN_KERNEL", "heads"),
             ("EDGEDIFF_ATTN_GROUPS", "64"),
             ("EDGEDIFF_STATS_CHUNK", "4096"),
@@ -174,6 +184,7 @@ mod tests {
                 gemv_f32_max_t: 16,
                 fuse_swiglu: false,
                 moe: Some(ExpertKernel::Tiled),
+                moe_gemv_blocks: 8,
                 attention: Some(AttnKernel::Heads),
                 attn_groups: 64,
                 stats_chunk: 4096,
@@ -185,6 +196,7 @@ mod tests {
             ("EDGEDIFF_COOP_MIN_T", "many"),
             ("EDGEDIFF_COOP_SPLIT_K", "1"),
             ("EDGEDIFF_MOE_KERNEL", "fast"),
+            ("EDGEDIFF_MOE_GEMV_BLOCKS", "0"),
             ("EDGEDIFF_ATTN_GROUPS", "0"),
             ("EDGEDIFF_STATS_CHUNK", "8"),
         ]);

@@ -1039,6 +1039,69 @@ fn moe_residual_norm_folds_into_the_combine() {
     }
 }
 
+/// `EDGEDIFF_MOE_GEMV_BLOCKS`: a GEMV expert workgroup working several weight-row blocks in turn
+/// writes what one workgroup a block writes, bit for bit — on the direct path (one token), the
+/// list path, with the shared expert's column, and with a ragged last workgroup (3 blocks a
+/// workgroup over 48 gate/up and 40 down blocks) or a single one (64).
+#[test]
+fn expert_gemv_row_blocks_per_workgroup_change_no_bit() {
+    use super::choice::{ExpertKernel, KernelChoice};
+    use super::GpuOptions;
+    for arch in [Architecture::Qwen3Moe, Architecture::Llada2Moe] {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = SynthSpec {
+            hidden: 160,
+            expert_ffn: 96,
+            ..SynthSpec::tiny(arch)
+        };
+        let path = dir.path().join("m.edm");
+        synth::write_edm(&synth::build(&spec).unwrap(), &path, DType::Q4, &|_, _| {}).unwrap();
+        let file = Arc::new(EdmFile::open(&path).unwrap());
+        let c = file.header.metadata.config.clone();
+        let (l, h) = (c.num_layers - 1, c.hidden_size);
+        let mut want: Option<Vec<Vec<f32>>> = None;
+        for blocks in [1, 3, 64] {
+            let opts = GpuOptions {
+                poison: true,
+                kernels: KernelChoice {
+                    moe: Some(ExpertKernel::Gemv),
+                    moe_gemv_blocks: blocks,
+                    ..KernelChoice::from_env()
+                },
+                ..GpuOptions::from_env()
+            };
+            let b = GpuBackend::new(&opts).unwrap();
+            let w = |n: &str| {
+                b.load_weight(file.tensor(&format!("layers.{l}.{n}")).unwrap())
+                    .unwrap()
+            };
+            let shared = (arch == Architecture::Llada2Moe)
+                .then(|| (w(names::SHARED_GATE_UP), w(names::SHARED_DOWN)));
+            let bias = c.moe.router_bias.then(|| w("moe.router_bias"));
+            let experts = b.load_experts(&file, l, &|_| true).unwrap();
+            let mut rng = Rng(71);
+            let mut got = Vec::new();
+            for t in [1, 6] {
+                let x = b.put(t, h, &rng.vec(t * h, 1.0));
+                let r = b.route(&x, &w("moe.router"), bias.as_ref(), &c).unwrap();
+                let y = match &shared {
+                    Some((gu, dn)) => b.moe_shared_mlp(&x, &r, &experts, gu, dn).unwrap(),
+                    None => b.moe(&x, &r, &experts).unwrap(),
+                };
+                got.push(b.get(&y));
+            }
+            assert!(
+                got.iter().flatten().all(|v| v.is_finite()),
+                "{arch} {blocks}"
+            );
+            match &want {
+                None => want = Some(got),
+                Some(w) => assert!(*w == got, "{arch}: {blocks} blocks a workgroup"),
+            }
+        }
+    }
+}
+
 /// The shared expert rides along the GEMV expert kernels: two dense dispatches (gemv_swiglu,
 /// gemv) fewer than computing it first, and the same sums (the backend-vs-CPU test above checks
 /// the values; this one that the fused path is the one taken).

@@ -58,7 +58,9 @@ pub struct ExpertParams {
     /// The GEMV kernels' direct path (ops/moe.rs `moe`): grid column a is assignment a, and the
     /// `route_meta` binding holds the router's ids instead of the dispatch lists.
     pub direct: u32,
-    pub _pad: [u32; 3],
+    /// The GEMV kernels' weight-row blocks per workgroup (≥ 1; the grid's y shrinks by it).
+    pub row_blocks: u32,
+    pub _pad: [u32; 2],
 }
 
 pub static GEMV: Entry = Entry {

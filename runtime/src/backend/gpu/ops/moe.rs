@@ -374,6 +374,7 @@ fn experts_with(
             "a shared expert outside the GEMV expert kernels".into(),
         ));
     }
+    let row_blocks = ctx.sh.dev.kernels.moe_gemv_blocks.max(1) as u32;
     let stages = [
         (
             &EXPERT_GATE_UP,
@@ -419,7 +420,8 @@ fn experts_with(
                 shared_scales: sw.map_or(0, |(_, sc)| sc),
                 tokens: s.params.t,
                 direct,
-                _pad: [0; 3],
+                row_blocks,
+                _pad: [0; 2],
             };
             match kernel {
                 ExpertKernel::Gemv => {
@@ -432,7 +434,7 @@ fn experts_with(
                         &p,
                         None,
                         &bufs,
-                        Grid::Groups(columns, blocks, 1),
+                        Grid::Groups(columns, blocks.div_ceil(row_blocks), 1),
                     )?
                 }
                 ExpertKernel::Tiled => {
