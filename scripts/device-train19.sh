@@ -20,11 +20,17 @@
 #        then parity and bench decode q4 while BUDGET (560 s from the start) lasts)
 #   bash scripts/device-train19.sh return-2   carry []   (the q4 file is ~78 MiB: a call returns 64 MiB)
 # Back here: bash training/smollm2/reassemble.sh models/smollm2-moe-q4.edm <dirs with the fetched files>
+# Training across sessions (a state lives only on the machine): train and oneshot resume from the state
+# there when one exists (RESUME=0: start from the upcycled plan). Before the session ends:
+#   bash scripts/device-train19.sh state-out 0   carry []   (then 1, 2, …: one ≤ 60 MB piece a call, 5 for 270 MB)
+# here: bash training/smollm2/state_carry.sh <dirs with the fetched pieces>   (-> training/carry/s0..s4)
+# next session, after staging the bundle (c0..c3):
+#   bash scripts/device-train19.sh state-in      carry ["training/carry/s0"]   (then s1..s4)
 # Env: OUT (results), DEADLINE (train: seconds from start to saved state, 520), TRAIN_ARGS (extra train_moe.py
 # flags), PY (python3), EDGEDIFF (binary; .bin/edgediff or target/release/edgediff), PIECE (bytes, 16000000).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PHASE=${1:?usage: device-train19.sh stage|train|export|return-2|oneshot}
+PHASE=${1:?usage: device-train19.sh stage|train|export|return-2|oneshot|state-out N|state-in}
 OUT=${OUT:-/tmp/edgediff-train19}
 PY=${PY:-python3}
 DEV=${DEV:-training/runs/smollm2-dev}   # gitignored: survives between calls while the machine is warm
@@ -77,9 +83,11 @@ train() { # deadline
   stage || return 1
   [[ -f "$BUNDLE/.done" ]] || { log "bundle incomplete: stage every chunk first"; return 1; }
   nvidia-smi --query-gpu=name,memory.total --format=csv >> "$LOG" 2>&1
-  log "train (deadline $1 s)"
+  local resume=()
+  if [[ -f "$STATE/student.pt" && "${RESUME:-1}" != 0 ]]; then resume=(--resume "$STATE"); fi
+  log "train (deadline $1 s${resume:+, resuming $STATE})"
   PYTHONPATH="$DEV/site" $PY training/smollm2/train_moe.py train --bundle "$BUNDLE" --out "$STATE" \
-    --deadline "$1" ${TRAIN_ARGS:-} 2>&1 | tee -a "$LOG" | grep -v '^{"step"' >&2
+    --deadline "$1" "${resume[@]}" ${TRAIN_ARGS:-} 2>&1 | tee -a "$LOG" | grep -v '^{"step"' >&2
   local r=${PIPESTATUS[0]}
   cp "$STATE/state.json" "$OUT/" 2>/dev/null
   log "train exit $r"
@@ -136,7 +144,45 @@ binary() {
   echo "$b"
 }
 
+# The trained state (student.pt in bf16 + state.json, ≈ 270 MB) out in pieces a call can return, one piece a
+# call (state-out N), and back in the next session as carried chunks (state-in), so training resumes across
+# sessions. STATE_PIECE: bytes a piece (60000000).
+state_out() { # piece index
+  [[ -f "$STATE/student.pt" ]] || { log "no trained state in $STATE"; return 1; }
+  if [[ ! -f "$DEV/state.sha256" || "$STATE/student.pt" -nt "$DEV/state.sha256" ]]; then
+    ( cd "$DEV" && rm -f state.piece.* && tar -cf - -C "$STATE" student.pt state.json \
+      | split -b "${STATE_PIECE:-60000000}" -d -a 2 - state.piece. && sha256sum state.piece.* > state.sha256 ) || return 1
+  fi
+  local p; p="$DEV/state.piece.$(printf %02d "$1")"
+  [[ -f "$p" ]] || { log "no piece $1 (pieces: $(ls "$DEV"/state.piece.* | wc -l))"; return 1; }
+  cp "$p" "$DEV/state.sha256" "$STATE/state.json" "$OUT/"
+  log "state piece $1 of $(ls "$DEV"/state.piece.* | wc -l) in \$OUT ($(stat -c %s "$p") bytes)"
+}
+
+state_in() {
+  mkdir -p "$DEV/statein"
+  for d in training/carry/s*/; do
+    [[ -f "$d/state.sha256" ]] || continue
+    cp "$d"/state.piece.* "$d/state.sha256" "$DEV/statein/" 2>/dev/null
+  done
+  [[ -f "$DEV/statein/state.sha256" ]] || { log "no training/carry/s*/state.sha256 carried"; return 1; }
+  local want have
+  want=$(wc -l < "$DEV/statein/state.sha256"); have=$(ls "$DEV"/statein/state.piece.* 2>/dev/null | wc -l)
+  log "state pieces here: $have of $want"
+  ((have == want)) || return 0
+  ( cd "$DEV/statein" && sha256sum -c --quiet state.sha256 ) >> "$LOG" 2>&1 \
+    || { log "state pieces: sha256 MISMATCH"; return 1; }
+  mkdir -p "$STATE" && cat "$DEV"/statein/state.piece.* | tar -xf - -C "$STATE" && rm -rf "$DEV/statein"
+  log "state restored: $(python3 -c "import json; m=json.load(open('$STATE/state.json')); print(m['steps'], 'steps,', round(m['tokens']/1e6, 1), 'M tokens')")"
+}
+
 case "$PHASE" in
+  state-out)
+    state_out "${2:-0}"; rc=$?
+    ;;
+  state-in)
+    state_in; rc=$?
+    ;;
   stage)
     stage; rc=$?
     ;;

@@ -142,6 +142,7 @@ def cmd_train(a):
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     student, teacher, mc = load_student_and_teacher(a.bundle, dev, a.layers)
+    prev = resume_into(student, a.resume, mc) if a.resume else None
     teacher = teacher.to(torch.bfloat16 if dev.type == "cuda" else torch.float32).eval().requires_grad_(False)
     log(f"device {dev}, student {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params, {mc}, "
         f"load {time.time() - t_start:.0f} s")
@@ -154,8 +155,10 @@ def cmd_train(a):
     opt = torch.optim.AdamW([{"params": rest, "lr": a.lr}, {"params": router, "lr": a.router_lr}],
                             betas=(0.9, 0.95), weight_decay=0.0, fused=dev.type == "cuda")
     base_lrs = [g["lr"] for g in opt.param_groups]
-    rng = np.random.default_rng(a.seed)
-    gen = torch.Generator().manual_seed(a.seed)
+    # A resumed run draws other batches than the runs before it (same recipe, next seed).
+    seed = a.seed + (len(prev.get("runs", [prev])) if prev else 0)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
     if a.emo_sizes == "auto":
         sizes = sorted({max(mc.top_k + 1, mc.experts // 8), max(mc.top_k + 1, mc.experts // 4)})
     else:
@@ -246,11 +249,34 @@ def cmd_train(a):
                                   or "query_key_value" in k or "dense.weight" in k or "word_embeddings" in k
                                   else torch.float32)
                 for k, v in student.state_dict().items()}, a.out / "student.pt")
-    meta = {"cfg": mc.to_json(), "steps": step, "train_seconds": round(time.time() - t0, 1), "tokens": tokens,
-            "args": {k: str(v) for k, v in vars(a).items()}, "valid_before": ev0, "valid_after": ev1,
-            "history": hist}
+    run = {"steps": step, "train_seconds": round(time.time() - t0, 1), "tokens": tokens, "seed": seed,
+           "args": {k: str(v) for k, v in vars(a).items()}, "valid_before": ev0, "valid_after": ev1,
+           "history": hist}
+    runs = (prev.get("runs") or [{k: prev[k] for k in run if k in prev}]) if prev else []
+    runs = runs + [run]
+    # Totals over every run of this state (a resumed state carries its earlier runs).
+    meta = {"cfg": mc.to_json(), "steps": sum(r["steps"] for r in runs),
+            "train_seconds": round(sum(r["train_seconds"] for r in runs), 1),
+            "tokens": sum(r["tokens"] for r in runs), "args": run["args"],
+            "valid_before": runs[0]["valid_before"], "valid_after": ev1, "history": hist, "runs": runs}
     (a.out / "state.json").write_text(json.dumps(meta, indent=1) + "\n")
-    log(f"saved {a.out} after {step} steps, {tokens / 1e6:.1f}M window tokens, {time.time() - t_start:.0f} s in all")
+    log(f"saved {a.out} after {step} steps, {tokens / 1e6:.1f}M window tokens, {time.time() - t_start:.0f} s in all"
+        f" ({meta['steps']} steps over {len(runs)} run(s))")
+
+
+def resume_into(student: M.Model, state: Path, mc: M.Cfg) -> dict:
+    """Loads a saved state (student.pt + state.json) into the freshly upcycled student: training goes on from
+    there. The optimizer starts afresh (its moments are not saved: 2x the weights, more than a device call
+    returns), behind the usual warm-up."""
+    meta = json.loads((state / "state.json").read_text())
+    if meta["cfg"] != mc.to_json():
+        raise SystemExit(f"--resume {state}: its model {meta['cfg']} is not this plan's {mc.to_json()}")
+    sd = torch.load(state / "student.pt", map_location="cpu")
+    missing, extra = student.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+    if missing or extra:
+        raise SystemExit(f"--resume {state}: missing {missing[:4]}, unexpected {extra[:4]}")
+    log(f"resumed from {state}: {meta['steps']} steps, {meta['tokens'] / 1e6:.1f}M tokens before this run")
+    return meta
 
 
 def load_state(state: Path) -> M.Model:
@@ -357,6 +383,7 @@ def main():
     t.add_argument("--deadline", type=float, default=520.0, help="seconds from start to the saved state")
     t.add_argument("--reserve", type=float, default=45.0, help="seconds kept for the final eval and save")
     t.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: the deadline only)")
+    t.add_argument("--resume", type=Path, help="a saved state (--out of an earlier run) to go on training from")
     t.add_argument("--layers", type=int, help="first N layers only (tiny local runs)")
     t.add_argument("--seq", type=int, default=512)
     t.add_argument("--batch", type=int, default=32)
