@@ -64,7 +64,7 @@ fn run(b: &GpuBackend, model: &Model<GpuBackend>) -> Vec<(Vec<f32>, Vec<u32>)> {
 /// Whether combination `combo` runs on GPU configuration `k` of `share`: each combination on
 /// exactly one of them.
 fn runs_here(combo: usize, k: usize, share: usize) -> bool {
-    (combo + k) % share == 0
+    (combo + k).is_multiple_of(share)
 }
 
 #[test]
