@@ -4,7 +4,7 @@
 # the end), on the GPU backend:
 #   1. bench forward: the encoder over t committed tokens and one canvas denoising step over t
 #      (statistics only, and with the [t, vocab] logits read back as the host sampler does), after
-#      CONTEXT cached positions, t in TOKENS;
+#      CONTEXT cached positions, t in TOKENS, one invocation each (ITERS iterations, 3);
 #   2. decode: `generate --stats` with the canvas decoder (canvas 256, STEPS denoising steps per
 #      canvas at most — a random model never becomes confident, so every canvas runs all of them;
 #      the real checkpoint stops earlier), MAX_TOKENS tokens, seeded; the stats line has tokens/s,
@@ -71,8 +71,12 @@ gen() { # backend, model, steps, extra...
 step "synth $PRESET q4, $LAYERS layers" timeout 900 "$BIN" synth --arch diffusion_gemma \
   --preset "$PRESET" --layers "$LAYERS" --dtype q4 -o "$MODEL"
 step "inspect" "$BIN" inspect "$MODEL"
-step "bench forward (GPU), context $CONTEXT" timeout 500 "$BIN" bench forward --model "$MODEL" \
-  --tokens "$TOKENS" --context "$CONTEXT" --iters 5
+# One invocation per token count, smallest first: a call's limit then cuts the last rows, not the
+# whole table (2026-12-05: 1/16/64/256 in one invocation did not finish in the ≈ 200 s left).
+for t in ${TOKENS//,/ }; do
+  step "bench forward (GPU), $t tokens, context $CONTEXT" timeout 300 "$BIN" bench forward \
+    --model "$MODEL" --tokens "$t" --context "$CONTEXT" --iters "${ITERS:-3}"
+done
 step "generate, canvas decoder, GPU, $STEPS steps per canvas" gen gpu "$MODEL" "$STEPS"
 rm -f "$OUT"/text-*.txt
 GEN_TOKENS=$PAGED_TOKENS GEN_TEXT=$OUT/text-resident.txt step "memory: generate, GPU, every \
