@@ -9,6 +9,7 @@
 //! | `EDGEDIFF_COOP_SPLIT_K=0` | [`KernelChoice::coop_split_k`] |
 //! | `EDGEDIFF_GEMV_F32_MAX_T=<tokens>` | [`KernelChoice::gemv_f32_max_t`] |
 //! | `EDGEDIFF_FUSE_SWIGLU=0` | [`KernelChoice::fuse_swiglu`] |
+//! | `EDGEDIFF_FUSE_COMBINE_NORM=0` | [`KernelChoice::fuse_combine_norm`] |
 //! | `EDGEDIFF_MOE_KERNEL=gemv\|tiled` | [`KernelChoice::moe`] |
 //! | `EDGEDIFF_MOE_GEMV_BLOCKS=<n>` | [`KernelChoice::moe_gemv_blocks`] |
 //! | `EDGEDIFF_ATTN_KERNEL=heads\|gqa` | [`KernelChoice::attention`] |
@@ -56,6 +57,10 @@ pub struct KernelChoice {
     pub gemv_f32_max_t: usize,
     /// SwiGLU fused into the dense gate_up gemv.
     pub fuse_swiglu: bool,
+    /// The MoE combine carries the residual add and the next norm (moe_combine_norm); off: the
+    /// combine and add_rms_norm as two dispatches (an H100 measured the fused one slower per
+    /// layer before 6566716, and still ≈ 2–4 µs slower after: docs/PERF.md).
+    pub fuse_combine_norm: bool,
     /// The routed-expert kernel, forced (`None`: chosen by tokens per expert).
     pub moe: Option<ExpertKernel>,
     /// Weight-row blocks (4 rows each) a GEMV expert workgroup works in turn: more amortise
@@ -83,6 +88,7 @@ impl Default for KernelChoice {
             coop_split_k: true,
             gemv_f32_max_t: GEMV_F32_MAX_T,
             fuse_swiglu: true,
+            fuse_combine_norm: true,
             moe: None,
             moe_gemv_blocks: 1,
             attention: None,
@@ -111,6 +117,7 @@ impl KernelChoice {
             coop_split_k: !off("EDGEDIFF_COOP_SPLIT_K"),
             gemv_f32_max_t: num("EDGEDIFF_GEMV_F32_MAX_T").map_or(d.gemv_f32_max_t, |v| v as usize),
             fuse_swiglu: !off("EDGEDIFF_FUSE_SWIGLU"),
+            fuse_combine_norm: !off("EDGEDIFF_FUSE_COMBINE_NORM"),
             moe: match var("EDGEDIFF_MOE_KERNEL").as_deref().map(str::trim) {
                 Some("gemv") => Some(ExpertKernel::Gemv),
                 Some("tiled") => Some(ExpertKernel::Tiled),
@@ -168,6 +175,7 @@ mod tests {
             ("EDGEDIFF_COOP_SPLIT_K", "0"),
             ("EDGEDIFF_GEMV_F32_MAX_T", "16"),
             ("EDGEDIFF_FUSE_SWIGLU", "0"),
+            ("EDGEDIFF_FUSE_COMBINE_NORM", "0"),
             ("EDGEDIFF_MOE_KERNEL", "tiled"),
             ("EDGEDIFF_MOE_GEMV_BLOCKS", "8"),
             ("EDGEDIFF_ATTN_KERNEL", "heads"),
@@ -183,6 +191,7 @@ mod tests {
                 coop_split_k: false,
                 gemv_f32_max_t: 16,
                 fuse_swiglu: false,
+                fuse_combine_norm: false,
                 moe: Some(ExpertKernel::Tiled),
                 moe_gemv_blocks: 8,
                 attention: Some(AttnKernel::Heads),

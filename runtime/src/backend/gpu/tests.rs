@@ -1036,6 +1036,45 @@ fn moe_residual_norm_folds_into_the_combine() {
                 );
             }
         }
+        // EDGEDIFF_FUSE_COMBINE_NORM=0: the same values through the two dispatches.
+        let off = GpuBackend::new(&super::GpuOptions {
+            poison: true,
+            kernels: super::KernelChoice {
+                fuse_combine_norm: false,
+                ..super::KernelChoice::from_env()
+            },
+            ..super::GpuOptions::from_env()
+        })
+        .unwrap();
+        let w = |n: &str| {
+            off.load_weight(file.tensor(&format!("layers.{l}.{n}")).unwrap())
+                .unwrap()
+        };
+        let shared = (arch == Architecture::Llada2Moe)
+            .then(|| (w(names::SHARED_GATE_UP), w(names::SHARED_DOWN)));
+        let sh = shared.as_ref().map(|(gu, dn)| (gu, dn));
+        let bias = c.moe.router_bias.then(|| w("moe.router_bias"));
+        let experts = off.load_experts(&file, l, &|_| true).unwrap();
+        let mut rng = Rng(35);
+        let x = off.put(3, h, &rng.vec(3 * h, 1.0));
+        let r = off.route(&x, &w("moe.router"), bias.as_ref(), &c).unwrap();
+        let nw = weight(&off, DType::F32, &[h], &rng.vec(h, 1.0));
+        let res0 = rng.vec(3 * h, 1.0);
+        let mut res = off.put(3, h, &res0);
+        let d0 = off.dispatches();
+        let n = off
+            .moe_add_rms_norm(&x, &r, &experts, sh, &mut res, &nw, 1e-6)
+            .unwrap();
+        let unfused = off.dispatches() - d0;
+        let mut res2 = off.put(3, h, &res0);
+        let d1 = off.dispatches();
+        let y = match sh {
+            Some((gu, dn)) => off.moe_shared_mlp(&x, &r, &experts, gu, dn).unwrap(),
+            None => off.moe(&x, &r, &experts).unwrap(),
+        };
+        let n2 = off.add_rms_norm(&mut res2, &y, &nw, 1e-6).unwrap();
+        assert_eq!(unfused, off.dispatches() - d1, "{arch}: the unfused path");
+        assert_eq!(off.get(&n), off.get(&n2), "{arch}: knob off, normed");
     }
 }
 
