@@ -179,7 +179,7 @@ state_in() {
   ( cd "$DEV/statein" && sha256sum -c --quiet state.sha256 ) >> "$LOG" 2>&1 \
     || { log "state pieces: sha256 MISMATCH"; return 1; }
   mkdir -p "$STATE" && cat "$DEV"/statein/state.piece.* | tar -xf - -C "$STATE" && rm -rf "$DEV/statein"
-  log "state restored: $(python3 -c "import json; m=json.load(open('$STATE/state.json')); print(m['steps'], 'steps,', round(m['tokens']/1e6, 1), 'M tokens')")"
+  log "state restored: $($PY -c "import json; m=json.load(open('$STATE/state.json')); print(m['steps'], 'steps,', round(m['tokens']/1e6, 1), 'M tokens')")"
 }
 
 case "$PHASE" in

@@ -204,6 +204,37 @@ fn moe_combine_add(
 var<workgroup> tok_pos: array<u32, 64>;
 var<workgroup> tok_w: array<f32, 64>;
 
+// moe_combine_norm's strided quads: the values at r, r + 64, r + 128, r + 192 (one lane's four
+// consecutive columns of a round).
+fn y4(r: u32) -> vec4<f32> {
+    return vec4<f32>(y[r], y[r + 64u], y[r + 128u], y[r + 192u]);
+}
+
+fn plus4(r: u32) -> vec4<f32> {
+    return vec4<f32>(plus[r], plus[r + 64u], plus[r + 128u], plus[r + 192u]);
+}
+
+fn x4(r: u32) -> vec4<f32> {
+    return vec4<f32>(x_rw[r], x_rw[r + 64u], x_rw[r + 128u], x_rw[r + 192u]);
+}
+
+fn store_x4(r: u32, v: vec4<f32>) {
+    x_rw[r] = v.x;
+    x_rw[r + 64u] = v.y;
+    x_rw[r + 128u] = v.z;
+    x_rw[r + 192u] = v.w;
+}
+
+// ss plus the squares of v's components, added in column order (add_rms_norm's order).
+fn add_squares(ss: f32, v: vec4<f32>) -> f32 {
+    var s = ss;
+    s += v.x * v.x;
+    s += v.y * v.y;
+    s += v.z * v.z;
+    s += v.w * v.w;
+    return s;
+}
+
 @compute @workgroup_size(64)
 fn moe_combine_norm(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
     let t = wid.x;
@@ -232,34 +263,22 @@ fn moe_combine_norm(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
             if (pos < mp.assignments) {
                 let r = pos * hd + c;
                 let w = tok_w[j];
-                lo += w * vec4<f32>(y[r], y[r + 64u], y[r + 128u], y[r + 192u]);
-                hi += w * vec4<f32>(y[r + 256u], y[r + 320u], y[r + 384u], y[r + 448u]);
+                lo += w * y4(r);
+                hi += w * y4(r + 256u);
             }
         }
         if (has_plus) {
             let r = prow + c;
-            lo = lo + vec4<f32>(plus[r], plus[r + 64u], plus[r + 128u], plus[r + 192u]);
-            hi = hi + vec4<f32>(plus[r + 256u], plus[r + 320u], plus[r + 384u], plus[r + 448u]);
+            lo = lo + plus4(r);
+            hi = hi + plus4(r + 256u);
         }
         let r = b + c;
-        let vlo = vec4<f32>(x_rw[r], x_rw[r + 64u], x_rw[r + 128u], x_rw[r + 192u]) + lo;
-        let vhi = vec4<f32>(x_rw[r + 256u], x_rw[r + 320u], x_rw[r + 384u], x_rw[r + 448u]) + hi;
-        x_rw[r] = vlo.x;
-        x_rw[r + 64u] = vlo.y;
-        x_rw[r + 128u] = vlo.z;
-        x_rw[r + 192u] = vlo.w;
-        x_rw[r + 256u] = vhi.x;
-        x_rw[r + 320u] = vhi.y;
-        x_rw[r + 384u] = vhi.z;
-        x_rw[r + 448u] = vhi.w;
-        ss += vlo.x * vlo.x;
-        ss += vlo.y * vlo.y;
-        ss += vlo.z * vlo.z;
-        ss += vlo.w * vlo.w;
-        ss += vhi.x * vhi.x;
-        ss += vhi.y * vhi.y;
-        ss += vhi.z * vhi.z;
-        ss += vhi.w * vhi.w;
+        let vlo = x4(r) + lo;
+        let vhi = x4(r + 256u) + hi;
+        store_x4(r, vlo);
+        store_x4(r + 256u, vhi);
+        ss = add_squares(ss, vlo);
+        ss = add_squares(ss, vhi);
     }
     for (; c < hd; c += 64u) {
         var s = 0.0;
@@ -280,9 +299,8 @@ fn moe_combine_norm(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
     c = lane.id;
     for (; c + 192u < hd; c += 256u) {
         let r = b + c;
-        let v = vec4<f32>(x_rw[r], x_rw[r + 64u], x_rw[r + 128u], x_rw[r + 192u]);
         let w = vec4<f32>(norm_w[c], norm_w[c + 64u], norm_w[c + 128u], norm_w[c + 192u]);
-        let o = v * inv * w;
+        let o = x4(r) * inv * w;
         out[r] = o.x;
         out[r + 64u] = o.y;
         out[r + 128u] = o.z;

@@ -47,6 +47,8 @@ from train import add_noise, allowed_2l  # noqa: E402  (the default model's mask
 # The same domains as prepare.py (whose bundle holds their streams), instruction-style text included.
 DOMAINS = ["prose", "rust", "python", "c", "instruct"]
 BLOCK = 16
+# What state.json keeps of each training run (its `runs` list).
+RUN_KEYS = ("steps", "train_seconds", "tokens", "seed", "args", "valid_before", "valid_after", "history")
 
 
 def log(*a):
@@ -142,7 +144,9 @@ def cmd_train(a):
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     student, teacher, mc = load_student_and_teacher(a.bundle, dev, a.layers)
+    # The runs this state already went through (a state saved before runs were kept: one).
     prev = resume_into(student, a.resume, mc) if a.resume else None
+    earlier = (prev.get("runs") or [{k: prev[k] for k in RUN_KEYS if k in prev}]) if prev else []
     teacher = teacher.to(torch.bfloat16 if dev.type == "cuda" else torch.float32).eval().requires_grad_(False)
     log(f"device {dev}, student {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params, {mc}, "
         f"load {time.time() - t_start:.0f} s")
@@ -156,7 +160,7 @@ def cmd_train(a):
                             betas=(0.9, 0.95), weight_decay=0.0, fused=dev.type == "cuda")
     base_lrs = [g["lr"] for g in opt.param_groups]
     # A resumed run draws other batches than the runs before it (same recipe, next seed).
-    seed = a.seed + (len(prev.get("runs", [prev])) if prev else 0)
+    seed = a.seed + len(earlier)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     if a.emo_sizes == "auto":
@@ -252,8 +256,7 @@ def cmd_train(a):
     run = {"steps": step, "train_seconds": round(time.time() - t0, 1), "tokens": tokens, "seed": seed,
            "args": {k: str(v) for k, v in vars(a).items()}, "valid_before": ev0, "valid_after": ev1,
            "history": hist}
-    runs = (prev.get("runs") or [{k: prev[k] for k in run if k in prev}]) if prev else []
-    runs = runs + [run]
+    runs = earlier + [run]
     # Totals over every run of this state (a resumed state carries its earlier runs).
     meta = {"cfg": mc.to_json(), "steps": sum(r["steps"] for r in runs),
             "train_seconds": round(sum(r["train_seconds"] for r in runs), 1),

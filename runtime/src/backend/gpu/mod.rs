@@ -486,7 +486,7 @@ impl GpuBackend {
             (0..config.num_layers)
                 .map(|l| {
                     let layer = capacity as u64 * config.kv_dim_of(l) as u64 * 4;
-                    GpuBuffer::new(&self.sh.dev.device, layer.max(16), KV_USAGE, what)
+                    GpuBuffer::new(&self.sh.dev.device, layer, KV_USAGE, what)
                 })
                 .collect()
         };

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use super::testing::{backends, rel_l2};
-use super::{kernels, ops, GpuBackend};
+use super::{kernels, ops, GpuAct, GpuBackend, GpuExperts, GpuRouting, GpuWeight};
 use crate::arch::{names, Architecture, Gating, ModelConfig, QkNorm, SlidingAttention};
 use crate::backend::cpu::{CpuAct, CpuBackend};
 use crate::backend::{
@@ -901,12 +901,60 @@ test_backends!(scaled_residual_norm_and_affine_embedding_match, TOL, |b| {
 
 /// A tiny synthetic model file of `arch` in `dtype`, kept for the test's duration.
 fn synth_file(arch: Architecture, dtype: DType) -> (tempfile::TempDir, Arc<EdmFile>) {
+    synth_file_of(&SynthSpec::tiny(arch), dtype)
+}
+
+/// A synthetic model file of `spec` (alive while the returned directory is).
+fn synth_file_of(spec: &SynthSpec, dtype: DType) -> (tempfile::TempDir, Arc<EdmFile>) {
     let dir = tempfile::tempdir().unwrap();
-    let m = synth::build(&SynthSpec::tiny(arch)).unwrap();
+    let m = synth::build(spec).unwrap();
     let path = dir.path().join("m.edm");
     synth::write_edm(&m, &path, dtype, &|_, _| {}).unwrap();
     let f = Arc::new(EdmFile::open(&path).unwrap());
     (dir, f)
+}
+
+/// The last layer's MoE on `b`: router (and bias), the shared expert where the family has one,
+/// every routed expert resident.
+struct MoeLayer {
+    router: GpuWeight,
+    bias: Option<GpuWeight>,
+    shared: Option<(GpuWeight, GpuWeight)>,
+    experts: GpuExperts,
+}
+
+impl MoeLayer {
+    fn load(b: &GpuBackend, file: &Arc<EdmFile>) -> Self {
+        let c = &file.header.metadata.config;
+        let l = c.num_layers - 1;
+        let w = |n: &str| {
+            b.load_weight(file.tensor(&format!("layers.{l}.{n}")).unwrap())
+                .unwrap()
+        };
+        MoeLayer {
+            router: w("moe.router"),
+            bias: c.moe.router_bias.then(|| w("moe.router_bias")),
+            shared: (c.architecture == Architecture::Llada2Moe)
+                .then(|| (w(names::SHARED_GATE_UP), w(names::SHARED_DOWN))),
+            experts: b.load_experts(file, l, &|_| true).unwrap(),
+        }
+    }
+
+    fn shared(&self) -> Option<(&GpuWeight, &GpuWeight)> {
+        self.shared.as_ref().map(|(gu, dn)| (gu, dn))
+    }
+
+    fn route(&self, b: &GpuBackend, x: &GpuAct, c: &ModelConfig) -> GpuRouting {
+        b.route(x, &self.router, self.bias.as_ref(), c).unwrap()
+    }
+
+    /// The routed experts' output (with the shared expert's, where there is one).
+    fn experts_out(&self, b: &GpuBackend, x: &GpuAct, r: &GpuRouting) -> GpuAct {
+        match self.shared() {
+            Some((gu, dn)) => b.moe_shared_mlp(x, r, &self.experts, gu, dn).unwrap(),
+            None => b.moe(x, r, &self.experts).unwrap(),
+        }
+    }
 }
 
 test_backends!(moe_layer_matches_for_every_weight_type, TOL, |b| {
@@ -980,27 +1028,15 @@ fn moe_residual_norm_folds_into_the_combine() {
         (Architecture::Qwen3Moe, 1056),
         (Architecture::Llada2Moe, 608),
     ] {
-        let dir = tempfile::tempdir().unwrap();
         let spec = SynthSpec {
             hidden,
             ..SynthSpec::tiny(arch)
         };
-        let path = dir.path().join("m.edm");
-        synth::write_edm(&synth::build(&spec).unwrap(), &path, DType::Q8, &|_, _| {}).unwrap();
-        let file = Arc::new(EdmFile::open(&path).unwrap());
+        let (_dir, file) = synth_file_of(&spec, DType::Q8);
         let c = file.header.metadata.config.clone();
-        let l = c.num_layers - 1;
         let h = c.hidden_size;
         for (name, b) in backends(None) {
-            let w = |n: &str| {
-                b.load_weight(file.tensor(&format!("layers.{l}.{n}")).unwrap())
-                    .unwrap()
-            };
-            let shared = (arch == Architecture::Llada2Moe)
-                .then(|| (w(names::SHARED_GATE_UP), w(names::SHARED_DOWN)));
-            let sh = shared.as_ref().map(|(gu, dn)| (gu, dn));
-            let bias = c.moe.router_bias.then(|| w("moe.router_bias"));
-            let experts = b.load_experts(&file, l, &|_| true).unwrap();
+            let m = MoeLayer::load(&b, &file);
             let mut rng = Rng(33);
             // A test upload holds at most 64 KiB.
             let ts: &[usize] = if hidden > 64 {
@@ -1010,20 +1046,17 @@ fn moe_residual_norm_folds_into_the_combine() {
             };
             for &t in ts {
                 let x = b.put(t, h, &rng.vec(t * h, 1.0));
-                let r = b.route(&x, &w("moe.router"), bias.as_ref(), &c).unwrap();
+                let r = m.route(&b, &x, &c);
                 let res0 = rng.vec(t * h, 1.0);
                 let nw = weight(&b, DType::F32, &[h], &rng.vec(h, 1.0));
                 let mut fused_res = b.put(t, h, &res0);
                 let mut apart_res = b.put(t, h, &res0);
                 let d0 = b.dispatches();
                 let fused = b
-                    .moe_add_rms_norm(&x, &r, &experts, sh, &mut fused_res, &nw, 1e-6)
+                    .moe_add_rms_norm(&x, &r, &m.experts, m.shared(), &mut fused_res, &nw, 1e-6)
                     .unwrap();
                 let d1 = b.dispatches();
-                let y = match sh {
-                    Some((gu, dn)) => b.moe_shared_mlp(&x, &r, &experts, gu, dn).unwrap(),
-                    None => b.moe(&x, &r, &experts).unwrap(),
-                };
+                let y = m.experts_out(&b, &x, &r);
                 let apart = b.add_rms_norm(&mut apart_res, &y, &nw, 1e-6).unwrap();
                 let d2 = b.dispatches();
                 // One kernel fewer, and (test backends poison every output first) its fill.
@@ -1046,32 +1079,21 @@ fn moe_residual_norm_folds_into_the_combine() {
             ..super::GpuOptions::from_env()
         })
         .unwrap();
-        let w = |n: &str| {
-            off.load_weight(file.tensor(&format!("layers.{l}.{n}")).unwrap())
-                .unwrap()
-        };
-        let shared = (arch == Architecture::Llada2Moe)
-            .then(|| (w(names::SHARED_GATE_UP), w(names::SHARED_DOWN)));
-        let sh = shared.as_ref().map(|(gu, dn)| (gu, dn));
-        let bias = c.moe.router_bias.then(|| w("moe.router_bias"));
-        let experts = off.load_experts(&file, l, &|_| true).unwrap();
+        let m = MoeLayer::load(&off, &file);
         let mut rng = Rng(35);
         let x = off.put(3, h, &rng.vec(3 * h, 1.0));
-        let r = off.route(&x, &w("moe.router"), bias.as_ref(), &c).unwrap();
+        let r = m.route(&off, &x, &c);
         let nw = weight(&off, DType::F32, &[h], &rng.vec(h, 1.0));
         let res0 = rng.vec(3 * h, 1.0);
         let mut res = off.put(3, h, &res0);
         let d0 = off.dispatches();
         let n = off
-            .moe_add_rms_norm(&x, &r, &experts, sh, &mut res, &nw, 1e-6)
+            .moe_add_rms_norm(&x, &r, &m.experts, m.shared(), &mut res, &nw, 1e-6)
             .unwrap();
         let unfused = off.dispatches() - d0;
         let mut res2 = off.put(3, h, &res0);
         let d1 = off.dispatches();
-        let y = match sh {
-            Some((gu, dn)) => off.moe_shared_mlp(&x, &r, &experts, gu, dn).unwrap(),
-            None => off.moe(&x, &r, &experts).unwrap(),
-        };
+        let y = m.experts_out(&off, &x, &r);
         let n2 = off.add_rms_norm(&mut res2, &y, &nw, 1e-6).unwrap();
         assert_eq!(unfused, off.dispatches() - d1, "{arch}: the unfused path");
         assert_eq!(off.get(&n), off.get(&n2), "{arch}: knob off, normed");
@@ -1087,17 +1109,14 @@ fn expert_gemv_row_blocks_per_workgroup_change_no_bit() {
     use super::choice::{ExpertKernel, KernelChoice};
     use super::GpuOptions;
     for arch in [Architecture::Qwen3Moe, Architecture::Llada2Moe] {
-        let dir = tempfile::tempdir().unwrap();
         let spec = SynthSpec {
             hidden: 160,
             expert_ffn: 96,
             ..SynthSpec::tiny(arch)
         };
-        let path = dir.path().join("m.edm");
-        synth::write_edm(&synth::build(&spec).unwrap(), &path, DType::Q4, &|_, _| {}).unwrap();
-        let file = Arc::new(EdmFile::open(&path).unwrap());
+        let (_dir, file) = synth_file_of(&spec, DType::Q4);
         let c = file.header.metadata.config.clone();
-        let (l, h) = (c.num_layers - 1, c.hidden_size);
+        let h = c.hidden_size;
         let mut want: Option<Vec<Vec<f32>>> = None;
         for blocks in [1, 3, 64] {
             let opts = GpuOptions {
@@ -1110,24 +1129,13 @@ fn expert_gemv_row_blocks_per_workgroup_change_no_bit() {
                 ..GpuOptions::from_env()
             };
             let b = GpuBackend::new(&opts).unwrap();
-            let w = |n: &str| {
-                b.load_weight(file.tensor(&format!("layers.{l}.{n}")).unwrap())
-                    .unwrap()
-            };
-            let shared = (arch == Architecture::Llada2Moe)
-                .then(|| (w(names::SHARED_GATE_UP), w(names::SHARED_DOWN)));
-            let bias = c.moe.router_bias.then(|| w("moe.router_bias"));
-            let experts = b.load_experts(&file, l, &|_| true).unwrap();
+            let m = MoeLayer::load(&b, &file);
             let mut rng = Rng(71);
             let mut got = Vec::new();
             for t in [1, 6] {
                 let x = b.put(t, h, &rng.vec(t * h, 1.0));
-                let r = b.route(&x, &w("moe.router"), bias.as_ref(), &c).unwrap();
-                let y = match &shared {
-                    Some((gu, dn)) => b.moe_shared_mlp(&x, &r, &experts, gu, dn).unwrap(),
-                    None => b.moe(&x, &r, &experts).unwrap(),
-                };
-                got.push(b.get(&y));
+                let r = m.route(&b, &x, &c);
+                got.push(b.get(&m.experts_out(&b, &x, &r)));
             }
             assert!(
                 got.iter().flatten().all(|v| v.is_finite()),

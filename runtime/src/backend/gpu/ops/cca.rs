@@ -44,7 +44,7 @@ impl CcaState {
                 });
             }
             Ok((0..c.num_layers)
-                .map(|_| GpuBuffer::new(&dev.device, need.max(16), usage, "cca state"))
+                .map(|_| GpuBuffer::new(&dev.device, need, usage, "cca state"))
                 .collect())
         };
         Ok(CcaState {
