@@ -9,6 +9,8 @@
 #      canvas at most — a random model never becomes confident, so every canvas runs all of them;
 #      the real checkpoint stops earlier), MAX_TOKENS tokens, seeded; the stats line has tokens/s,
 #      passes and peak RSS + GPU bytes, all experts resident;
+#   2b. `bench decode` (the canvas decoder alone: the model has no AR decoder to compare with) on
+#      its built-in prompts, DECODE_TOKENS (64) tokens each;
 #   3. the memory row: the same generate with the routed experts paged through a pool of each
 #      share in POOLS (default 25%: `--expert-memory 25%`), PAGED_TOKENS tokens, PAGED_STEPS steps
 #      per canvas (the peaks do not depend on the step count; random routing touches nearly every
@@ -36,6 +38,7 @@ TOKENS="${TOKENS:-1,16,64,256}"
 CONTEXT="${CONTEXT:-512}"
 MAX_TOKENS="${MAX_TOKENS:-256}"
 STEPS="${STEPS:-48}"
+DECODE_TOKENS="${DECODE_TOKENS:-64}"
 POOLS="${POOLS:-25%}"
 PAGED_TOKENS="${PAGED_TOKENS:-256}"
 PAGED_STEPS="${PAGED_STEPS:-4}"
@@ -78,6 +81,9 @@ for t in ${TOKENS//,/ }; do
     --model "$MODEL" --tokens "$t" --context "$CONTEXT" --iters "${ITERS:-3}"
 done
 step "generate, canvas decoder, GPU, $STEPS steps per canvas" gen gpu "$MODEL" "$STEPS"
+step "bench decode (GPU), canvas decoder, $STEPS steps per canvas, $DECODE_TOKENS tokens a prompt" \
+  timeout 300 "$BIN" bench decode --model "$MODEL" --backend gpu --steps "$STEPS" \
+  --max-tokens "$DECODE_TOKENS"
 rm -f "$OUT"/text-*.txt
 GEN_TOKENS=$PAGED_TOKENS GEN_TEXT=$OUT/text-resident.txt step "memory: generate, GPU, every \
 expert resident, $PAGED_TOKENS tokens, $PAGED_STEPS steps per canvas" gen gpu "$MODEL" "$PAGED_STEPS"

@@ -99,3 +99,32 @@ fn generate_runs_a_diffusion_gemma_file_with_the_canvas_decoder() {
         "{stderr}"
     );
 }
+
+#[test]
+fn bench_decode_times_the_canvas_decoder_without_an_ar_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = synth(dir.path(), "diffusion_gemma");
+    let (table, _) = ok(&[
+        "bench",
+        "decode",
+        "--backend",
+        "cpu",
+        "--model",
+        &model,
+        "--max-tokens",
+        "6",
+        "--steps",
+        "2",
+    ]);
+    assert!(table.contains("No AR baseline"), "{table}");
+    let rows: Vec<&str> = table
+        .lines()
+        .filter(|l| l.starts_with("| canvas"))
+        .collect();
+    assert_eq!(rows.len(), 1, "one canvas row: {table}");
+    // 4 built-in prompts × 6 tokens, and no speed-up against a baseline that does not exist.
+    let cells: Vec<&str> = rows[0].split('|').map(str::trim).collect();
+    assert_eq!(cells[3], "24", "{table}");
+    assert_eq!(cells[9], "—", "{table}");
+    assert!(!table.contains("| ar |"), "{table}");
+}

@@ -108,7 +108,11 @@ fn run_decode(a: DecodeArgs) -> anyhow::Result<()> {
     };
     anyhow::ensure!(!prompts.is_empty(), "no prompts to run");
     let base = a.decoding.params(&engine);
-    let configs = configurations(&engine, &a, &base);
+    let configs = if matches!(base.decoder, DecoderKind::Canvas(_)) {
+        vec![base.clone()]
+    } else {
+        configurations(&engine, &a, &base)
+    };
     let prompt_of = |text: &str| {
         if a.chat {
             Prompt::Chat(vec![ChatMessage::user(text)])
@@ -126,10 +130,17 @@ fn run_decode(a: DecodeArgs) -> anyhow::Result<()> {
         a.decoding
             .check_prompt(&engine, &format!("prompt {}", i + 1), ids.len())?;
     }
+    // A canvas model (DiffusionGemma) decodes with its canvas sampler only: no AR row exists to
+    // compare with, so its table has the canvas row alone and no "vs AR".
+    let canvas_only = matches!(base.decoder, DecoderKind::Canvas(_));
     // Warm-up: page the weights in before anything is timed.
     let mut warm = engine.request(prompt_of(&prompts[0]));
     warm.decoding = DecodeParams {
-        decoder: DecoderKind::Ar,
+        decoder: if canvas_only {
+            base.decoder
+        } else {
+            DecoderKind::Ar
+        },
         max_new_tokens: 4.min(base.max_new_tokens),
         ..base.clone()
     };
@@ -297,8 +308,11 @@ fn print_table(
     );
     let tps = |r: &Row| r.tokens as f64 / r.elapsed.as_secs_f64().max(1e-9);
     // configurations() puts AR first: every speedup is against it, measured in this same run.
+    let canvas_only = matches!(base.decoder, DecoderKind::Canvas(_));
     let ar = rows.first().map_or(1.0, tps);
-    if let Some(r) = rows.first() {
+    if canvas_only {
+        println!("No AR baseline: this model decodes with its canvas sampler only (\"vs AR\" and \"= AR\" are left empty)\n");
+    } else if let Some(r) = rows.first() {
         println!(
             "AR baseline: {:.1} tokens/s, {} forwards for {} tokens (\"vs AR\" = tokens/s ÷ this; \"= AR\" = prompts whose tokens equal AR's; \"AR NLL\" = mean NLL per token of the output under the model's own AR logits, lower is likelier, AR greedy's is the reference)\n",
             ar, r.forwards, r.tokens
@@ -309,7 +323,7 @@ fn print_table(
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (i, r) in rows.iter().enumerate() {
         println!(
-            "| {} | {} | {} | {} | {:.2} | {} | {:.1} | {:.1} | {:.2}× | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {:.2} | {} | {:.1} | {:.1} | {} | {} | {} | {} | {} |",
             r.decoder,
             r.policy,
             r.tokens,
@@ -318,8 +332,12 @@ fn print_table(
             r.positions,
             r.ttft.as_secs_f64() * 1e3 / prompts.len() as f64,
             tps(r),
-            tps(r) / ar,
-            if i == 0 {
+            if canvas_only {
+                "—".to_string()
+            } else {
+                format!("{:.2}×", tps(r) / ar)
+            },
+            if i == 0 || canvas_only {
                 "—".to_string()
             } else {
                 format!("{}/{}", r.same_as_ar, prompts.len())
