@@ -1,7 +1,8 @@
 // One denoising step's decisions for a block, on the device, so several steps chain without the
 // host (decode/block.rs): from the statistics stats.wgsl leaves (20 words a row) each masked cell
 // takes its greedy token (argmax, confidence p_max), the commit rule picks among them, then dInfer's
-// EOS rule; the canvas is updated in place and becomes the next pass's input ids.
+// EOS rule; the canvas is updated in place and becomes the next pass's input ids. AR's step
+// (decode/ar.rs) is the rule NEXT: the one cell p.stats_from, if masked, takes row 0's token.
 //
 // Canvas layout (u32 words, n cells, see ops/denoise.rs):
 //   [0] steps taken, [1] cells still masked (0: done — a later step changes nothing), [2..4) unused,
@@ -35,6 +36,7 @@ const THRESHOLD: u32 = 0u;
 const FIXED_STEPS: u32 = 1u;
 const ENTROPY_BOUND: u32 = 2u;
 const MARGIN: u32 = 3u;
+const NEXT: u32 = 4u;
 
 @group(0) @binding(0) var<uniform> p: CommitParams;
 @group(0) @binding(1) var<storage, read> stats: array<u32>;
@@ -88,7 +90,8 @@ fn commit_step(@builtin(local_invocation_index) i: u32) {
     if (i < n) {
         cell = canvas[HEAD + i];
     }
-    let cand = i < n && cell == NONE && i >= p.stats_from;
+    // NEXT reads one row, for one cell: no other cell is a candidate.
+    let cand = i < n && cell == NONE && i >= p.stats_from && (p.rule != NEXT || i == p.stats_from);
     var token = 0u;
     var score = 0.0;
     if (cand) {
@@ -163,6 +166,9 @@ fn commit_step(@builtin(local_invocation_index) i: u32) {
             // Threshold / margin: score ≥ min(τ, max score).
             let bar = min(order_key(p.param), best);
             commit = cand && !is_nan(score) && order_key(score) >= bar;
+        }
+        case 4u: {
+            commit = cand;
         }
         case 1u: {
             // LLaDA's schedule: ⌈masked / remaining steps⌉, all on the last step or past it.

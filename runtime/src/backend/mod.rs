@@ -294,13 +294,17 @@ pub struct ScaledRouterParams {
 
 /// The commit rule a backend applies by itself after a denoising step ([`Backend::commit_step`]):
 /// the greedy forms of `decode::CommitPolicy` that carry nothing from step to step but the step
-/// count (credit keeps a ledger and sampling a host RNG stream: those stay on the host).
+/// count (credit keeps a ledger and sampling a host RNG stream: those stay on the host), and
+/// `Next`, AR's step (decode/ar.rs): the cell `stats_from` — the canvas's first masked cell —
+/// takes its greedy token from statistics row 0 and no other cell commits (a cell already known
+/// stays as it is); the EOS rule applies as with the block rules.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum CommitRule {
     Threshold { threshold: f32 },
     FixedSteps { steps: usize },
     EntropyBound { gamma: f32 },
     Margin { margin: f32 },
+    Next,
 }
 
 /// One block's commit step on the device ([`Backend::commit_step`]): greedy choice, the rule, and
@@ -316,20 +320,35 @@ pub struct CommitParams {
     /// Cells before this index are prompt.
     pub output_from: usize,
     /// The cell whose statistics are row 0 of the step's [`Backend::Stats`]; cell `i` reads row
-    /// `i − stats_from`. Cells before it must be known from the start.
+    /// `i − stats_from`. Cells before it must be known from the start ([`CommitRule::Next`]: by
+    /// this step).
     pub stats_from: usize,
 }
 
 impl CommitParams {
     /// Shape check shared by the backends: a canvas of `n` cells whose first masked cell was
-    /// `first_masked` when it was made, against statistics of `rows` rows.
-    pub fn check(&self, n: usize, first_masked: usize, rows: usize) -> Result<()> {
-        if self.stats_from > first_masked || rows + self.stats_from < n {
+    /// `first_masked` when it was made and on which `recorded` steps were recorded before this
+    /// one, against statistics of `rows` rows.
+    pub fn check(&self, n: usize, first_masked: usize, recorded: usize, rows: usize) -> Result<()> {
+        let fits = match self.rule {
+            // One row is read, for one cell. A step of this rule commits at most that cell, so
+            // after `recorded` steps the first masked cell is at most `first_masked + recorded`
+            // (the check cannot see the device's cells, only the steps asked for): a cell further
+            // on would leave masked cells before the one committed — not AR's step.
+            CommitRule::Next => {
+                rows >= 1
+                    && self.stats_from < n
+                    && self.stats_from <= first_masked.saturating_add(recorded)
+            }
+            _ => self.stats_from <= first_masked && rows.saturating_add(self.stats_from) >= n,
+        };
+        if !fits {
             return Err(BackendError::Shape {
                 op: "commit_step",
                 detail: format!(
-                    "statistics of {rows} rows from cell {} for {n} cells, the first masked {first_masked}",
-                    self.stats_from
+                    "{:?}: statistics of {rows} rows from cell {} for {n} cells, the first masked \
+                     {first_masked}, {recorded} steps recorded",
+                    self.rule, self.stats_from
                 ),
             });
         }
@@ -798,12 +817,14 @@ pub trait Backend {
     ) -> Result<CanvasState> {
         Err(self.unsupported("read_canvas"))
     }
-    /// [`Backend::embed`] of the canvas's input ids, read where the canvas lives; the canvas must
-    /// have `t` cells.
+    /// [`Backend::embed`] of the input ids of the canvas's cells `from..from + t`, read where the
+    /// canvas lives (a block's steps embed the whole canvas, AR's steps the cells at their
+    /// position); a typed error unless `1 ≤ t` and `from + t ≤` its cells.
     fn embed_canvas(
         &self,
         _table: &Self::Weight,
         _canvas: &Self::Canvas,
+        _from: usize,
         _t: usize,
     ) -> Result<Self::Act> {
         Err(self.unsupported("embed_canvas"))

@@ -22,6 +22,18 @@ pub(crate) fn rows_within(op: &'static str, rows: &Range<usize>, total: usize) -
     Ok(())
 }
 
+/// Cells `from..from + t` (at least one) of a canvas of `n` cells
+/// ([`super::Backend::embed_canvas`]).
+pub(crate) fn canvas_cells(from: usize, t: usize, n: usize) -> Result<()> {
+    if t == 0 || from.checked_add(t).is_none_or(|end| end > n) {
+        return Err(shape_err(
+            "embed_canvas",
+            format!("{t} cells from cell {from} of a canvas of {n}"),
+        ));
+    }
+    Ok(())
+}
+
 /// The one width of parts stacked row after row (0 for none).
 pub(crate) fn same_widths(
     op: &'static str,

@@ -143,10 +143,10 @@ pub enum PredictionName {
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceStepsName {
-    /// Chained on the GPU where the step allows it (greedy; threshold, fixed, entropy or margin
-    /// policy; in-place masks), else on the host.
+    /// Chained on the GPU where the step allows it (greedy; block diffusion also: threshold,
+    /// fixed, entropy or margin policy, in-place masks), else on the host.
     Auto,
-    /// One host round trip per step.
+    /// One host round trip per step (per token for AR).
     Host,
     /// Chained wherever the step allows it, the CPU backend included (for comparisons).
     Device,
@@ -227,9 +227,9 @@ pub struct DecodingArgs {
     /// speculative draft (its verify rows stay exact); AR is unchanged.
     #[arg(long, value_name = "N")]
     pub block_experts: Option<usize>,
-    /// Where block diffusion decides its denoising steps: several chained on the device per
-    /// submission (committed tokens stream and cancellation is checked between submissions), or
-    /// one host round trip each. Same tokens either way.
+    /// Where block diffusion decides its denoising steps and AR its tokens: several chained on
+    /// the device per submission (committed tokens stream and cancellation is checked between
+    /// submissions), or one host round trip each. Same tokens either way.
     #[arg(long, value_enum, default_value = "auto")]
     pub device_steps: DeviceStepsName,
 }

@@ -29,7 +29,7 @@ use crate::backend::{Backend, CommitParams, CommitRule};
 use crate::model::{DenoiseStep, ModelError, Window};
 
 use super::denoise::BlockCanvas;
-use super::{BlockOptions, DecodeError, DeviceSteps, PassBlocks, Prediction, Session};
+use super::{BlockOptions, DecodeError, PassBlocks, Prediction, Session};
 
 /// Steps the first submission of a generation records, before any step has shown how many
 /// tokens a step commits.
@@ -58,11 +58,7 @@ impl Plan {
     ) -> Option<Plan> {
         let p = s.params;
         let (b, model) = s.passes.solo()?;
-        let wanted = match p.device_steps {
-            DeviceSteps::Host => false,
-            DeviceSteps::Auto => b.records_passes(),
-            DeviceSteps::Device => true,
-        };
+        let wanted = p.device_steps.wanted(b);
         let allowed = p.sampling.is_greedy()
             && prediction.masked() == Prediction::InPlace
             && !o.reuse_last_kv
@@ -139,7 +135,7 @@ impl Plan {
                     };
                     let step = DenoiseStep {
                         canvas: &mut canvas,
-                        ids_from_canvas: !first,
+                        ids_from_canvas: (!first).then_some(0),
                         commit,
                     };
                     let routing = s.block_routing(blocks, w.start);

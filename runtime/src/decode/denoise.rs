@@ -165,10 +165,15 @@ pub(crate) fn decide(
         let c = &candidates[i];
         cells[c.pos - start] = Some(c.token);
     }
+    eos_rule(cells, eos, eos_from - start);
+}
+
+/// dInfer's EOS rule: once a cell at or after index `from` holds `eos`, every later cell becomes
+/// it (`None`: the rule is off).
+fn eos_rule(cells: &mut [Option<u32>], eos: Option<u32>, from: usize) {
     let Some(eos) = eos else {
         return;
     };
-    let from = eos_from - start;
     if let Some(i) = (from..cells.len()).find(|&i| cells[i] == Some(eos)) {
         for c in &mut cells[i + 1..] {
             *c = Some(eos);
@@ -177,7 +182,9 @@ pub(crate) fn decide(
 }
 
 /// The CPU backend's commit op (`Backend::commit_step`): the host step above with greedy choice,
-/// on cells that start at index 0 (cell `i` reads `stats[i − p.stats_from]`).
+/// on cells that start at index 0 (cell `i` reads `stats[i − p.stats_from]`); for
+/// [`crate::backend::CommitRule::Next`], AR's step: the host AR loop's greedy choice for its one
+/// cell, then the same EOS rule.
 pub(crate) fn commit_greedy(
     cells: &mut [Option<u32>],
     steps_done: usize,
@@ -186,6 +193,15 @@ pub(crate) fn commit_greedy(
 ) {
     // Greedy choice draws nothing: the generator is never advanced.
     let mut rng = Rng::new(0);
+    let Some(policy) = CommitPolicy::for_rule(p.rule) else {
+        // `CommitParams::check` put the cell inside the canvas and row 0 in the statistics.
+        let cell = &mut cells[p.stats_from];
+        if cell.is_none() {
+            *cell = Some(Sampling::greedy().choose(&stats[0], &mut rng).0);
+        }
+        eos_rule(cells, p.eos, p.output_from);
+        return;
+    };
     let candidates: Vec<Candidate> = (0..cells.len())
         .filter(|&i| cells[i].is_none())
         .map(|i| {
@@ -200,7 +216,6 @@ pub(crate) fn commit_greedy(
             }
         })
         .collect();
-    let policy = CommitPolicy::from(p.rule);
     decide(
         cells,
         0,

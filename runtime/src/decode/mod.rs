@@ -86,13 +86,14 @@ impl DecodeError {
 
 pub use crate::model::Prediction;
 
-/// Where the block decoder decides its denoising steps ([`DecodeParams::device_steps`]).
+/// Where the block and AR decoders decide their steps ([`DecodeParams::device_steps`]): a block
+/// diffusion denoising step, or an AR token.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DeviceSteps {
     /// On the device, several steps per submission, where the backend records passes (a GPU)
-    /// and the step allows it (greedy choice; threshold, fixed-steps, entropy-bound or margin
-    /// policy; a model predicting masks in place; passes run alone, not batched; no exact paging;
-    /// not `reuse_last_kv`); on the host otherwise.
+    /// and the step allows it (greedy choice; passes run alone, not batched; no exact paging;
+    /// block diffusion also: threshold, fixed-steps, entropy-bound or margin policy, a model
+    /// predicting masks in place, not `reuse_last_kv`); on the host otherwise.
     #[default]
     Auto,
     /// Always on the host, one round trip per step (the reference, and for debugging).
@@ -100,6 +101,17 @@ pub enum DeviceSteps {
     /// On the device wherever the step allows it, on any backend (the CPU included: tests compare
     /// the two loops there too).
     Device,
+}
+
+impl DeviceSteps {
+    /// Whether steps should chain on `b`, where the step allows it.
+    fn wanted<B: Backend>(self, b: &B) -> bool {
+        match self {
+            DeviceSteps::Host => false,
+            DeviceSteps::Auto => b.records_passes(),
+            DeviceSteps::Device => true,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -228,8 +240,8 @@ pub struct DecodeParams {
     /// the N experts per MoE layer with the largest router mass over the block's tokens. Which
     /// rows form a block is each decoder's ([`PassBlocks`]); `None` routes exactly.
     pub block_experts: Option<usize>,
-    /// Where the block decoder decides its steps: chained on the device or one by one on the host
-    /// (same tokens either way; [`DeviceSteps`]).
+    /// Where the block and AR decoders decide their steps: chained on the device or one by one
+    /// on the host (same tokens either way; [`DeviceSteps`]).
     pub device_steps: DeviceSteps,
 }
 
@@ -413,9 +425,9 @@ pub trait PassRunner<B: Backend> {
         want: &ForwardRequest,
     ) -> Result<ForwardOutput, ModelError>;
 
-    /// The backend and model when passes run alone ([`SoloPasses`]): the block decoder may then
-    /// chain denoising steps on the device (`Model::denoise_step`), which a batched pass cannot
-    /// share. `None` by default.
+    /// The backend and model when passes run alone ([`SoloPasses`]): the block and AR decoders
+    /// may then chain their steps on the device (`Model::denoise_step`), which a batched pass
+    /// cannot share. `None` by default.
     fn solo(&self) -> Option<(&B, &Model<B>)> {
         None
     }

@@ -138,13 +138,16 @@ impl CommitPolicy {
     }
 }
 
-impl From<CommitRule> for CommitPolicy {
-    fn from(r: CommitRule) -> Self {
+impl CommitPolicy {
+    /// The policy whose greedy form `r` is ([`CommitPolicy::device_rule`] backwards); `None` for
+    /// [`CommitRule::Next`], AR's step, which no block policy is.
+    pub fn for_rule(r: CommitRule) -> Option<CommitPolicy> {
         match r {
-            CommitRule::Threshold { threshold } => CommitPolicy::Threshold { threshold },
-            CommitRule::FixedSteps { steps } => CommitPolicy::FixedSteps { steps },
-            CommitRule::EntropyBound { gamma } => CommitPolicy::EntropyBound { gamma },
-            CommitRule::Margin { margin } => CommitPolicy::Margin { margin },
+            CommitRule::Threshold { threshold } => Some(CommitPolicy::Threshold { threshold }),
+            CommitRule::FixedSteps { steps } => Some(CommitPolicy::FixedSteps { steps }),
+            CommitRule::EntropyBound { gamma } => Some(CommitPolicy::EntropyBound { gamma }),
+            CommitRule::Margin { margin } => Some(CommitPolicy::Margin { margin }),
+            CommitRule::Next => None,
         }
     }
 }

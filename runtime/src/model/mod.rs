@@ -467,10 +467,10 @@ impl<B: Backend> Model<B> {
         b.batch_class(&self.config, tokens, head)
     }
 
-    /// One denoising step recorded on the backend and not read back (decode/block.rs chains
-    /// several in one submission): the pass over `tokens` in `window` — or, with
-    /// `step.ids_from_canvas`, over the canvas's input ids, `tokens` then giving only their count —,
-    /// the LM-head statistics of `rows` left where they were computed
+    /// One denoising step recorded on the backend and not read back (decode/chain.rs and
+    /// decode/ar.rs chain several in one submission): the pass over `tokens` in `window` — or,
+    /// with `step.ids_from_canvas`, over the canvas's input ids, `tokens` then giving only their
+    /// count —, the LM-head statistics of `rows` left where they were computed
     /// ([`Backend::lm_head_stats_kept`]), and the commit step on the canvas
     /// ([`Backend::commit_step`]). The same forward pass as [`Model::forward`], op for op; only
     /// where the ids come from and where the statistics go differ. [`Backend::read_canvas`] reads
@@ -553,7 +553,11 @@ impl<B: Backend> Model<B> {
         let eps = c.rms_norm_eps as f32;
         b.begin_forward(tokens.len(), largest)?;
         let mut x = match &step {
-            Some(s) if s.ids_from_canvas => b.embed_canvas(&self.embed, s.canvas, tokens.len())?,
+            Some(DenoiseStep {
+                canvas,
+                ids_from_canvas: Some(from),
+                ..
+            }) => b.embed_canvas(&self.embed, canvas, *from, tokens.len())?,
             _ => b.embed(&self.embed, &tokens)?,
         }; // (T, H)
         if let Some(a) = &self.embed_affine {
@@ -805,9 +809,11 @@ impl<B: Backend> Model<B> {
 /// The device side of a denoising step ([`Model::denoise_step`]).
 pub struct DenoiseStep<'a, B: Backend> {
     pub canvas: &'a mut B::Canvas,
-    /// The pass reads its ids from the canvas (a chained step over the block's cells) instead of
-    /// uploading them (the block's first step, whose window also holds the fused clean pass).
-    pub ids_from_canvas: bool,
+    /// `Some(from)`: the pass reads its ids from the canvas, the input ids of its cells
+    /// `from..from + tokens` (a block's chained step: 0, the whole block; AR's chained step: the
+    /// cells at its position). `None`: the pass's host tokens are uploaded (the first step of a
+    /// submission, whose window also holds a fused clean pass or the prompt).
+    pub ids_from_canvas: Option<usize>,
     pub commit: CommitParams,
 }
 

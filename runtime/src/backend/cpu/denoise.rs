@@ -5,7 +5,7 @@
 use std::ops::Range;
 
 use super::{CpuAct, CpuBackend, CpuWeight};
-use crate::backend::shapes::shape_err;
+use crate::backend::shapes;
 use crate::backend::{Backend, CanvasState, CommitParams, PositionStats, Result};
 
 /// A block being denoised, in host memory.
@@ -16,6 +16,8 @@ pub struct CpuCanvas {
     steps: usize,
     /// The first masked cell when the canvas was made (cells only ever go from masked to known).
     first_masked: usize,
+    /// Commit steps asked for so far, a finished canvas's included ([`CommitParams::check`]).
+    recorded: usize,
     /// `history[s]`: the cells after step `s + 1`.
     history: Vec<Vec<Option<u32>>>,
 }
@@ -29,12 +31,14 @@ pub fn new_canvas(cells: &[Option<u32>], mask: u32) -> CpuCanvas {
             .iter()
             .position(Option::is_none)
             .unwrap_or(cells.len()),
+        recorded: 0,
         history: Vec::new(),
     }
 }
 
 pub fn commit_step(c: &mut CpuCanvas, stats: &[PositionStats], p: &CommitParams) -> Result<()> {
-    p.check(c.cells.len(), c.first_masked, stats.len())?;
+    p.check(c.cells.len(), c.first_masked, c.recorded, stats.len())?;
+    c.recorded += 1;
     if c.cells.iter().all(Option::is_some) {
         return Ok(());
     }
@@ -53,13 +57,17 @@ pub fn read_canvas(c: &CpuCanvas, steps: Range<usize>) -> CanvasState {
     }
 }
 
-pub fn embed_canvas(b: &CpuBackend, table: &CpuWeight, c: &CpuCanvas, t: usize) -> Result<CpuAct> {
-    if t != c.cells.len() {
-        return Err(shape_err(
-            "embed_canvas",
-            format!("{t} rows from a canvas of {}", c.cells.len()),
-        ));
-    }
-    let ids: Vec<u32> = c.cells.iter().map(|t| t.unwrap_or(c.mask)).collect();
+pub fn embed_canvas(
+    b: &CpuBackend,
+    table: &CpuWeight,
+    c: &CpuCanvas,
+    from: usize,
+    t: usize,
+) -> Result<CpuAct> {
+    shapes::canvas_cells(from, t, c.cells.len())?;
+    let ids: Vec<u32> = c.cells[from..from + t]
+        .iter()
+        .map(|t| t.unwrap_or(c.mask))
+        .collect();
     b.embed(table, &ids)
 }

@@ -846,8 +846,14 @@ impl Backend for CpuBackend {
         Ok(denoise::read_canvas(canvas, steps))
     }
 
-    fn embed_canvas(&self, table: &CpuWeight, canvas: &CpuCanvas, t: usize) -> Result<CpuAct> {
-        denoise::embed_canvas(self, table, canvas, t)
+    fn embed_canvas(
+        &self,
+        table: &CpuWeight,
+        canvas: &CpuCanvas,
+        from: usize,
+        t: usize,
+    ) -> Result<CpuAct> {
+        denoise::embed_canvas(self, table, canvas, from, t)
     }
 
     fn lm_head_stats_kept(

@@ -1218,8 +1218,14 @@ impl Backend for GpuBackend {
         ops::denoise::read_canvas(self, canvas, steps)
     }
 
-    fn embed_canvas(&self, table: &GpuWeight, canvas: &Self::Canvas, t: usize) -> Result<GpuAct> {
-        ops::denoise::embed_canvas(self, table, canvas, t)
+    fn embed_canvas(
+        &self,
+        table: &GpuWeight,
+        canvas: &Self::Canvas,
+        from: usize,
+        t: usize,
+    ) -> Result<GpuAct> {
+        ops::denoise::embed_canvas(self, table, canvas, from, t)
     }
 
     fn lm_head_stats_kept(

@@ -49,6 +49,8 @@ pub struct GpuCanvas {
     n: usize,
     /// The first masked cell when the canvas was made.
     first_masked: usize,
+    /// Commit steps recorded so far, those on a finished canvas included ([`CommitParams::check`]).
+    recorded: usize,
     buf: Pooled,
 }
 
@@ -82,6 +84,7 @@ pub fn new_canvas(b: &GpuBackend, cells: &[Option<u32>], mask: u32) -> Result<Gp
         Ok(GpuCanvas {
             n,
             first_masked,
+            recorded: 0,
             buf,
         })
     })
@@ -93,12 +96,13 @@ pub fn commit_step(
     st: &GpuStats,
     p: &CommitParams,
 ) -> Result<()> {
-    p.check(canvas.n, canvas.first_masked, st.rows)?;
+    p.check(canvas.n, canvas.first_masked, canvas.recorded, st.rows)?;
     let (rule, param, steps) = match p.rule {
         CommitRule::Threshold { threshold } => (0, threshold, 0),
         CommitRule::FixedSteps { steps } => (1, 0.0, steps.min(u32::MAX as usize) as u32),
         CommitRule::EntropyBound { gamma } => (2, gamma, 0),
         CommitRule::Margin { margin } => (3, margin, 0),
+        CommitRule::Next => (4, 0.0, 0),
     };
     let params = CommitGpuParams {
         n: canvas.n as u32,
@@ -120,7 +124,9 @@ pub fn commit_step(
             &[&st.buf, &canvas.buf],
             Grid::Groups(1, 1, 1),
         )?)
-    })
+    })?;
+    canvas.recorded += 1;
+    Ok(())
 }
 
 pub fn read_canvas(b: &GpuBackend, canvas: &GpuCanvas, steps: Range<usize>) -> Result<CanvasState> {
@@ -170,14 +176,10 @@ pub fn embed_canvas(
     b: &GpuBackend,
     table: &GpuWeight,
     canvas: &GpuCanvas,
+    from: usize,
     t: usize,
 ) -> Result<GpuAct> {
-    if t != canvas.n {
-        return Err(shape_err(
-            "embed_canvas",
-            format!("{t} rows from a canvas of {}", canvas.n),
-        ));
-    }
+    shapes::canvas_cells(from, t, canvas.n)?;
     b.with(|ctx| {
         let out = GpuBackend::out_act(ctx, t, table.cols)?;
         for c in &table.chunks {
@@ -187,7 +189,8 @@ pub fn embed_canvas(
                 row0: c.row0,
                 rows: c.rows,
                 scales: c.scales,
-                ids_at: (HEAD + t) as u32,
+                // The input ids start after the header and the n cells.
+                ids_at: (HEAD + canvas.n + from) as u32,
                 _pad: [0; 2],
             };
             ctx.dispatch(
@@ -374,6 +377,123 @@ mod tests {
         assert!(ties > 100, "the inputs must tie often ({ties} ties)");
     }
 
+    /// AR's rule (`CommitRule::Next`) on the GPU against the CPU op, on random statistics: canvases
+    /// of awkward sizes up to the largest with random known prefixes (EOS among them), the EOS
+    /// rule on and off, one step per cell as decode/ar.rs records them (`stats_from` the step's
+    /// cell) and past the end; cells, step count and history equal after every step. The CPU op
+    /// is checked against the rule itself: the step's cell takes row 0's argmax and nothing else
+    /// changes, unless the EOS rule fills the rest.
+    #[test]
+    fn next_rule_matches_the_host_step() {
+        let cpu = CpuBackend;
+        let (mut eos_ends, mut eos_off_kept) = (0, 0);
+        for (name, gpu) in backends(None) {
+            let mut rng = Rng(11);
+            for &n in &[1usize, 2, 5, 33, 65, 256] {
+                for eos_on in [true, false] {
+                    // Mostly AR's canvas (cell 0 known), sometimes none or all known.
+                    let known = (rng.next() as usize) % (n.min(4) + 1);
+                    let cells: Vec<Option<u32>> = (0..n)
+                        .map(|i| (i < known).then(|| rng.pick(&[1, 2, 2, EOS])))
+                        .collect();
+                    let output_from = known.min(1 + (rng.next() % 2) as usize);
+                    let mut c_cpu = cpu.new_canvas(&cells, MASK).unwrap();
+                    let mut c_gpu = gpu.new_canvas(&cells, MASK).unwrap();
+                    let mut before = cells.clone();
+                    // Two steps past the last cell: a finished canvas stays as it is.
+                    for step in 0..n - known + 2 {
+                        let p = CommitParams {
+                            rule: CommitRule::Next,
+                            mask: MASK,
+                            eos: eos_on.then_some(EOS),
+                            output_from,
+                            stats_from: (known + step).min(n - 1),
+                        };
+                        // Only row 0 is read; the rows after it must not matter.
+                        let rows = 1 + (rng.next() % 3) as usize;
+                        let st = random_stats(&mut rng, rows);
+                        cpu.commit_step(&mut c_cpu, &st, &p).unwrap();
+                        let sg = gpu.upload_stats(&st).unwrap();
+                        gpu.commit_step(&mut c_gpu, &sg, &p).unwrap();
+                        let want = cpu.read_canvas(&c_cpu, step..step + 1).unwrap();
+                        let got = gpu.read_canvas(&c_gpu, step..step + 1).unwrap();
+                        assert_eq!(got, want, "{name}: n {n} step {step} {p:?}");
+                        // The rule itself, on the CPU op (the GPU's reference).
+                        let mut rule = before.clone();
+                        if rule.iter().any(Option::is_none) {
+                            if rule[p.stats_from].is_none() {
+                                rule[p.stats_from] = Some(st[0].argmax);
+                            }
+                            let first = (output_from..n).find(|&i| rule[i] == Some(EOS));
+                            if let (true, Some(i)) = (eos_on, first) {
+                                rule[i + 1..].fill(Some(EOS));
+                                eos_ends += usize::from(i + 1 < n);
+                            }
+                        }
+                        if !eos_on && rule.contains(&Some(EOS)) {
+                            eos_off_kept += 1;
+                        }
+                        assert_eq!(want.cells, rule, "cpu: n {n} step {step} {p:?}");
+                        before = rule;
+                    }
+                    let all = gpu.read_canvas(&c_gpu, 0..n).unwrap();
+                    assert_eq!(
+                        all,
+                        cpu.read_canvas(&c_cpu, 0..n).unwrap(),
+                        "{name} history"
+                    );
+                }
+            }
+        }
+        assert!(eos_ends > 5, "the EOS rule must end canvases ({eos_ends})");
+        assert!(
+            eos_off_kept > 5,
+            "EOS off must go on past it ({eos_off_kept})"
+        );
+    }
+
+    /// AR's rule fits its step or is a typed error: at least one row, a cell inside the canvas,
+    /// no cell beyond the first one that can still be masked.
+    #[test]
+    fn next_rule_checks_its_shape() {
+        let cpu = CpuBackend;
+        let cells = [Some(1), None, None, None];
+        let p = |stats_from| CommitParams {
+            rule: CommitRule::Next,
+            mask: MASK,
+            eos: Some(EOS),
+            output_from: 1,
+            stats_from,
+        };
+        let st = vec![PositionStats {
+            argmax: 2,
+            p_max: 0.5,
+            entropy: 1.0,
+            margin: 0.1,
+            top: vec![(2, 0.5)],
+        }];
+        let mut cc = cpu.new_canvas(&cells, MASK).unwrap();
+        // Cell 2 while cell 1 is still masked, cell 4 outside, no statistics.
+        assert!(cpu.commit_step(&mut cc, &st, &p(2)).is_err());
+        assert!(cpu.commit_step(&mut cc, &st, &p(4)).is_err());
+        assert!(cpu.commit_step(&mut cc, &Vec::new(), &p(1)).is_err());
+        cpu.commit_step(&mut cc, &st, &p(1)).unwrap();
+        assert!(cpu.commit_step(&mut cc, &st, &p(3)).is_err());
+        cpu.commit_step(&mut cc, &st, &p(2)).unwrap();
+        let want = cpu.read_canvas(&cc, 0..4).unwrap();
+        assert_eq!(want.cells, [Some(1), Some(2), Some(2), None]);
+        for (name, gpu) in backends(None) {
+            let mut c = gpu.new_canvas(&cells, MASK).unwrap();
+            let sg = gpu.upload_stats(&st).unwrap();
+            assert!(gpu.commit_step(&mut c, &sg, &p(2)).is_err(), "{name}");
+            assert!(gpu.commit_step(&mut c, &sg, &p(4)).is_err(), "{name}");
+            gpu.commit_step(&mut c, &sg, &p(1)).unwrap();
+            assert!(gpu.commit_step(&mut c, &sg, &p(3)).is_err(), "{name}");
+            gpu.commit_step(&mut c, &sg, &p(2)).unwrap();
+            assert_eq!(gpu.read_canvas(&c, 0..4).unwrap(), want, "{name}");
+        }
+    }
+
     /// Tokens the commit kernel writes are what the next pass embeds.
     #[test]
     fn embedding_a_canvas_reads_its_input_ids() {
@@ -387,21 +507,40 @@ mod tests {
             bytes: bytemuck::cast_slice(&table),
         };
         let cells: Vec<Option<u32>> = vec![Some(4), None, Some(36), None, Some(0)];
+        let ids = [4, 7, 36, 7, 0];
         let cpu = CpuBackend;
-        let want = cpu
-            .embed_canvas(
-                &cpu.load_weight(view).unwrap(),
-                &cpu.new_canvas(&cells, 7).unwrap(),
-                5,
-            )
-            .unwrap();
-        for (name, gpu) in backends(Some(1024)) {
-            let w = gpu.load_weight(view).unwrap();
-            let canvas = gpu.new_canvas(&cells, 7).unwrap();
-            let got = gpu
-                .read_act(&gpu.embed_canvas(&w, &canvas, 5).unwrap())
-                .unwrap();
-            assert_eq!(got, want.data, "{name}");
+        let table_cpu = cpu.load_weight(view).unwrap();
+        let canvas_cpu = cpu.new_canvas(&cells, 7).unwrap();
+        let configs = backends(Some(1024));
+        let gpus: Vec<_> = configs
+            .iter()
+            .map(|(name, gpu)| {
+                let w = gpu.load_weight(view).unwrap();
+                (name, gpu, w, gpu.new_canvas(&cells, 7).unwrap())
+            })
+            .collect();
+        // Every run of cells (AR's steps embed one or two from an offset, a block's all of them),
+        // against the plain gather of the ids expected there.
+        for from in 0..5 {
+            for t in 1..=5 - from {
+                let want = cpu.embed(&table_cpu, &ids[from..from + t]).unwrap();
+                let got = cpu.embed_canvas(&table_cpu, &canvas_cpu, from, t).unwrap();
+                assert_eq!(got.data, want.data, "cpu: cells {from}..{}", from + t);
+                for (name, gpu, w, canvas) in &gpus {
+                    let got = gpu
+                        .read_act(&gpu.embed_canvas(w, canvas, from, t).unwrap())
+                        .unwrap();
+                    assert_eq!(got, want.data, "{name}: cells {from}..{}", from + t);
+                }
+            }
+        }
+        // Outside the canvas, or no cell: typed errors.
+        for (from, t) in [(0, 0), (0, 6), (5, 1), (4, 2), (usize::MAX, 2)] {
+            assert!(cpu.embed_canvas(&table_cpu, &canvas_cpu, from, t).is_err());
+            for (name, gpu, w, canvas) in &gpus {
+                let r = gpu.embed_canvas(w, canvas, from, t);
+                assert!(r.is_err(), "{name}: cells {from} + {t}");
+            }
         }
     }
 }
