@@ -9,7 +9,7 @@
 //! | `EDGEDIFF_COOP_SPLIT_K=0` | [`KernelChoice::coop_split_k`] |
 //! | `EDGEDIFF_GEMV_F32_MAX_T=<tokens>` | [`KernelChoice::gemv_f32_max_t`] |
 //! | `EDGEDIFF_FUSE_SWIGLU=0` | [`KernelChoice::fuse_swiglu`] |
-//! | `EDGEDIFF_FUSE_COMBINE_NORM=0` | [`KernelChoice::fuse_combine_norm`] |
+//! | `EDGEDIFF_FUSE_COMBINE_NORM=1\|0` | [`KernelChoice::fuse_combine_norm`] |
 //! | `EDGEDIFF_MOE_KERNEL=gemv\|tiled` | [`KernelChoice::moe`] |
 //! | `EDGEDIFF_MOE_GEMV_BLOCKS=<n>` | [`KernelChoice::moe_gemv_blocks`] |
 //! | `EDGEDIFF_ATTN_KERNEL=heads\|gqa` | [`KernelChoice::attention`] |
@@ -57,9 +57,10 @@ pub struct KernelChoice {
     pub gemv_f32_max_t: usize,
     /// SwiGLU fused into the dense gate_up gemv.
     pub fuse_swiglu: bool,
-    /// The MoE combine carries the residual add and the next norm (moe_combine_norm); off: the
-    /// combine and add_rms_norm as two dispatches (an H100 measured the fused one slower per
-    /// layer before 6566716, and still ≈ 2–4 µs slower after: docs/PERF.md).
+    /// The MoE combine carries the residual add and the next norm (moe_combine_norm, one
+    /// dispatch); off (the default): the combine and add_rms_norm as two. The pair is faster on
+    /// an H100 (20-layer LLaDA2.0-mini q4, same run: 350 vs 391 µs a 1-token pass, 412 vs 474 at
+    /// 16 tokens; docs/PERF.md): the fused kernel is one latency-bound workgroup per token.
     pub fuse_combine_norm: bool,
     /// The routed-expert kernel, forced (`None`: chosen by tokens per expert).
     pub moe: Option<ExpertKernel>,
@@ -88,7 +89,7 @@ impl Default for KernelChoice {
             coop_split_k: true,
             gemv_f32_max_t: GEMV_F32_MAX_T,
             fuse_swiglu: true,
-            fuse_combine_norm: true,
+            fuse_combine_norm: false,
             moe: None,
             moe_gemv_blocks: 1,
             attention: None,
@@ -117,7 +118,8 @@ impl KernelChoice {
             coop_split_k: !off("EDGEDIFF_COOP_SPLIT_K"),
             gemv_f32_max_t: num("EDGEDIFF_GEMV_F32_MAX_T").map_or(d.gemv_f32_max_t, |v| v as usize),
             fuse_swiglu: !off("EDGEDIFF_FUSE_SWIGLU"),
-            fuse_combine_norm: !off("EDGEDIFF_FUSE_COMBINE_NORM"),
+            fuse_combine_norm: var("EDGEDIFF_FUSE_COMBINE_NORM")
+                .map_or(d.fuse_combine_norm, |v| v.trim() == "1"),
             moe: match var("EDGEDIFF_MOE_KERNEL").as_deref().map(str::trim) {
                 Some("gemv") => Some(ExpertKernel::Gemv),
                 Some("tiled") => Some(ExpertKernel::Tiled),
@@ -165,7 +167,7 @@ mod tests {
         assert_eq!(from(&[]), KernelChoice::default());
         let d = KernelChoice::default();
         assert!(d.coop_split_k && d.fuse_swiglu && d.moe.is_none() && d.attention.is_none());
-        assert!(d.batch_blocks);
+        assert!(d.batch_blocks && !d.fuse_combine_norm);
     }
 
     #[test]
@@ -175,7 +177,7 @@ mod tests {
             ("EDGEDIFF_COOP_SPLIT_K", "0"),
             ("EDGEDIFF_GEMV_F32_MAX_T", "16"),
             ("EDGEDIFF_FUSE_SWIGLU", "0"),
-            ("EDGEDIFF_FUSE_COMBINE_NORM", "0"),
+            ("EDGEDIFF_FUSE_COMBINE_NORM", "1"),
             ("EDGEDIFF_MOE_KERNEL", "tiled"),
             ("EDGEDIFF_MOE_GEMV_BLOCKS", "8"),
             ("EDGEDIFF_ATTN_KERNEL", "heads"),
@@ -191,7 +193,7 @@ mod tests {
                 coop_split_k: false,
                 gemv_f32_max_t: 16,
                 fuse_swiglu: false,
-                fuse_combine_norm: false,
+                fuse_combine_norm: true,
                 moe: Some(ExpertKernel::Tiled),
                 moe_gemv_blocks: 8,
                 attention: Some(AttnKernel::Heads),
@@ -204,6 +206,7 @@ mod tests {
         let k = from(&[
             ("EDGEDIFF_COOP_MIN_T", "many"),
             ("EDGEDIFF_COOP_SPLIT_K", "1"),
+            ("EDGEDIFF_FUSE_COMBINE_NORM", "yes"),
             ("EDGEDIFF_MOE_KERNEL", "fast"),
             ("EDGEDIFF_MOE_GEMV_BLOCKS", "0"),
             ("EDGEDIFF_ATTN_GROUPS", "0"),

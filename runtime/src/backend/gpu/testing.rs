@@ -15,15 +15,20 @@ pub fn skip_requested() -> bool {
 /// dispatch its own compute pass, so both recording modes meet every test.
 /// `max_binding` caps storage bindings (tests of weight splitting).
 pub fn backends(max_binding: Option<u64>) -> Vec<(String, GpuBackend)> {
+    backends_with(GpuOptions {
+        poison: true,
+        max_binding,
+        ..GpuOptions::from_env()
+    })
+}
+
+/// [`backends`] from `base` (a kernel choice other than the default, say); the second
+/// configuration switches off what [`backends`]' does.
+pub fn backends_with(base: GpuOptions) -> Vec<(String, GpuBackend)> {
     if skip_requested() {
         eprintln!("EDGEDIFF_SKIP_GPU_TESTS=1: GPU tests skipped");
         return Vec::new();
     }
-    let base = GpuOptions {
-        poison: true,
-        max_binding,
-        ..GpuOptions::from_env()
-    };
     let first = GpuBackend::new(&base).unwrap_or_else(|e| {
         panic!("GPU tests need an adapter ({e}); set EDGEDIFF_SKIP_GPU_TESTS=1 to skip them")
     });

@@ -1035,7 +1035,16 @@ fn moe_residual_norm_folds_into_the_combine() {
         let (_dir, file) = synth_file_of(&spec, DType::Q8);
         let c = file.header.metadata.config.clone();
         let h = c.hidden_size;
-        for (name, b) in backends(None) {
+        // The fusion is off by default (EDGEDIFF_FUSE_COMBINE_NORM=1 turns it on).
+        let fused_on = super::GpuOptions {
+            poison: true,
+            kernels: super::KernelChoice {
+                fuse_combine_norm: true,
+                ..super::KernelChoice::from_env()
+            },
+            ..super::GpuOptions::from_env()
+        };
+        for (name, b) in super::testing::backends_with(fused_on) {
             let m = MoeLayer::load(&b, &file);
             let mut rng = Rng(33);
             // A test upload holds at most 64 KiB.
@@ -1069,7 +1078,8 @@ fn moe_residual_norm_folds_into_the_combine() {
                 );
             }
         }
-        // EDGEDIFF_FUSE_COMBINE_NORM=0: the same values through the two dispatches.
+        // The default (EDGEDIFF_FUSE_COMBINE_NORM unset or 0): the same values through the two
+        // dispatches.
         let off = GpuBackend::new(&super::GpuOptions {
             poison: true,
             kernels: super::KernelChoice {

@@ -523,7 +523,8 @@ pub(in crate::backend::gpu) fn moe_add_rms_norm(
     let fused = b.sh.dev.kernels.fuse_combine_norm;
     let Some(wv) = wv.filter(|_| resident && fused) else {
         // Paged experts (their combine runs after the pager's groups), shapes the separate ops
-        // name in their errors, or the fusion turned off (EDGEDIFF_FUSE_COMBINE_NORM=0).
+        // name in their errors, or the fusion off (the default; EDGEDIFF_FUSE_COMBINE_NORM=1 turns
+        // it on).
         let y = match shared {
             Some((gate_up, down)) => b.moe_shared_mlp(h, routing, experts, gate_up, down)?,
             None => b.moe(h, routing, experts)?,
