@@ -46,7 +46,7 @@ if [[ -n "${SMALL:-}" ]]; then
   CONTEXT=${SMALL_CONTEXT:-64}
 else
   SHAPE=(--arch qwen3_moe --layers "$LAYERS" --hidden 2048 --heads 32 --kv-heads 4 --head-dim 128
-    --experts 128 --top-k 8 --expert-ffn 768 --vocab 151936)
+    --experts 128 --top-k 8 --expert-ffn 768 --vocab 151936 --max-position 4096)
 fi
 LLAMA=$W/llama.cpp
 LB=$LLAMA/build

@@ -2,10 +2,16 @@
 // E[v, c] of the previous step's logits L [rows, V] and the embedding table E [V, H] in its file
 // layout (lib/dequant.wgsl).
 // - soft_max (one workgroup of 64 per row): L[r] becomes softmax(L[r]) in place (max, Σ exp).
-// - soft_embed (a workgroup per 16 rows × 64 columns, grid [⌈H/64⌉, ⌈rows/16⌉]): the rows of one
-//   table chunk [v0, v0 + vrows) (a table larger than one binding is split by rows) add
-//   s · Σ_v p[r, v] · E[v, c] to out (`accumulate` 0 on the first chunk: it writes); tiling below.
+// - soft_embed (a workgroup per 16 rows × 64 columns × one vocabulary split, grid [⌈H/64⌉,
+//   ⌈rows/16⌉, parts]): split z of one table chunk [v0, v0 + vrows) (a table larger than one
+//   binding is split by rows), vocabulary rows [z · vsplit, (z + 1) · vsplit) of it, writes its
+//   partial Σ_v p[r, v] · E[v, c] to part[z, r, c]; tiling below. The splits are what fill the GPU:
+//   one canvas row is ⌈H/64⌉ = 44 column tiles on DiffusionGemma-26B, each of which walked all
+//   262,144 vocabulary rows alone (≈ 300 ms a step on an H100).
+// - soft_embed_sum (one invocation per output): out[r, c] = s · Σ_z part[z, r, c], z ascending
+//   (`accumulate` 0 on the table's first chunk: it writes, later chunks add).
 
+#include "grid"
 #include "reduce"
 #include "dequant"
 
@@ -19,8 +25,9 @@ struct SoftEmbedParams {
     accumulate: u32,
     out_row0: u32,
     s: f32,
-    _pad0: u32,
-    _pad1: u32,
+    // Vocabulary rows per split of the chunk, and the splits (soft_embed's grid z).
+    vsplit: u32,
+    parts: u32,
     _pad2: u32,
 }
 
@@ -29,6 +36,7 @@ struct SoftEmbedParams {
 @group(0) @binding(2) var<storage, read> w_words: array<u32>;
 @group(0) @binding(3) var<storage, read> probs_in: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(5) var<storage, read_write> part: array<f32>;
 
 fn w_word(i: u32) -> u32 {
     return w_words[i];
@@ -57,7 +65,8 @@ fn soft_max(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
 // A tile of TR rows × 64 columns per workgroup, one column per invocation with TR row sums in
 // registers: each step stages p[r0.., v..v + TV) in shared memory and dequantizes each E[v, c]
 // once for all TR rows, so the table is read rows / TR times per pass instead of once per row.
-// Each output still sums its terms in ascending v, one at a time, as the CPU reference does.
+// Each split sums its terms in ascending v, one at a time; soft_embed_sum adds the splits in
+// ascending order (the CPU reference sums one run: the f32 rounding differs, not the terms).
 const TR: u32 = 16u;
 const TV: u32 = 64u;
 var<workgroup> p_tile: array<f32, 1024>; // [TR][TV]
@@ -74,8 +83,9 @@ fn soft_embed(
     for (var i = 0u; i < TR; i++) {
         acc[i] = 0.0;
     }
-    for (var vb = 0u; vb < p.vrows; vb += TV) {
-        let n = min(TV, p.vrows - vb);
+    let v_end = min(p.vrows, (wid.z + 1u) * p.vsplit);
+    for (var vb = wid.z * p.vsplit; vb < v_end; vb += TV) {
+        let n = min(TV, v_end - vb);
         for (var k = lid; k < TR * TV; k += 64u) {
             let i = k / TV;
             let j = k % TV;
@@ -104,11 +114,28 @@ fn soft_embed(
         if (r >= p.rows) {
             break;
         }
-        let o = (p.out_row0 + r) * p.cols + c;
-        if (p.accumulate != 0u) {
-            out[o] += p.s * acc[i];
-        } else {
-            out[o] = p.s * acc[i];
-        }
+        part[(wid.z * p.rows + r) * p.cols + c] = acc[i];
+    }
+}
+
+@compute @workgroup_size(64)
+fn soft_embed_sum(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let i = flat_index(lid, wid, nwg);
+    if (i >= p.rows * p.cols) {
+        return;
+    }
+    var sum = 0.0;
+    for (var z = 0u; z < p.parts; z++) {
+        sum += part[z * p.rows * p.cols + i];
+    }
+    let o = p.out_row0 * p.cols + i;
+    if (p.accumulate != 0u) {
+        out[o] += p.s * sum;
+    } else {
+        out[o] = p.s * sum;
     }
 }

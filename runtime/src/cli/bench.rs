@@ -127,17 +127,18 @@ fn copy_json(bw: Option<CopyBandwidth>) -> Value {
 }
 
 /// (entry point, dispatches, GPU µs) per entry point.
-type EntryTimes = Vec<(&'static str, usize, f64)>;
+pub(super) type EntryTimes = Vec<(&'static str, usize, f64)>;
 
 /// GPU µs of each entry point in one call of `op` (after a warm-up call): (entry, dispatches, µs).
-fn breakdown(
+/// Up to 2048 dispatches are timed (a query set's most timestamps).
+pub(super) fn breakdown(
     g: &GpuBackend,
     mut op: impl FnMut() -> anyhow::Result<()>,
     sync: &dyn Fn() -> anyhow::Result<()>,
 ) -> anyhow::Result<EntryTimes> {
     op()?;
     sync()?;
-    if !g.start_timing(1024) {
+    if !g.start_timing(2048) {
         return Ok(Vec::new());
     }
     op()?;
@@ -805,14 +806,19 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
     if split.iter().any(|s| !s.1.is_empty()) {
         println!("\nGPU µs per entry point and pass (dispatches per pass):");
         for (t, parts) in &split {
-            let mut parts = parts.clone();
-            parts.sort_by(|a, b| b.2.total_cmp(&a.2));
-            let list: Vec<String> = parts
-                .iter()
-                .map(|(l, n, us)| format!("{l} {us:.1} ({n})"))
-                .collect();
-            println!("- {t} tokens: {}", list.join(", "));
+            println!("- {t} tokens: {}", entry_list(parts));
         }
     }
     Ok(())
+}
+
+/// `entry µs (dispatches), …`, the costliest first.
+pub(super) fn entry_list(parts: &EntryTimes) -> String {
+    let mut parts = parts.clone();
+    parts.sort_by(|a, b| b.2.total_cmp(&a.2));
+    let list: Vec<String> = parts
+        .iter()
+        .map(|(l, n, us)| format!("{l} {us:.1} ({n})"))
+        .collect();
+    list.join(", ")
 }

@@ -24,6 +24,8 @@ struct Row {
     pass: &'static str,
     wall_ms: f64,
     dispatches: u64,
+    /// GPU µs per entry point over one pass (empty without timestamp queries).
+    parts: super::bench::EntryTimes,
 }
 
 pub fn run(c: &Common, g: GpuBackend, file: Arc<EdmFile>) -> anyhow::Result<()> {
@@ -116,11 +118,16 @@ pub fn run(c: &Common, g: GpuBackend, file: Arc<EdmFile>) -> anyhow::Result<()> 
             for _ in 0..iters {
                 run(&mut kv, i)?;
             }
+            let wall_ms = t0.elapsed().as_secs_f64() * 1e3 / iters as f64;
+            let dispatches = (g.dispatches() - d0) / iters as u64;
+            // Every pass reads something back at its end: no other wait is needed.
+            let parts = super::bench::breakdown(&g, || run(&mut kv, i), &|| Ok(()))?;
             rows.push(Row {
                 tokens: t,
                 pass,
-                wall_ms: t0.elapsed().as_secs_f64() * 1e3 / iters as f64,
-                dispatches: (g.dispatches() - d0) / iters as u64,
+                wall_ms,
+                dispatches,
+                parts,
             });
         }
     }
@@ -135,6 +142,9 @@ pub fn run(c: &Common, g: GpuBackend, file: Arc<EdmFile>) -> anyhow::Result<()> 
             "wall_ms": r.wall_ms,
             "dispatches": r.dispatches,
             "tokens_per_s": r.tokens as f64 / r.wall_ms * 1e3,
+            "gpu_us": r.parts.iter().map(|(l, n, us)| json!({
+                "entry": l, "dispatches": n, "us": us,
+            })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     });
     if emit_json(c, &out)? {
@@ -159,6 +169,17 @@ pub fn run(c: &Common, g: GpuBackend, file: Arc<EdmFile>) -> anyhow::Result<()> 
             r.dispatches,
             r.tokens as f64 / r.wall_ms * 1e3
         );
+    }
+    if rows.iter().any(|r| !r.parts.is_empty()) {
+        println!("\nGPU µs per entry point, one pass (dispatches):");
+        for r in &rows {
+            println!(
+                "- {} tokens, {}: {}",
+                r.tokens,
+                r.pass,
+                super::bench::entry_list(&r.parts)
+            );
+        }
     }
     Ok(())
 }

@@ -60,6 +60,10 @@ pub struct Args {
     /// Default diffusion block size written into the file (1: an AR model).
     #[arg(long)]
     pub block_size: Option<usize>,
+    /// Context length the model declares, in positions (a pass's cached + new tokens must fit
+    /// it; the presets: 512 for tiny shapes, the real model's otherwise).
+    #[arg(long)]
+    pub max_position: Option<usize>,
     /// Seed of the random weights (the same seed writes the same bytes).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -108,6 +112,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     set(&mut s.vocab, a.vocab);
     set(&mut s.tokenizer_vocab, a.tokenizer_vocab);
     set(&mut s.block_size, a.block_size);
+    set(&mut s.max_position, a.max_position);
     s.seed = a.seed;
     if arch == Architecture::Olmoe && a.head_dim.is_none() {
         s.head_dim = s.hidden / s.heads.max(1);

@@ -1,7 +1,8 @@
 //! DiffusionGemma's soft embeddings for self-conditioning (shaders/soft_embed.wgsl): the host's
 //! logits go up in row chunks that fit one binding (or, in the canvas step, ops/canvas_draw.rs,
 //! they are already there), each chunk is softmaxed in place and multiplied into the embedding
-//! table chunk by chunk.
+//! table chunk by chunk, each table chunk's vocabulary split over workgroups (partials, then a
+//! sum in split order).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -25,7 +26,9 @@ pub struct SoftEmbedParams {
     pub accumulate: u32,
     pub out_row0: u32,
     pub s: f32,
-    pub _pad: [u32; 3],
+    pub vsplit: u32,
+    pub parts: u32,
+    pub _pad: u32,
 }
 
 pub static SOFT_MAX: Entry = Entry {
@@ -37,9 +40,37 @@ pub static SOFT_MAX: Entry = Entry {
 pub static SOFT_EMBED: Entry = Entry {
     file: "soft_embed.wgsl",
     name: "soft_embed",
-    bindings: &[(0, Params), (2, Read), (3, Read), (4, ReadWrite)],
+    bindings: &[(0, Params), (2, Read), (3, Read), (5, ReadWrite)],
     params: "SoftEmbedParams",
 };
+pub static SOFT_EMBED_SUM: Entry = Entry {
+    file: "soft_embed.wgsl",
+    name: "soft_embed_sum",
+    bindings: &[(0, Params), (4, ReadWrite), (5, ReadWrite)],
+    params: "SoftEmbedParams",
+};
+
+/// Workgroups soft_embed aims at: a table chunk's vocabulary is split until column tiles × row
+/// tiles × splits reach this (an H100 has 132 SMs; a few rows alone are only ⌈H/64⌉ tiles).
+const TARGET_GROUPS: usize = 1024;
+/// Vocabulary rows per split at least: one step of the kernel's tile.
+const MIN_SPLIT: usize = 64;
+
+/// (vocabulary rows per split, splits) for `m` rows of a table chunk of `vrows` rows and `h`
+/// columns, with the partials ([splits, m, h] f32) within `binding` bytes.
+pub fn vocab_splits(m: usize, h: usize, vrows: usize, binding: u64) -> (usize, usize) {
+    let tiles = h.div_ceil(64) * m.div_ceil(16);
+    let fit = (binding / (m * h * 4).max(1) as u64).max(1) as usize;
+    let want = TARGET_GROUPS
+        .div_ceil(tiles)
+        .min(fit)
+        .clamp(1, vrows.div_ceil(MIN_SPLIT).max(1));
+    let vsplit = vrows
+        .div_ceil(want)
+        .next_multiple_of(MIN_SPLIT)
+        .max(MIN_SPLIT);
+    (vsplit, vrows.div_ceil(vsplit).max(1))
+}
 
 /// `softmax(logits) · table · s` for host `logits` `[rows, vocab]` and `table` `[vocab, H]`.
 pub fn soft_embed(b: &GpuBackend, logits: &[f32], table: &GpuWeight, s: f32) -> Result<GpuAct> {
@@ -88,7 +119,9 @@ pub(super) fn record_soft_embed(
         accumulate: 0,
         out_row0: r0 as u32,
         s,
-        _pad: [0; 3],
+        vsplit: 0,
+        parts: 0,
+        _pad: 0,
     };
     ctx.dispatch(
         &SOFT_MAX,
@@ -98,19 +131,72 @@ pub(super) fn record_soft_embed(
         &[logits],
         Grid::Groups(m as u32, 1, 1),
     )?;
+    let most = table
+        .chunks
+        .iter()
+        .map(|c| c.rows as usize)
+        .max()
+        .unwrap_or(0);
+    let (_, most_parts) = vocab_splits(m, h, most, ctx.sh.dev.split);
+    let part = ctx.output((most_parts * m * h * 4) as u64)?;
     for (i, c) in table.chunks.iter().enumerate() {
+        let (vsplit, parts) = vocab_splits(m, h, c.rows as usize, ctx.sh.dev.split);
         p.v0 = c.row0;
         p.vrows = c.rows;
         p.scales = c.scales;
         p.accumulate = (i > 0) as u32;
+        p.vsplit = vsplit as u32;
+        p.parts = parts as u32;
+        let grid = Grid::Groups(h.div_ceil(64) as u32, m.div_ceil(16) as u32, parts as u32);
         ctx.dispatch(
             &SOFT_EMBED,
             table.wtype(),
             &p,
             None,
-            &[&c.buf, logits, out],
-            Grid::Groups(h.div_ceil(64) as u32, m.div_ceil(16) as u32, 1),
+            &[&c.buf, logits, &part],
+            grid,
         )?;
+        let sum = Grid::Linear((m * h).div_ceil(64) as u64);
+        ctx.dispatch(&SOFT_EMBED_SUM, 0, &p, None, &[out, &part], sum)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{vocab_splits, MIN_SPLIT, TARGET_GROUPS};
+
+    #[test]
+    fn vocab_splits_cover_the_chunk_and_fill_the_gpu() {
+        // (rows, columns, vocabulary rows, binding bytes)
+        for (m, h, v, binding) in [
+            (1, 2816, 262_144, 1u64 << 31),
+            (256, 2816, 262_144, 1 << 31),
+            (5, 64, 300, 1 << 31),
+            (21, 96, 300, 16 << 10),
+            (3, 40, 37, 1 << 20),
+            (1, 64, 1, 1 << 20),
+        ] {
+            let (vsplit, parts) = vocab_splits(m, h, v, binding);
+            let what = format!("{m} x {h}, vocab {v}: {parts} splits of {vsplit}");
+            assert!(
+                vsplit >= MIN_SPLIT && vsplit.is_multiple_of(MIN_SPLIT),
+                "{what}"
+            );
+            // Every vocabulary row in exactly one split, none empty.
+            assert!(parts * vsplit >= v && (parts - 1) * vsplit < v, "{what}");
+            assert!(
+                (parts * m * h * 4) as u64 <= binding.max((m * h * 4) as u64),
+                "{what}"
+            );
+            let groups = h.div_ceil(64) * m.div_ceil(16) * parts;
+            assert!(
+                groups >= TARGET_GROUPS.min(h.div_ceil(64) * m.div_ceil(16) * v.div_ceil(64))
+                    || (parts + 1) * m * h * 4 > binding as usize,
+                "{what}: {groups} workgroups"
+            );
+        }
+        // One canvas row of DiffusionGemma-26B: 44 column tiles alone before the splits.
+        assert_eq!(vocab_splits(1, 2816, 262_144, 1 << 31), (10_944, 24));
+    }
 }
