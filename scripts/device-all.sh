@@ -10,6 +10,8 @@
 #   steps  scripts/device-steps.sh with DECODE_ARGS="--decoder block" (issue 13 step 4)
 #   serve  scripts/device-serve-bench.sh, STREAMS="1 16", BASELINE=1, 5 s a point (issue 16)
 #   dgbench scripts/device-diffusion-gemma-bench.sh (issue 18; not in the default list: ~14 GB synth)
+#   gputests scripts/device-gpu-tests.sh run (needs `bash scripts/device-gpu-tests.sh pack` here);
+#          it waits for dgref first, whose references it checks the GPU backend against
 # Stages share the LLaDA2.0-mini synth in $TMPDIR (pass writes it, steps reuses it).
 # Here: cargo build --release -p edgediff && strip -o .bin/edgediff target/release/edgediff
 # There (run tool, carry [".bin", ".gl"]): bash scripts/device-all.sh
@@ -39,6 +41,7 @@ stage() {
         OUT="$RES/$1" bash scripts/device-serve-bench.sh
       ;;
     dgbench) OUT="$RES/$1" bash scripts/device-diffusion-gemma-bench.sh ;;
+    gputests) OUT="$RES/$1" DG_REFS="$RES/dgref/dg" bash scripts/device-gpu-tests.sh run ;;
     *) echo "unknown stage $1"; return 2 ;;
   esac
 }
@@ -50,6 +53,11 @@ for s in $STAGES; do
     SYNTH=0 OUT="$RES/$s" bash scripts/device-diffusion-gemma.sh >"$RES/$s/run.txt" 2>&1 &
     BG=$!
     continue
+  fi
+  if [[ $s == gputests && -n "$BG" ]]; then
+    wait "$BG"
+    note "end dgref: exit $?"
+    BG=
   fi
   # In the background and waited for, so a TERM runs the trap at once (bash defers traps until
   # a foreground child ends).

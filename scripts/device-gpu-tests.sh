@@ -4,13 +4,18 @@
 #
 # Here (build and pack the test binaries; stripped and xz-compressed, they fit the 64 MiB carry):
 #   bash scripts/device-gpu-tests.sh pack            # → .bin/gpu-tests.tar.xz
-# On the device (run tool, carry [".bin", ".gl"]):
+# On the device (run tool, carry [".bin/gpu-tests.tar.xz", ".gl"]: with gpu_gemma and diffusion_gemma
+# the tarball is ≈ 30 MB, so the checkout + it + a plain edgediff binary pass 64 MiB):
 #   bash scripts/device-gpu-tests.sh run             # results under $OUT/gpu-tests.txt
 # Runs the library's backend::gpu tests one at a time and then in parallel (a hang would show as a
 # timeout), then tests/gpu_forward, gpu_engine (GPU tokens equal CPU tokens), gpu_paging,
 # device_steps (denoising steps chained on the GPU commit the host loop's tokens) and
 # batched_forward (a batched pass equals each pass alone bit for bit: here diffusion blocks of
-# 17-32 rows take the tensor-core kernels, with sequences starting mid-tile). Limits
+# 17-32 rows take the tensor-core kernels, with sequences starting mid-tile), gpu_gemma
+# (DiffusionGemma's ops and canvas model against the CPU) and, when transformers' references are on
+# the machine (DG_REFS, default where `STAGES=dgref bash scripts/device-all.sh` writes them earlier
+# in the same lease), diffusion_gemma's ignored parity test: edgediff's CPU and this GPU against
+# transformers on cuda (issue 18). Limits
 # suit the GPU machine (the whole run takes ≈ 40 s on an H200); SLOW=8 multiplies them for a
 # software adapter (lavapipe: ≈ 5 minutes).
 set -uo pipefail
@@ -26,7 +31,7 @@ for l in sys.stdin:
     m=json.loads(l)
     if m.get("reason")=="compiler-artifact" and m.get("executable") and m["profile"]["test"]: print(m["executable"])'; }
   strip -o .bin/gpu-tests/lib "$(exe -p edgediff --lib)"
-  for t in gpu_forward gpu_engine gpu_paging device_steps batched_forward; do
+  for t in gpu_forward gpu_engine gpu_paging device_steps batched_forward gpu_gemma diffusion_gemma; do
     strip -o ".bin/gpu-tests/$t" "$(exe -p edgediff-tests --test "$t")"
   done
   tar -cJf .bin/gpu-tests.tar.xz -C .bin/gpu-tests . && rm -rf .bin/gpu-tests
@@ -62,9 +67,17 @@ run)
   # 4 threads: with the H200 machine's 16 (the default) the run hung with no GPU test finished
   # (2026-12-04, docs/PERF.md); 4 passed in 8 s.
   t "backend::gpu, in parallel" runtime 90 "$T/lib" gpu:: --test-threads=4
-  for b in gpu_forward gpu_engine gpu_paging device_steps batched_forward; do
+  for b in gpu_forward gpu_engine gpu_paging device_steps batched_forward gpu_gemma; do
     t "$b" tests 120 "$T/$b"
   done
+  DG_REFS="${DG_REFS:-/tmp/edgediff-all-res/dgref/dg}"
+  if [[ -d "$DG_REFS" ]]; then
+    export EDGEDIFF_DG_REFERENCES="$DG_REFS"
+    t "diffusion_gemma vs transformers ($DG_REFS)" tests 300 "$T/diffusion_gemma" --ignored --nocapture
+    unset EDGEDIFF_DG_REFERENCES
+  else
+    echo "no references at $DG_REFS: diffusion_gemma's parity test not run" | tee -a "$OUTF"
+  fi
   grep -E "^test result|SKIPPED|panicked" "$OUTF"
   exit "$FAILED"
   ;;

@@ -470,8 +470,8 @@ fn chained_ar_commits_the_host_loops_tokens_on_the_cpu() {
 
 /// Fewer requests than on the CPU (lavapipe runs a pass of the default model in about a third of
 /// a second; the host-side bookkeeping the rest check is the CPU test's): on the first
-/// configuration both random models, 21 tokens (8 + 13) and an EOS, and the default model in
-/// place, 9 tokens (8 + 1); on the next (a submission every pass) the next-token model.
+/// configuration both random models, 21 tokens (submissions of 1, 8 and 12) and an EOS; on the
+/// next (a submission every pass) the next-token model.
 #[test]
 fn chained_ar_commits_the_host_loops_tokens_on_the_gpu() {
     let dir = tempfile::tempdir().unwrap();
@@ -491,16 +491,8 @@ fn chained_ar_commits_the_host_loops_tokens_on_the_gpu() {
             };
             check_ar(&name, &gpu, &model, special, r);
         }
-        if k == 0 {
-            let (model, special) = load(&gpu, &default_model());
-            let r = ArRequests {
-                prediction: Prediction::InPlace,
-                seed: 9,
-                len: 9,
-                all: false,
-            };
-            check_ar(&name, &gpu, &model, special, r);
-        }
+        // The default model's AR runs on the CPU test above (≈ 0.3 s a pass on lavapipe here);
+        // the synthetic LLaDA2 model covers the in-place pass on the GPU.
         assert!(gpu.submissions() > submissions);
     }
 }
