@@ -13,7 +13,12 @@
 //   `start` visible within window − 1 of it, the canvas decoder's rule; else within window − 1 of
 //   the query), an online softmax, the weighted values. Lanes split the head's dimensions
 //   (head_dim ≤ 512: 8 per lane), each key's dot product is one workgroup sum: plain, correct for
-//   any head size, not tiled (docs/PERF.md).
+//   any head size, not tiled (docs/PERF.md). The keys are split over the grid's z (flash-decoding:
+//   split z walks keys [z · chunk, (z + 1) · chunk)), so a few rows against a long cache still fill
+//   the GPU — one row of DiffusionGemma-26B is 16 workgroups, and each walked all 512+ keys one
+//   workgroup sum at a time. With one split the workgroup writes its output; with more, its
+//   (max, sum, accumulator) to part[((t · heads + h) · splits + z) · (head_dim + 2)], and
+// - attend_heads_combine (one workgroup of 64 per (row, q head)) merges the splits by their maxima.
 
 #include "reduce"
 
@@ -34,6 +39,11 @@ struct HeadsParams {
     window: u32,
     window_at_start: u32,
     proj_dim: u32,
+    // attend_heads: key splits (the grid's z) and keys per split.
+    splits: u32,
+    chunk: u32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: HeadsParams;
@@ -47,6 +57,7 @@ struct HeadsParams {
 @group(0) @binding(8) var<storage, read_write> v_cache: array<f32>;
 @group(0) @binding(9) var<storage, read> k_read: array<f32>;
 @group(0) @binding(10) var<storage, read> v_read: array<f32>;
+@group(0) @binding(11) var<storage, read_write> part: array<f32>;
 
 const MAX_PER_LANE: u32 = 8u;
 
@@ -157,7 +168,9 @@ fn attend_heads(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
     }
     var m = neg_inf();
     var l = 0.0;
-    for (var j = 0u; j < p.kv_len; j++) {
+    let z = wid.z;
+    let j_end = min(p.kv_len, (z + 1u) * p.chunk);
+    for (var j = z * p.chunk; j < j_end; j++) {
         if (!visible(pos, j)) {
             continue;
         }
@@ -182,9 +195,60 @@ fn attend_heads(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
         }
         m = m_new;
     }
+    if (p.splits > 1u) {
+        let pb = ((t * p.heads + h) * p.splits + z) * (hd + 2u);
+        if (lane.id == 0u) {
+            part[pb] = m;
+            part[pb + 1u] = l;
+        }
+        for (var i = 0u; i < MAX_PER_LANE; i++) {
+            let d = lane.id + 64u * i;
+            if (d < hd) {
+                part[pb + 2u + d] = acc[i];
+            }
+        }
+        return;
+    }
     let o0 = t * qd + h * hd;
     for (var i = 0u; i < MAX_PER_LANE; i++) {
         let d = lane.id + 64u * i;
+        if (d < hd) {
+            out[o0 + d] = select(0.0, acc[i] / l, l > 0.0);
+        }
+    }
+}
+
+@compute @workgroup_size(64)
+fn attend_heads_combine(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let t = wid.x;
+    let h = wid.y;
+    let hd = p.head_dim;
+    let stride = hd + 2u;
+    let pb = (t * p.heads + h) * p.splits * stride;
+    var mx = neg_inf();
+    for (var z = 0u; z < p.splits; z++) {
+        mx = max(mx, part[pb + z * stride]);
+    }
+    var l = 0.0;
+    var acc: array<f32, 8>;
+    for (var i = 0u; i < MAX_PER_LANE; i++) {
+        acc[i] = 0.0;
+    }
+    for (var z = 0u; z < p.splits; z++) {
+        let b = pb + z * stride;
+        let mz = part[b];
+        let w = select(exp(mz - mx), 0.0, mz == neg_inf());
+        l += w * part[b + 1u];
+        for (var i = 0u; i < MAX_PER_LANE; i++) {
+            let d = lid + 64u * i;
+            if (d < hd) {
+                acc[i] += w * part[b + 2u + d];
+            }
+        }
+    }
+    let o0 = t * p.heads * hd + h * hd;
+    for (var i = 0u; i < MAX_PER_LANE; i++) {
+        let d = lid + 64u * i;
         if (d < hd) {
             out[o0 + d] = select(0.0, acc[i] / l, l > 0.0);
         }

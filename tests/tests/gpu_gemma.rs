@@ -445,9 +445,10 @@ fn attention_heads_match_the_cpu_for_every_layer_geometry() {
     let gpus = gpus();
     for (ci, c) in gemma_configs().iter().enumerate() {
         let cpu = CpuBackend;
-        // 13 positions: an odd capacity (the passes below need 12).
-        let mut ckv = cpu.new_kv(c, 13).unwrap();
-        let mut gkvs: Vec<_> = gpus.iter().map(|(_, g)| g.new_kv(c, 13).unwrap()).collect();
+        // 41 positions: an odd capacity (the passes below need 41). The last pass, one row
+        // against 41 keys, splits its keys over workgroups (16 a split: 3 splits).
+        let mut ckv = cpu.new_kv(c, 41).unwrap();
+        let mut gkvs: Vec<_> = gpus.iter().map(|(_, g)| g.new_kv(c, 41).unwrap()).collect();
         for l in 0..c.num_layers {
             let geom = c.attn_of(l);
             let hd = geom.head_dim;
@@ -456,6 +457,8 @@ fn attention_heads_match_the_cpu_for_every_layer_geometry() {
             for (pass, (start, t, mask, at_start)) in [
                 (0usize, 7usize, AttnMask::Causal, false),
                 (7, 5, AttnMask::Bidirectional, true),
+                (12, 28, AttnMask::Bidirectional, false),
+                (40, 1, AttnMask::Causal, false),
             ]
             .into_iter()
             .enumerate()

@@ -31,6 +31,9 @@ pub struct HeadsGpuParams {
     pub window: u32,
     pub window_at_start: u32,
     pub proj_dim: u32,
+    pub splits: u32,
+    pub chunk: u32,
+    pub _pad: [u32; 2],
 }
 
 pub static PREPARE_HEADS: Entry = Entry {
@@ -61,7 +64,14 @@ pub static ATTEND_HEADS: Entry = Entry {
         (6, Read),
         (9, Read),
         (10, Read),
+        (11, ReadWrite),
     ],
+    params: "HeadsParams",
+};
+pub static ATTEND_HEADS_COMBINE: Entry = Entry {
+    file: "heads.wgsl",
+    name: "attend_heads_combine",
+    bindings: &[(0, Params), (5, ReadWrite), (11, ReadWrite)],
     params: "HeadsParams",
 };
 
@@ -106,7 +116,39 @@ fn params(p: &HeadsParams, t: usize) -> Result<HeadsGpuParams> {
         window: g.window.unwrap_or(0) as u32,
         window_at_start: p.window_at_start as u32,
         proj_dim: g.proj_dim() as u32,
+        splits: 1,
+        chunk: p.kv_len.max(1) as u32,
+        _pad: [0; 2],
     })
+}
+
+/// Workgroups attend_heads aims at: a few rows against a long cache split their keys until
+/// (rows × heads × splits) reaches this.
+const TARGET_GROUPS: usize = 512;
+/// Keys per split at least (and their granularity).
+const MIN_CHUNK: usize = 16;
+
+/// (splits, keys per split) for `rows` × `heads` workgroups over `kv_len` keys, the partials
+/// (`head_dim` + 2 floats each) within `binding` bytes.
+pub fn key_splits(
+    heads: usize,
+    rows: usize,
+    kv_len: usize,
+    head_dim: usize,
+    binding: u64,
+) -> (usize, usize) {
+    let kv_len = kv_len.max(1);
+    let slots = (heads * rows).max(1);
+    let fit = (binding / (slots * (head_dim + 2) * 4) as u64).max(1) as usize;
+    let want = TARGET_GROUPS
+        .div_ceil(slots)
+        .min(fit)
+        .clamp(1, kv_len.div_ceil(MIN_CHUNK));
+    if want == 1 {
+        return (1, kv_len);
+    }
+    let chunk = kv_len.div_ceil(want).next_multiple_of(MIN_CHUNK);
+    (kv_len.div_ceil(chunk), chunk)
 }
 
 /// `[T, proj_dim]` → `[T, q | k | v]` (see [`crate::backend::Backend::prepare_heads`]).
@@ -205,9 +247,12 @@ pub fn attention_heads(
             format!("kv_len {kv_len} < end of block {}", start + t_len),
         ));
     }
-    let gp = params(&p, t_len)?;
+    let mut gp = params(&p, t_len)?;
     let (k, v) = (kv.k[p.layer].clone(), kv.v[p.layer].clone());
     b.with(|ctx| {
+        let (splits, chunk) = key_splits(g.heads, t_len, kv_len, g.head_dim, ctx.sh.dev.split);
+        gp.splits = splits as u32;
+        gp.chunk = chunk as u32;
         ctx.dispatch(
             &HEADS_STORE,
             0,
@@ -217,14 +262,54 @@ pub fn attention_heads(
             Grid::Linear(((t_len * kd) as u64).div_ceil(64)),
         )?;
         let out = GpuBackend::out_act(ctx, t_len, qd)?;
-        ctx.dispatch(
-            &ATTEND_HEADS,
-            0,
-            &gp,
-            None,
-            &[&out.buf, &qkv.buf, &k, &v],
-            Grid::Groups(t_len as u32, g.heads as u32, 1),
-        )?;
+        // One split writes the output itself; the partials' buffer is then only bound.
+        let part = ctx.output((t_len * g.heads * splits * (g.head_dim + 2) * 4) as u64)?;
+        let grid = Grid::Groups(t_len as u32, g.heads as u32, splits as u32);
+        let bufs: [&GpuBuffer; 5] = [&out.buf, &qkv.buf, &k, &v, &part];
+        ctx.dispatch(&ATTEND_HEADS, 0, &gp, None, &bufs, grid)?;
+        if splits > 1 {
+            let grid = Grid::Groups(t_len as u32, g.heads as u32, 1);
+            ctx.dispatch(
+                &ATTEND_HEADS_COMBINE,
+                0,
+                &gp,
+                None,
+                &[&out.buf, &part],
+                grid,
+            )?;
+        }
         Ok(out)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{key_splits, MIN_CHUNK, TARGET_GROUPS};
+
+    #[test]
+    fn key_splits_cover_the_keys_and_fill_the_gpu() {
+        // (heads, rows, keys, head_dim, binding bytes)
+        for (h, t, kv, hd, binding) in [
+            (16, 1, 513, 512, 1u64 << 31),
+            (16, 16, 768, 256, 1 << 31),
+            (16, 256, 768, 256, 1 << 31),
+            (4, 5, 40, 30, 1 << 20),
+            (4, 5, 40, 30, 1 << 10),
+            (2, 1, 1, 8, 1 << 20),
+        ] {
+            let (splits, chunk) = key_splits(h, t, kv, hd, binding);
+            let what = format!("{h} heads x {t} rows over {kv}: {splits} splits of {chunk}");
+            assert!(splits >= 1 && chunk >= 1, "{what}");
+            // Every key in exactly one split, none empty.
+            assert!(splits * chunk >= kv && (splits - 1) * chunk < kv, "{what}");
+            if splits > 1 {
+                assert!(chunk.is_multiple_of(MIN_CHUNK), "{what}");
+                assert!((h * t * splits * (hd + 2) * 4) as u64 <= binding, "{what}");
+            }
+            assert!(h * t * splits <= TARGET_GROUPS.max(h * t) + h * t, "{what}");
+        }
+        // One row of DiffusionGemma-26B against 513 keys: 16 workgroups alone before the splits.
+        assert_eq!(key_splits(16, 1, 513, 512, 1 << 31), (17, 32));
+        assert_eq!(key_splits(16, 256, 768, 256, 1 << 31), (1, 768));
+    }
 }

@@ -117,12 +117,20 @@ pub fn all_entries() -> Vec<(&'static Entry, usize)> {
             size_of::<soft_embed::SoftEmbedParams>(),
         ),
         (
+            &soft_embed::SOFT_EMBED_SUM,
+            size_of::<soft_embed::SoftEmbedParams>(),
+        ),
+        (
             &canvas_draw::CANVAS_DRAW,
             size_of::<canvas_draw::DrawParams>(),
         ),
         (&heads::PREPARE_HEADS, size_of::<heads::HeadsGpuParams>()),
         (&heads::HEADS_STORE, size_of::<heads::HeadsGpuParams>()),
         (&heads::ATTEND_HEADS, size_of::<heads::HeadsGpuParams>()),
+        (
+            &heads::ATTEND_HEADS_COMBINE,
+            size_of::<heads::HeadsGpuParams>(),
+        ),
         (&stats::PARTIAL, size_of::<stats::StatsParams>()),
         (&stats::MERGE, size_of::<stats::StatsParams>()),
         (&denoise::COMMIT, size_of::<denoise::CommitGpuParams>()),
