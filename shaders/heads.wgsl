@@ -12,8 +12,8 @@
 //   that the mask (0 causal, 1 bidirectional) and the window allow (window_at_start: keys before
 //   `start` visible within window − 1 of it, the canvas decoder's rule; else within window − 1 of
 //   the query), an online softmax, the weighted values. Lanes split the head's dimensions
-//   (head_dim ≤ 512: 8 per lane), each key's dot product is one workgroup sum: plain, correct for
-//   any head size, not tiled (docs/PERF.md). The keys are split over the grid's z (flash-decoding:
+//   (head_dim ≤ 512: 8 per lane), four keys' dot products are one workgroup sum (of a vec4): plain,
+//   correct for any head size, not tiled (docs/PERF.md). The keys are split over the grid's z (flash-decoding:
 //   split z walks keys [z · chunk, (z + 1) · chunk)), so a few rows against a long cache still fill
 //   the GPU — one row of DiffusionGemma-26B is 16 workgroups, and each walked all 512+ keys one
 //   workgroup sum at a time. With one split the workgroup writes its output; with more, its
@@ -170,30 +170,44 @@ fn attend_heads(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
     var l = 0.0;
     let z = wid.z;
     let j_end = min(p.kv_len, (z + 1u) * p.chunk);
-    for (var j = z * p.chunk; j < j_end; j++) {
-        if (!visible(pos, j)) {
-            continue;
-        }
-        let k0 = j * kd + kvh * hd;
-        var part = 0.0;
-        for (var i = 0u; i < MAX_PER_LANE; i++) {
-            let d = lane.id + 64u * i;
-            if (d < hd) {
-                part += q[i] * k_read[k0 + d];
+    // Four keys a round: their partial dot products go through one workgroup sum (a vec4), so
+    // a round pays the sum's barriers once instead of four times; the online softmax then takes
+    // the round's visible keys one at a time, in key order.
+    for (var j0 = z * p.chunk; j0 < j_end; j0 += 4u) {
+        var part = vec4<f32>(0.0);
+        var seen = vec4<bool>(false);
+        for (var c = 0u; c < 4u; c++) {
+            let j = j0 + c;
+            if (j < j_end && visible(pos, j)) {
+                seen[c] = true;
+                let k0 = j * kd + kvh * hd;
+                for (var i = 0u; i < MAX_PER_LANE; i++) {
+                    let d = lane.id + 64u * i;
+                    if (d < hd) {
+                        part[c] += q[i] * k_read[k0 + d];
+                    }
+                }
             }
         }
-        let s = wg_sum(part, lane) * p.scale;
-        let m_new = max(m, s);
-        let corr = exp(m - m_new);
-        let e = exp(s - m_new);
-        l = l * corr + e;
-        for (var i = 0u; i < MAX_PER_LANE; i++) {
-            let d = lane.id + 64u * i;
-            if (d < hd) {
-                acc[i] = acc[i] * corr + e * v_read[k0 + d];
+        let sc = wg_sum4(part, lane) * p.scale;
+        for (var c = 0u; c < 4u; c++) {
+            if (!seen[c]) {
+                continue;
             }
+            let s = sc[c];
+            let k0 = (j0 + c) * kd + kvh * hd;
+            let m_new = max(m, s);
+            let corr = exp(m - m_new);
+            let e = exp(s - m_new);
+            l = l * corr + e;
+            for (var i = 0u; i < MAX_PER_LANE; i++) {
+                let d = lane.id + 64u * i;
+                if (d < hd) {
+                    acc[i] = acc[i] * corr + e * v_read[k0 + d];
+                }
+            }
+            m = m_new;
         }
-        m = m_new;
     }
     if (p.splits > 1u) {
         let pb = ((t * p.heads + h) * p.splits + z) * (hd + 2u);

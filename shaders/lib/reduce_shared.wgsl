@@ -25,6 +25,23 @@ fn wg_sum(v: f32, lane: Lane) -> f32 {
     return r;
 }
 
+var<workgroup> red_tree4: array<vec4<f32>, 64>;
+
+// wg_sum of four values at once (one pass of barriers for the four).
+fn wg_sum4(v: vec4<f32>, lane: Lane) -> vec4<f32> {
+    red_tree4[lane.id] = v;
+    workgroupBarrier();
+    for (var s = 32u; s > 0u; s >>= 1u) {
+        if (lane.id < s) {
+            red_tree4[lane.id] += red_tree4[lane.id + s];
+        }
+        workgroupBarrier();
+    }
+    let r = red_tree4[0];
+    workgroupBarrier();
+    return r;
+}
+
 fn wg_max(v: f32, lane: Lane) -> f32 {
     red_tree[lane.id] = v;
     workgroupBarrier();

@@ -29,6 +29,23 @@ fn wg_sum(v: f32, lane: Lane) -> f32 {
     return t;
 }
 
+var<workgroup> red_part4: array<vec4<f32>, 64>;
+
+// wg_sum of four values at once (one pass of barriers for the four).
+fn wg_sum4(v: vec4<f32>, lane: Lane) -> vec4<f32> {
+    let s = subgroupAdd(v);
+    if (lane.sg_lane == 0u) {
+        red_part4[lane.sg] = s;
+    }
+    workgroupBarrier();
+    var t = vec4<f32>(0.0);
+    for (var i = 0u; i < min(lane.sg_count, 64u); i++) {
+        t += red_part4[i];
+    }
+    workgroupBarrier();
+    return t;
+}
+
 fn wg_max(v: f32, lane: Lane) -> f32 {
     let s = subgroupMax(v);
     if (lane.sg_lane == 0u) {
