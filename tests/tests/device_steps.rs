@@ -204,18 +204,28 @@ fn check_synth<B: Backend>(name: &str, b: &B, paths: &[(PathBuf, Prediction)], w
 }
 
 fn synth_models(dir: &Path, dtype: DType) -> Vec<(PathBuf, Prediction)> {
+    // Masks predict in place, causal rows the next token: block diffusion reads the former.
+    llada_and_qwen(dir, dtype, (11, 5), Prediction::Hybrid)
+}
+
+/// A random LLaDA2 model (in place) and a random Qwen3-MoE one read as `qwen`, of these seeds.
+fn llada_and_qwen(
+    dir: &Path,
+    dtype: DType,
+    (llada_seed, qwen_seed): (u64, u64),
+    qwen: Prediction,
+) -> Vec<(PathBuf, Prediction)> {
     let llada = SynthSpec {
-        seed: 11,
+        seed: llada_seed,
         ..SynthSpec::tiny(Architecture::Llada2Moe)
     };
-    let qwen = SynthSpec {
-        seed: 5,
+    let qwen_spec = SynthSpec {
+        seed: qwen_seed,
         ..SynthSpec::tiny(Architecture::Qwen3Moe)
     };
     vec![
         (write_synth(dir, &llada, dtype), Prediction::InPlace),
-        // Masks predict in place, causal rows the next token: block diffusion reads the former.
-        (write_synth(dir, &qwen, dtype), Prediction::Hybrid),
+        (write_synth(dir, &qwen_spec, dtype), qwen),
     ]
 }
 
@@ -421,18 +431,7 @@ fn check_ar<B: Backend>(name: &str, b: &B, model: &Model<B>, special: SpecialIds
 /// A random in-place model (LLaDA2: the pass is `[last token, mask]`) and a random next-token one
 /// (Qwen3-MoE: `[last token]`).
 fn ar_synth_models(dir: &Path, dtype: DType) -> Vec<(PathBuf, Prediction)> {
-    let llada = SynthSpec {
-        seed: 3,
-        ..SynthSpec::tiny(Architecture::Llada2Moe)
-    };
-    let qwen = SynthSpec {
-        seed: 8,
-        ..SynthSpec::tiny(Architecture::Qwen3Moe)
-    };
-    vec![
-        (write_synth(dir, &llada, dtype), Prediction::InPlace),
-        (write_synth(dir, &qwen, dtype), Prediction::NextToken),
-    ]
+    llada_and_qwen(dir, dtype, (3, 8), Prediction::NextToken)
 }
 
 /// The default model's own convention (hybrid: AR reads its causal rows, next-token) and in place

@@ -108,7 +108,10 @@ fn run_decode(a: DecodeArgs) -> anyhow::Result<()> {
     };
     anyhow::ensure!(!prompts.is_empty(), "no prompts to run");
     let base = a.decoding.params(&engine);
-    let configs = if matches!(base.decoder, DecoderKind::Canvas(_)) {
+    // A canvas model (DiffusionGemma) decodes with its canvas sampler only: no AR row exists to
+    // compare with, so its table has the canvas row alone and no "vs AR".
+    let canvas_only = matches!(base.decoder, DecoderKind::Canvas(_));
+    let configs = if canvas_only {
         vec![base.clone()]
     } else {
         configurations(&engine, &a, &base)
@@ -130,9 +133,6 @@ fn run_decode(a: DecodeArgs) -> anyhow::Result<()> {
         a.decoding
             .check_prompt(&engine, &format!("prompt {}", i + 1), ids.len())?;
     }
-    // A canvas model (DiffusionGemma) decodes with its canvas sampler only: no AR row exists to
-    // compare with, so its table has the canvas row alone and no "vs AR".
-    let canvas_only = matches!(base.decoder, DecoderKind::Canvas(_));
     // Warm-up: page the weights in before anything is timed.
     let mut warm = engine.request(prompt_of(&prompts[0]));
     warm.decoding = DecodeParams {

@@ -266,8 +266,10 @@ pub fn upload_stats(b: &GpuBackend, st: &[PositionStats]) -> Result<GpuStats> {
 #[cfg(test)]
 mod tests {
     use super::super::super::testing::backends;
-    use crate::backend::cpu::CpuBackend;
-    use crate::backend::{Backend, CommitParams, CommitRule, PositionStats};
+    use super::super::super::GpuBackend;
+    use super::GpuCanvas;
+    use crate::backend::cpu::{CpuBackend, CpuCanvas};
+    use crate::backend::{Backend, CanvasState, CommitParams, CommitRule, PositionStats};
 
     /// SplitMix64, for seeded test inputs.
     struct Rng(u64);
@@ -289,6 +291,22 @@ mod tests {
 
     /// Statistics drawn from few values, so ties are common; signed zeros and exact 1s included
     /// (no NaN: the statistics kernel never writes one).
+    /// One commit step of `p` on the statistics `st`, on the CPU canvas and on the GPU one: the
+    /// CPU canvas after it (the reference the GPU's is compared with).
+    fn step_both(
+        gpu: &GpuBackend,
+        (c_cpu, c_gpu): (&mut CpuCanvas, &mut GpuCanvas),
+        st: &<CpuBackend as Backend>::Stats,
+        p: &CommitParams,
+        step: usize,
+    ) -> CanvasState {
+        let cpu = CpuBackend;
+        cpu.commit_step(c_cpu, st, p).unwrap();
+        let sg = gpu.upload_stats(st).unwrap();
+        gpu.commit_step(c_gpu, &sg, p).unwrap();
+        cpu.read_canvas(c_cpu, step..step + 1).unwrap()
+    }
+
     fn random_stats(rng: &mut Rng, rows: usize) -> Vec<PositionStats> {
         (0..rows)
             .map(|_| {
@@ -353,10 +371,7 @@ mod tests {
                             u.dedup();
                             u.len()
                         };
-                        cpu.commit_step(&mut c_cpu, &st, &p).unwrap();
-                        let sg = gpu.upload_stats(&st).unwrap();
-                        gpu.commit_step(&mut c_gpu, &sg, &p).unwrap();
-                        let want = cpu.read_canvas(&c_cpu, step..step + 1).unwrap();
+                        let want = step_both(&gpu, (&mut c_cpu, &mut c_gpu), &st, &p, step);
                         let got = gpu.read_canvas(&c_gpu, step..step + 1).unwrap();
                         assert_eq!(got, want, "{name}: {rule:?} n {n} step {step} {p:?}");
                         step += 1;
@@ -412,10 +427,7 @@ mod tests {
                         // Only row 0 is read; the rows after it must not matter.
                         let rows = 1 + (rng.next() % 3) as usize;
                         let st = random_stats(&mut rng, rows);
-                        cpu.commit_step(&mut c_cpu, &st, &p).unwrap();
-                        let sg = gpu.upload_stats(&st).unwrap();
-                        gpu.commit_step(&mut c_gpu, &sg, &p).unwrap();
-                        let want = cpu.read_canvas(&c_cpu, step..step + 1).unwrap();
+                        let want = step_both(&gpu, (&mut c_cpu, &mut c_gpu), &st, &p, step);
                         let got = gpu.read_canvas(&c_gpu, step..step + 1).unwrap();
                         assert_eq!(got, want, "{name}: n {n} step {step} {p:?}");
                         // The rule itself, on the CPU op (the GPU's reference).

@@ -140,15 +140,11 @@ pub fn key_splits(
     let kv_len = kv_len.max(1);
     let slots = (heads * rows).max(1);
     let fit = (binding / (slots * (head_dim + 2) * 4) as u64).max(1) as usize;
-    let want = TARGET_GROUPS
-        .div_ceil(slots)
-        .min(fit)
-        .clamp(1, kv_len.div_ceil(MIN_CHUNK));
-    if want == 1 {
-        return (1, kv_len);
+    match super::reduction_splits(kv_len, slots, TARGET_GROUPS, fit, MIN_CHUNK) {
+        // One split walks every key.
+        (_, 1) => (1, kv_len),
+        (chunk, splits) => (splits, chunk),
     }
-    let chunk = kv_len.div_ceil(want).next_multiple_of(MIN_CHUNK);
-    (kv_len.div_ceil(chunk), chunk)
 }
 
 /// `[T, proj_dim]` → `[T, q | k | v]` (see [`crate::backend::Backend::prepare_heads`]).
@@ -262,8 +258,12 @@ pub fn attention_heads(
             Grid::Linear(((t_len * kd) as u64).div_ceil(64)),
         )?;
         let out = GpuBackend::out_act(ctx, t_len, qd)?;
-        // One split writes the output itself; the partials' buffer is then only bound.
-        let part = ctx.output((t_len * g.heads * splits * (g.head_dim + 2) * 4) as u64)?;
+        // One split writes the output itself; the partials' buffer is then only bound (a word).
+        let part_bytes = match splits {
+            1 => 4,
+            _ => t_len * g.heads * splits * (g.head_dim + 2) * 4,
+        };
+        let part = ctx.output(part_bytes as u64)?;
         let grid = Grid::Groups(t_len as u32, g.heads as u32, splits as u32);
         let bufs: [&GpuBuffer; 5] = [&out.buf, &qkv.buf, &k, &v, &part];
         ctx.dispatch(&ATTEND_HEADS, 0, &gp, None, &bufs, grid)?;

@@ -24,6 +24,26 @@ pub mod stats;
 
 use super::kernels::Entry;
 
+/// A reduction of `len` items split over workgroups (flash-decoding's keys, soft_embed's
+/// vocabulary): `groups` workgroups before splitting, splits added until `target` workgroups, at
+/// most `fit` splits (their partials' buffer), each at least `min` items and a multiple of it.
+/// (items per split, splits).
+pub fn reduction_splits(
+    len: usize,
+    groups: usize,
+    target: usize,
+    fit: usize,
+    min: usize,
+) -> (usize, usize) {
+    let len = len.max(1);
+    let want = target
+        .div_ceil(groups.max(1))
+        .min(fit)
+        .clamp(1, len.div_ceil(min));
+    let per = len.div_ceil(want).next_multiple_of(min);
+    (per, len.div_ceil(per))
+}
+
 /// Every entry point with the size of the host params struct it is dispatched with.
 pub fn all_entries() -> Vec<(&'static Entry, usize)> {
     use std::mem::size_of;

@@ -61,15 +61,7 @@ const MIN_SPLIT: usize = 64;
 pub fn vocab_splits(m: usize, h: usize, vrows: usize, binding: u64) -> (usize, usize) {
     let tiles = h.div_ceil(64) * m.div_ceil(16);
     let fit = (binding / (m * h * 4).max(1) as u64).max(1) as usize;
-    let want = TARGET_GROUPS
-        .div_ceil(tiles)
-        .min(fit)
-        .clamp(1, vrows.div_ceil(MIN_SPLIT).max(1));
-    let vsplit = vrows
-        .div_ceil(want)
-        .next_multiple_of(MIN_SPLIT)
-        .max(MIN_SPLIT);
-    (vsplit, vrows.div_ceil(vsplit).max(1))
+    super::reduction_splits(vrows, tiles, TARGET_GROUPS, fit, MIN_SPLIT)
 }
 
 /// `softmax(logits) · table · s` for host `logits` `[rows, vocab]` and `table` `[vocab, H]`.
