@@ -22,11 +22,15 @@
 #   bash scripts/device-train19.sh return-2   carry []   (the q4 file is ~78 MiB: a call returns 64 MiB)
 # Back here: bash training/smollm2/reassemble.sh models/smollm2-moe-q4.edm <dirs with the fetched files>
 # Training across sessions (a state lives only on the machine): train and oneshot resume from the state
-# there when one exists (RESUME=0: start from the upcycled plan). Before the session ends:
-#   bash scripts/device-train19.sh state-out 0   carry []   (then 1, 2, …: one ≤ 60 MB piece a call, 5 for 270 MB)
-# here: bash training/smollm2/state_carry.sh <dirs with the fetched pieces>   (-> training/carry/s0..s4)
+# there when one exists (RESUME=0: start from the upcycled plan). The state is student.q8delta.pt (the delta from
+# the upcycled start, int8 per row: train_moe.py save_student) + state.json, ≈ 137 MB for the full model, so
+# 9 pieces of 16 MB. A call returns at most 8 files of ≤ 16 MiB, 64 MiB in all; it carries ≤ 64 MiB with the
+# ≈ 26 MB checkout. Before the session ends:
+#   bash scripts/device-train19.sh state-out 0   carry []   (then 1, 2: 3 pieces a call, 3 calls; each says how many)
+# here: bash training/smollm2/state_carry.sh <dirs with the fetched pieces>   (-> training/carry/s0..s4, 2 pieces
+#       each, and prints the state-in calls)
 # next session, after staging the bundle (c0..c3):
-#   bash scripts/device-train19.sh state-in      carry ["training/carry/s0"]   (then s1..s4)
+#   bash scripts/device-train19.sh state-in      carry ["training/carry/s0"]   (then s1..s4: 5 calls)
 # Env: OUT (results), DEADLINE (train: seconds from start to saved state, 520), TRAIN_ARGS (extra train_moe.py
 # flags), PY (python3), EDGEDIFF (binary; .bin/edgediff or target/release/edgediff), PIECE (bytes, 16000000).
 set -uo pipefail
@@ -85,7 +89,7 @@ train() { # deadline
   [[ -f "$BUNDLE/.done" ]] || { log "bundle incomplete: stage every chunk first"; return 1; }
   nvidia-smi --query-gpu=name,memory.total --format=csv >> "$LOG" 2>&1
   local resume=()
-  if [[ -f "$STATE/student.pt" && "${RESUME:-1}" != 0 ]]; then resume=(--resume "$STATE"); fi
+  if have_state && [[ "${RESUME:-1}" != 0 ]]; then resume=(--resume "$STATE"); fi
   log "train (deadline $1 s${resume:+, resuming $STATE})"
   PYTHONPATH="$DEV/site" $PY training/smollm2/train_moe.py train --bundle "$BUNDLE" --out "$STATE" \
     --deadline "$1" "${resume[@]}" ${TRAIN_ARGS:-} 2>&1 | tee -a "$LOG" | grep -v '^{"step"' >&2
@@ -96,7 +100,7 @@ train() { # deadline
 }
 
 export_model() {
-  [[ -f "$STATE/student.pt" ]] || { log "no trained state in $STATE (run train first, same warm machine)"; return 1; }
+  have_state || { log "no trained state in $STATE (run train first, same warm machine)"; return 1; }
   BIN=$(binary) || return 1
   source scripts/lib/device-vulkan.sh
   local rc=0
@@ -150,19 +154,34 @@ binary() {
   echo "$b"
 }
 
-# The trained state (student.pt in bf16 + state.json, ≈ 270 MB) out in pieces a call can return, one piece a
-# call (state-out N), and back in the next session as carried chunks (state-in), so training resumes across
-# sessions. STATE_PIECE: bytes a piece (60000000).
-state_out() { # piece index
-  [[ -f "$STATE/student.pt" ]] || { log "no trained state in $STATE"; return 1; }
-  if [[ ! -f "$DEV/state.sha256" || "$STATE/student.pt" -nt "$DEV/state.sha256" ]]; then
-    ( cd "$DEV" && rm -f state.piece.* && tar -cf - -C "$STATE" student.pt state.json \
-      | split -b "${STATE_PIECE:-60000000}" -d -a 2 - state.piece. && sha256sum state.piece.* > state.sha256 ) || return 1
+# The trained state out in pieces a call can return and back in the next session as carried chunks, so training
+# resumes across sessions. Pieces of $PIECE bytes (16000000 ≤ 16 MiB, the most a returned file may be); 3 a call
+# (48 MB of the 64 MiB a call returns) with the sha256 list and state.json. The compact student
+# (student.q8delta.pt) is what travels; a state saved before it (student.pt, bf16) still does, twice the calls.
+student_file() {
+  local f
+  for f in student.q8delta.pt student.pt; do [[ -f "$STATE/$f" ]] && { echo "$f"; return 0; }; done
+  return 1
+}
+have_state() { student_file > /dev/null; }
+
+state_out() { # call index N: pieces 3N, 3N+1, 3N+2
+  local f; f=$(student_file) || { log "no trained state in $STATE"; return 1; }
+  local sums=$DEV/state.sha256
+  if [[ ! -f "$sums" || "$STATE/$f" -nt "$sums" || "$STATE/state.json" -nt "$sums" ]]; then
+    ( cd "$DEV" && rm -f state.piece.* && tar -cf - -C "$STATE" "$f" state.json \
+      | split -b "$PIECE" -d -a 2 - state.piece. && sha256sum state.piece.* > state.sha256 ) || return 1
   fi
-  local p; p="$DEV/state.piece.$(printf %02d "$1")"
-  [[ -f "$p" ]] || { log "no piece $1 (pieces: $(ls "$DEV"/state.piece.* | wc -l))"; return 1; }
-  cp "$p" "$DEV/state.sha256" "$STATE/state.json" "$OUT/"
-  log "state piece $1 of $(ls "$DEV"/state.piece.* | wc -l) in \$OUT ($(stat -c %s "$p") bytes)"
+  local n calls i p sent=()
+  n=$(ls "$DEV"/state.piece.* | wc -l); calls=$(((n + 2) / 3))
+  ((${1} < calls)) || { log "no call $1: $n pieces, calls 0..$((calls - 1))"; return 1; }
+  for i in $((3 * $1)) $((3 * $1 + 1)) $((3 * $1 + 2)); do
+    p="$DEV/state.piece.$(printf %02d "$i")"
+    [[ -f "$p" ]] && cp "$p" "$OUT/" && sent+=("$i")
+  done
+  cp "$DEV/state.sha256" "$STATE/state.json" "$OUT/"
+  log "state ($f, $(stat -c %s "$STATE/$f") bytes): pieces ${sent[*]} of 0..$((n - 1)) in \$OUT;" \
+    "state-out calls needed: $calls (N = 0..$((calls - 1)))"
 }
 
 state_in() {
@@ -178,7 +197,9 @@ state_in() {
   ((have == want)) || return 0
   ( cd "$DEV/statein" && sha256sum -c --quiet state.sha256 ) >> "$LOG" 2>&1 \
     || { log "state pieces: sha256 MISMATCH"; return 1; }
-  mkdir -p "$STATE" && cat "$DEV"/statein/state.piece.* | tar -xf - -C "$STATE" && rm -rf "$DEV/statein"
+  # The carried state replaces the one here (whichever form it was in).
+  mkdir -p "$STATE" && rm -f "$STATE"/student*.pt && cat "$DEV"/statein/state.piece.* | tar -xf - -C "$STATE" \
+    && rm -rf "$DEV/statein"
   log "state restored: $($PY -c "import json; m=json.load(open('$STATE/state.json')); print(m['steps'], 'steps,', round(m['tokens']/1e6, 1), 'M tokens')")"
 }
 

@@ -16,6 +16,8 @@ Objective per step (rows are windows of L tokens laid out [noisy | clean] as in 
 
 Subcommands:
   train    --bundle DIR (unpacked carry: base.gguf, plan.*, bin/, tokenizer/) --out STATE --deadline S
+           [--resume STATE]; a state is student.q8delta.pt (the delta from the upcycled start, int8: save_student)
+           + state.json
   export   --bundle DIR --state STATE --out HF_DIR   (HF checkpoint in the bailing_moe_v2 layout)
   parity   --edm FILE (--hf HF_DIR | --gguf FILE) [--edgediff BIN]: logits vs `edgediff forward` (causal and
            block:16 with masks), relative L2 must be <= 1e-4; exit status 1 otherwise
@@ -26,6 +28,7 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import json
 import math
@@ -61,17 +64,23 @@ def moe_cfg(base: M.Cfg, plan_json: dict) -> M.Cfg:
                     "expert_ffn": r["expert_ffn"], "top_k": r["top_k"], "scale": float(r["top_k"])})
 
 
-def load_student_and_teacher(bundle: Path, device, layers: int | None = None):
+def upcycled(bundle: Path, layers: int | None = None):
+    """The student's deterministic starting point, rebuilt from the bundle (dense base + plan): (moe cfg, its
+    state dict, dense cfg, dense state dict)."""
     from safetensors.torch import load_file
 
     c, dense_sd = M.read_gguf(bundle / "base.gguf")
     if layers:  # tiny local runs: the first N layers only
         c.layers = layers
         dense_sd = {k: v for k, v in dense_sd.items() if not k.startswith("layers.") or int(k.split(".")[1]) < layers}
-    pj = json.loads((bundle / "plan.json").read_text())
-    mc = moe_cfg(c, pj)
+    mc = moe_cfg(c, json.loads((bundle / "plan.json").read_text()))
+    return mc, M.upcycle(dense_sd, c, load_file(str(bundle / "plan.safetensors")), mc), c, dense_sd
+
+
+def load_student_and_teacher(bundle: Path, device, layers: int | None = None):
+    mc, sd, c, dense_sd = upcycled(bundle, layers)
     student = M.Model(mc)
-    student.load_state_dict(M.upcycle(dense_sd, c, load_file(str(bundle / "plan.safetensors")), mc))
+    student.load_state_dict(sd)
     teacher = M.Model(c)
     teacher.load_state_dict(dense_sd)
     return student.to(device), teacher.to(device), mc
@@ -144,8 +153,9 @@ def cmd_train(a):
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     student, teacher, mc = load_student_and_teacher(a.bundle, dev, a.layers)
+    init = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}  # what the delta is from
     # The runs this state already went through (a state saved before runs were kept: one).
-    prev = resume_into(student, a.resume, mc) if a.resume else None
+    prev = resume_into(student, a.resume, mc, a.bundle, init) if a.resume else None
     earlier = (prev.get("runs") or [{k: prev[k] for k in RUN_KEYS if k in prev}]) if prev else []
     teacher = teacher.to(torch.bfloat16 if dev.type == "cuda" else torch.float32).eval().requires_grad_(False)
     log(f"device {dev}, student {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params, {mc}, "
@@ -249,10 +259,7 @@ def cmd_train(a):
     ev1 = evaluate()
     log("valid after", json.dumps(ev1))
     a.out.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().to("cpu", torch.bfloat16 if k.endswith(("gate_up", "down")) or "proj" in k
-                                  or "query_key_value" in k or "dense.weight" in k or "word_embeddings" in k
-                                  else torch.float32)
-                for k, v in student.state_dict().items()}, a.out / "student.pt")
+    save_student(student.state_dict(), init, a.bundle, a.out)
     run = {"steps": step, "train_seconds": round(time.time() - t0, 1), "tokens": tokens, "seed": seed,
            "args": {k: str(v) for k, v in vars(a).items()}, "valid_before": ev0, "valid_after": ev1,
            "history": hist}
@@ -267,31 +274,78 @@ def cmd_train(a):
         f" ({meta['steps']} steps over {len(runs)} run(s))")
 
 
-def resume_into(student: M.Model, state: Path, mc: M.Cfg) -> dict:
-    """Loads a saved state (student.pt + state.json) into the freshly upcycled student: training goes on from
-    there. The optimizer starts afresh (its moments are not saved: 2x the weights, more than a device call
-    returns), behind the usual warm-up."""
+# The saved student (a state is it + state.json). Its starting point is rebuilt from the bundle, which every
+# session stages anyway, so only the training's delta from it is kept: per row of each matrix int8 (round to
+# nearest) times an fp32 scale absmax/127 (fp16 would flush the small rows' scales to subnormals). That is half
+# of bf16's bytes (≈ 137 MB for the full model, against 270 MB: 3 state-out calls and 5 state-in calls, not 6
+# and 9) and closer to the trained weights than bf16 is, as a delta is ~100x smaller than the weight it moves.
+# 1-D tensors (norms, expert_bias) and small ones (the routers) are kept exactly, whole, in fp32.
+STUDENT = "student.q8delta.pt"
+STUDENT_BF16 = "student.pt"  # the form states were saved in before: whole weights in bf16, still read
+EXACT_BELOW = 1 << 16  # elements: smaller tensors are not worth quantising
+
+
+def bundle_id(bundle: Path) -> dict:
+    """The files the starting point comes from: a delta only means something on top of the same ones."""
+    return {n: hashlib.sha256((bundle / n).read_bytes()).hexdigest() for n in ("base.gguf", "plan.safetensors")}
+
+
+def save_student(sd: dict, init: dict, bundle: Path, out: Path):
+    q, scale, exact = {}, {}, {}
+    for k, v in sd.items():
+        v = v.detach().to("cpu", torch.float32)
+        if v.ndim < 2 or v.numel() < EXACT_BELOW:
+            exact[k] = v.clone()
+            continue
+        d = (v - init[k].float()).flatten(0, -2)  # rows: every index but the last (a Linear's output rows)
+        s = d.abs().amax(1, keepdim=True) / 127
+        q[k] = torch.round(d / torch.where(s > 0, s, 1)).clamp(-127, 127).to(torch.int8)
+        scale[k] = s
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": "q8delta", "bundle": bundle_id(bundle), "q": q, "scale": scale, "exact": exact},
+               out / STUDENT)
+    (out / STUDENT_BF16).unlink(missing_ok=True)  # an older form in the same dir would only mislead
+
+
+def read_student(state: Path, bundle: Path, init: dict | None = None) -> dict:
+    """The saved student's weights (fp32) from either form; the compact one adds its delta to init (rebuilt from
+    the bundle when not given)."""
+    if not (state / STUDENT).exists():
+        return {k: v.float() for k, v in torch.load(state / STUDENT_BF16, map_location="cpu").items()}
+    z = torch.load(state / STUDENT, map_location="cpu")
+    if z["bundle"] != bundle_id(bundle):
+        raise SystemExit(f"{state / STUDENT}: saved on top of another bundle ({z['bundle']}) than {bundle}")
+    if init is None:
+        init = upcycled(bundle, json.loads((state / "state.json").read_text())["cfg"]["layers"])[1]
+    sd = dict(z["exact"])
+    for k, qk in z["q"].items():
+        sd[k] = init[k].float() + (qk.float() * z["scale"][k]).view(init[k].shape)
+    return sd
+
+
+def resume_into(student: M.Model, state: Path, mc: M.Cfg, bundle: Path, init: dict) -> dict:
+    """Loads a saved state into the freshly upcycled student: training goes on from there. The optimizer starts
+    afresh (its moments are not saved: 2x the weights, more than a device call returns), behind the usual
+    warm-up."""
     meta = json.loads((state / "state.json").read_text())
     if meta["cfg"] != mc.to_json():
         raise SystemExit(f"--resume {state}: its model {meta['cfg']} is not this plan's {mc.to_json()}")
-    sd = torch.load(state / "student.pt", map_location="cpu")
-    missing, extra = student.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+    missing, extra = student.load_state_dict(read_student(state, bundle, init), strict=False)
     if missing or extra:
         raise SystemExit(f"--resume {state}: missing {missing[:4]}, unexpected {extra[:4]}")
     log(f"resumed from {state}: {meta['steps']} steps, {meta['tokens'] / 1e6:.1f}M tokens before this run")
     return meta
 
 
-def load_state(state: Path) -> M.Model:
+def load_state(state: Path, bundle: Path) -> M.Model:
     meta = json.loads((state / "state.json").read_text())
     m = M.Model(M.Cfg(**meta["cfg"]))
-    sd = torch.load(state / "student.pt", map_location="cpu")
-    m.load_state_dict({k: v.float() for k, v in sd.items()})
+    m.load_state_dict(read_student(state, bundle))
     return m.eval(), meta
 
 
 def cmd_export(a):
-    m, meta = load_state(a.state)
+    m, meta = load_state(a.state, a.bundle)
     M.export_hf(m, a.out, a.bundle / "tokenizer", {"edgediff_training": {
         "recipe": "training/smollm2 (SmolLM2-135M-Instruct upcycled; diffusion + AR + KD + EMO)",
         "steps": meta["steps"], "train_seconds": meta["train_seconds"]}})
