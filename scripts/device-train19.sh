@@ -38,7 +38,9 @@ cd "$(dirname "$0")/.."
 PHASE=${1:?usage: device-train19.sh stage|train|export|return-2|oneshot|state-out N|state-in}
 OUT=${OUT:-/tmp/edgediff-train19}
 PY=${PY:-python3}
-DEV=${DEV:-training/runs/smollm2-dev}   # gitignored: survives between calls while the machine is warm
+# Absolute: state-out and export work inside it from subshells that cd elsewhere (a relative DEV broke
+# state-out on the GPU machine, 2026-12-05).
+DEV=$(realpath -m "${DEV:-training/runs/smollm2-dev}")   # gitignored: survives while the machine is warm
 BUNDLE=$DEV/bundle
 STATE=$DEV/state
 PIECE=${PIECE:-16000000}
