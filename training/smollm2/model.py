@@ -62,18 +62,36 @@ class RMSNorm(nn.Module):
         return (y * self.weight.float()).to(x.dtype)
 
 
-def rope(x, pos, theta):
-    """x [B, H, T, D], pos [B, T] or [T]: Llama's rotate_half RoPE."""
-    d = x.shape[-1]
-    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+def rope_cos_sin(pos, d, theta, device):
+    """cos, sin [B|1, 1, T, d] (fp32) of Llama's rotate_half RoPE for pos [B, T] or [T]. Model.forward makes them
+    once per forward and every layer's q and k share them (the same values each layer computed for itself before)."""
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
     ang = pos.float()[..., None] * inv  # [.., T, D/2]
     if ang.dim() == 2:
         ang = ang[None]
     ang = torch.cat([ang, ang], -1)[:, None]  # [B, 1, T, D]
-    cos, sin = ang.cos(), ang.sin()
+    return ang.cos(), ang.sin()
+
+
+def rope(x, pos, theta, cs=None):
+    """x [B, H, T, D], pos [B, T] or [T]: Llama's rotate_half RoPE (cs: rope_cos_sin's, when already made)."""
+    d = x.shape[-1]
+    cos, sin = cs if cs is not None else rope_cos_sin(pos, d, theta, x.device)
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
     rot = torch.cat([-x2, x1], -1)
     return (x.float() * cos + rot.float() * sin).to(x.dtype)
+
+
+# GQA in SDPA: "repeat" expands k/v to the query heads (repeat_interleave) and calls SDPA with equal head counts;
+# "sdpa" passes enable_gqa=True (torch >= 2.5) instead. With an explicit mask, as here, the memory-efficient CUDA
+# kernel (the one that runs now) and CPU's flash kernel do not take grouped heads (sdp_utils.cpp:
+# check_batch_size_and_num_heads_dense<false>), so "sdpa" may fall back to the math kernel or to cuDNN: opt-in
+# (train_moe.py --sdpa-gqa) until a profile on the GPU shows it helps. Same result either way (CPU check).
+GQA = "repeat"
+
+
+def sdpa_has_gqa() -> bool:
+    return tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
 class Attention(nn.Module):
@@ -83,18 +101,23 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(c.hidden, (c.heads + 2 * c.kv_heads) * c.head_dim, bias=False)
         self.dense = nn.Linear(c.heads * c.head_dim, c.hidden, bias=False)
 
-    def forward(self, x, pos, mask):
+    def forward(self, x, pos, mask, cs=None):
+        """cs: (cos, sin) of rope_cos_sin for pos, shared by the layers (made here when None)."""
         c = self.c
         B, T, _ = x.shape
+        H, KV, D = c.heads, c.kv_heads, c.head_dim
         qkv = self.query_key_value(x)
-        q, k, v = qkv.split([c.heads * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim], -1)
-        q = q.view(B, T, c.heads, c.head_dim).transpose(1, 2)
-        k = k.view(B, T, c.kv_heads, c.head_dim).transpose(1, 2)
-        v = v.view(B, T, c.kv_heads, c.head_dim).transpose(1, 2)
-        q, k = rope(q, pos, c.rope_theta), rope(k, pos, c.rope_theta)
-        rep = c.heads // c.kv_heads  # GQA by repeating k/v: every SDPA kernel takes it with a mask
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        # q and k rotated together (one set of elementwise kernels over H + KV heads: the same values per element)
+        qk = qkv[..., : (H + KV) * D].view(B, T, H + KV, D).transpose(1, 2)
+        qk = rope(qk, pos, c.rope_theta, cs)
+        q, k = qk[:, :H], qk[:, H:]
+        v = qkv[..., (H + KV) * D:].view(B, T, KV, D).transpose(1, 2)
+        if GQA == "sdpa" and H != KV:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        else:
+            rep = H // KV  # GQA by repeating k/v: every SDPA kernel takes it with a mask
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.dense(o.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -174,8 +197,9 @@ class Model(nn.Module):
         [B, T, E] bool or None (EMO's document subsets). Returns (logits or hidden, [(scores, ids)] per layer)."""
         h = self.word_embeddings(ids)
         routes = []
+        cs = rope_cos_sin(pos, self.c.head_dim, self.c.rope_theta, h.device)  # once for every layer
         for i, l in enumerate(self.layers):
-            h = h + l.attention(l.input_layernorm(h), pos, mask)
+            h = h + l.attention(l.input_layernorm(h), pos, mask, cs)
             x = l.post_attention_layernorm(h)
             if self.c.experts:
                 allowed = route_hook(i, l.mlp, x) if route_hook else None

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -117,6 +118,13 @@ class Emo:
         return a.repeat(1, T // L, 1)
 
 
+def expert_load(ids: torch.Tensor, experts: int) -> torch.Tensor:
+    """Tokens routed to each expert (int64 [E]): torch.bincount's counts, without the two host syncs per call
+    (max and min .item()) bincount makes on CUDA."""
+    flat = ids.reshape(-1)
+    return torch.zeros(experts, dtype=torch.long, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def losses(student, teacher, x, causal_rows, masks, gen, emo_hook, a):
     B, L = x.shape
     xt, masked, t = add_noise(x, BLOCK, gen)
@@ -124,22 +132,27 @@ def losses(student, teacher, x, causal_rows, masks, gen, emo_hook, a):
     inp = torch.cat([xt, x], 1)
     pos = torch.arange(L, device=x.device).repeat(2)
     mask = torch.where(causal_rows[:, None, None, None], masks[0], masks[1])
-    h, routes = student(inp, pos, mask, route_hook=emo_hook, return_hidden=True)
+    with record_function("student_forward"):
+        h, routes = student(inp, pos, mask, route_hook=emo_hook, return_hidden=True)
     r = {}
-    ce = F.cross_entropy(student.logits(h[:, :L][masked]).float(), x[masked], reduction="none")
+    # log_softmax(., dtype=float32) then nll_loss is what cross_entropy(logits.float()) computes (its definition),
+    # without a separate fp32 copy of the [tokens, vocab] logits (CUDA fuses the cast into the kernel; CPU casts
+    # first, as before). Same for the AR rows below, whose log-probabilities the KD term now shares instead of
+    # taking a second log_softmax of the same logits.
+    ce = F.nll_loss(F.log_softmax(student.logits(h[:, :L][masked]), -1, dtype=torch.float32), x[masked],
+                    reduction="none")
     r["diff"] = (ce / t[masked].clamp_min(1.0 / BLOCK)).sum() / (B * L)
     r["diff_ce"] = ce.mean().detach()
     if causal_rows.any():
         hc = h[:, L:2 * L - 1][causal_rows]
-        lg = student.logits(hc).float()
+        sp = F.log_softmax(student.logits(hc), -1, dtype=torch.float32)
         tgt = x[causal_rows][:, 1:]
-        r["ar"] = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1))
+        r["ar"] = F.nll_loss(sp.reshape(-1, sp.shape[-1]), tgt.reshape(-1))
         if a.kd_weight > 0:
-            with torch.no_grad():
+            with torch.no_grad(), record_function("teacher_forward"):
                 xc = x[causal_rows]
                 tl, _ = teacher(xc, torch.arange(L, device=x.device), M.causal(L, x.device))
-                tp = F.log_softmax(tl[:, :-1].float(), -1)
-            sp = F.log_softmax(lg, -1)
+                tp = F.log_softmax(tl[:, :-1], -1, dtype=torch.float32)
             r["kd"] = (tp.exp() * (tp - sp)).sum(-1).mean()
         else:
             r["kd"] = h.sum() * 0
@@ -158,6 +171,16 @@ def cmd_train(a):
     prev = resume_into(student, a.resume, mc, a.bundle, init) if a.resume else None
     earlier = (prev.get("runs") or [{k: prev[k] for k in RUN_KEYS if k in prev}]) if prev else []
     teacher = teacher.to(torch.bfloat16 if dev.type == "cuda" else torch.float32).eval().requires_grad_(False)
+    if a.sdpa_gqa:
+        if M.sdpa_has_gqa():
+            M.GQA = "sdpa"
+        else:
+            log(f"--sdpa-gqa: torch {torch.__version__} has no enable_gqa (2.5+): k/v repeated as before")
+    if a.compile:  # in place (nn.Module.compile): the state dict's names stay as they are
+        for l in student.layers:
+            for m in (l.input_layernorm, l.attention, l.post_attention_layernorm, l.mlp):
+                m.compile()
+        student.norm.compile()
     log(f"device {dev}, student {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M params, {mc}, "
         f"load {time.time() - t_start:.0f} s")
     streams = {d: np.fromfile(a.bundle / "bin" / f"{d}.train.u16", dtype=np.uint16) for d in DOMAINS}
@@ -207,13 +230,30 @@ def cmd_train(a):
         student.train()
         return ev
 
-    ev0 = evaluate()
-    log("valid before", json.dumps(ev0))
+    prof_n, prof, warm = a.profile_steps, None, a.profile_warmup
+    if prof_n:
+        log(f"profile: {warm} warm-up steps, then torch.profiler over {prof_n} steps; training stops after them "
+            f"(no evaluation, no state saved)")
+        if dev.type == "cuda":
+            sdpa_report(student.c, a.batch, 2 * L, dev)
+    else:
+        ev0 = evaluate()
+        log("valid before", json.dumps(ev0))
     train_s = a.deadline - (time.time() - t_start) - a.reserve
     t0 = time.time()
     step, tokens, hist = 0, 0, []
     student.train()
-    while time.time() - t0 < train_s and (a.steps == 0 or step < a.steps):
+    while (step < warm + prof_n if prof_n else
+           time.time() - t0 < train_s and (a.steps == 0 or step < a.steps)):
+        if prof_n and step == warm and prof is None:
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                            if dev.type == "cuda" else [])
+            prof = torch.profiler.profile(activities=acts)
+            prof.__enter__()
+            tp0, tok0 = time.time(), tokens
         prog = min(1.0, (time.time() - t0) / max(1.0, train_s))
         f = min(1.0, (step + 1) / a.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * prog)))
         for g, lr in zip(opt.param_groups, base_lrs):
@@ -227,7 +267,8 @@ def cmd_train(a):
             with autocast():
                 r, routes = losses(student, teacher, x, causal_rows, masks, gen, hook, a)
                 loss = r["diff"] + a.ar_weight * r["ar"] + a.kd_weight * r["kd"]
-            loss.backward()
+            with record_function("backward"):
+                loss.backward()
         except torch.OutOfMemoryError:
             if a.batch == 1:
                 raise
@@ -237,17 +278,18 @@ def cmd_train(a):
             a.batch //= 2
             log(f"out of memory: batch {a.batch} from now on")
             continue
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():  # auxiliary-loss-free balancing of the selection bias
+        with record_function("optimizer"):
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            opt.step()
+        with torch.no_grad(), record_function("balance"):  # auxiliary-loss-free balancing of the selection bias
             for l, (_, ids) in zip(student.layers, routes):
-                load = torch.bincount(ids.reshape(-1), minlength=mc.experts).float()
+                load = expert_load(ids, mc.experts).float()
                 l.mlp.gate.expert_bias += a.bias_rate * torch.sign(load.mean() - load)
         step += 1
         tokens += x.numel()
         if step % a.log_every == 0:
             el = time.time() - t0
-            loads = torch.stack([torch.bincount(ids.reshape(-1), minlength=mc.experts) for _, ids in routes]).float()
+            loads = torch.stack([expert_load(ids, mc.experts) for _, ids in routes]).float()
             rec = {"step": step, "s": round(el, 1), "lr": round(opt.param_groups[0]["lr"], 7),
                    "loss": round(float(loss), 4), **{k: round(float(v), 4) for k, v in r.items()},
                    "tok_per_s": round(tokens / el), "max_load_over_mean": round(float((loads.max(1).values /
@@ -256,6 +298,23 @@ def cmd_train(a):
                 rec["mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 1)
             hist.append(rec)
             log(json.dumps(rec))
+    if prof is not None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        el = time.time() - tp0
+        prof.__exit__(None, None, None)
+        cuda = dev.type == "cuda"
+        log(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=30))
+        if cuda:
+            peak = f"{torch.cuda.max_memory_allocated() / 1e9:.1f} GB allocated (CUDA)"
+        else:
+            import resource
+            peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB RSS (CPU)"
+        log(f"profile: {prof_n} steps in {el:.2f} s (under the profiler) = {1000 * el / prof_n:.0f} ms/step, "
+            f"{(tokens - tok0) / el:.0f} window tokens/s, batch {a.batch} x {L}, peak memory {peak}; torch "
+            f"{torch.__version__}, {torch.cuda.get_device_name() if cuda else 'cpu'}, gqa {M.GQA}, "
+            f"compile {a.compile}; stopped after profiling, no state saved")
+        return
     ev1 = evaluate()
     log("valid after", json.dumps(ev1))
     a.out.mkdir(parents=True, exist_ok=True)
@@ -272,6 +331,26 @@ def cmd_train(a):
     (a.out / "state.json").write_text(json.dumps(meta, indent=1) + "\n")
     log(f"saved {a.out} after {step} steps, {tokens / 1e6:.1f}M window tokens, {time.time() - t_start:.0f} s in all"
         f" ({meta['steps']} steps over {len(runs)} run(s))")
+
+
+def sdpa_report(c: M.Cfg, B: int, T: int, dev):
+    """Which fused SDPA kernels take the student's attention call (bf16, bool mask), with k/v repeated and with
+    enable_gqa; torch says why not (warnings) where one does not."""
+    import warnings
+
+    q = torch.zeros(B, c.heads, T, c.head_dim, device=dev, dtype=torch.bfloat16)
+    kv = torch.zeros(B, c.kv_heads, T, c.head_dim, device=dev, dtype=torch.bfloat16)
+    mask = torch.ones(B, 1, T, T, device=dev, dtype=torch.bool)
+    for name, k, gqa in (("repeat", q, False), ("sdpa", kv, True)):
+        try:
+            params = torch.backends.cuda.SDPAParams(q, k, k, mask, 0.0, False, gqa)
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                can = {n: bool(getattr(torch.backends.cuda, f"can_use_{n}_attention")(params, True))
+                       for n in ("flash", "efficient", "cudnn") if hasattr(torch.backends.cuda, f"can_use_{n}_attention")}
+            log(f"sdpa gqa={name}: fused kernels usable {can}; " + " | ".join(str(x.message)[:160] for x in w))
+        except Exception as e:  # older torch: another SDPAParams signature
+            log(f"sdpa gqa={name}: no report ({type(e).__name__}: {e})")
 
 
 # The saved student (a state is it + state.json). Its starting point is rebuilt from the bundle, which every
@@ -456,6 +535,15 @@ def main():
     t.add_argument("--bias-rate", type=float, default=1e-3)
     t.add_argument("--log-every", type=int, default=20)
     t.add_argument("--seed", type=int, default=7)
+    t.add_argument("--profile-steps", type=int, default=0,
+                   help="profile: after --profile-warmup steps run torch.profiler (CPU + CUDA) over N steps, log its "
+                   "table (by CUDA time) and ms/step + peak memory, then stop: no evaluation, no state saved, "
+                   "--deadline and --steps ignored (0: off)")
+    t.add_argument("--profile-warmup", type=int, default=3, help="steps before the profiled ones")
+    t.add_argument("--compile", action="store_true", help="torch.compile the student's norms, attention and MoE "
+                   "(in place, state dict unchanged); checked on CPU only, untested on the GPU")
+    t.add_argument("--sdpa-gqa", action="store_true", help="SDPA's enable_gqa (torch >= 2.5) instead of repeating "
+                   "k/v; off by default: the fused kernels that take a mask may not take grouped heads (model.py GQA)")
     e = sub.add_parser("export")
     e.add_argument("--bundle", type=Path, required=True)
     e.add_argument("--state", type=Path, required=True)
