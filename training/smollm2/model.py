@@ -132,6 +132,12 @@ class Mlp(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+# The router's gradient with top-1 routing (Moe.route): "st" straight-through from the sigmoid score (the forward value
+# unchanged), "none" the renormalised weight's own (≈ 0: the router then learns only from the balancing bias, not the
+# loss). Training flag (train_moe.py --router-grad); no effect on values, exports or top-k > 1.
+ROUTER_GRAD = "st"
+
+
 class Gate(nn.Module):
     def __init__(self, c: Cfg):
         super().__init__()
@@ -160,8 +166,14 @@ class Moe(nn.Module):
         if allowed is not None:
             choice = choice.masked_fill(~allowed, float("-inf"))
         ids = choice.topk(self.c.top_k, -1).indices
-        w = scores.gather(-1, ids)
-        w = w / (w.sum(-1, keepdim=True) + 1e-20) * self.c.scale
+        s = scores.gather(-1, ids)
+        w = s / (s.sum(-1, keepdim=True) + 1e-20) * self.c.scale
+        if self.c.top_k == 1 and ROUTER_GRAD == "st" and s.requires_grad:
+            # Top-1 renormalised is s / (s + 1e-20) * scale = scale whatever s is: its gradient wrt s is ~1e-20/s,
+            # so the LM loss never reaches the router. Straight-through: the value stays the renormalised weight
+            # bit for bit (s - s.detach() is exactly +0), the gradient wrt s is exactly scale, that of the
+            # unnormalised weight s * scale.
+            w = w.detach() + (s - s.detach()) * self.c.scale
         dense_w = torch.zeros_like(scores).scatter(-1, ids, w.to(scores.dtype))
         return scores, dense_w, ids
 

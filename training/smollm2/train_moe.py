@@ -12,6 +12,9 @@ Objective per step (rows are windows of L tokens laid out [noisy | clean] as in 
              per document from --emo-sizes; the top-k is then taken inside the subset (both halves)
   balance    no loss term: the selection-only expert bias moves by --bias-rate towards equal load after each step
              (DeepSeek-V3's auxiliary-loss-free balancing), so it never fights the objective
+  router     with top-1 the renormalised routing weight is the constant scale, so the loss gives the router no
+             gradient; --router-grad st (default) passes it straight through from the sigmoid score (model.py
+             ROUTER_GRAD: forward values unchanged)
   total = diffusion + ar_weight * AR + kd_weight * KD
 
 Subcommands:
@@ -171,6 +174,10 @@ def cmd_train(a):
     prev = resume_into(student, a.resume, mc, a.bundle, init) if a.resume else None
     earlier = (prev.get("runs") or [{k: prev[k] for k in RUN_KEYS if k in prev}]) if prev else []
     teacher = teacher.to(torch.bfloat16 if dev.type == "cuda" else torch.float32).eval().requires_grad_(False)
+    M.ROUTER_GRAD = a.router_grad
+    if mc.top_k == 1:
+        log(f"router gradient (top-1): {a.router_grad}" + (" (straight-through from the sigmoid score)"
+                                                           if a.router_grad == "st" else " (renormalised weight: ~0)"))
     if a.sdpa_gqa:
         if M.sdpa_has_gqa():
             M.GQA = "sdpa"
@@ -533,6 +540,9 @@ def main():
     t.add_argument("--emo-sizes", default="auto", help="subset sizes N drawn per document; auto: E/8, E/4 "
                    "(at least top-k + 1)")
     t.add_argument("--bias-rate", type=float, default=1e-3)
+    t.add_argument("--router-grad", choices=("st", "none"), default="st",
+                   help="top-1 router gradient: st = straight-through (value unchanged, gradient of the score times "
+                   "scale, so gate.weight learns from the loss); none = the renormalised weight's own (~0, runs 1-3)")
     t.add_argument("--log-every", type=int, default=20)
     t.add_argument("--seed", type=int, default=7)
     t.add_argument("--profile-steps", type=int, default=0,
