@@ -31,11 +31,28 @@
 #       each, and prints the state-in calls)
 # next session, after staging the bundle (c0..c3):
 #   bash scripts/device-train19.sh state-in      carry ["training/carry/s0"]   (then s1..s4: 5 calls)
+# Self-distillation chat (after run 3 the candidate answered 1 of 8 everyday questions, the base 4: the corpus has no
+# everyday chat and training wore the base's away; training/README.md "Self-distillation chat"): the selfchat phase
+# samples conversations (user question and assistant answer, both from the base, its own chat template) on the GPU,
+# and train mixes them into 25 % of the rows (train_moe.py --selfchat-frac) and evaluates a `selfchat` domain.
+# Next session's call order (the state of run 3, step 2,568, is in training/carry/s0..s4):
+#   bash scripts/device-train19.sh stage      carry ["training/carry/c0"]   (then c1, c2, c3: 4 calls)
+#   bash scripts/device-train19.sh state-in   carry ["training/carry/s0"]   (then s1..s4: 5 calls)
+#   bash scripts/device-train19.sh selfchat   carry []   (SELFCHAT_N = 4096 conversations into $DEV/selfchat, ~1-2 min
+#        on the GPU; returns selfchat.piece.* + selfchat.sha256 (+ selfchat.json, selfchat.samples.md to read);
+#        here: mkdir -p training/carry/selfchat && cp <files_at>/selfchat.piece.* <files_at>/selfchat.sha256 there)
+#   bash scripts/device-train19.sh train      carry []   (resumes the state; selfchat rows from $DEV/selfchat; the
+#        top-1 routers now learn from the loss, --router-grad st; repeat while time lasts)
+#   then state-out 0..2 (and export, return-2) as above.
+# A later session carries the stream instead of sampling it again: carry ["training/carry/selfchat"] with its first
+# train (or oneshot) call; train unpacks it (sha256 checked) when $DEV/selfchat has none.
 # Env: OUT (results), DEADLINE (train: seconds from start to saved state, 520), TRAIN_ARGS (extra train_moe.py
-# flags), PY (python3), EDGEDIFF (binary; .bin/edgediff or target/release/edgediff), PIECE (bytes, 16000000).
+# flags, e.g. --selfchat-frac 0), PY (python3), EDGEDIFF (binary; .bin/edgediff or target/release/edgediff), PIECE
+# (bytes, 16000000), SELFCHAT_N (4096), SELFCHAT_DEADLINE (selfchat.py: no batch started after it, 480 s),
+# SELFCHAT_ARGS (extra selfchat.py flags: --batch, --max-new, --temperature, --top-p, --seed, ...).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PHASE=${1:?usage: device-train19.sh stage|train|export|return-2|oneshot|state-out N|state-in}
+PHASE=${1:?usage: device-train19.sh stage|selfchat|train|export|return-2|oneshot|state-out N|state-in}
 OUT=${OUT:-/tmp/edgediff-train19}
 PY=${PY:-python3}
 # Absolute: state-out and export work inside it from subshells that cd elsewhere (a relative DEV broke
@@ -43,6 +60,8 @@ PY=${PY:-python3}
 DEV=$(realpath -m "${DEV:-training/runs/smollm2-dev}")   # gitignored: survives while the machine is warm
 BUNDLE=$DEV/bundle
 STATE=$DEV/state
+SC_DIR=$DEV/selfchat   # selfchat.py's conversations sampled from the base (selfchat phase, or carried in)
+SC_CARRY=training/carry/selfchat
 PIECE=${PIECE:-16000000}
 mkdir -p "$OUT" "$DEV"
 LOG=$OUT/$PHASE.log
@@ -90,15 +109,51 @@ train() { # deadline
   stage || return 1
   [[ -f "$BUNDLE/.done" ]] || { log "bundle incomplete: stage every chunk first"; return 1; }
   nvidia-smi --query-gpu=name,memory.total --format=csv >> "$LOG" 2>&1
-  local resume=()
+  local resume=() sc=()
   if have_state && [[ "${RESUME:-1}" != 0 ]]; then resume=(--resume "$STATE"); fi
-  log "train (deadline $1 s${resume:+, resuming $STATE})"
+  selfchat_in || return 1
+  [[ -f "$SC_DIR/selfchat.train.u16" ]] && sc=(--selfchat "$SC_DIR")
+  log "train (deadline $1 s${resume:+, resuming $STATE}${sc:+, selfchat rows from $SC_DIR})"
   PYTHONPATH="$DEV/site" $PY training/smollm2/train_moe.py train --bundle "$BUNDLE" --out "$STATE" \
-    --deadline "$1" "${resume[@]}" ${TRAIN_ARGS:-} 2>&1 | tee -a "$LOG" | grep -v '^{"step"' >&2
+    --deadline "$1" "${resume[@]}" "${sc[@]}" ${TRAIN_ARGS:-} 2>&1 | tee -a "$LOG" | grep -v '^{"step"' >&2
   local r=${PIPESTATUS[0]}
   cp "$STATE/state.json" "$OUT/" 2>/dev/null
   log "train exit $r"
   return "$r"
+}
+
+# Self-distillation chat: selfchat.py samples SELFCHAT_N conversations (4096) from the dense base into $SC_DIR
+# (selfchat.{train,valid}.u16 in the bundle's document format), which `train` then mixes in (--selfchat-frac, 0.25).
+# The stream (train + valid + selfchat.json, one tar) also comes back in pieces of $PIECE bytes with their sha256
+# list, to be carried into later sessions as training/carry/selfchat/ (train unpacks it there when $SC_DIR is empty).
+selfchat_phase() {
+  stage || return 1
+  [[ -f "$BUNDLE/.done" ]] || { log "bundle incomplete: stage every chunk first"; return 1; }
+  nvidia-smi --query-gpu=name,memory.total --format=csv >> "$LOG" 2>&1
+  rm -rf "$SC_DIR"   # a new sample replaces the one here
+  log "selfchat: ${SELFCHAT_N:-4096} conversations from the base (deadline ${SELFCHAT_DEADLINE:-480} s)"
+  PYTHONPATH="$DEV/site" $PY training/smollm2/selfchat.py --bundle "$BUNDLE" --out "$SC_DIR" \
+    --n "${SELFCHAT_N:-4096}" --deadline "${SELFCHAT_DEADLINE:-480}" ${SELFCHAT_ARGS:-} 2>&1 | tee -a "$LOG" >&2
+  local r=${PIPESTATUS[0]}
+  ((r == 0)) || { log "selfchat.py exit $r"; return "$r"; }
+  ( cd "$SC_DIR" && rm -f selfchat.piece.* && tar -cf - selfchat.train.u16 selfchat.valid.u16 selfchat.json \
+    | split -b "$PIECE" -d -a 2 - selfchat.piece. && sha256sum selfchat.piece.* > selfchat.sha256 ) || return 1
+  local n; n=$(ls "$SC_DIR"/selfchat.piece.* | wc -l)
+  ((n <= 5)) || log "WARNING: $n pieces, more than one call returns (8 files, 64 MiB): fewer SELFCHAT_N"
+  cp "$SC_DIR"/selfchat.piece.* "$SC_DIR"/selfchat.{sha256,json,samples.md} "$OUT/"
+  log "selfchat: $(stat -c %s "$SC_DIR/selfchat.train.u16") + $(stat -c %s "$SC_DIR/selfchat.valid.u16") bytes" \
+    "(train + valid) in $n piece(s) in \$OUT; here: cp them and selfchat.sha256 into $SC_CARRY/"
+}
+
+# The carried selfchat stream (training/carry/selfchat: pieces + sha256 list) unpacked into $SC_DIR unless a stream
+# is already there (sampled on this machine by the selfchat phase).
+selfchat_in() {
+  [[ -f "$SC_DIR/selfchat.train.u16" ]] && return 0
+  [[ -f "$SC_CARRY/selfchat.sha256" ]] || return 0
+  ( cd "$SC_CARRY" && sha256sum -c --quiet selfchat.sha256 ) >> "$LOG" 2>&1 \
+    || { log "$SC_CARRY: sha256 MISMATCH or piece missing"; return 1; }
+  mkdir -p "$SC_DIR" && cat "$SC_CARRY"/selfchat.piece.* | tar -xf - -C "$SC_DIR" || return 1
+  log "selfchat stream from $SC_CARRY: $(stat -c %s "$SC_DIR/selfchat.train.u16") bytes (train)"
 }
 
 export_model() {
@@ -214,6 +269,9 @@ case "$PHASE" in
     ;;
   stage)
     stage; rc=$?
+    ;;
+  selfchat)
+    selfchat_phase; rc=$?
     ;;
   train)
     train "${DEADLINE:-520}"; rc=$?

@@ -16,11 +16,14 @@ Objective per step (rows are windows of L tokens laid out [noisy | clean] as in 
              gradient; --router-grad st (default) passes it straight through from the sigmoid score (model.py
              ROUTER_GRAD: forward values unchanged)
   total = diffusion + ar_weight * AR + kd_weight * KD
+Rows: random windows of the bundle's domain streams, uniformly by domain; with --selfchat DIR, --selfchat-frac of them
+(0.25) from the conversations selfchat.py sampled from the base itself (self-distillation chat, against the collapse
+of the base's chat after run 3), evaluated as a sixth held-out domain `selfchat`.
 
 Subcommands:
   train    --bundle DIR (unpacked carry: base.gguf, plan.*, bin/, tokenizer/) --out STATE --deadline S
-           [--resume STATE]; a state is student.q8delta.pt (the delta from the upcycled start, int8: save_student)
-           + state.json
+           [--resume STATE] [--selfchat DIR [--selfchat-frac F]] [--router-grad st|none]; a state is
+           student.q8delta.pt (the delta from the upcycled start, int8: save_student) + state.json
   export   --bundle DIR --state STATE --out HF_DIR   (HF checkpoint in the bailing_moe_v2 layout)
   parity   --edm FILE (--hf HF_DIR | --gguf FILE) [--edgediff BIN]: logits vs `edgediff forward` (causal and
            block:16 with masks), relative L2 must be <= 1e-4; exit status 1 otherwise
@@ -53,6 +56,8 @@ from train import add_noise, allowed_2l  # noqa: E402  (the default model's mask
 
 # The same domains as prepare.py (whose bundle holds their streams), instruction-style text included.
 DOMAINS = ["prose", "rust", "python", "c", "instruct"]
+# Conversations sampled from the base (selfchat.py), outside the bundle: --selfchat DIR, --selfchat-frac.
+SELFCHAT = "selfchat"
 BLOCK = 16
 # What state.json keeps of each training run (its `runs` list).
 RUN_KEYS = ("steps", "train_seconds", "tokens", "seed", "args", "valid_before", "valid_after", "history")
@@ -193,6 +198,24 @@ def cmd_train(a):
     streams = {d: np.fromfile(a.bundle / "bin" / f"{d}.train.u16", dtype=np.uint16) for d in DOMAINS}
     valid = {d: np.fromfile(a.bundle / "bin" / f"{d}.valid.u16", dtype=np.uint16) for d in DOMAINS}
     L = a.seq
+    # Self-distillation chat (selfchat.py: conversations sampled from the base) drawn in --selfchat-frac of the rows
+    sc = a.selfchat / "selfchat.train.u16" if a.selfchat else None
+    if sc is not None and not sc.exists():
+        raise SystemExit(f"--selfchat {a.selfchat}: no selfchat.train.u16 there")
+    if a.selfchat_frac is None:
+        a.selfchat_frac = 0.25 if sc is not None else 0.0
+    if a.selfchat_frac > 0:
+        if sc is None:
+            raise SystemExit("--selfchat-frac > 0 needs --selfchat DIR")
+        streams[SELFCHAT] = np.fromfile(sc, dtype=np.uint16)
+        valid[SELFCHAT] = np.fromfile(a.selfchat / "selfchat.valid.u16", dtype=np.uint16)
+        if len(streams[SELFCHAT]) <= L:
+            raise SystemExit(f"{sc}: {len(streams[SELFCHAT])} tokens, fewer than a row ({L})")
+        log(f"selfchat: {len(streams[SELFCHAT])} train tokens ({int((streams[SELFCHAT] == M.EOT).sum())} "
+            f"conversations), {len(valid[SELFCHAT])} valid; {a.selfchat_frac:.0%} of the rows")
+    elif sc is not None:  # evaluated, not trained on
+        valid[SELFCHAT] = np.fromfile(a.selfchat / "selfchat.valid.u16", dtype=np.uint16)
+    eval_domains = DOMAINS + ([SELFCHAT] if SELFCHAT in valid else [])
     masks = (allowed_2l(L, BLOCK, True, dev)[None, None], allowed_2l(L, BLOCK, False, dev)[None, None])
     router = [p for n, p in student.named_parameters() if "gate.weight" in n]
     rest = [p for n, p in student.named_parameters() if "gate.weight" not in n]
@@ -219,7 +242,11 @@ def cmd_train(a):
     def batch(src, n):
         rows = []
         for _ in range(n):
-            s = src[DOMAINS[rng.integers(len(DOMAINS))]]
+            # (without selfchat the same draws as before it existed)
+            if a.selfchat_frac > 0 and rng.random() < a.selfchat_frac:
+                s = src[SELFCHAT]
+            else:
+                s = src[DOMAINS[rng.integers(len(DOMAINS))]]
             o = int(rng.integers(0, len(s) - L))
             rows.append(s[o:o + L].astype(np.int64))
         return torch.from_numpy(np.stack(rows)).to(dev)
@@ -229,10 +256,14 @@ def cmd_train(a):
         student.eval()
         ev = {}
         g = torch.Generator().manual_seed(99)
-        for d in DOMAINS:
-            x = torch.from_numpy(valid[d][: n * L].astype(np.int64).reshape(n, L)).to(dev)
+        for d in eval_domains:
+            nr = min(n, len(valid[d]) // L)  # (a small selfchat valid split may hold fewer than n rows)
+            if nr == 0:
+                log(f"evaluate: {d}'s valid split ({len(valid[d])} tokens) is shorter than a row: skipped")
+                continue
+            x = torch.from_numpy(valid[d][: nr * L].astype(np.int64).reshape(nr, L)).to(dev)
             with autocast():
-                r, _ = losses(student, teacher, x, torch.ones(n, dtype=torch.bool, device=dev), masks, g, None, a)
+                r, _ = losses(student, teacher, x, torch.ones(nr, dtype=torch.bool, device=dev), masks, g, None, a)
             ev[d] = {k: round(float(v), 4) for k, v in r.items()}
         student.train()
         return ev
@@ -540,6 +571,10 @@ def main():
     t.add_argument("--emo-sizes", default="auto", help="subset sizes N drawn per document; auto: E/8, E/4 "
                    "(at least top-k + 1)")
     t.add_argument("--bias-rate", type=float, default=1e-3)
+    t.add_argument("--selfchat", type=Path, help="dir with selfchat.{train,valid}.u16 (selfchat.py: chat sampled "
+                   "from the base); its valid split is evaluated as domain `selfchat`")
+    t.add_argument("--selfchat-frac", type=float, help="fraction of the rows drawn from the selfchat stream (the "
+                   "rest from the bundle's domains as before); default 0.25 with --selfchat, 0 without")
     t.add_argument("--router-grad", choices=("st", "none"), default="st",
                    help="top-1 router gradient: st = straight-through (value unchanged, gradient of the score times "
                    "scale, so gate.weight learns from the loss); none = the renormalised weight's own (~0, runs 1-3)")
