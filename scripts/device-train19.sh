@@ -38,7 +38,7 @@
 # Next session's call order (the state of run 3, step 2,568, is in training/carry/s0..s4):
 #   bash scripts/device-train19.sh stage      carry ["training/carry/c0"]   (then c1, c2, c3: 4 calls)
 #   bash scripts/device-train19.sh state-in   carry ["training/carry/s0"]   (then s1..s4: 5 calls)
-#   bash scripts/device-train19.sh selfchat   carry []   (SELFCHAT_N = 4096 conversations into $DEV/selfchat, ~1-2 min
+#   bash scripts/device-train19.sh selfchat   carry []   (SELFCHAT_N = 8192 conversations into $DEV/selfchat, ~1-2 min
 #        on the GPU; returns selfchat.piece.* + selfchat.sha256 (+ selfchat.json, selfchat.samples.md to read);
 #        here: mkdir -p training/carry/selfchat && cp <files_at>/selfchat.piece.* <files_at>/selfchat.sha256 there)
 #   bash scripts/device-train19.sh train      carry []   (resumes the state; selfchat rows from $DEV/selfchat; the
@@ -48,7 +48,7 @@
 # train (or oneshot) call; train unpacks it (sha256 checked) when $DEV/selfchat has none.
 # Env: OUT (results), DEADLINE (train: seconds from start to saved state, 520), TRAIN_ARGS (extra train_moe.py
 # flags, e.g. --selfchat-frac 0), PY (python3), EDGEDIFF (binary; .bin/edgediff or target/release/edgediff), PIECE
-# (bytes, 16000000), SELFCHAT_N (4096), SELFCHAT_DEADLINE (selfchat.py: no batch started after it, 480 s),
+# (bytes, 16000000), SELFCHAT_N (8192), SELFCHAT_DEADLINE (selfchat.py: no batch started after it, 480 s),
 # SELFCHAT_ARGS (extra selfchat.py flags: --batch, --max-new, --temperature, --top-p, --seed, ...).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -122,7 +122,7 @@ train() { # deadline
   return "$r"
 }
 
-# Self-distillation chat: selfchat.py samples SELFCHAT_N conversations (4096) from the dense base into $SC_DIR
+# Self-distillation chat: selfchat.py samples SELFCHAT_N conversations (8192) from the dense base into $SC_DIR
 # (selfchat.{train,valid}.u16 in the bundle's document format), which `train` then mixes in (--selfchat-frac, 0.25).
 # The stream (train + valid + selfchat.json, one tar) also comes back in pieces of $PIECE bytes with their sha256
 # list, to be carried into later sessions as training/carry/selfchat/ (train unpacks it there when $SC_DIR is empty).
@@ -131,9 +131,9 @@ selfchat_phase() {
   [[ -f "$BUNDLE/.done" ]] || { log "bundle incomplete: stage every chunk first"; return 1; }
   nvidia-smi --query-gpu=name,memory.total --format=csv >> "$LOG" 2>&1
   rm -rf "$SC_DIR"   # a new sample replaces the one here
-  log "selfchat: ${SELFCHAT_N:-4096} conversations from the base (deadline ${SELFCHAT_DEADLINE:-480} s)"
+  log "selfchat: ${SELFCHAT_N:-8192} conversations from the base (deadline ${SELFCHAT_DEADLINE:-480} s)"
   PYTHONPATH="$DEV/site" $PY training/smollm2/selfchat.py --bundle "$BUNDLE" --out "$SC_DIR" \
-    --n "${SELFCHAT_N:-4096}" --deadline "${SELFCHAT_DEADLINE:-480}" ${SELFCHAT_ARGS:-} 2>&1 | tee -a "$LOG" >&2
+    --n "${SELFCHAT_N:-8192}" --deadline "${SELFCHAT_DEADLINE:-480}" ${SELFCHAT_ARGS:-} 2>&1 | tee -a "$LOG" >&2
   local r=${PIPESTATUS[0]}
   ((r == 0)) || { log "selfchat.py exit $r"; return "$r"; }
   ( cd "$SC_DIR" && rm -f selfchat.piece.* && tar -cf - selfchat.train.u16 selfchat.valid.u16 selfchat.json \

@@ -20,7 +20,7 @@ Sampling: temperature 0.9, top-p 0.95, seeded (one torch generator per batch: se
 decoded together with a KV cache (all rows share the prefix, so they stay position-aligned; attention over the cache is
 GQA by grouping the query heads, the same function as model.py's Attention without its mask). fp32 by default.
 
-Usage: selfchat.py --bundle DIR --out DIR [--n 4096] [--batch 1024] [--max-new 320] [--max-question 96]
+Usage: selfchat.py --bundle DIR --out DIR [--n 8192] [--batch 1024] [--max-new 448] [--max-question 128]
                    [--temperature 0.9] [--top-p 0.95] [--seed 0] [--deadline S] [--layers N (tiny local runs)]
 Writes selfchat.train.u16, selfchat.valid.u16, selfchat.json (counts, lengths, settings), selfchat.samples.md.
 """
@@ -193,10 +193,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--n", type=int, default=4096, help="conversations to sample (kept: the well-formed ones)")
+    ap.add_argument("--n", type=int, default=8192, help="conversations to sample (kept: the well-formed ones)")
     ap.add_argument("--batch", type=int, default=1024)
-    ap.add_argument("--max-new", type=int, default=320, help="generated tokens per conversation (question + answer)")
-    ap.add_argument("--max-question", type=int, default=96, help="the question must close within this many tokens")
+    ap.add_argument("--max-new", type=int, default=448, help="generated tokens per conversation (question + answer)")
+    ap.add_argument("--max-question", type=int, default=128, help="the question must close within this many tokens")
     ap.add_argument("--temperature", type=float, default=0.9)
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--seed", type=int, default=0)
