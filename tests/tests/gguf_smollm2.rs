@@ -239,17 +239,21 @@ fn f32_logits_equal_transformers_gguf_loader() {
     assert_eq!(argmax_diff, 0);
 }
 
-/// The GPU (lavapipe in CI) on the f32 file against transformers' logits, and on the default q8
-/// file against the CPU reading the same bytes (the bound of every GPU test).
+/// The GPU (lavapipe in CI) on the f32 file against transformers' logits (its first
+/// configuration: the 540 MB file's passes are CI's 2-core time; f32 weights on the other
+/// configuration are gpu_forward's), and on the default q8 file against the CPU reading the same
+/// bytes (the bound of every GPU test) on every configuration.
 #[test]
 fn gpu_logits_equal_transformers_and_the_cpu() {
     let Some(m) = model() else { return };
     let cpu_q8 = logits_on(&CpuBackend, &m.auto);
-    for (label, g) in backends(None) {
-        let (worst, _, argmax_diff, n) = compare_logits(&logits_on(&g, &m.f32));
-        eprintln!("GPU f32 on {label}: max |Δlogit| {worst:.5} over the reference top-8 of {n} positions, {argmax_diff} argmax differ");
-        assert!(worst < 2e-3, "{label}: max |Δlogit| {worst}");
-        assert_eq!(argmax_diff, 0, "{label}");
+    for (k, (label, g)) in backends(None).into_iter().enumerate() {
+        if k == 0 {
+            let (worst, _, argmax_diff, n) = compare_logits(&logits_on(&g, &m.f32));
+            eprintln!("GPU f32 on {label}: max |Δlogit| {worst:.5} over the reference top-8 of {n} positions, {argmax_diff} argmax differ");
+            assert!(worst < 2e-3, "{label}: max |Δlogit| {worst}");
+            assert_eq!(argmax_diff, 0, "{label}");
+        }
         for (i, (gpu, cpu)) in logits_on(&g, &m.auto).iter().zip(&cpu_q8).enumerate() {
             let err = rel_l2(gpu, cpu);
             eprintln!("GPU q8 on {label}, case {i}: relative L2 to the CPU {err:e}");
@@ -270,27 +274,37 @@ fn default_conversion_stays_close_to_the_reference() {
 #[test]
 fn chat_answers_plain_questions_greedy_on_cpu() {
     let Some(m) = model() else { return };
-    ask(Engine::new(CpuBackend, Arc::new(EdmFile::open(&m.auto).unwrap())).unwrap());
+    ask(
+        Engine::new(CpuBackend, Arc::new(EdmFile::open(&m.auto).unwrap())).unwrap(),
+        3,
+    );
 }
 
-/// The same questions on the GPU (lavapipe in CI): its first configuration only, as ~100
-/// 30-layer passes on a CPU adapter take a minute; the logits test above covers both.
+/// The first question on the GPU (lavapipe in CI): its first configuration only, as each
+/// question's ~30 30-layer passes on a CPU adapter take about 15 s; the logits test above covers
+/// both configurations, the CPU test every question.
 #[test]
 fn chat_answers_plain_questions_greedy_on_gpu() {
     let Some(m) = model() else { return };
     for (label, g) in backends(None).into_iter().take(1) {
         eprintln!("{label}:");
-        ask(Engine::new(g, Arc::new(EdmFile::open(&m.auto).unwrap())).unwrap());
+        ask(
+            Engine::new(g, Arc::new(EdmFile::open(&m.auto).unwrap())).unwrap(),
+            1,
+        );
     }
 }
 
-/// Asks three plain questions greedily and checks each answer.
-fn ask<B: Backend>(engine: Engine<B>) {
+/// Asks the first `n` of three plain questions greedily and checks each answer.
+fn ask<B: Backend>(engine: Engine<B>, n: usize) {
     for (question, answers) in [
         ("What is the capital of France?", &["paris"][..]),
         ("What is the capital of Japan?", &["tokyo"]),
         ("How many days are there in a week?", &["7", "seven"]),
-    ] {
+    ]
+    .into_iter()
+    .take(n)
+    {
         let mut r = engine.request(Prompt::Chat(vec![ChatMessage::user(question)]));
         r.decoding.max_new_tokens = 32;
         let out = engine.generate(&r, &mut |_| {}).unwrap();
