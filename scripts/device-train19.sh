@@ -122,6 +122,19 @@ train() { # deadline
   return "$r"
 }
 
+# Files that travel between sessions (the state, the selfchat stream) go as one tar cut into pieces of $PIECE bytes
+# (a returned file may be 16 MiB at most) with a sha256 list: pack_pieces DIR NAME SRC FILES... writes
+# DIR/NAME.piece.NN + DIR/NAME.sha256 from SRC's FILES; pieces_ok DIR NAME checks them; unpack_pieces DIR NAME DEST
+# extracts them.
+pack_pieces() {
+  local dir=$1 name=$2 src=$3
+  shift 3
+  ( cd "$dir" && rm -f "$name".piece.* && tar -cf - -C "$src" "$@" \
+    | split -b "$PIECE" -d -a 2 - "$name".piece. && sha256sum "$name".piece.* > "$name".sha256 )
+}
+pieces_ok() { ( cd "$1" && sha256sum -c --quiet "$2".sha256 ) >> "$LOG" 2>&1; }
+unpack_pieces() { mkdir -p "$3" && cat "$1"/"$2".piece.* | tar -xf - -C "$3"; }
+
 # Self-distillation chat: selfchat.py samples SELFCHAT_N conversations (8192) from the dense base into $SC_DIR
 # (selfchat.{train,valid}.u16 in the bundle's document format), which `train` then mixes in (--selfchat-frac, 0.25).
 # The stream (train + valid + selfchat.json, one tar) also comes back in pieces of $PIECE bytes with their sha256
@@ -136,8 +149,7 @@ selfchat_phase() {
     --n "${SELFCHAT_N:-8192}" --deadline "${SELFCHAT_DEADLINE:-480}" ${SELFCHAT_ARGS:-} 2>&1 | tee -a "$LOG" >&2
   local r=${PIPESTATUS[0]}
   ((r == 0)) || { log "selfchat.py exit $r"; return "$r"; }
-  ( cd "$SC_DIR" && rm -f selfchat.piece.* && tar -cf - selfchat.train.u16 selfchat.valid.u16 selfchat.json \
-    | split -b "$PIECE" -d -a 2 - selfchat.piece. && sha256sum selfchat.piece.* > selfchat.sha256 ) || return 1
+  pack_pieces "$SC_DIR" selfchat "$SC_DIR" selfchat.train.u16 selfchat.valid.u16 selfchat.json || return 1
   local n; n=$(ls "$SC_DIR"/selfchat.piece.* | wc -l)
   ((n <= 5)) || log "WARNING: $n pieces, more than one call returns (8 files, 64 MiB): fewer SELFCHAT_N"
   cp "$SC_DIR"/selfchat.piece.* "$SC_DIR"/selfchat.{sha256,json,samples.md} "$OUT/"
@@ -150,9 +162,8 @@ selfchat_phase() {
 selfchat_in() {
   [[ -f "$SC_DIR/selfchat.train.u16" ]] && return 0
   [[ -f "$SC_CARRY/selfchat.sha256" ]] || return 0
-  ( cd "$SC_CARRY" && sha256sum -c --quiet selfchat.sha256 ) >> "$LOG" 2>&1 \
-    || { log "$SC_CARRY: sha256 MISMATCH or piece missing"; return 1; }
-  mkdir -p "$SC_DIR" && cat "$SC_CARRY"/selfchat.piece.* | tar -xf - -C "$SC_DIR" || return 1
+  pieces_ok "$SC_CARRY" selfchat || { log "$SC_CARRY: sha256 MISMATCH or piece missing"; return 1; }
+  unpack_pieces "$SC_CARRY" selfchat "$SC_DIR" || return 1
   log "selfchat stream from $SC_CARRY: $(stat -c %s "$SC_DIR/selfchat.train.u16") bytes (train)"
 }
 
@@ -226,8 +237,7 @@ state_out() { # call index N: pieces 3N, 3N+1, 3N+2
   local f; f=$(student_file) || { log "no trained state in $STATE"; return 1; }
   local sums=$DEV/state.sha256
   if [[ ! -f "$sums" || "$STATE/$f" -nt "$sums" || "$STATE/state.json" -nt "$sums" ]]; then
-    ( cd "$DEV" && rm -f state.piece.* && tar -cf - -C "$STATE" "$f" state.json \
-      | split -b "$PIECE" -d -a 2 - state.piece. && sha256sum state.piece.* > state.sha256 ) || return 1
+    pack_pieces "$DEV" state "$STATE" "$f" state.json || return 1
   fi
   local n calls i p sent=()
   n=$(ls "$DEV"/state.piece.* | wc -l); calls=$(((n + 2) / 3))
@@ -252,10 +262,9 @@ state_in() {
   want=$(wc -l < "$DEV/statein/state.sha256"); have=$(ls "$DEV"/statein/state.piece.* 2>/dev/null | wc -l)
   log "state pieces here: $have of $want"
   ((have == want)) || return 0
-  ( cd "$DEV/statein" && sha256sum -c --quiet state.sha256 ) >> "$LOG" 2>&1 \
-    || { log "state pieces: sha256 MISMATCH"; return 1; }
+  pieces_ok "$DEV/statein" state || { log "state pieces: sha256 MISMATCH"; return 1; }
   # The carried state replaces the one here (whichever form it was in).
-  mkdir -p "$STATE" && rm -f "$STATE"/student*.pt && cat "$DEV"/statein/state.piece.* | tar -xf - -C "$STATE" \
+  mkdir -p "$STATE" && rm -f "$STATE"/student*.pt && unpack_pieces "$DEV/statein" state "$STATE" \
     && rm -rf "$DEV/statein"
   log "state restored: $($PY -c "import json; m=json.load(open('$STATE/state.json')); print(m['steps'], 'steps,', round(m['tokens']/1e6, 1), 'M tokens')")"
 }

@@ -281,8 +281,17 @@ def read_gguf(path: Path) -> tuple[Cfg, dict[str, torch.Tensor]]:
     return c, sd
 
 
-def dense_model(path: Path, device="cpu") -> Model:
+def read_dense(path: Path, layers: int | None = None) -> tuple[Cfg, dict[str, torch.Tensor]]:
+    """read_gguf, cut to the first `layers` layers when given (tiny local runs)."""
     c, sd = read_gguf(path)
+    if layers:
+        c.layers = layers
+        sd = {k: v for k, v in sd.items() if not k.startswith("layers.") or int(k.split(".")[1]) < layers}
+    return c, sd
+
+
+def dense_model(path: Path, device="cpu", layers: int | None = None) -> Model:
+    c, sd = read_dense(path, layers)
     m = Model(c)
     m.load_state_dict(sd)
     return m.to(device)

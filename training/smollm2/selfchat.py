@@ -68,13 +68,8 @@ def render(system: str, q: str, a: str) -> str:
 
 
 def teacher(bundle: Path, layers: int | None, device, dtype) -> M.Model:
-    c, sd = M.read_gguf(bundle / "base.gguf")
-    if layers:  # tiny local runs: the first N layers only (as train_moe.upcycled cuts them)
-        c.layers = layers
-        sd = {k: v for k, v in sd.items() if not k.startswith("layers.") or int(k.split(".")[1]) < layers}
-    m = M.Model(c)
-    m.load_state_dict(sd)
-    return m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    m = M.dense_model(bundle / "base.gguf", device, layers)  # layers: tiny local runs cut the first N
+    return m.to(dtype=dtype).eval().requires_grad_(False)
 
 
 class Cache:

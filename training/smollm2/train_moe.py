@@ -78,10 +78,7 @@ def upcycled(bundle: Path, layers: int | None = None):
     state dict, dense cfg, dense state dict)."""
     from safetensors.torch import load_file
 
-    c, dense_sd = M.read_gguf(bundle / "base.gguf")
-    if layers:  # tiny local runs: the first N layers only
-        c.layers = layers
-        dense_sd = {k: v for k, v in dense_sd.items() if not k.startswith("layers.") or int(k.split(".")[1]) < layers}
+    c, dense_sd = M.read_dense(bundle / "base.gguf", layers)  # layers: tiny local runs cut the first N
     mc = moe_cfg(c, json.loads((bundle / "plan.json").read_text()))
     return mc, M.upcycle(dense_sd, c, load_file(str(bundle / "plan.safetensors")), mc), c, dense_sd
 
@@ -204,17 +201,16 @@ def cmd_train(a):
         raise SystemExit(f"--selfchat {a.selfchat}: no selfchat.train.u16 there")
     if a.selfchat_frac is None:
         a.selfchat_frac = 0.25 if sc is not None else 0.0
+    if sc is not None:  # evaluated whenever given, trained on when its fraction is > 0
+        valid[SELFCHAT] = np.fromfile(a.selfchat / "selfchat.valid.u16", dtype=np.uint16)
     if a.selfchat_frac > 0:
         if sc is None:
             raise SystemExit("--selfchat-frac > 0 needs --selfchat DIR")
         streams[SELFCHAT] = np.fromfile(sc, dtype=np.uint16)
-        valid[SELFCHAT] = np.fromfile(a.selfchat / "selfchat.valid.u16", dtype=np.uint16)
         if len(streams[SELFCHAT]) <= L:
             raise SystemExit(f"{sc}: {len(streams[SELFCHAT])} tokens, fewer than a row ({L})")
         log(f"selfchat: {len(streams[SELFCHAT])} train tokens ({int((streams[SELFCHAT] == M.EOT).sum())} "
             f"conversations), {len(valid[SELFCHAT])} valid; {a.selfchat_frac:.0%} of the rows")
-    elif sc is not None:  # evaluated, not trained on
-        valid[SELFCHAT] = np.fromfile(a.selfchat / "selfchat.valid.u16", dtype=np.uint16)
     eval_domains = DOMAINS + ([SELFCHAT] if SELFCHAT in valid else [])
     masks = (allowed_2l(L, BLOCK, True, dev)[None, None], allowed_2l(L, BLOCK, False, dev)[None, None])
     router = [p for n, p in student.named_parameters() if "gate.weight" in n]
