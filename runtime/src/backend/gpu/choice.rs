@@ -8,6 +8,7 @@
 //! | `EDGEDIFF_COOP_MIN_T=<tokens>` | [`KernelChoice::coop_min_t`] |
 //! | `EDGEDIFF_COOP_SPLIT_K=0` | [`KernelChoice::coop_split_k`] |
 //! | `EDGEDIFF_GEMV_F32_MAX_T=<tokens>` | [`KernelChoice::gemv_f32_max_t`] |
+//! | `EDGEDIFF_GEMV_WIDE=0` | [`KernelChoice::gemv_wide`] |
 //! | `EDGEDIFF_FUSE_SWIGLU=0` | [`KernelChoice::fuse_swiglu`] |
 //! | `EDGEDIFF_FUSE_COMBINE_NORM=1\|0` | [`KernelChoice::fuse_combine_norm`] |
 //! | `EDGEDIFF_MOE_KERNEL=gemv\|tiled` | [`KernelChoice::moe`] |
@@ -55,6 +56,9 @@ pub struct KernelChoice {
     pub coop_split_k: bool,
     /// Activation rows up to which small f32 weights take the token-blocked gemv.
     pub gemv_f32_max_t: usize,
+    /// q4/q8 gemvs read 16-byte chunks with activations staged in shared memory
+    /// (shaders/gemv_wide.wgsl) where the row fits; off: gemv.wgsl's word-a-lane kernel.
+    pub gemv_wide: bool,
     /// SwiGLU fused into the dense gate_up gemv.
     pub fuse_swiglu: bool,
     /// The MoE combine carries the residual add and the next norm (moe_combine_norm, one
@@ -88,6 +92,7 @@ impl Default for KernelChoice {
             coop_min_t: COOP_MIN_T,
             coop_split_k: true,
             gemv_f32_max_t: GEMV_F32_MAX_T,
+            gemv_wide: true,
             fuse_swiglu: true,
             fuse_combine_norm: false,
             moe: None,
@@ -117,6 +122,7 @@ impl KernelChoice {
             coop_min_t: num("EDGEDIFF_COOP_MIN_T").map_or(d.coop_min_t, |v| v as usize),
             coop_split_k: !off("EDGEDIFF_COOP_SPLIT_K"),
             gemv_f32_max_t: num("EDGEDIFF_GEMV_F32_MAX_T").map_or(d.gemv_f32_max_t, |v| v as usize),
+            gemv_wide: !off("EDGEDIFF_GEMV_WIDE"),
             fuse_swiglu: !off("EDGEDIFF_FUSE_SWIGLU"),
             fuse_combine_norm: var("EDGEDIFF_FUSE_COMBINE_NORM")
                 .map_or(d.fuse_combine_norm, |v| v.trim() == "1"),
@@ -167,7 +173,7 @@ mod tests {
         assert_eq!(from(&[]), KernelChoice::default());
         let d = KernelChoice::default();
         assert!(d.coop_split_k && d.fuse_swiglu && d.moe.is_none() && d.attention.is_none());
-        assert!(d.batch_blocks && !d.fuse_combine_norm);
+        assert!(d.batch_blocks && !d.fuse_combine_norm && d.gemv_wide);
     }
 
     #[test]
@@ -176,6 +182,7 @@ mod tests {
             ("EDGEDIFF_COOP_MIN_T", "32"),
             ("EDGEDIFF_COOP_SPLIT_K", "0"),
             ("EDGEDIFF_GEMV_F32_MAX_T", "16"),
+            ("EDGEDIFF_GEMV_WIDE", "0"),
             ("EDGEDIFF_FUSE_SWIGLU", "0"),
             ("EDGEDIFF_FUSE_COMBINE_NORM", "1"),
             ("EDGEDIFF_MOE_KERNEL", "tiled"),
@@ -192,6 +199,7 @@ mod tests {
                 coop_min_t: 32,
                 coop_split_k: false,
                 gemv_f32_max_t: 16,
+                gemv_wide: false,
                 fuse_swiglu: false,
                 fuse_combine_norm: true,
                 moe: Some(ExpertKernel::Tiled),

@@ -138,11 +138,15 @@ test_backends!(
         let mut rng = Rng(1);
         // (rows T, out N, in K): T covers gemv (≤ 4, and token blocks of 4 up to 16) and gemm
         // (> 16); K = 70 is no multiple of 8 or 32; K = 1056 and 1088 take the gemv through its
-        // four-octets-ahead loop and its remainder.
+        // four-octets-ahead loop and its remainder, and the wide q4/q8 gemv through 16 lanes a
+        // row (q4: 33, 34 chunks) or 64 (q8), blocks of 3 tokens; K = 2048 (blocks of 2, 64
+        // lanes) and 4096 (one token a block) its other staging sizes.
         for &(t, n, k) in &[
             (1, 37, 96),
             (2, 21, 1056),
             (9, 45, 1088),
+            (7, 70, 2048),
+            (3, 9, 4096),
             (3, 130, 160),
             (5, 67, 96),
             (17, 100, 224),
@@ -438,14 +442,18 @@ test_backends!(norms_and_residual_adds_match, TOL, |b| {
 test_backends!(swiglu_mlp_matches, TOL, |b| {
     let mut rng = Rng(5);
     let mut out = Vec::new();
-    for dtype in DTYPES {
+    // (64, 96) the word-a-lane gemv; q4/q8 rows of 1056 and 2048 the wide one's 16 and 64 lanes
+    // a row (quantized rows hold whole groups, so the down weight's 32 and 96 are too).
+    for (dtype, (h, i)) in DTYPES
+        .into_iter()
+        .flat_map(|d| [(64, 96), (1056, 32), (2048, 96)].map(|s| (d, s)))
+    {
         for t in [1, 6, 16] {
-            let (h, i) = (64, 96);
             let gu = weight(b, dtype, &[2 * i, h], &rng.vec(2 * i * h, 0.3));
             let down = weight(b, dtype, &[h, i], &rng.vec(h * i, 0.3));
             let x = b.put(t, h, &rng.vec(t * h, 1.0));
             out.push((
-                format!("{dtype} t{t}"),
+                format!("{dtype} t{t} h{h} i{i}"),
                 b.get(&b.mlp(&gu, &down, &x).unwrap()),
             ));
         }
@@ -1107,6 +1115,41 @@ fn moe_residual_norm_folds_into_the_combine() {
         let n2 = off.add_rms_norm(&mut res2, &y, &nw, 1e-6).unwrap();
         assert_eq!(unfused, off.dispatches() - d1, "{arch}: the unfused path");
         assert_eq!(off.get(&n), off.get(&n2), "{arch}: knob off, normed");
+    }
+}
+
+/// The wide q4/q8 gemv sums each (weight row, token) the same way whatever tokens share its
+/// dispatch: 16 rows at once equal each row alone bit for bit (what batched passes rely on,
+/// ops/batch_class.rs), for both lane counts and several token-block sizes; the kernel is the one
+/// taken for these shapes.
+#[test]
+fn wide_gemv_rows_equal_each_row_alone() {
+    for (label, b) in backends(None) {
+        let mut rng = Rng(23);
+        for (dtype, n, k) in [
+            (DType::Q4, 70, 1056),
+            (DType::Q4, 45, 2048),
+            (DType::Q8, 33, 1056),
+            (DType::Q8, 20, 4096),
+        ] {
+            let wide = ops::matmul::wide_gemv(&b.sh.dev.kernels, dtype, k);
+            assert!(wide.is_some(), "{label} {dtype} k{k}: not the wide gemv");
+            let w = weight(&b, dtype, &[n, k], &rng.vec(n * k, 0.5));
+            let t = 16;
+            let xs = rng.vec(t * k, 1.0);
+            let all = b.get(&b.matmul(&w, &b.put(t, k, &xs)).unwrap());
+            assert!(all.iter().all(|v| v.is_finite()), "{label} {dtype} k{k}");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            for r in 0..t {
+                let x1 = b.put(1, k, &xs[r * k..(r + 1) * k]);
+                let one = b.get(&b.matmul(&w, &x1).unwrap());
+                assert_eq!(
+                    bits(&all[r * n..(r + 1) * n]),
+                    bits(&one),
+                    "{label} {dtype} k{k} {wide:?}: row {r}"
+                );
+            }
+        }
     }
 }
 

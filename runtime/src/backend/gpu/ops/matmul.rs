@@ -35,7 +35,8 @@ pub struct MatmulParams {
     pub split_rows: u32,
     /// [`SPLIT_SUM`]: partials to add.
     pub splits: u32,
-    pub _pad: u32,
+    /// [`GEMV_WIDE`]: invocations per weight row (16 or 64; [`wide_gemv`]).
+    pub lanes: u32,
 }
 
 #[repr(C)]
@@ -88,6 +89,20 @@ pub static GEMM_COOP: Entry = Entry {
     bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite)],
     params: "MatmulParams",
 };
+/// The q4/q8 gemv with 16-byte chunk loads and staged activations (shaders/gemv_wide.wgsl).
+pub static GEMV_WIDE: Entry = Entry {
+    file: "gemv_wide.wgsl",
+    name: "gemv_wide",
+    bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite), (4, Read)],
+    params: "MatmulParams",
+};
+/// [`GEMV_WIDE`] over a fused [gate; up] weight, writing silu(gate) · up.
+pub static GEMV_WIDE_SWIGLU: Entry = Entry {
+    file: "gemv_wide.wgsl",
+    name: "gemv_wide_swiglu",
+    bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite), (4, Read)],
+    params: "MatmulParams",
+};
 /// Adds the K-split partials of [`GEMM_COOP`] (matmul.wgsl).
 pub static SPLIT_SUM: Entry = Entry {
     file: "matmul.wgsl",
@@ -129,6 +144,37 @@ pub const GEMV_T: usize = 4;
 pub const GEMV_MAX_T: usize = 16;
 /// Weight bytes up to which token blocks re-read the weight from L2 rather than memory.
 pub const GEMV_BLOCKED_MAX_BYTES: u64 = 16 << 20;
+
+/// Activation values [`GEMV_WIDE`] stages in shared memory (its 16 KB): a token block of
+/// `WIDE_STAGE / k` rows (at most [`GEMV_T`]), so rows of more than this many values take [`GEMV`].
+pub const WIDE_STAGE: usize = 4096;
+
+/// (Invocations per weight row, activation rows per workgroup) of [`GEMV_WIDE`] for a `dtype`
+/// weight of `k` columns; `None` where it does not serve: f32/f16 weights, rows of fewer than 16
+/// chunks of 16 bytes (too short to spread), rows past [`WIDE_STAGE`], or the knob off.
+pub fn wide_gemv(choice: &KernelChoice, dtype: DType, k: usize) -> Option<(u32, u32)> {
+    let vals = match dtype {
+        DType::Q4 => 32,
+        DType::Q8 => 16,
+        _ => return None,
+    };
+    if !choice.gemv_wide || !k.is_multiple_of(32) || k > WIDE_STAGE || k / vals < 16 {
+        return None;
+    }
+    let lanes = if k / vals >= 64 { 64 } else { 16 };
+    Some((lanes, (WIDE_STAGE / k).min(GEMV_T) as u32))
+}
+
+/// [`GEMV_WIDE`]'s grid: `units` rows (or SwiGLU columns) over workgroups of `per` each, folded
+/// into x × y past 65535, token blocks of `tile` rows along z.
+fn wide_grid(units: u64, per: u64, t: usize, tile: u32) -> Grid<'static> {
+    let groups = units.div_ceil(per);
+    Grid::Groups(
+        groups.min(65535) as u32,
+        groups.div_ceil(65535) as u32,
+        t.div_ceil(tile as usize) as u32,
+    )
+}
 
 /// Workgroups a tensor-core matmul aims at before it splits along K (an H200 has 132 SMs; fewer
 /// than this many tiles leave most of a large GPU idle through the whole K loop).
@@ -282,12 +328,13 @@ pub fn gate_up_swiglu_into(
         return Ok(false);
     }
     let inter = c.rows / 2;
+    let wide = wide_gemv(choice, gate_up.dtype, gate_up.cols);
     let p = MatmulParams {
-        tile_t: 0,
+        tile_t: wide.map_or(0, |w| w.1),
         k_chunk: 0,
         split_rows: 0,
         splits: 0,
-        _pad: 0,
+        lanes: wide.map_or(0, |w| w.0),
         n: c.rows,
         k: gate_up.cols as u32,
         t: t as u32,
@@ -296,6 +343,12 @@ pub fn gate_up_swiglu_into(
         out_stride: inter,
         out_col0: 0,
     };
+    if let Some((lanes, tile)) = wide {
+        let grid = wide_grid(u64::from(inter), u64::from(256 / lanes), t, tile);
+        let bufs: [&GpuBuffer; 4] = [&c.buf, x, h, &c.buf];
+        ctx.dispatch(&GEMV_WIDE_SWIGLU, gate_up.wtype(), &p, None, &bufs, grid)?;
+        return Ok(true);
+    }
     let grid = gemv_grid(u64::from(inter.div_ceil(2)), t);
     ctx.dispatch(
         &GEMV_SWIGLU,
@@ -335,7 +388,7 @@ pub fn matmul_into(
             k_chunk: 0,
             split_rows: 0,
             splits: 0,
-            _pad: 0,
+            lanes: 0,
             tile_t,
             n: c.rows,
             k: w.cols as u32,
@@ -353,6 +406,17 @@ pub fn matmul_into(
         #[cfg(test)]
         if ctx.sh.dev.caps.coop && w.dtype != DType::F32 && FORCE_COOP.with(|f| f.get()) {
             kernel = MatmulKernel::Coop;
+        }
+        let wide = wide_gemv(&ctx.sh.dev.kernels, w.dtype, w.cols);
+        if let (MatmulKernel::Gemv | MatmulKernel::GemvBlocked, Some((lanes, tile))) =
+            (kernel, wide)
+        {
+            p.lanes = lanes;
+            p.tile_t = tile;
+            let grid = wide_grid(n, u64::from(512 / lanes), t, tile);
+            let bufs: [&GpuBuffer; 4] = [&c.buf, x, out, &c.buf];
+            ctx.dispatch(&GEMV_WIDE, w.wtype(), &p, None, &bufs, grid)?;
+            continue;
         }
         let (entry, grid) = match kernel {
             MatmulKernel::Gemv => (&GEMV, Grid::Linear(groups)),
