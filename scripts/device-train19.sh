@@ -35,7 +35,8 @@
 # everyday chat and training wore the base's away; training/README.md "Self-distillation chat"): the selfchat phase
 # samples conversations (user question and assistant answer, both from the base, its own chat template) on the GPU,
 # and train mixes them into 25 % of the rows (train_moe.py --selfchat-frac) and evaluates a `selfchat` domain.
-# Next session's call order (the state of run 3, step 2,568, is in training/carry/s0..s4):
+# Call order (run 4's state, step 3,269, is in training/carry/s0..s4 and its selfchat stream in
+# training/carry/selfchat: carry that with the first train call instead of the selfchat call):
 #   bash scripts/device-train19.sh stage      carry ["training/carry/c0"]   (then c1, c2, c3: 4 calls)
 #   bash scripts/device-train19.sh state-in   carry ["training/carry/s0"]   (then s1..s4: 5 calls)
 #   bash scripts/device-train19.sh selfchat   carry []   (SELFCHAT_N = 8192 conversations into $DEV/selfchat, ~1-2 min
