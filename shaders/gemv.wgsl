@@ -2,13 +2,16 @@
 // override WTYPE, see lib/dequant.wgsl) dequantized in the inner loop; x [t, k] and y f32.
 // Bandwidth-bound: the 1-token forward and blocks whose weights stay in L2 (ops/matmul.rs decides).
 //
-// - gemv: a workgroup owns 4 weight rows with 16 invocations each and one block of up to 4
-//   activation rows (workgroup z); an invocation walks its row 8 values (one q4 word) at a time
-//   with a stride of 16 octets, so neighbours read neighbouring words (for one activation row, four
-//   octets' loads ahead of their arithmetic); partial sums meet in shared memory, summed in lane
-//   order. Token blocks re-read the weights from L2, but the grid (n/4 × t/4 workgroups) fills the
-//   GPU, where 16 × 64 tiles would leave most of it idle for 16 tokens.
-// - gemv_swiglu: gemv over a dense MLP's fused [gate; up] weight, writing silu(gate) · up.
+// - gemv: a workgroup of 64 owns 64 / L weight rows with L = p.lanes invocations each (16, or 64
+//   for a single activation row: one round of loads a lane instead of four on a 2048-wide row; 0
+//   reads as 16) and one block of up to 4 activation rows (workgroup z); an invocation walks its
+//   row 8 values (one q4 word) at a time with a stride of L octets, so neighbours read
+//   neighbouring words (for one activation row, four octets' loads ahead of their arithmetic);
+//   partial sums meet in shared memory, summed in lane order — the same sums whatever rows share
+//   the block. Token blocks re-read the weights from L2, but the grid (n·L/64 × t/4 workgroups)
+//   fills the GPU, where 16 × 64 tiles would leave most of it idle for 16 tokens.
+// - gemv_swiglu: gemv over a dense MLP's fused [gate; up] weight, writing silu(gate) · up (16
+//   lanes a row).
 // Activations are bound as vec4s (lib/act_dot.wgsl says why); output rows may be a column range of
 // a wider matrix (out_stride, out_col0).
 
@@ -32,10 +35,16 @@ fn x_oct_dot(r: u32, k: u32, q: Oct) -> f32 {
     return act_oct_dot(r, k, p.k, q);
 }
 
+// Invocations per weight row.
+fn gemv_lanes() -> u32 {
+    return select(16u, p.lanes, p.lanes != 0u);
+}
+
 // This invocation's partial dot products of weight row `row` (≥ p.n: none) with the block's
-// activation rows t0 .. t0 + nt, into gemv_part[t · 64 + lid].
-fn gemv_partial(row: u32, lid: u32, t0: u32, nt: u32) {
-    let lane = lid % 16u;
+// activation rows t0 .. t0 + nt, walking octets lane, lane + L, … (L = `lanes`), into
+// gemv_part[t · 64 + lid].
+fn gemv_partial(row: u32, lid: u32, t0: u32, nt: u32, lanes: u32) {
+    let lane = lid % lanes;
     let m = WMat(0u, p.scales, p.k);
     var a = vec4<f32>(0.0);
     if (row < p.n) {
@@ -45,17 +54,17 @@ fn gemv_partial(row: u32, lid: u32, t0: u32, nt: u32) {
         // One activation row (the 1-token forward): four octets' loads before their arithmetic
         // (memory-level parallelism; same order). Token blocks keep the plain loop, which measured
         // faster for them (H200: 4–16 tokens).
-        for (; nt == 1u && o + 48u < octs; o += 64u) {
+        for (; nt == 1u && o + 3u * lanes < octs; o += 4u * lanes) {
             let q0 = w_oct(m, row, o * 8u);
-            let q1 = w_oct(m, row, (o + 16u) * 8u);
-            let q2 = w_oct(m, row, (o + 32u) * 8u);
-            let q3 = w_oct(m, row, (o + 48u) * 8u);
+            let q1 = w_oct(m, row, (o + lanes) * 8u);
+            let q2 = w_oct(m, row, (o + 2u * lanes) * 8u);
+            let q3 = w_oct(m, row, (o + 3u * lanes) * 8u);
             a.x += x_oct_dot(xr, o * 8u, q0);
-            a.x += x_oct_dot(xr, (o + 16u) * 8u, q1);
-            a.x += x_oct_dot(xr, (o + 32u) * 8u, q2);
-            a.x += x_oct_dot(xr, (o + 48u) * 8u, q3);
+            a.x += x_oct_dot(xr, (o + lanes) * 8u, q1);
+            a.x += x_oct_dot(xr, (o + 2u * lanes) * 8u, q2);
+            a.x += x_oct_dot(xr, (o + 3u * lanes) * 8u, q3);
         }
-        for (; o < octs; o += 16u) {
+        for (; o < octs; o += lanes) {
             let q = w_oct(m, row, o * 8u);
             for (var t = 0u; t < nt; t++) {
                 a[t] += x_oct_dot(xr + t, o * 8u, q);
@@ -67,11 +76,11 @@ fn gemv_partial(row: u32, lid: u32, t0: u32, nt: u32) {
     }
 }
 
-// Σ over the 16 invocations of workgroup row r for activation row t, in lane order.
-fn gemv_sum(r: u32, t: u32) -> f32 {
+// Σ over the `lanes` invocations of workgroup row r for activation row t, in lane order.
+fn gemv_sum(r: u32, t: u32, lanes: u32) -> f32 {
     var s = 0.0;
-    for (var l = 0u; l < 16u; l++) {
-        s += gemv_part[t * 64u + r * 16u + l];
+    for (var l = 0u; l < lanes; l++) {
+        s += gemv_part[t * 64u + r * lanes + l];
     }
     return s;
 }
@@ -82,16 +91,18 @@ fn gemv(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let row0 = (wid.x + wid.y * nwg.x) * 4u;
+    let lanes = gemv_lanes();
+    let rows = 64u / lanes;
+    let row0 = (wid.x + wid.y * nwg.x) * rows;
     let t0 = wid.z * GEMV_T;
     let nt = min(p.t - t0, GEMV_T);
-    gemv_partial(row0 + lid / 16u, lid, t0, nt);
+    gemv_partial(row0 + lid / lanes, lid, t0, nt, lanes);
     workgroupBarrier();
-    if (lid < 16u) {
+    if (lid < 4u * rows) {
         let r = lid / 4u;
         let t = lid % 4u;
         if (row0 + r < p.n && t < nt) {
-            out[(t0 + t) * p.out_stride + p.out_col0 + row0 + r] = gemv_sum(r, t);
+            out[(t0 + t) * p.out_stride + p.out_col0 + row0 + r] = gemv_sum(r, t, lanes);
         }
     }
 }
@@ -111,14 +122,14 @@ fn gemv_swiglu(
     let nt = min(p.t - t0, GEMV_T);
     let j = lid / 16u;
     let c = c0 + (j & 1u);
-    gemv_partial(select(p.n, select(inter + c, c, j < 2u), c < inter), lid, t0, nt);
+    gemv_partial(select(p.n, select(inter + c, c, j < 2u), c < inter), lid, t0, nt, 16u);
     workgroupBarrier();
     if (lid < 8u) {
         let col = lid / 4u;
         let t = lid % 4u;
         if (c0 + col < inter && t < nt) {
-            let g = gemv_sum(col, t);
-            let u = gemv_sum(2u + col, t);
+            let g = gemv_sum(col, t, 16u);
+            let u = gemv_sum(2u + col, t, 16u);
             out[(t0 + t) * p.out_stride + p.out_col0 + c0 + col] = g / (1.0 + exp(-g)) * u;
         }
     }

@@ -39,71 +39,13 @@ const LANES: u32 = 16u;
 const CHUNK: u32 = 4u;
 
 var<workgroup> part: array<vec4<f32>, 64>;
-// Expert of this workgroup: ok, weight base word, token count, first list entry.
-var<workgroup> ex_ok: u32;
-var<workgroup> ex_base: u32;
-var<workgroup> ex_cnt: u32;
-var<workgroup> ex_first: u32;
-var<workgroup> ex_scales: u32;
-var<workgroup> ex_shared: u32;
-
-// Whether this workgroup computes the shared expert (uniform: set once from ex_shared).
-var<private> is_shared: bool;
+#include "expert_begin"
 
 fn w_word(i: u32) -> u32 {
     if (is_shared) {
         return shared_w[i];
     }
     return w_words[i];
-}
-
-// Reads which expert this workgroup serves; false (uniformly) when there is none or it lives in
-// another pool buffer than the one bound. The shared expert's column serves every token, rows
-// assignments + t of the scratch.
-fn expert_begin(lid: u32, wid: vec3<u32>) -> bool {
-    if (lid == 0u) {
-        let ne = ep.num_experts;
-        var ok = 0u;
-        var sh = 0u;
-        if (wid.x == ep.shared_x) {
-            ok = 1u;
-            sh = 1u;
-            ex_base = 0u;
-            ex_scales = ep.shared_scales;
-            ex_cnt = ep.tokens;
-            ex_first = ep.assignments;
-        } else if (ep.direct != 0u) {
-            // Direct path: column a serves assignment a alone (its row of h and y is a).
-            if (wid.x < ep.assignments) {
-                let e = route_meta[wid.x];
-                if (e < ne) {
-                    let s = 2u * (ep.slot0 + e);
-                    if (slots[s] == ep.pool) {
-                        ok = 1u;
-                        ex_base = slots[s + 1u] + ep.part;
-                        ex_scales = ex_base + ep.scales;
-                        ex_cnt = 1u;
-                        ex_first = wid.x;
-                    }
-                }
-            }
-        } else if (wid.x < route_meta[6]) {
-            let e = route_meta[meta_active(ne) + wid.x];
-            let s = 2u * (ep.slot0 + e);
-            if (slots[s] == ep.pool) {
-                ok = 1u;
-                ex_base = slots[s + 1u] + ep.part;
-                ex_scales = ex_base + ep.scales;
-                ex_cnt = route_meta[meta_counts(ne) + e];
-                ex_first = route_meta[meta_offsets(ne) + e];
-            }
-        }
-        ex_ok = ok;
-        ex_shared = sh;
-    }
-    let ok = workgroupUniformLoad(&ex_ok) != 0u;
-    is_shared = workgroupUniformLoad(&ex_shared) != 0u;
-    return ok;
 }
 
 // Σ of octet k..k+8 of activation row r (NONE: 0) times q.
@@ -164,7 +106,6 @@ fn expert_gate_up_gemv(@builtin(local_invocation_index) lid: u32, @builtin(workg
     // Workgroup row j = lid / 16: gate (j < 2) or up row of column c0 + (j & 1).
     let j = lid / LANES;
     let lane = lid % LANES;
-    let list = meta_list(ep.num_experts) + first;
     for (var rb = 0u; rb < ep.row_blocks; rb++) {
         let c0 = (wid.y * ep.row_blocks + rb) * 2u;
         if (c0 >= ep.n) {
@@ -176,13 +117,7 @@ fn expert_gate_up_gemv(@builtin(local_invocation_index) lid: u32, @builtin(workg
             var xr = vec4<u32>(NONE);
             for (var i = 0u; i < CHUNK; i++) {
                 if (t0 + i < cnt) {
-                    if (is_shared) {
-                        xr[i] = t0 + i;
-                    } else if (ep.direct != 0u) {
-                        xr[i] = (first + t0 + i) / ep.top_k;
-                    } else {
-                        xr[i] = route_meta[list + t0 + i] / ep.top_k;
-                    }
+                    xr[i] = expert_token(first, t0 + i);
                 }
             }
             row_partial(m, row, xr, lane, lid);

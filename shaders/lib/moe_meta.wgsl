@@ -51,6 +51,8 @@ struct ExpertParams {
     // The GEMV kernels' weight-row blocks per workgroup (EDGEDIFF_MOE_GEMV_BLOCKS): a workgroup
     // works blocks wid.y · row_blocks + 0.. in turn, paying the expert lookup once for them.
     row_blocks: u32,
-    _pad1: u32,
-    _pad2: u32,
+    // The wide GEMV expert kernels (moe_gemv_wide.wgsl): invocations per weight row (16 or 64),
+    // tokens a staged block.
+    lanes: u32,
+    tile_t: u32,
 }

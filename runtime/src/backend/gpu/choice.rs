@@ -8,11 +8,14 @@
 //! | `EDGEDIFF_COOP_MIN_T=<tokens>` | [`KernelChoice::coop_min_t`] |
 //! | `EDGEDIFF_COOP_SPLIT_K=0` | [`KernelChoice::coop_split_k`] |
 //! | `EDGEDIFF_GEMV_F32_MAX_T=<tokens>` | [`KernelChoice::gemv_f32_max_t`] |
-//! | `EDGEDIFF_GEMV_WIDE=0` | [`KernelChoice::gemv_wide`] |
+//! | `EDGEDIFF_GEMV1_LANES=16\|64` | [`KernelChoice::gemv1_lanes`] |
+//! | `EDGEDIFF_GEMV_WIDE_MIN_T=<rows>\|off` | [`KernelChoice::gemv_wide_min_t`] |
+//! | `EDGEDIFF_WIDE_LANES=16\|64` | [`KernelChoice::wide_lanes`] |
 //! | `EDGEDIFF_FUSE_SWIGLU=0` | [`KernelChoice::fuse_swiglu`] |
 //! | `EDGEDIFF_FUSE_COMBINE_NORM=1\|0` | [`KernelChoice::fuse_combine_norm`] |
 //! | `EDGEDIFF_MOE_KERNEL=gemv\|tiled` | [`KernelChoice::moe`] |
 //! | `EDGEDIFF_MOE_GEMV_BLOCKS=<n>` | [`KernelChoice::moe_gemv_blocks`] |
+//! | `EDGEDIFF_MOE_WIDE=0\|down\|all` | [`KernelChoice::moe_wide`] |
 //! | `EDGEDIFF_ATTN_KERNEL=heads\|gqa` | [`KernelChoice::attention`] |
 //! | `EDGEDIFF_ATTN_GROUPS=<n>` | [`KernelChoice::attn_groups`] |
 //! | `EDGEDIFF_STATS_CHUNK=<logits>` | [`KernelChoice::stats_chunk`] |
@@ -37,6 +40,16 @@ pub enum AttnKernel {
     Gqa,
 }
 
+/// Which GEMV expert kernels run wide (moe_gemv_wide.wgsl).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MoeWide {
+    Off,
+    /// The down projection only (rows of the expert width: the wide kernel's 32 rows a
+    /// workgroup amortise its staging).
+    Down,
+    All,
+}
+
 /// Activation rows from which f16, q8 and q4 matmuls take the tensor cores.
 pub const COOP_MIN_T: usize = 16;
 /// Activation rows up to which f32 weights that stay in L2 (the routers) take the gemv in token
@@ -56,9 +69,17 @@ pub struct KernelChoice {
     pub coop_split_k: bool,
     /// Activation rows up to which small f32 weights take the token-blocked gemv.
     pub gemv_f32_max_t: usize,
-    /// q4/q8 gemvs read 16-byte chunks with activations staged in shared memory
-    /// (shaders/gemv_wide.wgsl) where the row fits; off: gemv.wgsl's word-a-lane kernel.
-    pub gemv_wide: bool,
+    /// Invocations per weight row of the word-a-lane gemv (shaders/gemv.wgsl) for passes of one
+    /// row (16 or 64; blocks of rows keep 16).
+    pub gemv1_lanes: u32,
+    /// Passes of at least this many rows (`None`: none) take the wide q4/q8 gemv
+    /// (shaders/gemv_wide.wgsl: 16-byte chunks, activations staged in shared memory) where the
+    /// row fits, in place of gemv.wgsl's word-a-lane kernel. H100, 20-layer LLaDA2.0-mini q4, one
+    /// run: at 16 rows 2,081 → 1,512 µs a pass (16 lanes a row), at one row 730 → 898 (slower).
+    pub gemv_wide_min_t: Option<usize>,
+    /// Invocations per weight row of the wide kernels (16 or 64; 64 measured slower: 2,520 µs
+    /// at 16 rows, 7,449 vs 4,994 µs for the experts' gate/up).
+    pub wide_lanes: u32,
     /// SwiGLU fused into the dense gate_up gemv.
     pub fuse_swiglu: bool,
     /// The MoE combine carries the residual add and the next norm (moe_combine_norm, one
@@ -72,6 +93,10 @@ pub struct KernelChoice {
     /// its expert lookup (a chain of dependent loads before any weight moves), fewer spread
     /// the rows over more workgroups. 1 until a GPU machine measures otherwise.
     pub moe_gemv_blocks: usize,
+    /// Which q4/q8 GEMV expert kernels read 16-byte chunks with the expert's tokens staged in
+    /// shared memory (shaders/moe_gemv_wide.wgsl) where the rows fit, in place of moe_gemv.wgsl's.
+    /// H100, same run: down 2,942 → 2,557 µs a 16-token pass, gate/up 4,489 → 4,994 (slower).
+    pub moe_wide: MoeWide,
     /// The attention kernel, forced where both apply (`None`: GQA where the head fits it).
     pub attention: Option<AttnKernel>,
     /// Workgroups the GQA attention kernel aims at.
@@ -92,11 +117,14 @@ impl Default for KernelChoice {
             coop_min_t: COOP_MIN_T,
             coop_split_k: true,
             gemv_f32_max_t: GEMV_F32_MAX_T,
-            gemv_wide: true,
+            gemv1_lanes: 16,
+            gemv_wide_min_t: Some(2),
+            wide_lanes: 16,
             fuse_swiglu: true,
             fuse_combine_norm: false,
             moe: None,
             moe_gemv_blocks: 1,
+            moe_wide: MoeWide::Down,
             attention: None,
             attn_groups: GQA_TARGET_GROUPS,
             stats_chunk: STATS_CHUNK,
@@ -122,7 +150,21 @@ impl KernelChoice {
             coop_min_t: num("EDGEDIFF_COOP_MIN_T").map_or(d.coop_min_t, |v| v as usize),
             coop_split_k: !off("EDGEDIFF_COOP_SPLIT_K"),
             gemv_f32_max_t: num("EDGEDIFF_GEMV_F32_MAX_T").map_or(d.gemv_f32_max_t, |v| v as usize),
-            gemv_wide: !off("EDGEDIFF_GEMV_WIDE"),
+            gemv1_lanes: num("EDGEDIFF_GEMV1_LANES")
+                .filter(|&l| l == 16 || l == 64)
+                .map_or(d.gemv1_lanes, |l| l as u32),
+            gemv_wide_min_t: match var("EDGEDIFF_GEMV_WIDE_MIN_T").as_deref().map(str::trim) {
+                Some("off") => None,
+                Some(v) => v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|&t| t >= 1)
+                    .or(d.gemv_wide_min_t),
+                None => d.gemv_wide_min_t,
+            },
+            wide_lanes: num("EDGEDIFF_WIDE_LANES")
+                .filter(|&l| l == 16 || l == 64)
+                .map_or(d.wide_lanes, |l| l as u32),
             fuse_swiglu: !off("EDGEDIFF_FUSE_SWIGLU"),
             fuse_combine_norm: var("EDGEDIFF_FUSE_COMBINE_NORM")
                 .map_or(d.fuse_combine_norm, |v| v.trim() == "1"),
@@ -134,6 +176,12 @@ impl KernelChoice {
             moe_gemv_blocks: num("EDGEDIFF_MOE_GEMV_BLOCKS")
                 .filter(|&n| (1..=256).contains(&n))
                 .map_or(d.moe_gemv_blocks, |v| v as usize),
+            moe_wide: match var("EDGEDIFF_MOE_WIDE").as_deref().map(str::trim) {
+                Some("0") => MoeWide::Off,
+                Some("down") => MoeWide::Down,
+                Some("all") => MoeWide::All,
+                _ => d.moe_wide,
+            },
             attention: match var("EDGEDIFF_ATTN_KERNEL").as_deref().map(str::trim) {
                 Some("heads") => Some(AttnKernel::Heads),
                 Some("gqa") => Some(AttnKernel::Gqa),
@@ -173,7 +221,7 @@ mod tests {
         assert_eq!(from(&[]), KernelChoice::default());
         let d = KernelChoice::default();
         assert!(d.coop_split_k && d.fuse_swiglu && d.moe.is_none() && d.attention.is_none());
-        assert!(d.batch_blocks && !d.fuse_combine_norm && d.gemv_wide);
+        assert!(d.batch_blocks && !d.fuse_combine_norm && d.moe_wide == MoeWide::Down);
     }
 
     #[test]
@@ -182,11 +230,14 @@ mod tests {
             ("EDGEDIFF_COOP_MIN_T", "32"),
             ("EDGEDIFF_COOP_SPLIT_K", "0"),
             ("EDGEDIFF_GEMV_F32_MAX_T", "16"),
-            ("EDGEDIFF_GEMV_WIDE", "0"),
+            ("EDGEDIFF_GEMV1_LANES", "64"),
+            ("EDGEDIFF_GEMV_WIDE_MIN_T", "off"),
+            ("EDGEDIFF_WIDE_LANES", "64"),
             ("EDGEDIFF_FUSE_SWIGLU", "0"),
             ("EDGEDIFF_FUSE_COMBINE_NORM", "1"),
             ("EDGEDIFF_MOE_KERNEL", "tiled"),
             ("EDGEDIFF_MOE_GEMV_BLOCKS", "8"),
+            ("EDGEDIFF_MOE_WIDE", "all"),
             ("EDGEDIFF_ATTN_KERNEL", "heads"),
             ("EDGEDIFF_ATTN_GROUPS", "64"),
             ("EDGEDIFF_STATS_CHUNK", "4096"),
@@ -199,11 +250,14 @@ mod tests {
                 coop_min_t: 32,
                 coop_split_k: false,
                 gemv_f32_max_t: 16,
-                gemv_wide: false,
+                gemv1_lanes: 64,
+                gemv_wide_min_t: None,
+                wide_lanes: 64,
                 fuse_swiglu: false,
                 fuse_combine_norm: true,
                 moe: Some(ExpertKernel::Tiled),
                 moe_gemv_blocks: 8,
+                moe_wide: MoeWide::All,
                 attention: Some(AttnKernel::Heads),
                 attn_groups: 64,
                 stats_chunk: 4096,

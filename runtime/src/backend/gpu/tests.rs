@@ -1119,34 +1119,94 @@ fn moe_residual_norm_folds_into_the_combine() {
 }
 
 /// The wide q4/q8 gemv sums each (weight row, token) the same way whatever tokens share its
-/// dispatch: 16 rows at once equal each row alone bit for bit (what batched passes rely on,
-/// ops/batch_class.rs), for both lane counts and several token-block sizes; the kernel is the one
-/// taken for these shapes.
+/// dispatch: 16 rows at once equal the same rows 2 and 3 at a time bit for bit (what batched
+/// passes rely on, ops/batch_class.rs: passes of ≥ 2 rows take it), for both lane counts and
+/// several token-block sizes; the kernel is the one taken for these shapes.
 #[test]
-fn wide_gemv_rows_equal_each_row_alone() {
-    for (label, b) in backends(None) {
-        let mut rng = Rng(23);
-        for (dtype, n, k) in [
-            (DType::Q4, 70, 1056),
-            (DType::Q4, 45, 2048),
-            (DType::Q8, 33, 1056),
-            (DType::Q8, 20, 4096),
-        ] {
-            let wide = ops::matmul::wide_gemv(&b.sh.dev.kernels, dtype, k);
-            assert!(wide.is_some(), "{label} {dtype} k{k}: not the wide gemv");
-            let w = weight(&b, dtype, &[n, k], &rng.vec(n * k, 0.5));
-            let t = 16;
-            let xs = rng.vec(t * k, 1.0);
-            let all = b.get(&b.matmul(&w, &b.put(t, k, &xs)).unwrap());
-            assert!(all.iter().all(|v| v.is_finite()), "{label} {dtype} k{k}");
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            for r in 0..t {
-                let x1 = b.put(1, k, &xs[r * k..(r + 1) * k]);
-                let one = b.get(&b.matmul(&w, &x1).unwrap());
-                assert_eq!(
-                    bits(&all[r * n..(r + 1) * n]),
-                    bits(&one),
-                    "{label} {dtype} k{k} {wide:?}: row {r}"
+fn wide_gemv_rows_equal_the_rows_in_other_blocks() {
+    use super::choice::KernelChoice;
+    for lanes in [16, 64] {
+        let base = super::GpuOptions {
+            kernels: KernelChoice {
+                wide_lanes: lanes,
+                ..KernelChoice::from_env()
+            },
+            ..super::GpuOptions::from_env()
+        };
+        for (label, b) in super::testing::backends_with(base) {
+            let mut rng = Rng(23);
+            for (dtype, n, k) in [
+                (DType::Q4, 70, 1056),
+                (DType::Q4, 45, 2048),
+                (DType::Q8, 33, 1056),
+                (DType::Q8, 20, 4096),
+            ] {
+                let wide = ops::matmul::wide_gemv(&b.sh.dev.kernels, dtype, k, 2);
+                assert_eq!(wide.map(|w| w.0), Some(lanes), "{label} {dtype} k{k}");
+                let w = weight(&b, dtype, &[n, k], &rng.vec(n * k, 0.5));
+                let xs = rng.vec(16 * k, 1.0);
+                let all = b.get(&b.matmul(&w, &b.put(16, k, &xs)).unwrap());
+                assert!(all.iter().all(|v| v.is_finite()), "{label} {dtype} k{k}");
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let mut r = 0;
+                for rows in [2, 3, 3, 2, 3, 3] {
+                    let xr = b.put(rows, k, &xs[r * k..(r + rows) * k]);
+                    let part = b.get(&b.matmul(&w, &xr).unwrap());
+                    assert_eq!(
+                        bits(&all[r * n..(r + rows) * n]),
+                        bits(&part),
+                        "{label} {dtype} k{k} {lanes} lanes: rows {r}..{}",
+                        r + rows
+                    );
+                    r += rows;
+                }
+            }
+        }
+    }
+}
+
+/// One-row passes with 64 lanes a weight row (`EDGEDIFF_GEMV1_LANES=64`): the CPU's products for
+/// every weight type and odd widths (no multiple of 8, or a row shorter than the lanes' first
+/// round), and not the 16-lane sums bit for bit where rows are long (so the 64-lane path ran).
+#[test]
+fn one_row_gemv_with_64_lanes_matches_the_cpu() {
+    use super::choice::KernelChoice;
+    let with = |lanes| super::GpuOptions {
+        poison: true,
+        kernels: KernelChoice {
+            gemv1_lanes: lanes,
+            ..KernelChoice::from_env()
+        },
+        ..super::GpuOptions::from_env()
+    };
+    let (b64, b16) = (
+        GpuBackend::new(&with(64)).unwrap(),
+        GpuBackend::new(&with(16)).unwrap(),
+    );
+    let mut rng = Rng(31);
+    for (n, k) in [(37, 96), (70, 2048), (9, 1088), (130, 70)] {
+        for dtype in DTYPES {
+            if dtype.is_quantized() && k % 32 != 0 {
+                continue;
+            }
+            let vals = rng.vec(n * k, 0.5);
+            let xs = rng.vec(k, 1.0);
+            let want = CpuBackend.matmul(
+                &weight(&CpuBackend, dtype, &[n, k], &vals),
+                &CpuBackend.put(1, k, &xs),
+            );
+            let want = CpuBackend.get(&want.unwrap());
+            let got = |b: &GpuBackend| {
+                let w = weight(b, dtype, &[n, k], &vals);
+                b.get(&b.matmul(&w, &b.put(1, k, &xs)).unwrap())
+            };
+            let (g64, g16) = (got(&b64), got(&b16));
+            let e = rel_l2(&g64, &want);
+            assert!(e <= 1e-5, "{dtype} n{n} k{k}: 64 lanes vs CPU rel L2 {e}");
+            if k >= 1024 {
+                assert!(
+                    g64 != g16,
+                    "{dtype} n{n} k{k}: the 64-lane gemv did not run"
                 );
             }
         }
@@ -1197,6 +1257,78 @@ fn expert_gemv_row_blocks_per_workgroup_change_no_bit() {
             match &want {
                 None => want = Some(got),
                 Some(w) => assert!(*w == got, "{arch}: {blocks} blocks a workgroup"),
+            }
+        }
+    }
+}
+
+/// The wide GEMV expert kernels (16-byte chunks, staged tokens): against the word-a-lane ones
+/// (which the CPU comparisons above check) to a few ulps, but not bit for bit — so the wide path
+/// is the one taken — on the direct path (1 token), the lists (13 tokens: blocks of tokens per
+/// expert) and with the shared expert's column; and every token's output with 13 tokens equals
+/// that token alone bit for bit. Rows of 1088 (q4: 34 chunks, 16 lanes; q8: 68, 64 lanes) and 512.
+#[test]
+fn wide_expert_kernels_match_the_narrow_ones_and_each_token_alone() {
+    use super::choice::{ExpertKernel, KernelChoice};
+    use super::GpuOptions;
+    for arch in [Architecture::Qwen3Moe, Architecture::Llada2Moe] {
+        let spec = SynthSpec {
+            hidden: 1088,
+            expert_ffn: 512,
+            ..SynthSpec::tiny(arch)
+        };
+        for dtype in [DType::Q4, DType::Q8] {
+            let (_dir, file) = synth_file_of(&spec, dtype);
+            let c = file.header.metadata.config.clone();
+            let h = c.hidden_size;
+            let mut outs = Vec::new();
+            for wide in [true, false] {
+                let b = GpuBackend::new(&GpuOptions {
+                    poison: true,
+                    kernels: KernelChoice {
+                        moe: Some(ExpertKernel::Gemv),
+                        moe_wide: if wide {
+                            super::choice::MoeWide::All
+                        } else {
+                            super::choice::MoeWide::Off
+                        },
+                        ..KernelChoice::from_env()
+                    },
+                    ..GpuOptions::from_env()
+                })
+                .unwrap();
+                let m = MoeLayer::load(&b, &file);
+                let mut rng = Rng(73);
+                let xs = rng.vec(13 * h, 1.0);
+                let x = b.put(13, h, &xs);
+                let all = b.get(&m.experts_out(&b, &x, &m.route(&b, &x, &c)));
+                let x1 = b.put(1, h, &xs[..h]);
+                let one = b.get(&m.experts_out(&b, &x1, &m.route(&b, &x1, &c)));
+                if wide {
+                    for t in 0..13 {
+                        let xt = b.put(1, h, &xs[t * h..(t + 1) * h]);
+                        let yt = b.get(&m.experts_out(&b, &xt, &m.route(&b, &xt, &c)));
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(
+                            bits(&all[t * h..(t + 1) * h]),
+                            bits(&yt),
+                            "{arch} {dtype}: token {t} of 13 vs alone"
+                        );
+                    }
+                }
+                outs.push((all, one));
+            }
+            let ((wa, w1), (na, n1)) = (&outs[0], &outs[1]);
+            for (what, w, n) in [("13 tokens", wa, na), ("1 token", w1, n1)] {
+                let e = rel_l2(w, n);
+                assert!(
+                    e <= 1e-5,
+                    "{arch} {dtype} {what}: wide vs narrow rel L2 {e}"
+                );
+                assert!(
+                    w != n,
+                    "{arch} {dtype} {what}: the wide kernels did not run"
+                );
             }
         }
     }

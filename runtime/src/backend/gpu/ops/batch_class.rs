@@ -4,12 +4,13 @@
 //! rows must come out as its pass alone computes them. Per kernel, what depends on the row count:
 //! - norms, RoPE, statistics, the MoE dispatch and combine: one workgroup (or invocation) per row,
 //!   nothing shared between rows;
-//! - the dense gemv (ops/matmul.rs `Gemv` / `GemvBlocked`), the GEMV and the tiled expert kernels,
-//!   the 16 × 64 tiles (`Tiled`): each output element is one thread's sum over K in a fixed order
-//!   (or 16 lanes' partials added in lane order), whichever rows share its workgroup, so a row's
-//!   result does not depend on the pass's row count or on the other rows;
-//! - which of those kernels runs, though, is chosen by the row count (gemv up to 4 or 16 rows, the
-//!   tiles beyond, the expert kernels by tokens per expert, the shared expert fused at ≤ 16 rows),
+//! - the dense gemv (ops/matmul.rs `Gemv` / `GemvBlocked`, word-a-lane or wide), the GEMV and the
+//!   tiled expert kernels, the 16 × 64 tiles (`Tiled`): each output element is one thread's sum
+//!   over K in a fixed order (or its lanes' partials added in a fixed order), whichever rows share
+//!   its workgroup, so a row's result does not depend on the pass's row count or on the other rows;
+//! - which of those kernels runs, though, is chosen by the row count (gemv up to 4 or 16 rows —
+//!   the wide one from `gemv_wide_min_t` rows, one-row passes with lanes of their own —, the tiles
+//!   beyond, the expert kernels by tokens per expert, the shared expert fused at ≤ 16 rows),
 //!   and so is the tensor-core matmul's tile (16, 32 or 64 rows) and its split along K (by its
 //!   tile count). Those choices are made as for one sequence's rows (`State::batch_rows`, set by
 //!   `begin_forward` / `begin_head`; ops/matmul.rs `pass_kernel`, ops/moe.rs), and K splits as that
@@ -33,17 +34,22 @@ use super::matmul::{coop_tile_t, GEMV_MAX_T, GEMV_T};
 use super::moe::{expert_kernel, ExpertKernel};
 use crate::arch::ModelConfig;
 
-/// Bit 0 of a row signature: more rows than the plain gemv's (signature 0 is every pass of up to
-/// [`GEMV_T`] rows: gemv for every matmul, GEMV experts with the shared expert fused).
+/// Bit 0 of a row signature: more rows than the plain gemv's (up to [`GEMV_T`] rows every matmul
+/// is a gemv — the word-a-lane one, with its one-row lanes, or the wide one from
+/// [`KernelChoice::gemv_wide_min_t`] rows: bits 24 and 25 — and the experts GEMV ones with the
+/// shared expert fused).
 const PAST_GEMV: u32 = 1;
 
 /// The row-count choices of a pass of `t` rows, as bits (equal bits: equal choices for every
 /// weight of the model). `coop`: the device runs the tensor-core matmul.
 pub fn row_signature(k: &KernelChoice, coop: bool, t: usize, top_k: usize, experts: usize) -> u32 {
+    // Within the gemv's rows too: the wide gemv from its rows on, and one-row passes' lanes.
+    let gemv = u32::from(k.gemv_wide_min_t.is_some_and(|m| t >= m)) << 24
+        | u32::from(t == 1 && k.gemv1_lanes != 16) << 25;
     if t <= GEMV_T {
-        return 0;
+        return gemv;
     }
-    let mut s = PAST_GEMV;
+    let mut s = PAST_GEMV | gemv;
     let mut bit = |i: u32, on: bool| s |= u32::from(on) << i;
     bit(1, t <= GEMV_MAX_T);
     bit(2, t <= k.gemv_f32_max_t.max(GEMV_MAX_T));

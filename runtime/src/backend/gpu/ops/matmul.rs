@@ -61,7 +61,10 @@ pub struct ExpertParams {
     pub direct: u32,
     /// The GEMV kernels' weight-row blocks per workgroup (≥ 1; the grid's y shrinks by it).
     pub row_blocks: u32,
-    pub _pad: [u32; 2],
+    /// The wide GEMV expert kernels (shaders/moe_gemv_wide.wgsl): invocations per weight row,
+    /// tokens a staged block ([`wide_gemv`]).
+    pub lanes: u32,
+    pub tile_t: u32,
 }
 
 pub static GEMV: Entry = Entry {
@@ -150,19 +153,34 @@ pub const GEMV_BLOCKED_MAX_BYTES: u64 = 16 << 20;
 pub const WIDE_STAGE: usize = 4096;
 
 /// (Invocations per weight row, activation rows per workgroup) of [`GEMV_WIDE`] for a `dtype`
-/// weight of `k` columns; `None` where it does not serve: f32/f16 weights, rows of fewer than 16
-/// chunks of 16 bytes (too short to spread), rows past [`WIDE_STAGE`], or the knob off.
-pub fn wide_gemv(choice: &KernelChoice, dtype: DType, k: usize) -> Option<(u32, u32)> {
+/// weight of `k` columns in a pass whose sequences have `solo` rows each; `None` where the
+/// word-a-lane [`GEMV`] serves: too few rows ([`KernelChoice::gemv_wide_min_t`]), f32/f16 weights,
+/// rows of fewer than 16 chunks of 16 bytes (too short to spread) or past [`WIDE_STAGE`].
+pub fn wide_gemv(choice: &KernelChoice, dtype: DType, k: usize, solo: usize) -> Option<(u32, u32)> {
+    let rows_ok = choice.gemv_wide_min_t.is_some_and(|m| solo >= m);
+    wide_shape(choice, dtype, k).filter(|_| rows_ok)
+}
+
+/// [`wide_gemv`]'s shape whatever the rows (the expert kernels choose by a knob of their own).
+pub fn wide_shape(choice: &KernelChoice, dtype: DType, k: usize) -> Option<(u32, u32)> {
     let vals = match dtype {
         DType::Q4 => 32,
         DType::Q8 => 16,
         _ => return None,
     };
-    if !choice.gemv_wide || !k.is_multiple_of(32) || k > WIDE_STAGE || k / vals < 16 {
+    if !k.is_multiple_of(32) || k > WIDE_STAGE || k / vals < 16 {
         return None;
     }
-    let lanes = if k / vals >= 64 { 64 } else { 16 };
-    Some((lanes, (WIDE_STAGE / k).min(GEMV_T) as u32))
+    Some((choice.wide_lanes, (WIDE_STAGE / k).min(GEMV_T) as u32))
+}
+
+/// Invocations per weight row of [`GEMV`] for a pass whose sequences have `solo` rows.
+pub fn gemv_lanes(choice: &KernelChoice, solo: usize) -> u32 {
+    if solo == 1 {
+        choice.gemv1_lanes
+    } else {
+        16
+    }
 }
 
 /// [`GEMV_WIDE`]'s grid: `units` rows (or SwiGLU columns) over workgroups of `per` each, folded
@@ -268,7 +286,7 @@ pub fn pass_kernel(ctx: &Ctx, dtype: DType, t: usize, rows: usize, bytes: u64) -
     }
 }
 
-/// The gemv's grid for `groups` blocks of 4 weight rows and `t` activation rows: blocks folded
+/// The gemv's grid for `groups` blocks of weight rows and `t` activation rows: blocks folded
 /// into x × y past 65535 (the kernel unfolds them), token blocks of 4 along z.
 fn gemv_grid(groups: u64, t: usize) -> Grid<'static> {
     Grid::Groups(
@@ -328,7 +346,7 @@ pub fn gate_up_swiglu_into(
         return Ok(false);
     }
     let inter = c.rows / 2;
-    let wide = wide_gemv(choice, gate_up.dtype, gate_up.cols);
+    let wide = wide_gemv(choice, gate_up.dtype, gate_up.cols, solo_rows(ctx, t));
     let p = MatmulParams {
         tile_t: wide.map_or(0, |w| w.1),
         k_chunk: 0,
@@ -399,7 +417,6 @@ pub fn matmul_into(
             out_col0: c.row0,
         };
         let n = c.rows as u64;
-        let groups = n.div_ceil(4);
         let bufs: [&GpuBuffer; 3] = [&c.buf, x, out];
         #[allow(unused_mut)]
         let mut kernel = pass_kernel(ctx, w.dtype, t, c.rows as usize, c.buf.size);
@@ -407,7 +424,7 @@ pub fn matmul_into(
         if ctx.sh.dev.caps.coop && w.dtype != DType::F32 && FORCE_COOP.with(|f| f.get()) {
             kernel = MatmulKernel::Coop;
         }
-        let wide = wide_gemv(&ctx.sh.dev.kernels, w.dtype, w.cols);
+        let wide = wide_gemv(&ctx.sh.dev.kernels, w.dtype, w.cols, solo);
         if let (MatmulKernel::Gemv | MatmulKernel::GemvBlocked, Some((lanes, tile))) =
             (kernel, wide)
         {
@@ -419,8 +436,11 @@ pub fn matmul_into(
             continue;
         }
         let (entry, grid) = match kernel {
-            MatmulKernel::Gemv => (&GEMV, Grid::Linear(groups)),
-            MatmulKernel::GemvBlocked => (&GEMV, gemv_grid(groups, t)),
+            MatmulKernel::Gemv | MatmulKernel::GemvBlocked => {
+                // 64 / lanes weight rows a workgroup.
+                p.lanes = gemv_lanes(&ctx.sh.dev.kernels, solo);
+                (&GEMV, gemv_grid(n.div_ceil(u64::from(64 / p.lanes)), t))
+            }
             MatmulKernel::Tiled => (
                 &GEMM,
                 Grid::Groups(n.div_ceil(64) as u32, t.div_ceil(16) as u32, 1),

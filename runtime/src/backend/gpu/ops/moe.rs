@@ -8,6 +8,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::super::choice::MoeWide;
 use super::super::device::GpuError;
 use super::super::kernels::{Entry, Slot::*};
 use super::super::pool::GpuBuffer;
@@ -15,6 +16,7 @@ use super::super::recorder::{Ctx, Grid};
 use super::super::{GpuAct, GpuBackend, GpuExperts, GpuRouting, GpuWeight};
 use super::matmul::{ExpertParams, EXPERT_DOWN, EXPERT_GATE_UP};
 use crate::backend::{self, shapes, Backend};
+use crate::format::DType;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
@@ -78,6 +80,32 @@ pub static DOWN_GEMV: Entry = Entry {
     ],
     params: "ExpertParams",
 };
+/// [`GATE_UP_GEMV`] with 16-byte weight chunks and staged tokens (shaders/moe_gemv_wide.wgsl).
+pub static GATE_UP_WIDE: Entry = Entry {
+    file: "moe_gemv_wide.wgsl",
+    name: "expert_gate_up_wide",
+    bindings: WIDE_BINDINGS,
+    params: "ExpertParams",
+};
+/// [`DOWN_GEMV`] with 16-byte weight chunks and staged tokens (shaders/moe_gemv_wide.wgsl).
+pub static DOWN_WIDE: Entry = Entry {
+    file: "moe_gemv_wide.wgsl",
+    name: "expert_down_wide",
+    bindings: WIDE_BINDINGS,
+    params: "ExpertParams",
+};
+/// The GEMV kernels' bindings, then the pool and the shared expert's weights again as vec4s.
+const WIDE_BINDINGS: &[(u32, super::super::kernels::Slot)] = &[
+    (1, Read),
+    (2, Read),
+    (3, ReadWrite),
+    (4, Read),
+    (5, Read),
+    (6, Params),
+    (7, Read),
+    (8, Read),
+    (9, Read),
+];
 pub static COMBINE: Entry = Entry {
     file: "moe.wgsl",
     name: "moe_combine",
@@ -375,32 +403,56 @@ fn experts_with(
         ));
     }
     let row_blocks = ctx.sh.dev.kernels.moe_gemv_blocks.max(1) as u32;
+    // The wide kernels (16-byte chunks) where the weight type and row length suit them and the
+    // part starts on a 16-byte boundary of its slot (the shared expert's buffers start at 0).
+    let wide = |wtype: u32, k: usize, part: u32, down: bool| {
+        let dtype = match wtype & 0xff {
+            2 => DType::Q8,
+            3 => DType::Q4,
+            _ => return None,
+        };
+        let on = match ctx.sh.dev.kernels.moe_wide {
+            MoeWide::Off => false,
+            MoeWide::Down => down,
+            MoeWide::All => true,
+        };
+        let ok = kernel == ExpertKernel::Gemv && on && part.is_multiple_of(4);
+        super::matmul::wide_shape(&ctx.sh.dev.kernels, dtype, k).filter(|_| ok)
+    };
     let stages = [
         (
             &EXPERT_GATE_UP,
             &GATE_UP_GEMV,
+            &GATE_UP_WIDE,
             // The gate activation rides in the weight-type argument (kernels::gate_act).
             e.wtype_gate_up | e.act,
             (e.hidden, e.inter),
             e.gate_up,
             (x, h),
             0,
-            (e.inter as u32).div_ceil(2),
+            ((e.inter as u32).div_ceil(2), e.inter as u32, 256),
             shared.map(|m| m.gate_up),
         ),
         (
             &EXPERT_DOWN,
             &DOWN_GEMV,
+            &DOWN_WIDE,
             e.wtype_down,
             (e.inter, e.hidden),
             e.down,
             (h, y),
             12,
-            (e.hidden as u32).div_ceil(4),
+            ((e.hidden as u32).div_ceil(4), e.hidden as u32, 512),
             shared.map(|m| m.down),
         ),
     ];
-    for (tiled, gemv, wtype, (k, n), (part, scales), (src, dst), args, blocks, sw) in stages {
+    for (tiled, gemv, gemv_wide, wtype, (k, n), (part, scales), (src, dst), args, blocks, sw) in
+        stages
+    {
+        // (lanes, tile) of the wide kernel; its grid's y: `units` columns or rows, `per_lanes` / L
+        // a workgroup.
+        let wide = wide(wtype, k, part, std::ptr::eq(gemv, &DOWN_GEMV));
+        let (blocks, units, per_lanes) = blocks;
         for (i, crate::backend::gpu::experts::PoolBuffer { index: pool, buf }) in
             e.pools.iter().enumerate()
         {
@@ -421,10 +473,18 @@ fn experts_with(
                 tokens: s.params.t,
                 direct,
                 row_blocks,
-                _pad: [0; 2],
+                lanes: wide.map_or(0, |w| w.0),
+                tile_t: wide.map_or(0, |w| w.1),
             };
-            match kernel {
-                ExpertKernel::Gemv => {
+            match (kernel, wide) {
+                (ExpertKernel::Gemv, Some((lanes, _))) => {
+                    let shared_buf = sw.map_or(&**buf, |(b, _)| b);
+                    let bufs = [&**buf, src, dst, e.slots, meta, shared_buf, buf, shared_buf];
+                    let columns = listed + u32::from(sw.is_some());
+                    let grid = Grid::Groups(columns, units.div_ceil(per_lanes / lanes), 1);
+                    ctx.dispatch(gemv_wide, wtype, &p, None, &bufs, grid)?
+                }
+                (ExpertKernel::Gemv, None) => {
                     let shared_buf = sw.map_or(&**buf, |(b, _)| b);
                     let bufs = [&**buf, src, dst, e.slots, meta, shared_buf];
                     let columns = listed + u32::from(sw.is_some());
@@ -437,7 +497,7 @@ fn experts_with(
                         Grid::Groups(columns, blocks.div_ceil(row_blocks), 1),
                     )?
                 }
-                ExpertKernel::Tiled => {
+                (ExpertKernel::Tiled, _) => {
                     let bufs = [&**buf, src, dst, e.slots, meta];
                     ctx.dispatch(tiled, wtype, &p, None, &bufs, Grid::Indirect(meta, args))?
                 }

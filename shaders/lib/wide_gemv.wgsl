@@ -1,0 +1,148 @@
+// The core of the wide q4/q8 gemvs (gemv_wide.wgsl, moe_gemv_wide.wgsl): a weight row read 16
+// bytes at a time (a vec4<u32> "chunk": 32 q4 values, exactly one quantisation group, or 16 q8
+// values, half of one), so one scale multiplies a whole chunk's sum, against activation rows
+// staged in shared memory chunk-major (vec4 v of chunk c at v · chunks + c: neighbouring lanes
+// read neighbouring vec4s). A workgroup of 128 invocations is 128 / L row groups of L lanes
+// (WideMat.lanes: 64 or 16); a row group works 4 weight rows, lane j their chunks j, j + L, …,
+// the four rows' chunks loaded before their arithmetic. Each (row, token) sum is Σ over the lane's
+// chunks of scale · (Σ code · x), then the lanes' partials (vec4 over the block's ≤ 4 tokens) in a
+// fixed two-level order — the same arithmetic however many tokens share the block.
+// Nibbles and bytes become floats through the exponent trick (2^23 + c as a bit pattern, minus
+// 2^23), not integer conversions, which run at a fraction of the float rate on NVIDIA.
+// The including kernel defines wide_chunk(i) (vec4 i of the weights), wide_word(i) (word i, for
+// the scales) and wide_x(t, g) (vec4 g of the block's activation row t).
+
+#include "half"
+
+override WTYPE: u32 = 3u;
+const WIDE_Q8: u32 = 2u;
+const WIDE_WG: u32 = 128u;
+// Staged activations (16 KB, the WebGPU default workgroup storage), reused for the partial sums:
+// [0, 512) lanes' partials, [512, 640) level-1 sums, [768, 800) row sums.
+const WIDE_XS: u32 = 1024u;
+var<workgroup> xs: array<vec4<f32>, WIDE_XS>;
+
+const EXP_BIAS: u32 = 0x4B000000u;
+
+// One weight matrix: its chunks from vec4 `base4`, scales from word `scales`, rows of `k` values,
+// `lanes` invocations a row.
+struct WideMat {
+    base4: u32,
+    scales: u32,
+    k: u32,
+    lanes: u32,
+}
+
+fn chunk_vals() -> u32 {
+    return select(32u, 16u, WTYPE == WIDE_Q8);
+}
+
+fn row_chunks(m: WideMat) -> u32 {
+    return m.k / chunk_vals();
+}
+
+// Σ code · x over one word (8 q4 or 4 q8 codes) against staged activations xs[b] (and, q4, its
+// second vec4 xs[b + cs]): q4 codes are (nibble − 8), q8 codes signed bytes.
+fn word_dot(c: u32, b: u32, cs: u32) -> f32 {
+    let w = vec4<u32>(c);
+    if (WTYPE == WIDE_Q8) {
+        let u = ((w >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(255u)) ^ vec4<u32>(128u);
+        return dot(bitcast<vec4<f32>>(u | vec4<u32>(EXP_BIAS)) - vec4<f32>(8388736.0), xs[b]);
+    }
+    let lo = ((w >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u)) | vec4<u32>(EXP_BIAS);
+    let hi = ((w >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u)) | vec4<u32>(EXP_BIAS);
+    return dot(bitcast<vec4<f32>>(lo) - vec4<f32>(8388616.0), xs[b])
+        + dot(bitcast<vec4<f32>>(hi) - vec4<f32>(8388616.0), xs[b + cs]);
+}
+
+// Σ code · x over chunk `w` against its staged activations from xs[base] (stride `cs` between
+// the chunk's vec4s); the caller applies the scale.
+fn chunk_dot(w: vec4<u32>, base: u32, cs: u32) -> f32 {
+    let step = select(2u, 1u, WTYPE == WIDE_Q8) * cs;
+    return ((word_dot(w.x, base, cs) + word_dot(w.y, base + step, cs))
+        + word_dot(w.z, base + 2u * step, cs)) + word_dot(w.w, base + 3u * step, cs);
+}
+
+// The scale of chunk `c` of row `row`.
+fn chunk_scale(m: WideMat, row: u32, c: u32) -> f32 {
+    var g = row * row_chunks(m) + c;
+    if (WTYPE == WIDE_Q8) {
+        g = g / 2u;
+    }
+    return unpack_half2(wide_word(m.scales + g / 2u))[g & 1u];
+}
+
+// Stages the block's activation rows 0 .. nt (wide_x) chunk-major; a barrier follows.
+fn wide_stage(lid: u32, m: WideMat, nt: u32) {
+    let kv = m.k / 4u;
+    let vpc = chunk_vals() / 4u;
+    let cpr = row_chunks(m);
+    for (var i = lid; i < nt * kv; i += WIDE_WG) {
+        let t = i / kv;
+        let g = i % kv;
+        xs[t * kv + (g % vpc) * cpr + g / vpc] = wide_x(t, g);
+    }
+    workgroupBarrier();
+}
+
+// Accumulates token t's share `d` of each row into the accumulators' component t (select keeps
+// the component index constant; the other components add +0, which changes no value).
+fn at_token(t: u32, d: f32) -> vec4<f32> {
+    return select(vec4<f32>(0.0), vec4<f32>(d), vec4<u32>(t) == vec4<u32>(0u, 1u, 2u, 3u));
+}
+
+// Row sums of the staged block for this row group's 4 rows `rows` (≥ `n`: none): after the call
+// xs[768 + s] holds row slot s = group · 4 + r (vec4 over the block's tokens) for s < 512 / L,
+// and the call ends with a barrier.
+fn wide_rows(lid: u32, m: WideMat, rows: vec4<u32>, n: u32, nt: u32) {
+    let l = m.lanes;
+    let lane = lid % l;
+    let grp = lid / l;
+    let cpr = row_chunks(m);
+    let kv = m.k / 4u;
+    var a0 = vec4<f32>(0.0);
+    var a1 = vec4<f32>(0.0);
+    var a2 = vec4<f32>(0.0);
+    var a3 = vec4<f32>(0.0);
+    let ok = rows < vec4<u32>(n);
+    for (var c = lane; c < cpr; c += l) {
+        var w0 = vec4<u32>(0u);
+        var w1 = vec4<u32>(0u);
+        var w2 = vec4<u32>(0u);
+        var w3 = vec4<u32>(0u);
+        var s = vec4<f32>(0.0);
+        if (ok.x) { w0 = wide_chunk(m.base4 + rows.x * cpr + c); s.x = chunk_scale(m, rows.x, c); }
+        if (ok.y) { w1 = wide_chunk(m.base4 + rows.y * cpr + c); s.y = chunk_scale(m, rows.y, c); }
+        if (ok.z) { w2 = wide_chunk(m.base4 + rows.z * cpr + c); s.z = chunk_scale(m, rows.z, c); }
+        if (ok.w) { w3 = wide_chunk(m.base4 + rows.w * cpr + c); s.w = chunk_scale(m, rows.w, c); }
+        for (var t = 0u; t < nt; t++) {
+            let b = t * kv + c;
+            let d = vec4<f32>(chunk_dot(w0, b, cpr), chunk_dot(w1, b, cpr), chunk_dot(w2, b, cpr),
+                chunk_dot(w3, b, cpr)) * s;
+            a0 += at_token(t, d.x);
+            a1 += at_token(t, d.y);
+            a2 += at_token(t, d.z);
+            a3 += at_token(t, d.w);
+        }
+    }
+    workgroupBarrier();
+    let base = grp * 4u * l + lane;
+    xs[base] = a0;
+    xs[base + l] = a1;
+    xs[base + 2u * l] = a2;
+    xs[base + 3u * l] = a3;
+    workgroupBarrier();
+    // Level 1: invocation i sums 4 lanes of slot i / (L / 4); level 2: slot s its L / 4 sums.
+    let per = l / 4u;
+    let b1 = (lid / per) * l + (lid % per) * 4u;
+    xs[512u + lid] = ((xs[b1] + xs[b1 + 1u]) + xs[b1 + 2u]) + xs[b1 + 3u];
+    workgroupBarrier();
+    if (lid < 512u / l) {
+        var s = vec4<f32>(0.0);
+        for (var j = 0u; j < per; j++) {
+            s += xs[512u + lid * per + j];
+        }
+        xs[768u + lid] = s;
+    }
+    workgroupBarrier();
+}

@@ -1,0 +1,111 @@
+// moe_gemv.wgsl's GEMV expert kernels (the same grid columns and expert lookups,
+// lib/expert_begin.wgsl: active-list entry, direct-path assignment, or the shared expert's
+// column) with the wide q4/q8 loads of lib/wide_gemv.wgsl: 16-byte chunks, one scale a chunk, the
+// expert's tokens staged in shared memory ep.tile_t at a time and reused by four weight rows a
+// lane group. 128 invocations, L = ep.lanes a row (64 for rows of ≥ 64 chunks, else 16).
+// - expert_gate_up_wide: 256 / L columns a workgroup (grid y), a row group gate c, c + 1, up c,
+//   c + 1 of [gate; up] (2I rows); writes h[slot, c] = act(gate) · up for each of the expert's
+//   assignments (x rows: their tokens).
+// - expert_down_wide: 512 / L rows of down [H, I] a workgroup, writes y[slot, n] (x rows: h's).
+// Weight chunks start on 16-byte boundaries: the host takes these kernels only where the part's
+// word offset in a slot is a multiple of 4 (slots are 256-byte aligned, quantized rows whole
+// groups). A (row, token) sum is the same however the expert's tokens fall into blocks.
+
+#include "moe_meta"
+#include "gate_act"
+#include "wide_gemv"
+
+@group(0) @binding(1) var<storage, read> w_words: array<u32>;
+@group(0) @binding(2) var<storage, read> x_act: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read> slots: array<u32>;
+@group(0) @binding(5) var<storage, read> route_meta: array<u32>;
+@group(0) @binding(6) var<uniform> ep: ExpertParams;
+@group(0) @binding(7) var<storage, read> shared_w: array<u32>;
+// Bindings 1 and 7 again, as vec4s for the chunks.
+@group(0) @binding(8) var<storage, read> w4: array<vec4<u32>>;
+@group(0) @binding(9) var<storage, read> shared_w4: array<vec4<u32>>;
+
+const NONE: u32 = 0xffffffffu;
+
+#include "expert_begin"
+
+// Activation rows of the staged block's tokens.
+var<private> blk_rows: vec4<u32>;
+
+fn wide_chunk(i: u32) -> vec4<u32> {
+    if (is_shared) {
+        return shared_w4[i];
+    }
+    return w4[i];
+}
+
+fn wide_word(i: u32) -> u32 {
+    if (is_shared) {
+        return shared_w[i];
+    }
+    return w_words[i];
+}
+
+fn wide_x(t: u32, g: u32) -> vec4<f32> {
+    return x_act[blk_rows[t] * (ep.k / 4u) + g];
+}
+
+@compute @workgroup_size(128)
+fn expert_gate_up_wide(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    if (!expert_begin(lid, wid)) {
+        return;
+    }
+    let cnt = workgroupUniformLoad(&ex_cnt);
+    let first = ex_first;
+    let m = WideMat(ex_base / 4u, ex_scales, ep.k, ep.lanes);
+    let col_base = wid.y * (256u / ep.lanes);
+    let c0 = col_base + (lid / ep.lanes) * 2u;
+    let cols = vec4<u32>(c0, c0 + 1u, c0, c0 + 1u);
+    let rows = select(vec4<u32>(2u * ep.n), cols + vec4<u32>(0u, 0u, ep.n, ep.n), cols < vec4<u32>(ep.n));
+    let c = col_base + lid;
+    for (var t0 = 0u; t0 < cnt; t0 += ep.tile_t) {
+        let nt = min(cnt - t0, ep.tile_t);
+        for (var t = 0u; t < 4u; t++) {
+            blk_rows[t] = expert_token(first, t0 + min(t, nt - 1u));
+        }
+        wide_stage(lid, m, nt);
+        wide_rows(lid, m, rows, 2u * ep.n, nt);
+        // Row slot g · 4 + r: r 0 / 1 the gate of columns 2g, 2g + 1 of the workgroup, 2 / 3 their up.
+        if (lid < 256u / ep.lanes && c < ep.n) {
+            let slot = (lid / 2u) * 4u + lid % 2u;
+            let g = xs[768u + slot];
+            let u = xs[768u + slot + 2u];
+            for (var t = 0u; t < nt; t++) {
+                out[(first + t0 + t) * ep.n + c] = gate_act(g[t]) * u[t];
+            }
+        }
+        workgroupBarrier();
+    }
+}
+
+@compute @workgroup_size(128)
+fn expert_down_wide(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    if (!expert_begin(lid, wid)) {
+        return;
+    }
+    let cnt = workgroupUniformLoad(&ex_cnt);
+    let first = ex_first;
+    let m = WideMat(ex_base / 4u, ex_scales, ep.k, ep.lanes);
+    let row_base = wid.y * (512u / ep.lanes);
+    let row0 = row_base + (lid / ep.lanes) * 4u;
+    let n = row_base + lid;
+    for (var t0 = 0u; t0 < cnt; t0 += ep.tile_t) {
+        let nt = min(cnt - t0, ep.tile_t);
+        blk_rows = vec4<u32>(first + t0) + min(vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(nt - 1u));
+        wide_stage(lid, m, nt);
+        wide_rows(lid, m, vec4<u32>(row0) + vec4<u32>(0u, 1u, 2u, 3u), ep.n, nt);
+        if (lid < 512u / ep.lanes && n < ep.n) {
+            let s = xs[768u + lid];
+            for (var t = 0u; t < nt; t++) {
+                out[(first + t0 + t) * ep.n + n] = s[t];
+            }
+        }
+        workgroupBarrier();
+    }
+}
