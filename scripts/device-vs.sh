@@ -16,6 +16,9 @@
 #                                      build in parallel with synth + conversions)
 #   bash scripts/device-vs.sh run     carry [".bin/edgediff", ".gl"]          (~4 min)
 #   or `all` for both in one call. Results: $OUT/vs.md (tables), $OUT/vs.log, $OUT/build.log.
+#   SKIP_TORCH=1 leaves out part 1 (transformers and edgediff's f16 forward passes) and QUANTS
+#   (default "q4_0 f16") names the GGUF types of part 2: `SKIP_TORCH=1 QUANTS=q4_0 … all` is the
+#   llama.cpp comparison alone (≈ 5 minutes, most of it the llama.cpp build).
 # Locally (plumbing; CPU llama.cpp, lavapipe edgediff, torch on the CPU, a 2-layer small shape):
 #   SMALL=1 LLAMA_VULKAN=0 TORCH_DEVICE=cpu EDGEDIFF=target/release/edgediff PY=/work/venv-zaya/bin/python \
 #     OUT=/tmp/vs-out bash scripts/device-vs.sh all
@@ -104,6 +107,15 @@ run_all() {
   make_models || return 1
   echo "# edgediff vs PyTorch/transformers vs llama.cpp: ${SHAPE[*]}" >>"$R"
   echo >>"$R"
+  [[ -n "${SKIP_TORCH:-}" ]] || forward_pair
+  gguf_models || return 1
+  for m in ${QUANTS:-q4_0 f16}; do
+    decode_pair "$m"
+  done
+}
+
+# Part 1: T-token forward passes, transformers and edgediff on the same f16 weights.
+forward_pair() {
   echo "## 1. Forward pass, f16, T tokens after $CONTEXT cached: transformers (eager, $TORCH_DEVICE)" >>"$R"
   timeout 300 "$PY" scripts/vs/torch_forward.py "$W/hf" --tokens "$TOKENS" --context "$CONTEXT" \
     --iters "$ITERS" --dtype float16 --device "$TORCH_DEVICE" --json-out "$OUT/torch.json" >>"$R" 2>>"$L"
@@ -113,21 +125,22 @@ run_all() {
   timeout 200 "$BIN" bench forward --model "$W/q3-f16.edm" --tokens "$TOKENS" --context "$CONTEXT" \
     --iters "$ITERS" --copy-mib 0 >>"$R" 2>>"$L"
   echo "exit $? at $((SECONDS - T0)) s" >>"$R"
-  gguf_models || return 1
-  for m in q4_0 f16; do
-    echo >>"$R"
-    echo "## 2. AR decoding, $m: llama.cpp (llama-bench, -ngl 99)" >>"$R"
-    timeout 200 "$LB/bin/llama-bench" -m "$W/q3-$m.gguf" -ngl 99 -p 16,32 -n 128 -r 3 >>"$R" 2>>"$L"
-    echo "exit $? at $((SECONDS - T0)) s" >>"$R"
-    local edm=$W/q3-$m.edm
-    [[ $m == f16 ]] && edm=$W/q3-f16.edm
-    echo "## 2. AR decoding, $m: edgediff (generate --decoder ar --backend gpu, 128 tokens)" >>"$R"
-    for i in 1 2; do
-      timeout 120 "$BIN" generate --model "$edm" --backend gpu --decoder ar --max-tokens 128 \
-        --ignore-eos --stats "Once upon a time" >/dev/null 2>>"$R"
-    done
-    echo "exit $? at $((SECONDS - T0)) s" >>"$R"
+}
+
+# Part 2 for GGUF type $1: llama-bench against edgediff's AR decoding on the same weights.
+decode_pair() {
+  local m=$1 edm=$W/q3-$1.edm
+  [[ $m == f16 ]] && edm=$W/q3-f16.edm
+  echo >>"$R"
+  echo "## 2. AR decoding, $m: llama.cpp (llama-bench, -ngl 99)" >>"$R"
+  timeout 200 "$LB/bin/llama-bench" -m "$W/q3-$m.gguf" -ngl 99 -p 16,32 -n 128 -r 3 >>"$R" 2>>"$L"
+  echo "exit $? at $((SECONDS - T0)) s" >>"$R"
+  echo "## 2. AR decoding, $m: edgediff (generate --decoder ar --backend gpu, 128 tokens)" >>"$R"
+  for i in 1 2; do
+    timeout 120 "$BIN" generate --model "$edm" --backend gpu --decoder ar --max-tokens 128 \
+      --ignore-eos --stats "Once upon a time" >/dev/null 2>>"$R"
   done
+  echo "exit $? at $((SECONDS - T0)) s" >>"$R"
 }
 
 case "$PHASE" in
