@@ -8,6 +8,7 @@
 //! | `EDGEDIFF_COOP_MIN_T=<tokens>` | [`KernelChoice::coop_min_t`] |
 //! | `EDGEDIFF_COOP_SPLIT_K=0` | [`KernelChoice::coop_split_k`] |
 //! | `EDGEDIFF_GEMV_F32_MAX_T=<tokens>` | [`KernelChoice::gemv_f32_max_t`] |
+//! | `EDGEDIFF_GEMV_BLOCKED_MAX_MB=<MiB>` | [`KernelChoice::gemv_blocked_max_bytes`] |
 //! | `EDGEDIFF_GEMV1_LANES=16\|64` | [`KernelChoice::gemv1_lanes`] |
 //! | `EDGEDIFF_GEMV_WIDE_MIN_T=<rows>\|off` | [`KernelChoice::gemv_wide_min_t`] |
 //! | `EDGEDIFF_WIDE_LANES=16\|64` | [`KernelChoice::wide_lanes`] |
@@ -69,6 +70,9 @@ pub struct KernelChoice {
     pub coop_split_k: bool,
     /// Activation rows up to which small f32 weights take the token-blocked gemv.
     pub gemv_f32_max_t: usize,
+    /// Weight bytes up to which passes of 5–16 rows take the gemv in token blocks (each block
+    /// re-reads the weight) rather than the tiles.
+    pub gemv_blocked_max_bytes: u64,
     /// Invocations per weight row of the word-a-lane gemv (shaders/gemv.wgsl) for passes of one
     /// row (16 or 64; blocks of rows keep 16).
     pub gemv1_lanes: u32,
@@ -117,6 +121,7 @@ impl Default for KernelChoice {
             coop_min_t: COOP_MIN_T,
             coop_split_k: true,
             gemv_f32_max_t: GEMV_F32_MAX_T,
+            gemv_blocked_max_bytes: super::ops::matmul::GEMV_BLOCKED_MAX_BYTES,
             gemv1_lanes: 16,
             gemv_wide_min_t: Some(2),
             wide_lanes: 16,
@@ -150,6 +155,8 @@ impl KernelChoice {
             coop_min_t: num("EDGEDIFF_COOP_MIN_T").map_or(d.coop_min_t, |v| v as usize),
             coop_split_k: !off("EDGEDIFF_COOP_SPLIT_K"),
             gemv_f32_max_t: num("EDGEDIFF_GEMV_F32_MAX_T").map_or(d.gemv_f32_max_t, |v| v as usize),
+            gemv_blocked_max_bytes: num("EDGEDIFF_GEMV_BLOCKED_MAX_MB")
+                .map_or(d.gemv_blocked_max_bytes, |m| m << 20),
             gemv1_lanes: num("EDGEDIFF_GEMV1_LANES")
                 .filter(|&l| l == 16 || l == 64)
                 .map_or(d.gemv1_lanes, |l| l as u32),
@@ -230,6 +237,7 @@ mod tests {
             ("EDGEDIFF_COOP_MIN_T", "32"),
             ("EDGEDIFF_COOP_SPLIT_K", "0"),
             ("EDGEDIFF_GEMV_F32_MAX_T", "16"),
+            ("EDGEDIFF_GEMV_BLOCKED_MAX_MB", "256"),
             ("EDGEDIFF_GEMV1_LANES", "64"),
             ("EDGEDIFF_GEMV_WIDE_MIN_T", "off"),
             ("EDGEDIFF_WIDE_LANES", "64"),
@@ -250,6 +258,7 @@ mod tests {
                 coop_min_t: 32,
                 coop_split_k: false,
                 gemv_f32_max_t: 16,
+                gemv_blocked_max_bytes: 256 << 20,
                 gemv1_lanes: 64,
                 gemv_wide_min_t: None,
                 wide_lanes: 64,

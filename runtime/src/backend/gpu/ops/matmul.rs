@@ -145,7 +145,8 @@ pub const GEMV_T: usize = 4;
 /// Activation rows up to which the gemv entry runs in token blocks along z (H100: 16 tokens × 3072
 /// × 2048 q4 194 → 69 µs against the tiles; at 64 tokens, or for the 161 MB LM head, the tiles win).
 pub const GEMV_MAX_T: usize = 16;
-/// Weight bytes up to which token blocks re-read the weight from L2 rather than memory.
+/// Weight bytes up to which token blocks re-read the weight from L2 rather than memory (the
+/// default of [`KernelChoice::gemv_blocked_max_bytes`]).
 pub const GEMV_BLOCKED_MAX_BYTES: u64 = 16 << 20;
 
 /// Activation values [`GEMV_WIDE`] stages in shared memory (its 16 KB): a token block of
@@ -256,7 +257,7 @@ pub fn matmul_kernel(
     };
     if t <= GEMV_T {
         MatmulKernel::Gemv
-    } else if t <= max_t && groups <= 65535 && bytes <= GEMV_BLOCKED_MAX_BYTES {
+    } else if t <= max_t && groups <= 65535 && bytes <= choice.gemv_blocked_max_bytes {
         MatmulKernel::GemvBlocked
     } else if coop && matches!(dtype, DType::F16 | DType::Q8 | DType::Q4) && t >= choice.coop_min_t
     {
