@@ -1,9 +1,9 @@
-// y = x · Wᵀ for few activation rows (1–16) with q4 or q8 weights (WTYPE 3 / 2, lib/dequant.wgsl's
-// layout), x [t, k] and y f32 — gemv.wgsl's job with the wide loads a memory-bound gemv needs on a
+// y = x · Wᵀ for few activation rows (1–16, f32 weights up to 64) with q4, q8 or f32 weights
+// (WTYPE 3 / 2 / 0, lib/dequant.wgsl's layout), x [t, k] and y f32 — gemv.wgsl's job with the wide loads a memory-bound gemv needs on a
 // large GPU (lib/wide_gemv.wgsl: 16-byte chunks, one scale a chunk, activations staged in shared
 // memory and reused by four rows a lane group).
-// Tiling: 128 invocations, 512 / L weight rows a workgroup (L = p.lanes: 64 for rows of ≥ 64
-// chunks, else 16; ops/matmul.rs wide_gemv picks), workgroups folded into x × y past 65535, and
+// Tiling: 128 invocations, 512 / L weight rows a workgroup (L = p.lanes: 16, or 64 for the f32
+// routers' few rows; ops/matmul.rs wide_gemv picks), workgroups folded into x × y past 65535, and
 // token blocks of p.tile_t rows (tile_t · k ≤ 4096, at most 4) along z, each staged once. A
 // (row, token) sum does not depend on which tokens share its block, so a batched pass's rows equal
 // each pass alone bit for bit (ops/batch_class.rs).

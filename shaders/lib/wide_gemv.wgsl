@@ -1,6 +1,6 @@
-// The core of the wide q4/q8 gemvs (gemv_wide.wgsl, moe_gemv_wide.wgsl): a weight row read 16
-// bytes at a time (a vec4<u32> "chunk": 32 q4 values, exactly one quantisation group, or 16 q8
-// values, half of one), so one scale multiplies a whole chunk's sum, against activation rows
+// The core of the wide gemvs (gemv_wide.wgsl, moe_gemv_wide.wgsl): a weight row read 16 bytes at
+// a time (a vec4<u32> "chunk": 32 q4 values, exactly one quantisation group, 16 q8 values, half of
+// one, or 4 f32 values), so one scale multiplies a whole chunk's sum, against activation rows
 // staged in shared memory chunk-major (vec4 v of chunk c at v · chunks + c: neighbouring lanes
 // read neighbouring vec4s). A workgroup of 128 invocations is 128 / L row groups of L lanes
 // (WideMat.lanes: 64 or 16); a row group works 4 weight rows, lane j their chunks j, j + L, …,
@@ -15,6 +15,7 @@
 #include "half"
 
 override WTYPE: u32 = 3u;
+const WIDE_F32: u32 = 0u;
 const WIDE_Q8: u32 = 2u;
 const WIDE_WG: u32 = 128u;
 // Staged activations (16 KB, the WebGPU default workgroup storage), reused for the partial sums:
@@ -34,6 +35,9 @@ struct WideMat {
 }
 
 fn chunk_vals() -> u32 {
+    if (WTYPE == WIDE_F32) {
+        return 4u;
+    }
     return select(32u, 16u, WTYPE == WIDE_Q8);
 }
 
@@ -58,13 +62,19 @@ fn word_dot(c: u32, b: u32, cs: u32) -> f32 {
 // Σ code · x over chunk `w` against its staged activations from xs[base] (stride `cs` between
 // the chunk's vec4s); the caller applies the scale.
 fn chunk_dot(w: vec4<u32>, base: u32, cs: u32) -> f32 {
+    if (WTYPE == WIDE_F32) {
+        return dot(bitcast<vec4<f32>>(w), xs[base]);
+    }
     let step = select(2u, 1u, WTYPE == WIDE_Q8) * cs;
     return ((word_dot(w.x, base, cs) + word_dot(w.y, base + step, cs))
         + word_dot(w.z, base + 2u * step, cs)) + word_dot(w.w, base + 3u * step, cs);
 }
 
-// The scale of chunk `c` of row `row`.
+// The scale of chunk `c` of row `row` (1 for f32 weights).
 fn chunk_scale(m: WideMat, row: u32, c: u32) -> f32 {
+    if (WTYPE == WIDE_F32) {
+        return 1.0;
+    }
     var g = row * row_chunks(m) + c;
     if (WTYPE == WIDE_Q8) {
         g = g / 2u;

@@ -11,6 +11,7 @@
 //! | `EDGEDIFF_GEMV_BLOCKED_MAX_MB=<MiB>` | [`KernelChoice::gemv_blocked_max_bytes`] |
 //! | `EDGEDIFF_GEMV1_LANES=16\|64` | [`KernelChoice::gemv1_lanes`] |
 //! | `EDGEDIFF_GEMV_WIDE_MIN_T=<rows>\|off` | [`KernelChoice::gemv_wide_min_t`] |
+//! | `EDGEDIFF_GEMV_WIDE_F32=0` | [`KernelChoice::gemv_wide_f32`] |
 //! | `EDGEDIFF_WIDE_LANES=16\|64` | [`KernelChoice::wide_lanes`] |
 //! | `EDGEDIFF_FUSE_SWIGLU=0` | [`KernelChoice::fuse_swiglu`] |
 //! | `EDGEDIFF_FUSE_COMBINE_NORM=1\|0` | [`KernelChoice::fuse_combine_norm`] |
@@ -81,7 +82,10 @@ pub struct KernelChoice {
     /// row fits, in place of gemv.wgsl's word-a-lane kernel. H100, 20-layer LLaDA2.0-mini q4, one
     /// run: at 16 rows 2,081 → 1,512 µs a pass (16 lanes a row), at one row 730 → 898 (slower).
     pub gemv_wide_min_t: Option<usize>,
-    /// Invocations per weight row of the wide kernels (16 or 64; 64 measured slower: 2,520 µs
+    /// f32 weights (the routers) take the wide gemv (64 lanes a row) at every row count where the
+    /// gemv serves them; off: the word-a-lane gemv.
+    pub gemv_wide_f32: bool,
+    /// Invocations per weight row of the wide q4/q8 kernels (16 or 64; 64 measured slower: 2,520 µs
     /// at 16 rows, 7,449 vs 4,994 µs for the experts' gate/up).
     pub wide_lanes: u32,
     /// SwiGLU fused into the dense gate_up gemv.
@@ -124,6 +128,7 @@ impl Default for KernelChoice {
             gemv_blocked_max_bytes: super::ops::matmul::GEMV_BLOCKED_MAX_BYTES,
             gemv1_lanes: 16,
             gemv_wide_min_t: Some(2),
+            gemv_wide_f32: true,
             wide_lanes: 16,
             fuse_swiglu: true,
             fuse_combine_norm: false,
@@ -169,6 +174,7 @@ impl KernelChoice {
                     .or(d.gemv_wide_min_t),
                 None => d.gemv_wide_min_t,
             },
+            gemv_wide_f32: !off("EDGEDIFF_GEMV_WIDE_F32"),
             wide_lanes: num("EDGEDIFF_WIDE_LANES")
                 .filter(|&l| l == 16 || l == 64)
                 .map_or(d.wide_lanes, |l| l as u32),
@@ -240,6 +246,7 @@ mod tests {
             ("EDGEDIFF_GEMV_BLOCKED_MAX_MB", "256"),
             ("EDGEDIFF_GEMV1_LANES", "64"),
             ("EDGEDIFF_GEMV_WIDE_MIN_T", "off"),
+            ("EDGEDIFF_GEMV_WIDE_F32", "0"),
             ("EDGEDIFF_WIDE_LANES", "64"),
             ("EDGEDIFF_FUSE_SWIGLU", "0"),
             ("EDGEDIFF_FUSE_COMBINE_NORM", "1"),
@@ -261,6 +268,7 @@ mod tests {
                 gemv_blocked_max_bytes: 256 << 20,
                 gemv1_lanes: 64,
                 gemv_wide_min_t: None,
+                gemv_wide_f32: false,
                 wide_lanes: 64,
                 fuse_swiglu: false,
                 fuse_combine_norm: true,

@@ -1118,10 +1118,10 @@ fn moe_residual_norm_folds_into_the_combine() {
     }
 }
 
-/// The wide q4/q8 gemv sums each (weight row, token) the same way whatever tokens share its
-/// dispatch: 16 rows at once equal the same rows 2 and 3 at a time bit for bit (what batched
-/// passes rely on, ops/batch_class.rs: passes of ≥ 2 rows take it), for both lane counts and
-/// several token-block sizes; the kernel is the one taken for these shapes.
+/// The wide gemv sums each (weight row, token) the same way whatever tokens share its dispatch:
+/// 16 rows at once equal the same rows 2 and 3 at a time bit for bit (what batched passes rely
+/// on, ops/batch_class.rs: q4/q8 passes of ≥ 2 rows take it, f32 weights at every row count), for
+/// both lane counts and several token-block sizes; the kernel is the one taken for these shapes.
 #[test]
 fn wide_gemv_rows_equal_the_rows_in_other_blocks() {
     use super::choice::KernelChoice;
@@ -1140,9 +1140,13 @@ fn wide_gemv_rows_equal_the_rows_in_other_blocks() {
                 (DType::Q4, 45, 2048),
                 (DType::Q8, 33, 1056),
                 (DType::Q8, 20, 4096),
+                (DType::F32, 256, 2048),
+                (DType::F32, 37, 1060),
             ] {
                 let wide = ops::matmul::wide_gemv(&b.sh.dev.kernels, dtype, k, 2);
-                assert_eq!(wide.map(|w| w.0), Some(lanes), "{label} {dtype} k{k}");
+                // f32 weights (routers) always take 64 lanes a row.
+                let want = if dtype == DType::F32 { 64 } else { lanes };
+                assert_eq!(wide.map(|w| w.0), Some(want), "{label} {dtype} k{k}");
                 let w = weight(&b, dtype, &[n, k], &rng.vec(n * k, 0.5));
                 let xs = rng.vec(16 * k, 1.0);
                 let all = b.get(&b.matmul(&w, &b.put(16, k, &xs)).unwrap());
@@ -1175,6 +1179,8 @@ fn one_row_gemv_with_64_lanes_matches_the_cpu() {
         poison: true,
         kernels: KernelChoice {
             gemv1_lanes: lanes,
+            // f32 weights would take the wide gemv instead.
+            gemv_wide_f32: false,
             ..KernelChoice::from_env()
         },
         ..super::GpuOptions::from_env()

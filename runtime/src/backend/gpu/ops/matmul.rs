@@ -155,24 +155,32 @@ pub const WIDE_STAGE: usize = 4096;
 
 /// (Invocations per weight row, activation rows per workgroup) of [`GEMV_WIDE`] for a `dtype`
 /// weight of `k` columns in a pass whose sequences have `solo` rows each; `None` where the
-/// word-a-lane [`GEMV`] serves: too few rows ([`KernelChoice::gemv_wide_min_t`]), f32/f16 weights,
-/// rows of fewer than 16 chunks of 16 bytes (too short to spread) or past [`WIDE_STAGE`].
+/// word-a-lane [`GEMV`] serves: q4/q8 weights in passes of too few rows
+/// ([`KernelChoice::gemv_wide_min_t`]), f32 ones with [`KernelChoice::gemv_wide_f32`] off, f16
+/// weights, rows of fewer than 16 chunks of 16 bytes (too short to spread) or past
+/// [`WIDE_STAGE`].
 pub fn wide_gemv(choice: &KernelChoice, dtype: DType, k: usize, solo: usize) -> Option<(u32, u32)> {
-    let rows_ok = choice.gemv_wide_min_t.is_some_and(|m| solo >= m);
+    let rows_ok = match dtype {
+        DType::F32 => choice.gemv_wide_f32,
+        _ => choice.gemv_wide_min_t.is_some_and(|m| solo >= m),
+    };
     wide_shape(choice, dtype, k).filter(|_| rows_ok)
 }
 
 /// [`wide_gemv`]'s shape whatever the rows (the expert kernels choose by a knob of their own).
+/// f32 weights (the routers: few rows, long) take 64 lanes a row, so their few rows still spread
+/// over the GPU.
 pub fn wide_shape(choice: &KernelChoice, dtype: DType, k: usize) -> Option<(u32, u32)> {
-    let vals = match dtype {
-        DType::Q4 => 32,
-        DType::Q8 => 16,
+    let (vals, lanes) = match dtype {
+        DType::Q4 => (32, choice.wide_lanes),
+        DType::Q8 => (16, choice.wide_lanes),
+        DType::F32 => (4, 64),
         _ => return None,
     };
-    if !k.is_multiple_of(32) || k > WIDE_STAGE || k / vals < 16 {
+    if !k.is_multiple_of(vals) || k > WIDE_STAGE || k / vals < 16 {
         return None;
     }
-    Some((choice.wide_lanes, (WIDE_STAGE / k).min(GEMV_T) as u32))
+    Some((lanes, (WIDE_STAGE / k).min(GEMV_T) as u32))
 }
 
 /// Invocations per weight row of [`GEMV`] for a pass whose sequences have `solo` rows.
