@@ -29,8 +29,24 @@ const NONE: u32 = 0xffffffffu;
 var<private> tm: f32;
 var<private> ts: f32;
 var<private> tw: f32;
-var<private> tv: array<f32, 8>;
-var<private> ti: array<u32, 8>;
+// The 8 best candidates, best first, as separate scalars: pointers to them (bubble) and constant
+// names keep them in registers where an array indexed at run time would sit in local memory.
+var<private> tv0: f32;
+var<private> tv1: f32;
+var<private> tv2: f32;
+var<private> tv3: f32;
+var<private> tv4: f32;
+var<private> tv5: f32;
+var<private> tv6: f32;
+var<private> tv7: f32;
+var<private> ti0: u32;
+var<private> ti1: u32;
+var<private> ti2: u32;
+var<private> ti3: u32;
+var<private> ti4: u32;
+var<private> ti5: u32;
+var<private> ti6: u32;
+var<private> ti7: u32;
 
 var<workgroup> sh_m: array<f32, 64>;
 var<workgroup> sh_s: array<f32, 64>;
@@ -50,30 +66,73 @@ fn reset() {
     tm = neg_inf();
     ts = 0.0;
     tw = 0.0;
-    for (var k = 0u; k < 8u; k++) {
-        tv[k] = neg_inf();
-        ti[k] = NONE;
+    tv0 = neg_inf();
+    tv1 = neg_inf();
+    tv2 = neg_inf();
+    tv3 = neg_inf();
+    tv4 = neg_inf();
+    tv5 = neg_inf();
+    tv6 = neg_inf();
+    tv7 = neg_inf();
+    ti0 = NONE;
+    ti1 = NONE;
+    ti2 = NONE;
+    ti3 = NONE;
+    ti4 = NONE;
+    ti5 = NONE;
+    ti6 = NONE;
+    ti7 = NONE;
+}
+
+// One step of the bubble: candidate (v, i) and the carried (cv, ci) swap when the carried one is
+// better.
+fn bubble(cv: ptr<function, f32>, ci: ptr<function, u32>, v: ptr<private, f32>, i: ptr<private, u32>) {
+    if (better(*cv, *ci, *v, *i)) {
+        let ov = *v;
+        let oi = *i;
+        *v = *cv;
+        *i = *ci;
+        *cv = ov;
+        *ci = oi;
     }
 }
 
-// Inserts (v, i) into the sorted candidates: a bubble through all 8 with constant indices (the
-// same result as shifting the worse ones down), so the candidates stay in registers.
+// Inserts (v, i) into the sorted candidates: a bubble through all 8 (the same result as shifting
+// the worse ones down).
 fn push(v: f32, i: u32) {
-    if (!better(v, i, tv[7], ti[7])) {
+    if (!better(v, i, tv7, ti7)) {
         return;
     }
     var cv = v;
     var ci = i;
-    for (var k = 0u; k < 8u; k++) {
-        if (better(cv, ci, tv[k], ti[k])) {
-            let ov = tv[k];
-            let oi = ti[k];
-            tv[k] = cv;
-            ti[k] = ci;
-            cv = ov;
-            ci = oi;
-        }
-    }
+    bubble(&cv, &ci, &tv0, &ti0);
+    bubble(&cv, &ci, &tv1, &ti1);
+    bubble(&cv, &ci, &tv2, &ti2);
+    bubble(&cv, &ci, &tv3, &ti3);
+    bubble(&cv, &ci, &tv4, &ti4);
+    bubble(&cv, &ci, &tv5, &ti5);
+    bubble(&cv, &ci, &tv6, &ti6);
+    bubble(&cv, &ci, &tv7, &ti7);
+}
+
+// The candidates to shared memory at sh_v / sh_i[b ..].
+fn store_cands(b: u32) {
+    sh_v[b] = tv0;
+    sh_v[b + 1u] = tv1;
+    sh_v[b + 2u] = tv2;
+    sh_v[b + 3u] = tv3;
+    sh_v[b + 4u] = tv4;
+    sh_v[b + 5u] = tv5;
+    sh_v[b + 6u] = tv6;
+    sh_v[b + 7u] = tv7;
+    sh_i[b] = ti0;
+    sh_i[b + 1u] = ti1;
+    sh_i[b + 2u] = ti2;
+    sh_i[b + 3u] = ti3;
+    sh_i[b + 4u] = ti4;
+    sh_i[b + 5u] = ti5;
+    sh_i[b + 6u] = ti6;
+    sh_i[b + 7u] = ti7;
 }
 
 // Folds (m, s, w) into the running (tm, ts, tw).
@@ -104,10 +163,7 @@ fn merge_workgroup(lid: u32) {
     sh_m[lid] = tm;
     sh_s[lid] = ts;
     sh_w[lid] = tw;
-    for (var k = 0u; k < 8u; k++) {
-        sh_v[lid * 8u + k] = tv[k];
-        sh_i[lid * 8u + k] = ti[k];
-    }
+    store_cands(lid * 8u);
     workgroupBarrier();
     for (var s = 32u; s > 0u; s >>= 1u) {
         if (lid < s) {
@@ -117,7 +173,7 @@ fn merge_workgroup(lid: u32) {
             for (var k = 0u; k < 8u; k++) {
                 let v = sh_v[o * 8u + k];
                 let i = sh_i[o * 8u + k];
-                if (!better(v, i, tv[7], ti[7])) {
+                if (!better(v, i, tv7, ti7)) {
                     break;
                 }
                 push(v, i);
@@ -125,10 +181,7 @@ fn merge_workgroup(lid: u32) {
             sh_m[lid] = tm;
             sh_s[lid] = ts;
             sh_w[lid] = tw;
-            for (var k = 0u; k < 8u; k++) {
-                sh_v[lid * 8u + k] = tv[k];
-                sh_i[lid * 8u + k] = ti[k];
-            }
+            store_cands(lid * 8u);
         }
         workgroupBarrier();
     }
@@ -166,9 +219,10 @@ fn stats_partial(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_i
         partials[o] = tm;
         partials[o + 1u] = ts;
         partials[o + 2u] = tw;
+        // Invocation 0's candidates are the total; merge_workgroup left them at sh_v / sh_i[0 ..].
         for (var k = 0u; k < 8u; k++) {
-            partials[o + 4u + k] = tv[k];
-            partials[o + 12u + k] = bitcast<f32>(ti[k]);
+            partials[o + 4u + k] = sh_v[k];
+            partials[o + 12u + k] = bitcast<f32>(sh_i[k]);
         }
     }
 }
@@ -183,7 +237,7 @@ fn stats_merge(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
         for (var k = 0u; k < 8u; k++) {
             let v = parts_in[o + 4u + k];
             let i = bitcast<u32>(parts_in[o + 12u + k]);
-            if (!better(v, i, tv[7], ti[7])) {
+            if (!better(v, i, tv7, ti7)) {
                 break;
             }
             push(v, i);
@@ -194,17 +248,25 @@ fn stats_merge(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
         let ls = log(ts);
         let log_z = tm + ls;
         let o = (p.out_row0 + row) * PART;
-        var pr = array<f32, 8>(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+        // Invocation 0's candidates are the total; merge_workgroup left them at sh_v / sh_i[0 ..].
+        var p0 = 0.0;
+        var p1 = 0.0;
         for (var k = 0u; k < 8u; k++) {
-            if (ti[k] != NONE) {
-                pr[k] = exp(tv[k] - log_z);
+            var pr = 0.0;
+            if (sh_i[k] != NONE) {
+                pr = exp(sh_v[k] - log_z);
             }
-            out[o + 4u + k] = ti[k];
-            out[o + 12u + k] = bitcast<u32>(pr[k]);
+            if (k == 0u) {
+                p0 = pr;
+            } else if (k == 1u) {
+                p1 = pr;
+            }
+            out[o + 4u + k] = sh_i[k];
+            out[o + 12u + k] = bitcast<u32>(pr);
         }
-        out[o] = ti[0];
-        out[o + 1u] = bitcast<u32>(pr[0]);
+        out[o] = sh_i[0];
+        out[o + 1u] = bitcast<u32>(p0);
         out[o + 2u] = bitcast<u32>(ls - tw / ts);
-        out[o + 3u] = bitcast<u32>(pr[0] - pr[1]);
+        out[o + 3u] = bitcast<u32>(p0 - p1);
     }
 }

@@ -81,6 +81,8 @@ pub struct KernelChoice {
     /// (shaders/gemv_wide.wgsl: 16-byte chunks, activations staged in shared memory) where the
     /// row fits, in place of gemv.wgsl's word-a-lane kernel. H100, 20-layer LLaDA2.0-mini q4, one
     /// run: at 16 rows 2,081 → 1,512 µs a pass (16 lanes a row), at one row 730 → 898 (slower).
+    /// From 3 rows, not 2: passes of 1 and 2 rows (AR, in place) keep one kernel and so one batch
+    /// class (ops/batch_class.rs), and batch together.
     pub gemv_wide_min_t: Option<usize>,
     /// f32 weights (the routers) take the wide gemv (64 lanes a row) at every row count where the
     /// gemv serves them; off: the word-a-lane gemv.
@@ -127,7 +129,7 @@ impl Default for KernelChoice {
             gemv_f32_max_t: GEMV_F32_MAX_T,
             gemv_blocked_max_bytes: super::ops::matmul::GEMV_BLOCKED_MAX_BYTES,
             gemv1_lanes: 16,
-            gemv_wide_min_t: Some(2),
+            gemv_wide_min_t: Some(3),
             gemv_wide_f32: true,
             wide_lanes: 16,
             fuse_swiglu: true,
