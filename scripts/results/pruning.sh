@@ -5,10 +5,13 @@
 #              calibrated on that domain's VALID split (never test);
 #   general    the same selection calibrated on a mix of all domains' VALID splits, same token budget;
 #   random     uniformly random experts per layer (seed 0), the control.
-# Writes docs/results/pruning.json and prints the Markdown table. Sizes: calibration CAL_DOCS valid
-# documents × CAL_BYTES per domain (general: CAL_DOCS/4 per domain); evaluation EVAL_DOCS test
-# documents × EVAL_BYTES per domain, at most MAX_TOKENS tokens per domain, seed 0 (every model sees the
-# same masks, so differences are paired).
+# SELECT=mass replaces the greedy selection (one corpus pass per MoE layer) with one profile pass per
+# calibration set (`edgediff profile`, then `prune --profile`: the same router-probability mass, no
+# re-profiling of later layers) for deep models where the greedy's cost is out of reach; same calibration text.
+# Writes $OUTDIR/$NAME.json (default docs/results/pruning.json) and prints the Markdown table. Sizes:
+# calibration CAL_DOCS valid documents × CAL_BYTES per domain (general: CAL_DOCS/4 per domain); evaluation
+# EVAL_DOCS test documents × EVAL_BYTES per domain, at most MAX_TOKENS tokens per domain, seed 0 (every
+# model sees the same masks, so differences are paired).
 source "$(dirname "$0")/common.sh"
 CAL_DOCS="${CAL_DOCS:-8}"
 CAL_BYTES="${CAL_BYTES:-1200}"
@@ -16,6 +19,9 @@ EVAL_DOCS="${EVAL_DOCS:-8}"
 EVAL_BYTES="${EVAL_BYTES:-600}"
 MAX_TOKENS="${MAX_TOKENS:-1024}"
 KEEPS="${KEEPS:-50 25 12.5}"
+NAME="${NAME:-pruning}" # the JSON's name in OUTDIR, so another model's run does not overwrite the default's
+SELECT="${SELECT:-greedy}"
+[[ $SELECT == greedy || $SELECT == mass ]] || { echo "SELECT is greedy or mass, not $SELECT" >&2; exit 1; }
 for d in $DOMAINS; do
   excerpt "$d" test "$EVAL_DOCS" "$EVAL_BYTES" "$WORK/test"
   excerpt "$d" valid "$CAL_DOCS" "$CAL_BYTES" "$WORK/cal"
@@ -23,6 +29,22 @@ for d in $DOMAINS; do
 done
 general=()
 for d in $DOMAINS; do general+=("$WORK/general/$d/valid.txt"); done
+if [[ $SELECT == mass ]]; then
+  for d in $DOMAINS; do
+    "$BIN" profile --backend cpu --model "$MODEL" --corpus "$WORK/cal/$d/valid.txt" -o "$WORK/$d.profile.json" >&2
+  done
+  "$BIN" profile --backend cpu --model "$MODEL" --corpus "${general[@]}" -o "$WORK/general.profile.json" >&2
+fi
+# select_experts NAME KEEP OUT CORPUS...: the in-domain (NAME = a domain) or general selection of KEEP % of the experts.
+select_experts() {
+  local name=$1 k=$2 out=$3
+  shift 3
+  if [[ $SELECT == mass ]]; then
+    "$BIN" prune --model "$MODEL" --keep "$k%" --profile "$WORK/$name.profile.json" -o "$out" >&2
+  else
+    "$BIN" prune --model "$MODEL" --keep "$k%" --greedy --corpus "$@" -o "$out" >&2
+  fi
+}
 
 ev() { # ev OUT MODEL DOMAIN...
   local out=$1 model=$2
@@ -38,15 +60,13 @@ unit() { # unit NAME KEEP
   case $name in
     full) ev "$WORK/full.json" "$MODEL" $DOMAINS ;;
     general)
-      "$BIN" prune --model "$MODEL" --keep "$k%" --greedy --corpus "${general[@]}" \
-        -o "$WORK/general.$k.edm" >&2
+      select_experts general "$k" "$WORK/general.$k.edm" "${general[@]}"
       ev "$WORK/general.$k.json" "$WORK/general.$k.edm" $DOMAINS ;;
     random)
       "$BIN" prune --model "$MODEL" --keep "$k%" --selector random --seed 0 -o "$WORK/random.$k.edm" >&2
       ev "$WORK/random.$k.json" "$WORK/random.$k.edm" $DOMAINS ;;
     *)
-      "$BIN" prune --model "$MODEL" --keep "$k%" --greedy --corpus "$WORK/cal/$name/valid.txt" \
-        -o "$WORK/$name.$k.edm" >&2
+      select_experts "$name" "$k" "$WORK/$name.$k.edm" "$WORK/cal/$name/valid.txt"
       ev "$WORK/$name.$k.json" "$WORK/$name.$k.edm" "$name" ;;
   esac
 }
@@ -64,9 +84,9 @@ for u in "${units[@]}"; do
   while (($(jobs -rp | wc -l) >= JOBS)); do wait -n; done
 done
 for p in "${pids[@]}"; do wait "$p"; done
-python3 - "$WORK" "$OUTDIR/pruning.json" "$KEEPS" "$DOMAINS" <<'PY'
+python3 - "$WORK" "$OUTDIR/$NAME.json" "$KEEPS" "$DOMAINS" "$SELECT" <<'PY'
 import json, sys
-work, out, keeps, domains = sys.argv[1], sys.argv[2], sys.argv[3].split(), sys.argv[4].split()
+work, out, keeps, domains, select = sys.argv[1], sys.argv[2], sys.argv[3].split(), sys.argv[4].split(), sys.argv[5]
 load = lambda n: json.load(open(f"{work}/{n}.json"))["domains"]
 full = load("full")
 rows = []
@@ -80,7 +100,7 @@ for d in domains:
             row[f"{sel}@{k}"] = {"masked_accuracy": r["masked_accuracy"], "masked_nll": r["masked_nll"],
                                  "relative_loss": (base - r["masked_accuracy"]) / base}
     rows.append(row)
-json.dump({"keeps_percent": keeps, "rows": rows}, open(out, "w"), indent=1)
+json.dump({"keeps_percent": keeps, "selection": select, "rows": rows}, open(out, "w"), indent=1)
 print("| domain | 100 % | " + " | ".join(f"{k} % {s}" for k in keeps for s in ("in-domain", "general", "random")) + " |")
 print("|---|---|" + "---|" * (3 * len(keeps)))
 for r in rows:
