@@ -446,12 +446,14 @@ fn experts_with(
             shared.map(|m| m.down),
         ),
     ];
-    for (tiled, gemv, gemv_wide, wtype, (k, n), (part, scales), (src, dst), args, blocks, sw) in
-        stages
+    for (
+        stage,
+        (tiled, gemv, gemv_wide, wtype, (k, n), (part, scales), (src, dst), args, blocks, sw),
+    ) in stages.into_iter().enumerate()
     {
-        // (lanes, tile) of the wide kernel; its grid's y: `units` columns or rows, `per_lanes` / L
-        // a workgroup.
-        let wide = wide(wtype, k, part, std::ptr::eq(gemv, &DOWN_GEMV));
+        // (lanes, tile) of the wide kernel (stage 1: down); its grid's y: `units` columns or rows,
+        // `per_lanes` / L a workgroup.
+        let wide = wide(wtype, k, part, stage == 1);
         let (blocks, units, per_lanes) = blocks;
         for (i, crate::backend::gpu::experts::PoolBuffer { index: pool, buf }) in
             e.pools.iter().enumerate()
