@@ -192,17 +192,6 @@ pub fn gemv_lanes(choice: &KernelChoice, solo: usize) -> u32 {
     }
 }
 
-/// [`GEMV_WIDE`]'s grid: `units` rows (or SwiGLU columns) over workgroups of `per` each, folded
-/// into x × y past 65535, token blocks of `tile` rows along z.
-fn wide_grid(units: u64, per: u64, t: usize, tile: u32) -> Grid<'static> {
-    let groups = units.div_ceil(per);
-    Grid::Groups(
-        groups.min(65535) as u32,
-        groups.div_ceil(65535) as u32,
-        t.div_ceil(tile as usize) as u32,
-    )
-}
-
 /// Workgroups a tensor-core matmul aims at before it splits along K (an H200 has 132 SMs; fewer
 /// than this many tiles leave most of a large GPU idle through the whole K loop).
 pub const COOP_TARGET_WORKGROUPS: usize = 128;
@@ -295,13 +284,14 @@ pub fn pass_kernel(ctx: &Ctx, dtype: DType, t: usize, rows: usize, bytes: u64) -
     }
 }
 
-/// The gemv's grid for `groups` blocks of weight rows and `t` activation rows: blocks folded
-/// into x × y past 65535 (the kernel unfolds them), token blocks of 4 along z.
-fn gemv_grid(groups: u64, t: usize) -> Grid<'static> {
+/// The gemv grids' (gemv.wgsl, gemv_wide.wgsl) for `groups` blocks of weight rows and `t`
+/// activation rows: blocks folded into x × y past 65535 (the kernels unfold them), token blocks of
+/// `tile` rows along z.
+fn gemv_grid(groups: u64, t: usize, tile: u32) -> Grid<'static> {
     Grid::Groups(
         groups.min(65535) as u32,
         groups.div_ceil(65535) as u32,
-        t.div_ceil(GEMV_T) as u32,
+        t.div_ceil(tile as usize) as u32,
     )
 }
 
@@ -371,12 +361,12 @@ pub fn gate_up_swiglu_into(
         out_col0: 0,
     };
     if let Some((lanes, tile)) = wide {
-        let grid = wide_grid(u64::from(inter), u64::from(256 / lanes), t, tile);
+        let grid = gemv_grid(u64::from(inter).div_ceil(u64::from(256 / lanes)), t, tile);
         let bufs: [&GpuBuffer; 4] = [&c.buf, x, h, &c.buf];
         ctx.dispatch(&GEMV_WIDE_SWIGLU, gate_up.wtype(), &p, None, &bufs, grid)?;
         return Ok(true);
     }
-    let grid = gemv_grid(u64::from(inter.div_ceil(2)), t);
+    let grid = gemv_grid(u64::from(inter.div_ceil(2)), t, GEMV_T as u32);
     ctx.dispatch(
         &GEMV_SWIGLU,
         gate_up.wtype(),
@@ -439,7 +429,7 @@ pub fn matmul_into(
         {
             p.lanes = lanes;
             p.tile_t = tile;
-            let grid = wide_grid(n, u64::from(512 / lanes), t, tile);
+            let grid = gemv_grid(n.div_ceil(u64::from(512 / lanes)), t, tile);
             let bufs: [&GpuBuffer; 4] = [&c.buf, x, out, &c.buf];
             ctx.dispatch(&GEMV_WIDE, w.wtype(), &p, None, &bufs, grid)?;
             continue;
@@ -448,7 +438,10 @@ pub fn matmul_into(
             MatmulKernel::Gemv | MatmulKernel::GemvBlocked => {
                 // 64 / lanes weight rows a workgroup.
                 p.lanes = gemv_lanes(&ctx.sh.dev.kernels, solo);
-                (&GEMV, gemv_grid(n.div_ceil(u64::from(64 / p.lanes)), t))
+                (
+                    &GEMV,
+                    gemv_grid(n.div_ceil(u64::from(64 / p.lanes)), t, GEMV_T as u32),
+                )
             }
             MatmulKernel::Tiled => (
                 &GEMM,

@@ -55,47 +55,32 @@ pub static DISPATCH: Entry = Entry {
 pub static GATE_UP_GEMV: Entry = Entry {
     file: "moe_gemv.wgsl",
     name: "expert_gate_up_gemv",
-    bindings: &[
-        (1, Read),
-        (2, Read),
-        (3, ReadWrite),
-        (4, Read),
-        (5, Read),
-        (6, Params),
-        (7, Read),
-    ],
+    bindings: EXPERT_GEMV_BINDINGS.split_at(7).0,
     params: "ExpertParams",
 };
 pub static DOWN_GEMV: Entry = Entry {
     file: "moe_gemv.wgsl",
     name: "expert_down_gemv",
-    bindings: &[
-        (1, Read),
-        (2, Read),
-        (3, ReadWrite),
-        (4, Read),
-        (5, Read),
-        (6, Params),
-        (7, Read),
-    ],
+    bindings: EXPERT_GEMV_BINDINGS.split_at(7).0,
     params: "ExpertParams",
 };
 /// [`GATE_UP_GEMV`] with 16-byte weight chunks and staged tokens (shaders/moe_gemv_wide.wgsl).
 pub static GATE_UP_WIDE: Entry = Entry {
     file: "moe_gemv_wide.wgsl",
     name: "expert_gate_up_wide",
-    bindings: WIDE_BINDINGS,
+    bindings: EXPERT_GEMV_BINDINGS,
     params: "ExpertParams",
 };
 /// [`DOWN_GEMV`] with 16-byte weight chunks and staged tokens (shaders/moe_gemv_wide.wgsl).
 pub static DOWN_WIDE: Entry = Entry {
     file: "moe_gemv_wide.wgsl",
     name: "expert_down_wide",
-    bindings: WIDE_BINDINGS,
+    bindings: EXPERT_GEMV_BINDINGS,
     params: "ExpertParams",
 };
-/// The GEMV kernels' bindings, then the pool and the shared expert's weights again as vec4s.
-const WIDE_BINDINGS: &[(u32, super::super::kernels::Slot)] = &[
+/// The wide GEMV expert kernels' bindings; the word-a-lane ones bind the first seven (the wide
+/// ones add the pool and the shared expert's weights again, as vec4s).
+const EXPERT_GEMV_BINDINGS: &[(u32, super::super::kernels::Slot)] = &[
     (1, Read),
     (2, Read),
     (3, ReadWrite),
