@@ -28,6 +28,10 @@ fn w_word(i: u32) -> u32 {
 }
 
 const GEMV_T: u32 = 4u;
+// Activation rows a workgroup's registers serve (4, or 1 for a 1-row pass: ops/matmul.rs sets it
+// per pipeline, kernels::chunk_t); the block (GEMV_T rows, workgroup z) is the same. The sums are
+// the same either way: only the pipeline's register count changes.
+override CHUNK_T: u32 = 4u;
 
 var<workgroup> gemv_part: array<f32, 256>;
 
@@ -66,8 +70,12 @@ fn gemv_partial(row: u32, lid: u32, t0: u32, nt: u32, lanes: u32) {
         }
         for (; o < octs; o += lanes) {
             let q = w_oct(m, row, o * 8u);
-            for (var t = 0u; t < nt; t++) {
-                a[t] += x_oct_dot(xr + t, o * 8u, q);
+            if (CHUNK_T == 1u) {
+                a.x += x_oct_dot(xr, o * 8u, q);
+            } else {
+                for (var t = 0u; t < nt; t++) {
+                    a[t] += x_oct_dot(xr + t, o * 8u, q);
+                }
             }
         }
     }

@@ -12,16 +12,15 @@
 // moe_combine_add: the same sum plus plus[plus_row0 + t] (the shared experts' output: its own
 //   buffer, or the rows after the assignments' in y when moe_gemv.wgsl computed it), as the add
 //   kernel would add it afterwards: one dispatch fewer per MoE layer with shared experts.
-// moe_combine_norm (one workgroup of 64 per token): the same sum (plus `plus` when has_plus),
+// moe_combine_norm (one workgroup of 256 per token): the same sum (plus `plus` when has_plus),
 //   added to the residual x_rw[t] in place, then out[t] = rms_norm(x_rw[t]) · norm_w — what
-//   moe_combine(_add) and norm.wgsl's add_rms_norm compute, bit for bit (each invocation sums
-//   its columns' squares in ascending order, as add_rms_norm's does), in one dispatch. The
-//   token's slots and weights are read once into shared memory; each lane works eight columns
-//   (c + 64·k) a round so their loads overlap.
+//   moe_combine(_add) and norm.wgsl's add_rms_norm compute, bit for bit (the same column layout
+//   and sum order, lib/row_norm.wgsl), in one dispatch. The token's slots and weights go to shared
+//   memory in the same round of loads as its residual row and the norm weight.
 
 #include "grid"
 #include "moe_meta"
-#include "reduce"
+#include "row_norm"
 
 struct MoeParams {
     assignments: u32,
@@ -204,83 +203,110 @@ fn moe_combine_add(
 var<workgroup> tok_pos: array<u32, 64>;
 var<workgroup> tok_w: array<f32, 64>;
 
-// moe_combine_norm's strided quads: the values at r, r + 64, r + 128, r + 192 (one lane's four
-// consecutive columns of a round).
-fn y4(r: u32) -> vec4<f32> {
-    return vec4<f32>(y[r], y[r + 64u], y[r + 128u], y[r + 192u]);
+// moe_combine_norm's guarded quads (columns past the row read as 0) of y, plus, x_rw and norm_w at
+// row base b.
+fn y_quad(b: u32, c: vec4<u32>) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if (c.x < mp.hidden) { v.x = y[b + c.x]; }
+    if (c.y < mp.hidden) { v.y = y[b + c.y]; }
+    if (c.z < mp.hidden) { v.z = y[b + c.z]; }
+    if (c.w < mp.hidden) { v.w = y[b + c.w]; }
+    return v;
 }
 
-fn plus4(r: u32) -> vec4<f32> {
-    return vec4<f32>(plus[r], plus[r + 64u], plus[r + 128u], plus[r + 192u]);
+fn plus_quad(b: u32, c: vec4<u32>) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if (c.x < mp.hidden) { v.x = plus[b + c.x]; }
+    if (c.y < mp.hidden) { v.y = plus[b + c.y]; }
+    if (c.z < mp.hidden) { v.z = plus[b + c.z]; }
+    if (c.w < mp.hidden) { v.w = plus[b + c.w]; }
+    return v;
 }
 
-fn x4(r: u32) -> vec4<f32> {
-    return vec4<f32>(x_rw[r], x_rw[r + 64u], x_rw[r + 128u], x_rw[r + 192u]);
+fn xrw_quad(b: u32, c: vec4<u32>) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if (c.x < mp.hidden) { v.x = x_rw[b + c.x]; }
+    if (c.y < mp.hidden) { v.y = x_rw[b + c.y]; }
+    if (c.z < mp.hidden) { v.z = x_rw[b + c.z]; }
+    if (c.w < mp.hidden) { v.w = x_rw[b + c.w]; }
+    return v;
 }
 
-fn store_x4(r: u32, v: vec4<f32>) {
-    x_rw[r] = v.x;
-    x_rw[r + 64u] = v.y;
-    x_rw[r + 128u] = v.z;
-    x_rw[r + 192u] = v.w;
+fn normw_quad(c: vec4<u32>) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if (c.x < mp.hidden) { v.x = norm_w[c.x]; }
+    if (c.y < mp.hidden) { v.y = norm_w[c.y]; }
+    if (c.z < mp.hidden) { v.z = norm_w[c.z]; }
+    if (c.w < mp.hidden) { v.w = norm_w[c.w]; }
+    return v;
 }
 
-// ss plus the squares of v's components, added in column order (add_rms_norm's order).
-fn add_squares(ss: f32, v: vec4<f32>) -> f32 {
-    var s = ss;
-    s += v.x * v.x;
-    s += v.y * v.y;
-    s += v.z * v.z;
-    s += v.w * v.w;
+fn store_xrw(b: u32, c: vec4<u32>, v: vec4<f32>) {
+    if (c.x < mp.hidden) { x_rw[b + c.x] = v.x; }
+    if (c.y < mp.hidden) { x_rw[b + c.y] = v.y; }
+    if (c.z < mp.hidden) { x_rw[b + c.z] = v.z; }
+    if (c.w < mp.hidden) { x_rw[b + c.w] = v.w; }
+}
+
+fn store_out(b: u32, c: vec4<u32>, v: vec4<f32>) {
+    if (c.x < mp.hidden) { out[b + c.x] = v.x; }
+    if (c.y < mp.hidden) { out[b + c.y] = v.y; }
+    if (c.z < mp.hidden) { out[b + c.z] = v.z; }
+    if (c.w < mp.hidden) { out[b + c.w] = v.w; }
+}
+
+// Σ_j weight · y of the token's assignments at columns c (the order of `combined`), plus its
+// `plus` row when has_plus — the delta add_rms_norm adds.
+fn combined_quad(c: vec4<u32>, prow: u32) -> vec4<f32> {
+    var s = vec4<f32>(0.0);
+    for (var j = 0u; j < mp.top_k; j++) {
+        let pos = tok_pos[j];
+        if (pos < mp.assignments) {
+            s += tok_w[j] * y_quad(pos * mp.hidden, c);
+        }
+    }
+    if (mp.has_plus != 0u) {
+        s = s + plus_quad(prow, c);
+    }
     return s;
 }
 
-@compute @workgroup_size(64)
-fn moe_combine_norm(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
+@compute @workgroup_size(256)
+fn moe_combine_norm(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     let t = wid.x;
     let hd = mp.hidden;
     let b = t * hd;
-    if (lane.id < mp.top_k) {
-        let a = t * mp.top_k + lane.id;
-        tok_pos[lane.id] = slot_of(a);
-        tok_w[lane.id] = weights[a];
-    }
-    workgroupBarrier();
-    // Eight columns (c + 64·k) a lane and round, so each lane has ~80 independent loads in
-    // flight instead of one column's dependent chain: at one token this workgroup is the whole
-    // dispatch, and the rolled loop was latency-bound (90 µs a layer on an H100 vs ≈ 8 for the
-    // unfused pair). Every column's sum runs over j in the same order and the squares are added
-    // in ascending column order, so the result is still add_rms_norm's bit for bit.
-    var ss = 0.0;
-    var c = lane.id;
-    let has_plus = mp.has_plus != 0u;
     let prow = (mp.plus_row0 + t) * hd;
-    for (; c + 448u < hd; c += 512u) {
-        var lo = vec4<f32>(0.0);
-        var hi = vec4<f32>(0.0);
-        for (var j = 0u; j < mp.top_k; j++) {
-            let pos = tok_pos[j];
-            if (pos < mp.assignments) {
-                let r = pos * hd + c;
-                let w = tok_w[j];
-                lo += w * y4(r);
-                hi += w * y4(r + 256u);
-            }
-        }
-        if (has_plus) {
-            let r = prow + c;
-            lo = lo + plus4(r);
-            hi = hi + plus4(r + 256u);
-        }
-        let r = b + c;
-        let vlo = x4(r) + lo;
-        let vhi = x4(r + 256u) + hi;
-        store_x4(r, vlo);
-        store_x4(r + 256u, vhi);
-        ss = add_squares(ss, vlo);
-        ss = add_squares(ss, vhi);
+    // The token's slots and weights, and (independent of them, so in the same round of loads) its
+    // residual row and the norm weight: add_rms_norm's layout of lib/row_norm.wgsl.
+    if (lid < mp.top_k) {
+        let a = t * mp.top_k + lid;
+        tok_pos[lid] = slot_of(a);
+        tok_w[lid] = weights[a];
     }
-    for (; c < hd; c += 64u) {
+    let c0 = quad_cols(lid, 0u);
+    let c1 = quad_cols(lid, 1u);
+    let c2 = quad_cols(lid, 2u);
+    let c3 = quad_cols(lid, 3u);
+    let x0 = xrw_quad(b, c0);
+    let x1 = xrw_quad(b, c1);
+    let x2 = xrw_quad(b, c2);
+    let x3 = xrw_quad(b, c3);
+    let w0 = normw_quad(c0);
+    let w1 = normw_quad(c1);
+    let w2 = normw_quad(c2);
+    let w3 = normw_quad(c3);
+    workgroupBarrier();
+    let v0 = x0 + combined_quad(c0, prow);
+    let v1 = x1 + combined_quad(c1, prow);
+    let v2 = x2 + combined_quad(c2, prow);
+    let v3 = x3 + combined_quad(c3, prow);
+    store_xrw(b, c0, v0);
+    store_xrw(b, c1, v1);
+    store_xrw(b, c2, v2);
+    store_xrw(b, c3, v3);
+    var ss = add_squares(add_squares(add_squares(add_squares(0.0, v0), v1), v2), v3);
+    for (var c = NORM_REG + lid; c < hd; c += NORM_WG) {
         var s = 0.0;
         for (var j = 0u; j < mp.top_k; j++) {
             let pos = tok_pos[j];
@@ -288,25 +314,19 @@ fn moe_combine_norm(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
                 s += tok_w[j] * y[pos * hd + c];
             }
         }
-        if (has_plus) {
+        if (mp.has_plus != 0u) {
             s = s + plus[prow + c];
         }
         let v = x_rw[b + c] + s;
         x_rw[b + c] = v;
         ss += v * v;
     }
-    let inv = 1.0 / sqrt(wg_sum(ss, lane) / f32(hd) + mp.eps);
-    c = lane.id;
-    for (; c + 192u < hd; c += 256u) {
-        let r = b + c;
-        let w = vec4<f32>(norm_w[c], norm_w[c + 64u], norm_w[c + 128u], norm_w[c + 192u]);
-        let o = x4(r) * inv * w;
-        out[r] = o.x;
-        out[r + 64u] = o.y;
-        out[r + 128u] = o.z;
-        out[r + 192u] = o.w;
-    }
-    for (; c < hd; c += 64u) {
+    let inv = 1.0 / sqrt(norm_total(ss, lid) / f32(hd) + mp.eps);
+    store_out(b, c0, v0 * inv * w0);
+    store_out(b, c1, v1 * inv * w1);
+    store_out(b, c2, v2 * inv * w2);
+    store_out(b, c3, v3 * inv * w3);
+    for (var c = NORM_REG + lid; c < hd; c += NORM_WG) {
         out[b + c] = x_rw[b + c] * inv * norm_w[c];
     }
 }

@@ -11,8 +11,8 @@
 // router's ids), its scratch row a. A workgroup of 64 gives each weight row 16
 // invocations; an invocation walks its row one octet (8 values: one q4 word, two q8 words) at a
 // time with a stride of 16 octets, so neighbouring invocations read neighbouring words and every
-// weight word is read once per 4 tokens. The expert's tokens are taken 4 at a time (registers
-// a.x..a.w); more than 4 re-read the workgroup's rows from cache. The 16 partial sums of a row meet
+// weight word is read once per CHUNK_T tokens. The expert's tokens are taken CHUNK_T (1, 2, 4) at a
+// time (registers a.x..a.w); more re-read the workgroup's rows from cache. The 16 partial sums of a row meet
 // in shared memory, summed in lane order (the order of the dense gemv in matmul.wgsl).
 // - expert_gate_up_gemv: rows gate c, gate c + 1, up c, up c + 1 of [gate; up] (2I rows), writes
 //   h[slot, c] = silu(gate) · up for each of the expert's assignments (x rows: their tokens).
@@ -36,7 +36,11 @@
 
 const NONE: u32 = 0xffffffffu;
 const LANES: u32 = 16u;
-const CHUNK: u32 = 4u;
+// Tokens a pass over the workgroup's rows (1, 2 or 4; ops/moe.rs sets it per pipeline). The
+// registers are sized for CHUNK_T tokens' activations, so a pipeline for experts of one token each
+// (the 1-token direct path) holds far fewer and more workgroups fit an SM; the sums are the same
+// whatever it is (each token's own, octets in the same order).
+override CHUNK_T: u32 = 4u;
 
 var<workgroup> part: array<vec4<f32>, 64>;
 #include "expert_begin"
@@ -56,9 +60,18 @@ fn x_dot(r: u32, k: u32, q: Oct) -> f32 {
     return act_oct_dot(r, k, ep.k, q);
 }
 
-// x_dot of q with activation rows xr.x..xr.w.
+// x_dot of q with activation rows xr.x..xr.w (the first CHUNK_T of them; the rest are 0).
 fn oct_dots(xr: vec4<u32>, k: u32, q: Oct) -> vec4<f32> {
-    return vec4<f32>(x_dot(xr.x, k, q), x_dot(xr.y, k, q), x_dot(xr.z, k, q), x_dot(xr.w, k, q));
+    var d = vec4<f32>(0.0);
+    d.x = x_dot(xr.x, k, q);
+    if (CHUNK_T > 1u) {
+        d.y = x_dot(xr.y, k, q);
+    }
+    if (CHUNK_T > 2u) {
+        d.z = x_dot(xr.z, k, q);
+        d.w = x_dot(xr.w, k, q);
+    }
+    return d;
 }
 
 // This invocation's partial dot products of weight row `row` (NONE: none) with activation rows
@@ -113,18 +126,18 @@ fn expert_gate_up_gemv(@builtin(local_invocation_index) lid: u32, @builtin(workg
         }
         let c = c0 + (j & 1u);
         let row = select(NONE, select(ep.n + c, c, j < 2u), c < ep.n);
-        for (var t0 = 0u; t0 < cnt; t0 += CHUNK) {
+        for (var t0 = 0u; t0 < cnt; t0 += CHUNK_T) {
             var xr = vec4<u32>(NONE);
-            for (var i = 0u; i < CHUNK; i++) {
+            for (var i = 0u; i < CHUNK_T; i++) {
                 if (t0 + i < cnt) {
                     xr[i] = expert_token(first, t0 + i);
                 }
             }
             row_partial(m, row, xr, lane, lid);
             workgroupBarrier();
-            if (lid < 2u * CHUNK) {
-                let col = lid / CHUNK;
-                let i = lid % CHUNK;
+            if (lid < 2u * CHUNK_T) {
+                let col = lid / CHUNK_T;
+                let i = lid % CHUNK_T;
                 let g = row_sum(col)[i];
                 let u = row_sum(2u + col)[i];
                 if (c0 + col < ep.n && t0 + i < cnt) {
@@ -152,18 +165,18 @@ fn expert_down_gemv(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
         }
         let n = n0 + lid / LANES;
         let row = select(NONE, n, n < ep.n);
-        for (var t0 = 0u; t0 < cnt; t0 += CHUNK) {
+        for (var t0 = 0u; t0 < cnt; t0 += CHUNK_T) {
             var xr = vec4<u32>(NONE);
-            for (var i = 0u; i < CHUNK; i++) {
+            for (var i = 0u; i < CHUNK_T; i++) {
                 if (t0 + i < cnt) {
                     xr[i] = first + t0 + i;
                 }
             }
             row_partial(m, row, xr, lane, lid);
             workgroupBarrier();
-            if (lid < 4u * CHUNK) {
-                let r = lid / CHUNK;
-                let i = lid % CHUNK;
+            if (lid < 4u * CHUNK_T) {
+                let r = lid / CHUNK_T;
+                let i = lid % CHUNK_T;
                 if (n0 + r < ep.n && t0 + i < cnt) {
                     out[(first + t0 + i) * ep.n + n0 + r] = row_sum(r)[i];
                 }

@@ -1,8 +1,9 @@
-// RMSNorm per row: out = x / sqrt(mean(x²) + eps) · w, one workgroup of 64 per row (rows of
+// RMSNorm per row: out = x / sqrt(mean(x²) + eps) · w, one workgroup of 256 per row (rows of
 // `cols` values, w f32). add_rms_norm first adds the residual in place (x += delta) and normalises
-// the sum: the residual stream and the next layer's normalised input in one pass.
+// the sum: the residual stream and the next layer's normalised input in one pass. Layout and sum
+// order: lib/row_norm.wgsl (a row's values in registers, one round of loads).
 
-#include "reduce"
+#include "row_norm"
 
 struct NormParams {
     cols: u32,
@@ -18,99 +19,119 @@ struct NormParams {
 @group(0) @binding(4) var<storage, read_write> x_rw: array<f32>;
 @group(0) @binding(5) var<storage, read> delta: array<f32>;
 
-// The loops issue four loads per invocation before their arithmetic (a row of 2048 is 32 loads
-// deep per invocation: one at a time, a 1-token pass waits on each in turn); each invocation still
-// adds its values in ascending order, so the sums are those of the plain loop.
+// Guarded quads (columns past the row read as 0) of x, x_rw, delta and w; row base b.
+fn x_quad(b: u32, c: vec4<u32>) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if (c.x < p.cols) { v.x = x[b + c.x]; }
+    if (c.y < p.cols) { v.y = x[b + c.y]; }
+    if (c.z < p.cols) { v.z = x[b + c.z]; }
+    if (c.w < p.cols) { v.w = x[b + c.w]; }
+    return v;
+}
 
-@compute @workgroup_size(64)
-fn rms_norm(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
+fn xrw_quad(b: u32, c: vec4<u32>) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if (c.x < p.cols) { v.x = x_rw[b + c.x]; }
+    if (c.y < p.cols) { v.y = x_rw[b + c.y]; }
+    if (c.z < p.cols) { v.z = x_rw[b + c.z]; }
+    if (c.w < p.cols) { v.w = x_rw[b + c.w]; }
+    return v;
+}
+
+fn delta_quad(b: u32, c: vec4<u32>) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if (c.x < p.cols) { v.x = delta[b + c.x]; }
+    if (c.y < p.cols) { v.y = delta[b + c.y]; }
+    if (c.z < p.cols) { v.z = delta[b + c.z]; }
+    if (c.w < p.cols) { v.w = delta[b + c.w]; }
+    return v;
+}
+
+fn w_quad(c: vec4<u32>) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if (c.x < p.cols) { v.x = w[c.x]; }
+    if (c.y < p.cols) { v.y = w[c.y]; }
+    if (c.z < p.cols) { v.z = w[c.z]; }
+    if (c.w < p.cols) { v.w = w[c.w]; }
+    return v;
+}
+
+fn store_out(b: u32, c: vec4<u32>, v: vec4<f32>) {
+    if (c.x < p.cols) { out[b + c.x] = v.x; }
+    if (c.y < p.cols) { out[b + c.y] = v.y; }
+    if (c.z < p.cols) { out[b + c.z] = v.z; }
+    if (c.w < p.cols) { out[b + c.w] = v.w; }
+}
+
+fn store_xrw(b: u32, c: vec4<u32>, v: vec4<f32>) {
+    if (c.x < p.cols) { x_rw[b + c.x] = v.x; }
+    if (c.y < p.cols) { x_rw[b + c.y] = v.y; }
+    if (c.z < p.cols) { x_rw[b + c.z] = v.z; }
+    if (c.w < p.cols) { x_rw[b + c.w] = v.w; }
+}
+
+@compute @workgroup_size(256)
+fn rms_norm(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     let b = wid.x * p.cols;
-    var ss = 0.0;
-    var i = lane.id;
-    for (; i + 192u < p.cols; i += 256u) {
-        let v0 = x[b + i];
-        let v1 = x[b + i + 64u];
-        let v2 = x[b + i + 128u];
-        let v3 = x[b + i + 192u];
-        ss += v0 * v0;
-        ss += v1 * v1;
-        ss += v2 * v2;
-        ss += v3 * v3;
-    }
-    for (; i < p.cols; i += 64u) {
-        let v = x[b + i];
+    let c0 = quad_cols(lid, 0u);
+    let c1 = quad_cols(lid, 1u);
+    let c2 = quad_cols(lid, 2u);
+    let c3 = quad_cols(lid, 3u);
+    let v0 = x_quad(b, c0);
+    let v1 = x_quad(b, c1);
+    let v2 = x_quad(b, c2);
+    let v3 = x_quad(b, c3);
+    let w0 = w_quad(c0);
+    let w1 = w_quad(c1);
+    let w2 = w_quad(c2);
+    let w3 = w_quad(c3);
+    var ss = add_squares(add_squares(add_squares(add_squares(0.0, v0), v1), v2), v3);
+    for (var c = NORM_REG + lid; c < p.cols; c += NORM_WG) {
+        let v = x[b + c];
         ss += v * v;
     }
-    let inv = 1.0 / sqrt(wg_sum(ss, lane) / f32(p.cols) + p.eps);
-    i = lane.id;
-    for (; i + 192u < p.cols; i += 256u) {
-        let v0 = x[b + i];
-        let v1 = x[b + i + 64u];
-        let v2 = x[b + i + 128u];
-        let v3 = x[b + i + 192u];
-        let w0 = w[i];
-        let w1 = w[i + 64u];
-        let w2 = w[i + 128u];
-        let w3 = w[i + 192u];
-        out[b + i] = v0 * inv * w0;
-        out[b + i + 64u] = v1 * inv * w1;
-        out[b + i + 128u] = v2 * inv * w2;
-        out[b + i + 192u] = v3 * inv * w3;
-    }
-    for (; i < p.cols; i += 64u) {
-        out[b + i] = x[b + i] * inv * w[i];
+    let inv = 1.0 / sqrt(norm_total(ss, lid) / f32(p.cols) + p.eps);
+    store_out(b, c0, v0 * inv * w0);
+    store_out(b, c1, v1 * inv * w1);
+    store_out(b, c2, v2 * inv * w2);
+    store_out(b, c3, v3 * inv * w3);
+    for (var c = NORM_REG + lid; c < p.cols; c += NORM_WG) {
+        out[b + c] = x[b + c] * inv * w[c];
     }
 }
 
-@compute @workgroup_size(64)
-fn add_rms_norm(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
+@compute @workgroup_size(256)
+fn add_rms_norm(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     let b = wid.x * p.cols;
-    var ss = 0.0;
-    var i = lane.id;
-    for (; i + 192u < p.cols; i += 256u) {
-        let x0 = x_rw[b + i];
-        let x1 = x_rw[b + i + 64u];
-        let x2 = x_rw[b + i + 128u];
-        let x3 = x_rw[b + i + 192u];
-        let d0 = delta[b + i];
-        let d1 = delta[b + i + 64u];
-        let d2 = delta[b + i + 128u];
-        let d3 = delta[b + i + 192u];
-        let v0 = x0 + d0;
-        let v1 = x1 + d1;
-        let v2 = x2 + d2;
-        let v3 = x3 + d3;
-        x_rw[b + i] = v0;
-        x_rw[b + i + 64u] = v1;
-        x_rw[b + i + 128u] = v2;
-        x_rw[b + i + 192u] = v3;
-        ss += v0 * v0;
-        ss += v1 * v1;
-        ss += v2 * v2;
-        ss += v3 * v3;
-    }
-    for (; i < p.cols; i += 64u) {
-        let v = x_rw[b + i] + delta[b + i];
-        x_rw[b + i] = v;
+    let c0 = quad_cols(lid, 0u);
+    let c1 = quad_cols(lid, 1u);
+    let c2 = quad_cols(lid, 2u);
+    let c3 = quad_cols(lid, 3u);
+    let v0 = xrw_quad(b, c0) + delta_quad(b, c0);
+    let v1 = xrw_quad(b, c1) + delta_quad(b, c1);
+    let v2 = xrw_quad(b, c2) + delta_quad(b, c2);
+    let v3 = xrw_quad(b, c3) + delta_quad(b, c3);
+    let w0 = w_quad(c0);
+    let w1 = w_quad(c1);
+    let w2 = w_quad(c2);
+    let w3 = w_quad(c3);
+    store_xrw(b, c0, v0);
+    store_xrw(b, c1, v1);
+    store_xrw(b, c2, v2);
+    store_xrw(b, c3, v3);
+    var ss = add_squares(add_squares(add_squares(add_squares(0.0, v0), v1), v2), v3);
+    for (var c = NORM_REG + lid; c < p.cols; c += NORM_WG) {
+        let v = x_rw[b + c] + delta[b + c];
+        x_rw[b + c] = v;
         ss += v * v;
     }
-    let inv = 1.0 / sqrt(wg_sum(ss, lane) / f32(p.cols) + p.eps);
-    i = lane.id;
-    for (; i + 192u < p.cols; i += 256u) {
-        let v0 = x_rw[b + i];
-        let v1 = x_rw[b + i + 64u];
-        let v2 = x_rw[b + i + 128u];
-        let v3 = x_rw[b + i + 192u];
-        let w0 = w[i];
-        let w1 = w[i + 64u];
-        let w2 = w[i + 128u];
-        let w3 = w[i + 192u];
-        out[b + i] = v0 * inv * w0;
-        out[b + i + 64u] = v1 * inv * w1;
-        out[b + i + 128u] = v2 * inv * w2;
-        out[b + i + 192u] = v3 * inv * w3;
-    }
-    for (; i < p.cols; i += 64u) {
-        out[b + i] = x_rw[b + i] * inv * w[i];
+    let inv = 1.0 / sqrt(norm_total(ss, lid) / f32(p.cols) + p.eps);
+    store_out(b, c0, v0 * inv * w0);
+    store_out(b, c1, v1 * inv * w1);
+    store_out(b, c2, v2 * inv * w2);
+    store_out(b, c3, v3 * inv * w3);
+    // Each column past NORM_REG is read back by the invocation that wrote it.
+    for (var c = NORM_REG + lid; c < p.cols; c += NORM_WG) {
+        out[b + c] = x_rw[b + c] * inv * w[c];
     }
 }

@@ -18,6 +18,8 @@
 //! | `EDGEDIFF_MOE_KERNEL=gemv\|tiled` | [`KernelChoice::moe`] |
 //! | `EDGEDIFF_MOE_GEMV_BLOCKS=<n>` | [`KernelChoice::moe_gemv_blocks`] |
 //! | `EDGEDIFF_MOE_WIDE=0\|down\|all` | [`KernelChoice::moe_wide`] |
+//! | `EDGEDIFF_MOE_CHUNK=1\|2\|4` | [`KernelChoice::moe_chunk`] |
+//! | `EDGEDIFF_LEAN_ONE=0` | [`KernelChoice::lean_one`] |
 //! | `EDGEDIFF_ATTN_KERNEL=heads\|gqa` | [`KernelChoice::attention`] |
 //! | `EDGEDIFF_ATTN_GROUPS=<n>` | [`KernelChoice::attn_groups`] |
 //! | `EDGEDIFF_STATS_CHUNK=<logits>` | [`KernelChoice::stats_chunk`] |
@@ -107,6 +109,14 @@ pub struct KernelChoice {
     /// shared memory (shaders/moe_gemv_wide.wgsl) where the rows fit, in place of moe_gemv.wgsl's.
     /// H100, same run: down 2,942 → 2,557 µs a 16-token pass, gate/up 4,489 → 4,994 (slower).
     pub moe_wide: MoeWide,
+    /// Tokens a pass of the list-path GEMV expert kernels holds in registers (1, 2 or 4; the
+    /// `CHUNK_T` override of moe_gemv.wgsl): fewer registers let more workgroups share an SM, more
+    /// tokens read an expert's rows once for more of its tokens. Same sums either way.
+    pub moe_chunk: u32,
+    /// One-row work compiles for one row (`CHUNK_T` = 1): the 1-token direct path of the GEMV
+    /// expert kernels and the 1-row dense gemv, whose pipelines otherwise hold registers for four.
+    /// Same sums either way.
+    pub lean_one: bool,
     /// The attention kernel, forced where both apply (`None`: GQA where the head fits it).
     pub attention: Option<AttnKernel>,
     /// Workgroups the GQA attention kernel aims at.
@@ -137,6 +147,8 @@ impl Default for KernelChoice {
             moe: None,
             moe_gemv_blocks: 1,
             moe_wide: MoeWide::Down,
+            moe_chunk: 4,
+            lean_one: true,
             attention: None,
             attn_groups: GQA_TARGET_GROUPS,
             stats_chunk: STATS_CHUNK,
@@ -197,6 +209,10 @@ impl KernelChoice {
                 Some("all") => MoeWide::All,
                 _ => d.moe_wide,
             },
+            moe_chunk: num("EDGEDIFF_MOE_CHUNK")
+                .filter(|&n| matches!(n, 1 | 2 | 4))
+                .map_or(d.moe_chunk, |n| n as u32),
+            lean_one: !off("EDGEDIFF_LEAN_ONE"),
             attention: match var("EDGEDIFF_ATTN_KERNEL").as_deref().map(str::trim) {
                 Some("heads") => Some(AttnKernel::Heads),
                 Some("gqa") => Some(AttnKernel::Gqa),
@@ -255,6 +271,8 @@ mod tests {
             ("EDGEDIFF_MOE_KERNEL", "tiled"),
             ("EDGEDIFF_MOE_GEMV_BLOCKS", "8"),
             ("EDGEDIFF_MOE_WIDE", "all"),
+            ("EDGEDIFF_MOE_CHUNK", "2"),
+            ("EDGEDIFF_LEAN_ONE", "0"),
             ("EDGEDIFF_ATTN_KERNEL", "heads"),
             ("EDGEDIFF_ATTN_GROUPS", "64"),
             ("EDGEDIFF_STATS_CHUNK", "4096"),
@@ -277,6 +295,8 @@ mod tests {
                 moe: Some(ExpertKernel::Tiled),
                 moe_gemv_blocks: 8,
                 moe_wide: MoeWide::All,
+                moe_chunk: 2,
+                lean_one: false,
                 attention: Some(AttnKernel::Heads),
                 attn_groups: 64,
                 stats_chunk: 4096,
@@ -290,6 +310,7 @@ mod tests {
             ("EDGEDIFF_FUSE_COMBINE_NORM", "yes"),
             ("EDGEDIFF_MOE_KERNEL", "fast"),
             ("EDGEDIFF_MOE_GEMV_BLOCKS", "0"),
+            ("EDGEDIFF_MOE_CHUNK", "3"),
             ("EDGEDIFF_ATTN_GROUPS", "0"),
             ("EDGEDIFF_STATS_CHUNK", "8"),
         ]);

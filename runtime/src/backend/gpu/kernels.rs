@@ -44,6 +44,13 @@ pub fn gate_act(act: crate::arch::Activation) -> u32 {
     }
 }
 
+/// Activation rows a pass of a gemv kernel's registers holds (the `CHUNK_T` override of
+/// gemv.wgsl and moe_gemv.wgsl) in the third byte of a dispatch's weight-type argument; 0 keeps the
+/// kernel's default. Fewer rows, fewer registers: more workgroups resident on an SM.
+pub fn chunk_t(rows: u32) -> u32 {
+    rows << 16
+}
+
 /// What sits at one binding of an entry point.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Slot {
@@ -193,7 +200,10 @@ impl Kernels {
                 constants.push(("WTYPE", (wtype & 0xff) as f64));
             }
             if declares(entry.file, "ACT") {
-                constants.push(("ACT", (wtype >> 8) as f64));
+                constants.push(("ACT", ((wtype >> 8) & 0xff) as f64));
+            }
+            if declares(entry.file, "CHUNK_T") && wtype >> 16 != 0 {
+                constants.push(("CHUNK_T", (wtype >> 16) as f64));
             }
             let pipeline = dev
                 .device

@@ -422,7 +422,8 @@ test_backends!(embedding_gathers_dequantized_rows, TOL, |b| {
 test_backends!(norms_and_residual_adds_match, TOL, |b| {
     let mut rng = Rng(4);
     let mut out = Vec::new();
-    for &(t, h) in &[(1, 64), (5, 70), (3, 1000)] {
+    // 4099: past the 4096 columns a norm workgroup holds in registers (lib/row_norm.wgsl).
+    for &(t, h) in &[(1, 64), (5, 70), (3, 1000), (2, 4099)] {
         let w = weight(b, DType::F32, &[h], &rng.vec(h, 1.0));
         let mut x = b.put(t, h, &rng.vec(t * h, 2.0));
         let d = b.put(t, h, &rng.vec(t * h, 1.0));
@@ -1028,13 +1029,14 @@ test_backends!(moe_layer_matches_for_every_weight_type, TOL, |b| {
 /// of two (moe_combine(_add), add_rms_norm), and bit for bit the same residual and output.
 #[test]
 fn moe_residual_norm_folds_into_the_combine() {
-    // Hidden 608 and 1056: one and two of the kernel's 512-column rounds, each with a ragged tail
-    // (the tiny 64 runs the tail loop alone).
+    // Hidden 64, 608, 1056: quads partly past the row (lib/row_norm.wgsl); 4128: past the 4096
+    // columns a workgroup holds in registers, so the loop after them runs too.
     for (arch, hidden) in [
         (Architecture::Qwen3Moe, 64),
         (Architecture::Llada2Moe, 64),
         (Architecture::Qwen3Moe, 1056),
         (Architecture::Llada2Moe, 608),
+        (Architecture::Qwen3Moe, 4128),
     ] {
         let spec = SynthSpec {
             hidden,
@@ -1056,7 +1058,9 @@ fn moe_residual_norm_folds_into_the_combine() {
             let m = MoeLayer::load(&b, &file);
             let mut rng = Rng(33);
             // A test upload holds at most 64 KiB.
-            let ts: &[usize] = if hidden > 64 {
+            let ts: &[usize] = if hidden > 1100 {
+                &[1, 3]
+            } else if hidden > 64 {
                 &[1, 3, 15]
             } else {
                 &[1, 5, 70]

@@ -10,7 +10,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::super::choice::MoeWide;
 use super::super::device::GpuError;
-use super::super::kernels::{Entry, Slot::*};
+use super::super::kernels::{chunk_t, Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
 use super::super::{GpuAct, GpuBackend, GpuExperts, GpuRouting, GpuWeight};
@@ -475,9 +475,16 @@ fn experts_with(
                     let shared_buf = sw.map_or(&**buf, |(b, _)| b);
                     let bufs = [&**buf, src, dst, e.slots, meta, shared_buf];
                     let columns = listed + u32::from(sw.is_some());
+                    // The direct path's columns serve one token each (its shared expert too).
+                    let choice = &ctx.sh.dev.kernels;
+                    let chunk = if direct != 0 && choice.lean_one {
+                        1
+                    } else {
+                        choice.moe_chunk
+                    };
                     ctx.dispatch(
                         gemv,
-                        wtype,
+                        wtype | chunk_t(chunk),
                         &p,
                         None,
                         &bufs,
