@@ -13,8 +13,11 @@
 //   key loop is workgroup-uniform for the latter). Online softmax per slot (running max m, sum l,
 //   accumulator over its columns), so no T × L matrix exists anywhere. With one split the slot
 //   writes the normalised output; with more it writes (m, l) to part_ml[2·item] and its columns to
-//   part4[item · hd/4 ..], item = (t · nq + h) · splits + split, and attend_merge (one invocation
-//   per (t, h, vec4 column), four splits per step) merges the splits by their maxima.
+//   part4[item · hd/4 ..], item = (t · nq + h) · splits + split, and attend_merge merges the
+//   splits by their maxima: each output vec4 column (t, h, c) takes sl lanes (merge_lanes: a power
+//   of two ≤ 64, enough that each lane holds ≤ 8 splits), 64 / sl columns a workgroup; a lane folds
+//   its splits (their loads all issued together: one memory round trip where splits ≤ 8·sl) and
+//   the column's first lane combines the sl partials through shared memory after one barrier.
 // attend + attend_combine (the fallback for other head sizes, or subgroups narrower than 8): one
 //   workgroup of 64 per (q head, token, split), 64 keys at a time (one per invocation: score =
 //   q·k · scale); a running max and sum rescale the output accumulator (each invocation owns head
@@ -26,8 +29,9 @@
 //   them. The host's table `seq_tab` gives each sequence its rows, positions, mask, cache base, its
 //   own splits and chunk (chosen as for its pass alone) and its first workgroup and split item; a
 //   workgroup finds its sequence by a scan of the table (≤ 64 entries; a larger batch takes a
-//   dispatch per 64 sequences) and works the same 8 slots
-//   it works in that sequence's pass alone, so every output is bit for bit the pass alone's.
+//   dispatch per 64 sequences; the merge's by its own first workgroup mwg0) and works the same
+//   slots or columns it works in that sequence's pass alone, so every output is bit for bit the
+//   pass alone's.
 // A cache may be one range of such a shared buffer: its rows start at cache row `base`.
 // The host picks the splits so that short query blocks against a long cache still fill the GPU.
 // GQA: q head h reads kv head h / (nq / nkv). Every mask kind sees a prefix of the keys:
@@ -78,7 +82,8 @@ struct SeqAttn {
     // Its first workgroup of attend_gqa_seqs' grid and its first split item in part4 / part_ml.
     wg0: u32,
     item0: u32,
-    _pad: u32,
+    // Its first workgroup of attend_merge_seqs' grid.
+    mwg0: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: AttnParams;
@@ -439,49 +444,109 @@ fn attend_gqa_seqs(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>, @builtin(n
     gqa_slot(lane, s, (wg - s.wg0) * 8u + lane.id / 8u);
 }
 
-// Output column c of (row, head) `i / hv` merged from its `splits` split items from item b.
-fn merge_col(i: u32, b: u32, splits: u32, c: u32, hv: u32) {
-    // One pass, four splits at a time (their loads issued together): a running max rescales the
-    // running sum and accumulator.
-    var mx = neg_inf();
+// Split lanes of one merged output column: enough that each holds at most MERGE_BATCH splits,
+// a power of two ≤ 64 (so a workgroup holds whole columns). A function of the sequence's splits
+// alone: a sequence's merge arithmetic is the same in a batched pass and alone.
+const MERGE_BATCH: u32 = 8u;
+
+fn merge_lanes(splits: u32) -> u32 {
+    let n = (splits + MERGE_BATCH - 1u) / MERGE_BATCH;
+    var sl = 1u;
+    while (sl < n && sl < 64u) {
+        sl *= 2u;
+    }
+    return sl;
+}
+
+// One split's partial: its max, sum and one vec4 column of its accumulator.
+struct Part {
+    m: f32,
+    l: f32,
+    a: vec4<f32>,
+}
+
+fn load_part(b: u32, s: u32, hv: u32, c: u32, ok: bool) -> Part {
+    var q = Part(neg_inf(), 0.0, vec4<f32>(0.0));
+    if (ok) {
+        q.m = part_ml[2u * (b + s)];
+        q.l = part_ml[2u * (b + s) + 1u];
+        q.a = part4[(b + s) * hv + c];
+    }
+    return q;
+}
+
+fn part_w(q: Part, mn: f32) -> f32 {
+    return select(exp(q.m - mn), 0.0, q.m == neg_inf());
+}
+
+var<workgroup> mrg_m: array<f32, 64>;
+var<workgroup> mrg_l: array<f32, 64>;
+var<workgroup> mrg_acc: array<vec4<f32>, 64>;
+
+// Workgroup `wg` (counted from the sequence's first) of sequence s's merge: 64 / sl output columns,
+// sl lanes each. Lane r of a column folds splits r, r + sl, … (MERGE_BATCH at a time, all their
+// loads issued before the arithmetic: one memory round trip for up to 8·sl splits) into its own
+// (max, sum, acc); the column's first lane then combines the sl lane partials by their maxima
+// through shared memory. Every invocation must call it (one barrier).
+fn merge_group(lid: u32, wg: u32, s: SeqAttn, in_grid: bool) {
+    let hv = p.hd / 4u;
+    let sl = merge_lanes(s.splits);
+    let r = lid % sl;
+    let item = wg * (64u / sl) + lid / sl;
+    let live = in_grid && item < s.t * p.nq * hv && s.splits > 1u;
+    let b = s.item0 + (item / hv) * s.splits;
+    let c = item % hv;
+    var m = neg_inf();
     var l = 0.0;
     var acc = vec4<f32>(0.0);
-    for (var s0 = 0u; s0 < splits; s0 += 4u) {
-        var ms = vec4<f32>(neg_inf());
-        var ls = vec4<f32>(0.0);
-        var a0 = vec4<f32>(0.0);
-        var a1 = vec4<f32>(0.0);
-        var a2 = vec4<f32>(0.0);
-        var a3 = vec4<f32>(0.0);
-        let e = 2u * (b + s0);
-        ms.x = part_ml[e];
-        ls.x = part_ml[e + 1u];
-        a0 = part4[(b + s0) * hv + c];
-        if (s0 + 1u < splits) {
-            ms.y = part_ml[e + 2u];
-            ls.y = part_ml[e + 3u];
-            a1 = part4[(b + s0 + 1u) * hv + c];
-        }
-        if (s0 + 2u < splits) {
-            ms.z = part_ml[e + 4u];
-            ls.z = part_ml[e + 5u];
-            a2 = part4[(b + s0 + 2u) * hv + c];
-        }
-        if (s0 + 3u < splits) {
-            ms.w = part_ml[e + 6u];
-            ls.w = part_ml[e + 7u];
-            a3 = part4[(b + s0 + 3u) * hv + c];
-        }
-        let mn = max(mx, max(max(ms.x, ms.y), max(ms.z, ms.w)));
+    for (var i0 = 0u; live && r + i0 * sl < s.splits; i0 += MERGE_BATCH) {
+        let s0 = r + i0 * sl;
+        let n = s.splits;
+        let q0 = load_part(b, s0, hv, c, true);
+        let q1 = load_part(b, s0 + sl, hv, c, s0 + sl < n);
+        let q2 = load_part(b, s0 + 2u * sl, hv, c, s0 + 2u * sl < n);
+        let q3 = load_part(b, s0 + 3u * sl, hv, c, s0 + 3u * sl < n);
+        let q4 = load_part(b, s0 + 4u * sl, hv, c, s0 + 4u * sl < n);
+        let q5 = load_part(b, s0 + 5u * sl, hv, c, s0 + 5u * sl < n);
+        let q6 = load_part(b, s0 + 6u * sl, hv, c, s0 + 6u * sl < n);
+        let q7 = load_part(b, s0 + 7u * sl, hv, c, s0 + 7u * sl < n);
+        let bm = max(max(max(q0.m, q1.m), max(q2.m, q3.m)), max(max(q4.m, q5.m), max(q6.m, q7.m)));
+        let mn = max(m, bm);
         if (mn > neg_inf()) {
-            let alpha = select(exp(mx - mn), 0.0, mx == neg_inf());
-            let w = select(exp(ms - vec4<f32>(mn)), vec4<f32>(0.0), ms == vec4<f32>(neg_inf()));
-            l = l * alpha + dot(w, ls);
-            acc = acc * alpha + (w.x * a0 + w.y * a1) + (w.z * a2 + w.w * a3);
-            mx = mn;
+            let alpha = select(exp(m - mn), 0.0, m == neg_inf());
+            let w0 = part_w(q0, mn);
+            let w1 = part_w(q1, mn);
+            let w2 = part_w(q2, mn);
+            let w3 = part_w(q3, mn);
+            let w4 = part_w(q4, mn);
+            let w5 = part_w(q5, mn);
+            let w6 = part_w(q6, mn);
+            let w7 = part_w(q7, mn);
+            l = l * alpha + (((w0 * q0.l + w1 * q1.l) + (w2 * q2.l + w3 * q3.l)) + ((w4 * q4.l + w5 * q5.l) + (w6 * q6.l + w7 * q7.l)));
+            acc = acc * alpha + (((w0 * q0.a + w1 * q1.a) + (w2 * q2.a + w3 * q3.a)) + ((w4 * q4.a + w5 * q5.a) + (w6 * q6.a + w7 * q7.a)));
+            m = mn;
         }
     }
-    out4[i] = select(vec4<f32>(0.0), acc / l, l > 0.0);
+    mrg_m[lid] = m;
+    mrg_l[lid] = l;
+    mrg_acc[lid] = acc;
+    workgroupBarrier();
+    if (!live || r != 0u) {
+        return;
+    }
+    var mx = neg_inf();
+    for (var k = 0u; k < sl; k++) {
+        mx = max(mx, mrg_m[lid + k]);
+    }
+    var lt = 0.0;
+    var at = vec4<f32>(0.0);
+    for (var k = 0u; k < sl; k++) {
+        let mk = mrg_m[lid + k];
+        let w = select(exp(mk - mx), 0.0, mk == neg_inf());
+        lt += w * mrg_l[lid + k];
+        at += w * mrg_acc[lid + k];
+    }
+    out4[s.row0 * p.nq * hv + item] = select(vec4<f32>(0.0), at / lt, lt > 0.0);
 }
 
 @compute @workgroup_size(64)
@@ -490,12 +555,19 @@ fn attend_merge(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let i = flat_index(lid, wid, nwg);
-    let hv = p.hd / 4u;
-    if (i >= p.t * p.nq * hv) {
-        return;
+    merge_group(lid, wid.x + wid.y * nwg.x, params_seq(), true);
+}
+
+// The sequence whose merge workgroups include workgroup `wg` (the table is in mwg0 order; a
+// sequence of one split has none, and its mwg0 is the next one's).
+fn seq_of_merge_group(wg: u32) -> u32 {
+    var s = 0u;
+    for (var i = 1u; i < p.seqs; i++) {
+        if (seq_tab[i].mwg0 <= wg) {
+            s = i;
+        }
     }
-    merge_col(i, (i / hv) * p.splits, p.splits, i % hv, hv);
+    return s;
 }
 
 @compute @workgroup_size(64)
@@ -504,24 +576,9 @@ fn attend_merge_seqs(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let i = flat_index(lid, wid, nwg);
-    let hv = p.hd / 4u;
-    if (i >= p.t * p.nq * hv) {
-        return;
-    }
-    let row = i / hv / p.nq;
-    var k = 0u;
-    for (var j = 1u; j < p.seqs; j++) {
-        if (seq_tab[j].row0 <= row) {
-            k = j;
-        }
-    }
-    let s = seq_tab[k];
-    // Rows of other sequences (a batch of more than 64 takes a dispatch per 64), or of a sequence
-    // of one split, which wrote its output in attend_gqa_seqs.
-    if (row < s.row0 || row >= s.row0 + s.t || s.splits == 1u) {
-        return;
-    }
-    let local = i / hv - s.row0 * p.nq;
-    merge_col(i, s.item0 + local * s.splits, s.splits, i % hv, hv);
+    let wg = wid.x + wid.y * nwg.x;
+    let s = seq_tab[seq_of_merge_group(wg)];
+    // Past the last sequence's groups (a 2-D grid rounds up; p.splits is the merge's workgroups)
+    // nobody is live, but all reach the barrier.
+    merge_group(lid, wg - min(wg, s.mwg0), s, wg < p.splits);
 }

@@ -723,6 +723,29 @@ test_backends!(router_selects_and_weights_like_the_cpu, TOL, |b| {
     out
 });
 
+test_backends!(attention_merges_hundreds_of_splits, TOL, |b| {
+    // One query head against 8300 keys: 519 GQA splits of 16, more than one batch of loads for
+    // each of attend_merge's 64 lanes of a column; and 3 tokens (fewer splits, lanes a column)
+    // on top. Head 20: five vec4 columns, so a merge workgroup's columns span heads.
+    let mut rng = Rng(32);
+    let mut out = Vec::new();
+    let mut c = attn_config(QkNorm::PerHead, 20, None);
+    c.num_heads = 1;
+    c.num_kv_heads = 1;
+    let n = 8300;
+    let mut kv = b.new_kv(&c, n + 3).unwrap();
+    let pre = b.put(n - 1, c.qkv_dim(), &rng.vec((n - 1) * c.qkv_dim(), 1.0));
+    b.attention(&pre, &mut kv, 1, &c, 0, n - 1, AttnMask::BlockCausal(n))
+        .unwrap();
+    let one = b.put(1, c.qkv_dim(), &rng.vec(c.qkv_dim(), 1.0));
+    let a = b.attention(&one, &mut kv, 1, &c, n - 1, n, AttnMask::Causal);
+    out.push(("1 token".into(), b.get(&a.unwrap())));
+    let three = b.put(3, c.qkv_dim(), &rng.vec(3 * c.qkv_dim(), 1.0));
+    let a = b.attention(&three, &mut kv, 1, &c, n, n + 3, AttnMask::Bidirectional);
+    out.push(("3 tokens".into(), b.get(&a.unwrap())));
+    out
+});
+
 test_backends!(
     sliding_window_attention_hides_keys_beyond_the_window_for_every_mask,
     TOL,

@@ -53,7 +53,8 @@ pub struct SeqAttn {
     pub chunk: u32,
     pub wg0: u32,
     pub item0: u32,
-    pub _pad: u32,
+    /// Its first workgroup of attend_merge_seqs' grid.
+    pub mwg0: u32,
 }
 
 pub static KV_STORE: Entry = Entry {
@@ -144,6 +145,20 @@ pub fn splits(heads: usize, rows: usize, kv_len: usize) -> (usize, usize) {
     let want = TARGET_GROUPS.div_ceil(heads * rows).clamp(1, chunks);
     let per = chunks.div_ceil(want);
     (chunks.div_ceil(per), per * 64)
+}
+
+/// Splits one lane of attend_merge folds in one batch of loads (attention.wgsl MERGE_BATCH).
+const MERGE_BATCH: usize = 8;
+
+/// Lanes attend_merge gives one output column of a (row, head) of `splits` splits: enough for a
+/// batch each, a power of two ≤ 64 (attention.wgsl merge_lanes).
+pub fn merge_lanes(splits: usize) -> usize {
+    splits.div_ceil(MERGE_BATCH).next_power_of_two().min(64)
+}
+
+/// attend_merge's workgroups for `cols` output columns (vec4s) of `splits` splits each.
+pub fn merge_groups(cols: usize, splits: usize) -> usize {
+    (cols * merge_lanes(splits)).div_ceil(64)
 }
 
 /// The fewest keys one GQA split walks (below this the merge costs more than the split saves).
@@ -275,14 +290,14 @@ pub fn record_attention(
             &[qkv, k_cache, v_cache, &acc, &ml, out],
             groups,
         )?;
-        let cols = (rows * c.num_heads * c.head_dim / 4) as u64;
+        let cols = rows * c.num_heads * c.head_dim / 4;
         return ctx.dispatch(
             &ATTEND_MERGE,
             0,
             &p,
             None,
             &[&acc, &ml, out],
-            Grid::Linear(cols.div_ceil(64)),
+            Grid::Linear(merge_groups(cols, splits) as u64),
         );
     }
     let grid = (c.num_heads as u32, rows as u32);
@@ -507,7 +522,7 @@ fn record_attention_seqs(
     window: Option<usize>,
 ) -> Result<(), GpuError> {
     let mut table = Vec::with_capacity(seqs.len());
-    let (mut wg, mut items) = (0usize, 0usize);
+    let (mut wg, mut items, mut mwg) = (0usize, 0usize, 0usize);
     for s in seqs {
         let t = s.rows.len();
         let (splits, chunk) = gqa_splits(ctx.sh.dev.kernels.attn_groups, c.num_heads * t, s.kv_len);
@@ -524,13 +539,14 @@ fn record_attention_seqs(
             chunk: chunk as u32,
             wg0: wg as u32,
             item0: items as u32,
-            _pad: 0,
+            mwg0: mwg as u32,
         });
         let slots = t * c.num_heads * splits;
         wg += slots.div_ceil(8);
-        // Items of split sequences only: one split writes its output directly.
+        // Items and merge groups of split sequences only: one split writes its output directly.
         if splits > 1 {
             items += slots;
+            mwg += merge_groups(t * c.num_heads * c.head_dim / 4, splits);
         }
     }
     let p = AttnParams {
@@ -576,13 +592,17 @@ fn record_attention_seqs(
     if items == 0 {
         return Ok(());
     }
-    let cols = (rows * c.num_heads * c.head_dim / 4) as u64;
+    // The merge's `splits` is its workgroups (the grid may round up past them).
+    let pm = AttnParams {
+        splits: mwg as u32,
+        ..p
+    };
     ctx.dispatch(
         &ATTEND_MERGE_SEQS,
         0,
-        &p,
+        &pm,
         Some(input),
         &[acc, ml, out],
-        Grid::Linear(cols.div_ceil(64)),
+        Grid::Linear(mwg as u64),
     )
 }
