@@ -99,3 +99,43 @@ fn wg_argmax(v: f32, i: u32, lane: Lane) -> u32 {
     workgroupBarrier();
     return r;
 }
+
+// Selection parts (the router's top-k): without subgroups the part is the whole workgroup.
+// sel_argmax_key gives the i of the largest key (ties: the lowest i); i = 0xffffffff is no
+// candidate. Uniform control flow; every invocation gets the i.
+fn sel_part(lane: Lane) -> u32 {
+    return 0u;
+}
+
+fn sel_parts(lane: Lane) -> u32 {
+    return 1u;
+}
+
+fn sel_lead(lane: Lane) -> bool {
+    return lane.id == 0u;
+}
+
+var<workgroup> red_key: array<u32, 64>;
+
+fn sel_argmax_key(key: u32, i: u32, lane: Lane) -> u32 {
+    let none = 0xffffffffu;
+    red_key[lane.id] = key;
+    red_arg_i[lane.id] = i;
+    workgroupBarrier();
+    for (var s = 32u; s > 0u; s >>= 1u) {
+        if (lane.id < s) {
+            let ck = red_key[lane.id + s];
+            let ci = red_arg_i[lane.id + s];
+            let bk = red_key[lane.id];
+            let b = red_arg_i[lane.id];
+            if (ci != none && (b == none || ck > bk || (ck == bk && ci < b))) {
+                red_key[lane.id] = ck;
+                red_arg_i[lane.id] = ci;
+            }
+        }
+        workgroupBarrier();
+    }
+    let r = red_arg_i[0];
+    workgroupBarrier();
+    return r;
+}

@@ -98,3 +98,25 @@ fn wg_argmax(v: f32, i: u32, lane: Lane) -> u32 {
     workgroupBarrier();
     return b;
 }
+
+// Selection parts (the router's top-k): a part is a subgroup, whose invocations pick among
+// themselves without barriers. sel_argmax_key gives the i of the part's largest key (ties: the
+// lowest i); i = 0xffffffff is no candidate (the result is that when the part has none).
+fn sel_part(lane: Lane) -> u32 {
+    return lane.sg;
+}
+
+fn sel_parts(lane: Lane) -> u32 {
+    return min(lane.sg_count, 64u);
+}
+
+fn sel_lead(lane: Lane) -> bool {
+    return lane.sg_lane == 0u;
+}
+
+fn sel_argmax_key(key: u32, i: u32, lane: Lane) -> u32 {
+    let none = 0xffffffffu;
+    let k = select(0u, key, i != none);
+    let m = subgroupMax(k);
+    return subgroupMin(select(none, i, k == m && i != none));
+}

@@ -723,6 +723,60 @@ test_backends!(router_selects_and_weights_like_the_cpu, TOL, |b| {
     out
 });
 
+test_backends!(
+    router_selects_among_many_experts_groups_and_ties,
+    TOL,
+    |b| {
+        // More than 256 experts (past the four each invocation holds in registers) with top 64,
+        // the most groups (one invocation a group), groups that do not divide the 64 invocations,
+        // and router rows repeated four times: every logit ties with three others, which the
+        // lower index must win.
+        let mut rng = Rng(31);
+        let mut out = Vec::new();
+        let grouped = |groups, top_groups| Gating::SigmoidGrouped {
+            groups,
+            top_groups,
+            scale: 1.5,
+            renormalize: true,
+        };
+        let cases = [
+            (
+                Gating::Softmax { renormalize: true },
+                1000,
+                64,
+                Some(0.3),
+                false,
+            ),
+            (grouped(64, 20), 320, 40, Some(0.2), false),
+            (grouped(3, 2), 96, 12, None, true),
+            (Gating::Softmax { renormalize: false }, 96, 10, None, true),
+            (grouped(8, 4), 256, 8, None, true),
+        ];
+        for (i, (g, e, k, bias, ties)) in cases.into_iter().enumerate() {
+            let c = router_config(g, e, k);
+            let h = 96;
+            let mut w = rng.vec(e * h, 1.0);
+            if ties {
+                for r in 0..e {
+                    let src = (r % (e / 4)) * h;
+                    w.copy_within(src..src + h, r * h);
+                }
+            }
+            let router = weight(b, DType::F32, &[e, h], &w);
+            let bias = bias.map(|s| weight(b, DType::F32, &[e], &rng.vec(e, s)));
+            let x = b.put(7, h, &rng.vec(7 * h, 1.0));
+            let r = b.route(&x, &router, bias.as_ref(), &c).unwrap();
+            let (ids, w) = b.routing_to_host(&r).unwrap();
+            out.push((
+                format!("case {i} ids"),
+                ids.iter().map(|&i| i as f32).collect(),
+            ));
+            out.push((format!("case {i} weights"), w));
+        }
+        out
+    }
+);
+
 test_backends!(attention_merges_hundreds_of_splits, TOL, |b| {
     // One query head against 8300 keys: 519 GQA splits of 16, more than one batch of loads for
     // each of attend_merge's 64 lanes of a column; and 3 tokens (fewer splits, lanes a column)

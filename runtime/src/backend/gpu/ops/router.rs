@@ -70,6 +70,8 @@ pub static BLOCK_MASK: Entry = Entry {
 
 pub const MAX_EXPERTS: usize = 1024;
 pub const MAX_TOP_K: usize = 64;
+/// Expert groups of grouped gating the kernel ranks (each group takes 64 / groups invocations).
+pub const MAX_GROUPS: usize = 64;
 
 /// Top-k routing of `rows` tokens; with `blocks`, each block's tokens choose within its experts.
 #[allow(clippy::too_many_arguments)]
@@ -89,6 +91,13 @@ pub fn route(
         return Err(GpuError::Unsupported(format!(
             "routing {ne} experts top-{k} (the router kernel holds {MAX_EXPERTS} experts, top-{MAX_TOP_K})"
         )));
+    }
+    if let Gating::SigmoidGrouped { groups, .. } = c.moe.gating {
+        if groups == 0 || groups > MAX_GROUPS {
+            return Err(GpuError::Unsupported(format!(
+                "{groups} expert groups (the router kernel ranks 1 to {MAX_GROUPS})"
+            )));
+        }
     }
     // A restricting block drops the group limit (see BlockRouting): all groups count.
     let block_top_groups = match blocks.map(|b| b.gating(c.moe.gating, ne)) {
