@@ -5,9 +5,10 @@
 //   2. optional clip of q, k and v to ±clip (OLMoE);
 //   3. rotate-half RoPE of the first 2·rot_half dims of every q and k head at position start + t.
 // qk_norm_rope (norm 0 and 1): one workgroup of 64 per (head, token) — grid nq + nkv heads, plus
-//   the nkv v heads when clipping — hd ≤ 256; each invocation loads its (up to 4) elements, their
-//   norm weights and cos/sin before any arithmetic, keeps them in registers, and the rotation's
-//   partner elements come through shared memory.
+//   the nkv v heads when clipping — hd ≤ 256; invocation l holds the rotated pairs (i, i + rot_half)
+//   for i = l and l + 64 and the unrotated dims 2·rot_half + l + 64·m, so a rotation never leaves
+//   the invocation: its elements, their norm weights and cos/sin are loaded (one round trip) before
+//   any arithmetic, and the per-head norm's sum is the only workgroup step.
 // qk_norm_rope_whole (norm 2): one workgroup of 64 per token, the whole projection's sum first.
 // qk_norm_rope_store / qk_norm_rope_whole_store: the same, and each token's finished k and v heads
 //   are also written to the layer's caches k_cache / v_cache [capacity][nkv·hd] at row start + t —
@@ -64,65 +65,103 @@ fn norm_segment(base: u32, len: u32, is_q: bool, lane: Lane) {
     }
 }
 
-var<workgroup> head_sh: array<f32, 256>;
+// One invocation's elements of a head: the rotated pairs (i, i + rot_half) for i = lid (a) and
+// i = lid + 64 (b), and the unrotated tail 2·rot_half + lid + 64·m (tl[m]), so that a rotation's
+// partner is always in the same invocation. hd ≤ 256 needs at most two pairs and four tail slots.
+struct HeadVals {
+    a: vec2<f32>,
+    b: vec2<f32>,
+    tl: vec4<f32>,
+}
 
-// Head h of row t (at position pos) after norm, clip and RoPE: element lid + 64·k in slot k. Also
-// written back to qkv by the caller.
-fn head_out(lane: Lane, h: u32, t: u32, pos: u32) -> array<f32, 4> {
+fn pair_ok(i: u32) -> bool {
+    return i < p.rot_half;
+}
+
+fn tail_ok(m: u32, lid: u32) -> bool {
+    return 2u * p.rot_half + lid + 64u * m < p.hd;
+}
+
+fn norm_w(i: u32, is_q: bool) -> f32 {
+    return select(k_norm[i], q_norm[i], is_q);
+}
+
+fn rotate(x: vec2<f32>, cs: vec2<f32>) -> vec2<f32> {
+    return vec2<f32>(x.x * cs.x - x.y * cs.y, x.y * cs.x + x.x * cs.y);
+}
+
+// Head h of row t (at position pos) after norm, clip and RoPE, in registers (HeadVals' layout);
+// the caller writes it back. Every load is issued before any arithmetic, and no element crosses
+// invocations: the only barriers are the norm's sum.
+fn head_out(lane: Lane, h: u32, t: u32, pos: u32) -> HeadVals {
     let lid = lane.id;
-    let hd = p.hd;
     let rh = p.rot_half;
     let is_q = h < p.nq;
     let is_qk = h < p.nq + p.nkv;
-    let base = t * (p.nq + 2u * p.nkv) * hd + h * hd;
+    let base = t * (p.nq + 2u * p.nkv) * p.hd + h * p.hd;
     let tab = pos * rh;
-    // Every load first: the head's elements, their norm weights and cos/sin.
-    var x: array<f32, 4>;
-    var w: array<f32, 4>;
-    var cs: array<vec2<f32>, 4>;
-    for (var k = 0u; k < 4u; k++) {
-        let i = lid + 64u * k;
-        if (i < hd) {
-            x[k] = qkv[base + i];
-            if (p.norm == 1u) {
-                w[k] = select(k_norm[i], q_norm[i], is_q);
-            }
-            if (is_qk && i < 2u * rh) {
-                cs[k] = rope[tab + select(i - rh, i, i < rh)];
-            }
+    let t0 = base + 2u * rh + lid;
+    var x = HeadVals(vec2<f32>(0.0), vec2<f32>(0.0), vec4<f32>(0.0));
+    var w = HeadVals(vec2<f32>(0.0), vec2<f32>(0.0), vec4<f32>(0.0));
+    var csa = vec2<f32>(1.0, 0.0);
+    var csb = vec2<f32>(1.0, 0.0);
+    let ia = lid;
+    let ib = lid + 64u;
+    let norm = p.norm == 1u && is_qk;
+    if (pair_ok(ia)) {
+        x.a = vec2<f32>(qkv[base + ia], qkv[base + ia + rh]);
+        csa = rope[tab + ia];
+        if (norm) {
+            w.a = vec2<f32>(norm_w(ia, is_q), norm_w(ia + rh, is_q));
         }
     }
-    if (p.norm == 1u && is_qk) {
-        var ss = 0.0;
-        for (var k = 0u; k < 4u; k++) {
-            ss += x[k] * x[k];
+    if (pair_ok(ib)) {
+        x.b = vec2<f32>(qkv[base + ib], qkv[base + ib + rh]);
+        csb = rope[tab + ib];
+        if (norm) {
+            w.b = vec2<f32>(norm_w(ib, is_q), norm_w(ib + rh, is_q));
         }
-        let inv = 1.0 / sqrt(wg_sum(ss, lane) / f32(hd) + p.eps);
-        for (var k = 0u; k < 4u; k++) {
-            x[k] = x[k] * inv * w[k];
+    }
+    let wt0 = 2u * rh + lid;
+    if (tail_ok(0u, lid)) {
+        x.tl.x = qkv[t0];
+        if (norm) {
+            w.tl.x = norm_w(wt0, is_q);
         }
+    }
+    if (tail_ok(1u, lid)) {
+        x.tl.y = qkv[t0 + 64u];
+        if (norm) {
+            w.tl.y = norm_w(wt0 + 64u, is_q);
+        }
+    }
+    if (tail_ok(2u, lid)) {
+        x.tl.z = qkv[t0 + 128u];
+        if (norm) {
+            w.tl.z = norm_w(wt0 + 128u, is_q);
+        }
+    }
+    if (tail_ok(3u, lid)) {
+        x.tl.w = qkv[t0 + 192u];
+        if (norm) {
+            w.tl.w = norm_w(wt0 + 192u, is_q);
+        }
+    }
+    if (norm) {
+        let ss = (dot(x.a, x.a) + dot(x.b, x.b)) + dot(x.tl, x.tl);
+        let inv = 1.0 / sqrt(wg_sum(ss, lane) / f32(p.hd) + p.eps);
+        x.a = x.a * inv * w.a;
+        x.b = x.b * inv * w.b;
+        x.tl = x.tl * inv * w.tl;
     }
     if (p.clip_on != 0u) {
-        for (var k = 0u; k < 4u; k++) {
-            x[k] = clamp(x[k], -p.clip, p.clip);
-        }
+        x.a = clamp(x.a, vec2<f32>(-p.clip), vec2<f32>(p.clip));
+        x.b = clamp(x.b, vec2<f32>(-p.clip), vec2<f32>(p.clip));
+        x.tl = clamp(x.tl, vec4<f32>(-p.clip), vec4<f32>(p.clip));
     }
-    if (is_qk && rh > 0u) {
-        for (var k = 0u; k < 4u; k++) {
-            let i = lid + 64u * k;
-            if (i < hd) {
-                head_sh[i] = x[k];
-            }
-        }
-        workgroupBarrier();
-        for (var k = 0u; k < 4u; k++) {
-            let i = lid + 64u * k;
-            if (i < rh) {
-                x[k] = x[k] * cs[k].x - head_sh[i + rh] * cs[k].y;
-            } else if (i < 2u * rh) {
-                x[k] = x[k] * cs[k].x + head_sh[i - rh] * cs[k].y;
-            }
-        }
+    if (is_qk) {
+        x.a = rotate(x.a, csa);
+        x.b = rotate(x.b, csb);
     }
     return x;
 }
@@ -131,14 +170,33 @@ fn head_base(h: u32, t: u32) -> u32 {
     return t * (p.nq + 2u * p.nkv) * p.hd + h * p.hd;
 }
 
+// The at most 8 (index, value) pairs of an invocation's head elements in slot order (HeadVals'
+// layout); index 0xffffffff where the slot is empty.
+fn slot_of(x: HeadVals, lid: u32, k: u32) -> vec2<u32> {
+    let rh = p.rot_half;
+    let t0 = 2u * rh + lid;
+    var i = 0xffffffffu;
+    var v = 0.0;
+    switch k {
+        case 0u: { if (pair_ok(lid)) { i = lid; v = x.a.x; } }
+        case 1u: { if (pair_ok(lid)) { i = lid + rh; v = x.a.y; } }
+        case 2u: { if (pair_ok(lid + 64u)) { i = lid + 64u; v = x.b.x; } }
+        case 3u: { if (pair_ok(lid + 64u)) { i = lid + 64u + rh; v = x.b.y; } }
+        case 4u: { if (tail_ok(0u, lid)) { i = t0; v = x.tl.x; } }
+        case 5u: { if (tail_ok(1u, lid)) { i = t0 + 64u; v = x.tl.y; } }
+        case 6u: { if (tail_ok(2u, lid)) { i = t0 + 128u; v = x.tl.z; } }
+        default: { if (tail_ok(3u, lid)) { i = t0 + 192u; v = x.tl.w; } }
+    }
+    return vec2<u32>(i, bitcast<u32>(v));
+}
 @compute @workgroup_size(64)
 fn qk_norm_rope(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
     let x = head_out(lane, wid.x, wid.y, p.start + wid.y);
     let base = head_base(wid.x, wid.y);
-    for (var k = 0u; k < 4u; k++) {
-        let i = lane.id + 64u * k;
-        if (i < p.hd) {
-            qkv[base + i] = x[k];
+    for (var k = 0u; k < 8u; k++) {
+        let e = slot_of(x, lane.id, k);
+        if (e.x != 0xffffffffu) {
+            qkv[base + e.x] = bitcast<f32>(e.y);
         }
     }
 }
@@ -146,19 +204,20 @@ fn qk_norm_rope(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>) {
 // Head h of row t at position pos, written back and, for k and v heads, to cache row crow.
 fn store_head(lane: Lane, h: u32, t: u32, pos: u32, crow: u32) {
     let x = head_out(lane, h, t, pos);
-    let base = head_base(h, t);
     let kv_dim = p.nkv * p.hd;
     // Heads nq.. are k heads, then v heads: (h − nq)·hd is the column in [k | v] of this row.
     let col = (h - min(h, p.nq)) * p.hd;
-    let row = crow * kv_dim;
-    for (var k = 0u; k < 4u; k++) {
-        let i = lane.id + 64u * k;
-        if (i < p.hd) {
-            qkv[base + i] = x[k];
+    let base = head_base(h, t);
+    let at = select(crow * kv_dim + col, crow * kv_dim + col - kv_dim, h >= p.nq + p.nkv);
+    for (var k = 0u; k < 8u; k++) {
+        let e = slot_of(x, lane.id, k);
+        if (e.x != 0xffffffffu) {
+            let v = bitcast<f32>(e.y);
+            qkv[base + e.x] = v;
             if (h >= p.nq + p.nkv) {
-                v_cache[row + col - kv_dim + i] = x[k];
+                v_cache[at + e.x] = v;
             } else if (h >= p.nq) {
-                k_cache[row + col + i] = x[k];
+                k_cache[at + e.x] = v;
             }
         }
     }
