@@ -32,6 +32,8 @@ const GEMV_T: u32 = 4u;
 // per pipeline, kernels::chunk_t); the block (GEMV_T rows, workgroup z) is the same. The sums are
 // the same either way: only the pipeline's register count changes.
 override CHUNK_T: u32 = 4u;
+// Octets a lane loads before their arithmetic at one activation row (4 or 8; kernels::depth).
+override DEPTH: u32 = 4u;
 
 var<workgroup> gemv_part: array<f32, 256>;
 
@@ -58,6 +60,24 @@ fn gemv_partial(row: u32, lid: u32, t0: u32, nt: u32, lanes: u32) {
         // One activation row (the 1-token forward): four octets' loads before their arithmetic
         // (memory-level parallelism; same order). Token blocks keep the plain loop, which measured
         // faster for them (H200: 4–16 tokens).
+        for (; nt == 1u && DEPTH == 8u && o + 7u * lanes < octs; o += 8u * lanes) {
+            let q0 = w_oct(m, row, o * 8u);
+            let q1 = w_oct(m, row, (o + lanes) * 8u);
+            let q2 = w_oct(m, row, (o + 2u * lanes) * 8u);
+            let q3 = w_oct(m, row, (o + 3u * lanes) * 8u);
+            let q4 = w_oct(m, row, (o + 4u * lanes) * 8u);
+            let q5 = w_oct(m, row, (o + 5u * lanes) * 8u);
+            let q6 = w_oct(m, row, (o + 6u * lanes) * 8u);
+            let q7 = w_oct(m, row, (o + 7u * lanes) * 8u);
+            a.x += x_oct_dot(xr, o * 8u, q0);
+            a.x += x_oct_dot(xr, (o + lanes) * 8u, q1);
+            a.x += x_oct_dot(xr, (o + 2u * lanes) * 8u, q2);
+            a.x += x_oct_dot(xr, (o + 3u * lanes) * 8u, q3);
+            a.x += x_oct_dot(xr, (o + 4u * lanes) * 8u, q4);
+            a.x += x_oct_dot(xr, (o + 5u * lanes) * 8u, q5);
+            a.x += x_oct_dot(xr, (o + 6u * lanes) * 8u, q6);
+            a.x += x_oct_dot(xr, (o + 7u * lanes) * 8u, q7);
+        }
         for (; nt == 1u && o + 3u * lanes < octs; o += 4u * lanes) {
             let q0 = w_oct(m, row, o * 8u);
             let q1 = w_oct(m, row, (o + lanes) * 8u);

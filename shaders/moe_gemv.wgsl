@@ -41,6 +41,9 @@ const LANES: u32 = 16u;
 // (the 1-token direct path) holds far fewer and more workgroups fit an SM; the sums are the same
 // whatever it is (each token's own, octets in the same order).
 override CHUNK_T: u32 = 4u;
+// Octets whose loads a lane issues before their arithmetic (4 or 8; kernels::depth): more bytes in
+// flight a round, more registers. Same sums (octets in the same order).
+override DEPTH: u32 = 4u;
 
 var<workgroup> part: array<vec4<f32>, 64>;
 #include "expert_begin"
@@ -82,6 +85,25 @@ fn row_partial(m: WMat, row: u32, xr: vec4<u32>, lane: u32, lid: u32) {
     if (row != NONE) {
         let octs = (ep.k + 7u) / 8u;
         var o = lane;
+        // DEPTH 8: eight octets' loads before their arithmetic (one round for a 1024-wide row).
+        for (; DEPTH == 8u && o + 7u * LANES < octs; o += 8u * LANES) {
+            let q0 = w_oct(m, row, o * 8u);
+            let q1 = w_oct(m, row, (o + LANES) * 8u);
+            let q2 = w_oct(m, row, (o + 2u * LANES) * 8u);
+            let q3 = w_oct(m, row, (o + 3u * LANES) * 8u);
+            let q4 = w_oct(m, row, (o + 4u * LANES) * 8u);
+            let q5 = w_oct(m, row, (o + 5u * LANES) * 8u);
+            let q6 = w_oct(m, row, (o + 6u * LANES) * 8u);
+            let q7 = w_oct(m, row, (o + 7u * LANES) * 8u);
+            a += oct_dots(xr, o * 8u, q0);
+            a += oct_dots(xr, (o + LANES) * 8u, q1);
+            a += oct_dots(xr, (o + 2u * LANES) * 8u, q2);
+            a += oct_dots(xr, (o + 3u * LANES) * 8u, q3);
+            a += oct_dots(xr, (o + 4u * LANES) * 8u, q4);
+            a += oct_dots(xr, (o + 5u * LANES) * 8u, q5);
+            a += oct_dots(xr, (o + 6u * LANES) * 8u, q6);
+            a += oct_dots(xr, (o + 7u * LANES) * 8u, q7);
+        }
         for (; o + 3u * LANES < octs; o += 4u * LANES) {
             let q0 = w_oct(m, row, o * 8u);
             let q1 = w_oct(m, row, (o + LANES) * 8u);

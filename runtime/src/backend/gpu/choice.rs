@@ -20,6 +20,7 @@
 //! | `EDGEDIFF_MOE_WIDE=0\|down\|all` | [`KernelChoice::moe_wide`] |
 //! | `EDGEDIFF_MOE_CHUNK=1\|2\|4` | [`KernelChoice::moe_chunk`] |
 //! | `EDGEDIFF_LEAN_ONE=0` | [`KernelChoice::lean_one`] |
+//! | `EDGEDIFF_GEMV_DEPTH=4\|8` | [`KernelChoice::gemv_depth`] |
 //! | `EDGEDIFF_ATTN_KERNEL=heads\|gqa` | [`KernelChoice::attention`] |
 //! | `EDGEDIFF_ATTN_GROUPS=<n>` | [`KernelChoice::attn_groups`] |
 //! | `EDGEDIFF_STATS_CHUNK=<logits>` | [`KernelChoice::stats_chunk`] |
@@ -117,6 +118,9 @@ pub struct KernelChoice {
     /// expert kernels and the 1-row dense gemv, whose pipelines otherwise hold registers for four.
     /// Same sums either way.
     pub lean_one: bool,
+    /// Octets a word-a-lane gemv lane (dense at one row, GEMV experts) loads before their
+    /// arithmetic: 4, or 8 (fewer dependent rounds, more registers). Same sums.
+    pub gemv_depth: u32,
     /// The attention kernel, forced where both apply (`None`: GQA where the head fits it).
     pub attention: Option<AttnKernel>,
     /// Workgroups the GQA attention kernel aims at.
@@ -149,6 +153,7 @@ impl Default for KernelChoice {
             moe_wide: MoeWide::Down,
             moe_chunk: 4,
             lean_one: true,
+            gemv_depth: 4,
             attention: None,
             attn_groups: GQA_TARGET_GROUPS,
             stats_chunk: STATS_CHUNK,
@@ -213,6 +218,9 @@ impl KernelChoice {
                 .filter(|&n| matches!(n, 1 | 2 | 4))
                 .map_or(d.moe_chunk, |n| n as u32),
             lean_one: !off("EDGEDIFF_LEAN_ONE"),
+            gemv_depth: num("EDGEDIFF_GEMV_DEPTH")
+                .filter(|&n| matches!(n, 4 | 8))
+                .map_or(d.gemv_depth, |n| n as u32),
             attention: match var("EDGEDIFF_ATTN_KERNEL").as_deref().map(str::trim) {
                 Some("heads") => Some(AttnKernel::Heads),
                 Some("gqa") => Some(AttnKernel::Gqa),
@@ -273,6 +281,7 @@ mod tests {
             ("EDGEDIFF_MOE_WIDE", "all"),
             ("EDGEDIFF_MOE_CHUNK", "2"),
             ("EDGEDIFF_LEAN_ONE", "0"),
+            ("EDGEDIFF_GEMV_DEPTH", "8"),
             ("EDGEDIFF_ATTN_KERNEL", "heads"),
             ("EDGEDIFF_ATTN_GROUPS", "64"),
             ("EDGEDIFF_STATS_CHUNK", "4096"),
@@ -297,6 +306,7 @@ mod tests {
                 moe_wide: MoeWide::All,
                 moe_chunk: 2,
                 lean_one: false,
+                gemv_depth: 8,
                 attention: Some(AttnKernel::Heads),
                 attn_groups: 64,
                 stats_chunk: 4096,

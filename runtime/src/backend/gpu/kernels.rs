@@ -51,6 +51,12 @@ pub fn chunk_t(rows: u32) -> u32 {
     rows << 16
 }
 
+/// Octets a gemv lane loads before their arithmetic (the `DEPTH` override of gemv.wgsl and
+/// moe_gemv.wgsl) in the fourth byte of a dispatch's weight-type argument; 0 keeps the default.
+pub fn depth(octets: u32) -> u32 {
+    octets << 24
+}
+
 /// What sits at one binding of an entry point.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Slot {
@@ -202,8 +208,11 @@ impl Kernels {
             if declares(entry.file, "ACT") {
                 constants.push(("ACT", ((wtype >> 8) & 0xff) as f64));
             }
-            if declares(entry.file, "CHUNK_T") && wtype >> 16 != 0 {
-                constants.push(("CHUNK_T", (wtype >> 16) as f64));
+            if declares(entry.file, "CHUNK_T") && (wtype >> 16) & 0xff != 0 {
+                constants.push(("CHUNK_T", ((wtype >> 16) & 0xff) as f64));
+            }
+            if declares(entry.file, "DEPTH") && wtype >> 24 != 0 {
+                constants.push(("DEPTH", (wtype >> 24) as f64));
             }
             let pipeline = dev
                 .device

@@ -1421,6 +1421,70 @@ fn wide_expert_kernels_match_the_narrow_ones_and_each_token_alone() {
     }
 }
 
+/// The register variants of the word-a-lane kernels (kernels::chunk_t, kernels::depth: one-row
+/// pipelines, the experts' token chunk, eight octets' loads a round) sum exactly as the plain
+/// kernels do: the routed experts (13 tokens on the list path, 1 on the direct path; hidden 1088
+/// runs the eight-deep loop) and the dense gemv at one row and five, bit for bit.
+#[test]
+fn gemv_register_variants_change_no_bit() {
+    use super::choice::{ExpertKernel, KernelChoice, MoeWide};
+    use super::GpuOptions;
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let variants = [(false, 4, 4), (true, 1, 8), (true, 2, 4), (true, 4, 8)];
+    for arch in [Architecture::Llada2Moe] {
+        let spec = SynthSpec {
+            hidden: 1088,
+            expert_ffn: 512,
+            ..SynthSpec::tiny(arch)
+        };
+        for dtype in [DType::Q4, DType::Q8] {
+            let (_dir, file) = synth_file_of(&spec, dtype);
+            let c = file.header.metadata.config.clone();
+            let h = c.hidden_size;
+            let mut outs = Vec::new();
+            for (lean_one, moe_chunk, gemv_depth) in variants {
+                let b = GpuBackend::new(&GpuOptions {
+                    poison: true,
+                    kernels: KernelChoice {
+                        moe: Some(ExpertKernel::Gemv),
+                        moe_wide: MoeWide::Off,
+                        gemv_wide_min_t: None,
+                        lean_one,
+                        moe_chunk,
+                        gemv_depth,
+                        ..KernelChoice::from_env()
+                    },
+                    ..GpuOptions::from_env()
+                })
+                .unwrap();
+                let m = MoeLayer::load(&b, &file);
+                let mut rng = Rng(91);
+                let xs = rng.vec(13 * h, 1.0);
+                let x = b.put(13, h, &xs);
+                let all = b.get(&m.experts_out(&b, &x, &m.route(&b, &x, &c)));
+                let x1 = b.put(1, h, &xs[..h]);
+                let one = b.get(&m.experts_out(&b, &x1, &m.route(&b, &x1, &c)));
+                let w = weight(&b, dtype, &[45, h], &rng.vec(45 * h, 0.5));
+                let d1 = b.get(&b.matmul(&w, &x1).unwrap());
+                let d5 = b.get(&b.matmul(&w, &b.put(5, h, &xs[..5 * h])).unwrap());
+                outs.push([all, one, d1, d5].map(|v| bits(&v)));
+            }
+            for (i, o) in outs.iter().enumerate().skip(1) {
+                for (j, what) in ["13 tokens", "1 token", "dense 1 row", "dense 5 rows"]
+                    .iter()
+                    .enumerate()
+                {
+                    assert!(
+                        o[j] == outs[0][j],
+                        "{arch} {dtype} {what}: {:?}",
+                        variants[i]
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// The shared expert rides along the GEMV expert kernels: two dense dispatches (gemv_swiglu,
 /// gemv) fewer than computing it first, and the same sums (the backend-vs-CPU test above checks
 /// the values; this one that the fused path is the one taken).

@@ -9,7 +9,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::super::choice::KernelChoice;
 use super::super::device::GpuError;
-use super::super::kernels::{chunk_t, Entry, Slot::*};
+use super::super::kernels::{chunk_t, depth, Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
 use super::super::GpuWeight;
@@ -467,8 +467,15 @@ pub fn matmul_into(
             }
         };
         // A 1-row gemv compiles for one row (fewer registers, more workgroups an SM).
-        let lean = std::ptr::eq(entry, &GEMV) && t == 1 && ctx.sh.dev.kernels.lean_one;
-        let wtype = w.wtype() | if lean { chunk_t(1) } else { 0 };
+        let gemv = std::ptr::eq(entry, &GEMV);
+        let lean = gemv && t == 1 && ctx.sh.dev.kernels.lean_one;
+        let wtype = w.wtype()
+            | if lean { chunk_t(1) } else { 0 }
+            | if gemv {
+                depth(ctx.sh.dev.kernels.gemv_depth)
+            } else {
+                0
+            };
         ctx.dispatch(entry, wtype, &p, None, &bufs, grid)?;
     }
     Ok(())

@@ -10,7 +10,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::super::choice::MoeWide;
 use super::super::device::GpuError;
-use super::super::kernels::{chunk_t, Entry, Slot::*};
+use super::super::kernels::{chunk_t, depth, Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
 use super::super::{GpuAct, GpuBackend, GpuExperts, GpuRouting, GpuWeight};
@@ -484,7 +484,7 @@ fn experts_with(
                     };
                     ctx.dispatch(
                         gemv,
-                        wtype | chunk_t(chunk),
+                        wtype | chunk_t(chunk) | depth(choice.gemv_depth),
                         &p,
                         None,
                         &bufs,
