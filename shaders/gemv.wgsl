@@ -28,8 +28,9 @@ fn w_word(i: u32) -> u32 {
 }
 
 const GEMV_T: u32 = 4u;
-// Activation rows a workgroup's registers serve (4, or 1 for a 1-row pass: ops/matmul.rs sets it
-// per pipeline, kernels::chunk_t); the block (GEMV_T rows, workgroup z) is the same. The sums are
+// Activation rows a workgroup's registers serve (4; 1 or 2 for a pass of that many rows:
+// ops/matmul.rs sets it per pipeline, kernels::chunk_t); the block (GEMV_T rows, workgroup z) is
+// the same. The sums are
 // the same either way: only the pipeline's register count changes.
 override CHUNK_T: u32 = 4u;
 // Octets a lane loads before their arithmetic at one activation row (4 or 8; kernels::depth).
@@ -88,10 +89,31 @@ fn gemv_partial(row: u32, lid: u32, t0: u32, nt: u32, lanes: u32) {
             a.x += x_oct_dot(xr, (o + 2u * lanes) * 8u, q2);
             a.x += x_oct_dot(xr, (o + 3u * lanes) * 8u, q3);
         }
+        // Two activation rows in a two-row pipeline (an in-place model's AR pass, [last, mask]):
+        // the same four-octet rounds, each octet serving both rows.
+        for (; CHUNK_T == 2u && nt == 2u && o + 3u * lanes < octs; o += 4u * lanes) {
+            let q0 = w_oct(m, row, o * 8u);
+            let q1 = w_oct(m, row, (o + lanes) * 8u);
+            let q2 = w_oct(m, row, (o + 2u * lanes) * 8u);
+            let q3 = w_oct(m, row, (o + 3u * lanes) * 8u);
+            a.x += x_oct_dot(xr, o * 8u, q0);
+            a.x += x_oct_dot(xr, (o + lanes) * 8u, q1);
+            a.x += x_oct_dot(xr, (o + 2u * lanes) * 8u, q2);
+            a.x += x_oct_dot(xr, (o + 3u * lanes) * 8u, q3);
+            a.y += x_oct_dot(xr + 1u, o * 8u, q0);
+            a.y += x_oct_dot(xr + 1u, (o + lanes) * 8u, q1);
+            a.y += x_oct_dot(xr + 1u, (o + 2u * lanes) * 8u, q2);
+            a.y += x_oct_dot(xr + 1u, (o + 3u * lanes) * 8u, q3);
+        }
         for (; o < octs; o += lanes) {
             let q = w_oct(m, row, o * 8u);
             if (CHUNK_T == 1u) {
                 a.x += x_oct_dot(xr, o * 8u, q);
+            } else if (CHUNK_T == 2u) {
+                a.x += x_oct_dot(xr, o * 8u, q);
+                if (nt == 2u) {
+                    a.y += x_oct_dot(xr + 1u, o * 8u, q);
+                }
             } else {
                 for (var t = 0u; t < nt; t++) {
                     a[t] += x_oct_dot(xr + t, o * 8u, q);

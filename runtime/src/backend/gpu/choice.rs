@@ -114,9 +114,9 @@ pub struct KernelChoice {
     /// `CHUNK_T` override of moe_gemv.wgsl): fewer registers let more workgroups share an SM, more
     /// tokens read an expert's rows once for more of its tokens. Same sums either way.
     pub moe_chunk: u32,
-    /// One-row work compiles for one row (`CHUNK_T` = 1): the 1-token direct path of the GEMV
-    /// expert kernels and the 1-row dense gemv, whose pipelines otherwise hold registers for four.
-    /// Same sums either way.
+    /// One- and two-row work compiles for its rows (`CHUNK_T` = 1 or 2): the 1-token direct path
+    /// of the GEMV expert kernels and the 1- and 2-row dense gemv (two rows also in four-octet
+    /// rounds), whose pipelines otherwise hold registers for four. Same sums either way.
     pub lean_one: bool,
     /// Octets a word-a-lane gemv lane (dense at one row, GEMV experts) loads before their
     /// arithmetic: 4, or 8 (fewer dependent rounds, more registers). Same sums.

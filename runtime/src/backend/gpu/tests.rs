@@ -1424,7 +1424,8 @@ fn wide_expert_kernels_match_the_narrow_ones_and_each_token_alone() {
 /// The register variants of the word-a-lane kernels (kernels::chunk_t, kernels::depth: one-row
 /// pipelines, the experts' token chunk, eight octets' loads a round) sum exactly as the plain
 /// kernels do: the routed experts (13 tokens on the list path, 1 on the direct path; hidden 1088
-/// runs the eight-deep loop) and the dense gemv at one row and five, bit for bit.
+/// runs the eight-deep loop) and the dense gemv at one row, two (the two-row rounds) and five, bit
+/// for bit.
 #[test]
 fn gemv_register_variants_change_no_bit() {
     use super::choice::{ExpertKernel, KernelChoice, MoeWide};
@@ -1466,13 +1467,20 @@ fn gemv_register_variants_change_no_bit() {
                 let one = b.get(&m.experts_out(&b, &x1, &m.route(&b, &x1, &c)));
                 let w = weight(&b, dtype, &[45, h], &rng.vec(45 * h, 0.5));
                 let d1 = b.get(&b.matmul(&w, &x1).unwrap());
+                let d2 = b.get(&b.matmul(&w, &b.put(2, h, &xs[..2 * h])).unwrap());
                 let d5 = b.get(&b.matmul(&w, &b.put(5, h, &xs[..5 * h])).unwrap());
-                outs.push([all, one, d1, d5].map(|v| bits(&v)));
+                outs.push([all, one, d1, d2, d5].map(|v| bits(&v)));
             }
             for (i, o) in outs.iter().enumerate().skip(1) {
-                for (j, what) in ["13 tokens", "1 token", "dense 1 row", "dense 5 rows"]
-                    .iter()
-                    .enumerate()
+                for (j, what) in [
+                    "13 tokens",
+                    "1 token",
+                    "dense 1 row",
+                    "dense 2 rows",
+                    "dense 5 rows",
+                ]
+                .iter()
+                .enumerate()
                 {
                     assert!(
                         o[j] == outs[0][j],

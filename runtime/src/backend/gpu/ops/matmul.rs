@@ -466,11 +466,12 @@ pub fn matmul_into(
                 (&GEMM_COOP, Grid::Groups(gx as u32, gy as u32, 1))
             }
         };
-        // A 1-row gemv compiles for one row (fewer registers, more workgroups an SM).
+        // A 1- or 2-row gemv compiles for that many rows (fewer registers, more workgroups an
+        // SM; two rows also take the four-octet rounds).
         let gemv = std::ptr::eq(entry, &GEMV);
-        let lean = gemv && t == 1 && ctx.sh.dev.kernels.lean_one;
+        let lean = gemv && t <= 2 && ctx.sh.dev.kernels.lean_one;
         let wtype = w.wtype()
-            | if lean { chunk_t(1) } else { 0 }
+            | if lean { chunk_t(t as u32) } else { 0 }
             | if gemv {
                 depth(ctx.sh.dev.kernels.gemv_depth)
             } else {
