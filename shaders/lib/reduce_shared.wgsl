@@ -139,3 +139,85 @@ fn sel_argmax_key(key: u32, i: u32, lane: Lane) -> u32 {
     workgroupBarrier();
     return r;
 }
+
+// The selection part's reductions for 256-invocation workgroups (stats.wgsl): the part is the
+// workgroup. Two levels (16 runs of 16, then the 16 run results, in order): two barriers a call,
+// and the next call's writes cannot overtake this call's reads (each level's slots are written
+// only after a barrier every reader of the previous call's slots has passed). Uniform control flow;
+// every invocation gets the result.
+var<workgroup> red256_k: array<u32, 256>;
+var<workgroup> red256_i: array<u32, 256>;
+var<workgroup> red256_f: array<vec2<f32>, 256>;
+var<workgroup> red16_k: array<u32, 16>;
+var<workgroup> red16_i: array<u32, 16>;
+var<workgroup> red16_f: array<vec2<f32>, 16>;
+
+// (key, i) better than (bk, bi): larger key, ties to the lower i; i = 0xffffffff is no candidate.
+fn sel256_better(k: u32, i: u32, bk: u32, bi: u32) -> bool {
+    let none = 0xffffffffu;
+    return i != none && (bi == none || k > bk || (k == bk && i < bi));
+}
+
+fn sel256_argmax_key(key: u32, i: u32, lane: Lane) -> u32 {
+    red256_k[lane.id] = key;
+    red256_i[lane.id] = i;
+    workgroupBarrier();
+    if (lane.id < 16u) {
+        var bk = 0u;
+        var bi = 0xffffffffu;
+        for (var j = lane.id * 16u; j < lane.id * 16u + 16u; j++) {
+            if (sel256_better(red256_k[j], red256_i[j], bk, bi)) {
+                bk = red256_k[j];
+                bi = red256_i[j];
+            }
+        }
+        red16_k[lane.id] = bk;
+        red16_i[lane.id] = bi;
+    }
+    workgroupBarrier();
+    var bk = 0u;
+    var bi = 0xffffffffu;
+    for (var j = 0u; j < 16u; j++) {
+        if (sel256_better(red16_k[j], red16_i[j], bk, bi)) {
+            bk = red16_k[j];
+            bi = red16_i[j];
+        }
+    }
+    return bi;
+}
+
+fn sel256_max(v: f32, lane: Lane) -> f32 {
+    red256_f[lane.id] = vec2<f32>(v, 0.0);
+    workgroupBarrier();
+    if (lane.id < 16u) {
+        var m = neg_inf();
+        for (var j = lane.id * 16u; j < lane.id * 16u + 16u; j++) {
+            m = max(m, red256_f[j].x);
+        }
+        red16_f[lane.id] = vec2<f32>(m, 0.0);
+    }
+    workgroupBarrier();
+    var m = neg_inf();
+    for (var j = 0u; j < 16u; j++) {
+        m = max(m, red16_f[j].x);
+    }
+    return m;
+}
+
+fn sel256_sum2(v: vec2<f32>, lane: Lane) -> vec2<f32> {
+    red256_f[lane.id] = v;
+    workgroupBarrier();
+    if (lane.id < 16u) {
+        var s = vec2<f32>(0.0);
+        for (var j = lane.id * 16u; j < lane.id * 16u + 16u; j++) {
+            s += red256_f[j];
+        }
+        red16_f[lane.id] = s;
+    }
+    workgroupBarrier();
+    var s = vec2<f32>(0.0);
+    for (var j = 0u; j < 16u; j++) {
+        s += red16_f[j];
+    }
+    return s;
+}

@@ -120,3 +120,18 @@ fn sel_argmax_key(key: u32, i: u32, lane: Lane) -> u32 {
     let m = subgroupMax(k);
     return subgroupMin(select(none, i, k == m && i != none));
 }
+
+// The selection parts' reductions for 256-invocation workgroups (stats.wgsl): a part is a subgroup
+// whatever the workgroup's size, so these are the subgroup operations (at most 64 parts: subgroups
+// of at least 4). Uniform control flow; every invocation of the part gets the result.
+fn sel256_argmax_key(key: u32, i: u32, lane: Lane) -> u32 {
+    return sel_argmax_key(key, i, lane);
+}
+
+fn sel256_max(v: f32, lane: Lane) -> f32 {
+    return subgroupMax(v);
+}
+
+fn sel256_sum2(v: vec2<f32>, lane: Lane) -> vec2<f32> {
+    return subgroupAdd(v);
+}

@@ -1570,6 +1570,77 @@ test_backends!(lm_head_statistics_match_the_full_logits, TOL, |b| {
     out
 });
 
+/// The LM-head statistics at every chunking (shaders/stats.wgsl): chunks of 2 and 5 logits (empty
+/// candidate slots in the partials; more partials than stats_merge holds in registers), 64, the
+/// default, 4096 (chunks past the 2048 logits a workgroup holds in registers) and 8192 (one chunk:
+/// stats_merge alone on the logits, past its registers too). Three rows at once; a head of 37
+/// distinct rows repeated, so the 8 best are exact ties across chunks (the lower ids win); a
+/// vocabulary of one (no second probability).
+#[test]
+fn lm_head_statistics_at_every_chunking() {
+    use super::choice::KernelChoice;
+    let mut rng = Rng(57);
+    let h = 16;
+    let distinct = rng.vec(5000 * h, 1.0);
+    let pattern = rng.vec(37 * h, 1.0);
+    let repeated: Vec<f32> = (0..4999)
+        .flat_map(|r| pattern[(r % 37) * h..][..h].to_vec())
+        .collect();
+    let one = rng.vec(h, 1.0);
+    let xs = rng.vec(3 * h, 1.0);
+    let heads = [
+        (5000, &distinct),
+        (4999, &repeated),
+        (5, &distinct),
+        (1, &one),
+    ];
+    let stats = |b: &dyn Fn(usize, &[f32]) -> Vec<PositionStats>| -> Vec<Vec<PositionStats>> {
+        heads.iter().map(|&(v, w)| b(v, &w[..v * h])).collect()
+    };
+    let want = stats(&|v, w| {
+        let head = weight(&CpuBackend, DType::F32, &[v, h], w);
+        CpuBackend
+            .lm_head_stats(&CpuBackend.put(3, h, &xs), &head, 0..3)
+            .unwrap()
+    });
+    let top = |s: &[PositionStats]| -> Vec<Vec<u32>> {
+        s.iter()
+            .map(|p| p.top.iter().map(|t| t.0).collect())
+            .collect()
+    };
+    // The ties: each row's 8 best are one pattern row's 8 first copies.
+    for p in &want[1] {
+        let ids: Vec<u32> = p.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, (0..8).map(|k| ids[0] + 37 * k).collect::<Vec<_>>());
+    }
+    for chunk in [2, 5, 64, 2048, 4096, 8192] {
+        let base = super::GpuOptions {
+            kernels: KernelChoice {
+                stats_chunk: chunk,
+                ..KernelChoice::from_env()
+            },
+            ..super::GpuOptions::from_env()
+        };
+        for (label, b) in super::testing::backends_with(base) {
+            let got = stats(&|v, w| {
+                let head = weight(&b, DType::F32, &[v, h], w);
+                b.lm_head_stats(&b.put(3, h, &xs), &head, 0..3).unwrap()
+            });
+            for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+                let what = format!("{label}, chunk {chunk}, head {k}");
+                assert_eq!(top(g), top(w), "{what}: ids");
+                assert_eq!(
+                    g.iter().map(|p| p.argmax).collect::<Vec<_>>(),
+                    w.iter().map(|p| p.argmax).collect::<Vec<_>>(),
+                    "{what}: argmax"
+                );
+                let e = rel_l2(&flat_stats(g), &flat_stats(w));
+                assert!(e <= TOL, "{what}: relative L2 {e:e}");
+            }
+        }
+    }
+}
+
 // Rows picked for a batched pass's LM head: ranges in any order, empty ones, awkward widths.
 test_backends!(gather_rows_picks_the_rows_of_each_range, 0.0, |b| {
     let mut rng = Rng(41);

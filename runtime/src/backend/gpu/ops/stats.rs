@@ -1,5 +1,6 @@
 //! Per-position statistics of logits (shaders/stats.wgsl): partials per 2048-logit chunk, then one
-//! merge per row; 20 words per position come back to the host.
+//! merge per row (a row of one chunk: the merge alone, on the logits); 20 words per position come
+//! back to the host.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -25,7 +26,7 @@ pub struct StatsParams {
 pub static PARTIAL: Entry = Entry {
     file: "stats.wgsl",
     name: "stats_partial",
-    bindings: &[(0, Params), (1, Read), (2, ReadWrite)],
+    bindings: &[(0, Params), (2, ReadWrite), (3, Read)],
     params: "StatsParams",
 };
 pub static MERGE: Entry = Entry {
@@ -50,19 +51,31 @@ pub fn stats(
     // Logits per stats_partial workgroup (KernelChoice::stats_chunk): a row splits into
     // `vocab.div_ceil(chunk)` equal parts.
     let chunks = vocab.div_ceil(ctx.sh.dev.kernels.stats_chunk);
-    let partials = ctx.output((rows * chunks * WORDS * 4) as u64)?;
     let p = StatsParams {
         rows: rows as u32,
         vocab: vocab as u32,
         chunks: chunks as u32,
         out_row0: out_row0 as u32,
     };
+    if chunks == 1 {
+        // One workgroup a row does it all: stats_merge reads the logits (chunks = 1) instead of a
+        // partial pass's single partial.
+        return ctx.dispatch(
+            &MERGE,
+            0,
+            &p,
+            None,
+            &[logits, out],
+            Grid::Groups(rows as u32, 1, 1),
+        );
+    }
+    let partials = ctx.output((rows * chunks * WORDS * 4) as u64)?;
     ctx.dispatch(
         &PARTIAL,
         0,
         &p,
         None,
-        &[logits, &partials],
+        &[&partials, logits],
         Grid::Groups(chunks as u32, rows as u32, 1),
     )?;
     ctx.dispatch(
