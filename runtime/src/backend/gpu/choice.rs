@@ -21,6 +21,7 @@
 //! | `EDGEDIFF_MOE_CHUNK=1\|2\|4` | [`KernelChoice::moe_chunk`] |
 //! | `EDGEDIFF_LEAN_ONE=0` | [`KernelChoice::lean_one`] |
 //! | `EDGEDIFF_GEMV_DEPTH=4\|8` | [`KernelChoice::gemv_depth`] |
+//! | `EDGEDIFF_MOE_DIRECT_MAX_T=<rows>` | [`KernelChoice::moe_direct_max_t`] |
 //! | `EDGEDIFF_ATTN_KERNEL=heads\|gqa` | [`KernelChoice::attention`] |
 //! | `EDGEDIFF_ATTN_GROUPS=<n>` | [`KernelChoice::attn_groups`] |
 //! | `EDGEDIFF_STATS_CHUNK=<logits>` | [`KernelChoice::stats_chunk`] |
@@ -121,6 +122,9 @@ pub struct KernelChoice {
     /// Octets a word-a-lane gemv lane (dense at one row, GEMV experts) loads before their
     /// arithmetic: 4, or 8 (fewer dependent rounds, more registers). Same sums.
     pub gemv_depth: u32,
+    /// Passes of at most this many rows over resident experts skip the MoE dispatch lists: the
+    /// GEMV expert kernels read the router's ids (a column an assignment). 1 before 2026-12-05.
+    pub moe_direct_max_t: usize,
     /// The attention kernel, forced where both apply (`None`: GQA where the head fits it).
     pub attention: Option<AttnKernel>,
     /// Workgroups the GQA attention kernel aims at.
@@ -154,6 +158,7 @@ impl Default for KernelChoice {
             moe_chunk: 4,
             lean_one: true,
             gemv_depth: 4,
+            moe_direct_max_t: 2,
             attention: None,
             attn_groups: GQA_TARGET_GROUPS,
             stats_chunk: STATS_CHUNK,
@@ -221,6 +226,9 @@ impl KernelChoice {
             gemv_depth: num("EDGEDIFF_GEMV_DEPTH")
                 .filter(|&n| matches!(n, 4 | 8))
                 .map_or(d.gemv_depth, |n| n as u32),
+            moe_direct_max_t: num("EDGEDIFF_MOE_DIRECT_MAX_T")
+                .filter(|&n| (1..=64).contains(&n))
+                .map_or(d.moe_direct_max_t, |n| n as usize),
             attention: match var("EDGEDIFF_ATTN_KERNEL").as_deref().map(str::trim) {
                 Some("heads") => Some(AttnKernel::Heads),
                 Some("gqa") => Some(AttnKernel::Gqa),
@@ -282,6 +290,7 @@ mod tests {
             ("EDGEDIFF_MOE_CHUNK", "2"),
             ("EDGEDIFF_LEAN_ONE", "0"),
             ("EDGEDIFF_GEMV_DEPTH", "8"),
+            ("EDGEDIFF_MOE_DIRECT_MAX_T", "4"),
             ("EDGEDIFF_ATTN_KERNEL", "heads"),
             ("EDGEDIFF_ATTN_GROUPS", "64"),
             ("EDGEDIFF_STATS_CHUNK", "4096"),
@@ -307,6 +316,7 @@ mod tests {
                 moe_chunk: 2,
                 lean_one: false,
                 gemv_depth: 8,
+                moe_direct_max_t: 4,
                 attention: Some(AttnKernel::Heads),
                 attn_groups: 64,
                 stats_chunk: 4096,

@@ -1422,8 +1422,9 @@ fn wide_expert_kernels_match_the_narrow_ones_and_each_token_alone() {
 }
 
 /// The register variants of the word-a-lane kernels (kernels::chunk_t, kernels::depth: one-row
-/// pipelines, the experts' token chunk, eight octets' loads a round) sum exactly as the plain
-/// kernels do: the routed experts (13 tokens on the list path, 1 on the direct path; hidden 1088
+/// pipelines, the experts' token chunk, eight octets' loads a round) and the direct expert path at
+/// two tokens sum exactly as the plain kernels and the lists do: the routed experts (13 tokens on
+/// the list path, 1 on the direct path, 2 on either; hidden 1088
 /// runs the eight-deep loop) and the dense gemv at one row, two (the two-row rounds) and five, bit
 /// for bit.
 #[test]
@@ -1431,7 +1432,12 @@ fn gemv_register_variants_change_no_bit() {
     use super::choice::{ExpertKernel, KernelChoice, MoeWide};
     use super::GpuOptions;
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    let variants = [(false, 4, 4), (true, 1, 8), (true, 2, 4), (true, 4, 8)];
+    let variants = [
+        (false, 4, 4, 1),
+        (true, 1, 8, 2),
+        (true, 2, 4, 2),
+        (true, 4, 8, 1),
+    ];
     for arch in [Architecture::Llada2Moe] {
         let spec = SynthSpec {
             hidden: 1088,
@@ -1443,7 +1449,7 @@ fn gemv_register_variants_change_no_bit() {
             let c = file.header.metadata.config.clone();
             let h = c.hidden_size;
             let mut outs = Vec::new();
-            for (lean_one, moe_chunk, gemv_depth) in variants {
+            for (lean_one, moe_chunk, gemv_depth, moe_direct_max_t) in variants {
                 let b = GpuBackend::new(&GpuOptions {
                     poison: true,
                     kernels: KernelChoice {
@@ -1453,6 +1459,7 @@ fn gemv_register_variants_change_no_bit() {
                         lean_one,
                         moe_chunk,
                         gemv_depth,
+                        moe_direct_max_t,
                         ..KernelChoice::from_env()
                     },
                     ..GpuOptions::from_env()
@@ -1465,16 +1472,19 @@ fn gemv_register_variants_change_no_bit() {
                 let all = b.get(&m.experts_out(&b, &x, &m.route(&b, &x, &c)));
                 let x1 = b.put(1, h, &xs[..h]);
                 let one = b.get(&m.experts_out(&b, &x1, &m.route(&b, &x1, &c)));
+                let x2 = b.put(2, h, &xs[..2 * h]);
+                let two = b.get(&m.experts_out(&b, &x2, &m.route(&b, &x2, &c)));
                 let w = weight(&b, dtype, &[45, h], &rng.vec(45 * h, 0.5));
                 let d1 = b.get(&b.matmul(&w, &x1).unwrap());
                 let d2 = b.get(&b.matmul(&w, &b.put(2, h, &xs[..2 * h])).unwrap());
                 let d5 = b.get(&b.matmul(&w, &b.put(5, h, &xs[..5 * h])).unwrap());
-                outs.push([all, one, d1, d2, d5].map(|v| bits(&v)));
+                outs.push([all, one, two, d1, d2, d5].map(|v| bits(&v)));
             }
             for (i, o) in outs.iter().enumerate().skip(1) {
                 for (j, what) in [
                     "13 tokens",
                     "1 token",
+                    "2 tokens",
                     "dense 1 row",
                     "dense 2 rows",
                     "dense 5 rows",

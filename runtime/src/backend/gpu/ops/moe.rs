@@ -250,11 +250,12 @@ pub fn moe(
         Shared::Mlp(m) => Some(m),
         _ => None,
     };
-    // One token over resident experts in the GEMV kernels (the 1-token pass): its top_k experts
-    // are distinct, so the per-expert lists would only restate the router's ids; the expert
-    // kernels read the ids directly (grid column a = assignment a) and the dispatch kernel goes.
-    // Each assignment's sums are the list path's, bit for bit.
-    let direct = rows == 1
+    // Few tokens over resident experts in the GEMV kernels (the 1-token pass, an in-place AR
+    // pass's two rows): their top_k experts are (nearly) distinct, so the per-expert lists would
+    // only restate the router's ids; the expert kernels read the ids directly (grid column a =
+    // assignment a, an expert shared by two tokens read twice, from cache the second time) and
+    // the dispatch kernel goes. Each assignment's sums are the list path's, bit for bit.
+    let direct = rows <= ctx.sh.dev.kernels.moe_direct_max_t
         && e.all_resident
         && expert_kernel(
             ctx.sh.dev.kernels.moe,
@@ -475,7 +476,8 @@ fn experts_with(
                     let shared_buf = sw.map_or(&**buf, |(b, _)| b);
                     let bufs = [&**buf, src, dst, e.slots, meta, shared_buf];
                     let columns = listed + u32::from(sw.is_some());
-                    // The direct path's columns serve one token each (its shared expert too).
+                    // The direct path's columns serve one token each (the shared expert's loops
+                    // over the pass's few).
                     let choice = &ctx.sh.dev.kernels;
                     let chunk = if direct != 0 && choice.lean_one {
                         1
