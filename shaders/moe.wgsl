@@ -255,18 +255,53 @@ fn store_out(b: u32, c: vec4<u32>, v: vec4<f32>) {
     if (c.w < mp.hidden) { out[b + c.w] = v.w; }
 }
 
-// Σ_j weight · y of the token's assignments at columns c (the order of `combined`), plus its
-// `plus` row when has_plus — the delta add_rms_norm adds.
-fn combined_quad(c: vec4<u32>, prow: u32) -> vec4<f32> {
-    var s = vec4<f32>(0.0);
-    for (var j = 0u; j < mp.top_k; j++) {
-        let pos = tok_pos[j];
-        if (pos < mp.assignments) {
-            s += tok_w[j] * y_quad(pos * mp.hidden, c);
-        }
+// The token's combined rows at the four quads of one invocation.
+struct Quads {
+    q0: vec4<f32>,
+    q1: vec4<f32>,
+    q2: vec4<f32>,
+    q3: vec4<f32>,
+}
+
+// Adds assignment j's weight · y at the four quads `c` to `s` where j is one of the token's and has
+// a row (`combined`'s terms, in its order). The loads do not wait on the test: a missing term reads
+// row 0 and is dropped by a select, so the eight unrolled calls of moe_combine_norm issue their
+// loads together (one round, not one a term).
+fn add_assignment(s: ptr<function, Quads>, j: u32, c: array<vec4<u32>, 4>) {
+    let pos = select(0u, tok_pos[min(j, 63u)], j < mp.top_k);
+    let ok = j < mp.top_k && pos < mp.assignments;
+    let r = select(0u, pos, ok) * mp.hidden;
+    let w = tok_w[min(j, 63u)];
+    let y0 = y_quad(r, c[0]);
+    let y1 = y_quad(r, c[1]);
+    let y2 = y_quad(r, c[2]);
+    let y3 = y_quad(r, c[3]);
+    (*s).q0 = select((*s).q0, (*s).q0 + w * y0, ok);
+    (*s).q1 = select((*s).q1, (*s).q1 + w * y1, ok);
+    (*s).q2 = select((*s).q2, (*s).q2 + w * y2, ok);
+    (*s).q3 = select((*s).q3, (*s).q3 + w * y3, ok);
+}
+
+// Σ_j weight · y of the token's assignments at the quads `c` (`combined`'s order), plus its `plus`
+// row when has_plus — the delta add_rms_norm adds.
+fn combined_quads(c: array<vec4<u32>, 4>, prow: u32) -> Quads {
+    var s = Quads(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    add_assignment(&s, 0u, c);
+    add_assignment(&s, 1u, c);
+    add_assignment(&s, 2u, c);
+    add_assignment(&s, 3u, c);
+    add_assignment(&s, 4u, c);
+    add_assignment(&s, 5u, c);
+    add_assignment(&s, 6u, c);
+    add_assignment(&s, 7u, c);
+    for (var j = 8u; j < mp.top_k; j++) {
+        add_assignment(&s, j, c);
     }
     if (mp.has_plus != 0u) {
-        s = s + plus_quad(prow, c);
+        s.q0 = s.q0 + plus_quad(prow, c[0]);
+        s.q1 = s.q1 + plus_quad(prow, c[1]);
+        s.q2 = s.q2 + plus_quad(prow, c[2]);
+        s.q3 = s.q3 + plus_quad(prow, c[3]);
     }
     return s;
 }
@@ -297,10 +332,11 @@ fn moe_combine_norm(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
     let w2 = normw_quad(c2);
     let w3 = normw_quad(c3);
     workgroupBarrier();
-    let v0 = x0 + combined_quad(c0, prow);
-    let v1 = x1 + combined_quad(c1, prow);
-    let v2 = x2 + combined_quad(c2, prow);
-    let v3 = x3 + combined_quad(c3, prow);
+    let d = combined_quads(array<vec4<u32>, 4>(c0, c1, c2, c3), prow);
+    let v0 = x0 + d.q0;
+    let v1 = x1 + d.q1;
+    let v2 = x2 + d.q2;
+    let v3 = x3 + d.q3;
     store_xrw(b, c0, v0);
     store_xrw(b, c1, v1);
     store_xrw(b, c2, v2);

@@ -1107,17 +1107,22 @@ test_backends!(moe_layer_matches_for_every_weight_type, TOL, |b| {
 #[test]
 fn moe_residual_norm_folds_into_the_combine() {
     // Hidden 64, 608, 1056: quads partly past the row (lib/row_norm.wgsl); 4128: past the 4096
-    // columns a workgroup holds in registers, so the loop after them runs too.
-    for (arch, hidden) in [
-        (Architecture::Qwen3Moe, 64),
-        (Architecture::Llada2Moe, 64),
-        (Architecture::Qwen3Moe, 1056),
-        (Architecture::Llada2Moe, 608),
-        (Architecture::Qwen3Moe, 4128),
+    // columns a workgroup holds in registers, so the loop after them runs too. Top 12 of 16
+    // experts: assignments past the eight the combine unrolls.
+    for (arch, hidden, top_k) in [
+        (Architecture::Qwen3Moe, 64, 0),
+        (Architecture::Llada2Moe, 64, 0),
+        (Architecture::Qwen3Moe, 1056, 0),
+        (Architecture::Llada2Moe, 608, 0),
+        (Architecture::Qwen3Moe, 4128, 0),
+        (Architecture::Qwen3Moe, 64, 12),
     ] {
+        let tiny = SynthSpec::tiny(arch);
         let spec = SynthSpec {
             hidden,
-            ..SynthSpec::tiny(arch)
+            experts: if top_k > 0 { 16 } else { tiny.experts },
+            top_k: if top_k > 0 { top_k } else { tiny.top_k },
+            ..tiny
         };
         let (_dir, file) = synth_file_of(&spec, DType::Q8);
         let c = file.header.metadata.config.clone();
