@@ -113,14 +113,16 @@ pub struct KernelChoice {
     pub moe_wide: MoeWide,
     /// Tokens a pass of the list-path GEMV expert kernels holds in registers (1, 2 or 4; the
     /// `CHUNK_T` override of moe_gemv.wgsl): fewer registers let more workgroups share an SM, more
-    /// tokens read an expert's rows once for more of its tokens. Same sums either way.
+    /// tokens read an expert's rows once for more of its tokens. Same sums either way. H100, one
+    /// run: 2 against 4 within 1–2 % at 16 and 32 tokens (registers are not what holds them).
     pub moe_chunk: u32,
     /// One- and two-row work compiles for its rows (`CHUNK_T` = 1 or 2): the 1-token direct path
     /// of the GEMV expert kernels and the 1- and 2-row dense gemv (two rows also in four-octet
-    /// rounds), whose pipelines otherwise hold registers for four. Same sums either way.
+    /// rounds), whose pipelines otherwise hold registers for four. Same sums either way. H100, one
+    /// run, with the direct path below: 1 token 3.57 → 3.48 ms, 2 rows 5.05 → 4.44.
     pub lean_one: bool,
     /// Octets a word-a-lane gemv lane (dense at one row, GEMV experts) loads before their
-    /// arithmetic: 4, or 8 (fewer dependent rounds, more registers). Same sums.
+    /// arithmetic: 4, or 8 (fewer dependent rounds, more registers). Same sums. Not yet timed.
     pub gemv_depth: u32,
     /// Passes of at most this many rows over resident experts skip the MoE dispatch lists: the
     /// GEMV expert kernels read the router's ids (a column an assignment). 1 before 2026-12-05.
