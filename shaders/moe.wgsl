@@ -203,42 +203,26 @@ fn moe_combine_add(
 var<workgroup> tok_pos: array<u32, 64>;
 var<workgroup> tok_w: array<f32, 64>;
 
-// moe_combine_norm's guarded quads (columns past the row read as 0) of y, plus, x_rw and norm_w at
-// row base b.
+// moe_combine_norm's quads of y, plus, x_rw and norm_w at row base b (columns past the row read as
+// 0: quad_in, quad_mask).
 fn y_quad(b: u32, c: vec4<u32>) -> vec4<f32> {
-    var v = vec4<f32>(0.0);
-    if (c.x < mp.hidden) { v.x = y[b + c.x]; }
-    if (c.y < mp.hidden) { v.y = y[b + c.y]; }
-    if (c.z < mp.hidden) { v.z = y[b + c.z]; }
-    if (c.w < mp.hidden) { v.w = y[b + c.w]; }
-    return v;
+    let k = b + quad_in(c, mp.hidden);
+    return quad_mask(vec4<f32>(y[k.x], y[k.y], y[k.z], y[k.w]), c, mp.hidden);
 }
 
 fn plus_quad(b: u32, c: vec4<u32>) -> vec4<f32> {
-    var v = vec4<f32>(0.0);
-    if (c.x < mp.hidden) { v.x = plus[b + c.x]; }
-    if (c.y < mp.hidden) { v.y = plus[b + c.y]; }
-    if (c.z < mp.hidden) { v.z = plus[b + c.z]; }
-    if (c.w < mp.hidden) { v.w = plus[b + c.w]; }
-    return v;
+    let k = b + quad_in(c, mp.hidden);
+    return quad_mask(vec4<f32>(plus[k.x], plus[k.y], plus[k.z], plus[k.w]), c, mp.hidden);
 }
 
 fn xrw_quad(b: u32, c: vec4<u32>) -> vec4<f32> {
-    var v = vec4<f32>(0.0);
-    if (c.x < mp.hidden) { v.x = x_rw[b + c.x]; }
-    if (c.y < mp.hidden) { v.y = x_rw[b + c.y]; }
-    if (c.z < mp.hidden) { v.z = x_rw[b + c.z]; }
-    if (c.w < mp.hidden) { v.w = x_rw[b + c.w]; }
-    return v;
+    let k = b + quad_in(c, mp.hidden);
+    return quad_mask(vec4<f32>(x_rw[k.x], x_rw[k.y], x_rw[k.z], x_rw[k.w]), c, mp.hidden);
 }
 
 fn normw_quad(c: vec4<u32>) -> vec4<f32> {
-    var v = vec4<f32>(0.0);
-    if (c.x < mp.hidden) { v.x = norm_w[c.x]; }
-    if (c.y < mp.hidden) { v.y = norm_w[c.y]; }
-    if (c.z < mp.hidden) { v.z = norm_w[c.z]; }
-    if (c.w < mp.hidden) { v.w = norm_w[c.w]; }
-    return v;
+    let k = quad_in(c, mp.hidden);
+    return quad_mask(vec4<f32>(norm_w[k.x], norm_w[k.y], norm_w[k.z], norm_w[k.w]), c, mp.hidden);
 }
 
 fn store_xrw(b: u32, c: vec4<u32>, v: vec4<f32>) {

@@ -19,41 +19,25 @@ struct NormParams {
 @group(0) @binding(4) var<storage, read_write> x_rw: array<f32>;
 @group(0) @binding(5) var<storage, read> delta: array<f32>;
 
-// Guarded quads (columns past the row read as 0) of x, x_rw, delta and w; row base b.
+// Quads of x, x_rw, delta and w at row base b (columns past the row read as 0: quad_in, quad_mask).
 fn x_quad(b: u32, c: vec4<u32>) -> vec4<f32> {
-    var v = vec4<f32>(0.0);
-    if (c.x < p.cols) { v.x = x[b + c.x]; }
-    if (c.y < p.cols) { v.y = x[b + c.y]; }
-    if (c.z < p.cols) { v.z = x[b + c.z]; }
-    if (c.w < p.cols) { v.w = x[b + c.w]; }
-    return v;
+    let k = b + quad_in(c, p.cols);
+    return quad_mask(vec4<f32>(x[k.x], x[k.y], x[k.z], x[k.w]), c, p.cols);
 }
 
 fn xrw_quad(b: u32, c: vec4<u32>) -> vec4<f32> {
-    var v = vec4<f32>(0.0);
-    if (c.x < p.cols) { v.x = x_rw[b + c.x]; }
-    if (c.y < p.cols) { v.y = x_rw[b + c.y]; }
-    if (c.z < p.cols) { v.z = x_rw[b + c.z]; }
-    if (c.w < p.cols) { v.w = x_rw[b + c.w]; }
-    return v;
+    let k = b + quad_in(c, p.cols);
+    return quad_mask(vec4<f32>(x_rw[k.x], x_rw[k.y], x_rw[k.z], x_rw[k.w]), c, p.cols);
 }
 
 fn delta_quad(b: u32, c: vec4<u32>) -> vec4<f32> {
-    var v = vec4<f32>(0.0);
-    if (c.x < p.cols) { v.x = delta[b + c.x]; }
-    if (c.y < p.cols) { v.y = delta[b + c.y]; }
-    if (c.z < p.cols) { v.z = delta[b + c.z]; }
-    if (c.w < p.cols) { v.w = delta[b + c.w]; }
-    return v;
+    let k = b + quad_in(c, p.cols);
+    return quad_mask(vec4<f32>(delta[k.x], delta[k.y], delta[k.z], delta[k.w]), c, p.cols);
 }
 
 fn w_quad(c: vec4<u32>) -> vec4<f32> {
-    var v = vec4<f32>(0.0);
-    if (c.x < p.cols) { v.x = w[c.x]; }
-    if (c.y < p.cols) { v.y = w[c.y]; }
-    if (c.z < p.cols) { v.z = w[c.z]; }
-    if (c.w < p.cols) { v.w = w[c.w]; }
-    return v;
+    let k = quad_in(c, p.cols);
+    return quad_mask(vec4<f32>(w[k.x], w[k.y], w[k.z], w[k.w]), c, p.cols);
 }
 
 fn store_out(b: u32, c: vec4<u32>, v: vec4<f32>) {

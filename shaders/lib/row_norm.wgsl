@@ -23,6 +23,17 @@ fn quad_cols(lid: u32, q: u32) -> vec4<u32> {
     return vec4<u32>(c, c + 256u, c + 512u, c + 768u);
 }
 
+// Quad columns c clamped into a row of `cols`, so a quad's four loads need no branches: a column
+// past the row reads the row's last value, which quad_mask then drops.
+fn quad_in(c: vec4<u32>, cols: u32) -> vec4<u32> {
+    return min(c, vec4<u32>(cols - 1u));
+}
+
+// v where its column c lies in the row, 0 past it.
+fn quad_mask(v: vec4<f32>, c: vec4<u32>, cols: u32) -> vec4<f32> {
+    return select(vec4<f32>(0.0), v, c < vec4<u32>(cols));
+}
+
 // ss plus the squares of v's components, in component order.
 fn add_squares(ss: f32, v: vec4<f32>) -> f32 {
     var s = ss;
