@@ -14,6 +14,11 @@
 //   lanes a row).
 // Activations are bound as vec4s (lib/act_dot.wgsl says why); output rows may be a column range of
 // a wider matrix (out_stride, out_col0).
+// Fusions (p.mode, lib/matmul_params.wgsl): MODE_NORM reads the activation rows RMS-normed with
+// norm_w — a row's lanes together read all of it, so each lane also sums its values' squares and
+// the row's result is inv_rms · Σ w · (x · norm_w), the squares' partials added in lane order like
+// the dot products' (k a multiple of 8, ops/matmul.rs checks); MODE_ACCUM adds the result to `out`
+// (the residual stream: the o projection's x += o · W). Either saves the layer a norm dispatch.
 
 #include "matmul_params"
 #include "act_dot"
@@ -22,6 +27,8 @@
 @group(0) @binding(1) var<storage, read> w_words: array<u32>;
 @group(0) @binding(2) var<storage, read> x_act: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
+// MODE_NORM's weight (k values; a dummy otherwise).
+@group(0) @binding(4) var<storage, read> norm_w: array<vec4<f32>>;
 
 fn w_word(i: u32) -> u32 {
     return w_words[i];
@@ -37,9 +44,47 @@ override CHUNK_T: u32 = 4u;
 override DEPTH: u32 = 4u;
 
 var<workgroup> gemv_part: array<f32, 256>;
+// MODE_NORM: the lanes' partial sums of squares, laid out as gemv_part.
+var<workgroup> gemv_ssp: array<f32, 256>;
+
+// MODE_NORM: this invocation's Σ x² of the block's activation rows (component t: row blk_x0 + t).
+var<private> nss: vec4<f32>;
+var<private> blk_x0: u32;
 
 fn x_oct_dot(r: u32, k: u32, q: Oct) -> f32 {
-    return act_oct_dot(r, k, p.k, q);
+    if ((p.mode & MODE_NORM) == 0u) {
+        return act_oct_dot(r, k, p.k, q);
+    }
+    let b = (r * p.k + k) >> 2u;
+    let lo = x_act[b];
+    let hi = x_act[b + 1u];
+    let g = k >> 2u;
+    let t = r - blk_x0;
+    let sq = dot(lo, lo) + dot(hi, hi);
+    nss += select(vec4<f32>(0.0), vec4<f32>(sq), vec4<u32>(t) == vec4<u32>(0u, 1u, 2u, 3u));
+    return dot(q.lo, lo * norm_w[g]) + dot(q.hi, hi * norm_w[g + 1u]);
+}
+
+// MODE_NORM: 1 / rms of block row t from the `lanes` partials of workgroup row r (lane order);
+// 1 otherwise.
+fn gemv_inv_rms(r: u32, t: u32, lanes: u32) -> f32 {
+    if ((p.mode & MODE_NORM) == 0u) {
+        return 1.0;
+    }
+    var s = 0.0;
+    for (var l = 0u; l < lanes; l++) {
+        s += gemv_ssp[t * 64u + r * lanes + l];
+    }
+    return 1.0 / sqrt(s / f32(p.k) + p.norm_eps);
+}
+
+// Writes (MODE_ACCUM: adds) one result.
+fn gemv_store(i: u32, v: f32) {
+    if ((p.mode & MODE_ACCUM) != 0u) {
+        out[i] = out[i] + v;
+    } else {
+        out[i] = v;
+    }
 }
 
 // Invocations per weight row.
@@ -54,6 +99,8 @@ fn gemv_partial(row: u32, lid: u32, t0: u32, nt: u32, lanes: u32) {
     let lane = lid % lanes;
     let m = WMat(0u, p.scales, p.k);
     var a = vec4<f32>(0.0);
+    nss = vec4<f32>(0.0);
+    blk_x0 = p.x_row0 + t0;
     if (row < p.n) {
         let octs = (p.k + 7u) / 8u;
         let xr = p.x_row0 + t0;
@@ -123,6 +170,7 @@ fn gemv_partial(row: u32, lid: u32, t0: u32, nt: u32, lanes: u32) {
     }
     for (var t = 0u; t < GEMV_T; t++) {
         gemv_part[t * 64u + lid] = a[t];
+        gemv_ssp[t * 64u + lid] = nss[t];
     }
 }
 
@@ -152,7 +200,8 @@ fn gemv(
         let r = lid / 4u;
         let t = lid % 4u;
         if (row0 + r < p.n && t < nt) {
-            out[(t0 + t) * p.out_stride + p.out_col0 + row0 + r] = gemv_sum(r, t, lanes);
+            let s = gemv_sum(r, t, lanes) * gemv_inv_rms(r, t, lanes);
+            gemv_store((t0 + t) * p.out_stride + p.out_col0 + row0 + r, s);
         }
     }
 }
@@ -178,8 +227,8 @@ fn gemv_swiglu(
         let col = lid / 4u;
         let t = lid % 4u;
         if (c0 + col < inter && t < nt) {
-            let g = gemv_sum(col, t, 16u);
-            let u = gemv_sum(2u + col, t, 16u);
+            let g = gemv_sum(col, t, 16u) * gemv_inv_rms(col, t, 16u);
+            let u = gemv_sum(2u + col, t, 16u) * gemv_inv_rms(2u + col, t, 16u);
             out[(t0 + t) * p.out_stride + p.out_col0 + c0 + col] = g / (1.0 + exp(-g)) * u;
         }
     }

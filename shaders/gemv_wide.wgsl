@@ -10,6 +10,12 @@
 // - gemv_wide: rows n of W.
 // - gemv_wide_swiglu: a dense MLP's fused [gate; up] (p.n = 2I rows); a row group works gate c,
 //   gate c + 1, up c, up c + 1 and writes silu(gate) · up into h[t, out_col0 + c].
+// Fusions (p.mode, lib/matmul_params.wgsl): MODE_NORM stages x · norm_w and sums the staged rows'
+// squares (each block row is staged whole), the results then scaled by the row's 1 / rms;
+// MODE_ACCUM adds the result to `out`; MODE_HOUT (gemv_wide) has the grid's first workgroup of
+// each token block also write the normed rows (x · inv_rms · norm_w, norm.wgsl's product order)
+// to `hout` — the router's gemv hands the experts their input, and the layer loses its norm
+// dispatch.
 
 #include "matmul_params"
 #include "wide_gemv"
@@ -20,9 +26,14 @@
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 // The same buffer as w4, for the scales.
 @group(0) @binding(4) var<storage, read> w_words: array<u32>;
+// MODE_NORM's weight (k values) and MODE_HOUT's normed rows ([t, k]); dummies otherwise.
+@group(0) @binding(5) var<storage, read> norm_w: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read_write> hout: array<vec4<f32>>;
 
 // The block's first activation row.
 var<private> blk_row0: u32;
+// MODE_NORM: Σ x² of the values this invocation staged, component t for block row t.
+var<private> wss: vec4<f32>;
 
 fn wide_chunk(i: u32) -> vec4<u32> {
     return w4[i];
@@ -33,7 +44,45 @@ fn wide_word(i: u32) -> u32 {
 }
 
 fn wide_x(t: u32, g: u32) -> vec4<f32> {
-    return x_act[(blk_row0 + t) * (p.k / 4u) + g];
+    let v = x_act[(blk_row0 + t) * (p.k / 4u) + g];
+    if ((p.mode & MODE_NORM) == 0u) {
+        return v;
+    }
+    wss += at_token(t, dot(v, v));
+    return v * norm_w[g];
+}
+
+// MODE_NORM: each block row's 1 / rms from the invocations' staged squares (a fixed two-level
+// order), for every invocation; 1 otherwise. After wide_rows: its lane partials' region of xs is
+// free, and its row sums (xs[768 ..]) stay.
+fn wide_inv_rms(lid: u32) -> vec4<f32> {
+    if ((p.mode & MODE_NORM) == 0u) {
+        return vec4<f32>(1.0);
+    }
+    xs[lid] = wss;
+    workgroupBarrier();
+    if (lid < 16u) {
+        var s = vec4<f32>(0.0);
+        for (var j = 0u; j < 8u; j++) {
+            s += xs[lid * 8u + j];
+        }
+        xs[128u + lid] = s;
+    }
+    workgroupBarrier();
+    var s = vec4<f32>(0.0);
+    for (var j = 0u; j < 16u; j++) {
+        s += xs[128u + j];
+    }
+    return vec4<f32>(1.0) / sqrt(s / f32(p.k) + vec4<f32>(p.norm_eps));
+}
+
+// Writes (MODE_ACCUM: adds) one result.
+fn wide_store(i: u32, v: f32) {
+    if ((p.mode & MODE_ACCUM) != 0u) {
+        out[i] = out[i] + v;
+    } else {
+        out[i] = v;
+    }
 }
 
 fn group_id(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
@@ -51,13 +100,23 @@ fn gemv_wide(
     let nt = min(p.t - t0, p.tile_t);
     let row_base = group_id(wid, nwg) * (512u / p.lanes);
     blk_row0 = p.x_row0 + t0;
+    wss = vec4<f32>(0.0);
     wide_stage(lid, m, nt);
     let row0 = row_base + (lid / p.lanes) * 4u;
     wide_rows(lid, m, vec4<u32>(row0) + vec4<u32>(0u, 1u, 2u, 3u), p.n, nt);
+    let inv = wide_inv_rms(lid);
     if (lid < 512u / p.lanes && row_base + lid < p.n) {
-        let s = xs[768u + lid];
+        let s = xs[768u + lid] * inv;
         for (var t = 0u; t < nt; t++) {
-            out[(t0 + t) * p.out_stride + p.out_col0 + row_base + lid] = s[t];
+            wide_store((t0 + t) * p.out_stride + p.out_col0 + row_base + lid, s[t]);
+        }
+    }
+    if ((p.mode & MODE_HOUT) != 0u && group_id(wid, nwg) == 0u) {
+        let kv = p.k / 4u;
+        for (var i = lid; i < nt * kv; i += WIDE_WG) {
+            let t = i / kv;
+            let g = i % kv;
+            hout[(t0 + t) * kv + g] = x_act[(blk_row0 + t) * kv + g] * inv[t] * norm_w[g];
         }
     }
 }
@@ -78,14 +137,16 @@ fn gemv_wide_swiglu(
     let cols = vec4<u32>(c0, c0 + 1u, c0, c0 + 1u);
     let rows = select(vec4<u32>(p.n), cols + vec4<u32>(0u, 0u, inter, inter), cols < vec4<u32>(inter));
     blk_row0 = p.x_row0 + t0;
+    wss = vec4<f32>(0.0);
     wide_stage(lid, m, nt);
     wide_rows(lid, m, rows, p.n, nt);
+    let inv = wide_inv_rms(lid);
     // Row slot g · 4 + r: r 0 / 1 the gate of columns 2g, 2g + 1 of the workgroup, 2 / 3 their up.
     let c = col_base + lid;
     if (lid < 256u / p.lanes && c < inter) {
         let slot = (lid / 2u) * 4u + lid % 2u;
-        let g = xs[768u + slot];
-        let u = xs[768u + slot + 2u];
+        let g = xs[768u + slot] * inv;
+        let u = xs[768u + slot + 2u] * inv;
         for (var t = 0u; t < nt; t++) {
             out[(t0 + t) * p.out_stride + p.out_col0 + c] = g[t] / (1.0 + exp(-g[t])) * u[t];
         }

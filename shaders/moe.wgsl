@@ -12,6 +12,9 @@
 // moe_combine_add: the same sum plus plus[plus_row0 + t] (the shared experts' output: its own
 //   buffer, or the rows after the assignments' in y when moe_gemv.wgsl computed it), as the add
 //   kernel would add it afterwards: one dispatch fewer per MoE layer with shared experts.
+// moe_combine_residual: the same sum (plus `plus` when has_plus) added to the residual x_rw in
+//   place — moe_combine(_add) then the add kernel, bit for bit, in one dispatch (the fused-norm
+//   forward, whose next gemv norms the residual as it reads it).
 // moe_combine_norm (one workgroup of 256 per token): the same sum (plus `plus` when has_plus),
 //   added to the residual x_rw[t] in place, then out[t] = rms_norm(x_rw[t]) · norm_w — what
 //   moe_combine(_add) and norm.wgsl's add_rms_norm compute, bit for bit (the same column layout
@@ -198,6 +201,23 @@ fn moe_combine_add(
     }
     let s = combined(i);
     out[i] = s + plus[mp.plus_row0 * mp.hidden + i];
+}
+
+@compute @workgroup_size(64)
+fn moe_combine_residual(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let i = flat_index(lid, wid, nwg);
+    if (i >= mp.t * mp.hidden) {
+        return;
+    }
+    var s = combined(i);
+    if (mp.has_plus != 0u) {
+        s = s + plus[mp.plus_row0 * mp.hidden + i];
+    }
+    x_rw[i] = x_rw[i] + s;
 }
 
 var<workgroup> tok_pos: array<u32, 64>;

@@ -20,4 +20,16 @@ struct MatmulParams {
     splits: u32,
     // gemv_wide: invocations per weight row (16 or 64).
     lanes: u32,
+    // The gemvs' fusions (gemv.wgsl, gemv_wide.wgsl; the tiles ignore them), bits of `mode`:
+    // MODE_NORM the activation rows enter RMS-normed (x / sqrt(mean(x²) + norm_eps) · norm_w, the
+    // norm computed from the row the gemv reads anyway), MODE_ACCUM the result adds to `out`
+    // (a residual) instead of replacing it, MODE_HOUT (gemv_wide) the normed rows are written too.
+    norm_eps: f32,
+    mode: u32,
+    _pad0: u32,
+    _pad1: u32,
 }
+
+const MODE_NORM: u32 = 1u;
+const MODE_ACCUM: u32 = 2u;
+const MODE_HOUT: u32 = 4u;

@@ -273,3 +273,56 @@ fn routing_read_back_matches_the_cpu() {
         }
     }
 }
+
+/// The fused-norm forward (KernelChoice::fuse_norms_max_t, on by default up to 16 rows) against
+/// the same backend with it off: the same statistics, logits within f32 rounding, and two
+/// dispatches fewer a MoE layer (its two add_rms_norm; the first layer's input norm goes too, and
+/// the last layer's returns as the final norm). The comparison with the CPU (above) runs the fused
+/// forward too.
+#[test]
+fn fused_norm_forward_saves_two_dispatches_a_moe_layer() {
+    use edgediff::backend::gpu::choice::KernelChoice;
+    use edgediff::backend::gpu::GpuOptions;
+    if edgediff::backend::gpu::testing::skip_requested() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for arch in [Architecture::Qwen3Moe, Architecture::Llada2Moe] {
+        let path = write_synth(dir.path(), arch, DType::Q4);
+        let open = |max_t| {
+            GpuBackend::new(&GpuOptions {
+                kernels: KernelChoice {
+                    fuse_norms_max_t: max_t,
+                    ..KernelChoice::from_env()
+                },
+                ..GpuOptions::from_env()
+            })
+            .unwrap()
+        };
+        let (on, off) = (open(16), open(0));
+        let (mon, moff) = (load(&on, &path), load(&off, &path));
+        let c = &mon.config;
+        let moe_layers = (0..c.num_layers).filter(|&l| c.is_moe_layer(l)).count();
+        for t in [1, 2, 12] {
+            let window = Window::block(0, t, AttnMask::Bidirectional);
+            let pass = |g: &GpuBackend, m: &Model<GpuBackend>| {
+                let mut kv = m.new_kv(g, 64).unwrap();
+                let d0 = g.dispatches();
+                let out = run(g, m, &mut kv, &TOKENS[..t], window, true);
+                (out, g.dispatches() - d0)
+            };
+            let (fused, d_on) = pass(&on, &mon);
+            let (apart, d_off) = pass(&off, &moff);
+            compare(
+                &format!("{arch} t{t}: fused against unfused"),
+                &fused,
+                &apart,
+            );
+            assert_eq!(
+                d_off - d_on,
+                2 * moe_layers as u64,
+                "{arch} t{t}: dispatches {d_on} fused, {d_off} unfused"
+            );
+        }
+    }
+}

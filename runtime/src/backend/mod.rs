@@ -644,6 +644,59 @@ pub trait Backend {
         };
         self.add_rms_norm(x, &y, norm, eps)
     }
+    /// Whether this pass (after [`Backend::begin_forward`]) runs the fused-norm forward: the
+    /// residual stream's norms folded into the ops that read it ([`Backend::matmul_normed`],
+    /// [`Backend::route_normed`]) and its adds into the ops that produce them
+    /// ([`Backend::matmul_add`], [`Backend::moe_add`]), instead of [`Backend::add_rms_norm`]
+    /// between them. The results agree to rounding (a norm summed in another order).
+    fn fuses_norms(&self) -> bool {
+        false
+    }
+    /// `matmul(w, rms_norm(x, norm))`.
+    fn matmul_normed(
+        &self,
+        w: &Self::Weight,
+        x: &Self::Act,
+        norm: &Self::Weight,
+        eps: f32,
+    ) -> Result<Self::Act> {
+        let h = self.rms_norm(x, norm, eps)?;
+        self.matmul(w, &h)
+    }
+    /// `x += matmul(w, a)`.
+    fn matmul_add(&self, w: &Self::Weight, a: &Self::Act, x: &mut Self::Act) -> Result<()> {
+        let y = self.matmul(w, a)?;
+        self.add(x, &y)
+    }
+    /// `h = rms_norm(x, norm)` and its routing ([`Backend::route`]).
+    fn route_normed(
+        &self,
+        x: &Self::Act,
+        norm: &Self::Weight,
+        eps: f32,
+        router: &Self::Weight,
+        bias: Option<&Self::Weight>,
+        config: &ModelConfig,
+    ) -> Result<(Self::Act, Self::Routing)> {
+        let h = self.rms_norm(x, norm, eps)?;
+        let routing = self.route(&h, router, bias, config)?;
+        Ok((h, routing))
+    }
+    /// [`Backend::moe_add_rms_norm`] without the norm: `x +=` the layer's MoE FFN of `h`.
+    fn moe_add(
+        &self,
+        h: &Self::Act,
+        routing: &Self::Routing,
+        experts: &Self::Experts,
+        shared: Option<(&Self::Weight, &Self::Weight)>,
+        x: &mut Self::Act,
+    ) -> Result<()> {
+        let y = match shared {
+            Some((gate_up, down)) => self.moe_shared_mlp(h, routing, experts, gate_up, down)?,
+            None => self.moe(h, routing, experts)?,
+        };
+        self.add(x, &y)
+    }
     /// CCA attention inputs, in place: `proj` rows `[q | k | v_current | v_delayed]` (the fused
     /// projection, `[T, q_dim + 2 kv_dim]`) become `[q | k | v]` as [`Backend::attention`] reads
     /// them. The raw `[q; k]` rows and delayed-v rows of positions `start..start+T` are written into

@@ -563,14 +563,25 @@ impl<B: Backend> Model<B> {
         if let Some(a) = &self.embed_affine {
             b.embed_affine(&mut x, a)?;
         }
-        let mut h = b.rms_norm(&x, &self.layers[0].attn_norm, eps)?;
+        // The fused-norm forward (Backend::fuses_norms): the residual stream `x` goes un-normed
+        // into the ops that norm it as they read it, and `h` (the normed stream) is `None`
+        // between a residual add and the op that norms it.
+        let fuse = b.fuses_norms();
+        let mut h = match fuse {
+            true => None,
+            false => Some(b.rms_norm(&x, &self.layers[0].attn_norm, eps)?),
+        };
         let mut outs: Vec<ForwardOutput> = seqs.iter().map(|_| ForwardOutput::default()).collect();
         // EDA: each MLP router adds a learned share of the previous MoE layer's router state.
         let mut router_state: Option<B::Act> = None;
         let blocks = seqs[0].want.blocks.filter(|_| alone);
         let want_routing = seqs.iter().any(|s| s.want.routing);
         for (l, layer) in self.layers.iter().enumerate() {
-            let mut qkv = b.matmul(&layer.qkv, &h)?; // (T, (nq + 2 nkv) · hd)
+            // (T, (nq + 2 nkv) · hd)
+            let mut qkv = match h.take() {
+                Some(h) => b.matmul(&layer.qkv, &h)?,
+                None => b.matmul_normed(&layer.qkv, &x, &layer.attn_norm, eps)?,
+            };
             let attn = if alone {
                 let s = &mut seqs[0];
                 self.attend(b, l, layer, &mut qkv, s.kv, s.window)? // (T, nq · hd)
@@ -602,18 +613,44 @@ impl<B: Backend> Model<B> {
                 }
                 b.stack_rows(&parts.iter().collect::<Vec<_>>())?
             };
-            let o = b.matmul(&layer.o, &attn)?; // (T, H)
-            h = match &layer.residuals {
-                None => b.add_rms_norm(&mut x, &o, &layer.ffn_norm, eps)?,
-                Some((s, _)) => b.scaled_residual_norm(&mut x, &o, s, &layer.ffn_norm, eps)?,
+            // A plain residual into a plain-routed MoE, fused: the o projection adds into `x`,
+            // and the router's gemv norms it (and hands the experts the normed rows).
+            let fused_moe = match &layer.ffn {
+                FeedForward::Moe {
+                    router,
+                    router_bias,
+                    mlp_router: None,
+                    ..
+                } if fuse && layer.residuals.is_none() && blocks.is_none() => {
+                    Some((router, router_bias.as_ref()))
+                }
+                _ => None,
             };
+            let (h_ffn, mut routed) = match fused_moe {
+                Some((router, bias)) => {
+                    b.matmul_add(&layer.o, &attn, &mut x)?;
+                    let (hf, r) = b.route_normed(&x, &layer.ffn_norm, eps, router, bias, c)?;
+                    (hf, Some(r))
+                }
+                None => {
+                    let o = b.matmul(&layer.o, &attn)?; // (T, H)
+                    let hf = match &layer.residuals {
+                        None => b.add_rms_norm(&mut x, &o, &layer.ffn_norm, eps)?,
+                        Some((s, _)) => {
+                            b.scaled_residual_norm(&mut x, &o, s, &layer.ffn_norm, eps)?
+                        }
+                    };
+                    (hf, None)
+                }
+            };
+            let h_ffn = &h_ffn;
             let next_norm = self
                 .layers
                 .get(l + 1)
                 .map_or(&self.final_norm, |n| &n.attn_norm);
             // The FFN's output, unless the backend added it to the residual and normed it already.
             let ffn = match &layer.ffn {
-                FeedForward::Dense(m) => Some(b.mlp(&m.gate_up, &m.down, &h)?),
+                FeedForward::Dense(m) => Some(b.mlp(&m.gate_up, &m.down, h_ffn)?),
                 FeedForward::Moe {
                     router,
                     router_bias,
@@ -621,16 +658,17 @@ impl<B: Backend> Model<B> {
                     experts,
                     shared,
                 } => {
-                    let routing = match (mlp_router, router_bias) {
-                        (None, _) => match &blocks {
-                            None => b.route(&h, router, router_bias.as_ref(), c)?,
+                    let routing = match (routed.take(), mlp_router, router_bias) {
+                        (Some(r), _, _) => r,
+                        (None, None, _) => match &blocks {
+                            None => b.route(h_ffn, router, router_bias.as_ref(), c)?,
                             Some(bl) => {
-                                b.route_within_blocks(&h, router, router_bias.as_ref(), c, bl)?
+                                b.route_within_blocks(h_ffn, router, router_bias.as_ref(), c, bl)?
                             }
                         },
-                        (Some(m), Some(bias)) => {
+                        (None, Some(m), Some(bias)) => {
                             let (routing, state) = b.route_mlp(
-                                &h,
+                                h_ffn,
                                 MlpRouterWeights {
                                     down: &m.down,
                                     down_bias: &m.down_bias,
@@ -654,7 +692,7 @@ impl<B: Backend> Model<B> {
                             router_state = Some(state);
                             routing
                         }
-                        (Some(_), None) => {
+                        (None, Some(_), None) => {
                             return Err(FormatError::MissingTensor(names::layer(
                                 l,
                                 names::ROUTER_BIAS,
@@ -679,26 +717,38 @@ impl<B: Backend> Model<B> {
                     // computes them inside its expert kernels at few tokens per expert.
                     let shared = shared.as_ref().map(|s| (&s.gate_up, &s.down));
                     match (&layer.residuals, shared) {
+                        (None, _) if fuse => {
+                            b.moe_add(h_ffn, &routing, experts, shared, &mut x)?;
+                            None
+                        }
                         (None, _) => {
-                            h = b.moe_add_rms_norm(
-                                &h, &routing, experts, shared, &mut x, next_norm, eps,
-                            )?;
+                            h = Some(b.moe_add_rms_norm(
+                                h_ffn, &routing, experts, shared, &mut x, next_norm, eps,
+                            )?);
                             None
                         }
                         (Some(_), Some((gu, dn))) => {
-                            Some(b.moe_shared_mlp(&h, &routing, experts, gu, dn)?)
+                            Some(b.moe_shared_mlp(h_ffn, &routing, experts, gu, dn)?)
                         }
-                        (Some(_), None) => Some(b.moe(&h, &routing, experts)?),
+                        (Some(_), None) => Some(b.moe(h_ffn, &routing, experts)?),
                     }
                 }
             };
             if let Some(ffn) = ffn {
                 h = match &layer.residuals {
-                    None => b.add_rms_norm(&mut x, &ffn, next_norm, eps)?,
-                    Some((_, s)) => b.scaled_residual_norm(&mut x, &ffn, s, next_norm, eps)?,
+                    None if fuse => {
+                        b.add(&mut x, &ffn)?;
+                        None
+                    }
+                    None => Some(b.add_rms_norm(&mut x, &ffn, next_norm, eps)?),
+                    Some((_, s)) => Some(b.scaled_residual_norm(&mut x, &ffn, s, next_norm, eps)?),
                 };
             }
         }
+        let h = match h {
+            Some(h) => h,
+            None => b.rms_norm(&x, &self.final_norm, eps)?,
+        };
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let rows: Vec<Range<usize>> = seqs
             .iter()

@@ -15,6 +15,7 @@
 //! | `EDGEDIFF_WIDE_LANES=16\|64` | [`KernelChoice::wide_lanes`] |
 //! | `EDGEDIFF_FUSE_SWIGLU=0` | [`KernelChoice::fuse_swiglu`] |
 //! | `EDGEDIFF_FUSE_COMBINE_NORM=1\|0` | [`KernelChoice::fuse_combine_norm`] |
+//! | `EDGEDIFF_FUSE_NORMS_MAX_T=<rows>` | [`KernelChoice::fuse_norms_max_t`] |
 //! | `EDGEDIFF_MOE_KERNEL=gemv\|tiled` | [`KernelChoice::moe`] |
 //! | `EDGEDIFF_MOE_GEMV_BLOCKS=<n>` | [`KernelChoice::moe_gemv_blocks`] |
 //! | `EDGEDIFF_MOE_WIDE=0\|down\|all` | [`KernelChoice::moe_wide`] |
@@ -101,6 +102,12 @@ pub struct KernelChoice {
     /// an H100 (20-layer LLaDA2.0-mini q4, same run: 350 vs 391 µs a 1-token pass, 412 vs 474 at
     /// 16 tokens; docs/PERF.md): the fused kernel is one latency-bound workgroup per token.
     pub fuse_combine_norm: bool,
+    /// Passes whose sequences have at most this many rows run the fused-norm forward
+    /// ([`crate::backend::Backend::fuses_norms`]): the qkv and router gemvs norm the residual as
+    /// they read it, the o projection and the MoE combine add into it, and the layer's two
+    /// add_rms_norm dispatches go (0: off). Up to the gemv's rows (16), where those gemvs serve;
+    /// past them the tiles would need the norm and the add back as dispatches of their own.
+    pub fuse_norms_max_t: usize,
     /// The routed-expert kernel, forced (`None`: chosen by tokens per expert).
     pub moe: Option<ExpertKernel>,
     /// Weight-row blocks (4 rows each) a GEMV expert workgroup works in turn: more amortise
@@ -154,6 +161,7 @@ impl Default for KernelChoice {
             wide_lanes: 16,
             fuse_swiglu: true,
             fuse_combine_norm: false,
+            fuse_norms_max_t: super::ops::matmul::GEMV_MAX_T,
             moe: None,
             moe_gemv_blocks: 1,
             moe_wide: MoeWide::Down,
@@ -207,6 +215,9 @@ impl KernelChoice {
             fuse_swiglu: !off("EDGEDIFF_FUSE_SWIGLU"),
             fuse_combine_norm: var("EDGEDIFF_FUSE_COMBINE_NORM")
                 .map_or(d.fuse_combine_norm, |v| v.trim() == "1"),
+            fuse_norms_max_t: num("EDGEDIFF_FUSE_NORMS_MAX_T")
+                .filter(|&n| n <= 64)
+                .map_or(d.fuse_norms_max_t, |n| n as usize),
             moe: match var("EDGEDIFF_MOE_KERNEL").as_deref().map(str::trim) {
                 Some("gemv") => Some(ExpertKernel::Gemv),
                 Some("tiled") => Some(ExpertKernel::Tiled),
@@ -286,6 +297,7 @@ mod tests {
             ("EDGEDIFF_WIDE_LANES", "64"),
             ("EDGEDIFF_FUSE_SWIGLU", "0"),
             ("EDGEDIFF_FUSE_COMBINE_NORM", "1"),
+            ("EDGEDIFF_FUSE_NORMS_MAX_T", "0"),
             ("EDGEDIFF_MOE_KERNEL", "tiled"),
             ("EDGEDIFF_MOE_GEMV_BLOCKS", "8"),
             ("EDGEDIFF_MOE_WIDE", "all"),
@@ -312,6 +324,7 @@ mod tests {
                 wide_lanes: 64,
                 fuse_swiglu: false,
                 fuse_combine_norm: true,
+                fuse_norms_max_t: 0,
                 moe: Some(ExpertKernel::Tiled),
                 moe_gemv_blocks: 8,
                 moe_wide: MoeWide::All,
@@ -330,6 +343,7 @@ mod tests {
             ("EDGEDIFF_COOP_MIN_T", "many"),
             ("EDGEDIFF_COOP_SPLIT_K", "1"),
             ("EDGEDIFF_FUSE_COMBINE_NORM", "yes"),
+            ("EDGEDIFF_FUSE_NORMS_MAX_T", "65"),
             ("EDGEDIFF_MOE_KERNEL", "fast"),
             ("EDGEDIFF_MOE_GEMV_BLOCKS", "0"),
             ("EDGEDIFF_MOE_CHUNK", "3"),

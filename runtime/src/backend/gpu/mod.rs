@@ -859,7 +859,9 @@ impl Backend for GpuBackend {
     fn begin_forward(&self, tokens: usize, largest: usize) -> Result<()> {
         self.paging.begin_forward();
         // A batched pass: kernels chosen by row count choose as for its largest sequence.
-        self.lock().batch_rows = (largest < tokens).then_some(largest);
+        let mut st = self.lock();
+        st.batch_rows = (largest < tokens).then_some(largest);
+        st.fused_norms = largest <= self.sh.dev.kernels.fuse_norms_max_t;
         Ok(())
     }
 
@@ -1035,6 +1037,47 @@ impl Backend for GpuBackend {
         down: &GpuWeight,
     ) -> Result<GpuAct> {
         ops::moe::moe_shared_mlp(self, x, routing, experts, gate_up, down)
+    }
+
+    fn fuses_norms(&self) -> bool {
+        ops::residual::fuses_norms(self)
+    }
+
+    fn matmul_normed(
+        &self,
+        w: &GpuWeight,
+        x: &GpuAct,
+        norm: &GpuWeight,
+        eps: f32,
+    ) -> Result<GpuAct> {
+        ops::residual::matmul_normed(self, w, x, norm, eps)
+    }
+
+    fn matmul_add(&self, w: &GpuWeight, a: &GpuAct, x: &mut GpuAct) -> Result<()> {
+        ops::residual::matmul_add(self, w, a, x)
+    }
+
+    fn route_normed(
+        &self,
+        x: &GpuAct,
+        norm: &GpuWeight,
+        eps: f32,
+        router: &GpuWeight,
+        bias: Option<&GpuWeight>,
+        c: &ModelConfig,
+    ) -> Result<(GpuAct, GpuRouting)> {
+        ops::residual::route_normed(self, x, norm, eps, router, bias, c)
+    }
+
+    fn moe_add(
+        &self,
+        h: &GpuAct,
+        routing: &GpuRouting,
+        experts: &GpuExperts,
+        shared: Option<(&GpuWeight, &GpuWeight)>,
+        x: &mut GpuAct,
+    ) -> Result<()> {
+        ops::residual::moe_add(self, h, routing, experts, shared, x)
     }
 
     fn moe_add_rms_norm(
@@ -1330,9 +1373,18 @@ impl GpuBackend {
         self.with(|ctx| {
             let ids = ctx.output((x.rows * k * 4) as u64)?;
             let weights = ctx.output((x.rows * k * 4) as u64)?;
-            ops::router::route(
-                ctx, &x.buf, x.rows, router, bias_buf, c, blocks, &ids, &weights,
+            let done = ops::router::route(
+                ctx,
+                &x.buf,
+                x.rows,
+                router,
+                bias_buf,
+                c,
+                blocks,
+                (&ids, &weights),
+                ops::matmul::GemvFuse::default(),
             )?;
+            debug_assert!(done, "unfused routing always records");
             Ok(GpuRouting {
                 rows: x.rows,
                 k,

@@ -99,6 +99,9 @@ pub struct State {
     /// In a batched pass, the rows of its largest sequence: kernels chosen by row count choose
     /// as for these (`None`: one sequence, choose by the op's rows). Set by `begin_forward`.
     pub batch_rows: Option<usize>,
+    /// This pass runs the fused-norm forward (`KernelChoice::fuse_norms_max_t`); set by
+    /// `begin_forward`.
+    pub fused_norms: bool,
 }
 
 /// Host time spent on the GPU path, summed since the backend started (benchmarks take differences).
@@ -148,6 +151,7 @@ impl State {
             timing: None,
             host: HostTimes::default(),
             batch_rows: None,
+            fused_norms: false,
         }
     }
 }

@@ -1204,6 +1204,127 @@ fn moe_residual_norm_folds_into_the_combine() {
     }
 }
 
+// The fused-norm forward's ops (ops/residual.rs) against the CPU's, which compose the separate
+// ops (the Backend defaults): the qkv-style normed gemv, the o-style accumulating gemv and the
+// normed router for every weight type, through the word-a-lane gemv (1–2 rows; K 1056 through
+// its four-octet rounds and remainder), the wide one (3+ rows, f32 at every count; K 2048 in
+// blocks of 2 rows) and the fallback where neither folds the norm in (K 70: no whole octets).
+test_backends!(residual_fusions_match_the_separate_ops, TOL, |b| {
+    let mut rng = Rng(41);
+    let mut out = Vec::new();
+    for dtype in DTYPES {
+        for &(t, n, k) in &[
+            (1, 37, 96),
+            (2, 64, 256),
+            (1, 24, 1056),
+            (2, 24, 1056),
+            (3, 33, 160),
+            (5, 70, 2048),
+            (13, 40, 512),
+            (16, 20, 64),
+            (2, 9, 70),
+        ] {
+            if k % 32 != 0 && matches!(dtype, DType::Q8 | DType::Q4) {
+                continue;
+            }
+            let x = b.put(t, k, &rng.vec(t * k, 1.5));
+            let nw = weight(b, DType::F32, &[k], &rng.vec(k, 1.0));
+            let w = weight(b, dtype, &[n, k], &rng.vec(n * k, 0.5));
+            let y = b.matmul_normed(&w, &x, &nw, 1e-5).unwrap();
+            out.push((format!("{dtype} normed t{t} n{n} k{k}"), b.get(&y)));
+            let a = b.put(t, k, &rng.vec(t * k, 1.0));
+            let wo = weight(b, dtype, &[n, k], &rng.vec(n * k, 0.5));
+            let mut res = b.put(t, n, &rng.vec(t * n, 1.0));
+            b.matmul_add(&wo, &a, &mut res).unwrap();
+            out.push((format!("{dtype} accumulated t{t} n{n} k{k}"), b.get(&res)));
+        }
+    }
+    let c = router_config(Gating::Softmax { renormalize: true }, 16, 4);
+    for &(t, k) in &[(1, 96), (2, 2048), (5, 160)] {
+        let x = b.put(t, k, &rng.vec(t * k, 2.0));
+        let nw = weight(b, DType::F32, &[k], &rng.vec(k, 1.0));
+        let router = weight(b, DType::F32, &[16, k], &rng.vec(16 * k, 1.0));
+        let (h, r) = b.route_normed(&x, &nw, 1e-5, &router, None, &c).unwrap();
+        let (ids, w) = b.routing_to_host(&r).unwrap();
+        out.push((format!("router t{t} k{k}: normed rows"), b.get(&h)));
+        out.push((
+            format!("router t{t} k{k}: ids"),
+            ids.iter().map(|&i| i as f32).collect(),
+        ));
+        out.push((format!("router t{t} k{k}: weights"), w));
+    }
+    out
+});
+
+/// The fused ops each save the dispatches they claim (the norm, the add; test backends also fill
+/// every new output with NaN first, a dispatch each), and the MoE combine's residual add equals
+/// the combine and the add kernel bit for bit.
+#[test]
+fn residual_fusions_save_their_dispatches() {
+    let (_dir, file) = synth_file(Architecture::Llada2Moe, DType::Q4);
+    let c = file.header.metadata.config.clone();
+    let h = c.hidden_size;
+    for (name, b) in backends(None) {
+        let mut rng = Rng(43);
+        let m = MoeLayer::load(&b, &file);
+        let nw = weight(&b, DType::F32, &[h], &rng.vec(h, 1.0));
+        let w = weight(&b, DType::Q4, &[64, h], &rng.vec(64 * h, 0.5));
+        for t in [1, 2, 3, 13] {
+            let x = b.put(t, h, &rng.vec(t * h, 1.0));
+            let count = |f: &dyn Fn()| {
+                let d0 = b.dispatches();
+                f();
+                b.dispatches() - d0
+            };
+            // Norm then gemv: two kernels, two fills; normed gemv: one and one.
+            let fused = count(&|| drop(b.matmul_normed(&w, &x, &nw, 1e-6).unwrap()));
+            let apart = count(&|| {
+                let hn = b.rms_norm(&x, &nw, 1e-6).unwrap();
+                drop(b.matmul(&w, &hn).unwrap());
+            });
+            assert_eq!(apart - fused, 2, "{name} t{t}: matmul_normed");
+            let a = b.put(t, h, &rng.vec(t * h, 1.0));
+            let wo = weight(&b, DType::Q4, &[h, h], &rng.vec(h * h, 0.5));
+            let mut res = b.put(t, h, &rng.vec(t * h, 1.0));
+            // Gemv, fill and add kernel; gemv adding into the residual.
+            let d0 = b.dispatches();
+            b.matmul_add(&wo, &a, &mut res).unwrap();
+            let fused = b.dispatches() - d0;
+            let d0 = b.dispatches();
+            let y = b.matmul(&wo, &a).unwrap();
+            b.add(&mut res, &y).unwrap();
+            assert_eq!(b.dispatches() - d0 - fused, 2, "{name} t{t}: matmul_add");
+            // The router's gemv writes the normed rows: the norm kernel goes.
+            let (bias, router) = (m.bias.as_ref(), &m.router);
+            let d0 = b.dispatches();
+            let (hn, r) = b.route_normed(&x, &nw, 1e-6, router, bias, &c).unwrap();
+            let fused = b.dispatches() - d0;
+            let d0 = b.dispatches();
+            let hn2 = b.rms_norm(&x, &nw, 1e-6).unwrap();
+            let r2 = b.route(&hn2, router, bias, &c).unwrap();
+            assert_eq!(b.dispatches() - d0 - fused, 1, "{name} t{t}: route_normed");
+            let (ids, _) = b.routing_to_host(&r).unwrap();
+            let (ids2, _) = b.routing_to_host(&r2).unwrap();
+            assert_eq!(ids, ids2, "{name} t{t}: routed experts");
+            let err = rel_l2(&b.get(&hn), &b.get(&hn2));
+            assert!(err <= 1e-6, "{name} t{t}: normed rows {err:e}");
+            // The combine adds into the residual: no output, no add kernel; the same bits.
+            let res0 = rng.vec(t * h, 1.0);
+            let mut fused_res = b.put(t, h, &res0);
+            let mut apart_res = b.put(t, h, &res0);
+            let d0 = b.dispatches();
+            b.moe_add(&hn, &r, &m.experts, m.shared(), &mut fused_res)
+                .unwrap();
+            let fused = b.dispatches() - d0;
+            let d0 = b.dispatches();
+            let y = m.experts_out(&b, &hn, &r);
+            b.add(&mut apart_res, &y).unwrap();
+            assert_eq!(b.dispatches() - d0 - fused, 2, "{name} t{t}: moe_add");
+            assert_eq!(b.get(&fused_res), b.get(&apart_res), "{name} t{t}: moe_add");
+        }
+    }
+}
+
 /// The wide gemv sums each (weight row, token) the same way whatever tokens share its dispatch:
 /// 16 rows at once equal the same rows 3 and 4 at a time bit for bit (what batched passes rely
 /// on, ops/batch_class.rs: q4/q8 passes of ≥ 3 rows take it, f32 weights at every row count), for

@@ -44,8 +44,11 @@ const PAST_GEMV: u32 = 1;
 /// weight of the model). `coop`: the device runs the tensor-core matmul.
 pub fn row_signature(k: &KernelChoice, coop: bool, t: usize, top_k: usize, experts: usize) -> u32 {
     // Within the gemv's rows too: the wide gemv from its rows on, and one-row passes' lanes.
+    // And past the fused-norm forward's rows (its norms summed in the gemvs' order, not the norm
+    // kernel's; set past them, so the gemv's rows keep class 0 by default).
     let gemv = u32::from(k.gemv_wide_min_t.is_some_and(|m| t >= m)) << 24
-        | u32::from(t == 1 && k.gemv1_lanes != 16) << 25;
+        | u32::from(t == 1 && k.gemv1_lanes != 16) << 25
+        | u32::from(t > k.fuse_norms_max_t) << 26;
     if t <= GEMV_T {
         return gemv;
     }
@@ -80,7 +83,7 @@ pub(in crate::backend::gpu) fn batch_class(
     }
     let sig = |t| row_signature(k, coop, t, c.moe.top_k, c.moe.num_experts);
     let (body, head) = (sig(rows), sig(head_rows));
-    if !k.batch_blocks && (body | head) != 0 {
+    if !k.batch_blocks && (body | head) & PAST_GEMV != 0 {
         return None;
     }
     Some(u64::from(body) | u64::from(head) << 32)

@@ -37,6 +37,43 @@ pub struct MatmulParams {
     pub splits: u32,
     /// [`GEMV_WIDE`]: invocations per weight row (16 or 64; [`wide_gemv`]).
     pub lanes: u32,
+    /// The gemvs' fusions ([`GemvFuse`]): the norm's epsilon, [`MODE_NORM`] | [`MODE_ACCUM`] |
+    /// [`MODE_HOUT`].
+    pub norm_eps: f32,
+    pub mode: u32,
+    pub _pad: [u32; 2],
+}
+
+/// [`MatmulParams::mode`]: the activation rows enter RMS-normed.
+pub const MODE_NORM: u32 = 1;
+/// [`MatmulParams::mode`]: the result adds to the output (a residual).
+pub const MODE_ACCUM: u32 = 2;
+/// [`MatmulParams::mode`] ([`GEMV_WIDE`]): the normed rows are written too.
+pub const MODE_HOUT: u32 = 4;
+
+/// What a gemv folds in besides the product (shaders/lib/matmul_params.wgsl `mode`), so the
+/// layer needs no norm or add dispatch of its own: the fused-norm forward
+/// ([`crate::backend::Backend::fuses_norms`]).
+#[derive(Clone, Copy, Default)]
+pub struct GemvFuse<'a> {
+    /// The activation rows enter as rms_norm(x) · weight (`k` values), with this epsilon.
+    pub norm: Option<(&'a GpuBuffer, f32)>,
+    /// The result adds to the output instead of replacing it.
+    pub accum: bool,
+    /// With `norm`: the normed rows (`[t, k]`) are written here too ([`GEMV_WIDE`] only).
+    pub hout: Option<&'a GpuBuffer>,
+}
+
+impl GemvFuse<'_> {
+    fn any(&self) -> bool {
+        self.norm.is_some() || self.accum || self.hout.is_some()
+    }
+
+    fn mode(&self) -> u32 {
+        (if self.norm.is_some() { MODE_NORM } else { 0 })
+            | (if self.accum { MODE_ACCUM } else { 0 })
+            | (if self.hout.is_some() { MODE_HOUT } else { 0 })
+    }
 }
 
 #[repr(C)]
@@ -70,14 +107,14 @@ pub struct ExpertParams {
 pub static GEMV: Entry = Entry {
     file: "gemv.wgsl",
     name: "gemv",
-    bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite)],
+    bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite), (4, Read)],
     params: "MatmulParams",
 };
 /// [`GEMV`] over a fused [gate; up] weight, writing silu(gate) · up.
 pub static GEMV_SWIGLU: Entry = Entry {
     file: "gemv.wgsl",
     name: "gemv_swiglu",
-    bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite)],
+    bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite), (4, Read)],
     params: "MatmulParams",
 };
 pub static GEMM: Entry = Entry {
@@ -96,14 +133,30 @@ pub static GEMM_COOP: Entry = Entry {
 pub static GEMV_WIDE: Entry = Entry {
     file: "gemv_wide.wgsl",
     name: "gemv_wide",
-    bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite), (4, Read)],
+    bindings: &[
+        (0, Params),
+        (1, Read),
+        (2, Read),
+        (3, ReadWrite),
+        (4, Read),
+        (5, Read),
+        (6, ReadWrite),
+    ],
     params: "MatmulParams",
 };
 /// [`GEMV_WIDE`] over a fused [gate; up] weight, writing silu(gate) · up.
 pub static GEMV_WIDE_SWIGLU: Entry = Entry {
     file: "gemv_wide.wgsl",
     name: "gemv_wide_swiglu",
-    bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite), (4, Read)],
+    bindings: &[
+        (0, Params),
+        (1, Read),
+        (2, Read),
+        (3, ReadWrite),
+        (4, Read),
+        (5, Read),
+        (6, ReadWrite),
+    ],
     params: "MatmulParams",
 };
 /// Adds the K-split partials of [`GEMM_COOP`] (matmul.wgsl).
@@ -359,10 +412,14 @@ pub fn gate_up_swiglu_into(
         x_row0: 0,
         out_stride: inter,
         out_col0: 0,
+        norm_eps: 0.0,
+        mode: 0,
+        _pad: [0; 2],
     };
+    let (dummy, dummy_rw) = (ctx.sh.dummies[0].clone(), ctx.sh.dummies[1].clone());
     if let Some((lanes, tile)) = wide {
         let grid = gemv_grid(u64::from(inter).div_ceil(u64::from(256 / lanes)), t, tile);
-        let bufs: [&GpuBuffer; 4] = [&c.buf, x, h, &c.buf];
+        let bufs: [&GpuBuffer; 6] = [&c.buf, x, h, &c.buf, &dummy, &dummy_rw];
         ctx.dispatch(&GEMV_WIDE_SWIGLU, gate_up.wtype(), &p, None, &bufs, grid)?;
         return Ok(true);
     }
@@ -372,7 +429,7 @@ pub fn gate_up_swiglu_into(
         gate_up.wtype(),
         &p,
         None,
-        &[&c.buf, x, h],
+        &[&c.buf, x, h, &dummy],
         grid,
     )?;
     Ok(true)
@@ -397,10 +454,71 @@ pub fn matmul_into(
     out: &GpuBuffer,
     out_stride: usize,
 ) -> Result<(), GpuError> {
+    let done = matmul_fused_into(ctx, w, x, x_row0, t, out, out_stride, GemvFuse::default())?;
+    debug_assert!(done, "a plain matmul always records");
+    Ok(())
+}
+
+/// The kernel a chunk of `w` runs in this pass, and the wide gemv's shape where it serves.
+fn chunk_kernel(
+    ctx: &Ctx,
+    w: &GpuWeight,
+    rows: usize,
+    bytes: u64,
+    t: usize,
+) -> (MatmulKernel, Option<(u32, u32)>) {
+    #[allow(unused_mut)]
+    let mut kernel = pass_kernel(ctx, w.dtype, t, rows, bytes);
+    #[cfg(test)]
+    if ctx.sh.dev.caps.coop && w.dtype != DType::F32 && FORCE_COOP.with(|f| f.get()) {
+        kernel = MatmulKernel::Coop;
+    }
+    let wide = wide_gemv(&ctx.sh.dev.kernels, w.dtype, w.cols, solo_rows(ctx, t));
+    match kernel {
+        MatmulKernel::Gemv | MatmulKernel::GemvBlocked => (kernel, wide),
+        _ => (kernel, None),
+    }
+}
+
+/// Whether every chunk of `w` runs a gemv that folds in `fuse`: the wide one any of it, the
+/// word-a-lane one the norm (rows of whole octets) and the add but not the normed rows' copy.
+pub fn gemv_fuses(ctx: &Ctx, w: &GpuWeight, t: usize, fuse: &GemvFuse<'_>) -> bool {
+    w.chunks.iter().all(
+        |c| match chunk_kernel(ctx, w, c.rows as usize, c.buf.size, t) {
+            (_, Some(_)) => true,
+            (MatmulKernel::Gemv | MatmulKernel::GemvBlocked, None) => {
+                fuse.hout.is_none() && (fuse.norm.is_none() || w.cols.is_multiple_of(8))
+            }
+            _ => !fuse.any(),
+        },
+    )
+}
+
+/// [`matmul_into`] with `fuse` folded into its gemvs. Returns false, having recorded nothing,
+/// where a chunk's kernel cannot fold it in ([`gemv_fuses`]): the caller runs the separate ops.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_fused_into(
+    ctx: &mut Ctx,
+    w: &GpuWeight,
+    x: &GpuBuffer,
+    x_row0: usize,
+    t: usize,
+    out: &GpuBuffer,
+    out_stride: usize,
+    fuse: GemvFuse<'_>,
+) -> Result<bool, GpuError> {
+    if fuse.any() && !gemv_fuses(ctx, w, t, &fuse) {
+        return Ok(false);
+    }
     // The tensor-core tile and K split of one sequence's pass alone (ops/batch_class.rs).
     let solo = solo_rows(ctx, t);
     let tile_t = coop_tile_t(solo);
-    for c in &w.chunks {
+    // Distinct dummies: one is bound read-only, the other read-write.
+    let (dummy, dummy_rw) = (ctx.sh.dummies[0].clone(), ctx.sh.dummies[1].clone());
+    let norm_w = fuse.norm.map_or(&*dummy, |(b, _)| b);
+    for (i, c) in w.chunks.iter().enumerate() {
+        // The normed rows are the same for every chunk: the first writes them.
+        let hout = fuse.hout.filter(|_| i == 0);
         let mut p = MatmulParams {
             k_chunk: 0,
             split_rows: 0,
@@ -414,23 +532,18 @@ pub fn matmul_into(
             x_row0: x_row0 as u32,
             out_stride: out_stride as u32,
             out_col0: c.row0,
+            norm_eps: fuse.norm.map_or(0.0, |(_, e)| e),
+            mode: GemvFuse { hout, ..fuse }.mode(),
+            _pad: [0; 2],
         };
         let n = c.rows as u64;
         let bufs: [&GpuBuffer; 3] = [&c.buf, x, out];
-        #[allow(unused_mut)]
-        let mut kernel = pass_kernel(ctx, w.dtype, t, c.rows as usize, c.buf.size);
-        #[cfg(test)]
-        if ctx.sh.dev.caps.coop && w.dtype != DType::F32 && FORCE_COOP.with(|f| f.get()) {
-            kernel = MatmulKernel::Coop;
-        }
-        let wide = wide_gemv(&ctx.sh.dev.kernels, w.dtype, w.cols, solo);
-        if let (MatmulKernel::Gemv | MatmulKernel::GemvBlocked, Some((lanes, tile))) =
-            (kernel, wide)
-        {
+        let (kernel, wide) = chunk_kernel(ctx, w, c.rows as usize, c.buf.size, t);
+        if let Some((lanes, tile)) = wide {
             p.lanes = lanes;
             p.tile_t = tile;
             let grid = gemv_grid(n.div_ceil(u64::from(512 / lanes)), t, tile);
-            let bufs: [&GpuBuffer; 4] = [&c.buf, x, out, &c.buf];
+            let bufs: [&GpuBuffer; 6] = [&c.buf, x, out, &c.buf, norm_w, hout.unwrap_or(&dummy_rw)];
             ctx.dispatch(&GEMV_WIDE, w.wtype(), &p, None, &bufs, grid)?;
             continue;
         }
@@ -477,9 +590,14 @@ pub fn matmul_into(
             } else {
                 0
             };
-        ctx.dispatch(entry, wtype, &p, None, &bufs, grid)?;
+        if gemv {
+            let bufs: [&GpuBuffer; 4] = [&c.buf, x, out, norm_w];
+            ctx.dispatch(entry, wtype, &p, None, &bufs, grid)?;
+        } else {
+            ctx.dispatch(entry, wtype, &p, None, &bufs, grid)?;
+        }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// [`Backend::matmul`] on the GPU.

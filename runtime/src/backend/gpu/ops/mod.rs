@@ -15,6 +15,7 @@ pub mod heads;
 pub mod matmul;
 pub mod moe;
 pub mod norm;
+pub mod residual;
 pub mod rope;
 pub mod router;
 pub mod router_mlp;
@@ -86,6 +87,7 @@ pub fn all_entries() -> Vec<(&'static Entry, usize)> {
         (&moe::COMBINE, size_of::<moe::MoeParams>()),
         (&moe::COMBINE_ADD, size_of::<moe::MoeParams>()),
         (&moe::COMBINE_NORM, size_of::<moe::MoeParams>()),
+        (&moe::COMBINE_RESIDUAL, size_of::<moe::MoeParams>()),
         (&moe::GATE_UP_GEMV, size_of::<matmul::ExpertParams>()),
         (&moe::DOWN_GEMV, size_of::<matmul::ExpertParams>()),
         (&moe::GATE_UP_WIDE, size_of::<matmul::ExpertParams>()),

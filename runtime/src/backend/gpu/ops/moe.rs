@@ -111,6 +111,20 @@ pub static COMBINE_ADD: Entry = Entry {
     params: "MoeParams",
 };
 
+pub static COMBINE_RESIDUAL: Entry = Entry {
+    file: "moe.wgsl",
+    name: "moe_combine_residual",
+    bindings: &[
+        (0, Params),
+        (5, Read),
+        (6, Read),
+        (7, Read),
+        (9, Read),
+        (10, ReadWrite),
+    ],
+    params: "MoeParams",
+};
+
 pub static COMBINE_NORM: Entry = Entry {
     file: "moe.wgsl",
     name: "moe_combine_norm",
@@ -128,11 +142,12 @@ pub static COMBINE_NORM: Entry = Entry {
 };
 
 /// The step after a layer's MoE folded into its combine: the residual `x` (`[T, H]`) gets the
-/// sum, and the combine's output is `rms_norm(x) · w` (add_rms_norm's result).
+/// sum, and with a norm weight `w` the combine's output is `rms_norm(x) · w` (add_rms_norm's
+/// result); without, the combine writes no output ([`COMBINE_RESIDUAL`]).
 #[derive(Clone, Copy)]
 pub struct ResidualNorm<'a> {
     pub x: &'a GpuBuffer,
-    pub w: &'a GpuBuffer,
+    pub w: Option<&'a GpuBuffer>,
     pub eps: f32,
 }
 
@@ -530,8 +545,16 @@ fn combine_with(
 ) -> Result<(), GpuError> {
     let mut mp = s.params;
     mp.plus_row0 = plus.map_or(0, |(_, r)| r);
-    if let Some(n) = norm {
-        mp.eps = n.eps;
+    if let Some(ResidualNorm { x, w: None, .. }) = norm {
+        mp.has_plus = plus.is_some() as u32;
+        let dummy = ctx.sh.dummies[0].clone();
+        let p = plus.map_or(&*dummy, |(p, _)| p);
+        let grid = Grid::Linear(((mp.t * mp.hidden) as u64).div_ceil(64));
+        let bufs = [meta, weights, &s.y, p, x];
+        return ctx.dispatch(&COMBINE_RESIDUAL, 0, &mp, None, &bufs, grid);
+    }
+    if let Some(ResidualNorm { x, w: Some(w), eps }) = norm {
+        mp.eps = eps;
         mp.has_plus = plus.is_some() as u32;
         let dummy = ctx.sh.dummies[0].clone();
         let p = plus.map_or(&*dummy, |(p, _)| p);
@@ -540,7 +563,7 @@ fn combine_with(
             0,
             &mp,
             None,
-            &[meta, weights, &s.y, out, p, n.x, n.w],
+            &[meta, weights, &s.y, out, p, x, w],
             Grid::Groups(mp.t, 1, 1),
         );
     }
@@ -607,7 +630,7 @@ pub(in crate::backend::gpu) fn moe_add_rms_norm(
         let out = GpuBackend::out_act(ctx, h.rows, h.cols)?;
         let then = ResidualNorm {
             x: &x.buf,
-            w: wv,
+            w: Some(wv),
             eps,
         };
         moe(

@@ -10,6 +10,7 @@ use super::super::kernels::{Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
 use super::super::GpuWeight;
+use super::matmul::GemvFuse;
 use crate::arch::{Gating, ModelConfig};
 use crate::backend::BlockRouting;
 
@@ -74,6 +75,8 @@ pub const MAX_TOP_K: usize = 64;
 pub const MAX_GROUPS: usize = 64;
 
 /// Top-k routing of `rows` tokens; with `blocks`, each block's tokens choose within its experts.
+/// `fuse` folds a norm of `x` (and its copy) into the logits' gemv; false, having recorded
+/// nothing, where that gemv cannot (ops/matmul.rs `gemv_fuses`).
 #[allow(clippy::too_many_arguments)]
 pub fn route(
     ctx: &mut Ctx,
@@ -83,9 +86,9 @@ pub fn route(
     bias: Option<&GpuBuffer>,
     c: &ModelConfig,
     blocks: Option<&BlockRouting>,
-    ids: &GpuBuffer,
-    weights: &GpuBuffer,
-) -> Result<(), GpuError> {
+    (ids, weights): (&GpuBuffer, &GpuBuffer),
+    fuse: GemvFuse<'_>,
+) -> Result<bool, GpuError> {
     let (ne, k) = (c.moe.num_experts, c.moe.top_k);
     if ne > MAX_EXPERTS || k > MAX_TOP_K {
         return Err(GpuError::Unsupported(format!(
@@ -114,7 +117,9 @@ pub fn route(
         } => (1, renormalize, groups, top_groups, scale),
     };
     let logits = ctx.output((rows * ne * 4) as u64)?;
-    super::matmul::matmul_into(ctx, router, x, 0, rows, &logits, ne)?;
+    if !super::matmul::matmul_fused_into(ctx, router, x, 0, rows, &logits, ne, fuse)? {
+        return Ok(false);
+    }
     let dummy = ctx.sh.dummies[0].clone();
     let n_blocks = blocks.map_or(0, |b| b.blocks(rows));
     let mask = match blocks {
@@ -166,5 +171,6 @@ pub fn route(
         None,
         &[&logits, mask_buf, bias.unwrap_or(&dummy), ids, weights],
         Grid::Groups(rows as u32, 1, 1),
-    )
+    )?;
+    Ok(true)
 }

@@ -1,0 +1,200 @@
+//! The fused-norm forward on the GPU ([`Backend::fuses_norms`]): the residual stream's RMS norms
+//! ride in the gemvs that read the stream (the qkv projection; the router's, which also writes the
+//! normed rows for the experts) and its adds in the ops that produce them (the o projection's
+//! gemv, the MoE combine), so a MoE layer runs without its two add_rms_norm dispatches. A dispatch
+//! costs ~7–9 µs on an H100 whatever it does (docs/PERF.md), and these two carried one row's worth
+//! of work each. Where a gemv cannot fold the norm or add in (ops/matmul.rs `gemv_fuses`), or the
+//! experts are paged, each op runs the separate kernels instead: the same values.
+
+use super::super::{not_a_vector, GpuAct, GpuBackend, GpuExperts, GpuRouting, GpuWeight};
+use super::matmul::{matmul_fused_into, GemvFuse};
+use super::moe::{ResidualNorm, Shared};
+use crate::arch::ModelConfig;
+use crate::backend::{self, shapes, Backend};
+
+/// [`Backend::fuses_norms`] on the GPU: set per pass by `begin_forward`.
+pub(in crate::backend::gpu) fn fuses_norms(b: &GpuBackend) -> bool {
+    b.lock().fused_norms
+}
+
+/// [`Backend::matmul_normed`] on the GPU: the gemv norms each row as it reads it.
+pub(in crate::backend::gpu) fn matmul_normed(
+    b: &GpuBackend,
+    w: &GpuWeight,
+    x: &GpuAct,
+    norm: &GpuWeight,
+    eps: f32,
+) -> backend::Result<GpuAct> {
+    shapes::norm("matmul_normed", norm.rows * norm.cols, x.cols)?;
+    shapes::matmul("matmul_normed", (w.rows, w.cols), (x.rows, x.cols))?;
+    let nv = norm
+        .vector()
+        .ok_or_else(|| not_a_vector("matmul_normed", norm))?;
+    let fused = b.with(|ctx| {
+        let out = GpuBackend::out_act(ctx, x.rows, w.rows)?;
+        let fuse = GemvFuse {
+            norm: Some((nv, eps)),
+            ..GemvFuse::default()
+        };
+        let done = matmul_fused_into(ctx, w, &x.buf, 0, x.rows, &out.buf, w.rows, fuse)?;
+        Ok(done.then_some(out))
+    })?;
+    match fused {
+        Some(out) => Ok(out),
+        None => {
+            let h = b.rms_norm(x, norm, eps)?;
+            b.matmul(w, &h)
+        }
+    }
+}
+
+/// [`Backend::matmul_add`] on the GPU: the gemv adds its result to `x`.
+pub(in crate::backend::gpu) fn matmul_add(
+    b: &GpuBackend,
+    w: &GpuWeight,
+    a: &GpuAct,
+    x: &mut GpuAct,
+) -> backend::Result<()> {
+    shapes::matmul("matmul_add", (w.rows, w.cols), (a.rows, a.cols))?;
+    shapes::same_shape("matmul_add", (x.rows, x.cols), (a.rows, w.rows))?;
+    let fuse = GemvFuse {
+        accum: true,
+        ..GemvFuse::default()
+    };
+    let done = b.with(|ctx| {
+        Ok(matmul_fused_into(
+            ctx, w, &a.buf, 0, a.rows, &x.buf, w.rows, fuse,
+        )?)
+    })?;
+    if !done {
+        let y = b.matmul(w, a)?;
+        b.add(x, &y)?;
+    }
+    Ok(())
+}
+
+/// [`Backend::route_normed`] on the GPU: the router's gemv norms the rows and writes them out.
+pub(in crate::backend::gpu) fn route_normed(
+    b: &GpuBackend,
+    x: &GpuAct,
+    norm: &GpuWeight,
+    eps: f32,
+    router: &GpuWeight,
+    bias: Option<&GpuWeight>,
+    c: &ModelConfig,
+) -> backend::Result<(GpuAct, GpuRouting)> {
+    shapes::norm("route_normed", norm.rows * norm.cols, x.cols)?;
+    shapes::router(
+        (router.rows, router.cols),
+        bias.map(|b| b.rows * b.cols),
+        x.cols,
+        c,
+    )?;
+    let nv = norm
+        .vector()
+        .ok_or_else(|| not_a_vector("route_normed", norm))?;
+    let bias_buf = match bias {
+        None => None,
+        Some(w) => Some(w.vector().ok_or_else(|| not_a_vector("route", w))?),
+    };
+    let k = c.moe.top_k;
+    let fused = b.with(|ctx| {
+        let h = GpuBackend::out_act(ctx, x.rows, x.cols)?;
+        let ids = ctx.output((x.rows * k * 4) as u64)?;
+        let weights = ctx.output((x.rows * k * 4) as u64)?;
+        let fuse = GemvFuse {
+            norm: Some((nv, eps)),
+            hout: Some(&h.buf),
+            ..GemvFuse::default()
+        };
+        let done = super::router::route(
+            ctx,
+            &x.buf,
+            x.rows,
+            router,
+            bias_buf,
+            c,
+            None,
+            (&ids, &weights),
+            fuse,
+        )?;
+        Ok(done.then(|| {
+            let routing = GpuRouting {
+                rows: x.rows,
+                k,
+                ids,
+                weights,
+            };
+            (h, routing)
+        }))
+    })?;
+    match fused {
+        Some(r) => Ok(r),
+        None => {
+            let h = b.rms_norm(x, norm, eps)?;
+            let routing = b.route(&h, router, bias, c)?;
+            Ok((h, routing))
+        }
+    }
+}
+
+/// [`Backend::moe_add`] on the GPU: the combine adds the experts' sum to `x` (resident experts).
+pub(in crate::backend::gpu) fn moe_add(
+    b: &GpuBackend,
+    h: &GpuAct,
+    routing: &GpuRouting,
+    experts: &GpuExperts,
+    shared: Option<(&GpuWeight, &GpuWeight)>,
+    x: &mut GpuAct,
+) -> backend::Result<()> {
+    let resident = experts.paged.is_none()
+        && (x.rows, x.cols) == (h.rows, h.cols)
+        && h.cols == experts.hidden
+        && routing.rows == h.rows;
+    if !resident {
+        // Paged experts (their combine runs after the pager's groups), or shapes the separate
+        // ops name in their errors.
+        let y = match shared {
+            Some((gate_up, down)) => b.moe_shared_mlp(h, routing, experts, gate_up, down)?,
+            None => b.moe(h, routing, experts)?,
+        };
+        return b.add(x, &y);
+    }
+    let layout = experts.layout(&experts.store.slots, &experts.pools);
+    let ys;
+    let kind = match shared {
+        None => Shared::None,
+        Some((gate_up, down)) => {
+            let rows = b.lock().batch_rows.map_or(h.rows, |r| r.min(h.rows));
+            match GpuBackend::fused_shared(&b.sh, rows, h, routing, experts, &layout, gate_up, down)
+            {
+                Some(m) => Shared::Mlp(m),
+                None => {
+                    ys = b.mlp(gate_up, down, h)?;
+                    Shared::Output(&ys.buf)
+                }
+            }
+        }
+    };
+    b.with(|ctx| {
+        let unused = ctx.sh.dummies[2].clone();
+        let then = ResidualNorm {
+            x: &x.buf,
+            w: None,
+            eps: 0.0,
+        };
+        super::moe::moe(
+            ctx,
+            &h.buf,
+            h.rows,
+            &routing.ids,
+            &routing.weights,
+            routing.k,
+            &layout,
+            kind,
+            &unused,
+            Some(then),
+        )?;
+        Ok(())
+    })
+}
