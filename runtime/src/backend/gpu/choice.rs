@@ -7,6 +7,7 @@
 //! |---|---|
 //! | `EDGEDIFF_COOP_MIN_T=<tokens>` | [`KernelChoice::coop_min_t`] |
 //! | `EDGEDIFF_COOP_SPLIT_K=0` | [`KernelChoice::coop_split_k`] |
+//! | `EDGEDIFF_GEMV_MAX_T=<tokens>` | [`KernelChoice::gemv_max_t`] |
 //! | `EDGEDIFF_GEMV_F32_MAX_T=<tokens>` | [`KernelChoice::gemv_f32_max_t`] |
 //! | `EDGEDIFF_GEMV_BLOCKED_MAX_MB=<MiB>` | [`KernelChoice::gemv_blocked_max_bytes`] |
 //! | `EDGEDIFF_GEMV1_LANES=16\|64` | [`KernelChoice::gemv1_lanes`] |
@@ -74,6 +75,10 @@ pub struct KernelChoice {
     pub coop_min_t: usize,
     /// Split K of tensor-core matmuls with too few tiles to fill the GPU.
     pub coop_split_k: bool,
+    /// Activation rows up to which weights of L2 size take the token-blocked gemv (the wide one
+    /// for q4/q8) rather than the tiles (16; 32 measures it against the tensor cores' split-K
+    /// tiles at 32 rows).
+    pub gemv_max_t: usize,
     /// Activation rows up to which small f32 weights take the token-blocked gemv.
     pub gemv_f32_max_t: usize,
     /// Weight bytes up to which passes of 5–16 rows take the gemv in token blocks (each block
@@ -153,6 +158,7 @@ impl Default for KernelChoice {
         KernelChoice {
             coop_min_t: COOP_MIN_T,
             coop_split_k: true,
+            gemv_max_t: super::ops::matmul::GEMV_MAX_T,
             gemv_f32_max_t: GEMV_F32_MAX_T,
             gemv_blocked_max_bytes: super::ops::matmul::GEMV_BLOCKED_MAX_BYTES,
             gemv1_lanes: 16,
@@ -193,6 +199,9 @@ impl KernelChoice {
         KernelChoice {
             coop_min_t: num("EDGEDIFF_COOP_MIN_T").map_or(d.coop_min_t, |v| v as usize),
             coop_split_k: !off("EDGEDIFF_COOP_SPLIT_K"),
+            gemv_max_t: num("EDGEDIFF_GEMV_MAX_T")
+                .filter(|&n| (4..=64).contains(&n))
+                .map_or(d.gemv_max_t, |v| v as usize),
             gemv_f32_max_t: num("EDGEDIFF_GEMV_F32_MAX_T").map_or(d.gemv_f32_max_t, |v| v as usize),
             gemv_blocked_max_bytes: num("EDGEDIFF_GEMV_BLOCKED_MAX_MB")
                 .map_or(d.gemv_blocked_max_bytes, |m| m << 20),
@@ -289,6 +298,7 @@ mod tests {
         let k = from(&[
             ("EDGEDIFF_COOP_MIN_T", "32"),
             ("EDGEDIFF_COOP_SPLIT_K", "0"),
+            ("EDGEDIFF_GEMV_MAX_T", "32"),
             ("EDGEDIFF_GEMV_F32_MAX_T", "16"),
             ("EDGEDIFF_GEMV_BLOCKED_MAX_MB", "256"),
             ("EDGEDIFF_GEMV1_LANES", "64"),
@@ -316,6 +326,7 @@ mod tests {
             KernelChoice {
                 coop_min_t: 32,
                 coop_split_k: false,
+                gemv_max_t: 32,
                 gemv_f32_max_t: 16,
                 gemv_blocked_max_bytes: 256 << 20,
                 gemv1_lanes: 64,
@@ -344,6 +355,7 @@ mod tests {
             ("EDGEDIFF_COOP_SPLIT_K", "1"),
             ("EDGEDIFF_FUSE_COMBINE_NORM", "yes"),
             ("EDGEDIFF_FUSE_NORMS_MAX_T", "65"),
+            ("EDGEDIFF_GEMV_MAX_T", "3"),
             ("EDGEDIFF_MOE_KERNEL", "fast"),
             ("EDGEDIFF_MOE_GEMV_BLOCKS", "0"),
             ("EDGEDIFF_MOE_CHUNK", "3"),

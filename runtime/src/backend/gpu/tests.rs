@@ -1256,6 +1256,53 @@ test_backends!(residual_fusions_match_the_separate_ops, TOL, |b| {
     out
 });
 
+/// `EDGEDIFF_GEMV_MAX_T=32` (a measurement knob: the token-blocked gemvs past their default 16
+/// rows, against the tensor cores): 17–32 rows through them, fused norm and add included, match
+/// the CPU.
+#[test]
+fn token_blocked_gemvs_past_16_rows_match_the_cpu() {
+    use super::choice::KernelChoice;
+    let base = super::GpuOptions {
+        poison: true,
+        kernels: KernelChoice {
+            gemv_max_t: 32,
+            fuse_norms_max_t: 32,
+            ..KernelChoice::from_env()
+        },
+        ..super::GpuOptions::from_env()
+    };
+    for (name, g) in super::testing::backends_with(base) {
+        for dtype in DTYPES {
+            for (t, n, k) in [(17, 40, 2048), (29, 33, 160), (32, 64, 512)] {
+                let run = |b: &dyn Fn(usize, usize, &[f32]) -> Vec<f32>| {
+                    let mut rng = Rng(47);
+                    b(t, k, &rng.vec(t * k, 1.0))
+                };
+                let mut rng = Rng(48);
+                let (wv, nv) = (rng.vec(n * k, 0.5), rng.vec(k, 1.0));
+                let cpu = run(&|t, k, x| {
+                    let c = CpuBackend;
+                    let w = weight(&c, dtype, &[n, k], &wv);
+                    let nw = weight(&c, DType::F32, &[k], &nv);
+                    c.get(&c.matmul_normed(&w, &c.put(t, k, x), &nw, 1e-5).unwrap())
+                });
+                let gpu = run(&|t, k, x| {
+                    let w = weight(&g, dtype, &[n, k], &wv);
+                    let nw = weight(&g, DType::F32, &[k], &nv);
+                    let x = g.put(t, k, x);
+                    let d0 = g.dispatches();
+                    let y = g.matmul_normed(&w, &x, &nw, 1e-5).unwrap();
+                    // The normed gemv and its output's fill: no norm kernel, no tiles.
+                    assert_eq!(g.dispatches() - d0, 2, "{name} {dtype} t{t}: dispatches");
+                    g.get(&y)
+                });
+                let err = rel_l2(&gpu, &cpu);
+                assert!(err <= TOL, "{name} {dtype} t{t} n{n} k{k}: {err:e}");
+            }
+        }
+    }
+}
+
 /// The fused ops each save the dispatches they claim (the norm, the add; test backends also fill
 /// every new output with NaN first, a dispatch each), and the MoE combine's residual add equals
 /// the combine and the add kernel bit for bit.

@@ -30,7 +30,7 @@
 
 use super::super::choice::KernelChoice;
 use super::super::GpuBackend;
-use super::matmul::{coop_tile_t, GEMV_MAX_T, GEMV_T};
+use super::matmul::{coop_tile_t, GEMV_T};
 use super::moe::{expert_kernel, ExpertKernel};
 use crate::arch::ModelConfig;
 
@@ -54,8 +54,8 @@ pub fn row_signature(k: &KernelChoice, coop: bool, t: usize, top_k: usize, exper
     }
     let mut s = PAST_GEMV | gemv;
     let mut bit = |i: u32, on: bool| s |= u32::from(on) << i;
-    bit(1, t <= GEMV_MAX_T);
-    bit(2, t <= k.gemv_f32_max_t.max(GEMV_MAX_T));
+    bit(1, t <= k.gemv_max_t);
+    bit(2, t <= k.gemv_f32_max_t.max(k.gemv_max_t));
     bit(
         3,
         expert_kernel(k.moe, t, top_k, experts) == ExpertKernel::Gemv,

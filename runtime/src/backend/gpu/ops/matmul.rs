@@ -301,9 +301,9 @@ pub fn matmul_kernel(
 ) -> MatmulKernel {
     let groups = rows.div_ceil(4);
     let max_t = if dtype == DType::F32 {
-        choice.gemv_f32_max_t.max(GEMV_MAX_T)
+        choice.gemv_f32_max_t.max(choice.gemv_max_t)
     } else {
-        GEMV_MAX_T
+        choice.gemv_max_t
     };
     if t <= GEMV_T {
         MatmulKernel::Gemv
