@@ -1274,28 +1274,24 @@ fn token_blocked_gemvs_past_16_rows_match_the_cpu() {
     for (name, g) in super::testing::backends_with(base) {
         for dtype in DTYPES {
             for (t, n, k) in [(17, 40, 2048), (29, 33, 160), (32, 64, 512)] {
-                let run = |b: &dyn Fn(usize, usize, &[f32]) -> Vec<f32>| {
-                    let mut rng = Rng(47);
-                    b(t, k, &rng.vec(t * k, 1.0))
-                };
                 let mut rng = Rng(48);
-                let (wv, nv) = (rng.vec(n * k, 0.5), rng.vec(k, 1.0));
-                let cpu = run(&|t, k, x| {
+                let (wv, nv, xv) = (rng.vec(n * k, 0.5), rng.vec(k, 1.0), rng.vec(t * k, 1.0));
+                let cpu = {
                     let c = CpuBackend;
                     let w = weight(&c, dtype, &[n, k], &wv);
                     let nw = weight(&c, DType::F32, &[k], &nv);
-                    c.get(&c.matmul_normed(&w, &c.put(t, k, x), &nw, 1e-5).unwrap())
-                });
-                let gpu = run(&|t, k, x| {
+                    c.get(&c.matmul_normed(&w, &c.put(t, k, &xv), &nw, 1e-5).unwrap())
+                };
+                let gpu = {
                     let w = weight(&g, dtype, &[n, k], &wv);
                     let nw = weight(&g, DType::F32, &[k], &nv);
-                    let x = g.put(t, k, x);
+                    let x = g.put(t, k, &xv);
                     let d0 = g.dispatches();
                     let y = g.matmul_normed(&w, &x, &nw, 1e-5).unwrap();
                     // The normed gemv and its output's fill: no norm kernel, no tiles.
                     assert_eq!(g.dispatches() - d0, 2, "{name} {dtype} t{t}: dispatches");
                     g.get(&y)
-                });
+                };
                 let err = rel_l2(&gpu, &cpu);
                 assert!(err <= TOL, "{name} {dtype} t{t} n{n} k{k}: {err:e}");
             }
