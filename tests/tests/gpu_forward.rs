@@ -276,19 +276,34 @@ fn routing_read_back_matches_the_cpu() {
 
 /// The fused-norm forward (KernelChoice::fuse_norms_max_t, on by default up to 16 rows) against
 /// the same backend with it off: the same statistics, logits within f32 rounding, and two
-/// dispatches fewer a MoE layer (its two add_rms_norm; the first layer's input norm goes too, and
-/// the last layer's returns as the final norm). The comparison with the CPU (above) runs the fused
-/// forward too.
+/// dispatches fewer a layer, MoE or dense (its two add_rms_norm; the first layer's input norm goes
+/// too, and the last layer's returns as the final norm). The comparison with the CPU (above) runs
+/// the fused forward too.
 #[test]
-fn fused_norm_forward_saves_two_dispatches_a_moe_layer() {
+fn fused_norm_forward_saves_two_dispatches_a_layer() {
     use edgediff::backend::gpu::choice::KernelChoice;
     use edgediff::backend::gpu::GpuOptions;
     if edgediff::backend::gpu::testing::skip_requested() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    for arch in [Architecture::Qwen3Moe, Architecture::Llada2Moe] {
-        let path = write_synth(dir.path(), arch, DType::Q4);
+    // Qwen3-MoE (MoE layers), LLaDA2 (a dense first layer, then MoE), and a Qwen3 of dense
+    // layers only (what a dense GGUF model loads as).
+    let dense = SynthSpec {
+        dense_layers: 2,
+        experts: 0,
+        top_k: 0,
+        ..SynthSpec::tiny(Architecture::Qwen3Moe)
+    };
+    let specs = [
+        ("qwen3_moe", SynthSpec::tiny(Architecture::Qwen3Moe)),
+        ("llada2_moe", SynthSpec::tiny(Architecture::Llada2Moe)),
+        ("qwen3 dense", dense),
+    ];
+    for (label, spec) in specs {
+        let m = synth::build(&spec).unwrap();
+        let path = dir.path().join(format!("{}.edm", label.replace(' ', "-")));
+        synth::write_edm(&m, &path, DType::Q4, &|_, _| {}).unwrap();
         let open = |max_t| {
             GpuBackend::new(&GpuOptions {
                 kernels: KernelChoice {
@@ -301,8 +316,7 @@ fn fused_norm_forward_saves_two_dispatches_a_moe_layer() {
         };
         let (on, off) = (open(16), open(0));
         let (mon, moff) = (load(&on, &path), load(&off, &path));
-        let c = &mon.config;
-        let moe_layers = (0..c.num_layers).filter(|&l| c.is_moe_layer(l)).count();
+        let layers = mon.config.num_layers as u64;
         for t in [1, 2, 12] {
             let window = Window::block(0, t, AttnMask::Bidirectional);
             let pass = |g: &GpuBackend, m: &Model<GpuBackend>| {
@@ -314,14 +328,14 @@ fn fused_norm_forward_saves_two_dispatches_a_moe_layer() {
             let (fused, d_on) = pass(&on, &mon);
             let (apart, d_off) = pass(&off, &moff);
             compare(
-                &format!("{arch} t{t}: fused against unfused"),
+                &format!("{label} t{t}: fused against unfused"),
                 &fused,
                 &apart,
             );
             assert_eq!(
                 d_off - d_on,
-                2 * moe_layers as u64,
-                "{arch} t{t}: dispatches {d_on} fused, {d_off} unfused"
+                2 * layers,
+                "{label} t{t}: dispatches {d_on} fused, {d_off} unfused"
             );
         }
     }

@@ -682,6 +682,20 @@ pub trait Backend {
         let routing = self.route(&h, router, bias, config)?;
         Ok((h, routing))
     }
+    /// `x += mlp(gate_up, down, rms_norm(x, norm))`: a dense FFN sublayer of the fused-norm
+    /// forward.
+    fn mlp_add(
+        &self,
+        gate_up: &Self::Weight,
+        down: &Self::Weight,
+        x: &mut Self::Act,
+        norm: &Self::Weight,
+        eps: f32,
+    ) -> Result<()> {
+        let h = self.rms_norm(x, norm, eps)?;
+        let y = self.mlp(gate_up, down, &h)?;
+        self.add(x, &y)
+    }
     /// [`Backend::moe_add_rms_norm`] without the norm: `x +=` the layer's MoE FFN of `h`.
     fn moe_add(
         &self,

@@ -613,6 +613,13 @@ impl<B: Backend> Model<B> {
                 }
                 b.stack_rows(&parts.iter().collect::<Vec<_>>())?
             };
+            // A plain residual into a dense MLP, fused: the o projection and the MLP's down
+            // projection add into `x`, the gate/up gemv norms it (`h` stays un-normed).
+            if let (FeedForward::Dense(m), true) = (&layer.ffn, fuse && layer.residuals.is_none()) {
+                b.matmul_add(&layer.o, &attn, &mut x)?;
+                b.mlp_add(&m.gate_up, &m.down, &mut x, &layer.ffn_norm, eps)?;
+                continue;
+            }
             // A plain residual into a plain-routed MoE, fused: the o projection adds into `x`,
             // and the router's gemv norms it (and hands the experts the normed rows).
             let fused_moe = match &layer.ffn {

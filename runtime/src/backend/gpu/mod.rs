@@ -1069,6 +1069,17 @@ impl Backend for GpuBackend {
         ops::residual::route_normed(self, x, norm, eps, router, bias, c)
     }
 
+    fn mlp_add(
+        &self,
+        gate_up: &GpuWeight,
+        down: &GpuWeight,
+        x: &mut GpuAct,
+        norm: &GpuWeight,
+        eps: f32,
+    ) -> Result<()> {
+        ops::residual::mlp_add(self, gate_up, down, x, norm, eps)
+    }
+
     fn moe_add(
         &self,
         h: &GpuAct,

@@ -1237,6 +1237,22 @@ test_backends!(residual_fusions_match_the_separate_ops, TOL, |b| {
             let mut res = b.put(t, n, &rng.vec(t * n, 1.0));
             b.matmul_add(&wo, &a, &mut res).unwrap();
             out.push((format!("{dtype} accumulated t{t} n{n} k{k}"), b.get(&res)));
+            // A dense FFN sublayer: x += down(swiglu(gate_up(norm(x)))), intermediate n.
+            let gu = weight(b, dtype, &[2 * n, k], &rng.vec(2 * n * k, 0.5));
+            let dn_k = if matches!(dtype, DType::Q8 | DType::Q4) {
+                n.next_multiple_of(32)
+            } else {
+                n
+            };
+            let gu = if dn_k == n {
+                gu
+            } else {
+                weight(b, dtype, &[2 * dn_k, k], &rng.vec(2 * dn_k * k, 0.5))
+            };
+            let dn = weight(b, dtype, &[k, dn_k], &rng.vec(k * dn_k, 0.5));
+            let mut xr = b.put(t, k, &rng.vec(t * k, 1.0));
+            b.mlp_add(&gu, &dn, &mut xr, &nw, 1e-5).unwrap();
+            out.push((format!("{dtype} dense FFN t{t} i{dn_k} k{k}"), b.get(&xr)));
         }
     }
     let c = router_config(Gating::Softmax { renormalize: true }, 16, 4);
@@ -1351,6 +1367,19 @@ fn residual_fusions_save_their_dispatches() {
             assert_eq!(ids, ids2, "{name} t{t}: routed experts");
             let err = rel_l2(&b.get(&hn), &b.get(&hn2));
             assert!(err <= 1e-6, "{name} t{t}: normed rows {err:e}");
+            // The dense FFN: gate/up norms its input, down adds into x: the norm, the add and
+            // the down projection's output (and their fills) go.
+            let gu = weight(&b, DType::Q4, &[128, h], &rng.vec(128 * h, 0.5));
+            let dn = weight(&b, DType::Q4, &[h, 64], &rng.vec(h * 64, 0.5));
+            let mut xr = b.put(t, h, &rng.vec(t * h, 1.0));
+            let d0 = b.dispatches();
+            b.mlp_add(&gu, &dn, &mut xr, &nw, 1e-6).unwrap();
+            let fused = b.dispatches() - d0;
+            let d0 = b.dispatches();
+            let hn3 = b.rms_norm(&xr, &nw, 1e-6).unwrap();
+            let y = b.mlp(&gu, &dn, &hn3).unwrap();
+            b.add(&mut xr, &y).unwrap();
+            assert_eq!(b.dispatches() - d0 - fused, 4, "{name} t{t}: mlp_add");
             // The combine adds into the residual: no output, no add kernel; the same bits.
             let res0 = rng.vec(t * h, 1.0);
             let mut fused_res = b.put(t, h, &res0);

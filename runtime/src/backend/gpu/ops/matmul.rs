@@ -379,12 +379,15 @@ fn coop_split_k(
 /// dispatch ([`GEMV_SWIGLU`]) where the gemv serves it (one chunk, the gemv's token counts).
 /// Returns false, having recorded nothing, otherwise: the caller multiplies, then activates
 /// (always when [`KernelChoice::fuse_swiglu`] is off).
+/// With `norm`, `x`'s rows enter RMS-normed by that weight (MODE_NORM; rows of whole octets for
+/// the word-a-lane kernel, else false).
 pub fn gate_up_swiglu_into(
     ctx: &mut Ctx,
     gate_up: &GpuWeight,
     x: &GpuBuffer,
     t: usize,
     h: &GpuBuffer,
+    norm: Option<(&GpuBuffer, f32)>,
 ) -> Result<bool, GpuError> {
     let choice = &ctx.sh.dev.kernels;
     let [c] = gate_up.chunks.as_slice() else {
@@ -399,6 +402,9 @@ pub fn gate_up_swiglu_into(
     }
     let inter = c.rows / 2;
     let wide = wide_gemv(choice, gate_up.dtype, gate_up.cols, solo_rows(ctx, t));
+    if norm.is_some() && wide.is_none() && !gate_up.cols.is_multiple_of(8) {
+        return Ok(false);
+    }
     let p = MatmulParams {
         tile_t: wide.map_or(0, |w| w.1),
         k_chunk: 0,
@@ -412,14 +418,15 @@ pub fn gate_up_swiglu_into(
         x_row0: 0,
         out_stride: inter,
         out_col0: 0,
-        norm_eps: 0.0,
-        mode: 0,
+        norm_eps: norm.map_or(0.0, |(_, e)| e),
+        mode: if norm.is_some() { MODE_NORM } else { 0 },
         _pad: [0; 2],
     };
     let (dummy, dummy_rw) = (ctx.sh.dummies[0].clone(), ctx.sh.dummies[1].clone());
+    let norm_w = norm.map_or(&*dummy, |(w, _)| w);
     if let Some((lanes, tile)) = wide {
         let grid = gemv_grid(u64::from(inter).div_ceil(u64::from(256 / lanes)), t, tile);
-        let bufs: [&GpuBuffer; 6] = [&c.buf, x, h, &c.buf, &dummy, &dummy_rw];
+        let bufs: [&GpuBuffer; 6] = [&c.buf, x, h, &c.buf, norm_w, &dummy_rw];
         ctx.dispatch(&GEMV_WIDE_SWIGLU, gate_up.wtype(), &p, None, &bufs, grid)?;
         return Ok(true);
     }
@@ -429,7 +436,7 @@ pub fn gate_up_swiglu_into(
         gate_up.wtype(),
         &p,
         None,
-        &[&c.buf, x, h, &dummy],
+        &[&c.buf, x, h, norm_w],
         grid,
     )?;
     Ok(true)
@@ -633,7 +640,7 @@ pub(in crate::backend::gpu) fn mlp(
     }
     b.with(|ctx| {
         let h = ctx.output((x.rows * inter * 4) as u64)?;
-        if !gate_up_swiglu_into(ctx, gate_up, &x.buf, x.rows, &h)? {
+        if !gate_up_swiglu_into(ctx, gate_up, &x.buf, x.rows, &h, None)? {
             let gu = ctx.output((x.rows * 2 * inter * 4) as u64)?;
             matmul_into(ctx, gate_up, &x.buf, 0, x.rows, &gu, 2 * inter)?;
             super::elementwise::swiglu(ctx, &h, &gu, x.rows, inter)?;

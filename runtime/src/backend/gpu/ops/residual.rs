@@ -138,6 +138,51 @@ pub(in crate::backend::gpu) fn route_normed(
     }
 }
 
+/// [`Backend::mlp_add`] on the GPU: the gate/up gemv norms its input and applies SwiGLU, the
+/// down gemv adds into `x` (two dispatches for the sublayer's norm, MLP and add).
+pub(in crate::backend::gpu) fn mlp_add(
+    b: &GpuBackend,
+    gate_up: &GpuWeight,
+    down: &GpuWeight,
+    x: &mut GpuAct,
+    norm: &GpuWeight,
+    eps: f32,
+) -> backend::Result<()> {
+    shapes::norm("mlp_add", norm.rows * norm.cols, x.cols)?;
+    let inter = gate_up.rows / 2;
+    let shapes_ok = gate_up.cols == x.cols
+        && gate_up.rows.is_multiple_of(2)
+        && down.cols == inter
+        && down.rows == x.cols;
+    let nv = norm.vector().ok_or_else(|| not_a_vector("mlp_add", norm))?;
+    let accum = GemvFuse {
+        accum: true,
+        ..GemvFuse::default()
+    };
+    let done = shapes_ok
+        && b.with(|ctx| {
+            // Both halves fold in, or neither runs: the down gemv's check comes first.
+            if !super::matmul::gemv_fuses(ctx, down, x.rows, &accum) {
+                return Ok(false);
+            }
+            let h = ctx.output((x.rows * inter * 4) as u64)?;
+            let normed = Some((nv, eps));
+            if !super::matmul::gate_up_swiglu_into(ctx, gate_up, &x.buf, x.rows, &h, normed)? {
+                return Ok(false);
+            }
+            let added = matmul_fused_into(ctx, down, &h, 0, x.rows, &x.buf, down.rows, accum)?;
+            debug_assert!(added, "checked above");
+            Ok(added)
+        })?;
+    if !done {
+        // Shapes the separate ops name in their errors, or kernels that cannot fold these in.
+        let h = b.rms_norm(x, norm, eps)?;
+        let y = b.mlp(gate_up, down, &h)?;
+        b.add(x, &y)?;
+    }
+    Ok(())
+}
+
 /// [`Backend::moe_add`] on the GPU: the combine adds the experts' sum to `x` (resident experts).
 pub(in crate::backend::gpu) fn moe_add(
     b: &GpuBackend,
