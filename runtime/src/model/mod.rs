@@ -742,11 +742,8 @@ impl<B: Backend> Model<B> {
                 }
             };
             if let Some(ffn) = ffn {
+                // (A plain residual under the fused forward took the paths above.)
                 h = match &layer.residuals {
-                    None if fuse => {
-                        b.add(&mut x, &ffn)?;
-                        None
-                    }
                     None => Some(b.add_rms_norm(&mut x, &ffn, next_norm, eps)?),
                     Some((_, s)) => Some(b.scaled_residual_norm(&mut x, &ffn, s, next_norm, eps)?),
                 };
