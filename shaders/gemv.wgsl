@@ -14,11 +14,12 @@
 //   lanes a row).
 // Activations are bound as vec4s (lib/act_dot.wgsl says why); output rows may be a column range of
 // a wider matrix (out_stride, out_col0).
-// Fusions (p.mode, lib/matmul_params.wgsl): MODE_NORM reads the activation rows RMS-normed with
-// norm_w — a row's lanes together read all of it, so each lane also sums its values' squares and
-// the row's result is inv_rms · Σ w · (x · norm_w), the squares' partials added in lane order like
-// the dot products' (k a multiple of 8, ops/matmul.rs checks); MODE_ACCUM adds the result to `out`
-// (the residual stream: the o projection's x += o · W). Either saves the layer a norm dispatch.
+// Fusions (p.mode, lib/matmul_params.wgsl; ops/residual.rs): MODE_NORM (gemv, gemv_swiglu) reads
+// the activation rows RMS-normed with norm_w — a row's lanes together read all of it, so each lane
+// also sums its values' squares and the row's result is inv_rms · Σ w · (x · norm_w), the squares'
+// partials added in lane order like the dot products' (k a multiple of 8, ops/matmul.rs checks);
+// MODE_ACCUM (gemv) adds the result to `out` (the residual stream: the o projection's
+// x += o · W). Together they take the place of a layer's add_rms_norm dispatches.
 
 #include "matmul_params"
 #include "act_dot"
