@@ -5,7 +5,7 @@
 # caller's `timeout`) comes back either way.
 #   dgref  scripts/device-diffusion-gemma.sh with SYNTH=0 (transformers references on cuda; issue 18),
 #          in the background: it uses Python and CUDA, the others Vulkan and the disk
-#   pass   scripts/device-pass.sh (issue 13; TOKENS default 1,16,32, no knob rows;
+#   pass   scripts/device-pass.sh (issue 13; TOKENS default 1,2,16,32, its default knob rows;
 #          .bin/edgediff-before, when carried, is the before column)
 #   steps  scripts/device-steps.sh with DECODE_ARGS="--decoder block" (issue 13 step 4)
 #   serve  scripts/device-serve-bench.sh, STREAMS="1 16", BASELINE=1, 5 s a point (issue 16)
@@ -34,7 +34,7 @@ pack() {
 trap 'note "terminated"; pack; trap - TERM; kill 0; exit 143' TERM
 stage() {
   case $1 in
-    pass) TOKENS="${TOKENS:-1,16,32}" KNOBS="${KNOBS:- }" OUT="$RES/$1" bash scripts/device-pass.sh ;;
+    pass) TOKENS="${TOKENS:-1,2,16,32}" OUT="$RES/$1" bash scripts/device-pass.sh ;;
     steps) DECODE_ARGS="${DECODE_ARGS:---decoder block}" OUT="$RES/$1" bash scripts/device-steps.sh ;;
     serve)
       STREAMS="${STREAMS:-1 16}" BASELINE="${BASELINE:-1}" SECONDS_PER_POINT="${SECONDS_PER_POINT:-5}" \

@@ -21,7 +21,9 @@ BEFORE=.bin/edgediff-before
 TOKENS="${TOKENS:-1,4,16,32,64}"
 MODEL="${TMPDIR:-/tmp}/llada2-mini-20l-q4.edm"
 # Space-separated knob sets, each a comma-separated list of VAR=value.
-KNOBS="${KNOBS:-EDGEDIFF_COOP_MIN_T=16 EDGEDIFF_MOE_KERNEL=tiled}"
+# Default: the open questions of docs/PERF.md's newest section (the fused-norm forward off; the
+# dispatch-list-free experts and the token-blocked gemvs up to 32 rows; eight octets in flight).
+KNOBS="${KNOBS:-EDGEDIFF_FUSE_NORMS_MAX_T=0 EDGEDIFF_MOE_DIRECT_MAX_T=32 EDGEDIFF_GEMV_MAX_T=32,EDGEDIFF_FUSE_NORMS_MAX_T=32 EDGEDIFF_GEMV_DEPTH=8}"
 R="$OUT/pass.md"
 L="$OUT/pass.log"
 : >"$R"
