@@ -623,6 +623,20 @@ pub trait Backend {
         let ys = self.mlp(gate_up, down, x)?;
         self.moe_plus_shared(x, routing, experts, &ys)
     }
+    /// The MoE FFN of a layer: [`Backend::moe_shared_mlp`] when `shared` holds the shared
+    /// experts' (gate_up, down), else [`Backend::moe`].
+    fn moe_ffn(
+        &self,
+        h: &Self::Act,
+        routing: &Self::Routing,
+        experts: &Self::Experts,
+        shared: Option<(&Self::Weight, &Self::Weight)>,
+    ) -> Result<Self::Act> {
+        match shared {
+            Some((gate_up, down)) => self.moe_shared_mlp(h, routing, experts, gate_up, down),
+            None => self.moe(h, routing, experts),
+        }
+    }
     /// The MoE FFN of a layer — [`Backend::moe_shared_mlp`] when `shared` holds the shared
     /// experts' (gate_up, down), else [`Backend::moe`] — added to the residual `x`, which is then
     /// RMS-normed by `norm`: the next sublayer's input, as [`Backend::add_rms_norm`] returns it. A
@@ -638,10 +652,7 @@ pub trait Backend {
         norm: &Self::Weight,
         eps: f32,
     ) -> Result<Self::Act> {
-        let y = match shared {
-            Some((gate_up, down)) => self.moe_shared_mlp(h, routing, experts, gate_up, down)?,
-            None => self.moe(h, routing, experts)?,
-        };
+        let y = self.moe_ffn(h, routing, experts, shared)?;
         self.add_rms_norm(x, &y, norm, eps)
     }
     /// Whether this pass (after [`Backend::begin_forward`]) runs the fused-norm forward: the
@@ -705,10 +716,7 @@ pub trait Backend {
         shared: Option<(&Self::Weight, &Self::Weight)>,
         x: &mut Self::Act,
     ) -> Result<()> {
-        let y = match shared {
-            Some((gate_up, down)) => self.moe_shared_mlp(h, routing, experts, gate_up, down)?,
-            None => self.moe(h, routing, experts)?,
-        };
+        let y = self.moe_ffn(h, routing, experts, shared)?;
         self.add(x, &y)
     }
     /// CCA attention inputs, in place: `proj` rows `[q | k | v_current | v_delayed]` (the fused

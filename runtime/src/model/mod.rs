@@ -734,10 +734,7 @@ impl<B: Backend> Model<B> {
                             )?);
                             None
                         }
-                        (Some(_), Some((gu, dn))) => {
-                            Some(b.moe_shared_mlp(h_ffn, &routing, experts, gu, dn)?)
-                        }
-                        (Some(_), None) => Some(b.moe(h_ffn, &routing, experts)?),
+                        (Some(_), _) => Some(b.moe_ffn(h_ffn, &routing, experts, shared)?),
                     }
                 }
             };

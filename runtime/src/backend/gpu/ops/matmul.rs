@@ -9,7 +9,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::super::choice::KernelChoice;
 use super::super::device::GpuError;
-use super::super::kernels::{chunk_t, depth, Entry, Slot::*};
+use super::super::kernels::{chunk_t, depth, Entry, Slot, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
 use super::super::GpuWeight;
@@ -104,17 +104,31 @@ pub struct ExpertParams {
     pub tile_t: u32,
 }
 
+/// The word-a-lane gemvs' bindings: params, weights, activations, output, the norm weight.
+const GEMV_BINDINGS: &[(u32, Slot)] =
+    &[(0, Params), (1, Read), (2, Read), (3, ReadWrite), (4, Read)];
+/// The wide gemvs': those, the weights again as words (scales), the normed rows' output.
+const WIDE_BINDINGS: &[(u32, Slot)] = &[
+    (0, Params),
+    (1, Read),
+    (2, Read),
+    (3, ReadWrite),
+    (4, Read),
+    (5, Read),
+    (6, ReadWrite),
+];
+
 pub static GEMV: Entry = Entry {
     file: "gemv.wgsl",
     name: "gemv",
-    bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite), (4, Read)],
+    bindings: GEMV_BINDINGS,
     params: "MatmulParams",
 };
 /// [`GEMV`] over a fused [gate; up] weight, writing silu(gate) · up.
 pub static GEMV_SWIGLU: Entry = Entry {
     file: "gemv.wgsl",
     name: "gemv_swiglu",
-    bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite), (4, Read)],
+    bindings: GEMV_BINDINGS,
     params: "MatmulParams",
 };
 pub static GEMM: Entry = Entry {
@@ -133,30 +147,14 @@ pub static GEMM_COOP: Entry = Entry {
 pub static GEMV_WIDE: Entry = Entry {
     file: "gemv_wide.wgsl",
     name: "gemv_wide",
-    bindings: &[
-        (0, Params),
-        (1, Read),
-        (2, Read),
-        (3, ReadWrite),
-        (4, Read),
-        (5, Read),
-        (6, ReadWrite),
-    ],
+    bindings: WIDE_BINDINGS,
     params: "MatmulParams",
 };
 /// [`GEMV_WIDE`] over a fused [gate; up] weight, writing silu(gate) · up.
 pub static GEMV_WIDE_SWIGLU: Entry = Entry {
     file: "gemv_wide.wgsl",
     name: "gemv_wide_swiglu",
-    bindings: &[
-        (0, Params),
-        (1, Read),
-        (2, Read),
-        (3, ReadWrite),
-        (4, Read),
-        (5, Read),
-        (6, ReadWrite),
-    ],
+    bindings: WIDE_BINDINGS,
     params: "MatmulParams",
 };
 /// Adds the K-split partials of [`GEMM_COOP`] (matmul.wgsl).

@@ -582,6 +582,71 @@ fn combine_with(
     }
 }
 
+/// Whether a layer's MoE can fold its residual step into the combine ([`moe_residual`]): the
+/// experts resident (a paged layer's combine runs after the pager's groups) and the shapes agreeing
+/// (the separate ops name the others in their errors).
+pub(in crate::backend::gpu) fn folds_residual(
+    h: &GpuAct,
+    routing: &GpuRouting,
+    experts: &GpuExperts,
+    x: &GpuAct,
+) -> bool {
+    experts.paged.is_none()
+        && (x.rows, x.cols) == (h.rows, h.cols)
+        && h.cols == experts.hidden
+        && routing.rows == h.rows
+}
+
+/// The layer's MoE (its shared experts included) with the residual step in its combine
+/// ([`ResidualNorm`]): `x +=` the experts' sum, and with `norm` = (weight, eps, out) also
+/// `out = rms_norm(x) · weight`. Where [`folds_residual`] holds.
+pub(in crate::backend::gpu) fn moe_residual(
+    b: &GpuBackend,
+    (h, routing, experts): (&GpuAct, &GpuRouting, &GpuExperts),
+    shared: Option<(&GpuWeight, &GpuWeight)>,
+    x: &GpuBuffer,
+    norm: Option<(&GpuBuffer, f32, &GpuBuffer)>,
+) -> backend::Result<()> {
+    let layout = experts.layout(&experts.store.slots, &experts.pools);
+    let ys;
+    let kind = match shared {
+        None => Shared::None,
+        Some((gate_up, down)) => {
+            let rows = b.lock().batch_rows.map_or(h.rows, |r| r.min(h.rows));
+            match GpuBackend::fused_shared(&b.sh, rows, h, routing, experts, &layout, gate_up, down)
+            {
+                Some(m) => Shared::Mlp(m),
+                None => {
+                    ys = b.mlp(gate_up, down, h)?;
+                    Shared::Output(&ys.buf)
+                }
+            }
+        }
+    };
+    b.with(|ctx| {
+        // Without a norm the combine writes no output of its own.
+        let unused = ctx.sh.dummies[2].clone();
+        let then = ResidualNorm {
+            x,
+            w: norm.map(|(w, _, _)| w),
+            eps: norm.map_or(0.0, |(_, e, _)| e),
+        };
+        moe(
+            ctx,
+            &h.buf,
+            h.rows,
+            &routing.ids,
+            &routing.weights,
+            routing.k,
+            &layout,
+            kind,
+            norm.map_or(&*unused, |(_, _, out)| out),
+            Some(then),
+        )?;
+        Ok(())
+    })
+}
+
 /// [`Backend::moe_add_rms_norm`] on the GPU.
 #[allow(clippy::too_many_arguments)]
 pub(in crate::backend::gpu) fn moe_add_rms_norm(
@@ -594,59 +659,17 @@ pub(in crate::backend::gpu) fn moe_add_rms_norm(
     norm: &GpuWeight,
     eps: f32,
 ) -> backend::Result<GpuAct> {
-    let resident = experts.paged.is_none()
-        && (x.rows, x.cols) == (h.rows, h.cols)
-        && h.cols == experts.hidden
-        && routing.rows == h.rows;
     let wv = norm.vector().filter(|_| norm.cols == x.cols);
     let fused = b.sh.dev.kernels.fuse_combine_norm;
-    let Some(wv) = wv.filter(|_| resident && fused) else {
-        // Paged experts (their combine runs after the pager's groups), shapes the separate ops
-        // name in their errors, or the fusion off (the default; EDGEDIFF_FUSE_COMBINE_NORM=1 turns
-        // it on).
-        let y = match shared {
-            Some((gate_up, down)) => b.moe_shared_mlp(h, routing, experts, gate_up, down)?,
-            None => b.moe(h, routing, experts)?,
-        };
+    let Some(wv) = wv.filter(|_| fused && folds_residual(h, routing, experts, x)) else {
+        // Or the fusion off (the default; EDGEDIFF_FUSE_COMBINE_NORM=1 turns it on).
+        let y = b.moe_ffn(h, routing, experts, shared)?;
         return b.add_rms_norm(x, &y, norm, eps);
     };
-    let layout = experts.layout(&experts.store.slots, &experts.pools);
-    let ys;
-    let kind = match shared {
-        None => Shared::None,
-        Some((gate_up, down)) => {
-            let rows = b.lock().batch_rows.map_or(h.rows, |b| b.min(h.rows));
-            match GpuBackend::fused_shared(&b.sh, rows, h, routing, experts, &layout, gate_up, down)
-            {
-                Some(m) => Shared::Mlp(m),
-                None => {
-                    ys = b.mlp(gate_up, down, h)?;
-                    Shared::Output(&ys.buf)
-                }
-            }
-        }
-    };
-    b.with(|ctx| {
-        let out = GpuBackend::out_act(ctx, h.rows, h.cols)?;
-        let then = ResidualNorm {
-            x: &x.buf,
-            w: Some(wv),
-            eps,
-        };
-        moe(
-            ctx,
-            &h.buf,
-            h.rows,
-            &routing.ids,
-            &routing.weights,
-            routing.k,
-            &layout,
-            kind,
-            &out.buf,
-            Some(then),
-        )?;
-        Ok(out)
-    })
+    let out = b.with(|ctx| GpuBackend::out_act(ctx, h.rows, h.cols))?;
+    let norm = Some((wv, eps, &*out.buf));
+    moe_residual(b, (h, routing, experts), shared, &x.buf, norm)?;
+    Ok(out)
 }
 
 /// [`Backend::moe_shared_mlp`] on the GPU.

@@ -8,7 +8,7 @@
 
 use super::super::{not_a_vector, GpuAct, GpuBackend, GpuExperts, GpuRouting, GpuWeight};
 use super::matmul::{matmul_fused_into, GemvFuse};
-use super::moe::{ResidualNorm, Shared};
+use super::moe::{folds_residual, moe_residual};
 use crate::arch::ModelConfig;
 use crate::backend::{self, shapes, Backend};
 
@@ -183,7 +183,7 @@ pub(in crate::backend::gpu) fn mlp_add(
     Ok(())
 }
 
-/// [`Backend::moe_add`] on the GPU: the combine adds the experts' sum to `x` (resident experts).
+/// [`Backend::moe_add`] on the GPU: the combine adds the experts' sum to `x`.
 pub(in crate::backend::gpu) fn moe_add(
     b: &GpuBackend,
     h: &GpuAct,
@@ -192,54 +192,9 @@ pub(in crate::backend::gpu) fn moe_add(
     shared: Option<(&GpuWeight, &GpuWeight)>,
     x: &mut GpuAct,
 ) -> backend::Result<()> {
-    let resident = experts.paged.is_none()
-        && (x.rows, x.cols) == (h.rows, h.cols)
-        && h.cols == experts.hidden
-        && routing.rows == h.rows;
-    if !resident {
-        // Paged experts (their combine runs after the pager's groups), or shapes the separate
-        // ops name in their errors.
-        let y = match shared {
-            Some((gate_up, down)) => b.moe_shared_mlp(h, routing, experts, gate_up, down)?,
-            None => b.moe(h, routing, experts)?,
-        };
+    if !folds_residual(h, routing, experts, x) {
+        let y = b.moe_ffn(h, routing, experts, shared)?;
         return b.add(x, &y);
     }
-    let layout = experts.layout(&experts.store.slots, &experts.pools);
-    let ys;
-    let kind = match shared {
-        None => Shared::None,
-        Some((gate_up, down)) => {
-            let rows = b.lock().batch_rows.map_or(h.rows, |r| r.min(h.rows));
-            match GpuBackend::fused_shared(&b.sh, rows, h, routing, experts, &layout, gate_up, down)
-            {
-                Some(m) => Shared::Mlp(m),
-                None => {
-                    ys = b.mlp(gate_up, down, h)?;
-                    Shared::Output(&ys.buf)
-                }
-            }
-        }
-    };
-    b.with(|ctx| {
-        let unused = ctx.sh.dummies[2].clone();
-        let then = ResidualNorm {
-            x: &x.buf,
-            w: None,
-            eps: 0.0,
-        };
-        super::moe::moe(
-            ctx,
-            &h.buf,
-            h.rows,
-            &routing.ids,
-            &routing.weights,
-            routing.k,
-            &layout,
-            kind,
-            &unused,
-            Some(then),
-        )?;
-        Ok(())
-    })
+    moe_residual(b, (h, routing, experts), shared, &x.buf, None)
 }
