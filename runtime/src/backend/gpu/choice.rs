@@ -29,6 +29,7 @@
 //! | `EDGEDIFF_STATS_CHUNK=<logits>` | [`KernelChoice::stats_chunk`] |
 //! | `EDGEDIFF_EXPERT_POOL_BINDING=<bytes>` | [`KernelChoice::expert_pool_binding`] |
 //! | `EDGEDIFF_BATCH_BLOCKS=0` | [`KernelChoice::batch_blocks`] |
+//! | `EDGEDIFF_SHADER_CHECKS=all\|no-loop-bound\|none` | [`KernelChoice::shader_checks`] |
 
 /// Which expert kernels serve a layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,6 +57,21 @@ pub enum MoeWide {
     /// workgroup amortise its staging).
     Down,
     All,
+}
+
+/// What naga adds to every kernel as it translates it (wgpu's `ShaderRuntimeChecks`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShaderChecks {
+    /// wgpu's default: index clamps on arrays and vectors indexed at run time (buffers too where
+    /// the driver has no robust buffer access of its own) and a counter in every loop.
+    All,
+    /// The clamps, without the loop counters (a kernel whose loop never ends hangs the device
+    /// instead of ending with wrong values; none of ours can: every loop is counted).
+    NoLoopBound,
+    /// Neither: the kernels as written. Buffer reads stay guarded by the driver's robust buffer
+    /// access, which wgpu turns on wherever the device has it; private and workgroup arrays are
+    /// indexed in bounds by construction (the tests poison every output).
+    None,
 }
 
 /// Activation rows from which f16, q8 and q4 matmuls take the tensor cores.
@@ -151,6 +167,10 @@ pub struct KernelChoice {
     /// Passes of more rows than the gemv's (diffusion blocks, prefill) share batched passes with
     /// passes whose row counts choose the same kernels (ops/batch_class.rs); off: they run alone.
     pub batch_blocks: bool,
+    /// The runtime checks naga compiles into the kernels. llama.cpp's Vulkan backend measured
+    /// the bounds checks competing with the dequantisation's bit operations in its gemvs and
+    /// turns robustness off for them; `All` until a GPU machine measures the others.
+    pub shader_checks: ShaderChecks,
 }
 
 impl Default for KernelChoice {
@@ -180,6 +200,7 @@ impl Default for KernelChoice {
             stats_chunk: STATS_CHUNK,
             expert_pool_binding: None,
             batch_blocks: true,
+            shader_checks: ShaderChecks::All,
         }
     }
 }
@@ -264,6 +285,12 @@ impl KernelChoice {
                 .map_or(d.stats_chunk, |v| v as usize),
             expert_pool_binding: num("EDGEDIFF_EXPERT_POOL_BINDING"),
             batch_blocks: !off("EDGEDIFF_BATCH_BLOCKS"),
+            shader_checks: match var("EDGEDIFF_SHADER_CHECKS").as_deref().map(str::trim) {
+                Some("all") => ShaderChecks::All,
+                Some("no-loop-bound") => ShaderChecks::NoLoopBound,
+                Some("none") => ShaderChecks::None,
+                _ => d.shader_checks,
+            },
         }
     }
 }
@@ -320,6 +347,7 @@ mod tests {
             ("EDGEDIFF_STATS_CHUNK", "4096"),
             ("EDGEDIFF_EXPERT_POOL_BINDING", "134217728"),
             ("EDGEDIFF_BATCH_BLOCKS", "0"),
+            ("EDGEDIFF_SHADER_CHECKS", "none"),
         ]);
         assert_eq!(
             k,
@@ -348,6 +376,7 @@ mod tests {
                 stats_chunk: 4096,
                 expert_pool_binding: Some(134_217_728),
                 batch_blocks: false,
+                shader_checks: ShaderChecks::None,
             }
         );
         let k = from(&[
@@ -361,6 +390,7 @@ mod tests {
             ("EDGEDIFF_MOE_CHUNK", "3"),
             ("EDGEDIFF_ATTN_GROUPS", "0"),
             ("EDGEDIFF_STATS_CHUNK", "8"),
+            ("EDGEDIFF_SHADER_CHECKS", "off"),
         ]);
         assert_eq!(k, KernelChoice::default());
         assert_eq!(

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use super::choice::ShaderChecks;
 use super::compose::{compose, Caps};
 use super::device::{GpuDevice, GpuError};
 
@@ -141,12 +142,25 @@ impl Kernels {
         }
         let src =
             compose(text, caps, &|p| source(p).map(str::to_string)).map_err(GpuError::Wgpu)?;
+        let desc = wgpu::ShaderModuleDescriptor {
+            label: Some(file),
+            source: wgpu::ShaderSource::Wgsl(src.into()),
+        };
+        let checks = match dev.kernels.shader_checks {
+            ShaderChecks::All => wgpu::ShaderRuntimeChecks::checked(),
+            ShaderChecks::NoLoopBound => wgpu::ShaderRuntimeChecks {
+                force_loop_bounding: false,
+                ..wgpu::ShaderRuntimeChecks::checked()
+            },
+            ShaderChecks::None => wgpu::ShaderRuntimeChecks::unchecked(),
+        };
         let module = scoped(dev, file, || {
-            dev.device
-                .create_shader_module(wgpu::ShaderModuleDescriptor {
-                    label: Some(file),
-                    source: wgpu::ShaderSource::Wgsl(src.into()),
-                })
+            // SAFETY: the kernels are ours, not a user's: every loop is counted (none can run
+            // forever) and every index is in bounds by construction for the shapes the host
+            // checks before dispatching (tests run them with outputs poisoned). Checks go only
+            // where the knob says (off by default); on Vulkan the driver's robust buffer access,
+            // which wgpu enables wherever the device has it, still guards buffer reads.
+            unsafe { dev.device.create_shader_module_trusted(desc, checks) }
         })?;
         let m = Arc::new(module);
         self.modules.lock().unwrap().insert(file, m.clone());
