@@ -21,10 +21,9 @@ BEFORE=.bin/edgediff-before
 TOKENS="${TOKENS:-1,4,16,32,64}"
 MODEL="${TMPDIR:-/tmp}/llada2-mini-20l-q4.edm"
 # Space-separated knob sets, each a comma-separated list of VAR=value.
-# Default: the open questions of docs/PERF.md's newest section (the fused-norm forward off; the
-# dispatch-list-free experts and the token-blocked gemvs up to 32 rows; eight octets in flight;
-# the kernels without naga's runtime checks).
-KNOBS="${KNOBS:-EDGEDIFF_FUSE_NORMS_MAX_T=0 EDGEDIFF_MOE_DIRECT_MAX_T=32 EDGEDIFF_GEMV_MAX_T=32,EDGEDIFF_FUSE_NORMS_MAX_T=32 EDGEDIFF_GEMV_DEPTH=8 EDGEDIFF_SHADER_CHECKS=none}"
+# Default: the previous defaults beside the current ones (naga's runtime checks back on; four
+# tokens a pass in the list-path experts), and the fused-norm forward off.
+KNOBS="${KNOBS:-EDGEDIFF_SHADER_CHECKS=all EDGEDIFF_MOE_CHUNK=4 EDGEDIFF_FUSE_NORMS_MAX_T=0}"
 R="$OUT/pass.md"
 L="$OUT/pass.log"
 : >"$R"

@@ -340,3 +340,53 @@ fn fused_norm_forward_saves_two_dispatches_a_layer() {
         }
     }
 }
+
+/// Kernels built without naga's runtime checks (the default on Vulkan, KernelChoice::checks_on)
+/// compute what the checked ones do, bit for bit: the checks only clamp indices our kernels keep
+/// in bounds, and count loop iterations that end anyway. Every weight type and row counts on
+/// both kernel families (gemv, wide gemv, tiles; direct and listed experts).
+#[test]
+fn kernels_without_runtime_checks_equal_the_checked_ones() {
+    use edgediff::backend::gpu::choice::{KernelChoice, ShaderChecks};
+    use edgediff::backend::gpu::GpuOptions;
+    if edgediff::backend::gpu::testing::skip_requested() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let m = synth::build(&SynthSpec::tiny(Architecture::Llada2Moe)).unwrap();
+    let open = |checks| {
+        GpuBackend::new(&GpuOptions {
+            poison: true,
+            kernels: KernelChoice {
+                shader_checks: Some(checks),
+                ..KernelChoice::from_env()
+            },
+            ..GpuOptions::from_env()
+        })
+        .unwrap()
+    };
+    let (checked, unchecked) = (open(ShaderChecks::All), open(ShaderChecks::None));
+    for dtype in [DType::F32, DType::F16, DType::Q8, DType::Q4] {
+        let path = dir.path().join(format!("{dtype:?}.edm"));
+        synth::write_edm(&m, &path, dtype, &|_, _| {}).unwrap();
+        let (mc, mu) = (load(&checked, &path), load(&unchecked, &path));
+        for t in [1, 2, 5, 20] {
+            let tokens: Vec<u32> = (0..t as u32).map(|i| (i * 37 + 5) % 300).collect();
+            let window = Window::block(0, t, AttnMask::Bidirectional);
+            let pass = |g: &GpuBackend, m: &Model<GpuBackend>| {
+                let mut kv = m.new_kv(g, 64).unwrap();
+                run(g, m, &mut kv, &tokens, window, true)
+            };
+            let (a, b) = (pass(&checked, &mc), pass(&unchecked, &mu));
+            let bits = |o: &ForwardOutput| -> Vec<u32> {
+                o.logits
+                    .as_ref()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            };
+            assert_eq!(bits(&a), bits(&b), "{dtype:?} t{t}: logits differ");
+        }
+    }
+}

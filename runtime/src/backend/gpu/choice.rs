@@ -141,8 +141,9 @@ pub struct KernelChoice {
     pub moe_wide: MoeWide,
     /// Tokens a pass of the list-path GEMV expert kernels holds in registers (1, 2 or 4; the
     /// `CHUNK_T` override of moe_gemv.wgsl): fewer registers let more workgroups share an SM, more
-    /// tokens read an expert's rows once for more of its tokens. Same sums either way. H100, one
-    /// run: 2 against 4 within 1–2 % at 16 and 32 tokens (registers are not what holds them).
+    /// tokens read an expert's rows once for more of its tokens. Same sums either way. H100: with
+    /// naga's runtime checks 2 and 4 tied; without them 2 is faster (gate/up 4,084 → 3,387 µs a
+    /// 16-token pass, 5,918 → 4,925 at 32; 1 is slower again), so 2 since 2026-12-06.
     pub moe_chunk: u32,
     /// One- and two-row work compiles for its rows (`CHUNK_T` = 1 or 2): the 1-token direct path
     /// of the GEMV expert kernels and the 1- and 2-row dense gemv (two rows also in four-octet
@@ -167,10 +168,9 @@ pub struct KernelChoice {
     /// Passes of more rows than the gemv's (diffusion blocks, prefill) share batched passes with
     /// passes whose row counts choose the same kernels (ops/batch_class.rs); off: they run alone.
     pub batch_blocks: bool,
-    /// The runtime checks naga compiles into the kernels. llama.cpp's Vulkan backend measured
-    /// the bounds checks competing with the dequantisation's bit operations in its gemvs and
-    /// turns robustness off for them; `All` until a GPU machine measures the others.
-    pub shader_checks: ShaderChecks,
+    /// The runtime checks naga compiles into the kernels, forced (`None`: [`Self::checks_on`]
+    /// picks by backend).
+    pub shader_checks: Option<ShaderChecks>,
 }
 
 impl Default for KernelChoice {
@@ -191,7 +191,7 @@ impl Default for KernelChoice {
             moe: None,
             moe_gemv_blocks: 1,
             moe_wide: MoeWide::Down,
-            moe_chunk: 4,
+            moe_chunk: 2,
             lean_one: true,
             gemv_depth: 4,
             moe_direct_max_t: 2,
@@ -200,12 +200,26 @@ impl Default for KernelChoice {
             stats_chunk: STATS_CHUNK,
             expert_pool_binding: None,
             batch_blocks: true,
-            shader_checks: ShaderChecks::All,
+            shader_checks: None,
         }
     }
 }
 
 impl KernelChoice {
+    /// The runtime checks for kernels on `backend`: as forced, else none on Vulkan — whose
+    /// robust buffer access (a core feature every driver has, which wgpu turns on) still guards
+    /// every buffer read, so naga's clamps only repeat it — and all of them elsewhere (Metal has
+    /// no such guard; DX12 binds some buffers without one). H100, 20-layer LLaDA2.0-mini q4, one
+    /// run (docs/PERF.md): without them 3.34 → 3.03 ms GPU a 1-token pass, 13.11 → 11.93 at 16
+    /// tokens, the tensor-core tiles 1,297 → 820 µs; the loop counters alone cost little, the
+    /// index clamps most.
+    pub fn checks_on(&self, backend: wgpu::Backend) -> ShaderChecks {
+        self.shader_checks.unwrap_or(match backend {
+            wgpu::Backend::Vulkan => ShaderChecks::None,
+            _ => ShaderChecks::All,
+        })
+    }
+
     /// The defaults, overridden by the `EDGEDIFF_*` variables of the module table.
     pub fn from_env() -> Self {
         Self::from_vars(&|name| std::env::var(name).ok())
@@ -286,9 +300,9 @@ impl KernelChoice {
             expert_pool_binding: num("EDGEDIFF_EXPERT_POOL_BINDING"),
             batch_blocks: !off("EDGEDIFF_BATCH_BLOCKS"),
             shader_checks: match var("EDGEDIFF_SHADER_CHECKS").as_deref().map(str::trim) {
-                Some("all") => ShaderChecks::All,
-                Some("no-loop-bound") => ShaderChecks::NoLoopBound,
-                Some("none") => ShaderChecks::None,
+                Some("all") => Some(ShaderChecks::All),
+                Some("no-loop-bound") => Some(ShaderChecks::NoLoopBound),
+                Some("none") => Some(ShaderChecks::None),
                 _ => d.shader_checks,
             },
         }
@@ -321,6 +335,22 @@ mod tests {
     }
 
     #[test]
+    fn runtime_checks_go_on_vulkan_unless_forced() {
+        let d = KernelChoice::default();
+        assert_eq!(d.checks_on(wgpu::Backend::Vulkan), ShaderChecks::None);
+        for b in [wgpu::Backend::Metal, wgpu::Backend::Dx12, wgpu::Backend::Gl] {
+            assert_eq!(d.checks_on(b), ShaderChecks::All, "{b:?}");
+        }
+        let forced = from(&[("EDGEDIFF_SHADER_CHECKS", "all")]);
+        assert_eq!(forced.checks_on(wgpu::Backend::Vulkan), ShaderChecks::All);
+        let loops = from(&[("EDGEDIFF_SHADER_CHECKS", "no-loop-bound")]);
+        assert_eq!(
+            loops.checks_on(wgpu::Backend::Metal),
+            ShaderChecks::NoLoopBound
+        );
+    }
+
+    #[test]
     fn each_variable_sets_its_field_and_bad_values_keep_the_default() {
         let k = from(&[
             ("EDGEDIFF_COOP_MIN_T", "32"),
@@ -338,7 +368,7 @@ mod tests {
             ("EDGEDIFF_MOE_KERNEL", "tiled"),
             ("EDGEDIFF_MOE_GEMV_BLOCKS", "8"),
             ("EDGEDIFF_MOE_WIDE", "all"),
-            ("EDGEDIFF_MOE_CHUNK", "2"),
+            ("EDGEDIFF_MOE_CHUNK", "4"),
             ("EDGEDIFF_LEAN_ONE", "0"),
             ("EDGEDIFF_GEMV_DEPTH", "8"),
             ("EDGEDIFF_MOE_DIRECT_MAX_T", "4"),
@@ -367,7 +397,7 @@ mod tests {
                 moe: Some(ExpertKernel::Tiled),
                 moe_gemv_blocks: 8,
                 moe_wide: MoeWide::All,
-                moe_chunk: 2,
+                moe_chunk: 4,
                 lean_one: false,
                 gemv_depth: 8,
                 moe_direct_max_t: 4,
@@ -376,7 +406,7 @@ mod tests {
                 stats_chunk: 4096,
                 expert_pool_binding: Some(134_217_728),
                 batch_blocks: false,
-                shader_checks: ShaderChecks::None,
+                shader_checks: Some(ShaderChecks::None),
             }
         );
         let k = from(&[

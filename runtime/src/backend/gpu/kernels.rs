@@ -146,7 +146,7 @@ impl Kernels {
             label: Some(file),
             source: wgpu::ShaderSource::Wgsl(src.into()),
         };
-        let checks = match dev.kernels.shader_checks {
+        let checks = match dev.kernels.checks_on(dev.info.backend) {
             ShaderChecks::All => wgpu::ShaderRuntimeChecks::checked(),
             ShaderChecks::NoLoopBound => wgpu::ShaderRuntimeChecks {
                 force_loop_bounding: false,
@@ -157,9 +157,9 @@ impl Kernels {
         let module = scoped(dev, file, || {
             // SAFETY: the kernels are ours, not a user's: every loop is counted (none can run
             // forever) and every index is in bounds by construction for the shapes the host
-            // checks before dispatching (tests run them with outputs poisoned). Checks go only
-            // where the knob says (off by default); on Vulkan the driver's robust buffer access,
-            // which wgpu enables wherever the device has it, still guards buffer reads.
+            // checks before dispatching (tests run them with outputs poisoned). They go only on
+            // Vulkan by default, whose robust buffer access (core, enabled by wgpu) still guards
+            // every buffer read (KernelChoice::checks_on).
             unsafe { dev.device.create_shader_module_trusted(desc, checks) }
         })?;
         let m = Arc::new(module);
