@@ -54,7 +54,8 @@ pub enum AttnKernel {
 pub enum MoeWide {
     Off,
     /// The down projection only (rows of the expert width: the wide kernel's 32 rows a
-    /// workgroup amortise its staging).
+    /// workgroup amortise its staging), in passes of at least `gemv_wide_min_t` rows (the
+    /// word-a-lane kernel is faster below them).
     Down,
     All,
 }
