@@ -69,9 +69,9 @@ pub enum ShaderChecks {
     /// The clamps, without the loop counters (a kernel whose loop never ends hangs the device
     /// instead of ending with wrong values; none of ours can: every loop is counted).
     NoLoopBound,
-    /// Neither: the kernels as written. Buffer reads stay guarded by the driver's robust buffer
-    /// access, which wgpu turns on wherever the device has it; private and workgroup arrays are
-    /// indexed in bounds by construction (the tests poison every output).
+    /// Neither: the kernels as written, which index in bounds by construction (the tests poison
+    /// every output). On Vulkan the driver's robust buffer access, which wgpu turns on, still
+    /// guards buffer reads; elsewhere (Metal) nothing does, hence the default there.
     None,
 }
 
