@@ -1101,7 +1101,7 @@ impl Backend for GpuBackend {
         norm: &GpuWeight,
         eps: f32,
     ) -> Result<GpuAct> {
-        ops::moe::moe_add_rms_norm(self, h, routing, experts, shared, x, norm, eps)
+        ops::residual::moe_add_rms_norm(self, h, routing, experts, shared, x, norm, eps)
     }
 
     fn cca_qkv(

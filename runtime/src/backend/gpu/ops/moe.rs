@@ -381,13 +381,8 @@ fn experts_with(
     let (h, y) = (&*s.h, &*s.y);
     // A batched pass chooses as one sequence's pass alone (see matmul::pass_kernel): the GEMV
     // and the tiled kernels each sum a token the same way however many tokens an expert serves.
-    let t = s.params.t as usize;
-    let kernel = expert_kernel(
-        ctx.sh.dev.kernels.moe,
-        super::matmul::solo_rows(ctx, t),
-        top_k as usize,
-        e.num_experts,
-    );
+    let solo = super::matmul::solo_rows(ctx, s.params.t as usize);
+    let kernel = expert_kernel(ctx.sh.dev.kernels.moe, solo, top_k as usize, e.num_experts);
     // GEMV grids: (active-expert list entries, weight-row blocks); the list has at most
     // min(assignments, experts) entries; the direct path has a column per assignment.
     let listed = if direct != 0 {
@@ -408,11 +403,12 @@ fn experts_with(
     // two-row passes, AR) the word-a-lane kernel is faster (H100, 2026-12-06: 3.03 → 2.95 ms a
     // 1-token pass, 3.98 → 3.83 at 2 rows), and one threshold keeps the batch classes as they are
     // (ops/batch_class.rs bit 24).
-    let wide_rows = {
-        let choice = &ctx.sh.dev.kernels;
-        let rows = super::matmul::solo_rows(ctx, t);
-        choice.gemv_wide_min_t.is_some_and(|m| rows >= m)
-    };
+    let wide_rows = ctx
+        .sh
+        .dev
+        .kernels
+        .gemv_wide_min_t
+        .is_some_and(|m| solo >= m);
     // The wide kernels (16-byte chunks) where the weight type and row length suit them and the
     // part starts on a 16-byte boundary of its slot (the shared expert's buffers start at 0).
     let wide = |wtype: u32, k: usize, part: u32, down: bool| {
@@ -654,31 +650,6 @@ pub(in crate::backend::gpu) fn moe_residual(
         )?;
         Ok(())
     })
-}
-
-/// [`Backend::moe_add_rms_norm`] on the GPU.
-#[allow(clippy::too_many_arguments)]
-pub(in crate::backend::gpu) fn moe_add_rms_norm(
-    b: &GpuBackend,
-    h: &GpuAct,
-    routing: &GpuRouting,
-    experts: &GpuExperts,
-    shared: Option<(&GpuWeight, &GpuWeight)>,
-    x: &mut GpuAct,
-    norm: &GpuWeight,
-    eps: f32,
-) -> backend::Result<GpuAct> {
-    let wv = norm.vector().filter(|_| norm.cols == x.cols);
-    let fused = b.sh.dev.kernels.fuse_combine_norm;
-    let Some(wv) = wv.filter(|_| fused && folds_residual(h, routing, experts, x)) else {
-        // Or the fusion off (the default; EDGEDIFF_FUSE_COMBINE_NORM=1 turns it on).
-        let y = b.moe_ffn(h, routing, experts, shared)?;
-        return b.add_rms_norm(x, &y, norm, eps);
-    };
-    let out = b.with(|ctx| GpuBackend::out_act(ctx, h.rows, h.cols))?;
-    let norm = Some((wv, eps, &*out.buf));
-    moe_residual(b, (h, routing, experts), shared, &x.buf, norm)?;
-    Ok(out)
 }
 
 /// [`Backend::moe_shared_mlp`] on the GPU.

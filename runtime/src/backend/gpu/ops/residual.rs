@@ -4,7 +4,8 @@
 //! gemv, the MoE combine), so a MoE layer runs without its two add_rms_norm dispatches. A dispatch
 //! costs ~7–9 µs on an H100 whatever it does (docs/PERF.md), and these two carried one row's worth
 //! of work each. Where a gemv cannot fold the norm or add in (ops/matmul.rs `gemv_fuses`), or the
-//! experts are paged, each op runs the separate kernels instead: the same values.
+//! experts are paged, each op runs the separate kernels instead: the same values. The MoE combine
+//! can also carry the next norm (`moe_add_rms_norm`, off by default).
 
 use super::super::{not_a_vector, GpuAct, GpuBackend, GpuExperts, GpuRouting, GpuWeight};
 use super::matmul::{matmul_fused_into, GemvFuse};
@@ -197,4 +198,30 @@ pub(in crate::backend::gpu) fn moe_add(
         return b.add(x, &y);
     }
     moe_residual(b, (h, routing, experts), shared, &x.buf, None)
+}
+
+/// [`Backend::moe_add_rms_norm`] on the GPU.
+#[allow(clippy::too_many_arguments)]
+pub(in crate::backend::gpu) fn moe_add_rms_norm(
+    b: &GpuBackend,
+    h: &GpuAct,
+    routing: &GpuRouting,
+    experts: &GpuExperts,
+    shared: Option<(&GpuWeight, &GpuWeight)>,
+    x: &mut GpuAct,
+    norm: &GpuWeight,
+    eps: f32,
+) -> backend::Result<GpuAct> {
+    let wv = norm.vector().filter(|_| norm.cols == x.cols);
+    let fused = b.sh.dev.kernels.fuse_combine_norm;
+    let Some(wv) = wv.filter(|_| fused && folds_residual(h, routing, experts, x)) else {
+        // Paged experts, shapes the separate ops name in their errors, or the fusion off (the
+        // default; EDGEDIFF_FUSE_COMBINE_NORM=1 turns it on).
+        let y = b.moe_ffn(h, routing, experts, shared)?;
+        return b.add_rms_norm(x, &y, norm, eps);
+    };
+    let out = b.with(|ctx| GpuBackend::out_act(ctx, h.rows, h.cols))?;
+    let norm = Some((wv, eps, &*out.buf));
+    moe_residual(b, (h, routing, experts), shared, &x.buf, norm)?;
+    Ok(out)
 }
