@@ -89,6 +89,9 @@ pub(super) fn gpu() -> anyhow::Result<GpuBackend> {
     Ok(g)
 }
 
+/// Trivial dispatches timed for `bench forward`'s dispatch floor.
+const DISPATCH_FLOOR_N: usize = 256;
+
 /// Copy bandwidth (`None` when skipped), announced on stderr.
 fn copy_bandwidth(g: &GpuBackend, c: &Common) -> anyhow::Result<Option<CopyBandwidth>> {
     if c.copy_mib == 0 {
@@ -653,6 +656,10 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
     }
     let copy_bw = copy_bandwidth(&g, c)?;
     let copy = copy_bw.map(|b| b.best());
+    // What a kernel of the pass costs before it does anything: the floor its dispatch count sets.
+    let floor = g
+        .dispatch_floor(DISPATCH_FLOOR_N)
+        .context("measuring the dispatch floor")?;
     let model = Model::load(&g, file.clone(), &|_, _| true).context("loading the model")?;
     let cfg = model.config.clone();
     let vocab = cfg.vocab_size as u64;
@@ -749,6 +756,9 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
             "context": c.context,
             "copy": copy_json(copy_bw),
             "copy_gbs": copy.map(|b| b / 1e9),
+            "dispatch_floor_us": floor.dependent,
+            "dispatch_floor_switching_us": floor.switching,
+            "dispatch_floor_independent_us": floor.independent,
             "passes": rows.iter().map(|(t, wall, gpu, per, b, host)| json!({
                 "tokens": t,
                 "wall_ms": wall,
@@ -773,13 +783,19 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
         }
     }
     println!(
-        "device: {}\nmodel: {} ({} layers), context {} tokens, {} iterations\ncopy bandwidth: {}\n",
+        "device: {}\nmodel: {} ({} layers), context {} tokens, {} iterations\ncopy bandwidth: {}\n\
+         dispatch floor: {:.2} µs a dependent dispatch ({:.2} switching between two pipelines), \
+         {:.2} µs an independent one ({DISPATCH_FLOOR_N} trivial dispatches in one submission, \
+         wall clock)\n",
         g.device_name(),
         file.path().display(),
         cfg.num_layers,
         c.context,
         c.iters,
         copy_note(copy_bw),
+        floor.dependent,
+        floor.switching,
+        floor.independent,
     );
     println!("| tokens | ms / forward | GPU ms | host µs (encode / submit / wait) | dispatches | tokens/s | experts / layer | MB read (dense + experts + KV) | GB/s (wall) | GB/s (GPU) | % copy BW (wall / GPU) |");
     println!("|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---:|");

@@ -109,6 +109,17 @@ pub struct GpuRouting {
     weights: Pooled,
 }
 
+/// Wall-clock µs per trivial dispatch ([`GpuBackend::dispatch_floor`]).
+#[derive(Clone, Copy, Debug)]
+pub struct DispatchFloor {
+    /// Each behind a barrier (it writes what the previous one wrote).
+    pub dependent: f64,
+    /// The same, alternating between two pipelines.
+    pub switching: f64,
+    /// None waiting for another.
+    pub independent: f64,
+}
+
 /// The device's copy bandwidth (read + written bytes per second) two ways.
 #[derive(Clone, Copy, Debug)]
 pub struct CopyBandwidth {
@@ -424,6 +435,69 @@ impl GpuBackend {
         Ok(CopyBandwidth {
             buffer_copy,
             shader_copy,
+        })
+    }
+
+    /// The cost of a dispatch that does (almost) nothing, from `n` of them in one submission,
+    /// wall-clock µs each after a warm-up: `dependent` — each writes the buffer the previous one
+    /// wrote, so a barrier separates them, as the kernels of a forward pass are separated;
+    /// `switching` — the same chain alternating between two kernels, as a pass switches
+    /// pipelines at every dispatch; and `independent` — each writes its own buffer, so none waits
+    /// for another. The first two are the floor under every kernel of a pass; the gap to the last
+    /// is what the barriers cost.
+    pub fn dispatch_floor(&self, n: usize) -> Result<DispatchFloor> {
+        let dev = &self.sh.dev;
+        let n = n.max(1);
+        let usage = wgpu::BufferUsages::STORAGE;
+        let src = GpuBuffer::new(&dev.device, 256, usage, "dispatch floor source");
+        let dsts: Vec<_> = (0..n)
+            .map(|_| GpuBuffer::new(&dev.device, 256, usage, "dispatch floor target"))
+            .collect();
+        let p = ops::elementwise::EwParams {
+            n: 1,
+            cols: 0,
+            pattern: 0,
+            _pad: 0,
+        };
+        // own: each its own target; switch: every other dispatch adds the source to the target
+        // (a += b over its first 4 values) instead of copying it.
+        let run = |own: bool, switch: bool| -> Result<f64> {
+            self.with(|ctx| {
+                for (i, d) in dsts
+                    .iter()
+                    .take(if own { n } else { 1 })
+                    .cycle()
+                    .take(n)
+                    .enumerate()
+                {
+                    if switch && i % 2 == 1 {
+                        ops::elementwise::record_add(ctx, d, &src, 4)?;
+                        continue;
+                    }
+                    ctx.dispatch(
+                        &ops::elementwise::COPY16,
+                        0,
+                        &p,
+                        None,
+                        &[&src, d],
+                        recorder::Grid::Linear(1),
+                    )?;
+                }
+                Ok(())
+            })?;
+            let t0 = std::time::Instant::now();
+            self.with(|ctx| Ok(ctx.flush()?))?;
+            dev.wait()?;
+            Ok(t0.elapsed().as_secs_f64() * 1e6 / n as f64)
+        };
+        let best = |own, switch| -> Result<f64> {
+            run(own, switch)?;
+            Ok(run(own, switch)?.min(run(own, switch)?))
+        };
+        Ok(DispatchFloor {
+            dependent: best(false, false)?,
+            switching: best(false, true)?,
+            independent: best(true, false)?,
         })
     }
 

@@ -1910,3 +1910,20 @@ fn bad_inputs_are_errors_not_panics() {
         );
     }
 }
+
+/// `bench forward`'s dispatch floor records and times its three chains (the same trivial copy
+/// behind barriers, alternating with an add, and into separate buffers) without error, and gives
+/// a positive time for each.
+#[test]
+fn dispatch_floor_runs_its_chains() {
+    for (label, b) in super::testing::backends_with(super::GpuOptions::from_env()) {
+        let f = b.dispatch_floor(8).unwrap();
+        for (what, v) in [
+            ("dependent", f.dependent),
+            ("switching", f.switching),
+            ("independent", f.independent),
+        ] {
+            assert!(v.is_finite() && v > 0.0, "{label} {what}: {v}");
+        }
+    }
+}
