@@ -4,7 +4,9 @@
 // invocation: the compute-shader yardstick of the device's copy bandwidth, next to
 // copy_buffer_to_buffer, which some drivers run on a slower copy engine) and gather_rows
 // (a[i, c] = b[src_rows[i], c]: rows of a batched pass picked for its LM head, inside the compute
-// pass where buffer copies would end it).
+// pass where buffer copies would end it) and chase (one invocation follows p.n links of the chain
+// in `words`, i = words[i] from i = p.pattern, and writes where it ended to words[p.cols]: each load waits for
+// the previous one, so the time is the memory's latency — `bench forward`'s latency measurement).
 
 #include "grid"
 
@@ -86,4 +88,16 @@ fn gather_rows(
     if (i < p.n) {
         a[i] = b[src_rows[i / p.cols] * p.cols + i % p.cols];
     }
+}
+
+@compute @workgroup_size(64)
+fn chase(@builtin(local_invocation_index) lid: u32) {
+    if (lid != 0u) {
+        return;
+    }
+    var i = p.pattern;
+    for (var k = 0u; k < p.n; k++) {
+        i = words[i];
+    }
+    words[p.cols] = i;
 }

@@ -91,6 +91,11 @@ pub(super) fn gpu() -> anyhow::Result<GpuBackend> {
 
 /// Trivial dispatches timed for `bench forward`'s dispatch floor.
 const DISPATCH_FLOOR_N: usize = 256;
+/// `bench forward`'s load-latency chains: one far under a large GPU's L2, one far over it (or the
+/// device's binding limit, if lower), and links a walk.
+const LATENCY_NEAR_BYTES: u64 = 4 << 20;
+const LATENCY_FAR_BYTES: u64 = 256 << 20;
+const LATENCY_STEPS: u32 = 20_000;
 
 /// Copy bandwidth (`None` when skipped), announced on stderr.
 fn copy_bandwidth(g: &GpuBackend, c: &Common) -> anyhow::Result<Option<CopyBandwidth>> {
@@ -660,6 +665,13 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
     let floor = g
         .dispatch_floor(DISPATCH_FLOOR_N)
         .context("measuring the dispatch floor")?;
+    // And what each dependent round of loads inside a kernel costs.
+    let latency = (
+        g.load_latency(LATENCY_NEAR_BYTES, LATENCY_STEPS, true)
+            .context("measuring the load latency")?,
+        g.load_latency(LATENCY_FAR_BYTES, LATENCY_STEPS, false)
+            .context("measuring the load latency")?,
+    );
     let model = Model::load(&g, file.clone(), &|_, _| true).context("loading the model")?;
     let cfg = model.config.clone();
     let vocab = cfg.vocab_size as u64;
@@ -759,6 +771,9 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
             "dispatch_floor_us": floor.dependent,
             "dispatch_floor_switching_us": floor.switching,
             "dispatch_floor_independent_us": floor.independent,
+            "load_latency_near_ns": latency.0 .0,
+            "load_latency_far_ns": latency.1 .0,
+            "load_latency_far_bytes": latency.1 .1,
             "passes": rows.iter().map(|(t, wall, gpu, per, b, host)| json!({
                 "tokens": t,
                 "wall_ms": wall,
@@ -786,7 +801,8 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
         "device: {}\nmodel: {} ({} layers), context {} tokens, {} iterations\ncopy bandwidth: {}\n\
          dispatch floor: {:.2} µs a dependent dispatch ({:.2} switching between two pipelines), \
          {:.2} µs an independent one ({DISPATCH_FLOOR_N} trivial dispatches in one submission, \
-         wall clock)\n",
+         wall clock)\nload latency: {:.0} ns a dependent load over {} MiB read again (cached), \
+         {:.0} ns over {} MiB read once (one invocation's chain of loads)\n",
         g.device_name(),
         file.path().display(),
         cfg.num_layers,
@@ -796,6 +812,10 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
         floor.dependent,
         floor.switching,
         floor.independent,
+        latency.0 .0,
+        latency.0 .1 >> 20,
+        latency.1 .0,
+        latency.1 .1 >> 20,
     );
     println!("| tokens | ms / forward | GPU ms | host µs (encode / submit / wait) | dispatches | tokens/s | experts / layer | MB read (dense + experts + KV) | GB/s (wall) | GB/s (GPU) | % copy BW (wall / GPU) |");
     println!("|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---:|");

@@ -224,6 +224,28 @@ pub(crate) fn check_finite(view: &TensorView<'_>) -> Result<()> {
     Ok(())
 }
 
+/// [`GpuBackend::load_latency`]'s chain over `words` words (a multiple of 32, at least 64): word
+/// 32·s links slot s to the next slot of one shuffled cycle through all of them (as a word index);
+/// the other words are 0. Also the cycle's order (slot k of the walk from slot `order[0]`). A walk
+/// from any slot's link visits every slot once a cycle.
+fn latency_chain(words: usize) -> (Vec<u32>, Vec<u32>) {
+    let slots = words / 32;
+    // A shuffled cycle through the slots (xorshift; any fixed order does).
+    let mut order: Vec<u32> = (0..slots as u32).collect();
+    let mut r = 0x9e37_79b9_7f4a_7c15u64;
+    for i in (1..slots).rev() {
+        r ^= r << 13;
+        r ^= r >> 7;
+        r ^= r << 17;
+        order.swap(i, (r % (i as u64 + 1)) as usize);
+    }
+    let mut chain = vec![0u32; words];
+    for (i, &s) in order.iter().enumerate() {
+        chain[s as usize * 32] = order[(i + 1) % slots] * 32;
+    }
+    (chain, order)
+}
+
 /// `queue.write_buffer` of `bytes` at `offset`, padded to whole words.
 pub(crate) fn write_padded(sh: &Shared, buf: &GpuBuffer, offset: u64, bytes: &[u8]) {
     if bytes.len().is_multiple_of(4) {
@@ -499,6 +521,70 @@ impl GpuBackend {
             switching: best(false, true)?,
             independent: best(true, false)?,
         })
+    }
+
+    /// The latency of a dependent load, ns: one invocation follows a chain of links spread over
+    /// `bytes` of a buffer (one link every 128 bytes, in a shuffled order, so neighbouring links
+    /// share no cache line), timed over `steps` and `2 · steps` links, the difference over `steps`
+    /// (the launch cancels out). `warm`: after a walk of the whole cycle, so every link is in
+    /// whatever cache holds the buffer (an L2 hit where it fits); else two walks from far-apart
+    /// points of a cycle much longer than both, each link read once (device memory, where the
+    /// buffer is far over the caches). Returns the latency and the bytes the chain spans (`bytes`,
+    /// or less where the device's binding limit is lower).
+    pub fn load_latency(&self, bytes: u64, steps: u32, warm: bool) -> Result<(f64, u64)> {
+        let dev = &self.sh.dev;
+        let words = (bytes.min(dev.max_binding) / 128).max(2) as usize * 32;
+        let (chain, order) = latency_chain(words);
+        let slots = words / 32;
+        let buf = GpuBuffer::new(
+            &dev.device,
+            (words * 4) as u64,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            "load latency chain",
+        );
+        dev.queue
+            .write_buffer(&buf.raw, 0, bytemuck::cast_slice(&chain));
+        // A walk of n links from cycle position k.
+        let walk = |k: usize, n: u32| -> Result<f64> {
+            let p = ops::elementwise::EwParams {
+                n,
+                // The end of the walk lands in a word no link uses.
+                cols: (words - 1) as u32,
+                pattern: order[k % slots] * 32,
+                _pad: 0,
+            };
+            self.with(|ctx| {
+                ctx.dispatch(
+                    &ops::elementwise::CHASE,
+                    0,
+                    &p,
+                    None,
+                    &[&buf],
+                    recorder::Grid::Linear(1),
+                )?;
+                Ok(())
+            })?;
+            let t0 = std::time::Instant::now();
+            self.with(|ctx| Ok(ctx.flush()?))?;
+            dev.wait()?;
+            Ok(t0.elapsed().as_secs_f64())
+        };
+        let (steps, one, two) = if warm {
+            let steps = steps.max(1);
+            walk(0, slots as u32)?;
+            (steps, walk(0, steps)?, walk(0, steps.saturating_mul(2))?)
+        } else {
+            // Cold: the walks must not meet (3 · steps links in all, from opposite points).
+            let steps = steps.clamp(1, (slots / 8).max(1) as u32);
+            // One link first, elsewhere on the cycle: the first walk over a buffer pays one-time
+            // costs the timed ones must not.
+            walk(slots / 4, 1)?;
+            (steps, walk(0, steps)?, walk(slots / 2, 2 * steps)?)
+        };
+        Ok((
+            ((two - one) * 1e9 / f64::from(steps)).max(0.0),
+            (words * 4) as u64,
+        ))
     }
 
     /// A bounded GPU expert pool of `slots` experts for `file` (exact lazy paging; see

@@ -1927,3 +1927,31 @@ fn dispatch_floor_runs_its_chains() {
         }
     }
 }
+
+/// The load-latency chain is one cycle through every slot: a walk from word 0 visits each 128-byte
+/// slot once and is back at word 0 after exactly `slots` links; and the device walks one (the
+/// chase kernel runs; its time is not checked).
+#[test]
+fn latency_chain_is_one_cycle_through_every_slot() {
+    for words in [64, 96, 32 * 1000] {
+        let (chain, _) = super::latency_chain(words);
+        let slots = words / 32;
+        let mut seen = vec![false; slots];
+        let mut i = 0usize;
+        for _ in 0..slots {
+            assert_eq!(i % 32, 0, "{words}: a link off a slot's first word");
+            assert!(!seen[i / 32], "{words}: slot {} twice", i / 32);
+            seen[i / 32] = true;
+            i = chain[i] as usize;
+        }
+        assert_eq!(i, 0, "{words}: not back at the start after a cycle");
+    }
+    let b = GpuBackend::new(&super::GpuOptions::from_env()).unwrap();
+    for warm in [true, false] {
+        let (ns, bytes) = b.load_latency(32 * 4 * 100, 150, warm).unwrap();
+        assert!(
+            ns.is_finite() && bytes == 32 * 4 * 100,
+            "{warm}: {ns} {bytes}"
+        );
+    }
+}

@@ -44,6 +44,13 @@ pub static FILL: Entry = Entry {
     bindings: &[(0, Params), (3, ReadWrite)],
     params: "EwParams",
 };
+/// One invocation following a chain of dependent loads (the memory-latency yardstick).
+pub static CHASE: Entry = Entry {
+    file: "elementwise.wgsl",
+    name: "chase",
+    bindings: &[(0, Params), (3, ReadWrite)],
+    params: "EwParams",
+};
 pub static COPY16: Entry = Entry {
     file: "elementwise.wgsl",
     name: "copy16",
