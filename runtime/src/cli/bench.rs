@@ -770,6 +770,7 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
             "copy_gbs": copy.map(|b| b / 1e9),
             "dispatch_floor_us": floor.dependent,
             "dispatch_floor_switching_us": floor.switching,
+            "dispatch_floor_timed_us": floor.timed,
             "dispatch_floor_independent_us": floor.independent,
             "load_latency_near_ns": latency.0 .0,
             "load_latency_far_ns": latency.1 .0,
@@ -801,7 +802,7 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
         "device: {}\nmodel: {} ({} layers), context {} tokens, {} iterations\ncopy bandwidth: {}\n\
          dispatch floor: {:.2} µs a dependent dispatch ({:.2} switching between two pipelines), \
          {:.2} µs an independent one ({DISPATCH_FLOOR_N} trivial dispatches in one submission, \
-         wall clock)\nload latency: {:.0} ns a dependent load over {} MiB read again (cached), \
+         wall clock; {} µs a dependent one as the kernel timing measures it)\nload latency: {:.0} ns a dependent load over {} MiB read again (cached), \
          {:.0} ns over {} MiB read once (one invocation's chain of loads)\n",
         g.device_name(),
         file.path().display(),
@@ -812,6 +813,7 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
         floor.dependent,
         floor.switching,
         floor.independent,
+        fmt_opt(floor.timed, 2),
         latency.0 .0,
         latency.0 .1 >> 20,
         latency.1 .0,

@@ -118,6 +118,10 @@ pub struct DispatchFloor {
     pub switching: f64,
     /// None waiting for another.
     pub independent: f64,
+    /// The dependent chain's mean GPU time a dispatch as the kernel timing measures it (each
+    /// dispatch in a compute pass of its own between two timestamps); `None` without timestamps.
+    /// Against `dependent`, what the timing adds to every kernel in `bench` tables.
+    pub timed: Option<f64>,
 }
 
 /// The device's copy bandwidth (read + written bytes per second) two ways.
@@ -516,10 +520,22 @@ impl GpuBackend {
             run(own, switch)?;
             Ok(run(own, switch)?.min(run(own, switch)?))
         };
+        let dependent = best(false, false)?;
+        let switching = best(false, true)?;
+        let independent = best(true, false)?;
+        let timed = if self.start_timing(n as u32) {
+            run(false, false)?;
+            let spans = self.finish_timing()?;
+            (!spans.is_empty())
+                .then(|| spans.iter().map(|s| s.1).sum::<f64>() / 1e3 / spans.len() as f64)
+        } else {
+            None
+        };
         Ok(DispatchFloor {
-            dependent: best(false, false)?,
-            switching: best(false, true)?,
-            independent: best(true, false)?,
+            dependent,
+            switching,
+            independent,
+            timed,
         })
     }
 

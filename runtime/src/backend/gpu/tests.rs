@@ -1911,9 +1911,9 @@ fn bad_inputs_are_errors_not_panics() {
     }
 }
 
-/// `bench forward`'s dispatch floor records and times its three chains (the same trivial copy
-/// behind barriers, alternating with an add, and into separate buffers) without error, and gives
-/// a positive time for each.
+/// `bench forward`'s dispatch floor records and times its chains (the same trivial copy behind
+/// barriers, alternating with an add, into separate buffers, and timed per dispatch where the
+/// device has timestamps) without error, and gives a positive time for each.
 #[test]
 fn dispatch_floor_runs_its_chains() {
     for (label, b) in super::testing::backends_with(super::GpuOptions::from_env()) {
@@ -1922,6 +1922,7 @@ fn dispatch_floor_runs_its_chains() {
             ("dependent", f.dependent),
             ("switching", f.switching),
             ("independent", f.independent),
+            ("timed", f.timed.unwrap_or(1.0)),
         ] {
             assert!(v.is_finite() && v > 0.0, "{label} {what}: {v}");
         }
