@@ -5,8 +5,8 @@
 // copy_buffer_to_buffer, which some drivers run on a slower copy engine) and gather_rows
 // (a[i, c] = b[src_rows[i], c]: rows of a batched pass picked for its LM head, inside the compute
 // pass where buffer copies would end it) and chase (one invocation follows p.n links of the chain
-// in `words`, i = words[i] from i = p.pattern, and writes where it ended to words[p.cols]: each load waits for
-// the previous one, so the time is the memory's latency — `bench forward`'s latency measurement).
+// in `words`, i = words[i] from i = p.pattern, and writes where it ended to words[p.cols]: each
+// load waits for the previous one, so the time is the memory's latency — backend/gpu/yardsticks.rs).
 
 #include "grid"
 

@@ -802,8 +802,9 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
         "device: {}\nmodel: {} ({} layers), context {} tokens, {} iterations\ncopy bandwidth: {}\n\
          dispatch floor: {:.2} µs a dependent dispatch ({:.2} switching between two pipelines), \
          {:.2} µs an independent one ({DISPATCH_FLOOR_N} trivial dispatches in one submission, \
-         wall clock; {} µs a dependent one as the kernel timing measures it)\nload latency: {:.0} ns a dependent load over {} MiB read again (cached), \
-         {:.0} ns over {} MiB read once (one invocation's chain of loads)\n",
+         wall clock; {} µs a dependent one as the kernel timing measures it)\n\
+         load latency: {:.0} ns a dependent load over {} MiB read again (cached), {:.0} ns over \
+         {} MiB read once (one invocation's chain of loads)\n",
         g.device_name(),
         file.path().display(),
         cfg.num_layers,

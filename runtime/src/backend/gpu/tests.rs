@@ -1935,7 +1935,7 @@ fn dispatch_floor_runs_its_chains() {
 #[test]
 fn latency_chain_is_one_cycle_through_every_slot() {
     for words in [64, 96, 32 * 1000] {
-        let (chain, _) = super::latency_chain(words);
+        let (chain, _) = super::yardsticks::latency_chain(words);
         let slots = words / 32;
         let mut seen = vec![false; slots];
         let mut i = 0usize;
