@@ -772,6 +772,8 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
             "dispatch_floor_switching_us": floor.switching,
             "dispatch_floor_timed_us": floor.timed,
             "dispatch_floor_independent_us": floor.independent,
+            "host_record_us_per_dispatch": floor.host_record,
+            "host_submit_us_per_dispatch": floor.host_submit,
             "load_latency_near_ns": latency.0 .0,
             "load_latency_far_ns": latency.1 .0,
             "load_latency_far_bytes": latency.1 .1,
@@ -803,6 +805,7 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
          dispatch floor: {:.2} µs a dependent dispatch ({:.2} switching between two pipelines), \
          {:.2} µs an independent one ({DISPATCH_FLOOR_N} trivial dispatches in one submission, \
          wall clock; {} µs a dependent one as the kernel timing measures it)\n\
+         host: {:.2} µs to record a dispatch, {:.2} µs to submit it (the same chain)\n\
          load latency: {:.0} ns a dependent load over {} MiB read again (cached), {:.0} ns over \
          {} MiB read once (one invocation's chain of loads)\n",
         g.device_name(),
@@ -815,6 +818,8 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
         floor.switching,
         floor.independent,
         fmt_opt(floor.timed, 2),
+        floor.host_record,
+        floor.host_submit,
         latency.0 .0,
         latency.0 .1 >> 20,
         latency.1 .0,

@@ -1923,6 +1923,8 @@ fn dispatch_floor_runs_its_chains() {
             ("switching", f.switching),
             ("independent", f.independent),
             ("timed", f.timed.unwrap_or(1.0)),
+            ("host record", f.host_record),
+            ("host submit", f.host_submit),
         ] {
             assert!(v.is_finite() && v > 0.0, "{label} {what}: {v}");
         }

@@ -20,6 +20,10 @@ pub struct DispatchFloor {
     /// dispatch in a compute pass of its own between two timestamps); `None` without timestamps.
     /// Against `dependent`, what the timing adds to every kernel in `bench` tables.
     pub timed: Option<f64>,
+    /// Host µs a dispatch of the dependent chain: recording it (the recorder and wgpu's pass
+    /// encoding), and its share of finishing and submitting the command buffer.
+    pub host_record: f64,
+    pub host_submit: f64,
 }
 
 /// The device's copy bandwidth (read + written bytes per second) two ways ([`copy_bandwidth`]).
@@ -181,7 +185,9 @@ pub fn dispatch_floor(b: &GpuBackend, n: usize) -> Result<DispatchFloor> {
         }
         Ok(())
     };
-    let run = |own: bool, switch: bool| -> Result<f64> {
+    // (GPU µs a dispatch: submission to completion; host µs a dispatch recording; submitting.)
+    let run = |own: bool, switch: bool| -> Result<(f64, f64, f64)> {
+        let t_rec = std::time::Instant::now();
         b.with(|ctx| {
             // The whole chain goes in one submission at the flush below: a submission part-way
             // (GpuOptions::submit_every) would let the GPU run part of it before the clock starts.
@@ -190,18 +196,23 @@ pub fn dispatch_floor(b: &GpuBackend, n: usize) -> Result<DispatchFloor> {
             ctx.st.submit_every = every;
             r
         })?;
+        let recorded = t_rec.elapsed().as_secs_f64();
         let t0 = std::time::Instant::now();
         b.with(|ctx| Ok(ctx.flush()?))?;
+        let submitted = t0.elapsed().as_secs_f64();
         dev.wait()?;
-        Ok(t0.elapsed().as_secs_f64() * 1e6 / n as f64)
+        let us = |s: f64| s * 1e6 / n as f64;
+        Ok((us(t0.elapsed().as_secs_f64()), us(recorded), us(submitted)))
     };
-    let best = |own, switch| -> Result<f64> {
+    // The best of two runs after a warm-up, each figure on its own.
+    let best = |own, switch| -> Result<(f64, f64, f64)> {
         run(own, switch)?;
-        Ok(run(own, switch)?.min(run(own, switch)?))
+        let (a, b) = (run(own, switch)?, run(own, switch)?);
+        Ok((a.0.min(b.0), a.1.min(b.1), a.2.min(b.2)))
     };
-    let dependent = best(false, false)?;
-    let switching = best(false, true)?;
-    let independent = best(true, false)?;
+    let (dependent, host_record, host_submit) = best(false, false)?;
+    let switching = best(false, true)?.0;
+    let independent = best(true, false)?.0;
     let timed = if b.start_timing(n as u32) {
         run(false, false)?;
         let spans = b.finish_timing()?;
@@ -215,6 +226,8 @@ pub fn dispatch_floor(b: &GpuBackend, n: usize) -> Result<DispatchFloor> {
         switching,
         independent,
         timed,
+        host_record,
+        host_submit,
     })
 }
 
