@@ -13,6 +13,10 @@
 //!   (submission to statistics on the host), GPU ms (sum of dispatches), tokens/s, and the bytes
 //!   the pass must read — every dense weight, the distinct routed experts of the block, the KV
 //!   cache — with the effective bandwidth that gives and its share of the copy bandwidth.
+//!   Before the passes it also prints the device's yardsticks (backend/gpu/yardsticks.rs): the
+//!   dispatch floor (a trivial dispatch behind a barrier, untimed and as the GPU timing measures
+//!   it, and the host's µs to record and submit one) and the latency of a dependent load (L2 and
+//!   device memory; the far chain allocates up to 256 MiB, capped at the binding limit).
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -29,7 +29,8 @@ pub enum Bench {
     Experts(Box<super::bench_experts::Args>),
     /// GPU kernels: µs, GFLOP/s and GB/s of every op for blocks of 1–64 tokens.
     Kernels(super::bench::KernelsArgs),
-    /// GPU forward passes of blocks of 1–64 tokens on a cached context.
+    /// GPU forward passes of blocks of 1–64 tokens on a cached context, after the device's
+    /// yardsticks (copy bandwidth, dispatch floor, load latency).
     Forward(super::bench::ForwardArgs),
     /// GPU batched passes: S sequences' blocks one after another against one batched pass.
     Batch(super::bench_batch::Args),
