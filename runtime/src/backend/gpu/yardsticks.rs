@@ -43,6 +43,42 @@ impl CopyBandwidth {
     }
 }
 
+/// Seconds of one [`one_submission`].
+struct SubmissionTimes {
+    /// Recording it.
+    record: f64,
+    /// Finishing and submitting the command buffer.
+    submit: f64,
+    /// From the start of the submission to the GPU's completion.
+    run: f64,
+}
+
+/// Records `f` into one submission, submits it and waits for the GPU. Nothing is submitted
+/// part-way (GpuOptions::submit_every is off while `f` records), so no part of the work runs
+/// before the clock of `run` starts.
+fn one_submission(
+    b: &GpuBackend,
+    f: impl FnOnce(&mut recorder::Ctx) -> Result<()>,
+) -> Result<SubmissionTimes> {
+    let t_rec = std::time::Instant::now();
+    b.with(|ctx| {
+        let every = std::mem::replace(&mut ctx.st.submit_every, 0);
+        let r = f(ctx);
+        ctx.st.submit_every = every;
+        r
+    })?;
+    let record = t_rec.elapsed().as_secs_f64();
+    let t0 = std::time::Instant::now();
+    b.with(|ctx| Ok(ctx.flush()?))?;
+    let submit = t0.elapsed().as_secs_f64();
+    b.sh.dev.wait()?;
+    Ok(SubmissionTimes {
+        record,
+        submit,
+        run: t0.elapsed().as_secs_f64(),
+    })
+}
+
 /// [`load_latency`]'s chain over `words` words (a multiple of 32, at least 64): word
 /// 32·s links slot s to the next slot of one shuffled cycle through all of them (as a word index);
 /// the other words are 0. Also the cycle's order (slot k of the walk from slot `order[0]`). A walk
@@ -109,7 +145,7 @@ pub fn copy_bandwidth(b: &GpuBackend, bytes: u64, iters: usize) -> Result<CopyBa
             pattern: 0,
             _pad: 0,
         };
-        b.with(|ctx| {
+        let t = one_submission(b, |ctx| {
             for _ in 0..n {
                 ctx.dispatch(
                     &ops::elementwise::COPY16,
@@ -122,10 +158,7 @@ pub fn copy_bandwidth(b: &GpuBackend, bytes: u64, iters: usize) -> Result<CopyBa
             }
             Ok(())
         })?;
-        let t0 = std::time::Instant::now();
-        b.with(|ctx| Ok(ctx.flush()?))?;
-        dev.wait()?;
-        Ok(t0.elapsed().as_secs_f64())
+        Ok(t.run)
     };
     let shader_copy = if units > 0 && units <= u32::MAX as u64 {
         shader(1)?;
@@ -187,22 +220,9 @@ pub fn dispatch_floor(b: &GpuBackend, n: usize) -> Result<DispatchFloor> {
     };
     // (GPU µs a dispatch: submission to completion; host µs a dispatch recording; submitting.)
     let run = |own: bool, switch: bool| -> Result<(f64, f64, f64)> {
-        let t_rec = std::time::Instant::now();
-        b.with(|ctx| {
-            // The whole chain goes in one submission at the flush below: a submission part-way
-            // (GpuOptions::submit_every) would let the GPU run part of it before the clock starts.
-            let every = std::mem::replace(&mut ctx.st.submit_every, 0);
-            let r = record(ctx, own, switch);
-            ctx.st.submit_every = every;
-            r
-        })?;
-        let recorded = t_rec.elapsed().as_secs_f64();
-        let t0 = std::time::Instant::now();
-        b.with(|ctx| Ok(ctx.flush()?))?;
-        let submitted = t0.elapsed().as_secs_f64();
-        dev.wait()?;
+        let t = one_submission(b, |ctx| record(ctx, own, switch))?;
         let us = |s: f64| s * 1e6 / n as f64;
-        Ok((us(t0.elapsed().as_secs_f64()), us(recorded), us(submitted)))
+        Ok((us(t.run), us(t.record), us(t.submit)))
     };
     // The best of two runs after a warm-up, each figure on its own.
     let best = |own, switch| -> Result<(f64, f64, f64)> {
@@ -261,7 +281,7 @@ pub fn load_latency(b: &GpuBackend, bytes: u64, steps: u32, warm: bool) -> Resul
             pattern: order[k % slots] * 32,
             _pad: 0,
         };
-        b.with(|ctx| {
+        let t = one_submission(b, |ctx| {
             ctx.dispatch(
                 &ops::elementwise::CHASE,
                 0,
@@ -272,10 +292,7 @@ pub fn load_latency(b: &GpuBackend, bytes: u64, steps: u32, warm: bool) -> Resul
             )?;
             Ok(())
         })?;
-        let t0 = std::time::Instant::now();
-        b.with(|ctx| Ok(ctx.flush()?))?;
-        dev.wait()?;
-        Ok(t0.elapsed().as_secs_f64())
+        Ok(t.run)
     };
     let (steps, one, two) = if warm {
         let steps = steps.max(1);
