@@ -43,6 +43,7 @@
 
 #include "grid"
 #include "reduce"
+#include "probe"
 
 struct AttnParams {
     t: u32,
@@ -279,6 +280,9 @@ fn row4_zero() -> Row4 {
 
 fn row_k(base: u32, o: u32, hv: u32, ok: bool) -> Row4 {
     var r = row4_zero();
+    if ((PROBE & 8u) != 0u) {
+        return Row4(vec4<f32>(1e-3), vec4<f32>(1e-3), vec4<f32>(1e-3), vec4<f32>(1e-3));
+    }
     if (ok) {
         if (o < hv) {
             r.a = k4[base + o];
@@ -298,6 +302,9 @@ fn row_k(base: u32, o: u32, hv: u32, ok: bool) -> Row4 {
 
 fn row_v(base: u32, o: u32, hv: u32, ok: bool) -> Row4 {
     var r = row4_zero();
+    if ((PROBE & 8u) != 0u) {
+        return Row4(vec4<f32>(1e-3), vec4<f32>(1e-3), vec4<f32>(1e-3), vec4<f32>(1e-3));
+    }
     if (ok) {
         if (o < hv) {
             r.a = v4[base + o];

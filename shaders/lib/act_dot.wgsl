@@ -12,6 +12,9 @@
 
 // Σ q · x_act[r, k..k+8], in two vec4 dots; values at or past `cols` count as zero.
 fn act_oct_dot(r: u32, k: u32, cols: u32, q: Oct) -> f32 {
+    if ((PROBE & 2u) != 0u && (WTYPE == W_Q4 || WTYPE == W_Q8)) {
+        return dot(q.lo + q.hi, vec4<f32>(1e-3));
+    }
     let b = r * cols + k;
     if ((cols & 3u) == 0u && k + 8u <= cols) {
         return dot(q.lo, x_act[b >> 2u]) + dot(q.hi, x_act[(b >> 2u) + 1u]);

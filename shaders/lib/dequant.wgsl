@@ -9,6 +9,7 @@
 // Quantized rows always hold whole groups (cols % 32 == 0); only f32/f16 rows can end mid-octet.
 
 #include "half"
+#include "probe"
 
 const W_F32: u32 = 0u;
 const W_F16: u32 = 1u;
@@ -76,6 +77,10 @@ fn w_at(m: WMat, row: u32, k: u32) -> f32 {
 // Elements k..k+8 of `row` (k a multiple of 8); those at or past m.cols read as 0.
 fn w_oct(m: WMat, row: u32, k: u32) -> Oct {
     let e = row * m.cols + k;
+    if ((PROBE & 1u) != 0u && (WTYPE == W_Q4 || WTYPE == W_Q8)) {
+        let f = probe_float(w_word(m.base + e / select(4u, 8u, WTYPE == W_Q4)));
+        return Oct(vec4<f32>(f), vec4<f32>(f));
+    }
     if (WTYPE == W_Q4) {
         let w = w_word(m.base + e / 8u);
         let s = group_scale(m, e);

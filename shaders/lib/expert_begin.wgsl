@@ -4,6 +4,8 @@
 // expert's column (every token; its weights in the kernel's own shared binding). The including
 // kernel declares ep (ExpertParams), slots and route_meta, and NONE.
 
+#include "probe"
+
 // Expert of this workgroup: ok, weight base word, token count, first list entry.
 var<workgroup> ex_ok: u32;
 var<workgroup> ex_base: u32;
@@ -61,7 +63,7 @@ fn expert_begin(lid: u32, wid: vec3<u32>) -> bool {
     }
     let ok = workgroupUniformLoad(&ex_ok) != 0u;
     is_shared = workgroupUniformLoad(&ex_shared) != 0u;
-    return ok;
+    return ok && (PROBE & 4u) == 0u;
 }
 
 // The activation row (token) of the j-th assignment of this workgroup's expert, whose first list

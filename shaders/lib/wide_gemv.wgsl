@@ -13,6 +13,7 @@
 // the scales) and wide_x(t, g) (vec4 g of the block's activation row t).
 
 #include "half"
+#include "probe"
 
 override WTYPE: u32 = 3u;
 const WIDE_F32: u32 = 0u;
@@ -48,6 +49,9 @@ fn row_chunks(m: WideMat) -> u32 {
 // Σ code · x over one word (8 q4 or 4 q8 codes) against staged activations xs[b] (and, q4, its
 // second vec4 xs[b + cs]): q4 codes are (nibble − 8), q8 codes signed bytes.
 fn word_dot(c: u32, b: u32, cs: u32) -> f32 {
+    if ((PROBE & 1u) != 0u && WTYPE != WIDE_F32) {
+        return probe_float(c) * xs[b].x;
+    }
     let w = vec4<u32>(c);
     if (WTYPE == WIDE_Q8) {
         let u = ((w >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(255u)) ^ vec4<u32>(128u);
@@ -72,7 +76,7 @@ fn chunk_dot(w: vec4<u32>, base: u32, cs: u32) -> f32 {
 
 // The scale of chunk `c` of row `row` (1 for f32 weights).
 fn chunk_scale(m: WideMat, row: u32, c: u32) -> f32 {
-    if (WTYPE == WIDE_F32) {
+    if (WTYPE == WIDE_F32 || (PROBE & 1u) != 0u) {
         return 1.0;
     }
     var g = row * row_chunks(m) + c;
@@ -90,7 +94,11 @@ fn wide_stage(lid: u32, m: WideMat, nt: u32) {
     for (var i = lid; i < nt * kv; i += WIDE_WG) {
         let t = i / kv;
         let g = i % kv;
-        xs[t * kv + (g % vpc) * cpr + g / vpc] = wide_x(t, g);
+        var v = vec4<f32>(1e-3);
+        if ((PROBE & 2u) == 0u || WTYPE == WIDE_F32) {
+            v = wide_x(t, g);
+        }
+        xs[t * kv + (g % vpc) * cpr + g / vpc] = v;
     }
     workgroupBarrier();
 }

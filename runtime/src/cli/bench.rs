@@ -829,6 +829,12 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
         latency.1 .0,
         latency.1 .1 >> 20,
     );
+    if g.probe() != 0 {
+        println!(
+            "probe {}: stages left out of the kernels (shaders/lib/probe.wgsl); every value is wrong\n",
+            g.probe()
+        );
+    }
     println!("| tokens | ms / forward | GPU ms | host µs (encode / submit / wait) | dispatches | tokens/s | experts / layer | MB read (dense + experts + KV) | GB/s (wall) | GB/s (GPU) | % copy BW (wall / GPU) |");
     println!("|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---:|");
     for (t, wall, gpu, per, b, host) in &rows {

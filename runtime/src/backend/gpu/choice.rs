@@ -30,6 +30,7 @@
 //! | `EDGEDIFF_EXPERT_POOL_BINDING=<bytes>` | [`KernelChoice::expert_pool_binding`] |
 //! | `EDGEDIFF_BATCH_BLOCKS=0` | [`KernelChoice::batch_blocks`] |
 //! | `EDGEDIFF_SHADER_CHECKS=all\|no-loop-bound\|none` | [`KernelChoice::shader_checks`] |
+//! | `EDGEDIFF_PROBE=<bits>` | [`KernelChoice::probe`] |
 
 /// Which expert kernels serve a layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -175,6 +176,10 @@ pub struct KernelChoice {
     /// The runtime checks naga compiles into the kernels, forced (`None`: [`Self::checks_on`]
     /// picks by backend).
     pub shader_checks: Option<ShaderChecks>,
+    /// Measurement probes (shaders/lib/probe.wgsl): bits that leave one stage out of the kernels
+    /// that read them, so a timing difference places that stage's cost. Any bit makes every
+    /// value wrong; for `bench forward` on the GPU machine only. 0: none.
+    pub probe: u32,
 }
 
 impl Default for KernelChoice {
@@ -205,6 +210,7 @@ impl Default for KernelChoice {
             expert_pool_binding: None,
             batch_blocks: true,
             shader_checks: None,
+            probe: 0,
         }
     }
 }
@@ -309,6 +315,7 @@ impl KernelChoice {
                 Some("none") => Some(ShaderChecks::None),
                 _ => d.shader_checks,
             },
+            probe: num("EDGEDIFF_PROBE").map_or(d.probe, |b| b as u32 & 15),
         }
     }
 }
@@ -382,6 +389,7 @@ mod tests {
             ("EDGEDIFF_EXPERT_POOL_BINDING", "134217728"),
             ("EDGEDIFF_BATCH_BLOCKS", "0"),
             ("EDGEDIFF_SHADER_CHECKS", "none"),
+            ("EDGEDIFF_PROBE", "5"),
         ]);
         assert_eq!(
             k,
@@ -411,6 +419,7 @@ mod tests {
                 expert_pool_binding: Some(134_217_728),
                 batch_blocks: false,
                 shader_checks: Some(ShaderChecks::None),
+                probe: 5,
             }
         );
         let k = from(&[

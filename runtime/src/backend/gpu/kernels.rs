@@ -228,6 +228,9 @@ impl Kernels {
             if declares(entry.file, "DEPTH") && wtype >> 24 != 0 {
                 constants.push(("DEPTH", (wtype >> 24) as f64));
             }
+            if dev.kernels.probe != 0 && declares(entry.file, "PROBE") {
+                constants.push(("PROBE", dev.kernels.probe as f64));
+            }
             let pipeline = dev
                 .device
                 .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {

@@ -255,6 +255,11 @@ impl GpuBackend {
         self.sh.dev.describe()
     }
 
+    /// The measurement probes the kernels were built with (`KernelChoice::probe`; 0: none).
+    pub fn probe(&self) -> u32 {
+        self.sh.dev.kernels.probe
+    }
+
     pub fn caps(&self) -> DeviceCaps {
         self.sh.dev.caps
     }
