@@ -20,7 +20,6 @@
 //! | `EDGEDIFF_MOE_KERNEL=gemv\|tiled` | [`KernelChoice::moe`] |
 //! | `EDGEDIFF_MOE_GEMV_BLOCKS=<n>` | [`KernelChoice::moe_gemv_blocks`] |
 //! | `EDGEDIFF_MOE_WIDE=0\|down\|all` | [`KernelChoice::moe_wide`] |
-//! | `EDGEDIFF_MOE_OCTET=0\|gate_up\|down\|all` | [`KernelChoice::moe_octet`] |
 //! | `EDGEDIFF_MOE_CHUNK=1\|2\|4` | [`KernelChoice::moe_chunk`] |
 //! | `EDGEDIFF_LEAN_ONE=0` | [`KernelChoice::lean_one`] |
 //! | `EDGEDIFF_GEMV_DEPTH=4\|8` | [`KernelChoice::gemv_depth`] |
@@ -60,16 +59,6 @@ pub enum MoeWide {
     /// word-a-lane kernel is faster below them).
     Down,
     All,
-}
-
-/// Which GEMV expert stages run on the octet kernels (shaders/moe_gemv_octet.wgsl: an octet of
-/// invocations a weight row, 16-byte chunks, one scale a chunk), at every row count where the
-/// GEMV expert kernels serve q4/q8 experts: one kernel a stage whatever the rows, so the batch
-/// classes are unchanged.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MoeOctet {
-    pub gate_up: bool,
-    pub down: bool,
 }
 
 /// What naga adds to every kernel as it translates it (wgpu's `ShaderRuntimeChecks`).
@@ -155,8 +144,6 @@ pub struct KernelChoice {
     /// shared memory (shaders/moe_gemv_wide.wgsl) where the rows fit, in place of moe_gemv.wgsl's.
     /// H100, same run: down 2,942 → 2,557 µs a 16-token pass, gate/up 4,489 → 4,994 (slower).
     pub moe_wide: MoeWide,
-    /// See [`MoeOctet`].
-    pub moe_octet: MoeOctet,
     /// Tokens a pass of the list-path GEMV expert kernels holds in registers (1, 2 or 4; the
     /// `CHUNK_T` override of moe_gemv.wgsl): fewer registers let more workgroups share an SM, more
     /// tokens read an expert's rows once for more of its tokens. Same sums either way. H100: with
@@ -213,7 +200,6 @@ impl Default for KernelChoice {
             moe: None,
             moe_gemv_blocks: 1,
             moe_wide: MoeWide::Down,
-            moe_octet: MoeOctet::default(),
             moe_chunk: 2,
             lean_one: true,
             gemv_depth: 4,
@@ -299,22 +285,6 @@ impl KernelChoice {
                 Some("down") => MoeWide::Down,
                 Some("all") => MoeWide::All,
                 _ => d.moe_wide,
-            },
-            moe_octet: match var("EDGEDIFF_MOE_OCTET").as_deref().map(str::trim) {
-                Some("0") => MoeOctet::default(),
-                Some("gate_up") => MoeOctet {
-                    gate_up: true,
-                    down: false,
-                },
-                Some("down") => MoeOctet {
-                    gate_up: false,
-                    down: true,
-                },
-                Some("all") => MoeOctet {
-                    gate_up: true,
-                    down: true,
-                },
-                _ => d.moe_octet,
             },
             moe_chunk: num("EDGEDIFF_MOE_CHUNK")
                 .filter(|&n| matches!(n, 1 | 2 | 4))
@@ -420,7 +390,6 @@ mod tests {
             ("EDGEDIFF_BATCH_BLOCKS", "0"),
             ("EDGEDIFF_SHADER_CHECKS", "none"),
             ("EDGEDIFF_PROBE", "5"),
-            ("EDGEDIFF_MOE_OCTET", "down"),
         ]);
         assert_eq!(
             k,
@@ -451,10 +420,6 @@ mod tests {
                 batch_blocks: false,
                 shader_checks: Some(ShaderChecks::None),
                 probe: 5,
-                moe_octet: MoeOctet {
-                    gate_up: false,
-                    down: true,
-                },
             }
         );
         let k = from(&[

@@ -92,8 +92,6 @@ pub fn all_entries() -> Vec<(&'static Entry, usize)> {
         (&moe::DOWN_GEMV, size_of::<matmul::ExpertParams>()),
         (&moe::GATE_UP_WIDE, size_of::<matmul::ExpertParams>()),
         (&moe::DOWN_WIDE, size_of::<matmul::ExpertParams>()),
-        (&moe::GATE_UP_OCTET, size_of::<matmul::ExpertParams>()),
-        (&moe::DOWN_OCTET, size_of::<matmul::ExpertParams>()),
         (&norm::RMS_NORM, size_of::<norm::NormParams>()),
         (&norm::ADD_RMS_NORM, size_of::<norm::NormParams>()),
         (&rope::QK_NORM_ROPE, size_of::<rope::RopeParams>()),

@@ -78,24 +78,7 @@ pub static DOWN_WIDE: Entry = Entry {
     bindings: EXPERT_GEMV_BINDINGS,
     params: "ExpertParams",
 };
-/// [`GATE_UP_GEMV`] with an octet a weight row and 16-byte chunks (shaders/moe_gemv_octet.wgsl).
-pub static GATE_UP_OCTET: Entry = Entry {
-    file: "moe_gemv_octet.wgsl",
-    name: "expert_gate_up_octet",
-    bindings: EXPERT_GEMV_BINDINGS,
-    params: "ExpertParams",
-};
-/// [`DOWN_GEMV`] with an octet a weight row and 16-byte chunks (shaders/moe_gemv_octet.wgsl).
-pub static DOWN_OCTET: Entry = Entry {
-    file: "moe_gemv_octet.wgsl",
-    name: "expert_down_octet",
-    bindings: EXPERT_GEMV_BINDINGS,
-    params: "ExpertParams",
-};
-/// Weight rows a workgroup of the octet kernels works: gate/up columns (two rows each), down rows.
-const OCTET_COLUMNS: u32 = 16;
-const OCTET_ROWS: u32 = 32;
-/// The wide and octet GEMV expert kernels' bindings; the word-a-lane ones bind the first seven (the wide
+/// The wide GEMV expert kernels' bindings; the word-a-lane ones bind the first seven (the wide
 /// ones add the pool and the shared expert's weights again, as vec4s).
 const EXPERT_GEMV_BINDINGS: &[(u32, super::super::kernels::Slot)] = &[
     (1, Read),
@@ -442,16 +425,6 @@ fn experts_with(
         let ok = kernel == ExpertKernel::Gemv && on && part.is_multiple_of(4);
         super::matmul::wide_shape(&ctx.sh.dev.kernels, dtype, k).filter(|_| ok)
     };
-    // The octet kernels where chosen for the stage, for q4/q8 parts of whole chunks on 16-byte
-    // boundaries (the shared expert's buffers start at 0).
-    let octet = |wtype: u32, k: usize, part: u32, down: bool| {
-        let choice = ctx.sh.dev.kernels.moe_octet;
-        let on = if down { choice.down } else { choice.gate_up };
-        on && kernel == ExpertKernel::Gemv
-            && matches!(wtype & 0xff, 2 | 3)
-            && k.is_multiple_of(32)
-            && part.is_multiple_of(4)
-    };
     let stages = [
         (
             &EXPERT_GATE_UP,
@@ -487,7 +460,6 @@ fn experts_with(
         // (lanes, tile) of the wide kernel (stage 1: down); its grid's y: `units` columns or rows,
         // `per_lanes` / L a workgroup.
         let wide = wide(wtype, k, part, stage == 1);
-        let octet = octet(wtype, k, part, stage == 1);
         let (blocks, units, per_lanes) = blocks;
         for (i, crate::backend::gpu::experts::PoolBuffer { index: pool, buf }) in
             e.pools.iter().enumerate()
@@ -513,24 +485,6 @@ fn experts_with(
                 tile_t: wide.map_or(0, |w| w.1),
             };
             match (kernel, wide) {
-                (ExpertKernel::Gemv, _) if octet => {
-                    let shared_buf = sw.map_or(&**buf, |(b, _)| b);
-                    let bufs = [&**buf, src, dst, e.slots, meta, shared_buf, buf, shared_buf];
-                    let columns = listed + u32::from(sw.is_some());
-                    let (entry, per) = if stage == 1 {
-                        (&DOWN_OCTET, OCTET_ROWS)
-                    } else {
-                        (&GATE_UP_OCTET, OCTET_COLUMNS)
-                    };
-                    let choice = &ctx.sh.dev.kernels;
-                    let chunk = if direct != 0 && choice.lean_one {
-                        1
-                    } else {
-                        choice.moe_chunk
-                    };
-                    let grid = Grid::Groups(columns, units.div_ceil(per), 1);
-                    ctx.dispatch(entry, wtype | chunk_t(chunk), &p, None, &bufs, grid)?
-                }
                 (ExpertKernel::Gemv, Some((lanes, _))) => {
                     let shared_buf = sw.map_or(&**buf, |(b, _)| b);
                     let bufs = [&**buf, src, dst, e.slots, meta, shared_buf, buf, shared_buf];
