@@ -25,6 +25,7 @@
 //! | `EDGEDIFF_GEMV_DEPTH=4\|8` | [`KernelChoice::gemv_depth`] |
 //! | `EDGEDIFF_MOE_DIRECT_MAX_T=<rows>` | [`KernelChoice::moe_direct_max_t`] |
 //! | `EDGEDIFF_ATTN_KERNEL=heads\|gqa` | [`KernelChoice::attention`] |
+//! | `EDGEDIFF_ATTN_CLAMP=0\|1` | [`KernelChoice::attn_clamp`] |
 //! | `EDGEDIFF_ATTN_GROUPS=<n>` | [`KernelChoice::attn_groups`] |
 //! | `EDGEDIFF_STATS_CHUNK=<logits>` | [`KernelChoice::stats_chunk`] |
 //! | `EDGEDIFF_EXPERT_POOL_BINDING=<bytes>` | [`KernelChoice::expert_pool_binding`] |
@@ -163,6 +164,10 @@ pub struct KernelChoice {
     pub moe_direct_max_t: usize,
     /// The attention kernel, forced where both apply (`None`: GQA where the head fits it).
     pub attention: Option<AttnKernel>,
+    /// The GQA attention kernel loads its K/V rows unconditionally (clamped to the cached rows;
+    /// shaders/attention.wgsl `GQA_CLAMP`, where the measurement is): the same values, no branch
+    /// around the loads. 0: the loads under the key and column tests, as before 2026-12-06.
+    pub attn_clamp: u32,
     /// Workgroups the GQA attention kernel aims at.
     pub attn_groups: usize,
     /// Logits per LM-head statistics workgroup (≥ 64).
@@ -205,6 +210,7 @@ impl Default for KernelChoice {
             gemv_depth: 4,
             moe_direct_max_t: 2,
             attention: None,
+            attn_clamp: 1,
             attn_groups: GQA_TARGET_GROUPS,
             stats_chunk: STATS_CHUNK,
             expert_pool_binding: None,
@@ -301,6 +307,9 @@ impl KernelChoice {
                 Some("gqa") => Some(AttnKernel::Gqa),
                 _ => None,
             },
+            attn_clamp: num("EDGEDIFF_ATTN_CLAMP")
+                .filter(|&n| n <= 1)
+                .map_or(d.attn_clamp, |n| n as u32),
             attn_groups: num("EDGEDIFF_ATTN_GROUPS")
                 .filter(|&n| n > 0)
                 .map_or(d.attn_groups, |v| v as usize),
@@ -390,6 +399,7 @@ mod tests {
             ("EDGEDIFF_BATCH_BLOCKS", "0"),
             ("EDGEDIFF_SHADER_CHECKS", "none"),
             ("EDGEDIFF_PROBE", "5"),
+            ("EDGEDIFF_ATTN_CLAMP", "0"),
         ]);
         assert_eq!(
             k,
@@ -420,6 +430,7 @@ mod tests {
                 batch_blocks: false,
                 shader_checks: Some(ShaderChecks::None),
                 probe: 5,
+                attn_clamp: 0,
             }
         );
         let k = from(&[

@@ -228,6 +228,9 @@ impl Kernels {
             if declares(entry.file, "DEPTH") && wtype >> 24 != 0 {
                 constants.push(("DEPTH", (wtype >> 24) as f64));
             }
+            if declares(entry.file, "GQA_CLAMP") {
+                constants.push(("GQA_CLAMP", dev.kernels.attn_clamp as f64));
+            }
             if dev.kernels.probe != 0 && declares(entry.file, "PROBE") {
                 constants.push(("PROBE", dev.kernels.probe as f64));
             }
