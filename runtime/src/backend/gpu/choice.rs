@@ -238,7 +238,14 @@ impl KernelChoice {
 
     /// The defaults, overridden by the `EDGEDIFF_*` variables of the module table.
     pub fn from_env() -> Self {
-        Self::from_vars(&|name| std::env::var(name).ok())
+        let k = Self::from_vars(&|name| std::env::var(name).ok());
+        if k.probe != 0 {
+            tracing::warn!(
+                "EDGEDIFF_PROBE={}: the kernels leave stages out for measurement, every result is wrong",
+                k.probe
+            );
+        }
+        k
     }
 
     /// [`Self::from_env`] over any variable lookup. A value that does not parse leaves the
