@@ -23,30 +23,41 @@ var<private> is_shared: bool;
 fn expert_begin(lid: u32, wid: vec3<u32>) -> bool {
     if (lid == 0u) {
         let ne = ep.num_experts;
-        let last = max(ne, 1u) - 1u;
-        let direct = ep.direct != 0u;
-        let col = wid.x;
-        // Every load of the lookup is issued without a branch around it (indices clamped into
-        // their arrays; what does not apply is dropped by the selects): two round trips — the
-        // expert's id, then its slot, count and first entry — where nested tests made up to four,
-        // and NVIDIA's compiler serializes loads under a per-lane test. On the direct path
-        // route_meta holds only the router's ids, so the list words read its word 0 instead.
-        let e_raw = route_meta[select(meta_active(ne) + min(col, last), min(col, max(ep.assignments, 1u) - 1u), direct)];
-        let n_active = route_meta[select(6u, 0u, direct)];
-        let e = min(e_raw, last);
-        let s = 2u * (ep.slot0 + e);
-        let pool = slots[s];
-        let base = slots[s + 1u] + ep.part;
-        let cnt = route_meta[select(meta_counts(ne) + e, 0u, direct)];
-        let first = route_meta[select(meta_offsets(ne) + e, 0u, direct)];
-        let is_sh = col == ep.shared_x;
-        let listed = select(col < n_active, col < ep.assignments && e_raw < ne, direct);
-        let ok = select(0u, 1u, is_sh || (listed && pool == ep.pool));
-        let sh = select(0u, 1u, is_sh);
-        ex_base = select(base, 0u, is_sh);
-        ex_scales = select(base + ep.scales, ep.shared_scales, is_sh);
-        ex_cnt = select(select(cnt, 1u, direct), ep.tokens, is_sh);
-        ex_first = select(select(first, col, direct), ep.assignments, is_sh);
+        var ok = 0u;
+        var sh = 0u;
+        if (wid.x == ep.shared_x) {
+            ok = 1u;
+            sh = 1u;
+            ex_base = 0u;
+            ex_scales = ep.shared_scales;
+            ex_cnt = ep.tokens;
+            ex_first = ep.assignments;
+        } else if (ep.direct != 0u) {
+            // Direct path: column a serves assignment a alone (its row of h and y is a).
+            if (wid.x < ep.assignments) {
+                let e = route_meta[wid.x];
+                if (e < ne) {
+                    let s = 2u * (ep.slot0 + e);
+                    if (slots[s] == ep.pool) {
+                        ok = 1u;
+                        ex_base = slots[s + 1u] + ep.part;
+                        ex_scales = ex_base + ep.scales;
+                        ex_cnt = 1u;
+                        ex_first = wid.x;
+                    }
+                }
+            }
+        } else if (wid.x < route_meta[6]) {
+            let e = route_meta[meta_active(ne) + wid.x];
+            let s = 2u * (ep.slot0 + e);
+            if (slots[s] == ep.pool) {
+                ok = 1u;
+                ex_base = slots[s + 1u] + ep.part;
+                ex_scales = ex_base + ep.scales;
+                ex_cnt = route_meta[meta_counts(ne) + e];
+                ex_first = route_meta[meta_offsets(ne) + e];
+            }
+        }
         ex_ok = ok;
         ex_shared = sh;
     }

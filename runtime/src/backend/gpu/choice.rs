@@ -19,7 +19,7 @@
 //! | `EDGEDIFF_FUSE_NORMS_MAX_T=<rows>` | [`KernelChoice::fuse_norms_max_t`] |
 //! | `EDGEDIFF_MOE_KERNEL=gemv\|tiled` | [`KernelChoice::moe`] |
 //! | `EDGEDIFF_MOE_GEMV_BLOCKS=<n>` | [`KernelChoice::moe_gemv_blocks`] |
-//! | `EDGEDIFF_MOE_WIDE=0\|down\|all` | [`KernelChoice::moe_wide`] |
+//! | `EDGEDIFF_MOE_WIDE=0\|down\|blocks\|all` | [`KernelChoice::moe_wide`] |
 //! | `EDGEDIFF_MOE_CHUNK=1\|2\|4` | [`KernelChoice::moe_chunk`] |
 //! | `EDGEDIFF_LEAN_ONE=0` | [`KernelChoice::lean_one`] |
 //! | `EDGEDIFF_GEMV_DEPTH=4\|8` | [`KernelChoice::gemv_depth`] |
@@ -59,6 +59,12 @@ pub enum MoeWide {
     /// workgroup amortise its staging), in passes of at least `gemv_wide_min_t` rows (the
     /// word-a-lane kernel is faster below them).
     Down,
+    /// Both projections, in passes of at least `gemv_wide_min_t` rows (the default since the wide
+    /// kernels' weight loads left their per-row branches: H100, one call, gate/up 4,889 → 4,419
+    /// µs a 32-token pass, 3,485 → 3,335 at 16; below those rows the word-a-lane kernels stay
+    /// faster, 328 against 453 µs at one token).
+    Blocks,
+    /// Both projections at every row count.
     All,
 }
 
@@ -143,7 +149,8 @@ pub struct KernelChoice {
     pub moe_gemv_blocks: usize,
     /// Which q4/q8 GEMV expert kernels read 16-byte chunks with the expert's tokens staged in
     /// shared memory (shaders/moe_gemv_wide.wgsl) where the rows fit, in place of moe_gemv.wgsl's.
-    /// H100, same run: down 2,942 → 2,557 µs a 16-token pass, gate/up 4,489 → 4,994 (slower).
+    /// H100, same run: down 2,942 → 2,557 µs a 16-token pass, gate/up 4,489 → 4,994 (slower;
+    /// measured again after 2026-12-06's branch-free loads: see [`MoeWide::Blocks`]).
     pub moe_wide: MoeWide,
     /// Tokens a pass of the list-path GEMV expert kernels holds in registers (1, 2 or 4; the
     /// `CHUNK_T` override of moe_gemv.wgsl): fewer registers let more workgroups share an SM, more
@@ -204,7 +211,7 @@ impl Default for KernelChoice {
             fuse_norms_max_t: super::ops::matmul::GEMV_MAX_T,
             moe: None,
             moe_gemv_blocks: 1,
-            moe_wide: MoeWide::Down,
+            moe_wide: MoeWide::Blocks,
             moe_chunk: 2,
             lean_one: true,
             gemv_depth: 4,
@@ -296,6 +303,7 @@ impl KernelChoice {
             moe_wide: match var("EDGEDIFF_MOE_WIDE").as_deref().map(str::trim) {
                 Some("0") => MoeWide::Off,
                 Some("down") => MoeWide::Down,
+                Some("blocks") => MoeWide::Blocks,
                 Some("all") => MoeWide::All,
                 _ => d.moe_wide,
             },
@@ -358,7 +366,7 @@ mod tests {
         assert_eq!(from(&[]), KernelChoice::default());
         let d = KernelChoice::default();
         assert!(d.coop_split_k && d.fuse_swiglu && d.moe.is_none() && d.attention.is_none());
-        assert!(d.batch_blocks && !d.fuse_combine_norm && d.moe_wide == MoeWide::Down);
+        assert!(d.batch_blocks && !d.fuse_combine_norm && d.moe_wide == MoeWide::Blocks);
     }
 
     #[test]

@@ -399,8 +399,8 @@ fn experts_with(
         ));
     }
     let row_blocks = ctx.sh.dev.kernels.moe_gemv_blocks.max(1) as u32;
-    // The wide down kernel from the rows where the dense gemvs go wide: below them (one- and
-    // two-row passes, AR) the word-a-lane kernel is faster (H100, 2026-12-06: 3.03 → 2.95 ms a
+    // The wide expert kernels (down, or both stages: MoeWide) from the rows where the dense gemvs
+    // go wide: below them (one- and two-row passes, AR) the word-a-lane kernel is faster (H100, 2026-12-06: 3.03 → 2.95 ms a
     // 1-token pass, 3.98 → 3.83 at 2 rows), and one threshold keeps the batch classes as they are
     // (ops/batch_class.rs bit 24).
     let wide_rows = ctx
@@ -420,6 +420,7 @@ fn experts_with(
         let on = match ctx.sh.dev.kernels.moe_wide {
             MoeWide::Off => false,
             MoeWide::Down => down && wide_rows,
+            MoeWide::Blocks => wide_rows,
             MoeWide::All => true,
         };
         let ok = kernel == ExpertKernel::Gemv && on && part.is_multiple_of(4);
