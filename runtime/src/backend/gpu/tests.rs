@@ -233,6 +233,37 @@ test_backends!(
     |b| { large_block_matmuls(b, &DTYPES) }
 );
 
+/// The measurement probes reach the kernels (`EDGEDIFF_PROBE`, shaders/lib/probe.wgsl): leaving
+/// the q4 decode or the activation loads out changes a q4 matmul's values, through the
+/// word-a-lane gemv (one row) and the wide one (5 rows), and probe 0 changes nothing.
+#[test]
+fn probes_reach_the_kernels() {
+    let opts = |probe| super::GpuOptions {
+        kernels: super::KernelChoice {
+            probe,
+            ..super::KernelChoice::from_env()
+        },
+        ..super::GpuOptions::from_env()
+    };
+    let mut rng = Rng(41);
+    let (n, k) = (40, 256);
+    let wv = rng.vec(n * k, 0.5);
+    let xv = rng.vec(5 * k, 1.0);
+    let run = |probe: u32, t: usize| {
+        let b = GpuBackend::new(&opts(probe)).unwrap();
+        let w = weight(&b, DType::Q4, &[n, k], &wv);
+        let x = b.put(t, k, &xv[..t * k]);
+        b.get(&b.matmul(&w, &x).unwrap())
+    };
+    for t in [1, 5] {
+        let plain = run(0, t);
+        assert_eq!(run(0, t), plain, "{t} rows: no probe, same values");
+        for probe in [1, 2] {
+            assert_ne!(run(probe, t), plain, "probe {probe}, {t} rows");
+        }
+    }
+}
+
 #[test]
 fn matmul_kernel_choice_uses_tensor_cores_only_where_lent() {
     use super::choice::{KernelChoice, COOP_MIN_T};
