@@ -174,7 +174,7 @@ pub struct KernelChoice {
     /// The GQA attention kernel loads its K/V rows unconditionally (clamped to the cached rows;
     /// shaders/attention.wgsl `GQA_CLAMP`, where the measurement is): the same values, no branch
     /// around the loads. 0: the loads under the key and column tests, as before 2026-12-06.
-    pub attn_clamp: u32,
+    pub attn_clamp: bool,
     /// Workgroups the GQA attention kernel aims at.
     pub attn_groups: usize,
     /// Logits per LM-head statistics workgroup (≥ 64).
@@ -217,7 +217,7 @@ impl Default for KernelChoice {
             gemv_depth: 4,
             moe_direct_max_t: 2,
             attention: None,
-            attn_clamp: 1,
+            attn_clamp: true,
             attn_groups: GQA_TARGET_GROUPS,
             stats_chunk: STATS_CHUNK,
             expert_pool_binding: None,
@@ -322,9 +322,11 @@ impl KernelChoice {
                 Some("gqa") => Some(AttnKernel::Gqa),
                 _ => None,
             },
-            attn_clamp: num("EDGEDIFF_ATTN_CLAMP")
-                .filter(|&n| n <= 1)
-                .map_or(d.attn_clamp, |n| n as u32),
+            attn_clamp: match var("EDGEDIFF_ATTN_CLAMP").as_deref().map(str::trim) {
+                Some("0") => false,
+                Some("1") => true,
+                _ => d.attn_clamp,
+            },
             attn_groups: num("EDGEDIFF_ATTN_GROUPS")
                 .filter(|&n| n > 0)
                 .map_or(d.attn_groups, |v| v as usize),
@@ -445,7 +447,7 @@ mod tests {
                 batch_blocks: false,
                 shader_checks: Some(ShaderChecks::None),
                 probe: 5,
-                attn_clamp: 0,
+                attn_clamp: false,
             }
         );
         let k = from(&[

@@ -23,9 +23,9 @@ pub fn source(path: &str) -> Option<&'static str> {
         .map(|(_, s)| *s)
 }
 
-/// Whether `file`, with its includes, declares the override `name` (pipelines set one only where
-/// it exists: a constant the module lacks is a pipeline error).
-fn declares(file: &str, name: &str) -> bool {
+/// The overrides `file` declares, with its includes (pipelines set one only where it exists: a
+/// constant the module lacks is a pipeline error).
+fn declared_overrides(file: &str) -> Vec<String> {
     source(file)
         .and_then(|text| {
             compose(text, Caps { subgroups: false }, &|p| {
@@ -33,7 +33,14 @@ fn declares(file: &str, name: &str) -> bool {
             })
             .ok()
         })
-        .is_some_and(|s| s.contains(&format!("override {name}")))
+        .map(|s| {
+            s.lines()
+                .filter_map(|l| l.trim_start().strip_prefix("override "))
+                .filter_map(|rest| rest.split([':', ' ', '=']).next())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The gate activation of the gated-MLP kernels (lib/gate_act.wgsl's `ACT`) in the second byte of
@@ -215,23 +222,25 @@ impl Kernels {
                     bind_group_layouts: &[Some(&layout)],
                     immediate_size: 0,
                 });
+            let declared = declared_overrides(entry.file);
+            let declares = |name: &str| declared.iter().any(|d| d == name);
             let mut constants: Vec<(&str, f64)> = vec![];
-            if declares(entry.file, "WTYPE") {
+            if declares("WTYPE") {
                 constants.push(("WTYPE", (wtype & 0xff) as f64));
             }
-            if declares(entry.file, "ACT") {
+            if declares("ACT") {
                 constants.push(("ACT", ((wtype >> 8) & 0xff) as f64));
             }
-            if declares(entry.file, "CHUNK_T") && (wtype >> 16) & 0xff != 0 {
+            if declares("CHUNK_T") && (wtype >> 16) & 0xff != 0 {
                 constants.push(("CHUNK_T", ((wtype >> 16) & 0xff) as f64));
             }
-            if declares(entry.file, "DEPTH") && wtype >> 24 != 0 {
+            if declares("DEPTH") && wtype >> 24 != 0 {
                 constants.push(("DEPTH", (wtype >> 24) as f64));
             }
-            if declares(entry.file, "GQA_CLAMP") {
-                constants.push(("GQA_CLAMP", dev.kernels.attn_clamp as f64));
+            if declares("GQA_CLAMP") {
+                constants.push(("GQA_CLAMP", f64::from(u8::from(dev.kernels.attn_clamp))));
             }
-            if dev.kernels.probe != 0 && declares(entry.file, "PROBE") {
+            if dev.kernels.probe != 0 && declares("PROBE") {
                 constants.push(("PROBE", dev.kernels.probe as f64));
             }
             let pipeline = dev
