@@ -46,32 +46,56 @@ fn row_chunks(m: WideMat) -> u32 {
     return m.k / chunk_vals();
 }
 
-// Σ code · x over one word (8 q4 or 4 q8 codes) against staged activations xs[b] (and, q4, its
-// second vec4 xs[b + cs]): q4 codes are (nibble − 8), q8 codes signed bytes.
-fn word_dot(c: u32, b: u32, cs: u32) -> f32 {
+// Σ code · x over one word (8 q4 or 4 q8 codes) against its activations `lo` (and, q4, `hi`: the
+// next four): q4 codes are (nibble − 8), q8 codes signed bytes.
+fn word_dot_v(c: u32, lo: vec4<f32>, hi: vec4<f32>) -> f32 {
     if ((PROBE & 1u) != 0u && WTYPE != WIDE_F32) {
-        return probe_float(c) * xs[b].x;
+        return probe_float(c) * lo.x;
     }
     let w = vec4<u32>(c);
     if (WTYPE == WIDE_Q8) {
         let u = ((w >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(255u)) ^ vec4<u32>(128u);
-        return dot(bitcast<vec4<f32>>(u | vec4<u32>(EXP_BIAS)) - vec4<f32>(8388736.0), xs[b]);
+        return dot(bitcast<vec4<f32>>(u | vec4<u32>(EXP_BIAS)) - vec4<f32>(8388736.0), lo);
     }
-    let lo = ((w >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u)) | vec4<u32>(EXP_BIAS);
-    let hi = ((w >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u)) | vec4<u32>(EXP_BIAS);
-    return dot(bitcast<vec4<f32>>(lo) - vec4<f32>(8388616.0), xs[b])
-        + dot(bitcast<vec4<f32>>(hi) - vec4<f32>(8388616.0), xs[b + cs]);
+    let l = ((w >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u)) | vec4<u32>(EXP_BIAS);
+    let h = ((w >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u)) | vec4<u32>(EXP_BIAS);
+    return dot(bitcast<vec4<f32>>(l) - vec4<f32>(8388616.0), lo)
+        + dot(bitcast<vec4<f32>>(h) - vec4<f32>(8388616.0), hi);
+}
+
+// Σ code · x over chunk `w` against its activations x[0 .. chunk_vals() / 4] (vec4 v: values
+// 4v .. 4v + 3 of the chunk); the caller applies the scale. Every wide kernel sums a chunk
+// through this one expression, so the staged and the register-tiled kernels agree bit for bit.
+fn chunk_dot_v(w: vec4<u32>, x: array<vec4<f32>, 8>) -> f32 {
+    if (WTYPE == WIDE_F32) {
+        return dot(bitcast<vec4<f32>>(w), x[0]);
+    }
+    if (WTYPE == WIDE_Q8) {
+        return ((word_dot_v(w.x, x[0], x[0]) + word_dot_v(w.y, x[1], x[1]))
+            + word_dot_v(w.z, x[2], x[2])) + word_dot_v(w.w, x[3], x[3]);
+    }
+    return ((word_dot_v(w.x, x[0], x[1]) + word_dot_v(w.y, x[2], x[3]))
+        + word_dot_v(w.z, x[4], x[5])) + word_dot_v(w.w, x[6], x[7]);
 }
 
 // Σ code · x over chunk `w` against its staged activations from xs[base] (stride `cs` between
 // the chunk's vec4s); the caller applies the scale.
 fn chunk_dot(w: vec4<u32>, base: u32, cs: u32) -> f32 {
-    if (WTYPE == WIDE_F32) {
-        return dot(bitcast<vec4<f32>>(w), xs[base]);
+    // Written out, not looped: constant indices keep `x` in registers on every driver.
+    var x: array<vec4<f32>, 8>;
+    x[0] = xs[base];
+    if (WTYPE != WIDE_F32) {
+        x[1] = xs[base + cs];
+        x[2] = xs[base + 2u * cs];
+        x[3] = xs[base + 3u * cs];
     }
-    let step = select(2u, 1u, WTYPE == WIDE_Q8) * cs;
-    return ((word_dot(w.x, base, cs) + word_dot(w.y, base + step, cs))
-        + word_dot(w.z, base + 2u * step, cs)) + word_dot(w.w, base + 3u * step, cs);
+    if (WTYPE != WIDE_F32 && WTYPE != WIDE_Q8) {
+        x[4] = xs[base + 4u * cs];
+        x[5] = xs[base + 5u * cs];
+        x[6] = xs[base + 6u * cs];
+        x[7] = xs[base + 7u * cs];
+    }
+    return chunk_dot_v(w, x);
 }
 
 // The scale of chunk `c` of row `row` (1 for f32 weights).
@@ -116,7 +140,6 @@ fn at_token(t: u32, d: f32) -> vec4<f32> {
 fn wide_rows(lid: u32, m: WideMat, rows: vec4<u32>, n: u32, nt: u32) {
     let l = m.lanes;
     let lane = lid % l;
-    let grp = lid / l;
     let cpr = row_chunks(m);
     let kv = m.k / 4u;
     var a0 = vec4<f32>(0.0);
@@ -144,6 +167,15 @@ fn wide_rows(lid: u32, m: WideMat, rows: vec4<u32>, n: u32, nt: u32) {
             a3 += at_token(t, d.w);
         }
     }
+    wide_reduce(lid, l, a0, a1, a2, a3);
+}
+
+// Adds the lanes' partials a0 .. a3 (rows r = 0 .. 3 of this row group, vec4 over four tokens) in
+// a fixed two-level order: after the call xs[768 + s] holds row slot s = group · 4 + r for
+// s < 512 / L, and the call ends with a barrier. It begins with one, so xs may still be in use.
+fn wide_reduce(lid: u32, l: u32, a0: vec4<f32>, a1: vec4<f32>, a2: vec4<f32>, a3: vec4<f32>) {
+    let lane = lid % l;
+    let grp = lid / l;
     workgroupBarrier();
     let base = grp * 4u * l + lane;
     xs[base] = a0;

@@ -174,6 +174,18 @@ impl Kernels {
         Ok(m)
     }
 
+    /// The weight types `entry`'s pipelines were built for so far (tests: which kernel an op took).
+    pub fn built(&self, entry: &Entry) -> Vec<u32> {
+        let p = self.pipelines.lock().unwrap();
+        let mut w: Vec<u32> = p
+            .keys()
+            .filter(|k| k.0 == entry.file && k.1 == entry.name)
+            .map(|k| k.2)
+            .collect();
+        w.sort_unstable();
+        w
+    }
+
     /// The pipeline of `entry` for weight type `wtype` (0 where the kernel reads no weights; its
     /// second byte is the gate activation, [`gate_act`], of kernels that declare one).
     pub fn get(
