@@ -7,11 +7,14 @@
 // 2048 are 128 KB) and nothing waits on a staging barrier.
 // Tiling: 128 invocations, 512 / L weight rows a workgroup (L = p.lanes, 16), a row group of L
 // lanes works 4 rows, lane j their chunks j, j + L, …; workgroup z is a block of CHUNK_T tokens
-// (an override: 4, 8, 12 or 16; ops/matmul.rs picks the smallest that holds the pass, blocks of 16
-// past it). Workgroups fold into x × y past 65535.
-// Sums: the same chunk expression (lib/wide_gemv.wgsl chunk_dot_v), the same chunk order a lane
-// and the same lane reduction (wide_reduce) as gemv_wide, so every (row, token) result equals
-// gemv_wide's bit for bit, whichever tokens share a block (ops/batch_class.rs).
+// (an override, 4 or 8: ops/matmul.rs picks). A lane takes a chunk word by word: the four rows'
+// codes of a word are made once and used for every token of the block (made per token, the
+// compiler kept all 128 of a chunk's codes live: 255 registers a thread). Workgroups fold into
+// x × y past 65535.
+// Sums: each chunk summed as lib/wide_gemv.wgsl chunk_dot_v sums it (same word expressions, same
+// order), the same chunk order a lane and the same lane reduction (wide_reduce) as gemv_wide, so
+// every (row, token) result equals gemv_wide's bit for bit, whichever tokens share a block
+// (ops/batch_class.rs).
 // Fusions: MODE_ACCUM adds the result to `out` (the residual); no norm (the fused-norm forward's
 // gemvs stay on gemv_wide, which sees whole rows as it stages them).
 
@@ -25,8 +28,8 @@
 // The same buffer as w4, for the scales.
 @group(0) @binding(4) var<storage, read> w_words: array<u32>;
 
-// Tokens a workgroup holds in registers (a multiple of 4, at most 16).
-override CHUNK_T: u32 = 16u;
+// Tokens a workgroup holds in registers (4 or 8).
+override CHUNK_T: u32 = 8u;
 
 fn wide_chunk(i: u32) -> vec4<u32> {
     return w4[i];
@@ -40,26 +43,16 @@ fn wide_x(t: u32, g: u32) -> vec4<f32> {
     return x_act[t * (p.k / 4u) + g];
 }
 
-// The activations of chunk `c` of activation row `r` (vec4s from `b` = r · k / 4 + c · values / 4).
-fn x_chunk(b: u32) -> array<vec4<f32>, 8> {
-    var x: array<vec4<f32>, 8>;
+// The activations of word `i` of chunk `c` of activation row `r` (q4: two vec4s, q8: one).
+fn word_x(r: u32, c: u32, i: u32, kv: u32) -> Codes {
     if ((PROBE & 2u) != 0u) {
-        for (var v = 0u; v < 8u; v++) {
-            x[v] = vec4<f32>(1e-3);
-        }
-        return x;
+        return Codes(vec4<f32>(1e-3), vec4<f32>(1e-3));
     }
-    x[0] = x_act[b];
-    x[1] = x_act[b + 1u];
-    x[2] = x_act[b + 2u];
-    x[3] = x_act[b + 3u];
-    if (WTYPE != WIDE_Q8) {
-        x[4] = x_act[b + 4u];
-        x[5] = x_act[b + 5u];
-        x[6] = x_act[b + 6u];
-        x[7] = x_act[b + 7u];
+    if (WTYPE == WIDE_Q8) {
+        return Codes(x_act[r * kv + c * 4u + i], vec4<f32>(0.0));
     }
-    return x;
+    let b = r * kv + c * 8u + 2u * i;
+    return Codes(x_act[b], x_act[b + 1u]);
 }
 
 fn skinny_store(i: u32, v: f32) {
@@ -68,15 +61,6 @@ fn skinny_store(i: u32, v: f32) {
     } else {
         out[i] = v;
     }
-}
-
-// A row group's four weight chunks and their scales.
-struct Chunks {
-    w0: vec4<u32>,
-    w1: vec4<u32>,
-    w2: vec4<u32>,
-    w3: vec4<u32>,
-    s: vec4<f32>,
 }
 
 // Partial sums of the group's rows 0 .. 3 (r0 .. r3), each a vec4 over four tokens. Named
@@ -89,14 +73,34 @@ struct Quad {
     r3: vec4<f32>,
 }
 
-// Adds token j's (0 .. 3) scaled chunk sums of activation row `r` (chunk c) to `a`: each row's
-// component j, the others +0 (which changes none: the partials start at +0, never −0).
-fn quad_add(a: Quad, j: u32, ch: Chunks, r: u32, c: u32, kv: u32) -> Quad {
-    let x = x_chunk(r * kv + c * (chunk_vals() / 4u));
-    let d = vec4<f32>(chunk_dot_v(ch.w0, x), chunk_dot_v(ch.w1, x), chunk_dot_v(ch.w2, x),
-        chunk_dot_v(ch.w3, x)) * ch.s;
-    return Quad(a.r0 + at_token(j, d.x), a.r1 + at_token(j, d.y), a.r2 + at_token(j, d.z),
-        a.r3 + at_token(j, d.w));
+// The four rows' codes of one word.
+struct RowCodes {
+    k0: Codes,
+    k1: Codes,
+    k2: Codes,
+    k3: Codes,
+}
+
+// Adds word i's dot products with token j's (0 .. 3) activations (row `r`, chunk c) to the
+// chunk sums `a`: component j of each row, the others +0.
+fn word_add(a: Quad, j: u32, k: RowCodes, r: u32, c: u32, i: u32, kv: u32) -> Quad {
+    let x = word_x(r, c, i, kv);
+    return Quad(a.r0 + at_token(j, codes_dot(k.k0, x.lo, x.hi)),
+        a.r1 + at_token(j, codes_dot(k.k1, x.lo, x.hi)),
+        a.r2 + at_token(j, codes_dot(k.k2, x.lo, x.hi)),
+        a.r3 + at_token(j, codes_dot(k.k3, x.lo, x.hi)));
+}
+
+// Adds the scaled chunk sums `cs` of tokens 0 .. 3 (vec4 over tokens a row) to `a`, token by
+// token as gemv_wide adds them.
+fn chunk_add(a: Quad, cs: Quad, s: vec4<f32>) -> Quad {
+    var o = a;
+    for (var j = 0u; j < 4u; j++) {
+        let d = vec4<f32>(cs.r0[j], cs.r1[j], cs.r2[j], cs.r3[j]) * s;
+        o = Quad(o.r0 + at_token(j, d.x), o.r1 + at_token(j, d.y), o.r2 + at_token(j, d.z),
+            o.r3 + at_token(j, d.w));
+    }
+    return o;
 }
 
 // Reduces quad `a` (tokens q0 .. q0 + 3 of the block) over the lanes and stores its rows.
@@ -137,34 +141,35 @@ fn gemv_skinny(
     let z = vec4<f32>(0.0);
     var a0 = Quad(z, z, z, z);
     var a1 = Quad(z, z, z, z);
-    var a2 = Quad(z, z, z, z);
-    var a3 = Quad(z, z, z, z);
     for (var c = lane; c < cpr; c += l) {
-        let ch = Chunks(wide_chunk(rc.x * cpr + c), wide_chunk(rc.y * cpr + c),
-            wide_chunk(rc.z * cpr + c), wide_chunk(rc.w * cpr + c),
-            vec4<f32>(chunk_scale(m, rc.x, c), chunk_scale(m, rc.y, c), chunk_scale(m, rc.z, c),
-                chunk_scale(m, rc.w, c)));
-        for (var j = 0u; j < 4u; j++) {
-            a0 = quad_add(a0, j, ch, xr + min(j, last), c, kv);
-            if (CHUNK_T > 4u) {
-                a1 = quad_add(a1, j, ch, xr + min(4u + j, last), c, kv);
+        let w0 = wide_chunk(rc.x * cpr + c);
+        let w1 = wide_chunk(rc.y * cpr + c);
+        let w2 = wide_chunk(rc.z * cpr + c);
+        let w3 = wide_chunk(rc.w * cpr + c);
+        let s = vec4<f32>(chunk_scale(m, rc.x, c), chunk_scale(m, rc.y, c), chunk_scale(m, rc.z, c),
+            chunk_scale(m, rc.w, c));
+        // Word by word (each word's codes made once for every token), the chunk's sums in
+        // chunk_dot_v's order: ((w0 + w1) + w2) + w3, from +0 (which changes no sum but a zero's
+        // sign, and the accumulators take +0 and −0 alike).
+        var s0 = Quad(z, z, z, z);
+        var s1 = Quad(z, z, z, z);
+        for (var i = 0u; i < 4u; i++) {
+            let k = RowCodes(word_codes(w0[i]), word_codes(w1[i]), word_codes(w2[i]),
+                word_codes(w3[i]));
+            for (var j = 0u; j < 4u; j++) {
+                s0 = word_add(s0, j, k, xr + min(j, last), c, i, kv);
+                if (CHUNK_T > 4u) {
+                    s1 = word_add(s1, j, k, xr + min(4u + j, last), c, i, kv);
+                }
             }
-            if (CHUNK_T > 8u) {
-                a2 = quad_add(a2, j, ch, xr + min(8u + j, last), c, kv);
-            }
-            if (CHUNK_T > 12u) {
-                a3 = quad_add(a3, j, ch, xr + min(12u + j, last), c, kv);
-            }
+        }
+        a0 = chunk_add(a0, s0, s);
+        if (CHUNK_T > 4u) {
+            a1 = chunk_add(a1, s1, s);
         }
     }
     quad_store(lid, a0, row_base, t0, 0u, nt);
     if (CHUNK_T > 4u) {
         quad_store(lid, a1, row_base, t0, 4u, nt);
-    }
-    if (CHUNK_T > 8u) {
-        quad_store(lid, a2, row_base, t0, 8u, nt);
-    }
-    if (CHUNK_T > 12u) {
-        quad_store(lid, a3, row_base, t0, 12u, nt);
     }
 }

@@ -46,21 +46,42 @@ fn row_chunks(m: WideMat) -> u32 {
     return m.k / chunk_vals();
 }
 
-// Σ code · x over one word (8 q4 or 4 q8 codes) against its activations `lo` (and, q4, `hi`: the
-// next four): q4 codes are (nibble − 8), q8 codes signed bytes.
-fn word_dot_v(c: u32, lo: vec4<f32>, hi: vec4<f32>) -> f32 {
+// One word's codes as floats: 8 q4 codes (nibble − 8; lo the first four, hi the next) or 4 q8
+// codes (signed bytes, in lo).
+struct Codes {
+    lo: vec4<f32>,
+    hi: vec4<f32>,
+}
+
+fn word_codes(c: u32) -> Codes {
     if ((PROBE & 1u) != 0u && WTYPE != WIDE_F32) {
-        return probe_float(c) * lo.x;
+        return Codes(vec4<f32>(probe_float(c)), vec4<f32>(0.0));
     }
     let w = vec4<u32>(c);
     if (WTYPE == WIDE_Q8) {
         let u = ((w >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(255u)) ^ vec4<u32>(128u);
-        return dot(bitcast<vec4<f32>>(u | vec4<u32>(EXP_BIAS)) - vec4<f32>(8388736.0), lo);
+        return Codes(bitcast<vec4<f32>>(u | vec4<u32>(EXP_BIAS)) - vec4<f32>(8388736.0),
+            vec4<f32>(0.0));
     }
     let l = ((w >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u)) | vec4<u32>(EXP_BIAS);
     let h = ((w >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u)) | vec4<u32>(EXP_BIAS);
-    return dot(bitcast<vec4<f32>>(l) - vec4<f32>(8388616.0), lo)
-        + dot(bitcast<vec4<f32>>(h) - vec4<f32>(8388616.0), hi);
+    return Codes(bitcast<vec4<f32>>(l) - vec4<f32>(8388616.0),
+        bitcast<vec4<f32>>(h) - vec4<f32>(8388616.0));
+}
+
+// Σ code · x over one word's codes `k` against its activations `lo` (and, q4, `hi`).
+fn codes_dot(k: Codes, lo: vec4<f32>, hi: vec4<f32>) -> f32 {
+    if ((PROBE & 1u) != 0u && WTYPE != WIDE_F32) {
+        return k.lo.x * lo.x;
+    }
+    if (WTYPE == WIDE_Q8) {
+        return dot(k.lo, lo);
+    }
+    return dot(k.lo, lo) + dot(k.hi, hi);
+}
+
+fn word_dot_v(c: u32, lo: vec4<f32>, hi: vec4<f32>) -> f32 {
+    return codes_dot(word_codes(c), lo, hi);
 }
 
 // Σ code · x over chunk `w` against its activations x[0 .. chunk_vals() / 4] (vec4 v: values

@@ -15,6 +15,7 @@
 //! | `EDGEDIFF_GEMV_WIDE_F32=0` | [`KernelChoice::gemv_wide_f32`] |
 //! | `EDGEDIFF_WIDE_LANES=16\|64` | [`KernelChoice::wide_lanes`] |
 //! | `EDGEDIFF_SKINNY_MAX_T=<rows>` | [`KernelChoice::skinny_max_t`] |
+//! | `EDGEDIFF_SKINNY_T=4\|8` | [`KernelChoice::skinny_t`] |
 //! | `EDGEDIFF_FUSE_SWIGLU=0` | [`KernelChoice::fuse_swiglu`] |
 //! | `EDGEDIFF_FUSE_COMBINE_NORM=1\|0` | [`KernelChoice::fuse_combine_norm`] |
 //! | `EDGEDIFF_FUSE_NORMS_MAX_T=<rows>` | [`KernelChoice::fuse_norms_max_t`] |
@@ -136,6 +137,9 @@ pub struct KernelChoice {
     /// first form (accumulators in an array, which NVIDIA put in local memory) was slower, H100:
     /// 16-row pass 10.17 → 12.12 ms, 32 rows 14.57 → 20.04.
     pub skinny_max_t: usize,
+    /// Tokens a skinny gemv workgroup holds (4 or 8): more read a weight chunk once for more
+    /// tokens, fewer hold fewer registers.
+    pub skinny_t: usize,
     /// SwiGLU fused into the dense gate_up gemv.
     pub fuse_swiglu: bool,
     /// The MoE combine carries the residual add and the next norm (moe_combine_norm, one
@@ -215,6 +219,7 @@ impl Default for KernelChoice {
             gemv_wide_f32: true,
             wide_lanes: 16,
             skinny_max_t: 0,
+            skinny_t: 8,
             fuse_swiglu: true,
             fuse_combine_norm: false,
             fuse_norms_max_t: super::ops::matmul::GEMV_MAX_T,
@@ -298,6 +303,9 @@ impl KernelChoice {
             skinny_max_t: num("EDGEDIFF_SKINNY_MAX_T")
                 .filter(|&n| n <= 256)
                 .map_or(d.skinny_max_t, |n| n as usize),
+            skinny_t: num("EDGEDIFF_SKINNY_T")
+                .filter(|&n| n == 4 || n == 8)
+                .map_or(d.skinny_t, |n| n as usize),
             fuse_swiglu: !off("EDGEDIFF_FUSE_SWIGLU"),
             fuse_combine_norm: var("EDGEDIFF_FUSE_COMBINE_NORM")
                 .map_or(d.fuse_combine_norm, |v| v.trim() == "1"),
@@ -412,6 +420,7 @@ mod tests {
             ("EDGEDIFF_GEMV_WIDE_F32", "0"),
             ("EDGEDIFF_WIDE_LANES", "64"),
             ("EDGEDIFF_SKINNY_MAX_T", "24"),
+            ("EDGEDIFF_SKINNY_T", "4"),
             ("EDGEDIFF_FUSE_SWIGLU", "0"),
             ("EDGEDIFF_FUSE_COMBINE_NORM", "1"),
             ("EDGEDIFF_FUSE_NORMS_MAX_T", "0"),
@@ -444,6 +453,7 @@ mod tests {
                 gemv_wide_f32: false,
                 wide_lanes: 64,
                 skinny_max_t: 24,
+                skinny_t: 4,
                 fuse_swiglu: false,
                 fuse_combine_norm: true,
                 fuse_norms_max_t: 0,

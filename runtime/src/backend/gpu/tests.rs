@@ -1482,96 +1482,95 @@ fn wide_gemv_rows_equal_the_rows_in_other_blocks() {
 /// The skinny gemv (shaders/gemv_skinny.wgsl; passes of 5 to `skinny_max_t` rows) sums every
 /// (weight row, token) as the wide gemv does: bit for bit against the wide gemv where that serves
 /// the shape (≤ 16 rows of ≤ 4096 values), the CPU's products where it does not (rows of 5,120,
-/// 17–45 rows in token blocks of 16), adding into a residual too; and those passes take it (its
-/// pipelines get built, one per token block size), while 4 rows and normed matmuls do not.
+/// 17–45 rows), adding into a residual too, in token blocks of 8 and of 4; and those passes take
+/// it (its pipelines get built), while 4 rows and normed matmuls do not.
 #[test]
 fn skinny_gemv_sums_as_the_wide_gemv() {
     use super::choice::KernelChoice;
     use ops::matmul::GEMV_SKINNY;
-    let with = |skinny_max_t| super::GpuOptions {
+    let with = |skinny_max_t, skinny_t| super::GpuOptions {
         poison: true,
         kernels: KernelChoice {
             skinny_max_t,
+            skinny_t,
             ..KernelChoice::from_env()
         },
         ..super::GpuOptions::from_env()
     };
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    let on = super::testing::backends_with(with(64));
-    let off = super::testing::backends_with(with(0));
     let c = CpuBackend;
-    for ((label, b), (_, wide)) in on.iter().zip(&off) {
-        let mut rng = Rng(61);
-        for (dtype, n, k) in [
-            (DType::Q4, 70, 1056),
-            (DType::Q4, 33, 2048),
-            (DType::Q8, 45, 512),
-            (DType::Q4, 21, 5120),
-        ] {
-            let wv = rng.vec(n * k, 0.5);
-            let (w, ww, wc) = (
-                weight(b, dtype, &[n, k], &wv),
-                weight(wide, dtype, &[n, k], &wv),
-                weight(&c, dtype, &[n, k], &wv),
-            );
-            for t in [5, 8, 13, 16, 17, 32, 45] {
-                let xv = rng.vec(t * k, 1.0);
-                let rv = rng.vec(t * n, 1.0);
-                let got = b.get(&b.matmul(&w, &b.put(t, k, &xv)).unwrap());
-                let mut res = b.put(t, n, &rv);
-                b.matmul_add(&w, &b.put(t, k, &xv), &mut res).unwrap();
-                let added = b.get(&res);
-                let what = format!("{label} {dtype} t{t} n{n} k{k}");
-                if t <= 16 && k <= ops::matmul::WIDE_STAGE {
-                    let want = wide.get(&wide.matmul(&ww, &wide.put(t, k, &xv)).unwrap());
-                    assert_eq!(bits(&got), bits(&want), "{what}");
-                    let mut res = wide.put(t, n, &rv);
-                    wide.matmul_add(&ww, &wide.put(t, k, &xv), &mut res)
-                        .unwrap();
-                    assert_eq!(bits(&added), bits(&wide.get(&res)), "{what}: add");
-                } else {
-                    let want = c.get(&c.matmul(&wc, &c.put(t, k, &xv)).unwrap());
-                    let err = rel_l2(&got, &want);
-                    assert!(err <= TOL, "{what}: {err:e}");
-                    let sum: Vec<f32> = want.iter().zip(&rv).map(|(y, r)| y + r).collect();
-                    let err = rel_l2(&added, &sum);
-                    assert!(err <= TOL, "{what}: add {err:e}");
+    for skinny_t in [8, 4] {
+        let on = super::testing::backends_with(with(64, skinny_t));
+        let off = super::testing::backends_with(with(0, skinny_t));
+        for ((label, b), (_, wide)) in on.iter().zip(&off) {
+            let label = format!("{label} blocks of {skinny_t}");
+            let mut rng = Rng(61);
+            for (dtype, n, k) in [
+                (DType::Q4, 70, 1056),
+                (DType::Q4, 33, 2048),
+                (DType::Q8, 45, 512),
+                (DType::Q4, 21, 5120),
+            ] {
+                let wv = rng.vec(n * k, 0.5);
+                let (w, ww, wc) = (
+                    weight(b, dtype, &[n, k], &wv),
+                    weight(wide, dtype, &[n, k], &wv),
+                    weight(&c, dtype, &[n, k], &wv),
+                );
+                for t in [5, 8, 13, 16, 17, 32, 45] {
+                    let xv = rng.vec(t * k, 1.0);
+                    let rv = rng.vec(t * n, 1.0);
+                    let got = b.get(&b.matmul(&w, &b.put(t, k, &xv)).unwrap());
+                    let mut res = b.put(t, n, &rv);
+                    b.matmul_add(&w, &b.put(t, k, &xv), &mut res).unwrap();
+                    let added = b.get(&res);
+                    let what = format!("{label} {dtype} t{t} n{n} k{k}");
+                    if t <= 16 && k <= ops::matmul::WIDE_STAGE {
+                        let want = wide.get(&wide.matmul(&ww, &wide.put(t, k, &xv)).unwrap());
+                        assert_eq!(bits(&got), bits(&want), "{what}");
+                        let mut res = wide.put(t, n, &rv);
+                        wide.matmul_add(&ww, &wide.put(t, k, &xv), &mut res)
+                            .unwrap();
+                        assert_eq!(bits(&added), bits(&wide.get(&res)), "{what}: add");
+                    } else {
+                        let want = c.get(&c.matmul(&wc, &c.put(t, k, &xv)).unwrap());
+                        let err = rel_l2(&got, &want);
+                        assert!(err <= TOL, "{what}: {err:e}");
+                        let sum: Vec<f32> = want.iter().zip(&rv).map(|(y, r)| y + r).collect();
+                        let err = rel_l2(&added, &sum);
+                        assert!(err <= TOL, "{what}: add {err:e}");
+                    }
                 }
             }
-        }
-        // Token blocks of 8 (5 and 8 rows) and 16 (13 rows and more).
-        let blocks: Vec<u32> =
-            b.sh.kernels
-                .built(&GEMV_SKINNY)
-                .iter()
-                .map(|w| w >> 16)
-                .collect();
-        for want in [8, 16] {
+            // Every pass here has 5 rows or more: blocks of skinny_t tokens, q4 and q8.
+            let blocks: Vec<u32> =
+                b.sh.kernels
+                    .built(&GEMV_SKINNY)
+                    .iter()
+                    .map(|w| w >> 16)
+                    .collect();
+            assert_eq!(blocks, vec![skinny_t as u32; 2], "{label}: blocks");
             assert!(
-                blocks.contains(&want),
-                "{label}: skinny blocks built {blocks:?}"
+                wide.sh.kernels.built(&GEMV_SKINNY).is_empty(),
+                "{label}: skinny off"
+            );
+            // Four rows and normed matmuls keep the other gemvs.
+            let fresh = super::GpuBackend::new(&with(64, skinny_t)).unwrap();
+            let (n, k) = (40, 1024);
+            let w = weight(&fresh, DType::Q4, &[n, k], &rng.vec(n * k, 0.5));
+            let nw = weight(&fresh, DType::F32, &[k], &rng.vec(k, 1.0));
+            drop(
+                fresh
+                    .matmul(&w, &fresh.put(4, k, &rng.vec(4 * k, 1.0)))
+                    .unwrap(),
+            );
+            let x = fresh.put(9, k, &rng.vec(9 * k, 1.0));
+            drop(fresh.matmul_normed(&w, &x, &nw, 1e-6).unwrap());
+            assert!(
+                fresh.sh.kernels.built(&GEMV_SKINNY).is_empty(),
+                "{label}: not skinny"
             );
         }
-        assert!(
-            wide.sh.kernels.built(&GEMV_SKINNY).is_empty(),
-            "{label}: skinny off"
-        );
-        // Four rows and normed matmuls keep the other gemvs.
-        let fresh = super::GpuBackend::new(&with(64)).unwrap();
-        let (n, k) = (40, 1024);
-        let w = weight(&fresh, DType::Q4, &[n, k], &rng.vec(n * k, 0.5));
-        let nw = weight(&fresh, DType::F32, &[k], &rng.vec(k, 1.0));
-        drop(
-            fresh
-                .matmul(&w, &fresh.put(4, k, &rng.vec(4 * k, 1.0)))
-                .unwrap(),
-        );
-        let x = fresh.put(9, k, &rng.vec(9 * k, 1.0));
-        drop(fresh.matmul_normed(&w, &x, &nw, 1e-6).unwrap());
-        assert!(
-            fresh.sh.kernels.built(&GEMV_SKINNY).is_empty(),
-            "{label}: not skinny"
-        );
     }
 }
 

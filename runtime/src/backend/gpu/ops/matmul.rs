@@ -242,7 +242,7 @@ pub fn wide_shape(choice: &KernelChoice, dtype: DType, k: usize) -> Option<(u32,
 }
 
 /// Tokens a [`GEMV_SKINNY`] workgroup holds in registers at most (its token blocks past them).
-pub const SKINNY_T: usize = 16;
+pub const SKINNY_T: usize = 8;
 
 /// Invocations per weight row of [`GEMV_SKINNY`] for a `dtype` weight of `k` columns in a pass
 /// whose sequences have `solo` rows, for a matmul that folds in no norm; `None` where it does not
@@ -260,10 +260,10 @@ pub fn skinny_gemv(choice: &KernelChoice, dtype: DType, k: usize, solo: usize) -
     (k.is_multiple_of(vals) && k / vals >= 16).then_some(choice.wide_lanes)
 }
 
-/// [`GEMV_SKINNY`]'s tokens a workgroup for a dispatch of `t` rows: the smallest multiple of 4
-/// that holds them, [`SKINNY_T`] past it. Any block gives the same sums.
-pub fn skinny_tile(t: usize) -> u32 {
-    (t.min(SKINNY_T).div_ceil(4) * 4) as u32
+/// [`GEMV_SKINNY`]'s tokens a workgroup for a dispatch of `t` rows: 4 or `most` (4 or 8), the
+/// smallest that holds them. Any block gives the same sums.
+pub fn skinny_tile(t: usize, most: usize) -> u32 {
+    (t.min(most.min(SKINNY_T)).div_ceil(4) * 4) as u32
 }
 
 /// Invocations per weight row of [`GEMV`] for a pass whose sequences have `solo` rows.
@@ -516,7 +516,10 @@ fn chunk_kernel(
     let choice = &ctx.sh.dev.kernels;
     if !norm {
         if let Some(lanes) = skinny_gemv(choice, w.dtype, w.cols, solo_rows(ctx, t)) {
-            return (MatmulKernel::Skinny, Some((lanes, skinny_tile(t))));
+            return (
+                MatmulKernel::Skinny,
+                Some((lanes, skinny_tile(t, choice.skinny_t))),
+            );
         }
     }
     let wide = wide_gemv(choice, w.dtype, w.cols, solo_rows(ctx, t));
