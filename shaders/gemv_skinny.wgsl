@@ -39,20 +39,27 @@ fn wide_word(i: u32) -> u32 {
     return w_words[i];
 }
 
+// lib/wide_gemv.wgsl's staging reads activations through this; this kernel stages none.
 fn wide_x(t: u32, g: u32) -> vec4<f32> {
     return x_act[t * (p.k / 4u) + g];
 }
 
-// The activations of word `i` of chunk `c` of activation row `r` (q4: two vec4s, q8: one).
-fn word_x(r: u32, c: u32, i: u32, kv: u32) -> Codes {
+// One word's activations: q4 two vec4s (lo, hi), q8 one (lo).
+struct WordX {
+    lo: vec4<f32>,
+    hi: vec4<f32>,
+}
+
+// The activations of word `i` of chunk `c` of activation row `r`.
+fn word_x(r: u32, c: u32, i: u32, kv: u32) -> WordX {
     if ((PROBE & 2u) != 0u) {
-        return Codes(vec4<f32>(1e-3), vec4<f32>(1e-3));
+        return WordX(vec4<f32>(1e-3), vec4<f32>(1e-3));
     }
     if (WTYPE == WIDE_Q8) {
-        return Codes(x_act[r * kv + c * 4u + i], vec4<f32>(0.0));
+        return WordX(x_act[r * kv + c * 4u + i], vec4<f32>(0.0));
     }
     let b = r * kv + c * 8u + 2u * i;
-    return Codes(x_act[b], x_act[b + 1u]);
+    return WordX(x_act[b], x_act[b + 1u]);
 }
 
 fn skinny_store(i: u32, v: f32) {
