@@ -125,17 +125,10 @@ fn quad_store(lid: u32, a: Quad, row_base: u32, t0: u32, q0: u32, nt: u32) {
     }
 }
 
-@compute @workgroup_size(128)
-fn gemv_skinny(
-    @builtin(local_invocation_index) lid: u32,
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-) {
+// One block of tokens t0 .. t0 + nt (nt ≤ CHUNK_T) against the workgroup's rows from row_base.
+fn skinny_block(lid: u32, row_base: u32, t0: u32, nt: u32) {
     let l = p.lanes;
     let m = WideMat(0u, p.scales, p.k, l);
-    let t0 = wid.z * CHUNK_T;
-    let nt = min(p.t - t0, CHUNK_T);
-    let row_base = (wid.x + wid.y * nwg.x) * (512u / l);
     let lane = lid % l;
     let cpr = row_chunks(m);
     let kv = p.k / 4u;
@@ -178,5 +171,25 @@ fn gemv_skinny(
     quad_store(lid, a0, row_base, t0, 0u, nt);
     if (CHUNK_T > 4u) {
         quad_store(lid, a1, row_base, t0, 4u, nt);
+    }
+}
+
+// Workgroup z takes p.tile_t consecutive blocks of CHUNK_T tokens (≥ 1; ops/matmul.rs sets more
+// than one for weights too large for L2, the LM head: a block after the first re-reads the rows
+// this workgroup just read, from L1/L2, where blocks along z would read them from memory again).
+@compute @workgroup_size(128)
+fn gemv_skinny(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let row_base = (wid.x + wid.y * nwg.x) * (512u / p.lanes);
+    let per = max(p.tile_t, 1u);
+    for (var b = 0u; b < per; b++) {
+        let t0 = (wid.z * per + b) * CHUNK_T;
+        if (t0 >= p.t) {
+            break;
+        }
+        skinny_block(lid, row_base, t0, min(p.t - t0, CHUNK_T));
     }
 }

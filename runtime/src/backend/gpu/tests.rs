@@ -1482,8 +1482,9 @@ fn wide_gemv_rows_equal_the_rows_in_other_blocks() {
 /// The skinny gemv (shaders/gemv_skinny.wgsl; passes of 5 to `skinny_max_t` rows) sums every
 /// (weight row, token) as the wide gemv does: bit for bit against the wide gemv where that serves
 /// the shape (≤ 16 rows of ≤ 4096 values), the CPU's products where it does not (rows of 5,120,
-/// 17–45 rows), adding into a residual too, in token blocks of 8 and of 4; and those passes take
-/// it (its pipelines get built), while 4 rows and normed matmuls do not.
+/// 17–45 rows), adding into a residual too, in token blocks of 8 and of 4, along the grid or (a
+/// weight of many rows) in turn; and those passes take it (its pipelines get built), while 4 rows
+/// and normed matmuls do not.
 #[test]
 fn skinny_gemv_sums_as_the_wide_gemv() {
     use super::choice::KernelChoice;
@@ -1493,12 +1494,17 @@ fn skinny_gemv_sums_as_the_wide_gemv() {
         kernels: KernelChoice {
             skinny_max_t,
             skinny_t,
+            // The wide gemv (the reference bits) for weights of every size up to 16 rows.
+            gemv_blocked_max_bytes: u64::MAX,
             ..KernelChoice::from_env()
         },
         ..super::GpuOptions::from_env()
     };
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     let c = CpuBackend;
+    let loop_min = ops::matmul::SKINNY_LOOP_MIN_GROUPS;
+    assert_eq!(ops::matmul::skinny_blocks_per_group(loop_min, 3), 3);
+    assert_eq!(ops::matmul::skinny_blocks_per_group(loop_min - 1, 3), 1);
     for skinny_t in [8, 4] {
         let on = super::testing::backends_with(with(64, skinny_t));
         let off = super::testing::backends_with(with(0, skinny_t));
@@ -1510,6 +1516,13 @@ fn skinny_gemv_sums_as_the_wide_gemv() {
                 (DType::Q4, 33, 2048),
                 (DType::Q8, 45, 512),
                 (DType::Q4, 21, 5120),
+                // Past SKINNY_LOOP_MIN_GROUPS row groups: a workgroup takes its token blocks in
+                // turn.
+                (
+                    DType::Q8,
+                    32 * ops::matmul::SKINNY_LOOP_MIN_GROUPS as usize + 5,
+                    512,
+                ),
             ] {
                 let wv = rng.vec(n * k, 0.5);
                 let (w, ww, wc) = (

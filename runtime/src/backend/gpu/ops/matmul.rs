@@ -266,6 +266,21 @@ pub fn skinny_tile(t: usize, most: usize) -> u32 {
     (t.min(most.min(SKINNY_T)).div_ceil(4) * 4) as u32
 }
 
+/// Row groups (workgroups along x × y) from which [`GEMV_SKINNY`]'s workgroups take every token
+/// block in turn rather than one each along z: a weight this large (the LM head: 4,912 groups)
+/// fills the GPU without the z blocks, and each block's re-read of the rows then comes from L1/L2,
+/// not memory. Smaller weights (a layer's, ≤ 160 groups) need the z blocks to spread.
+pub const SKINNY_LOOP_MIN_GROUPS: u64 = 1024;
+
+/// Token blocks each [`GEMV_SKINNY`] workgroup takes for `groups` row groups and `blocks` blocks.
+pub fn skinny_blocks_per_group(groups: u64, blocks: u32) -> u32 {
+    if groups >= SKINNY_LOOP_MIN_GROUPS {
+        blocks.max(1)
+    } else {
+        1
+    }
+}
+
 /// Invocations per weight row of [`GEMV`] for a pass whose sequences have `solo` rows.
 pub fn gemv_lanes(choice: &KernelChoice, solo: usize) -> u32 {
     if solo == 1 {
@@ -595,6 +610,10 @@ pub fn matmul_fused_into(
             p.lanes = lanes;
             let grid = gemv_grid(n.div_ceil(u64::from(512 / lanes)), t, tile);
             if kernel == MatmulKernel::Skinny {
+                let groups = n.div_ceil(u64::from(512 / lanes));
+                let blocks = t.div_ceil(tile as usize) as u32;
+                p.tile_t = skinny_blocks_per_group(groups, blocks);
+                let grid = gemv_grid(groups, t, tile * p.tile_t);
                 let bufs: [&GpuBuffer; 4] = [&c.buf, x, out, &c.buf];
                 ctx.dispatch(
                     &GEMV_SKINNY,
