@@ -133,9 +133,9 @@ pub struct KernelChoice {
     /// Passes of 5 to this many rows (0: none) run their q4/q8 matmuls that fold in no norm on
     /// the register-tiled gemv (shaders/gemv_skinny.wgsl: each weight chunk read once for 16
     /// tokens, activations from L1/L2), in place of the wide gemv's two-token blocks or the
-    /// tensor-core tiles. Its sums equal the wide gemv's bit for bit. Off until measured: its
-    /// first form (accumulators in an array, which NVIDIA put in local memory) was slower, H100:
-    /// 16-row pass 10.17 → 12.12 ms, 32 rows 14.57 → 20.04.
+    /// tensor-core tiles. Its sums equal the wide gemv's bit for bit. Off until the present form
+    /// is measured: the first two were slower on an H100 (docs/PERF.md; 16-row pass 10.17 →
+    /// 12.12 and 11.00 ms: accumulators in local memory, then 255 registers).
     pub skinny_max_t: usize,
     /// Tokens a skinny gemv workgroup holds (4 or 8): more read a weight chunk once for more
     /// tokens, fewer hold fewer registers.
