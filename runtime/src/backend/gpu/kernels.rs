@@ -175,6 +175,7 @@ impl Kernels {
     }
 
     /// The weight types `entry`'s pipelines were built for so far (tests: which kernel an op took).
+    #[cfg(test)]
     pub fn built(&self, entry: &Entry) -> Vec<u32> {
         let p = self.pipelines.lock().unwrap();
         let mut w: Vec<u32> = p

@@ -527,7 +527,6 @@ fn chunk_kernel(
     if ctx.sh.dev.caps.coop && w.dtype != DType::F32 && FORCE_COOP.with(|f| f.get()) {
         return (MatmulKernel::Coop, None);
     }
-    let kernel = pass_kernel(ctx, w.dtype, t, rows, bytes);
     let choice = &ctx.sh.dev.kernels;
     if !norm {
         if let Some(lanes) = skinny_gemv(choice, w.dtype, w.cols, solo_rows(ctx, t)) {
@@ -537,6 +536,7 @@ fn chunk_kernel(
             );
         }
     }
+    let kernel = pass_kernel(ctx, w.dtype, t, rows, bytes);
     let wide = wide_gemv(choice, w.dtype, w.cols, solo_rows(ctx, t));
     match kernel {
         MatmulKernel::Gemv | MatmulKernel::GemvBlocked => (kernel, wide),
@@ -582,6 +582,7 @@ pub fn matmul_fused_into(
     // Distinct dummies: one is bound read-only, the other read-write.
     let (dummy, dummy_rw) = (ctx.sh.dummies[0].clone(), ctx.sh.dummies[1].clone());
     let norm_w = fuse.norm.map_or(&*dummy, |(b, _)| b);
+    let norm = fuse.norm.is_some() || fuse.hout.is_some();
     for (i, c) in w.chunks.iter().enumerate() {
         // The normed rows are the same for every chunk: the first writes them.
         let hout = fuse.hout.filter(|_| i == 0);
@@ -604,13 +605,11 @@ pub fn matmul_fused_into(
         };
         let n = c.rows as u64;
         let bufs: [&GpuBuffer; 3] = [&c.buf, x, out];
-        let norm = fuse.norm.is_some() || fuse.hout.is_some();
         let (kernel, wide) = chunk_kernel(ctx, w, c.rows as usize, c.buf.size, t, norm);
         if let Some((lanes, tile)) = wide {
             p.lanes = lanes;
-            let grid = gemv_grid(n.div_ceil(u64::from(512 / lanes)), t, tile);
+            let groups = n.div_ceil(u64::from(512 / lanes));
             if kernel == MatmulKernel::Skinny {
-                let groups = n.div_ceil(u64::from(512 / lanes));
                 let blocks = t.div_ceil(tile as usize) as u32;
                 p.tile_t = skinny_blocks_per_group(groups, blocks);
                 let grid = gemv_grid(groups, t, tile * p.tile_t);
@@ -626,6 +625,7 @@ pub fn matmul_fused_into(
                 continue;
             }
             p.tile_t = tile;
+            let grid = gemv_grid(groups, t, tile);
             let bufs: [&GpuBuffer; 6] = [&c.buf, x, out, &c.buf, norm_w, hout.unwrap_or(&dummy_rw)];
             ctx.dispatch(&GEMV_WIDE, w.wtype(), &p, None, &bufs, grid)?;
             continue;
