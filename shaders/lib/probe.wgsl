@@ -5,7 +5,9 @@
 //      scale is read (lib/dequant.wgsl's w_oct, lib/wide_gemv.wgsl's word_dot and chunk_scale);
 //   2  activations are not loaded (lib/act_dot.wgsl, the wide kernels' staging);
 //   4  the GEMV expert kernels stop right after finding their expert (expert_begin);
-//   8  attention loads no K/V rows (attend_gqa).
+//   8  attention loads no K/V rows (attend_gqa);
+//  16  (host side) the other bits reach only the expert kernels (moe_gemv*.wgsl), so the routing
+//      of a probed block stays the real one.
 override PROBE: u32 = 0u;
 
 // A finite float from a word's bits, ±[1, 2) signed by its top bit: the probes' stand-in for

@@ -10,7 +10,7 @@
 //! | `EDGEDIFF_GEMV_MAX_T=<tokens>` | [`KernelChoice::gemv_max_t`] |
 //! | `EDGEDIFF_GEMV_F32_MAX_T=<tokens>` | [`KernelChoice::gemv_f32_max_t`] |
 //! | `EDGEDIFF_GEMV_BLOCKED_MAX_MB=<MiB>` | [`KernelChoice::gemv_blocked_max_bytes`] |
-//! | `EDGEDIFF_GEMV1_LANES=16\|64` | [`KernelChoice::gemv1_lanes`] |
+//! | `EDGEDIFF_GEMV1_LANES=16\|32\|64` | [`KernelChoice::gemv1_lanes`] |
 //! | `EDGEDIFF_GEMV_WIDE_MIN_T=<rows>\|off` | [`KernelChoice::gemv_wide_min_t`] |
 //! | `EDGEDIFF_GEMV_WIDE_F32=0` | [`KernelChoice::gemv_wide_f32`] |
 //! | `EDGEDIFF_WIDE_LANES=16\|64` | [`KernelChoice::wide_lanes`] |
@@ -115,7 +115,7 @@ pub struct KernelChoice {
     /// re-reads the weight) rather than the tiles.
     pub gemv_blocked_max_bytes: u64,
     /// Invocations per weight row of the word-a-lane gemv (shaders/gemv.wgsl) for passes of one
-    /// row (16 or 64; blocks of rows keep 16).
+    /// row (16, 32 or 64; blocks of rows keep 16).
     pub gemv1_lanes: u32,
     /// Passes of at least this many rows (`None`: none) take the wide q4/q8 gemv
     /// (shaders/gemv_wide.wgsl: 16-byte chunks, activations staged in shared memory) where the
@@ -202,9 +202,14 @@ pub struct KernelChoice {
     pub shader_checks: Option<ShaderChecks>,
     /// Measurement probes (shaders/lib/probe.wgsl): bits that leave one stage out of the kernels
     /// that read them, so a timing difference places that stage's cost. Any bit makes every
-    /// value wrong; for `bench forward` on the GPU machine only. 0: none.
+    /// value wrong; for `bench forward` on the GPU machine only. 0: none. Bit 16
+    /// ([`PROBE_EXPERTS_ONLY`]) keeps the others to the expert kernels, so the router's and the
+    /// dense matmuls' values stay real and a block's routing stays what it is.
     pub probe: u32,
 }
+
+/// [`KernelChoice::probe`]'s bit that limits the other probe bits to the expert kernels.
+pub const PROBE_EXPERTS_ONLY: u32 = 16;
 
 impl Default for KernelChoice {
     fn default() -> Self {
@@ -285,7 +290,7 @@ impl KernelChoice {
             gemv_blocked_max_bytes: num("EDGEDIFF_GEMV_BLOCKED_MAX_MB")
                 .map_or(d.gemv_blocked_max_bytes, |m| m << 20),
             gemv1_lanes: num("EDGEDIFF_GEMV1_LANES")
-                .filter(|&l| l == 16 || l == 64)
+                .filter(|&l| matches!(l, 16 | 32 | 64))
                 .map_or(d.gemv1_lanes, |l| l as u32),
             gemv_wide_min_t: match var("EDGEDIFF_GEMV_WIDE_MIN_T").as_deref().map(str::trim) {
                 Some("off") => None,
@@ -361,7 +366,7 @@ impl KernelChoice {
                 Some("none") => Some(ShaderChecks::None),
                 _ => d.shader_checks,
             },
-            probe: num("EDGEDIFF_PROBE").map_or(d.probe, |b| b as u32 & 15),
+            probe: num("EDGEDIFF_PROBE").map_or(d.probe, |b| b as u32 & 31),
         }
     }
 }

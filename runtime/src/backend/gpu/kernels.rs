@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::choice::ShaderChecks;
+use super::choice::{ShaderChecks, PROBE_EXPERTS_ONLY};
 use super::compose::{compose, Caps};
 use super::device::{GpuDevice, GpuError};
 
@@ -253,8 +253,13 @@ impl Kernels {
             if declares("GQA_CLAMP") {
                 constants.push(("GQA_CLAMP", f64::from(u8::from(dev.kernels.attn_clamp))));
             }
-            if dev.kernels.probe != 0 && declares("PROBE") {
-                constants.push(("PROBE", dev.kernels.probe as f64));
+            let probe = dev.kernels.probe;
+            let expert_kernel = entry.file.starts_with("moe_gemv");
+            if probe & 15 != 0
+                && declares("PROBE")
+                && (probe & PROBE_EXPERTS_ONLY == 0 || expert_kernel)
+            {
+                constants.push(("PROBE", (probe & 15) as f64));
             }
             let pipeline = dev
                 .device

@@ -1587,11 +1587,11 @@ fn skinny_gemv_sums_as_the_wide_gemv() {
     }
 }
 
-/// One-row passes with 64 lanes a weight row (`EDGEDIFF_GEMV1_LANES=64`): the CPU's products for
-/// every weight type and odd widths (no multiple of 8, or a row shorter than the lanes' first
-/// round), and not the 16-lane sums bit for bit where rows are long (so the 64-lane path ran).
+/// One-row passes with 32 or 64 lanes a weight row (`EDGEDIFF_GEMV1_LANES`): the CPU's products
+/// for every weight type and odd widths (no multiple of 8, or a row shorter than the lanes' first
+/// round), and not the 16-lane sums bit for bit where rows are long (so the wider path ran).
 #[test]
-fn one_row_gemv_with_64_lanes_matches_the_cpu() {
+fn one_row_gemv_with_more_lanes_matches_the_cpu() {
     use super::choice::KernelChoice;
     let with = |lanes| super::GpuOptions {
         poison: true,
@@ -1603,10 +1603,8 @@ fn one_row_gemv_with_64_lanes_matches_the_cpu() {
         },
         ..super::GpuOptions::from_env()
     };
-    let (b64, b16) = (
-        GpuBackend::new(&with(64)).unwrap(),
-        GpuBackend::new(&with(16)).unwrap(),
-    );
+    let b16 = GpuBackend::new(&with(16)).unwrap();
+    let wider = [32, 64].map(|l| (l, GpuBackend::new(&with(l)).unwrap()));
     let mut rng = Rng(31);
     for (n, k) in [(37, 96), (70, 2048), (9, 1088), (130, 70)] {
         for dtype in DTYPES {
@@ -1624,14 +1622,20 @@ fn one_row_gemv_with_64_lanes_matches_the_cpu() {
                 let w = weight(b, dtype, &[n, k], &vals);
                 b.get(&b.matmul(&w, &b.put(1, k, &xs)).unwrap())
             };
-            let (g64, g16) = (got(&b64), got(&b16));
-            let e = rel_l2(&g64, &want);
-            assert!(e <= 1e-5, "{dtype} n{n} k{k}: 64 lanes vs CPU rel L2 {e}");
-            if k >= 1024 {
+            let g16 = got(&b16);
+            for (lanes, b) in &wider {
+                let g = got(b);
+                let e = rel_l2(&g, &want);
                 assert!(
-                    g64 != g16,
-                    "{dtype} n{n} k{k}: the 64-lane gemv did not run"
+                    e <= 1e-5,
+                    "{dtype} n{n} k{k}: {lanes} lanes vs CPU rel L2 {e}"
                 );
+                if k >= 1024 {
+                    assert!(
+                        g != g16,
+                        "{dtype} n{n} k{k}: the {lanes}-lane gemv did not run"
+                    );
+                }
             }
         }
     }
