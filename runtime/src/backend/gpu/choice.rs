@@ -22,6 +22,7 @@
 //! | `EDGEDIFF_MOE_KERNEL=gemv\|tiled` | [`KernelChoice::moe`] |
 //! | `EDGEDIFF_MOE_GEMV_BLOCKS=<n>` | [`KernelChoice::moe_gemv_blocks`] |
 //! | `EDGEDIFF_MOE_WIDE=0\|down\|blocks\|all` | [`KernelChoice::moe_wide`] |
+//! | `EDGEDIFF_MOE_UNSTAGED=1` | [`KernelChoice::moe_unstaged`] |
 //! | `EDGEDIFF_MOE_CHUNK=1\|2\|4` | [`KernelChoice::moe_chunk`] |
 //! | `EDGEDIFF_LEAN_ONE=0` | [`KernelChoice::lean_one`] |
 //! | `EDGEDIFF_GEMV_DEPTH=4\|8` | [`KernelChoice::gemv_depth`] |
@@ -164,6 +165,11 @@ pub struct KernelChoice {
     /// H100, same run: down 2,942 → 2,557 µs a 16-token pass, gate/up 4,489 → 4,994 (slower;
     /// measured again after 2026-12-06's branch-free loads: see [`MoeWide::Blocks`]).
     pub moe_wide: MoeWide,
+    /// The wide expert kernels read their tokens' activations straight from memory (L1/L2), as
+    /// the skinny gemv does, instead of staging them in shared memory behind a barrier (the
+    /// `WIDE_DIRECT` override of lib/wide_gemv.wgsl); their token blocks are then 4 whatever the
+    /// row length. Same sums either way. Off until a GPU machine measures it.
+    pub moe_unstaged: bool,
     /// Tokens a pass of the list-path GEMV expert kernels holds in registers (1, 2 or 4; the
     /// `CHUNK_T` override of moe_gemv.wgsl): fewer registers let more workgroups share an SM, more
     /// tokens read an expert's rows once for more of its tokens. Same sums either way. H100: with
@@ -231,6 +237,7 @@ impl Default for KernelChoice {
             moe: None,
             moe_gemv_blocks: 1,
             moe_wide: MoeWide::Blocks,
+            moe_unstaged: false,
             moe_chunk: 2,
             lean_one: true,
             gemv_depth: 4,
@@ -332,6 +339,7 @@ impl KernelChoice {
                 Some("all") => MoeWide::All,
                 _ => d.moe_wide,
             },
+            moe_unstaged: var("EDGEDIFF_MOE_UNSTAGED").is_some_and(|v| v.trim() == "1"),
             moe_chunk: num("EDGEDIFF_MOE_CHUNK")
                 .filter(|&n| matches!(n, 1 | 2 | 4))
                 .map_or(d.moe_chunk, |n| n as u32),
@@ -432,6 +440,7 @@ mod tests {
             ("EDGEDIFF_MOE_KERNEL", "tiled"),
             ("EDGEDIFF_MOE_GEMV_BLOCKS", "8"),
             ("EDGEDIFF_MOE_WIDE", "all"),
+            ("EDGEDIFF_MOE_UNSTAGED", "1"),
             ("EDGEDIFF_MOE_CHUNK", "4"),
             ("EDGEDIFF_LEAN_ONE", "0"),
             ("EDGEDIFF_GEMV_DEPTH", "8"),
@@ -465,6 +474,7 @@ mod tests {
                 moe: Some(ExpertKernel::Tiled),
                 moe_gemv_blocks: 8,
                 moe_wide: MoeWide::All,
+                moe_unstaged: true,
                 moe_chunk: 4,
                 lean_one: false,
                 gemv_depth: 8,

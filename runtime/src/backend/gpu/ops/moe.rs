@@ -424,7 +424,11 @@ fn experts_with(
             MoeWide::All => true,
         };
         let ok = kernel == ExpertKernel::Gemv && on && part.is_multiple_of(4);
-        super::matmul::wide_shape(&ctx.sh.dev.kernels, dtype, k).filter(|_| ok)
+        let unstaged = ctx.sh.dev.kernels.moe_unstaged;
+        super::matmul::wide_shape(&ctx.sh.dev.kernels, dtype, k)
+            .filter(|_| ok)
+            // Unstaged blocks are the accumulators' 4 tokens, not what shared memory holds.
+            .map(|(lanes, tile)| (lanes, if unstaged { 4 } else { tile }))
     };
     let stages = [
         (
