@@ -23,6 +23,7 @@
 //! | `EDGEDIFF_MOE_GEMV_BLOCKS=<n>` | [`KernelChoice::moe_gemv_blocks`] |
 //! | `EDGEDIFF_MOE_WIDE=0\|down\|blocks\|all` | [`KernelChoice::moe_wide`] |
 //! | `EDGEDIFF_MOE_UNSTAGED=1` | [`KernelChoice::moe_unstaged`] |
+//! | `EDGEDIFF_MOE_INDIRECT=1` | [`KernelChoice::moe_indirect`] |
 //! | `EDGEDIFF_MOE_CHUNK=1\|2\|4` | [`KernelChoice::moe_chunk`] |
 //! | `EDGEDIFF_LEAN_ONE=0` | [`KernelChoice::lean_one`] |
 //! | `EDGEDIFF_GEMV_DEPTH=4\|8` | [`KernelChoice::gemv_depth`] |
@@ -170,6 +171,11 @@ pub struct KernelChoice {
     /// `WIDE_DIRECT` override of lib/wide_gemv.wgsl); their token blocks are then 4 whatever the
     /// row length. Same sums either way. Off until a GPU machine measures it.
     pub moe_unstaged: bool,
+    /// The list path's GEMV expert kernels take their grids from moe_dispatch (indirect: one
+    /// column per active expert, plus the shared expert's) instead of a column for every expert
+    /// the pass could route to, most of which return at once (at 32 tokens ≈ 130 of 256 a
+    /// layer on the LLaDA2.0-mini shape). Same sums either way. Off until a GPU machine measures it.
+    pub moe_indirect: bool,
     /// Tokens a pass of the list-path GEMV expert kernels holds in registers (1, 2 or 4; the
     /// `CHUNK_T` override of moe_gemv.wgsl): fewer registers let more workgroups share an SM, more
     /// tokens read an expert's rows once for more of its tokens. Same sums either way. H100: with
@@ -238,6 +244,7 @@ impl Default for KernelChoice {
             moe_gemv_blocks: 1,
             moe_wide: MoeWide::Blocks,
             moe_unstaged: false,
+            moe_indirect: false,
             moe_chunk: 2,
             lean_one: true,
             gemv_depth: 4,
@@ -340,6 +347,7 @@ impl KernelChoice {
                 _ => d.moe_wide,
             },
             moe_unstaged: var("EDGEDIFF_MOE_UNSTAGED").is_some_and(|v| v.trim() == "1"),
+            moe_indirect: var("EDGEDIFF_MOE_INDIRECT").is_some_and(|v| v.trim() == "1"),
             moe_chunk: num("EDGEDIFF_MOE_CHUNK")
                 .filter(|&n| matches!(n, 1 | 2 | 4))
                 .map_or(d.moe_chunk, |n| n as u32),
@@ -441,6 +449,7 @@ mod tests {
             ("EDGEDIFF_MOE_GEMV_BLOCKS", "8"),
             ("EDGEDIFF_MOE_WIDE", "all"),
             ("EDGEDIFF_MOE_UNSTAGED", "1"),
+            ("EDGEDIFF_MOE_INDIRECT", "1"),
             ("EDGEDIFF_MOE_CHUNK", "4"),
             ("EDGEDIFF_LEAN_ONE", "0"),
             ("EDGEDIFF_GEMV_DEPTH", "8"),
@@ -475,6 +484,7 @@ mod tests {
                 moe_gemv_blocks: 8,
                 moe_wide: MoeWide::All,
                 moe_unstaged: true,
+                moe_indirect: true,
                 moe_chunk: 4,
                 lean_one: false,
                 gemv_depth: 8,

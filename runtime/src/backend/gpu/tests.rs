@@ -1696,7 +1696,9 @@ fn expert_gemv_row_blocks_per_workgroup_change_no_bit() {
 /// expert) and with the shared expert's column; and every token's output with 13 tokens equals
 /// that token alone bit for bit. Rows of 1088 (q4: 34 chunks, 16 lanes; q8: 68, 64 lanes) and 512.
 /// The unstaged wide kernels (`EDGEDIFF_MOE_UNSTAGED`: activations from memory, blocks of 4
-/// tokens) give the staged ones' bits.
+/// tokens) give the staged ones' bits, and so do the wide and the narrow kernels on the grids
+/// moe_dispatch writes (`EDGEDIFF_MOE_INDIRECT`; the shared expert's column after the active
+/// experts').
 #[test]
 fn wide_expert_kernels_match_the_narrow_ones_and_each_token_alone() {
     use super::choice::{ExpertKernel, KernelChoice};
@@ -1712,7 +1714,14 @@ fn wide_expert_kernels_match_the_narrow_ones_and_each_token_alone() {
             let c = file.header.metadata.config.clone();
             let h = c.hidden_size;
             let mut outs = Vec::new();
-            for (wide, unstaged) in [(true, false), (false, false), (true, true)] {
+            let variants = [
+                (true, false, false),
+                (false, false, false),
+                (true, true, false),
+                (true, false, true),
+                (false, false, true),
+            ];
+            for (wide, unstaged, indirect) in variants {
                 let b = GpuBackend::new(&GpuOptions {
                     poison: true,
                     kernels: KernelChoice {
@@ -1723,6 +1732,7 @@ fn wide_expert_kernels_match_the_narrow_ones_and_each_token_alone() {
                             super::choice::MoeWide::Off
                         },
                         moe_unstaged: unstaged,
+                        moe_indirect: indirect,
                         ..KernelChoice::from_env()
                     },
                     ..GpuOptions::from_env()
@@ -1735,7 +1745,7 @@ fn wide_expert_kernels_match_the_narrow_ones_and_each_token_alone() {
                 let all = b.get(&m.experts_out(&b, &x, &m.route(&b, &x, &c)));
                 let x1 = b.put(1, h, &xs[..h]);
                 let one = b.get(&m.experts_out(&b, &x1, &m.route(&b, &x1, &c)));
-                if wide && !unstaged {
+                if wide && !unstaged && !indirect {
                     for t in 0..13 {
                         let xt = b.put(1, h, &xs[t * h..(t + 1) * h]);
                         let yt = b.get(&m.experts_out(&b, &xt, &m.route(&b, &xt, &c)));
@@ -1761,6 +1771,13 @@ fn wide_expert_kernels_match_the_narrow_ones_and_each_token_alone() {
                 bits(w1),
                 "{arch} {dtype}: unstaged vs staged, 1 token"
             );
+            for (what, i, j) in [("wide", 3, 0), ("narrow", 4, 1)] {
+                assert_eq!(
+                    bits(&outs[i].0),
+                    bits(&outs[j].0),
+                    "{arch} {dtype}: {what} kernels on indirect grids, 13 tokens"
+                );
+            }
             for (what, w, n) in [("13 tokens", wa, na), ("1 token", w1, n1)] {
                 let e = rel_l2(w, n);
                 assert!(
