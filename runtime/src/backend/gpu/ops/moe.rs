@@ -438,10 +438,8 @@ fn experts_with(
             &EXPERT_GATE_UP,
             &GATE_UP_GEMV,
             &GATE_UP_WIDE,
-            // The gate activation rides in the weight-type argument (kernels::gate_act).
-            e.wtype_gate_up | e.act,
             (e.hidden, e.inter),
-            e.gate_up,
+            e.gate_up.1,
             (x, h),
             0,
             shape_gu,
@@ -451,21 +449,19 @@ fn experts_with(
             &EXPERT_DOWN,
             &DOWN_GEMV,
             &DOWN_WIDE,
-            e.wtype_down,
             (e.inter, e.hidden),
-            e.down,
+            e.down.1,
             (h, y),
             12,
             shape_down,
             shared.map(|m| m.down),
         ),
     ];
-    for (
-        stage,
-        (tiled, gemv, gemv_wide, wtype, (k, n), (part, scales), (src, dst), args, shape, sw),
-    ) in stages.into_iter().enumerate()
+    for (stage, (tiled, gemv, gemv_wide, (k, n), scales, (src, dst), args, shape, sw)) in
+        stages.into_iter().enumerate()
     {
         let StagePlan { wide, grid_y } = stage_plan(ctx, kernel, solo, &shape);
+        let (wtype, part) = (shape.wtype, shape.part);
         let gemv_grid = |columns: u32| {
             if indirect {
                 Grid::Indirect(meta, GEMV_ARGS[stage])
@@ -557,6 +553,7 @@ struct StageShape {
 fn stage_shapes(e: &ExpertLayout) -> [StageShape; 2] {
     [
         StageShape {
+            // The gate activation rides in the weight-type argument (kernels::gate_act).
             wtype: e.wtype_gate_up | e.act,
             k: e.hidden,
             part: e.gate_up.0,
