@@ -2,9 +2,9 @@
 // override WTYPE, see lib/dequant.wgsl) dequantized in the inner loop; x [t, k] and y f32.
 // Bandwidth-bound: the 1-token forward and blocks whose weights stay in L2 (ops/matmul.rs decides).
 //
-// - gemv: a workgroup of 64 owns 64 / L weight rows with L = p.lanes invocations each (16, or 64
-//   for a single activation row: one round of loads a lane instead of four on a 2048-wide row; 0
-//   reads as 16) and one block of up to 4 activation rows (workgroup z); an invocation walks its
+// - gemv: a workgroup of 64 owns 64 / L weight rows with L = p.lanes invocations each (16, or 32
+//   or 64 for a single activation row: one round of loads a lane instead of four on a 2048-wide
+//   row; 0 reads as 16) and one block of up to 4 activation rows (workgroup z); an invocation walks its
 //   row 8 values (one q4 word) at a time with a stride of L octets, so neighbours read
 //   neighbouring words (for one activation row, four octets' loads ahead of their arithmetic);
 //   partial sums meet in shared memory, summed in lane order — the same sums whatever rows share

@@ -38,11 +38,6 @@ struct MoeParams {
     eps: f32,
     has_plus: u32,
     direct: u32,
-    // moe_dispatch: the GEMV expert kernels' indirect grids (0: not written), ops/moe.rs.
-    gemv_extra: u32,
-    gemv_y_gate_up: u32,
-    gemv_y_down: u32,
-    pad: u32,
 }
 
 const NONE: u32 = 0xffffffffu;
@@ -129,14 +124,6 @@ fn moe_dispatch(@builtin(local_invocation_index) lid: u32) {
         atomicStore(&meta_rw[4], (mp.hidden + 63u) / 64u);
         atomicStore(&meta_rw[5], z);
         atomicStore(&meta_rw[6], sa);
-        if (mp.gemv_y_gate_up != 0u) {
-            atomicStore(&meta_rw[8], sa + mp.gemv_extra);
-            atomicStore(&meta_rw[9], mp.gemv_y_gate_up);
-            atomicStore(&meta_rw[10], 1u);
-            atomicStore(&meta_rw[11], sa + mp.gemv_extra);
-            atomicStore(&meta_rw[12], mp.gemv_y_down);
-            atomicStore(&meta_rw[13], 1u);
-        }
     }
     var off = part_count[lid] - c;
     var ai = part_active[lid] - act;

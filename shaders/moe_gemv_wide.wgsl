@@ -2,7 +2,7 @@
 // lib/expert_begin.wgsl: active-list entry, direct-path assignment, or the shared expert's
 // column) with the wide q4/q8 loads of lib/wide_gemv.wgsl: 16-byte chunks, one scale a chunk, the
 // expert's tokens staged in shared memory ep.tile_t at a time and reused by four weight rows a
-// lane group (or, WIDE_DIRECT, read from L1/L2 where they lie, four at a time). 128 invocations, L = ep.lanes a row (16; EDGEDIFF_WIDE_LANES=64 for measurements).
+// lane group. 128 invocations, L = ep.lanes a row (16; EDGEDIFF_WIDE_LANES=64 for measurements).
 // - expert_gate_up_wide: 256 / L columns a workgroup (grid y), a row group gate c, c + 1, up c,
 //   c + 1 of [gate; up] (2I rows); writes h[slot, c] = act(gate) · up for each of the expert's
 //   assignments (x rows: their tokens).

@@ -1,14 +1,10 @@
 // Which expert a GEMV expert workgroup serves (moe_gemv.wgsl, moe_gemv_wide.wgsl): grid column
 // wid.x is an entry of the layer's active-expert list (lib/moe_meta.wgsl), the direct path's
 // assignment (ep.direct: one token, the router's ids in route_meta), or ep.shared_x, the shared
-// expert's column (every token; its weights in the kernel's own shared binding; on an indirect
-// grid the column after the active experts'). The including
+// expert's column (every token; its weights in the kernel's own shared binding). The including
 // kernel declares ep (ExpertParams), slots and route_meta, and NONE.
 
 #include "probe"
-
-// ExpertParams.shared_x of an indirect grid (ops/moe.rs): the column after the active experts.
-const SHARED_AFTER_ACTIVE: u32 = 0xfffffffeu;
 
 // Expert of this workgroup: ok, weight base word, token count, first list entry.
 var<workgroup> ex_ok: u32;
@@ -29,12 +25,7 @@ fn expert_begin(lid: u32, wid: vec3<u32>) -> bool {
         let ne = ep.num_experts;
         var ok = 0u;
         var sh = 0u;
-        // An indirect grid's shared column follows the active experts' (SHARED_AFTER_ACTIVE).
-        var sx = ep.shared_x;
-        if (sx == SHARED_AFTER_ACTIVE) {
-            sx = route_meta[6];
-        }
-        if (wid.x == sx) {
+        if (wid.x == ep.shared_x) {
             ok = 1u;
             sh = 1u;
             ex_base = 0u;

@@ -2,14 +2,11 @@
 // and combine kernels. E experts, A = tokens · top_k assignments.
 //   [0..3)  indirect dispatch args of expert_gate_up   [3..6) those of expert_down
 //   [6]     experts with at least one token             [7]    unused
-//   [8..11) indirect dispatch args of the GEMV gate/up kernel, [11..14) of the GEMV down kernel
-//           (columns: the active experts, plus the shared expert's; ops/moe.rs writes them only
-//           where the GEMV kernels take them)                      [14..16) unused
 //   counts[E]   tokens per expert                       offsets[E] first list entry of each expert
 //   cursor[E]   scatter cursors                         active[E]  experts with tokens, ascending
 //   list[A]     assignments (t · top_k + j) grouped by expert
 //   slot_of[A]  list position of each assignment
-const META_HEAD: u32 = 16u;
+const META_HEAD: u32 = 8u;
 
 fn meta_counts(ne: u32) -> u32 {
     return META_HEAD;

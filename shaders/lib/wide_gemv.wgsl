@@ -10,17 +10,12 @@
 // Nibbles and bytes become floats through the exponent trick (2^23 + c as a bit pattern, minus
 // 2^23), not integer conversions, which run at a fraction of the float rate on NVIDIA.
 // The including kernel defines wide_chunk(i) (vec4 i of the weights), wide_word(i) (word i, for
-// the scales) and wide_x(t, g) (vec4 g of the block's activation row t, in row order).
+// the scales) and wide_x(t, g) (vec4 g of the block's activation row t).
 
 #include "half"
 #include "probe"
 
 override WTYPE: u32 = 3u;
-// 1: the activations are read where they lie (wide_x, from L1/L2) instead of staged in shared
-// memory: no staging loop, no barrier before the weights' arithmetic, and no cap on a block's
-// rows from the 4096 staged values (the expert kernels, KernelChoice::moe_unstaged; the sums are
-// the staged ones bit for bit: the same values through the same chunk_dot_v).
-override WIDE_DIRECT: u32 = 0u;
 const WIDE_F32: u32 = 0u;
 const WIDE_Q8: u32 = 2u;
 const WIDE_WG: u32 = 128u;
@@ -136,37 +131,8 @@ fn chunk_scale(m: WideMat, row: u32, c: u32) -> f32 {
     return unpack_half2(wide_word(m.scales + g / 2u))[g & 1u];
 }
 
-// Chunk c's activations of block row t, read where they lie (WIDE_DIRECT).
-fn direct_acts(t: u32, c: u32) -> array<vec4<f32>, 8> {
-    var x: array<vec4<f32>, 8>;
-    if ((PROBE & 2u) != 0u && WTYPE != WIDE_F32) {
-        for (var v = 0u; v < 8u; v++) {
-            x[v] = vec4<f32>(1e-3);
-        }
-        return x;
-    }
-    let g = c * (chunk_vals() / 4u);
-    x[0] = wide_x(t, g);
-    if (WTYPE != WIDE_F32) {
-        x[1] = wide_x(t, g + 1u);
-        x[2] = wide_x(t, g + 2u);
-        x[3] = wide_x(t, g + 3u);
-    }
-    if (WTYPE != WIDE_F32 && WTYPE != WIDE_Q8) {
-        x[4] = wide_x(t, g + 4u);
-        x[5] = wide_x(t, g + 5u);
-        x[6] = wide_x(t, g + 6u);
-        x[7] = wide_x(t, g + 7u);
-    }
-    return x;
-}
-
-// Stages the block's activation rows 0 .. nt (wide_x) chunk-major; a barrier follows. With
-// WIDE_DIRECT nothing is staged (wide_rows reads wide_x itself).
+// Stages the block's activation rows 0 .. nt (wide_x) chunk-major; a barrier follows.
 fn wide_stage(lid: u32, m: WideMat, nt: u32) {
-    if (WIDE_DIRECT != 0u) {
-        return;
-    }
     let kv = m.k / 4u;
     let vpc = chunk_vals() / 4u;
     let cpr = row_chunks(m);
@@ -214,15 +180,8 @@ fn wide_rows(lid: u32, m: WideMat, rows: vec4<u32>, n: u32, nt: u32) {
             chunk_scale(m, rc.w, c));
         for (var t = 0u; t < nt; t++) {
             let b = t * kv + c;
-            var d: vec4<f32>;
-            if (WIDE_DIRECT != 0u) {
-                let x = direct_acts(t, c);
-                d = vec4<f32>(chunk_dot_v(w0, x), chunk_dot_v(w1, x), chunk_dot_v(w2, x),
-                    chunk_dot_v(w3, x)) * s;
-            } else {
-                d = vec4<f32>(chunk_dot(w0, b, cpr), chunk_dot(w1, b, cpr), chunk_dot(w2, b, cpr),
-                    chunk_dot(w3, b, cpr)) * s;
-            }
+            let d = vec4<f32>(chunk_dot(w0, b, cpr), chunk_dot(w1, b, cpr), chunk_dot(w2, b, cpr),
+                chunk_dot(w3, b, cpr)) * s;
             a0 += at_token(t, d.x);
             a1 += at_token(t, d.y);
             a2 += at_token(t, d.z);

@@ -22,8 +22,6 @@
 //! | `EDGEDIFF_MOE_KERNEL=gemv\|tiled` | [`KernelChoice::moe`] |
 //! | `EDGEDIFF_MOE_GEMV_BLOCKS=<n>` | [`KernelChoice::moe_gemv_blocks`] |
 //! | `EDGEDIFF_MOE_WIDE=0\|down\|blocks\|all` | [`KernelChoice::moe_wide`] |
-//! | `EDGEDIFF_MOE_UNSTAGED=1` | [`KernelChoice::moe_unstaged`] |
-//! | `EDGEDIFF_MOE_INDIRECT=1` | [`KernelChoice::moe_indirect`] |
 //! | `EDGEDIFF_MOE_CHUNK=1\|2\|4` | [`KernelChoice::moe_chunk`] |
 //! | `EDGEDIFF_LEAN_ONE=0` | [`KernelChoice::lean_one`] |
 //! | `EDGEDIFF_GEMV_DEPTH=4\|8` | [`KernelChoice::gemv_depth`] |
@@ -117,7 +115,10 @@ pub struct KernelChoice {
     /// re-reads the weight) rather than the tiles.
     pub gemv_blocked_max_bytes: u64,
     /// Invocations per weight row of the word-a-lane gemv (shaders/gemv.wgsl) for passes of one
-    /// row (16, 32 or 64; blocks of rows keep 16).
+    /// row (16, 32 or 64; blocks of rows keep 16). 32 since 2026-12-06: two rounds of four
+    /// octets a lane at 2048 wide where 16 lanes take four, the 1-token pass's 42 gemvs 777 →
+    /// 715 µs on an H100 (64 lanes were slower on an H200, 2026-12-05: more invocations than one
+    /// wave holds).
     pub gemv1_lanes: u32,
     /// Passes of at least this many rows (`None`: none) take the wide q4/q8 gemv
     /// (shaders/gemv_wide.wgsl: 16-byte chunks, activations staged in shared memory) where the
@@ -166,16 +167,6 @@ pub struct KernelChoice {
     /// H100, same run: down 2,942 → 2,557 µs a 16-token pass, gate/up 4,489 → 4,994 (slower;
     /// measured again after 2026-12-06's branch-free loads: see [`MoeWide::Blocks`]).
     pub moe_wide: MoeWide,
-    /// The wide expert kernels read their tokens' activations straight from memory (L1/L2), as
-    /// the skinny gemv does, instead of staging them in shared memory behind a barrier (the
-    /// `WIDE_DIRECT` override of lib/wide_gemv.wgsl); their token blocks are then 4 whatever the
-    /// row length. Same sums either way. Off until a GPU machine measures it.
-    pub moe_unstaged: bool,
-    /// The list path's GEMV expert kernels take their grids from moe_dispatch (indirect: one
-    /// column per active expert, plus the shared expert's) instead of a column for every expert
-    /// the pass could route to, most of which return at once (at 32 tokens ≈ 130 of 256 a
-    /// layer on the LLaDA2.0-mini shape). Same sums either way. Off until a GPU machine measures it.
-    pub moe_indirect: bool,
     /// Tokens a pass of the list-path GEMV expert kernels holds in registers (1, 2 or 4; the
     /// `CHUNK_T` override of moe_gemv.wgsl): fewer registers let more workgroups share an SM, more
     /// tokens read an expert's rows once for more of its tokens. Same sums either way. H100: with
@@ -231,7 +222,7 @@ impl Default for KernelChoice {
             gemv_max_t: super::ops::matmul::GEMV_MAX_T,
             gemv_f32_max_t: GEMV_F32_MAX_T,
             gemv_blocked_max_bytes: super::ops::matmul::GEMV_BLOCKED_MAX_BYTES,
-            gemv1_lanes: 16,
+            gemv1_lanes: 32,
             gemv_wide_min_t: Some(3),
             gemv_wide_f32: true,
             wide_lanes: 16,
@@ -243,8 +234,6 @@ impl Default for KernelChoice {
             moe: None,
             moe_gemv_blocks: 1,
             moe_wide: MoeWide::Blocks,
-            moe_unstaged: false,
-            moe_indirect: false,
             moe_chunk: 2,
             lean_one: true,
             gemv_depth: 4,
@@ -346,8 +335,6 @@ impl KernelChoice {
                 Some("all") => MoeWide::All,
                 _ => d.moe_wide,
             },
-            moe_unstaged: var("EDGEDIFF_MOE_UNSTAGED").is_some_and(|v| v.trim() == "1"),
-            moe_indirect: var("EDGEDIFF_MOE_INDIRECT").is_some_and(|v| v.trim() == "1"),
             moe_chunk: num("EDGEDIFF_MOE_CHUNK")
                 .filter(|&n| matches!(n, 1 | 2 | 4))
                 .map_or(d.moe_chunk, |n| n as u32),
@@ -410,6 +397,7 @@ mod tests {
         let d = KernelChoice::default();
         assert!(d.coop_split_k && d.fuse_swiglu && d.moe.is_none() && d.attention.is_none());
         assert!(d.batch_blocks && !d.fuse_combine_norm && d.moe_wide == MoeWide::Blocks);
+        assert_eq!(d.gemv1_lanes, 32);
     }
 
     #[test]
@@ -448,8 +436,6 @@ mod tests {
             ("EDGEDIFF_MOE_KERNEL", "tiled"),
             ("EDGEDIFF_MOE_GEMV_BLOCKS", "8"),
             ("EDGEDIFF_MOE_WIDE", "all"),
-            ("EDGEDIFF_MOE_UNSTAGED", "1"),
-            ("EDGEDIFF_MOE_INDIRECT", "1"),
             ("EDGEDIFF_MOE_CHUNK", "4"),
             ("EDGEDIFF_LEAN_ONE", "0"),
             ("EDGEDIFF_GEMV_DEPTH", "8"),
@@ -483,8 +469,6 @@ mod tests {
                 moe: Some(ExpertKernel::Tiled),
                 moe_gemv_blocks: 8,
                 moe_wide: MoeWide::All,
-                moe_unstaged: true,
-                moe_indirect: true,
                 moe_chunk: 4,
                 lean_one: false,
                 gemv_depth: 8,

@@ -253,9 +253,6 @@ impl Kernels {
             if declares("GQA_CLAMP") {
                 constants.push(("GQA_CLAMP", f64::from(u8::from(dev.kernels.attn_clamp))));
             }
-            if declares("WIDE_DIRECT") && entry.file == "moe_gemv_wide.wgsl" {
-                constants.push(("WIDE_DIRECT", f64::from(u8::from(dev.kernels.moe_unstaged))));
-            }
             let probe = dev.kernels.probe;
             let expert_kernel = entry.file.starts_with("moe_gemv");
             if probe & 15 != 0

@@ -38,13 +38,6 @@ pub struct MoeParams {
     /// 1: no dispatch lists (see [`moe`]'s direct path): assignment `a` is its own scratch row,
     /// and `route_meta` is the router's ids.
     pub direct: u32,
-    /// moe_dispatch: the GEMV expert kernels' indirect grids (`KernelChoice::moe_indirect`):
-    /// columns past the active experts (1 for the shared expert's, else 0) and each stage's
-    /// grid y; 0 leaves those words unwritten.
-    pub gemv_extra: u32,
-    pub gemv_y_gate_up: u32,
-    pub gemv_y_down: u32,
-    pub pad: u32,
 }
 
 pub static DISPATCH: Entry = Entry {
@@ -183,17 +176,8 @@ pub fn expert_kernel(
 
 /// Words of the dispatch metadata (layout in shaders/lib/moe_meta.wgsl).
 pub fn meta_words(experts: usize, assignments: usize) -> usize {
-    META_HEAD + 4 * experts + 2 * assignments
+    8 + 4 * experts + 2 * assignments
 }
-
-/// Words before the dispatch lists (shaders/lib/moe_meta.wgsl).
-const META_HEAD: usize = 16;
-/// Byte offsets of the GEMV expert kernels' indirect grids in the metadata, per stage.
-const GEMV_ARGS: [u64; 2] = [8 * 4, 11 * 4];
-
-/// [`ExpertParams::shared_x`] of an indirect GEMV grid: the shared expert's column follows the
-/// active experts' (shaders/lib/expert_begin.wgsl).
-const SHARED_AFTER_ACTIVE: u32 = 0xffff_fffe;
 
 /// Where one layer's experts are and how they are shaped.
 pub struct ExpertLayout<'a> {
@@ -320,18 +304,8 @@ pub fn dispatch(
     shared: bool,
 ) -> Result<MoeScratch, GpuError> {
     let meta = ctx.output((meta_words(e.num_experts, rows * top_k) * 4) as u64)?;
-    let mut s = scratch(ctx, rows, top_k, e, shared, Some(meta))?;
+    let s = scratch(ctx, rows, top_k, e, shared, Some(meta))?;
     let status = ctx.sh.status.clone();
-    if ctx.sh.dev.kernels.moe_indirect {
-        let solo = super::matmul::solo_rows(ctx, rows);
-        let kernel = expert_kernel(ctx.sh.dev.kernels.moe, solo, top_k, e.num_experts);
-        if kernel == ExpertKernel::Gemv {
-            let [gu, down] = stage_shapes(e).map(|sh| stage_plan(ctx, kernel, solo, &sh).grid_y);
-            s.params.gemv_extra = u32::from(shared);
-            s.params.gemv_y_gate_up = gu;
-            s.params.gemv_y_down = down;
-        }
-    }
     let meta = s.meta.as_deref().expect("given above");
     ctx.dispatch(
         &DISPATCH,
@@ -370,10 +344,6 @@ fn scratch(
         eps: 0.0,
         has_plus: 0,
         direct: meta.is_none() as u32,
-        gemv_extra: 0,
-        gemv_y_gate_up: 0,
-        gemv_y_down: 0,
-        pad: 0,
     };
     Ok(MoeScratch { meta, h, y, params })
 }
@@ -429,46 +399,69 @@ fn experts_with(
         ));
     }
     let row_blocks = ctx.sh.dev.kernels.moe_gemv_blocks.max(1) as u32;
-    let [shape_gu, shape_down] = stage_shapes(e);
-    // The list path's GEMV grids come from moe_dispatch (columns: the active experts), where
-    // that wrote them.
-    let indirect = direct == 0 && s.params.gemv_y_gate_up != 0;
+    // The wide expert kernels (down, or both stages: MoeWide) from the rows where the dense gemvs
+    // go wide: below them (one- and two-row passes, AR) the word-a-lane kernel is faster (H100, 2026-12-06: 3.03 → 2.95 ms a
+    // 1-token pass, 3.98 → 3.83 at 2 rows), and one threshold keeps the batch classes as they are
+    // (ops/batch_class.rs bit 24).
+    let wide_rows = ctx
+        .sh
+        .dev
+        .kernels
+        .gemv_wide_min_t
+        .is_some_and(|m| solo >= m);
+    // The wide kernels (16-byte chunks) where the weight type and row length suit them and the
+    // part starts on a 16-byte boundary of its slot (the shared expert's buffers start at 0).
+    let wide = |wtype: u32, k: usize, part: u32, down: bool| {
+        let dtype = match wtype & 0xff {
+            2 => DType::Q8,
+            3 => DType::Q4,
+            _ => return None,
+        };
+        let on = match ctx.sh.dev.kernels.moe_wide {
+            MoeWide::Off => false,
+            MoeWide::Down => down && wide_rows,
+            MoeWide::Blocks => wide_rows,
+            MoeWide::All => true,
+        };
+        let ok = kernel == ExpertKernel::Gemv && on && part.is_multiple_of(4);
+        super::matmul::wide_shape(&ctx.sh.dev.kernels, dtype, k).filter(|_| ok)
+    };
     let stages = [
         (
             &EXPERT_GATE_UP,
             &GATE_UP_GEMV,
             &GATE_UP_WIDE,
+            // The gate activation rides in the weight-type argument (kernels::gate_act).
+            e.wtype_gate_up | e.act,
             (e.hidden, e.inter),
-            e.gate_up.1,
+            e.gate_up,
             (x, h),
             0,
-            shape_gu,
+            ((e.inter as u32).div_ceil(2), e.inter as u32, 256),
             shared.map(|m| m.gate_up),
         ),
         (
             &EXPERT_DOWN,
             &DOWN_GEMV,
             &DOWN_WIDE,
+            e.wtype_down,
             (e.inter, e.hidden),
-            e.down.1,
+            e.down,
             (h, y),
             12,
-            shape_down,
+            ((e.hidden as u32).div_ceil(4), e.hidden as u32, 512),
             shared.map(|m| m.down),
         ),
     ];
-    for (stage, (tiled, gemv, gemv_wide, (k, n), scales, (src, dst), args, shape, sw)) in
-        stages.into_iter().enumerate()
+    for (
+        stage,
+        (tiled, gemv, gemv_wide, wtype, (k, n), (part, scales), (src, dst), args, blocks, sw),
+    ) in stages.into_iter().enumerate()
     {
-        let StagePlan { wide, grid_y } = stage_plan(ctx, kernel, solo, &shape);
-        let (wtype, part) = (shape.wtype, shape.part);
-        let gemv_grid = |columns: u32| {
-            if indirect {
-                Grid::Indirect(meta, GEMV_ARGS[stage])
-            } else {
-                Grid::Groups(columns, grid_y, 1)
-            }
-        };
+        // (lanes, tile) of the wide kernel (stage 1: down); its grid's y: `units` columns or rows,
+        // `per_lanes` / L a workgroup.
+        let wide = wide(wtype, k, part, stage == 1);
+        let (blocks, units, per_lanes) = blocks;
         for (i, crate::backend::gpu::experts::PoolBuffer { index: pool, buf }) in
             e.pools.iter().enumerate()
         {
@@ -484,13 +477,7 @@ fn experts_with(
                 part,
                 scales,
                 assignments: a,
-                shared_x: sw.map_or(u32::MAX, |_| {
-                    if indirect {
-                        SHARED_AFTER_ACTIVE
-                    } else {
-                        listed
-                    }
-                }),
+                shared_x: sw.map_or(u32::MAX, |_| listed),
                 shared_scales: sw.map_or(0, |(_, sc)| sc),
                 tokens: s.params.t,
                 direct,
@@ -499,11 +486,12 @@ fn experts_with(
                 tile_t: wide.map_or(0, |w| w.1),
             };
             match (kernel, wide) {
-                (ExpertKernel::Gemv, Some(_)) => {
+                (ExpertKernel::Gemv, Some((lanes, _))) => {
                     let shared_buf = sw.map_or(&**buf, |(b, _)| b);
                     let bufs = [&**buf, src, dst, e.slots, meta, shared_buf, buf, shared_buf];
                     let columns = listed + u32::from(sw.is_some());
-                    ctx.dispatch(gemv_wide, wtype, &p, None, &bufs, gemv_grid(columns))?
+                    let grid = Grid::Groups(columns, units.div_ceil(per_lanes / lanes), 1);
+                    ctx.dispatch(gemv_wide, wtype, &p, None, &bufs, grid)?
                 }
                 (ExpertKernel::Gemv, None) => {
                     let shared_buf = sw.map_or(&**buf, |(b, _)| b);
@@ -523,7 +511,7 @@ fn experts_with(
                         &p,
                         None,
                         &bufs,
-                        gemv_grid(columns),
+                        Grid::Groups(columns, blocks.div_ceil(row_blocks), 1),
                     )?
                 }
                 (ExpertKernel::Tiled, _) => {
@@ -534,85 +522,6 @@ fn experts_with(
         }
     }
     Ok(())
-}
-
-/// One expert stage's shape for the GEMV kernels: weight type (with the gate activation), row
-/// length k, the part's word offset in a slot, whether it is down, and its grid's units (narrow
-/// kernel: weight-row blocks; wide: `units` columns or rows, `per_lanes` / L a workgroup).
-struct StageShape {
-    wtype: u32,
-    k: usize,
-    part: u32,
-    down: bool,
-    blocks: u32,
-    units: u32,
-    per_lanes: u32,
-}
-
-/// The two stages' shapes (gate/up, down) of a layer's experts.
-fn stage_shapes(e: &ExpertLayout) -> [StageShape; 2] {
-    [
-        StageShape {
-            // The gate activation rides in the weight-type argument (kernels::gate_act).
-            wtype: e.wtype_gate_up | e.act,
-            k: e.hidden,
-            part: e.gate_up.0,
-            down: false,
-            blocks: (e.inter as u32).div_ceil(2),
-            units: e.inter as u32,
-            per_lanes: 256,
-        },
-        StageShape {
-            wtype: e.wtype_down,
-            k: e.inter,
-            part: e.down.0,
-            down: true,
-            blocks: (e.hidden as u32).div_ceil(4),
-            units: e.hidden as u32,
-            per_lanes: 512,
-        },
-    ]
-}
-
-/// What a stage's GEMV expert kernel is: the wide one's (lanes, tile) where it runs, and the
-/// grid's y.
-struct StagePlan {
-    wide: Option<(u32, u32)>,
-    grid_y: u32,
-}
-
-/// [`StagePlan`] of `shape` for passes whose sequences have `solo` rows.
-fn stage_plan(ctx: &Ctx, kernel: ExpertKernel, solo: usize, shape: &StageShape) -> StagePlan {
-    let choice = &ctx.sh.dev.kernels;
-    // The wide expert kernels (down, or both stages: MoeWide) from the rows where the dense gemvs
-    // go wide: below them (one- and two-row passes, AR) the word-a-lane kernel is faster (H100,
-    // 2026-12-06: 3.03 → 2.95 ms a 1-token pass, 3.98 → 3.83 at 2 rows), and one threshold keeps
-    // the batch classes as they are (ops/batch_class.rs bit 24).
-    let wide_rows = choice.gemv_wide_min_t.is_some_and(|m| solo >= m);
-    let dtype = match shape.wtype & 0xff {
-        2 => Some(DType::Q8),
-        3 => Some(DType::Q4),
-        _ => None,
-    };
-    let on = match choice.moe_wide {
-        MoeWide::Off => false,
-        MoeWide::Down => shape.down && wide_rows,
-        MoeWide::Blocks => wide_rows,
-        MoeWide::All => true,
-    };
-    // The wide kernels (16-byte chunks) where the weight type and row length suit them and the
-    // part starts on a 16-byte boundary of its slot (the shared expert's buffers start at 0).
-    let ok = kernel == ExpertKernel::Gemv && on && shape.part.is_multiple_of(4);
-    let wide = dtype
-        .and_then(|d| super::matmul::wide_shape(choice, d, shape.k))
-        .filter(|_| ok)
-        // Unstaged blocks are the accumulators' 4 tokens, not what shared memory holds.
-        .map(|(lanes, tile)| (lanes, if choice.moe_unstaged { 4 } else { tile }));
-    let grid_y = match wide {
-        Some((lanes, _)) => shape.units.div_ceil(shape.per_lanes / lanes),
-        None => shape.blocks.div_ceil(choice.moe_gemv_blocks.max(1) as u32),
-    };
-    StagePlan { wide, grid_y }
 }
 
 /// Stage 3: the weighted sum of each token's expert rows, in routing order, plus `plus` when given
