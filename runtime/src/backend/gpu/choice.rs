@@ -115,10 +115,12 @@ pub struct KernelChoice {
     /// re-reads the weight) rather than the tiles.
     pub gemv_blocked_max_bytes: u64,
     /// Invocations per weight row of the word-a-lane gemv (shaders/gemv.wgsl) for passes of one
-    /// row (16, 32 or 64; blocks of rows keep 16). 32 since 2026-12-06: two rounds of four
-    /// octets a lane at 2048 wide where 16 lanes take four, the 1-token pass's 42 gemvs 777 →
-    /// 715 µs on an H100 (64 lanes were slower on an H200, 2026-12-05: more invocations than one
-    /// wave holds).
+    /// row (16, 32 or 64; blocks of rows keep 16). 16: 32 lanes (two rounds of four octets a
+    /// lane at 2048 wide where 16 take four) ran the 1-token pass's 42 gemvs in 715 µs instead of
+    /// 777 on an H100 (2026-12-06; 64 were slower on an H200), but a one-row pass with lanes of
+    /// its own is a batch class of its own (ops/batch_class.rs bit 25), so a server could no
+    /// longer batch it with the 2–4-row passes (in-place AR, short prompts) it now joins; 2 % of a
+    /// 1-token pass is not worth that.
     pub gemv1_lanes: u32,
     /// Passes of at least this many rows (`None`: none) take the wide q4/q8 gemv
     /// (shaders/gemv_wide.wgsl: 16-byte chunks, activations staged in shared memory) where the
@@ -222,7 +224,7 @@ impl Default for KernelChoice {
             gemv_max_t: super::ops::matmul::GEMV_MAX_T,
             gemv_f32_max_t: GEMV_F32_MAX_T,
             gemv_blocked_max_bytes: super::ops::matmul::GEMV_BLOCKED_MAX_BYTES,
-            gemv1_lanes: 32,
+            gemv1_lanes: 16,
             gemv_wide_min_t: Some(3),
             gemv_wide_f32: true,
             wide_lanes: 16,
@@ -397,7 +399,7 @@ mod tests {
         let d = KernelChoice::default();
         assert!(d.coop_split_k && d.fuse_swiglu && d.moe.is_none() && d.attention.is_none());
         assert!(d.batch_blocks && !d.fuse_combine_norm && d.moe_wide == MoeWide::Blocks);
-        assert_eq!(d.gemv1_lanes, 32);
+        assert_eq!(d.gemv1_lanes, 16);
     }
 
     #[test]
