@@ -213,7 +213,9 @@ pub struct KernelChoice {
     pub probe: u32,
 }
 
-/// [`KernelChoice::probe`]'s bit that limits the other probe bits to the expert kernels.
+/// [`KernelChoice::probe`]'s bits that reach the kernels (shaders/lib/probe.wgsl's `PROBE`).
+pub const PROBE_STAGES: u32 = 15;
+/// [`KernelChoice::probe`]'s bit that limits [`PROBE_STAGES`] to the expert kernels.
 pub const PROBE_EXPERTS_ONLY: u32 = 16;
 
 impl Default for KernelChoice {
@@ -371,7 +373,8 @@ impl KernelChoice {
                 Some("none") => Some(ShaderChecks::None),
                 _ => d.shader_checks,
             },
-            probe: num("EDGEDIFF_PROBE").map_or(d.probe, |b| b as u32 & 31),
+            probe: num("EDGEDIFF_PROBE")
+                .map_or(d.probe, |b| b as u32 & (PROBE_STAGES | PROBE_EXPERTS_ONLY)),
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::choice::{ShaderChecks, PROBE_EXPERTS_ONLY};
+use super::choice::{ShaderChecks, PROBE_EXPERTS_ONLY, PROBE_STAGES};
 use super::compose::{compose, Caps};
 use super::device::{GpuDevice, GpuError};
 
@@ -255,11 +255,11 @@ impl Kernels {
             }
             let probe = dev.kernels.probe;
             let expert_kernel = entry.file.starts_with("moe_gemv");
-            if probe & 15 != 0
+            if probe & PROBE_STAGES != 0
                 && declares("PROBE")
                 && (probe & PROBE_EXPERTS_ONLY == 0 || expert_kernel)
             {
-                constants.push(("PROBE", (probe & 15) as f64));
+                constants.push(("PROBE", (probe & PROBE_STAGES) as f64));
             }
             let pipeline = dev
                 .device
