@@ -14,8 +14,6 @@
 //! | `EDGEDIFF_GEMV_WIDE_MIN_T=<rows>\|off` | [`KernelChoice::gemv_wide_min_t`] |
 //! | `EDGEDIFF_GEMV_WIDE_F32=0` | [`KernelChoice::gemv_wide_f32`] |
 //! | `EDGEDIFF_WIDE_LANES=16\|64` | [`KernelChoice::wide_lanes`] |
-//! | `EDGEDIFF_SKINNY_MAX_T=<rows>` | [`KernelChoice::skinny_max_t`] |
-//! | `EDGEDIFF_SKINNY_T=4\|8` | [`KernelChoice::skinny_t`] |
 //! | `EDGEDIFF_FUSE_SWIGLU=0` | [`KernelChoice::fuse_swiglu`] |
 //! | `EDGEDIFF_FUSE_COMBINE_NORM=1\|0` | [`KernelChoice::fuse_combine_norm`] |
 //! | `EDGEDIFF_FUSE_NORMS_MAX_T=<rows>` | [`KernelChoice::fuse_norms_max_t`] |
@@ -135,16 +133,6 @@ pub struct KernelChoice {
     /// Invocations per weight row of the wide q4/q8 kernels (16 or 64; 64 measured slower: 2,520 µs
     /// at 16 rows, 7,449 vs 4,994 µs for the experts' gate/up).
     pub wide_lanes: u32,
-    /// Passes of 5 to this many rows (0: none) run their q4/q8 matmuls that fold in no norm on
-    /// the register-tiled gemv (shaders/gemv_skinny.wgsl: each weight chunk read once for 16
-    /// tokens, activations from L1/L2), in place of the wide gemv's two-token blocks or the
-    /// tensor-core tiles. Its sums equal the wide gemv's bit for bit. Off until the present form
-    /// is measured: the first two were slower on an H100 (docs/PERF.md; 16-row pass 10.17 →
-    /// 12.12 and 11.00 ms: accumulators in local memory, then 255 registers).
-    pub skinny_max_t: usize,
-    /// Tokens a skinny gemv workgroup holds (4 or 8): more read a weight chunk once for more
-    /// tokens, fewer hold fewer registers.
-    pub skinny_t: usize,
     /// SwiGLU fused into the dense gate_up gemv.
     pub fuse_swiglu: bool,
     /// The MoE combine carries the residual add and the next norm (moe_combine_norm, one
@@ -230,8 +218,6 @@ impl Default for KernelChoice {
             gemv_wide_min_t: Some(3),
             gemv_wide_f32: true,
             wide_lanes: 16,
-            skinny_max_t: 0,
-            skinny_t: 8,
             fuse_swiglu: true,
             fuse_combine_norm: false,
             fuse_norms_max_t: super::ops::matmul::GEMV_MAX_T,
@@ -312,12 +298,6 @@ impl KernelChoice {
             wide_lanes: num("EDGEDIFF_WIDE_LANES")
                 .filter(|&l| l == 16 || l == 64)
                 .map_or(d.wide_lanes, |l| l as u32),
-            skinny_max_t: num("EDGEDIFF_SKINNY_MAX_T")
-                .filter(|&n| n <= 256)
-                .map_or(d.skinny_max_t, |n| n as usize),
-            skinny_t: num("EDGEDIFF_SKINNY_T")
-                .filter(|&n| n == 4 || n == 8)
-                .map_or(d.skinny_t, |n| n as usize),
             fuse_swiglu: !off("EDGEDIFF_FUSE_SWIGLU"),
             fuse_combine_norm: var("EDGEDIFF_FUSE_COMBINE_NORM")
                 .map_or(d.fuse_combine_norm, |v| v.trim() == "1"),
@@ -433,8 +413,6 @@ mod tests {
             ("EDGEDIFF_GEMV_WIDE_MIN_T", "off"),
             ("EDGEDIFF_GEMV_WIDE_F32", "0"),
             ("EDGEDIFF_WIDE_LANES", "64"),
-            ("EDGEDIFF_SKINNY_MAX_T", "24"),
-            ("EDGEDIFF_SKINNY_T", "4"),
             ("EDGEDIFF_FUSE_SWIGLU", "0"),
             ("EDGEDIFF_FUSE_COMBINE_NORM", "1"),
             ("EDGEDIFF_FUSE_NORMS_MAX_T", "0"),
@@ -466,8 +444,6 @@ mod tests {
                 gemv_wide_min_t: None,
                 gemv_wide_f32: false,
                 wide_lanes: 64,
-                skinny_max_t: 24,
-                skinny_t: 4,
                 fuse_swiglu: false,
                 fuse_combine_norm: true,
                 fuse_norms_max_t: 0,

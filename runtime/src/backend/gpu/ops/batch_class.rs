@@ -10,7 +10,7 @@
 //!   its workgroup, so a row's result does not depend on the pass's row count or on the other rows;
 //! - which of those kernels runs, though, is chosen by the row count (gemv up to 4 or 16 rows —
 //!   the wide one from `gemv_wide_min_t` rows, one-row passes with lanes of their own —, the
-//!   skinny gemv up to `skinny_max_t` rows, the tiles beyond, the expert kernels by tokens per expert, the shared expert fused at ≤ 16 rows),
+//!   tiles beyond, the expert kernels by tokens per expert, the shared expert fused at ≤ 16 rows),
 //!   and so is the tensor-core matmul's tile (16, 32 or 64 rows) and its split along K (by its
 //!   tile count). Those choices are made as for one sequence's rows (`State::batch_rows`, set by
 //!   `begin_forward` / `begin_head`; ops/matmul.rs `pass_kernel`, ops/moe.rs), and K splits as that
@@ -55,8 +55,6 @@ pub fn row_signature(k: &KernelChoice, coop: bool, t: usize, top_k: usize, exper
     let mut s = PAST_GEMV | gemv;
     let mut bit = |i: u32, on: bool| s |= u32::from(on) << i;
     bit(1, t <= k.gemv_max_t);
-    // The skinny gemv (its sums are the wide gemv's, but it takes the tensor cores' place too).
-    bit(27, t <= k.skinny_max_t);
     bit(2, t <= k.gemv_f32_max_t.max(k.gemv_max_t));
     bit(
         3,

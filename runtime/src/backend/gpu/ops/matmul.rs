@@ -157,13 +157,6 @@ pub static GEMV_WIDE_SWIGLU: Entry = Entry {
     bindings: WIDE_BINDINGS,
     params: "MatmulParams",
 };
-/// The register-tiled q4/q8 gemv for token blocks (shaders/gemv_skinny.wgsl).
-pub static GEMV_SKINNY: Entry = Entry {
-    file: "gemv_skinny.wgsl",
-    name: "gemv_skinny",
-    bindings: &[(0, Params), (1, Read), (2, Read), (3, ReadWrite), (4, Read)],
-    params: "MatmulParams",
-};
 /// Adds the K-split partials of [`GEMM_COOP`] (matmul.wgsl).
 pub static SPLIT_SUM: Entry = Entry {
     file: "matmul.wgsl",
@@ -241,46 +234,6 @@ pub fn wide_shape(choice: &KernelChoice, dtype: DType, k: usize) -> Option<(u32,
     Some((lanes, (WIDE_STAGE / k).min(GEMV_T) as u32))
 }
 
-/// Tokens a [`GEMV_SKINNY`] workgroup holds in registers at most (its token blocks past them).
-pub const SKINNY_T: usize = 8;
-
-/// Invocations per weight row of [`GEMV_SKINNY`] for a `dtype` weight of `k` columns in a pass
-/// whose sequences have `solo` rows, for a matmul that folds in no norm; `None` where it does not
-/// serve: passes within the plain gemv's rows or past [`KernelChoice::skinny_max_t`], f32/f16
-/// weights, rows of fewer than 16 chunks.
-pub fn skinny_gemv(choice: &KernelChoice, dtype: DType, k: usize, solo: usize) -> Option<u32> {
-    if solo <= GEMV_T || solo > choice.skinny_max_t {
-        return None;
-    }
-    let vals = match dtype {
-        DType::Q4 => 32,
-        DType::Q8 => 16,
-        _ => return None,
-    };
-    (k.is_multiple_of(vals) && k / vals >= 16).then_some(choice.wide_lanes)
-}
-
-/// [`GEMV_SKINNY`]'s tokens a workgroup for a dispatch of `t` rows: 4 or `most` (4 or 8), the
-/// smallest that holds them. Any block gives the same sums.
-pub fn skinny_tile(t: usize, most: usize) -> u32 {
-    (t.min(most.min(SKINNY_T)).div_ceil(4) * 4) as u32
-}
-
-/// Row groups (workgroups along x × y) from which [`GEMV_SKINNY`]'s workgroups take every token
-/// block in turn rather than one each along z: a weight this large (the LM head: 4,912 groups)
-/// fills the GPU without the z blocks, and each block's re-read of the rows then comes from L1/L2,
-/// not memory. Smaller weights (a layer's, ≤ 160 groups) need the z blocks to spread.
-pub const SKINNY_LOOP_MIN_GROUPS: u64 = 1024;
-
-/// Token blocks each [`GEMV_SKINNY`] workgroup takes for `groups` row groups and `blocks` blocks.
-pub fn skinny_blocks_per_group(groups: u64, blocks: u32) -> u32 {
-    if groups >= SKINNY_LOOP_MIN_GROUPS {
-        blocks.max(1)
-    } else {
-        1
-    }
-}
-
 /// Invocations per weight row of [`GEMV`] for a pass whose sequences have `solo` rows.
 pub fn gemv_lanes(choice: &KernelChoice, solo: usize) -> u32 {
     if solo == 1 {
@@ -332,8 +285,6 @@ pub enum MatmulKernel {
     Tiled,
     /// [`GEMM_COOP`]: [`coop_tile_t`] × 128 tiles on the tensor cores.
     Coop,
-    /// [`GEMV_SKINNY`] (chosen per weight by the matmul itself, where [`skinny_gemv`] serves).
-    Skinny,
 }
 
 /// The kernel for `t` activation rows against a chunk of `rows` weight rows of `dtype` held in
@@ -513,29 +464,20 @@ pub fn matmul_into(
     Ok(())
 }
 
-/// The kernel a chunk of `w` runs in this pass, and the wide (or skinny) gemv's (lanes, token
-/// block) where it serves. `norm`: the matmul folds in a norm, which the skinny gemv does not.
+/// The kernel a chunk of `w` runs in this pass, and the wide gemv's (lanes, token block) where it
+/// serves.
 fn chunk_kernel(
     ctx: &Ctx,
     w: &GpuWeight,
     rows: usize,
     bytes: u64,
     t: usize,
-    norm: bool,
 ) -> (MatmulKernel, Option<(u32, u32)>) {
     #[cfg(test)]
     if ctx.sh.dev.caps.coop && w.dtype != DType::F32 && FORCE_COOP.with(|f| f.get()) {
         return (MatmulKernel::Coop, None);
     }
     let choice = &ctx.sh.dev.kernels;
-    if !norm {
-        if let Some(lanes) = skinny_gemv(choice, w.dtype, w.cols, solo_rows(ctx, t)) {
-            return (
-                MatmulKernel::Skinny,
-                Some((lanes, skinny_tile(t, choice.skinny_t))),
-            );
-        }
-    }
     let kernel = pass_kernel(ctx, w.dtype, t, rows, bytes);
     let wide = wide_gemv(choice, w.dtype, w.cols, solo_rows(ctx, t));
     match kernel {
@@ -547,10 +489,8 @@ fn chunk_kernel(
 /// Whether every chunk of `w` runs a gemv that folds in `fuse`: the wide one any of it, the
 /// word-a-lane one the norm (rows of whole octets) and the add but not the normed rows' copy.
 pub fn gemv_fuses(ctx: &Ctx, w: &GpuWeight, t: usize, fuse: &GemvFuse<'_>) -> bool {
-    let norm = fuse.norm.is_some() || fuse.hout.is_some();
     w.chunks.iter().all(
-        |c| match chunk_kernel(ctx, w, c.rows as usize, c.buf.size, t, norm) {
-            (MatmulKernel::Skinny, _) => !norm,
+        |c| match chunk_kernel(ctx, w, c.rows as usize, c.buf.size, t) {
             (_, Some(_)) => true,
             (MatmulKernel::Gemv | MatmulKernel::GemvBlocked, None) => {
                 fuse.hout.is_none() && (fuse.norm.is_none() || w.cols.is_multiple_of(8))
@@ -582,7 +522,6 @@ pub fn matmul_fused_into(
     // Distinct dummies: one is bound read-only, the other read-write.
     let (dummy, dummy_rw) = (ctx.sh.dummies[0].clone(), ctx.sh.dummies[1].clone());
     let norm_w = fuse.norm.map_or(&*dummy, |(b, _)| b);
-    let norm = fuse.norm.is_some() || fuse.hout.is_some();
     for (i, c) in w.chunks.iter().enumerate() {
         // The normed rows are the same for every chunk: the first writes them.
         let hout = fuse.hout.filter(|_| i == 0);
@@ -605,25 +544,10 @@ pub fn matmul_fused_into(
         };
         let n = c.rows as u64;
         let bufs: [&GpuBuffer; 3] = [&c.buf, x, out];
-        let (kernel, wide) = chunk_kernel(ctx, w, c.rows as usize, c.buf.size, t, norm);
+        let (kernel, wide) = chunk_kernel(ctx, w, c.rows as usize, c.buf.size, t);
         if let Some((lanes, tile)) = wide {
             p.lanes = lanes;
             let groups = n.div_ceil(u64::from(512 / lanes));
-            if kernel == MatmulKernel::Skinny {
-                let blocks = t.div_ceil(tile as usize) as u32;
-                p.tile_t = skinny_blocks_per_group(groups, blocks);
-                let grid = gemv_grid(groups, t, tile * p.tile_t);
-                let bufs: [&GpuBuffer; 4] = [&c.buf, x, out, &c.buf];
-                ctx.dispatch(
-                    &GEMV_SKINNY,
-                    w.wtype() | chunk_t(tile),
-                    &p,
-                    None,
-                    &bufs,
-                    grid,
-                )?;
-                continue;
-            }
             p.tile_t = tile;
             let grid = gemv_grid(groups, t, tile);
             let bufs: [&GpuBuffer; 6] = [&c.buf, x, out, &c.buf, norm_w, hout.unwrap_or(&dummy_rw)];
@@ -639,8 +563,7 @@ pub fn matmul_fused_into(
                     gemv_grid(n.div_ceil(u64::from(64 / p.lanes)), t, GEMV_T as u32),
                 )
             }
-            // (The skinny gemv always has its shape and dispatched above.)
-            MatmulKernel::Tiled | MatmulKernel::Skinny => (
+            MatmulKernel::Tiled => (
                 &GEMM,
                 Grid::Groups(n.div_ceil(64) as u32, t.div_ceil(16) as u32, 1),
             ),
