@@ -9,6 +9,14 @@
 // fixed two-level order — the same arithmetic however many tokens share the block.
 // Nibbles and bytes become floats through the exponent trick (2^23 + c as a bit pattern, minus
 // 2^23), not integer conversions, which run at a fraction of the float rate on NVIDIA.
+// QACT (q4 weights only): the activations are staged as 8-bit codes instead, 32 values (one
+// weight chunk) a power-of-two scale, and a chunk's sum is integer dot products of its nibbles
+// against the codes (dot4I8Packed: 8 a chunk, where the float path turns 32 nibbles into floats
+// and does 32 multiply-adds a token) — llama.cpp's q4 × q8 product, with a scale the CPU
+// reproduces exactly (runtime/src/backend/q8_act.rs). A (token, chunk) takes three vec4s at
+// t · 3 · cpr + c + {0, cpr, 2 · cpr}: the codes for the chunk's weight words 0–1, then 2–3 (per
+// word: its even values' codes, then its odd values', as the nibble masks pick them), then
+// (scale, bits of 8 · Σ codes).
 // The including kernel defines wide_chunk(i) (vec4 i of the weights), wide_word(i) (word i, for
 // the scales) and wide_x(t, g) (vec4 g of the block's activation row t).
 
@@ -16,6 +24,7 @@
 #include "probe"
 
 override WTYPE: u32 = 3u;
+override QACT: bool = false;
 const WIDE_F32: u32 = 0u;
 const WIDE_Q8: u32 = 2u;
 const WIDE_WG: u32 = 128u;
@@ -131,8 +140,104 @@ fn chunk_scale(m: WideMat, row: u32, c: u32) -> f32 {
     return unpack_half2(wide_word(m.scales + g / 2u))[g & 1u];
 }
 
-// Stages the block's activation rows 0 .. nt (wide_x) chunk-major; a barrier follows.
+// vec4s of xs between one staged token and the next.
+fn tok_stride(m: WideMat) -> u32 {
+    if (QACT) {
+        return 3u * row_chunks(m);
+    }
+    return m.k / 4u;
+}
+
+// One word's codes for four values: round to nearest (ties to even) of x · inv, within ±127.
+fn q8_word(a: f32, b: f32, c: f32, d: f32, inv: f32) -> u32 {
+    return pack4xI8(vec4<i32>(clamp(round(vec4<f32>(a, b, c, d) * inv), vec4<f32>(-127.0),
+        vec4<f32>(127.0))));
+}
+
+// Stages the block's activation rows 0 .. nt as QACT's codes (layout above); a barrier follows.
+fn wide_stage_q8(lid: u32, m: WideMat, nt: u32) {
+    let cpr = row_chunks(m);
+    for (var i = lid; i < nt * cpr; i += WIDE_WG) {
+        let t = i / cpr;
+        let c = i % cpr;
+        // Written out: constant indices keep the values in registers.
+        var v: array<vec4<f32>, 8>;
+        if ((PROBE & 2u) == 0u) {
+            v[0] = wide_x(t, c * 8u);
+            v[1] = wide_x(t, c * 8u + 1u);
+            v[2] = wide_x(t, c * 8u + 2u);
+            v[3] = wide_x(t, c * 8u + 3u);
+            v[4] = wide_x(t, c * 8u + 4u);
+            v[5] = wide_x(t, c * 8u + 5u);
+            v[6] = wide_x(t, c * 8u + 6u);
+            v[7] = wide_x(t, c * 8u + 7u);
+        } else {
+            for (var j = 0u; j < 8u; j++) {
+                v[j] = vec4<f32>(1e-3);
+            }
+        }
+        let a = max(max(max(abs(v[0]), abs(v[1])), max(abs(v[2]), abs(v[3]))),
+            max(max(abs(v[4]), abs(v[5])), max(abs(v[6]), abs(v[7]))));
+        // amax < 2^e (e from amax's exponent field; zero and subnormals as 2^-100): scale
+        // 2^(e − 7), so the largest code is 64 … 128, 128 clamped to 127.
+        let amax = max(max(a.x, a.y), max(a.z, a.w));
+        let e = clamp(i32((bitcast<u32>(amax) >> 23u) & 255u) - 126, -100, 120);
+        let inv = bitcast<f32>(u32(134 - e) << 23u);
+        let scale = bitcast<f32>(u32(120 + e) << 23u);
+        var q: array<u32, 8>;
+        for (var w = 0u; w < 4u; w++) {
+            let lo = v[2u * w];
+            let hi = v[2u * w + 1u];
+            q[2u * w] = q8_word(lo.x, lo.z, hi.x, hi.z, inv);
+            q[2u * w + 1u] = q8_word(lo.y, lo.w, hi.y, hi.w, inv);
+        }
+        var sum = 0;
+        for (var w = 0u; w < 8u; w++) {
+            sum += dot4I8Packed(q[w], 0x01010101u);
+        }
+        let b = t * 3u * cpr + c;
+        xs[b] = bitcast<vec4<f32>>(vec4<u32>(q[0], q[1], q[2], q[3]));
+        xs[b + cpr] = bitcast<vec4<f32>>(vec4<u32>(q[4], q[5], q[6], q[7]));
+        xs[b + 2u * cpr] = vec4<f32>(scale, bitcast<f32>(8 * sum), 0.0, 0.0);
+    }
+    workgroupBarrier();
+}
+
+// Σ nibble · code over a q4 chunk `w` against its codes q0 (words 0–1) and q1 (2–3); the caller
+// subtracts 8 · Σ codes (the nibbles' offset).
+fn q8_chunk_dot(w: vec4<u32>, q0: vec4<u32>, q1: vec4<u32>) -> i32 {
+    let lo = w & vec4<u32>(0x0F0F0F0Fu);
+    let hi = (w >> vec4<u32>(4u)) & vec4<u32>(0x0F0F0F0Fu);
+    return ((dot4I8Packed(lo.x, q0.x) + dot4I8Packed(hi.x, q0.y))
+        + (dot4I8Packed(lo.y, q0.z) + dot4I8Packed(hi.y, q0.w)))
+        + ((dot4I8Packed(lo.z, q1.x) + dot4I8Packed(hi.z, q1.y))
+        + (dot4I8Packed(lo.w, q1.z) + dot4I8Packed(hi.w, q1.w)));
+}
+
+// Token t's sums over chunk c of four weight rows (chunks w0 .. w3), before the weight scales:
+// staged at b = t · tok_stride + c.
+fn chunk_sums(w0: vec4<u32>, w1: vec4<u32>, w2: vec4<u32>, w3: vec4<u32>, b: u32, cpr: u32)
+    -> vec4<f32> {
+    if (QACT) {
+        let q0 = bitcast<vec4<u32>>(xs[b]);
+        let q1 = bitcast<vec4<u32>>(xs[b + cpr]);
+        let dm = xs[b + 2u * cpr];
+        let i = vec4<i32>(q8_chunk_dot(w0, q0, q1), q8_chunk_dot(w1, q0, q1),
+            q8_chunk_dot(w2, q0, q1), q8_chunk_dot(w3, q0, q1)) - vec4<i32>(bitcast<i32>(dm.y));
+        // Exact: |i| < 2^24 and the scale a power of two.
+        return vec4<f32>(i) * dm.x;
+    }
+    return vec4<f32>(chunk_dot(w0, b, cpr), chunk_dot(w1, b, cpr), chunk_dot(w2, b, cpr),
+        chunk_dot(w3, b, cpr));
+}
+
+// Stages the block's activation rows 0 .. nt (wide_x) chunk-major (QACT: as codes); a barrier
+// follows.
 fn wide_stage(lid: u32, m: WideMat, nt: u32) {
+    if (QACT) {
+        wide_stage_q8(lid, m, nt);
+        return;
+    }
     let kv = m.k / 4u;
     let vpc = chunk_vals() / 4u;
     let cpr = row_chunks(m);
@@ -162,7 +267,7 @@ fn wide_rows(lid: u32, m: WideMat, rows: vec4<u32>, n: u32, nt: u32) {
     let l = m.lanes;
     let lane = lid % l;
     let cpr = row_chunks(m);
-    let kv = m.k / 4u;
+    let ts = tok_stride(m);
     var a0 = vec4<f32>(0.0);
     var a1 = vec4<f32>(0.0);
     var a2 = vec4<f32>(0.0);
@@ -179,9 +284,7 @@ fn wide_rows(lid: u32, m: WideMat, rows: vec4<u32>, n: u32, nt: u32) {
         let s = vec4<f32>(chunk_scale(m, rc.x, c), chunk_scale(m, rc.y, c), chunk_scale(m, rc.z, c),
             chunk_scale(m, rc.w, c));
         for (var t = 0u; t < nt; t++) {
-            let b = t * kv + c;
-            let d = vec4<f32>(chunk_dot(w0, b, cpr), chunk_dot(w1, b, cpr), chunk_dot(w2, b, cpr),
-                chunk_dot(w3, b, cpr)) * s;
+            let d = chunk_sums(w0, w1, w2, w3, t * ts + c, cpr) * s;
             a0 += at_token(t, d.x);
             a1 += at_token(t, d.y);
             a2 += at_token(t, d.z);

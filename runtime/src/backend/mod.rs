@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod draw;
 pub mod gpu;
 pub mod kv_meter;
+pub mod q8_act;
 mod shapes;
 
 use crate::arch::{Activation, Gating, LayerAttention, ModelConfig};

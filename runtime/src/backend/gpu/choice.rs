@@ -14,6 +14,7 @@
 //! | `EDGEDIFF_GEMV_WIDE_MIN_T=<rows>\|off` | [`KernelChoice::gemv_wide_min_t`] |
 //! | `EDGEDIFF_GEMV_WIDE_F32=0` | [`KernelChoice::gemv_wide_f32`] |
 //! | `EDGEDIFF_WIDE_LANES=16\|64` | [`KernelChoice::wide_lanes`] |
+//! | `EDGEDIFF_WIDE_Q8ACT=1\|0` | [`KernelChoice::wide_q8_act`] |
 //! | `EDGEDIFF_FUSE_SWIGLU=0` | [`KernelChoice::fuse_swiglu`] |
 //! | `EDGEDIFF_FUSE_COMBINE_NORM=1\|0` | [`KernelChoice::fuse_combine_norm`] |
 //! | `EDGEDIFF_FUSE_NORMS_MAX_T=<rows>` | [`KernelChoice::fuse_norms_max_t`] |
@@ -133,6 +134,12 @@ pub struct KernelChoice {
     /// Invocations per weight row of the wide q4/q8 kernels (16 or 64; 64 measured slower: 2,520 µs
     /// at 16 rows, 7,449 vs 4,994 µs for the experts' gate/up).
     pub wide_lanes: u32,
+    /// The wide q4 kernels (dense gemvs that fold in no norm, and the experts) take 8-bit
+    /// activations: a code per value and a power-of-two scale per 32 (backend/q8_act.rs), a
+    /// weight chunk's sum integer dot products (dot4I8Packed) instead of 32 floats made from its
+    /// nibbles. Changes the sums by the codes' rounding (≤ half a code a value). Off until timed
+    /// and its quality measured.
+    pub wide_q8_act: bool,
     /// SwiGLU fused into the dense gate_up gemv.
     pub fuse_swiglu: bool,
     /// The MoE combine carries the residual add and the next norm (moe_combine_norm, one
@@ -218,6 +225,7 @@ impl Default for KernelChoice {
             gemv_wide_min_t: Some(3),
             gemv_wide_f32: true,
             wide_lanes: 16,
+            wide_q8_act: false,
             fuse_swiglu: true,
             fuse_combine_norm: false,
             fuse_norms_max_t: super::ops::matmul::GEMV_MAX_T,
@@ -298,6 +306,7 @@ impl KernelChoice {
             wide_lanes: num("EDGEDIFF_WIDE_LANES")
                 .filter(|&l| l == 16 || l == 64)
                 .map_or(d.wide_lanes, |l| l as u32),
+            wide_q8_act: var("EDGEDIFF_WIDE_Q8ACT").map_or(d.wide_q8_act, |v| v.trim() == "1"),
             fuse_swiglu: !off("EDGEDIFF_FUSE_SWIGLU"),
             fuse_combine_norm: var("EDGEDIFF_FUSE_COMBINE_NORM")
                 .map_or(d.fuse_combine_norm, |v| v.trim() == "1"),
@@ -413,6 +422,7 @@ mod tests {
             ("EDGEDIFF_GEMV_WIDE_MIN_T", "off"),
             ("EDGEDIFF_GEMV_WIDE_F32", "0"),
             ("EDGEDIFF_WIDE_LANES", "64"),
+            ("EDGEDIFF_WIDE_Q8ACT", "1"),
             ("EDGEDIFF_FUSE_SWIGLU", "0"),
             ("EDGEDIFF_FUSE_COMBINE_NORM", "1"),
             ("EDGEDIFF_FUSE_NORMS_MAX_T", "0"),
@@ -444,6 +454,7 @@ mod tests {
                 gemv_wide_min_t: None,
                 gemv_wide_f32: false,
                 wide_lanes: 64,
+                wide_q8_act: true,
                 fuse_swiglu: false,
                 fuse_combine_norm: true,
                 fuse_norms_max_t: 0,

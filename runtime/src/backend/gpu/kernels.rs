@@ -52,6 +52,12 @@ pub fn gate_act(act: crate::arch::Activation) -> u32 {
     }
 }
 
+/// The wide kernels' 8-bit activations (lib/wide_gemv.wgsl's `QACT`) in the top bit of the
+/// weight-type argument's second byte, beside the gate activation.
+pub fn q8_act() -> u32 {
+    1 << 15
+}
+
 /// Activation rows a pass of a gemv kernel's registers holds (the `CHUNK_T` override of
 /// gemv.wgsl and moe_gemv.wgsl) in the third byte of a dispatch's weight-type argument; 0 keeps the
 /// kernel's default. Fewer rows, fewer registers: more workgroups resident on an SM.
@@ -242,7 +248,10 @@ impl Kernels {
                 constants.push(("WTYPE", (wtype & 0xff) as f64));
             }
             if declares("ACT") {
-                constants.push(("ACT", ((wtype >> 8) & 0xff) as f64));
+                constants.push(("ACT", ((wtype >> 8) & 0x7f) as f64));
+            }
+            if declares("QACT") && wtype & q8_act() != 0 {
+                constants.push(("QACT", 1.0));
             }
             if declares("CHUNK_T") && (wtype >> 16) & 0xff != 0 {
                 constants.push(("CHUNK_T", ((wtype >> 16) & 0xff) as f64));

@@ -1479,6 +1479,91 @@ fn wide_gemv_rows_equal_the_rows_in_other_blocks() {
     }
 }
 
+/// The wide q4 gemv with 8-bit activations (`EDGEDIFF_WIDE_Q8ACT`): the products of
+/// backend/q8_act.rs (the same codes, each chunk's sum exact; only the adding order differs) for
+/// rows of 33 chunks (odd), 64 and 128 (two-token blocks), passes of 3, 7 and 16 rows; not the
+/// float path's values (so the codes were used); a 16-row pass equals the same rows 3 and 4 at a
+/// time bit for bit; q8 weights keep the float path.
+#[test]
+fn wide_gemv_with_8_bit_activations_matches_the_cpu_codes() {
+    use super::choice::KernelChoice;
+    use crate::backend::q8_act;
+    let with = |q8| super::GpuOptions {
+        poison: true,
+        kernels: KernelChoice {
+            wide_q8_act: q8,
+            ..KernelChoice::from_env()
+        },
+        ..super::GpuOptions::from_env()
+    };
+    let off = GpuBackend::new(&with(false)).unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (label, b) in super::testing::backends_with(with(true)) {
+        let mut rng = Rng(91);
+        for (n, k) in [(70, 1056), (45, 2048), (21, 4096)] {
+            let wv = rng.vec(n * k, 0.5);
+            let bytes = dtype::encode(DType::Q4, &wv, k);
+            let (w, w_off) = (
+                weight(&b, DType::Q4, &[n, k], &wv),
+                weight(&off, DType::Q4, &[n, k], &wv),
+            );
+            for t in [3, 7, 16] {
+                // Values of every size, so groups take many scales.
+                let xs: Vec<f32> = rng
+                    .vec(t * k, 1.0)
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| v * [1.0, 1e-3, 40.0][i / 96 % 3])
+                    .collect();
+                let got = b.get(&b.matmul(&w, &b.put(t, k, &xs)).unwrap());
+                let want = q8_act::matmul_q4(&bytes, n, k, &xs).unwrap();
+                let float = off.get(&off.matmul(&w_off, &off.put(t, k, &xs)).unwrap());
+                let (mut err, mut moved) = (0f32, 0f32);
+                for i in 0..t * n {
+                    let scale = 1.0 + want[i].abs();
+                    err = err.max((got[i] - want[i]).abs() / scale);
+                    moved = moved.max((float[i] - want[i]).abs() / scale);
+                }
+                let what = format!("{label} q4 [{n}, {k}] {t} rows");
+                assert!(err <= 2e-5, "{what}: vs the CPU's codes {err}");
+                assert!(moved >= 1e-3, "{what}: the float path's values ({moved})");
+                if t == 16 {
+                    let mut r = 0;
+                    for rows in [3, 4, 3, 3, 3] {
+                        let xr = b.put(rows, k, &xs[r * k..(r + rows) * k]);
+                        let part = b.get(&b.matmul(&w, &xr).unwrap());
+                        assert_eq!(
+                            bits(&got[r * n..(r + rows) * n]),
+                            bits(&part),
+                            "{what}: {r}"
+                        );
+                        r += rows;
+                    }
+                }
+            }
+        }
+        let q4 = super::weight_code(DType::Q4);
+        let built = b.sh.kernels.built(&ops::matmul::GEMV_WIDE);
+        assert!(
+            built.contains(&(q4 | super::kernels::q8_act())),
+            "{label}: {built:?}"
+        );
+        // q8 weights: the float path, the same bits as without the knob.
+        let (n, k) = (33, 1056);
+        let wv = rng.vec(n * k, 0.5);
+        let xs = rng.vec(5 * k, 1.0);
+        let (w, w_off) = (
+            weight(&b, DType::Q8, &[n, k], &wv),
+            weight(&off, DType::Q8, &[n, k], &wv),
+        );
+        assert_eq!(
+            bits(&b.get(&b.matmul(&w, &b.put(5, k, &xs)).unwrap())),
+            bits(&off.get(&off.matmul(&w_off, &off.put(5, k, &xs)).unwrap())),
+            "{label}: q8 weights"
+        );
+    }
+}
+
 /// One-row passes with 32 or 64 lanes a weight row (`EDGEDIFF_GEMV1_LANES`): the CPU's products
 /// for every weight type and odd widths (no multiple of 8, or a row shorter than the lanes' first
 /// round), and not the 16-lane sums bit for bit where rows are long (so the wider path ran).
@@ -1650,6 +1735,80 @@ fn wide_expert_kernels_match_the_narrow_ones_and_each_token_alone() {
                     "{arch} {dtype} {what}: the wide kernels did not run"
                 );
             }
+        }
+    }
+}
+
+/// The wide expert kernels with 8-bit activations (q4): within the codes' rounding of the float
+/// kernels (and not equal to them: the codes were used), on the direct path (1 token) and the
+/// lists (13 tokens); every token's output with 13 tokens equals that token alone bit for bit;
+/// both stages took the 8-bit pipelines. The dense test above holds the arithmetic itself to the
+/// CPU's codes.
+#[test]
+fn wide_expert_kernels_with_8_bit_activations() {
+    use super::choice::{ExpertKernel, KernelChoice, MoeWide};
+    use super::GpuOptions;
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for arch in [Architecture::Qwen3Moe, Architecture::Llada2Moe] {
+        let spec = SynthSpec {
+            hidden: 1088,
+            expert_ffn: 512,
+            ..SynthSpec::tiny(arch)
+        };
+        let (_dir, file) = synth_file_of(&spec, DType::Q4);
+        let c = file.header.metadata.config.clone();
+        let h = c.hidden_size;
+        let mut outs = Vec::new();
+        for q8 in [true, false] {
+            let b = GpuBackend::new(&GpuOptions {
+                poison: true,
+                kernels: KernelChoice {
+                    moe: Some(ExpertKernel::Gemv),
+                    moe_wide: MoeWide::All,
+                    wide_q8_act: q8,
+                    ..KernelChoice::from_env()
+                },
+                ..GpuOptions::from_env()
+            })
+            .unwrap();
+            let m = MoeLayer::load(&b, &file);
+            let mut rng = Rng(79);
+            let xs = rng.vec(13 * h, 1.0);
+            let x = b.put(13, h, &xs);
+            let all = b.get(&m.experts_out(&b, &x, &m.route(&b, &x, &c)));
+            let x1 = b.put(1, h, &xs[..h]);
+            let one = b.get(&m.experts_out(&b, &x1, &m.route(&b, &x1, &c)));
+            if q8 {
+                for t in 0..13 {
+                    let xt = b.put(1, h, &xs[t * h..(t + 1) * h]);
+                    let yt = b.get(&m.experts_out(&b, &xt, &m.route(&b, &xt, &c)));
+                    assert_eq!(
+                        bits(&all[t * h..(t + 1) * h]),
+                        bits(&yt),
+                        "{arch}: token {t} of 13 vs alone"
+                    );
+                }
+                let want = super::weight_code(DType::Q4) | super::kernels::q8_act();
+                for entry in [&ops::moe::GATE_UP_WIDE, &ops::moe::DOWN_WIDE] {
+                    let built = b.sh.kernels.built(entry);
+                    assert!(
+                        built
+                            .iter()
+                            .any(|w| w & 0xff == super::weight_code(DType::Q4) && w & want == want),
+                        "{arch} {}: {built:?}",
+                        entry.name
+                    );
+                }
+            }
+            outs.push((all, one));
+        }
+        let ((qa, q1), (fa, f1)) = (&outs[0], &outs[1]);
+        for (what, q, f) in [("13 tokens", qa, fa), ("1 token", q1, f1)] {
+            let e = rel_l2(q, f);
+            assert!(
+                (1e-4..=2e-2).contains(&e),
+                "{arch} {what}: 8-bit vs float activations rel L2 {e}"
+            );
         }
     }
 }

@@ -9,7 +9,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::super::choice::KernelChoice;
 use super::super::device::GpuError;
-use super::super::kernels::{chunk_t, depth, Entry, Slot, Slot::*};
+use super::super::kernels::{chunk_t, depth, q8_act, Entry, Slot, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
 use super::super::GpuWeight;
@@ -232,6 +232,13 @@ pub fn wide_shape(choice: &KernelChoice, dtype: DType, k: usize) -> Option<(u32,
         return None;
     }
     Some((lanes, (WIDE_STAGE / k).min(GEMV_T) as u32))
+}
+
+/// The token block of a wide q4 kernel with 8-bit activations ([`KernelChoice::wide_q8_act`]):
+/// a (token, 32-value chunk) stages as three vec4s (codes, codes, scale) where floats take eight,
+/// so rows of 2048 stage four tokens at a time instead of two.
+pub fn wide_q8_tile(k: usize) -> u32 {
+    ((WIDE_STAGE / 4) / (3 * k / 32).max(1)).clamp(1, GEMV_T) as u32
 }
 
 /// Invocations per weight row of [`GEMV`] for a pass whose sequences have `solo` rows.
@@ -548,10 +555,21 @@ pub fn matmul_fused_into(
         if let Some((lanes, tile)) = wide {
             p.lanes = lanes;
             let groups = n.div_ceil(u64::from(512 / lanes));
+            // 8-bit activations where no norm is folded in (the norm's 1 / rms comes after the
+            // sums, and the codes would be made before it).
+            let q8 = ctx.sh.dev.kernels.wide_q8_act
+                && w.dtype == DType::Q4
+                && fuse.norm.is_none()
+                && fuse.hout.is_none();
+            let (tile, wtype) = if q8 {
+                (wide_q8_tile(w.cols), w.wtype() | q8_act())
+            } else {
+                (tile, w.wtype())
+            };
             p.tile_t = tile;
             let grid = gemv_grid(groups, t, tile);
             let bufs: [&GpuBuffer; 6] = [&c.buf, x, out, &c.buf, norm_w, hout.unwrap_or(&dummy_rw)];
-            ctx.dispatch(&GEMV_WIDE, w.wtype(), &p, None, &bufs, grid)?;
+            ctx.dispatch(&GEMV_WIDE, wtype, &p, None, &bufs, grid)?;
             continue;
         }
         let (entry, grid) = match kernel {

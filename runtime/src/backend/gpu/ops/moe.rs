@@ -10,7 +10,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::super::choice::MoeWide;
 use super::super::device::GpuError;
-use super::super::kernels::{chunk_t, depth, Entry, Slot::*};
+use super::super::kernels::{chunk_t, depth, q8_act, Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
 use super::super::{GpuAct, GpuBackend, GpuExperts, GpuRouting, GpuWeight};
@@ -424,7 +424,15 @@ fn experts_with(
             MoeWide::All => true,
         };
         let ok = kernel == ExpertKernel::Gemv && on && part.is_multiple_of(4);
-        super::matmul::wide_shape(&ctx.sh.dev.kernels, dtype, k).filter(|_| ok)
+        // q4 experts with 8-bit activations: their own token block, and the bit that selects
+        // the pipeline (kernels::q8_act).
+        let q8 = ctx.sh.dev.kernels.wide_q8_act && dtype == DType::Q4;
+        super::matmul::wide_shape(&ctx.sh.dev.kernels, dtype, k)
+            .filter(|_| ok)
+            .map(|(lanes, tile)| match q8 {
+                true => (lanes, super::matmul::wide_q8_tile(k), q8_act()),
+                false => (lanes, tile, 0),
+            })
     };
     let stages = [
         (
@@ -486,12 +494,12 @@ fn experts_with(
                 tile_t: wide.map_or(0, |w| w.1),
             };
             match (kernel, wide) {
-                (ExpertKernel::Gemv, Some((lanes, _))) => {
+                (ExpertKernel::Gemv, Some((lanes, _, q8))) => {
                     let shared_buf = sw.map_or(&**buf, |(b, _)| b);
                     let bufs = [&**buf, src, dst, e.slots, meta, shared_buf, buf, shared_buf];
                     let columns = listed + u32::from(sw.is_some());
                     let grid = Grid::Groups(columns, units.div_ceil(per_lanes / lanes), 1);
-                    ctx.dispatch(gemv_wide, wtype, &p, None, &bufs, grid)?
+                    ctx.dispatch(gemv_wide, wtype | q8, &p, None, &bufs, grid)?
                 }
                 (ExpertKernel::Gemv, None) => {
                     let shared_buf = sw.map_or(&**buf, |(b, _)| b);
