@@ -349,3 +349,79 @@ fn weight_type_quality_table() {
         );
     }
 }
+
+/// Logits of a causal pass over each reference case in passes of `rows` tokens on `b` (the KV
+/// cache carries the earlier passes), `[T, vocab]` each.
+fn logits_in_passes<B: Backend>(b: &B, path: &Path, rows: usize) -> Vec<Vec<f32>> {
+    let file = Arc::new(EdmFile::open(path).unwrap());
+    let model = Model::load(b, file, &|_, _| true).unwrap();
+    let want = ForwardRequest {
+        logits: true,
+        ..Default::default()
+    };
+    reference()["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|case| {
+            let tokens = ids(&case["tokens"]);
+            let mut kv = model.new_kv(b, tokens.len()).unwrap();
+            let mut logits = Vec::new();
+            for start in (0..tokens.len()).step_by(rows) {
+                let part = &tokens[start..(start + rows).min(tokens.len())];
+                let window = Window::block(start, part.len(), AttnMask::Causal);
+                let out = model.forward(b, &mut kv, part, window, &want).unwrap();
+                logits.extend(out.logits.unwrap());
+            }
+            logits
+        })
+        .collect()
+}
+
+/// The 8-bit activations' quality (KernelChoice::wide_q8_act; docs/PERF.md), run by hand:
+/// `cargo test --release -p edgediff-tests --test gguf_smollm2 -- --ignored q8_activation --nocapture`.
+/// The q4 conversion in passes of 8 rows (the wide gemvs' rows: the o and down projections take
+/// the codes, the norm-fused q/k/v and gate/up stay float) on the first GPU configuration with
+/// float and with 8-bit activations, each against transformers' logits and the CPU's.
+#[test]
+#[ignore]
+fn q8_activation_quality_table() {
+    use edgediff::backend::gpu::{GpuBackend, GpuOptions, KernelChoice};
+    let Some(_) = model() else { return };
+    let gguf = fetch().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q4.edm");
+    edgediff::import::gguf::convert(&gguf, &path, Some(DType::Q4), &|_, _| {}).unwrap();
+    let cpu = logits_in_passes(&CpuBackend, &path, 8);
+    let (worst, mean, diff, n) = compare_logits(&cpu);
+    eprintln!(
+        "| activations | max |Δlogit| | mean |Δlogit| | argmax = reference | rel L2 to the CPU |"
+    );
+    eprintln!("|---|---:|---:|---:|---:|");
+    eprintln!(
+        "| CPU, f32 | {worst:.4} | {mean:.4} | {}/{n} | — |",
+        n - diff
+    );
+    for q8 in [false, true] {
+        let g = GpuBackend::new(&GpuOptions {
+            kernels: KernelChoice {
+                wide_q8_act: q8,
+                ..KernelChoice::from_env()
+            },
+            ..GpuOptions::from_env()
+        })
+        .unwrap();
+        let gpu = logits_in_passes(&g, &path, 8);
+        let (worst, mean, diff, n) = compare_logits(&gpu);
+        let err = gpu
+            .iter()
+            .zip(&cpu)
+            .map(|(a, b)| rel_l2(a, b))
+            .fold(0f32, f32::max);
+        let label = if q8 { "GPU, 8-bit" } else { "GPU, f32" };
+        eprintln!(
+            "| {label} | {worst:.4} | {mean:.4} | {}/{n} | {err:.2e} |",
+            n - diff
+        );
+    }
+}
