@@ -16,6 +16,8 @@
 // each token block also write the normed rows (x · inv_rms · norm_w, norm.wgsl's product order)
 // to `hout` — the router's gemv hands the experts their input, and the layer loses its norm
 // dispatch.
+// QACT (q4, lib/wide_gemv.wgsl): 8-bit activation codes; with MODE_NORM each block row's 1 / rms
+// is summed first (q8_norm_first) and the codes made from the normed rows.
 
 #include "matmul_params"
 #include "wide_gemv"
@@ -34,6 +36,9 @@
 var<private> blk_row0: u32;
 // MODE_NORM: Σ x² of the values this invocation staged, component t for block row t.
 var<private> wss: vec4<f32>;
+// MODE_NORM with QACT: each block row's 1 / rms, applied as the row is staged (the codes are made
+// from the normed values), so the sums need none after.
+var<private> row_inv: vec4<f32>;
 
 fn wide_chunk(i: u32) -> vec4<u32> {
     return w4[i];
@@ -49,7 +54,37 @@ fn wide_x(t: u32, g: u32) -> vec4<f32> {
         return v;
     }
     wss += at_token(t, dot(v, v));
+    if (QACT) {
+        // norm.wgsl's product order: (x · inv_rms) · w.
+        return v * row_inv[t] * norm_w[g];
+    }
     return v * norm_w[g];
+}
+
+// MODE_NORM with QACT: sets row_inv from the block rows' squares (summed the float path's way, so
+// the same 1 / rms) before the codes are made; a barrier follows. Otherwise row_inv is 1.
+fn q8_norm_first(lid: u32, nt: u32) {
+    row_inv = vec4<f32>(1.0);
+    if (!QACT || (p.mode & MODE_NORM) == 0u) {
+        return;
+    }
+    let kv = p.k / 4u;
+    for (var i = lid; i < nt * kv; i += WIDE_WG) {
+        let v = x_act[(blk_row0 + i / kv) * kv + i % kv];
+        wss += at_token(i / kv, dot(v, v));
+    }
+    row_inv = wide_inv_rms(lid);
+    // xs is staged next.
+    workgroupBarrier();
+}
+
+// Each block row's 1 / rms after wide_rows (1 without MODE_NORM): QACT has it from
+// q8_norm_first (its staging added to wss again).
+fn rows_inv(lid: u32) -> vec4<f32> {
+    if (QACT) {
+        return row_inv;
+    }
+    return wide_inv_rms(lid);
 }
 
 // MODE_NORM: each block row's 1 / rms from the invocations' staged squares (a fixed two-level
@@ -101,12 +136,15 @@ fn gemv_wide(
     let row_base = group_id(wid, nwg) * (512u / p.lanes);
     blk_row0 = p.x_row0 + t0;
     wss = vec4<f32>(0.0);
+    q8_norm_first(lid, nt);
     wide_stage(lid, m, nt);
     let row0 = row_base + (lid / p.lanes) * 4u;
     wide_rows(lid, m, vec4<u32>(row0) + vec4<u32>(0u, 1u, 2u, 3u), p.n, nt);
-    let inv = wide_inv_rms(lid);
+    let inv = rows_inv(lid);
+    // QACT's codes were made from the normed rows.
+    let after = select(inv, vec4<f32>(1.0), QACT);
     if (lid < 512u / p.lanes && row_base + lid < p.n) {
-        let s = xs[768u + lid] * inv;
+        let s = xs[768u + lid] * after;
         for (var t = 0u; t < nt; t++) {
             wide_store((t0 + t) * p.out_stride + p.out_col0 + row_base + lid, s[t]);
         }
@@ -138,9 +176,11 @@ fn gemv_wide_swiglu(
     let rows = select(vec4<u32>(p.n), cols + vec4<u32>(0u, 0u, inter, inter), cols < vec4<u32>(inter));
     blk_row0 = p.x_row0 + t0;
     wss = vec4<f32>(0.0);
+    q8_norm_first(lid, nt);
     wide_stage(lid, m, nt);
     wide_rows(lid, m, rows, p.n, nt);
-    let inv = wide_inv_rms(lid);
+    // QACT's codes were made from the normed rows.
+    let inv = select(rows_inv(lid), vec4<f32>(1.0), QACT);
     // Row slot g · 4 + r: r 0 / 1 the gate of columns 2g, 2g + 1 of the workgroup, 2 / 3 their up.
     let c = col_base + lid;
     if (lid < 256u / p.lanes && c < inter) {

@@ -134,7 +134,7 @@ pub struct KernelChoice {
     /// Invocations per weight row of the wide q4/q8 kernels (16 or 64; 64 measured slower: 2,520 µs
     /// at 16 rows, 7,449 vs 4,994 µs for the experts' gate/up).
     pub wide_lanes: u32,
-    /// The wide q4 kernels (dense gemvs that fold in no norm, and the experts) take 8-bit
+    /// The wide q4 kernels (the dense gemvs, and the experts) take 8-bit
     /// activations: a code per value and a power-of-two scale per 32 (backend/q8_act.rs), a
     /// weight chunk's sum integer dot products (dot4I8Packed) instead of 32 floats made from its
     /// nibbles. Changes the sums by the codes' rounding (≤ half a code a value). Off until timed

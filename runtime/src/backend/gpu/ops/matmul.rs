@@ -555,12 +555,8 @@ pub fn matmul_fused_into(
         if let Some((lanes, tile)) = wide {
             p.lanes = lanes;
             let groups = n.div_ceil(u64::from(512 / lanes));
-            // 8-bit activations where no norm is folded in (the norm's 1 / rms comes after the
-            // sums, and the codes would be made before it).
-            let q8 = ctx.sh.dev.kernels.wide_q8_act
-                && w.dtype == DType::Q4
-                && fuse.norm.is_none()
-                && fuse.hout.is_none();
+            // 8-bit activations (a folded norm's 1 / rms then comes before the codes are made).
+            let q8 = ctx.sh.dev.kernels.wide_q8_act && w.dtype == DType::Q4;
             let (tile, wtype) = if q8 {
                 (wide_q8_tile(w.cols), w.wtype() | q8_act())
             } else {
