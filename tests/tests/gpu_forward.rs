@@ -390,3 +390,55 @@ fn kernels_without_runtime_checks_equal_the_checked_ones() {
         }
     }
 }
+
+/// q4 weights with rows of 512 values or more (the wide kernels' 16 chunks) take 8-bit activations
+/// in passes of 3 rows or more by default (KernelChoice::wide_q8_act): a 12-token block's logits
+/// stay within the codes' rounding of the CPU's, and not within the f32 bound (the codes were
+/// used); with float activations (EDGEDIFF_WIDE_Q8ACT=0) the f32 bound holds again.
+#[test]
+fn q4_blocks_take_8_bit_activations_within_their_rounding() {
+    use edgediff::backend::gpu::choice::KernelChoice;
+    use edgediff::backend::gpu::GpuOptions;
+    if edgediff::backend::gpu::testing::skip_requested() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = SynthSpec {
+        hidden: 1088,
+        expert_ffn: 512,
+        ..SynthSpec::tiny(Architecture::Llada2Moe)
+    };
+    let m = synth::build(&spec).unwrap();
+    let path = dir.path().join("wide-q4.edm");
+    synth::write_edm(&m, &path, DType::Q4, &|_, _| {}).unwrap();
+    let window = Window::block(0, 12, AttnMask::Bidirectional);
+    let cpu = {
+        let c = CpuBackend;
+        let m = load(&c, &path);
+        let mut kv = m.new_kv(&c, 64).unwrap();
+        run(&c, &m, &mut kv, &TOKENS, window, true)
+    };
+    for q8 in [true, false] {
+        let g = GpuBackend::new(&GpuOptions {
+            poison: true,
+            kernels: KernelChoice {
+                wide_q8_act: q8,
+                ..KernelChoice::from_env()
+            },
+            ..GpuOptions::from_env()
+        })
+        .unwrap();
+        let m = load(&g, &path);
+        let mut kv = m.new_kv(&g, 64).unwrap();
+        let out = run(&g, &m, &mut kv, &TOKENS, window, true);
+        let err = rel_l2(out.logits.as_ref().unwrap(), cpu.logits.as_ref().unwrap());
+        if q8 {
+            assert!(
+                (1e-4..=5e-2).contains(&err),
+                "8-bit activations: logits relative L2 {err:e}"
+            );
+        } else {
+            compare("float activations", &out, &cpu);
+        }
+    }
+}

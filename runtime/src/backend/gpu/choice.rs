@@ -13,8 +13,9 @@
 //! | `EDGEDIFF_GEMV1_LANES=16\|32\|64` | [`KernelChoice::gemv1_lanes`] |
 //! | `EDGEDIFF_GEMV_WIDE_MIN_T=<rows>\|off` | [`KernelChoice::gemv_wide_min_t`] |
 //! | `EDGEDIFF_GEMV_WIDE_F32=0` | [`KernelChoice::gemv_wide_f32`] |
-//! | `EDGEDIFF_WIDE_LANES=16\|64` | [`KernelChoice::wide_lanes`] |
+//! | `EDGEDIFF_WIDE_LANES=4\|8\|16\|32\|64` | [`KernelChoice::wide_lanes`] |
 //! | `EDGEDIFF_WIDE_Q8ACT=1\|0` | [`KernelChoice::wide_q8_act`] |
+//! | `EDGEDIFF_WIDE_MIN_CHUNKS=<n>` | [`KernelChoice::wide_min_chunks`] |
 //! | `EDGEDIFF_FUSE_SWIGLU=0` | [`KernelChoice::fuse_swiglu`] |
 //! | `EDGEDIFF_FUSE_COMBINE_NORM=1\|0` | [`KernelChoice::fuse_combine_norm`] |
 //! | `EDGEDIFF_FUSE_NORMS_MAX_T=<rows>` | [`KernelChoice::fuse_norms_max_t`] |
@@ -131,8 +132,9 @@ pub struct KernelChoice {
     /// f32 weights (the routers) take the wide gemv (64 lanes a row) at every row count where the
     /// gemv serves them; off: the word-a-lane gemv.
     pub gemv_wide_f32: bool,
-    /// Invocations per weight row of the wide q4/q8 kernels (16 or 64; 64 measured slower: 2,520 µs
-    /// at 16 rows, 7,449 vs 4,994 µs for the experts' gate/up).
+    /// Invocations per weight row of the wide q4/q8 kernels (4, 8, 16, 32 or 64; 64 measured
+    /// slower: 2,520 µs at 16 rows, 7,449 vs 4,994 µs for the experts' gate/up), the most a row
+    /// takes where [`Self::wide_min_chunks`] gives short rows fewer.
     pub wide_lanes: u32,
     /// The wide q4 kernels (the dense gemvs, and the experts) take 8-bit
     /// activations: a code per value and a power-of-two scale per 32 (backend/q8_act.rs), a
@@ -140,6 +142,9 @@ pub struct KernelChoice {
     /// nibbles. Changes the sums by the codes' rounding (≤ half a code a value). Off until timed
     /// and its quality measured.
     pub wide_q8_act: bool,
+    /// Short rows take fewer lanes in the wide q4/q8 kernels, down to 4, so that each lane has at
+    /// least this many 16-byte chunks (ops/matmul.rs `row_lanes`; 0: every row `wide_lanes`).
+    pub wide_min_chunks: u32,
     /// SwiGLU fused into the dense gate_up gemv.
     pub fuse_swiglu: bool,
     /// The MoE combine carries the residual add and the next norm (moe_combine_norm, one
@@ -225,7 +230,8 @@ impl Default for KernelChoice {
             gemv_wide_min_t: Some(3),
             gemv_wide_f32: true,
             wide_lanes: 16,
-            wide_q8_act: false,
+            wide_q8_act: true,
+            wide_min_chunks: 0,
             fuse_swiglu: true,
             fuse_combine_norm: false,
             fuse_norms_max_t: super::ops::matmul::GEMV_MAX_T,
@@ -304,9 +310,12 @@ impl KernelChoice {
             },
             gemv_wide_f32: !off("EDGEDIFF_GEMV_WIDE_F32"),
             wide_lanes: num("EDGEDIFF_WIDE_LANES")
-                .filter(|&l| l == 16 || l == 64)
+                .filter(|&l| matches!(l, 4 | 8 | 16 | 32 | 64))
                 .map_or(d.wide_lanes, |l| l as u32),
             wide_q8_act: var("EDGEDIFF_WIDE_Q8ACT").map_or(d.wide_q8_act, |v| v.trim() == "1"),
+            wide_min_chunks: num("EDGEDIFF_WIDE_MIN_CHUNKS")
+                .filter(|&n| n <= 64)
+                .map_or(d.wide_min_chunks, |n| n as u32),
             fuse_swiglu: !off("EDGEDIFF_FUSE_SWIGLU"),
             fuse_combine_norm: var("EDGEDIFF_FUSE_COMBINE_NORM")
                 .map_or(d.fuse_combine_norm, |v| v.trim() == "1"),
@@ -423,6 +432,7 @@ mod tests {
             ("EDGEDIFF_GEMV_WIDE_F32", "0"),
             ("EDGEDIFF_WIDE_LANES", "64"),
             ("EDGEDIFF_WIDE_Q8ACT", "1"),
+            ("EDGEDIFF_WIDE_MIN_CHUNKS", "4"),
             ("EDGEDIFF_FUSE_SWIGLU", "0"),
             ("EDGEDIFF_FUSE_COMBINE_NORM", "1"),
             ("EDGEDIFF_FUSE_NORMS_MAX_T", "0"),
@@ -455,6 +465,7 @@ mod tests {
                 gemv_wide_f32: false,
                 wide_lanes: 64,
                 wide_q8_act: true,
+                wide_min_chunks: 4,
                 fuse_swiglu: false,
                 fuse_combine_norm: true,
                 fuse_norms_max_t: 0,

@@ -79,7 +79,18 @@ where
     G: Fn(&GpuBackend) -> Vec<(String, Vec<f32>)>,
 {
     let want = cpu(&CpuBackend);
-    for (label, g) in backends(max_binding) {
+    // Float activations, as the CPU's: the wide q4 kernels' 8-bit ones (the default) are held to
+    // the CPU's codes by tests of their own (wide_gemv_with_8_bit_activations_...).
+    let float = super::GpuOptions {
+        poison: true,
+        max_binding,
+        kernels: super::KernelChoice {
+            wide_q8_act: false,
+            ..super::KernelChoice::from_env()
+        },
+        ..super::GpuOptions::from_env()
+    };
+    for (label, g) in super::testing::backends_with(float) {
         let got = gpu(&g);
         assert_eq!(want.len(), got.len());
         for ((what, w), (_, v)) in want.iter().zip(&got) {
@@ -1314,6 +1325,8 @@ fn token_blocked_gemvs_past_16_rows_match_the_cpu() {
         kernels: KernelChoice {
             gemv_max_t: 32,
             fuse_norms_max_t: 32,
+            // The CPU's float activations (8-bit ones: their own tests).
+            wide_q8_act: false,
             ..KernelChoice::from_env()
         },
         ..super::GpuOptions::from_env()
@@ -1431,11 +1444,12 @@ fn residual_fusions_save_their_dispatches() {
 /// The wide gemv sums each (weight row, token) the same way whatever tokens share its dispatch:
 /// 16 rows at once equal the same rows 3 and 4 at a time bit for bit (what batched passes rely
 /// on, ops/batch_class.rs: q4/q8 passes of ≥ 3 rows take it, f32 weights at every row count), for
-/// both lane counts and several token-block sizes; the kernel is the one taken for these shapes.
+/// every lane count and several token-block sizes, and match the CPU; the kernel is the one taken
+/// for these shapes.
 #[test]
 fn wide_gemv_rows_equal_the_rows_in_other_blocks() {
     use super::choice::KernelChoice;
-    for lanes in [16, 64] {
+    for lanes in [4, 8, 16, 64] {
         let base = super::GpuOptions {
             kernels: KernelChoice {
                 wide_lanes: lanes,
@@ -1457,10 +1471,19 @@ fn wide_gemv_rows_equal_the_rows_in_other_blocks() {
                 // f32 weights (routers) always take 64 lanes a row.
                 let want = if dtype == DType::F32 { 64 } else { lanes };
                 assert_eq!(wide.map(|w| w.0), Some(want), "{label} {dtype} k{k}");
-                let w = weight(&b, dtype, &[n, k], &rng.vec(n * k, 0.5));
+                let wv = rng.vec(n * k, 0.5);
+                let w = weight(&b, dtype, &[n, k], &wv);
                 let xs = rng.vec(16 * k, 1.0);
                 let all = b.get(&b.matmul(&w, &b.put(16, k, &xs)).unwrap());
                 assert!(all.iter().all(|v| v.is_finite()), "{label} {dtype} k{k}");
+                // Against the CPU (q4 with 8-bit activations: their own test below).
+                if dtype != DType::Q4 || !b.sh.dev.kernels.wide_q8_act {
+                    let c = CpuBackend;
+                    let wc = weight(&c, dtype, &[n, k], &wv);
+                    let want = c.get(&c.matmul(&wc, &c.put(16, k, &xs)).unwrap());
+                    let e = rel_l2(&all, &want);
+                    assert!(e <= TOL, "{label} {dtype} k{k} {lanes} lanes: vs CPU {e:e}");
+                }
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 let mut r = 0;
                 for rows in [3, 4, 3, 3, 3] {
@@ -1501,10 +1524,12 @@ fn q8_errors(got: &[f32], want: &[f32], float: &[f32]) -> (f32, f32, f32) {
 fn wide_gemv_with_8_bit_activations_matches_the_cpu_codes() {
     use super::choice::KernelChoice;
     use crate::backend::q8_act;
+    // With the codes, short rows take fewer lanes too (1056: 8 lanes a row).
     let with = |q8| super::GpuOptions {
         poison: true,
         kernels: KernelChoice {
             wide_q8_act: q8,
+            wide_min_chunks: if q8 { 4 } else { 0 },
             ..KernelChoice::from_env()
         },
         ..super::GpuOptions::from_env()
@@ -1717,7 +1742,8 @@ fn wide_expert_kernels_match_the_narrow_ones_and_each_token_alone() {
             let c = file.header.metadata.config.clone();
             let h = c.hidden_size;
             let mut outs = Vec::new();
-            for wide in [true, false] {
+            // Wide with the lanes of wide_lanes, and with fewer for short rows; then narrow.
+            for (wide, min_chunks) in [(true, 0), (true, 4), (false, 0)] {
                 let b = GpuBackend::new(&GpuOptions {
                     poison: true,
                     kernels: KernelChoice {
@@ -1727,6 +1753,9 @@ fn wide_expert_kernels_match_the_narrow_ones_and_each_token_alone() {
                         } else {
                             super::choice::MoeWide::Off
                         },
+                        wide_min_chunks: min_chunks,
+                        // Float activations: this test holds the wide kernels to the narrow.
+                        wide_q8_act: false,
                         ..KernelChoice::from_env()
                     },
                     ..GpuOptions::from_env()
@@ -1753,18 +1782,24 @@ fn wide_expert_kernels_match_the_narrow_ones_and_each_token_alone() {
                 }
                 outs.push((all, one));
             }
-            let ((wa, w1), (na, n1)) = (&outs[0], &outs[1]);
-            for (what, w, n) in [("13 tokens", wa, na), ("1 token", w1, n1)] {
-                let e = rel_l2(w, n);
-                assert!(
-                    e <= 1e-5,
-                    "{arch} {dtype} {what}: wide vs narrow rel L2 {e}"
-                );
-                assert!(
-                    w != n,
-                    "{arch} {dtype} {what}: the wide kernels did not run"
-                );
+            let (na, n1) = &outs[2];
+            for (lanes, (wa, w1)) in ["wide lanes", "fewer lanes"].iter().zip(&outs) {
+                for (what, w, n) in [("13 tokens", wa, na), ("1 token", w1, n1)] {
+                    let e = rel_l2(w, n);
+                    assert!(
+                        e <= 1e-5,
+                        "{arch} {dtype} {what} {lanes}: wide vs narrow rel L2 {e}"
+                    );
+                    assert!(
+                        w != n,
+                        "{arch} {dtype} {what} {lanes}: the wide kernels did not run"
+                    );
+                }
             }
+            assert!(
+                outs[0].0 != outs[1].0,
+                "{arch} {dtype}: fewer lanes changed nothing"
+            );
         }
     }
 }
@@ -1796,6 +1831,8 @@ fn wide_expert_kernels_with_8_bit_activations() {
                     moe: Some(ExpertKernel::Gemv),
                     moe_wide: MoeWide::All,
                     wide_q8_act: q8,
+                    // Down's rows of 512 (16 chunks) on 4 lanes, gate/up's 1088 on 8.
+                    wide_min_chunks: 4,
                     ..KernelChoice::from_env()
                 },
                 ..GpuOptions::from_env()

@@ -223,8 +223,8 @@ pub fn wide_gemv(choice: &KernelChoice, dtype: DType, k: usize, solo: usize) -> 
 /// over the GPU.
 pub fn wide_shape(choice: &KernelChoice, dtype: DType, k: usize) -> Option<(u32, u32)> {
     let (vals, lanes) = match dtype {
-        DType::Q4 => (32, choice.wide_lanes),
-        DType::Q8 => (16, choice.wide_lanes),
+        DType::Q4 => (32, row_lanes(choice, k / 32)),
+        DType::Q8 => (16, row_lanes(choice, k / 16)),
         DType::F32 => (4, 64),
         _ => return None,
     };
@@ -232,6 +232,18 @@ pub fn wide_shape(choice: &KernelChoice, dtype: DType, k: usize) -> Option<(u32,
         return None;
     }
     Some((lanes, (WIDE_STAGE / k).min(GEMV_T) as u32))
+}
+
+/// Lanes a weight row of `chunks` 16-byte chunks takes in the wide kernels: `wide_lanes`, halved
+/// (down to 4) while a lane would get fewer than [`KernelChoice::wide_min_chunks`] chunks, so a
+/// short row (the experts' down projection: 16 chunks) has lanes with more than one chunk each and
+/// a workgroup more rows to share its staging.
+pub fn row_lanes(choice: &KernelChoice, chunks: usize) -> u32 {
+    let mut lanes = choice.wide_lanes;
+    while lanes > 4 && (chunks as u32) < lanes * choice.wide_min_chunks {
+        lanes /= 2;
+    }
+    lanes
 }
 
 /// The token block of a wide q4 kernel with 8-bit activations ([`KernelChoice::wide_q8_act`]):
