@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use edgediff::backend::cpu::CpuBackend;
 use edgediff::backend::gpu::testing::backends;
+use edgediff::backend::gpu::GpuBackend;
 use edgediff::backend::{AttnMask, Backend};
 use edgediff::batch::BatchLimits;
 use edgediff::decode::{
@@ -314,74 +315,108 @@ fn batched_diffusion_blocks_equal_each_alone_on_the_gpu() {
                 if configs > 1 && !(ai + di + k).is_multiple_of(2) {
                     continue;
                 }
-                let m = load(&gpu, &write_synth(dir.path(), arch, dtype));
-                let vocab = m.config.vocab_size;
-                let mut rng = Rng::new(13);
-                let pick = |rng: &mut Rng| BLOCK_ROWS[below(rng, BLOCK_ROWS.len())];
-                // Pairs of one shape (rows, rows wanted) at other positions, masks and tokens,
-                // then passes of any shape.
-                let mut seqs: Vec<Seq> = Vec::new();
-                for _ in 0..7 {
-                    let len = pick(&mut rng);
-                    let a = seq_of(&mut rng, vocab, len);
-                    let mut b = seq_of(&mut rng, vocab, len);
-                    b.want.rows = a.want.rows.clone();
-                    seqs.extend([a, b]);
-                }
-                seqs.extend((0..8).map(|_| {
-                    let len = pick(&mut rng);
-                    seq_of(&mut rng, vocab, len)
-                }));
-                // Sizes of one class on any device (gemv and tiles; with tensor cores, the
-                // 32-row tile, the second sequence starting mid-tile), all rows wanted.
-                for len in [5, 7, 17, 24] {
-                    let mut s = seq_of(&mut rng, vocab, len);
-                    s.want.rows = None;
-                    seqs.push(s);
-                }
-                // The batcher's grouping: one batched pass per class.
-                let mut classes: Vec<(u64, Vec<Seq>)> = Vec::new();
-                for s in seqs {
-                    let Some(c) = m.batch_class(&gpu, s.tokens.len(), &s.want) else {
-                        continue;
-                    };
-                    match classes.iter_mut().find(|(k, _)| *k == c) {
-                        Some((_, group)) => group.push(s),
-                        None => classes.push((c, vec![s])),
-                    }
-                }
-                let mut blocks = 0;
-                let mut mixed = 0;
-                for (i, (c, group)) in classes.iter().filter(|(_, g)| g.len() > 1).enumerate() {
-                    let rows: Vec<usize> = group.iter().map(|s| s.tokens.len()).collect();
-                    blocks += usize::from(rows.iter().any(|&r| r > 4));
-                    mixed += usize::from(rows.iter().any(|&r| r != rows[0]));
-                    // Every other class with its caches in one arena (one attention dispatch
-                    // for the batch), the others with caches of their own.
-                    let positions = if i % 2 == 0 { 4096 } else { 0 };
-                    gpu.reserve_kv(&m.config, positions).unwrap();
-                    let what =
-                        format!("{name} {arch} {dtype} class {c:#x} {rows:?} arena {positions}");
-                    batch_equals_alone(&what, &gpu, &m, group);
-                }
-                gpu.reserve_kv(&m.config, 0).unwrap();
-                // Block-sized passes batched, some of different sizes in one pass.
-                assert!(
-                    blocks >= 2 && mixed >= 2,
-                    "{name} {arch} {dtype}: {blocks} block batches, {mixed} of mixed sizes"
-                );
-                // Passes of different classes do not share a pass.
-                let (a, b) = (&classes[0].1[0], &classes[1].1[0]);
-                let mut kvs = [prefill(&gpu, &m, a), prefill(&gpu, &m, b)];
-                let [ka, kb] = &mut kvs;
-                let mut passes = [a.pass(ka), b.pass(kb)];
-                assert!(matches!(
-                    m.forward_batch(&gpu, &mut passes),
-                    Err(ModelError::BatchMix(_))
-                ));
+                blocks_batch_as_alone(dir.path(), &name, &gpu, arch, dtype);
             }
         }
     }
+}
+
+/// The gemv and the fused-norm forward up to 32 rows (`EDGEDIFF_GEMV_MAX_T=32`,
+/// `EDGEDIFF_FUSE_NORMS_MAX_T=32`, faster at 32 rows with 8-bit activations, docs/PERF.md): the
+/// block test on LLaDA2 (its shared expert fuses into the expert kernels for as many rows as the
+/// gemv serves, so the batch classes must follow the knob, not a constant of 16).
+#[test]
+fn batched_blocks_equal_each_alone_with_the_gemv_up_to_32_rows() {
+    use edgediff::backend::gpu::testing::backends_with;
+    use edgediff::backend::gpu::{GpuOptions, KernelChoice};
+    let dir = tempfile::tempdir().unwrap();
+    let opts = GpuOptions {
+        poison: true,
+        kernels: KernelChoice {
+            gemv_max_t: 32,
+            fuse_norms_max_t: 32,
+            ..KernelChoice::from_env()
+        },
+        ..GpuOptions::from_env()
+    };
+    if let Some((name, gpu)) = backends_with(opts).into_iter().next() {
+        blocks_batch_as_alone(dir.path(), &name, &gpu, Architecture::Llada2Moe, DType::F32);
+    }
+}
+
+/// Random block-sized passes of `arch` in `dtype`, grouped by batch class: each class's batched
+/// pass gives each sequence what it gets alone, and passes of different classes refuse to mix.
+fn blocks_batch_as_alone(
+    dir: &Path,
+    name: &str,
+    gpu: &GpuBackend,
+    arch: Architecture,
+    dtype: DType,
+) {
+    let m = load(gpu, &write_synth(dir, arch, dtype));
+    let vocab = m.config.vocab_size;
+    let mut rng = Rng::new(13);
+    let pick = |rng: &mut Rng| BLOCK_ROWS[below(rng, BLOCK_ROWS.len())];
+    // Pairs of one shape (rows, rows wanted) at other positions, masks and tokens,
+    // then passes of any shape.
+    let mut seqs: Vec<Seq> = Vec::new();
+    for _ in 0..7 {
+        let len = pick(&mut rng);
+        let a = seq_of(&mut rng, vocab, len);
+        let mut b = seq_of(&mut rng, vocab, len);
+        b.want.rows = a.want.rows.clone();
+        seqs.extend([a, b]);
+    }
+    seqs.extend((0..8).map(|_| {
+        let len = pick(&mut rng);
+        seq_of(&mut rng, vocab, len)
+    }));
+    // Sizes of one class on any device (gemv and tiles; with tensor cores, the
+    // 32-row tile, the second sequence starting mid-tile), all rows wanted.
+    for len in [5, 7, 17, 24] {
+        let mut s = seq_of(&mut rng, vocab, len);
+        s.want.rows = None;
+        seqs.push(s);
+    }
+    // The batcher's grouping: one batched pass per class.
+    let mut classes: Vec<(u64, Vec<Seq>)> = Vec::new();
+    for s in seqs {
+        let Some(c) = m.batch_class(gpu, s.tokens.len(), &s.want) else {
+            continue;
+        };
+        match classes.iter_mut().find(|(k, _)| *k == c) {
+            Some((_, group)) => group.push(s),
+            None => classes.push((c, vec![s])),
+        }
+    }
+    let mut blocks = 0;
+    let mut mixed = 0;
+    for (i, (c, group)) in classes.iter().filter(|(_, g)| g.len() > 1).enumerate() {
+        let rows: Vec<usize> = group.iter().map(|s| s.tokens.len()).collect();
+        blocks += usize::from(rows.iter().any(|&r| r > 4));
+        mixed += usize::from(rows.iter().any(|&r| r != rows[0]));
+        // Every other class with its caches in one arena (one attention dispatch
+        // for the batch), the others with caches of their own.
+        let positions = if i % 2 == 0 { 4096 } else { 0 };
+        gpu.reserve_kv(&m.config, positions).unwrap();
+        let what = format!("{name} {arch} {dtype} class {c:#x} {rows:?} arena {positions}");
+        batch_equals_alone(&what, gpu, &m, group);
+    }
+    gpu.reserve_kv(&m.config, 0).unwrap();
+    // Block-sized passes batched, some of different sizes in one pass.
+    assert!(
+        blocks >= 2 && mixed >= 2,
+        "{name} {arch} {dtype}: {blocks} block batches, {mixed} of mixed sizes"
+    );
+    // Passes of different classes do not share a pass.
+    let (a, b) = (&classes[0].1[0], &classes[1].1[0]);
+    let mut kvs = [prefill(gpu, &m, a), prefill(gpu, &m, b)];
+    let [ka, kb] = &mut kvs;
+    let mut passes = [a.pass(ka), b.pass(kb)];
+    assert!(matches!(
+        m.forward_batch(gpu, &mut passes),
+        Err(ModelError::BatchMix(_))
+    ));
 }
 
 #[test]
@@ -630,7 +665,7 @@ fn a_batched_pass_records_the_row_wise_ops_once_on_the_gpu() {
     }
     // Unpoisoned: poisoning records a fill for every output.
     let opts = edgediff::backend::gpu::GpuOptions::from_env();
-    let gpu = edgediff::backend::gpu::GpuBackend::new(&opts).unwrap();
+    let gpu = GpuBackend::new(&opts).unwrap();
     let name = gpu.device_name();
     let m = load(&gpu, &path);
     let mut rng = Rng::new(21);

@@ -544,7 +544,7 @@ impl GpuBackend {
             }
             _ => return None,
         };
-        ops::moe::fuses_shared(sh.dev.kernels.moe, rows, routing.k, layout).then_some(m)
+        ops::moe::fuses_shared(&sh.dev.kernels, rows, routing.k, layout).then_some(m)
     }
 
     /// The routed experts of `x` under `routing`, plus what `shared` adds (see

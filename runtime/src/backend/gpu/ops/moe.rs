@@ -8,7 +8,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::super::choice::MoeWide;
+use super::super::choice::{KernelChoice, MoeWide};
 use super::super::device::GpuError;
 use super::super::kernels::{chunk_t, depth, q8_act, Entry, Slot::*};
 use super::super::pool::GpuBuffer;
@@ -232,17 +232,14 @@ pub struct SharedMlp<'a> {
 
 /// Whether the expert kernels for `rows` tokens compute a shared expert alongside the routed ones:
 /// the GEMV kernels only, with a pool buffer to run in, and for as many tokens as the dense gemv
-/// serves (its column walks the tokens 4 at a time; from 32 tokens the dense matmuls run on the
-/// tensor cores, which a block of tokens through one expert column would not beat).
-pub fn fuses_shared(
-    forced: Option<ExpertKernel>,
-    rows: usize,
-    top_k: usize,
-    e: &ExpertLayout,
-) -> bool {
+/// serves (`gemv_max_t`: its column walks the tokens 4 at a time; past them the dense matmuls run
+/// on the tiles, which a block of tokens through one expert column would not beat). By the knob,
+/// not a constant: the batch classes separate passes at it (ops/batch_class.rs bit 1), and a
+/// batched pass must fuse as each of its sequences would alone.
+pub fn fuses_shared(choice: &KernelChoice, rows: usize, top_k: usize, e: &ExpertLayout) -> bool {
     !e.pools.is_empty()
-        && rows <= super::matmul::GEMV_MAX_T
-        && expert_kernel(forced, rows, top_k, e.num_experts) == ExpertKernel::Gemv
+        && rows <= choice.gemv_max_t
+        && expert_kernel(choice.moe, rows, top_k, e.num_experts) == ExpertKernel::Gemv
 }
 
 /// All three stages with every pool buffer of `e` (the experts are resident, or a missing one is
