@@ -249,8 +249,15 @@ pub fn row_lanes(choice: &KernelChoice, chunks: usize) -> u32 {
 /// The token block of a wide q4 kernel with 8-bit activations ([`KernelChoice::wide_q8_act`]):
 /// a (token, 32-value chunk) stages as three vec4s (codes, codes, scale) where floats take eight,
 /// so rows of 2048 stage four tokens at a time instead of two.
-pub fn wide_q8_tile(k: usize) -> u32 {
+fn wide_q8_tile(k: usize) -> u32 {
     ((WIDE_STAGE / 4) / (3 * k / 32).max(1)).clamp(1, GEMV_T) as u32
+}
+
+/// Where a wide kernel over `dtype` rows of `k` values takes 8-bit activations
+/// ([`KernelChoice::wide_q8_act`]: q4 weights), its token block and the bit of the weight-type
+/// argument that selects the pipeline ([`q8_act`]); `None`: float activations.
+pub fn wide_q8(choice: &KernelChoice, dtype: DType, k: usize) -> Option<(u32, u32)> {
+    (choice.wide_q8_act && dtype == DType::Q4).then(|| (wide_q8_tile(k), q8_act()))
 }
 
 /// Invocations per weight row of [`GEMV`] for a pass whose sequences have `solo` rows.
@@ -568,11 +575,9 @@ pub fn matmul_fused_into(
             p.lanes = lanes;
             let groups = n.div_ceil(u64::from(512 / lanes));
             // 8-bit activations (a folded norm's 1 / rms then comes before the codes are made).
-            let q8 = ctx.sh.dev.kernels.wide_q8_act && w.dtype == DType::Q4;
-            let (tile, wtype) = if q8 {
-                (wide_q8_tile(w.cols), w.wtype() | q8_act())
-            } else {
-                (tile, w.wtype())
+            let (tile, wtype) = match wide_q8(&ctx.sh.dev.kernels, w.dtype, w.cols) {
+                Some((tile, bit)) => (tile, w.wtype() | bit),
+                None => (tile, w.wtype()),
             };
             p.tile_t = tile;
             let grid = gemv_grid(groups, t, tile);

@@ -10,7 +10,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::super::choice::{KernelChoice, MoeWide};
 use super::super::device::GpuError;
-use super::super::kernels::{chunk_t, depth, q8_act, Entry, Slot::*};
+use super::super::kernels::{chunk_t, depth, Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
 use super::super::{GpuAct, GpuBackend, GpuExperts, GpuRouting, GpuWeight};
@@ -421,15 +421,16 @@ fn experts_with(
             MoeWide::All => true,
         };
         let ok = kernel == ExpertKernel::Gemv && on && part.is_multiple_of(4);
-        // q4 experts with 8-bit activations: their own token block, and the bit that selects
-        // the pipeline (kernels::q8_act).
-        let q8 = ctx.sh.dev.kernels.wide_q8_act && dtype == DType::Q4;
-        super::matmul::wide_shape(&ctx.sh.dev.kernels, dtype, k)
+        // q4 experts with 8-bit activations: their own token block and pipeline bit.
+        let choice = &ctx.sh.dev.kernels;
+        super::matmul::wide_shape(choice, dtype, k)
             .filter(|_| ok)
-            .map(|(lanes, tile)| match q8 {
-                true => (lanes, super::matmul::wide_q8_tile(k), q8_act()),
-                false => (lanes, tile, 0),
-            })
+            .map(
+                |(lanes, tile)| match super::matmul::wide_q8(choice, dtype, k) {
+                    Some((tile, bit)) => (lanes, tile, bit),
+                    None => (lanes, tile, 0),
+                },
+            )
     };
     let stages = [
         (
