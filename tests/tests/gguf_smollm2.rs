@@ -172,6 +172,12 @@ fn tokenizer_ids_equal_llama_cpp_and_transformers() {
 
 /// Logits of a causal pass over each of the reference's cases on `b`, `[T, vocab]` each.
 fn logits_on<B: Backend>(b: &B, path: &Path) -> Vec<Vec<f32>> {
+    logits_in_passes(b, path, usize::MAX)
+}
+
+/// Logits of a causal pass over each reference case in passes of `rows` tokens on `b` (the KV
+/// cache carries the earlier passes), `[T, vocab]` each.
+fn logits_in_passes<B: Backend>(b: &B, path: &Path, rows: usize) -> Vec<Vec<f32>> {
     let file = Arc::new(EdmFile::open(path).unwrap());
     let model = Model::load(b, file, &|_, _| true).unwrap();
     let want = ForwardRequest {
@@ -185,9 +191,14 @@ fn logits_on<B: Backend>(b: &B, path: &Path) -> Vec<Vec<f32>> {
         .map(|case| {
             let tokens = ids(&case["tokens"]);
             let mut kv = model.new_kv(b, tokens.len()).unwrap();
-            let window = Window::block(0, tokens.len(), AttnMask::Causal);
-            let out = model.forward(b, &mut kv, &tokens, window, &want).unwrap();
-            out.logits.unwrap()
+            let mut logits = Vec::new();
+            for start in (0..tokens.len()).step_by(rows) {
+                let part = &tokens[start..(start + rows).min(tokens.len())];
+                let window = Window::block(start, part.len(), AttnMask::Causal);
+                let out = model.forward(b, &mut kv, part, window, &want).unwrap();
+                logits.extend(out.logits.unwrap());
+            }
+            logits
         })
         .collect()
 }
@@ -348,34 +359,6 @@ fn weight_type_quality_table() {
             n - diff
         );
     }
-}
-
-/// Logits of a causal pass over each reference case in passes of `rows` tokens on `b` (the KV
-/// cache carries the earlier passes), `[T, vocab]` each.
-fn logits_in_passes<B: Backend>(b: &B, path: &Path, rows: usize) -> Vec<Vec<f32>> {
-    let file = Arc::new(EdmFile::open(path).unwrap());
-    let model = Model::load(b, file, &|_, _| true).unwrap();
-    let want = ForwardRequest {
-        logits: true,
-        ..Default::default()
-    };
-    reference()["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|case| {
-            let tokens = ids(&case["tokens"]);
-            let mut kv = model.new_kv(b, tokens.len()).unwrap();
-            let mut logits = Vec::new();
-            for start in (0..tokens.len()).step_by(rows) {
-                let part = &tokens[start..(start + rows).min(tokens.len())];
-                let window = Window::block(start, part.len(), AttnMask::Causal);
-                let out = model.forward(b, &mut kv, part, window, &want).unwrap();
-                logits.extend(out.logits.unwrap());
-            }
-            logits
-        })
-        .collect()
 }
 
 /// The 8-bit activations' quality (KernelChoice::wide_q8_act; docs/PERF.md), run by hand:
