@@ -4,9 +4,12 @@
 // memory and reused by four rows a lane group).
 // Tiling: 128 invocations, 512 / L weight rows a workgroup (L = p.lanes: 16, or 64 for the f32
 // routers' few rows; ops/matmul.rs wide_gemv picks), workgroups folded into x × y past 65535, and
-// token blocks of p.tile_t rows (tile_t · k ≤ 4096, at most 4) along z, each staged once. A
-// (row, token) sum does not depend on which tokens share its block, so a batched pass's rows equal
-// each pass alone bit for bit (ops/batch_class.rs).
+// token blocks of p.tile_t rows (tile_t · k ≤ 4096, at most 4), each staged once: workgroup z
+// works blocks z, z + nwg.z, … (ops/matmul.rs wide_grid: a matrix with enough row groups to fill the
+// GPU, the LM head, takes one z and loops over every block, so its weights come from DRAM once and
+// from cache for the later blocks; a small one spreads its blocks over z to fill the GPU). A
+// (row, token) sum does not depend on which tokens share its block or which workgroup works it, so
+// a batched pass's rows equal each pass alone bit for bit (ops/batch_class.rs).
 // - gemv_wide: rows n of W.
 // - gemv_wide_swiglu: a dense MLP's fused [gate; up] (p.n = 2I rows); a row group works gate c,
 //   gate c + 1, up c, up c + 1 and writes silu(gate) · up into h[t, out_col0 + c].
@@ -131,9 +134,17 @@ fn gemv_wide(
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
     let m = WideMat(0u, p.scales, p.k, p.lanes);
-    let t0 = wid.z * p.tile_t;
-    let nt = min(p.t - t0, p.tile_t);
     let row_base = group_id(wid, nwg) * (512u / p.lanes);
+    for (var blk = wid.z; blk * p.tile_t < p.t; blk += nwg.z) {
+        wide_block(lid, group_id(wid, nwg) == 0u, m, row_base, blk * p.tile_t);
+        // The next block stages over xs, which this one's stores still read.
+        workgroupBarrier();
+    }
+}
+
+// gemv_wide's token block from row t0.
+fn wide_block(lid: u32, first: bool, m: WideMat, row_base: u32, t0: u32) {
+    let nt = min(p.t - t0, p.tile_t);
     blk_row0 = p.x_row0 + t0;
     wss = vec4<f32>(0.0);
     q8_norm_first(lid, nt);
@@ -149,7 +160,7 @@ fn gemv_wide(
             wide_store((t0 + t) * p.out_stride + p.out_col0 + row_base + lid, s[t]);
         }
     }
-    if ((p.mode & MODE_HOUT) != 0u && group_id(wid, nwg) == 0u) {
+    if ((p.mode & MODE_HOUT) != 0u && first) {
         let kv = p.k / 4u;
         for (var i = lid; i < nt * kv; i += WIDE_WG) {
             let t = i / kv;
@@ -166,11 +177,19 @@ fn gemv_wide_swiglu(
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
     let m = WideMat(0u, p.scales, p.k, p.lanes);
-    let inter = p.n / 2u;
-    let t0 = wid.z * p.tile_t;
-    let nt = min(p.t - t0, p.tile_t);
     // Columns c0, c0 + 1 a row group: 256 / L columns a workgroup.
     let col_base = group_id(wid, nwg) * (256u / p.lanes);
+    for (var blk = wid.z; blk * p.tile_t < p.t; blk += nwg.z) {
+        swiglu_block(lid, m, col_base, blk * p.tile_t);
+        // The next block stages over xs, which this one's stores still read.
+        workgroupBarrier();
+    }
+}
+
+// gemv_wide_swiglu's token block from row t0.
+fn swiglu_block(lid: u32, m: WideMat, col_base: u32, t0: u32) {
+    let inter = p.n / 2u;
+    let nt = min(p.t - t0, p.tile_t);
     let c0 = col_base + (lid / p.lanes) * 2u;
     let cols = vec4<u32>(c0, c0 + 1u, c0, c0 + 1u);
     let rows = select(vec4<u32>(p.n), cols + vec4<u32>(0u, 0u, inter, inter), cols < vec4<u32>(inter));

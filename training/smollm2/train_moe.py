@@ -130,9 +130,24 @@ def expert_load(ids: torch.Tensor, experts: int) -> torch.Tensor:
     return torch.zeros(experts, dtype=torch.long, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def losses(student, teacher, x, causal_rows, masks, gen, emo_hook, a):
-    B, L = x.shape
+def add_noise_drafting(x, gen, full_frac):
+    """train.py's add_noise, then each block, with probability `full_frac`, masked whole (t = 1): the state a
+    self-speculative draft is made from (a block of masks after a clean prefix, decode/speculative.rs), which
+    t ~ U(0, 1) alone almost never draws. full_frac 0 draws exactly what add_noise draws."""
     xt, masked, t = add_noise(x, BLOCK, gen)
+    if full_frac <= 0:
+        return xt, masked, t
+    B, L = x.shape
+    full = (torch.rand(B, L // BLOCK, generator=gen) < full_frac).repeat_interleave(BLOCK, dim=1).to(x.device)
+    masked = masked | full
+    t = torch.where(full, torch.ones_like(t), t)
+    xt = torch.where(masked, torch.full_like(x, 3), x)  # train.py's mask id, as add_noise writes it
+    return xt, masked, t
+
+
+def losses(student, teacher, x, causal_rows, masks, gen, emo_hook, a, full_frac=0.0):
+    B, L = x.shape
+    xt, masked, t = add_noise_drafting(x, gen, full_frac)
     xt = torch.where(xt == 3, torch.full_like(xt, M.MASK), xt)  # train.py's mask id is 3; ours is 4
     inp = torch.cat([xt, x], 1)
     pos = torch.arange(L, device=x.device).repeat(2)
@@ -259,8 +274,12 @@ def cmd_train(a):
                 continue
             x = torch.from_numpy(valid[d][: nr * L].astype(np.int64).reshape(nr, L)).to(dev)
             with autocast():
-                r, _ = losses(student, teacher, x, torch.ones(nr, dtype=torch.bool, device=dev), masks, g, None, a)
+                rows = torch.ones(nr, dtype=torch.bool, device=dev)
+                r, _ = losses(student, teacher, x, rows, masks, g, None, a)
+                # Every block masked whole: how well the model drafts (the diffusion CE of its drafts).
+                rd, _ = losses(student, teacher, x, rows, masks, torch.Generator().manual_seed(98), None, a, 1.0)
             ev[d] = {k: round(float(v), 4) for k, v in r.items()}
+            ev[d]["draft"] = round(float(rd["diff_ce"]), 4)
         student.train()
         return ev
 
@@ -299,7 +318,7 @@ def cmd_train(a):
         opt.zero_grad(set_to_none=True)
         try:
             with autocast():
-                r, routes = losses(student, teacher, x, causal_rows, masks, gen, hook, a)
+                r, routes = losses(student, teacher, x, causal_rows, masks, gen, hook, a, a.full_mask_frac)
                 loss = r["diff"] + a.ar_weight * r["ar"] + a.kd_weight * r["kd"]
             with record_function("backward"):
                 loss.backward()
@@ -563,6 +582,9 @@ def main():
     t.add_argument("--ar-weight", type=float, default=1.0)
     t.add_argument("--kd-weight", type=float, default=1.0)
     t.add_argument("--causal-frac", type=float, default=0.75)
+    t.add_argument("--full-mask-frac", type=float, default=0.0,
+                   help="fraction of the noisy half's blocks masked whole (t = 1: the drafts of self-speculative "
+                        "decoding); the rest t ~ U(0, 1). Training only: evaluation keeps U(0, 1)")
     t.add_argument("--emo-frac", type=float, default=0.8, help="rows routed within document subsets")
     t.add_argument("--emo-sizes", default="auto", help="subset sizes N drawn per document; auto: E/8, E/4 "
                    "(at least top-k + 1)")

@@ -16,6 +16,7 @@
 //! | `EDGEDIFF_WIDE_LANES=4\|8\|16\|32\|64` | [`KernelChoice::wide_lanes`] |
 //! | `EDGEDIFF_WIDE_Q8ACT=1\|0` | [`KernelChoice::wide_q8_act`] |
 //! | `EDGEDIFF_WIDE_MIN_CHUNKS=<n>` | [`KernelChoice::wide_min_chunks`] |
+//! | `EDGEDIFF_WIDE_TARGET_GROUPS=<n>` | [`KernelChoice::wide_target_groups`] |
 //! | `EDGEDIFF_FUSE_SWIGLU=0` | [`KernelChoice::fuse_swiglu`] |
 //! | `EDGEDIFF_FUSE_COMBINE_NORM=1\|0` | [`KernelChoice::fuse_combine_norm`] |
 //! | `EDGEDIFF_FUSE_NORMS_MAX_T=<rows>` | [`KernelChoice::fuse_norms_max_t`] |
@@ -96,6 +97,10 @@ pub const GEMV_F32_MAX_T: usize = 64;
 /// 512 and 2048; blocks split more with 2048: H100, 20-layer LLaDA2.0-mini q4, one call,
 /// attention 1,529 → 1,362 µs a 16-token pass and 2,745 → 2,252 at 32 (2026-12-06; 512 before).
 pub const GQA_TARGET_GROUPS: usize = 2048;
+/// Workgroups the dense wide gemv aims at ([`KernelChoice::wide_target_groups`]): about two waves
+/// of its 128-invocation, 113-register workgroups on a 132-SM GPU (four an SM). The LM head
+/// (157,184 rows: 4,912 row groups) loops; the attention matrices (96 and 64 row groups) spread.
+pub const WIDE_TARGET_GROUPS: usize = 1024;
 /// Logits per LM-head statistics workgroup (a row splits into `vocab.div_ceil(chunk)` parts).
 pub const STATS_CHUNK: usize = 2048;
 
@@ -139,12 +144,19 @@ pub struct KernelChoice {
     /// The wide q4 kernels (the dense gemvs, and the experts) take 8-bit
     /// activations: a code per value and a power-of-two scale per 32 (backend/q8_act.rs), a
     /// weight chunk's sum integer dot products (dot4I8Packed) instead of 32 floats made from its
-    /// nibbles. Changes the sums by the codes' rounding (≤ half a code a value). Off until timed
-    /// and its quality measured.
+    /// nibbles. Changes the sums by the codes' rounding (≤ half a code a value); on since timed
+    /// and its quality measured (docs/PERF.md, "8-bit activations in the wide q4 kernels").
     pub wide_q8_act: bool,
     /// Short rows take fewer lanes in the wide q4/q8 kernels, down to 4, so that each lane has at
     /// least this many 16-byte chunks (ops/matmul.rs `row_lanes`; 0: every row `wide_lanes`).
     pub wide_min_chunks: u32,
+    /// Workgroups the dense wide gemv aims at (ops/matmul.rs `wide_grid`): a matrix with at least
+    /// this many row groups runs one workgroup per row group that loops over the pass's token
+    /// blocks, reading its weights from memory once (the others from cache), and so serves up to
+    /// `gemv_max_t` rows past `gemv_blocked_max_bytes` (the LM head); a smaller one spreads its
+    /// blocks over workgroups until about this many. 0: every block its own workgroup, and the
+    /// byte bound for all (as before).
+    pub wide_target_groups: usize,
     /// SwiGLU fused into the dense gate_up gemv.
     pub fuse_swiglu: bool,
     /// The MoE combine carries the residual add and the next norm (moe_combine_norm, one
@@ -232,6 +244,7 @@ impl Default for KernelChoice {
             wide_lanes: 16,
             wide_q8_act: true,
             wide_min_chunks: 0,
+            wide_target_groups: WIDE_TARGET_GROUPS,
             fuse_swiglu: true,
             fuse_combine_norm: false,
             fuse_norms_max_t: super::ops::matmul::GEMV_MAX_T,
@@ -316,6 +329,8 @@ impl KernelChoice {
             wide_min_chunks: num("EDGEDIFF_WIDE_MIN_CHUNKS")
                 .filter(|&n| n <= 64)
                 .map_or(d.wide_min_chunks, |n| n as u32),
+            wide_target_groups: num("EDGEDIFF_WIDE_TARGET_GROUPS")
+                .map_or(d.wide_target_groups, |n| n as usize),
             fuse_swiglu: !off("EDGEDIFF_FUSE_SWIGLU"),
             fuse_combine_norm: var("EDGEDIFF_FUSE_COMBINE_NORM")
                 .map_or(d.fuse_combine_norm, |v| v.trim() == "1"),
@@ -433,6 +448,7 @@ mod tests {
             ("EDGEDIFF_WIDE_LANES", "64"),
             ("EDGEDIFF_WIDE_Q8ACT", "1"),
             ("EDGEDIFF_WIDE_MIN_CHUNKS", "4"),
+            ("EDGEDIFF_WIDE_TARGET_GROUPS", "0"),
             ("EDGEDIFF_FUSE_SWIGLU", "0"),
             ("EDGEDIFF_FUSE_COMBINE_NORM", "1"),
             ("EDGEDIFF_FUSE_NORMS_MAX_T", "0"),
@@ -466,6 +482,7 @@ mod tests {
                 wide_lanes: 64,
                 wide_q8_act: true,
                 wide_min_chunks: 4,
+                wide_target_groups: 0,
                 fuse_swiglu: false,
                 fuse_combine_norm: true,
                 fuse_norms_max_t: 0,

@@ -1582,6 +1582,35 @@ fn wide_gemv_with_8_bit_activations_matches_the_cpu_codes() {
                     mean * 30.0 <= moved,
                     "{what} normed: {mean} vs float {moved}"
                 );
+                if n % 2 == 0 {
+                    // A dense MLP's fused [gate; up] (gemv_wide_swiglu) on the codes too; its down
+                    // projection the identity in f32 (exact), so the SwiGLU rows come out as
+                    // they are, padded with zeros to k.
+                    let i = n / 2;
+                    let eye: Vec<f32> = (0..k * i)
+                        .map(|j| f32::from(u8::from(j / i == j % i)))
+                        .collect();
+                    let want_mlp: Vec<f32> = want
+                        .chunks(n)
+                        .flat_map(|y| {
+                            let h = (0..i).map(|c| y[c] / (1.0 + (-y[c]).exp()) * y[i + c]);
+                            h.chain(std::iter::repeat_n(0.0, k - i))
+                        })
+                        .collect();
+                    let down = weight(&b, DType::F32, &[k, i], &eye);
+                    let got_mlp = b.get(&b.mlp(&w, &down, &b.put(t, k, &xs)).unwrap());
+                    let down_off = weight(&off, DType::F32, &[k, i], &eye);
+                    let float_mlp = off.get(&off.mlp(&w_off, &down_off, &x_off).unwrap());
+                    let (err, _, moved) = q8_errors(&got_mlp, &want_mlp, &float_mlp);
+                    assert!(
+                        err <= 1e-4,
+                        "{what} mlp: vs the CPU's codes {err} ({moved})"
+                    );
+                    assert!(
+                        moved >= 1e-3,
+                        "{what} mlp: the float path's values ({moved})"
+                    );
+                }
                 if t == 16 {
                     let mut r = 0;
                     for rows in [3, 4, 3, 3, 3] {
@@ -1598,11 +1627,14 @@ fn wide_gemv_with_8_bit_activations_matches_the_cpu_codes() {
             }
         }
         let q4 = super::weight_code(DType::Q4);
-        let built = b.sh.kernels.built(&ops::matmul::GEMV_WIDE);
-        assert!(
-            built.contains(&(q4 | super::kernels::q8_act())),
-            "{label}: {built:?}"
-        );
+        for entry in [&ops::matmul::GEMV_WIDE, &ops::matmul::GEMV_WIDE_SWIGLU] {
+            let built = b.sh.kernels.built(entry);
+            assert!(
+                built.contains(&(q4 | super::kernels::q8_act())),
+                "{label} {}: {built:?}",
+                entry.name
+            );
+        }
         // q8 weights: the float path, the same bits as without the knob.
         let (n, k) = (33, 1056);
         let wv = rng.vec(n * k, 0.5);
@@ -1616,6 +1648,117 @@ fn wide_gemv_with_8_bit_activations_matches_the_cpu_codes() {
             bits(&off.get(&off.matmul(&w_off, &off.put(5, k, &xs)).unwrap())),
             "{label}: q8 weights"
         );
+    }
+}
+
+/// The dense wide gemv's token blocks (`EDGEDIFF_WIDE_TARGET_GROUPS`): each block its own
+/// workgroup (0), every block in one looping workgroup (1), or in between (7: 2–3 workgroups a row
+/// group here) give the same bits — plain, with a folded norm, and the fused SwiGLU of a dense
+/// MLP, with 8-bit and float activations, q4 and q8 weights — on poisoned outputs, so a block the
+/// loop skipped would show.
+#[test]
+fn wide_gemv_token_blocks_looped_in_a_workgroup_equal_them_spread() {
+    use super::choice::KernelChoice;
+    let with = |target, q8| super::GpuOptions {
+        poison: true,
+        kernels: KernelChoice {
+            wide_target_groups: target,
+            wide_q8_act: q8,
+            ..KernelChoice::from_env()
+        },
+        ..super::GpuOptions::from_env()
+    };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for q8 in [true, false] {
+        let runs: Vec<_> = [0, 1, 7]
+            .into_iter()
+            .map(|target| super::testing::backends_with(with(target, q8)))
+            .collect();
+        for (i, (label, b0)) in runs[0].iter().enumerate() {
+            let mut rng = Rng(57);
+            for (dtype, n, k) in [
+                (DType::Q4, 300, 1056),
+                (DType::Q4, 70, 2048),
+                (DType::Q8, 90, 1024),
+            ] {
+                let wv = rng.vec(n * k, 0.5);
+                let nv: Vec<f32> = rng.vec(k, 1.0).iter().map(|v| 0.5 + v.abs()).collect();
+                let dv = rng.vec(k * n / 2, 0.5);
+                for t in [7, 16] {
+                    let xs = rng.vec(t * k, 1.0);
+                    let what = format!("{label} q8 acts {q8} {dtype} [{n}, {k}] {t} rows");
+                    let run = |b: &GpuBackend| {
+                        let w = weight(b, dtype, &[n, k], &wv);
+                        let nw = weight(b, DType::F32, &[k], &nv);
+                        let down = weight(b, DType::F32, &[k, n / 2], &dv);
+                        let x = b.put(t, k, &xs);
+                        let mut out = b.get(&b.matmul(&w, &x).unwrap());
+                        out.extend(b.get(&b.matmul_normed(&w, &x, &nw, 1e-5).unwrap()));
+                        out.extend(b.get(&b.mlp(&w, &down, &x).unwrap()));
+                        out
+                    };
+                    let spread = run(b0);
+                    assert!(spread.iter().all(|v| v.is_finite()), "{what}");
+                    for (target, r) in [(1, &runs[1]), (7, &runs[2])] {
+                        assert_eq!(
+                            bits(&run(&r[i].1)),
+                            bits(&spread),
+                            "{what}: target {target}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A weight past `gemv_blocked_max_bytes` with enough row groups to fill the GPU (the LM head)
+/// takes the wide gemv for up to `gemv_max_t` rows where its workgroups loop over the token blocks
+/// (`wide_target_groups`): the bits of the wide gemv taken the ordinary way (the byte bound
+/// lifted), not those of the tiles it took before (`wide_target_groups` 0); past `gemv_max_t`
+/// rows the tiles still.
+#[test]
+fn a_large_weight_takes_the_looping_wide_gemv_for_the_gemvs_rows() {
+    use super::choice::KernelChoice;
+    let with = |target, max_bytes| super::GpuOptions {
+        poison: true,
+        kernels: KernelChoice {
+            wide_target_groups: target,
+            gemv_blocked_max_bytes: max_bytes,
+            ..KernelChoice::from_env()
+        },
+        ..super::GpuOptions::from_env()
+    };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let runs: Vec<_> = [(4, 0), (0, 0), (0, u64::MAX)]
+        .into_iter()
+        .map(|(target, bytes)| super::testing::backends_with(with(target, bytes)))
+        .collect();
+    for (i, (label, looped)) in runs[0].iter().enumerate() {
+        let (tiles, wide) = (&runs[1][i].1, &runs[2][i].1);
+        let mut rng = Rng(61);
+        // 4 row groups of 32 rows (16 lanes a row) at least: the target.
+        let (n, k) = (160, 2048);
+        let wv = rng.vec(n * k, 0.5);
+        let max_t = looped.sh.dev.kernels.gemv_max_t;
+        for t in [16.min(max_t), max_t + 3] {
+            let xs = rng.vec(t * k, 1.0);
+            let run = |b: &GpuBackend| {
+                let w = weight(b, DType::Q4, &[n, k], &wv);
+                b.get(&b.matmul(&w, &b.put(t, k, &xs)).unwrap())
+            };
+            let (got, by_tiles, by_wide) = (run(looped), run(tiles), run(wide));
+            if t <= max_t {
+                assert_eq!(bits(&got), bits(&by_wide), "{label} {t} rows");
+                assert_ne!(
+                    bits(&got),
+                    bits(&by_tiles),
+                    "{label} {t} rows: the tiles' sums"
+                );
+            } else {
+                assert_eq!(bits(&got), bits(&by_tiles), "{label} {t} rows");
+            }
+        }
     }
 }
 

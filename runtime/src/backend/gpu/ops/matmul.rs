@@ -372,6 +372,32 @@ fn gemv_grid(groups: u64, t: usize, tile: u32) -> Grid<'static> {
     )
 }
 
+/// The wide gemv's grid for `groups` row groups and `t` activation rows in token blocks of
+/// `tile`: z workgroups per row group, each looping over every z-th block (gemv_wide.wgsl). One
+/// where the row groups alone reach [`KernelChoice::wide_target_groups`] (each workgroup's weights
+/// then come from memory once, its later blocks from cache); else enough to reach it, at most one
+/// per block. Which workgroup works a block changes no sum.
+pub fn wide_grid(choice: &KernelChoice, groups: u64, t: usize, tile: u32) -> Grid<'static> {
+    let blocks = t.div_ceil(tile as usize) as u64;
+    let z = match choice.wide_target_groups as u64 {
+        0 => blocks,
+        target => target.div_ceil(groups.max(1)).clamp(1, blocks),
+    };
+    Grid::Groups(
+        groups.min(65535) as u32,
+        groups.div_ceil(65535) as u32,
+        z as u32,
+    )
+}
+
+/// Whether the wide gemv (`lanes` a row) reads a matrix of `rows` rows once whatever the token
+/// blocks ([`wide_grid`] gives it one z), so it serves the gemv's rows past
+/// [`KernelChoice::gemv_blocked_max_bytes`], a bound set for weights re-read from L2.
+pub fn wide_reads_once(choice: &KernelChoice, rows: usize, lanes: u32) -> bool {
+    let groups = rows.div_ceil(512 / lanes as usize);
+    choice.wide_target_groups > 0 && groups >= choice.wide_target_groups
+}
+
 /// [`GEMM_COOP`] split along K into a scratch of `splits` partial outputs, then [`SPLIT_SUM`] into
 /// `out` as `p` describes it.
 fn coop_split_k(
@@ -448,10 +474,17 @@ pub fn gate_up_swiglu_into(
     };
     let (dummy, dummy_rw) = (ctx.sh.dummies[0].clone(), ctx.sh.dummies[1].clone());
     let norm_w = norm.map_or(&*dummy, |(w, _)| w);
-    if let Some((lanes, tile)) = wide {
-        let grid = gemv_grid(u64::from(inter).div_ceil(u64::from(256 / lanes)), t, tile);
+    if let Some((lanes, _)) = wide {
+        // 8-bit activations (a folded norm's 1 / rms then comes before the codes are made).
+        let (tile, wtype) = match wide_q8(choice, gate_up.dtype, gate_up.cols) {
+            Some((tile, bit)) => (tile, gate_up.wtype() | bit),
+            None => (p.tile_t, gate_up.wtype()),
+        };
+        let p = MatmulParams { tile_t: tile, ..p };
+        let groups = u64::from(inter).div_ceil(u64::from(256 / lanes));
+        let grid = wide_grid(choice, groups, t, tile);
         let bufs: [&GpuBuffer; 6] = [&c.buf, x, h, &c.buf, norm_w, &dummy_rw];
-        ctx.dispatch(&GEMV_WIDE_SWIGLU, gate_up.wtype(), &p, None, &bufs, grid)?;
+        ctx.dispatch(&GEMV_WIDE_SWIGLU, wtype, &p, None, &bufs, grid)?;
         return Ok(true);
     }
     let grid = gemv_grid(u64::from(inter.div_ceil(2)), t, GEMV_T as u32);
@@ -505,9 +538,16 @@ fn chunk_kernel(
     }
     let choice = &ctx.sh.dev.kernels;
     let kernel = pass_kernel(ctx, w.dtype, t, rows, bytes);
-    let wide = wide_gemv(choice, w.dtype, w.cols, solo_rows(ctx, t));
-    match kernel {
-        MatmulKernel::Gemv | MatmulKernel::GemvBlocked => (kernel, wide),
+    let solo = solo_rows(ctx, t);
+    let wide = wide_gemv(choice, w.dtype, w.cols, solo);
+    match (kernel, wide) {
+        (MatmulKernel::Gemv | MatmulKernel::GemvBlocked, _) => (kernel, wide),
+        // Past the byte bound only (the rows are the gemv's): the LM head of a block.
+        (_, Some((lanes, _)))
+            if solo <= choice.gemv_max_t && wide_reads_once(choice, rows, lanes) =>
+        {
+            (MatmulKernel::GemvBlocked, wide)
+        }
         _ => (kernel, None),
     }
 }
@@ -580,7 +620,7 @@ pub fn matmul_fused_into(
                 None => (tile, w.wtype()),
             };
             p.tile_t = tile;
-            let grid = gemv_grid(groups, t, tile);
+            let grid = wide_grid(&ctx.sh.dev.kernels, groups, t, tile);
             let bufs: [&GpuBuffer; 6] = [&c.buf, x, out, &c.buf, norm_w, hout.unwrap_or(&dummy_rw)];
             ctx.dispatch(&GEMV_WIDE, wtype, &p, None, &bufs, grid)?;
             continue;
