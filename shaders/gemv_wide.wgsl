@@ -21,6 +21,11 @@
 // dispatch.
 // QACT (q4, lib/wide_gemv.wgsl): 8-bit activation codes; with MODE_NORM each block row's 1 / rms
 // is summed first (q8_norm_first) and the codes made from the normed rows.
+// - q8_codes: makes those codes once for a pass (one workgroup per token block, the same blocks and
+//   arithmetic as the gemvs' staging, so the same bits) into `hout` as token rows of 3 · k / 32
+//   vec4s (the staging layout); gemv_wide and gemv_wide_swiglu under MODE_CODES then copy a block's
+//   codes into shared memory instead of reading, norming and quantizing its floats — where every
+//   workgroup of a matrix did that for the same rows (ops/matmul.rs `wide_codes` decides).
 
 #include "matmul_params"
 #include "wide_gemv"
@@ -31,7 +36,8 @@
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 // The same buffer as w4, for the scales.
 @group(0) @binding(4) var<storage, read> w_words: array<u32>;
-// MODE_NORM's weight (k values) and MODE_HOUT's normed rows ([t, k]); dummies otherwise.
+// MODE_NORM's weight (k values) and MODE_HOUT's normed rows ([t, k]) or q8_codes' codes; dummies
+// otherwise.
 @group(0) @binding(5) var<storage, read> norm_w: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read_write> hout: array<vec4<f32>>;
 
@@ -123,6 +129,38 @@ fn wide_store(i: u32, v: f32) {
     }
 }
 
+// Stages the block's rows t0 .. t0 + nt: from q8_codes' codes under MODE_CODES, else as
+// lib/wide_gemv.wgsl makes them (a folded norm's 1 / rms first, with QACT); a barrier follows.
+fn stage_block(lid: u32, m: WideMat, t0: u32, nt: u32) {
+    wss = vec4<f32>(0.0);
+    if (QACT && (p.mode & MODE_CODES) != 0u) {
+        row_inv = vec4<f32>(1.0);
+        let per = 3u * row_chunks(m);
+        for (var i = lid; i < nt * per; i += WIDE_WG) {
+            xs[i] = x_act[t0 * per + i];
+        }
+        workgroupBarrier();
+        return;
+    }
+    q8_norm_first(lid, nt);
+    wide_stage(lid, m, nt);
+}
+
+@compute @workgroup_size(128)
+fn q8_codes(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let m = WideMat(0u, p.scales, p.k, p.lanes);
+    let t0 = wid.x * p.tile_t;
+    let nt = min(p.t - t0, p.tile_t);
+    blk_row0 = p.x_row0 + t0;
+    wss = vec4<f32>(0.0);
+    q8_norm_first(lid, nt);
+    wide_stage_q8(lid, m, nt);
+    let per = 3u * row_chunks(m);
+    for (var i = lid; i < nt * per; i += WIDE_WG) {
+        hout[t0 * per + i] = xs[i];
+    }
+}
+
 fn group_id(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.x + wid.y * nwg.x;
 }
@@ -146,9 +184,7 @@ fn gemv_wide(
 fn wide_block(lid: u32, first: bool, m: WideMat, row_base: u32, t0: u32) {
     let nt = min(p.t - t0, p.tile_t);
     blk_row0 = p.x_row0 + t0;
-    wss = vec4<f32>(0.0);
-    q8_norm_first(lid, nt);
-    wide_stage(lid, m, nt);
+    stage_block(lid, m, t0, nt);
     let row0 = row_base + (lid / p.lanes) * 4u;
     wide_rows(lid, m, vec4<u32>(row0) + vec4<u32>(0u, 1u, 2u, 3u), p.n, nt);
     let inv = rows_inv(lid);
@@ -194,9 +230,7 @@ fn swiglu_block(lid: u32, m: WideMat, col_base: u32, t0: u32) {
     let cols = vec4<u32>(c0, c0 + 1u, c0, c0 + 1u);
     let rows = select(vec4<u32>(p.n), cols + vec4<u32>(0u, 0u, inter, inter), cols < vec4<u32>(inter));
     blk_row0 = p.x_row0 + t0;
-    wss = vec4<f32>(0.0);
-    q8_norm_first(lid, nt);
-    wide_stage(lid, m, nt);
+    stage_block(lid, m, t0, nt);
     wide_rows(lid, m, rows, p.n, nt);
     // QACT's codes were made from the normed rows.
     let inv = select(rows_inv(lid), vec4<f32>(1.0), QACT);

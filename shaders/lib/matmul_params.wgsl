@@ -23,7 +23,9 @@ struct MatmulParams {
     // The gemvs' fusions (gemv.wgsl, gemv_wide.wgsl; the tiles ignore them), bits of `mode`:
     // MODE_NORM the activation rows enter RMS-normed (x / sqrt(mean(x²) + norm_eps) · norm_w, the
     // norm computed from the row the gemv reads anyway), MODE_ACCUM the result adds to `out`
-    // (a residual) instead of replacing it, MODE_HOUT (gemv_wide) the normed rows are written too.
+    // (a residual) instead of replacing it, MODE_HOUT (gemv_wide) the normed rows are written too,
+    // MODE_CODES (gemv_wide, gemv_wide_swiglu with QACT) the activations are the 8-bit codes q8_codes
+    // made (of the normed rows under MODE_NORM), loaded as they are instead of made again.
     norm_eps: f32,
     mode: u32,
     _pad0: u32,
@@ -33,3 +35,4 @@ struct MatmulParams {
 const MODE_NORM: u32 = 1u;
 const MODE_ACCUM: u32 = 2u;
 const MODE_HOUT: u32 = 4u;
+const MODE_CODES: u32 = 8u;

@@ -17,6 +17,7 @@
 //! | `EDGEDIFF_WIDE_Q8ACT=1\|0` | [`KernelChoice::wide_q8_act`] |
 //! | `EDGEDIFF_WIDE_MIN_CHUNKS=<n>` | [`KernelChoice::wide_min_chunks`] |
 //! | `EDGEDIFF_WIDE_TARGET_GROUPS=<n>` | [`KernelChoice::wide_target_groups`] |
+//! | `EDGEDIFF_WIDE_Q8_ONCE=1\|0` | [`KernelChoice::wide_q8_once`] |
 //! | `EDGEDIFF_FUSE_SWIGLU=0` | [`KernelChoice::fuse_swiglu`] |
 //! | `EDGEDIFF_FUSE_COMBINE_NORM=1\|0` | [`KernelChoice::fuse_combine_norm`] |
 //! | `EDGEDIFF_FUSE_NORMS_MAX_T=<rows>` | [`KernelChoice::fuse_norms_max_t`] |
@@ -157,6 +158,10 @@ pub struct KernelChoice {
     /// blocks over workgroups until about this many. 0: every block its own workgroup, and the
     /// byte bound for all (as before).
     pub wide_target_groups: usize,
+    /// The dense wide q4 gemvs with 8-bit activations read codes made once per matmul (one small
+    /// dispatch, gemv_wide.wgsl `q8_codes`) instead of every workgroup norming and quantizing the
+    /// same float rows: the same bits. Off until timed.
+    pub wide_q8_once: bool,
     /// SwiGLU fused into the dense gate_up gemv.
     pub fuse_swiglu: bool,
     /// The MoE combine carries the residual add and the next norm (moe_combine_norm, one
@@ -245,6 +250,7 @@ impl Default for KernelChoice {
             wide_q8_act: true,
             wide_min_chunks: 0,
             wide_target_groups: WIDE_TARGET_GROUPS,
+            wide_q8_once: false,
             fuse_swiglu: true,
             fuse_combine_norm: false,
             fuse_norms_max_t: super::ops::matmul::GEMV_MAX_T,
@@ -331,6 +337,7 @@ impl KernelChoice {
                 .map_or(d.wide_min_chunks, |n| n as u32),
             wide_target_groups: num("EDGEDIFF_WIDE_TARGET_GROUPS")
                 .map_or(d.wide_target_groups, |n| n as usize),
+            wide_q8_once: var("EDGEDIFF_WIDE_Q8_ONCE").map_or(d.wide_q8_once, |v| v.trim() == "1"),
             fuse_swiglu: !off("EDGEDIFF_FUSE_SWIGLU"),
             fuse_combine_norm: var("EDGEDIFF_FUSE_COMBINE_NORM")
                 .map_or(d.fuse_combine_norm, |v| v.trim() == "1"),
@@ -449,6 +456,7 @@ mod tests {
             ("EDGEDIFF_WIDE_Q8ACT", "1"),
             ("EDGEDIFF_WIDE_MIN_CHUNKS", "4"),
             ("EDGEDIFF_WIDE_TARGET_GROUPS", "0"),
+            ("EDGEDIFF_WIDE_Q8_ONCE", "1"),
             ("EDGEDIFF_FUSE_SWIGLU", "0"),
             ("EDGEDIFF_FUSE_COMBINE_NORM", "1"),
             ("EDGEDIFF_FUSE_NORMS_MAX_T", "0"),
@@ -483,6 +491,7 @@ mod tests {
                 wide_q8_act: true,
                 wide_min_chunks: 4,
                 wide_target_groups: 0,
+                wide_q8_once: true,
                 fuse_swiglu: false,
                 fuse_combine_norm: true,
                 fuse_norms_max_t: 0,

@@ -1653,28 +1653,32 @@ fn wide_gemv_with_8_bit_activations_matches_the_cpu_codes() {
 
 /// The dense wide gemv's token blocks (`EDGEDIFF_WIDE_TARGET_GROUPS`): each block its own
 /// workgroup (0), every block in one looping workgroup (1), or in between (7: 2–3 workgroups a row
-/// group here) give the same bits — plain, with a folded norm, and the fused SwiGLU of a dense
-/// MLP, with 8-bit and float activations, q4 and q8 weights — on poisoned outputs, so a block the
-/// loop skipped would show.
+/// group here), and the 8-bit codes made once by `q8_codes` (`EDGEDIFF_WIDE_Q8_ONCE`) give the
+/// same bits — plain, with a folded norm, and the fused SwiGLU of a dense MLP, with 8-bit and float
+/// activations, q4 and q8 weights — on poisoned outputs, so a block the loop skipped or a code not
+/// written would show.
 #[test]
 fn wide_gemv_token_blocks_looped_in_a_workgroup_equal_them_spread() {
     use super::choice::KernelChoice;
-    let with = |target, q8| super::GpuOptions {
+    let with = |target, once, q8| super::GpuOptions {
         poison: true,
         kernels: KernelChoice {
             wide_target_groups: target,
+            wide_q8_once: once,
             wide_q8_act: q8,
             ..KernelChoice::from_env()
         },
         ..super::GpuOptions::from_env()
     };
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let variants = [(1, false), (7, false), (0, true), (1, true)];
     for q8 in [true, false] {
-        let runs: Vec<_> = [0, 1, 7]
-            .into_iter()
-            .map(|target| super::testing::backends_with(with(target, q8)))
+        let base = super::testing::backends_with(with(0, false, q8));
+        let runs: Vec<_> = variants
+            .iter()
+            .map(|&(target, once)| super::testing::backends_with(with(target, once, q8)))
             .collect();
-        for (i, (label, b0)) in runs[0].iter().enumerate() {
+        for (i, (label, b0)) in base.iter().enumerate() {
             let mut rng = Rng(57);
             for (dtype, n, k) in [
                 (DType::Q4, 300, 1056),
@@ -1699,14 +1703,20 @@ fn wide_gemv_token_blocks_looped_in_a_workgroup_equal_them_spread() {
                     };
                     let spread = run(b0);
                     assert!(spread.iter().all(|v| v.is_finite()), "{what}");
-                    for (target, r) in [(1, &runs[1]), (7, &runs[2])] {
+                    for ((target, once), r) in variants.iter().zip(&runs) {
                         assert_eq!(
                             bits(&run(&r[i].1)),
                             bits(&spread),
-                            "{what}: target {target}"
+                            "{what}: target {target}, codes once {once}"
                         );
                     }
                 }
+            }
+            if q8 {
+                let q4 = super::weight_code(DType::Q4) | super::kernels::q8_act();
+                let once = &runs[2][i].1;
+                let built = once.sh.kernels.built(&ops::matmul::Q8_CODES);
+                assert!(built.contains(&q4), "{label}: q8_codes built {built:?}");
             }
         }
     }

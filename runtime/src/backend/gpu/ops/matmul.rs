@@ -50,6 +50,9 @@ pub const MODE_NORM: u32 = 1;
 pub const MODE_ACCUM: u32 = 2;
 /// [`MatmulParams::mode`] ([`GEMV_WIDE`]): the normed rows are written too.
 pub const MODE_HOUT: u32 = 4;
+/// [`MatmulParams::mode`] ([`GEMV_WIDE`], [`GEMV_WIDE_SWIGLU`] with 8-bit activations): the
+/// activation buffer holds [`Q8_CODES`]' codes of the rows (made under the same norm).
+pub const MODE_CODES: u32 = 8;
 
 /// What a gemv folds in besides the product (shaders/lib/matmul_params.wgsl `mode`), so the
 /// layer needs no norm or add dispatch of its own: the fused-norm forward
@@ -158,6 +161,15 @@ pub static GEMV_WIDE_SWIGLU: Entry = Entry {
     params: "MatmulParams",
 };
 /// Adds the K-split partials of [`GEMM_COOP`] (matmul.wgsl).
+/// The 8-bit activation codes of a wide q4 gemv's rows, made once for all its workgroups
+/// (gemv_wide.wgsl `q8_codes`): params, activations, the norm weight, the codes.
+pub static Q8_CODES: Entry = Entry {
+    file: "gemv_wide.wgsl",
+    name: "q8_codes",
+    bindings: &[(0, Params), (2, Read), (5, Read), (6, ReadWrite)],
+    params: "MatmulParams",
+};
+
 pub static SPLIT_SUM: Entry = Entry {
     file: "matmul.wgsl",
     name: "split_sum",
@@ -258,6 +270,50 @@ fn wide_q8_tile(k: usize) -> u32 {
 /// argument that selects the pipeline ([`q8_act`]); `None`: float activations.
 pub fn wide_q8(choice: &KernelChoice, dtype: DType, k: usize) -> Option<(u32, u32)> {
     (choice.wide_q8_act && dtype == DType::Q4).then(|| (wide_q8_tile(k), q8_act()))
+}
+
+/// Makes the 8-bit codes of `t` activation rows of `x` from row `x_row0` (normed by `norm` where
+/// given) once, in the wide kernels' token blocks of `tile` and with their arithmetic, where
+/// [`KernelChoice::wide_q8_once`] asks for it: a buffer the gemv then reads under [`MODE_CODES`]
+/// (its rows from 0), instead of every workgroup making them from the floats. `None`: the gemv
+/// makes its own.
+#[allow(clippy::too_many_arguments)]
+fn wide_codes(
+    ctx: &mut Ctx,
+    wtype: u32,
+    k: usize,
+    x: &GpuBuffer,
+    x_row0: usize,
+    t: usize,
+    tile: u32,
+    norm: Option<(&GpuBuffer, f32)>,
+) -> Result<Option<crate::backend::gpu::pool::Pooled>, GpuError> {
+    if !ctx.sh.dev.kernels.wide_q8_once {
+        return Ok(None);
+    }
+    let codes = ctx.output((t * 3 * (k / 32) * 16) as u64)?;
+    let p = MatmulParams {
+        n: 0,
+        k: k as u32,
+        t: t as u32,
+        scales: 0,
+        x_row0: x_row0 as u32,
+        out_stride: 0,
+        out_col0: 0,
+        tile_t: tile,
+        k_chunk: 0,
+        split_rows: 0,
+        splits: 0,
+        lanes: 0,
+        norm_eps: norm.map_or(0.0, |(_, e)| e),
+        mode: if norm.is_some() { MODE_NORM } else { 0 },
+        _pad: [0; 2],
+    };
+    let dummy = ctx.sh.dummies[0].clone();
+    let norm_w = norm.map_or(&*dummy, |(b, _)| b);
+    let grid = Grid::Groups(t.div_ceil(tile as usize) as u32, 1, 1);
+    ctx.dispatch(&Q8_CODES, wtype, &p, None, &[x, norm_w, &codes], grid)?;
+    Ok(Some(codes))
 }
 
 /// Invocations per weight row of [`GEMV`] for a pass whose sequences have `solo` rows.
@@ -480,10 +536,19 @@ pub fn gate_up_swiglu_into(
             Some((tile, bit)) => (tile, gate_up.wtype() | bit),
             None => (p.tile_t, gate_up.wtype()),
         };
-        let p = MatmulParams { tile_t: tile, ..p };
+        let mut p = MatmulParams { tile_t: tile, ..p };
         let groups = u64::from(inter).div_ceil(u64::from(256 / lanes));
-        let grid = wide_grid(choice, groups, t, tile);
-        let bufs: [&GpuBuffer; 6] = [&c.buf, x, h, &c.buf, norm_w, &dummy_rw];
+        let grid = wide_grid(&ctx.sh.dev.kernels, groups, t, tile);
+        let codes = if wtype & q8_act() != 0 {
+            wide_codes(ctx, wtype, gate_up.cols, x, 0, t, tile, norm)?
+        } else {
+            None
+        };
+        if codes.is_some() {
+            p.mode = MODE_CODES;
+        }
+        let xin = codes.as_deref().unwrap_or(x);
+        let bufs: [&GpuBuffer; 6] = [&c.buf, xin, h, &c.buf, norm_w, &dummy_rw];
         ctx.dispatch(&GEMV_WIDE_SWIGLU, wtype, &p, None, &bufs, grid)?;
         return Ok(true);
     }
@@ -588,6 +653,8 @@ pub fn matmul_fused_into(
     // Distinct dummies: one is bound read-only, the other read-write.
     let (dummy, dummy_rw) = (ctx.sh.dummies[0].clone(), ctx.sh.dummies[1].clone());
     let norm_w = fuse.norm.map_or(&*dummy, |(b, _)| b);
+    // The 8-bit codes every wide chunk reads, made at the first (wide_codes).
+    let mut codes = None;
     for (i, c) in w.chunks.iter().enumerate() {
         // The normed rows are the same for every chunk: the first writes them.
         let hout = fuse.hout.filter(|_| i == 0);
@@ -615,13 +682,27 @@ pub fn matmul_fused_into(
             p.lanes = lanes;
             let groups = n.div_ceil(u64::from(512 / lanes));
             // 8-bit activations (a folded norm's 1 / rms then comes before the codes are made).
-            let (tile, wtype) = match wide_q8(&ctx.sh.dev.kernels, w.dtype, w.cols) {
+            let q8 = wide_q8(&ctx.sh.dev.kernels, w.dtype, w.cols);
+            let (tile, wtype) = match q8 {
                 Some((tile, bit)) => (tile, w.wtype() | bit),
                 None => (tile, w.wtype()),
             };
             p.tile_t = tile;
+            // Codes made once, unless the normed float rows are wanted too (the f32 routers').
+            if q8.is_some() && fuse.hout.is_none() && codes.is_none() {
+                codes = wide_codes(ctx, wtype, w.cols, x, x_row0, t, tile, fuse.norm)?;
+            }
+            let xin = match &codes {
+                Some(b) => {
+                    p.mode = (p.mode & !MODE_NORM) | MODE_CODES;
+                    p.x_row0 = 0;
+                    &**b
+                }
+                None => x,
+            };
             let grid = wide_grid(&ctx.sh.dev.kernels, groups, t, tile);
-            let bufs: [&GpuBuffer; 6] = [&c.buf, x, out, &c.buf, norm_w, hout.unwrap_or(&dummy_rw)];
+            let bufs: [&GpuBuffer; 6] =
+                [&c.buf, xin, out, &c.buf, norm_w, hout.unwrap_or(&dummy_rw)];
             ctx.dispatch(&GEMV_WIDE, wtype, &p, None, &bufs, grid)?;
             continue;
         }
