@@ -98,9 +98,11 @@ pub const GEMV_F32_MAX_T: usize = 64;
 /// 512 and 2048; blocks split more with 2048: H100, 20-layer LLaDA2.0-mini q4, one call,
 /// attention 1,529 → 1,362 µs a 16-token pass and 2,745 → 2,252 at 32 (2026-12-06; 512 before).
 pub const GQA_TARGET_GROUPS: usize = 2048;
-/// Workgroups the dense wide gemv aims at ([`KernelChoice::wide_target_groups`]): about two waves
-/// of its 128-invocation, 113-register workgroups on a 132-SM GPU (four an SM). The LM head
-/// (157,184 rows: 4,912 row groups) loops; the attention matrices (96 and 64 row groups) spread.
+/// Workgroups the dense wide gemv would aim at ([`KernelChoice::wide_target_groups`],
+/// `EDGEDIFF_WIDE_TARGET_GROUPS=1024`): about two waves of its 128-invocation, 113-register
+/// workgroups on a 132-SM GPU (four an SM). The LM head (157,184 rows: 4,912 row groups) would
+/// loop; the attention matrices (96 and 64 row groups) spread as before. Not the default until
+/// timed against the tensor-core tiles it replaces for the 5–16-row LM head.
 pub const WIDE_TARGET_GROUPS: usize = 1024;
 /// Logits per LM-head statistics workgroup (a row splits into `vocab.div_ceil(chunk)` parts).
 pub const STATS_CHUNK: usize = 2048;
@@ -156,7 +158,7 @@ pub struct KernelChoice {
     /// blocks, reading its weights from memory once (the others from cache), and so serves up to
     /// `gemv_max_t` rows past `gemv_blocked_max_bytes` (the LM head); a smaller one spreads its
     /// blocks over workgroups until about this many. 0: every block its own workgroup, and the
-    /// byte bound for all (as before).
+    /// byte bound for all (the default until timed; [`WIDE_TARGET_GROUPS`] is the value to time).
     pub wide_target_groups: usize,
     /// The dense wide q4 gemvs with 8-bit activations read codes made once per matmul (one small
     /// dispatch, gemv_wide.wgsl `q8_codes`) instead of every workgroup norming and quantizing the
@@ -249,7 +251,7 @@ impl Default for KernelChoice {
             wide_lanes: 16,
             wide_q8_act: true,
             wide_min_chunks: 0,
-            wide_target_groups: WIDE_TARGET_GROUPS,
+            wide_target_groups: 0,
             wide_q8_once: false,
             fuse_swiglu: true,
             fuse_combine_norm: false,
@@ -455,7 +457,7 @@ mod tests {
             ("EDGEDIFF_WIDE_LANES", "64"),
             ("EDGEDIFF_WIDE_Q8ACT", "1"),
             ("EDGEDIFF_WIDE_MIN_CHUNKS", "4"),
-            ("EDGEDIFF_WIDE_TARGET_GROUPS", "0"),
+            ("EDGEDIFF_WIDE_TARGET_GROUPS", "1024"),
             ("EDGEDIFF_WIDE_Q8_ONCE", "1"),
             ("EDGEDIFF_FUSE_SWIGLU", "0"),
             ("EDGEDIFF_FUSE_COMBINE_NORM", "1"),
@@ -490,7 +492,7 @@ mod tests {
                 wide_lanes: 64,
                 wide_q8_act: true,
                 wide_min_chunks: 4,
-                wide_target_groups: 0,
+                wide_target_groups: WIDE_TARGET_GROUPS,
                 wide_q8_once: true,
                 fuse_swiglu: false,
                 fuse_combine_norm: true,
