@@ -10,7 +10,7 @@ use bytemuck::{Pod, Zeroable};
 use super::super::choice::KernelChoice;
 use super::super::device::GpuError;
 use super::super::kernels::{chunk_t, depth, q8_act, Entry, Slot, Slot::*};
-use super::super::pool::GpuBuffer;
+use super::super::pool::{GpuBuffer, Pooled};
 use super::super::recorder::{Ctx, Grid};
 use super::super::GpuWeight;
 use super::super::{GpuAct, GpuBackend};
@@ -160,7 +160,6 @@ pub static GEMV_WIDE_SWIGLU: Entry = Entry {
     bindings: WIDE_BINDINGS,
     params: "MatmulParams",
 };
-/// Adds the K-split partials of [`GEMM_COOP`] (matmul.wgsl).
 /// The 8-bit activation codes of a wide q4 gemv's rows, made once for all its workgroups
 /// (gemv_wide.wgsl `q8_codes`): params, activations, the norm weight, the codes.
 pub static Q8_CODES: Entry = Entry {
@@ -170,6 +169,7 @@ pub static Q8_CODES: Entry = Entry {
     params: "MatmulParams",
 };
 
+/// Adds the K-split partials of [`GEMM_COOP`] (matmul.wgsl).
 pub static SPLIT_SUM: Entry = Entry {
     file: "matmul.wgsl",
     name: "split_sum",
@@ -287,7 +287,7 @@ fn wide_codes(
     t: usize,
     tile: u32,
     norm: Option<(&GpuBuffer, f32)>,
-) -> Result<Option<crate::backend::gpu::pool::Pooled>, GpuError> {
+) -> Result<Option<Pooled>, GpuError> {
     if !ctx.sh.dev.kernels.wide_q8_once {
         return Ok(None);
     }
