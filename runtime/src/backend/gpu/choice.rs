@@ -98,12 +98,19 @@ pub const GEMV_F32_MAX_T: usize = 64;
 /// 512 and 2048; blocks split more with 2048: H100, 20-layer LLaDA2.0-mini q4, one call,
 /// attention 1,529 → 1,362 µs a 16-token pass and 2,745 → 2,252 at 32 (2026-12-06; 512 before).
 pub const GQA_TARGET_GROUPS: usize = 2048;
-/// Workgroups the dense wide gemv would aim at ([`KernelChoice::wide_target_groups`],
-/// `EDGEDIFF_WIDE_TARGET_GROUPS=1024`): about two waves of its 128-invocation, 113-register
-/// workgroups on a 132-SM GPU (four an SM). The LM head (157,184 rows: 4,912 row groups) would
-/// loop; the attention matrices (96 and 64 row groups) spread as before. Not the default until
-/// timed against the tensor-core tiles it replaces for the 5–16-row LM head.
+/// Workgroups the dense wide gemv aims at ([`KernelChoice::wide_target_groups`]): about two
+/// waves of its 128-invocation, 113-register workgroups on a 132-SM GPU (four an SM). The LM head
+/// (157,184 rows: 4,912 row groups) loops over its token blocks; the attention matrices (96 and 64
+/// row groups) spread as before. H200, 20-layer LLaDA2.0-mini q4, one call: the 16-row LM head
+/// 844 µs on the tensor-core tiles → ≈ 512 on the looping wide gemv, the pass 7.58 → 7.25 ms
+/// (docs/PERF.md, 2026-12-06 night).
 pub const WIDE_TARGET_GROUPS: usize = 1024;
+/// Chunks a lane of the wide q4/q8 kernels holds at least ([`KernelChoice::wide_min_chunks`]):
+/// rows of 512 (the experts' down projection, 16 chunks) take 4 lanes, rows of 2048 (64 chunks)
+/// 8. H200, same model, one call (with [`WIDE_TARGET_GROUPS`]): 16 rows 7.25 → 6.52 ms, 32 rows
+/// 11.86 → 10.26 (expert down 2,491 → 1,388 µs at 32 rows, gate/up 2,811 → 2,320); 4 gave 6.70 /
+/// 10.76, 2 6.77 / 11.05, 16 7.26 / 10.39.
+pub const WIDE_MIN_CHUNKS: u32 = 8;
 /// Logits per LM-head statistics workgroup (a row splits into `vocab.div_ceil(chunk)` parts).
 pub const STATS_CHUNK: usize = 2048;
 
@@ -158,11 +165,12 @@ pub struct KernelChoice {
     /// blocks, reading its weights from memory once (the others from cache), and so serves up to
     /// `gemv_max_t` rows past `gemv_blocked_max_bytes` (the LM head); a smaller one spreads its
     /// blocks over workgroups until about this many. 0: every block its own workgroup, and the
-    /// byte bound for all (the default until timed; [`WIDE_TARGET_GROUPS`] is the value to time).
+    /// byte bound for all (before 2026-12-06, night).
     pub wide_target_groups: usize,
     /// The dense wide q4 gemvs with 8-bit activations read codes made once per matmul (one small
     /// dispatch, gemv_wide.wgsl `q8_codes`) instead of every workgroup norming and quantizing the
-    /// same float rows: the same bits. Off until timed.
+    /// same float rows: the same bits. Off: slower (H200, 16 rows: the gemvs 1,153 → 904 µs, but
+    /// 41 `q8_codes` dispatches 495 µs; the pass 7.58 → 7.80 ms).
     pub wide_q8_once: bool,
     /// SwiGLU fused into the dense gate_up gemv.
     pub fuse_swiglu: bool,
@@ -250,8 +258,8 @@ impl Default for KernelChoice {
             gemv_wide_f32: true,
             wide_lanes: 16,
             wide_q8_act: true,
-            wide_min_chunks: 0,
-            wide_target_groups: 0,
+            wide_min_chunks: WIDE_MIN_CHUNKS,
+            wide_target_groups: WIDE_TARGET_GROUPS,
             wide_q8_once: false,
             fuse_swiglu: true,
             fuse_combine_norm: false,
@@ -457,7 +465,7 @@ mod tests {
             ("EDGEDIFF_WIDE_LANES", "64"),
             ("EDGEDIFF_WIDE_Q8ACT", "1"),
             ("EDGEDIFF_WIDE_MIN_CHUNKS", "4"),
-            ("EDGEDIFF_WIDE_TARGET_GROUPS", "1024"),
+            ("EDGEDIFF_WIDE_TARGET_GROUPS", "0"),
             ("EDGEDIFF_WIDE_Q8_ONCE", "1"),
             ("EDGEDIFF_FUSE_SWIGLU", "0"),
             ("EDGEDIFF_FUSE_COMBINE_NORM", "1"),
@@ -492,7 +500,7 @@ mod tests {
                 wide_lanes: 64,
                 wide_q8_act: true,
                 wide_min_chunks: 4,
-                wide_target_groups: WIDE_TARGET_GROUPS,
+                wide_target_groups: 0,
                 wide_q8_once: true,
                 fuse_swiglu: false,
                 fuse_combine_norm: true,
