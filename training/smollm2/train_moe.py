@@ -584,7 +584,8 @@ def main():
     t.add_argument("--causal-frac", type=float, default=0.75)
     t.add_argument("--full-mask-frac", type=float, default=0.0,
                    help="fraction of the noisy half's blocks masked whole (t = 1: the drafts of self-speculative "
-                        "decoding); the rest t ~ U(0, 1). Training only: evaluation keeps U(0, 1)")
+                        "decoding); the rest t ~ U(0, 1). Training only: evaluation keeps U(0, 1) for `diff` and reports "
+                        "every block masked whole as `draft`")
     t.add_argument("--emo-frac", type=float, default=0.8, help="rows routed within document subsets")
     t.add_argument("--emo-sizes", default="auto", help="subset sizes N drawn per document; auto: E/8, E/4 "
                    "(at least top-k + 1)")
