@@ -293,21 +293,13 @@ fn wide_codes(
     }
     let codes = ctx.output((t * 3 * (k / 32) * 16) as u64)?;
     let p = MatmulParams {
-        n: 0,
         k: k as u32,
         t: t as u32,
-        scales: 0,
         x_row0: x_row0 as u32,
-        out_stride: 0,
-        out_col0: 0,
         tile_t: tile,
-        k_chunk: 0,
-        split_rows: 0,
-        splits: 0,
-        lanes: 0,
         norm_eps: norm.map_or(0.0, |(_, e)| e),
         mode: if norm.is_some() { MODE_NORM } else { 0 },
-        _pad: [0; 2],
+        ..Zeroable::zeroed()
     };
     let dummy = ctx.sh.dummies[0].clone();
     let norm_w = norm.map_or(&*dummy, |(b, _)| b);
@@ -417,15 +409,19 @@ pub fn pass_kernel(ctx: &Ctx, dtype: DType, t: usize, rows: usize, bytes: u64) -
     }
 }
 
-/// The gemv grids' (gemv.wgsl, gemv_wide.wgsl) for `groups` blocks of weight rows and `t`
-/// activation rows: blocks folded into x × y past 65535 (the kernels unfold them), token blocks of
-/// `tile` rows along z.
-fn gemv_grid(groups: u64, t: usize, tile: u32) -> Grid<'static> {
+/// The gemv grids (gemv.wgsl, gemv_wide.wgsl) for `groups` blocks of weight rows: blocks folded
+/// into x × y past 65535 (the kernels unfold them), `z` along z.
+fn folded_grid(groups: u64, z: u64) -> Grid<'static> {
     Grid::Groups(
         groups.min(65535) as u32,
         groups.div_ceil(65535) as u32,
-        t.div_ceil(tile as usize) as u32,
+        z as u32,
     )
+}
+
+/// The word-a-lane gemv's grid: [`folded_grid`] with a token block of `tile` rows a z.
+fn gemv_grid(groups: u64, t: usize, tile: u32) -> Grid<'static> {
+    folded_grid(groups, t.div_ceil(tile as usize) as u64)
 }
 
 /// The wide gemv's grid for `groups` row groups and `t` activation rows in token blocks of
@@ -439,11 +435,7 @@ pub fn wide_grid(choice: &KernelChoice, groups: u64, t: usize, tile: u32) -> Gri
         0 => blocks,
         target => target.div_ceil(groups.max(1)).clamp(1, blocks),
     };
-    Grid::Groups(
-        groups.min(65535) as u32,
-        groups.div_ceil(65535) as u32,
-        z as u32,
-    )
+    folded_grid(groups, z)
 }
 
 /// Whether the wide gemv (`lanes` a row) reads a matrix of `rows` rows once whatever the token
@@ -532,17 +524,15 @@ pub fn gate_up_swiglu_into(
     let norm_w = norm.map_or(&*dummy, |(w, _)| w);
     if let Some((lanes, _)) = wide {
         // 8-bit activations (a folded norm's 1 / rms then comes before the codes are made).
-        let (tile, wtype) = match wide_q8(choice, gate_up.dtype, gate_up.cols) {
-            Some((tile, bit)) => (tile, gate_up.wtype() | bit),
-            None => (p.tile_t, gate_up.wtype()),
-        };
+        let q8 = wide_q8(choice, gate_up.dtype, gate_up.cols);
+        let (tile, bit) = q8.unwrap_or((p.tile_t, 0));
+        let wtype = gate_up.wtype() | bit;
         let mut p = MatmulParams { tile_t: tile, ..p };
         let groups = u64::from(inter).div_ceil(u64::from(256 / lanes));
         let grid = wide_grid(&ctx.sh.dev.kernels, groups, t, tile);
-        let codes = if wtype & q8_act() != 0 {
-            wide_codes(ctx, wtype, gate_up.cols, x, 0, t, tile, norm)?
-        } else {
-            None
+        let codes = match q8 {
+            Some(_) => wide_codes(ctx, wtype, gate_up.cols, x, 0, t, tile, norm)?,
+            None => None,
         };
         if codes.is_some() {
             p.mode = MODE_CODES;
@@ -683,10 +673,8 @@ pub fn matmul_fused_into(
             let groups = n.div_ceil(u64::from(512 / lanes));
             // 8-bit activations (a folded norm's 1 / rms then comes before the codes are made).
             let q8 = wide_q8(&ctx.sh.dev.kernels, w.dtype, w.cols);
-            let (tile, wtype) = match q8 {
-                Some((tile, bit)) => (tile, w.wtype() | bit),
-                None => (tile, w.wtype()),
-            };
+            let (tile, bit) = q8.unwrap_or((tile, 0));
+            let wtype = w.wtype() | bit;
             p.tile_t = tile;
             // Codes made once, unless the normed float rows are wanted too (the f32 routers').
             if q8.is_some() && fuse.hout.is_none() && codes.is_none() {

@@ -425,12 +425,10 @@ fn experts_with(
         let choice = &ctx.sh.dev.kernels;
         super::matmul::wide_shape(choice, dtype, k)
             .filter(|_| ok)
-            .map(
-                |(lanes, tile)| match super::matmul::wide_q8(choice, dtype, k) {
-                    Some((tile, bit)) => (lanes, tile, bit),
-                    None => (lanes, tile, 0),
-                },
-            )
+            .map(|(lanes, tile)| {
+                let (tile, bit) = super::matmul::wide_q8(choice, dtype, k).unwrap_or((tile, 0));
+                (lanes, tile, bit)
+            })
     };
     let stages = [
         (
