@@ -22,11 +22,12 @@
 // dispatch.
 // QACT (q4, lib/wide_gemv.wgsl): 8-bit activation codes; with MODE_NORM each block row's 1 / rms
 // is summed first (q8_norm_first) and the codes made from the normed rows.
-// - q8_codes: makes those codes once for a pass (one workgroup per token block, the same blocks and
-//   arithmetic as the gemvs' staging, so the same bits) into `hout` as token rows of 3 · k / 32
-//   vec4s (the staging layout); gemv_wide and gemv_wide_swiglu under MODE_CODES then copy a block's
-//   codes into shared memory instead of reading, norming and quantizing its floats — where every
-//   workgroup of a matrix did that for the same rows (ops/matmul.rs `wide_codes` decides).
+// - q8_codes: makes those codes once for a pass (a workgroup a row, an invocation a chunk, the
+//   staging's arithmetic and order, so the same bits) into `hout` as token rows of 3 · k / 32
+//   vec4s (the staging layout); gemv_wide and gemv_wide_swiglu under MODE_CODES, and the wide
+//   expert kernels under QCODES, then copy a block's codes into shared memory instead of reading,
+//   norming and quantizing its floats — where every workgroup of a matrix did that for the same
+//   rows (ops/matmul.rs `q8_codes` and its callers decide).
 
 #include "matmul_params"
 #include "wide_gemv"
@@ -130,35 +131,93 @@ fn wide_store(i: u32, v: f32) {
     }
 }
 
+// Vec4 j of the block's row t in codes q8_codes made (MODE_CODES: x_act holds them, from row 0).
+fn wide_code(t: u32, j: u32) -> vec4<f32> {
+    return x_act[(blk_row0 + t) * (3u * p.k / 32u) + j];
+}
+
 // Stages the block's rows t0 .. t0 + nt: from q8_codes' codes under MODE_CODES, else as
 // lib/wide_gemv.wgsl makes them (a folded norm's 1 / rms first, with QACT); a barrier follows.
 fn stage_block(lid: u32, m: WideMat, t0: u32, nt: u32) {
     wss = vec4<f32>(0.0);
     if (QACT && (p.mode & MODE_CODES) != 0u) {
         row_inv = vec4<f32>(1.0);
-        let per = 3u * row_chunks(m);
-        for (var i = lid; i < nt * per; i += WIDE_WG) {
-            xs[i] = x_act[t0 * per + i];
-        }
-        workgroupBarrier();
+        wide_stage_codes(lid, m, nt);
         return;
     }
     q8_norm_first(lid, nt);
     wide_stage(lid, m, nt);
 }
 
+// QACT's codes of activation row p.x_row0 + r, one workgroup a row r < p.t (grid folded as the
+// gemvs'), an invocation a 32-value chunk (rows of at most WIDE_STAGE values: 128 chunks), into
+// hout row r (3 · k / 32 vec4s, the staging layout). MODE_NORM: the row normed first, its sum of
+// squares in the order of the gemvs' staging (q8_norm_first, wide_inv_rms) for a row at place
+// r % p.tile_t of its token block, so the codes equal theirs bit for bit.
 @compute @workgroup_size(128)
-fn q8_codes(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+fn q8_codes(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let r = group_id(wid, nwg);
+    if (r >= p.t) {
+        return;
+    }
     let m = WideMat(0u, p.scales, p.k, p.lanes);
-    let t0 = wid.x * p.tile_t;
-    let nt = min(p.t - t0, p.tile_t);
-    blk_row0 = p.x_row0 + t0;
-    wss = vec4<f32>(0.0);
-    q8_norm_first(lid, nt);
-    wide_stage_q8(lid, m, nt);
-    let per = 3u * row_chunks(m);
-    for (var i = lid; i < nt * per; i += WIDE_WG) {
-        hout[t0 * per + i] = xs[i];
+    let kv = p.k / 4u;
+    let cpr = row_chunks(m);
+    let x0 = (p.x_row0 + r) * kv;
+    var inv = 1.0;
+    if ((p.mode & MODE_NORM) != 0u) {
+        // q8_norm_first lays the block's rows end to end and gives invocation lid the values
+        // i ≡ lid (mod 128), ascending: here the row's g ≡ lid − (r % tile) · kv.
+        let g0 = (lid + WIDE_WG - ((r % p.tile_t) * kv) % WIDE_WG) % WIDE_WG;
+        var v: array<vec4<f32>, 8>;
+        for (var j = 0u; j < 8u; j++) {
+            v[j] = x_act[x0 + min(g0 + j * WIDE_WG, kv - 1u)];
+        }
+        var s = 0.0;
+        for (var j = 0u; j < 8u; j++) {
+            if (g0 + j * WIDE_WG < kv) {
+                s += dot(v[j], v[j]);
+            }
+        }
+        // wide_inv_rms's two levels.
+        xs[lid] = vec4<f32>(s, 0.0, 0.0, 0.0);
+        workgroupBarrier();
+        if (lid < 16u) {
+            var s1 = 0.0;
+            for (var j = 0u; j < 8u; j++) {
+                s1 += xs[lid * 8u + j].x;
+            }
+            xs[128u + lid].x = s1;
+        }
+        workgroupBarrier();
+        var s2 = 0.0;
+        for (var j = 0u; j < 16u; j++) {
+            s2 += xs[128u + j].x;
+        }
+        inv = 1.0 / sqrt(s2 / f32(p.k) + p.norm_eps);
+    }
+    // Invocations past the row's chunks load its last one and store nothing.
+    let c = min(lid, cpr - 1u);
+    var v: array<vec4<f32>, 8>;
+    for (var j = 0u; j < 8u; j++) {
+        v[j] = x_act[x0 + c * 8u + j];
+    }
+    if ((p.mode & MODE_NORM) != 0u) {
+        for (var j = 0u; j < 8u; j++) {
+            // norm.wgsl's product order: (x · inv_rms) · w.
+            v[j] = v[j] * inv * norm_w[c * 8u + j];
+        }
+    }
+    let q = q8_encode(v);
+    if (lid < cpr) {
+        let b = r * 3u * cpr + lid;
+        hout[b] = q.q0;
+        hout[b + cpr] = q.q1;
+        hout[b + 2u * cpr] = q.dm;
     }
 }
 

@@ -10,6 +10,8 @@
 // Weight chunks start on 16-byte boundaries: the host takes these kernels only where the part's
 // word offset in a slot is a multiple of 4 (slots are 256-byte aligned, quantized rows whole
 // groups). A (row, token) sum is the same however the expert's tokens fall into blocks.
+// With 8-bit activations (QACT) the x rows may be codes made once for the pass (QCODES,
+// ops/moe.rs): the token's codes for gate/up, each assignment's for down.
 
 #include "moe_meta"
 #include "gate_act"
@@ -49,6 +51,11 @@ fn wide_word(i: u32) -> u32 {
 
 fn wide_x(t: u32, g: u32) -> vec4<f32> {
     return x_act[blk_rows[t] * (ep.k / 4u) + g];
+}
+
+// QCODES: x_act holds the rows' codes (gemv_wide.wgsl q8_codes), 3 · k / 32 vec4s a row.
+fn wide_code(t: u32, j: u32) -> vec4<f32> {
+    return x_act[blk_rows[t] * (3u * ep.k / 32u) + j];
 }
 
 @compute @workgroup_size(128)

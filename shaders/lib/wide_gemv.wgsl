@@ -18,13 +18,18 @@
 // word: its even values' codes, then its odd values', as the nibble masks pick them), then
 // (scale, bits of 8 · Σ codes).
 // The including kernel defines wide_chunk(i) (vec4 i of the weights), wide_word(i) (word i, for
-// the scales) and wide_x(t, g) (vec4 g of the block's activation row t).
+// the scales), wide_x(t, g) (vec4 g of the block's activation row t) and wide_code(t, j) (vec4 j
+// of that row's codes, where they were made once).
 
 #include "half"
 #include "probe"
 
 override WTYPE: u32 = 3u;
 override QACT: bool = false;
+// With QACT: the codes were made once for the pass (gemv_wide.wgsl q8_codes) and the staging
+// copies them (the including kernel defines wide_code(t, j)); the kernels' gemv_wide under
+// MODE_CODES does the same from a runtime flag.
+override QCODES: bool = false;
 const WIDE_F32: u32 = 0u;
 const WIDE_Q8: u32 = 2u;
 const WIDE_WG: u32 = 128u;
@@ -154,8 +159,48 @@ fn q8_word(a: f32, b: f32, c: f32, d: f32, inv: f32) -> u32 {
         vec4<f32>(127.0))));
 }
 
+// One chunk's QACT staging (layout above) from its 32 values v (vec4 j: values 4j .. 4j + 3):
+// codes for words 0–1, codes for words 2–3, (scale, bits of 8 · Σ codes). q8_codes and every
+// staging make a chunk's codes through this one function, so codes made once equal codes made
+// in place bit for bit.
+struct Q8Chunk {
+    q0: vec4<f32>,
+    q1: vec4<f32>,
+    dm: vec4<f32>,
+}
+
+fn q8_encode(v: array<vec4<f32>, 8>) -> Q8Chunk {
+    let a = max(max(max(abs(v[0]), abs(v[1])), max(abs(v[2]), abs(v[3]))),
+        max(max(abs(v[4]), abs(v[5])), max(abs(v[6]), abs(v[7]))));
+    // amax < 2^e (e from amax's exponent field; zero and subnormals as 2^-100): scale
+    // 2^(e − 7), so the largest code is 64 … 128, 128 clamped to 127.
+    let amax = max(max(a.x, a.y), max(a.z, a.w));
+    let e = clamp(i32((bitcast<u32>(amax) >> 23u) & 255u) - 126, -100, 120);
+    let inv = bitcast<f32>(u32(134 - e) << 23u);
+    let scale = bitcast<f32>(u32(120 + e) << 23u);
+    var q: array<u32, 8>;
+    for (var w = 0u; w < 4u; w++) {
+        let lo = v[2u * w];
+        let hi = v[2u * w + 1u];
+        q[2u * w] = q8_word(lo.x, lo.z, hi.x, hi.z, inv);
+        q[2u * w + 1u] = q8_word(lo.y, lo.w, hi.y, hi.w, inv);
+    }
+    var sum = 0;
+    for (var w = 0u; w < 8u; w++) {
+        sum += dot4I8Packed(q[w], 0x01010101u);
+    }
+    return Q8Chunk(bitcast<vec4<f32>>(vec4<u32>(q[0], q[1], q[2], q[3])),
+        bitcast<vec4<f32>>(vec4<u32>(q[4], q[5], q[6], q[7])),
+        vec4<f32>(scale, bitcast<f32>(8 * sum), 0.0, 0.0));
+}
+
 // Stages the block's activation rows 0 .. nt as QACT's codes (layout above); a barrier follows.
+// Under QCODES the codes were made once (q8_codes) and are copied (wide_stage_codes).
 fn wide_stage_q8(lid: u32, m: WideMat, nt: u32) {
+    if (QCODES) {
+        wide_stage_codes(lid, m, nt);
+        return;
+    }
     let cpr = row_chunks(m);
     for (var i = lid; i < nt * cpr; i += WIDE_WG) {
         let t = i / cpr;
@@ -176,29 +221,35 @@ fn wide_stage_q8(lid: u32, m: WideMat, nt: u32) {
                 v[j] = vec4<f32>(1e-3);
             }
         }
-        let a = max(max(max(abs(v[0]), abs(v[1])), max(abs(v[2]), abs(v[3]))),
-            max(max(abs(v[4]), abs(v[5])), max(abs(v[6]), abs(v[7]))));
-        // amax < 2^e (e from amax's exponent field; zero and subnormals as 2^-100): scale
-        // 2^(e − 7), so the largest code is 64 … 128, 128 clamped to 127.
-        let amax = max(max(a.x, a.y), max(a.z, a.w));
-        let e = clamp(i32((bitcast<u32>(amax) >> 23u) & 255u) - 126, -100, 120);
-        let inv = bitcast<f32>(u32(134 - e) << 23u);
-        let scale = bitcast<f32>(u32(120 + e) << 23u);
-        var q: array<u32, 8>;
-        for (var w = 0u; w < 4u; w++) {
-            let lo = v[2u * w];
-            let hi = v[2u * w + 1u];
-            q[2u * w] = q8_word(lo.x, lo.z, hi.x, hi.z, inv);
-            q[2u * w + 1u] = q8_word(lo.y, lo.w, hi.y, hi.w, inv);
-        }
-        var sum = 0;
-        for (var w = 0u; w < 8u; w++) {
-            sum += dot4I8Packed(q[w], 0x01010101u);
-        }
+        let q = q8_encode(v);
         let b = t * 3u * cpr + c;
-        xs[b] = bitcast<vec4<f32>>(vec4<u32>(q[0], q[1], q[2], q[3]));
-        xs[b + cpr] = bitcast<vec4<f32>>(vec4<u32>(q[4], q[5], q[6], q[7]));
-        xs[b + 2u * cpr] = vec4<f32>(scale, bitcast<f32>(8 * sum), 0.0, 0.0);
+        xs[b] = q.q0;
+        xs[b + cpr] = q.q1;
+        xs[b + 2u * cpr] = q.dm;
+    }
+    workgroupBarrier();
+}
+
+// Stages the block's rows 0 .. nt from codes made once (wide_code(t, j): vec4 j of the block's
+// row t, 3 · cpr a row, the staging layout), a barrier following. Every load is issued before
+// the first store (a constant trip count; xs holds at most 8 vec4s an invocation), so the copy
+// waits on one load's latency, not on a chain of them.
+fn wide_stage_codes(lid: u32, m: WideMat, nt: u32) {
+    let per = 3u * row_chunks(m);
+    let total = nt * per;
+    var v: array<vec4<f32>, 8>;
+    for (var j = 0u; j < 8u; j++) {
+        // Workgroup-uniform: no per-lane branch around the loads.
+        if (j * WIDE_WG < total) {
+            let i = min(lid + j * WIDE_WG, total - 1u);
+            v[j] = wide_code(i / per, i % per);
+        }
+    }
+    for (var j = 0u; j < 8u; j++) {
+        let i = lid + j * WIDE_WG;
+        if (i < total) {
+            xs[i] = v[j];
+        }
     }
     workgroupBarrier();
 }

@@ -8,6 +8,7 @@
 //! | `EDGEDIFF_COOP_MIN_T=<tokens>` | [`KernelChoice::coop_min_t`] |
 //! | `EDGEDIFF_COOP_SPLIT_K=0` | [`KernelChoice::coop_split_k`] |
 //! | `EDGEDIFF_GEMV_MAX_T=<tokens>` | [`KernelChoice::gemv_max_t`] |
+//! | `EDGEDIFF_SHARED_MAX_T=<tokens>` | [`KernelChoice::shared_max_t`] |
 //! | `EDGEDIFF_GEMV_F32_MAX_T=<tokens>` | [`KernelChoice::gemv_f32_max_t`] |
 //! | `EDGEDIFF_GEMV_BLOCKED_MAX_MB=<MiB>` | [`KernelChoice::gemv_blocked_max_bytes`] |
 //! | `EDGEDIFF_GEMV1_LANES=16\|32\|64` | [`KernelChoice::gemv1_lanes`] |
@@ -18,6 +19,7 @@
 //! | `EDGEDIFF_WIDE_MIN_CHUNKS=<n>` | [`KernelChoice::wide_min_chunks`] |
 //! | `EDGEDIFF_WIDE_TARGET_GROUPS=<n>` | [`KernelChoice::wide_target_groups`] |
 //! | `EDGEDIFF_WIDE_Q8_ONCE=1\|0` | [`KernelChoice::wide_q8_once`] |
+//! | `EDGEDIFF_MOE_Q8_ONCE=1\|0` | [`KernelChoice::moe_q8_once`] |
 //! | `EDGEDIFF_FUSE_SWIGLU=0` | [`KernelChoice::fuse_swiglu`] |
 //! | `EDGEDIFF_FUSE_COMBINE_NORM=1\|0` | [`KernelChoice::fuse_combine_norm`] |
 //! | `EDGEDIFF_FUSE_NORMS_MAX_T=<rows>` | [`KernelChoice::fuse_norms_max_t`] |
@@ -124,6 +126,11 @@ pub struct KernelChoice {
     /// for q4/q8) rather than the tiles (16; 32 measures it against the tensor cores' split-K
     /// tiles at 32 rows).
     pub gemv_max_t: usize,
+    /// Rows up to which the shared expert runs inside the GEMV expert kernels (as one more expert
+    /// column), also bounded by `gemv_max_t`; past them it runs as a dense MLP beside them. Its
+    /// column walks the pass's tokens a block at a time, so at 32 rows the dense MLP's gemvs are
+    /// faster (H200, 2026-12-06: gate/up 3,569 against 2,814 µs with it inside).
+    pub shared_max_t: usize,
     /// Activation rows up to which small f32 weights take the token-blocked gemv.
     pub gemv_f32_max_t: usize,
     /// Weight bytes up to which passes of 5–16 rows take the gemv in token blocks (each block
@@ -172,6 +179,10 @@ pub struct KernelChoice {
     /// same float rows: the same bits. Off: slower (H200, 16 rows: the gemvs 1,153 → 904 µs, but
     /// 41 `q8_codes` dispatches 495 µs; the pass 7.58 → 7.80 ms).
     pub wide_q8_once: bool,
+    /// The wide q4 expert kernels with 8-bit activations read codes made once a stage (one
+    /// `q8_codes` dispatch for the tokens' rows before gate/up, one for the assignments' rows before
+    /// down) instead of every workgroup quantizing the rows of its expert's tokens: the same bits.
+    pub moe_q8_once: bool,
     /// SwiGLU fused into the dense gate_up gemv.
     pub fuse_swiglu: bool,
     /// The MoE combine carries the residual add and the next norm (moe_combine_norm, one
@@ -251,6 +262,7 @@ impl Default for KernelChoice {
             coop_min_t: COOP_MIN_T,
             coop_split_k: true,
             gemv_max_t: super::ops::matmul::GEMV_MAX_T,
+            shared_max_t: super::ops::matmul::GEMV_MAX_T,
             gemv_f32_max_t: GEMV_F32_MAX_T,
             gemv_blocked_max_bytes: super::ops::matmul::GEMV_BLOCKED_MAX_BYTES,
             gemv1_lanes: 16,
@@ -261,6 +273,7 @@ impl Default for KernelChoice {
             wide_min_chunks: WIDE_MIN_CHUNKS,
             wide_target_groups: WIDE_TARGET_GROUPS,
             wide_q8_once: false,
+            moe_q8_once: false,
             fuse_swiglu: true,
             fuse_combine_norm: false,
             fuse_norms_max_t: super::ops::matmul::GEMV_MAX_T,
@@ -322,6 +335,7 @@ impl KernelChoice {
             gemv_max_t: num("EDGEDIFF_GEMV_MAX_T")
                 .filter(|&n| (4..=64).contains(&n))
                 .map_or(d.gemv_max_t, |v| v as usize),
+            shared_max_t: num("EDGEDIFF_SHARED_MAX_T").map_or(d.shared_max_t, |v| v as usize),
             gemv_f32_max_t: num("EDGEDIFF_GEMV_F32_MAX_T").map_or(d.gemv_f32_max_t, |v| v as usize),
             gemv_blocked_max_bytes: num("EDGEDIFF_GEMV_BLOCKED_MAX_MB")
                 .map_or(d.gemv_blocked_max_bytes, |m| m << 20),
@@ -348,6 +362,7 @@ impl KernelChoice {
             wide_target_groups: num("EDGEDIFF_WIDE_TARGET_GROUPS")
                 .map_or(d.wide_target_groups, |n| n as usize),
             wide_q8_once: var("EDGEDIFF_WIDE_Q8_ONCE").map_or(d.wide_q8_once, |v| v.trim() == "1"),
+            moe_q8_once: var("EDGEDIFF_MOE_Q8_ONCE").map_or(d.moe_q8_once, |v| v.trim() == "1"),
             fuse_swiglu: !off("EDGEDIFF_FUSE_SWIGLU"),
             fuse_combine_norm: var("EDGEDIFF_FUSE_COMBINE_NORM")
                 .map_or(d.fuse_combine_norm, |v| v.trim() == "1"),
@@ -457,6 +472,7 @@ mod tests {
             ("EDGEDIFF_COOP_MIN_T", "32"),
             ("EDGEDIFF_COOP_SPLIT_K", "0"),
             ("EDGEDIFF_GEMV_MAX_T", "32"),
+            ("EDGEDIFF_SHARED_MAX_T", "8"),
             ("EDGEDIFF_GEMV_F32_MAX_T", "16"),
             ("EDGEDIFF_GEMV_BLOCKED_MAX_MB", "256"),
             ("EDGEDIFF_GEMV1_LANES", "64"),
@@ -467,6 +483,7 @@ mod tests {
             ("EDGEDIFF_WIDE_MIN_CHUNKS", "4"),
             ("EDGEDIFF_WIDE_TARGET_GROUPS", "0"),
             ("EDGEDIFF_WIDE_Q8_ONCE", "1"),
+            ("EDGEDIFF_MOE_Q8_ONCE", "1"),
             ("EDGEDIFF_FUSE_SWIGLU", "0"),
             ("EDGEDIFF_FUSE_COMBINE_NORM", "1"),
             ("EDGEDIFF_FUSE_NORMS_MAX_T", "0"),
@@ -492,6 +509,7 @@ mod tests {
                 coop_min_t: 32,
                 coop_split_k: false,
                 gemv_max_t: 32,
+                shared_max_t: 8,
                 gemv_f32_max_t: 16,
                 gemv_blocked_max_bytes: 256 << 20,
                 gemv1_lanes: 64,
@@ -502,6 +520,7 @@ mod tests {
                 wide_min_chunks: 4,
                 wide_target_groups: 0,
                 wide_q8_once: true,
+                moe_q8_once: true,
                 fuse_swiglu: false,
                 fuse_combine_norm: true,
                 fuse_norms_max_t: 0,

@@ -58,6 +58,12 @@ pub fn q8_act() -> u32 {
     1 << 15
 }
 
+/// With [`q8_act`]: the wide kernels' activations are codes made once for the pass
+/// (lib/wide_gemv.wgsl's `QCODES`), the bit below it.
+pub fn q8_codes_in() -> u32 {
+    1 << 14
+}
+
 /// Activation rows a pass of a gemv kernel's registers holds (the `CHUNK_T` override of
 /// gemv.wgsl and moe_gemv.wgsl) in the third byte of a dispatch's weight-type argument; 0 keeps the
 /// kernel's default. Fewer rows, fewer registers: more workgroups resident on an SM.
@@ -248,10 +254,13 @@ impl Kernels {
                 constants.push(("WTYPE", (wtype & 0xff) as f64));
             }
             if declares("ACT") {
-                constants.push(("ACT", ((wtype >> 8) & 0x7f) as f64));
+                constants.push(("ACT", ((wtype >> 8) & 0x3f) as f64));
             }
             if declares("QACT") && wtype & q8_act() != 0 {
                 constants.push(("QACT", 1.0));
+            }
+            if declares("QCODES") && wtype & q8_codes_in() != 0 {
+                constants.push(("QCODES", 1.0));
             }
             if declares("CHUNK_T") && (wtype >> 16) & 0xff != 0 {
                 constants.push(("CHUNK_T", ((wtype >> 16) & 0xff) as f64));

@@ -1963,8 +1963,8 @@ fn wide_expert_kernels_match_the_narrow_ones_and_each_token_alone() {
 /// The wide expert kernels with 8-bit activations (q4): within the codes' rounding of the float
 /// kernels (and not equal to them: the codes were used), on the direct path (1 token) and the
 /// lists (13 tokens); every token's output with 13 tokens equals that token alone bit for bit;
-/// both stages took the 8-bit pipelines. The dense test above holds the arithmetic itself to the
-/// CPU's codes.
+/// both stages took the 8-bit pipelines; codes made once a stage (`moe_q8_once`) give the same
+/// bits. The dense test above holds the arithmetic itself to the CPU's codes.
 #[test]
 fn wide_expert_kernels_with_8_bit_activations() {
     use super::choice::{ExpertKernel, KernelChoice, MoeWide};
@@ -1980,13 +1980,14 @@ fn wide_expert_kernels_with_8_bit_activations() {
         let c = file.header.metadata.config.clone();
         let h = c.hidden_size;
         let mut outs = Vec::new();
-        for q8 in [true, false] {
+        for (q8, once) in [(true, false), (false, false), (true, true)] {
             let b = GpuBackend::new(&GpuOptions {
                 poison: true,
                 kernels: KernelChoice {
                     moe: Some(ExpertKernel::Gemv),
                     moe_wide: MoeWide::All,
                     wide_q8_act: q8,
+                    moe_q8_once: once,
                     // Down's rows of 512 (16 chunks) on 4 lanes, gate/up's 1088 on 8.
                     wide_min_chunks: 4,
                     ..KernelChoice::from_env()
@@ -2001,6 +2002,24 @@ fn wide_expert_kernels_with_8_bit_activations() {
             let all = b.get(&m.experts_out(&b, &x, &m.route(&b, &x, &c)));
             let x1 = b.put(1, h, &xs[..h]);
             let one = b.get(&m.experts_out(&b, &x1, &m.route(&b, &x1, &c)));
+            if once {
+                // The codes made once give the 8-bit kernels' bits exactly, routed experts and
+                // the shared one alike, and the kernels that took them are the QCODES pipelines.
+                let (qa, q1): &(Vec<f32>, Vec<f32>) = &outs[0];
+                assert_eq!(bits(&all), bits(qa), "{arch}: 13 tokens, codes made once");
+                assert_eq!(bits(&one), bits(q1), "{arch}: 1 token, codes made once");
+                let want = super::kernels::q8_act() | super::kernels::q8_codes_in();
+                for entry in [&ops::moe::GATE_UP_WIDE, &ops::moe::DOWN_WIDE] {
+                    let built = b.sh.kernels.built(entry);
+                    assert!(
+                        built.iter().any(|w| w & want == want),
+                        "{arch} {}: {built:?}",
+                        entry.name
+                    );
+                }
+                assert!(!b.sh.kernels.built(&ops::matmul::Q8_CODES).is_empty());
+                continue;
+            }
             if q8 {
                 for t in 0..13 {
                     let xt = b.put(1, h, &xs[t * h..(t + 1) * h]);

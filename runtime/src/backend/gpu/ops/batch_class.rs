@@ -10,7 +10,8 @@
 //!   its workgroup, so a row's result does not depend on the pass's row count or on the other rows;
 //! - which of those kernels runs, though, is chosen by the row count (gemv up to 4 or 16 rows —
 //!   the wide one from `gemv_wide_min_t` rows, one-row passes with lanes of their own —, the
-//!   tiles beyond, the expert kernels by tokens per expert, the shared expert fused at ≤ 16 rows),
+//!   tiles beyond, the expert kernels by tokens per expert, the shared expert fused at ≤ 16 rows
+//!   or `shared_max_t`),
 //!   and so is the tensor-core matmul's tile (16, 32 or 64 rows) and its split along K (by its
 //!   tile count). Those choices are made as for one sequence's rows (`State::batch_rows`, set by
 //!   `begin_forward` / `begin_head`; ops/matmul.rs `pass_kernel`, ops/moe.rs), and K splits as that
@@ -48,7 +49,9 @@ pub fn row_signature(k: &KernelChoice, coop: bool, t: usize, top_k: usize, exper
     // kernel's; set past them, so the gemv's rows keep class 0 by default).
     let gemv = u32::from(k.gemv_wide_min_t.is_some_and(|m| t >= m)) << 24
         | u32::from(t == 1 && k.gemv1_lanes != 16) << 25
-        | u32::from(t > k.fuse_norms_max_t) << 26;
+        | u32::from(t > k.fuse_norms_max_t) << 26
+        // Past the shared expert's rows inside the expert kernels (ops/moe.rs fuses_shared).
+        | u32::from(t > k.shared_max_t) << 27;
     if t <= GEMV_T {
         return gemv;
     }

@@ -272,11 +272,42 @@ pub fn wide_q8(choice: &KernelChoice, dtype: DType, k: usize) -> Option<(u32, u3
     (choice.wide_q8_act && dtype == DType::Q4).then(|| (wide_q8_tile(k), q8_act()))
 }
 
-/// Makes the 8-bit codes of `t` activation rows of `x` from row `x_row0` (normed by `norm` where
-/// given) once, in the wide kernels' token blocks of `tile` and with their arithmetic, where
-/// [`KernelChoice::wide_q8_once`] asks for it: a buffer the gemv then reads under [`MODE_CODES`]
-/// (its rows from 0), instead of every workgroup making them from the floats. `None`: the gemv
-/// makes its own.
+/// The 8-bit codes of `t` activation rows of `x` from row `x_row0`, `k` values each (normed by
+/// `norm` where given), as the wide kernels with token blocks of `tile` stage them, bit for bit
+/// ([`Q8_CODES`]: a workgroup a row): rows of `3 · k / 32` vec4s from 0, which a wide q4 kernel
+/// then copies (gemv_wide's [`MODE_CODES`], the expert kernels' `QCODES`) instead of every
+/// workgroup making them again. `wtype`: the consuming kernel's (its weight type and
+/// [`q8_act`] bit).
+#[allow(clippy::too_many_arguments)]
+pub(in crate::backend::gpu) fn q8_codes(
+    ctx: &mut Ctx,
+    wtype: u32,
+    k: usize,
+    x: &GpuBuffer,
+    x_row0: usize,
+    t: usize,
+    tile: u32,
+    norm: Option<(&GpuBuffer, f32)>,
+) -> Result<Pooled, GpuError> {
+    let codes = ctx.output((t * 3 * (k / 32) * 16) as u64)?;
+    let p = MatmulParams {
+        k: k as u32,
+        t: t as u32,
+        x_row0: x_row0 as u32,
+        tile_t: tile,
+        norm_eps: norm.map_or(0.0, |(_, e)| e),
+        mode: if norm.is_some() { MODE_NORM } else { 0 },
+        ..Zeroable::zeroed()
+    };
+    let dummy = ctx.sh.dummies[0].clone();
+    let norm_w = norm.map_or(&*dummy, |(b, _)| b);
+    let grid = folded_grid(t as u64, 1);
+    ctx.dispatch(&Q8_CODES, wtype, &p, None, &[x, norm_w, &codes], grid)?;
+    Ok(codes)
+}
+
+/// [`q8_codes`] for a dense gemv where [`KernelChoice::wide_q8_once`] asks for it; `None`: the
+/// gemv makes its own.
 #[allow(clippy::too_many_arguments)]
 fn wide_codes(
     ctx: &mut Ctx,
@@ -291,21 +322,7 @@ fn wide_codes(
     if !ctx.sh.dev.kernels.wide_q8_once {
         return Ok(None);
     }
-    let codes = ctx.output((t * 3 * (k / 32) * 16) as u64)?;
-    let p = MatmulParams {
-        k: k as u32,
-        t: t as u32,
-        x_row0: x_row0 as u32,
-        tile_t: tile,
-        norm_eps: norm.map_or(0.0, |(_, e)| e),
-        mode: if norm.is_some() { MODE_NORM } else { 0 },
-        ..Zeroable::zeroed()
-    };
-    let dummy = ctx.sh.dummies[0].clone();
-    let norm_w = norm.map_or(&*dummy, |(b, _)| b);
-    let grid = Grid::Groups(t.div_ceil(tile as usize) as u32, 1, 1);
-    ctx.dispatch(&Q8_CODES, wtype, &p, None, &[x, norm_w, &codes], grid)?;
-    Ok(Some(codes))
+    q8_codes(ctx, wtype, k, x, x_row0, t, tile, norm).map(Some)
 }
 
 /// Invocations per weight row of [`GEMV`] for a pass whose sequences have `solo` rows.

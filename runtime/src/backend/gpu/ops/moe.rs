@@ -10,7 +10,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::super::choice::{KernelChoice, MoeWide};
 use super::super::device::GpuError;
-use super::super::kernels::{chunk_t, depth, Entry, Slot::*};
+use super::super::kernels::{chunk_t, depth, q8_codes_in, Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
 use super::super::{GpuAct, GpuBackend, GpuExperts, GpuRouting, GpuWeight};
@@ -233,12 +233,13 @@ pub struct SharedMlp<'a> {
 /// Whether the expert kernels for `rows` tokens compute a shared expert alongside the routed ones:
 /// the GEMV kernels only, with a pool buffer to run in, and for as many tokens as the dense gemv
 /// serves (`gemv_max_t`: its column walks the tokens 4 at a time; past them the dense matmuls run
-/// on the tiles, which a block of tokens through one expert column would not beat). By the knob,
-/// not a constant: the batch classes separate passes at it (ops/batch_class.rs bit 1), and a
-/// batched pass must fuse as each of its sequences would alone.
+/// on the tiles, which a block of tokens through one expert column would not beat) and up to
+/// `shared_max_t`. By the knobs, not constants: the batch classes separate passes at them
+/// (ops/batch_class.rs bits 1 and 27), and a batched pass must fuse as each of its sequences
+/// would alone.
 pub fn fuses_shared(choice: &KernelChoice, rows: usize, top_k: usize, e: &ExpertLayout) -> bool {
     !e.pools.is_empty()
-        && rows <= choice.gemv_max_t
+        && rows <= choice.gemv_max_t.min(choice.shared_max_t)
         && expert_kernel(choice.moe, rows, top_k, e.num_experts) == ExpertKernel::Gemv
 }
 
@@ -465,6 +466,27 @@ fn experts_with(
         // (lanes, tile) of the wide kernel (stage 1: down); its grid's y: `units` columns or rows,
         // `per_lanes` / L a workgroup.
         let wide = wide(wtype, k, part, stage == 1);
+        // The stage's rows as 8-bit codes made once (the tokens' for gate/up, the assignments'
+        // and the shared expert's for down), which every workgroup then copies instead of
+        // quantizing its tokens' floats again: the same bits.
+        let codes = match wide {
+            Some((_, tile, q8)) if q8 != 0 && ctx.sh.dev.kernels.moe_q8_once => {
+                let t = s.params.t as usize;
+                let rows = if stage == 0 {
+                    t
+                } else {
+                    a as usize + if shared.is_some() { t } else { 0 }
+                };
+                let code_type = (wtype & 0xff) | q8;
+                let c = super::matmul::q8_codes(ctx, code_type, k, src, 0, rows, tile, None)?;
+                Some(c)
+            }
+            _ => None,
+        };
+        let (src, codes_in) = match &codes {
+            Some(c) => (&**c, q8_codes_in()),
+            None => (src, 0),
+        };
         let (blocks, units, per_lanes) = blocks;
         for (i, crate::backend::gpu::experts::PoolBuffer { index: pool, buf }) in
             e.pools.iter().enumerate()
@@ -495,7 +517,7 @@ fn experts_with(
                     let bufs = [&**buf, src, dst, e.slots, meta, shared_buf, buf, shared_buf];
                     let columns = listed + u32::from(sw.is_some());
                     let grid = Grid::Groups(columns, units.div_ceil(per_lanes / lanes), 1);
-                    ctx.dispatch(gemv_wide, wtype | q8, &p, None, &bufs, grid)?
+                    ctx.dispatch(gemv_wide, wtype | q8 | codes_in, &p, None, &bufs, grid)?
                 }
                 (ExpertKernel::Gemv, None) => {
                     let shared_buf = sw.map_or(&**buf, |(b, _)| b);
