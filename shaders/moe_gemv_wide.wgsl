@@ -11,7 +11,11 @@
 // word offset in a slot is a multiple of 4 (slots are 256-byte aligned, quantized rows whole
 // groups). A (row, token) sum is the same however the expert's tokens fall into blocks.
 // With 8-bit activations (QACT) the x rows may be codes made once for the pass (QCODES,
-// ops/moe.rs): the token's codes for gate/up, each assignment's for down.
+// ops/moe.rs): the token's codes for gate/up, each assignment's for down. Under QCODES_OUT the
+// gate/up kernel writes its rows as down's codes instead of floats (rows of 3 · n / 32 vec4s in
+// `out`): a workgroup's 256 / L columns are whole 32-value chunks (L ≤ 8; the host checks), so it
+// gathers its activations in shared memory and encodes them with the staging's function — the
+// codes a q8_codes pass over the float rows would make, bit for bit.
 
 #include "moe_meta"
 #include "gate_act"
@@ -29,6 +33,8 @@
 @group(0) @binding(9) var<storage, read> shared_w4: array<vec4<u32>>;
 
 const NONE: u32 = 0xffffffffu;
+
+override QCODES_OUT: bool = false;
 
 #include "expert_begin"
 
@@ -79,7 +85,9 @@ fn expert_gate_up_wide(@builtin(local_invocation_index) lid: u32, @builtin(workg
         wide_stage(lid, m, nt);
         wide_rows(lid, m, rows, 2u * ep.n, nt);
         // Row slot g · 4 + r: r 0 / 1 the gate of columns 2g, 2g + 1 of the workgroup, 2 / 3 their up.
-        if (lid < 256u / ep.lanes && c < ep.n) {
+        if (QCODES_OUT) {
+            codes_out(lid, col_base, first + t0, nt);
+        } else if (lid < 256u / ep.lanes && c < ep.n) {
             let slot = (lid / 2u) * 4u + lid % 2u;
             let g = xs[768u + slot];
             let u = xs[768u + slot + 2u];
@@ -88,6 +96,43 @@ fn expert_gate_up_wide(@builtin(local_invocation_index) lid: u32, @builtin(workg
             }
         }
         workgroupBarrier();
+    }
+}
+
+// QCODES_OUT: this workgroup's columns col_base .. col_base + 256 / L of output rows r0 .. r0 + nt
+// as down's codes (the staging layout, ep.n / 32 chunks a row). The activations gather in xs
+// [0, 64) (past wide_rows' sums at 768: nt · 256 / L ≤ 256 values), then an invocation a
+// (row, chunk) encodes one chunk. Columns past ep.n never occur: the host takes this path only
+// where ep.n is a multiple of the workgroup's columns.
+fn codes_out(lid: u32, col_base: u32, r0: u32, nt: u32) {
+    let cols = 256u / ep.lanes;
+    if (lid < cols) {
+        let slot = (lid / 2u) * 4u + lid % 2u;
+        let g = xs[768u + slot];
+        let u = xs[768u + slot + 2u];
+        for (var t = 0u; t < nt; t++) {
+            let i = t * cols + lid;
+            xs[i / 4u][i % 4u] = gate_act(g[t]) * u[t];
+        }
+    }
+    workgroupBarrier();
+    let per = cols / 32u;
+    if (lid < nt * per) {
+        let t = lid / per;
+        let j = lid % per;
+        let b = (t * cols + j * 32u) / 4u;
+        var v: array<vec4<f32>, 8>;
+        for (var k = 0u; k < 8u; k++) {
+            v[k] = xs[b + k];
+        }
+        let q = q8_encode(v);
+        let cpr = ep.n / 32u;
+        let o = ((r0 + t) * 3u * cpr + col_base / 32u + j) * 4u;
+        for (var k = 0u; k < 4u; k++) {
+            out[o + k] = q.q0[k];
+            out[o + 4u * cpr + k] = q.q1[k];
+            out[o + 8u * cpr + k] = q.dm[k];
+        }
     }
 }
 

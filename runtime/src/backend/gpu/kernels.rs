@@ -64,6 +64,12 @@ pub fn q8_codes_in() -> u32 {
     1 << 14
 }
 
+/// With [`q8_act`]: the wide expert gate/up kernel writes its output as the down kernel's codes
+/// (moe_gemv_wide.wgsl's `QCODES_OUT`), the bit below [`q8_codes_in`].
+pub fn q8_codes_out() -> u32 {
+    1 << 13
+}
+
 /// Activation rows a pass of a gemv kernel's registers holds (the `CHUNK_T` override of
 /// gemv.wgsl and moe_gemv.wgsl) in the third byte of a dispatch's weight-type argument; 0 keeps the
 /// kernel's default. Fewer rows, fewer registers: more workgroups resident on an SM.
@@ -254,13 +260,16 @@ impl Kernels {
                 constants.push(("WTYPE", (wtype & 0xff) as f64));
             }
             if declares("ACT") {
-                constants.push(("ACT", ((wtype >> 8) & 0x3f) as f64));
+                constants.push(("ACT", ((wtype >> 8) & 0x1f) as f64));
             }
             if declares("QACT") && wtype & q8_act() != 0 {
                 constants.push(("QACT", 1.0));
             }
             if declares("QCODES") && wtype & q8_codes_in() != 0 {
                 constants.push(("QCODES", 1.0));
+            }
+            if declares("QCODES_OUT") && wtype & q8_codes_out() != 0 {
+                constants.push(("QCODES_OUT", 1.0));
             }
             if declares("CHUNK_T") && (wtype >> 16) & 0xff != 0 {
                 constants.push(("CHUNK_T", ((wtype >> 16) & 0xff) as f64));

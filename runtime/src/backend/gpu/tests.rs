@@ -1980,7 +1980,17 @@ fn wide_expert_kernels_with_8_bit_activations() {
         let c = file.header.metadata.config.clone();
         let h = c.hidden_size;
         let mut outs = Vec::new();
-        for (q8, once) in [(true, false), (false, false), (true, true)] {
+        // Codes made once at two lane counts of gate/up: 8 (its 32 columns a workgroup whole
+        // chunks: gate/up writes down's codes, QCODES_OUT) and 16 (half chunks: q8_codes makes
+        // them), each against the 8-bit kernels making their own at the same lanes.
+        let mut made = Vec::new();
+        for (q8, once, min_chunks) in [
+            (true, false, 4),
+            (false, false, 4),
+            (true, false, 0),
+            (true, true, 4),
+            (true, true, 0),
+        ] {
             let b = GpuBackend::new(&GpuOptions {
                 poison: true,
                 kernels: KernelChoice {
@@ -1988,8 +1998,9 @@ fn wide_expert_kernels_with_8_bit_activations() {
                     moe_wide: MoeWide::All,
                     wide_q8_act: q8,
                     moe_q8_once: once,
-                    // Down's rows of 512 (16 chunks) on 4 lanes, gate/up's 1088 on 8.
-                    wide_min_chunks: 4,
+                    // 4: down's rows of 512 (16 chunks) on 4 lanes, gate/up's 1088 on 8; 0: all
+                    // on 16.
+                    wide_min_chunks: min_chunks,
                     ..KernelChoice::from_env()
                 },
                 ..GpuOptions::from_env()
@@ -2005,19 +2016,33 @@ fn wide_expert_kernels_with_8_bit_activations() {
             if once {
                 // The codes made once give the 8-bit kernels' bits exactly, routed experts and
                 // the shared one alike, and the kernels that took them are the QCODES pipelines.
-                let (qa, q1): &(Vec<f32>, Vec<f32>) = &outs[0];
-                assert_eq!(bits(&all), bits(qa), "{arch}: 13 tokens, codes made once");
-                assert_eq!(bits(&one), bits(q1), "{arch}: 1 token, codes made once");
+                let (qa, q1): &(Vec<f32>, Vec<f32>) =
+                    if min_chunks == 4 { &outs[0] } else { &made[0] };
+                let what = format!("{arch}, codes made once, min chunks {min_chunks}");
+                assert!(bits(&all) == bits(qa), "{what}: 13 tokens");
+                assert!(bits(&one) == bits(q1), "{what}: 1 token");
                 let want = super::kernels::q8_act() | super::kernels::q8_codes_in();
                 for entry in [&ops::moe::GATE_UP_WIDE, &ops::moe::DOWN_WIDE] {
                     let built = b.sh.kernels.built(entry);
                     assert!(
                         built.iter().any(|w| w & want == want),
-                        "{arch} {}: {built:?}",
+                        "{what} {}: {built:?}",
                         entry.name
                     );
                 }
+                // Whole chunks: gate/up wrote down's codes; half chunks: q8_codes made them.
+                let out = super::kernels::q8_codes_out();
+                let gate_up = b.sh.kernels.built(&ops::moe::GATE_UP_WIDE);
+                assert_eq!(
+                    gate_up.iter().any(|w| w & out != 0),
+                    min_chunks == 4,
+                    "{what}: {gate_up:?}"
+                );
                 assert!(!b.sh.kernels.built(&ops::matmul::Q8_CODES).is_empty());
+                continue;
+            }
+            if min_chunks == 0 {
+                made.push((all, one));
                 continue;
             }
             if q8 {

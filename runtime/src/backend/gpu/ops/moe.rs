@@ -10,7 +10,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::super::choice::{KernelChoice, MoeWide};
 use super::super::device::GpuError;
-use super::super::kernels::{chunk_t, depth, q8_codes_in, Entry, Slot::*};
+use super::super::kernels::{chunk_t, depth, q8_codes_in, q8_codes_out, Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
 use super::super::{GpuAct, GpuBackend, GpuExperts, GpuRouting, GpuWeight};
@@ -458,6 +458,19 @@ fn experts_with(
             shared.map(|m| m.down),
         ),
     ];
+    // (lanes, tile, 8-bit bit) of each stage's wide kernel.
+    let wides = stages.map(|st| wide(st.3, st.4 .0, st.5 .0, std::ptr::eq(st.2, &DOWN_WIDE)));
+    // With codes made once, gate/up writes down's codes itself (moe_gemv_wide.wgsl QCODES_OUT)
+    // where a workgroup's 256 / L columns are whole 32-value chunks and tile the rows: one
+    // q8_codes dispatch fewer.
+    let codes_out = ctx.sh.dev.kernels.moe_q8_once
+        && match wides {
+            [Some((lanes, _, q0)), Some((_, _, q1))] => {
+                let cols = 256 / lanes as usize;
+                q0 != 0 && q1 != 0 && cols.is_multiple_of(32) && e.inter.is_multiple_of(cols)
+            }
+            _ => false,
+        };
     for (
         stage,
         (tiled, gemv, gemv_wide, wtype, (k, n), (part, scales), (src, dst), args, blocks, sw),
@@ -465,11 +478,12 @@ fn experts_with(
     {
         // (lanes, tile) of the wide kernel (stage 1: down); its grid's y: `units` columns or rows,
         // `per_lanes` / L a workgroup.
-        let wide = wide(wtype, k, part, stage == 1);
+        let wide = wides[stage];
         // The stage's rows as 8-bit codes made once (the tokens' for gate/up, the assignments'
         // and the shared expert's for down), which every workgroup then copies instead of
         // quantizing its tokens' floats again: the same bits.
         let codes = match wide {
+            Some(_) if stage == 1 && codes_out => None,
             Some((_, tile, q8)) if q8 != 0 && ctx.sh.dev.kernels.moe_q8_once => {
                 let t = s.params.t as usize;
                 let rows = if stage == 0 {
@@ -483,9 +497,16 @@ fn experts_with(
             }
             _ => None,
         };
-        let (src, codes_in) = match &codes {
-            Some(c) => (&**c, q8_codes_in()),
-            None => (src, 0),
+        let src = codes.as_deref().unwrap_or(src);
+        // Down reads the codes gate/up wrote into h.
+        let codes_in = if codes.is_some() || (stage == 1 && codes_out) {
+            q8_codes_in()
+        } else {
+            0
+        } | if stage == 0 && codes_out {
+            q8_codes_out()
+        } else {
+            0
         };
         let (blocks, units, per_lanes) = blocks;
         for (i, crate::backend::gpu::experts::PoolBuffer { index: pool, buf }) in
