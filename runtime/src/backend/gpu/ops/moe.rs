@@ -498,8 +498,9 @@ fn experts_with(
             _ => None,
         };
         let src = codes.as_deref().unwrap_or(src);
-        // Down reads the codes gate/up wrote into h.
-        let codes_in = if codes.is_some() || (stage == 1 && codes_out) {
+        // The pipeline bits: codes in (made above, or down reading those gate/up wrote into h),
+        // and gate/up writing down's.
+        let code_bits = if codes.is_some() || (stage == 1 && codes_out) {
             q8_codes_in()
         } else {
             0
@@ -538,7 +539,7 @@ fn experts_with(
                     let bufs = [&**buf, src, dst, e.slots, meta, shared_buf, buf, shared_buf];
                     let columns = listed + u32::from(sw.is_some());
                     let grid = Grid::Groups(columns, units.div_ceil(per_lanes / lanes), 1);
-                    ctx.dispatch(gemv_wide, wtype | q8 | codes_in, &p, None, &bufs, grid)?
+                    ctx.dispatch(gemv_wide, wtype | q8 | code_bits, &p, None, &bufs, grid)?
                 }
                 (ExpertKernel::Gemv, None) => {
                     let shared_buf = sw.map_or(&**buf, |(b, _)| b);
