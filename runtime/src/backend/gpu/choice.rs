@@ -179,9 +179,10 @@ pub struct KernelChoice {
     /// same float rows: the same bits. Off: slower (H200, 16 rows: the gemvs 1,153 → 904 µs, but
     /// 41 `q8_codes` dispatches 495 µs; the pass 7.58 → 7.80 ms).
     pub wide_q8_once: bool,
-    /// The wide q4 expert kernels with 8-bit activations read codes made once a stage (one
-    /// `q8_codes` dispatch for the tokens' rows before gate/up, one for the assignments' rows before
-    /// down) instead of every workgroup quantizing the rows of its expert's tokens: the same bits.
+    /// The wide q4 expert kernels with 8-bit activations read codes made once a stage instead of
+    /// every workgroup quantizing the rows of its expert's tokens: the same bits. A `q8_codes`
+    /// dispatch makes the tokens' codes before gate/up; gate/up writes down's codes itself where
+    /// its workgroups' columns are whole chunks (else a second `q8_codes` dispatch makes them).
     pub moe_q8_once: bool,
     /// SwiGLU fused into the dense gate_up gemv.
     pub fuse_swiglu: bool,
