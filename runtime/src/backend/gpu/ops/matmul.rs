@@ -306,25 +306,6 @@ pub(in crate::backend::gpu) fn q8_codes(
     Ok(codes)
 }
 
-/// [`q8_codes`] for a dense gemv where [`KernelChoice::wide_q8_once`] asks for it; `None`: the
-/// gemv makes its own.
-#[allow(clippy::too_many_arguments)]
-fn wide_codes(
-    ctx: &mut Ctx,
-    wtype: u32,
-    k: usize,
-    x: &GpuBuffer,
-    x_row0: usize,
-    t: usize,
-    tile: u32,
-    norm: Option<(&GpuBuffer, f32)>,
-) -> Result<Option<Pooled>, GpuError> {
-    if !ctx.sh.dev.kernels.wide_q8_once {
-        return Ok(None);
-    }
-    q8_codes(ctx, wtype, k, x, x_row0, t, tile, norm).map(Some)
-}
-
 /// Invocations per weight row of [`GEMV`] for a pass whose sequences have `solo` rows.
 pub fn gemv_lanes(choice: &KernelChoice, solo: usize) -> u32 {
     if solo == 1 {
@@ -547,9 +528,12 @@ pub fn gate_up_swiglu_into(
         let mut p = MatmulParams { tile_t: tile, ..p };
         let groups = u64::from(inter).div_ceil(u64::from(256 / lanes));
         let grid = wide_grid(&ctx.sh.dev.kernels, groups, t, tile);
+        // Codes made once where KernelChoice::wide_q8_once asks for them.
         let codes = match q8 {
-            Some(_) => wide_codes(ctx, wtype, gate_up.cols, x, 0, t, tile, norm)?,
-            None => None,
+            Some(_) if choice.wide_q8_once => {
+                Some(q8_codes(ctx, wtype, gate_up.cols, x, 0, t, tile, norm)?)
+            }
+            _ => None,
         };
         if codes.is_some() {
             p.mode = MODE_CODES;
@@ -660,7 +644,7 @@ pub fn matmul_fused_into(
     // Distinct dummies: one is bound read-only, the other read-write.
     let (dummy, dummy_rw) = (ctx.sh.dummies[0].clone(), ctx.sh.dummies[1].clone());
     let norm_w = fuse.norm.map_or(&*dummy, |(b, _)| b);
-    // The 8-bit codes every wide chunk reads, made at the first (wide_codes).
+    // The 8-bit codes every wide chunk reads, made at the first (q8_codes).
     let mut codes = None;
     for (i, c) in w.chunks.iter().enumerate() {
         // The normed rows are the same for every chunk: the first writes them.
@@ -693,9 +677,11 @@ pub fn matmul_fused_into(
             let (tile, bit) = q8.unwrap_or((tile, 0));
             let wtype = w.wtype() | bit;
             p.tile_t = tile;
-            // Codes made once, unless the normed float rows are wanted too (the f32 routers').
-            if q8.is_some() && fuse.hout.is_none() && codes.is_none() {
-                codes = wide_codes(ctx, wtype, w.cols, x, x_row0, t, tile, fuse.norm)?;
+            // Codes made once where KernelChoice::wide_q8_once asks for them, unless the normed
+            // float rows are wanted too (the f32 routers').
+            let once = ctx.sh.dev.kernels.wide_q8_once;
+            if once && q8.is_some() && fuse.hout.is_none() && codes.is_none() {
+                codes = Some(q8_codes(ctx, wtype, w.cols, x, x_row0, t, tile, fuse.norm)?);
             }
             let xin = match &codes {
                 Some(b) => {
