@@ -82,6 +82,13 @@ if [[ "$BACKEND" == gpu && -f "$SYN" && "${BENCH_BATCH:-1}" == 1 ]]; then
     --sequences "${BATCH_SEQUENCES:-1,4,16}" --context "${BATCH_CONTEXT:-512}" --iters 5 \
     --copy-mib 0 >"$OUT/bench-batch.md" 2>>"$LOG" || { log "bench batch failed"; FAILED=$((FAILED + 1)); }
   cat "$OUT/bench-batch.md" >>"$LOG"
+  if [[ -n "${VARIANT_ENV:-}" ]]; then
+    log "bench batch with $VARIANT_ENV"
+    env $VARIANT_ENV timeout 300 "$BIN" bench batch --model "$SYN" --tokens "${BATCH_TOKENS:-1,16,32}" \
+      --sequences "${BATCH_SEQUENCES:-1,4,16}" --context "${BATCH_CONTEXT:-512}" --iters 5 \
+      --copy-mib 0 >"$OUT/bench-batch-variant.md" 2>>"$LOG" || { log "bench batch (variant) failed"; FAILED=$((FAILED + 1)); }
+    cat "$OUT/bench-batch-variant.md" >>"$LOG"
+  fi
 fi
 
 printf '| model | decoder | streams | requests | failed | tokens/s | TTFT p50 / p99 ms | per token p50 / p99 ms | piece gap p50 / p99 ms | RSS MiB start → end | pass: sequences / rows |\n|---|---|---|---|---|---|---|---|---|---|---|\n' >"$OUT/serve-bench.md"
@@ -140,8 +147,19 @@ PYEOF
   wait "$pid" 2>/dev/null
 }
 
-bench_model default models/default.edm
-bench_model llada2-mini "$SYN"
+# MODELS picks the servers (default "default llada2-mini"), DECODERS the decoders (default "ar block").
+# VARIANT_ENV="VAR=value ..." adds, on the LLaDA2.0-mini shape, a server run with those knobs, side by
+# side with the plain one in the same call (named llada2-mini+variant).
+for m in ${MODELS:-default llada2-mini}; do
+  case $m in
+  default) bench_model default models/default.edm "${DECODERS:-ar block}" ;;
+  llada2-mini) bench_model llada2-mini "$SYN" "${DECODERS:-ar block}" ;;
+  *) log "unknown model $m (MODELS: default, llada2-mini)"; FAILED=$((FAILED + 1)) ;;
+  esac
+done
+if [[ -n "${VARIANT_ENV:-}" ]]; then
+  SERVE_ENV="$VARIANT_ENV" bench_model llada2-mini+variant "$SYN" "${DECODERS:-ar block}"
+fi
 if [[ "${BASELINE:-0}" == 1 ]]; then
   bench_model llada2-mini-unbatched "$SYN" "ar block" --pass-sequences 1
   SERVE_ENV=EDGEDIFF_BATCH_BLOCKS=0 bench_model llada2-mini-blocks-apart "$SYN" block
