@@ -89,6 +89,8 @@ fn seq_of(rng: &mut Rng, vocab: usize, len: usize) -> Seq {
         logits: below(rng, 2) == 0,
         routing: below(rng, 3) == 0,
         blocks: None,
+        // Some rows computed as a pass of fewer rows (lossless speculative verification).
+        rows_as: (below(rng, 4) == 0).then(|| 1 + below(rng, len)),
     };
     Seq {
         prefix,

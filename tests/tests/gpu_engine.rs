@@ -134,13 +134,30 @@ fn zaya_with_a_binding_window_decodes_the_same_tokens_on_the_gpu() {
 }
 
 #[test]
-fn zaya_lossless_speculative_on_the_gpu_equals_ar_on_the_gpu() {
+fn lossless_speculative_on_the_gpu_equals_ar_on_the_gpu() {
     // ZAYA1-8B-Diffusion-Preview's decoding on the GPU: drafts of 16 (its blocks) and of 5, β = 1,
     // commit AR's greedy tokens; rejected drafts roll the GPU's conv state and delayed v back.
+    // And a q4 MoE wide enough that passes of 3 rows or more take 8-bit activation codes
+    // (gpu_forward.rs): its verification rows are computed as AR's one-row passes.
     let dir = tempfile::tempdir().unwrap();
-    let Some(g) = gpu() else { return };
-    let path = write_synth(dir.path(), Architecture::Zaya, DType::F32);
-    let gpu = Engine::new(g, Arc::new(EdmFile::open(&path).unwrap())).unwrap();
+    let zaya = write_synth(dir.path(), Architecture::Zaya, DType::F32);
+    let wide = {
+        let spec = SynthSpec {
+            hidden: 1088,
+            expert_ffn: 512,
+            ..SynthSpec::tiny(Architecture::Qwen3Moe)
+        };
+        let path = dir.path().join("wide-q4.edm");
+        synth::write_edm(&synth::build(&spec).unwrap(), &path, DType::Q4, &|_, _| {}).unwrap();
+        path
+    };
+    for path in [zaya, wide] {
+        let Some(g) = gpu() else { return };
+        speculative_equals_ar(Engine::new(g, Arc::new(EdmFile::open(&path).unwrap())).unwrap());
+    }
+}
+
+fn speculative_equals_ar(gpu: Engine<GpuBackend>) {
     for prompt in [&PROMPT[..1], &PROMPT[..]] {
         let prompt = Prompt::Tokens(prompt.to_vec());
         let ar = generate(

@@ -442,3 +442,70 @@ fn q4_blocks_take_8_bit_activations_within_their_rounding() {
         }
     }
 }
+
+/// Lossless speculative decoding verifies draft tokens with rows that must sum as AR's one-row
+/// passes do (`ForwardRequest::rows_as`, decode/speculative.rs). On the q4 model whose blocks take
+/// 8-bit activation codes (above), a 12-row causal pass computed as one-row passes gives the
+/// logits of 12 one-row passes over the same tokens up to attention's summation order, while the
+/// same pass computed as its own 12 rows does not (the codes).
+#[test]
+fn rows_computed_as_one_row_give_the_one_row_passes_logits() {
+    use edgediff::backend::gpu::choice::KernelChoice;
+    use edgediff::backend::gpu::GpuOptions;
+    if edgediff::backend::gpu::testing::skip_requested() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = SynthSpec {
+        hidden: 1088,
+        expert_ffn: 512,
+        ..SynthSpec::tiny(Architecture::Qwen3Moe)
+    };
+    let m = synth::build(&spec).unwrap();
+    let path = dir.path().join("wide-q4.edm");
+    synth::write_edm(&m, &path, DType::Q4, &|_, _| {}).unwrap();
+    let g = GpuBackend::new(&GpuOptions {
+        poison: true,
+        kernels: KernelChoice {
+            wide_q8_act: true,
+            ..KernelChoice::from_env()
+        },
+        ..GpuOptions::from_env()
+    })
+    .unwrap();
+    let m = load(&g, &path);
+    let n = TOKENS.len();
+    let one_rows: Vec<f32> = {
+        let mut kv = m.new_kv(&g, 64).unwrap();
+        (0..n)
+            .flat_map(|i| {
+                let w = Window::block(i, 1, AttnMask::Causal);
+                run(&g, &m, &mut kv, &TOKENS[i..i + 1], w, true)
+                    .logits
+                    .unwrap()
+            })
+            .collect()
+    };
+    let block = |rows_as| {
+        let mut kv = m.new_kv(&g, 64).unwrap();
+        let want = ForwardRequest {
+            logits: true,
+            rows_as,
+            ..Default::default()
+        };
+        let w = Window::block(0, n, AttnMask::Causal);
+        m.forward(&g, &mut kv, &TOKENS, w, &want).unwrap()
+    };
+    let as_one = block(Some(1));
+    let err = rel_l2(as_one.logits.as_ref().unwrap(), &one_rows);
+    assert!(
+        err <= 1e-5,
+        "computed as one row: logits relative L2 {err:e}"
+    );
+    let own = block(None);
+    let err = rel_l2(own.logits.as_ref().unwrap(), &one_rows);
+    assert!(
+        err >= 1e-4,
+        "computed as 12 rows: logits relative L2 {err:e}"
+    );
+}

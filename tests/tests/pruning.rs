@@ -40,7 +40,7 @@ fn run(path: &Path) -> ForwardOutput {
         rows: None,
         logits: true,
         routing: true,
-        blocks: None,
+        ..Default::default()
     };
     model
         .forward(

@@ -680,9 +680,23 @@ impl<B: Backend> Session<'_, B> {
         rows: Range<usize>,
         blocks: PassBlocks,
     ) -> Result<Vec<PositionStats>, DecodeError> {
+        self.forward_as(tokens, window, rows, blocks, None)
+    }
+
+    /// [`Session::forward`], each row computed as a pass of `rows_as` rows would
+    /// ([`ForwardRequest::rows_as`]).
+    fn forward_as(
+        &mut self,
+        tokens: &[u32],
+        window: Window,
+        rows: Range<usize>,
+        blocks: PassBlocks,
+        rows_as: Option<usize>,
+    ) -> Result<Vec<PositionStats>, DecodeError> {
         let want = ForwardRequest {
             rows: Some(rows),
             blocks: self.block_routing(blocks, window.start),
+            rows_as,
             ..Default::default()
         };
         let out = self.passes.run(self.kv, tokens, window, &want);

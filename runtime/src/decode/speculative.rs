@@ -13,7 +13,11 @@
 //! Acceptance walks the draft left to right against the target distribution, `β·AR + (1−β)·
 //! diffusion` ([`sampling::mix`]; β = 1 is the AR distribution):
 //! - greedy: keep dᵢ while it is the target's argmax; the first mismatch takes the target's
-//!   argmax. With β = 1 the output is AR greedy decoding, token for token.
+//!   argmax. With β = 1 the output is AR greedy decoding, token for token: the prompt runs as
+//!   AR's first pass, and the verification rows are computed as AR's one-row passes
+//!   ([`crate::model::ForwardRequest::rows_as`]), so on a GPU whose multi-row kernels sum
+//!   differently (8-bit activation codes) the rows still equal AR's up to attention's summation
+//!   order.
 //! - sampling: keep dᵢ with probability min(1, p(dᵢ)/q(dᵢ)), else draw from norm(max(0, p − q)).
 //!   Both p and q are the top-8 candidates of their rows after temperature/top-k/top-p
 //!   ([`sampling`]): exact speculative sampling of the top-8-truncated distributions.
@@ -62,6 +66,33 @@ pub(super) fn run<B: Backend>(
     let mut clean_upto = 0;
     let mut draft: Vec<Draft> = Vec::new();
     let (mut passes, mut drafted, mut accepted_total) = (0, 0, 0);
+    // Lossless (β = 1): the target is AR's distribution, so the rows that verify are computed as
+    // AR computes them. The prompt goes through AR's own first pass (its K/V and first token are
+    // then AR's), and every later pass computes its rows as one-row passes do
+    // (`ForwardRequest::rows_as`): on a GPU whose multi-row kernels take 8-bit activation codes,
+    // verification rows summed as a 17-row pass would sum them break AR's near ties differently,
+    // and the output would not be AR's. Logit mixing (β < 1) is not AR's distribution anyway and
+    // keeps the faster multi-row kernels.
+    let exact = o.beta >= 1.0;
+    let rows_as = exact.then_some(1);
+    if exact && s.running() && seq.len() < end {
+        let len = seq.len();
+        let window = Window::block(0, len, AttnMask::Causal);
+        let rows = s.forward(&seq.clone(), window, len - 1..len, PassBlocks::Exact)?;
+        passes += 1;
+        let first = target(o.beta, &sampling, &rows[0], None);
+        let token = sampling::draw(&first, &mut s.rng).unwrap_or(rows[0].argmax);
+        seq.push(token);
+        clean_upto = len;
+        s.emit_canvas(seq.len(), Vec::new());
+        if !s.deliver(&[token]) || seq.len() >= end {
+            return Ok(DecoderDetails::Speculative {
+                passes,
+                drafted,
+                accepted: accepted_total,
+            });
+        }
+    }
     while s.running() {
         let n = seq.len() - 1; // position of c
         let m = draft.len();
@@ -82,7 +113,7 @@ pub(super) fn run<B: Backend>(
         let blocks = PassBlocks::Tail {
             first_row: draft_start - clean_upto,
         };
-        let rows = s.forward(&tokens, window, n - clean_upto..len, blocks)?;
+        let rows = s.forward_as(&tokens, window, n - clean_upto..len, blocks, rows_as)?;
         passes += 1;
         // rows[i] is position n + i: rows 0..=m verify, rows m+1.. draft.
         let mut committed = Vec::with_capacity(m + 1);

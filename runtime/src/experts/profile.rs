@@ -148,7 +148,7 @@ impl Profile {
             rows: Some(0..1),
             logits: false,
             routing: true,
-            blocks: None,
+            ..Default::default()
         };
         for chunk in tokens.chunks(window) {
             let out = model.forward(

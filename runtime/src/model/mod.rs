@@ -151,6 +151,20 @@ pub struct ForwardRequest {
     pub routing: bool,
     /// Block-level expert routing of this pass (`None`: exact routing).
     pub blocks: Option<BlockRouting>,
+    /// Compute every row as a pass of this many rows would (`None`: of the pass's own rows): a
+    /// backend whose kernels sum a row differently at different row counts (the GPU's word-a-lane
+    /// gemvs for a few rows, wide ones with 8-bit activation codes for more) then chooses them as
+    /// for that many rows, as it does for a batched pass's sequences. Lossless speculative
+    /// decoding verifies with `Some(1)`, so its verification rows sum as AR's one-row passes do.
+    pub rows_as: Option<usize>,
+}
+
+impl ForwardRequest {
+    /// The rows a pass of `tokens` tokens asking this computes each row as
+    /// ([`ForwardRequest::rows_as`]).
+    pub fn kernel_rows(&self, tokens: usize) -> usize {
+        self.rows_as.map_or(tokens, |r| r.clamp(1, tokens.max(1)))
+    }
 }
 
 pub struct Model<B: Backend> {
@@ -464,7 +478,14 @@ impl<B: Backend> Model<B> {
             return None;
         }
         let head = want.rows.as_ref().map_or(tokens, |r| r.len());
-        b.batch_class(&self.config, tokens, head)
+        // Computed as fewer rows (`rows_as`): the class of those rows, where the pass's own row
+        // counts may share a batched pass at all (the backend may keep some alone: an LM head too
+        // large for one chunk).
+        let (rows, head_rows) = (want.kernel_rows(tokens), want.kernel_rows(head));
+        if (rows, head_rows) != (tokens, head) {
+            b.batch_class(&self.config, tokens, head)?;
+        }
+        b.batch_class(&self.config, rows, head_rows)
     }
 
     /// One denoising step recorded on the backend and not read back (decode/chain.rs and
@@ -549,7 +570,11 @@ impl<B: Backend> Model<B> {
         } else {
             seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect()
         };
-        let largest = seqs.iter().map(|s| s.tokens.len()).max().unwrap_or(0);
+        let largest = seqs
+            .iter()
+            .map(|s| s.want.kernel_rows(s.tokens.len()))
+            .max()
+            .unwrap_or(0);
         let eps = c.rms_norm_eps as f32;
         b.begin_forward(tokens.len(), largest)?;
         let mut x = match &step {
@@ -778,7 +803,12 @@ impl<B: Backend> Model<B> {
             }
         }
         let n: usize = rows.iter().map(|r| r.len()).sum();
-        let largest_head = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+        let largest_head = rows
+            .iter()
+            .zip(seqs.iter())
+            .map(|(r, s)| s.want.kernel_rows(r.len()))
+            .max()
+            .unwrap_or(0);
         b.begin_head(n, largest_head)?;
         let (stats, logits) = if n == 0 {
             (Vec::new(), Some(Vec::new()))
