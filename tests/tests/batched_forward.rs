@@ -62,10 +62,15 @@ fn below(rng: &mut Rng, n: usize) -> usize {
     (rng.next_u64() % n as u64) as usize
 }
 
-/// A random pass of at most `max_rows` rows after a random prefix.
-fn random_seq(rng: &mut Rng, vocab: usize, max_rows: usize) -> Seq {
-    let len = 1 + below(rng, max_rows);
-    seq_of(rng, vocab, len)
+/// A random pass of one of `rows` row counts after a random prefix, computed as its own rows or
+/// (`ForwardRequest::rows_as`, lossless speculative verification) as another of `rows` at most
+/// as many: all of `rows` are of one batch class, so the pass stays in it.
+fn random_seq(rng: &mut Rng, vocab: usize, rows: &[usize]) -> Seq {
+    let len = rows[below(rng, rows.len())];
+    let mut s = seq_of(rng, vocab, len);
+    let fewer: Vec<usize> = rows.iter().copied().filter(|&r| r <= len).collect();
+    s.want.rows_as = (below(rng, 4) == 0).then(|| fewer[below(rng, fewer.len())]);
+    s
 }
 
 /// A random pass of `len` rows after a random prefix.
@@ -88,9 +93,7 @@ fn seq_of(rng: &mut Rng, vocab: usize, len: usize) -> Seq {
         rows: (below(rng, 4) > 0).then_some(a..b),
         logits: below(rng, 2) == 0,
         routing: below(rng, 3) == 0,
-        blocks: None,
-        // Some rows computed as a pass of fewer rows (lossless speculative verification).
-        rows_as: (below(rng, 4) == 0).then(|| 1 + below(rng, len)),
+        ..Default::default()
     };
     Seq {
         prefix,
@@ -138,7 +141,7 @@ fn batched_equals_alone<B: Backend>(
     name: &str,
     b: &B,
     m: &Model<B>,
-    max_rows: usize,
+    rows: &[usize],
     seed: u64,
     rounds: usize,
 ) {
@@ -146,7 +149,7 @@ fn batched_equals_alone<B: Backend>(
     for round in 0..rounds {
         let n = 2 + below(&mut rng, 11);
         let seqs: Vec<Seq> = (0..n)
-            .map(|_| random_seq(&mut rng, m.config.vocab_size, max_rows))
+            .map(|_| random_seq(&mut rng, m.config.vocab_size, rows))
             .collect();
         batch_equals_alone(&format!("{name} round {round}"), b, m, &seqs);
     }
@@ -194,7 +197,8 @@ fn a_batched_pass_equals_each_pass_alone_on_the_cpu() {
     for arch in Architecture::ALL {
         for dtype in [DType::F32, DType::Q4] {
             let m = load(&CpuBackend, &write_synth(dir.path(), arch, dtype));
-            batched_equals_alone(&format!("cpu {arch} {dtype}"), &CpuBackend, &m, 9, 7, 3);
+            let rows: Vec<usize> = (1..=9).collect();
+            batched_equals_alone(&format!("cpu {arch} {dtype}"), &CpuBackend, &m, &rows, 7, 3);
         }
     }
 }
@@ -215,11 +219,15 @@ fn a_batched_pass_of_gemv_sized_passes_equals_each_alone_on_the_gpu() {
                     continue;
                 }
                 let m = load(&gpu, &write_synth(dir.path(), arch, dtype));
-                // Passes of the gemv's rows, which all share one class (Backend::batch_class).
-                let rows = (1..64)
-                    .take_while(|&r| gpu.batch_class(&m.config, r, r) == Some(0))
-                    .count();
-                assert!(rows >= 2, "{name}: in-place AR passes (2 rows) must batch");
+                // Passes of the gemv's rows that share the class of an in-place AR pass (2
+                // rows; Backend::batch_class), and separately those of one-row passes.
+                let class = |r| gpu.batch_class(&m.config, r, r);
+                let ar: Vec<usize> = (1..64).filter(|&r| class(r) == class(2)).collect();
+                assert!(
+                    class(2).is_some(),
+                    "{name}: in-place AR passes (2 rows) must batch"
+                );
+                let one: Vec<usize> = (1..64).filter(|&r| class(r) == class(1)).collect();
                 // Caches of their own, some in a small arena (a batch mixes both: attention
                 // per sequence), all in one arena (one attention dispatch for the batch); a
                 // random batch each.
@@ -227,8 +235,10 @@ fn a_batched_pass_of_gemv_sized_passes_equals_each_alone_on_the_gpu() {
                     let reserved = gpu.reserve_kv(&m.config, positions).unwrap();
                     let suits = edgediff::backend::gpu::KvArena::suits(&m.config);
                     assert_eq!(reserved, if suits { positions } else { 0 }, "{name} {arch}");
-                    let what = format!("{name} {arch} {dtype} arena {positions}");
-                    batched_equals_alone(&what, &gpu, &m, rows, 11 + positions as u64, 1);
+                    for rows in [&ar, &one] {
+                        let what = format!("{name} {arch} {dtype} arena {positions} rows {rows:?}");
+                        batched_equals_alone(&what, &gpu, &m, rows, 11 + positions as u64, 1);
+                    }
                 }
                 gpu.reserve_kv(&m.config, 0).unwrap();
             }
@@ -289,9 +299,12 @@ fn a_batch_of_more_than_64_sequences_attends_in_chunks() {
     };
     let m = load(&gpu, &path);
     let mut rng = Rng::new(43);
+    // Passes of 1 or 2 rows where they share a class, else of 2 and more (in-place AR's class).
+    let class = |r| gpu.batch_class(&m.config, r, r);
+    let rows: Vec<usize> = (1..=3).filter(|&r| class(r) == class(2)).collect();
     let seqs: Vec<Seq> = (0..70)
         .map(|_| {
-            let len = 1 + below(&mut rng, 2);
+            let len = rows[below(&mut rng, rows.len())];
             seq_of(&mut rng, m.config.vocab_size, len)
         })
         .collect();
@@ -429,7 +442,9 @@ fn a_pass_with_block_routing_does_not_share_a_pass_and_bad_passes_fail_alone() {
         &write_synth(dir.path(), Architecture::Qwen3Moe, DType::F32),
     );
     let mut rng = Rng::new(3);
-    let seqs: Vec<Seq> = (0..2).map(|_| random_seq(&mut rng, 512, 4)).collect();
+    let seqs: Vec<Seq> = (0..2)
+        .map(|_| random_seq(&mut rng, 512, &[1, 2, 3, 4]))
+        .collect();
     let mut kvs: Vec<_> = seqs.iter().map(|s| prefill(&CpuBackend, &m, s)).collect();
     let blocks = ForwardRequest {
         blocks: Some(edgediff::backend::BlockRouting::tail(4, 0)),

@@ -123,8 +123,9 @@ pub struct KernelChoice {
     /// Split K of tensor-core matmuls with too few tiles to fill the GPU.
     pub coop_split_k: bool,
     /// Activation rows up to which weights of L2 size take the token-blocked gemv (the wide one
-    /// for q4/q8) rather than the tiles (16; 32 measures it against the tensor cores' split-K
-    /// tiles at 32 rows).
+    /// for q4/q8) rather than the tiles: 32 since 2026-12-07 (H100, 20-layer LLaDA2.0-mini q4,
+    /// one run: a 32-row pass 10.48 → 9.10 GPU ms, once the shared expert stopped riding along
+    /// past [`Self::shared_max_t`]; 16 before).
     pub gemv_max_t: usize,
     /// Rows up to which the shared expert runs inside the GEMV expert kernels (as one more expert
     /// column), also bounded by `gemv_max_t`; past them it runs as a dense MLP beside them. Its
@@ -148,8 +149,12 @@ pub struct KernelChoice {
     /// (shaders/gemv_wide.wgsl: 16-byte chunks, activations staged in shared memory) where the
     /// row fits, in place of gemv.wgsl's word-a-lane kernel. H100, 20-layer LLaDA2.0-mini q4, one
     /// run: at 16 rows 2,081 → 1,512 µs a pass (16 lanes a row), at one row 730 → 898 (slower).
-    /// From 3 rows, not 2: passes of 1 and 2 rows (AR, in place) keep one kernel and so one batch
-    /// class (ops/batch_class.rs), and batch together.
+    /// From 2 rows since 2026-12-07 (3 before, so that 1- and 2-row passes shared a batch class):
+    /// an in-place AR pass is 2 rows, and 16 of them batched (32 rows) took 6.54 ms on the word-a-
+    /// lane gemv and 2.83 on the wide one (H100, 4-layer LLaDA2.0-mini q4, `bench batch`);
+    /// `edgediff serve` at 16 AR streams 2,960 → 4,176 tokens/s, one stream 1,029 → 1,085; a 2-row
+    /// pass alone 3.47 → 3.34 GPU ms (20 layers). One-row passes (next-token AR) are now a class
+    /// of their own (ops/batch_class.rs bit 24) and batch among themselves.
     pub gemv_wide_min_t: Option<usize>,
     /// f32 weights (the routers) take the wide gemv (64 lanes a row) at every row count where the
     /// gemv serves them; off: the word-a-lane gemv.
@@ -262,12 +267,12 @@ impl Default for KernelChoice {
         KernelChoice {
             coop_min_t: COOP_MIN_T,
             coop_split_k: true,
-            gemv_max_t: super::ops::matmul::GEMV_MAX_T,
+            gemv_max_t: 32,
             shared_max_t: super::ops::matmul::GEMV_MAX_T,
             gemv_f32_max_t: GEMV_F32_MAX_T,
             gemv_blocked_max_bytes: super::ops::matmul::GEMV_BLOCKED_MAX_BYTES,
             gemv1_lanes: 16,
-            gemv_wide_min_t: Some(3),
+            gemv_wide_min_t: Some(2),
             gemv_wide_f32: true,
             wide_lanes: 16,
             wide_q8_act: true,
@@ -449,6 +454,11 @@ mod tests {
         assert!(d.coop_split_k && d.fuse_swiglu && d.moe.is_none() && d.attention.is_none());
         assert!(d.batch_blocks && !d.fuse_combine_norm && d.moe_wide == MoeWide::Blocks);
         assert_eq!(d.gemv1_lanes, 16);
+        assert_eq!(
+            (d.gemv_max_t, d.shared_max_t, d.fuse_norms_max_t),
+            (32, 16, 16)
+        );
+        assert_eq!(d.gemv_wide_min_t, Some(2));
     }
 
     #[test]
@@ -472,7 +482,7 @@ mod tests {
         let k = from(&[
             ("EDGEDIFF_COOP_MIN_T", "32"),
             ("EDGEDIFF_COOP_SPLIT_K", "0"),
-            ("EDGEDIFF_GEMV_MAX_T", "32"),
+            ("EDGEDIFF_GEMV_MAX_T", "64"),
             ("EDGEDIFF_SHARED_MAX_T", "8"),
             ("EDGEDIFF_GEMV_F32_MAX_T", "16"),
             ("EDGEDIFF_GEMV_BLOCKED_MAX_MB", "256"),
@@ -509,7 +519,7 @@ mod tests {
             KernelChoice {
                 coop_min_t: 32,
                 coop_split_k: false,
-                gemv_max_t: 32,
+                gemv_max_t: 64,
                 shared_max_t: 8,
                 gemv_f32_max_t: 16,
                 gemv_blocked_max_bytes: 256 << 20,

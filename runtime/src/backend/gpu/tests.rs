@@ -309,10 +309,12 @@ fn matmul_kernel_choice_uses_tensor_cores_only_where_lent() {
         [1, 16, 17, 32, 33, 64, 4096].map(coop_tile_t),
         [16, 16, 32, 32, 64, 64, 64]
     );
-    // The knobs move the boundaries: the earlier router rule, tensor cores from 32 tokens.
+    // The knobs move the boundaries: the earlier router rule, tensor cores from 32 tokens, the
+    // gemv up to 16 rows.
     let earlier = KernelChoice {
         gemv_f32_max_t: 16,
         coop_min_t: 32,
+        gemv_max_t: 16,
         ..d
     };
     let k =
