@@ -136,7 +136,9 @@ fn same(what: &str, batched: &ForwardOutput, alone: &ForwardOutput) {
     }
 }
 
-/// `rounds` random batches of up to 12 sequences of at most `max_rows` rows each.
+/// `rounds` random rounds of up to 12 sequences of `rows` rows each, batched as the batcher
+/// batches them: one batched pass per [`Model::batch_class`] (the rows an LM head computes can
+/// set a pass apart: one head row against two, say).
 fn batched_equals_alone<B: Backend>(
     name: &str,
     b: &B,
@@ -146,13 +148,25 @@ fn batched_equals_alone<B: Backend>(
     rounds: usize,
 ) {
     let mut rng = Rng::new(seed);
+    let mut batched = 0;
     for round in 0..rounds {
         let n = 2 + below(&mut rng, 11);
-        let seqs: Vec<Seq> = (0..n)
-            .map(|_| random_seq(&mut rng, m.config.vocab_size, rows))
-            .collect();
-        batch_equals_alone(&format!("{name} round {round}"), b, m, &seqs);
+        let mut classes: Vec<(u64, Vec<Seq>)> = Vec::new();
+        for s in (0..n).map(|_| random_seq(&mut rng, m.config.vocab_size, rows)) {
+            let Some(c) = m.batch_class(b, s.tokens.len(), &s.want) else {
+                continue;
+            };
+            match classes.iter_mut().find(|(k, _)| *k == c) {
+                Some((_, group)) => group.push(s),
+                None => classes.push((c, vec![s])),
+            }
+        }
+        for (c, group) in classes.iter().filter(|(_, g)| g.len() > 1) {
+            batch_equals_alone(&format!("{name} round {round} class {c:#x}"), b, m, group);
+            batched += group.len();
+        }
     }
+    assert!(batched >= 2, "{name}: no two passes shared a class");
 }
 
 /// `seqs` run as one batched pass give each what its pass alone gives (and leave the same K/V).
@@ -305,7 +319,10 @@ fn a_batch_of_more_than_64_sequences_attends_in_chunks() {
     let seqs: Vec<Seq> = (0..70)
         .map(|_| {
             let len = rows[below(&mut rng, rows.len())];
-            seq_of(&mut rng, m.config.vocab_size, len)
+            let mut s = seq_of(&mut rng, m.config.vocab_size, len);
+            // Every row through the LM head, so the head's rows keep the class too.
+            s.want.rows = None;
+            s
         })
         .collect();
     gpu.reserve_kv(&m.config, 2 * 70 * 64).unwrap();

@@ -78,7 +78,7 @@ pub(super) fn run<B: Backend>(
     if exact && s.running() && seq.len() < end {
         let len = seq.len();
         let window = Window::block(0, len, AttnMask::Causal);
-        let rows = s.forward(&seq.clone(), window, len - 1..len, PassBlocks::Exact)?;
+        let rows = s.forward(&seq, window, len - 1..len, PassBlocks::Exact)?;
         passes += 1;
         let first = target(o.beta, &sampling, &rows[0], None);
         let token = sampling::draw(&first, &mut s.rng).unwrap_or(rows[0].argmax);
