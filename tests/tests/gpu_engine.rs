@@ -141,16 +141,7 @@ fn lossless_speculative_on_the_gpu_equals_ar_on_the_gpu() {
     // (gpu_forward.rs): its verification rows are computed as AR's one-row passes.
     let dir = tempfile::tempdir().unwrap();
     let zaya = write_synth(dir.path(), Architecture::Zaya, DType::F32);
-    let wide = {
-        let spec = SynthSpec {
-            hidden: 1088,
-            expert_ffn: 512,
-            ..SynthSpec::tiny(Architecture::Qwen3Moe)
-        };
-        let path = dir.path().join("wide-q4.edm");
-        synth::write_edm(&synth::build(&spec).unwrap(), &path, DType::Q4, &|_, _| {}).unwrap();
-        path
-    };
+    let wide = edgediff_tests::write_wide_q4(dir.path(), Architecture::Qwen3Moe);
     for path in [zaya, wide] {
         let Some(g) = gpu() else { return };
         speculative_equals_ar(Engine::new(g, Arc::new(EdmFile::open(&path).unwrap())).unwrap());

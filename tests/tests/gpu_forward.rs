@@ -14,6 +14,7 @@ use edgediff::backend::{AttnMask, Backend};
 use edgediff::format::{DType, EdmFile};
 use edgediff::model::{Architecture, ForwardOutput, ForwardRequest, Model, Window};
 use edgediff::synth::{self, SynthSpec};
+use edgediff_tests::write_wide_q4;
 
 const TOKENS: [u32; 12] = [1, 40, 77, 300, 12, 3, 3, 3, 90, 41, 7, 250];
 const MASKS: [AttnMask; 4] = [
@@ -48,6 +49,22 @@ fn run<B: Backend>(
         ..Default::default()
     };
     m.forward(b, kv, tokens, window, &want).unwrap()
+}
+
+/// The first adapter, outputs poisoned before kernels write them, the wide q4 kernels with 8-bit
+/// activation codes (`q8`) or float activations.
+fn poisoned_gpu(q8: bool) -> GpuBackend {
+    use edgediff::backend::gpu::choice::KernelChoice;
+    use edgediff::backend::gpu::GpuOptions;
+    GpuBackend::new(&GpuOptions {
+        poison: true,
+        kernels: KernelChoice {
+            wide_q8_act: q8,
+            ..KernelChoice::from_env()
+        },
+        ..GpuOptions::from_env()
+    })
+    .unwrap()
 }
 
 /// Logits and statistics of the GPU pass against the CPU pass.
@@ -397,20 +414,11 @@ fn kernels_without_runtime_checks_equal_the_checked_ones() {
 /// used); with float activations (EDGEDIFF_WIDE_Q8ACT=0) the f32 bound holds again.
 #[test]
 fn q4_blocks_take_8_bit_activations_within_their_rounding() {
-    use edgediff::backend::gpu::choice::KernelChoice;
-    use edgediff::backend::gpu::GpuOptions;
     if edgediff::backend::gpu::testing::skip_requested() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let spec = SynthSpec {
-        hidden: 1088,
-        expert_ffn: 512,
-        ..SynthSpec::tiny(Architecture::Llada2Moe)
-    };
-    let m = synth::build(&spec).unwrap();
-    let path = dir.path().join("wide-q4.edm");
-    synth::write_edm(&m, &path, DType::Q4, &|_, _| {}).unwrap();
+    let path = write_wide_q4(dir.path(), Architecture::Llada2Moe);
     let window = Window::block(0, 12, AttnMask::Bidirectional);
     let cpu = {
         let c = CpuBackend;
@@ -419,15 +427,7 @@ fn q4_blocks_take_8_bit_activations_within_their_rounding() {
         run(&c, &m, &mut kv, &TOKENS, window, true)
     };
     for q8 in [true, false] {
-        let g = GpuBackend::new(&GpuOptions {
-            poison: true,
-            kernels: KernelChoice {
-                wide_q8_act: q8,
-                ..KernelChoice::from_env()
-            },
-            ..GpuOptions::from_env()
-        })
-        .unwrap();
+        let g = poisoned_gpu(q8);
         let m = load(&g, &path);
         let mut kv = m.new_kv(&g, 64).unwrap();
         let out = run(&g, &m, &mut kv, &TOKENS, window, true);
@@ -450,29 +450,12 @@ fn q4_blocks_take_8_bit_activations_within_their_rounding() {
 /// same pass computed as its own 12 rows does not (the codes).
 #[test]
 fn rows_computed_as_one_row_give_the_one_row_passes_logits() {
-    use edgediff::backend::gpu::choice::KernelChoice;
-    use edgediff::backend::gpu::GpuOptions;
     if edgediff::backend::gpu::testing::skip_requested() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let spec = SynthSpec {
-        hidden: 1088,
-        expert_ffn: 512,
-        ..SynthSpec::tiny(Architecture::Qwen3Moe)
-    };
-    let m = synth::build(&spec).unwrap();
-    let path = dir.path().join("wide-q4.edm");
-    synth::write_edm(&m, &path, DType::Q4, &|_, _| {}).unwrap();
-    let g = GpuBackend::new(&GpuOptions {
-        poison: true,
-        kernels: KernelChoice {
-            wide_q8_act: true,
-            ..KernelChoice::from_env()
-        },
-        ..GpuOptions::from_env()
-    })
-    .unwrap();
+    let path = write_wide_q4(dir.path(), Architecture::Qwen3Moe);
+    let g = poisoned_gpu(true);
     let m = load(&g, &path);
     let n = TOKENS.len();
     let one_rows: Vec<f32> = {
