@@ -149,13 +149,19 @@ PYEOF
 
 # MODELS picks the servers (default "default llada2-mini"), DECODERS the decoders (default "ar block").
 # VARIANT_ENV="VAR=value ..." adds, on the LLaDA2.0-mini shape, a server run with those knobs, side by
-# side with the plain one in the same call (named llada2-mini+variant).
+# side with the plain one in the same call (named llada2-mini+variant). HOST_STEPS=1 adds, for each
+# model, a server with --device-steps host (named <model>-host-steps): every AR token a host round
+# trip, as before batched AR steps chained on the device.
 for m in ${MODELS:-default llada2-mini}; do
   case $m in
-  default) bench_model default models/default.edm "${DECODERS:-ar block}" ;;
-  llada2-mini) bench_model llada2-mini "$SYN" "${DECODERS:-ar block}" ;;
-  *) log "unknown model $m (MODELS: default, llada2-mini)"; FAILED=$((FAILED + 1)) ;;
+  default) path=models/default.edm ;;
+  llada2-mini) path="$SYN" ;;
+  *) log "unknown model $m (MODELS: default, llada2-mini)"; FAILED=$((FAILED + 1)); continue ;;
   esac
+  bench_model "$m" "$path" "${DECODERS:-ar block}"
+  if [[ "${HOST_STEPS:-0}" == 1 ]]; then
+    bench_model "$m-host-steps" "$path" "${DECODERS:-ar block}" --device-steps host
+  fi
 done
 if [[ -n "${VARIANT_ENV:-}" ]]; then
   SERVE_ENV="$VARIANT_ENV" bench_model llada2-mini+variant "$SYN" "${DECODERS:-ar block}"

@@ -26,6 +26,11 @@ struct CommitParams {
     eos: u32,
     output_from: u32,
     mask: u32,
+    // The stats buffer's row that is this step's row 0 (a batched pass's rows, one sequence's).
+    stats_row0: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 const NONE: u32 = 0xffffffffu;
@@ -95,7 +100,7 @@ fn commit_step(@builtin(local_invocation_index) i: u32) {
     var token = 0u;
     var score = 0.0;
     if (cand) {
-        let o = (i - p.stats_from) * WORDS;
+        let o = (p.stats_row0 + i - p.stats_from) * WORDS;
         token = stats[o];
         switch p.rule {
             case 2u: { score = bitcast<f32>(stats[o + 2u]); }

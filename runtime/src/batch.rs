@@ -25,9 +25,11 @@ use std::ptr::NonNull;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::backend::Backend;
-use crate::decode::PassRunner;
-use crate::model::{ForwardOutput, ForwardRequest, Model, ModelError, SeqPass, Window};
+use crate::backend::{Backend, CanvasState};
+use crate::decode::{ArChain, DeviceSteps, PassRunner};
+use crate::model::{
+    DenoiseStep, ForwardOutput, ForwardRequest, Model, ModelError, SeqPass, Window,
+};
 
 /// How batches form.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,13 +54,16 @@ impl Default for BatchLimits {
     }
 }
 
-/// One batched pass, as reported to [`PassBatcher::set_report`].
+/// One batched pass, or one batched chain of AR steps, as reported to
+/// [`PassBatcher::set_report`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BatchReport {
     /// Sequences in the pass.
     pub sequences: usize,
-    /// Rows (Σ tokens).
+    /// Rows (Σ tokens) of its first pass.
     pub rows: usize,
+    /// Passes: 1, or the steps of a chain (its sequences' most).
+    pub passes: usize,
     pub elapsed: Duration,
 }
 
@@ -71,14 +76,40 @@ struct LentKv<K>(NonNull<K>);
 // thread waits for that pass's outputs (module doc); `K: Send` lets it be used from that thread.
 unsafe impl<K: Send> Send for LentKv<K> {}
 
+/// What a sequence queues: one pass, or a chain of AR steps ([`ArChain`]).
+enum Job {
+    Pass {
+        tokens: Vec<u32>,
+        window: Window,
+        want: ForwardRequest,
+    },
+    Chain(ArChain),
+}
+
+/// What it gets back.
+enum Done {
+    Pass(Result<ForwardOutput, ModelError>),
+    Chain(Result<CanvasState, ModelError>),
+}
+
+impl Done {
+    fn failed(job: &Job, e: ModelError) -> Done {
+        match job {
+            Job::Pass { .. } => Done::Pass(Err(e)),
+            Job::Chain(_) => Done::Chain(Err(e)),
+        }
+    }
+}
+
 struct Queued<B: Backend> {
     ticket: u64,
     kv: LentKv<B::Kv>,
-    tokens: Vec<u32>,
-    window: Window,
-    want: ForwardRequest,
-    /// [`Model::batch_class`] of its pass.
-    class: Option<u64>,
+    job: Job,
+    /// Rows of its (first) pass.
+    rows: usize,
+    /// [`Model::batch_class`] of its pass, and whether it is a chain (chains batch with chains
+    /// only).
+    class: Option<(bool, u64)>,
     since: Instant,
 }
 
@@ -90,7 +121,7 @@ struct State<B: Backend> {
     /// When the last batched pass ended: the sequences it served queue their next passes
     /// from then on, so the next batch waits for them from then, not from its oldest pass.
     free_since: Instant,
-    done: HashMap<u64, Result<ForwardOutput, ModelError>>,
+    done: HashMap<u64, Done>,
     next_ticket: u64,
 }
 
@@ -169,17 +200,62 @@ impl<B: Backend> PassBatcher<B> {
         window: Window,
         want: &ForwardRequest,
     ) -> Result<ForwardOutput, ModelError> {
+        let class = model.batch_class(backend, tokens.len(), want);
+        let job = Job::Pass {
+            tokens: tokens.to_vec(),
+            window,
+            want: want.clone(),
+        };
+        match self.queue_and_wait(backend, model, kv, job, class.map(|c| (false, c))) {
+            Done::Pass(out) => out,
+            Done::Chain(_) => unreachable!("a pass's ticket gets a pass's outputs"),
+        }
+    }
+
+    /// Queues one chain of AR steps and waits for its canvas, leading a batched chain when it is
+    /// time.
+    fn run_chain(
+        &self,
+        backend: &B,
+        model: &Model<B>,
+        kv: &mut B::Kv,
+        chain: &ArChain,
+    ) -> Result<CanvasState, ModelError> {
+        let class = model.batch_class(backend, chain.width(), &chain.want());
+        match self.queue_and_wait(
+            backend,
+            model,
+            kv,
+            Job::Chain(chain.clone()),
+            class.map(|c| (true, c)),
+        ) {
+            Done::Chain(out) => out,
+            Done::Pass(_) => unreachable!("a chain's ticket gets a chain's canvas"),
+        }
+    }
+
+    fn queue_and_wait(
+        &self,
+        backend: &B,
+        model: &Model<B>,
+        kv: &mut B::Kv,
+        job: Job,
+        class: Option<(bool, u64)>,
+    ) -> Done {
         let limits = self.limits();
         let mut st = lock(&self.state);
         let ticket = st.next_ticket;
         st.next_ticket += 1;
+        let rows = match &job {
+            Job::Pass { tokens, .. } => tokens.len(),
+            Job::Chain(c) => c.width(),
+        };
         st.queue.push_back(Queued {
             ticket,
             kv: LentKv(NonNull::from(kv)),
-            tokens: tokens.to_vec(),
-            window,
-            want: want.clone(),
-            class: model.batch_class(backend, tokens.len(), want),
+            job,
+            rows,
+            class,
             since: Instant::now(),
         });
         self.wake.notify_all();
@@ -208,9 +284,19 @@ impl<B: Backend> PassBatcher<B> {
             st.running = true;
             drop(st);
             let started = Instant::now();
-            let rows = batch.iter().map(|q| q.tokens.len()).sum();
+            let rows = batch.iter().map(|q| q.rows).sum();
             let sequences = batch.len();
+            let passes = batch
+                .iter()
+                .map(|q| match &q.job {
+                    Job::Pass { .. } => 1,
+                    Job::Chain(c) => c.steps,
+                })
+                .max()
+                .unwrap_or(1);
             let tickets: Vec<u64> = batch.iter().map(|q| q.ticket).collect();
+            // A batch is of one kind (chains share a class with chains only).
+            let chains = matches!(batch[0].job, Job::Chain(_));
             let outcome =
                 std::panic::catch_unwind(AssertUnwindSafe(|| run_batch(backend, model, batch)));
             st = lock(&self.state);
@@ -223,7 +309,12 @@ impl<B: Backend> PassBatcher<B> {
                 }
                 Err(p) => {
                     for t in tickets {
-                        st.done.insert(t, Err(ModelError::BatchPanicked));
+                        let e = ModelError::BatchPanicked;
+                        let done = match chains {
+                            true => Done::Chain(Err(e)),
+                            false => Done::Pass(Err(e)),
+                        };
+                        st.done.insert(t, done);
                     }
                     Some(p)
                 }
@@ -239,6 +330,7 @@ impl<B: Backend> PassBatcher<B> {
                 r(&BatchReport {
                     sequences,
                     rows,
+                    passes,
                     elapsed: started.elapsed(),
                 });
                 st = lock(&self.state);
@@ -251,7 +343,7 @@ impl<B: Backend> PassBatcher<B> {
 /// within the limits); a pass of no class runs alone.
 fn take_batch<B: Backend>(queue: &mut VecDeque<Queued<B>>, limits: BatchLimits) -> Vec<Queued<B>> {
     let first = queue.pop_front().expect("the queue is not empty");
-    let mut rows = first.tokens.len();
+    let mut rows = first.rows;
     let class = first.class;
     let mut batch = vec![first];
     if class.is_none() {
@@ -260,8 +352,8 @@ fn take_batch<B: Backend>(queue: &mut VecDeque<Queued<B>>, limits: BatchLimits) 
     let mut i = 0;
     while i < queue.len() && batch.len() < limits.max_sequences {
         let q = &queue[i];
-        if q.class == class && rows + q.tokens.len() <= limits.max_rows {
-            rows += q.tokens.len();
+        if q.class == class && rows + q.rows <= limits.max_rows {
+            rows += q.rows;
             batch.push(queue.remove(i).expect("index in range"));
         } else {
             i += 1;
@@ -270,39 +362,66 @@ fn take_batch<B: Backend>(queue: &mut VecDeque<Queued<B>>, limits: BatchLimits) 
     batch
 }
 
-/// Runs the passes of `batch` as one pass (each checked alone first; on a failure, one by one).
-fn run_batch<B: Backend>(
-    backend: &B,
-    model: &Model<B>,
-    batch: Vec<Queued<B>>,
-) -> Vec<(u64, Result<ForwardOutput, ModelError>)> {
+/// Runs `batch` (all passes, or all chains) together.
+fn run_batch<B: Backend>(backend: &B, model: &Model<B>, batch: Vec<Queued<B>>) -> Vec<(u64, Done)> {
     let mut results = Vec::with_capacity(batch.len());
-    let mut ok = Vec::with_capacity(batch.len());
-    for mut q in batch {
-        // SAFETY: the lending thread waits in `PassBatcher::run` until this batch's outputs are
-        // posted; until then this thread is the cache's only user (module doc).
-        let kv = unsafe { q.kv.0.as_mut() };
-        match model.check_pass(backend, kv, &q.tokens, q.window, &q.want) {
-            Ok(()) => ok.push((q, kv)),
-            Err(e) => results.push((q.ticket, Err(e))),
+    let mut passes = Vec::with_capacity(batch.len());
+    let mut chains = Vec::with_capacity(batch.len());
+    for q in batch {
+        // SAFETY: the lending thread waits in `PassBatcher::queue_and_wait` until this batch's
+        // outputs are posted; until then this thread is the cache's only user (module doc).
+        let kv = unsafe { &mut *q.kv.0.as_ptr() };
+        let checked = match &q.job {
+            Job::Pass {
+                tokens,
+                window,
+                want,
+            } => model.check_pass(backend, kv, tokens, *window, want),
+            Job::Chain(c) => check_chain(backend, model, kv, c),
+        };
+        match (checked, q.job) {
+            (Err(e), job) => results.push((q.ticket, Done::failed(&job, e))),
+            (
+                Ok(()),
+                Job::Pass {
+                    tokens,
+                    window,
+                    want,
+                },
+            ) => passes.push((q.ticket, kv, tokens, window, want)),
+            (Ok(()), Job::Chain(c)) => chains.push((q.ticket, kv, c)),
         }
     }
+    run_passes(backend, model, passes, &mut results);
+    run_chains(backend, model, chains, &mut results);
+    results
+}
+
+type Pass<'k, K> = (u64, &'k mut K, Vec<u32>, Window, ForwardRequest);
+
+/// Runs `ok` as one pass (each already checked alone; on a failure, one by one).
+fn run_passes<B: Backend>(
+    backend: &B,
+    model: &Model<B>,
+    mut ok: Vec<Pass<'_, B::Kv>>,
+    results: &mut Vec<(u64, Done)>,
+) {
     if ok.len() == 1 {
-        let (q, kv) = ok.pop().expect("one pass");
-        let out = model.forward(backend, kv, &q.tokens, q.window, &q.want);
-        results.push((q.ticket, out));
-        return results;
+        let (ticket, kv, tokens, window, want) = ok.pop().expect("one pass");
+        let out = model.forward(backend, kv, &tokens, window, &want);
+        results.push((ticket, Done::Pass(out)));
+        return;
     }
     if ok.is_empty() {
-        return results;
+        return;
     }
     let mut seqs: Vec<SeqPass<'_, B>> = ok
         .iter_mut()
-        .map(|(q, kv)| SeqPass {
+        .map(|(_, kv, tokens, window, want)| SeqPass {
             kv: &mut **kv,
-            tokens: &q.tokens,
-            window: q.window,
-            want: &q.want,
+            tokens,
+            window: *window,
+            want,
         })
         .collect();
     match model.forward_batch(backend, &mut seqs) {
@@ -310,19 +429,106 @@ fn run_batch<B: Backend>(
             drop(seqs);
             results.extend(
                 ok.iter()
-                    .map(|(q, _)| q.ticket)
-                    .zip(outs.into_iter().map(Ok)),
+                    .map(|p| p.0)
+                    .zip(outs.into_iter().map(|o| Done::Pass(Ok(o)))),
             );
         }
         Err(_) => {
             drop(seqs);
-            for (q, kv) in ok {
-                let out = model.forward(backend, kv, &q.tokens, q.window, &q.want);
-                results.push((q.ticket, out));
+            for (ticket, kv, tokens, window, want) in ok {
+                let out = model.forward(backend, kv, &tokens, window, &want);
+                results.push((ticket, Done::Pass(out)));
             }
         }
     }
-    results
+}
+
+/// Whether `chain` fits `kv` and the model: its last step's pass checked as a pass alone (every
+/// earlier step's window lies inside it), and at least one step.
+fn check_chain<B: Backend>(
+    backend: &B,
+    model: &Model<B>,
+    kv: &B::Kv,
+    chain: &ArChain,
+) -> Result<(), ModelError> {
+    if chain.steps == 0 {
+        return Err(ModelError::NoTokens);
+    }
+    let count = vec![0; chain.width()];
+    let last = chain.window(chain.steps - 1);
+    model.check_pass(backend, kv, &count, last, &chain.want())
+}
+
+type Chain<'k, K> = (u64, &'k mut K, ArChain);
+
+/// Runs the chains `ok` together (each already checked alone; on a failure, one by one).
+fn run_chains<B: Backend>(
+    backend: &B,
+    model: &Model<B>,
+    mut ok: Vec<Chain<'_, B::Kv>>,
+    results: &mut Vec<(u64, Done)>,
+) {
+    if ok.is_empty() {
+        return;
+    }
+    match chain_together(backend, model, &mut ok) {
+        Ok(states) => results.extend(
+            ok.iter()
+                .map(|c| c.0)
+                .zip(states.into_iter().map(|s| Done::Chain(Ok(s)))),
+        ),
+        Err(e) if ok.len() == 1 => results.push((ok[0].0, Done::Chain(Err(e)))),
+        Err(_) => {
+            for one in ok {
+                let mut one = [one];
+                let out = chain_together(backend, model, &mut one).map(|mut s| s.remove(0));
+                results.push((one[0].0, Done::Chain(out)));
+            }
+        }
+    }
+}
+
+/// Records the chains' steps, step `i` of every chain with more than `i` steps as one batched
+/// pass ([`Model::denoise_steps`]), all into one submission, then reads their canvases back in
+/// one round trip. A step rewrites the K/V positions it covers, so running a chain again after a
+/// failure starts from the same cache.
+fn chain_together<B: Backend>(
+    backend: &B,
+    model: &Model<B>,
+    chains: &mut [Chain<'_, B::Kv>],
+) -> Result<Vec<CanvasState>, ModelError> {
+    let mut canvases = chains
+        .iter()
+        .map(|(_, _, c)| backend.new_canvas(&c.cells(), c.mask.unwrap_or(0)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let most = chains.iter().map(|c| c.2.steps).max().unwrap_or(0);
+    let wants: Vec<ForwardRequest> = chains.iter().map(|c| c.2.want()).collect();
+    // Host tokens give only the passes' row counts: the ids come from the canvases.
+    let counts: Vec<Vec<u32>> = chains.iter().map(|c| vec![0; c.2.width()]).collect();
+    for i in 0..most {
+        let mut seqs = Vec::with_capacity(chains.len());
+        let mut steps = Vec::with_capacity(chains.len());
+        for (j, ((_, kv, c), canvas)) in chains.iter_mut().zip(canvases.iter_mut()).enumerate() {
+            if c.steps <= i {
+                continue;
+            }
+            seqs.push(SeqPass {
+                kv: &mut **kv,
+                tokens: &counts[j],
+                window: c.window(i),
+                want: &wants[j],
+            });
+            steps.push(DenoiseStep {
+                canvas,
+                ids_from_canvas: Some(i),
+                commit: c.commit(i),
+            });
+        }
+        model.denoise_steps(backend, &mut seqs, steps)?;
+    }
+    let refs: Vec<&B::Canvas> = canvases.iter().collect();
+    let ranges: Vec<std::ops::Range<usize>> = chains.iter().map(|c| 0..c.2.steps).collect();
+    Ok(backend.read_canvases(&refs, &ranges)?)
 }
 
 /// One sequence's passes through the batcher ([`PassBatcher::join`]).
@@ -342,6 +548,14 @@ impl<B: Backend> PassRunner<B> for BatchedPasses<'_, B> {
     ) -> Result<ForwardOutput, ModelError> {
         self.batcher
             .run(self.backend, self.model, kv, tokens, window, want)
+    }
+
+    fn chains_batched(&self, steps: DeviceSteps) -> bool {
+        steps.wanted(self.backend) && self.model.chains_steps(self.backend)
+    }
+
+    fn run_chain(&mut self, kv: &mut B::Kv, chain: &ArChain) -> Result<CanvasState, ModelError> {
+        self.batcher.run_chain(self.backend, self.model, kv, chain)
     }
 }
 

@@ -16,8 +16,8 @@ use edgediff::backend::gpu::GpuBackend;
 use edgediff::backend::{AttnMask, Backend};
 use edgediff::batch::BatchLimits;
 use edgediff::decode::{
-    BidirectionalCache, BidirectionalOptions, BlockOptions, DecoderKind, Prediction, Rng, Sampling,
-    SpeculativeOptions,
+    BidirectionalCache, BidirectionalOptions, BlockOptions, DecoderKind, DeviceSteps, Prediction,
+    Rng, Sampling, SpeculativeOptions,
 };
 use edgediff::engine::{Engine, GenerationRequest, Prompt};
 use edgediff::format::{DType, EdmFile};
@@ -558,13 +558,25 @@ fn decoding_many_requests_together_gives_each_the_tokens_it_gets_alone() {
             .iter()
             .map(|r| engine.generate(r, &mut |_| {}).unwrap())
             .collect();
+        // Together, the greedy AR requests chain their steps as a GPU would (the CPU's canvas is
+        // the host loop's own step): their tokens must still be the host loop's, alone.
+        let mut chained = requests.clone();
+        for r in &mut chained {
+            if r.decoding.decoder == DecoderKind::Ar {
+                r.decoding.device_steps = DeviceSteps::Device;
+            }
+        }
         let batches = Arc::new(AtomicUsize::new(0));
         let shared = Arc::new(AtomicUsize::new(0));
-        let (b, s) = (batches.clone(), shared.clone());
+        let chains = Arc::new(AtomicUsize::new(0));
+        let (b, s, c) = (batches.clone(), shared.clone(), chains.clone());
         engine.set_batch_report(move |r| {
             b.fetch_add(1, Ordering::Relaxed);
             if r.sequences > 1 {
                 s.fetch_add(1, Ordering::Relaxed);
+            }
+            if r.passes > 1 {
+                c.fetch_add(1, Ordering::Relaxed);
             }
         });
         // A long wait: the check below counts saved passes, and under a loaded CI machine (the
@@ -577,7 +589,7 @@ fn decoding_many_requests_together_gives_each_the_tokens_it_gets_alone() {
         });
         let streamed: Vec<std::sync::Mutex<String>> =
             requests.iter().map(|_| Default::default()).collect();
-        let together = engine.generate_many(&requests, &|i, e| {
+        let together = engine.generate_many(&chained, &|i, e| {
             if let edgediff::engine::Event::Text(t) = e {
                 streamed[i].lock().unwrap().push_str(&t);
             }
@@ -596,6 +608,10 @@ fn decoding_many_requests_together_gives_each_the_tokens_it_gets_alone() {
         let (n, shared) = (
             batches.load(Ordering::Relaxed),
             shared.load(Ordering::Relaxed),
+        );
+        assert!(
+            chains.load(Ordering::Relaxed) > 0,
+            "{arch}: no AR chain ran"
         );
         let passes: usize = alone.iter().map(|a| a.stats.forward_passes).sum();
         // Sequences of different lengths end apart (the last passes run alone): at least half
@@ -647,8 +663,13 @@ fn decoding_many_requests_together_on_the_gpu_gives_each_the_tokens_it_gets_alon
             .collect();
         let shared = Arc::new(AtomicUsize::new(0));
         let blocks = Arc::new(AtomicUsize::new(0));
-        let (s, bl) = (shared.clone(), blocks.clone());
+        // Greedy AR streams chain their steps (several sequences' step i in one batched pass).
+        let chains = Arc::new(AtomicUsize::new(0));
+        let (s, bl, ch) = (shared.clone(), blocks.clone(), chains.clone());
         engine.set_batch_report(move |r| {
+            if r.passes > 1 && r.sequences > 1 {
+                ch.fetch_add(1, Ordering::Relaxed);
+            }
             if r.sequences > 1 {
                 s.fetch_add(1, Ordering::Relaxed);
                 // More rows than the gemv's 4 a sequence: diffusion blocks shared the pass.
@@ -684,6 +705,10 @@ fn decoding_many_requests_together_on_the_gpu_gives_each_the_tokens_it_gets_alon
         assert!(
             blocks > 0,
             "{name}: {shared} passes shared, none of diffusion blocks"
+        );
+        assert!(
+            chains.load(Ordering::Relaxed) > 0,
+            "{name}: no batched chain of AR steps"
         );
     }
 }

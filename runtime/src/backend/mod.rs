@@ -893,6 +893,30 @@ pub trait Backend {
     ) -> Result<CanvasState> {
         Err(self.unsupported("read_canvas"))
     }
+    /// The canvases' states as [`Backend::read_canvas`] gives each (the steps `steps[i]` of
+    /// canvas `i`), read back together: the sequences of a batched chain of steps
+    /// ([`crate::model::Model::denoise_steps`]) cost one round trip, not one each.
+    fn read_canvases(
+        &self,
+        canvases: &[&Self::Canvas],
+        steps: &[std::ops::Range<usize>],
+    ) -> Result<Vec<CanvasState>> {
+        canvases
+            .iter()
+            .zip(steps)
+            .map(|(c, s)| self.read_canvas(c, s.clone()))
+            .collect()
+    }
+    /// Rows `rows` of `stats`, as statistics of their own (row 0 the first of them): each
+    /// sequence's rows of a batched pass's LM head, for its own [`Backend::commit_step`]. A typed
+    /// error unless the rows lie within `stats`.
+    fn stats_rows(
+        &self,
+        _stats: &Self::Stats,
+        _rows: std::ops::Range<usize>,
+    ) -> Result<Self::Stats> {
+        Err(self.unsupported("stats_rows"))
+    }
     /// [`Backend::embed`] of the input ids of the canvas's cells `from..from + t`, read where the
     /// canvas lives (a block's steps embed the whole canvas, AR's steps the cells at their
     /// position); a typed error unless `1 ≤ t` and `from + t ≤` its cells.

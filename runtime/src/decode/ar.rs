@@ -27,14 +27,21 @@
 //! token's position on, where the host loop left a mask's or nothing; nothing reads them (a
 //! generation rewrites its cache from position 0).
 //!
-//! Stays on the host: sampled decoding (its draws come from the host's seeded stream), batched
-//! passes (a batcher runs them), exact expert paging (a pass reads routing back), and a canvas the
-//! backend cannot hold.
+//! Batched (a server's sequences, crate::batch): after its prompt's pass, a sequence hands the
+//! batcher chains of steps ([`ArChain`]: the same canvas, and step 0 too embeds from it — cells 0
+//! and 1 are `[last token, mask]`, the host loop's next pass), and the batcher records step `i` of
+//! every chain in its batch as one batched pass, all steps in one submission: each row as its pass
+//! alone computes it, so the tokens are still the host loop's. Chains there stay short
+//! ([`BATCHED_MOST_STEPS`]): a request that arrives meanwhile waits for the chain to end before its
+//! prompt's pass runs.
+//!
+//! Stays on the host: sampled decoding (its draws come from the host's seeded stream), exact
+//! expert paging (a pass reads routing back), and a canvas the backend cannot hold.
 
 use crate::backend::{AttnMask, Backend, BackendError, CommitParams, CommitRule};
 use crate::model::{DenoiseStep, ModelError, Window};
 
-use super::{DecodeError, DecoderDetails, PassBlocks, Prediction, Session};
+use super::{ArChain, DecodeError, DecoderDetails, PassBlocks, Prediction, Session};
 
 /// Steps (tokens) of the chained submissions: the first records one, so the first token streams
 /// as soon as the host loop's would (an H100 measured 63-79 ms to the first token on the host
@@ -45,6 +52,9 @@ use super::{DecodeError, DecoderDetails, PassBlocks, Prediction, Session};
 /// of short answers, doubling lets a long generation pay its host round trip once per many tokens.
 const FIRST_STEPS: usize = 8;
 const MOST_STEPS: usize = 64;
+/// The most steps of a batched chain: every sequence of the batch waits for its longest chain,
+/// and so does a request that arrives meanwhile (its prompt's pass runs between chains).
+const BATCHED_MOST_STEPS: usize = 16;
 
 pub(super) fn run<B: Backend>(
     s: &mut Session<'_, B>,
@@ -58,7 +68,29 @@ pub(super) fn run<B: Backend>(
     let mut clean_upto = 0;
     // Steps of the next chained submission; `None`: the host loop.
     let mut chained = chains(s).then_some(1);
+    // Steps of the next batched chain; `None`: passes one by one through the batcher.
+    let mut batched = (chained.is_none() && chains_batched(s)).then_some(FIRST_STEPS);
     while seq.len() < s.end && s.running() {
+        // After the prompt's pass: the next pass is [last token (+ mask)], a chain's step 0.
+        if let (Some(k), true) = (batched, clean_upto + 1 == seq.len()) {
+            let chain = ArChain {
+                at: clean_upto,
+                last: seq[clean_upto],
+                mask,
+                steps: k.min(s.end - seq.len()),
+                eos: s.special.eos.filter(|_| !s.params.ignore_eos),
+            };
+            let out = s.passes.run_chain(s.kv, &chain);
+            s.observer.pass_done();
+            let state = out?;
+            s.forwards += chain.steps;
+            s.positions += chain.steps * chain.width();
+            if !deliver_history(s, &state, &mut seq, &mut clean_upto)? {
+                break;
+            }
+            batched = Some((2 * k).min(BATCHED_MOST_STEPS));
+            continue;
+        }
         let mut tokens = seq[clean_upto..].to_vec();
         tokens.extend(mask);
         let len = tokens.len();
@@ -100,6 +132,43 @@ fn chains<B: Backend>(s: &Session<'_, B>) -> bool {
         return false;
     };
     s.params.device_steps.wanted(b) && s.params.sampling.is_greedy() && model.chains_steps(b)
+}
+
+/// Whether `s`'s batcher chains its steps ([`super::PassRunner::chains_batched`]): greedy only,
+/// as [`chains`].
+fn chains_batched<B: Backend>(s: &Session<'_, B>) -> bool {
+    s.params.sampling.is_greedy() && s.passes.chains_batched(s.params.device_steps)
+}
+
+/// Delivers the tokens of a chain's steps one at a time through the host loop's bookkeeping,
+/// leaving `seq` and `clean_upto` as the host loop leaves them after as many passes: whether
+/// generation goes on.
+fn deliver_history<B: Backend>(
+    s: &mut Session<'_, B>,
+    state: &crate::backend::CanvasState,
+    seq: &mut Vec<u32>,
+    clean_upto: &mut usize,
+) -> Result<bool, DecodeError> {
+    // Steps after the canvas filled with EOS left no history: the EOS before them ends it.
+    for (i, cells) in state.history.iter().enumerate() {
+        let Some(&Some(token)) = cells.get(i + 1) else {
+            let detail = format!("AR step {i} left cell {} masked", i + 1);
+            let e = BackendError::Shape {
+                op: "commit_step",
+                detail,
+            };
+            return Err(ModelError::from(e).into());
+        };
+        // The host loop's state after this step's pass: K/V exact below the token's
+        // position; the next pass — this submission's next step, or the next submission's
+        // first — rewrites from there, the mask position an in-place pass wrote included.
+        *clean_upto = seq.len();
+        seq.push(token);
+        if !s.deliver(&[token]) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// One chained submission: its first pass over the host loop's next `tokens` in `window`, and
@@ -170,25 +239,6 @@ impl Chain<'_> {
         })();
         s.observer.pass_done();
         let state = recorded?;
-        // Steps after the canvas filled with EOS left no history: the EOS before them ends it.
-        for (i, cells) in state.history.iter().enumerate() {
-            let Some(&Some(token)) = cells.get(i + 1) else {
-                let detail = format!("AR step {i} left cell {} masked", i + 1);
-                let e = BackendError::Shape {
-                    op: "commit_step",
-                    detail,
-                };
-                return Err(ModelError::from(e).into());
-            };
-            // The host loop's state after this step's pass: K/V exact below the token's
-            // position; the next pass — this submission's next step, or the next submission's
-            // first — rewrites from there, the mask position an in-place pass wrote included.
-            *clean_upto = seq.len();
-            seq.push(token);
-            if !s.deliver(&[token]) {
-                return Ok(Some(false));
-            }
-        }
-        Ok(Some(true))
+        Ok(Some(deliver_history(s, &state, seq, clean_upto)?))
     }
 }

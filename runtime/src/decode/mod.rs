@@ -105,7 +105,7 @@ pub enum DeviceSteps {
 
 impl DeviceSteps {
     /// Whether steps should chain on `b`, where the step allows it.
-    fn wanted<B: Backend>(self, b: &B) -> bool {
+    pub fn wanted<B: Backend>(self, b: &B) -> bool {
         match self {
             DeviceSteps::Host => false,
             DeviceSteps::Auto => b.records_passes(),
@@ -426,10 +426,83 @@ pub trait PassRunner<B: Backend> {
     ) -> Result<ForwardOutput, ModelError>;
 
     /// The backend and model when passes run alone ([`SoloPasses`]): the block and AR decoders
-    /// may then chain their steps on the device (`Model::denoise_step`), which a batched pass
-    /// cannot share. `None` by default.
+    /// may then chain their steps on the device (`Model::denoise_step`) themselves. `None` by
+    /// default.
     fn solo(&self) -> Option<(&B, &Model<B>)> {
         None
+    }
+
+    /// Whether [`PassRunner::run_chain`] chains AR steps on the device where `steps` allows it
+    /// (a batcher on a backend that records passes; false by default).
+    fn chains_batched(&self, _steps: DeviceSteps) -> bool {
+        false
+    }
+
+    /// Runs `chain` — several AR steps of one sequence, chained on the device — together with
+    /// other sequences' chains, each step one batched pass (crate::batch): the canvas read back.
+    /// Only where [`PassRunner::chains_batched`] said so.
+    fn run_chain(
+        &mut self,
+        _kv: &mut B::Kv,
+        _chain: &ArChain,
+    ) -> Result<crate::backend::CanvasState, ModelError> {
+        Err(ModelError::BatchMix("AR steps chained outside a batcher"))
+    }
+}
+
+/// `steps` AR steps of one sequence chained on the device ([`PassRunner::run_chain`]), the
+/// host loop's passes one for one: a canvas of `1 + steps` cells, cell 0 the last committed
+/// token (at position `at`), cell `j` the token at `at + j`. Step `i` embeds cells `i..i + w`
+/// (`w` = 2 for an in-place model, `[token, mask]`; 1 for a next-token one) at position `at + i`
+/// and commits the greedy token of its last row into cell `i + 1` ([`CommitRule::Next`]), the
+/// next step's input (decode/ar.rs says why that is the host loop's token, bit for bit).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ArChain {
+    pub at: usize,
+    pub last: u32,
+    /// The mask an in-place model predicts through; `None`: next-token prediction.
+    pub mask: Option<u32>,
+    pub steps: usize,
+    /// Where EOS ends the sequence (the canvas then fills with it; `None`: EOS ignored).
+    pub eos: Option<u32>,
+}
+
+impl ArChain {
+    /// Rows of each step's pass.
+    pub fn width(&self) -> usize {
+        1 + usize::from(self.mask.is_some())
+    }
+
+    /// The canvas it starts from.
+    pub fn cells(&self) -> Vec<Option<u32>> {
+        let mut cells = vec![None; self.steps + 1];
+        cells[0] = Some(self.last);
+        cells
+    }
+
+    /// Step `i`'s window.
+    pub fn window(&self, i: usize) -> Window {
+        Window::block(self.at + i, self.width(), crate::backend::AttnMask::Causal)
+    }
+
+    /// What each step's pass wants: its last row's statistics.
+    pub fn want(&self) -> ForwardRequest {
+        let w = self.width();
+        ForwardRequest {
+            rows: Some(w - 1..w),
+            ..Default::default()
+        }
+    }
+
+    /// Step `i`'s commit.
+    pub fn commit(&self, i: usize) -> crate::backend::CommitParams {
+        crate::backend::CommitParams {
+            rule: crate::backend::CommitRule::Next,
+            mask: self.mask.unwrap_or(0),
+            eos: self.eos,
+            output_from: 1,
+            stats_from: i + 1,
+        }
     }
 }
 

@@ -433,7 +433,7 @@ impl<B: Backend> Model<B> {
         // Running it again is harmless: it rewrites the same K/V positions.
         let mut tries = 0;
         loop {
-            match self.forward_once(b, seqs, None) {
+            match self.forward_once(b, seqs, Vec::new()) {
                 Err(ModelError::Backend(BackendError::RerunPass)) if tries < 2 => tries += 1,
                 r => return r,
             }
@@ -518,7 +518,25 @@ impl<B: Backend> Model<B> {
             window,
             want: &want,
         }];
-        self.forward_once(b, &mut seqs, Some(step)).map(|_| ())
+        self.forward_once(b, &mut seqs, vec![step]).map(|_| ())
+    }
+
+    /// [`Model::denoise_step`] for several sequences in one batched pass
+    /// ([`Model::forward_batch`]'s rules: one [`Model::batch_class`], each row as alone):
+    /// `steps[i]` is sequence `i`'s, each reading its ids from its own canvas
+    /// (`ids_from_canvas`), and each sequence's wanted rows (`want.rows`) go through the LM head
+    /// together, then each canvas takes its commit step from its own rows. Several sequences'
+    /// AR steps chain this way in one submission (crate::batch).
+    pub fn denoise_steps(
+        &self,
+        b: &B,
+        seqs: &mut [SeqPass<'_, B>],
+        steps: Vec<DenoiseStep<'_, B>>,
+    ) -> Result<(), ModelError> {
+        if steps.len() != seqs.len() || steps.is_empty() {
+            return Err(ModelError::BatchMix("a step for each sequence"));
+        }
+        self.forward_once(b, seqs, steps).map(|_| ())
     }
 
     /// Whether this model's passes can be chained on `b` ([`Model::denoise_step`]): none reads
@@ -534,7 +552,7 @@ impl<B: Backend> Model<B> {
         &self,
         b: &B,
         seqs: &mut [SeqPass<'_, B>],
-        step: Option<DenoiseStep<'_, B>>,
+        mut steps: Vec<DenoiseStep<'_, B>>,
     ) -> Result<Vec<ForwardOutput>, ModelError> {
         let c = &self.config;
         if seqs.is_empty() {
@@ -544,9 +562,10 @@ impl<B: Backend> Model<B> {
             self.check_pass(b, s.kv, s.tokens, s.window, s.want)?;
         }
         let alone = seqs.len() == 1;
-        if !alone && step.is_some() {
+        // Batched steps read their ids from their canvases (their host tokens give only counts).
+        if !alone && steps.iter().any(|s| s.ids_from_canvas.is_none()) {
             return Err(ModelError::BatchMix(
-                "a denoising step chained on the device",
+                "a denoising step with host tokens chained on the device",
             ));
         }
         if !alone && seqs.iter().any(|s| s.want.blocks.is_some()) {
@@ -577,13 +596,28 @@ impl<B: Backend> Model<B> {
             .unwrap_or(0);
         let eps = c.rms_norm_eps as f32;
         b.begin_forward(tokens.len(), largest)?;
-        let mut x = match &step {
-            Some(DenoiseStep {
+        let mut x = match steps.as_slice() {
+            []
+            | [DenoiseStep {
+                ids_from_canvas: None,
+                ..
+            }] => b.embed(&self.embed, &tokens)?,
+            [DenoiseStep {
                 canvas,
                 ids_from_canvas: Some(from),
                 ..
-            }) => b.embed_canvas(&self.embed, canvas, *from, tokens.len())?,
-            _ => b.embed(&self.embed, &tokens)?,
+            }] => b.embed_canvas(&self.embed, canvas, *from, tokens.len())?,
+            many => {
+                let parts = many
+                    .iter()
+                    .zip(seqs.iter())
+                    .map(|(st, s)| {
+                        let from = st.ids_from_canvas.unwrap_or(0);
+                        b.embed_canvas(&self.embed, st.canvas, from, s.tokens.len())
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                b.stack_rows(&parts.iter().collect::<Vec<_>>())?
+            }
         }; // (T, H)
         if let Some(a) = &self.embed_affine {
             b.embed_affine(&mut x, a)?;
@@ -780,8 +814,9 @@ impl<B: Backend> Model<B> {
             .iter()
             .map(|s| s.want.rows.clone().unwrap_or(0..s.tokens.len()))
             .collect();
-        if let Some(step) = step {
+        if alone && !steps.is_empty() {
             let stats = b.lm_head_stats_kept(&h, head, rows[0].clone())?;
+            let step = &mut steps[0];
             b.commit_step(step.canvas, &stats, &step.commit)?;
             return Ok(outs);
         }
@@ -820,6 +855,17 @@ impl<B: Backend> Model<B> {
                 .map(|(i, r)| offsets[i] + r.start..offsets[i] + r.end)
                 .collect();
             let gathered = b.gather_rows(&h, &picked)?;
+            if !steps.is_empty() {
+                // Batched steps: each canvas commits from its own rows of the kept statistics.
+                let kept = b.lm_head_stats_kept(&gathered, head, 0..n)?;
+                let mut row0 = 0;
+                for (st, r) in steps.iter_mut().zip(&rows) {
+                    let mine = b.stats_rows(&kept, row0..row0 + r.len())?;
+                    b.commit_step(st.canvas, &mine, &st.commit)?;
+                    row0 += r.len();
+                }
+                return Ok(outs);
+            }
             let stats = b.lm_head_stats(&gathered, head, 0..n)?;
             let logits = if seqs.iter().any(|s| s.want.logits) {
                 Some(b.logits(&gathered, head, 0..n)?)

@@ -846,6 +846,15 @@ impl Backend for CpuBackend {
         Ok(denoise::read_canvas(canvas, steps))
     }
 
+    fn stats_rows(
+        &self,
+        stats: &Vec<PositionStats>,
+        rows: Range<usize>,
+    ) -> Result<Vec<PositionStats>> {
+        crate::backend::shapes::rows_within("stats_rows", &rows, stats.len())?;
+        Ok(stats[rows].to_vec())
+    }
+
     fn embed_canvas(
         &self,
         table: &CpuWeight,

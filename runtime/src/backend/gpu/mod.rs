@@ -1202,6 +1202,18 @@ impl Backend for GpuBackend {
         ops::denoise::read_canvas(self, canvas, steps)
     }
 
+    fn read_canvases(
+        &self,
+        canvases: &[&Self::Canvas],
+        steps: &[Range<usize>],
+    ) -> Result<Vec<super::CanvasState>> {
+        ops::denoise::read_canvases(self, canvases, steps)
+    }
+
+    fn stats_rows(&self, stats: &Self::Stats, rows: Range<usize>) -> Result<Self::Stats> {
+        ops::denoise::stats_rows(stats, rows)
+    }
+
     fn embed_canvas(
         &self,
         table: &GpuWeight,

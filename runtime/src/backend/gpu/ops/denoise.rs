@@ -5,6 +5,7 @@
 //! the host reads back only the canvas.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use bytemuck::{Pod, Zeroable};
 
@@ -35,6 +36,9 @@ pub struct CommitGpuParams {
     pub eos: u32,
     pub output_from: u32,
     pub mask: u32,
+    /// The stats buffer's row that is the step's row 0 ([`GpuStats`] of a batched pass's rows).
+    pub stats_row0: u32,
+    pub _pad: [u32; 3],
 }
 
 pub static COMMIT: Entry = Entry {
@@ -54,10 +58,13 @@ pub struct GpuCanvas {
     buf: Pooled,
 }
 
-/// Per-position statistics (20 words a row, ops/stats.rs) left on the device.
+/// Per-position statistics (20 words a row, ops/stats.rs) left on the device: rows
+/// `row0..row0 + rows` of `buf` (a batched pass's LM head writes every sequence's rows into one
+/// buffer, and each sequence's commit reads its own, [`stats_rows`]).
 pub struct GpuStats {
     rows: usize,
-    buf: Pooled,
+    row0: usize,
+    buf: Arc<Pooled>,
 }
 
 fn words(n: usize) -> usize {
@@ -114,6 +121,8 @@ pub fn commit_step(
         eos: p.eos.unwrap_or(NONE),
         output_from: p.output_from.min(canvas.n) as u32,
         mask: p.mask,
+        stats_row0: st.row0 as u32,
+        _pad: [0; 3],
     };
     b.with(|ctx| {
         Ok(ctx.dispatch(
@@ -130,33 +139,28 @@ pub fn commit_step(
 }
 
 pub fn read_canvas(b: &GpuBackend, canvas: &GpuCanvas, steps: Range<usize>) -> Result<CanvasState> {
-    let n = canvas.n;
-    let steps = steps.start.min(n)..steps.end.min(n).max(steps.start.min(n));
-    let hist = ((HEAD + 2 * n + steps.start * n) * 4) as u64;
-    let status = b.sh.status.clone();
-    let (head, hist_words, flag) = b.with(|ctx| {
-        let r = ctx.read(&[
-            (&canvas.buf, 0, ((HEAD + n) * 4) as u64),
-            (&canvas.buf, hist, (steps.len() * n * 4) as u64),
-            (&status, 0, 4),
-        ])?;
-        let flag = u32::from_le_bytes([r[2][0], r[2][1], r[2][2], r[2][3]]);
-        if flag != 0 {
-            ctx.clear(&status);
-        }
-        Ok((
-            bytemuck::pod_collect_to_vec::<u8, u32>(&r[0]),
-            bytemuck::pod_collect_to_vec::<u8, u32>(&r[1]),
-            flag,
-        ))
-    })?;
-    // A pruned expert was routed to (the flag lm_head_stats reads after a pass).
+    let mut states = read_canvases(b, &[canvas], &[steps])?;
+    Ok(states.pop().expect("one canvas, one state"))
+}
+
+/// `steps` within a canvas of `n` cells (its history holds at most `n` steps).
+fn clamp_steps(n: usize, steps: &Range<usize>) -> Range<usize> {
+    steps.start.min(n)..steps.end.min(n).max(steps.start.min(n))
+}
+
+/// A pruned expert was routed to (the flag lm_head_stats reads after a pass).
+fn unavailable(flag: u32) -> Result<()> {
     if flag & 0x8000_0000 != 0 {
         return Err(BackendError::ExpertUnavailable {
             layer: ((flag >> 16) & 0x7fff) as usize,
             expert: (flag & 0xffff) as usize,
         });
     }
+    Ok(())
+}
+
+/// A canvas of `n` cells from its header and cells (`head`) and the history words of `steps`.
+fn canvas_state(n: usize, steps: &Range<usize>, head: &[u32], hist_words: &[u32]) -> CanvasState {
     let cells =
         |w: &[u32]| -> Vec<Option<u32>> { w.iter().map(|&t| (t != NONE).then_some(t)).collect() };
     let taken = head[0] as usize;
@@ -165,11 +169,68 @@ pub fn read_canvas(b: &GpuBackend, canvas: &GpuCanvas, steps: Range<usize>) -> R
         .take(taken.saturating_sub(steps.start))
         .map(cells)
         .collect();
-    Ok(CanvasState {
+    CanvasState {
         steps: taken,
         cells: cells(&head[HEAD..HEAD + n]),
         history,
+    }
+}
+
+/// Rows `rows` of `st` as statistics of their own, sharing its buffer.
+pub fn stats_rows(st: &GpuStats, rows: Range<usize>) -> Result<GpuStats> {
+    shapes::rows_within("stats_rows", &rows, st.rows)?;
+    Ok(GpuStats {
+        rows: rows.len(),
+        row0: st.row0 + rows.start,
+        buf: st.buf.clone(),
     })
+}
+
+/// [`read_canvas`] of several canvases in one read-back.
+pub fn read_canvases(
+    b: &GpuBackend,
+    canvases: &[&GpuCanvas],
+    steps: &[Range<usize>],
+) -> Result<Vec<CanvasState>> {
+    if canvases.len() != steps.len() {
+        return Err(shape_err(
+            "read_canvases",
+            format!("{} canvases, {} step ranges", canvases.len(), steps.len()),
+        ));
+    }
+    let steps: Vec<Range<usize>> = canvases
+        .iter()
+        .zip(steps)
+        .map(|(c, s)| clamp_steps(c.n, s))
+        .collect();
+    let status = b.sh.status.clone();
+    let (words, flag) = b.with(|ctx| {
+        let mut srcs = Vec::with_capacity(2 * canvases.len() + 1);
+        for (c, s) in canvases.iter().zip(&steps) {
+            let hist = ((HEAD + 2 * c.n + s.start * c.n) * 4) as u64;
+            srcs.push((&*c.buf, 0, ((HEAD + c.n) * 4) as u64));
+            srcs.push((&*c.buf, hist, (s.len() * c.n * 4) as u64));
+        }
+        srcs.push((&status, 0, 4));
+        let r = ctx.read(&srcs)?;
+        let last = &r[r.len() - 1];
+        let flag = u32::from_le_bytes([last[0], last[1], last[2], last[3]]);
+        if flag != 0 {
+            ctx.clear(&status);
+        }
+        let words: Vec<Vec<u32>> = r[..r.len() - 1]
+            .iter()
+            .map(|w| bytemuck::pod_collect_to_vec::<u8, u32>(w))
+            .collect();
+        Ok((words, flag))
+    })?;
+    unavailable(flag)?;
+    Ok(canvases
+        .iter()
+        .zip(&steps)
+        .zip(words.chunks(2))
+        .map(|((c, s), w)| canvas_state(c.n, s, &w[0], &w[1]))
+        .collect())
 }
 
 pub fn embed_canvas(
@@ -229,7 +290,11 @@ pub fn lm_head_stats_kept(
             stats::stats(ctx, &logits, m, vocab, &out, r0)?;
             r0 += m;
         }
-        Ok(GpuStats { rows: n, buf: out })
+        Ok(GpuStats {
+            rows: n,
+            row0: 0,
+            buf: Arc::new(out),
+        })
     })
 }
 
@@ -258,7 +323,8 @@ pub fn upload_stats(b: &GpuBackend, st: &[PositionStats]) -> Result<GpuStats> {
         ctx.upload(bytemuck::cast_slice(&words), &buf)?;
         Ok(GpuStats {
             rows: st.len(),
-            buf,
+            row0: 0,
+            buf: Arc::new(buf),
         })
     })
 }
