@@ -466,15 +466,9 @@ fn gqa_slot(lane: Lane, s: SeqAttn, slot: u32) {
     put_row(item * hv, o, hv, acc, 1.0, false);
 }
 
-// Invocations of an attend_gqa workgroup: 64, 128 or 256 (KernelChoice::attn_wg, for passes of
-// enough query rows a kv head), 8 a slot. A slot's arithmetic is the same whatever the size; a
-// larger workgroup holds more of the query rows that read one (kv head, split)'s K/V rows, so one
-// SM's L1 serves them where 64-wide workgroups each fetch the rows from L2.
-override GQA_WG: u32 = 64u;
-
-@compute @workgroup_size(GQA_WG)
+@compute @workgroup_size(64)
 fn attend_gqa(lane: Lane, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    gqa_slot(lane, params_seq(), (wid.x + wid.y * nwg.x) * (GQA_WG / 8u) + lane.id / 8u);
+    gqa_slot(lane, params_seq(), (wid.x + wid.y * nwg.x) * 8u + lane.id / 8u);
 }
 
 // The sequence whose workgroups include workgroup `wg` (the table is in wg0 order).

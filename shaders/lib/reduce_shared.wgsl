@@ -56,8 +56,7 @@ fn wg_max(v: f32, lane: Lane) -> f32 {
     return r;
 }
 
-// Up to 256 invocations (attend_gqa's GQA_WG).
-var<workgroup> red_octet: array<vec4<f32>, 256>;
+var<workgroup> red_octet: array<vec4<f32>, 64>;
 
 // Sum over each aligned group of 8 invocations (an octet) through shared memory; uniform control
 // flow like the others. Every invocation of the octet gets the result.

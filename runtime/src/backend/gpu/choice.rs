@@ -33,7 +33,6 @@
 //! | `EDGEDIFF_ATTN_KERNEL=heads\|gqa` | [`KernelChoice::attention`] |
 //! | `EDGEDIFF_ATTN_CLAMP=0\|1` | [`KernelChoice::attn_clamp`] |
 //! | `EDGEDIFF_ATTN_GROUPS=<n>` | [`KernelChoice::attn_groups`] |
-//! | `EDGEDIFF_ATTN_WG=64\|128\|256` | [`KernelChoice::attn_wg`] |
 //! | `EDGEDIFF_STATS_CHUNK=<logits>` | [`KernelChoice::stats_chunk`] |
 //! | `EDGEDIFF_EXPERT_POOL_BINDING=<bytes>` | [`KernelChoice::expert_pool_binding`] |
 //! | `EDGEDIFF_BATCH_BLOCKS=0` | [`KernelChoice::batch_blocks`] |
@@ -239,10 +238,6 @@ pub struct KernelChoice {
     pub attn_clamp: bool,
     /// Workgroups the GQA attention kernel aims at.
     pub attn_groups: usize,
-    /// Invocations of a GQA attention workgroup (64, 128 or 256; 8 a query row and split) for
-    /// passes with at least that many query rows' octets a kv head: the rows that read one split's
-    /// K/V then share an SM's L1. The same values at any size. Not yet timed: 64.
-    pub attn_wg: u32,
     /// Logits per LM-head statistics workgroup (≥ 64).
     pub stats_chunk: usize,
     /// Expert pool buffers at most this many bytes, below the device's binding limit (the
@@ -298,7 +293,6 @@ impl Default for KernelChoice {
             attention: None,
             attn_clamp: true,
             attn_groups: GQA_TARGET_GROUPS,
-            attn_wg: 64,
             stats_chunk: STATS_CHUNK,
             expert_pool_binding: None,
             batch_blocks: true,
@@ -419,9 +413,6 @@ impl KernelChoice {
             attn_groups: num("EDGEDIFF_ATTN_GROUPS")
                 .filter(|&n| n > 0)
                 .map_or(d.attn_groups, |v| v as usize),
-            attn_wg: num("EDGEDIFF_ATTN_WG")
-                .filter(|n| [64, 128, 256].contains(n))
-                .map_or(d.attn_wg, |n| n as u32),
             stats_chunk: num("EDGEDIFF_STATS_CHUNK")
                 .filter(|&c| c >= 64)
                 .map_or(d.stats_chunk, |v| v as usize),
@@ -516,7 +507,6 @@ mod tests {
             ("EDGEDIFF_MOE_DIRECT_MAX_T", "4"),
             ("EDGEDIFF_ATTN_KERNEL", "heads"),
             ("EDGEDIFF_ATTN_GROUPS", "64"),
-            ("EDGEDIFF_ATTN_WG", "256"),
             ("EDGEDIFF_STATS_CHUNK", "4096"),
             ("EDGEDIFF_EXPERT_POOL_BINDING", "134217728"),
             ("EDGEDIFF_BATCH_BLOCKS", "0"),
@@ -554,7 +544,6 @@ mod tests {
                 moe_direct_max_t: 4,
                 attention: Some(AttnKernel::Heads),
                 attn_groups: 64,
-                attn_wg: 256,
                 stats_chunk: 4096,
                 expert_pool_binding: Some(134_217_728),
                 batch_blocks: false,

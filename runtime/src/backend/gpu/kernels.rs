@@ -277,10 +277,6 @@ impl Kernels {
             if declares("DEPTH") && wtype >> 24 != 0 {
                 constants.push(("DEPTH", (wtype >> 24) as f64));
             }
-            // attend_gqa's workgroup: 8 · (bits 16..24 of its "weight type"), where set.
-            if declares("GQA_WG") && (wtype >> 16) & 0xff != 0 {
-                constants.push(("GQA_WG", (8 * ((wtype >> 16) & 0xff)) as f64));
-            }
             if declares("GQA_CLAMP") {
                 constants.push(("GQA_CLAMP", f64::from(u8::from(dev.kernels.attn_clamp))));
             }

@@ -844,61 +844,6 @@ test_backends!(attention_merges_hundreds_of_splits, TOL, |b| {
     out
 });
 
-/// attend_gqa in 128- and 256-invocation workgroups (KernelChoice::attn_wg) gives the 64-wide
-/// kernel's bits: rows a kv head filling the workgroups (16 tokens × 3), rows that leave the last
-/// workgroup of a (kv head, split) part-empty so workgroups straddle splits and kv heads (9 × 3),
-/// and too few rows for the wider size (2 × 3: 64 wide); causal, bidirectional and block-causal,
-/// against a cache long enough to split.
-#[test]
-fn gqa_attention_in_wider_workgroups_gives_the_same_bits() {
-    use super::choice::KernelChoice;
-    use super::GpuOptions;
-    let with = |wg: u32| GpuOptions {
-        poison: true,
-        kernels: KernelChoice {
-            attn_wg: wg,
-            ..KernelChoice::from_env()
-        },
-        ..GpuOptions::from_env()
-    };
-    let run = |b: &GpuBackend| {
-        let mut rng = Rng(77);
-        let mut c = attn_config(QkNorm::PerHead, 20, None);
-        c.head_dim = 32;
-        c.rotary_dim = 32;
-        let mut out = Vec::new();
-        for (t, mask) in [
-            (16, AttnMask::Causal),
-            (9, AttnMask::Bidirectional),
-            (2, AttnMask::BlockCausal(4)),
-        ] {
-            let mut kv = b.new_kv(&c, 240).unwrap();
-            let pre = b.put(200, c.qkv_dim(), &rng.vec(200 * c.qkv_dim(), 1.0));
-            b.attention(&pre, &mut kv, 1, &c, 0, 200, AttnMask::Causal)
-                .unwrap();
-            let blk = b.put(t, c.qkv_dim(), &rng.vec(t * c.qkv_dim(), 1.0));
-            let a = b
-                .attention(&blk, &mut kv, 1, &c, 200, 200 + t, mask)
-                .unwrap();
-            out.push(b.get(&a));
-        }
-        out
-    };
-    let want: Vec<_> = super::testing::backends_with(with(64))
-        .iter()
-        .map(|(_, b)| run(b))
-        .collect();
-    for wg in [128, 256] {
-        // The same configurations (subgroups on and off) in the same order.
-        for ((label, b), want) in super::testing::backends_with(with(wg)).iter().zip(&want) {
-            for (i, (g, w)) in run(b).iter().zip(want).enumerate() {
-                let same = g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same && g.len() == w.len(), "{label}: {wg} wide, case {i}");
-            }
-        }
-    }
-}
-
 test_backends!(
     sliding_window_attention_hides_keys_beyond_the_window_for_every_mask,
     TOL,

@@ -180,16 +180,6 @@ pub fn gqa_splits(target: usize, slots: usize, kv_len: usize) -> (usize, usize) 
     (kv_len.div_ceil(chunk), chunk)
 }
 
-/// attend_gqa's workgroup for a pass of `rows` query rows a kv head (tokens × the group's q
-/// heads): `choice` (KernelChoice::attn_wg) where the rows fill its octets, else 64.
-pub fn gqa_wg(choice: u32, rows: usize) -> u32 {
-    if rows * 8 >= choice as usize {
-        choice
-    } else {
-        64
-    }
-}
-
 /// Which attention kernels run: the GQA octet kernel where the head fits it (and subgroups, if
 /// used, are at least 8 wide), else the per-head kernel. KernelChoice::attention forces one where
 /// both apply (benchmarks).
@@ -278,17 +268,12 @@ pub fn record_attention(
     }
     if gqa {
         let slots = (rows * c.num_heads * splits) as u64;
-        let wg = gqa_wg(
-            ctx.sh.dev.kernels.attn_wg,
-            rows * (c.num_heads / c.num_kv_heads),
-        );
-        let groups = Grid::Linear(slots.div_ceil(wg as u64 / 8));
-        let variant = (wg / 8) << 16;
+        let groups = Grid::Linear(slots.div_ceil(8));
         if splits == 1 {
             let (d0, d1) = (ctx.sh.dummies[0].clone(), ctx.sh.dummies[1].clone());
             return ctx.dispatch(
                 &ATTEND_GQA,
-                variant,
+                0,
                 &p,
                 None,
                 &[qkv, k_cache, v_cache, &d0, &d1, out],
@@ -299,7 +284,7 @@ pub fn record_attention(
         let ml = ctx.output(slots * 2 * 4)?;
         ctx.dispatch(
             &ATTEND_GQA,
-            variant,
+            0,
             &p,
             None,
             &[qkv, k_cache, v_cache, &acc, &ml, out],
