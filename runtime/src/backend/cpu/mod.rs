@@ -166,6 +166,16 @@ pub struct CpuKv {
     _bytes: crate::backend::kv_meter::KvAllocation,
 }
 
+impl CpuKv {
+    /// Writes `k` and `v` (whole rows from row 0) into `layer`'s cache: a test fills a long cache
+    /// without the quadratic attention pass that would write it.
+    #[cfg(test)]
+    pub(crate) fn write_rows(&mut self, layer: usize, k: &[f32], v: &[f32]) {
+        self.k[layer][..k.len()].copy_from_slice(k);
+        self.v[layer][..v.len()].copy_from_slice(v);
+    }
+}
+
 /// Top-k expert ids and weights per token, `[T, k]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CpuRouting {
