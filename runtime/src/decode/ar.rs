@@ -54,7 +54,19 @@ const FIRST_STEPS: usize = 8;
 const MOST_STEPS: usize = 64;
 /// The most steps of a batched chain: every sequence of the batch waits for its longest chain,
 /// and so does a request that arrives meanwhile (its prompt's pass runs between chains).
+/// `EDGEDIFF_BATCH_CHAIN_STEPS=<n>` (1–64) sets it for benchmarks.
 const BATCHED_MOST_STEPS: usize = 16;
+
+fn batched_most_steps() -> usize {
+    static STEPS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *STEPS.get_or_init(|| {
+        std::env::var("EDGEDIFF_BATCH_CHAIN_STEPS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|n| (1..=MOST_STEPS).contains(n))
+            .unwrap_or(BATCHED_MOST_STEPS)
+    })
+}
 
 pub(super) fn run<B: Backend>(
     s: &mut Session<'_, B>,
@@ -69,7 +81,8 @@ pub(super) fn run<B: Backend>(
     // Steps of the next chained submission; `None`: the host loop.
     let mut chained = chains(s).then_some(1);
     // Steps of the next batched chain; `None`: passes one by one through the batcher.
-    let mut batched = (chained.is_none() && chains_batched(s)).then_some(FIRST_STEPS);
+    let mut batched =
+        (chained.is_none() && chains_batched(s)).then_some(FIRST_STEPS.min(batched_most_steps()));
     while seq.len() < s.end && s.running() {
         // After the prompt's pass: the next pass is [last token (+ mask)], a chain's step 0.
         if let (Some(k), true) = (batched, clean_upto + 1 == seq.len()) {
@@ -88,7 +101,7 @@ pub(super) fn run<B: Backend>(
             if !deliver_history(s, &state, &mut seq, &mut clean_upto)? {
                 break;
             }
-            batched = Some((2 * k).min(BATCHED_MOST_STEPS));
+            batched = Some((2 * k).min(batched_most_steps()));
             continue;
         }
         let mut tokens = seq[clean_upto..].to_vec();
