@@ -207,9 +207,14 @@ impl Scheduler {
     pub fn new(engine: Arc<LoadedEngine>, limits: Limits, metrics: Arc<Metrics>) -> Self {
         let m = metrics.clone();
         engine.set_batch_report(move |r| {
-            m.batch_size.observe(r.sequences as f64);
-            m.batch_rows.observe(r.rows as f64);
-            m.pass_seconds.observe_duration(r.elapsed);
+            // A chain of AR steps is `passes` batched passes of its sequences (those whose chains
+            // end early drop out of its last steps; counted as in all of them).
+            let passes = r.passes.max(1);
+            for _ in 0..passes {
+                m.batch_size.observe(r.sequences as f64);
+                m.batch_rows.observe(r.rows as f64);
+                m.pass_seconds.observe_duration(r.elapsed / passes as u32);
+            }
         });
         Scheduler {
             inner: Arc::new(Inner {
