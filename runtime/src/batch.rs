@@ -11,6 +11,11 @@
 //! [`BatchLimits::max_rows`] rows), runs them as one batched pass, posts each sequence its outputs
 //! and wakes the others. Sequences join and leave between passes (continuous batching).
 //!
+//! A sequence may queue a chain of AR steps instead of a pass ([`ArChain`], decode/ar.rs): chains
+//! batch with chains of the same class, and the leader records step i of every chain in the batch
+//! as one batched pass ([`Model::denoise_steps`]), all steps in one submission, then reads the
+//! canvases back together — one host round trip for many tokens of every sequence.
+//!
 //! Exactness: a sequence's outputs are those of its pass alone. Each pass is checked alone first
 //! (a bad one fails alone); a batched pass that fails runs its passes again one by one, so an
 //! error belongs to the pass that caused it (re-running rewrites the same K/V positions).
