@@ -97,11 +97,35 @@ enum Done {
     Chain(Result<CanvasState, ModelError>),
 }
 
+impl Job {
+    /// Rows of its (first) pass.
+    fn rows(&self) -> usize {
+        match self {
+            Job::Pass { tokens, .. } => tokens.len(),
+            Job::Chain(c) => c.width(),
+        }
+    }
+
+    /// [`Model::batch_class`] of its pass, and whether it is a chain (chains batch with chains
+    /// only).
+    fn class<B: Backend>(&self, backend: &B, model: &Model<B>) -> Option<(bool, u64)> {
+        match self {
+            Job::Pass { tokens, want, .. } => model
+                .batch_class(backend, tokens.len(), want)
+                .map(|c| (false, c)),
+            Job::Chain(c) => model
+                .batch_class(backend, c.width(), &c.want())
+                .map(|k| (true, k)),
+        }
+    }
+}
+
 impl Done {
-    fn failed(job: &Job, e: ModelError) -> Done {
-        match job {
-            Job::Pass { .. } => Done::Pass(Err(e)),
-            Job::Chain(_) => Done::Chain(Err(e)),
+    /// The error outcome of a job of the kind given (`chain`).
+    fn failed(chain: bool, e: ModelError) -> Done {
+        match chain {
+            false => Done::Pass(Err(e)),
+            true => Done::Chain(Err(e)),
         }
     }
 }
@@ -110,10 +134,7 @@ struct Queued<B: Backend> {
     ticket: u64,
     kv: LentKv<B::Kv>,
     job: Job,
-    /// Rows of its (first) pass.
-    rows: usize,
-    /// [`Model::batch_class`] of its pass, and whether it is a chain (chains batch with chains
-    /// only).
+    /// [`Job::class`].
     class: Option<(bool, u64)>,
     since: Instant,
 }
@@ -205,13 +226,12 @@ impl<B: Backend> PassBatcher<B> {
         window: Window,
         want: &ForwardRequest,
     ) -> Result<ForwardOutput, ModelError> {
-        let class = model.batch_class(backend, tokens.len(), want);
         let job = Job::Pass {
             tokens: tokens.to_vec(),
             window,
             want: want.clone(),
         };
-        match self.queue_and_wait(backend, model, kv, job, class.map(|c| (false, c))) {
+        match self.queue_and_wait(backend, model, kv, job) {
             Done::Pass(out) => out,
             Done::Chain(_) => unreachable!("a pass's ticket gets a pass's outputs"),
         }
@@ -226,40 +246,22 @@ impl<B: Backend> PassBatcher<B> {
         kv: &mut B::Kv,
         chain: &ArChain,
     ) -> Result<CanvasState, ModelError> {
-        let class = model.batch_class(backend, chain.width(), &chain.want());
-        match self.queue_and_wait(
-            backend,
-            model,
-            kv,
-            Job::Chain(chain.clone()),
-            class.map(|c| (true, c)),
-        ) {
+        match self.queue_and_wait(backend, model, kv, Job::Chain(chain.clone())) {
             Done::Chain(out) => out,
             Done::Pass(_) => unreachable!("a chain's ticket gets a chain's canvas"),
         }
     }
 
-    fn queue_and_wait(
-        &self,
-        backend: &B,
-        model: &Model<B>,
-        kv: &mut B::Kv,
-        job: Job,
-        class: Option<(bool, u64)>,
-    ) -> Done {
+    fn queue_and_wait(&self, backend: &B, model: &Model<B>, kv: &mut B::Kv, job: Job) -> Done {
         let limits = self.limits();
         let mut st = lock(&self.state);
         let ticket = st.next_ticket;
         st.next_ticket += 1;
-        let rows = match &job {
-            Job::Pass { tokens, .. } => tokens.len(),
-            Job::Chain(c) => c.width(),
-        };
+        let class = job.class(backend, model);
         st.queue.push_back(Queued {
             ticket,
             kv: LentKv(NonNull::from(kv)),
             job,
-            rows,
             class,
             since: Instant::now(),
         });
@@ -289,7 +291,7 @@ impl<B: Backend> PassBatcher<B> {
             st.running = true;
             drop(st);
             let started = Instant::now();
-            let rows = batch.iter().map(|q| q.rows).sum();
+            let rows = batch.iter().map(|q| q.job.rows()).sum();
             let sequences = batch.len();
             let passes = batch
                 .iter()
@@ -314,12 +316,8 @@ impl<B: Backend> PassBatcher<B> {
                 }
                 Err(p) => {
                     for t in tickets {
-                        let e = ModelError::BatchPanicked;
-                        let done = match chains {
-                            true => Done::Chain(Err(e)),
-                            false => Done::Pass(Err(e)),
-                        };
-                        st.done.insert(t, done);
+                        st.done
+                            .insert(t, Done::failed(chains, ModelError::BatchPanicked));
                     }
                     Some(p)
                 }
@@ -348,7 +346,7 @@ impl<B: Backend> PassBatcher<B> {
 /// within the limits); a pass of no class runs alone.
 fn take_batch<B: Backend>(queue: &mut VecDeque<Queued<B>>, limits: BatchLimits) -> Vec<Queued<B>> {
     let first = queue.pop_front().expect("the queue is not empty");
-    let mut rows = first.rows;
+    let mut rows = first.job.rows();
     let class = first.class;
     let mut batch = vec![first];
     if class.is_none() {
@@ -357,8 +355,8 @@ fn take_batch<B: Backend>(queue: &mut VecDeque<Queued<B>>, limits: BatchLimits) 
     let mut i = 0;
     while i < queue.len() && batch.len() < limits.max_sequences {
         let q = &queue[i];
-        if q.class == class && rows + q.rows <= limits.max_rows {
-            rows += q.rows;
+        if q.class == class && rows + q.job.rows() <= limits.max_rows {
+            rows += q.job.rows();
             batch.push(queue.remove(i).expect("index in range"));
         } else {
             i += 1;
@@ -385,7 +383,10 @@ fn run_batch<B: Backend>(backend: &B, model: &Model<B>, batch: Vec<Queued<B>>) -
             Job::Chain(c) => check_chain(backend, model, kv, c),
         };
         match (checked, q.job) {
-            (Err(e), job) => results.push((q.ticket, Done::failed(&job, e))),
+            (Err(e), job) => {
+                let chain = matches!(job, Job::Chain(_));
+                results.push((q.ticket, Done::failed(chain, e)));
+            }
             (
                 Ok(()),
                 Job::Pass {

@@ -518,7 +518,7 @@ impl<B: Backend> Model<B> {
             window,
             want: &want,
         }];
-        self.forward_once(b, &mut seqs, vec![step]).map(|_| ())
+        self.denoise_steps(b, &mut seqs, vec![step])
     }
 
     /// [`Model::denoise_step`] for several sequences in one batched pass
