@@ -291,7 +291,7 @@ fn routing_read_back_matches_the_cpu() {
     }
 }
 
-/// The fused-norm forward (KernelChoice::fuse_norms_max_t, on by default up to 16 rows) against
+/// The fused-norm forward (KernelChoice::fuse_norms_max_t, on by default up to 32 rows) against
 /// the same backend with it off: the same statistics, logits within f32 rounding, and two
 /// dispatches fewer a layer, MoE or dense (its two add_rms_norm; the first layer's input norm goes
 /// too, and the last layer's returns as the final norm). The comparison with the CPU (above) runs
@@ -331,15 +331,17 @@ fn fused_norm_forward_saves_two_dispatches_a_layer() {
             })
             .unwrap()
         };
-        let (on, off) = (open(16), open(0));
+        let (on, off) = (open(32), open(0));
         let (mon, moff) = (load(&on, &path), load(&off, &path));
         let layers = mon.config.num_layers as u64;
-        for t in [1, 2, 12] {
+        // Up to 24 rows: past the 16 the fused forward served before 2026-12-07.
+        let tokens: Vec<u32> = TOKENS.iter().chain(&TOKENS).copied().collect();
+        for t in [1, 2, 12, 24] {
             let window = Window::block(0, t, AttnMask::Bidirectional);
             let pass = |g: &GpuBackend, m: &Model<GpuBackend>| {
                 let mut kv = m.new_kv(g, 64).unwrap();
                 let d0 = g.dispatches();
-                let out = run(g, m, &mut kv, &TOKENS[..t], window, true);
+                let out = run(g, m, &mut kv, &tokens[..t], window, true);
                 (out, g.dispatches() - d0)
             };
             let (fused, d_on) = pass(&on, &mon);

@@ -680,7 +680,11 @@ pub trait Backend {
         let y = self.matmul(w, a)?;
         self.add(x, &y)
     }
-    /// `h = rms_norm(x, norm)` and its routing ([`Backend::route`]).
+    /// `h = rms_norm(x, norm)` and its routing ([`Backend::route`], or
+    /// [`Backend::route_within_blocks`] where `blocks` is given: a block-routed pass takes the
+    /// same fused kernels as an exactly routed one, so the two agree bit for bit where the blocks
+    /// keep every expert).
+    #[allow(clippy::too_many_arguments)]
     fn route_normed(
         &self,
         x: &Self::Act,
@@ -689,9 +693,13 @@ pub trait Backend {
         router: &Self::Weight,
         bias: Option<&Self::Weight>,
         config: &ModelConfig,
+        blocks: Option<&BlockRouting>,
     ) -> Result<(Self::Act, Self::Routing)> {
         let h = self.rms_norm(x, norm, eps)?;
-        let routing = self.route(&h, router, bias, config)?;
+        let routing = match blocks {
+            None => self.route(&h, router, bias, config)?,
+            Some(bl) => self.route_within_blocks(&h, router, bias, config, bl)?,
+        };
         Ok((h, routing))
     }
     /// `x += mlp(gate_up, down, rms_norm(x, norm))`: a dense FFN sublayer of the fused-norm

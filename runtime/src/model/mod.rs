@@ -687,15 +687,14 @@ impl<B: Backend> Model<B> {
                     router_bias,
                     mlp_router: None,
                     ..
-                } if fuse && layer.residuals.is_none() && blocks.is_none() => {
-                    Some((router, router_bias.as_ref()))
-                }
+                } if fuse && layer.residuals.is_none() => Some((router, router_bias.as_ref())),
                 _ => None,
             };
             let (h_ffn, mut routed) = match fused_moe {
                 Some((router, bias)) => {
                     b.matmul_add(&layer.o, &attn, &mut x)?;
-                    let (hf, r) = b.route_normed(&x, &layer.ffn_norm, eps, router, bias, c)?;
+                    let (hf, r) =
+                        b.route_normed(&x, &layer.ffn_norm, eps, router, bias, c, blocks.as_ref())?;
                     (hf, Some(r))
                 }
                 None => {

@@ -199,8 +199,10 @@ pub struct KernelChoice {
     /// Passes whose sequences have at most this many rows run the fused-norm forward
     /// ([`crate::backend::Backend::fuses_norms`]): the qkv and router gemvs norm the residual as
     /// they read it, the o projection and the MoE combine add into it, and the layer's two
-    /// add_rms_norm dispatches go (0: off). Up to the gemv's rows (16), where those gemvs serve;
-    /// past them the tiles would need the norm and the add back as dispatches of their own.
+    /// add_rms_norm dispatches go (0: off). Up to the gemv's rows (32), where those gemvs serve;
+    /// past them the tiles would need the norm and the add back as dispatches of their own (they
+    /// fall back to them). 16 before 2026-12-07: at 32 rows 40 dispatches fewer, 9.08 → 8.91 GPU
+    /// ms, wall unchanged (H100, 20-layer LLaDA2.0-mini q4; docs/PERF.md).
     pub fuse_norms_max_t: usize,
     /// The routed-expert kernel, forced (`None`: chosen by tokens per expert).
     pub moe: Option<ExpertKernel>,
@@ -282,7 +284,7 @@ impl Default for KernelChoice {
             moe_q8_once: false,
             fuse_swiglu: true,
             fuse_combine_norm: false,
-            fuse_norms_max_t: super::ops::matmul::GEMV_MAX_T,
+            fuse_norms_max_t: 32,
             moe: None,
             moe_gemv_blocks: 1,
             moe_wide: MoeWide::Blocks,
@@ -456,7 +458,7 @@ mod tests {
         assert_eq!(d.gemv1_lanes, 16);
         assert_eq!(
             (d.gemv_max_t, d.shared_max_t, d.fuse_norms_max_t),
-            (32, 16, 16)
+            (32, 16, 32)
         );
         assert_eq!(d.gemv_wide_min_t, Some(2));
     }

@@ -995,8 +995,9 @@ impl Backend for GpuBackend {
         router: &GpuWeight,
         bias: Option<&GpuWeight>,
         c: &ModelConfig,
+        blocks: Option<&super::BlockRouting>,
     ) -> Result<(GpuAct, GpuRouting)> {
-        ops::residual::route_normed(self, x, norm, eps, router, bias, c)
+        ops::residual::route_normed(self, x, norm, eps, router, bias, c, blocks)
     }
 
     fn mlp_add(

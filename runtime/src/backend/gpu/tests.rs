@@ -1319,7 +1319,9 @@ test_backends!(residual_fusions_match_the_separate_ops, TOL, |b| {
         let x = b.put(t, k, &rng.vec(t * k, 2.0));
         let nw = weight(b, DType::F32, &[k], &rng.vec(k, 1.0));
         let router = weight(b, DType::F32, &[16, k], &rng.vec(16 * k, 1.0));
-        let (h, r) = b.route_normed(&x, &nw, 1e-5, &router, None, &c).unwrap();
+        let (h, r) = b
+            .route_normed(&x, &nw, 1e-5, &router, None, &c, None)
+            .unwrap();
         let (ids, w) = b.routing_to_host(&r).unwrap();
         out.push((format!("router t{t} k{k}: normed rows"), b.get(&h)));
         out.push((
@@ -1417,7 +1419,9 @@ fn residual_fusions_save_their_dispatches() {
             // The router's gemv writes the normed rows: the norm kernel goes.
             let (bias, router) = (m.bias.as_ref(), &m.router);
             let d0 = b.dispatches();
-            let (hn, r) = b.route_normed(&x, &nw, 1e-6, router, bias, &c).unwrap();
+            let (hn, r) = b
+                .route_normed(&x, &nw, 1e-6, router, bias, &c, None)
+                .unwrap();
             let fused = b.dispatches() - d0;
             let d0 = b.dispatches();
             let hn2 = b.rms_norm(&x, &nw, 1e-6).unwrap();

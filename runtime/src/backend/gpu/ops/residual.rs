@@ -75,6 +75,7 @@ pub(in crate::backend::gpu) fn matmul_add(
 }
 
 /// [`Backend::route_normed`] on the GPU: the router's gemv norms the rows and writes them out.
+#[allow(clippy::too_many_arguments)]
 pub(in crate::backend::gpu) fn route_normed(
     b: &GpuBackend,
     x: &GpuAct,
@@ -83,6 +84,7 @@ pub(in crate::backend::gpu) fn route_normed(
     router: &GpuWeight,
     bias: Option<&GpuWeight>,
     c: &ModelConfig,
+    blocks: Option<&backend::BlockRouting>,
 ) -> backend::Result<(GpuAct, GpuRouting)> {
     shapes::norm("route_normed", norm.rows * norm.cols, x.cols)?;
     shapes::router(
@@ -115,7 +117,7 @@ pub(in crate::backend::gpu) fn route_normed(
             router,
             bias_buf,
             c,
-            None,
+            blocks,
             (&ids, &weights),
             fuse,
         )?;
@@ -133,7 +135,7 @@ pub(in crate::backend::gpu) fn route_normed(
         Some(r) => Ok(r),
         None => {
             let h = b.rms_norm(x, norm, eps)?;
-            let routing = b.route(&h, router, bias, c)?;
+            let routing = b.route_rows(&h, router, bias, c, blocks)?;
             Ok((h, routing))
         }
     }
