@@ -21,7 +21,10 @@ target=${CARGO_TARGET_DIR:-$root/target}
 case "$target" in /*) ;; *) target=$root/$target ;; esac
 bin=${EDGEDIFF:-}
 if [ -z "$bin" ]; then
-  cargo build -q --release -p edgediff
+  # The whole workspace, as scripts/test.sh's `cargo test --workspace` built it: a narrower package set
+  # resolves some dependencies' features differently (kernel-stats turns on ash's defaults under
+  # wgpu-hal), so it would compile wgpu and the runtime a second time (≈ 1.5–3 min of CI on 2 cores).
+  cargo build -q --release --workspace
   bin=$target/release/edgediff
 fi
 out=${OUT:-$(mktemp -d)}

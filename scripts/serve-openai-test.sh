@@ -12,7 +12,10 @@ root=$PWD
 target=${CARGO_TARGET_DIR:-$root/target}
 case "$target" in /*) ;; *) target=$root/$target ;; esac
 
-cargo build -q --release -p edgediff
+# The whole workspace, as scripts/test.sh's `cargo test --workspace` built it: a narrower package set
+# resolves some dependencies' features differently (kernel-stats turns on ash's defaults under
+# wgpu-hal), so it would compile wgpu and the runtime a second time (≈ 1.5–3 min of CI on 2 cores).
+cargo build -q --release --workspace
 venv=${EDGEDIFF_PY_VENV:-$HOME/.cache/edgediff/openai-venv}
 if ! "$venv/bin/python" -c 'import openai' 2>/dev/null; then
   echo "serve-openai-test: installing the openai package into $venv" >&2
