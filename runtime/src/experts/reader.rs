@@ -56,6 +56,7 @@ pub enum Stage {
 
 /// A few reader threads and the experts they have staged.
 pub struct ExpertReader {
+    file: Arc<EdmFile>,
     jobs: Option<Sender<ExpertKey>>,
     staging: Arc<Staging>,
     workers: Vec<JoinHandle<()>>,
@@ -144,6 +145,7 @@ impl ExpertReader {
             alive: AtomicUsize::new(0),
         });
         let mut reader = ExpertReader {
+            file: file.clone(),
             jobs: Some(tx),
             staging: staging.clone(),
             workers: Vec::new(),
@@ -187,6 +189,8 @@ impl ExpertReader {
             return Stage::Full;
         }
         entries.insert(key, Entry::Pending);
+        // The flash read starts now, whichever reader thread takes the job.
+        self.file.will_need_expert(key.layer, key.expert);
         Stage::Queued
     }
 

@@ -118,6 +118,8 @@ impl CpuExpertPool {
         on_demand: bool,
     ) -> Result<()> {
         let t0 = Instant::now();
+        // One large flash read for the expert instead of a page fault per 4 KiB.
+        file.will_need_expert(layer, expert);
         let e = CpuExpert {
             gate_up: CpuBackend::expert_weight(file, layer, expert, "gate_up")?,
             down: CpuBackend::expert_weight(file, layer, expert, "down")?,
@@ -640,6 +642,13 @@ impl Backend for CpuBackend {
                 pool.pager.begin_layer(experts.layer, &[]);
                 if let Some(t) = pool.trace.as_mut() {
                     t.record(experts.layer, &routed);
+                }
+                // The layer's misses start their flash reads together, before the first one is
+                // waited for (a hint: the pager's decisions below are the same either way).
+                for &e in &routed {
+                    if pool.pager.slot_of(experts.layer, e).is_none() {
+                        file.will_need_expert(experts.layer, e);
+                    }
                 }
                 let mut contrib: Vec<(usize, usize, f32)> = Vec::new(); // (token, j, weight) per expert
                 let mut per_token: Vec<Vec<f32>> = vec![Vec::new(); x.rows * routing.k];

@@ -578,6 +578,11 @@ impl PagingState {
         store: &ExpertStore,
         fills: &[SlotFill],
     ) -> Result<u64, crate::backend::BackendError> {
+        // Every miss's flash read starts before the first copy (one large read each, read
+        // together), not a page fault at a time as the copies reach them.
+        for f in fills {
+            self.file.will_need_expert(f.key.layer, f.key.expert);
+        }
         let mut jobs = Vec::with_capacity(fills.len());
         for f in fills {
             let SlotPlace { pool, word } = self.places[f.slot];
