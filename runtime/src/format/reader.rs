@@ -363,6 +363,15 @@ impl EdmFile {
         })
     }
 
+    /// Asks the OS to read every dense tensor's bytes now ([`EdmFile::will_need_expert`]'s hint,
+    /// for a model load that is about to read them all in order): the reads are queued together
+    /// instead of faulting in a page (4 KiB) at a time under the mapping's random-access advice.
+    pub fn will_need_tensors(&self) {
+        for t in &self.header.tensors {
+            self.will_need_range(self.data_start + t.offset, t.length);
+        }
+    }
+
     /// Asks the OS to read one expert's bytes now, in large reads (`MADV_WILLNEED` on its range),
     /// ahead of the copy that touches them. The mapping's random-access advice (no read-ahead, so
     /// that a fault does not pull in neighbouring experts) would otherwise bring a cold expert in
@@ -370,12 +379,20 @@ impl EdmFile {
     /// pass are read together at the device's queue depth. A hint only: the bytes are the same
     /// either way, and an error (or a platform without it) leaves the faults to do the reading.
     pub fn will_need_expert(&self, layer: usize, expert: usize) {
-        let Some((off, len)) = self.expert_range(layer, expert) else {
-            return;
-        };
+        if let Some((off, len)) = self.expert_range(layer, expert) {
+            self.will_need_range(off, len);
+        }
+    }
+
+    /// `MADV_WILLNEED` on `len` bytes at `off` from the start of the file; a range past the
+    /// mapping, or an error, is ignored.
+    fn will_need_range(&self, off: u64, len: u64) {
         #[cfg(unix)]
         if let Ok(map) = self.map() {
-            if off + len <= map.len() as u64 {
+            if off
+                .checked_add(len)
+                .is_some_and(|end| end <= map.len() as u64)
+            {
                 let _ = map.advise_range(memmap2::Advice::WillNeed, off as usize, len as usize);
             }
         }
@@ -473,8 +490,9 @@ mod tests {
     use crate::model::Architecture;
     use crate::synth::{self, SynthSpec};
 
-    /// The read hint on a file opened fresh (not yet mapped), for every expert, then experts and
-    /// layers that are not there: no panic, no error, and the bytes read after it are the file's.
+    /// The read hints on a file opened fresh (not yet mapped), for every dense tensor and every
+    /// expert, then experts and layers that are not there: no panic, no error, and the bytes read
+    /// after them are the file's.
     #[test]
     fn a_read_hint_changes_no_bytes_and_skips_what_is_not_there() {
         let spec = SynthSpec::tiny(Architecture::Qwen3Moe);
@@ -483,6 +501,15 @@ mod tests {
         synth::write_edm(&synth::build(&spec).unwrap(), &path, DType::Q4, &|_, _| {}).unwrap();
         let plain = EdmFile::open(&path).unwrap();
         let hinted = EdmFile::open(&path).unwrap();
+        hinted.will_need_tensors();
+        for t in &plain.header.tensors {
+            assert_eq!(
+                plain.tensor(&t.name).unwrap().bytes,
+                hinted.tensor(&t.name).unwrap().bytes,
+                "{}",
+                t.name
+            );
+        }
         let layers = plain.header.metadata.config.num_layers;
         let experts = plain.header.metadata.config.moe.num_experts;
         assert!(experts > 0 && layers > 0);

@@ -239,6 +239,8 @@ impl<B: Backend> Model<B> {
     ) -> Result<Self, ModelError> {
         let c = file.header.metadata.config.clone();
         let (h, v) = (c.hidden_size, c.vocab_size);
+        // Every dense weight is read below, in order: its flash reads start now, together.
+        file.will_need_tensors();
         let get = |name: &str, want: &[usize]| -> Result<B::Weight, ModelError> {
             let view = file.tensor(name)?;
             if view.shape != want {

@@ -251,6 +251,10 @@ impl Backend for CpuBackend {
         resident: &dyn Fn(usize) -> bool,
     ) -> Result<CpuExperts> {
         let n = file.header.metadata.config.moe.num_experts;
+        // The layer's resident experts are read below, in order: their flash reads start now.
+        for e in (0..n).filter(|&e| resident(e)) {
+            file.will_need_expert(layer, e);
+        }
         let mut experts = Vec::with_capacity(n);
         for e in 0..n {
             if !resident(e) || file.expert_range(layer, e).is_none() {

@@ -303,6 +303,10 @@ pub fn load_layer(
             list.push(e);
         }
     }
+    // Every resident expert of the layer is read below, in order: its flash reads start now.
+    for &e in &list {
+        file.will_need_expert(layer, e);
+    }
     let mut guard = store.inner.lock().unwrap_or_else(|p| p.into_inner());
     let (slots, pool, loaded) = &mut *guard;
     let mut pools = Vec::new();
