@@ -118,8 +118,6 @@ impl CpuExpertPool {
         on_demand: bool,
     ) -> Result<()> {
         let t0 = Instant::now();
-        // One large flash read for the expert instead of a page fault per 4 KiB.
-        file.will_need_expert(layer, expert);
         let e = CpuExpert {
             gate_up: CpuBackend::expert_weight(file, layer, expert, "gate_up")?,
             down: CpuBackend::expert_weight(file, layer, expert, "down")?,
@@ -140,12 +138,20 @@ impl CpuExpertPool {
     pub fn prefetch(&mut self, file: &EdmFile, predicted: &[(usize, Vec<u32>)]) -> Result<()> {
         let capacity = self.pager.capacity();
         let mut seen = std::collections::HashSet::new();
-        let wanted = predicted
+        let wanted: Vec<(usize, usize)> = predicted
             .iter()
             .flat_map(|(l, ids)| ids.iter().map(move |&e| (*l, e as usize)))
             .filter(|k| seen.insert(*k))
-            .take(capacity);
-        for (layer, e) in wanted.collect::<Vec<_>>() {
+            .take(capacity)
+            .collect();
+        // The flash reads of those not in the pool start before the first fill waits for one (as
+        // a layer's on-demand misses do; a hint only, the pager decides below as before).
+        for &(layer, e) in &wanted {
+            if self.pager.slot_of(layer, e).is_none() {
+                file.will_need_expert(layer, e);
+            }
+        }
+        for (layer, e) in wanted {
             if let Some(Lookup::Miss { slot, .. }) = self.pager.prefetch(layer, e) {
                 self.fill(file, slot, layer, e, false)?;
             }
