@@ -16,7 +16,8 @@
 #   env: EDGEDIFF (binary), OUT (/tmp/edgediff-block-experts), WORK (/tmp/edgediff-paging-work; the
 #   ~8 GB model is made there once and reused), NS ("64 32 16"), POOLS ("25% 12.5%"), NEW (16),
 #   BLOCK (16), BUDGET (seconds for the whole script, 560), STEP (seconds per decode, 90), LAYERS (20),
-#   DEFAULT (1: also bench decode models/default.edm exact / N = 8 / N = 4)
+#   DEFAULT (1: also bench decode models/default.edm exact / N = 8 / N = 4), DISK (0; 1: first time
+#   cold reads of the whole file, buffered / O_DIRECT / 8 O_DIRECT readers: the flash bound)
 # Within one 10-minute command: POOLS=25% first (it also makes the model), then POOLS=12.5% DEFAULT=0.
 # Locally on lavapipe, tiny: LAYERS=2 NS=16 POOLS=12.5% NEW=4 OUT=/tmp/bx bash scripts/device-block-experts.sh
 # Writes $OUT/steps.txt (every step's output), $OUT/summary.md (one row per run), devices.txt, log.
@@ -74,6 +75,29 @@ if [ ! -f "$FULL" ]; then
     -o "$FULL.part" && mv "$FULL.part" "$FULL"
 fi
 [ -f "$FULL" ] || { log "no model"; exit 1; }
+# The machine's flash bound for cold paging (DISK=1): the model file read whole from a cold page
+# cache, buffered (one dd, 16 MiB reads, the kernel's read-ahead), direct (O_DIRECT, no page
+# cache), and direct by 8 readers of disjoint eighths at once (a deep queue): GB/s each.
+if [[ ${DISK:-0} == 1 ]]; then
+  size=$(stat -c %s "$FULL")
+  gbps() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.2f", b / s / 1e9 }'; }
+  timed() { local t0 t1; t0=$(date +%s.%N); "$@"; t1=$(date +%s.%N); awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }'; }
+  drop "$FULL"
+  s1=$(timed dd if="$FULL" of=/dev/null bs=16M status=none)
+  drop "$FULL"
+  s2=$(timed dd if="$FULL" of=/dev/null bs=16M iflag=direct status=none)
+  drop "$FULL"
+  per=$(( (size / 8 / 16777216) + 1 ))
+  par() { for i in 0 1 2 3 4 5 6 7; do dd if="$FULL" of=/dev/null bs=16M iflag=direct skip=$((i * per)) count=$per status=none & done; wait; }
+  s3=$(timed par)
+  {
+    echo "| read of the $((size / 1000000)) MB model file, cold | seconds | GB/s |"
+    echo "|---|---:|---:|"
+    echo "| buffered, one reader (16 MiB reads) | $s1 | $(gbps "$size" "$s1") |"
+    echo "| O_DIRECT, one reader (16 MiB reads) | $s2 | $(gbps "$size" "$s2") |"
+    echo "| O_DIRECT, 8 readers of disjoint eighths | $s3 | $(gbps "$size" "$s3") |"
+  } | tee "$OUT/disk.md" | tee -a "$LOG"
+fi
 echo "| pool | N | cache | tokens/s | passes | hits | misses | hit rate | MiB read | stall ms | re-runs |" > "$OUT/summary.md"
 echo "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" >> "$OUT/summary.md"
 row() { # row POOL N CACHE: one summary line from the last step's output

@@ -136,7 +136,7 @@ impl PagedLoad for GpuBackend {
         prefetch: bool,
         readers: usize,
     ) -> Result<(ExpertPaging, PooledExperts<'a, Self>), ExpertsError> {
-        let pool = self.expert_pool(file, slots, policy, prefetch, true, readers)?;
+        let pool = self.expert_pool(file, slots, policy, prefetch, readers)?;
         let paging = ExpertPaging::Gpu(pool.clone());
         Ok((paging, Box::new(move |l| self.paged_experts(&pool, l))))
     }

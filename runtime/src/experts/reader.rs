@@ -1,5 +1,5 @@
 //! Read-ahead of paged experts on reader threads: the bytes of experts about to be paged in are
-//! copied out of the model file (page faults, i.e. the flash read, plus one copy) into host staging
+//! read from the model file (positional reads, not through the mapping) into host staging
 //! buffers by a few std threads, while the calling thread uploads earlier ones or waits for the GPU.
 //!
 //! The reader only reads: which expert goes into which slot, and when, is still decided by the
@@ -10,8 +10,7 @@
 //! read and is dropped.
 //!
 //! Host memory: at most `limit` experts are staged or being read at once (the caller sizes it from
-//! a byte budget); with `release_host` each expert's mapped pages are dropped once copied, as the
-//! calling thread does after an upload.
+//! a byte budget); nothing of a paged expert is mapped into the process.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -74,23 +73,18 @@ impl Drop for AliveGuard {
 }
 
 fn read(file: &EdmFile, key: ExpertKey) -> Result<StagedExpert, FormatError> {
+    // Positional reads into the staged buffers: nothing of the expert is mapped in this process.
     let part = |name| -> Result<Vec<u8>, FormatError> {
-        Ok(file
-            .expert_part(key.layer, key.expert, name)?
-            .bytes
-            .to_vec())
+        let mut bytes = Vec::new();
+        file.read_expert_part(key.layer, key.expert, name, &mut bytes)?;
+        Ok(bytes)
     };
     Ok(StagedExpert {
         parts: [part(STAGED_PARTS[0])?, part(STAGED_PARTS[1])?],
     })
 }
 
-fn work(
-    file: Arc<EdmFile>,
-    jobs: Arc<Mutex<Receiver<ExpertKey>>>,
-    staging: Arc<Staging>,
-    release_host: bool,
-) {
+fn work(file: Arc<EdmFile>, jobs: Arc<Mutex<Receiver<ExpertKey>>>, staging: Arc<Staging>) {
     let _alive = AliveGuard(staging.clone());
     let wanted = |key| {
         matches!(
@@ -116,10 +110,6 @@ fn work(
             continue;
         }
         let got = read(&file, key);
-        if release_host && got.is_ok() {
-            // Copied out: the mapped pages are not needed until the expert is read anew.
-            file.release_expert(key.layer, key.expert);
-        }
         let mut entries = staging.entries.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e @ Entry::Pending) = entries.get_mut(&key) {
             *e = Entry::Ready(got);
@@ -131,12 +121,7 @@ fn work(
 
 impl ExpertReader {
     /// `threads` reader threads over `file`, staging at most `limit` experts (≥ 1) at once.
-    pub fn new(
-        file: Arc<EdmFile>,
-        threads: usize,
-        limit: usize,
-        release_host: bool,
-    ) -> std::io::Result<ExpertReader> {
+    pub fn new(file: Arc<EdmFile>, threads: usize, limit: usize) -> std::io::Result<ExpertReader> {
         let (tx, rx) = channel();
         let jobs = Arc::new(Mutex::new(rx));
         let staging = Arc::new(Staging {
@@ -156,7 +141,7 @@ impl ExpertReader {
             staging.alive.fetch_add(1, Ordering::SeqCst);
             let spawned = std::thread::Builder::new()
                 .name(format!("expert-reader-{i}"))
-                .spawn(move || work(file, jobs, mine, release_host));
+                .spawn(move || work(file, jobs, mine));
             match spawned {
                 Ok(h) => reader.workers.push(h),
                 Err(e) => {
@@ -281,7 +266,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = file(dir.path());
         let layer = f.header.experts[0].layer;
-        let r = ExpertReader::new(f.clone(), 2, 3, true).unwrap();
+        let r = ExpertReader::new(f.clone(), 2, 3).unwrap();
         assert_eq!(r.stage(ExpertKey::new(layer, 0)), Stage::Queued);
         assert_eq!(r.stage(ExpertKey::new(layer, 0)), Stage::Present);
         assert_eq!(r.stage(ExpertKey::new(layer, 1)), Stage::Queued);
@@ -304,7 +289,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = file(dir.path());
         let layer = f.header.experts[0].layer;
-        let r = ExpertReader::new(f.clone(), 1, 8, false).unwrap();
+        let r = ExpertReader::new(f.clone(), 1, 8).unwrap();
         r.stage(ExpertKey::new(layer, 4));
         r.stage(ExpertKey::new(layer, 5));
         r.discard(|k| k.expert == 4);

@@ -340,6 +340,60 @@ impl EdmFile {
         expert: usize,
         part: &str,
     ) -> Result<TensorView<'_>, FormatError> {
+        let (p, off) = self.expert_part_entry(layer, expert, part)?;
+        Ok(TensorView {
+            name: &p.name,
+            dtype: p.dtype,
+            shape: &p.shape,
+            bytes: self.slice(off, p.length)?,
+        })
+    }
+
+    /// The same part as [`EdmFile::expert_part`], its bytes read from the file into `buf` with a
+    /// positional read instead of through the mapping. For paging: a page fault reads (and maps) 4
+    /// KiB at a time under the mapping's random-access advice, where one read asks the OS for the
+    /// whole part at once, maps nothing into this process (the bytes go straight to `buf`, which
+    /// the caller reuses), and leaves no mapped pages to release afterwards. The bytes are the
+    /// same either way.
+    pub fn read_expert_part<'a>(
+        &'a self,
+        layer: usize,
+        expert: usize,
+        part: &str,
+        buf: &'a mut Vec<u8>,
+    ) -> Result<TensorView<'a>, FormatError> {
+        let (p, off) = self.expert_part_entry(layer, expert, part)?;
+        let at = self.data_start + off;
+        let len = p.length as usize;
+        // Ranges were checked at open; re-checked against the file as opened, in case it shrank.
+        if at + p.length > self.file_len {
+            return Err(FormatError::Truncated {
+                what: format!("layer {layer} expert {expert} {part}"),
+                need: at + p.length,
+                have: self.file_len,
+            });
+        }
+        buf.clear();
+        buf.resize(len, 0);
+        read_exact_at(&self.file, buf, at).map_err(|e| FormatError::Io {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        Ok(TensorView {
+            name: &p.name,
+            dtype: p.dtype,
+            shape: &p.shape,
+            bytes: buf,
+        })
+    }
+
+    /// An expert part's entry and its offset from the start of the data.
+    fn expert_part_entry(
+        &self,
+        layer: usize,
+        expert: usize,
+        part: &str,
+    ) -> Result<(&TensorEntry, u64), FormatError> {
         let name = || format!("layer {layer} expert {expert} {part}");
         let t = self
             .expert_table(layer)
@@ -355,12 +409,7 @@ impl EdmFile {
             .iter()
             .find(|p| p.name == part)
             .ok_or_else(|| FormatError::MissingTensor(name()))?;
-        Ok(TensorView {
-            name: &p.name,
-            dtype: p.dtype,
-            shape: &p.shape,
-            bytes: self.slice(off + p.offset, p.length)?,
-        })
+        Ok((p, off + p.offset))
     }
 
     /// Asks the OS to read every dense tensor's bytes now ([`EdmFile::will_need_expert`]'s hint,
@@ -372,12 +421,12 @@ impl EdmFile {
         }
     }
 
-    /// Asks the OS to read one expert's bytes now, in large reads (`MADV_WILLNEED` on its range),
-    /// ahead of the copy that touches them. The mapping's random-access advice (no read-ahead, so
-    /// that a fault does not pull in neighbouring experts) would otherwise bring a cold expert in
-    /// a page (4 KiB) per fault, one synchronous flash read each; hinted up front, the misses of a
-    /// pass are read together at the device's queue depth. A hint only: the bytes are the same
-    /// either way, and an error (or a platform without it) leaves the faults to do the reading.
+    /// Asks the OS to read one expert's bytes into the page cache now (`MADV_WILLNEED` on its
+    /// range), ahead of the read that wants them ([`EdmFile::read_expert_part`], or a copy out of
+    /// the mapping, where the random-access advice would otherwise bring a cold expert in a page
+    /// per fault): hinted up front, the misses of a pass are read together at the device's queue
+    /// depth instead of one after another. A hint only: the bytes are the same either way, and an
+    /// error (or a platform without it) leaves the reads to do the reading.
     pub fn will_need_expert(&self, layer: usize, expert: usize) {
         if let Some((off, len)) = self.expert_range(layer, expert) {
             self.will_need_range(off, len);
@@ -400,18 +449,9 @@ impl EdmFile {
         let _ = (off, len);
     }
 
-    /// Drops this process's mapped pages of one expert once its bytes were copied elsewhere (a GPU
-    /// pool slot), so resident host memory holds only what is in use. Nothing is lost: a later
-    /// access faults the same bytes in again from the page cache or the file.
-    pub fn release_expert(&self, layer: usize, expert: usize) {
-        if let Some((off, len)) = self.expert_range(layer, expert) {
-            self.release_range(off, len);
-        }
-    }
-
     /// Drops the mapped pages under `bytes` — a slice of this file's mapping, such as a
-    /// [`TensorView`]'s — once they were copied elsewhere (a GPU buffer); as
-    /// [`EdmFile::release_expert`]. A slice from elsewhere is ignored.
+    /// [`TensorView`]'s — once they were copied elsewhere (a GPU buffer); nothing is lost (a later access faults the same bytes in
+    /// again from the page cache or the file). A slice from elsewhere is ignored.
     pub fn release_view(&self, bytes: &[u8]) {
         let Some(map) = self.map.get() else {
             return;
@@ -483,6 +523,35 @@ fn overlaps(ranges: &mut [(u64, u64, String)]) -> Result<(), FormatError> {
     Ok(())
 }
 
+/// Fills `buf` from the file at byte `at` without moving the file's cursor (the file is shared by
+/// every thread that pages experts).
+#[cfg(unix)]
+fn read_exact_at(file: &File, buf: &mut [u8], at: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, at)
+}
+
+#[cfg(windows)]
+fn read_exact_at(file: &File, mut buf: &mut [u8], mut at: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        match file.seek_read(buf, at) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                buf = &mut buf[n..];
+                at += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(any(unix, windows)))]
+fn read_exact_at(_: &File, _: &mut [u8], _: u64) -> std::io::Result<()> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::EdmFile;
@@ -533,5 +602,51 @@ mod tests {
         hinted.will_need_expert(layers + 3, 0);
         hinted.will_need_expert(0, experts + 7);
         hinted.will_need_expert(usize::MAX, usize::MAX);
+    }
+
+    /// A positional read of every expert part gives the mapping's bytes, dtype and shape, with
+    /// one buffer reused from part to part (longer, then shorter); a part, expert or layer that
+    /// is not there is the same typed error as through the mapping, and the buffer is left
+    /// whole for the next read.
+    #[test]
+    fn positional_expert_reads_equal_the_mapping() {
+        use crate::format::FormatError;
+        let spec = SynthSpec::tiny(Architecture::Qwen3Moe);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.edm");
+        synth::write_edm(&synth::build(&spec).unwrap(), &path, DType::Q4, &|_, _| {}).unwrap();
+        let f = EdmFile::open(&path).unwrap();
+        let c = &f.header.metadata.config;
+        let (layers, experts) = (c.num_layers, c.moe.num_experts);
+        let mut buf = vec![0xAB; 3];
+        let mut seen = 0;
+        for l in 0..layers {
+            for e in (0..experts).rev() {
+                for part in ["gate_up", "down", "gate_up"] {
+                    let Ok(m) = f.expert_part(l, e, part) else {
+                        continue;
+                    };
+                    let (mb, md, ms) = (m.bytes.to_vec(), m.dtype, m.shape.to_vec());
+                    let r = f.read_expert_part(l, e, part, &mut buf).unwrap();
+                    assert_eq!((r.bytes, r.dtype, r.shape), (&mb[..], md, &ms[..]));
+                    assert_eq!(r.name, part);
+                    seen += 1;
+                }
+            }
+        }
+        assert!(seen > 0, "no expert parts in the synthetic model");
+        for (l, e, part) in [
+            (layers + 3, 0, "down"),
+            (0, experts + 7, "down"),
+            (0, 0, "up"),
+        ] {
+            let before = buf.clone();
+            assert!(matches!(
+                f.read_expert_part(l, e, part, &mut buf),
+                Err(FormatError::MissingTensor(_))
+            ));
+            assert!(f.expert_part(l, e, part).is_err());
+            assert_eq!(buf, before);
+        }
     }
 }

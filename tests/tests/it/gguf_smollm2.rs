@@ -258,12 +258,19 @@ fn f32_logits_equal_transformers_gguf_loader() {
 fn gpu_logits_equal_transformers_and_the_cpu() {
     let Some(m) = model() else { return };
     let cpu_q8 = logits_on(&CpuBackend, &m.auto);
-    for (k, (label, g)) in backends(None).into_iter().enumerate() {
+    let configs = backends(None);
+    let last = configs.len().saturating_sub(1);
+    for (k, (label, g)) in configs.into_iter().enumerate() {
         if k == 0 {
             let (worst, _, argmax_diff, n) = compare_logits(&logits_on(&g, &m.f32));
             eprintln!("GPU f32 on {label}: max |Δlogit| {worst:.5} over the reference top-8 of {n} positions, {argmax_diff} argmax differ");
             assert!(worst < 2e-3, "{label}: max |Δlogit| {worst}");
             assert_eq!(argmax_diff, 0, "{label}");
+        }
+        // CI time (30 layers on a CPU adapter): the q8 file on the last configuration only, so
+        // with two each meets the model once; one alone takes both.
+        if k != last {
+            continue;
         }
         for (i, (gpu, cpu)) in logits_on(&g, &m.auto).iter().zip(&cpu_q8).enumerate() {
             let err = rel_l2(gpu, cpu);

@@ -101,9 +101,7 @@ fn paged_gpu_experts_are_bit_identical_to_resident_for_every_pool_size_policy_an
                         let what = format!(
                             "{name} {arch}: {slots} slots, {policy:?}, prefetch {prefetch}"
                         );
-                        let pool = b
-                            .expert_pool(&file, slots, policy, prefetch, true, 0)
-                            .unwrap();
+                        let pool = b.expert_pool(&file, slots, policy, prefetch, 0).unwrap();
                         let model = Model::load_with_experts(&b, file.clone(), &mut |l| {
                             b.paged_experts(&pool, l)
                         })
@@ -171,7 +169,7 @@ fn paged_pools_spread_over_several_buffers_are_bit_identical_to_resident() {
                     }
                     let what = format!("{name} {arch}: {slots} slots, prefetch {prefetch}");
                     let pool = b
-                        .expert_pool(&file, slots, Eviction::Lru, prefetch, true, 0)
+                        .expert_pool(&file, slots, Eviction::Lru, prefetch, 0)
                         .unwrap();
                     let model = Model::load_with_experts(&b, file.clone(), &mut |l| {
                         b.paged_experts(&pool, l)
@@ -215,7 +213,7 @@ fn read_ahead_threads_change_neither_the_output_nor_the_pagers_decisions() {
                     // any batch uploaded on three threads.
                     for (readers, parallel) in [(0, None), (1, None), (3, Some(0))] {
                         let pool = b
-                            .expert_pool(&file, slots, policy, prefetch, true, readers)
+                            .expert_pool(&file, slots, policy, prefetch, readers)
                             .unwrap();
                         if let Some(bytes) = parallel {
                             pool.set_parallel_upload_bytes(bytes);
@@ -269,9 +267,7 @@ fn with_every_expert_resident_the_optimistic_pass_stops_missing() {
         let file = write(dir.path(), Architecture::Olmoe);
         let c = file.header.metadata.config.clone();
         let all = c.num_layers * c.moe.num_experts;
-        let pool = b
-            .expert_pool(&file, all, Eviction::Lru, true, true, 0)
-            .unwrap();
+        let pool = b.expert_pool(&file, all, Eviction::Lru, true, 0).unwrap();
         let model =
             Model::load_with_experts(&b, file.clone(), &mut |l| b.paged_experts(&pool, l)).unwrap();
         let mut kv = model.new_kv(&b, 64).unwrap();
@@ -411,7 +407,7 @@ fn mapped_rss(path: &Path) -> u64 {
 
 #[cfg(target_os = "linux")]
 #[test]
-fn uploaded_experts_leave_no_host_pages_behind() {
+fn paged_experts_leave_no_host_pages_behind() {
     let dir = tempfile::tempdir().unwrap();
     let Some((name, b)) = backends(None).into_iter().next() else {
         return;
@@ -422,35 +418,26 @@ fn uploaded_experts_leave_no_host_pages_behind() {
         ..SynthSpec::tiny(Architecture::Qwen3Moe)
     };
     let m = synth::build(&spec).unwrap();
-    let mut rss = Vec::new();
-    for release in [false, true] {
-        // One file per run: each mapping is measured on its own.
-        let path = dir.path().join(format!("release-{release}.edm"));
-        synth::write_edm(&m, &path, DType::F32, &|_, _| {}).unwrap();
-        let file = Arc::new(EdmFile::open(&path).unwrap());
-        let experts: u64 = file.header.experts.iter().map(|t| t.length * 32).sum();
-        let dense = file.file_len() - experts;
-        let c = file.header.metadata.config.clone();
-        let pool = b
-            .expert_pool(&file, c.num_layers * 32, Eviction::Lru, true, release, 2)
-            .unwrap();
-        let model =
-            Model::load_with_experts(&b, file.clone(), &mut |l| b.paged_experts(&pool, l)).unwrap();
-        run(&b, &model);
-        let read = pool.stats().bytes_read;
-        let resident = mapped_rss(&path);
-        if release {
-            // Only the dense weights (read once at load) stay mapped in, plus page rounding at
-            // the edges of released experts.
-            assert!(
-                resident <= dense + 64 * 1024,
-                "{name}: {resident} of {dense} dense bytes"
-            );
-        } else {
-            assert!(resident >= read, "{name}: {resident} < {read} read");
-        }
-        rss.push((resident, read, dense));
-    }
-    eprintln!("{name}: (mapped RSS, bytes read, dense bytes) kept, released: {rss:?}");
-    assert!(rss[1].0 + rss[0].1 / 2 <= rss[0].0, "{name}: {rss:?}");
+    let path = dir.path().join("paged.edm");
+    synth::write_edm(&m, &path, DType::F32, &|_, _| {}).unwrap();
+    let file = Arc::new(EdmFile::open(&path).unwrap());
+    let experts: u64 = file.header.experts.iter().map(|t| t.length * 32).sum();
+    let dense = file.file_len() - experts;
+    let c = file.header.metadata.config.clone();
+    let pool = b
+        .expert_pool(&file, c.num_layers * 32, Eviction::Lru, true, 2)
+        .unwrap();
+    let model =
+        Model::load_with_experts(&b, file.clone(), &mut |l| b.paged_experts(&pool, l)).unwrap();
+    run(&b, &model);
+    let read = pool.stats().bytes_read;
+    let resident = mapped_rss(&path);
+    eprintln!("{name}: mapped RSS {resident}, bytes paged in {read}, dense bytes {dense}");
+    // Paged experts are read with positional reads, never through the mapping: only the dense
+    // weights (read once at load) are mapped in, plus page rounding at their edges.
+    assert!(read > 0, "{name}: nothing was paged in");
+    assert!(
+        resident <= dense + 64 * 1024,
+        "{name}: {resident} mapped bytes for {dense} dense bytes after paging in {read}"
+    );
 }

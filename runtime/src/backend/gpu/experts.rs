@@ -45,13 +45,16 @@
 //! Re-running a pass is harmless: it rewrites the same K/V positions it wrote the first time.
 //! Uploads go through `queue.write_buffer`, which lands before the next submission and after
 //! every earlier one; the modes above only ever upload when no recorded-but-unsubmitted command
-//! reads the slots being replaced. Once an expert is uploaded its mapped host pages are released
-//! (`EdmFile::release_expert`, MADV_DONTNEED), and the mapping is advised MADV_RANDOM so a read
-//! never pulls in neighbouring experts: host memory holds the dense weights and what is in flight.
+//! reads the slots being replaced. A paged expert is read from the file with positional reads
+//! (`EdmFile::read_expert_part`) into a reused host buffer, not through the mapping: one read
+//! asks for a whole part where page faults would bring it in 4 KiB at a time (the mapping is
+//! advised MADV_RANDOM so that touching an expert never pulls in its neighbours), and nothing of
+//! it stays mapped: host memory holds the dense weights and what is in flight. Experts resident
+//! from the start are read the same way at load.
 //!
 //! ## Read-ahead ([`ExpertReader`])
 //! With reader threads (`readers` > 0, the default through `--expert-memory`), the flash reads move
-//! off the submitting thread: experts about to be paged in are copied out of the mapping into host
+//! off the submitting thread: experts about to be paged in are read from the file into host
 //! staging buffers by std threads, and an upload then only copies staged bytes into wgpu's staging
 //! memory. What is read ahead, in the order it will be needed:
 //! - at the end of every pass, the prediction for the next one (its routing; after a miss, the
@@ -310,6 +313,8 @@ pub fn load_layer(
     let mut guard = store.inner.lock().unwrap_or_else(|p| p.into_inner());
     let (slots, pool, loaded) = &mut *guard;
     let mut pools = Vec::new();
+    // Read into one reused buffer, as paging does: nothing of the experts is mapped in.
+    let mut read = Vec::new();
     for group in list.chunks(per_buffer.max(1)) {
         let buf = GpuBuffer::new(
             &sh.dev.device,
@@ -325,7 +330,7 @@ pub fn load_layer(
                 (names::EXPERT_GATE_UP, base),
                 (names::EXPERT_DOWN, base + down.word as u64 * 4),
             ] {
-                let view = file.expert_part(layer, e, name)?;
+                let view = file.read_expert_part(layer, e, name, &mut read)?;
                 super::check_finite(&view)?;
                 super::write_padded(sh, &buf, at, view.bytes);
                 on_upload(view.bytes.len() as u64);
@@ -335,8 +340,6 @@ pub fn load_layer(
                 word: (base / 4) as u32,
             };
             slots.set(sh, ExpertKey::new(layer, e), place);
-            // Uploaded (write_buffer copied the bytes): host memory keeps no copy.
-            file.release_expert(layer, e);
         }
         pools.push(PoolBuffer { index, buf });
     }
@@ -422,7 +425,6 @@ pub(crate) struct PagingState {
     places: Vec<SlotPlace>,
     pub(crate) buffers: Vec<PoolBuffer>,
     prefetch: bool,
-    release_host: bool,
     /// The pass being recorded reads each MoE layer's routing back before its experts run.
     sync: bool,
     /// The next pass must run synchronously (the optimistic one missed).
@@ -452,6 +454,8 @@ pub(crate) struct PagingState {
     /// Experts to read ahead, in the order they will be needed, and how far staging got.
     ahead: Vec<ExpertKey>,
     ahead_next: usize,
+    /// Host buffers the uploads read experts into, one per upload thread.
+    read_bufs: Vec<Vec<u8>>,
 }
 
 impl GpuExpertPool {
@@ -525,8 +529,8 @@ fn upload(
     queue: &wgpu::Queue,
     file: &EdmFile,
     reader: Option<&ExpertReader>,
-    release_host: bool,
     u: &Upload,
+    buf: &mut Vec<u8>,
 ) -> Result<(u64, bool), crate::backend::BackendError> {
     let ExpertKey { layer, expert: e } = u.key;
     let staged = match reader {
@@ -542,18 +546,18 @@ fn upload(
     .into_iter()
     .enumerate()
     {
-        let mut view = file.expert_part(layer, e, name)?;
-        if let Some(s) = &staged {
-            view.bytes = &s.parts[i];
-        }
+        // Not staged: read from the file into this thread's buffer, not through the mapping.
+        let view = match &staged {
+            Some(s) => {
+                let mut view = file.expert_part(layer, e, name)?;
+                view.bytes = &s.parts[i];
+                view
+            }
+            None => file.read_expert_part(layer, e, name, buf)?,
+        };
         super::check_finite(&view)?;
         write_words(queue, &u.buf, at, view.bytes);
         bytes += view.bytes.len() as u64;
-    }
-    // write_buffer copied the bytes; the mapped pages are not needed again until the expert is
-    // paged in anew (a reader released the pages of what it staged).
-    if release_host && staged.is_none() {
-        file.release_expert(layer, e);
     }
     Ok((bytes, staged.is_some()))
 }
@@ -603,19 +607,24 @@ impl PagingState {
         let threads = self.readers.min(jobs.len());
         let parallel = threads > 1 && jobs.len() as u64 * self.slot_bytes >= self.parallel_bytes;
         let queue = &sh.dev.queue;
+        // A read buffer per upload thread, kept from fill to fill.
+        if self.read_bufs.len() < threads.max(1) {
+            self.read_bufs.resize_with(threads.max(1), Vec::new);
+        }
         let results: Vec<Result<(u64, bool), crate::backend::BackendError>> = if parallel {
-            let (file, reader, release) = (&*self.file, self.reader.as_ref(), self.release_host);
+            let (file, reader) = (&*self.file, self.reader.as_ref());
             let next = std::sync::atomic::AtomicUsize::new(0);
             let done: Vec<Mutex<Option<_>>> = jobs.iter().map(|_| Mutex::new(None)).collect();
+            let (next_ref, done_ref, jobs_ref) = (&next, &done, &jobs);
             std::thread::scope(|s| {
-                for _ in 0..threads {
-                    s.spawn(|| loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(job) = jobs.get(i) else {
+                for buf in self.read_bufs.iter_mut().take(threads) {
+                    s.spawn(move || loop {
+                        let i = next_ref.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(job) = jobs_ref.get(i) else {
                             break;
                         };
-                        let r = upload(queue, file, reader, release, job);
-                        *done[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+                        let r = upload(queue, file, reader, job, buf);
+                        *done_ref[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
                     });
                 }
             });
@@ -628,6 +637,7 @@ impl PagingState {
                 .collect()
         } else {
             let mut out = Vec::with_capacity(jobs.len());
+            let mut buf = std::mem::take(&mut self.read_bufs[0]);
             for job in &jobs {
                 // Staging frees room as uploads take staged experts.
                 self.advance();
@@ -635,10 +645,11 @@ impl PagingState {
                     queue,
                     &self.file,
                     self.reader.as_ref(),
-                    self.release_host,
                     job,
+                    &mut buf,
                 ));
             }
+            self.read_bufs[0] = buf;
             out
         };
         let mut guard = store.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -834,16 +845,14 @@ fn distinct(ids: &[u32], experts: usize) -> Vec<u32> {
 impl GpuExpertPool {
     /// A bounded GPU expert pool of `slots` experts for `file` (exact lazy paging); its layers come
     /// from [`GpuExpertPool::layer`]. `prefetch` turns on
-    /// the optimistic pass with the previous pass's routing; `release_host` drops the mapped
-    /// pages of each expert once uploaded; `readers` threads read experts ahead (0: every read on
-    /// the calling thread; see the module header).
+    /// the optimistic pass with the previous pass's routing; `readers` threads read experts ahead
+    /// (0: every read on the calling thread; see the module header).
     pub(crate) fn new(
         sh: &Shared,
         file: &Arc<EdmFile>,
         slots: usize,
         policy: Eviction,
         prefetch: bool,
-        release_host: bool,
         readers: usize,
     ) -> Result<Arc<GpuExpertPool>, crate::backend::BackendError> {
         let c = &file.header.metadata.config;
@@ -888,7 +897,7 @@ impl GpuExpertPool {
             let limit = (READ_AHEAD_BYTES / stride.max(1)) as usize;
             let limit = limit.max(c.moe.top_k).min(slots);
             Some(
-                ExpertReader::new(file.clone(), readers, limit, release_host).map_err(|e| {
+                ExpertReader::new(file.clone(), readers, limit).map_err(|e| {
                     crate::format::FormatError::Io {
                         path: file.path().to_path_buf(),
                         source: e,
@@ -906,7 +915,6 @@ impl GpuExpertPool {
                 places,
                 buffers,
                 prefetch,
-                release_host,
                 sync: false,
                 repass: false,
                 skip: 0,
@@ -922,6 +930,7 @@ impl GpuExpertPool {
                 parallel_bytes: PARALLEL_UPLOAD_BYTES,
                 ahead: Vec::new(),
                 ahead_next: 0,
+                read_bufs: Vec::new(),
             }),
         }))
     }

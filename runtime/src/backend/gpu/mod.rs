@@ -365,18 +365,9 @@ impl GpuBackend {
         slots: usize,
         policy: crate::experts::Eviction,
         prefetch: bool,
-        release_host: bool,
         readers: usize,
     ) -> Result<Arc<GpuExpertPool>> {
-        GpuExpertPool::new(
-            &self.sh,
-            file,
-            slots,
-            policy,
-            prefetch,
-            release_host,
-            readers,
-        )
+        GpuExpertPool::new(&self.sh, file, slots, policy, prefetch, readers)
     }
 
     /// The experts of `layer`, paged through `pool` (nothing is uploaded now).
