@@ -353,8 +353,8 @@ impl EdmFile {
     /// positional read instead of through the mapping. For paging: a page fault reads (and maps) 4
     /// KiB at a time under the mapping's random-access advice, where one read asks the OS for the
     /// whole part at once, maps nothing into this process (the bytes go straight to `buf`, which
-    /// the caller reuses), and leaves no mapped pages to release afterwards. The bytes are the
-    /// same either way.
+    /// the caller reuses: it is grown, never shrunk), and leaves no mapped pages to release
+    /// afterwards. The bytes are the same either way.
     pub fn read_expert_part<'a>(
         &'a self,
         layer: usize,
@@ -373,9 +373,13 @@ impl EdmFile {
                 have: self.file_len,
             });
         }
-        buf.clear();
-        buf.resize(len, 0);
-        read_exact_at(&self.file, buf, at).map_err(|e| FormatError::Io {
+        // The buffer only grows (zero-filled once, to the largest part read), so a reused one
+        // costs no fill per read.
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        let bytes = &mut buf[..len];
+        read_exact_at(&self.file, bytes, at).map_err(|e| FormatError::Io {
             path: self.path.clone(),
             source: e,
         })?;
@@ -383,7 +387,7 @@ impl EdmFile {
             name: &p.name,
             dtype: p.dtype,
             shape: &p.shape,
-            bytes: buf,
+            bytes,
         })
     }
 
