@@ -9,7 +9,10 @@
 //   neighbouring words (for one activation row, four octets' loads ahead of their arithmetic);
 //   partial sums meet in shared memory, summed in lane order — the same sums whatever rows share
 //   the block. Token blocks re-read the weights from L2, but the grid (n·L/64 × t/4 workgroups)
-//   fills the GPU, where 16 × 64 tiles would leave most of it idle for 16 tokens.
+//   fills the GPU, where 16 × 64 tiles would leave most of it idle for 16 tokens. The host may cap
+//   the grid's row groups (KernelChoice::gemv_max_groups): a workgroup then works every
+//   (x · y)-th group in turn, the same sums, so a large matrix (the LM head: 39,296 groups at one
+//   row) is not tens of thousands of workgroups that each live for one round of loads.
 // - gemv_swiglu: gemv over a dense MLP's fused [gate; up] weight, writing silu(gate) · up (16
 //   lanes a row).
 // Activations are bound as vec4s (lib/act_dot.wgsl says why); output rows may be a column range of
@@ -192,17 +195,27 @@ fn gemv(
 ) {
     let lanes = gemv_lanes();
     let rows = 64u / lanes;
-    let row0 = (wid.x + wid.y * nwg.x) * rows;
     let t0 = wid.z * GEMV_T;
     let nt = min(p.t - t0, GEMV_T);
-    gemv_partial(row0 + lid / lanes, lid, t0, nt, lanes);
-    workgroupBarrier();
-    if (lid < 4u * rows) {
-        let r = lid / 4u;
-        let t = lid % 4u;
-        if (row0 + r < p.n && t < nt) {
-            let s = gemv_sum(r, t, lanes) * gemv_inv_rms(r, t, lanes);
-            gemv_store((t0 + t) * p.out_stride + p.out_col0 + row0 + r, s);
+    // Row groups in turn, every (x · y)-th: one pass where the grid has a workgroup a group, more
+    // where the host capped the grid (a large matrix's thousands of short-lived workgroups).
+    let groups = (p.n + rows - 1u) / rows;
+    let stride = nwg.x * nwg.y;
+    for (var g = wid.x + wid.y * nwg.x; g < groups; g += stride) {
+        let row0 = g * rows;
+        gemv_partial(row0 + lid / lanes, lid, t0, nt, lanes);
+        workgroupBarrier();
+        if (lid < 4u * rows) {
+            let r = lid / 4u;
+            let t = lid % 4u;
+            if (row0 + r < p.n && t < nt) {
+                let s = gemv_sum(r, t, lanes) * gemv_inv_rms(r, t, lanes);
+                gemv_store((t0 + t) * p.out_stride + p.out_col0 + row0 + r, s);
+            }
+        }
+        // The partials are written again by the next group.
+        if (g + stride < groups) {
+            workgroupBarrier();
         }
     }
 }

@@ -12,6 +12,7 @@
 //! | `EDGEDIFF_GEMV_F32_MAX_T=<tokens>` | [`KernelChoice::gemv_f32_max_t`] |
 //! | `EDGEDIFF_GEMV_BLOCKED_MAX_MB=<MiB>` | [`KernelChoice::gemv_blocked_max_bytes`] |
 //! | `EDGEDIFF_GEMV1_LANES=16\|32\|64` | [`KernelChoice::gemv1_lanes`] |
+//! | `EDGEDIFF_GEMV_MAX_GROUPS=<n>` | [`KernelChoice::gemv_max_groups`] |
 //! | `EDGEDIFF_GEMV_WIDE_MIN_T=<rows>\|off` | [`KernelChoice::gemv_wide_min_t`] |
 //! | `EDGEDIFF_GEMV_WIDE_F32=0` | [`KernelChoice::gemv_wide_f32`] |
 //! | `EDGEDIFF_WIDE_LANES=4\|8\|16\|32\|64` | [`KernelChoice::wide_lanes`] |
@@ -145,6 +146,11 @@ pub struct KernelChoice {
     /// longer batch it with the 2–4-row passes (in-place AR, short prompts) it now joins; 2 % of a
     /// 1-token pass is not worth that.
     pub gemv1_lanes: u32,
+    /// Workgroups at most along the word-a-lane gemv's rows (0: one a row group): past them each
+    /// workgroup works several row groups in turn (shaders/gemv.wgsl), the same sums. A one-row
+    /// LM head [157,184 × 2048] is otherwise 39,296 workgroups of 64 invocations, each of which
+    /// lives for one row group's four rounds of loads.
+    pub gemv_max_groups: usize,
     /// Passes of at least this many rows (`None`: none) take the wide q4/q8 gemv
     /// (shaders/gemv_wide.wgsl: 16-byte chunks, activations staged in shared memory) where the
     /// row fits, in place of gemv.wgsl's word-a-lane kernel. H100, 20-layer LLaDA2.0-mini q4, one
@@ -274,6 +280,7 @@ impl Default for KernelChoice {
             gemv_f32_max_t: GEMV_F32_MAX_T,
             gemv_blocked_max_bytes: super::ops::matmul::GEMV_BLOCKED_MAX_BYTES,
             gemv1_lanes: 16,
+            gemv_max_groups: 0,
             gemv_wide_min_t: Some(2),
             gemv_wide_f32: true,
             wide_lanes: 16,
@@ -350,6 +357,8 @@ impl KernelChoice {
             gemv1_lanes: num("EDGEDIFF_GEMV1_LANES")
                 .filter(|&l| matches!(l, 16 | 32 | 64))
                 .map_or(d.gemv1_lanes, |l| l as u32),
+            gemv_max_groups: num("EDGEDIFF_GEMV_MAX_GROUPS")
+                .map_or(d.gemv_max_groups, |n| n as usize),
             gemv_wide_min_t: match var("EDGEDIFF_GEMV_WIDE_MIN_T").as_deref().map(str::trim) {
                 Some("off") => None,
                 Some(v) => v
@@ -489,6 +498,7 @@ mod tests {
             ("EDGEDIFF_GEMV_F32_MAX_T", "16"),
             ("EDGEDIFF_GEMV_BLOCKED_MAX_MB", "256"),
             ("EDGEDIFF_GEMV1_LANES", "64"),
+            ("EDGEDIFF_GEMV_MAX_GROUPS", "4096"),
             ("EDGEDIFF_GEMV_WIDE_MIN_T", "off"),
             ("EDGEDIFF_GEMV_WIDE_F32", "0"),
             ("EDGEDIFF_WIDE_LANES", "64"),
@@ -526,6 +536,7 @@ mod tests {
                 gemv_f32_max_t: 16,
                 gemv_blocked_max_bytes: 256 << 20,
                 gemv1_lanes: 64,
+                gemv_max_groups: 4096,
                 gemv_wide_min_t: None,
                 gemv_wide_f32: false,
                 wide_lanes: 64,

@@ -1850,6 +1850,52 @@ fn one_row_gemv_with_more_lanes_matches_the_cpu() {
     }
 }
 
+/// `EDGEDIFF_GEMV_MAX_GROUPS`: a capped word-a-lane gemv grid whose workgroups work several row
+/// groups in turn writes what one workgroup a group writes, bit for bit — one row (16 and 64
+/// lanes), token blocks along z, ragged last groups, every weight type — into poisoned outputs.
+#[test]
+fn capped_gemv_grid_loops_over_row_groups_with_the_same_bits() {
+    use super::choice::KernelChoice;
+    let with = |cap, lanes| super::GpuOptions {
+        poison: true,
+        kernels: KernelChoice {
+            gemv_max_groups: cap,
+            gemv1_lanes: lanes,
+            // Every row count and weight type on the word-a-lane gemv.
+            gemv_wide_min_t: None,
+            gemv_wide_f32: false,
+            ..KernelChoice::from_env()
+        },
+        ..super::GpuOptions::from_env()
+    };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let mut rng = Rng(57);
+    for lanes in [16, 64] {
+        let plain = GpuBackend::new(&with(0, lanes)).unwrap();
+        let capped = [1, 3, 7].map(|c| (c, GpuBackend::new(&with(c, lanes)).unwrap()));
+        for (n, k, t) in [(37, 96, 1), (70, 256, 1), (45, 128, 3), (29, 64, 6)] {
+            for dtype in DTYPES {
+                if dtype.is_quantized() && k % 32 != 0 {
+                    continue;
+                }
+                let vals = rng.vec(n * k, 0.5);
+                let xs = rng.vec(t * k, 1.0);
+                let got = |b: &GpuBackend| {
+                    let w = weight(b, dtype, &[n, k], &vals);
+                    b.get(&b.matmul(&w, &b.put(t, k, &xs)).unwrap())
+                };
+                let want = got(&plain);
+                for (cap, b) in &capped {
+                    assert!(
+                        bits(&got(b)) == bits(&want),
+                        "{dtype} n{n} k{k} t{t}, {lanes} lanes: grid capped at {cap}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// `EDGEDIFF_MOE_GEMV_BLOCKS`: a GEMV expert workgroup working several weight-row blocks in turn
 /// writes what one workgroup a block writes, bit for bit — on the direct path (one token), the
 /// list path, with the shared expert's column, and with a ragged last workgroup (3 blocks a

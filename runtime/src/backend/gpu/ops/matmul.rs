@@ -701,10 +701,12 @@ pub fn matmul_fused_into(
             MatmulKernel::Gemv | MatmulKernel::GemvBlocked => {
                 // 64 / lanes weight rows a workgroup.
                 p.lanes = gemv_lanes(&ctx.sh.dev.kernels, solo);
-                (
-                    &GEMV,
-                    gemv_grid(n.div_ceil(u64::from(64 / p.lanes)), t, GEMV_T as u32),
-                )
+                let groups = n.div_ceil(u64::from(64 / p.lanes));
+                let cap = match ctx.sh.dev.kernels.gemv_max_groups as u64 {
+                    0 => groups,
+                    cap => groups.min(cap),
+                };
+                (&GEMV, gemv_grid(cap, t, GEMV_T as u32))
             }
             MatmulKernel::Tiled => (
                 &GEMM,
