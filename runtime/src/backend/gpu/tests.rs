@@ -1872,7 +1872,7 @@ fn capped_gemv_grid_loops_over_row_groups_with_the_same_bits() {
     let mut rng = Rng(57);
     for lanes in [16, 64] {
         let plain = GpuBackend::new(&with(0, lanes)).unwrap();
-        let capped = [1, 3, 7].map(|c| (c, GpuBackend::new(&with(c, lanes)).unwrap()));
+        let capped = [1, 5].map(|c| (c, GpuBackend::new(&with(c, lanes)).unwrap()));
         for (n, k, t) in [(37, 96, 1), (70, 256, 1), (45, 128, 3), (29, 64, 6)] {
             for dtype in DTYPES {
                 if dtype.is_quantized() && k % 32 != 0 {
