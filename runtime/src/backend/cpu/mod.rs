@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 mod block_routing;
 mod cca;
 mod denoise;
+mod gemm;
 mod gemma;
 
 pub use block_routing::block_masks;
@@ -391,14 +392,8 @@ impl Backend for CpuBackend {
     fn matmul(&self, w: &CpuWeight, x: &CpuAct) -> Result<CpuAct> {
         shapes::matmul("matmul", (w.rows, w.cols), (x.rows, x.cols))?;
         let mut out = vec![0.0; x.rows * w.rows];
-        // Weight rows outside: each is read once for all activation rows (a batched pass's
-        // sequences share it); every output is the same dot product either way.
-        for o in 0..w.rows {
-            let wr = w.row(o);
-            for t in 0..x.rows {
-                out[t * w.rows + o] = dot(wr, x.row(t));
-            }
-        }
+        // Every output is the plain dot product, its bits too; gemm.rs runs many side by side.
+        gemm::matmul(&w.data, w.rows, w.cols, &x.data, x.rows, &mut out);
         Ok(CpuAct::new(x.rows, w.rows, out))
     }
 
