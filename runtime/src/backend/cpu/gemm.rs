@@ -3,14 +3,16 @@
 //! (a product, then an add: no fused multiply-add). What changes is only how many such sums run
 //! side by side. A sequential sum is one add every few cycles, its latency; blocks of weight rows
 //! × tokens keep many independent sums in flight (the tokens of a block contiguous, so they are
-//! SIMD lanes), and blocks of weight rows go to the threads of rayon's pool. The reference stays
-//! the reference: the same bits, sooner.
+//! SIMD lanes, 8 wide where the CPU has AVX), and blocks of weight rows go to the threads of
+//! rayon's pool. The reference stays the reference: the same bits, sooner.
 
 use rayon::prelude::*;
 
-/// Weight rows of a block, and tokens of a block (SIMD lanes of the token-blocked kernel).
+/// Weight rows of a block, and tokens of a block (SIMD lanes of the token-blocked kernel): 8, or
+/// 4 for passes of at most 4 tokens (an expert's few tokens), which would leave most of 8 idle.
 const ROWS: usize = 4;
 const TOKS: usize = 8;
+const TOKS_FEW: usize = 4;
 /// Weight rows of the one-token kernel (independent scalar sums).
 const ROWS1: usize = 8;
 /// Multiply-adds below which a matmul runs on the calling thread: a task costs microseconds.
@@ -20,35 +22,38 @@ const TASK_ROWS: usize = 32;
 
 /// `out[t · n + o] = Σ_k w[o · k_len + k] · x[t · k_len + k]` for `n` weight rows and `t` tokens.
 pub fn matmul(w: &[f32], n: usize, k: usize, x: &[f32], t: usize, out: &mut [f32]) {
+    matmul_on(has_avx(), w, n, k, x, t, out);
+}
+
+/// [`matmul`] with the AVX kernels where `avx` asks for them and the CPU has them, else the
+/// baseline's (the tests run both).
+fn matmul_on(avx: bool, w: &[f32], n: usize, k: usize, x: &[f32], t: usize, out: &mut [f32]) {
+    let avx = avx && has_avx();
     debug_assert_eq!(w.len(), n * k);
     debug_assert_eq!(x.len(), t * k);
     debug_assert_eq!(out.len(), t * n);
     if n == 0 || t == 0 {
         return;
     }
-    // The tokens transposed in blocks of TOKS: xt[b][k][j] = x[b · TOKS + j, k] (zeros past t).
-    let blocks = t.div_ceil(TOKS);
+    let tb = if t <= TOKS_FEW { TOKS_FEW } else { TOKS };
     let xt = if t > 1 {
-        let mut xt = vec![0.0f32; blocks * k * TOKS];
-        for tok in 0..t {
-            let (b, j) = (tok / TOKS, tok % TOKS);
-            let dst = &mut xt[b * k * TOKS..(b + 1) * k * TOKS];
-            for (kk, &v) in x[tok * k..(tok + 1) * k].iter().enumerate() {
-                dst[kk * TOKS + j] = v;
-            }
-        }
-        xt
+        transposed(x, k, t, tb)
     } else {
         Vec::new()
     };
     // Each task writes its rows for every token into its own [rows × t] block (rows-major), then
     // the blocks are scattered to the [t × n] output.
     let rows_of = |o0: usize, o1: usize, dst: &mut [f32]| {
-        if t == 1 {
-            rows_one(&w[o0 * k..o1 * k], k, x, dst);
-        } else {
-            rows_blocked(&w[o0 * k..o1 * k], k, &xt, t, dst);
+        let w = &w[o0 * k..o1 * k];
+        if avx {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `avx` is true only where `has_avx` found the instructions these copies use.
+            unsafe {
+                rows_avx(w, k, x, &xt, t, tb, dst)
+            };
+            return;
         }
+        rows_any(w, k, x, &xt, t, tb, dst);
     };
     let mut tr = vec![0.0f32; n * t];
     if n * k * t < PARALLEL_MIN || rayon::current_num_threads() == 1 {
@@ -70,7 +75,58 @@ pub fn matmul(w: &[f32], n: usize, k: usize, x: &[f32], t: usize, out: &mut [f32
     }
 }
 
+/// The kernel for this pass's shape.
+#[inline(always)]
+fn rows_any(w: &[f32], k: usize, x: &[f32], xt: &[f32], t: usize, tb: usize, dst: &mut [f32]) {
+    match (t, tb) {
+        (1, _) => rows_one(w, k, x, dst),
+        (_, TOKS_FEW) => rows_blocked::<TOKS_FEW>(w, k, xt, t, dst),
+        _ => rows_blocked::<TOKS>(w, k, xt, t, dst),
+    }
+}
+
+/// [`rows_any`] compiled for AVX: 8-lane vectors where the baseline x86-64 has 4. The same
+/// multiplies and adds in the same order (Rust never fuses them), so the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn rows_avx(
+    w: &[f32],
+    k: usize,
+    x: &[f32],
+    xt: &[f32],
+    t: usize,
+    tb: usize,
+    dst: &mut [f32],
+) {
+    rows_any(w, k, x, xt, t, tb, dst)
+}
+
+fn has_avx() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The tokens transposed in blocks of `tb`: xt[b][k][j] = x[b · tb + j, k] (zeros past t).
+fn transposed(x: &[f32], k: usize, t: usize, tb: usize) -> Vec<f32> {
+    let mut xt = vec![0.0f32; t.div_ceil(tb) * k * tb];
+    for tok in 0..t {
+        let (b, j) = (tok / tb, tok % tb);
+        let dst = &mut xt[b * k * tb..(b + 1) * k * tb];
+        for (kk, &v) in x[tok * k..(tok + 1) * k].iter().enumerate() {
+            dst[kk * tb + j] = v;
+        }
+    }
+    xt
+}
+
 /// One token: `dst[o] = Σ_k w[o, k] · x[k]` over the rows of `w`, ROWS1 sums at a time.
+#[inline(always)]
 fn rows_one(w: &[f32], k: usize, x: &[f32], dst: &mut [f32]) {
     let n = dst.len();
     let mut o = 0;
@@ -95,22 +151,23 @@ fn rows_one(w: &[f32], k: usize, x: &[f32], dst: &mut [f32]) {
     }
 }
 
-/// Several tokens (`xt`: blocks of TOKS, transposed): `dst[o · t + tok]` over the rows of `w`,
-/// ROWS rows × TOKS tokens of sums at a time.
-fn rows_blocked(w: &[f32], k: usize, xt: &[f32], t: usize, dst: &mut [f32]) {
+/// Several tokens (`xt`: blocks of TB, transposed): `dst[o · t + tok]` over the rows of `w`,
+/// ROWS rows × TB tokens of sums at a time.
+#[inline(always)]
+fn rows_blocked<const TB: usize>(w: &[f32], k: usize, xt: &[f32], t: usize, dst: &mut [f32]) {
     let n = dst.len() / t;
-    for (b, xb) in xt.chunks_exact(k * TOKS).enumerate() {
-        let toks = (t - b * TOKS).min(TOKS);
+    for (b, xb) in xt.chunks_exact(k * TB).enumerate() {
+        let toks = (t - b * TB).min(TB);
         let mut o = 0;
         while o < n {
             let rows = (n - o).min(ROWS);
-            let mut acc = [[-0.0f32; TOKS]; ROWS];
+            let mut acc = [[-0.0f32; TB]; ROWS];
             if rows == ROWS {
                 let r: [&[f32]; ROWS] = std::array::from_fn(|i| &w[(o + i) * k..(o + i + 1) * k]);
-                for (kk, xk) in xb.chunks_exact(TOKS).enumerate() {
+                for (kk, xk) in xb.chunks_exact(TB).enumerate() {
                     for i in 0..ROWS {
                         let wv = r[i][kk];
-                        for j in 0..TOKS {
+                        for j in 0..TB {
                             acc[i][j] += wv * xk[j];
                         }
                     }
@@ -118,9 +175,9 @@ fn rows_blocked(w: &[f32], k: usize, xt: &[f32], t: usize, dst: &mut [f32]) {
             } else {
                 for (i, a) in acc.iter_mut().enumerate().take(rows) {
                     let r = &w[(o + i) * k..(o + i + 1) * k];
-                    for (kk, xk) in xb.chunks_exact(TOKS).enumerate() {
+                    for (kk, xk) in xb.chunks_exact(TB).enumerate() {
                         let wv = r[kk];
-                        for j in 0..TOKS {
+                        for j in 0..TB {
                             a[j] += wv * xk[j];
                         }
                     }
@@ -128,7 +185,7 @@ fn rows_blocked(w: &[f32], k: usize, xt: &[f32], t: usize, dst: &mut [f32]) {
             }
             for (i, a) in acc.iter().enumerate().take(rows) {
                 for (j, &v) in a.iter().enumerate().take(toks) {
-                    dst[(o + i) * t + b * TOKS + j] = v;
+                    dst[(o + i) * t + b * TB + j] = v;
                 }
             }
             o += rows;
@@ -173,7 +230,7 @@ mod tests {
             .collect()
     }
 
-    /// Bit for bit the plain loop: one token and blocks of tokens, ragged row and token blocks,
+    /// Bit for bit the plain loop, with the baseline and the AVX kernels: one token and blocks of tokens, ragged row and token blocks,
     /// shapes small enough for the calling thread and large enough for the pool, and a row of
     /// −0.0 products (the sums start at −0.0, as `sum` does).
     #[test]
@@ -199,10 +256,13 @@ mod tests {
                 *v = -0.0;
             }
             let want = plain(&w, n, k, &x, t);
-            let mut got = vec![f32::NAN; t * n];
-            matmul(&w, n, k, &x, t, &mut got);
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert!(bits(&got) == bits(&want), "n{n} k{k} t{t}");
+            // The baseline kernels, and the AVX copies where this machine has AVX.
+            for avx in [false, has_avx()] {
+                let mut got = vec![f32::NAN; t * n];
+                matmul_on(avx, &w, n, k, &x, t, &mut got);
+                assert!(bits(&got) == bits(&want), "n{n} k{k} t{t} avx {avx}");
+            }
         }
     }
 }
