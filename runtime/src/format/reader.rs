@@ -454,8 +454,9 @@ impl EdmFile {
     }
 
     /// Drops the mapped pages under `bytes` — a slice of this file's mapping, such as a
-    /// [`TensorView`]'s — once they were copied elsewhere (a GPU buffer); nothing is lost (a later access faults the same bytes in
-    /// again from the page cache or the file). A slice from elsewhere is ignored.
+    /// [`TensorView`]'s — once they were copied elsewhere (a GPU buffer); nothing is lost (a later
+    /// access faults the same bytes in again from the page cache or the file). A slice from
+    /// elsewhere is ignored.
     pub fn release_view(&self, bytes: &[u8]) {
         let Some(map) = self.map.get() else {
             return;

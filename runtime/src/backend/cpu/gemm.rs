@@ -213,13 +213,10 @@ mod tests {
     }
 
     fn values(seed: u64, len: usize) -> Vec<f32> {
-        let mut s = seed;
+        let mut rng = crate::decode::Rng::new(seed);
         (0..len)
             .map(|i| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let v = ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0;
+                let v = (rng.next_f32() - 0.5) * 3.0;
                 // Zeros of both signs now and then: the sums' start (−0.0) shows in them.
                 match i % 97 {
                     0 => 0.0,
