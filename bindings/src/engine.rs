@@ -207,6 +207,9 @@ fn runtime_config(config: &EngineConfig) -> Result<engine::EngineConfig, EdgeDif
         }
         None => None,
     };
+    if let Some(dir) = &config.pipeline_cache_dir {
+        edgediff::backend::gpu::set_default_pipeline_cache(Some(dir.into()));
+    }
     Ok(engine::EngineConfig {
         backend: config.adapter.unwrap_or_default().into(),
         expert_memory: config

@@ -51,6 +51,13 @@ pub struct EngineConfig {
     pub block_experts: Option<u32>,
     #[uniffi(default)]
     pub adapter: Option<AdapterPreference>,
+    /// A directory the app owns for compiled GPU pipelines (Android: `context.cacheDir`, iOS:
+    /// the Caches directory). Launches after the first build their kernels from it instead of
+    /// compiling each one before the first token; many phone drivers keep no such cache of their
+    /// own. It holds only files edgediff writes and rewrites; None keeps none. Process-wide: the
+    /// last engine loaded with one sets it.
+    #[uniffi(default)]
+    pub pipeline_cache_dir: Option<String>,
 }
 
 /// What a model is, read from its header.

@@ -255,6 +255,10 @@ impl<B: Backend> Engine<B> {
     where
         B: PagedLoad,
     {
+        backend.prepare_for_model(&crate::backend::gpu::pipeline_store::model_key(
+            &file.header.metadata.config,
+            file.file_len(),
+        ));
         if is_canvas_model(&file.header.metadata.config) {
             // Expert paging works as for the other models (exact); the approximate expert
             // options are not wired to the canvas model.
@@ -461,7 +465,9 @@ impl<B: Backend> Engine<B> {
         pacer: &mut dyn Pacer,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<GenerationOutput, EngineError> {
-        self.generate_with(request, pacer, false, on_event)
+        let out = self.generate_with(request, pacer, false, on_event);
+        self.backend.keep_caches();
+        out
     }
 
     /// [`Engine::generate`] whose forward passes run batched with those of every other
@@ -473,7 +479,9 @@ impl<B: Backend> Engine<B> {
         request: &GenerationRequest,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<GenerationOutput, EngineError> {
-        self.generate_with(request, &mut Unpaced, true, on_event)
+        let out = self.generate_with(request, &mut Unpaced, true, on_event);
+        self.backend.keep_caches();
+        out
     }
 
     /// Decodes `requests` together, their passes batched ([`Engine::generate_batched`], one

@@ -438,6 +438,14 @@ pub trait Backend {
 
     fn name(&self) -> String;
 
+    /// Called as a model starts loading, with a key naming it: a backend that compiles kernels
+    /// may start on those this model needed before (the GPU's pipeline store), so the work
+    /// overlaps the load instead of the first passes.
+    fn prepare_for_model(&self, _model_key: &str) {}
+    /// Called after a generation: a backend may keep what it learned for later runs (the GPU's
+    /// compiled pipelines, where a store is configured). Cheap when nothing is new.
+    fn keep_caches(&self) {}
+
     fn load_weight(&self, view: TensorView<'_>) -> Result<Self::Weight>;
     /// Whether [`Backend::load_weight`] copies a weight out of host memory for good (into GPU
     /// buffers), so the model file's mapped pages under it can be dropped once it returns.

@@ -91,6 +91,9 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    // Compiled GPU pipelines are kept between runs in the user's cache directory
+    // (EDGEDIFF_PIPELINE_CACHE=<dir> moves it, =off keeps none).
+    crate::backend::gpu::set_default_pipeline_cache(crate::backend::gpu::user_pipeline_cache());
     match cli.command {
         Command::Convert(a) => convert::run(a),
         Command::Synth(a) => synth::run(*a),

@@ -15,6 +15,7 @@
 //! | `EDGEDIFF_GEMV_MAX_GROUPS=<n>` | [`KernelChoice::gemv_max_groups`] |
 //! | `EDGEDIFF_GEMV_WIDE_MIN_T=<rows>\|off` | [`KernelChoice::gemv_wide_min_t`] |
 //! | `EDGEDIFF_GEMV_WIDE_F32=0` | [`KernelChoice::gemv_wide_f32`] |
+//! | `EDGEDIFF_WIDE_F32_LANES1=64\|128` | [`KernelChoice::wide_f32_lanes1`] |
 //! | `EDGEDIFF_WIDE_LANES=4\|8\|16\|32\|64` | [`KernelChoice::wide_lanes`] |
 //! | `EDGEDIFF_WIDE_Q8ACT=1\|0` | [`KernelChoice::wide_q8_act`] |
 //! | `EDGEDIFF_WIDE_MIN_CHUNKS=<n>` | [`KernelChoice::wide_min_chunks`] |
@@ -139,17 +140,18 @@ pub struct KernelChoice {
     /// re-reads the weight) rather than the tiles.
     pub gemv_blocked_max_bytes: u64,
     /// Invocations per weight row of the word-a-lane gemv (shaders/gemv.wgsl) for passes of one
-    /// row (16, 32 or 64; blocks of rows keep 16). 16: 32 lanes (two rounds of four octets a
-    /// lane at 2048 wide where 16 take four) ran the 1-token pass's 42 gemvs in 715 µs instead of
-    /// 777 on an H100 (2026-12-06; 64 were slower on an H200), but a one-row pass with lanes of
-    /// its own is a batch class of its own (ops/batch_class.rs bit 25), so a server could no
-    /// longer batch it with the 2–4-row passes (in-place AR, short prompts) it now joins; 2 % of a
-    /// 1-token pass is not worth that.
+    /// row (16, 32 or 64; blocks of rows keep 16). 32 since 2026-12-07: two rounds of four octets
+    /// a lane at 2048 wide where 16 take four; the 1-token pass's 42 gemvs 744 → 699 µs, the pass
+    /// 2.60 → 2.55 GPU ms (H200, docs/results/pass21-gemv-cap-lanes.h200.md; 777 → 715 on an H100
+    /// the day before). Its old cost, a batch class of its own (bit 25), is gone: one-row passes
+    /// are a class of their own anyway (ops/batch_class.rs bit 24).
     pub gemv1_lanes: u32,
     /// Workgroups at most along the word-a-lane gemv's rows (0: one a row group): past them each
     /// workgroup works several row groups in turn (shaders/gemv.wgsl), the same sums. A one-row
     /// LM head [157,184 × 2048] is otherwise 39,296 workgroups of 64 invocations, each of which
-    /// lives for one row group's four rounds of loads.
+    /// lives for one row group's four rounds of loads. Measured slower (H200, 2026-12-07: the
+    /// 1-token pass's gemvs 744 µs uncapped, 795 / 774 / 758 / 749 at 1024 / 2048 / 4096 / 8192;
+    /// docs/results/pass21-gemv-cap-lanes.h200.md): off.
     pub gemv_max_groups: usize,
     /// Passes of at least this many rows (`None`: none) take the wide q4/q8 gemv
     /// (shaders/gemv_wide.wgsl: 16-byte chunks, activations staged in shared memory) where the
@@ -165,6 +167,14 @@ pub struct KernelChoice {
     /// f32 weights (the routers) take the wide gemv (64 lanes a row) at every row count where the
     /// gemv serves them; off: the word-a-lane gemv.
     pub gemv_wide_f32: bool,
+    /// Lanes a row of the wide gemv's f32 weights (the routers) takes in passes of one row (64 or
+    /// 128; more rows keep 64). At one row a router [256 × 2048] at 64 lanes is 32 workgroups of
+    /// 8 rows, each lane eight rounds of loads: far too few workgroups for 2 MB. 128 lanes make it
+    /// 64 workgroups of 4 rows with four rounds: the 19 routers 265 → 229 µs a 1-token pass, the
+    /// pass 2.60 → 2.56 GPU ms (H200, docs/results/pass21-gemv-cap-lanes.h200.md); 128 since.
+    /// One-row passes are a batch class of their own (ops/batch_class.rs bit 24; bit 28 where
+    /// that bit is off), so this changes no batched bits.
+    pub wide_f32_lanes1: u32,
     /// Invocations per weight row of the wide q4/q8 kernels (4, 8, 16, 32 or 64; 64 measured
     /// slower: 2,520 µs at 16 rows, 7,449 vs 4,994 µs for the experts' gate/up), the most a row
     /// takes where [`Self::wide_min_chunks`] gives short rows fewer.
@@ -279,10 +289,11 @@ impl Default for KernelChoice {
             shared_max_t: super::ops::matmul::GEMV_MAX_T,
             gemv_f32_max_t: GEMV_F32_MAX_T,
             gemv_blocked_max_bytes: super::ops::matmul::GEMV_BLOCKED_MAX_BYTES,
-            gemv1_lanes: 16,
+            gemv1_lanes: 32,
             gemv_max_groups: 0,
             gemv_wide_min_t: Some(2),
             gemv_wide_f32: true,
+            wide_f32_lanes1: 128,
             wide_lanes: 16,
             wide_q8_act: true,
             wide_min_chunks: WIDE_MIN_CHUNKS,
@@ -369,6 +380,9 @@ impl KernelChoice {
                 None => d.gemv_wide_min_t,
             },
             gemv_wide_f32: !off("EDGEDIFF_GEMV_WIDE_F32"),
+            wide_f32_lanes1: num("EDGEDIFF_WIDE_F32_LANES1")
+                .filter(|&l| matches!(l, 64 | 128))
+                .map_or(d.wide_f32_lanes1, |l| l as u32),
             wide_lanes: num("EDGEDIFF_WIDE_LANES")
                 .filter(|&l| matches!(l, 4 | 8 | 16 | 32 | 64))
                 .map_or(d.wide_lanes, |l| l as u32),
@@ -464,7 +478,7 @@ mod tests {
         let d = KernelChoice::default();
         assert!(d.coop_split_k && d.fuse_swiglu && d.moe.is_none() && d.attention.is_none());
         assert!(d.batch_blocks && !d.fuse_combine_norm && d.moe_wide == MoeWide::Blocks);
-        assert_eq!(d.gemv1_lanes, 16);
+        assert_eq!((d.gemv1_lanes, d.wide_f32_lanes1), (32, 128));
         assert_eq!(
             (d.gemv_max_t, d.shared_max_t, d.fuse_norms_max_t),
             (32, 16, 32)
@@ -501,6 +515,7 @@ mod tests {
             ("EDGEDIFF_GEMV_MAX_GROUPS", "4096"),
             ("EDGEDIFF_GEMV_WIDE_MIN_T", "off"),
             ("EDGEDIFF_GEMV_WIDE_F32", "0"),
+            ("EDGEDIFF_WIDE_F32_LANES1", "64"),
             ("EDGEDIFF_WIDE_LANES", "64"),
             ("EDGEDIFF_WIDE_Q8ACT", "1"),
             ("EDGEDIFF_WIDE_MIN_CHUNKS", "4"),
@@ -539,6 +554,7 @@ mod tests {
                 gemv_max_groups: 4096,
                 gemv_wide_min_t: None,
                 gemv_wide_f32: false,
+                wide_f32_lanes1: 64,
                 wide_lanes: 64,
                 wide_q8_act: true,
                 wide_min_chunks: 4,

@@ -74,6 +74,34 @@ pub struct GpuOptions {
     pub pass_per_dispatch: bool,
     /// Kernel choices and tuning (`EDGEDIFF_*` measurement knobs; see choice.rs).
     pub kernels: super::KernelChoice,
+    /// A directory that keeps compiled pipelines between runs (pipeline_store.rs); `None`: none
+    /// (`EDGEDIFF_PIPELINE_CACHE=<dir>|off`, else the process default set by
+    /// [`set_default_pipeline_cache`]: the command line's is the user's cache directory).
+    pub pipeline_cache: Option<std::path::PathBuf>,
+}
+
+static DEFAULT_PIPELINE_CACHE: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);
+
+/// Where [`GpuOptions::from_env`] keeps pipelines when `EDGEDIFF_PIPELINE_CACHE` is unset: an
+/// app's cache directory (the Kotlin and Swift SDKs pass theirs), the command line's
+/// `$XDG_CACHE_HOME/edgediff` or `~/.cache/edgediff`. Unset, a library keeps none.
+pub fn set_default_pipeline_cache(dir: Option<std::path::PathBuf>) {
+    *DEFAULT_PIPELINE_CACHE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = dir;
+}
+
+/// The user's cache directory for edgediff on this platform, if the environment names one.
+pub fn user_pipeline_cache() -> Option<std::path::PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| std::path::PathBuf::from(h).join(".cache"))
+        })?;
+    Some(base.join("edgediff"))
 }
 
 /// A 20-layer pass records ≈ 340 dispatches: submitting every 96 lets the GPU start after the
@@ -102,6 +130,14 @@ impl GpuOptions {
                 .unwrap_or(DEFAULT_SUBMIT_EVERY),
             pass_per_dispatch: std::env::var("EDGEDIFF_PASS").is_ok_and(|v| v == "per-dispatch"),
             kernels: super::KernelChoice::from_env(),
+            pipeline_cache: match std::env::var_os("EDGEDIFF_PIPELINE_CACHE") {
+                Some(v) if v == "off" || v.is_empty() => None,
+                Some(v) => Some(v.into()),
+                None => DEFAULT_PIPELINE_CACHE
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone(),
+            },
         }
     }
 }
@@ -211,6 +247,8 @@ pub struct GpuDevice {
     pub split: u64,
     pub errors: ErrorSink,
     pub kernels: super::KernelChoice,
+    /// Compiled pipelines kept between runs, where [`GpuOptions::pipeline_cache`] names a place.
+    pub store: Option<super::pipeline_store::PipelineStore>,
 }
 
 fn instance() -> wgpu::Instance {
@@ -358,6 +396,10 @@ impl GpuDevice {
         if caps.timestamps {
             want |= Features::TIMESTAMP_QUERY;
         }
+        let driver_cache = opts.pipeline_cache.is_some() && have.contains(Features::PIPELINE_CACHE);
+        if driver_cache {
+            want |= Features::PIPELINE_CACHE;
+        }
         // Ask for everything the adapter allows: binding sizes and workgroup storage are the limits
         // that matter here, and the defaults are far below what real devices lend.
         let limits = adapter.limits();
@@ -398,14 +440,18 @@ impl GpuDevice {
         let split = opts
             .max_binding
             .map_or(max_binding, |m| max_binding.min(m.max(256)) & !255);
+        let store = opts.pipeline_cache.as_deref().map(|dir| {
+            super::pipeline_store::PipelineStore::open(dir, &device, &info, driver_cache)
+        });
         Ok(GpuDevice {
-            device,
             queue,
             info,
             limits,
             caps,
             max_binding,
             split,
+            store,
+            device,
             errors,
             kernels: opts.kernels,
         })

@@ -130,6 +130,12 @@ type PipelineKey = (&'static str, &'static str, u32);
 pub struct Kernels {
     modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,
+    /// One gate per pipeline being built: a second thread that wants the same pipeline (a pass
+    /// and the background warm-up, pipeline_store.rs) waits for the first instead of building it
+    /// again. Only the slow path takes it.
+    building: Mutex<HashMap<PipelineKey, Arc<Mutex<()>>>>,
+    /// The same for shader modules (several pipelines of one file built at once).
+    composing: Mutex<HashMap<&'static str, Arc<Mutex<()>>>>,
 }
 
 fn scoped<T>(
@@ -151,6 +157,17 @@ impl Kernels {
         dev: &GpuDevice,
         file: &'static str,
     ) -> std::result::Result<Arc<wgpu::ShaderModule>, GpuError> {
+        if let Some(m) = self.modules.lock().unwrap().get(file) {
+            return Ok(m.clone());
+        }
+        let gate = self
+            .composing
+            .lock()
+            .unwrap()
+            .entry(file)
+            .or_default()
+            .clone();
+        let _composing = gate.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(m) = self.modules.lock().unwrap().get(file) {
             return Ok(m.clone());
         }
@@ -192,6 +209,22 @@ impl Kernels {
         Ok(m)
     }
 
+    /// How many pipelines exist.
+    pub fn count(&self) -> usize {
+        self.pipelines.lock().unwrap().len()
+    }
+
+    /// Every pipeline built so far, by name (pipeline_store.rs keeps the list).
+    pub fn names(&self) -> Vec<super::pipeline_store::KeyName> {
+        let p = self.pipelines.lock().unwrap();
+        let mut v: Vec<_> = p
+            .keys()
+            .map(|&(f, e, w)| (f.to_string(), e.to_string(), w))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
     /// The weight types `entry`'s pipelines were built for so far (tests: which kernel an op took).
     #[cfg(test)]
     pub fn built(&self, entry: &Entry) -> Vec<u32> {
@@ -214,6 +247,17 @@ impl Kernels {
         wtype: u32,
     ) -> std::result::Result<Arc<Pipeline>, GpuError> {
         let key = (entry.file, entry.name, wtype);
+        if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
+            return Ok(p.clone());
+        }
+        let gate = self
+            .building
+            .lock()
+            .unwrap()
+            .entry(key)
+            .or_default()
+            .clone();
+        let _building = gate.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
             return Ok(p.clone());
         }
@@ -300,7 +344,7 @@ impl Kernels {
                         // Every kernel initialises the shared memory it reads.
                         zero_initialize_workgroup_memory: false,
                     },
-                    cache: None,
+                    cache: dev.store.as_ref().and_then(|s| s.cache.as_ref()),
                 });
             Pipeline { pipeline, layout }
         })?;

@@ -19,6 +19,7 @@ pub mod experts;
 pub mod kernels;
 pub mod kv;
 pub mod ops;
+pub mod pipeline_store;
 pub mod pool;
 pub mod recorder;
 #[doc(hidden)]
@@ -31,7 +32,10 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex, Weak};
 
 pub use choice::KernelChoice;
-pub use device::{list_adapters, AdapterSummary, DeviceCaps, GpuDevice, GpuError, GpuOptions};
+pub use device::{
+    list_adapters, set_default_pipeline_cache, user_pipeline_cache, AdapterSummary, DeviceCaps,
+    GpuDevice, GpuError, GpuOptions,
+};
 pub use experts::{GpuExpertPool, GpuExperts};
 pub use kv::{GpuKv, KvArena};
 pub use yardsticks::{CopyBandwidth, DispatchFloor};
@@ -119,6 +123,14 @@ pub struct GpuBackend {
     paging: experts::ActivePools,
     /// The KV arena new caches are ranges of ([`Backend::reserve_kv`]; kv.rs).
     kv_arena: Mutex<Option<Arc<KvArena>>>,
+    /// Threads building the pipelines a model used before ([`Backend::prepare_for_model`]).
+    warmers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for GpuBackend {
+    fn drop(&mut self) {
+        self.keep_caches();
+    }
 }
 
 /// A norm weight or bias of the right length that is not one f32 row (the kernels read it as one).
@@ -247,7 +259,23 @@ impl GpuBackend {
             stores: Mutex::new(Vec::new()),
             paging: experts::ActivePools::default(),
             kv_arena: Mutex::new(None),
+            warmers: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Waits for the pipelines [`Backend::prepare_for_model`] started building; returns how many
+    /// pipelines exist then.
+    pub fn finish_warm_up(&self) -> usize {
+        let threads = std::mem::take(&mut *self.warmers.lock().unwrap());
+        for t in threads {
+            let _ = t.join();
+        }
+        self.sh.kernels.names().len()
+    }
+
+    /// Every pipeline built so far, by (kernel file, entry point, weight-type bits).
+    pub fn pipelines_built(&self) -> Vec<pipeline_store::KeyName> {
+        self.sh.kernels.names()
     }
 
     /// The device in words: "name (backend, type)".
@@ -584,6 +612,52 @@ impl Backend for GpuBackend {
 
     fn weights_leave_host(&self) -> bool {
         true
+    }
+
+    /// Builds the pipelines this model used on this device in earlier runs (the pipeline store's
+    /// list), on background threads — all cores but one, at most 8, so the load keeps one — while
+    /// the weights load. A pass that wants one still being built waits for it (kernels.rs).
+    fn prepare_for_model(&self, model_key: &str) {
+        let Some(store) = &self.sh.dev.store else {
+            return;
+        };
+        let entries = ops::all_entries();
+        let find = |f: &str, e: &str| entries.iter().find(|(x, _)| x.file == f && x.name == e);
+        let work: Vec<(&'static kernels::Entry, u32)> = store
+            .model_keys(model_key, |(f, e, _)| find(f, e).is_some())
+            .iter()
+            .filter_map(|(f, e, w)| Some((find(f, e)?.0, *w)))
+            .collect();
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let threads = (cores.saturating_sub(1)).clamp(1, 8).min(work.len());
+        let work = Arc::new(work);
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut warmers = self.warmers.lock().unwrap();
+        for _ in 0..threads {
+            let (sh, work, next) = (self.sh.clone(), work.clone(), next.clone());
+            let spawned = std::thread::Builder::new()
+                .name("edgediff-pipelines".into())
+                .spawn(move || loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&(entry, wtype)) = work.get(i) else {
+                        break;
+                    };
+                    // A failure here (a kernel this device cannot build) is the pass's to report.
+                    let _ = sh.kernels.get(&sh.dev, entry, wtype);
+                });
+            match spawned {
+                Ok(t) => warmers.push(t),
+                Err(e) => tracing::warn!("pipeline warm-up thread: {e}"),
+            }
+        }
+    }
+
+    fn keep_caches(&self) {
+        if let Some(store) = &self.sh.dev.store {
+            if store.grew(self.sh.kernels.count()) {
+                store.save(&self.sh.kernels.names());
+            }
+        }
     }
 
     fn load_weight(&self, view: TensorView<'_>) -> Result<GpuWeight> {

@@ -1796,6 +1796,138 @@ fn a_large_weight_takes_the_looping_wide_gemv_for_the_gemvs_rows() {
     }
 }
 
+/// The pipeline store (`EDGEDIFF_PIPELINE_CACHE`): a run that names a model records the
+/// pipelines it built; the next run naming that model builds them before any op asks for one and
+/// computes the same bits; another model's list is its own; garbage in either file is ignored
+/// (no error, valid lines still used) and replaced whole at the next save; nothing is written
+/// without a store.
+#[test]
+fn a_models_pipelines_are_built_ahead_in_the_next_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let with = |store: bool| super::GpuOptions {
+        pipeline_cache: store.then(|| dir.path().to_path_buf()),
+        ..super::GpuOptions::from_env()
+    };
+    let mut rng = Rng(91);
+    let (n, k) = (40, 256);
+    let vals = rng.vec(n * k, 0.5);
+    let xs = rng.vec(3 * k, 1.0);
+    let run = |b: &GpuBackend| {
+        let w = weight(b, DType::Q4, &[n, k], &vals);
+        let y = b.get(&b.matmul(&w, &b.put(3, k, &xs)).unwrap());
+        b.keep_caches();
+        y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    };
+    let files = || {
+        let mut v: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+
+    let plain = GpuBackend::new(&with(false)).unwrap();
+    plain.prepare_for_model("m1");
+    let want = run(&plain);
+    drop(plain);
+    assert!(files().is_empty(), "no store, no files: {:?}", files());
+
+    let first = GpuBackend::new(&with(true)).unwrap();
+    first.prepare_for_model("m1");
+    assert_eq!(first.finish_warm_up(), 0, "nothing recorded yet");
+    assert_eq!(run(&first), want);
+    let built = first.pipelines_built();
+    assert!(!built.is_empty());
+    drop(first);
+    let keys = files().into_iter().find(|f| f.ends_with(".keys")).unwrap();
+
+    let second = GpuBackend::new(&with(true)).unwrap();
+    second.prepare_for_model("m1");
+    assert_eq!(second.finish_warm_up(), built.len());
+    assert_eq!(second.pipelines_built(), built, "built before any op");
+    assert_eq!(run(&second), want);
+    drop(second);
+
+    let other = GpuBackend::new(&with(true)).unwrap();
+    other.prepare_for_model("m2");
+    assert_eq!(other.finish_warm_up(), 0, "another model's list is its own");
+    drop(other);
+
+    // Garbage: a keys file with one valid line among broken ones, driver data cut short.
+    let kpath = dir.path().join(&keys);
+    let (f, e, w) = &built[0];
+    std::fs::write(
+        &kpath,
+        format!("junk\n{f}\t{e}\t{w}\nno.wgsl\tnone\t1\n\u{0}\u{1}"),
+    )
+    .unwrap();
+    for p in files().iter().filter(|p| p.ends_with(".pipelines")) {
+        std::fs::write(dir.path().join(p), b"EDPIPE01 cut").unwrap();
+    }
+    let again = GpuBackend::new(&with(true)).unwrap();
+    again.prepare_for_model("m1");
+    assert_eq!(again.finish_warm_up(), 1, "the one valid, known line");
+    assert_eq!(run(&again), want);
+    drop(again);
+    let text = std::fs::read_to_string(&kpath).unwrap();
+    assert_eq!(
+        super::pipeline_store::parse_keys(&text),
+        built,
+        "rewritten whole"
+    );
+}
+
+/// One-row passes of f32 weights (the routers) on the wide gemv with 128 lanes a row
+/// (`EDGEDIFF_WIDE_F32_LANES1`): the CPU's products for long, short and ragged rows (a lane's last
+/// round past the row's end), and not the 64-lane sums bit for bit where rows are long (so the
+/// 128-lane path ran); two-row passes keep 64 lanes, so their bits do not change.
+#[test]
+fn one_row_f32_wide_gemv_with_128_lanes_matches_the_cpu() {
+    use super::choice::KernelChoice;
+    let with = |lanes| super::GpuOptions {
+        poison: true,
+        kernels: KernelChoice {
+            gemv_wide_f32: true,
+            wide_f32_lanes1: lanes,
+            ..KernelChoice::from_env()
+        },
+        ..super::GpuOptions::from_env()
+    };
+    let (b64, b128) = (
+        GpuBackend::new(&with(64)).unwrap(),
+        GpuBackend::new(&with(128)).unwrap(),
+    );
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let mut rng = Rng(83);
+    for (n, k) in [(256, 2048), (37, 64), (9, 1088), (70, 4096)] {
+        let vals = rng.vec(n * k, 0.5);
+        for t in [1, 2] {
+            let xs = rng.vec(t * k, 1.0);
+            let want = CpuBackend.matmul(
+                &weight(&CpuBackend, DType::F32, &[n, k], &vals),
+                &CpuBackend.put(t, k, &xs),
+            );
+            let want = CpuBackend.get(&want.unwrap());
+            let got = |b: &GpuBackend| {
+                let w = weight(b, DType::F32, &[n, k], &vals);
+                b.get(&b.matmul(&w, &b.put(t, k, &xs)).unwrap())
+            };
+            let (g64, g128) = (got(&b64), got(&b128));
+            let e = rel_l2(&g128, &want);
+            assert!(e <= 1e-5, "n{n} k{k} t{t}: 128 lanes vs CPU rel L2 {e}");
+            if t == 2 {
+                assert!(bits(&g128) == bits(&g64), "n{n} k{k}: two rows changed");
+            } else if k >= 2048 {
+                assert!(
+                    bits(&g128) != bits(&g64),
+                    "n{n} k{k}: the 128-lane gemv did not run"
+                );
+            }
+        }
+    }
+}
+
 /// One-row passes with 32 or 64 lanes a weight row (`EDGEDIFF_GEMV1_LANES`): the CPU's products
 /// for every weight type and odd widths (no multiple of 8, or a row shorter than the lanes' first
 /// round), and not the 16-lane sums bit for bit where rows are long (so the wider path ran).

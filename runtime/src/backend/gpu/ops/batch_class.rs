@@ -51,7 +51,8 @@ pub fn row_signature(k: &KernelChoice, coop: bool, t: usize, top_k: usize, exper
         | u32::from(t == 1 && k.gemv1_lanes != 16) << 25
         | u32::from(t > k.fuse_norms_max_t) << 26
         // Past the shared expert's rows inside the expert kernels (ops/moe.rs fuses_shared).
-        | u32::from(t > k.shared_max_t) << 27;
+        | u32::from(t > k.shared_max_t) << 27
+        | u32::from(t == 1 && k.wide_f32_lanes1 != 64) << 28;
     if t <= GEMV_T {
         return gemv;
     }
@@ -85,7 +86,10 @@ pub(in crate::backend::gpu) fn batch_class(
         return None;
     }
     let sig = |t| row_signature(k, coop, t, c.moe.top_k, c.moe.num_experts);
-    let (body, head) = (sig(rows), sig(head_rows));
+    // A pass that wants no logits runs no LM head, so any head choice suits it: it takes one
+    // row's, and batches with passes that want one (one-row passes' choices of their own, bits
+    // 25 and 28, would otherwise set them apart from it).
+    let (body, head) = (sig(rows), sig(head_rows.max(1)));
     if !k.batch_blocks && (body | head) & PAST_GEMV != 0 {
         return None;
     }

@@ -227,7 +227,11 @@ pub fn wide_gemv(choice: &KernelChoice, dtype: DType, k: usize, solo: usize) -> 
         DType::F32 => choice.gemv_wide_f32,
         _ => choice.gemv_wide_min_t.is_some_and(|m| solo >= m),
     };
-    wide_shape(choice, dtype, k).filter(|_| rows_ok)
+    let shape = wide_shape(choice, dtype, k).filter(|_| rows_ok);
+    match shape {
+        Some((_, tile)) if dtype == DType::F32 && solo == 1 => Some((choice.wide_f32_lanes1, tile)),
+        _ => shape,
+    }
 }
 
 /// [`wide_gemv`]'s shape whatever the rows (the expert kernels choose by a knob of their own).
