@@ -35,7 +35,9 @@
 @group(0) @binding(7) var<storage, read> shared_w: array<u32>;
 
 const NONE: u32 = 0xffffffffu;
-const LANES: u32 = 16u;
+// Invocations a weight row (16, or 32 for one-row passes where KernelChoice::moe_gemv1_lanes asks:
+// half the rounds of loads a lane, workgroups of 128); four rows a workgroup either way.
+override LANES: u32 = 16u;
 // Tokens a pass over the workgroup's rows (1, 2 or 4; ops/moe.rs sets it per pipeline). The
 // registers are sized for CHUNK_T tokens' activations, so a pipeline for experts of one token each
 // (the 1-token direct path) holds far fewer and more workgroups fit an SM; the sums are the same
@@ -45,7 +47,7 @@ override CHUNK_T: u32 = 4u;
 // flight a round, more registers. Same sums (octets in the same order).
 override DEPTH: u32 = 4u;
 
-var<workgroup> part: array<vec4<f32>, 64>;
+var<workgroup> part: array<vec4<f32>, 128>;
 #include "expert_begin"
 
 fn w_word(i: u32) -> u32 {
@@ -121,7 +123,7 @@ fn row_partial(m: WMat, row: u32, xr: vec4<u32>, lane: u32, lid: u32) {
     part[lid] = a;
 }
 
-// Σ over the 16 invocations of workgroup row r, in lane order.
+// Σ over the LANES invocations of workgroup row r, in lane order.
 fn row_sum(r: u32) -> vec4<f32> {
     var s = vec4<f32>(0.0);
     for (var l = 0u; l < LANES; l++) {
@@ -130,7 +132,7 @@ fn row_sum(r: u32) -> vec4<f32> {
     return s;
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(4u * LANES)
 fn expert_gate_up_gemv(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     if (!expert_begin(lid, wid)) {
         return;
@@ -138,7 +140,7 @@ fn expert_gate_up_gemv(@builtin(local_invocation_index) lid: u32, @builtin(workg
     let cnt = workgroupUniformLoad(&ex_cnt);
     let first = ex_first;
     let m = WMat(ex_base, ex_scales, ep.k);
-    // Workgroup row j = lid / 16: gate (j < 2) or up row of column c0 + (j & 1).
+    // Workgroup row j = lid / LANES: gate (j < 2) or up row of column c0 + (j & 1).
     let j = lid / LANES;
     let lane = lid % LANES;
     for (var rb = 0u; rb < ep.row_blocks; rb++) {
@@ -171,7 +173,7 @@ fn expert_gate_up_gemv(@builtin(local_invocation_index) lid: u32, @builtin(workg
     }
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(4u * LANES)
 fn expert_down_gemv(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     if (!expert_begin(lid, wid)) {
         return;

@@ -27,6 +27,7 @@
 //! | `EDGEDIFF_FUSE_NORMS_MAX_T=<rows>` | [`KernelChoice::fuse_norms_max_t`] |
 //! | `EDGEDIFF_MOE_KERNEL=gemv\|tiled` | [`KernelChoice::moe`] |
 //! | `EDGEDIFF_MOE_GEMV_BLOCKS=<n>` | [`KernelChoice::moe_gemv_blocks`] |
+//! | `EDGEDIFF_MOE_GEMV1_LANES=16\|32` | [`KernelChoice::moe_gemv1_lanes`] |
 //! | `EDGEDIFF_MOE_WIDE=0\|down\|blocks\|all` | [`KernelChoice::moe_wide`] |
 //! | `EDGEDIFF_MOE_CHUNK=1\|2\|4` | [`KernelChoice::moe_chunk`] |
 //! | `EDGEDIFF_LEAN_ONE=0` | [`KernelChoice::lean_one`] |
@@ -226,6 +227,11 @@ pub struct KernelChoice {
     /// its expert lookup (a chain of dependent loads before any weight moves), fewer spread
     /// the rows over more workgroups. 1 until a GPU machine measures otherwise.
     pub moe_gemv_blocks: usize,
+    /// Invocations a weight row of the GEMV expert kernels (moe_gemv.wgsl) takes in one-row
+    /// passes (16 or 32; more rows keep 16): 32 halves each lane's rounds of loads, as 32 lanes
+    /// did for the one-row dense gemv ([`Self::gemv1_lanes`]). One-row passes are a batch class
+    /// of their own (ops/batch_class.rs bit 24; bit 29 where it is off).
+    pub moe_gemv1_lanes: u32,
     /// Which q4/q8 GEMV expert kernels read 16-byte chunks with the expert's tokens staged in
     /// shared memory (shaders/moe_gemv_wide.wgsl) where the rows fit, in place of moe_gemv.wgsl's.
     /// H100, same run: down 2,942 → 2,557 µs a 16-token pass, gate/up 4,489 → 4,994 (slower;
@@ -305,6 +311,7 @@ impl Default for KernelChoice {
             fuse_norms_max_t: 32,
             moe: None,
             moe_gemv_blocks: 1,
+            moe_gemv1_lanes: 16,
             moe_wide: MoeWide::Blocks,
             moe_chunk: 2,
             lean_one: true,
@@ -405,6 +412,9 @@ impl KernelChoice {
                 Some("tiled") => Some(ExpertKernel::Tiled),
                 _ => None,
             },
+            moe_gemv1_lanes: num("EDGEDIFF_MOE_GEMV1_LANES")
+                .filter(|&l| matches!(l, 16 | 32))
+                .map_or(d.moe_gemv1_lanes, |l| l as u32),
             moe_gemv_blocks: num("EDGEDIFF_MOE_GEMV_BLOCKS")
                 .filter(|&n| (1..=256).contains(&n))
                 .map_or(d.moe_gemv_blocks, |v| v as usize),
@@ -527,6 +537,7 @@ mod tests {
             ("EDGEDIFF_FUSE_NORMS_MAX_T", "0"),
             ("EDGEDIFF_MOE_KERNEL", "tiled"),
             ("EDGEDIFF_MOE_GEMV_BLOCKS", "8"),
+            ("EDGEDIFF_MOE_GEMV1_LANES", "32"),
             ("EDGEDIFF_MOE_WIDE", "all"),
             ("EDGEDIFF_MOE_CHUNK", "4"),
             ("EDGEDIFF_LEAN_ONE", "0"),
@@ -566,6 +577,7 @@ mod tests {
                 fuse_norms_max_t: 0,
                 moe: Some(ExpertKernel::Tiled),
                 moe_gemv_blocks: 8,
+                moe_gemv1_lanes: 32,
                 moe_wide: MoeWide::All,
                 moe_chunk: 4,
                 lean_one: false,

@@ -83,6 +83,12 @@ pub fn depth(octets: u32) -> u32 {
     octets << 24
 }
 
+/// The weight-type bit of the GEMV expert kernels' 32 lanes a row (moe_gemv.wgsl `LANES`); it
+/// shares [`depth`]'s byte, whose values need its low bits only.
+pub fn lanes32() -> u32 {
+    1 << 31
+}
+
 /// What sits at one binding of an entry point.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Slot {
@@ -318,8 +324,11 @@ impl Kernels {
             if declares("CHUNK_T") && (wtype >> 16) & 0xff != 0 {
                 constants.push(("CHUNK_T", ((wtype >> 16) & 0xff) as f64));
             }
-            if declares("DEPTH") && wtype >> 24 != 0 {
-                constants.push(("DEPTH", (wtype >> 24) as f64));
+            if declares("DEPTH") && (wtype >> 24) & 0x7f != 0 {
+                constants.push(("DEPTH", ((wtype >> 24) & 0x7f) as f64));
+            }
+            if declares("LANES") && wtype & lanes32() != 0 {
+                constants.push(("LANES", 32.0));
             }
             if declares("GQA_CLAMP") {
                 constants.push(("GQA_CLAMP", f64::from(u8::from(dev.kernels.attn_clamp))));

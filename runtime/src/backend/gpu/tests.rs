@@ -2077,6 +2077,66 @@ fn expert_gemv_row_blocks_per_workgroup_change_no_bit() {
     }
 }
 
+/// `EDGEDIFF_MOE_GEMV1_LANES=32`: one-token GEMV expert kernels with 32 lanes a weight row give
+/// the 16-lane kernels' outputs (which the CPU comparisons above check) to float rounding, not bit
+/// for bit where rows are long (so the 32-lane pipeline ran), with the shared expert's column and
+/// short rows whose last lanes get no octet; passes of more tokens keep 16 lanes, bit for bit.
+#[test]
+fn one_token_expert_gemv_with_32_lanes_matches_16() {
+    use super::choice::{ExpertKernel, KernelChoice};
+    use super::GpuOptions;
+    for arch in [Architecture::Qwen3Moe, Architecture::Llada2Moe] {
+        for (hidden, ffn) in [(160, 96), (1088, 512)] {
+            let spec = SynthSpec {
+                hidden,
+                expert_ffn: ffn,
+                ..SynthSpec::tiny(arch)
+            };
+            for dtype in [DType::Q4, DType::Q8, DType::F16] {
+                let (_dir, file) = synth_file_of(&spec, dtype);
+                let c = file.header.metadata.config.clone();
+                let h = c.hidden_size;
+                let outs: Vec<Vec<Vec<f32>>> = [16, 32]
+                    .iter()
+                    .map(|&lanes| {
+                        let opts = GpuOptions {
+                            poison: true,
+                            kernels: KernelChoice {
+                                moe: Some(ExpertKernel::Gemv),
+                                moe_wide: super::choice::MoeWide::Off,
+                                moe_gemv1_lanes: lanes,
+                                ..KernelChoice::from_env()
+                            },
+                            ..GpuOptions::from_env()
+                        };
+                        let b = GpuBackend::new(&opts).unwrap();
+                        let m = MoeLayer::load(&b, &file);
+                        let mut rng = Rng(73);
+                        [1, 6]
+                            .iter()
+                            .map(|&t| {
+                                let x = b.put(t, h, &rng.vec(t * h, 1.0));
+                                let r = m.route(&b, &x, &c);
+                                b.get(&m.experts_out(&b, &x, &r))
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let what = format!("{arch} {dtype} {hidden}x{ffn}");
+                let e = rel_l2(&outs[1][0], &outs[0][0]);
+                assert!(e <= 1e-5, "{what}: one token, 32 vs 16 lanes rel L2 {e}");
+                if hidden >= 1088 {
+                    assert!(
+                        outs[1][0] != outs[0][0],
+                        "{what}: the 32-lane kernels did not run"
+                    );
+                }
+                assert!(outs[1][1] == outs[0][1], "{what}: six tokens changed");
+            }
+        }
+    }
+}
+
 /// The wide GEMV expert kernels (16-byte chunks, staged tokens): against the word-a-lane ones
 /// (which the CPU comparisons above check) to a few ulps, but not bit for bit — so the wide path
 /// is the one taken — on the direct path (1 token), the lists (13 tokens: blocks of tokens per
@@ -2111,6 +2171,9 @@ fn wide_expert_kernels_match_the_narrow_ones_and_each_token_alone() {
                         wide_min_chunks: min_chunks,
                         // Float activations: this test holds the wide kernels to the narrow.
                         wide_q8_act: false,
+                        // The router of a token alone sums as in a block (one-row passes have
+                        // lanes of their own by default): the experts' bits are the subject.
+                        wide_f32_lanes1: 64,
                         ..KernelChoice::from_env()
                     },
                     ..GpuOptions::from_env()
@@ -2200,6 +2263,8 @@ fn wide_expert_kernels_with_8_bit_activations() {
                     // 4: down's rows of 512 (16 chunks) on 4 lanes, gate/up's 1088 on 8; 0: all
                     // on 16.
                     wide_min_chunks: min_chunks,
+                    // A token alone routes as in a block (see the test above).
+                    wide_f32_lanes1: 64,
                     ..KernelChoice::from_env()
                 },
                 ..GpuOptions::from_env()

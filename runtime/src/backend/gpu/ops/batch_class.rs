@@ -52,7 +52,8 @@ pub fn row_signature(k: &KernelChoice, coop: bool, t: usize, top_k: usize, exper
         | u32::from(t > k.fuse_norms_max_t) << 26
         // Past the shared expert's rows inside the expert kernels (ops/moe.rs fuses_shared).
         | u32::from(t > k.shared_max_t) << 27
-        | u32::from(t == 1 && k.wide_f32_lanes1 != 64) << 28;
+        | u32::from(t == 1 && k.wide_f32_lanes1 != 64) << 28
+        | u32::from(t == 1 && k.moe_gemv1_lanes != 16) << 29;
     if t <= GEMV_T {
         return gemv;
     }

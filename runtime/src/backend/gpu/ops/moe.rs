@@ -10,7 +10,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::super::choice::{KernelChoice, MoeWide};
 use super::super::device::GpuError;
-use super::super::kernels::{chunk_t, depth, q8_codes_in, q8_codes_out, Entry, Slot::*};
+use super::super::kernels::{chunk_t, depth, lanes32, q8_codes_in, q8_codes_out, Entry, Slot::*};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
 use super::super::{GpuAct, GpuBackend, GpuExperts, GpuRouting, GpuWeight};
@@ -553,9 +553,15 @@ fn experts_with(
                     } else {
                         choice.moe_chunk
                     };
+                    // One-row passes may take 32 lanes a row (KernelChoice::moe_gemv1_lanes).
+                    let lanes = if solo == 1 && choice.moe_gemv1_lanes == 32 {
+                        lanes32()
+                    } else {
+                        0
+                    };
                     ctx.dispatch(
                         gemv,
-                        wtype | chunk_t(chunk) | depth(choice.gemv_depth),
+                        wtype | chunk_t(chunk) | depth(choice.gemv_depth) | lanes,
                         &p,
                         None,
                         &bufs,
