@@ -255,10 +255,7 @@ impl<B: Backend> Engine<B> {
     where
         B: PagedLoad,
     {
-        backend.prepare_for_model(&crate::backend::gpu::pipeline_store::model_key(
-            &file.header.metadata.config,
-            file.file_len(),
-        ));
+        backend.prepare_for_model(&model_key(&file));
         if is_canvas_model(&file.header.metadata.config) {
             // Expert paging works as for the other models (exact); the approximate expert
             // options are not wired to the canvas model.
@@ -644,6 +641,17 @@ impl<B: Backend> Engine<B> {
 /// Whether `config` describes a canvas model (DiffusionGemma's encoder + canvas decoder).
 pub fn is_canvas_model(config: &ModelConfig) -> bool {
     config.block.canvas.is_some()
+}
+
+/// A name for a model file that backends may keep things under between runs (the GPU's pipeline
+/// list): its configuration and size, so a model converted again with other shapes or types gets
+/// a name of its own.
+fn model_key(file: &EdmFile) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    format!("{:?}", file.header.metadata.config).hash(&mut h);
+    file.file_len().hash(&mut h);
+    format!("{:016x}", h.finish())
 }
 
 /// An engine on the backend chosen at load time.

@@ -234,12 +234,6 @@ impl PipelineStore {
     }
 }
 
-/// The store's key for a model: its configuration and file size, so a model converted again with
-/// other shapes or types gets a list of its own.
-pub fn model_key(config: &impl std::fmt::Debug, file_len: u64) -> String {
-    format!("{:016x}", hash_of(&[&format!("{config:?}"), &file_len]))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
