@@ -14,10 +14,23 @@ public final class EdgeDiff: Sendable {
 
     /// Opens a `.edm` model file off the caller's actor (loading reads the whole file).
     /// Throws `EdgeDiffError.Io` for a missing file, `.InvalidModel` for one that is not a model.
+    /// Without a `pipelineCacheDir` the app's Caches directory keeps the compiled GPU kernels'
+    /// list (`Caches/edgediff`), so later launches build them while the model loads.
     public static func load(path: String, config: EngineConfig = EngineConfig()) async throws -> EdgeDiff {
-        try await Task.detached(priority: .userInitiated) {
-            EdgeDiff(engine: try Engine.load(path: path, config: config))
+        let resolved = withCachesDirectory(config)
+        return try await Task.detached(priority: .userInitiated) {
+            EdgeDiff(engine: try Engine.load(path: path, config: resolved))
         }.value
+    }
+
+    private static func withCachesDirectory(_ config: EngineConfig) -> EngineConfig {
+        var config = config
+        if config.pipelineCacheDir == nil,
+            let caches = FileManager.default.urls(for: .cachesDirectory, in: .userDomainMask).first
+        {
+            config.pipelineCacheDir = caches.appendingPathComponent("edgediff", isDirectory: true).path
+        }
+        return config
     }
 
     /// Streams the generated text, piece by piece, as it becomes final. Ending the iteration early

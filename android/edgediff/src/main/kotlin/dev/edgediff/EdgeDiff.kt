@@ -28,7 +28,9 @@ import kotlinx.coroutines.withContext
 class EdgeDiff private constructor(private val engine: Engine) : AutoCloseable {
     companion object {
         /**
-         * Opens a `.edm` model file on [dispatcher] (loading reads the whole file).
+         * Opens a `.edm` model file on [dispatcher] (loading reads the whole file). On the GPU,
+         * pass `EngineConfig(pipelineCacheDir = context.cacheDir.path)`: later launches then build
+         * the model's kernels while it loads instead of before its first token.
          *
          * @throws EdgeDiffException.Io the file is missing or unreadable
          * @throws EdgeDiffException.InvalidModel the file is not a model
