@@ -2085,39 +2085,45 @@ fn expert_gemv_row_blocks_per_workgroup_change_no_bit() {
 fn one_token_expert_gemv_with_32_lanes_matches_16() {
     use super::choice::{ExpertKernel, KernelChoice};
     use super::GpuOptions;
+    // Two backends for every case: each new one would build its pipelines again.
+    let backends = [16, 32].map(|lanes| {
+        GpuBackend::new(&GpuOptions {
+            poison: true,
+            kernels: KernelChoice {
+                moe: Some(ExpertKernel::Gemv),
+                moe_wide: super::choice::MoeWide::Off,
+                moe_gemv1_lanes: lanes,
+                ..KernelChoice::from_env()
+            },
+            ..GpuOptions::from_env()
+        })
+        .unwrap()
+    });
     for arch in [Architecture::Qwen3Moe, Architecture::Llada2Moe] {
-        for (hidden, ffn) in [(160, 96), (1088, 512)] {
+        for (hidden, ffn, dtypes) in [
+            (160, 96, &[DType::Q4, DType::Q8, DType::F16][..]),
+            (1088, 512, &[DType::Q4][..]),
+        ] {
             let spec = SynthSpec {
                 hidden,
                 expert_ffn: ffn,
                 ..SynthSpec::tiny(arch)
             };
-            for dtype in [DType::Q4, DType::Q8, DType::F16] {
+            for &dtype in dtypes {
                 let (_dir, file) = synth_file_of(&spec, dtype);
                 let c = file.header.metadata.config.clone();
                 let h = c.hidden_size;
-                let outs: Vec<Vec<Vec<f32>>> = [16, 32]
+                let outs: Vec<Vec<Vec<f32>>> = backends
                     .iter()
-                    .map(|&lanes| {
-                        let opts = GpuOptions {
-                            poison: true,
-                            kernels: KernelChoice {
-                                moe: Some(ExpertKernel::Gemv),
-                                moe_wide: super::choice::MoeWide::Off,
-                                moe_gemv1_lanes: lanes,
-                                ..KernelChoice::from_env()
-                            },
-                            ..GpuOptions::from_env()
-                        };
-                        let b = GpuBackend::new(&opts).unwrap();
-                        let m = MoeLayer::load(&b, &file);
+                    .map(|b| {
+                        let m = MoeLayer::load(b, &file);
                         let mut rng = Rng(73);
                         [1, 6]
                             .iter()
                             .map(|&t| {
                                 let x = b.put(t, h, &rng.vec(t * h, 1.0));
-                                let r = m.route(&b, &x, &c);
-                                b.get(&m.experts_out(&b, &x, &r))
+                                let r = m.route(b, &x, &c);
+                                b.get(&m.experts_out(b, &x, &r))
                             })
                             .collect()
                     })
