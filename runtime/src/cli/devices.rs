@@ -63,6 +63,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     } else {
         println!("* = chosen (EDGEDIFF_ADAPTER forces one by name or backend; EDGEDIFF_GPU_DISABLE=f16,subgroups,timestamps,coop turns features off)");
     }
+    match &opts.pipeline_cache {
+        Some(dir) => println!(
+            "compiled pipelines kept in {} (EDGEDIFF_PIPELINE_CACHE=<dir> moves it, =off keeps none)",
+            dir.display()
+        ),
+        None => println!(
+            "compiled pipelines are not kept between runs (EDGEDIFF_PIPELINE_CACHE=<dir> keeps them)"
+        ),
+    }
     if a.open {
         let gpu = GpuBackend::new(&opts)?;
         let c = gpu.caps();
