@@ -8,9 +8,9 @@
 // bound, return at once), y = ep.row_blocks blocks of 4 weight rows, worked in turn (1 by
 // default: one block a workgroup). On the direct path (ep.direct: one token,
 // every expert resident) there are no lists: x = assignment a, its expert route_meta[a] (the
-// router's ids), its scratch row a. A workgroup of 64 gives each weight row 16
-// invocations; an invocation walks its row one octet (8 values: one q4 word, two q8 words) at a
-// time with a stride of 16 octets, so neighbouring invocations read neighbouring words and every
+// router's ids), its scratch row a. A workgroup of 4 · LANES gives each of its four weight rows
+// LANES invocations (16; 32 in one-row passes where asked); an invocation walks its row one octet
+// (8 values: one q4 word, two q8 words) at a time with a stride of LANES octets, so neighbouring invocations read neighbouring words and every
 // weight word is read once per CHUNK_T tokens. The expert's tokens are taken CHUNK_T (1, 2, 4) at a
 // time (registers a.x..a.w); more re-read the workgroup's rows from cache. The 16 partial sums of a row meet
 // in shared memory, summed in lane order (the order of the dense gemv in matmul.wgsl).

@@ -6,7 +6,8 @@
 //! - `<device>-<model>.keys`: which pipelines a model used (kernel file, entry point, weight-type
 //!   bits). The next run of that model on that device builds them on background threads while its
 //!   weights load, several at a time, instead of one at a time inside its first passes (the first
-//!   token waited 100–250 ms on an H100 for them, seconds on lavapipe).
+//!   token waited 1.5 s for them on an H100 without the driver's own cache, 60–100 ms with it;
+//!   with the store, 20 ms: docs/PERF.md).
 //!
 //! Both are hints: a file that is missing, truncated, corrupted or from another build is ignored
 //! (and replaced at the next save), never an error, and nothing else in the directory is touched.
