@@ -157,26 +157,44 @@ fn scoped<T>(
     }
 }
 
+/// The value under `key` in `ready`, built by `build` where there is none — once: a second thread
+/// that wants the same key meanwhile waits at the key's gate in `gates` for the first instead of
+/// building it again. The lookup of a built value takes one lock.
+fn built_once<K: Copy + Eq + std::hash::Hash, V>(
+    ready: &Mutex<HashMap<K, Arc<V>>>,
+    gates: &Mutex<HashMap<K, Arc<Mutex<()>>>>,
+    key: K,
+    build: impl FnOnce() -> std::result::Result<Arc<V>, GpuError>,
+) -> std::result::Result<Arc<V>, GpuError> {
+    if let Some(v) = ready.lock().unwrap().get(&key) {
+        return Ok(v.clone());
+    }
+    let gate = gates.lock().unwrap().entry(key).or_default().clone();
+    let _building = gate.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(v) = ready.lock().unwrap().get(&key) {
+        return Ok(v.clone());
+    }
+    let v = build()?;
+    ready.lock().unwrap().insert(key, v.clone());
+    Ok(v)
+}
+
 impl Kernels {
     fn module(
         &self,
         dev: &GpuDevice,
         file: &'static str,
     ) -> std::result::Result<Arc<wgpu::ShaderModule>, GpuError> {
-        if let Some(m) = self.modules.lock().unwrap().get(file) {
-            return Ok(m.clone());
-        }
-        let gate = self
-            .composing
-            .lock()
-            .unwrap()
-            .entry(file)
-            .or_default()
-            .clone();
-        let _composing = gate.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(m) = self.modules.lock().unwrap().get(file) {
-            return Ok(m.clone());
-        }
+        built_once(&self.modules, &self.composing, file, || {
+            self.compose_module(dev, file).map(Arc::new)
+        })
+    }
+
+    fn compose_module(
+        &self,
+        dev: &GpuDevice,
+        file: &'static str,
+    ) -> std::result::Result<wgpu::ShaderModule, GpuError> {
         let caps = Caps {
             subgroups: dev.caps.subgroups,
         };
@@ -202,17 +220,14 @@ impl Kernels {
             },
             ShaderChecks::None => wgpu::ShaderRuntimeChecks::unchecked(),
         };
-        let module = scoped(dev, file, || {
+        scoped(dev, file, || {
             // SAFETY: the kernels are ours, not a user's: every loop is counted (none can run
             // forever) and every index is in bounds by construction for the shapes the host
             // checks before dispatching (tests run them with outputs poisoned). They go only on
             // Vulkan by default, whose robust buffer access (core, enabled by wgpu) still guards
             // every buffer read (KernelChoice::checks_on).
             unsafe { dev.device.create_shader_module_trusted(desc, checks) }
-        })?;
-        let m = Arc::new(module);
-        self.modules.lock().unwrap().insert(file, m.clone());
-        Ok(m)
+        })
     }
 
     /// How many pipelines exist.
@@ -253,20 +268,17 @@ impl Kernels {
         wtype: u32,
     ) -> std::result::Result<Arc<Pipeline>, GpuError> {
         let key = (entry.file, entry.name, wtype);
-        if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
-            return Ok(p.clone());
-        }
-        let gate = self
-            .building
-            .lock()
-            .unwrap()
-            .entry(key)
-            .or_default()
-            .clone();
-        let _building = gate.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
-            return Ok(p.clone());
-        }
+        built_once(&self.pipelines, &self.building, key, || {
+            self.build_pipeline(dev, entry, wtype).map(Arc::new)
+        })
+    }
+
+    fn build_pipeline(
+        &self,
+        dev: &GpuDevice,
+        entry: &'static Entry,
+        wtype: u32,
+    ) -> std::result::Result<Pipeline, GpuError> {
         let module = self.module(dev, entry.file)?;
         let layout_entries: Vec<wgpu::BindGroupLayoutEntry> = entry
             .bindings
@@ -289,7 +301,7 @@ impl Kernels {
             })
             .collect();
         let what = format!("{}::{}", entry.file, entry.name);
-        let pipe = scoped(dev, &what, || {
+        scoped(dev, &what, || {
             let layout = dev
                 .device
                 .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
@@ -356,9 +368,6 @@ impl Kernels {
                     cache: dev.store.as_ref().and_then(|s| s.cache.as_ref()),
                 });
             Pipeline { pipeline, layout }
-        })?;
-        let p = Arc::new(pipe);
-        self.pipelines.lock().unwrap().insert(key, p.clone());
-        Ok(p)
+        })
     }
 }

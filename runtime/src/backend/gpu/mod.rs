@@ -270,7 +270,7 @@ impl GpuBackend {
         for t in threads {
             let _ = t.join();
         }
-        self.sh.kernels.names().len()
+        self.sh.kernels.count()
     }
 
     /// Every pipeline built so far, by (kernel file, entry point, weight-type bits).

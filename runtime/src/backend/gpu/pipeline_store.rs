@@ -51,21 +51,10 @@ struct ModelList {
     stale: bool,
 }
 
-fn hash_of(parts: &[&dyn HashPart]) -> u64 {
+fn hash_of(bytes: &[u8]) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
-    for p in parts {
-        p.feed(&mut h);
-    }
+    bytes.hash(&mut h);
     h.finish()
-}
-
-trait HashPart {
-    fn feed(&self, h: &mut std::hash::DefaultHasher);
-}
-impl<T: Hash> HashPart for T {
-    fn feed(&self, h: &mut std::hash::DefaultHasher) {
-        self.hash(h)
-    }
 }
 
 /// The stored form of driver data: magic, length, hash, then the bytes.
@@ -73,7 +62,7 @@ fn wrap(data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len() + 24);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&(data.len() as u64).to_le_bytes());
-    out.extend_from_slice(&hash_of(&[&data]).to_le_bytes());
+    out.extend_from_slice(&hash_of(data).to_le_bytes());
     out.extend_from_slice(data);
     out
 }
@@ -83,7 +72,7 @@ fn unwrap(file: &[u8]) -> Option<&[u8]> {
     let (head, data) = file.split_at_checked(24)?;
     let len = u64::from_le_bytes(head[8..16].try_into().ok()?);
     let sum = u64::from_le_bytes(head[16..24].try_into().ok()?);
-    (head[..8] == MAGIC[..] && len == data.len() as u64 && sum == hash_of(&[&data])).then_some(data)
+    (head[..8] == MAGIC[..] && len == data.len() as u64 && sum == hash_of(data)).then_some(data)
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
@@ -119,15 +108,17 @@ impl PipelineStore {
         info: &wgpu::AdapterInfo,
         with_cache: bool,
     ) -> PipelineStore {
-        let stem = hash_of(&[
+        let mut h = std::hash::DefaultHasher::new();
+        (
             &info.name,
-            &info.vendor,
-            &info.device,
+            info.vendor,
+            info.device,
             &info.driver,
             &info.driver_info,
-            &info.backend.to_str(),
-            &env!("CARGO_PKG_VERSION"),
-        ]);
+        )
+            .hash(&mut h);
+        (info.backend.to_str(), env!("CARGO_PKG_VERSION")).hash(&mut h);
+        let stem = h.finish();
         let store = PipelineStore {
             dir: dir.to_path_buf(),
             device: format!("{stem:016x}"),
