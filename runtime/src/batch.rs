@@ -60,7 +60,7 @@ impl Default for BatchLimits {
 }
 
 /// One batched pass, or one batched chain of AR steps, as reported to
-/// [`PassBatcher::set_report`].
+/// [`PassBatcher::add_report`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BatchReport {
     /// Sequences in the pass.
@@ -73,6 +73,10 @@ pub struct BatchReport {
 }
 
 type Report = Arc<dyn Fn(&BatchReport) + Send + Sync>;
+
+/// Names a report added by [`PassBatcher::add_report`], to remove it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchReportId(u64);
 
 /// A KV cache lent by a thread waiting in [`PassBatcher::run`] to the thread that runs its pass.
 struct LentKv<K>(NonNull<K>);
@@ -156,7 +160,8 @@ pub struct PassBatcher<B: Backend> {
     state: Mutex<State<B>>,
     wake: Condvar,
     limits: Mutex<BatchLimits>,
-    report: Mutex<Option<Report>>,
+    /// Every listener's report (one per server sharing the engine), with its id.
+    reports: Mutex<(u64, Vec<(BatchReportId, Report)>)>,
 }
 
 impl<B: Backend> Default for PassBatcher<B> {
@@ -172,7 +177,7 @@ impl<B: Backend> Default for PassBatcher<B> {
             }),
             wake: Condvar::new(),
             limits: Mutex::new(BatchLimits::default()),
-            report: Mutex::new(None),
+            reports: Mutex::new((0, Vec::new())),
         }
     }
 }
@@ -195,9 +200,23 @@ impl<B: Backend> PassBatcher<B> {
         *lock(&self.limits)
     }
 
-    /// Calls `report` after every batched pass (a server's metrics).
-    pub fn set_report(&self, report: impl Fn(&BatchReport) + Send + Sync + 'static) {
-        *lock(&self.report) = Some(Arc::new(report));
+    /// Calls `report` after every batched pass (a server's metrics) until it is removed. Each
+    /// listener added gets every pass: two servers on one engine each see the passes they
+    /// shared, and neither takes the other's reports away.
+    pub fn add_report(
+        &self,
+        report: impl Fn(&BatchReport) + Send + Sync + 'static,
+    ) -> BatchReportId {
+        let mut r = lock(&self.reports);
+        let id = BatchReportId(r.0);
+        r.0 += 1;
+        r.1.push((id, Arc::new(report)));
+        id
+    }
+
+    /// Stops the report `id` (a server shutting down); an unknown id is ignored.
+    pub fn remove_report(&self, id: BatchReportId) {
+        lock(&self.reports).1.retain(|(i, _)| *i != id);
     }
 
     /// A runner for one sequence's passes; the sequence counts as joined until it is dropped.
@@ -327,15 +346,22 @@ impl<B: Backend> PassBatcher<B> {
                 drop(st);
                 std::panic::resume_unwind(p);
             }
-            let report = lock(&self.report).clone();
-            if let Some(r) = report {
+            let reports: Vec<Report> = lock(&self.reports)
+                .1
+                .iter()
+                .map(|(_, r)| r.clone())
+                .collect();
+            if !reports.is_empty() {
                 drop(st);
-                r(&BatchReport {
+                let report = BatchReport {
                     sequences,
                     rows,
                     passes,
                     elapsed: started.elapsed(),
-                });
+                };
+                for r in reports {
+                    r(&report);
+                }
                 st = lock(&self.state);
             }
         }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::gpu::{list_adapters, GpuBackend, GpuOptions};
 use crate::backend::Backend;
-use crate::batch::{BatchLimits, BatchReport, PassBatcher};
+use crate::batch::{BatchLimits, BatchReport, BatchReportId, PassBatcher};
 use crate::decode::{
     self, BlockOptions, Canvas, CommitPolicy, DecodeError, DecodeParams, DecoderDetails,
     DecoderKind, FinishReason, Flow, Observer, Prediction, Sampling, SpecialIds,
@@ -521,9 +521,16 @@ impl<B: Backend> Engine<B> {
         Ok(reserved.map_err(ModelError::from)?)
     }
 
-    /// Calls `report` after every batched pass.
-    pub fn set_batch_report(&self, report: impl Fn(&BatchReport) + Send + Sync + 'static) {
-        self.batcher.set_report(report);
+    /// Calls `report` after every batched pass, until [`Engine::remove_batch_report`].
+    pub fn add_batch_report(
+        &self,
+        report: impl Fn(&BatchReport) + Send + Sync + 'static,
+    ) -> BatchReportId {
+        self.batcher.add_report(report)
+    }
+
+    pub fn remove_batch_report(&self, id: BatchReportId) {
+        self.batcher.remove_report(id);
     }
 
     fn generate_with(
@@ -802,8 +809,14 @@ impl LoadedEngine {
     pub fn reserve_kv(&self, bytes: u64) -> Result<usize, EngineError> {
         with_engine!(self, e => e.reserve_kv(bytes))
     }
-    pub fn set_batch_report(&self, report: impl Fn(&BatchReport) + Send + Sync + 'static) {
-        with_engine!(self, e => e.set_batch_report(report))
+    pub fn add_batch_report(
+        &self,
+        report: impl Fn(&BatchReport) + Send + Sync + 'static,
+    ) -> BatchReportId {
+        with_engine!(self, e => e.add_batch_report(report))
+    }
+    pub fn remove_batch_report(&self, id: BatchReportId) {
+        with_engine!(self, e => e.remove_batch_report(id))
     }
     pub fn request(&self, prompt: Prompt) -> GenerationRequest {
         with_engine!(self, e => e.request(prompt))

@@ -22,16 +22,18 @@ use serde_json::{json, Value};
 
 fn engine() -> Arc<LoadedEngine> {
     static ENGINE: OnceLock<Arc<LoadedEngine>> = OnceLock::new();
-    ENGINE
-        .get_or_init(|| {
-            let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/default.edm");
-            let config = EngineConfig {
-                backend: BackendChoice::Cpu,
-                ..EngineConfig::default()
-            };
-            Arc::new(LoadedEngine::load(path, &config).expect("the default model loads"))
-        })
-        .clone()
+    ENGINE.get_or_init(own_engine).clone()
+}
+
+/// An engine no other test's server shares: its batched passes (and their metrics) are its
+/// requests' alone.
+fn own_engine() -> Arc<LoadedEngine> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/default.edm");
+    let config = EngineConfig {
+        backend: BackendChoice::Cpu,
+        ..EngineConfig::default()
+    };
+    Arc::new(LoadedEngine::load(path, &config).expect("the default model loads"))
 }
 
 struct Setup {
@@ -55,7 +57,10 @@ impl Default for Setup {
 }
 
 fn server(s: Setup) -> Server {
-    let engine = engine();
+    server_on(engine(), s)
+}
+
+fn server_on(engine: Arc<LoadedEngine>, s: Setup) -> Server {
     let defaults = engine.default_decoding();
     let config = ServeConfig {
         model_id: "default".into(),
@@ -326,7 +331,9 @@ fn streamed_text(r: &Reply) -> (String, String, Value) {
 fn concurrent_clients_get_exactly_the_tokens_of_solo_decoding() {
     let cases = cases();
     let solo: Vec<(String, usize)> = cases.iter().map(Case::solo).collect();
-    let srv = server(Setup::default());
+    // Its own engine: the batch metrics below would otherwise count the passes of other tests'
+    // servers running at the same time on the shared one (most of them one sequence each).
+    let srv = server_on(own_engine(), Setup::default());
     let addr = srv.addr();
     // Every case twice at once, streamed and not: 20 requests over 4 slots.
     let threads: Vec<_> = cases

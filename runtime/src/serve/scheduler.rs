@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::metrics::{Gauges, Metrics};
+use crate::batch::BatchReportId;
 use crate::decode::{CancelToken, FinishReason};
 use crate::engine::{EngineError, Event, GenerationOutput, GenerationRequest, LoadedEngine};
 use crate::model::ModelConfig;
@@ -82,6 +83,8 @@ pub struct Scheduler {
 
 struct Inner {
     engine: Arc<LoadedEngine>,
+    /// This scheduler's listener on the engine's batched passes, removed with it.
+    report: BatchReportId,
     limits: Limits,
     metrics: Arc<Metrics>,
     state: Mutex<State>,
@@ -190,6 +193,12 @@ impl JobHandle {
     }
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.engine.remove_batch_report(self.report);
+    }
+}
+
 impl Drop for JobHandle {
     fn drop(&mut self) {
         if !self.finished {
@@ -206,7 +215,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Scheduler {
     pub fn new(engine: Arc<LoadedEngine>, limits: Limits, metrics: Arc<Metrics>) -> Self {
         let m = metrics.clone();
-        engine.set_batch_report(move |r| {
+        let report = engine.add_batch_report(move |r| {
             // A chain of AR steps is `passes` batched passes of its sequences (those whose chains
             // end early drop out of its last steps; counted as in all of them).
             let passes = r.passes.max(1);
@@ -219,6 +228,7 @@ impl Scheduler {
         Scheduler {
             inner: Arc::new(Inner {
                 engine,
+                report,
                 limits,
                 metrics,
                 state: Mutex::new(State::default()),

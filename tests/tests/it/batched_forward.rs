@@ -578,7 +578,7 @@ fn decoding_many_requests_together_gives_each_the_tokens_it_gets_alone() {
         let shared = Arc::new(AtomicUsize::new(0));
         let chains = Arc::new(AtomicUsize::new(0));
         let (b, s, c) = (batches.clone(), shared.clone(), chains.clone());
-        engine.set_batch_report(move |r| {
+        let first = engine.add_batch_report(move |r| {
             b.fetch_add(1, Ordering::Relaxed);
             if r.sequences > 1 {
                 s.fetch_add(1, Ordering::Relaxed);
@@ -586,6 +586,12 @@ fn decoding_many_requests_together_gives_each_the_tokens_it_gets_alone() {
             if r.passes > 1 {
                 c.fetch_add(1, Ordering::Relaxed);
             }
+        });
+        // A second listener (a second server on this engine) sees every pass too.
+        let second = Arc::new(AtomicUsize::new(0));
+        let b2 = second.clone();
+        engine.add_batch_report(move |_| {
+            b2.fetch_add(1, Ordering::Relaxed);
         });
         // A long wait: the check below counts saved passes, and under a loaded CI machine (the
         // lavapipe tests beside it on 2 cores) 50 ms let sequences miss each other's passes
@@ -628,6 +634,18 @@ fn decoding_many_requests_together_gives_each_the_tokens_it_gets_alone() {
             shared > 0 && n * 2 < passes,
             "{arch}: {n} batched passes for {passes} passes, {shared} of them shared"
         );
+        assert_eq!(
+            second.load(Ordering::Relaxed),
+            n,
+            "{arch}: the second listener"
+        );
+        // Removed, the first listener hears no more; the second still does.
+        engine.remove_batch_report(first);
+        engine.generate_many(&requests[..1], &|_, _| {})[0]
+            .as_ref()
+            .unwrap();
+        assert_eq!(batches.load(Ordering::Relaxed), n, "{arch}");
+        assert!(second.load(Ordering::Relaxed) > n, "{arch}");
     }
 }
 
@@ -674,7 +692,7 @@ fn decoding_many_requests_together_on_the_gpu_gives_each_the_tokens_it_gets_alon
         // Greedy AR streams chain their steps (several sequences' step i in one batched pass).
         let chains = Arc::new(AtomicUsize::new(0));
         let (s, bl, ch) = (shared.clone(), blocks.clone(), chains.clone());
-        engine.set_batch_report(move |r| {
+        engine.add_batch_report(move |r| {
             if r.passes > 1 && r.sequences > 1 {
                 ch.fetch_add(1, Ordering::Relaxed);
             }
