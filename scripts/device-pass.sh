@@ -31,18 +31,19 @@ T0=$SECONDS
 [[ -f "$MODEL" ]] || timeout 240 "$AFTER" synth --arch llada2_moe --preset llada2-mini \
   --dtype q4 -o "$MODEL" >>"$L" 2>&1
 echo "synth done at $((SECONDS - T0)) s" >>"$L"
-bench() { # label, binary, env...
-  local label=$1 bin=$2
-  shift 2
+bench() { # label, binary, extra flags, env...
+  local label=$1 bin=$2 flags=$3
+  shift 3
   echo "## bench forward, $label ($*)" >>"$R"
   env "$@" timeout 150 "$bin" bench forward --model "$MODEL" --tokens "$TOKENS" \
-    --iters 10 --context 1024 --copy-mib 1024 >>"$R" 2>>"$L"
+    --iters 10 --context 1024 --copy-mib 1024 $flags >>"$R" 2>>"$L"
   echo "exit $? at $((SECONDS - T0)) s" >>"$R"
 }
-[[ -x "$BEFORE" ]] && bench before "$BEFORE"
-bench after "$AFTER"
+[[ -x "$BEFORE" ]] && bench before "$BEFORE" ""
+# The default run also lists GPU µs by dispatch shape (which matrix takes the time).
+bench after "$AFTER" --shapes
 for k in $KNOBS; do
-  bench "after, $k" "$AFTER" ${k//,/ }
+  bench "after, $k" "$AFTER" "" ${k//,/ }
 done
 for b in "$BEFORE" "$AFTER"; do
   [[ -x "$b" ]] || continue

@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 
 use super::bench_common::{emit_json, values, Common};
 use super::limits::check_bench;
-use crate::backend::gpu::{CopyBandwidth, GpuBackend, GpuOptions, GpuWeight};
+use crate::backend::gpu::{CopyBandwidth, DispatchTag, GpuBackend, GpuOptions, GpuWeight};
 use crate::backend::{AttnMask, Backend};
 use crate::format::{DType, EdmFile, TensorView};
 use crate::model::{names, ForwardRequest, Model, ModelConfig, Window};
@@ -45,7 +45,14 @@ pub struct KernelsArgs {
 pub struct ForwardArgs {
     #[command(flatten)]
     pub common: Common,
+    /// Also list GPU µs by dispatch shape (entry point and workgroup grid), the costliest first:
+    /// which matrix of a pass takes the time, where the entry-point list lumps them together
+    #[arg(long)]
+    pub shapes: bool,
 }
+
+/// GPU µs per pass of each (entry point, grid), with its dispatches per pass.
+type ShapeTimes = Vec<(DispatchTag, usize, f64)>;
 
 /// The model file, its context checked against `--context` and `--tokens` before anything is
 /// measured (or the synthetic model written).
@@ -701,6 +708,7 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
     }
     let mut rows = Vec::new();
     let mut split: Vec<(usize, EntryTimes)> = Vec::new();
+    let mut shapes: Vec<(usize, ShapeTimes)> = Vec::new();
     for &t in &c.tokens {
         let block = &tokens[c.context..c.context + t];
         let window = Window::block(c.context, t, mask);
@@ -734,24 +742,39 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
         // GPU time pass by pass (one query set holds 4096 dispatches).
         let mut gpu_ns = Some(0.0);
         let mut entries: EntryTimes = Vec::new();
+        let mut by_shape: ShapeTimes = Vec::new();
         for _ in 0..c.iters.max(1) {
             let timed = g.start_timing(4096);
             model.forward(&g, &mut kv, block, window, &want)?;
-            let spans = g.finish_timing()?;
+            let spans = g.finish_timing_tagged()?;
             gpu_ns = gpu_ns
                 .filter(|_| timed)
                 .map(|v| v + spans.iter().map(|s| s.1).sum::<f64>());
-            for (l, ns) in spans {
-                match entries.iter_mut().find(|e| e.0 == l) {
+            for (tag, ns) in spans {
+                match entries.iter_mut().find(|e| e.0 == tag.entry) {
                     Some(e) => {
                         e.1 += 1;
                         e.2 += ns;
                     }
-                    None => entries.push((l, 1, ns)),
+                    None => entries.push((tag.entry, 1, ns)),
+                }
+                match by_shape.iter_mut().find(|e| e.0 == tag) {
+                    Some(e) => {
+                        e.1 += 1;
+                        e.2 += ns;
+                    }
+                    None => by_shape.push((tag, 1, ns)),
                 }
             }
         }
         let n = c.iters.max(1);
+        shapes.push((
+            t,
+            by_shape
+                .iter()
+                .map(|(tag, d, ns)| (*tag, d / n, ns / 1e3 / n as f64))
+                .collect(),
+        ));
         split.push((
             t,
             entries
@@ -798,6 +821,15 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
                 "gbs_gpu": gpu.map(|g| gbs(b, g)),
                 "pct_copy_wall": pct(gbs(b, *wall)),
                 "pct_copy_gpu": gpu.and_then(|g| pct(gbs(b, g))),
+            })).collect::<Vec<_>>(),
+            "shapes": shapes.iter().map(|(t, parts)| json!({
+                "tokens": t,
+                "dispatches": parts.iter().map(|(tag, n, us)| json!({
+                    "entry": tag.entry,
+                    "grid": tag.grid,
+                    "dispatches": n,
+                    "gpu_us": us,
+                })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         });
         if emit_json(c, &out)? {
@@ -863,7 +895,31 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
             println!("- {t} tokens: {}", entry_list(parts));
         }
     }
+    if a.shapes && shapes.iter().any(|s| !s.1.is_empty()) {
+        println!(
+            "\nGPU µs per dispatch shape and pass (entry [workgroups x×y×z], dispatches per pass):"
+        );
+        for (t, parts) in &shapes {
+            println!("- {t} tokens: {}", shape_list(parts));
+        }
+    }
     Ok(())
+}
+
+/// `entry [x×y×z] µs (dispatches), …`, the costliest first.
+fn shape_list(parts: &ShapeTimes) -> String {
+    let mut parts = parts.clone();
+    parts.sort_by(|a, b| b.2.total_cmp(&a.2));
+    let list: Vec<String> = parts
+        .iter()
+        .map(|(tag, n, us)| {
+            let grid = tag
+                .grid
+                .map_or("indirect".into(), |[x, y, z]| format!("{x}×{y}×{z}"));
+            format!("{} [{grid}] {us:.1} ({n})", tag.entry)
+        })
+        .collect();
+    list.join(", ")
 }
 
 /// `entry µs (dispatches), …`, the costliest first.

@@ -38,6 +38,7 @@ pub use device::{
 };
 pub use experts::{GpuExpertPool, GpuExperts};
 pub use kv::{GpuKv, KvArena};
+pub use recorder::DispatchTag;
 pub use yardsticks::{CopyBandwidth, DispatchFloor};
 
 use super::shapes::{self, shape_err};
@@ -343,6 +344,15 @@ impl GpuBackend {
 
     /// Ends timing: (entry point, GPU nanoseconds) of every dispatch since `start_timing`, in order.
     pub fn finish_timing(&self) -> Result<Vec<(&'static str, f64)>> {
+        Ok(self
+            .finish_timing_tagged()?
+            .into_iter()
+            .map(|(t, ns)| (t.entry, ns))
+            .collect())
+    }
+
+    /// [`GpuBackend::finish_timing`] with each dispatch's grid.
+    pub fn finish_timing_tagged(&self) -> Result<Vec<(DispatchTag, f64)>> {
         let Some(t) = self.lock().timing.take() else {
             return Ok(Vec::new());
         };

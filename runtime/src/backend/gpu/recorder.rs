@@ -68,7 +68,15 @@ pub struct Shared {
 pub struct Timing {
     pub queries: wgpu::QuerySet,
     pub capacity: u32,
-    pub labels: Vec<&'static str>,
+    pub labels: Vec<DispatchTag>,
+}
+
+/// What a timed dispatch was: its entry point and grid (`None`: indirect), so a benchmark can
+/// tell one matrix's dispatches from another's of the same kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DispatchTag {
+    pub entry: &'static str,
+    pub grid: Option<[u32; 3]>,
 }
 
 pub struct RopeTable {
@@ -333,7 +341,10 @@ impl Ctx<'_> {
                 });
             }
         }
-        let timestamps = self.next_timestamps(entry.name);
+        let timestamps = self.next_timestamps(DispatchTag {
+            entry: entry.name,
+            grid: groups.map(|(x, y, z)| [x, y, z]),
+        });
         let bg = self.st.bind_groups.get(&key).expect("inserted").clone();
         if timestamps.is_some() || self.st.pass_per_dispatch {
             self.st.pass = None;
@@ -376,7 +387,7 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    fn next_timestamps(&mut self, label: &'static str) -> Option<(wgpu::QuerySet, u32)> {
+    fn next_timestamps(&mut self, label: DispatchTag) -> Option<(wgpu::QuerySet, u32)> {
         let t = self.st.timing.as_mut()?;
         let i = t.labels.len() as u32 * 2;
         if i + 2 > t.capacity {

@@ -2662,6 +2662,31 @@ fn dispatch_floor_runs_its_chains() {
     }
 }
 
+/// Timed dispatches carry their grid (`bench forward --shapes`): one norm of 3 rows and one of 5
+/// are the same entry point in two grids, in recording order, and the untagged list names the
+/// same entries.
+#[test]
+fn timed_dispatches_carry_their_grids() {
+    let b = GpuBackend::new(&super::GpuOptions::from_env()).unwrap();
+    let mut rng = Rng(11);
+    let w = weight(&b, DType::F32, &[64], &rng.vec(64, 1.0));
+    let xs = [3, 5].map(|t| b.put(t, 64, &rng.vec(t * 64, 1.0)));
+    b.get(&xs[1]);
+    if !b.start_timing(64) {
+        return; // no timestamps on this device: nothing is tagged
+    }
+    for x in &xs {
+        b.rms_norm(x, &w, 1e-6).unwrap();
+    }
+    let spans = b.finish_timing_tagged().unwrap();
+    assert_eq!(spans.len(), 2, "{spans:?}");
+    let (a, c) = (spans[0].0, spans[1].0);
+    assert_eq!((a.entry, c.entry), ("rms_norm", "rms_norm"));
+    let (ga, gc) = (a.grid.unwrap(), c.grid.unwrap());
+    assert!(ga.iter().chain(&gc).all(|&d| d > 0), "{ga:?} {gc:?}");
+    assert_ne!(ga, gc, "3 rows and 5 rows in one grid");
+}
+
 /// The load-latency chain is one cycle through every slot: a walk from word 0 visits each 128-byte
 /// slot once and is back at word 0 after exactly `slots` links; and the device walks one (the
 /// chase kernel runs; its time is not checked).
