@@ -164,15 +164,20 @@ pub(super) fn breakdown(
     sync()?;
     let mut out: EntryTimes = Vec::new();
     for (l, ns) in g.finish_timing()? {
-        match out.iter_mut().find(|e| e.0 == l) {
-            Some(e) => {
-                e.1 += 1;
-                e.2 += ns / 1e3;
-            }
-            None => out.push((l, 1, ns / 1e3)),
-        }
+        tally(&mut out, l, ns / 1e3);
     }
     Ok(out)
+}
+
+/// Counts one more dispatch of `key` taking `time` in `list` (key, dispatches, total time).
+fn tally<K: PartialEq>(list: &mut Vec<(K, usize, f64)>, key: K, time: f64) {
+    match list.iter_mut().find(|e| e.0 == key) {
+        Some(e) => {
+            e.1 += 1;
+            e.2 += time;
+        }
+        None => list.push((key, 1, time)),
+    }
 }
 
 /// Nanoseconds per call of `op`: (GPU, the sum of its dispatches' timestamps, `None` without
@@ -751,20 +756,8 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
                 .filter(|_| timed)
                 .map(|v| v + spans.iter().map(|s| s.1).sum::<f64>());
             for (tag, ns) in spans {
-                match entries.iter_mut().find(|e| e.0 == tag.entry) {
-                    Some(e) => {
-                        e.1 += 1;
-                        e.2 += ns;
-                    }
-                    None => entries.push((tag.entry, 1, ns)),
-                }
-                match by_shape.iter_mut().find(|e| e.0 == tag) {
-                    Some(e) => {
-                        e.1 += 1;
-                        e.2 += ns;
-                    }
-                    None => by_shape.push((tag, 1, ns)),
-                }
+                tally(&mut entries, tag.entry, ns);
+                tally(&mut by_shape, tag, ns);
             }
         }
         let n = c.iters.max(1);
