@@ -24,9 +24,11 @@ use std::time::Instant;
 use anyhow::Context;
 use serde_json::{json, Value};
 
-use super::bench_common::{emit_json, values, Common};
+use super::bench_common::{
+    breakdown, emit_json, entry_list, shape_list, tally, values, Common, EntryTimes, ShapeTimes,
+};
 use super::limits::check_bench;
-use crate::backend::gpu::{CopyBandwidth, DispatchTag, GpuBackend, GpuOptions, GpuWeight};
+use crate::backend::gpu::{CopyBandwidth, GpuBackend, GpuOptions, GpuWeight};
 use crate::backend::{AttnMask, Backend};
 use crate::format::{DType, EdmFile, TensorView};
 use crate::model::{names, ForwardRequest, Model, ModelConfig, Window};
@@ -50,9 +52,6 @@ pub struct ForwardArgs {
     #[arg(long)]
     pub shapes: bool,
 }
-
-/// GPU µs per pass of each (entry point, grid), with its dispatches per pass.
-type ShapeTimes = Vec<(DispatchTag, usize, f64)>;
 
 /// The model file, its context checked against `--context` and `--tokens` before anything is
 /// measured (or the synthetic model written).
@@ -143,41 +142,6 @@ fn copy_json(bw: Option<CopyBandwidth>) -> Value {
         "copy_buffer_gbs": bw.map(|b| b.buffer_copy / 1e9),
         "copy_shader_gbs": bw.and_then(|b| b.shader_copy).map(|v| v / 1e9),
     })
-}
-
-/// (entry point, dispatches, GPU µs) per entry point.
-pub(super) type EntryTimes = Vec<(&'static str, usize, f64)>;
-
-/// GPU µs of each entry point in one call of `op` (after a warm-up call): (entry, dispatches, µs).
-/// Up to 2048 dispatches are timed (a query set's most timestamps).
-pub(super) fn breakdown(
-    g: &GpuBackend,
-    mut op: impl FnMut() -> anyhow::Result<()>,
-    sync: &dyn Fn() -> anyhow::Result<()>,
-) -> anyhow::Result<EntryTimes> {
-    op()?;
-    sync()?;
-    if !g.start_timing(2048) {
-        return Ok(Vec::new());
-    }
-    op()?;
-    sync()?;
-    let mut out: EntryTimes = Vec::new();
-    for (l, ns) in g.finish_timing()? {
-        tally(&mut out, l, ns / 1e3);
-    }
-    Ok(out)
-}
-
-/// Counts one more dispatch of `key` taking `time` in `list` (key, dispatches, total time).
-fn tally<K: PartialEq>(list: &mut Vec<(K, usize, f64)>, key: K, time: f64) {
-    match list.iter_mut().find(|e| e.0 == key) {
-        Some(e) => {
-            e.1 += 1;
-            e.2 += time;
-        }
-        None => list.push((key, 1, time)),
-    }
 }
 
 /// Nanoseconds per call of `op`: (GPU, the sum of its dispatches' timestamps, `None` without
@@ -897,31 +861,4 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// `entry [x×y×z] µs (dispatches), …`, the costliest first.
-fn shape_list(parts: &ShapeTimes) -> String {
-    let mut parts = parts.clone();
-    parts.sort_by(|a, b| b.2.total_cmp(&a.2));
-    let list: Vec<String> = parts
-        .iter()
-        .map(|(tag, n, us)| {
-            let grid = tag
-                .grid
-                .map_or("indirect".into(), |[x, y, z]| format!("{x}×{y}×{z}"));
-            format!("{} [{grid}] {us:.1} ({n})", tag.entry)
-        })
-        .collect();
-    list.join(", ")
-}
-
-/// `entry µs (dispatches), …`, the costliest first.
-pub(super) fn entry_list(parts: &EntryTimes) -> String {
-    let mut parts = parts.clone();
-    parts.sort_by(|a, b| b.2.total_cmp(&a.2));
-    let list: Vec<String> = parts
-        .iter()
-        .map(|(l, n, us)| format!("{l} {us:.1} ({n})"))
-        .collect();
-    list.join(", ")
 }

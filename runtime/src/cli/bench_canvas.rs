@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::Context;
 use serde_json::json;
 
-use super::bench_common::{emit_json, values, Common};
+use super::bench_common::{breakdown, emit_json, entry_list, values, Common, EntryTimes};
 use crate::backend::gpu::GpuBackend;
 use crate::format::EdmFile;
 use crate::model::canvas::CanvasModel;
@@ -25,7 +25,7 @@ struct Row {
     wall_ms: f64,
     dispatches: u64,
     /// GPU µs per entry point over one pass (empty without timestamp queries).
-    parts: super::bench::EntryTimes,
+    parts: EntryTimes,
 }
 
 pub fn run(c: &Common, g: GpuBackend, file: Arc<EdmFile>) -> anyhow::Result<()> {
@@ -121,7 +121,7 @@ pub fn run(c: &Common, g: GpuBackend, file: Arc<EdmFile>) -> anyhow::Result<()> 
             let wall_ms = t0.elapsed().as_secs_f64() * 1e3 / iters as f64;
             let dispatches = (g.dispatches() - d0) / iters as u64;
             // Every pass reads something back at its end: no other wait is needed.
-            let parts = super::bench::breakdown(&g, || run(&mut kv, i), &|| Ok(()))?;
+            let parts = breakdown(&g, || run(&mut kv, i), &|| Ok(()))?;
             rows.push(Row {
                 tokens: t,
                 pass,
@@ -177,7 +177,7 @@ pub fn run(c: &Common, g: GpuBackend, file: Arc<EdmFile>) -> anyhow::Result<()> 
                 "- {} tokens, {}: {}",
                 r.tokens,
                 r.pass,
-                super::bench::entry_list(&r.parts)
+                entry_list(&r.parts)
             );
         }
     }

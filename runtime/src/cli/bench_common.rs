@@ -1,5 +1,5 @@
-//! What the bench commands share: the model / block-size / repetition arguments, JSON output, and
-//! deterministic test values. Its own module so `bench` and the family-specific benches
+//! What the bench commands share: the model / block-size / repetition arguments, JSON output,
+//! deterministic test values, and GPU time per entry point or dispatch shape. Its own module so `bench` and the family-specific benches
 //! (`bench_canvas`) both import it instead of each other.
 
 use std::path::PathBuf;
@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use serde_json::Value;
 
+use crate::backend::gpu::{DispatchTag, GpuBackend};
 use crate::format::DType;
 
 #[derive(clap::Args, Clone)]
@@ -64,4 +65,70 @@ pub(super) fn values(n: usize, seed: u64) -> Vec<f32> {
             ((s >> 40) as f32 / (1u64 << 23) as f32) - 1.0
         })
         .collect()
+}
+
+// GPU timing of the bench commands: per entry point and per dispatch shape.
+
+/// GPU µs per pass of each (entry point, grid), with its dispatches per pass.
+pub(super) type ShapeTimes = Vec<(DispatchTag, usize, f64)>;
+
+/// (entry point, dispatches, GPU µs) per entry point.
+pub(super) type EntryTimes = Vec<(&'static str, usize, f64)>;
+
+/// GPU µs of each entry point in one call of `op` (after a warm-up call): (entry, dispatches, µs).
+/// Up to 2048 dispatches are timed (a query set's most timestamps).
+pub(super) fn breakdown(
+    g: &GpuBackend,
+    mut op: impl FnMut() -> anyhow::Result<()>,
+    sync: &dyn Fn() -> anyhow::Result<()>,
+) -> anyhow::Result<EntryTimes> {
+    op()?;
+    sync()?;
+    if !g.start_timing(2048) {
+        return Ok(Vec::new());
+    }
+    op()?;
+    sync()?;
+    let mut out: EntryTimes = Vec::new();
+    for (l, ns) in g.finish_timing()? {
+        tally(&mut out, l, ns / 1e3);
+    }
+    Ok(out)
+}
+
+/// Counts one more dispatch of `key` taking `time` in `list` (key, dispatches, total time).
+pub(super) fn tally<K: PartialEq>(list: &mut Vec<(K, usize, f64)>, key: K, time: f64) {
+    match list.iter_mut().find(|e| e.0 == key) {
+        Some(e) => {
+            e.1 += 1;
+            e.2 += time;
+        }
+        None => list.push((key, 1, time)),
+    }
+}
+
+/// `entry [x×y×z] µs (dispatches), …`, the costliest first.
+pub(super) fn shape_list(parts: &ShapeTimes) -> String {
+    costliest_first(parts, |tag| {
+        let grid = tag
+            .grid
+            .map_or("indirect".into(), |[x, y, z]| format!("{x}×{y}×{z}"));
+        format!("{} [{grid}]", tag.entry)
+    })
+}
+
+/// `entry µs (dispatches), …`, the costliest first.
+pub(super) fn entry_list(parts: &EntryTimes) -> String {
+    costliest_first(parts, |l| l.to_string())
+}
+
+/// `name µs (dispatches), …` of (key, dispatches, µs) rows, the costliest first.
+fn costliest_first<K>(parts: &[(K, usize, f64)], name: impl Fn(&K) -> String) -> String {
+    let mut order: Vec<&(K, usize, f64)> = parts.iter().collect();
+    order.sort_by(|a, b| b.2.total_cmp(&a.2));
+    let list: Vec<String> = order
+        .iter()
+        .map(|(k, n, us)| format!("{} {us:.1} ({n})", name(k)))
+        .collect();
+    list.join(", ")
 }
