@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::Context;
 use serde_json::json;
 
-use super::bench_common::{emit_json, values, Common};
+use super::bench_common::{emit_json, shape_list, tally, values, Common, ShapeTimes};
 use crate::backend::gpu::GpuBackend;
 use crate::backend::{AttnMask, Backend};
 use crate::model::{ForwardOutput, ForwardRequest, Model, SeqPass, Window};
@@ -26,6 +26,10 @@ pub struct Args {
     /// Sequences per batched pass.
     #[arg(long, value_delimiter = ',', default_values_t = [1, 4, 16])]
     pub sequences: Vec<usize>,
+    /// Also list GPU µs by dispatch shape (entry point and workgroup grid) of one batched pass
+    /// (the arena's where there is one) at each point, or of the pass alone for one sequence
+    #[arg(long)]
+    pub shapes: bool,
 }
 
 /// One (tokens, sequences) point.
@@ -41,6 +45,8 @@ struct Point {
     arena_ms: Option<f64>,
     arena_dispatches: Option<u64>,
     exact: Option<bool>,
+    /// `--shapes`: GPU µs by dispatch shape of one pass at this point.
+    shapes: ShapeTimes,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -130,6 +136,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 let ms = t0.elapsed().as_secs_f64() * 1e3 / iters as f64;
                 Ok((ms, (g.dispatches() - d0) / iters as u64, exact))
             };
+            // GPU µs by dispatch shape of one call of `f` (empty without timestamps).
+            let shapes_of = |f: &dyn Fn(&mut [_]) -> anyhow::Result<Vec<ForwardOutput>>,
+                             kv: &mut [_]|
+             -> anyhow::Result<ShapeTimes> {
+                let mut out = ShapeTimes::new();
+                if a.shapes && g.start_timing(4096) {
+                    f(kv)?;
+                    for (tag, ns) in g.finish_timing_tagged()? {
+                        tally(&mut out, tag, ns / 1e3);
+                    }
+                }
+                Ok(out)
+            };
             let reference = alone(&mut kvs[..n])?;
             let (alone_ms, alone_dispatches, _) = time(&alone, &mut kvs[..n], &reference)?;
             let shares = n > 1 && model.batch_class(&g, t, &want).is_some();
@@ -143,6 +162,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 arena_ms: None,
                 arena_dispatches: None,
                 exact: None,
+                shapes: ShapeTimes::new(),
             };
             if shares {
                 let (ms, d, exact) = time(&batched, &mut kvs[..n], &reference)?;
@@ -154,6 +174,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     all_exact &= exact;
                 }
                 point.exact = Some(all_exact);
+                point.shapes = match arena_kvs.is_empty() {
+                    true => shapes_of(&batched, &mut kvs[..n])?,
+                    false => shapes_of(&batched, &mut arena_kvs[..n])?,
+                };
+            } else if n == 1 {
+                point.shapes = shapes_of(&alone, &mut kvs[..1])?;
             }
             points.push(point);
         }
@@ -176,6 +202,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "arena_tokens_per_s": p.arena_ms.map(|ms| rate(p, ms)),
             "arena_dispatches": p.arena_dispatches,
             "exact": p.exact,
+            "shapes": p.shapes.iter().map(|(tag, n, us)| json!({
+                "entry": tag.entry,
+                "grid": tag.grid,
+                "dispatches": n,
+                "gpu_us": us,
+            })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     });
     if emit_json(c, &out)? {
@@ -215,6 +247,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "| {} | {} | {alone} | {batched} | {arena} | {speedup} | {exact} |",
             p.tokens, p.sequences
         );
+    }
+    if points.iter().any(|p| !p.shapes.is_empty()) {
+        println!("\nGPU µs by dispatch shape of one pass (entry [workgroups x×y×z], dispatches):");
+        for p in points.iter().filter(|p| !p.shapes.is_empty()) {
+            println!(
+                "- {} tokens × {} sequences: {}",
+                p.tokens,
+                p.sequences,
+                shape_list(&p.shapes)
+            );
+        }
     }
     if points.iter().any(|p| p.exact == Some(false)) {
         anyhow::bail!("a batched pass differed from its passes alone");
