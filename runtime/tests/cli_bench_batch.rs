@@ -14,8 +14,8 @@ fn edgediff(args: &[&str], env: &[(&str, &str)]) -> Output {
     c.output().expect("running edgediff")
 }
 
-fn points(model: &str, env: &[(&str, &str)]) -> Vec<serde_json::Value> {
-    let args = [
+fn points(model: &str, env: &[(&str, &str)], shapes: bool) -> Vec<serde_json::Value> {
+    let mut args = vec![
         "bench",
         "batch",
         "--model",
@@ -32,6 +32,9 @@ fn points(model: &str, env: &[(&str, &str)]) -> Vec<serde_json::Value> {
         "0",
         "--json",
     ];
+    if shapes {
+        args.push("--shapes");
+    }
     let out = edgediff(&args, env);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "bench batch {env:?}: {stderr}");
@@ -62,7 +65,7 @@ fn bench_batch_times_batched_passes_and_checks_them_against_alone() {
     );
     assert!(out.status.success());
     let shape = |p: &serde_json::Value| (p["tokens"].as_u64(), p["sequences"].as_u64());
-    let on = points(model, &[]);
+    let on = points(model, &[], true);
     assert_eq!(
         on.iter().map(shape).collect::<Vec<_>>(),
         [(1, 1), (1, 3), (7, 1), (7, 3)].map(|(t, s)| (Some(t), Some(s)))
@@ -77,7 +80,27 @@ fn bench_batch_times_batched_passes_and_checks_them_against_alone() {
             assert!(p["batched_ms"].is_null(), "{p}");
         }
     }
-    let apart = points(model, &[("EDGEDIFF_BATCH_BLOCKS", "0")]);
+    // --shapes: one pass of each point laid out by dispatch shape, as many dispatches as the
+    // timed passes counted (the arena's batched pass where sequences share one). Empty only on
+    // a device without timestamps.
+    let timed = on
+        .iter()
+        .any(|p| !p["shapes"].as_array().unwrap().is_empty());
+    for p in on.iter().filter(|_| timed) {
+        let n: u64 = p["shapes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["dispatches"].as_u64().unwrap())
+            .sum();
+        let want = match p["sequences"].as_u64() {
+            Some(1) => &p["alone_dispatches"],
+            _ if p["arena_dispatches"].is_null() => &p["batched_dispatches"],
+            _ => &p["arena_dispatches"],
+        };
+        assert_eq!(Some(n), want.as_u64(), "{p}");
+    }
+    let apart = points(model, &[("EDGEDIFF_BATCH_BLOCKS", "0")], false);
     assert_eq!(apart[1]["exact"], true, "AR passes still batch");
     assert!(apart[3]["batched_ms"].is_null(), "{}", apart[3]);
 }
