@@ -78,6 +78,13 @@ type Report = Arc<dyn Fn(&BatchReport) + Send + Sync>;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchReportId(u64);
 
+/// The reports listening to an engine's batched passes (one per server sharing the engine).
+#[derive(Default)]
+struct Listeners {
+    next_id: u64,
+    all: Vec<(BatchReportId, Report)>,
+}
+
 /// A KV cache lent by a thread waiting in [`PassBatcher::run`] to the thread that runs its pass.
 struct LentKv<K>(NonNull<K>);
 
@@ -160,8 +167,7 @@ pub struct PassBatcher<B: Backend> {
     state: Mutex<State<B>>,
     wake: Condvar,
     limits: Mutex<BatchLimits>,
-    /// Every listener's report (one per server sharing the engine), with its id.
-    reports: Mutex<(u64, Vec<(BatchReportId, Report)>)>,
+    reports: Mutex<Listeners>,
 }
 
 impl<B: Backend> Default for PassBatcher<B> {
@@ -177,7 +183,7 @@ impl<B: Backend> Default for PassBatcher<B> {
             }),
             wake: Condvar::new(),
             limits: Mutex::new(BatchLimits::default()),
-            reports: Mutex::new((0, Vec::new())),
+            reports: Mutex::default(),
         }
     }
 }
@@ -207,16 +213,16 @@ impl<B: Backend> PassBatcher<B> {
         &self,
         report: impl Fn(&BatchReport) + Send + Sync + 'static,
     ) -> BatchReportId {
-        let mut r = lock(&self.reports);
-        let id = BatchReportId(r.0);
-        r.0 += 1;
-        r.1.push((id, Arc::new(report)));
+        let mut l = lock(&self.reports);
+        let id = BatchReportId(l.next_id);
+        l.next_id += 1;
+        l.all.push((id, Arc::new(report)));
         id
     }
 
     /// Stops the report `id` (a server shutting down); an unknown id is ignored.
     pub fn remove_report(&self, id: BatchReportId) {
-        lock(&self.reports).1.retain(|(i, _)| *i != id);
+        lock(&self.reports).all.retain(|(i, _)| *i != id);
     }
 
     /// A runner for one sequence's passes; the sequence counts as joined until it is dropped.
@@ -347,7 +353,7 @@ impl<B: Backend> PassBatcher<B> {
                 std::panic::resume_unwind(p);
             }
             let reports: Vec<Report> = lock(&self.reports)
-                .1
+                .all
                 .iter()
                 .map(|(_, r)| r.clone())
                 .collect();
