@@ -25,7 +25,8 @@ use anyhow::Context;
 use serde_json::{json, Value};
 
 use super::bench_common::{
-    breakdown, emit_json, entry_list, shape_list, tally, values, Common, EntryTimes, ShapeTimes,
+    breakdown, emit_json, entry_list, shape_list, shapes_json, tally, values, Common, EntryTimes,
+    ShapeTimes,
 };
 use super::limits::check_bench;
 use crate::backend::gpu::{CopyBandwidth, GpuBackend, GpuOptions, GpuWeight};
@@ -781,12 +782,7 @@ pub fn run_forward(a: ForwardArgs) -> anyhow::Result<()> {
             })).collect::<Vec<_>>(),
             "shapes": shapes.iter().map(|(t, parts)| json!({
                 "tokens": t,
-                "dispatches": parts.iter().map(|(tag, n, us)| json!({
-                    "entry": tag.entry,
-                    "grid": tag.grid,
-                    "dispatches": n,
-                    "gpu_us": us,
-                })).collect::<Vec<_>>(),
+                "dispatches": shapes_json(parts),
             })).collect::<Vec<_>>(),
         });
         if emit_json(c, &out)? {

@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::Context;
 use serde_json::json;
 
-use super::bench_common::{emit_json, shape_list, tally, values, Common, ShapeTimes};
+use super::bench_common::{emit_json, shape_list, shapes_json, tally, values, Common, ShapeTimes};
 use crate::backend::gpu::GpuBackend;
 use crate::backend::{AttnMask, Backend};
 use crate::model::{ForwardOutput, ForwardRequest, Model, SeqPass, Window};
@@ -202,12 +202,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "arena_tokens_per_s": p.arena_ms.map(|ms| rate(p, ms)),
             "arena_dispatches": p.arena_dispatches,
             "exact": p.exact,
-            "shapes": p.shapes.iter().map(|(tag, n, us)| json!({
-                "entry": tag.entry,
-                "grid": tag.grid,
-                "dispatches": n,
-                "gpu_us": us,
-            })).collect::<Vec<_>>(),
+            "shapes": shapes_json(&p.shapes),
         })).collect::<Vec<_>>(),
     });
     if emit_json(c, &out)? {

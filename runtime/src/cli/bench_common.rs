@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::backend::gpu::{DispatchTag, GpuBackend};
 use crate::format::DType;
@@ -71,6 +71,21 @@ pub(super) fn values(n: usize, seed: u64) -> Vec<f32> {
 
 /// GPU µs per pass of each (entry point, grid), with its dispatches per pass.
 pub(super) type ShapeTimes = Vec<(DispatchTag, usize, f64)>;
+
+/// The JSON of `parts`: entry, grid (null: indirect), dispatches, GPU µs.
+pub(super) fn shapes_json(parts: &ShapeTimes) -> Value {
+    parts
+        .iter()
+        .map(|(tag, n, us)| {
+            json!({
+                "entry": tag.entry,
+                "grid": tag.grid,
+                "dispatches": n,
+                "gpu_us": us,
+            })
+        })
+        .collect()
+}
 
 /// (entry point, dispatches, GPU µs) per entry point.
 pub(super) type EntryTimes = Vec<(&'static str, usize, f64)>;

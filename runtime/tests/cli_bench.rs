@@ -1,7 +1,8 @@
-//! `edgediff bench batch` on the GPU (lavapipe here): each point times S sequences' passes one
-//! after another and as one batched pass, and the batched pass gives every sequence its
+//! The GPU bench commands (lavapipe here). `bench batch`: each point times S sequences' passes
+//! one after another and as one batched pass, and the batched pass gives every sequence its
 //! statistics bit for bit; AR passes batch, and so do 7-token blocks unless
-//! `EDGEDIFF_BATCH_BLOCKS=0` keeps them apart.
+//! `EDGEDIFF_BATCH_BLOCKS=0` keeps them apart. `bench forward --shapes` lays each pass's GPU time
+//! out by dispatch shape, as many dispatches as the pass counted.
 
 use std::process::{Command, Output};
 
@@ -12,6 +13,22 @@ fn edgediff(args: &[&str], env: &[(&str, &str)]) -> Output {
         c.env(k, v);
     }
     c.output().expect("running edgediff")
+}
+
+/// A small LLaDA2-shaped q4 model in `dir`; its path.
+fn synth_llada2(dir: &std::path::Path) -> String {
+    let model = dir.join("llada2.edm").to_str().unwrap().to_string();
+    let args = [
+        "synth",
+        "--arch",
+        "llada2_moe",
+        "--dtype",
+        "q4",
+        "-o",
+        &model,
+    ];
+    assert!(edgediff(&args, &[]).status.success());
+    model
 }
 
 fn points(model: &str, env: &[(&str, &str)], shapes: bool) -> Vec<serde_json::Value> {
@@ -49,21 +66,8 @@ fn bench_batch_times_batched_passes_and_checks_them_against_alone() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("llada2.edm");
-    let model = model.to_str().unwrap();
-    let out = edgediff(
-        &[
-            "synth",
-            "--arch",
-            "llada2_moe",
-            "--dtype",
-            "q4",
-            "-o",
-            model,
-        ],
-        &[],
-    );
-    assert!(out.status.success());
+    let model = synth_llada2(dir.path());
+    let model = model.as_str();
     let shape = |p: &serde_json::Value| (p["tokens"].as_u64(), p["sequences"].as_u64());
     let on = points(model, &[], true);
     assert_eq!(
@@ -103,4 +107,60 @@ fn bench_batch_times_batched_passes_and_checks_them_against_alone() {
     let apart = points(model, &[("EDGEDIFF_BATCH_BLOCKS", "0")], false);
     assert_eq!(apart[1]["exact"], true, "AR passes still batch");
     assert!(apart[3]["batched_ms"].is_null(), "{}", apart[3]);
+}
+
+#[test]
+fn bench_forward_shapes_cover_every_dispatch_of_a_pass() {
+    if std::env::var("EDGEDIFF_SKIP_GPU_TESTS").is_ok_and(|v| v == "1") {
+        eprintln!("EDGEDIFF_SKIP_GPU_TESTS=1: skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = synth_llada2(dir.path());
+    let args = [
+        "bench",
+        "forward",
+        "--model",
+        &model,
+        "--tokens",
+        "1,5",
+        "--iters",
+        "1",
+        "--context",
+        "9",
+        "--copy-mib",
+        "0",
+        "--json",
+        "--shapes",
+    ];
+    let out = edgediff(&args, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let passes = v["passes"].as_array().unwrap();
+    let shapes = v["shapes"].as_array().unwrap();
+    assert_eq!(passes.len(), 2);
+    assert_eq!(shapes.len(), 2);
+    if v["passes"][0]["gpu_ms"].is_null() {
+        return; // no timestamps on this device: nothing to lay out
+    }
+    for (p, s) in passes.iter().zip(shapes) {
+        assert_eq!(p["tokens"], s["tokens"]);
+        let parts = s["dispatches"].as_array().unwrap();
+        let n: u64 = parts
+            .iter()
+            .map(|e| e["dispatches"].as_u64().unwrap())
+            .sum();
+        assert_eq!(Some(n), p["dispatches"].as_u64(), "{s}");
+        let us: f64 = parts.iter().map(|e| e["gpu_us"].as_f64().unwrap()).sum();
+        let ms = p["gpu_ms"].as_f64().unwrap();
+        assert!(
+            (us / 1e3 - ms).abs() <= 1e-6 * ms.max(1.0) + 1e-9,
+            "{us} µs against {ms} ms"
+        );
+        // A direct grid has no empty dimension (an indirect one is null).
+        for grid in parts.iter().filter_map(|e| e["grid"].as_array()) {
+            assert!(grid.iter().all(|d| d.as_u64().unwrap() > 0), "{grid:?}");
+        }
+    }
 }
