@@ -22,7 +22,7 @@ for k in $KNOBS; do
   [[ "$k" != - ]] && env_set=(${k//,/ })
   echo "## bench batch, ${k}" >>"$R"
   env "${env_set[@]}" timeout 150 "$BIN" bench batch --model "$MODEL" --tokens "${BATCH_TOKENS:-2}" \
-    --sequences "${BATCH_SEQUENCES:-1,16}" --context "${BATCH_CONTEXT:-512}" --iters 10 --copy-mib 0 --shapes \
+    --sequences "${BATCH_SEQUENCES:-1,16}" --context "${BATCH_CONTEXT:-512}" --iters 10 --copy-mib 0 --shapes ${BATCH_FLAGS:-} \
     >>"$R" 2>>"$OUT/log.txt"
   echo "exit $?" >>"$R"
 done

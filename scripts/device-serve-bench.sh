@@ -80,13 +80,13 @@ if [[ "$BACKEND" == gpu && -f "$SYN" && "${BENCH_BATCH:-1}" == 1 ]]; then
   log "bench batch: $SYN"
   timeout 300 "$BIN" bench batch --model "$SYN" --tokens "${BATCH_TOKENS:-1,16,32}" \
     --sequences "${BATCH_SEQUENCES:-1,4,16}" --context "${BATCH_CONTEXT:-512}" --iters 5 \
-    --copy-mib 0 --shapes >"$OUT/bench-batch.md" 2>>"$LOG" || { log "bench batch failed"; FAILED=$((FAILED + 1)); }
+    --copy-mib 0 --shapes ${BATCH_FLAGS:-} >"$OUT/bench-batch.md" 2>>"$LOG" || { log "bench batch failed"; FAILED=$((FAILED + 1)); }
   cat "$OUT/bench-batch.md" >>"$LOG"
   if [[ -n "${VARIANT_ENV:-}" ]]; then
     log "bench batch with $VARIANT_ENV"
     env $VARIANT_ENV timeout 300 "$BIN" bench batch --model "$SYN" --tokens "${BATCH_TOKENS:-1,16,32}" \
       --sequences "${BATCH_SEQUENCES:-1,4,16}" --context "${BATCH_CONTEXT:-512}" --iters 5 \
-      --copy-mib 0 >"$OUT/bench-batch-variant.md" 2>>"$LOG" || { log "bench batch (variant) failed"; FAILED=$((FAILED + 1)); }
+      --copy-mib 0 ${BATCH_FLAGS:-} >"$OUT/bench-batch-variant.md" 2>>"$LOG" || { log "bench batch (variant) failed"; FAILED=$((FAILED + 1)); }
     cat "$OUT/bench-batch-variant.md" >>"$LOG"
   fi
 fi

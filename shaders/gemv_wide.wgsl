@@ -32,6 +32,13 @@
 #include "matmul_params"
 #include "wide_gemv"
 
+// Row sets a gemv_wide workgroup works against each staged block, 512 / L rows each (ops/matmul.rs
+// `row_sets`: the weight-type argument's third byte, at most 4). A matrix the grid reads once over
+// many token blocks (the LM head of a 16–32-row pass: 2,456 workgroups, each staging every block)
+// then stages each block for more rows, in fewer workgroups; each set's sums are the ones it
+// would have alone.
+override ROW_SETS: u32 = 1u;
+
 @group(0) @binding(0) var<uniform> p: MatmulParams;
 @group(0) @binding(1) var<storage, read> w4: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read> x_act: array<vec4<f32>>;
@@ -232,7 +239,7 @@ fn gemv_wide(
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
     let m = WideMat(0u, p.scales, p.k, p.lanes);
-    let row_base = group_id(wid, nwg) * (512u / p.lanes);
+    let row_base = group_id(wid, nwg) * (512u / p.lanes) * ROW_SETS;
     for (var blk = wid.z; blk * p.tile_t < p.t; blk += nwg.z) {
         wide_block(lid, group_id(wid, nwg) == 0u, m, row_base, blk * p.tile_t);
         // The next block stages over xs, which this one's stores still read.
@@ -245,15 +252,26 @@ fn wide_block(lid: u32, first: bool, m: WideMat, row_base: u32, t0: u32) {
     let nt = min(p.t - t0, p.tile_t);
     blk_row0 = p.x_row0 + t0;
     stage_block(lid, m, t0, nt);
-    let row0 = row_base + (lid / p.lanes) * 4u;
-    wide_rows(lid, m, vec4<u32>(row0) + vec4<u32>(0u, 1u, 2u, 3u), p.n, nt);
-    let inv = rows_inv(lid);
-    // QACT's codes were made from the normed rows.
-    let after = select(inv, vec4<f32>(1.0), QACT);
-    if (lid < 512u / p.lanes && row_base + lid < p.n) {
-        let s = xs[768u + lid] * after;
-        for (var t = 0u; t < nt; t++) {
-            wide_store((t0 + t) * p.out_stride + p.out_col0 + row_base + lid, s[t]);
+    let per = 512u / p.lanes;
+    // Every set's partials first: the reductions reuse xs, which holds the staged block.
+    var parts: array<RowPartials, 4>;
+    for (var rs = 0u; rs < ROW_SETS; rs++) {
+        let row0 = row_base + rs * per + (lid / p.lanes) * 4u;
+        parts[rs] = wide_partials(lid, m, vec4<u32>(row0) + vec4<u32>(0u, 1u, 2u, 3u), p.n, nt);
+    }
+    var inv = vec4<f32>(1.0);
+    for (var rs = 0u; rs < ROW_SETS; rs++) {
+        let a = parts[rs];
+        wide_reduce(lid, p.lanes, a.r0, a.r1, a.r2, a.r3);
+        inv = rows_inv(lid);
+        // QACT's codes were made from the normed rows.
+        let after = select(inv, vec4<f32>(1.0), QACT);
+        let base = row_base + rs * per;
+        if (lid < per && base + lid < p.n) {
+            let s = xs[768u + lid] * after;
+            for (var t = 0u; t < nt; t++) {
+                wide_store((t0 + t) * p.out_stride + p.out_col0 + base + lid, s[t]);
+            }
         }
     }
     if ((p.mode & MODE_HOUT) != 0u && first) {

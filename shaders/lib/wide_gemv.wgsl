@@ -315,6 +315,20 @@ fn at_token(t: u32, d: f32) -> vec4<f32> {
 // xs[768 + s] holds row slot s = group · 4 + r (vec4 over the block's tokens) for s < 512 / L,
 // and the call ends with a barrier.
 fn wide_rows(lid: u32, m: WideMat, rows: vec4<u32>, n: u32, nt: u32) {
+    let a = wide_partials(lid, m, rows, n, nt);
+    wide_reduce(lid, m.lanes, a.r0, a.r1, a.r2, a.r3);
+}
+
+// One lane's partial sums of its row group's 4 rows (vec4 over the block's tokens), before
+// wide_reduce adds the lanes'; reads the staged block and leaves xs as it was.
+struct RowPartials {
+    r0: vec4<f32>,
+    r1: vec4<f32>,
+    r2: vec4<f32>,
+    r3: vec4<f32>,
+}
+
+fn wide_partials(lid: u32, m: WideMat, rows: vec4<u32>, n: u32, nt: u32) -> RowPartials {
     let l = m.lanes;
     let lane = lid % l;
     let cpr = row_chunks(m);
@@ -342,7 +356,7 @@ fn wide_rows(lid: u32, m: WideMat, rows: vec4<u32>, n: u32, nt: u32) {
             a3 += at_token(t, d.w);
         }
     }
-    wide_reduce(lid, l, a0, a1, a2, a3);
+    return RowPartials(a0, a1, a2, a3);
 }
 
 // Adds the lanes' partials a0 .. a3 (rows r = 0 .. 3 of this row group, vec4 over four tokens) in

@@ -30,6 +30,11 @@ pub struct Args {
     /// (the arena's where there is one) at each point, or of the pass alone for one sequence
     #[arg(long)]
     pub shapes: bool,
+    /// Each pass wants only its last row's statistics, as an AR step on a diffusion model does
+    /// (two rows: the token it commits, then the mask whose logits it reads), instead of every
+    /// row's: the LM head then runs over one row a sequence, as in `edgediff serve`
+    #[arg(long)]
+    pub last_row: bool,
 }
 
 /// One (tokens, sequences) point.
@@ -94,10 +99,13 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     }
     g.reserve_kv(&model.config, 0)?;
-    let want = ForwardRequest::default();
     let iters = c.iters.max(1);
     let mut points = Vec::new();
     for &t in &c.tokens {
+        let want = ForwardRequest {
+            rows: a.last_row.then(|| t.saturating_sub(1)..t),
+            ..ForwardRequest::default()
+        };
         let window = Window::block(c.context, t, mask);
         let block = |s: usize| &tokens[s][c.context..c.context + t];
         for &n in &a.sequences {
@@ -189,6 +197,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         "device": g.device_name(),
         "model": file.path().display().to_string(),
         "context": c.context,
+        "last_row": a.last_row,
         "points": points.iter().map(|p| json!({
             "tokens": p.tokens,
             "sequences": p.sequences,
@@ -209,10 +218,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{} on {}, {} cached positions a sequence\n",
+        "{} on {}, {} cached positions a sequence; {}\n",
         file.path().display(),
         g.device_name(),
-        c.context
+        c.context,
+        if a.last_row {
+            "each pass wants its last row's statistics (as an AR step)"
+        } else {
+            "each pass wants every row's statistics"
+        }
     );
     println!("| tokens a pass | sequences | one after another: ms / tokens/s / dispatches | batched, own caches | batched, one KV arena | speed-up (arena vs one after another) | batched = alone |");
     println!("|---:|---:|---|---|---|---:|---|");

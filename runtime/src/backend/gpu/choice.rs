@@ -17,6 +17,9 @@
 //! | `EDGEDIFF_GEMV_WIDE_F32=0` | [`KernelChoice::gemv_wide_f32`] |
 //! | `EDGEDIFF_WIDE_F32_LANES1=64\|128` | [`KernelChoice::wide_f32_lanes1`] |
 //! | `EDGEDIFF_WIDE_LANES=4\|8\|16\|32\|64` | [`KernelChoice::wide_lanes`] |
+//! | `EDGEDIFF_WIDE_HEAD1=0\|1` | [`KernelChoice::wide_head1`] |
+//! | `EDGEDIFF_WIDE_ROW_SETS=1\|2\|4` | [`KernelChoice::wide_row_sets`] |
+//! | `EDGEDIFF_WIDE_DENSE_LANES=0\|4\|8\|16\|32\|64` | [`KernelChoice::wide_dense_lanes`] |
 //! | `EDGEDIFF_WIDE_Q8ACT=1\|0` | [`KernelChoice::wide_q8_act`] |
 //! | `EDGEDIFF_WIDE_MIN_CHUNKS=<n>` | [`KernelChoice::wide_min_chunks`] |
 //! | `EDGEDIFF_WIDE_TARGET_GROUPS=<n>` | [`KernelChoice::wide_target_groups`] |
@@ -180,6 +183,30 @@ pub struct KernelChoice {
     /// slower: 2,520 µs at 16 rows, 7,449 vs 4,994 µs for the experts' gate/up), the most a row
     /// takes where [`Self::wide_min_chunks`] gives short rows fewer.
     pub wide_lanes: u32,
+    /// Lanes a row of the dense wide q4/q8 gemv takes (0: as the experts', [`Self::wide_lanes`]
+    /// and [`Self::wide_min_chunks`]). The two were tuned together, where the experts' rows
+    /// dominated: the dense rows of 2048 got 8 lanes, so each lane loads 8 chunks of 4 rows in 8
+    /// dependent rounds, and the 16–32-row passes' attention and router gemvs, small matrices
+    /// spread over few workgroups, wait on those rounds (≈ 22 µs a dispatch for 2–4 MB, H100).
+    /// More lanes a row mean fewer rounds and more workgroups. The same lanes for every row count
+    /// of 2 or more, so batched passes keep their bits (ops/batch_class.rs).
+    pub wide_dense_lanes: u32,
+    /// One-row passes take the wide gemv (8-bit activations for q4) for the matrices it reads
+    /// once ([`super::ops::matmul::wide_reads_once`]: the LM head), where the rest of the pass
+    /// keeps the word-a-lane gemv. The LM head [157,184 × 2048] q4 of a 2-row pass took 101 µs on
+    /// the wide gemv and the one-row pass's 224 on the word-a-lane one (H100, 20-layer
+    /// LLaDA2.0-mini q4, one run): 65,535 × 2 workgroups of 64 invocations against 2,456 of 128
+    /// whose lanes load 16 bytes at a time. An AR step on a diffusion model wants one row's
+    /// logits, so its head is a one-row matmul too. One-row passes are a batch class of their own
+    /// (ops/batch_class.rs bit 24), and the wide sums do not depend on the rows beside them.
+    pub wide_head1: bool,
+    /// Row sets a dense wide gemv workgroup works against each staged token block (1, 2 or 4;
+    /// ops/matmul.rs `wide_row_sets`), for the matrices the grid reads once (the LM head) in
+    /// passes of more than one block. The LM head of a 32-row pass is 2,456 workgroups that each
+    /// stage all 8 blocks' codes (12 KB a block at 2048 wide: ≈ 240 MB from cache for 90 MB of
+    /// weights); with more lanes a row it got slower still (H100: 32 lanes a dense row, the
+    /// 32-row pass's gemvs 2.5 → 4.3 ms). More rows a staging cut that traffic. Same sums.
+    pub wide_row_sets: u32,
     /// The wide q4 kernels (the dense gemvs, and the experts) take 8-bit
     /// activations: a code per value and a power-of-two scale per 32 (backend/q8_act.rs), a
     /// weight chunk's sum integer dot products (dot4I8Packed) instead of 32 floats made from its
@@ -301,6 +328,9 @@ impl Default for KernelChoice {
             gemv_wide_f32: true,
             wide_f32_lanes1: 128,
             wide_lanes: 16,
+            wide_dense_lanes: 0,
+            wide_head1: true,
+            wide_row_sets: 1,
             wide_q8_act: true,
             wide_min_chunks: WIDE_MIN_CHUNKS,
             wide_target_groups: WIDE_TARGET_GROUPS,
@@ -393,6 +423,13 @@ impl KernelChoice {
             wide_lanes: num("EDGEDIFF_WIDE_LANES")
                 .filter(|&l| matches!(l, 4 | 8 | 16 | 32 | 64))
                 .map_or(d.wide_lanes, |l| l as u32),
+            wide_row_sets: num("EDGEDIFF_WIDE_ROW_SETS")
+                .filter(|&n| matches!(n, 1 | 2 | 4))
+                .map_or(d.wide_row_sets, |n| n as u32),
+            wide_head1: var("EDGEDIFF_WIDE_HEAD1").map_or(d.wide_head1, |v| v.trim() != "0"),
+            wide_dense_lanes: num("EDGEDIFF_WIDE_DENSE_LANES")
+                .filter(|&l| matches!(l, 0 | 4 | 8 | 16 | 32 | 64))
+                .map_or(d.wide_dense_lanes, |l| l as u32),
             wide_q8_act: var("EDGEDIFF_WIDE_Q8ACT").map_or(d.wide_q8_act, |v| v.trim() == "1"),
             wide_min_chunks: num("EDGEDIFF_WIDE_MIN_CHUNKS")
                 .filter(|&n| n <= 64)
@@ -527,6 +564,9 @@ mod tests {
             ("EDGEDIFF_GEMV_WIDE_F32", "0"),
             ("EDGEDIFF_WIDE_F32_LANES1", "64"),
             ("EDGEDIFF_WIDE_LANES", "64"),
+            ("EDGEDIFF_WIDE_DENSE_LANES", "32"),
+            ("EDGEDIFF_WIDE_HEAD1", "0"),
+            ("EDGEDIFF_WIDE_ROW_SETS", "4"),
             ("EDGEDIFF_WIDE_Q8ACT", "1"),
             ("EDGEDIFF_WIDE_MIN_CHUNKS", "4"),
             ("EDGEDIFF_WIDE_TARGET_GROUPS", "0"),
@@ -567,6 +607,9 @@ mod tests {
                 gemv_wide_f32: false,
                 wide_f32_lanes1: 64,
                 wide_lanes: 64,
+                wide_dense_lanes: 32,
+                wide_head1: false,
+                wide_row_sets: 4,
                 wide_q8_act: true,
                 wide_min_chunks: 4,
                 wide_target_groups: 0,
@@ -599,6 +642,8 @@ mod tests {
             ("EDGEDIFF_FUSE_COMBINE_NORM", "yes"),
             ("EDGEDIFF_FUSE_NORMS_MAX_T", "65"),
             ("EDGEDIFF_GEMV_MAX_T", "3"),
+            ("EDGEDIFF_WIDE_DENSE_LANES", "24"),
+            ("EDGEDIFF_WIDE_ROW_SETS", "3"),
             ("EDGEDIFF_MOE_KERNEL", "fast"),
             ("EDGEDIFF_MOE_GEMV_BLOCKS", "0"),
             ("EDGEDIFF_MOE_CHUNK", "3"),

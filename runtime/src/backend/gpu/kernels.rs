@@ -77,6 +77,13 @@ pub fn chunk_t(rows: u32) -> u32 {
     rows << 16
 }
 
+/// Row sets a gemv_wide workgroup works against each staged block (gemv_wide.wgsl's `ROW_SETS`)
+/// in the third byte of a dispatch's weight-type argument, where the word-a-lane kernels keep
+/// [`chunk_t`]; 0 keeps the default (one).
+pub fn row_sets(sets: u32) -> u32 {
+    sets << 16
+}
+
 /// Octets a gemv lane loads before their arithmetic (the `DEPTH` override of gemv.wgsl and
 /// moe_gemv.wgsl) in the fourth byte of a dispatch's weight-type argument; 0 keeps the default.
 pub fn depth(octets: u32) -> u32 {
@@ -335,6 +342,9 @@ impl Kernels {
             }
             if declares("CHUNK_T") && (wtype >> 16) & 0xff != 0 {
                 constants.push(("CHUNK_T", ((wtype >> 16) & 0xff) as f64));
+            }
+            if declares("ROW_SETS") && (wtype >> 16) & 0xff != 0 {
+                constants.push(("ROW_SETS", ((wtype >> 16) & 0xff) as f64));
             }
             if declares("DEPTH") && (wtype >> 24) & 0x7f != 0 {
                 constants.push(("DEPTH", ((wtype >> 24) & 0x7f) as f64));

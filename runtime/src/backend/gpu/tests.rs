@@ -1465,15 +1465,18 @@ fn residual_fusions_save_their_dispatches() {
 /// The wide gemv sums each (weight row, token) the same way whatever tokens share its dispatch:
 /// 16 rows at once equal the same rows 3 and 4 at a time bit for bit (what batched passes rely
 /// on, ops/batch_class.rs: q4/q8 passes of ≥ 3 rows take it, f32 weights at every row count), for
-/// every lane count and several token-block sizes, and match the CPU; the kernel is the one taken
-/// for these shapes.
+/// every lane count (the experts' and the dense rows' own) and several token-block sizes, and
+/// match the CPU; the kernel is the one taken for these shapes.
 #[test]
 fn wide_gemv_rows_equal_the_rows_in_other_blocks() {
     use super::choice::KernelChoice;
-    for lanes in [4, 8, 16, 64] {
+    // (wide_lanes, wide_dense_lanes): the dense rows take the second where it is not 0.
+    for (wide, dense) in [(4, 0), (8, 0), (16, 0), (64, 0), (8, 32)] {
+        let lanes = if dense == 0 { wide } else { dense };
         let base = super::GpuOptions {
             kernels: KernelChoice {
-                wide_lanes: lanes,
+                wide_lanes: wide,
+                wide_dense_lanes: dense,
                 wide_min_chunks: 0,
                 ..KernelChoice::from_env()
             },
@@ -1796,6 +1799,77 @@ fn a_large_weight_takes_the_looping_wide_gemv_for_the_gemvs_rows() {
     }
 }
 
+/// The looping wide gemv in row sets (`EDGEDIFF_WIDE_ROW_SETS`): 2 or 4 sets of rows a workgroup
+/// against each staged block give the one-set sums bit for bit, for q4 with 8-bit activations and
+/// q8 weights, a row count whose last workgroup has a partial set and an empty one, and ragged
+/// token blocks; one block (nothing to share) keeps one set; the row-set pipelines ran.
+#[test]
+fn the_looping_wide_gemv_in_row_sets_keeps_its_sums() {
+    use super::choice::KernelChoice;
+    let with = |sets| super::GpuOptions {
+        poison: true,
+        kernels: KernelChoice {
+            wide_target_groups: 4,
+            // 16 lanes a row: 32 rows a set.
+            wide_min_chunks: 0,
+            wide_row_sets: sets,
+            ..KernelChoice::from_env()
+        },
+        ..super::GpuOptions::from_env()
+    };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let runs: Vec<_> = [1, 2, 4]
+        .into_iter()
+        .map(|sets| super::testing::backends_with(with(sets)))
+        .collect();
+    for (i, (label, one)) in runs[0].iter().enumerate() {
+        let mut rng = Rng(67);
+        // 200 rows: 7 sets of 32; at 4 sets the second workgroup has 2 full, 1 partial, 1 empty.
+        for (dtype, n, k) in [(DType::Q4, 200, 2048), (DType::Q8, 200, 1024)] {
+            let wv = rng.vec(n * k, 0.5);
+            for t in [16, 13, 3] {
+                let xs = rng.vec(t * k, 1.0);
+                let run = |b: &GpuBackend| {
+                    let w = weight(b, dtype, &[n, k], &wv);
+                    b.get(&b.matmul(&w, &b.put(t, k, &xs)).unwrap())
+                };
+                let want = run(one);
+                assert!(
+                    want.iter().all(|v| v.is_finite()),
+                    "{label} {dtype} {t} rows"
+                );
+                for (sets, r) in [2u32, 4].iter().zip(&runs[1..]) {
+                    let b = &r[i].1;
+                    let (lanes, tile) =
+                        ops::matmul::wide_gemv(&b.sh.dev.kernels, dtype, k, t).unwrap();
+                    let tile =
+                        ops::matmul::wide_q8(&b.sh.dev.kernels, dtype, k).map_or(tile, |q| q.0);
+                    let took = ops::matmul::wide_row_sets(&b.sh.dev.kernels, n, lanes, t, tile);
+                    assert_eq!(
+                        took,
+                        if t > tile as usize { *sets } else { 1 },
+                        "{label} {t} rows"
+                    );
+                    assert!(
+                        bits(&run(b)) == bits(&want),
+                        "{label} {dtype} [{n}, {k}] {t} rows: {sets} sets"
+                    );
+                }
+            }
+        }
+        for (sets, r) in [2u32, 4].iter().zip(&runs[1..]) {
+            let built = r[i].1.sh.kernels.built(&ops::matmul::GEMV_WIDE);
+            let q4 = super::weight_code(DType::Q4) | super::kernels::q8_act();
+            let want = q4 | super::kernels::row_sets(*sets);
+            let q4_on = r[i].1.sh.dev.kernels.wide_q8_act;
+            assert!(
+                !q4_on || built.contains(&want),
+                "{label}: {sets} sets not built: {built:?}"
+            );
+        }
+    }
+}
+
 /// The pipeline store (`EDGEDIFF_PIPELINE_CACHE`): a run that names a model records the
 /// pipelines it built; the next run naming that model builds them before any op asks for one and
 /// computes the same bits; another model's list is its own; garbage in either file is ignored
@@ -1924,6 +1998,78 @@ fn one_row_f32_wide_gemv_with_128_lanes_matches_the_cpu() {
                     "n{n} k{k}: the 128-lane gemv did not run"
                 );
             }
+        }
+    }
+}
+
+/// A one-row pass's matrix that the wide gemv reads once (the LM head; here a small one, with the
+/// workgroup target lowered to match) takes the wide gemv with 8-bit activations
+/// (`EDGEDIFF_WIDE_HEAD1`): backend/q8_act.rs's products, not the word-a-lane gemv's floats. A
+/// matrix too small to be read once, and every matrix with the knob off, keeps the word-a-lane
+/// gemv and the CPU's float products.
+#[test]
+fn one_row_head_takes_the_wide_gemv_and_its_codes() {
+    use super::choice::KernelChoice;
+    use crate::backend::q8_act;
+    let with = |head1| super::GpuOptions {
+        poison: true,
+        kernels: KernelChoice {
+            wide_q8_act: true,
+            wide_min_chunks: 4,
+            wide_target_groups: 4,
+            wide_head1: head1,
+            ..KernelChoice::from_env()
+        },
+        ..super::GpuOptions::from_env()
+    };
+    let (on, off) = (
+        GpuBackend::new(&with(true)).unwrap(),
+        GpuBackend::new(&with(false)).unwrap(),
+    );
+    let mut rng = Rng(57);
+    // 700 rows of 33 chunks: 8 lanes a row, 11 row groups (≥ 4: read once); 40 rows: one group.
+    for (n, k, head) in [(700, 1056, true), (40, 1056, false), (300, 2048, true)] {
+        let choice = &on.sh.dev.kernels;
+        let shape = ops::matmul::wide_head1(choice, DType::Q4, k, 1, n);
+        assert_eq!(shape.is_some(), head, "[{n}, {k}]: the head's kernel");
+        let off_shape = ops::matmul::wide_head1(&off.sh.dev.kernels, DType::Q4, k, 1, n);
+        assert_eq!(off_shape, None, "[{n}, {k}]: the knob off");
+        assert_eq!(ops::matmul::wide_head1(choice, DType::Q4, k, 2, n), None);
+        let wv = rng.vec(n * k, 0.5);
+        let bytes = dtype::encode(DType::Q4, &wv, k);
+        let xs: Vec<f32> = rng
+            .vec(k, 1.0)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * [1.0, 1e-3, 40.0][i / 96 % 3])
+            .collect();
+        let got = |b: &GpuBackend| {
+            let w = weight(b, DType::Q4, &[n, k], &wv);
+            b.get(&b.matmul(&w, &b.put(1, k, &xs)).unwrap())
+        };
+        let (g_on, g_off) = (got(&on), got(&off));
+        let codes = q8_act::matmul_q4(&bytes, n, k, &xs).unwrap();
+        let c = CpuBackend;
+        let float = c.get(
+            &c.matmul(&weight(&c, DType::Q4, &[n, k], &wv), &c.put(1, k, &xs))
+                .unwrap(),
+        );
+        let e = rel_l2(&g_off, &float);
+        assert!(e <= TOL, "[{n}, {k}] off: vs the CPU {e:e}");
+        if head {
+            let (err, _, moved) = q8_errors(&g_on, &codes, &float);
+            assert!(err <= 2e-5, "[{n}, {k}]: vs the CPU's codes {err}");
+            assert!(
+                moved >= 1e-3,
+                "[{n}, {k}]: the float path's values ({moved})"
+            );
+        } else {
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&g_on),
+                bits(&g_off),
+                "[{n}, {k}]: the word-a-lane gemv"
+            );
         }
     }
 }

@@ -9,7 +9,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::super::choice::KernelChoice;
 use super::super::device::GpuError;
-use super::super::kernels::{chunk_t, depth, q8_act, Entry, Slot, Slot::*};
+use super::super::kernels::{chunk_t, depth, q8_act, row_sets, Entry, Slot, Slot::*};
 use super::super::pool::{GpuBuffer, Pooled};
 use super::super::recorder::{Ctx, Grid};
 use super::super::GpuWeight;
@@ -230,8 +230,39 @@ pub fn wide_gemv(choice: &KernelChoice, dtype: DType, k: usize, solo: usize) -> 
     let shape = wide_shape(choice, dtype, k).filter(|_| rows_ok);
     match shape {
         Some((_, tile)) if dtype == DType::F32 && solo == 1 => Some((choice.wide_f32_lanes1, tile)),
+        Some((_, tile)) if dtype != DType::F32 && choice.wide_dense_lanes != 0 => {
+            Some((choice.wide_dense_lanes, tile))
+        }
         _ => shape,
     }
+}
+
+/// Row sets a gemv_wide workgroup works against each staged block ([`KernelChoice::wide_row_sets`])
+/// for `rows` weight rows at `lanes` a row and `t` activation rows in blocks of `tile`: more than
+/// one only for a matrix the grid reads once ([`wide_reads_once`]: the LM head) over more than one
+/// block. Which workgroup sums a row changes no sum, so any choice keeps the bits.
+pub fn wide_row_sets(choice: &KernelChoice, rows: usize, lanes: u32, t: usize, tile: u32) -> u32 {
+    if choice.wide_row_sets > 1 && t > tile as usize && wide_reads_once(choice, rows, lanes) {
+        choice.wide_row_sets.min(4)
+    } else {
+        1
+    }
+}
+
+/// The wide gemv's (lanes, token block) for a one-row pass's q4/q8 matrix that it reads once
+/// ([`wide_reads_once`]: the LM head) where [`KernelChoice::wide_head1`] asks for it; `None`
+/// otherwise (the word-a-lane gemv keeps the rest of one-row passes: it is faster for them).
+pub fn wide_head1(
+    choice: &KernelChoice,
+    dtype: DType,
+    k: usize,
+    solo: usize,
+    rows: usize,
+) -> Option<(u32, u32)> {
+    if solo != 1 || !choice.wide_head1 || dtype == DType::F32 {
+        return None;
+    }
+    wide_shape(choice, dtype, k).filter(|&(lanes, _)| wide_reads_once(choice, rows, lanes))
 }
 
 /// [`wide_gemv`]'s shape whatever the rows (the expert kernels choose by a knob of their own).
@@ -599,7 +630,8 @@ fn chunk_kernel(
     let choice = &ctx.sh.dev.kernels;
     let kernel = pass_kernel(ctx, w.dtype, t, rows, bytes);
     let solo = solo_rows(ctx, t);
-    let wide = wide_gemv(choice, w.dtype, w.cols, solo);
+    let wide = wide_gemv(choice, w.dtype, w.cols, solo)
+        .or_else(|| wide_head1(choice, w.dtype, w.cols, solo, rows));
     match (kernel, wide) {
         (MatmulKernel::Gemv | MatmulKernel::GemvBlocked, _) => (kernel, wide),
         // Past the byte bound only (the rows are the gemv's): the LM head of a block.
@@ -675,11 +707,12 @@ pub fn matmul_fused_into(
         let (kernel, wide) = chunk_kernel(ctx, w, c.rows as usize, c.buf.size, t);
         if let Some((lanes, tile)) = wide {
             p.lanes = lanes;
-            let groups = n.div_ceil(u64::from(512 / lanes));
             // 8-bit activations (a folded norm's 1 / rms then comes before the codes are made).
             let q8 = wide_q8(&ctx.sh.dev.kernels, w.dtype, w.cols);
             let (tile, bit) = q8.unwrap_or((tile, 0));
-            let wtype = w.wtype() | bit;
+            let sets = wide_row_sets(&ctx.sh.dev.kernels, c.rows as usize, lanes, t, tile);
+            let groups = n.div_ceil(u64::from(512 / lanes * sets));
+            let wtype = w.wtype() | bit | if sets > 1 { row_sets(sets) } else { 0 };
             p.tile_t = tile;
             // Codes made once where KernelChoice::wide_q8_once asks for them, unless the normed
             // float rows are wanted too (the f32 routers').
