@@ -35,6 +35,12 @@
 const NONE: u32 = 0xffffffffu;
 
 override QCODES_OUT: bool = false;
+// Row sets a workgroup works against each staged block (ops/moe.rs, KernelChoice::moe_row_sets:
+// the weight-type argument's third byte, at most 4): gate/up 256 / L columns a set, down 512 / L
+// rows. The expert's lookup and its tokens' staging are then paid once for more rows, in fewer
+// workgroups; every set's partials come first (the reductions reuse xs, which holds the staging),
+// and each set's sums are the ones it has alone.
+override ROW_SETS: u32 = 1u;
 
 #include "expert_begin"
 
@@ -72,27 +78,41 @@ fn expert_gate_up_wide(@builtin(local_invocation_index) lid: u32, @builtin(workg
     let cnt = workgroupUniformLoad(&ex_cnt);
     let first = ex_first;
     let m = WideMat(ex_base / 4u, ex_scales, ep.k, ep.lanes);
-    let col_base = wid.y * (256u / ep.lanes);
-    let c0 = col_base + (lid / ep.lanes) * 2u;
-    let cols = vec4<u32>(c0, c0 + 1u, c0, c0 + 1u);
-    let rows = select(vec4<u32>(2u * ep.n), cols + vec4<u32>(0u, 0u, ep.n, ep.n), cols < vec4<u32>(ep.n));
-    let c = col_base + lid;
+    let per = 256u / ep.lanes;
+    let wg_base = wid.y * per * ROW_SETS;
     for (var t0 = 0u; t0 < cnt; t0 += ep.tile_t) {
         let nt = min(cnt - t0, ep.tile_t);
         for (var t = 0u; t < 4u; t++) {
             blk_rows[t] = expert_token(first, t0 + min(t, nt - 1u));
         }
         wide_stage(lid, m, nt);
-        wide_rows(lid, m, rows, 2u * ep.n, nt);
-        // Row slot g · 4 + r: r 0 / 1 the gate of columns 2g, 2g + 1 of the workgroup, 2 / 3 their up.
-        if (QCODES_OUT) {
-            codes_out(lid, col_base, first + t0, nt);
-        } else if (lid < 256u / ep.lanes && c < ep.n) {
-            let slot = (lid / 2u) * 4u + lid % 2u;
-            let g = xs[768u + slot];
-            let u = xs[768u + slot + 2u];
-            for (var t = 0u; t < nt; t++) {
-                out[(first + t0 + t) * ep.n + c] = gate_act(g[t]) * u[t];
+        var parts: array<RowPartials, 4>;
+        for (var rs = 0u; rs < ROW_SETS; rs++) {
+            let c0 = wg_base + rs * per + (lid / ep.lanes) * 2u;
+            let cols = vec4<u32>(c0, c0 + 1u, c0, c0 + 1u);
+            let rows = select(vec4<u32>(2u * ep.n), cols + vec4<u32>(0u, 0u, ep.n, ep.n),
+                cols < vec4<u32>(ep.n));
+            parts[rs] = wide_partials(lid, m, rows, 2u * ep.n, nt);
+        }
+        for (var rs = 0u; rs < ROW_SETS; rs++) {
+            let a = parts[rs];
+            wide_reduce(lid, ep.lanes, a.r0, a.r1, a.r2, a.r3);
+            let col_base = wg_base + rs * per;
+            let c = col_base + lid;
+            // Row slot g · 4 + r: r 0 / 1 the gate of columns 2g, 2g + 1 of the workgroup, 2 / 3
+            // their up.
+            if (QCODES_OUT) {
+                // A set wholly past the columns (the last workgroup's) has no codes to write.
+                if (col_base < ep.n) {
+                    codes_out(lid, col_base, first + t0, nt);
+                }
+            } else if (lid < per && c < ep.n) {
+                let slot = (lid / 2u) * 4u + lid % 2u;
+                let g = xs[768u + slot];
+                let u = xs[768u + slot + 2u];
+                for (var t = 0u; t < nt; t++) {
+                    out[(first + t0 + t) * ep.n + c] = gate_act(g[t]) * u[t];
+                }
             }
         }
         workgroupBarrier();
@@ -144,18 +164,26 @@ fn expert_down_wide(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
     let cnt = workgroupUniformLoad(&ex_cnt);
     let first = ex_first;
     let m = WideMat(ex_base / 4u, ex_scales, ep.k, ep.lanes);
-    let row_base = wid.y * (512u / ep.lanes);
-    let row0 = row_base + (lid / ep.lanes) * 4u;
-    let n = row_base + lid;
+    let per = 512u / ep.lanes;
+    let wg_base = wid.y * per * ROW_SETS;
     for (var t0 = 0u; t0 < cnt; t0 += ep.tile_t) {
         let nt = min(cnt - t0, ep.tile_t);
         blk_rows = vec4<u32>(first + t0) + min(vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(nt - 1u));
         wide_stage(lid, m, nt);
-        wide_rows(lid, m, vec4<u32>(row0) + vec4<u32>(0u, 1u, 2u, 3u), ep.n, nt);
-        if (lid < 512u / ep.lanes && n < ep.n) {
-            let s = xs[768u + lid];
-            for (var t = 0u; t < nt; t++) {
-                out[(first + t0 + t) * ep.n + n] = s[t];
+        var parts: array<RowPartials, 4>;
+        for (var rs = 0u; rs < ROW_SETS; rs++) {
+            let row0 = wg_base + rs * per + (lid / ep.lanes) * 4u;
+            parts[rs] = wide_partials(lid, m, vec4<u32>(row0) + vec4<u32>(0u, 1u, 2u, 3u), ep.n, nt);
+        }
+        for (var rs = 0u; rs < ROW_SETS; rs++) {
+            let a = parts[rs];
+            wide_reduce(lid, ep.lanes, a.r0, a.r1, a.r2, a.r3);
+            let n = wg_base + rs * per + lid;
+            if (lid < per && n < ep.n) {
+                let s = xs[768u + lid];
+                for (var t = 0u; t < nt; t++) {
+                    out[(first + t0 + t) * ep.n + n] = s[t];
+                }
             }
         }
         workgroupBarrier();

@@ -19,6 +19,7 @@
 //! | `EDGEDIFF_WIDE_LANES=4\|8\|16\|32\|64` | [`KernelChoice::wide_lanes`] |
 //! | `EDGEDIFF_WIDE_HEAD1=0\|1` | [`KernelChoice::wide_head1`] |
 //! | `EDGEDIFF_WIDE_ROW_SETS=1\|2\|4` | [`KernelChoice::wide_row_sets`] |
+//! | `EDGEDIFF_MOE_ROW_SETS=1\|2\|4` | [`KernelChoice::moe_row_sets`] |
 //! | `EDGEDIFF_WIDE_DENSE_LANES=0\|4\|8\|16\|32\|64` | [`KernelChoice::wide_dense_lanes`] |
 //! | `EDGEDIFF_WIDE_Q8ACT=1\|0` | [`KernelChoice::wide_q8_act`] |
 //! | `EDGEDIFF_WIDE_MIN_CHUNKS=<n>` | [`KernelChoice::wide_min_chunks`] |
@@ -207,6 +208,12 @@ pub struct KernelChoice {
     /// weights); with more lanes a row it got slower still (H100: 32 lanes a dense row, the
     /// 32-row pass's gemvs 2.5 → 4.3 ms). More rows a staging cut that traffic. Same sums.
     pub wide_row_sets: u32,
+    /// Row sets a wide expert workgroup works against its staged tokens (1, 2 or 4;
+    /// moe_gemv_wide.wgsl `ROW_SETS`): gate/up 256 / L columns a set, down 512 / L rows. Each
+    /// workgroup first finds its expert (a chain of dependent loads) and stages its tokens' codes,
+    /// which the probes put at ≈ 20 % of these kernels at 16 rows (docs/PERF.md); more sets pay
+    /// for that once for more rows, in fewer workgroups. Same sums.
+    pub moe_row_sets: u32,
     /// The wide q4 kernels (the dense gemvs, and the experts) take 8-bit
     /// activations: a code per value and a power-of-two scale per 32 (backend/q8_act.rs), a
     /// weight chunk's sum integer dot products (dot4I8Packed) instead of 32 floats made from its
@@ -331,6 +338,7 @@ impl Default for KernelChoice {
             wide_dense_lanes: 0,
             wide_head1: true,
             wide_row_sets: 1,
+            moe_row_sets: 1,
             wide_q8_act: true,
             wide_min_chunks: WIDE_MIN_CHUNKS,
             wide_target_groups: WIDE_TARGET_GROUPS,
@@ -423,6 +431,9 @@ impl KernelChoice {
             wide_lanes: num("EDGEDIFF_WIDE_LANES")
                 .filter(|&l| matches!(l, 4 | 8 | 16 | 32 | 64))
                 .map_or(d.wide_lanes, |l| l as u32),
+            moe_row_sets: num("EDGEDIFF_MOE_ROW_SETS")
+                .filter(|&n| matches!(n, 1 | 2 | 4))
+                .map_or(d.moe_row_sets, |n| n as u32),
             wide_row_sets: num("EDGEDIFF_WIDE_ROW_SETS")
                 .filter(|&n| matches!(n, 1 | 2 | 4))
                 .map_or(d.wide_row_sets, |n| n as u32),
@@ -567,6 +578,7 @@ mod tests {
             ("EDGEDIFF_WIDE_DENSE_LANES", "32"),
             ("EDGEDIFF_WIDE_HEAD1", "0"),
             ("EDGEDIFF_WIDE_ROW_SETS", "4"),
+            ("EDGEDIFF_MOE_ROW_SETS", "2"),
             ("EDGEDIFF_WIDE_Q8ACT", "1"),
             ("EDGEDIFF_WIDE_MIN_CHUNKS", "4"),
             ("EDGEDIFF_WIDE_TARGET_GROUPS", "0"),
@@ -610,6 +622,7 @@ mod tests {
                 wide_dense_lanes: 32,
                 wide_head1: false,
                 wide_row_sets: 4,
+                moe_row_sets: 2,
                 wide_q8_act: true,
                 wide_min_chunks: 4,
                 wide_target_groups: 0,

@@ -2374,6 +2374,80 @@ fn wide_expert_kernels_match_the_narrow_ones_and_each_token_alone() {
     }
 }
 
+/// The wide expert kernels in row sets (`EDGEDIFF_MOE_ROW_SETS`): 2 and 4 sets a workgroup give
+/// the one-set bits, on the direct path (1 token) and the lists (13 tokens), for q4 with 8-bit
+/// codes (gate/up writing down's codes, and codes made in place) and float activations (q4, q8);
+/// expert rows of 544 leave the last gate/up workgroup three sets past the columns at 4 sets,
+/// hidden 1088 a partial down set. The row-set pipelines ran.
+#[test]
+fn wide_expert_kernels_in_row_sets_keep_their_sums() {
+    use super::choice::{ExpertKernel, KernelChoice, MoeWide};
+    use super::GpuOptions;
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let spec = SynthSpec {
+        hidden: 1088,
+        expert_ffn: 544,
+        ..SynthSpec::tiny(Architecture::Llada2Moe)
+    };
+    for (dtype, q8, once) in [
+        (DType::Q4, true, true),
+        (DType::Q4, true, false),
+        (DType::Q4, false, false),
+        (DType::Q8, false, false),
+    ] {
+        let (_dir, file) = synth_file_of(&spec, dtype);
+        let c = file.header.metadata.config.clone();
+        let h = c.hidden_size;
+        let mut runs = Vec::new();
+        for sets in [1, 2, 4] {
+            let b = GpuBackend::new(&GpuOptions {
+                poison: true,
+                kernels: KernelChoice {
+                    moe: Some(ExpertKernel::Gemv),
+                    moe_wide: MoeWide::All,
+                    wide_q8_act: q8,
+                    moe_q8_once: once,
+                    wide_min_chunks: 4,
+                    moe_row_sets: sets,
+                    ..KernelChoice::from_env()
+                },
+                ..GpuOptions::from_env()
+            })
+            .unwrap();
+            let m = MoeLayer::load(&b, &file);
+            let mut rng = Rng(79);
+            let outs: Vec<Vec<f32>> = [1, 13]
+                .iter()
+                .map(|&t| {
+                    let x = b.put(t, h, &rng.vec(t * h, 1.0));
+                    b.get(&m.experts_out(&b, &x, &m.route(&b, &x, &c)))
+                })
+                .collect();
+            if sets > 1 {
+                let want = super::kernels::row_sets(sets);
+                for entry in [&ops::moe::GATE_UP_WIDE, &ops::moe::DOWN_WIDE] {
+                    let built = b.sh.kernels.built(entry);
+                    assert!(
+                        built.iter().any(|w| w & (0xff << 16) == want),
+                        "{dtype} q8 {q8}: {} in {sets} sets not built: {built:x?}",
+                        entry.name
+                    );
+                }
+            }
+            runs.push(outs);
+        }
+        for (sets, outs) in [2, 4].iter().zip(&runs[1..]) {
+            for (t, (got, want)) in [1, 13].iter().zip(outs.iter().zip(&runs[0])) {
+                assert!(want.iter().all(|v| v.is_finite()), "{dtype} {t} tokens");
+                assert!(
+                    bits(got) == bits(want),
+                    "{dtype} q8 {q8} once {once}, {t} tokens: {sets} sets"
+                );
+            }
+        }
+    }
+}
+
 /// The wide expert kernels with 8-bit activations (q4): within the codes' rounding of the float
 /// kernels (and not equal to them: the codes were used), on the direct path (1 token) and the
 /// lists (13 tokens); every token's output with 13 tokens equals that token alone bit for bit;

@@ -10,7 +10,9 @@ use bytemuck::{Pod, Zeroable};
 
 use super::super::choice::{KernelChoice, MoeWide};
 use super::super::device::GpuError;
-use super::super::kernels::{chunk_t, depth, lanes32, q8_codes_in, q8_codes_out, Entry, Slot::*};
+use super::super::kernels::{
+    chunk_t, depth, lanes32, q8_codes_in, q8_codes_out, row_sets, Entry, Slot::*,
+};
 use super::super::pool::GpuBuffer;
 use super::super::recorder::{Ctx, Grid};
 use super::super::{GpuAct, GpuBackend, GpuExperts, GpuRouting, GpuWeight};
@@ -538,8 +540,12 @@ fn experts_with(
                     let shared_buf = sw.map_or(&**buf, |(b, _)| b);
                     let bufs = [&**buf, src, dst, e.slots, meta, shared_buf, buf, shared_buf];
                     let columns = listed + u32::from(sw.is_some());
-                    let grid = Grid::Groups(columns, units.div_ceil(per_lanes / lanes), 1);
-                    ctx.dispatch(gemv_wide, wtype | q8 | code_bits, &p, None, &bufs, grid)?
+                    // Row sets a workgroup (KernelChoice::moe_row_sets): the same sums.
+                    let sets = ctx.sh.dev.kernels.moe_row_sets.clamp(1, 4);
+                    let grid = Grid::Groups(columns, units.div_ceil(per_lanes / lanes * sets), 1);
+                    let sets_bit = if sets > 1 { row_sets(sets) } else { 0 };
+                    let wtype = wtype | q8 | code_bits | sets_bit;
+                    ctx.dispatch(gemv_wide, wtype, &p, None, &bufs, grid)?
                 }
                 (ExpertKernel::Gemv, None) => {
                     let shared_buf = sw.map_or(&**buf, |(b, _)| b);
