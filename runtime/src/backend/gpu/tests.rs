@@ -75,6 +75,16 @@ impl Rng {
 }
 
 /// A weight of `dtype` loaded from the bytes a model file would hold.
+/// Options with outputs poisoned before kernels write them and `kernels` chosen (the rest from
+/// the environment).
+fn poisoned(kernels: super::choice::KernelChoice) -> super::GpuOptions {
+    super::GpuOptions {
+        poison: true,
+        kernels,
+        ..super::GpuOptions::from_env()
+    }
+}
+
 fn weight<B: Backend>(b: &B, dtype: DType, shape: &[usize], values: &[f32]) -> B::Weight {
     let bytes = dtype::encode(dtype, values, *shape.last().unwrap());
     b.load_weight(TensorView {
@@ -1806,16 +1816,14 @@ fn a_large_weight_takes_the_looping_wide_gemv_for_the_gemvs_rows() {
 #[test]
 fn the_looping_wide_gemv_in_row_sets_keeps_its_sums() {
     use super::choice::KernelChoice;
-    let with = |sets| super::GpuOptions {
-        poison: true,
-        kernels: KernelChoice {
+    let with = |sets| {
+        poisoned(KernelChoice {
             wide_target_groups: 4,
             // 16 lanes a row: 32 rows a set.
             wide_min_chunks: 0,
             wide_row_sets: sets,
             ..KernelChoice::from_env()
-        },
-        ..super::GpuOptions::from_env()
+        })
     };
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     let runs: Vec<_> = [1, 2, 4]
@@ -2011,16 +2019,14 @@ fn one_row_f32_wide_gemv_with_128_lanes_matches_the_cpu() {
 fn one_row_head_takes_the_wide_gemv_and_its_codes() {
     use super::choice::KernelChoice;
     use crate::backend::q8_act;
-    let with = |head1| super::GpuOptions {
-        poison: true,
-        kernels: KernelChoice {
+    let with = |head1| {
+        poisoned(KernelChoice {
             wide_q8_act: true,
             wide_min_chunks: 4,
             wide_target_groups: 4,
             wide_head1: head1,
             ..KernelChoice::from_env()
-        },
-        ..super::GpuOptions::from_env()
+        })
     };
     let (on, off) = (
         GpuBackend::new(&with(true)).unwrap(),
@@ -2382,7 +2388,6 @@ fn wide_expert_kernels_match_the_narrow_ones_and_each_token_alone() {
 #[test]
 fn wide_expert_kernels_in_row_sets_keep_their_sums() {
     use super::choice::{ExpertKernel, KernelChoice, MoeWide};
-    use super::GpuOptions;
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     let spec = SynthSpec {
         hidden: 1088,
@@ -2400,19 +2405,15 @@ fn wide_expert_kernels_in_row_sets_keep_their_sums() {
         let h = c.hidden_size;
         let mut runs = Vec::new();
         for sets in [1, 2, 4] {
-            let b = GpuBackend::new(&GpuOptions {
-                poison: true,
-                kernels: KernelChoice {
-                    moe: Some(ExpertKernel::Gemv),
-                    moe_wide: MoeWide::All,
-                    wide_q8_act: q8,
-                    moe_q8_once: once,
-                    wide_min_chunks: 4,
-                    moe_row_sets: sets,
-                    ..KernelChoice::from_env()
-                },
-                ..GpuOptions::from_env()
-            })
+            let b = GpuBackend::new(&poisoned(KernelChoice {
+                moe: Some(ExpertKernel::Gemv),
+                moe_wide: MoeWide::All,
+                wide_q8_act: q8,
+                moe_q8_once: once,
+                wide_min_chunks: 4,
+                moe_row_sets: sets,
+                ..KernelChoice::from_env()
+            }))
             .unwrap();
             let m = MoeLayer::load(&b, &file);
             let mut rng = Rng(79);
