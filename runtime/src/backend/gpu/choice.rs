@@ -17,7 +17,7 @@
 //! | `EDGEDIFF_GEMV_WIDE_F32=0` | [`KernelChoice::gemv_wide_f32`] |
 //! | `EDGEDIFF_WIDE_F32_LANES1=64\|128` | [`KernelChoice::wide_f32_lanes1`] |
 //! | `EDGEDIFF_WIDE_LANES=4\|8\|16\|32\|64` | [`KernelChoice::wide_lanes`] |
-//! | `EDGEDIFF_WIDE_HEAD1=0\|1` | [`KernelChoice::wide_head1`] |
+//! | `EDGEDIFF_WIDE_HEAD1=1\|0` | [`KernelChoice::wide_head1`] |
 //! | `EDGEDIFF_WIDE_ROW_SETS=1\|2\|4` | [`KernelChoice::wide_row_sets`] |
 //! | `EDGEDIFF_MOE_ROW_SETS=1\|2\|4` | [`KernelChoice::moe_row_sets`] |
 //! | `EDGEDIFF_WIDE_DENSE_LANES=0\|4\|8\|16\|32\|64` | [`KernelChoice::wide_dense_lanes`] |
@@ -190,7 +190,11 @@ pub struct KernelChoice {
     /// dependent rounds, and the 16–32-row passes' attention and router gemvs, small matrices
     /// spread over few workgroups, wait on those rounds (≈ 22 µs a dispatch for 2–4 MB, H100).
     /// More lanes a row mean fewer rounds and more workgroups. The same lanes for every row count
-    /// of 2 or more, so batched passes keep their bits (ops/batch_class.rs).
+    /// of 2 or more, so batched passes keep their bits (ops/batch_class.rs). Measured (H100,
+    /// 20-layer LLaDA2.0-mini q4, one call, 2026-12-07 night): the gemvs at 2 rows 1,199 → 1,075
+    /// (16) → 1,050 µs (32), at 32 rows 2,505 → 3,168 → 4,260, where the LM head's more, smaller
+    /// workgroups each stage every token block again. A choice by row count would break the
+    /// batched bits (16 two-row AR steps batch into 32 rows), so off.
     pub wide_dense_lanes: u32,
     /// One-row passes take the wide gemv (8-bit activations for q4) for the matrices it reads
     /// once ([`super::ops::matmul::wide_reads_once`]: the LM head), where the rest of the pass
@@ -200,6 +204,7 @@ pub struct KernelChoice {
     /// whose lanes load 16 bytes at a time. An AR step on a diffusion model wants one row's
     /// logits, so its head is a one-row matmul too. One-row passes are a batch class of their own
     /// (ops/batch_class.rs bit 24), and the wide sums do not depend on the rows beside them.
+    /// Off until a GPU machine times it (2026-12-07 night: no machine could be started).
     pub wide_head1: bool,
     /// Row sets a dense wide gemv workgroup works against each staged token block (1, 2 or 4;
     /// ops/matmul.rs `wide_row_sets`), for the matrices the grid reads once (the LM head) in
@@ -264,7 +269,8 @@ pub struct KernelChoice {
     /// Invocations a weight row of the GEMV expert kernels (moe_gemv.wgsl) takes in one-row
     /// passes (16 or 32; more rows keep 16): 32 halves each lane's rounds of loads, as 32 lanes
     /// did for the one-row dense gemv ([`Self::gemv1_lanes`]). One-row passes are a batch class
-    /// of their own (ops/batch_class.rs bit 24; bit 29 where it is off).
+    /// of their own (ops/batch_class.rs bit 24; bit 29 where it is off). Measured slower (H100,
+    /// 2026-12-07 night: gate/up 315 → 328 µs a 1-token pass, down 237 → 267): 16.
     pub moe_gemv1_lanes: u32,
     /// Which q4/q8 GEMV expert kernels read 16-byte chunks with the expert's tokens staged in
     /// shared memory (shaders/moe_gemv_wide.wgsl) where the rows fit, in place of moe_gemv.wgsl's.
@@ -336,7 +342,7 @@ impl Default for KernelChoice {
             wide_f32_lanes1: 128,
             wide_lanes: 16,
             wide_dense_lanes: 0,
-            wide_head1: true,
+            wide_head1: false,
             wide_row_sets: 1,
             moe_row_sets: 1,
             wide_q8_act: true,
@@ -437,7 +443,7 @@ impl KernelChoice {
             wide_row_sets: num("EDGEDIFF_WIDE_ROW_SETS")
                 .filter(|&n| matches!(n, 1 | 2 | 4))
                 .map_or(d.wide_row_sets, |n| n as u32),
-            wide_head1: var("EDGEDIFF_WIDE_HEAD1").map_or(d.wide_head1, |v| v.trim() != "0"),
+            wide_head1: var("EDGEDIFF_WIDE_HEAD1").map_or(d.wide_head1, |v| v.trim() == "1"),
             wide_dense_lanes: num("EDGEDIFF_WIDE_DENSE_LANES")
                 .filter(|&l| matches!(l, 0 | 4 | 8 | 16 | 32 | 64))
                 .map_or(d.wide_dense_lanes, |l| l as u32),
@@ -576,7 +582,7 @@ mod tests {
             ("EDGEDIFF_WIDE_F32_LANES1", "64"),
             ("EDGEDIFF_WIDE_LANES", "64"),
             ("EDGEDIFF_WIDE_DENSE_LANES", "32"),
-            ("EDGEDIFF_WIDE_HEAD1", "0"),
+            ("EDGEDIFF_WIDE_HEAD1", "1"),
             ("EDGEDIFF_WIDE_ROW_SETS", "4"),
             ("EDGEDIFF_MOE_ROW_SETS", "2"),
             ("EDGEDIFF_WIDE_Q8ACT", "1"),
@@ -620,7 +626,7 @@ mod tests {
                 wide_f32_lanes1: 64,
                 wide_lanes: 64,
                 wide_dense_lanes: 32,
-                wide_head1: false,
+                wide_head1: true,
                 wide_row_sets: 4,
                 moe_row_sets: 2,
                 wide_q8_act: true,
