@@ -1,7 +1,8 @@
 //! The GPU bench commands (lavapipe here). `bench batch`: each point times S sequences' passes
 //! one after another and as one batched pass, and the batched pass gives every sequence its
 //! statistics bit for bit; AR passes batch, and so do 7-token blocks unless
-//! `EDGEDIFF_BATCH_BLOCKS=0` keeps them apart. `bench forward --shapes` lays each pass's GPU time
+//! `EDGEDIFF_BATCH_BLOCKS=0` keeps them apart. Passes that want only their last row
+//! (`--last-row`, as AR steps) batch exactly too. `bench forward --shapes` lays each pass's GPU time
 //! out by dispatch shape, as many dispatches as the pass counted.
 
 use std::process::{Command, Output};
@@ -31,7 +32,8 @@ fn synth_llada2(dir: &std::path::Path) -> String {
     model
 }
 
-fn points(model: &str, env: &[(&str, &str)], shapes: bool) -> Vec<serde_json::Value> {
+/// `bench batch --json` with `flags` added: its whole report.
+fn bench_batch(model: &str, env: &[(&str, &str)], flags: &[&str]) -> serde_json::Value {
     let mut args = vec![
         "bench",
         "batch",
@@ -49,14 +51,21 @@ fn points(model: &str, env: &[(&str, &str)], shapes: bool) -> Vec<serde_json::Va
         "0",
         "--json",
     ];
-    if shapes {
-        args.push("--shapes");
-    }
+    args.extend_from_slice(flags);
     let out = edgediff(&args, env);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "bench batch {env:?}: {stderr}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["points"].as_array().unwrap().clone()
+    assert!(
+        out.status.success(),
+        "bench batch {env:?} {flags:?}: {stderr}"
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn points(model: &str, env: &[(&str, &str)], flags: &[&str]) -> Vec<serde_json::Value> {
+    bench_batch(model, env, flags)["points"]
+        .as_array()
+        .unwrap()
+        .clone()
 }
 
 #[test]
@@ -69,12 +78,14 @@ fn bench_batch_times_batched_passes_and_checks_them_against_alone() {
     let model = synth_llada2(dir.path());
     let model = model.as_str();
     let shape = |p: &serde_json::Value| (p["tokens"].as_u64(), p["sequences"].as_u64());
-    let on = points(model, &[], true);
+    let report = bench_batch(model, &[], &["--shapes"]);
+    assert_eq!(report["last_row"], false);
+    let on = report["points"].as_array().unwrap();
     assert_eq!(
         on.iter().map(shape).collect::<Vec<_>>(),
         [(1, 1), (1, 3), (7, 1), (7, 3)].map(|(t, s)| (Some(t), Some(s)))
     );
-    for p in &on {
+    for p in on {
         assert!(p["alone_ms"].as_f64().unwrap() > 0.0);
         if p["sequences"] == 3 {
             assert_eq!(p["exact"], true, "{p}");
@@ -104,9 +115,17 @@ fn bench_batch_times_batched_passes_and_checks_them_against_alone() {
         };
         assert_eq!(Some(n), want.as_u64(), "{p}");
     }
-    let apart = points(model, &[("EDGEDIFF_BATCH_BLOCKS", "0")], false);
+    let apart = points(model, &[("EDGEDIFF_BATCH_BLOCKS", "0")], &[]);
     assert_eq!(apart[1]["exact"], true, "AR passes still batch");
     assert!(apart[3]["batched_ms"].is_null(), "{}", apart[3]);
+    // --last-row: each pass wants its last row's statistics (an AR step's), still exact.
+    let last = bench_batch(model, &[], &["--last-row"]);
+    assert_eq!(last["last_row"], true);
+    for p in last["points"].as_array().unwrap() {
+        if p["sequences"] == 3 {
+            assert_eq!(p["exact"], true, "--last-row: {p}");
+        }
+    }
 }
 
 #[test]
