@@ -3,7 +3,8 @@
 // large GPU (lib/wide_gemv.wgsl: 16-byte chunks, one scale a chunk, activations staged in shared
 // memory and reused by four rows a lane group).
 // Tiling: 128 invocations, 512 / L weight rows a workgroup (L = p.lanes: 4–16 by row length, or
-// 64 for the f32 routers' few rows; ops/matmul.rs wide_shape / row_lanes pick), workgroups folded
+// 64 for the f32 routers' few rows; ops/matmul.rs wide_shape / row_lanes pick; gemv_wide works
+// ROW_SETS such sets against each staged block), workgroups folded
 // into x × y past 65535, and
 // token blocks of p.tile_t rows (tile_t · k ≤ 4096, at most 4), each staged once: workgroup z
 // works blocks z, z + nwg.z, … (ops/matmul.rs wide_grid: a matrix with enough row groups to fill the

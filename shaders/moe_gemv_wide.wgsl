@@ -3,10 +3,11 @@
 // column) with the wide q4/q8 loads of lib/wide_gemv.wgsl: 16-byte chunks, one scale a chunk, the
 // expert's tokens staged in shared memory ep.tile_t at a time and reused by four weight rows a
 // lane group. 128 invocations, L = ep.lanes a row (16; EDGEDIFF_WIDE_LANES=64 for measurements).
-// - expert_gate_up_wide: 256 / L columns a workgroup (grid y), a row group gate c, c + 1, up c,
-//   c + 1 of [gate; up] (2I rows); writes h[slot, c] = act(gate) · up for each of the expert's
-//   assignments (x rows: their tokens).
-// - expert_down_wide: 512 / L rows of down [H, I] a workgroup, writes y[slot, n] (x rows: h's).
+// - expert_gate_up_wide: 256 / L columns a workgroup (grid y; ROW_SETS times that in row sets),
+//   a row group gate c, c + 1, up c, c + 1 of [gate; up] (2I rows); writes h[slot, c] =
+//   act(gate) · up for each of the expert's assignments (x rows: their tokens).
+// - expert_down_wide: 512 / L rows of down [H, I] a workgroup (ROW_SETS times that), writes
+//   y[slot, n] (x rows: h's).
 // Weight chunks start on 16-byte boundaries: the host takes these kernels only where the part's
 // word offset in a slot is a multiple of 4 (slots are 256-byte aligned, quantized rows whole
 // groups). A (row, token) sum is the same however the expert's tokens fall into blocks.
