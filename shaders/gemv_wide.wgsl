@@ -254,25 +254,23 @@ fn wide_block(lid: u32, first: bool, m: WideMat, row_base: u32, t0: u32) {
     blk_row0 = p.x_row0 + t0;
     stage_block(lid, m, t0, nt);
     let per = 512u / p.lanes;
-    // Every set's partials first: the reductions reuse xs, which holds the staged block.
-    var parts: array<RowPartials, 4>;
-    for (var rs = 0u; rs < ROW_SETS; rs++) {
-        let row0 = row_base + rs * per + (lid / p.lanes) * 4u;
-        parts[rs] = wide_partials(lid, m, vec4<u32>(row0) + vec4<u32>(0u, 1u, 2u, 3u), p.n, nt);
-    }
+    let group_rows = vec4<u32>((lid / p.lanes) * 4u) + vec4<u32>(0u, 1u, 2u, 3u);
     var inv = vec4<f32>(1.0);
-    for (var rs = 0u; rs < ROW_SETS; rs++) {
-        let a = parts[rs];
-        wide_reduce(lid, p.lanes, a.r0, a.r1, a.r2, a.r3);
-        inv = rows_inv(lid);
-        // QACT's codes were made from the normed rows.
-        let after = select(inv, vec4<f32>(1.0), QACT);
-        let base = row_base + rs * per;
-        if (lid < per && base + lid < p.n) {
-            let s = xs[768u + lid] * after;
-            for (var t = 0u; t < nt; t++) {
-                wide_store((t0 + t) * p.out_stride + p.out_col0 + base + lid, s[t]);
-            }
+    if (ROW_SETS == 1u) {
+        // One set: the plain order, with no array of partials for the compiler to keep.
+        wide_rows(lid, m, vec4<u32>(row_base) + group_rows, p.n, nt);
+        inv = store_set(lid, row_base, t0, nt);
+    } else {
+        // Every set's partials first: the reductions reuse xs, which holds the staged block.
+        var parts: array<RowPartials, 4>;
+        for (var rs = 0u; rs < ROW_SETS; rs++) {
+            let rows = vec4<u32>(row_base + rs * per) + group_rows;
+            parts[rs] = wide_partials(lid, m, rows, p.n, nt);
+        }
+        for (var rs = 0u; rs < ROW_SETS; rs++) {
+            let a = parts[rs];
+            wide_reduce(lid, p.lanes, a.r0, a.r1, a.r2, a.r3);
+            inv = store_set(lid, row_base + rs * per, t0, nt);
         }
     }
     if ((p.mode & MODE_HOUT) != 0u && first) {
@@ -283,6 +281,21 @@ fn wide_block(lid: u32, first: bool, m: WideMat, row_base: u32, t0: u32) {
             hout[(t0 + t) * kv + g] = x_act[(blk_row0 + t) * kv + g] * inv[t] * norm_w[g];
         }
     }
+}
+
+// Stores the reduced row sums of one set (rows base .. base + 512 / L) for the block's nt rows
+// from t0; returns each block row's 1 / rms (rows_inv).
+fn store_set(lid: u32, base: u32, t0: u32, nt: u32) -> vec4<f32> {
+    let inv = rows_inv(lid);
+    // QACT's codes were made from the normed rows.
+    let after = select(inv, vec4<f32>(1.0), QACT);
+    if (lid < 512u / p.lanes && base + lid < p.n) {
+        let s = xs[768u + lid] * after;
+        for (var t = 0u; t < nt; t++) {
+            wide_store((t0 + t) * p.out_stride + p.out_col0 + base + lid, s[t]);
+        }
+    }
+    return inv;
 }
 
 @compute @workgroup_size(128)

@@ -87,36 +87,50 @@ fn expert_gate_up_wide(@builtin(local_invocation_index) lid: u32, @builtin(workg
             blk_rows[t] = expert_token(first, t0 + min(t, nt - 1u));
         }
         wide_stage(lid, m, nt);
-        var parts: array<RowPartials, 4>;
-        for (var rs = 0u; rs < ROW_SETS; rs++) {
-            let c0 = wg_base + rs * per + (lid / ep.lanes) * 2u;
-            let cols = vec4<u32>(c0, c0 + 1u, c0, c0 + 1u);
-            let rows = select(vec4<u32>(2u * ep.n), cols + vec4<u32>(0u, 0u, ep.n, ep.n),
-                cols < vec4<u32>(ep.n));
-            parts[rs] = wide_partials(lid, m, rows, 2u * ep.n, nt);
-        }
-        for (var rs = 0u; rs < ROW_SETS; rs++) {
-            let a = parts[rs];
-            wide_reduce(lid, ep.lanes, a.r0, a.r1, a.r2, a.r3);
-            let col_base = wg_base + rs * per;
-            let c = col_base + lid;
-            // Row slot g · 4 + r: r 0 / 1 the gate of columns 2g, 2g + 1 of the workgroup, 2 / 3
-            // their up.
-            if (QCODES_OUT) {
-                // A set wholly past the columns (the last workgroup's) has no codes to write.
-                if (col_base < ep.n) {
-                    codes_out(lid, col_base, first + t0, nt);
-                }
-            } else if (lid < per && c < ep.n) {
-                let slot = (lid / 2u) * 4u + lid % 2u;
-                let g = xs[768u + slot];
-                let u = xs[768u + slot + 2u];
-                for (var t = 0u; t < nt; t++) {
-                    out[(first + t0 + t) * ep.n + c] = gate_act(g[t]) * u[t];
-                }
+        if (ROW_SETS == 1u) {
+            // One set: the plain order, with no array of partials for the compiler to keep.
+            wide_rows(lid, m, gate_up_rows(lid, wg_base), 2u * ep.n, nt);
+            gate_up_out(lid, wg_base, first + t0, nt);
+        } else {
+            var parts: array<RowPartials, 4>;
+            for (var rs = 0u; rs < ROW_SETS; rs++) {
+                parts[rs] = wide_partials(lid, m, gate_up_rows(lid, wg_base + rs * per), 2u * ep.n, nt);
+            }
+            for (var rs = 0u; rs < ROW_SETS; rs++) {
+                let a = parts[rs];
+                wide_reduce(lid, ep.lanes, a.r0, a.r1, a.r2, a.r3);
+                gate_up_out(lid, wg_base + rs * per, first + t0, nt);
             }
         }
         workgroupBarrier();
+    }
+}
+
+// A gate/up row group's rows for the 256 / L columns from col_base: gate c, c + 1, up c, c + 1
+// (past the columns: 2 · n, which no store reads).
+fn gate_up_rows(lid: u32, col_base: u32) -> vec4<u32> {
+    let c0 = col_base + (lid / ep.lanes) * 2u;
+    let cols = vec4<u32>(c0, c0 + 1u, c0, c0 + 1u);
+    return select(vec4<u32>(2u * ep.n), cols + vec4<u32>(0u, 0u, ep.n, ep.n), cols < vec4<u32>(ep.n));
+}
+
+// Writes act(gate) · up of the reduced columns col_base .. col_base + 256 / L for output rows
+// r0 .. r0 + nt (as down's codes under QCODES_OUT).
+fn gate_up_out(lid: u32, col_base: u32, r0: u32, nt: u32) {
+    let c = col_base + lid;
+    // Row slot g · 4 + r: r 0 / 1 the gate of columns 2g, 2g + 1 of the workgroup, 2 / 3 their up.
+    if (QCODES_OUT) {
+        // A set wholly past the columns (the last workgroup's) has no codes to write.
+        if (col_base < ep.n) {
+            codes_out(lid, col_base, r0, nt);
+        }
+    } else if (lid < 256u / ep.lanes && c < ep.n) {
+        let slot = (lid / 2u) * 4u + lid % 2u;
+        let g = xs[768u + slot];
+        let u = xs[768u + slot + 2u];
+        for (var t = 0u; t < nt; t++) {
+            out[(r0 + t) * ep.n + c] = gate_act(g[t]) * u[t];
+        }
     }
 }
 
@@ -171,22 +185,34 @@ fn expert_down_wide(@builtin(local_invocation_index) lid: u32, @builtin(workgrou
         let nt = min(cnt - t0, ep.tile_t);
         blk_rows = vec4<u32>(first + t0) + min(vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(nt - 1u));
         wide_stage(lid, m, nt);
-        var parts: array<RowPartials, 4>;
-        for (var rs = 0u; rs < ROW_SETS; rs++) {
-            let row0 = wg_base + rs * per + (lid / ep.lanes) * 4u;
-            parts[rs] = wide_partials(lid, m, vec4<u32>(row0) + vec4<u32>(0u, 1u, 2u, 3u), ep.n, nt);
-        }
-        for (var rs = 0u; rs < ROW_SETS; rs++) {
-            let a = parts[rs];
-            wide_reduce(lid, ep.lanes, a.r0, a.r1, a.r2, a.r3);
-            let n = wg_base + rs * per + lid;
-            if (lid < per && n < ep.n) {
-                let s = xs[768u + lid];
-                for (var t = 0u; t < nt; t++) {
-                    out[(first + t0 + t) * ep.n + n] = s[t];
-                }
+        let group_rows = vec4<u32>((lid / ep.lanes) * 4u) + vec4<u32>(0u, 1u, 2u, 3u);
+        if (ROW_SETS == 1u) {
+            // One set: the plain order, with no array of partials for the compiler to keep.
+            wide_rows(lid, m, vec4<u32>(wg_base) + group_rows, ep.n, nt);
+            down_out(lid, wg_base, first + t0, nt);
+        } else {
+            var parts: array<RowPartials, 4>;
+            for (var rs = 0u; rs < ROW_SETS; rs++) {
+                let rows = vec4<u32>(wg_base + rs * per) + group_rows;
+                parts[rs] = wide_partials(lid, m, rows, ep.n, nt);
+            }
+            for (var rs = 0u; rs < ROW_SETS; rs++) {
+                let a = parts[rs];
+                wide_reduce(lid, ep.lanes, a.r0, a.r1, a.r2, a.r3);
+                down_out(lid, wg_base + rs * per, first + t0, nt);
             }
         }
         workgroupBarrier();
+    }
+}
+
+// Writes the reduced rows base .. base + 512 / L of down for output rows r0 .. r0 + nt.
+fn down_out(lid: u32, base: u32, r0: u32, nt: u32) {
+    let n = base + lid;
+    if (lid < 512u / ep.lanes && n < ep.n) {
+        let s = xs[768u + lid];
+        for (var t = 0u; t < nt; t++) {
+            out[(r0 + t) * ep.n + n] = s[t];
+        }
     }
 }
