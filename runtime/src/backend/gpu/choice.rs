@@ -194,7 +194,9 @@ pub struct KernelChoice {
     /// 20-layer LLaDA2.0-mini q4, one call, 2026-12-07 night): the gemvs at 2 rows 1,199 → 1,075
     /// (16) → 1,050 µs (32), at 32 rows 2,505 → 3,168 → 4,260, where the LM head's more, smaller
     /// workgroups each stage every token block again. A choice by row count would break the
-    /// batched bits (16 two-row AR steps batch into 32 rows), so off.
+    /// batched bits (16 two-row AR steps batch into 32 rows), so off. Since then the matrices the
+    /// gemv reads once (the LM head) keep the experts' lanes, so the knob moves only the attention,
+    /// router and dense-MLP matrices; untimed that way.
     pub wide_dense_lanes: u32,
     /// One-row passes take the wide gemv (8-bit activations for q4) for the matrices it reads
     /// once ([`super::ops::matmul::wide_reads_once`]: the LM head), where the rest of the pass

@@ -1502,7 +1502,7 @@ fn wide_gemv_rows_equal_the_rows_in_other_blocks() {
                 (DType::F32, 256, 2048),
                 (DType::F32, 37, 1060),
             ] {
-                let wide = ops::matmul::wide_gemv(&b.sh.dev.kernels, dtype, k, 3);
+                let wide = ops::matmul::wide_gemv(&b.sh.dev.kernels, dtype, k, 3, n);
                 // f32 weights (routers) always take 64 lanes a row.
                 let want = if dtype == DType::F32 { 64 } else { lanes };
                 assert_eq!(wide.map(|w| w.0), Some(want), "{label} {dtype} k{k}");
@@ -1849,7 +1849,7 @@ fn the_looping_wide_gemv_in_row_sets_keeps_its_sums() {
                 for (sets, r) in [2u32, 4].iter().zip(&runs[1..]) {
                     let b = &r[i].1;
                     let (lanes, tile) =
-                        ops::matmul::wide_gemv(&b.sh.dev.kernels, dtype, k, t).unwrap();
+                        ops::matmul::wide_gemv(&b.sh.dev.kernels, dtype, k, t, n).unwrap();
                     let tile =
                         ops::matmul::wide_q8(&b.sh.dev.kernels, dtype, k).map_or(tile, |q| q.0);
                     let took = ops::matmul::wide_row_sets(&b.sh.dev.kernels, n, lanes, t, tile);
@@ -2008,6 +2008,33 @@ fn one_row_f32_wide_gemv_with_128_lanes_matches_the_cpu() {
             }
         }
     }
+}
+
+/// `EDGEDIFF_WIDE_DENSE_LANES` moves the dense matrices' lanes but not those of a matrix the wide
+/// gemv reads once (the LM head), which keeps the experts' (more lanes there measured slower).
+#[test]
+fn dense_lanes_leave_the_read_once_matrices_alone() {
+    use super::choice::KernelChoice;
+    let choice = KernelChoice {
+        wide_dense_lanes: 32,
+        wide_target_groups: 4,
+        wide_lanes: 16,
+        wide_min_chunks: 8,
+        ..KernelChoice::default()
+    };
+    let lanes = |rows| ops::matmul::wide_gemv(&choice, DType::Q4, 2048, 2, rows).map(|w| w.0);
+    // Rows of 2048 (64 chunks) take 8 lanes as the experts do: 64 rows a group, 4 groups read once.
+    assert_eq!(lanes(40), Some(32));
+    assert_eq!(lanes(192), Some(32));
+    assert_eq!(lanes(193), Some(8));
+    let off = KernelChoice {
+        wide_dense_lanes: 0,
+        ..choice
+    };
+    assert_eq!(
+        ops::matmul::wide_gemv(&off, DType::Q4, 2048, 2, 40).map(|w| w.0),
+        Some(8)
+    );
 }
 
 /// A one-row pass's matrix that the wide gemv reads once (the LM head; here a small one, with the

@@ -222,7 +222,13 @@ pub const WIDE_STAGE: usize = 4096;
 /// ([`KernelChoice::gemv_wide_min_t`]), f32 ones with [`KernelChoice::gemv_wide_f32`] off, f16
 /// weights, rows of fewer than 16 chunks of 16 bytes (too short to spread) or past
 /// [`WIDE_STAGE`].
-pub fn wide_gemv(choice: &KernelChoice, dtype: DType, k: usize, solo: usize) -> Option<(u32, u32)> {
+pub fn wide_gemv(
+    choice: &KernelChoice,
+    dtype: DType,
+    k: usize,
+    solo: usize,
+    rows: usize,
+) -> Option<(u32, u32)> {
     let rows_ok = match dtype {
         DType::F32 => choice.gemv_wide_f32,
         _ => choice.gemv_wide_min_t.is_some_and(|m| solo >= m),
@@ -230,7 +236,13 @@ pub fn wide_gemv(choice: &KernelChoice, dtype: DType, k: usize, solo: usize) -> 
     let shape = wide_shape(choice, dtype, k).filter(|_| rows_ok);
     match shape {
         Some((_, tile)) if dtype == DType::F32 && solo == 1 => Some((choice.wide_f32_lanes1, tile)),
-        Some((_, tile)) if dtype != DType::F32 && choice.wide_dense_lanes != 0 => {
+        // The matrices it reads once (the LM head) keep the experts' lanes: more would multiply
+        // their workgroups and so the staging of every token block.
+        Some((lanes, tile))
+            if dtype != DType::F32
+                && choice.wide_dense_lanes != 0
+                && !wide_reads_once(choice, rows, lanes) =>
+        {
             Some((choice.wide_dense_lanes, tile))
         }
         _ => shape,
@@ -532,7 +544,13 @@ pub fn gate_up_swiglu_into(
         return Ok(false);
     }
     let inter = c.rows / 2;
-    let wide = wide_gemv(choice, gate_up.dtype, gate_up.cols, solo_rows(ctx, t));
+    let wide = wide_gemv(
+        choice,
+        gate_up.dtype,
+        gate_up.cols,
+        solo_rows(ctx, t),
+        c.rows as usize,
+    );
     if norm.is_some() && wide.is_none() && !gate_up.cols.is_multiple_of(8) {
         return Ok(false);
     }
@@ -630,7 +648,7 @@ fn chunk_kernel(
     let choice = &ctx.sh.dev.kernels;
     let kernel = pass_kernel(ctx, w.dtype, t, rows, bytes);
     let solo = solo_rows(ctx, t);
-    let wide = wide_gemv(choice, w.dtype, w.cols, solo)
+    let wide = wide_gemv(choice, w.dtype, w.cols, solo, rows)
         .or_else(|| wide_head1(choice, w.dtype, w.cols, solo, rows));
     match (kernel, wide) {
         (MatmulKernel::Gemv | MatmulKernel::GemvBlocked, _) => (kernel, wide),
