@@ -2063,11 +2063,10 @@ fn one_row_head_takes_the_wide_gemv_and_its_codes() {
     // 700 rows of 33 chunks: 8 lanes a row, 11 row groups (≥ 4: read once); 40 rows: one group.
     for (n, k, head) in [(700, 1056, true), (40, 1056, false), (300, 2048, true)] {
         let choice = &on.sh.dev.kernels;
-        let shape = ops::matmul::wide_head1(choice, DType::Q4, k, 1, n);
+        let shape = ops::matmul::wide_gemv(choice, DType::Q4, k, 1, n);
         assert_eq!(shape.is_some(), head, "[{n}, {k}]: the head's kernel");
-        let off_shape = ops::matmul::wide_head1(&off.sh.dev.kernels, DType::Q4, k, 1, n);
+        let off_shape = ops::matmul::wide_gemv(&off.sh.dev.kernels, DType::Q4, k, 1, n);
         assert_eq!(off_shape, None, "[{n}, {k}]: the knob off");
-        assert_eq!(ops::matmul::wide_head1(choice, DType::Q4, k, 2, n), None);
         let wv = rng.vec(n * k, 0.5);
         let bytes = dtype::encode(DType::Q4, &wv, k);
         let xs: Vec<f32> = rng

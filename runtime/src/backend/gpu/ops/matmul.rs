@@ -217,11 +217,13 @@ pub const GEMV_BLOCKED_MAX_BYTES: u64 = 16 << 20;
 pub const WIDE_STAGE: usize = 4096;
 
 /// (Invocations per weight row, activation rows per workgroup) of [`GEMV_WIDE`] for a `dtype`
-/// weight of `k` columns in a pass whose sequences have `solo` rows each; `None` where the
+/// weight of `rows` × `k` in a pass whose sequences have `solo` rows each; `None` where the
 /// word-a-lane [`GEMV`] serves: q4/q8 weights in passes of too few rows
-/// ([`KernelChoice::gemv_wide_min_t`]), f32 ones with [`KernelChoice::gemv_wide_f32`] off, f16
+/// ([`KernelChoice::gemv_wide_min_t`]; a one-row pass's LM head under
+/// [`KernelChoice::wide_head1`] excepted), f32 ones with [`KernelChoice::gemv_wide_f32`] off, f16
 /// weights, rows of fewer than 16 chunks of 16 bytes (too short to spread) or past
-/// [`WIDE_STAGE`].
+/// [`WIDE_STAGE`]. [`KernelChoice::wide_dense_lanes`] sets the lanes of q4/q8 matrices but the
+/// LM head.
 pub fn wide_gemv(
     choice: &KernelChoice,
     dtype: DType,
@@ -233,7 +235,15 @@ pub fn wide_gemv(
         DType::F32 => choice.gemv_wide_f32,
         _ => choice.gemv_wide_min_t.is_some_and(|m| solo >= m),
     };
-    let shape = wide_shape(choice, dtype, k).filter(|_| rows_ok);
+    // One-row passes keep the word-a-lane gemv (faster for them), but for the matrices the wide
+    // one reads once (the LM head) where KernelChoice::wide_head1 asks for it.
+    let head1 = |&(lanes, _): &(u32, u32)| {
+        solo == 1
+            && choice.wide_head1
+            && dtype != DType::F32
+            && wide_reads_once(choice, rows, lanes)
+    };
+    let shape = wide_shape(choice, dtype, k).filter(|s| rows_ok || head1(s));
     match shape {
         Some((_, tile)) if dtype == DType::F32 && solo == 1 => Some((choice.wide_f32_lanes1, tile)),
         // The matrices it reads once (the LM head) keep the experts' lanes: more would multiply
@@ -259,22 +269,6 @@ pub fn wide_row_sets(choice: &KernelChoice, rows: usize, lanes: u32, t: usize, t
     } else {
         1
     }
-}
-
-/// The wide gemv's (lanes, token block) for a one-row pass's q4/q8 matrix that it reads once
-/// ([`wide_reads_once`]: the LM head) where [`KernelChoice::wide_head1`] asks for it; `None`
-/// otherwise (the word-a-lane gemv keeps the rest of one-row passes: it is faster for them).
-pub fn wide_head1(
-    choice: &KernelChoice,
-    dtype: DType,
-    k: usize,
-    solo: usize,
-    rows: usize,
-) -> Option<(u32, u32)> {
-    if solo != 1 || !choice.wide_head1 || dtype == DType::F32 {
-        return None;
-    }
-    wide_shape(choice, dtype, k).filter(|&(lanes, _)| wide_reads_once(choice, rows, lanes))
 }
 
 /// [`wide_gemv`]'s shape whatever the rows (the expert kernels choose by a knob of their own).
@@ -648,8 +642,7 @@ fn chunk_kernel(
     let choice = &ctx.sh.dev.kernels;
     let kernel = pass_kernel(ctx, w.dtype, t, rows, bytes);
     let solo = solo_rows(ctx, t);
-    let wide = wide_gemv(choice, w.dtype, w.cols, solo, rows)
-        .or_else(|| wide_head1(choice, w.dtype, w.cols, solo, rows));
+    let wide = wide_gemv(choice, w.dtype, w.cols, solo, rows);
     match (kernel, wide) {
         (MatmulKernel::Gemv | MatmulKernel::GemvBlocked, _) => (kernel, wide),
         // Past the byte bound only (the rows are the gemv's): the LM head of a block.
