@@ -16,9 +16,15 @@ fn edgediff(args: &[&str], env: &[(&str, &str)]) -> Output {
     c.output().expect("running edgediff")
 }
 
-/// A small LLaDA2-shaped q4 model in `dir`; its path.
-fn synth_llada2(dir: &std::path::Path) -> String {
-    let model = dir.join("llada2.edm").to_str().unwrap().to_string();
+/// A small LLaDA2-shaped q4 model in a temporary directory (kept alive by the first), its path;
+/// `None` under `EDGEDIFF_SKIP_GPU_TESTS=1`, saying so.
+fn gpu_model() -> Option<(tempfile::TempDir, String)> {
+    if std::env::var("EDGEDIFF_SKIP_GPU_TESTS").is_ok_and(|v| v == "1") {
+        eprintln!("EDGEDIFF_SKIP_GPU_TESTS=1: skipped");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("llada2.edm").to_str().unwrap().to_string();
     let args = [
         "synth",
         "--arch",
@@ -29,7 +35,7 @@ fn synth_llada2(dir: &std::path::Path) -> String {
         &model,
     ];
     assert!(edgediff(&args, &[]).status.success());
-    model
+    Some((dir, model))
 }
 
 /// `bench batch --json` with `flags` added: its whole report.
@@ -61,21 +67,11 @@ fn bench_batch(model: &str, env: &[(&str, &str)], flags: &[&str]) -> serde_json:
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn points(model: &str, env: &[(&str, &str)], flags: &[&str]) -> Vec<serde_json::Value> {
-    bench_batch(model, env, flags)["points"]
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
 #[test]
 fn bench_batch_times_batched_passes_and_checks_them_against_alone() {
-    if std::env::var("EDGEDIFF_SKIP_GPU_TESTS").is_ok_and(|v| v == "1") {
-        eprintln!("EDGEDIFF_SKIP_GPU_TESTS=1: skipped");
+    let Some((_dir, model)) = gpu_model() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let model = synth_llada2(dir.path());
+    };
     let model = model.as_str();
     let shape = |p: &serde_json::Value| (p["tokens"].as_u64(), p["sequences"].as_u64());
     let report = bench_batch(model, &[], &["--shapes"]);
@@ -115,7 +111,7 @@ fn bench_batch_times_batched_passes_and_checks_them_against_alone() {
         };
         assert_eq!(Some(n), want.as_u64(), "{p}");
     }
-    let apart = points(model, &[("EDGEDIFF_BATCH_BLOCKS", "0")], &[]);
+    let apart = bench_batch(model, &[("EDGEDIFF_BATCH_BLOCKS", "0")], &[])["points"].clone();
     assert_eq!(apart[1]["exact"], true, "AR passes still batch");
     assert!(apart[3]["batched_ms"].is_null(), "{}", apart[3]);
     // --last-row: each pass wants its last row's statistics (an AR step's), still exact.
@@ -130,12 +126,9 @@ fn bench_batch_times_batched_passes_and_checks_them_against_alone() {
 
 #[test]
 fn bench_forward_shapes_cover_every_dispatch_of_a_pass() {
-    if std::env::var("EDGEDIFF_SKIP_GPU_TESTS").is_ok_and(|v| v == "1") {
-        eprintln!("EDGEDIFF_SKIP_GPU_TESTS=1: skipped");
+    let Some((_dir, model)) = gpu_model() else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let model = synth_llada2(dir.path());
+    };
     let args = [
         "bench",
         "forward",

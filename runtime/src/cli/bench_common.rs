@@ -1,6 +1,6 @@
 //! What the bench commands share: the model / block-size / repetition arguments, JSON output,
-//! deterministic test values, and GPU time per entry point or dispatch shape. Its own module so `bench` and the family-specific benches
-//! (`bench_canvas`) both import it instead of each other.
+//! deterministic test values, and GPU time per entry point or dispatch shape. Its own module so
+//! `bench` and the family-specific benches (`bench_canvas`) both import it instead of each other.
 
 use std::path::PathBuf;
 
