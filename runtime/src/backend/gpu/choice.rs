@@ -18,6 +18,7 @@
 //! | `EDGEDIFF_WIDE_F32_LANES1=64\|128` | [`KernelChoice::wide_f32_lanes1`] |
 //! | `EDGEDIFF_WIDE_LANES=4\|8\|16\|32\|64` | [`KernelChoice::wide_lanes`] |
 //! | `EDGEDIFF_WIDE_HEAD1=1\|0` | [`KernelChoice::wide_head1`] |
+//! | `EDGEDIFF_WIDE_LONG=1\|0` | [`KernelChoice::wide_long`] |
 //! | `EDGEDIFF_WIDE_ROW_SETS=1\|2\|4` | [`KernelChoice::wide_row_sets`] |
 //! | `EDGEDIFF_MOE_ROW_SETS=1\|2\|4` | [`KernelChoice::moe_row_sets`] |
 //! | `EDGEDIFF_WIDE_DENSE_LANES=0\|4\|8\|16\|32\|64` | [`KernelChoice::wide_dense_lanes`] |
@@ -208,6 +209,13 @@ pub struct KernelChoice {
     /// (ops/batch_class.rs bit 24), and the wide sums do not depend on the rows beside them.
     /// Off until a GPU machine times it (2026-12-07 night: no machine could be started).
     pub wide_head1: bool,
+    /// Dense q4 rows longer than the float staging holds (past 4,096 values, up to 10,912:
+    /// ops/matmul.rs `WIDE_Q8_STAGE`) take the wide gemv with 8-bit activations, two tokens a
+    /// block at 5,120, rather than the word-a-lane gemv. The one such matrix in the models we
+    /// run is LLaDA2.0-mini's dense first layer's down projection [2048 × 5120]: 134 µs of a
+    /// 2.99 ms batched 32-row pass on the 4-layer shape (H100, 2026-12-07), 145 of the 20-layer
+    /// 32-row pass's 8.9 ms, on the word-a-lane gemv in 8 token blocks. Off until timed.
+    pub wide_long: bool,
     /// Row sets a dense wide gemv workgroup works against each staged token block (1, 2 or 4;
     /// ops/matmul.rs `wide_row_sets`), for the matrices the grid reads once (the LM head) in
     /// passes of more than one block. The LM head of a 32-row pass is 2,456 workgroups that each
@@ -345,6 +353,7 @@ impl Default for KernelChoice {
             wide_lanes: 16,
             wide_dense_lanes: 0,
             wide_head1: false,
+            wide_long: false,
             wide_row_sets: 1,
             moe_row_sets: 1,
             wide_q8_act: true,
@@ -446,6 +455,7 @@ impl KernelChoice {
                 .filter(|&n| matches!(n, 1 | 2 | 4))
                 .map_or(d.wide_row_sets, |n| n as u32),
             wide_head1: var("EDGEDIFF_WIDE_HEAD1").map_or(d.wide_head1, |v| v.trim() == "1"),
+            wide_long: var("EDGEDIFF_WIDE_LONG").map_or(d.wide_long, |v| v.trim() == "1"),
             wide_dense_lanes: num("EDGEDIFF_WIDE_DENSE_LANES")
                 .filter(|&l| matches!(l, 0 | 4 | 8 | 16 | 32 | 64))
                 .map_or(d.wide_dense_lanes, |l| l as u32),
@@ -585,6 +595,7 @@ mod tests {
             ("EDGEDIFF_WIDE_LANES", "64"),
             ("EDGEDIFF_WIDE_DENSE_LANES", "32"),
             ("EDGEDIFF_WIDE_HEAD1", "1"),
+            ("EDGEDIFF_WIDE_LONG", "1"),
             ("EDGEDIFF_WIDE_ROW_SETS", "4"),
             ("EDGEDIFF_MOE_ROW_SETS", "2"),
             ("EDGEDIFF_WIDE_Q8ACT", "1"),
@@ -629,6 +640,7 @@ mod tests {
                 wide_lanes: 64,
                 wide_dense_lanes: 32,
                 wide_head1: true,
+                wide_long: true,
                 wide_row_sets: 4,
                 moe_row_sets: 2,
                 wide_q8_act: true,

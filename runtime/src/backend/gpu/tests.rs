@@ -1565,6 +1565,7 @@ fn wide_gemv_with_8_bit_activations_matches_the_cpu_codes() {
         kernels: KernelChoice {
             wide_q8_act: q8,
             wide_min_chunks: if q8 { 4 } else { 0 },
+            wide_long: true,
             ..KernelChoice::from_env()
         },
         ..super::GpuOptions::from_env()
@@ -1573,7 +1574,17 @@ fn wide_gemv_with_8_bit_activations_matches_the_cpu_codes() {
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     for (label, b) in super::testing::backends_with(with(true)) {
         let mut rng = Rng(91);
-        for (n, k) in [(70, 1056), (45, 2048), (21, 4096)] {
+        // 5120: past the float staging, so only the codes take the wide gemv (WIDE_Q8_STAGE).
+        for (n, k) in [(70, 1056), (45, 2048), (21, 4096), (19, 5120)] {
+            let long = k > ops::matmul::WIDE_STAGE;
+            let shape =
+                |b: &GpuBackend| ops::matmul::wide_gemv(&b.sh.dev.kernels, DType::Q4, k, 3, n);
+            assert!(shape(&b).is_some(), "{label} [{n}, {k}]: the wide gemv");
+            assert_eq!(
+                shape(&off).is_none(),
+                long,
+                "[{n}, {k}] with float activations"
+            );
             let wv = rng.vec(n * k, 0.5);
             let bytes = dtype::encode(DType::Q4, &wv, k);
             let (w, w_off) = (

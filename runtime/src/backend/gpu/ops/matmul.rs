@@ -213,8 +213,17 @@ pub const GEMV_MAX_T: usize = 16;
 pub const GEMV_BLOCKED_MAX_BYTES: u64 = 16 << 20;
 
 /// Activation values [`GEMV_WIDE`] stages in shared memory (its 16 KB): a token block of
-/// `WIDE_STAGE / k` rows (at most [`GEMV_T`]), so rows of more than this many values take [`GEMV`].
+/// `WIDE_STAGE / k` rows (at most [`GEMV_T`]), so rows of more than this many values take [`GEMV`]
+/// — unless they stage as 8-bit codes ([`WIDE_Q8_STAGE`]).
 pub const WIDE_STAGE: usize = 4096;
+
+/// The longest q4 rows the dense wide gemv takes with 8-bit activations: a 32-value chunk stages
+/// as 3 vec4s, so one token of up to 10,912 values fits the 1,024 vec4s (a dense MLP's down
+/// projection of 5,120: two tokens a block, where the float staging takes none and the pass fell
+/// back to the word-a-lane gemv: 134 µs for 32 rows on the H100; [`KernelChoice::wide_long`]).
+/// Codes made once ([`q8_codes`]: a chunk an invocation) stay at
+/// [`WIDE_STAGE`]; the expert kernels keep [`wide_shape`]'s bound.
+pub const WIDE_Q8_STAGE: usize = 10_912;
 
 /// (Invocations per weight row, activation rows per workgroup) of [`GEMV_WIDE`] for a `dtype`
 /// weight of `rows` × `k` in a pass whose sequences have `solo` rows each; `None` where the
@@ -243,7 +252,7 @@ pub fn wide_gemv(
             && dtype != DType::F32
             && wide_reads_once(choice, rows, lanes)
     };
-    let shape = wide_shape(choice, dtype, k).filter(|s| rows_ok || head1(s));
+    let shape = dense_wide_shape(choice, dtype, k).filter(|s| rows_ok || head1(s));
     match shape {
         Some((_, tile)) if dtype == DType::F32 && solo == 1 => Some((choice.wide_f32_lanes1, tile)),
         // The matrices it reads once (the LM head) keep the experts' lanes: more would multiply
@@ -285,6 +294,20 @@ pub fn wide_shape(choice: &KernelChoice, dtype: DType, k: usize) -> Option<(u32,
         return None;
     }
     Some((lanes, (WIDE_STAGE / k).min(GEMV_T) as u32))
+}
+
+/// [`wide_shape`], and q4 rows past [`WIDE_STAGE`] up to [`WIDE_Q8_STAGE`] where 8-bit activations
+/// stage them ([`KernelChoice::wide_long`]; [`wide_q8`] then gives the block).
+fn dense_wide_shape(choice: &KernelChoice, dtype: DType, k: usize) -> Option<(u32, u32)> {
+    let long = choice.wide_long
+        && k > WIDE_STAGE
+        && k <= WIDE_Q8_STAGE
+        && k.is_multiple_of(32)
+        && wide_q8(choice, dtype, k).is_some();
+    if long {
+        return Some((row_lanes(choice, k / 32), wide_q8_tile(k)));
+    }
+    wide_shape(choice, dtype, k)
 }
 
 /// Lanes a weight row of `chunks` 16-byte chunks takes in the wide kernels: `wide_lanes`, halved
@@ -577,7 +600,7 @@ pub fn gate_up_swiglu_into(
         let grid = wide_grid(&ctx.sh.dev.kernels, groups, t, tile);
         // Codes made once where KernelChoice::wide_q8_once asks for them.
         let codes = match q8 {
-            Some(_) if choice.wide_q8_once => {
+            Some(_) if choice.wide_q8_once && gate_up.cols <= WIDE_STAGE => {
                 Some(q8_codes(ctx, wtype, gate_up.cols, x, 0, t, tile, norm)?)
             }
             _ => None,
@@ -728,7 +751,12 @@ pub fn matmul_fused_into(
             // Codes made once where KernelChoice::wide_q8_once asks for them, unless the normed
             // float rows are wanted too (the f32 routers').
             let once = ctx.sh.dev.kernels.wide_q8_once;
-            if once && q8.is_some() && fuse.hout.is_none() && codes.is_none() {
+            if once
+                && q8.is_some()
+                && fuse.hout.is_none()
+                && codes.is_none()
+                && w.cols <= WIDE_STAGE
+            {
                 codes = Some(q8_codes(ctx, wtype, w.cols, x, x_row0, t, tile, fuse.norm)?);
             }
             let xin = match &codes {
