@@ -207,14 +207,19 @@ pub struct KernelChoice {
     /// whose lanes load 16 bytes at a time. An AR step on a diffusion model wants one row's
     /// logits, so its head is a one-row matmul too. One-row passes are a batch class of their own
     /// (ops/batch_class.rs bit 24), and the wide sums do not depend on the rows beside them.
-    /// Off until a GPU machine times it (2026-12-07 night: no machine could be started).
+    /// On since 2026-12-08 (H100, one call): the one-row head 225 → 95 µs, the 1-row pass 2.56 →
+    /// 2.42 GPU ms; a batched AR pass of 16 sequences that each want their last row's logits
+    /// (16 one-row heads gathered into one) 3.94 → 2.55 ms, because its head had taken the
+    /// word-a-lane gemv (1,862 µs) by each sequence's one row.
     pub wide_head1: bool,
     /// Dense q4 rows longer than the float staging holds (past 4,096 values, up to 10,912:
     /// ops/matmul.rs `WIDE_Q8_STAGE`) take the wide gemv with 8-bit activations, two tokens a
     /// block at 5,120, rather than the word-a-lane gemv. The one such matrix in the models we
     /// run is LLaDA2.0-mini's dense first layer's down projection [2048 × 5120]: 134 µs of a
     /// 2.99 ms batched 32-row pass on the 4-layer shape (H100, 2026-12-07), 145 of the 20-layer
-    /// 32-row pass's 8.9 ms, on the word-a-lane gemv in 8 token blocks. Off until timed.
+    /// 32-row pass's 8.9 ms, on the word-a-lane gemv in 8 token blocks. On since 2026-12-08
+    /// (H100, one call): that matrix 146 → ≈ 39 µs at 32 rows, the pass 8.93 → 8.78 GPU ms
+    /// (16 rows 6.72 → 6.64).
     pub wide_long: bool,
     /// Row sets a dense wide gemv workgroup works against each staged token block (1, 2 or 4;
     /// ops/matmul.rs `wide_row_sets`), for the matrices the grid reads once (the LM head) in
@@ -352,8 +357,8 @@ impl Default for KernelChoice {
             wide_f32_lanes1: 128,
             wide_lanes: 16,
             wide_dense_lanes: 0,
-            wide_head1: false,
-            wide_long: false,
+            wide_head1: true,
+            wide_long: true,
             wide_row_sets: 1,
             moe_row_sets: 1,
             wide_q8_act: true,
@@ -594,8 +599,8 @@ mod tests {
             ("EDGEDIFF_WIDE_F32_LANES1", "64"),
             ("EDGEDIFF_WIDE_LANES", "64"),
             ("EDGEDIFF_WIDE_DENSE_LANES", "32"),
-            ("EDGEDIFF_WIDE_HEAD1", "1"),
-            ("EDGEDIFF_WIDE_LONG", "1"),
+            ("EDGEDIFF_WIDE_HEAD1", "0"),
+            ("EDGEDIFF_WIDE_LONG", "0"),
             ("EDGEDIFF_WIDE_ROW_SETS", "4"),
             ("EDGEDIFF_MOE_ROW_SETS", "2"),
             ("EDGEDIFF_WIDE_Q8ACT", "1"),
@@ -639,8 +644,8 @@ mod tests {
                 wide_f32_lanes1: 64,
                 wide_lanes: 64,
                 wide_dense_lanes: 32,
-                wide_head1: true,
-                wide_long: true,
+                wide_head1: false,
+                wide_long: false,
                 wide_row_sets: 4,
                 moe_row_sets: 2,
                 wide_q8_act: true,
