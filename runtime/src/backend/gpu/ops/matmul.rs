@@ -231,8 +231,8 @@ pub const WIDE_Q8_STAGE: usize = 10_912;
 /// ([`KernelChoice::gemv_wide_min_t`]; a one-row pass's LM head under
 /// [`KernelChoice::wide_head1`] excepted), f32 ones with [`KernelChoice::gemv_wide_f32`] off, f16
 /// weights, rows of fewer than 16 chunks of 16 bytes (too short to spread) or past
-/// [`WIDE_STAGE`]. [`KernelChoice::wide_dense_lanes`] sets the lanes of q4/q8 matrices but the
-/// LM head.
+/// [`WIDE_STAGE`] (q4 rows staged as 8-bit codes: past [`WIDE_Q8_STAGE`], [`dense_wide_shape`]).
+/// [`KernelChoice::wide_dense_lanes`] sets the lanes of q4/q8 matrices but the LM head.
 pub fn wide_gemv(
     choice: &KernelChoice,
     dtype: DType,
