@@ -221,7 +221,7 @@ pub const WIDE_STAGE: usize = 4096;
 /// as 3 vec4s, so one token of up to 10,912 values fits the 1,024 vec4s (a dense MLP's down
 /// projection of 5,120: two tokens a block, where the float staging takes none and the pass fell
 /// back to the word-a-lane gemv: 134 µs for 32 rows on the H100; [`KernelChoice::wide_long`]).
-/// Codes made once ([`q8_codes`]: a chunk an invocation) stay at
+/// Codes made once (`q8_codes`: a chunk an invocation) stay at
 /// [`WIDE_STAGE`]; the expert kernels keep [`wide_shape`]'s bound.
 pub const WIDE_Q8_STAGE: usize = 10_912;
 
@@ -231,7 +231,7 @@ pub const WIDE_Q8_STAGE: usize = 10_912;
 /// ([`KernelChoice::gemv_wide_min_t`]; a one-row pass's LM head under
 /// [`KernelChoice::wide_head1`] excepted), f32 ones with [`KernelChoice::gemv_wide_f32`] off, f16
 /// weights, rows of fewer than 16 chunks of 16 bytes (too short to spread) or past
-/// [`WIDE_STAGE`] (q4 rows staged as 8-bit codes: past [`WIDE_Q8_STAGE`], [`dense_wide_shape`]).
+/// [`WIDE_STAGE`] (q4 rows staged as 8-bit codes: past [`WIDE_Q8_STAGE`], `dense_wide_shape`).
 /// [`KernelChoice::wide_dense_lanes`] sets the lanes of q4/q8 matrices but the LM head.
 pub fn wide_gemv(
     choice: &KernelChoice,
