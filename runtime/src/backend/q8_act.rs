@@ -11,7 +11,7 @@
 
 use crate::format::dtype::GROUP;
 
-/// One group's codes and scale: value j ≈ codes[j] · scale.
+/// One group's codes and scale: value j ≈ `codes[j] · scale`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Q8Group {
     pub codes: [i8; GROUP],

@@ -4,12 +4,12 @@
 //! statistics — and differs only in which positions it feeds, which cached keys it lets them see,
 //! and which predictions it commits:
 //! - [`DecoderKind::Block`]: block diffusion for block-causal models (LLaDA2, SDAR) with an exact KV
-//!   cache of committed blocks ([`block`]);
+//!   cache of committed blocks (`block`);
 //! - [`DecoderKind::Bidirectional`]: LLaDA-style masked diffusion over a fixed-length canvas with
-//!   Fast-dLLM's prefix or dual cache ([`bidirectional`]);
+//!   Fast-dLLM's prefix or dual cache (`bidirectional`);
 //! - [`DecoderKind::Speculative`]: TiDAR-style self-speculation, one pass verifying the last draft
-//!   with causal logits and drafting the next block ([`speculative`]);
-//! - [`DecoderKind::Ar`]: one token per forward, the baseline of every speedup figure ([`ar`]);
+//!   with causal logits and drafting the next block (`speculative`);
+//! - [`DecoderKind::Ar`]: one token per forward, the baseline of every speedup figure (`ar`);
 //! - [`DecoderKind::Canvas`]: DiffusionGemma's uniform-noise canvas sampler over
 //!   `model::canvas::CanvasModel` (its own two passes, so it runs through [`canvas::decode`],
 //!   not [`decode`]).
@@ -238,7 +238,7 @@ pub struct DecodeParams {
     pub canvas_events: bool,
     /// Block-level expert routing (`--block-experts N`): every token of a block routes only within
     /// the N experts per MoE layer with the largest router mass over the block's tokens. Which
-    /// rows form a block is each decoder's ([`PassBlocks`]); `None` routes exactly.
+    /// rows form a block is each decoder's (`PassBlocks`); `None` routes exactly.
     pub block_experts: Option<usize>,
     /// Where the block and AR decoders decide their steps: chained on the device or one by one
     /// on the host (same tokens either way; [`DeviceSteps`]).
@@ -454,7 +454,7 @@ pub trait PassRunner<B: Backend> {
 /// host loop's passes one for one: a canvas of `1 + steps` cells, cell 0 the last committed
 /// token (at position `at`), cell `j` the token at `at + j`. Step `i` embeds cells `i..i + w`
 /// (`w` = 2 for an in-place model, `[token, mask]`; 1 for a next-token one) at position `at + i`
-/// and commits the greedy token of its last row into cell `i + 1` ([`CommitRule::Next`]), the
+/// and commits the greedy token of its last row into cell `i + 1` (`CommitRule::Next`), the
 /// next step's input (decode/ar.rs says why that is the host loop's token, bit for bit).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ArChain {

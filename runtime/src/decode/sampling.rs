@@ -180,7 +180,7 @@ fn tail_floor(top: &[(u32, f32)]) -> f32 {
 /// distribution of `β · AR + (1 − β) · diffusion` logits, over the union of both positions'
 /// candidates. Logits equal log-probabilities up to a per-row constant, so mixing log-probs and
 /// renormalising is the same softmax. A token outside one list gets that list's tail floor
-/// ([`tail_floor`]) — the approximation top-8 statistics force. β = 1 is the AR distribution
+/// (`tail_floor`) — the approximation top-8 statistics force. β = 1 is the AR distribution
 /// (renormalised over the union: same argmax, same ratios).
 pub fn mix(beta: f32, ar: &PositionStats, diffusion: &PositionStats) -> Candidates {
     let mut ids: Vec<u32> = ar.top.iter().map(|c| c.0).collect();

@@ -5,7 +5,7 @@
 //! - Round 0: N traces of the query, each with a thinking budget β: after β tokens the
 //!   end-of-thinking marker is forced and the trace writes its answer (at most `max_tokens`).
 //! - Rounds 1…T: N new traces; each prompt is the query plus the last τ tokens (cut back to a
-//!   paragraph boundary, [`tail`]) of K traces drawn without replacement from the previous round
+//!   paragraph boundary, `tail`) of K traces drawn without replacement from the previous round
 //!   only, and an aggregation instruction ([`prompt::AGGREGATION_INSTRUCTION`]).
 //! - Selection: a majority vote over the last round's extracted answers, or one final aggregation
 //!   trace ([`Selection`]).

@@ -396,7 +396,7 @@ impl GpuBackend {
     }
 
     /// A bounded GPU expert pool of `slots` experts for `file` (exact lazy paging; see
-    /// [`GpuExpertPool::new`]); its layers come from [`GpuBackend::paged_experts`].
+    /// `GpuExpertPool::new`); its layers come from [`GpuBackend::paged_experts`].
     pub fn expert_pool(
         &self,
         file: &Arc<EdmFile>,

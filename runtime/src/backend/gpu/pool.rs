@@ -38,7 +38,7 @@ pub struct GpuBuffer {
 
 impl GpuBuffer {
     /// The size a buffer asked for `size` bytes gets: whole 16-byte words (at least one), so a
-    /// kernel may read any buffer as vec4<u32>s up to its end. Checks of a buffer's size compare
+    /// kernel may read any buffer as `vec4<u32>`s up to its end. Checks of a buffer's size compare
     /// with this, not with the bytes asked for.
     pub fn padded(size: u64) -> u64 {
         size.max(16).div_ceil(16) * 16

@@ -17,7 +17,7 @@ pub static EMBED_AFFINE: Entry = Entry {
     params: "ScaledParams",
 };
 
-/// x = (x + a[0]) ⊙ a[1]; `a` is [2, cols] f32.
+/// `x = (x + a[0]) ⊙ a[1]`; `a` is [2, cols] f32.
 pub fn record_embed_affine(
     ctx: &mut Ctx,
     x: &GpuBuffer,

@@ -59,7 +59,7 @@ const GELU: u32 = 2;
 pub struct MlpRouterBuffers<'a> {
     pub down: &'a GpuWeight,
     pub down_bias: &'a GpuBuffer,
-    /// (previous router state [rows, n], per-channel scale [n]).
+    /// (previous router state `[rows, n]`, per-channel scale `[n]`).
     pub eda: Option<(&'a GpuBuffer, &'a GpuBuffer)>,
     pub norm: &'a GpuBuffer,
     pub fc1: &'a GpuWeight,

@@ -33,7 +33,7 @@ pub static SCALED_RESIDUAL_NORM: Entry = Entry {
     ],
     params: "ScaledParams",
 };
-/// x = (delta + s[0]) ⊙ s[1] + (x + s[2]) ⊙ s[3]; out = rms_norm(x) · w. `s` is [4, cols] f32.
+/// `x = (delta + s[0]) ⊙ s[1] + (x + s[2]) ⊙ s[3]`; `out = rms_norm(x) · w`. `s` is [4, cols] f32.
 #[allow(clippy::too_many_arguments)]
 pub fn record_scaled_residual_norm(
     ctx: &mut Ctx,
