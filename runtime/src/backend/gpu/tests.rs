@@ -2048,6 +2048,30 @@ fn dense_lanes_leave_the_read_once_matrices_alone() {
     );
 }
 
+/// The defaults measured on 2026-12-08 (docs/PERF.md): the LLaDA2.0-mini head [157,184 × 2048] of a
+/// one-row pass — an AR step's, alone or gathered from a batch — takes the wide gemv (the
+/// word-a-lane one cost a 16-sequence batched AR pass 1.9 of its 3.9 ms), and so does the dense
+/// down projection [2048 × 5120] from two rows, where its rows fit the staging only as codes;
+/// a one-row pass's other matrices keep the word-a-lane gemv.
+#[test]
+fn the_measured_defaults_put_the_one_row_head_and_long_rows_on_the_wide_gemv() {
+    use super::choice::KernelChoice;
+    let d = KernelChoice::default();
+    let wide = |k, solo, rows| ops::matmul::wide_gemv(&d, DType::Q4, k, solo, rows);
+    assert!(wide(2048, 1, 157_184).is_some(), "the one-row head");
+    assert_eq!(wide(2048, 1, 3072), None, "a one-row qkv");
+    assert_eq!(wide(5120, 1, 2048), None, "a one-row long dense row");
+    for solo in [2, 16, 32] {
+        let (_, tile) = wide(5120, solo, 2048).expect("the long dense rows");
+        assert_eq!(tile, 2, "{solo} rows: two tokens of 5120 codes a block");
+    }
+    assert_eq!(
+        wide(ops::matmul::WIDE_Q8_STAGE + 32, 2, 2048),
+        None,
+        "past the codes' staging"
+    );
+}
+
 /// A one-row pass's matrix that the wide gemv reads once (the LM head; here a small one, with the
 /// workgroup target lowered to match) takes the wide gemv with 8-bit activations
 /// (`EDGEDIFF_WIDE_HEAD1`): backend/q8_act.rs's products, not the word-a-lane gemv's floats. A
