@@ -221,8 +221,8 @@ pub const WIDE_STAGE: usize = 4096;
 /// as 3 vec4s, so one token of up to 10,912 values fits the 1,024 vec4s (a dense MLP's down
 /// projection of 5,120: two tokens a block, where the float staging takes none and the pass fell
 /// back to the word-a-lane gemv: 134 µs for 32 rows on the H100; [`KernelChoice::wide_long`]).
-/// Codes made once (`q8_codes`: a chunk an invocation) stay at
-/// [`WIDE_STAGE`]; the expert kernels keep [`wide_shape`]'s bound.
+/// Codes made once stay at [`WIDE_STAGE`] (`codes_once`); the expert kernels keep
+/// [`wide_shape`]'s bound.
 pub const WIDE_Q8_STAGE: usize = 10_912;
 
 /// (Invocations per weight row, activation rows per workgroup) of [`GEMV_WIDE`] for a `dtype`
@@ -334,6 +334,13 @@ fn wide_q8_tile(k: usize) -> u32 {
 /// argument that selects the pipeline ([`q8_act`]); `None`: float activations.
 pub fn wide_q8(choice: &KernelChoice, dtype: DType, k: usize) -> Option<(u32, u32)> {
     (choice.wide_q8_act && dtype == DType::Q4).then(|| (wide_q8_tile(k), q8_act()))
+}
+
+/// Whether a dense wide gemv over rows of `k` values takes its codes from [`q8_codes`]
+/// ([`KernelChoice::wide_q8_once`]): that kernel gives a row's chunks an invocation each, so rows
+/// past [`WIDE_STAGE`] (the long rows of [`WIDE_Q8_STAGE`]) make theirs in place.
+fn codes_once(choice: &KernelChoice, k: usize) -> bool {
+    choice.wide_q8_once && k <= WIDE_STAGE
 }
 
 /// The 8-bit codes of `t` activation rows of `x` from row `x_row0`, `k` values each (normed by
@@ -600,7 +607,7 @@ pub fn gate_up_swiglu_into(
         let grid = wide_grid(&ctx.sh.dev.kernels, groups, t, tile);
         // Codes made once where KernelChoice::wide_q8_once asks for them.
         let codes = match q8 {
-            Some(_) if choice.wide_q8_once && gate_up.cols <= WIDE_STAGE => {
+            Some(_) if codes_once(choice, gate_up.cols) => {
                 Some(q8_codes(ctx, wtype, gate_up.cols, x, 0, t, tile, norm)?)
             }
             _ => None,
@@ -750,13 +757,8 @@ pub fn matmul_fused_into(
             p.tile_t = tile;
             // Codes made once where KernelChoice::wide_q8_once asks for them, unless the normed
             // float rows are wanted too (the f32 routers').
-            let once = ctx.sh.dev.kernels.wide_q8_once;
-            if once
-                && q8.is_some()
-                && fuse.hout.is_none()
-                && codes.is_none()
-                && w.cols <= WIDE_STAGE
-            {
+            let once = codes_once(&ctx.sh.dev.kernels, w.cols);
+            if once && q8.is_some() && fuse.hout.is_none() && codes.is_none() {
                 codes = Some(q8_codes(ctx, wtype, w.cols, x, x_row0, t, tile, fuse.norm)?);
             }
             let xin = match &codes {
